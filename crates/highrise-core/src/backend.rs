@@ -1,0 +1,189 @@
+//! The backend trait: memory, a capability query, and `run` for every op. Object-safe, so the engine
+//! holds an `Arc<dyn Backend>` chosen at run time; a plugin loaded from a shared library is one too.
+
+use crate::ops::*;
+use crate::{DType, Error, Handle, HostSlice, Result, Tensor, TensorRef};
+
+/// Information about a backend, for `highrise backends` and for benchmark reports.
+#[derive(Clone, Debug, Default)]
+pub struct BackendInfo {
+    /// Short name: "cpu", "cuda".
+    pub name: String,
+    /// The hardware it runs on, in words ("2 threads, AVX2+FMA", "NVIDIA H200").
+    pub device: String,
+}
+
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &str;
+
+    fn info(&self) -> BackendInfo;
+
+    /// Whether this backend runs `op` with `dtype` (see `Op::dtype` for which dtype that is). `run` on
+    /// an op it declines returns `Error::Unsupported`.
+    fn supports(&self, op: OpKind, dtype: DType) -> bool;
+
+    /// Allocates `bytes` of backend memory, contents undefined.
+    fn alloc(&self, bytes: usize) -> Result<Handle>;
+
+    /// Frees memory from `alloc`.
+    ///
+    /// # Safety
+    /// `handle` came from this backend's `alloc` and is not used again.
+    unsafe fn free(&self, handle: Handle);
+
+    /// Copies `bytes` from the host into the allocation, starting `offset` bytes in.
+    fn write(&self, handle: Handle, offset: usize, bytes: &[u8]) -> Result<()>;
+
+    /// Copies from the allocation, starting `offset` bytes in, to the host.
+    fn read(&self, handle: Handle, offset: usize, out: &mut [u8]) -> Result<()>;
+
+    /// Runs one op. The backend validates it (`Op::validate`) and checks that every handle is its own
+    /// and large enough before it touches memory.
+    fn run(&self, op: &Op<'_>) -> Result<()>;
+
+    /// Waits until all queued work is done (a no-op where ops run synchronously).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The op calls as the model writes them: owned tensors in, outputs borrowed mutably (so an output can
+/// never alias an input of the same call), output first.
+impl dyn Backend + '_ {
+    /// Runs `op` after asking `supports`, so that a declined op reports the op, dtype and backend.
+    pub fn exec(&self, op: Op<'_>) -> Result<()> {
+        let (kind, dtype) = (op.kind(), op.dtype());
+        if !self.supports(kind, dtype) {
+            return Err(Error::Unsupported(format!(
+                "{kind}: the {} backend does not support {dtype}",
+                self.name()
+            )));
+        }
+        self.run(&op)
+    }
+
+    /// `out[t] = table[ids[t]]`.
+    pub fn embedding(&self, out: &mut Tensor, table: &Tensor, ids: &[u32]) -> Result<()> {
+        self.exec(Op::Embedding(Embedding {
+            out: out.as_mut(),
+            table: table.as_ref(),
+            ids: HostSlice::new(ids),
+        }))
+    }
+
+    /// `out = rms_norm(x) * weight`.
+    pub fn rms_norm(&self, out: &mut Tensor, x: &Tensor, weight: &Tensor, eps: f32) -> Result<()> {
+        self.exec(Op::RmsNorm(RmsNorm { out: out.as_mut(), x: x.as_ref(), weight: weight.as_ref(), eps }))
+    }
+
+    /// `residual += delta; out = rms_norm(residual) * weight`.
+    pub fn add_rms_norm(
+        &self,
+        out: &mut Tensor,
+        residual: &mut Tensor,
+        delta: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+    ) -> Result<()> {
+        self.exec(Op::AddRmsNorm(AddRmsNorm {
+            out: out.as_mut(),
+            residual: residual.as_mut(),
+            delta: delta.as_ref(),
+            weight: weight.as_ref(),
+            eps,
+        }))
+    }
+
+    /// `out = x @ weight^T (+ bias)`.
+    pub fn linear(
+        &self,
+        out: &mut Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<()> {
+        self.exec(Op::Linear(Linear {
+            out: out.as_mut(),
+            x: x.as_ref(),
+            weight: weight.as_ref(),
+            bias: bias.map_or(TensorRef::none(), Tensor::as_ref),
+        }))
+    }
+
+    /// The logits: the final-normed stream against the unembedding, which is the embedding table
+    /// itself when the model ties them. out [T, vocab]; x [T, hidden]; unembedding [vocab, hidden].
+    pub fn logits(&self, out: &mut Tensor, x: &Tensor, unembedding: &Tensor) -> Result<()> {
+        self.linear(out, x, unembedding, None)
+    }
+
+    /// RoPE in place on x [T, heads, D].
+    pub fn rope(&self, x: &mut Tensor, positions: &[u32], config: RopeConfig) -> Result<()> {
+        self.exec(Op::Rope(Rope { x: x.as_mut(), positions: HostSlice::new(positions), config }))
+    }
+
+    /// Causal grouped-query attention over whole prompts laid end to end.
+    pub fn attention(
+        &self,
+        out: &mut Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seq_lens: &[u32],
+        scale: f32,
+    ) -> Result<()> {
+        self.exec(Op::Attention(Attention {
+            out: out.as_mut(),
+            q: q.as_ref(),
+            k: k.as_ref(),
+            v: v.as_ref(),
+            seq_lens: HostSlice::new(seq_lens),
+            scale,
+        }))
+    }
+
+    /// Writes K and V of new tokens into the paged cache at `slots`.
+    pub fn kv_write(
+        &self,
+        k_cache: &mut Tensor,
+        v_cache: &mut Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &[u32],
+    ) -> Result<()> {
+        self.exec(Op::KvWrite(KvWrite {
+            k_cache: k_cache.as_mut(),
+            v_cache: v_cache.as_mut(),
+            k: k.as_ref(),
+            v: v.as_ref(),
+            slots: HostSlice::new(slots),
+        }))
+    }
+
+    /// Attention of each sequence's new queries over its cached context, through its block table.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        out: &mut Tensor,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        seqs: &[PagedSeq],
+        block_table: &[u32],
+        scale: f32,
+    ) -> Result<()> {
+        self.exec(Op::PagedAttention(PagedAttention {
+            out: out.as_mut(),
+            q: q.as_ref(),
+            k_cache: k_cache.as_ref(),
+            v_cache: v_cache.as_ref(),
+            seqs: HostSlice::new(seqs),
+            block_table: HostSlice::new(block_table),
+            scale,
+        }))
+    }
+
+    /// `out = silu(gate) * up`.
+    pub fn swiglu(&self, out: &mut Tensor, gate: &Tensor, up: &Tensor) -> Result<()> {
+        self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: gate.as_ref(), up: up.as_ref() }))
+    }
+}

@@ -1,0 +1,296 @@
+//! Attention-block ops: the projections, RoPE, and the key/value stream, written by `KvWrite` into a
+//! paged cache and read either straight from the prompt's K/V (`Attention`, prefill) or through each
+//! sequence's block table (`PagedAttention`, decode and chunked prefill).
+//!
+//! The paged KV cache of one layer is two tensors, K and V, each [num_blocks, block_size, kv_heads,
+//! head_dim]. A sequence owns a list of block ids (its block table); its token at position p lives in
+//! block `table[p / block_size]`, slot `p % block_size`. Blocks may be shared between sequences with a
+//! common prefix, since nothing but `KvWrite` writes the cache.
+
+use super::{Check, CheckResult};
+use crate::{HostSlice, TensorRef};
+
+/// `out = x @ weight^T + bias`: the Q, K, V, output, MLP and unembedding projections.
+/// out [T, N]; x [T, K] (float, same dtype as out); weight [N, K] in any dtype, quantized included (K
+/// a whole number of blocks); bias [N] float, or `TensorRef::none()`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Linear<'a> {
+    pub out: TensorRef<'a>,
+    pub x: TensorRef<'a>,
+    pub weight: TensorRef<'a>,
+    pub bias: TensorRef<'a>,
+}
+
+impl Linear<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out), ("x", &self.x)])?;
+        c.present("weight", &self.weight)?;
+        c.rank("x", &self.x, 2)?;
+        c.rank("weight", &self.weight, 2)?;
+        let (t, k) = (self.x.dims()[0], self.x.dims()[1]);
+        let (n, wk) = (self.weight.dims()[0], self.weight.dims()[1]);
+        if wk != k {
+            return Err(format!("x has {k} features but weight [{n}, {wk}] expects {wk}"));
+        }
+        c.dims("out", &self.out, &[t, n])?;
+        if let Some(b) = self.bias.opt() {
+            c.float("bias", &b)?;
+            c.dims("bias", &b, &[n])?;
+        }
+        Ok(())
+    }
+}
+
+/// How RoPE frequencies are stretched for contexts longer than the model was trained on.
+#[repr(C, u32)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (linear interpolation).
+    Linear { factor: f32 },
+    /// Llama 3.1's scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: u32 },
+}
+
+/// RoPE parameters, as a model's config gives them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f32,
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    pub fn new(theta: f32) -> RopeConfig {
+        RopeConfig { theta, scaling: RopeScaling::None }
+    }
+
+    /// The rotation frequency of each of the `head_dim / 2` dimension pairs, scaling applied. Every
+    /// backend takes its angles from here, so they agree on the formula.
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
+        let theta = self.theta as f64;
+        (0..head_dim / 2)
+            .map(|i| {
+                let f = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                match self.scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / factor as f64,
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position,
+                    } => {
+                        let (factor, lo, hi) =
+                            (factor as f64, low_freq_factor as f64, high_freq_factor as f64);
+                        let old = original_max_position as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < old / hi {
+                            f
+                        } else if wavelen > old / lo {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Rotary position embedding, in place, in the rotate_half convention: dimension i is paired with
+/// i + D/2, and the pair is rotated by `positions[t] * inv_freq[i]`.
+/// x [T, heads, D] (D even), positions [T].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Rope<'a> {
+    /// Read and written.
+    pub x: TensorRef<'a>,
+    pub positions: HostSlice<'a, u32>,
+    pub config: RopeConfig,
+}
+
+impl Rope<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("x", &self.x)])?;
+        c.rank("x", &self.x, 3)?;
+        let d = self.x.dims();
+        if d[2] % 2 != 0 {
+            return Err(format!("head dim {} must be even", d[2]));
+        }
+        if self.positions.len() != d[0] {
+            return Err(format!("{} positions for {} tokens", self.positions.len(), d[0]));
+        }
+        if !(self.config.theta.is_finite() && self.config.theta > 1.0) {
+            return Err(format!("rope theta must be finite and above 1, is {}", self.config.theta));
+        }
+        Ok(())
+    }
+}
+
+/// Causal self-attention over a batch of whole prompts laid end to end (prefill), with grouped-query
+/// heads: query head h reads K/V head `h / (q_heads / kv_heads)`, without copying K/V per head.
+/// out, q [T, q_heads, D]; k, v [T, kv_heads, D]; seq_lens: the prompts' lengths, summing to T.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Attention<'a> {
+    pub out: TensorRef<'a>,
+    pub q: TensorRef<'a>,
+    pub k: TensorRef<'a>,
+    pub v: TensorRef<'a>,
+    pub seq_lens: HostSlice<'a, u32>,
+    /// Usually 1/sqrt(D).
+    pub scale: f32,
+}
+
+impl Attention<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out), ("q", &self.q), ("k", &self.k), ("v", &self.v)])?;
+        c.rank("q", &self.q, 3)?;
+        c.rank("k", &self.k, 3)?;
+        let [t, hq, d] = [self.q.dims()[0], self.q.dims()[1], self.q.dims()[2]];
+        let hkv = self.k.dims()[1];
+        c.dims("k", &self.k, &[t, hkv, d])?;
+        c.dims("v", &self.v, &[t, hkv, d])?;
+        c.dims("out", &self.out, &[t, hq, d])?;
+        group_heads(hq, hkv)?;
+        let total: u64 = self.seq_lens.as_slice().iter().map(|&l| l as u64).sum();
+        if total != t as u64 {
+            return Err(format!("seq_lens sum to {total}, but there are {t} tokens"));
+        }
+        finite_scale(self.scale)
+    }
+}
+
+/// Writes new tokens' keys and values into the paged cache: token t goes to slot `slots[t]`, which is
+/// `block * block_size + offset`.
+/// k_cache, v_cache [num_blocks, block_size, kv_heads, D]; k, v [T, kv_heads, D]; slots [T].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KvWrite<'a> {
+    pub k_cache: TensorRef<'a>,
+    pub v_cache: TensorRef<'a>,
+    pub k: TensorRef<'a>,
+    pub v: TensorRef<'a>,
+    pub slots: HostSlice<'a, u32>,
+}
+
+impl KvWrite<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[
+            ("k_cache", &self.k_cache),
+            ("v_cache", &self.v_cache),
+            ("k", &self.k),
+            ("v", &self.v),
+        ])?;
+        c.rank("k_cache", &self.k_cache, 4)?;
+        c.dims("v_cache", &self.v_cache, self.k_cache.dims())?;
+        let [blocks, block_size, hkv, d] = cache_dims(&self.k_cache);
+        c.dims("k", &self.k, &[self.slots.len(), hkv, d])?;
+        c.dims("v", &self.v, &[self.slots.len(), hkv, d])?;
+        let capacity = blocks * block_size;
+        if let Some((t, s)) = self.slots.as_slice().iter().enumerate().find(|(_, &s)| s as usize >= capacity) {
+            return Err(format!("slot {s} of token {t} is outside the cache's {capacity} slots"));
+        }
+        Ok(())
+    }
+}
+
+/// One sequence of a `PagedAttention` batch. Its `q_len` query tokens are the last ones of its
+/// `context_len` tokens (already written to the cache): query j sits at position
+/// `context_len - q_len + j` and attends to positions 0..=that. Decode has `q_len` 1; a prefill chunk
+/// after a cached prefix has more. Its block ids are `block_table[blocks_start..]`, one per
+/// `block_size` tokens of context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagedSeq {
+    pub q_len: u32,
+    pub context_len: u32,
+    pub blocks_start: u32,
+}
+
+/// Attention for a batch of sequences, each reading its own keys and values from the paged cache
+/// through its block table. The sequences' queries are laid end to end in `q`.
+/// out, q [T, q_heads, D] with T the sum of q_len; caches as in `KvWrite`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PagedAttention<'a> {
+    pub out: TensorRef<'a>,
+    pub q: TensorRef<'a>,
+    pub k_cache: TensorRef<'a>,
+    pub v_cache: TensorRef<'a>,
+    pub seqs: HostSlice<'a, PagedSeq>,
+    pub block_table: HostSlice<'a, u32>,
+    pub scale: f32,
+}
+
+impl PagedAttention<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[
+            ("out", &self.out),
+            ("q", &self.q),
+            ("k_cache", &self.k_cache),
+            ("v_cache", &self.v_cache),
+        ])?;
+        c.rank("q", &self.q, 3)?;
+        c.rank("k_cache", &self.k_cache, 4)?;
+        c.dims("v_cache", &self.v_cache, self.k_cache.dims())?;
+        let [blocks, block_size, hkv, d] = cache_dims(&self.k_cache);
+        let [t, hq] = [self.q.dims()[0], self.q.dims()[1]];
+        c.dims("q", &self.q, &[t, hq, d])?;
+        c.dims("out", &self.out, &[t, hq, d])?;
+        group_heads(hq, hkv)?;
+        if block_size == 0 {
+            return Err("block_size is 0".into());
+        }
+        let table = self.block_table.as_slice();
+        let mut total = 0u64;
+        for (i, s) in self.seqs.as_slice().iter().enumerate() {
+            if s.q_len > s.context_len {
+                return Err(format!(
+                    "sequence {i} has {} queries but a context of only {}",
+                    s.q_len, s.context_len
+                ));
+            }
+            let need = (s.context_len as usize).div_ceil(block_size);
+            let start = s.blocks_start as usize;
+            let Some(ids) = table.get(start..start + need) else {
+                return Err(format!(
+                    "sequence {i} needs blocks {start}..{} of a block table of {}",
+                    start + need,
+                    table.len()
+                ));
+            };
+            if let Some(b) = ids.iter().find(|&&b| b as usize >= blocks) {
+                return Err(format!("sequence {i} names block {b}, but the cache has {blocks}"));
+            }
+            total += s.q_len as u64;
+        }
+        if total != t as u64 {
+            return Err(format!("the sequences have {total} queries, but q has {t} tokens"));
+        }
+        finite_scale(self.scale)
+    }
+}
+
+fn cache_dims(cache: &TensorRef) -> [usize; 4] {
+    let d = cache.dims();
+    [d[0], d[1], d[2], d[3]]
+}
+
+fn group_heads(hq: usize, hkv: usize) -> CheckResult {
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(format!("{hq} query heads cannot share {hkv} key/value heads evenly"));
+    }
+    Ok(())
+}
+
+fn finite_scale(scale: f32) -> CheckResult {
+    if !scale.is_finite() {
+        return Err(format!("scale must be finite, is {scale}"));
+    }
+    Ok(())
+}

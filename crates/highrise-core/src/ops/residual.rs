@@ -1,0 +1,81 @@
+//! Residual-stream ops: where a token's vector enters the stream, and the norms that read it.
+
+use super::{Check, CheckResult};
+use crate::{HostSlice, TensorRef};
+
+/// `out[t] = table[ids[t]]`: the residual stream's entrance.
+/// out [T, H] (float); table [V, H] (float or quantized); ids [T], each < V.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Embedding<'a> {
+    pub out: TensorRef<'a>,
+    pub table: TensorRef<'a>,
+    pub ids: HostSlice<'a, u32>,
+}
+
+impl Embedding<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out)])?;
+        c.present("table", &self.table)?;
+        c.rank("table", &self.table, 2)?;
+        let (vocab, hidden) = (self.table.dims()[0], self.table.dims()[1]);
+        c.dims("out", &self.out, &[self.ids.len(), hidden])?;
+        if let Some((t, &id)) = self.ids.as_slice().iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(format!("token id {id} at position {t} is outside the vocabulary of {vocab}"));
+        }
+        Ok(())
+    }
+}
+
+/// `out = x / rms(x) * weight`, row by row, with `rms(x) = sqrt(mean(x^2) + eps)`.
+/// out, x [T, H]; weight [H] (any float dtype).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RmsNorm<'a> {
+    pub out: TensorRef<'a>,
+    pub x: TensorRef<'a>,
+    pub weight: TensorRef<'a>,
+    pub eps: f32,
+}
+
+impl RmsNorm<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out), ("x", &self.x)])?;
+        c.rank("x", &self.x, 2)?;
+        c.dims("out", &self.out, self.x.dims())?;
+        norm_weight(c, &self.weight, self.x.dims()[1], self.eps)
+    }
+}
+
+/// The fused step between blocks: `residual += delta`, then `out = rms_norm(residual) * weight`.
+/// One pass over the stream instead of two. residual, delta, out [T, H]; weight [H].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AddRmsNorm<'a> {
+    pub out: TensorRef<'a>,
+    /// Read and written.
+    pub residual: TensorRef<'a>,
+    pub delta: TensorRef<'a>,
+    pub weight: TensorRef<'a>,
+    pub eps: f32,
+}
+
+impl AddRmsNorm<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out), ("residual", &self.residual), ("delta", &self.delta)])?;
+        c.rank("residual", &self.residual, 2)?;
+        c.dims("delta", &self.delta, self.residual.dims())?;
+        c.dims("out", &self.out, self.residual.dims())?;
+        norm_weight(c, &self.weight, self.residual.dims()[1], self.eps)
+    }
+}
+
+fn norm_weight(c: &Check, weight: &TensorRef, hidden: usize, eps: f32) -> CheckResult {
+    c.present("weight", weight)?;
+    c.float("weight", weight)?;
+    c.dims("weight", weight, &[hidden])?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(format!("eps must be finite and non-negative, is {eps}"));
+    }
+    Ok(())
+}

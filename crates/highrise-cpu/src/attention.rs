@@ -1,0 +1,224 @@
+//! The key/value stream: RoPE, writing K/V into the paged cache, and attention reading them either
+//! straight from the prompt (prefill) or through block tables (decode, chunked prefill).
+//!
+//! Both attention ops share one kernel. Work is split into units of (sequence, K/V head, block of
+//! queries); a unit gathers its K/V head's rows once into f32, then serves every query head of its
+//! group from them, so K/V are never copied per query head.
+
+use highrise_core::ops::{Attention, KvWrite, PagedAttention, Rope};
+use highrise_core::Result;
+use rayon::prelude::*;
+
+use crate::float::{axpy, dot, with_float, Float};
+use crate::storage::Tensors;
+
+pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
+    let [heads, d] = [op.x.dims()[1], op.x.dims()[2]];
+    let inv_freq = op.config.inv_freq(d);
+    let positions = op.positions.as_slice();
+    with_float!(op.x.dtype, "rope", E => {
+        // SAFETY: x is the op's only tensor.
+        let x = unsafe { ts.slice_mut::<E>("x", &op.x)? };
+        x.par_chunks_mut(heads * d).zip(positions).for_each_init(
+            || (vec![0f32; d / 2], vec![0f32; d / 2], vec![0f32; d]),
+            |(cos, sin, row), (token, &pos)| {
+                for (i, f) in inv_freq.iter().enumerate() {
+                    let angle = pos as f64 * f;
+                    (cos[i], sin[i]) = (angle.cos() as f32, angle.sin() as f32);
+                }
+                for head in token.chunks_exact_mut(d) {
+                    E::load(head, row);
+                    let (lo, hi) = row.split_at_mut(d / 2);
+                    for i in 0..d / 2 {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = b * cos[i] + a * sin[i];
+                    }
+                    E::store(row, head);
+                }
+            },
+        );
+        Ok(())
+    })
+}
+
+pub fn kv_write(ts: &Tensors, op: &KvWrite) -> Result<()> {
+    let [block_size, hkv, d] = [op.k_cache.dims()[1], op.k_cache.dims()[2], op.k_cache.dims()[3]];
+    let row = hkv * d;
+    with_float!(op.k.dtype, "kv_write", E => {
+        let (k, v) = (ts.slice::<E>("k", &op.k)?, ts.slice::<E>("v", &op.v)?);
+        // SAFETY: the caches are the op's outputs, distinct from each other and from k, v (validated).
+        let k_cache = unsafe { ts.slice_mut::<E>("k_cache", &op.k_cache)? };
+        let v_cache = unsafe { ts.slice_mut::<E>("v_cache", &op.v_cache)? };
+        for (t, &slot) in op.slots.as_slice().iter().enumerate() {
+            let (block, offset) = (slot as usize / block_size, slot as usize % block_size);
+            let at = (block * block_size + offset) * row;
+            k_cache[at..at + row].copy_from_slice(&k[t * row..(t + 1) * row]);
+            v_cache[at..at + row].copy_from_slice(&v[t * row..(t + 1) * row]);
+        }
+        Ok(())
+    })
+}
+
+/// One sequence as the kernel sees it: where its queries are, and how much context they see.
+#[derive(Clone, Copy)]
+struct Seq {
+    q_start: usize,
+    q_len: usize,
+    context_len: usize,
+}
+
+/// Where the K/V rows of a sequence live.
+trait KvSource<E>: Sync {
+    /// The K (or V) row of K/V head `g` at context position `pos` of sequence `seq`.
+    fn row<'a>(&self, cache: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E];
+}
+
+/// K/V of whole prompts laid end to end: [T, kv_heads, D].
+struct Contiguous {
+    starts: Vec<usize>,
+    hkv: usize,
+    d: usize,
+}
+
+impl<E> KvSource<E> for Contiguous {
+    fn row<'a>(&self, kv: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E] {
+        let at = ((self.starts[seq] + pos) * self.hkv + g) * self.d;
+        &kv[at..at + self.d]
+    }
+}
+
+/// K/V in the paged cache [blocks, block_size, kv_heads, D], found through each block table.
+struct Paged<'t> {
+    table: &'t [u32],
+    blocks_start: Vec<usize>,
+    block_size: usize,
+    hkv: usize,
+    d: usize,
+}
+
+impl<E> KvSource<E> for Paged<'_> {
+    fn row<'a>(&self, cache: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E] {
+        let block = self.table[self.blocks_start[seq] + pos / self.block_size] as usize;
+        let at = ((block * self.block_size + pos % self.block_size) * self.hkv + g) * self.d;
+        &cache[at..at + self.d]
+    }
+}
+
+pub fn attention(ts: &Tensors, op: &Attention) -> Result<()> {
+    let [hq, d] = [op.q.dims()[1], op.q.dims()[2]];
+    let hkv = op.k.dims()[1];
+    let mut seqs = Vec::new();
+    let mut starts = Vec::new();
+    let mut at = 0;
+    for &len in op.seq_lens.as_slice() {
+        let len = len as usize;
+        seqs.push(Seq { q_start: at, q_len: len, context_len: len });
+        starts.push(at);
+        at += len;
+    }
+    let src = Contiguous { starts, hkv, d };
+    with_float!(op.out.dtype, "attention", E => {
+        let (q, k, v) = (ts.slice::<E>("q", &op.q)?, ts.slice::<E>("k", &op.k)?, ts.slice::<E>("v", &op.v)?);
+        // SAFETY: out is the only output and aliases no input (validated).
+        let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
+        attend(out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
+        Ok(())
+    })
+}
+
+pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
+    let [hq, d] = [op.q.dims()[1], op.q.dims()[2]];
+    let [block_size, hkv] = [op.k_cache.dims()[1], op.k_cache.dims()[2]];
+    let mut seqs = Vec::new();
+    let mut blocks_start = Vec::new();
+    let mut at = 0;
+    for s in op.seqs.as_slice() {
+        seqs.push(Seq { q_start: at, q_len: s.q_len as usize, context_len: s.context_len as usize });
+        blocks_start.push(s.blocks_start as usize);
+        at += s.q_len as usize;
+    }
+    let src = Paged { table: op.block_table.as_slice(), blocks_start, block_size, hkv, d };
+    with_float!(op.out.dtype, "paged_attention", E => {
+        let q = ts.slice::<E>("q", &op.q)?;
+        let (k, v) = (ts.slice::<E>("k_cache", &op.k_cache)?, ts.slice::<E>("v_cache", &op.v_cache)?);
+        // SAFETY: out is the only output and aliases no input (validated).
+        let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
+        attend(out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
+        Ok(())
+    })
+}
+
+/// Queries per work unit: small enough to spread one long prompt over the threads.
+const Q_BLOCK: usize = 32;
+
+/// Causal attention: query i of a sequence sits at position `context_len - q_len + i` and attends to
+/// positions 0..=that. q, out [T, hq, D].
+#[allow(clippy::too_many_arguments)]
+fn attend<E: Float, S: KvSource<E>>(
+    out: &mut [E],
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    src: &S,
+    seqs: &[Seq],
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    scale: f32,
+) {
+    let group = hq / hkv;
+    // (sequence, kv head, first query, queries)
+    let units: Vec<(usize, usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, seq)| {
+            (0..hkv).flat_map(move |g| {
+                (0..seq.q_len).step_by(Q_BLOCK).map(move |i0| (s, g, i0, Q_BLOCK.min(seq.q_len - i0)))
+            })
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = units
+        .par_iter()
+        .map(|&(s, g, i0, n)| {
+            let seq = seqs[s];
+            let first_pos = seq.context_len - seq.q_len;
+            // Keys this block can see: up to its last query's position.
+            let visible = first_pos + i0 + n;
+            let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
+            for pos in 0..visible {
+                E::load(src.row(k, s, pos, g), &mut ks[pos * d..(pos + 1) * d]);
+                E::load(src.row(v, s, pos, g), &mut vs[pos * d..(pos + 1) * d]);
+            }
+            let mut res = vec![0f32; n * group * d];
+            let (mut qrow, mut scores) = (vec![0f32; d], vec![0f32; visible]);
+            for i in 0..n {
+                let len = first_pos + i0 + i + 1;
+                for hh in 0..group {
+                    let row = (seq.q_start + i0 + i) * hq + g * group + hh;
+                    E::load(&q[row * d..(row + 1) * d], &mut qrow);
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in scores[..len].iter_mut().enumerate() {
+                        *sc = dot(&qrow, &ks[j * d..(j + 1) * d]) * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0f32;
+                    let acc = &mut res[(i * group + hh) * d..(i * group + hh + 1) * d];
+                    for (j, sc) in scores[..len].iter().enumerate() {
+                        let p = (sc - max).exp();
+                        sum += p;
+                        axpy(acc, p, &vs[j * d..(j + 1) * d]);
+                    }
+                    acc.iter_mut().for_each(|a| *a /= sum);
+                }
+            }
+            res
+        })
+        .collect();
+    for (&(s, g, i0, n), res) in units.iter().zip(&results) {
+        for i in 0..n {
+            let row = (seqs[s].q_start + i0 + i) * hq + g * group;
+            E::store(&res[i * group * d..(i + 1) * group * d], &mut out[row * d..(row + group) * d]);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! highrise-cpu: the CPU reference backend. Correct first (every op is checked against an f64
+//! reference), then fast on a few cores: rayon across rows, a SIMD GEMM for prefill, AVX2/FMA dot
+//! products for decode. Activations are f32, f16 or bf16 in memory and f32 in arithmetic.
+//!
+//! Built as a `cdylib`, it is the plugin `libhighrise_cpu.so` that the engine loads at run time; built
+//! as an `rlib`, [`CpuBackend`] can be used directly.
+
+mod attention;
+mod float;
+mod linear;
+mod mlp;
+mod residual;
+mod storage;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use highrise_core::ops::{Op, OpKind};
+use highrise_core::plugin::Exportable;
+use highrise_core::{Backend, BackendInfo, DType, Error, Handle, Result};
+
+use storage::{Storage, Tensors};
+
+/// The CPU backend: a rayon pool of `HIGHRISE_THREADS` threads (default: all cores).
+pub struct CpuBackend {
+    id: usize,
+    pool: rayon::ThreadPool,
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+impl CpuBackend {
+    pub fn new(threads: Option<usize>) -> Result<CpuBackend> {
+        let threads = threads.unwrap_or_else(|| {
+            std::env::var("HIGHRISE_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        });
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("highrise-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Backend(format!("cpu: cannot start {threads} threads: {e}")))?;
+        Ok(CpuBackend { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), pool })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn tensors(&self) -> Tensors {
+        Tensors { owner: self.id }
+    }
+}
+
+fn simd() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if float::has_avx2_fma() {
+        return "AVX2+FMA";
+    }
+    "portable SIMD"
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo { name: "cpu".into(), device: format!("{} threads, {}", self.threads(), simd()) }
+    }
+
+    fn supports(&self, op: OpKind, dtype: DType) -> bool {
+        // Weight tables (embedding, linear) may be any float dtype; quantized ones come with the
+        // quantized matmul kernels.
+        let _ = op;
+        dtype.is_float()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Handle> {
+        Storage::alloc(self.id, bytes)
+    }
+
+    unsafe fn free(&self, handle: Handle) {
+        Storage::free(self.id, handle)
+    }
+
+    fn write(&self, handle: Handle, offset: usize, bytes: &[u8]) -> Result<()> {
+        let dst = Storage::get(self.id, handle)?.range(offset, bytes.len())?;
+        // SAFETY: the range is inside the allocation (checked) and the host holds the tensor.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+        Ok(())
+    }
+
+    fn read(&self, handle: Handle, offset: usize, out: &mut [u8]) -> Result<()> {
+        let src = Storage::get(self.id, handle)?.range(offset, out.len())?;
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    fn run(&self, op: &Op<'_>) -> Result<()> {
+        op.validate()?;
+        if !self.supports(op.kind(), op.dtype()) {
+            return Err(Error::Unsupported(format!(
+                "{}: the cpu backend does not support {}",
+                op.kind(),
+                op.dtype()
+            )));
+        }
+        let ts = self.tensors();
+        self.pool.install(|| match op {
+            Op::Embedding(o) => residual::embedding(&ts, o),
+            Op::RmsNorm(o) => residual::rms_norm(&ts, o),
+            Op::AddRmsNorm(o) => residual::add_rms_norm(&ts, o),
+            Op::Linear(o) => linear::linear(&ts, o),
+            Op::Rope(o) => attention::rope(&ts, o),
+            Op::Attention(o) => attention::attention(&ts, o),
+            Op::KvWrite(o) => attention::kv_write(&ts, o),
+            Op::PagedAttention(o) => attention::paged_attention(&ts, o),
+            Op::SwiGlu(o) => mlp::swiglu(&ts, o),
+        })
+    }
+}
+
+impl Exportable for CpuBackend {
+    const NAME: &'static str = "cpu";
+
+    fn probe() -> Result<()> {
+        Ok(())
+    }
+
+    fn create() -> Result<Self> {
+        CpuBackend::new(None)
+    }
+}
+
+highrise_core::export_backend!(CpuBackend);

@@ -1,0 +1,100 @@
+//! Residual-stream ops: embedding gather, RMSNorm and the fused residual-add + RMSNorm.
+
+use half::{bf16, f16};
+use highrise_core::ops::{AddRmsNorm, Embedding, RmsNorm};
+use highrise_core::{DType, Error, Result, TensorRef};
+use rayon::prelude::*;
+
+use crate::float::{with_float, Float};
+use crate::storage::Tensors;
+
+/// A small float tensor (a norm weight, a bias) read into f32.
+pub fn to_f32_vec(ts: &Tensors, name: &str, t: &TensorRef) -> Result<Vec<f32>> {
+    let mut v = vec![0f32; t.numel()];
+    with_float!(t.dtype, name, W => {
+        W::load(ts.slice::<W>(name, t)?, &mut v);
+        Ok(())
+    })?;
+    Ok(v)
+}
+
+pub fn embedding(ts: &Tensors, op: &Embedding) -> Result<()> {
+    let hidden = op.table.dims()[1];
+    with_float!(op.out.dtype, "embedding", E => {
+        // SAFETY: out is the op's only output.
+        let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
+        let ids = op.ids.as_slice();
+        match op.table.dtype {
+            DType::F32 => gather::<f32, E>(out, ts.slice("table", &op.table)?, ids, hidden),
+            DType::F16 => gather::<f16, E>(out, ts.slice("table", &op.table)?, ids, hidden),
+            DType::BF16 => gather::<bf16, E>(out, ts.slice("table", &op.table)?, ids, hidden),
+            d => return Err(Error::Unsupported(format!("embedding: the cpu backend does not support {d} tables yet"))),
+        }
+        Ok(())
+    })
+}
+
+fn gather<W: Float, E: Float>(out: &mut [E], table: &[W], ids: &[u32], hidden: usize) {
+    let mut row = vec![0f32; hidden];
+    for (dst, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+        let id = id as usize;
+        W::load(&table[id * hidden..(id + 1) * hidden], &mut row);
+        E::store(&row, dst);
+    }
+}
+
+pub fn rms_norm(ts: &Tensors, op: &RmsNorm) -> Result<()> {
+    let weight = to_f32_vec(ts, "weight", &op.weight)?;
+    with_float!(op.out.dtype, "rms_norm", E => {
+        let x = ts.slice::<E>("x", &op.x)?;
+        // SAFETY: out is the op's only output and does not alias x (validated).
+        let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
+        let h = weight.len();
+        out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each_init(
+            || vec![0f32; h],
+            |row, (out, x)| {
+                E::load(x, row);
+                normalize(row, &weight, op.eps);
+                E::store(row, out);
+            },
+        );
+        Ok(())
+    })
+}
+
+pub fn add_rms_norm(ts: &Tensors, op: &AddRmsNorm) -> Result<()> {
+    let weight = to_f32_vec(ts, "weight", &op.weight)?;
+    with_float!(op.out.dtype, "add_rms_norm", E => {
+        let delta = ts.slice::<E>("delta", &op.delta)?;
+        // SAFETY: residual and out are the op's two outputs; validation keeps them apart from each
+        // other and from delta.
+        let residual = unsafe { ts.slice_mut::<E>("residual", &op.residual)? };
+        let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
+        let h = weight.len();
+        out.par_chunks_mut(h)
+            .zip(residual.par_chunks_mut(h))
+            .zip(delta.par_chunks(h))
+            .for_each_init(
+                || (vec![0f32; h], vec![0f32; h]),
+                |(row, d), ((out, res), delta)| {
+                    E::load(res, row);
+                    E::load(delta, d);
+                    row.iter_mut().zip(d.iter()).for_each(|(r, d)| *r += d);
+                    // The stream keeps its own dtype; the norm reads the rounded sum, as the stream
+                    // itself will be read by the next layer.
+                    E::store(row, res);
+                    E::load(res, row);
+                    normalize(row, &weight, op.eps);
+                    E::store(row, out);
+                },
+            );
+        Ok(())
+    })
+}
+
+/// `row = row / sqrt(mean(row^2) + eps) * weight`.
+fn normalize(row: &mut [f32], weight: &[f32], eps: f32) {
+    let ms = crate::float::dot(row, row) / row.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    row.iter_mut().zip(weight).for_each(|(x, w)| *x = *x * inv * w);
+}
