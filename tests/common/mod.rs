@@ -1,0 +1,208 @@
+//! Shared test helpers: the CPU plugin, fresh random inputs, naive f64 references of every op, and the
+//! tolerances by dtype (written once, here).
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use half::{bf16, f16};
+use highrise::core::{Backend, DType, Tensor};
+
+/// The CPU backend, loaded through the plugin loader as the engine loads it.
+pub fn cpu() -> Arc<dyn Backend> {
+    static CPU: OnceLock<Arc<dyn Backend>> = OnceLock::new();
+    CPU.get_or_init(|| highrise::load_backend("cpu").expect("load the cpu plugin")).clone()
+}
+
+/// A small, seedable generator (splitmix64). Each test run draws a fresh seed and prints it;
+/// `HIGHRISE_TEST_SEED=<n>` replays one.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(test: &str) -> Rng {
+        let seed = std::env::var("HIGHRISE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        eprintln!("{test}: HIGHRISE_TEST_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// `n` values uniform in [-scale, scale), already representable in `dtype` (never zeros).
+    pub fn values(&mut self, n: usize, scale: f64, dtype: DType) -> Vec<f64> {
+        (0..n).map(|_| round(dtype, self.uniform() * scale)).collect()
+    }
+}
+
+/// `x` rounded to `dtype` (identity for f32's own precision when the value came from f32).
+pub fn round(dtype: DType, x: f64) -> f64 {
+    match dtype {
+        DType::F32 => x as f32 as f64,
+        DType::F16 => f16::from_f64(x).to_f64(),
+        DType::BF16 => bf16::from_f64(x).to_f64(),
+        d => panic!("no rounding for {d}"),
+    }
+}
+
+/// Rounding applied by a reference: `Exact` is the f64 reference; `Naive(d)` rounds every
+/// intermediate to `d`, as a naive same-dtype implementation would.
+#[derive(Clone, Copy)]
+pub enum Rd {
+    Exact,
+    Naive(DType),
+}
+
+impl Rd {
+    pub fn r(self, x: f64) -> f64 {
+        match self {
+            Rd::Exact => x,
+            Rd::Naive(d) => round(d, x),
+        }
+    }
+}
+
+pub fn upload(dtype: DType, dims: &[usize], v: &[f64]) -> Tensor {
+    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    Tensor::from_f32(&cpu(), dtype, dims, &f).unwrap()
+}
+
+/// An output tensor full of NaN, so any element an op fails to write shows up.
+pub fn poisoned(dtype: DType, dims: &[usize]) -> Tensor {
+    let mut t = Tensor::empty(&cpu(), dtype, dims).unwrap();
+    t.fill(f32::NAN).unwrap();
+    t
+}
+
+pub fn download(t: &Tensor) -> Vec<f64> {
+    t.to_f32().unwrap().into_iter().map(|x| x as f64).collect()
+}
+
+/// Compares a backend's output with the f64 reference. f32: every element within 1e-5 relative
+/// (relative to its own magnitude plus the tensor's rms, so that values near zero are not held to
+/// an impossible standard). f16/bf16: the largest error at most twice that of a naive same-dtype
+/// implementation (`naive`), as FlashAttention's tests require.
+pub fn assert_close(what: &str, dtype: DType, got: &[f64], exact: &[f64], naive: &[f64]) {
+    assert_eq!(got.len(), exact.len(), "{what}: length");
+    if let Some(i) = got.iter().position(|g| !g.is_finite()) {
+        panic!("{what}: element {i} is {} (unwritten or overflowed)", got[i]);
+    }
+    let rms = (exact.iter().map(|x| x * x).sum::<f64>() / exact.len().max(1) as f64).sqrt();
+    let max_err = |v: &[f64]| v.iter().zip(exact).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    match dtype {
+        DType::F32 => {
+            for (i, (g, e)) in got.iter().zip(exact).enumerate() {
+                let tol = 1e-5 * (e.abs() + rms);
+                assert!((g - e).abs() <= tol, "{what}: element {i} is {g}, reference {e} (tolerance {tol:e})");
+            }
+        }
+        _ => {
+            let (ours, theirs) = (max_err(got), max_err(naive));
+            assert!(
+                ours <= 2.0 * theirs + 1e-7 * rms,
+                "{what}: max error {ours:e} against f64, more than twice a naive {dtype} implementation's {theirs:e}"
+            );
+        }
+    }
+}
+
+// ---- naive references, one per op, parametrized by where they round ----
+
+pub fn ref_rms_norm(x: &[f64], w: &[f64], eps: f64, rd: Rd) -> Vec<f64> {
+    let h = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(h) {
+        let ms = rd.r(row.iter().map(|v| v * v).sum::<f64>() / h as f64);
+        let inv = rd.r(1.0 / (ms + eps).sqrt());
+        out.extend(row.iter().zip(w).map(|(v, w)| rd.r(rd.r(v * inv) * w)));
+    }
+    out
+}
+
+/// out[T, N] = x[T, K] w[N, K]^T + b
+pub fn ref_linear(x: &[f64], w: &[f64], b: Option<&[f64]>, k: usize, rd: Rd) -> Vec<f64> {
+    let n = w.len() / k;
+    let mut out = Vec::with_capacity(x.len() / k * n);
+    for xr in x.chunks(k) {
+        for (j, wr) in w.chunks(k).enumerate() {
+            let s: f64 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            out.push(rd.r(s + b.map_or(0.0, |b| b[j])));
+        }
+    }
+    out
+}
+
+/// The rotate_half RoPE angle of pair i at `pos`, as HF computes inv_freq.
+pub fn ref_inv_freq(theta: f64, d: usize) -> Vec<f64> {
+    (0..d / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64)).collect()
+}
+
+/// x [T, H, D] rotated in the rotate_half convention.
+pub fn ref_rope(x: &[f64], positions: &[u32], inv_freq: &[f64], heads: usize, rd: Rd) -> Vec<f64> {
+    let d = inv_freq.len() * 2;
+    let mut out = x.to_vec();
+    for (t, &pos) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let base = (t * heads + h) * d;
+            for i in 0..d / 2 {
+                let a = pos as f64 * inv_freq[i];
+                let (c, s) = (rd.r(a.cos()), rd.r(a.sin()));
+                let (x1, x2) = (x[base + i], x[base + i + d / 2]);
+                out[base + i] = rd.r(rd.r(x1 * c) - rd.r(x2 * s));
+                out[base + i + d / 2] = rd.r(rd.r(x2 * c) + rd.r(x1 * s));
+            }
+        }
+    }
+    out
+}
+
+/// Causal attention of `q` [Tq, Hq, D] (the last Tq positions) over `k`, `v` [Tk, Hkv, D].
+pub fn ref_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    scale: f64,
+    rd: Rd,
+) -> Vec<f64> {
+    let (tq, tk) = (q.len() / (hq * d), k.len() / (hkv * d));
+    let mut out = vec![0.0; q.len()];
+    for i in 0..tq {
+        let pos = tk - tq + i;
+        for h in 0..hq {
+            let g = h / (hq / hkv);
+            let qr = &q[(i * hq + h) * d..][..d];
+            let scores: Vec<f64> = (0..=pos)
+                .map(|j| rd.r(qr.iter().zip(&k[(j * hkv + g) * d..][..d]).map(|(a, b)| a * b).sum::<f64>() * scale))
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for c in 0..d {
+                let acc: f64 = (0..=pos).map(|j| rd.r(e[j] / sum) * v[(j * hkv + g) * d + c]).sum();
+                out[(i * hq + h) * d + c] = rd.r(acc);
+            }
+        }
+    }
+    out
+}
+
+pub fn ref_swiglu(gate: &[f64], up: &[f64], rd: Rd) -> Vec<f64> {
+    gate.iter().zip(up).map(|(g, u)| rd.r(rd.r(g / (1.0 + (-g).exp())) * u)).collect()
+}

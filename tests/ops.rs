@@ -1,0 +1,284 @@
+//! Every op of the CPU plugin against a naive f64 reference, on fresh random inputs, with outputs
+//! poisoned (NaN) before each call. Shapes: grouped-query ratios 1, 3 and 4, head dims 64 and 128,
+//! sequence lengths 1, 7, 64 and 300, decode at non-zero positions.
+
+mod common;
+
+use common::*;
+use highrise::core::ops::{PagedSeq, RopeConfig, RopeScaling};
+use highrise::core::DType;
+
+const SEQ_LENS: [usize; 4] = [1, 7, 64, 300];
+const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+const EPS: f64 = 1e-5;
+
+#[test]
+fn embedding_gathers_rows() {
+    let mut rng = Rng::new("embedding");
+    let (vocab, hidden) = (97, 64);
+    for table_dt in FLOATS {
+        for out_dt in FLOATS {
+            for t in SEQ_LENS {
+                let table = rng.values(vocab * hidden, 1.0, table_dt);
+                let ids: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
+                let mut out = poisoned(out_dt, &[t, hidden]);
+                cpu().embedding(&mut out, &upload(table_dt, &[vocab, hidden], &table), &ids).unwrap();
+                let want: Vec<f64> = ids
+                    .iter()
+                    .flat_map(|&id| table[id as usize * hidden..][..hidden].iter().map(|&x| round(out_dt, x)))
+                    .collect();
+                assert_eq!(download(&out), want, "embedding {table_dt}->{out_dt} T={t}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    let mut rng = Rng::new("rms_norm");
+    for dt in FLOATS {
+        for t in SEQ_LENS {
+            for h in [576, 4096] {
+                let x = rng.values(t * h, 2.0, dt);
+                let w = rng.values(h, 1.5, dt);
+                let mut out = poisoned(dt, &[t, h]);
+                cpu().rms_norm(&mut out, &upload(dt, &[t, h], &x), &upload(dt, &[h], &w), EPS as f32).unwrap();
+                let what = format!("rms_norm {dt} [{t}, {h}]");
+                let exact = ref_rms_norm(&x, &w, EPS, Rd::Exact);
+                assert_close(&what, dt, &download(&out), &exact, &ref_rms_norm(&x, &w, EPS, Rd::Naive(dt)));
+            }
+        }
+    }
+}
+
+#[test]
+fn add_rms_norm_updates_stream_and_normalizes() {
+    let mut rng = Rng::new("add_rms_norm");
+    for dt in FLOATS {
+        for t in SEQ_LENS {
+            let h = 576;
+            let (res, delta, w) = (rng.values(t * h, 2.0, dt), rng.values(t * h, 1.0, dt), rng.values(h, 1.5, dt));
+            let mut residual = upload(dt, &[t, h], &res);
+            let mut out = poisoned(dt, &[t, h]);
+            cpu()
+                .add_rms_norm(&mut out, &mut residual, &upload(dt, &[t, h], &delta), &upload(dt, &[h], &w), EPS as f32)
+                .unwrap();
+            let sum: Vec<f64> = res.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            let sum_rounded: Vec<f64> = sum.iter().map(|&s| round(dt, s)).collect();
+            let what = format!("add_rms_norm {dt} T={t}");
+            assert_close(&format!("{what} residual"), dt, &download(&residual), &sum, &sum_rounded);
+            let exact = ref_rms_norm(&sum, &w, EPS, Rd::Exact);
+            let naive = ref_rms_norm(&sum_rounded, &w, EPS, Rd::Naive(dt));
+            assert_close(&format!("{what} out"), dt, &download(&out), &exact, &naive);
+        }
+    }
+}
+
+#[test]
+fn linear_matches_reference() {
+    let mut rng = Rng::new("linear");
+    // (K, N): the default model's q and MLP shapes, and a head-sized one.
+    for (k, n) in [(576, 1536), (1536, 576), (64, 96)] {
+        for t in SEQ_LENS {
+            for act in FLOATS {
+                for wdt in FLOATS {
+                    let bias = (t + n) % 2 == 0;
+                    let x = rng.values(t * k, 1.0, act);
+                    let w = rng.values(n * k, 0.1, wdt);
+                    let b = rng.values(n, 0.5, act);
+                    let bias_t = upload(act, &[n], &b);
+                    let mut out = poisoned(act, &[t, n]);
+                    cpu()
+                        .linear(&mut out, &upload(act, &[t, k], &x), &upload(wdt, &[n, k], &w), bias.then_some(&bias_t))
+                        .unwrap();
+                    let b = bias.then_some(&b[..]);
+                    let what = format!("linear x {act}[{t}, {k}] w {wdt}[{n}, {k}] bias {bias}");
+                    let exact = ref_linear(&x, &w, b, k, Rd::Exact);
+                    assert_close(&what, act, &download(&out), &exact, &ref_linear(&x, &w, b, k, Rd::Naive(act)));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_rotates_half_at_any_position() {
+    let mut rng = Rng::new("rope");
+    for dt in FLOATS {
+        for d in [64, 128] {
+            for t in SEQ_LENS {
+                for theta in [10_000.0, 500_000.0] {
+                    let heads = 3;
+                    let x = rng.values(t * heads * d, 1.0, dt);
+                    // Positions anywhere in a long context, not just 0..t.
+                    let positions: Vec<u32> = (0..t).map(|_| rng.below(32_768) as u32).collect();
+                    let mut xt = upload(dt, &[t, heads, d], &x);
+                    cpu().rope(&mut xt, &positions, RopeConfig::new(theta as f32)).unwrap();
+                    let inv = ref_inv_freq(theta, d);
+                    let what = format!("rope {dt} D={d} T={t} theta={theta}");
+                    let exact = ref_rope(&x, &positions, &inv, heads, Rd::Exact);
+                    let naive = ref_rope(&x, &positions, &inv, heads, Rd::Naive(dt));
+                    assert_close(&what, dt, &download(&xt), &exact, &naive);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_llama3_scaling_follows_the_reference_formula() {
+    let mut rng = Rng::new("rope_llama3");
+    let (t, heads, d) = (7, 2, 128);
+    let cfg = RopeConfig {
+        theta: 500_000.0,
+        scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        },
+    };
+    // Llama 3.1's published formula, written out independently of RopeConfig::inv_freq.
+    let inv: Vec<f64> = ref_inv_freq(500_000.0, d)
+        .into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let (lo_wl, hi_wl) = (8192.0 / 1.0, 8192.0 / 4.0);
+            if wavelen < hi_wl {
+                f
+            } else if wavelen > lo_wl {
+                f / 8.0
+            } else {
+                let smooth = (8192.0 / wavelen - 1.0) / (4.0 - 1.0);
+                (1.0 - smooth) * f / 8.0 + smooth * f
+            }
+        })
+        .collect();
+    assert!(inv.iter().zip(ref_inv_freq(500_000.0, d)).any(|(a, b)| a != &b), "scaling changed nothing");
+    let x = rng.values(t * heads * d, 1.0, DType::F32);
+    let positions: Vec<u32> = (0..t).map(|_| rng.below(100_000) as u32).collect();
+    let mut xt = upload(DType::F32, &[t, heads, d], &x);
+    cpu().rope(&mut xt, &positions, cfg).unwrap();
+    let exact = ref_rope(&x, &positions, &inv, heads, Rd::Exact);
+    assert_close("rope llama3", DType::F32, &download(&xt), &exact, &exact);
+}
+
+/// (q heads, kv heads) for grouped-query ratios 1, 3 and 4.
+const GQA: [(usize, usize); 3] = [(4, 4), (9, 3), (8, 2)];
+
+#[test]
+fn prefill_attention_is_causal_gqa() {
+    let mut rng = Rng::new("attention");
+    for dt in FLOATS {
+        for (hq, hkv) in GQA {
+            for d in [64, 128] {
+                for t in SEQ_LENS {
+                    check_prefill(&mut rng, dt, hq, hkv, d, &[t]);
+                }
+            }
+        }
+        // Several prompts of different lengths in one batch.
+        check_prefill(&mut rng, dt, 9, 3, 64, &[7, 1, 64, 3]);
+    }
+}
+
+fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens: &[usize]) {
+    let t: usize = lens.iter().sum();
+    let (q, k, v) = (rng.values(t * hq * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt));
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = poisoned(dt, &[t, hq, d]);
+    let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    cpu()
+        .attention(
+            &mut out,
+            &upload(dt, &[t, hq, d], &q),
+            &upload(dt, &[t, hkv, d], &k),
+            &upload(dt, &[t, hkv, d], &v),
+            &lens32,
+            scale as f32,
+        )
+        .unwrap();
+    let got = download(&out);
+    let mut at = 0;
+    for &l in lens {
+        let (qs, ks) = (&q[at * hq * d..(at + l) * hq * d], at * hkv * d..(at + l) * hkv * d);
+        let what = format!("attention {dt} hq={hq} hkv={hkv} D={d} lens={lens:?} (seq at {at})");
+        let exact = ref_attention(qs, &k[ks.clone()], &v[ks.clone()], hq, hkv, d, scale, Rd::Exact);
+        let naive = ref_attention(qs, &k[ks.clone()], &v[ks], hq, hkv, d, scale, Rd::Naive(dt));
+        assert_close(&what, dt, &got[at * hq * d..(at + l) * hq * d], &exact, &naive);
+        at += l;
+    }
+}
+
+/// Decode and chunked prefill through the paged cache: each sequence's K/V is written with
+/// `kv_write` into blocks in shuffled order, then its last `q_len` tokens attend through the table.
+#[test]
+fn paged_attention_reads_through_block_tables() {
+    let mut rng = Rng::new("paged_attention");
+    for dt in FLOATS {
+        for (hq, hkv) in GQA {
+            for d in [64, 128] {
+                // (context, queries): decode at non-zero positions, and a prefill chunk after a prefix.
+                let batch: Vec<(usize, usize)> = SEQ_LENS.iter().map(|&c| (c, 1)).chain([(300, 7), (64, 64)]).collect();
+                check_paged(&mut rng, dt, hq, hkv, d, &batch);
+            }
+        }
+    }
+}
+
+fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch: &[(usize, usize)]) {
+    let block_size = 16;
+    let needed: usize = batch.iter().map(|(c, _)| c.div_ceil(block_size)).sum();
+    let num_blocks = needed + 5;
+    // Hand out blocks in a shuffled order so a wrong table lookup cannot pass by luck.
+    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.below(i + 1));
+    }
+    let mut k_cache = poisoned(dt, &[num_blocks, block_size, hkv, d]);
+    let mut v_cache = poisoned(dt, &[num_blocks, block_size, hkv, d]);
+    let (mut table, mut seqs, mut qs, mut kvs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &(ctx, q_len) in batch {
+        let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
+        let slots: Vec<u32> = (0..ctx).map(|p| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
+        let (k, v) = (rng.values(ctx * hkv * d, 1.0, dt), rng.values(ctx * hkv * d, 1.0, dt));
+        cpu()
+            .kv_write(&mut k_cache, &mut v_cache, &upload(dt, &[ctx, hkv, d], &k), &upload(dt, &[ctx, hkv, d], &v), &slots)
+            .unwrap();
+        seqs.push(PagedSeq { q_len: q_len as u32, context_len: ctx as u32, blocks_start: table.len() as u32 });
+        table.extend(blocks);
+        qs.push(rng.values(q_len * hq * d, 1.0, dt));
+        kvs.push((k, v));
+    }
+    let t: usize = batch.iter().map(|(_, q)| q).sum();
+    let q: Vec<f64> = qs.concat();
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = poisoned(dt, &[t, hq, d]);
+    cpu()
+        .paged_attention(&mut out, &upload(dt, &[t, hq, d], &q), &k_cache, &v_cache, &seqs, &table, scale as f32)
+        .unwrap();
+    let got = download(&out);
+    let mut at = 0;
+    for ((&(ctx, q_len), qv), (k, v)) in batch.iter().zip(&qs).zip(&kvs) {
+        let what = format!("paged_attention {dt} hq={hq} hkv={hkv} D={d} context={ctx} queries={q_len}");
+        let exact = ref_attention(qv, k, v, hq, hkv, d, scale, Rd::Exact);
+        let naive = ref_attention(qv, k, v, hq, hkv, d, scale, Rd::Naive(dt));
+        assert_close(&what, dt, &got[at * hq * d..(at + q_len) * hq * d], &exact, &naive);
+        at += q_len;
+    }
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    let mut rng = Rng::new("swiglu");
+    for dt in FLOATS {
+        for t in SEQ_LENS {
+            let i = 1536;
+            let (g, u) = (rng.values(t * i, 4.0, dt), rng.values(t * i, 2.0, dt));
+            let mut out = poisoned(dt, &[t, i]);
+            cpu().swiglu(&mut out, &upload(dt, &[t, i], &g), &upload(dt, &[t, i], &u)).unwrap();
+            let what = format!("swiglu {dt} [{t}, {i}]");
+            assert_close(&what, dt, &download(&out), &ref_swiglu(&g, &u, Rd::Exact), &ref_swiglu(&g, &u, Rd::Naive(dt)));
+        }
+    }
+}
