@@ -1,1 +1,175 @@
-fn main() {}
+//! Criterion benchmarks of every CPU-backend op at the default model's shapes (SmolLM2-135M: hidden
+//! 576, 9 query / 3 KV heads of 64, intermediate 1536) and at one Llama-3-8B layer's (hidden 4096,
+//! 32 / 8 heads of 128, intermediate 14336), for decode (1 token) and prefill (512 tokens).
+//!
+//! Before the benchmarks it measures and prints the two ceilings they are judged against: host memory
+//! bandwidth (a large copy, bytes read + written) and the SIMD GEMM rate (f32 512x4096x4096). Run with
+//! `cargo bench --bench cpu_ops`; `HIGHRISE_THREADS` sets the thread count.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use highrise::core::ops::{PagedSeq, RopeConfig};
+use highrise::core::{Backend, DType, Tensor};
+
+struct Shape {
+    name: &'static str,
+    hidden: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    /// Weights are stored in this dtype (the 8B layer in bf16, as its checkpoints are).
+    weight_dtype: DType,
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape {
+        name: "smollm2-135m",
+        hidden: 576,
+        q_heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        intermediate: 1536,
+        weight_dtype: DType::F32,
+    },
+    Shape {
+        name: "llama3-8b",
+        hidden: 4096,
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        intermediate: 14336,
+        weight_dtype: DType::BF16,
+    },
+];
+
+const TOKENS: [usize; 2] = [1, 512];
+
+fn backend() -> Arc<dyn Backend> {
+    highrise::load_backend("cpu").expect("load the cpu plugin")
+}
+
+fn random(b: &Arc<dyn Backend>, dtype: DType, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let mut s = 0x2545F4914F6CDD1Du64;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_f32(b, dtype, dims, &v).unwrap()
+}
+
+fn ops(c: &mut Criterion) {
+    let b = backend();
+    let act = DType::F32;
+    for s in &SHAPES {
+        let (h, i, d) = (s.hidden, s.intermediate, s.head_dim);
+        let mut g = c.benchmark_group(s.name);
+        g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+        let norm_w = random(&b, act, &[h], 1.0);
+        let wq = random(&b, s.weight_dtype, &[s.q_heads * d, h], 0.05);
+        let w_gate = random(&b, s.weight_dtype, &[i, h], 0.05);
+        let w_down = random(&b, s.weight_dtype, &[h, i], 0.05);
+        let wsize = s.weight_dtype.storage_bytes(1).unwrap() as u64;
+        for t in TOKENS {
+            let x = random(&b, act, &[t, h], 1.0);
+            let mut out = random(&b, act, &[t, h], 1.0);
+            g.throughput(Throughput::Bytes((3 * t * h * 4) as u64));
+            g.bench_function(BenchmarkId::new("add_rms_norm", t), |bench| {
+                let mut res = random(&b, act, &[t, h], 1.0);
+                bench.iter(|| b.add_rms_norm(&mut out, &mut res, &x, &norm_w, 1e-5).unwrap())
+            });
+            for (name, w, k, n) in [("linear_q", &wq, h, s.q_heads * d), ("linear_gate", &w_gate, h, i), ("linear_down", &w_down, i, h)] {
+                let x = random(&b, act, &[t, k], 1.0);
+                let mut y = random(&b, act, &[t, n], 1.0);
+                // Decode is bound by reading the weights, prefill by arithmetic.
+                g.throughput(if t == 1 { Throughput::Bytes(n as u64 * k as u64 * wsize) } else { Throughput::Elements((2 * t * n * k) as u64) });
+                g.bench_function(BenchmarkId::new(name, t), |bench| bench.iter(|| b.linear(&mut y, &x, w, None).unwrap()));
+            }
+            let gate = random(&b, act, &[t, i], 2.0);
+            let up = random(&b, act, &[t, i], 1.0);
+            let mut act_out = random(&b, act, &[t, i], 1.0);
+            g.throughput(Throughput::Bytes((3 * t * i * 4) as u64));
+            g.bench_function(BenchmarkId::new("swiglu", t), |bench| bench.iter(|| b.swiglu(&mut act_out, &gate, &up).unwrap()));
+            let mut q = random(&b, act, &[t, s.q_heads, d], 1.0);
+            let positions: Vec<u32> = (0..t as u32).map(|p| p + 100).collect();
+            g.throughput(Throughput::Elements(t as u64));
+            g.bench_function(BenchmarkId::new("rope_q", t), |bench| bench.iter(|| b.rope(&mut q, &positions, RopeConfig::new(500_000.0)).unwrap()));
+        }
+        // Prefill attention over one 512-token prompt: 2 * 2 * T^2/2 * D flops per query head.
+        let t = 512;
+        let q = random(&b, act, &[t, s.q_heads, d], 1.0);
+        let k = random(&b, act, &[t, s.kv_heads, d], 1.0);
+        let v = random(&b, act, &[t, s.kv_heads, d], 1.0);
+        let mut o = random(&b, act, &[t, s.q_heads, d], 1.0);
+        g.throughput(Throughput::Elements((2 * t * t * d * s.q_heads) as u64));
+        g.bench_function(BenchmarkId::new("attention_prefill", t), |bench| {
+            bench.iter(|| b.attention(&mut o, &q, &k, &v, &[t as u32], 0.125).unwrap())
+        });
+        // Decode attention: one query token per sequence over a 4096-token paged context.
+        let (ctx, bs) = (4096usize, 16usize);
+        for batch in [1usize, 8] {
+            let blocks = batch * ctx / bs;
+            let kc = random(&b, act, &[blocks, bs, s.kv_heads, d], 1.0);
+            let vc = random(&b, act, &[blocks, bs, s.kv_heads, d], 1.0);
+            let q = random(&b, act, &[batch, s.q_heads, d], 1.0);
+            let mut o = random(&b, act, &[batch, s.q_heads, d], 1.0);
+            let table: Vec<u32> = (0..blocks as u32).collect();
+            let seqs: Vec<PagedSeq> = (0..batch)
+                .map(|i| PagedSeq { q_len: 1, context_len: ctx as u32, blocks_start: (i * ctx / bs) as u32 })
+                .collect();
+            g.throughput(Throughput::Bytes((2 * batch * ctx * s.kv_heads * d * 4) as u64));
+            g.bench_function(BenchmarkId::new(format!("paged_decode_ctx{ctx}_batch"), batch), |bench| {
+                bench.iter(|| b.paged_attention(&mut o, &q, &kc, &vc, &seqs, &table, 0.125).unwrap())
+            });
+        }
+        g.finish();
+    }
+}
+
+/// Bytes read + written per second by a large copy: the ceiling for memory-bound ops.
+fn copy_bandwidth() -> f64 {
+    let n = 64 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * n as f64 / best
+}
+
+/// The CPU backend's own f32 GEMM rate (512 tokens x 4096 -> 4096): the ceiling for prefill linears.
+fn gemm_rate(b: &Arc<dyn Backend>) -> f64 {
+    let (t, k, n) = (512, 4096, 4096);
+    let x = random(b, DType::F32, &[t, k], 1.0);
+    let w = random(b, DType::F32, &[n, k], 0.05);
+    let mut y = random(b, DType::F32, &[t, n], 1.0);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let s = Instant::now();
+        b.linear(&mut y, &x, &w, None).unwrap();
+        best = best.min(s.elapsed().as_secs_f64());
+    }
+    2.0 * (t * k * n) as f64 / best
+}
+
+criterion_group!(benches, ops);
+
+fn main() {
+    let b = backend();
+    println!("backend: cpu ({})", b.info().device);
+    println!("ceiling: memory copy {:.1} GB/s (read + write)", copy_bandwidth() / 1e9);
+    println!("ceiling: f32 GEMM 512x4096x4096 {:.1} GFLOP/s", gemm_rate(&b) / 1e9);
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
