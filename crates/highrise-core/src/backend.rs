@@ -41,6 +41,17 @@ pub trait Backend: Send + Sync {
     /// and large enough before it touches memory.
     fn run(&self, op: &Op<'_>) -> Result<()>;
 
+    /// Wraps `bytes` of host memory (e.g. a memory-mapped weight file) as a read-only tensor without
+    /// copying, if this backend can compute on host memory in place. `Ok(None)` means it cannot and
+    /// the caller should `alloc` and `write` instead.
+    ///
+    /// # Safety
+    /// The memory stays valid and unchanged until the handle is freed.
+    unsafe fn import(&self, ptr: *const u8, bytes: usize) -> Result<Option<Handle>> {
+        let _ = (ptr, bytes);
+        Ok(None)
+    }
+
     /// Waits until all queued work is done (a no-op where ops run synchronously).
     fn synchronize(&self) -> Result<()> {
         Ok(())

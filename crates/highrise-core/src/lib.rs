@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 pub mod ops;
 pub mod plugin;
+pub mod quant;
 pub mod tensor;
 
 pub use backend::{Backend, BackendInfo};

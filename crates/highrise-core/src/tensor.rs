@@ -214,6 +214,8 @@ pub struct Tensor {
     dtype: DType,
     shape: Shape,
     backend: Arc<dyn Backend>,
+    /// For a tensor imported from host memory: whatever keeps that memory alive (a file mapping).
+    _host: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Tensor {
@@ -222,7 +224,7 @@ impl Tensor {
         let shape = Shape::new(dims)?;
         let bytes = storage_bytes(dtype, &shape)?;
         let handle = backend.alloc(bytes)?;
-        Ok(Tensor { handle, dtype, shape, backend: backend.clone() })
+        Ok(Tensor { handle, dtype, shape, backend: backend.clone(), _host: None })
     }
 
     /// A tensor holding `bytes` exactly as the backend stores `dtype` (little-endian, GGUF block layout).
@@ -242,6 +244,27 @@ impl Tensor {
         }
         backend.write(t.handle, 0, bytes)?;
         Ok(t)
+    }
+
+    /// A read-only tensor over host memory that `owner` keeps alive (a memory-mapped file), without a
+    /// copy where the backend can read host memory in place, else copied into the backend.
+    pub fn from_host(
+        backend: &Arc<dyn Backend>,
+        dtype: DType,
+        dims: &[usize],
+        bytes: &[u8],
+        owner: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Tensor> {
+        let shape = Shape::new(dims)?;
+        let need = storage_bytes(dtype, &shape)?;
+        if bytes.len() != need {
+            return Err(Error::Invalid(format!("tensor {dtype}{dims:?} needs {need} bytes, got {}", bytes.len())));
+        }
+        // SAFETY: `owner` keeps `bytes` alive and unchanged for as long as the tensor (which holds it).
+        match unsafe { backend.import(bytes.as_ptr(), bytes.len()) }? {
+            Some(handle) => Ok(Tensor { handle, dtype, shape, backend: backend.clone(), _host: Some(owner) }),
+            None => Tensor::from_bytes(backend, dtype, dims, bytes),
+        }
     }
 
     /// A float tensor of `dtype` holding `values` (converted from f32).

@@ -85,8 +85,12 @@ impl Backend for CpuBackend {
         Storage::free(self.id, handle)
     }
 
+    unsafe fn import(&self, ptr: *const u8, bytes: usize) -> Result<Option<Handle>> {
+        Ok(Storage::import(self.id, ptr, bytes))
+    }
+
     fn write(&self, handle: Handle, offset: usize, bytes: &[u8]) -> Result<()> {
-        let dst = Storage::get(self.id, handle)?.range(offset, bytes.len())?;
+        let dst = Storage::get(self.id, handle)?.writable()?.range(offset, bytes.len())?;
         // SAFETY: the range is inside the allocation (checked) and the host holds the tensor.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
         Ok(())

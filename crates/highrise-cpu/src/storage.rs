@@ -14,6 +14,8 @@ pub struct Storage {
     owner: usize,
     ptr: *mut u8,
     bytes: usize,
+    /// Host memory wrapped by `import` (a mapped file): read-only, and not ours to free.
+    imported: bool,
 }
 
 impl Storage {
@@ -25,8 +27,17 @@ impl Storage {
         if ptr.is_null() {
             return Err(Error::OutOfMemory(format!("cpu: allocation of {bytes} bytes failed")));
         }
-        let s = Box::new(Storage { magic: MAGIC, owner, ptr, bytes });
+        let s = Box::new(Storage { magic: MAGIC, owner, ptr, bytes, imported: false });
         Ok(Handle(Box::into_raw(s) as *mut _))
+    }
+
+    /// Wraps host memory without copying. Only memory aligned for every float type is taken.
+    pub fn import(owner: usize, ptr: *const u8, bytes: usize) -> Option<Handle> {
+        if ptr.is_null() || ptr as usize % 4 != 0 {
+            return None;
+        }
+        let s = Box::new(Storage { magic: MAGIC, owner, ptr: ptr as *mut u8, bytes, imported: true });
+        Some(Handle(Box::into_raw(s) as *mut _))
     }
 
     /// # Safety
@@ -36,7 +47,9 @@ impl Storage {
             let s = s as *const Storage as *mut Storage;
             (*s).magic = 0;
             let b = Box::from_raw(s);
-            dealloc(b.ptr, Layout::from_size_align_unchecked(b.bytes.max(ALIGN), ALIGN));
+            if !b.imported {
+                dealloc(b.ptr, Layout::from_size_align_unchecked(b.bytes.max(ALIGN), ALIGN));
+            }
         }
     }
 
@@ -61,6 +74,14 @@ impl Storage {
         self.bytes
     }
 
+    /// Refuses writes into imported (read-only) host memory.
+    pub fn writable(&self) -> Result<&Self> {
+        if self.imported {
+            return Err(Error::Invalid("cpu: the tensor wraps read-only host memory (a mapped file)".into()));
+        }
+        Ok(self)
+    }
+
     /// The byte range `[offset, offset + len)`, checked.
     pub fn range(&self, offset: usize, len: usize) -> Result<*mut u8> {
         match offset.checked_add(len) {
@@ -80,8 +101,10 @@ pub struct Tensors {
 }
 
 impl Tensors {
-    fn checked(&self, name: &str, t: &TensorRef) -> Result<(*mut u8, usize)> {
-        let s = Storage::get(self.owner, t.handle).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+    fn checked(&self, name: &str, t: &TensorRef, write: bool) -> Result<(*mut u8, usize)> {
+        let s = Storage::get(self.owner, t.handle)
+            .and_then(|s| if write { s.writable() } else { Ok(s) })
+            .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
         let bytes = t.dtype.storage_bytes(t.numel()).ok_or_else(|| {
             Error::Invalid(format!("{name}: {}{} is not a whole number of blocks", t.dtype, t.shape))
         })?;
@@ -98,8 +121,9 @@ impl Tensors {
 
     /// The elements of `t` as `&[E]`; the caller has matched `E` to `t.dtype`.
     pub fn slice<'a, E: bytemuck::Pod>(&self, name: &str, t: &TensorRef) -> Result<&'a [E]> {
-        let (ptr, bytes) = self.checked(name, t)?;
-        // SAFETY: in bounds (checked), 64-byte aligned, E is plain-old-data.
+        let (ptr, bytes) = self.checked(name, t, false)?;
+        // SAFETY: in bounds (checked); aligned (allocations to 64 bytes, imports to 4, and E is at
+        // most 4-byte aligned); E is plain-old-data.
         Ok(unsafe { std::slice::from_raw_parts(ptr as *const E, bytes / std::mem::size_of::<E>()) })
     }
 
@@ -110,7 +134,7 @@ impl Tensors {
     /// inputs, and the host holds the output tensors mutably.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice_mut<'a, E: bytemuck::Pod>(&self, name: &str, t: &TensorRef) -> Result<&'a mut [E]> {
-        let (ptr, bytes) = self.checked(name, t)?;
+        let (ptr, bytes) = self.checked(name, t, true)?;
         Ok(std::slice::from_raw_parts_mut(ptr as *mut E, bytes / std::mem::size_of::<E>()))
     }
 }

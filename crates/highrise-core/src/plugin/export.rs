@@ -40,6 +40,7 @@ impl<B: Exportable> Table<B> {
         supports: supports::<B>,
         alloc: alloc::<B>,
         free: free::<B>,
+        import: import::<B>,
         write: write::<B>,
         read: read::<B>,
         run: run::<B>,
@@ -149,6 +150,19 @@ unsafe extern "C" fn alloc<B: Exportable>(
 
 unsafe extern "C" fn free<B: Exportable>(ctx: *mut c_void, handle: Handle) {
     let _ = catch_unwind(AssertUnwindSafe(|| backend::<B>(ctx).free(handle)));
+}
+
+unsafe extern "C" fn import<B: Exportable>(
+    ctx: *mut c_void,
+    ptr: *const u8,
+    bytes: usize,
+    out: *mut Handle,
+    err: *mut ErrOut,
+) -> Status {
+    guard::<B>(err, "import", || {
+        *out = backend::<B>(ctx).import(ptr, bytes)?.unwrap_or(Handle::NULL);
+        Ok(())
+    })
 }
 
 unsafe extern "C" fn write<B: Exportable>(

@@ -257,6 +257,12 @@ impl Backend for PluginBackend {
         (self.vtable.free)(self.ctx, handle)
     }
 
+    unsafe fn import(&self, ptr: *const u8, bytes: usize) -> Result<Option<Handle>> {
+        let mut h = Handle::NULL;
+        self.call(|err| (self.vtable.import)(self.ctx, ptr, bytes, &mut h, err))?;
+        Ok((!h.is_null()).then_some(h))
+    }
+
     fn write(&self, handle: Handle, offset: usize, bytes: &[u8]) -> Result<()> {
         // SAFETY: the slice is valid for its length during the call.
         self.call(|err| unsafe {

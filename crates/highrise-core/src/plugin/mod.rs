@@ -87,6 +87,14 @@ pub struct VTable {
     pub alloc:
         unsafe extern "C" fn(ctx: *mut c_void, bytes: usize, out: *mut Handle, err: *mut ErrOut) -> Status,
     pub free: unsafe extern "C" fn(ctx: *mut c_void, handle: Handle),
+    /// Wraps host memory as a read-only tensor; writes a null handle when the backend cannot.
+    pub import: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        ptr: *const u8,
+        bytes: usize,
+        out: *mut Handle,
+        err: *mut ErrOut,
+    ) -> Status,
     pub write: unsafe extern "C" fn(
         ctx: *mut c_void,
         handle: Handle,

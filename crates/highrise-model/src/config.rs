@@ -1,0 +1,229 @@
+//! A model's hyperparameters, in HuggingFace's `config.json` vocabulary (so it reads and writes that
+//! file as is), filled from GGUF metadata for GGUF files.
+
+use std::path::Path;
+
+use highrise_core::ops::{RopeConfig, RopeScaling};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::gguf::{Gguf, Value};
+use crate::{Error, Result};
+
+/// The Llama-shaped families highrise runs: they differ in names and small options, not in ops.
+pub const FAMILIES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelConfig {
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<Json>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// An id or a list of ids.
+    #[serde(default)]
+    pub eos_token_id: Option<Json>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let c: ModelConfig = serde_json::from_str(&text).map_err(|e| {
+            let field = e.to_string().split('`').nth(1).unwrap_or("config").to_string();
+            Error::config(path, &field, e)
+        })?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    /// The config of a GGUF file, from its `<arch>.*` metadata.
+    pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
+        let path = &g.path;
+        let arch = g.get("general.architecture").and_then(Value::as_str).unwrap_or("").to_string();
+        if !FAMILIES.contains(&arch.as_str()) {
+            return Err(Error::config(
+                path,
+                "general.architecture",
+                format!("{arch:?} is not supported (llama, mistral, qwen2 are)"),
+            ));
+        }
+        let num = |key: &str| -> Result<usize> {
+            let full = format!("{arch}.{key}");
+            g.get(&full)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::config(path, &full, "missing or not an integer"))
+        };
+        let float = |key: &str| g.get(&format!("{arch}.{key}")).and_then(Value::as_f64);
+        let heads = num("attention.head_count")?;
+        let hidden = num("embedding_length")?;
+        let vocab = match num("vocab_size") {
+            Ok(v) => v,
+            Err(_) => g
+                .get("tokenizer.ggml.tokens")
+                .and_then(Value::as_array)
+                .map(|t| t.len())
+                .ok_or_else(|| Error::config(path, &format!("{arch}.vocab_size"), "missing, and no token list"))?,
+        };
+        let head_dim = num("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let rope_scaling = match g.get(&format!("{arch}.rope.scaling.type")).and_then(Value::as_str) {
+            Some("linear") => Some(serde_json::json!({
+                "rope_type": "linear",
+                "factor": float("rope.scaling.factor").unwrap_or(1.0),
+            })),
+            _ => None,
+        };
+        let token = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let tied = g.tensor("output.weight").is_none();
+        let c = ModelConfig {
+            model_type: arch.clone(),
+            architectures: vec![match arch.as_str() {
+                "mistral" => "MistralForCausalLM".into(),
+                "qwen2" => "Qwen2ForCausalLM".into(),
+                _ => "LlamaForCausalLM".into(),
+            }],
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: num("feed_forward_length")?,
+            num_hidden_layers: num("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(num("attention.head_count_kv").unwrap_or(heads)),
+            head_dim: Some(head_dim),
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: num("context_length").unwrap_or(2048),
+            tie_word_embeddings: tied,
+            attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
+            bos_token_id: token("tokenizer.ggml.bos_token_id"),
+            eos_token_id: token("tokenizer.ggml.eos_token_id").map(Json::from),
+            sliding_window: None,
+            torch_dtype: Some("float32".into()),
+        };
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        if !FAMILIES.contains(&self.model_type.as_str()) {
+            return Err(Error::config(
+                path,
+                "model_type",
+                format!("{:?} is not supported (llama, mistral, qwen2 are)", self.model_type),
+            ));
+        }
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim()),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(Error::config(path, field, "must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(Error::config(
+                path,
+                "num_key_value_heads",
+                format!("{} query heads cannot share {} key/value heads", self.num_attention_heads, self.kv_heads()),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(Error::config(path, "head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim())));
+        }
+        self.rope().map_err(|e| Error::config(path, "rope_scaling", e))?;
+        Ok(())
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+
+    /// The longest sequence the model serves: its trained context, capped by a sliding window (which
+    /// highrise does not implement, so attention within the window is exact).
+    pub fn context_len(&self) -> usize {
+        self.sliding_window.map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(Json::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Json::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+            _ => vec![],
+        }
+    }
+
+    pub fn rope(&self) -> std::result::Result<RopeConfig, String> {
+        let theta = self.rope_theta as f32;
+        let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) else {
+            return Ok(RopeConfig::new(theta));
+        };
+        let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Json::as_str).unwrap_or("");
+        let f = |k: &str| s.get(k).and_then(Json::as_f64).ok_or_else(|| format!("{kind} scaling needs {k}"));
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: f("factor")? as f32 },
+            "llama3" => RopeScaling::Llama3 {
+                factor: f("factor")? as f32,
+                low_freq_factor: f("low_freq_factor")? as f32,
+                high_freq_factor: f("high_freq_factor")? as f32,
+                original_max_position: f("original_max_position_embeddings")? as u32,
+            },
+            other => return Err(format!("rope type {other:?} is not supported (linear, llama3 are)")),
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}

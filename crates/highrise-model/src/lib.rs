@@ -1,0 +1,18 @@
+//! highrise-model: everything about a model that is not the engine's business. Formats (GGUF,
+//! HF safetensors directories), the config, the tokenizer and chat template, the weights on a backend,
+//! and the forward pass.
+
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod llama;
+pub mod npy;
+pub mod source;
+pub mod tokenizer;
+
+pub use config::ModelConfig;
+pub use llama::{Batch, KvCache, Layer, Llama, LoadOptions, Logits, WeightFormat};
+pub use source::Source;
+pub use error::{Error, Result};
+pub use tokenizer::{Message, Tokenizer};

@@ -1,0 +1,323 @@
+//! The Llama-family transformer on any backend: weights, KV cache and the forward pass.
+//!
+//! Read `forward` top to bottom and you read the transformer: the residual stream enters as token
+//! embeddings; each layer normalizes it, projects Q/K/V, rotates Q and K (RoPE), writes K/V into the
+//! cache (the key/value stream), attends, projects back and adds to the stream; then normalizes again
+//! and adds the SwiGLU MLP's output. A final norm and the unembedding give logits.
+
+use std::sync::Arc;
+
+use highrise_core::ops::{PagedSeq, RopeConfig};
+use highrise_core::quant::dequantize;
+use highrise_core::{Backend, DType, OpKind, Tensor};
+
+use crate::source::{FileTensor, Source};
+use crate::{Error, ModelConfig, Result};
+
+/// How weights are kept in backend memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// The file's own format where the backend computes with it (a float file is then used straight
+    /// from the mapping); f32 otherwise.
+    Auto,
+    /// Converted to this float dtype at load.
+    Convert(DType),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub weights: WeightFormat,
+    /// The dtype of activations: the residual stream and the KV cache.
+    pub activations: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { weights: WeightFormat::Auto, activations: DType::F32 }
+    }
+}
+
+/// One layer's weights. Shapes: hidden H, heads Hq / Hkv of D, intermediate I.
+pub struct Layer {
+    pub attn_norm: Tensor,        // [H]
+    pub wq: Tensor,               // [Hq * D, H]
+    pub wk: Tensor,               // [Hkv * D, H]
+    pub wv: Tensor,               // [Hkv * D, H]
+    pub bq: Option<Tensor>,       // [Hq * D] (Qwen2)
+    pub bk: Option<Tensor>,       // [Hkv * D]
+    pub bv: Option<Tensor>,       // [Hkv * D]
+    pub wo: Tensor,               // [H, Hq * D]
+    pub mlp_norm: Tensor,         // [H]
+    pub w_gate: Tensor,           // [I, H]
+    pub w_up: Tensor,             // [I, H]
+    pub w_down: Tensor,           // [H, I]
+}
+
+pub struct Llama {
+    pub config: ModelConfig,
+    pub backend: Arc<dyn Backend>,
+    /// Activation dtype.
+    pub dtype: DType,
+    pub rope: RopeConfig,
+    pub embed: Tensor,           // [V, H]
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,            // [H]
+    /// None when the unembedding is tied to `embed`.
+    pub lm_head: Option<Tensor>, // [V, H]
+}
+
+/// The paged KV cache: per layer, K and V of shape [num_blocks, block_size, Hkv, D].
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+/// One forward step over a batch of sequences. Token t sits at `positions[t]` and its K/V go to cache
+/// slot `slots[t]`; `seqs` group the tokens by sequence (in order) and name their block tables.
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub positions: &'a [u32],
+    pub slots: &'a [u32],
+    pub seqs: &'a [PagedSeq],
+    pub block_table: &'a [u32],
+}
+
+/// Which positions get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every token of the batch: [T, V].
+    All,
+    /// The last token of each sequence: [num_seqs, V].
+    Last,
+}
+
+impl Llama {
+    pub fn load(source: &Source, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Llama> {
+        let c = source.config().clone();
+        if !opts.activations.is_float() {
+            return Err(Error::Input(format!("activations must be f32, f16 or bf16, not {}", opts.activations)));
+        }
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+        let loader = Loader { source, backend: &backend, opts };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let bias = |s: &str, n: usize| -> Result<Option<Tensor>> {
+                c.qkv_bias().then(|| loader.vector(&p(s), n)).transpose()
+            };
+            layers.push(Layer {
+                attn_norm: loader.vector(&p("input_layernorm.weight"), h)?,
+                wq: loader.matrix(&p("self_attn.q_proj.weight"), q_dim, h, OpKind::Linear)?,
+                wk: loader.matrix(&p("self_attn.k_proj.weight"), kv_dim, h, OpKind::Linear)?,
+                wv: loader.matrix(&p("self_attn.v_proj.weight"), kv_dim, h, OpKind::Linear)?,
+                bq: bias("self_attn.q_proj.bias", q_dim)?,
+                bk: bias("self_attn.k_proj.bias", kv_dim)?,
+                bv: bias("self_attn.v_proj.bias", kv_dim)?,
+                wo: loader.matrix(&p("self_attn.o_proj.weight"), h, q_dim, OpKind::Linear)?,
+                mlp_norm: loader.vector(&p("post_attention_layernorm.weight"), h)?,
+                w_gate: loader.matrix(&p("mlp.gate_proj.weight"), i, h, OpKind::Linear)?,
+                w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
+                w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
+            });
+        }
+        let embed = loader.matrix("model.embed_tokens.weight", v, h, OpKind::Embedding)?;
+        let lm_head = match c.tie_word_embeddings {
+            true => None,
+            false => Some(loader.matrix("lm_head.weight", v, h, OpKind::Linear)?),
+        };
+        let norm = loader.vector("model.norm.weight", h)?;
+        let rope = c.rope().map_err(|e| Error::config(source.path(), "rope_scaling", e))?;
+        Ok(Llama { config: c, backend, dtype: opts.activations, rope, embed, layers, norm, lm_head })
+    }
+
+    /// The unembedding: `lm_head`, or the embedding table when tied.
+    pub fn unembedding(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes of KV cache one block of `block_size` tokens takes across all layers.
+    pub fn kv_block_bytes(&self, block_size: usize) -> usize {
+        let c = &self.config;
+        2 * c.num_hidden_layers * block_size * c.kv_heads() * c.head_dim() * self.dtype.block_bytes()
+    }
+
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
+        let dims = [num_blocks, block_size, self.config.kv_heads(), self.config.head_dim()];
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..self.config.num_hidden_layers {
+            k.push(Tensor::empty(&self.backend, self.dtype, &dims)?);
+            v.push(Tensor::empty(&self.backend, self.dtype, &dims)?);
+        }
+        Ok(KvCache { k, v, block_size, num_blocks })
+    }
+
+    fn tensor(&self, dims: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::empty(&self.backend, self.dtype, dims)?)
+    }
+
+    /// Runs the batch through the model, writing its K/V into `cache`; returns logits [rows, V].
+    pub fn forward(&self, batch: &Batch, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        let c = &self.config;
+        let b = &*self.backend;
+        let t = batch.tokens.len();
+        let (h, hq, hkv, d) = (c.hidden_size, c.num_attention_heads, c.kv_heads(), c.head_dim());
+        self.check_batch(batch)?;
+        let eps = c.rms_norm_eps as f32;
+        let scale = 1.0 / (d as f32).sqrt();
+        // Whole prompts with nothing cached attend straight to their own K/V (flash-attention's case);
+        // anything else (decode, a chunk after a cached prefix) reads through the block tables.
+        let whole_prompts = batch.seqs.iter().all(|s| s.q_len == s.context_len);
+        let seq_lens: Vec<u32> = batch.seqs.iter().map(|s| s.q_len).collect();
+
+        // The residual stream: one vector per token.
+        let mut x = self.tensor(&[t, h])?; // (T, H)
+        b.embedding(&mut x, &self.embed, batch.tokens)?;
+        let mut xb = self.tensor(&[t, h])?; // (T, H) the normed stream a block reads
+        b.rms_norm(&mut xb, &x, &self.layers[0].attn_norm, eps)?;
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention: Q, K, V projections.
+            let mut q = self.tensor(&[t, hq * d])?; // (T, Hq*D)
+            let mut k = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
+            let mut v = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
+            b.linear(&mut q, &xb, &layer.wq, layer.bq.as_ref())?;
+            b.linear(&mut k, &xb, &layer.wk, layer.bk.as_ref())?;
+            b.linear(&mut v, &xb, &layer.wv, layer.bv.as_ref())?;
+            let mut q = q.reshape(&[t, hq, d])?;
+            let mut k = k.reshape(&[t, hkv, d])?;
+            let v = v.reshape(&[t, hkv, d])?;
+            // RoPE: rotate Q and K by their positions.
+            b.rope(&mut q, batch.positions, self.rope)?;
+            b.rope(&mut k, batch.positions, self.rope)?;
+            // The key/value stream: store this layer's K/V for later tokens.
+            b.kv_write(&mut cache.k[l], &mut cache.v[l], &k, &v, batch.slots)?;
+            // Grouped-query causal attention.
+            let mut att = self.tensor(&[t, hq, d])?; // (T, Hq, D)
+            if whole_prompts {
+                b.attention(&mut att, &q, &k, &v, &seq_lens, scale)?;
+            } else {
+                b.paged_attention(&mut att, &q, &cache.k[l], &cache.v[l], batch.seqs, batch.block_table, scale)?;
+            }
+            let att = att.reshape(&[t, hq * d])?;
+            let mut attn_out = self.tensor(&[t, h])?; // (T, H)
+            b.linear(&mut attn_out, &att, &layer.wo, None)?;
+            // Residual: x += attn_out; then the MLP's norm of the new stream.
+            b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
+
+            // MLP: SwiGLU.
+            let i = c.intermediate_size;
+            let mut gate = self.tensor(&[t, i])?; // (T, I)
+            let mut up = self.tensor(&[t, i])?; // (T, I)
+            b.linear(&mut gate, &xb, &layer.w_gate, None)?;
+            b.linear(&mut up, &xb, &layer.w_up, None)?;
+            let mut act = self.tensor(&[t, i])?; // (T, I)
+            b.swiglu(&mut act, &gate, &up)?;
+            let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
+            b.linear(&mut mlp_out, &act, &layer.w_down, None)?;
+            // Residual: x += mlp_out; then the next layer's attention norm, or the final norm.
+            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
+            b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
+        }
+
+        // Logits from the final-normed stream, at every token or at each sequence's last.
+        let rows = match which {
+            Logits::All => xb,
+            Logits::Last => {
+                let mut last = Vec::with_capacity(batch.seqs.len());
+                let mut end = 0u32;
+                for s in batch.seqs {
+                    end += s.q_len;
+                    last.push(end - 1);
+                }
+                // Gathering rows by index is exactly the embedding op, with the stream as the table.
+                let mut sel = self.tensor(&[last.len(), h])?;
+                b.embedding(&mut sel, &xb, &last)?;
+                sel
+            }
+        };
+        let mut logits = self.tensor(&[rows.dims()[0], c.vocab_size])?;
+        b.logits(&mut logits, &rows, self.unembedding())?;
+        Ok(logits)
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let t = batch.tokens.len();
+        if t == 0 || batch.seqs.is_empty() {
+            return Err(Error::Input("empty batch".into()));
+        }
+        if batch.positions.len() != t || batch.slots.len() != t {
+            return Err(Error::Input(format!(
+                "batch of {t} tokens has {} positions and {} slots",
+                batch.positions.len(),
+                batch.slots.len()
+            )));
+        }
+        let ctx = self.config.context_len();
+        if let Some(p) = batch.positions.iter().find(|&&p| p as usize >= ctx) {
+            return Err(Error::Input(format!(
+                "position {p} is beyond the model's context of {ctx} tokens (the prompt and output are too long)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Loads tensors from a source onto the backend, checking each against the config's shapes.
+struct Loader<'a> {
+    source: &'a Source,
+    backend: &'a Arc<dyn Backend>,
+    opts: LoadOptions,
+}
+
+impl Loader<'_> {
+    fn get(&self, name: &str, dims: &[usize]) -> Result<FileTensor<'_>> {
+        let file = || self.source.file_of(name);
+        let t = self.source.tensor(name)?.ok_or_else(|| Error::tensor(&file(), name, "missing"))?;
+        if t.dims != dims {
+            return Err(Error::tensor(
+                &file(),
+                name,
+                format!("has shape {:?} but the config implies {dims:?}", t.dims),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// A norm weight or bias: kept in the file's float dtype, or converted to f32 if quantized.
+    fn vector(&self, name: &str, n: usize) -> Result<Tensor> {
+        let t = self.get(name, &[n])?;
+        let target = if t.dtype.is_float() { t.dtype } else { DType::F32 };
+        self.upload(name, t, target)
+    }
+
+    /// A weight matrix [rows, cols] for `op`.
+    fn matrix(&self, name: &str, rows: usize, cols: usize, op: OpKind) -> Result<Tensor> {
+        let t = self.get(name, &[rows, cols])?;
+        let target = match self.opts.weights {
+            WeightFormat::Convert(d) => d,
+            WeightFormat::Auto if self.backend.supports(op, t.dtype) => t.dtype,
+            WeightFormat::Auto => DType::F32,
+        };
+        self.upload(name, t, target)
+    }
+
+    fn upload(&self, name: &str, t: FileTensor, target: DType) -> Result<Tensor> {
+        let wrap = |e: highrise_core::Error| Error::tensor(&self.source.file_of(name), name, e);
+        if t.dtype == target {
+            return match t.data {
+                // Straight from the mapping: no second copy where the backend reads host memory.
+                std::borrow::Cow::Borrowed(bytes) => {
+                    Tensor::from_host(self.backend, target, &t.dims, bytes, t.owner).map_err(wrap)
+                }
+                std::borrow::Cow::Owned(bytes) => Tensor::from_bytes(self.backend, target, &t.dims, &bytes).map_err(wrap),
+            };
+        }
+        let mut values = vec![0f32; t.dims.iter().product()];
+        dequantize(t.dtype, &t.data, &mut values).map_err(wrap)?;
+        Tensor::from_f32(self.backend, target, &t.dims, &values).map_err(wrap)
+    }
+}

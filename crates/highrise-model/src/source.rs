@@ -1,0 +1,231 @@
+//! Where a model's weights come from: a GGUF file or a HuggingFace directory (`config.json`,
+//! `*.safetensors`, possibly sharded, `tokenizer.json`). Both are memory-mapped and answer the same
+//! questions: the config, the tokenizer, and each tensor by its HF name.
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use highrise_core::DType;
+use memmap2::Mmap;
+
+use crate::gguf::Gguf;
+use crate::{Error, ModelConfig, Result, Tokenizer};
+
+/// A tensor as the file holds it.
+pub struct FileTensor<'a> {
+    pub dtype: DType,
+    pub dims: Vec<usize>,
+    /// Borrowed from the mapping, or owned when the layout had to change (GGUF's q/k row order).
+    pub data: Cow<'a, [u8]>,
+    /// Keeps the mapping alive for tensors that point into it.
+    pub owner: Arc<dyn Any + Send + Sync>,
+}
+
+pub enum Source {
+    Gguf { gguf: Gguf, config: ModelConfig },
+    Hf(HfDir),
+}
+
+impl Source {
+    /// Opens a GGUF file or a HF model directory.
+    pub fn open(path: &Path) -> Result<Source> {
+        if path.is_dir() {
+            return Ok(Source::Hf(HfDir::open(path)?));
+        }
+        let gguf = Gguf::open(path)?;
+        let config = ModelConfig::from_gguf(&gguf)?;
+        Ok(Source::Gguf { gguf, config })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Source::Gguf { config, .. } => config,
+            Source::Hf(h) => &h.config,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Source::Gguf { gguf, .. } => &gguf.path,
+            Source::Hf(h) => &h.dir,
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Source::Gguf { gguf, .. } => Tokenizer::from_gguf(gguf),
+            Source::Hf(h) => Tokenizer::from_dir(&h.dir),
+        }
+    }
+
+    /// The file a tensor lives in, for error messages.
+    pub fn file_of(&self, name: &str) -> PathBuf {
+        match self {
+            Source::Gguf { gguf, .. } => gguf.path.clone(),
+            Source::Hf(h) => h.index.get(name).map_or_else(|| h.dir.clone(), |&i| h.files[i].0.clone()),
+        }
+    }
+
+    /// The tensor with HF name `name`, or `None` if the file has no such tensor.
+    pub fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
+        match self {
+            Source::Gguf { gguf, config } => gguf_tensor(gguf, config, name),
+            Source::Hf(h) => h.tensor(name),
+        }
+    }
+}
+
+/// The GGUF name of a HF tensor name, and whether its rows are in llama.cpp's RoPE order with that
+/// many heads.
+fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some((f.to_string(), None));
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?; // suffix: weight / bias
+    // llama.cpp permutes q/k rows only for the llama architecture (for its interleaved RoPE).
+    let permuted = config.model_type == "llama";
+    let (g, heads) = match part {
+        "input_layernorm" => ("attn_norm", None),
+        "self_attn.q_proj" => ("attn_q", permuted.then_some(config.num_attention_heads)),
+        "self_attn.k_proj" => ("attn_k", permuted.then_some(config.kv_heads())),
+        "self_attn.v_proj" => ("attn_v", None),
+        "self_attn.o_proj" => ("attn_output", None),
+        "post_attention_layernorm" => ("ffn_norm", None),
+        "mlp.gate_proj" => ("ffn_gate", None),
+        "mlp.up_proj" => ("ffn_up", None),
+        "mlp.down_proj" => ("ffn_down", None),
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{g}.{suffix}"), heads))
+}
+
+fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<Option<FileTensor<'a>>> {
+    let Some((gname, heads)) = gguf_name(name, config) else { return Ok(None) };
+    let Some(info) = gguf.tensor(&gname) else { return Ok(None) };
+    let data = gguf.data(info);
+    let owner: Arc<dyn Any + Send + Sync> = gguf.mmap().clone();
+    let data = match heads {
+        Some(h) => Cow::Owned(unpermute_rows(data, info.dims[0], h).map_err(|e| Error::tensor(&gguf.path, &gname, e))?),
+        None => Cow::Borrowed(data),
+    };
+    Ok(Some(FileTensor { dtype: info.dtype, dims: info.dims.clone(), data, owner }))
+}
+
+/// Undoes llama.cpp's q/k row permutation: within each head of D rows, GGUF row `2i + j` is HF row
+/// `j * D/2 + i` (HF's rotate_half pairs row i with row i + D/2; llama.cpp interleaves them). Rows
+/// are moved whole, so this works on quantized rows too.
+pub fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() % rows != 0 {
+        return Err(format!("cannot split {rows} rows into {heads} heads of RoPE pairs"));
+    }
+    let (d, row_bytes) = (rows / heads, data.len() / rows);
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let src = h * d + 2 * i + j;
+                let dst = h * d + j * d / 2 + i;
+                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A HuggingFace model directory.
+pub struct HfDir {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    /// (path, mapping, tensors: name -> (dtype, dims, byte range in the mapping))
+    files: Vec<(PathBuf, Arc<Mmap>, BTreeMap<String, (DType, Vec<usize>, usize, usize)>)>,
+    index: BTreeMap<String, usize>,
+}
+
+impl HfDir {
+    pub fn open(dir: &Path) -> Result<HfDir> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut names: Vec<String> = if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let j: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Format { path: index_path.clone(), detail: e.to_string() })?;
+            let map = j
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::config(&index_path, "weight_map", "missing"))?;
+            map.values().filter_map(|v| v.as_str().map(str::to_string)).collect()
+        } else {
+            vec!["model.safetensors".to_string()]
+        };
+        names.sort();
+        names.dedup();
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        for name in names {
+            let path = dir.join(&name);
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: mapped read-only; highrise never writes a file it reads.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let tensors = read_safetensors_header(&path, &mmap)?;
+            for t in tensors.keys() {
+                index.insert(t.clone(), files.len());
+            }
+            files.push((path, Arc::new(mmap), tensors));
+        }
+        Ok(HfDir { dir: dir.to_path_buf(), config, files, index })
+    }
+
+    fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
+        let Some(&i) = self.index.get(name) else { return Ok(None) };
+        let (_, mmap, tensors) = &self.files[i];
+        let (dtype, dims, start, end) = &tensors[name];
+        let owner: Arc<dyn Any + Send + Sync> = mmap.clone();
+        Ok(Some(FileTensor { dtype: *dtype, dims: dims.clone(), data: Cow::Borrowed(&mmap[*start..*end]), owner }))
+    }
+}
+
+/// The tensor table of a safetensors file, every range checked against the file.
+fn read_safetensors_header(
+    path: &Path,
+    buf: &[u8],
+) -> Result<BTreeMap<String, (DType, Vec<usize>, usize, usize)>> {
+    let fail = |detail: String| Error::Format { path: path.to_path_buf(), detail };
+    let (n, meta) = safetensors::SafeTensors::read_metadata(buf)
+        .map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
+    let data_start = 8 + n;
+    let mut out = BTreeMap::new();
+    for (name, info) in meta.tensors() {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            d => return Err(Error::tensor(path, &name, format!("dtype {d:?} is not supported (F32, F16, BF16 are)"))),
+        };
+        let (s, e) = info.data_offsets;
+        let numel: usize = info.shape.iter().product();
+        let expect = dtype.storage_bytes(numel).unwrap_or(usize::MAX);
+        if e < s || e - s != expect {
+            return Err(Error::tensor(path, &name, format!("{} bytes for {dtype}{:?}", e.wrapping_sub(s), info.shape)));
+        }
+        if data_start + e > buf.len() {
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!("data ends at byte {} but the file has {}: truncated", data_start + e, buf.len()),
+            ));
+        }
+        out.insert(name, (dtype, info.shape.clone(), data_start + s, data_start + e));
+    }
+    Ok(out)
+}
