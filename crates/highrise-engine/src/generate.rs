@@ -1,0 +1,201 @@
+//! Generating text for one sequence: prefill the prompt in one pass, then decode token by token from
+//! the KV cache, sampling each token, streaming text as it comes, and stopping at EOS, a stop string or
+//! the token limit.
+
+use std::time::Instant;
+
+use highrise_core::ops::PagedSeq;
+use highrise_model::{Batch, Error, KvCache, Llama, Logits, Result, Tokenizer};
+use serde::Serialize;
+
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Tokens per KV-cache block.
+pub const BLOCK_SIZE: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops before any of these strings; they are not part of the text.
+    pub stop: Vec<String>,
+    /// Keep going past the end-of-sequence token.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams { max_tokens: 256, sampling: SamplingParams::greedy(), stop: vec![], ignore_eos: false }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// End of sequence or a stop string.
+    Stop,
+    /// The token limit.
+    Length,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    /// The generated ids (including a final EOS, excluding tokens past a stop string).
+    pub ids: Vec<u32>,
+    /// Log-probability of each generated id under the distribution it was drawn from.
+    pub logprobs: Vec<f32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+impl Generation {
+    pub fn prefill_tokens_per_sec(&self) -> f64 {
+        self.prompt_ids.len() as f64 / self.prefill_secs.max(1e-9)
+    }
+
+    /// Tokens decoded from the cache per second (the first token comes out of the prefill).
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        self.ids.len().saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// The end-of-sequence ids: the config's and the tokenizer's.
+pub fn eos_ids(model: &Llama, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut ids = model.config.eos_token_ids();
+    ids.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)));
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Turns ids into text as they arrive, holding back bytes that may still change: an incomplete UTF-8
+/// character, or a possible beginning of a stop string.
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    stop: &'a [String],
+    ids: Vec<u32>,
+    text: String,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, stop: &'a [String]) -> Self {
+        TextStream { tokenizer, stop, ids: vec![], text: String::new(), emitted: 0 }
+    }
+
+    /// Adds a token; returns the text now safe to show, and whether a stop string was reached.
+    pub fn push(&mut self, id: u32) -> Result<(String, bool)> {
+        self.ids.push(id);
+        self.text = self.tokenizer.decode(&self.ids)?;
+        if let Some(at) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+            self.text.truncate(at);
+            return Ok((self.take(self.text.len()), true));
+        }
+        let mut safe = self.text.len();
+        if self.text.ends_with('\u{FFFD}') {
+            safe = self.text.trim_end_matches('\u{FFFD}').len();
+        }
+        // Hold back a tail that a stop string could start with.
+        for s in self.stop {
+            for k in (1..s.len()).rev() {
+                if s.is_char_boundary(k) && self.text[..safe].ends_with(&s[..k]) {
+                    safe = safe.min(self.text.len() - k);
+                    break;
+                }
+            }
+        }
+        Ok((self.take(safe), false))
+    }
+
+    /// Whatever is still held back, at the end.
+    pub fn finish(&mut self) -> String {
+        self.take(self.text.len())
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn take(&mut self, upto: usize) -> String {
+        let upto = upto.max(self.emitted);
+        let s = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        s
+    }
+}
+
+/// Generates a continuation of `prompt_ids`, calling `on_text` with each piece of text as it is ready.
+pub fn generate(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    params.sampling.validate().map_err(Error::Input)?;
+    let ctx = model.config.context_len();
+    if prompt_ids.is_empty() {
+        return Err(Error::Input("the prompt is empty".into()));
+    }
+    if prompt_ids.len() >= ctx {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens, but the model's context holds {ctx} (and one more is needed to generate)",
+            prompt_ids.len()
+        )));
+    }
+    let max_tokens = params.max_tokens.min(ctx - prompt_ids.len());
+    let total = prompt_ids.len() + max_tokens;
+    let mut cache: KvCache = model.new_kv_cache(total.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
+    // One sequence owning every block in order: slot p is position p.
+    let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
+    let eos = if params.ignore_eos { vec![] } else { eos_ids(model, tokenizer) };
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut stream = TextStream::new(tokenizer, &params.stop);
+    let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
+    let mut finish = FinishReason::Length;
+
+    let start = Instant::now();
+    let n = prompt_ids.len() as u32;
+    let positions: Vec<u32> = (0..n).collect();
+    let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
+    let batch = Batch { tokens: prompt_ids, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
+    let mut logits = model.forward(&batch, &mut cache, Logits::Last)?.to_f32()?;
+    let prefill_secs = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    while ids.len() < max_tokens {
+        let s = sampler.sample(&logits, prompt_ids, &ids);
+        ids.push(s.token);
+        logprobs.push(s.logprob);
+        if eos.contains(&s.token) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        let (piece, stopped) = stream.push(s.token)?;
+        on_text(&piece);
+        if stopped {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if ids.len() == max_tokens {
+            break;
+        }
+        let pos = (prompt_ids.len() + ids.len() - 1) as u32;
+        let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
+        let batch = Batch { tokens: &[s.token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
+        logits = model.forward(&batch, &mut cache, Logits::Last)?.to_f32()?;
+    }
+    on_text(&stream.finish());
+    Ok(Generation {
+        prompt_ids: prompt_ids.to_vec(),
+        text: stream.text().to_string(),
+        ids,
+        logprobs,
+        finish_reason: finish,
+        prefill_secs,
+        decode_secs: start.elapsed().as_secs_f64(),
+    })
+}

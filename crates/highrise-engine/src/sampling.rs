@@ -1,0 +1,285 @@
+//! Choosing the next token from logits: penalties, temperature, top-k, top-p, min-p, and a seeded
+//! random draw. Each request owns its sampler and its generator state, so the same seed gives the
+//! same tokens whatever else runs beside it.
+
+use serde::{Deserialize, Serialize};
+
+/// Per-request sampling settings, in the vocabulary of HF `generate` and the OpenAI API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// 0 is greedy (argmax).
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability adds up to p (1: all).
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one (0: none).
+    pub min_p: f32,
+    /// HF's multiplicative penalty on every token seen in the prompt or output (1: none).
+    pub repetition_penalty: f32,
+    /// OpenAI's: subtracted once from each token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted per occurrence of each token already generated.
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given tokens.
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams::default()
+    }
+
+    /// Checks the ranges; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let bad = |field: &str, v: f32, range: &str| Err(format!("{field} = {v} is out of range ({range})"));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", self.temperature, ">= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "0 < top_p <= 1");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "0 <= min_p <= 1");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty", self.repetition_penalty, "> 0");
+        }
+        for (f, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(f, v, "-2 to 2");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// xoshiro256**, seeded through splitmix64: small, fast, and (unlike a library's default generator)
+/// fixed forever, so a seed reproduces the same tokens across highrise versions.
+#[derive(Clone, Debug)]
+pub struct Rng([u64; 4]);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Rng([next(), next(), next(), next()])
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The token chosen and its log-probability under the distribution it was drawn from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+}
+
+/// A request's sampler: its settings and its own random state.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Sampler {
+        let rng = Rng::new(params.seed);
+        Sampler { params, rng }
+    }
+
+    /// Picks the next token. `prompt` and `output` are the ids so far (for the penalties).
+    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Sampled {
+        let p = &self.params;
+        let mut logits = logits.to_vec();
+        self.penalize(&mut logits, prompt, output);
+        if p.temperature == 0.0 {
+            let token = argmax(&logits);
+            return Sampled { token, logprob: log_softmax_at(&logits, token as usize) };
+        }
+        // Candidates, most likely first, cut by top-k, then top-p, then min-p.
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            keep = probs.iter().position(|&q| {
+                acc += q;
+                acc >= p.top_p as f64
+            }).map_or(keep, |i| i + 1);
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p as f64;
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let kept: f64 = probs[..keep].iter().sum();
+        let mut r = self.rng.uniform() * kept;
+        let mut pick = keep - 1;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            if r < *q {
+                pick = i;
+                break;
+            }
+            r -= q;
+        }
+        Sampled { token: cand[pick].0, logprob: (probs[pick] / kept).ln() as f32 }
+    }
+
+    fn penalize(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in prompt.iter().chain(output) {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    if !*s {
+                        *s = true;
+                        let l = &mut logits[t as usize];
+                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    }
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in output {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, n) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+    }
+}
+
+/// The index of the largest logit (the first, on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    ((logits[i] - max) as f64 - sum.ln()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9]
+    }
+
+    #[test]
+    fn greedy_picks_argmax_with_its_logprob() {
+        let s = Sampler::new(SamplingParams::greedy()).sample(&logits(), &[], &[]);
+        assert_eq!(s.token, 1);
+        let z: f32 = logits().iter().map(|l| (l - 3.0).exp()).sum();
+        assert!((s.logprob - (-z.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_differs() {
+        let p = SamplingParams { temperature: 1.5, seed: 7, ..Default::default() };
+        let draw = |p: &SamplingParams| {
+            let mut s = Sampler::new(p.clone());
+            (0..64).map(|_| s.sample(&logits(), &[], &[]).token).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(&p), draw(&p));
+        assert_ne!(draw(&p), draw(&SamplingParams { seed: 8, ..p.clone() }));
+    }
+
+    #[test]
+    fn top_k_top_p_min_p_restrict_the_candidates() {
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 2, seed: 1, ..Default::default() });
+        assert!((0..200).all(|_| [1, 4].contains(&s.sample(&logits(), &[], &[]).token)));
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.01, seed: 1, ..Default::default() });
+        assert!((0..50).all(|_| s.sample(&logits(), &[], &[]).token == 1));
+        // min_p 0.95: only tokens within 5% of the top one's probability (1 and 4: e^-0.1 = 0.905 < 0.95).
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, min_p: 0.95, seed: 1, ..Default::default() });
+        assert!((0..50).all(|_| s.sample(&logits(), &[], &[]).token == 1));
+    }
+
+    #[test]
+    fn penalties_and_bias_move_the_choice() {
+        let rep = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        // Token 1 (3.0) seen: 1.5 < 2.9, so token 4 wins.
+        assert_eq!(Sampler::new(rep).sample(&logits(), &[1], &[]).token, 4);
+        let freq = SamplingParams { frequency_penalty: 0.1, ..Default::default() };
+        assert_eq!(Sampler::new(freq).sample(&logits(), &[], &[1, 1]).token, 4);
+        let bias = SamplingParams { logit_bias: vec![(3, 10.0)], ..Default::default() };
+        assert_eq!(Sampler::new(bias).sample(&logits(), &[], &[]).token, 3);
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let e = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
+        assert!(e.contains("top_p"), "{e}");
+        let e = SamplingParams { temperature: -1.0, ..Default::default() }.validate().unwrap_err();
+        assert!(e.contains("temperature"), "{e}");
+    }
+}
