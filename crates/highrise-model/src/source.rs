@@ -69,6 +69,15 @@ impl Source {
         }
     }
 
+    /// The HF names of every tensor the source holds (GGUF tensors highrise has no use for, such as
+    /// precomputed RoPE tables, are left out).
+    pub fn tensor_names(&self) -> Vec<String> {
+        match self {
+            Source::Gguf { gguf, .. } => gguf.tensors.iter().filter_map(|t| rename(&t.name, false)).collect(),
+            Source::Hf(h) => h.index.keys().cloned().collect(),
+        }
+    }
+
     /// The tensor with HF name `name`, or `None` if the file has no such tensor.
     pub fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
         match self {
@@ -78,36 +87,50 @@ impl Source {
     }
 }
 
+/// HF tensor names and their GGUF names: whole names, then the per-layer parts
+/// (`model.layers.{i}.<hf>.weight` is `blk.{i}.<gguf>.weight`; biases alike).
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// Renames between the two vocabularies; `to_gguf` picks the direction.
+fn rename(name: &str, to_gguf: bool) -> Option<String> {
+    let pick = |(hf, g): (&'static str, &'static str)| if to_gguf { (hf, g) } else { (g, hf) };
+    if let Some((_, to)) = GLOBAL_NAMES.into_iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
+    }
+    let (from_prefix, to_prefix) = if to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
+    let (layer, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?; // weight or bias
+    let (_, to) = LAYER_NAMES.into_iter().map(pick).find(|(from, _)| *from == part)?;
+    Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
+}
+
 /// The GGUF name of a HF tensor name, and whether its rows are in llama.cpp's RoPE order with that
 /// many heads.
 fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some((f.to_string(), None));
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (part, suffix) = rest.rsplit_once('.')?; // suffix: weight / bias
+    let g = rename(hf, true)?;
     // llama.cpp permutes q/k rows only for the llama architecture (for its interleaved RoPE).
     let permuted = config.model_type == "llama";
-    let (g, heads) = match part {
-        "input_layernorm" => ("attn_norm", None),
-        "self_attn.q_proj" => ("attn_q", permuted.then_some(config.num_attention_heads)),
-        "self_attn.k_proj" => ("attn_k", permuted.then_some(config.kv_heads())),
-        "self_attn.v_proj" => ("attn_v", None),
-        "self_attn.o_proj" => ("attn_output", None),
-        "post_attention_layernorm" => ("ffn_norm", None),
-        "mlp.gate_proj" => ("ffn_gate", None),
-        "mlp.up_proj" => ("ffn_up", None),
-        "mlp.down_proj" => ("ffn_down", None),
-        _ => return None,
+    let heads = match g.rsplit('.').nth(1) {
+        Some("attn_q") if permuted => Some(config.num_attention_heads),
+        Some("attn_k") if permuted => Some(config.kv_heads()),
+        _ => None,
     };
-    Some((format!("blk.{layer}.{g}.{suffix}"), heads))
+    Some((g, heads))
 }
 
 fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<Option<FileTensor<'a>>> {
