@@ -137,3 +137,39 @@ fn decoding_from_the_cache_equals_rerunning_the_sequence() {
     println!("max |cached decode - full rerun| = {worst:.2e}");
     assert!(worst <= 1e-4, "cached decode differs from a full rerun by {worst}");
 }
+
+#[test]
+fn convert_round_trip_gives_the_same_tokens_and_logits() {
+    let Some((_, model, reference)) = fixtures_and_model("convert") else { return };
+    let l = loaded(&model);
+    let dir = std::env::temp_dir().join(format!("highrise-convert-{}", std::process::id()));
+    highrise::model::convert::to_hf_dir(&Source::open(&model).unwrap(), &dir, &mut |_, _| {}).unwrap();
+    for f in ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dir.join(f).is_file(), "convert wrote no {f}");
+    }
+    let source = Source::open(&dir).unwrap();
+    let tok = source.tokenizer().unwrap();
+    for case in reference["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?} through tokenizer.json");
+    }
+    let chat = [highrise::model::Message::new("user", "What is the capital of France?")];
+    assert_eq!(tok.apply_chat_template(&chat, true).unwrap(), l.tokenizer.apply_chat_template(&chat, true).unwrap());
+    let hf = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
+    for name in CASES {
+        let prompt = ids(&reference["cases"][name]["input_ids"]);
+        let (a, b) = (prefill_logits(&l.model, &prompt), prefill_logits(&hf, &prompt));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{name}: the converted directory's logits differ by {worst}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn chat_template_reproduces_the_reference_prompt() {
+    let Some((_, model, reference)) = fixtures_and_model("chat template") else { return };
+    let tok = &loaded(&model).tokenizer;
+    let messages = [highrise::model::Message::new("user", "What is the capital of France?")];
+    let text = tok.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(text, reference["cases"]["chat"]["prompt"].as_str().unwrap());
+}

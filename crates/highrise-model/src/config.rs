@@ -67,10 +67,14 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: ModelConfig = serde_json::from_str(&text).map_err(|e| {
-            let field = e.to_string().split('`').nth(1).unwrap_or("config").to_string();
-            Error::config(path, &field, e)
-        })?;
+        let c: ModelConfig = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+            .map_err(|e| {
+                let field = match e.path().to_string().as_str() {
+                    "." => "config".to_string(),
+                    p => p.to_string(),
+                };
+                Error::config(path, &field, e.inner())
+            })?;
         c.validate(path)?;
         Ok(c)
     }

@@ -225,7 +225,7 @@ fn read_safetensors_header(
 ) -> Result<BTreeMap<String, (DType, Vec<usize>, usize, usize)>> {
     let fail = |detail: String| Error::Format { path: path.to_path_buf(), detail };
     let (n, meta) = safetensors::SafeTensors::read_metadata(buf)
-        .map_err(|e| fail(format!("not a valid safetensors file: {e}")))?;
+        .map_err(|e| fail(format!("not a valid safetensors file (truncated or corrupt): {e}")))?;
     let data_start = 8 + n;
     let mut out = BTreeMap::new();
     for (name, info) in meta.tensors() {
