@@ -88,6 +88,8 @@ enum Command {
         /// The directory to write.
         output: PathBuf,
     },
+    /// Fetch the default model (SmolLM2-135M-Instruct) into the model cache and print its path.
+    Fetch,
     /// List the compute backends highrise can find, and whether each can run on this machine.
     ///
     /// Backends are shared libraries (libhighrise_<name>.so) looked for in $HIGHRISE_BACKEND_DIR,
@@ -174,6 +176,7 @@ fn main() {
         Command::Logits { prompt, out, model } => cmd_logits(&prompt, &out, &model),
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
         Command::Convert { input, output } => cmd_convert(&input, &output),
+        Command::Fetch => model_path(None).map(|p| println!("{}", p.display())),
         Command::Backends { json } => cmd_backends(json),
     };
     if let Err(e) = result {

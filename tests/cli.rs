@@ -1,0 +1,91 @@
+//! The `highrise` command line, run as a user would, on the default model.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn highrise(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_highrise")).args(args).output().expect("run highrise")
+}
+
+fn stdout_ok(args: &[&str]) -> String {
+    let out = highrise(args);
+    assert!(out.status.success(), "highrise {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn generate_json_matches_the_reference_greedy_ids() {
+    let Some((_, model, reference)) = fixtures_and_model("cli generate") else { return };
+    let c = &reference["cases"]["chat"];
+    let want = ids(&c["greedy"]);
+    let out = stdout_ok(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", c["prompt"].as_str().unwrap(), "--json",
+        "--max-tokens", "32",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ids(&j["prompt_ids"]), ids(&c["input_ids"]), "special tokens in the prompt are recognized, no BOS added");
+    assert_eq!(ids(&j["ids"]), want, "greedy ids (stopping at EOS)");
+    assert_eq!(j["text"], "The capital of France is Paris.");
+    assert_eq!(j["finish_reason"], "stop");
+    assert!(j["timings"]["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn chat_answers_through_the_template() {
+    let Some((_, model, _)) = fixtures_and_model("cli chat") else { return };
+    let out = stdout_ok(&["chat", "--model", model.to_str().unwrap(), "What is the capital of France?"]);
+    assert_eq!(out.trim(), "The capital of France is Paris.");
+}
+
+#[test]
+fn tokenize_json_prints_the_ids() {
+    let Some((_, model, reference)) = fixtures_and_model("cli tokenize") else { return };
+    let case = &reference["tokenizer"][5];
+    let out = stdout_ok(&["tokenize", "--json", "--model", model.to_str().unwrap(), case["text"].as_str().unwrap()]);
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ids(&got), ids(&case["ids"]));
+}
+
+#[test]
+fn logits_writes_every_position_as_npy() {
+    let Some((fx, model, reference)) = fixtures_and_model("cli logits") else { return };
+    let out = std::env::temp_dir().join(format!("highrise-cli-logits-{}.npy", std::process::id()));
+    let prompt = reference["cases"]["story"]["prompt"].as_str().unwrap();
+    stdout_ok(&["logits", "--model", model.to_str().unwrap(), "--prompt", prompt, "--out", out.to_str().unwrap()]);
+    let (dims, got) = highrise::model::npy::read_f32(&out).unwrap();
+    let (want_dims, want) = highrise::model::npy::read_f32(&fx.join("story_logits.npy")).unwrap();
+    assert_eq!(dims, want_dims);
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-3, "logits differ from HF by {worst}");
+    std::fs::remove_file(out).ok();
+}
+
+#[test]
+fn backends_lists_cpu_as_usable() {
+    let out = stdout_ok(&["backends", "--json"]);
+    let cpu: serde_json::Value =
+        out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|j| j["name"] == "cpu").unwrap();
+    assert_eq!(cpu["usable"], true, "{out}");
+    assert!(out.contains("\"cuda\""), "cuda is listed even when absent: {out}");
+}
+
+#[test]
+fn bad_model_path_is_a_clear_error() {
+    let out = highrise(&["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/no/such/model.gguf") && err.starts_with("error:"), "{err}");
+}
+
+#[test]
+fn help_explains_each_command() {
+    let out = stdout_ok(&["--help"]);
+    for cmd in ["generate", "chat", "logits", "tokenize", "convert", "backends"] {
+        assert!(out.contains(cmd), "--help lists {cmd}: {out}");
+    }
+    let gen = stdout_ok(&["generate", "--help"]);
+    assert!(gen.contains("--temperature") && gen.contains("--json") && gen.contains("Special tokens"), "{gen}");
+}
