@@ -173,3 +173,31 @@ fn chat_template_reproduces_the_reference_prompt() {
     let text = tok.apply_chat_template(&messages, true).unwrap();
     assert_eq!(text, reference["cases"]["chat"]["prompt"].as_str().unwrap());
 }
+
+#[test]
+fn stop_strings_end_the_text_before_them() {
+    let Some((_, model, reference)) = fixtures_and_model("stop strings") else { return };
+    let l = loaded(&model);
+    let prompt = ids(&reference["cases"]["story"]["input_ids"]);
+    let params = GenerateParams { max_tokens: 32, stop: vec![" the sun".into()], ..Default::default() };
+    let mut streamed = String::new();
+    let g = generate(&l.model, &l.tokenizer, &prompt, &params, &mut |s| streamed.push_str(s)).unwrap();
+    assert_eq!(g.text, " girl named Emma who loved to play in");
+    assert_eq!(streamed, g.text, "streamed pieces add up to the text, the stop string held back");
+    assert_eq!(g.finish_reason, highrise::engine::FinishReason::Stop);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let Some((_, model, reference)) = fixtures_and_model("seeded sampling") else { return };
+    let l = loaded(&model);
+    let prompt = ids(&reference["cases"]["story"]["input_ids"]);
+    let run = |seed: u64| {
+        let sampling = highrise::engine::SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed, ..Default::default() };
+        let params = GenerateParams { max_tokens: 24, sampling, ..Default::default() };
+        generate(&l.model, &l.tokenizer, &prompt, &params, &mut |_| {}).unwrap().ids
+    };
+    let (a, b, c) = (run(11), run(11), run(12));
+    assert_eq!(a, b, "same seed, same tokens");
+    assert_ne!(a, c, "another seed, other tokens");
+}
