@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use highrise::core::{Backend, DType};
 use highrise::engine::{generate, GenerateParams, Generation, SamplingParams};
-use highrise::model::{fetch, npy, Llama, LoadOptions, Logits, Message, Source, Tokenizer, WeightFormat};
+use highrise::model::{fetch, npy, Llama, LoadOptions, Message, Source, Tokenizer, WeightFormat};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -307,16 +307,10 @@ fn cmd_chat(message: Option<String>, system: Option<String>, args: &ModelArgs, s
 fn cmd_logits(prompt: &str, out: &Path, args: &ModelArgs) -> AnyResult<()> {
     let (model, tok) = load(args)?;
     let ids = tok.encode(prompt, true)?;
-    let n = ids.len() as u32;
     if ids.is_empty() {
         return Err("the prompt is empty".into());
     }
-    let positions: Vec<u32> = (0..n).collect();
-    let mut cache = model.new_kv_cache(ids.len().div_ceil(16), 16)?;
-    let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
-    let seqs = [highrise::core::ops::PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
-    let batch = highrise::model::Batch { tokens: &ids, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
-    let logits = model.forward(&batch, &mut cache, Logits::All)?;
+    let logits = model.prompt_logits(&ids)?;
     npy::write_f32(out, logits.dims(), &logits.to_f32()?)?;
     eprintln!("wrote {} float32 {:?}", out.display(), logits.dims());
     Ok(())

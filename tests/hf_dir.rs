@@ -7,9 +7,8 @@ use std::path::Path;
 
 use common::*;
 use half::{bf16, f16};
-use highrise::core::ops::PagedSeq;
 use highrise::core::DType;
-use highrise::model::{Batch, Llama, LoadOptions, Logits, Source};
+use highrise::model::{Llama, LoadOptions, Source};
 
 const CONFIG: &str = r#"{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 96,
   "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -52,8 +51,8 @@ fn tensors(rng: &mut Rng) -> Vec<(String, Vec<usize>, Vec<f64>)> {
 fn encode(dtype: DType, v: &[f64]) -> (safetensors::Dtype, Vec<u8>) {
     match dtype {
         DType::F32 => (safetensors::Dtype::F32, v.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect()),
-        DType::F16 => (safetensors::Dtype::F16, v.iter().flat_map(|x| f16::from_f64(*x).to_le_bytes()).collect()),
-        _ => (safetensors::Dtype::BF16, v.iter().flat_map(|x| bf16::from_f64(*x).to_le_bytes()).collect()),
+        DType::F16 => (safetensors::Dtype::F16, v.iter().flat_map(|x| f16::from_f32(*x as f32).to_le_bytes()).collect()),
+        _ => (safetensors::Dtype::BF16, v.iter().flat_map(|x| bf16::from_f32(*x as f32).to_le_bytes()).collect()),
     }
 }
 
@@ -90,12 +89,7 @@ fn write_dir(dir: &Path, ts: &[(String, Vec<usize>, Vec<f64>)], dtype: DType, sh
 fn logits(dir: &Path, tokens: &[u32]) -> Vec<f32> {
     let m = Llama::load(&Source::open(dir).unwrap(), cpu(), LoadOptions::default()).unwrap();
     assert!(m.lm_head.is_some() && m.layers[0].bq.is_some(), "untied head and q/k/v biases loaded");
-    let n = tokens.len() as u32;
-    let pos: Vec<u32> = (0..n).collect();
-    let mut cache = m.new_kv_cache(1, 16).unwrap();
-    let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
-    let batch = Batch { tokens, positions: &pos, slots: &pos, seqs: &seqs, block_table: &[0] };
-    m.forward(&batch, &mut cache, Logits::All).unwrap().to_f32().unwrap()
+    m.prompt_logits(tokens).unwrap().to_f32().unwrap()
 }
 
 #[test]

@@ -64,19 +64,7 @@ fn logits_match_reference_at_every_position() {
 
 /// Logits at every position of a prompt run in one prefill.
 fn prefill_logits(m: &Llama, prompt: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_kv_cache(prompt.len().div_ceil(16), 16).unwrap();
-    let n = prompt.len() as u32;
-    let positions: Vec<u32> = (0..n).collect();
-    let blocks: Vec<u32> = (0..cache.num_blocks as u32).collect();
-    let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
-    let batch = Batch {
-        tokens: prompt,
-        positions: &positions,
-        slots: &positions,
-        seqs: &seqs,
-        block_table: &blocks,
-    };
-    m.forward(&batch, &mut cache, Logits::All).unwrap().to_f32().unwrap()
+    m.prompt_logits(prompt).unwrap().to_f32().unwrap()
 }
 
 #[test]

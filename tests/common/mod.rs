@@ -49,12 +49,14 @@ impl Rng {
     }
 }
 
-/// `x` rounded to `dtype` (identity for f32's own precision when the value came from f32).
+/// `x` rounded to `dtype`, through f32 as every implementation here does (half's direct f64 -> bf16
+/// conversion does not round to nearest in every case: -0.37207034 became -0.37109375).
 pub fn round(dtype: DType, x: f64) -> f64 {
+    let x = x as f32;
     match dtype {
-        DType::F32 => x as f32 as f64,
-        DType::F16 => f16::from_f64(x).to_f64(),
-        DType::BF16 => bf16::from_f64(x).to_f64(),
+        DType::F32 => x as f64,
+        DType::F16 => f16::from_f32(x).to_f64(),
+        DType::BF16 => bf16::from_f32(x).to_f64(),
         d => panic!("no rounding for {d}"),
     }
 }

@@ -274,16 +274,7 @@ impl Tensor {
         dims: &[usize],
         values: &[f32],
     ) -> Result<Tensor> {
-        let bytes = match dtype {
-            DType::F32 => to_bytes::<f32>(values),
-            DType::F16 => to_bytes::<f16>(values),
-            DType::BF16 => to_bytes::<bf16>(values),
-            q => {
-                return Err(Error::Invalid(format!(
-                    "Tensor::from_f32: {q} is quantized; pass its blocks with Tensor::from_bytes"
-                )))
-            }
-        };
+        let bytes = encode(dtype, values, "Tensor::from_f32")?;
         Tensor::from_bytes(backend, dtype, dims, &bytes)
     }
 
@@ -317,13 +308,7 @@ impl Tensor {
 
     /// Overwrites the whole tensor with `value` (tests use NaN to poison outputs before an op).
     pub fn fill(&mut self, value: f32) -> Result<()> {
-        let n = self.numel();
-        let bytes = match self.dtype {
-            DType::F32 => to_bytes::<f32>(&vec![value; n]),
-            DType::F16 => to_bytes::<f16>(&vec![value; n]),
-            DType::BF16 => to_bytes::<bf16>(&vec![value; n]),
-            q => return Err(Error::Invalid(format!("Tensor::fill: {q} is quantized"))),
-        };
+        let bytes = encode(self.dtype, &vec![value; self.numel()], "Tensor::fill")?;
         self.backend.write(self.handle, 0, &bytes)
     }
 
@@ -399,6 +384,20 @@ fn storage_bytes(dtype: DType, shape: &Shape) -> Result<usize> {
     dtype
         .storage_bytes(numel)
         .ok_or_else(|| Error::Invalid(format!("{dtype}{shape} is not a whole number of blocks")))
+}
+
+/// `values` as the bytes of a float tensor of `dtype`.
+fn encode(dtype: DType, values: &[f32], what: &str) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        DType::F32 => to_bytes::<f32>(values),
+        DType::F16 => to_bytes::<f16>(values),
+        DType::BF16 => to_bytes::<bf16>(values),
+        q => {
+            return Err(Error::Invalid(format!(
+                "{what}: {q} is quantized; pass its blocks with Tensor::from_bytes"
+            )))
+        }
+    })
 }
 
 fn to_bytes<E: Element>(values: &[f32]) -> Vec<u8> {

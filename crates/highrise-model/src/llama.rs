@@ -255,6 +255,18 @@ impl Llama {
         Ok(logits)
     }
 
+    /// Logits [T, V] at every position of one sequence, run as a single prefill in a cache of its own.
+    pub fn prompt_logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        const BLOCK: usize = 16;
+        let n = u32::try_from(tokens.len()).map_err(|_| Error::Input("prompt too long".into()))?;
+        let mut cache = self.new_kv_cache(tokens.len().div_ceil(BLOCK).max(1), BLOCK)?;
+        let positions: Vec<u32> = (0..n).collect();
+        let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
+        let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
+        let batch = Batch { tokens, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
+        self.forward(&batch, &mut cache, Logits::All)
+    }
+
     fn check_batch(&self, batch: &Batch) -> Result<()> {
         let t = batch.tokens.len();
         if t == 0 || batch.seqs.is_empty() {
