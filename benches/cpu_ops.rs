@@ -133,6 +133,52 @@ fn ops(c: &mut Criterion) {
     }
 }
 
+/// A quantized weight [rows, cols] of random blocks with small, finite scales.
+fn random_quant(b: &Arc<dyn Backend>, dtype: DType, rows: usize, cols: usize) -> Tensor {
+    let bytes = dtype.storage_bytes(rows * cols).unwrap();
+    let mut s = 0x9E3779B97F4A7C15u64;
+    let mut data: Vec<u8> = (0..bytes)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 56) as u8
+        })
+        .collect();
+    // The f16 scale fields: at the start of each block (Q4_0/1, Q8_0); 0.01 is 0x211F.
+    for blk in data.chunks_mut(dtype.block_bytes()) {
+        match dtype {
+            DType::Q4_1 => blk[..4].copy_from_slice(&[0x1F, 0x21, 0x1F, 0xA1]),
+            _ => blk[..2].copy_from_slice(&[0x1F, 0x21]),
+        }
+    }
+    Tensor::from_bytes(b, dtype, &[rows, cols], &data).unwrap()
+}
+
+/// Quantized projections at decode (one token): bytes of weights read per second, with f32 and with
+/// 8-bit activations. The default model's layers are Q4_1, its (tied) unembedding Q8_0.
+fn quantized(c: &mut Criterion) {
+    let b = backend();
+    let mut g = c.benchmark_group("smollm2-135m-quantized");
+    g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    for (name, dtype, n, k) in [
+        ("q4_1_gate", DType::Q4_1, 1536, 576),
+        ("q4_1_down", DType::Q4_1, 576, 1536),
+        ("q4_0_gate", DType::Q4_0, 1536, 576),
+        ("q8_0_unembed", DType::Q8_0, 49152, 576),
+    ] {
+        let w = random_quant(&b, dtype, n, k);
+        let x = random(&b, DType::F32, &[1, k], 1.0);
+        let mut y = random(&b, DType::F32, &[1, n], 1.0);
+        g.throughput(Throughput::Bytes(dtype.storage_bytes(n * k).unwrap() as u64));
+        for q8 in [false, true] {
+            let id = BenchmarkId::new(name, if q8 { "q8_act" } else { "f32_act" });
+            g.bench_function(id, |bench| bench.iter(|| b.linear_with(&mut y, &x, &w, None, q8).unwrap()));
+        }
+    }
+    g.finish();
+}
+
 /// Bytes read + written per second by a large copy: the ceiling for memory-bound ops.
 fn copy_bandwidth() -> f64 {
     let n = 64 << 20;
@@ -163,7 +209,7 @@ fn gemm_rate(b: &Arc<dyn Backend>) -> f64 {
     2.0 * (t * k * n) as f64 / best
 }
 
-criterion_group!(benches, ops);
+criterion_group!(benches, ops, quantized);
 
 fn main() {
     let b = backend();

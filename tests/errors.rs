@@ -43,13 +43,13 @@ fn token_id_outside_vocabulary_is_named() {
 }
 
 #[test]
-fn quantized_weight_is_declined_with_op_and_dtype() {
+fn quantized_activations_are_declined_with_op_and_dtype() {
     let x = Tensor::full(&cpu(), DType::F32, &[1, 32], 1.0).unwrap();
-    let w = Tensor::from_bytes(&cpu(), DType::Q8_0, &[4, 32], &vec![0u8; 4 * 34]).unwrap();
-    let mut out = poisoned(DType::F32, &[1, 4]);
-    let (e, m) = msg(cpu().linear(&mut out, &x, &w, None));
+    let w = Tensor::full(&cpu(), DType::F32, &[32], 1.0).unwrap();
+    let mut out = Tensor::from_bytes(&cpu(), DType::Q8_0, &[1, 32], &[0u8; 34]).unwrap();
+    let (e, m) = msg(cpu().rms_norm(&mut out, &x, &w, 1e-5));
     assert!(matches!(e, Error::Unsupported(_)), "{m}");
-    assert!(m.contains("linear") && m.contains("q8_0") && m.contains("cpu"), "{m}");
+    assert!(m.contains("rms_norm") && m.contains("q8_0") && m.contains("cpu"), "{m}");
 }
 
 #[test]

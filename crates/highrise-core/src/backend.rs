@@ -113,11 +113,25 @@ impl dyn Backend + '_ {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<()> {
+        self.linear_with(out, x, weight, bias, false)
+    }
+
+    /// `linear`, letting the backend quantize x to 8 bits against a quantized weight (see
+    /// `Linear::q8_activations`).
+    pub fn linear_with(
+        &self,
+        out: &mut Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        q8_activations: bool,
+    ) -> Result<()> {
         self.exec(Op::Linear(Linear {
             out: out.as_mut(),
             x: x.as_ref(),
             weight: weight.as_ref(),
             bias: bias.map_or(TensorRef::none(), Tensor::as_ref),
+            q8_activations,
         }))
     }
 

@@ -70,43 +70,87 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
     }
 }
 
-/// { d: f16, dmin: f16, scales: [u8; 12], q: [u8; 128] }: 8 sub-blocks of 32, each
-/// y = d * scale * q - dmin * min.
-fn q4_k(b: &[u8], y: &mut [f32]) {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+/// A Q4_K block taken apart: { d: f16, dmin: f16, scales: [u8; 12], q: [u8; 128] } holds 8 sub-blocks
+/// of 32 values, value = d * scale[j] * q - dmin * min[j].
+pub struct Q4KBlock {
+    pub d: f32,
+    pub dmin: f32,
+    /// (scale, min) of each sub-block of 32.
+    pub scale_min: [(f32, f32); 8],
+    /// The 4-bit values, in order.
+    pub q: [u8; 256],
+}
+
+pub fn q4_k_block(b: &[u8]) -> Q4KBlock {
     let (scales, qs) = (&b[4..16], &b[16..144]);
-    for (chunk, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1, d2, m2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
+    let mut blk = Q4KBlock { d: f16_at(b, 0), dmin: f16_at(b, 2), scale_min: [(0.0, 0.0); 8], q: [0; 256] };
+    for (j, sm) in blk.scale_min.iter_mut().enumerate() {
+        *sm = scale_min_k4(j, scales);
+    }
+    // Each 32 bytes hold 64 values: the low nibbles are one sub-block, the high nibbles the next.
+    for (chunk, q) in qs.chunks_exact(32).enumerate() {
         for l in 0..32 {
-            y[l] = d1 * (q[l] & 0xF) as f32 - m1;
-            y[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+            blk.q[chunk * 64 + l] = q[l] & 0xF;
+            blk.q[chunk * 64 + 32 + l] = q[l] >> 4;
         }
+    }
+    blk
+}
+
+fn q4_k(b: &[u8], y: &mut [f32]) {
+    let blk = q4_k_block(b);
+    for (i, (y, &q)) in y.iter_mut().zip(&blk.q).enumerate() {
+        let (sc, m) = blk.scale_min[i / 32];
+        *y = blk.d * sc * q as f32 - blk.dmin * m;
     }
 }
 
-/// { ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16 }: 6-bit values (low 4 bits in ql, high
-/// 2 in qh) minus 32, times d and a per-16 scale.
-fn q6_k(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 208);
+/// A Q6_K block taken apart: { ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16 } holds 16
+/// sub-blocks of 16 values, value = d * scale[i / 16] * q, q a 6-bit value minus 32.
+pub struct Q6KBlock {
+    pub d: f32,
+    pub scales: [i8; 16],
+    pub q: [i8; 256],
+}
+
+pub fn q6_k_block(b: &[u8]) -> Q6KBlock {
+    let mut blk = Q6KBlock { d: f16_at(b, 208), scales: [0; 16], q: [0; 256] };
+    for (s, &v) in blk.scales.iter_mut().zip(&b[192..208]) {
+        *s = v as i8;
+    }
+    // Each half of 128 values: low 4 bits in 64 bytes of ql, high 2 bits in 32 bytes of qh.
     for half in 0..2 {
         let ql = &b[half * 64..half * 64 + 64];
         let qh = &b[128 + half * 32..128 + half * 32 + 32];
-        let sc = &b[192 + half * 8..192 + half * 8 + 8];
-        let y = &mut y[half * 128..half * 128 + 128];
+        let q = &mut blk.q[half * 128..half * 128 + 128];
         for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-            y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-            y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-            y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+            q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+            q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+            q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+            q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
         }
     }
+    blk
+}
+
+fn q6_k(b: &[u8], y: &mut [f32]) {
+    let blk = q6_k_block(b);
+    for (i, (y, &q)) in y.iter_mut().zip(&blk.q).enumerate() {
+        *y = blk.d * blk.scales[i / 16] as f32 * q as f32;
+    }
+}
+
+/// Quantizes `x` (a whole number of blocks of 32) to Q8_0: per block d = max|x| / 127, q = round(x / d).
+pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for block in x.chunks(32) {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -161,6 +205,20 @@ mod tests {
         b.extend(h(0.5));
         dequantize(DType::Q6K, &b, &mut y).unwrap();
         assert!(y.iter().all(|&v| v == 1.0), "{:?}", &y[..8]);
+    }
+
+    #[test]
+    fn q8_0_quantization_round_trips_within_half_a_step() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
+        let q = quantize_q8_0(&x);
+        let mut y = vec![0f32; 64];
+        dequantize(DType::Q8_0, &q, &mut y).unwrap();
+        for (b, (xs, ys)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+            let step = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            for (a, b2) in xs.iter().zip(ys) {
+                assert!((a - b2).abs() <= step * 0.5 + 1e-3 * step, "block {b}: {a} -> {b2}");
+            }
+        }
     }
 
     #[test]

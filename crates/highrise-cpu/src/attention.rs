@@ -9,7 +9,7 @@ use highrise_core::ops::{Attention, KvWrite, PagedAttention, Rope};
 use highrise_core::Result;
 use rayon::prelude::*;
 
-use crate::float::{axpy, dot, with_float, Float};
+use crate::float::{axpy, dot, min_items, with_float, Float};
 use crate::storage::Tensors;
 
 pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
@@ -19,7 +19,7 @@ pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
     with_float!(op.x.dtype, "rope", E => {
         // SAFETY: x is the op's only tensor.
         let x = unsafe { ts.slice_mut::<E>("x", &op.x)? };
-        x.par_chunks_mut(heads * d).zip(positions).for_each_init(
+        x.par_chunks_mut(heads * d).zip(positions).with_min_len(min_items(heads * d)).for_each_init(
             || (vec![0f32; d / 2], vec![0f32; d / 2], vec![0f32; d]),
             |(cos, sin, row), (token, &pos)| {
                 for (i, f) in inv_freq.iter().enumerate() {
@@ -178,8 +178,12 @@ fn attend<E: Float, S: KvSource<E>>(
             })
         })
         .collect();
+    // Score-and-sum work of all units; a small total (a short decode step) stays on one thread.
+    let work: usize = units.iter().map(|&(s, _, i0, n)| n * (seqs[s].context_len - seqs[s].q_len + i0 + n)).sum();
+    let min_units = if work * group * d < super::float::PAR_MIN_ELEMS * 4 { units.len() } else { 1 };
     let results: Vec<Vec<f32>> = units
         .par_iter()
+        .with_min_len(min_units)
         .map(|&(s, g, i0, n)| {
             let seq = seqs[s];
             let first_pos = seq.context_len - seq.q_len;

@@ -65,6 +65,16 @@ macro_rules! with_float {
 }
 pub(crate) use with_float;
 
+/// Elementwise ops smaller than this many elements run on the calling thread: waking the pool for
+/// them costs more than the work (decode runs hundreds of such ops per token).
+pub const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// The least number of items of `len` elements each a parallel task should take, so that small ops
+/// are not split at all.
+pub fn min_items(len: usize) -> usize {
+    (PAR_MIN_ELEMS / len.max(1)).max(1)
+}
+
 /// `a · b` in f32, eight independent lanes so it vectorizes; AVX2+FMA when the CPU has them.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -78,12 +88,19 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
+/// Whether the AVX2+FMA (+F16C) kernels run: the CPU has them and `HIGHRISE_CPU_SIMD` is not `portable`
+/// (which forces the portable kernels, e.g. to test them on an AVX2 machine). Decided once.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *HAS.get_or_init(|| {
+        std::env::var("HIGHRISE_CPU_SIMD").map_or(true, |v| v != "portable")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
 }
 
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {

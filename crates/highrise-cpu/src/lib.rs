@@ -9,6 +9,7 @@ mod attention;
 mod float;
 mod linear;
 mod mlp;
+mod quant;
 mod residual;
 mod storage;
 
@@ -36,10 +37,18 @@ impl CpuBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         });
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("highrise-cpu-{i}"))
+        // The creating thread joins the pool as worker 0, so ops it runs start on it directly instead
+        // of being handed to another thread and waited for (hundreds of times per decoded token). A
+        // thread can belong to one pool only; a second backend made on it gets a pool of its own.
+        let builder = || {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.max(1))
+                .thread_name(|i| format!("highrise-cpu-{i}"))
+        };
+        let pool = builder()
+            .use_current_thread()
             .build()
+            .or_else(|_| builder().build())
             .map_err(|e| Error::Backend(format!("cpu: cannot start {threads} threads: {e}")))?;
         Ok(CpuBackend { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), pool })
     }
@@ -71,10 +80,9 @@ impl Backend for CpuBackend {
     }
 
     fn supports(&self, op: OpKind, dtype: DType) -> bool {
-        // Weight tables (embedding, linear) may be any float dtype; quantized ones come with the
-        // quantized matmul kernels.
-        let _ = op;
-        dtype.is_float()
+        // Weight tables (embedding, linear) may be any dtype, quantized ones included; activations
+        // are floats.
+        matches!(op, OpKind::Embedding | OpKind::Linear) || dtype.is_float()
     }
 
     fn alloc(&self, bytes: usize) -> Result<Handle> {

@@ -3,16 +3,20 @@
 //! The weight's output rows are split into chunks that threads take in turn; a chunk of an f16/bf16
 //! weight is widened to f32 in a per-thread buffer just before use, so no f32 copy of the weights ever
 //! exists. Few tokens (decode) take a dot-product path that streams the weights once; many tokens
-//! (prefill) take a packed SIMD GEMM (`matrixmultiply`) per chunk.
+//! (prefill) take a packed SIMD GEMM (`matrixmultiply`) per chunk. Quantized weights stay in their
+//! blocks: decode runs the block kernels of `quant` row by row; prefill dequantizes one chunk of rows
+//! at a time into the per-thread buffer for the GEMM.
 
 use std::borrow::Cow;
 
 use half::{bf16, f16};
 use highrise_core::ops::Linear;
+use highrise_core::quant::dequantize;
 use highrise_core::{DType, Element, Error, Result, TensorRef};
 use rayon::prelude::*;
 
 use crate::float::{dot, with_float, Float};
+use crate::quant;
 use crate::residual::to_f32_vec;
 use crate::storage::Tensors;
 
@@ -24,6 +28,8 @@ enum Weight<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Block-quantized rows, each `row_bytes` long.
+    Quant { dtype: DType, bytes: &'a [u8], row_bytes: usize },
 }
 
 impl<'a> Weight<'a> {
@@ -32,10 +38,12 @@ impl<'a> Weight<'a> {
             DType::F32 => Weight::F32(ts.slice("weight", t)?),
             DType::F16 => Weight::F16(ts.slice("weight", t)?),
             DType::BF16 => Weight::BF16(ts.slice("weight", t)?),
-            d => {
-                return Err(Error::Unsupported(format!(
-                    "linear: the cpu backend does not support {d} weights yet"
-                )))
+            dtype => {
+                let k = t.dims()[1];
+                let row_bytes = dtype.storage_bytes(k).ok_or_else(|| {
+                    Error::Invalid(format!("linear: {k} columns are not whole {dtype} blocks"))
+                })?;
+                Weight::Quant { dtype, bytes: ts.slice("weight", t)?, row_bytes }
             }
         })
     }
@@ -52,6 +60,10 @@ impl<'a> Weight<'a> {
             }
             Weight::BF16(w) => {
                 bf16::load(&w[range], buf);
+                buf
+            }
+            Weight::Quant { dtype, bytes, row_bytes } => {
+                dequantize(*dtype, &bytes[r0 * row_bytes..r1 * row_bytes], buf).expect("whole blocks");
                 buf
             }
         }
@@ -89,7 +101,7 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
                 &mut owned_out
             }
         };
-        matmul_t(out32, &x32, &weight, t, k, n);
+        matmul_t(out32, &x32, &weight, t, k, n, op.q8_activations);
         if let Some(b) = &bias {
             out32.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
         }
@@ -100,21 +112,49 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
     })
 }
 
-/// `out[T, N] = x[T, K] @ w[N, K]^T`, parallel over chunks of N.
-fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize) {
+/// `out[T, N] = x[T, K] @ w[N, K]^T`, parallel over chunks of N. `q8` lets quantized weights meet
+/// 8-bit activations on the matrix-vector path.
+fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize, q8: bool) {
     let threads = rayon::current_num_threads().max(1);
     let gemv = t <= GEMV_MAX_TOKENS;
-    let chunk = if gemv { 16 } else { (n / (threads * 4)).clamp(16, 256).next_multiple_of(16) };
+    // A few chunks per thread: enough to balance, few enough that task overhead stays small next
+    // to a decode step's tiny matrices.
+    let chunk = if gemv {
+        (n / (threads * 4)).max(16).next_multiple_of(16)
+    } else {
+        (n / (threads * 4)).clamp(16, 256).next_multiple_of(16)
+    };
     let out_ptr = SendPtr(out.as_mut_ptr());
+    // What a quantized row meets, prepared once per token: block sums of x, or x in 8 bits.
+    let acts: Vec<Act> = match w {
+        Weight::Quant { .. } if gemv => x
+            .chunks_exact(k)
+            .map(|xt| if q8 { Act::Q8(quant::Q8Act::new(xt)) } else { Act::F32(quant::block_sums(xt)) })
+            .collect(),
+        _ => Vec::new(),
+    };
     (0..n.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |buf, c| {
         let out_ptr = out_ptr;
         let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
+        // SAFETY (all writes below): row i, columns n0..n1 of out belong to this chunk alone.
+        let put = |i: usize, j: usize, v: f32| unsafe { *out_ptr.0.add(i * n + j) = v };
+        if let (true, Weight::Quant { dtype, bytes, row_bytes }) = (gemv, w) {
+            for j in n0..n1 {
+                let row = &bytes[j * row_bytes..(j + 1) * row_bytes];
+                for (i, act) in acts.iter().enumerate() {
+                    put(i, j, match act {
+                        Act::F32(sums) => quant::dot_f32(*dtype, row, &x[i * k..(i + 1) * k], sums),
+                        Act::Q8(q) => quant::dot_q8(*dtype, row, q),
+                    });
+                }
+            }
+            return;
+        }
         let wc = w.rows(n0, n1, k, buf);
         if gemv {
             for (j, wrow) in wc.chunks_exact(k).enumerate() {
                 for i in 0..t {
-                    // SAFETY: column n0 + j of row i belongs to this chunk alone.
-                    unsafe { *out_ptr.0.add(i * n + n0 + j) = dot(&x[i * k..(i + 1) * k], wrow) };
+                    put(i, n0 + j, dot(&x[i * k..(i + 1) * k], wrow));
                 }
             }
         } else {
@@ -139,4 +179,10 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
             }
         }
     });
+}
+
+/// One token's activation as a quantized weight row meets it.
+enum Act {
+    F32(Vec<f32>),
+    Q8(quant::Q8Act),
 }

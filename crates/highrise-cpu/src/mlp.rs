@@ -4,7 +4,7 @@ use highrise_core::ops::SwiGlu;
 use highrise_core::Result;
 use rayon::prelude::*;
 
-use crate::float::{with_float, Float};
+use crate::float::{min_items, with_float, Float};
 use crate::storage::Tensors;
 
 pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
@@ -14,7 +14,8 @@ pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
         // SAFETY: out is the only output and aliases neither input (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
         const CHUNK: usize = 4096;
-        out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK)).for_each_init(
+        let chunks = out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK));
+        chunks.with_min_len(min_items(CHUNK)).for_each_init(
             || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
             |(g, u), ((out, gate), up)| {
                 let (g, u) = (&mut g[..out.len()], &mut u[..out.len()]);

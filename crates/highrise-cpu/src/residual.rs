@@ -2,10 +2,11 @@
 
 use half::{bf16, f16};
 use highrise_core::ops::{AddRmsNorm, Embedding, RmsNorm};
+use highrise_core::quant::dequantize;
 use highrise_core::{DType, Error, Result, TensorRef};
 use rayon::prelude::*;
 
-use crate::float::{with_float, Float};
+use crate::float::{min_items, with_float, Float};
 use crate::storage::Tensors;
 
 /// A small float tensor (a norm weight, a bias) read into f32.
@@ -28,7 +29,19 @@ pub fn embedding(ts: &Tensors, op: &Embedding) -> Result<()> {
             DType::F32 => gather::<f32, E>(out, ts.slice("table", &op.table)?, ids, hidden),
             DType::F16 => gather::<f16, E>(out, ts.slice("table", &op.table)?, ids, hidden),
             DType::BF16 => gather::<bf16, E>(out, ts.slice("table", &op.table)?, ids, hidden),
-            d => return Err(Error::Unsupported(format!("embedding: the cpu backend does not support {d} tables yet"))),
+            q => {
+                // A quantized table is read in place: each row's blocks dequantized as it is gathered.
+                let table = ts.slice::<u8>("table", &op.table)?;
+                let row_bytes = q.storage_bytes(hidden).ok_or_else(|| {
+                    Error::Invalid(format!("embedding: rows of {hidden} are not whole {q} blocks"))
+                })?;
+                let mut row = vec![0f32; hidden];
+                for (dst, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+                    let id = id as usize;
+                    dequantize(q, &table[id * row_bytes..(id + 1) * row_bytes], &mut row)?;
+                    E::store(&row, dst);
+                }
+            }
         }
         Ok(())
     })
@@ -50,7 +63,7 @@ pub fn rms_norm(ts: &Tensors, op: &RmsNorm) -> Result<()> {
         // SAFETY: out is the op's only output and does not alias x (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
         let h = weight.len();
-        out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each_init(
+        out.par_chunks_mut(h).zip(x.par_chunks(h)).with_min_len(min_items(h)).for_each_init(
             || vec![0f32; h],
             |row, (out, x)| {
                 E::load(x, row);
@@ -74,6 +87,7 @@ pub fn add_rms_norm(ts: &Tensors, op: &AddRmsNorm) -> Result<()> {
         out.par_chunks_mut(h)
             .zip(residual.par_chunks_mut(h))
             .zip(delta.par_chunks(h))
+            .with_min_len(min_items(h))
             .for_each_init(
                 || (vec![0f32; h], vec![0f32; h]),
                 |(row, d), ((out, res), delta)| {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use highrise_core::ops::{PagedSeq, RopeConfig};
-use highrise_core::quant::dequantize;
+use highrise_core::quant::{dequantize, quantize_q8_0};
 use highrise_core::{Backend, DType, OpKind, Tensor};
 
 use crate::source::{FileTensor, Source};
@@ -20,7 +20,7 @@ pub enum WeightFormat {
     /// The file's own format where the backend computes with it (a float file is then used straight
     /// from the mapping); f32 otherwise.
     Auto,
-    /// Converted to this float dtype at load.
+    /// Converted to this dtype at load: f32, f16, bf16, or q8_0.
     Convert(DType),
 }
 
@@ -29,11 +29,13 @@ pub struct LoadOptions {
     pub weights: WeightFormat,
     /// The dtype of activations: the residual stream and the KV cache.
     pub activations: DType,
+    /// Let quantized projections quantize their input to 8 bits (faster; see `Linear`).
+    pub q8_activations: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { weights: WeightFormat::Auto, activations: DType::F32 }
+        LoadOptions { weights: WeightFormat::Auto, activations: DType::F32, q8_activations: false }
     }
 }
 
@@ -58,6 +60,8 @@ pub struct Llama {
     pub backend: Arc<dyn Backend>,
     /// Activation dtype.
     pub dtype: DType,
+    /// Quantized projections may take 8-bit activations.
+    pub q8_activations: bool,
     pub rope: RopeConfig,
     pub embed: Tensor,           // [V, H]
     pub layers: Vec<Layer>,
@@ -141,7 +145,17 @@ impl Llama {
         };
         let norm = loader.vector("model.norm.weight", h)?;
         let rope = c.rope().map_err(|e| Error::config(source.path(), "rope_scaling", e))?;
-        Ok(Llama { config: c, backend, dtype: opts.activations, rope, embed, layers, norm, lm_head })
+        Ok(Llama {
+            config: c,
+            backend,
+            dtype: opts.activations,
+            q8_activations: opts.q8_activations,
+            rope,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// The unembedding: `lm_head`, or the embedding table when tied.
@@ -170,6 +184,11 @@ impl Llama {
         Ok(Tensor::empty(&self.backend, self.dtype, dims)?)
     }
 
+    /// A projection, with the model's choice of activation precision for quantized weights.
+    fn linear(&self, out: &mut Tensor, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        Ok(self.backend.linear_with(out, x, w, bias, self.q8_activations)?)
+    }
+
     /// Runs the batch through the model, writing its K/V into `cache`; returns logits [rows, V].
     pub fn forward(&self, batch: &Batch, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         let c = &self.config;
@@ -195,9 +214,9 @@ impl Llama {
             let mut q = self.tensor(&[t, hq * d])?; // (T, Hq*D)
             let mut k = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
             let mut v = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
-            b.linear(&mut q, &xb, &layer.wq, layer.bq.as_ref())?;
-            b.linear(&mut k, &xb, &layer.wk, layer.bk.as_ref())?;
-            b.linear(&mut v, &xb, &layer.wv, layer.bv.as_ref())?;
+            self.linear(&mut q, &xb, &layer.wq, layer.bq.as_ref())?;
+            self.linear(&mut k, &xb, &layer.wk, layer.bk.as_ref())?;
+            self.linear(&mut v, &xb, &layer.wv, layer.bv.as_ref())?;
             let mut q = q.reshape(&[t, hq, d])?;
             let mut k = k.reshape(&[t, hkv, d])?;
             let v = v.reshape(&[t, hkv, d])?;
@@ -215,7 +234,7 @@ impl Llama {
             }
             let att = att.reshape(&[t, hq * d])?;
             let mut attn_out = self.tensor(&[t, h])?; // (T, H)
-            b.linear(&mut attn_out, &att, &layer.wo, None)?;
+            self.linear(&mut attn_out, &att, &layer.wo, None)?;
             // Residual: x += attn_out; then the MLP's norm of the new stream.
             b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
 
@@ -223,12 +242,12 @@ impl Llama {
             let i = c.intermediate_size;
             let mut gate = self.tensor(&[t, i])?; // (T, I)
             let mut up = self.tensor(&[t, i])?; // (T, I)
-            b.linear(&mut gate, &xb, &layer.w_gate, None)?;
-            b.linear(&mut up, &xb, &layer.w_up, None)?;
+            self.linear(&mut gate, &xb, &layer.w_gate, None)?;
+            self.linear(&mut up, &xb, &layer.w_up, None)?;
             let mut act = self.tensor(&[t, i])?; // (T, I)
             b.swiglu(&mut act, &gate, &up)?;
             let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
-            b.linear(&mut mlp_out, &act, &layer.w_down, None)?;
+            self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
             // Residual: x += mlp_out; then the next layer's attention norm, or the final norm.
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
             b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
@@ -251,7 +270,8 @@ impl Llama {
             }
         };
         let mut logits = self.tensor(&[rows.dims()[0], c.vocab_size])?;
-        b.logits(&mut logits, &rows, self.unembedding())?;
+        // The unembedding: a projection onto the vocabulary.
+        self.linear(&mut logits, &rows, self.unembedding(), None)?;
         Ok(logits)
     }
 
@@ -341,6 +361,9 @@ impl Loader<'_> {
         }
         let mut values = vec![0f32; t.dims.iter().product()];
         dequantize(t.dtype, &t.data, &mut values).map_err(wrap)?;
-        Tensor::from_f32(self.backend, target, &t.dims, &values).map_err(wrap)
+        match target {
+            DType::Q8_0 => Tensor::from_bytes(self.backend, target, &t.dims, &quantize_q8_0(&values)).map_err(wrap),
+            _ => Tensor::from_f32(self.backend, target, &t.dims, &values).map_err(wrap),
+        }
     }
 }

@@ -20,6 +20,10 @@ pub struct Linear<'a> {
     pub x: TensorRef<'a>,
     pub weight: TensorRef<'a>,
     pub bias: TensorRef<'a>,
+    /// With a quantized weight, a backend may quantize x per block of 32 to 8 bits and take integer
+    /// dot products (llama.cpp's way): faster, within a bound the backend documents. Otherwise x
+    /// stays as it is and the result is dequantize-then-multiply up to rounding.
+    pub q8_activations: bool,
 }
 
 impl Linear<'_> {

@@ -20,10 +20,11 @@ pub fn backend_file_name(name: &str) -> String {
     format!("{}highrise_{name}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
 }
 
-/// Where backend libraries are looked for, in order: each directory in `$HIGHRISE_BACKEND_DIR`, the
-/// executable's directory, then the cargo target directory: the executable's `deps/` (or, for a test
-/// binary in `deps/`, its parent), then `$CARGO_TARGET_DIR` and this workspace's `target/`, current
-/// profile first.
+/// Where backend libraries are looked for, in order: each directory in `$HIGHRISE_BACKEND_DIR`, then
+/// beside the executable, then the cargo target directory (`$CARGO_TARGET_DIR`, this workspace's
+/// `target/`; current profile first). In a cargo target directory `deps/` comes before its parent:
+/// cargo always writes a fresh plugin there, while the copy beside the binary is refreshed only by
+/// some builds.
 pub fn search_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(v) = std::env::var_os("HIGHRISE_BACKEND_DIR") {
@@ -31,13 +32,15 @@ pub fn search_dirs() -> Vec<PathBuf> {
     }
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf))
     {
-        let name = exe_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let parent = exe_dir.parent().map(Path::to_path_buf);
-        dirs.push(exe_dir.clone());
-        if matches!(name, "deps" | "examples") {
-            dirs.extend(parent);
+        // Every cargo build writes a plugin to deps/ first and only some builds copy it up beside
+        // the binary, so in a cargo target directory deps/ holds the fresh one: look there first.
+        let in_deps = exe_dir.file_name().is_some_and(|n| n == "deps" || n == "examples");
+        if in_deps {
+            dirs.push(exe_dir.clone());
+            dirs.extend(exe_dir.parent().map(Path::to_path_buf));
         } else {
             dirs.push(exe_dir.join("deps"));
+            dirs.push(exe_dir);
         }
     }
     let profiles: [&str; 2] =
@@ -49,10 +52,8 @@ pub fn search_dirs() -> Vec<PathBuf> {
     targets.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     for t in targets {
         for p in profiles {
-            // Cargo leaves the libraries of dependencies (which is how the binary pulls in the
-            // plugins it needs built) in deps/.
-            dirs.push(t.join(p));
             dirs.push(t.join(p).join("deps"));
+            dirs.push(t.join(p));
         }
     }
     let mut seen = Vec::new();

@@ -1,0 +1,338 @@
+//! Matrix-vector kernels for block-quantized weights: one weight row (its blocks, in the file's
+//! format) against one activation vector, never expanding the weights to f32 in memory.
+//!
+//! Two ways to meet the activation:
+//! - f32 (`dot_f32`): dequantize-then-multiply, folded so a block costs one scale multiply:
+//!   `sum_i x_i (d q_i + m) = d sum_i x_i q_i + m sum_i x_i`, with the block sums of x computed once.
+//!   The result equals dequantize-then-multiply up to f32 rounding.
+//! - 8-bit (`dot_q8`): x quantized per block of 32 (`x ~ dx * qx`, qx in -127..127) and integer
+//!   dot products, as llama.cpp does. Bound (documented and tested): the error against the f32 path is
+//!   at most `sum over blocks b of (dx_b / 2) * sum_{i in b} |w_i|`, plus f32 rounding.
+//!
+//! Q8_0, Q4_0 and Q4_1 have AVX2 kernels (chosen at run time); every format has a portable one that
+//! computes the same sums.
+
+use half::f16;
+use highrise_core::quant::{dequantize, q4_k_block, q6_k_block};
+use highrise_core::DType;
+
+use crate::float::dot;
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// An activation vector quantized per block of 32.
+pub struct Q8Act {
+    /// Scale of each block.
+    pub d: Vec<f32>,
+    pub q: Vec<i8>,
+    /// Sum of each block's quantized values.
+    pub isum: Vec<i32>,
+    /// d * isum of each block: the block's sum as the quantized vector sees it.
+    pub sum: Vec<f32>,
+}
+
+impl Q8Act {
+    pub fn new(x: &[f32]) -> Q8Act {
+        let blocks = x.len() / 32;
+        let mut a = Q8Act {
+            d: Vec::with_capacity(blocks),
+            q: Vec::with_capacity(x.len()),
+            isum: Vec::with_capacity(blocks),
+            sum: Vec::with_capacity(blocks),
+        };
+        for block in x.chunks_exact(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let start = a.q.len();
+            a.q.extend(block.iter().map(|v| (v * id).round() as i8));
+            let isum: i32 = a.q[start..].iter().map(|&q| q as i32).sum();
+            a.isum.push(isum);
+            a.sum.push(d * isum as f32);
+            a.d.push(d);
+        }
+        a
+    }
+}
+
+/// Sums of x over each block of 32.
+pub fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(32).map(|b| b.iter().sum()).collect()
+}
+
+/// `row · x` for a quantized row, x kept f32. `xsum` is `block_sums(x)`.
+pub fn dot_f32(dtype: DType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() {
+        // SAFETY: AVX2 and FMA are present (checked just above); lengths are whole blocks (validated).
+        unsafe {
+            match dtype {
+                DType::Q4_0 => return avx2::q4_f32(row, x, xsum, false),
+                DType::Q4_1 => return avx2::q4_f32(row, x, xsum, true),
+                DType::Q8_0 => return avx2::q8_f32(row, x),
+                _ => {}
+            }
+        }
+    }
+    portable_f32(dtype, row, x, xsum)
+}
+
+/// `row · x` for a quantized row, x quantized to 8 bits.
+pub fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() {
+        // SAFETY: as in `dot_f32`.
+        unsafe {
+            match dtype {
+                DType::Q4_0 => return avx2::q4_q8(row, x, false),
+                DType::Q4_1 => return avx2::q4_q8(row, x, true),
+                DType::Q8_0 => return avx2::q8_q8(row, x),
+                _ => {}
+            }
+        }
+    }
+    portable_q8(dtype, row, x)
+}
+
+/// (scale d, offset m, nibbles) of a Q4_0 / Q4_1 block: value j is `d * q_j + m`.
+fn q4_parts(blk: &[u8], q4_1: bool) -> (f32, f32, &[u8]) {
+    let d = f16_at(blk, 0);
+    if q4_1 {
+        (d, f16_at(blk, 2), &blk[4..20])
+    } else {
+        (d, -8.0 * d, &blk[2..18])
+    }
+}
+
+pub fn portable_f32(dtype: DType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    let bb = dtype.block_bytes();
+    match dtype {
+        DType::Q4_0 | DType::Q4_1 => row
+            .chunks_exact(bb)
+            .enumerate()
+            .map(|(b, blk)| {
+                let (d, m, qs) = q4_parts(blk, dtype == DType::Q4_1);
+                let xb = &x[b * 32..b * 32 + 32];
+                let s: f32 = qs.iter().enumerate().map(|(j, q)| (q & 0xF) as f32 * xb[j] + (q >> 4) as f32 * xb[j + 16]).sum();
+                d * s + m * xsum[b]
+            })
+            .sum(),
+        DType::Q8_0 => row
+            .chunks_exact(bb)
+            .enumerate()
+            .map(|(b, blk)| {
+                let s: f32 = blk[2..34].iter().zip(&x[b * 32..b * 32 + 32]).map(|(&q, x)| (q as i8) as f32 * x).sum();
+                f16_at(blk, 0) * s
+            })
+            .sum(),
+        // K-quants: each block of 256 dequantized on the stack, then an f32 dot product.
+        _ => {
+            let mut y = [0f32; 256];
+            let bl = dtype.block_len();
+            row.chunks_exact(bb)
+                .enumerate()
+                .map(|(b, blk)| {
+                    dequantize(dtype, blk, &mut y[..bl]).expect("whole blocks");
+                    dot(&y[..bl], &x[b * bl..(b + 1) * bl])
+                })
+                .sum()
+        }
+    }
+}
+
+/// Integer dot product of two runs of values.
+fn idot<A: Copy + Into<i32>>(a: &[A], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&a, &b)| a.into() * b as i32).sum()
+}
+
+pub fn portable_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
+    let bb = dtype.block_bytes();
+    let mut total = 0f32;
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        match dtype {
+            DType::Q4_0 | DType::Q4_1 => {
+                let (d, m, qs) = q4_parts(blk, dtype == DType::Q4_1);
+                let qx = &x.q[b * 32..b * 32 + 32];
+                let lo: i32 = qs.iter().zip(&qx[..16]).map(|(q, &v)| (q & 0xF) as i32 * v as i32).sum();
+                let hi: i32 = qs.iter().zip(&qx[16..]).map(|(q, &v)| (q >> 4) as i32 * v as i32).sum();
+                total += d * x.d[b] * (lo + hi) as f32 + m * x.sum[b];
+            }
+            DType::Q8_0 => {
+                let w: Vec<i8> = blk[2..34].iter().map(|&q| q as i8).collect();
+                total += f16_at(blk, 0) * x.d[b] * idot(&w, &x.q[b * 32..b * 32 + 32]) as f32;
+            }
+            DType::Q4K => {
+                // Sub-block j of 32 meets activation block 8b + j: d*sc*dx*sum(q qx) - dmin*mn*sum(x).
+                let k = q4_k_block(blk);
+                for (j, &(sc, mn)) in k.scale_min.iter().enumerate() {
+                    let xb = b * 8 + j;
+                    let s = idot(&k.q[j * 32..j * 32 + 32], &x.q[xb * 32..xb * 32 + 32]);
+                    total += k.d * sc * x.d[xb] * s as f32 - k.dmin * mn * x.sum[xb];
+                }
+            }
+            DType::Q6K => {
+                // Sub-blocks of 16 with their own scales; two of them per activation block of 32.
+                let k = q6_k_block(blk);
+                for j in 0..16 {
+                    let xb = b * 8 + j / 2;
+                    let s = idot(&k.q[j * 16..j * 16 + 16], &x.q[b * 256 + j * 16..b * 256 + j * 16 + 16]);
+                    total += k.d * k.scales[j] as f32 * x.d[xb] * s as f32;
+                }
+            }
+            _ => unreachable!("float weights take the f32 paths"),
+        }
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Q8Act;
+
+    /// The first two f16 values of a block (d, and m for Q4_1), converted with F16C in registers.
+    macro_rules! f16_pair {
+        ($blk:expr) => {{
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([$blk[0], $blk[1], $blk[2], $blk[3]])));
+            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+        }};
+    }
+
+    /// (d, m, pointer to the 16 bytes of nibbles) of a Q4_0 / Q4_1 block: value j is d * q_j + m.
+    macro_rules! q4_parts {
+        ($blk:expr, $q4_1:expr) => {{
+            let (d, m) = f16_pair!($blk);
+            if $q4_1 {
+                (d, m, $blk.as_ptr().add(4))
+            } else {
+                (d, -8.0 * d, $blk.as_ptr().add(2))
+            }
+        }};
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Eight bytes starting at byte `at` of `v`, widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn u8x8_f32(v: __m128i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_f32(row: &[u8], x: &[f32], xsum: &[f32], q4_1: bool) -> f32 {
+        let bb = if q4_1 { 20 } else { 18 };
+        let mask = _mm_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        for (b, blk) in row.chunks_exact(bb).enumerate() {
+            let (d, m, qs) = q4_parts!(blk, q4_1);
+            let qs = _mm_loadu_si128(qs as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            let xp = x.as_ptr().add(b * 32);
+            let mut s = _mm256_mul_ps(u8x8_f32(lo), _mm256_loadu_ps(xp));
+            s = _mm256_fmadd_ps(u8x8_f32(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp.add(8)), s);
+            s = _mm256_fmadd_ps(u8x8_f32(hi), _mm256_loadu_ps(xp.add(16)), s);
+            s = _mm256_fmadd_ps(u8x8_f32(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp.add(24)), s);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+            offsets += m * xsum[b];
+        }
+        hsum(acc) + offsets
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_f32(row: &[u8], x: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (b, blk) in row.chunks_exact(34).enumerate() {
+            let q = blk.as_ptr().add(2);
+            let xp = x.as_ptr().add(b * 32);
+            let mut s = _mm256_setzero_ps();
+            for k in 0..4 {
+                let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * k) as *const __m128i)));
+                s = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(8 * k)), s);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_pair!(blk).0), s, acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_q8(row: &[u8], x: &Q8Act, q4_1: bool) -> f32 {
+        let bb = if q4_1 { 20 } else { 18 };
+        let mask = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        // One block: its scale d * dx, its eight partial integer sums as floats, its offset term.
+        let block = |b: usize| {
+            let blk = row.get_unchecked(b * bb..(b + 1) * bb);
+            let (d, m, qs) = q4_parts!(blk, q4_1);
+            let qs = _mm_loadu_si128(qs as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            // Values 0..15 in the low lane, 16..31 in the high one: the order of x.
+            let w = _mm256_set_m128i(hi, lo);
+            let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+            (_mm256_set1_ps(d * *x.d.get_unchecked(b)), _mm256_cvtepi32_ps(p), m * *x.sum.get_unchecked(b))
+        };
+        // Two independent accumulators, so consecutive blocks do not wait on each other's FMA.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut off0, mut off1) = (0f32, 0f32);
+        let n = row.len() / bb;
+        let mut b = 0;
+        while b + 1 < n {
+            let (s0, p0, o0) = block(b);
+            let (s1, p1, o1) = block(b + 1);
+            acc0 = _mm256_fmadd_ps(s0, p0, acc0);
+            acc1 = _mm256_fmadd_ps(s1, p1, acc1);
+            off0 += o0;
+            off1 += o1;
+            b += 2;
+        }
+        if b < n {
+            let (s0, p0, o0) = block(b);
+            acc0 = _mm256_fmadd_ps(s0, p0, acc0);
+            off0 += o0;
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + (off0 + off1)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_q8(row: &[u8], x: &Q8Act) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        let block = |b: usize| {
+            let blk = row.get_unchecked(b * 34..(b + 1) * 34);
+            let w = _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i);
+            let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
+            // maddubs multiplies unsigned by signed: move w's sign onto x.
+            let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+            let p = _mm256_madd_epi16(p16, ones);
+            (_mm256_set1_ps(f16_pair!(blk).0 * *x.d.get_unchecked(b)), _mm256_cvtepi32_ps(p))
+        };
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let n = row.len() / 34;
+        let mut b = 0;
+        while b + 1 < n {
+            let (s0, p0) = block(b);
+            let (s1, p1) = block(b + 1);
+            acc0 = _mm256_fmadd_ps(s0, p0, acc0);
+            acc1 = _mm256_fmadd_ps(s1, p1, acc1);
+            b += 2;
+        }
+        if b < n {
+            let (s0, p0) = block(b);
+            acc0 = _mm256_fmadd_ps(s0, p0, acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+}
