@@ -10,7 +10,8 @@ use common::*;
 use highrise::core::ops::PagedSeq;
 use highrise::engine::{generate, GenerateParams};
 use highrise::model::npy;
-use highrise::model::{Batch, Llama, LoadOptions, Logits, Source, Tokenizer};
+use highrise::core::DType;
+use highrise::model::{Batch, Llama, LoadOptions, Logits, Source, Tokenizer, WeightFormat};
 
 const CASES: [&str; 2] = ["story", "chat"];
 
@@ -19,15 +20,23 @@ struct Loaded {
     tokenizer: Tokenizer,
 }
 
-/// The model with every weight dequantized to f32, loaded once for all tests of this file.
+/// The model with every weight dequantized to f32 (as the fixtures were made), loaded once.
 fn loaded(path: &std::path::Path) -> &'static Loaded {
     static L: OnceLock<Loaded> = OnceLock::new();
-    L.get_or_init(|| {
-        let source = Source::open(path).unwrap();
-        let tokenizer = source.tokenizer().unwrap();
-        let model = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
-        Loaded { model, tokenizer }
-    })
+    L.get_or_init(|| load_with(path, LoadOptions { weights: WeightFormat::Convert(DType::F32), ..Default::default() }))
+}
+
+/// The model kept in its file's Q4_1 (and Q8_0 embedding), used in place from the mapping.
+fn loaded_q4(path: &std::path::Path) -> &'static Loaded {
+    static L: OnceLock<Loaded> = OnceLock::new();
+    L.get_or_init(|| load_with(path, LoadOptions::default()))
+}
+
+fn load_with(path: &std::path::Path, opts: LoadOptions) -> Loaded {
+    let source = Source::open(path).unwrap();
+    let tokenizer = source.tokenizer().unwrap();
+    let model = Llama::load(&source, cpu(), opts).unwrap();
+    Loaded { model, tokenizer }
 }
 
 #[test]
@@ -188,4 +197,47 @@ fn seeded_sampling_is_reproducible() {
     let (a, b, c) = (run(11), run(11), run(12));
     assert_eq!(a, b, "same seed, same tokens");
     assert_ne!(a, c, "another seed, other tokens");
+}
+
+#[test]
+fn q4_1_weights_in_place_match_reference() {
+    let Some((fx, model, reference)) = fixtures_and_model("q4_1 in place") else { return };
+    let l = loaded_q4(&model);
+    assert_eq!(l.model.layers[0].wq.dtype(), DType::Q4_1, "the file's format is kept");
+    assert_eq!(l.model.embed.dtype(), DType::Q8_0);
+    for name in CASES {
+        let c = &reference["cases"][name];
+        let prompt = ids(&c["input_ids"]);
+        let got = prefill_logits(&l.model, &prompt);
+        let (_, want) = npy::read_f32(&fx.join(format!("{name}_logits.npy"))).unwrap();
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        println!("{name}: Q4_1 in place, max |logit - HF| = {worst:.2e}");
+        assert!(worst <= 1e-3, "{name}: Q4_1 logits differ from HF by up to {worst}");
+        let margins: Vec<f64> = c["greedy_margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        let want_ids = ids(&c["greedy"]);
+        let params = GenerateParams { max_tokens: want_ids.len(), ..Default::default() };
+        let g = generate(&l.model, &l.tokenizer, &prompt, &params, &mut |_| {}).unwrap();
+        let firm = margins.iter().position(|&m| m < 0.01).unwrap_or(want_ids.len());
+        assert_eq!(g.ids[..firm.min(g.ids.len())], want_ids[..firm], "{name}: Q4_1 greedy ids");
+    }
+}
+
+#[test]
+fn q8_activations_agree_on_the_top_token() {
+    let Some((fx, model, reference)) = fixtures_and_model("q8 activations") else { return };
+    let source = Source::open(&model).unwrap();
+    let m = Llama::load(&source, cpu(), LoadOptions { q8_activations: true, ..Default::default() }).unwrap();
+    let v = m.config.vocab_size;
+    let (mut agree, mut total) = (0, 0);
+    for name in CASES {
+        let prompt = ids(&reference["cases"][name]["input_ids"]);
+        let got = prefill_logits(&m, &prompt);
+        let (_, want) = npy::read_f32(&fx.join(format!("{name}_logits.npy"))).unwrap();
+        for (g, w) in got.chunks(v).zip(want.chunks(v)) {
+            total += 1;
+            agree += (highrise::engine::sampling::argmax(g) == highrise::engine::sampling::argmax(w)) as usize;
+        }
+    }
+    println!("8-bit activations: top-1 agrees at {agree} of {total} prompt positions");
+    assert!(agree as f64 >= 0.99 * total as f64, "top-1 agreement {agree}/{total} is below 99%");
 }

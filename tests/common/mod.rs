@@ -251,3 +251,24 @@ pub fn fixtures_and_model(test: &str) -> Option<(PathBuf, PathBuf, serde_json::V
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
+
+/// `rows` rows of random `dtype` blocks (`cols` values each) with small finite f16 scales, as a
+/// quantized model's weights look; and their dequantized values.
+pub fn random_quant(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> (Vec<u8>, Vec<f64>) {
+    let mut bytes: Vec<u8> = (0..dtype.storage_bytes(rows * cols).unwrap()).map(|_| rng.next_u64() as u8).collect();
+    for blk in bytes.chunks_mut(dtype.block_bytes()) {
+        let v = 0.005 + 0.02 * (rng.uniform() + 1.0) / 2.0;
+        let (d, m) = (f16::from_f64(v).to_le_bytes(), f16::from_f64(-v / 2.0).to_le_bytes());
+        match dtype {
+            DType::Q4_1 | DType::Q4K => {
+                blk[..2].copy_from_slice(&d);
+                blk[2..4].copy_from_slice(&m);
+            }
+            DType::Q6K => blk[208..210].copy_from_slice(&d),
+            _ => blk[..2].copy_from_slice(&d),
+        }
+    }
+    let mut values = vec![0f32; rows * cols];
+    highrise::core::quant::dequantize(dtype, &bytes, &mut values).unwrap();
+    (bytes, values.into_iter().map(|v| v as f64).collect())
+}

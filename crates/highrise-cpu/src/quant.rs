@@ -336,3 +336,77 @@ mod avx2 {
         hsum(_mm256_add_ps(acc0, acc1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random blocks of `dtype` with small finite f16 scales, as a model's weights look.
+    fn random_row(dtype: DType, k: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut bytes: Vec<u8> = (0..dtype.storage_bytes(k).unwrap())
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 56) as u8
+            })
+            .collect();
+        let scale = |v: f32| f16::from_f32(v).to_le_bytes();
+        for (i, blk) in bytes.chunks_mut(dtype.block_bytes()).enumerate() {
+            let v = 0.01 + (i % 7) as f32 * 0.003;
+            match dtype {
+                DType::Q4_1 | DType::Q4K => {
+                    blk[..2].copy_from_slice(&scale(v));
+                    blk[2..4].copy_from_slice(&scale(-v * 0.5));
+                }
+                DType::Q6K => blk[208..210].copy_from_slice(&scale(v)),
+                _ => blk[..2].copy_from_slice(&scale(v)),
+            }
+        }
+        bytes
+    }
+
+    fn random_x(k: usize, seed: u64) -> Vec<f32> {
+        (0..k).map(|i| ((i as u64 * 2654435761 + seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernels_agree_with_the_portable_ones() {
+        if !crate::float::has_avx2_fma() {
+            println!("skipped: this CPU has no AVX2+FMA+F16C");
+            return;
+        }
+        for (dtype, q4_1) in [(DType::Q4_0, false), (DType::Q4_1, true), (DType::Q8_0, false)] {
+            for seed in 0..20 {
+                let k = 32 * (1 + seed as usize % 48);
+                let (row, x) = (random_row(dtype, k, seed), random_x(k, seed));
+                let sums = block_sums(&x);
+                let xq = Q8Act::new(&x);
+                let (want_f, want_q) = (portable_f32(dtype, &row, &x, &sums), portable_q8(dtype, &row, &xq));
+                // SAFETY: AVX2+FMA+F16C present (checked above).
+                let (got_f, got_q) = unsafe {
+                    match dtype {
+                        DType::Q8_0 => (avx2::q8_f32(&row, &x), avx2::q8_q8(&row, &xq)),
+                        _ => (avx2::q4_f32(&row, &x, &sums, q4_1), avx2::q4_q8(&row, &xq, q4_1)),
+                    }
+                };
+                // Same sums in another order: equal up to f32 rounding of the terms.
+                let scale: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * 0.2;
+                assert!((got_f - want_f).abs() <= 1e-5 * scale, "{dtype} f32 k={k}: {got_f} vs {want_f}");
+                assert!((got_q - want_q).abs() <= 1e-5 * scale, "{dtype} q8 k={k}: {got_q} vs {want_q}");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_activations_quantize_each_block_within_half_a_step() {
+        let x = random_x(96, 3);
+        let q = Q8Act::new(&x);
+        for (b, xs) in x.chunks(32).enumerate() {
+            for (i, v) in xs.iter().enumerate() {
+                let back = q.d[b] * q.q[b * 32 + i] as f32;
+                assert!((back - v).abs() <= q.d[b] * 0.5 + 1e-7, "block {b} value {i}: {v} -> {back}");
+            }
+        }
+    }
+}
