@@ -179,21 +179,6 @@ fn quantized(c: &mut Criterion) {
     g.finish();
 }
 
-/// Bytes read + written per second by a large copy: the ceiling for memory-bound ops.
-fn copy_bandwidth() -> f64 {
-    let n = 64 << 20;
-    let src = vec![1u8; n];
-    let mut dst = vec![0u8; n];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        dst.copy_from_slice(std::hint::black_box(&src));
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    std::hint::black_box(&dst);
-    2.0 * n as f64 / best
-}
-
 /// The CPU backend's own f32 GEMM rate (512 tokens x 4096 -> 4096): the ceiling for prefill linears.
 fn gemm_rate(b: &Arc<dyn Backend>) -> f64 {
     let (t, k, n) = (512, 4096, 4096);
@@ -214,7 +199,7 @@ criterion_group!(benches, ops, quantized);
 fn main() {
     let b = backend();
     println!("backend: cpu ({})", b.info().device);
-    println!("ceiling: memory copy {:.1} GB/s (read + write)", copy_bandwidth() / 1e9);
+    println!("ceiling: memory copy {:.1} GB/s (read + write)", highrise::engine::bench::copy_bandwidth() / 1e9);
     println!("ceiling: f32 GEMM 512x4096x4096 {:.1} GFLOP/s", gemm_rate(&b) / 1e9);
     benches();
     Criterion::default().configure_from_args().final_summary();

@@ -88,6 +88,27 @@ enum Command {
         /// The directory to write.
         output: PathBuf,
     },
+    /// Measure prompt processing and generation speed, as llama-bench does.
+    ///
+    /// pp<N>: one prefill of an N-token prompt; tg<N>: N tokens decoded one at a time, greedy.
+    /// Prints a table with the ceilings of this machine measured in the same run (memory copy
+    /// bandwidth, and the decode rate it allows for this model's weights); --json for scripts.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt lengths to prefill (repeatable).
+        #[arg(long = "pp", default_values_t = [512])]
+        prompt: Vec<usize>,
+        /// Numbers of tokens to generate (repeatable).
+        #[arg(long = "tg", default_values_t = [128])]
+        generate: Vec<usize>,
+        /// Repetitions of each test.
+        #[arg(long, short, default_value_t = 3)]
+        reps: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch the default model (SmolLM2-135M-Instruct) into the model cache and print its path.
     Fetch,
     /// List the compute backends highrise can find, and whether each can run on this machine.
@@ -180,6 +201,7 @@ fn main() {
         Command::Logits { prompt, out, model } => cmd_logits(&prompt, &out, &model),
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
         Command::Convert { input, output } => cmd_convert(&input, &output),
+        Command::Bench { model, prompt, generate, reps, json } => cmd_bench(&model, &prompt, &generate, reps, json),
         Command::Fetch => model_path(None).map(|p| println!("{}", p.display())),
         Command::Backends { json } => cmd_backends(json),
     };
@@ -344,6 +366,55 @@ fn cmd_convert(input: &Path, output: &Path) -> AnyResult<()> {
     highrise::model::convert::to_hf_dir(&source, output, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     eprintln!("wrote {} (model.safetensors, config.json, tokenizer.json, tokenizer_config.json)", output.display());
+    Ok(())
+}
+
+fn cmd_bench(args: &ModelArgs, pp: &[usize], tg: &[usize], reps: usize, json: bool) -> AnyResult<()> {
+    use highrise::engine::bench;
+    let (model, _) = load(args)?;
+    let reps = reps.max(1);
+    let mut results = Vec::new();
+    for &n in pp {
+        results.push(bench::prefill(&model, n, reps)?);
+    }
+    for &n in tg {
+        results.push(bench::decode(&model, n, reps)?);
+    }
+    let (read_bw, copy_bw) = (bench::read_bandwidth(), bench::copy_bandwidth());
+    let weight_bytes = model.weight_bytes_per_token();
+    // Decode reads every weight once per token.
+    let decode_ceiling = read_bw / weight_bytes as f64;
+    let info = model.backend.info();
+    let model_name = args.model.as_ref().map_or("SmolLM2-135M-Instruct Q4_1 (default)".to_string(), |p| p.display().to_string());
+    let weights = format!("{}{}", model.layers[0].wq.dtype(), if model.q8_activations { ", q8 activations" } else { "" });
+    if json {
+        println!(
+            "{}",
+            json!({
+                "model": model_name, "backend": info.name, "device": info.device, "weights": weights,
+                "weight_bytes_per_token": weight_bytes, "read_bandwidth_bytes_per_second": read_bw,
+                "copy_bandwidth_bytes_per_second": copy_bw,
+                "decode_ceiling_tokens_per_second": decode_ceiling,
+                "results": results.iter().map(|m| json!({
+                    "test": m.test, "tokens_per_second": m.mean(), "stddev": m.stddev(), "reps": m.tokens_per_sec,
+                })).collect::<Vec<_>>(),
+            })
+        );
+        return Ok(());
+    }
+    println!("| model | backend | weights | test | t/s |");
+    println!("| --- | --- | --- | --- | ---: |");
+    for m in &results {
+        println!("| {model_name} | {} ({}) | {weights} | {} | {:.2} ± {:.2} |", info.name, info.device, m.test, m.mean(), m.stddev());
+    }
+    println!(
+        "\nceilings: memory read {:.1} GB/s (copy {:.1} GB/s, read + write); {:.1} MB of weights per token, \
+         so decode <= {:.0} t/s",
+        read_bw / 1e9,
+        copy_bw / 1e9,
+        weight_bytes as f64 / 1e6,
+        decode_ceiling
+    );
     Ok(())
 }
 

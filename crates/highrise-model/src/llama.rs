@@ -163,6 +163,23 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Bytes of weights one decoded token reads: every layer's, the final norm, and the unembedding
+    /// (the embedding table itself is only gathered from).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|t| t.size_bytes())
+                    .sum::<usize>()
+                    + [&l.bq, &l.bk, &l.bv].iter().filter_map(|b| b.as_ref()).map(|t| t.size_bytes()).sum::<usize>()
+            })
+            .sum();
+        layers + self.norm.size_bytes() + self.unembedding().size_bytes()
+    }
+
     /// Bytes of KV cache one block of `block_size` tokens takes across all layers.
     pub fn kv_block_bytes(&self, block_size: usize) -> usize {
         let c = &self.config;

@@ -1,0 +1,116 @@
+//! Measurements behind `highrise bench` (llama-bench's tests: pp = prompt processing, tg = text
+//! generation) and the ceilings they are judged against.
+
+use std::time::Instant;
+
+use highrise_core::ops::PagedSeq;
+use highrise_model::{Batch, Llama, Logits, Result};
+
+use crate::generate::BLOCK_SIZE;
+use crate::sampling::argmax;
+
+/// Tokens per second of each repetition of one test.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Measurement {
+    /// "pp512", "tg128".
+    pub test: String,
+    pub tokens: usize,
+    pub tokens_per_sec: Vec<f64>,
+}
+
+impl Measurement {
+    pub fn mean(&self) -> f64 {
+        self.tokens_per_sec.iter().sum::<f64>() / self.tokens_per_sec.len().max(1) as f64
+    }
+
+    pub fn stddev(&self) -> f64 {
+        let m = self.mean();
+        let n = self.tokens_per_sec.len().max(2) - 1;
+        (self.tokens_per_sec.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / n as f64).sqrt()
+    }
+}
+
+/// Deterministic token ids spread over the vocabulary.
+fn tokens(model: &Llama, n: usize) -> Vec<u32> {
+    let v = model.config.vocab_size as u64;
+    (0..n as u64).map(|i| ((i * 2_654_435_761 + 17) % v) as u32).collect()
+}
+
+/// Prefill of an `n`-token prompt in one pass, `reps` times.
+pub fn prefill(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
+    let toks = tokens(model, n);
+    let mut m = Measurement { test: format!("pp{n}"), tokens: n, tokens_per_sec: vec![] };
+    for _ in 0..reps {
+        let start = Instant::now();
+        model.prompt_logits(&toks)?;
+        m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(m)
+}
+
+/// Greedy decoding of `n` tokens one at a time from an empty cache, `reps` times.
+pub fn decode(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
+    let mut m = Measurement { test: format!("tg{n}"), tokens: n, tokens_per_sec: vec![] };
+    for _ in 0..reps {
+        let mut cache = model.new_kv_cache(n.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
+        let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
+        let mut token = tokens(model, 1)[0];
+        let start = Instant::now();
+        for pos in 0..n as u32 {
+            let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
+            let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
+            token = argmax(&model.forward(&batch, &mut cache, Logits::Last)?.to_f32()?);
+        }
+        m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(m)
+}
+
+/// Host memory bandwidth, bytes read + written per second by a 64 MiB copy (best of 5): the ceiling
+/// for anything that streams weights from memory.
+pub fn copy_bandwidth() -> f64 {
+    let n = 64 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * n as f64 / best
+}
+
+/// Host memory read bandwidth, bytes per second, all cores summing a 256 MiB buffer (best of 3): the
+/// ceiling for decoding, which reads every weight once per token.
+pub fn read_bandwidth() -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let data = vec![1u64; (256 << 20) / 8];
+    let per = data.len().div_ceil(threads);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let parts: Vec<_> = data
+                .chunks(per)
+                .map(|c| {
+                    s.spawn(move || {
+                        // Four independent sums so the loop is bound by loads, not by one add chain.
+                        let mut acc = [0u64; 4];
+                        for q in c.chunks_exact(4) {
+                            for i in 0..4 {
+                                acc[i] = acc[i].wrapping_add(q[i]);
+                            }
+                        }
+                        acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+                    })
+                })
+                .collect();
+            parts.into_iter().map(|p| p.join().unwrap_or(0)).fold(0u64, |a, b| a.wrapping_add(b))
+        });
+        std::hint::black_box(total);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (data.len() * 8) as f64 / best
+}
