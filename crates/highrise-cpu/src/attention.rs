@@ -3,13 +3,14 @@
 //!
 //! Both attention ops share one kernel. Work is split into units of (sequence, K/V head, block of
 //! queries); a unit gathers its K/V head's rows once into f32, then serves every query head of its
-//! group from them, so K/V are never copied per query head.
+//! group from them, so K/V are never copied per query head. Within a unit, scores and the weighted
+//! sum of values are two GEMMs over the stacked queries of the group.
 
 use highrise_core::ops::{Attention, KvWrite, PagedAttention, Rope};
 use highrise_core::Result;
 use rayon::prelude::*;
 
-use crate::float::{axpy, dot, min_items, with_float, Float};
+use crate::float::{min_items, with_float, Float};
 use crate::storage::Tensors;
 
 pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
@@ -194,27 +195,48 @@ fn attend<E: Float, S: KvSource<E>>(
                 E::load(src.row(k, s, pos, g), &mut ks[pos * d..(pos + 1) * d]);
                 E::load(src.row(v, s, pos, g), &mut vs[pos * d..(pos + 1) * d]);
             }
-            let mut res = vec![0f32; n * group * d];
-            let (mut qrow, mut scores) = (vec![0f32; d], vec![0f32; visible]);
+            // The unit's queries, group heads stacked: row i * group + hh is query i, head g*group+hh.
+            let rows = n * group;
+            let mut qs = vec![0f32; rows * d];
             for i in 0..n {
-                let len = first_pos + i0 + i + 1;
-                for hh in 0..group {
-                    let row = (seq.q_start + i0 + i) * hq + g * group + hh;
-                    E::load(&q[row * d..(row + 1) * d], &mut qrow);
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores[..len].iter_mut().enumerate() {
-                        *sc = dot(&qrow, &ks[j * d..(j + 1) * d]) * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0f32;
-                    let acc = &mut res[(i * group + hh) * d..(i * group + hh + 1) * d];
-                    for (j, sc) in scores[..len].iter().enumerate() {
-                        let p = (sc - max).exp();
-                        sum += p;
-                        axpy(acc, p, &vs[j * d..(j + 1) * d]);
-                    }
-                    acc.iter_mut().for_each(|a| *a /= sum);
+                let row = (seq.q_start + i0 + i) * hq + g * group;
+                E::load(&q[row * d..(row + group) * d], &mut qs[i * group * d..(i + 1) * group * d]);
+            }
+            // Scores [rows, visible] = scale * Q K^T, then a causal softmax per row, then P V: two
+            // GEMMs instead of one dot product per key.
+            let mut p = vec![0f32; rows * visible];
+            let mut res = vec![0f32; rows * d];
+            // SAFETY: every pointer and stride describes a buffer allocated just above with those
+            // dimensions (qs [rows, d], ks and vs [visible, d], p [rows, visible], res [rows, d]).
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows, d, visible, scale,
+                    qs.as_ptr(), d as isize, 1,
+                    ks.as_ptr(), 1, d as isize,
+                    0.0, p.as_mut_ptr(), visible as isize, 1,
+                );
+            }
+            for (r, row) in p.chunks_exact_mut(visible).enumerate() {
+                let len = first_pos + i0 + r / group + 1;
+                let (seen, masked) = row.split_at_mut(len);
+                let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for v in seen.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
                 }
+                let inv = 1.0 / sum;
+                seen.iter_mut().for_each(|v| *v *= inv);
+                masked.fill(0.0);
+            }
+            // SAFETY: as above.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows, visible, d, 1.0,
+                    p.as_ptr(), visible as isize, 1,
+                    vs.as_ptr(), d as isize, 1,
+                    0.0, res.as_mut_ptr(), d as isize, 1,
+                );
             }
             res
         })

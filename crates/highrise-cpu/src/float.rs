@@ -144,11 +144,3 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
-
-/// `y += a * x`.
-#[inline]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
-}
