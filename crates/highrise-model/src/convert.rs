@@ -53,7 +53,7 @@ pub fn to_hf_dir(source: &Source, out: &Path, progress: &mut dyn FnMut(usize, us
     }
     write("config.json", &serde_json::to_string_pretty(&config).expect("config serializes"))?;
     let tok = source.tokenizer()?;
-    write("tokenizer.json", tok.json())?;
+    write("tokenizer.json", &tok.json()?)?;
     write("tokenizer_config.json", &serde_json::to_string_pretty(&tok.config_json()).expect("json"))?;
     Ok(())
 }

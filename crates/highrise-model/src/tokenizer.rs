@@ -24,8 +24,6 @@ impl Message {
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    /// The tokenizer.json it was built from or read.
-    json: String,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     /// Whether encoding for generation prepends the BOS token (the model's tokenizer config says so).
@@ -92,10 +90,10 @@ impl Tokenizer {
             )
         })?;
         let tokens = strs("tokenizer.ggml.tokens")?;
-        let merges: Vec<Json> = strs("tokenizer.ggml.merges")?
-            .iter()
+        let merges: Vec<(String, String)> = strs("tokenizer.ggml.merges")?
+            .into_iter()
             .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok(json!([a, b])),
+                Some((a, b)) => Ok((a.to_string(), b.to_string())),
                 None => Err(Error::config(path, "tokenizer.ggml.merges", format!("merge {m:?} is not two tokens"))),
             })
             .collect::<Result<_>>()?;
@@ -104,35 +102,34 @@ impl Tokenizer {
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        // Built through the tokenizers API rather than a tokenizer.json text: no transient JSON tree
+        // of the whole vocabulary at load.
+        let fail = |e: tokenizers::Error| Error::Tokenizer(format!("{}: {e}", path.display()));
+        let bpe = tokenizers::models::bpe::BPE::builder().vocab_and_merges(vocab, merges).build().map_err(fail)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre).expect("known pre-tokenizer");
+        let decoder: tokenizers::DecoderWrapper =
+            serde_json::from_value(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}))
+                .expect("byte-level decoder");
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(decoder));
         // Control (3) and user-defined (4) tokens are matched whole in the input, before BPE.
-        let added: Vec<Json> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(id, &t)| {
-                json!({"id": id, "content": tokens[id], "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": t == 4, "special": t == 3})
-            })
-            .collect();
-        let vocab: serde_json::Map<String, Json> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-        let tj = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges},
-        });
+        let added = |kind: u64| -> Vec<tokenizers::AddedToken> {
+            types
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t == kind)
+                .map(|(id, _)| tokenizers::AddedToken::from(tokens[id].clone(), kind == 3).normalized(kind == 4))
+                .collect()
+        };
+        inner.add_special_tokens(&added(3));
+        inner.add_tokens(&added(4));
         let token = |key: &str| {
             g.get(key).and_then(Value::as_u64).and_then(|id| tokens.get(id as usize)).cloned()
         };
-        let mut t = Tokenizer::from_json(tj.to_string())?;
+        let mut t = Tokenizer { inner, bos_token: None, eos_token: None, add_bos: false, chat_template: None };
         t.bos_token = token("tokenizer.ggml.bos_token_id");
         t.eos_token = token("tokenizer.ggml.eos_token_id");
         t.add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
@@ -143,8 +140,9 @@ impl Tokenizer {
     /// Reads `tokenizer.json` and, if present, `tokenizer_config.json` from a HF model directory.
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
-        let json = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let mut t = Tokenizer::from_json(json).map_err(|e| Error::Format { path: path.clone(), detail: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Format { path: path.clone(), detail: e.to_string() })?;
+        let mut t = Tokenizer { inner, bos_token: None, eos_token: None, add_bos: false, chat_template: None };
         let cfg_path = dir.join("tokenizer_config.json");
         if let Ok(text) = std::fs::read_to_string(&cfg_path) {
             let cfg: Json = serde_json::from_str(&text)
@@ -169,12 +167,6 @@ impl Tokenizer {
             };
         }
         Ok(t)
-    }
-
-    fn from_json(json: String) -> Result<Tokenizer> {
-        let inner: tokenizers::Tokenizer =
-            json.parse().map_err(|e: tokenizers::Error| Error::Tokenizer(e.to_string()))?;
-        Ok(Tokenizer { inner, json, bos_token: None, eos_token: None, add_bos: false, chat_template: None })
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are recognized.
@@ -203,8 +195,8 @@ impl Tokenizer {
     }
 
     /// The `tokenizer.json` text.
-    pub fn json(&self) -> &str {
-        &self.json
+    pub fn json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// A `tokenizer_config.json` carrying the chat template and special tokens.
