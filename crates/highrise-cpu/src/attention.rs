@@ -150,6 +150,91 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
     })
 }
 
+/// Attention of `qs` (rows of D, all at the same position) over keys and values 0..len read through
+/// `key` and `value`: scores, softmax, weighted sum. Returns [rows, D].
+fn attend_one<'a, E: Float>(
+    qs: &[f32],
+    key: impl Fn(usize) -> &'a [E],
+    value: impl Fn(usize) -> &'a [E],
+    len: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { attend_one_avx2(qs, key, value, len, d, scale) };
+    }
+    attend_one_body(qs, key, value, len, d, scale)
+}
+
+/// The same loops compiled for AVX2, where they vectorize.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_one_avx2<'a, E: Float>(
+    qs: &[f32],
+    key: impl Fn(usize) -> &'a [E],
+    value: impl Fn(usize) -> &'a [E],
+    len: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    attend_one_body(qs, key, value, len, d, scale)
+}
+
+#[inline(always)]
+fn attend_one_body<'a, E: Float>(
+    qs: &[f32],
+    key: impl Fn(usize) -> &'a [E],
+    value: impl Fn(usize) -> &'a [E],
+    len: usize,
+    d: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let rows = qs.len() / d;
+    let mut buf = vec![0f32; d];
+    let mut scores = vec![0f32; rows * len];
+    for pos in 0..len {
+        let kr = E::as_f32(key(pos)).unwrap_or_else(|| {
+            E::load(key(pos), &mut buf);
+            &buf
+        });
+        for r in 0..rows {
+            // Eight lanes, so the loop vectorizes without reassociating one sum.
+            let mut acc = [0f32; 8];
+            for (q8, k8) in qs[r * d..(r + 1) * d].chunks_exact(8).zip(kr.chunks_exact(8)) {
+                for l in 0..8 {
+                    acc[l] += q8[l] * k8[l];
+                }
+            }
+            let tail: f32 = qs[r * d + d / 8 * 8..(r + 1) * d].iter().zip(&kr[d / 8 * 8..]).map(|(a, b)| a * b).sum();
+            scores[r * len + pos] = (acc.iter().sum::<f32>() + tail) * scale;
+        }
+    }
+    for row in scores.chunks_exact_mut(len) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+    let mut out = vec![0f32; rows * d];
+    for pos in 0..len {
+        let vr = E::as_f32(value(pos)).unwrap_or_else(|| {
+            E::load(value(pos), &mut buf);
+            &buf
+        });
+        for r in 0..rows {
+            let p = scores[r * len + pos];
+            out[r * d..(r + 1) * d].iter_mut().zip(vr).for_each(|(o, v)| *o += p * v);
+        }
+    }
+    out
+}
+
 /// Queries per work unit: small enough to spread one long prompt over the threads.
 const Q_BLOCK: usize = 32;
 
@@ -181,7 +266,7 @@ fn attend<E: Float, S: KvSource<E>>(
         .collect();
     // Score-and-sum work of all units; a small total (a short decode step) stays on one thread.
     let work: usize = units.iter().map(|&(s, _, i0, n)| n * (seqs[s].context_len - seqs[s].q_len + i0 + n)).sum();
-    let min_units = if work * group * d < super::float::PAR_MIN_ELEMS * 4 { units.len() } else { 1 };
+    let min_units = if work * group * d < super::float::PAR_MIN_ELEMS { units.len() } else { 1 };
     let results: Vec<Vec<f32>> = units
         .par_iter()
         .with_min_len(min_units)
@@ -190,17 +275,22 @@ fn attend<E: Float, S: KvSource<E>>(
             let first_pos = seq.context_len - seq.q_len;
             // Keys this block can see: up to its last query's position.
             let visible = first_pos + i0 + n;
-            let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
-            for pos in 0..visible {
-                E::load(src.row(k, s, pos, g), &mut ks[pos * d..(pos + 1) * d]);
-                E::load(src.row(v, s, pos, g), &mut vs[pos * d..(pos + 1) * d]);
-            }
             // The unit's queries, group heads stacked: row i * group + hh is query i, head g*group+hh.
             let rows = n * group;
             let mut qs = vec![0f32; rows * d];
             for i in 0..n {
                 let row = (seq.q_start + i0 + i) * hq + g * group;
                 E::load(&q[row * d..(row + group) * d], &mut qs[i * group * d..(i + 1) * group * d]);
+            }
+            if n == 1 {
+                // Decode: one query position. Each cached K/V row is read once, straight from the
+                // cache, and serves every head of the group; nothing is gathered.
+                return attend_one(&qs, |pos| src.row(k, s, pos, g), |pos| src.row(v, s, pos, g), visible, d, scale);
+            }
+            let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
+            for pos in 0..visible {
+                E::load(src.row(k, s, pos, g), &mut ks[pos * d..(pos + 1) * d]);
+                E::load(src.row(v, s, pos, g), &mut vs[pos * d..(pos + 1) * d]);
             }
             // Scores [rows, visible] = scale * Q K^T, then a causal softmax per row, then P V: two
             // GEMMs instead of one dot product per key.

@@ -10,6 +10,11 @@ pub trait Float: Element + bytemuck::Pod {
     fn load(src: &[Self], dst: &mut [f32]);
     /// `dst[i] = src[i]` rounded to nearest.
     fn store(src: &[f32], dst: &mut [Self]);
+    /// The values as f32 without a copy, when they are f32.
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        let _ = s;
+        None
+    }
 }
 
 impl Float for f32 {
@@ -18,6 +23,9 @@ impl Float for f32 {
     }
     fn store(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src)
+    }
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
     }
 }
 

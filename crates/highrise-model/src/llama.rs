@@ -294,6 +294,11 @@ impl Llama {
 
     /// Logits [T, V] at every position of one sequence, run as a single prefill in a cache of its own.
     pub fn prompt_logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.prefill(tokens, Logits::All)
+    }
+
+    /// One sequence run as a single prefill in a cache of its own; logits as `which` asks.
+    pub fn prefill(&self, tokens: &[u32], which: Logits) -> Result<Tensor> {
         const BLOCK: usize = 16;
         let n = u32::try_from(tokens.len()).map_err(|_| Error::Input("prompt too long".into()))?;
         let mut cache = self.new_kv_cache(tokens.len().div_ceil(BLOCK).max(1), BLOCK)?;
@@ -301,7 +306,7 @@ impl Llama {
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
         let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
         let batch = Batch { tokens, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
-        self.forward(&batch, &mut cache, Logits::All)
+        self.forward(&batch, &mut cache, which)
     }
 
     fn check_batch(&self, batch: &Batch) -> Result<()> {
