@@ -4,11 +4,11 @@
 
 use std::time::Instant;
 
-use highrise_core::ops::PagedSeq;
-use highrise_model::{Batch, Error, KvCache, Llama, Logits, Result, Tokenizer};
+use highrise_model::{Error, Llama, Result, Tokenizer};
 use serde::Serialize;
 
-use crate::sampling::{Sampler, SamplingParams};
+use crate::engine::{Engine, EngineConfig, Request};
+use crate::sampling::SamplingParams;
 
 /// Tokens per KV-cache block.
 pub const BLOCK_SIZE: usize = 16;
@@ -73,23 +73,23 @@ pub fn eos_ids(model: &Llama, tokenizer: &Tokenizer) -> Vec<u32> {
 
 /// Turns ids into text as they arrive, holding back bytes that may still change: an incomplete UTF-8
 /// character, or a possible beginning of a stop string.
-pub struct TextStream<'a> {
-    tokenizer: &'a Tokenizer,
-    stop: &'a [String],
+#[derive(Clone, Debug, Default)]
+pub struct TextStream {
+    stop: Vec<String>,
     ids: Vec<u32>,
     text: String,
     emitted: usize,
 }
 
-impl<'a> TextStream<'a> {
-    pub fn new(tokenizer: &'a Tokenizer, stop: &'a [String]) -> Self {
-        TextStream { tokenizer, stop, ids: vec![], text: String::new(), emitted: 0 }
+impl TextStream {
+    pub fn new(stop: &[String]) -> Self {
+        TextStream { stop: stop.to_vec(), ..Default::default() }
     }
 
     /// Adds a token; returns the text now safe to show, and whether a stop string was reached.
-    pub fn push(&mut self, id: u32) -> Result<(String, bool)> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<(String, bool)> {
         self.ids.push(id);
-        self.text = self.tokenizer.decode(&self.ids)?;
+        self.text = tokenizer.decode(&self.ids)?;
         if let Some(at) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
             self.text.truncate(at);
             return Ok((self.take(self.text.len()), true));
@@ -99,7 +99,7 @@ impl<'a> TextStream<'a> {
             safe = self.text.trim_end_matches('\u{FFFD}').len();
         }
         // Hold back a tail that a stop string could start with.
-        for s in self.stop {
+        for s in &self.stop {
             for k in (1..s.len()).rev() {
                 if s.is_char_boundary(k) && self.text[..safe].ends_with(&s[..k]) {
                     safe = safe.min(self.text.len() - k);
@@ -128,6 +128,7 @@ impl<'a> TextStream<'a> {
 }
 
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each piece of text as it is ready.
+/// One sequence on an engine of its own, with a cache just large enough for it.
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -146,56 +147,30 @@ pub fn generate(
             prompt_ids.len()
         )));
     }
-    let max_tokens = params.max_tokens.min(ctx - prompt_ids.len());
-    let total = prompt_ids.len() + max_tokens;
-    let mut cache: KvCache = model.new_kv_cache(total.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
-    // One sequence owning every block in order: slot p is position p.
-    let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
-    let eos = if params.ignore_eos { vec![] } else { eos_ids(model, tokenizer) };
-    let mut sampler = Sampler::new(params.sampling.clone());
-    let mut stream = TextStream::new(tokenizer, &params.stop);
-    let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
-    let mut finish = FinishReason::Length;
-
+    let params = GenerateParams { max_tokens: params.max_tokens.min(ctx - prompt_ids.len()), ..params.clone() };
+    let total = prompt_ids.len() + params.max_tokens;
+    let config = EngineConfig {
+        num_blocks: total.div_ceil(BLOCK_SIZE),
+        block_size: BLOCK_SIZE,
+        max_batch_tokens: prompt_ids.len().max(1),
+        max_running: 1,
+    };
+    let mut engine = Engine::new(model, tokenizer, config)?;
+    let id = engine.submit(Request { prompt: prompt_ids.to_vec(), params, logprobs: true })?;
     let start = Instant::now();
-    let n = prompt_ids.len() as u32;
-    let positions: Vec<u32> = (0..n).collect();
-    let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
-    let batch = Batch { tokens: prompt_ids, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
-    let mut logits = model.forward(&batch, &mut cache, Logits::Last)?.to_f32()?;
-    let prefill_secs = start.elapsed().as_secs_f64();
-
-    let start = Instant::now();
-    while ids.len() < max_tokens {
-        let s = sampler.sample(&logits, prompt_ids, &ids);
-        ids.push(s.token);
-        logprobs.push(s.logprob);
-        if eos.contains(&s.token) {
-            finish = FinishReason::Stop;
-            break;
+    let mut prefill_secs = None;
+    let mut done = None;
+    while done.is_none() {
+        for ev in engine.step()? {
+            prefill_secs.get_or_insert_with(|| start.elapsed().as_secs_f64());
+            on_text(&ev.text);
+            if ev.finish.is_some() {
+                done = engine.take_finished(id);
+            }
         }
-        let (piece, stopped) = stream.push(s.token)?;
-        on_text(&piece);
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if ids.len() == max_tokens {
-            break;
-        }
-        let pos = (prompt_ids.len() + ids.len() - 1) as u32;
-        let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
-        let batch = Batch { tokens: &[s.token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
-        logits = model.forward(&batch, &mut cache, Logits::Last)?.to_f32()?;
     }
-    on_text(&stream.finish());
-    Ok(Generation {
-        prompt_ids: prompt_ids.to_vec(),
-        text: stream.text().to_string(),
-        ids,
-        logprobs,
-        finish_reason: finish,
-        prefill_secs,
-        decode_secs: start.elapsed().as_secs_f64(),
-    })
+    let mut g = done.expect("finished");
+    g.prefill_secs = prefill_secs.unwrap_or_default();
+    g.decode_secs = start.elapsed().as_secs_f64() - g.prefill_secs;
+    Ok(g)
 }

@@ -1,0 +1,380 @@
+//! Continuous batching over the paged KV cache. Requests join the running batch at any step; each
+//! step gives every running sequence its next tokens (one when decoding, a chunk of prompt when
+//! prefilling) under a per-step token budget, runs them as one batch, and samples where a sequence
+//! has reached its end. When the cache is full the newest sequence is preempted: its blocks are
+//! freed and it waits to be recomputed, keeping what it generated and its sampler's state, so no
+//! request fails because memory filled. Requests that could never fit are refused at submission.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use highrise_core::ops::PagedSeq;
+use highrise_model::{Batch, Error, KvCache, Llama, Logits, Result, Tokenizer};
+
+use crate::blocks::BlockAllocator;
+use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
+use crate::sampling::Sampler;
+
+pub type RequestId = u64;
+
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    /// Report each token's log-probability in its event.
+    pub logprobs: bool,
+}
+
+/// What a step produced for one request: a token (and the text it completes), or the end.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub id: RequestId,
+    pub token: Option<u32>,
+    pub logprob: Option<f32>,
+    /// Text now safe to show (may be empty while a character or stop string is incomplete).
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// Most tokens one step runs (decodes count one each; prompts are cut into chunks to fit).
+    pub max_batch_tokens: usize,
+    /// Most sequences in the running batch.
+    pub max_running: usize,
+}
+
+impl EngineConfig {
+    /// A cache of as many blocks as `kv_bytes` of memory holds for this model.
+    pub fn with_kv_memory(model: &Llama, kv_bytes: usize) -> EngineConfig {
+        let block_size = crate::generate::BLOCK_SIZE;
+        EngineConfig {
+            num_blocks: (kv_bytes / model.kv_block_bytes(block_size)).max(1),
+            block_size,
+            max_batch_tokens: 512,
+            max_running: 64,
+        }
+    }
+}
+
+struct Seq {
+    id: RequestId,
+    prompt: Vec<u32>,
+    output: Vec<u32>,
+    logprobs: Vec<f32>,
+    want_logprobs: bool,
+    params: GenerateParams,
+    sampler: Sampler,
+    text: TextStream,
+    blocks: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    /// Full prompt blocks already filed for sharing.
+    registered: usize,
+    started: Instant,
+}
+
+impl Seq {
+    /// Every token of the sequence so far: what the cache must hold before the next sample.
+    fn len(&self) -> usize {
+        self.prompt.len() + self.output.len()
+    }
+
+    fn token(&self, i: usize) -> u32 {
+        if i < self.prompt.len() {
+            self.prompt[i]
+        } else {
+            self.output[i - self.prompt.len()]
+        }
+    }
+}
+
+pub struct Engine<'m> {
+    model: &'m Llama,
+    tokenizer: &'m Tokenizer,
+    config: EngineConfig,
+    cache: KvCache,
+    blocks: BlockAllocator,
+    eos: Vec<u32>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    finished: Vec<Generation>,
+    finished_ids: Vec<RequestId>,
+    next_id: RequestId,
+    /// Sequences preempted so far (their blocks freed, to be recomputed).
+    pub preemptions: u64,
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(model: &'m Llama, tokenizer: &'m Tokenizer, config: EngineConfig) -> Result<Engine<'m>> {
+        if config.max_batch_tokens == 0 || config.max_running == 0 || config.block_size == 0 {
+            return Err(Error::Input(format!("engine config {config:?} must have no zeros")));
+        }
+        Ok(Engine {
+            cache: model.new_kv_cache(config.num_blocks, config.block_size)?,
+            blocks: BlockAllocator::new(config.num_blocks, config.block_size),
+            eos: eos_ids(model, tokenizer),
+            model,
+            tokenizer,
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            finished: Vec::new(),
+            finished_ids: Vec::new(),
+            next_id: 0,
+            preemptions: 0,
+        })
+    }
+
+    /// Queues a request. Refused, with the reason, if it could never fit: longer than the model's
+    /// context, or than the whole cache.
+    pub fn submit(&mut self, req: Request) -> Result<RequestId> {
+        req.params.sampling.validate().map_err(Error::Input)?;
+        let need = req.prompt.len() + req.params.max_tokens;
+        let ctx = self.model.config.context_len();
+        if req.prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty".into()));
+        }
+        if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= self.model.config.vocab_size) {
+            return Err(Error::Input(format!("token id {t} is outside the vocabulary of {}", self.model.config.vocab_size)));
+        }
+        if need > ctx {
+            return Err(Error::Input(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) is {need} tokens, beyond the model's context of {ctx}",
+                req.prompt.len(),
+                req.params.max_tokens
+            )));
+        }
+        let capacity = self.config.num_blocks * self.config.block_size;
+        if need > capacity {
+            return Err(Error::Input(format!(
+                "the request needs {need} tokens of KV cache, but the whole cache holds {capacity}"
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Seq {
+            id,
+            sampler: Sampler::new(req.params.sampling.clone()),
+            text: TextStream::new(&req.params.stop),
+            prompt: req.prompt,
+            output: Vec::new(),
+            logprobs: Vec::new(),
+            want_logprobs: req.logprobs,
+            params: req.params,
+            blocks: Vec::new(),
+            computed: 0,
+            registered: 0,
+            started: Instant::now(),
+        });
+        Ok(id)
+    }
+
+    /// Stops a request at once and frees its blocks. Returns whether it was still live.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            let s = self.running.remove(i);
+            self.blocks.release(&s.blocks);
+            return true;
+        }
+        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            let s = self.waiting.remove(i).expect("index from position");
+            self.blocks.release(&s.blocks);
+            return true;
+        }
+        false
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.blocks.num_free()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.num_blocks()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// The result of a finished request (once).
+    pub fn take_finished(&mut self, id: RequestId) -> Option<Generation> {
+        let i = self.finished_ids.iter().position(|&f| f == id)?;
+        self.finished_ids.remove(i);
+        Some(self.finished.remove(i))
+    }
+
+    /// Runs one batch. Returns the events it produced (at most one token per sequence).
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        self.admit();
+        let bs = self.config.block_size;
+        let mut budget = self.config.max_batch_tokens;
+        // (index into running, tokens this step), oldest first.
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            let n = (s.len() - s.computed).min(budget);
+            let need_blocks = (s.computed + n).div_ceil(bs);
+            if !self.reserve(i, need_blocks) {
+                // `reserve` preempted this sequence itself (it was the newest): nothing to run for it.
+                continue;
+            }
+            plan.push((i, n));
+            budget -= n;
+            i += 1;
+        }
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut tokens, mut positions, mut slots, mut seqs, mut table) = (vec![], vec![], vec![], vec![], vec![]);
+        for &(i, n) in &plan {
+            let s = &self.running[i];
+            for p in s.computed..s.computed + n {
+                tokens.push(s.token(p));
+                positions.push(p as u32);
+                slots.push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            seqs.push(PagedSeq { q_len: n as u32, context_len: (s.computed + n) as u32, blocks_start: table.len() as u32 });
+            table.extend_from_slice(&s.blocks);
+        }
+        let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
+        let logits = self.model.forward(&batch, &mut self.cache, Logits::Last)?.to_f32()?;
+        let v = self.model.config.vocab_size;
+        let mut events = Vec::new();
+        let mut done = Vec::new();
+        for (row, &(i, n)) in plan.iter().enumerate() {
+            let s = &mut self.running[i];
+            s.computed += n;
+            // File the prompt's newly complete blocks for sharing.
+            let full = s.computed.min(s.prompt.len()) / bs;
+            if full > s.registered {
+                let hashes = self.blocks.prefix_hashes(&s.prompt[..full * bs]);
+                for (b, h) in hashes.iter().enumerate().skip(s.registered) {
+                    self.blocks.register(s.blocks[b], *h);
+                }
+                s.registered = full;
+            }
+            if s.computed < s.len() {
+                continue; // mid-prompt: nothing to sample yet
+            }
+            let sampled = s.sampler.sample(&logits[row * v..(row + 1) * v], &s.prompt, &s.output);
+            s.output.push(sampled.token);
+            s.logprobs.push(sampled.logprob);
+            let mut finish = None;
+            let mut text = String::new();
+            if self.eos.contains(&sampled.token) {
+                finish = Some(FinishReason::Stop);
+            } else {
+                let (piece, stopped) = s.text.push(self.tokenizer, sampled.token)?;
+                text = piece;
+                if stopped {
+                    finish = Some(FinishReason::Stop);
+                } else if s.output.len() >= s.params.max_tokens {
+                    finish = Some(FinishReason::Length);
+                }
+            }
+            if finish.is_some() {
+                text.push_str(&s.text.finish());
+                done.push(i);
+            }
+            events.push(Event {
+                id: s.id,
+                token: Some(sampled.token),
+                logprob: s.want_logprobs.then_some(sampled.logprob),
+                text,
+                finish,
+            });
+        }
+        done.sort_unstable_by(|a, b| b.cmp(a));
+        for i in done {
+            let s = self.running.remove(i);
+            self.blocks.release(&s.blocks);
+            let finish = events.iter().find(|e| e.id == s.id).and_then(|e| e.finish).unwrap_or(FinishReason::Length);
+            self.finished_ids.push(s.id);
+            self.finished.push(Generation {
+                prompt_ids: s.prompt,
+                text: s.text.text().to_string(),
+                ids: s.output,
+                logprobs: s.logprobs,
+                finish_reason: finish,
+                prefill_secs: 0.0,
+                decode_secs: s.started.elapsed().as_secs_f64(),
+            });
+        }
+        Ok(events)
+    }
+
+    /// Steps until every request has finished; returns their results by id.
+    pub fn run_to_completion(&mut self) -> Result<Vec<(RequestId, Generation)>> {
+        while !self.is_idle() {
+            self.step()?;
+        }
+        let ids = std::mem::take(&mut self.finished_ids);
+        Ok(ids.into_iter().zip(std::mem::take(&mut self.finished)).collect())
+    }
+
+    /// Moves waiting requests into the running batch while there is room, sharing the full blocks
+    /// of any prompt prefix already in the cache.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            if s.blocks.is_empty() {
+                let bs = self.config.block_size;
+                // Share whole blocks before the block of the last token to compute, which must be
+                // computed (for its logits) into a block of this sequence's own.
+                let shareable = (s.len() - 1) / bs;
+                let hashes = self.blocks.prefix_hashes(&s.prompt[..shareable.min(s.prompt.len() / bs) * bs]);
+                for h in hashes {
+                    match self.blocks.share(h) {
+                        Some(b) => s.blocks.push(b),
+                        None => break,
+                    }
+                }
+                s.computed = s.blocks.len() * bs;
+                s.registered = s.blocks.len();
+            }
+            self.running.push(s);
+        }
+    }
+
+    /// Makes sequence `i` hold `need` blocks, preempting the newest sequences while the cache is
+    /// full. Returns false if sequence `i` itself had to be preempted.
+    fn reserve(&mut self, i: usize, need: usize) -> bool {
+        while self.running[i].blocks.len() < need {
+            match self.blocks.alloc() {
+                Some(b) => self.running[i].blocks.push(b),
+                None => {
+                    let newest = self.running.len() - 1;
+                    self.preempt(newest);
+                    if newest == i {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Frees a running sequence's blocks and sends it back to the front of the queue; it keeps its
+    /// output and sampler, and will recompute its cache when admitted again.
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        self.blocks.release(&s.blocks);
+        s.blocks.clear();
+        s.computed = 0;
+        s.registered = 0;
+        self.preemptions += 1;
+        self.waiting.push_front(s);
+    }
+}

@@ -1,0 +1,178 @@
+//! Continuous batching on the default model (CPU): many requests at once give each the tokens it gets
+//! alone, also when the cache is so small that sequences are preempted and recomputed; shared prompt
+//! prefixes take fewer blocks; seeded sampling does not depend on the batch; cancelling frees blocks.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use highrise::engine::{generate, Engine, EngineConfig, GenerateParams, Request, SamplingParams};
+use highrise::model::{Llama, LoadOptions, Source, Tokenizer};
+
+struct Loaded {
+    model: Llama,
+    tokenizer: Tokenizer,
+}
+
+fn loaded(test: &str) -> Option<&'static Loaded> {
+    static L: OnceLock<Option<Loaded>> = OnceLock::new();
+    let l = L.get_or_init(|| {
+        let path = default_model()?;
+        let source = Source::open(&path).unwrap();
+        let tokenizer = source.tokenizer().unwrap();
+        let model = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
+        Some(Loaded { model, tokenizer })
+    });
+    if l.is_none() {
+        println!("skipped: {test}: the default model could not be fetched");
+    }
+    l.as_ref()
+}
+
+const TEXTS: [&str; 8] = [
+    "Once upon a time, there was a little",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "In 1969, astronauts",
+    "My favourite recipe for pancakes starts with",
+    "The three laws of robotics are",
+    "Water boils at",
+    "A haiku about autumn:",
+];
+
+/// 16 requests of different prompt lengths and token limits.
+fn requests(l: &Loaded) -> Vec<Request> {
+    (0..16)
+        .map(|i| {
+            let mut prompt = l.tokenizer.encode(TEXTS[i % 8], false).unwrap();
+            if i >= 8 {
+                // The second eight repeat their prompt, making them longer.
+                prompt = prompt.repeat(2 + i % 3);
+            }
+            let params = GenerateParams { max_tokens: 6 + 3 * (i % 5), ..Default::default() };
+            Request { prompt, params, logprobs: false }
+        })
+        .collect()
+}
+
+fn alone(l: &Loaded, r: &Request) -> Vec<u32> {
+    generate(&l.model, &l.tokenizer, &r.prompt, &r.params, &mut |_| {}).unwrap().ids
+}
+
+fn batched(l: &Loaded, reqs: &[Request], config: EngineConfig) -> (Vec<Vec<u32>>, u64, usize) {
+    let mut e = Engine::new(&l.model, &l.tokenizer, config).unwrap();
+    let ids: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let mut done = e.run_to_completion().unwrap();
+    assert_eq!(e.free_blocks(), e.num_blocks(), "every block is back once all requests finished");
+    done.sort_by_key(|(id, _)| *id);
+    assert_eq!(done.iter().map(|d| d.0).collect::<Vec<_>>(), ids);
+    (done.into_iter().map(|(_, g)| g.ids).collect(), e.preemptions, e.num_blocks())
+}
+
+#[test]
+fn sixteen_concurrent_requests_match_each_alone() {
+    let Some(l) = loaded("concurrent") else { return };
+    let reqs = requests(l);
+    let config = EngineConfig { num_blocks: 256, block_size: 16, max_batch_tokens: 64, max_running: 16 };
+    let (got, preemptions, _) = batched(l, &reqs, config);
+    assert_eq!(preemptions, 0, "a roomy cache preempts nothing");
+    for (i, (g, r)) in got.iter().zip(&reqs).enumerate() {
+        assert_eq!(g, &alone(l, r), "request {i} batched vs alone");
+    }
+}
+
+#[test]
+fn a_small_cache_preempts_and_still_matches() {
+    let Some(l) = loaded("preemption") else { return };
+    let reqs = requests(l);
+    // 12 blocks of 16 tokens: a few sequences at a time, so the rest are preempted and recomputed.
+    let config = EngineConfig { num_blocks: 12, block_size: 16, max_batch_tokens: 48, max_running: 16 };
+    let (got, preemptions, _) = batched(l, &reqs, config);
+    println!("preemptions: {preemptions}");
+    assert!(preemptions > 0, "the small cache should have forced preemption");
+    for (i, (g, r)) in got.iter().zip(&reqs).enumerate() {
+        assert_eq!(g, &alone(l, r), "request {i} under preemption vs alone");
+    }
+}
+
+#[test]
+fn shared_prefixes_take_fewer_blocks() {
+    let Some(l) = loaded("prefix sharing") else { return };
+    let system = "You are a helpful assistant. Answer briefly and precisely, and never make things up. ".repeat(3);
+    let prompt = |q: &str| l.tokenizer.encode(&format!("{system}{q}"), false).unwrap();
+    let (a, b) = (prompt("What is the capital of France?"), prompt("Name a primary colour."));
+    assert!(a.len() > 48 && a[..48] == b[..48], "a long common prefix");
+    let params = GenerateParams { max_tokens: 4, ..Default::default() };
+    let used_after_first_step = |x: &[u32], y: &[u32]| {
+        let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 512, max_running: 4 };
+        let mut e = Engine::new(&l.model, &l.tokenizer, config).unwrap();
+        // The first request's prompt is in the cache before the second arrives.
+        e.submit(Request { prompt: x.to_vec(), params: params.clone(), logprobs: false }).unwrap();
+        e.step().unwrap();
+        e.submit(Request { prompt: y.to_vec(), params: params.clone(), logprobs: false }).unwrap();
+        e.step().unwrap();
+        let used = e.num_blocks() - e.free_blocks();
+        let out = e.run_to_completion().unwrap();
+        assert_eq!(e.free_blocks(), e.num_blocks());
+        (used, out)
+    };
+    let other = l.tokenizer.encode(&"Tell me a story about dragons and knights. ".repeat(5), false).unwrap();
+    let (shared, out) = used_after_first_step(&a, &b);
+    let (unshared, _) = used_after_first_step(&a, &other[..b.len().min(other.len())]);
+    println!("blocks in use: {shared} with a shared prefix, {unshared} without");
+    assert!(shared < unshared, "sharing the prefix should take fewer blocks ({shared} vs {unshared})");
+    let mut out = out;
+    out.sort_by_key(|o| o.0);
+    assert_eq!(out[0].1.ids, generate(&l.model, &l.tokenizer, &a, &params, &mut |_| {}).unwrap().ids);
+    assert_eq!(out[1].1.ids, generate(&l.model, &l.tokenizer, &b, &params, &mut |_| {}).unwrap().ids);
+}
+
+#[test]
+fn seeded_sampling_does_not_depend_on_the_batch() {
+    let Some(l) = loaded("seeded batch") else { return };
+    let sampling = SamplingParams { temperature: 0.9, top_p: 0.95, seed: 1234, ..Default::default() };
+    let target = Request {
+        prompt: l.tokenizer.encode(TEXTS[0], false).unwrap(),
+        params: GenerateParams { max_tokens: 16, sampling, ..Default::default() },
+        logprobs: false,
+    };
+    let config = EngineConfig { num_blocks: 128, block_size: 16, max_batch_tokens: 64, max_running: 8 };
+    let (solo, _, _) = batched(l, std::slice::from_ref(&target), config);
+    let mut crowd = requests(l)[..7].to_vec();
+    crowd.insert(3, target.clone());
+    let (together, _, _) = batched(l, &crowd, config);
+    assert_eq!(together[3], solo[0], "the same seed gives the same tokens in a batch of 8");
+}
+
+#[test]
+fn cancelling_frees_blocks_at_once() {
+    let Some(l) = loaded("cancel") else { return };
+    let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 64, max_running: 8 };
+    let mut e = Engine::new(&l.model, &l.tokenizer, config).unwrap();
+    let start = e.free_blocks();
+    let ids: Vec<_> = requests(l)[..4].iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    e.step().unwrap();
+    e.step().unwrap();
+    assert!(e.free_blocks() < start);
+    for id in ids {
+        assert!(e.cancel(id));
+    }
+    assert_eq!(e.free_blocks(), start, "cancelling returned every block");
+    assert!(e.is_idle());
+}
+
+#[test]
+fn requests_that_can_never_fit_are_refused_at_submission() {
+    let Some(l) = loaded("refusal") else { return };
+    let config = EngineConfig { num_blocks: 4, block_size: 16, max_batch_tokens: 64, max_running: 8 };
+    let mut e = Engine::new(&l.model, &l.tokenizer, config).unwrap();
+    let prompt = l.tokenizer.encode(TEXTS[0], false).unwrap();
+    let too_long = Request { prompt: prompt.clone(), params: GenerateParams { max_tokens: 100, ..Default::default() }, logprobs: false };
+    let err = e.submit(too_long).unwrap_err().to_string();
+    assert!(err.contains("whole cache holds 64"), "{err}");
+    let beyond_context = Request { prompt, params: GenerateParams { max_tokens: 1 << 20, ..Default::default() }, logprobs: false };
+    let err = e.submit(beyond_context).unwrap_err().to_string();
+    assert!(err.contains("beyond the model's context"), "{err}");
+    assert!(e.is_idle());
+}
