@@ -105,6 +105,12 @@ enum Command {
         /// Repetitions of each test.
         #[arg(long, short, default_value_t = 3)]
         reps: usize,
+        /// Numbers of sequences to decode together through the engine (repeatable): total tokens/s.
+        #[arg(long, short = 'c', default_values_t = [1, 8, 32, 64])]
+        concurrency: Vec<usize>,
+        /// KV-cache memory for the concurrent tests, e.g. 512M or 2G.
+        #[arg(long, default_value = "512M")]
+        kv_memory: String,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -201,7 +207,9 @@ fn main() {
         Command::Logits { prompt, out, model } => cmd_logits(&prompt, &out, &model),
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
         Command::Convert { input, output } => cmd_convert(&input, &output),
-        Command::Bench { model, prompt, generate, reps, json } => cmd_bench(&model, &prompt, &generate, reps, json),
+        Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, json } => {
+            cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, json)
+        }
         Command::Fetch => model_path(None).map(|p| println!("{}", p.display())),
         Command::Backends { json } => cmd_backends(json),
     };
@@ -369,9 +377,31 @@ fn cmd_convert(input: &Path, output: &Path) -> AnyResult<()> {
     Ok(())
 }
 
-fn cmd_bench(args: &ModelArgs, pp: &[usize], tg: &[usize], reps: usize, json: bool) -> AnyResult<()> {
+/// "512M", "2G", "1048576": a byte count.
+fn parse_bytes(s: &str) -> AnyResult<usize> {
+    let (num, mult) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with('G') => (t[..t.len() - 1].to_string(), 1usize << 30),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 1 << 20),
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 1 << 10),
+        t => (t, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size such as 512M or 2G"))?;
+    Ok((n * mult as f64) as usize)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_bench(
+    args: &ModelArgs,
+    pp: &[usize],
+    tg: &[usize],
+    reps: usize,
+    concurrency: &[usize],
+    kv_memory: &str,
+    json: bool,
+) -> AnyResult<()> {
     use highrise::engine::bench;
-    let (model, _) = load(args)?;
+    let kv_bytes = parse_bytes(kv_memory)?;
+    let (model, tokenizer) = load(args)?;
     let reps = reps.max(1);
     let mut results = Vec::new();
     for &n in pp {
@@ -379,6 +409,9 @@ fn cmd_bench(args: &ModelArgs, pp: &[usize], tg: &[usize], reps: usize, json: bo
     }
     for &n in tg {
         results.push(bench::decode(&model, n, reps)?);
+    }
+    for &c in concurrency {
+        results.push(bench::concurrent(&model, &tokenizer, c, 64, kv_bytes)?);
     }
     let (read_bw, copy_bw) = (bench::read_bandwidth(), bench::copy_bandwidth());
     let weight_bytes = model.weight_bytes_per_token();

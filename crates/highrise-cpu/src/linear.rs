@@ -20,8 +20,12 @@ use crate::quant;
 use crate::residual::to_f32_vec;
 use crate::storage::Tensors;
 
-/// Below this many tokens the dot-product path beats packing the weights for a GEMM.
+/// Up to this many tokens, f32/f16/bf16 weights take the dot-product path (it beats packing the
+/// weights for a GEMM).
 const GEMV_MAX_TOKENS: usize = 4;
+/// Up to this many tokens, quantized weights take their block kernels, reading each row once for
+/// all tokens (a batch of decoding sequences); beyond, dequantizing chunks for the GEMM pays off.
+const QUANT_GEMV_MAX_TOKENS: usize = 16;
 
 /// A weight matrix [N, K] in its stored dtype.
 enum Weight<'a> {
@@ -116,7 +120,7 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
 /// 8-bit activations on the matrix-vector path.
 fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize, q8: bool) {
     let threads = rayon::current_num_threads().max(1);
-    let gemv = t <= GEMV_MAX_TOKENS;
+    let gemv = t <= if matches!(w, Weight::Quant { .. }) { QUANT_GEMV_MAX_TOKENS } else { GEMV_MAX_TOKENS };
     // A few chunks per thread: enough to balance, few enough that task overhead stays small next
     // to a decode step's tiny matrices.
     let chunk = if gemv {

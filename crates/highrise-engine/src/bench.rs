@@ -67,6 +67,30 @@ pub fn decode(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
     Ok(m)
 }
 
+/// Total generation throughput with `concurrency` sequences decoding together: each a short prompt
+/// and `n` generated tokens, all submitted at once to an engine with `kv_bytes` of cache.
+pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurrency: usize, n: usize, kv_bytes: usize) -> Result<Measurement> {
+    use crate::engine::{Engine, EngineConfig, Request};
+    use crate::generate::GenerateParams;
+    let mut config = EngineConfig::with_kv_memory(model, kv_bytes);
+    config.max_running = concurrency.max(1);
+    let mut engine = Engine::new(model, tokenizer, config)?;
+    let prompt = tokens(model, 8);
+    // ignore_eos: every sequence generates exactly n tokens, so the work is the same every run.
+    let params = GenerateParams { max_tokens: n, ignore_eos: true, ..Default::default() };
+    for _ in 0..concurrency {
+        engine.submit(Request { prompt: prompt.clone(), params: params.clone(), logprobs: false })?;
+    }
+    let start = Instant::now();
+    let done = engine.run_to_completion()?;
+    let generated: usize = done.iter().map(|(_, g)| g.ids.len()).sum();
+    Ok(Measurement {
+        test: format!("tg{n} x{concurrency}"),
+        tokens: generated,
+        tokens_per_sec: vec![generated as f64 / start.elapsed().as_secs_f64()],
+    })
+}
+
 /// Host memory bandwidth, bytes read + written per second by a 64 MiB copy (best of 5): the ceiling
 /// for anything that streams weights from memory.
 pub fn copy_bandwidth() -> f64 {

@@ -273,7 +273,7 @@ impl<'m> Engine<'m> {
             s.logprobs.push(sampled.logprob);
             let mut finish = None;
             let mut text = String::new();
-            if self.eos.contains(&sampled.token) {
+            if !s.params.ignore_eos && self.eos.contains(&sampled.token) {
                 finish = Some(FinishReason::Stop);
             } else {
                 let (piece, stopped) = s.text.push(self.tokenizer, sampled.token)?;
