@@ -143,13 +143,22 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
         // SAFETY (all writes below): row i, columns n0..n1 of out belong to this chunk alone.
         let put = |i: usize, j: usize, v: f32| unsafe { *out_ptr.0.add(i * n + j) = v };
         if let (true, Weight::Quant { dtype, bytes, row_bytes }) = (gemv, w) {
+            let q8s: Vec<&quant::Q8Act> = acts.iter().filter_map(|a| if let Act::Q8(q) = a { Some(q) } else { None }).collect();
+            let mut outs = vec![0f32; acts.len()];
             for j in n0..n1 {
                 let row = &bytes[j * row_bytes..(j + 1) * row_bytes];
-                for (i, act) in acts.iter().enumerate() {
-                    put(i, j, match act {
-                        Act::F32(sums) => quant::dot_f32(*dtype, row, &x[i * k..(i + 1) * k], sums),
-                        Act::Q8(q) => quant::dot_q8(*dtype, row, q),
-                    });
+                if q8s.len() == acts.len() {
+                    // All tokens in 8 bits: each block of the row unpacked once for all of them.
+                    quant::dot_q8_many(*dtype, row, &q8s, &mut outs);
+                } else {
+                    for (o, (i, act)) in outs.iter_mut().zip(acts.iter().enumerate()) {
+                        if let Act::F32(sums) = act {
+                            *o = quant::dot_f32(*dtype, row, &x[i * k..(i + 1) * k], sums);
+                        }
+                    }
+                }
+                for (i, &o) in outs.iter().enumerate() {
+                    put(i, j, o);
                 }
             }
             return;

@@ -96,6 +96,30 @@ pub fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
     portable_q8(dtype, row, x)
 }
 
+/// `out[t] = row · xs[t]` for several 8-bit activations at once (a batch of decoding sequences).
+/// Q4_0/Q4_1 unpack each block once for up to four tokens; other formats go token by token.
+pub fn dot_q8_many(dtype: DType, row: &[u8], xs: &[&Q8Act], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1) {
+        let q4_1 = dtype == DType::Q4_1;
+        for (xs, out) in xs.chunks(4).zip(out.chunks_mut(4)) {
+            // SAFETY: AVX2+FMA+F16C present (checked above); whole blocks (validated).
+            unsafe {
+                match xs.len() {
+                    4 => out.copy_from_slice(&avx2::q4_q8_multi::<4>(row, xs.try_into().unwrap(), q4_1)),
+                    3 => out.copy_from_slice(&avx2::q4_q8_multi::<3>(row, xs.try_into().unwrap(), q4_1)),
+                    2 => out.copy_from_slice(&avx2::q4_q8_multi::<2>(row, xs.try_into().unwrap(), q4_1)),
+                    _ => out[0] = avx2::q4_q8(row, xs[0], q4_1),
+                }
+            }
+        }
+        return;
+    }
+    for (x, o) in xs.iter().zip(out) {
+        *o = dot_q8(dtype, row, x);
+    }
+}
+
 /// (scale d, offset m, nibbles) of a Q4_0 / Q4_1 block: value j is `d * q_j + m`.
 fn q4_parts(blk: &[u8], q4_1: bool) -> (f32, f32, &[u8]) {
     let d = f16_at(blk, 0);
@@ -227,6 +251,54 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn u8x8_f32(v: __m128i) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+
+    /// `q4_q8` for N activations at once: each block is unpacked once and meets every token.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_q8_multi<const N: usize>(row: &[u8], xs: &[&Q8Act; N], q4_1: bool) -> [f32; N] {
+        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
+        let ones = _mm256_set1_epi16(1);
+        let n = row.len() / bb;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut off = [_mm256_setzero_ps(); N];
+        let mut scales = [[0f32; 8]; N];
+        let mut tail = [0f32; N];
+        let mut b = 0;
+        while b + 8 <= n {
+            let (d8, m8) = q4_scales8(row, b, bb, q4_1);
+            for t in 0..N {
+                let x = xs[t];
+                _mm256_storeu_ps(scales[t].as_mut_ptr(), _mm256_mul_ps(d8, _mm256_loadu_ps(x.d.as_ptr().add(b))));
+                off[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(x.sum.as_ptr().add(b)), off[t]);
+            }
+            for j in 0..8 {
+                let w = q4_unpack(row.as_ptr().add((b + j) * bb + qoff));
+                for t in 0..N {
+                    let xv = _mm256_loadu_si256(xs[t].q.as_ptr().add((b + j) * 32) as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(scales[t][j]), p, acc[t]);
+                }
+            }
+            b += 8;
+        }
+        while b < n {
+            let blk = row.get_unchecked(b * bb..(b + 1) * bb);
+            let (d, m, _) = q4_parts!(blk, q4_1);
+            let w = q4_unpack(row.as_ptr().add(b * bb + qoff));
+            for t in 0..N {
+                let x = xs[t];
+                let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), p, acc[t]);
+                tail[t] += m * x.sum[b];
+            }
+            b += 1;
+        }
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum(acc[t]) + hsum(off[t]) + tail[t];
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -453,6 +525,22 @@ mod tests {
                 let scale: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * 0.2;
                 assert!((got_f - want_f).abs() <= 1e-5 * scale, "{dtype} f32 k={k}: {got_f} vs {want_f}");
                 assert!((got_q - want_q).abs() <= 1e-5 * scale, "{dtype} q8 k={k}: {got_q} vs {want_q}");
+            }
+        }
+    }
+
+    #[test]
+    fn many_tokens_at_once_equal_one_at_a_time() {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K] {
+            let k = 512;
+            let row = random_row(dtype, k, 9);
+            let acts: Vec<Q8Act> = (0..7).map(|t| Q8Act::new(&random_x(k, 100 + t))).collect();
+            let refs: Vec<&Q8Act> = acts.iter().collect();
+            let mut out = vec![0f32; 7];
+            dot_q8_many(dtype, &row, &refs, &mut out);
+            for (t, x) in acts.iter().enumerate() {
+                let one = dot_q8(dtype, &row, x);
+                assert!((out[t] - one).abs() <= 1e-4 * one.abs().max(1.0), "{dtype} token {t}: {} vs {one}", out[t]);
             }
         }
     }
