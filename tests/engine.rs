@@ -176,3 +176,62 @@ fn requests_that_can_never_fit_are_refused_at_submission() {
     assert!(err.contains("beyond the model's context"), "{err}");
     assert!(e.is_idle());
 }
+
+/// Loads the default model once more, owned, for the service (which needs `Arc`s).
+fn shared(test: &str) -> Option<(std::sync::Arc<Llama>, std::sync::Arc<Tokenizer>)> {
+    let Some(path) = default_model() else {
+        println!("skipped: {test}: the default model could not be fetched");
+        return None;
+    };
+    let source = Source::open(&path).unwrap();
+    let tokenizer = source.tokenizer().unwrap();
+    let model = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
+    Some((std::sync::Arc::new(model), std::sync::Arc::new(tokenizer)))
+}
+
+#[tokio::test]
+async fn async_service_streams_each_request_and_frees_dropped_ones() {
+    use highrise::engine::EngineService;
+    let Some(l) = loaded("async service") else { return };
+    let Some((model, tokenizer)) = shared("async service") else { return };
+    let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 64, max_running: 8 };
+    let service = EngineService::start(model, tokenizer, config).unwrap();
+    let reqs = requests(l)[..4].to_vec();
+    let mut streams = Vec::new();
+    for r in &reqs {
+        streams.push(service.submit(r.clone()).await.unwrap());
+    }
+    // A fifth request whose client goes away after its first token.
+    let long = Request { params: GenerateParams { max_tokens: 40, ..Default::default() }, ..reqs[0].clone() };
+    let mut dropped = service.submit(long).await.unwrap();
+    assert!(dropped.next().await.unwrap().token.is_some());
+    drop(dropped);
+    for (s, r) in streams.iter_mut().zip(&reqs) {
+        let (mut ids, mut text) = (Vec::new(), String::new());
+        while let Some(e) = s.next().await {
+            ids.extend(e.token);
+            text.push_str(&e.text);
+            if e.finish.is_some() {
+                break;
+            }
+        }
+        let want = generate(&l.model, &l.tokenizer, &r.prompt, &r.params, &mut |_| {}).unwrap();
+        assert_eq!(ids, want.ids, "streamed ids equal the request run alone");
+        assert_eq!(text, want.text);
+    }
+    // Once the engine has caught up, every block is free again, the dropped request's included.
+    for _ in 0..200 {
+        let st = service.stats();
+        if st.running == 0 && st.waiting == 0 && st.blocks_free == st.blocks_total {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let st = service.stats();
+    assert_eq!((st.running, st.waiting, st.blocks_free), (0, 0, st.blocks_total), "{st:?}");
+    // A request that can never fit is refused at submission, and the service carries on.
+    let huge = Request { params: GenerateParams { max_tokens: 100_000, ..Default::default() }, ..reqs[0].clone() };
+    assert!(service.submit(huge).await.is_err());
+    let mut again = service.submit(reqs[1].clone()).await.unwrap();
+    assert!(again.next().await.unwrap().token.is_some());
+}

@@ -8,7 +8,9 @@ pub mod blocks;
 pub mod engine;
 pub mod generate;
 pub mod sampling;
+pub mod service;
 
 pub use engine::{Engine, EngineConfig, Event, Request, RequestId};
 pub use generate::{eos_ids, generate, FinishReason, GenerateParams, Generation, TextStream};
 pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use service::{EngineService, RequestStream, Stats};

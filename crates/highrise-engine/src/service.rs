@@ -1,0 +1,224 @@
+//! The engine as an async service: a thread of its own runs the batching loop; callers submit
+//! requests from any thread or task and read each request's events from a stream. Dropping a stream
+//! (a client that went away) cancels its request and frees its blocks at once.
+
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use highrise_model::{Error, Llama, Result, Tokenizer};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{Engine, EngineConfig, Event, Request, RequestId};
+
+enum Command {
+    Submit(Request, mpsc::UnboundedSender<Event>, oneshot::Sender<Result<RequestId>>),
+    Cancel(RequestId),
+    Shutdown,
+}
+
+/// What the engine is doing, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub running: usize,
+    pub waiting: usize,
+    pub blocks_free: usize,
+    pub blocks_total: usize,
+    pub preemptions: u64,
+    pub tokens_generated: u64,
+}
+
+/// A handle to the engine thread. Cheap to share behind an `Arc`.
+pub struct EngineService {
+    commands: Mutex<Sender<Command>>,
+    stats: Arc<Mutex<Stats>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The events of one request, in order; the last one carries `finish`.
+pub struct RequestStream {
+    pub id: RequestId,
+    events: mpsc::UnboundedReceiver<Event>,
+    commands: Sender<Command>,
+    finished: bool,
+}
+
+impl RequestStream {
+    /// The next event, or `None` once the request has finished (or was cancelled).
+    pub async fn next(&mut self) -> Option<Event> {
+        let e = self.events.recv().await;
+        self.finished |= e.as_ref().is_none_or(|e| e.finish.is_some());
+        e
+    }
+
+    /// `next` for callers outside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        let e = self.events.blocking_recv();
+        self.finished |= e.as_ref().is_none_or(|e| e.finish.is_some());
+        e
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.commands.send(Command::Cancel(self.id));
+        }
+    }
+}
+
+impl EngineService {
+    /// Starts the engine thread.
+    pub fn start(model: Arc<Llama>, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<EngineService> {
+        let (tx, rx) = channel();
+        let stats = Arc::new(Mutex::new(Stats::default()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("highrise-engine".into())
+            .spawn(move || match Engine::new(&model, &tokenizer, config) {
+                Ok(engine) => {
+                    let _ = ready_tx.send(Ok(()));
+                    run(engine, rx, thread_stats);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| Error::Input(format!("cannot start the engine thread: {e}")))?;
+        ready_rx.recv().map_err(|_| Error::Input("the engine thread died while starting".into()))??;
+        Ok(EngineService { commands: Mutex::new(tx), stats, thread: Mutex::new(Some(thread)) })
+    }
+
+    fn sender(&self) -> Sender<Command> {
+        self.commands.lock().expect("commands lock").clone()
+    }
+
+    /// Queues a request; its events arrive on the returned stream. Refused requests (that could never
+    /// fit, or have invalid settings) are an error here.
+    pub async fn submit(&self, req: Request) -> Result<RequestStream> {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (reply_tx, reply) = oneshot::channel();
+        let commands = self.sender();
+        commands
+            .send(Command::Submit(req, events_tx, reply_tx))
+            .map_err(|_| Error::Input("the engine has stopped".into()))?;
+        let id = reply.await.map_err(|_| Error::Input("the engine has stopped".into()))??;
+        Ok(RequestStream { id, events, commands, finished: false })
+    }
+
+    /// Stops a request and frees its blocks.
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.sender().send(Command::Cancel(id));
+    }
+
+    pub fn stats(&self) -> Stats {
+        *self.stats.lock().expect("stats lock")
+    }
+
+    /// Cancels whatever runs and stops the engine thread.
+    pub fn shutdown(&self) {
+        let _ = self.sender().send(Command::Shutdown);
+        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EngineService {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The engine thread: apply commands, step while there is work, route events, keep stats.
+fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>) {
+    let mut streams: Vec<(RequestId, mpsc::UnboundedSender<Event>)> = Vec::new();
+    let mut generated = 0u64;
+    loop {
+        // Wait for work when idle; otherwise take what has arrived and keep stepping.
+        let first = if engine.is_idle() {
+            match commands.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let mut pending: Vec<Command> = first.into_iter().collect();
+        loop {
+            match commands.try_recv() {
+                Ok(c) => pending.push(c),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if engine.is_idle() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        for c in pending {
+            match c {
+                Command::Submit(req, tx, reply) => {
+                    let r = engine.submit(req);
+                    if let Ok(id) = r {
+                        streams.push((id, tx));
+                    }
+                    let _ = reply.send(r);
+                }
+                Command::Cancel(id) => {
+                    engine.cancel(id);
+                    streams.retain(|(s, _)| *s != id);
+                }
+                Command::Shutdown => {
+                    for (id, _) in streams.drain(..) {
+                        engine.cancel(id);
+                    }
+                    return;
+                }
+            }
+        }
+        if !engine.is_idle() {
+            match engine.step() {
+                Ok(events) => {
+                    for e in events {
+                        generated += 1;
+                        let Some(i) = streams.iter().position(|(id, _)| *id == e.id) else { continue };
+                        let done = e.finish.is_some();
+                        // A receiver that is gone means its client left: cancel the request.
+                        if streams[i].1.send(e.clone()).is_err() {
+                            engine.cancel(e.id);
+                            streams.remove(i);
+                        } else if done {
+                            streams.remove(i);
+                            let _ = engine.take_finished(e.id);
+                        }
+                    }
+                }
+                Err(err) => {
+                    // A failed step ends every running request with the error's text; the engine
+                    // itself carries on for new requests.
+                    for (id, tx) in streams.drain(..) {
+                        let _ = tx.send(Event {
+                            id,
+                            token: None,
+                            logprob: None,
+                            text: format!("error: {err}"),
+                            finish: Some(crate::generate::FinishReason::Stop),
+                        });
+                        engine.cancel(id);
+                    }
+                }
+            }
+        }
+        *stats.lock().expect("stats lock") = Stats {
+            running: engine.num_running(),
+            waiting: engine.num_waiting(),
+            blocks_free: engine.free_blocks(),
+            blocks_total: engine.num_blocks(),
+            preemptions: engine.preemptions,
+            tokens_generated: generated,
+        };
+    }
+}
