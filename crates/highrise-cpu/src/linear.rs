@@ -144,6 +144,8 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
         let put = |i: usize, j: usize, v: f32| unsafe { *out_ptr.0.add(i * n + j) = v };
         if let (true, Weight::Quant { dtype, bytes, row_bytes }) = (gemv, w) {
             let q8s: Vec<&quant::Q8Act> = acts.iter().filter_map(|a| if let Act::Q8(q) = a { Some(q) } else { None }).collect();
+            let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
+            let sums: Vec<&[f32]> = acts.iter().filter_map(|a| if let Act::F32(s) = a { Some(&s[..]) } else { None }).collect();
             let mut outs = vec![0f32; acts.len()];
             for j in n0..n1 {
                 let row = &bytes[j * row_bytes..(j + 1) * row_bytes];
@@ -151,11 +153,8 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
                     // All tokens in 8 bits: each block of the row unpacked once for all of them.
                     quant::dot_q8_many(*dtype, row, &q8s, &mut outs);
                 } else {
-                    for (o, (i, act)) in outs.iter_mut().zip(acts.iter().enumerate()) {
-                        if let Act::F32(sums) = act {
-                            *o = quant::dot_f32(*dtype, row, &x[i * k..(i + 1) * k], sums);
-                        }
-                    }
+                    // All tokens in f32: each block widened once for all of them.
+                    quant::dot_f32_many(*dtype, row, &xs, &sums, &mut outs);
                 }
                 for (i, &o) in outs.iter().enumerate() {
                     put(i, j, o);

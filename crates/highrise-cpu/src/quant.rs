@@ -120,6 +120,30 @@ pub fn dot_q8_many(dtype: DType, row: &[u8], xs: &[&Q8Act], out: &mut [f32]) {
     }
 }
 
+/// `out[t] = row · xs[t]` for several f32 activations at once (`sums[t]` their block sums).
+/// Q4_0/Q4_1 widen each block to f32 once for up to four tokens; other formats go token by token.
+pub fn dot_f32_many(dtype: DType, row: &[u8], xs: &[&[f32]], sums: &[&[f32]], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1) {
+        let q4_1 = dtype == DType::Q4_1;
+        for ((xs, sums), out) in xs.chunks(4).zip(sums.chunks(4)).zip(out.chunks_mut(4)) {
+            // SAFETY: AVX2+FMA+F16C present (checked above); whole blocks (validated).
+            unsafe {
+                match xs.len() {
+                    4 => out.copy_from_slice(&avx2::q4_f32_multi::<4>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
+                    3 => out.copy_from_slice(&avx2::q4_f32_multi::<3>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
+                    2 => out.copy_from_slice(&avx2::q4_f32_multi::<2>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
+                    _ => out[0] = avx2::q4_f32(row, xs[0], sums[0], q4_1),
+                }
+            }
+        }
+        return;
+    }
+    for ((x, s), o) in xs.iter().zip(sums).zip(out) {
+        *o = dot_f32(dtype, row, x, s);
+    }
+}
+
 /// (scale d, offset m, nibbles) of a Q4_0 / Q4_1 block: value j is `d * q_j + m`.
 fn q4_parts(blk: &[u8], q4_1: bool) -> (f32, f32, &[u8]) {
     let d = f16_at(blk, 0);
@@ -291,6 +315,66 @@ mod avx2 {
                 let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), p, acc[t]);
                 tail[t] += m * x.sum[b];
+            }
+            b += 1;
+        }
+        let mut out = [0f32; N];
+        for t in 0..N {
+            out[t] = hsum(acc[t]) + hsum(off[t]) + tail[t];
+        }
+        out
+    }
+
+    /// `q4_f32` for N activations at once: each block is widened to f32 once and meets every token.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_f32_multi<const N: usize>(row: &[u8], xs: &[&[f32]; N], sums: &[&[f32]; N], q4_1: bool) -> [f32; N] {
+        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
+        let mask = _mm_set1_epi8(0x0F);
+        let n = row.len() / bb;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut off = [_mm256_setzero_ps(); N];
+        let mut tail = [0f32; N];
+        let mut scales = [0f32; 8];
+        // The block's 32 values as four vectors of f32 (unscaled nibbles).
+        let widen = |b: usize| {
+            let qs = _mm_loadu_si128(row.as_ptr().add(b * bb + qoff) as *const __m128i);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            [u8x8_f32(lo), u8x8_f32(_mm_srli_si128(lo, 8)), u8x8_f32(hi), u8x8_f32(_mm_srli_si128(hi, 8))]
+        };
+        let mut b = 0;
+        while b + 8 <= n {
+            let (d8, m8) = q4_scales8(row, b, bb, q4_1);
+            _mm256_storeu_ps(scales.as_mut_ptr(), d8);
+            for t in 0..N {
+                off[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(sums[t].as_ptr().add(b)), off[t]);
+            }
+            for j in 0..8 {
+                let q = widen(b + j);
+                let d = _mm256_set1_ps(scales[j]);
+                for t in 0..N {
+                    let xp = xs[t].as_ptr().add((b + j) * 32);
+                    let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
+                    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
+                    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
+                    s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s);
+                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                }
+            }
+            b += 8;
+        }
+        while b < n {
+            let blk = row.get_unchecked(b * bb..(b + 1) * bb);
+            let (d, m, _) = q4_parts!(blk, q4_1);
+            let q = widen(b);
+            for t in 0..N {
+                let xp = xs[t].as_ptr().add(b * 32);
+                let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
+                s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
+                s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
+                s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc[t]);
+                tail[t] += m * sums[t][b];
             }
             b += 1;
         }
@@ -540,7 +624,15 @@ mod tests {
             dot_q8_many(dtype, &row, &refs, &mut out);
             for (t, x) in acts.iter().enumerate() {
                 let one = dot_q8(dtype, &row, x);
-                assert!((out[t] - one).abs() <= 1e-4 * one.abs().max(1.0), "{dtype} token {t}: {} vs {one}", out[t]);
+                assert!((out[t] - one).abs() <= 1e-4 * one.abs().max(1.0), "{dtype} q8 token {t}: {} vs {one}", out[t]);
+            }
+            let xs: Vec<Vec<f32>> = (0..7).map(|t| random_x(k, 100 + t)).collect();
+            let sums: Vec<Vec<f32>> = xs.iter().map(|x| block_sums(x)).collect();
+            let (xr, sr): (Vec<&[f32]>, Vec<&[f32]>) = (xs.iter().map(|v| &v[..]).collect(), sums.iter().map(|v| &v[..]).collect());
+            dot_f32_many(dtype, &row, &xr, &sr, &mut out);
+            for t in 0..7 {
+                let one = dot_f32(dtype, &row, &xs[t], &sums[t]);
+                assert!((out[t] - one).abs() <= 1e-4 * one.abs().max(1.0), "{dtype} f32 token {t}: {} vs {one}", out[t]);
             }
         }
     }
