@@ -150,6 +150,19 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
     })
 }
 
+/// `row = exp(row - max) / sum`, in place.
+#[inline(always)]
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// Attention of `qs` (rows of D, all at the same position) over keys and values 0..len read through
 /// `key` and `value`: scores, softmax, weighted sum. Returns [rows, D].
 fn attend_one<'a, E: Float>(
@@ -211,16 +224,7 @@ fn attend_one_body<'a, E: Float>(
             scores[r * len + pos] = (acc.iter().sum::<f32>() + tail) * scale;
         }
     }
-    for row in scores.chunks_exact_mut(len) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
+    scores.chunks_exact_mut(len).for_each(softmax);
     let mut out = vec![0f32; rows * d];
     for pos in 0..len {
         let vr = E::as_f32(value(pos)).unwrap_or_else(|| {
@@ -309,14 +313,7 @@ fn attend<E: Float, S: KvSource<E>>(
             for (r, row) in p.chunks_exact_mut(visible).enumerate() {
                 let len = first_pos + i0 + r / group + 1;
                 let (seen, masked) = row.split_at_mut(len);
-                let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0f32;
-                for v in seen.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                seen.iter_mut().for_each(|v| *v *= inv);
+                softmax(seen);
                 masked.fill(0.0);
             }
             // SAFETY: as above.

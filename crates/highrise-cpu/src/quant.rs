@@ -325,23 +325,36 @@ mod avx2 {
         out
     }
 
+    /// The 32 nibbles of the Q4 block at `qs` as four vectors of f32 (unscaled), in the order of x.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_widen(qs: *const u8) -> [__m256; 4] {
+        let mask = _mm_set1_epi8(0x0F);
+        let qs = _mm_loadu_si128(qs as *const __m128i);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+        [u8x8_f32(lo), u8x8_f32(_mm_srli_si128(lo, 8)), u8x8_f32(hi), u8x8_f32(_mm_srli_si128(hi, 8))]
+    }
+
+    /// sum_i q_i x_i of one block as eight partial sums; `xp` points at the block's 32 values of x.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot32(q: &[__m256; 4], xp: *const f32) -> __m256 {
+        let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
+        s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
+        s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
+        _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s)
+    }
+
     /// `q4_f32` for N activations at once: each block is widened to f32 once and meets every token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_f32_multi<const N: usize>(row: &[u8], xs: &[&[f32]; N], sums: &[&[f32]; N], q4_1: bool) -> [f32; N] {
         let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
-        let mask = _mm_set1_epi8(0x0F);
         let n = row.len() / bb;
         let mut acc = [_mm256_setzero_ps(); N];
         let mut off = [_mm256_setzero_ps(); N];
         let mut tail = [0f32; N];
         let mut scales = [0f32; 8];
-        // The block's 32 values as four vectors of f32 (unscaled nibbles).
-        let widen = |b: usize| {
-            let qs = _mm_loadu_si128(row.as_ptr().add(b * bb + qoff) as *const __m128i);
-            let lo = _mm_and_si128(qs, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-            [u8x8_f32(lo), u8x8_f32(_mm_srli_si128(lo, 8)), u8x8_f32(hi), u8x8_f32(_mm_srli_si128(hi, 8))]
-        };
         let mut b = 0;
         while b + 8 <= n {
             let (d8, m8) = q4_scales8(row, b, bb, q4_1);
@@ -350,15 +363,10 @@ mod avx2 {
                 off[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(sums[t].as_ptr().add(b)), off[t]);
             }
             for j in 0..8 {
-                let q = widen(b + j);
+                let q = q4_widen(row.as_ptr().add((b + j) * bb + qoff));
                 let d = _mm256_set1_ps(scales[j]);
                 for t in 0..N {
-                    let xp = xs[t].as_ptr().add((b + j) * 32);
-                    let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
-                    s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
-                    s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
-                    s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s);
-                    acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                    acc[t] = _mm256_fmadd_ps(d, dot32(&q, xs[t].as_ptr().add((b + j) * 32)), acc[t]);
                 }
             }
             b += 8;
@@ -366,14 +374,9 @@ mod avx2 {
         while b < n {
             let blk = row.get_unchecked(b * bb..(b + 1) * bb);
             let (d, m, _) = q4_parts!(blk, q4_1);
-            let q = widen(b);
+            let q = q4_widen(row.as_ptr().add(b * bb + qoff));
             for t in 0..N {
-                let xp = xs[t].as_ptr().add(b * 32);
-                let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s);
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), dot32(&q, xs[t].as_ptr().add(b * 32)), acc[t]);
                 tail[t] += m * sums[t][b];
             }
             b += 1;
@@ -388,18 +391,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_f32(row: &[u8], x: &[f32], xsum: &[f32], q4_1: bool) -> f32 {
         let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
-        let mask = _mm_set1_epi8(0x0F);
         // sum_i q_i x_i of block b, as eight partial sums.
-        let dot = |b: usize| {
-            let qs = _mm_loadu_si128(row.as_ptr().add(b * bb + qoff) as *const __m128i);
-            let lo = _mm_and_si128(qs, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-            let xp = x.as_ptr().add(b * 32);
-            let mut s = _mm256_mul_ps(u8x8_f32(lo), _mm256_loadu_ps(xp));
-            s = _mm256_fmadd_ps(u8x8_f32(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xp.add(8)), s);
-            s = _mm256_fmadd_ps(u8x8_f32(hi), _mm256_loadu_ps(xp.add(16)), s);
-            _mm256_fmadd_ps(u8x8_f32(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(xp.add(24)), s)
-        };
+        let dot = |b: usize| dot32(&q4_widen(row.as_ptr().add(b * bb + qoff)), x.as_ptr().add(b * 32));
         let n = row.len() / bb;
         let (mut acc0, mut acc1, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
         let mut scales = [0f32; 8];
