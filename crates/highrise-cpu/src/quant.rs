@@ -277,13 +277,15 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
     }
 
-    /// `q4_q8` for N activations at once: each block is unpacked once and meets every token.
+    /// `row · x` for N 8-bit activations at once: each block is unpacked once and meets every token.
+    /// Two accumulators per token, alternating by block, so consecutive blocks do not wait on each
+    /// other's FMA.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_q8_multi<const N: usize>(row: &[u8], xs: &[&Q8Act; N], q4_1: bool) -> [f32; N] {
         let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
         let ones = _mm256_set1_epi16(1);
         let n = row.len() / bb;
-        let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
         let mut off = [_mm256_setzero_ps(); N];
         let mut scales = [[0f32; 8]; N];
         let mut tail = [0f32; N];
@@ -300,7 +302,7 @@ mod avx2 {
                 for t in 0..N {
                     let xv = _mm256_loadu_si256(xs[t].q.as_ptr().add((b + j) * 32) as *const __m256i);
                     let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(scales[t][j]), p, acc[t]);
+                    acc[t][j & 1] = _mm256_fmadd_ps(_mm256_set1_ps(scales[t][j]), p, acc[t][j & 1]);
                 }
             }
             b += 8;
@@ -313,14 +315,14 @@ mod avx2 {
                 let x = xs[t];
                 let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
                 let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), p, acc[t]);
+                acc[t][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), p, acc[t][0]);
                 tail[t] += m * x.sum[b];
             }
             b += 1;
         }
         let mut out = [0f32; N];
         for t in 0..N {
-            out[t] = hsum(acc[t]) + hsum(off[t]) + tail[t];
+            out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + hsum(off[t]) + tail[t];
         }
         out
     }
@@ -346,12 +348,13 @@ mod avx2 {
         _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s)
     }
 
-    /// `q4_f32` for N activations at once: each block is widened to f32 once and meets every token.
+    /// `row · x` for N f32 activations at once: each block is widened to f32 once and meets every
+    /// token. Two accumulators per token, as in `q4_q8_multi`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_f32_multi<const N: usize>(row: &[u8], xs: &[&[f32]; N], sums: &[&[f32]; N], q4_1: bool) -> [f32; N] {
         let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
         let n = row.len() / bb;
-        let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
         let mut off = [_mm256_setzero_ps(); N];
         let mut tail = [0f32; N];
         let mut scales = [0f32; 8];
@@ -366,7 +369,7 @@ mod avx2 {
                 let q = q4_widen(row.as_ptr().add((b + j) * bb + qoff));
                 let d = _mm256_set1_ps(scales[j]);
                 for t in 0..N {
-                    acc[t] = _mm256_fmadd_ps(d, dot32(&q, xs[t].as_ptr().add((b + j) * 32)), acc[t]);
+                    acc[t][j & 1] = _mm256_fmadd_ps(d, dot32(&q, xs[t].as_ptr().add((b + j) * 32)), acc[t][j & 1]);
                 }
             }
             b += 8;
@@ -376,46 +379,21 @@ mod avx2 {
             let (d, m, _) = q4_parts!(blk, q4_1);
             let q = q4_widen(row.as_ptr().add(b * bb + qoff));
             for t in 0..N {
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), dot32(&q, xs[t].as_ptr().add(b * 32)), acc[t]);
+                acc[t][0] = _mm256_fmadd_ps(_mm256_set1_ps(d), dot32(&q, xs[t].as_ptr().add(b * 32)), acc[t][0]);
                 tail[t] += m * sums[t][b];
             }
             b += 1;
         }
         let mut out = [0f32; N];
         for t in 0..N {
-            out[t] = hsum(acc[t]) + hsum(off[t]) + tail[t];
+            out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + hsum(off[t]) + tail[t];
         }
         out
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_f32(row: &[u8], x: &[f32], xsum: &[f32], q4_1: bool) -> f32 {
-        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
-        // sum_i q_i x_i of block b, as eight partial sums.
-        let dot = |b: usize| dot32(&q4_widen(row.as_ptr().add(b * bb + qoff)), x.as_ptr().add(b * 32));
-        let n = row.len() / bb;
-        let (mut acc0, mut acc1, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut scales = [0f32; 8];
-        let mut b = 0;
-        while b + 8 <= n {
-            let (d8, m8) = q4_scales8(row, b, bb, q4_1);
-            _mm256_storeu_ps(scales.as_mut_ptr(), d8);
-            off = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsum.as_ptr().add(b)), off);
-            for j in (0..8).step_by(2) {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scales[j]), dot(b + j), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scales[j + 1]), dot(b + j + 1), acc1);
-            }
-            b += 8;
-        }
-        let mut tail = 0f32;
-        while b < n {
-            let blk = row.get_unchecked(b * bb..(b + 1) * bb);
-            let (d, m, _) = q4_parts!(blk, q4_1);
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d), dot(b), acc0);
-            tail += m * xsum[b];
-            b += 1;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + hsum(off) + tail
+        q4_f32_multi::<1>(row, &[x], &[xsum], q4_1)[0]
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -468,38 +446,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_q8(row: &[u8], x: &Q8Act, q4_1: bool) -> f32 {
-        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
-        let ones = _mm256_set1_epi16(1);
-        // Eight partial integer sums of block b against x, as floats.
-        let dot = |b: usize| {
-            let w = q4_unpack(row.as_ptr().add(b * bb + qoff));
-            let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
-            _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones))
-        };
-        let n = row.len() / bb;
-        let (mut acc0, mut acc1, mut off) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut scales = [0f32; 8];
-        let mut b = 0;
-        // Eight blocks at a time: their scales d * dx and offset terms m * sum(x) as vectors.
-        while b + 8 <= n {
-            let (d8, m8) = q4_scales8(row, b, bb, q4_1);
-            _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(d8, _mm256_loadu_ps(x.d.as_ptr().add(b))));
-            off = _mm256_fmadd_ps(m8, _mm256_loadu_ps(x.sum.as_ptr().add(b)), off);
-            for j in (0..8).step_by(2) {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scales[j]), dot(b + j), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scales[j + 1]), dot(b + j + 1), acc1);
-            }
-            b += 8;
-        }
-        let mut tail = 0f32;
-        while b < n {
-            let blk = row.get_unchecked(b * bb..(b + 1) * bb);
-            let (d, m, _) = q4_parts!(blk, q4_1);
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * *x.d.get_unchecked(b)), dot(b), acc0);
-            tail += m * *x.sum.get_unchecked(b);
-            b += 1;
-        }
-        hsum(_mm256_add_ps(acc0, acc1)) + hsum(off) + tail
+        q4_q8_multi::<1>(row, &[x], q4_1)[0]
     }
 
     /// The f16 scales of the 8 Q8_0 blocks starting at block `base`, converted together.
