@@ -306,6 +306,20 @@ impl Tensor {
         })
     }
 
+    /// Overwrites a float tensor with `values` (converted from f32).
+    pub fn write_f32(&mut self, values: &[f32]) -> Result<()> {
+        if values.len() != self.numel() {
+            return Err(Error::Invalid(format!(
+                "Tensor::write_f32: {} values for {}{}",
+                values.len(),
+                self.dtype,
+                self.shape
+            )));
+        }
+        let bytes = encode(self.dtype, values, "Tensor::write_f32")?;
+        self.backend.write(self.handle, 0, &bytes)
+    }
+
     /// Overwrites the whole tensor with `value` (tests use NaN to poison outputs before an op).
     pub fn fill(&mut self, value: f32) -> Result<()> {
         let bytes = encode(self.dtype, &vec![value; self.numel()], "Tensor::fill")?;

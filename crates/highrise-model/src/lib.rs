@@ -7,12 +7,14 @@ pub mod convert;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod introspect;
 pub mod llama;
 pub mod npy;
 pub mod source;
 pub mod tokenizer;
 
 pub use config::ModelConfig;
+pub use introspect::{Hooks, Patch, Site, Steer};
 pub use llama::{Batch, KvCache, Layer, Llama, LoadOptions, Logits, WeightFormat};
 pub use source::Source;
 pub use error::{Error, Result};

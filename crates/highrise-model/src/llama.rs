@@ -11,6 +11,7 @@ use highrise_core::ops::{PagedSeq, RopeConfig};
 use highrise_core::quant::{dequantize, quantize_q8_0};
 use highrise_core::{Backend, DType, OpKind, Tensor};
 
+use crate::introspect::{Hooks, Site};
 use crate::source::{FileTensor, Source};
 use crate::{Error, ModelConfig, Result};
 
@@ -208,6 +209,18 @@ impl Llama {
 
     /// Runs the batch through the model, writing its K/V into `cache`; returns logits [rows, V].
     pub fn forward(&self, batch: &Batch, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        self.forward_hooked(batch, cache, which, None)
+    }
+
+    /// `forward`, with introspection: captures (copies) and interventions as `hooks` asks. With no
+    /// hooks it is the plain path; each capture costs one copy of the tensor to the host.
+    pub fn forward_hooked(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        which: Logits,
+        mut hooks: Option<&mut Hooks>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let b = &*self.backend;
         let t = batch.tokens.len();
@@ -227,6 +240,13 @@ impl Llama {
         b.rms_norm(&mut xb, &x, &self.layers[0].attn_norm, eps)?;
 
         for (l, layer) in self.layers.iter().enumerate() {
+            if let Some(hk) = hooks.as_deref_mut() {
+                // Steering and patching change the stream entering the layer; its norm follows.
+                if hk.intervene(l, &mut x, h)? {
+                    b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
+                }
+                hk.capture(Site::ResidPre, l, &x)?;
+            }
             // Attention: Q, K, V projections.
             let mut q = self.tensor(&[t, hq * d])?; // (T, Hq*D)
             let mut k = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
@@ -240,6 +260,11 @@ impl Llama {
             // RoPE: rotate Q and K by their positions.
             b.rope(&mut q, batch.positions, self.rope)?;
             b.rope(&mut k, batch.positions, self.rope)?;
+            if let Some(hk) = hooks.as_deref_mut() {
+                hk.capture(Site::Q, l, &q)?;
+                hk.capture(Site::K, l, &k)?;
+                hk.capture(Site::V, l, &v)?;
+            }
             // The key/value stream: store this layer's K/V for later tokens.
             b.kv_write(&mut cache.k[l], &mut cache.v[l], &k, &v, batch.slots)?;
             // Grouped-query causal attention.
@@ -252,6 +277,9 @@ impl Llama {
             let att = att.reshape(&[t, hq * d])?;
             let mut attn_out = self.tensor(&[t, h])?; // (T, H)
             self.linear(&mut attn_out, &att, &layer.wo, None)?;
+            if let Some(hk) = hooks.as_deref_mut() {
+                hk.capture(Site::AttnOut, l, &attn_out)?;
+            }
             // Residual: x += attn_out; then the MLP's norm of the new stream.
             b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
 
@@ -265,9 +293,18 @@ impl Llama {
             b.swiglu(&mut act, &gate, &up)?;
             let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
             self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
+            if let Some(hk) = hooks.as_deref_mut() {
+                hk.capture(Site::MlpOut, l, &mlp_out)?;
+            }
             // Residual: x += mlp_out; then the next layer's attention norm, or the final norm.
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
             b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
+            if let Some(hk) = hooks.as_deref_mut() {
+                hk.capture(Site::ResidPost, l, &x)?;
+            }
+        }
+        if let Some(hk) = hooks.as_deref_mut() {
+            hk.capture(Site::FinalNorm, self.layers.len(), &xb)?;
         }
 
         // Logits from the final-normed stream, at every token or at each sequence's last.
@@ -299,6 +336,11 @@ impl Llama {
 
     /// One sequence run as a single prefill in a cache of its own; logits as `which` asks.
     pub fn prefill(&self, tokens: &[u32], which: Logits) -> Result<Tensor> {
+        self.prefill_hooked(tokens, which, None)
+    }
+
+    /// `prefill` with introspection hooks.
+    pub fn prefill_hooked(&self, tokens: &[u32], which: Logits, hooks: Option<&mut Hooks>) -> Result<Tensor> {
         const BLOCK: usize = 16;
         let n = u32::try_from(tokens.len()).map_err(|_| Error::Input("prompt too long".into()))?;
         let mut cache = self.new_kv_cache(tokens.len().div_ceil(BLOCK).max(1), BLOCK)?;
@@ -306,7 +348,7 @@ impl Llama {
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
         let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
         let batch = Batch { tokens, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
-        self.forward(&batch, &mut cache, which)
+        self.forward_hooked(&batch, &mut cache, which, hooks)
     }
 
     fn check_batch(&self, batch: &Batch) -> Result<()> {

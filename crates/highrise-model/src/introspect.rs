@@ -1,0 +1,189 @@
+//! Seeing both highways at engine speed: captures of the residual stream and of Q/K/V per layer,
+//! attention patterns recomputed from the captured Q and K (the attention kernels never write them),
+//! the logit lens, and interventions (steering, activation patching) on the stream entering a layer.
+//! Captures are copies taken as the forward pass reaches them, so no later in-place kernel can change
+//! them; with no hooks the forward pass does nothing extra.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use highrise_core::Tensor;
+
+use crate::{Error, Llama, Result};
+
+/// Where a capture is taken (TransformerLens's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Site {
+    /// The stream entering a layer [T, H].
+    ResidPre,
+    /// Q after RoPE [T, Hq * D].
+    Q,
+    /// K after RoPE [T, Hkv * D].
+    K,
+    /// V [T, Hkv * D].
+    V,
+    /// The attention block's output after o_proj [T, H].
+    AttnOut,
+    /// The MLP block's output after down_proj [T, H].
+    MlpOut,
+    /// The stream leaving a layer [T, H].
+    ResidPost,
+    /// The final norm of the last layer's stream [T, H] (filed under layer = number of layers).
+    FinalNorm,
+}
+
+impl Site {
+    pub const STREAM: [Site; 4] = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::ResidPre => "resid_pre",
+            Site::Q => "q",
+            Site::K => "k",
+            Site::V => "v",
+            Site::AttnOut => "attn_out",
+            Site::MlpOut => "mlp_out",
+            Site::ResidPost => "resid_post",
+            Site::FinalNorm => "final_norm",
+        }
+    }
+}
+
+/// Adds `scale * vector` to the stream entering `layer`, at `positions` (all when `None`).
+#[derive(Clone, Debug)]
+pub struct Steer {
+    pub layer: usize,
+    pub vector: Vec<f32>,
+    pub scale: f32,
+    pub positions: Option<Vec<usize>>,
+}
+
+/// Replaces the stream entering `layer` at `position` (a row of the batch) with `values`.
+#[derive(Clone, Debug)]
+pub struct Patch {
+    pub layer: usize,
+    pub position: usize,
+    pub values: Vec<f32>,
+}
+
+/// What one forward pass should capture and change, and what it captured.
+#[derive(Clone, Debug, Default)]
+pub struct Hooks {
+    pub sites: BTreeSet<Site>,
+    /// Layers to capture at (all when `None`).
+    pub layers: Option<BTreeSet<usize>>,
+    pub steer: Vec<Steer>,
+    pub patch: Vec<Patch>,
+    /// (site, layer) -> values [T, width], f32.
+    pub captured: BTreeMap<(Site, usize), Vec<f32>>,
+}
+
+impl Hooks {
+    /// Captures `sites` at every layer.
+    pub fn capture_all(sites: &[Site]) -> Hooks {
+        Hooks { sites: sites.iter().copied().collect(), ..Default::default() }
+    }
+
+    pub fn get(&self, site: Site, layer: usize) -> Option<&[f32]> {
+        self.captured.get(&(site, layer)).map(|v| &v[..])
+    }
+
+    pub(crate) fn capture(&mut self, site: Site, layer: usize, t: &Tensor) -> Result<()> {
+        let wanted = self.sites.contains(&site)
+            && (site == Site::FinalNorm || self.layers.as_ref().is_none_or(|ls| ls.contains(&layer)));
+        if wanted {
+            self.captured.insert((site, layer), t.to_f32()?);
+        }
+        Ok(())
+    }
+
+    /// Applies the steering and patching aimed at `layer` to the stream `x` [T, H]. Returns whether
+    /// anything changed.
+    pub(crate) fn intervene(&self, layer: usize, x: &mut Tensor, hidden: usize) -> Result<bool> {
+        let steer: Vec<&Steer> = self.steer.iter().filter(|s| s.layer == layer).collect();
+        let patch: Vec<&Patch> = self.patch.iter().filter(|p| p.layer == layer).collect();
+        if steer.is_empty() && patch.is_empty() {
+            return Ok(false);
+        }
+        let mut v = x.to_f32()?;
+        let rows = v.len() / hidden;
+        for s in steer {
+            if s.vector.len() != hidden {
+                return Err(Error::Input(format!("steering vector has {} values, the stream {hidden}", s.vector.len())));
+            }
+            let positions: Vec<usize> = s.positions.clone().unwrap_or_else(|| (0..rows).collect());
+            for p in positions.into_iter().filter(|&p| p < rows) {
+                v[p * hidden..(p + 1) * hidden].iter_mut().zip(&s.vector).for_each(|(x, d)| *x += s.scale * d);
+            }
+        }
+        for p in patch {
+            if p.values.len() != hidden || p.position >= rows {
+                return Err(Error::Input(format!(
+                    "patch at layer {layer}, position {}: {} values for a stream of {rows} x {hidden}",
+                    p.position,
+                    p.values.len()
+                )));
+            }
+            v[p.position * hidden..(p.position + 1) * hidden].copy_from_slice(&p.values);
+        }
+        x.write_f32(&v)?;
+        Ok(true)
+    }
+}
+
+/// Causal attention probabilities [Hq, T, T] of one sequence, recomputed from its captured Q
+/// [T, Hq * D] and K [T, Hkv * D] (after RoPE), grouped-query heads mapped as the kernels map them.
+pub fn attention_probs(q: &[f32], k: &[f32], hq: usize, hkv: usize, d: usize) -> Vec<f32> {
+    let t = q.len() / (hq * d);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; hq * t * t];
+    for h in 0..hq {
+        let g = h / (hq / hkv);
+        for i in 0..t {
+            let qi = &q[(i * hq + h) * d..][..d];
+            let scores: Vec<f64> = (0..=i)
+                .map(|j| qi.iter().zip(&k[(j * hkv + g) * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale)
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for (j, s) in scores.iter().enumerate() {
+                out[(h * t + i) * t + j] = ((s - max).exp() / sum) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// One layer's logit lens at one position: the most likely tokens and their probabilities.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LensTop {
+    pub tokens: Vec<u32>,
+    pub probs: Vec<f32>,
+}
+
+/// The logit lens: the model's final norm and unembedding applied to a stream [T, H] (a layer's
+/// resid_post); the `top_k` tokens per position, with probabilities.
+pub fn logit_lens(model: &Llama, stream: &[f32], top_k: usize) -> Result<Vec<LensTop>> {
+    let h = model.config.hidden_size;
+    let t = stream.len() / h;
+    let b = &model.backend;
+    let x = Tensor::from_f32(b, model.dtype, &[t, h], stream)?;
+    let mut normed = Tensor::empty(b, model.dtype, &[t, h])?;
+    b.rms_norm(&mut normed, &x, &model.norm, model.config.rms_norm_eps as f32)?;
+    let mut logits = Tensor::empty(b, model.dtype, &[t, model.config.vocab_size])?;
+    b.linear_with(&mut logits, &normed, model.unembedding(), None, model.q8_activations)?;
+    let logits = logits.to_f32()?;
+    Ok(logits
+        .chunks(model.config.vocab_size)
+        .map(|row| {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+            let k = top_k.min(idx.len()).max(1);
+            idx.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+            idx.truncate(k);
+            idx.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+            let probs = idx.iter().map(|&i| (((row[i as usize] - max) as f64).exp() / sum) as f32).collect();
+            LensTop { tokens: idx, probs }
+        })
+        .collect())
+}
