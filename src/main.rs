@@ -70,6 +70,27 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Look inside one forward pass: write the residual stream at every layer, the final norm,
+    /// attention patterns and the logit lens to a folder.
+    ///
+    /// Files: resid_pre.npy, attn_out.npy, mlp_out.npy, resid_post.npy (float32 [layers, T, hidden]),
+    /// final_norm.npy [T, hidden], attn_probs.npy [layers, heads, T, T], logit_lens.json (per layer
+    /// and position, the top tokens and their probabilities).
+    Inspect {
+        #[arg(long, short)]
+        prompt: String,
+        /// The folder to write (created if needed).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Layers to capture, e.g. 0,5,29 (default: all).
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<usize>,
+        /// Tokens per position in the logit lens.
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
     /// Print the token ids of TEXT (no special tokens added; those written in the text are recognized).
     Tokenize {
         text: String,
@@ -206,6 +227,7 @@ fn main() {
         Command::Chat { message, system, model, sampling } => cmd_chat(message, system, &model, &sampling),
         Command::Logits { prompt, out, model } => cmd_logits(&prompt, &out, &model),
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
+        Command::Inspect { prompt, out, layers, top_k, model } => cmd_inspect(&prompt, &out, &layers, top_k, &model),
         Command::Convert { input, output } => cmd_convert(&input, &output),
         Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, json } => {
             cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, json)
@@ -352,6 +374,61 @@ fn cmd_logits(prompt: &str, out: &Path, args: &ModelArgs) -> AnyResult<()> {
     let logits = model.prompt_logits(&ids)?;
     npy::write_f32(out, logits.dims(), &logits.to_f32()?)?;
     eprintln!("wrote {} float32 {:?}", out.display(), logits.dims());
+    Ok(())
+}
+
+fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &ModelArgs) -> AnyResult<()> {
+    use highrise::model::introspect::{attention_probs, logit_lens};
+    use highrise::model::{Hooks, Site};
+    let (model, tok) = load(args)?;
+    let ids = tok.encode(prompt, true)?;
+    if ids.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    let c = &model.config;
+    let n = c.num_hidden_layers;
+    let chosen: Vec<usize> = if layers.is_empty() { (0..n).collect() } else { layers.to_vec() };
+    if let Some(l) = chosen.iter().find(|&&l| l >= n) {
+        return Err(format!("--layers: layer {l} does not exist (the model has {n})").into());
+    }
+    let mut sites = Site::STREAM.to_vec();
+    sites.extend([Site::Q, Site::K, Site::FinalNorm]);
+    let mut hooks = Hooks::capture_all(&sites);
+    hooks.layers = Some(chosen.iter().copied().collect());
+    model.prefill_hooked(&ids, highrise::model::Logits::Last, Some(&mut hooks))?;
+    std::fs::create_dir_all(out)?;
+    let (t, h) = (ids.len(), c.hidden_size);
+    for site in Site::STREAM {
+        let data: Vec<f32> = chosen.iter().flat_map(|&l| hooks.get(site, l).unwrap_or_default().to_vec()).collect();
+        npy::write_f32(&out.join(format!("{}.npy", site.name())), &[chosen.len(), t, h], &data)?;
+    }
+    npy::write_f32(&out.join("final_norm.npy"), &[t, h], hooks.get(Site::FinalNorm, n).unwrap_or_default())?;
+    let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+    let probs: Vec<f32> = chosen
+        .iter()
+        .flat_map(|&l| attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), hq, hkv, d))
+        .collect();
+    npy::write_f32(&out.join("attn_probs.npy"), &[chosen.len(), hq, t, t], &probs)?;
+    let mut lens = Vec::new();
+    for &l in &chosen {
+        let tops = logit_lens(&model, hooks.get(Site::ResidPost, l).unwrap_or_default(), top_k)?;
+        let positions: Vec<serde_json::Value> = tops
+            .iter()
+            .map(|top| {
+                let tokens: Vec<String> = top.tokens.iter().map(|&id| tok.decode(&[id]).unwrap_or_default()).collect();
+                json!({"ids": top.tokens, "tokens": tokens, "probs": top.probs})
+            })
+            .collect();
+        lens.push(json!({"layer": l, "positions": positions}));
+    }
+    let input: Vec<String> = ids.iter().map(|&id| tok.decode(&[id]).unwrap_or_default()).collect();
+    let lens = json!({"prompt_ids": ids, "prompt_tokens": input, "layers": lens});
+    std::fs::write(out.join("logit_lens.json"), serde_json::to_string_pretty(&lens)?)?;
+    eprintln!(
+        "wrote {}: resid_pre/attn_out/mlp_out/resid_post.npy [{}, {t}, {h}], final_norm.npy, attn_probs.npy, logit_lens.json",
+        out.display(),
+        chosen.len()
+    );
     Ok(())
 }
 

@@ -104,3 +104,30 @@ fn other_weight_and_activation_dtypes_generate_the_same_opening() {
         assert_eq!(ids(&j["ids"]), want, "{flags:?}");
     }
 }
+
+#[test]
+fn inspect_writes_the_streams_patterns_and_lens() {
+    let Some((fx, model, reference)) = fixtures_and_model("cli inspect") else { return };
+    let out = std::env::temp_dir().join(format!("highrise-inspect-{}", std::process::id()));
+    let prompt = reference["cases"]["story"]["prompt"].as_str().unwrap();
+    let o = out.to_str().unwrap();
+    stdout_ok(&["inspect", "--model", model.to_str().unwrap(), "--weights", "f32", "--prompt", prompt, "--out", o]);
+    for f in ["resid_pre", "attn_out", "mlp_out", "resid_post"] {
+        let (dims, _) = highrise::model::npy::read_f32(&out.join(format!("{f}.npy"))).unwrap();
+        assert_eq!(dims, vec![30, 9, 576], "{f}");
+    }
+    let (dims, got) = highrise::model::npy::read_f32(&out.join("attn_probs.npy")).unwrap();
+    let (want_dims, want) = highrise::model::npy::read_f32(&fx.join("story_attn_probs.npy")).unwrap();
+    assert_eq!(dims, want_dims);
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 1e-4, "attention probabilities differ from HF by {worst}");
+    let lens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("logit_lens.json")).unwrap()).unwrap();
+    let last_layer = lens["layers"].as_array().unwrap().last().unwrap();
+    let last_pos = last_layer["positions"].as_array().unwrap().last().unwrap();
+    assert_eq!(ids(&last_pos["ids"]), ids(&reference["cases"]["story"]["last_top5"]), "the lens's last layer is the model's own top 5");
+    // Chosen layers only.
+    stdout_ok(&["inspect", "--model", model.to_str().unwrap(), "--prompt", prompt, "--out", o, "--layers", "0,29"]);
+    let (dims, _) = highrise::model::npy::read_f32(&out.join("resid_post.npy")).unwrap();
+    assert_eq!(dims, vec![2, 9, 576]);
+    std::fs::remove_dir_all(&out).ok();
+}
