@@ -44,6 +44,10 @@ enum Command {
         /// Print one JSON object: prompt_ids, ids, text, finish_reason, timings.
         #[arg(long)]
         json: bool,
+        /// Steer: add SCALE times the vector in VECTOR.npy (float32 [hidden]) to the residual stream
+        /// entering LAYER, at every token (repeatable). Format LAYER:VECTOR.npy:SCALE.
+        #[arg(long, value_name = "LAYER:VECTOR.npy:SCALE")]
+        steer: Vec<String>,
     },
     /// Chat with the model through its chat template.
     ///
@@ -214,6 +218,7 @@ impl SamplingArgs {
             },
             stop: self.stop.clone(),
             ignore_eos: false,
+            steer: Vec::new(),
         }
     }
 }
@@ -223,7 +228,7 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate { prompt, model, sampling, json } => cmd_generate(&prompt, &model, &sampling, json),
+        Command::Generate { prompt, model, sampling, json, steer } => cmd_generate(&prompt, &model, &sampling, json, &steer),
         Command::Chat { message, system, model, sampling } => cmd_chat(message, system, &model, &sampling),
         Command::Logits { prompt, out, model } => cmd_logits(&prompt, &out, &model),
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
@@ -289,15 +294,35 @@ fn print_stream(piece: &str) {
     let _ = std::io::stdout().flush();
 }
 
-fn cmd_generate(prompt: &str, args: &ModelArgs, sampling: &SamplingArgs, json: bool) -> AnyResult<()> {
+/// "LAYER:VECTOR.npy:SCALE" as a steering vector, checked against the model.
+fn parse_steer(spec: &str, model: &Llama) -> AnyResult<highrise::model::Steer> {
+    let bad = |why: &str| format!("--steer {spec:?}: {why} (expected LAYER:VECTOR.npy:SCALE)");
+    let (layer, rest) = spec.split_once(':').ok_or_else(|| bad("no layer"))?;
+    let (path, scale) = rest.rsplit_once(':').ok_or_else(|| bad("no scale"))?;
+    let layer: usize = layer.parse().map_err(|_| bad("the layer is not a number"))?;
+    let scale: f32 = scale.parse().map_err(|_| bad("the scale is not a number"))?;
+    let n = model.config.num_hidden_layers;
+    if layer >= n {
+        return Err(bad(&format!("the model has {n} layers")).into());
+    }
+    let (dims, vector) = npy::read_f32(Path::new(path))?;
+    if vector.len() != model.config.hidden_size {
+        return Err(bad(&format!("{path} holds {dims:?}, the residual stream is {}", model.config.hidden_size)).into());
+    }
+    Ok(highrise::model::Steer { layer, vector, scale, positions: None })
+}
+
+fn cmd_generate(prompt: &str, args: &ModelArgs, sampling: &SamplingArgs, json: bool, steer: &[String]) -> AnyResult<()> {
     let (model, tok) = load(args)?;
     let ids = tok.encode(prompt, true)?;
+    let mut params = sampling.params();
+    params.steer = steer.iter().map(|s| parse_steer(s, &model)).collect::<AnyResult<_>>()?;
     let mut sink = |piece: &str| {
         if !json {
             print_stream(piece)
         }
     };
-    let g = generate(&model, &tok, &ids, &sampling.params(), &mut sink)?;
+    let g = generate(&model, &tok, &ids, &params, &mut sink)?;
     if json {
         println!("{}", generation_json(&g));
     } else {

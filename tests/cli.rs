@@ -131,3 +131,30 @@ fn inspect_writes_the_streams_patterns_and_lens() {
     assert_eq!(dims, vec![2, 9, 576]);
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn generate_steers_with_a_vector_from_npy() {
+    let Some((_, model, reference)) = fixtures_and_model("cli steer") else { return };
+    let dir = std::env::temp_dir().join(format!("highrise-steer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (zero, big) = (dir.join("zero.npy"), dir.join("big.npy"));
+    highrise::model::npy::write_f32(&zero, &[576], &[0.0; 576]).unwrap();
+    let v: Vec<f32> = (0..576).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+    highrise::model::npy::write_f32(&big, &[576], &v).unwrap();
+    let prompt = reference["cases"]["story"]["prompt"].as_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--json", "-n", "8"];
+        args.extend_from_slice(extra);
+        let j: serde_json::Value = serde_json::from_str(&stdout_ok(&args)).unwrap();
+        ids(&j["ids"])
+    };
+    let plain = run(&[]);
+    let zero_spec = format!("4:{}:25", zero.display());
+    assert_eq!(run(&["--steer", &zero_spec]), plain, "a zero vector changes nothing");
+    let big_spec = format!("4:{}:40", big.display());
+    assert_ne!(run(&["--steer", &big_spec]), plain, "a large vector changes the output");
+    let bad = highrise(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--steer", "99:x.npy:1"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--steer") && err.contains("30 layers"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

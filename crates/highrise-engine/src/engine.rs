@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use highrise_core::ops::PagedSeq;
-use highrise_model::{Batch, Error, KvCache, Llama, Logits, Result, Tokenizer};
+use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer, Tokenizer};
 
 use crate::blocks::BlockAllocator;
 use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
@@ -248,8 +248,18 @@ impl<'m> Engine<'m> {
             seqs.push(PagedSeq { q_len: n as u32, context_len: (s.computed + n) as u32, blocks_start: table.len() as u32 });
             table.extend_from_slice(&s.blocks);
         }
+        // Steering is per request: each vector applies to the batch rows of the request that asked.
+        let mut hooks = Hooks::default();
+        let mut row = 0;
+        for &(i, n) in &plan {
+            for st in &self.running[i].params.steer {
+                hooks.steer.push(Steer { positions: Some((row..row + n).collect()), ..st.clone() });
+            }
+            row += n;
+        }
+        let hooks = (!hooks.steer.is_empty()).then_some(&mut hooks);
         let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
-        let logits = self.model.forward(&batch, &mut self.cache, Logits::Last)?.to_f32()?;
+        let logits = self.model.forward_hooked(&batch, &mut self.cache, Logits::Last, hooks)?.to_f32()?;
         let v = self.model.config.vocab_size;
         let mut events = Vec::new();
         let mut done = Vec::new();

@@ -21,11 +21,14 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Keep going past the end-of-sequence token.
     pub ignore_eos: bool,
+    /// Steering vectors added to this request's residual stream at every step (their `positions`
+    /// are ignored: every token of the request is steered).
+    pub steer: Vec<highrise_model::Steer>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 256, sampling: SamplingParams::greedy(), stop: vec![], ignore_eos: false }
+        GenerateParams { max_tokens: 256, sampling: SamplingParams::greedy(), stop: vec![], ignore_eos: false, steer: vec![] }
     }
 }
 
