@@ -136,6 +136,9 @@ enum Command {
         /// KV-cache memory for the concurrent tests, e.g. 512M or 2G.
         #[arg(long, default_value = "512M")]
         kv_memory: String,
+        /// Also measure generation with every residual-stream tap on (introspection's cost).
+        #[arg(long)]
+        taps: bool,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -234,8 +237,8 @@ fn main() {
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
         Command::Inspect { prompt, out, layers, top_k, model } => cmd_inspect(&prompt, &out, &layers, top_k, &model),
         Command::Convert { input, output } => cmd_convert(&input, &output),
-        Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, json } => {
-            cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, json)
+        Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, taps, json } => {
+            cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, taps, json)
         }
         Command::Fetch => model_path(None).map(|p| println!("{}", p.display())),
         Command::Backends { json } => cmd_backends(json),
@@ -499,6 +502,7 @@ fn cmd_bench(
     reps: usize,
     concurrency: &[usize],
     kv_memory: &str,
+    taps: bool,
     json: bool,
 ) -> AnyResult<()> {
     use highrise::engine::bench;
@@ -510,7 +514,10 @@ fn cmd_bench(
         results.push(bench::prefill(&model, n, reps)?);
     }
     for &n in tg {
-        results.push(bench::decode(&model, n, reps)?);
+        results.push(bench::decode(&model, n, reps, false)?);
+        if taps {
+            results.push(bench::decode(&model, n, reps, true)?);
+        }
     }
     for &c in concurrency {
         results.push(bench::concurrent(&model, &tokenizer, c, 64, kv_bytes)?);

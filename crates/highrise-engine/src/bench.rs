@@ -49,9 +49,13 @@ pub fn prefill(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
     Ok(m)
 }
 
-/// Greedy decoding of `n` tokens one at a time from an empty cache, `reps` times.
-pub fn decode(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
-    let mut m = Measurement { test: format!("tg{n}"), tokens: n, tokens_per_sec: vec![] };
+/// Greedy decoding of `n` tokens one at a time from an empty cache, `reps` times. With `taps`, every
+/// residual-stream capture is on (resid_pre, attn_out, mlp_out, resid_post at every layer): what
+/// introspection costs.
+pub fn decode(model: &Llama, n: usize, reps: usize, taps: bool) -> Result<Measurement> {
+    let test = if taps { format!("tg{n} +taps") } else { format!("tg{n}") };
+    let mut m = Measurement { test, tokens: n, tokens_per_sec: vec![] };
+    let mut hooks = highrise_model::Hooks::capture_all(&highrise_model::Site::STREAM);
     for _ in 0..reps {
         let mut cache = model.new_kv_cache(n.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
@@ -60,7 +64,8 @@ pub fn decode(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
         for pos in 0..n as u32 {
             let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
             let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
-            token = argmax(&model.forward(&batch, &mut cache, Logits::Last)?.to_f32()?);
+            let hooks = taps.then_some(&mut hooks);
+            token = argmax(&model.forward_hooked(&batch, &mut cache, Logits::Last, hooks)?.to_f32()?);
         }
         m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
     }
