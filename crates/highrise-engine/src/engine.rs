@@ -100,8 +100,7 @@ pub struct Engine<'m> {
     eos: Vec<u32>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
-    finished: Vec<Generation>,
-    finished_ids: Vec<RequestId>,
+    finished: Vec<(RequestId, Generation)>,
     next_id: RequestId,
     /// Sequences preempted so far (their blocks freed, to be recomputed).
     pub preemptions: u64,
@@ -122,7 +121,6 @@ impl<'m> Engine<'m> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             finished: Vec::new(),
-            finished_ids: Vec::new(),
             next_id: 0,
             preemptions: 0,
         })
@@ -209,9 +207,8 @@ impl<'m> Engine<'m> {
 
     /// The result of a finished request (once).
     pub fn take_finished(&mut self, id: RequestId) -> Option<Generation> {
-        let i = self.finished_ids.iter().position(|&f| f == id)?;
-        self.finished_ids.remove(i);
-        Some(self.finished.remove(i))
+        let i = self.finished.iter().position(|(f, _)| *f == id)?;
+        Some(self.finished.remove(i).1)
     }
 
     /// Runs one batch. Returns the events it produced (at most one token per sequence).
@@ -311,8 +308,7 @@ impl<'m> Engine<'m> {
             let s = self.running.remove(i);
             self.blocks.release(&s.blocks);
             let finish = events.iter().find(|e| e.id == s.id).and_then(|e| e.finish).unwrap_or(FinishReason::Length);
-            self.finished_ids.push(s.id);
-            self.finished.push(Generation {
+            self.finished.push((s.id, Generation {
                 prompt_ids: s.prompt,
                 text: s.text.text().to_string(),
                 ids: s.output,
@@ -320,7 +316,7 @@ impl<'m> Engine<'m> {
                 finish_reason: finish,
                 prefill_secs: 0.0,
                 decode_secs: s.started.elapsed().as_secs_f64(),
-            });
+            }));
         }
         Ok(events)
     }
@@ -330,8 +326,7 @@ impl<'m> Engine<'m> {
         while !self.is_idle() {
             self.step()?;
         }
-        let ids = std::mem::take(&mut self.finished_ids);
-        Ok(ids.into_iter().zip(std::mem::take(&mut self.finished)).collect())
+        Ok(std::mem::take(&mut self.finished))
     }
 
     /// Moves waiting requests into the running batch while there is room, sharing the full blocks
