@@ -1,5 +1,7 @@
 //! The `highrise` command line: thin over the engine and model crates.
 
+mod figures;
+
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,7 +81,9 @@ enum Command {
     ///
     /// Files: resid_pre.npy, attn_out.npy, mlp_out.npy, resid_post.npy (float32 [layers, T, hidden]),
     /// final_norm.npy [T, hidden], attn_probs.npy [layers, heads, T, T], logit_lens.json (per layer
-    /// and position, the top tokens and their probabilities).
+    /// and position, the top tokens and their probabilities); and pictures: logit_lens.png (layers x
+    /// positions, top token per cell shaded by probability), attention/layer_NN.png (a heatmap per
+    /// head), resid_norm.png (the stream's norm per layer).
     Inspect {
         #[arg(long, short)]
         prompt: String,
@@ -437,9 +441,30 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
         .flat_map(|&l| attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), hq, hkv, d))
         .collect();
     npy::write_f32(&out.join("attn_probs.npy"), &[chosen.len(), hq, t, t], &probs)?;
+    let text = figures::load_font();
+    let attn_dir = out.join("attention");
+    std::fs::create_dir_all(&attn_dir)?;
+    for (i, &l) in chosen.iter().enumerate() {
+        let per_layer = &probs[i * hq * t * t..(i + 1) * hq * t * t];
+        figures::attention(&attn_dir.join(format!("layer_{l:02}.png")), l, per_layer, hq, t, text)?;
+    }
+    let norms: Vec<f32> = chosen
+        .iter()
+        .map(|&l| {
+            let x = hooks.get(Site::ResidPre, l).unwrap_or_default();
+            x.chunks(h).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).sum::<f32>() / t as f32
+        })
+        .collect();
+    figures::residual_norms(&out.join("resid_norm.png"), &chosen, &norms, text)?;
     let mut lens = Vec::new();
+    let mut cells = Vec::new();
     for &l in &chosen {
         let tops = logit_lens(&model, hooks.get(Site::ResidPost, l).unwrap_or_default(), top_k)?;
+        cells.push(
+            tops.iter()
+                .map(|top| (tok.decode(&top.tokens[..1]).unwrap_or_default(), top.probs[0]))
+                .collect::<Vec<_>>(),
+        );
         let positions: Vec<serde_json::Value> = tops
             .iter()
             .map(|top| {
@@ -450,12 +475,15 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
         lens.push(json!({"layer": l, "positions": positions}));
     }
     let input: Vec<String> = ids.iter().map(|&id| tok.decode(&[id]).unwrap_or_default()).collect();
+    figures::logit_lens(&out.join("logit_lens.png"), &chosen, &input, &cells, text)?;
     let lens = json!({"prompt_ids": ids, "prompt_tokens": input, "layers": lens});
     std::fs::write(out.join("logit_lens.json"), serde_json::to_string_pretty(&lens)?)?;
     eprintln!(
-        "wrote {}: resid_pre/attn_out/mlp_out/resid_post.npy [{}, {t}, {h}], final_norm.npy, attn_probs.npy, logit_lens.json",
+        "wrote {}: resid_pre/attn_out/mlp_out/resid_post.npy [{}, {t}, {h}], final_norm.npy, attn_probs.npy, \
+         logit_lens.json; pictures logit_lens.png, resid_norm.png, attention/layer_*.png{}",
         out.display(),
-        chosen.len()
+        chosen.len(),
+        if text { "" } else { " (no font found: drawn without labels)" }
     );
     Ok(())
 }

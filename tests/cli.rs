@@ -125,6 +125,12 @@ fn inspect_writes_the_streams_patterns_and_lens() {
     let last_layer = lens["layers"].as_array().unwrap().last().unwrap();
     let last_pos = last_layer["positions"].as_array().unwrap().last().unwrap();
     assert_eq!(ids(&last_pos["ids"]), ids(&reference["cases"]["story"]["last_top5"]), "the lens's last layer is the model's own top 5");
+    let mut pictures = vec![out.join("logit_lens.png"), out.join("resid_norm.png")];
+    pictures.extend((0..30).map(|l| out.join(format!("attention/layer_{l:02}.png"))));
+    for p in pictures {
+        let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(bytes.len() > 500 && bytes.starts_with(b"\x89PNG"), "{} is a PNG picture", p.display());
+    }
     // Chosen layers only.
     stdout_ok(&["inspect", "--model", model.to_str().unwrap(), "--prompt", prompt, "--out", o, "--layers", "0,29"]);
     let (dims, _) = highrise::model::npy::read_f32(&out.join("resid_post.npy")).unwrap();
