@@ -183,3 +183,27 @@ fn captures_in_a_batch_of_eight_equal_alone() {
         }
     }
 }
+
+#[test]
+fn kv_stream_view_follows_the_block_table() {
+    let Some((_, path, reference)) = fixtures_and_model("kv view") else { return };
+    let m = model(&path);
+    let prompt = ids(&reference["cases"]["chat"]["input_ids"]);
+    let n = prompt.len();
+    let bs = 16;
+    let mut cache = m.new_kv_cache(n.div_ceil(bs) + 2, bs).unwrap();
+    // Blocks out of order, so the view must follow the table.
+    let table: Vec<u32> = (0..n.div_ceil(bs) as u32).map(|b| b * 2 % (cache.num_blocks as u32)).rev().collect();
+    let positions: Vec<u32> = (0..n as u32).collect();
+    let slots: Vec<u32> = (0..n).map(|p| table[p / bs] * bs as u32 + (p % bs) as u32).collect();
+    let seqs = [PagedSeq { q_len: n as u32, context_len: n as u32, blocks_start: 0 }];
+    let batch = Batch { tokens: &prompt, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
+    let mut hooks = Hooks::capture_all(&[Site::K, Site::V]);
+    m.forward_hooked(&batch, &mut cache, Logits::Last, Some(&mut hooks)).unwrap();
+    for l in [0, 13, 29] {
+        let (k, v) = cache.sequence_view(l, &table, n).unwrap();
+        assert_eq!(k, hooks.get(Site::K, l).unwrap(), "layer {l}: K through the table");
+        assert_eq!(v, hooks.get(Site::V, l).unwrap(), "layer {l}: V through the table");
+    }
+    assert!(cache.sequence_view(30, &table, n).is_err());
+}

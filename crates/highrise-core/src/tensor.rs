@@ -306,6 +306,30 @@ impl Tensor {
         })
     }
 
+    /// Elements `start..start + len` of a float tensor (in row-major order), converted to f32.
+    pub fn to_f32_range(&self, start: usize, len: usize) -> Result<Vec<f32>> {
+        let size = match self.dtype {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            q => return Err(Error::Invalid(format!("Tensor::to_f32_range: {q} is quantized"))),
+        };
+        if start.checked_add(len).is_none_or(|end| end > self.numel()) {
+            return Err(Error::Invalid(format!(
+                "Tensor::to_f32_range: elements {start}..{} of {}{}",
+                start.saturating_add(len),
+                self.dtype,
+                self.shape
+            )));
+        }
+        let mut bytes = vec![0u8; len * size];
+        self.backend.read(self.handle, start * size, &mut bytes)?;
+        Ok(match self.dtype {
+            DType::F32 => from_bytes::<f32>(&bytes),
+            DType::F16 => from_bytes::<f16>(&bytes),
+            _ => from_bytes::<bf16>(&bytes),
+        })
+    }
+
     /// Overwrites a float tensor with `values` (converted from f32).
     pub fn write_f32(&mut self, values: &[f32]) -> Result<()> {
         if values.len() != self.numel() {

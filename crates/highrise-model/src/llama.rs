@@ -79,6 +79,29 @@ pub struct KvCache {
     pub num_blocks: usize,
 }
 
+impl KvCache {
+    /// The key/value stream of one sequence at one layer as a logical view: its first `len` tokens'
+    /// K and V, each [len, kv_heads, head_dim] as f32, gathered through its block table.
+    pub fn sequence_view(&self, layer: usize, blocks: &[u32], len: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (k, v) = match (self.k.get(layer), self.v.get(layer)) {
+            (Some(k), Some(v)) => (k, v),
+            _ => return Err(Error::Input(format!("layer {layer} is beyond the cache's {} layers", self.k.len()))),
+        };
+        if len > blocks.len() * self.block_size {
+            return Err(Error::Input(format!("{len} tokens need more than the {} blocks given", blocks.len())));
+        }
+        let row = k.dims()[2] * k.dims()[3];
+        let (mut ks, mut vs) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
+        for (i, &b) in blocks.iter().enumerate().take(len.div_ceil(self.block_size)) {
+            let n = self.block_size.min(len - i * self.block_size);
+            let start = b as usize * self.block_size * row;
+            ks.extend(k.to_f32_range(start, n * row)?);
+            vs.extend(v.to_f32_range(start, n * row)?);
+        }
+        Ok((ks, vs))
+    }
+}
+
 /// One forward step over a batch of sequences. Token t sits at `positions[t]` and its K/V go to cache
 /// slot `slots[t]`; `seqs` group the tokens by sequence (in order) and name their block tables.
 pub struct Batch<'a> {
