@@ -15,6 +15,17 @@ pub trait Float: Element + bytemuck::Pod {
         let _ = s;
         None
     }
+    /// `x · w`, widening `w` as it is read (no buffer): the matrix-vector path for float weights.
+    fn dot_with(x: &[f32], w: &[Self]) -> f32 {
+        // Portable: widen a stack-sized chunk at a time.
+        let mut buf = [0f32; 64];
+        let mut s = 0f32;
+        for (xc, wc) in x.chunks(64).zip(w.chunks(64)) {
+            Self::load(wc, &mut buf[..wc.len()]);
+            s += dot(xc, &buf[..wc.len()]);
+        }
+        s
+    }
 }
 
 impl Float for f32 {
@@ -27,6 +38,9 @@ impl Float for f32 {
     fn as_f32(s: &[f32]) -> Option<&[f32]> {
         Some(s)
     }
+    fn dot_with(x: &[f32], w: &[f32]) -> f32 {
+        dot(x, w)
+    }
 }
 
 impl Float for f16 {
@@ -35,6 +49,20 @@ impl Float for f16 {
     }
     fn store(src: &[f32], dst: &mut [f16]) {
         dst.convert_from_f32_slice(src)
+    }
+    fn dot_with(x: &[f32], w: &[f16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: AVX2, FMA and F16C present (checked just above).
+            return unsafe { half_dot_avx2::<false>(x, bytemuck::cast_slice(w)) };
+        }
+        let mut buf = [0f32; 64];
+        let mut s = 0f32;
+        for (xc, wc) in x.chunks(64).zip(w.chunks(64)) {
+            Self::load(wc, &mut buf[..wc.len()]);
+            s += dot(xc, &buf[..wc.len()]);
+        }
+        s
     }
 }
 
@@ -45,6 +73,53 @@ impl Float for bf16 {
     fn store(src: &[f32], dst: &mut [bf16]) {
         dst.convert_from_f32_slice(src)
     }
+    fn dot_with(x: &[f32], w: &[bf16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: AVX2 and FMA present (checked just above).
+            return unsafe { half_dot_avx2::<true>(x, bytemuck::cast_slice(w)) };
+        }
+        let mut buf = [0f32; 64];
+        let mut s = 0f32;
+        for (xc, wc) in x.chunks(64).zip(w.chunks(64)) {
+            Self::load(wc, &mut buf[..wc.len()]);
+            s += dot(xc, &buf[..wc.len()]);
+        }
+        s
+    }
+}
+
+/// `x · w` for 16-bit weights `w` (bf16 when `BF16`, else f16), widened in registers: bf16 by a
+/// shift into the high half of an f32, f16 with F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_dot_avx2<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(w.len());
+    let widen = |p: *const u16| {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        } else {
+            _mm256_cvtph_ps(h)
+        }
+    };
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        a0 = _mm256_fmadd_ps(widen(w.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i)), a0);
+        a1 = _mm256_fmadd_ps(widen(w.as_ptr().add(i + 8)), _mm256_loadu_ps(x.as_ptr().add(i + 8)), a1);
+        i += 16;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1));
+    let mut s: f32 = lanes.iter().sum();
+    while i < n {
+        let v = if BF16 { f32::from_bits((w[i] as u32) << 16) } else { half::f16::from_bits(w[i]).to_f32() };
+        s += x[i] * v;
+        i += 1;
+    }
+    s
 }
 
 /// Runs `$body` with `$E` bound to the Rust type of float dtype `$dtype`; other dtypes are an
@@ -151,4 +226,29 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         s = x.mul_add(*y, s);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn half_dot_in_registers_agrees_with_widening_first() {
+        if !has_avx2_fma() {
+            println!("skipped: this CPU has no AVX2+FMA+F16C");
+            return;
+        }
+        for n in [1usize, 15, 16, 64, 100, 4096] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let wf: Vec<f32> = (0..n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 30.0).collect();
+            let (w16, wb16): (Vec<f16>, Vec<bf16>) = (wf.iter().map(|&v| f16::from_f32(v)).collect(), wf.iter().map(|&v| bf16::from_f32(v)).collect());
+            let widen_dot = |w: Vec<f32>| x.iter().zip(&w).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+            let want16 = widen_dot(w16.iter().map(|v| v.to_f32()).collect());
+            let wantb = widen_dot(wb16.iter().map(|v| v.to_f32()).collect());
+            let scale: f64 = x.iter().map(|v| v.abs() as f64 * 2.0).sum::<f64>() + 1.0;
+            assert!((f16::dot_with(&x, &w16) as f64 - want16).abs() <= 1e-6 * scale, "f16 n={n}");
+            assert!((bf16::dot_with(&x, &wb16) as f64 - wantb).abs() <= 1e-6 * scale, "bf16 n={n}");
+        }
+    }
 }

@@ -162,6 +162,12 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
             }
             return;
         }
+        // 16-bit float weights at decode: widened as they are read, no buffer.
+        match (gemv, w) {
+            (true, Weight::F16(wf)) => return gemv_rows(wf, x, k, t, n0..n1, put),
+            (true, Weight::BF16(wb)) => return gemv_rows(wb, x, k, t, n0..n1, put),
+            _ => {}
+        }
         let wc = w.rows(n0, n1, k, buf);
         if gemv {
             for (j, wrow) in wc.chunks_exact(k).enumerate() {
@@ -191,6 +197,16 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
             }
         }
     });
+}
+
+/// `put(i, j, x_i · w_j)` for rows `rows` of a float weight [N, k] and the t tokens of x.
+fn gemv_rows<W: Float>(w: &[W], x: &[f32], k: usize, t: usize, rows: std::ops::Range<usize>, put: impl Fn(usize, usize, f32)) {
+    for j in rows {
+        let wj = &w[j * k..(j + 1) * k];
+        for i in 0..t {
+            put(i, j, W::dot_with(&x[i * k..(i + 1) * k], wj));
+        }
+    }
 }
 
 /// One token's activation as a quantized weight row meets it.
