@@ -17,14 +17,7 @@ pub trait Float: Element + bytemuck::Pod {
     }
     /// `x · w`, widening `w` as it is read (no buffer): the matrix-vector path for float weights.
     fn dot_with(x: &[f32], w: &[Self]) -> f32 {
-        // Portable: widen a stack-sized chunk at a time.
-        let mut buf = [0f32; 64];
-        let mut s = 0f32;
-        for (xc, wc) in x.chunks(64).zip(w.chunks(64)) {
-            Self::load(wc, &mut buf[..wc.len()]);
-            s += dot(xc, &buf[..wc.len()]);
-        }
-        s
+        dot_widening(x, w)
     }
 }
 
@@ -56,13 +49,7 @@ impl Float for f16 {
             // SAFETY: AVX2, FMA and F16C present (checked just above).
             return unsafe { half_dot_avx2::<false>(x, bytemuck::cast_slice(w)) };
         }
-        let mut buf = [0f32; 64];
-        let mut s = 0f32;
-        for (xc, wc) in x.chunks(64).zip(w.chunks(64)) {
-            Self::load(wc, &mut buf[..wc.len()]);
-            s += dot(xc, &buf[..wc.len()]);
-        }
-        s
+        dot_widening(x, w)
     }
 }
 
@@ -79,14 +66,19 @@ impl Float for bf16 {
             // SAFETY: AVX2 and FMA present (checked just above).
             return unsafe { half_dot_avx2::<true>(x, bytemuck::cast_slice(w)) };
         }
-        let mut buf = [0f32; 64];
-        let mut s = 0f32;
-        for (xc, wc) in x.chunks(64).zip(w.chunks(64)) {
-            Self::load(wc, &mut buf[..wc.len()]);
-            s += dot(xc, &buf[..wc.len()]);
-        }
-        s
+        dot_widening(x, w)
     }
+}
+
+/// Portable `x · w`: `w` widened to f32 a stack-sized chunk at a time.
+fn dot_widening<W: Float>(x: &[f32], w: &[W]) -> f32 {
+    let mut buf = [0f32; 64];
+    let mut s = 0f32;
+    for (xc, wc) in x.chunks(64).zip(w.chunks(64)) {
+        W::load(wc, &mut buf[..wc.len()]);
+        s += dot(xc, &buf[..wc.len()]);
+    }
+    s
 }
 
 /// `x · w` for 16-bit weights `w` (bf16 when `BF16`, else f16), widened in registers: bf16 by a
