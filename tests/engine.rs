@@ -51,7 +51,7 @@ fn requests(l: &Loaded) -> Vec<Request> {
                 prompt = prompt.repeat(2 + i % 3);
             }
             let params = GenerateParams { max_tokens: 6 + 3 * (i % 5), ..Default::default() };
-            Request { prompt, params, logprobs: false }
+            Request { prompt, params, logprobs: false, top_logprobs: 0 }
         })
         .collect()
 }
@@ -108,9 +108,9 @@ fn shared_prefixes_take_fewer_blocks() {
         let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 512, max_running: 4 };
         let mut e = Engine::new(&l.model, &l.tokenizer, config).unwrap();
         // The first request's prompt is in the cache before the second arrives.
-        e.submit(Request { prompt: x.to_vec(), params: params.clone(), logprobs: false }).unwrap();
+        e.submit(Request { prompt: x.to_vec(), params: params.clone(), logprobs: false, top_logprobs: 0 }).unwrap();
         e.step().unwrap();
-        e.submit(Request { prompt: y.to_vec(), params: params.clone(), logprobs: false }).unwrap();
+        e.submit(Request { prompt: y.to_vec(), params: params.clone(), logprobs: false, top_logprobs: 0 }).unwrap();
         e.step().unwrap();
         let used = e.num_blocks() - e.free_blocks();
         let out = e.run_to_completion().unwrap();
@@ -135,7 +135,7 @@ fn seeded_sampling_does_not_depend_on_the_batch() {
     let target = Request {
         prompt: l.tokenizer.encode(TEXTS[0], false).unwrap(),
         params: GenerateParams { max_tokens: 16, sampling, ..Default::default() },
-        logprobs: false,
+        logprobs: false, top_logprobs: 0,
     };
     let config = EngineConfig { num_blocks: 128, block_size: 16, max_batch_tokens: 64, max_running: 8 };
     let (solo, _, _) = batched(l, std::slice::from_ref(&target), config);
@@ -168,10 +168,10 @@ fn requests_that_can_never_fit_are_refused_at_submission() {
     let config = EngineConfig { num_blocks: 4, block_size: 16, max_batch_tokens: 64, max_running: 8 };
     let mut e = Engine::new(&l.model, &l.tokenizer, config).unwrap();
     let prompt = l.tokenizer.encode(TEXTS[0], false).unwrap();
-    let too_long = Request { prompt: prompt.clone(), params: GenerateParams { max_tokens: 100, ..Default::default() }, logprobs: false };
+    let too_long = Request { prompt: prompt.clone(), params: GenerateParams { max_tokens: 100, ..Default::default() }, logprobs: false, top_logprobs: 0 };
     let err = e.submit(too_long).unwrap_err().to_string();
     assert!(err.contains("whole cache holds 64"), "{err}");
-    let beyond_context = Request { prompt, params: GenerateParams { max_tokens: 1 << 20, ..Default::default() }, logprobs: false };
+    let beyond_context = Request { prompt, params: GenerateParams { max_tokens: 1 << 20, ..Default::default() }, logprobs: false, top_logprobs: 0 };
     let err = e.submit(beyond_context).unwrap_err().to_string();
     assert!(err.contains("beyond the model's context"), "{err}");
     assert!(e.is_idle());

@@ -84,7 +84,7 @@ pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurre
     // ignore_eos: every sequence generates exactly n tokens, so the work is the same every run.
     let params = GenerateParams { max_tokens: n, ignore_eos: true, ..Default::default() };
     for _ in 0..concurrency {
-        engine.submit(Request { prompt: prompt.clone(), params: params.clone(), logprobs: false })?;
+        engine.submit(Request { prompt: prompt.clone(), params: params.clone(), logprobs: false, top_logprobs: 0 })?;
     }
     let start = Instant::now();
     let done = engine.run_to_completion()?;

@@ -13,7 +13,7 @@ use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer,
 
 use crate::blocks::BlockAllocator;
 use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
-use crate::sampling::Sampler;
+use crate::sampling::{top_log_softmax, Sampler};
 
 pub type RequestId = u64;
 
@@ -23,6 +23,9 @@ pub struct Request {
     pub params: GenerateParams,
     /// Report each token's log-probability in its event.
     pub logprobs: bool,
+    /// Also report this many of the most likely tokens at each step, with their log-probabilities
+    /// under the model's own distribution (log-softmax of the logits, before any sampling setting).
+    pub top_logprobs: usize,
 }
 
 /// What a step produced for one request: a token (and the text it completes), or the end.
@@ -31,9 +34,14 @@ pub struct Event {
     pub id: RequestId,
     pub token: Option<u32>,
     pub logprob: Option<f32>,
+    /// The most likely tokens at this step and their log-probabilities, most likely first (empty
+    /// unless the request asked for them).
+    pub top_logprobs: Vec<(u32, f32)>,
     /// Text now safe to show (may be empty while a character or stop string is incomplete).
     pub text: String,
     pub finish: Option<FinishReason>,
+    /// Why the request ended early, when a step failed (then `finish` is set too).
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +73,7 @@ struct Seq {
     output: Vec<u32>,
     logprobs: Vec<f32>,
     want_logprobs: bool,
+    top_logprobs: usize,
     params: GenerateParams,
     sampler: Sampler,
     text: TextStream,
@@ -107,6 +116,10 @@ pub struct Engine<'m> {
 }
 
 impl<'m> Engine<'m> {
+    pub fn model(&self) -> &'m Llama {
+        self.model
+    }
+
     pub fn new(model: &'m Llama, tokenizer: &'m Tokenizer, config: EngineConfig) -> Result<Engine<'m>> {
         if config.max_batch_tokens == 0 || config.max_running == 0 || config.block_size == 0 {
             return Err(Error::Input(format!("engine config {config:?} must have no zeros")));
@@ -161,6 +174,7 @@ impl<'m> Engine<'m> {
             output: Vec::new(),
             logprobs: Vec::new(),
             want_logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs,
             params: req.params,
             blocks: Vec::new(),
             computed: 0,
@@ -275,7 +289,9 @@ impl<'m> Engine<'m> {
             if s.computed < s.len() {
                 continue; // mid-prompt: nothing to sample yet
             }
-            let sampled = s.sampler.sample(&logits[row * v..(row + 1) * v], &s.prompt, &s.output);
+            let row_logits = &logits[row * v..(row + 1) * v];
+            let sampled = s.sampler.sample(row_logits, &s.prompt, &s.output);
+            let top_logprobs = if s.top_logprobs > 0 { top_log_softmax(row_logits, s.top_logprobs) } else { Vec::new() };
             s.output.push(sampled.token);
             s.logprobs.push(sampled.logprob);
             let mut finish = None;
@@ -299,8 +315,10 @@ impl<'m> Engine<'m> {
                 id: s.id,
                 token: Some(sampled.token),
                 logprob: s.want_logprobs.then_some(sampled.logprob),
+                top_logprobs,
                 text,
                 finish,
+                error: None,
             });
         }
         done.sort_unstable_by(|a, b| b.cmp(a));

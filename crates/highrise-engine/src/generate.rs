@@ -159,7 +159,7 @@ pub fn generate(
         max_running: 1,
     };
     let mut engine = Engine::new(model, tokenizer, config)?;
-    let id = engine.submit(Request { prompt: prompt_ids.to_vec(), params, logprobs: true })?;
+    let id = engine.submit(Request { prompt: prompt_ids.to_vec(), params, logprobs: true, top_logprobs: 0 })?;
     let start = Instant::now();
     let mut prefill_secs = None;
     let mut done = None;

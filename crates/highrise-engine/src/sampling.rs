@@ -220,6 +220,22 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `k` largest entries of log-softmax(`logits`), most likely first (ties by id).
+pub fn top_log_softmax(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    idx.select_nth_unstable_by(k - 1, by_logit);
+    idx.truncate(k);
+    idx.sort_unstable_by(by_logit);
+    idx.into_iter().map(|i| (i, ((logits[i as usize] - max) as f64 - log_sum) as f32)).collect()
+}
+
 fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
@@ -240,6 +256,15 @@ mod tests {
         assert_eq!(s.token, 1);
         let z: f32 = logits().iter().map(|l| (l - 3.0).exp()).sum();
         assert!((s.logprob - (-z.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_log_softmax_is_sorted_and_normalized() {
+        let top = top_log_softmax(&logits(), 5);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4, 2, 0, 3]);
+        let total: f32 = top.iter().map(|t| t.1.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert_eq!(top_log_softmax(&logits(), 2).len(), 2);
     }
 
     #[test]

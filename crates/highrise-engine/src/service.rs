@@ -11,9 +11,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Engine, EngineConfig, Event, Request, RequestId};
 
+/// Work run on the engine thread between steps, with the model (a capture pass, say).
+pub type Job = Box<dyn FnOnce(&Llama) + Send>;
+
 enum Command {
     Submit(Request, mpsc::UnboundedSender<Event>, oneshot::Sender<Result<RequestId>>),
     Cancel(RequestId),
+    Run(Job),
     Shutdown,
 }
 
@@ -70,24 +74,47 @@ impl Drop for RequestStream {
 impl EngineService {
     /// Starts the engine thread.
     pub fn start(model: Arc<Llama>, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<EngineService> {
+        Self::start_with(move || Ok((model, tokenizer, config))).map(|(service, _, _)| service)
+    }
+
+    /// Starts the engine thread and builds the model on it with `load` (which also picks the engine
+    /// config, knowing the model). Prefer this: a backend made on the thread that runs it can
+    /// compute on that thread directly (the CPU backend's pool adopts its creating thread) instead
+    /// of handing every op to another. Returns the model and tokenizer too, for the caller's own use.
+    #[allow(clippy::type_complexity)]
+    pub fn start_with<F>(load: F) -> Result<(EngineService, Arc<Llama>, Arc<Tokenizer>)>
+    where
+        F: FnOnce() -> Result<(Arc<Llama>, Arc<Tokenizer>, EngineConfig)> + Send + 'static,
+    {
         let (tx, rx) = channel();
         let stats = Arc::new(Mutex::new(Stats::default()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("highrise-engine".into())
-            .spawn(move || match Engine::new(&model, &tokenizer, config) {
-                Ok(engine) => {
-                    let _ = ready_tx.send(Ok(()));
-                    run(engine, rx, thread_stats);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+            .spawn(move || {
+                let (model, tokenizer, config) = match load() {
+                    Ok(loaded) => loaded,
+                    Err(e) => return drop(ready_tx.send(Err(e))),
+                };
+                match Engine::new(&model, &tokenizer, config) {
+                    Ok(engine) => {
+                        *thread_stats.lock().expect("stats lock") = Stats {
+                            blocks_free: engine.free_blocks(),
+                            blocks_total: engine.num_blocks(),
+                            ..Stats::default()
+                        };
+                        let _ = ready_tx.send(Ok((model.clone(), tokenizer.clone())));
+                        run(engine, rx, thread_stats);
+                    }
+                    Err(e) => drop(ready_tx.send(Err(e))),
                 }
             })
             .map_err(|e| Error::Input(format!("cannot start the engine thread: {e}")))?;
-        ready_rx.recv().map_err(|_| Error::Input("the engine thread died while starting".into()))??;
-        Ok(EngineService { commands: Mutex::new(tx), stats, thread: Mutex::new(Some(thread)) })
+        let (model, tokenizer) =
+            ready_rx.recv().map_err(|_| Error::Input("the engine thread died while starting".into()))??;
+        let service = EngineService { commands: Mutex::new(tx), stats, thread: Mutex::new(Some(thread)) };
+        Ok((service, model, tokenizer))
     }
 
     fn sender(&self) -> Sender<Command> {
@@ -105,6 +132,15 @@ impl EngineService {
             .map_err(|_| Error::Input("the engine has stopped".into()))?;
         let id = reply.await.map_err(|_| Error::Input("the engine has stopped".into()))??;
         Ok(RequestStream { id, events, commands, finished: false })
+    }
+
+    /// Runs `job` on the engine thread between two steps and returns its result: model work that
+    /// should not compete with the batch for the backend (a capture pass, for instance).
+    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce(&Llama) -> T + Send + 'static) -> Result<T> {
+        let (reply_tx, reply) = oneshot::channel();
+        let job: Job = Box::new(move |model| drop(reply_tx.send(job(model))));
+        self.sender().send(Command::Run(job)).map_err(|_| Error::Input("the engine has stopped".into()))?;
+        reply.await.map_err(|_| Error::Input("the engine has stopped".into()))
     }
 
     /// Stops a request and frees its blocks.
@@ -171,6 +207,7 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
                     engine.cancel(id);
                     streams.retain(|(s, _)| *s != id);
                 }
+                Command::Run(job) => job(engine.model()),
                 Command::Shutdown => {
                     for (id, _) in streams.drain(..) {
                         engine.cancel(id);
@@ -197,15 +234,17 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
                     }
                 }
                 Err(err) => {
-                    // A failed step ends every running request with the error's text; the engine
-                    // itself carries on for new requests.
+                    // A failed step ends every running request with the error; the engine itself
+                    // carries on for new requests.
                     for (id, tx) in streams.drain(..) {
                         let _ = tx.send(Event {
                             id,
                             token: None,
                             logprob: None,
-                            text: format!("error: {err}"),
+                            top_logprobs: Vec::new(),
+                            text: String::new(),
                             finish: Some(crate::generate::FinishReason::Stop),
+                            error: Some(err.to_string()),
                         });
                         engine.cancel(id);
                     }
