@@ -147,6 +147,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the model over HTTP with OpenAI's API (completions and chat completions, streamed or not).
+    ///
+    /// Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+    /// GET /metrics (Prometheus). Requests run through the engine's continuous batching over a paged
+    /// KV cache. SIGINT or SIGTERM stops accepting, lets running requests finish (up to
+    /// --shutdown-grace seconds), cancels the rest and exits 0. Prints the address it listens on
+    /// (useful with --port 0).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The port to listen on (0: any free port).
+        #[arg(long, short = 'p', default_value_t = 8000)]
+        port: u16,
+        /// The model name clients send in "model" (default: the model file's name without .gguf).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// KV-cache memory, e.g. 512M or 2G.
+        #[arg(long, default_value = "1G")]
+        kv_memory: String,
+        /// Most sequences decoded together.
+        #[arg(long, default_value_t = 64)]
+        max_running: usize,
+        /// Most tokens one engine step runs (prompts are cut into chunks to fit).
+        #[arg(long, default_value_t = 512)]
+        max_batch_tokens: usize,
+        /// Seconds running requests get to finish after SIGINT/SIGTERM before they are cancelled.
+        #[arg(long, default_value_t = 30)]
+        shutdown_grace: u64,
+    },
     /// Fetch the default model (SmolLM2-135M-Instruct) into the model cache and print its path.
     Fetch,
     /// List the compute backends highrise can find, and whether each can run on this machine.
@@ -160,7 +192,7 @@ enum Command {
     },
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ModelArgs {
     /// A GGUF file or a HuggingFace directory (config.json, *.safetensors, tokenizer.json).
     /// Default: SmolLM2-135M-Instruct, fetched on first use.
@@ -243,6 +275,9 @@ fn main() {
         Command::Convert { input, output } => cmd_convert(&input, &output),
         Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, taps, json } => {
             cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, taps, json)
+        }
+        Command::Serve { model, host, port, served_model_name, kv_memory, max_running, max_batch_tokens, shutdown_grace } => {
+            cmd_serve(model, &host, port, served_model_name, &kv_memory, max_running, max_batch_tokens, shutdown_grace)
         }
         Command::Fetch => model_path(None).map(|p| println!("{}", p.display())),
         Command::Backends { json } => cmd_backends(json),
@@ -586,6 +621,52 @@ fn cmd_bench(
         decode_ceiling
     );
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_serve(
+    args: ModelArgs,
+    host: &str,
+    port: u16,
+    served_model_name: Option<String>,
+    kv_memory: &str,
+    max_running: usize,
+    max_batch_tokens: usize,
+    shutdown_grace: u64,
+) -> AnyResult<()> {
+    use highrise::engine::EngineConfig;
+    use highrise::server::{serve, shutdown_signal, ServerState};
+    let kv_bytes = parse_bytes(kv_memory)?;
+    // Resolve (and fetch) the model here, so that the name and any fetch error come first.
+    let path = model_path(args.model.as_deref())?;
+    let model_id = served_model_name.unwrap_or_else(|| {
+        let name = path.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
+        name.strip_suffix(".gguf").map_or(name.clone(), str::to_string)
+    });
+    let args = ModelArgs { model: Some(path), ..args };
+    // The model is built on the engine's thread, which then runs every op on it.
+    let state = ServerState::start(model_id.clone(), move || {
+        let (model, tokenizer) = load(&args).map_err(|e| highrise::model::Error::Input(e.to_string()))?;
+        let config = EngineConfig { max_running, max_batch_tokens, ..EngineConfig::with_kv_memory(&model, kv_bytes) };
+        Ok((Arc::new(model), Arc::new(tokenizer), config))
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host, port)).await.map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+        let s = state.service.stats();
+        eprintln!(
+            "serving {model_id} ({} layers, context {}) with {} KV blocks of {} tokens",
+            state.model.config.num_hidden_layers,
+            state.model.config.context_len(),
+            s.blocks_total,
+            highrise::engine::generate::BLOCK_SIZE
+        );
+        // The one line scripts wait for.
+        eprintln!("listening on http://{}", listener.local_addr()?);
+        serve(listener, state, shutdown_signal(), std::time::Duration::from_secs(shutdown_grace)).await?;
+        eprintln!("stopped");
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
 }
 
 fn cmd_backends(json: bool) -> AnyResult<()> {

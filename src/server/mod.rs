@@ -1,0 +1,582 @@
+//! The OpenAI-compatible HTTP server, on the engine's scheduler.
+//!
+//! Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as
+//! server-sent events ending in `data: [DONE]`), `GET /v1/models`, `GET /health`, `GET /metrics`
+//! (Prometheus text). Every failure answers with OpenAI's error body and a 4xx/5xx status; nothing a
+//! request sends stops the others. A client that goes away cancels its sequences at once: the
+//! request's streams are dropped with the response, and dropping a stream cancels it in the engine.
+//!
+//! highrise's extension field `"highrise": {"capture": [...], "layers": [...], "positions": [...],
+//! "logit_lens": k, "steer": [...]}` steers the generation and returns, per choice, captures of the
+//! residual stream (and Q/K/V, attention patterns, the logit lens) over prompt and completion.
+
+pub mod api;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, SelectAll, Stream, StreamExt};
+use highrise_engine::{EngineConfig, EngineService, Event, FinishReason, Request, RequestStream};
+use highrise_model::introspect::{attention_probs, logit_lens};
+use highrise_model::{Hooks, Llama, Logits, Site, Tokenizer};
+use serde_json::{json, Value};
+
+use api::{ApiError, Body, CaptureSpec};
+
+/// The server's shared state: the engine service, the model it serves, and counters for metrics.
+pub struct ServerState {
+    pub service: EngineService,
+    pub model: Arc<Llama>,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The name clients use in `model`.
+    pub model_id: String,
+    created: u64,
+    accepting: AtomicBool,
+    next_id: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    /// (time, tokens generated so far) at recent scrapes, for the tokens-per-second gauge.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// Where the tokens-per-second gauge looks back to.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl ServerState {
+    /// Starts the engine, building the model on its thread with `load` (see
+    /// [`EngineService::start_with`]), and serves it under `model_id`.
+    pub fn start<F>(model_id: String, load: F) -> highrise_model::Result<Arc<ServerState>>
+    where
+        F: FnOnce() -> highrise_model::Result<(Arc<Llama>, Arc<Tokenizer>, EngineConfig)> + Send + 'static,
+    {
+        let (service, model, tokenizer) = EngineService::start_with(load)?;
+        Ok(Arc::new(ServerState {
+            service,
+            model,
+            tokenizer,
+            model_id,
+            created: unix_now(),
+            accepting: AtomicBool::new(true),
+            next_id: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            samples: Mutex::new(VecDeque::new()),
+        }))
+    }
+
+    /// Whether new requests are taken (false once shutdown has begun).
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
+    fn new_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{:016x}{:08x}", self.created, self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The routes, over `state`.
+pub fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: "no such route".into(), param: None, code: None } })
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves; then stops accepting connections, lets running requests finish
+/// for up to `grace`, cancels what still runs, and stops the engine.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ServerState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(async move {
+        shutdown.await;
+        st.accepting.store(false, Ordering::SeqCst);
+        let _ = signalled_tx.send(());
+    });
+    let deadline = async move {
+        match signalled.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = deadline => {
+            let s = state.service.stats();
+            eprintln!("shutdown: cancelling {} running and {} waiting requests", s.running, s.waiting);
+        }
+    }
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.service.shutdown()).await.map_err(std::io::Error::other)?;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => drop(s.recv().await),
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn health(State(st): State<Arc<ServerState>>) -> Response {
+    if st.accepting() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"}))).into_response()
+    }
+}
+
+async fn models(State(st): State<Arc<ServerState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.model_id, "object": "model", "created": st.created, "owned_by": "highrise",
+            "max_model_len": st.model.config.context_len(),
+        }],
+    }))
+}
+
+async fn metrics(State(st): State<Arc<ServerState>>) -> Response {
+    let s = st.service.stats();
+    let now = Instant::now();
+    let rate = {
+        let mut samples = st.samples.lock().expect("samples lock");
+        samples.push_back((now, s.tokens_generated));
+        // Keep one sample at least RATE_WINDOW old (the base of the rate), none older than that.
+        while samples.len() > 2 && now.duration_since(samples[1].0) >= RATE_WINDOW {
+            samples.pop_front();
+        }
+        let (t0, n0) = samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs > 0.0 { (s.tokens_generated - n0) as f64 / secs } else { 0.0 }
+    };
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        out.push_str(&format!("# HELP highrise_{name} {help}\n# TYPE highrise_{name} {kind}\nhighrise_{name} {value}\n"));
+    };
+    metric("requests_running", "gauge", "Sequences in the running batch.", s.running as f64);
+    metric("requests_waiting", "gauge", "Sequences queued or preempted, waiting to run.", s.waiting as f64);
+    metric("kv_blocks_used", "gauge", "KV-cache blocks in use.", (s.blocks_total - s.blocks_free) as f64);
+    metric("kv_blocks_free", "gauge", "KV-cache blocks free.", s.blocks_free as f64);
+    metric("kv_blocks_total", "gauge", "KV-cache blocks in all.", s.blocks_total as f64);
+    metric("preemptions_total", "counter", "Sequences preempted (blocks freed, to be recomputed).", s.preemptions as f64);
+    metric("generation_tokens_total", "counter", "Tokens generated.", s.tokens_generated as f64);
+    metric("generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s (between scrapes).", rate);
+    metric("prompt_tokens_total", "counter", "Prompt tokens submitted.", st.prompt_tokens.load(Ordering::Relaxed) as f64);
+    metric("http_requests_total", "counter", "Completion requests received.", st.requests.load(Ordering::Relaxed) as f64);
+    metric("http_request_errors_total", "counter", "Completion requests answered with an error.", st.errors.load(Ordering::Relaxed) as f64);
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn completions(State(st): State<Arc<ServerState>>, body: Bytes) -> Response {
+    respond(st, body, false).await
+}
+
+async fn chat_completions(State(st): State<Arc<ServerState>>, body: Bytes) -> Response {
+    respond(st, body, true).await
+}
+
+async fn respond(st: Arc<ServerState>, body: Bytes, chat: bool) -> Response {
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    match Completion::start(&st, &body, chat).await {
+        Ok(c) if c.stream => c.into_sse().into_response(),
+        Ok(c) => match c.collect().await {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => {
+                st.errors.fetch_add(1, Ordering::Relaxed);
+                e.into_response()
+            }
+        },
+        Err(e) => {
+            st.errors.fetch_add(1, Ordering::Relaxed);
+            e.into_response()
+        }
+    }
+}
+
+/// One choice as it accumulates.
+#[derive(Default)]
+struct ChoiceState {
+    prompt: Vec<u32>,
+    ids: Vec<u32>,
+    text: String,
+    /// (token, logprob, top tokens) per generated token, when asked for.
+    logprobs: Vec<(u32, f32, Vec<(u32, f32)>)>,
+    finish: Option<FinishReason>,
+    /// Characters of text before this choice's completion (for completions' text_offset).
+    offset: usize,
+}
+
+/// A request in flight: its choices' streams in the engine and what it asked for.
+struct Completion {
+    st: Arc<ServerState>,
+    chat: bool,
+    stream: bool,
+    include_usage: bool,
+    /// Top tokens per step, when log-probabilities were asked for.
+    top_logprobs: Option<usize>,
+    capture: Option<CaptureSpec>,
+    id: String,
+    created: u64,
+    /// The prompt texts to echo before each choice's text (completions with `echo`).
+    echo: Vec<String>,
+    prompt_tokens: usize,
+    choices: Vec<ChoiceState>,
+    streams: Vec<RequestStream>,
+}
+
+impl Completion {
+    /// Checks the request and submits every choice (so they batch together). Dropping the result
+    /// cancels them all.
+    async fn start(st: &Arc<ServerState>, bytes: &[u8], chat: bool) -> Result<Completion, ApiError> {
+        if !st.accepting() {
+            return Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "the server is shutting down".into(), param: None, code: None });
+        }
+        let body = Body::parse(bytes)?;
+        body.check_model(&st.model_id)?;
+        let n = body.n()?;
+        let top_logprobs = body.top_logprobs(chat)?;
+        let prompts = if chat {
+            vec![body.chat_prompt(&st.tokenizer)?]
+        } else {
+            body.completion_prompts(&st.tokenizer, st.model.config.vocab_size)?
+        };
+        let capture = CaptureSpec::from_body(&body, &st.model)?;
+        // OpenAI's defaults: 16 tokens for completions, up to the context for chat.
+        let default_max = if chat { None } else { Some(16) };
+        let params: Vec<_> = prompts.iter().map(|p| body.params(&st.model, p.len(), default_max)).collect::<Result<_, _>>()?;
+        let echo = match (body.echo.unwrap_or(false), chat) {
+            (true, false) => prompts.iter().map(|p| st.tokenizer.decode(p).unwrap_or_default()).collect(),
+            _ => Vec::new(),
+        };
+        let base_seed = body.seed.unwrap_or_else(|| st.next_id.fetch_add(1, Ordering::Relaxed) ^ unix_now().wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut c = Completion {
+            st: st.clone(),
+            chat,
+            stream: body.stream(),
+            include_usage: body.include_usage(),
+            top_logprobs,
+            capture,
+            id: st.new_id(if chat { "chatcmpl" } else { "cmpl" }),
+            created: unix_now(),
+            echo,
+            prompt_tokens: prompts.iter().map(Vec::len).sum(),
+            choices: Vec::new(),
+            streams: Vec::new(),
+        };
+        for (p, (prompt, params)) in prompts.iter().zip(params).enumerate() {
+            for i in 0..n {
+                let mut params = params.clone();
+                params.sampling.seed = base_seed.wrapping_add(i as u64);
+                let req = Request { prompt: prompt.clone(), params, logprobs: top_logprobs.is_some(), top_logprobs: top_logprobs.unwrap_or(0) };
+                let stream = st.service.submit(req).await.map_err(|e| ApiError::invalid(e.to_string(), None))?;
+                let offset = c.echo.get(p).map_or(0, String::len);
+                c.choices.push(ChoiceState { prompt: prompt.clone(), offset, text: c.echo.get(p).cloned().unwrap_or_default(), ..Default::default() });
+                c.streams.push(stream);
+            }
+        }
+        st.prompt_tokens.fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
+        Ok(c)
+    }
+
+    fn object(&self) -> &'static str {
+        match (self.chat, self.stream) {
+            (true, false) => "chat.completion",
+            (true, true) => "chat.completion.chunk",
+            (false, _) => "text_completion",
+        }
+    }
+
+    /// Adds an event to its choice. Returns the step's log-probability entry when asked for.
+    fn apply(&mut self, i: usize, e: &Event) -> Result<(), ApiError> {
+        if let Some(err) = &e.error {
+            return Err(ApiError::server(format!("generation failed: {err}")));
+        }
+        let c = &mut self.choices[i];
+        if let Some(t) = e.token {
+            c.ids.push(t);
+            if self.top_logprobs.is_some() {
+                c.logprobs.push((t, e.logprob.unwrap_or(0.0), e.top_logprobs.clone()));
+            }
+        }
+        c.text.push_str(&e.text);
+        c.finish = c.finish.or(e.finish);
+        Ok(())
+    }
+
+    /// The log-probabilities of steps `from..` of choice `i`, in the endpoint's format.
+    fn logprobs_json(&self, i: usize, from: usize) -> Value {
+        let c = &self.choices[i];
+        let tok = &self.st.tokenizer;
+        let piece = |id: u32| tok.decode(&[id]).unwrap_or_default();
+        let steps = &c.logprobs[from.min(c.logprobs.len())..];
+        if self.chat {
+            let entry = |id: u32, lp: f32| {
+                let t = piece(id);
+                json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+            };
+            let content: Vec<Value> = steps
+                .iter()
+                .map(|(id, lp, top)| {
+                    let mut e = entry(*id, *lp);
+                    e["top_logprobs"] = top.iter().map(|(t, l)| entry(*t, *l)).collect();
+                    e
+                })
+                .collect();
+            return json!({"content": content});
+        }
+        let mut offset = c.offset + c.logprobs[..from.min(c.logprobs.len())].iter().map(|s| piece(s.0).len()).sum::<usize>();
+        let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+        for (id, lp, top) in steps {
+            let t = piece(*id);
+            offsets.push(offset);
+            offset += t.len();
+            tokens.push(t);
+            lps.push(*lp);
+            tops.push(top.iter().map(|(t, l)| (piece(*t), json!(l))).collect::<serde_json::Map<_, _>>());
+        }
+        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+    }
+
+    fn usage(&self) -> Value {
+        let completion: usize = self.choices.iter().map(|c| c.ids.len()).sum();
+        json!({"prompt_tokens": self.prompt_tokens, "completion_tokens": completion, "total_tokens": self.prompt_tokens + completion})
+    }
+
+    /// Runs a capture pass over choice `i`'s prompt and completion on the engine thread.
+    async fn captures(&self, i: usize) -> Result<Option<Value>, ApiError> {
+        let Some(spec) = self.capture.clone() else { return Ok(None) };
+        let c = &self.choices[i];
+        let ids: Vec<u32> = c.prompt.iter().chain(&c.ids).copied().collect();
+        let tokenizer = self.st.tokenizer.clone();
+        let v = self
+            .st
+            .service
+            .run(move |model| capture(model, &tokenizer, &ids, &spec))
+            .await
+            .map_err(|e| ApiError::server(e.to_string()))?
+            .map_err(|e| ApiError::server(format!("capture failed: {e}")))?;
+        Ok(Some(v))
+    }
+
+    /// Waits for every choice and answers with one JSON body.
+    async fn collect(mut self) -> Result<Value, ApiError> {
+        for i in 0..self.streams.len() {
+            while let Some(e) = self.streams[i].next().await {
+                self.apply(i, &e)?;
+            }
+        }
+        let mut choices = Vec::new();
+        for i in 0..self.choices.len() {
+            let c = &self.choices[i];
+            let finish = c.finish.unwrap_or(FinishReason::Length);
+            let logprobs = self.top_logprobs.map(|_| self.logprobs_json(i, 0));
+            let mut choice = if self.chat {
+                json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish})
+            } else {
+                json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
+            };
+            if let Some(cap) = self.captures(i).await? {
+                choice["highrise"] = cap;
+            }
+            choices.push(choice);
+        }
+        Ok(json!({
+            "id": self.id, "object": self.object(), "created": self.created, "model": self.st.model_id,
+            "choices": choices, "usage": self.usage(),
+        }))
+    }
+
+    /// A chunk with one choice's update.
+    fn chunk(&self, i: usize, text: Option<&str>, first: bool, logprobs: Option<Value>, finish: Option<FinishReason>) -> Value {
+        let mut choice = if self.chat {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(t) = text {
+                delta["content"] = json!(t);
+            }
+            json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+        } else {
+            json!({"index": i, "text": text.unwrap_or_default(), "logprobs": logprobs, "finish_reason": finish})
+        };
+        if self.include_usage {
+            choice = json!({"choices": [choice], "usage": null});
+        } else {
+            choice = json!({"choices": [choice]});
+        }
+        let mut chunk = json!({"id": self.id, "object": self.object(), "created": self.created, "model": self.st.model_id});
+        chunk.as_object_mut().expect("object").extend(choice.as_object().expect("object").clone());
+        chunk
+    }
+
+    /// The response as server-sent events: a chunk per piece of text, a last chunk per choice with
+    /// its finish reason, the usage (with `stream_options.include_usage`), then `[DONE]`.
+    fn into_sse(mut self) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+        let mut merged: SelectAll<_> = SelectAll::new();
+        for (i, s) in std::mem::take(&mut self.streams).into_iter().enumerate() {
+            merged.push(Box::pin(stream::unfold(s, move |mut s| async move { s.next().await.map(|e| ((i, e), s)) })));
+        }
+        // Payloads of the events to send, in order.
+        let mut pending: VecDeque<String> = VecDeque::new();
+        if self.chat {
+            // The role comes first, in a chunk of its own, as OpenAI sends it.
+            for i in 0..self.choices.len() {
+                pending.push_back(self.chunk(i, Some(""), true, None, None).to_string());
+            }
+        }
+        for (i, text) in self.echo.iter().enumerate() {
+            pending.push_back(self.chunk(i, Some(text), false, None, None).to_string());
+        }
+        let state = (self, merged, pending, false);
+        let events = stream::unfold(state, |(mut c, mut merged, mut pending, mut done)| async move {
+            loop {
+                if let Some(data) = pending.pop_front() {
+                    return Some((Ok(SseEvent::default().data(data)), (c, merged, pending, done)));
+                }
+                if done {
+                    return None;
+                }
+                let Some((i, e)) = merged.next().await else {
+                    if c.include_usage {
+                        let usage = json!({
+                            "id": c.id, "object": c.object(), "created": c.created, "model": c.st.model_id,
+                            "choices": [], "usage": c.usage(),
+                        });
+                        pending.push_back(usage.to_string());
+                    }
+                    pending.push_back("[DONE]".into());
+                    done = true;
+                    continue;
+                };
+                let steps = c.choices[i].logprobs.len();
+                if let Err(err) = c.apply(i, &e) {
+                    pending.push_back(err.body().to_string());
+                    continue;
+                }
+                let logprobs = c.top_logprobs.map(|_| c.logprobs_json(i, steps));
+                if e.text.is_empty() && logprobs.is_none() && e.finish.is_none() {
+                    continue; // nothing to show yet (an incomplete character or stop string)
+                }
+                let text = (!e.text.is_empty() || !c.chat).then_some(e.text.as_str());
+                let mut chunk = c.chunk(i, text, false, logprobs, e.finish);
+                if e.finish.is_some() {
+                    match c.captures(i).await {
+                        Ok(Some(cap)) => chunk["choices"][0]["highrise"] = cap,
+                        Ok(None) => {}
+                        Err(err) => pending.push_back(err.body().to_string()),
+                    }
+                }
+                pending.push_back(chunk.to_string());
+            }
+        });
+        Sse::new(events)
+    }
+}
+
+/// The capture pass over `ids` (prompt and completion): the sites asked for at the layers and
+/// positions asked for, attention patterns recomputed from Q and K, and the logit lens.
+fn capture(model: &Llama, tokenizer: &Tokenizer, ids: &[u32], spec: &CaptureSpec) -> highrise_model::Result<Value> {
+    let mut sites: Vec<Site> = spec.sites.iter().copied().collect();
+    if spec.attn_probs {
+        sites.extend([Site::Q, Site::K]);
+    }
+    if spec.logit_lens.is_some() {
+        sites.push(Site::ResidPost);
+    }
+    let mut hooks = Hooks::capture_all(&sites);
+    hooks.layers = Some(spec.layers.iter().copied().collect());
+    model.prefill_hooked(ids, Logits::Last, Some(&mut hooks))?;
+    let c = &model.config;
+    let t = ids.len();
+    let positions: Vec<usize> = spec.positions.clone().unwrap_or_else(|| (0..t).collect()).into_iter().filter(|&p| p < t).collect();
+    // One site at one layer: [positions][width].
+    let rows = |values: &[f32]| -> Value {
+        let width = values.len() / t;
+        positions.iter().map(|&p| json!(values[p * width..(p + 1) * width])).collect()
+    };
+    let mut out = json!({
+        "token_ids": ids,
+        "tokens": ids.iter().map(|&id| tokenizer.decode(&[id]).unwrap_or_default()).collect::<Vec<_>>(),
+        "layers": spec.layers,
+        "positions": positions,
+    });
+    for &site in &spec.sites {
+        if site == Site::FinalNorm {
+            out["final_norm"] = rows(hooks.get(site, c.num_hidden_layers).unwrap_or_default());
+        } else {
+            // [layers][positions][width]
+            out[site.name()] = spec.layers.iter().map(|&l| rows(hooks.get(site, l).unwrap_or_default())).collect();
+        }
+    }
+    if spec.attn_probs {
+        let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        // [layers][heads][positions][t]
+        let probs: Vec<Value> = spec
+            .layers
+            .iter()
+            .map(|&l| {
+                let p = attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), hq, hkv, d);
+                (0..hq).map(|h| positions.iter().map(|&i| json!(p[(h * t + i) * t..(h * t + i + 1) * t])).collect::<Value>()).collect()
+            })
+            .collect();
+        out["attn_probs"] = json!(probs);
+    }
+    if let Some(k) = spec.logit_lens {
+        let mut lens = Vec::new();
+        for &l in &spec.layers {
+            let tops = logit_lens(model, hooks.get(Site::ResidPost, l).unwrap_or_default(), k)?;
+            lens.push(
+                positions
+                    .iter()
+                    .map(|&p| {
+                        let top = &tops[p];
+                        let tokens: Vec<String> = top.tokens.iter().map(|&id| tokenizer.decode(&[id]).unwrap_or_default()).collect();
+                        json!({"ids": top.tokens, "tokens": tokens, "probs": top.probs})
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        out["logit_lens"] = json!(lens);
+    }
+    Ok(out)
+}
