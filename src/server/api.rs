@@ -303,8 +303,9 @@ impl Body {
 
     /// The engine's settings for one choice: sampling (OpenAI's defaults: temperature 1, top_p 1),
     /// the token limit against the context, stop strings and steering. `default_max`: the limit when
-    /// none is given (None: up to the context).
-    pub fn params(&self, model: &Llama, prompt_len: usize, default_max: Option<usize>) -> Result<GenerateParams, ApiError> {
+    /// none is given (None: up to the context, or what the KV cache holds: `cache_tokens`).
+    pub fn params(&self, model: &Llama, prompt_len: usize, default_max: Option<usize>, cache_tokens: usize) -> Result<GenerateParams, ApiError> {
+        let prompt_param = if self.messages.is_some() { "messages" } else { "prompt" };
         let ctx = model.config.context_len();
         if prompt_len >= ctx {
             return Err(ApiError::invalid(
@@ -312,7 +313,7 @@ impl Body {
                     "This model's maximum context length is {ctx} tokens. However, your prompt has {prompt_len} \
                      tokens, which leaves no room to generate."
                 ),
-                Some("messages"),
+                Some(prompt_param),
             )
             .with_code("context_length_exceeded"));
         }
@@ -335,7 +336,14 @@ impl Body {
                 .with_code("context_length_exceeded"))
             }
             Some(m) => m,
-            None => default_max.unwrap_or(room).min(room),
+            None if prompt_len >= cache_tokens => {
+                return Err(ApiError::invalid(
+                    format!("the prompt has {prompt_len} tokens, but this server's KV cache holds {cache_tokens}"),
+                    Some(prompt_param),
+                )
+                .with_code("context_length_exceeded"))
+            }
+            None => default_max.unwrap_or(room).min(room).min(cache_tokens - prompt_len),
         };
         let top_k = match self.top_k.unwrap_or(0) {
             k if k >= 0 => k as usize,

@@ -282,7 +282,10 @@ impl Completion {
         let capture = CaptureSpec::from_body(&body, &st.model)?;
         // OpenAI's defaults: 16 tokens for completions, up to the context for chat.
         let default_max = if chat { None } else { Some(16) };
-        let params: Vec<_> = prompts.iter().map(|p| body.params(&st.model, p.len(), default_max)).collect::<Result<_, _>>()?;
+        let stats = st.service.stats();
+        let cache_tokens = stats.blocks_total * stats.block_size;
+        let params: Vec<_> =
+            prompts.iter().map(|p| body.params(&st.model, p.len(), default_max, cache_tokens)).collect::<Result<_, _>>()?;
         let echo = match (body.echo.unwrap_or(false), chat) {
             (true, false) => prompts.iter().map(|p| st.tokenizer.decode(p).unwrap_or_default()).collect(),
             _ => Vec::new(),

@@ -124,8 +124,14 @@ impl<'m> Engine<'m> {
         if config.max_batch_tokens == 0 || config.max_running == 0 || config.block_size == 0 {
             return Err(Error::Input(format!("engine config {config:?} must have no zeros")));
         }
+        let mut cache = model.new_kv_cache(config.num_blocks, config.block_size)?;
+        // Write the whole cache once: its memory is committed now, as the size it was given says,
+        // rather than page by page as blocks are first used (which reads as growth under load).
+        for t in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            t.fill(0.0)?;
+        }
         Ok(Engine {
-            cache: model.new_kv_cache(config.num_blocks, config.block_size)?,
+            cache,
             blocks: BlockAllocator::new(config.num_blocks, config.block_size),
             eos: eos_ids(model, tokenizer),
             model,
@@ -205,6 +211,10 @@ impl<'m> Engine<'m> {
 
     pub fn num_blocks(&self) -> usize {
         self.blocks.num_blocks()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.config.block_size
     }
 
     pub fn num_running(&self) -> usize {

@@ -28,6 +28,7 @@ pub struct Stats {
     pub waiting: usize,
     pub blocks_free: usize,
     pub blocks_total: usize,
+    pub block_size: usize,
     pub preemptions: u64,
     pub tokens_generated: u64,
 }
@@ -102,6 +103,7 @@ impl EngineService {
                         *thread_stats.lock().expect("stats lock") = Stats {
                             blocks_free: engine.free_blocks(),
                             blocks_total: engine.num_blocks(),
+                            block_size: engine.block_size(),
                             ..Stats::default()
                         };
                         let _ = ready_tx.send(Ok((model.clone(), tokenizer.clone())));
@@ -256,6 +258,7 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
             waiting: engine.num_waiting(),
             blocks_free: engine.free_blocks(),
             blocks_total: engine.num_blocks(),
+            block_size: engine.block_size(),
             preemptions: engine.preemptions,
             tokens_generated: generated,
         };

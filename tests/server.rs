@@ -1,0 +1,506 @@
+//! The OpenAI-compatible server on the default model: every route, the error cases and the SSE
+//! format in-process over HTTP; a load of 64 streaming clients, a client that disconnects, the
+//! official `openai` Python client and SIGTERM against the `highrise serve` binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use highrise::engine::{generate, EngineConfig, GenerateParams};
+use highrise::model::{Llama, LoadOptions, Message, Source, Tokenizer};
+use highrise::server::ServerState;
+use serde_json::{json, Value};
+
+const MODEL_ID: &str = "smollm2";
+
+/// One in-process server for the route tests, on a runtime of its own that outlives each test.
+fn server(test: &str) -> Option<&'static (String, Arc<ServerState>)> {
+    static SERVER: OnceLock<Option<(String, Arc<ServerState>)>> = OnceLock::new();
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let s = SERVER.get_or_init(|| {
+        let path = default_model()?;
+        let state = ServerState::start(MODEL_ID.into(), move || {
+            let source = Source::open(&path)?;
+            let model = Llama::load(&source, highrise::load_backend("cpu")?, LoadOptions::default())?;
+            let config = EngineConfig::with_kv_memory(&model, 64 << 20);
+            Ok((Arc::new(model), Arc::new(source.tokenizer()?), config))
+        })
+        .expect("start the server");
+        let rt = RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let st = state.clone();
+        rt.spawn(highrise::server::serve(listener, st, std::future::pending(), Duration::ZERO));
+        Some((url, state))
+    });
+    if s.is_none() {
+        println!("skipped: {test}: the default model could not be fetched");
+    }
+    s.as_ref()
+}
+
+/// The expected greedy continuation, from `generate` on a model of our own.
+fn expected(prompt_ids: &[u32], max_tokens: usize) -> (String, usize) {
+    static MODEL: OnceLock<(Llama, Tokenizer)> = OnceLock::new();
+    let (model, tok) = MODEL.get_or_init(|| {
+        let source = Source::open(&default_model().unwrap()).unwrap();
+        (Llama::load(&source, cpu(), LoadOptions::default()).unwrap(), source.tokenizer().unwrap())
+    });
+    let g = generate(model, tok, prompt_ids, &GenerateParams { max_tokens, ..Default::default() }, &mut |_| {}).unwrap();
+    (g.text, g.ids.len())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new().post(format!("{url}{path}")).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// A streamed response's events: the JSON chunks, after checking the SSE framing and the final
+/// `[DONE]`.
+async fn post_stream(url: &str, path: &str, body: &Value) -> Vec<Value> {
+    let r = reqwest::Client::new().post(format!("{url}{path}")).json(body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    parse_sse(&text)
+}
+
+fn parse_sse(text: &str) -> Vec<Value> {
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]", "the stream ends with [DONE]: {text}");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            let data = e.strip_prefix("data: ").unwrap_or_else(|| panic!("an SSE event is one data line: {e:?}"));
+            serde_json::from_str(data).unwrap()
+        })
+        .collect()
+}
+
+fn chat_ids(messages: &[Message]) -> Vec<u32> {
+    let source = Source::open(&default_model().unwrap()).unwrap();
+    let tok = source.tokenizer().unwrap();
+    tok.encode(&tok.apply_chat_template(messages, true).unwrap(), false).unwrap()
+}
+
+#[test]
+fn health_models_and_metrics() {
+    let Some((url, _)) = server("server routes") else { return };
+    rt().block_on(async {
+        let get = |p: &str| reqwest::get(format!("{url}{p}"));
+        let h: Value = get("/health").await.unwrap().json().await.unwrap();
+        assert_eq!(h["status"], "ok");
+        let m: Value = get("/v1/models").await.unwrap().json().await.unwrap();
+        assert_eq!(m["object"], "list");
+        assert_eq!(m["data"][0]["id"], MODEL_ID);
+        assert_eq!(m["data"][0]["max_model_len"], 8192);
+        let r = get("/metrics").await.unwrap();
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+        let text = r.text().await.unwrap();
+        for name in [
+            "requests_running", "requests_waiting", "kv_blocks_used", "kv_blocks_free", "kv_blocks_total",
+            "preemptions_total", "generation_tokens_total", "generation_tokens_per_second", "prompt_tokens_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE highrise_{name} ")), "{name} in {text}");
+            assert!(metric(&text, name).is_some(), "{name} has a value");
+        }
+        assert!(metric(&text, "kv_blocks_total").unwrap() > 0.0);
+        let r = get("/v1/nothing").await.unwrap();
+        assert_eq!(r.status(), 404);
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"]["message"].is_string());
+    });
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(&format!("highrise_{name} ")).and_then(|v| v.parse().ok()))
+}
+
+#[test]
+fn completions_match_generate_whole_and_streamed() {
+    let Some((url, state)) = server("server completions") else { return };
+    let prompt = "Once upon a time, in a quiet village,";
+    let ids = state.tokenizer.encode(prompt, true).unwrap();
+    let (want, n) = expected(&ids, 24);
+    rt().block_on(async {
+        let body = json!({"model": MODEL_ID, "prompt": prompt, "max_tokens": 24, "temperature": 0});
+        let (status, r) = post(url, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["object"], "text_completion");
+        assert!(r["id"].as_str().unwrap().starts_with("cmpl-"));
+        assert_eq!(r["model"], MODEL_ID);
+        assert_eq!(r["choices"][0]["text"], want.as_str());
+        assert_eq!(r["choices"][0]["finish_reason"], if n == 24 { "length" } else { "stop" });
+        assert_eq!(r["usage"], json!({"prompt_tokens": ids.len(), "completion_tokens": n, "total_tokens": ids.len() + n}));
+
+        // The same as token ids, streamed, with the usage chunk.
+        let mut body = json!({"model": MODEL_ID, "prompt": ids, "max_tokens": 24, "temperature": 0, "stream": true});
+        body["stream_options"] = json!({"include_usage": true});
+        let chunks = post_stream(url, "/v1/completions", &body).await;
+        let (usage, chunks) = chunks.split_last().unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["completion_tokens"], n);
+        let text: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+        assert_eq!(text, want);
+        for c in chunks {
+            assert_eq!(c["object"], "text_completion");
+            assert_eq!(c["id"], chunks[0]["id"]);
+        }
+        let finishes: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
+        assert_eq!(finishes.len(), 1, "one finish_reason, in the last chunk");
+        assert!(!chunks.last().unwrap()["choices"][0]["finish_reason"].is_null());
+    });
+}
+
+#[test]
+fn chat_completions_match_generate_whole_and_streamed() {
+    let Some((url, _)) = server("server chat") else { return };
+    let ids = chat_ids(&[Message::new("user", "What is the capital of France?")]);
+    let (want, n) = expected(&ids, 8192 - ids.len());
+    rt().block_on(async {
+        let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
+        let (status, r) = post(url, "/v1/chat/completions", &json!({"model": MODEL_ID, "messages": messages, "temperature": 0})).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["object"], "chat.completion");
+        assert_eq!(r["choices"][0]["message"], json!({"role": "assistant", "content": want}));
+        assert_eq!(r["choices"][0]["finish_reason"], "stop");
+        assert_eq!(r["usage"]["prompt_tokens"], ids.len());
+        assert_eq!(r["usage"]["completion_tokens"], n);
+
+        let body = json!({"model": MODEL_ID, "messages": messages, "temperature": 0, "stream": true});
+        let chunks = post_stream(url, "/v1/chat/completions", &body).await;
+        assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, want);
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    });
+}
+
+#[test]
+fn n_seed_logprobs_stop_and_echo() {
+    let Some((url, _)) = server("server sampling fields") else { return };
+    rt().block_on(async {
+        let body = json!({
+            "model": MODEL_ID, "prompt": "The weather today is", "max_tokens": 12, "temperature": 0.9,
+            "top_p": 0.95, "top_k": 40, "seed": 11, "n": 3, "logprobs": 3,
+        });
+        let (status, a) = post(url, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{a}");
+        let (_, b) = post(url, "/v1/completions", &body).await;
+        let texts = |r: &Value| r["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+        assert_eq!(texts(&a).len(), 3);
+        assert_eq!(texts(&a), texts(&b), "the same seed gives the same choices");
+        let lp = &a["choices"][0]["logprobs"];
+        let steps = lp["tokens"].as_array().unwrap().len();
+        assert_eq!(steps, lp["token_logprobs"].as_array().unwrap().len());
+        let total: usize = a["choices"].as_array().unwrap().iter().map(|c| c["logprobs"]["tokens"].as_array().unwrap().len()).sum();
+        assert_eq!(total as u64, a["usage"]["completion_tokens"].as_u64().unwrap(), "a logprob per generated token");
+        for top in lp["top_logprobs"].as_array().unwrap() {
+            let vals: Vec<f64> = top.as_object().unwrap().values().map(|v| v.as_f64().unwrap()).collect();
+            assert!(!vals.is_empty() && vals.len() <= 3 && vals.iter().all(|&v| v <= 0.0), "{top}");
+        }
+        assert_eq!(lp["text_offset"][0], 0);
+
+        // Chat log-probabilities; greedy picks the top token, whose logprob the list starts with.
+        let body = json!({
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5,
+            "temperature": 0, "logprobs": true, "top_logprobs": 2,
+        });
+        let (status, r) = post(url, "/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{r}");
+        for step in r["choices"][0]["logprobs"]["content"].as_array().unwrap() {
+            let top = step["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 2);
+            assert_eq!(top[0]["token"], step["token"]);
+            assert!((top[0]["logprob"].as_f64().unwrap() - step["logprob"].as_f64().unwrap()).abs() < 1e-5);
+            assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        }
+
+        // A stop string ends the text before it; echo puts the prompt first.
+        let body = json!({"model": MODEL_ID, "prompt": "1, 2, 3, 4,", "max_tokens": 20, "temperature": 0, "stop": [" 7"], "echo": true});
+        let (_, r) = post(url, "/v1/completions", &body).await;
+        let text = r["choices"][0]["text"].as_str().unwrap();
+        assert!(text.starts_with("1, 2, 3, 4,"), "{text}");
+        assert!(!text.contains(" 7"), "{text}");
+        assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    });
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_carries_on() {
+    let Some((url, _)) = server("server errors") else { return };
+    let long = "word ".repeat(9000);
+    let cases: Vec<(&str, String, u16, Option<&str>, &str)> = vec![
+        ("/v1/completions", "{\"model\": \"smollm2\", \"prompt\": ".into(), 400, None, "not valid JSON"),
+        ("/v1/completions", "[1, 2]".into(), 400, None, "JSON object"),
+        ("/v1/completions", json!({"model": MODEL_ID}).to_string(), 400, Some("prompt"), "prompt"),
+        ("/v1/completions", json!({"prompt": "hi"}).to_string(), 400, Some("model"), "model"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "max_tokens": "ten"}).to_string(), 400, Some("max_tokens"), "invalid type"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "temperature": "hot"}).to_string(), 400, Some("temperature"), "invalid type"),
+        ("/v1/completions", json!({"model": "gpt-4", "prompt": "hi"}).to_string(), 404, Some("model"), "gpt-4"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": long}).to_string(), 400, Some("prompt"), "maximum context length"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "max_tokens": 100000}).to_string(), 400, Some("max_tokens"), "maximum context length"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "temperature": -0.5}).to_string(), 400, Some("temperature"), "temperature"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "top_p": 1.5}).to_string(), 400, Some("top_p"), "top_p"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "n": 0}).to_string(), 400, Some("n"), "n = 0"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "logprobs": 50}).to_string(), 400, Some("logprobs"), "logprobs"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": [99999999]}).to_string(), 400, Some("prompt"), "vocabulary"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": ""}).to_string(), 400, Some("prompt"), "empty"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "stop": [""]}).to_string(), 400, Some("stop"), "stop"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "logit_bias": {"x": 1}}).to_string(), 400, Some("logit_bias"), "token id"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": []}).to_string(), 400, Some("messages"), "at least one"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID}).to_string(), 400, Some("messages"), "messages"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"role": "wizard", "content": "hi"}]}).to_string(), 400, Some("messages[0].role"), "wizard"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"content": "hi"}]}).to_string(), 400, Some("messages[0]"), "role"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "logprobs": 3}).to_string(), 400, Some("logprobs"), "boolean"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "highrise": {"capture": ["nope"]}}).to_string(), 400, Some("highrise.capture[0]"), "nope"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "highrise": {"steer": [{"layer": 0, "vector": [1.0]}]}}).to_string(), 400, Some("highrise.steer[0]"), "576"),
+    ];
+    rt().block_on(async {
+        let client = reqwest::Client::new();
+        for (path, body, status, param, says) in &cases {
+            let r = client.post(format!("{url}{path}")).header("content-type", "application/json").body(body.clone()).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), *status, "{path} {body:.100}");
+            let e: Value = r.json().await.unwrap();
+            let err = &e["error"];
+            assert!(err["message"].as_str().unwrap().contains(says), "{body:.100}: {e}");
+            assert_eq!(err["type"], if *status == 404 { "not_found_error" } else { "invalid_request_error" });
+            if let Some(p) = param {
+                assert_eq!(err["param"].as_str(), Some(*p), "{body:.100}: {e}");
+            }
+        }
+        // Still serving.
+        let (status, r) = post(url, "/v1/completions", &json!({"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3})).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["usage"]["completion_tokens"], 3);
+    });
+}
+
+#[test]
+fn captures_through_the_extension_field_match_inspect() {
+    let Some((url, state)) = server("server captures") else { return };
+    rt().block_on(async {
+        let body = json!({
+            "model": MODEL_ID, "prompt": "The Eiffel Tower is in", "max_tokens": 3, "temperature": 0,
+            "highrise": {"capture": ["resid_post", "attn_probs"], "layers": [0, 29], "positions": [0, 2], "logit_lens": 3},
+        });
+        let (status, r) = post(url, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{r}");
+        let cap = &r["choices"][0]["highrise"];
+        let ids: Vec<u32> = ids(&cap["token_ids"]);
+        let prompt = state.tokenizer.encode("The Eiffel Tower is in", true).unwrap();
+        assert_eq!(ids[..prompt.len()], prompt[..], "captures cover the prompt, then the completion");
+        assert_eq!(ids.len(), prompt.len() + 3);
+        assert_eq!(cap["positions"], json!([0, 2]));
+        // The same stream from a hooked pass of our own.
+        let mut hooks = highrise::model::Hooks::capture_all(&[highrise::model::Site::ResidPost]);
+        state.model.prefill_hooked(&ids, highrise::model::Logits::Last, Some(&mut hooks)).unwrap();
+        let h = state.model.config.hidden_size;
+        for (li, layer) in [0usize, 29].into_iter().enumerate() {
+            let mine = hooks.get(highrise::model::Site::ResidPost, layer).unwrap();
+            for (pi, pos) in [0usize, 2].into_iter().enumerate() {
+                let got: Vec<f32> = cap["resid_post"][li][pi].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+                assert_eq!(got.len(), h);
+                let diff = got.iter().zip(&mine[pos * h..(pos + 1) * h]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-3, "layer {layer} position {pos}: {diff}");
+            }
+        }
+        // Attention rows are distributions over the earlier tokens.
+        let row = cap["attn_probs"][1][0][1].as_array().unwrap();
+        assert_eq!(row.len(), ids.len());
+        let total: f64 = row.iter().map(|v| v.as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-4 && row[3..].iter().all(|v| v.as_f64() == Some(0.0)), "{row:?}");
+        // The lens at the last layer predicts what greedy decoding chose next.
+        let last_prompt = prompt.len() - 1;
+        let body = json!({
+            "model": MODEL_ID, "prompt": "The Eiffel Tower is in", "max_tokens": 1, "temperature": 0,
+            "highrise": {"layers": [29], "positions": [last_prompt], "logit_lens": 1},
+        });
+        let (_, r) = post(url, "/v1/completions", &body).await;
+        let cap = &r["choices"][0]["highrise"];
+        assert_eq!(cap["logit_lens"][0][0]["ids"][0], cap["token_ids"][prompt.len()]);
+    });
+}
+
+/// `highrise serve` as a subprocess on a free port; killed on drop.
+struct Served {
+    child: Child,
+    url: String,
+}
+
+impl Served {
+    fn start(extra: &[&str]) -> Served {
+        let model = default_model().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_highrise"))
+            .args(["serve", "--port", "0", "--served-model-name", MODEL_ID, "--model", model.to_str().unwrap()])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines.next().expect("serve printed its address").unwrap();
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                break addr.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Served { child, url }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        s.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url)).await.unwrap().text().await.unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A streamed completion of exactly `tokens` tokens; returns the tokens counted in the usage chunk
+/// and the number of text chunks.
+async fn stream_exact(url: &str, prompt: String, tokens: usize) -> (u64, usize) {
+    let body = json!({
+        "model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0.7, "seed": 1,
+        "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},
+    });
+    let chunks = post_stream(url, "/v1/completions", &body).await;
+    let usage = chunks.last().unwrap()["usage"]["completion_tokens"].as_u64().unwrap();
+    let finish = chunks.iter().filter_map(|c| c["choices"][0]["finish_reason"].as_str()).collect::<Vec<_>>();
+    assert_eq!(finish, ["length"]);
+    (usage, chunks.len() - 1)
+}
+
+#[test]
+fn sixty_four_streaming_clients_then_memory_stays_flat() {
+    if default_model().is_none() {
+        return println!("skipped: server load: the default model could not be fetched");
+    }
+    let server = Served::start(&["--kv-memory", "256M"]);
+    rt().block_on(async {
+        let mut rss = Vec::new();
+        let rounds: usize = std::env::var("ROUNDS").map_or(2, |r| r.parse().unwrap());
+        for round in 0..rounds {
+            let clients = (0..64).map(|i| stream_exact(&server.url, format!("Client {i} of round {round} says:"), 16));
+            let results = futures_util::future::join_all(clients).await;
+            for (i, (usage, chunks)) in results.iter().enumerate() {
+                assert_eq!(*usage, 16, "client {i}");
+                assert!(*chunks >= 1 && *chunks <= 16, "client {i}: {chunks} chunks");
+            }
+            let m = server.metrics().await;
+            assert_eq!(metric(&m, "kv_blocks_used"), Some(0.0), "every block back after round {round}:\n{m}");
+            assert_eq!(metric(&m, "requests_running"), Some(0.0));
+            assert_eq!(metric(&m, "generation_tokens_total"), Some(64.0 * 16.0 * (round + 1) as f64));
+            rss.push(server.rss_kib());
+        }
+        println!("server RSS after each round (KiB): {rss:?}");
+        assert!(rss[1] <= rss[0] + 8 * 1024, "memory grew by {} KiB over the second round", rss[1] - rss[0]);
+    });
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_blocks() {
+    if default_model().is_none() {
+        return println!("skipped: server disconnect: the default model could not be fetched");
+    }
+    let server = Served::start(&[]);
+    rt().block_on(async {
+        let body = json!({"model": MODEL_ID, "prompt": "Tell me a long story.", "max_tokens": 4000, "ignore_eos": true, "stream": true});
+        let r = reqwest::Client::new().post(format!("{}/v1/completions", server.url)).json(&body).send().await.unwrap();
+        let mut bytes = r.bytes_stream();
+        let mut seen = 0;
+        while seen < 3 {
+            let chunk = bytes.next().await.unwrap().unwrap();
+            seen += String::from_utf8_lossy(&chunk).matches("data: ").count();
+        }
+        let m = server.metrics().await;
+        assert!(metric(&m, "kv_blocks_used").unwrap() > 0.0, "{m}");
+        assert_eq!(metric(&m, "requests_running"), Some(1.0));
+        drop(bytes);
+        let start = Instant::now();
+        loop {
+            let m = server.metrics().await;
+            if metric(&m, "kv_blocks_used") == Some(0.0) && metric(&m, "requests_running") == Some(0.0) {
+                let generated = metric(&m, "generation_tokens_total").unwrap();
+                assert!(generated < 4000.0, "cancelled before the end: {generated} tokens");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "blocks still used 20 s after the client left:\n{m}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[test]
+fn the_openai_python_client_works_unchanged_and_sigterm_exits_cleanly() {
+    if default_model().is_none() {
+        return println!("skipped: server openai client: the default model could not be fetched");
+    }
+    let probe = Command::new("python3").args(["-c", "import openai"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        return println!("skipped: server openai client: the python package openai is not installed (pip install openai)");
+    }
+    let mut server = Served::start(&["--shutdown-grace", "60"]);
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server_openai.py"))
+        .args([&format!("{}/v1", server.url), MODEL_ID])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // What `highrise generate` says for the same templated prompt.
+    let source = Source::open(&default_model().unwrap()).unwrap();
+    let tok = source.tokenizer().unwrap();
+    let prompt = tok.apply_chat_template(&[Message::new("user", "What is the capital of France?")], true).unwrap();
+    let gen = Command::new(env!("CARGO_BIN_EXE_highrise"))
+        .args(["generate", "--json", "--max-tokens", "32", "--model", default_model().unwrap().to_str().unwrap(), "--prompt", &prompt])
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let gen: Value = serde_json::from_slice(&gen.stdout).unwrap();
+    assert_eq!(got["chat"], gen["text"]);
+    assert_eq!(got["streamed"], gen["text"]);
+    assert_eq!(got["completion_tokens"], gen["ids"].as_array().unwrap().len());
+    assert_eq!(got["models"], json!([MODEL_ID]));
+
+    // SIGTERM while a request streams: it finishes, then the process exits 0.
+    rt().block_on(async {
+        let body = json!({"model": MODEL_ID, "prompt": "A long walk:", "max_tokens": 200, "ignore_eos": true, "stream": true});
+        let r = reqwest::Client::new().post(format!("{}/v1/completions", server.url)).json(&body).send().await.unwrap();
+        let mut bytes = r.bytes_stream();
+        let mut text = String::from_utf8_lossy(&bytes.next().await.unwrap().unwrap()).to_string();
+        Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap();
+        while let Some(chunk) = bytes.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        let chunks = parse_sse(&text);
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length", "the running request finished");
+    });
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
