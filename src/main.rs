@@ -202,7 +202,7 @@ struct ModelArgs {
     #[arg(long, short, default_value = "cpu")]
     backend: String,
     /// How weights are kept: auto (the file's own format, e.g. Q4_1, where the backend computes with
-    /// it, else f32), or converted at load to f32, f16, bf16 or q8_0.
+    /// it, else the --dtype of activations), or converted at load to f32, f16, bf16 or q8_0.
     #[arg(long, default_value = "auto")]
     weights: String,
     /// Quantize activations to 8 bits per block of 32 where they meet quantized weights (integer dot

@@ -19,7 +19,7 @@ use crate::{Error, ModelConfig, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightFormat {
     /// The file's own format where the backend computes with it (a float file is then used straight
-    /// from the mapping); f32 otherwise.
+    /// from the mapping); the activations' dtype otherwise.
     Auto,
     /// Converted to this dtype at load: f32, f16, bf16, or q8_0.
     Convert(DType),
@@ -430,7 +430,9 @@ impl Loader<'_> {
         let target = match self.opts.weights {
             WeightFormat::Convert(d) => d,
             WeightFormat::Auto if self.backend.supports(op, t.dtype) => t.dtype,
-            WeightFormat::Auto => DType::F32,
+            // A format the backend cannot compute with becomes the activations' dtype (f32 on the
+            // CPU by default; bf16 on a GPU running bf16).
+            WeightFormat::Auto => self.opts.activations,
         };
         self.upload(name, t, target)
     }

@@ -1,0 +1,264 @@
+//! Each op as kernel launches: its metadata uploaded to the scratch buffer, its tensors' device
+//! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
+
+use highrise_core::ops::{AddRmsNorm, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, SwiGlu};
+use highrise_core::{DType, Error, Result};
+
+use crate::{suffix, CudaBackend};
+
+/// Threads per block for row-wise kernels (norms, gathers).
+const ROW_THREADS: u32 = 256;
+
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain integers and floats, read as bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// A grid of enough blocks of `threads` to cover `n` elements with a grid-stride loop.
+fn cover(n: u64, threads: u32) -> (u32, u32, u32) {
+    (n.div_ceil(threads as u64).clamp(1, 65_535) as u32, 1, 1)
+}
+
+fn float_code(op: &str, what: &str, d: DType) -> Result<u32> {
+    if d.is_float() {
+        Ok(d as u32)
+    } else {
+        Err(Error::Unsupported(format!("{op}: {what} in {d}: the cuda backend reads f32, f16 and bf16 (convert at load)")))
+    }
+}
+
+pub fn embedding(be: &CudaBackend, op: &Embedding) -> Result<()> {
+    let s = suffix("embedding", op.out.dtype)?;
+    let table_dt = float_code("embedding", "table", op.table.dtype)?;
+    let (t, h) = (op.ids.len() as u32, op.table.dims()[1] as u32);
+    let (out, table) = (be.ptr("out", &op.out)?, be.ptr("table", &op.table)?);
+    let (_guard, _, addr) = be.upload(0, &[bytes_of(op.ids.as_slice())])?;
+    be.launch(&format!("embedding_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &table, &table_dt, &addr[0], &h])
+}
+
+pub fn rms_norm(be: &CudaBackend, op: &RmsNorm) -> Result<()> {
+    let s = suffix("rms_norm", op.out.dtype)?;
+    let w_dt = float_code("rms_norm", "weight", op.weight.dtype)?;
+    let h = *op.x.dims().last().expect("validated rank") as u32;
+    let t = (op.x.numel() / h as usize) as u32;
+    let (out, x, w) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("weight", &op.weight)?);
+    be.launch(&format!("rms_norm_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &x, &w, &w_dt, &h, &op.eps])
+}
+
+pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
+    let s = suffix("add_rms_norm", op.out.dtype)?;
+    let w_dt = float_code("add_rms_norm", "weight", op.weight.dtype)?;
+    let h = *op.residual.dims().last().expect("validated rank") as u32;
+    let t = (op.residual.numel() / h as usize) as u32;
+    let (out, res, delta, w) =
+        (be.ptr("out", &op.out)?, be.ptr("residual", &op.residual)?, be.ptr("delta", &op.delta)?, be.ptr("weight", &op.weight)?);
+    be.launch(&format!("add_rms_norm_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &res, &delta, &w, &w_dt, &h, &op.eps])
+}
+
+/// `out [T, N] = x [T, K] @ weight [N, K]^T (+ bias)` with cuBLAS, which is column-major: there the
+/// row-major weight is a K x N matrix and x a K x T one, so out (N x T column-major, i.e. [T, N]
+/// row-major) = op_T(weight) * x. f32 accumulation (pedantic for f32: no TF32 rounding).
+pub fn linear(be: &CudaBackend, op: &Linear) -> Result<()> {
+    use cudarc::cublas::sys::{cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t, cudaDataType as Ty};
+    let act = op.x.dtype;
+    if op.weight.dtype != act {
+        return Err(Error::Unsupported(format!(
+            "linear: weight in {} with activations in {act}: the cuda backend multiplies matching dtypes \
+             (load the weights as {act}: --weights {act})",
+            op.weight.dtype
+        )));
+    }
+    let (ty, compute) = match act {
+        DType::F32 => (Ty::CUDA_R_32F, Compute::CUBLAS_COMPUTE_32F_PEDANTIC),
+        DType::F16 => (Ty::CUDA_R_16F, Compute::CUBLAS_COMPUTE_32F),
+        DType::BF16 => (Ty::CUDA_R_16BF, Compute::CUBLAS_COMPUTE_32F),
+        other => return Err(Error::Unsupported(format!("linear: the cuda backend does not support {other}"))),
+    };
+    let (t, k) = (op.x.dims()[0], op.x.dims()[1]);
+    let n = op.weight.dims()[0];
+    let too_big = |v: usize| i32::try_from(v).map_err(|_| Error::Unsupported(format!("linear: dimension {v} exceeds cuBLAS's int range")));
+    let (m, nn, kk) = (too_big(n)?, too_big(t)?, too_big(k)?);
+    let (out, x, w) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("weight", &op.weight)?);
+    let bias = be.opt_ptr("bias", &op.bias)?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    {
+        let blas = be.blas.lock().map_err(|_| Error::Backend("cuda: cuBLAS lock poisoned".into()))?;
+        // SAFETY: the three matrices lie inside their allocations (checked by `ptr` against the
+        // validated shapes); the handle is used under its lock; the stream is the default one.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                blas.0,
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                m,
+                nn,
+                kk,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                ty,
+                kk,
+                x as *const _,
+                ty,
+                kk,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                ty,
+                m,
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Backend(format!("linear: cublasGemmEx [{t}, {k}] x [{n}, {k}]^T in {act}: {e:?}")))?;
+    }
+    if bias != 0 {
+        let s = suffix("linear", act)?;
+        let bias_dt = float_code("linear", "bias", op.bias.dtype)?;
+        let (n32, total) = (n as u32, (t * n) as u64);
+        be.launch(&format!("add_bias_{s}"), cover(total, 256), (256, 1, 1), &[&out, &bias, &bias_dt, &n32, &total])?;
+    }
+    Ok(())
+}
+
+pub fn rope(be: &CudaBackend, op: &Rope) -> Result<()> {
+    let s = suffix("rope", op.x.dtype)?;
+    let [t, heads, d] = [op.x.dims()[0] as u32, op.x.dims()[1] as u32, op.x.dims()[2] as u32];
+    if d / 2 > 1024 {
+        return Err(Error::Unsupported(format!("rope: head dim {d} is above the cuda backend's 2048")));
+    }
+    let x = be.ptr("x", &op.x)?;
+    let inv_freq = op.config.inv_freq(d as usize);
+    let (_guard, _, addr) = be.upload(0, &[bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)])?;
+    be.launch(&format!("rope_{s}"), (t, heads, 1), ((d / 2).max(32), 1, 1), &[&x, &addr[0], &addr[1], &heads, &d])
+}
+
+pub fn kv_write(be: &CudaBackend, op: &KvWrite) -> Result<()> {
+    let s = suffix("kv_write", op.k.dtype)?;
+    let t = op.slots.len() as u32;
+    let row = (op.k_cache.dims()[2] * op.k_cache.dims()[3]) as u32;
+    let (kc, vc) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
+    let (k, v) = (be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
+    let (_guard, _, addr) = be.upload(0, &[bytes_of(op.slots.as_slice())])?;
+    be.launch(&format!("kv_write_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&kc, &vc, &k, &v, &addr[0], &row])
+}
+
+/// What attention needs per query row: where its keys start (a token row, or an offset into the
+/// block table) and how many it sees.
+struct QueryRows {
+    base: Vec<u32>,
+    nkeys: Vec<u32>,
+}
+
+/// Prefill: sequences laid end to end; query i of a sequence starting at token `start` sees keys
+/// start..=start + i.
+fn prefill_rows(seq_lens: &[u32]) -> QueryRows {
+    let (mut base, mut nkeys) = (Vec::new(), Vec::new());
+    let mut start = 0u32;
+    for &len in seq_lens {
+        for i in 0..len {
+            base.push(start);
+            nkeys.push(i + 1);
+        }
+        start += len;
+    }
+    QueryRows { base, nkeys }
+}
+
+/// Paged: query j of a sequence with `q_len` queries in `context_len` tokens sits at position
+/// context_len - q_len + j and sees that many keys plus itself, through its blocks.
+fn paged_rows(seqs: &[highrise_core::ops::PagedSeq]) -> QueryRows {
+    let (mut base, mut nkeys) = (Vec::new(), Vec::new());
+    for s in seqs {
+        for j in 0..s.q_len {
+            base.push(s.blocks_start);
+            nkeys.push(s.context_len - s.q_len + j + 1);
+        }
+    }
+    QueryRows { base, nkeys }
+}
+
+/// How many slices to cut each query's keys into: enough blocks to fill the GPU twice over, but no
+/// slice shorter than 64 keys.
+fn splits_for(be: &CudaBackend, rows: usize, heads: usize, max_keys: u32) -> u32 {
+    let want = (2 * be.sms as usize).div_ceil((rows * heads).max(1)) as u32;
+    want.clamp(1, max_keys.div_ceil(64).max(1))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    be: &CudaBackend,
+    name: &str,
+    out: &highrise_core::TensorRef,
+    q: &highrise_core::TensorRef,
+    k: &highrise_core::TensorRef,
+    v: &highrise_core::TensorRef,
+    rows: QueryRows,
+    table: Option<(&[u32], u32)>,
+    scale: f32,
+) -> Result<()> {
+    let s = suffix(name, out.dtype)?;
+    let [t, hq, d] = [q.dims()[0], q.dims()[1], q.dims()[2]];
+    let hkv = *k.dims().get(k.dims().len() - 2).expect("validated rank");
+    if !crate::kernels::HEAD_DIMS.contains(&d) {
+        return Err(Error::Unsupported(format!("{name}: head dim {d} (the cuda kernels take {:?})", crate::kernels::HEAD_DIMS)));
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let max_keys = rows.nkeys.iter().copied().max().unwrap_or(1);
+    let splits = splits_for(be, t, hq, max_keys);
+    let split_len = max_keys.div_ceil(splits);
+    let partial_bytes = t * hq * splits as usize * (d + 2) * 4;
+    let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
+    let (table_bytes, block_size) = match table {
+        Some((tab, bs)) => (bytes_of(tab), bs),
+        None => (&[][..], 0),
+    };
+    let (_guard, partial, addr) = be.upload(partial_bytes, &[bytes_of(&rows.base), bytes_of(&rows.nkeys), table_bytes])?;
+    let table_ptr = if table.is_some() { addr[2] } else { 0u64 };
+    let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
+    be.launch(
+        &format!("attn_split_d{d}_{s}"),
+        (t as u32, hq32, splits),
+        (128, 1, 1),
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &split_len],
+    )?;
+    be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
+}
+
+pub fn attention(be: &CudaBackend, op: &Attention) -> Result<()> {
+    let rows = prefill_rows(op.seq_lens.as_slice());
+    attend(be, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
+}
+
+pub fn paged_attention(be: &CudaBackend, op: &PagedAttention) -> Result<()> {
+    let rows = paged_rows(op.seqs.as_slice());
+    let block_size = op.k_cache.dims()[1] as u32;
+    attend(be, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, Some((op.block_table.as_slice(), block_size)), op.scale)
+}
+
+pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
+    let s = suffix("swiglu", op.out.dtype)?;
+    let n = op.out.numel() as u64;
+    let (out, gate, up) = (be.ptr("out", &op.out)?, be.ptr("gate", &op.gate)?, be.ptr("up", &op.up)?);
+    be.launch(&format!("swiglu_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &n])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use highrise_core::ops::PagedSeq;
+
+    #[test]
+    fn query_rows_see_their_own_prefix() {
+        let r = prefill_rows(&[2, 3]);
+        assert_eq!(r.base, vec![0, 0, 2, 2, 2]);
+        assert_eq!(r.nkeys, vec![1, 2, 1, 2, 3]);
+        // A decode step (1 query after 9 cached tokens) and a 2-token chunk after 4.
+        let r = paged_rows(&[
+            PagedSeq { q_len: 1, context_len: 10, blocks_start: 0 },
+            PagedSeq { q_len: 2, context_len: 6, blocks_start: 3 },
+        ]);
+        assert_eq!(r.base, vec![0, 3, 3]);
+        assert_eq!(r.nkeys, vec![10, 5, 6]);
+    }
+}

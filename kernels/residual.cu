@@ -1,0 +1,62 @@
+// The residual stream: embedding gather, RMSNorm, and the fused residual-add + RMSNorm that reads
+// and writes the stream once per layer half. One block per token row.
+
+// out[t] = table[ids[t]]  (out [T, H]; table [V, H] of dtype table_dt)
+template <class D>
+__device__ void embedding(typename D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h) {
+    const u64 t = blockIdx.x;
+    const u64 row = (u64)ids[t] * h;
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, t * h + i, load_any(table, row + i, table_dt));
+}
+
+// out[t] = x[t] / rms(x[t]) * w  (x, out [T, H]; w [H] of dtype w_dt)
+template <class D>
+__device__ void rms_norm(typename D::T* out, const typename D::T* x, const void* w, u32 w_dt, u32 h, float eps) {
+    const u64 base = (u64)blockIdx.x * h;
+    float ss = 0.0f;
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
+        const float v = D::load(x, base + i);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, base + i, D::load(x, base + i) * inv * load_any(w, i, w_dt));
+}
+
+// residual[t] += delta[t] (rounded to the stream's dtype, as stored); out[t] = rms_norm(residual[t]) * w.
+template <class D>
+__device__ void add_rms_norm(typename D::T* out, typename D::T* residual, const typename D::T* delta, const void* w,
+                             u32 w_dt, u32 h, float eps) {
+    const u64 base = (u64)blockIdx.x * h;
+    float ss = 0.0f;
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
+        D::store(residual, base + i, D::load(residual, base + i) + D::load(delta, base + i));
+        const float v = D::load(residual, base + i);  // the rounded value, as a later read sees it
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
+    // Each thread reads back only the elements it wrote itself: no barrier needed for them.
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, base + i, D::load(residual, base + i) * inv * load_any(w, i, w_dt));
+}
+
+// out[t, n] += bias[n]  (out [T, N]): the linear layers' bias, after the GEMM.
+template <class D>
+__device__ void add_bias(typename D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x)
+        D::store(out, i, D::load(out, i) + load_any(bias, i % n, bias_dt));
+}
+
+#define RESIDUAL(s, D)                                                                                        \
+    extern "C" __global__ void embedding_##s(D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h) { \
+        embedding<D>(out, table, table_dt, ids, h);                                                           \
+    }                                                                                                         \
+    extern "C" __global__ void rms_norm_##s(D::T* out, const D::T* x, const void* w, u32 w_dt, u32 h, float eps) { \
+        rms_norm<D>(out, x, w, w_dt, h, eps);                                                                 \
+    }                                                                                                         \
+    extern "C" __global__ void add_rms_norm_##s(D::T* out, D::T* residual, const D::T* delta, const void* w, u32 w_dt, \
+                                                u32 h, float eps) {                                           \
+        add_rms_norm<D>(out, residual, delta, w, w_dt, h, eps);                                               \
+    }                                                                                                         \
+    extern "C" __global__ void add_bias_##s(D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {     \
+        add_bias<D>(out, bias, bias_dt, n, total);                                                            \
+    }
+FOR_EACH_DTYPE(RESIDUAL)

@@ -1,0 +1,67 @@
+//! The CUDA kernels compile with NVRTC for Ampere (sm_80) and Hopper (sm_90a), and ptxas finds no
+//! register spills in them. Needs no GPU: NVRTC and ptxas come from NVIDIA's PyPI wheels
+//! (`nvidia-cuda-nvrtc`, `nvidia-cuda-nvcc`, 13.0 series, installed by .ci/run).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use highrise_cuda::{kernels, libs, nvrtc};
+
+fn ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HIGHRISE_PTXAS") {
+        return Some(p.into());
+    }
+    let wheel = libs::python_nvidia_dir().map(|d| d.join("cu13/bin/ptxas")).filter(|p| p.is_file());
+    wheel.or_else(|| Command::new("ptxas").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| "ptxas".into()))
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
+    if let Err(e) = nvrtc::ensure_loaded() {
+        return println!("skipped: no NVRTC here ({e})");
+    }
+    let (major, minor) = nvrtc::version().unwrap();
+    println!("NVRTC {major}.{minor}");
+    let ptxas = ptxas();
+    if ptxas.is_none() {
+        println!("skipped (spill check only): no ptxas (pip install nvidia-cuda-nvcc==13.0.*)");
+    }
+    let dir = std::env::temp_dir().join(format!("highrise-ptx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for arch in ["sm_80", "sm_90a"] {
+        let files = nvrtc::compile_all(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(files.len(), kernels::FILES.len());
+        for (name, ptx) in files {
+            let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+            assert!(entries > 0, "{name} for {arch} has no kernels");
+            let Some(ptxas) = &ptxas else { continue };
+            let path = dir.join(format!("{name}.{arch}.ptx"));
+            std::fs::write(&path, &ptx).unwrap();
+            let out = Command::new(ptxas).args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"]).arg(&path).output().unwrap();
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "ptxas {name} for {arch}:\n{log}");
+            // ptxas -v prints, per kernel: "Compiling entry function 'NAME' ..." then
+            // "N bytes stack frame, S bytes spill stores, L bytes spill loads".
+            let mut kernel = String::new();
+            let mut checked = 0;
+            for line in log.lines() {
+                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                    kernel = rest.split('\'').next().unwrap_or_default().to_string();
+                    checked += 1;
+                }
+                if line.contains("spill stores") {
+                    let spills: Vec<u64> = line
+                        .split(',')
+                        .filter(|p| p.contains("spill"))
+                        .map(|p| p.trim().split(' ').next().unwrap().parse().unwrap())
+                        .collect();
+                    // Every function's, the device functions ptxas lists beside the kernels included.
+                    assert!(spills.iter().all(|&s| s == 0), "{arch} {kernel} spills: {line}");
+                }
+            }
+            assert_eq!(checked, entries, "ptxas reported on every kernel of {name} for {arch}:\n{log}");
+            println!("{arch} {name}: {entries} kernels, no spills");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
