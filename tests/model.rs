@@ -241,3 +241,21 @@ fn q8_activations_agree_on_the_top_token() {
     println!("8-bit activations: top-1 agrees at {agree} of {total} prompt positions");
     assert!(agree as f64 >= 0.99 * total as f64, "top-1 agreement {agree}/{total} is below 99%");
 }
+
+#[test]
+fn random_weight_models_are_reproducible_and_generate() {
+    use highrise::model::{ModelConfig, Tokenizer};
+    let config = ModelConfig::shape("tiny").unwrap();
+    let make = |seed| Llama::random(config.clone(), cpu(), highrise::core::DType::F32, seed).unwrap();
+    let (a, b, c) = (make(3), make(3), make(4));
+    let prompt: Vec<u32> = (0..20).map(|i| i * 7 % 512).collect();
+    let logits = |m: &Llama| m.prefill(&prompt, highrise::model::Logits::Last).unwrap().to_f32().unwrap();
+    assert_eq!(logits(&a), logits(&b), "same seed, same model");
+    assert_ne!(logits(&a), logits(&c), "another seed, another model");
+    let tok = Tokenizer::numbered(512).unwrap();
+    assert_eq!(tok.encode("<5> <7>", false).unwrap(), vec![5, 7]);
+    let params = highrise::engine::GenerateParams { max_tokens: 8, ignore_eos: true, ..Default::default() };
+    let g = highrise::engine::generate(&a, &tok, &prompt, &params, &mut |_| {}).unwrap();
+    assert_eq!(g.ids.len(), 8);
+    assert_eq!(tok.encode(&g.text, false).unwrap(), g.ids, "the text names the ids: {}", g.text);
+}

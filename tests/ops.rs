@@ -1,5 +1,6 @@
-//! Every op of the CPU plugin against a naive f64 reference, on fresh random inputs, with outputs
-//! poisoned (NaN) before each call. Shapes: grouped-query ratios 1, 3 and 4, head dims 64 and 128,
+//! Every op against a naive f64 reference, on fresh random inputs, with outputs poisoned (NaN)
+//! before each call: on the CPU plugin here, and on the CUDA backend in tests/cuda.rs, which
+//! includes this file. Shapes: grouped-query ratios 1, 3 and 4, head dims 64 and 128,
 //! sequence lengths 1, 7, 64 and 300, decode at non-zero positions.
 
 mod common;
@@ -14,6 +15,9 @@ const EPS: f64 = 1e-5;
 
 #[test]
 fn embedding_gathers_rows() {
+    if backend("embedding_gathers_rows").is_none() {
+        return;
+    }
     let mut rng = Rng::new("embedding");
     let (vocab, hidden) = (97, 64);
     for table_dt in FLOATS {
@@ -22,7 +26,7 @@ fn embedding_gathers_rows() {
                 let table = rng.values(vocab * hidden, 1.0, table_dt);
                 let ids: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
                 let mut out = poisoned(out_dt, &[t, hidden]);
-                cpu().embedding(&mut out, &upload(table_dt, &[vocab, hidden], &table), &ids).unwrap();
+                be().embedding(&mut out, &upload(table_dt, &[vocab, hidden], &table), &ids).unwrap();
                 let want: Vec<f64> = ids
                     .iter()
                     .flat_map(|&id| table[id as usize * hidden..][..hidden].iter().map(|&x| round(out_dt, x)))
@@ -39,6 +43,9 @@ fn embedding_gathers_rows() {
 
 #[test]
 fn rms_norm_matches_reference() {
+    if backend("rms_norm_matches_reference").is_none() {
+        return;
+    }
     let mut rng = Rng::new("rms_norm");
     for dt in FLOATS {
         for t in SEQ_LENS {
@@ -46,7 +53,7 @@ fn rms_norm_matches_reference() {
                 let x = rng.values(t * h, 2.0, dt);
                 let w = rng.values(h, 1.5, dt);
                 let mut out = poisoned(dt, &[t, h]);
-                cpu().rms_norm(&mut out, &upload(dt, &[t, h], &x), &upload(dt, &[h], &w), EPS as f32).unwrap();
+                be().rms_norm(&mut out, &upload(dt, &[t, h], &x), &upload(dt, &[h], &w), EPS as f32).unwrap();
                 let what = format!("rms_norm {dt} [{t}, {h}]");
                 let exact = ref_rms_norm(&x, &w, EPS, Rd::Exact);
                 assert_close(&what, dt, &download(&out), &exact, &ref_rms_norm(&x, &w, EPS, Rd::Naive(dt)));
@@ -57,6 +64,9 @@ fn rms_norm_matches_reference() {
 
 #[test]
 fn add_rms_norm_updates_stream_and_normalizes() {
+    if backend("add_rms_norm_updates_stream_and_normalizes").is_none() {
+        return;
+    }
     let mut rng = Rng::new("add_rms_norm");
     for dt in FLOATS {
         for t in SEQ_LENS {
@@ -64,7 +74,7 @@ fn add_rms_norm_updates_stream_and_normalizes() {
             let (res, delta, w) = (rng.values(t * h, 2.0, dt), rng.values(t * h, 1.0, dt), rng.values(h, 1.5, dt));
             let mut residual = upload(dt, &[t, h], &res);
             let mut out = poisoned(dt, &[t, h]);
-            cpu()
+            be()
                 .add_rms_norm(&mut out, &mut residual, &upload(dt, &[t, h], &delta), &upload(dt, &[h], &w), EPS as f32)
                 .unwrap();
             let sum: Vec<f64> = res.iter().zip(&delta).map(|(a, b)| a + b).collect();
@@ -80,6 +90,9 @@ fn add_rms_norm_updates_stream_and_normalizes() {
 
 #[test]
 fn linear_matches_reference() {
+    if backend("linear_matches_reference").is_none() {
+        return;
+    }
     let mut rng = Rng::new("linear");
     // (K, N): the default model's q and MLP shapes, and a head-sized one.
     for (k, n) in [(576, 1536), (1536, 576), (64, 96)] {
@@ -92,7 +105,7 @@ fn linear_matches_reference() {
                     let b = rng.values(n, 0.5, act);
                     let bias_t = upload(act, &[n], &b);
                     let mut out = poisoned(act, &[t, n]);
-                    cpu()
+                    be()
                         .linear(&mut out, &upload(act, &[t, k], &x), &upload(wdt, &[n, k], &w), bias.then_some(&bias_t))
                         .unwrap();
                     let b = bias.then_some(&b[..]);
@@ -107,6 +120,9 @@ fn linear_matches_reference() {
 
 #[test]
 fn rope_rotates_half_at_any_position() {
+    if backend("rope_rotates_half_at_any_position").is_none() {
+        return;
+    }
     let mut rng = Rng::new("rope");
     for dt in FLOATS {
         for d in [64, 128] {
@@ -117,7 +133,7 @@ fn rope_rotates_half_at_any_position() {
                     // Positions anywhere in a long context, not just 0..t.
                     let positions: Vec<u32> = (0..t).map(|_| rng.below(32_768) as u32).collect();
                     let mut xt = upload(dt, &[t, heads, d], &x);
-                    cpu().rope(&mut xt, &positions, RopeConfig::new(theta as f32)).unwrap();
+                    be().rope(&mut xt, &positions, RopeConfig::new(theta as f32)).unwrap();
                     let inv = ref_inv_freq(theta, d);
                     let what = format!("rope {dt} D={d} T={t} theta={theta}");
                     let exact = ref_rope(&x, &positions, &inv, heads, Rd::Exact);
@@ -131,6 +147,9 @@ fn rope_rotates_half_at_any_position() {
 
 #[test]
 fn rope_llama3_scaling_follows_the_reference_formula() {
+    if backend("rope_llama3_scaling_follows_the_reference_formula").is_none() {
+        return;
+    }
     let mut rng = Rng::new("rope_llama3");
     let (t, heads, d) = (7, 2, 128);
     let cfg = RopeConfig {
@@ -162,7 +181,7 @@ fn rope_llama3_scaling_follows_the_reference_formula() {
     let x = rng.values(t * heads * d, 1.0, DType::F32);
     let positions: Vec<u32> = (0..t).map(|_| rng.below(100_000) as u32).collect();
     let mut xt = upload(DType::F32, &[t, heads, d], &x);
-    cpu().rope(&mut xt, &positions, cfg).unwrap();
+    be().rope(&mut xt, &positions, cfg).unwrap();
     let exact = ref_rope(&x, &positions, &inv, heads, Rd::Exact);
     assert_close("rope llama3", DType::F32, &download(&xt), &exact, &exact);
 }
@@ -172,6 +191,9 @@ const GQA: [(usize, usize); 3] = [(4, 4), (9, 3), (8, 2)];
 
 #[test]
 fn prefill_attention_is_causal_gqa() {
+    if backend("prefill_attention_is_causal_gqa").is_none() {
+        return;
+    }
     let mut rng = Rng::new("attention");
     for dt in FLOATS {
         for (hq, hkv) in GQA {
@@ -192,7 +214,7 @@ fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = poisoned(dt, &[t, hq, d]);
     let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
-    cpu()
+    be()
         .attention(
             &mut out,
             &upload(dt, &[t, hq, d], &q),
@@ -218,6 +240,9 @@ fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens
 /// `kv_write` into blocks in shuffled order, then its last `q_len` tokens attend through the table.
 #[test]
 fn paged_attention_reads_through_block_tables() {
+    if backend("paged_attention_reads_through_block_tables").is_none() {
+        return;
+    }
     let mut rng = Rng::new("paged_attention");
     for dt in FLOATS {
         for (hq, hkv) in GQA {
@@ -246,7 +271,7 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
         let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
         let slots: Vec<u32> = (0..ctx).map(|p| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
         let (k, v) = (rng.values(ctx * hkv * d, 1.0, dt), rng.values(ctx * hkv * d, 1.0, dt));
-        cpu()
+        be()
             .kv_write(&mut k_cache, &mut v_cache, &upload(dt, &[ctx, hkv, d], &k), &upload(dt, &[ctx, hkv, d], &v), &slots)
             .unwrap();
         seqs.push(PagedSeq { q_len: q_len as u32, context_len: ctx as u32, blocks_start: table.len() as u32 });
@@ -258,7 +283,7 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
     let q: Vec<f64> = qs.concat();
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = poisoned(dt, &[t, hq, d]);
-    cpu()
+    be()
         .paged_attention(&mut out, &upload(dt, &[t, hq, d], &q), &k_cache, &v_cache, &seqs, &table, scale as f32)
         .unwrap();
     let got = download(&out);
@@ -274,13 +299,16 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
 
 #[test]
 fn swiglu_matches_reference() {
+    if backend("swiglu_matches_reference").is_none() {
+        return;
+    }
     let mut rng = Rng::new("swiglu");
     for dt in FLOATS {
         for t in SEQ_LENS {
             let i = 1536;
             let (g, u) = (rng.values(t * i, 4.0, dt), rng.values(t * i, 2.0, dt));
             let mut out = poisoned(dt, &[t, i]);
-            cpu().swiglu(&mut out, &upload(dt, &[t, i], &g), &upload(dt, &[t, i], &u)).unwrap();
+            be().swiglu(&mut out, &upload(dt, &[t, i], &g), &upload(dt, &[t, i], &u)).unwrap();
             let what = format!("swiglu {dt} [{t}, {i}]");
             assert_close(&what, dt, &download(&out), &ref_swiglu(&g, &u, Rd::Exact), &ref_swiglu(&g, &u, Rd::Naive(dt)));
         }

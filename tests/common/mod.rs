@@ -13,6 +13,27 @@ pub fn cpu() -> Arc<dyn Backend> {
     CPU.get_or_init(|| highrise::load_backend("cpu").expect("load the cpu plugin")).clone()
 }
 
+/// The backend the op tests run on: the CPU plugin, or, in the tests/cuda.rs binary (which includes
+/// tests/ops.rs), the CUDA backend. `None` (after printing `skipped: ...`) where it cannot run.
+pub fn backend(test: &str) -> Option<Arc<dyn Backend>> {
+    static BACKEND: OnceLock<Result<Arc<dyn Backend>, String>> = OnceLock::new();
+    if env!("CARGO_CRATE_NAME") != "cuda" {
+        return Some(cpu());
+    }
+    match BACKEND.get_or_init(|| highrise::load_backend("cuda").map_err(|e| e.to_string())) {
+        Ok(b) => Some(b.clone()),
+        Err(e) => {
+            println!("skipped: {test}: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// The backend of this test binary, once `backend` has said it runs.
+pub fn be() -> Arc<dyn Backend> {
+    backend("").expect("checked by the test")
+}
+
 /// A small, seedable generator (splitmix64). Each test run draws a fresh seed and prints it;
 /// `HIGHRISE_TEST_SEED=<n>` replays one.
 pub struct Rng(u64);
@@ -80,12 +101,12 @@ impl Rd {
 
 pub fn upload(dtype: DType, dims: &[usize], v: &[f64]) -> Tensor {
     let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    Tensor::from_f32(&cpu(), dtype, dims, &f).unwrap()
+    Tensor::from_f32(&be(), dtype, dims, &f).unwrap()
 }
 
 /// An output tensor full of NaN, so any element an op fails to write shows up.
 pub fn poisoned(dtype: DType, dims: &[usize]) -> Tensor {
-    let mut t = Tensor::empty(&cpu(), dtype, dims).unwrap();
+    let mut t = Tensor::empty(&be(), dtype, dims).unwrap();
     t.fill(f32::NAN).unwrap();
     t
 }

@@ -65,6 +65,31 @@ fn default_max_pos() -> usize {
 }
 
 impl ModelConfig {
+    /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
+    /// `smollm2-135m`, and `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512).
+    pub fn shape(name: &str) -> Option<ModelConfig> {
+        let v = match name {
+            "llama-3-8b" => serde_json::json!({
+                "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+            }),
+            "smollm2-135m" => serde_json::json!({
+                "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0,
+                "max_position_embeddings": 8192, "tie_word_embeddings": true,
+            }),
+            "tiny" => serde_json::json!({
+                "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+            }),
+            _ => return None,
+        };
+        Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
+    }
+
+    pub const SHAPES: [&'static str; 3] = ["llama-3-8b", "smollm2-135m", "tiny"];
+
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let c: ModelConfig = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))

@@ -182,6 +182,63 @@ impl Llama {
         })
     }
 
+    /// A model of `config`'s shape with random weights in `dtype` (activations too), made the same
+    /// way on any backend for the same `seed`: projections uniform in +-sqrt(3 / fan_in) (unit
+    /// variance out), norms near 1. Values come from one pool of 2^22 per seed, read at a different
+    /// offset per tensor, so an 8B-shaped model is made in seconds.
+    pub fn random(config: ModelConfig, backend: Arc<dyn Backend>, dtype: DType, seed: u64) -> Result<Llama> {
+        if !dtype.is_float() {
+            return Err(Error::Input(format!("random weights are f32, f16 or bf16, not {dtype}")));
+        }
+        let c = config;
+        let rope = c.rope().map_err(|e| Error::Input(format!("rope_scaling: {e}")))?;
+        let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            // splitmix64
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        const POOL: usize = 1 << 22;
+        // Uniform in [-1, 1).
+        let pool: Vec<f32> = (0..POOL).map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
+        let mut offset = 0usize;
+        let mut make = |dims: &[usize], scale: f32, mean: f32| -> Result<Tensor> {
+            let n: usize = dims.iter().product();
+            let start = offset % POOL;
+            offset = offset.wrapping_add(n).wrapping_add(7919);
+            let values: Vec<f32> = (0..n).map(|i| mean + scale * pool[(start + i) % POOL]).collect();
+            Ok(Tensor::from_f32(&backend, dtype, dims, &values)?)
+        };
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+        let proj = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            let bias = c.qkv_bias();
+            layers.push(Layer {
+                attn_norm: make(&[h], 0.1, 1.0)?,
+                wq: make(&[q_dim, h], proj(h), 0.0)?,
+                wk: make(&[kv_dim, h], proj(h), 0.0)?,
+                wv: make(&[kv_dim, h], proj(h), 0.0)?,
+                bq: if bias { Some(make(&[q_dim], 0.1, 0.0)?) } else { None },
+                bk: if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None },
+                bv: if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None },
+                wo: make(&[h, q_dim], proj(q_dim), 0.0)?,
+                mlp_norm: make(&[h], 0.1, 1.0)?,
+                w_gate: make(&[i, h], proj(h), 0.0)?,
+                w_up: make(&[i, h], proj(h), 0.0)?,
+                w_down: make(&[h, i], proj(i), 0.0)?,
+            });
+        }
+        let embed = make(&[v, h], 1.0, 0.0)?;
+        let norm = make(&[h], 0.1, 1.0)?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(make(&[v, h], proj(h), 0.0)?) };
+        Ok(Llama { config: c, backend, dtype, q8_activations: false, rope, embed, layers, norm, lm_head })
+    }
+
     /// The unembedding: `lm_head`, or the embedding table when tied.
     pub fn unembedding(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)

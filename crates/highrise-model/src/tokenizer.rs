@@ -138,6 +138,20 @@ impl Tokenizer {
     }
 
     /// Reads `tokenizer.json` and, if present, `tokenizer_config.json` from a HF model directory.
+    /// A tokenizer for random-weight models (benchmarks, backend cross-checks): token i is the word
+    /// `<i>`, words are split on whitespace; no BOS, no EOS, no chat template.
+    pub fn numbered(vocab_size: usize) -> Result<Tokenizer> {
+        let vocab: serde_json::Map<String, Json> = (0..vocab_size).map(|i| (format!("<{i}>"), json!(i))).collect();
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<0>"},
+        });
+        let inner: tokenizers::Tokenizer =
+            spec.to_string().parse().map_err(|e: tokenizers::Error| Error::Tokenizer(e.to_string()))?;
+        Ok(Tokenizer { inner, bos_token: None, eos_token: None, add_bos: false, chat_template: None })
+    }
+
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
