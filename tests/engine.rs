@@ -235,3 +235,9 @@ async fn async_service_streams_each_request_and_frees_dropped_ones() {
     let mut again = service.submit(reqs[1].clone()).await.unwrap();
     assert!(again.next().await.unwrap().token.is_some());
 }
+
+#[test]
+fn op_bandwidth_times_a_backend_through_its_ops() {
+    let bw = highrise::engine::bench::op_bandwidth(&cpu(), 4 << 20).unwrap();
+    assert!(bw.is_finite() && bw > 1e8, "{bw}");
+}

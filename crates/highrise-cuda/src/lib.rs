@@ -136,6 +136,36 @@ impl CudaBackend {
         &self.arch
     }
 
+    /// Device-to-device copy bandwidth, bytes read + written per second (best of `reps` copies of
+    /// `bytes`): the ceiling for anything that streams weights or the KV cache.
+    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        self.bind()?;
+        // SAFETY: the context is bound; both buffers are freed below.
+        let (src, dst) = unsafe {
+            (
+                drv::malloc_sync(bytes).map_err(driver_err("copy benchmark buffer"))?,
+                drv::malloc_sync(bytes).map_err(driver_err("copy benchmark buffer"))?,
+            )
+        };
+        let mut best = f64::INFINITY;
+        let mut outcome = Ok(());
+        for _ in 0..reps.max(2) {
+            let start = std::time::Instant::now();
+            // SAFETY: both buffers hold `bytes`.
+            outcome = unsafe { drv::memcpy_dtod_sync(dst, src, bytes) }.map_err(driver_err("cuMemcpyDtoD"));
+            if outcome.is_err() {
+                break;
+            }
+            self.ctx.synchronize().map_err(driver_err("synchronize"))?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        unsafe {
+            let _ = drv::free_sync(src);
+            let _ = drv::free_sync(dst);
+        }
+        outcome.map(|_| 2.0 * bytes as f64 / best)
+    }
+
     fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(driver_err("binding the context"))
     }

@@ -144,3 +144,24 @@ pub fn read_bandwidth() -> f64 {
     }
     (data.len() * 8) as f64 / best
 }
+
+/// A backend's memory bandwidth as its ops see it, bytes per second: SwiGLU over three bf16 tensors
+/// of `bytes` each (two read, one written; best of 5, synchronized). The decode ceiling on a device
+/// whose memory the host cannot time directly (a GPU).
+pub fn op_bandwidth(backend: &std::sync::Arc<dyn highrise_core::Backend>, bytes: usize) -> Result<f64> {
+    use highrise_core::{DType, Tensor};
+    let n = (bytes / 2).div_ceil(4096) * 4096;
+    let dims = [n / 4096, 4096];
+    let gate = Tensor::from_f32(backend, DType::BF16, &dims, &vec![0.5; n])?;
+    let up = Tensor::from_f32(backend, DType::BF16, &dims, &vec![2.0; n])?;
+    let mut out = Tensor::empty(backend, DType::BF16, &dims)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        backend.synchronize()?;
+        let t = Instant::now();
+        backend.swiglu(&mut out, &gate, &up)?;
+        backend.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(3.0 * 2.0 * n as f64 / best)
+}

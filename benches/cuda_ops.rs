@@ -1,0 +1,164 @@
+//! Criterion benchmarks of the CUDA backend, with the ceilings they are judged against measured in
+//! the same run: device-to-device copy bandwidth (bytes read + written) and the cuBLAS bf16 GEMM rate
+//! (8192^3). Then:
+//! - attention prefill (causal, the split online-softmax kernel) TFLOP/s at head dims 64 and 128,
+//!   sequences of 512 to 16k tokens, 32 query / 8 KV heads;
+//! - decode attention over the paged cache, achieved bandwidth (K and V bytes read), batch 1 to 256,
+//!   context 1k to 32k;
+//! - one Llama-3-8B layer's projections at decode (GEMV, bandwidth) and prefill (GEMM, TFLOP/s).
+//! Without a CUDA device it prints `skipped: no CUDA device` and exits. Run with
+//! `cargo bench --bench cuda_ops`; `HIGHRISE_BENCH_QUICK=1` takes fewer samples.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use highrise::core::ops::PagedSeq;
+use highrise::core::{Backend, DType, Tensor};
+use highrise_cuda::CudaBackend;
+
+fn random(b: &Arc<dyn Backend>, dtype: DType, dims: &[usize], scale: f32) -> Tensor {
+    let n: usize = dims.iter().product();
+    let mut s = 0x2545F4914F6CDD1Du64;
+    let pool: Vec<f32> = (0..(1 << 20))
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    let v: Vec<f32> = (0..n).map(|i| pool[i % pool.len()]).collect();
+    Tensor::from_f32(b, dtype, dims, &v).unwrap()
+}
+
+/// Mean seconds per call of `f` over `iters` calls, after one warm-up, the device synchronized.
+fn time(b: &Arc<dyn Backend>, iters: u64, mut f: impl FnMut()) -> Duration {
+    f();
+    b.synchronize().unwrap();
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    b.synchronize().unwrap();
+    start.elapsed()
+}
+
+struct Row {
+    test: String,
+    figure: f64,
+    unit: &'static str,
+    ceiling: f64,
+}
+
+fn main() {
+    let cuda = match CudaBackend::new(0) {
+        Ok(c) => Arc::new(c),
+        Err(e) => return println!("skipped: no CUDA device ({e})"),
+    };
+    let copy_bw = cuda.copy_bandwidth(1 << 30, 10).unwrap();
+    let b: Arc<dyn Backend> = cuda.clone();
+    let quick = std::env::var_os("HIGHRISE_BENCH_QUICK").is_some();
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
+        .measurement_time(Duration::from_millis(if quick { 500 } else { 3000 }))
+        .sample_size(10)
+        .configure_from_args();
+    let mut rows = Vec::new();
+
+    // The GEMM ceiling: bf16 8192^3 through the Linear op (cuBLAS).
+    let n = 8192;
+    let (x, w) = (random(&b, DType::BF16, &[n, n], 1.0), random(&b, DType::BF16, &[n, n], 0.01));
+    let mut out = Tensor::empty(&b, DType::BF16, &[n, n]).unwrap();
+    let secs = time(&b, 20, || b.linear(&mut out, &x, &w, None).unwrap()).as_secs_f64() / 20.0;
+    let gemm_rate = 2.0 * (n as f64).powi(3) / secs;
+    drop((x, w, out));
+    println!(
+        "ceilings on {}: copy {:.0} GB/s (read + write), cuBLAS bf16 GEMM 8192^3 {:.0} TFLOP/s",
+        b.info().device,
+        copy_bw / 1e9,
+        gemm_rate / 1e12
+    );
+
+    let (hq, hkv) = (32usize, 8usize);
+    let mut g = c.benchmark_group("attention_prefill");
+    for d in [64usize, 128] {
+        for t in [512usize, 2048, 8192, 16384] {
+            let (q, k, v) = (
+                random(&b, DType::BF16, &[t, hq, d], 1.0),
+                random(&b, DType::BF16, &[t, hkv, d], 1.0),
+                random(&b, DType::BF16, &[t, hkv, d], 1.0),
+            );
+            let mut out = Tensor::empty(&b, DType::BF16, &[t, hq, d]).unwrap();
+            // Causal: half the T x T scores, two GEMM-like products (QK^T and PV) of 2 flops each.
+            let flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * (hq * d) as f64;
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut run = || b.attention(&mut out, &q, &k, &v, &[t as u32], scale).unwrap();
+            g.throughput(Throughput::Elements(flops as u64));
+            g.bench_function(BenchmarkId::new(format!("bf16_d{d}_causal"), t), |bn| {
+                bn.iter_custom(|iters| time(&b, iters, &mut run))
+            });
+            let secs = time(&b, 5, &mut run).as_secs_f64() / 5.0;
+            rows.push(Row { test: format!("attention prefill d{d} causal T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 });
+        }
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("attention_decode");
+    let (d, bs) = (128usize, 16usize);
+    for batch in [1usize, 8, 64, 256] {
+        for ctx in [1024usize, 8192, 32768] {
+            let blocks_per_seq = ctx / bs;
+            let blocks = batch * blocks_per_seq;
+            if blocks * bs * hkv * d * 2 * 2 > 40 << 30 {
+                continue; // keep K and V under 40 GiB
+            }
+            let kc = random(&b, DType::BF16, &[blocks, bs, hkv, d], 1.0);
+            let vc = random(&b, DType::BF16, &[blocks, bs, hkv, d], 1.0);
+            let q = random(&b, DType::BF16, &[batch, hq, d], 1.0);
+            let mut out = Tensor::empty(&b, DType::BF16, &[batch, hq, d]).unwrap();
+            let seqs: Vec<PagedSeq> = (0..batch)
+                .map(|s| PagedSeq { q_len: 1, context_len: ctx as u32, blocks_start: (s * blocks_per_seq) as u32 })
+                .collect();
+            let table: Vec<u32> = (0..blocks as u32).collect();
+            let bytes = (2 * batch * ctx * hkv * d * 2) as u64;
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut run = || b.paged_attention(&mut out, &q, &kc, &vc, &seqs, &table, scale).unwrap();
+            g.throughput(Throughput::Bytes(bytes));
+            g.bench_function(BenchmarkId::new(format!("bf16_d{d}_batch{batch}"), ctx), |bn| {
+                bn.iter_custom(|iters| time(&b, iters, &mut run))
+            });
+            let secs = time(&b, 5, &mut run).as_secs_f64() / 5.0;
+            // The copy ceiling counts read + write; attention only reads.
+            rows.push(Row { test: format!("decode attention batch {batch} ctx {ctx}"), figure: bytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 });
+        }
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("llama3_8b_projections");
+    let (h, inter) = (4096usize, 14336usize);
+    for t in [1usize, 512] {
+        for (name, rows_out, cols) in [("qkv", (hq + 2 * hkv) * d, h), ("gate", inter, h), ("down", h, inter)] {
+            let w = random(&b, DType::BF16, &[rows_out, cols], 0.01);
+            let x = random(&b, DType::BF16, &[t, cols], 1.0);
+            let mut out = Tensor::empty(&b, DType::BF16, &[t, rows_out]).unwrap();
+            let mut run = || b.linear(&mut out, &x, &w, None).unwrap();
+            let (wbytes, flops) = ((rows_out * cols * 2) as u64, 2.0 * (t * rows_out * cols) as f64);
+            g.throughput(if t == 1 { Throughput::Bytes(wbytes) } else { Throughput::Elements(flops as u64) });
+            g.bench_function(BenchmarkId::new(name, t), |bn| bn.iter_custom(|iters| time(&b, iters, &mut run)));
+            let secs = time(&b, 10, &mut run).as_secs_f64() / 10.0;
+            rows.push(if t == 1 {
+                Row { test: format!("8B {name} decode GEMV"), figure: wbytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 }
+            } else {
+                Row { test: format!("8B {name} prefill T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 }
+            });
+        }
+    }
+    g.finish();
+
+    println!("\n| test | figure | unit | ceiling | of ceiling |");
+    println!("| --- | ---: | --- | ---: | ---: |");
+    for r in &rows {
+        println!("| {} | {:.1} | {} | {:.0} | {:.0}% |", r.test, r.figure, r.unit, r.ceiling, 100.0 * r.figure / r.ceiling);
+    }
+}
