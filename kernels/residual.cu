@@ -45,6 +45,18 @@ __device__ void add_bias(typename D::T* out, const void* bias, u32 bias_dt, u32 
         D::store(out, i, D::load(out, i) + load_any(bias, i % n, bias_dt));
 }
 
+// Conversions for the linear layers' mixed-dtype path (weights in one float dtype, activations in
+// another): to f32 from a dtype known at run time, and from f32 to the activations' dtype.
+extern "C" __global__ void to_f32(float* out, const void* x, u32 x_dt, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = load_any(x, i, x_dt);
+}
+
+template <class D>
+__device__ void from_f32(typename D::T* out, const float* x, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) D::store(out, i, x[i]);
+}
+
 #define RESIDUAL(s, D)                                                                                        \
     extern "C" __global__ void embedding_##s(D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h) { \
         embedding<D>(out, table, table_dt, ids, h);                                                           \
@@ -58,5 +70,6 @@ __device__ void add_bias(typename D::T* out, const void* bias, u32 bias_dt, u32 
     }                                                                                                         \
     extern "C" __global__ void add_bias_##s(D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {     \
         add_bias<D>(out, bias, bias_dt, n, total);                                                            \
-    }
+    }                                                                                                         \
+    extern "C" __global__ void from_f32_##s(D::T* out, const float* x, u64 n) { from_f32<D>(out, x, n); }
 FOR_EACH_DTYPE(RESIDUAL)

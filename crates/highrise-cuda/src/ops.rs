@@ -58,65 +58,82 @@ pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
 /// `out [T, N] = x [T, K] @ weight [N, K]^T (+ bias)` with cuBLAS, which is column-major: there the
 /// row-major weight is a K x N matrix and x a K x T one, so out (N x T column-major, i.e. [T, N]
 /// row-major) = op_T(weight) * x. f32 accumulation (pedantic for f32: no TF32 rounding).
+///
+/// Weights and activations in the same dtype multiply directly. Mixed dtypes (which the model
+/// loader avoids: it converts weights to the activations' dtype) go through f32 copies in the
+/// scratch buffer: exact, but they convert the weight on every call.
 pub fn linear(be: &CudaBackend, op: &Linear) -> Result<()> {
-    use cudarc::cublas::sys::{cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t, cudaDataType as Ty};
     let act = op.x.dtype;
-    if op.weight.dtype != act {
-        return Err(Error::Unsupported(format!(
-            "linear: weight in {} with activations in {act}: the cuda backend multiplies matching dtypes \
-             (load the weights as {act}: --weights {act})",
-            op.weight.dtype
-        )));
+    let s = suffix("linear", act)?;
+    let w_dt = float_code("linear", "weight", op.weight.dtype)?;
+    let (t, k) = (op.x.dims()[0], op.x.dims()[1]);
+    let n = op.weight.dims()[0];
+    let (out, x, w) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("weight", &op.weight)?);
+    let bias = be.opt_ptr("bias", &op.bias)?;
+    let bias_dt = if bias != 0 { float_code("linear", "bias", op.bias.dtype)? } else { 0 };
+    let (n32, total) = (n as u32, (t * n) as u64);
+    if op.weight.dtype == act {
+        gemm(be, act, t, k, n, x, w, out)?;
+        if bias != 0 {
+            be.launch(&format!("add_bias_{s}"), cover(total, 256), (256, 1, 1), &[&out, &bias, &bias_dt, &n32, &total])?;
+        }
+        return Ok(());
     }
-    let (ty, compute) = match act {
+    // Mixed: x, weight and the product in f32 scratch, the bias added in f32, one rounding at the end.
+    let align = |b: usize| b.div_ceil(256) * 256;
+    let (xb, wb, ob) = (align(t * k * 4), align(n * k * 4), align(t * n * 4));
+    let (_guard, work, _) = be.upload(xb + wb + ob, &[])?;
+    let (x32, w32, o32) = (work, work + xb as u64, work + (xb + wb) as u64);
+    let (x_dt, xn, wn) = (act as u32, (t * k) as u64, (n * k) as u64);
+    be.launch("to_f32", cover(xn, 256), (256, 1, 1), &[&x32, &x, &x_dt, &xn])?;
+    be.launch("to_f32", cover(wn, 256), (256, 1, 1), &[&w32, &w, &w_dt, &wn])?;
+    gemm(be, DType::F32, t, k, n, x32, w32, o32)?;
+    if bias != 0 {
+        be.launch("add_bias_f32", cover(total, 256), (256, 1, 1), &[&o32, &bias, &bias_dt, &n32, &total])?;
+    }
+    be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])
+}
+
+/// `out [T, N] = x [T, K] @ w [N, K]^T`, all three in `dtype`, through cuBLAS.
+#[allow(clippy::too_many_arguments)]
+fn gemm(be: &CudaBackend, dtype: DType, t: usize, k: usize, n: usize, x: u64, w: u64, out: u64) -> Result<()> {
+    use cudarc::cublas::sys::{cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t, cudaDataType as Ty};
+    let (ty, compute) = match dtype {
         DType::F32 => (Ty::CUDA_R_32F, Compute::CUBLAS_COMPUTE_32F_PEDANTIC),
         DType::F16 => (Ty::CUDA_R_16F, Compute::CUBLAS_COMPUTE_32F),
         DType::BF16 => (Ty::CUDA_R_16BF, Compute::CUBLAS_COMPUTE_32F),
         other => return Err(Error::Unsupported(format!("linear: the cuda backend does not support {other}"))),
     };
-    let (t, k) = (op.x.dims()[0], op.x.dims()[1]);
-    let n = op.weight.dims()[0];
-    let too_big = |v: usize| i32::try_from(v).map_err(|_| Error::Unsupported(format!("linear: dimension {v} exceeds cuBLAS's int range")));
-    let (m, nn, kk) = (too_big(n)?, too_big(t)?, too_big(k)?);
-    let (out, x, w) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("weight", &op.weight)?);
-    let bias = be.opt_ptr("bias", &op.bias)?;
+    let int = |v: usize| i32::try_from(v).map_err(|_| Error::Unsupported(format!("linear: dimension {v} exceeds cuBLAS's int range")));
+    let (m, nn, kk) = (int(n)?, int(t)?, int(k)?);
     let (alpha, beta) = (1.0f32, 0.0f32);
-    {
-        let blas = be.blas.lock().map_err(|_| Error::Backend("cuda: cuBLAS lock poisoned".into()))?;
-        // SAFETY: the three matrices lie inside their allocations (checked by `ptr` against the
-        // validated shapes); the handle is used under its lock; the stream is the default one.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                blas.0,
-                cublasOperation_t::CUBLAS_OP_T,
-                cublasOperation_t::CUBLAS_OP_N,
-                m,
-                nn,
-                kk,
-                &alpha as *const f32 as *const _,
-                w as *const _,
-                ty,
-                kk,
-                x as *const _,
-                ty,
-                kk,
-                &beta as *const f32 as *const _,
-                out as *mut _,
-                ty,
-                m,
-                compute,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| Error::Backend(format!("linear: cublasGemmEx [{t}, {k}] x [{n}, {k}]^T in {act}: {e:?}")))?;
+    let blas = be.blas.lock().map_err(|_| Error::Backend("cuda: cuBLAS lock poisoned".into()))?;
+    // SAFETY: the three matrices lie inside their allocations (checked by the caller against the
+    // validated shapes); the handle is used under its lock; the stream is the default one.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            blas.0,
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            m,
+            nn,
+            kk,
+            &alpha as *const f32 as *const _,
+            w as *const _,
+            ty,
+            kk,
+            x as *const _,
+            ty,
+            kk,
+            &beta as *const f32 as *const _,
+            out as *mut _,
+            ty,
+            m,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
     }
-    if bias != 0 {
-        let s = suffix("linear", act)?;
-        let bias_dt = float_code("linear", "bias", op.bias.dtype)?;
-        let (n32, total) = (n as u32, (t * n) as u64);
-        be.launch(&format!("add_bias_{s}"), cover(total, 256), (256, 1, 1), &[&out, &bias, &bias_dt, &n32, &total])?;
-    }
-    Ok(())
+    .map_err(|e| Error::Backend(format!("linear: cublasGemmEx [{t}, {k}] x [{n}, {k}]^T in {dtype}: {e:?}")))
 }
 
 pub fn rope(be: &CudaBackend, op: &Rope) -> Result<()> {

