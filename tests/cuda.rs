@@ -64,3 +64,26 @@ fn default_model_greedy_continuation_matches_cpu() {
     let b = generate(&on_gpu, &tok, &ids, &params, &mut |_| {}).unwrap();
     assert_eq!(b.ids, a.ids, "cuda: {:?}\ncpu: {:?}", b.text, a.text);
 }
+
+#[test]
+fn captures_on_cuda_match_the_cpu() {
+    use highrise::model::{Hooks, Site};
+    let Some(gpu) = cuda("captures on cuda") else { return };
+    let config = ModelConfig::shape("tiny").unwrap();
+    let prompt: Vec<u32> = (0..29).map(|i| (i * 11 + 3) % 512).collect();
+    let sites = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::Q, Site::K, Site::V, Site::FinalNorm];
+    let run = |b| {
+        let m = Llama::random(config.clone(), b, DType::F32, 5).unwrap();
+        let mut hooks = Hooks::capture_all(&sites);
+        m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
+        hooks
+    };
+    let (a, b) = (run(cpu()), run(gpu));
+    assert_eq!(a.captured.len(), b.captured.len());
+    for ((site, layer), want) in &a.captured {
+        let got = b.get(*site, *layer).unwrap();
+        let scale = want.iter().map(|x| x.abs()).fold(1f32, f32::max);
+        let diff = want.iter().zip(got).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-4 * scale, "{} layer {layer}: cuda differs from cpu by {diff} (scale {scale})", site.name());
+    }
+}
