@@ -344,10 +344,20 @@ impl Tensor {
         self.backend.write(self.handle, 0, &bytes)
     }
 
-    /// Overwrites the whole tensor with `value` (tests use NaN to poison outputs before an op).
+    /// Overwrites the whole tensor with `value` (tests use NaN to poison outputs before an op), a
+    /// chunk of at most 1 MiB at a time, so filling a large KV cache takes no large host buffer.
     pub fn fill(&mut self, value: f32) -> Result<()> {
-        let bytes = encode(self.dtype, &vec![value; self.numel()], "Tensor::fill")?;
-        self.backend.write(self.handle, 0, &bytes)
+        let n = self.numel();
+        let per_chunk = (1 << 20) / self.dtype.block_bytes().max(1);
+        let chunk = encode(self.dtype, &vec![value; per_chunk.min(n)], "Tensor::fill")?;
+        let size = self.dtype.block_bytes();
+        let mut at = 0;
+        while at < n {
+            let count = per_chunk.min(n - at);
+            self.backend.write(self.handle, at * size, &chunk[..count * size])?;
+            at += count;
+        }
+        Ok(())
     }
 
     pub fn dtype(&self) -> DType {
