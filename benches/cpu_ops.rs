@@ -6,6 +6,9 @@
 //! bandwidth (a large copy, bytes read + written) and the SIMD GEMM rate (f32 512x4096x4096). Run with
 //! `cargo bench --bench cpu_ops`; `HIGHRISE_THREADS` sets the thread count.
 
+mod common;
+use common::random;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,19 +54,6 @@ fn backend() -> Arc<dyn Backend> {
     highrise::load_backend("cpu").expect("load the cpu plugin")
 }
 
-fn random(b: &Arc<dyn Backend>, dtype: DType, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let mut s = 0x2545F4914F6CDD1Du64;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect();
-    Tensor::from_f32(b, dtype, dims, &v).unwrap()
-}
 
 fn ops(c: &mut Criterion) {
     let b = backend();

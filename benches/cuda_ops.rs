@@ -6,8 +6,12 @@
 //! - decode attention over the paged cache, achieved bandwidth (K and V bytes read), batch 1 to 256,
 //!   context 1k to 32k;
 //! - one Llama-3-8B layer's projections at decode (GEMV, bandwidth) and prefill (GEMM, TFLOP/s).
+//!
 //! Without a CUDA device it prints `skipped: no CUDA device` and exits. Run with
 //! `cargo bench --bench cuda_ops`; `HIGHRISE_BENCH_QUICK=1` takes fewer samples.
+
+mod common;
+use common::random;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,20 +21,6 @@ use highrise::core::ops::PagedSeq;
 use highrise::core::{Backend, DType, Tensor};
 use highrise_cuda::CudaBackend;
 
-fn random(b: &Arc<dyn Backend>, dtype: DType, dims: &[usize], scale: f32) -> Tensor {
-    let n: usize = dims.iter().product();
-    let mut s = 0x2545F4914F6CDD1Du64;
-    let pool: Vec<f32> = (0..(1 << 20))
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect();
-    let v: Vec<f32> = (0..n).map(|i| pool[i % pool.len()]).collect();
-    Tensor::from_f32(b, dtype, dims, &v).unwrap()
-}
 
 /// Mean seconds per call of `f` over `iters` calls, after one warm-up, the device synchronized.
 fn time(b: &Arc<dyn Backend>, iters: u64, mut f: impl FnMut()) -> Duration {

@@ -232,6 +232,9 @@ async fn respond(st: Arc<ServerState>, body: Bytes, chat: bool) -> Response {
     }
 }
 
+/// One generated token's log-probability entry: (token, logprob, the top tokens at that step).
+type StepLogprobs = (u32, f32, Vec<(u32, f32)>);
+
 /// One choice as it accumulates.
 #[derive(Default)]
 struct ChoiceState {
@@ -239,9 +242,9 @@ struct ChoiceState {
     ids: Vec<u32>,
     text: String,
     /// (token, logprob, top tokens) per generated token, when asked for.
-    logprobs: Vec<(u32, f32, Vec<(u32, f32)>)>,
+    logprobs: Vec<StepLogprobs>,
     finish: Option<FinishReason>,
-    /// Characters of text before this choice's completion (for completions' text_offset).
+    /// Bytes of text before this choice's completion (the echoed prompt; for text_offset).
     offset: usize,
 }
 
