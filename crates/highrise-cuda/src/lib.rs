@@ -6,19 +6,21 @@
 //! one is missing, or there is no device, the backend reports itself unusable with the reason (the
 //! plugin's `probe`), never panicking. Built as a `cdylib` it is the plugin `libhighrise_cuda.so`.
 //!
-//! Memory: one device allocation per tensor; ops run in order on the context's default stream;
-//! per-op metadata (token ids, positions, slots, block tables) and attention's partial results go
-//! through one reusable scratch buffer.
+//! Memory: one device buffer per tensor, from a caching allocator; ops run one at a time, in order,
+//! on the context's default stream; per-op metadata (token ids, positions, slots, block tables) is
+//! uploaded once per content (see `memory`); attention's partial results and the mixed-dtype GEMM's
+//! copies live in one reusable scratch buffer.
 
 pub mod kernels;
 pub mod libs;
+mod memory;
 pub mod nvrtc;
 mod ops;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result as drv, sys as drv_sys, CudaContext};
 use highrise_core::ops::{Op, OpKind};
@@ -31,6 +33,8 @@ struct DevBuf {
     owner: usize,
     ptr: drv_sys::CUdeviceptr,
     bytes: usize,
+    /// The allocator's size class, which the buffer returns to.
+    class: usize,
 }
 
 const MAGIC: u64 = 0x6375_6461_6275_6631; // "cudabuf1"
@@ -44,10 +48,12 @@ unsafe impl Sync for Func {}
 struct Blas(cudarc::cublas::sys::cublasHandle_t);
 unsafe impl Send for Blas {}
 
-/// Device memory reused by every op for its metadata and workspace.
-struct Scratch {
-    ptr: drv_sys::CUdeviceptr,
-    bytes: usize,
+/// What an op uses besides its tensors, held (locked) for the whole op: one op at a time.
+struct OpState {
+    /// Workspace reused by every op.
+    scratch: drv_sys::CUdeviceptr,
+    scratch_bytes: usize,
+    uploads: memory::UploadCache,
 }
 
 pub struct CudaBackend {
@@ -58,7 +64,8 @@ pub struct CudaBackend {
     sms: u32,
     functions: HashMap<String, Func>,
     blas: Mutex<Blas>,
-    scratch: Mutex<Scratch>,
+    state: Mutex<OpState>,
+    buffers: Mutex<memory::BufferCache>,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
@@ -128,7 +135,8 @@ impl CudaBackend {
             sms,
             functions,
             blas: Mutex::new(Blas(blas)),
-            scratch: Mutex::new(Scratch { ptr: 0, bytes: 0 }),
+            state: Mutex::new(OpState { scratch: 0, scratch_bytes: 0, uploads: memory::UploadCache::default() }),
+            buffers: Mutex::new(memory::BufferCache::default()),
         })
     }
 
@@ -225,38 +233,26 @@ impl CudaBackend {
             .map_err(driver_err(&format!("launching {name}")))
     }
 
-    /// Copies host values into the scratch buffer, one region per part (aligned to 256 bytes), after
-    /// `extra` bytes of zero-initialized-or-not workspace at the front. Returns the guard (hold it
-    /// while the kernels that read the scratch are queued) and the address of the workspace and of
-    /// each part.
-    fn upload(&self, extra: usize, parts: &[&[u8]]) -> Result<(MutexGuard<'_, Scratch>, u64, Vec<u64>)> {
-        let align = |n: usize| n.div_ceil(256) * 256;
-        let total = align(extra) + parts.iter().map(|p| align(p.len())).sum::<usize>();
-        let mut s = self.scratch.lock().map_err(|_| Error::Backend("cuda: scratch lock poisoned".into()))?;
-        if s.bytes < total {
-            if s.ptr != 0 {
+    /// `extra` bytes of workspace (the scratch buffer, grown as needed) and the device address of a
+    /// copy of each part (uploaded once per content). Both stay valid while `st` is held.
+    fn upload(&self, st: &mut OpState, extra: usize, parts: &[&[u8]]) -> Result<(u64, Vec<u64>)> {
+        if st.scratch_bytes < extra.max(1) {
+            if st.scratch != 0 {
                 // SAFETY: the old buffer is ours; cuMemFree waits for kernels still using it.
-                unsafe { drv::free_sync(s.ptr) }.map_err(driver_err("freeing scratch"))?;
-                s.ptr = 0;
-                s.bytes = 0;
+                unsafe { drv::free_sync(st.scratch) }.map_err(driver_err("freeing scratch"))?;
+                st.scratch = 0;
+                st.scratch_bytes = 0;
             }
-            let bytes = total.next_power_of_two().max(1 << 20);
+            let bytes = extra.next_power_of_two().max(1 << 20);
             // SAFETY: the context is bound.
-            s.ptr = unsafe { drv::malloc_sync(bytes) }.map_err(|e| Error::OutOfMemory(format!("cuda: scratch of {bytes} bytes: {e:?}")))?;
-            s.bytes = bytes;
+            st.scratch = unsafe { drv::malloc_sync(bytes) }
+                .map_err(|e| Error::OutOfMemory(format!("cuda: scratch of {bytes} bytes: {e:?}")))?;
+            st.scratch_bytes = bytes;
         }
-        let work = s.ptr;
-        let mut at = s.ptr + align(extra) as u64;
-        let mut addrs = Vec::with_capacity(parts.len());
-        for p in parts {
-            if !p.is_empty() {
-                // SAFETY: the region lies inside the scratch buffer (sized above).
-                unsafe { drv::memcpy_htod_sync(at, p) }.map_err(driver_err("uploading op metadata"))?;
-            }
-            addrs.push(at);
-            at += align(p.len()) as u64;
-        }
-        Ok((s, work, addrs))
+        // SAFETY: the context is bound; `st` (held by the caller for the whole op) keeps other ops
+        // from uploading before this op's kernels are queued.
+        let addrs = parts.iter().map(|p| unsafe { st.uploads.get(p) }).collect::<Result<Vec<_>>>()?;
+        Ok((st.scratch, addrs))
     }
 }
 
@@ -306,10 +302,12 @@ impl Backend for CudaBackend {
 
     fn alloc(&self, bytes: usize) -> Result<Handle> {
         self.bind()?;
+        let class = memory::size_class(bytes);
+        let mut cache = self.buffers.lock().map_err(|_| Error::Backend("cuda: allocator lock poisoned".into()))?;
         // SAFETY: the context is bound.
-        let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }
-            .map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {bytes} bytes on {}: {e:?}", self.device)))?;
-        let b = Box::new(DevBuf { magic: MAGIC, owner: self.id, ptr, bytes });
+        let ptr = unsafe { cache.alloc(class) }
+            .map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {bytes} bytes on {}: {e}", self.device)))?;
+        let b = Box::new(DevBuf { magic: MAGIC, owner: self.id, ptr, bytes, class });
         Ok(Handle(Box::into_raw(b) as *mut _))
     }
 
@@ -318,8 +316,10 @@ impl Backend for CudaBackend {
             let b = b as *const DevBuf as *mut DevBuf;
             (*b).magic = 0;
             let b = Box::from_raw(b);
-            if self.bind().is_ok() {
-                let _ = drv::free_sync(b.ptr);
+            // Back to the cache: the next op that needs this size takes it (ops run in order on
+            // one stream, so whatever still reads it is queued before that op).
+            if let Ok(mut cache) = self.buffers.lock() {
+                cache.put(b.class, b.ptr);
             }
         }
     }
@@ -346,15 +346,17 @@ impl Backend for CudaBackend {
             return Err(Error::Unsupported(format!("{}: the cuda backend does not support {}", op.kind(), op.dtype())));
         }
         self.bind()?;
+        let mut st = self.state.lock().map_err(|_| Error::Backend("cuda: op state lock poisoned".into()))?;
+        let st = &mut *st;
         match op {
-            Op::Embedding(o) => ops::embedding(self, o),
+            Op::Embedding(o) => ops::embedding(self, st, o),
             Op::RmsNorm(o) => ops::rms_norm(self, o),
             Op::AddRmsNorm(o) => ops::add_rms_norm(self, o),
-            Op::Linear(o) => ops::linear(self, o),
-            Op::Rope(o) => ops::rope(self, o),
-            Op::Attention(o) => ops::attention(self, o),
-            Op::KvWrite(o) => ops::kv_write(self, o),
-            Op::PagedAttention(o) => ops::paged_attention(self, o),
+            Op::Linear(o) => ops::linear(self, st, o),
+            Op::Rope(o) => ops::rope(self, st, o),
+            Op::Attention(o) => ops::attention(self, st, o),
+            Op::KvWrite(o) => ops::kv_write(self, st, o),
+            Op::PagedAttention(o) => ops::paged_attention(self, st, o),
             Op::SwiGlu(o) => ops::swiglu(self, o),
         }
     }
@@ -387,12 +389,18 @@ impl Drop for CudaBackend {
                 let _ = cudarc::cublas::result::destroy_handle(b.0);
             }
         }
-        if let Ok(s) = self.scratch.get_mut() {
-            if s.ptr != 0 {
-                unsafe {
-                    let _ = drv::free_sync(s.ptr);
+        if let Ok(st) = self.state.get_mut() {
+            // SAFETY: the context is bound; nothing runs (we are being dropped).
+            unsafe {
+                st.uploads.release_all();
+                if st.scratch != 0 {
+                    let _ = drv::free_sync(st.scratch);
                 }
             }
+        }
+        if let Ok(cache) = self.buffers.get_mut() {
+            // SAFETY: as above; tensors still alive hold their own buffers (and this backend).
+            unsafe { cache.release_all() };
         }
     }
 }

@@ -4,7 +4,7 @@
 use highrise_core::ops::{AddRmsNorm, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, SwiGlu};
 use highrise_core::{DType, Error, Result};
 
-use crate::{suffix, CudaBackend};
+use crate::{suffix, CudaBackend, OpState};
 
 /// Threads per block for row-wise kernels (norms, gathers).
 const ROW_THREADS: u32 = 256;
@@ -27,12 +27,12 @@ fn float_code(op: &str, what: &str, d: DType) -> Result<u32> {
     }
 }
 
-pub fn embedding(be: &CudaBackend, op: &Embedding) -> Result<()> {
+pub fn embedding(be: &CudaBackend, st: &mut OpState, op: &Embedding) -> Result<()> {
     let s = suffix("embedding", op.out.dtype)?;
     let table_dt = float_code("embedding", "table", op.table.dtype)?;
     let (t, h) = (op.ids.len() as u32, op.table.dims()[1] as u32);
     let (out, table) = (be.ptr("out", &op.out)?, be.ptr("table", &op.table)?);
-    let (_guard, _, addr) = be.upload(0, &[bytes_of(op.ids.as_slice())])?;
+    let (_, addr) = be.upload(st, 0, &[bytes_of(op.ids.as_slice())])?;
     be.launch(&format!("embedding_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &table, &table_dt, &addr[0], &h])
 }
 
@@ -62,7 +62,7 @@ pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
 /// Weights and activations in the same dtype multiply directly. Mixed dtypes (which the model
 /// loader avoids: it converts weights to the activations' dtype) go through f32 copies in the
 /// scratch buffer: exact, but they convert the weight on every call.
-pub fn linear(be: &CudaBackend, op: &Linear) -> Result<()> {
+pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     let act = op.x.dtype;
     let s = suffix("linear", act)?;
     let w_dt = float_code("linear", "weight", op.weight.dtype)?;
@@ -82,7 +82,7 @@ pub fn linear(be: &CudaBackend, op: &Linear) -> Result<()> {
     // Mixed: x, weight and the product in f32 scratch, the bias added in f32, one rounding at the end.
     let align = |b: usize| b.div_ceil(256) * 256;
     let (xb, wb, ob) = (align(t * k * 4), align(n * k * 4), align(t * n * 4));
-    let (_guard, work, _) = be.upload(xb + wb + ob, &[])?;
+    let (work, _) = be.upload(st, xb + wb + ob, &[])?;
     let (x32, w32, o32) = (work, work + xb as u64, work + (xb + wb) as u64);
     let (x_dt, xn, wn) = (act as u32, (t * k) as u64, (n * k) as u64);
     be.launch("to_f32", cover(xn, 256), (256, 1, 1), &[&x32, &x, &x_dt, &xn])?;
@@ -136,7 +136,7 @@ fn gemm(be: &CudaBackend, dtype: DType, t: usize, k: usize, n: usize, x: u64, w:
     .map_err(|e| Error::Backend(format!("linear: cublasGemmEx [{t}, {k}] x [{n}, {k}]^T in {dtype}: {e:?}")))
 }
 
-pub fn rope(be: &CudaBackend, op: &Rope) -> Result<()> {
+pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
     let s = suffix("rope", op.x.dtype)?;
     let [t, heads, d] = [op.x.dims()[0] as u32, op.x.dims()[1] as u32, op.x.dims()[2] as u32];
     if d / 2 > 1024 {
@@ -144,17 +144,17 @@ pub fn rope(be: &CudaBackend, op: &Rope) -> Result<()> {
     }
     let x = be.ptr("x", &op.x)?;
     let inv_freq = op.config.inv_freq(d as usize);
-    let (_guard, _, addr) = be.upload(0, &[bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)])?;
+    let (_, addr) = be.upload(st, 0, &[bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)])?;
     be.launch(&format!("rope_{s}"), (t, heads, 1), ((d / 2).max(32), 1, 1), &[&x, &addr[0], &addr[1], &heads, &d])
 }
 
-pub fn kv_write(be: &CudaBackend, op: &KvWrite) -> Result<()> {
+pub fn kv_write(be: &CudaBackend, st: &mut OpState, op: &KvWrite) -> Result<()> {
     let s = suffix("kv_write", op.k.dtype)?;
     let t = op.slots.len() as u32;
     let row = (op.k_cache.dims()[2] * op.k_cache.dims()[3]) as u32;
     let (kc, vc) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (k, v) = (be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
-    let (_guard, _, addr) = be.upload(0, &[bytes_of(op.slots.as_slice())])?;
+    let (_, addr) = be.upload(st, 0, &[bytes_of(op.slots.as_slice())])?;
     be.launch(&format!("kv_write_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&kc, &vc, &k, &v, &addr[0], &row])
 }
 
@@ -203,6 +203,7 @@ fn splits_for(be: &CudaBackend, rows: usize, heads: usize, max_keys: u32) -> u32
 #[allow(clippy::too_many_arguments)]
 fn attend(
     be: &CudaBackend,
+    st: &mut OpState,
     name: &str,
     out: &highrise_core::TensorRef,
     q: &highrise_core::TensorRef,
@@ -230,7 +231,7 @@ fn attend(
         Some((tab, bs)) => (bytes_of(tab), bs),
         None => (&[][..], 0),
     };
-    let (_guard, partial, addr) = be.upload(partial_bytes, &[bytes_of(&rows.base), bytes_of(&rows.nkeys), table_bytes])?;
+    let (partial, addr) = be.upload(st, partial_bytes, &[bytes_of(&rows.base), bytes_of(&rows.nkeys), table_bytes])?;
     let table_ptr = if table.is_some() { addr[2] } else { 0u64 };
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
     be.launch(
@@ -242,15 +243,15 @@ fn attend(
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
 }
 
-pub fn attention(be: &CudaBackend, op: &Attention) -> Result<()> {
+pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
     let rows = prefill_rows(op.seq_lens.as_slice());
-    attend(be, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
+    attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
 }
 
-pub fn paged_attention(be: &CudaBackend, op: &PagedAttention) -> Result<()> {
+pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) -> Result<()> {
     let rows = paged_rows(op.seqs.as_slice());
     let block_size = op.k_cache.dims()[1] as u32;
-    attend(be, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, Some((op.block_table.as_slice(), block_size)), op.scale)
+    attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, Some((op.block_table.as_slice(), block_size)), op.scale)
 }
 
 pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {

@@ -1,0 +1,164 @@
+//! Keeping the driver out of the decode loop. A decoded token allocates a dozen intermediate
+//! tensors per layer and passes each op a few small host arrays (token ids, positions, slots, block
+//! tables); done naively that is hundreds of cuMemAlloc/cuMemFree calls per token (cuMemFree waits
+//! for the device) and as many synchronous uploads. So:
+//! - freed buffers are kept by size class and handed out again (PyTorch's caching allocator, in
+//!   small): every op runs in order on one stream, so a buffer freed by the host may be reused by
+//!   the next op at once; when the device runs out, the cache is released and the allocation retried;
+//! - small host arrays are uploaded once per content: every layer of a forward pass passes the same
+//!   ones, so all but the first layer find them on the device already.
+
+use std::collections::BTreeMap;
+
+use cudarc::driver::result as drv;
+use highrise_core::{Error, Result};
+
+/// The size class of an allocation: 512-byte steps below 1 MiB, 2 MiB steps above.
+pub fn size_class(bytes: usize) -> usize {
+    let bytes = bytes.max(1);
+    if bytes < 1 << 20 {
+        bytes.div_ceil(512) * 512
+    } else {
+        bytes.div_ceil(2 << 20) * (2 << 20)
+    }
+}
+
+/// Freed device buffers by size class.
+#[derive(Default)]
+pub struct BufferCache {
+    free: BTreeMap<usize, Vec<u64>>,
+    /// Bytes held in the cache (not in use).
+    pub cached: usize,
+}
+
+impl BufferCache {
+    /// A buffer of `class` bytes (a size class): a cached one, or a new one from the driver.
+    ///
+    /// # Safety
+    /// The context is bound to the calling thread.
+    pub unsafe fn alloc(&mut self, class: usize) -> Result<u64> {
+        if let Some(p) = self.free.get_mut(&class).and_then(Vec::pop) {
+            self.cached -= class;
+            return Ok(p);
+        }
+        match drv::malloc_sync(class) {
+            Ok(p) => Ok(p),
+            Err(_) => {
+                // Out of memory, perhaps only because of what the cache holds: give it back, retry.
+                self.release_all();
+                drv::malloc_sync(class).map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {class} bytes: {e:?}")))
+            }
+        }
+    }
+
+    pub fn put(&mut self, class: usize, ptr: u64) {
+        self.free.entry(class).or_default().push(ptr);
+        self.cached += class;
+    }
+
+    /// Frees every cached buffer.
+    ///
+    /// # Safety
+    /// The context is bound to the calling thread.
+    pub unsafe fn release_all(&mut self) {
+        for (_, ptrs) in std::mem::take(&mut self.free) {
+            for p in ptrs {
+                let _ = drv::free_sync(p);
+            }
+        }
+        self.cached = 0;
+    }
+}
+
+struct Uploaded {
+    content: Vec<u8>,
+    ptr: u64,
+    cap: usize,
+    last_use: u64,
+}
+
+/// Small host arrays already on the device, by content.
+#[derive(Default)]
+pub struct UploadCache {
+    entries: Vec<Uploaded>,
+    clock: u64,
+}
+
+/// Entries kept: enough for every distinct array of one forward pass.
+const UPLOAD_ENTRIES: usize = 16;
+
+impl UploadCache {
+    /// The device address of a copy of `bytes`: an earlier upload of the same content, or a new one
+    /// (into the least recently used entry, whose earlier readers the copy waits for: it is ordered
+    /// after them on the same stream).
+    ///
+    /// # Safety
+    /// The context is bound to the calling thread, and no other thread uploads until the kernels
+    /// that read the returned address are queued (the backend runs one op at a time).
+    pub unsafe fn get(&mut self, bytes: &[u8]) -> Result<u64> {
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| e.content == bytes) {
+            e.last_use = self.clock;
+            return Ok(e.ptr);
+        }
+        let i = if self.entries.len() < UPLOAD_ENTRIES {
+            self.entries.push(Uploaded { content: Vec::new(), ptr: 0, cap: 0, last_use: 0 });
+            self.entries.len() - 1
+        } else {
+            (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_use).expect("entries")
+        };
+        let e = &mut self.entries[i];
+        if e.cap < bytes.len() {
+            if e.ptr != 0 {
+                let _ = drv::free_sync(e.ptr);
+                e.ptr = 0;
+            }
+            let cap = bytes.len().next_power_of_two().max(4096);
+            e.ptr = drv::malloc_sync(cap).map_err(|err| Error::OutOfMemory(format!("cuda: op metadata of {cap} bytes: {err:?}")))?;
+            e.cap = cap;
+        }
+        e.content.clear();
+        e.content.extend_from_slice(bytes);
+        if !bytes.is_empty() {
+            drv::memcpy_htod_sync(e.ptr, bytes).map_err(|err| Error::Backend(format!("cuda: uploading op metadata: {err:?}")))?;
+        }
+        e.last_use = self.clock;
+        Ok(e.ptr)
+    }
+
+    /// # Safety
+    /// The context is bound to the calling thread.
+    pub unsafe fn release_all(&mut self) {
+        for e in self.entries.drain(..) {
+            if e.ptr != 0 {
+                let _ = drv::free_sync(e.ptr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes_round_up() {
+        assert_eq!(size_class(0), 512);
+        assert_eq!(size_class(513), 1024);
+        assert_eq!(size_class((1 << 20) - 1), 1 << 20);
+        assert_eq!(size_class((1 << 20) + 1), 2 << 20);
+        assert_eq!(size_class(5 << 20), 6 << 20);
+    }
+
+    #[test]
+    fn freed_buffers_come_back_by_class() {
+        let mut c = BufferCache::default();
+        c.put(1024, 7);
+        c.put(1024, 9);
+        assert_eq!(c.cached, 2048);
+        // SAFETY: both requests are served from the cache; the driver is never called.
+        assert_eq!(unsafe { c.alloc(1024) }.unwrap(), 9);
+        assert_eq!(unsafe { c.alloc(1024) }.unwrap(), 7);
+        assert_eq!(c.cached, 0);
+    }
+}
