@@ -1,8 +1,8 @@
 //! Criterion benchmarks of the CUDA backend, with the ceilings they are judged against measured in
 //! the same run: device-to-device copy bandwidth (bytes read + written) and the cuBLAS bf16 GEMM rate
 //! (8192^3). Then:
-//! - attention prefill (causal, the split online-softmax kernel) TFLOP/s at head dims 64 and 128,
-//!   sequences of 512 to 16k tokens, 32 query / 8 KV heads;
+//! - attention prefill (causal) TFLOP/s at head dims 64 and 128, sequences of 512 to 16k tokens,
+//!   32 query / 8 KV heads: the tensor-core kernel, and the split kernel up to 2k tokens;
 //! - decode attention over the paged cache, achieved bandwidth (K and V bytes read), batch 1 to 256,
 //!   context 1k to 32k;
 //! - one Llama-3-8B layer's projections at decode (GEMV, bandwidth) and prefill (GEMM, TFLOP/s).
@@ -83,13 +83,24 @@ fn main() {
             // Causal: half the T x T scores, two GEMM-like products (QK^T and PV) of 2 flops each.
             let flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * (hq * d) as f64;
             let scale = 1.0 / (d as f32).sqrt();
-            let mut run = || b.attention(&mut out, &q, &k, &v, &[t as u32], scale).unwrap();
-            g.throughput(Throughput::Elements(flops as u64));
-            g.bench_function(BenchmarkId::new(format!("bf16_d{d}_causal"), t), |bn| {
-                bn.iter_custom(|iters| time(&b, iters, &mut run))
-            });
-            let secs = time(&b, 5, &mut run).as_secs_f64() / 5.0;
-            rows.push(Row { test: format!("attention prefill d{d} causal T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 });
+            // The tensor-core kernel, and (at the shorter lengths) the split kernel it replaced.
+            let kernels: &[&str] = if t <= 2048 { &["flash", "split"] } else { &["flash"] };
+            for &kernel in kernels {
+                std::env::set_var("HIGHRISE_CUDA_ATTENTION", kernel);
+                let mut run = || b.attention(&mut out, &q, &k, &v, &[t as u32], scale).unwrap();
+                g.throughput(Throughput::Elements(flops as u64));
+                g.bench_function(BenchmarkId::new(format!("{kernel}_bf16_d{d}_causal"), t), |bn| {
+                    bn.iter_custom(|iters| time(&b, iters, &mut run))
+                });
+                let secs = time(&b, 5, &mut run).as_secs_f64() / 5.0;
+                rows.push(Row {
+                    test: format!("attention prefill ({kernel}) d{d} causal T={t}"),
+                    figure: flops / secs / 1e12,
+                    unit: "TFLOP/s",
+                    ceiling: gemm_rate / 1e12,
+                });
+            }
+            std::env::remove_var("HIGHRISE_CUDA_ATTENTION");
         }
     }
     g.finish();

@@ -154,3 +154,183 @@ __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u
     }                                                                                                             \
     ATTN_SPLIT(s, D, 64) ATTN_SPLIT(s, D, 128) ATTN_SPLIT(s, D, 256)
 FOR_EACH_DTYPE(ATTENTION)
+
+// ---- Prefill on tensor cores (sm_80+): FlashAttention-2's forward with mma.sync m16n8k16 ----
+//
+// Block (tile, head): 4 warps, 16 query rows each, 64 rows per tile; keys and values in tiles of
+// 64 staged through shared memory. S = Q K^T and O += P V are warp-level MMAs (bf16/f16 in, f32
+// accumulators); the online softmax works on the accumulator fragments: a thread holds two rows
+// (lane/4 and lane/4 + 8) of each 16x8 tile, and a row's four threads are one quad (shuffles 1, 2).
+// P goes from S's accumulator layout straight into the A operand of the next MMA (two adjacent 16x8
+// tiles of S are one 16x16 A fragment). Causal; sequences of any lengths laid end to end
+// (tiles[3 t .. 3 t + 3] = first query token, rows, sequence's first token); grouped-query heads
+// read their shared K/V head.
+
+#define FA_ROWS 64
+#define FA_KEYS 64
+#define FA_PAD 8
+
+__device__ __forceinline__ u32 pack2(float lo, float hi, bool bf16) {
+    u32 r;
+    if (bf16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1, bool bf16) {
+    if (bf16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int D, bool BF16>
+__device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, u32 hq, u32 hkv,
+                           float scale_log2) {
+    __shared__ __align__(16) u16 ks[FA_KEYS][D + FA_PAD];
+    __shared__ __align__(16) u16 vs[FA_KEYS][D + FA_PAD];
+    const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
+    const u32 q0 = tiles[3 * tile], rows = tiles[3 * tile + 1], seq0 = tiles[3 * tile + 2];
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const u32 quad = lane & 3, r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;  // rows within the tile
+    // Positions within the sequence; rows past the tile's end act as its last row (never written).
+    const u32 pos_lo = q0 - seq0 + min(r_lo, rows - 1), pos_hi = q0 - seq0 + min(r_hi, rows - 1);
+    const u32 keys_end = q0 - seq0 + rows;  // keys 0..keys_end of the sequence are seen by some row
+
+    // Q as A fragments, one per 16 dims: rows r_lo / r_hi, dims 16 kk + 2 quad (+1, +8, +9).
+    u32 qa[D / 16][4];
+    {
+        const u64 lo = ((u64)(q0 + min(r_lo, rows - 1)) * hq + h) * D, hi = ((u64)(q0 + min(r_hi, rows - 1)) * hq + h) * D;
+        const u32* q32 = (const u32*)q;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u32 c = kk * 16 + 2 * quad;
+            qa[kk][0] = q32[(lo + c) / 2];
+            qa[kk][1] = q32[(hi + c) / 2];
+            qa[kk][2] = q32[(lo + c + 8) / 2];
+            qa[kk][3] = q32[(hi + c + 8) / 2];
+        }
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+
+    for (u32 kb = 0; kb < keys_end; kb += FA_KEYS) {
+        __syncthreads();  // the previous tile's readers are done
+        // Stage keys kb..kb+64 (zeros past the end) of K and V head g, 2 halves per load.
+        for (u32 i = tid; i < FA_KEYS * D / 2; i += blockDim.x) {
+            const u32 key = i / (D / 2), c = (i % (D / 2)) * 2;
+            u32 kv = 0, vv = 0;
+            if (kb + key < keys_end) {
+                const u64 at = ((u64)(seq0 + kb + key) * hkv + g) * D + c;
+                kv = ((const u32*)k)[at / 2];
+                vv = ((const u32*)v)[at / 2];
+            }
+            *(u32*)&ks[key][c] = kv;
+            *(u32*)&vs[key][c] = vv;
+        }
+        __syncthreads();
+
+        // S = Q K^T for this warp's 16 rows and the 64 keys: 8 tiles of 16x8.
+        float s[FA_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const u32 key = nt * 8 + (lane >> 2);
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const u32 c = kk * 16 + 2 * quad;
+                mma16816(s[nt], qa[kk], *(const u32*)&ks[key][c], *(const u32*)&ks[key][c + 8], BF16);
+            }
+        }
+        // Scale (in log2 units), mask what a row may not see, and take the rows' maxima.
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const u32 key = kb + nt * 8 + 2 * quad + e;
+                s[nt][e] = key <= pos_lo ? s[nt][e] * scale_log2 : -INFINITY;
+                s[nt][2 + e] = key <= pos_hi ? s[nt][2 + e] * scale_log2 : -INFINITY;
+                mx_lo = fmaxf(mx_lo, s[nt][e]);
+                mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
+            }
+        }
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, sh));
+            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, sh));
+        }
+        // Every row sees key 0 in the first tile, so the running maxima are finite from then on.
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        const float corr_lo = exp2f(m_lo - mn_lo), corr_hi = exp2f(m_hi - mn_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        l_lo *= corr_lo;
+        l_hi *= corr_hi;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= corr_lo;
+            o[i][1] *= corr_lo;
+            o[i][2] *= corr_hi;
+            o[i][3] *= corr_hi;
+        }
+#pragma unroll
+        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            s[nt][0] = exp2f(s[nt][0] - m_lo);
+            s[nt][1] = exp2f(s[nt][1] - m_lo);
+            s[nt][2] = exp2f(s[nt][2] - m_hi);
+            s[nt][3] = exp2f(s[nt][3] - m_hi);
+            l_lo += s[nt][0] + s[nt][1];
+            l_hi += s[nt][2] + s[nt][3];
+        }
+        // O += P V, 16 keys at a time: S tiles 2 kt and 2 kt + 1 form P's A fragment.
+#pragma unroll
+        for (int kt = 0; kt < FA_KEYS / 16; kt++) {
+            u32 pa[4];
+            pa[0] = pack2(s[2 * kt][0], s[2 * kt][1], BF16);
+            pa[1] = pack2(s[2 * kt][2], s[2 * kt][3], BF16);
+            pa[2] = pack2(s[2 * kt + 1][0], s[2 * kt + 1][1], BF16);
+            pa[3] = pack2(s[2 * kt + 1][2], s[2 * kt + 1][3], BF16);
+            const u32 key = kt * 16 + 2 * quad;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                const u32 c = dt * 8 + (lane >> 2);
+                const u32 b0 = (u32)vs[key][c] | ((u32)vs[key + 1][c] << 16);
+                const u32 b1 = (u32)vs[key + 8][c] | ((u32)vs[key + 9][c] << 16);
+                mma16816(o[dt], pa, b0, b1, BF16);
+            }
+        }
+    }
+    // The rows' sums are spread over their quads.
+#pragma unroll
+    for (int sh = 1; sh <= 2; sh <<= 1) {
+        l_lo += __shfl_xor_sync(0xffffffffu, l_lo, sh);
+        l_hi += __shfl_xor_sync(0xffffffffu, l_hi, sh);
+    }
+    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
+    u32* out32 = (u32*)out;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) {
+        const u32 c = dt * 8 + 2 * quad;
+        if (r_lo < rows) out32[(((u64)(q0 + r_lo) * hq + h) * D + c) / 2] = pack2(o[dt][0] * inv_lo, o[dt][1] * inv_lo, BF16);
+        if (r_hi < rows) out32[(((u64)(q0 + r_hi) * hq + h) * D + c) / 2] = pack2(o[dt][2] * inv_hi, o[dt][3] * inv_hi, BF16);
+    }
+}
+
+#define FLASH(dim)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) flash_attn_d##dim##_bf16(                                   \
+        u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, u32 hq, u32 hkv, float scale_log2) { \
+        flash_attn<dim, true>(out, q, k, v, tiles, hq, hkv, scale_log2);                                           \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_attn_d##dim##_f16(                                    \
+        u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, u32 hq, u32 hkv, float scale_log2) { \
+        flash_attn<dim, false>(out, q, k, v, tiles, hq, hkv, scale_log2);                                          \
+    }
+FLASH(64)
+FLASH(128)

@@ -87,3 +87,17 @@ fn captures_on_cuda_match_the_cpu() {
         assert!(diff <= 1e-4 * scale, "{} layer {layer}: cuda differs from cpu by {diff} (scale {scale})", site.name());
     }
 }
+
+#[test]
+fn prefill_attention_with_the_split_kernel_too() {
+    // f16/bf16 prefill takes the tensor-core kernel by default; this runs the same checks on the
+    // split kernel (scripts/gpu-check.sh runs the tests one at a time, so the switch is not seen by
+    // another test).
+    if cuda("split prefill attention").is_none() {
+        return;
+    }
+    std::env::set_var("HIGHRISE_CUDA_ATTENTION", "split");
+    let result = std::panic::catch_unwind(ops::prefill_attention_is_causal_gqa);
+    std::env::remove_var("HIGHRISE_CUDA_ATTENTION");
+    result.unwrap();
+}

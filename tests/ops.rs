@@ -190,7 +190,7 @@ fn rope_llama3_scaling_follows_the_reference_formula() {
 const GQA: [(usize, usize); 3] = [(4, 4), (9, 3), (8, 2)];
 
 #[test]
-fn prefill_attention_is_causal_gqa() {
+pub fn prefill_attention_is_causal_gqa() {
     if backend("prefill_attention_is_causal_gqa").is_none() {
         return;
     }

@@ -243,7 +243,37 @@ fn attend(
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
 }
 
+/// Prefill attention: on tensor cores (`flash_attn_*`) for f16/bf16 at head dims 64 and 128, else
+/// (and with `HIGHRISE_CUDA_ATTENTION=split`) with the split kernel that decoding uses.
 pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
+    let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
+    let flash = matches!(op.out.dtype, DType::BF16 | DType::F16)
+        && matches!(d, 64 | 128)
+        && std::env::var("HIGHRISE_CUDA_ATTENTION").map_or(true, |v| v != "split");
+    if flash && t > 0 {
+        let s = suffix("attention", op.out.dtype)?;
+        let hkv = op.k.dims()[1];
+        // (first query token, rows, sequence's first token) per tile of 64 queries.
+        let mut tiles: Vec<u32> = Vec::new();
+        let mut start = 0u32;
+        for &len in op.seq_lens.as_slice() {
+            for r0 in (0..len).step_by(64) {
+                tiles.extend([start + r0, (len - r0).min(64), start]);
+            }
+            start += len;
+        }
+        let (o, q, k, v) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?, be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
+        let (_, addr) = be.upload(st, 0, &[bytes_of(&tiles)])?;
+        let (hq32, hkv32) = (hq as u32, hkv as u32);
+        let scale_log2 = op.scale * std::f32::consts::LOG2_E;
+        let n_tiles = (tiles.len() / 3) as u32;
+        return be.launch(
+            &format!("flash_attn_d{d}_{s}"),
+            (n_tiles, hq32, 1),
+            (128, 1, 1),
+            &[&o, &q, &k, &v, &addr[0], &hq32, &hkv32, &scale_log2],
+        );
+    }
     let rows = prefill_rows(op.seq_lens.as_slice());
     attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
 }
