@@ -84,9 +84,9 @@ fn main() {
             let flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * (hq * d) as f64;
             let scale = 1.0 / (d as f32).sqrt();
             // The tensor-core kernel, and (at the shorter lengths) the split kernel it replaced.
-            let kernels: &[&str] = if t <= 2048 { &["flash", "split"] } else { &["flash"] };
-            for &kernel in kernels {
-                std::env::set_var("HIGHRISE_CUDA_ATTENTION", kernel);
+            let kernels: &[(&str, &str)] = if t <= 2048 { &[("flash", "auto"), ("split", "split")] } else { &[("flash", "auto")] };
+            for &(kernel, choice) in kernels {
+                std::env::set_var("HIGHRISE_CUDA_ATTENTION", choice);
                 let mut run = || b.attention(&mut out, &q, &k, &v, &[t as u32], scale).unwrap();
                 g.throughput(Throughput::Elements(flops as u64));
                 g.bench_function(BenchmarkId::new(format!("{kernel}_bf16_d{d}_causal"), t), |bn| {

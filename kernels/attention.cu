@@ -132,6 +132,98 @@ __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u
     D::store(out, ((u64)t * hq + h) * d + i, a / l);
 }
 
+// The same for all the query heads of one KV head at once (grid (t, kv head, slice)): each K and V
+// row is read once for the whole group instead of once per query head, which is what bounds decoding
+// at long contexts. Groups of up to GROUP_MAX heads, head dims up to 128.
+#define GROUP_MAX 8
+
+template <class D, int DPL>
+__device__ void attn_group(float* partial, const typename D::T* q, const typename D::T* k, const typename D::T* v,
+                           const u32* base, const u32* nkeys, KeyAddr addr, u32 hq, u32 hkv, float scale, u32 split_len) {
+    const u32 t = blockIdx.x, g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 d = DPL * 32, group = hq / hkv;
+    const u32 n = nkeys[t], kb = base[t];
+    const u32 begin = s * split_len, end = min(n, begin + split_len);
+
+    float qr[GROUP_MAX][DPL], acc[GROUP_MAX][DPL], m[GROUP_MAX], l[GROUP_MAX];
+#pragma unroll
+    for (int i = 0; i < GROUP_MAX; i++) {
+        const u64 qoff = ((u64)t * hq + g * group + (i < group ? i : 0)) * d;
+#pragma unroll
+        for (int x = 0; x < DPL; x++) {
+            qr[i][x] = i < group ? D::load(q, qoff + lane + 32 * x) * scale : 0.0f;
+            acc[i][x] = 0.0f;
+        }
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    for (u32 j = begin + warp; j < end; j += ATTN_WARPS) {
+        const u64 off = (addr.row(kb, j) * hkv + g) * d;
+        float kr[DPL], vr[DPL];
+#pragma unroll
+        for (int x = 0; x < DPL; x++) {
+            kr[x] = D::load(k, off + lane + 32 * x);
+            vr[x] = D::load(v, off + lane + 32 * x);
+        }
+#pragma unroll
+        for (int i = 0; i < GROUP_MAX; i++) {
+            if (i >= group) break;
+            float dot = 0.0f;
+#pragma unroll
+            for (int x = 0; x < DPL; x++) dot += qr[i][x] * kr[x];
+            dot = warp_sum(dot);
+            const float m_new = fmaxf(m[i], dot);
+            const float correction = __expf(m[i] - m_new), p = __expf(dot - m_new);
+            l[i] = l[i] * correction + p;
+#pragma unroll
+            for (int x = 0; x < DPL; x++) acc[i][x] = acc[i][x] * correction + p * vr[x];
+            m[i] = m_new;
+        }
+    }
+
+    // Merge the warps' states, head by head.
+    __shared__ float sm[ATTN_WARPS][GROUP_MAX], sl[ATTN_WARPS][GROUP_MAX], sacc[ATTN_WARPS][GROUP_MAX][128];
+#pragma unroll
+    for (int i = 0; i < GROUP_MAX; i++) {
+        if (lane == 0) {
+            sm[warp][i] = m[i];
+            sl[warp][i] = l[i];
+        }
+#pragma unroll
+        for (int x = 0; x < DPL; x++) sacc[warp][i][lane + 32 * x] = acc[i][x];
+    }
+    __syncthreads();
+    for (u32 i = 0; i < group; i++) {
+        float* out = partial + (((u64)t * hq + g * group + i) * splits + s) * (d + 2);
+        float mm = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < ATTN_WARPS; w++) mm = fmaxf(mm, sm[w][i]);
+        for (u32 x = threadIdx.x; x < d; x += blockDim.x) {
+            float a = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; w++) a += sm[w][i] == -INFINITY ? 0.0f : sacc[w][i][x] * __expf(sm[w][i] - mm);
+            out[x] = a;
+        }
+        if (threadIdx.x == 0) {
+            float ll = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; w++) ll += sm[w][i] == -INFINITY ? 0.0f : sl[w][i] * __expf(sm[w][i] - mm);
+            out[d] = mm;
+            out[d + 1] = ll;
+        }
+    }
+}
+
+#define ATTN_GROUP(s, D, dim)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
+        attn_group_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
+                                const u32* nkeys, const u32* table, u32 block_size, u32 hq, u32 hkv, float scale, \
+                                u32 split_len) {                                                                  \
+        KeyAddr addr = {table, block_size};                                                                      \
+        attn_group<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, split_len);                \
+    }
+
 #define ATTN_SPLIT(s, D, dim)                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
         attn_split_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
@@ -152,7 +244,7 @@ __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u
     extern "C" __global__ void attn_combine_##s(D::T* out, const float* partial, u32 hq, u32 d, u32 splits) {    \
         attn_combine<D>(out, partial, hq, d, splits);                                                             \
     }                                                                                                             \
-    ATTN_SPLIT(s, D, 64) ATTN_SPLIT(s, D, 128) ATTN_SPLIT(s, D, 256)
+    ATTN_SPLIT(s, D, 64) ATTN_SPLIT(s, D, 128) ATTN_SPLIT(s, D, 256) ATTN_GROUP(s, D, 64) ATTN_GROUP(s, D, 128)
 FOR_EACH_DTYPE(ATTENTION)
 
 // ---- Prefill on tensor cores (sm_80+): FlashAttention-2's forward with mma.sync m16n8k16 ----

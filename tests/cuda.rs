@@ -89,15 +89,23 @@ fn captures_on_cuda_match_the_cpu() {
 }
 
 #[test]
-fn prefill_attention_with_the_split_kernel_too() {
-    // f16/bf16 prefill takes the tensor-core kernel by default; this runs the same checks on the
-    // split kernel (scripts/gpu-check.sh runs the tests one at a time, so the switch is not seen by
-    // another test).
-    if cuda("split prefill attention").is_none() {
+fn attention_with_every_kernel() {
+    // By default f16/bf16 prefill runs on tensor cores and the rest on the grouped split kernel;
+    // this runs the same checks with the choice forced to each other kernel (scripts/gpu-check.sh
+    // runs the tests one at a time, so the switch is not seen by another test).
+    if cuda("attention kernels").is_none() {
         return;
     }
-    std::env::set_var("HIGHRISE_CUDA_ATTENTION", "split");
-    let result = std::panic::catch_unwind(ops::prefill_attention_is_causal_gqa);
-    std::env::remove_var("HIGHRISE_CUDA_ATTENTION");
-    result.unwrap();
+    for choice in ["split", "per-head"] {
+        std::env::set_var("HIGHRISE_CUDA_ATTENTION", choice);
+        let result = std::panic::catch_unwind(|| {
+            ops::prefill_attention_is_causal_gqa();
+            ops::paged_attention_reads_through_block_tables();
+        });
+        std::env::remove_var("HIGHRISE_CUDA_ATTENTION");
+        if let Err(e) = result {
+            eprintln!("HIGHRISE_CUDA_ATTENTION={choice} failed");
+            std::panic::resume_unwind(e);
+        }
+    }
 }

@@ -239,7 +239,7 @@ fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens
 /// Decode and chunked prefill through the paged cache: each sequence's K/V is written with
 /// `kv_write` into blocks in shuffled order, then its last `q_len` tokens attend through the table.
 #[test]
-fn paged_attention_reads_through_block_tables() {
+pub fn paged_attention_reads_through_block_tables() {
     if backend("paged_attention_reads_through_block_tables").is_none() {
         return;
     }

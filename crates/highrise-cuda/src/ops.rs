@@ -223,7 +223,10 @@ fn attend(
         return Ok(());
     }
     let max_keys = rows.nkeys.iter().copied().max().unwrap_or(1);
-    let splits = splits_for(be, t, hq, max_keys);
+    // A block per KV head serving its whole group of query heads reads each K/V row once; the
+    // per-query-head kernel covers larger groups and head dim 256.
+    let grouped = hq / hkv <= 8 && d <= 128 && attention_choice() != "per-head";
+    let splits = splits_for(be, t, if grouped { hkv } else { hq }, max_keys);
     let split_len = max_keys.div_ceil(splits);
     let partial_bytes = t * hq * splits as usize * (d + 2) * 4;
     let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
@@ -234,13 +237,21 @@ fn attend(
     let (partial, addr) = be.upload(st, partial_bytes, &[bytes_of(&rows.base), bytes_of(&rows.nkeys), table_bytes])?;
     let table_ptr = if table.is_some() { addr[2] } else { 0u64 };
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
+    let (kernel, heads) = if grouped { ("attn_group", hkv32) } else { ("attn_split", hq32) };
     be.launch(
-        &format!("attn_split_d{d}_{s}"),
-        (t as u32, hq32, splits),
+        &format!("{kernel}_d{d}_{s}"),
+        (t as u32, heads, splits),
         (128, 1, 1),
         &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &split_len],
     )?;
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
+}
+
+/// `HIGHRISE_CUDA_ATTENTION`: "auto" (default), "split" (prefill on the split kernels too, not on
+/// tensor cores), "per-head" (that, and a block per query head instead of per KV head): for
+/// checking each kernel against the others.
+fn attention_choice() -> String {
+    std::env::var("HIGHRISE_CUDA_ATTENTION").unwrap_or_else(|_| "auto".into())
 }
 
 /// Prefill attention: on tensor cores (`flash_attn_*`) for f16/bf16 at head dims 64 and 128, else
@@ -249,7 +260,7 @@ pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<(
     let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
     let flash = matches!(op.out.dtype, DType::BF16 | DType::F16)
         && matches!(d, 64 | 128)
-        && std::env::var("HIGHRISE_CUDA_ATTENTION").map_or(true, |v| v != "split");
+        && attention_choice() == "auto";
     if flash && t > 0 {
         let s = suffix("attention", op.out.dtype)?;
         let hkv = op.k.dims()[1];
