@@ -450,12 +450,12 @@ fn encode(dtype: DType, values: &[f32], what: &str) -> Result<Vec<u8>> {
 
 fn to_bytes<E: Element>(values: &[f32]) -> Vec<u8> {
     let size = std::mem::size_of::<E>();
-    let mut out = Vec::with_capacity(values.len() * size);
-    for &v in values {
+    let mut out = vec![0u8; values.len() * size];
+    // Converted in place, element by element (no growth checks: an 8B model's weights pass here).
+    for (dst, &v) in out.chunks_exact_mut(size).zip(values) {
         let e = E::from_f32(v);
         // SAFETY: E is one of f32/f16/bf16, plain-old-data of `size` bytes.
-        let b = unsafe { std::slice::from_raw_parts(&e as *const E as *const u8, size) };
-        out.extend_from_slice(b);
+        dst.copy_from_slice(unsafe { std::slice::from_raw_parts(&e as *const E as *const u8, size) });
     }
     out
 }
