@@ -2,7 +2,8 @@
 # The CUDA checks and benchmarks, in one run from prebuilt binaries (scripts/gpu-bundle.sh), on one
 # GPU, in under 8 minutes: the cross-checks of tests/cuda.rs (every op and dtype against the f64
 # references, a random-weight Llama against the CPU), the criterion benchmarks of benches/cuda_ops.rs
-# with their ceilings, and `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights.
+# with their ceilings, and `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights
+# (with every residual tap on as well: what introspection costs on the GPU).
 # Full logs go to OUT (default $OUT, else gpu-results/); a short table is printed last. The steps'
 # time limits add up to 470 s.
 #
@@ -32,7 +33,7 @@ step backends 20 "$bundle/highrise" backends
 step cross-checks 150 "$bundle/cuda-tests" --test-threads 1 --nocapture
 HIGHRISE_BENCH_QUICK=1 step cuda-bench 150 "$bundle/cuda-bench" --bench
 step bench-8b 150 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
-    --pp 512 --tg 64 --reps 2 -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
+    --pp 512 --tg 64 --reps 2 --taps -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
 
 {
     echo "## highrise GPU check: $(head -1 "$out/device.txt"), $(sed -n 2p "$out/device.txt")"
