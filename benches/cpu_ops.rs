@@ -166,7 +166,41 @@ fn quantized(c: &mut Criterion) {
             g.bench_function(id, |bench| bench.iter(|| b.linear_with(&mut y, &x, &w, None, q8).unwrap()));
         }
     }
+    // A matrix far larger than the caches, as decoding streams the whole model from memory: on one
+    // thread and on all, to tell a kernel bound by its instructions from one bound by memory (compare
+    // with the one-thread and all-thread read ceilings printed first).
+    let one: Arc<dyn Backend> = Arc::new(highrise_cpu::CpuBackend::new(Some(1)).unwrap());
+    let (n, k) = (16384, 4096);
+    let bytes = DType::Q4_1.storage_bytes(n * k).unwrap() as u64;
+    for (threads, be) in [(1, &one), (b.info().device.split(' ').next().unwrap_or("all").parse().unwrap_or(0), &b)] {
+        let w = random_quant(be, DType::Q4_1, n, k);
+        let x = random(be, DType::F32, &[1, k], 1.0);
+        let mut y = random(be, DType::F32, &[1, n], 1.0);
+        g.throughput(Throughput::Bytes(bytes));
+        for q8 in [false, true] {
+            let id = BenchmarkId::new(format!("q4_1_stream_{}mb_{threads}t", bytes >> 20), if q8 { "q8_act" } else { "f32_act" });
+            g.bench_function(id, |bench| bench.iter(|| be.linear_with(&mut y, &x, &w, None, q8).unwrap()));
+        }
+    }
     g.finish();
+}
+
+/// Bytes per second one thread reads (summing a 256 MiB buffer, best of 3).
+fn one_thread_read_bandwidth() -> f64 {
+    let data = vec![1u64; (256 << 20) / 8];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let s = Instant::now();
+        let mut acc = [0u64; 4];
+        for q in data.chunks_exact(4) {
+            for i in 0..4 {
+                acc[i] = acc[i].wrapping_add(q[i]);
+            }
+        }
+        std::hint::black_box(acc);
+        best = best.min(s.elapsed().as_secs_f64());
+    }
+    (data.len() * 8) as f64 / best
 }
 
 /// The CPU backend's own f32 GEMM rate (512 tokens x 4096 -> 4096): the ceiling for prefill linears.
@@ -190,6 +224,11 @@ fn main() {
     let b = backend();
     println!("backend: cpu ({})", b.info().device);
     println!("ceiling: memory copy {:.1} GB/s (read + write)", highrise::engine::bench::copy_bandwidth() / 1e9);
+    println!(
+        "ceiling: memory read {:.1} GB/s on all threads, {:.1} GB/s on one",
+        highrise::engine::bench::read_bandwidth() / 1e9,
+        one_thread_read_bandwidth() / 1e9
+    );
     println!("ceiling: f32 GEMM 512x4096x4096 {:.1} GFLOP/s", gemm_rate(&b) / 1e9);
     benches();
     Criterion::default().configure_from_args().final_summary();
