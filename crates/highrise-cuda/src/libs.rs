@@ -15,39 +15,33 @@ pub fn preload(lib: &str, present: unsafe fn() -> bool, component: &str) -> Resu
     if unsafe { present() } {
         return Ok(());
     }
-    let prefix = format!("lib{lib}.so.");
+    let (prefix, companion) = (format!("lib{lib}.so."), format!("lib{lib}-builtins.so."));
+    let load = |path: &PathBuf| {
+        // SAFETY: loading a CUDA library runs only its initializers; it stays loaded for the life of
+        // the process (forgotten), as cudarc expects of the libraries it uses.
+        unsafe { libloading::Library::new(path) }.map(std::mem::forget)
+    };
     let mut tried = Vec::new();
     for dir in library_dirs(component) {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-        let mut files: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
-            .collect();
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
         files.sort();
-        for path in files {
-            // libnvrtc opens its builtins library by name at compile time; load it from the same
+        let named = |start: &str| -> Vec<&PathBuf> {
+            files.iter().filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(start))).collect()
+        };
+        let candidates = named(&prefix);
+        if !candidates.is_empty() {
+            // libnvrtc opens its builtins library by name at compile time: load it from the same
             // folder first, so that name is found too.
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                let companion = format!("lib{lib}-builtins.so.");
-                for e in entries.flatten() {
-                    if e.file_name().to_str().is_some_and(|n| n.starts_with(&companion)) {
-                        if let Ok(l) = unsafe { libloading::Library::new(e.path()) } {
-                            std::mem::forget(l);
-                        }
-                    }
-                }
+            for c in named(&companion) {
+                let _ = load(c);
             }
-            // SAFETY: loading a CUDA library runs only its initializers; it stays loaded for the life
-            // of the process (forgotten), as cudarc expects of the libraries it uses.
-            match unsafe { libloading::Library::new(&path) } {
-                Ok(l) => {
-                    std::mem::forget(l);
-                    if unsafe { present() } {
-                        return Ok(());
-                    }
-                    tried.push(format!("{} (loaded, but its name is not one cudarc looks for)", path.display()));
-                }
+        }
+        for path in candidates {
+            match load(path) {
+                // SAFETY: as in the first probe.
+                Ok(()) if unsafe { present() } => return Ok(()),
+                Ok(()) => tried.push(format!("{} (loaded, but its name is not one cudarc looks for)", path.display())),
                 Err(e) => tried.push(format!("{}: {e}", path.display())),
             }
         }
