@@ -518,16 +518,10 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
                 .map(|top| (tok.decode(&top.tokens[..1]).unwrap_or_default(), top.probs[0]))
                 .collect::<Vec<_>>(),
         );
-        let positions: Vec<serde_json::Value> = tops
-            .iter()
-            .map(|top| {
-                let tokens: Vec<String> = top.tokens.iter().map(|&id| tok.decode(&[id]).unwrap_or_default()).collect();
-                json!({"ids": top.tokens, "tokens": tokens, "probs": top.probs})
-            })
-            .collect();
+        let positions: Vec<serde_json::Value> = tops.iter().map(|top| top.json(&tok)).collect();
         lens.push(json!({"layer": l, "positions": positions}));
     }
-    let input: Vec<String> = ids.iter().map(|&id| tok.decode(&[id]).unwrap_or_default()).collect();
+    let input = tok.pieces(&ids);
     figures::logit_lens(&out.join("logit_lens.png"), &chosen, &input, &cells, text)?;
     let lens = json!({"prompt_ids": ids, "prompt_tokens": input, "layers": lens});
     std::fs::write(out.join("logit_lens.json"), serde_json::to_string_pretty(&lens)?)?;

@@ -542,7 +542,7 @@ fn capture(model: &Llama, tokenizer: &Tokenizer, ids: &[u32], spec: &CaptureSpec
     };
     let mut out = json!({
         "token_ids": ids,
-        "tokens": ids.iter().map(|&id| tokenizer.decode(&[id]).unwrap_or_default()).collect::<Vec<_>>(),
+        "tokens": tokenizer.pieces(ids),
         "layers": spec.layers,
         "positions": positions,
     });
@@ -574,11 +574,7 @@ fn capture(model: &Llama, tokenizer: &Tokenizer, ids: &[u32], spec: &CaptureSpec
             lens.push(
                 positions
                     .iter()
-                    .map(|&p| {
-                        let top = &tops[p];
-                        let tokens: Vec<String> = top.tokens.iter().map(|&id| tokenizer.decode(&[id]).unwrap_or_default()).collect();
-                        json!({"ids": top.tokens, "tokens": tokens, "probs": top.probs})
-                    })
+                    .map(|&p| tops[p].json(tokenizer))
                     .collect::<Vec<_>>(),
             );
         }

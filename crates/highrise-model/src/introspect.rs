@@ -160,6 +160,13 @@ pub struct LensTop {
     pub probs: Vec<f32>,
 }
 
+impl LensTop {
+    /// `{"ids", "tokens", "probs"}`, as `inspect`'s logit_lens.json and the server write it.
+    pub fn json(&self, tokenizer: &crate::Tokenizer) -> serde_json::Value {
+        serde_json::json!({"ids": self.tokens, "tokens": tokenizer.pieces(&self.tokens), "probs": self.probs})
+    }
+}
+
 /// The logit lens: the model's final norm and unembedding applied to a stream [T, H] (a layer's
 /// resid_post); the `top_k` tokens per position, with probabilities.
 pub fn logit_lens(model: &Llama, stream: &[f32], top_k: usize) -> Result<Vec<LensTop>> {

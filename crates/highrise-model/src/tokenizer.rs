@@ -200,6 +200,12 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Each id's text on its own (a byte-level token may be part of a character: then its text
+    /// holds a replacement character), for showing tokens one by one.
+    pub fn pieces(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter().map(|&id| self.decode(&[id]).unwrap_or_default()).collect()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
