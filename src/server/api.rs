@@ -384,10 +384,10 @@ impl Body {
         if stop.iter().any(|s| s.is_empty()) {
             return Err(ApiError::invalid("stop: stop strings must not be empty", Some("stop")));
         }
-        let ext = self.highrise.clone().unwrap_or_default();
+        let steer_specs = self.highrise.as_ref().map_or(&[][..], |e| &e.steer[..]);
         let (layers, hidden) = (model.config.num_hidden_layers, model.config.hidden_size);
         let mut steer = Vec::new();
-        for (i, s) in ext.steer.iter().enumerate() {
+        for (i, s) in steer_specs.iter().enumerate() {
             let param = format!("highrise.steer[{i}]");
             if s.layer >= layers {
                 return Err(ApiError::invalid(format!("{param}.layer: {} but the model has {layers} layers", s.layer), Some(&param)));
@@ -426,10 +426,7 @@ impl CaptureSpec {
         let n = model.config.num_hidden_layers;
         let mut spec = CaptureSpec { logit_lens: ext.logit_lens, positions: ext.positions.clone(), ..Default::default() };
         for (i, name) in ext.capture.iter().enumerate() {
-            let site = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::FinalNorm, Site::Q, Site::K, Site::V]
-                .into_iter()
-                .find(|s| s.name() == name);
-            match (site, name.as_str()) {
+            match (Site::parse(name), name.as_str()) {
                 (Some(s), _) => drop(spec.sites.insert(s)),
                 (None, "attn_probs") => spec.attn_probs = true,
                 (None, other) => {

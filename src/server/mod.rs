@@ -425,15 +425,21 @@ impl Completion {
             }
             choices.push(choice);
         }
-        Ok(json!({
-            "id": self.id, "object": self.object(), "created": self.created, "model": self.st.model_id,
-            "choices": choices, "usage": self.usage(),
-        }))
+        Ok(self.response(json!(choices), Some(self.usage())))
+    }
+
+    /// A response or chunk: id, object, created, model, then `choices` (and `usage` when given).
+    fn response(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut v = json!({"id": self.id, "object": self.object(), "created": self.created, "model": self.st.model_id, "choices": choices});
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
     }
 
     /// A chunk with one choice's update.
     fn chunk(&self, i: usize, text: Option<&str>, first: bool, logprobs: Option<Value>, finish: Option<FinishReason>) -> Value {
-        let mut choice = if self.chat {
+        let choice = if self.chat {
             let mut delta = json!({});
             if first {
                 delta["role"] = json!("assistant");
@@ -445,14 +451,8 @@ impl Completion {
         } else {
             json!({"index": i, "text": text.unwrap_or_default(), "logprobs": logprobs, "finish_reason": finish})
         };
-        if self.include_usage {
-            choice = json!({"choices": [choice], "usage": null});
-        } else {
-            choice = json!({"choices": [choice]});
-        }
-        let mut chunk = json!({"id": self.id, "object": self.object(), "created": self.created, "model": self.st.model_id});
-        chunk.as_object_mut().expect("object").extend(choice.as_object().expect("object").clone());
-        chunk
+        // With stream_options.include_usage every chunk carries "usage": null, the last one the counts.
+        self.response(json!([choice]), self.include_usage.then_some(Value::Null))
     }
 
     /// The response as server-sent events: a chunk per piece of text, a last chunk per choice with
@@ -484,11 +484,7 @@ impl Completion {
                 }
                 let Some((i, e)) = merged.next().await else {
                     if c.include_usage {
-                        let usage = json!({
-                            "id": c.id, "object": c.object(), "created": c.created, "model": c.st.model_id,
-                            "choices": [], "usage": c.usage(),
-                        });
-                        pending.push_back(usage.to_string());
+                        pending.push_back(c.response(json!([]), Some(c.usage())).to_string());
                     }
                     pending.push_back("[DONE]".into());
                     done = true;

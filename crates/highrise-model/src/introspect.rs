@@ -33,6 +33,13 @@ pub enum Site {
 
 impl Site {
     pub const STREAM: [Site; 4] = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost];
+    pub const ALL: [Site; 8] =
+        [Site::ResidPre, Site::Q, Site::K, Site::V, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::FinalNorm];
+
+    /// The site named `name` (as `name` writes it).
+    pub fn parse(name: &str) -> Option<Site> {
+        Site::ALL.into_iter().find(|s| s.name() == name)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
