@@ -236,19 +236,8 @@ impl CudaBackend {
     /// `extra` bytes of workspace (the scratch buffer, grown as needed) and the device address of a
     /// copy of each part (uploaded once per content). Both stay valid while `st` is held.
     fn upload(&self, st: &mut OpState, extra: usize, parts: &[&[u8]]) -> Result<(u64, Vec<u64>)> {
-        if st.scratch_bytes < extra.max(1) {
-            if st.scratch != 0 {
-                // SAFETY: the old buffer is ours; cuMemFree waits for kernels still using it.
-                unsafe { drv::free_sync(st.scratch) }.map_err(driver_err("freeing scratch"))?;
-                st.scratch = 0;
-                st.scratch_bytes = 0;
-            }
-            let bytes = extra.next_power_of_two().max(1 << 20);
-            // SAFETY: the context is bound.
-            st.scratch = unsafe { drv::malloc_sync(bytes) }
-                .map_err(|e| Error::OutOfMemory(format!("cuda: scratch of {bytes} bytes: {e:?}")))?;
-            st.scratch_bytes = bytes;
-        }
+        // SAFETY: the context is bound; the scratch buffer is ours.
+        unsafe { memory::grow(&mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch") }?;
         // SAFETY: the context is bound; `st` (held by the caller for the whole op) keeps other ops
         // from uploading before this op's kernels are queued.
         let addrs = parts.iter().map(|p| unsafe { st.uploads.get(p) }).collect::<Result<Vec<_>>>()?;

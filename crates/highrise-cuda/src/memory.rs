@@ -23,6 +23,27 @@ pub fn size_class(bytes: usize) -> usize {
     }
 }
 
+/// A device buffer that is replaced by a larger one when it is too small for `need` bytes: the
+/// next power of two, at least `min`. `what` names it in errors.
+///
+/// # Safety
+/// The context is bound to the calling thread; `*ptr` (0 for none) is a buffer of ours. Freeing it
+/// waits for the kernels still using it.
+pub unsafe fn grow(ptr: &mut u64, cap: &mut usize, need: usize, min: usize, what: &str) -> Result<()> {
+    if *cap >= need.max(1) {
+        return Ok(());
+    }
+    if *ptr != 0 {
+        drv::free_sync(*ptr).map_err(|e| Error::Backend(format!("cuda: freeing {what}: {e:?}")))?;
+        *ptr = 0;
+        *cap = 0;
+    }
+    let bytes = need.next_power_of_two().max(min);
+    *ptr = drv::malloc_sync(bytes).map_err(|e| Error::OutOfMemory(format!("cuda: {what} of {bytes} bytes: {e:?}")))?;
+    *cap = bytes;
+    Ok(())
+}
+
 /// Freed device buffers by size class.
 #[derive(Default)]
 pub struct BufferCache {
@@ -108,15 +129,7 @@ impl UploadCache {
             (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_use).expect("entries")
         };
         let e = &mut self.entries[i];
-        if e.cap < bytes.len() {
-            if e.ptr != 0 {
-                let _ = drv::free_sync(e.ptr);
-                e.ptr = 0;
-            }
-            let cap = bytes.len().next_power_of_two().max(4096);
-            e.ptr = drv::malloc_sync(cap).map_err(|err| Error::OutOfMemory(format!("cuda: op metadata of {cap} bytes: {err:?}")))?;
-            e.cap = cap;
-        }
+        grow(&mut e.ptr, &mut e.cap, bytes.len(), 4096, "op metadata")?;
         e.content.clear();
         e.content.extend_from_slice(bytes);
         if !bytes.is_empty() {
