@@ -14,10 +14,6 @@ use highrise::core::DType;
 use highrise::engine::{generate, GenerateParams};
 use highrise::model::{Llama, LoadOptions, Logits, ModelConfig, Source, WeightFormat};
 
-fn cuda(test: &str) -> Option<std::sync::Arc<dyn highrise::core::Backend>> {
-    backend(test)
-}
-
 /// Greedy ids of `steps` tokens after `prompt`, decoding one token at a time through the engine's
 /// paged cache.
 fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {
@@ -28,7 +24,7 @@ fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {
 
 #[test]
 fn random_llama_matches_cpu_logits_and_64_greedy_steps() {
-    let Some(gpu) = cuda("random llama") else { return };
+    let Some(gpu) = backend("random llama") else { return };
     for dtype in [DType::F32, DType::BF16] {
         let config = ModelConfig::shape("tiny").unwrap();
         let on_cpu = Llama::random(config.clone(), cpu(), dtype, 7).unwrap();
@@ -49,7 +45,7 @@ fn random_llama_matches_cpu_logits_and_64_greedy_steps() {
 
 #[test]
 fn default_model_greedy_continuation_matches_cpu() {
-    let Some(gpu) = cuda("default model on cuda") else { return };
+    let Some(gpu) = backend("default model on cuda") else { return };
     let Some(path) = default_model() else {
         return println!("skipped: default model on cuda: the default model could not be fetched");
     };
@@ -68,7 +64,7 @@ fn default_model_greedy_continuation_matches_cpu() {
 #[test]
 fn captures_on_cuda_match_the_cpu() {
     use highrise::model::{Hooks, Site};
-    let Some(gpu) = cuda("captures on cuda") else { return };
+    let Some(gpu) = backend("captures on cuda") else { return };
     let config = ModelConfig::shape("tiny").unwrap();
     let prompt: Vec<u32> = (0..29).map(|i| (i * 11 + 3) % 512).collect();
     let sites = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::Q, Site::K, Site::V, Site::FinalNorm];
@@ -93,7 +89,7 @@ fn attention_with_every_kernel() {
     // By default f16/bf16 prefill runs on tensor cores and the rest on the grouped split kernel;
     // this runs the same checks with the choice forced to each other kernel (scripts/gpu-check.sh
     // runs the tests one at a time, so the switch is not seen by another test).
-    if cuda("attention kernels").is_none() {
+    if backend("attention kernels").is_none() {
         return;
     }
     for choice in ["split", "per-head"] {
