@@ -8,10 +8,10 @@
 
 use highrise_core::ops::{Attention, KvWrite, PagedAttention, Rope};
 use highrise_core::Result;
-use rayon::prelude::*;
 
 use crate::float::{min_items, with_float, Float};
 use crate::storage::Tensors;
+use crate::team::Team;
 
 pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
     let [heads, d] = [op.x.dims()[1], op.x.dims()[2]];
@@ -20,25 +20,25 @@ pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
     with_float!(op.x.dtype, "rope", E => {
         // SAFETY: x is the op's only tensor.
         let x = unsafe { ts.slice_mut::<E>("x", &op.x)? };
-        x.par_chunks_mut(heads * d).zip(positions).with_min_len(min_items(heads * d)).for_each_init(
-            || (vec![0f32; d / 2], vec![0f32; d / 2], vec![0f32; d]),
-            |(cos, sin, row), (token, &pos)| {
+        ts.team.rows(x, heads * d, min_items(heads * d), |t0, tokens| {
+            let (mut cos, mut sin, mut row) = (vec![0f32; d / 2], vec![0f32; d / 2], vec![0f32; d]);
+            for (token, &pos) in tokens.chunks_exact_mut(heads * d).zip(&positions[t0..]) {
                 for (i, f) in inv_freq.iter().enumerate() {
                     let angle = pos as f64 * f;
                     (cos[i], sin[i]) = (angle.cos() as f32, angle.sin() as f32);
                 }
                 for head in token.chunks_exact_mut(d) {
-                    E::load(head, row);
+                    E::load(head, &mut row);
                     let (lo, hi) = row.split_at_mut(d / 2);
                     for i in 0..d / 2 {
                         let (a, b) = (lo[i], hi[i]);
                         lo[i] = a * cos[i] - b * sin[i];
                         hi[i] = b * cos[i] + a * sin[i];
                     }
-                    E::store(row, head);
+                    E::store(&row, head);
                 }
-            },
-        );
+            }
+        });
         Ok(())
     })
 }
@@ -123,7 +123,7 @@ pub fn attention(ts: &Tensors, op: &Attention) -> Result<()> {
         let (q, k, v) = (ts.slice::<E>("q", &op.q)?, ts.slice::<E>("k", &op.k)?, ts.slice::<E>("v", &op.v)?);
         // SAFETY: out is the only output and aliases no input (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
-        attend(out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
+        attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
         Ok(())
     })
 }
@@ -145,7 +145,7 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
         let (k, v) = (ts.slice::<E>("k_cache", &op.k_cache)?, ts.slice::<E>("v_cache", &op.v_cache)?);
         // SAFETY: out is the only output and aliases no input (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
-        attend(out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
+        attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
         Ok(())
     })
 }
@@ -246,6 +246,7 @@ const Q_BLOCK: usize = 32;
 /// positions 0..=that. q, out [T, hq, D].
 #[allow(clippy::too_many_arguments)]
 fn attend<E: Float, S: KvSource<E>>(
+    team: &Team,
     out: &mut [E],
     q: &[E],
     k: &[E],
@@ -270,11 +271,7 @@ fn attend<E: Float, S: KvSource<E>>(
         .collect();
     // Score-and-sum work of all units; a small total (a short decode step) stays on one thread.
     let work: usize = units.iter().map(|&(s, _, i0, n)| n * (seqs[s].context_len - seqs[s].q_len + i0 + n)).sum();
-    let min_units = if work * group * d < super::float::PAR_MIN_ELEMS { units.len() } else { 1 };
-    let results: Vec<Vec<f32>> = units
-        .par_iter()
-        .with_min_len(min_units)
-        .map(|&(s, g, i0, n)| {
+    let unit = |&(s, g, i0, n): &(usize, usize, usize, usize)| {
             let seq = seqs[s];
             let first_pos = seq.context_len - seq.q_len;
             // Keys this block can see: up to its last query's position.
@@ -326,8 +323,12 @@ fn attend<E: Float, S: KvSource<E>>(
                 );
             }
             res
-        })
-        .collect();
+    };
+    let results: Vec<Vec<f32>> = if work * group * d < super::float::PAR_MIN_ELEMS {
+        units.iter().map(unit).collect()
+    } else {
+        team.map(units.len(), |i| unit(&units[i]))
+    };
     for (&(s, g, i0, n), res) in units.iter().zip(&results) {
         for i in 0..n {
             let row = (seqs[s].q_start + i0 + i) * hq + g * group;

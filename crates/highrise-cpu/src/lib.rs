@@ -1,5 +1,5 @@
 //! highrise-cpu: the CPU reference backend. Correct first (every op is checked against an f64
-//! reference), then fast on a few cores: rayon across rows, a SIMD GEMM for prefill, AVX2/FMA dot
+//! reference), then fast on a few cores: a team of threads across rows, a SIMD GEMM for prefill, AVX2/FMA dot
 //! products for decode. Activations are f32, f16 or bf16 in memory and f32 in arithmetic.
 //!
 //! Built as a `cdylib`, it is the plugin `libhighrise_cpu.so` that the engine loads at run time; built
@@ -12,6 +12,7 @@ mod mlp;
 mod quant;
 mod residual;
 mod storage;
+mod team;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -21,10 +22,11 @@ use highrise_core::{Backend, BackendInfo, DType, Error, Handle, Result};
 
 use storage::{Storage, Tensors};
 
-/// The CPU backend: a rayon pool of `HIGHRISE_THREADS` threads (default: all cores).
+/// The CPU backend: a team of `HIGHRISE_THREADS` threads (default: all cores), the thread that runs
+/// an op among them.
 pub struct CpuBackend {
     id: usize,
-    pool: rayon::ThreadPool,
+    team: team::Team,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
@@ -37,28 +39,19 @@ impl CpuBackend {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         });
-        // The creating thread joins the pool as worker 0, so ops it runs start on it directly instead
-        // of being handed to another thread and waited for (hundreds of times per decoded token). A
-        // thread can belong to one pool only; a second backend made on it gets a pool of its own.
-        let builder = || {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads.max(1))
-                .thread_name(|i| format!("highrise-cpu-{i}"))
-        };
-        let pool = builder()
-            .use_current_thread()
-            .build()
-            .or_else(|_| builder().build())
+        // The thread that runs an op works on it with the team's helpers, so an op starts at once
+        // instead of being handed to another thread and waited for (hundreds of times per token).
+        let team = team::Team::new(threads, "highrise-cpu")
             .map_err(|e| Error::Backend(format!("cpu: cannot start {threads} threads: {e}")))?;
-        Ok(CpuBackend { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), pool })
+        Ok(CpuBackend { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), team })
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.team.threads()
     }
 
-    fn tensors(&self) -> Tensors {
-        Tensors { owner: self.id }
+    fn tensors(&self) -> Tensors<'_> {
+        Tensors { owner: self.id, team: &self.team }
     }
 }
 
@@ -121,7 +114,7 @@ impl Backend for CpuBackend {
             )));
         }
         let ts = self.tensors();
-        self.pool.install(|| match op {
+        match op {
             Op::Embedding(o) => residual::embedding(&ts, o),
             Op::RmsNorm(o) => residual::rms_norm(&ts, o),
             Op::AddRmsNorm(o) => residual::add_rms_norm(&ts, o),
@@ -131,7 +124,7 @@ impl Backend for CpuBackend {
             Op::KvWrite(o) => attention::kv_write(&ts, o),
             Op::PagedAttention(o) => attention::paged_attention(&ts, o),
             Op::SwiGlu(o) => mlp::swiglu(&ts, o),
-        })
+        }
     }
 }
 

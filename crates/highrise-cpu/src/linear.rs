@@ -13,12 +13,12 @@ use half::{bf16, f16};
 use highrise_core::ops::Linear;
 use highrise_core::quant::dequantize;
 use highrise_core::{DType, Element, Error, Result, TensorRef};
-use rayon::prelude::*;
 
 use crate::float::{dot, with_float, Float};
 use crate::quant;
 use crate::residual::to_f32_vec;
 use crate::storage::Tensors;
+use crate::team::Team;
 
 /// Up to this many tokens, f32/f16/bf16 weights take the dot-product path (it beats packing the
 /// weights for a GEMM).
@@ -105,9 +105,9 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
                 &mut owned_out
             }
         };
-        matmul_t(out32, &x32, &weight, t, k, n, op.q8_activations);
+        matmul_t(ts.team, out32, &x32, &weight, t, k, n, op.q8_activations);
         if let Some(b) = &bias {
-            out32.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+            out32.chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
         }
         if E::DTYPE != DType::F32 {
             E::store(&owned_out, out);
@@ -118,8 +118,9 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
 
 /// `out[T, N] = x[T, K] @ w[N, K]^T`, parallel over chunks of N. `q8` lets quantized weights meet
 /// 8-bit activations on the matrix-vector path.
-fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize, q8: bool) {
-    let threads = rayon::current_num_threads().max(1);
+#[allow(clippy::too_many_arguments)]
+fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize, q8: bool) {
+    let threads = team.threads();
     let gemv = t <= if matches!(w, Weight::Quant { .. }) { QUANT_GEMV_MAX_TOKENS } else { GEMV_MAX_TOKENS };
     // A few chunks per thread: enough to balance, few enough that task overhead stays small next
     // to a decode step's tiny matrices.
@@ -137,7 +138,7 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
             .collect(),
         _ => Vec::new(),
     };
-    (0..n.div_ceil(chunk)).into_par_iter().for_each_init(Vec::new, |buf, c| {
+    team.for_each(n.div_ceil(chunk), |c| {
         let out_ptr = out_ptr;
         let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
         // SAFETY (all writes below): row i, columns n0..n1 of out belong to this chunk alone.
@@ -168,35 +169,43 @@ fn matmul_t(out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize
             (true, Weight::BF16(wb)) => return gemv_rows(wb, x, k, t, n0..n1, put),
             _ => {}
         }
-        let wc = w.rows(n0, n1, k, buf);
-        if gemv {
-            for (j, wrow) in wc.chunks_exact(k).enumerate() {
-                for i in 0..t {
-                    put(i, n0 + j, dot(&x[i * k..(i + 1) * k], wrow));
+        // The widened rows go to a buffer kept by the thread, reused from op to op.
+        SCRATCH.with_borrow_mut(|buf| {
+            let wc = w.rows(n0, n1, k, buf);
+            if gemv {
+                for (j, wrow) in wc.chunks_exact(k).enumerate() {
+                    for i in 0..t {
+                        put(i, n0 + j, dot(&x[i * k..(i + 1) * k], wrow));
+                    }
+                }
+            } else {
+                // SAFETY: the GEMM writes rows 0..t, columns n0..n1 of out: this chunk's alone.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        t,
+                        k,
+                        n1 - n0,
+                        1.0,
+                        x.as_ptr(),
+                        k as isize,
+                        1,
+                        wc.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        out_ptr.0.add(n0),
+                        n as isize,
+                        1,
+                    );
                 }
             }
-        } else {
-            // SAFETY: the GEMM writes rows 0..t, columns n0..n1 of out: this chunk's alone.
-            unsafe {
-                matrixmultiply::sgemm(
-                    t,
-                    k,
-                    n1 - n0,
-                    1.0,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    wc.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    out_ptr.0.add(n0),
-                    n as isize,
-                    1,
-                );
-            }
-        }
+        })
     });
+}
+
+thread_local! {
+    /// Each thread's buffer for weight rows widened to f32.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `put(i, j, x_i · w_j)` for rows `rows` of a float weight [N, k] and the t tokens of x.

@@ -2,7 +2,6 @@
 
 use highrise_core::ops::SwiGlu;
 use highrise_core::Result;
-use rayon::prelude::*;
 
 use crate::float::{min_items, with_float, Float};
 use crate::storage::Tensors;
@@ -14,17 +13,17 @@ pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
         // SAFETY: out is the only output and aliases neither input (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
         const CHUNK: usize = 4096;
-        let chunks = out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).zip(up.par_chunks(CHUNK));
-        chunks.with_min_len(min_items(CHUNK)).for_each_init(
-            || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
-            |(g, u), ((out, gate), up)| {
+        ts.team.rows(out, CHUNK, min_items(CHUNK), |c, out| {
+            let (mut g, mut u) = (vec![0f32; CHUNK], vec![0f32; CHUNK]);
+            for (i, out) in out.chunks_mut(CHUNK).enumerate() {
+                let at = (c + i) * CHUNK..(c + i) * CHUNK + out.len();
                 let (g, u) = (&mut g[..out.len()], &mut u[..out.len()]);
-                E::load(gate, g);
-                E::load(up, u);
+                E::load(&gate[at.clone()], g);
+                E::load(&up[at], u);
                 g.iter_mut().zip(u.iter()).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
                 E::store(g, out);
-            },
-        );
+            }
+        });
         Ok(())
     })
 }

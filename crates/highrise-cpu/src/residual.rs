@@ -4,7 +4,6 @@ use half::{bf16, f16};
 use highrise_core::ops::{AddRmsNorm, Embedding, RmsNorm};
 use highrise_core::quant::dequantize;
 use highrise_core::{DType, Error, Result, TensorRef};
-use rayon::prelude::*;
 
 use crate::float::{min_items, with_float, Float};
 use crate::storage::Tensors;
@@ -63,14 +62,14 @@ pub fn rms_norm(ts: &Tensors, op: &RmsNorm) -> Result<()> {
         // SAFETY: out is the op's only output and does not alias x (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
         let h = weight.len();
-        out.par_chunks_mut(h).zip(x.par_chunks(h)).with_min_len(min_items(h)).for_each_init(
-            || vec![0f32; h],
-            |row, (out, x)| {
-                E::load(x, row);
-                normalize(row, &weight, op.eps);
-                E::store(row, out);
-            },
-        );
+        ts.team.rows(out, h, min_items(h), |r0, out| {
+            let mut row = vec![0f32; h];
+            for (out, x) in out.chunks_exact_mut(h).zip(x[r0 * h..].chunks_exact(h)) {
+                E::load(x, &mut row);
+                normalize(&mut row, &weight, op.eps);
+                E::store(&row, out);
+            }
+        });
         Ok(())
     })
 }
@@ -84,24 +83,21 @@ pub fn add_rms_norm(ts: &Tensors, op: &AddRmsNorm) -> Result<()> {
         let residual = unsafe { ts.slice_mut::<E>("residual", &op.residual)? };
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
         let h = weight.len();
-        out.par_chunks_mut(h)
-            .zip(residual.par_chunks_mut(h))
-            .zip(delta.par_chunks(h))
-            .with_min_len(min_items(h))
-            .for_each_init(
-                || (vec![0f32; h], vec![0f32; h]),
-                |(row, d), ((out, res), delta)| {
-                    E::load(res, row);
-                    E::load(delta, d);
-                    row.iter_mut().zip(d.iter()).for_each(|(r, d)| *r += d);
-                    // The stream keeps its own dtype; the norm reads the rounded sum, as the stream
-                    // itself will be read by the next layer.
-                    E::store(row, res);
-                    E::load(res, row);
-                    normalize(row, &weight, op.eps);
-                    E::store(row, out);
-                },
-            );
+        ts.team.rows2(out, h, residual, h, min_items(h), |r0, out, residual| {
+            let (mut row, mut d) = (vec![0f32; h], vec![0f32; h]);
+            let rows = out.chunks_exact_mut(h).zip(residual.chunks_exact_mut(h)).zip(delta[r0 * h..].chunks_exact(h));
+            for ((out, res), delta) in rows {
+                E::load(res, &mut row);
+                E::load(delta, &mut d);
+                row.iter_mut().zip(d.iter()).for_each(|(r, d)| *r += d);
+                // The stream keeps its own dtype; the norm reads the rounded sum, as the stream
+                // itself will be read by the next layer.
+                E::store(&row, res);
+                E::load(res, &mut row);
+                normalize(&mut row, &weight, op.eps);
+                E::store(&row, out);
+            }
+        });
         Ok(())
     })
 }

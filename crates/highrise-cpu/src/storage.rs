@@ -96,11 +96,13 @@ impl Storage {
 }
 
 /// Typed access to the tensors of one op call, after checking each handle and size.
-pub struct Tensors {
+pub struct Tensors<'a> {
     pub owner: usize,
+    /// The threads an op may spread over.
+    pub team: &'a crate::team::Team,
 }
 
-impl Tensors {
+impl Tensors<'_> {
     fn checked(&self, name: &str, t: &TensorRef, write: bool) -> Result<(*mut u8, usize)> {
         let s = Storage::get(self.owner, t.handle)
             .and_then(|s| if write { s.writable() } else { Ok(s) })
