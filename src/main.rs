@@ -265,7 +265,20 @@ impl SamplingArgs {
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Large temporaries (a prefill's activations and logits) get their own mappings and go back to the
+/// system when freed. glibc otherwise raises its mmap threshold after the first such free, serves
+/// later ones from the heap and keeps them: a long-running server's memory would step up by tens of
+/// MiB at a moment that depends on how requests happened to be batched.
+fn pin_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() {
+    pin_mmap_threshold();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate { prompt, model, sampling, json, steer } => cmd_generate(&prompt, &model, &sampling, json, &steer),
