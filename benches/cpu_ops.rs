@@ -102,9 +102,10 @@ fn ops(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("attention_prefill", t), |bench| {
             bench.iter(|| b.attention(&mut o, &q, &k, &v, &[t as u32], 0.125).unwrap())
         });
-        // Decode attention: one query token per sequence over a 4096-token paged context.
-        let (ctx, bs) = (4096usize, 16usize);
-        for batch in [1usize, 8] {
+        // Decode attention: one query token per sequence over a paged context, short (a chat turn)
+        // and long.
+        let bs = 16usize;
+        for (ctx, batch) in [(128usize, 1usize), (4096, 1), (4096, 8)] {
             let blocks = batch * ctx / bs;
             let kc = random(&b, act, &[blocks, bs, s.kv_heads, d], 1.0);
             let vc = random(&b, act, &[blocks, bs, s.kv_heads, d], 1.0);

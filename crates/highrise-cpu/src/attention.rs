@@ -173,70 +173,113 @@ fn attend_one<'a, E: Float>(
     d: usize,
     scale: f32,
 ) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { attend_one_avx2(qs, key, value, len, d, scale) };
-    }
-    attend_one_body(qs, key, value, len, d, scale)
-}
-
-/// The same loops compiled for AVX2, where they vectorize.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_one_avx2<'a, E: Float>(
-    qs: &[f32],
-    key: impl Fn(usize) -> &'a [E],
-    value: impl Fn(usize) -> &'a [E],
-    len: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    attend_one_body(qs, key, value, len, d, scale)
-}
-
-#[inline(always)]
-fn attend_one_body<'a, E: Float>(
-    qs: &[f32],
-    key: impl Fn(usize) -> &'a [E],
-    value: impl Fn(usize) -> &'a [E],
-    len: usize,
-    d: usize,
-    scale: f32,
-) -> Vec<f32> {
-    let rows = qs.len() / d;
-    let mut buf = vec![0f32; d];
-    let mut scores = vec![0f32; rows * len];
-    for pos in 0..len {
-        let kr = E::as_f32(key(pos)).unwrap_or_else(|| {
-            E::load(key(pos), &mut buf);
-            &buf
-        });
-        for r in 0..rows {
-            // Eight lanes, so the loop vectorizes without reassociating one sum.
-            let mut acc = [0f32; 8];
-            for (q8, k8) in qs[r * d..(r + 1) * d].chunks_exact(8).zip(kr.chunks_exact(8)) {
-                for l in 0..8 {
-                    acc[l] += q8[l] * k8[l];
-                }
-            }
-            let tail: f32 = qs[r * d + d / 8 * 8..(r + 1) * d].iter().zip(&kr[d / 8 * 8..]).map(|(a, b)| a * b).sum();
-            scores[r * len + pos] = (acc.iter().sum::<f32>() + tail) * scale;
+    // f32 rows are read where they lie; other dtypes are widened once into a [len, D] copy.
+    let (mut ks, mut vs) = (Vec::new(), Vec::new());
+    let f32_rows = len == 0 || E::as_f32(key(0)).is_some();
+    if !f32_rows {
+        (ks, vs) = (vec![0f32; len * d], vec![0f32; len * d]);
+        for pos in 0..len {
+            E::load(key(pos), &mut ks[pos * d..(pos + 1) * d]);
+            E::load(value(pos), &mut vs[pos * d..(pos + 1) * d]);
         }
     }
-    scores.chunks_exact_mut(len).for_each(softmax);
+    // Each row looked up once (through the block table), not once per use.
+    fn rows_of<'r, E: Float>(get: impl Fn(usize) -> &'r [E], widened: &'r [f32], len: usize, d: usize) -> Vec<&'r [f32]> {
+        match widened.is_empty() {
+            true => (0..len).map(|pos| E::as_f32(get(pos)).unwrap_or_default()).collect(),
+            false => widened.chunks_exact(d).collect(),
+        }
+    }
+    let (k, v) = (rows_of(|p| -> &[E] { key(p) }, &ks, len, d), rows_of(|p| -> &[E] { value(p) }, &vs, len, d));
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() && d % 8 == 0 {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above); D is whole vectors of 8.
+        return unsafe { avx2::attend_one(qs, &k, &v, d, scale) };
+    }
+    attend_one_portable(qs, &k, &v, d, scale)
+}
+
+/// `attend_one` over the rows of K and V (each at least D long).
+fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> Vec<f32> {
+    let (rows, len) = (qs.len() / d, key.len());
+    let mut scores = vec![0f32; rows * len];
+    for (pos, kr) in key.iter().enumerate() {
+        for r in 0..rows {
+            scores[r * len + pos] = crate::float::dot(&qs[r * d..(r + 1) * d], kr) * scale;
+        }
+    }
+    scores.chunks_exact_mut(len.max(1)).for_each(softmax);
     let mut out = vec![0f32; rows * d];
-    for pos in 0..len {
-        let vr = E::as_f32(value(pos)).unwrap_or_else(|| {
-            E::load(value(pos), &mut buf);
-            &buf
-        });
+    for (pos, vr) in value.iter().enumerate() {
         for r in 0..rows {
             let p = scores[r * len + pos];
-            out[r * d..(r + 1) * d].iter_mut().zip(vr).for_each(|(o, v)| *o += p * v);
+            out[r * d..(r + 1) * d].iter_mut().zip(*vr).for_each(|(o, v)| *o += p * v);
         }
     }
     out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `attend_one` for D a multiple of 8: four keys per pass, so one horizontal reduction serves
+    /// four scores; the weighted sum keeps 64 columns of a head's output in registers across keys.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend_one(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> Vec<f32> {
+        let (rows, len) = (qs.len() / d, key.len());
+        assert!(value.len() == len && key.iter().chain(value).all(|r| r.len() >= d));
+        let mut scores = vec![0f32; rows * len];
+        let dot = |q: *const f32, k: &[f32]| {
+            let mut a = _mm256_setzero_ps();
+            for c in (0..d).step_by(8) {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(k.as_ptr().add(c)), a);
+            }
+            a
+        };
+        let mut pos = 0;
+        while pos + 4 <= len {
+            let ks = &key[pos..pos + 4];
+            for r in 0..rows {
+                let q = qs.as_ptr().add(r * d);
+                let (a0, a1, a2, a3) = (dot(q, ks[0]), dot(q, ks[1]), dot(q, ks[2]), dot(q, ks[3]));
+                // Lane sums of a0..a3 side by side: [s0 s1 s2 s3].
+                let h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                _mm_storeu_ps(scores.as_mut_ptr().add(r * len + pos), _mm_mul_ps(s, _mm_set1_ps(scale)));
+            }
+            pos += 4;
+        }
+        while pos < len {
+            let k = key[pos];
+            for r in 0..rows {
+                let a = dot(qs.as_ptr().add(r * d), k);
+                let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                let s = _mm_hadd_ps(_mm_hadd_ps(s, s), s);
+                scores[r * len + pos] = _mm_cvtss_f32(s) * scale;
+            }
+            pos += 1;
+        }
+        scores.chunks_exact_mut(len.max(1)).for_each(super::softmax);
+        let mut out = vec![0f32; rows * d];
+        for r in 0..rows {
+            let p = &scores[r * len..(r + 1) * len];
+            for c0 in (0..d).step_by(64) {
+                let w = (d - c0).min(64) / 8;
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (pos, &p) in p.iter().enumerate() {
+                    let (p, v) = (_mm256_set1_ps(p), value[pos].as_ptr().add(c0));
+                    for (j, a) in acc.iter_mut().enumerate().take(w) {
+                        *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * j)), *a);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate().take(w) {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(r * d + c0 + 8 * j), *a);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Queries per work unit: small enough to spread one long prompt over the threads.
@@ -269,7 +312,7 @@ fn attend<E: Float, S: KvSource<E>>(
             })
         })
         .collect();
-    // Score-and-sum work of all units; a small total (a short decode step) stays on one thread.
+    // Score-and-sum work of all units; a tiny total stays on one thread.
     let work: usize = units.iter().map(|&(s, _, i0, n)| n * (seqs[s].context_len - seqs[s].q_len + i0 + n)).sum();
     let unit = |&(s, g, i0, n): &(usize, usize, usize, usize)| {
             let seq = seqs[s];
@@ -324,7 +367,9 @@ fn attend<E: Float, S: KvSource<E>>(
             }
             res
     };
-    let results: Vec<Vec<f32>> = if work * group * d < super::float::PAR_MIN_ELEMS {
+    // Units are worth spreading sooner than elementwise work: a decode step's few units (one per K/V
+    // head) each read a whole context.
+    let results: Vec<Vec<f32>> = if work * group * d < super::float::PAR_MIN_ELEMS / 8 {
         units.iter().map(unit).collect()
     } else {
         team.map(units.len(), |i| unit(&units[i]))
