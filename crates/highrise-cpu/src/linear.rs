@@ -138,24 +138,25 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
             .collect(),
         _ => Vec::new(),
     };
+    let q8s: Vec<&quant::Q8Act> = acts.iter().filter_map(|a| if let Act::Q8(q) = a { Some(q) } else { None }).collect();
+    let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
+    let sums: Vec<&[f32]> = acts.iter().filter_map(|a| if let Act::F32(s) = a { Some(&s[..]) } else { None }).collect();
     team.for_each(n.div_ceil(chunk), |c| {
         let out_ptr = out_ptr;
         let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
         // SAFETY (all writes below): row i, columns n0..n1 of out belong to this chunk alone.
         let put = |i: usize, j: usize, v: f32| unsafe { *out_ptr.0.add(i * n + j) = v };
         if let (true, Weight::Quant { dtype, bytes, row_bytes }) = (gemv, w) {
-            let q8s: Vec<&quant::Q8Act> = acts.iter().filter_map(|a| if let Act::Q8(q) = a { Some(q) } else { None }).collect();
-            let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
-            let sums: Vec<&[f32]> = acts.iter().filter_map(|a| if let Act::F32(s) = a { Some(&s[..]) } else { None }).collect();
-            let mut outs = vec![0f32; acts.len()];
+            let mut outs = [0f32; QUANT_GEMV_MAX_TOKENS];
+            let outs = &mut outs[..acts.len()];
             for j in n0..n1 {
                 let row = &bytes[j * row_bytes..(j + 1) * row_bytes];
                 if q8s.len() == acts.len() {
                     // All tokens in 8 bits: each block of the row unpacked once for all of them.
-                    quant::dot_q8_many(*dtype, row, &q8s, &mut outs);
+                    quant::dot_q8_many(*dtype, row, &q8s, outs);
                 } else {
                     // All tokens in f32: each block widened once for all of them.
-                    quant::dot_f32_many(*dtype, row, &xs, &sums, &mut outs);
+                    quant::dot_f32_many(*dtype, row, &xs, &sums, outs);
                 }
                 for (i, &o) in outs.iter().enumerate() {
                     put(i, j, o);

@@ -34,26 +34,33 @@ pub struct Q8Act {
 }
 
 impl Q8Act {
+    /// Each block's scale is its largest magnitude over 127; values round to nearest, ties away from
+    /// zero (`f32::round`), on both paths.
     pub fn new(x: &[f32]) -> Q8Act {
         let blocks = x.len() / 32;
-        let mut a = Q8Act {
-            d: Vec::with_capacity(blocks),
-            q: Vec::with_capacity(x.len()),
-            isum: Vec::with_capacity(blocks),
-            sum: Vec::with_capacity(blocks),
-        };
-        for block in x.chunks_exact(32) {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let start = a.q.len();
-            a.q.extend(block.iter().map(|v| (v * id).round() as i8));
-            let isum: i32 = a.q[start..].iter().map(|&q| q as i32).sum();
-            a.isum.push(isum);
-            a.sum.push(d * isum as f32);
-            a.d.push(d);
+        let (d, q, isum, sum) = (vec![0.0; blocks], vec![0; blocks * 32], vec![0; blocks], vec![0.0; blocks]);
+        let mut a = Q8Act { d, q, isum, sum };
+        #[cfg(target_arch = "x86_64")]
+        if crate::float::has_avx2_fma() {
+            // SAFETY: AVX2 present (checked just above); `a` holds `blocks` whole blocks.
+            unsafe { avx2::quantize(x, &mut a) };
+            return a;
         }
+        quantize_portable(x, &mut a);
         a
+    }
+}
+
+fn quantize_portable(x: &[f32], a: &mut Q8Act) {
+    for (b, block) in x.chunks_exact(32).enumerate() {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let q = &mut a.q[b * 32..(b + 1) * 32];
+        q.iter_mut().zip(block).for_each(|(q, v)| *q = (v * id).round() as i8);
+        a.isum[b] = q.iter().map(|&q| q as i32).sum();
+        a.sum[b] = d * a.isum[b] as f32;
+        a.d[b] = d;
     }
 }
 
@@ -327,6 +334,42 @@ mod avx2 {
         out
     }
 
+    /// `Q8Act::new` eight lanes at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize(x: &[f32], a: &mut Q8Act) {
+        let abs = _mm256_set1_ps(-0.0);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (b, block) in x.chunks_exact(32).enumerate().take(a.d.len()) {
+            let p = block.as_ptr();
+            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_andnot_ps(abs, v[0]), _mm256_andnot_ps(abs, v[1])),
+                _mm256_max_ps(_mm256_andnot_ps(abs, v[2]), _mm256_andnot_ps(abs, v[3])),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            // Round half away from zero, as f32::round: truncate, then step away from zero where the
+            // dropped fraction (exact) is at least one half.
+            let i = v.map(|v| {
+                let s = _mm256_mul_ps(v, id);
+                let t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let half = _mm256_cmp_ps(_mm256_andnot_ps(abs, _mm256_sub_ps(s, t)), _mm256_set1_ps(0.5), _CMP_GE_OQ);
+                let step = _mm256_and_ps(half, _mm256_or_ps(_mm256_and_ps(abs, s), _mm256_set1_ps(1.0)));
+                _mm256_cvtps_epi32(_mm256_add_ps(t, step))
+            });
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            _mm256_storeu_si256(a.q.as_mut_ptr().add(b * 32) as *mut __m256i, _mm256_permutevar8x32_epi32(bytes, order));
+            let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let isum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
+            (a.d[b], a.isum[b], a.sum[b]) = (d, isum, d * isum as f32);
+        }
+    }
+
     /// The 32 nibbles of the Q4 block at `qs` as four vectors of f32 (unscaled), in the order of x.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -575,6 +618,24 @@ mod tests {
                 assert!((out[t] - one).abs() <= 1e-4 * one.abs().max(1.0), "{dtype} f32 token {t}: {} vs {one}", out[t]);
             }
         }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_quantization_gives_the_portable_bytes() {
+        if !crate::float::has_avx2_fma() {
+            return println!("skipped: this CPU has no AVX2+FMA+F16C");
+        }
+        // Random blocks, an all-zero block, and a block of exact ties (scale 1: 127 and k + 0.5).
+        let mut x = random_x(96, 5);
+        x.extend([0.0; 32]);
+        x.extend((0..32).map(|i| if i == 0 { 127.0 } else { (i as f32 - 16.0) + 0.5 }));
+        let fast = Q8Act::new(&x);
+        let mut slow = Q8Act { d: vec![0.0; 5], q: vec![0; 160], isum: vec![0; 5], sum: vec![0.0; 5] };
+        quantize_portable(&x, &mut slow);
+        assert_eq!((&fast.q, &fast.isum), (&slow.q, &slow.isum));
+        assert_eq!((&fast.d, &fast.sum), (&slow.d, &slow.sum));
+        assert_eq!((fast.q[4 * 32 + 1], fast.q[4 * 32 + 2]), (-15, -14), "-14.5 and -13.5 round away from zero");
     }
 
     #[test]
