@@ -65,12 +65,13 @@ impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes (byte-level BPE, `tokenizer.ggml.model` = "gpt2").
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
         let path = &g.path;
-        let strs = |key: &str| -> Result<Vec<String>> {
+        // The strings of an array, borrowed from the file's metadata (no copy of the vocabulary).
+        let strs = |key: &str| -> Result<Vec<&str>> {
             g.get(key)
                 .and_then(Value::as_array)
                 .ok_or_else(|| Error::config(path, key, "missing"))?
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| Error::config(path, key, "holds a non-string")))
+                .map(|v| v.as_str().ok_or_else(|| Error::config(path, key, "holds a non-string")))
                 .collect()
         };
         let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
@@ -102,8 +103,7 @@ impl Tokenizer {
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
         // Built through the tokenizers API rather than a tokenizer.json text: no transient JSON tree
         // of the whole vocabulary at load.
         let fail = |e: tokenizers::Error| Error::Tokenizer(format!("{}: {e}", path.display()));
@@ -121,13 +121,13 @@ impl Tokenizer {
                 .iter()
                 .enumerate()
                 .filter(|(_, &t)| t == kind)
-                .map(|(id, _)| tokenizers::AddedToken::from(tokens[id].clone(), kind == 3).normalized(kind == 4))
+                .map(|(id, _)| tokenizers::AddedToken::from(tokens[id], kind == 3).normalized(kind == 4))
                 .collect()
         };
         inner.add_special_tokens(&added(3));
         inner.add_tokens(&added(4));
         let token = |key: &str| {
-            g.get(key).and_then(Value::as_u64).and_then(|id| tokens.get(id as usize)).cloned()
+            g.get(key).and_then(Value::as_u64).and_then(|id| tokens.get(id as usize)).map(|t| t.to_string())
         };
         let mut t = Tokenizer { inner, bos_token: None, eos_token: None, add_bos: false, chat_template: None };
         t.bos_token = token("tokenizer.ggml.bos_token_id");
