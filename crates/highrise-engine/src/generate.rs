@@ -132,6 +132,9 @@ impl TextStream {
 
 /// Generates a continuation of `prompt_ids`, calling `on_text` with each piece of text as it is ready.
 /// One sequence on an engine of its own, with a cache just large enough for it.
+/// Most prompt tokens one forward pass of `generate` takes.
+pub const PREFILL_CHUNK: usize = 256;
+
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
@@ -155,7 +158,9 @@ pub fn generate(
     let config = EngineConfig {
         num_blocks: total.div_ceil(BLOCK_SIZE),
         block_size: BLOCK_SIZE,
-        max_batch_tokens: prompt_ids.len().max(1),
+        // Long prompts prefill in chunks: activations stay those of PREFILL_CHUNK tokens, and a GEMM
+        // of that many rows already runs at full speed.
+        max_batch_tokens: prompt_ids.len().clamp(1, PREFILL_CHUNK),
         max_running: 1,
     };
     let mut engine = Engine::new(model, tokenizer, config)?;
