@@ -178,6 +178,55 @@ pub fn has_avx2_fma() -> bool {
     })
 }
 
+/// `g[i] = silu(g[i]) * u[i]` (silu(x) = x / (1 + e^-x)): the MLP's gate.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { avx2::silu_mul(g, u) };
+    }
+    g.iter_mut().zip(u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// e^x for x in [-87, 88] (clamped there), within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2
+    /// split in two so r is exact), e^r by Cephes' degree-7 polynomial, 2^n put in the exponent.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+        let two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_mul_ps(p, _mm256_castsi256_ps(two_n))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
+        let n = g.len().min(u.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(g.as_ptr().add(i));
+            let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            let s = _mm256_div_ps(_mm256_mul_ps(x, _mm256_loadu_ps(u.as_ptr().add(i))), _mm256_add_ps(_mm256_set1_ps(1.0), e));
+            _mm256_storeu_ps(g.as_mut_ptr().add(i), s);
+            i += 8;
+        }
+        for j in i..n {
+            g[j] = g[j] / (1.0 + (-g[j]).exp()) * u[j];
+        }
+    }
+}
+
 fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -223,6 +272,27 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_exp_is_within_two_ulp() {
+        if !has_avx2_fma() {
+            return println!("skipped: this CPU has no AVX2+FMA+F16C");
+        }
+        let xs: Vec<f32> = (0..=17500).map(|i| -87.0 + i as f32 * 0.01).collect();
+        for x8 in xs.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2+FMA present (checked above).
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm256_storeu_ps(got.as_mut_ptr(), avx2::exp(_mm256_loadu_ps(x8.as_ptr())));
+            }
+            for (&x, &g) in x8.iter().zip(&got) {
+                let want = (x as f64).exp();
+                assert!(((g as f64) - want).abs() <= 2.0 * f32::EPSILON as f64 * want, "exp({x}) = {g}, want {want}");
+            }
+        }
+    }
 
     #[test]
     #[cfg(target_arch = "x86_64")]

@@ -20,7 +20,7 @@ pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
                 let (g, u) = (&mut g[..out.len()], &mut u[..out.len()]);
                 E::load(&gate[at.clone()], g);
                 E::load(&up[at], u);
-                g.iter_mut().zip(u.iter()).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+                crate::float::silu_mul(g, u);
                 E::store(g, out);
             }
         });
