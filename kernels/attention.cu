@@ -254,9 +254,11 @@ FOR_EACH_DTYPE(ATTENTION)
 // accumulators); the online softmax works on the accumulator fragments: a thread holds two rows
 // (lane/4 and lane/4 + 8) of each 16x8 tile, and a row's four threads are one quad (shuffles 1, 2).
 // P goes from S's accumulator layout straight into the A operand of the next MMA (two adjacent 16x8
-// tiles of S are one 16x16 A fragment). Causal; sequences of any lengths laid end to end
-// (tiles[3 t .. 3 t + 3] = first query token, rows, sequence's first token); grouped-query heads
-// read their shared K/V head.
+// tiles of S are one 16x16 A fragment). Causal; sequences of any lengths laid end to end; grouped-
+// query heads read their shared K/V head. tiles[4 t .. 4 t + 4] = the tile's first query row (in q
+// and out), its rows, the position of that row within its sequence (the keys it sees end there), and
+// where the sequence's keys start: a token row of k/v (contiguous prompts, table null), or an offset
+// into the block table (the paged cache: chunked prefill after a cached prefix).
 
 #define FA_ROWS 64
 #define FA_KEYS 64
@@ -281,17 +283,17 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1,
 }
 
 template <int D, bool BF16>
-__device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, u32 hq, u32 hkv,
-                           float scale_log2) {
+__device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
+                           u32 hkv, float scale_log2) {
     __shared__ __align__(16) u16 ks[FA_KEYS][D + FA_PAD];
     __shared__ __align__(16) u16 vs[FA_KEYS][D + FA_PAD];
     const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
-    const u32 q0 = tiles[3 * tile], rows = tiles[3 * tile + 1], seq0 = tiles[3 * tile + 2];
+    const u32 q0 = tiles[4 * tile], rows = tiles[4 * tile + 1], pos0 = tiles[4 * tile + 2], kbase = tiles[4 * tile + 3];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 quad = lane & 3, r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;  // rows within the tile
     // Positions within the sequence; rows past the tile's end act as its last row (never written).
-    const u32 pos_lo = q0 - seq0 + min(r_lo, rows - 1), pos_hi = q0 - seq0 + min(r_hi, rows - 1);
-    const u32 keys_end = q0 - seq0 + rows;  // keys 0..keys_end of the sequence are seen by some row
+    const u32 pos_lo = pos0 + min(r_lo, rows - 1), pos_hi = pos0 + min(r_hi, rows - 1);
+    const u32 keys_end = pos0 + rows;  // keys 0..keys_end of the sequence are seen by some row
 
     // Q as A fragments, one per 16 dims: rows r_lo / r_hi, dims 16 kk + 2 quad (+1, +8, +9).
     u32 qa[D / 16][4];
@@ -319,7 +321,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
             const u32 key = i / (D / 2), c = (i % (D / 2)) * 2;
             u32 kv = 0, vv = 0;
             if (kb + key < keys_end) {
-                const u64 at = ((u64)(seq0 + kb + key) * hkv + g) * D + c;
+                const u64 at = (addr.row(kbase, kb + key) * hkv + g) * D + c;
                 kv = ((const u32*)k)[at / 2];
                 vv = ((const u32*)v)[at / 2];
             }
@@ -415,14 +417,13 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
     }
 }
 
-#define FLASH(dim)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) flash_attn_d##dim##_bf16(                                   \
-        u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, u32 hq, u32 hkv, float scale_log2) { \
-        flash_attn<dim, true>(out, q, k, v, tiles, hq, hkv, scale_log2);                                           \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_attn_d##dim##_f16(                                    \
-        u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, u32 hq, u32 hkv, float scale_log2) { \
-        flash_attn<dim, false>(out, q, k, v, tiles, hq, hkv, scale_log2);                                          \
+#define FLASH_ONE(dim, s, bf16)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128)                                                              \
+        flash_attn_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,              \
+                                const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2) {             \
+        KeyAddr addr = {table, block_size};                                                                        \
+        flash_attn<dim, bf16>(out, q, k, v, tiles, addr, hq, hkv, scale_log2);                                     \
     }
+#define FLASH(dim) FLASH_ONE(dim, bf16, true) FLASH_ONE(dim, f16, false)
 FLASH(64)
 FLASH(128)

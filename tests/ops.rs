@@ -250,6 +250,9 @@ pub fn paged_attention_reads_through_block_tables() {
                 // (context, queries): decode at non-zero positions, and a prefill chunk after a prefix.
                 let batch: Vec<(usize, usize)> = SEQ_LENS.iter().map(|&c| (c, 1)).chain([(300, 7), (64, 64)]).collect();
                 check_paged(&mut rng, dt, hq, hkv, d, &batch);
+                // Prompt chunks only (on CUDA: the tensor-core kernel through the table), one
+                // longer than a 64-row tile.
+                check_paged(&mut rng, dt, hq, hkv, d, &[(300, 7), (64, 64), (230, 100)]);
             }
         }
     }

@@ -254,45 +254,87 @@ fn attention_choice() -> String {
     std::env::var("HIGHRISE_CUDA_ATTENTION").unwrap_or_else(|_| "auto".into())
 }
 
-/// Prefill attention: on tensor cores (`flash_attn_*`) for f16/bf16 at head dims 64 and 128, else
-/// (and with `HIGHRISE_CUDA_ATTENTION=split`) with the split kernel that decoding uses.
-pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
-    let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
-    let flash = matches!(op.out.dtype, DType::BF16 | DType::F16)
-        && matches!(d, 64 | 128)
-        && attention_choice() == "auto";
-    if flash && t > 0 {
-        let s = suffix("attention", op.out.dtype)?;
-        let hkv = op.k.dims()[1];
-        // (first query token, rows, sequence's first token) per tile of 64 queries.
-        let mut tiles: Vec<u32> = Vec::new();
-        let mut start = 0u32;
-        for &len in op.seq_lens.as_slice() {
-            for r0 in (0..len).step_by(64) {
-                tiles.extend([start + r0, (len - r0).min(64), start]);
-            }
-            start += len;
+/// Whether prefill attention runs on tensor cores (`flash_attn_*`): f16/bf16 at head dims 64 and 128,
+/// unless `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
+fn flash_fits(dtype: DType, d: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(d, 64 | 128) && attention_choice() == "auto"
+}
+
+/// The tiles of 64 query rows `flash_attn_*` takes, 4 numbers each (see kernels/attention.cu): per
+/// sequence, (its first query row, its queries, the position of the first query, where its keys
+/// start).
+fn flash_tiles(seqs: impl Iterator<Item = (u32, u32, u32, u32)>) -> Vec<u32> {
+    let mut tiles = Vec::new();
+    for (q_start, q_len, pos0, kbase) in seqs {
+        for r0 in (0..q_len).step_by(64) {
+            tiles.extend([q_start + r0, (q_len - r0).min(64), pos0 + r0, kbase]);
         }
-        let (o, q, k, v) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?, be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
-        let (_, addr) = be.upload(st, 0, &[bytes_of(&tiles)])?;
-        let (hq32, hkv32) = (hq as u32, hkv as u32);
-        let scale_log2 = op.scale * std::f32::consts::LOG2_E;
-        let n_tiles = (tiles.len() / 3) as u32;
-        return be.launch(
-            &format!("flash_attn_d{d}_{s}"),
-            (n_tiles, hq32, 1),
-            (128, 1, 1),
-            &[&o, &q, &k, &v, &addr[0], &hq32, &hkv32, &scale_log2],
-        );
+    }
+    tiles
+}
+
+/// Launches `flash_attn_*` over `tiles`; `table`: the paged cache's block table and block size.
+#[allow(clippy::too_many_arguments)]
+fn flash(
+    be: &CudaBackend,
+    st: &mut OpState,
+    name: &str,
+    [out, q, k, v]: [&highrise_core::TensorRef; 4],
+    tiles: &[u32],
+    table: Option<(&[u32], u32)>,
+    scale: f32,
+) -> Result<()> {
+    let s = suffix(name, out.dtype)?;
+    let [hq, d] = [q.dims()[1], q.dims()[2]];
+    let hkv = *k.dims().get(k.dims().len() - 2).expect("validated rank");
+    let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
+    let (table_bytes, block_size) = table.map_or((&[][..], 0), |(t, bs)| (bytes_of(t), bs));
+    let (_, addr) = be.upload(st, 0, &[bytes_of(tiles), table_bytes])?;
+    let table_ptr = if table.is_some() { addr[1] } else { 0u64 };
+    let (hq32, hkv32) = (hq as u32, hkv as u32);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    be.launch(
+        &format!("flash_attn_d{d}_{s}"),
+        ((tiles.len() / 4) as u32, hq32, 1),
+        (128, 1, 1),
+        &[&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2],
+    )
+}
+
+/// Prefill attention: on tensor cores where `flash_fits`, else with the split kernel that decoding
+/// uses.
+pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
+    let [t, d] = [op.q.dims()[0], op.q.dims()[2]];
+    if flash_fits(op.out.dtype, d) && t > 0 {
+        let mut start = 0;
+        let tiles = flash_tiles(op.seq_lens.as_slice().iter().map(|&len| {
+            start += len;
+            (start - len, len, 0, start - len)
+        }));
+        return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], &tiles, None, op.scale);
     }
     let rows = prefill_rows(op.seq_lens.as_slice());
     attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
 }
 
+/// Attention through the paged cache. A step of prompt chunks only (every sequence has 2 queries or
+/// more) runs on tensor cores where `flash_fits`, reading K/V through the block table; a step with
+/// decoding sequences in it takes the split kernels (flash-decoding), whose blocks each serve one
+/// query row.
 pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) -> Result<()> {
-    let rows = paged_rows(op.seqs.as_slice());
     let block_size = op.k_cache.dims()[1] as u32;
-    attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, Some((op.block_table.as_slice(), block_size)), op.scale)
+    let table = Some((op.block_table.as_slice(), block_size));
+    let seqs = op.seqs.as_slice();
+    if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && seqs.iter().all(|s| s.q_len >= 2) {
+        let mut start = 0;
+        let tiles = flash_tiles(seqs.iter().map(|s| {
+            start += s.q_len;
+            (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
+        }));
+        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], &tiles, table, op.scale);
+    }
+    let rows = paged_rows(seqs);
+    attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scale)
 }
 
 pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
@@ -306,6 +348,16 @@ pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
 mod tests {
     use super::*;
     use highrise_core::ops::PagedSeq;
+
+    #[test]
+    fn flash_tiles_cut_sequences_into_64_rows() {
+        // Two contiguous prompts of 100 and 3 tokens: keys start at each prompt's own first row.
+        let tiles = flash_tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter());
+        assert_eq!(tiles, [0, 64, 0, 0, 64, 36, 64, 0, 100, 3, 0, 100]);
+        // A 70-token chunk after a 30-token cached prefix, its keys found from table offset 5.
+        let tiles = flash_tiles([(0, 70, 30, 5)].into_iter());
+        assert_eq!(tiles, [0, 64, 30, 5, 64, 6, 94, 5]);
+    }
 
     #[test]
     fn query_rows_see_their_own_prefix() {
