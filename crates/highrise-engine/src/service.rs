@@ -173,6 +173,17 @@ impl Drop for EngineService {
 fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>) {
     let mut streams: Vec<(RequestId, mpsc::UnboundedSender<Event>)> = Vec::new();
     let mut generated = 0u64;
+    let publish = |engine: &Engine, generated: u64| {
+        *stats.lock().expect("stats lock") = Stats {
+            running: engine.num_running(),
+            waiting: engine.num_waiting(),
+            blocks_free: engine.free_blocks(),
+            blocks_total: engine.num_blocks(),
+            block_size: engine.block_size(),
+            preemptions: engine.preemptions,
+            tokens_generated: generated,
+        };
+    };
     loop {
         // Wait for work when idle; otherwise take what has arrived and keep stepping.
         let first = if engine.is_idle() {
@@ -221,17 +232,23 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
         if !engine.is_idle() {
             match engine.step() {
                 Ok(events) => {
+                    // Finished requests give their blocks back and the stats are published before
+                    // any event goes out: a client that has seen its last token sees the engine
+                    // without it.
+                    generated += events.len() as u64;
+                    for e in events.iter().filter(|e| e.finish.is_some()) {
+                        let _ = engine.take_finished(e.id);
+                    }
+                    publish(&engine, generated);
                     for e in events {
-                        generated += 1;
                         let Some(i) = streams.iter().position(|(id, _)| *id == e.id) else { continue };
                         let done = e.finish.is_some();
                         // A receiver that is gone means its client left: cancel the request.
-                        if streams[i].1.send(e.clone()).is_err() {
-                            engine.cancel(e.id);
+                        if streams[i].1.send(e).is_err() && !done {
+                            engine.cancel(streams[i].0);
+                        }
+                        if done || streams[i].1.is_closed() {
                             streams.remove(i);
-                        } else if done {
-                            streams.remove(i);
-                            let _ = engine.take_finished(e.id);
                         }
                     }
                 }
@@ -253,14 +270,6 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
                 }
             }
         }
-        *stats.lock().expect("stats lock") = Stats {
-            running: engine.num_running(),
-            waiting: engine.num_waiting(),
-            blocks_free: engine.free_blocks(),
-            blocks_total: engine.num_blocks(),
-            block_size: engine.block_size(),
-            preemptions: engine.preemptions,
-            tokens_generated: generated,
-        };
+        publish(&engine, generated);
     }
 }
