@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use highrise::core::ops::{PagedSeq, RopeConfig, RopeScaling};
-use highrise::core::DType;
+use highrise::core::{DType, Tensor};
 
 const SEQ_LENS: [usize; 4] = [1, 7, 64, 300];
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -297,6 +297,39 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
         let naive = ref_attention(qv, k, v, hq, hkv, d, scale, Rd::Naive(dt));
         assert_close(&what, dt, &got[at * hq * d..(at + q_len) * hq * d], &exact, &naive);
         at += q_len;
+    }
+}
+
+/// Greedy choice on the backend: the first column of each row's maximum, and its log-probability
+/// against an f64 log-sum-exp of the same (dtype-rounded) values.
+#[test]
+fn argmax_matches_reference() {
+    if backend("argmax_matches_reference").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("argmax");
+    for dt in FLOATS {
+        for (rows, v) in [(1, 1), (3, 100), (8, 49152), (2, 128_256)] {
+            let mut x = rng.values(rows * v, 8.0, dt);
+            // A tie for the maximum in row 0, at a column later than its first.
+            if v > 10 {
+                let m = x[..v].iter().cloned().fold(f64::MIN, f64::max);
+                x[v - 3] = m;
+            }
+            let xt = upload(dt, &[rows, v], &x);
+            let x = download(&xt);
+            let mut index = Tensor::from_bytes(&be(), DType::U32, &[rows], &vec![0xAB; rows * 4]).unwrap();
+            let mut logprob = poisoned(DType::F32, &[rows]);
+            be().argmax(&mut index, &mut logprob, &xt).unwrap();
+            let (index, logprob) = (download(&index), download(&logprob));
+            for (r, row) in x.chunks(v).enumerate() {
+                let m = row.iter().cloned().fold(f64::MIN, f64::max);
+                let first = row.iter().position(|&val| val == m).unwrap();
+                let lse = m + row.iter().map(|&val| (val - m).exp()).sum::<f64>().ln();
+                assert_eq!(index[r], first as f64, "argmax {dt} [{rows}, {v}] row {r}");
+                assert!((logprob[r] - (m - lse)).abs() <= 1e-4, "argmax {dt} [{rows}, {v}] row {r}: logprob {} vs {}", logprob[r], m - lse);
+            }
+        }
     }
 }
 

@@ -211,4 +211,9 @@ impl dyn Backend + '_ {
     pub fn swiglu(&self, out: &mut Tensor, gate: &Tensor, up: &Tensor) -> Result<()> {
         self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: gate.as_ref(), up: up.as_ref() }))
     }
+
+    /// Each row's most likely column and its log-probability (see [`Argmax`]).
+    pub fn argmax(&self, index: &mut Tensor, logprob: &mut Tensor, x: &Tensor) -> Result<()> {
+        self.exec(Op::Argmax(Argmax { index: index.as_mut(), logprob: logprob.as_mut(), x: x.as_ref() }))
+    }
 }

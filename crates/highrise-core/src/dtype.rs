@@ -10,6 +10,8 @@ pub enum DType {
     F32 = 0,
     F16 = 1,
     BF16 = 2,
+    /// Unsigned 32-bit integers: token ids (what `Argmax` writes).
+    U32 = 3,
     /// 32 values: an f16 scale and 32 signed bytes.
     Q8_0 = 8,
     /// 32 values: an f16 scale and 32 4-bit values offset by 8.
@@ -23,10 +25,11 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 8] = [
+    pub const ALL: [DType; 9] = [
         DType::F32,
         DType::F16,
         DType::BF16,
+        DType::U32,
         DType::Q8_0,
         DType::Q4_0,
         DType::Q4_1,
@@ -43,7 +46,7 @@ impl DType {
     /// Number of values stored together in one block (1 for the float types).
     pub fn block_len(self) -> usize {
         match self {
-            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::F32 | DType::F16 | DType::BF16 | DType::U32 => 1,
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
             DType::Q4K | DType::Q6K => 256,
         }
@@ -52,7 +55,7 @@ impl DType {
     /// Bytes one block occupies.
     pub fn block_bytes(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::U32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::Q8_0 => 34,
             DType::Q4_0 => 18,
@@ -63,11 +66,11 @@ impl DType {
     }
 
     pub fn is_float(self) -> bool {
-        self.block_len() == 1
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
     pub fn is_quantized(self) -> bool {
-        !self.is_float()
+        self.block_len() > 1
     }
 
     /// Bytes needed for `numel` values, or `None` when `numel` is not a whole number of blocks.
@@ -83,6 +86,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::U32 => "u32",
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",

@@ -24,6 +24,7 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             DType::F32 => y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             DType::F16 => y[0] = f16_at(b, 0),
             DType::BF16 => y[0] = half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            DType::U32 => y[0] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
             DType::Q8_0 => q8_0(b, y),
             DType::Q4_0 => q4_0(b, y),
             DType::Q4_1 => q4_1(b, y),

@@ -298,6 +298,7 @@ impl Tensor {
             DType::F32 => from_bytes::<f32>(&bytes),
             DType::F16 => from_bytes::<f16>(&bytes),
             DType::BF16 => from_bytes::<bf16>(&bytes),
+            DType::U32 => bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
             q => {
                 return Err(Error::Invalid(format!(
                     "Tensor::to_f32: {q} is quantized; read its blocks with Tensor::to_bytes"
@@ -440,6 +441,8 @@ fn encode(dtype: DType, values: &[f32], what: &str) -> Result<Vec<u8>> {
         DType::F32 => to_bytes::<f32>(values),
         DType::F16 => to_bytes::<f16>(values),
         DType::BF16 => to_bytes::<bf16>(values),
+        // Token ids: whole numbers in f32 (exact below 2^24).
+        DType::U32 => values.iter().flat_map(|&v| (v as u32).to_le_bytes()).collect(),
         q => {
             return Err(Error::Invalid(format!(
                 "{what}: {q} is quantized; pass its blocks with Tensor::from_bytes"

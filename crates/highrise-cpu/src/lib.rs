@@ -11,6 +11,7 @@ mod linear;
 mod mlp;
 mod quant;
 mod residual;
+mod sampling;
 mod storage;
 mod team;
 
@@ -124,6 +125,7 @@ impl Backend for CpuBackend {
             Op::KvWrite(o) => attention::kv_write(&ts, o),
             Op::PagedAttention(o) => attention::paged_attention(&ts, o),
             Op::SwiGlu(o) => mlp::swiglu(&ts, o),
+            Op::Argmax(o) => sampling::argmax(&ts, o),
         }
     }
 }

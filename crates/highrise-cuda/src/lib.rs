@@ -347,6 +347,7 @@ impl Backend for CudaBackend {
             Op::KvWrite(o) => ops::kv_write(self, st, o),
             Op::PagedAttention(o) => ops::paged_attention(self, st, o),
             Op::SwiGlu(o) => ops::swiglu(self, o),
+            Op::Argmax(o) => ops::argmax(self, o),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Each op as kernel launches: its metadata uploaded to the scratch buffer, its tensors' device
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
-use highrise_core::ops::{AddRmsNorm, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, SwiGlu};
+use highrise_core::ops::{AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, SwiGlu};
 use highrise_core::{DType, Error, Result};
 
 use crate::{suffix, CudaBackend, OpState};
@@ -342,6 +342,17 @@ pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
     let n = op.out.numel() as u64;
     let (out, gate, up) = (be.ptr("out", &op.out)?, be.ptr("gate", &op.gate)?, be.ptr("up", &op.up)?);
     be.launch(&format!("swiglu_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &n])
+}
+
+/// Greedy choice per row of logits: a block of 1024 threads per row.
+pub fn argmax(be: &CudaBackend, op: &Argmax) -> Result<()> {
+    let s = suffix("argmax", op.x.dtype)?;
+    let [rows, v] = [op.x.dims()[0], op.x.dims()[1]];
+    if rows == 0 {
+        return Ok(());
+    }
+    let (index, logprob, x) = (be.ptr("index", &op.index)?, be.ptr("logprob", &op.logprob)?, be.ptr("x", &op.x)?);
+    be.launch(&format!("argmax_{s}"), (rows as u32, 1, 1), (1024, 1, 1), &[&index, &logprob, &x, &(v as u32)])
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The ops a backend runs, one file per family, named after the transformer's two highways:
 //! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm);
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
-//! - [`mlp`]: the SwiGLU gate.
+//! - [`mlp`]: the SwiGLU gate;
+//! - [`sampling`]: choosing tokens from the logits on the backend (greedy `Argmax`).
 //! (The logits are a [`Linear`] against the unembedding; see `Backend::logits`.)
 //!
 //! Every op is one `#[repr(C)]` struct of tensor references and host slices. [`Op`] gathers them in a
@@ -12,12 +13,14 @@
 pub mod attention;
 pub mod mlp;
 pub mod residual;
+pub mod sampling;
 
 pub use attention::{
     Attention, KvWrite, Linear, PagedAttention, PagedSeq, Rope, RopeConfig, RopeScaling,
 };
 pub use mlp::SwiGlu;
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
+pub use sampling::Argmax;
 
 use crate::{DType, Error, Result, TensorRef};
 
@@ -34,10 +37,11 @@ pub enum OpKind {
     KvWrite = 6,
     PagedAttention = 7,
     SwiGlu = 8,
+    Argmax = 9,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 9] = [
+    pub const ALL: [OpKind; 10] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -47,6 +51,7 @@ impl OpKind {
         OpKind::KvWrite,
         OpKind::PagedAttention,
         OpKind::SwiGlu,
+        OpKind::Argmax,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -64,6 +69,7 @@ impl OpKind {
             OpKind::KvWrite => "kv_write",
             OpKind::PagedAttention => "paged_attention",
             OpKind::SwiGlu => "swiglu",
+            OpKind::Argmax => "argmax",
         }
     }
 }
@@ -87,6 +93,7 @@ pub enum Op<'a> {
     KvWrite(KvWrite<'a>),
     PagedAttention(PagedAttention<'a>),
     SwiGlu(SwiGlu<'a>),
+    Argmax(Argmax<'a>),
 }
 
 impl Op<'_> {
@@ -101,6 +108,7 @@ impl Op<'_> {
             Op::KvWrite(_) => OpKind::KvWrite,
             Op::PagedAttention(_) => OpKind::PagedAttention,
             Op::SwiGlu(_) => OpKind::SwiGlu,
+            Op::Argmax(_) => OpKind::Argmax,
         }
     }
 
@@ -117,6 +125,7 @@ impl Op<'_> {
             Op::KvWrite(o) => o.k_cache.dtype,
             Op::PagedAttention(o) => o.out.dtype,
             Op::SwiGlu(o) => o.out.dtype,
+            Op::Argmax(o) => o.x.dtype,
         }
     }
 
@@ -141,6 +150,7 @@ impl Op<'_> {
                 vec![("out", o.out), ("q", o.q), ("k_cache", o.k_cache), ("v_cache", o.v_cache)]
             }
             Op::SwiGlu(o) => vec![("out", o.out), ("gate", o.gate), ("up", o.up)],
+            Op::Argmax(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -149,7 +159,7 @@ impl Op<'_> {
     /// The tensors the op writes. A backend refuses a call where one of them is also read as input.
     pub fn outputs(&self) -> usize {
         match self {
-            Op::AddRmsNorm(_) | Op::KvWrite(_) => 2,
+            Op::AddRmsNorm(_) | Op::KvWrite(_) | Op::Argmax(_) => 2,
             _ => 1,
         }
     }
@@ -167,6 +177,7 @@ impl Op<'_> {
             Op::KvWrite(o) => o.validate(&check),
             Op::PagedAttention(o) => o.validate(&check),
             Op::SwiGlu(o) => o.validate(&check),
+            Op::Argmax(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {
