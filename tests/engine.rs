@@ -241,3 +241,28 @@ fn op_bandwidth_times_a_backend_through_its_ops() {
     let bw = highrise::engine::bench::op_bandwidth(&cpu(), 4 << 20).unwrap();
     assert!(bw.is_finite() && bw > 1e8, "{bw}");
 }
+
+/// Greedy requests are chosen by the backend (`Backend::argmax`); the tokens and log-probabilities
+/// are those of sampling on the host from the downloaded logits.
+#[test]
+fn greedy_on_the_backend_matches_the_host() {
+    let Some(l) = loaded("backend argmax") else { return };
+    let reqs = requests(l);
+    let run = |host: bool| {
+        let mut e = Engine::new(&l.model, &l.tokenizer, EngineConfig::with_kv_memory(&l.model, 64 << 20)).unwrap();
+        e.set_host_sampling(host);
+        for r in &reqs {
+            e.submit(r.clone()).unwrap();
+        }
+        let mut done = e.run_to_completion().unwrap();
+        done.sort_by_key(|(id, _)| *id);
+        done.into_iter().map(|(_, g)| (g.ids, g.logprobs)).collect::<Vec<_>>()
+    };
+    let (device, host) = (run(false), run(true));
+    for (i, ((di, dl), (hi, hl))) in device.iter().zip(&host).enumerate() {
+        assert_eq!(di, hi, "request {i}: tokens");
+        for (d, h) in dl.iter().zip(hl) {
+            assert!((d - h).abs() <= 1e-4 * (1.0 + h.abs()), "request {i}: logprob {d} vs {h}");
+        }
+    }
+}

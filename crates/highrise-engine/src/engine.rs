@@ -9,11 +9,12 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use highrise_core::ops::PagedSeq;
+use highrise_core::{DType, Tensor};
 use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer, Tokenizer};
 
 use crate::blocks::BlockAllocator;
 use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
-use crate::sampling::{top_log_softmax, Sampler};
+use crate::sampling::{top_log_softmax, Sampled, Sampler};
 
 pub type RequestId = u64;
 
@@ -113,6 +114,9 @@ pub struct Engine<'m> {
     next_id: RequestId,
     /// Sequences preempted so far (their blocks freed, to be recomputed).
     pub preemptions: u64,
+    /// Sample on the host even when the backend could choose (`Backend::argmax`): set from
+    /// `HIGHRISE_HOST_SAMPLING=1`, or by `set_host_sampling`, to compare the two.
+    host_sampling: bool,
 }
 
 impl<'m> Engine<'m> {
@@ -142,7 +146,13 @@ impl<'m> Engine<'m> {
             finished: Vec::new(),
             next_id: 0,
             preemptions: 0,
+            host_sampling: std::env::var("HIGHRISE_HOST_SAMPLING").is_ok_and(|v| v == "1"),
         })
+    }
+
+    /// Whether every token is sampled on the host from downloaded logits (see `host_sampling`).
+    pub fn set_host_sampling(&mut self, on: bool) {
+        self.host_sampling = on;
     }
 
     /// Queues a request. Refused, with the reason, if it could never fit: longer than the model's
@@ -280,7 +290,21 @@ impl<'m> Engine<'m> {
         }
         let hooks = (!hooks.steer.is_empty()).then_some(&mut hooks);
         let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
-        let logits = self.model.forward_hooked(&batch, &mut self.cache, Logits::Last, hooks)?.to_f32()?;
+        let logits = self.model.forward_hooked(&batch, &mut self.cache, Logits::Last, hooks)?;
+        // When every sequence that samples this step wants the plain argmax (and no alternatives),
+        // the backend chooses: an id and a log-probability per row come back, not the logits.
+        let mut sampling = plan.iter().map(|&(i, n)| (&self.running[i], n)).filter(|(s, n)| s.computed + n >= s.len());
+        let on_backend = !self.host_sampling && sampling.all(|(s, _)| s.sampler.is_plain_greedy() && s.top_logprobs == 0);
+        let (logits, chosen) = if on_backend {
+            let be = &self.model.backend;
+            let rows = logits.dims()[0];
+            let mut index = Tensor::empty(be, DType::U32, &[rows])?;
+            let mut logprob = Tensor::empty(be, DType::F32, &[rows])?;
+            be.argmax(&mut index, &mut logprob, &logits)?;
+            (Vec::new(), index.to_f32()?.into_iter().zip(logprob.to_f32()?).collect())
+        } else {
+            (logits.to_f32()?, Vec::new())
+        };
         let v = self.model.config.vocab_size;
         let mut events = Vec::new();
         let mut done = Vec::new();
@@ -299,9 +323,14 @@ impl<'m> Engine<'m> {
             if s.computed < s.len() {
                 continue; // mid-prompt: nothing to sample yet
             }
-            let row_logits = &logits[row * v..(row + 1) * v];
-            let sampled = s.sampler.sample(row_logits, &s.prompt, &s.output);
-            let top_logprobs = if s.top_logprobs > 0 { top_log_softmax(row_logits, s.top_logprobs) } else { Vec::new() };
+            let (sampled, top_logprobs) = match chosen.get(row) {
+                Some(&(token, logprob)) => (Sampled { token: token as u32, logprob }, Vec::new()),
+                None => {
+                    let row_logits = &logits[row * v..(row + 1) * v];
+                    let top = if s.top_logprobs > 0 { top_log_softmax(row_logits, s.top_logprobs) } else { Vec::new() };
+                    (s.sampler.sample(row_logits, &s.prompt, &s.output), top)
+                }
+            };
             s.output.push(sampled.token);
             s.logprobs.push(sampled.logprob);
             let mut finish = None;

@@ -176,6 +176,17 @@ impl Sampler {
         Sampled { token: cand[pick].0, logprob: (probs[pick] / kept).ln() as f32 }
     }
 
+    /// Whether `sample` is the argmax of the logits as they come (temperature 0, no penalty, no
+    /// bias): then the backend can choose the token itself (`Backend::argmax`).
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
+    }
+
     fn penalize(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
