@@ -188,9 +188,39 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     g.iter_mut().zip(u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
 }
 
+/// `sum_i e^(x_i - sub)`, in f64 (for a log-sum-exp; with `sub` the maximum every term is <= 1).
+pub fn sum_exp(x: &[f32], sub: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { avx2::sum_exp(x, sub) };
+    }
+    x.iter().map(|&v| ((v - sub) as f64).exp()).sum()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    /// `sum_exp` eight lanes at a time; each run of 1024 values is summed in f32 lanes, then in f64.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum_exp(x: &[f32], sub: f32) -> f64 {
+        let s = _mm256_set1_ps(sub);
+        let mut total = 0f64;
+        for run in x.chunks(1024) {
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= run.len() {
+                acc = _mm256_add_ps(acc, exp(_mm256_sub_ps(_mm256_loadu_ps(run.as_ptr().add(i)), s)));
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            total += lanes.iter().map(|&l| l as f64).sum::<f64>();
+            total += run[i..].iter().map(|&v| ((v - sub) as f64).exp()).sum::<f64>();
+        }
+        total
+    }
 
     /// e^x for x in [-87, 88] (clamped there), within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2
     /// split in two so r is exact), e^r by Cephes' degree-7 polynomial, 2^n put in the exponent.

@@ -16,19 +16,24 @@ pub fn argmax(ts: &Tensors, op: &Argmax) -> Result<()> {
         let logprob = unsafe { ts.slice_mut::<f32>("logprob", &op.logprob)? };
         let rows = index.len().min(logprob.len());
         ts.team.rows2(&mut index[..rows], 1, &mut logprob[..rows], 1, 1, |r0, index, logprob| {
-            let mut row = vec![0f32; v];
+            let mut widened = Vec::new();
             for (b, (i, lp)) in index.iter_mut().zip(logprob.iter_mut()).enumerate() {
-                E::load(&x[(r0 + b) * v..(r0 + b + 1) * v], &mut row);
-                // The first of equal maxima, as a host argmax picks; NaN is never the maximum.
-                let (mut best, mut at) = (f32::NEG_INFINITY, 0);
-                for (j, &val) in row.iter().enumerate() {
-                    if val > best {
-                        (best, at) = (val, j);
-                    }
+                let xr = &x[(r0 + b) * v..(r0 + b + 1) * v];
+                let row = E::as_f32(xr).unwrap_or_else(|| {
+                    widened.resize(v, 0.0);
+                    E::load(xr, &mut widened);
+                    &widened
+                });
+                // The maximum over eight lanes (so it vectorizes; NaN is never the maximum), then
+                // its first column, as a host argmax picks.
+                let mut lanes = [f32::NEG_INFINITY; 8];
+                for c in row.chunks(8) {
+                    lanes.iter_mut().zip(c).for_each(|(l, &val)| *l = l.max(val));
                 }
-                // x[at] - logsumexp(x) = -ln(sum exp(x - max)), summed in f64.
-                let sum: f64 = row.iter().map(|&val| ((val - best) as f64).exp()).sum();
-                (*i, *lp) = (at as u32, -(sum.ln()) as f32);
+                let best = lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+                let at = row.iter().position(|&val| val == best).unwrap_or(0);
+                // x[at] - logsumexp(x) = -ln(sum exp(x - max)).
+                (*i, *lp) = (at as u32, -(crate::float::sum_exp(row, best).ln()) as f32);
             }
         });
         Ok(())
