@@ -143,6 +143,11 @@ enum Command {
         /// Also measure generation with every residual-stream tap on (introspection's cost).
         #[arg(long)]
         taps: bool,
+        /// After each tg test, time it again op by op (each op waits for the backend) and print
+        /// where a decoded token's time goes: per op and projection shape, calls, time per call,
+        /// share.
+        #[arg(long)]
+        profile: bool,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -290,8 +295,8 @@ fn main() {
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
         Command::Inspect { prompt, out, layers, top_k, model } => cmd_inspect(&prompt, &out, &layers, top_k, &model),
         Command::Convert { input, output } => cmd_convert(&input, &output),
-        Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, taps, json } => {
-            cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, taps, json)
+        Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, taps, profile, json } => {
+            cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, taps, profile, json)
         }
         Command::Serve { model, host, port, served_model_name, kv_memory, max_running, max_batch_tokens, shutdown_grace } => {
             cmd_serve(model, &host, port, served_model_name, &kv_memory, max_running, max_batch_tokens, shutdown_grace)
@@ -594,8 +599,10 @@ fn cmd_bench(
     concurrency: &[usize],
     kv_memory: &str,
     taps: bool,
+    profile: bool,
     json: bool,
 ) -> AnyResult<()> {
+    use highrise::core::profile as op_profile;
     use highrise::engine::bench;
     let kv_bytes = parse_bytes(kv_memory)?;
     let (model, tokenizer) = load(args)?;
@@ -604,10 +611,20 @@ fn cmd_bench(
     for &n in pp {
         results.push(bench::prefill(&model, n, reps)?);
     }
+    // (test, rows of the op table) from a separate, op-by-op timed run: waiting after every op
+    // slows a GPU down, so the t/s above never include it.
+    let mut profiles = Vec::new();
     for &n in tg {
         results.push(bench::decode(&model, n, reps, false)?);
         if taps {
             results.push(bench::decode(&model, n, reps, true)?);
+        }
+        if profile {
+            op_profile::take();
+            op_profile::enable(true);
+            let m = bench::decode(&model, n, 1, false);
+            op_profile::enable(false);
+            profiles.push((m?.test, op_profile::take(), n));
         }
     }
     for &c in concurrency {
@@ -634,6 +651,10 @@ fn cmd_bench(
                 "results": results.iter().map(|m| json!({
                     "test": m.test, "tokens_per_second": m.mean(), "stddev": m.stddev(), "reps": m.tokens_per_sec,
                 })).collect::<Vec<_>>(),
+                "profiles": profiles.iter().map(|(test, rows, tokens)| json!({
+                    "test": test, "tokens": tokens,
+                    "ops": rows.iter().map(|r| json!({"op": r.op, "calls": r.calls, "seconds": r.total.as_secs_f64()})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
             })
         );
         return Ok(());
@@ -653,6 +674,23 @@ fn cmd_bench(
         weight_bytes as f64 / 1e6,
         decode_ceiling
     );
+    for (test, rows, tokens) in &profiles {
+        let all: f64 = rows.iter().map(|r| r.total.as_secs_f64()).sum();
+        println!("\nwhere a token's time goes ({test}, ops timed one by one: {:.2} ms per token)", all * 1e3 / *tokens as f64);
+        println!("| op | calls | us per call | ms per token | share |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for r in rows {
+            let secs = r.total.as_secs_f64();
+            println!(
+                "| {} | {} | {:.1} | {:.3} | {:.1}% |",
+                r.op,
+                r.calls,
+                secs * 1e6 / r.calls.max(1) as f64,
+                secs * 1e3 / *tokens as f64,
+                100.0 * secs / all.max(f64::MIN_POSITIVE)
+            );
+        }
+    }
     Ok(())
 }
 

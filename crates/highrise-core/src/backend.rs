@@ -70,7 +70,14 @@ impl dyn Backend + '_ {
                 self.name()
             )));
         }
-        self.run(&op)
+        if !crate::profile::enabled() {
+            return self.run(&op);
+        }
+        let start = std::time::Instant::now();
+        self.run(&op)?;
+        self.synchronize()?;
+        crate::profile::record(&op, start.elapsed());
+        Ok(())
     }
 
     /// `out[t] = table[ids[t]]`.

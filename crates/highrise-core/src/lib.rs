@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod error;
 pub mod ops;
 pub mod plugin;
+pub mod profile;
 pub mod quant;
 pub mod tensor;
 
