@@ -33,7 +33,7 @@ step backends 20 "$bundle/highrise" backends
 step cross-checks 150 "$bundle/cuda-tests" --test-threads 1 --nocapture
 HIGHRISE_BENCH_QUICK=1 step cuda-bench 150 "$bundle/cuda-bench" --bench
 step bench-8b 150 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
-    --pp 512 --tg 64 --reps 2 --taps -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
+    --pp 512 --tg 64 --reps 2 --taps --profile -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
 
 {
     echo "## highrise GPU check: $(head -1 "$out/device.txt"), $(sed -n 2p "$out/device.txt")"
@@ -51,5 +51,5 @@ step bench-8b 150 "$bundle/highrise" bench --backend cuda --dtype bf16 --model r
     grep -E '^\|' "$out/cuda-bench.txt"
     echo
     echo "highrise bench, Llama-3-8B shape, random bf16 weights:"
-    grep -E '^\||^ceilings' "$out/bench-8b.txt"
+    grep -E '^\||^ceilings|^where' "$out/bench-8b.txt"
 } | tee "$out/summary.md"
