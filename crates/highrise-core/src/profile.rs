@@ -42,7 +42,7 @@ pub struct OpTime {
 pub fn take() -> Vec<OpTime> {
     let table = std::mem::take(&mut *TABLE.lock().unwrap_or_else(|e| e.into_inner()));
     let mut rows: Vec<OpTime> = table.into_iter().map(|(op, (calls, total))| OpTime { op, calls, total }).collect();
-    rows.sort_by(|a, b| b.total.cmp(&a.total));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.total));
     rows
 }
 

@@ -192,7 +192,7 @@ fn attend_one<'a, E: Float>(
     }
     let (k, v) = (rows_of(|p| -> &[E] { key(p) }, &ks, len, d), rows_of(|p| -> &[E] { value(p) }, &vs, len, d));
     #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && d % 8 == 0 {
+    if crate::float::has_avx2_fma() && d.is_multiple_of(8) {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); D is whole vectors of 8.
         return unsafe { avx2::attend_one(qs, &k, &v, d, scale) };
     }

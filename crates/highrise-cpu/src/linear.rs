@@ -142,6 +142,8 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
     let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
     let sums: Vec<&[f32]> = acts.iter().filter_map(|a| if let Act::F32(s) = a { Some(&s[..]) } else { None }).collect();
     team.for_each(n.div_ceil(chunk), |c| {
+        // The whole SendPtr, not its raw-pointer field (what the closure would capture otherwise).
+        #[allow(clippy::redundant_locals)]
         let out_ptr = out_ptr;
         let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
         // SAFETY (all writes below): row i, columns n0..n1 of out belong to this chunk alone.

@@ -224,7 +224,7 @@ fn helper(s: &Shared) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && idle_since.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && idle_since.elapsed() > SPIN {
                 let mut lock = s.park.lock().unwrap_or_else(|e| e.into_inner());
                 s.parked.fetch_add(1, SeqCst);
                 while s.epoch.load(SeqCst) == seen && !s.stop.load(SeqCst) {

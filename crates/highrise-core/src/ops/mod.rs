@@ -3,6 +3,7 @@
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
 //! - [`mlp`]: the SwiGLU gate;
 //! - [`sampling`]: choosing tokens from the logits on the backend (greedy `Argmax`).
+//!
 //! (The logits are a [`Linear`] against the unembedding; see `Backend::logits`.)
 //!
 //! Every op is one `#[repr(C)]` struct of tensor references and host slices. [`Op`] gathers them in a
