@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use highrise_core::ops::PagedSeq;
-use highrise_core::{DType, Tensor};
 use highrise_model::{Batch, Llama, Logits, Result};
 
 use crate::generate::BLOCK_SIZE;
+use crate::sampling::argmax_on_backend;
 
 /// Tokens per second of each repetition of one test.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -60,18 +60,13 @@ pub fn decode(model: &Llama, n: usize, reps: usize, taps: bool) -> Result<Measur
         let mut cache = model.new_kv_cache(n.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
         let mut token = tokens(model, 1)[0];
-        // The backend chooses each token (as the engine does for greedy steps): an id comes back,
-        // not the logits.
-        let mut index = Tensor::empty(&model.backend, DType::U32, &[1])?;
-        let mut logprob = Tensor::empty(&model.backend, DType::F32, &[1])?;
         let start = Instant::now();
         for pos in 0..n as u32 {
             let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
             let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
             let hooks = taps.then_some(&mut hooks);
-            let logits = model.forward_hooked(&batch, &mut cache, Logits::Last, hooks)?;
-            model.backend.argmax(&mut index, &mut logprob, &logits)?;
-            token = index.to_f32()?[0] as u32;
+            // The backend chooses each token, as the engine does for greedy steps.
+            token = argmax_on_backend(&model.forward_hooked(&batch, &mut cache, Logits::Last, hooks)?)?[0].0;
         }
         m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
     }

@@ -9,12 +9,11 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use highrise_core::ops::PagedSeq;
-use highrise_core::{DType, Tensor};
 use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer, Tokenizer};
 
 use crate::blocks::BlockAllocator;
 use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
-use crate::sampling::{top_log_softmax, Sampled, Sampler};
+use crate::sampling::{argmax_on_backend, top_log_softmax, Sampled, Sampler};
 
 pub type RequestId = u64;
 
@@ -296,12 +295,7 @@ impl<'m> Engine<'m> {
         let mut sampling = plan.iter().map(|&(i, n)| (&self.running[i], n)).filter(|(s, n)| s.computed + n >= s.len());
         let on_backend = !self.host_sampling && sampling.all(|(s, _)| s.sampler.is_plain_greedy() && s.top_logprobs == 0);
         let (logits, chosen) = if on_backend {
-            let be = &self.model.backend;
-            let rows = logits.dims()[0];
-            let mut index = Tensor::empty(be, DType::U32, &[rows])?;
-            let mut logprob = Tensor::empty(be, DType::F32, &[rows])?;
-            be.argmax(&mut index, &mut logprob, &logits)?;
-            (Vec::new(), index.to_f32()?.into_iter().zip(logprob.to_f32()?).collect())
+            (Vec::new(), argmax_on_backend(&logits)?)
         } else {
             (logits.to_f32()?, Vec::new())
         };
@@ -324,7 +318,7 @@ impl<'m> Engine<'m> {
                 continue; // mid-prompt: nothing to sample yet
             }
             let (sampled, top_logprobs) = match chosen.get(row) {
-                Some(&(token, logprob)) => (Sampled { token: token as u32, logprob }, Vec::new()),
+                Some(&(token, logprob)) => (Sampled { token, logprob }, Vec::new()),
                 None => {
                     let row_logits = &logits[row * v..(row + 1) * v];
                     let top = if s.top_logprobs > 0 { top_log_softmax(row_logits, s.top_logprobs) } else { Vec::new() };

@@ -2,6 +2,7 @@
 //! random draw. Each request owns its sampler and its generator state, so the same seed gives the
 //! same tokens whatever else runs beside it.
 
+use highrise_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// Per-request sampling settings, in the vocabulary of HF `generate` and the OpenAI API.
@@ -218,6 +219,17 @@ impl Sampler {
             }
         }
     }
+}
+
+/// Each row's largest logit (the first, on ties) and its log-probability, chosen by the backend
+/// (`Backend::argmax`): an id and a number per row come back, not the logits [rows, vocab].
+pub fn argmax_on_backend(logits: &Tensor) -> highrise_model::Result<Vec<(u32, f32)>> {
+    let be = logits.backend();
+    let rows = logits.dims()[0];
+    let mut index = Tensor::empty(be, DType::U32, &[rows])?;
+    let mut logprob = Tensor::empty(be, DType::F32, &[rows])?;
+    be.argmax(&mut index, &mut logprob, logits)?;
+    Ok(index.to_f32()?.into_iter().map(|i| i as u32).zip(logprob.to_f32()?).collect())
 }
 
 /// The index of the largest logit (the first, on ties).
