@@ -175,7 +175,7 @@ fn attend_one<'a, E: Float>(
 ) -> Vec<f32> {
     // f32 rows are read where they lie; other dtypes are widened once into a [len, D] copy.
     let (mut ks, mut vs) = (Vec::new(), Vec::new());
-    let f32_rows = len == 0 || E::as_f32(key(0)).is_some();
+    let f32_rows = E::DTYPE == highrise_core::DType::F32;
     if !f32_rows {
         (ks, vs) = (vec![0f32; len * d], vec![0f32; len * d]);
         for pos in 0..len {
@@ -184,13 +184,14 @@ fn attend_one<'a, E: Float>(
         }
     }
     // Each row looked up once (through the block table), not once per use.
-    fn rows_of<'r, E: Float>(get: impl Fn(usize) -> &'r [E], widened: &'r [f32], len: usize, d: usize) -> Vec<&'r [f32]> {
-        match widened.is_empty() {
+    fn rows_of<'r, E: Float>(get: impl Fn(usize) -> &'r [E], widened: &'r [f32], f32_rows: bool, len: usize, d: usize) -> Vec<&'r [f32]> {
+        match f32_rows {
             true => (0..len).map(|pos| E::as_f32(get(pos)).unwrap_or_default()).collect(),
             false => widened.chunks_exact(d).collect(),
         }
     }
-    let (k, v) = (rows_of(|p| -> &[E] { key(p) }, &ks, len, d), rows_of(|p| -> &[E] { value(p) }, &vs, len, d));
+    let k = rows_of(|p| -> &[E] { key(p) }, &ks, f32_rows, len, d);
+    let v = rows_of(|p| -> &[E] { value(p) }, &vs, f32_rows, len, d);
     #[cfg(target_arch = "x86_64")]
     if crate::float::has_avx2_fma() && d.is_multiple_of(8) {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); D is whole vectors of 8.
