@@ -31,6 +31,9 @@ pub struct Q8Act {
     pub isum: Vec<i32>,
     /// d * isum of each block: the block's sum as the quantized vector sees it.
     pub sum: Vec<f32>,
+    /// (d, sum) of each block side by side, then two zeros: one 16-byte load gives a block's pair
+    /// (and the next block's, or the zeros, in lanes the row kernels ignore).
+    pub ds: Vec<f32>,
 }
 
 impl Q8Act {
@@ -39,14 +42,21 @@ impl Q8Act {
     pub fn new(x: &[f32]) -> Q8Act {
         let blocks = x.len() / 32;
         let (d, q, isum, sum) = (vec![0.0; blocks], vec![0; blocks * 32], vec![0; blocks], vec![0.0; blocks]);
-        let mut a = Q8Act { d, q, isum, sum };
+        let mut a = Q8Act { d, q, isum, sum, ds: Vec::new() };
         #[cfg(target_arch = "x86_64")]
-        if crate::float::has_avx2_fma() {
+        let done = if crate::float::has_avx2_fma() {
             // SAFETY: AVX2 present (checked just above); `a` holds `blocks` whole blocks.
             unsafe { avx2::quantize(x, &mut a) };
-            return a;
+            true
+        } else {
+            false
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = false;
+        if !done {
+            quantize_portable(x, &mut a);
         }
-        quantize_portable(x, &mut a);
+        a.ds = a.d.iter().zip(&a.sum).flat_map(|(&d, &s)| [d, s]).chain([0.0; 2]).collect();
         a
     }
 }
@@ -101,6 +111,22 @@ pub fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
         }
     }
     portable_q8(dtype, row, x)
+}
+
+/// `out[r] = row r · x` for consecutive rows (`rows`, each `row_bytes` long) and one 8-bit
+/// activation: a decode step's matrix-vector product over a range of output rows.
+pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: &mut [f32]) {
+    let rows = &rows[..out.len() * row_bytes];
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1) {
+        let q4_1 = dtype == DType::Q4_1;
+        // SAFETY: AVX2+FMA+F16C present (checked above); the kernel asserts the lengths it reads.
+        unsafe { avx2::q4_q8_rows(rows, row_bytes / dtype.block_bytes(), x, q4_1, out) };
+        return;
+    }
+    for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
+        *o = dot_q8(dtype, row, x);
+    }
 }
 
 /// `out[t] = row · xs[t]` for several 8-bit activations at once (a batch of decoding sequences).
@@ -487,6 +513,64 @@ mod avx2 {
         _mm256_set_m128i(hi, lo)
     }
 
+    /// `out[r] = row r · x` for `out.len()` consecutive Q4_0/Q4_1 rows of `nb` blocks starting at
+    /// `w`, one 8-bit activation: the decode matrix-vector product, a row range per call so nothing
+    /// but the blocks is paid per row. A block costs one 16-byte load broadcast to both lanes, one
+    /// variable shift and one mask to put its 32 nibbles in x's order (low nibbles in the low lane,
+    /// high in the high), an integer dot product, and its scale pair (d, m) converted from f16 and
+    /// multiplied by x's (d, sum) in one 4-lane step. Four accumulators, one per block mod 4, so no
+    /// block waits on the previous one's FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_q8_rows(w: &[u8], nb: usize, x: &Q8Act, q4_1: bool, out: &mut [f32]) {
+        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
+        assert!(w.len() >= out.len() * nb * bb && x.q.len() >= nb * 32 && x.ds.len() >= 2 * nb + 2);
+        let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        // Q4_0 has no m: it is -8d.
+        let q4_0_m = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
+        let (xq, xds) = (x.q.as_ptr(), x.ds.as_ptr());
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * nb * bb);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut accm = [_mm_setzero_ps(); 4];
+            macro_rules! block {
+                ($b:expr, $i:expr) => {{
+                    let b = $b;
+                    let blk = row.add(b * bb);
+                    let dm = if q4_1 {
+                        _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
+                    } else {
+                        _mm_mul_ps(_mm_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned())), q4_0_m)
+                    };
+                    // (d dx, m sum_x): the block's integer dot product's scale, and its offset term.
+                    let s = _mm_mul_ps(dm, _mm_loadu_ps(xds.add(2 * b)));
+                    accm[$i] = _mm_add_ps(accm[$i], s);
+                    let q = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(qoff) as *const __m128i));
+                    let wv = _mm256_and_si256(_mm256_srlv_epi32(q, shift), mask);
+                    let xv = _mm256_loadu_si256(xq.add(b * 32) as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones));
+                    acc[$i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s), p, acc[$i]);
+                }};
+            }
+            let mut b = 0;
+            while b + 4 <= nb {
+                block!(b, 0);
+                block!(b + 1, 1);
+                block!(b + 2, 2);
+                block!(b + 3, 3);
+                b += 4;
+            }
+            while b < nb {
+                block!(b, 0);
+                b += 1;
+            }
+            let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let m = _mm_add_ps(_mm_add_ps(accm[0], accm[1]), _mm_add_ps(accm[2], accm[3]));
+            *o = hsum(a) + _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1));
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_q8(row: &[u8], x: &Q8Act, q4_1: bool) -> f32 {
         q4_q8_multi::<1>(row, &[x], q4_1)[0]
@@ -622,6 +706,26 @@ mod tests {
     }
 
     #[test]
+    fn a_range_of_rows_equals_row_by_row() {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            // Block counts around the unrolling by four: 1, 3, 4, 18 (576 columns), 48 (1536).
+            for nb in [1, 3, 4, 18, 48] {
+                let (k, rows) = (32 * nb, 13);
+                let w: Vec<u8> = (0..rows).flat_map(|r| random_row(dtype, k, 40 + r as u64)).collect();
+                let x = Q8Act::new(&random_x(k, 7));
+                let row_bytes = dtype.storage_bytes(k).unwrap();
+                let mut out = vec![f32::NAN; rows];
+                dot_q8_rows(dtype, &w, row_bytes, &x, &mut out);
+                for (r, &got) in out.iter().enumerate() {
+                    let want = portable_q8(dtype, &w[r * row_bytes..(r + 1) * row_bytes], &x);
+                    let scale = 1e-5 * (32 * nb) as f32 * 0.05;
+                    assert!((got - want).abs() <= scale.max(1e-5 * want.abs()), "{dtype} {nb} blocks row {r}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
     #[cfg(target_arch = "x86_64")]
     fn avx2_quantization_gives_the_portable_bytes() {
         if !crate::float::has_avx2_fma() {
@@ -632,7 +736,7 @@ mod tests {
         x.extend([0.0; 32]);
         x.extend((0..32).map(|i| if i == 0 { 127.0 } else { (i as f32 - 16.0) + 0.5 }));
         let fast = Q8Act::new(&x);
-        let mut slow = Q8Act { d: vec![0.0; 5], q: vec![0; 160], isum: vec![0; 5], sum: vec![0.0; 5] };
+        let mut slow = Q8Act { d: vec![0.0; 5], q: vec![0; 160], isum: vec![0; 5], sum: vec![0.0; 5], ds: Vec::new() };
         quantize_portable(&x, &mut slow);
         assert_eq!((&fast.q, &fast.isum), (&slow.q, &slow.isum));
         assert_eq!((&fast.d, &fast.sum), (&slow.d, &slow.sum));
