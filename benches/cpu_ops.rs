@@ -153,6 +153,8 @@ fn quantized(c: &mut Criterion) {
     let mut g = c.benchmark_group("smollm2-135m-quantized");
     g.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
     for (name, dtype, n, k) in [
+        ("q4_1_k", DType::Q4_1, 192, 576),
+        ("q4_1_q", DType::Q4_1, 576, 576),
         ("q4_1_gate", DType::Q4_1, 1536, 576),
         ("q4_1_down", DType::Q4_1, 576, 1536),
         ("q4_0_gate", DType::Q4_0, 1536, 576),

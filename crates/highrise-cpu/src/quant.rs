@@ -530,6 +530,7 @@ mod avx2 {
         // Q4_0 has no m: it is -8d.
         let q4_0_m = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
         let (xq, xds) = (x.q.as_ptr(), x.ds.as_ptr());
+        const PF: usize = 1024;
         for (r, o) in out.iter_mut().enumerate() {
             let row = w.as_ptr().add(r * nb * bb);
             let mut acc = [_mm256_setzero_ps(); 4];
@@ -538,6 +539,7 @@ mod avx2 {
                 ($b:expr, $i:expr) => {{
                     let b = $b;
                     let blk = row.add(b * bb);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF) as *const i8);
                     let dm = if q4_1 {
                         _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
                     } else {
