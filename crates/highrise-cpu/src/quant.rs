@@ -118,10 +118,15 @@ pub fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
 pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: &mut [f32]) {
     let rows = &rows[..out.len() * row_bytes];
     #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1) {
-        let q4_1 = dtype == DType::Q4_1;
-        // SAFETY: AVX2+FMA+F16C present (checked above); the kernel asserts the lengths it reads.
-        unsafe { avx2::q4_q8_rows(rows, row_bytes / dtype.block_bytes(), x, q4_1, out) };
+    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
+        let nb = row_bytes / dtype.block_bytes();
+        // SAFETY: AVX2+FMA+F16C present (checked above); the kernels assert the lengths they read.
+        unsafe {
+            match dtype {
+                DType::Q8_0 => avx2::q8_q8_rows(rows, nb, x, out),
+                _ => avx2::q4_q8_rows(rows, nb, x, dtype == DType::Q4_1, out),
+            }
+        }
         return;
     }
     for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
@@ -587,6 +592,47 @@ mod avx2 {
             *d = (row.as_ptr().add((base + j) * 34) as *const u16).read_unaligned();
         }
         _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
+    }
+
+    /// `out[r] = row r · x` for `out.len()` consecutive Q8_0 rows of `nb` blocks starting at `w`,
+    /// one 8-bit activation (the tied unembedding at decode): as `q4_q8_rows`, without the unpacking.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_q8_rows(w: &[u8], nb: usize, x: &Q8Act, out: &mut [f32]) {
+        assert!(w.len() >= out.len() * nb * 34 && x.q.len() >= nb * 32 && x.d.len() >= nb);
+        let ones = _mm256_set1_epi16(1);
+        let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
+        const PF: usize = 1024;
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * nb * 34);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            macro_rules! block {
+                ($b:expr, $i:expr) => {{
+                    let b = $b;
+                    let blk = row.add(b * 34);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF) as *const i8);
+                    let d = _mm256_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()));
+                    let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let xv = _mm256_loadu_si256(xq.add(b * 32) as *const __m256i);
+                    // maddubs multiplies unsigned by signed: move w's sign onto x.
+                    let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                    acc[$i] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_broadcast_ss(&*xd.add(b))), p, acc[$i]);
+                }};
+            }
+            let mut b = 0;
+            while b + 4 <= nb {
+                block!(b, 0);
+                block!(b + 1, 1);
+                block!(b + 2, 2);
+                block!(b + 3, 3);
+                b += 4;
+            }
+            while b < nb {
+                block!(b, 0);
+                b += 1;
+            }
+            *o = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
