@@ -518,6 +518,10 @@ mod avx2 {
         _mm256_set_m128i(hi, lo)
     }
 
+    /// How far ahead of the block being read the row kernels prefetch: the weights of a decode step
+    /// stream from memory, and each op's start cold.
+    const PF: usize = 1024;
+
     /// `out[r] = row r · x` for `out.len()` consecutive Q4_0/Q4_1 rows of `nb` blocks starting at
     /// `w`, one 8-bit activation: the decode matrix-vector product, a row range per call so nothing
     /// but the blocks is paid per row. A block costs one 16-byte load broadcast to both lanes, one
@@ -535,7 +539,6 @@ mod avx2 {
         // Q4_0 has no m: it is -8d.
         let q4_0_m = _mm_setr_ps(1.0, -8.0, 0.0, 0.0);
         let (xq, xds) = (x.q.as_ptr(), x.ds.as_ptr());
-        const PF: usize = 1024;
         for (r, o) in out.iter_mut().enumerate() {
             let row = w.as_ptr().add(r * nb * bb);
             let mut acc = [_mm256_setzero_ps(); 4];
@@ -601,7 +604,6 @@ mod avx2 {
         assert!(w.len() >= out.len() * nb * 34 && x.q.len() >= nb * 32 && x.d.len() >= nb);
         let ones = _mm256_set1_epi16(1);
         let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
-        const PF: usize = 1024;
         for (r, o) in out.iter_mut().enumerate() {
             let row = w.as_ptr().add(r * nb * 34);
             let mut acc = [_mm256_setzero_ps(); 4];
