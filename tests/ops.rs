@@ -253,6 +253,9 @@ pub fn paged_attention_reads_through_block_tables() {
                 // Prompt chunks only (on CUDA: the tensor-core kernel through the table), one
                 // longer than a 64-row tile.
                 check_paged(&mut rng, dt, hq, hkv, d, &[(300, 7), (64, 64), (230, 100)]);
+                // One decoding sequence: its long context is split into parts (CPU, and CUDA's
+                // flash-decoding) whose results merge by log-sum-exp.
+                check_paged(&mut rng, dt, hq, hkv, d, &[(1000, 1)]);
             }
         }
     }

@@ -150,48 +150,51 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
     })
 }
 
-/// `row = exp(row - max) / sum`, in place.
+/// `row = exp(row - max) / sum`, in place; returns the row's log-sum-exp, `max + ln(sum)`.
 #[inline(always)]
-fn softmax(row: &mut [f32]) {
+fn softmax(row: &mut [f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
+    let sum = crate::float::exp_sub(row, max);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
+    max + sum.ln()
 }
 
-/// Attention of `qs` (rows of D, all at the same position) over keys and values 0..len read through
-/// `key` and `value`: scores, softmax, weighted sum. Returns [rows, D].
+/// Attention output and each row's log-sum-exp of scores, over some of the keys: parts of one
+/// context combine into the whole (`merge_parts`).
+type Part = (Vec<f32>, Vec<f32>);
+
+/// Attention of `qs` (rows of D, all at the same position) over the keys and values at positions
+/// `keys`, read through `key` and `value`: scores, softmax, weighted sum. Returns [rows, D] and each
+/// row's log-sum-exp.
 fn attend_one<'a, E: Float>(
     qs: &[f32],
     key: impl Fn(usize) -> &'a [E],
     value: impl Fn(usize) -> &'a [E],
-    len: usize,
+    keys: std::ops::Range<usize>,
     d: usize,
     scale: f32,
-) -> Vec<f32> {
+) -> Part {
+    let (first, len) = (keys.start, keys.len());
     // f32 rows are read where they lie; other dtypes are widened once into a [len, D] copy.
     let (mut ks, mut vs) = (Vec::new(), Vec::new());
     let f32_rows = E::DTYPE == highrise_core::DType::F32;
     if !f32_rows {
         (ks, vs) = (vec![0f32; len * d], vec![0f32; len * d]);
         for pos in 0..len {
-            E::load(key(pos), &mut ks[pos * d..(pos + 1) * d]);
-            E::load(value(pos), &mut vs[pos * d..(pos + 1) * d]);
+            E::load(key(first + pos), &mut ks[pos * d..(pos + 1) * d]);
+            E::load(value(first + pos), &mut vs[pos * d..(pos + 1) * d]);
         }
     }
     // Each row looked up once (through the block table), not once per use.
-    fn rows_of<'r, E: Float>(get: impl Fn(usize) -> &'r [E], widened: &'r [f32], f32_rows: bool, len: usize, d: usize) -> Vec<&'r [f32]> {
+    fn rows_of<'r, E: Float>(get: impl Fn(usize) -> &'r [E], widened: &'r [f32], f32_rows: bool, keys: std::ops::Range<usize>, d: usize) -> Vec<&'r [f32]> {
         match f32_rows {
-            true => (0..len).map(|pos| E::as_f32(get(pos)).unwrap_or_default()).collect(),
+            true => keys.map(|pos| E::as_f32(get(pos)).unwrap_or_default()).collect(),
             false => widened.chunks_exact(d).collect(),
         }
     }
-    let k = rows_of(|p| -> &[E] { key(p) }, &ks, f32_rows, len, d);
-    let v = rows_of(|p| -> &[E] { value(p) }, &vs, f32_rows, len, d);
+    let k = rows_of(|p| -> &[E] { key(p) }, &ks, f32_rows, keys.clone(), d);
+    let v = rows_of(|p| -> &[E] { value(p) }, &vs, f32_rows, keys, d);
     #[cfg(target_arch = "x86_64")]
     if crate::float::has_avx2_fma() && d.is_multiple_of(8) {
         // SAFETY: the CPU has AVX2 and FMA (checked just above); D is whole vectors of 8.
@@ -201,7 +204,7 @@ fn attend_one<'a, E: Float>(
 }
 
 /// `attend_one` over the rows of K and V (each at least D long).
-fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> Vec<f32> {
+fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> Part {
     let (rows, len) = (qs.len() / d, key.len());
     let mut scores = vec![0f32; rows * len];
     for (pos, kr) in key.iter().enumerate() {
@@ -209,12 +212,28 @@ fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, s
             scores[r * len + pos] = crate::float::dot(&qs[r * d..(r + 1) * d], kr) * scale;
         }
     }
-    scores.chunks_exact_mut(len.max(1)).for_each(softmax);
+    let lse = scores.chunks_exact_mut(len.max(1)).map(softmax).collect();
     let mut out = vec![0f32; rows * d];
     for (pos, vr) in value.iter().enumerate() {
         for r in 0..rows {
             let p = scores[r * len + pos];
             out[r * d..(r + 1) * d].iter_mut().zip(*vr).for_each(|(o, v)| *o += p * v);
+        }
+    }
+    (out, lse)
+}
+
+/// One output from the parts of a context, each normalized over its own keys: part p weighs
+/// `e^(lse_p - lse)`, lse the log-sum-exp over all keys. `parts` hold [rows, D] and rows' lse.
+fn merge_parts(parts: &[&Part], d: usize) -> Vec<f32> {
+    let rows = parts[0].1.len();
+    let mut out = vec![0f32; rows * d];
+    for r in 0..rows {
+        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.1[r]));
+        let total: f32 = parts.iter().map(|p| (p.1[r] - max).exp()).sum();
+        for p in parts {
+            let w = (p.1[r] - max).exp() / total;
+            out[r * d..(r + 1) * d].iter_mut().zip(&p.0[r * d..(r + 1) * d]).for_each(|(o, v)| *o += w * v);
         }
     }
     out
@@ -227,7 +246,7 @@ mod avx2 {
     /// `attend_one` for D a multiple of 8: four keys per pass, so one horizontal reduction serves
     /// four scores; the weighted sum keeps 64 columns of a head's output in registers across keys.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend_one(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> Vec<f32> {
+    pub unsafe fn attend_one(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> super::Part {
         let (rows, len) = (qs.len() / d, key.len());
         assert!(value.len() == len && key.iter().chain(value).all(|r| r.len() >= d));
         let mut scores = vec![0f32; rows * len];
@@ -261,7 +280,7 @@ mod avx2 {
             }
             pos += 1;
         }
-        scores.chunks_exact_mut(len.max(1)).for_each(super::softmax);
+        let lse = scores.chunks_exact_mut(len.max(1)).map(super::softmax).collect();
         let mut out = vec![0f32; rows * d];
         for r in 0..rows {
             let p = &scores[r * len..(r + 1) * len];
@@ -279,7 +298,7 @@ mod avx2 {
                 }
             }
         }
-        out
+        (out, lse)
     }
 }
 
@@ -304,7 +323,7 @@ fn attend<E: Float, S: KvSource<E>>(
 ) {
     let group = hq / hkv;
     // (sequence, kv head, first query, queries)
-    let units: Vec<(usize, usize, usize, usize)> = seqs
+    let blocks: Vec<(usize, usize, usize, usize)> = seqs
         .iter()
         .enumerate()
         .flat_map(|(s, seq)| {
@@ -313,13 +332,30 @@ fn attend<E: Float, S: KvSource<E>>(
             })
         })
         .collect();
+    // Keys a block can see: up to its last query's position.
+    let visible = |&(s, _, i0, n): &(usize, usize, usize, usize)| seqs[s].context_len - seqs[s].q_len + i0 + n;
+    // A decode step has few blocks (one per K/V head: 3 for the default model, on 2 threads): one
+    // query's context is split into parts (flash-decoding) so every thread gets an even share;
+    // parts are merged by their log-sum-exp. Parts keep at least MIN_PART_KEYS keys.
+    const MIN_PART_KEYS: usize = 32;
+    let want_parts = (4 * team.threads()).div_ceil(blocks.len().max(1));
+    // (block, keys): units of work, the parts of a block side by side.
+    let units: Vec<(usize, std::ops::Range<usize>)> = blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(b, blk)| {
+            let len = visible(blk);
+            let parts = if blk.3 == 1 { want_parts.min(len / MIN_PART_KEYS).max(1) } else { 1 };
+            (0..parts).map(move |p| (b, p * len / parts..(p + 1) * len / parts))
+        })
+        .collect();
     // Score-and-sum work of all units; a tiny total stays on one thread.
-    let work: usize = units.iter().map(|&(s, _, i0, n)| n * (seqs[s].context_len - seqs[s].q_len + i0 + n)).sum();
-    let unit = |&(s, g, i0, n): &(usize, usize, usize, usize)| {
+    let work: usize = blocks.iter().map(|b| b.3 * visible(b)).sum();
+    let unit = |(b, keys): &(usize, std::ops::Range<usize>)| -> Part {
+            let (s, g, i0, n) = blocks[*b];
             let seq = seqs[s];
             let first_pos = seq.context_len - seq.q_len;
-            // Keys this block can see: up to its last query's position.
-            let visible = first_pos + i0 + n;
+            let visible = visible(&blocks[*b]);
             // The unit's queries, group heads stacked: row i * group + hh is query i, head g*group+hh.
             let rows = n * group;
             let mut qs = vec![0f32; rows * d];
@@ -330,7 +366,7 @@ fn attend<E: Float, S: KvSource<E>>(
             if n == 1 {
                 // Decode: one query position. Each cached K/V row is read once, straight from the
                 // cache, and serves every head of the group; nothing is gathered.
-                return attend_one(&qs, |pos| src.row(k, s, pos, g), |pos| src.row(v, s, pos, g), visible, d, scale);
+                return attend_one(&qs, |pos| src.row(k, s, pos, g), |pos| src.row(v, s, pos, g), keys.clone(), d, scale);
             }
             let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
             for pos in 0..visible {
@@ -366,16 +402,27 @@ fn attend<E: Float, S: KvSource<E>>(
                     0.0, res.as_mut_ptr(), d as isize, 1,
                 );
             }
-            res
+            (res, Vec::new())
     };
     // Units are worth spreading sooner than elementwise work: a decode step's few units (one per K/V
     // head) each read a whole context.
-    let results: Vec<Vec<f32>> = if work * group * d < super::float::PAR_MIN_ELEMS / 8 {
+    let results: Vec<Part> = if work * group * d < super::float::PAR_MIN_ELEMS / 8 {
         units.iter().map(unit).collect()
     } else {
         team.map(units.len(), |i| unit(&units[i]))
     };
-    for (&(s, g, i0, n), res) in units.iter().zip(&results) {
+    let mut at = 0;
+    for (b, &(s, g, i0, n)) in blocks.iter().enumerate() {
+        let parts = units[at..].iter().take_while(|u| u.0 == b).count();
+        let merged;
+        let res = match parts {
+            1 => &results[at].0,
+            _ => {
+                merged = merge_parts(&results[at..at + parts].iter().collect::<Vec<_>>(), d);
+                &merged
+            }
+        };
+        at += parts;
         for i in 0..n {
             let row = (seqs[s].q_start + i0 + i) * hq + g * group;
             E::store(&res[i * group * d..(i + 1) * group * d], &mut out[row * d..(row + group) * d]);
