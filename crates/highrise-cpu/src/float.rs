@@ -188,19 +188,6 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     g.iter_mut().zip(u).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
 }
 
-/// `x[i] = e^(x[i] - sub)` in place (a softmax's numerators); returns their sum.
-pub fn exp_sub(x: &mut [f32], sub: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { avx2::exp_sub(x, sub) };
-    }
-    x.iter_mut().fold(0.0, |s, v| {
-        *v = (*v - sub).exp();
-        s + *v
-    })
-}
-
 /// `sum_i e^(x_i - sub)`, in f64 (for a log-sum-exp; with `sub` the maximum every term is <= 1).
 pub fn sum_exp(x: &[f32], sub: f32) -> f64 {
     #[cfg(target_arch = "x86_64")]
@@ -233,25 +220,6 @@ mod avx2 {
             total += run[i..].iter().map(|&v| ((v - sub) as f64).exp()).sum::<f64>();
         }
         total
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp_sub(x: &mut [f32], sub: f32) -> f32 {
-        let s = _mm256_set1_ps(sub);
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= x.len() {
-            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s));
-            _mm256_storeu_ps(x.as_mut_ptr().add(i), e);
-            acc = _mm256_add_ps(acc, e);
-            i += 8;
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        x[i..].iter_mut().fold(lanes.iter().sum(), |t, v| {
-            *v = (*v - sub).exp();
-            t + *v
-        })
     }
 
     /// e^x for x in [-87, 88] (clamped there), within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2
@@ -353,21 +321,6 @@ mod tests {
                 let want = (x as f64).exp();
                 assert!(((g as f64) - want).abs() <= 2.0 * f32::EPSILON as f64 * want, "exp({x}) = {g}, want {want}");
             }
-        }
-    }
-
-    #[test]
-    fn exp_sub_gives_each_term_and_their_sum() {
-        for n in [1usize, 7, 8, 80, 1001] {
-            let mut x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 5.0).collect();
-            let sub = x.iter().fold(f32::MIN, |m, &v| m.max(v));
-            let want: Vec<f64> = x.iter().map(|&v| ((v - sub) as f64).exp()).collect();
-            let sum = exp_sub(&mut x, sub);
-            for (g, w) in x.iter().zip(&want) {
-                assert!((*g as f64 - w).abs() <= 4.0 * f32::EPSILON as f64 * w, "n={n}: {g} vs {w}");
-            }
-            let total: f64 = want.iter().sum();
-            assert!((sum as f64 - total).abs() <= 1e-6 * total, "n={n}: sum {sum} vs {total}");
         }
     }
 
