@@ -149,14 +149,16 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
         // SAFETY (all writes below): row i, columns n0..n1 of out belong to this chunk alone.
         let put = |i: usize, j: usize, v: f32| unsafe { *out_ptr.0.add(i * n + j) = v };
         if let (true, Weight::Quant { dtype, bytes, row_bytes }) = (gemv, w) {
-            if let [x] = &q8s[..] {
-                if acts.len() == 1 {
-                    // One token in 8 bits: the row-range kernel, written straight into out.
-                    // SAFETY: columns n0..n1 of out's only row belong to this chunk alone.
-                    let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(n0), n1 - n0) };
-                    quant::dot_q8_rows(*dtype, &bytes[n0 * row_bytes..n1 * row_bytes], *row_bytes, x, o);
-                    return;
+            if let [act] = &acts[..] {
+                // One token: the row-range kernels, written straight into out.
+                // SAFETY: columns n0..n1 of out's only row belong to this chunk alone.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(n0), n1 - n0) };
+                let rows = &bytes[n0 * row_bytes..n1 * row_bytes];
+                match act {
+                    Act::Q8(xq) => quant::dot_q8_rows(*dtype, rows, *row_bytes, xq, o),
+                    Act::F32(sums) => quant::dot_f32_rows(*dtype, rows, *row_bytes, x, sums, o),
                 }
+                return;
             }
             let mut outs = [0f32; QUANT_GEMV_MAX_TOKENS];
             let outs = &mut outs[..acts.len()];

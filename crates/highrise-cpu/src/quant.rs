@@ -113,6 +113,27 @@ pub fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
     portable_q8(dtype, row, x)
 }
 
+/// `out[r] = row r · x` for consecutive rows (`rows`, each `row_bytes` long) and one f32
+/// activation (`xsum` its block sums): a decode step's matrix-vector product over a range of rows.
+pub fn dot_f32_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
+    let rows = &rows[..out.len() * row_bytes];
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
+        let nb = row_bytes / dtype.block_bytes();
+        // SAFETY: AVX2+FMA+F16C present (checked above); the kernels assert the lengths they read.
+        unsafe {
+            match dtype {
+                DType::Q8_0 => avx2::q8_f32_rows(rows, nb, x, out),
+                _ => avx2::q4_f32_rows(rows, nb, x, xsum, dtype == DType::Q4_1, out),
+            }
+        }
+        return;
+    }
+    for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
+        *o = dot_f32(dtype, row, x, xsum);
+    }
+}
+
 /// `out[r] = row r · x` for consecutive rows (`rows`, each `row_bytes` long) and one 8-bit
 /// activation: a decode step's matrix-vector product over a range of output rows.
 pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: &mut [f32]) {
@@ -597,6 +618,105 @@ mod avx2 {
         _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
     }
 
+    /// `out[r] = row r · x` for `out.len()` consecutive Q4_0/Q4_1 rows of `nb` blocks starting at
+    /// `w`, one f32 activation with block sums `xsum`: the decode path that keeps x exact. A block's
+    /// 16 bytes are widened eight at a time to 32-bit lanes, split into low nibbles (values 0..7 or
+    /// 8..15 of the block) and high ones (16..23, 24..31), converted to f32 and multiplied into x;
+    /// then `d * sum(q x) + m * sum(x)` as in `q4_f32_multi`. Four accumulators, as in `q4_q8_rows`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_f32_rows(w: &[u8], nb: usize, x: &[f32], xsum: &[f32], q4_1: bool, out: &mut [f32]) {
+        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
+        assert!(w.len() >= out.len() * nb * bb && x.len() >= nb * 32 && xsum.len() >= nb);
+        let mask = _mm256_set1_epi32(0x0F);
+        let (xp, sp) = (x.as_ptr(), xsum.as_ptr());
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * nb * bb);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut offset = [0f32; 4];
+            macro_rules! block {
+                ($b:expr, $i:expr) => {{
+                    let b = $b;
+                    let blk = row.add(b * bb);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF) as *const i8);
+                    let (d, m) = if q4_1 {
+                        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+                        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+                    } else {
+                        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const u16).read_unaligned() as i32)));
+                        (d, -8.0 * d)
+                    };
+                    let q = blk.add(qoff);
+                    let xb = xp.add(b * 32);
+                    let (b0, b1) = (
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(q as *const __m128i)),
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8) as *const __m128i)),
+                    );
+                    let f = |v: __m256i| _mm256_cvtepi32_ps(v);
+                    let mut s = _mm256_mul_ps(f(_mm256_and_si256(b0, mask)), _mm256_loadu_ps(xb));
+                    s = _mm256_fmadd_ps(f(_mm256_and_si256(b1, mask)), _mm256_loadu_ps(xb.add(8)), s);
+                    s = _mm256_fmadd_ps(f(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(xb.add(16)), s);
+                    s = _mm256_fmadd_ps(f(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(xb.add(24)), s);
+                    acc[$i] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc[$i]);
+                    offset[$i] += m * *sp.add(b);
+                }};
+            }
+            let mut b = 0;
+            while b + 4 <= nb {
+                block!(b, 0);
+                block!(b + 1, 1);
+                block!(b + 2, 2);
+                block!(b + 3, 3);
+                b += 4;
+            }
+            while b < nb {
+                block!(b, 0);
+                b += 1;
+            }
+            let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            *o = hsum(a) + ((offset[0] + offset[1]) + (offset[2] + offset[3]));
+        }
+    }
+
+    /// `out[r] = row r · x` for `out.len()` consecutive Q8_0 rows of `nb` blocks starting at `w`,
+    /// one f32 activation: as `q4_f32_rows`, the bytes widened as they are.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_f32_rows(w: &[u8], nb: usize, x: &[f32], out: &mut [f32]) {
+        assert!(w.len() >= out.len() * nb * 34 && x.len() >= nb * 32);
+        let xp = x.as_ptr();
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * nb * 34);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            macro_rules! block {
+                ($b:expr, $i:expr) => {{
+                    let b = $b;
+                    let blk = row.add(b * 34);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF) as *const i8);
+                    let d = _mm256_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()));
+                    let (q, xb) = (blk.add(2), xp.add(b * 32));
+                    let wf = |k: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * k) as *const __m128i)));
+                    let mut s = _mm256_mul_ps(wf(0), _mm256_loadu_ps(xb));
+                    s = _mm256_fmadd_ps(wf(1), _mm256_loadu_ps(xb.add(8)), s);
+                    s = _mm256_fmadd_ps(wf(2), _mm256_loadu_ps(xb.add(16)), s);
+                    s = _mm256_fmadd_ps(wf(3), _mm256_loadu_ps(xb.add(24)), s);
+                    acc[$i] = _mm256_fmadd_ps(d, s, acc[$i]);
+                }};
+            }
+            let mut b = 0;
+            while b + 4 <= nb {
+                block!(b, 0);
+                block!(b + 1, 1);
+                block!(b + 2, 2);
+                block!(b + 3, 3);
+                b += 4;
+            }
+            while b < nb {
+                block!(b, 0);
+                b += 1;
+            }
+            *o = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        }
+    }
+
     /// `out[r] = row r · x` for `out.len()` consecutive Q8_0 rows of `nb` blocks starting at `w`,
     /// one 8-bit activation (the tied unembedding at decode): as `q4_q8_rows`, without the unpacking.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -766,10 +886,17 @@ mod tests {
                 let row_bytes = dtype.storage_bytes(k).unwrap();
                 let mut out = vec![f32::NAN; rows];
                 dot_q8_rows(dtype, &w, row_bytes, &x, &mut out);
+                let scale = 1e-5 * (32 * nb) as f32 * 0.05;
                 for (r, &got) in out.iter().enumerate() {
                     let want = portable_q8(dtype, &w[r * row_bytes..(r + 1) * row_bytes], &x);
-                    let scale = 1e-5 * (32 * nb) as f32 * 0.05;
-                    assert!((got - want).abs() <= scale.max(1e-5 * want.abs()), "{dtype} {nb} blocks row {r}: {got} vs {want}");
+                    assert!((got - want).abs() <= scale.max(1e-5 * want.abs()), "{dtype} q8 {nb} blocks row {r}: {got} vs {want}");
+                }
+                let (xf, mut out) = (random_x(k, 7), vec![f32::NAN; rows]);
+                let sums = block_sums(&xf);
+                dot_f32_rows(dtype, &w, row_bytes, &xf, &sums, &mut out);
+                for (r, &got) in out.iter().enumerate() {
+                    let want = portable_f32(dtype, &w[r * row_bytes..(r + 1) * row_bytes], &xf, &sums);
+                    assert!((got - want).abs() <= scale.max(1e-5 * want.abs()), "{dtype} f32 {nb} blocks row {r}: {got} vs {want}");
                 }
             }
         }
