@@ -539,6 +539,31 @@ mod avx2 {
         _mm256_set_m128i(hi, lo)
     }
 
+    /// `$block!(b, i)` for blocks b = 0..nb, four at a time into accumulators i = 0..3 (so no block
+    /// waits on the previous one's FMA), the rest into 0.
+    macro_rules! over_blocks {
+        ($nb:expr, $block:ident) => {{
+            let mut b = 0;
+            while b + 4 <= $nb {
+                $block!(b, 0);
+                $block!(b + 1, 1);
+                $block!(b + 2, 2);
+                $block!(b + 3, 3);
+                b += 4;
+            }
+            while b < $nb {
+                $block!(b, 0);
+                b += 1;
+            }
+        }};
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum4(acc: &[__m256; 4]) -> f32 {
+        hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    }
+
     /// How far ahead of the block being read the row kernels prefetch: the weights of a decode step
     /// stream from memory, and each op's start cold.
     const PF: usize = 1024;
@@ -584,21 +609,9 @@ mod avx2 {
                     acc[$i] = _mm256_fmadd_ps(_mm256_broadcastss_ps(s), p, acc[$i]);
                 }};
             }
-            let mut b = 0;
-            while b + 4 <= nb {
-                block!(b, 0);
-                block!(b + 1, 1);
-                block!(b + 2, 2);
-                block!(b + 3, 3);
-                b += 4;
-            }
-            while b < nb {
-                block!(b, 0);
-                b += 1;
-            }
-            let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            let m = _mm_add_ps(_mm_add_ps(accm[0], accm[1]), _mm_add_ps(accm[2], accm[3]));
-            *o = hsum(a) + _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1));
+            over_blocks!(nb, block);
+                        let m = _mm_add_ps(_mm_add_ps(accm[0], accm[1]), _mm_add_ps(accm[2], accm[3]));
+            *o = hsum4(&acc) + _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1));
         }
     }
 
@@ -660,20 +673,8 @@ mod avx2 {
                     offset[$i] += m * *sp.add(b);
                 }};
             }
-            let mut b = 0;
-            while b + 4 <= nb {
-                block!(b, 0);
-                block!(b + 1, 1);
-                block!(b + 2, 2);
-                block!(b + 3, 3);
-                b += 4;
-            }
-            while b < nb {
-                block!(b, 0);
-                b += 1;
-            }
-            let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            *o = hsum(a) + ((offset[0] + offset[1]) + (offset[2] + offset[3]));
+            over_blocks!(nb, block);
+            *o = hsum4(&acc) + ((offset[0] + offset[1]) + (offset[2] + offset[3]));
         }
     }
 
@@ -701,19 +702,8 @@ mod avx2 {
                     acc[$i] = _mm256_fmadd_ps(d, s, acc[$i]);
                 }};
             }
-            let mut b = 0;
-            while b + 4 <= nb {
-                block!(b, 0);
-                block!(b + 1, 1);
-                block!(b + 2, 2);
-                block!(b + 3, 3);
-                b += 4;
-            }
-            while b < nb {
-                block!(b, 0);
-                b += 1;
-            }
-            *o = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            over_blocks!(nb, block);
+            *o = hsum4(&acc);
         }
     }
 
@@ -741,19 +731,8 @@ mod avx2 {
                     acc[$i] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_broadcast_ss(&*xd.add(b))), p, acc[$i]);
                 }};
             }
-            let mut b = 0;
-            while b + 4 <= nb {
-                block!(b, 0);
-                block!(b + 1, 1);
-                block!(b + 2, 2);
-                block!(b + 3, 3);
-                b += 4;
-            }
-            while b < nb {
-                block!(b, 0);
-                b += 1;
-            }
-            *o = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            over_blocks!(nb, block);
+            *o = hsum4(&acc);
         }
     }
 
