@@ -154,13 +154,9 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
 #[inline(always)]
 fn softmax(row: &mut [f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    // libm's exp (within an ulp), not float's AVX2 one (2 ulp): the attention probabilities feed
-    // the residual stream, which the tests hold to HF's within 1e-3, and the AVX2 exp's error
-    // alone moved SmolLM2's last MLP output by 1.2e-3.
-    let sum = row.iter_mut().fold(0f32, |s, v| {
-        *v = (*v - max).exp();
-        s + *v
-    });
+    // Each term as close as libm's expf (see exp_sub): attention's probabilities feed the residual
+    // stream, which the tests hold to HF's within 1e-3.
+    let sum = crate::float::exp_sub(row, max);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
     max + sum.ln()
