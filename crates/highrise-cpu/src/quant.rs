@@ -81,36 +81,16 @@ pub fn block_sums(x: &[f32]) -> Vec<f32> {
 
 /// `row · x` for a quantized row, x kept f32. `xsum` is `block_sums(x)`.
 pub fn dot_f32(dtype: DType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() {
-        // SAFETY: AVX2 and FMA are present (checked just above); lengths are whole blocks (validated).
-        unsafe {
-            match dtype {
-                DType::Q4_0 => return avx2::q4_f32(row, x, xsum, false),
-                DType::Q4_1 => return avx2::q4_f32(row, x, xsum, true),
-                DType::Q8_0 => return avx2::q8_f32(row, x),
-                _ => {}
-            }
-        }
-    }
-    portable_f32(dtype, row, x, xsum)
+    let mut out = [0f32];
+    dot_f32_rows(dtype, row, row.len(), x, xsum, &mut out);
+    out[0]
 }
 
 /// `row · x` for a quantized row, x quantized to 8 bits.
 pub fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() {
-        // SAFETY: as in `dot_f32`.
-        unsafe {
-            match dtype {
-                DType::Q4_0 => return avx2::q4_q8(row, x, false),
-                DType::Q4_1 => return avx2::q4_q8(row, x, true),
-                DType::Q8_0 => return avx2::q8_q8(row, x),
-                _ => {}
-            }
-        }
-    }
-    portable_q8(dtype, row, x)
+    let mut out = [0f32];
+    dot_q8_rows(dtype, row, row.len(), x, &mut out);
+    out[0]
 }
 
 /// `out[r] = row r · x` for consecutive rows (`rows`, each `row_bytes` long) and one f32
@@ -130,7 +110,7 @@ pub fn dot_f32_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &[f32], xsum
         return;
     }
     for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
-        *o = dot_f32(dtype, row, x, xsum);
+        *o = portable_f32(dtype, row, x, xsum);
     }
 }
 
@@ -151,7 +131,7 @@ pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: 
         return;
     }
     for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
-        *o = dot_q8(dtype, row, x);
+        *o = portable_q8(dtype, row, x);
     }
 }
 
@@ -168,7 +148,7 @@ pub fn dot_q8_many(dtype: DType, row: &[u8], xs: &[&Q8Act], out: &mut [f32]) {
                     4 => out.copy_from_slice(&avx2::q4_q8_multi::<4>(row, xs.try_into().unwrap(), q4_1)),
                     3 => out.copy_from_slice(&avx2::q4_q8_multi::<3>(row, xs.try_into().unwrap(), q4_1)),
                     2 => out.copy_from_slice(&avx2::q4_q8_multi::<2>(row, xs.try_into().unwrap(), q4_1)),
-                    _ => out[0] = avx2::q4_q8(row, xs[0], q4_1),
+                    _ => out[0] = avx2::q4_q8_multi::<1>(row, &[xs[0]], q4_1)[0],
                 }
             }
         }
@@ -192,7 +172,7 @@ pub fn dot_f32_many(dtype: DType, row: &[u8], xs: &[&[f32]], sums: &[&[f32]], ou
                     4 => out.copy_from_slice(&avx2::q4_f32_multi::<4>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
                     3 => out.copy_from_slice(&avx2::q4_f32_multi::<3>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
                     2 => out.copy_from_slice(&avx2::q4_f32_multi::<2>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
-                    _ => out[0] = avx2::q4_f32(row, xs[0], sums[0], q4_1),
+                    _ => out[0] = avx2::q4_f32_multi::<1>(row, &[xs[0]], &[sums[0]], q4_1)[0],
                 }
             }
         }
@@ -486,27 +466,6 @@ mod avx2 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_f32(row: &[u8], x: &[f32], xsum: &[f32], q4_1: bool) -> f32 {
-        q4_f32_multi::<1>(row, &[x], &[xsum], q4_1)[0]
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_f32(row: &[u8], x: &[f32]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (b, blk) in row.chunks_exact(34).enumerate() {
-            let q = blk.as_ptr().add(2);
-            let xp = x.as_ptr().add(b * 32);
-            let mut s = _mm256_setzero_ps();
-            for k in 0..4 {
-                let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8 * k) as *const __m128i)));
-                s = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(8 * k)), s);
-            }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_pair!(blk).0), s, acc);
-        }
-        hsum(acc)
-    }
-
     /// The scales (d) and offsets (m; -8d for Q4_0) of the 8 Q4 blocks starting at block `base`,
     /// converted together: one F16C conversion for eight blocks instead of one per block.
     #[inline]
@@ -610,25 +569,9 @@ mod avx2 {
                 }};
             }
             over_blocks!(nb, block);
-                        let m = _mm_add_ps(_mm_add_ps(accm[0], accm[1]), _mm_add_ps(accm[2], accm[3]));
+            let m = _mm_add_ps(_mm_add_ps(accm[0], accm[1]), _mm_add_ps(accm[2], accm[3]));
             *o = hsum4(&acc) + _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1));
         }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_q8(row: &[u8], x: &Q8Act, q4_1: bool) -> f32 {
-        q4_q8_multi::<1>(row, &[x], q4_1)[0]
-    }
-
-    /// The f16 scales of the 8 Q8_0 blocks starting at block `base`, converted together.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_scales8(row: &[u8], base: usize) -> __m256 {
-        let mut d = [0u16; 8];
-        for (j, d) in d.iter_mut().enumerate() {
-            *d = (row.as_ptr().add((base + j) * 34) as *const u16).read_unaligned();
-        }
-        _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i))
     }
 
     /// `out[r] = row r · x` for `out.len()` consecutive Q4_0/Q4_1 rows of `nb` blocks starting at
@@ -736,36 +679,6 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_q8(row: &[u8], x: &Q8Act) -> f32 {
-        let ones = _mm256_set1_epi16(1);
-        let dot = |b: usize| {
-            let w = _mm256_loadu_si256(row.as_ptr().add(b * 34 + 2) as *const __m256i);
-            let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
-            // maddubs multiplies unsigned by signed: move w's sign onto x.
-            let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-            _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones))
-        };
-        let n = row.len() / 34;
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut scales = [0f32; 8];
-        let mut b = 0;
-        while b + 8 <= n {
-            let d8 = q8_scales8(row, b);
-            _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(d8, _mm256_loadu_ps(x.d.as_ptr().add(b))));
-            for j in (0..8).step_by(2) {
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scales[j]), dot(b + j), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(scales[j + 1]), dot(b + j + 1), acc1);
-            }
-            b += 8;
-        }
-        while b < n {
-            let d = f16_pair!(row.get_unchecked(b * 34..)).0;
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * *x.d.get_unchecked(b)), dot(b), acc0);
-            b += 1;
-        }
-        hsum(_mm256_add_ps(acc0, acc1))
-    }
 }
 
 #[cfg(test)]
@@ -814,17 +727,21 @@ mod tests {
                 let sums = block_sums(&x);
                 let xq = Q8Act::new(&x);
                 let (want_f, want_q) = (portable_f32(dtype, &row, &x, &sums), portable_q8(dtype, &row, &xq));
-                // SAFETY: AVX2+FMA+F16C present (checked above).
-                let (got_f, got_q) = unsafe {
-                    match dtype {
-                        DType::Q8_0 => (avx2::q8_f32(&row, &x), avx2::q8_q8(&row, &xq)),
-                        _ => (avx2::q4_f32(&row, &x, &sums, q4_1), avx2::q4_q8(&row, &xq, q4_1)),
-                    }
-                };
+                // With AVX2, dot_f32/dot_q8 run the row kernels; the Q4 kernels for a few tokens
+                // at a time are checked here with one.
+                let (got_f, got_q) = (dot_f32(dtype, &row, &x, &sums), dot_q8(dtype, &row, &xq));
                 // Same sums in another order: equal up to f32 rounding of the terms.
                 let scale: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * 0.2;
                 assert!((got_f - want_f).abs() <= 1e-5 * scale, "{dtype} f32 k={k}: {got_f} vs {want_f}");
                 assert!((got_q - want_q).abs() <= 1e-5 * scale, "{dtype} q8 k={k}: {got_q} vs {want_q}");
+                if dtype != DType::Q8_0 {
+                    // SAFETY: AVX2+FMA+F16C present (checked above).
+                    let (one_f, one_q) = unsafe {
+                        (avx2::q4_f32_multi::<1>(&row, &[&x], &[&sums], q4_1)[0], avx2::q4_q8_multi::<1>(&row, &[&xq], q4_1)[0])
+                    };
+                    assert!((one_f - want_f).abs() <= 1e-5 * scale, "{dtype} f32 one token k={k}: {one_f} vs {want_f}");
+                    assert!((one_q - want_q).abs() <= 1e-5 * scale, "{dtype} q8 one token k={k}: {one_q} vs {want_q}");
+                }
             }
         }
     }
