@@ -10,13 +10,24 @@ use highrise::core::{DType, Tensor};
 
 const FORMATS: [DType; 5] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K];
 
+/// Random weights [n, k] in `dtype` (the 8-row interleaved layouts made from their plain format,
+/// as the model loader makes them) and their dequantized values.
+fn random_weight(rng: &mut Rng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f64>) {
+    let (bytes, w) = random_quant(rng, dtype.plain(), n, k);
+    match dtype.interleaved_rows() {
+        1 => (bytes, w),
+        _ => (highrise::core::quant::repack_r8(dtype.plain(), &bytes, n, k).unwrap(), w),
+    }
+}
+
 #[test]
 fn quantized_linear_matches_dequantized_reference() {
     let mut rng = Rng::new("quantized linear");
-    for dtype in FORMATS {
+    for dtype in FORMATS.into_iter().chain([DType::Q4_0R8, DType::Q4_1R8]) {
         for (k, n) in [(512, 48), (1536, 96)] {
+            // One token (decode), a few (a batch of decoding sequences), many (prefill).
             for t in [1, 3, 7, 64] {
-                let (bytes, w) = random_quant(&mut rng, dtype, n, k);
+                let (bytes, w) = random_weight(&mut rng, dtype, n, k);
                 let wt = Tensor::from_bytes(&cpu(), dtype, &[n, k], &bytes).unwrap();
                 let x = rng.values(t * k, 1.0, DType::F32);
                 let xt = upload(DType::F32, &[t, k], &x);
@@ -66,4 +77,22 @@ fn embedding_reads_quantized_tables() {
         let want: Vec<f64> = ids.iter().flat_map(|&id| table[id as usize * hidden..][..hidden].to_vec()).collect();
         assert_eq!(download(&out), want, "embedding from {dtype}");
     }
+}
+
+#[test]
+fn rows_interleaved_by_8_are_refused_where_they_do_not_fit() {
+    let mut rng = Rng::new("interleaved rows refused");
+    // A gather needs contiguous rows: the error names the layout and the one to use.
+    let (bytes, _) = random_weight(&mut rng, DType::Q4_1R8, 16, 64);
+    let table = Tensor::from_bytes(&cpu(), DType::Q4_1R8, &[16, 64], &bytes).unwrap();
+    let mut out = poisoned(DType::F32, &[1, 64]);
+    let err = cpu().embedding(&mut out, &table, &[3]).unwrap_err().to_string();
+    assert!(err.contains("q4_1_r8") && err.contains("q4_1"), "{err}");
+    // 12 rows are not whole groups of 8.
+    let (bytes, _) = random_quant(&mut rng, DType::Q4_0, 12, 64);
+    let w = Tensor::from_bytes(&cpu(), DType::Q4_0R8, &[12, 64], &bytes).unwrap();
+    let x = upload(DType::F32, &[1, 64], &rng.values(64, 1.0, DType::F32));
+    let mut out = poisoned(DType::F32, &[1, 12]);
+    let err = cpu().linear(&mut out, &x, &w, None).unwrap_err().to_string();
+    assert!(err.contains("multiple of 8 rows"), "{err}");
 }

@@ -22,10 +22,16 @@ pub enum DType {
     Q4K = 11,
     /// 256 values in 16 sub-blocks of 16 with 8-bit scales, 6-bit values.
     Q6K = 12,
+    /// Q4_0 with each group of 8 rows interleaved block by block (`quant::repack_r8`): the same bytes
+    /// per row, laid out so that one SIMD load reads a block's nibbles of eight rows. A backend's own
+    /// layout for weight matrices (rows a multiple of 8), never a file's.
+    Q4_0R8 = 13,
+    /// Q4_1 with each group of 8 rows interleaved block by block, as `Q4_0R8`.
+    Q4_1R8 = 14,
 }
 
 impl DType {
-    pub const ALL: [DType; 9] = [
+    pub const ALL: [DType; 11] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -35,6 +41,8 @@ impl DType {
         DType::Q4_1,
         DType::Q4K,
         DType::Q6K,
+        DType::Q4_0R8,
+        DType::Q4_1R8,
     ];
     /// The dtypes activations (the residual stream, Q/K/V, the KV cache) may have.
     pub const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
@@ -47,7 +55,7 @@ impl DType {
     pub fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 | DType::U32 => 1,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q4_0R8 | DType::Q4_1R8 => 32,
             DType::Q4K | DType::Q6K => 256,
         }
     }
@@ -58,8 +66,8 @@ impl DType {
             DType::F32 | DType::U32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::Q8_0 => 34,
-            DType::Q4_0 => 18,
-            DType::Q4_1 => 20,
+            DType::Q4_0 | DType::Q4_0R8 => 18,
+            DType::Q4_1 | DType::Q4_1R8 => 20,
             DType::Q4K => 144,
             DType::Q6K => 210,
         }
@@ -71,6 +79,33 @@ impl DType {
 
     pub fn is_quantized(self) -> bool {
         self.block_len() > 1
+    }
+
+    /// How many rows of a matrix are interleaved together (8 for the `R8` layouts, else 1): the row
+    /// count must be a multiple of it, and a single row is not contiguous unless it is 1.
+    pub fn interleaved_rows(self) -> usize {
+        match self {
+            DType::Q4_0R8 | DType::Q4_1R8 => 8,
+            _ => 1,
+        }
+    }
+
+    /// The 8-row interleaved layout of this format, where there is one.
+    pub fn r8(self) -> Option<DType> {
+        match self {
+            DType::Q4_0 => Some(DType::Q4_0R8),
+            DType::Q4_1 => Some(DType::Q4_1R8),
+            _ => None,
+        }
+    }
+
+    /// The row-by-row format an interleaved layout holds (itself for every other dtype).
+    pub fn plain(self) -> DType {
+        match self {
+            DType::Q4_0R8 => DType::Q4_0,
+            DType::Q4_1R8 => DType::Q4_1,
+            d => d,
+        }
     }
 
     /// Bytes needed for `numel` values, or `None` when `numel` is not a whole number of blocks.
@@ -92,6 +127,8 @@ impl DType {
             DType::Q4_1 => "q4_1",
             DType::Q4K => "q4_k",
             DType::Q6K => "q6_k",
+            DType::Q4_0R8 => "q4_0_r8",
+            DType::Q4_1R8 => "q4_1_r8",
         }
     }
 

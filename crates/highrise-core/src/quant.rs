@@ -10,6 +10,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// Dequantizes `bytes` (whole blocks of `dtype`) into `out`, which must hold exactly their values.
+/// The interleaved layouts need the row length: `dequantize_rows`.
 pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let (bl, bb) = (dtype.block_len(), dtype.block_bytes());
     if bytes.len() % bb != 0 || bytes.len() / bb * bl != out.len() {
@@ -18,6 +19,9 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             bytes.len(),
             out.len()
         )));
+    }
+    if dtype.interleaved_rows() > 1 {
+        return Err(Error::Invalid(format!("dequantize {dtype}: interleaved rows need their length (dequantize_rows)")));
     }
     for (b, y) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bl)) {
         match dtype {
@@ -30,9 +34,104 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             DType::Q4_1 => q4_1(b, y),
             DType::Q4K => q4_k(b, y),
             DType::Q6K => q6_k(b, y),
+            DType::Q4_0R8 | DType::Q4_1R8 => unreachable!("rejected above"),
         }
     }
     Ok(())
+}
+
+/// Dequantizes whole rows of `cols` values each (`out` in row-major order), in any layout, the
+/// interleaved ones included (then a whole number of groups of rows).
+pub fn dequantize_rows(dtype: DType, bytes: &[u8], cols: usize, out: &mut [f32]) -> Result<()> {
+    let group = dtype.interleaved_rows();
+    if group == 1 {
+        return dequantize(dtype, bytes, out);
+    }
+    let plain = dtype.plain();
+    let row_bytes = plain.storage_bytes(cols).filter(|_| cols > 0);
+    match row_bytes {
+        Some(rb) if bytes.len() % (group * rb) == 0 && bytes.len() / rb * cols == out.len() => {
+            let mut rows = vec![0u8; group * rb];
+            for (g, y) in bytes.chunks_exact(group * rb).zip(out.chunks_exact_mut(group * cols)) {
+                unpack_r8(plain, g, cols / 32, &mut rows);
+                dequantize(plain, &rows, y)?;
+            }
+            Ok(())
+        }
+        _ => Err(Error::Invalid(format!(
+            "dequantize {dtype}: {} bytes are not whole groups of {group} rows of {cols} values ({} values asked)",
+            bytes.len(),
+            out.len()
+        ))),
+    }
+}
+
+/// Where the parts of a Q4_0/Q4_1 block of 8 interleaved rows lie: the 8 scales `d` (f16) at 0,
+/// the 8 minimums `m` (Q4_1 only) after them, then the nibbles, 128 bytes: for c in 0..4 and row r
+/// in 0..8, bytes `4c..4c+4` of row r's 16 at `32c + 4r`. So one 32-byte load holds four bytes of
+/// each row (values 4c..4c+3 in the low nibbles, 16+4c.. in the high ones), and a 4-byte dot
+/// product lands each row in its own 32-bit lane.
+pub fn r8_offsets(plain: DType) -> (usize, Option<usize>, usize) {
+    match plain {
+        DType::Q4_1 => (0, Some(16), 32),
+        _ => (0, None, 16),
+    }
+}
+
+/// Q4_0/Q4_1 rows (`rows` of `cols` values, row-major, a multiple of 8 rows) laid out 8 rows at a
+/// time, block by block (`DType::Q4_0R8`/`Q4_1R8`): a group's block 0 for all 8 rows, then block
+/// 1, ... The same bytes, in another order; `dequantize_rows` reads them back.
+pub fn repack_r8(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
+    let row_bytes = dtype.storage_bytes(cols).filter(|_| dtype.r8().is_some() && cols > 0);
+    let rb = match row_bytes {
+        Some(rb) if rows % 8 == 0 && bytes.len() == rows * rb => rb,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "repack {dtype} [{rows}, {cols}] by 8 rows: needs q4_0/q4_1, rows a multiple of 8 and {} bytes, got {}",
+                row_bytes.map_or(0, |rb| rows * rb),
+                bytes.len()
+            )))
+        }
+    };
+    let (bb, nb) = (dtype.block_bytes(), cols / 32);
+    let (d_at, m_at, q_at) = r8_offsets(dtype);
+    let mut out = vec![0u8; bytes.len()];
+    for (src, dst) in bytes.chunks_exact(8 * rb).zip(out.chunks_exact_mut(8 * rb)) {
+        for b in 0..nb {
+            let g = &mut dst[b * 8 * bb..(b + 1) * 8 * bb];
+            for r in 0..8 {
+                let blk = &src[r * rb + b * bb..r * rb + (b + 1) * bb];
+                g[d_at + 2 * r..d_at + 2 * r + 2].copy_from_slice(&blk[..2]);
+                if let Some(m_at) = m_at {
+                    g[m_at + 2 * r..m_at + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                }
+                let qs = &blk[bb - 16..];
+                for c in 0..4 {
+                    g[q_at + 32 * c + 4 * r..q_at + 32 * c + 4 * r + 4].copy_from_slice(&qs[4 * c..4 * c + 4]);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One group of 8 interleaved rows (`nb` blocks each) back in row-by-row order, into `rows`.
+pub fn unpack_r8(plain: DType, group: &[u8], nb: usize, rows: &mut [u8]) {
+    let (bb, (d_at, m_at, q_at)) = (plain.block_bytes(), r8_offsets(plain));
+    let rb = nb * bb;
+    for b in 0..nb {
+        let g = &group[b * 8 * bb..(b + 1) * 8 * bb];
+        for r in 0..8 {
+            let blk = &mut rows[r * rb + b * bb..r * rb + (b + 1) * bb];
+            blk[..2].copy_from_slice(&g[d_at + 2 * r..d_at + 2 * r + 2]);
+            if let Some(m_at) = m_at {
+                blk[2..4].copy_from_slice(&g[m_at + 2 * r..m_at + 2 * r + 2]);
+            }
+            for c in 0..4 {
+                blk[bb - 16 + 4 * c..bb - 16 + 4 * c + 4].copy_from_slice(&g[q_at + 32 * c + 4 * r..q_at + 32 * c + 4 * r + 4]);
+            }
+        }
+    }
 }
 
 /// { d: f16, q: [i8; 32] }: y = d * q.
@@ -181,6 +280,37 @@ mod tests {
         b.extend((0..16).map(|i| i as u8 | 0xF0));
         dequantize(DType::Q4_0, &b, &mut y).unwrap();
         assert_eq!((y[0], y[15], y[16]), (-8.0, 7.0, 7.0));
+    }
+
+    #[test]
+    fn rows_interleaved_by_8_read_back_as_they_were() {
+        for dtype in [DType::Q4_0, DType::Q4_1] {
+            let (rows, cols) = (16, 96);
+            let bytes: Vec<u8> = (0..dtype.storage_bytes(rows * cols).unwrap()).map(|i| (i * 7 % 251) as u8).collect();
+            // Finite scales: overwrite each block's f16 fields with small values.
+            let mut bytes = bytes;
+            for (i, blk) in bytes.chunks_mut(dtype.block_bytes()).enumerate() {
+                blk[..2].copy_from_slice(&h(0.01 * (1 + i % 5) as f32));
+                if dtype == DType::Q4_1 {
+                    blk[2..4].copy_from_slice(&h(-0.02 * (i % 3) as f32));
+                }
+            }
+            let packed = repack_r8(dtype, &bytes, rows, cols).unwrap();
+            assert_eq!(packed.len(), bytes.len());
+            assert_ne!(packed, bytes);
+            let (mut want, mut got) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            dequantize(dtype, &bytes, &mut want).unwrap();
+            let r8 = dtype.r8().unwrap();
+            dequantize_rows(r8, &packed, cols, &mut got).unwrap();
+            assert_eq!(got, want, "{r8}");
+            // Row 9's third block's value 5 (a low nibble: c = 1, r = 1 of group 1).
+            let (bb, rb) = (dtype.block_bytes(), dtype.storage_bytes(cols).unwrap());
+            let q = bytes[9 * rb + 2 * bb + bb - 16 + 5] & 0xF;
+            let g = &packed[8 * rb + 2 * 8 * bb..];
+            assert_eq!(g[r8_offsets(dtype).2 + 32 + 4 + 1] & 0xF, q);
+            assert!(dequantize(r8, &packed, &mut got).is_err(), "needs the row length");
+            assert!(repack_r8(dtype, &bytes[..rows / 2 * rb - rb], rows / 2 - 1, cols).is_err(), "7 rows");
+        }
     }
 
     #[test]

@@ -75,8 +75,12 @@ impl Backend for CpuBackend {
 
     fn supports(&self, op: OpKind, dtype: DType) -> bool {
         // Weight tables (embedding, linear) may be any dtype, quantized ones included; activations
-        // are floats.
-        matches!(op, OpKind::Embedding | OpKind::Linear) || dtype.is_float()
+        // are floats. Rows interleaved by 8 are for the linear op alone (a gather needs whole rows).
+        match op {
+            OpKind::Linear => true,
+            OpKind::Embedding => dtype.interleaved_rows() == 1,
+            _ => dtype.is_float(),
+        }
     }
 
     fn alloc(&self, bytes: usize) -> Result<Handle> {

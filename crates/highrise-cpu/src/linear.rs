@@ -4,14 +4,15 @@
 //! weight is widened to f32 in a per-thread buffer just before use, so no f32 copy of the weights ever
 //! exists. Few tokens (decode) take a dot-product path that streams the weights once; many tokens
 //! (prefill) take a packed SIMD GEMM (`matrixmultiply`) per chunk. Quantized weights stay in their
-//! blocks: decode runs the block kernels of `quant` row by row; prefill dequantizes one chunk of rows
-//! at a time into the per-thread buffer for the GEMM.
+//! blocks: decode runs the block kernels of `quant` over each chunk of rows; prefill dequantizes one
+//! chunk of rows at a time into the per-thread buffer for the GEMM. Chunks are whole multiples of 16
+//! rows, so rows interleaved by 8 (`Q4_0R8`, `Q4_1R8`) never straddle two.
 
 use std::borrow::Cow;
 
 use half::{bf16, f16};
 use highrise_core::ops::Linear;
-use highrise_core::quant::dequantize;
+use highrise_core::quant::dequantize_rows;
 use highrise_core::{DType, Element, Error, Result, TensorRef};
 
 use crate::float::{dot, with_float, Float};
@@ -67,7 +68,7 @@ impl<'a> Weight<'a> {
                 buf
             }
             Weight::Quant { dtype, bytes, row_bytes } => {
-                dequantize(*dtype, &bytes[r0 * row_bytes..r1 * row_bytes], buf).expect("whole blocks");
+                dequantize_rows(*dtype, &bytes[r0 * row_bytes..r1 * row_bytes], k, buf).expect("whole blocks");
                 buf
             }
         }
@@ -157,6 +158,22 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
                 match act {
                     Act::Q8(xq) => quant::dot_q8_rows(*dtype, rows, *row_bytes, xq, o),
                     Act::F32(sums) => quant::dot_f32_rows(*dtype, rows, *row_bytes, x, sums, o),
+                }
+                return;
+            }
+            if dtype.interleaved_rows() > 1 {
+                // Rows interleaved by 8: a group's few KiB, read from memory for the first token,
+                // come from L1 for the others.
+                for g in (n0..n1).step_by(8) {
+                    let group = &bytes[g * row_bytes..(g + 8) * row_bytes];
+                    for (i, act) in acts.iter().enumerate() {
+                        let mut o = [0f32; 8];
+                        match act {
+                            Act::Q8(xq) => quant::dot_q8_rows(*dtype, group, *row_bytes, xq, &mut o),
+                            Act::F32(sums) => quant::dot_f32_rows(*dtype, group, *row_bytes, xs[i], sums, &mut o),
+                        }
+                        o.iter().enumerate().for_each(|(r, &v)| put(i, g + r, v));
+                    }
                 }
                 return;
             }

@@ -22,6 +22,24 @@ pub struct FileTensor<'a> {
     pub data: Cow<'a, [u8]>,
     /// Keeps the mapping alive for tensors that point into it.
     pub owner: Arc<dyn Any + Send + Sync>,
+    /// Where the tensor lies in the mapping (`owner`).
+    pub span: std::ops::Range<usize>,
+}
+
+impl FileTensor<'_> {
+    /// Lets the memory go that the file mapping holds for this tensor, once it has been read into
+    /// a copy (converted, or laid out for the backend) and its bytes in the file are not read
+    /// again: without this, every converted tensor would be in memory twice.
+    pub fn release(&self) {
+        if let Some(mmap) = (*self.owner).downcast_ref::<Mmap>() {
+            // SAFETY: the mapping is read-only and never written through, so dropping its pages
+            // loses nothing: a later read (a neighbouring tensor on a shared page) fetches them from
+            // the file again. It is only advice; an error changes nothing but the memory held.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.span.start, self.span.len())
+            };
+        }
+    }
 }
 
 pub enum Source {
@@ -142,7 +160,8 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
         Some(h) => Cow::Owned(unpermute_rows(data, info.dims[0], h).map_err(|e| Error::tensor(&gguf.path, &gname, e))?),
         None => Cow::Borrowed(data),
     };
-    Ok(Some(FileTensor { dtype: info.dtype, dims: info.dims.clone(), data, owner }))
+    let span = info.start..info.start + info.len;
+    Ok(Some(FileTensor { dtype: info.dtype, dims: info.dims.clone(), data, owner, span }))
 }
 
 /// Undoes llama.cpp's q/k row permutation: within each head of D rows, GGUF row `2i + j` is HF row
@@ -214,7 +233,8 @@ impl HfDir {
         let (_, mmap, tensors) = &self.files[i];
         let (dtype, dims, start, end) = &tensors[name];
         let owner: Arc<dyn Any + Send + Sync> = mmap.clone();
-        Ok(Some(FileTensor { dtype: *dtype, dims: dims.clone(), data: Cow::Borrowed(&mmap[*start..*end]), owner }))
+        let (data, span) = (Cow::Borrowed(&mmap[*start..*end]), *start..*end);
+        Ok(Some(FileTensor { dtype: *dtype, dims: dims.clone(), data, owner, span }))
     }
 }
 

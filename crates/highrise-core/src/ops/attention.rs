@@ -37,6 +37,10 @@ impl Linear<'_> {
         if wk != k {
             return Err(format!("x has {k} features but weight [{n}, {wk}] expects {wk}"));
         }
+        let group = self.weight.dtype.interleaved_rows();
+        if n % group != 0 {
+            return Err(format!("weight [{n}, {wk}] in {} needs a multiple of {group} rows", self.weight.dtype));
+        }
         c.dims("out", &self.out, &[t, n])?;
         if let Some(b) = self.bias.opt() {
             c.float("bias", &b)?;

@@ -18,6 +18,9 @@ impl Embedding<'_> {
         c.activations(&[("out", &self.out)])?;
         c.present("table", &self.table)?;
         c.rank("table", &self.table, 2)?;
+        if self.table.dtype.interleaved_rows() > 1 {
+            return Err(format!("table in {} has no contiguous rows to gather; use {}", self.table.dtype, self.table.dtype.plain()));
+        }
         let (vocab, hidden) = (self.table.dims()[0], self.table.dims()[1]);
         c.dims("out", &self.out, &[self.ids.len(), hidden])?;
         if let Some((t, &id)) = self.ids.as_slice().iter().enumerate().find(|(_, &id)| id as usize >= vocab) {

@@ -24,7 +24,7 @@ pub use loader::{
 
 /// Bumped on any change to the vtable or to a type that crosses it (`Op` and the op structs,
 /// `TensorRef`, `DType`, `ErrOut`).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
