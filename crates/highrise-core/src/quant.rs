@@ -50,7 +50,7 @@ pub fn dequantize_rows(dtype: DType, bytes: &[u8], cols: usize, out: &mut [f32])
     let plain = dtype.plain();
     let row_bytes = plain.storage_bytes(cols).filter(|_| cols > 0);
     match row_bytes {
-        Some(rb) if bytes.len() % (group * rb) == 0 && bytes.len() / rb * cols == out.len() => {
+        Some(rb) if bytes.len().is_multiple_of(group * rb) && bytes.len() / rb * cols == out.len() => {
             let mut rows = vec![0u8; group * rb];
             for (g, y) in bytes.chunks_exact(group * rb).zip(out.chunks_exact_mut(group * cols)) {
                 unpack_r8(plain, g, cols / 32, &mut rows);
@@ -84,7 +84,7 @@ pub fn r8_offsets(plain: DType) -> (usize, Option<usize>, usize) {
 pub fn repack_r8(dtype: DType, bytes: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>> {
     let row_bytes = dtype.storage_bytes(cols).filter(|_| dtype.r8().is_some() && cols > 0);
     let rb = match row_bytes {
-        Some(rb) if rows % 8 == 0 && bytes.len() == rows * rb => rb,
+        Some(rb) if rows.is_multiple_of(8) && bytes.len() == rows * rb => rb,
         _ => {
             return Err(Error::Invalid(format!(
                 "repack {dtype} [{rows}, {cols}] by 8 rows: needs q4_0/q4_1, rows a multiple of 8 and {} bytes, got {}",

@@ -85,19 +85,6 @@ pub fn block_sums(x: &[f32]) -> Vec<f32> {
     x.chunks_exact(32).map(|b| b.iter().sum()).collect()
 }
 
-/// `row · x` for a quantized row, x kept f32. `xsum` is `block_sums(x)`.
-pub fn dot_f32(dtype: DType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-    let mut out = [0f32];
-    dot_f32_rows(dtype, row, row.len(), x, xsum, &mut out);
-    out[0]
-}
-
-/// `row · x` for a quantized row, x quantized to 8 bits.
-pub fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
-    let mut out = [0f32];
-    dot_q8_rows(dtype, row, row.len(), x, &mut out);
-    out[0]
-}
 
 /// `out[r] = row r · x` for consecutive rows (`rows`, each `row_bytes` long) and one f32
 /// activation (`xsum` its block sums): a decode step's matrix-vector product over a range of rows.
@@ -142,7 +129,7 @@ pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: 
             #[cfg(target_arch = "x86_64")]
             if crate::float::has_avx2_fma() {
                 // SAFETY: AVX2+FMA+F16C present (checked just above); the kernel asserts its lengths.
-                unsafe { avx2::r8_q8(rows, _nb, x, _q4_1, _out) };
+                unsafe { avx2::r8_q8::<1>(rows, _nb, &[x], _q4_1, _out) };
                 return true;
             }
             false
@@ -154,7 +141,7 @@ pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: 
         // SAFETY: AVX2+FMA+F16C present (checked above); the kernels assert the lengths they read.
         unsafe {
             match dtype {
-                DType::Q8_0 => avx2::q8_q8_rows(rows, nb, x, out),
+                DType::Q8_0 => avx2::q8_q8_rows::<1>(rows, nb, &[x], out),
                 _ => avx2::q4_q8_rows(rows, nb, x, dtype == DType::Q4_1, out),
             }
         }
@@ -163,6 +150,83 @@ pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: 
     for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
         *o = portable_q8(dtype, row, x);
     }
+}
+
+/// `f(tile, tokens, out)` over tiles of the `n` rows in `rows` (each `row_bytes` long) of at most
+/// 16 KiB, and tokens four at a time: each tile, read from memory once, then serves every token
+/// from L1. `f` writes [tokens][tile rows] into `out`; `sink(t, r0, values)` then takes token t's
+/// values for rows r0.. .
+fn over_tiles(
+    dtype: DType,
+    rows: &[u8],
+    row_bytes: usize,
+    tokens: usize,
+    mut f: impl FnMut(&[u8], std::ops::Range<usize>, &mut [f32]),
+    mut sink: impl FnMut(usize, usize, &[f32]),
+) {
+    let n = rows.len() / row_bytes.max(1);
+    let group = dtype.interleaved_rows().max(2);
+    let tile = (16384 / row_bytes.max(1)).clamp(group, 64) / group * group;
+    let mut buf = vec![0f32; tile * 4];
+    for r0 in (0..n).step_by(tile) {
+        let r1 = (r0 + tile).min(n);
+        for t0 in (0..tokens).step_by(4) {
+            let t1 = (t0 + 4).min(tokens);
+            let o = &mut buf[..(t1 - t0) * (r1 - r0)];
+            f(&rows[r0 * row_bytes..r1 * row_bytes], t0..t1, o);
+            for (t, o) in (t0..t1).zip(o.chunks(r1 - r0)) {
+                sink(t, r0, o);
+            }
+        }
+    }
+}
+
+/// `sink(t, r0, values)`: token t's products `row r · xs[t]` for rows r0.. of `rows` (whole rows of
+/// `row_bytes`), several f32 activations (`sums` their block sums): token by token over tiles.
+pub fn dot_f32_rows_many(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&[f32]], sums: &[&[f32]], sink: impl FnMut(usize, usize, &[f32])) {
+    let f = |w: &[u8], tokens: std::ops::Range<usize>, o: &mut [f32]| {
+        for (t, o) in tokens.zip(o.chunks_mut(w.len() / row_bytes)) {
+            dot_f32_rows(dtype, w, row_bytes, xs[t], sums[t], o);
+        }
+    };
+    over_tiles(dtype, rows, row_bytes, xs.len(), f, sink);
+}
+
+/// `sink(t, r0, values)`: token t's products `row r · xs[t]` for rows r0.. of `rows`, several 8-bit
+/// activations (a batch of decoding sequences, or a prompt), over tiles of rows: Q8_0 and rows
+/// interleaved by 8 take four tokens per pass (each block loaded and unpacked once for the four),
+/// other formats one.
+pub fn dot_q8_rows_many(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&Q8Act], sink: impl FnMut(usize, usize, &[f32])) {
+    let nb = row_bytes / dtype.block_bytes();
+    let f = |w: &[u8], tokens: std::ops::Range<usize>, o: &mut [f32]| {
+        let xs = &xs[tokens];
+        #[cfg(target_arch = "x86_64")]
+        if crate::float::has_avx2_fma() && matches!(dtype, DType::Q8_0 | DType::Q4_0R8 | DType::Q4_1R8) {
+            let q4_1 = dtype == DType::Q4_1R8;
+            macro_rules! run {
+                ($n:literal) => {
+                    match dtype {
+                        DType::Q8_0 => avx2::q8_q8_rows::<$n>(w, nb, xs.try_into().unwrap(), o),
+                        _ => avx2::r8_q8::<$n>(w, nb, xs.try_into().unwrap(), q4_1, o),
+                    }
+                };
+            }
+            // SAFETY: AVX2+FMA+F16C present (checked above); the kernels assert the lengths they read.
+            unsafe {
+                match xs.len() {
+                    4 => run!(4),
+                    3 => run!(3),
+                    2 => run!(2),
+                    _ => run!(1),
+                }
+            }
+            return;
+        }
+        for (x, o) in xs.iter().zip(o.chunks_mut(w.len() / row_bytes)) {
+            dot_q8_rows(dtype, w, row_bytes, x, o);
+        }
+    };
+    over_tiles(dtype, rows, row_bytes, xs.len(), f, sink);
 }
 
 /// Groups of 8 interleaved rows through `simd(nb, q4_1, out)` where it runs (it says whether it
@@ -176,7 +240,7 @@ fn r8_rows(
     simd: impl FnOnce(usize, bool, &mut [f32]) -> bool,
 ) {
     let plain = dtype.plain();
-    assert!(out.len() % 8 == 0, "{dtype}: {} rows are not whole groups of 8", out.len());
+    assert!(out.len().is_multiple_of(8), "{dtype}: {} rows are not whole groups of 8", out.len());
     let nb = row_bytes / plain.block_bytes();
     if simd(nb, plain == DType::Q4_1, out) {
         return;
@@ -185,54 +249,6 @@ fn r8_rows(
     for (group, o) in rows.chunks_exact(8 * row_bytes).zip(out.chunks_exact_mut(8)) {
         unpack_r8(plain, group, nb, &mut plain_rows);
         plain_rows.chunks_exact(row_bytes).zip(o).for_each(|(row, o)| row_dot(plain, row, o));
-    }
-}
-
-/// `out[t] = row · xs[t]` for several 8-bit activations at once (a batch of decoding sequences).
-/// Q4_0/Q4_1 unpack each block once for up to four tokens; other formats go token by token.
-pub fn dot_q8_many(dtype: DType, row: &[u8], xs: &[&Q8Act], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1) {
-        let q4_1 = dtype == DType::Q4_1;
-        for (xs, out) in xs.chunks(4).zip(out.chunks_mut(4)) {
-            // SAFETY: AVX2+FMA+F16C present (checked above); whole blocks (validated).
-            unsafe {
-                match xs.len() {
-                    4 => out.copy_from_slice(&avx2::q4_q8_multi::<4>(row, xs.try_into().unwrap(), q4_1)),
-                    3 => out.copy_from_slice(&avx2::q4_q8_multi::<3>(row, xs.try_into().unwrap(), q4_1)),
-                    2 => out.copy_from_slice(&avx2::q4_q8_multi::<2>(row, xs.try_into().unwrap(), q4_1)),
-                    _ => out[0] = avx2::q4_q8_multi::<1>(row, &[xs[0]], q4_1)[0],
-                }
-            }
-        }
-        return;
-    }
-    for (x, o) in xs.iter().zip(out) {
-        *o = dot_q8(dtype, row, x);
-    }
-}
-
-/// `out[t] = row · xs[t]` for several f32 activations at once (`sums[t]` their block sums).
-/// Q4_0/Q4_1 widen each block to f32 once for up to four tokens; other formats go token by token.
-pub fn dot_f32_many(dtype: DType, row: &[u8], xs: &[&[f32]], sums: &[&[f32]], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1) {
-        let q4_1 = dtype == DType::Q4_1;
-        for ((xs, sums), out) in xs.chunks(4).zip(sums.chunks(4)).zip(out.chunks_mut(4)) {
-            // SAFETY: AVX2+FMA+F16C present (checked above); whole blocks (validated).
-            unsafe {
-                match xs.len() {
-                    4 => out.copy_from_slice(&avx2::q4_f32_multi::<4>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
-                    3 => out.copy_from_slice(&avx2::q4_f32_multi::<3>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
-                    2 => out.copy_from_slice(&avx2::q4_f32_multi::<2>(row, xs.try_into().unwrap(), sums.try_into().unwrap(), q4_1)),
-                    _ => out[0] = avx2::q4_f32_multi::<1>(row, &[xs[0]], &[sums[0]], q4_1)[0],
-                }
-            }
-        }
-        return;
-    }
-    for ((x, s), o) in xs.iter().zip(sums).zip(out) {
-        *o = dot_f32(dtype, row, x, s);
     }
 }
 
@@ -335,26 +351,6 @@ mod avx2 {
 
     use super::Q8Act;
 
-    /// The first two f16 values of a block (d, and m for Q4_1), converted with F16C in registers.
-    macro_rules! f16_pair {
-        ($blk:expr) => {{
-            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([$blk[0], $blk[1], $blk[2], $blk[3]])));
-            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
-        }};
-    }
-
-    /// (d, m, pointer to the 16 bytes of nibbles) of a Q4_0 / Q4_1 block: value j is d * q_j + m.
-    macro_rules! q4_parts {
-        ($blk:expr, $q4_1:expr) => {{
-            let (d, m) = f16_pair!($blk);
-            if $q4_1 {
-                (d, m, $blk.as_ptr().add(4))
-            } else {
-                (d, -8.0 * d, $blk.as_ptr().add(2))
-            }
-        }};
-    }
-
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -362,63 +358,6 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
-    }
-
-    /// Eight bytes starting at byte `at` of `v`, widened to f32.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn u8x8_f32(v: __m128i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
-    }
-
-    /// `row · x` for N 8-bit activations at once: each block is unpacked once and meets every token.
-    /// Two accumulators per token, alternating by block, so consecutive blocks do not wait on each
-    /// other's FMA.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_q8_multi<const N: usize>(row: &[u8], xs: &[&Q8Act; N], q4_1: bool) -> [f32; N] {
-        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
-        let ones = _mm256_set1_epi16(1);
-        let n = row.len() / bb;
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        let mut off = [_mm256_setzero_ps(); N];
-        let mut scales = [[0f32; 8]; N];
-        let mut tail = [0f32; N];
-        let mut b = 0;
-        while b + 8 <= n {
-            let (d8, m8) = q4_scales8(row, b, bb, q4_1);
-            for t in 0..N {
-                let x = xs[t];
-                _mm256_storeu_ps(scales[t].as_mut_ptr(), _mm256_mul_ps(d8, _mm256_loadu_ps(x.d.as_ptr().add(b))));
-                off[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(x.sum.as_ptr().add(b)), off[t]);
-            }
-            for j in 0..8 {
-                let w = q4_unpack(row.as_ptr().add((b + j) * bb + qoff));
-                for t in 0..N {
-                    let xv = _mm256_loadu_si256(xs[t].q.as_ptr().add((b + j) * 32) as *const __m256i);
-                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
-                    acc[t][j & 1] = _mm256_fmadd_ps(_mm256_set1_ps(scales[t][j]), p, acc[t][j & 1]);
-                }
-            }
-            b += 8;
-        }
-        while b < n {
-            let blk = row.get_unchecked(b * bb..(b + 1) * bb);
-            let (d, m, _) = q4_parts!(blk, q4_1);
-            let w = q4_unpack(row.as_ptr().add(b * bb + qoff));
-            for t in 0..N {
-                let x = xs[t];
-                let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
-                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones));
-                acc[t][0] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), p, acc[t][0]);
-                tail[t] += m * x.sum[b];
-            }
-            b += 1;
-        }
-        let mut out = [0f32; N];
-        for t in 0..N {
-            out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + hsum(off[t]) + tail[t];
-        }
-        out
     }
 
     /// `Q8Act::new` eight lanes at a time.
@@ -455,102 +394,6 @@ mod avx2 {
             let isum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
             (a.d[b], a.isum[b], a.sum[b]) = (d, isum, d * isum as f32);
         }
-    }
-
-    /// The 32 nibbles of the Q4 block at `qs` as four vectors of f32 (unscaled), in the order of x.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_widen(qs: *const u8) -> [__m256; 4] {
-        let mask = _mm_set1_epi8(0x0F);
-        let qs = _mm_loadu_si128(qs as *const __m128i);
-        let lo = _mm_and_si128(qs, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-        [u8x8_f32(lo), u8x8_f32(_mm_srli_si128(lo, 8)), u8x8_f32(hi), u8x8_f32(_mm_srli_si128(hi, 8))]
-    }
-
-    /// sum_i q_i x_i of one block as eight partial sums; `xp` points at the block's 32 values of x.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot32(q: &[__m256; 4], xp: *const f32) -> __m256 {
-        let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xp));
-        s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xp.add(8)), s);
-        s = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xp.add(16)), s);
-        _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xp.add(24)), s)
-    }
-
-    /// `row · x` for N f32 activations at once: each block is widened to f32 once and meets every
-    /// token. Two accumulators per token, as in `q4_q8_multi`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_f32_multi<const N: usize>(row: &[u8], xs: &[&[f32]; N], sums: &[&[f32]; N], q4_1: bool) -> [f32; N] {
-        let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };
-        let n = row.len() / bb;
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        let mut off = [_mm256_setzero_ps(); N];
-        let mut tail = [0f32; N];
-        let mut scales = [0f32; 8];
-        let mut b = 0;
-        while b + 8 <= n {
-            let (d8, m8) = q4_scales8(row, b, bb, q4_1);
-            _mm256_storeu_ps(scales.as_mut_ptr(), d8);
-            for t in 0..N {
-                off[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(sums[t].as_ptr().add(b)), off[t]);
-            }
-            for j in 0..8 {
-                let q = q4_widen(row.as_ptr().add((b + j) * bb + qoff));
-                let d = _mm256_set1_ps(scales[j]);
-                for t in 0..N {
-                    acc[t][j & 1] = _mm256_fmadd_ps(d, dot32(&q, xs[t].as_ptr().add((b + j) * 32)), acc[t][j & 1]);
-                }
-            }
-            b += 8;
-        }
-        while b < n {
-            let blk = row.get_unchecked(b * bb..(b + 1) * bb);
-            let (d, m, _) = q4_parts!(blk, q4_1);
-            let q = q4_widen(row.as_ptr().add(b * bb + qoff));
-            for t in 0..N {
-                acc[t][0] = _mm256_fmadd_ps(_mm256_set1_ps(d), dot32(&q, xs[t].as_ptr().add(b * 32)), acc[t][0]);
-                tail[t] += m * sums[t][b];
-            }
-            b += 1;
-        }
-        let mut out = [0f32; N];
-        for t in 0..N {
-            out[t] = hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + hsum(off[t]) + tail[t];
-        }
-        out
-    }
-
-    /// The scales (d) and offsets (m; -8d for Q4_0) of the 8 Q4 blocks starting at block `base`,
-    /// converted together: one F16C conversion for eight blocks instead of one per block.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_scales8(row: &[u8], base: usize, bb: usize, q4_1: bool) -> (__m256, __m256) {
-        let (mut d, mut m) = ([0u16; 8], [0u16; 8]);
-        for j in 0..8 {
-            let p = row.as_ptr().add((base + j) * bb);
-            d[j] = (p as *const u16).read_unaligned();
-            m[j] = (p.add(2) as *const u16).read_unaligned();
-        }
-        let d8 = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i));
-        let m8 = if q4_1 {
-            _mm256_cvtph_ps(_mm_loadu_si128(m.as_ptr() as *const __m128i))
-        } else {
-            _mm256_mul_ps(d8, _mm256_set1_ps(-8.0))
-        };
-        (d8, m8)
-    }
-
-    /// The 32 nibbles of a Q4 block as bytes, values 0..15 in the low lane and 16..31 in the high
-    /// one: the order of x.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_unpack(qs: *const u8) -> __m256i {
-        let mask = _mm_set1_epi8(0x0F);
-        let qs = _mm_loadu_si128(qs as *const __m128i);
-        let lo = _mm_and_si128(qs, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-        _mm256_set_m128i(hi, lo)
     }
 
     /// `$block!(b, i)` for blocks b = 0..nb, four at a time into accumulators i = 0..3 (so no block
@@ -713,25 +556,29 @@ mod avx2 {
         (8 * plain.block_bytes(), highrise_core::quant::r8_offsets(plain).2)
     }
 
-    /// `out[8g + r] = row r of group g · x` for groups of 8 interleaved Q4_0/Q4_1 rows (`nb` blocks
-    /// each, `highrise_core::quant::repack_r8`'s layout), one 8-bit activation. Per block of 8 rows:
-    /// four 32-byte loads, each holding 4 bytes of every row, split into low and high nibbles and
-    /// multiplied with x's matching 4 bytes broadcast to all lanes, so each row's sum lands in its
-    /// own 32-bit lane (16-bit partial sums: 8 products of at most 15 * 127 per pair stay below
-    /// 2^15); the 8 rows' scales converted in one instruction each; no horizontal sums. Two
-    /// accumulators, alternating by block.
+    /// `out[t * rows + 8g + r] = row r of group g · xs[t]` for groups of 8 interleaved Q4_0/Q4_1
+    /// rows (`nb` blocks each, `highrise_core::quant::repack_r8`'s layout) and N 8-bit activations
+    /// (one token, or a few decoding together: each block's nibbles are split once for all N). Per
+    /// block of 8 rows: four 32-byte loads, each holding 4 bytes of every row, split into low and
+    /// high nibbles and multiplied with x's matching 4 bytes broadcast to all lanes, so each row's
+    /// sum lands in its own 32-bit lane (16-bit partial sums: 8 products of at most 15 * 127 per
+    /// pair stay below 2^15); the 8 rows' scales converted in one instruction each; no horizontal
+    /// sums. Two accumulators per token, alternating by block.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn r8_q8(w: &[u8], nb: usize, x: &Q8Act, q4_1: bool, out: &mut [f32]) {
+    pub unsafe fn r8_q8<const N: usize>(w: &[u8], nb: usize, xs: &[&Q8Act; N], q4_1: bool, out: &mut [f32]) {
         let (gb, q_at) = r8_layout(q4_1);
-        assert!(out.len() % 8 == 0 && w.len() >= out.len() / 8 * nb * gb);
-        assert!(x.q.len() >= nb * 32 && x.d.len() >= nb && x.sum.len() >= nb);
+        let rows = out.len() / N;
+        assert!(rows.is_multiple_of(8) && out.len() == rows * N && w.len() >= rows / 8 * nb * gb);
+        assert!(xs.iter().all(|x| x.q.len() >= nb * 32 && x.d.len() >= nb && x.sum.len() >= nb));
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let neg8 = _mm256_set1_ps(-8.0);
-        let (xq, xd, xs) = (x.q.as_ptr(), x.d.as_ptr(), x.sum.as_ptr());
-        for (g, o) in out.chunks_exact_mut(8).enumerate() {
+        let xq: [*const i32; N] = std::array::from_fn(|t| xs[t].q.as_ptr() as *const i32);
+        let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+        let xsum: [*const f32; N] = std::array::from_fn(|t| xs[t].sum.as_ptr());
+        for g in 0..rows / 8 {
             let grp = w.as_ptr().add(g * nb * gb);
-            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut acc = [[_mm256_setzero_ps(); 2]; N];
             macro_rules! block {
                 ($b:expr, $i:expr) => {{
                     let b = $b;
@@ -739,22 +586,27 @@ mod avx2 {
                     for l in 0..3 {
                         _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF + 64 * l) as *const i8);
                     }
-                    let xb = xq.add(b * 32) as *const i32;
-                    let mut s16 = _mm256_setzero_si256();
+                    let mut s16 = [_mm256_setzero_si256(); N];
                     for c in 0..4 {
                         let v = _mm256_loadu_si256(blk.add(q_at + 32 * c) as *const __m256i);
                         let lo = _mm256_and_si256(v, mask);
                         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
-                        let xl = _mm256_set1_epi32(xb.add(c).read_unaligned());
-                        let xh = _mm256_set1_epi32(xb.add(4 + c).read_unaligned());
-                        let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-                        s16 = _mm256_add_epi16(s16, p);
+                        for t in 0..N {
+                            // x's values 4c..4c+3 and 16+4c..16+4c+3 of block b, in every lane.
+                            let xl = _mm256_set1_epi32(xq[t].add(8 * b + c).read_unaligned());
+                            let xh = _mm256_set1_epi32(xq[t].add(8 * b + 4 + c).read_unaligned());
+                            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                            s16[t] = _mm256_add_epi16(s16[t], p);
+                        }
                     }
-                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
                     let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
                     let m = if q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)) } else { _mm256_mul_ps(d, neg8) };
-                    acc[$i] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(*xd.add(b))), p, acc[$i]);
-                    acc[$i] = _mm256_fmadd_ps(m, _mm256_set1_ps(*xs.add(b)), acc[$i]);
+                    for t in 0..N {
+                        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones));
+                        let a = &mut acc[t][$i];
+                        *a = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(*xd[t].add(b))), p, *a);
+                        *a = _mm256_fmadd_ps(m, _mm256_set1_ps(*xsum[t].add(b)), *a);
+                    }
                 }};
             }
             let mut b = 0;
@@ -766,7 +618,9 @@ mod avx2 {
             if b < nb {
                 block!(b, 0);
             }
-            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1]));
+            for (t, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(t * rows + 8 * g), _mm256_add_ps(a[0], a[1]));
+            }
         }
     }
 
@@ -778,7 +632,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn r8_f32(w: &[u8], nb: usize, x: &[f32], xsum: &[f32], q4_1: bool, out: &mut [f32]) {
         let (gb, q_at) = r8_layout(q4_1);
-        assert!(out.len() % 8 == 0 && w.len() >= out.len() / 8 * nb * gb);
+        assert!(out.len().is_multiple_of(8) && w.len() >= out.len() / 8 * nb * gb);
         assert!(x.len() >= nb * 32 && xsum.len() >= nb);
         let nib = _mm256_set1_epi32(0x0F);
         let neg8 = _mm256_set1_ps(-8.0);
@@ -816,46 +670,70 @@ mod avx2 {
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
                 let m = if q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i)) } else { _mm256_mul_ps(d, neg8) };
                 acc = _mm256_fmadd_ps(d, sum, acc);
-                acc = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[b]), acc);
+                acc = _mm256_fmadd_ps(m, _mm256_set1_ps(*xsum.get_unchecked(b)), acc);
             }
             _mm256_storeu_ps(o.as_mut_ptr(), acc);
         }
     }
 
-    /// `out[r] = row r · x` for `out.len()` consecutive Q8_0 rows of `nb` blocks starting at `w`,
-    /// one 8-bit activation (the tied unembedding at decode): as `q4_q8_rows`, without the unpacking.
+    /// `out[t * rows + r] = row r · xs[t]` for consecutive Q8_0 rows of `nb` blocks starting at `w`
+    /// and N 8-bit activations (the tied unembedding at decode; N > 1 for a batch of sequences, each
+    /// block loaded and its sign taken once for all N). As `q4_q8_rows`, without the unpacking.
+    /// One token keeps four accumulators; several keep one each (their chains are independent).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_q8_rows(w: &[u8], nb: usize, x: &Q8Act, out: &mut [f32]) {
-        assert!(w.len() >= out.len() * nb * 34 && x.q.len() >= nb * 32 && x.d.len() >= nb);
+    pub unsafe fn q8_q8_rows<const N: usize>(w: &[u8], nb: usize, xs: &[&Q8Act; N], out: &mut [f32]) {
+        let rows = out.len() / N;
+        assert!(out.len() == rows * N && w.len() >= rows * nb * 34);
+        assert!(xs.iter().all(|x| x.q.len() >= nb * 32 && x.d.len() >= nb));
         let ones = _mm256_set1_epi16(1);
-        let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
-        for (r, o) in out.iter_mut().enumerate() {
+        let xq: [*const i8; N] = std::array::from_fn(|t| xs[t].q.as_ptr());
+        let xd: [*const f32; N] = std::array::from_fn(|t| xs[t].d.as_ptr());
+        for r in 0..rows {
             let row = w.as_ptr().add(r * nb * 34);
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [[_mm256_setzero_ps(); 4]; N];
             macro_rules! block {
                 ($b:expr, $i:expr) => {{
                     let b = $b;
+                    let i = if N == 1 { $i } else { 0 };
                     let blk = row.add(b * 34);
                     _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF) as *const i8);
                     let d = _mm256_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()));
                     let wv = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let xv = _mm256_loadu_si256(xq.add(b * 32) as *const __m256i);
                     // maddubs multiplies unsigned by signed: move w's sign onto x.
-                    let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                    acc[$i] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_broadcast_ss(&*xd.add(b))), p, acc[$i]);
+                    let wabs = _mm256_sign_epi8(wv, wv);
+                    for t in 0..N {
+                        let xv = _mm256_loadu_si256(xq[t].add(b * 32) as *const __m256i);
+                        let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+                        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                        acc[t][i] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_broadcast_ss(&*xd[t].add(b))), p, acc[t][i]);
+                    }
                 }};
             }
             over_blocks!(nb, block);
-            *o = hsum4(&acc);
+            for (t, a) in acc.iter().enumerate() {
+                out[t * rows + r] = hsum4(a);
+            }
         }
     }
-
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `row · x` for one quantized row, x kept f32 (`xsum` its block sums).
+    fn dot_f32(dtype: DType, row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let mut out = [0f32];
+        dot_f32_rows(dtype, row, row.len(), x, xsum, &mut out);
+        out[0]
+    }
+
+    /// `row · x` for one quantized row, x quantized to 8 bits.
+    fn dot_q8(dtype: DType, row: &[u8], x: &Q8Act) -> f32 {
+        let mut out = [0f32];
+        dot_q8_rows(dtype, row, row.len(), x, &mut out);
+        out[0]
+    }
 
     /// Random blocks of `dtype` with small finite f16 scales, as a model's weights look.
     fn random_row(dtype: DType, k: usize, seed: u64) -> Vec<u8> {
@@ -892,53 +770,56 @@ mod tests {
             println!("skipped: this CPU has no AVX2+FMA+F16C");
             return;
         }
-        for (dtype, q4_1) in [(DType::Q4_0, false), (DType::Q4_1, true), (DType::Q8_0, false)] {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
             for seed in 0..20 {
                 let k = 32 * (1 + seed as usize % 48);
                 let (row, x) = (random_row(dtype, k, seed), random_x(k, seed));
                 let sums = block_sums(&x);
                 let xq = Q8Act::new(&x);
                 let (want_f, want_q) = (portable_f32(dtype, &row, &x, &sums), portable_q8(dtype, &row, &xq));
-                // With AVX2, dot_f32/dot_q8 run the row kernels; the Q4 kernels for a few tokens
-                // at a time are checked here with one.
+                // With AVX2, dot_f32/dot_q8 run the row kernels.
                 let (got_f, got_q) = (dot_f32(dtype, &row, &x, &sums), dot_q8(dtype, &row, &xq));
                 // Same sums in another order: equal up to f32 rounding of the terms.
                 let scale: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * 0.2;
                 assert!((got_f - want_f).abs() <= 1e-5 * scale, "{dtype} f32 k={k}: {got_f} vs {want_f}");
                 assert!((got_q - want_q).abs() <= 1e-5 * scale, "{dtype} q8 k={k}: {got_q} vs {want_q}");
-                if dtype != DType::Q8_0 {
-                    // SAFETY: AVX2+FMA+F16C present (checked above).
-                    let (one_f, one_q) = unsafe {
-                        (avx2::q4_f32_multi::<1>(&row, &[&x], &[&sums], q4_1)[0], avx2::q4_q8_multi::<1>(&row, &[&xq], q4_1)[0])
-                    };
-                    assert!((one_f - want_f).abs() <= 1e-5 * scale, "{dtype} f32 one token k={k}: {one_f} vs {want_f}");
-                    assert!((one_q - want_q).abs() <= 1e-5 * scale, "{dtype} q8 one token k={k}: {one_q} vs {want_q}");
-                }
             }
         }
     }
 
     #[test]
     fn many_tokens_at_once_equal_one_at_a_time() {
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K] {
-            // Whole groups of 8 blocks, a pair and an odd block (Q4_K: whole super-blocks).
-            let k = if dtype == DType::Q4K { 512 } else { 32 * 19 };
-            let row = random_row(dtype, k, 9);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q4_0R8, DType::Q4_1R8] {
+            // 19 blocks (an odd count) per row, Q4_K whole super-blocks; 72 rows: two or three tiles.
+            let (k, n) = (if dtype == DType::Q4K { 512 } else { 32 * 19 }, 72);
+            let plain = dtype.plain();
+            let w: Vec<u8> = (0..n).flat_map(|r| random_row(plain, k, 9 + r as u64)).collect();
+            let w = match dtype.interleaved_rows() {
+                1 => w,
+                _ => highrise_core::quant::repack_r8(plain, &w, n, k).unwrap(),
+            };
+            let row_bytes = plain.storage_bytes(k).unwrap();
             let acts: Vec<Q8Act> = (0..7).map(|t| Q8Act::new(&random_x(k, 100 + t))).collect();
             let refs: Vec<&Q8Act> = acts.iter().collect();
-            let mut out = vec![0f32; 7];
-            dot_q8_many(dtype, &row, &refs, &mut out);
+            let (mut many, mut one) = (vec![f32::NAN; 7 * n], vec![f32::NAN; n]);
+            fn into(many: &mut [f32], n: usize) -> impl FnMut(usize, usize, &[f32]) + '_ {
+                move |t, r0, v| many[t * n + r0..t * n + r0 + v.len()].copy_from_slice(v)
+            }
+            dot_q8_rows_many(dtype, &w, row_bytes, &refs, into(&mut many, n));
             for (t, x) in acts.iter().enumerate() {
-                let one = dot_q8(dtype, &row, x);
-                assert!((out[t] - one).abs() <= 1e-4 * one.abs().max(1.0), "{dtype} q8 token {t}: {} vs {one}", out[t]);
+                dot_q8_rows(dtype, &w, row_bytes, x, &mut one);
+                for r in 0..n {
+                    let (got, want) = (many[t * n + r], one[r]);
+                    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{dtype} q8 token {t} row {r}: {got} vs {want}");
+                }
             }
             let xs: Vec<Vec<f32>> = (0..7).map(|t| random_x(k, 100 + t)).collect();
             let sums: Vec<Vec<f32>> = xs.iter().map(|x| block_sums(x)).collect();
             let (xr, sr): (Vec<&[f32]>, Vec<&[f32]>) = (xs.iter().map(|v| &v[..]).collect(), sums.iter().map(|v| &v[..]).collect());
-            dot_f32_many(dtype, &row, &xr, &sr, &mut out);
+            dot_f32_rows_many(dtype, &w, row_bytes, &xr, &sr, into(&mut many, n));
             for t in 0..7 {
-                let one = dot_f32(dtype, &row, &xs[t], &sums[t]);
-                assert!((out[t] - one).abs() <= 1e-4 * one.abs().max(1.0), "{dtype} f32 token {t}: {} vs {one}", out[t]);
+                dot_f32_rows(dtype, &w, row_bytes, &xs[t], &sums[t], &mut one);
+                assert_eq!(&many[t * n..(t + 1) * n], &one[..], "{dtype} f32 token {t}");
             }
         }
     }

@@ -492,7 +492,7 @@ impl Loader<'_> {
             WeightFormat::Auto => self.opts.activations,
         };
         // Q4_0/Q4_1 in the layout a backend decodes fastest, where it has one: 8 rows interleaved.
-        let r8 = target.r8().filter(|&r8| t.dtype == target && rows % 8 == 0 && self.backend.supports(op, r8));
+        let r8 = target.r8().filter(|&r8| t.dtype == target && rows.is_multiple_of(8) && self.backend.supports(op, r8));
         if let Some(r8) = r8 {
             let wrap = |e: highrise_core::Error| Error::tensor(&self.source.file_of(name), name, e);
             let bytes = repack_r8(t.dtype, &t.data, rows, cols).map_err(wrap)?;
