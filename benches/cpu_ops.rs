@@ -124,8 +124,18 @@ fn ops(c: &mut Criterion) {
     }
 }
 
-/// A quantized weight [rows, cols] of random blocks with small, finite scales.
+/// A quantized weight [rows, cols] of random blocks with small, finite scales (the 8-row
+/// interleaved layouts made from their plain format, as the model loader makes them).
 fn random_quant(b: &Arc<dyn Backend>, dtype: DType, rows: usize, cols: usize) -> Tensor {
+    let plain = random_quant_bytes(dtype.plain(), rows, cols);
+    let data = match dtype.interleaved_rows() {
+        1 => plain,
+        _ => highrise::core::quant::repack_r8(dtype.plain(), &plain, rows, cols).unwrap(),
+    };
+    Tensor::from_bytes(b, dtype, &[rows, cols], &data).unwrap()
+}
+
+fn random_quant_bytes(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
     let bytes = dtype.storage_bytes(rows * cols).unwrap();
     let mut s = 0x9E3779B97F4A7C15u64;
     let mut data: Vec<u8> = (0..bytes)
@@ -143,11 +153,12 @@ fn random_quant(b: &Arc<dyn Backend>, dtype: DType, rows: usize, cols: usize) ->
             _ => blk[..2].copy_from_slice(&[0x1F, 0x21]),
         }
     }
-    Tensor::from_bytes(b, dtype, &[rows, cols], &data).unwrap()
+    data
 }
 
 /// Quantized projections at decode (one token): bytes of weights read per second, with f32 and with
-/// 8-bit activations. The default model's layers are Q4_1, its (tied) unembedding Q8_0.
+/// 8-bit activations. The default model's layers are Q4_1 (kept as Q4_1R8: 8 rows interleaved, the
+/// layout the CPU backend decodes), its (tied) unembedding Q8_0.
 fn quantized(c: &mut Criterion) {
     let b = backend();
     let mut g = c.benchmark_group("smollm2-135m-quantized");
@@ -157,6 +168,10 @@ fn quantized(c: &mut Criterion) {
         ("q4_1_q", DType::Q4_1, 576, 576),
         ("q4_1_gate", DType::Q4_1, 1536, 576),
         ("q4_1_down", DType::Q4_1, 576, 1536),
+        ("q4_1_r8_k", DType::Q4_1R8, 192, 576),
+        ("q4_1_r8_q", DType::Q4_1R8, 576, 576),
+        ("q4_1_r8_gate", DType::Q4_1R8, 1536, 576),
+        ("q4_1_r8_down", DType::Q4_1R8, 576, 1536),
         ("q4_0_gate", DType::Q4_0, 1536, 576),
         ("q8_0_unembed", DType::Q8_0, 49152, 576),
     ] {
@@ -176,13 +191,15 @@ fn quantized(c: &mut Criterion) {
     let (n, k) = (16384, 4096);
     let bytes = DType::Q4_1.storage_bytes(n * k).unwrap() as u64;
     for (threads, be) in [(1, &one), (b.info().device.split(' ').next().unwrap_or("all").parse().unwrap_or(0), &b)] {
-        let w = random_quant(be, DType::Q4_1, n, k);
-        let x = random(be, DType::F32, &[1, k], 1.0);
-        let mut y = random(be, DType::F32, &[1, n], 1.0);
-        g.throughput(Throughput::Bytes(bytes));
-        for q8 in [false, true] {
-            let id = BenchmarkId::new(format!("q4_1_stream_{}mb_{threads}t", bytes >> 20), if q8 { "q8_act" } else { "f32_act" });
-            g.bench_function(id, |bench| bench.iter(|| be.linear_with(&mut y, &x, &w, None, q8).unwrap()));
+        for dtype in [DType::Q4_1, DType::Q4_1R8] {
+            let w = random_quant(be, dtype, n, k);
+            let x = random(be, DType::F32, &[1, k], 1.0);
+            let mut y = random(be, DType::F32, &[1, n], 1.0);
+            g.throughput(Throughput::Bytes(bytes));
+            for q8 in [false, true] {
+                let id = BenchmarkId::new(format!("{dtype}_stream_{}mb_{threads}t", bytes >> 20), if q8 { "q8_act" } else { "f32_act" });
+                g.bench_function(id, |bench| bench.iter(|| be.linear_with(&mut y, &x, &w, None, q8).unwrap()));
+            }
         }
     }
     g.finish();
