@@ -25,9 +25,10 @@ use crate::team::Team;
 /// weights for a GEMM).
 const GEMV_MAX_TOKENS: usize = 4;
 /// Up to this many tokens with f32 activations, quantized weights take their block kernels, reading
-/// each tile of rows once for all tokens (a batch of decoding sequences); beyond, dequantizing chunks
-/// for the GEMM pays off (measured: about even at 16 tokens, the GEMM 1.2x ahead at 48).
-const QUANT_GEMV_MAX_TOKENS: usize = 16;
+/// each tile of rows once for all tokens (a batch of decoding sequences, a short prompt); beyond,
+/// dequantizing chunks for the GEMM pays off (measured on 2 cores: block kernels 1.4x ahead at 48
+/// tokens, 1.2x at 32, even at 64; the GEMM 1.2x ahead at 512).
+const QUANT_GEMV_MAX_TOKENS: usize = 64;
 
 /// A weight matrix [N, K] in its stored dtype.
 enum Weight<'a> {
