@@ -261,7 +261,30 @@ pub fn paged_attention_reads_through_block_tables() {
     }
 }
 
+/// An f16 cache beside f32 activations (llama.cpp's default KV cache): `kv_write` rounds K and V to
+/// f16 as it writes them, and attention over them is then as exact as f32's, against the f64
+/// reference computed from the rounded values.
+#[test]
+pub fn paged_attention_reads_a_cache_of_another_dtype() {
+    if backend("paged_attention_reads_a_cache_of_another_dtype").is_none() {
+        return;
+    }
+    if env!("CARGO_CRATE_NAME") == "cuda" {
+        return println!("skipped: an f16 KV cache beside f32 activations is the CPU backend's alone");
+    }
+    let mut rng = Rng::new("paged_attention f16 cache");
+    for (hq, hkv) in GQA {
+        let batch: Vec<(usize, usize)> = SEQ_LENS.iter().map(|&c| (c, 1)).chain([(300, 7), (1000, 1)]).collect();
+        check_paged_in(&mut rng, DType::F32, DType::F16, hq, hkv, 64, &batch);
+    }
+}
+
 fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch: &[(usize, usize)]) {
+    check_paged_in(rng, dt, dt, hq, hkv, d, batch)
+}
+
+/// `check_paged` with the cache in `cache_dt` (K and V are made in the activations' dtype `dt`).
+fn check_paged_in(rng: &mut Rng, dt: DType, cache_dt: DType, hq: usize, hkv: usize, d: usize, batch: &[(usize, usize)]) {
     let block_size = 16;
     let needed: usize = batch.iter().map(|(c, _)| c.div_ceil(block_size)).sum();
     let num_blocks = needed + 5;
@@ -270,8 +293,8 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
     for i in (1..free.len()).rev() {
         free.swap(i, rng.below(i + 1));
     }
-    let mut k_cache = poisoned(dt, &[num_blocks, block_size, hkv, d]);
-    let mut v_cache = poisoned(dt, &[num_blocks, block_size, hkv, d]);
+    let mut k_cache = poisoned(cache_dt, &[num_blocks, block_size, hkv, d]);
+    let mut v_cache = poisoned(cache_dt, &[num_blocks, block_size, hkv, d]);
     let (mut table, mut seqs, mut qs, mut kvs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &(ctx, q_len) in batch {
         let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
@@ -283,7 +306,9 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
         seqs.push(PagedSeq { q_len: q_len as u32, context_len: ctx as u32, blocks_start: table.len() as u32 });
         table.extend(blocks);
         qs.push(rng.values(q_len * hq * d, 1.0, dt));
-        kvs.push((k, v));
+        // What the cache holds: the values rounded to its dtype.
+        let in_cache = |x: Vec<f64>| x.into_iter().map(|x| round(cache_dt, x)).collect::<Vec<f64>>();
+        kvs.push((in_cache(k), in_cache(v)));
     }
     let t: usize = batch.iter().map(|(_, q)| q).sum();
     let q: Vec<f64> = qs.concat();
@@ -295,7 +320,7 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
     let got = download(&out);
     let mut at = 0;
     for ((&(ctx, q_len), qv), (k, v)) in batch.iter().zip(&qs).zip(&kvs) {
-        let what = format!("paged_attention {dt} hq={hq} hkv={hkv} D={d} context={ctx} queries={q_len}");
+        let what = format!("paged_attention {dt} (cache {cache_dt}) hq={hq} hkv={hkv} D={d} context={ctx} queries={q_len}");
         let exact = ref_attention(qv, k, v, hq, hkv, d, scale, Rd::Exact);
         let naive = ref_attention(qv, k, v, hq, hkv, d, scale, Rd::Naive(dt));
         assert_close(&what, dt, &got[at * hq * d..(at + q_len) * hq * d], &exact, &naive);

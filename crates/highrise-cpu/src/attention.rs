@@ -7,7 +7,7 @@
 //! sum of values are two GEMMs over the stacked queries of the group.
 
 use highrise_core::ops::{Attention, KvWrite, PagedAttention, Rope};
-use highrise_core::Result;
+use highrise_core::{Element, Result};
 
 use crate::float::{min_items, with_float, Float};
 use crate::storage::Tensors;
@@ -48,16 +48,27 @@ pub fn kv_write(ts: &Tensors, op: &KvWrite) -> Result<()> {
     let row = hkv * d;
     with_float!(op.k.dtype, "kv_write", E => {
         let (k, v) = (ts.slice::<E>("k", &op.k)?, ts.slice::<E>("v", &op.v)?);
-        // SAFETY: the caches are the op's outputs, distinct from each other and from k, v (validated).
-        let k_cache = unsafe { ts.slice_mut::<E>("k_cache", &op.k_cache)? };
-        let v_cache = unsafe { ts.slice_mut::<E>("v_cache", &op.v_cache)? };
-        for (t, &slot) in op.slots.as_slice().iter().enumerate() {
-            let (block, offset) = (slot as usize / block_size, slot as usize % block_size);
-            let at = (block * block_size + offset) * row;
-            k_cache[at..at + row].copy_from_slice(&k[t * row..(t + 1) * row]);
-            v_cache[at..at + row].copy_from_slice(&v[t * row..(t + 1) * row]);
-        }
-        Ok(())
+        with_float!(op.k_cache.dtype, "kv_write", C => {
+            // SAFETY: the caches are the op's outputs, distinct from each other and from k, v (validated).
+            let k_cache = unsafe { ts.slice_mut::<C>("k_cache", &op.k_cache)? };
+            let v_cache = unsafe { ts.slice_mut::<C>("v_cache", &op.v_cache)? };
+            let mut buf = vec![0f32; if E::DTYPE == C::DTYPE { 0 } else { row }];
+            // A row in the cache's dtype: copied as it is, or rounded through f32.
+            let mut put = |dst: &mut [C], src: &[E]| match bytemuck::try_cast_slice::<E, C>(src) {
+                Ok(same) if E::DTYPE == C::DTYPE => dst.copy_from_slice(same),
+                _ => {
+                    E::load(src, &mut buf);
+                    C::store(&buf, dst);
+                }
+            };
+            for (t, &slot) in op.slots.as_slice().iter().enumerate() {
+                let (block, offset) = (slot as usize / block_size, slot as usize % block_size);
+                let at = (block * block_size + offset) * row;
+                put(&mut k_cache[at..at + row], &k[t * row..(t + 1) * row]);
+                put(&mut v_cache[at..at + row], &v[t * row..(t + 1) * row]);
+            }
+            Ok(())
+        })
     })
 }
 
@@ -142,11 +153,14 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
     let src = Paged { table: op.block_table.as_slice(), blocks_start, block_size, hkv, d };
     with_float!(op.out.dtype, "paged_attention", E => {
         let q = ts.slice::<E>("q", &op.q)?;
-        let (k, v) = (ts.slice::<E>("k_cache", &op.k_cache)?, ts.slice::<E>("v_cache", &op.v_cache)?);
         // SAFETY: out is the only output and aliases no input (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
-        attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
-        Ok(())
+        // The cache may keep another float dtype than the activations (f16 beside f32).
+        with_float!(op.k_cache.dtype, "paged_attention", C => {
+            let (k, v) = (ts.slice::<C>("k_cache", &op.k_cache)?, ts.slice::<C>("v_cache", &op.v_cache)?);
+            attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
+            Ok(())
+        })
     })
 }
 
@@ -177,8 +191,17 @@ fn attend_one<'a, E: Float>(
     d: usize,
     scale: f32,
 ) -> Part {
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() && d.is_multiple_of(8) {
+        // Each row looked up once (through the block table), then read where it lies, in the cache's
+        // own dtype (an f16 cache widens in registers: half the bytes from memory, no copy).
+        let k: Vec<&[E]> = keys.clone().map(&key).collect();
+        let v: Vec<&[E]> = keys.map(&value).collect();
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); D is whole vectors of 8.
+        return unsafe { avx2::attend_one(qs, &k, &v, d, scale) };
+    }
+    // Portable: rows widened once into a [len, D] copy (f32 rows read where they lie).
     let (first, len) = (keys.start, keys.len());
-    // f32 rows are read where they lie; other dtypes are widened once into a [len, D] copy.
     let (mut ks, mut vs) = (Vec::new(), Vec::new());
     let f32_rows = E::DTYPE == highrise_core::DType::F32;
     if !f32_rows {
@@ -188,7 +211,6 @@ fn attend_one<'a, E: Float>(
             E::load(value(first + pos), &mut vs[pos * d..(pos + 1) * d]);
         }
     }
-    // Each row looked up once (through the block table), not once per use.
     fn rows_of<'r, E: Float>(get: impl Fn(usize) -> &'r [E], widened: &'r [f32], f32_rows: bool, keys: std::ops::Range<usize>, d: usize) -> Vec<&'r [f32]> {
         match f32_rows {
             true => keys.map(|pos| E::as_f32(get(pos)).unwrap_or_default()).collect(),
@@ -197,11 +219,6 @@ fn attend_one<'a, E: Float>(
     }
     let k = rows_of(|p| -> &[E] { key(p) }, &ks, f32_rows, keys.clone(), d);
     let v = rows_of(|p| -> &[E] { value(p) }, &vs, f32_rows, keys, d);
-    #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && d.is_multiple_of(8) {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above); D is whole vectors of 8.
-        return unsafe { avx2::attend_one(qs, &k, &v, d, scale) };
-    }
     attend_one_portable(qs, &k, &v, d, scale)
 }
 
@@ -245,17 +262,19 @@ fn merge_parts(parts: &[&Part], d: usize) -> Vec<f32> {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use crate::float::Float;
+
     /// `attend_one` for D a multiple of 8: four keys per pass, so one horizontal reduction serves
     /// four scores; the weighted sum keeps 64 columns of a head's output in registers across keys.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend_one(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> super::Part {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scale: f32) -> super::Part {
         let (rows, len) = (qs.len() / d, key.len());
         assert!(value.len() == len && key.iter().chain(value).all(|r| r.len() >= d));
         let mut scores = vec![0f32; rows * len];
-        let dot = |q: *const f32, k: &[f32]| {
+        let dot = |q: *const f32, k: &[E]| {
             let mut a = _mm256_setzero_ps();
             for c in (0..d).step_by(8) {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(k.as_ptr().add(c)), a);
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), E::load8(k.as_ptr().add(c)), a);
             }
             a
         };
@@ -292,7 +311,7 @@ mod avx2 {
                 for (pos, &p) in p.iter().enumerate() {
                     let (p, v) = (_mm256_set1_ps(p), value[pos].as_ptr().add(c0));
                     for (j, a) in acc.iter_mut().enumerate().take(w) {
-                        *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * j)), *a);
+                        *a = _mm256_fmadd_ps(p, E::load8(v.add(8 * j)), *a);
                     }
                 }
                 for (j, a) in acc.iter().enumerate().take(w) {
@@ -310,12 +329,12 @@ const Q_BLOCK: usize = 32;
 /// Causal attention: query i of a sequence sits at position `context_len - q_len + i` and attends to
 /// positions 0..=that. q, out [T, hq, D].
 #[allow(clippy::too_many_arguments)]
-fn attend<E: Float, S: KvSource<E>>(
+fn attend<E: Float, C: Float, S: KvSource<C>>(
     team: &Team,
     out: &mut [E],
     q: &[E],
-    k: &[E],
-    v: &[E],
+    k: &[C],
+    v: &[C],
     src: &S,
     seqs: &[Seq],
     hq: usize,
@@ -372,8 +391,8 @@ fn attend<E: Float, S: KvSource<E>>(
             }
             let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
             for pos in 0..visible {
-                E::load(src.row(k, s, pos, g), &mut ks[pos * d..(pos + 1) * d]);
-                E::load(src.row(v, s, pos, g), &mut vs[pos * d..(pos + 1) * d]);
+                C::load(src.row(k, s, pos, g), &mut ks[pos * d..(pos + 1) * d]);
+                C::load(src.row(v, s, pos, g), &mut vs[pos * d..(pos + 1) * d]);
             }
             // Scores [rows, visible] = scale * Q K^T, then a causal softmax per row, then P V: two
             // GEMMs instead of one dot product per key.

@@ -19,6 +19,11 @@ pub trait Float: Element + bytemuck::Pod {
     fn dot_with(x: &[f32], w: &[Self]) -> f32 {
         dot_widening(x, w)
     }
+    /// Eight values at `p` widened to f32 lanes in registers, for AVX2 kernels that read rows in
+    /// their own dtype (an f16 KV cache). Inlined into the caller, whose target features it uses.
+    /// SAFETY: eight values are readable at `p`, and the caller runs with AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl Float for f32 {
@@ -33,6 +38,11 @@ impl Float for f32 {
     }
     fn dot_with(x: &[f32], w: &[f32]) -> f32 {
         dot(x, w)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
     }
 }
 
@@ -51,6 +61,12 @@ impl Float for f16 {
         }
         dot_widening(x, w)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
 }
 
 impl Float for bf16 {
@@ -67,6 +83,12 @@ impl Float for bf16 {
             return unsafe { half_dot_avx2::<true>(x, bytemuck::cast_slice(w)) };
         }
         dot_widening(x, w)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
     }
 }
 

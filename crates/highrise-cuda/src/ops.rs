@@ -148,7 +148,18 @@ pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
     be.launch(&format!("rope_{s}"), (t, heads, 1), ((d / 2).max(32), 1, 1), &[&x, &addr[0], &addr[1], &heads, &d])
 }
 
+/// The CUDA kernels keep the KV cache in the activations' dtype.
+fn same_cache_dtype(op: &str, activations: DType, cache: DType) -> Result<()> {
+    match activations == cache {
+        true => Ok(()),
+        false => Err(Error::Unsupported(format!(
+            "cuda {op}: a {cache} KV cache beside {activations} activations (the cache must be {activations} here)"
+        ))),
+    }
+}
+
 pub fn kv_write(be: &CudaBackend, st: &mut OpState, op: &KvWrite) -> Result<()> {
+    same_cache_dtype("kv_write", op.k.dtype, op.k_cache.dtype)?;
     let s = suffix("kv_write", op.k.dtype)?;
     let t = op.slots.len() as u32;
     let row = (op.k_cache.dims()[2] * op.k_cache.dims()[3]) as u32;
@@ -322,6 +333,7 @@ pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<(
 /// decoding sequences in it takes the split kernels (flash-decoding), whose blocks each serve one
 /// query row.
 pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) -> Result<()> {
+    same_cache_dtype("paged_attention", op.out.dtype, op.k_cache.dtype)?;
     let block_size = op.k_cache.dims()[1] as u32;
     let table = Some((op.block_table.as_slice(), block_size));
     let seqs = op.seqs.as_slice();

@@ -32,11 +32,15 @@ pub struct LoadOptions {
     pub activations: DType,
     /// Let quantized projections quantize their input to 8 bits (faster; see `Linear`).
     pub q8_activations: bool,
+    /// The KV cache's dtype, where it differs from the activations' (an f16 cache beside f32
+    /// activations, as llama.cpp keeps by default: half the memory and half the bytes attention
+    /// reads). `None`: the activations' dtype.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { weights: WeightFormat::Auto, activations: DType::F32, q8_activations: false }
+        LoadOptions { weights: WeightFormat::Auto, activations: DType::F32, q8_activations: false, kv_dtype: None }
     }
 }
 
@@ -63,6 +67,8 @@ pub struct Llama {
     pub dtype: DType,
     /// Quantized projections may take 8-bit activations.
     pub q8_activations: bool,
+    /// The KV cache's dtype.
+    pub kv_dtype: DType,
     pub rope: RopeConfig,
     pub embed: Tensor,           // [V, H]
     pub layers: Vec<Layer>,
@@ -174,6 +180,7 @@ impl Llama {
             backend,
             dtype: opts.activations,
             q8_activations: opts.q8_activations,
+            kv_dtype: opts.kv_dtype.unwrap_or(opts.activations),
             rope,
             embed,
             layers,
@@ -236,7 +243,7 @@ impl Llama {
         let embed = make(&[v, h], 1.0, 0.0)?;
         let norm = make(&[h], 0.1, 1.0)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(make(&[v, h], proj(h), 0.0)?) };
-        Ok(Llama { config: c, backend, dtype, q8_activations: false, rope, embed, layers, norm, lm_head })
+        Ok(Llama { config: c, backend, dtype, q8_activations: false, kv_dtype: dtype, rope, embed, layers, norm, lm_head })
     }
 
     /// The unembedding: `lm_head`, or the embedding table when tied.
@@ -264,7 +271,7 @@ impl Llama {
     /// Bytes of KV cache one block of `block_size` tokens takes across all layers.
     pub fn kv_block_bytes(&self, block_size: usize) -> usize {
         let c = &self.config;
-        2 * c.num_hidden_layers * block_size * c.kv_heads() * c.head_dim() * self.dtype.block_bytes()
+        2 * c.num_hidden_layers * block_size * c.kv_heads() * c.head_dim() * self.kv_dtype.block_bytes()
     }
 
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
@@ -272,8 +279,8 @@ impl Llama {
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..self.config.num_hidden_layers {
-            k.push(Tensor::empty(&self.backend, self.dtype, &dims)?);
-            v.push(Tensor::empty(&self.backend, self.dtype, &dims)?);
+            k.push(Tensor::empty(&self.backend, self.kv_dtype, &dims)?);
+            v.push(Tensor::empty(&self.backend, self.kv_dtype, &dims)?);
         }
         Ok(KvCache { k, v, block_size, num_blocks })
     }

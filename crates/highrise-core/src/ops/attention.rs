@@ -175,7 +175,9 @@ impl Attention<'_> {
 
 /// Writes new tokens' keys and values into the paged cache: token t goes to slot `slots[t]`, which is
 /// `block * block_size + offset`.
-/// k_cache, v_cache [num_blocks, block_size, kv_heads, D]; k, v [T, kv_heads, D]; slots [T].
+/// k_cache, v_cache [num_blocks, block_size, kv_heads, D]; k, v [T, kv_heads, D]; slots [T]. The
+/// cache may keep another float dtype than the activations (an f16 cache beside f32 activations:
+/// half the bytes to keep and to read back); the values are rounded to it as they are written.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct KvWrite<'a> {
@@ -188,12 +190,8 @@ pub struct KvWrite<'a> {
 
 impl KvWrite<'_> {
     pub(crate) fn validate(&self, c: &Check) -> CheckResult {
-        c.activations(&[
-            ("k_cache", &self.k_cache),
-            ("v_cache", &self.v_cache),
-            ("k", &self.k),
-            ("v", &self.v),
-        ])?;
+        c.activations(&[("k", &self.k), ("v", &self.v)])?;
+        c.activations(&[("k_cache", &self.k_cache), ("v_cache", &self.v_cache)])?;
         c.rank("k_cache", &self.k_cache, 4)?;
         c.dims("v_cache", &self.v_cache, self.k_cache.dims())?;
         let [blocks, block_size, hkv, d] = cache_dims(&self.k_cache);
@@ -222,7 +220,8 @@ pub struct PagedSeq {
 
 /// Attention for a batch of sequences, each reading its own keys and values from the paged cache
 /// through its block table. The sequences' queries are laid end to end in `q`.
-/// out, q [T, q_heads, D] with T the sum of q_len; caches as in `KvWrite`.
+/// out, q [T, q_heads, D] with T the sum of q_len; caches as in `KvWrite` (their dtype may differ
+/// from out's and q's).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PagedAttention<'a> {
@@ -237,12 +236,8 @@ pub struct PagedAttention<'a> {
 
 impl PagedAttention<'_> {
     pub(crate) fn validate(&self, c: &Check) -> CheckResult {
-        c.activations(&[
-            ("out", &self.out),
-            ("q", &self.q),
-            ("k_cache", &self.k_cache),
-            ("v_cache", &self.v_cache),
-        ])?;
+        c.activations(&[("out", &self.out), ("q", &self.q)])?;
+        c.activations(&[("k_cache", &self.k_cache), ("v_cache", &self.v_cache)])?;
         c.rank("q", &self.q, 3)?;
         c.rank("k_cache", &self.k_cache, 4)?;
         c.dims("v_cache", &self.v_cache, self.k_cache.dims())?;
