@@ -4,9 +4,10 @@
 //! weight is widened to f32 in a per-thread buffer just before use, so no f32 copy of the weights ever
 //! exists. Few tokens (decode) take a dot-product path that streams the weights once; many tokens
 //! (prefill) take a packed SIMD GEMM (`matrixmultiply`) per chunk. Quantized weights stay in their
-//! blocks: decode runs the block kernels of `quant` over each chunk of rows; prefill dequantizes one
-//! chunk of rows at a time into the per-thread buffer for the GEMM. Chunks are whole multiples of 16
-//! rows, so rows interleaved by 8 (`Q4_0R8`, `Q4_1R8`) never straddle two.
+//! blocks: decode, batches and prompts with 8-bit activations run the block kernels of `quant` over
+//! each chunk of rows; many tokens with f32 activations dequantize one chunk of rows at a time into
+//! the per-thread buffer for the GEMM. Chunks are whole multiples of 16 rows, so rows interleaved by
+//! 8 (`Q4_0R8`, `Q4_1R8`) never straddle two.
 
 use std::borrow::Cow;
 
