@@ -146,10 +146,12 @@ fn random_quant_bytes(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
             (s >> 56) as u8
         })
         .collect();
-    // The f16 scale fields: at the start of each block (Q4_0/1, Q8_0); 0.01 is 0x211F.
+    // The f16 scale fields: at the start of each block (Q4_0/1, Q8_0, Q4_K), at its end (Q6_K);
+    // 0.01 is 0x211F.
     for blk in data.chunks_mut(dtype.block_bytes()) {
         match dtype {
-            DType::Q4_1 => blk[..4].copy_from_slice(&[0x1F, 0x21, 0x1F, 0xA1]),
+            DType::Q4_1 | DType::Q4K => blk[..4].copy_from_slice(&[0x1F, 0x21, 0x1F, 0xA1]),
+            DType::Q6K => blk[208..210].copy_from_slice(&[0x1F, 0x21]),
             _ => blk[..2].copy_from_slice(&[0x1F, 0x21]),
         }
     }
@@ -174,6 +176,9 @@ fn quantized(c: &mut Criterion) {
         ("q4_1_r8_down", DType::Q4_1R8, 576, 1536),
         ("q4_0_gate", DType::Q4_0, 1536, 576),
         ("q8_0_unembed", DType::Q8_0, 49152, 576),
+        // The K-quants of common GGUF files (Q4_K_M), at a Llama-3-8B projection's width.
+        ("q4_k_4096", DType::Q4K, 4096, 4096),
+        ("q6_k_4096", DType::Q6K, 4096, 4096),
     ] {
         let w = random_quant(&b, dtype, n, k);
         let x = random(&b, DType::F32, &[1, k], 1.0);

@@ -162,7 +162,7 @@ fn q4_1(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K block, packed in 12 bytes.
-fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
+pub fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
     if j < 4 {
         ((s[j] & 63) as f32, (s[j + 4] & 63) as f32)
     } else {

@@ -103,12 +103,14 @@ pub fn dot_f32_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &[f32], xsum
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
+    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K) {
         let nb = row_bytes / dtype.block_bytes();
         // SAFETY: AVX2+FMA+F16C present (checked above); the kernels assert the lengths they read.
         unsafe {
             match dtype {
                 DType::Q8_0 => avx2::q8_f32_rows(rows, nb, x, out),
+                DType::Q4K => avx2::q4k_f32_rows(rows, nb, x, xsum, out),
+                DType::Q6K => avx2::q6k_f32_rows(rows, nb, x, out),
                 _ => avx2::q4_f32_rows(rows, nb, x, xsum, dtype == DType::Q4_1, out),
             }
         }
@@ -136,12 +138,14 @@ pub fn dot_q8_rows(dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Act, out: 
         });
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
+    if crate::float::has_avx2_fma() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K) {
         let nb = row_bytes / dtype.block_bytes();
         // SAFETY: AVX2+FMA+F16C present (checked above); the kernels assert the lengths they read.
         unsafe {
             match dtype {
                 DType::Q8_0 => avx2::q8_q8_rows::<1>(rows, nb, &[x], out),
+                DType::Q4K => avx2::q4k_q8_rows(rows, nb, x, out),
+                DType::Q6K => avx2::q6k_q8_rows(rows, nb, x, out),
                 _ => avx2::q4_q8_rows(rows, nb, x, dtype == DType::Q4_1, out),
             }
         }
@@ -713,6 +717,183 @@ mod avx2 {
         }
     }
 
+    /// The d, dmin and 8 (scale, min) pairs of a Q4_K block: value = d * scale_j * q - dmin * min_j.
+    #[inline(always)]
+    unsafe fn q4k_scales(blk: *const u8) -> (f32, f32, [(f32, f32); 8]) {
+        let b = std::slice::from_raw_parts(blk, 16);
+        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+        (d, dmin, std::array::from_fn(|j| highrise_core::quant::scale_min_k4(j, &b[4..16])))
+    }
+
+    /// The frame of the Q4_K row kernels: for each row and super-block, its scales, the minimums
+    /// against x's block sums `sums` (per 32), and `chunk(blk, b, c, d, scales)`, the products of
+    /// nibble chunk c (sub-blocks 2c and 2c+1), summed over the row.
+    #[inline(always)]
+    unsafe fn q4k_rows(
+        w: &[u8],
+        nb: usize,
+        sums: &[f32],
+        out: &mut [f32],
+        chunk: impl Fn(*const u8, usize, usize, f32, &[(f32, f32); 8]) -> __m256,
+    ) {
+        assert!(w.len() >= out.len() * nb * 144 && sums.len() >= nb * 8);
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * nb * 144);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut mins = 0f32;
+            for b in 0..nb {
+                let blk = row.add(b * 144);
+                for l in 0..3 {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF + 64 * l) as *const i8);
+                }
+                let (d, dmin, sm) = q4k_scales(blk);
+                for (j, &(_, mn)) in sm.iter().enumerate() {
+                    mins -= dmin * mn * *sums.get_unchecked(8 * b + j);
+                }
+                for c in 0..4 {
+                    acc[c & 1] = _mm256_add_ps(acc[c & 1], chunk(blk, b, c, d, &sm));
+                }
+            }
+            *o = hsum(_mm256_add_ps(acc[0], acc[1])) + mins;
+        }
+    }
+
+    /// `out[r] = row r · x` for consecutive Q4_K rows of `nb` super-blocks (256 values: 8 sub-blocks
+    /// of 32 with 6-bit scales and minimums), one 8-bit activation. Each 32 bytes of nibbles hold two
+    /// sub-blocks (low nibbles, then high), each meeting its own 32 activation bytes in an integer
+    /// dot product scaled by d * scale_j * dx; the minimums meet x's block sums once per super-block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4k_q8_rows(w: &[u8], nb: usize, x: &Q8Act, out: &mut [f32]) {
+        assert!(x.q.len() >= nb * 256 && x.d.len() >= nb * 8);
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
+        q4k_rows(w, nb, &x.sum, out, |blk, b, c, d, sm| {
+            let q = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+            let dot = |nib: __m256i, sub: usize| {
+                let j = 8 * b + sub;
+                let xv = _mm256_loadu_si256(xq.add(j * 32) as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nib, xv), ones));
+                _mm256_mul_ps(p, _mm256_set1_ps(d * sm[sub].0 * *xd.add(j)))
+            };
+            let lo = dot(_mm256_and_si256(q, mask), 2 * c);
+            _mm256_add_ps(lo, dot(_mm256_and_si256(_mm256_srli_epi16::<4>(q), mask), 2 * c + 1))
+        })
+    }
+
+    /// `out[r] = row r · x` for consecutive Q4_K rows of `nb` super-blocks, one f32 activation with
+    /// block sums `xsum` (per 32): per sub-block `d * scale_j * sum(q x) - dmin * min_j * sum(x)`,
+    /// the nibbles widened eight at a time in 32-bit lanes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4k_f32_rows(w: &[u8], nb: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
+        assert!(x.len() >= nb * 256);
+        let mask = _mm256_set1_epi32(0x0F);
+        let xp = x.as_ptr();
+        q4k_rows(w, nb, xsum, out, |blk, b, c, d, sm| {
+            let q = blk.add(16 + 32 * c);
+            let (x0, x1) = (xp.add((8 * b + 2 * c) * 32), xp.add((8 * b + 2 * c + 1) * 32));
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for g in 0..4 {
+                let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.add(8 * g) as *const __m128i));
+                let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+                let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v));
+                s0 = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x0.add(8 * g)), s0);
+                s1 = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x1.add(8 * g)), s1);
+            }
+            _mm256_fmadd_ps(s0, _mm256_set1_ps(d * sm[2 * c].0), _mm256_mul_ps(s1, _mm256_set1_ps(d * sm[2 * c + 1].0)))
+        })
+    }
+
+    /// The 6-bit values (0..63, before the offset of 32) of one half (128 values) of a Q6_K block:
+    /// 4 vectors of 32, values 32g..32g+31 of the half in vector g.
+    #[inline(always)]
+    unsafe fn q6k_half(blk: *const u8, h: usize) -> [__m256i; 4] {
+        let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let ql0 = _mm256_loadu_si256(blk.add(64 * h) as *const __m256i);
+        let ql1 = _mm256_loadu_si256(blk.add(64 * h + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+        [
+            _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2)),
+            _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4), _mm256_and_si256(qh, m2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4), _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2)),
+        ]
+    }
+
+    /// The frame of the Q6_K row kernels: for each row and super-block, `half(blk, b, h, d,
+    /// scales)`, the products of half h (128 values) of block b, summed over the row.
+    #[inline(always)]
+    unsafe fn q6k_rows(w: &[u8], nb: usize, out: &mut [f32], half: impl Fn(*const u8, usize, usize, f32, *const i8) -> __m256) {
+        assert!(w.len() >= out.len() * nb * 210);
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = w.as_ptr().add(r * nb * 210);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for b in 0..nb {
+                let blk = row.add(b * 210);
+                for l in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PF + 64 * l) as *const i8);
+                }
+                let d = half::f16::from_le_bytes([*blk.add(208), *blk.add(209)]).to_f32();
+                for h in 0..2 {
+                    acc[h] = _mm256_add_ps(acc[h], half(blk, b, h, d, blk.add(192) as *const i8));
+                }
+            }
+            *o = hsum(_mm256_add_ps(acc[0], acc[1]));
+        }
+    }
+
+    /// `out[r] = row r · x` for consecutive Q6_K rows of `nb` super-blocks (256 values in 16
+    /// sub-blocks of 16 with signed 8-bit scales, values 6-bit minus 32), one 8-bit activation. Each
+    /// 32 values meet their activation block: `maddubs(q, x) - maddubs(32, x)` is the integer dot of
+    /// the signed values in 16-bit pairs, `madd` with the two sub-blocks' scales sums it per 32-bit
+    /// lane, then d * dx scales the block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6k_q8_rows(w: &[u8], nb: usize, x: &Q8Act, out: &mut [f32]) {
+        assert!(x.q.len() >= nb * 256 && x.d.len() >= nb * 8);
+        let c32 = _mm256_set1_epi8(32);
+        let (xq, xd) = (x.q.as_ptr(), x.d.as_ptr());
+        q6k_rows(w, nb, out, |blk, b, h, d, sc| {
+            let mut acc = _mm256_setzero_ps();
+            for (g, v) in q6k_half(blk, h).into_iter().enumerate() {
+                let xb = 8 * b + 4 * h + g;
+                let xv = _mm256_loadu_si256(xq.add(xb * 32) as *const __m256i);
+                let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(v, xv), _mm256_maddubs_epi16(c32, xv));
+                let s = 8 * h + 2 * g;
+                let scales = _mm256_set_m128i(_mm_set1_epi16(*sc.add(s + 1) as i16), _mm_set1_epi16(*sc.add(s) as i16));
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, scales));
+                acc = _mm256_fmadd_ps(p, _mm256_set1_ps(d * *xd.add(xb)), acc);
+            }
+            acc
+        })
+    }
+
+    /// `out[r] = row r · x` for consecutive Q6_K rows of `nb` super-blocks, one f32 activation: each
+    /// run of 8 values widened to f32 less 32, multiplied into x, summed per sub-block of 16 and
+    /// scaled by d * scale.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6k_f32_rows(w: &[u8], nb: usize, x: &[f32], out: &mut [f32]) {
+        assert!(x.len() >= nb * 256);
+        let c32 = _mm256_set1_ps(32.0);
+        q6k_rows(w, nb, out, |blk, b, h, d, sc| {
+            let mut vals = [0u8; 128];
+            for (g, v) in q6k_half(blk, h).into_iter().enumerate() {
+                _mm256_storeu_si256(vals.as_mut_ptr().add(32 * g) as *mut __m256i, v);
+            }
+            let mut acc = _mm256_setzero_ps();
+            for sub in 0..8 {
+                let xs = x.as_ptr().add(256 * b + 128 * h + 16 * sub);
+                let q = |i: usize| {
+                    let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(vals.as_ptr().add(16 * sub + 8 * i) as *const __m128i));
+                    _mm256_sub_ps(_mm256_cvtepi32_ps(v), c32)
+                };
+                let s = _mm256_fmadd_ps(q(1), _mm256_loadu_ps(xs.add(8)), _mm256_mul_ps(q(0), _mm256_loadu_ps(xs)));
+                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(d * *sc.add(8 * h + sub) as f32), acc);
+            }
+            acc
+        })
+    }
+
     /// `out[t * rows + r] = row r · xs[t]` for consecutive Q8_0 rows of `nb` blocks starting at `w`
     /// and N 8-bit activations (the tied unembedding at decode; N > 1 for a batch of sequences, each
     /// block loaded and its sign taken once for all N). As `q4_q8_rows`, without the unpacking.
@@ -807,9 +988,9 @@ mod tests {
             println!("skipped: this CPU has no AVX2+FMA+F16C");
             return;
         }
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
             for seed in 0..20 {
-                let k = 32 * (1 + seed as usize % 48);
+                let k = dtype.block_len() * (1 + seed as usize % if dtype.block_len() == 256 { 6 } else { 48 });
                 let (row, x) = (random_row(dtype, k, seed), random_x(k, seed));
                 let sums = block_sums(&x);
                 let xq = Q8Act::new(&x);
@@ -867,16 +1048,16 @@ mod tests {
 
     #[test]
     fn a_range_of_rows_equals_row_by_row() {
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
             // Block counts around the unrolling by four: 1, 3, 4, 18 (576 columns), 48 (1536).
             for nb in [1, 3, 4, 18, 48] {
-                let (k, rows) = (32 * nb, 13);
+                let (k, rows) = (dtype.block_len() * nb, 13);
                 let w: Vec<u8> = (0..rows).flat_map(|r| random_row(dtype, k, 40 + r as u64)).collect();
                 let x = Q8Act::new(&random_x(k, 7));
                 let row_bytes = dtype.storage_bytes(k).unwrap();
                 let mut out = vec![f32::NAN; rows];
                 dot_q8_rows(dtype, &w, row_bytes, &x, &mut out);
-                let scale = 1e-5 * (32 * nb) as f32 * 0.05;
+                let scale = 1e-5 * k as f32 * 0.05;
                 for (r, &got) in out.iter().enumerate() {
                     let want = portable_q8(dtype, &w[r * row_bytes..(r + 1) * row_bytes], &x);
                     assert!((got - want).abs() <= scale.max(1e-5 * want.abs()), "{dtype} q8 {nb} blocks row {r}: {got} vs {want}");
