@@ -131,6 +131,10 @@ enum Command {
         /// Numbers of tokens to generate (repeatable).
         #[arg(long = "tg", default_values_t = [128])]
         generate: Vec<usize>,
+        /// Tokens of context already in the KV cache when each tg test starts (repeatable), as
+        /// llama-bench's -d: decode speed at a long context.
+        #[arg(long, short = 'd', default_values_t = [0])]
+        depth: Vec<usize>,
         /// Repetitions of each test.
         #[arg(long, short, default_value_t = 3)]
         reps: usize,
@@ -299,8 +303,8 @@ fn main() {
         Command::Tokenize { text, json, model } => cmd_tokenize(&text, json, model),
         Command::Inspect { prompt, out, layers, top_k, model } => cmd_inspect(&prompt, &out, &layers, top_k, &model),
         Command::Convert { input, output } => cmd_convert(&input, &output),
-        Command::Bench { model, prompt, generate, reps, concurrency, kv_memory, taps, profile, json } => {
-            cmd_bench(&model, &prompt, &generate, reps, &concurrency, &kv_memory, taps, profile, json)
+        Command::Bench { model, prompt, generate, depth, reps, concurrency, kv_memory, taps, profile, json } => {
+            cmd_bench(&model, &prompt, &generate, &depth, reps, &concurrency, &kv_memory, taps, profile, json)
         }
         Command::Serve { model, host, port, served_model_name, kv_memory, max_running, max_batch_tokens, shutdown_grace } => {
             cmd_serve(model, &host, port, served_model_name, &kv_memory, max_running, max_batch_tokens, shutdown_grace)
@@ -603,6 +607,7 @@ fn cmd_bench(
     args: &ModelArgs,
     pp: &[usize],
     tg: &[usize],
+    depths: &[usize],
     reps: usize,
     concurrency: &[usize],
     kv_memory: &str,
@@ -622,15 +627,15 @@ fn cmd_bench(
     // (test, rows of the op table) from a separate, op-by-op timed run: waiting after every op
     // slows a GPU down, so the t/s above never include it.
     let mut profiles = Vec::new();
-    for &n in tg {
-        results.push(bench::decode(&model, n, reps, false)?);
+    for (&n, &depth) in tg.iter().flat_map(|n| depths.iter().map(move |d| (n, d))) {
+        results.push(bench::decode(&model, n, depth, reps, false)?);
         if taps {
-            results.push(bench::decode(&model, n, reps, true)?);
+            results.push(bench::decode(&model, n, depth, reps, true)?);
         }
         if profile {
             op_profile::take();
             op_profile::enable(true);
-            let m = bench::decode(&model, n, 1, false);
+            let m = bench::decode(&model, n, depth, 1, false);
             op_profile::enable(false);
             profiles.push((m?.test, op_profile::take(), n));
         }

@@ -49,19 +49,34 @@ pub fn prefill(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
     Ok(m)
 }
 
-/// Greedy decoding of `n` tokens one at a time from an empty cache, `reps` times. With `taps`, every
-/// residual-stream capture is on (resid_pre, attn_out, mlp_out, resid_post at every layer): what
-/// introspection costs.
-pub fn decode(model: &Llama, n: usize, reps: usize, taps: bool) -> Result<Measurement> {
-    let test = if taps { format!("tg{n} +taps") } else { format!("tg{n}") };
+/// Greedy decoding of `n` tokens one at a time after `depth` tokens of context already in the cache
+/// (prefilled untimed; llama-bench's `-d`), `reps` times. With `taps`, every residual-stream capture
+/// is on (resid_pre, attn_out, mlp_out, resid_post at every layer): what introspection costs.
+pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool) -> Result<Measurement> {
+    let mut test = format!("tg{n}");
+    if depth > 0 {
+        test += &format!(" @ d{depth}");
+    }
+    if taps {
+        test += " +taps";
+    }
     let mut m = Measurement { test, tokens: n, tokens_per_sec: vec![] };
     let mut hooks = highrise_model::Hooks::capture_all(&highrise_model::Site::STREAM);
     for _ in 0..reps {
-        let mut cache = model.new_kv_cache(n.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
+        let mut cache = model.new_kv_cache((depth + n).div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
         let mut token = tokens(model, 1)[0];
+        if depth > 0 {
+            let context = tokens(model, depth);
+            let positions: Vec<u32> = (0..depth as u32).collect();
+            let seqs = [PagedSeq { q_len: depth as u32, context_len: depth as u32, blocks_start: 0 }];
+            let batch = Batch { tokens: &context, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
+            token = argmax_on_backend(&model.forward(&batch, &mut cache, Logits::Last)?)?[0].0;
+            // Not part of a decoded token's time: drop what an op-by-op profile recorded of it.
+            drop(highrise_core::profile::take());
+        }
         let start = Instant::now();
-        for pos in 0..n as u32 {
+        for pos in depth as u32..(depth + n) as u32 {
             let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
             let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
             let hooks = taps.then_some(&mut hooks);
