@@ -57,7 +57,7 @@ impl Float for f16 {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             // SAFETY: AVX2, FMA and F16C present (checked just above).
-            return unsafe { half_dot_avx2::<false>(x, bytemuck::cast_slice(w)) };
+            return unsafe { half_dot_avx2(x, w) };
         }
         dot_widening(x, w)
     }
@@ -80,7 +80,7 @@ impl Float for bf16 {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             // SAFETY: AVX2 and FMA present (checked just above).
-            return unsafe { half_dot_avx2::<true>(x, bytemuck::cast_slice(w)) };
+            return unsafe { half_dot_avx2(x, w) };
         }
         dot_widening(x, w)
     }
@@ -103,35 +103,27 @@ fn dot_widening<W: Float>(x: &[f32], w: &[W]) -> f32 {
     s
 }
 
-/// `x · w` for 16-bit weights `w` (bf16 when `BF16`, else f16), widened in registers: bf16 by a
-/// shift into the high half of an f32, f16 with F16C.
+/// `x · w` for 16-bit weights `w` (f16 or bf16), widened in registers by `W::load8`: f16 with F16C,
+/// bf16 by a shift into the high half of an f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half_dot_avx2<const BF16: bool>(x: &[f32], w: &[u16]) -> f32 {
+unsafe fn half_dot_avx2<W: Float>(x: &[f32], w: &[W]) -> f32 {
     use std::arch::x86_64::*;
     let n = x.len().min(w.len());
-    let widen = |p: *const u16| {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        if BF16 {
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-        } else {
-            _mm256_cvtph_ps(h)
-        }
-    };
     let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let mut i = 0;
     while i + 16 <= n {
-        a0 = _mm256_fmadd_ps(widen(w.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i)), a0);
-        a1 = _mm256_fmadd_ps(widen(w.as_ptr().add(i + 8)), _mm256_loadu_ps(x.as_ptr().add(i + 8)), a1);
+        a0 = _mm256_fmadd_ps(W::load8(w.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i)), a0);
+        a1 = _mm256_fmadd_ps(W::load8(w.as_ptr().add(i + 8)), _mm256_loadu_ps(x.as_ptr().add(i + 8)), a1);
         i += 16;
     }
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0, a1));
     let mut s: f32 = lanes.iter().sum();
-    while i < n {
-        let v = if BF16 { f32::from_bits((w[i] as u32) << 16) } else { half::f16::from_bits(w[i]).to_f32() };
-        s += x[i] * v;
-        i += 1;
+    let mut tail = [0f32; 16];
+    W::load(&w[i..n], &mut tail[..n - i]);
+    for (xi, v) in x[i..n].iter().zip(&tail) {
+        s += xi * v;
     }
     s
 }

@@ -85,7 +85,6 @@ pub fn block_sums(x: &[f32]) -> Vec<f32> {
     x.chunks_exact(32).map(|b| b.iter().sum()).collect()
 }
 
-
 /// `out[r] = row r · x` for consecutive rows (`rows`, each `row_bytes` long) and one f32
 /// activation (`xsum` its block sums): a decode step's matrix-vector product over a range of rows.
 /// Interleaved dtypes (`Q4_0R8`, `Q4_1R8`) take whole groups of 8 rows.
