@@ -226,6 +226,10 @@ struct ModelArgs {
     /// memory and what attention reads, at f16's rounding of keys and values. The CPU backend only.
     #[arg(long)]
     kv_dtype: Option<String>,
+    /// Keep Q4_0/Q4_1 weights in the file's own layout, read straight from the mapped file, instead
+    /// of the 8-rows-interleaved copy the CPU decodes faster (same bytes, same memory).
+    #[arg(long)]
+    no_repack: bool,
 }
 
 #[derive(Args)]
@@ -348,6 +352,7 @@ fn load(args: &ModelArgs) -> AnyResult<(Llama, Tokenizer)> {
         activations: parse_dtype(&args.dtype, "dtype")?,
         q8_activations: args.q8_activations,
         kv_dtype: args.kv_dtype.as_deref().map(|d| parse_dtype(d, "kv-dtype")).transpose()?,
+        repack: !args.no_repack,
     };
     let source = Source::open(&path)?;
     let tokenizer = source.tokenizer()?;

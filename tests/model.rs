@@ -233,6 +233,16 @@ fn q4_1_weights_in_place_match_reference() {
     check_cases(&fx, &reference, l, "Q4_1 in place", prefill_logits, 1e-3, 0.01);
 }
 
+/// `repack: false` (`--no-repack`): Q4_1 projections in the file's own layout, read from the
+/// mapping by the one-row kernels, prefill and decode alike.
+#[test]
+fn q4_1_weights_without_repacking_match_reference() {
+    let Some((fx, model, reference)) = fixtures_and_model("q4_1 not repacked") else { return };
+    let l = load_with(&model, LoadOptions { repack: false, ..Default::default() });
+    assert_eq!(l.model.layers[0].wq.dtype(), DType::Q4_1, "the file's own layout is kept");
+    check_cases(&fx, &reference, &l, "Q4_1 not repacked", decoded_logits, 1e-3, 0.01);
+}
+
 /// An f16 KV cache beside f32 activations (llama.cpp's default): keys and values rounded to f16
 /// move the logits a little (bound below, measured 2026-11-29) and keep the greedy continuations
 /// wherever the reference's choice is firm.

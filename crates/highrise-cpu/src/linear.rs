@@ -125,10 +125,12 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: usize, n: usize, q8: bool) {
     let threads = team.threads();
-    // 8-bit activations always meet quantized weights in their blocks: integer dot products beat
-    // widening the weights to f32 for a GEMM at every size measured (pp128 about 1.6x, pp512 1.1x).
+    // 8-bit activations always meet quantized weights in their blocks where a kernel takes several
+    // tokens per pass: integer dot products beat widening the weights to f32 for a GEMM at every size
+    // measured (pp128 about 1.6x, pp512 1.1x). Formats read token by token take the GEMM as floats do.
     let gemv = match w {
-        Weight::Quant { .. } => q8 || t <= QUANT_GEMV_MAX_TOKENS,
+        Weight::Quant { dtype, .. } if quant::takes_tokens_together(*dtype, q8) => q8 || t <= QUANT_GEMV_MAX_TOKENS,
+        Weight::Quant { .. } => t <= GEMV_MAX_TOKENS,
         _ => t <= GEMV_MAX_TOKENS,
     };
     // A few chunks per thread: enough to balance, few enough that task overhead stays small next

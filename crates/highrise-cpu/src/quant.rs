@@ -192,7 +192,7 @@ pub fn dot_f32_rows_many(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&[f3
     let f = |w: &[u8], tokens: std::ops::Range<usize>, o: &mut [f32]| {
         let (xs, sums) = (&xs[tokens.clone()], &sums[tokens]);
         #[cfg(target_arch = "x86_64")]
-        if crate::float::has_avx2_fma() && dtype.interleaved_rows() == 8 {
+        if takes_tokens_together(dtype, false) {
             let q4_1 = dtype == DType::Q4_1R8;
             macro_rules! run {
                 ($n:literal) => {
@@ -221,12 +221,24 @@ pub fn dot_f32_rows_many(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&[f3
 /// activations (a batch of decoding sequences, or a prompt), over tiles of rows: Q8_0 and rows
 /// interleaved by 8 take four tokens per pass (each block loaded and unpacked once for the four),
 /// other formats one.
+/// Whether `dot_q8_rows_many` (`q8`) or `dot_f32_rows_many` has a kernel here that takes several
+/// tokens per pass over a tile of `dtype` rows; without, they go token by token, and beyond a few
+/// tokens a GEMM over dequantized rows is faster.
+pub fn takes_tokens_together(dtype: DType, q8: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::float::has_avx2_fma() {
+        return dtype.interleaved_rows() == 8 || (q8 && dtype == DType::Q8_0);
+    }
+    let _ = (dtype, q8);
+    false
+}
+
 pub fn dot_q8_rows_many(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&Q8Act], sink: impl FnMut(usize, usize, &[f32])) {
     let nb = row_bytes / dtype.block_bytes();
     let f = |w: &[u8], tokens: std::ops::Range<usize>, o: &mut [f32]| {
         let xs = &xs[tokens];
         #[cfg(target_arch = "x86_64")]
-        if crate::float::has_avx2_fma() && matches!(dtype, DType::Q8_0 | DType::Q4_0R8 | DType::Q4_1R8) {
+        if takes_tokens_together(dtype, true) {
             let q4_1 = dtype == DType::Q4_1R8;
             macro_rules! run {
                 ($n:literal) => {

@@ -36,11 +36,15 @@ pub struct LoadOptions {
     /// activations, as llama.cpp keeps by default: half the memory and half the bytes attention
     /// reads). `None`: the activations' dtype.
     pub kv_dtype: Option<DType>,
+    /// Lay out Q4_0/Q4_1 projections 8 rows interleaved where the backend computes with that
+    /// (a reordered copy of the same bytes; the file's pages are let go). `false` keeps every weight
+    /// in the file's own layout, used from the mapping (llama.cpp's `--no-repack`).
+    pub repack: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { weights: WeightFormat::Auto, activations: DType::F32, q8_activations: false, kv_dtype: None }
+        LoadOptions { weights: WeightFormat::Auto, activations: DType::F32, q8_activations: false, kv_dtype: None, repack: true }
     }
 }
 
@@ -499,7 +503,9 @@ impl Loader<'_> {
             WeightFormat::Auto => self.opts.activations,
         };
         // Q4_0/Q4_1 in the layout a backend decodes fastest, where it has one: 8 rows interleaved.
-        let r8 = target.r8().filter(|&r8| t.dtype == target && rows.is_multiple_of(8) && self.backend.supports(op, r8));
+        let r8 = target.r8().filter(|&r8| {
+            self.opts.repack && t.dtype == target && rows.is_multiple_of(8) && self.backend.supports(op, r8)
+        });
         if let Some(r8) = r8 {
             let wrap = |e: highrise_core::Error| Error::tensor(&self.source.file_of(name), name, e);
             let bytes = repack_r8(t.dtype, &t.data, rows, cols).map_err(wrap)?;
