@@ -107,8 +107,8 @@ fn ops(c: &mut Criterion) {
         let bs = 16usize;
         for (ctx, batch) in [(128usize, 1usize), (4096, 1), (4096, 8)] {
             let blocks = batch * ctx / bs;
-            let kc = random(&b, act, &[blocks, bs, s.kv_heads, d], 1.0);
-            let vc = random(&b, act, &[blocks, bs, s.kv_heads, d], 1.0);
+            let kc = random(&b, act, &[blocks, s.kv_heads, bs, d], 1.0);
+            let vc = random(&b, act, &[blocks, s.kv_heads, bs, d], 1.0);
             let q = random(&b, act, &[batch, s.q_heads, d], 1.0);
             let mut o = random(&b, act, &[batch, s.q_heads, d], 1.0);
             let table: Vec<u32> = (0..blocks as u32).collect();

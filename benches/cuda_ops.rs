@@ -114,8 +114,8 @@ fn main() {
             if blocks * bs * hkv * d * 2 * 2 > 4 << 30 {
                 continue; // K and V within 4 GiB: their random values are made on the host
             }
-            let kc = random(&b, DType::BF16, &[blocks, bs, hkv, d], 1.0);
-            let vc = random(&b, DType::BF16, &[blocks, bs, hkv, d], 1.0);
+            let kc = random(&b, DType::BF16, &[blocks, hkv, bs, d], 1.0);
+            let vc = random(&b, DType::BF16, &[blocks, hkv, bs, d], 1.0);
             let q = random(&b, DType::BF16, &[batch, hq, d], 1.0);
             let mut out = Tensor::empty(&b, DType::BF16, &[batch, hq, d]).unwrap();
             let seqs: Vec<PagedSeq> = (0..batch)

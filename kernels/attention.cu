@@ -6,8 +6,8 @@
 // partial state (running max m, sum l, unnormalized output acc[D]) to a workspace; a second kernel
 // merges the slices. A single long sequence thus still fills the GPU, and prefill and paged decode
 // share one kernel: keys are addressed either contiguously (prefill: key j of a sequence starting at
-// token `base` is row base + j of k) or through a block table (paged: key j is in block
-// table[base + j / block_size], slot j % block_size).
+// token `base` is row base + j of k [T, hkv, D]) or through a block table (paged: key j is in block
+// table[base + j / block_size], slot j % block_size, of the cache [blocks, hkv, block_size, D]).
 //
 // Within a block, ATTN_WARPS warps take keys in turn; lane l holds dims l, l + 32, ... of the query
 // and of its accumulator, so a key row is read coalesced and its score is one warp reduction.
@@ -30,14 +30,18 @@ __device__ void rope(typename D::T* x, const u32* positions, const double* inv_f
     D::store(x, base + i + half, b * cf + a * sf);
 }
 
-// k_cache, v_cache [blocks * block_size, row]; k, v [T, row]; token t goes to slot slots[t].
+// k_cache, v_cache [blocks, hkv, block_size, d]; k, v [T, hkv, d]. Token t goes to slot slots[t]:
+// head g's row to [slots[t] / block_size, g, slots[t] % block_size]. Block t, threads over the row.
 template <class D>
 __device__ void kv_write(typename D::T* k_cache, typename D::T* v_cache, const typename D::T* k,
-                         const typename D::T* v, const u32* slots, u32 row) {
-    const u64 src = (u64)blockIdx.x * row, dst = (u64)slots[blockIdx.x] * row;
+                         const typename D::T* v, const u32* slots, u32 hkv, u32 d, u32 block_size) {
+    const u32 row = hkv * d, slot = slots[blockIdx.x];
+    const u64 src = (u64)blockIdx.x * row;
+    const u64 first = ((u64)(slot / block_size) * hkv * block_size + slot % block_size) * d;
     for (u32 i = threadIdx.x; i < row; i += blockDim.x) {
-        k_cache[dst + i] = k[src + i];
-        v_cache[dst + i] = v[src + i];
+        const u64 dst = first + (u64)(i / d) * block_size * d + i % d;
+        k_cache[dst] = k[src + i];
+        v_cache[dst] = v[src + i];
     }
 }
 
@@ -46,9 +50,10 @@ __device__ void kv_write(typename D::T* k_cache, typename D::T* v_cache, const t
 struct KeyAddr {
     const u32* table;  // null: contiguous
     u32 block_size;
-    __device__ __forceinline__ u64 row(u32 base, u32 j) const {
-        if (table == 0) return (u64)base + j;
-        return (u64)table[base + j / block_size] * block_size + j % block_size;
+    // Where head g's row of key j starts, in elements.
+    __device__ __forceinline__ u64 at(u32 base, u32 j, u32 g, u32 hkv, u32 d) const {
+        if (table == 0) return (((u64)base + j) * hkv + g) * d;
+        return (((u64)table[base + j / block_size] * hkv + g) * block_size + j % block_size) * d;
     }
 };
 
@@ -72,7 +77,7 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
     }
     float m = -INFINITY, l = 0.0f;
     for (u32 j = begin + warp; j < end; j += ATTN_WARPS) {
-        const u64 off = (addr.row(kb, j) * hkv + g) * d;
+        const u64 off = addr.at(kb, j, g, hkv, d);
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < DPL; i++) dot += qr[i] * D::load(k, off + lane + 32 * i);
@@ -159,7 +164,7 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
         l[i] = 0.0f;
     }
     for (u32 j = begin + warp; j < end; j += ATTN_WARPS) {
-        const u64 off = (addr.row(kb, j) * hkv + g) * d;
+        const u64 off = addr.at(kb, j, g, hkv, d);
         float kr[DPL], vr[DPL];
 #pragma unroll
         for (int x = 0; x < DPL; x++) {
@@ -238,8 +243,8 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
         rope<D>(x, positions, inv_freq, heads, d);                                                                \
     }                                                                                                             \
     extern "C" __global__ void kv_write_##s(D::T* k_cache, D::T* v_cache, const D::T* k, const D::T* v,          \
-                                            const u32* slots, u32 row) {                                          \
-        kv_write<D>(k_cache, v_cache, k, v, slots, row);                                                          \
+                                            const u32* slots, u32 hkv, u32 d, u32 block_size) {                   \
+        kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size);                                           \
     }                                                                                                             \
     extern "C" __global__ void attn_combine_##s(D::T* out, const float* partial, u32 hq, u32 d, u32 splits) {    \
         attn_combine<D>(out, partial, hq, d, splits);                                                             \
@@ -321,7 +326,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
             const u32 key = i / (D / 2), c = (i % (D / 2)) * 2;
             u32 kv = 0, vv = 0;
             if (kb + key < keys_end) {
-                const u64 at = (addr.row(kbase, kb + key) * hkv + g) * D + c;
+                const u64 at = addr.at(kbase, kb + key, g, hkv, D) + c;
                 kv = ((const u32*)k)[at / 2];
                 vv = ((const u32*)v)[at / 2];
             }

@@ -55,8 +55,8 @@ fn quantized_activations_are_declined_with_op_and_dtype() {
 #[test]
 fn block_table_out_of_range_is_refused() {
     let (hq, hkv, d, bs) = (2, 1, 64, 16);
-    let k = Tensor::full(&cpu(), DType::F32, &[2, bs, hkv, d], 0.5).unwrap();
-    let v = Tensor::full(&cpu(), DType::F32, &[2, bs, hkv, d], 0.5).unwrap();
+    let k = Tensor::full(&cpu(), DType::F32, &[2, hkv, bs, d], 0.5).unwrap();
+    let v = Tensor::full(&cpu(), DType::F32, &[2, hkv, bs, d], 0.5).unwrap();
     let q = Tensor::full(&cpu(), DType::F32, &[1, hq, d], 0.5).unwrap();
     let mut out = poisoned(DType::F32, &[1, hq, d]);
     let seqs = [PagedSeq { q_len: 1, context_len: 20, blocks_start: 0 }];

@@ -293,8 +293,8 @@ fn check_paged_in(rng: &mut Rng, dt: DType, cache_dt: DType, hq: usize, hkv: usi
     for i in (1..free.len()).rev() {
         free.swap(i, rng.below(i + 1));
     }
-    let mut k_cache = poisoned(cache_dt, &[num_blocks, block_size, hkv, d]);
-    let mut v_cache = poisoned(cache_dt, &[num_blocks, block_size, hkv, d]);
+    let mut k_cache = poisoned(cache_dt, &[num_blocks, hkv, block_size, d]);
+    let mut v_cache = poisoned(cache_dt, &[num_blocks, hkv, block_size, d]);
     let (mut table, mut seqs, mut qs, mut kvs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &(ctx, q_len) in batch {
         let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();

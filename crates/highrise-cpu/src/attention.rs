@@ -6,7 +6,7 @@
 //! group from them, so K/V are never copied per query head. Within a unit, scores and the weighted
 //! sum of values are two GEMMs over the stacked queries of the group.
 
-use highrise_core::ops::{Attention, KvWrite, PagedAttention, Rope};
+use highrise_core::ops::{cache_dims, Attention, KvWrite, PagedAttention, Rope};
 use highrise_core::{Element, Result};
 
 use crate::float::{min_items, with_float, Float};
@@ -44,7 +44,7 @@ pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
 }
 
 pub fn kv_write(ts: &Tensors, op: &KvWrite) -> Result<()> {
-    let [block_size, hkv, d] = [op.k_cache.dims()[1], op.k_cache.dims()[2], op.k_cache.dims()[3]];
+    let [_, block_size, hkv, d] = cache_dims(&op.k_cache);
     let row = hkv * d;
     with_float!(op.k.dtype, "kv_write", E => {
         let (k, v) = (ts.slice::<E>("k", &op.k)?, ts.slice::<E>("v", &op.v)?);
@@ -52,8 +52,8 @@ pub fn kv_write(ts: &Tensors, op: &KvWrite) -> Result<()> {
             // SAFETY: the caches are the op's outputs, distinct from each other and from k, v (validated).
             let k_cache = unsafe { ts.slice_mut::<C>("k_cache", &op.k_cache)? };
             let v_cache = unsafe { ts.slice_mut::<C>("v_cache", &op.v_cache)? };
-            let mut buf = vec![0f32; if E::DTYPE == C::DTYPE { 0 } else { row }];
-            // A row in the cache's dtype: copied as it is, or rounded through f32.
+            let mut buf = vec![0f32; if E::DTYPE == C::DTYPE { 0 } else { d }];
+            // A head's row in the cache's dtype: copied as it is, or rounded through f32.
             let mut put = |dst: &mut [C], src: &[E]| match bytemuck::try_cast_slice::<E, C>(src) {
                 Ok(same) if E::DTYPE == C::DTYPE => dst.copy_from_slice(same),
                 _ => {
@@ -63,9 +63,12 @@ pub fn kv_write(ts: &Tensors, op: &KvWrite) -> Result<()> {
             };
             for (t, &slot) in op.slots.as_slice().iter().enumerate() {
                 let (block, offset) = (slot as usize / block_size, slot as usize % block_size);
-                let at = (block * block_size + offset) * row;
-                put(&mut k_cache[at..at + row], &k[t * row..(t + 1) * row]);
-                put(&mut v_cache[at..at + row], &v[t * row..(t + 1) * row]);
+                for g in 0..hkv {
+                    let at = ((block * hkv + g) * block_size + offset) * d;
+                    let src = t * row + g * d;
+                    put(&mut k_cache[at..at + d], &k[src..src + d]);
+                    put(&mut v_cache[at..at + d], &v[src..src + d]);
+                }
             }
             Ok(())
         })
@@ -100,7 +103,7 @@ impl<E> KvSource<E> for Contiguous {
     }
 }
 
-/// K/V in the paged cache [blocks, block_size, kv_heads, D], found through each block table.
+/// K/V in the paged cache [blocks, kv_heads, block_size, D], found through each block table.
 struct Paged<'t> {
     table: &'t [u32],
     blocks_start: Vec<usize>,
@@ -112,7 +115,7 @@ struct Paged<'t> {
 impl<E> KvSource<E> for Paged<'_> {
     fn row<'a>(&self, cache: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E] {
         let block = self.table[self.blocks_start[seq] + pos / self.block_size] as usize;
-        let at = ((block * self.block_size + pos % self.block_size) * self.hkv + g) * self.d;
+        let at = ((block * self.hkv + g) * self.block_size + pos % self.block_size) * self.d;
         &cache[at..at + self.d]
     }
 }
@@ -141,7 +144,7 @@ pub fn attention(ts: &Tensors, op: &Attention) -> Result<()> {
 
 pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
     let [hq, d] = [op.q.dims()[1], op.q.dims()[2]];
-    let [block_size, hkv] = [op.k_cache.dims()[1], op.k_cache.dims()[2]];
+    let [_, block_size, hkv, _] = cache_dims(&op.k_cache);
     let mut seqs = Vec::new();
     let mut blocks_start = Vec::new();
     let mut at = 0;

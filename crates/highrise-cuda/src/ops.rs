@@ -1,7 +1,7 @@
 //! Each op as kernel launches: its metadata uploaded to the scratch buffer, its tensors' device
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
-use highrise_core::ops::{AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, SwiGlu};
+use highrise_core::ops::{cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, SwiGlu};
 use highrise_core::{DType, Error, Result};
 
 use crate::{suffix, CudaBackend, OpState};
@@ -162,11 +162,11 @@ pub fn kv_write(be: &CudaBackend, st: &mut OpState, op: &KvWrite) -> Result<()> 
     same_cache_dtype("kv_write", op.k.dtype, op.k_cache.dtype)?;
     let s = suffix("kv_write", op.k.dtype)?;
     let t = op.slots.len() as u32;
-    let row = (op.k_cache.dims()[2] * op.k_cache.dims()[3]) as u32;
+    let [_, block_size, hkv, d] = cache_dims(&op.k_cache).map(|x| x as u32);
     let (kc, vc) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (k, v) = (be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.slots.as_slice())])?;
-    be.launch(&format!("kv_write_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&kc, &vc, &k, &v, &addr[0], &row])
+    be.launch(&format!("kv_write_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size])
 }
 
 /// What attention needs per query row: where its keys start (a token row, or an offset into the
@@ -334,7 +334,7 @@ pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<(
 /// query row.
 pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) -> Result<()> {
     same_cache_dtype("paged_attention", op.out.dtype, op.k_cache.dtype)?;
-    let block_size = op.k_cache.dims()[1] as u32;
+    let block_size = cache_dims(&op.k_cache)[1] as u32;
     let table = Some((op.block_table.as_slice(), block_size));
     let seqs = op.seqs.as_slice();
     if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && seqs.iter().all(|s| s.q_len >= 2) {

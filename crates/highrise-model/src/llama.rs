@@ -81,7 +81,7 @@ pub struct Llama {
     pub lm_head: Option<Tensor>, // [V, H]
 }
 
-/// The paged KV cache: per layer, K and V of shape [num_blocks, block_size, Hkv, D].
+/// The paged KV cache: per layer, K and V of shape [num_blocks, Hkv, block_size, D].
 pub struct KvCache {
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,
@@ -100,13 +100,21 @@ impl KvCache {
         if len > blocks.len() * self.block_size {
             return Err(Error::Input(format!("{len} tokens need more than the {} blocks given", blocks.len())));
         }
-        let row = k.dims()[2] * k.dims()[3];
-        let (mut ks, mut vs) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
-        for (i, &b) in blocks.iter().enumerate().take(len.div_ceil(self.block_size)) {
-            let n = self.block_size.min(len - i * self.block_size);
-            let start = b as usize * self.block_size * row;
-            ks.extend(k.to_f32_range(start, n * row)?);
-            vs.extend(v.to_f32_range(start, n * row)?);
+        let (hkv, d, bs) = (k.dims()[1], k.dims()[3], self.block_size);
+        let (mut ks, mut vs) = (vec![0f32; len * hkv * d], vec![0f32; len * hkv * d]);
+        for (i, &b) in blocks.iter().enumerate().take(len.div_ceil(bs)) {
+            let n = bs.min(len - i * bs);
+            let start = b as usize * hkv * bs * d;
+            // A block holds each head's rows together: [Hkv, block_size, D] to tokens' [n, Hkv, D].
+            for (cache, out) in [(k, &mut ks), (v, &mut vs)] {
+                let block = cache.to_f32_range(start, hkv * bs * d)?;
+                for (g, rows) in block.chunks_exact(bs * d).enumerate() {
+                    for (j, row) in rows.chunks_exact(d).take(n).enumerate() {
+                        let at = ((i * bs + j) * hkv + g) * d;
+                        out[at..at + d].copy_from_slice(row);
+                    }
+                }
+            }
         }
         Ok((ks, vs))
     }
@@ -279,7 +287,7 @@ impl Llama {
     }
 
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
-        let dims = [num_blocks, block_size, self.config.kv_heads(), self.config.head_dim()];
+        let dims = [num_blocks, self.config.kv_heads(), block_size, self.config.head_dim()];
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..self.config.num_hidden_layers {

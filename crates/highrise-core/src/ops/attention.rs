@@ -2,9 +2,11 @@
 //! paged cache and read either straight from the prompt's K/V (`Attention`, prefill) or through each
 //! sequence's block table (`PagedAttention`, decode and chunked prefill).
 //!
-//! The paged KV cache of one layer is two tensors, K and V, each [num_blocks, block_size, kv_heads,
-//! head_dim]. A sequence owns a list of block ids (its block table); its token at position p lives in
-//! block `table[p / block_size]`, slot `p % block_size`. Blocks may be shared between sequences with a
+//! The paged KV cache of one layer is two tensors, K and V, each [num_blocks, kv_heads, block_size,
+//! head_dim] (FlashInfer's "HND": within a block, each head's rows lie together, so attention, which
+//! reads one K/V head at a time, reads whole runs of memory). A sequence owns a list of block ids (its
+//! block table); its token at position p lives in block `table[p / block_size]`, slot
+//! `p % block_size`: head g's row at `[table[p / block_size], g, p % block_size]`. Blocks may be shared between sequences with a
 //! common prefix, since nothing but `KvWrite` writes the cache.
 
 use super::{Check, CheckResult};
@@ -175,7 +177,7 @@ impl Attention<'_> {
 
 /// Writes new tokens' keys and values into the paged cache: token t goes to slot `slots[t]`, which is
 /// `block * block_size + offset`.
-/// k_cache, v_cache [num_blocks, block_size, kv_heads, D]; k, v [T, kv_heads, D]; slots [T]. The
+/// k_cache, v_cache [num_blocks, kv_heads, block_size, D]; k, v [T, kv_heads, D]; slots [T]. The
 /// cache may keep another float dtype than the activations (an f16 cache beside f32 activations:
 /// half the bytes to keep and to read back); the values are rounded to it as they are written.
 #[repr(C)]
@@ -279,9 +281,10 @@ impl PagedAttention<'_> {
     }
 }
 
-fn cache_dims(cache: &TensorRef) -> [usize; 4] {
+/// A cache's [num_blocks, block_size, kv_heads, D] (its dims are [num_blocks, kv_heads, block_size, D]).
+pub fn cache_dims(cache: &TensorRef) -> [usize; 4] {
     let d = cache.dims();
-    [d[0], d[1], d[2], d[3]]
+    [d[0], d[2], d[1], d[3]]
 }
 
 fn group_heads(hq: usize, hkv: usize) -> CheckResult {

@@ -17,7 +17,7 @@ pub mod residual;
 pub mod sampling;
 
 pub use attention::{
-    Attention, KvWrite, Linear, PagedAttention, PagedSeq, Rope, RopeConfig, RopeScaling,
+    cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, Rope, RopeConfig, RopeScaling,
 };
 pub use mlp::SwiGlu;
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
