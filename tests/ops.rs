@@ -258,6 +258,13 @@ pub fn paged_attention_reads_through_block_tables() {
                 check_paged(&mut rng, dt, hq, hkv, d, &[(1000, 1)]);
             }
         }
+        // Groups of more query heads than the CPU's decode tile of 6 rows (Llama-3-70B's 8 per K/V
+        // head), and (CPU: CUDA's kernels take D 64, 128 and 256) a head dim of whole vectors of 8
+        // but not whole tiles of 16 columns.
+        check_paged(&mut rng, dt, 16, 2, 64, &[(1, 1), (37, 1), (300, 1)]);
+        if env!("CARGO_CRATE_NAME") != "cuda" {
+            check_paged(&mut rng, dt, 4, 2, 40, &[(1, 1), (37, 1), (300, 1)]);
+        }
     }
 }
 

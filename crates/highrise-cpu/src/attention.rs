@@ -87,6 +87,11 @@ struct Seq {
 trait KvSource<E>: Sync {
     /// The K (or V) row of K/V head `g` at context position `pos` of sequence `seq`.
     fn row<'a>(&self, cache: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E];
+
+    /// The rows of head `g` at positions `keys`, in order.
+    fn rows<'a>(&self, cache: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]> {
+        keys.map(|pos| self.row(cache, seq, pos, g)).collect()
+    }
 }
 
 /// K/V of whole prompts laid end to end: [T, kv_heads, D].
@@ -117,6 +122,21 @@ impl<E> KvSource<E> for Paged<'_> {
         let block = self.table[self.blocks_start[seq] + pos / self.block_size] as usize;
         let at = ((block * self.hkv + g) * self.block_size + pos % self.block_size) * self.d;
         &cache[at..at + self.d]
+    }
+
+    /// A block's rows of one head lie together: one table lookup per block, not per row.
+    fn rows<'a>(&self, cache: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]> {
+        let (bs, d) = (self.block_size, self.d);
+        let mut out = Vec::with_capacity(keys.len());
+        let mut pos = keys.start;
+        while pos < keys.end {
+            let (b, first) = (pos / bs, pos % bs);
+            let n = (bs - first).min(keys.end - pos);
+            let at = ((self.table[self.blocks_start[seq] + b] as usize * self.hkv + g) * bs + first) * d;
+            out.extend(cache[at..at + n * d].chunks_exact(d));
+            pos += n;
+        }
+        out
     }
 }
 
@@ -183,45 +203,32 @@ fn softmax(row: &mut [f32]) -> f32 {
 /// context combine into the whole (`merge_parts`).
 type Part = (Vec<f32>, Vec<f32>);
 
-/// Attention of `qs` (rows of D, all at the same position) over the keys and values at positions
-/// `keys`, read through `key` and `value`: scores, softmax, weighted sum. Returns [rows, D] and each
-/// row's log-sum-exp.
-fn attend_one<'a, E: Float>(
-    qs: &[f32],
-    key: impl Fn(usize) -> &'a [E],
-    value: impl Fn(usize) -> &'a [E],
-    keys: std::ops::Range<usize>,
-    d: usize,
-    scale: f32,
-) -> Part {
+/// Attention of `qs` (rows of D, all at the same position) over the keys and values in the rows
+/// `key` and `value` (each D long, in the cache's dtype): scores, softmax, weighted sum. Returns
+/// [rows, D] and each row's log-sum-exp.
+fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scale: f32) -> Part {
     #[cfg(target_arch = "x86_64")]
     if crate::float::has_avx2_fma() && d.is_multiple_of(8) {
-        // Each row looked up once (through the block table), then read where it lies, in the cache's
-        // own dtype (an f16 cache widens in registers: half the bytes from memory, no copy).
-        let k: Vec<&[E]> = keys.clone().map(&key).collect();
-        let v: Vec<&[E]> = keys.map(&value).collect();
+        // Rows read where they lie, in the cache's own dtype (an f16 cache widens in registers: half
+        // the bytes from memory, no copy).
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); D is whole vectors of 8.
-        return unsafe { avx2::attend_one(qs, &k, &v, d, scale) };
+        return unsafe { avx2::attend_one(qs, key, value, d, scale) };
     }
-    // Portable: rows widened once into a [len, D] copy (f32 rows read where they lie).
-    let (first, len) = (keys.start, keys.len());
-    let (mut ks, mut vs) = (Vec::new(), Vec::new());
-    let f32_rows = E::DTYPE == highrise_core::DType::F32;
-    if !f32_rows {
-        (ks, vs) = (vec![0f32; len * d], vec![0f32; len * d]);
-        for pos in 0..len {
-            E::load(key(first + pos), &mut ks[pos * d..(pos + 1) * d]);
-            E::load(value(first + pos), &mut vs[pos * d..(pos + 1) * d]);
-        }
+    // Portable: f32 rows read where they lie, others widened once.
+    fn widen<'r, E: Float>(rows: &[&'r [E]], d: usize) -> Vec<std::borrow::Cow<'r, [f32]>> {
+        rows.iter()
+            .map(|r| match E::as_f32(r) {
+                Some(x) => std::borrow::Cow::Borrowed(x),
+                None => {
+                    let mut w = vec![0f32; d];
+                    E::load(&r[..d], &mut w);
+                    std::borrow::Cow::Owned(w)
+                }
+            })
+            .collect()
     }
-    fn rows_of<'r, E: Float>(get: impl Fn(usize) -> &'r [E], widened: &'r [f32], f32_rows: bool, keys: std::ops::Range<usize>, d: usize) -> Vec<&'r [f32]> {
-        match f32_rows {
-            true => keys.map(|pos| E::as_f32(get(pos)).unwrap_or_default()).collect(),
-            false => widened.chunks_exact(d).collect(),
-        }
-    }
-    let k = rows_of(|p| -> &[E] { key(p) }, &ks, f32_rows, keys.clone(), d);
-    let v = rows_of(|p| -> &[E] { value(p) }, &vs, f32_rows, keys, d);
+    let (k, v) = (widen(key, d), widen(value, d));
+    let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (k.iter().map(|r| &r[..]).collect(), v.iter().map(|r| &r[..]).collect());
     attend_one_portable(qs, &k, &v, d, scale)
 }
 
@@ -267,37 +274,59 @@ mod avx2 {
 
     use crate::float::Float;
 
-    /// `attend_one` for D a multiple of 8: four keys per pass, so one horizontal reduction serves
-    /// four scores; the weighted sum keeps 64 columns of a head's output in registers across keys.
+    /// How many rows ahead of the one in use attention prefetches K and V.
+    const PREFETCH_ROWS: usize = 24;
+
+    /// `attend_one` for D a multiple of 8. Scores: eight keys per pass, one accumulator per key (eight
+    /// independent FMA chains), reduced together into one vector of eight scores. Weighted sum: a
+    /// tile of 16 output columns for up to 6 rows at a time, so each value row is loaded once per
+    /// tile and serves every row (query head) of the group.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scale: f32) -> super::Part {
         let (rows, len) = (qs.len() / d, key.len());
         assert!(value.len() == len && key.iter().chain(value).all(|r| r.len() >= d));
         let mut scores = vec![0f32; rows * len];
-        let dot = |q: *const f32, k: &[E]| {
-            let mut a = _mm256_setzero_ps();
-            for c in (0..d).step_by(8) {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), E::load8(k.as_ptr().add(c)), a);
-            }
-            a
-        };
         let mut pos = 0;
-        while pos + 4 <= len {
-            let ks = &key[pos..pos + 4];
+        // Rows of a cache block are a page or so of their own: fetched ahead, as the hardware's
+        // prefetchers stop at page boundaries.
+        let ahead = |rows: &[&[E]], pos: usize| {
+            if let Some(r) = rows.get(pos + PREFETCH_ROWS) {
+                let bytes = std::mem::size_of_val(*r);
+                for line in (0..bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>((r.as_ptr() as *const i8).add(line));
+                }
+            }
+        };
+        while pos + 8 <= len {
+            let ks: [*const E; 8] = std::array::from_fn(|i| key[pos + i].as_ptr());
+            for i in 0..8 {
+                ahead(key, pos + i);
+            }
             for r in 0..rows {
                 let q = qs.as_ptr().add(r * d);
-                let (a0, a1, a2, a3) = (dot(q, ks[0]), dot(q, ks[1]), dot(q, ks[2]), dot(q, ks[3]));
-                // Lane sums of a0..a3 side by side: [s0 s1 s2 s3].
-                let h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                _mm_storeu_ps(scores.as_mut_ptr().add(r * len + pos), _mm_mul_ps(s, _mm_set1_ps(scale)));
+                let mut a = [_mm256_setzero_ps(); 8];
+                for c in (0..d).step_by(8) {
+                    let qv = _mm256_loadu_ps(q.add(c));
+                    for (a, k) in a.iter_mut().zip(ks) {
+                        *a = _mm256_fmadd_ps(qv, E::load8(k.add(c)), *a);
+                    }
+                }
+                // [a0 a1 a2 a3 | a4 a5 a6 a7] lane sums: pairwise adds, then the two halves.
+                let h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                let h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+                let s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(r * len + pos), _mm256_mul_ps(s, _mm256_set1_ps(scale)));
             }
-            pos += 4;
+            pos += 8;
         }
         while pos < len {
-            let k = key[pos];
+            let k = key[pos].as_ptr();
             for r in 0..rows {
-                let a = dot(qs.as_ptr().add(r * d), k);
+                let q = qs.as_ptr().add(r * d);
+                let mut a = _mm256_setzero_ps();
+                for c in (0..d).step_by(8) {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), E::load8(k.add(c)), a);
+                }
                 let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
                 let s = _mm_hadd_ps(_mm_hadd_ps(s, s), s);
                 scores[r * len + pos] = _mm_cvtss_f32(s) * scale;
@@ -306,23 +335,59 @@ mod avx2 {
         }
         let lse = scores.chunks_exact_mut(len.max(1)).map(super::softmax).collect();
         let mut out = vec![0f32; rows * d];
-        for r in 0..rows {
-            let p = &scores[r * len..(r + 1) * len];
-            for c0 in (0..d).step_by(64) {
-                let w = (d - c0).min(64) / 8;
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (pos, &p) in p.iter().enumerate() {
-                    let (p, v) = (_mm256_set1_ps(p), value[pos].as_ptr().add(c0));
-                    for (j, a) in acc.iter_mut().enumerate().take(w) {
-                        *a = _mm256_fmadd_ps(p, E::load8(v.add(8 * j)), *a);
-                    }
-                }
-                for (j, a) in acc.iter().enumerate().take(w) {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(r * d + c0 + 8 * j), *a);
-                }
+        for r0 in (0..rows).step_by(6) {
+            match rows - r0 {
+                1 => weighted_sum::<E, 1>(&scores, value, r0, d, &mut out),
+                2 => weighted_sum::<E, 2>(&scores, value, r0, d, &mut out),
+                3 => weighted_sum::<E, 3>(&scores, value, r0, d, &mut out),
+                4 => weighted_sum::<E, 4>(&scores, value, r0, d, &mut out),
+                5 => weighted_sum::<E, 5>(&scores, value, r0, d, &mut out),
+                _ => weighted_sum::<E, 6>(&scores, value, r0, d, &mut out),
             }
         }
         (out, lse)
+    }
+
+    /// `out[r] = sum_pos p[r][pos] * value[pos]` for rows r0..r0 + R; `p` [rows, len].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_sum<E: Float, const R: usize>(p: &[f32], value: &[&[E]], r0: usize, d: usize, out: &mut [f32]) {
+        let len = value.len();
+        let ps: [*const f32; R] = std::array::from_fn(|r| p.as_ptr().add((r0 + r) * len));
+        for c in (0..d).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            if c + 16 <= d {
+                for (pos, v) in value.iter().enumerate() {
+                    if c == 0 {
+                        if let Some(r) = value.get(pos + PREFETCH_ROWS) {
+                            for line in (0..std::mem::size_of_val(*r)).step_by(64) {
+                                _mm_prefetch::<_MM_HINT_T0>((r.as_ptr() as *const i8).add(line));
+                            }
+                        }
+                    }
+                    let v = v.as_ptr().add(c);
+                    let (v0, v1) = (E::load8(v), E::load8(v.add(8)));
+                    for (a, p) in acc.iter_mut().zip(ps) {
+                        let p = _mm256_broadcast_ss(&*p.add(pos));
+                        a[0] = _mm256_fmadd_ps(p, v0, a[0]);
+                        a[1] = _mm256_fmadd_ps(p, v1, a[1]);
+                    }
+                }
+            } else {
+                for (pos, v) in value.iter().enumerate() {
+                    let v0 = E::load8(v.as_ptr().add(c));
+                    for (a, p) in acc.iter_mut().zip(ps) {
+                        a[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*p.add(pos)), v0, a[0]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let o = out.as_mut_ptr().add((r0 + r) * d + c);
+                _mm256_storeu_ps(o, a[0]);
+                if c + 16 <= d {
+                    _mm256_storeu_ps(o.add(8), a[1]);
+                }
+            }
+        }
     }
 }
 
@@ -390,12 +455,12 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
             if n == 1 {
                 // Decode: one query position. Each cached K/V row is read once, straight from the
                 // cache, and serves every head of the group; nothing is gathered.
-                return attend_one(&qs, |pos| src.row(k, s, pos, g), |pos| src.row(v, s, pos, g), keys.clone(), d, scale);
+                return attend_one(&qs, &src.rows(k, s, keys.clone(), g), &src.rows(v, s, keys.clone(), g), d, scale);
             }
             let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
-            for pos in 0..visible {
-                C::load(src.row(k, s, pos, g), &mut ks[pos * d..(pos + 1) * d]);
-                C::load(src.row(v, s, pos, g), &mut vs[pos * d..(pos + 1) * d]);
+            for (pos, (kr, vr)) in src.rows(k, s, 0..visible, g).into_iter().zip(src.rows(v, s, 0..visible, g)).enumerate() {
+                C::load(kr, &mut ks[pos * d..(pos + 1) * d]);
+                C::load(vr, &mut vs[pos * d..(pos + 1) * d]);
             }
             // Scores [rows, visible] = scale * Q K^T, then a causal softmax per row, then P V: two
             // GEMMs instead of one dot product per key.
