@@ -242,16 +242,31 @@ fn op_bandwidth_times_a_backend_through_its_ops() {
     assert!(bw.is_finite() && bw > 1e8, "{bw}");
 }
 
-/// Greedy requests are chosen by the backend (`Backend::argmax`); the tokens and log-probabilities
-/// are those of sampling on the host from the downloaded logits.
+/// Greedy requests are chosen by the backend (`Backend::argmax`), and so are draws by temperature,
+/// top-k, top-p and min-p (`Backend::sample`) where no request of the step has penalties; the
+/// tokens and log-probabilities are those of sampling on the host from the downloaded logits.
 #[test]
-fn greedy_on_the_backend_matches_the_host() {
-    let Some(l) = loaded("backend argmax") else { return };
-    let reqs = requests(l);
+fn choosing_on_the_backend_matches_the_host() {
+    let Some(l) = loaded("backend sampling") else { return };
+    let greedy = requests(l);
+    let mut sampled = greedy.clone();
+    for (i, r) in sampled.iter_mut().enumerate() {
+        let s = &mut r.params.sampling;
+        (s.temperature, s.seed) = (0.6 + 0.1 * (i % 5) as f32, i as u64);
+        (s.top_k, s.top_p, s.min_p) = [(0, 1.0, 0.0), (40, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.05), (20, 0.8, 0.02)][i % 5];
+    }
+    let mut penalized = sampled.clone();
+    penalized[3].params.sampling.repetition_penalty = 1.3;
+    for reqs in [greedy, sampled, penalized] {
+        compare_backend_and_host(l, &reqs);
+    }
+}
+
+fn compare_backend_and_host(l: &Loaded, reqs: &[Request]) {
     let run = |host: bool| {
         let mut e = Engine::new(&l.model, &l.tokenizer, EngineConfig::with_kv_memory(&l.model, 64 << 20)).unwrap();
         e.set_host_sampling(host);
-        for r in &reqs {
+        for r in reqs {
             e.submit(r.clone()).unwrap();
         }
         let mut done = e.run_to_completion().unwrap();

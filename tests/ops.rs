@@ -6,7 +6,8 @@
 mod common;
 
 use common::*;
-use highrise::core::ops::{PagedSeq, RopeConfig, RopeScaling};
+use highrise::core::ops::sampling::sample_row;
+use highrise::core::ops::{PagedSeq, RopeConfig, RopeScaling, SampleParams};
 use highrise::core::{DType, Tensor};
 
 const SEQ_LENS: [usize; 4] = [1, 7, 64, 300];
@@ -366,6 +367,70 @@ fn argmax_matches_reference() {
             }
         }
     }
+}
+
+/// Draws on the backend against the definition (`sample_row`) on the same dtype-rounded logits:
+/// greedy, top-k (ties at its edge included), top-p, min-p and their mixes, each row with its own
+/// settings and random number. The token must be the same; its log-probability within 1e-5.
+#[test]
+fn sample_matches_its_definition() {
+    if backend("sample_matches_its_definition").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("sample");
+    for dt in FLOATS {
+        for (rows, v) in [(1, 1), (7, 100), (24, 49152), (3, 128_256)] {
+            let mut x = rng.values(rows * v, 6.0, dt);
+            // Duplicated values, so cuts fall among ties: every row's first 40 copy its next 40.
+            for row in x.chunks_mut(v).filter(|r| r.len() >= 80) {
+                let (a, b) = row[..80].split_at_mut(40);
+                a.copy_from_slice(b);
+            }
+            let xt = upload(dt, &[rows, v], &x);
+            let x: Vec<f32> = download(&xt).into_iter().map(|x| x as f32).collect();
+            let params: Vec<SampleParams> = (0..rows)
+                .map(|r| {
+                    let u = (rng.uniform() + 1.0) / 2.0;
+                    let (temperature, top_k, top_p, min_p) = match r % 6 {
+                        0 => (0.0, 0, 1.0, 0.0),
+                        1 => (1.0, 0, 1.0, 0.0),
+                        2 => (0.7, 1 + rng.below(60) as u32, 1.0, 0.0),
+                        3 => (1.3, 0, 0.2 + 0.7 * u as f32, 0.0),
+                        4 => (0.9, 0, 1.0, 0.05),
+                        _ => (0.8, 50, 0.9, 0.01),
+                    };
+                    SampleParams { temperature, top_k, top_p, min_p, uniform: (rng.uniform() + 1.0) / 2.0 }
+                })
+                .collect();
+            let mut index = Tensor::from_bytes(&be(), DType::U32, &[rows], &vec![0xAB; rows * 4]).unwrap();
+            let mut logprob = poisoned(DType::F32, &[rows]);
+            be().sample(&mut index, &mut logprob, &xt, &params).unwrap();
+            let (index, logprob) = (download(&index), download(&logprob));
+            for (r, row) in x.chunks(v).enumerate() {
+                let (token, lp) = sample_row(row, &params[r]);
+                let what = format!("sample {dt} [{rows}, {v}] row {r} {:?}", params[r]);
+                assert_eq!(index[r], token as f64, "{what}");
+                assert!((logprob[r] - lp as f64).abs() <= 1e-5, "{what}: logprob {} vs {lp}", logprob[r]);
+            }
+        }
+    }
+}
+
+/// A settings entry out of range is refused, naming the row and the field.
+#[test]
+fn sample_refuses_bad_settings() {
+    if backend("sample_refuses_bad_settings").is_none() {
+        return;
+    }
+    let xt = upload(DType::F32, &[2, 10], &[0.5; 20]);
+    let mut index = Tensor::empty(&be(), DType::U32, &[2]).unwrap();
+    let mut logprob = poisoned(DType::F32, &[2]);
+    let ok = SampleParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, uniform: 0.5 };
+    let bad = SampleParams { top_p: 1.5, ..ok };
+    let err = be().sample(&mut index, &mut logprob, &xt, &[ok, bad]).unwrap_err().to_string();
+    assert!(err.contains("sample") && err.contains("params[1]") && err.contains("top_p"), "{err}");
+    let err = be().sample(&mut index, &mut logprob, &xt, &[ok]).unwrap_err().to_string();
+    assert!(err.contains("1 params for 2 rows"), "{err}");
 }
 
 #[test]

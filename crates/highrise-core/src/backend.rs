@@ -223,4 +223,10 @@ impl dyn Backend + '_ {
     pub fn argmax(&self, index: &mut Tensor, logprob: &mut Tensor, x: &Tensor) -> Result<()> {
         self.exec(Op::Argmax(Argmax { index: index.as_mut(), logprob: logprob.as_mut(), x: x.as_ref() }))
     }
+
+    /// A token drawn from each row by its settings, and its log-probability (see [`Sample`]).
+    pub fn sample(&self, index: &mut Tensor, logprob: &mut Tensor, x: &Tensor, params: &[SampleParams]) -> Result<()> {
+        let params = HostSlice::new(params);
+        self.exec(Op::Sample(Sample { index: index.as_mut(), logprob: logprob.as_mut(), x: x.as_ref(), params }))
+    }
 }

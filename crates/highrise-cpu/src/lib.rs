@@ -130,6 +130,7 @@ impl Backend for CpuBackend {
             Op::PagedAttention(o) => attention::paged_attention(&ts, o),
             Op::SwiGlu(o) => mlp::swiglu(&ts, o),
             Op::Argmax(o) => sampling::argmax(&ts, o),
+            Op::Sample(o) => sampling::sample(&ts, o),
         }
     }
 }

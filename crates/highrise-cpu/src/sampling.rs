@@ -1,19 +1,28 @@
-//! Choosing tokens on the backend: greedy argmax with the chosen token's log-probability.
+//! Choosing tokens on the backend: greedy argmax, and draws by temperature / top-k / top-p / min-p,
+//! each with the chosen token's log-probability.
 
-use highrise_core::ops::Argmax;
-use highrise_core::Result;
+use highrise_core::ops::sampling::sample_row;
+use highrise_core::ops::{Argmax, Sample};
+use highrise_core::{Result, TensorRef};
 
 use crate::float::{with_float, Float};
 use crate::storage::Tensors;
 
-pub fn argmax(ts: &Tensors, op: &Argmax) -> Result<()> {
-    let v = op.x.dims()[1];
-    with_float!(op.x.dtype, "argmax", E => {
-        let x = ts.slice::<E>("x", &op.x)?;
+/// `choose(b, row)` for every row b of x [B, V] (widened to f32), rows spread over the team,
+/// writing index[b] and logprob[b].
+fn per_row(
+    ts: &Tensors,
+    op: &str,
+    (index, logprob, x): (&TensorRef, &TensorRef, &TensorRef),
+    choose: impl Fn(usize, &[f32]) -> (u32, f32) + Sync,
+) -> Result<()> {
+    let v = x.dims()[1];
+    with_float!(x.dtype, op, E => {
+        let x = ts.slice::<E>("x", x)?;
         // SAFETY: index and logprob are the op's two outputs, apart from each other and from x
         // (validated).
-        let index = unsafe { ts.slice_mut::<u32>("index", &op.index)? };
-        let logprob = unsafe { ts.slice_mut::<f32>("logprob", &op.logprob)? };
+        let index = unsafe { ts.slice_mut::<u32>("index", index)? };
+        let logprob = unsafe { ts.slice_mut::<f32>("logprob", logprob)? };
         let rows = index.len().min(logprob.len());
         ts.team.rows2(&mut index[..rows], 1, &mut logprob[..rows], 1, 1, |r0, index, logprob| {
             let mut widened = Vec::new();
@@ -24,18 +33,31 @@ pub fn argmax(ts: &Tensors, op: &Argmax) -> Result<()> {
                     E::load(xr, &mut widened);
                     &widened
                 });
-                // The maximum over eight lanes (so it vectorizes; NaN is never the maximum), then
-                // its first column, as a host argmax picks.
-                let mut lanes = [f32::NEG_INFINITY; 8];
-                for c in row.chunks(8) {
-                    lanes.iter_mut().zip(c).for_each(|(l, &val)| *l = l.max(val));
-                }
-                let best = lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-                let at = row.iter().position(|&val| val == best).unwrap_or(0);
-                // x[at] - logsumexp(x) = -ln(sum exp(x - max)).
-                (*i, *lp) = (at as u32, -(crate::float::sum_exp(row, best).ln()) as f32);
+                (*i, *lp) = choose(r0 + b, row);
             }
         });
         Ok(())
     })
+}
+
+pub fn argmax(ts: &Tensors, op: &Argmax) -> Result<()> {
+    per_row(ts, "argmax", (&op.index, &op.logprob, &op.x), |_, row| {
+        // The maximum over eight lanes (so it vectorizes; NaN is never the maximum), then its first
+        // column, as a host argmax picks.
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        for c in row.chunks(8) {
+            lanes.iter_mut().zip(c).for_each(|(l, &val)| *l = l.max(val));
+        }
+        let best = lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        let at = row.iter().position(|&val| val == best).unwrap_or(0);
+        // x[at] - logsumexp(x) = -ln(sum exp(x - max)).
+        (at as u32, -(crate::float::sum_exp(row, best).ln()) as f32)
+    })
+}
+
+/// The definition itself (`sample_row`), row by row: sorting the candidates costs far less than
+/// the unembedding that made the row.
+pub fn sample(ts: &Tensors, op: &Sample) -> Result<()> {
+    let params = op.params.as_slice();
+    per_row(ts, "sample", (&op.index, &op.logprob, &op.x), |b, row| sample_row(row, &params[b]))
 }

@@ -348,6 +348,7 @@ impl Backend for CudaBackend {
             Op::PagedAttention(o) => ops::paged_attention(self, st, o),
             Op::SwiGlu(o) => ops::swiglu(self, o),
             Op::Argmax(o) => ops::argmax(self, o),
+            Op::Sample(o) => ops::sample(self, st, o),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Each op as kernel launches: its metadata uploaded to the scratch buffer, its tensors' device
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
-use highrise_core::ops::{cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, SwiGlu};
+use highrise_core::ops::{
+    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, Sample, SwiGlu,
+};
 use highrise_core::{DType, Error, Result};
 
 use crate::{suffix, CudaBackend, OpState};
@@ -365,6 +367,20 @@ pub fn argmax(be: &CudaBackend, op: &Argmax) -> Result<()> {
     }
     let (index, logprob, x) = (be.ptr("index", &op.index)?, be.ptr("logprob", &op.logprob)?, be.ptr("x", &op.x)?);
     be.launch(&format!("argmax_{s}"), (rows as u32, 1, 1), (1024, 1, 1), &[&index, &logprob, &x, &(v as u32)])
+}
+
+/// A draw per row of logits by its settings (`SampleParams`, 24 bytes each, uploaded): a block of
+/// 512 threads per row (1024 would leave too few registers for f64 exp without spilling), which finds the kept run and the drawn token by radix selection instead of
+/// sorting the vocabulary.
+pub fn sample(be: &CudaBackend, st: &mut OpState, op: &Sample) -> Result<()> {
+    let s = suffix("sample", op.x.dtype)?;
+    let [rows, v] = [op.x.dims()[0], op.x.dims()[1]];
+    if rows == 0 {
+        return Ok(());
+    }
+    let (index, logprob, x) = (be.ptr("index", &op.index)?, be.ptr("logprob", &op.logprob)?, be.ptr("x", &op.x)?);
+    let (_, addr) = be.upload(st, 0, &[bytes_of(op.params.as_slice())])?;
+    be.launch(&format!("sample_{s}"), (rows as u32, 1, 1), (512, 1, 1), &[&index, &logprob, &x, &addr[0], &(v as u32)])
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use highrise_core::ops::PagedSeq;
 use highrise_model::{Batch, Llama, Logits, Result};
 
 use crate::generate::BLOCK_SIZE;
-use crate::sampling::argmax_on_backend;
+use crate::sampling::choose_on_backend;
 
 /// Tokens per second of each repetition of one test.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -71,7 +71,7 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool) ->
             let positions: Vec<u32> = (0..depth as u32).collect();
             let seqs = [PagedSeq { q_len: depth as u32, context_len: depth as u32, blocks_start: 0 }];
             let batch = Batch { tokens: &context, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
-            token = argmax_on_backend(&model.forward(&batch, &mut cache, Logits::Last)?)?[0].0;
+            token = choose_on_backend(&model.forward(&batch, &mut cache, Logits::Last)?, None)?[0].0;
             // Not part of a decoded token's time: drop what an op-by-op profile recorded of it.
             drop(highrise_core::profile::take());
         }
@@ -81,7 +81,7 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool) ->
             let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
             let hooks = taps.then_some(&mut hooks);
             // The backend chooses each token, as the engine does for greedy steps.
-            token = argmax_on_backend(&model.forward_hooked(&batch, &mut cache, Logits::Last, hooks)?)?[0].0;
+            token = choose_on_backend(&model.forward_hooked(&batch, &mut cache, Logits::Last, hooks)?, None)?[0].0;
         }
         m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
     }

@@ -8,12 +8,12 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use highrise_core::ops::PagedSeq;
+use highrise_core::ops::{PagedSeq, SampleParams};
 use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer, Tokenizer};
 
 use crate::blocks::BlockAllocator;
 use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
-use crate::sampling::{argmax_on_backend, top_log_softmax, Sampled, Sampler};
+use crate::sampling::{choose_on_backend, top_log_softmax, Sampled, Sampler};
 
 pub type RequestId = u64;
 
@@ -290,14 +290,27 @@ impl<'m> Engine<'m> {
         let hooks = (!hooks.steer.is_empty()).then_some(&mut hooks);
         let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
         let logits = self.model.forward_hooked(&batch, &mut self.cache, Logits::Last, hooks)?;
-        // When every sequence that samples this step wants the plain argmax (and no alternatives),
-        // the backend chooses: an id and a log-probability per row come back, not the logits.
-        let mut sampling = plan.iter().map(|&(i, n)| (&self.running[i], n)).filter(|(s, n)| s.computed + n >= s.len());
-        let on_backend = !self.host_sampling && sampling.all(|(s, _)| s.sampler.is_plain_greedy() && s.top_logprobs == 0);
-        let (logits, chosen) = if on_backend {
-            (Vec::new(), argmax_on_backend(&logits)?)
-        } else {
-            (logits.to_f32()?, Vec::new())
+        // When no sequence that samples this step has penalties or biases to apply to its logits (nor
+        // wants alternatives), the backend chooses: the argmax if all are greedy, else a draw by each
+        // one's settings. An id and a log-probability per row come back, not the logits.
+        let samples = |s: &Seq, n: usize| s.computed + n >= s.len();
+        let mut sampling = plan.iter().map(|&(i, n)| (&self.running[i], n)).filter(|&(s, n)| samples(s, n));
+        let on_backend = !self.host_sampling && sampling.all(|(s, _)| !s.sampler.penalizes() && s.top_logprobs == 0);
+        let greedy = plan.iter().all(|&(i, n)| !samples(&self.running[i], n) || self.running[i].sampler.is_plain_greedy());
+        let (logits, chosen) = match (on_backend, greedy) {
+            (true, true) => (Vec::new(), choose_on_backend(&logits, None)?),
+            (true, false) => {
+                // A row that does not sample this step (mid-prompt) takes the argmax, unused.
+                let draws: Vec<SampleParams> = plan
+                    .iter()
+                    .map(|&(i, n)| match samples(&self.running[i], n) {
+                        true => self.running[i].sampler.draw(),
+                        false => SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, uniform: 0.0 },
+                    })
+                    .collect();
+                (Vec::new(), choose_on_backend(&logits, Some(&draws))?)
+            }
+            (false, _) => (logits.to_f32()?, Vec::new()),
         };
         let v = self.model.config.vocab_size;
         let mut events = Vec::new();

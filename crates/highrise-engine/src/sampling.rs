@@ -2,6 +2,7 @@
 //! random draw. Each request owns its sampler and its generator state, so the same seed gives the
 //! same tokens whatever else runs beside it.
 
+use highrise_core::ops::sampling::{argmax_row, sample_row, SampleParams};
 use highrise_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -132,60 +133,32 @@ impl Sampler {
 
     /// Picks the next token. `prompt` and `output` are the ids so far (for the penalties).
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Sampled {
-        let p = &self.params;
         let mut logits = logits.to_vec();
         self.penalize(&mut logits, prompt, output);
-        if p.temperature == 0.0 {
-            let token = argmax(&logits);
-            return Sampled { token, logprob: log_softmax_at(&logits, token as usize) };
-        }
-        // Candidates, most likely first, cut by top-k, then top-p, then min-p.
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
-        let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            cand.truncate(k);
-        }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            keep = probs.iter().position(|&q| {
-                acc += q;
-                acc >= p.top_p as f64
-            }).map_or(keep, |i| i + 1);
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p as f64;
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-        }
-        let kept: f64 = probs[..keep].iter().sum();
-        let mut r = self.rng.uniform() * kept;
-        let mut pick = keep - 1;
-        for (i, q) in probs[..keep].iter().enumerate() {
-            if r < *q {
-                pick = i;
-                break;
-            }
-            r -= q;
-        }
-        Sampled { token: cand[pick].0, logprob: (probs[pick] / kept).ln() as f32 }
+        let (token, logprob) = sample_row(&logits, &self.draw());
+        Sampled { token, logprob }
+    }
+
+    /// The settings of the next draw for `Backend::sample` (whose definition `sample` shares),
+    /// taking this request's next random number: for a request without penalties or biases
+    /// (`penalizes` false), whose logits the backend can draw from as they are.
+    pub fn draw(&mut self) -> SampleParams {
+        let p = &self.params;
+        let (temperature, top_k, top_p, min_p) = (p.temperature, p.top_k.min(u32::MAX as usize) as u32, p.top_p, p.min_p);
+        let uniform = if temperature > 0.0 { self.rng.uniform() } else { 0.0 };
+        SampleParams { temperature, top_k, top_p, min_p, uniform }
+    }
+
+    /// Whether penalties or biases change the logits before the draw (then the host draws).
+    pub fn penalizes(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 || !p.logit_bias.is_empty()
     }
 
     /// Whether `sample` is the argmax of the logits as they come (temperature 0, no penalty, no
     /// bias): then the backend can choose the token itself (`Backend::argmax`).
     pub fn is_plain_greedy(&self) -> bool {
-        let p = &self.params;
-        p.temperature == 0.0
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
-            && p.logit_bias.is_empty()
+        self.params.temperature == 0.0 && !self.penalizes()
     }
 
     fn penalize(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {
@@ -221,26 +194,24 @@ impl Sampler {
     }
 }
 
-/// Each row's largest logit (the first, on ties) and its log-probability, chosen by the backend
-/// (`Backend::argmax`): an id and a number per row come back, not the logits [rows, vocab].
-pub fn argmax_on_backend(logits: &Tensor) -> highrise_model::Result<Vec<(u32, f32)>> {
+/// Each row's token chosen by the backend, with its log-probability: the largest logit (the first,
+/// on ties; `Backend::argmax`) where `draws` is None, else a draw by each row's settings
+/// (`Backend::sample`). An id and a number per row come back, not the logits [rows, vocab].
+pub fn choose_on_backend(logits: &Tensor, draws: Option<&[SampleParams]>) -> highrise_model::Result<Vec<(u32, f32)>> {
     let be = logits.backend();
     let rows = logits.dims()[0];
     let mut index = Tensor::empty(be, DType::U32, &[rows])?;
     let mut logprob = Tensor::empty(be, DType::F32, &[rows])?;
-    be.argmax(&mut index, &mut logprob, logits)?;
+    match draws {
+        None => be.argmax(&mut index, &mut logprob, logits)?,
+        Some(params) => be.sample(&mut index, &mut logprob, logits, params)?,
+    }
     Ok(index.to_f32()?.into_iter().map(|i| i as u32).zip(logprob.to_f32()?).collect())
 }
 
-/// The index of the largest logit (the first, on ties).
+/// The index of the largest logit (the first, on ties; NaN never is).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    argmax_row(logits) as u32
 }
 
 /// The `k` largest entries of log-softmax(`logits`), most likely first (ties by id).
@@ -257,12 +228,6 @@ pub fn top_log_softmax(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.truncate(k);
     idx.sort_unstable_by(by_logit);
     idx.into_iter().map(|i| (i, ((logits[i as usize] - max) as f64 - log_sum) as f32)).collect()
-}
-
-fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    ((logits[i] - max) as f64 - sum.ln()) as f32
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm);
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
 //! - [`mlp`]: the SwiGLU gate;
-//! - [`sampling`]: choosing tokens from the logits on the backend (greedy `Argmax`).
+//! - [`sampling`]: choosing tokens from the logits on the backend (greedy `Argmax`, `Sample`).
 //!
 //! (The logits are a [`Linear`] against the unembedding; see `Backend::logits`.)
 //!
@@ -21,7 +21,7 @@ pub use attention::{
 };
 pub use mlp::SwiGlu;
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
-pub use sampling::Argmax;
+pub use sampling::{Argmax, Sample, SampleParams};
 
 use crate::{DType, Error, Result, TensorRef};
 
@@ -39,10 +39,11 @@ pub enum OpKind {
     PagedAttention = 7,
     SwiGlu = 8,
     Argmax = 9,
+    Sample = 10,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 10] = [
+    pub const ALL: [OpKind; 11] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -53,6 +54,7 @@ impl OpKind {
         OpKind::PagedAttention,
         OpKind::SwiGlu,
         OpKind::Argmax,
+        OpKind::Sample,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -71,6 +73,7 @@ impl OpKind {
             OpKind::PagedAttention => "paged_attention",
             OpKind::SwiGlu => "swiglu",
             OpKind::Argmax => "argmax",
+            OpKind::Sample => "sample",
         }
     }
 }
@@ -95,6 +98,7 @@ pub enum Op<'a> {
     PagedAttention(PagedAttention<'a>),
     SwiGlu(SwiGlu<'a>),
     Argmax(Argmax<'a>),
+    Sample(Sample<'a>),
 }
 
 impl Op<'_> {
@@ -110,6 +114,7 @@ impl Op<'_> {
             Op::PagedAttention(_) => OpKind::PagedAttention,
             Op::SwiGlu(_) => OpKind::SwiGlu,
             Op::Argmax(_) => OpKind::Argmax,
+            Op::Sample(_) => OpKind::Sample,
         }
     }
 
@@ -127,6 +132,7 @@ impl Op<'_> {
             Op::PagedAttention(o) => o.out.dtype,
             Op::SwiGlu(o) => o.out.dtype,
             Op::Argmax(o) => o.x.dtype,
+            Op::Sample(o) => o.x.dtype,
         }
     }
 
@@ -152,6 +158,7 @@ impl Op<'_> {
             }
             Op::SwiGlu(o) => vec![("out", o.out), ("gate", o.gate), ("up", o.up)],
             Op::Argmax(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
+            Op::Sample(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -160,7 +167,7 @@ impl Op<'_> {
     /// The tensors the op writes. A backend refuses a call where one of them is also read as input.
     pub fn outputs(&self) -> usize {
         match self {
-            Op::AddRmsNorm(_) | Op::KvWrite(_) | Op::Argmax(_) => 2,
+            Op::AddRmsNorm(_) | Op::KvWrite(_) | Op::Argmax(_) | Op::Sample(_) => 2,
             _ => 1,
         }
     }
@@ -179,6 +186,7 @@ impl Op<'_> {
             Op::PagedAttention(o) => o.validate(&check),
             Op::SwiGlu(o) => o.validate(&check),
             Op::Argmax(o) => o.validate(&check),
+            Op::Sample(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {

@@ -2,7 +2,7 @@
 //! log-probability per sequence instead of a whole row of the vocabulary.
 
 use super::{Check, CheckResult};
-use crate::{DType, TensorRef};
+use crate::{DType, HostSlice, TensorRef};
 
 /// Greedy choice: `index[b] = argmax_v x[b, v]` (the lowest index among equal maxima) and
 /// `logprob[b] = x[b, index[b]] - logsumexp_v x[b, v]`. x [B, V] float; index [B] u32; logprob [B] f32.
@@ -33,5 +33,175 @@ impl Argmax<'_> {
             return Err(format!("logprob must be f32, is {}", self.logprob.dtype));
         }
         c.dims("logprob", &self.logprob, &[rows])
+    }
+}
+
+/// One row's settings for [`Sample`]. Penalties and logit biases are the caller's, applied to the
+/// logits before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    /// 0: greedy, exactly [`Argmax`].
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: u32,
+    /// Keep the shortest run of most likely tokens whose probability adds up to top_p (1: all).
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p times the most likely one (0: none).
+    pub min_p: f32,
+    /// The row's random draw, uniform in [0, 1).
+    pub uniform: f64,
+}
+
+impl SampleParams {
+    /// Checks the ranges; the error names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let p = self;
+        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
+            return Err(format!("temperature {} is not >= 0", p.temperature));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(format!("top_p {} is not in (0, 1]", p.top_p));
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return Err(format!("min_p {} is not in [0, 1]", p.min_p));
+        }
+        if !(0.0..1.0).contains(&p.uniform) {
+            return Err(format!("uniform {} is not in [0, 1)", p.uniform));
+        }
+        Ok(())
+    }
+}
+
+/// A draw from each row's distribution: `index[b]` is the token chosen from row b of x [B, V] by
+/// `params[b]`, `logprob[b]` its log-probability among the tokens kept. [`sample_row`] is the
+/// definition: the tokens ordered by `x / temperature` (ties by lower index), the first top_k kept,
+/// then the shortest run of those whose probabilities (renormalized) add up to top_p, then those at
+/// least min_p times as likely as the first (at least one); the draw walks the kept run in order.
+/// index [B] u32; logprob [B] f32; params: B entries.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Sample<'a> {
+    pub index: TensorRef<'a>,
+    pub logprob: TensorRef<'a>,
+    pub x: TensorRef<'a>,
+    pub params: HostSlice<'a, SampleParams>,
+}
+
+impl Sample<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        Argmax { index: self.index, logprob: self.logprob, x: self.x }.validate(c)?;
+        let rows = self.x.dims()[0];
+        if self.params.len() != rows {
+            return Err(format!("{} params for {rows} rows", self.params.len()));
+        }
+        for (b, p) in self.params.as_slice().iter().enumerate() {
+            p.validate().map_err(|e| format!("params[{b}]: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The first index of the largest value (NaN never is), as [`Argmax`] picks.
+pub fn argmax_row(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in row.iter().enumerate() {
+        if l > row[best] || row[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `row[i] - logsumexp(row)`, summed in f64.
+pub fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    ((row[i] - max) as f64 - sum.ln()) as f32
+}
+
+/// [`Sample`] for one row of logits: (token, its log-probability among those kept).
+pub fn sample_row(row: &[f32], p: &SampleParams) -> (u32, f32) {
+    if p.temperature == 0.0 {
+        let token = argmax_row(row);
+        return (token as u32, log_softmax_at(row, token));
+    }
+    let by_value = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut cand: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+    let k = if p.top_k == 0 { cand.len() } else { (p.top_k as usize).min(cand.len()) };
+    if k < cand.len() {
+        cand.select_nth_unstable_by(k - 1, by_value);
+        cand.truncate(k);
+    }
+    cand.sort_unstable_by(by_value);
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|q| *q /= total);
+    let mut keep = probs.len();
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        keep = probs
+            .iter()
+            .position(|&q| {
+                acc += q;
+                acc >= p.top_p as f64
+            })
+            .map_or(keep, |i| i + 1);
+    }
+    if p.min_p > 0.0 {
+        let floor = probs[0] * p.min_p as f64;
+        keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+    }
+    let kept: f64 = probs[..keep].iter().sum();
+    let mut r = p.uniform * kept;
+    let mut pick = keep - 1;
+    for (i, q) in probs[..keep].iter().enumerate() {
+        if r < *q {
+            pick = i;
+            break;
+        }
+        r -= q;
+    }
+    (cand[pick].0, (probs[pick] / kept).ln() as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: u32, top_p: f32, min_p: f32, uniform: f64) -> SampleParams {
+        SampleParams { temperature, top_k, top_p, min_p, uniform }
+    }
+
+    #[test]
+    fn the_draw_walks_the_kept_tokens_in_order() {
+        // Probabilities at temperature 1: ln of 0.5, 0.25, 0.125, 0.125 (tokens 2, 0, 1, 3).
+        let row = [0.25f32.ln(), 0.125f32.ln(), 0.5f32.ln(), 0.125f32.ln()];
+        let draw = |p: SampleParams| sample_row(&row, &p);
+        assert_eq!(draw(params(1.0, 0, 1.0, 0.0, 0.0)).0, 2);
+        assert_eq!(draw(params(1.0, 0, 1.0, 0.0, 0.6)).0, 0);
+        // The 0.125 tie: token 1 before token 3.
+        assert_eq!(draw(params(1.0, 0, 1.0, 0.0, 0.8)).0, 1);
+        assert_eq!(draw(params(1.0, 0, 1.0, 0.0, 0.99)).0, 3);
+        // top_k 2 keeps tokens 2 and 0 (0.75 of the mass): 0.6 of it falls on token 0.
+        let (t, lp) = draw(params(1.0, 2, 1.0, 0.0, 0.7));
+        assert_eq!(t, 0);
+        assert!((lp - (1.0f32 / 3.0).ln()).abs() < 1e-6, "{lp}");
+        // top_p 0.5 keeps token 2 alone; min_p 0.3 keeps tokens 2 and 0 (0.25 >= 0.15).
+        assert_eq!(draw(params(1.0, 0, 0.5, 0.0, 0.99)), (2, 0.0));
+        assert_eq!(draw(params(1.0, 0, 1.0, 0.3, 0.99)).0, 0);
+        // Greedy: the argmax and its log-softmax.
+        let (t, lp) = draw(params(0.0, 0, 1.0, 0.0, 0.5));
+        assert_eq!(t, 2);
+        assert!((lp - 0.5f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn out_of_range_settings_name_the_field() {
+        assert!(params(-1.0, 0, 1.0, 0.0, 0.0).validate().unwrap_err().contains("temperature"));
+        assert!(params(1.0, 0, 0.0, 0.0, 0.0).validate().unwrap_err().contains("top_p"));
+        assert!(params(1.0, 0, 1.0, 2.0, 0.0).validate().unwrap_err().contains("min_p"));
+        assert!(params(1.0, 0, 1.0, 0.0, 1.0).validate().unwrap_err().contains("uniform"));
     }
 }

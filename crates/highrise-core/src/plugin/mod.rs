@@ -23,8 +23,8 @@ pub use loader::{
 };
 
 /// Bumped on any change to the vtable or to a type that crosses it (`Op` and the op structs,
-/// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout).
-pub const ABI_VERSION: u32 = 4;
+/// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`).
+pub const ABI_VERSION: u32 = 5;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
