@@ -85,13 +85,8 @@ struct Seq {
 
 /// Where the K/V rows of a sequence live.
 trait KvSource<E>: Sync {
-    /// The K (or V) row of K/V head `g` at context position `pos` of sequence `seq`.
-    fn row<'a>(&self, cache: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E];
-
-    /// The rows of head `g` at positions `keys`, in order.
-    fn rows<'a>(&self, cache: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]> {
-        keys.map(|pos| self.row(cache, seq, pos, g)).collect()
-    }
+    /// The K (or V) rows of K/V head `g` at context positions `keys` of sequence `seq`, in order.
+    fn rows<'a>(&self, cache: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]>;
 }
 
 /// K/V of whole prompts laid end to end: [T, kv_heads, D].
@@ -102,9 +97,9 @@ struct Contiguous {
 }
 
 impl<E> KvSource<E> for Contiguous {
-    fn row<'a>(&self, kv: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E] {
-        let at = ((self.starts[seq] + pos) * self.hkv + g) * self.d;
-        &kv[at..at + self.d]
+    fn rows<'a>(&self, kv: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]> {
+        let row = |pos: usize| (self.starts[seq] + pos) * self.hkv + g;
+        keys.map(|pos| &kv[row(pos) * self.d..(row(pos) + 1) * self.d]).collect()
     }
 }
 
@@ -118,12 +113,6 @@ struct Paged<'t> {
 }
 
 impl<E> KvSource<E> for Paged<'_> {
-    fn row<'a>(&self, cache: &'a [E], seq: usize, pos: usize, g: usize) -> &'a [E] {
-        let block = self.table[self.blocks_start[seq] + pos / self.block_size] as usize;
-        let at = ((block * self.hkv + g) * self.block_size + pos % self.block_size) * self.d;
-        &cache[at..at + self.d]
-    }
-
     /// A block's rows of one head lie together: one table lookup per block, not per row.
     fn rows<'a>(&self, cache: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]> {
         let (bs, d) = (self.block_size, self.d);
