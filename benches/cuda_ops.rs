@@ -80,21 +80,26 @@ fn main() {
                 random(&b, DType::BF16, &[t, hkv, d], 1.0),
             );
             let mut out = Tensor::empty(&b, DType::BF16, &[t, hq, d]).unwrap();
-            // Causal: half the T x T scores, two GEMM-like products (QK^T and PV) of 2 flops each.
-            let flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * (hq * d) as f64;
             let scale = 1.0 / (d as f32).sqrt();
-            // The tensor-core kernel, and (at the shorter lengths) the split kernel it replaced.
-            let kernels: &[(&str, &str)] = if t <= 2048 { &[("flash", "auto"), ("split", "split")] } else { &[("flash", "auto")] };
-            for &(kernel, choice) in kernels {
+            // The tensor-core kernel, causal and not, and (causal, at the shorter lengths) the split
+            // kernel it replaced.
+            let mut kernels = vec![("flash", "auto", true), ("flash", "auto", false)];
+            if t <= 2048 {
+                kernels.push(("split", "split", true));
+            }
+            for (kernel, choice, causal) in kernels {
+                // Two GEMM-like products (QK^T and PV) of 2 flops per score; causal: half the T x T.
+                let flops = 2.0 * 2.0 * (t * t) as f64 * (hq * d) as f64 / if causal { 2.0 } else { 1.0 };
+                let mask = if causal { "causal" } else { "full" };
                 std::env::set_var("HIGHRISE_CUDA_ATTENTION", choice);
-                let mut run = || b.attention(&mut out, &q, &k, &v, &[t as u32], scale).unwrap();
+                let mut run = || b.attention_with(&mut out, &q, &k, &v, &[t as u32], scale, causal).unwrap();
                 g.throughput(Throughput::Elements(flops as u64));
-                g.bench_function(BenchmarkId::new(format!("{kernel}_bf16_d{d}_causal"), t), |bn| {
+                g.bench_function(BenchmarkId::new(format!("{kernel}_bf16_d{d}_{mask}"), t), |bn| {
                     bn.iter_custom(|iters| time(&b, iters, &mut run))
                 });
                 let secs = time(&b, 5, &mut run).as_secs_f64() / 5.0;
                 rows.push(Row {
-                    test: format!("attention prefill ({kernel}) d{d} causal T={t}"),
+                    test: format!("attention prefill ({kernel}) d{d} {mask} T={t}"),
                     figure: flops / secs / 1e12,
                     unit: "TFLOP/s",
                     ceiling: gemm_rate / 1e12,

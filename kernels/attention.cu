@@ -259,11 +259,12 @@ FOR_EACH_DTYPE(ATTENTION)
 // accumulators); the online softmax works on the accumulator fragments: a thread holds two rows
 // (lane/4 and lane/4 + 8) of each 16x8 tile, and a row's four threads are one quad (shuffles 1, 2).
 // P goes from S's accumulator layout straight into the A operand of the next MMA (two adjacent 16x8
-// tiles of S are one 16x16 A fragment). Causal; sequences of any lengths laid end to end; grouped-
-// query heads read their shared K/V head. tiles[4 t .. 4 t + 4] = the tile's first query row (in q
-// and out), its rows, the position of that row within its sequence (the keys it sees end there), and
-// where the sequence's keys start: a token row of k/v (contiguous prompts, table null), or an offset
-// into the block table (the paged cache: chunked prefill after a cached prefix).
+// tiles of S are one 16x16 A fragment). Causal or not; sequences of any lengths laid end to end;
+// grouped-query heads read their shared K/V head. tiles[5 t .. 5 t + 5] = the tile's first query row
+// (in q and out), its rows, the position of that row within its sequence (causal: the keys it sees
+// end there), where the sequence's keys start: a token row of k/v (contiguous prompts, table null),
+// or an offset into the block table (the paged cache: chunked prefill after a cached prefix), and
+// how many of its keys the tile's rows see at most.
 
 #define FA_ROWS 64
 #define FA_KEYS 64
@@ -293,12 +294,14 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
     __shared__ __align__(16) u16 ks[FA_KEYS][D + FA_PAD];
     __shared__ __align__(16) u16 vs[FA_KEYS][D + FA_PAD];
     const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
-    const u32 q0 = tiles[4 * tile], rows = tiles[4 * tile + 1], pos0 = tiles[4 * tile + 2], kbase = tiles[4 * tile + 3];
+    const u32 q0 = tiles[5 * tile], rows = tiles[5 * tile + 1], pos0 = tiles[5 * tile + 2], kbase = tiles[5 * tile + 3];
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 quad = lane & 3, r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;  // rows within the tile
     // Positions within the sequence; rows past the tile's end act as its last row (never written).
     const u32 pos_lo = pos0 + min(r_lo, rows - 1), pos_hi = pos0 + min(r_hi, rows - 1);
-    const u32 keys_end = pos0 + rows;  // keys 0..keys_end of the sequence are seen by some row
+    // Keys 0..keys_end of the sequence are seen by some row (causal: pos0 + rows; without the causal
+    // mask, the whole prompt, and pos0 at or past its end so that no key is masked by position).
+    const u32 keys_end = tiles[5 * tile + 4];
 
     // Q as A fragments, one per 16 dims: rows r_lo / r_hi, dims 16 kk + 2 quad (+1, +8, +9).
     u32 qa[D / 16][4];
@@ -354,8 +357,8 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const u32 key = kb + nt * 8 + 2 * quad + e;
-                s[nt][e] = key <= pos_lo ? s[nt][e] * scale_log2 : -INFINITY;
-                s[nt][2 + e] = key <= pos_hi ? s[nt][2 + e] * scale_log2 : -INFINITY;
+                s[nt][e] = key <= pos_lo && key < keys_end ? s[nt][e] * scale_log2 : -INFINITY;
+                s[nt][2 + e] = key <= pos_hi && key < keys_end ? s[nt][2 + e] * scale_log2 : -INFINITY;
                 mx_lo = fmaxf(mx_lo, s[nt][e]);
                 mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
             }

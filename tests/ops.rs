@@ -190,6 +190,8 @@ fn rope_llama3_scaling_follows_the_reference_formula() {
 /// (q heads, kv heads) for grouped-query ratios 1, 3 and 4.
 const GQA: [(usize, usize); 3] = [(4, 4), (9, 3), (8, 2)];
 
+/// Prefill attention over whole prompts, causal (a decoder's) and not (each token sees its whole
+/// prompt), with grouped-query heads.
 #[test]
 pub fn prefill_attention_is_causal_gqa() {
     if backend("prefill_attention_is_causal_gqa").is_none() {
@@ -197,41 +199,44 @@ pub fn prefill_attention_is_causal_gqa() {
     }
     let mut rng = Rng::new("attention");
     for dt in FLOATS {
-        for (hq, hkv) in GQA {
-            for d in [64, 128] {
-                for t in SEQ_LENS {
-                    check_prefill(&mut rng, dt, hq, hkv, d, &[t]);
+        for causal in [true, false] {
+            for (hq, hkv) in GQA {
+                for d in [64, 128] {
+                    for t in SEQ_LENS {
+                        check_prefill(&mut rng, dt, hq, hkv, d, &[t], causal);
+                    }
                 }
             }
+            // Several prompts of different lengths in one batch (one past a 64-row tile).
+            check_prefill(&mut rng, dt, 9, 3, 64, &[7, 1, 100, 3], causal);
         }
-        // Several prompts of different lengths in one batch.
-        check_prefill(&mut rng, dt, 9, 3, 64, &[7, 1, 64, 3]);
     }
 }
 
-fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens: &[usize]) {
+fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens: &[usize], causal: bool) {
     let t: usize = lens.iter().sum();
     let (q, k, v) = (rng.values(t * hq * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt));
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = poisoned(dt, &[t, hq, d]);
     let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
     be()
-        .attention(
+        .attention_with(
             &mut out,
             &upload(dt, &[t, hq, d], &q),
             &upload(dt, &[t, hkv, d], &k),
             &upload(dt, &[t, hkv, d], &v),
             &lens32,
             scale as f32,
+            causal,
         )
         .unwrap();
     let got = download(&out);
     let mut at = 0;
     for &l in lens {
         let (qs, ks) = (&q[at * hq * d..(at + l) * hq * d], at * hkv * d..(at + l) * hkv * d);
-        let what = format!("attention {dt} hq={hq} hkv={hkv} D={d} lens={lens:?} (seq at {at})");
-        let exact = ref_attention(qs, &k[ks.clone()], &v[ks.clone()], hq, hkv, d, scale, Rd::Exact);
-        let naive = ref_attention(qs, &k[ks.clone()], &v[ks], hq, hkv, d, scale, Rd::Naive(dt));
+        let what = format!("attention {dt} hq={hq} hkv={hkv} D={d} lens={lens:?} causal={causal} (seq at {at})");
+        let exact = ref_attention(qs, &k[ks.clone()], &v[ks.clone()], hq, hkv, d, scale, causal, Rd::Exact);
+        let naive = ref_attention(qs, &k[ks.clone()], &v[ks], hq, hkv, d, scale, causal, Rd::Naive(dt));
         assert_close(&what, dt, &got[at * hq * d..(at + l) * hq * d], &exact, &naive);
         at += l;
     }
@@ -329,8 +334,8 @@ fn check_paged_in(rng: &mut Rng, dt: DType, cache_dt: DType, hq: usize, hkv: usi
     let mut at = 0;
     for ((&(ctx, q_len), qv), (k, v)) in batch.iter().zip(&qs).zip(&kvs) {
         let what = format!("paged_attention {dt} (cache {cache_dt}) hq={hq} hkv={hkv} D={d} context={ctx} queries={q_len}");
-        let exact = ref_attention(qv, k, v, hq, hkv, d, scale, Rd::Exact);
-        let naive = ref_attention(qv, k, v, hq, hkv, d, scale, Rd::Naive(dt));
+        let exact = ref_attention(qv, k, v, hq, hkv, d, scale, true, Rd::Exact);
+        let naive = ref_attention(qv, k, v, hq, hkv, d, scale, true, Rd::Naive(dt));
         assert_close(&what, dt, &got[at * hq * d..(at + q_len) * hq * d], &exact, &naive);
         at += q_len;
     }

@@ -202,12 +202,14 @@ pub fn ref_attention(
     hkv: usize,
     d: usize,
     scale: f64,
+    causal: bool,
     rd: Rd,
 ) -> Vec<f64> {
     let (tq, tk) = (q.len() / (hq * d), k.len() / (hkv * d));
     let mut out = vec![0.0; q.len()];
     for i in 0..tq {
-        let pos = tk - tq + i;
+        // The last key query i sees: its own position (the queries are the last tq of tk), or all.
+        let pos = if causal { tk - tq + i } else { tk - 1 };
         for h in 0..hq {
             let g = h / (hq / hkv);
             let qr = &q[(i * hq + h) * d..][..d];

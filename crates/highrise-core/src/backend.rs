@@ -154,7 +154,13 @@ impl dyn Backend + '_ {
     }
 
     /// Causal grouped-query attention over whole prompts laid end to end.
-    pub fn attention(
+    pub fn attention(&self, out: &mut Tensor, q: &Tensor, k: &Tensor, v: &Tensor, seq_lens: &[u32], scale: f32) -> Result<()> {
+        self.attention_with(out, q, k, v, seq_lens, scale, true)
+    }
+
+    /// `attention`, causal or not (`causal: false`: every query sees its whole prompt).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with(
         &self,
         out: &mut Tensor,
         q: &Tensor,
@@ -162,6 +168,7 @@ impl dyn Backend + '_ {
         v: &Tensor,
         seq_lens: &[u32],
         scale: f32,
+        causal: bool,
     ) -> Result<()> {
         self.exec(Op::Attention(Attention {
             out: out.as_mut(),
@@ -170,6 +177,7 @@ impl dyn Backend + '_ {
             v: v.as_ref(),
             seq_lens: HostSlice::new(seq_lens),
             scale,
+            causal,
         }))
     }
 

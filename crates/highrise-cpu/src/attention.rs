@@ -81,6 +81,8 @@ struct Seq {
     q_start: usize,
     q_len: usize,
     context_len: usize,
+    /// Query i sees up to its own position (else the whole context).
+    causal: bool,
 }
 
 /// Where the K/V rows of a sequence live.
@@ -137,7 +139,7 @@ pub fn attention(ts: &Tensors, op: &Attention) -> Result<()> {
     let mut at = 0;
     for &len in op.seq_lens.as_slice() {
         let len = len as usize;
-        seqs.push(Seq { q_start: at, q_len: len, context_len: len });
+        seqs.push(Seq { q_start: at, q_len: len, context_len: len, causal: op.causal });
         starts.push(at);
         at += len;
     }
@@ -158,7 +160,7 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
     let mut blocks_start = Vec::new();
     let mut at = 0;
     for s in op.seqs.as_slice() {
-        seqs.push(Seq { q_start: at, q_len: s.q_len as usize, context_len: s.context_len as usize });
+        seqs.push(Seq { q_start: at, q_len: s.q_len as usize, context_len: s.context_len as usize, causal: true });
         blocks_start.push(s.blocks_start as usize);
         at += s.q_len as usize;
     }
@@ -383,8 +385,8 @@ mod avx2 {
 /// Queries per work unit: small enough to spread one long prompt over the threads.
 const Q_BLOCK: usize = 32;
 
-/// Causal attention: query i of a sequence sits at position `context_len - q_len + i` and attends to
-/// positions 0..=that. q, out [T, hq, D].
+/// Attention: query i of a sequence sits at position `context_len - q_len + i` and attends to
+/// positions 0..=that (causal), or to the whole context. q, out [T, hq, D].
 #[allow(clippy::too_many_arguments)]
 fn attend<E: Float, C: Float, S: KvSource<C>>(
     team: &Team,
@@ -410,8 +412,11 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
             })
         })
         .collect();
-    // Keys a block can see: up to its last query's position.
-    let visible = |&(s, _, i0, n): &(usize, usize, usize, usize)| seqs[s].context_len - seqs[s].q_len + i0 + n;
+    // Keys a block can see: up to its last query's position (causal), or all.
+    let visible = |&(s, _, i0, n): &(usize, usize, usize, usize)| match seqs[s].causal {
+        true => seqs[s].context_len - seqs[s].q_len + i0 + n,
+        false => seqs[s].context_len,
+    };
     // A decode step has few blocks (one per K/V head: 3 for the default model, on 2 threads): one
     // query's context is split into parts (flash-decoding) so every thread gets an even share;
     // parts are merged by their log-sum-exp. Parts keep at least MIN_PART_KEYS keys.
@@ -466,7 +471,7 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
                 );
             }
             for (r, row) in p.chunks_exact_mut(visible).enumerate() {
-                let len = first_pos + i0 + r / group + 1;
+                let len = if seq.causal { first_pos + i0 + r / group + 1 } else { visible };
                 let (seen, masked) = row.split_at_mut(len);
                 softmax(seen);
                 masked.fill(0.0);

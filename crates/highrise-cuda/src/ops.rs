@@ -179,14 +179,14 @@ struct QueryRows {
 }
 
 /// Prefill: sequences laid end to end; query i of a sequence starting at token `start` sees keys
-/// start..=start + i.
-fn prefill_rows(seq_lens: &[u32]) -> QueryRows {
+/// start..=start + i (causal), or all of its sequence's.
+fn prefill_rows(seq_lens: &[u32], causal: bool) -> QueryRows {
     let (mut base, mut nkeys) = (Vec::new(), Vec::new());
     let mut start = 0u32;
     for &len in seq_lens {
         for i in 0..len {
             base.push(start);
-            nkeys.push(i + 1);
+            nkeys.push(if causal { i + 1 } else { len });
         }
         start += len;
     }
@@ -273,14 +273,17 @@ fn flash_fits(dtype: DType, d: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && matches!(d, 64 | 128) && attention_choice() == "auto"
 }
 
-/// The tiles of 64 query rows `flash_attn_*` takes, 4 numbers each (see kernels/attention.cu): per
+/// The tiles of 64 query rows `flash_attn_*` takes, 5 numbers each (see kernels/attention.cu): per
 /// sequence, (its first query row, its queries, the position of the first query, where its keys
-/// start).
-fn flash_tiles(seqs: impl Iterator<Item = (u32, u32, u32, u32)>) -> Vec<u32> {
+/// start). Causal: a tile's rows see keys up to their own positions; otherwise every key of the
+/// sequence (its queries are the last of its `pos0 + q_len` tokens), positions set past them all.
+fn flash_tiles(seqs: impl Iterator<Item = (u32, u32, u32, u32)>, causal: bool) -> Vec<u32> {
     let mut tiles = Vec::new();
     for (q_start, q_len, pos0, kbase) in seqs {
         for r0 in (0..q_len).step_by(64) {
-            tiles.extend([q_start + r0, (q_len - r0).min(64), pos0 + r0, kbase]);
+            let rows = (q_len - r0).min(64);
+            let (pos, keys) = if causal { (pos0 + r0, pos0 + r0 + rows) } else { (pos0 + q_len, pos0 + q_len) };
+            tiles.extend([q_start + r0, rows, pos, kbase, keys]);
         }
     }
     tiles
@@ -308,7 +311,7 @@ fn flash(
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     be.launch(
         &format!("flash_attn_d{d}_{s}"),
-        ((tiles.len() / 4) as u32, hq32, 1),
+        ((tiles.len() / 5) as u32, hq32, 1),
         (128, 1, 1),
         &[&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2],
     )
@@ -320,13 +323,16 @@ pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<(
     let [t, d] = [op.q.dims()[0], op.q.dims()[2]];
     if flash_fits(op.out.dtype, d) && t > 0 {
         let mut start = 0;
-        let tiles = flash_tiles(op.seq_lens.as_slice().iter().map(|&len| {
-            start += len;
-            (start - len, len, 0, start - len)
-        }));
+        let tiles = flash_tiles(
+            op.seq_lens.as_slice().iter().map(|&len| {
+                start += len;
+                (start - len, len, 0, start - len)
+            }),
+            op.causal,
+        );
         return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], &tiles, None, op.scale);
     }
-    let rows = prefill_rows(op.seq_lens.as_slice());
+    let rows = prefill_rows(op.seq_lens.as_slice(), op.causal);
     attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
 }
 
@@ -341,10 +347,13 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     let seqs = op.seqs.as_slice();
     if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && seqs.iter().all(|s| s.q_len >= 2) {
         let mut start = 0;
-        let tiles = flash_tiles(seqs.iter().map(|s| {
-            start += s.q_len;
-            (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
-        }));
+        let tiles = flash_tiles(
+            seqs.iter().map(|s| {
+                start += s.q_len;
+                (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
+            }),
+            true,
+        );
         return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], &tiles, table, op.scale);
     }
     let rows = paged_rows(seqs);
@@ -391,18 +400,22 @@ mod tests {
     #[test]
     fn flash_tiles_cut_sequences_into_64_rows() {
         // Two contiguous prompts of 100 and 3 tokens: keys start at each prompt's own first row.
-        let tiles = flash_tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter());
-        assert_eq!(tiles, [0, 64, 0, 0, 64, 36, 64, 0, 100, 3, 0, 100]);
+        let tiles = flash_tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), true);
+        assert_eq!(tiles, [0, 64, 0, 0, 64, 64, 36, 64, 0, 100, 100, 3, 0, 100, 3]);
         // A 70-token chunk after a 30-token cached prefix, its keys found from table offset 5.
-        let tiles = flash_tiles([(0, 70, 30, 5)].into_iter());
-        assert_eq!(tiles, [0, 64, 30, 5, 64, 6, 94, 5]);
+        let tiles = flash_tiles([(0, 70, 30, 5)].into_iter(), true);
+        assert_eq!(tiles, [0, 64, 30, 5, 94, 64, 6, 94, 5, 100]);
+        // Not causal: every row of a prompt sees all of it; positions past its last key.
+        let tiles = flash_tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), false);
+        assert_eq!(tiles, [0, 64, 100, 0, 100, 64, 36, 100, 0, 100, 100, 3, 3, 100, 3]);
     }
 
     #[test]
     fn query_rows_see_their_own_prefix() {
-        let r = prefill_rows(&[2, 3]);
+        let r = prefill_rows(&[2, 3], true);
         assert_eq!(r.base, vec![0, 0, 2, 2, 2]);
         assert_eq!(r.nkeys, vec![1, 2, 1, 2, 3]);
+        assert_eq!(prefill_rows(&[2, 3], false).nkeys, vec![2, 2, 3, 3, 3]);
         // A decode step (1 query after 9 cached tokens) and a 2-token chunk after 4.
         let r = paged_rows(&[
             PagedSeq { q_len: 1, context_len: 10, blocks_start: 0 },

@@ -141,8 +141,10 @@ impl Rope<'_> {
     }
 }
 
-/// Causal self-attention over a batch of whole prompts laid end to end (prefill), with grouped-query
+/// Self-attention over a batch of whole prompts laid end to end (prefill), with grouped-query
 /// heads: query head h reads K/V head `h / (q_heads / kv_heads)`, without copying K/V per head.
+/// Causal (a decoder's prompt: token i sees tokens 0..=i of its prompt) or not (each token sees its
+/// whole prompt, as in an encoder).
 /// out, q [T, q_heads, D]; k, v [T, kv_heads, D]; seq_lens: the prompts' lengths, summing to T.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -154,6 +156,7 @@ pub struct Attention<'a> {
     pub seq_lens: HostSlice<'a, u32>,
     /// Usually 1/sqrt(D).
     pub scale: f32,
+    pub causal: bool,
 }
 
 impl Attention<'_> {

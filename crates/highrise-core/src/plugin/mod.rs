@@ -23,8 +23,9 @@ pub use loader::{
 };
 
 /// Bumped on any change to the vtable or to a type that crosses it (`Op` and the op structs,
-/// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`).
-pub const ABI_VERSION: u32 = 5;
+/// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`;
+/// 6: `Attention::causal`).
+pub const ABI_VERSION: u32 = 6;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
