@@ -193,7 +193,9 @@ pub fn ref_rope(x: &[f64], positions: &[u32], inv_freq: &[f64], heads: usize, rd
     out
 }
 
-/// Causal attention of `q` [Tq, Hq, D] (the last Tq positions) over `k`, `v` [Tk, Hkv, D].
+/// Attention of `q` [Tq, Hq, D] (the last Tq positions) over `k`, `v` [Tk, Hkv, D]: causal (each
+/// query up to its own position), or every query over every key.
+#[allow(clippy::too_many_arguments)]
 pub fn ref_attention(
     q: &[f64],
     k: &[f64],
