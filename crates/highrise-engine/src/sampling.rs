@@ -52,16 +52,10 @@ impl SamplingParams {
 
     /// Checks the ranges; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
+        // The draw's own settings, checked as `Backend::sample` checks them.
+        let (temperature, top_p, min_p) = (self.temperature, self.top_p, self.min_p);
+        SampleParams { temperature, top_k: 0, top_p, min_p, uniform: 0.0 }.validate()?;
         let bad = |field: &str, v: f32, range: &str| Err(format!("{field} = {v} is out of range ({range})"));
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad("temperature", self.temperature, ">= 0");
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", self.top_p, "0 < top_p <= 1");
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return bad("min_p", self.min_p, "0 <= min_p <= 1");
-        }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return bad("repetition_penalty", self.repetition_penalty, "> 0");
         }
