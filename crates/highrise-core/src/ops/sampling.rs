@@ -122,12 +122,26 @@ pub fn log_softmax_at(row: &[f32], i: usize) -> f32 {
 
 /// [`Sample`] for one row of logits: (token, its log-probability among those kept).
 pub fn sample_row(row: &[f32], p: &SampleParams) -> (u32, f32) {
+    sample_row_in(row, p, &mut SampleScratch::default())
+}
+
+/// The buffers `sample_row_in` works in (a vocabulary's worth each), kept between rows.
+#[derive(Default)]
+pub struct SampleScratch {
+    cand: Vec<(u32, f32)>,
+    probs: Vec<f64>,
+}
+
+/// `sample_row` in reusable buffers.
+pub fn sample_row_in(row: &[f32], p: &SampleParams, scratch: &mut SampleScratch) -> (u32, f32) {
     if p.temperature == 0.0 {
         let token = argmax_row(row);
         return (token as u32, log_softmax_at(row, token));
     }
     let by_value = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut cand: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+    let SampleScratch { cand, probs } = scratch;
+    cand.clear();
+    cand.extend(row.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)));
     let k = if p.top_k == 0 { cand.len() } else { (p.top_k as usize).min(cand.len()) };
     if k < cand.len() {
         cand.select_nth_unstable_by(k - 1, by_value);
@@ -135,7 +149,8 @@ pub fn sample_row(row: &[f32], p: &SampleParams) -> (u32, f32) {
     }
     cand.sort_unstable_by(by_value);
     let max = cand[0].1;
-    let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+    probs.clear();
+    probs.extend(cand.iter().map(|c| ((c.1 - max) as f64).exp()));
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|q| *q /= total);
     let mut keep = probs.len();
