@@ -210,7 +210,7 @@ __device__ __forceinline__ Cut select_cut(const SampleRow<D> r, Cut lim, double 
     return found == 0xffffffffu ? lim : Cut{prefix, found};
 }
 
-// The weight (count, or MASS: e) of the tokens within lim that pass `keep` (all if null).
+// The weight (count, or MASS: e) of the tokens within lim whose e is at least min_e.
 template <class D, bool MASS>
 __device__ __forceinline__ double weight_within(const SampleRow<D> r, Cut lim, float min_e, SampleShared* s) {
     double w = 0.0;

@@ -268,6 +268,17 @@ mod avx2 {
     /// How many rows ahead of the one in use attention prefetches K and V.
     const PREFETCH_ROWS: usize = 24;
 
+    /// Fetches the row `PREFETCH_ROWS` after `pos`, if any, into cache: rows of a cache block are a
+    /// page or so of their own, and the hardware's prefetchers stop at page boundaries.
+    #[inline(always)]
+    unsafe fn fetch_ahead<E>(rows: &[&[E]], pos: usize) {
+        if let Some(r) = rows.get(pos + PREFETCH_ROWS) {
+            for line in (0..std::mem::size_of_val(*r)).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>((r.as_ptr() as *const i8).add(line));
+            }
+        }
+    }
+
     /// `attend_one` for D a multiple of 8. Scores: eight keys per pass, one accumulator per key (eight
     /// independent FMA chains), reduced together into one vector of eight scores. Weighted sum: a
     /// tile of 16 output columns for up to 6 rows at a time, so each value row is loaded once per
@@ -278,20 +289,10 @@ mod avx2 {
         assert!(value.len() == len && key.iter().chain(value).all(|r| r.len() >= d));
         let mut scores = vec![0f32; rows * len];
         let mut pos = 0;
-        // Rows of a cache block are a page or so of their own: fetched ahead, as the hardware's
-        // prefetchers stop at page boundaries.
-        let ahead = |rows: &[&[E]], pos: usize| {
-            if let Some(r) = rows.get(pos + PREFETCH_ROWS) {
-                let bytes = std::mem::size_of_val(*r);
-                for line in (0..bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>((r.as_ptr() as *const i8).add(line));
-                }
-            }
-        };
         while pos + 8 <= len {
             let ks: [*const E; 8] = std::array::from_fn(|i| key[pos + i].as_ptr());
             for i in 0..8 {
-                ahead(key, pos + i);
+                fetch_ahead(key, pos + i);
             }
             for r in 0..rows {
                 let q = qs.as_ptr().add(r * d);
@@ -349,11 +350,7 @@ mod avx2 {
             if c + 16 <= d {
                 for (pos, v) in value.iter().enumerate() {
                     if c == 0 {
-                        if let Some(r) = value.get(pos + PREFETCH_ROWS) {
-                            for line in (0..std::mem::size_of_val(*r)).step_by(64) {
-                                _mm_prefetch::<_MM_HINT_T0>((r.as_ptr() as *const i8).add(line));
-                            }
-                        }
+                        fetch_ahead(value, pos);
                     }
                     let v = v.as_ptr().add(c);
                     let (v0, v1) = (E::load8(v), E::load8(v.add(8)));
@@ -456,8 +453,8 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
                 C::load(kr, &mut ks[pos * d..(pos + 1) * d]);
                 C::load(vr, &mut vs[pos * d..(pos + 1) * d]);
             }
-            // Scores [rows, visible] = scale * Q K^T, then a causal softmax per row, then P V: two
-            // GEMMs instead of one dot product per key.
+            // Scores [rows, visible] = scale * Q K^T, then a softmax per row (causal: over the keys
+            // up to its position), then P V: two GEMMs instead of one dot product per key.
             let mut p = vec![0f32; rows * visible];
             let mut res = vec![0f32; rows * d];
             // SAFETY: every pointer and stride describes a buffer allocated just above with those
