@@ -455,3 +455,22 @@ fn swiglu_matches_reference() {
         }
     }
 }
+
+/// `Backend::copy` (through `Tensor::copy_from`) moves bytes inside the backend's memory; a copy
+/// between tensors of different sizes is refused.
+#[test]
+fn copy_moves_bytes_within_the_backend() {
+    if backend("copy_moves_bytes_within_the_backend").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("copy");
+    for dt in FLOATS {
+        let v = rng.values(1000, 1.0, dt);
+        let src = upload(dt, &[10, 100], &v);
+        let mut dst = poisoned(dt, &[10, 100]);
+        dst.copy_from(&src).unwrap();
+        assert_eq!(download(&dst), v, "{dt}");
+        let mut short = poisoned(dt, &[999]);
+        assert!(short.copy_from(&src).is_err());
+    }
+}

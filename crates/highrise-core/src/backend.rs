@@ -52,6 +52,14 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
+    /// Copies `bytes` from one allocation to another (or within one, the ranges apart), in the
+    /// backend's memory, queued after the ops before it. The default goes through the host.
+    fn copy(&self, dst: Handle, dst_offset: usize, src: Handle, src_offset: usize, bytes: usize) -> Result<()> {
+        let mut tmp = vec![0u8; bytes];
+        self.read(src, src_offset, &mut tmp)?;
+        self.write(dst, dst_offset, &tmp)
+    }
+
     /// Waits until all queued work is done (a no-op where ops run synchronously).
     fn synchronize(&self) -> Result<()> {
         Ok(())

@@ -345,6 +345,26 @@ impl Tensor {
         self.backend.write(self.handle, 0, &bytes)
     }
 
+    /// Copies `src`'s bytes over this tensor's, in the backend's memory (`Backend::copy`): both on
+    /// one backend, of one size in bytes.
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        if !Arc::ptr_eq(&self.backend, &src.backend) {
+            return Err(Error::Invalid("Tensor::copy_from: the tensors live on different backends".into()));
+        }
+        if self.size_bytes() != src.size_bytes() {
+            return Err(Error::Invalid(format!(
+                "Tensor::copy_from: {}{} ({} bytes) from {}{} ({} bytes)",
+                self.dtype,
+                self.shape,
+                self.size_bytes(),
+                src.dtype,
+                src.shape,
+                src.size_bytes()
+            )));
+        }
+        self.backend.copy(self.handle, 0, src.handle, 0, self.size_bytes())
+    }
+
     /// Overwrites the whole tensor with `value` (tests use NaN to poison outputs before an op), a
     /// chunk of at most 1 MiB at a time, so filling a large KV cache takes no large host buffer.
     pub fn fill(&mut self, value: f32) -> Result<()> {

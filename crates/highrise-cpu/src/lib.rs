@@ -109,6 +109,15 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn copy(&self, dst: Handle, dst_offset: usize, src: Handle, src_offset: usize, bytes: usize) -> Result<()> {
+        let from = Storage::get(self.id, src)?.range(src_offset, bytes)?;
+        let to = Storage::get(self.id, dst)?.writable()?.range(dst_offset, bytes)?;
+        // SAFETY: both ranges are inside their allocations (checked); `copy` handles overlap, should
+        // the caller pass overlapping ranges of one allocation.
+        unsafe { std::ptr::copy(from, to, bytes) };
+        Ok(())
+    }
+
     fn run(&self, op: &Op<'_>) -> Result<()> {
         op.validate()?;
         if !self.supports(op.kind(), op.dtype()) {

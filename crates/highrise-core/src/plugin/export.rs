@@ -44,6 +44,7 @@ impl<B: Exportable> Table<B> {
         write: write::<B>,
         read: read::<B>,
         run: run::<B>,
+        copy: copy::<B>,
         synchronize: synchronize::<B>,
     };
 }
@@ -196,6 +197,18 @@ unsafe extern "C" fn read<B: Exportable>(
 unsafe extern "C" fn run<B: Exportable>(ctx: *mut c_void, op: *const Op<'_>, err: *mut ErrOut) -> Status {
     let op = &*op;
     guard::<B>(err, op.kind().name(), || backend::<B>(ctx).run(op))
+}
+
+unsafe extern "C" fn copy<B: Exportable>(
+    ctx: *mut c_void,
+    dst: Handle,
+    dst_offset: usize,
+    src: Handle,
+    src_offset: usize,
+    len: usize,
+    err: *mut ErrOut,
+) -> Status {
+    guard::<B>(err, "copy", || backend::<B>(ctx).copy(dst, dst_offset, src, src_offset, len))
 }
 
 unsafe extern "C" fn synchronize<B: Exportable>(ctx: *mut c_void, err: *mut ErrOut) -> Status {

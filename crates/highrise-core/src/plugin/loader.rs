@@ -283,6 +283,11 @@ impl Backend for PluginBackend {
         self.call(|err| unsafe { (self.vtable.run)(self.ctx, op, err) })
     }
 
+    fn copy(&self, dst: Handle, dst_offset: usize, src: Handle, src_offset: usize, bytes: usize) -> Result<()> {
+        // SAFETY: valid ctx and err; the handles are checked by the plugin.
+        self.call(|err| unsafe { (self.vtable.copy)(self.ctx, dst, dst_offset, src, src_offset, bytes, err) })
+    }
+
     fn synchronize(&self) -> Result<()> {
         // SAFETY: valid ctx and err.
         self.call(|err| unsafe { (self.vtable.synchronize)(self.ctx, err) })

@@ -24,8 +24,8 @@ pub use loader::{
 
 /// Bumped on any change to the vtable or to a type that crosses it (`Op` and the op structs,
 /// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`;
-/// 6: `Attention::causal`).
-pub const ABI_VERSION: u32 = 6;
+/// 6: `Attention::causal`; 7: `copy`).
+pub const ABI_VERSION: u32 = 7;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
@@ -113,6 +113,16 @@ pub struct VTable {
         err: *mut ErrOut,
     ) -> Status,
     pub run: unsafe extern "C" fn(ctx: *mut c_void, op: *const Op<'_>, err: *mut ErrOut) -> Status,
+    /// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset`, in backend memory.
+    pub copy: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        dst: Handle,
+        dst_offset: usize,
+        src: Handle,
+        src_offset: usize,
+        len: usize,
+        err: *mut ErrOut,
+    ) -> Status,
     pub synchronize: unsafe extern "C" fn(ctx: *mut c_void, err: *mut ErrOut) -> Status,
 }
 
