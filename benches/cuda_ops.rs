@@ -46,8 +46,8 @@ fn main() {
         Ok(c) => Arc::new(c),
         Err(e) => return println!("skipped: no CUDA device ({e})"),
     };
-    let copy_bw = cuda.copy_bandwidth(1 << 30, 10).unwrap();
-    let b: Arc<dyn Backend> = cuda.clone();
+    let b: Arc<dyn Backend> = cuda;
+    let copy_bw = highrise::engine::bench::device_copy_bandwidth(&b, 1 << 30, 10).unwrap();
     let quick = std::env::var_os("HIGHRISE_BENCH_QUICK").is_some();
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))

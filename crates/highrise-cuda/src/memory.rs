@@ -10,8 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use cudarc::driver::result as drv;
-use highrise_core::{Error, Result};
+use highrise_core::Result;
+
+use crate::driver::Driver;
 
 /// The size class of an allocation: 512-byte steps below 1 MiB, 2 MiB steps above.
 pub fn size_class(bytes: usize) -> usize {
@@ -27,19 +28,19 @@ pub fn size_class(bytes: usize) -> usize {
 /// next power of two, at least `min`. `what` names it in errors.
 ///
 /// # Safety
-/// The context is bound to the calling thread; `*ptr` (0 for none) is a buffer of ours. Freeing it
-/// waits for the kernels still using it.
-pub unsafe fn grow(ptr: &mut u64, cap: &mut usize, need: usize, min: usize, what: &str) -> Result<()> {
+/// The context is bound to the calling thread; `*ptr` (0 for none) is a buffer of `drv`'s. Freeing
+/// it waits for the kernels still using it.
+pub unsafe fn grow(drv: &dyn Driver, ptr: &mut u64, cap: &mut usize, need: usize, min: usize, what: &str) -> Result<()> {
     if *cap >= need.max(1) {
         return Ok(());
     }
     if *ptr != 0 {
-        drv::free_sync(*ptr).map_err(|e| Error::Backend(format!("cuda: freeing {what}: {e:?}")))?;
+        drv.free(*ptr);
         *ptr = 0;
         *cap = 0;
     }
     let bytes = need.next_power_of_two().max(min);
-    *ptr = drv::malloc_sync(bytes).map_err(|e| Error::OutOfMemory(format!("cuda: {what} of {bytes} bytes: {e:?}")))?;
+    *ptr = drv.malloc(bytes).map_err(|e| highrise_core::Error::OutOfMemory(format!("cuda: {what} of {bytes} bytes: {e}")))?;
     *cap = bytes;
     Ok(())
 }
@@ -57,17 +58,17 @@ impl BufferCache {
     ///
     /// # Safety
     /// The context is bound to the calling thread.
-    pub unsafe fn alloc(&mut self, class: usize) -> Result<u64> {
+    pub unsafe fn alloc(&mut self, drv: &dyn Driver, class: usize) -> Result<u64> {
         if let Some(p) = self.free.get_mut(&class).and_then(Vec::pop) {
             self.cached -= class;
             return Ok(p);
         }
-        match drv::malloc_sync(class) {
+        match drv.malloc(class) {
             Ok(p) => Ok(p),
             Err(_) => {
                 // Out of memory, perhaps only because of what the cache holds: give it back, retry.
-                self.release_all();
-                drv::malloc_sync(class).map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {class} bytes: {e:?}")))
+                self.release_all(drv);
+                drv.malloc(class)
             }
         }
     }
@@ -81,10 +82,10 @@ impl BufferCache {
     ///
     /// # Safety
     /// The context is bound to the calling thread.
-    pub unsafe fn release_all(&mut self) {
+    pub unsafe fn release_all(&mut self, drv: &dyn Driver) {
         for (_, ptrs) in std::mem::take(&mut self.free) {
             for p in ptrs {
-                let _ = drv::free_sync(p);
+                drv.free(p);
             }
         }
         self.cached = 0;
@@ -116,7 +117,7 @@ impl UploadCache {
     /// # Safety
     /// The context is bound to the calling thread, and no other thread uploads until the kernels
     /// that read the returned address are queued (the backend runs one op at a time).
-    pub unsafe fn get(&mut self, bytes: &[u8]) -> Result<u64> {
+    pub unsafe fn get(&mut self, drv: &dyn Driver, bytes: &[u8]) -> Result<u64> {
         self.clock += 1;
         if let Some(e) = self.entries.iter_mut().find(|e| e.content == bytes) {
             e.last_use = self.clock;
@@ -129,11 +130,11 @@ impl UploadCache {
             (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_use).expect("entries")
         };
         let e = &mut self.entries[i];
-        grow(&mut e.ptr, &mut e.cap, bytes.len(), 4096, "op metadata")?;
+        grow(drv, &mut e.ptr, &mut e.cap, bytes.len(), 4096, "op metadata")?;
         e.content.clear();
         e.content.extend_from_slice(bytes);
         if !bytes.is_empty() {
-            drv::memcpy_htod_sync(e.ptr, bytes).map_err(|err| Error::Backend(format!("cuda: uploading op metadata: {err:?}")))?;
+            drv.htod(e.ptr, bytes)?;
         }
         e.last_use = self.clock;
         Ok(e.ptr)
@@ -141,10 +142,10 @@ impl UploadCache {
 
     /// # Safety
     /// The context is bound to the calling thread.
-    pub unsafe fn release_all(&mut self) {
+    pub unsafe fn release_all(&mut self, drv: &dyn Driver) {
         for e in self.entries.drain(..) {
             if e.ptr != 0 {
-                let _ = drv::free_sync(e.ptr);
+                drv.free(e.ptr);
             }
         }
     }
@@ -153,6 +154,43 @@ impl UploadCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::{DeviceInfo, Gemm, Launch};
+
+    /// A driver that must not be called: the cache serves everything itself.
+    struct NoDriver;
+
+    impl Driver for NoDriver {
+        fn device(&self) -> DeviceInfo {
+            unreachable!()
+        }
+        fn bind(&self) -> Result<()> {
+            unreachable!()
+        }
+        unsafe fn malloc(&self, _: usize) -> Result<u64> {
+            unreachable!()
+        }
+        unsafe fn free(&self, _: u64) {
+            unreachable!()
+        }
+        unsafe fn htod(&self, _: u64, _: &[u8]) -> Result<()> {
+            unreachable!()
+        }
+        unsafe fn dtoh(&self, _: &mut [u8], _: u64) -> Result<()> {
+            unreachable!()
+        }
+        unsafe fn dtod(&self, _: u64, _: u64, _: usize) -> Result<()> {
+            unreachable!()
+        }
+        unsafe fn launch(&self, _: &Launch<'_>) -> Result<()> {
+            unreachable!()
+        }
+        unsafe fn gemm(&self, _: &Gemm) -> Result<()> {
+            unreachable!()
+        }
+        fn synchronize(&self) -> Result<()> {
+            unreachable!()
+        }
+    }
 
     #[test]
     fn size_classes_round_up() {
@@ -169,9 +207,10 @@ mod tests {
         c.put(1024, 7);
         c.put(1024, 9);
         assert_eq!(c.cached, 2048);
+        let drv = NoDriver;
         // SAFETY: both requests are served from the cache; the driver is never called.
-        assert_eq!(unsafe { c.alloc(1024) }.unwrap(), 9);
-        assert_eq!(unsafe { c.alloc(1024) }.unwrap(), 7);
+        assert_eq!(unsafe { c.alloc(&drv, 1024) }.unwrap(), 9);
+        assert_eq!(unsafe { c.alloc(&drv, 1024) }.unwrap(), 7);
         assert_eq!(c.cached, 0);
     }
 }

@@ -6,6 +6,7 @@ use highrise_core::ops::{
 };
 use highrise_core::{DType, Error, Result};
 
+use crate::driver::Gemm;
 use crate::{suffix, CudaBackend, OpState};
 
 /// Threads per block for row-wise kernels (norms, gathers).
@@ -57,13 +58,14 @@ pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
     be.launch(&format!("add_rms_norm_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &res, &delta, &w, &w_dt, &h, &op.eps])
 }
 
-/// `out [T, N] = x [T, K] @ weight [N, K]^T (+ bias)` with cuBLAS, which is column-major: there the
-/// row-major weight is a K x N matrix and x a K x T one, so out (N x T column-major, i.e. [T, N]
-/// row-major) = op_T(weight) * x. f32 accumulation (pedantic for f32: no TF32 rounding).
+/// `out [T, N] = x [T, K] @ weight [N, K]^T (+ bias)` with cuBLAS (f32 accumulation; pedantic for
+/// f32: no TF32 rounding).
 ///
-/// Weights and activations in the same dtype multiply directly. Mixed dtypes (which the model
+/// Weights and activations in the same dtype and no bias: one GEMM, rounded once into `out`. With a
+/// bias, the GEMM writes f32 to the workspace and the bias is added there before the one rounding to
+/// `out` (adding it to an already rounded product would round twice). Mixed dtypes (which the model
 /// loader avoids: it converts weights to the activations' dtype) go through f32 copies in the
-/// scratch buffer: exact, but they convert the weight on every call.
+/// workspace: exact, but they convert the weight on every call.
 pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     let act = op.x.dtype;
     let s = suffix("linear", act)?;
@@ -74,68 +76,32 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     let bias = be.opt_ptr("bias", &op.bias)?;
     let bias_dt = if bias != 0 { float_code("linear", "bias", op.bias.dtype)? } else { 0 };
     let (n32, total) = (n as u32, (t * n) as u64);
-    if op.weight.dtype == act {
-        gemm(be, act, t, k, n, x, w, out)?;
-        if bias != 0 {
-            be.launch(&format!("add_bias_{s}"), cover(total, 256), (256, 1, 1), &[&out, &bias, &bias_dt, &n32, &total])?;
-        }
-        return Ok(());
+    let gemm = |input, output, x, w, out| {
+        // SAFETY: the three matrices lie inside their allocations (checked by `ptr` against the
+        // validated shapes, or carved from the workspace below).
+        unsafe { be.driver.gemm(&Gemm { input, output, t, k, n, x, w, out }) }
+    };
+    if op.weight.dtype == act && bias == 0 {
+        return gemm(act, act, x, w, out);
     }
-    // Mixed: x, weight and the product in f32 scratch, the bias added in f32, one rounding at the end.
     let align = |b: usize| b.div_ceil(256) * 256;
-    let (xb, wb, ob) = (align(t * k * 4), align(n * k * 4), align(t * n * 4));
+    let same = op.weight.dtype == act;
+    let (xb, wb, ob) = if same { (0, 0, align(t * n * 4)) } else { (align(t * k * 4), align(n * k * 4), align(t * n * 4)) };
     let (work, _) = be.upload(st, xb + wb + ob, &[])?;
-    let (x32, w32, o32) = (work, work + xb as u64, work + (xb + wb) as u64);
-    let (x_dt, xn, wn) = (act as u32, (t * k) as u64, (n * k) as u64);
-    be.launch("to_f32", cover(xn, 256), (256, 1, 1), &[&x32, &x, &x_dt, &xn])?;
-    be.launch("to_f32", cover(wn, 256), (256, 1, 1), &[&w32, &w, &w_dt, &wn])?;
-    gemm(be, DType::F32, t, k, n, x32, w32, o32)?;
+    let o32 = work + (xb + wb) as u64;
+    if same {
+        gemm(act, DType::F32, x, w, o32)?;
+    } else {
+        let (x32, w32) = (work, work + xb as u64);
+        let (x_dt, xn, wn) = (act as u32, (t * k) as u64, (n * k) as u64);
+        be.launch("to_f32", cover(xn, 256), (256, 1, 1), &[&x32, &x, &x_dt, &xn])?;
+        be.launch("to_f32", cover(wn, 256), (256, 1, 1), &[&w32, &w, &w_dt, &wn])?;
+        gemm(DType::F32, DType::F32, x32, w32, o32)?;
+    }
     if bias != 0 {
         be.launch("add_bias_f32", cover(total, 256), (256, 1, 1), &[&o32, &bias, &bias_dt, &n32, &total])?;
     }
     be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])
-}
-
-/// `out [T, N] = x [T, K] @ w [N, K]^T`, all three in `dtype`, through cuBLAS.
-#[allow(clippy::too_many_arguments)]
-fn gemm(be: &CudaBackend, dtype: DType, t: usize, k: usize, n: usize, x: u64, w: u64, out: u64) -> Result<()> {
-    use cudarc::cublas::sys::{cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t, cudaDataType as Ty};
-    let (ty, compute) = match dtype {
-        DType::F32 => (Ty::CUDA_R_32F, Compute::CUBLAS_COMPUTE_32F_PEDANTIC),
-        DType::F16 => (Ty::CUDA_R_16F, Compute::CUBLAS_COMPUTE_32F),
-        DType::BF16 => (Ty::CUDA_R_16BF, Compute::CUBLAS_COMPUTE_32F),
-        other => return Err(Error::Unsupported(format!("linear: the cuda backend does not support {other}"))),
-    };
-    let int = |v: usize| i32::try_from(v).map_err(|_| Error::Unsupported(format!("linear: dimension {v} exceeds cuBLAS's int range")));
-    let (m, nn, kk) = (int(n)?, int(t)?, int(k)?);
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let blas = be.blas.lock().map_err(|_| Error::Backend("cuda: cuBLAS lock poisoned".into()))?;
-    // SAFETY: the three matrices lie inside their allocations (checked by the caller against the
-    // validated shapes); the handle is used under its lock; the stream is the default one.
-    unsafe {
-        cudarc::cublas::result::gemm_ex(
-            blas.0,
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            m,
-            nn,
-            kk,
-            &alpha as *const f32 as *const _,
-            w as *const _,
-            ty,
-            kk,
-            x as *const _,
-            ty,
-            kk,
-            &beta as *const f32 as *const _,
-            out as *mut _,
-            ty,
-            m,
-            compute,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(|e| Error::Backend(format!("linear: cublasGemmEx [{t}, {k}] x [{n}, {k}]^T in {dtype}: {e:?}")))
 }
 
 pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
@@ -169,6 +135,13 @@ pub fn kv_write(be: &CudaBackend, st: &mut OpState, op: &KvWrite) -> Result<()> 
     let (k, v) = (be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.slots.as_slice())])?;
     be.launch(&format!("kv_write_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size])
+}
+
+/// The KV heads of attention's keys: axis 1 both of a prompt's K [T, kv_heads, D] and of a paged
+/// cache [blocks, kv_heads, block_size, D]. (Taking the second-to-last axis, as the first GPU run
+/// found, read the cache's block_size instead.)
+fn kv_heads(k: &highrise_core::TensorRef) -> usize {
+    k.dims()[1]
 }
 
 /// What attention needs per query row: where its keys start (a token row, or an offset into the
@@ -228,7 +201,7 @@ fn attend(
 ) -> Result<()> {
     let s = suffix(name, out.dtype)?;
     let [t, hq, d] = [q.dims()[0], q.dims()[1], q.dims()[2]];
-    let hkv = *k.dims().get(k.dims().len() - 2).expect("validated rank");
+    let hkv = kv_heads(k);
     if !crate::kernels::HEAD_DIMS.contains(&d) {
         return Err(Error::Unsupported(format!("{name}: head dim {d} (the cuda kernels take {:?})", crate::kernels::HEAD_DIMS)));
     }
@@ -302,7 +275,7 @@ fn flash(
 ) -> Result<()> {
     let s = suffix(name, out.dtype)?;
     let [hq, d] = [q.dims()[1], q.dims()[2]];
-    let hkv = *k.dims().get(k.dims().len() - 2).expect("validated rank");
+    let hkv = kv_heads(k);
     let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
     let (table_bytes, block_size) = table.map_or((&[][..], 0), |(t, bs)| (bytes_of(t), bs));
     let (_, addr) = be.upload(st, 0, &[bytes_of(tiles), table_bytes])?;

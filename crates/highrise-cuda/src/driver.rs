@@ -1,0 +1,284 @@
+//! The seam between the CUDA backend's host code and the device: every allocation, copy, kernel
+//! launch and GEMM the backend makes goes through a [`Driver`]. [`CudaDriver`] is the real one
+//! (cudarc: the driver API and cuBLAS). [`crate::recording::RecordingDriver`] is one without a GPU:
+//! its "device memory" is host memory and its launches are checked against the kernels' own PTX and
+//! recorded, not run, so that the host side of every op runs in CI (tests/cuda_host.rs).
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result as drv, sys as drv_sys, CudaContext};
+use highrise_core::{DType, Error, Result};
+
+/// A kernel parameter as cuLaunchKernel takes it: the address of its value.
+pub type Param = *mut c_void;
+
+/// One kernel launch: the kernel's symbol, its grid and block, its dynamic shared memory, and the
+/// address of each argument's value, in the kernel's parameter order.
+pub struct Launch<'a> {
+    pub kernel: &'a str,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+    pub params: &'a [Param],
+}
+
+/// `out [t, n] = x [t, k] @ w [n, k]^T` (row-major), x and w in `input`, out in `output`, f32
+/// accumulation: what cuBLAS runs for the linear op.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub input: DType,
+    pub output: DType,
+    pub t: usize,
+    pub k: usize,
+    pub n: usize,
+    pub x: u64,
+    pub w: u64,
+    pub out: u64,
+}
+
+/// A range of device memory an op was given: one of its tensors (with its dtype and shape), an
+/// uploaded metadata array, or its workspace. A checking driver holds each launch of the op to the
+/// regions it was given.
+#[derive(Clone, Debug)]
+pub struct Region {
+    pub name: String,
+    pub ptr: u64,
+    pub bytes: usize,
+    /// The tensor's dtype and dims; `None` for metadata and workspace.
+    pub tensor: Option<(DType, Vec<usize>)>,
+}
+
+/// What the backend needs to know of the device.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// The device's name, e.g. "NVIDIA H200".
+    pub name: String,
+    /// The NVRTC architecture kernels are compiled for ("sm_90a").
+    pub arch: String,
+    pub sms: u32,
+}
+
+/// The device operations of the CUDA backend.
+///
+/// # Safety
+/// The `unsafe` methods take device addresses: the caller guarantees that they lie inside live
+/// allocations of this driver (a checking driver verifies it and refuses otherwise) and, for the
+/// real driver, that the context is bound to the calling thread (`bind`).
+pub trait Driver: Send + Sync {
+    fn device(&self) -> DeviceInfo;
+
+    /// Makes the driver's context current on the calling thread.
+    fn bind(&self) -> Result<()>;
+
+    /// # Safety
+    /// See the trait.
+    unsafe fn malloc(&self, bytes: usize) -> Result<u64>;
+
+    /// # Safety
+    /// `ptr` came from `malloc` and is not used again. Waits for the kernels still using it.
+    unsafe fn free(&self, ptr: u64);
+
+    /// # Safety
+    /// `dst..dst + src.len()` is device memory of ours.
+    unsafe fn htod(&self, dst: u64, src: &[u8]) -> Result<()>;
+
+    /// # Safety
+    /// `src..src + dst.len()` is device memory of ours. Waits for the kernels queued before it.
+    unsafe fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()>;
+
+    /// # Safety
+    /// Both ranges of `bytes` are device memory of ours.
+    unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
+
+    /// Queues a kernel on the default stream.
+    ///
+    /// # Safety
+    /// `params` match the kernel's signature and every device address among them is ours.
+    unsafe fn launch(&self, launch: &Launch<'_>) -> Result<()>;
+
+    /// Queues a GEMM on the default stream.
+    ///
+    /// # Safety
+    /// The three matrices lie inside allocations of ours.
+    unsafe fn gemm(&self, gemm: &Gemm) -> Result<()>;
+
+    fn synchronize(&self) -> Result<()>;
+
+    /// Whether this driver checks launches against the regions of each op (`begin_op`, `region`);
+    /// the backend skips collecting them otherwise.
+    fn checks(&self) -> bool {
+        false
+    }
+
+    /// An op starts: its launches may touch only `regions` (and those added by `region`) from now
+    /// until the next `begin_op`.
+    fn begin_op(&self, op: &str, regions: Vec<Region>) {
+        let _ = (op, regions);
+    }
+
+    /// One more region of the current op: an upload or its workspace.
+    fn region(&self, region: Region) {
+        let _ = region;
+    }
+}
+
+fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
+    move |e| Error::Backend(format!("cuda: {what}: {e:?}"))
+}
+
+/// A kernel entry point. CUfunction handles may be used from any thread of the process.
+#[derive(Clone, Copy)]
+struct Func(drv_sys::CUfunction);
+// SAFETY: CUfunction handles are valid in every thread of the process (the CUDA driver API is
+// thread-safe); the module they belong to is never unloaded.
+unsafe impl Send for Func {}
+unsafe impl Sync for Func {}
+
+struct Blas(cudarc::cublas::sys::cublasHandle_t);
+// SAFETY: a cuBLAS handle may be used from any thread as long as one thread uses it at a time: it
+// lives behind a Mutex.
+unsafe impl Send for Blas {}
+
+/// The real driver: a CUDA context on one device, every kernel of `kernels/` loaded, and cuBLAS.
+pub struct CudaDriver {
+    ctx: Arc<CudaContext>,
+    info: DeviceInfo,
+    functions: HashMap<String, Func>,
+    blas: Mutex<Blas>,
+}
+
+impl CudaDriver {
+    /// Opens device `ordinal`, compiles (or loads from the cache) every kernel for it, and starts
+    /// cuBLAS. Call `crate::probe` first: cudarc panics where the libraries are missing.
+    pub fn new(ordinal: usize) -> Result<CudaDriver> {
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("creating the context"))?;
+        let (major, minor) = ctx.compute_capability().map_err(driver_err("compute capability"))?;
+        let arch = crate::arch_for(major, minor);
+        let name = ctx.name().map_err(driver_err("device name"))?;
+        let sms = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_err("multiprocessor count"))? as u32;
+        let mut functions = HashMap::new();
+        for (file, ptx) in crate::nvrtc::compile_all(&arch)? {
+            let image = CString::new(ptx).map_err(|_| Error::Backend(format!("cuda: PTX of {file} has a NUL byte")))?;
+            // SAFETY: the context is current (bound by CudaContext::new); image is NUL-terminated PTX.
+            let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(driver_err(&format!("loading the module of {file}")))?;
+            for symbol in crate::ptx::entries(image.to_str().unwrap_or_default()) {
+                let c = CString::new(symbol.clone()).expect("PTX symbols have no NUL");
+                // SAFETY: module is live (never unloaded: kernels live as long as the process).
+                let f = unsafe { drv::module::get_function(module, c) }.map_err(driver_err(&format!("kernel {symbol}")))?;
+                functions.insert(symbol, Func(f));
+            }
+        }
+        let blas = cudarc::cublas::result::create_handle().map_err(|e| Error::Backend(format!("cuda: cublasCreate: {e:?}")))?;
+        Ok(CudaDriver { ctx, info: DeviceInfo { name, arch, sms }, functions, blas: Mutex::new(Blas(blas)) })
+    }
+}
+
+impl Driver for CudaDriver {
+    fn device(&self) -> DeviceInfo {
+        self.info.clone()
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver_err("binding the context"))
+    }
+
+    unsafe fn malloc(&self, bytes: usize) -> Result<u64> {
+        drv::malloc_sync(bytes).map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {bytes} bytes: {e:?}")))
+    }
+
+    unsafe fn free(&self, ptr: u64) {
+        let _ = drv::free_sync(ptr);
+    }
+
+    unsafe fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        drv::memcpy_htod_sync(dst, src).map_err(driver_err("copying to the device"))
+    }
+
+    unsafe fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        drv::memcpy_dtoh_sync(dst, src).map_err(driver_err("copying from the device"))
+    }
+
+    unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        drv::memcpy_dtod_sync(dst, src, bytes).map_err(driver_err("cuMemcpyDtoD"))
+    }
+
+    unsafe fn launch(&self, l: &Launch<'_>) -> Result<()> {
+        let f = self
+            .functions
+            .get(l.kernel)
+            .ok_or_else(|| Error::Unsupported(format!("cuda: no kernel {} (not compiled for this build)", l.kernel)))?;
+        let mut params = l.params.to_vec();
+        drv::launch_kernel(f.0, l.grid, l.block, l.shared_bytes, std::ptr::null_mut(), &mut params)
+            .map_err(driver_err(&format!("launching {}", l.kernel)))
+    }
+
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t, cudaDataType as Ty};
+        let ty = |d: DType| match d {
+            DType::F32 => Ok(Ty::CUDA_R_32F),
+            DType::F16 => Ok(Ty::CUDA_R_16F),
+            DType::BF16 => Ok(Ty::CUDA_R_16BF),
+            other => Err(Error::Unsupported(format!("linear: the cuda backend does not support {other}"))),
+        };
+        let (ty_in, ty_out) = (ty(g.input)?, ty(g.output)?);
+        // Pedantic f32: no TF32 rounding when everything is f32.
+        let compute = if g.input == DType::F32 { Compute::CUBLAS_COMPUTE_32F_PEDANTIC } else { Compute::CUBLAS_COMPUTE_32F };
+        let int = |v: usize| i32::try_from(v).map_err(|_| Error::Unsupported(format!("linear: dimension {v} exceeds cuBLAS's int range")));
+        // cuBLAS is column-major: there the row-major weight is a K x N matrix and x a K x T one, so
+        // out (N x T column-major, i.e. [T, N] row-major) = op_T(weight) * x.
+        let (m, nn, kk) = (int(g.n)?, int(g.t)?, int(g.k)?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let blas = self.blas.lock().map_err(|_| Error::Backend("cuda: cuBLAS lock poisoned".into()))?;
+        cudarc::cublas::result::gemm_ex(
+            blas.0,
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            m,
+            nn,
+            kk,
+            &alpha as *const f32 as *const _,
+            g.w as *const _,
+            ty_in,
+            kk,
+            g.x as *const _,
+            ty_in,
+            kk,
+            &beta as *const f32 as *const _,
+            g.out as *mut _,
+            ty_out,
+            m,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| {
+            Error::Backend(format!(
+                "linear: cublasGemmEx [{}, {}] x [{}, {}]^T in {} to {}: {e:?}",
+                g.t, g.k, g.n, g.k, g.input, g.output
+            ))
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        self.ctx.synchronize().map_err(driver_err("synchronize"))
+    }
+}
+
+impl Drop for CudaDriver {
+    fn drop(&mut self) {
+        if self.bind().is_err() {
+            return;
+        }
+        if let Ok(b) = self.blas.get_mut() {
+            // SAFETY: the handle is ours and nothing uses it any more (we are being dropped).
+            unsafe {
+                let _ = cudarc::cublas::result::destroy_handle(b.0);
+            }
+        }
+    }
+}

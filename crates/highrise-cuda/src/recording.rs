@@ -1,0 +1,874 @@
+//! A [`Driver`] without a GPU: the CUDA backend's host code runs against it on any machine. Its
+//! "device memory" is host memory at addresses of its own; copies move real bytes; kernel launches
+//! and GEMMs are checked and recorded, not run (so outputs keep whatever they held).
+//!
+//! Every launch is held to the kernel's own PTX (compiled by NVRTC, as the real driver compiles it)
+//! and to what its op was given:
+//! - the kernel exists; the parameter count and each parameter's byte size are the PTX's, and the
+//!   launch's value for each is read from behind its address, as cuLaunchKernel reads it;
+//! - every pointer parameter lies inside a live allocation and inside one of the op's regions (its
+//!   tensors, uploaded metadata and workspace); only the optional ones (a block table, a bias) may be
+//!   null;
+//! - the bytes the kernel may touch through each pointer (its index arithmetic, evaluated on the
+//!   launch's scalars, grid and the metadata it reads: ids, slots, tiles, block tables) stay inside
+//!   that region;
+//! - its scalars agree with the shapes of the tensors they describe (a paged cache's kv_heads and
+//!   block_size, head dim, rows), and its grid covers every output row;
+//! - grid and block within the kernel's `.maxntid` and CUDA's limits, shared memory within the
+//!   device's.
+//!
+//! A launch that fails a check is refused with an error naming the op, the kernel, the parameter and
+//! the bytes, so the op fails as it would never fail on a GPU: loudly, before any memory is touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use highrise_core::{DType, Error, Result};
+
+use crate::driver::{DeviceInfo, Driver, Gemm, Launch, Region};
+use crate::ptx::{self, Entry};
+
+/// Where the recording driver's addresses start: far from where this process's heap and stacks
+/// live, so a host address passed by mistake is never taken for device memory.
+const BASE: u64 = 0x0000_3000_0000_0000;
+
+/// Static shared memory a block may declare (CUDA's fixed 48 KiB).
+const STATIC_SHARED: usize = 48 << 10;
+
+/// One launch as recorded: the op it belonged to, the kernel, its grid and block, and each
+/// argument's bytes.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub op: String,
+    pub kernel: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub args: Vec<Vec<u8>>,
+}
+
+impl Recorded {
+    pub fn u32(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.args[i][..4].try_into().expect("a 4-byte argument"))
+    }
+
+    pub fn u64(&self, i: usize) -> u64 {
+        u64::from_le_bytes(self.args[i][..8].try_into().expect("an 8-byte argument"))
+    }
+
+    pub fn f32(&self, i: usize) -> f32 {
+        f32::from_bits(self.u32(i))
+    }
+}
+
+/// What the recording saw, for a test to report and assert on.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub launches: usize,
+    pub gemms: usize,
+    /// Byte ranges checked against their regions.
+    pub accesses: usize,
+    /// Launches per kernel.
+    pub kernels: BTreeMap<String, usize>,
+    /// Launches and GEMMs per op.
+    pub ops: BTreeMap<String, usize>,
+    /// Launches refused, and frees of memory that was not allocated.
+    pub faults: Vec<String>,
+}
+
+struct State {
+    next: u64,
+    allocs: BTreeMap<u64, Vec<u8>>,
+    op: String,
+    regions: Vec<Region>,
+    recorded: Vec<Recorded>,
+    summary: Summary,
+}
+
+pub struct RecordingDriver {
+    info: DeviceInfo,
+    /// Shared memory a block may have with opt-in (227 KiB on Hopper, 163 KiB on A100).
+    max_shared: usize,
+    kernels: HashMap<String, Entry>,
+    state: Mutex<State>,
+}
+
+impl RecordingDriver {
+    /// Compiles every kernel for `arch` with NVRTC (as the real driver does for its device) and
+    /// reads their signatures from the PTX. Needs libnvrtc, no GPU.
+    pub fn new(arch: &str, sms: u32) -> Result<RecordingDriver> {
+        crate::nvrtc::ensure_loaded()?;
+        let mut kernels = HashMap::new();
+        for (_, ptx) in crate::nvrtc::compile_all(arch)? {
+            for e in ptx::parse(&ptx) {
+                kernels.insert(e.name.clone(), e);
+            }
+        }
+        let max_shared = if arch.starts_with("sm_90") { 227 << 10 } else { 163 << 10 };
+        Ok(RecordingDriver {
+            info: DeviceInfo { name: format!("recording driver (no GPU; kernels compiled for {arch})"), arch: arch.into(), sms },
+            max_shared,
+            kernels,
+            state: Mutex::new(State {
+                next: BASE,
+                allocs: BTreeMap::new(),
+                op: String::new(),
+                regions: Vec::new(),
+                recorded: Vec::new(),
+                summary: Summary::default(),
+            }),
+        })
+    }
+
+    /// The kernels' signatures as read from their PTX.
+    pub fn kernel(&self, name: &str) -> Option<&Entry> {
+        self.kernels.get(name)
+    }
+
+    pub fn summary(&self) -> Summary {
+        self.lock().summary.clone()
+    }
+
+    /// The launches recorded since the last call.
+    pub fn take_recorded(&self) -> Vec<Recorded> {
+        std::mem::take(&mut self.lock().recorded)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks a launch as `launch` does, and records it when it passes.
+    fn check(&self, st: &mut State, l: &Launch<'_>) -> std::result::Result<Recorded, String> {
+        let entry = self.kernels.get(l.kernel).ok_or("no such kernel in the compiled PTX")?;
+        if l.params.len() != entry.params.len() {
+            return Err(format!("{} arguments, but the PTX declares {} parameters", l.params.len(), entry.params.len()));
+        }
+        // The values, read from behind each address as cuLaunchKernel reads them.
+        let args: Vec<Vec<u8>> = l
+            .params
+            .iter()
+            .zip(&entry.params)
+            .map(|(&p, (_, size))| {
+                // SAFETY: the caller promises each address points to a value of the parameter's
+                // size (Driver::launch's contract); a parameter list with too few bytes is the
+                // kind of mistake the size check below names.
+                unsafe { std::slice::from_raw_parts(p as *const u8, *size) }.to_vec()
+            })
+            .collect();
+        let contract = contract(l.kernel).ok_or("no contract for this kernel in recording.rs")?;
+        if contract.len() != entry.params.len() {
+            return Err(format!(
+                "the contract lists {} parameters but the PTX declares {}",
+                contract.len(),
+                entry.params.len()
+            ));
+        }
+        for (i, (kind, (ty, size))) in contract.iter().zip(&entry.params).enumerate() {
+            if kind.size() != *size {
+                return Err(format!("parameter {i} is {ty} ({size} bytes) in the PTX, but {} ({} bytes) in the contract", kind.name(), kind.size()));
+            }
+        }
+        check_dims(l, entry, self.max_shared)?;
+        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block };
+        let mut accesses = Vec::new();
+        // Pointers: inside live allocations and the op's regions.
+        for (i, kind) in contract.iter().enumerate() {
+            if let Kind::Ptr { optional } = kind {
+                let p = a.u64(i);
+                if p == 0 {
+                    if *optional {
+                        continue;
+                    }
+                    return Err(format!("parameter {i} (a pointer) is null"));
+                }
+                a.region(i)?;
+            }
+        }
+        footprint(l.kernel, &a, &mut accesses)?;
+        for acc in &accesses {
+            let r = a.region(acc.param)?;
+            let start = a.u64(acc.param) - r.ptr + acc.offset;
+            if start.checked_add(acc.bytes).is_none_or(|end| end > r.bytes as u64) {
+                return Err(format!(
+                    "parameter {} may touch bytes {}..{} of {} ({} bytes): {}",
+                    acc.param,
+                    start,
+                    start.saturating_add(acc.bytes),
+                    r.name,
+                    r.bytes,
+                    acc.what
+                ));
+            }
+        }
+        let n = accesses.len();
+        st.summary.accesses += n;
+        Ok(Recorded { op: st.op.clone(), kernel: l.kernel.to_string(), grid: l.grid, block: l.block, args })
+    }
+}
+
+/// Grid, block and shared memory within the kernel's and CUDA's limits.
+fn check_dims(l: &Launch<'_>, e: &Entry, max_shared: usize) -> std::result::Result<(), String> {
+    let (g, b) = (l.grid, l.block);
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 || g.0 > i32::MAX as u32 || g.1 > 65_535 || g.2 > 65_535 {
+        return Err(format!("grid {g:?} is outside CUDA's limits (x 1..2^31-1, y and z 1..65535)"));
+    }
+    let threads = b.0 as u64 * b.1 as u64 * b.2 as u64;
+    if threads == 0 || threads > 1024 || b.2 > 64 {
+        return Err(format!("block {b:?} is outside CUDA's limits (1..1024 threads, z at most 64)"));
+    }
+    if let Some(m) = e.max_threads {
+        if threads > m.0 as u64 * m.1 as u64 * m.2 as u64 || b.0 > m.0 {
+            return Err(format!("block {b:?} exceeds the kernel's .maxntid {m:?} (its __launch_bounds__)"));
+        }
+    }
+    let shared = e.static_shared + l.shared_bytes as usize;
+    if e.static_shared > STATIC_SHARED || shared > max_shared {
+        return Err(format!(
+            "{} bytes of static and {} of dynamic shared memory exceed the device's {} ({} static)",
+            e.static_shared, l.shared_bytes, max_shared, STATIC_SHARED
+        ));
+    }
+    Ok(())
+}
+
+/// A kernel parameter's kind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// A device address; `optional` ones may be null.
+    Ptr { optional: bool },
+    U32,
+    U64,
+    F32,
+}
+
+impl Kind {
+    fn size(self) -> usize {
+        match self {
+            Kind::Ptr { .. } | Kind::U64 => 8,
+            Kind::U32 | Kind::F32 => 4,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Ptr { .. } => "a pointer",
+            Kind::U32 => "u32",
+            Kind::U64 => "u64",
+            Kind::F32 => "f32",
+        }
+    }
+}
+
+const P: Kind = Kind::Ptr { optional: false };
+const OPT: Kind = Kind::Ptr { optional: true };
+const U32: Kind = Kind::U32;
+const U64: Kind = Kind::U64;
+const F32: Kind = Kind::F32;
+
+/// A kernel's name without its dtype suffix, the element size of that dtype, and its head dim for
+/// the attention kernels ("attn_group_d128_bf16" -> ("attn_group", 2, 128)).
+fn split_name(kernel: &str) -> (&str, usize, usize) {
+    let (base, elt) = match kernel.rsplit_once('_') {
+        Some((b, "f32")) if b != "to" => (b, 4),
+        Some((b, "f16" | "bf16")) => (b, 2),
+        _ => (kernel, 4),
+    };
+    match base.rsplit_once("_d") {
+        Some((b, d)) if d.chars().all(|c| c.is_ascii_digit()) && !d.is_empty() => (b, elt, d.parse().unwrap_or(0)),
+        _ => (base, elt, 0),
+    }
+}
+
+/// Each kernel's parameters, as `kernels/*.cu` declares them.
+fn contract(kernel: &str) -> Option<Vec<Kind>> {
+    let (base, _, _) = split_name(kernel);
+    Some(match base {
+        "embedding" => vec![P, P, U32, P, U32],
+        "rms_norm" => vec![P, P, P, U32, U32, F32],
+        "add_rms_norm" => vec![P, P, P, P, U32, U32, F32],
+        "add_bias" => vec![P, P, U32, U32, U64],
+        "to_f32" => vec![P, P, U32, U64],
+        "from_f32" => vec![P, P, U64],
+        "rope" => vec![P, P, P, U32, U32],
+        "kv_write" => vec![P, P, P, P, P, U32, U32, U32],
+        "attn_combine" => vec![P, P, U32, U32, U32],
+        "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32],
+        "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
+        "swiglu" => vec![P, P, P, U64],
+        "argmax" => vec![P, P, P, U32],
+        "sample" => vec![P, P, P, P, U32],
+        _ => return None,
+    })
+}
+
+/// A range of bytes a kernel may touch through parameter `param`, from the address passed.
+struct Access {
+    param: usize,
+    offset: u64,
+    bytes: u64,
+    what: String,
+}
+
+/// A launch's arguments, with the recording's memory to read metadata from.
+struct Args<'a> {
+    args: &'a [Vec<u8>],
+    kinds: &'a [Kind],
+    st: &'a State,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+}
+
+type Check = std::result::Result<(), String>;
+
+impl Args<'_> {
+    fn u32(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.args[i][..4].try_into().expect("size checked"))
+    }
+
+    fn u64(&self, i: usize) -> u64 {
+        u64::from_le_bytes(self.args[i][..8].try_into().expect("size checked"))
+    }
+
+    fn f32(&self, i: usize) -> f32 {
+        f32::from_bits(self.u32(i))
+    }
+
+    /// The region (of the current op; any live allocation where the op declared none) holding the
+    /// address in parameter `i`.
+    fn region(&self, i: usize) -> std::result::Result<Region, String> {
+        let p = self.u64(i);
+        debug_assert!(matches!(self.kinds[i], Kind::Ptr { .. }));
+        let alloc = self.st.allocs.range(..=p).next_back().filter(|(a, v)| p < **a + v.len().max(1) as u64);
+        let Some((&a, v)) = alloc else {
+            return Err(format!("parameter {i} is {p:#x}, which is in no live device allocation (a host address?)"));
+        };
+        if self.st.regions.is_empty() {
+            return Ok(Region { name: format!("allocation {a:#x}"), ptr: a, bytes: v.len(), tensor: None });
+        }
+        self.st
+            .regions
+            .iter()
+            .filter(|r| p >= r.ptr && p < r.ptr + r.bytes.max(1) as u64)
+            .max_by_key(|r| r.ptr)
+            .cloned()
+            .ok_or_else(|| format!("parameter {i} is {p:#x}, inside an allocation but in none of the op's tensors, metadata or workspace"))
+    }
+
+    /// The dims of the tensor parameter `i` points at, if it points at one of the op's tensors.
+    fn dims(&self, i: usize) -> Option<Vec<usize>> {
+        self.region(i).ok().and_then(|r| r.tensor).map(|(_, d)| d)
+    }
+
+    /// `n` u32 values of the metadata parameter `i` points at.
+    fn u32s(&self, i: usize, n: usize) -> std::result::Result<Vec<u32>, String> {
+        let p = self.u64(i);
+        let r = self.region(i)?;
+        if (p - r.ptr) + 4 * n as u64 > r.bytes as u64 {
+            return Err(format!("parameter {i} should hold {n} u32 values, but {} has {} bytes", r.name, r.bytes));
+        }
+        let (&a, v) = self.st.allocs.range(..=p).next_back().expect("region() found it");
+        let at = (p - a) as usize;
+        Ok(v[at..at + 4 * n].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+
+    /// Scalar `value` (named `what`) must equal dim `axis` of the tensor parameter `i` points at.
+    fn agrees(&self, i: usize, axis: usize, value: u64, what: &str) -> Check {
+        match self.dims(i) {
+            Some(d) if d.get(axis).map(|&x| x as u64) != Some(value) => {
+                Err(format!("{what} is {value}, but the tensor of parameter {i} has shape {d:?} (axis {axis})"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The rows of the tensor parameter `i` points at, as `width`-wide rows.
+    fn rows_of(&self, i: usize, width: u64) -> Option<u64> {
+        self.dims(i).map(|d| d.iter().product::<usize>() as u64 / width.max(1))
+    }
+}
+
+fn dtype_size(code: u32, what: &str) -> std::result::Result<u64, String> {
+    match code {
+        0 => Ok(4),
+        1 | 2 => Ok(2),
+        c => Err(format!("{what} is dtype code {c}: the kernels read 0 (f32), 1 (f16), 2 (bf16)")),
+    }
+}
+
+fn push(out: &mut Vec<Access>, param: usize, elem_start: u64, elems: u64, elt: u64, what: impl Into<String>) {
+    out.push(Access { param, offset: elem_start * elt, bytes: elems * elt, what: what.into() });
+}
+
+/// The grid covers `rows` rows, one block each (kernels that take row `blockIdx.x`).
+fn grid_rows(a: &Args<'_>, rows: Option<u64>) -> Check {
+    match rows {
+        Some(r) if a.grid.0 as u64 != r => Err(format!("grid.x is {} but the output has {r} rows", a.grid.0)),
+        _ => Ok(()),
+    }
+}
+
+/// The bytes each kernel may touch, from its index arithmetic (see `kernels/*.cu`), and the checks
+/// of its scalars against its tensors' shapes.
+fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
+    let (base, elt, d) = split_name(kernel);
+    let elt = elt as u64;
+    let (gx, gy) = (a.grid.0 as u64, a.grid.1 as u64);
+    match base {
+        "embedding" => {
+            // (out, table, table_dt, ids, h): block t copies row ids[t] of the table.
+            let h = a.u32(4) as u64;
+            let table_elt = dtype_size(a.u32(2), "the table")?;
+            grid_rows(a, a.rows_of(0, h))?;
+            a.agrees(1, 1, h, "h")?;
+            let ids = a.u32s(3, gx as usize)?;
+            push(out, 3, 0, gx, 4, "ids");
+            push(out, 0, 0, gx * h, elt, "out rows");
+            for (t, &id) in ids.iter().enumerate() {
+                push(out, 1, id as u64 * h, h, table_elt, format!("table row {id} (token {t})"));
+            }
+        }
+        "rms_norm" | "add_rms_norm" => {
+            // (out, x, [delta,] w, w_dt, h, eps): block t normalizes row t.
+            let off = if base == "add_rms_norm" { 1 } else { 0 };
+            let h = a.u32(4 + off) as u64;
+            let w_elt = dtype_size(a.u32(3 + off), "the weight")?;
+            grid_rows(a, a.rows_of(0, h))?;
+            for p in 0..2 + off {
+                push(out, p, 0, gx * h, elt, "rows");
+            }
+            push(out, 2 + off, 0, h, w_elt, "weight");
+            if !a.f32(5 + off).is_finite() {
+                return Err("eps is not finite".into());
+            }
+        }
+        "add_bias" => {
+            // (out, bias, bias_dt, n, total): out[i] += bias[i % n], grid-stride.
+            let (n, total) = (a.u32(3) as u64, a.u64(4));
+            if n == 0 || total % n != 0 {
+                return Err(format!("{total} elements are not whole rows of {n}"));
+            }
+            a.agrees(1, 0, n, "n")?;
+            push(out, 0, 0, total, elt, "out");
+            push(out, 1, 0, n, dtype_size(a.u32(2), "the bias")?, "bias");
+        }
+        "to_f32" => {
+            let n = a.u64(3);
+            push(out, 0, 0, n, 4, "out");
+            push(out, 1, 0, n, dtype_size(a.u32(2), "x")?, "x");
+        }
+        "from_f32" => {
+            let n = a.u64(2);
+            push(out, 0, 0, n, elt, "out");
+            push(out, 1, 0, n, 4, "x");
+        }
+        "swiglu" => {
+            let n = a.u64(3);
+            for p in 0..3 {
+                push(out, p, 0, n, elt, "n elements");
+            }
+        }
+        "rope" => {
+            // (x, positions, inv_freq, heads, d): block (t, head), d/2 threads.
+            let (heads, d) = (a.u32(3) as u64, a.u32(4) as u64);
+            if gy != heads || (a.block.0 as u64) < d / 2 {
+                return Err(format!("grid {:?} and block {:?} do not cover {heads} heads of {} pairs", a.grid, a.block, d / 2));
+            }
+            a.agrees(0, 1, heads, "heads")?;
+            a.agrees(0, 2, d, "d")?;
+            grid_rows(a, a.rows_of(0, heads * d))?;
+            push(out, 0, 0, gx * heads * d, elt, "x");
+            push(out, 1, 0, gx, 4, "positions");
+            push(out, 2, 0, d / 2, 8, "inv_freq");
+        }
+        "kv_write" => {
+            // (k_cache, v_cache, k, v, slots, hkv, d, block_size): block t writes token t's rows.
+            let (hkv, d, bs) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64);
+            if bs == 0 {
+                return Err("block_size is 0".into());
+            }
+            for p in [0, 1] {
+                a.agrees(p, 1, hkv, "kv heads")?;
+                a.agrees(p, 2, bs, "block_size")?;
+                a.agrees(p, 3, d, "d")?;
+            }
+            a.agrees(2, 1, hkv, "kv heads")?;
+            grid_rows(a, a.rows_of(2, hkv * d))?;
+            let slots = a.u32s(4, gx as usize)?;
+            push(out, 4, 0, gx, 4, "slots");
+            for p in [2, 3] {
+                push(out, p, 0, gx * hkv * d, elt, "new rows");
+            }
+            for (t, &slot) in slots.iter().enumerate() {
+                let first = ((slot as u64 / bs) * hkv * bs + slot as u64 % bs) * d;
+                for p in [0, 1] {
+                    push(out, p, first, (hkv - 1) * bs * d + d, elt, format!("slot {slot} (token {t})"));
+                }
+            }
+        }
+        "attn_combine" => {
+            // (out, partial, hq, d, splits): block (t, h), d threads.
+            let (hq, d, splits) = (a.u32(2) as u64, a.u32(3) as u64, a.u32(4) as u64);
+            if gy != hq || (a.block.0 as u64) < d {
+                return Err(format!("grid {:?} and block {:?} do not cover {hq} heads of {d} dims", a.grid, a.block));
+            }
+            a.agrees(0, 1, hq, "hq")?;
+            a.agrees(0, 2, d, "d")?;
+            grid_rows(a, a.rows_of(0, hq * d))?;
+            push(out, 0, 0, gx * hq * d, elt, "out");
+            push(out, 1, 0, gx * hq * splits * (d + 2), 4, "partial states");
+        }
+        "attn_split" | "attn_group" => attention_split(base, a, elt, d as u64, out)?,
+        "flash_attn" => flash_attention(a, elt, d as u64, out)?,
+        "argmax" | "sample" => {
+            // (index, logprob, x, [params,] v): block r reduces row r.
+            let last = if base == "sample" { 4 } else { 3 };
+            let v = a.u32(last) as u64;
+            a.agrees(2, 1, v, "the vocabulary")?;
+            grid_rows(a, a.rows_of(2, v))?;
+            push(out, 0, 0, gx, 4, "index");
+            push(out, 1, 0, gx, 4, "logprob");
+            push(out, 2, 0, gx * v, elt, "logits");
+            if base == "sample" {
+                push(out, 3, 0, gx, std::mem::size_of::<highrise_core::ops::SampleParams>() as u64, "settings");
+            }
+        }
+        _ => return Err("no footprint for this kernel in recording.rs".into()),
+    }
+    Ok(())
+}
+
+/// Where key `j` of a query row with key base `kbase` lies for KV head `g` (kernels/attention.cu's
+/// `KeyAddr::at`), as the element ranges of each run of consecutive keys: contiguous prompts are one
+/// run per row; the paged cache one per block (the block table read for each).
+#[allow(clippy::too_many_arguments)]
+fn key_runs(
+    table: Option<&[u32]>,
+    bs: u64,
+    kbase: u64,
+    nkeys: u64,
+    g: u64,
+    hkv: u64,
+    d: u64,
+    runs: &mut Vec<(u64, u64, String)>,
+) -> Check {
+    if nkeys == 0 {
+        return Ok(());
+    }
+    match table {
+        None => runs.push(((kbase * hkv + g) * d, ((nkeys - 1) * hkv) * d + d, format!("keys {kbase}..{} of head {g}", kbase + nkeys))),
+        Some(t) => {
+            for b in 0..nkeys.div_ceil(bs) {
+                let idx = (kbase + b) as usize;
+                let &blk = t.get(idx).ok_or(format!("the block table has {} entries but key {} needs entry {idx}", t.len(), b * bs))?;
+                let slots = (nkeys - b * bs).min(bs);
+                runs.push((((blk as u64 * hkv + g) * bs) * d, slots * d, format!("block {blk} (table entry {idx}) head {g}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The block table a paged launch reads: enough of it for the largest entry the rows may ask for.
+fn table_of(a: &Args<'_>, param: usize, need: u64) -> std::result::Result<Option<Vec<u32>>, String> {
+    if a.u64(param) == 0 {
+        return Ok(None);
+    }
+    let r = a.region(param)?;
+    let have = (r.bytes as u64 - (a.u64(param) - r.ptr)) / 4;
+    Ok(Some(a.u32s(param, need.min(have) as usize)?))
+}
+
+/// The K/V tensor's shape against the launch's kv_heads, block size and head dim: [T, hkv, D] for
+/// contiguous prompts, [blocks, hkv, block_size, D] through a block table.
+fn kv_shape(a: &Args<'_>, paged: bool, hkv: u64, bs: u64, d: u64) -> Check {
+    for p in [2, 3] {
+        match a.dims(p) {
+            Some(dims) if paged && dims.len() != 4 => return Err(format!("a block table with K/V of shape {dims:?} (not a paged cache)")),
+            Some(dims) if !paged && dims.len() != 3 => return Err(format!("no block table, but K/V has shape {dims:?}")),
+            _ => {}
+        }
+        a.agrees(p, 1, hkv, "kv_heads")?;
+        if paged {
+            a.agrees(p, 2, bs, "block_size")?;
+            a.agrees(p, 3, d, "the head dim")?;
+        } else {
+            a.agrees(p, 2, d, "the head dim")?;
+        }
+    }
+    Ok(())
+}
+
+/// attn_split / attn_group: (partial, q, k, v, base, nkeys, table, block_size, hq, hkv, scale,
+/// split_len); grid (rows, heads: hq or hkv, splits).
+fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
+    let (bs, hq, hkv, split_len) = (a.u32(7) as u64, a.u32(8) as u64, a.u32(9) as u64, a.u32(11) as u64);
+    let (rows, splits) = (a.grid.0 as u64, a.grid.2 as u64);
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(format!("{hq} query heads cannot share {hkv} kv heads"));
+    }
+    let heads = if base == "attn_group" { hkv } else { hq };
+    if a.grid.1 as u64 != heads {
+        return Err(format!("grid.y is {} but the kernel takes one block per {} ({heads})", a.grid.1, if base == "attn_group" { "kv head" } else { "query head" }));
+    }
+    if base == "attn_group" && (hq / hkv > 8 || d > 128) {
+        return Err(format!("attn_group takes groups of up to 8 query heads and head dims up to 128, not {} and {d}", hq / hkv));
+    }
+    if !a.f32(10).is_finite() {
+        return Err("scale is not finite".into());
+    }
+    let paged = a.u64(6) != 0;
+    if paged && bs == 0 {
+        return Err("block_size is 0".into());
+    }
+    a.agrees(1, 1, hq, "hq")?;
+    a.agrees(1, 2, d, "the head dim")?;
+    grid_rows(a, a.rows_of(1, hq * d))?;
+    kv_shape(a, paged, hkv, bs, d)?;
+    let kbase = a.u32s(4, rows as usize)?;
+    let nkeys = a.u32s(5, rows as usize)?;
+    push(out, 4, 0, rows, 4, "key bases");
+    push(out, 5, 0, rows, 4, "key counts");
+    push(out, 1, 0, rows * hq * d, elt, "q");
+    push(out, 0, 0, rows * hq * splits * (d + 2), 4, "partial states");
+    let need = kbase.iter().zip(&nkeys).map(|(&b, &n)| b as u64 + (n as u64).div_ceil(bs.max(1))).max().unwrap_or(0);
+    let table = if paged { table_of(a, 6, need)? } else { None };
+    if paged {
+        push(out, 6, 0, need, 4, "block table");
+    }
+    let mut runs = Vec::new();
+    for (t, (&kb, &n)) in kbase.iter().zip(&nkeys).enumerate() {
+        if (n as u64) > splits * split_len {
+            return Err(format!("row {t} sees {n} keys but {splits} slices of {split_len} cover only {}", splits * split_len));
+        }
+        for g in 0..hkv {
+            key_runs(table.as_deref(), bs, kb as u64, n as u64, g, hkv, d, &mut runs)?;
+        }
+    }
+    for (start, len, what) in runs {
+        push(out, 2, start, len, elt, format!("k: {what}"));
+        push(out, 3, start, len, elt, format!("v: {what}"));
+    }
+    Ok(())
+}
+
+/// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2); grid (tiles, hq);
+/// tiles[5 i..5 i + 5] = (first row, rows, position of the first row, key base, keys seen).
+fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
+    let (bs, hq, hkv) = (a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64);
+    let ntiles = a.grid.0 as usize;
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(format!("{hq} query heads cannot share {hkv} kv heads"));
+    }
+    if a.grid.1 as u64 != hq {
+        return Err(format!("grid.y is {} but the kernel takes one block per query head ({hq})", a.grid.1));
+    }
+    if a.block != (128, 1, 1) {
+        return Err(format!("block {:?}: the kernel's 4 warps each take 16 of a tile's 64 rows", a.block));
+    }
+    if !a.f32(9).is_finite() {
+        return Err("scale is not finite".into());
+    }
+    let paged = a.u64(5) != 0;
+    if paged && bs == 0 {
+        return Err("block_size is 0".into());
+    }
+    for p in [0, 1] {
+        a.agrees(p, 1, hq, "hq")?;
+        a.agrees(p, 2, d, "the head dim")?;
+    }
+    kv_shape(a, paged, hkv, bs, d)?;
+    let tiles = a.u32s(4, 5 * ntiles)?;
+    push(out, 4, 0, 5 * ntiles as u64, 4, "tiles");
+    let tiles: Vec<[u64; 5]> = tiles.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]].map(|x| x as u64)).collect();
+    // The tiles' rows cover the output's rows exactly once.
+    let mut spans: Vec<(u64, u64)> = tiles.iter().map(|t| (t[0], t[1])).collect();
+    spans.sort_unstable();
+    let mut next = 0;
+    for (i, &(q0, rows)) in spans.iter().enumerate() {
+        if rows == 0 || rows > 64 || q0 != next {
+            return Err(format!("tile {i} covers rows {q0}..{}: tiles must take 1..64 rows each, end to end from row 0", q0 + rows));
+        }
+        next = q0 + rows;
+    }
+    if let Some(total) = a.rows_of(0, hq * d) {
+        if next != total {
+            return Err(format!("the tiles cover {next} rows but the output has {total}"));
+        }
+    }
+    let need = tiles.iter().map(|t| t[3] + t[4].div_ceil(bs.max(1))).max().unwrap_or(0);
+    let table = if paged { table_of(a, 5, need)? } else { None };
+    if paged {
+        push(out, 5, 0, need, 4, "block table");
+    }
+    let mut runs = Vec::new();
+    for (i, t) in tiles.iter().enumerate() {
+        let [q0, rows, pos0, kbase, keys] = *t;
+        // The kernel's online softmax assumes every row sees key 0.
+        if keys == 0 {
+            return Err(format!("tile {i} (rows at positions {pos0}..{}) sees no keys", pos0 + rows));
+        }
+        push(out, 0, q0 * hq * d, rows * hq * d, elt, format!("out rows of tile {i}"));
+        push(out, 1, q0 * hq * d, rows * hq * d, elt, format!("q rows of tile {i}"));
+        for g in 0..hkv {
+            key_runs(table.as_deref(), bs, kbase, keys, g, hkv, d, &mut runs)?;
+        }
+    }
+    for (start, len, what) in runs {
+        push(out, 2, start, len, elt, format!("k: {what}"));
+        push(out, 3, start, len, elt, format!("v: {what}"));
+    }
+    Ok(())
+}
+
+impl Driver for RecordingDriver {
+    fn device(&self) -> DeviceInfo {
+        self.info.clone()
+    }
+
+    fn bind(&self) -> Result<()> {
+        Ok(())
+    }
+
+    unsafe fn malloc(&self, bytes: usize) -> Result<u64> {
+        let mut st = self.lock();
+        let ptr = st.next;
+        // 256-byte aligned, as cuMemAlloc's, with a gap so that adjacent allocations never touch.
+        st.next += (bytes as u64).div_ceil(256) * 256 + 256;
+        // Zeros: kernels never run here, so what an op's outputs read back is zeros (token 0 from
+        // argmax, say), the same every run.
+        st.allocs.insert(ptr, vec![0; bytes]);
+        Ok(ptr)
+    }
+
+    unsafe fn free(&self, ptr: u64) {
+        let mut st = self.lock();
+        if st.allocs.remove(&ptr).is_none() {
+            st.summary.faults.push(format!("free of {ptr:#x}, which is not a live allocation"));
+        }
+    }
+
+    unsafe fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        let mut st = self.lock();
+        let (at, buf) = slot(&mut st, dst, src.len(), "copy to the device")?;
+        buf[at..at + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    unsafe fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        let mut st = self.lock();
+        let (at, buf) = slot(&mut st, src, dst.len(), "copy from the device")?;
+        dst.copy_from_slice(&buf[at..at + dst.len()]);
+        Ok(())
+    }
+
+    unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        let mut st = self.lock();
+        let (at, buf) = slot(&mut st, src, bytes, "device-to-device copy (source)")?;
+        let data = buf[at..at + bytes].to_vec();
+        let (at, buf) = slot(&mut st, dst, bytes, "device-to-device copy (destination)")?;
+        buf[at..at + bytes].copy_from_slice(&data);
+        Ok(())
+    }
+
+    unsafe fn launch(&self, l: &Launch<'_>) -> Result<()> {
+        let mut st = self.lock();
+        let checked = self.check(&mut st, l);
+        match checked {
+            Ok(rec) => {
+                if rec.kernel.starts_with("argmax_") || rec.kernel.starts_with("sample_") {
+                    // The one effect simulated: the chosen tokens and their log-probabilities are
+                    // zeros (token 0), so the engine's host code goes on with valid ids.
+                    let rows = rec.grid.0 as usize * 4;
+                    for i in [0, 1] {
+                        let ptr = u64::from_le_bytes(rec.args[i][..8].try_into().expect("a pointer"));
+                        if let Ok((at, buf)) = slot(&mut st, ptr, rows, "the chosen tokens") {
+                            buf[at..at + rows].fill(0);
+                        }
+                    }
+                }
+                st.summary.launches += 1;
+                *st.summary.kernels.entry(rec.kernel.clone()).or_default() += 1;
+                let op = st.op.clone();
+                *st.summary.ops.entry(op).or_default() += 1;
+                st.recorded.push(rec);
+                Ok(())
+            }
+            Err(why) => {
+                let msg = format!("cuda host check: {}: launch of {} refused: {why}", st.op, l.kernel);
+                st.summary.faults.push(msg.clone());
+                Err(Error::Backend(msg))
+            }
+        }
+    }
+
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        let mut st = self.lock();
+        let size = |d: DType| d.storage_bytes(1).unwrap_or(0) as u64;
+        let parts = [("x", g.x, g.t * g.k, g.input), ("weight", g.w, g.n * g.k, g.input), ("out", g.out, g.t * g.n, g.output)];
+        for (name, ptr, elems, dt) in parts {
+            let bytes = elems as u64 * size(dt);
+            let inside = st.regions.iter().any(|r| ptr >= r.ptr && ptr + bytes <= r.ptr + r.bytes as u64)
+                || (st.regions.is_empty()
+                    && st.allocs.range(..=ptr).next_back().is_some_and(|(a, v)| ptr + bytes <= *a + v.len() as u64));
+            if !inside {
+                let msg = format!(
+                    "cuda host check: {}: GEMM [{}, {}] x [{}, {}]^T refused: {name} ({bytes} bytes at {ptr:#x}) is not inside one of the op's regions",
+                    st.op, g.t, g.k, g.n, g.k
+                );
+                st.summary.faults.push(msg.clone());
+                return Err(Error::Backend(msg));
+            }
+        }
+        st.summary.gemms += 1;
+        st.summary.accesses += 3;
+        let op = st.op.clone();
+        *st.summary.ops.entry(op).or_default() += 1;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn checks(&self) -> bool {
+        true
+    }
+
+    fn begin_op(&self, op: &str, regions: Vec<Region>) {
+        let mut st = self.lock();
+        st.op = op.to_string();
+        st.regions = regions;
+    }
+
+    fn region(&self, region: Region) {
+        self.lock().regions.push(region);
+    }
+}
+
+/// The allocation holding `ptr..ptr + len` and the offset of `ptr` in it.
+fn slot<'a>(st: &'a mut State, ptr: u64, len: usize, what: &str) -> Result<(usize, &'a mut Vec<u8>)> {
+    let found = st.allocs.range_mut(..=ptr).next_back().filter(|(a, v)| ptr - **a + len as u64 <= v.len() as u64);
+    match found {
+        Some((&a, v)) => Ok(((ptr - a) as usize, v)),
+        None => {
+            let msg = format!("cuda host check: {what} of {len} bytes at {ptr:#x} is outside every live allocation");
+            st.summary.faults.push(msg.clone());
+            Err(Error::Backend(msg))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_split_into_family_dtype_and_head_dim() {
+        assert_eq!(split_name("attn_group_d128_bf16"), ("attn_group", 2, 128));
+        assert_eq!(split_name("flash_attn_d64_f16"), ("flash_attn", 2, 64));
+        assert_eq!(split_name("rms_norm_f32"), ("rms_norm", 4, 0));
+        assert_eq!(split_name("to_f32"), ("to_f32", 4, 0));
+        assert_eq!(split_name("from_f32_bf16"), ("from_f32", 2, 0));
+        assert_eq!(split_name("add_rms_norm_f16"), ("add_rms_norm", 2, 0));
+    }
+}

@@ -1,0 +1,348 @@
+//! The CUDA backend's host side, on a machine without a GPU: every op, a random-weight Llama's
+//! prefill and the engine's batched decoding run through `CudaBackend` over the recording driver
+//! (`highrise_cuda::recording`), which checks each kernel launch against the kernel's own PTX
+//! (compiled with NVRTC, as on a GPU) and the memory its op was given, and refuses what would fault
+//! or compute the wrong thing on a GPU. Two tests put back the mistakes the first GPU run found, in
+//! private copies of a launch, and see them refused.
+//!
+//! Needs libnvrtc (the `nvidia-cuda-nvrtc` wheel .ci/run installs); without it every test prints
+//! `skipped: ...`.
+
+mod common;
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use common::Rng;
+use highrise::core::ops::{PagedSeq, SampleParams};
+use highrise::core::{Backend, DType, Tensor};
+use highrise::engine::{Engine, EngineConfig, GenerateParams, Request, SamplingParams};
+use highrise::model::{Llama, Logits, ModelConfig, Tokenizer};
+use highrise_cuda::driver::{Driver, Launch, Region};
+use highrise_cuda::recording::{Recorded, RecordingDriver};
+use highrise_cuda::CudaBackend;
+
+const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// The recording driver (kernels compiled for Hopper, an H200's 132 SMs) and the CUDA backend over
+/// it, shared by the tests of this binary; `None` after printing why where NVRTC is missing.
+type Recording = (Arc<RecordingDriver>, Arc<dyn Backend>);
+
+fn recording(test: &str) -> Option<Recording> {
+    static ONE: OnceLock<Result<Recording, String>> = OnceLock::new();
+    let made = ONE.get_or_init(|| {
+        let driver = Arc::new(RecordingDriver::new("sm_90a", 132).map_err(|e| e.to_string())?);
+        let backend: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(driver.clone()));
+        Ok((driver, backend))
+    });
+    match made {
+        Ok(pair) => Some(pair.clone()),
+        Err(e) => {
+            println!("skipped: {test}: no NVRTC to compile the kernels with ({e})");
+            None
+        }
+    }
+}
+
+/// `v` as a tensor of `dtype` on `b`.
+fn up(b: &Arc<dyn Backend>, dtype: DType, dims: &[usize], v: &[f64]) -> Tensor {
+    let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    Tensor::from_f32(b, dtype, dims, &f).unwrap()
+}
+
+/// An output tensor on `b` (its contents never matter here: no kernel runs).
+fn empty(b: &Arc<dyn Backend>, dtype: DType, dims: &[usize]) -> Tensor {
+    Tensor::empty(b, dtype, dims).unwrap()
+}
+
+/// The tests share one driver and its record: each takes it whole while it runs.
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Every op with the shapes of tests/ops.rs, on every dtype, through each attention kernel.
+#[test]
+fn every_op_launches_what_its_kernels_expect() {
+    let Some((driver, b)) = recording("every op") else { return };
+    let _guard = exclusive();
+    driver.take_recorded();
+    let before = driver.summary();
+    let mut rng = Rng::new("cuda host ops");
+    for dt in FLOATS {
+        for t in [1, 7, 64, 300] {
+            // The residual stream.
+            let (v, h) = (512, 256);
+            let table = up(&b, dt, &[v, h], &rng.values(v * h, 1.0, dt));
+            let ids: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
+            let mut x = empty(&b, dt, &[t, h]);
+            b.embedding(&mut x, &table, &ids).unwrap();
+            let w = up(&b, dt, &[h], &rng.values(h, 1.0, dt));
+            let mut out = empty(&b, dt, &[t, h]);
+            b.rms_norm(&mut out, &x, &w, 1e-5).unwrap();
+            let delta = up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt));
+            b.add_rms_norm(&mut out, &mut x, &delta, &w, 1e-5).unwrap();
+            // Projections: same dtype, mixed, with and without a bias.
+            for wdt in FLOATS {
+                for bias in [false, true] {
+                    let (k, n) = (h, 96);
+                    let wt = up(&b, wdt, &[n, k], &rng.values(n * k, 0.1, wdt));
+                    let bt = up(&b, dt, &[n], &rng.values(n, 0.5, dt));
+                    let mut y = empty(&b, dt, &[t, n]);
+                    b.linear(&mut y, &x, &wt, bias.then_some(&bt)).unwrap();
+                }
+            }
+            // The MLP's gate and the logits' choices.
+            let (g, u) = (up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)), up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)));
+            let mut m = empty(&b, dt, &[t, h]);
+            b.swiglu(&mut m, &g, &u).unwrap();
+            let logits = up(&b, dt, &[t, v], &rng.values(t * v, 4.0, dt));
+            let (mut idx, mut lp) = (Tensor::empty(&b, DType::U32, &[t]).unwrap(), Tensor::empty(&b, DType::F32, &[t]).unwrap());
+            b.argmax(&mut idx, &mut lp, &logits).unwrap();
+            let params: Vec<SampleParams> = (0..t)
+                .map(|i| SampleParams { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.05, uniform: (i as f64 + 0.5) / t as f64 })
+                .collect();
+            b.sample(&mut idx, &mut lp, &logits, &params).unwrap();
+        }
+    }
+    for choice in ["auto", "split", "per-head"] {
+        std::env::set_var("HIGHRISE_CUDA_ATTENTION", choice);
+        for dt in FLOATS {
+            for (hq, hkv) in [(4, 4), (9, 3), (8, 2), (16, 2)] {
+                for d in [64, 128] {
+                    attention_calls(&b, &mut rng, dt, hq, hkv, d);
+                }
+            }
+        }
+    }
+    std::env::remove_var("HIGHRISE_CUDA_ATTENTION");
+    let after = driver.summary();
+    assert!(after.faults.len() == before.faults.len(), "faults: {:#?}", &after.faults[before.faults.len()..]);
+    let launched = after.launches - before.launches;
+    println!("checked {launched} launches and {} GEMMs of every op", after.gemms - before.gemms);
+    let kernels: std::collections::BTreeSet<String> = driver.take_recorded().into_iter().map(|r| r.kernel).collect();
+    // Every kernel family, with every attention kernel among them.
+    for family in [
+        "embedding", "rms_norm", "add_rms_norm", "add_bias", "to_f32", "from_f32", "rope", "kv_write", "attn_split_d64",
+        "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "swiglu",
+        "argmax", "sample",
+    ] {
+        assert!(kernels.iter().any(|k| k.starts_with(family)), "no {family} kernel was launched: {kernels:?}");
+    }
+    assert!(launched > 500, "only {launched} launches");
+}
+
+/// RoPE, prefill attention (causal and not, several prompts), and the paged cache: written with
+/// kv_write into shuffled blocks, then read by decoding sequences, prompt chunks after a prefix, and
+/// chunks only (CUDA's tensor-core kernel through the table).
+fn attention_calls(b: &Arc<dyn Backend>, rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize) {
+    let lens = [7usize, 1, 100, 3];
+    let t: usize = lens.iter().sum();
+    let mut q = up(b, dt, &[t, hq, d], &rng.values(t * hq * d, 1.0, dt));
+    let positions: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+    b.rope(&mut q, &positions, highrise::core::ops::RopeConfig::new(10000.0)).unwrap();
+    let (k, v) = (up(b, dt, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, dt)), up(b, dt, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, dt)));
+    let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    for causal in [true, false] {
+        let mut out = empty(b, dt, &[t, hq, d]);
+        b.attention_with(&mut out, &q, &k, &v, &lens32, 0.125, causal).unwrap();
+    }
+    for batch in [vec![(1usize, 1usize), (37, 1), (300, 7), (64, 64)], vec![(300, 7), (64, 64), (230, 100)], vec![(1000, 1), (17, 1)]] {
+        paged(b, rng, dt, hq, hkv, d, &batch);
+    }
+}
+
+/// A paged-attention call over `batch` (context, queries) as tests/ops.rs makes it: returns the
+/// block table so that a test can look at what the kernels were given.
+fn paged(b: &Arc<dyn Backend>, rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch: &[(usize, usize)]) -> Vec<u32> {
+    let block_size = 16;
+    let needed: usize = batch.iter().map(|(c, _)| c.div_ceil(block_size)).sum();
+    let num_blocks = needed + 5;
+    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.below(i + 1));
+    }
+    let mut k_cache = empty(b, dt, &[num_blocks, hkv, block_size, d]);
+    let mut v_cache = empty(b, dt, &[num_blocks, hkv, block_size, d]);
+    let (mut table, mut seqs) = (Vec::new(), Vec::new());
+    for &(ctx, q_len) in batch {
+        let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
+        let slots: Vec<u32> = (0..ctx).map(|p| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
+        let (k, v) = (up(b, dt, &[ctx, hkv, d], &rng.values(ctx * hkv * d, 1.0, dt)), up(b, dt, &[ctx, hkv, d], &rng.values(ctx * hkv * d, 1.0, dt)));
+        b.kv_write(&mut k_cache, &mut v_cache, &k, &v, &slots).unwrap();
+        seqs.push(PagedSeq { q_len: q_len as u32, context_len: ctx as u32, blocks_start: table.len() as u32 });
+        table.extend(blocks);
+    }
+    let t: usize = batch.iter().map(|(_, q)| q).sum();
+    let q = up(b, dt, &[t, hq, d], &rng.values(t * hq * d, 1.0, dt));
+    let mut out = empty(b, dt, &[t, hq, d]);
+    b.paged_attention(&mut out, &q, &k_cache, &v_cache, &seqs, &table, 1.0 / (d as f32).sqrt()).unwrap();
+    table
+}
+
+/// A tiny Llama (head dims 64 and 128) with random weights: whole-prompt prefill (the flash kernel's
+/// tiles past 64 rows), then the engine: prompts cut into chunks (the later chunks through the block
+/// table), a shared prefix, decoding at batch 6, greedy steps (argmax) and drawn ones (sample).
+#[test]
+fn random_llama_and_engine_launch_what_the_kernels_expect() {
+    let Some((driver, b)) = recording("random llama") else { return };
+    let _guard = exclusive();
+    driver.take_recorded();
+    let before = driver.summary();
+    let shapes = [
+        ModelConfig::shape("tiny").unwrap(),
+        serde_json::from_value::<ModelConfig>(serde_json::json!({
+            "vocab_size": 300, "hidden_size": 512, "intermediate_size": 768, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "max_position_embeddings": 2048,
+        }))
+        .unwrap(),
+    ];
+    for config in shapes {
+        for dtype in FLOATS {
+            let model = Llama::random(config.clone(), b.clone(), dtype, 7).unwrap();
+            let vocab = model.config.vocab_size;
+            let prompt: Vec<u32> = (0..150).map(|i| (i * 13 + 5) % vocab as u32).collect();
+            model.prefill(&prompt, Logits::All).unwrap();
+            let tok = Tokenizer::numbered(vocab).unwrap();
+            let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 96, max_running: 8 };
+            let mut engine = Engine::new(&model, &tok, config).unwrap();
+            // A long prompt alone: its chunks after the first read the cache through the table.
+            let long: Vec<u32> = (0..300).map(|i| (i * 11 + 3) % vocab as u32).collect();
+            let params = GenerateParams { max_tokens: 4, ignore_eos: true, ..Default::default() };
+            engine.submit(Request { prompt: long, params, logprobs: false, top_logprobs: 0 }).unwrap();
+            assert_eq!(engine.run_to_completion().unwrap().len(), 1);
+            for i in 0..6 {
+                // Every request starts with the same 64 tokens: later ones find them in the cache.
+                let mut p = prompt[..64].to_vec();
+                p.extend((0..10 + 20 * i).map(|j| (j * 7 + i) as u32 % vocab as u32));
+                let sampling = SamplingParams { temperature: if i % 2 == 0 { 0.0 } else { 0.9 }, seed: i as u64, ..Default::default() };
+                let params = GenerateParams { max_tokens: 12, ignore_eos: true, sampling, ..Default::default() };
+                engine.submit(Request { prompt: p, params, logprobs: true, top_logprobs: 0 }).unwrap();
+            }
+            let done = engine.run_to_completion().unwrap();
+            assert_eq!(done.len(), 6);
+            assert!(done.iter().all(|(_, g)| g.ids.len() == 12), "every request ran to its 12 tokens");
+        }
+    }
+    let after = driver.summary();
+    assert!(after.faults.len() == before.faults.len(), "faults: {:#?}", &after.faults[before.faults.len()..]);
+    let recorded = driver.take_recorded();
+    let launched = after.launches - before.launches;
+    println!("checked {launched} launches and {} GEMMs of random Llamas and the engine", after.gemms - before.gemms);
+    let seen = |k: &str| recorded.iter().any(|r| r.kernel.starts_with(k) && r.op == "paged_attention");
+    assert!(seen("flash_attn_d64") && seen("flash_attn_d128"), "prompt chunks ran through the table on tensor cores");
+    assert!(seen("attn_group_d64") && seen("attn_group_d128"), "decoding ran on the grouped split kernel");
+    assert!(recorded.iter().any(|r| r.kernel.starts_with("sample_")), "drawn tokens were chosen on the device");
+    assert!(recorded.iter().any(|r| r.kernel.starts_with("argmax_")), "greedy tokens were chosen on the device");
+    let batch = recorded.iter().filter(|r| r.kernel.starts_with("attn_group")).map(|r| r.grid.0).max().unwrap_or(0);
+    assert!(batch >= 2, "decode ran at batch {batch}");
+    assert!(launched > 1000, "only {launched} launches");
+    let s = after;
+    println!(
+        "cuda host check, all tests so far: {} launches and {} GEMMs, {} byte ranges checked, {} kernels, ops: {:?}",
+        s.launches,
+        s.gemms,
+        s.accesses,
+        s.kernels.len(),
+        s.ops
+    );
+}
+
+/// Re-launches `rec` through the driver with its arguments as given (each a byte vector), under
+/// the regions of the op that last ran.
+fn relaunch(driver: &RecordingDriver, rec: &Recorded, args: &[Vec<u8>]) -> highrise::core::Result<()> {
+    let params: Vec<*mut c_void> = args.iter().map(|a| a.as_ptr() as *mut c_void).collect();
+    // SAFETY: each parameter points at a byte vector of the PTX parameter's size, alive here.
+    unsafe { driver.launch(&Launch { kernel: &rec.kernel, grid: rec.grid, block: rec.block, shared_bytes: 0, params: &params }) }
+}
+
+/// The first GPU run's first bug: `launch` handed each kernel the address of a reference to its
+/// argument instead of the argument's. The same argument list, built that way, is refused; built
+/// as the backend builds it, accepted.
+#[test]
+fn host_addresses_passed_as_arguments_are_refused() {
+    let Some((driver, _)) = recording("host addresses") else { return };
+    let _guard = exclusive();
+    let n = 4096u64;
+    // SAFETY: recording-driver memory, freed below.
+    let bufs: Vec<u64> = (0..3).map(|_| unsafe { driver.malloc(n as usize * 4) }.unwrap()).collect();
+    let regions = ["out", "gate", "up"]
+        .iter()
+        .zip(&bufs)
+        .map(|(name, &ptr)| Region { name: name.to_string(), ptr, bytes: n as usize * 4, tensor: Some((DType::F32, vec![n as usize])) })
+        .collect();
+    driver.begin_op("swiglu", regions);
+    let (out, gate, up) = (bufs[0], bufs[1], bufs[2]);
+    let launch = |params: &[*mut c_void]| {
+        // SAFETY: the parameters point at live values (or, in the mistake's copy, at live references).
+        unsafe { driver.launch(&Launch { kernel: "swiglu_f32", grid: (16, 1, 1), block: (256, 1, 1), shared_bytes: 0, params }) }
+    };
+
+    // The mistake, privately: a blanket impl over Copy types also covers `&dyn Arg`, and method
+    // resolution picks it for `a.param()` on an `&&dyn Arg`.
+    trait Arg {
+        fn param(&self) -> *mut c_void;
+    }
+    impl<T: Copy> Arg for T {
+        fn param(&self) -> *mut c_void {
+            self as *const T as *mut c_void
+        }
+    }
+    let args: [&dyn Arg; 4] = [&out, &gate, &up, &n];
+    #[allow(clippy::needless_borrow)]
+    let wrong: Vec<*mut c_void> = args.iter().map(|a| a.param()).collect();
+    let err = launch(&wrong).expect_err("host addresses must be refused").to_string();
+    println!("refused as it should be: {err}");
+    assert!(err.contains("parameter 0") && err.contains("no live device allocation"), "{err}");
+
+    let right: Vec<*mut c_void> = args.iter().map(|a| (**a).param()).collect();
+    launch(&right).expect("the values themselves are accepted");
+
+    // And a count one past the tensors: the bytes the kernel would touch leave them.
+    let past = n + 1;
+    let args: [&dyn Arg; 4] = [&out, &gate, &up, &past];
+    let err = launch(&args.iter().map(|a| (**a).param()).collect::<Vec<_>>()).expect_err("must be refused").to_string();
+    println!("refused as it should be: {err}");
+    assert!(err.contains("may touch bytes 0..16388 of out (16384 bytes)"), "{err}");
+    // SAFETY: allocated above, not used again.
+    unsafe { bufs.iter().for_each(|&p| driver.free(p)) };
+}
+
+/// The first GPU run's second bug: paged attention took the cache's kv_heads from its
+/// second-to-last axis, which in [blocks, kv_heads, block_size, D] is block_size. The launches the
+/// backend makes carry kv_heads and block_size from the right axes; a copy of each with kv_heads
+/// taken from the wrong one is refused, for the split kernels (decode) and the tensor-core kernel
+/// (prompt chunks through the table) alike.
+#[test]
+fn paged_kv_heads_from_the_wrong_axis_are_refused() {
+    let Some((driver, b)) = recording("paged kv heads") else { return };
+    let _guard = exclusive();
+    let mut rng = Rng::new("cuda host paged kv heads");
+    // Llama-3-8B's 32 query heads over 8 KV heads: 16 (the block size) divides 32 too, so only
+    // the shapes can tell the wrong kv_heads apart.
+    let (hq, hkv, d, block_size) = (32u32, 8u32, 64u32, 16u32);
+    // (kernel family, batch): decoding sequences take attn_group; prompt chunks alone, flash_attn.
+    for (family, batch) in [("attn_group", vec![(40usize, 1usize), (300, 1)]), ("flash_attn", vec![(300, 7), (64, 64)])] {
+        driver.take_recorded();
+        paged(&b, &mut rng, DType::BF16, hq as usize, hkv as usize, d as usize, &batch);
+        let recorded = driver.take_recorded();
+        let rec = recorded.iter().find(|r| r.kernel.starts_with(family)).unwrap_or_else(|| panic!("no {family} launch: {recorded:?}"));
+        // (block_size, hq, hkv) are arguments 7, 8, 9 of attn_group and 6, 7, 8 of flash_attn.
+        let at = if family == "attn_group" { 7 } else { 6 };
+        assert_eq!((rec.u32(at), rec.u32(at + 1), rec.u32(at + 2)), (block_size, hq, hkv), "{family}: block_size, hq, kv_heads");
+        let heads = if family == "attn_group" { hkv } else { hq };
+        assert_eq!(rec.grid.1, heads, "{family}: a block per {}", if family == "attn_group" { "kv head" } else { "query head" });
+        relaunch(&driver, rec, &rec.args).expect("the launch as the backend made it passes again");
+
+        // The mistake: kv_heads read from dims[len - 2] of the cache, i.e. its block_size.
+        let mut wrong = rec.args.clone();
+        wrong[at + 2] = block_size.to_le_bytes().to_vec();
+        let mut bad = rec.clone();
+        if family == "attn_group" {
+            bad.grid.1 = block_size; // the grouped kernel's grid is one block per kv head
+        }
+        let err = relaunch(&driver, &bad, &wrong).expect_err("kv_heads = block_size must be refused").to_string();
+        println!("{family}: refused as it should be: {err}");
+        assert!(err.contains("kv"), "{err}");
+    }
+}
