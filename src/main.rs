@@ -648,13 +648,20 @@ fn cmd_bench(
     for &c in concurrency {
         results.push(bench::concurrent(&model, &tokenizer, c, 64, kv_bytes)?);
     }
-    // The decode ceiling: host memory for the CPU backend, the device's as its ops see it otherwise.
+    // The ceilings, measured in this run: memory (host memory read by all cores for the CPU
+    // backend; the device's own copy bandwidth otherwise) and this model's matrix rate.
     let host = model.backend.name() == "cpu";
-    let (read_bw, copy_bw) =
-        if host { (bench::read_bandwidth(), bench::copy_bandwidth()) } else { (bench::op_bandwidth(&model.backend, 256 << 20)?, f64::NAN) };
+    let (memory_bw, copy_bw) = if host {
+        (bench::read_bandwidth(), bench::copy_bandwidth())
+    } else {
+        let copy = bench::device_copy_bandwidth(&model.backend, 1 << 30, 5)?;
+        (copy, copy)
+    };
+    let matmul = bench::matmul_rate(&model, pp.iter().copied().max().unwrap_or(512).max(1))?;
+    let ceilings = bench::Ceilings { memory: memory_bw, matmul };
     let weight_bytes = model.weight_bytes_per_token();
-    // Decode reads every weight once per token.
-    let decode_ceiling = read_bw / weight_bytes as f64;
+    // Batch-1 decode at no depth reads every weight once per token.
+    let decode_ceiling = bench::Test::Decode { n: 1, depth: 0 }.ceiling(&model, &ceilings);
     let info = model.backend.info();
     let model_name = args.model.as_ref().map_or("SmolLM2-135M-Instruct Q4_1 (default)".to_string(), |p| p.display().to_string());
     let mut weights = format!("{}{}", model.layers[0].wq.dtype(), if model.q8_activations { ", q8 activations" } else { "" });
@@ -666,11 +673,12 @@ fn cmd_bench(
             "{}",
             json!({
                 "model": model_name, "backend": info.name, "device": info.device, "weights": weights,
-                "weight_bytes_per_token": weight_bytes, "read_bandwidth_bytes_per_second": read_bw,
-                "copy_bandwidth_bytes_per_second": copy_bw,
+                "weight_bytes_per_token": weight_bytes, "read_bandwidth_bytes_per_second": memory_bw,
+                "copy_bandwidth_bytes_per_second": copy_bw, "matmul_flops_per_second": matmul,
                 "decode_ceiling_tokens_per_second": decode_ceiling,
                 "results": results.iter().map(|m| json!({
                     "test": m.test, "tokens_per_second": m.mean(), "stddev": m.stddev(), "reps": m.tokens_per_sec,
+                    "ceiling_tokens_per_second": m.kind.ceiling(&model, &ceilings),
                 })).collect::<Vec<_>>(),
                 "profiles": profiles.iter().map(|(test, rows, tokens)| json!({
                     "test": test, "tokens": tokens,
@@ -680,20 +688,35 @@ fn cmd_bench(
         );
         return Ok(());
     }
-    println!("| model | backend | weights | test | t/s |");
-    println!("| --- | --- | --- | --- | ---: |");
+    println!("| model | backend | weights | test | t/s | ceiling t/s | of ceiling |");
+    println!("| --- | --- | --- | --- | ---: | ---: | ---: |");
     for m in &results {
-        println!("| {model_name} | {} ({}) | {weights} | {} | {:.2} ± {:.2} |", info.name, info.device, m.test, m.mean(), m.stddev());
+        let ceiling = m.kind.ceiling(&model, &ceilings);
+        println!(
+            "| {model_name} | {} ({}) | {weights} | {} | {:.2} ± {:.2} | {ceiling:.0} | {:.0}% |",
+            info.name,
+            info.device,
+            m.test,
+            m.mean(),
+            m.stddev(),
+            100.0 * m.mean() / ceiling
+        );
     }
     let memory = if host {
-        format!("memory read {:.1} GB/s (copy {:.1} GB/s, read + write)", read_bw / 1e9, copy_bw / 1e9)
+        format!("memory read {:.1} GB/s (copy {:.1} GB/s, read + write)", memory_bw / 1e9, copy_bw / 1e9)
     } else {
-        format!("device memory {:.0} GB/s (SwiGLU over 3 x 256 MiB, read + write)", read_bw / 1e9)
+        format!("device memory {:.0} GB/s (copy of 1 GiB, read + write)", memory_bw / 1e9)
     };
     println!(
-        "\nceilings: {memory}; {:.1} MB of weights per token, so batch-1 decode <= {:.0} t/s",
+        "\nceilings: {memory}; {:.1} MB of weights per token, so batch-1 decode <= {:.0} t/s; \
+         this model's gate projection {:.1} TFLOP/s, so pp <= matmul rate / flops per token",
         weight_bytes as f64 / 1e6,
-        decode_ceiling
+        decode_ceiling,
+        matmul / 1e12
+    );
+    println!(
+        "(decode ceilings count the weights once per step and each sequence's K/V at its context; \
+         prefill's, 2 flops per weight and token plus attention's)"
     );
     for (test, rows, tokens) in &profiles {
         let all: f64 = rows.iter().map(|r| r.total.as_secs_f64()).sum();

@@ -237,8 +237,8 @@ async fn async_service_streams_each_request_and_frees_dropped_ones() {
 }
 
 #[test]
-fn op_bandwidth_times_a_backend_through_its_ops() {
-    let bw = highrise::engine::bench::op_bandwidth(&cpu(), 4 << 20).unwrap();
+fn device_copy_bandwidth_times_a_backend_copy() {
+    let bw = highrise::engine::bench::device_copy_bandwidth(&cpu(), 4 << 20, 3).unwrap();
     assert!(bw.is_finite() && bw > 1e8, "{bw}");
 }
 

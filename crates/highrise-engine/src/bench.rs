@@ -16,6 +16,80 @@ pub struct Measurement {
     pub test: String,
     pub tokens: usize,
     pub tokens_per_sec: Vec<f64>,
+    #[serde(skip)]
+    pub kind: Test,
+}
+
+/// What a measurement ran, for its ceiling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Test {
+    /// One prefill of `n` tokens.
+    Prefill { n: usize },
+    /// `n` tokens decoded one at a time after `depth` tokens of context.
+    Decode { n: usize, depth: usize },
+    /// `sequences` decoding together, each `n` tokens after a prompt of `prompt`.
+    Concurrent { sequences: usize, n: usize, prompt: usize },
+}
+
+/// The rates a backend reaches on this machine, measured in the same run as the tests: how fast it
+/// streams memory, and how fast it multiplies this model's own matrices.
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    /// Bytes per second.
+    pub memory: f64,
+    /// Floating-point operations per second.
+    pub matmul: f64,
+}
+
+impl Test {
+    /// The tokens per second this test could reach at `c`: decoding reads every weight once per
+    /// step and each sequence's K/V at its context (memory-bound); prefill does two flops per weight
+    /// and token, plus attention's (compute-bound).
+    pub fn ceiling(&self, model: &Llama, c: &Ceilings) -> f64 {
+        let weights = model.weight_bytes_per_token() as f64;
+        let kv_per_position = model.kv_block_bytes(BLOCK_SIZE) as f64 / BLOCK_SIZE as f64;
+        match *self {
+            Test::Prefill { n } => c.matmul / prefill_flops_per_token(model, n),
+            Test::Decode { n, depth } => c.memory / (weights + kv_per_position * (depth as f64 + n as f64 / 2.0)),
+            Test::Concurrent { sequences, n, prompt } => {
+                let s = sequences as f64;
+                s * c.memory / (weights + s * kv_per_position * (prompt as f64 + n as f64 / 2.0))
+            }
+        }
+    }
+}
+
+/// Flops per token of an `n`-token prefill: 2 per weight of every projection (the unembedding once
+/// for the whole prompt: generation needs the last token's logits only) and attention's QK^T and PV
+/// over the half of the prompt a causal token sees on average.
+pub fn prefill_flops_per_token(model: &Llama, n: usize) -> f64 {
+    let c = &model.config;
+    let (h, i, d) = (c.hidden_size as f64, c.intermediate_size as f64, c.head_dim() as f64);
+    let (hq, hkv) = (c.num_attention_heads as f64, c.kv_heads() as f64);
+    let per_layer = 2.0 * (h * hq * d * 2.0 + 2.0 * h * hkv * d + 3.0 * h * i) + 4.0 * hq * d * n as f64 / 2.0;
+    per_layer * c.num_hidden_layers as f64 + 2.0 * h * c.vocab_size as f64 / n as f64
+}
+
+/// The backend's matrix rate on this model's own largest projection (the first layer's gate, in
+/// the dtype and layout the model keeps it) at `rows` tokens, flops per second: best of 3,
+/// synchronized.
+pub fn matmul_rate(model: &Llama, rows: usize) -> Result<f64> {
+    use highrise_core::Tensor;
+    let w = &model.layers[0].w_gate;
+    let (n, k) = (w.dims()[0], w.dims()[1]);
+    let x = Tensor::full(&model.backend, model.dtype, &[rows, k], 0.01)?;
+    let mut out = Tensor::empty(&model.backend, model.dtype, &[rows, n])?;
+    let mut best = f64::MAX;
+    for rep in 0..4 {
+        model.backend.synchronize()?;
+        let t = Instant::now();
+        model.backend.linear(&mut out, &x, w, None)?;
+        model.backend.synchronize()?;
+        if rep > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (rows * n * k) as f64 / best)
 }
 
 impl Measurement {
@@ -37,14 +111,20 @@ fn tokens(model: &Llama, n: usize) -> Vec<u32> {
 }
 
 /// Prefill of an `n`-token prompt in one pass (logits for its last token, as generation needs),
-/// `reps` times.
+/// `reps` times after one untimed pass. Each timed pass ends when the backend has finished it: a
+/// GPU queues the kernels and returns at once, so timing only the call measured the queueing
+/// (the first H200 run's pp512 of 75699 ± 99870 t/s).
 pub fn prefill(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
     let toks = tokens(model, n);
-    let mut m = Measurement { test: format!("pp{n}"), tokens: n, tokens_per_sec: vec![] };
+    let mut m = Measurement { test: format!("pp{n}"), tokens: n, tokens_per_sec: vec![], kind: Test::Prefill { n } };
+    model.prefill(&toks, Logits::Last)?;
     for _ in 0..reps {
+        model.backend.synchronize()?;
         let start = Instant::now();
-        model.prefill(&toks, Logits::Last)?;
+        let logits = model.prefill(&toks, Logits::Last)?;
+        model.backend.synchronize()?;
         m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
+        drop(logits);
     }
     Ok(m)
 }
@@ -60,7 +140,7 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool) ->
     if taps {
         test += " +taps";
     }
-    let mut m = Measurement { test, tokens: n, tokens_per_sec: vec![] };
+    let mut m = Measurement { test, tokens: n, tokens_per_sec: vec![], kind: Test::Decode { n, depth } };
     let mut hooks = highrise_model::Hooks::capture_all(&highrise_model::Site::STREAM);
     for _ in 0..reps {
         let mut cache = model.new_kv_cache((depth + n).div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
@@ -96,7 +176,8 @@ pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurre
     let mut config = EngineConfig::with_kv_memory(model, kv_bytes);
     config.max_running = concurrency.max(1);
     let mut engine = Engine::new(model, tokenizer, config)?;
-    let prompt = tokens(model, 8);
+    const PROMPT: usize = 8;
+    let prompt = tokens(model, PROMPT);
     // ignore_eos: every sequence generates exactly n tokens, so the work is the same every run.
     let params = GenerateParams { max_tokens: n, ignore_eos: true, ..Default::default() };
     for _ in 0..concurrency {
@@ -109,6 +190,7 @@ pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurre
         test: format!("tg{n} x{concurrency}"),
         tokens: generated,
         tokens_per_sec: vec![generated as f64 / start.elapsed().as_secs_f64()],
+        kind: Test::Concurrent { sequences: concurrency, n, prompt: PROMPT },
     })
 }
 
@@ -161,23 +243,21 @@ pub fn read_bandwidth() -> f64 {
     (data.len() * 8) as f64 / best
 }
 
-/// A backend's memory bandwidth as its ops see it, bytes per second: SwiGLU over three bf16 tensors
-/// of `bytes` each (two read, one written; best of 5, synchronized). The decode ceiling on a device
-/// whose memory the host cannot time directly (a GPU).
-pub fn op_bandwidth(backend: &std::sync::Arc<dyn highrise_core::Backend>, bytes: usize) -> Result<f64> {
+/// A backend's own memory bandwidth, bytes read + written per second: the best of `reps` copies of
+/// `bytes` from one of its allocations to another (`Backend::copy`), synchronized. The decode
+/// ceiling on a device whose memory the host cannot time directly (a GPU): a copy streams memory as
+/// fast as anything can, where an op (SwiGLU, say) may run below it and so understate the ceiling.
+pub fn device_copy_bandwidth(backend: &std::sync::Arc<dyn highrise_core::Backend>, bytes: usize, reps: usize) -> Result<f64> {
     use highrise_core::{DType, Tensor};
-    let n = (bytes / 2).div_ceil(4096) * 4096;
-    let dims = [n / 4096, 4096];
-    let gate = Tensor::from_f32(backend, DType::BF16, &dims, &vec![0.5; n])?;
-    let up = Tensor::from_f32(backend, DType::BF16, &dims, &vec![2.0; n])?;
-    let mut out = Tensor::empty(backend, DType::BF16, &dims)?;
+    let n = bytes.div_ceil(4);
+    let (src, mut dst) = (Tensor::full(backend, DType::F32, &[n], 1.0)?, Tensor::empty(backend, DType::F32, &[n])?);
     let mut best = f64::MAX;
-    for _ in 0..5 {
+    for _ in 0..reps.max(2) {
         backend.synchronize()?;
         let t = Instant::now();
-        backend.swiglu(&mut out, &gate, &up)?;
+        dst.copy_from(&src)?;
         backend.synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    Ok(3.0 * 2.0 * n as f64 / best)
+    Ok(2.0 * (4 * n) as f64 / best)
 }
