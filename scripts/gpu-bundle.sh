@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on a GPU machine that has no Rust toolchain, into one folder
 # (default gpu-bundle/, git-ignored; stripped to fit a 64 MiB transfer): the highrise binary, both
-# backend plugins, the CUDA cross-check test binary (tests/cuda.rs) and the CUDA criterion bench.
+# backend plugins, the CUDA cross-check test binary (tests/cuda.rs), the CUDA criterion bench and the
+# peers' script (scripts/gpu-peers.py). Carry it as one archive: `tar -cJf gpu-bundle.tar.xz gpu-bundle`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=${1:-gpu-bundle}
@@ -23,8 +24,8 @@ cp target/release/highrise "$bundle/highrise"
 cp target/release/deps/libhighrise_cpu.so target/release/deps/libhighrise_cuda.so "$bundle/"
 cp "$(executable test --release --test cuda)" "$bundle/cuda-tests"
 cp "$(executable bench --bench cuda_ops)" "$bundle/cuda-bench"
-cp scripts/gpu-check.sh "$bundle/"
+cp scripts/gpu-check.sh scripts/gpu-peers.py "$bundle/"
 for f in "$bundle"/*; do
-    case "$f" in *.sh) ;; *) strip --strip-debug "$f" ;; esac
+    case "$f" in *.sh | *.py) ;; *) strip --strip-debug "$f" ;; esac
 done
 du -ch "$bundle"/* | tail -1

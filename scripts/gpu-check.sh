@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# The CUDA checks and benchmarks, in one run from prebuilt binaries (scripts/gpu-bundle.sh), on one
-# GPU, in under 8 minutes: the cross-checks of tests/cuda.rs (every op and dtype against the f64
-# references, a random-weight Llama against the CPU), the criterion benchmarks of benches/cuda_ops.rs
-# with their ceilings, and `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights
-# (with every residual tap on as well: what introspection costs on the GPU).
-# Full logs go to OUT (default $OUT, else gpu-results/); a short table is printed last. The steps'
-# time limits add up to 470 s.
+# Everything a GPU window should run, in one call from prebuilt binaries (scripts/gpu-bundle.sh), on
+# one GPU, in under 8 minutes (the steps' budgets add up to 470 s):
+#   1. `highrise backends` (what the machine offers);
+#   2. every test of tests/cuda.rs, each in its own process (one CUDA_ERROR_ILLEGAL_ADDRESS poisons
+#      the whole process: a shared one turned 2 failures into 15), each with its own time limit;
+#   3. compute-sanitizer memcheck over the op tests, one process each, where it is on the PATH;
+#   4. the criterion benchmarks of benches/cuda_ops.rs with their ceilings (copy bandwidth, cuBLAS);
+#   5. the peers at the same shapes, where python3 has torch: PyTorch's scaled_dot_product_attention
+#      forced to FlashAttention-2 and to cuDNN, its copy bandwidth and bf16 GEMM (scripts/gpu-peers.py);
+#   6. `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights (batch 1 to 256, with
+#      every residual tap on, and where a token's time goes).
+# Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 #
 # usage: scripts/gpu-check.sh [BUNDLE [OUT]]
 set -uo pipefail
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}
-mkdir -p "$out"
+mkdir -p "$out/tests" "$out/sanitizer"
 out=$(cd "$out" && pwd)
 # No network there: tests that need the default model say skipped instead of waiting on pip.
 export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" HIGHRISE_OFFLINE=1 RUST_BACKTRACE=1
+: >"$out/steps.txt"
 
 step() { # name, seconds, command...
     local name=$1 secs=$2
@@ -22,21 +28,72 @@ step() { # name, seconds, command...
     local start=$SECONDS
     timeout "$secs" "$@" >"$out/$name.txt" 2>&1
     local rc=$?
-    echo "$name: exit $rc in $((SECONDS - start)) s" | tee -a "$out/steps.txt"
+    echo "$name: exit $rc in $((SECONDS - start)) s (limit $secs s)" >>"$out/steps.txt"
+}
+
+# The outcome of one test binary run on one test: ok, FAILED, skipped (the test said why), timeout.
+outcome() { # rc, log
+    case $1 in
+        0) if grep -q 'skipped' "$2"; then echo skipped; else echo ok; fi ;;
+        124 | 137) echo timeout ;;
+        *) echo FAILED ;;
+    esac
 }
 
 {
     date -u +"%Y-%m-%d %H:%M UTC"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
 } >"$out/device.txt"
-step backends 20 "$bundle/highrise" backends
-step cross-checks 150 "$bundle/cuda-tests" --test-threads 1 --nocapture
-HIGHRISE_BENCH_QUICK=1 step cuda-bench 150 "$bundle/cuda-bench" --bench
-step bench-8b 150 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
+step backends 15 "$bundle/highrise" backends
+
+# 2. Each cross-check in its own process; the first one compiles the kernels into the cache.
+start=$SECONDS
+"$bundle/cuda-tests" --list 2>/dev/null | sed -n 's/: test$//p' >"$out/tests.list"
+: >"$out/tests.results"
+while read -r t; do
+    if ((SECONDS - start > 120)); then
+        echo "$t|not run (the step's 120 s were spent)|" >>"$out/tests.results"
+        continue
+    fi
+    s0=$SECONDS
+    timeout 45 "$bundle/cuda-tests" --exact "$t" --nocapture --test-threads 1 >"$out/tests/$t.txt" 2>&1
+    echo "$t|$(outcome $? "$out/tests/$t.txt")|$((SECONDS - s0))" >>"$out/tests.results"
+done <"$out/tests.list"
+echo "cross-checks: $(grep -c '|ok|' "$out/tests.results") of $(wc -l <"$out/tests.list") ok in $((SECONDS - start)) s" >>"$out/steps.txt"
+
+# 3. Memcheck over the op tests (it named both of the first run's bugs within seconds).
+: >"$out/sanitizer.results"
+if command -v compute-sanitizer >/dev/null; then
+    start=$SECONDS
+    grep '^ops::' "$out/tests.list" | while read -r t; do
+        if ((SECONDS - start > 45)); then
+            echo "$t|not run (the step's 45 s were spent)" >>"$out/sanitizer.results"
+            continue
+        fi
+        timeout 30 compute-sanitizer --tool memcheck --error-exitcode 86 "$bundle/cuda-tests" --exact "$t" --test-threads 1 \
+            >"$out/sanitizer/$t.txt" 2>&1
+        case $? in
+            0) r=clean ;; 86) r="ERRORS ($(grep -c 'Invalid' "$out/sanitizer/$t.txt") invalid accesses)" ;; 124 | 137) r=timeout ;; *) r="test failed" ;;
+        esac
+        echo "$t|$r" >>"$out/sanitizer.results"
+    done
+    echo "sanitizer: $(grep -c '|clean' "$out/sanitizer.results") of $(grep -c '^ops::' "$out/tests.list") op tests clean" >>"$out/steps.txt"
+else
+    echo "sanitizer: skipped (no compute-sanitizer on the PATH)" >>"$out/steps.txt"
+fi
+
+HIGHRISE_BENCH_QUICK=1 step cuda-bench 120 "$bundle/cuda-bench" --bench
+if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    step peers 40 python3 "$bundle/gpu-peers.py"
+else
+    echo "peers: skipped (python3 has no torch with CUDA)" >>"$out/steps.txt"
+    echo "skipped: python3 has no torch with CUDA" >"$out/peers.txt"
+fi
+step bench-8b 130 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 512 --tg 64 --reps 2 --taps --profile -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
 
 {
-    echo "## highrise GPU check: $(head -1 "$out/device.txt"), $(sed -n 2p "$out/device.txt")"
+    echo "## highrise GPU check: $(sed -n 2p "$out/device.txt"), $(head -1 "$out/device.txt")"
     echo
     echo "steps:"
     sed 's/^/- /' "$out/steps.txt"
@@ -44,12 +101,20 @@ step bench-8b 150 "$bundle/highrise" bench --backend cuda --dtype bf16 --model r
     echo "backends:"
     sed 's/^/    /' "$out/backends.txt"
     echo
-    echo "cross-checks (tests/cuda.rs):"
-    grep -E '^test |^test result|skipped|panicked' "$out/cross-checks.txt" | sed 's/^/    /'
+    echo "| cross-check (tests/cuda.rs, one process each) | result | s | memcheck |"
+    echo "| --- | --- | ---: | --- |"
+    while IFS='|' read -r t r s; do
+        m=$(grep -F "$t|" "$out/sanitizer.results" | head -1 | cut -d'|' -f2)
+        echo "| $t | $r | $s | ${m:--} |"
+    done <"$out/tests.results"
     echo
-    grep -E '^ceilings' "$out/cuda-bench.txt"
-    grep -E '^\|' "$out/cuda-bench.txt"
+    grep -hE 'logits max|differ|skipped|panicked' "$out"/tests/*.txt | sort -u | sed 's/^/    /' | head -20
+    echo
+    grep -E '^ceilings|^\||^skipped' "$out/cuda-bench.txt" || tail -3 "$out/cuda-bench.txt"
+    echo
+    echo "peers (PyTorch, same shapes, same run):"
+    grep -E '^\||^ceilings|^skipped' "$out/peers.txt"
     echo
     echo "highrise bench, Llama-3-8B shape, random bf16 weights:"
-    grep -E '^\||^ceilings|^where' "$out/bench-8b.txt"
+    grep -E '^\||^ceilings|^where|^\(' "$out/bench-8b.txt" || tail -3 "$out/bench-8b.txt"
 } | tee "$out/summary.md"

@@ -709,10 +709,10 @@ fn cmd_bench(
     };
     println!(
         "\nceilings: {memory}; {:.1} MB of weights per token, so batch-1 decode <= {:.0} t/s; \
-         this model's gate projection {:.1} TFLOP/s, so pp <= matmul rate / flops per token",
+         this model's gate projection {}, so pp <= matmul rate / flops per token",
         weight_bytes as f64 / 1e6,
         decode_ceiling,
-        matmul / 1e12
+        if matmul >= 1e12 { format!("{:.1} TFLOP/s", matmul / 1e12) } else { format!("{:.1} GFLOP/s", matmul / 1e9) }
     );
     println!(
         "(decode ceilings count the weights once per step and each sequence's K/V at its context; \
