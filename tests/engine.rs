@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use common::*;
 use highrise::engine::{generate, Engine, EngineConfig, GenerateParams, Request, SamplingParams};
-use highrise::model::{Llama, LoadOptions, Source, Tokenizer};
+use highrise::model::{Llama, LoadOptions, Source, Steer, Tokenizer};
 
 struct Loaded {
     model: Llama,
@@ -94,6 +94,35 @@ fn a_small_cache_preempts_and_still_matches() {
     for (i, (g, r)) in got.iter().zip(&reqs).enumerate() {
         assert_eq!(g, &alone(l, r), "request {i} under preemption vs alone");
     }
+}
+
+/// A steered request's keys and values are its own: a greedy request with the same prompt, arriving
+/// once the steered one's prompt blocks are in the cache, gets the tokens it gets alone (the audit
+/// saw it reuse the steered K/V and answer ' - - - - -'), and takes blocks of its own for them.
+#[test]
+fn steering_never_leaks_through_shared_prefix_blocks() {
+    let Some(l) = loaded("steering isolation") else { return };
+    let prompt = l.tokenizer.encode(&TEXTS[0].repeat(6), false).unwrap();
+    assert!(prompt.len() > 48, "several full blocks");
+    let plain = Request { prompt, params: GenerateParams { max_tokens: 8, ..Default::default() }, logprobs: false, top_logprobs: 0 };
+    let hidden = l.model.config.hidden_size;
+    let vector: Vec<f32> = (0..hidden).map(|i| if i % 3 == 0 { 1.0 } else { -0.5 }).collect();
+    let mut steered = plain.clone();
+    steered.params.steer = vec![Steer { layer: 4, vector, scale: 12.0, positions: None }];
+    let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 512, max_running: 4 };
+    let mut e = Engine::new(&l.model, &l.tokenizer, config).unwrap();
+    let s = e.submit(steered).unwrap();
+    e.step().unwrap();
+    let used_by_steered = e.num_blocks() - e.free_blocks();
+    let g = e.submit(plain.clone()).unwrap();
+    e.step().unwrap();
+    let used_by_both = e.num_blocks() - e.free_blocks();
+    let done = e.run_to_completion().unwrap();
+    let out = |id| done.iter().find(|(i, _)| *i == id).unwrap().1.ids.clone();
+    let want = alone(l, &plain);
+    assert_ne!(out(s), want, "the steering changes the steered request's tokens");
+    assert_eq!(out(g), want, "the greedy request's tokens are its own");
+    assert!(used_by_both >= 2 * used_by_steered, "no block shared across steering ({used_by_steered} then {used_by_both})");
 }
 
 #[test]

@@ -2,20 +2,53 @@
 //!
 //! A block holds `block_size` tokens' keys and values for every layer. A sequence owns a list of
 //! blocks (its block table). Blocks are reference-counted so that sequences whose prompts begin the
-//! same can share the full blocks of that prefix; a block is found again by the hash of all tokens
-//! up to its end. A shared block is never written: only full blocks of prompt are shared, and new
-//! tokens always go into a block of their own.
+//! same can share the full blocks of that prefix. A shared block is never written: only full blocks
+//! of prompt are shared, and new tokens always go into a block of their own.
+//!
+//! A block is shared only where its keys and values would be the same: it is found by a key that
+//! chains SHA-256 (vLLM's choice, collision-resistant) over a salt (what changes the K/V besides the
+//! tokens: a request's steering), the key of the block before it, and its own tokens; and a match is
+//! checked against the tokens and the previous key it was filed with, so that even a collision never
+//! serves another prompt's K/V.
 
 use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+
+/// Identifies a full block of prompt with everything before it: see the module's doc.
+pub type BlockKey = [u8; 32];
+
+/// The salt of a sequence whose K/V depend on its tokens alone.
+pub const PLAIN: BlockKey = [0; 32];
+
+/// What a registered block was filed with, checked again when it is shared.
+struct Filed {
+    key: BlockKey,
+    parent: BlockKey,
+    tokens: Vec<u32>,
+}
 
 pub struct BlockAllocator {
     block_size: usize,
     free: Vec<u32>,
     refs: Vec<u32>,
-    /// Hash of the tokens up to a full block's end -> that block, while some sequence holds it.
-    prefix: HashMap<u64, u32>,
-    /// The prefix hash each registered block is filed under.
-    hash_of: HashMap<u32, u64>,
+    /// Prefix key -> that block, while some sequence holds it.
+    prefix: HashMap<BlockKey, u32>,
+    /// What each registered block was filed with.
+    filed: HashMap<u32, Filed>,
+}
+
+/// A salt from the bytes of whatever besides the tokens changes a sequence's keys and values.
+pub fn salt(parts: &[&[u8]]) -> BlockKey {
+    if parts.iter().all(|p| p.is_empty()) {
+        return PLAIN;
+    }
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.finalize().into()
 }
 
 impl BlockAllocator {
@@ -26,7 +59,7 @@ impl BlockAllocator {
             free: (0..num_blocks as u32).rev().collect(),
             refs: vec![0; num_blocks],
             prefix: HashMap::new(),
-            hash_of: HashMap::new(),
+            filed: HashMap::new(),
         }
     }
 
@@ -56,48 +89,51 @@ impl BlockAllocator {
             debug_assert!(*r > 0, "block {b} released more often than held");
             *r = r.saturating_sub(1);
             if *r == 0 {
-                if let Some(h) = self.hash_of.remove(&b) {
-                    self.prefix.remove(&h);
+                if let Some(f) = self.filed.remove(&b) {
+                    self.prefix.remove(&f.key);
                 }
                 self.free.push(b);
             }
         }
     }
 
-    /// The chain of prefix hashes of `tokens`' full blocks: entry i covers tokens[..(i+1)*block_size].
-    pub fn prefix_hashes(&self, tokens: &[u32]) -> Vec<u64> {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    /// The chain of keys of `tokens`' full blocks under `salt`: entry i covers
+    /// tokens[..(i+1)*block_size].
+    pub fn prefix_keys(&self, salt: &BlockKey, tokens: &[u32]) -> Vec<BlockKey> {
+        let mut key = *salt;
         tokens
             .chunks_exact(self.block_size)
             .map(|chunk| {
+                let mut h = Sha256::new();
+                h.update(key);
                 for &t in chunk {
-                    // FNV-1a over the token ids, chained from block to block.
-                    for byte in t.to_le_bytes() {
-                        h ^= byte as u64;
-                        h = h.wrapping_mul(0x0100_0000_01b3);
-                    }
+                    h.update(t.to_le_bytes());
                 }
-                h
+                key = h.finalize().into();
+                key
             })
             .collect()
     }
 
-    /// Takes a holder's share of the registered block with prefix hash `h`, if there is one.
-    pub fn share(&mut self, h: u64) -> Option<u32> {
-        let b = *self.prefix.get(&h)?;
+    /// Takes a holder's share of the registered block `key` names, if there is one and it was filed
+    /// with these `tokens` after `parent` (the previous block's key, or the salt for the first).
+    pub fn share(&mut self, key: &BlockKey, parent: &BlockKey, tokens: &[u32]) -> Option<u32> {
+        let b = *self.prefix.get(key)?;
+        let f = self.filed.get(&b)?;
+        if &f.parent != parent || f.tokens != tokens {
+            return None;
+        }
         self.refs[b as usize] += 1;
         Some(b)
     }
 
-    /// Files a block whose tokens are all written under its prefix hash, for later sequences to share.
-    pub fn register(&mut self, block: u32, h: u64) {
-        if self.hash_of.contains_key(&block) {
+    /// Files a block whose tokens are all written, for later sequences to share.
+    pub fn register(&mut self, block: u32, key: BlockKey, parent: BlockKey, tokens: &[u32]) {
+        if self.filed.contains_key(&block) || self.prefix.contains_key(&key) {
             return;
         }
-        self.prefix.entry(h).or_insert_with(|| {
-            self.hash_of.insert(block, h);
-            block
-        });
+        self.prefix.insert(key, block);
+        self.filed.insert(block, Filed { key, parent, tokens: tokens.to_vec() });
     }
 }
 
@@ -109,25 +145,41 @@ mod tests {
     fn blocks_come_back_when_their_last_holder_lets_go() {
         let mut a = BlockAllocator::new(4, 16);
         let x = a.alloc().unwrap();
-        let h = a.prefix_hashes(&[7; 16])[0];
-        a.register(x, h);
-        assert_eq!(a.share(h), Some(x));
+        let k = a.prefix_keys(&PLAIN, &[7; 16])[0];
+        a.register(x, k, PLAIN, &[7; 16]);
+        assert_eq!(a.share(&k, &PLAIN, &[7; 16]), Some(x));
         assert_eq!(a.num_free(), 3);
         a.release(&[x]);
         assert_eq!(a.num_free(), 3, "still held once");
         a.release(&[x]);
         assert_eq!(a.num_free(), 4);
-        assert_eq!(a.share(h), None, "a freed block is no longer shared");
+        assert_eq!(a.share(&k, &PLAIN, &[7; 16]), None, "a freed block is no longer shared");
     }
 
     #[test]
-    fn prefix_hashes_chain_over_whole_blocks() {
+    fn prefix_keys_chain_over_whole_blocks() {
         let a = BlockAllocator::new(1, 2);
-        let h1 = a.prefix_hashes(&[1, 2, 3, 4, 5]);
-        let h2 = a.prefix_hashes(&[1, 2, 3, 9]);
-        assert_eq!(h1.len(), 2);
-        assert_eq!(h1[0], h2[0]);
-        assert_ne!(h1[1], h2[1]);
-        assert_ne!(a.prefix_hashes(&[9, 2, 3, 4])[1], h1[1], "a block's hash depends on what precedes it");
+        let k1 = a.prefix_keys(&PLAIN, &[1, 2, 3, 4, 5]);
+        let k2 = a.prefix_keys(&PLAIN, &[1, 2, 3, 9]);
+        assert_eq!(k1.len(), 2);
+        assert_eq!(k1[0], k2[0]);
+        assert_ne!(k1[1], k2[1]);
+        assert_ne!(a.prefix_keys(&PLAIN, &[9, 2, 3, 4])[1], k1[1], "a block's key depends on what precedes it");
+        let steered = salt(&[b"layer 3", &[1, 2, 3]]);
+        assert_ne!(steered, PLAIN);
+        assert_ne!(a.prefix_keys(&steered, &[1, 2])[0], k1[0], "and on the salt");
+        assert_eq!(salt(&[b"", b""]), PLAIN, "nothing besides the tokens: the plain salt");
+    }
+
+    #[test]
+    fn a_block_is_shared_only_with_the_tokens_and_parent_it_was_filed_with() {
+        let mut a = BlockAllocator::new(4, 2);
+        let x = a.alloc().unwrap();
+        let k = a.prefix_keys(&PLAIN, &[5, 6])[0];
+        a.register(x, k, PLAIN, &[5, 6]);
+        // Even under its own key (a collision), other tokens or another parent find nothing.
+        assert_eq!(a.share(&k, &PLAIN, &[5, 7]), None);
+        assert_eq!(a.share(&k, &[1; 32], &[5, 6]), None);
+        assert_eq!(a.share(&k, &PLAIN, &[5, 6]), Some(x));
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use highrise_core::ops::{PagedSeq, SampleParams};
 use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer, Tokenizer};
 
-use crate::blocks::BlockAllocator;
+use crate::blocks::{BlockAllocator, BlockKey};
 use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
 use crate::sampling::{choose_on_backend, top_log_softmax, Sampled, Sampler};
 
@@ -82,6 +82,8 @@ struct Seq {
     computed: usize,
     /// Full prompt blocks already filed for sharing.
     registered: usize,
+    /// What its K/V depend on besides its tokens (its steering), for the keys of shared blocks.
+    salt: BlockKey,
     started: Instant,
 }
 
@@ -190,6 +192,7 @@ impl<'m> Engine<'m> {
             logprobs: Vec::new(),
             want_logprobs: req.logprobs,
             top_logprobs: req.top_logprobs,
+            salt: steering_salt(&req.params.steer),
             params: req.params,
             blocks: Vec::new(),
             computed: 0,
@@ -321,9 +324,10 @@ impl<'m> Engine<'m> {
             // File the prompt's newly complete blocks for sharing.
             let full = s.computed.min(s.prompt.len()) / bs;
             if full > s.registered {
-                let hashes = self.blocks.prefix_hashes(&s.prompt[..full * bs]);
-                for (b, h) in hashes.iter().enumerate().skip(s.registered) {
-                    self.blocks.register(s.blocks[b], *h);
+                let keys = self.blocks.prefix_keys(&s.salt, &s.prompt[..full * bs]);
+                for b in s.registered..full {
+                    let parent = if b == 0 { s.salt } else { keys[b - 1] };
+                    self.blocks.register(s.blocks[b], keys[b], parent, &s.prompt[b * bs..(b + 1) * bs]);
                 }
                 s.registered = full;
             }
@@ -403,10 +407,11 @@ impl<'m> Engine<'m> {
                 // Share whole blocks before the block of the last token to compute, which must be
                 // computed (for its logits) into a block of this sequence's own.
                 let shareable = (s.len() - 1) / bs;
-                let hashes = self.blocks.prefix_hashes(&s.prompt[..shareable.min(s.prompt.len() / bs) * bs]);
-                for h in hashes {
-                    match self.blocks.share(h) {
-                        Some(b) => s.blocks.push(b),
+                let keys = self.blocks.prefix_keys(&s.salt, &s.prompt[..shareable.min(s.prompt.len() / bs) * bs]);
+                for (b, key) in keys.iter().enumerate() {
+                    let parent = if b == 0 { s.salt } else { keys[b - 1] };
+                    match self.blocks.share(key, &parent, &s.prompt[b * bs..(b + 1) * bs]) {
+                        Some(block) => s.blocks.push(block),
                         None => break,
                     }
                 }
@@ -446,4 +451,18 @@ impl<'m> Engine<'m> {
         self.preemptions += 1;
         self.waiting.push_front(s);
     }
+}
+
+/// The salt of a request's shared blocks: its steering (each vector's layer, scale and values)
+/// changes the keys and values of every token it runs over, so a steered prompt's blocks are shared
+/// only with requests steered the same way.
+fn steering_salt(steer: &[Steer]) -> BlockKey {
+    let bytes: Vec<u8> = steer
+        .iter()
+        .flat_map(|st| {
+            let head = [(st.layer as u64).to_le_bytes().to_vec(), st.scale.to_le_bytes().to_vec()];
+            head.into_iter().flatten().chain(st.vector.iter().flat_map(|v| v.to_le_bytes()))
+        })
+        .collect();
+    crate::blocks::salt(&[&bytes])
 }
