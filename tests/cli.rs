@@ -164,3 +164,18 @@ fn generate_steers_with_a_vector_from_npy() {
     assert!(!bad.status.success() && err.contains("--steer") && err.contains("30 layers"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The audit's command: two overlapping stop strings made `generate` exit 101 (a panic slicing past
+/// the text). It stops at the one reached and prints the text before it.
+#[test]
+fn overlapping_stop_strings_end_the_text_cleanly() {
+    let Some(model) = default_model() else { return println!("skipped: cli stop strings: no default model") };
+    let out = stdout_ok(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "Once upon a time", "--stop", "e!", "--stop", "he city",
+        "--json", "--max-tokens", "64",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let text = j["text"].as_str().unwrap();
+    assert!(!text.contains("e!") && !text.contains("he city"), "{text:?}");
+    println!("finish {} after {text:?}", j["finish_reason"]);
+}
