@@ -310,3 +310,49 @@ fn compare_backend_and_host(l: &Loaded, reqs: &[Request]) {
         }
     }
 }
+
+/// The engine survives its own faults: a step that panics ends the requests it was running with an
+/// error naming the panic, and the requests after it get their own tokens; a job that panics fails
+/// alone. A thread that dies all the same is reported (`is_running`), and every call then says
+/// the engine has stopped.
+#[tokio::test]
+async fn a_panic_in_the_engine_fails_its_requests_and_the_engine_serves_on() {
+    use highrise::engine::{EngineService, Fault, ServiceError};
+    let Some(l) = loaded("engine faults") else { return };
+    let Some((model, tokenizer)) = shared("engine faults") else { return };
+    let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 64, max_running: 8 };
+    let service = EngineService::start(model, tokenizer, config).unwrap();
+    let r = requests(l)[1].clone();
+    let long = Request { params: GenerateParams { max_tokens: 200, ignore_eos: true, ..Default::default() }, ..r.clone() };
+    let mut victim = service.submit(long).await.unwrap();
+    assert!(victim.next().await.unwrap().token.is_some());
+    service.inject_fault(Fault::PanicInStep);
+    let mut last = None;
+    while let Some(e) = victim.next().await {
+        last = Some(e);
+    }
+    let err = last.and_then(|e| e.error).expect("the running request ends with an error");
+    assert!(err.contains("panicked") && err.contains("fault injected"), "{err}");
+
+    let job = service.run(|_| -> u32 { panic!("a capture pass that panics") }).await;
+    assert!(matches!(&job, Err(ServiceError::Failed(m)) if m.contains("a capture pass that panics")), "{job:?}");
+
+    let mut after = service.submit(r.clone()).await.unwrap();
+    let mut ids = Vec::new();
+    while let Some(e) = after.next().await {
+        assert!(e.error.is_none(), "{:?}", e.error);
+        ids.extend(e.token);
+    }
+    assert_eq!(ids, alone(l, &r), "a request after the fault gets its own tokens");
+    assert!(service.is_running());
+
+    service.inject_fault(Fault::KillThread);
+    for _ in 0..100 {
+        if !service.is_running() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!service.is_running(), "a dead engine thread is reported");
+    assert!(matches!(service.submit(r).await, Err(ServiceError::Stopped)));
+}

@@ -504,3 +504,59 @@ fn the_openai_python_client_works_unchanged_and_sigterm_exits_cleanly() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
+
+/// A server of its own whose engine meets faults: a step that panics answers its request with a
+/// 500 naming the panic and the next request with its own completion; an engine thread that dies
+/// turns /health to 503 and ends `serve` with an error (so `highrise serve` exits non-zero and a
+/// supervisor restarts it), instead of a live port on a dead engine.
+#[test]
+fn engine_faults_answer_500_then_503_and_end_the_server() {
+    use highrise::engine::Fault;
+    let Some(path) = default_model() else { return println!("skipped: engine faults: no default model") };
+    let state = ServerState::start(MODEL_ID.into(), move || {
+        let source = Source::open(&path)?;
+        let model = Llama::load(&source, highrise::load_backend("cpu")?, LoadOptions::default())?;
+        let config = EngineConfig::with_kv_memory(&model, 32 << 20);
+        Ok((Arc::new(model), Arc::new(source.tokenizer()?), config))
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let served = tokio::spawn(highrise::server::serve(listener, state.clone(), std::future::pending(), Duration::ZERO));
+        let body = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "ignore_eos": true});
+        let victim = tokio::spawn({
+            let (url, body) = (url.clone(), body.clone());
+            async move { post(&url, "/v1/completions", &body).await }
+        });
+        // Once its tokens flow, the next step panics.
+        while state.service.stats().running == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        state.service.inject_fault(Fault::PanicInStep);
+        let (status, v) = victim.await.unwrap();
+        assert_eq!(status, 500, "{v}");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("panicked"), "{v}");
+        let (status, v) = post(&url, "/v1/completions", &json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})).await;
+        assert_eq!(status, 200, "the engine serves on: {v}");
+        assert_eq!(v["choices"][0]["text"], expected(&chat_free_ids("Once upon a time"), 5).0);
+
+        state.service.inject_fault(Fault::KillThread);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = reqwest::get(format!("{url}/health")).await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.json::<Value>().await.unwrap()["status"], "engine stopped");
+        let (status, v) = post(&url, "/v1/completions", &body).await;
+        assert_eq!(status, 503, "{v}");
+        let ended = tokio::time::timeout(Duration::from_secs(10), served).await.expect("serve ends").unwrap();
+        assert!(ended.is_err(), "serve returns an error once the engine is gone");
+    });
+}
+
+/// A prompt's ids as the completions endpoint tokenizes it (no special tokens added).
+fn chat_free_ids(text: &str) -> Vec<u32> {
+    let source = Source::open(&default_model().unwrap()).unwrap();
+    source.tokenizer().unwrap().encode(text, false).unwrap()
+}

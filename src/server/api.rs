@@ -49,6 +49,19 @@ impl ApiError {
     }
 }
 
+impl From<highrise_engine::ServiceError> for ApiError {
+    /// Refused input is the client's (400); an engine that has stopped is unavailable (503); work
+    /// that failed on the engine is the server's (500).
+    fn from(e: highrise_engine::ServiceError) -> ApiError {
+        use highrise_engine::ServiceError as E;
+        match e {
+            E::Rejected(m) => ApiError::invalid(m, None),
+            E::Stopped => ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: E::Stopped.to_string(), param: None, code: Some("engine_stopped") },
+            E::Failed(m) => ApiError::server(m),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()

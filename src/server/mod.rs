@@ -100,7 +100,9 @@ pub fn router(state: Arc<ServerState>) -> Router {
 }
 
 /// Serves until `shutdown` resolves; then stops accepting connections, lets running requests finish
-/// for up to `grace`, cancels what still runs, and stops the engine.
+/// for up to `grace`, cancels what still runs, and stops the engine. Should the engine thread die,
+/// `/health` answers 503 at once and this returns an error soon after, so that the process exits
+/// non-zero and a supervisor restarts it: never a live port on a dead engine.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ServerState>,
@@ -125,6 +127,9 @@ pub async fn serve(
         _ = deadline => {
             let s = state.service.stats();
             eprintln!("shutdown: cancelling {} running and {} waiting requests", s.running, s.waiting);
+        }
+        _ = engine_stopped(state.clone()) => {
+            return Err(std::io::Error::other("the engine thread stopped; the server cannot serve"));
         }
     }
     let st = state.clone();
@@ -157,11 +162,22 @@ fn unix_now() -> u64 {
 }
 
 async fn health(State(st): State<Arc<ServerState>>) -> Response {
-    if st.accepting() {
+    if !st.service.is_running() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "engine stopped"}))).into_response()
+    } else if st.accepting() {
         Json(json!({"status": "ok"})).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"}))).into_response()
     }
+}
+
+/// Resolves a second after the engine thread dies (it survives its own faults; this is for what
+/// it cannot), the server answering /health with 503 meanwhile for whoever polls it.
+async fn engine_stopped(st: Arc<ServerState>) {
+    while st.service.is_running() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 async fn models(State(st): State<Arc<ServerState>>) -> Json<Value> {
@@ -313,7 +329,7 @@ impl Completion {
                 let mut params = params.clone();
                 params.sampling.seed = base_seed.wrapping_add(i as u64);
                 let req = Request { prompt: prompt.clone(), params, logprobs: top_logprobs.is_some(), top_logprobs: top_logprobs.unwrap_or(0) };
-                let stream = st.service.submit(req).await.map_err(|e| ApiError::invalid(e.to_string(), None))?;
+                let stream = st.service.submit(req).await?;
                 let offset = c.echo.get(p).map_or(0, String::len);
                 c.choices.push(ChoiceState { prompt: prompt.clone(), offset, text: c.echo.get(p).cloned().unwrap_or_default(), ..Default::default() });
                 c.streams.push(stream);
@@ -397,8 +413,7 @@ impl Completion {
             .st
             .service
             .run(move |model| capture(model, &tokenizer, &ids, &spec))
-            .await
-            .map_err(|e| ApiError::server(e.to_string()))?
+            .await?
             .map_err(|e| ApiError::server(format!("capture failed: {e}")))?;
         Ok(Some(v))
     }

@@ -229,6 +229,11 @@ impl<'m> Engine<'m> {
         self.config.block_size
     }
 
+    /// The requests in the running batch.
+    pub fn running_ids(&self) -> Vec<RequestId> {
+        self.running.iter().map(|s| s.id).collect()
+    }
+
     pub fn num_running(&self) -> usize {
         self.running.len()
     }

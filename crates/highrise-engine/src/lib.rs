@@ -13,4 +13,4 @@ pub mod service;
 pub use engine::{Engine, EngineConfig, Event, Request, RequestId};
 pub use generate::{eos_ids, generate, FinishReason, GenerateParams, Generation, TextStream};
 pub use sampling::{Sampled, Sampler, SamplingParams};
-pub use service::{EngineService, RequestStream, Stats};
+pub use service::{EngineService, Fault, RequestStream, ServiceError, Stats};

@@ -1,7 +1,15 @@
 //! The engine as an async service: a thread of its own runs the batching loop; callers submit
 //! requests from any thread or task and read each request's events from a stream. Dropping a stream
 //! (a client that went away) cancels its request and frees its blocks at once.
+//!
+//! The engine survives its own faults: a step that fails or panics ends the requests it was running
+//! with the cause and goes on serving the rest; a job that panics fails alone. Should the thread
+//! die all the same, `is_running` says so (a server then reports itself unhealthy and exits) and
+//! every call answers `ServiceError::Stopped`.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -14,11 +22,50 @@ use crate::engine::{Engine, EngineConfig, Event, Request, RequestId};
 /// Work run on the engine thread between steps, with the model (a capture pass, say).
 pub type Job = Box<dyn FnOnce(&Llama) + Send>;
 
+/// Why the service did not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The engine thread is gone: nothing will be served again (a server answers 503).
+    #[error("the engine has stopped")]
+    Stopped,
+    /// The request itself was refused: it could never fit, or a setting is out of range (400).
+    #[error("{0}")]
+    Rejected(String),
+    /// The work was taken and failed (a job that panicked, say) (500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Faults put in on purpose, for the tests that show the engine survives them.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// The next step panics inside the engine, as a bug in it would.
+    PanicInStep,
+    /// The engine thread panics outside any guard and dies.
+    KillThread,
+}
+
 enum Command {
     Submit(Request, mpsc::UnboundedSender<Event>, oneshot::Sender<Result<RequestId>>),
     Cancel(RequestId),
     Run(Job),
+    Fault(Fault),
     Shutdown,
+}
+
+/// A panic's message, for the errors that report it.
+fn panic_message(p: &(dyn Any + Send)) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic".into())
+}
+
+/// Marks the engine stopped when the thread ends, however it ends (unwinding included).
+struct Alive(Arc<AtomicBool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// What the engine is doing, for metrics.
@@ -37,6 +84,7 @@ pub struct Stats {
 pub struct EngineService {
     commands: Mutex<Sender<Command>>,
     stats: Arc<Mutex<Stats>>,
+    alive: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -91,16 +139,19 @@ impl EngineService {
         let stats = Arc::new(Mutex::new(Stats::default()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread_stats = stats.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = Alive(alive.clone());
         let thread = std::thread::Builder::new()
             .name("highrise-engine".into())
             .spawn(move || {
+                let _alive = guard;
                 let (model, tokenizer, config) = match load() {
                     Ok(loaded) => loaded,
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
                 match Engine::new(&model, &tokenizer, config) {
                     Ok(engine) => {
-                        *thread_stats.lock().expect("stats lock") = Stats {
+                        *thread_stats.lock().unwrap_or_else(|p| p.into_inner()) = Stats {
                             blocks_free: engine.free_blocks(),
                             blocks_total: engine.num_blocks(),
                             block_size: engine.block_size(),
@@ -115,34 +166,50 @@ impl EngineService {
             .map_err(|e| Error::Input(format!("cannot start the engine thread: {e}")))?;
         let (model, tokenizer) =
             ready_rx.recv().map_err(|_| Error::Input("the engine thread died while starting".into()))??;
-        let service = EngineService { commands: Mutex::new(tx), stats, thread: Mutex::new(Some(thread)) };
+        let service = EngineService { commands: Mutex::new(tx), stats, alive, thread: Mutex::new(Some(thread)) };
         Ok((service, model, tokenizer))
     }
 
     fn sender(&self) -> Sender<Command> {
-        self.commands.lock().expect("commands lock").clone()
+        self.commands.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the engine thread is alive and serving.
+    pub fn is_running(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     /// Queues a request; its events arrive on the returned stream. Refused requests (that could never
     /// fit, or have invalid settings) are an error here.
-    pub async fn submit(&self, req: Request) -> Result<RequestStream> {
+    pub async fn submit(&self, req: Request) -> Result<RequestStream, ServiceError> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reply_tx, reply) = oneshot::channel();
         let commands = self.sender();
-        commands
-            .send(Command::Submit(req, events_tx, reply_tx))
-            .map_err(|_| Error::Input("the engine has stopped".into()))?;
-        let id = reply.await.map_err(|_| Error::Input("the engine has stopped".into()))??;
+        commands.send(Command::Submit(req, events_tx, reply_tx)).map_err(|_| ServiceError::Stopped)?;
+        let id = reply.await.map_err(|_| ServiceError::Stopped)?.map_err(|e| match e {
+            Error::Input(m) => ServiceError::Rejected(m),
+            other => ServiceError::Failed(other.to_string()),
+        })?;
         Ok(RequestStream { id, events, commands, finished: false })
     }
 
     /// Runs `job` on the engine thread between two steps and returns its result: model work that
-    /// should not compete with the batch for the backend (a capture pass, for instance).
-    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce(&Llama) -> T + Send + 'static) -> Result<T> {
+    /// should not compete with the batch for the backend (a capture pass, for instance). A job that
+    /// panics fails alone; the engine carries on.
+    pub async fn run<T: Send + 'static>(&self, job: impl FnOnce(&Llama) -> T + Send + 'static) -> Result<T, ServiceError> {
         let (reply_tx, reply) = oneshot::channel();
-        let job: Job = Box::new(move |model| drop(reply_tx.send(job(model))));
-        self.sender().send(Command::Run(job)).map_err(|_| Error::Input("the engine has stopped".into()))?;
-        reply.await.map_err(|_| Error::Input("the engine has stopped".into()))
+        let job: Job = Box::new(move |model| {
+            let outcome = catch_unwind(AssertUnwindSafe(|| job(model)));
+            drop(reply_tx.send(outcome.map_err(|p| panic_message(&*p))));
+        });
+        self.sender().send(Command::Run(job)).map_err(|_| ServiceError::Stopped)?;
+        reply.await.map_err(|_| ServiceError::Stopped)?.map_err(|m| ServiceError::Failed(format!("the job panicked: {m}")))
+    }
+
+    /// Puts a fault into the engine thread (tests of its survival).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        let _ = self.sender().send(Command::Fault(fault));
     }
 
     /// Stops a request and frees its blocks.
@@ -151,13 +218,13 @@ impl EngineService {
     }
 
     pub fn stats(&self) -> Stats {
-        *self.stats.lock().expect("stats lock")
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Cancels whatever runs and stops the engine thread.
     pub fn shutdown(&self) {
         let _ = self.sender().send(Command::Shutdown);
-        if let Some(t) = self.thread.lock().expect("thread lock").take() {
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
     }
@@ -173,8 +240,9 @@ impl Drop for EngineService {
 fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>) {
     let mut streams: Vec<(RequestId, mpsc::UnboundedSender<Event>)> = Vec::new();
     let mut generated = 0u64;
+    let mut panic_next_step = false;
     let publish = |engine: &Engine, generated: u64| {
-        *stats.lock().expect("stats lock") = Stats {
+        *stats.lock().unwrap_or_else(|p| p.into_inner()) = Stats {
             running: engine.num_running(),
             waiting: engine.num_waiting(),
             blocks_free: engine.free_blocks(),
@@ -221,6 +289,8 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
                     streams.retain(|(s, _)| *s != id);
                 }
                 Command::Run(job) => job(engine.model()),
+                Command::Fault(Fault::PanicInStep) => panic_next_step = true,
+                Command::Fault(Fault::KillThread) => panic!("fault injected: the engine thread dies"),
                 Command::Shutdown => {
                     for (id, _) in streams.drain(..) {
                         engine.cancel(id);
@@ -230,7 +300,15 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
             }
         }
         if !engine.is_idle() {
-            match engine.step() {
+            let inject = std::mem::take(&mut panic_next_step);
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                if inject {
+                    panic!("fault injected into a step");
+                }
+                engine.step()
+            }))
+            .unwrap_or_else(|p| Err(Error::Input(format!("the engine panicked during a step: {}", panic_message(&*p)))));
+            match outcome {
                 Ok(events) => {
                     // Finished requests give their blocks back and the stats are published before
                     // any event goes out: a client that has seen its last token sees the engine
@@ -253,9 +331,13 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
                     }
                 }
                 Err(err) => {
-                    // A failed step ends every running request with the error; the engine itself
-                    // carries on for new requests.
-                    for (id, tx) in streams.drain(..) {
+                    // A step that failed or panicked ends the requests it was running with the
+                    // cause (their state may be half-updated); those still waiting, and new ones,
+                    // are served as ever.
+                    for id in engine.running_ids() {
+                        engine.cancel(id);
+                        let Some(i) = streams.iter().position(|(s, _)| *s == id) else { continue };
+                        let (_, tx) = streams.remove(i);
                         let _ = tx.send(Event {
                             id,
                             token: None,
@@ -265,7 +347,6 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
                             finish: Some(crate::generate::FinishReason::Stop),
                             error: Some(err.to_string()),
                         });
-                        engine.cancel(id);
                     }
                 }
             }
