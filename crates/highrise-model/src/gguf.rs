@@ -28,7 +28,76 @@ pub enum Value {
     F64(f64),
     Bool(bool),
     String(String),
-    Array(Vec<Value>),
+    Array(Array),
+}
+
+/// A metadata array, kept as compactly as the file holds it: a vocabulary of 49k strings or a
+/// million scores costs about what it takes in the file, never 32 bytes an element.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+    Array(Vec<Array>),
+}
+
+impl Array {
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F64(v) => v.len(),
+            Array::Array(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as strings, if it is an array of strings.
+    pub fn strings(&self) -> Option<&[String]> {
+        match self {
+            Array::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The elements as non-negative integers, if it is an array of integers and all are.
+    pub fn u64s(&self) -> Option<Vec<u64>> {
+        fn all<T: Copy>(v: &[T], f: impl Fn(T) -> Option<u64>) -> Option<Vec<u64>> {
+            v.iter().map(|&x| f(x)).collect()
+        }
+        match self {
+            Array::U8(v) => all(v, |x| Some(x as u64)),
+            Array::U16(v) => all(v, |x| Some(x as u64)),
+            Array::U32(v) => all(v, |x| Some(x as u64)),
+            Array::U64(v) => all(v, Some),
+            Array::I8(v) => all(v, |x| u64::try_from(x).ok()),
+            Array::I16(v) => all(v, |x| u64::try_from(x).ok()),
+            Array::I32(v) => all(v, |x| u64::try_from(x).ok()),
+            Array::I64(v) => all(v, |x| u64::try_from(x).ok()),
+            _ => None,
+        }
+    }
 }
 
 impl Value {
@@ -68,7 +137,7 @@ impl Value {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[Value]> {
+    pub fn as_array(&self) -> Option<&Array> {
         match self {
             Value::Array(a) => Some(a),
             _ => None,
@@ -145,8 +214,10 @@ impl Gguf {
         for i in 0..n_kv {
             let key = r.string(&format!("metadata key {i}"))?;
             let ty = r.u32(&format!("type of metadata {key}"))?;
-            let v = r.value(ty, &key, 0)?;
-            metadata.insert(key, v);
+            let v = r.value(ty, &key)?;
+            if metadata.insert(key.clone(), v).is_some() {
+                return Err(r.fail(format!("metadata {key} appears twice")));
+            }
         }
         let mut raw = Vec::new();
         for i in 0..n_tensors {
@@ -170,7 +241,18 @@ impl Gguf {
         }
         let data_start = r.pos.next_multiple_of(alignment);
         let mut tensors = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (name, dims, ty, offset) in raw {
+            if !seen.insert(name.clone()) {
+                return Err(Error::Tensor { path: path.to_path_buf(), tensor: name, detail: "appears twice in the tensor table".into() });
+            }
+            if offset % alignment as u64 != 0 {
+                return Err(Error::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    detail: format!("data offset {offset} is not a multiple of the file's alignment {alignment}"),
+                });
+            }
             let dtype = ggml_dtype(ty).ok_or_else(|| Error::Tensor {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
@@ -265,7 +347,7 @@ impl<'a> Reader<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| self.fail(format!("{what} is not UTF-8")))
     }
 
-    fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<Value> {
+    fn value(&mut self, ty: u32, key: &str) -> Result<Value> {
         Ok(match ty {
             0 => Value::U8(self.array::<1>(key)?[0]),
             1 => Value::I8(self.array::<1>(key)?[0] as i8),
@@ -276,22 +358,62 @@ impl<'a> Reader<'a> {
             6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
             7 => Value::Bool(self.array::<1>(key)?[0] != 0),
             8 => Value::String(self.string(key)?),
-            9 if depth == 0 => {
-                let ety = self.u32(key)?;
-                let n = self.u64(key)?;
-                if n > (self.buf.len() - self.pos) as u64 {
-                    return Err(self.fail(format!("metadata {key}: array of {n} items overruns the file")));
-                }
-                let mut v = Vec::with_capacity(n as usize);
-                for _ in 0..n {
-                    v.push(self.value(ety, key, depth + 1)?);
-                }
-                Value::Array(v)
-            }
+            9 => Value::Array(self.array_value(key, 0)?),
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
             12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
             _ => return Err(self.fail(format!("metadata {key}: unknown value type {ty}"))),
+        })
+    }
+
+    /// An array (its element type and count, then the elements), nested at most `MAX_NESTING`
+    /// deep. The count is checked against the bytes left at the smallest size an element of its
+    /// type takes, before anything is allocated: a count in a small file cannot buy large memory.
+    fn array_value(&mut self, key: &str, depth: u32) -> Result<Array> {
+        const MAX_NESTING: u32 = 3;
+        let ety = self.u32(key)?;
+        let n = self.u64(key)?;
+        let min_size: u64 = match ety {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            8 | 10..=12 => 8,
+            9 => 12,
+            _ => return Err(self.fail(format!("metadata {key}: array of unknown value type {ety}"))),
+        };
+        let left = (self.buf.len() - self.pos) as u64;
+        if n.checked_mul(min_size).is_none_or(|b| b > left) {
+            return Err(self.fail(format!(
+                "metadata {key}: an array of {n} items of type {ety} needs at least {} bytes, the file has {left} left \
+                 (truncated or corrupt)",
+                n.saturating_mul(min_size)
+            )));
+        }
+        if ety == 9 && depth + 1 >= MAX_NESTING {
+            return Err(self.fail(format!("metadata {key}: arrays nested deeper than {MAX_NESTING}")));
+        }
+        let n = n as usize;
+        fn many<T>(n: usize, mut f: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                v.push(f()?);
+            }
+            Ok(v)
+        }
+        Ok(match ety {
+            0 => Array::U8(self.bytes(n, key)?.to_vec()),
+            1 => Array::I8(self.bytes(n, key)?.iter().map(|&b| b as i8).collect()),
+            2 => Array::U16(many(n, || Ok(u16::from_le_bytes(self.array(key)?)))?),
+            3 => Array::I16(many(n, || Ok(i16::from_le_bytes(self.array(key)?)))?),
+            4 => Array::U32(many(n, || self.u32(key))?),
+            5 => Array::I32(many(n, || Ok(i32::from_le_bytes(self.array(key)?)))?),
+            6 => Array::F32(many(n, || Ok(f32::from_le_bytes(self.array(key)?)))?),
+            7 => Array::Bool(self.bytes(n, key)?.iter().map(|&b| b != 0).collect()),
+            8 => Array::String(many(n, || self.string(key))?),
+            9 => Array::Array(many(n, || self.array_value(key, depth + 1))?),
+            10 => Array::U64(many(n, || self.u64(key))?),
+            11 => Array::I64(many(n, || Ok(i64::from_le_bytes(self.array(key)?)))?),
+            _ => Array::F64(many(n, || Ok(f64::from_le_bytes(self.array(key)?)))?),
         })
     }
 }

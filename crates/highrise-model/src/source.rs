@@ -206,7 +206,23 @@ impl HfDir {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::config(&index_path, "weight_map", "missing"))?;
-            map.values().filter_map(|v| v.as_str().map(str::to_string)).collect()
+            // Shards are files of this directory: a name with a folder in it (`../x`, an absolute
+            // path) would open something else.
+            map.iter()
+                .map(|(tensor, v)| {
+                    let name = v.as_str().ok_or_else(|| Error::config(&index_path, &format!("weight_map.{tensor}"), "is not a file name"))?;
+                    let plain = Path::new(name).components().count() == 1
+                        && matches!(Path::new(name).components().next(), Some(std::path::Component::Normal(_)));
+                    if !plain {
+                        return Err(Error::config(
+                            &index_path,
+                            &format!("weight_map.{tensor}"),
+                            format!("{name:?} is not a file name in the model's directory"),
+                        ));
+                    }
+                    Ok(name.to_string())
+                })
+                .collect::<Result<_>>()?
         } else {
             vec!["model.safetensors".to_string()]
         };
@@ -256,17 +272,20 @@ fn read_safetensors_header(
             d => return Err(Error::tensor(path, &name, format!("dtype {d:?} is not supported (F32, F16, BF16 are)"))),
         };
         let (s, e) = info.data_offsets;
-        let numel: usize = info.shape.iter().product();
-        let expect = dtype.storage_bytes(numel).unwrap_or(usize::MAX);
-        if e < s || e - s != expect {
+        let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let expect = numel.and_then(|n| dtype.storage_bytes(n));
+        if e < s || Some(e - s) != expect {
             return Err(Error::tensor(path, &name, format!("{} bytes for {dtype}{:?}", e.wrapping_sub(s), info.shape)));
         }
-        if data_start + e > buf.len() {
-            return Err(Error::tensor(
-                path,
-                &name,
-                format!("data ends at byte {} but the file has {}: truncated", data_start + e, buf.len()),
-            ));
+        match data_start.checked_add(e) {
+            Some(end) if end <= buf.len() => {}
+            _ => {
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("data ends at byte {} but the file has {}: truncated", data_start.saturating_add(e), buf.len()),
+                ))
+            }
         }
         out.insert(name, (dtype, info.shape.clone(), data_start + s, data_start + e));
     }

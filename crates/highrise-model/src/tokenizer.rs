@@ -67,12 +67,9 @@ impl Tokenizer {
         let path = &g.path;
         // The strings of an array, borrowed from the file's metadata (no copy of the vocabulary).
         let strs = |key: &str| -> Result<Vec<&str>> {
-            g.get(key)
-                .and_then(Value::as_array)
-                .ok_or_else(|| Error::config(path, key, "missing"))?
-                .iter()
-                .map(|v| v.as_str().ok_or_else(|| Error::config(path, key, "holds a non-string")))
-                .collect()
+            let a = g.get(key).and_then(Value::as_array).ok_or_else(|| Error::config(path, key, "missing"))?;
+            let s = a.strings().ok_or_else(|| Error::config(path, key, "is not an array of strings"))?;
+            Ok(s.iter().map(String::as_str).collect())
         };
         let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
         if model != "gpt2" {
@@ -98,11 +95,21 @@ impl Tokenizer {
                 None => Err(Error::config(path, "tokenizer.ggml.merges", format!("merge {m:?} is not two tokens"))),
             })
             .collect::<Result<_>>()?;
-        let types: Vec<u64> = g
-            .get("tokenizer.ggml.token_type")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-            .unwrap_or_default();
+        let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
+            None => Vec::new(),
+            Some(v) => {
+                let key = "tokenizer.ggml.token_type";
+                let types = v.as_array().and_then(|a| a.u64s()).ok_or_else(|| Error::config(path, key, "is not an array of token types"))?;
+                if types.len() != tokens.len() {
+                    return Err(Error::config(
+                        path,
+                        key,
+                        format!("has {} entries but tokenizer.ggml.tokens has {}", types.len(), tokens.len()),
+                    ));
+                }
+                types
+            }
+        };
         let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
         // Built through the tokenizers API rather than a tokenizer.json text: no transient JSON tree
         // of the whole vocabulary at load.
