@@ -225,7 +225,7 @@ __device__ __forceinline__ double weight_within(const SampleRow<D> r, Cut lim, f
 template <class D>
 __device__ void sample_row(u32* index, float* logprob, const typename D::T* x, const SampleParams* params, u32 v) {
     const SampleParams p = params[blockIdx.x];
-    if (p.temperature == 0.0f) {
+    if (p.temperature < 1e-5f) {  // SampleParams::GREEDY_BELOW: greedy, as at 0
         argmax_row<D>(index, logprob, x, v);
         return;
     }

@@ -139,8 +139,11 @@ impl Sampler {
     pub fn draw(&mut self) -> SampleParams {
         let p = &self.params;
         let (temperature, top_k, top_p, min_p) = (p.temperature, p.top_k.min(u32::MAX as usize) as u32, p.top_p, p.min_p);
-        let uniform = if temperature > 0.0 { self.rng.uniform() } else { 0.0 };
-        SampleParams { temperature, top_k, top_p, min_p, uniform }
+        let mut draw = SampleParams { temperature, top_k, top_p, min_p, uniform: 0.0 };
+        if !draw.is_greedy() {
+            draw.uniform = self.rng.uniform();
+        }
+        draw
     }
 
     /// Whether penalties or biases change the logits before the draw (then the host draws).
@@ -152,7 +155,7 @@ impl Sampler {
     /// Whether `sample` is the argmax of the logits as they come (temperature 0, no penalty, no
     /// bias): then the backend can choose the token itself (`Backend::argmax`).
     pub fn is_plain_greedy(&self) -> bool {
-        self.params.temperature == 0.0 && !self.penalizes()
+        self.params.temperature < SampleParams::GREEDY_BELOW && !self.penalizes()
     }
 
     fn penalize(&self, logits: &mut [f32], prompt: &[u32], output: &[u32]) {

@@ -54,6 +54,16 @@ pub struct SampleParams {
 }
 
 impl SampleParams {
+    /// Temperatures below this are greedy, as 0 is: dividing logits by them overflows f32 (at
+    /// 1e-45 every x / T is infinite, and the draw was NaN), and they leave nothing to draw from
+    /// but near-ties anyway.
+    pub const GREEDY_BELOW: f32 = 1e-5;
+
+    /// Whether this draw is the argmax (temperature 0, or below `GREEDY_BELOW`).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < Self::GREEDY_BELOW
+    }
+
     /// Checks the ranges; the error names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let p = self;
@@ -134,7 +144,7 @@ pub struct SampleScratch {
 
 /// `sample_row` in reusable buffers.
 pub fn sample_row_in(row: &[f32], p: &SampleParams, scratch: &mut SampleScratch) -> (u32, f32) {
-    if p.temperature == 0.0 {
+    if p.is_greedy() {
         let token = argmax_row(row);
         return (token as u32, log_softmax_at(row, token));
     }
@@ -210,6 +220,11 @@ mod tests {
         let (t, lp) = draw(params(0.0, 0, 1.0, 0.0, 0.5));
         assert_eq!(t, 2);
         assert!((lp - 0.5f32.ln()).abs() < 1e-6);
+        // A temperature too small to divide by is greedy too: at 1e-45 every x / T overflowed and
+        // the draw was NaN.
+        for tiny in [1e-45f32, 1e-30, 1e-6] {
+            assert_eq!(draw(params(tiny, 0, 1.0, 0.0, 0.5)), (t, lp), "temperature {tiny}");
+        }
     }
 
     #[test]
