@@ -91,6 +91,9 @@ fn a_small_cache_preempts_and_still_matches() {
     let (got, preemptions, _) = batched(l, &reqs, config);
     println!("preemptions: {preemptions}");
     assert!(preemptions > 0, "the small cache should have forced preemption");
+    // A preempted sequence waits for room before it runs again: before that it was re-admitted at
+    // once and preempted at the next step, over and over (72 here).
+    assert!(preemptions <= reqs.len() as u64, "{preemptions} preemptions for {} requests", reqs.len());
     for (i, (g, r)) in got.iter().zip(&reqs).enumerate() {
         assert_eq!(g, &alone(l, r), "request {i} under preemption vs alone");
     }
