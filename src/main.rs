@@ -187,6 +187,8 @@ enum Command {
         /// Seconds running requests get to finish after SIGINT/SIGTERM before they are cancelled.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
+        #[command(flatten)]
+        limits: ServeLimits,
     },
     /// Fetch the default model (SmolLM2-135M-Instruct) into the model cache and print its path.
     Fetch,
@@ -199,6 +201,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What `highrise serve` allows a client, and whom it answers.
+#[derive(Args, Clone, Debug)]
+struct ServeLimits {
+    /// Most sequences waiting for the engine; a request that would pass it gets 429.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// Seconds one request may take, first byte to last (504 past it; its sequences are cancelled).
+    #[arg(long, default_value_t = 600)]
+    request_timeout: u64,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, default_value_t = 10)]
+    header_read_timeout: u64,
+    /// Largest request body (413 past it), e.g. 2M.
+    #[arg(long, default_value = "2M")]
+    max_body: String,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "HIGHRISE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// An origin whose web pages may call the server (CORS; repeatable, `*` for any). Off by default.
+    #[arg(long)]
+    cors: Vec<String>,
+    /// A Host header to answer besides the bound address (and localhost's names when bound to
+    /// loopback); repeatable, `*` for any. Guards against DNS rebinding.
+    #[arg(long)]
+    allowed_host: Vec<String>,
+}
+
+impl ServeLimits {
+    fn options(&self) -> AnyResult<highrise::server::ServerOptions> {
+        use std::time::Duration;
+        Ok(highrise::server::ServerOptions {
+            max_waiting: self.max_waiting,
+            request_timeout: Duration::from_secs(self.request_timeout),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout.max(1)),
+            max_body: parse_bytes(&self.max_body)?,
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            cors: self.cors.clone(),
+            allowed_hosts: self.allowed_host.clone(),
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -310,8 +354,10 @@ fn main() {
         Command::Bench { model, prompt, generate, depth, reps, concurrency, kv_memory, taps, profile, json } => {
             cmd_bench(&model, &prompt, &generate, &depth, reps, &concurrency, &kv_memory, taps, profile, json)
         }
-        Command::Serve { model, host, port, served_model_name, kv_memory, max_running, max_batch_tokens, shutdown_grace } => {
-            cmd_serve(model, &host, port, served_model_name, &kv_memory, max_running, max_batch_tokens, shutdown_grace)
+        Command::Serve { model, host, port, served_model_name, kv_memory, max_running, max_batch_tokens, shutdown_grace, limits } => {
+            limits.options().and_then(|options| {
+                cmd_serve(model, &host, port, served_model_name, &kv_memory, max_running, max_batch_tokens, shutdown_grace, options)
+            })
         }
         Command::Fetch => model_path(None).map(|p| println!("{}", p.display())),
         Command::Backends { json } => cmd_backends(json),
@@ -748,6 +794,7 @@ fn cmd_serve(
     max_running: usize,
     max_batch_tokens: usize,
     shutdown_grace: u64,
+    options: highrise::server::ServerOptions,
 ) -> AnyResult<()> {
     use highrise::engine::EngineConfig;
     use highrise::server::{serve, shutdown_signal, ServerState};
@@ -760,7 +807,7 @@ fn cmd_serve(
     });
     let args = ModelArgs { model: Some(path), ..args };
     // The model is built on the engine's thread, which then runs every op on it.
-    let state = ServerState::start(model_id.clone(), move || {
+    let state = ServerState::start_with_options(model_id.clone(), options, move || {
         let (model, tokenizer) = load(&args).map_err(|e| highrise::model::Error::Input(e.to_string()))?;
         let config = EngineConfig { max_running, max_batch_tokens, ..EngineConfig::with_kv_memory(&model, kv_bytes) };
         Ok((Arc::new(model), Arc::new(tokenizer), config))

@@ -560,3 +560,155 @@ fn chat_free_ids(text: &str) -> Vec<u32> {
     let source = Source::open(&default_model().unwrap()).unwrap();
     source.tokenizer().unwrap().encode(text, false).unwrap()
 }
+
+/// What an operator sets, on a server of its own (1 sequence at a time, so others wait): Host
+/// checked against the bound address, Bearer auth but for /health, JSON bodies only, a body limit
+/// answered in JSON, caps on choices, stop strings and capture bytes (duplicates refused), a
+/// bounded queue (429), a request timeout (504), a header-read timeout, CORS for the origins given
+/// only, and a temperature too small to divide by taken as greedy.
+#[test]
+fn operator_limits_answer_in_openai_shape() {
+    use highrise::server::ServerOptions;
+    use std::io::{Read, Write};
+    let Some(path) = default_model() else { return println!("skipped: operator limits: no default model") };
+    let options = ServerOptions {
+        max_waiting: 2,
+        request_timeout: Duration::from_secs(5),
+        header_read_timeout: Duration::from_secs(1),
+        max_body: 4096,
+        api_key: Some("sekret".into()),
+        cors: vec!["https://ok.example".into()],
+        allowed_hosts: Vec::new(),
+    };
+    let state = highrise::server::ServerState::start_with_options(MODEL_ID.into(), options, move || {
+        let source = Source::open(&path)?;
+        let model = Llama::load(&source, highrise::load_backend("cpu")?, LoadOptions::default())?;
+        let config = EngineConfig { max_running: 1, ..EngineConfig::with_kv_memory(&model, 256 << 20) };
+        Ok((Arc::new(model), Arc::new(source.tokenizer()?), config))
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let url = format!("http://{addr}");
+        tokio::spawn(highrise::server::serve(listener, state.clone(), std::future::pending(), Duration::ZERO));
+        let client = reqwest::Client::new();
+        let call = |body: Value| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let r = client.post(format!("{url}/v1/completions")).bearer_auth("sekret").json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap())
+            }
+        };
+        let completion = |extra: Value| {
+            let mut b = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0});
+            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            b
+        };
+        let refused = |status: u16, v: &Value, want_status: u16, want: &str| {
+            assert_eq!(status, want_status, "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains(want), "{want:?} in {v}");
+        };
+
+        // Auth: /health is open, the rest needs the key.
+        assert_eq!(client.get(format!("{url}/health")).send().await.unwrap().status(), 200);
+        let r = client.get(format!("{url}/v1/models")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid_api_key");
+        let r = client.get(format!("{url}/v1/models")).bearer_auth("wrong").send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(client.get(format!("{url}/v1/models")).bearer_auth("sekret").send().await.unwrap().status(), 200);
+
+        // Host: another name (a rebound DNS name) is refused; localhost's are taken.
+        let r = client.get(format!("{url}/v1/models")).bearer_auth("sekret").header("host", "evil.example").send().await.unwrap();
+        assert_eq!(r.status(), 421);
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "host_not_allowed");
+        let r = client.get(format!("{url}/v1/models")).bearer_auth("sekret").header("host", format!("localhost:{}", addr.port())).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+
+        // JSON bodies only: a text/plain post (which a web page may send without a preflight).
+        let r = client.post(format!("{url}/v1/completions")).bearer_auth("sekret").header("content-type", "text/plain").body(completion(json!({})).to_string()).send().await.unwrap();
+        assert_eq!(r.status(), 415);
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "invalid_request_error");
+
+        // A body past the limit: 413 in OpenAI's shape.
+        let (status, v) = call(completion(json!({"prompt": "x".repeat(5000)}))).await;
+        refused(status, &v, 413, "larger than this server takes");
+
+        // Caps: sequences per request, stop strings, capture duplicates and bytes.
+        let (status, v) = call(completion(json!({"prompt": vec!["a"; 20], "n": 10}))).await;
+        refused(status, &v, 400, "ask for 200 sequences");
+        let (status, v) = call(completion(json!({"stop": vec!["x"; 17]}))).await;
+        refused(status, &v, 400, "17 stop strings");
+        let (status, v) = call(completion(json!({"stop": "y".repeat(300)}))).await;
+        refused(status, &v, 400, "a stop string of 300 bytes");
+        let (status, v) = call(completion(json!({"highrise": {"capture": ["resid_post"], "layers": [1, 1]}}))).await;
+        refused(status, &v, 400, "highrise.layers: 1 is given twice");
+        let (status, v) = call(completion(json!({"max_tokens": 2000, "highrise": {"capture": ["attn_probs", "q", "k", "v"]}}))).await;
+        refused(status, &v, 400, "MiB of values");
+
+        // A temperature too small to divide logits by is greedy.
+        let (s0, v0) = call(completion(json!({"temperature": 0}))).await;
+        let (s1, v1) = call(completion(json!({"temperature": 1e-45}))).await;
+        assert_eq!((s0, s1), (200, 200));
+        assert_eq!(v0["choices"][0]["text"], v1["choices"][0]["text"]);
+
+        // The queue: one sequence runs, two wait, the next request is turned away with 429.
+        // (At 100-200 tokens per second, 3000 tokens run well past the 5 s limit.)
+        let long = completion(json!({"max_tokens": 3000, "ignore_eos": true}));
+        let a = tokio::spawn(call(long.clone()));
+        while state.service.stats().running == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let b = tokio::spawn(call(completion(json!({"max_tokens": 3000, "ignore_eos": true, "n": 2}))));
+        while state.service.stats().waiting < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (status, v) = call(completion(json!({}))).await;
+        refused(status, &v, 429, "the server is busy");
+        assert_eq!(v["error"]["code"], "queue_full");
+        // Past the request timeout (5 s), the long requests answer 504 and are cancelled.
+        let (status, v) = a.await.unwrap();
+        refused(status, &v, 504, "--request-timeout");
+        let (status, _) = b.await.unwrap();
+        assert_eq!(status, 504);
+        for _ in 0..200 {
+            let s = state.service.stats();
+            if s.running + s.waiting == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s = state.service.stats();
+        assert_eq!((s.running, s.waiting, s.blocks_free), (0, 0, s.blocks_total), "timed-out requests were cancelled");
+
+        // CORS: the origin given is answered, another is not.
+        for (origin, allowed) in [("https://ok.example", true), ("https://evil.example", false)] {
+            let r = client
+                .request(reqwest::Method::OPTIONS, format!("{url}/v1/completions"))
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .header("access-control-request-headers", "authorization,content-type")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.headers().get("access-control-allow-origin").is_some(), allowed, "{origin}");
+        }
+
+        // A client that sends half a request line and waits is dropped after the header timeout.
+        let started = Instant::now();
+        let closed = tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+            let mut buf = Vec::new();
+            c.read_to_end(&mut buf).map(|_| buf)
+        })
+        .await
+        .unwrap();
+        println!("a silent client was dropped after {:?}", started.elapsed());
+        assert!(closed.is_ok() && started.elapsed() < Duration::from_secs(5), "{closed:?} after {:?}", started.elapsed());
+    });
+}

@@ -178,6 +178,15 @@ pub struct Body {
 /// Most choices per request, and most top tokens per step (OpenAI's limits are 128 and 20).
 pub const MAX_N: usize = 128;
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Most sequences one request may start: prompts times `n` (a 1 KB body of 200 prompts and n 128
+/// asked for 25,600).
+pub const MAX_CHOICES: usize = 128;
+/// Most stop strings per request, and their longest, in bytes (OpenAI takes 4).
+pub const MAX_STOP: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most bytes of float32 values one request's captures may compute or return, over all its
+/// choices (a 401-byte request once returned 17.9 MB, and attention patterns grow as T^2).
+pub const MAX_CAPTURE_BYTES: u64 = 256 << 20;
 
 impl Body {
     /// Parses a request body: malformed JSON and wrong-typed fields are errors that name the field.
@@ -397,6 +406,15 @@ impl Body {
         if stop.iter().any(|s| s.is_empty()) {
             return Err(ApiError::invalid("stop: stop strings must not be empty", Some("stop")));
         }
+        if stop.len() > MAX_STOP {
+            return Err(ApiError::invalid(format!("stop: {} stop strings, at most {MAX_STOP} are taken", stop.len()), Some("stop")));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                format!("stop: a stop string of {} bytes, at most {MAX_STOP_BYTES} are taken", long.len()),
+                Some("stop"),
+            ));
+        }
         let steer_specs = self.highrise.as_ref().map_or(&[][..], |e| &e.steer[..]);
         let (layers, hidden) = (model.config.num_hidden_layers, model.config.hidden_size);
         let mut steer = Vec::new();
@@ -438,6 +456,17 @@ impl CaptureSpec {
         }
         let n = model.config.num_hidden_layers;
         let mut spec = CaptureSpec { logit_lens: ext.logit_lens, positions: ext.positions.clone(), ..Default::default() };
+        // Each site, layer and position once: duplicates multiplied the work for nothing.
+        fn no_repeats<T: Ord + std::fmt::Debug>(items: &[T], param: &str) -> Result<(), ApiError> {
+            let mut seen = BTreeSet::new();
+            match items.iter().find(|x| !seen.insert(*x)) {
+                Some(x) => Err(ApiError::invalid(format!("{param}: {x:?} is given twice"), Some(param))),
+                None => Ok(()),
+            }
+        }
+        no_repeats(&ext.capture, "highrise.capture")?;
+        no_repeats(ext.layers.as_deref().unwrap_or_default(), "highrise.layers")?;
+        no_repeats(ext.positions.as_deref().unwrap_or_default(), "highrise.positions")?;
         for (i, name) in ext.capture.iter().enumerate() {
             match (Site::parse(name), name.as_str()) {
                 (Some(s), _) => drop(spec.sites.insert(s)),
@@ -461,5 +490,32 @@ impl CaptureSpec {
             return Err(ApiError::invalid(format!("highrise.layers: layer {l} does not exist (the model has {n})"), Some("highrise.layers")));
         }
         Ok(Some(spec))
+    }
+
+    /// Bytes of float32 values a capture pass over `tokens` tokens computes or returns at most:
+    /// each site's rows at each layer, attention patterns (all heads, T x T, before positions pick
+    /// their rows) and the logit lens.
+    pub fn bytes(&self, model: &Llama, tokens: usize) -> u64 {
+        let c = &model.config;
+        let (t, layers) = (tokens as u64, self.layers.len() as u64);
+        let rows = self.positions.as_ref().map_or(t, |p| (p.len() as u64).min(t));
+        let (hq, hkv, d) = (c.num_attention_heads as u64, c.kv_heads() as u64, c.head_dim() as u64);
+        let mut values = 0u64;
+        for &site in &self.sites {
+            let width = match site {
+                Site::Q => hq * d,
+                Site::K | Site::V => hkv * d,
+                _ => c.hidden_size as u64,
+            };
+            // Captured for every token, returned for the positions asked.
+            values += if site == Site::FinalNorm { 1 } else { layers } * width * t;
+        }
+        if self.attn_probs {
+            values += layers * (hq + 2 * hkv) * d * t + layers * hq * t * t;
+        }
+        if let Some(k) = self.logit_lens {
+            values += layers * t * c.hidden_size as u64 + layers * rows * 3 * k as u64;
+        }
+        4 * values
     }
 }

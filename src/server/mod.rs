@@ -9,19 +9,29 @@
 //! highrise's extension field `"highrise": {"capture": [...], "layers": [...], "positions": [...],
 //! "logit_lens": k, "steer": [...]}` steers the generation and returns, per choice, captures of the
 //! residual stream (and Q/K/V, attention patterns, the logit lens) over prompt and completion.
+//!
+//! What an operator expects of a server on a network (`ServerOptions`): a bounded queue (429 when
+//! full), per-request caps (choices, stop strings, capture bytes), a request timeout and a timeout
+//! for reading headers, a body limit answered in JSON (413), Bearer auth on every route but
+//! `/health` when a key is set, JSON bodies only (so a web page cannot post a "simple" text/plain
+//! request), CORS off unless origins are given, and the Host header checked against the bound
+//! address (DNS rebinding).
 
 pub mod api;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,9 +44,44 @@ use serde_json::{json, Value};
 
 use api::{ApiError, Body, CaptureSpec};
 
+/// What an operator sets about the server (see the module's doc).
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Most sequences waiting in the engine's queue; a request that would pass it answers 429.
+    pub max_waiting: usize,
+    /// How long one request may take, first byte to last.
+    pub request_timeout: Duration,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// The Bearer token every route but `/health` requires (`None`: no auth).
+    pub api_key: Option<String>,
+    /// Origins whose pages may read responses (CORS); none by default, `*` for any.
+    pub cors: Vec<String>,
+    /// Host header values taken besides the bound address's (and, bound to loopback, localhost's);
+    /// `*` for any.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            max_waiting: 256,
+            request_timeout: Duration::from_secs(600),
+            header_read_timeout: Duration::from_secs(10),
+            max_body: 2 << 20,
+            api_key: None,
+            cors: Vec::new(),
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
 /// The server's shared state: the engine service, the model it serves, and counters for metrics.
 pub struct ServerState {
     pub service: EngineService,
+    pub options: ServerOptions,
     pub model: Arc<Llama>,
     pub tokenizer: Arc<Tokenizer>,
     /// The name clients use in `model`.
@@ -61,9 +106,18 @@ impl ServerState {
     where
         F: FnOnce() -> highrise_model::Result<(Arc<Llama>, Arc<Tokenizer>, EngineConfig)> + Send + 'static,
     {
+        Self::start_with_options(model_id, ServerOptions::default(), load)
+    }
+
+    /// `start`, with the operator's options.
+    pub fn start_with_options<F>(model_id: String, options: ServerOptions, load: F) -> highrise_model::Result<Arc<ServerState>>
+    where
+        F: FnOnce() -> highrise_model::Result<(Arc<Llama>, Arc<Tokenizer>, EngineConfig)> + Send + 'static,
+    {
         let (service, model, tokenizer) = EngineService::start_with(load)?;
         Ok(Arc::new(ServerState {
             service,
+            options,
             model,
             tokenizer,
             model_id,
@@ -87,49 +141,158 @@ impl ServerState {
     }
 }
 
-/// The routes, over `state`.
-pub fn router(state: Arc<ServerState>) -> Router {
-    Router::new()
+/// The routes, over `state`, for a server bound to `local`: each request passes `guard` (Host,
+/// auth, content type) first; CORS headers only for the origins the options name.
+pub fn router(state: Arc<ServerState>, local: SocketAddr) -> Router {
+    let hosts = Arc::new(allowed_hosts(&state.options, local));
+    let cors = state.options.cors.clone();
+    let mut r = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, message: "no such route".into(), param: None, code: None } })
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.options.max_body))
+        .layer(axum::middleware::from_fn_with_state((state.clone(), hosts), guard))
+        .with_state(state);
+    if !cors.is_empty() {
+        use tower_http::cors::{AllowOrigin, CorsLayer};
+        let origin = match cors.iter().any(|o| o == "*") {
+            true => AllowOrigin::any(),
+            false => AllowOrigin::list(cors.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
+        };
+        r = r.layer(
+            CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    r
+}
+
+/// The Host header values a server bound to `local` answers: the options' own, the address it is
+/// bound to, and localhost's names when that is a loopback address. `None`: any (bound to every
+/// interface with no list given, or told `*`).
+fn allowed_hosts(opts: &ServerOptions, local: SocketAddr) -> Option<Vec<String>> {
+    if opts.allowed_hosts.iter().any(|h| h == "*") || (local.ip().is_unspecified() && opts.allowed_hosts.is_empty()) {
+        return None;
+    }
+    let port = local.port();
+    let mut hosts: Vec<String> = opts.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+    hosts.push(local.to_string());
+    if local.ip().is_loopback() {
+        hosts.extend([format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")]);
+    }
+    Some(hosts)
+}
+
+/// Every request, before its route: a Host this server answers to (a page on another site that
+/// rebinds its name to this address sends its own), the Bearer key where one is set (not for
+/// `/health`), and JSON for bodies (a form or text/plain post needs no CORS preflight, so any web
+/// page could send one).
+async fn guard(
+    State((st, hosts)): State<(Arc<ServerState>, Arc<Option<Vec<String>>>)>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let refuse = |status: StatusCode, message: String, code: &'static str| {
+        ApiError { status, message, param: None, code: Some(code) }.into_response()
+    };
+    if let Some(hosts) = hosts.as_ref() {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+        let with_port = |h: &String| h == &host || (!h.contains(':') && host.split(':').next() == Some(h.as_str()));
+        if !hosts.iter().any(with_port) {
+            return refuse(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!("this server does not answer to Host {host:?} (see --allowed-host)"),
+                "host_not_allowed",
+            );
+        }
+    }
+    if let Some(key) = &st.options.api_key {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
+        if req.uri().path() != "/health" && given != Some(key.as_str()) {
+            return refuse(StatusCode::UNAUTHORIZED, "Incorrect or missing API key (Authorization: Bearer ...)".into(), "invalid_api_key");
+        }
+    }
+    if req.method() == Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|t| t.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
+        if !json {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the request body must be JSON, sent with Content-Type: application/json".into(),
+                "unsupported_media_type",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// A body the extractor refused (too large, unreadable) as OpenAI's error body.
+fn body_error(r: BytesRejection) -> ApiError {
+    let status = r.status();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "the request body is larger than this server takes (see --max-body)".to_string(),
+        _ => r.body_text(),
+    };
+    ApiError { status, message, param: None, code: None }
 }
 
 /// Serves until `shutdown` resolves; then stops accepting connections, lets running requests finish
 /// for up to `grace`, cancels what still runs, and stops the engine. Should the engine thread die,
 /// `/health` answers 503 at once and this returns an error soon after, so that the process exits
 /// non-zero and a supervisor restarts it: never a live port on a dead engine.
+///
+/// Connections are HTTP/1.1, each served by hyper with the options' header-read timeout (a client
+/// that opens a connection and sends nothing, or headers a byte at a time, is dropped).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<ServerState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
-    let st = state.clone();
-    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(async move {
-        shutdown.await;
-        st.accepting.store(false, Ordering::SeqCst);
-        let _ = signalled_tx.send(());
-    });
-    let deadline = async move {
-        match signalled.await {
-            Ok(()) => tokio::time::sleep(grace).await,
-            Err(_) => std::future::pending().await,
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let app = router(state.clone(), listener.local_addr()?);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(state.options.header_read_timeout);
+    let engine_gone = engine_stopped(state.clone());
+    tokio::pin!(shutdown, engine_gone);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors, say: wait a moment rather than spin.
+                        eprintln!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => break,
+            _ = &mut engine_gone => return Err(std::io::Error::other("the engine thread stopped; the server cannot serve")),
         }
-    };
+    }
+    state.accepting.store(false, Ordering::SeqCst);
+    drop(listener);
     tokio::select! {
-        r = server => r?,
-        _ = deadline => {
+        _ = connections.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
             let s = state.service.stats();
             eprintln!("shutdown: cancelling {} running and {} waiting requests", s.running, s.waiting);
-        }
-        _ = engine_stopped(state.clone()) => {
-            return Err(std::io::Error::other("the engine thread stopped; the server cannot serve"));
         }
     }
     let st = state.clone();
@@ -222,19 +385,35 @@ async fn metrics(State(st): State<Arc<ServerState>>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 
-async fn completions(State(st): State<Arc<ServerState>>, body: Bytes) -> Response {
+async fn completions(State(st): State<Arc<ServerState>>, body: Result<Bytes, BytesRejection>) -> Response {
     respond(st, body, false).await
 }
 
-async fn chat_completions(State(st): State<Arc<ServerState>>, body: Bytes) -> Response {
+async fn chat_completions(State(st): State<Arc<ServerState>>, body: Result<Bytes, BytesRejection>) -> Response {
     respond(st, body, true).await
 }
 
-async fn respond(st: Arc<ServerState>, body: Bytes, chat: bool) -> Response {
+/// The error of a request that ran past the server's `request_timeout` (its sequences are then
+/// cancelled: dropping them frees their blocks).
+fn timed_out(st: &ServerState) -> ApiError {
+    ApiError {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        message: format!("the request took longer than this server's limit of {} s (--request-timeout)", st.options.request_timeout.as_secs()),
+        param: None,
+        code: Some("timeout"),
+    }
+}
+
+async fn respond(st: Arc<ServerState>, body: Result<Bytes, BytesRejection>, chat: bool) -> Response {
     st.requests.fetch_add(1, Ordering::Relaxed);
-    match Completion::start(&st, &body, chat).await {
-        Ok(c) if c.stream => c.into_sse().into_response(),
-        Ok(c) => match c.collect().await {
+    let deadline = tokio::time::Instant::now() + st.options.request_timeout;
+    let started = match body {
+        Ok(body) => Completion::start(&st, &body, chat).await,
+        Err(r) => Err(body_error(r)),
+    };
+    match started {
+        Ok(c) if c.stream => c.into_sse(deadline).into_response(),
+        Ok(c) => match tokio::time::timeout_at(deadline, c.collect()).await.unwrap_or_else(|_| Err(timed_out(&st))) {
             Ok(v) => Json(v).into_response(),
             Err(e) => {
                 st.errors.fetch_add(1, Ordering::Relaxed);
@@ -298,6 +477,13 @@ impl Completion {
         } else {
             body.completion_prompts(&st.tokenizer, st.model.config.vocab_size)?
         };
+        let choices = prompts.len() * n;
+        if choices > api::MAX_CHOICES {
+            return Err(ApiError::invalid(
+                format!("{} prompts with n = {n} ask for {choices} sequences, at most {} are taken", prompts.len(), api::MAX_CHOICES),
+                Some("n"),
+            ));
+        }
         let capture = CaptureSpec::from_body(&body, &st.model)?;
         // OpenAI's defaults: 16 tokens for completions, up to the context for chat.
         let default_max = if chat { None } else { Some(16) };
@@ -305,6 +491,31 @@ impl Completion {
         let cache_tokens = stats.blocks_total * stats.block_size;
         let params: Vec<_> =
             prompts.iter().map(|p| body.params(&st.model, p.len(), default_max, cache_tokens)).collect::<Result<_, _>>()?;
+        if let Some(spec) = &capture {
+            let bytes: u64 = prompts.iter().zip(&params).map(|(p, g)| spec.bytes(&st.model, p.len() + g.max_tokens) * n as u64).sum();
+            if bytes > api::MAX_CAPTURE_BYTES {
+                return Err(ApiError::invalid(
+                    format!(
+                        "the captures asked for take up to {} MiB of values, at most {} MiB are taken: fewer layers, \
+                         positions, sites or tokens",
+                        bytes >> 20,
+                        api::MAX_CAPTURE_BYTES >> 20
+                    ),
+                    Some("highrise"),
+                ));
+            }
+        }
+        if stats.waiting + choices > st.options.max_waiting {
+            return Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!(
+                    "the server is busy: {} sequences wait already (at most {}); try again shortly",
+                    stats.waiting, st.options.max_waiting
+                ),
+                param: None,
+                code: Some("queue_full"),
+            });
+        }
         let echo = match (body.echo.unwrap_or(false), chat) {
             (true, false) => prompts.iter().map(|p| st.tokenizer.decode(p).unwrap_or_default()).collect(),
             _ => Vec::new(),
@@ -472,7 +683,7 @@ impl Completion {
 
     /// The response as server-sent events: a chunk per piece of text, a last chunk per choice with
     /// its finish reason, the usage (with `stream_options.include_usage`), then `[DONE]`.
-    fn into_sse(mut self) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    fn into_sse(mut self, deadline: tokio::time::Instant) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
         let mut merged: SelectAll<_> = SelectAll::new();
         for (i, s) in std::mem::take(&mut self.streams).into_iter().enumerate() {
             merged.push(Box::pin(stream::unfold(s, move |mut s| async move { s.next().await.map(|e| ((i, e), s)) })));
@@ -489,7 +700,7 @@ impl Completion {
             pending.push_back(self.chunk(i, Some(text), false, None, None).to_string());
         }
         let state = (self, merged, pending, false);
-        let events = stream::unfold(state, |(mut c, mut merged, mut pending, mut done)| async move {
+        let events = stream::unfold(state, move |(mut c, mut merged, mut pending, mut done)| async move {
             loop {
                 if let Some(data) = pending.pop_front() {
                     return Some((Ok(SseEvent::default().data(data)), (c, merged, pending, done)));
@@ -497,7 +708,17 @@ impl Completion {
                 if done {
                     return None;
                 }
-                let Some((i, e)) = merged.next().await else {
+                let next = match tokio::time::timeout_at(deadline, merged.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        // Past the request timeout: say so, end the stream; dropping it cancels.
+                        pending.push_back(timed_out(&c.st).body().to_string());
+                        pending.push_back("[DONE]".into());
+                        done = true;
+                        continue;
+                    }
+                };
+                let Some((i, e)) = next else {
                     if c.include_usage {
                         pending.push_back(c.response(json!([]), Some(c.usage())).to_string());
                     }
