@@ -192,8 +192,11 @@ fn allowed_hosts(opts: &ServerOptions, local: SocketAddr) -> Option<Vec<String>>
 /// rebinds its name to this address sends its own), the Bearer key where one is set (not for
 /// `/health`), and JSON for bodies (a form or text/plain post needs no CORS preflight, so any web
 /// page could send one).
+/// What `guard` reads: the server's state and the Host values it answers (`None`: any).
+type GuardState = (Arc<ServerState>, Arc<Option<Vec<String>>>);
+
 async fn guard(
-    State((st, hosts)): State<(Arc<ServerState>, Arc<Option<Vec<String>>>)>,
+    State((st, hosts)): State<GuardState>,
     req: axum::extract::Request,
     next: Next,
 ) -> Response {
