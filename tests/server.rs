@@ -712,3 +712,212 @@ fn operator_limits_answer_in_openai_shape() {
         assert!(closed.is_ok() && started.elapsed() < Duration::from_secs(5), "{closed:?} after {:?}", started.elapsed());
     });
 }
+
+/// The request parser and checks, on 20,000 seeded mutations of valid bodies (fields deleted or
+/// given random JSON of every type, bytes of the text flipped): each is taken or refused with an
+/// OpenAI error naming a field or the body, never a panic.
+#[test]
+fn mutated_request_bodies_never_panic_the_checks() {
+    use highrise::server::api::{Body, CaptureSpec};
+    let Some(path) = default_model() else { return println!("skipped: request fuzz: no default model") };
+    let source = Source::open(&path).unwrap();
+    let tok = source.tokenizer().unwrap();
+    let model = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
+    let state = std::cell::Cell::new(0x1234_5678_9abc_def0_u64);
+    let next = |n: usize| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        (x % n.max(1) as u64) as usize
+    };
+    let seeds = [
+        json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0.7, "top_p": 0.9, "stop": ["\n"], "n": 2, "logprobs": 2}),
+        json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 8, "logprobs": true, "top_logprobs": 3, "stream": true}),
+        json!({"model": MODEL_ID, "prompt": [[1, 2, 3], [4, 5]], "logit_bias": {"42": 5.0}, "seed": 7, "echo": true,
+               "highrise": {"capture": ["resid_post", "attn_probs"], "layers": [0, 3], "positions": [0], "logit_lens": 3,
+                            "steer": [{"layer": 2, "vector": vec![0.1f32; 576], "scale": 4.0}]}}),
+    ];
+    let fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop", "seed", "n", "stream", "logprobs",
+        "top_logprobs", "ignore_eos", "echo", "highrise"];
+    let (mut taken, mut refused) = (0, 0);
+    for case in 0..20_000 {
+        let mut body = seeds[case % seeds.len()].clone();
+        let random = |depth: usize| -> Value {
+            match next(if depth > 1 { 7 } else { 9 }) {
+                0 => Value::Null,
+                1 => json!(next(2) == 0),
+                2 => json!(next(1 << 20) as i64 - (1 << 19)),
+                3 => json!([-1e300, 1e-45, 0.5, 3.0e38, -0.0][next(5)]),
+                4 => json!(["", "x", MODEL_ID, "\u{0}", "é\u{1f600}", "resid_post", "attn_probs"][next(7)]),
+                5 => json!(u64::MAX - next(3) as u64),
+                6 => json!(i64::MIN),
+                7 => json!([1, "a", null, [2]]),
+                _ => json!({"capture": ["q", "q"], "layers": [99], "positions": [-1], "steer": [{"layer": 0, "vector": []}]}),
+            }
+        };
+        let obj = body.as_object_mut().unwrap();
+        for _ in 0..1 + next(3) {
+            let f = fields[next(fields.len())];
+            if next(4) == 0 {
+                obj.remove(f);
+            } else {
+                obj.insert(f.to_string(), random(0));
+            }
+        }
+        let mut bytes = body.to_string().into_bytes();
+        if next(5) == 0 {
+            let at = next(bytes.len());
+            bytes[at] = b"{}[],:\"0-e\\ x"[next(13)];
+        }
+        let chat = bytes.windows(10).any(|w| w == b"\"messages\"");
+        let outcome = (|| -> Result<(), highrise::server::api::ApiError> {
+            let b = Body::parse(&bytes)?;
+            b.check_model(MODEL_ID)?;
+            let n = b.n()?;
+            b.top_logprobs(chat)?;
+            let prompts = if chat { vec![b.chat_prompt(&tok)?] } else { b.completion_prompts(&tok, model.config.vocab_size)? };
+            let spec = CaptureSpec::from_body(&b, &model)?;
+            for p in &prompts {
+                let params = b.params(&model, p.len(), Some(16), 4096)?;
+                if let Some(s) = &spec {
+                    let _ = s.bytes(&model, p.len() + params.max_tokens) * n as u64;
+                }
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => taken += 1,
+            Err(e) => {
+                assert!(e.status.is_client_error(), "case {case}: {} for {}", e.status, String::from_utf8_lossy(&bytes));
+                assert!(!e.message.is_empty());
+                refused += 1;
+            }
+        }
+    }
+    println!("request bodies: {taken} taken, {refused} refused with a 4xx, no panic");
+    assert!(taken > 100 && refused > 100);
+}
+
+/// One client of the soak: what it asked for, and what it must get back.
+#[derive(Clone, Copy)]
+enum Kind {
+    Greedy,
+    Streamed,
+    Stopped,
+    Steered,
+    Captured,
+    Cancelled,
+}
+
+/// Mixed load on `highrise serve` with a KV cache small enough to preempt: plain, streamed, stopped,
+/// steered and captured greedy requests beside clients that leave mid-stream, for three rounds of
+/// 24. Every request gets exactly its own greedy output (as `generate` gives it alone, with its
+/// stop strings or steering) or a clean error; nothing is lost; the blocks all come back; /metrics
+/// adds up (requests, errors, preemptions seen); memory ends flat.
+#[test]
+fn mixed_load_soak_keeps_every_request_its_own() {
+    use highrise::model::Steer;
+    if default_model().is_none() {
+        return println!("skipped: server soak: the default model could not be fetched");
+    }
+    let server = Served::start(&["--kv-memory", "12M", "--max-running", "12", "--max-batch-tokens", "64"]);
+    let source = Source::open(&default_model().unwrap()).unwrap();
+    let tok = source.tokenizer().unwrap();
+    let model = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
+    let hidden = model.config.hidden_size;
+    let vector: Vec<f32> = (0..hidden).map(|i| if i % 5 == 0 { 1.0 } else { -0.25 }).collect();
+    let texts = ["Once upon a time", "The capital of France is", "In the beginning there was", "My favourite food is"];
+    // The expected text of each (kind, prompt), computed alone.
+    let want = |kind: &Kind, prompt: &str, max: usize| -> String {
+        let ids = tok.encode(prompt, false).unwrap();
+        let mut p = GenerateParams { max_tokens: max, ..Default::default() };
+        match kind {
+            Kind::Stopped => p.stop = vec![",".into(), " the".into()],
+            Kind::Steered => p.steer = vec![Steer { layer: 6, vector: vector.clone(), scale: 6.0, positions: None }],
+            _ => {}
+        }
+        generate(&model, &tok, &ids, &p, &mut |_| {}).unwrap().text
+    };
+    rt().block_on(async {
+        let (mut rss, mut sent, mut errors, mut preempted) = (Vec::new(), 0u64, 0u64, 0.0);
+        for round in 0..3 {
+            let mut tasks = Vec::new();
+            for i in 0..24usize {
+                let kind = [Kind::Greedy, Kind::Streamed, Kind::Stopped, Kind::Steered, Kind::Captured, Kind::Cancelled][i % 6];
+                let prompt = texts[(i / 6 + round) % texts.len()];
+                let max = 8 + (i * 7 + round * 3) % 40;
+                let expected = want(&kind, prompt, max);
+                let mut body = json!({"model": MODEL_ID, "prompt": prompt, "max_tokens": max, "temperature": 0});
+                match kind {
+                    Kind::Streamed | Kind::Cancelled => body["stream"] = json!(true),
+                    Kind::Stopped => body["stop"] = json!([",", " the"]),
+                    Kind::Steered => body["highrise"] = json!({"steer": [{"layer": 6, "vector": vector, "scale": 6.0}]}),
+                    Kind::Captured => body["highrise"] = json!({"capture": ["resid_post"], "layers": [0, 29], "positions": [0]}),
+                    Kind::Greedy => {}
+                }
+                let url = server.url.clone();
+                sent += 1;
+                tasks.push(tokio::spawn(async move {
+                    let r = reqwest::Client::new().post(format!("{url}/v1/completions")).json(&body).send().await.unwrap();
+                    let status = r.status().as_u16();
+                    if status != 200 {
+                        let v: Value = r.json().await.unwrap();
+                        assert!(v["error"]["message"].is_string(), "a clean error: {v}");
+                        return (i, Err(status));
+                    }
+                    let text = match kind {
+                        Kind::Cancelled => {
+                            // Leave after the first chunk: the request is cancelled.
+                            let mut s = r.bytes_stream();
+                            let _ = s.next().await;
+                            return (i, Ok(None));
+                        }
+                        Kind::Streamed => parse_sse(&r.text().await.unwrap())
+                            .iter()
+                            .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+                            .collect::<String>(),
+                        Kind::Captured => {
+                            let v: Value = r.json().await.unwrap();
+                            let cap = &v["choices"][0]["highrise"]["resid_post"];
+                            assert_eq!(cap.as_array().map(Vec::len), Some(2), "two layers captured");
+                            v["choices"][0]["text"].as_str().unwrap().to_string()
+                        }
+                        _ => r.json::<Value>().await.unwrap()["choices"][0]["text"].as_str().unwrap().to_string(),
+                    };
+                    assert_eq!(text, expected, "client {i} of round {round}: its own greedy output");
+                    (i, Ok(Some(text)))
+                }));
+            }
+            let (mut finished, mut round_errors) = (0, 0);
+            for t in tasks {
+                match t.await.expect("no client panicked").1 {
+                    Ok(_) => finished += 1,
+                    Err(_) => round_errors += 1,
+                }
+            }
+            errors += round_errors as u64;
+            assert_eq!(finished + round_errors, 24, "every request answered, by its output or an error");
+            // Every block comes back once the cancelled streams are noticed.
+            let mut m = server.metrics().await;
+            for _ in 0..200 {
+                if metric(&m, "kv_blocks_used") == Some(0.0) && metric(&m, "requests_running") == Some(0.0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                m = server.metrics().await;
+            }
+            assert_eq!(metric(&m, "kv_blocks_used"), Some(0.0), "round {round}:\n{m}");
+            assert_eq!(metric(&m, "requests_waiting"), Some(0.0));
+            assert_eq!(metric(&m, "http_requests_total"), Some(sent as f64), "every request counted");
+            assert_eq!(metric(&m, "http_request_errors_total"), Some(errors as f64), "every error counted");
+            preempted = metric(&m, "preemptions_total").unwrap();
+            rss.push(server.rss_kib());
+        }
+        println!("soak: {sent} requests, {errors} errors, {preempted} preemptions; server RSS after each round (KiB): {rss:?}");
+        assert!(preempted > 0.0, "the small cache made the engine preempt");
+        assert!(rss[2] <= rss[1] + 8 * 1024, "memory grew by {} KiB over the last round", rss[2] - rss[1]);
+    });
+}
