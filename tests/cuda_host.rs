@@ -13,7 +13,7 @@ mod common;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use common::Rng;
+use common::{shuffled_blocks, slots_in, Rng};
 use highrise::core::ops::{PagedSeq, SampleParams};
 use highrise::core::{Backend, DType, Tensor};
 use highrise::engine::{Engine, EngineConfig, GenerateParams, Request, SamplingParams};
@@ -152,22 +152,19 @@ fn attention_calls(b: &Arc<dyn Backend>, rng: &mut Rng, dt: DType, hq: usize, hk
     }
 }
 
-/// A paged-attention call over `batch` (context, queries) as tests/ops.rs makes it: returns the
-/// block table so that a test can look at what the kernels were given.
-fn paged(b: &Arc<dyn Backend>, rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch: &[(usize, usize)]) -> Vec<u32> {
+/// A paged-attention call over `batch` (context, queries) as tests/ops.rs makes it: K/V written
+/// with kv_write into shuffled blocks, then read through the table.
+fn paged(b: &Arc<dyn Backend>, rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch: &[(usize, usize)]) {
     let block_size = 16;
     let needed: usize = batch.iter().map(|(c, _)| c.div_ceil(block_size)).sum();
     let num_blocks = needed + 5;
-    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..free.len()).rev() {
-        free.swap(i, rng.below(i + 1));
-    }
+    let mut free = shuffled_blocks(rng, num_blocks);
     let mut k_cache = empty(b, dt, &[num_blocks, hkv, block_size, d]);
     let mut v_cache = empty(b, dt, &[num_blocks, hkv, block_size, d]);
     let (mut table, mut seqs) = (Vec::new(), Vec::new());
     for &(ctx, q_len) in batch {
         let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
-        let slots: Vec<u32> = (0..ctx).map(|p| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
+        let slots = slots_in(&blocks, ctx, block_size);
         let (k, v) = (up(b, dt, &[ctx, hkv, d], &rng.values(ctx * hkv * d, 1.0, dt)), up(b, dt, &[ctx, hkv, d], &rng.values(ctx * hkv * d, 1.0, dt)));
         b.kv_write(&mut k_cache, &mut v_cache, &k, &v, &slots).unwrap();
         seqs.push(PagedSeq { q_len: q_len as u32, context_len: ctx as u32, blocks_start: table.len() as u32 });
@@ -177,7 +174,6 @@ fn paged(b: &Arc<dyn Backend>, rng: &mut Rng, dt: DType, hq: usize, hkv: usize, 
     let q = up(b, dt, &[t, hq, d], &rng.values(t * hq * d, 1.0, dt));
     let mut out = empty(b, dt, &[t, hq, d]);
     b.paged_attention(&mut out, &q, &k_cache, &v_cache, &seqs, &table, 1.0 / (d as f32).sqrt()).unwrap();
-    table
 }
 
 /// A tiny Llama (head dims 64 and 128) with random weights: whole-prompt prefill (the flash kernel's

@@ -301,17 +301,13 @@ fn check_paged_in(rng: &mut Rng, dt: DType, cache_dt: DType, hq: usize, hkv: usi
     let block_size = 16;
     let needed: usize = batch.iter().map(|(c, _)| c.div_ceil(block_size)).sum();
     let num_blocks = needed + 5;
-    // Hand out blocks in a shuffled order so a wrong table lookup cannot pass by luck.
-    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..free.len()).rev() {
-        free.swap(i, rng.below(i + 1));
-    }
+    let mut free = shuffled_blocks(rng, num_blocks);
     let mut k_cache = poisoned(cache_dt, &[num_blocks, hkv, block_size, d]);
     let mut v_cache = poisoned(cache_dt, &[num_blocks, hkv, block_size, d]);
     let (mut table, mut seqs, mut qs, mut kvs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &(ctx, q_len) in batch {
         let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
-        let slots: Vec<u32> = (0..ctx).map(|p| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32).collect();
+        let slots = slots_in(&blocks, ctx, block_size);
         let (k, v) = (rng.values(ctx * hkv * d, 1.0, dt), rng.values(ctx * hkv * d, 1.0, dt));
         be()
             .kv_write(&mut k_cache, &mut v_cache, &upload(dt, &[ctx, hkv, d], &k), &upload(dt, &[ctx, hkv, d], &v), &slots)

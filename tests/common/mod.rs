@@ -70,6 +70,21 @@ impl Rng {
     }
 }
 
+/// Block ids 0..n in a shuffled order, for a paged cache, so that a wrong table lookup cannot pass
+/// by luck.
+pub fn shuffled_blocks(rng: &mut Rng, n: usize) -> Vec<u32> {
+    let mut free: Vec<u32> = (0..n as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, rng.below(i + 1));
+    }
+    free
+}
+
+/// The cache slots of positions 0..ctx of a sequence that holds `blocks`, in order.
+pub fn slots_in(blocks: &[u32], ctx: usize, block_size: usize) -> Vec<u32> {
+    (0..ctx).map(|p| blocks[p / block_size] * block_size as u32 + (p % block_size) as u32).collect()
+}
+
 /// `x` rounded to `dtype`, through f32 as every implementation here does (half's direct f64 -> bf16
 /// conversion does not round to nearest in every case: -0.37207034 became -0.37109375).
 pub fn round(dtype: DType, x: f64) -> f64 {
