@@ -821,7 +821,7 @@ fn cmd_serve(
             state.model.config.num_hidden_layers,
             state.model.config.context_len(),
             s.blocks_total,
-            highrise::engine::generate::BLOCK_SIZE
+            highrise::engine::blocks::BLOCK_SIZE
         );
         // The one line scripts wait for.
         eprintln!("listening on http://{}", listener.local_addr()?);

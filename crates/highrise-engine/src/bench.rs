@@ -6,7 +6,7 @@ use std::time::Instant;
 use highrise_core::ops::PagedSeq;
 use highrise_model::{Batch, Llama, Logits, Result};
 
-use crate::generate::BLOCK_SIZE;
+use crate::blocks::BLOCK_SIZE;
 use crate::sampling::choose_on_backend;
 
 /// Tokens per second of each repetition of one test.
@@ -172,7 +172,7 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool) ->
 /// and `n` generated tokens, all submitted at once to an engine with `kv_bytes` of cache.
 pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurrency: usize, n: usize, kv_bytes: usize) -> Result<Measurement> {
     use crate::engine::{Engine, EngineConfig, Request};
-    use crate::generate::GenerateParams;
+    use crate::request::GenerateParams;
     let mut config = EngineConfig::with_kv_memory(model, kv_bytes);
     config.max_running = concurrency.max(1);
     let mut engine = Engine::new(model, tokenizer, config)?;

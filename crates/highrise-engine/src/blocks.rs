@@ -15,6 +15,10 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
+/// Tokens per KV-cache block: the model's own (`highrise_model::llama::BLOCK_SIZE`, which its
+/// single-sequence prefill uses too), one definition for both.
+pub use highrise_model::llama::BLOCK_SIZE;
+
 /// Identifies a full block of prompt with everything before it: see the module's doc.
 pub type BlockKey = [u8; 32];
 

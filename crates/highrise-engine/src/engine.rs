@@ -12,7 +12,8 @@ use highrise_core::ops::{PagedSeq, SampleParams};
 use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer, Tokenizer};
 
 use crate::blocks::{BlockAllocator, BlockKey};
-use crate::generate::{eos_ids, FinishReason, GenerateParams, Generation, TextStream};
+use crate::request::{eos_ids, FinishReason, GenerateParams, Generation};
+use crate::text::TextStream;
 use crate::sampling::{choose_on_backend, top_log_softmax, Sampled, Sampler};
 
 pub type RequestId = u64;
@@ -57,7 +58,7 @@ pub struct EngineConfig {
 impl EngineConfig {
     /// A cache of as many blocks as `kv_bytes` of memory holds for this model.
     pub fn with_kv_memory(model: &Llama, kv_bytes: usize) -> EngineConfig {
-        let block_size = crate::generate::BLOCK_SIZE;
+        let block_size = crate::blocks::BLOCK_SIZE;
         EngineConfig {
             num_blocks: (kv_bytes / model.kv_block_bytes(block_size)).max(1),
             block_size,

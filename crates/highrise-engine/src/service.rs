@@ -344,7 +344,7 @@ fn run(mut engine: Engine, commands: Receiver<Command>, stats: Arc<Mutex<Stats>>
                             logprob: None,
                             top_logprobs: Vec::new(),
                             text: String::new(),
-                            finish: Some(crate::generate::FinishReason::Stop),
+                            finish: Some(crate::request::FinishReason::Stop),
                             error: Some(err.to_string()),
                         });
                     }

@@ -48,6 +48,9 @@ impl Default for LoadOptions {
     }
 }
 
+/// Tokens per KV-cache block, wherever highrise makes a cache (the engine's, `prefill`'s own).
+pub const BLOCK_SIZE: usize = 16;
+
 /// One layer's weights. Shapes: hidden H, heads Hq / Hkv of D, intermediate I.
 pub struct Layer {
     pub attn_norm: Tensor,        // [H]
@@ -440,9 +443,8 @@ impl Llama {
 
     /// `prefill` with introspection hooks.
     pub fn prefill_hooked(&self, tokens: &[u32], which: Logits, hooks: Option<&mut Hooks>) -> Result<Tensor> {
-        const BLOCK: usize = 16;
         let n = u32::try_from(tokens.len()).map_err(|_| Error::Input("prompt too long".into()))?;
-        let mut cache = self.new_kv_cache(tokens.len().div_ceil(BLOCK).max(1), BLOCK)?;
+        let mut cache = self.new_kv_cache(tokens.len().div_ceil(BLOCK_SIZE).max(1), BLOCK_SIZE)?;
         let positions: Vec<u32> = (0..n).collect();
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
         let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
