@@ -1,7 +1,9 @@
 //! highrise: a transformer inference engine that runs Llama-family models and makes both highways
 //! visible, the residual stream and the key/value stream.
 //!
-//! This facade re-exports the layers: [`core`] (backend trait, tensors, ops, plugin loader).
+//! This facade re-exports the layers, in the order data flows up: [`core`] (backend trait, tensors,
+//! ops, plugin loader), [`model`] (formats, tokenizer, the forward pass, introspection), [`engine`]
+//! (batching, sampling, the async service), and holds the OpenAI-compatible [`server`].
 
 pub use highrise_core as core;
 pub use highrise_core::{load_backend, Backend, DType, Error, Result, Tensor};

@@ -150,12 +150,6 @@ impl dyn Backend + '_ {
         }))
     }
 
-    /// The logits: the final-normed stream against the unembedding, which is the embedding table
-    /// itself when the model ties them. out [T, vocab]; x [T, hidden]; unembedding [vocab, hidden].
-    pub fn logits(&self, out: &mut Tensor, x: &Tensor, unembedding: &Tensor) -> Result<()> {
-        self.linear(out, x, unembedding, None)
-    }
-
     /// RoPE in place on x [T, heads, D].
     pub fn rope(&self, x: &mut Tensor, positions: &[u32], config: RopeConfig) -> Result<()> {
         self.exec(Op::Rope(Rope { x: x.as_mut(), positions: HostSlice::new(positions), config }))

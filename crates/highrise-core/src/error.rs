@@ -46,11 +46,6 @@ pub enum ErrorCode {
 }
 
 impl Error {
-    /// An `Invalid` error for `op`: the standard way to report shapes or dtypes that do not fit.
-    pub fn invalid(op: &str, detail: impl std::fmt::Display) -> Error {
-        Error::Invalid(format!("{op}: {detail}"))
-    }
-
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::Invalid(_) => ErrorCode::Invalid,

@@ -71,7 +71,8 @@ impl fmt::Display for Shape {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Handle(pub *mut c_void);
 
-// A handle is an identifier; the backend behind it is Send + Sync and guards its own memory.
+// SAFETY: a handle is an identifier, never dereferenced by its holder; the backend behind it is
+// Send + Sync and guards its own memory.
 unsafe impl Send for Handle {}
 unsafe impl Sync for Handle {}
 

@@ -81,6 +81,8 @@ impl<'a> Weight<'a> {
 /// A pointer threads write through at disjoint places.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: each team thread writes a disjoint range of rows through the pointer, and the caller waits
+// for all of them before the output is read or freed.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

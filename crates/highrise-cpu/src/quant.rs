@@ -9,8 +9,8 @@
 //!   dot products, as llama.cpp does. Bound (documented and tested): the error against the f32 path is
 //!   at most `sum over blocks b of (dx_b / 2) * sum_{i in b} |w_i|`, plus f32 rounding.
 //!
-//! Q8_0, Q4_0 and Q4_1 have AVX2 kernels (chosen at run time); every format has a portable one that
-//! computes the same sums.
+//! Q8_0, Q4_0, Q4_1, Q4_K and Q6_K have AVX2 kernels (chosen at run time); every format has a
+//! portable one that computes the same sums.
 //!
 //! Q4_0/Q4_1 weights loaded for the linear op are laid out 8 rows at a time (`DType::Q4_0R8`,
 //! `Q4_1R8`, see `highrise_core::quant::repack_r8`): the decode kernels then read a block of 8 rows
@@ -217,10 +217,6 @@ pub fn dot_f32_rows_many(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&[f3
     over_tiles(dtype, rows, row_bytes, xs.len(), f, sink);
 }
 
-/// `sink(t, r0, values)`: token t's products `row r · xs[t]` for rows r0.. of `rows`, several 8-bit
-/// activations (a batch of decoding sequences, or a prompt), over tiles of rows: Q8_0 and rows
-/// interleaved by 8 take four tokens per pass (each block loaded and unpacked once for the four),
-/// other formats one.
 /// Whether `dot_q8_rows_many` (`q8`) or `dot_f32_rows_many` has a kernel here that takes several
 /// tokens per pass over a tile of `dtype` rows; without, they go token by token, and beyond a few
 /// tokens a GEMM over dequantized rows is faster.
@@ -233,6 +229,10 @@ pub fn takes_tokens_together(dtype: DType, q8: bool) -> bool {
     false
 }
 
+/// `sink(t, r0, values)`: token t's products `row r · xs[t]` for rows r0.. of `rows`, several 8-bit
+/// activations (a batch of decoding sequences, or a prompt), over tiles of rows: Q8_0 and rows
+/// interleaved by 8 take four tokens per pass (each block loaded and unpacked once for the four),
+/// other formats one.
 pub fn dot_q8_rows_many(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&Q8Act], sink: impl FnMut(usize, usize, &[f32])) {
     let nb = row_bytes / dtype.block_bytes();
     let f = |w: &[u8], tokens: std::ops::Range<usize>, o: &mut [f32]| {
@@ -513,7 +513,8 @@ mod avx2 {
     /// `w`, one f32 activation with block sums `xsum`: the decode path that keeps x exact. A block's
     /// 16 bytes are widened eight at a time to 32-bit lanes, split into low nibbles (values 0..7 or
     /// 8..15 of the block) and high ones (16..23, 24..31), converted to f32 and multiplied into x;
-    /// then `d * sum(q x) + m * sum(x)` as in `q4_f32_multi`. Four accumulators, as in `q4_q8_rows`.
+    /// then `d * sum(q x) + m * sum(x)`, folded as the module's doc says. Four accumulators, as in
+    /// `q4_q8_rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_f32_rows(w: &[u8], nb: usize, x: &[f32], xsum: &[f32], q4_1: bool, out: &mut [f32]) {
         let (bb, qoff) = if q4_1 { (20, 4) } else { (18, 2) };

@@ -4,7 +4,8 @@
 //! - [`mlp`]: the SwiGLU gate;
 //! - [`sampling`]: choosing tokens from the logits on the backend (greedy `Argmax`, `Sample`).
 //!
-//! (The logits are a [`Linear`] against the unembedding; see `Backend::logits`.)
+//! (The logits are a [`Linear`] against the unembedding, which is the embedding table itself when a
+//! model ties them.)
 //!
 //! Every op is one `#[repr(C)]` struct of tensor references and host slices. [`Op`] gathers them in a
 //! `#[repr(C, u32)]` enum, which is exactly what crosses the plugin ABI, so an op is defined once for the
@@ -174,7 +175,7 @@ impl Op<'_> {
 
     /// Checks shapes and dtypes; on failure the error names the op and lists every tensor's shape.
     pub fn validate(&self) -> Result<()> {
-        let check = Check { op: self.kind().name() };
+        let check = Check;
         let r = match self {
             Op::Embedding(o) => o.validate(&check),
             Op::RmsNorm(o) => o.validate(&check),
@@ -213,14 +214,11 @@ impl Op<'_> {
 
 /// Shape and dtype checks shared by the ops. They return the detail; `Op::validate` adds the op name
 /// and the shapes of every tensor.
-pub(crate) struct Check<'o> {
-    #[allow(dead_code)]
-    pub op: &'o str,
-}
+pub(crate) struct Check;
 
 pub(crate) type CheckResult = std::result::Result<(), String>;
 
-impl Check<'_> {
+impl Check {
     pub fn rank(&self, name: &str, t: &TensorRef, rank: usize) -> CheckResult {
         if t.shape.rank() != rank {
             return Err(format!("{name} must have {rank} dimensions, has shape {}", t.shape));
