@@ -342,13 +342,11 @@ impl Llama {
         b.rms_norm(&mut xb, &x, &self.layers[0].attn_norm, eps)?;
 
         for (l, layer) in self.layers.iter().enumerate() {
-            if let Some(hk) = hooks.as_deref_mut() {
-                // Steering and patching change the stream entering the layer; its norm follows.
-                if hk.intervene(l, &mut x, h)? {
-                    b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
-                }
-                hk.capture(Site::ResidPre, l, &x)?;
+            // Steering and patching change the stream entering the layer; its norm follows.
+            if hooks.intervene(l, &mut x, h)? {
+                b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
             }
+            hooks.tap(Site::ResidPre, l, &x)?;
             // Attention: Q, K, V projections.
             let mut q = self.tensor(&[t, hq * d])?; // (T, Hq*D)
             let mut k = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
@@ -362,11 +360,9 @@ impl Llama {
             // RoPE: rotate Q and K by their positions.
             b.rope(&mut q, batch.positions, self.rope)?;
             b.rope(&mut k, batch.positions, self.rope)?;
-            if let Some(hk) = hooks.as_deref_mut() {
-                hk.capture(Site::Q, l, &q)?;
-                hk.capture(Site::K, l, &k)?;
-                hk.capture(Site::V, l, &v)?;
-            }
+            hooks.tap(Site::Q, l, &q)?;
+            hooks.tap(Site::K, l, &k)?;
+            hooks.tap(Site::V, l, &v)?;
             // The key/value stream: store this layer's K/V for later tokens.
             b.kv_write(&mut cache.k[l], &mut cache.v[l], &k, &v, batch.slots)?;
             // Grouped-query causal attention.
@@ -379,10 +375,8 @@ impl Llama {
             let att = att.reshape(&[t, hq * d])?;
             let mut attn_out = self.tensor(&[t, h])?; // (T, H)
             self.linear(&mut attn_out, &att, &layer.wo, None)?;
-            if let Some(hk) = hooks.as_deref_mut() {
-                hk.capture(Site::AttnOut, l, &attn_out)?;
-            }
-            // Residual: x += attn_out; then the MLP's norm of the new stream.
+            hooks.tap(Site::AttnOut, l, &attn_out)?;
+            // Residual and norm in one pass (add_rms_norm): x += attn_out, xb = the MLP's norm of x.
             b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
 
             // MLP: SwiGLU.
@@ -395,19 +389,14 @@ impl Llama {
             b.swiglu(&mut act, &gate, &up)?;
             let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
             self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
-            if let Some(hk) = hooks.as_deref_mut() {
-                hk.capture(Site::MlpOut, l, &mlp_out)?;
-            }
-            // Residual: x += mlp_out; then the next layer's attention norm, or the final norm.
+            hooks.tap(Site::MlpOut, l, &mlp_out)?;
+            // Residual and the next norm in one pass: x += mlp_out, xb = the next layer's attention
+            // norm of x (the final norm after the last layer), so no layer starts with a norm of its own.
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
             b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
-            if let Some(hk) = hooks.as_deref_mut() {
-                hk.capture(Site::ResidPost, l, &x)?;
-            }
+            hooks.tap(Site::ResidPost, l, &x)?;
         }
-        if let Some(hk) = hooks.as_deref_mut() {
-            hk.capture(Site::FinalNorm, self.layers.len(), &xb)?;
-        }
+        hooks.tap(Site::FinalNorm, self.layers.len(), &xb)?;
 
         // Logits from the final-normed stream, at every token or at each sequence's last.
         let rows = match which {
@@ -545,5 +534,29 @@ impl Loader<'_> {
         }?;
         t.release();
         Ok(tensor)
+    }
+}
+
+/// The forward pass's taps, one line each: a no-op without hooks.
+trait Taps {
+    /// Captures `t` at `site` of `layer`, if asked.
+    fn tap(&mut self, site: Site, layer: usize, t: &Tensor) -> Result<()>;
+    /// Applies steering and patching to the stream `x` entering `layer`; true if it changed.
+    fn intervene(&mut self, layer: usize, x: &mut Tensor, hidden: usize) -> Result<bool>;
+}
+
+impl Taps for Option<&mut Hooks> {
+    fn tap(&mut self, site: Site, layer: usize, t: &Tensor) -> Result<()> {
+        match self.as_deref_mut() {
+            Some(h) => h.capture(site, layer, t),
+            None => Ok(()),
+        }
+    }
+
+    fn intervene(&mut self, layer: usize, x: &mut Tensor, hidden: usize) -> Result<bool> {
+        match self.as_deref_mut() {
+            Some(h) => h.intervene(layer, x, hidden),
+            None => Ok(false),
+        }
     }
 }
