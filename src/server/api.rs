@@ -394,10 +394,7 @@ impl Body {
             logit_bias,
             seed: self.seed.unwrap_or(0),
         };
-        sampling.validate().map_err(|e| {
-            let field = e.split(' ').next().unwrap_or_default().to_string();
-            ApiError::invalid(e, Some(&field))
-        })?;
+        sampling.validate().map_err(|e| ApiError::invalid(e.to_string(), Some(e.field)))?;
         let stop = match &self.stop {
             None => vec![],
             Some(Stop::One(s)) => vec![s.clone()],

@@ -160,7 +160,7 @@ impl<'m> Engine<'m> {
     /// Queues a request. Refused, with the reason, if it could never fit: longer than the model's
     /// context, or than the whole cache.
     pub fn submit(&mut self, req: Request) -> Result<RequestId> {
-        req.params.sampling.validate().map_err(Error::Input)?;
+        req.params.sampling.validate().map_err(|e| Error::Input(e.to_string()))?;
         let need = req.prompt.len() + req.params.max_tokens;
         let ctx = self.model.config.context_len();
         if req.prompt.is_empty() {

@@ -22,7 +22,7 @@ pub fn generate(
     params: &GenerateParams,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    params.sampling.validate().map_err(Error::Input)?;
+    params.sampling.validate().map_err(|e| Error::Input(e.to_string()))?;
     let ctx = model.config.context_len();
     if prompt_ids.is_empty() {
         return Err(Error::Input("the prompt is empty".into()));

@@ -2,7 +2,7 @@
 //! random draw. Each request owns its sampler and its generator state, so the same seed gives the
 //! same tokens whatever else runs beside it.
 
-use highrise_core::ops::sampling::{argmax_row, sample_row, SampleParams};
+use highrise_core::ops::sampling::{argmax_row, sample_row, FieldError, SampleParams};
 use highrise_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -51,11 +51,11 @@ impl SamplingParams {
     }
 
     /// Checks the ranges; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         // The draw's own settings, checked as `Backend::sample` checks them.
         let (temperature, top_p, min_p) = (self.temperature, self.top_p, self.min_p);
         SampleParams { temperature, top_k: 0, top_p, min_p, uniform: 0.0 }.validate()?;
-        let bad = |field: &str, v: f32, range: &str| Err(format!("{field} = {v} is out of range ({range})"));
+        let bad = |field: &'static str, v: f32, range: &str| Err(FieldError { field, message: format!("{field} = {v} is out of range ({range})") });
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return bad("repetition_penalty", self.repetition_penalty, "> 0");
         }
@@ -288,8 +288,10 @@ mod tests {
     #[test]
     fn invalid_values_name_the_field() {
         let e = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
-        assert!(e.contains("top_p"), "{e}");
+        assert_eq!(e.field, "top_p", "{e}");
         let e = SamplingParams { temperature: -1.0, ..Default::default() }.validate().unwrap_err();
-        assert!(e.contains("temperature"), "{e}");
+        assert_eq!(e.field, "temperature", "{e}");
+        let e = SamplingParams { frequency_penalty: 3.0, ..Default::default() }.validate().unwrap_err();
+        assert_eq!((e.field, e.to_string()), ("frequency_penalty", "frequency_penalty = 3 is out of range (-2 to 2)".into()));
     }
 }

@@ -22,7 +22,7 @@ pub use attention::{
 };
 pub use mlp::SwiGlu;
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
-pub use sampling::{Argmax, Sample, SampleParams};
+pub use sampling::{Argmax, FieldError, Sample, SampleParams};
 
 use crate::{DType, Error, Result, TensorRef};
 

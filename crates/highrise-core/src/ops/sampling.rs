@@ -65,21 +65,35 @@ impl SampleParams {
     }
 
     /// Checks the ranges; the error names the field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), FieldError> {
         let p = self;
+        let bad = |field, message: String| Err(FieldError { field, message });
         if !(p.temperature.is_finite() && p.temperature >= 0.0) {
-            return Err(format!("temperature {} is not >= 0", p.temperature));
+            return bad("temperature", format!("temperature {} is not >= 0", p.temperature));
         }
         if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(format!("top_p {} is not in (0, 1]", p.top_p));
+            return bad("top_p", format!("top_p {} is not in (0, 1]", p.top_p));
         }
         if !(0.0..=1.0).contains(&p.min_p) {
-            return Err(format!("min_p {} is not in [0, 1]", p.min_p));
+            return bad("min_p", format!("min_p {} is not in [0, 1]", p.min_p));
         }
         if !(0.0..1.0).contains(&p.uniform) {
-            return Err(format!("uniform {} is not in [0, 1)", p.uniform));
+            return bad("uniform", format!("uniform {} is not in [0, 1)", p.uniform));
         }
         Ok(())
+    }
+}
+
+/// A setting out of its range: the field it is (as a request names it), and what was wrong.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
@@ -229,9 +243,10 @@ mod tests {
 
     #[test]
     fn out_of_range_settings_name_the_field() {
-        assert!(params(-1.0, 0, 1.0, 0.0, 0.0).validate().unwrap_err().contains("temperature"));
-        assert!(params(1.0, 0, 0.0, 0.0, 0.0).validate().unwrap_err().contains("top_p"));
-        assert!(params(1.0, 0, 1.0, 2.0, 0.0).validate().unwrap_err().contains("min_p"));
-        assert!(params(1.0, 0, 1.0, 0.0, 1.0).validate().unwrap_err().contains("uniform"));
+        assert_eq!(params(-1.0, 0, 1.0, 0.0, 0.0).validate().unwrap_err().field, "temperature");
+        assert_eq!(params(1.0, 0, 0.0, 0.0, 0.0).validate().unwrap_err().field, "top_p");
+        assert_eq!(params(1.0, 0, 1.0, 2.0, 0.0).validate().unwrap_err().field, "min_p");
+        let e = params(1.0, 0, 1.0, 0.0, 1.0).validate().unwrap_err();
+        assert_eq!((e.field, e.to_string()), ("uniform", "uniform 1 is not in [0, 1)".to_string()));
     }
 }
