@@ -14,6 +14,7 @@ pub mod ops;
 pub mod plugin;
 pub mod profile;
 pub mod quant;
+pub mod rand;
 pub mod tensor;
 
 pub use backend::{Backend, BackendInfo};

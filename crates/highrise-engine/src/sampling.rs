@@ -2,6 +2,7 @@
 //! random draw. Each request owns its sampler and its generator state, so the same seed gives the
 //! same tokens whatever else runs beside it.
 
+pub use highrise_core::ops::sampling::top_log_softmax;
 use highrise_core::ops::sampling::{argmax_row, sample_row, FieldError, SampleParams};
 use highrise_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -76,13 +77,7 @@ pub struct Rng([u64; 4]);
 impl Rng {
     pub fn new(seed: u64) -> Rng {
         let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
+        let mut next = || highrise_core::rand::splitmix64(&mut s);
         Rng([next(), next(), next(), next()])
     }
 
@@ -209,22 +204,6 @@ pub fn choose_on_backend(logits: &Tensor, draws: Option<&[SampleParams]>) -> hig
 /// The index of the largest logit (the first, on ties; NaN never is).
 pub fn argmax(logits: &[f32]) -> u32 {
     argmax_row(logits) as u32
-}
-
-/// The `k` largest entries of log-softmax(`logits`), most likely first (ties by id).
-pub fn top_log_softmax(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = k.min(idx.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-    idx.select_nth_unstable_by(k - 1, by_logit);
-    idx.truncate(k);
-    idx.sort_unstable_by(by_logit);
-    idx.into_iter().map(|i| (i, ((logits[i as usize] - max) as f64 - log_sum) as f32)).collect()
 }
 
 #[cfg(test)]

@@ -128,13 +128,7 @@ mod tests {
     #[test]
     fn streamed_pieces_add_up_and_the_stop_holds_for_random_splits() {
         let mut state = 0x5eed_u64;
-        let mut next = move |n: usize| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) % n as u64) as usize
-        };
+        let mut next = move |n: usize| (highrise_core::rand::splitmix64(&mut state) % n as u64) as usize;
         let alphabet = ["a", "b", "e", "h", " ", "!", "\u{e9}", "\u{4e16}", "\u{1f600}"];
         for case in 0..20_000 {
             let full: String = (0..next(24)).map(|_| alphabet[next(alphabet.len())]).collect();

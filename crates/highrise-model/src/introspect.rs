@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use highrise_core::ops::sampling::top_log_softmax;
 use highrise_core::Tensor;
 
 use crate::{Error, Llama, Result};
@@ -189,15 +190,8 @@ pub fn logit_lens(model: &Llama, stream: &[f32], top_k: usize) -> Result<Vec<Len
     Ok(logits
         .chunks(model.config.vocab_size)
         .map(|row| {
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
-            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-            let k = top_k.min(idx.len()).max(1);
-            idx.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]));
-            idx.truncate(k);
-            idx.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]));
-            let probs = idx.iter().map(|&i| (((row[i as usize] - max) as f64).exp() / sum) as f32).collect();
-            LensTop { tokens: idx, probs }
+            let (tokens, probs) = top_log_softmax(row, top_k.max(1)).into_iter().map(|(t, lp)| (t, lp.exp())).unzip();
+            LensTop { tokens, probs }
         })
         .collect())
 }

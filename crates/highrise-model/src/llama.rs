@@ -215,14 +215,7 @@ impl Llama {
         let c = config;
         let rope = c.rope().map_err(|e| Error::Input(format!("rope_scaling: {e}")))?;
         let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            // splitmix64
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
+        let mut next = move || highrise_core::rand::splitmix64(&mut state);
         const POOL: usize = 1 << 22;
         // Uniform in [-1, 1).
         let pool: Vec<f32> = (0..POOL).map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();

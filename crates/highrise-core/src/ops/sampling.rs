@@ -144,6 +144,22 @@ pub fn log_softmax_at(row: &[f32], i: usize) -> f32 {
     ((row[i] - max) as f64 - sum.ln()) as f32
 }
 
+/// The `k` largest entries of log-softmax(`logits`), most likely first (ties by id).
+pub fn top_log_softmax(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    idx.select_nth_unstable_by(k - 1, by_logit);
+    idx.truncate(k);
+    idx.sort_unstable_by(by_logit);
+    idx.into_iter().map(|i| (i, ((logits[i as usize] - max) as f64 - log_sum) as f32)).collect()
+}
+
 /// [`Sample`] for one row of logits: (token, its log-probability among those kept).
 pub fn sample_row(row: &[f32], p: &SampleParams) -> (u32, f32) {
     sample_row_in(row, p, &mut SampleScratch::default())
