@@ -547,8 +547,8 @@ fn cmd_logits(prompt: &str, out: &Path, args: &ModelArgs) -> AnyResult<()> {
 }
 
 fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &ModelArgs) -> AnyResult<()> {
-    use highrise::model::introspect::{attention_probs, logit_lens};
-    use highrise::model::{Hooks, Site};
+    use highrise::model::introspect::inspect;
+    use highrise::model::Site;
     let (model, tok) = load(args)?;
     let ids = tok.encode(prompt, true)?;
     if ids.is_empty() {
@@ -561,10 +561,9 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
         return Err(format!("--layers: layer {l} does not exist (the model has {n})").into());
     }
     let mut sites = Site::STREAM.to_vec();
-    sites.extend([Site::Q, Site::K, Site::FinalNorm]);
-    let mut hooks = Hooks::capture_all(&sites);
-    hooks.layers = Some(chosen.iter().copied().collect());
-    model.prefill_hooked(&ids, highrise::model::Logits::Last, Some(&mut hooks))?;
+    sites.push(Site::FinalNorm);
+    let pass = inspect(&model, &ids, &sites, &chosen, true, Some(top_k))?;
+    let hooks = &pass.hooks;
     std::fs::create_dir_all(out)?;
     let (t, h) = (ids.len(), c.hidden_size);
     for site in Site::STREAM {
@@ -572,17 +571,13 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
         npy::write_f32(&out.join(format!("{}.npy", site.name())), &[chosen.len(), t, h], &data)?;
     }
     npy::write_f32(&out.join("final_norm.npy"), &[t, h], hooks.get(Site::FinalNorm, n).unwrap_or_default())?;
-    let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-    let probs: Vec<f32> = chosen
-        .iter()
-        .flat_map(|&l| attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), hq, hkv, d))
-        .collect();
+    let hq = c.num_attention_heads;
+    let probs: Vec<f32> = pass.attn_probs.concat();
     npy::write_f32(&out.join("attn_probs.npy"), &[chosen.len(), hq, t, t], &probs)?;
     let text = figures::load_font();
     let attn_dir = out.join("attention");
     std::fs::create_dir_all(&attn_dir)?;
-    for (i, &l) in chosen.iter().enumerate() {
-        let per_layer = &probs[i * hq * t * t..(i + 1) * hq * t * t];
+    for (per_layer, &l) in pass.attn_probs.iter().zip(&chosen) {
         figures::attention(&attn_dir.join(format!("layer_{l:02}.png")), l, per_layer, hq, t, text)?;
     }
     let norms: Vec<f32> = chosen
@@ -595,8 +590,7 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
     figures::residual_norms(&out.join("resid_norm.png"), &chosen, &norms, text)?;
     let mut lens = Vec::new();
     let mut cells = Vec::new();
-    for &l in &chosen {
-        let tops = logit_lens(&model, hooks.get(Site::ResidPost, l).unwrap_or_default(), top_k)?;
+    for (tops, &l) in pass.lens.iter().zip(&chosen) {
         cells.push(
             tops.iter()
                 .map(|top| (tok.decode(&top.tokens[..1]).unwrap_or_default(), top.probs[0]))

@@ -38,8 +38,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
 use highrise_engine::{EngineConfig, EngineService, Event, FinishReason, Request, RequestStream};
-use highrise_model::introspect::{attention_probs, logit_lens};
-use highrise_model::{Hooks, Llama, Logits, Site, Tokenizer};
+use highrise_model::introspect::inspect;
+use highrise_model::{Llama, Site, Tokenizer};
 use serde_json::{json, Value};
 
 use api::{ApiError, Body, CaptureSpec};
@@ -757,17 +757,9 @@ impl Completion {
 /// The capture pass over `ids` (prompt and completion): the sites asked for at the layers and
 /// positions asked for, attention patterns recomputed from Q and K, and the logit lens.
 fn capture(model: &Llama, tokenizer: &Tokenizer, ids: &[u32], spec: &CaptureSpec) -> highrise_model::Result<Value> {
-    let mut sites: Vec<Site> = spec.sites.iter().copied().collect();
-    if spec.attn_probs {
-        sites.extend([Site::Q, Site::K]);
-    }
-    if spec.logit_lens.is_some() {
-        sites.push(Site::ResidPost);
-    }
-    let mut hooks = Hooks::capture_all(&sites);
-    hooks.layers = Some(spec.layers.iter().copied().collect());
-    model.prefill_hooked(ids, Logits::Last, Some(&mut hooks))?;
-    let c = &model.config;
+    let sites: Vec<Site> = spec.sites.iter().copied().collect();
+    let pass = inspect(model, ids, &sites, &spec.layers, spec.attn_probs, spec.logit_lens)?;
+    let (c, hooks) = (&model.config, &pass.hooks);
     let t = ids.len();
     let positions: Vec<usize> = spec.positions.clone().unwrap_or_else(|| (0..t).collect()).into_iter().filter(|&p| p < t).collect();
     // One site at one layer: [positions][width].
@@ -790,29 +782,18 @@ fn capture(model: &Llama, tokenizer: &Tokenizer, ids: &[u32], spec: &CaptureSpec
         }
     }
     if spec.attn_probs {
-        let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         // [layers][heads][positions][t]
-        let probs: Vec<Value> = spec
-            .layers
+        let hq = c.num_attention_heads;
+        let probs: Vec<Value> = pass
+            .attn_probs
             .iter()
-            .map(|&l| {
-                let p = attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), hq, hkv, d);
-                (0..hq).map(|h| positions.iter().map(|&i| json!(p[(h * t + i) * t..(h * t + i + 1) * t])).collect::<Value>()).collect()
-            })
+            .map(|p| (0..hq).map(|h| positions.iter().map(|&i| json!(p[(h * t + i) * t..(h * t + i + 1) * t])).collect::<Value>()).collect())
             .collect();
         out["attn_probs"] = json!(probs);
     }
-    if let Some(k) = spec.logit_lens {
-        let mut lens = Vec::new();
-        for &l in &spec.layers {
-            let tops = logit_lens(model, hooks.get(Site::ResidPost, l).unwrap_or_default(), k)?;
-            lens.push(
-                positions
-                    .iter()
-                    .map(|&p| tops[p].json(tokenizer))
-                    .collect::<Vec<_>>(),
-            );
-        }
+    if spec.logit_lens.is_some() {
+        // [layers][positions] {ids, tokens, probs}
+        let lens: Vec<Vec<Value>> = pass.lens.iter().map(|tops| positions.iter().map(|&p| tops[p].json(tokenizer)).collect()).collect();
         out["logit_lens"] = json!(lens);
     }
     Ok(out)

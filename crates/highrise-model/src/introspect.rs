@@ -195,3 +195,45 @@ pub fn logit_lens(model: &Llama, stream: &[f32], top_k: usize) -> Result<Vec<Len
         })
         .collect())
 }
+
+/// What one capture pass over a sequence holds: the sites asked at the layers asked, and, where
+/// asked, each layer's attention patterns and logit lens.
+pub struct Inspection {
+    pub hooks: Hooks,
+    /// The layers captured, in the order asked.
+    pub layers: Vec<usize>,
+    /// Per layer of `layers`: attention probabilities [Hq, T, T] (empty unless asked).
+    pub attn_probs: Vec<Vec<f32>>,
+    /// Per layer of `layers`: the logit lens at every position (empty unless asked).
+    pub lens: Vec<Vec<LensTop>>,
+}
+
+/// One prefill of `ids` capturing `sites` at `layers` (Q and K too for attention patterns,
+/// resid_post for the lens), then attention patterns with `attn` and the top `lens_k` tokens of the
+/// logit lens with `lens_k`: the pipeline behind `highrise inspect` and the server's captures.
+pub fn inspect(model: &Llama, ids: &[u32], sites: &[Site], layers: &[usize], attn: bool, lens_k: Option<usize>) -> Result<Inspection> {
+    let mut all: Vec<Site> = sites.to_vec();
+    if attn {
+        all.extend([Site::Q, Site::K]);
+    }
+    if lens_k.is_some() {
+        all.push(Site::ResidPost);
+    }
+    let mut hooks = Hooks::capture_all(&all);
+    hooks.layers = Some(layers.iter().copied().collect());
+    model.prefill_hooked(ids, crate::Logits::Last, Some(&mut hooks))?;
+    let c = &model.config;
+    let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+    let attn_probs = match attn {
+        true => layers
+            .iter()
+            .map(|&l| attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), hq, hkv, d))
+            .collect(),
+        false => Vec::new(),
+    };
+    let lens = match lens_k {
+        Some(k) => layers.iter().map(|&l| logit_lens(model, hooks.get(Site::ResidPost, l).unwrap_or_default(), k)).collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    Ok(Inspection { hooks, layers: layers.to_vec(), attn_probs, lens })
+}
