@@ -1,0 +1,96 @@
+//! The small commands: `tokenize`, `convert`, `backends` (and `fetch`, in main).
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use highrise::model::Source;
+
+use serde_json::json;
+
+use super::{model_path, progress_bar, AnyResult};
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    pub text: String,
+    /// Print the ids as a JSON list.
+    #[arg(long)]
+    pub json: bool,
+    /// A GGUF file or HF directory (default: the default model).
+    #[arg(long, short)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// The GGUF file.
+    pub input: PathBuf,
+    /// The directory to write.
+    pub output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BackendsArgs {
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_tokenize(a: TokenizeArgs) -> AnyResult<()> {
+    cmd_tokenize(&a.text, a.json, a.model)
+}
+
+pub fn run_convert(a: &ConvertArgs) -> AnyResult<()> {
+    cmd_convert(&a.input, &a.output)
+}
+
+pub fn run_backends(a: &BackendsArgs) -> AnyResult<()> {
+    cmd_backends(a.json)
+}
+
+fn cmd_tokenize(text: &str, json: bool, model: Option<PathBuf>) -> AnyResult<()> {
+    let tok = Source::open(&model_path(model.as_deref())?)?.tokenizer()?;
+    let ids = tok.encode(text, false)?;
+    if json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        for id in ids {
+            println!("{id}\t{:?}", tok.decode(&[id])?);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_convert(input: &Path, output: &Path) -> AnyResult<()> {
+    let source = Source::open(input)?;
+    let bar = progress_bar(source.tensor_names().len(), "converting tensors");
+    highrise::model::convert::to_hf_dir(&source, output, &mut |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} (model.safetensors, config.json, tokenizer.json, tokenizer_config.json)", output.display());
+    Ok(())
+}
+
+fn cmd_backends(json: bool) -> AnyResult<()> {
+    use highrise::core::plugin::{backend_file_name, discover, Plugin};
+    for (name, path) in discover() {
+        let (usable, detail) = match &path {
+            None => (false, format!("not built: no {} found", backend_file_name(&name))),
+            Some(p) => match Plugin::open(p).and_then(|pl| {
+                pl.probe()?;
+                pl.create()
+            }) {
+                Ok(b) => (true, b.info().device),
+                Err(e) => (false, e.to_string()),
+            },
+        };
+        let path = path.map(|p| p.display().to_string());
+        if json {
+            println!("{}", json!({"name": name, "usable": usable, "detail": detail, "path": path}));
+        } else {
+            println!("{name:<6} {:<9} {detail}", if usable { "usable" } else { "unusable" });
+            if let Some(p) = path {
+                println!("{:<16} {p}", "");
+            }
+        }
+    }
+    Ok(())
+}
