@@ -256,3 +256,53 @@ impl ModelConfig {
         Ok(RopeConfig { theta, scaling })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, json: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("highrise-config-{}-{name}.json", std::process::id()));
+        std::fs::write(&path, json).unwrap();
+        path
+    }
+
+    #[test]
+    fn named_shapes_are_valid_configs() {
+        for name in ModelConfig::SHAPES {
+            let c = ModelConfig::shape(name).unwrap();
+            let path = write(name, &serde_json::to_string(&serde_json::json!({
+                "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.kv_heads(),
+            }))
+            .unwrap());
+            assert_eq!(ModelConfig::from_file(&path).unwrap().head_dim(), c.head_dim(), "{name}");
+        }
+        assert!(ModelConfig::shape("no-such-shape").is_none());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let path = write("bad-heads", r#"{"vocab_size": 8, "hidden_size": 64, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 3}"#);
+        let e = ModelConfig::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let path = write("bad-type", r#"{"vocab_size": "many", "hidden_size": 64, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 4}"#);
+        let e = ModelConfig::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("vocab_size"), "{e}");
+    }
+
+    #[test]
+    fn rope_scaling_is_read_from_either_key() {
+        let mut c = ModelConfig::shape("tiny").unwrap();
+        c.rope_scaling = Some(serde_json::json!({"type": "linear", "factor": 4.0}));
+        assert_eq!(c.rope().unwrap().scaling, RopeScaling::Linear { factor: 4.0 });
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}));
+        assert!(matches!(c.rope().unwrap().scaling, RopeScaling::Llama3 { original_max_position: 8192, .. }));
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
+        assert!(c.rope().unwrap_err().contains("yarn"));
+    }
+}

@@ -417,3 +417,21 @@ impl<'a> Reader<'a> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrays_read_as_integers_and_strings_where_they_are() {
+        assert_eq!(Array::I32(vec![1, 4, 3]).u64s(), Some(vec![1, 4, 3]));
+        assert_eq!(Array::I32(vec![1, -1]).u64s(), None, "a negative token type is not a type");
+        assert_eq!(Array::F32(vec![1.0]).u64s(), None);
+        let s = Array::String(vec!["a".into(), "b".into()]);
+        assert_eq!((s.len(), s.strings().map(|v| v.len())), (2, Some(2)));
+        assert!(Array::U8(Vec::new()).is_empty());
+        assert_eq!(ggml_type_name(6), "Q5_0");
+        assert_eq!(ggml_type_name(400), "type 400");
+        assert_eq!(ggml_dtype(14), Some(DType::Q6K));
+    }
+}

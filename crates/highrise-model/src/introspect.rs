@@ -237,3 +237,27 @@ pub fn inspect(model: &Llama, ids: &[u32], sites: &[Site], layers: &[usize], att
     };
     Ok(Inspection { hooks, layers: layers.to_vec(), attn_probs, lens })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_probabilities_are_causal_rows_summing_to_one() {
+        // 3 tokens, 4 query heads over 2 KV heads of dim 2.
+        let (t, hq, hkv, d) = (3, 4, 2, 2);
+        let q: Vec<f32> = (0..t * hq * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let k: Vec<f32> = (0..t * hkv * d).map(|i| (i as f32 * 0.91).cos()).collect();
+        let p = attention_probs(&q, &k, hq, hkv, d);
+        assert_eq!(p.len(), hq * t * t);
+        for h in 0..hq {
+            for i in 0..t {
+                let row = &p[(h * t + i) * t..][..t];
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "head {h} row {i}: {row:?}");
+                assert!(row[i + 1..].iter().all(|&x| x == 0.0), "no weight on later tokens");
+            }
+        }
+        // The first token sees only itself.
+        assert!((0..hq).all(|h| p[h * t * t] == 1.0));
+    }
+}

@@ -59,3 +59,20 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     }
     Ok((dims, data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn float32_arrays_come_back_as_written() {
+        let path = std::env::temp_dir().join(format!("highrise-npy-{}.npy", std::process::id()));
+        let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        super::write_f32(&path, &[2, 3, 4], &data).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+        assert_eq!((bytes.len() - data.len() * 4) % 64, 0, "the header is padded to 64 bytes");
+        assert_eq!(super::read_f32(&path).unwrap(), (vec![2, 3, 4], data));
+        super::write_f32(&path, &[5], &[1.0; 5]).unwrap();
+        assert_eq!(super::read_f32(&path).unwrap().0, vec![5], "a 1-d shape is written (5,)");
+        let _ = std::fs::remove_file(&path);
+    }
+}
