@@ -152,8 +152,12 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
         _ => Vec::new(),
     };
     let q8s: Vec<&quant::Q8Act> = acts.iter().filter_map(|a| if let Act::Q8(q) = a { Some(q) } else { None }).collect();
-    let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
-    let sums: Vec<&[f32]> = acts.iter().filter_map(|a| if let Act::F32(s) = a { Some(&s[..]) } else { None }).collect();
+    let f32s: Vec<quant::F32Act> = x
+        .chunks_exact(k)
+        .zip(&acts)
+        .filter_map(|(x, a)| if let Act::F32(sums) = a { Some(quant::F32Act { x, sums }) } else { None })
+        .collect();
+    let f32s: Vec<&quant::F32Act> = f32s.iter().collect();
     team.for_each(n.div_ceil(chunk), |c| {
         // The whole SendPtr, not its raw-pointer field (what the closure would capture otherwise).
         #[allow(clippy::redundant_locals)]
@@ -168,8 +172,8 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
                 let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(n0), n1 - n0) };
                 let rows = &bytes[n0 * row_bytes..n1 * row_bytes];
                 match act {
-                    Act::Q8(xq) => quant::dot_q8_rows(*dtype, rows, *row_bytes, xq, o),
-                    Act::F32(sums) => quant::dot_f32_rows(*dtype, rows, *row_bytes, x, sums, o),
+                    Act::Q8(xq) => quant::dot_rows(*dtype, rows, *row_bytes, xq, o),
+                    Act::F32(sums) => quant::dot_rows(*dtype, rows, *row_bytes, &quant::F32Act { x, sums }, o),
                 }
                 return;
             }
@@ -181,9 +185,9 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
                 unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out_ptr.0.add(i * n + n0 + r0), v.len()) }
             };
             if q8s.len() == acts.len() {
-                quant::dot_q8_rows_many(*dtype, w, *row_bytes, &q8s, sink);
+                quant::dot_rows_many(*dtype, w, *row_bytes, &q8s, sink);
             } else {
-                quant::dot_f32_rows_many(*dtype, w, *row_bytes, &xs, &sums, sink);
+                quant::dot_rows_many(*dtype, w, *row_bytes, &f32s, sink);
             }
             return;
         }
