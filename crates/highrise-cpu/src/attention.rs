@@ -9,7 +9,8 @@
 use highrise_core::ops::{cache_dims, Attention, KvWrite, PagedAttention, Rope};
 use highrise_core::{Element, Result};
 
-use crate::float::{min_items, with_float, Float};
+use crate::float::{with_float, Float};
+use crate::team::min_items;
 use crate::storage::Tensors;
 use crate::team::Team;
 
@@ -184,7 +185,7 @@ fn softmax(row: &mut [f32]) -> f32 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     // Each term as close as libm's expf (see exp_sub): attention's probabilities feed the residual
     // stream, which the tests hold to HF's within 1e-3.
-    let sum = crate::float::exp_sub(row, max);
+    let sum = crate::simd::exp_sub(row, max);
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
     max + sum.ln()
@@ -199,7 +200,7 @@ type Part = (Vec<f32>, Vec<f32>);
 /// [rows, D] and each row's log-sum-exp.
 fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scale: f32) -> Part {
     #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() && d.is_multiple_of(8) {
+    if crate::simd::has_avx2_fma() && d.is_multiple_of(8) {
         // Rows read where they lie, in the cache's own dtype (an f16 cache widens in registers: half
         // the bytes from memory, no copy).
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); D is whole vectors of 8.
@@ -229,7 +230,7 @@ fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, s
     let mut scores = vec![0f32; rows * len];
     for (pos, kr) in key.iter().enumerate() {
         for r in 0..rows {
-            scores[r * len + pos] = crate::float::dot(&qs[r * d..(r + 1) * d], kr) * scale;
+            scores[r * len + pos] = crate::simd::dot(&qs[r * d..(r + 1) * d], kr) * scale;
         }
     }
     let lse = scores.chunks_exact_mut(len.max(1)).map(softmax).collect();
@@ -486,7 +487,7 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
     };
     // Units are worth spreading sooner than elementwise work: a decode step's few units (one per K/V
     // head) each read a whole context.
-    let results: Vec<Part> = if work * group * d < super::float::PAR_MIN_ELEMS / 8 {
+    let results: Vec<Part> = if work * group * d < crate::team::PAR_MIN_ELEMS / 8 {
         units.iter().map(unit).collect()
     } else {
         team.map(units.len(), |i| unit(&units[i]))

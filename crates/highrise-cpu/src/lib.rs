@@ -12,6 +12,7 @@ mod mlp;
 mod quant;
 mod residual;
 mod sampling;
+mod simd;
 mod storage;
 mod team;
 
@@ -58,7 +59,7 @@ impl CpuBackend {
 
 fn simd() -> &'static str {
     #[cfg(target_arch = "x86_64")]
-    if float::has_avx2_fma() {
+    if simd::has_avx2_fma() {
         return "AVX2+FMA";
     }
     "portable SIMD"

@@ -16,7 +16,8 @@ use highrise_core::ops::Linear;
 use highrise_core::quant::dequantize_rows;
 use highrise_core::{DType, Element, Error, Result, TensorRef};
 
-use crate::float::{dot, with_float, Float};
+use crate::float::{with_float, Float};
+use crate::simd::dot;
 use crate::quant;
 use crate::residual::to_f32_vec;
 use crate::storage::Tensors;

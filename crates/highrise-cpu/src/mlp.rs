@@ -3,7 +3,8 @@
 use highrise_core::ops::SwiGlu;
 use highrise_core::Result;
 
-use crate::float::{min_items, with_float, Float};
+use crate::float::{with_float, Float};
+use crate::team::min_items;
 use crate::storage::Tensors;
 
 pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
@@ -20,7 +21,7 @@ pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
                 let (g, u) = (&mut g[..out.len()], &mut u[..out.len()]);
                 E::load(&gate[at.clone()], g);
                 E::load(&up[at], u);
-                crate::float::silu_mul(g, u);
+                crate::simd::silu_mul(g, u);
                 E::store(g, out);
             }
         });

@@ -5,7 +5,8 @@ use highrise_core::ops::{AddRmsNorm, Embedding, RmsNorm};
 use highrise_core::quant::dequantize;
 use highrise_core::{DType, Error, Result, TensorRef};
 
-use crate::float::{min_items, with_float, Float};
+use crate::float::{with_float, Float};
+use crate::team::min_items;
 use crate::storage::Tensors;
 
 /// A small float tensor (a norm weight, a bias) read into f32.
@@ -104,7 +105,7 @@ pub fn add_rms_norm(ts: &Tensors, op: &AddRmsNorm) -> Result<()> {
 
 /// `row = row / sqrt(mean(row^2) + eps) * weight`.
 fn normalize(row: &mut [f32], weight: &[f32], eps: f32) {
-    let ms = crate::float::dot(row, row) / row.len() as f32;
+    let ms = crate::simd::dot(row, row) / row.len() as f32;
     let inv = 1.0 / (ms + eps).sqrt();
     row.iter_mut().zip(weight).for_each(|(x, w)| *x = *x * inv * w);
 }

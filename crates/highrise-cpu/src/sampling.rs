@@ -53,7 +53,7 @@ pub fn argmax(ts: &Tensors, op: &Argmax) -> Result<()> {
         let best = lanes.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
         let at = row.iter().position(|&val| val == best).unwrap_or(0);
         // x[at] - logsumexp(x) = -ln(sum exp(x - max)).
-        (at as u32, -(crate::float::sum_exp(row, best).ln()) as f32)
+        (at as u32, -(crate::simd::sum_exp(row, best).ln()) as f32)
     })
 }
 

@@ -254,6 +254,16 @@ impl Drop for Team {
     }
 }
 
+/// Elementwise ops smaller than this many elements run on the calling thread: waking the pool for
+/// them costs more than the work (decode runs hundreds of such ops per token).
+pub const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// The least number of items of `len` elements each a parallel task should take, so that small ops
+/// are not split at all.
+pub fn min_items(len: usize) -> usize {
+    (PAR_MIN_ELEMS / len.max(1)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

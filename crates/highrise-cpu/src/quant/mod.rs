@@ -60,7 +60,7 @@ impl Q8Act {
         let (d, q, isum, sum) = (vec![0.0; blocks], vec![0; blocks * 32], vec![0; blocks], vec![0.0; blocks]);
         let mut a = Q8Act { d, q, isum, sum, ds: Vec::new() };
         #[cfg(target_arch = "x86_64")]
-        let done = if crate::float::has_avx2_fma() {
+        let done = if crate::simd::has_avx2_fma() {
             // SAFETY: AVX2 present (checked just above); `a` holds `blocks` whole blocks.
             unsafe { avx2::quantize(x, &mut a) };
             true
@@ -101,7 +101,7 @@ pub trait Activation: Sync {
     /// N tokens in one pass; false where there is none for `dtype` and N.
     ///
     /// # Safety
-    /// AVX2+FMA+F16C are present (`crate::float::has_avx2_fma`).
+    /// AVX2+FMA+F16C are present (`crate::simd::has_avx2_fma`).
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2<const N: usize>(dtype: DType, rows: &[u8], nb: usize, xs: &[&Self; N], out: &mut [f32]) -> bool;
 }
@@ -166,7 +166,7 @@ pub fn dot_rows<A: Activation>(dtype: DType, rows: &[u8], row_bytes: usize, x: &
     let interleaved = dtype.interleaved_rows() > 1;
     assert!(!interleaved || out.len().is_multiple_of(8), "{dtype}: {} rows are not whole groups of 8", out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() {
+    if crate::simd::has_avx2_fma() {
         let nb = row_bytes / dtype.block_bytes();
         // SAFETY: AVX2+FMA+F16C present (checked just above); the kernels assert the lengths they read.
         if unsafe { A::avx2::<1>(dtype, rows, nb, &[x], out) } {
@@ -252,7 +252,7 @@ pub fn dot_rows_many<A: Activation>(dtype: DType, rows: &[u8], row_bytes: usize,
 /// beyond a few tokens a GEMM over dequantized rows is faster.
 pub fn takes_tokens_together(dtype: DType, q8: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if crate::float::has_avx2_fma() {
+    if crate::simd::has_avx2_fma() {
         return dtype.interleaved_rows() == 8 || (q8 && dtype == DType::Q8_0);
     }
     let _ = (dtype, q8);

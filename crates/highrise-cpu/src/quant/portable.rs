@@ -5,7 +5,7 @@ use highrise_core::quant::{dequantize, q4_k_block, q6_k_block};
 use highrise_core::DType;
 
 use super::{f16_at, Q8Act};
-use crate::float::dot;
+use crate::simd::dot;
 
 /// Quantizes x per block of 32 (see `Q8Act::new`).
 pub(super) fn quantize(x: &[f32], a: &mut Q8Act) {

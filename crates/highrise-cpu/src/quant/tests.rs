@@ -55,7 +55,7 @@ fn random_x(k: usize, seed: u64) -> Vec<f32> {
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn avx2_kernels_agree_with_the_portable_ones() {
-    if !crate::float::has_avx2_fma() {
+    if !crate::simd::has_avx2_fma() {
         println!("skipped: this CPU has no AVX2+FMA+F16C");
         return;
     }
@@ -183,7 +183,7 @@ fn rows_interleaved_by_8_equal_row_by_row() {
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn avx2_quantization_gives_the_portable_bytes() {
-    if !crate::float::has_avx2_fma() {
+    if !crate::simd::has_avx2_fma() {
         return println!("skipped: this CPU has no AVX2+FMA+F16C");
     }
     // Random blocks, an all-zero block, and a block of exact ties (scale 1: 127 and k + 0.5).
