@@ -82,6 +82,42 @@ impl Handle {
     pub fn is_null(self) -> bool {
         self.0.is_null()
     }
+
+    /// The `T` behind this handle, if it is a live one made by backend instance `owner` of the kind
+    /// whose allocations carry `magic`; `backend` names the kind in the error. Every backend checks
+    /// handles this way before it reads anything else behind them.
+    ///
+    /// # Safety
+    /// `T` is `#[repr(C)]` and starts with a [`HandleHeader`], as every backend's allocation does, so
+    /// any handle that reached a backend points to at least a header's worth of live memory.
+    pub unsafe fn owned<'a, T>(self, magic: u64, owner: usize, backend: &str) -> crate::Result<&'a T> {
+        if self.is_null() {
+            return Err(crate::Error::Invalid(format!("{backend}: null tensor handle")));
+        }
+        let header = &*(self.0 as *const HandleHeader);
+        if header.magic != magic || header.owner != owner {
+            return Err(crate::Error::Invalid(format!(
+                "{backend}: tensor handle does not belong to this {backend} backend (freed, or from another backend)"
+            )));
+        }
+        Ok(&*(self.0 as *const T))
+    }
+}
+
+/// What every backend's allocation behind a [`Handle`] starts with: its kind's magic (zeroed when
+/// freed) and the backend instance that made it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct HandleHeader {
+    pub magic: u64,
+    pub owner: usize,
+}
+
+impl HandleHeader {
+    /// Marks the allocation freed: its handle is refused from now on.
+    pub fn retire(&mut self) {
+        self.magic = 0;
+    }
 }
 
 /// A borrowed tensor: handle, dtype, shape. Ops take these; they cross the plugin ABI as they are.

@@ -4,14 +4,15 @@
 
 use std::alloc::{alloc, dealloc, Layout};
 
+use highrise_core::tensor::HandleHeader;
 use highrise_core::{Error, Handle, Result, TensorRef};
 
 const MAGIC: u64 = 0x6869_6768_7269_7365; // "highrise"
 const ALIGN: usize = 64;
 
+#[repr(C)]
 pub struct Storage {
-    magic: u64,
-    owner: usize,
+    header: HandleHeader,
     ptr: *mut u8,
     bytes: usize,
     /// Host memory wrapped by `import` (a mapped file): read-only, and not ours to free.
@@ -27,7 +28,7 @@ impl Storage {
         if ptr.is_null() {
             return Err(Error::OutOfMemory(format!("cpu: allocation of {bytes} bytes failed")));
         }
-        let s = Box::new(Storage { magic: MAGIC, owner, ptr, bytes, imported: false });
+        let s = Box::new(Storage { header: HandleHeader { magic: MAGIC, owner }, ptr, bytes, imported: false });
         Ok(Handle(Box::into_raw(s) as *mut _))
     }
 
@@ -36,7 +37,7 @@ impl Storage {
         if ptr.is_null() || ptr as usize % 4 != 0 {
             return None;
         }
-        let s = Box::new(Storage { magic: MAGIC, owner, ptr: ptr as *mut u8, bytes, imported: true });
+        let s = Box::new(Storage { header: HandleHeader { magic: MAGIC, owner }, ptr: ptr as *mut u8, bytes, imported: true });
         Some(Handle(Box::into_raw(s) as *mut _))
     }
 
@@ -45,7 +46,7 @@ impl Storage {
     pub unsafe fn free(owner: usize, h: Handle) {
         if let Ok(s) = Storage::get(owner, h) {
             let s = s as *const Storage as *mut Storage;
-            (*s).magic = 0;
+            (*s).header.retire();
             let b = Box::from_raw(s);
             if !b.imported {
                 dealloc(b.ptr, Layout::from_size_align_unchecked(b.bytes.max(ALIGN), ALIGN));
@@ -55,19 +56,8 @@ impl Storage {
 
     /// The storage behind a handle, if it is a live one of this owner's.
     pub fn get<'a>(owner: usize, h: Handle) -> Result<&'a Storage> {
-        if h.is_null() {
-            return Err(Error::Invalid("cpu: null tensor handle".into()));
-        }
-        // SAFETY: handles reaching a backend come from some backend's alloc, i.e. point to a live
-        // allocation of at least a header's size; the magic and owner tell whether it is ours.
-        let s = unsafe { &*(h.0 as *const Storage) };
-        if s.magic != MAGIC || s.owner != owner {
-            return Err(Error::Invalid(
-                "cpu: tensor handle does not belong to this cpu backend (freed, or from another backend)"
-                    .into(),
-            ));
-        }
-        Ok(s)
+        // SAFETY: Storage is repr(C) and starts with its HandleHeader.
+        unsafe { h.owned(MAGIC, owner, "cpu") }
     }
 
     pub fn bytes(&self) -> usize {

@@ -27,12 +27,13 @@ use cudarc::driver::{result as drv, sys as drv_sys};
 use driver::{Driver, Launch, Param, Region};
 use highrise_core::ops::{Op, OpKind};
 use highrise_core::plugin::Exportable;
+use highrise_core::tensor::HandleHeader;
 use highrise_core::{Backend, BackendInfo, DType, Error, Handle, Result, TensorRef};
 
 /// A device allocation, behind a `Handle`.
+#[repr(C)]
 struct DevBuf {
-    magic: u64,
-    owner: usize,
+    header: HandleHeader,
     ptr: u64,
     bytes: usize,
     /// The allocator's size class, which the buffer returns to.
@@ -124,18 +125,8 @@ impl CudaBackend {
     }
 
     fn buf(&self, h: Handle) -> Result<&DevBuf> {
-        if h.is_null() {
-            return Err(Error::Invalid("cuda: null tensor handle".into()));
-        }
-        // SAFETY: handles reaching a backend point to a live header of some backend's allocation;
-        // the magic and owner say whether it is ours.
-        let b = unsafe { &*(h.0 as *const DevBuf) };
-        if b.magic != MAGIC || b.owner != self.id {
-            return Err(Error::Invalid(
-                "cuda: tensor handle does not belong to this cuda backend (freed, or from another backend)".into(),
-            ));
-        }
-        Ok(b)
+        // SAFETY: DevBuf is repr(C) and starts with its HandleHeader.
+        unsafe { h.owned(MAGIC, self.id, "cuda") }
     }
 
     /// The device address of an op's tensor, after checking that its allocation holds it.
@@ -266,14 +257,14 @@ impl Backend for CudaBackend {
         // SAFETY: the context is bound.
         let ptr = unsafe { cache.alloc(&*self.driver, class) }
             .map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {bytes} bytes on {}: {e}", self.device)))?;
-        let b = Box::new(DevBuf { magic: MAGIC, owner: self.id, ptr, bytes, class });
+        let b = Box::new(DevBuf { header: HandleHeader { magic: MAGIC, owner: self.id }, ptr, bytes, class });
         Ok(Handle(Box::into_raw(b) as *mut _))
     }
 
     unsafe fn free(&self, handle: Handle) {
         if let Ok(b) = self.buf(handle) {
             let b = b as *const DevBuf as *mut DevBuf;
-            (*b).magic = 0;
+            (*b).header.retire();
             let b = Box::from_raw(b);
             // Back to the cache: the next op that needs this size takes it (ops run in order on
             // one stream, so whatever still reads it is queued before that op).
