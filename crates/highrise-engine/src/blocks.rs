@@ -103,7 +103,7 @@ impl BlockAllocator {
 
     /// The chain of keys of `tokens`' full blocks under `salt`: entry i covers
     /// tokens[..(i+1)*block_size].
-    pub fn prefix_keys(&self, salt: &BlockKey, tokens: &[u32]) -> Vec<BlockKey> {
+    fn prefix_keys(&self, salt: &BlockKey, tokens: &[u32]) -> Vec<BlockKey> {
         let mut key = *salt;
         tokens
             .chunks_exact(self.block_size)
@@ -121,7 +121,7 @@ impl BlockAllocator {
 
     /// Takes a holder's share of the registered block `key` names, if there is one and it was filed
     /// with these `tokens` after `parent` (the previous block's key, or the salt for the first).
-    pub fn share(&mut self, key: &BlockKey, parent: &BlockKey, tokens: &[u32]) -> Option<u32> {
+    fn share(&mut self, key: &BlockKey, parent: &BlockKey, tokens: &[u32]) -> Option<u32> {
         let b = *self.prefix.get(key)?;
         let f = self.filed.get(&b)?;
         if &f.parent != parent || f.tokens != tokens {
@@ -132,12 +132,37 @@ impl BlockAllocator {
     }
 
     /// Files a block whose tokens are all written, for later sequences to share.
-    pub fn register(&mut self, block: u32, key: BlockKey, parent: BlockKey, tokens: &[u32]) {
+    fn register(&mut self, block: u32, key: BlockKey, parent: BlockKey, tokens: &[u32]) {
         if self.filed.contains_key(&block) || self.prefix.contains_key(&key) {
             return;
         }
         self.prefix.insert(key, block);
         self.filed.insert(block, Filed { key, parent, tokens: tokens.to_vec() });
+    }
+
+    /// Takes a share of each full block of `tokens` (under `salt`) already filed, from the first,
+    /// until one is not: the blocks a new sequence with this prompt can start from.
+    pub fn share_prefix(&mut self, salt: &BlockKey, tokens: &[u32]) -> Vec<u32> {
+        let keys = self.prefix_keys(salt, tokens);
+        let mut shared = Vec::new();
+        for (b, (key, chunk)) in keys.iter().zip(tokens.chunks_exact(self.block_size)).enumerate() {
+            let parent = if b == 0 { *salt } else { keys[b - 1] };
+            match self.share(key, &parent, chunk) {
+                Some(block) => shared.push(block),
+                None => break,
+            }
+        }
+        shared
+    }
+
+    /// Files `blocks[from..]`, the sequence's blocks holding its full blocks of `tokens` (under
+    /// `salt`) from block `from` on, for later sequences to share.
+    pub fn register_prefix(&mut self, salt: &BlockKey, tokens: &[u32], blocks: &[u32], from: usize) {
+        let keys = self.prefix_keys(salt, tokens);
+        for (b, chunk) in tokens.chunks_exact(self.block_size).enumerate().skip(from) {
+            let parent = if b == 0 { *salt } else { keys[b - 1] };
+            self.register(blocks[b], keys[b], parent, chunk);
+        }
     }
 }
 
@@ -185,5 +210,16 @@ mod tests {
         assert_eq!(a.share(&k, &PLAIN, &[5, 7]), None);
         assert_eq!(a.share(&k, &[1; 32], &[5, 6]), None);
         assert_eq!(a.share(&k, &PLAIN, &[5, 6]), Some(x));
+    }
+
+    #[test]
+    fn a_filed_prefix_is_shared_under_its_own_salt_only() {
+        let mut a = BlockAllocator::new(8, 2);
+        let blocks = [a.alloc().unwrap(), a.alloc().unwrap(), a.alloc().unwrap()];
+        let tokens = [1, 2, 3, 4, 5, 6];
+        a.register_prefix(&PLAIN, &tokens, &blocks, 0);
+        assert_eq!(a.share_prefix(&PLAIN, &tokens), blocks, "the whole prompt");
+        assert_eq!(a.share_prefix(&PLAIN, &[1, 2, 3, 9, 5, 6]), blocks[..1], "up to the first block that differs");
+        assert!(a.share_prefix(&salt(&[b"steered"]), &tokens).is_empty(), "another salt shares nothing");
     }
 }

@@ -330,11 +330,7 @@ impl<'m> Engine<'m> {
             // File the prompt's newly complete blocks for sharing.
             let full = s.computed.min(s.prompt.len()) / bs;
             if full > s.registered {
-                let keys = self.blocks.prefix_keys(&s.salt, &s.prompt[..full * bs]);
-                for b in s.registered..full {
-                    let parent = if b == 0 { s.salt } else { keys[b - 1] };
-                    self.blocks.register(s.blocks[b], keys[b], parent, &s.prompt[b * bs..(b + 1) * bs]);
-                }
+                self.blocks.register_prefix(&s.salt, &s.prompt[..full * bs], &s.blocks, s.registered);
                 s.registered = full;
             }
             if s.computed < s.len() {
@@ -417,14 +413,7 @@ impl<'m> Engine<'m> {
                 // Share whole blocks before the block of the last token to compute, which must be
                 // computed (for its logits) into a block of this sequence's own.
                 let shareable = (s.len() - 1) / bs;
-                let keys = self.blocks.prefix_keys(&s.salt, &s.prompt[..shareable.min(s.prompt.len() / bs) * bs]);
-                for (b, key) in keys.iter().enumerate() {
-                    let parent = if b == 0 { s.salt } else { keys[b - 1] };
-                    match self.blocks.share(key, &parent, &s.prompt[b * bs..(b + 1) * bs]) {
-                        Some(block) => s.blocks.push(block),
-                        None => break,
-                    }
-                }
+                s.blocks = self.blocks.share_prefix(&s.salt, &s.prompt[..shareable.min(s.prompt.len() / bs) * bs]);
                 let need = (s.len() + 1).div_ceil(bs).saturating_sub(s.blocks.len());
                 if need > self.blocks.num_free() && !self.running.is_empty() {
                     self.blocks.release(&s.blocks);
