@@ -84,6 +84,30 @@ struct State {
     summary: Summary,
 }
 
+impl State {
+    /// The live allocation holding address `p`: its start and its bytes.
+    fn allocation(&self, p: u64) -> Option<(u64, &[u8])> {
+        self.allocs.range(..=p).next_back().filter(|(a, v)| p < **a + v.len().max(1) as u64).map(|(a, v)| (*a, &v[..]))
+    }
+
+    /// The region of the current op holding address `p`; any live allocation where the op declared
+    /// none. Err: why there is none (no allocation at all, or none of the op's regions).
+    fn region_of(&self, p: u64) -> std::result::Result<Region, &'static str> {
+        let Some((a, v)) = self.allocation(p) else {
+            return Err("which is in no live device allocation (a host address?)");
+        };
+        if self.regions.is_empty() {
+            return Ok(Region { name: format!("allocation {a:#x}"), ptr: a, bytes: v.len(), tensor: None });
+        }
+        self.regions
+            .iter()
+            .filter(|r| p >= r.ptr && p < r.ptr + r.bytes.max(1) as u64)
+            .max_by_key(|r| r.ptr)
+            .cloned()
+            .ok_or("inside an allocation but in none of the op's tensors, metadata or workspace")
+    }
+}
+
 pub struct RecordingDriver {
     info: DeviceInfo,
     /// Shared memory a block may have with opt-in (227 KiB on Hopper, 163 KiB on A100).
@@ -338,20 +362,7 @@ impl Args<'_> {
     fn region(&self, i: usize) -> std::result::Result<Region, String> {
         let p = self.u64(i);
         debug_assert!(matches!(self.kinds[i], Kind::Ptr { .. }));
-        let alloc = self.st.allocs.range(..=p).next_back().filter(|(a, v)| p < **a + v.len().max(1) as u64);
-        let Some((&a, v)) = alloc else {
-            return Err(format!("parameter {i} is {p:#x}, which is in no live device allocation (a host address?)"));
-        };
-        if self.st.regions.is_empty() {
-            return Ok(Region { name: format!("allocation {a:#x}"), ptr: a, bytes: v.len(), tensor: None });
-        }
-        self.st
-            .regions
-            .iter()
-            .filter(|r| p >= r.ptr && p < r.ptr + r.bytes.max(1) as u64)
-            .max_by_key(|r| r.ptr)
-            .cloned()
-            .ok_or_else(|| format!("parameter {i} is {p:#x}, inside an allocation but in none of the op's tensors, metadata or workspace"))
+        self.st.region_of(p).map_err(|why| format!("parameter {i} is {p:#x}, {why}"))
     }
 
     /// The dims of the tensor parameter `i` points at, if it points at one of the op's tensors.
@@ -366,7 +377,7 @@ impl Args<'_> {
         if (p - r.ptr) + 4 * n as u64 > r.bytes as u64 {
             return Err(format!("parameter {i} should hold {n} u32 values, but {} has {} bytes", r.name, r.bytes));
         }
-        let (&a, v) = self.st.allocs.range(..=p).next_back().expect("region() found it");
+        let (a, v) = self.st.allocation(p).expect("region() found it");
         let at = (p - a) as usize;
         Ok(v[at..at + 4 * n].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
     }
@@ -807,9 +818,7 @@ impl Driver for RecordingDriver {
         let parts = [("x", g.x, g.t * g.k, g.input), ("weight", g.w, g.n * g.k, g.input), ("out", g.out, g.t * g.n, g.output)];
         for (name, ptr, elems, dt) in parts {
             let bytes = elems as u64 * size(dt);
-            let inside = st.regions.iter().any(|r| ptr >= r.ptr && ptr + bytes <= r.ptr + r.bytes as u64)
-                || (st.regions.is_empty()
-                    && st.allocs.range(..=ptr).next_back().is_some_and(|(a, v)| ptr + bytes <= *a + v.len() as u64));
+            let inside = st.region_of(ptr).is_ok_and(|r| ptr + bytes <= r.ptr + r.bytes as u64);
             if !inside {
                 let msg = format!(
                     "cuda host check: {}: GEMM [{}, {}] x [{}, {}]^T refused: {name} ({bytes} bytes at {ptr:#x}) is not inside one of the op's regions",
