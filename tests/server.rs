@@ -18,19 +18,26 @@ use serde_json::{json, Value};
 
 const MODEL_ID: &str = "smollm2";
 
+/// The server's state on the default model at `path`, its engine on the CPU with `kv_bytes` of KV
+/// cache and at most `max_running` sequences (None: the default), taking `options`.
+fn start_state(path: std::path::PathBuf, options: highrise::server::ServerOptions, kv_bytes: usize, max_running: Option<usize>) -> Arc<ServerState> {
+    ServerState::start_with_options(MODEL_ID.into(), options, move || {
+        let source = Source::open(&path)?;
+        let model = Llama::load(&source, highrise::load_backend("cpu")?, LoadOptions::default())?;
+        let mut config = EngineConfig::with_kv_memory(&model, kv_bytes);
+        config.max_running = max_running.unwrap_or(config.max_running);
+        Ok((Arc::new(model), Arc::new(source.tokenizer()?), config))
+    })
+    .expect("start the server")
+}
+
 /// One in-process server for the route tests, on a runtime of its own that outlives each test.
 fn server(test: &str) -> Option<&'static (String, Arc<ServerState>)> {
     static SERVER: OnceLock<Option<(String, Arc<ServerState>)>> = OnceLock::new();
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     let s = SERVER.get_or_init(|| {
         let path = default_model()?;
-        let state = ServerState::start(MODEL_ID.into(), move || {
-            let source = Source::open(&path)?;
-            let model = Llama::load(&source, highrise::load_backend("cpu")?, LoadOptions::default())?;
-            let config = EngineConfig::with_kv_memory(&model, 64 << 20);
-            Ok((Arc::new(model), Arc::new(source.tokenizer()?), config))
-        })
-        .expect("start the server");
+        let state = start_state(path, Default::default(), 64 << 20, None);
         let rt = RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -513,13 +520,7 @@ fn the_openai_python_client_works_unchanged_and_sigterm_exits_cleanly() {
 fn engine_faults_answer_500_then_503_and_end_the_server() {
     use highrise::engine::Fault;
     let Some(path) = default_model() else { return println!("skipped: engine faults: no default model") };
-    let state = ServerState::start(MODEL_ID.into(), move || {
-        let source = Source::open(&path)?;
-        let model = Llama::load(&source, highrise::load_backend("cpu")?, LoadOptions::default())?;
-        let config = EngineConfig::with_kv_memory(&model, 32 << 20);
-        Ok((Arc::new(model), Arc::new(source.tokenizer()?), config))
-    })
-    .unwrap();
+    let state = start_state(path, Default::default(), 32 << 20, None);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -580,13 +581,7 @@ fn operator_limits_answer_in_openai_shape() {
         cors: vec!["https://ok.example".into()],
         allowed_hosts: Vec::new(),
     };
-    let state = highrise::server::ServerState::start_with_options(MODEL_ID.into(), options, move || {
-        let source = Source::open(&path)?;
-        let model = Llama::load(&source, highrise::load_backend("cpu")?, LoadOptions::default())?;
-        let config = EngineConfig { max_running: 1, ..EngineConfig::with_kv_memory(&model, 256 << 20) };
-        Ok((Arc::new(model), Arc::new(source.tokenizer()?), config))
-    })
-    .unwrap();
+    let state = start_state(path, options, 256 << 20, Some(1));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
