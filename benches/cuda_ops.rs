@@ -41,12 +41,53 @@ struct Row {
     ceiling: f64,
 }
 
+/// One prefill attention problem of the bench's shape (32 query heads over 8 KV heads, bf16, one
+/// sequence): its FLOP count and a closure that runs it once.
+fn prefill_problem(b: &Arc<dyn Backend>, d: usize, t: usize, causal: bool) -> (f64, impl FnMut() + '_) {
+    let (hq, hkv) = (32usize, 8usize);
+    let (q, k, v) = (
+        random(b, DType::BF16, &[t, hq, d], 1.0),
+        random(b, DType::BF16, &[t, hkv, d], 1.0),
+        random(b, DType::BF16, &[t, hkv, d], 1.0),
+    );
+    let mut out = Tensor::empty(b, DType::BF16, &[t, hq, d]).unwrap();
+    let scale = 1.0 / (d as f32).sqrt();
+    // Two GEMM-like products (QK^T and PV) of 2 flops per score; causal: half the T x T.
+    let flops = 2.0 * 2.0 * (t * t) as f64 * (hq * d) as f64 / if causal { 2.0 } else { 1.0 };
+    (flops, move || b.attention_with(&mut out, &q, &k, &v, &[t as u32], scale, causal).unwrap())
+}
+
+/// `HIGHRISE_BENCH_SWEEP`: scripts/gpu-sweep.sh's timing of the tensor-core prefill kernel at the
+/// tile shape it was compiled with, rows "| shape | test | TFLOP/s |"; "ncu": one run of d128 causal
+/// 8k only, for Nsight Compute to profile.
+fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
+    if mode == "ncu" {
+        let (_, mut run) = prefill_problem(b, 128, 8192, true);
+        run();
+        b.synchronize().unwrap();
+        return;
+    }
+    for d in highrise_cuda::flash::HEAD_DIMS {
+        let shape = highrise_cuda::flash::shape(arch, d).unwrap();
+        for (t, causal) in [(2048, true), (8192, true), (16384, true), (8192, false)] {
+            let (flops, mut run) = prefill_problem(b, d, t, causal);
+            let secs = time(b, 10, &mut run).as_secs_f64() / 10.0;
+            let mask = if causal { "causal" } else { "full" };
+            println!("| {shape} | d{d} {mask} T={t} | {:.1} |", flops / secs / 1e12);
+        }
+    }
+}
+
 fn main() {
     let cuda = match CudaBackend::new(0) {
         Ok(c) => Arc::new(c),
         Err(e) => return println!("skipped: no CUDA device ({e})"),
     };
+    let arch = cuda.arch().to_string();
     let b: Arc<dyn Backend> = cuda;
+    if let Ok(mode) = std::env::var("HIGHRISE_BENCH_SWEEP") {
+        return sweep(&b, &arch, &mode);
+    }
     let copy_bw = highrise::engine::bench::device_copy_bandwidth(&b, 1 << 30, 10).unwrap();
     let quick = std::env::var_os("HIGHRISE_BENCH_QUICK").is_some();
     let mut c = Criterion::default()
@@ -74,13 +115,6 @@ fn main() {
     let mut g = c.benchmark_group("attention_prefill");
     for d in [64usize, 128] {
         for t in [512usize, 2048, 8192, 16384] {
-            let (q, k, v) = (
-                random(&b, DType::BF16, &[t, hq, d], 1.0),
-                random(&b, DType::BF16, &[t, hkv, d], 1.0),
-                random(&b, DType::BF16, &[t, hkv, d], 1.0),
-            );
-            let mut out = Tensor::empty(&b, DType::BF16, &[t, hq, d]).unwrap();
-            let scale = 1.0 / (d as f32).sqrt();
             // The tensor-core kernel, causal and not, and (causal, at the shorter lengths) the split
             // kernel it replaced.
             let mut kernels = vec![("flash", "auto", true), ("flash", "auto", false)];
@@ -88,11 +122,9 @@ fn main() {
                 kernels.push(("split", "split", true));
             }
             for (kernel, choice, causal) in kernels {
-                // Two GEMM-like products (QK^T and PV) of 2 flops per score; causal: half the T x T.
-                let flops = 2.0 * 2.0 * (t * t) as f64 * (hq * d) as f64 / if causal { 2.0 } else { 1.0 };
                 let mask = if causal { "causal" } else { "full" };
                 std::env::set_var("HIGHRISE_CUDA_ATTENTION", choice);
-                let mut run = || b.attention_with(&mut out, &q, &k, &v, &[t as u32], scale, causal).unwrap();
+                let (flops, mut run) = prefill_problem(&b, d, t, causal);
                 g.throughput(Throughput::Elements(flops as u64));
                 g.bench_function(BenchmarkId::new(format!("{kernel}_bf16_d{d}_{mask}"), t), |bn| {
                     bn.iter_custom(|iters| time(&b, iters, &mut run))

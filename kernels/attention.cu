@@ -252,185 +252,231 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     ATTN_SPLIT(s, D, 64) ATTN_SPLIT(s, D, 128) ATTN_SPLIT(s, D, 256) ATTN_GROUP(s, D, 64) ATTN_GROUP(s, D, 128)
 FOR_EACH_DTYPE(ATTENTION)
 
-// ---- Prefill on tensor cores (sm_80+): FlashAttention-2's forward with mma.sync m16n8k16 ----
+// ---- Prefill on tensor cores (sm_80+): FlashAttention-2's forward ----
 //
-// Block (tile, head): 4 warps, 16 query rows each, 64 rows per tile; keys and values in tiles of
-// 64 staged through shared memory. S = Q K^T and O += P V are warp-level MMAs (bf16/f16 in, f32
-// accumulators); the online softmax works on the accumulator fragments: a thread holds two rows
-// (lane/4 and lane/4 + 8) of each 16x8 tile, and a row's four threads are one quad (shuffles 1, 2).
-// P goes from S's accumulator layout straight into the A operand of the next MMA (two adjacent 16x8
-// tiles of S are one 16x16 A fragment). Causal or not; sequences of any lengths laid end to end;
-// grouped-query heads read their shared K/V head. tiles[5 t .. 5 t + 5] = the tile's first query row
-// (in q and out), its rows, the position of that row within its sequence (causal: the keys it sees
-// end there), where the sequence's keys start: a token row of k/v (contiguous prompts, table null),
-// or an offset into the block table (the paged cache: chunked prefill after a cached prefix), and
-// how many of its keys the tile's rows see at most.
+// Block (tile, query head): FA_WARPS warps of FA_MT 16-row slices each, FA_ROWS = 16 FA_MT FA_WARPS
+// query rows per tile; keys and values in tiles of FA_KEYS rows. Every operand goes through shared
+// memory, brought there by cp.async (16 bytes a thread, never through registers) and read by ldmatrix
+// (K and Q as they lie, V transposed), in rows of 16-byte chunks swizzled (chunk c of row r at
+// c ^ (r % 8)) so that neither the copies nor ldmatrix meet a bank conflict. S = Q K^T and O += P V
+// are mma.sync m16n8k16 (f16/bf16 in, f32 accumulators); the online softmax works on the accumulator
+// fragments (a thread holds two rows, lane/4 and lane/4 + 8, of each 16x8 tile; a row's four threads
+// are one quad), in log2 units with the scale folded into one multiply-add, and P goes from S's
+// accumulator layout straight into the A operand of the next MMA. The pipeline is FlashAttention-2's:
+// V of tile j is copied while S of tile j is computed, K of tile j + 1 while P V of tile j is, so
+// shared memory holds one Q, one K and one V tile. Masks apply only to tiles that cross a row's last
+// key (causal: the diagonal) or the end of the keys; tiles above the diagonal are never visited.
+//
+// tiles[5 t .. 5 t + 5]: the tile's first query row (in q and out), its rows, the position of that row
+// within its sequence (causal: the keys a row sees end at its own position), where the sequence's
+// keys start: a token row of k/v (contiguous prompts, table null) or an offset into the block table
+// (the paged cache: chunked prefill after a cached prefix), and how many of its keys the tile's rows
+// see at most. Grid (tiles, query heads); grouped-query heads read their shared K/V head.
+//
+// The shape of a tile per head dim is a compile-time constant (FA<d>_WARPS, _MT, _KEYS), set by the
+// host from its tuned table (crates/highrise-cuda/src/flash.rs) and varied by scripts/gpu-sweep.sh.
 
-#define FA_ROWS 64
-#define FA_KEYS 64
-#define FA_PAD 8
+#ifndef FA64_WARPS
+#define FA64_WARPS 4
+#endif
+#ifndef FA64_MT
+#define FA64_MT 2
+#endif
+#ifndef FA64_KEYS
+#define FA64_KEYS 64
+#endif
+#ifndef FA128_WARPS
+#define FA128_WARPS 4
+#endif
+#ifndef FA128_MT
+#define FA128_MT 2
+#endif
+#ifndef FA128_KEYS
+#define FA128_KEYS 64
+#endif
 
-__device__ __forceinline__ u32 pack2(float lo, float hi, bool bf16) {
-    u32 r;
-    if (bf16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
+// Element offset of chunk c (8 elements) of row r in a swizzled tile of D-element rows.
+template <int D>
+__device__ __forceinline__ u32 swz(u32 r, u32 c) {
+    return r * D + ((c ^ (r & 7)) << 3);
 }
 
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1, bool bf16) {
-    if (bf16)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// Copies `n` rows of D elements into a swizzled tile, row r from `src(r)` (an element offset, or -1
+// for a row of zeros).
+template <int D, int THREADS, class Src>
+__device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, Src src) {
+    constexpr u32 CH = D / 8;
+    for (u32 i = threadIdx.x; i < n * CH; i += THREADS) {
+        const u32 r = i / CH, c = i % CH;
+        const long long off = src(r);
+        cp_async16(tile + swz<D>(r, c), off < 0 ? base : base + off + c * 8, off < 0 ? 0 : 16);
+    }
 }
 
-template <int D, bool BF16>
+template <int D, int WARPS, int MT, int KEYS, bool BF16>
 __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
-                           u32 hkv, float scale_log2) {
-    __shared__ __align__(16) u16 ks[FA_KEYS][D + FA_PAD];
-    __shared__ __align__(16) u16 vs[FA_KEYS][D + FA_PAD];
+                           u32 hkv, float scale_log2, u16* smem) {
+    constexpr u32 ROWS = 16 * MT * WARPS, THREADS = 32 * WARPS, NT = KEYS / 8;
+    u16* qs = smem;              // [ROWS][D]
+    u16* ks = qs + ROWS * D;     // [KEYS][D]
+    u16* vs = ks + KEYS * D;     // [KEYS][D]
     const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
     const u32 q0 = tiles[5 * tile], rows = tiles[5 * tile + 1], pos0 = tiles[5 * tile + 2], kbase = tiles[5 * tile + 3];
-    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const u32 quad = lane & 3, r_lo = warp * 16 + (lane >> 2), r_hi = r_lo + 8;  // rows within the tile
-    // Positions within the sequence; rows past the tile's end act as its last row (never written).
-    const u32 pos_lo = pos0 + min(r_lo, rows - 1), pos_hi = pos0 + min(r_hi, rows - 1);
-    // Keys 0..keys_end of the sequence are seen by some row (causal: pos0 + rows; without the causal
-    // mask, the whole prompt, and pos0 at or past its end so that no key is masked by position).
     const u32 keys_end = tiles[5 * tile + 4];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
+    // ldmatrix: lane 8 i + j gives row j of matrix i.
+    const u32 mi = lane >> 3, mj = lane & 7;
 
-    // Q as A fragments, one per 16 dims: rows r_lo / r_hi, dims 16 kk + 2 quad (+1, +8, +9).
-    u32 qa[D / 16][4];
-    {
-        const u64 lo = ((u64)(q0 + min(r_lo, rows - 1)) * hq + h) * D, hi = ((u64)(q0 + min(r_hi, rows - 1)) * hq + h) * D;
-        const u32* q32 = (const u32*)q;
+    // Q, and K of the first tile (rows past the tile's end repeat its last row; never written).
+    stage_rows<D, THREADS>(qs, q, ROWS, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
+    auto stage_keys = [&](u16* dst, const u16* src, u32 kb) {
+        stage_rows<D, THREADS>(dst, src, KEYS, [&](u32 r) {
+            return kb + r < keys_end ? (long long)addr.at(kbase, kb + r, g, hkv, D) : -1LL;
+        });
+    };
+    stage_keys(ks, k, 0);
+    cp_async_commit();
+
+    float o[MT][D / 8][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.0f;
+        m[mt][0] = m[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.0f;
+    }
+
+    for (u32 kb = 0; kb < keys_end; kb += KEYS) {
+        cp_async_wait<0>();
+        __syncthreads();  // K of this tile (and Q) landed; every warp is done with the last V
+        stage_keys(vs, v, kb);
+        cp_async_commit();
+
+        // S = Q K^T: per 16 dims, Q's fragments, then K's for 16 keys (two 8-key tiles) at a time.
+        float s[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            const u32 c = kk * 16 + 2 * quad;
-            qa[kk][0] = q32[(lo + c) / 2];
-            qa[kk][1] = q32[(hi + c) / 2];
-            qa[kk][2] = q32[(lo + c + 8) / 2];
-            qa[kk][3] = q32[(hi + c + 8) / 2];
-        }
-    }
-    float o[D / 8][4];
+            u32 qa[MT][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+            for (int mt = 0; mt < MT; mt++)
+                ldmatrix_x4<false>(qa[mt], qs + swz<D>((warp * MT + mt) * 16 + (mi & 1) * 8 + mj, kk * 2 + (mi >> 1)));
+#pragma unroll
+            for (int np = 0; np < NT / 2; np++) {
+                u32 kf[4];
+                ldmatrix_x4<false>(kf, ks + swz<D>(np * 16 + (mi >> 1) * 8 + mj, kk * 2 + (mi & 1)));
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma16816(s[mt][2 * np], qa[mt], kf[0], kf[1], BF16);
+                    mma16816(s[mt][2 * np + 1], qa[mt], kf[2], kf[3], BF16);
+                }
+            }
+        }
 
-    for (u32 kb = 0; kb < keys_end; kb += FA_KEYS) {
-        __syncthreads();  // the previous tile's readers are done
-        // Stage keys kb..kb+64 (zeros past the end) of K and V head g, 2 halves per load.
-        for (u32 i = tid; i < FA_KEYS * D / 2; i += blockDim.x) {
-            const u32 key = i / (D / 2), c = (i % (D / 2)) * 2;
-            u32 kv = 0, vv = 0;
-            if (kb + key < keys_end) {
-                const u64 at = addr.at(kbase, kb + key, g, hkv, D) + c;
-                kv = ((const u32*)k)[at / 2];
-                vv = ((const u32*)v)[at / 2];
+        // Mask only where some key of the tile lies past a row's last key or past the keys' end.
+        const bool masked = kb + KEYS > keys_end || kb + KEYS - 1 > pos0;
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            if (masked) {
+                // The last key each held row sees: its position (rows past the tile's end: the last row's).
+                const u32 r = (warp * MT + mt) * 16 + (lane >> 2);
+                const u32 last[2] = {min(pos0 + min(r, rows - 1), keys_end - 1), min(pos0 + min(r + 8, rows - 1), keys_end - 1)};
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (kb + nt * 8 + 2 * quad + (e & 1) > last[e >> 1]) s[mt][nt][e] = -INFINITY;
             }
-            *(u32*)&ks[key][c] = kv;
-            *(u32*)&vs[key][c] = vv;
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                float mx = m[mt][hf];
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // Key 0 is in every row's first tile, so mx is finite; m may be -inf (then corr = 0).
+                const float corr = exp2f((m[mt][hf] - mx) * scale_log2), shift = mx * scale_log2;
+                m[mt][hf] = mx;
+                float sum = 0.0f;
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    s[mt][nt][2 * hf] = exp2f(s[mt][nt][2 * hf] * scale_log2 - shift);
+                    s[mt][nt][2 * hf + 1] = exp2f(s[mt][nt][2 * hf + 1] * scale_log2 - shift);
+                    sum += s[mt][nt][2 * hf] + s[mt][nt][2 * hf + 1];
+                }
+                l[mt][hf] = l[mt][hf] * corr + sum;
+#pragma unroll
+                for (int i = 0; i < D / 8; i++) {
+                    o[mt][i][2 * hf] *= corr;
+                    o[mt][i][2 * hf + 1] *= corr;
+                }
+            }
         }
-        __syncthreads();
 
-        // S = Q K^T for this warp's 16 rows and the 64 keys: 8 tiles of 16x8.
-        float s[FA_KEYS / 8][4];
+        cp_async_wait<0>();
+        __syncthreads();  // V of this tile landed; every warp is done with this K
+        if (kb + KEYS < keys_end) {
+            stage_keys(ks, k, kb + KEYS);
+            cp_async_commit();
+        }
+
+        // O += P V, 16 keys at a time: S tiles 2 kt and 2 kt + 1 are P's A fragment; V's B fragments
+        // for 16 dims (two 8-dim tiles) come from one transposing ldmatrix.
 #pragma unroll
-        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const u32 key = nt * 8 + (lane >> 2);
+        for (int kt = 0; kt < KEYS / 16; kt++) {
+            u32 pa[MT][4];
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const u32 c = kk * 16 + 2 * quad;
-                mma16816(s[nt], qa[kk], *(const u32*)&ks[key][c], *(const u32*)&ks[key][c + 8], BF16);
+            for (int mt = 0; mt < MT; mt++) {
+                pa[mt][0] = pack2(s[mt][2 * kt][0], s[mt][2 * kt][1], BF16);
+                pa[mt][1] = pack2(s[mt][2 * kt][2], s[mt][2 * kt][3], BF16);
+                pa[mt][2] = pack2(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1], BF16);
+                pa[mt][3] = pack2(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3], BF16);
             }
-        }
-        // Scale (in log2 units), mask what a row may not see, and take the rows' maxima.
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
+            for (int dp = 0; dp < D / 16; dp++) {
+                u32 vf[4];
+                ldmatrix_x4<true>(vf, vs + swz<D>(kt * 16 + (mi & 1) * 8 + mj, dp * 2 + (mi >> 1)));
 #pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const u32 key = kb + nt * 8 + 2 * quad + e;
-                s[nt][e] = key <= pos_lo && key < keys_end ? s[nt][e] * scale_log2 : -INFINITY;
-                s[nt][2 + e] = key <= pos_hi && key < keys_end ? s[nt][2 + e] * scale_log2 : -INFINITY;
-                mx_lo = fmaxf(mx_lo, s[nt][e]);
-                mx_hi = fmaxf(mx_hi, s[nt][2 + e]);
-            }
-        }
-#pragma unroll
-        for (int sh = 1; sh <= 2; sh <<= 1) {
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, sh));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, sh));
-        }
-        // Every row sees key 0 in the first tile, so the running maxima are finite from then on.
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-        const float corr_lo = exp2f(m_lo - mn_lo), corr_hi = exp2f(m_hi - mn_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        l_lo *= corr_lo;
-        l_hi *= corr_hi;
-#pragma unroll
-        for (int i = 0; i < D / 8; i++) {
-            o[i][0] *= corr_lo;
-            o[i][1] *= corr_lo;
-            o[i][2] *= corr_hi;
-            o[i][3] *= corr_hi;
-        }
-#pragma unroll
-        for (int nt = 0; nt < FA_KEYS / 8; nt++) {
-            s[nt][0] = exp2f(s[nt][0] - m_lo);
-            s[nt][1] = exp2f(s[nt][1] - m_lo);
-            s[nt][2] = exp2f(s[nt][2] - m_hi);
-            s[nt][3] = exp2f(s[nt][3] - m_hi);
-            l_lo += s[nt][0] + s[nt][1];
-            l_hi += s[nt][2] + s[nt][3];
-        }
-        // O += P V, 16 keys at a time: S tiles 2 kt and 2 kt + 1 form P's A fragment.
-#pragma unroll
-        for (int kt = 0; kt < FA_KEYS / 16; kt++) {
-            u32 pa[4];
-            pa[0] = pack2(s[2 * kt][0], s[2 * kt][1], BF16);
-            pa[1] = pack2(s[2 * kt][2], s[2 * kt][3], BF16);
-            pa[2] = pack2(s[2 * kt + 1][0], s[2 * kt + 1][1], BF16);
-            pa[3] = pack2(s[2 * kt + 1][2], s[2 * kt + 1][3], BF16);
-            const u32 key = kt * 16 + 2 * quad;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) {
-                const u32 c = dt * 8 + (lane >> 2);
-                const u32 b0 = (u32)vs[key][c] | ((u32)vs[key + 1][c] << 16);
-                const u32 b1 = (u32)vs[key + 8][c] | ((u32)vs[key + 9][c] << 16);
-                mma16816(o[dt], pa, b0, b1, BF16);
+                for (int mt = 0; mt < MT; mt++) {
+                    mma16816(o[mt][2 * dp], pa[mt], vf[0], vf[1], BF16);
+                    mma16816(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3], BF16);
+                }
             }
         }
     }
+
     // The rows' sums are spread over their quads.
-#pragma unroll
-    for (int sh = 1; sh <= 2; sh <<= 1) {
-        l_lo += __shfl_xor_sync(0xffffffffu, l_lo, sh);
-        l_hi += __shfl_xor_sync(0xffffffffu, l_hi, sh);
-    }
-    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
     u32* out32 = (u32*)out;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; dt++) {
-        const u32 c = dt * 8 + 2 * quad;
-        if (r_lo < rows) out32[(((u64)(q0 + r_lo) * hq + h) * D + c) / 2] = pack2(o[dt][0] * inv_lo, o[dt][1] * inv_lo, BF16);
-        if (r_hi < rows) out32[(((u64)(q0 + r_hi) * hq + h) * D + c) / 2] = pack2(o[dt][2] * inv_hi, o[dt][3] * inv_hi, BF16);
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float sum = l[mt][hf];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float inv = 1.0f / sum;
+            const u32 r = (warp * MT + mt) * 16 + (lane >> 2) + 8 * hf;
+            if (r >= rows) continue;
+            const u64 row = ((u64)(q0 + r) * hq + h) * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                out32[(row + dt * 8 + 2 * quad) / 2] = pack2(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv, BF16);
+        }
     }
 }
 
 #define FLASH_ONE(dim, s, bf16)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(128)                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * FA##dim##_WARPS)                                             \
         flash_attn_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,              \
                                 const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2) {             \
+        DYNAMIC_SHARED(u16, smem);                                                                                 \
         KeyAddr addr = {table, block_size};                                                                        \
-        flash_attn<dim, bf16>(out, q, k, v, tiles, addr, hq, hkv, scale_log2);                                     \
+        flash_attn<dim, FA##dim##_WARPS, FA##dim##_MT, FA##dim##_KEYS, bf16>(out, q, k, v, tiles, addr, hq, hkv,  \
+                                                                            scale_log2, smem);                     \
     }
 #define FLASH(dim) FLASH_ONE(dim, bf16, true) FLASH_ONE(dim, f16, false)
 FLASH(64)

@@ -249,7 +249,7 @@ fn random_llama_and_engine_launch_what_the_kernels_expect() {
 fn relaunch(driver: &RecordingDriver, rec: &Recorded, args: &[Vec<u8>]) -> highrise::core::Result<()> {
     let params: Vec<*mut c_void> = args.iter().map(|a| a.as_ptr() as *mut c_void).collect();
     // SAFETY: each parameter points at a byte vector of the PTX parameter's size, alive here.
-    unsafe { driver.launch(&Launch { kernel: &rec.kernel, grid: rec.grid, block: rec.block, shared_bytes: 0, params: &params }) }
+    unsafe { driver.launch(&Launch { kernel: &rec.kernel, grid: rec.grid, block: rec.block, shared_bytes: rec.shared_bytes, params: &params }) }
 }
 
 /// The first GPU run's first bug: `launch` handed each kernel the address of a reference to its

@@ -2,10 +2,10 @@
 //! register spills in them. Needs no GPU: NVRTC and ptxas come from NVIDIA's PyPI wheels
 //! (`nvidia-cuda-nvrtc`, `nvidia-cuda-nvcc`, 13.0 series, installed by .ci/run).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use highrise_cuda::{kernels, libs, nvrtc};
+use highrise_cuda::{flash, kernels, libs, nvrtc};
 
 fn ptxas() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("HIGHRISE_PTXAS") {
@@ -35,32 +35,64 @@ fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
             let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
             assert!(entries > 0, "{name} for {arch} has no kernels");
             let Some(ptxas) = &ptxas else { continue };
-            let path = dir.join(format!("{name}.{arch}.ptx"));
-            std::fs::write(&path, &ptx).unwrap();
-            let out = Command::new(ptxas).args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"]).arg(&path).output().unwrap();
-            let log = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "ptxas {name} for {arch}:\n{log}");
-            // ptxas -v prints, per kernel: "Compiling entry function 'NAME' ..." then
-            // "N bytes stack frame, S bytes spill stores, L bytes spill loads".
-            let mut kernel = String::new();
-            let mut checked = 0;
-            for line in log.lines() {
-                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-                    kernel = rest.split('\'').next().unwrap_or_default().to_string();
-                    checked += 1;
-                }
-                if line.contains("spill stores") {
-                    let spills: Vec<u64> = line
-                        .split(',')
-                        .filter(|p| p.contains("spill"))
-                        .map(|p| p.trim().split(' ').next().unwrap().parse().unwrap())
-                        .collect();
-                    // Every function's, the device functions ptxas lists beside the kernels included.
-                    assert!(spills.iter().all(|&s| s == 0), "{arch} {kernel} spills: {line}");
-                }
-            }
-            assert_eq!(checked, entries, "ptxas reported on every kernel of {name} for {arch}:\n{log}");
+            assert_no_spills(ptxas, &dir, arch, name, &ptx, entries);
             println!("{arch} {name}: {entries} kernels, no spills");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// ptxas -v on `ptx`: every kernel reported on, none spilling.
+fn assert_no_spills(ptxas: &Path, dir: &Path, arch: &str, name: &str, ptx: &str, entries: usize) {
+    let path = dir.join(format!("{name}.{arch}.ptx"));
+    std::fs::write(&path, ptx).unwrap();
+    let out = Command::new(ptxas).args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"]).arg(&path).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ptxas {name} for {arch}:\n{log}");
+    // ptxas -v prints, per kernel: "Compiling entry function 'NAME' ..." then
+    // "N bytes stack frame, S bytes spill stores, L bytes spill loads".
+    let mut kernel = String::new();
+    let mut checked = 0;
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            kernel = rest.split('\'').next().unwrap_or_default().to_string();
+            checked += 1;
+        }
+        if line.contains("spill stores") {
+            let spills: Vec<u64> = line
+                .split(',')
+                .filter(|p| p.contains("spill"))
+                .map(|p| p.trim().split(' ').next().unwrap().parse().unwrap())
+                .collect();
+            // Every function's, the device functions ptxas lists beside the kernels included.
+            assert!(spills.iter().all(|&s| s == 0), "{arch} {kernel} spills: {line}");
+        }
+    }
+    assert_eq!(checked, entries, "ptxas reported on every kernel of {name} for {arch}:\n{log}");
+}
+
+/// Every tile shape scripts/gpu-sweep.sh tries on a GPU compiles for both architectures without
+/// spills, so that the sweep times only shapes worth keeping.
+#[test]
+fn every_swept_flash_shape_compiles_without_spills() {
+    if let Err(e) = nvrtc::ensure_loaded() {
+        return println!("skipped: no NVRTC here ({e})");
+    }
+    let Some(ptxas) = ptxas() else {
+        return println!("skipped: no ptxas (pip install nvidia-cuda-nvcc==13.0.*)");
+    };
+    let script = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-sweep.sh")).unwrap();
+    let shapes = flash::sweep_shapes(&script).unwrap();
+    let dir = std::env::temp_dir().join(format!("highrise-sweep-ptx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let body = kernels::FILES.iter().find(|(n, _)| *n == "attention.cu").unwrap().1;
+    for arch in ["sm_80", "sm_90a"] {
+        for &shape in &shapes {
+            let defines: Vec<String> = flash::HEAD_DIMS.iter().flat_map(|&d| flash::defines_for(d, shape)).collect();
+            let ptx = nvrtc::compile("attention.cu", &kernels::source(body), arch, &defines).unwrap();
+            let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+            assert_no_spills(&ptxas, &dir, arch, &format!("attention.cu-{shape}"), &ptx, entries);
+            println!("{arch} flash tiles {shape}: no spills");
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -212,6 +212,15 @@ impl Driver for CudaDriver {
             .functions
             .get(l.kernel)
             .ok_or_else(|| Error::Unsupported(format!("cuda: no kernel {} (not compiled for this build)", l.kernel)))?;
+        if l.shared_bytes > 48 << 10 {
+            // Beyond 48 KiB a kernel's dynamic shared memory needs opting in, per function.
+            drv::function::set_function_attribute(
+                f.0,
+                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                l.shared_bytes as i32,
+            )
+            .map_err(driver_err(&format!("{}: {} bytes of dynamic shared memory", l.kernel, l.shared_bytes)))?;
+        }
         let mut params = l.params.to_vec();
         drv::launch_kernel(f.0, l.grid, l.block, l.shared_bytes, std::ptr::null_mut(), &mut params)
             .map_err(driver_err(&format!("launching {}", l.kernel)))

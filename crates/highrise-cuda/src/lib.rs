@@ -12,6 +12,7 @@
 //! copies live in one reusable scratch buffer.
 
 pub mod driver;
+pub mod flash;
 pub mod kernels;
 pub mod libs;
 mod memory;
@@ -157,12 +158,24 @@ impl CudaBackend {
     /// Launches kernel `name` on the default stream. Each argument is a reference to a value laid
     /// out as the kernel's parameter (device pointers as u64).
     fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[&dyn KernelArg]) -> Result<()> {
+        self.launch_shared(name, grid, block, 0, args)
+    }
+
+    /// `launch` with `shared_bytes` of dynamic shared memory per block.
+    fn launch_shared(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &[&dyn KernelArg],
+    ) -> Result<()> {
         let params = kernel_params(args);
         // SAFETY: the argument list matches the kernel's signature (kept together in ops.rs and the
         // .cu files, and checked against the PTX by the recording driver in tests/cuda_host.rs);
         // every pointer was checked against its allocation's size; the values live until this call
         // returns, which copies them.
-        unsafe { self.driver.launch(&Launch { kernel: name, grid, block, shared_bytes: 0, params: &params }) }
+        unsafe { self.driver.launch(&Launch { kernel: name, grid, block, shared_bytes, params: &params }) }
     }
 
     /// `extra` bytes of workspace (the scratch buffer, grown as needed) and the device address of a

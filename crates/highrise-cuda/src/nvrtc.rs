@@ -39,10 +39,12 @@ pub fn options(arch: &str) -> Vec<String> {
     vec![format!("--gpu-architecture={compute}"), "--std=c++17".into()]
 }
 
-/// Compiles `source` (named `name` in messages) to PTX for `arch`, through the disk cache.
-pub fn compile(name: &str, source: &str, arch: &str) -> Result<String> {
+/// Compiles `source` (named `name` in messages) to PTX for `arch` with `extra` options (`-D`s),
+/// through the disk cache.
+pub fn compile(name: &str, source: &str, arch: &str, extra: &[String]) -> Result<String> {
     let (major, minor) = version()?;
-    let opts = options(arch);
+    let mut opts = options(arch);
+    opts.extend_from_slice(extra);
     let mut key = Sha256::new();
     for part in [source, arch, &opts.join(" "), &format!("nvrtc {major}.{minor}")] {
         key.update(part.as_bytes());
@@ -100,10 +102,20 @@ fn compile_uncached(name: &str, source: &str, opts: &[String]) -> Result<String>
     String::from_utf8(bytes).map_err(|_| Error::Backend(format!("cuda: NVRTC returned PTX for {name} that is not UTF-8")))
 }
 
+/// The options besides `options` that file `name` is compiled with on `arch`: the prefill kernel's
+/// tile shapes for attention.cu (`crate::flash`).
+pub fn defines(name: &str, arch: &str) -> Result<Vec<String>> {
+    if name == "attention.cu" {
+        crate::flash::defines(arch)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
 /// Compiles every kernel file for `arch`: (file name, PTX).
 pub fn compile_all(arch: &str) -> Result<Vec<(&'static str, String)>> {
     crate::kernels::FILES
         .iter()
-        .map(|(name, body)| Ok((*name, compile(name, &crate::kernels::source(body), arch)?)))
+        .map(|(name, body)| Ok((*name, compile(name, &crate::kernels::source(body), arch, &defines(name, arch)?)?)))
         .collect()
 }

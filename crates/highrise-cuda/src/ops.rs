@@ -243,49 +243,39 @@ fn attention_choice() -> String {
 /// Whether prefill attention runs on tensor cores (`flash_attn_*`): f16/bf16 at head dims 64 and 128,
 /// unless `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
 fn flash_fits(dtype: DType, d: usize) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && matches!(d, 64 | 128) && attention_choice() == "auto"
+    matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && attention_choice() == "auto"
 }
 
-/// The tiles of 64 query rows `flash_attn_*` takes, 5 numbers each (see kernels/attention.cu): per
-/// sequence, (its first query row, its queries, the position of the first query, where its keys
-/// start). Causal: a tile's rows see keys up to their own positions; otherwise every key of the
-/// sequence (its queries are the last of its `pos0 + q_len` tokens), positions set past them all.
-fn flash_tiles(seqs: impl Iterator<Item = (u32, u32, u32, u32)>, causal: bool) -> Vec<u32> {
-    let mut tiles = Vec::new();
-    for (q_start, q_len, pos0, kbase) in seqs {
-        for r0 in (0..q_len).step_by(64) {
-            let rows = (q_len - r0).min(64);
-            let (pos, keys) = if causal { (pos0 + r0, pos0 + r0 + rows) } else { (pos0 + q_len, pos0 + q_len) };
-            tiles.extend([q_start + r0, rows, pos, kbase, keys]);
-        }
-    }
-    tiles
-}
-
-/// Launches `flash_attn_*` over `tiles`; `table`: the paged cache's block table and block size.
+/// Launches `flash_attn_*` over the tiles of `seqs` ((first query row, queries, position of the
+/// first query, where its keys start), see `flash::tiles`); `table`: the paged cache's block table and
+/// block size.
 #[allow(clippy::too_many_arguments)]
 fn flash(
     be: &CudaBackend,
     st: &mut OpState,
     name: &str,
     [out, q, k, v]: [&highrise_core::TensorRef; 4],
-    tiles: &[u32],
+    seqs: impl Iterator<Item = (u32, u32, u32, u32)>,
+    causal: bool,
     table: Option<(&[u32], u32)>,
     scale: f32,
 ) -> Result<()> {
     let s = suffix(name, out.dtype)?;
     let [hq, d] = [q.dims()[1], q.dims()[2]];
+    let shape = crate::flash::shape(&be.arch, d)?;
+    let tiles = crate::flash::tiles(seqs, causal, shape.rows());
     let hkv = kv_heads(k);
     let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
     let (table_bytes, block_size) = table.map_or((&[][..], 0), |(t, bs)| (bytes_of(t), bs));
-    let (_, addr) = be.upload(st, 0, &[bytes_of(tiles), table_bytes])?;
+    let (_, addr) = be.upload(st, 0, &[bytes_of(&tiles), table_bytes])?;
     let table_ptr = if table.is_some() { addr[1] } else { 0u64 };
     let (hq32, hkv32) = (hq as u32, hkv as u32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
-    be.launch(
+    be.launch_shared(
         &format!("flash_attn_d{d}_{s}"),
         ((tiles.len() / 5) as u32, hq32, 1),
-        (128, 1, 1),
+        (shape.threads(), 1, 1),
+        shape.shared_bytes(d),
         &[&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2],
     )
 }
@@ -296,14 +286,11 @@ pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<(
     let [t, d] = [op.q.dims()[0], op.q.dims()[2]];
     if flash_fits(op.out.dtype, d) && t > 0 {
         let mut start = 0;
-        let tiles = flash_tiles(
-            op.seq_lens.as_slice().iter().map(|&len| {
-                start += len;
-                (start - len, len, 0, start - len)
-            }),
-            op.causal,
-        );
-        return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], &tiles, None, op.scale);
+        let seqs = op.seq_lens.as_slice().iter().map(|&len| {
+            start += len;
+            (start - len, len, 0, start - len)
+        });
+        return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], seqs, op.causal, None, op.scale);
     }
     let rows = prefill_rows(op.seq_lens.as_slice(), op.causal);
     attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
@@ -320,14 +307,11 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     let seqs = op.seqs.as_slice();
     if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && seqs.iter().all(|s| s.q_len >= 2) {
         let mut start = 0;
-        let tiles = flash_tiles(
-            seqs.iter().map(|s| {
-                start += s.q_len;
-                (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
-            }),
-            true,
-        );
-        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], &tiles, table, op.scale);
+        let chunks = seqs.iter().map(|s| {
+            start += s.q_len;
+            (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
+        });
+        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], chunks, true, table, op.scale);
     }
     let rows = paged_rows(seqs);
     attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scale)
@@ -369,19 +353,6 @@ pub fn sample(be: &CudaBackend, st: &mut OpState, op: &Sample) -> Result<()> {
 mod tests {
     use super::*;
     use highrise_core::ops::PagedSeq;
-
-    #[test]
-    fn flash_tiles_cut_sequences_into_64_rows() {
-        // Two contiguous prompts of 100 and 3 tokens: keys start at each prompt's own first row.
-        let tiles = flash_tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), true);
-        assert_eq!(tiles, [0, 64, 0, 0, 64, 64, 36, 64, 0, 100, 100, 3, 0, 100, 3]);
-        // A 70-token chunk after a 30-token cached prefix, its keys found from table offset 5.
-        let tiles = flash_tiles([(0, 70, 30, 5)].into_iter(), true);
-        assert_eq!(tiles, [0, 64, 30, 5, 94, 64, 6, 94, 5, 100]);
-        // Not causal: every row of a prompt sees all of it; positions past its last key.
-        let tiles = flash_tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), false);
-        assert_eq!(tiles, [0, 64, 100, 0, 100, 64, 36, 100, 0, 100, 100, 3, 3, 100, 3]);
-    }
 
     #[test]
     fn query_rows_see_their_own_prefix() {

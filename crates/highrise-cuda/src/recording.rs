@@ -43,6 +43,8 @@ pub struct Recorded {
     pub kernel: String,
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
+    /// Dynamic shared memory, bytes.
+    pub shared_bytes: u32,
     pub args: Vec<Vec<u8>>,
 }
 
@@ -193,7 +195,7 @@ impl RecordingDriver {
             }
         }
         check_dims(l, entry, self.max_shared)?;
-        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block };
+        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, arch: &self.info.arch };
         let mut accesses = Vec::new();
         // Pointers: inside live allocations and the op's regions.
         for (i, kind) in contract.iter().enumerate() {
@@ -226,7 +228,7 @@ impl RecordingDriver {
         }
         let n = accesses.len();
         st.summary.accesses += n;
-        Ok(Recorded { op: st.op.clone(), kernel: l.kernel.to_string(), grid: l.grid, block: l.block, args })
+        Ok(Recorded { op: st.op.clone(), kernel: l.kernel.to_string(), grid: l.grid, block: l.block, shared_bytes: l.shared_bytes, args })
     }
 }
 
@@ -340,6 +342,10 @@ struct Args<'a> {
     st: &'a State,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),
+    /// Dynamic shared memory, bytes.
+    shared: u32,
+    /// The architecture the kernels were compiled for.
+    arch: &'a str,
 }
 
 type Check = std::result::Result<(), String>;
@@ -673,8 +679,17 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
     if a.grid.1 as u64 != hq {
         return Err(format!("grid.y is {} but the kernel takes one block per query head ({hq})", a.grid.1));
     }
-    if a.block != (128, 1, 1) {
-        return Err(format!("block {:?}: the kernel's 4 warps each take 16 of a tile's 64 rows", a.block));
+    // The tile shape the kernel was compiled with (the same table and -D options as the real driver).
+    let shape = crate::flash::shape(a.arch, d as usize).map_err(|e| e.to_string())?;
+    if a.block != (shape.threads(), 1, 1) {
+        return Err(format!("block {:?}: the kernel's tiles ({shape}) take {} threads", a.block, shape.threads()));
+    }
+    if a.shared != shape.shared_bytes(d as usize) {
+        return Err(format!(
+            "{} bytes of dynamic shared memory, but a tile of {shape} at head dim {d} stages {} (Q, K and V)",
+            a.shared,
+            shape.shared_bytes(d as usize)
+        ));
     }
     if !a.f32(9).is_finite() {
         return Err("scale is not finite".into());
@@ -696,8 +711,12 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
     spans.sort_unstable();
     let mut next = 0;
     for (i, &(q0, rows)) in spans.iter().enumerate() {
-        if rows == 0 || rows > 64 || q0 != next {
-            return Err(format!("tile {i} covers rows {q0}..{}: tiles must take 1..64 rows each, end to end from row 0", q0 + rows));
+        if rows == 0 || rows > shape.rows() as u64 || q0 != next {
+            return Err(format!(
+                "tile {i} covers rows {q0}..{}: tiles must take 1..{} rows each, end to end from row 0",
+                q0 + rows,
+                shape.rows()
+            ));
         }
         next = q0 + rows;
     }

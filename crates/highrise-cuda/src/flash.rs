@@ -1,0 +1,174 @@
+//! The tile shapes of the tensor-core prefill kernel (`flash_attn_*`, kernels/attention.cu).
+//!
+//! A tile is `warps` warps of `slices` 16-row slices of queries each, against `keys` keys at a time;
+//! these are compile-time constants of the kernel (NVRTC `-DFA<d>_WARPS=..`), one shape per head
+//! dim, chosen per architecture: `HIGHRISE_FLASH_SHAPE` first (how scripts/gpu-sweep.sh tries
+//! variants), then [`TUNED`] (the sweep's winners, with the day they were measured), then
+//! [`DEFAULT`]. f16 and bf16 share a shape: the same instructions at the same rates.
+
+use highrise_core::{Error, Result};
+
+/// One tile shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub warps: u32,
+    /// 16-row slices of queries per warp.
+    pub slices: u32,
+    /// Keys (and values) staged per step.
+    pub keys: u32,
+}
+
+impl Shape {
+    /// Query rows per tile.
+    pub fn rows(self) -> u32 {
+        16 * self.slices * self.warps
+    }
+
+    pub fn threads(self) -> u32 {
+        32 * self.warps
+    }
+
+    /// Dynamic shared memory a block needs at head dim `d`: one Q, one K and one V tile of 16-bit
+    /// elements.
+    pub fn shared_bytes(self, d: usize) -> u32 {
+        (self.rows() + 2 * self.keys) * d as u32 * 2
+    }
+
+    /// "4x2x64": warps x slices x keys.
+    pub fn parse(s: &str) -> Result<Shape> {
+        let bad = || Error::Invalid(format!("flash tile shape {s:?}: expected WARPSxSLICESxKEYS, e.g. 4x2x64"));
+        let parts: Vec<u32> = s.split('x').map(|p| p.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?;
+        let [warps, slices, keys] = parts[..] else { return Err(bad()) };
+        let shape = Shape { warps, slices, keys };
+        if ![1, 2, 4, 8].contains(&warps) || !(1..=4).contains(&slices) || ![16, 32, 64, 128].contains(&keys) {
+            return Err(Error::Invalid(format!(
+                "flash tile shape {s}: warps must be 1, 2, 4 or 8, slices 1..4, keys 16, 32, 64 or 128"
+            )));
+        }
+        Ok(shape)
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}x{}", self.warps, self.slices, self.keys)
+    }
+}
+
+/// A measured winner: the fastest shape for (architecture, head dim) in a sweep on `measured`.
+pub struct Tuned {
+    pub arch: &'static str,
+    pub d: usize,
+    pub shape: Shape,
+    pub measured: &'static str,
+}
+
+/// Winners of scripts/gpu-sweep.sh. None yet: no GPU has run the sweep (it needs one; every
+/// shape in it is checked on the CPU by tests/kernel_emu.rs).
+pub const TUNED: &[Tuned] = &[];
+
+/// FlashAttention-2's forward shape on Ampere for both head dims (128 query rows over 4 warps, 64
+/// keys a step), until the sweep measures better.
+pub const DEFAULT: Shape = Shape { warps: 4, slices: 2, keys: 64 };
+
+/// The head dims the kernel is instantiated for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// `HIGHRISE_FLASH_SHAPE`, e.g. "d128=8x1x64,d64=4x2x64": shapes that override the table.
+fn overrides() -> Result<Vec<(usize, Shape)>> {
+    let Ok(v) = std::env::var("HIGHRISE_FLASH_SHAPE") else { return Ok(Vec::new()) };
+    v.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|part| {
+            let bad = || Error::Invalid(format!("HIGHRISE_FLASH_SHAPE: {part:?} is not d<head dim>=<shape>, e.g. d128=4x2x64"));
+            let (d, shape) = part.trim().split_once('=').ok_or_else(bad)?;
+            let d: usize = d.strip_prefix('d').and_then(|d| d.parse().ok()).ok_or_else(bad)?;
+            if !HEAD_DIMS.contains(&d) {
+                return Err(Error::Invalid(format!("HIGHRISE_FLASH_SHAPE: head dim {d} (the kernel takes {HEAD_DIMS:?})")));
+            }
+            Ok((d, Shape::parse(shape)?))
+        })
+        .collect()
+}
+
+/// The shape the kernel for head dim `d` is compiled with on `arch`.
+pub fn shape(arch: &str, d: usize) -> Result<Shape> {
+    if let Some(&(_, s)) = overrides()?.iter().rev().find(|(dd, _)| *dd == d) {
+        return Ok(s);
+    }
+    Ok(TUNED.iter().find(|t| t.arch == arch && t.d == d).map_or(DEFAULT, |t| t.shape))
+}
+
+/// The NVRTC options that set every head dim's shape, for attention.cu on `arch`.
+pub fn defines(arch: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for d in HEAD_DIMS {
+        out.extend(defines_for(d, shape(arch, d)?));
+    }
+    Ok(out)
+}
+
+/// The `-D` options (for NVRTC, or a C++ compiler building kernels/emu) giving head dim `d` `shape`.
+pub fn defines_for(d: usize, s: Shape) -> [String; 3] {
+    [format!("-DFA{d}_WARPS={}", s.warps), format!("-DFA{d}_MT={}", s.slices), format!("-DFA{d}_KEYS={}", s.keys)]
+}
+
+/// The shapes scripts/gpu-sweep.sh tries, from its text (its `SHAPES="..."` line), so that the
+/// tests that check them without a GPU check the same list.
+pub fn sweep_shapes(script: &str) -> Result<Vec<Shape>> {
+    let line = script
+        .lines()
+        .find_map(|l| l.strip_prefix("SHAPES="))
+        .ok_or_else(|| Error::Invalid("gpu-sweep.sh has no SHAPES=\"...\" line".into()))?;
+    line.trim_matches('"').split_whitespace().map(Shape::parse).collect()
+}
+
+/// The tiles `flash_attn_*` takes, 5 numbers each (see kernels/attention.cu), `rows` query rows at
+/// most per tile: per sequence (its first query row, its queries, the position of the first query,
+/// where its keys start). Causal: a tile's rows see keys up to their own positions; otherwise every
+/// key of the sequence (its queries are the last of its `pos0 + q_len` tokens), positions set past
+/// them all.
+pub fn tiles(seqs: impl Iterator<Item = (u32, u32, u32, u32)>, causal: bool, rows: u32) -> Vec<u32> {
+    let mut tiles = Vec::new();
+    for (q_start, q_len, pos0, kbase) in seqs {
+        for r0 in (0..q_len).step_by(rows as usize) {
+            let n = (q_len - r0).min(rows);
+            let (pos, keys) = if causal { (pos0 + r0, pos0 + r0 + n) } else { (pos0 + q_len, pos0 + q_len) };
+            tiles.extend([q_start + r0, n, pos, kbase, keys]);
+        }
+    }
+    tiles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cut_sequences_into_rows() {
+        // Causal: two sequences, the first cut at 64 rows.
+        let t = tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), true, 64);
+        assert_eq!(t, [0, 64, 0, 0, 64, 64, 36, 64, 0, 100, 100, 3, 0, 100, 3]);
+        // A chunk after a cached prefix of 30 tokens, keys from block-table offset 5.
+        let t = tiles([(0, 70, 30, 5)].into_iter(), true, 64);
+        assert_eq!(t, [0, 64, 30, 5, 94, 64, 6, 94, 5, 100]);
+        // Not causal: every row sees the whole sequence.
+        let t = tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), false, 64);
+        assert_eq!(t, [0, 64, 100, 0, 100, 64, 36, 100, 0, 100, 100, 3, 3, 100, 3]);
+        // 128-row tiles.
+        let t = tiles([(0, 200, 0, 0)].into_iter(), true, 128);
+        assert_eq!(t, [0, 128, 0, 0, 128, 128, 72, 128, 0, 200]);
+    }
+
+    #[test]
+    fn shapes_parse_and_size() {
+        let s = Shape::parse("4x2x64").unwrap();
+        assert_eq!((s.rows(), s.threads(), s.shared_bytes(128)), (128, 128, 65536));
+        assert_eq!(s.to_string(), "4x2x64");
+        for bad in ["4x2", "3x2x64", "4x0x64", "4x2x48", "axbxc"] {
+            assert!(Shape::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(shape("sm_80", 64).unwrap(), DEFAULT);
+        assert_eq!(defines("sm_80").unwrap().len(), 6);
+    }
+}

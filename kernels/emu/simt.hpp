@@ -1,0 +1,366 @@
+// A CUDA execution model on the CPU, for checking kernels where there is no GPU.
+//
+// The kernels of kernels/ compile as host C++ with this header in front of common.cuh (g++ -std=c++20
+// -DHIGHRISE_EMU). Every CUDA thread of a block is a fiber (ucontext) on one OS thread; the fibers
+// run in turn until each reaches a barrier (__syncthreads, or a warp-wide instruction: shuffles,
+// mma.sync, ldmatrix), so the warp-level instructions see all 32 lanes' operands at once, as the
+// hardware does. Blocks are spread over the OS threads. What this checks: the arithmetic and every
+// fragment layout (mma.sync m16n8k16, ldmatrix with and without .trans), shared memory staged by
+// cp.async landing only when its thread waits for its group (a missing wait reads stale data, as on
+// a GPU), __syncthreads between writers and readers, and shared-memory bank conflicts of ldmatrix
+// (counted; tests assert a swizzled layout has none). What it does not: timing, the memory model
+// beyond barriers, and tensor-core rounding (products are exact in f32 as on the GPU; sums are f32).
+//
+// __shared__ variables become `static thread_local`: one copy per OS thread, which runs one block at
+// a time, i.e. one copy per block, uninitialized between blocks as on a GPU.
+
+#pragma once
+#define _GNU_SOURCE 1
+#include <ucontext.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#define HIGHRISE_EMU 1
+#define __device__
+#define __global__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static thread_local
+#define __align__(n) alignas(n)
+
+struct emu_dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+namespace emu {
+
+struct Copy {
+    void* dst;
+    const void* src;
+    unsigned bytes, src_bytes;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    emu_dim3 tid;
+    unsigned lane, warp;
+    bool done = false;
+    std::vector<Copy> open;                // cp.async copies not yet committed
+    std::vector<std::vector<Copy>> groups;  // committed groups, oldest first
+};
+
+struct Barrier {
+    unsigned arrived = 0, generation = 0;
+};
+
+struct Block {
+    emu_dim3 bid, bdim, gdim;
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
+    unsigned current = 0, live = 0, stalls = 0;
+    Barrier block_barrier;
+    std::vector<Barrier> warp_barriers;
+    std::vector<const void*> slots;  // per thread: the address of its operand of a warp instruction
+    const std::function<void()>* body = nullptr;
+    std::vector<char> dynamic_shared;
+};
+
+inline thread_local Block* blk = nullptr;
+inline std::atomic<unsigned long long> bank_conflicts{0}, ldmatrix_count{0};
+
+inline Fiber& me() { return blk->fibers[blk->current]; }
+
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "emu: %s (block %u,%u,%u thread %u)\n", what, blk->bid.x, blk->bid.y, blk->bid.z, me().tid.x);
+    std::exit(3);
+}
+
+inline void yield() { swapcontext(&me().ctx, &blk->scheduler); }
+
+// Waits until `n` fibers have arrived at `b`.
+inline void arrive(Barrier& b, unsigned n) {
+    const unsigned gen = b.generation;
+    if (++b.arrived == n) {
+        b.arrived = 0;
+        b.generation++;
+        blk->stalls = 0;
+        return;
+    }
+    while (b.generation == gen) {
+        if (++blk->stalls > 4 * blk->fibers.size() + 64) fail("deadlock: threads wait at barriers that can never complete");
+        yield();
+    }
+}
+
+inline void syncthreads() { arrive(blk->block_barrier, blk->live); }
+
+inline void syncwarp() {
+    Fiber& f = me();
+    const unsigned first = f.warp * 32, lanes = std::min<unsigned>(32, (unsigned)blk->fibers.size() - first);
+    for (unsigned i = first; i < first + lanes; i++)
+        if (blk->fibers[i].done) fail("a warp-wide instruction with lanes that have exited");
+    arrive(blk->warp_barriers[f.warp], lanes);
+}
+
+// A warp-wide exchange: each lane offers the address of its operand; `read` gets every lane's (by
+// lane index) once all have arrived; the lanes wait again before leaving, so the operands stay live.
+template <class T, class F>
+inline void exchange(const T& mine, F read) {
+    Fiber& f = me();
+    blk->slots[f.warp * 32 + f.lane] = &mine;
+    syncwarp();
+    const void* const* base = &blk->slots[f.warp * 32];
+    read([base](unsigned lane) -> const T& { return *static_cast<const T*>(base[lane]); });
+    syncwarp();
+}
+
+template <class T>
+inline T shfl_xor(T v, int mask) {
+    T out{};
+    const unsigned lane = me().lane;
+    exchange(v, [&](auto at) { out = at(lane ^ (unsigned)mask); });
+    return out;
+}
+
+template <class T>
+inline T shfl(T v, int src) {
+    T out{};
+    exchange(v, [&](auto at) { out = at((unsigned)src & 31); });
+    return out;
+}
+
+// ---- f16 / bf16 ----
+
+inline float f16_to_f32(uint16_t h) {
+    _Float16 x;
+    std::memcpy(&x, &h, 2);
+    return (float)x;
+}
+inline uint16_t f32_to_f16(float f) {
+    _Float16 x = (_Float16)f;
+    uint16_t h;
+    std::memcpy(&h, &x, 2);
+    return h;
+}
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+inline float half_to_f32(uint16_t h, bool bf16) { return bf16 ? bf16_to_f32(h) : f16_to_f32(h); }
+
+// ---- tensor cores: mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32 ----
+
+struct MmaOperands {
+    uint32_t a[4], b[2];
+};
+
+// The fragment layouts of the PTX ISA (section "Matrix Fragments for mma.m16n8k16"): lane = 4 g + q;
+// A (16x16, row): a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 2q+8..), a3 = (g+8, 2q+8..);
+// B (16x8, col): b0 = (k 2q..2q+1, n g), b1 = (k 2q+8.., n g); C/D: c0,c1 = (g, 2q..), c2,c3 = (g+8, 2q..).
+inline void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1, bool bf16) {
+    MmaOperands mine;
+    std::memcpy(mine.a, a, 16);
+    mine.b[0] = b0;
+    mine.b[1] = b1;
+    const unsigned lane = me().lane, g = lane / 4, q = lane % 4;
+    float result[4];
+    exchange(mine, [&](auto at) {
+        auto A = [&](unsigned row, unsigned col) {
+            const unsigned owner = (row % 8) * 4 + (col % 8) / 2;
+            const unsigned reg = (row / 8) + 2 * (col / 8);
+            const uint32_t w = at(owner).a[reg];
+            return half_to_f32((uint16_t)(col % 2 ? w >> 16 : w), bf16);
+        };
+        auto B = [&](unsigned k, unsigned n) {
+            const unsigned owner = n * 4 + (k % 8) / 2;
+            const uint32_t w = at(owner).b[k / 8];
+            return half_to_f32((uint16_t)(k % 2 ? w >> 16 : w), bf16);
+        };
+        for (int e = 0; e < 4; e++) {
+            const unsigned row = g + 8 * (e / 2), col = 2 * q + (e % 2);
+            float acc = c[e];
+            for (unsigned k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
+            result[e] = acc;
+        }
+    });
+    std::memcpy(c, result, 16);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of matrix
+// i; register i of lane 4g + q gets matrix i's (row g, cols 2q, 2q+1), or with .trans (rows 2q, 2q+1
+// of col g). Also counts bank conflicts: each matrix is one shared-memory access of 8 rows of 16 B.
+inline void ldmatrix_x4(uint32_t* r, const void* row_addr, bool trans) {
+    if ((uintptr_t)row_addr % 16) fail("ldmatrix: a row address not 16-byte aligned");
+    const unsigned lane = me().lane, g = lane / 4, q = lane % 4;
+    exchange(row_addr, [&](auto at) {
+        for (unsigned i = 0; i < 4; i++) {
+            auto elt = [&](unsigned row, unsigned col) {
+                return static_cast<const uint16_t*>(at(8 * i + row))[col];
+            };
+            const uint16_t lo = trans ? elt(2 * q, g) : elt(g, 2 * q);
+            const uint16_t hi = trans ? elt(2 * q + 1, g) : elt(g, 2 * q + 1);
+            r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+        }
+        if (lane == 0) {
+            unsigned long long conflicts = 0;
+            for (unsigned i = 0; i < 4; i++) {
+                // Wavefronts for the 8 rows: per bank, the distinct 128-byte lines touching it.
+                unsigned worst = 1;
+                for (unsigned bank = 0; bank < 32; bank++) {
+                    uintptr_t lines[8];
+                    unsigned n = 0;
+                    for (unsigned row = 0; row < 8; row++) {
+                        const uintptr_t a = (uintptr_t)at(8 * i + row);
+                        if ((a / 4) % 32 / 4 != bank / 4) continue;
+                        const uintptr_t line = a / 128;
+                        if (std::find(lines, lines + n, line) == lines + n) lines[n++] = line;
+                    }
+                    worst = std::max(worst, n);
+                }
+                conflicts += worst - 1;
+            }
+            bank_conflicts += conflicts;
+            ldmatrix_count += 4;
+        }
+    });
+}
+
+// ---- cp.async: 16-byte copies that land when their thread waits for their group ----
+
+inline void cp_async16(void* dst, const void* src, unsigned src_bytes) {
+    if ((uintptr_t)dst % 16 || (src_bytes && (uintptr_t)src % 16)) fail("cp.async: an address not 16-byte aligned");
+    me().open.push_back({dst, src, 16, src_bytes});
+}
+inline void cp_async_commit() {
+    Fiber& f = me();
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+inline void cp_async_wait(unsigned pending) {
+    Fiber& f = me();
+    while (f.groups.size() > pending) {
+        for (const Copy& c : f.groups.front()) {
+            std::memcpy(c.dst, c.src, c.src_bytes);
+            std::memset((char*)c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+        }
+        f.groups.erase(f.groups.begin());
+    }
+}
+
+// ---- launching ----
+
+inline void trampoline() {
+    (*blk->body)();
+    Fiber& f = me();
+    if (!f.open.empty() || !f.groups.empty()) cp_async_wait(0);
+    f.done = true;
+    blk->live--;
+    blk->stalls = 0;
+    // A block barrier counts the threads still running (as the hardware treats exited threads).
+    if (blk->block_barrier.arrived && blk->block_barrier.arrived == blk->live) {
+        blk->block_barrier.arrived = 0;
+        blk->block_barrier.generation++;
+    }
+    swapcontext(&f.ctx, &blk->scheduler);
+}
+
+inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
+    const unsigned n = b.bdim.x * b.bdim.y * b.bdim.z;
+    b.fibers.assign(n, Fiber{});
+    b.warp_barriers.assign((n + 31) / 32, Barrier{});
+    b.slots.assign(((n + 31) / 32) * 32, nullptr);
+    b.live = n;
+    b.block_barrier = Barrier{};
+    if (stacks.size() < n) stacks.resize(n, std::vector<char>(256 << 10));
+    for (unsigned i = 0; i < n; i++) {
+        Fiber& f = b.fibers[i];
+        f.tid = {i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y)};
+        f.lane = i % 32;
+        f.warp = i / 32;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stacks[i].data();
+        f.ctx.uc_stack.ss_size = stacks[i].size();
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, trampoline, 0);
+    }
+    blk = &b;
+    while (b.live) {
+        for (unsigned i = 0; i < n; i++) {
+            if (b.fibers[i].done) continue;
+            b.current = i;
+            swapcontext(&b.scheduler, &b.fibers[i].ctx);
+        }
+    }
+    blk = nullptr;
+}
+
+// Runs `body` (the kernel call) over the grid, blocks spread over the machine's threads.
+inline void launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const std::function<void()>& body) {
+    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    std::atomic<unsigned long long> next{0};
+    const unsigned workers = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), (unsigned)std::min<unsigned long long>(blocks, 64)));
+    auto work = [&] {
+        std::vector<std::vector<char>> stacks;
+        Block b;
+        b.bdim = block;
+        b.gdim = grid;
+        b.body = &body;
+        b.dynamic_shared.assign(dynamic_shared, 0);
+        for (unsigned long long id; (id = next++) < blocks;) {
+            b.bid = {(unsigned)(id % grid.x), (unsigned)(id / grid.x % grid.y), (unsigned)(id / ((unsigned long long)grid.x * grid.y))};
+            run_block(b, stacks);
+        }
+    };
+    std::vector<std::thread> threads;
+    for (unsigned w = 1; w < workers; w++) threads.emplace_back(work);
+    work();
+    for (auto& t : threads) t.join();
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::me().tid)
+#define blockIdx (emu::blk->bid)
+#define blockDim (emu::blk->bdim)
+#define gridDim (emu::blk->gdim)
+
+inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) { return emu::shfl_xor(v, mask); }
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl(v, src); }
+
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+using std::exp2f;
+using std::fmaxf;
+using std::fminf;
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }

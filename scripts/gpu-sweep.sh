@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Tries every tile shape of the tensor-core prefill kernel (flash_attn_*, kernels/attention.cu) on a
+# GPU, from prebuilt binaries (scripts/gpu-bundle.sh), in one call of about 2-3 minutes. For each
+# shape (WARPSxSLICESxKEYS: warps per block, 16-row query slices per warp, keys per step; see
+# crates/highrise-cuda/src/flash.rs), in a process of its own:
+#   1. the prefill and paged attention cross-checks of tests/cuda.rs against the f64 reference, with
+#      the kernels compiled for that shape (HIGHRISE_FLASH_SHAPE);
+#   2. its speed at the bench's shapes (32 query heads over 8 KV heads, bf16, head dims 64 and 128,
+#      causal 2k/8k/16k and full 8k), HIGHRISE_BENCH_SWEEP mode of benches/cuda_ops.rs.
+# Then, where ncu is on the PATH, the best shape at d128 causal 8k under Nsight Compute: tensor-pipe
+# utilization and shared-memory bank conflicts. The winners per head dim go into flash.rs's TUNED
+# table with the date. Every shape here is also run on the CPU model in CI (tests/kernel_emu.rs) and
+# compiled without spills for sm_80 and sm_90a (tests/cuda_kernels.rs), so a failure here is news.
+#
+# usage: scripts/gpu-sweep.sh [BUNDLE [OUT]]   (results in OUT/sweep.md; default OUT: $OUT or gpu-results)
+set -uo pipefail
+SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
+bundle=$(cd "${1:-gpu-bundle}" && pwd)
+out=${2:-${OUT:-gpu-results}}
+mkdir -p "$out/sweep"
+out=$(cd "$out" && pwd)
+export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" HIGHRISE_OFFLINE=1 RUST_BACKTRACE=1
+
+: >"$out/sweep/rows.txt"
+for shape in $SHAPES; do
+    export HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape"
+    timeout 60 "$bundle/cuda-tests" --exact ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables \
+        --test-threads 1 --nocapture >"$out/sweep/$shape-check.txt" 2>&1
+    case $? in
+        0) if grep -q skipped "$out/sweep/$shape-check.txt"; then check=skipped; else check=ok; fi ;;
+        124 | 137) check=timeout ;;
+        *) check=FAILED ;;
+    esac
+    HIGHRISE_BENCH_SWEEP=1 timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/$shape-bench.txt" 2>&1
+    # Rows "| shape | d128 causal T=16384 | 312.5 |" from the bench.
+    grep '^| ' "$out/sweep/$shape-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/rows.txt"
+    echo "$shape: check $check, $(grep -c '^| ' "$out/sweep/$shape-bench.txt") timings"
+done
+unset HIGHRISE_FLASH_SHAPE
+
+# The fastest checked shape per head dim, by its causal 16k rate.
+best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
+b64=$(best 64)
+b128=$(best 128)
+if command -v ncu >/dev/null && [ -n "$b128" ]; then
+    HIGHRISE_FLASH_SHAPE="d64=$b64,d128=$b128" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name regex:flash_attn_d128 \
+        --launch-count 1 --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+        "$bundle/cuda-bench" --bench >"$out/sweep/ncu.txt" 2>&1
+else
+    echo "skipped: no ncu on the PATH (or no shape passed)" >"$out/sweep/ncu.txt"
+fi
+
+{
+    echo "## flash_attn tile shapes on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(date -u +'%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "TFLOP/s, bf16, 32 query heads over 8 KV heads, one sequence; check: tests/cuda.rs's attention cross-checks at that shape."
+    echo
+    echo "| shape | test | TFLOP/s | check |"
+    echo "| --- | --- | ---: | --- |"
+    cat "$out/sweep/rows.txt"
+    echo
+    echo "best by causal 16k: d64 ${b64:-none}, d128 ${b128:-none} (put them in crates/highrise-cuda/src/flash.rs TUNED with today's date)"
+    echo
+    echo "Nsight Compute, d128 at the best shape:"
+    grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'
+} | tee "$out/sweep.md"
