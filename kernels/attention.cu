@@ -302,11 +302,11 @@ __device__ __forceinline__ u32 swz(u32 r, u32 c) {
 }
 
 // Copies `n` rows of D elements into a swizzled tile, row r from `src(r)` (an element offset, or -1
-// for a row of zeros).
+// for a row of zeros), by THREADS threads of which this is number `tid`.
 template <int D, int THREADS, class Src>
-__device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, Src src) {
+__device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, u32 tid, Src src) {
     constexpr u32 CH = D / 8;
-    for (u32 i = threadIdx.x; i < n * CH; i += THREADS) {
+    for (u32 i = tid; i < n * CH; i += THREADS) {
         const u32 r = i / CH, c = i % CH;
         const long long off = src(r);
         cp_async16(tile + swz<D>(r, c), off < 0 ? base : base + off + c * 8, off < 0 ? 0 : 16);
@@ -328,9 +328,9 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
     const u32 mi = lane >> 3, mj = lane & 7;
 
     // Q, and K of the first tile (rows past the tile's end repeat its last row; never written).
-    stage_rows<D, THREADS>(qs, q, ROWS, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
+    stage_rows<D, THREADS>(qs, q, ROWS, threadIdx.x, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
     auto stage_keys = [&](u16* dst, const u16* src, u32 kb) {
-        stage_rows<D, THREADS>(dst, src, KEYS, [&](u32 r) {
+        stage_rows<D, THREADS>(dst, src, KEYS, threadIdx.x, [&](u32 r) {
             return kb + r < keys_end ? (long long)addr.at(kbase, kb + r, g, hkv, D) : -1LL;
         });
     };
@@ -481,3 +481,184 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
 #define FLASH(dim) FLASH_ONE(dim, bf16, true) FLASH_ONE(dim, f16, false)
 FLASH(64)
 FLASH(128)
+
+// ---- Decode on tensor cores (sm_80+): a KV head's whole query group against the paged cache ----
+//
+// Block (sequence, KV head, slice of the context): the group's query heads of each of the
+// sequence's new tokens (q_len x group <= 16 rows: a decode step, or a few tokens of speculative
+// decoding) are the 16 rows of one mma.sync A operand, so every K and V row is read once for the
+// whole group, by 16-byte cp.async copies into shared memory. The 4 warps take 16-key chunks of the
+// slice in turn, each through its own two-stage pipeline (the next chunk in flight while this one
+// is used; warp-private, so no block-wide barrier inside the loop), each with its own online
+// softmax; at the end the warps' states are merged and the slice's partial state (acc[D], m, l, as
+// attn_split writes it) goes to `partial` for attn_combine. Enough slices make a batch of one
+// sequence fill the GPU (the host picks them). seqs[4 i .. 4 i + 4]: the sequence's first query row,
+// its new tokens, its context length (new tokens included), its offset into the block table.
+
+#define DA_KEYS 16  // keys per warp per step
+#define DA_WARPS 4
+
+template <int D, bool BF16>
+__device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr,
+                            u32 hq, u32 hkv, float scale_log2, u32 split_len, u16* smem) {
+    const u32 sq = blockIdx.x, g = blockIdx.y, sl = blockIdx.z, splits = gridDim.z;
+    const u32 q0 = seqs[4 * sq], q_len = seqs[4 * sq + 1], ctx = seqs[4 * sq + 2], kbase = seqs[4 * sq + 3];
+    const u32 group = hq / hkv, rows = q_len * group;  // rows <= 16 (the host's condition)
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
+    const u32 mi = lane >> 3, mj = lane & 7;
+    u16* qs = smem;                                           // [16][D]
+    u16* ws = smem + 16 * D + warp * 2 * 2 * DA_KEYS * D;     // this warp's [2 stages][K, V][DA_KEYS][D]
+
+    // Row r: token q0 + r / group, query head g * group + r % group; zeros past the rows.
+    stage_rows<D, 32 * DA_WARPS>(qs, q, 16, threadIdx.x, [&](u32 r) {
+        return r < rows ? (long long)(((u64)(q0 + r / group) * hq + g * group + r % group) * D) : -1LL;
+    });
+    cp_async_commit();
+
+    const u32 begin = sl * split_len, end = min(ctx, begin + split_len);
+    const u32 chunks = end > begin ? (end - begin + DA_KEYS - 1) / DA_KEYS : 0;
+    auto stage_chunk = [&](u32 c, u32 stage) {
+        const u32 k0 = begin + c * DA_KEYS;
+        u16* kd = ws + stage * 2 * DA_KEYS * D;
+        auto src = [&](u32 r) { return k0 + r < end ? (long long)addr.at(kbase, k0 + r, g, hkv, D) : -1LL; };
+        stage_rows<D, 32>(kd, kc, DA_KEYS, lane, src);
+        stage_rows<D, 32>(kd + DA_KEYS * D, vc, DA_KEYS, lane, src);
+    };
+    if (warp < chunks) stage_chunk(warp, 0);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // Q landed, for every warp
+
+    u32 qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4<false>(qa[kk], qs + swz<D>((mi & 1) * 8 + mj, kk * 2 + (mi >> 1)));
+    // The last key each held row sees (causal among the new tokens); padding rows see them all.
+    const u32 r_lo = lane >> 2, last_lo = ctx - q_len + min(r_lo / group, q_len - 1), last_hi = ctx - q_len + min((r_lo + 8) / group, q_len - 1);
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+    u32 stage = 0;
+    for (u32 c = warp; c < chunks; c += DA_WARPS, stage ^= 1) {
+        if (c + DA_WARPS < chunks) stage_chunk(c + DA_WARPS, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncwarp();  // this chunk landed, for the whole warp
+        const u16* ks = ws + stage * 2 * DA_KEYS * D;
+        const u16* vs = ks + DA_KEYS * D;
+
+        float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 kf[4];
+            ldmatrix_x4<false>(kf, ks + swz<D>((mi >> 1) * 8 + mj, kk * 2 + (mi & 1)));
+            mma16816(s[0], qa[kk], kf[0], kf[1], BF16);
+            mma16816(s[1], qa[kk], kf[2], kf[3], BF16);
+        }
+        const u32 k0 = begin + c * DA_KEYS;
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const u32 last = min(hf ? last_hi : last_lo, end - 1);
+            float mx = m[hf];
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float& x = s[nt][2 * hf + e];
+                    x = k0 + nt * 8 + 2 * quad + e <= last ? x * scale_log2 : -INFINITY;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row that has seen no key yet (its causal end lies before this chunk) keeps nothing.
+            const float ref = mx == -INFINITY ? 0.0f : mx, corr = exp2f(m[hf] - ref);
+            m[hf] = mx;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float& x = s[nt][2 * hf + e];
+                    x = exp2f(x - ref);
+                    sum += x;
+                }
+            l[hf] = l[hf] * corr + sum;
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                o[i][2 * hf] *= corr;
+                o[i][2 * hf + 1] *= corr;
+            }
+        }
+        u32 pa[4] = {pack2(s[0][0], s[0][1], BF16), pack2(s[0][2], s[0][3], BF16), pack2(s[1][0], s[1][1], BF16),
+                     pack2(s[1][2], s[1][3], BF16)};
+#pragma unroll
+        for (int dp = 0; dp < D / 16; dp++) {
+            u32 vf[4];
+            ldmatrix_x4<true>(vf, vs + swz<D>((mi & 1) * 8 + mj, dp * 2 + (mi >> 1)));
+            mma16816(o[2 * dp], pa, vf[0], vf[1], BF16);
+            mma16816(o[2 * dp + 1], pa, vf[2], vf[3], BF16);
+        }
+        __syncwarp();  // done with this stage before the next chunk's copies overwrite it
+    }
+    cp_async_wait<0>();
+
+    // Merge the warps: each writes its rows' (m, l, acc) over its stages' memory, then the block
+    // combines them per row and writes the slice's partial state.
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 1);
+        l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 2);
+    }
+    __syncthreads();  // every warp is done with its stages
+    float* wm = (float*)(smem + 16 * D);  // [DA_WARPS][16]
+    float* wl = wm + DA_WARPS * 16;       // [DA_WARPS][16]
+    float* wo = wl + DA_WARPS * 16;       // [DA_WARPS][16][D]
+    if (quad == 0) {
+        wm[warp * 16 + r_lo] = m[0];
+        wm[warp * 16 + r_lo + 8] = m[1];
+        wl[warp * 16 + r_lo] = l[0];
+        wl[warp * 16 + r_lo + 8] = l[1];
+    }
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) wo[(warp * 16 + r_lo + 8 * (e >> 1)) * D + dt * 8 + 2 * quad + (e & 1)] = o[dt][e];
+    __syncthreads();
+    const float ln2 = 0.6931471805599453f;
+    for (u32 i = threadIdx.x; i < rows * D; i += 32 * DA_WARPS) {
+        const u32 r = i / D, x = i % D;
+        float mm = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; w++) mm = fmaxf(mm, wm[w * 16 + r]);
+        float acc = 0.0f, sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DA_WARPS; w++) {
+            const float mw = wm[w * 16 + r];
+            if (mw == -INFINITY) continue;
+            const float scale = exp2f(mw - mm);
+            acc += wo[(w * 16 + r) * D + x] * scale;
+            sum += wl[w * 16 + r] * scale;
+        }
+        float* out = partial + (((u64)(q0 + r / group) * hq + g * group + r % group) * splits + sl) * (D + 2);
+        out[x] = acc;
+        if (x == 0) {
+            out[D] = mm == -INFINITY ? -INFINITY : mm * ln2;  // natural-log units, as attn_split's
+            out[D + 1] = sum;
+        }
+    }
+}
+
+#define DECODE_ONE(dim, s, bf16)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * DA_WARPS)                                                   \
+        decode_attn_d##dim##_##s(float* partial, const u16* q, const u16* k, const u16* v, const u32* seqs,       \
+                                 const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2,             \
+                                 u32 split_len) {                                                                 \
+        DYNAMIC_SHARED(u16, smem);                                                                                \
+        KeyAddr addr = {table, block_size};                                                                       \
+        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, split_len, smem);               \
+    }
+#define DECODE(dim) DECODE_ONE(dim, bf16, true) DECODE_ONE(dim, f16, false)
+DECODE(64)
+DECODE(128)

@@ -124,7 +124,8 @@ fn every_op_launches_what_its_kernels_expect() {
     // Every kernel family, with every attention kernel among them.
     for family in [
         "embedding", "rms_norm", "add_rms_norm", "add_bias", "to_f32", "from_f32", "rope", "kv_write", "attn_split_d64",
-        "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "swiglu",
+        "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "decode_attn_d64",
+        "decode_attn_d128", "swiglu",
         "argmax", "sample",
     ] {
         assert!(kernels.iter().any(|k| k.starts_with(family)), "no {family} kernel was launched: {kernels:?}");
@@ -317,25 +318,31 @@ fn paged_kv_heads_from_the_wrong_axis_are_refused() {
     // Llama-3-8B's 32 query heads over 8 KV heads: 16 (the block size) divides 32 too, so only
     // the shapes can tell the wrong kv_heads apart.
     let (hq, hkv, d, block_size) = (32u32, 8u32, 64u32, 16u32);
-    // (kernel family, batch): decoding sequences take attn_group; prompt chunks alone, flash_attn.
-    for (family, batch) in [("attn_group", vec![(40usize, 1usize), (300, 1)]), ("flash_attn", vec![(300, 7), (64, 64)])] {
+    // (kernel family, dtype, batch): decoding sequences take decode_attn on tensor cores (f16/bf16)
+    // or attn_group (f32); prompt chunks alone, flash_attn.
+    let decoding = vec![(40usize, 1usize), (300, 1)];
+    for (family, dt, batch) in [
+        ("attn_group", DType::F32, decoding.clone()),
+        ("decode_attn", DType::BF16, decoding),
+        ("flash_attn", DType::BF16, vec![(300, 7), (64, 64)]),
+    ] {
         driver.take_recorded();
-        paged(&b, &mut rng, DType::BF16, hq as usize, hkv as usize, d as usize, &batch);
+        paged(&b, &mut rng, dt, hq as usize, hkv as usize, d as usize, &batch);
         let recorded = driver.take_recorded();
         let rec = recorded.iter().find(|r| r.kernel.starts_with(family)).unwrap_or_else(|| panic!("no {family} launch: {recorded:?}"));
-        // (block_size, hq, hkv) are arguments 7, 8, 9 of attn_group and 6, 7, 8 of flash_attn.
+        // (block_size, hq, hkv) are arguments 7, 8, 9 of attn_group and 6, 7, 8 of the others.
         let at = if family == "attn_group" { 7 } else { 6 };
         assert_eq!((rec.u32(at), rec.u32(at + 1), rec.u32(at + 2)), (block_size, hq, hkv), "{family}: block_size, hq, kv_heads");
-        let heads = if family == "attn_group" { hkv } else { hq };
-        assert_eq!(rec.grid.1, heads, "{family}: a block per {}", if family == "attn_group" { "kv head" } else { "query head" });
+        let per_kv_head = family != "flash_attn";
+        assert_eq!(rec.grid.1, if per_kv_head { hkv } else { hq }, "{family}: a block per {}", if per_kv_head { "kv head" } else { "query head" });
         relaunch(&driver, rec, &rec.args).expect("the launch as the backend made it passes again");
 
         // The mistake: kv_heads read from dims[len - 2] of the cache, i.e. its block_size.
         let mut wrong = rec.args.clone();
         wrong[at + 2] = block_size.to_le_bytes().to_vec();
         let mut bad = rec.clone();
-        if family == "attn_group" {
-            bad.grid.1 = block_size; // the grouped kernel's grid is one block per kv head
+        if per_kv_head {
+            bad.grid.1 = block_size; // their grid is one block per kv head
         }
         let err = relaunch(&driver, &bad, &wrong).expect_err("kv_heads = block_size must be refused").to_string();
         println!("{family}: refused as it should be: {err}");

@@ -1,9 +1,10 @@
-//! The tensor-core prefill kernel (kernels/attention.cu, `flash_attn_*`) run on the CPU: compiled as
-//! host C++ with kernels/emu/simt.hpp, a model of CUDA's execution (a fiber per thread; mma.sync,
-//! ldmatrix and cp.async with their PTX semantics), and checked against an f64 reference by
-//! kernels/emu/check_flash.cpp, for the default tile shape and every shape scripts/gpu-sweep.sh
-//! tries on a GPU. Also asserts that ldmatrix meets no shared-memory bank conflict. Needs a C++20
-//! compiler (g++ or clang++), no GPU and no CUDA.
+//! The tensor-core attention kernels (kernels/attention.cu: `flash_attn_*` for prefill, `decode_attn_*`
+//! + `attn_combine_*` for decoding through the paged cache) run on the CPU: compiled as host C++ with
+//! kernels/emu/simt.hpp, a model of CUDA's execution (a fiber per thread; mma.sync, ldmatrix and
+//! cp.async with their PTX semantics), and checked against an f64 reference by
+//! kernels/emu/check_attention.cpp, for the default prefill tile shape and every shape
+//! scripts/gpu-sweep.sh tries on a GPU. Also asserts that ldmatrix meets no shared-memory bank
+//! conflict. Needs a C++20 compiler (g++ or clang++), no GPU and no CUDA.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,38 +25,41 @@ fn sweep_shapes() -> Vec<Shape> {
     flash::sweep_shapes(&std::fs::read_to_string(root().join("scripts/gpu-sweep.sh")).unwrap()).unwrap()
 }
 
-/// Compiles check_flash.cpp with `shape` at both head dims and runs it; its report.
-fn check(cxx: &str, shape: Shape, dir: &Path) -> String {
-    let exe = dir.join(format!("check_flash_{shape}"));
+/// Compiles check_attention.cpp with `shape` at both head dims and runs it (`args`: "prefill" for
+/// the prefill cases only); its report.
+fn check(cxx: &str, shape: Shape, dir: &Path, args: &[&str]) -> String {
+    let exe = dir.join(format!("check_attention_{shape}"));
     let mut cmd = Command::new(cxx);
-    cmd.args(["-std=c++20", "-O2", "-w", "-pthread", "-o"]).arg(&exe).arg(root().join("kernels/emu/check_flash.cpp"));
+    cmd.args(["-std=c++20", "-O2", "-w", "-pthread", "-o"]).arg(&exe).arg(root().join("kernels/emu/check_attention.cpp"));
     for d in flash::HEAD_DIMS {
         cmd.args(flash::defines_for(d, shape));
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cxx} check_flash.cpp for {shape}:\n{}", String::from_utf8_lossy(&out.stderr));
-    let run = Command::new(&exe).output().unwrap();
+    assert!(out.status.success(), "{cxx} check_attention.cpp for {shape}:\n{}", String::from_utf8_lossy(&out.stderr));
+    let run = Command::new(&exe).args(args).output().unwrap();
     let report = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "flash_attn with tiles of {shape} on the CPU model:\n{report}");
     report
 }
 
 #[test]
-fn flash_attention_kernel_matches_the_reference_on_the_cpu_model() {
+fn attention_kernels_match_the_reference_on_the_cpu_model() {
     let Some(cxx) = compiler() else {
-        return println!("skipped: no C++ compiler (c++, g++ or clang++) to build kernels/emu/check_flash.cpp");
+        return println!("skipped: no C++ compiler (c++, g++ or clang++) to build kernels/emu/check_attention.cpp");
     };
     let dir = std::env::temp_dir().join(format!("highrise-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut shapes = vec![flash::DEFAULT];
     shapes.extend(sweep_shapes().into_iter().filter(|s| *s != flash::DEFAULT));
-    for shape in shapes {
-        let report = check(&cxx, shape, &dir);
+    for (i, shape) in shapes.into_iter().enumerate() {
+        // The decode kernel has no tile shape: its 16 cases run once, with the default.
+        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 28) } else { (&["prefill"], 12) };
+        let report = check(&cxx, shape, &dir, args);
         let cases = report.lines().filter(|l| l.starts_with("ok ")).count();
-        assert_eq!(cases, 12, "every case ran for {shape}:\n{report}");
+        assert_eq!(cases, expect, "every case ran for {shape}:\n{report}");
         assert!(report.contains(" 0 bank conflicts"), "{shape}:\n{report}");
         let worst = report.lines().find(|l| l.contains("d128 bf16 causal")).unwrap_or_default();
-        println!("{shape}: 12 cases ok, no bank conflicts ({})", worst.split(": ").last().unwrap_or_default());
+        println!("{shape}: {expect} cases ok, no bank conflicts ({})", worst.split(": ").last().unwrap_or_default());
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -65,26 +69,26 @@ fn flash_attention_kernel_matches_the_reference_on_the_cpu_model() {
 #[test]
 fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let Some(cxx) = compiler() else {
-        return println!("skipped: no C++ compiler (c++, g++ or clang++) to build kernels/emu/check_flash.cpp");
+        return println!("skipped: no C++ compiler (c++, g++ or clang++) to build kernels/emu/check_attention.cpp");
     };
     let dir = std::env::temp_dir().join(format!("highrise-emu-faults-{}", std::process::id()));
     let kernels = dir.join("kernels");
     std::fs::create_dir_all(kernels.join("emu")).unwrap();
     let src = std::fs::read_to_string(root().join("kernels/attention.cu")).unwrap();
-    for f in ["common.cuh", "emu/simt.hpp", "emu/check_flash.cpp"] {
+    for f in ["common.cuh", "emu/simt.hpp", "emu/check_attention.cpp"] {
         std::fs::copy(root().join("kernels").join(f), kernels.join(f)).unwrap();
     }
     for (fault, from, to, expect) in [
         ("V not transposed", "ldmatrix_x4<true>(vf", "ldmatrix_x4<false>(vf", "FAIL d64 bf16"),
         ("no swizzle", "return r * D + ((c ^ (r & 7)) << 3);", "return r * D + (c << 3);", "FAIL shared-memory bank conflicts"),
     ] {
-        assert_eq!(src.matches(from).count(), 1, "attention.cu has `{from}` once");
+        assert!(src.contains(from), "attention.cu has `{from}`");
         std::fs::write(kernels.join("attention.cu"), src.replace(from, to)).unwrap();
         let exe = dir.join("check");
         let out = Command::new(&cxx)
             .args(["-std=c++20", "-O1", "-w", "-pthread", "-o"])
             .arg(&exe)
-            .arg(kernels.join("emu/check_flash.cpp"))
+            .arg(kernels.join("emu/check_attention.cpp"))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -262,6 +262,9 @@ pub fn paged_attention_reads_through_block_tables() {
                 // One decoding sequence: its long context is split into parts (CPU, and CUDA's
                 // flash-decoding) whose results merge by log-sum-exp.
                 check_paged(&mut rng, dt, hq, hkv, d, &[(1000, 1)]);
+                // A few new tokens per sequence, as speculative decoding verifies them (on CUDA: the
+                // tensor-core decode kernel, their rows x group within one tile).
+                check_paged(&mut rng, dt, hq, hkv, d, &[(40, 2), (300, 1), (17, 3)]);
             }
         }
         // Groups of more query heads than the CPU's decode tile of 6 rows (Llama-3-70B's 8 per K/V

@@ -296,15 +296,28 @@ pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<(
     attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
 }
 
-/// Attention through the paged cache. A step of prompt chunks only (every sequence has 2 queries or
-/// more) runs on tensor cores where `flash_fits`, reading K/V through the block table; a step with
-/// decoding sequences in it takes the split kernels (flash-decoding), whose blocks each serve one
-/// query row.
+/// Query rows the tensor-core decode kernel puts in one MMA tile: a sequence's new tokens times its
+/// KV head's group of query heads.
+const DECODE_ROWS: usize = 16;
+
+/// Attention through the paged cache, on tensor cores where `flash_fits` the dtype and head dim:
+/// a step whose every sequence has at most 16 rows of new tokens x query-head group (decoding, or a
+/// few tokens of speculative decoding) on the decode kernel (a block per sequence, KV head and slice
+/// of the context); a step of longer prompt chunks only on the prefill kernel through the block
+/// table. Otherwise (f32, other head dims, long chunks mixed with decoding) the split kernels
+/// (flash-decoding), whose blocks each serve one query row.
 pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) -> Result<()> {
     same_cache_dtype("paged_attention", op.out.dtype, op.k_cache.dtype)?;
     let block_size = cache_dims(&op.k_cache)[1] as u32;
     let table = Some((op.block_table.as_slice(), block_size));
     let seqs = op.seqs.as_slice();
+    let group = op.q.dims()[1] / kv_heads(&op.k_cache).max(1);
+    if flash_fits(op.out.dtype, op.q.dims()[2])
+        && !seqs.is_empty()
+        && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS)
+    {
+        return decode(be, st, op, block_size);
+    }
     if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && seqs.iter().all(|s| s.q_len >= 2) {
         let mut start = 0;
         let chunks = seqs.iter().map(|s| {
@@ -315,6 +328,50 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     }
     let rows = paged_rows(seqs);
     attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scale)
+}
+
+/// Launches `decode_attn_*` (kernels/attention.cu) and `attn_combine_*` for a paged step whose
+/// sequences each fit one MMA tile (`DECODE_ROWS`): the context cut into enough slices that the
+/// blocks fill the GPU about four times over (several resident per SM hide the copies' latency),
+/// none shorter than 64 keys.
+fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32) -> Result<()> {
+    let s = suffix("paged_attention", op.out.dtype)?;
+    let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
+    let hkv = kv_heads(&op.k_cache);
+    let seqs = op.seqs.as_slice();
+    let max_ctx = seqs.iter().map(|s| s.context_len).max().unwrap_or(1).max(1);
+    let want = (4 * be.sms as usize).div_ceil(seqs.len() * hkv) as u32;
+    let split_len = max_ctx.div_ceil(want.clamp(1, max_ctx.div_ceil(64))).next_multiple_of(16);
+    let splits = max_ctx.div_ceil(split_len);
+    let mut meta = Vec::with_capacity(4 * seqs.len());
+    let mut start = 0;
+    for q in seqs {
+        meta.extend([start, q.q_len, q.context_len, q.blocks_start]);
+        start += q.q_len;
+    }
+    let partial_bytes = t * hq * splits as usize * (d + 2) * 4;
+    let (partial, addr) = be.upload(st, partial_bytes, &[bytes_of(&meta), bytes_of(op.block_table.as_slice())])?;
+    let (o, qp) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?);
+    let (kp, vp) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
+    let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
+    let scale_log2 = op.scale * std::f32::consts::LOG2_E;
+    be.launch_shared(
+        &format!("decode_attn_d{d}_{s}"),
+        (seqs.len() as u32, hkv32, splits),
+        (DECODE_THREADS, 1, 1),
+        decode_shared_bytes(d),
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &split_len],
+    )?;
+    be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
+}
+
+/// `decode_attn_*`'s block: 4 warps.
+pub(crate) const DECODE_THREADS: u32 = 128;
+
+/// `decode_attn_*`'s dynamic shared memory at head dim `d`: the 16 query rows, and per warp two
+/// stages of 16 K and 16 V rows (16-bit elements).
+pub(crate) fn decode_shared_bytes(d: usize) -> u32 {
+    (d as u32) * (16 + 4 * 2 * 2 * 16) * 2
 }
 
 pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {

@@ -320,6 +320,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
+        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32],
         "swiglu" => vec![P, P, P, U64],
         "argmax" => vec![P, P, P, U32],
         "sample" => vec![P, P, P, P, U32],
@@ -536,6 +537,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         }
         "attn_split" | "attn_group" => attention_split(base, a, elt, d as u64, out)?,
         "flash_attn" => flash_attention(a, elt, d as u64, out)?,
+        "decode_attn" => decode_attention(a, elt, d as u64, out)?,
         "argmax" | "sample" => {
             // (index, logprob, x, [params,] v): block r reduces row r.
             let last = if base == "sample" { 4 } else { 3 };
@@ -741,6 +743,65 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
         push(out, 1, q0 * hq * d, rows * hq * d, elt, format!("q rows of tile {i}"));
         for g in 0..hkv {
             key_runs(table.as_deref(), bs, kbase, keys, g, hkv, d, &mut runs)?;
+        }
+    }
+    for (start, len, what) in runs {
+        push(out, 2, start, len, elt, format!("k: {what}"));
+        push(out, 3, start, len, elt, format!("v: {what}"));
+    }
+    Ok(())
+}
+
+/// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2,
+/// split_len); grid (sequences, kv heads, slices), 4 warps; seqs[4 i..4 i + 4] = (first query row,
+/// new tokens, context length, block-table offset); each sequence's new tokens x group <= 16 rows.
+fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
+    let (bs, hq, hkv, split_len) = (a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64, a.u32(10) as u64);
+    let (nseq, splits) = (a.grid.0 as usize, a.grid.2 as u64);
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(format!("{hq} query heads cannot share {hkv} kv heads"));
+    }
+    if a.grid.1 as u64 != hkv {
+        return Err(format!("grid.y is {} but the kernel takes one block per kv head ({hkv})", a.grid.1));
+    }
+    if a.block != (crate::ops::DECODE_THREADS, 1, 1) {
+        return Err(format!("block {:?}: the kernel's 4 warps take the keys in turn", a.block));
+    }
+    if a.shared != crate::ops::decode_shared_bytes(d as usize) {
+        return Err(format!("{} bytes of dynamic shared memory; the kernel stages {}", a.shared, crate::ops::decode_shared_bytes(d as usize)));
+    }
+    if !a.f32(9).is_finite() {
+        return Err("scale is not finite".into());
+    }
+    if bs == 0 || split_len == 0 {
+        return Err(format!("block_size {bs}, split_len {split_len}: neither may be 0"));
+    }
+    a.agrees(1, 1, hq, "hq")?;
+    a.agrees(1, 2, d, "the head dim")?;
+    kv_shape(a, true, hkv, bs, d)?;
+    let group = hq / hkv;
+    let seqs = a.u32s(4, 4 * nseq)?;
+    push(out, 4, 0, 4 * nseq as u64, 4, "sequences");
+    let seqs: Vec<[u64; 4]> = seqs.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]].map(|x| x as u64)).collect();
+    let need = seqs.iter().map(|s| s[3] + s[2].div_ceil(bs)).max().unwrap_or(0);
+    let table = table_of(a, 5, need)?;
+    push(out, 5, 0, need, 4, "block table");
+    let q_rows = a.rows_of(1, hq * d);
+    let mut runs = Vec::new();
+    for (i, &[q0, q_len, ctx, kbase]) in seqs.iter().enumerate() {
+        if q_len == 0 || q_len * group > 16 || ctx < q_len {
+            return Err(format!("sequence {i}: {q_len} new tokens of {ctx} x {group} heads: the kernel takes 1..16 rows, within the context"));
+        }
+        if q_rows.is_some_and(|r| q0 + q_len > r) {
+            return Err(format!("sequence {i}: rows {q0}..{} past q's {} rows", q0 + q_len, q_rows.unwrap_or(0)));
+        }
+        if ctx > splits * split_len {
+            return Err(format!("sequence {i} has {ctx} keys but {splits} slices of {split_len} cover only {}", splits * split_len));
+        }
+        push(out, 1, q0 * hq * d, q_len * hq * d, elt, format!("q rows of sequence {i}"));
+        push(out, 0, q0 * hq * splits * (d + 2), q_len * hq * splits * (d + 2), 4, format!("partial states of sequence {i}"));
+        for g in 0..hkv {
+            key_runs(table.as_deref(), bs, kbase, ctx, g, hkv, d, &mut runs)?;
         }
     }
     for (start, len, what) in runs {

@@ -1,0 +1,288 @@
+// Runs the tensor-core attention kernels of kernels/attention.cu on the CPU through
+// kernels/emu/simt.hpp and checks them against an f64 reference, as tests/ops.rs does on a GPU: the
+// largest error at most twice a naive same-dtype implementation's.
+// - prefill, flash_attn_d{64,128}_{bf16,f16}: causal and not, sequences of several lengths in one
+//   batch (tiles cut mid-sequence, one-row sequences), grouped-query heads, and keys through a
+//   shuffled block table after a cached prefix (chunked prefill);
+// - decode, decode_attn_* then attn_combine_*: a batch of sequences (1 to 1000 keys, 1 to 4 new
+//   tokens each) through a shuffled block table, groups of 3, 4 and 8 query heads, the context cut
+//   into one slice or many.
+// Also asserts that ldmatrix met no shared-memory bank conflict.
+//
+// Built and run by tests/kernel_emu.rs (g++ -std=c++20 -O2; the prefill tile shape through
+// -DFA128_WARPS=... as scripts/gpu-sweep.sh varies it). Prints one line per case; exits 1 on a failure.
+
+#include "simt.hpp"
+#include "../common.cuh"
+#include "../attention.cu"
+
+#include <string>
+
+namespace {
+
+uint64_t rng = 0x9e3779b97f4a7c15ull;
+double uniform() {  // [-1, 1)
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (double)(rng >> 11) / (double)(1ull << 52) - 1.0;
+}
+
+struct Seq {
+    u32 q_len, context;  // the last q_len of `context` tokens are the queries
+};
+
+double round_to(double x, bool bf16) {
+    const u16 h = bf16 ? emu::f32_to_bf16((float)x) : emu::f32_to_f16((float)x);
+    return emu::half_to_f32(h, bf16);
+}
+
+struct Case {
+    std::string name;
+    u32 d, hq, hkv;
+    bool bf16, causal, paged;
+    std::vector<Seq> seqs;
+};
+
+// The tiles flash_attn takes, as crates/highrise-cuda/src/flash.rs cuts them.
+std::vector<u32> tiles_for(const Case& c, u32 tile_rows, const std::vector<u32>& kbase) {
+    std::vector<u32> tiles;
+    u32 q_start = 0;
+    for (size_t s = 0; s < c.seqs.size(); s++) {
+        const u32 q_len = c.seqs[s].q_len, pos0 = c.seqs[s].context - q_len;
+        for (u32 r0 = 0; r0 < q_len; r0 += tile_rows) {
+            const u32 rows = std::min(tile_rows, q_len - r0);
+            const u32 pos = c.causal ? pos0 + r0 : pos0 + q_len, keys = c.causal ? pos0 + r0 + rows : pos0 + q_len;
+            tiles.insert(tiles.end(), {q_start + r0, rows, pos, kbase[s], keys});
+        }
+        q_start += q_len;
+    }
+    return tiles;
+}
+
+// The output against the f64 reference and a naive same-dtype one (scores, probabilities and the
+// output rounded); a line of report.
+bool compare(const Case& c, const std::vector<std::vector<double>>& keys, const std::vector<std::vector<double>>& vals,
+             const std::vector<double>& qd, const std::vector<u16>& out, u32 t, const std::string& what = "") {
+    const u32 d = c.d, hq = c.hq, hkv = c.hkv;
+    const float scale = 1.0f / std::sqrt((float)d);
+    // The f64 reference and a naive same-dtype one (scores, probabilities and the output rounded).
+    double err = 0, naive_err = 0, sq = 0;
+    u32 row = 0;
+    for (size_t s = 0; s < c.seqs.size(); s++) {
+        const u32 q_len = c.seqs[s].q_len, ctx = c.seqs[s].context;
+        for (u32 i = 0; i < q_len; i++, row++) {
+            const u32 last = c.causal ? ctx - q_len + i : ctx - 1;
+            for (u32 h = 0; h < hq; h++) {
+                const u32 g = h / (hq / hkv);
+                const double* qr = &qd[((size_t)row * hq + h) * d];
+                std::vector<double> sc(last + 1), sn(last + 1);
+                double mx = -INFINITY, mn = -INFINITY;
+                for (u32 j = 0; j <= last; j++) {
+                    double dot = 0;
+                    for (u32 x = 0; x < d; x++) dot += qr[x] * keys[s][((size_t)j * hkv + g) * d + x];
+                    sc[j] = dot * scale;
+                    sn[j] = round_to(dot * scale, c.bf16);
+                    mx = std::max(mx, sc[j]);
+                    mn = std::max(mn, sn[j]);
+                }
+                double sum = 0, nsum = 0;
+                for (u32 j = 0; j <= last; j++) {
+                    sc[j] = std::exp(sc[j] - mx);
+                    sn[j] = std::exp(sn[j] - mn);
+                    sum += sc[j];
+                    nsum += sn[j];
+                }
+                for (u32 x = 0; x < d; x++) {
+                    double a = 0, na = 0;
+                    for (u32 j = 0; j <= last; j++) {
+                        const double vv = vals[s][((size_t)j * hkv + g) * d + x];
+                        a += sc[j] / sum * vv;
+                        na += round_to(sn[j] / nsum, c.bf16) * vv;
+                    }
+                    const double got = emu::half_to_f32(out[((size_t)row * hq + h) * d + x], c.bf16);
+                    if (!std::isfinite(got)) {
+                        std::printf("FAIL %s: row %u head %u dim %u is %g (unwritten?)\n", c.name.c_str(), row, h, x, got);
+                        return false;
+                    }
+                    err = std::max(err, std::fabs(got - a));
+                    naive_err = std::max(naive_err, std::fabs(round_to(na, c.bf16) - a));
+                    sq += a * a;
+                }
+            }
+        }
+    }
+    const double rms = std::sqrt(sq / ((double)t * hq * d));
+    const bool ok = err <= 2.0 * naive_err + 1e-7 * rms;
+    std::printf("%s %s: %s, max error %.3e, naive %s %.3e\n", ok ? "ok  " : "FAIL", c.name.c_str(), what.c_str(), err,
+                c.bf16 ? "bf16" : "f16", naive_err);
+    return ok;
+}
+
+// A case's inputs: each sequence's keys and values (its whole context) and the queries, rounded to
+// the dtype (as f64 for the reference, as 16-bit words for the kernel), and where K/V rows lie:
+// contiguous (the prompts' own rows: context == q_len), or in shuffled blocks of the paged cache
+// [blocks, hkv, block_size, d] (NaN where no key is).
+struct Inputs {
+    u32 t = 0;
+    std::vector<std::vector<double>> keys, vals;
+    std::vector<double> qd;
+    std::vector<u16> q, k, v;
+    std::vector<u32> kbase, table;
+};
+
+constexpr u32 BLOCK_SIZE = 16;
+
+Inputs make_inputs(const Case& c) {
+    const u32 d = c.d, hq = c.hq, hkv = c.hkv, block_size = BLOCK_SIZE;
+    Inputs in;
+    for (auto& s : c.seqs) in.t += s.q_len;
+    in.keys.resize(c.seqs.size());
+    in.vals.resize(c.seqs.size());
+    u32 total_blocks = 0, key_rows = 0;
+    for (auto& s : c.seqs) total_blocks += (s.context + block_size - 1) / block_size;
+    std::vector<u32> order(total_blocks);
+    for (u32 i = 0; i < total_blocks; i++) order[i] = i;
+    for (u32 i = total_blocks; i > 1; i--) std::swap(order[i - 1], order[(u32)((uniform() + 1.0) / 2.0 * i) % i]);
+    for (size_t s = 0; s < c.seqs.size(); s++) {
+        const u32 n = c.seqs[s].context;
+        for (u32 i = 0; i < n * hkv * d; i++) {
+            in.keys[s].push_back(round_to(uniform(), c.bf16));
+            in.vals[s].push_back(round_to(uniform(), c.bf16));
+        }
+        if (c.paged) {
+            in.kbase.push_back((u32)in.table.size());
+            for (u32 b = 0; b < (n + block_size - 1) / block_size; b++) in.table.push_back(order[in.table.size()]);
+        } else {
+            in.kbase.push_back(key_rows);
+            key_rows += n;
+        }
+    }
+    const size_t kv_elems = c.paged ? (size_t)total_blocks * hkv * block_size * d : (size_t)key_rows * hkv * d;
+    in.k.assign(kv_elems, 0x7fc0);
+    in.v.assign(kv_elems, 0x7fc0);
+    for (size_t s = 0; s < c.seqs.size(); s++)
+        for (u32 j = 0; j < c.seqs[s].context; j++)
+            for (u32 g = 0; g < hkv; g++)
+                for (u32 x = 0; x < d; x++) {
+                    const size_t at = c.paged ? (((size_t)in.table[in.kbase[s] + j / block_size] * hkv + g) * block_size + j % block_size) * d + x
+                                              : (((size_t)in.kbase[s] + j) * hkv + g) * d + x;
+                    const double kk = in.keys[s][((size_t)j * hkv + g) * d + x], vv = in.vals[s][((size_t)j * hkv + g) * d + x];
+                    in.k[at] = c.bf16 ? emu::f32_to_bf16((float)kk) : emu::f32_to_f16((float)kk);
+                    in.v[at] = c.bf16 ? emu::f32_to_bf16((float)vv) : emu::f32_to_f16((float)vv);
+                }
+    in.qd.resize((size_t)in.t * hq * d);
+    in.q.resize(in.qd.size());
+    for (size_t i = 0; i < in.qd.size(); i++) {
+        in.qd[i] = round_to(2.0 * uniform(), c.bf16);
+        in.q[i] = c.bf16 ? emu::f32_to_bf16((float)in.qd[i]) : emu::f32_to_f16((float)in.qd[i]);
+    }
+    return in;
+}
+
+const float LOG2E = 1.4426950408889634f;
+
+bool run_prefill(const Case& c) {
+    const u32 d = c.d, hq = c.hq, hkv = c.hkv;
+    const u32 warps = d == 64 ? FA64_WARPS : FA128_WARPS, mt = d == 64 ? FA64_MT : FA128_MT;
+    const u32 keys_tile = d == 64 ? FA64_KEYS : FA128_KEYS, tile_rows = 16 * mt * warps;
+    Inputs in = make_inputs(c);
+    std::vector<u16> out((size_t)in.t * hq * d, 0x7fc0);
+    const std::vector<u32> tiles = tiles_for(c, tile_rows, in.kbase);
+    const float scale_log2 = LOG2E / std::sqrt((float)d);
+    const size_t smem = (size_t)(tile_rows + 2 * keys_tile) * d * 2;
+    const u32* tab = c.paged ? in.table.data() : nullptr;
+    const u32 bs = c.paged ? BLOCK_SIZE : 0;
+    u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
+    emu::launch({(u32)tiles.size() / 5, hq, 1}, {32 * warps, 1, 1}, smem, [&] {
+        if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
+        if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
+        if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
+        if (d == 128 && !c.bf16) flash_attn_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
+    });
+    char what[64];
+    std::snprintf(what, sizeof what, "%u tiles of %u rows", (u32)tiles.size() / 5, tile_rows);
+    return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
+}
+
+// Decode through the paged cache: decode_attn over `split_len`-key slices, then attn_combine.
+bool run_decode(const Case& c, u32 split_len) {
+    const u32 d = c.d, hq = c.hq, hkv = c.hkv;
+    Inputs in = make_inputs(c);
+    std::vector<u32> seqs;
+    u32 q_start = 0, max_ctx = 0;
+    for (size_t s = 0; s < c.seqs.size(); s++) {
+        seqs.insert(seqs.end(), {q_start, c.seqs[s].q_len, c.seqs[s].context, in.kbase[s]});
+        q_start += c.seqs[s].q_len;
+        max_ctx = std::max(max_ctx, c.seqs[s].context);
+    }
+    const u32 splits = (max_ctx + split_len - 1) / split_len, nseq = (u32)c.seqs.size();
+    std::vector<float> partial((size_t)in.t * hq * splits * (d + 2), NAN);
+    std::vector<u16> out((size_t)in.t * hq * d, 0x7fc0);
+    const float scale_log2 = LOG2E / std::sqrt((float)d);
+    const size_t smem = (size_t)d * (16 + DA_WARPS * 2 * 2 * DA_KEYS) * 2;
+    float* p = partial.data();
+    u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
+    const u32 *sq = seqs.data(), *tab = in.table.data();
+    emu::launch({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
+        if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, split_len);
+        if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, split_len);
+        if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, split_len);
+        if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, split_len);
+    });
+    // Every slice state of a row within its context was written (NaN: a block missed it).
+    for (u32 r = 0, s = 0; s < nseq; s++)
+        for (u32 i = 0; i < c.seqs[s].q_len; i++, r++)
+            for (u32 h = 0; h < hq; h++)
+                for (u32 sl = 0; sl < splits; sl++)
+                    if (std::isnan(partial[(((size_t)r * hq + h) * splits + sl) * (d + 2) + d + 1])) {
+                        std::printf("FAIL %s: the partial state of row %u head %u slice %u was not written\n", c.name.c_str(), r, h, sl);
+                        return false;
+                    }
+    emu::launch({in.t, hq, 1}, {d, 1, 1}, 0, [&] {
+        if (c.bf16) attn_combine_bf16(o, p, hq, d, splits);
+        else attn_combine_f16(o, p, hq, d, splits);
+    });
+    char what[64];
+    std::snprintf(what, sizeof what, "%u slices of %u keys", splits, split_len);
+    return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    // "prefill": only the prefill cases (what a tile shape changes).
+    const bool decode = !(argc > 1 && std::string(argv[1]) == "prefill");
+    std::printf("tile shapes: d64 %u warps x %u x 16 rows, %u keys; d128 %u warps x %u x 16 rows, %u keys\n", FA64_WARPS,
+                FA64_MT, FA64_KEYS, FA128_WARPS, FA128_MT, FA128_KEYS);
+    std::vector<Case> cases;
+    for (u32 d : {64u, 128u})
+        for (bool bf16 : {true, false}) {
+            const std::string tag = std::string("d") + std::to_string(d) + (bf16 ? " bf16" : " f16");
+            cases.push_back({tag + " causal, 3 prompts (1, 150, 37 rows), 4 heads over 2", d, 4, 2, bf16, true, false, {{1, 1}, {150, 150}, {37, 37}}});
+            cases.push_back({tag + " full, 2 prompts (70, 129 rows), 2 heads over 1", d, 2, 1, bf16, false, false, {{70, 70}, {129, 129}}});
+            cases.push_back({tag + " paged, chunks after cached prefixes (45 of 100, 2 of 19, 64 of 64)", d, 4, 2, bf16, true, true,
+                             {{45, 100}, {2, 19}, {64, 64}}});
+        }
+    bool ok = true;
+    for (auto& c : cases) ok &= run_prefill(c);
+    // Decode: one new token per sequence (and a few for speculative decoding) through the cache.
+    if (decode)
+    for (u32 d : {64u, 128u})
+        for (bool bf16 : {true, false}) {
+            const std::string tag = std::string("decode d") + std::to_string(d) + (bf16 ? " bf16" : " f16");
+            const Case g4 = {tag + " 8 heads over 2, contexts 1, 1000, 40 (+3 new), 77", d, 8, 2, bf16, true, true,
+                             {{1, 1}, {1, 1000}, {3, 40}, {1, 77}}};
+            ok &= run_decode(g4, 64);
+            ok &= run_decode(g4, 1008);
+            ok &= run_decode({tag + " 9 heads over 3, contexts 300, 17 (+5 new)", d, 9, 3, bf16, true, true, {{1, 300}, {5, 17}}}, 128);
+            ok &= run_decode({tag + " 16 heads over 2, contexts 129, 64 (+2 new)", d, 16, 2, bf16, true, true, {{1, 129}, {2, 64}}}, 32);
+        }
+    const unsigned long long conflicts = emu::bank_conflicts, loads = emu::ldmatrix_count;
+    std::printf("ldmatrix: %llu matrices loaded, %llu bank conflicts\n", loads, conflicts);
+    if (conflicts) {
+        std::printf("FAIL shared-memory bank conflicts\n");
+        ok = false;
+    }
+    return ok ? 0 : 1;
+}
