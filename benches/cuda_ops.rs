@@ -5,7 +5,8 @@
 //!   32 query / 8 KV heads: the tensor-core kernel, and the split kernel up to 2k tokens;
 //! - decode attention over the paged cache, achieved bandwidth (K and V bytes read), batch 1 to 256,
 //!   context 1k to 32k;
-//! - one Llama-3-8B layer's projections at decode (GEMV, bandwidth) and prefill (GEMM, TFLOP/s).
+//! - one Llama-3-8B layer's projections at decode, 1 and 8 rows (our GEMV kernel and cuBLAS, read
+//!   bandwidth), and at prefill (cuBLAS GEMM, TFLOP/s).
 //!
 //! Without a CUDA device it prints `skipped: no CUDA device` and exits. Run with
 //! `cargo bench --bench cuda_ops`; `HIGHRISE_BENCH_QUICK=1` takes fewer samples.
@@ -173,23 +174,30 @@ fn main() {
     }
     g.finish();
 
+    // Decode (1 and 8 rows: our GEMV kernel, and cuBLAS beside it as the peer) and prefill (cuBLAS).
     let mut g = c.benchmark_group("llama3_8b_projections");
     let (h, inter) = (4096usize, 14336usize);
-    for t in [1usize, 512] {
+    for t in [1usize, 8, 512] {
         for (name, rows_out, cols) in [("qkv", (hq + 2 * hkv) * d, h), ("gate", inter, h), ("down", h, inter)] {
             let w = random(&b, DType::BF16, &[rows_out, cols], 0.01);
             let x = random(&b, DType::BF16, &[t, cols], 1.0);
             let mut out = Tensor::empty(&b, DType::BF16, &[t, rows_out]).unwrap();
-            let mut run = || b.linear(&mut out, &x, &w, None).unwrap();
             let (wbytes, flops) = ((rows_out * cols * 2) as u64, 2.0 * (t * rows_out * cols) as f64);
-            g.throughput(if t == 1 { Throughput::Bytes(wbytes) } else { Throughput::Elements(flops as u64) });
-            g.bench_function(BenchmarkId::new(name, t), |bn| bn.iter_custom(|iters| time(&b, iters, &mut run)));
-            let secs = time(&b, 10, &mut run).as_secs_f64() / 10.0;
-            rows.push(if t == 1 {
-                Row { test: format!("8B {name} decode GEMV"), figure: wbytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 }
-            } else {
-                Row { test: format!("8B {name} prefill T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 }
-            });
+            let kernels: &[(&str, &str)] = if t <= 8 { &[("gemv", "own"), ("cuBLAS", "cublas")] } else { &[("cuBLAS", "cublas")] };
+            for &(kernel, choice) in kernels {
+                std::env::set_var("HIGHRISE_CUDA_GEMV", choice);
+                let mut run = || b.linear(&mut out, &x, &w, None).unwrap();
+                g.throughput(if t <= 8 { Throughput::Bytes(wbytes) } else { Throughput::Elements(flops as u64) });
+                g.bench_function(BenchmarkId::new(format!("{name}_{kernel}"), t), |bn| bn.iter_custom(|iters| time(&b, iters, &mut run)));
+                let secs = time(&b, 10, &mut run).as_secs_f64() / 10.0;
+                rows.push(if t <= 8 {
+                    let test = format!("8B {name} decode T={t} ({kernel})");
+                    Row { test, figure: wbytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 }
+                } else {
+                    Row { test: format!("8B {name} prefill T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 }
+                });
+            }
+            std::env::remove_var("HIGHRISE_CUDA_GEMV");
         }
     }
     g.finish();

@@ -125,7 +125,7 @@ fn every_op_launches_what_its_kernels_expect() {
     for family in [
         "embedding", "rms_norm", "add_rms_norm", "add_bias", "to_f32", "from_f32", "rope", "kv_write", "attn_split_d64",
         "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "decode_attn_d64",
-        "decode_attn_d128", "swiglu",
+        "decode_attn_d128", "gemv1", "gemv8", "swiglu",
         "argmax", "sample",
     ] {
         assert!(kernels.iter().any(|k| k.starts_with(family)), "no {family} kernel was launched: {kernels:?}");

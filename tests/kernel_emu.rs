@@ -99,3 +99,27 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The matrix-vector kernels (kernels/gemv.cu, decode's projections) on the CPU model against an f64
+/// reference: 1-8 rows of x, k up to 14336, n not a multiple of a block's rows, biases of two dtypes;
+/// every output within one unit in the last place of the exact result rounded once.
+#[test]
+fn gemv_kernels_match_the_reference_on_the_cpu_model() {
+    let Some(cxx) = compiler() else {
+        return println!("skipped: no C++ compiler (c++, g++ or clang++) to build kernels/emu/check_gemv.cpp");
+    };
+    let exe = std::env::temp_dir().join(format!("highrise-check-gemv-{}", std::process::id()));
+    let out = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-w", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(root().join("kernels/emu/check_gemv.cpp"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{cxx} check_gemv.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
+    let run = Command::new(&exe).output().unwrap();
+    let report = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    let _ = std::fs::remove_file(&exe);
+    assert!(run.status.success(), "gemv on the CPU model:\n{report}");
+    assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 12, "{report}");
+    println!("{report}");
+}

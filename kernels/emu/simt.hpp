@@ -38,6 +38,11 @@
 #define __shared__ static thread_local
 #define __align__(n) alignas(n)
 
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 struct emu_dim3 {
     unsigned x = 1, y = 1, z = 1;
 };

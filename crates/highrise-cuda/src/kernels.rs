@@ -9,6 +9,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("residual.cu", include_str!("../../../kernels/residual.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
     ("mlp.cu", include_str!("../../../kernels/mlp.cu")),
+    ("gemv.cu", include_str!("../../../kernels/gemv.cu")),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
 ];
 

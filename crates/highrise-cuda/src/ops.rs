@@ -81,6 +81,11 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
         // validated shapes, or carved from the workspace below).
         unsafe { be.driver.gemm(&Gemm { input, output, t, k, n, x, w, out }) }
     };
+    if let Some(tm) = gemv_rows(act, op.weight.dtype, t, k, x | w) {
+        let (t32, k32) = (t as u32, k as u32);
+        let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32;
+        return be.launch(&format!("gemv{tm}_{s}"), (blocks, 1, 1), (128, 1, 1), &[&out, &x, &w, &bias, &bias_dt, &t32, &k32, &n32]);
+    }
     if op.weight.dtype == act && bias == 0 {
         return gemm(act, act, x, w, out);
     }
@@ -102,6 +107,21 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
         be.launch("add_bias_f32", cover(total, 256), (256, 1, 1), &[&o32, &bias, &bias_dt, &n32, &total])?;
     }
     be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])
+}
+
+/// Rows of w one block of `gemv*` takes (4 warps of 2 rows).
+const GEMV_ROWS_PER_BLOCK: usize = 8;
+
+/// Whether a linear op runs on our matrix-vector kernel (kernels/gemv.cu) instead of cuBLAS, and
+/// which one (the rows of x it is built for): f16/bf16 x and weights alike, at most 8 rows, k a
+/// whole number of 16-byte chunks at 16-byte aligned addresses (`addrs`: x | w).
+/// `HIGHRISE_CUDA_GEMV=cublas` keeps every linear op on cuBLAS (benches/cuda_ops.rs compares them).
+fn gemv_rows(act: DType, weight: DType, t: usize, k: usize, addrs: u64) -> Option<u32> {
+    let fits = matches!(act, DType::BF16 | DType::F16) && weight == act && (1..=8).contains(&t) && k % 8 == 0 && addrs % 16 == 0;
+    if !fits || std::env::var("HIGHRISE_CUDA_GEMV").is_ok_and(|v| v == "cublas") {
+        return None;
+    }
+    Some(t.next_power_of_two() as u32)
 }
 
 pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {

@@ -321,6 +321,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32],
+        "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "swiglu" => vec![P, P, P, U64],
         "argmax" => vec![P, P, P, U32],
         "sample" => vec![P, P, P, P, U32],
@@ -538,6 +539,31 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         "attn_split" | "attn_group" => attention_split(base, a, elt, d as u64, out)?,
         "flash_attn" => flash_attention(a, elt, d as u64, out)?,
         "decode_attn" => decode_attention(a, elt, d as u64, out)?,
+        "gemv1" | "gemv2" | "gemv4" | "gemv8" => {
+            // (out, x, w, bias, bias_dt, t, k, n): 4 warps of 2 rows of w per block.
+            let tm: u64 = base[4..].parse().unwrap_or(0);
+            let (t, k, n) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64);
+            if t == 0 || t > tm {
+                return Err(format!("{t} rows of x for a kernel built for 1..{tm}"));
+            }
+            if k % 8 != 0 || a.u64(1) % 16 != 0 || a.u64(2) % 16 != 0 {
+                return Err(format!("k {k}, x at {:#x}, w at {:#x}: the kernel reads 16-byte chunks", a.u64(1), a.u64(2)));
+            }
+            if a.block != (128, 1, 1) || gx * 8 < n || (gx - 1) * 8 >= n.max(1) {
+                return Err(format!("grid {:?} and block {:?} do not cover {n} rows in blocks of 8", a.grid, a.block));
+            }
+            a.agrees(2, 0, n, "the weight's rows")?;
+            a.agrees(2, 1, k, "the weight's columns")?;
+            a.agrees(1, 1, k, "x's columns")?;
+            a.agrees(0, 1, n, "out's columns")?;
+            push(out, 0, 0, t * n, elt, "out");
+            push(out, 1, 0, t * k, elt, "x");
+            push(out, 2, 0, n * k, elt, "w");
+            if a.u64(3) != 0 {
+                let bias_elt = if a.u32(4) == 0 { 4 } else { 2 };
+                push(out, 3, 0, n, bias_elt, "bias");
+            }
+        }
         "argmax" | "sample" => {
             // (index, logprob, x, [params,] v): block r reduces row r.
             let last = if base == "sample" { 4 } else { 3 };

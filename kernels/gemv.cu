@@ -1,0 +1,99 @@
+// Matrix-vector products for decoding: out [t, n] = x [t, k] @ w [n, k]^T (+ bias), t <= 8 rows of
+// f16 or bf16, f32 accumulation, one rounding. A decode step's projections read every weight once
+// and are bound by memory bandwidth, where a GEMM library tuned for large matrices leaves some of it
+// unused (cuBLAS reached 66-81% of the H200's copy bandwidth on Llama-3-8B's shapes). Here each warp
+// takes GEMV_ROWS rows of w; its lanes read them in 16-byte chunks (8 elements) along k, GEMV_UNROLL
+// chunks per row in flight before any is used, and multiply each chunk by the same 8 elements of
+// every row of x (a few KiB, read through the caches by every warp). A warp reduction per (row of x,
+// row of w) ends it. TM: the rows of x the kernel is built for (1, 2, 4, 8); t <= TM at run time.
+// Needs k % 8 == 0 and 16-byte aligned x and w (the host checks, and uses cuBLAS otherwise).
+
+#define GEMV_WARPS 4
+#define GEMV_ROWS 2
+#define GEMV_UNROLL 4
+
+// Eight 16-bit values from one 16-byte chunk, as floats.
+template <bool BF16>
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (BF16) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        } else {
+            f[2 * i] = f16_to_f32((u16)(w[i] & 0xffffu));
+            f[2 * i + 1] = f16_to_f32((u16)(w[i] >> 16));
+        }
+    }
+}
+
+template <int TM, bool BF16>
+__device__ void gemv(u16* out, const u16* x, const u16* w, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
+    const u32 chunks = k / 8;
+    const uint4* w4[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) w4[r] = (const uint4*)(w + (u64)min(row0 + r, n - 1) * k);
+    const uint4* x4 = (const uint4*)x;
+
+    float acc[GEMV_ROWS][TM];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int i = 0; i < TM; i++) acc[r][i] = 0.0f;
+
+    for (u32 c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const u32 c = c0 + 32 * u;
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) wv[u][r] = c < chunks ? w4[r][c] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const u32 c = c0 + 32 * u;
+            if (c >= chunks) break;
+            float wf[GEMV_ROWS][8];
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++) unpack8<BF16>(wv[u][r], wf[r]);
+#pragma unroll
+            for (int i = 0; i < TM; i++) {
+                if (i >= (int)t) break;
+                float xf[8];
+                unpack8<BF16>(x4[(u64)i * chunks + c], xf);
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[r][i] += wf[r][e] * xf[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        const u32 row = row0 + r;
+        const float b = bias != 0 && row < n ? load_any(bias, row, bias_dt) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < TM; i++) {
+            const float s = warp_sum(acc[r][i]);
+            if (lane == 0 && i < (int)t && row < n) {
+                const float v = s + b;
+                out[(u64)i * n + row] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+            }
+        }
+    }
+}
+
+#define GEMV_ONE(tm, s, bf16)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
+        gemv##tm##_##s(u16* out, const u16* x, const u16* w, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) { \
+        gemv<tm, bf16>(out, x, w, bias, bias_dt, t, k, n);                                                        \
+    }
+#define GEMV(tm) GEMV_ONE(tm, bf16, true) GEMV_ONE(tm, f16, false)
+GEMV(1)
+GEMV(2)
+GEMV(4)
+GEMV(8)
