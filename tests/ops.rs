@@ -271,7 +271,7 @@ pub fn paged_attention_reads_through_block_tables() {
         // head), and (CPU: CUDA's kernels take D 64, 128 and 256) a head dim of whole vectors of 8
         // but not whole tiles of 16 columns.
         check_paged(&mut rng, dt, 16, 2, 64, &[(1, 1), (37, 1), (300, 1)]);
-        if env!("CARGO_CRATE_NAME") != "cuda" {
+        if !on_cuda() {
             check_paged(&mut rng, dt, 4, 2, 40, &[(1, 1), (37, 1), (300, 1)]);
         }
     }
@@ -285,7 +285,7 @@ pub fn paged_attention_reads_a_cache_of_another_dtype() {
     if backend("paged_attention_reads_a_cache_of_another_dtype").is_none() {
         return;
     }
-    if env!("CARGO_CRATE_NAME") == "cuda" {
+    if on_cuda() {
         return println!("skipped: an f16 KV cache beside f32 activations is the CPU backend's alone");
     }
     let mut rng = Rng::new("paged_attention f16 cache");

@@ -15,7 +15,9 @@
 // a time, i.e. one copy per block, uninitialized between blocks as on a GPU.
 
 #pragma once
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
+#endif
 #include <ucontext.h>
 
 #include <algorithm>
@@ -26,7 +28,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #define HIGHRISE_EMU 1
@@ -55,8 +61,40 @@ struct Copy {
     unsigned bytes, src_bytes;
 };
 
+// Switching fibers: on x86-64 a few instructions saving the callee-saved registers on the fiber's
+// own stack (glibc's swapcontext also saves the signal mask, a system call per switch); ucontext
+// elsewhere.
+#if defined(__x86_64__)
+#define EMU_FAST_SWITCH 1
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .weak emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+#endif
+
 struct Fiber {
     ucontext_t ctx;
+    void* sp = nullptr;
     emu_dim3 tid;
     unsigned lane, warp;
     bool done = false;
@@ -72,6 +110,7 @@ struct Block {
     emu_dim3 bid, bdim, gdim;
     std::vector<Fiber> fibers;
     ucontext_t scheduler;
+    void* scheduler_sp = nullptr;
     unsigned current = 0, live = 0, stalls = 0;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
@@ -90,7 +129,13 @@ inline Fiber& me() { return blk->fibers[blk->current]; }
     std::exit(3);
 }
 
-inline void yield() { swapcontext(&me().ctx, &blk->scheduler); }
+inline void yield() {
+#ifdef EMU_FAST_SWITCH
+    emu_switch(&me().sp, blk->scheduler_sp);
+#else
+    swapcontext(&me().ctx, &blk->scheduler);
+#endif
+}
 
 // Waits until `n` fibers have arrived at `b`.
 inline void arrive(Barrier& b, unsigned n) {
@@ -134,6 +179,14 @@ inline T shfl_xor(T v, int mask) {
     T out{};
     const unsigned lane = me().lane;
     exchange(v, [&](auto at) { out = at(lane ^ (unsigned)mask); });
+    return out;
+}
+
+template <class T>
+inline T shfl_up(T v, unsigned delta) {
+    T out{};
+    const unsigned lane = me().lane;
+    exchange(v, [&](auto at) { out = lane >= delta ? at(lane - delta) : v; });
     return out;
 }
 
@@ -285,7 +338,8 @@ inline void trampoline() {
         blk->block_barrier.arrived = 0;
         blk->block_barrier.generation++;
     }
-    swapcontext(&f.ctx, &blk->scheduler);
+    yield();  // never resumed
+    std::abort();
 }
 
 inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
@@ -301,18 +355,33 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
         f.tid = {i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y)};
         f.lane = i % 32;
         f.warp = i / 32;
+#ifdef EMU_FAST_SWITCH
+        // The stack as emu_switch leaves it: six saved registers, then the address it returns to
+        // (trampoline, entered with the stack aligned as after a call).
+        uintptr_t top = ((uintptr_t)stacks[i].data() + stacks[i].size()) & ~(uintptr_t)15;
+        void** sp = (void**)top;
+        *--sp = nullptr;  // trampoline's return address: it never returns
+        *--sp = (void*)&trampoline;
+        for (int r = 0; r < 6; r++) *--sp = nullptr;
+        f.sp = sp;
+#else
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = stacks[i].data();
         f.ctx.uc_stack.ss_size = stacks[i].size();
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, trampoline, 0);
+#endif
     }
     blk = &b;
     while (b.live) {
         for (unsigned i = 0; i < n; i++) {
             if (b.fibers[i].done) continue;
             b.current = i;
+#ifdef EMU_FAST_SWITCH
+            emu_switch(&b.scheduler_sp, b.fibers[i].sp);
+#else
             swapcontext(&b.scheduler, &b.fibers[i].ctx);
+#endif
         }
     }
     blk = nullptr;
@@ -341,6 +410,45 @@ inline void launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const s
     for (auto& t : threads) t.join();
 }
 
+// ---- running kernels by name: kernels/emu builds each kernel file with a table of its entries ----
+
+using Entry = void (*)(void**);
+
+inline std::map<std::string, Entry>& registry() {
+    static std::map<std::string, Entry> r;
+    return r;
+}
+
+struct Register {
+    Register(std::initializer_list<std::pair<const char*, Entry>> entries) {
+        for (auto& e : entries) registry()[e.first] = e.second;
+    }
+};
+
+// A kernel argument from the address cuLaunchKernel would read it at: device pointers are 64-bit.
+template <class A>
+inline A arg(void* p) {
+    if constexpr (std::is_pointer_v<A>) {
+        uint64_t v;
+        std::memcpy(&v, p, 8);
+        return (A)(uintptr_t)v;
+    } else {
+        A v;
+        std::memcpy(&v, p, sizeof(A));
+        return v;
+    }
+}
+
+template <class... A, size_t... I>
+inline void call_with(void (*f)(A...), void** p, std::index_sequence<I...>) {
+    f(arg<A>(p[I])...);
+}
+
+template <class... A>
+inline void call(void (*f)(A...), void** p) {
+    call_with(f, p, std::index_sequence_for<A...>{});
+}
+
 }  // namespace emu
 
 #define threadIdx (emu::me().tid)
@@ -354,11 +462,43 @@ template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) { return emu::shfl_xor(v, mask); }
 template <class T>
 inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl(v, src); }
+template <class T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta) { return emu::shfl_up(v, delta); }
+
+// Blocks run on several OS threads at once: global atomics are real ones.
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicMin(unsigned* p, unsigned v) {
+    unsigned old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+inline float atomicAdd(float* p, float v) {
+    float old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    float want;
+    do want = old + v;
+    while (!__atomic_compare_exchange(p, &old, &want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+}
+inline double atomicAdd(double* p, double v) {
+    double old;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    double want;
+    do want = old + v;
+    while (!__atomic_compare_exchange(p, &old, &want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+}
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 using std::exp2f;
 using std::fmaxf;

@@ -17,6 +17,23 @@ pub fn cpu() -> Arc<dyn Backend> {
 /// tests/ops.rs), the CUDA backend. `None` (after printing `skipped: ...`) where it cannot run.
 pub fn backend(test: &str) -> Option<Arc<dyn Backend>> {
     static BACKEND: OnceLock<Result<Arc<dyn Backend>, String>> = OnceLock::new();
+    if env!("CARGO_CRATE_NAME") == "cuda_emu" {
+        // The CUDA backend over a device emulated on the CPU (tests/cuda_emu.rs).
+        let made = BACKEND.get_or_init(|| {
+            let driver = highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).map_err(|e| e.to_string())?;
+            Ok(Arc::new(highrise_cuda::CudaBackend::with_driver(Arc::new(driver))) as Arc<dyn Backend>)
+        });
+        return match made {
+            Ok(b) => Some(b.clone()),
+            // Without NVRTC or a C++ compiler there is nothing to emulate with; with them, a library
+            // that does not build is a failure, never a skip.
+            Err(e) if e.contains("no C++ compiler") || e.contains("nvrtc") => {
+                println!("skipped: {test}: no emulated CUDA device ({e})");
+                None
+            }
+            Err(e) => panic!("{test}: the emulated CUDA device: {e}"),
+        };
+    }
     if env!("CARGO_CRATE_NAME") != "cuda" {
         return Some(cpu());
     }
@@ -27,6 +44,13 @@ pub fn backend(test: &str) -> Option<Arc<dyn Backend>> {
             None
         }
     }
+}
+
+/// Whether this test binary's backend is CUDA's (on a GPU, tests/cuda.rs; or on the emulated device,
+/// tests/cuda_emu.rs), which keeps the KV cache in the activations' dtype and takes head dims 64, 128
+/// and 256.
+pub fn on_cuda() -> bool {
+    matches!(env!("CARGO_CRATE_NAME"), "cuda" | "cuda_emu")
 }
 
 /// The backend of this test binary, once `backend` has said it runs.

@@ -12,6 +12,7 @@
 //! copies live in one reusable scratch buffer.
 
 pub mod driver;
+pub mod emu;
 pub mod flash;
 pub mod kernels;
 pub mod libs;

@@ -112,6 +112,8 @@ impl State {
 
 pub struct RecordingDriver {
     info: DeviceInfo,
+    /// The kernels built for the CPU (`executing`): launches and GEMMs are run, not only checked.
+    exec: Option<crate::emu::Library>,
     /// Shared memory a block may have with opt-in (227 KiB on Hopper, 163 KiB on A100).
     max_shared: usize,
     kernels: HashMap<String, Entry>,
@@ -132,6 +134,7 @@ impl RecordingDriver {
         let max_shared = if arch.starts_with("sm_90") { 227 << 10 } else { 163 << 10 };
         Ok(RecordingDriver {
             info: DeviceInfo { name: format!("recording driver (no GPU; kernels compiled for {arch})"), arch: arch.into(), sms },
+            exec: None,
             max_shared,
             kernels,
             state: Mutex::new(State {
@@ -143,6 +146,20 @@ impl RecordingDriver {
                 summary: Summary::default(),
             }),
         })
+    }
+
+    /// `new`, and every launch it accepts is then run on the CPU by the kernels built as host code
+    /// (`crate::emu`), every GEMM computed on the CPU: the whole backend works, slowly, without a
+    /// GPU. Needs libnvrtc (for the checks) and a C++20 compiler.
+    pub fn executing(arch: &str, sms: u32) -> Result<RecordingDriver> {
+        let mut d = RecordingDriver::new(arch, sms)?;
+        let mut files = Vec::new();
+        for (name, ptx) in crate::nvrtc::compile_all(arch)? {
+            files.push((name, crate::ptx::entries(&ptx), crate::nvrtc::defines(name, arch)?));
+        }
+        d.exec = Some(crate::emu::Library::build(&files)?);
+        d.info.name = format!("emulated device (kernels run on the CPU; checked as compiled for {arch})");
+        Ok(d)
     }
 
     /// The kernels' signatures as read from their PTX.
@@ -837,6 +854,57 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     Ok(())
 }
 
+/// The host address behind device address `p` (executing drivers).
+fn host_address(st: &mut State, p: u64) -> Option<u64> {
+    let (&base, v) = st.allocs.range_mut(..=p).next_back()?;
+    (p < base + v.len().max(1) as u64).then(|| v.as_mut_ptr() as u64 + (p - base))
+}
+
+/// A GEMM on the CPU: f32 accumulation of the dtype's values, one rounding to the output's.
+fn run_gemm(st: &mut State, g: &Gemm) -> Result<()> {
+    let read = |st: &mut State, ptr: u64, n: usize, dt: DType| -> Result<Vec<f32>> {
+        let bytes = n * dt.storage_bytes(1).unwrap_or(4);
+        let at = host_address(st, ptr).ok_or_else(|| Error::Backend(format!("gemm: {ptr:#x}")))?;
+        // SAFETY: the GEMM's checks put these bytes inside a live allocation.
+        let raw = unsafe { std::slice::from_raw_parts(at as *const u8, bytes) };
+        Ok(match dt {
+            DType::F16 => raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            DType::BF16 => raw.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            _ => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        })
+    };
+    let x = read(st, g.x, g.t * g.k, g.input)?;
+    let w = read(st, g.w, g.n * g.k, g.input)?;
+    let mut out = vec![0f32; g.t * g.n];
+    std::thread::scope(|s| {
+        let per = g.n.div_ceil(std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+        for (j, rows) in out.chunks_mut(g.n).enumerate() {
+            let x = &x[j * g.k..][..g.k];
+            for (c, part) in rows.chunks_mut(per).enumerate() {
+                let w = &w;
+                s.spawn(move || {
+                    for (i, o) in part.iter_mut().enumerate() {
+                        let r = c * per + i;
+                        *o = x.iter().zip(&w[r * g.k..][..g.k]).map(|(a, b)| a * b).sum();
+                    }
+                });
+            }
+        }
+    });
+    let at = host_address(st, g.out).ok_or_else(|| Error::Backend(format!("gemm: {:#x}", g.out)))?;
+    let size = g.output.storage_bytes(1).unwrap_or(4);
+    // SAFETY: as above, for the output.
+    let raw = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, g.t * g.n * size) };
+    for (o, v) in raw.chunks_exact_mut(size).zip(out) {
+        match g.output {
+            DType::F16 => o.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            DType::BF16 => o.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            _ => o.copy_from_slice(&v.to_le_bytes()),
+        }
+    }
+    Ok(())
+}
+
 impl Driver for RecordingDriver {
     fn device(&self) -> DeviceInfo {
         self.info.clone()
@@ -892,7 +960,25 @@ impl Driver for RecordingDriver {
         let checked = self.check(&mut st, l);
         match checked {
             Ok(rec) => {
-                if rec.kernel.starts_with("argmax_") || rec.kernel.starts_with("sample_") {
+                if let Some(lib) = &self.exec {
+                    // Device pointers become the host addresses of the memory behind them.
+                    let kinds = contract(l.kernel).unwrap_or_default();
+                    let mut values: Vec<Vec<u8>> = rec.args.clone();
+                    for (v, kind) in values.iter_mut().zip(&kinds) {
+                        if let Kind::Ptr { .. } = kind {
+                            let p = u64::from_le_bytes(v[..8].try_into().expect("a pointer"));
+                            if p != 0 {
+                                let host = host_address(&mut st, p).ok_or_else(|| Error::Backend(format!("{}: pointer {p:#x}", l.kernel)))?;
+                                *v = host.to_le_bytes().to_vec();
+                            }
+                        }
+                    }
+                    let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_mut_ptr() as *mut std::ffi::c_void).collect();
+                    // SAFETY: the launch passed the checks: its parameters match the PTX, and every
+                    // byte its kernel may touch lies inside the op's regions, i.e. inside the host
+                    // memory behind these addresses.
+                    unsafe { lib.launch(l.kernel, l.grid, l.block, l.shared_bytes, &mut params) }?;
+                } else if rec.kernel.starts_with("argmax_") || rec.kernel.starts_with("sample_") {
                     // The one effect simulated: the chosen tokens and their log-probabilities are
                     // zeros (token 0), so the engine's host code goes on with valid ids.
                     let rows = rec.grid.0 as usize * 4;
@@ -933,6 +1019,9 @@ impl Driver for RecordingDriver {
                 st.summary.faults.push(msg.clone());
                 return Err(Error::Backend(msg));
             }
+        }
+        if self.exec.is_some() {
+            run_gemm(&mut st, g)?;
         }
         st.summary.gemms += 1;
         st.summary.accesses += 3;
