@@ -14,33 +14,10 @@ use highrise::core::DType;
 use highrise::engine::{generate, GenerateParams};
 use highrise::model::{Llama, LoadOptions, Logits, ModelConfig, Source, WeightFormat};
 
-/// Greedy ids of `steps` tokens after `prompt`, decoding one token at a time through the engine's
-/// paged cache.
-fn greedy(model: &Llama, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let tok = highrise::model::Tokenizer::numbered(model.config.vocab_size).unwrap();
-    let params = GenerateParams { max_tokens: steps, ignore_eos: true, ..Default::default() };
-    generate(model, &tok, prompt, &params, &mut |_| {}).unwrap().ids
-}
-
 #[test]
 fn random_llama_matches_cpu_logits_and_64_greedy_steps() {
     let Some(gpu) = backend("random llama") else { return };
-    for dtype in [DType::F32, DType::BF16] {
-        let config = ModelConfig::shape("tiny").unwrap();
-        let on_cpu = Llama::random(config.clone(), cpu(), dtype, 7).unwrap();
-        let on_gpu = Llama::random(config, gpu.clone(), dtype, 7).unwrap();
-        let prompt: Vec<u32> = (0..37).map(|i| (i * 13 + 5) % 512).collect();
-        let a = on_cpu.prefill(&prompt, Logits::All).unwrap().to_f32().unwrap();
-        let b = on_gpu.prefill(&prompt, Logits::All).unwrap().to_f32().unwrap();
-        let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 } * scale.max(1.0);
-        println!("{dtype}: logits max |cuda - cpu| = {diff:e} (largest logit {scale})");
-        assert!(diff <= tol, "{dtype}: logits differ by {diff} (tolerance {tol})");
-        if dtype == DType::F32 {
-            assert_eq!(greedy(&on_gpu, &prompt, 64), greedy(&on_cpu, &prompt, 64), "64 greedy steps");
-        }
-    }
+    random_llama_matches_cpu(&gpu, 64, &[DType::F32]);
 }
 
 #[test]

@@ -9,15 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use highrise_cuda::emu::compiler;
 use highrise_cuda::flash::{self, Shape};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn compiler() -> Option<String> {
-    let candidates = std::env::var("CXX").into_iter().chain(["c++".to_string(), "g++".into(), "clang++".into()]);
-    candidates.into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 /// The shapes scripts/gpu-sweep.sh tries.
@@ -25,20 +21,22 @@ fn sweep_shapes() -> Vec<Shape> {
     flash::sweep_shapes(&std::fs::read_to_string(root().join("scripts/gpu-sweep.sh")).unwrap()).unwrap()
 }
 
+/// Compiles `source` (a check of kernels/emu) with `defines` into `exe` and runs it with `args`:
+/// whether it passed, and its report.
+fn build_and_run(cxx: &str, source: &Path, defines: &[String], exe: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cxx).args(["-std=c++20", "-O2", "-w", "-pthread", "-o"]).arg(exe).arg(source).args(defines).output().unwrap();
+    assert!(out.status.success(), "{cxx} {}:\n{}", source.display(), String::from_utf8_lossy(&out.stderr));
+    let run = Command::new(exe).args(args).output().unwrap();
+    (run.status.success(), String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr))
+}
+
 /// Compiles check_attention.cpp with `shape` at both head dims and runs it (`args`: "prefill" for
 /// the prefill cases only); its report.
 fn check(cxx: &str, shape: Shape, dir: &Path, args: &[&str]) -> String {
+    let defines: Vec<String> = flash::HEAD_DIMS.iter().flat_map(|&d| flash::defines_for(d, shape)).collect();
     let exe = dir.join(format!("check_attention_{shape}"));
-    let mut cmd = Command::new(cxx);
-    cmd.args(["-std=c++20", "-O2", "-w", "-pthread", "-o"]).arg(&exe).arg(root().join("kernels/emu/check_attention.cpp"));
-    for d in flash::HEAD_DIMS {
-        cmd.args(flash::defines_for(d, shape));
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cxx} check_attention.cpp for {shape}:\n{}", String::from_utf8_lossy(&out.stderr));
-    let run = Command::new(&exe).args(args).output().unwrap();
-    let report = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "flash_attn with tiles of {shape} on the CPU model:\n{report}");
+    let (ok, report) = build_and_run(cxx, &root().join("kernels/emu/check_attention.cpp"), &defines, &exe, args);
+    assert!(ok, "flash_attn with tiles of {shape} on the CPU model:\n{report}");
     report
 }
 
@@ -75,7 +73,7 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let kernels = dir.join("kernels");
     std::fs::create_dir_all(kernels.join("emu")).unwrap();
     let src = std::fs::read_to_string(root().join("kernels/attention.cu")).unwrap();
-    for f in ["common.cuh", "emu/simt.hpp", "emu/check_attention.cpp"] {
+    for f in ["common.cuh", "emu/simt.hpp", "emu/check.hpp", "emu/check_attention.cpp"] {
         std::fs::copy(root().join("kernels").join(f), kernels.join(f)).unwrap();
     }
     for (fault, from, to, expect) in [
@@ -84,17 +82,8 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     ] {
         assert!(src.contains(from), "attention.cu has `{from}`");
         std::fs::write(kernels.join("attention.cu"), src.replace(from, to)).unwrap();
-        let exe = dir.join("check");
-        let out = Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-w", "-pthread", "-o"])
-            .arg(&exe)
-            .arg(kernels.join("emu/check_attention.cpp"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let run = Command::new(&exe).output().unwrap();
-        let report = String::from_utf8_lossy(&run.stdout);
-        assert!(!run.status.success() && report.contains(expect), "{fault}: not caught:\n{report}");
+        let (ok, report) = build_and_run(&cxx, &kernels.join("emu/check_attention.cpp"), &[], &dir.join("check"), &["prefill"]);
+        assert!(!ok && report.contains(expect), "{fault}: not caught:\n{report}");
         println!("{fault}: caught");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -109,17 +98,9 @@ fn gemv_kernels_match_the_reference_on_the_cpu_model() {
         return println!("skipped: no C++ compiler (c++, g++ or clang++) to build kernels/emu/check_gemv.cpp");
     };
     let exe = std::env::temp_dir().join(format!("highrise-check-gemv-{}", std::process::id()));
-    let out = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-w", "-pthread", "-o"])
-        .arg(&exe)
-        .arg(root().join("kernels/emu/check_gemv.cpp"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{cxx} check_gemv.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
-    let run = Command::new(&exe).output().unwrap();
-    let report = String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_gemv.cpp"), &[], &exe, &[]);
     let _ = std::fs::remove_file(&exe);
-    assert!(run.status.success(), "gemv on the CPU model:\n{report}");
+    assert!(ok, "gemv on the CPU model:\n{report}");
     assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 12, "{report}");
     println!("{report}");
 }

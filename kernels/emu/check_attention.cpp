@@ -12,7 +12,7 @@
 // Built and run by tests/kernel_emu.rs (g++ -std=c++20 -O2; the prefill tile shape through
 // -DFA128_WARPS=... as scripts/gpu-sweep.sh varies it). Prints one line per case; exits 1 on a failure.
 
-#include "simt.hpp"
+#include "check.hpp"
 #include "../common.cuh"
 #include "../attention.cu"
 
@@ -20,22 +20,12 @@
 
 namespace {
 
-uint64_t rng = 0x9e3779b97f4a7c15ull;
-double uniform() {  // [-1, 1)
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (double)(rng >> 11) / (double)(1ull << 52) - 1.0;
-}
+using check::round_to;
+using check::uniform;
 
 struct Seq {
     u32 q_len, context;  // the last q_len of `context` tokens are the queries
 };
-
-double round_to(double x, bool bf16) {
-    const u16 h = bf16 ? emu::f32_to_bf16((float)x) : emu::f32_to_f16((float)x);
-    return emu::half_to_f32(h, bf16);
-}
 
 struct Case {
     std::string name;

@@ -5,7 +5,7 @@
 // the f64 result rounded once (f32 accumulation may only tip a rounding). Shapes: 1-8 rows of x, k from 8 to 14336, n not a multiple of the
 // block's 8 rows, with and without an f32 or bf16 bias. Built and run by tests/kernel_emu.rs.
 
-#include "simt.hpp"
+#include "check.hpp"
 #include "../common.cuh"
 #include "../gemv.cu"
 
@@ -13,16 +13,9 @@
 
 namespace {
 
-uint64_t rng = 0x2545f4914f6cdd1dull;
-double uniform() {  // [-1, 1)
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (double)(rng >> 11) / (double)(1ull << 52) - 1.0;
-}
-
-u16 to_half(double x, bool bf16) { return bf16 ? emu::f32_to_bf16((float)x) : emu::f32_to_f16((float)x); }
-double from_half(u16 h, bool bf16) { return emu::half_to_f32(h, bf16); }
+using check::from_half;
+using check::to_half;
+using check::uniform;
 
 bool run(u32 t, u32 k, u32 n, bool bf16, int bias_dt) {
     std::vector<u16> x((size_t)t * k), w((size_t)n * k), out((size_t)t * n, 0x7fc0);

@@ -475,22 +475,18 @@ inline unsigned atomicMin(unsigned* p, unsigned v) {
     }
     return old;
 }
-inline float atomicAdd(float* p, float v) {
-    float old;
+// Floating-point adds by compare-and-swap, as the hardware's are atomic.
+template <class F>
+inline F atomic_add_float(F* p, F v) {
+    F old;
     __atomic_load(p, &old, __ATOMIC_RELAXED);
-    float want;
+    F want;
     do want = old + v;
     while (!__atomic_compare_exchange(p, &old, &want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     return old;
 }
-inline double atomicAdd(double* p, double v) {
-    double old;
-    __atomic_load(p, &old, __ATOMIC_RELAXED);
-    double want;
-    do want = old + v;
-    while (!__atomic_compare_exchange(p, &old, &want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-    return old;
-}
+inline float atomicAdd(float* p, float v) { return atomic_add_float(p, v); }
+inline double atomicAdd(double* p, double v) { return atomic_add_float(p, v); }
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -346,3 +346,37 @@ pub fn random_quant(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> (V
     highrise::core::quant::dequantize(dtype, &bytes, &mut values).unwrap();
     (bytes, values.into_iter().map(|v| v as f64).collect())
 }
+
+/// A random-weight Llama ("tiny": 2 layers, head dim 64, 4 query heads over 2) built identically on
+/// `dev` and on the CPU backend: the prompt's logits agree (f32 within 1e-4, bf16 within 5e-2 of the
+/// largest logit), and `steps` greedy steps through the engine's paged cache give the same ids with
+/// log-probabilities as close, for each dtype of `greedy` (greedy ids can part at a near tie where the
+/// backends round differently: a GPU's bf16 sums are ordered otherwise than the CPU's).
+pub fn random_llama_matches_cpu(dev: &Arc<dyn Backend>, steps: usize, greedy: &[DType]) {
+    use highrise::engine::{generate, GenerateParams};
+    use highrise::model::{Llama, Logits, ModelConfig};
+    for dtype in [DType::F32, DType::BF16] {
+        let config = ModelConfig::shape("tiny").unwrap();
+        let on_cpu = Llama::random(config.clone(), cpu(), dtype, 7).unwrap();
+        let on_dev = Llama::random(config, dev.clone(), dtype, 7).unwrap();
+        let prompt: Vec<u32> = (0..37).map(|i| (i * 13 + 5) % 512).collect();
+        let a = on_cpu.prefill(&prompt, Logits::All).unwrap().to_f32().unwrap();
+        let b = on_dev.prefill(&prompt, Logits::All).unwrap().to_f32().unwrap();
+        let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let rel = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
+        println!("{dtype}: logits max |{} - cpu| = {diff:e} (largest logit {scale})", dev.info().name);
+        assert!(diff <= rel * scale.max(1.0), "{dtype}: logits differ by {diff} (tolerance {})", rel * scale.max(1.0));
+        if !greedy.contains(&dtype) {
+            continue;
+        }
+        let tok = highrise::model::Tokenizer::numbered(512).unwrap();
+        let params = GenerateParams { max_tokens: steps, ignore_eos: true, ..Default::default() };
+        let x = generate(&on_cpu, &tok, &prompt, &params, &mut |_| {}).unwrap();
+        let y = generate(&on_dev, &tok, &prompt, &params, &mut |_| {}).unwrap();
+        assert_eq!(y.ids, x.ids, "{dtype}: {steps} greedy steps");
+        let lp = x.logprobs.iter().zip(&y.logprobs).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        println!("{dtype}: {steps} greedy steps identical, log-probabilities within {lp:e}");
+        assert!(lp <= rel, "{dtype}: log-probabilities differ by {lp}");
+    }
+}
