@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds what scripts/gpu-check.sh runs on a GPU machine that has no Rust toolchain, into one folder
 # (default gpu-bundle/, git-ignored; stripped to fit a 64 MiB transfer): the highrise binary, both
-# backend plugins, the CUDA cross-check test binary (tests/cuda.rs), the CUDA criterion bench and the
-# peers' script (scripts/gpu-peers.py). Carry it as one archive: `tar -cJf gpu-bundle.tar.xz gpu-bundle`.
+# backend plugins, the CUDA cross-check test binary (tests/cuda.rs), the CUDA criterion bench, the
+# scripts that run them (gpu-check.sh, gpu-sweep.sh) and the peers' script (gpu-peers.py). Carry it as one archive: `tar -cJf gpu-bundle.tar.xz gpu-bundle`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=${1:-gpu-bundle}

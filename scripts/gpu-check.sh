@@ -11,6 +11,8 @@
 #   6. `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights (batch 1 to 256, with
 #      every residual tap on, and where a token's time goes).
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
+# Then, in a call of its own if the window has 4 minutes left: gpu-sweep.sh (the prefill kernel's
+# tile shapes, 2-3 minutes).
 #
 # usage: scripts/gpu-check.sh [BUNDLE [OUT]]
 set -uo pipefail
