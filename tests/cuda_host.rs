@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use common::{shuffled_blocks, slots_in, Rng};
 use highrise::core::ops::{PagedSeq, SampleParams};
 use highrise::core::{Backend, DType, Tensor};
-use highrise::engine::{Engine, EngineConfig, GenerateParams, Request, SamplingParams};
+use highrise::engine::{generate, Engine, EngineConfig, GenerateParams, Request, SamplingParams};
 use highrise::model::{Llama, Logits, ModelConfig, Tokenizer};
 use highrise_cuda::driver::{Driver, Launch, Region};
 use highrise_cuda::recording::{Recorded, RecordingDriver};
@@ -228,7 +228,8 @@ fn random_llama_and_engine_launch_what_the_kernels_expect() {
     println!("checked {launched} launches and {} GEMMs of random Llamas and the engine", after.gemms - before.gemms);
     let seen = |k: &str| recorded.iter().any(|r| r.kernel.starts_with(k) && r.op == "paged_attention");
     assert!(seen("flash_attn_d64") && seen("flash_attn_d128"), "prompt chunks ran through the table on tensor cores");
-    assert!(seen("attn_group_d64") && seen("attn_group_d128"), "decoding ran on the grouped split kernel");
+    assert!(seen("attn_group_d64") && seen("attn_group_d128"), "f32 decoding ran on the grouped split kernel");
+    assert!(seen("decode_attn_d64") && seen("decode_attn_d128"), "f16/bf16 decoding ran on the tensor-core decode kernel");
     assert!(recorded.iter().any(|r| r.kernel.starts_with("sample_")), "drawn tokens were chosen on the device");
     assert!(recorded.iter().any(|r| r.kernel.starts_with("argmax_")), "greedy tokens were chosen on the device");
     let batch = recorded.iter().filter(|r| r.kernel.starts_with("attn_group")).map(|r| r.grid.0).max().unwrap_or(0);
@@ -243,6 +244,38 @@ fn random_llama_and_engine_launch_what_the_kernels_expect() {
         s.kernels.len(),
         s.ops
     );
+}
+
+/// What one batch-1 decode step of a bf16 Llama puts on the device (kernel launches, and GEMMs:
+/// none left at batch 1, the projections being GEMV launches): the count issue #20's fusions and
+/// CUDA graphs work against (the H200 spent ~7.8 us per operation of Llama-3-8B's ~450 a token).
+/// Printed for the record; bounded so that a change adding operations is seen.
+#[test]
+fn a_decode_step_launches_few_kernels_per_layer() {
+    let Some((driver, b)) = recording("launches per decode step") else { return };
+    let _guard = exclusive();
+    let config = ModelConfig::shape("tiny").unwrap();
+    let layers = config.num_hidden_layers;
+    let model = Llama::random(config, b.clone(), DType::BF16, 7).unwrap();
+    let tok = Tokenizer::numbered(model.config.vocab_size).unwrap();
+    let prompt: Vec<u32> = (0..20).collect();
+    let count = |steps: usize| {
+        let before = driver.summary();
+        let params = GenerateParams { max_tokens: steps, ignore_eos: true, ..Default::default() };
+        generate(&model, &tok, &prompt, &params, &mut |_| {}).unwrap();
+        let after = driver.summary();
+        (after.launches - before.launches, after.gemms - before.gemms)
+    };
+    let (one, nine) = (count(1), count(9));
+    let (launches, gemms) = ((nine.0 - one.0) / 8, (nine.1 - one.1) / 8);
+    let recorded = driver.take_recorded();
+    let step: Vec<&str> = recorded[recorded.len() - launches..].iter().map(|r| r.kernel.as_str()).collect();
+    println!("a bf16 decode step, {layers} layers: {launches} launches and {gemms} GEMMs; the last step: {step:?}");
+    assert_eq!(gemms, 0, "batch-1 projections run on the GEMV kernel");
+    // Per layer: norm, q/k/v, RoPE twice, the cache write, attention and its merge, o, norm, gate, up,
+    // SwiGLU, down (15); around them: embedding, first norm, gathering the last rows, unembedding,
+    // the choice (5).
+    assert!(launches <= 15 * layers + 5, "{launches} launches per step for {layers} layers");
 }
 
 /// Re-launches `rec` through the driver with its arguments as given (each a byte vector), under

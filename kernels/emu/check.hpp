@@ -19,3 +19,10 @@ inline double from_half(unsigned short h, bool bf16) { return emu::half_to_f32(h
 inline double round_to(double x, bool bf16) { return from_half(to_half(x, bf16), bf16); }
 
 }  // namespace check
+
+// Runs a launch; on a fault (the model's report of what a GPU would fault on) the case fails.
+#define CHECK_LAUNCH(...)                                              \
+    if (!emu::launch(__VA_ARGS__)) {                                   \
+        std::printf("FAIL the launch faulted: %s\n", emu::fault.c_str()); \
+        return false;                                                  \
+    }

@@ -184,7 +184,7 @@ bool run_prefill(const Case& c) {
     const u32* tab = c.paged ? in.table.data() : nullptr;
     const u32 bs = c.paged ? BLOCK_SIZE : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
-    emu::launch({(u32)tiles.size() / 5, hq, 1}, {32 * warps, 1, 1}, smem, [&] {
+    CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {32 * warps, 1, 1}, smem, [&] {
         if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
         if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
         if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
@@ -214,7 +214,7 @@ bool run_decode(const Case& c, u32 split_len) {
     float* p = partial.data();
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     const u32 *sq = seqs.data(), *tab = in.table.data();
-    emu::launch({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
+    CHECK_LAUNCH({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
         if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, split_len);
         if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, split_len);
         if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, split_len);
@@ -229,7 +229,7 @@ bool run_decode(const Case& c, u32 split_len) {
                         std::printf("FAIL %s: the partial state of row %u head %u slice %u was not written\n", c.name.c_str(), r, h, sl);
                         return false;
                     }
-    emu::launch({in.t, hq, 1}, {d, 1, 1}, 0, [&] {
+    CHECK_LAUNCH({in.t, hq, 1}, {d, 1, 1}, 0, [&] {
         if (c.bf16) attn_combine_bf16(o, p, hq, d, splits);
         else attn_combine_f16(o, p, hq, d, splits);
     });

@@ -32,7 +32,7 @@ bool run(u32 t, u32 k, u32 n, bool bf16, int bias_dt) {
     const void* bias = bias_dt < 0 ? nullptr : bias_dt == 0 ? (const void*)bias32.data() : (const void*)bias16.data();
     const u32 bdt = bias_dt < 0 ? 0 : (u32)bias_dt, blocks = (n + 7) / 8, tm = t == 1 ? 1 : t == 2 ? 2 : t <= 4 ? 4 : 8;
     u16 *o = out.data(), *xp = x.data(), *wp = w.data();
-    emu::launch({blocks, 1, 1}, {128, 1, 1}, 0, [&] {
+    CHECK_LAUNCH({blocks, 1, 1}, {128, 1, 1}, 0, [&] {
         if (tm == 1) bf16 ? gemv1_bf16(o, xp, wp, bias, bdt, t, k, n) : gemv1_f16(o, xp, wp, bias, bdt, t, k, n);
         if (tm == 2) bf16 ? gemv2_bf16(o, xp, wp, bias, bdt, t, k, n) : gemv2_f16(o, xp, wp, bias, bdt, t, k, n);
         if (tm == 4) bf16 ? gemv4_bf16(o, xp, wp, bias, bdt, t, k, n) : gemv4_f16(o, xp, wp, bias, bdt, t, k, n);

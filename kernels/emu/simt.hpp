@@ -29,6 +29,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -112,6 +113,7 @@ struct Block {
     ucontext_t scheduler;
     void* scheduler_sp = nullptr;
     unsigned current = 0, live = 0, stalls = 0;
+    bool aborted = false;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
     std::vector<const void*> slots;  // per thread: the address of its operand of a warp instruction
@@ -124,9 +126,25 @@ inline std::atomic<unsigned long long> bank_conflicts{0}, ldmatrix_count{0};
 
 inline Fiber& me() { return blk->fibers[blk->current]; }
 
+// A launch's first fault (what the hardware would report as an error), and whether there was one.
+inline std::atomic<bool> failed{false};
+inline std::mutex fault_lock;
+inline std::string fault;
+
+inline void yield();
+
+// A fault: recorded, the block stopped (its fibers are never resumed), the launch fails.
 [[noreturn]] inline void fail(const char* what) {
-    std::fprintf(stderr, "emu: %s (block %u,%u,%u thread %u)\n", what, blk->bid.x, blk->bid.y, blk->bid.z, me().tid.x);
-    std::exit(3);
+    {
+        std::lock_guard<std::mutex> g(fault_lock);
+        if (!failed.exchange(true)) {
+            char where[96];
+            std::snprintf(where, sizeof where, " (block %u,%u,%u thread %u)", blk->bid.x, blk->bid.y, blk->bid.z, me().tid.x);
+            fault = std::string(what) + where;
+        }
+    }
+    blk->aborted = true;
+    for (;;) yield();
 }
 
 inline void yield() {
@@ -373,7 +391,8 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
 #endif
     }
     blk = &b;
-    while (b.live) {
+    b.aborted = false;
+    while (b.live && !b.aborted) {
         for (unsigned i = 0; i < n; i++) {
             if (b.fibers[i].done) continue;
             b.current = i;
@@ -387,8 +406,9 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
     blk = nullptr;
 }
 
-// Runs `body` (the kernel call) over the grid, blocks spread over the machine's threads.
-inline void launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const std::function<void()>& body) {
+// Runs `body` (the kernel call) over the grid, blocks spread over the machine's threads. False on a
+// fault (`fault` says which; blocks not yet started are not run).
+inline bool launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const std::function<void()>& body) {
     const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
     std::atomic<unsigned long long> next{0};
     const unsigned workers = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), (unsigned)std::min<unsigned long long>(blocks, 64)));
@@ -399,15 +419,18 @@ inline void launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const s
         b.gdim = grid;
         b.body = &body;
         b.dynamic_shared.assign(dynamic_shared, 0);
-        for (unsigned long long id; (id = next++) < blocks;) {
+        for (unsigned long long id; !failed && (id = next++) < blocks;) {
             b.bid = {(unsigned)(id % grid.x), (unsigned)(id / grid.x % grid.y), (unsigned)(id / ((unsigned long long)grid.x * grid.y))};
             run_block(b, stacks);
         }
     };
+    failed = false;
     std::vector<std::thread> threads;
     for (unsigned w = 1; w < workers; w++) threads.emplace_back(work);
     work();
     for (auto& t : threads) t.join();
+    if (failed) std::fprintf(stderr, "emu: %s\n", fault.c_str());
+    return !failed;
 }
 
 // ---- running kernels by name: kernels/emu builds each kernel file with a table of its entries ----

@@ -24,6 +24,7 @@ type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32
 pub struct Library {
     _lib: libloading::Library,
     launch: LaunchFn,
+    fault: unsafe extern "C" fn() -> *const c_char,
 }
 
 /// A C++20 compiler: `$CXX`, else c++, g++ or clang++.
@@ -39,9 +40,9 @@ extern "C" __attribute__((visibility("default"))) int emu_launch(const char* nam
     auto it = emu::registry().find(name);
     if (it == emu::registry().end()) return 1;
     const emu::Entry entry = it->second;
-    emu::launch({gx, gy, gz}, {bx, by, bz}, shared, [&] { entry(params); });
-    return 0;
+    return emu::launch({gx, gy, gz}, {bx, by, bz}, shared, [&] { entry(params); }) ? 0 : 2;
 }
+extern "C" __attribute__((visibility("default"))) const char* emu_fault() { return emu::fault.c_str(); }
 "#;
 
 impl Library {
@@ -86,7 +87,10 @@ impl Library {
         // SAFETY: emu_launch has this signature (MAIN above).
         let launch = *unsafe { lib.get::<LaunchFn>(b"emu_launch\0") }
             .map_err(|e| Error::Backend(format!("cuda emulation: {}: {e}", lib_path.display())))?;
-        Ok(Library { _lib: lib, launch })
+        // SAFETY: emu_fault has this signature (MAIN above).
+        let fault = *unsafe { lib.get::<unsafe extern "C" fn() -> *const c_char>(b"emu_fault\0") }
+            .map_err(|e| Error::Backend(format!("cuda emulation: {}: {e}", lib_path.display())))?;
+        Ok(Library { _lib: lib, launch, fault })
     }
 
     /// Runs kernel `name` over `grid` x `block` with `shared` bytes of dynamic shared memory; `params`
@@ -100,7 +104,9 @@ impl Library {
         let rc = (self.launch)(c.as_ptr(), grid.0, grid.1, grid.2, block.0, block.1, block.2, shared, params.as_mut_ptr());
         match rc {
             0 => Ok(()),
-            _ => Err(Error::Backend(format!("cuda emulation: no kernel {name} in the library"))),
+            1 => Err(Error::Backend(format!("cuda emulation: no kernel {name} in the library"))),
+            // SAFETY: emu_fault returns a NUL-terminated string owned by the library.
+            _ => Err(Error::Backend(format!("cuda emulation: {name}: {}", std::ffi::CStr::from_ptr((self.fault)()).to_string_lossy()))),
         }
     }
 }

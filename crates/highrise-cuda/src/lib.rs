@@ -375,14 +375,30 @@ impl Drop for CudaBackend {
     }
 }
 
+/// `HIGHRISE_CUDA_EMULATE`: run the CUDA backend on a device emulated on the CPU (the kernels built
+/// as host code, every launch checked against their PTX; `recording::RecordingDriver::executing`)
+/// instead of a GPU: "1" or an architecture ("sm_90a", "sm_80") to check launches against. Slow;
+/// for seeing the GPU path work where there is no GPU.
+fn emulated_arch() -> Option<String> {
+    let v = std::env::var("HIGHRISE_CUDA_EMULATE").ok().filter(|v| !v.is_empty() && v != "0")?;
+    Some(if v.starts_with("sm_") { v } else { "sm_90a".into() })
+}
+
 impl Exportable for CudaBackend {
     const NAME: &'static str = "cuda";
 
     fn probe() -> Result<()> {
+        if emulated_arch().is_some() {
+            nvrtc::ensure_loaded()?;
+            return emu::compiler().map(|_| ()).ok_or_else(|| Error::Backend("cuda emulation: no C++ compiler (c++, g++ or clang++)".into()));
+        }
         probe()
     }
 
     fn create() -> Result<Self> {
+        if let Some(arch) = emulated_arch() {
+            return Ok(CudaBackend::with_driver(Arc::new(recording::RecordingDriver::executing(&arch, 8)?)));
+        }
         let ordinal = std::env::var("HIGHRISE_CUDA_DEVICE").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
         CudaBackend::new(ordinal)
     }
