@@ -399,13 +399,13 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 // Key 0 is in every row's first tile, so mx is finite; m may be -inf (then corr = 0).
-                const float corr = exp2f((m[mt][hf] - mx) * scale_log2), shift = mx * scale_log2;
+                const float corr = fast_exp2((m[mt][hf] - mx) * scale_log2), shift = mx * scale_log2;
                 m[mt][hf] = mx;
                 float sum = 0.0f;
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
-                    s[mt][nt][2 * hf] = exp2f(s[mt][nt][2 * hf] * scale_log2 - shift);
-                    s[mt][nt][2 * hf + 1] = exp2f(s[mt][nt][2 * hf + 1] * scale_log2 - shift);
+                    s[mt][nt][2 * hf] = fast_exp2(s[mt][nt][2 * hf] * scale_log2 - shift);
+                    s[mt][nt][2 * hf + 1] = fast_exp2(s[mt][nt][2 * hf + 1] * scale_log2 - shift);
                     sum += s[mt][nt][2 * hf] + s[mt][nt][2 * hf + 1];
                 }
                 l[mt][hf] = l[mt][hf] * corr + sum;
@@ -573,7 +573,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // A row that has seen no key yet (its causal end lies before this chunk) keeps nothing.
-            const float ref = mx == -INFINITY ? 0.0f : mx, corr = exp2f(m[hf] - ref);
+            const float ref = mx == -INFINITY ? 0.0f : mx, corr = fast_exp2(m[hf] - ref);
             m[hf] = mx;
             float sum = 0.0f;
 #pragma unroll
@@ -581,7 +581,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * hf + e];
-                    x = exp2f(x - ref);
+                    x = fast_exp2(x - ref);
                     sum += x;
                 }
             l[hf] = l[hf] * corr + sum;
@@ -637,7 +637,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
         for (int w = 0; w < DA_WARPS; w++) {
             const float mw = wm[w * 16 + r];
             if (mw == -INFINITY) continue;
-            const float scale = exp2f(mw - mm);
+            const float scale = fast_exp2(mw - mm);
             acc += wo[(w * 16 + r) * D + x] * scale;
             sum += wl[w * 16 + r] * scale;
         }

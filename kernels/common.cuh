@@ -98,6 +98,18 @@ __device__ __forceinline__ float block_sum(float v) {
 // ---- Tensor cores and asynchronous copies (sm_80+) ----
 // Each is one PTX instruction on the GPU and a model of it in kernels/emu/simt.hpp.
 
+// 2^x by the SFU's approximation (relative error about 2^-22, flushing subnormals), one instruction
+// where exp2f is a longer sequence: the softmax of the attention kernels spends its time there.
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef HIGHRISE_EMU
+    return exp2f(x);
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 // Two floats rounded to one register of two f16 or bf16 (lo in the low half).
 __device__ __forceinline__ u32 pack2(float lo, float hi, bool bf16) {
 #ifdef HIGHRISE_EMU
