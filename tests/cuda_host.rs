@@ -278,6 +278,35 @@ fn a_decode_step_launches_few_kernels_per_layer() {
     assert!(launches <= 15 * layers + 5, "{launches} launches per step for {layers} layers");
 }
 
+/// The prefill kernel's tile shape is a compile-time constant: launches keep the shape the kernels
+/// were compiled with even when HIGHRISE_FLASH_SHAPE says another one afterwards.
+#[test]
+fn flash_launches_keep_the_compiled_tile_shape() {
+    let Some((driver, b)) = recording("flash shape") else { return };
+    let _guard = exclusive();
+    let mut rng = Rng::new("cuda host flash shape");
+    // What the recording driver's kernels were compiled with (sm_90a's shapes, the environment unset).
+    let compiled = highrise_cuda::flash::shapes("sm_90a").unwrap();
+    std::env::set_var("HIGHRISE_FLASH_SHAPE", "d64=8x1x32,d128=2x2x64");
+    let before = driver.summary();
+    for d in [64, 128] {
+        let (t, hq, hkv) = (300usize, 4usize, 2usize);
+        let q = up(&b, DType::BF16, &[t, hq, d], &rng.values(t * hq * d, 1.0, DType::BF16));
+        let kv = up(&b, DType::BF16, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, DType::BF16));
+        let mut out = empty(&b, DType::BF16, &[t, hq, d]);
+        b.attention(&mut out, &q, &kv, &kv, &[t as u32], 0.125).unwrap();
+    }
+    std::env::remove_var("HIGHRISE_FLASH_SHAPE");
+    let after = driver.summary();
+    assert_eq!(after.faults.len(), before.faults.len(), "{:?}", &after.faults[before.faults.len()..]);
+    let rec = driver.take_recorded();
+    let flash: Vec<_> = rec.iter().filter(|r| r.kernel.starts_with("flash_attn")).collect();
+    assert_eq!(flash.len(), 2);
+    for (r, (d, shape)) in flash.iter().zip(&compiled) {
+        assert_eq!((r.block.0, r.shared_bytes), (shape.threads(), shape.shared_bytes(*d)), "d{d}: launched with the compiled {shape}");
+    }
+}
+
 /// Re-launches `rec` through the driver with its arguments as given (each a byte vector), under
 /// the regions of the op that last ran.
 fn relaunch(driver: &RecordingDriver, rec: &Recorded, args: &[Vec<u8>]) -> highrise::core::Result<()> {

@@ -99,6 +99,22 @@ pub fn shape(arch: &str, d: usize) -> Result<Shape> {
     Ok(TUNED.iter().find(|t| t.arch == arch && t.d == d).map_or(DEFAULT, |t| t.shape))
 }
 
+/// Every head dim's shape on `arch`, as the kernels are compiled with it: taken once, beside the
+/// compilation, so that launches keep matching the compiled kernels whatever the environment says
+/// later.
+pub fn shapes(arch: &str) -> Result<Vec<(usize, Shape)>> {
+    HEAD_DIMS.iter().map(|&d| Ok((d, shape(arch, d)?))).collect()
+}
+
+/// The shape for head dim `d` among `shapes`.
+pub fn find(shapes: &[(usize, Shape)], d: usize) -> Result<Shape> {
+    shapes
+        .iter()
+        .find(|(dd, _)| *dd == d)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| Error::Unsupported(format!("flash_attn: head dim {d} (the kernel takes {HEAD_DIMS:?})")))
+}
+
 /// The NVRTC options that set every head dim's shape, for attention.cu on `arch`.
 pub fn defines(arch: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();

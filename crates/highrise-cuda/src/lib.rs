@@ -58,6 +58,8 @@ pub struct CudaBackend {
     device: String,
     arch: String,
     sms: u32,
+    /// The prefill kernel's tile shapes, as its kernels were compiled (`flash::shapes`).
+    flash_shapes: Vec<(usize, flash::Shape)>,
     state: Mutex<OpState>,
     buffers: Mutex<memory::BufferCache>,
 }
@@ -110,6 +112,9 @@ impl CudaBackend {
         CudaBackend {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             device: format!("{} ({}, {} SMs)", info.name, info.arch, info.sms),
+            // The driver compiled the kernels with these shapes a moment ago (and refused a bad
+            // HIGHRISE_FLASH_SHAPE then); the default is never reached.
+            flash_shapes: flash::shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::DEFAULT)).to_vec()),
             arch: info.arch,
             sms: info.sms,
             driver,

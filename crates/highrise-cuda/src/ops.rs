@@ -282,7 +282,7 @@ fn flash(
 ) -> Result<()> {
     let s = suffix(name, out.dtype)?;
     let [hq, d] = [q.dims()[1], q.dims()[2]];
-    let shape = crate::flash::shape(&be.arch, d)?;
+    let shape = crate::flash::find(&be.flash_shapes, d)?;
     let tiles = crate::flash::tiles(seqs, causal, shape.rows());
     let hkv = kv_heads(k);
     let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);

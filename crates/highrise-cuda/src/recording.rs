@@ -116,6 +116,8 @@ pub struct RecordingDriver {
     exec: Option<crate::emu::Library>,
     /// Shared memory a block may have with opt-in (227 KiB on Hopper, 163 KiB on A100).
     max_shared: usize,
+    /// The prefill kernel's tile shapes, as its kernels were compiled.
+    flash_shapes: Vec<(usize, crate::flash::Shape)>,
     kernels: HashMap<String, Entry>,
     state: Mutex<State>,
 }
@@ -136,6 +138,7 @@ impl RecordingDriver {
             info: DeviceInfo { name: format!("recording driver (no GPU; kernels compiled for {arch})"), arch: arch.into(), sms },
             exec: None,
             max_shared,
+            flash_shapes: crate::flash::shapes(arch)?,
             kernels,
             state: Mutex::new(State {
                 next: BASE,
@@ -212,7 +215,7 @@ impl RecordingDriver {
             }
         }
         check_dims(l, entry, self.max_shared)?;
-        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, arch: &self.info.arch };
+        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes };
         let mut accesses = Vec::new();
         // Pointers: inside live allocations and the op's regions.
         for (i, kind) in contract.iter().enumerate() {
@@ -363,8 +366,8 @@ struct Args<'a> {
     block: (u32, u32, u32),
     /// Dynamic shared memory, bytes.
     shared: u32,
-    /// The architecture the kernels were compiled for.
-    arch: &'a str,
+    /// The prefill kernel's tile shapes the kernels were compiled with.
+    flash_shapes: &'a [(usize, crate::flash::Shape)],
 }
 
 type Check = std::result::Result<(), String>;
@@ -725,7 +728,7 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
         return Err(format!("grid.y is {} but the kernel takes one block per query head ({hq})", a.grid.1));
     }
     // The tile shape the kernel was compiled with (the same table and -D options as the real driver).
-    let shape = crate::flash::shape(a.arch, d as usize).map_err(|e| e.to_string())?;
+    let shape = crate::flash::find(a.flash_shapes, d as usize).map_err(|e| e.to_string())?;
     if a.block != (shape.threads(), 1, 1) {
         return Err(format!("block {:?}: the kernel's tiles ({shape}) take {} threads", a.block, shape.threads()));
     }
