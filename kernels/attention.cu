@@ -491,8 +491,9 @@ FLASH(128)
 // slice in turn, each through its own two-stage pipeline (the next chunk in flight while this one
 // is used; warp-private, so no block-wide barrier inside the loop), each with its own online
 // softmax; at the end the warps' states are merged and the slice's partial state (acc[D], m, l, as
-// attn_split writes it) goes to `partial` for attn_combine. Enough slices make a batch of one
-// sequence fill the GPU (the host picks them). seqs[4 i .. 4 i + 4]: the sequence's first query row,
+// attn_split writes it) goes to `partial` for attn_combine. The host picks the number of slices
+// from the batch's size alone (enough that one sequence fills the GPU); each sequence cuts its own
+// context into that many, so the grid never depends on context lengths. seqs[4 i .. 4 i + 4]: the sequence's first query row,
 // its new tokens, its context length (new tokens included), its offset into the block table.
 
 #define DA_KEYS 16  // keys per warp per step
@@ -500,7 +501,7 @@ FLASH(128)
 
 template <int D, bool BF16>
 __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr,
-                            u32 hq, u32 hkv, float scale_log2, u32 split_len, u16* smem) {
+                            u32 hq, u32 hkv, float scale_log2, u16* smem) {
     const u32 sq = blockIdx.x, g = blockIdx.y, sl = blockIdx.z, splits = gridDim.z;
     const u32 q0 = seqs[4 * sq], q_len = seqs[4 * sq + 1], ctx = seqs[4 * sq + 2], kbase = seqs[4 * sq + 3];
     const u32 group = hq / hkv, rows = q_len * group;  // rows <= 16 (the host's condition)
@@ -515,7 +516,10 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
     });
     cp_async_commit();
 
-    const u32 begin = sl * split_len, end = min(ctx, begin + split_len);
+    // Each sequence's context in gridDim.z slices of whole 16-key chunks: the grid depends on the
+    // batch alone, never on the contexts (what a CUDA graph replayed step after step needs).
+    const u32 split_len = (ctx + splits * DA_KEYS - 1) / (splits * DA_KEYS) * DA_KEYS;
+    const u32 begin = min(ctx, sl * split_len), end = min(ctx, begin + split_len);
     const u32 chunks = end > begin ? (end - begin + DA_KEYS - 1) / DA_KEYS : 0;
     auto stage_chunk = [&](u32 c, u32 stage) {
         const u32 k0 = begin + c * DA_KEYS;
@@ -653,11 +657,10 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
 #define DECODE_ONE(dim, s, bf16)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * DA_WARPS)                                                   \
         decode_attn_d##dim##_##s(float* partial, const u16* q, const u16* k, const u16* v, const u32* seqs,       \
-                                 const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2,             \
-                                 u32 split_len) {                                                                 \
+                                 const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2) {           \
         DYNAMIC_SHARED(u16, smem);                                                                                \
         KeyAddr addr = {table, block_size};                                                                       \
-        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, split_len, smem);               \
+        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, smem);                          \
     }
 #define DECODE(dim) DECODE_ONE(dim, bf16, true) DECODE_ONE(dim, f16, false)
 DECODE(64)

@@ -272,6 +272,9 @@ fn a_decode_step_launches_few_kernels_per_layer() {
     let step: Vec<&str> = recorded[recorded.len() - launches..].iter().map(|r| r.kernel.as_str()).collect();
     println!("a bf16 decode step, {layers} layers: {launches} launches and {gemms} GEMMs; the last step: {step:?}");
     assert_eq!(gemms, 0, "batch-1 projections run on the GEMV kernel");
+    // Contexts grew by a token a step; decode attention's grid did not (what a graph replay needs).
+    let grids: std::collections::BTreeSet<_> = recorded.iter().filter(|r| r.kernel.starts_with("decode_attn")).map(|r| r.grid).collect();
+    assert_eq!(grids.len(), 1, "decode_attn grids across steps: {grids:?}");
     // Per layer: norm, q/k/v, RoPE twice, the cache write, attention and its merge, o, norm, gate, up,
     // SwiGLU, down (15); around them: embedding, first norm, gathering the last rows, unembedding,
     // the choice (5).

@@ -351,18 +351,16 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
 }
 
 /// Launches `decode_attn_*` (kernels/attention.cu) and `attn_combine_*` for a paged step whose
-/// sequences each fit one MMA tile (`DECODE_ROWS`): the context cut into enough slices that the
-/// blocks fill the GPU about four times over (several resident per SM hide the copies' latency),
-/// none shorter than 64 keys.
+/// sequences each fit one MMA tile (`DECODE_ROWS`): each sequence's context cut into as many slices
+/// as make the batch's blocks fill the GPU about four times over (several resident per SM hide the
+/// copies' latency), at most 64. The count depends on the batch's size alone, never on the
+/// contexts, so a captured step could be replayed (blocks past a short context find no keys).
 fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32) -> Result<()> {
     let s = suffix("paged_attention", op.out.dtype)?;
     let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
     let hkv = kv_heads(&op.k_cache);
     let seqs = op.seqs.as_slice();
-    let max_ctx = seqs.iter().map(|s| s.context_len).max().unwrap_or(1).max(1);
-    let want = (4 * be.sms as usize).div_ceil(seqs.len() * hkv) as u32;
-    let split_len = max_ctx.div_ceil(want.clamp(1, max_ctx.div_ceil(64))).next_multiple_of(16);
-    let splits = max_ctx.div_ceil(split_len);
+    let splits = ((4 * be.sms as usize).div_ceil(seqs.len() * hkv) as u32).clamp(1, 64);
     let mut meta = Vec::with_capacity(4 * seqs.len());
     let mut start = 0;
     for q in seqs {
@@ -380,7 +378,7 @@ fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u
         (seqs.len() as u32, hkv32, splits),
         (DECODE_THREADS, 1, 1),
         decode_shared_bytes(d),
-        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &split_len],
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2],
     )?;
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
 }

@@ -340,7 +340,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
-        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32],
+        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "swiglu" => vec![P, P, P, U64],
         "argmax" => vec![P, P, P, U32],
@@ -798,11 +798,12 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
     Ok(())
 }
 
-/// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2,
-/// split_len); grid (sequences, kv heads, slices), 4 warps; seqs[4 i..4 i + 4] = (first query row,
-/// new tokens, context length, block-table offset); each sequence's new tokens x group <= 16 rows.
+/// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2); grid
+/// (sequences, kv heads, slices: each sequence cuts its own context into that many), 4 warps;
+/// seqs[4 i..4 i + 4] = (first query row, new tokens, context length, block-table offset); each
+/// sequence's new tokens x group <= 16 rows.
 fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
-    let (bs, hq, hkv, split_len) = (a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64, a.u32(10) as u64);
+    let (bs, hq, hkv) = (a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64);
     let (nseq, splits) = (a.grid.0 as usize, a.grid.2 as u64);
     if hkv == 0 || hq % hkv != 0 {
         return Err(format!("{hq} query heads cannot share {hkv} kv heads"));
@@ -819,8 +820,8 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     if !a.f32(9).is_finite() {
         return Err("scale is not finite".into());
     }
-    if bs == 0 || split_len == 0 {
-        return Err(format!("block_size {bs}, split_len {split_len}: neither may be 0"));
+    if bs == 0 {
+        return Err("block_size is 0".into());
     }
     a.agrees(1, 1, hq, "hq")?;
     a.agrees(1, 2, d, "the head dim")?;
@@ -840,9 +841,6 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
         }
         if q_rows.is_some_and(|r| q0 + q_len > r) {
             return Err(format!("sequence {i}: rows {q0}..{} past q's {} rows", q0 + q_len, q_rows.unwrap_or(0)));
-        }
-        if ctx > splits * split_len {
-            return Err(format!("sequence {i} has {ctx} keys but {splits} slices of {split_len} cover only {}", splits * split_len));
         }
         push(out, 1, q0 * hq * d, q_len * hq * d, elt, format!("q rows of sequence {i}"));
         push(out, 0, q0 * hq * splits * (d + 2), q_len * hq * splits * (d + 2), 4, format!("partial states of sequence {i}"));
