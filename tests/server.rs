@@ -559,6 +559,19 @@ fn engine_faults_answer_500_then_503_and_end_the_server() {
 /// A bounded queue and a request timeout, on a server of its own that runs one sequence at a time:
 /// with one running and two waiting, the next request is turned away with 429 at once; requests that
 /// cannot finish within the 3 s limit (3000 tokens) answer 504, and their sequences are cancelled.
+/// A short greedy completion request with `extra`'s fields added (or replacing).
+fn completion(extra: Value) -> Value {
+    let mut b = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0});
+    b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    b
+}
+
+/// An answer refused with `want_status` and an OpenAI error whose message contains `want`.
+fn refused(status: u16, v: &Value, want_status: u16, want: &str) {
+    assert_eq!(status, want_status, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(want), "{want:?} in {v}");
+}
+
 #[test]
 fn a_full_queue_answers_429_and_a_request_past_its_time_504() {
     use highrise::server::ServerOptions;
@@ -573,15 +586,6 @@ fn a_full_queue_answers_429_and_a_request_past_its_time_504() {
         let call = |body: Value| {
             let url = url.clone();
             async move { post(&url, "/v1/completions", &body).await }
-        };
-        let completion = |extra: Value| {
-            let mut b = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0});
-            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            b
-        };
-        let refused = |status: u16, v: &Value, want_status: u16, want: &str| {
-            assert_eq!(status, want_status, "{v}");
-            assert!(v["error"]["message"].as_str().unwrap().contains(want), "{want:?} in {v}");
         };
         // The queue: one sequence runs, two wait, the next request is turned away with 429.
         // (At 100-200 tokens per second, 3000 tokens run well past the 3 s limit.)
@@ -656,15 +660,6 @@ fn operator_limits_answer_in_openai_shape() {
                 let status = r.status().as_u16();
                 (status, r.json::<Value>().await.unwrap())
             }
-        };
-        let completion = |extra: Value| {
-            let mut b = json!({"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0});
-            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            b
-        };
-        let refused = |status: u16, v: &Value, want_status: u16, want: &str| {
-            assert_eq!(status, want_status, "{v}");
-            assert!(v["error"]["message"].as_str().unwrap().contains(want), "{want:?} in {v}");
         };
 
         // Auth: /health is open, the rest needs the key.

@@ -84,7 +84,7 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     if let Some(tm) = gemv_rows(act, op.weight.dtype, t, k, x | w) {
         let (t32, k32) = (t as u32, k as u32);
         let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32;
-        return be.launch(&format!("gemv{tm}_{s}"), (blocks, 1, 1), (128, 1, 1), &[&out, &x, &w, &bias, &bias_dt, &t32, &k32, &n32]);
+        return be.launch(&format!("gemv{tm}_{s}"), (blocks, 1, 1), (GEMV_THREADS, 1, 1), &[&out, &x, &w, &bias, &bias_dt, &t32, &k32, &n32]);
     }
     if op.weight.dtype == act && bias == 0 {
         return gemm(act, act, x, w, out);
@@ -109,8 +109,9 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])
 }
 
-/// Rows of w one block of `gemv*` takes (4 warps of 2 rows).
-const GEMV_ROWS_PER_BLOCK: usize = 8;
+/// `gemv*`'s block (4 warps), and the rows of w it takes (2 per warp; kernels/gemv.cu).
+pub(crate) const GEMV_THREADS: u32 = 128;
+pub(crate) const GEMV_ROWS_PER_BLOCK: usize = 8;
 
 /// Whether a linear op runs on our matrix-vector kernel (kernels/gemv.cu) instead of cuBLAS, and
 /// which one (the rows of x it is built for): f16/bf16 x and weights alike, at most 8 rows, k a
@@ -332,13 +333,11 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     let table = Some((op.block_table.as_slice(), block_size));
     let seqs = op.seqs.as_slice();
     let group = op.q.dims()[1] / kv_heads(&op.k_cache).max(1);
-    if flash_fits(op.out.dtype, op.q.dims()[2])
-        && !seqs.is_empty()
-        && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS)
-    {
+    let tensor_cores = flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty();
+    if tensor_cores && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS) {
         return decode(be, st, op, block_size);
     }
-    if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && seqs.iter().all(|s| s.q_len >= 2) {
+    if tensor_cores && seqs.iter().all(|s| s.q_len >= 2) {
         let mut start = 0;
         let chunks = seqs.iter().map(|s| {
             start += s.q_len;

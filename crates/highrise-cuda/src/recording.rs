@@ -127,9 +127,14 @@ impl RecordingDriver {
     /// reads their signatures from the PTX. Needs libnvrtc, no GPU.
     pub fn new(arch: &str, sms: u32) -> Result<RecordingDriver> {
         crate::nvrtc::ensure_loaded()?;
+        RecordingDriver::from_ptx(arch, sms, &crate::nvrtc::compile_all(arch)?)
+    }
+
+    /// The driver over kernel files already compiled for `arch`: (file name, PTX).
+    fn from_ptx(arch: &str, sms: u32, files: &[(&str, String)]) -> Result<RecordingDriver> {
         let mut kernels = HashMap::new();
-        for (_, ptx) in crate::nvrtc::compile_all(arch)? {
-            for e in ptx::parse(&ptx) {
+        for (_, ptx) in files {
+            for e in ptx::parse(ptx) {
                 kernels.insert(e.name.clone(), e);
             }
         }
@@ -155,11 +160,14 @@ impl RecordingDriver {
     /// (`crate::emu`), every GEMM computed on the CPU: the whole backend works, slowly, without a
     /// GPU. Needs libnvrtc (for the checks) and a C++20 compiler.
     pub fn executing(arch: &str, sms: u32) -> Result<RecordingDriver> {
-        let mut d = RecordingDriver::new(arch, sms)?;
-        let mut files = Vec::new();
-        for (name, ptx) in crate::nvrtc::compile_all(arch)? {
-            files.push((name, crate::ptx::entries(&ptx), crate::nvrtc::defines(name, arch)?));
-        }
+        crate::nvrtc::ensure_loaded()?;
+        let ptx = crate::nvrtc::compile_all(arch)?;
+        let mut d = RecordingDriver::from_ptx(arch, sms, &ptx)?;
+        // Each file's entries and -D options, for the host build of the same kernels.
+        let files = ptx
+            .iter()
+            .map(|(name, text)| Ok((*name, crate::ptx::entries(text), crate::nvrtc::defines(name, arch)?)))
+            .collect::<Result<Vec<_>>>()?;
         d.exec = Some(crate::emu::Library::build(&files)?);
         d.info.name = format!("emulated device (kernels run on the CPU; checked as compiled for {arch})");
         Ok(d)
@@ -569,8 +577,9 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             if k % 8 != 0 || a.u64(1) % 16 != 0 || a.u64(2) % 16 != 0 {
                 return Err(format!("k {k}, x at {:#x}, w at {:#x}: the kernel reads 16-byte chunks", a.u64(1), a.u64(2)));
             }
-            if a.block != (128, 1, 1) || gx * 8 < n || (gx - 1) * 8 >= n.max(1) {
-                return Err(format!("grid {:?} and block {:?} do not cover {n} rows in blocks of 8", a.grid, a.block));
+            let per = crate::ops::GEMV_ROWS_PER_BLOCK as u64;
+            if a.block != (crate::ops::GEMV_THREADS, 1, 1) || gx * per < n || (gx - 1) * per >= n.max(1) {
+                return Err(format!("grid {:?} and block {:?} do not cover {n} rows in blocks of {per}", a.grid, a.block));
             }
             a.agrees(2, 0, n, "the weight's rows")?;
             a.agrees(2, 1, k, "the weight's columns")?;
@@ -709,11 +718,16 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
             key_runs(table.as_deref(), bs, kb as u64, n as u64, g, hkv, d, &mut runs)?;
         }
     }
+    push_kv_runs(out, runs, elt);
+    Ok(())
+}
+
+/// The attention kernels' K and V reads (parameters 2 and 3): the same runs of rows in both.
+fn push_kv_runs(out: &mut Vec<Access>, runs: Vec<(u64, u64, String)>, elt: u64) {
     for (start, len, what) in runs {
         push(out, 2, start, len, elt, format!("k: {what}"));
         push(out, 3, start, len, elt, format!("v: {what}"));
     }
-    Ok(())
 }
 
 /// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2); grid (tiles, hq);
@@ -791,10 +805,7 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
             key_runs(table.as_deref(), bs, kbase, keys, g, hkv, d, &mut runs)?;
         }
     }
-    for (start, len, what) in runs {
-        push(out, 2, start, len, elt, format!("k: {what}"));
-        push(out, 3, start, len, elt, format!("v: {what}"));
-    }
+    push_kv_runs(out, runs, elt);
     Ok(())
 }
 
@@ -848,10 +859,7 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
             key_runs(table.as_deref(), bs, kbase, ctx, g, hkv, d, &mut runs)?;
         }
     }
-    for (start, len, what) in runs {
-        push(out, 2, start, len, elt, format!("k: {what}"));
-        push(out, 3, start, len, elt, format!("v: {what}"));
-    }
+    push_kv_runs(out, runs, elt);
     Ok(())
 }
 
