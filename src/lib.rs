@@ -9,4 +9,7 @@ pub use highrise_core as core;
 pub use highrise_core::{load_backend, Backend, DType, Error, Result, Tensor};
 pub use highrise_model as model;
 pub use highrise_engine as engine;
+pub mod load;
 pub mod server;
+
+pub use load::ModelSpec;

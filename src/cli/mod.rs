@@ -12,9 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
-use highrise::core::{Backend, DType};
+use highrise::core::Backend;
 use highrise::engine::{GenerateParams, SamplingParams};
-use highrise::model::{fetch, Llama, LoadOptions, Source, Tokenizer, WeightFormat};
+use highrise::load::random_shape;
+use highrise::model::{fetch, Llama, Tokenizer};
+use highrise::ModelSpec;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -106,12 +108,6 @@ pub fn model_path(given: Option<&Path>) -> AnyResult<PathBuf> {
     }
 }
 
-pub fn parse_dtype(s: &str, what: &str) -> AnyResult<DType> {
-    DType::parse(s)
-        .filter(|d| d.is_float())
-        .ok_or_else(|| format!("--{what} {s:?}: expected f32, f16 or bf16").into())
-}
-
 /// "512M", "2G", "1048576": a byte count.
 pub fn parse_bytes(s: &str) -> AnyResult<usize> {
     let (num, mult) = match s.trim().to_ascii_uppercase() {
@@ -124,47 +120,37 @@ pub fn parse_bytes(s: &str) -> AnyResult<usize> {
     Ok((n * mult as f64) as usize)
 }
 
-pub fn load(args: &ModelArgs) -> AnyResult<(Llama, Tokenizer)> {
-    if let Some(shape) = args.model.as_deref().and_then(Path::to_str).and_then(|s| s.strip_prefix("random:")) {
-        return load_random(args, shape);
+impl ModelArgs {
+    /// The model the flags name, as the library's loader takes it.
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            model: self.model.clone(),
+            weights: self.weights.clone(),
+            dtype: self.dtype.clone(),
+            kv_dtype: self.kv_dtype.clone(),
+            q8_activations: self.q8_activations,
+            repack: !self.no_repack,
+        }
     }
-    let path = model_path(args.model.as_deref())?;
-    let backend: Arc<dyn Backend> = highrise::load_backend(&args.backend)?;
-    let weights = match args.weights.as_str() {
-        "auto" => WeightFormat::Auto,
-        "q8_0" => WeightFormat::Convert(DType::Q8_0),
-        other => WeightFormat::Convert(parse_dtype(other, "weights")?),
-    };
-    let opts = LoadOptions {
-        weights,
-        activations: parse_dtype(&args.dtype, "dtype")?,
-        q8_activations: args.q8_activations,
-        kv_dtype: args.kv_dtype.as_deref().map(|d| parse_dtype(d, "kv-dtype")).transpose()?,
-        repack: !args.no_repack,
-    };
-    let source = Source::open(&path)?;
-    let tokenizer = source.tokenizer()?;
-    let bar = progress_bar(source.config().num_hidden_layers, &format!("loading {}", path.display()));
-    let model = Llama::load_with_progress(&source, backend, opts, &mut |done, _| bar.set_position(done as u64))?;
-    bar.finish_and_clear();
-    Ok((model, tokenizer))
 }
 
-/// `--model random:SHAPE`: random weights in the --dtype at a named shape, with a tokenizer whose
-/// token i is written `<i>` (for benchmarks and backend checks, e.g. random:llama-3-8b).
-fn load_random(args: &ModelArgs, shape: &str) -> AnyResult<(Llama, Tokenizer)> {
-    use highrise::model::ModelConfig;
-    let config = ModelConfig::shape(shape)
-        .ok_or_else(|| format!("--model random:{shape}: no such shape (one of {})", ModelConfig::SHAPES.join(", ")))?;
-    let backend: Arc<dyn Backend> = highrise::load_backend(&args.backend)?;
-    let dtype = parse_dtype(&args.dtype, "dtype")?;
-    eprintln!("making random {dtype} weights of {shape}'s shape on {}", backend.info().device);
-    let mut model = Llama::random(config, backend, dtype, 0)?;
-    if let Some(kv) = args.kv_dtype.as_deref() {
-        model.kv_dtype = parse_dtype(kv, "kv-dtype")?;
+/// Loads the model the flags name onto the backend they name, with a progress bar.
+pub fn load(args: &ModelArgs) -> AnyResult<(Llama, Tokenizer)> {
+    let mut spec = args.spec();
+    let say = &mut |m: &str| eprintln!("{m}");
+    if random_shape(spec.model.as_deref()).is_none() {
+        spec.model = Some(spec.path(say)?);
     }
-    let tokenizer = Tokenizer::numbered(model.config.vocab_size)?;
-    Ok((model, tokenizer))
+    let backend: Arc<dyn Backend> = highrise::load_backend(&args.backend)?;
+    let label = format!("loading {}", spec.model.as_deref().unwrap_or(Path::new("")).display());
+    let mut bar: Option<ProgressBar> = None;
+    let loaded = spec.load(backend, say, &mut |done, layers| {
+        bar.get_or_insert_with(|| progress_bar(layers, &label)).set_position(done as u64)
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(loaded?)
 }
 
 /// A progress bar on stderr, hidden when stderr is not a terminal.

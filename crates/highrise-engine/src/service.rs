@@ -182,11 +182,35 @@ impl EngineService {
     /// Queues a request; its events arrive on the returned stream. Refused requests (that could never
     /// fit, or have invalid settings) are an error here.
     pub async fn submit(&self, req: Request) -> Result<RequestStream, ServiceError> {
+        let (reply, events, commands) = self.send_submit(req)?;
+        Self::submitted(reply.await, events, commands)
+    }
+
+    /// `submit` for callers outside an async runtime (it blocks until the engine has taken the
+    /// request, one step at most).
+    pub fn submit_blocking(&self, req: Request) -> Result<RequestStream, ServiceError> {
+        let (reply, events, commands) = self.send_submit(req)?;
+        Self::submitted(reply.blocking_recv(), events, commands)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn send_submit(
+        &self,
+        req: Request,
+    ) -> Result<(oneshot::Receiver<Result<RequestId>>, mpsc::UnboundedReceiver<Event>, Sender<Command>), ServiceError> {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reply_tx, reply) = oneshot::channel();
         let commands = self.sender();
         commands.send(Command::Submit(req, events_tx, reply_tx)).map_err(|_| ServiceError::Stopped)?;
-        let id = reply.await.map_err(|_| ServiceError::Stopped)?.map_err(|e| match e {
+        Ok((reply, events, commands))
+    }
+
+    fn submitted(
+        reply: Result<Result<RequestId>, oneshot::error::RecvError>,
+        events: mpsc::UnboundedReceiver<Event>,
+        commands: Sender<Command>,
+    ) -> Result<RequestStream, ServiceError> {
+        let id = reply.map_err(|_| ServiceError::Stopped)?.map_err(|e| match e {
             Error::Input(m) => ServiceError::Rejected(m),
             other => ServiceError::Failed(other.to_string()),
         })?;
@@ -197,13 +221,30 @@ impl EngineService {
     /// should not compete with the batch for the backend (a capture pass, for instance). A job that
     /// panics fails alone; the engine carries on.
     pub async fn run<T: Send + 'static>(&self, job: impl FnOnce(&Llama) -> T + Send + 'static) -> Result<T, ServiceError> {
+        Self::ran(self.send_job(job)?.await)
+    }
+
+    /// `run` for callers outside an async runtime.
+    pub fn run_blocking<T: Send + 'static>(&self, job: impl FnOnce(&Llama) -> T + Send + 'static) -> Result<T, ServiceError> {
+        Self::ran(self.send_job(job)?.blocking_recv())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn send_job<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Llama) -> T + Send + 'static,
+    ) -> Result<oneshot::Receiver<std::result::Result<T, String>>, ServiceError> {
         let (reply_tx, reply) = oneshot::channel();
         let job: Job = Box::new(move |model| {
             let outcome = catch_unwind(AssertUnwindSafe(|| job(model)));
             drop(reply_tx.send(outcome.map_err(|p| panic_message(&*p))));
         });
         self.sender().send(Command::Run(job)).map_err(|_| ServiceError::Stopped)?;
-        reply.await.map_err(|_| ServiceError::Stopped)?.map_err(|m| ServiceError::Failed(format!("the job panicked: {m}")))
+        Ok(reply)
+    }
+
+    fn ran<T>(reply: Result<std::result::Result<T, String>, oneshot::error::RecvError>) -> Result<T, ServiceError> {
+        reply.map_err(|_| ServiceError::Stopped)?.map_err(|m| ServiceError::Failed(format!("the job panicked: {m}")))
     }
 
     /// Puts a fault into the engine thread (tests of its survival).

@@ -425,12 +425,28 @@ impl Llama {
 
     /// `prefill` with introspection hooks.
     pub fn prefill_hooked(&self, tokens: &[u32], which: Logits, hooks: Option<&mut Hooks>) -> Result<Tensor> {
-        let n = u32::try_from(tokens.len()).map_err(|_| Error::Input("prompt too long".into()))?;
-        let mut cache = self.new_kv_cache(tokens.len().div_ceil(BLOCK_SIZE).max(1), BLOCK_SIZE)?;
-        let positions: Vec<u32> = (0..n).collect();
+        self.prefill_batch_hooked(&[tokens], which, hooks)
+    }
+
+    /// Several prompts run as one batch, each from position 0 in blocks of a cache of their own: one
+    /// forward pass at batch speed. Logits as `which` asks (`All`: every token of every prompt, in
+    /// order). Hooks see the rows of the whole batch: captures hold every prompt's rows in order, and
+    /// steering and patching positions are rows of the batch.
+    pub fn prefill_batch_hooked(&self, prompts: &[&[u32]], which: Logits, hooks: Option<&mut Hooks>) -> Result<Tensor> {
+        let (mut tokens, mut positions, mut slots, mut seqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut blocks = 0usize;
+        for p in prompts {
+            let n = u32::try_from(p.len()).map_err(|_| Error::Input("prompt too long".into()))?;
+            let start = blocks;
+            tokens.extend_from_slice(p);
+            positions.extend(0..n);
+            slots.extend((0..n).map(|i| (start * BLOCK_SIZE) as u32 + i));
+            seqs.push(PagedSeq { q_len: n, context_len: n, blocks_start: start as u32 });
+            blocks += p.len().div_ceil(BLOCK_SIZE).max(1);
+        }
+        let mut cache = self.new_kv_cache(blocks.max(1), BLOCK_SIZE)?;
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
-        let seqs = [PagedSeq { q_len: n, context_len: n, blocks_start: 0 }];
-        let batch = Batch { tokens, positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
+        let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
         self.forward_hooked(&batch, &mut cache, which, hooks)
     }
 
