@@ -241,3 +241,34 @@ def test_gil_released_and_ctrl_c_stops_generation(quant_model):
         quant_model.generate("Once upon a time", max_tokens=5000, ignore_eos=True)
     assert time.time() - start < 30
     assert len(quant_model.generate("Hello", max_tokens=4).ids) > 0
+
+
+def test_cuda_backend_from_the_plugin():
+    """backend="cuda" loads the CUDA plugin built beside the package: on a GPU when there is one,
+    else on the emulated device (the kernels compiled for the host, run on a CPU model of CUDA);
+    either way the same answers as the built-in CPU backend (f32, random weights of the tiny shape)."""
+    try:
+        gpu = highrise.Model.load("random:tiny", backend="cuda", kv_cache="16M")
+    except highrise.HighriseError:
+        os.environ["HIGHRISE_CUDA_EMULATE"] = "1"
+        try:
+            gpu = highrise.Model.load("random:tiny", backend="cuda", kv_cache="16M")
+        except (highrise.HighriseError, ValueError) as e:
+            from conftest import skip
+
+            skip(f"no GPU, and the emulated CUDA device could not start: {e}")
+        finally:
+            del os.environ["HIGHRISE_CUDA_EMULATE"]
+    except ValueError as e:
+        from conftest import skip
+
+        skip(f"the CUDA plugin was not found: {e}")
+    cpu = highrise.Model.load("random:tiny", kv_cache="16M")
+    ids = list(range(1, 40, 3))
+    (lg, cg), (lc, cc) = gpu.run_with_cache(ids, names=["resid_post"]), cpu.run_with_cache(ids, names=["resid_post"])
+    scale = np.abs(lc).max()
+    assert np.abs(lg - lc).max() <= 1e-5 * scale, f"{gpu.cfg.device}: logits differ by {np.abs(lg - lc).max()}"
+    assert np.abs(cg["resid_post", 1] - cc["resid_post", 1]).max() <= 1e-4
+    assert gpu.generate(ids, max_tokens=8, ignore_eos=True).ids == cpu.generate(ids, max_tokens=8, ignore_eos=True).ids
+    gpu.close()
+    cpu.close()
