@@ -50,6 +50,18 @@ fn tokenize_json_prints_the_ids() {
 }
 
 #[test]
+fn tokenize_takes_any_architectures_vocabulary() {
+    // A vocab-only GGUF of Phi-3 (SentencePiece; an architecture this build does not run).
+    let vocab = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tokenizer-vectors/ggml-vocab-phi-3.gguf");
+    if !vocab.is_file() {
+        println!("skipped: cli tokenize of another family: no {}", vocab.display());
+        return;
+    }
+    let out = stdout_ok(&["tokenize", "--json", "--model", vocab.to_str().unwrap(), "Hello world"]);
+    assert_eq!(out.trim(), "[15043,3186]");
+}
+
+#[test]
 fn logits_writes_every_position_as_npy() {
     let Some((fx, model, reference)) = fixtures_and_model("cli logits") else { return };
     let out = std::env::temp_dir().join(format!("highrise-cli-logits-{}.npy", std::process::id()));

@@ -338,3 +338,27 @@ fn random_safetensors_and_config_damage_never_panics() {
     }
     println!("random damage to an HF directory: {refused} of {cases} refused by name, the rest still valid; no panic");
 }
+
+#[test]
+fn unsupported_tokenizers_are_refused_naming_the_key_and_value() {
+    use highrise::model::Tokenizer;
+    let refused = |g: G, name: &str| -> String {
+        let path = scratch(name);
+        std::fs::write(&path, g.bytes()).unwrap();
+        let e = Tokenizer::open(&path).err().map(|e| e.to_string()).expect("refused");
+        let _ = std::fs::remove_file(&path);
+        e
+    };
+    let e = refused(G::valid().set("tokenizer.ggml.model", 8, s("bert")), "bert.gguf");
+    assert!(e.contains("tokenizer.ggml.model") && e.contains("\"bert\" is not supported"), "{e}");
+    let e = refused(G::valid().set("tokenizer.ggml.pre", 8, s("klingon")), "pre.gguf");
+    assert!(e.contains("tokenizer.ggml.pre") && e.contains("\"klingon\"") && e.contains("deepseek-coder"), "{e}");
+    // SentencePiece needs its scores.
+    let e = refused(G::valid().set("tokenizer.ggml.model", 8, s("llama")), "spm.gguf");
+    assert!(e.contains("tokenizer.ggml.scores"), "{e}");
+    // Any architecture's vocabulary loads for tokenizing.
+    let path = scratch("gpt2-arch.gguf");
+    std::fs::write(&path, G::valid().set("general.architecture", 8, s("gpt2")).bytes()).unwrap();
+    assert_eq!(Tokenizer::open(&path).unwrap().encode("ab", false).unwrap(), vec![2]);
+    let _ = std::fs::remove_file(&path);
+}

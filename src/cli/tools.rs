@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use highrise::model::Source;
+use highrise::model::{Source, Tokenizer};
 
 use serde_json::json;
 
@@ -48,7 +48,8 @@ pub fn run_backends(a: &BackendsArgs) -> AnyResult<()> {
 }
 
 fn cmd_tokenize(text: &str, json: bool, model: Option<PathBuf>) -> AnyResult<()> {
-    let tok = Source::open(&model_path(model.as_deref())?)?.tokenizer()?;
+    // The tokenizer alone: any GGUF whose vocabulary is supported, whatever its architecture.
+    let tok = Tokenizer::open(&model_path(model.as_deref())?)?;
     let ids = tok.encode(text, false)?;
     if json {
         println!("{}", serde_json::to_string(&ids)?);

@@ -81,6 +81,15 @@ impl Array {
         }
     }
 
+    /// The elements as f32, if it is an array of floats (SentencePiece scores).
+    pub fn f32s(&self) -> Option<Vec<f32>> {
+        match self {
+            Array::F32(v) => Some(v.clone()),
+            Array::F64(v) => Some(v.iter().map(|&x| x as f32).collect()),
+            _ => None,
+        }
+    }
+
     /// The elements as non-negative integers, if it is an array of integers and all are.
     pub fn u64s(&self) -> Option<Vec<u64>> {
         fn all<T: Copy>(v: &[T], f: impl Fn(T) -> Option<u64>) -> Option<Vec<u64>> {

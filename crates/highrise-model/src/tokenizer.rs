@@ -31,38 +31,110 @@ pub struct Tokenizer {
     pub chat_template: Option<String>,
 }
 
-/// GPT-2's byte-level pre-tokenizer, splitting with its own regex.
-fn byte_level(use_regex: bool) -> Json {
-    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+/// GPT-2's split regex (llama.cpp's form: whatever it leaves unmatched is a piece of its own).
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+/// Llama 3's split regex (also DBRX's, Smaug's; ChatGLM 4's).
+const LLAMA3: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Poro's, BLOOM's, GPT-3 Finnish's: words with at most one leading space.
+const PORO: &str = r" ?[^(\s|.,!?…。，、।۔،)]+";
+/// Written with escapes: an editor's Unicode normalization would turn some of these letters into
+/// others (U+1FD3 into U+0390, say), reversing ranges.
+const DEEPSEEK_LETTERS: &str = "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+";
+const CJK: &str = "[一-龥ࠀ-一가-\u{d7ff}]+";
+
+/// A byte-level BPE pre-tokenizer as llama.cpp defines it for a `tokenizer.ggml.pre` name
+/// (`llm_tokenizer_bpe` in its llama-vocab.cpp; HF's tokenizer.json files say the same): split
+/// regexes applied one after another, each piece of one split again by the next, what a regex leaves
+/// unmatched kept as pieces too; then the bytes mapped to GPT-2's alphabet. And whether a word found
+/// whole in the vocabulary skips the merges (llama.cpp's `ignore_merges`: Llama 3, Tekken).
+struct PreTokenizer {
+    splits: &'static [&'static str],
+    ignore_merges: bool,
 }
 
-/// The pre-tokenizer llama.cpp names in `tokenizer.ggml.pre`.
-fn pre_tokenizer(pre: &str) -> Option<Json> {
-    let split = |pattern: &str| {
-        json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
-            byte_level(false),
-        ]})
-    };
-    Some(match pre {
-        "default" | "gpt2" => byte_level(true),
-        // Every digit on its own, then GPT-2's regex.
-        "smollm" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": true},
-            byte_level(true),
-        ]}),
-        "llama-bpe" | "llama3" => split(
-            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+/// The `tokenizer.ggml.pre` names understood, in llama.cpp's groups.
+pub const PRE_TOKENIZERS: &[&str] = &[
+    "default", "gpt2", "gpt-2", "phi-2", "roberta-bpe", "jina-es", "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de",
+    "jina-v2-code", "gigachat", "mpt", "olmo", "jais", "llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe",
+    "chatglm-bpe", "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon", "starcoder", "refact", "command-r", "smollm",
+    "codeshell", "exaone", "minerva-7b", "qwen2", "stablelm2", "megrez", "poro-chat", "bloom", "gpt3-finnish", "viking",
+    "tekken", "chameleon",
+];
+
+fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
+    let (splits, ignore_merges): (&'static [&'static str], bool) = match pre {
+        // llama.cpp's fallback when a file names no pre-tokenizer.
+        "default" => (&[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], false),
+        "gpt2" | "gpt-2" | "phi-2" | "roberta-bpe" | "jina-es" | "jina-de" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
+        | "jina-v2-code" | "gigachat" | "mpt" | "olmo" | "jais" => (&[GPT2], false),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (&[LLAMA3], true),
+        "dbrx" | "smaug-bpe" | "chatglm-bpe" => (&[LLAMA3], false),
+        "deepseek-llm" => (&["[\r\n]", DEEPSEEK_LETTERS, r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", CJK, r"\p{N}+"], false),
+        "deepseek-coder" => (&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK, r"\p{N}"], false),
+        "deepseek-v3" => (
+            &[
+                r"\p{N}{1,3}",
+                "[一-龥\u{3040}-ゟ゠-ヿ]+",
+                r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""##,
+            ],
+            false,
         ),
-        "qwen2" => split(
-            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        "falcon" => (&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"], false),
+        // Every digit on its own, then GPT-2's regex.
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => (&[r"\p{N}", GPT2], false),
+        "qwen2" | "stablelm2" | "megrez" => (
+            &[r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+            false,
+        ),
+        "poro-chat" | "bloom" | "gpt3-finnish" => (&[PORO], false),
+        "viking" => (&[PORO, r"\p{N}"], false),
+        // Mistral's Tekken, as its tokenizer.json writes it.
+        "tekken" => (
+            &[r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+            true,
+        ),
+        "chameleon" => (
+            &["<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}", r"[\p{P}!-/:-@\[-`{-~]", GPT2],
+            false,
         ),
         _ => return None,
-    })
+    };
+    Some(PreTokenizer { splits, ignore_merges })
 }
 
+impl PreTokenizer {
+    fn json(&self) -> Json {
+        let mut seq: Vec<Json> = self
+            .splits
+            .iter()
+            .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+            .collect();
+        seq.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+        json!({"type": "Sequence", "pretokenizers": seq})
+    }
+}
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const CONTROL: u64 = 3;
+const USER_DEFINED: u64 = 4;
+
+/// The SentencePiece word-boundary marker.
+const SPACE: &str = "\u{2581}";
+
 impl Tokenizer {
-    /// Builds the tokenizer a GGUF file describes (byte-level BPE, `tokenizer.ggml.model` = "gpt2").
+    /// The tokenizer of a model file alone, whatever its architecture: a GGUF's vocabulary (weights
+    /// and config are not read) or a HF directory's tokenizer.json.
+    pub fn open(path: &Path) -> Result<Tokenizer> {
+        match path.is_dir() {
+            true => Tokenizer::from_dir(path),
+            false => Tokenizer::from_gguf(&Gguf::open(path)?),
+        }
+    }
+
+    /// Builds the tokenizer a GGUF file describes: byte-level BPE (`tokenizer.ggml.model` = "gpt2",
+    /// with the pre-tokenizer `tokenizer.ggml.pre` names) or SentencePiece ("llama": scores, byte
+    /// fallback, the ▁ space marker).
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
         let path = &g.path;
         // The strings of an array, borrowed from the file's metadata (no copy of the vocabulary).
@@ -72,29 +144,7 @@ impl Tokenizer {
             Ok(s.iter().map(String::as_str).collect())
         };
         let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-        if model != "gpt2" {
-            return Err(Error::config(
-                path,
-                "tokenizer.ggml.model",
-                format!("{model:?} is not supported (byte-level BPE, \"gpt2\", is)"),
-            ));
-        }
-        let pre_name = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-        let pre = pre_tokenizer(pre_name).ok_or_else(|| {
-            Error::config(
-                path,
-                "tokenizer.ggml.pre",
-                format!("pre-tokenizer {pre_name:?} is not supported (default, gpt2, smollm, llama-bpe, qwen2 are)"),
-            )
-        })?;
         let tokens = strs("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strs("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(Error::config(path, "tokenizer.ggml.merges", format!("merge {m:?} is not two tokens"))),
-            })
-            .collect::<Result<_>>()?;
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
             None => Vec::new(),
             Some(v) => {
@@ -111,31 +161,100 @@ impl Tokenizer {
             }
         };
         let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let token = |key: &str| g.get(key).and_then(Value::as_u64).and_then(|id| tokens.get(id as usize)).map(|t| t.to_string());
         // Built through the tokenizers API rather than a tokenizer.json text: no transient JSON tree
         // of the whole vocabulary at load.
         let fail = |e: tokenizers::Error| Error::Tokenizer(format!("{}: {e}", path.display()));
-        let bpe = tokenizers::models::bpe::BPE::builder().vocab_and_merges(vocab, merges).build().map_err(fail)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre).expect("known pre-tokenizer");
-        let decoder: tokenizers::DecoderWrapper =
-            serde_json::from_value(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}))
-                .expect("byte-level decoder");
-        inner.with_pre_tokenizer(Some(pre));
-        inner.with_decoder(Some(decoder));
-        // Control (3) and user-defined (4) tokens are matched whole in the input, before BPE.
+        let spm = match model {
+            "gpt2" => false,
+            "llama" => true,
+            other => {
+                return Err(Error::config(
+                    path,
+                    "tokenizer.ggml.model",
+                    format!("{other:?} is not supported (\"gpt2\": byte-level BPE, \"llama\": SentencePiece)"),
+                ))
+            }
+        };
+        let mut inner = if spm {
+            let key = "tokenizer.ggml.scores";
+            let scores = g
+                .get(key)
+                .and_then(Value::as_array)
+                .and_then(|a| a.f32s())
+                .ok_or_else(|| Error::config(path, key, "missing, or not an array of floats"))?;
+            if scores.len() != tokens.len() {
+                return Err(Error::config(path, key, format!("has {} entries but tokenizer.ggml.tokens has {}", scores.len(), tokens.len())));
+            }
+            let merges = sentencepiece_merges(&tokens, &scores, &vocab);
+            let unk = token("tokenizer.ggml.unknown_token_id").or_else(|| tokens.first().map(|t| t.to_string()));
+            let mut bpe = tokenizers::models::bpe::BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+            if let Some(unk) = unk {
+                bpe = bpe.unk_token(unk);
+            }
+            let mut inner = tokenizers::Tokenizer::new(bpe.build().map_err(fail)?);
+            // llama.cpp's and HF's Llama tokenizers: spaces become ▁, and one is put in front.
+            let prefix = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
+            let mut normalize = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE})];
+            let mut decode = vec![
+                json!({"type": "Replace", "pattern": {"String": SPACE}, "content": " "}),
+                json!({"type": "ByteFallback"}),
+                json!({"type": "Fuse"}),
+            ];
+            if prefix {
+                normalize.insert(0, json!({"type": "Prepend", "prepend": SPACE}));
+                decode.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            }
+            let normalizer: tokenizers::NormalizerWrapper =
+                serde_json::from_value(json!({"type": "Sequence", "normalizers": normalize})).expect("known normalizer");
+            let decoder: tokenizers::DecoderWrapper =
+                serde_json::from_value(json!({"type": "Sequence", "decoders": decode})).expect("known decoder");
+            inner.with_normalizer(Some(normalizer));
+            inner.with_decoder(Some(decoder));
+            inner
+        } else {
+            let pre_name = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+            let pre = pre_tokenizer(pre_name).ok_or_else(|| {
+                Error::config(
+                    path,
+                    "tokenizer.ggml.pre",
+                    format!("pre-tokenizer {pre_name:?} is not supported (these are: {})", PRE_TOKENIZERS.join(", ")),
+                )
+            })?;
+            let merges: Vec<(String, String)> = strs("tokenizer.ggml.merges")?
+                .into_iter()
+                .map(|m| match m.split_once(' ') {
+                    Some((a, b)) => Ok((a.to_string(), b.to_string())),
+                    None => Err(Error::config(path, "tokenizer.ggml.merges", format!("merge {m:?} is not two tokens"))),
+                })
+                .collect::<Result<_>>()?;
+            let bpe = tokenizers::models::bpe::BPE::builder()
+                .vocab_and_merges(vocab, merges)
+                .ignore_merges(pre.ignore_merges)
+                .build()
+                .map_err(fail)?;
+            let mut inner = tokenizers::Tokenizer::new(bpe);
+            let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre.json()).expect("known pre-tokenizer");
+            let decoder: tokenizers::DecoderWrapper =
+                serde_json::from_value(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}))
+                    .expect("byte-level decoder");
+            inner.with_pre_tokenizer(Some(pre));
+            inner.with_decoder(Some(decoder));
+            inner
+        };
+        // Control and user-defined tokens are matched whole in the input, before the model: control
+        // tokens as special. A byte-level vocabulary's user-defined tokens are written in its byte
+        // alphabet (matched after normalization); SentencePiece's as they read.
         let added = |kind: u64| -> Vec<tokenizers::AddedToken> {
             types
                 .iter()
                 .enumerate()
                 .filter(|(_, &t)| t == kind)
-                .map(|(id, _)| tokenizers::AddedToken::from(tokens[id], kind == 3).normalized(kind == 4))
+                .map(|(id, _)| tokenizers::AddedToken::from(tokens[id], kind == CONTROL).normalized(kind == USER_DEFINED && !spm))
                 .collect()
         };
-        inner.add_special_tokens(&added(3));
-        inner.add_tokens(&added(4));
-        let token = |key: &str| {
-            g.get(key).and_then(Value::as_u64).and_then(|id| tokens.get(id as usize)).map(|t| t.to_string())
-        };
+        inner.add_special_tokens(&added(CONTROL));
+        inner.add_tokens(&added(USER_DEFINED));
         let mut t = Tokenizer { inner, bos_token: None, eos_token: None, add_bos: false, chat_template: None };
         t.bos_token = token("tokenizer.ggml.bos_token_id");
         t.eos_token = token("tokenizer.ggml.eos_token_id");
@@ -259,5 +378,42 @@ impl Tokenizer {
         env.get_template("chat")
             .and_then(|t| t.render(ctx))
             .map_err(|e| Error::Tokenizer(format!("chat template: {e}")))
+    }
+}
+
+/// The merges of a SentencePiece BPE vocabulary, as HF's `SentencePieceExtractor` derives them: every
+/// split of a piece into two pieces of the vocabulary, ranked by the whole piece's score (highest
+/// first; within a piece, by the halves' ids). Merging by that rank is SentencePiece's own rule
+/// (llama.cpp's `llm_tokenizer_spm`): of the adjacent pairs, join the one whose result scores best.
+fn sentencepiece_merges(tokens: &[&str], scores: &[f32], vocab: &tokenizers::models::bpe::Vocab) -> Vec<(String, String)> {
+    let mut merges: Vec<(f32, u32, u32)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        let mut local: Vec<(u32, u32)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*vocab.get(&piece[..at])?, *vocab.get(&piece[at..])?)))
+            .collect();
+        local.sort_unstable();
+        merges.extend(local.into_iter().map(|(l, r)| (score, l, r)));
+    }
+    // Stable: equal scores keep the vocabulary's order, as HF's sort does.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0));
+    merges.into_iter().map(|(_, l, r)| (tokens[l as usize].to_string(), tokens[r as usize].to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_pre_tokenizer_compiles() {
+        for name in PRE_TOKENIZERS {
+            let pre = pre_tokenizer(name).unwrap_or_else(|| panic!("{name} is listed but unknown"));
+            for r in pre.splits {
+                let one = PreTokenizer { splits: std::slice::from_ref(r), ignore_merges: false };
+                let parsed: std::result::Result<tokenizers::PreTokenizerWrapper, _> = serde_json::from_value(one.json());
+                assert!(parsed.is_ok(), "{name}: {r}: {:?}", parsed.err());
+            }
+        }
     }
 }
