@@ -10,8 +10,14 @@ use serde_json::Value as Json;
 use crate::gguf::{Gguf, Value};
 use crate::{Error, Result};
 
-/// The Llama-shaped families highrise runs: they differ in names and small options, not in ops.
-pub const FAMILIES: [&str; 3] = ["llama", "mistral", "qwen2"];
+/// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
+/// in names and small options (biases, a norm of q and k, fused projections), not in ops.
+pub const FAMILIES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "phi3"];
+
+/// "llama, mistral, ...": for the errors that list them.
+pub fn families() -> String {
+    FAMILIES.join(", ")
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -34,6 +40,13 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<Json>,
+    /// transformers >= 5 writes `rope_theta` and the scaling together here (`rope_type`, `factor`,
+    /// ...); read into `rope_theta` and `rope_scaling` when the file is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Json>,
+    /// Phi's partial RoPE: only this fraction of each head's dims rotate (1 here: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -100,8 +113,25 @@ impl ModelConfig {
                 };
                 Error::config(path, &field, e.inner())
             })?;
+        let mut c = c;
+        c.adopt_rope_parameters();
         c.validate(path)?;
         Ok(c)
+    }
+
+    /// transformers >= 5's `rope_parameters` as the older `rope_theta` + `rope_scaling` fields.
+    fn adopt_rope_parameters(&mut self) {
+        let Some(p) = self.rope_parameters.as_ref().filter(|p| p.is_object()) else { return };
+        if let Some(theta) = p.get("rope_theta").and_then(Json::as_f64) {
+            self.rope_theta = theta;
+        }
+        if let Some(f) = p.get("partial_rotary_factor").and_then(Json::as_f64) {
+            self.partial_rotary_factor = Some(f);
+        }
+        let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Json::as_str).unwrap_or("default");
+        if kind != "default" && self.rope_scaling.as_ref().is_none_or(Json::is_null) {
+            self.rope_scaling = Some(p.clone());
+        }
     }
 
     /// The config of a GGUF file, from its `<arch>.*` metadata.
@@ -112,7 +142,7 @@ impl ModelConfig {
             return Err(Error::config(
                 path,
                 "general.architecture",
-                format!("{arch:?} is not supported (llama, mistral, qwen2 are)"),
+                format!("{arch:?} is not supported (these are: {})", families()),
             ));
         }
         let num = |key: &str| -> Result<usize> {
@@ -148,6 +178,8 @@ impl ModelConfig {
             architectures: vec![match arch.as_str() {
                 "mistral" => "MistralForCausalLM".into(),
                 "qwen2" => "Qwen2ForCausalLM".into(),
+                "qwen3" => "Qwen3ForCausalLM".into(),
+                "phi3" => "Phi3ForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -167,6 +199,8 @@ impl ModelConfig {
             eos_token_id: token("tokenizer.ggml.eos_token_id").map(Json::from),
             sliding_window: None,
             torch_dtype: Some("float32".into()),
+            rope_parameters: None,
+            partial_rotary_factor: None,
         };
         c.validate(path)?;
         Ok(c)
@@ -177,7 +211,7 @@ impl ModelConfig {
             return Err(Error::config(
                 path,
                 "model_type",
-                format!("{:?} is not supported (llama, mistral, qwen2 are)", self.model_type),
+                format!("{:?} is not supported (these are: {})", self.model_type, families()),
             ));
         }
         let positive = [
@@ -205,6 +239,9 @@ impl ModelConfig {
             return Err(Error::config(path, "head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim())));
         }
         self.rope().map_err(|e| Error::config(path, "rope_scaling", e))?;
+        if let Some(f) = self.partial_rotary_factor.filter(|&f| f != 1.0) {
+            return Err(Error::config(path, "partial_rotary_factor", format!("{f}: partial RoPE is not supported (only all dims rotating, 1.0)")));
+        }
         Ok(())
     }
 
@@ -214,6 +251,11 @@ impl ModelConfig {
 
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Qwen3 norms each head of q and k (RMSNorm, a weight of head_dim) before RoPE.
+    pub fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
     }
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.

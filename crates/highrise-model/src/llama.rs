@@ -65,6 +65,8 @@ pub struct Layer {
     pub w_gate: Tensor,           // [I, H]
     pub w_up: Tensor,             // [I, H]
     pub w_down: Tensor,           // [H, I]
+    pub q_norm: Option<Tensor>,   // [D] (Qwen3: RMSNorm of each query head before RoPE)
+    pub k_norm: Option<Tensor>,   // [D]
 }
 
 pub struct Llama {
@@ -180,6 +182,8 @@ impl Llama {
                 w_gate: loader.matrix(&p("mlp.gate_proj.weight"), i, h, OpKind::Linear)?,
                 w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
                 w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
+                q_norm: c.qk_norm().then(|| loader.vector(&p("self_attn.q_norm.weight"), c.head_dim())).transpose()?,
+                k_norm: c.qk_norm().then(|| loader.vector(&p("self_attn.k_norm.weight"), c.head_dim())).transpose()?,
             });
             progress(l + 1, c.num_hidden_layers);
         }
@@ -246,6 +250,8 @@ impl Llama {
                 w_gate: make(&[i, h], proj(h), 0.0)?,
                 w_up: make(&[i, h], proj(h), 0.0)?,
                 w_down: make(&[h, i], proj(i), 0.0)?,
+                q_norm: if c.qk_norm() { Some(make(&[c.head_dim()], 0.1, 1.0)?) } else { None },
+                k_norm: if c.qk_norm() { Some(make(&[c.head_dim()], 0.1, 1.0)?) } else { None },
             });
         }
         let embed = make(&[v, h], 1.0, 0.0)?;
@@ -302,6 +308,14 @@ impl Llama {
         Ok(self.backend.linear_with(out, x, w, bias, self.q8_activations)?)
     }
 
+    /// RMSNorm of each of `rows` rows of width `d` of `x` (a projection's heads), with weight `w` [d].
+    fn head_norm(&self, x: Tensor, w: &Tensor, rows: usize, d: usize, eps: f32) -> Result<Tensor> {
+        let x = x.reshape(&[rows, d])?;
+        let mut out = self.tensor(&[rows, d])?;
+        self.backend.rms_norm(&mut out, &x, w, eps)?;
+        Ok(out)
+    }
+
     /// Runs the batch through the model, writing its K/V into `cache`; returns logits [rows, V].
     pub fn forward(&self, batch: &Batch, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         self.forward_hooked(batch, cache, which, None)
@@ -347,6 +361,11 @@ impl Llama {
             self.linear(&mut q, &xb, &layer.wq, layer.bq.as_ref())?;
             self.linear(&mut k, &xb, &layer.wk, layer.bk.as_ref())?;
             self.linear(&mut v, &xb, &layer.wv, layer.bv.as_ref())?;
+            // Qwen 3: each head's q and k RMS-normed before RoPE (the residual norm op, one head a row).
+            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+                (Some(qn), Some(kn)) => (self.head_norm(q, qn, t * hq, d, eps)?, self.head_norm(k, kn, t * hkv, d, eps)?),
+                _ => (q, k),
+            };
             let mut q = q.reshape(&[t, hq, d])?;
             let mut k = k.reshape(&[t, hkv, d])?;
             let v = v.reshape(&[t, hkv, d])?;

@@ -26,7 +26,24 @@ pub struct FileTensor<'a> {
     pub span: std::ops::Range<usize>,
 }
 
-impl FileTensor<'_> {
+impl<'a> FileTensor<'a> {
+    /// Rows `rows` of a 2-D tensor (whole rows: any dtype, quantized blocks included), as a tensor of
+    /// its own: one part of a fused projection.
+    pub fn rows(self, rows: std::ops::Range<usize>) -> std::result::Result<FileTensor<'a>, String> {
+        let n = self.dims.first().copied().unwrap_or(0);
+        if self.dims.len() != 2 || rows.end > n || rows.start > rows.end || n == 0 {
+            return Err(format!("rows {rows:?} of a tensor of shape {:?}", self.dims));
+        }
+        let row_bytes = self.data.len() / n;
+        let (a, b) = (rows.start * row_bytes, rows.end * row_bytes);
+        let data = match self.data {
+            Cow::Borrowed(d) => Cow::Borrowed(&d[a..b]),
+            Cow::Owned(d) => Cow::Owned(d[a..b].to_vec()),
+        };
+        let span = self.span.start + a..self.span.start + b;
+        Ok(FileTensor { dtype: self.dtype, dims: vec![rows.len(), self.dims[1]], data, owner: self.owner, span })
+    }
+
     /// Lets the memory go that the file mapping holds for this tensor, once it has been read into
     /// a copy (converted, or laid out for the backend) and its bytes in the file are not read
     /// again: without this, every converted tensor would be in memory twice.
@@ -96,13 +113,49 @@ impl Source {
         }
     }
 
-    /// The tensor with HF name `name`, or `None` if the file has no such tensor.
+    /// The tensor with HF name `name`, or `None` if the file has no such tensor. A projection that
+    /// the file keeps fused with others (Phi-3's `qkv_proj` and `gate_up_proj`) is its rows of the
+    /// fused tensor.
     pub fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
+        // A Phi-3 GGUF keeps gate and up fused under the name llama.cpp gives up alone (ffn_up).
+        let phi3_gguf = matches!(self, Source::Gguf { .. }) && self.config().model_type == "phi3";
+        let fused_mlp = phi3_gguf && (name.ends_with(".mlp.gate_proj.weight") || name.ends_with(".mlp.up_proj.weight"));
+        if !fused_mlp {
+            if let Some(t) = self.stored(name)? {
+                return Ok(Some(t));
+            }
+        }
+        let Some((fused, rows)) = fused_part(name, self.config()) else { return Ok(None) };
+        match self.stored(&fused)? {
+            Some(t) => t.rows(rows).map(Some).map_err(|e| Error::tensor(self.path(), &fused, e)),
+            None => Ok(None),
+        }
+    }
+
+    fn stored(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
         match self {
             Source::Gguf { gguf, config } => gguf_tensor(gguf, config, name),
             Source::Hf(h) => h.tensor(name),
         }
     }
+}
+
+/// Where a projection lives when the file fuses it with others: Phi-3's `qkv_proj` (q, k, v rows in
+/// turn) and `gate_up_proj` (gate rows, then up), as HF names them.
+fn fused_part(name: &str, c: &ModelConfig) -> Option<(String, std::ops::Range<usize>)> {
+    let (layer, part) = name.strip_suffix(".weight")?.split_once(".self_attn.").map(|(l, p)| (l, ("self_attn", p))).or_else(|| {
+        name.strip_suffix(".weight")?.split_once(".mlp.").map(|(l, p)| (l, ("mlp", p)))
+    })?;
+    let (q, kv, i) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim(), c.intermediate_size);
+    let (fused, rows) = match part {
+        ("self_attn", "q_proj") => ("self_attn.qkv_proj", 0..q),
+        ("self_attn", "k_proj") => ("self_attn.qkv_proj", q..q + kv),
+        ("self_attn", "v_proj") => ("self_attn.qkv_proj", q + kv..q + 2 * kv),
+        ("mlp", "gate_proj") => ("mlp.gate_up_proj", 0..i),
+        ("mlp", "up_proj") => ("mlp.gate_up_proj", i..2 * i),
+        _ => return None,
+    };
+    Some((format!("{layer}.{fused}.weight"), rows))
 }
 
 /// HF tensor names and their GGUF names: whole names, then the per-layer parts
@@ -112,7 +165,7 @@ const GLOBAL_NAMES: [(&str, &str); 3] = [
     ("model.norm.weight", "output_norm.weight"),
     ("lm_head.weight", "output.weight"),
 ];
-const LAYER_NAMES: [(&str, &str); 9] = [
+const LAYER_NAMES: [(&str, &str); 13] = [
     ("input_layernorm", "attn_norm"),
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
@@ -122,6 +175,11 @@ const LAYER_NAMES: [(&str, &str); 9] = [
     ("mlp.gate_proj", "ffn_gate"),
     ("mlp.up_proj", "ffn_up"),
     ("mlp.down_proj", "ffn_down"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("self_attn.qkv_proj", "attn_qkv"),
+    // After up_proj, so that ffn_up reads back as up_proj: only Phi-3 fuses gate and up into it.
+    ("mlp.gate_up_proj", "ffn_up"),
 ];
 
 /// Renames between the two vocabularies; `to_gguf` picks the direction.

@@ -1,0 +1,162 @@
+"""Tiny random-weight models of each family highrise runs, with HuggingFace transformers' own outputs
+beside them: the references tests/families.rs holds highrise to.
+
+Run on a developer machine, never in CI (it needs torch and transformers; the outputs are committed):
+
+    python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install torch transformers
+    /tmp/benchvenv/bin/python scripts/make-tiny-families.py            # writes tests/data/tiny-*/
+
+Made with transformers 5.24.0 and torch 2.15.0 (CPU, float32, eager attention), seed 0. Each
+folder: config.json and model.safetensors (save_pretrained), and reference.json: the prompt ids,
+HF's logits at every prompt position (float32, [T, vocab], in `logits`), and 12 greedy ids (EOS
+off). Every family keeps its real architecture with small sizes: hidden 64, 2 layers, 4 query
+heads over 2 key/value heads, vocab 512.
+
+With the `gguf` package (0.19.0) installed, each folder also gets model.gguf: the same weights as
+llama.cpp's convert_hf_to_gguf.py lays them out (its tensor names and metadata keys, Q/K rows
+permuted for the llama architecture, Phi-3's fused tensors kept fused), so the GGUF path is held to
+the same references. (Not for Llama 3.2: llama.cpp keeps llama3 RoPE scaling as a `rope_freqs`
+tensor of per-frequency factors, which highrise does not read yet.)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "data"
+
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    # Llama 3.2 1B/3B style: tied embeddings, llama3 RoPE scaling.
+    "llama3.2": dict(
+        model_type="llama",
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64),
+    ),
+    # Mistral Nemo style: head_dim not hidden / heads; a sliding window wider than the prompt.
+    "mistral": dict(model_type="mistral", head_dim=32, sliding_window=128, rope_theta=1000000.0),
+    # Qwen 2.5: q/k/v biases.
+    "qwen2.5": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    # Qwen 3: per-head RMSNorm of q and k before RoPE; no biases; head_dim of its own.
+    "qwen3": dict(model_type="qwen3", head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True),
+    # Phi-3 mini: fused qkv_proj and gate_up_proj.
+    "phi3": dict(model_type="phi3", rope_theta=10000.0, pad_token_id=0),
+}
+
+PROMPT = [1, 17, 300, 42, 99, 5, 250, 7, 7, 128, 511, 64, 3, 200, 31, 400, 12, 77, 150, 9]
+
+
+def make(name: str, extra: dict) -> None:
+    torch.manual_seed(0)
+    kind = extra.pop("model_type")
+    cfg = AutoConfig.for_model(kind, **{**COMMON, **extra})
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
+    # from_config's init is small; make the weights large enough that the layers matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
+            if p.dim() == 1 and "norm" in "".join(n for n, q in model.named_parameters() if q is p):
+                p.add_(1.0)
+    out = OUT / f"tiny-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+        gen = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    reference = {
+        "family": name,
+        "made_with": f"transformers {transformers.__version__}, torch {torch.__version__}, CPU float32 eager, seed 0",
+        "prompt": PROMPT,
+        "greedy": gen[0, len(PROMPT):].tolist(),
+        "logits": [[round(float(x), 6) for x in row] for row in logits],
+    }
+    (out / "reference.json").write_text(json.dumps(reference))
+    if name != "llama3.2":
+        to_gguf(kind, cfg, model, out / "model.gguf")
+    print(f"{out}: {sum(p.numel() for p in model.parameters())} parameters, greedy {reference['greedy']}")
+
+
+def to_gguf(kind: str, cfg, model, path: Path) -> None:
+    try:
+        import gguf
+    except ImportError:
+        print("  (no gguf package: model.gguf not written)")
+        return
+    # llama.cpp writes Mistral as the llama architecture.
+    arch = {"mistral": "llama"}.get(kind, kind)
+    w = gguf.GGUFWriter(str(path), arch)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+    def permute(x, heads):
+        # llama.cpp's permute: HF's rotate_half pairs (i, i + D/2) become adjacent rows.
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    names = {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+    }
+    for k, v in sd.items():
+        if k == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif k == "model.norm.weight":
+            g = "output_norm.weight"
+        elif k == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            g = "output.weight"
+        else:
+            _, _, layer, rest = k.split(".", 3)
+            part, suffix = rest.rsplit(".", 1)
+            g = f"blk.{layer}.{names[part]}.{suffix}"
+            if arch == "llama" and part == "self_attn.q_proj":
+                v = permute(v, cfg.num_attention_heads)
+            if arch == "llama" and part == "self_attn.k_proj":
+                v = permute(v, cfg.num_key_value_heads)
+        w.add_tensor(g, v.astype("float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"  {path}")
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(FAMILIES)
+    for n in names:
+        make(n, dict(FAMILIES[n]))

@@ -1,0 +1,91 @@
+//! The model families beyond Llama, each a tiny random-weight model of the family's exact
+//! architecture saved by HuggingFace transformers with its own outputs (tests/data/tiny-*, made by
+//! scripts/make-tiny-families.py): logits at every prompt position within 1e-4 of transformers' (f32),
+//! the same again decoding token by token through the paged KV cache, and the same greedy ids.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use highrise::core::ops::PagedSeq;
+use highrise::engine::{generate, GenerateParams};
+use highrise::model::{Batch, Llama, LoadOptions, Logits, Source, Tokenizer};
+
+fn dir(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(format!("tiny-{family}"))
+}
+
+/// Logits at each position, decoding one token at a time through the paged cache (blocks of 4,
+/// so the prompt spans several).
+fn decoded(m: &Llama, prompt: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_kv_cache(prompt.len().div_ceil(4), 4).unwrap();
+    // Blocks out of order, as a running engine hands them out.
+    let table: Vec<u32> = (0..cache.num_blocks as u32).rev().collect();
+    let mut all = Vec::new();
+    for p in 0..prompt.len() {
+        let seqs = [PagedSeq { q_len: 1, context_len: p as u32 + 1, blocks_start: 0 }];
+        let pos = [p as u32];
+        let slot = [table[p / 4] * 4 + (p % 4) as u32];
+        let batch = Batch { tokens: &prompt[p..p + 1], positions: &pos, slots: &slot, seqs: &seqs, block_table: &table };
+        all.extend(m.forward(&batch, &mut cache, Logits::Last).unwrap().to_f32().unwrap());
+    }
+    all
+}
+
+fn check(family: &str) {
+    let d = dir(family);
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    let prompt = ids(&reference["prompt"]);
+    let want: Vec<f32> =
+        reference["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let source = Source::open(&d).unwrap();
+    let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
+    let worst = |got: &[f32]| got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let prefill = m.prompt_logits(&prompt).unwrap().to_f32().unwrap();
+    assert_eq!(prefill.len(), want.len());
+    let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+    println!("{family}: prefill logits within {:.1e} of HF's (largest {scale:.2})", worst(&prefill));
+    assert!(worst(&prefill) <= 1e-4, "{family}: prefill logits differ from HF by {}", worst(&prefill));
+    let dec = decoded(&m, &prompt);
+    assert!(worst(&dec) <= 1e-4, "{family}: decoded logits differ from HF by {}", worst(&dec));
+    let greedy = ids(&reference["greedy"]);
+    let tok = Tokenizer::numbered(m.config.vocab_size).unwrap();
+    let params = GenerateParams { max_tokens: greedy.len(), ignore_eos: true, ..Default::default() };
+    let got = generate(&m, &tok, &prompt, &params, &mut |_| {}).unwrap();
+    assert_eq!(got.ids, greedy, "{family}: greedy ids");
+    // The same weights as llama.cpp lays them out in a GGUF (its names, Q/K rows permuted for the
+    // llama architecture, fused tensors kept fused): the same logits.
+    let gguf = d.join("model.gguf");
+    if gguf.is_file() {
+        let g = Llama::load(&Source::open(&gguf).unwrap(), cpu(), LoadOptions::default()).unwrap();
+        let from_gguf = g.prompt_logits(&prompt).unwrap().to_f32().unwrap();
+        println!("{family}: from GGUF within {:.1e}", worst(&from_gguf));
+        assert!(worst(&from_gguf) <= 1e-4, "{family}: GGUF logits differ from HF by {}", worst(&from_gguf));
+    }
+}
+
+#[test]
+fn llama_3_2_tied_embeddings_and_llama3_rope_scaling() {
+    check("llama3.2");
+}
+
+#[test]
+fn mistral_with_its_own_head_dim() {
+    check("mistral");
+}
+
+#[test]
+fn qwen2_5_with_qkv_biases() {
+    check("qwen2.5");
+}
+
+#[test]
+fn qwen3_with_q_and_k_norms() {
+    check("qwen3");
+}
+
+#[test]
+fn phi3_with_fused_projections() {
+    check("phi3");
+}
