@@ -14,9 +14,8 @@ heads over 2 key/value heads, vocab 512.
 
 With the `gguf` package (0.19.0) installed, each folder also gets model.gguf: the same weights as
 llama.cpp's convert_hf_to_gguf.py lays them out (its tensor names and metadata keys, Q/K rows
-permuted for the llama architecture, Phi-3's fused tensors kept fused), so the GGUF path is held to
-the same references. (Not for Llama 3.2: llama.cpp keeps llama3 RoPE scaling as a `rope_freqs`
-tensor of per-frequency factors, which highrise does not read yet.)
+permuted for the llama architecture, Phi-3's fused tensors kept fused, Llama 3's RoPE scaling as
+the `rope_freqs` tensor of per-frequency divisors), so the GGUF path is held to the same references.
 """
 
 import json
@@ -92,8 +91,7 @@ def make(name: str, extra: dict) -> None:
         "logits": [[round(float(x), 6) for x in row] for row in logits],
     }
     (out / "reference.json").write_text(json.dumps(reference))
-    if name != "llama3.2":
-        to_gguf(kind, cfg, model, out / "model.gguf")
+    to_gguf(kind, cfg, model, out / "model.gguf")
     print(f"{out}: {sum(p.numel() for p in model.parameters())} parameters, greedy {reference['greedy']}")
 
 
@@ -149,6 +147,26 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
             if arch == "llama" and part == "self_attn.k_proj":
                 v = permute(v, cfg.num_key_value_heads)
         w.add_tensor(g, v.astype("float32"))
+    rp = cfg.rope_parameters
+    if rp.get("rope_type") == "llama3":
+        # llama.cpp's convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors), as it computes them.
+        import math
+
+        import numpy as np
+
+        freqs = 1.0 / (rp["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+        orig, low, high, factor = rp["original_max_position_embeddings"], rp["low_freq_factor"], rp["high_freq_factor"], rp["factor"]
+        out = []
+        for f in freqs:
+            wavelen = 2 * math.pi / f
+            if wavelen < orig / high:
+                out.append(1.0)
+            elif wavelen > orig / low:
+                out.append(factor)
+            else:
+                smooth = (orig / wavelen - low) / (high - low)
+                out.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(out, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -164,12 +164,21 @@ impl ModelConfig {
                 .ok_or_else(|| Error::config(path, &format!("{arch}.vocab_size"), "missing, and no token list"))?,
         };
         let head_dim = num("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let theta = float("rope.freq_base").unwrap_or(10_000.0);
         let rope_scaling = match g.get(&format!("{arch}.rope.scaling.type")).and_then(Value::as_str) {
             Some("linear") => Some(serde_json::json!({
                 "rope_type": "linear",
                 "factor": float("rope.scaling.factor").unwrap_or(1.0),
             })),
-            _ => None,
+            // llama.cpp keeps Llama 3.1+'s scaling as per-frequency divisors (`rope_freqs.weight`).
+            _ => match g.tensor("rope_freqs.weight") {
+                Some(t) if t.dtype == highrise_core::DType::F32 => {
+                    let freqs: Vec<f32> = g.data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                    Some(llama3_from_freq_factors(&freqs, theta, head_dim).map_err(|e| Error::tensor(path, "rope_freqs.weight", e))?)
+                }
+                Some(t) => return Err(Error::tensor(path, "rope_freqs.weight", format!("{} (f32 expected)", t.dtype))),
+                None => None,
+            },
         };
         let token = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let tied = g.tensor("output.weight").is_none();
@@ -190,7 +199,7 @@ impl ModelConfig {
             num_key_value_heads: Some(num("attention.head_count_kv").unwrap_or(heads)),
             head_dim: Some(head_dim),
             rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+            rope_theta: theta,
             rope_scaling,
             max_position_embeddings: num("context_length").unwrap_or(2048),
             tie_word_embeddings: tied,
@@ -299,9 +308,79 @@ impl ModelConfig {
     }
 }
 
+/// Llama 3's RoPE scaling as HF's config writes it, from the per-frequency divisors llama.cpp stores
+/// instead (its convert_hf_to_gguf.py computes them from those four numbers): `factor` is the
+/// largest divisor; the wavelength band is searched over the values models use, and the one that
+/// gives back every divisor (within 1e-4) is taken. Refused, saying so, when none does.
+fn llama3_from_freq_factors(freqs: &[f32], theta: f64, head_dim: usize) -> std::result::Result<Json, String> {
+    if freqs.len() * 2 != head_dim {
+        return Err(format!("{} factors for a head dim of {head_dim}", freqs.len()));
+    }
+    if freqs.iter().all(|&f| f == 1.0) {
+        return Ok(serde_json::json!({"rope_type": "default"}));
+    }
+    let factor = freqs.iter().cloned().fold(0f32, f32::max) as f64;
+    let divisors = |orig: f64, low: f64, high: f64| -> Vec<f64> {
+        (0..freqs.len())
+            .map(|i| {
+                let inv = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / inv;
+                if wavelen < orig / high {
+                    1.0
+                } else if wavelen > orig / low {
+                    factor
+                } else {
+                    let smooth = (orig / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect()
+    };
+    for orig in (4..=20).map(|p| (1u64 << p) as f64) {
+        for (low, high) in [(1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (0.5, 4.0)] {
+            let fits = divisors(orig, low, high).iter().zip(freqs).all(|(a, &b)| (a - b as f64).abs() <= 1e-4 * a.max(1.0));
+            if fits {
+                return Ok(serde_json::json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": orig,
+                }));
+            }
+        }
+    }
+    Err(format!("per-frequency factors {freqs:?} are not Llama 3's scaling for any usual original context"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama3_scaling_is_recovered_from_llama_cpp_frequency_factors() {
+        // Llama 3.1 8B: theta 500000, head dim 128, factor 8, low 1, high 4, original context 8192;
+        // the divisors as llama.cpp's converter computes them (in f32).
+        let (theta, d) = (500000f64, 128usize);
+        let freqs: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let wavelen = 2.0 * std::f64::consts::PI * theta.powf(2.0 * i as f64 / d as f64);
+                if wavelen < 8192.0 / 4.0 {
+                    1.0
+                } else if wavelen > 8192.0 {
+                    8.0
+                } else {
+                    let smooth = (8192.0 / wavelen - 1.0) / 3.0;
+                    (1.0 / ((1.0 - smooth) / 8.0 + smooth)) as f32
+                }
+            })
+            .collect();
+        let got = llama3_from_freq_factors(&freqs, theta, d).unwrap();
+        assert_eq!(got["rope_type"], "llama3");
+        assert_eq!((got["factor"].as_f64(), got["original_max_position_embeddings"].as_f64()), (Some(8.0), Some(8192.0)));
+        assert_eq!((got["low_freq_factor"].as_f64(), got["high_freq_factor"].as_f64()), (Some(1.0), Some(4.0)));
+        // Factors of another form are refused, not guessed.
+        let mut odd = freqs.clone();
+        odd[3] = 2.5;
+        assert!(llama3_from_freq_factors(&odd, theta, d).is_err());
+    }
 
     fn write(name: &str, json: &str) -> std::path::PathBuf {
         let path = std::env::temp_dir().join(format!("highrise-config-{}-{name}.json", std::process::id()));
