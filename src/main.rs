@@ -72,6 +72,12 @@ enum Command {
     /// Backends are shared libraries (libhighrise_<name>.so) looked for in $HIGHRISE_BACKEND_DIR,
     /// beside the executable, then in the cargo target directory.
     Backends(tools::BackendsArgs),
+    /// List the model families and tokenizers highrise runs, and how each was checked.
+    ///
+    /// A GGUF names its family in general.architecture and its tokenizer in tokenizer.ggml.model
+    /// (and tokenizer.ggml.pre); a HF directory in config.json's model_type. Anything else is refused
+    /// with this list before any weight is read.
+    Models(tools::BackendsArgs),
 }
 
 /// glibc's allocator raises its mmap threshold after the first large free (up to 32 MiB), from then on
@@ -103,6 +109,7 @@ fn main() {
         Command::Serve(a) => serve::run(a),
         Command::Fetch => cli::model_path(None).map(|p| println!("{}", p.display())),
         Command::Backends(a) => tools::run_backends(&a),
+        Command::Models(a) => tools::run_models(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -70,6 +70,31 @@ fn cmd_convert(input: &Path, output: &Path) -> AnyResult<()> {
     Ok(())
 }
 
+pub fn run_models(a: &BackendsArgs) -> AnyResult<()> {
+    use highrise::model::config::FAMILIES;
+    use highrise::model::tokenizer::PRE_TOKENIZERS;
+    if a.json {
+        let families: Vec<_> = FAMILIES.iter().map(|(name, what)| json!({"family": name, "models": what})).collect();
+        println!(
+            "{}",
+            json!({"families": families, "tokenizers": {"gpt2": PRE_TOKENIZERS, "llama": ["sentencepiece"]}})
+        );
+        return Ok(());
+    }
+    println!("families (model_type / general.architecture), each checked against HF transformers' logits:");
+    for (name, what) in FAMILIES {
+        println!("  {name:<8} {what}");
+    }
+    println!("tokenizers (tokenizer.ggml.model); phi-3, qwen2, deepseek-llm, deepseek-coder, falcon, mpt checked");
+    println!("against llama.cpp's test vectors, the rest built from llama.cpp's regexes:");
+    println!("  llama    SentencePiece: scores, byte fallback, the \u{2581} space marker (U+2581)");
+    println!("  gpt2     byte-level BPE, with the pre-tokenizer tokenizer.ggml.pre names:");
+    for line in PRE_TOKENIZERS.chunks(8) {
+        println!("           {}", line.join(", "));
+    }
+    Ok(())
+}
+
 fn cmd_backends(json: bool) -> AnyResult<()> {
     use highrise::core::plugin::{backend_file_name, discover, Plugin};
     for (name, path) in discover() {

@@ -322,8 +322,13 @@ mod tests {
     #[test]
     fn parked_helpers_wake_for_the_next_job() {
         let team = Team::new(2, "test").unwrap();
-        std::thread::sleep(SPIN * 3);
-        assert_eq!(team.shared.parked.load(SeqCst), 1);
+        // The helper parks once it has spun SPIN without work; on a busy machine it may be scheduled
+        // late, so wait for it (no fixed sleep: this is not a timing test).
+        let start = std::time::Instant::now();
+        while team.shared.parked.load(SeqCst) != 1 && start.elapsed() < std::time::Duration::from_secs(30) {
+            std::thread::sleep(SPIN);
+        }
+        assert_eq!(team.shared.parked.load(SeqCst), 1, "the idle helper never parked");
         let sum = AtomicUsize::new(0);
         team.for_each(10, |i| {
             sum.fetch_add(i, Relaxed);

@@ -12,11 +12,22 @@ use crate::{Error, Result};
 
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and small options (biases, a norm of q and k, fused projections), not in ops.
-pub const FAMILIES: [&str; 5] = ["llama", "mistral", "qwen2", "qwen3", "phi3"];
+pub const FAMILIES: [(&str, &str); 5] = [
+    ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
+    ("mistral", "Mistral 7B, Nemo (a head_dim of its own; sliding window: context capped at the window)"),
+    ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
+    ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
+    ("phi3", "Phi-3 mini (fused qkv_proj and gate_up_proj; longrope and partial RoPE are refused)"),
+];
+
+/// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
+pub fn is_family(name: &str) -> bool {
+    FAMILIES.iter().any(|(f, _)| *f == name)
+}
 
 /// "llama, mistral, ...": for the errors that list them.
 pub fn families() -> String {
-    FAMILIES.join(", ")
+    FAMILIES.map(|(f, _)| f).join(", ")
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -138,7 +149,7 @@ impl ModelConfig {
     pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
         let path = &g.path;
         let arch = g.get("general.architecture").and_then(Value::as_str).unwrap_or("").to_string();
-        if !FAMILIES.contains(&arch.as_str()) {
+        if !is_family(&arch) {
             return Err(Error::config(
                 path,
                 "general.architecture",
@@ -180,6 +191,10 @@ impl ModelConfig {
                 None => None,
             },
         };
+        // Phi-3.5's long-context RoPE (per-frequency factors for short and long contexts).
+        if g.tensor("rope_factors_long.weight").is_some() || g.tensor("rope_factors_short.weight").is_some() {
+            return Err(Error::tensor(path, "rope_factors_long.weight", "longrope RoPE scaling is not supported"));
+        }
         let token = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let tied = g.tensor("output.weight").is_none();
         let c = ModelConfig {
@@ -206,7 +221,7 @@ impl ModelConfig {
             attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_id: token("tokenizer.ggml.eos_token_id").map(Json::from),
-            sliding_window: None,
+            sliding_window: num("attention.sliding_window").ok(),
             torch_dtype: Some("float32".into()),
             rope_parameters: None,
             partial_rotary_factor: None,
@@ -216,7 +231,7 @@ impl ModelConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        if !FAMILIES.contains(&self.model_type.as_str()) {
+        if !is_family(&self.model_type) {
             return Err(Error::config(
                 path,
                 "model_type",
