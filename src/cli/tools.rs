@@ -85,8 +85,8 @@ pub fn run_models(a: &BackendsArgs) -> AnyResult<()> {
     for (name, what) in FAMILIES {
         println!("  {name:<8} {what}");
     }
-    println!("tokenizers (tokenizer.ggml.model); phi-3, qwen2, deepseek-llm, deepseek-coder, falcon, mpt checked");
-    println!("against llama.cpp's test vectors, the rest built from llama.cpp's regexes:");
+    println!("tokenizers (tokenizer.ggml.model); llama-spm, llama-bpe, gpt-2, starcoder, refact, command-r, qwen2,");
+    println!("qwen35, deepseek-llm, deepseek-coder, falcon, mpt and phi-3 checked against llama.cpp's test vectors:");
     println!("  llama    SentencePiece: scores, byte fallback, the \u{2581} space marker (U+2581)");
     println!("  gpt2     byte-level BPE, with the pre-tokenizer tokenizer.ggml.pre names:");
     for line in PRE_TOKENIZERS.chunks(8) {

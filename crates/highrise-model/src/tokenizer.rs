@@ -58,7 +58,7 @@ pub const PRE_TOKENIZERS: &[&str] = &[
     "default", "gpt2", "gpt-2", "phi-2", "roberta-bpe", "jina-es", "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de",
     "jina-v2-code", "gigachat", "mpt", "olmo", "jais", "llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe",
     "chatglm-bpe", "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon", "starcoder", "refact", "command-r", "smollm",
-    "codeshell", "exaone", "minerva-7b", "qwen2", "stablelm2", "megrez", "poro-chat", "bloom", "gpt3-finnish", "viking",
+    "codeshell", "exaone", "minerva-7b", "qwen2", "stablelm2", "megrez", "qwen35", "poro-chat", "bloom", "gpt3-finnish", "viking",
     "tekken", "chameleon",
 ];
 
@@ -85,6 +85,11 @@ fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
         "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => (&[r"\p{N}", GPT2], false),
         "qwen2" | "stablelm2" | "megrez" => (
             &[r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+            false,
+        ),
+        // Qwen 3.5: Qwen 2's, with combining marks kept in words.
+        "qwen35" => (
+            &[r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
             false,
         ),
         "poro-chat" | "bloom" | "gpt3-finnish" => (&[PORO], false),

@@ -458,12 +458,7 @@ class Model:
         steer, patch: :class:`Steer` / :class:`Patch` (or lists), on top of the open ``with``
             blocks. Per-prompt interventions: pass a list of lists, one per prompt.
         """
-        ids, single = self._prompts(prompts)
-        sites = self._sites(names)
-        steer_per, patch_per = self._per_prompt(steer, Steer, len(ids)), self._per_prompt(patch, Patch, len(ids))
-        steer_args = [[s._arg() for s in self._steers(x)] for x in steer_per]
-        patch_args = [[p._arg() for p in self._patches(x)] for x in patch_per]
-        logits, arrays = self._engine.run(ids, sites, None if layers is None else [int(l) for l in layers], steer_args, patch_args, True)
+        ids, single, logits, arrays = self._run(prompts, self._sites(names), layers, steer, patch)
         out, start = [], 0
         for p in ids:
             end = start + len(p)
@@ -474,16 +469,22 @@ class Model:
 
     def logits(self, prompts, steer=None, patch=None):
         """Logits [T, d_vocab] at every position (a list of them for a list of prompts)."""
-        ids, single = self._prompts(prompts)
-        steer_per, patch_per = self._per_prompt(steer, Steer, len(ids)), self._per_prompt(patch, Patch, len(ids))
-        steer_args = [[s._arg() for s in self._steers(x)] for x in steer_per]
-        patch_args = [[p._arg() for p in self._patches(x)] for x in patch_per]
-        logits, _ = self._engine.run(ids, [], None, steer_args, patch_args, True)
+        ids, single, logits, _ = self._run(prompts, [], None, steer, patch)
         out, start = [], 0
         for p in ids:
             out.append(logits[start : start + len(p)])
             start += len(p)
         return out[0] if single else out
+
+    def _run(self, prompts, sites, layers, steer, patch):
+        """One batched pass: (id lists, whether one prompt was given, logits [sum T, V], arrays)."""
+        ids, single = self._prompts(prompts)
+        steer_per, patch_per = self._per_prompt(steer, Steer, len(ids)), self._per_prompt(patch, Patch, len(ids))
+        steer_args = [[s._arg() for s in self._steers(x)] for x in steer_per]
+        patch_args = [[p._arg() for p in self._patches(x)] for x in patch_per]
+        layers = None if layers is None else [int(l) for l in layers]
+        logits, arrays = self._engine.run(ids, sites, layers, steer_args, patch_args, True)
+        return ids, single, logits, arrays
 
     @staticmethod
     def _sites(names) -> list:
