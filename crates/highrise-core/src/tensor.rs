@@ -330,6 +330,15 @@ impl Tensor {
 
     /// The values of a float tensor, converted to f32.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
+        if self.dtype == DType::F32 {
+            // Read straight into the result: one copy, not two (captures and logits are large).
+            let mut out = vec![0f32; self.numel()];
+            // SAFETY: the byte view covers exactly `out`'s initialized memory, and every bit pattern
+            // the backend writes is a valid f32.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), out.len() * 4) };
+            self.backend.read(self.handle, 0, bytes)?;
+            return Ok(out);
+        }
         let bytes = self.to_bytes()?;
         Ok(match self.dtype {
             DType::F32 => from_bytes::<f32>(&bytes),
