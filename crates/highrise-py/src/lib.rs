@@ -81,12 +81,8 @@ struct Engine {
 }
 
 impl Engine {
-    fn layers(&self) -> usize {
-        self.model.config.num_hidden_layers
-    }
-
     fn check_layer(&self, layer: usize, what: &str) -> PyResult<()> {
-        let n = self.layers();
+        let n = self.model.config.num_hidden_layers;
         match layer < n {
             true => Ok(()),
             false => Err(PyIndexError::new_err(format!("{what}: layer {layer} does not exist (the model has {n})"))),
@@ -155,11 +151,7 @@ impl Engine {
         let spec = ModelSpec { model: path, weights, dtype, kv_dtype, q8_activations, repack: true };
         let name = backend.clone();
         let started = py.detach(move || {
-            let mut spec = spec;
-            let say = &mut |m: &str| eprintln!("{m}");
-            if highrise::load::random_shape(spec.model.as_deref()).is_none() {
-                spec.model = Some(spec.path(say)?);
-            }
+            let spec = spec.resolve(&mut |m| eprintln!("{m}"))?;
             let shown = spec.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
             let (service, model, tokenizer) = EngineService::start_with(move || {
                 // The backend is made on the engine thread, which runs it.

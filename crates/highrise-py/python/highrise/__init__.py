@@ -398,7 +398,8 @@ class Model:
             "stop": list(stop or []),
             "ignore_eos": bool(ignore_eos),
         }
-        return GenerationStream(self._engine.submit(ids, _Sampling(sampling), [s._arg() for s in steers]), ids)
+        # The extension reads the settings as attributes.
+        return GenerationStream(self._engine.submit(ids, types.SimpleNamespace(**sampling), [s._arg() for s in steers]), ids)
 
     def generate(
         self,
@@ -432,7 +433,7 @@ class Model:
         streams = []
         try:
             for i in ids:
-                streams.append(self._submit(i, **{**_GEN_DEFAULTS, **kwargs}))
+                streams.append(self.generate(i, stream=True, **kwargs))
             return [s.finish() for s in streams]
         finally:
             for s in streams:
@@ -524,27 +525,6 @@ class Model:
         probs = probs.reshape(len(layers), t, top_k)
         tokens = [[self._engine.pieces([int(i) for i in row]) for row in per_layer] for per_layer in ids]
         return LogitLens(list(layers), ids, probs, tokens)
-
-
-_GEN_DEFAULTS = dict(
-    max_tokens=256,
-    temperature=0.0,
-    top_k=0,
-    top_p=1.0,
-    min_p=0.0,
-    repetition_penalty=1.0,
-    seed=0,
-    stop=None,
-    ignore_eos=False,
-    steer=None,
-)
-
-
-class _Sampling:
-    """The sampling settings as the extension reads them (attributes)."""
-
-    def __init__(self, d: dict):
-        self.__dict__.update(d)
 
 
 def _bytes(x: Union[int, str]) -> int:
