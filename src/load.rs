@@ -36,17 +36,24 @@ pub fn parse_dtype(s: &str, what: &str) -> Result<DType> {
 }
 
 /// `random:SHAPE` -> SHAPE.
-pub fn random_shape(model: Option<&Path>) -> Option<&str> {
+fn random_shape(model: Option<&Path>) -> Option<&str> {
     model.and_then(Path::to_str).and_then(|s| s.strip_prefix("random:"))
 }
 
+/// The model path: the one given, or the default model (fetched on first use, `say` telling how).
+pub fn model_path(given: Option<&Path>, say: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p.to_path_buf()),
+        None => fetch::default_model(say),
+    }
+}
+
 impl ModelSpec {
-    /// The model path: the one given, or the default model (fetched on first use, `say` telling how).
-    pub fn path(&self, say: &mut dyn FnMut(&str)) -> Result<PathBuf> {
-        match &self.model {
-            Some(p) => Ok(p.clone()),
-            None => fetch::default_model(say),
-        }
+    /// The same spec with the default model fetched now when none is named, so that a front end
+    /// knows the file (and reports a failed fetch) before it loads.
+    pub fn resolve(mut self, say: &mut dyn FnMut(&str)) -> Result<ModelSpec> {
+        self.model = Some(model_path(self.model.as_deref(), say)?);
+        Ok(self)
     }
 
     /// Loads the model onto `backend` (made by the caller: a plugin by name, or one linked in),
@@ -82,8 +89,7 @@ impl ModelSpec {
             ),
         };
         let opts = LoadOptions { weights, activations: dtype, q8_activations: self.q8_activations, kv_dtype, repack: self.repack };
-        let path = self.path(say)?;
-        let source = Source::open(&path)?;
+        let source = Source::open(&model_path(self.model.as_deref(), say)?)?;
         let tokenizer = source.tokenizer()?;
         let model = Llama::load_with_progress(&source, backend, opts, progress)?;
         Ok((model, tokenizer))

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use clap::Args;
 use highrise::core::Backend;
 use highrise::engine::{GenerateParams, SamplingParams};
-use highrise::load::random_shape;
-use highrise::model::{fetch, Llama, Tokenizer};
+use highrise::model::{Llama, Tokenizer};
 use highrise::ModelSpec;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -102,10 +101,7 @@ impl SamplingArgs {
 
 /// The model path: the one given, or the default model (fetched on first use).
 pub fn model_path(given: Option<&Path>) -> AnyResult<PathBuf> {
-    match given {
-        Some(p) => Ok(p.to_path_buf()),
-        None => Ok(fetch::default_model(&mut |m| eprintln!("{m}"))?),
-    }
+    Ok(highrise::load::model_path(given, &mut |m| eprintln!("{m}"))?)
 }
 
 /// "512M", "2G", "1048576": a byte count.
@@ -136,11 +132,8 @@ impl ModelArgs {
 
 /// Loads the model the flags name onto the backend they name, with a progress bar.
 pub fn load(args: &ModelArgs) -> AnyResult<(Llama, Tokenizer)> {
-    let mut spec = args.spec();
     let say = &mut |m: &str| eprintln!("{m}");
-    if random_shape(spec.model.as_deref()).is_none() {
-        spec.model = Some(spec.path(say)?);
-    }
+    let spec = args.spec().resolve(say)?;
     let backend: Arc<dyn Backend> = highrise::load_backend(&args.backend)?;
     let label = format!("loading {}", spec.model.as_deref().unwrap_or(Path::new("")).display());
     let mut bar: Option<ProgressBar> = None;

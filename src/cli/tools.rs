@@ -72,12 +72,12 @@ fn cmd_convert(input: &Path, output: &Path) -> AnyResult<()> {
 
 pub fn run_models(a: &BackendsArgs) -> AnyResult<()> {
     use highrise::model::config::FAMILIES;
-    use highrise::model::tokenizer::PRE_TOKENIZERS;
+    let pre_tokenizers = highrise::model::tokenizer::pre_tokenizer_names();
     if a.json {
         let families: Vec<_> = FAMILIES.iter().map(|(name, what)| json!({"family": name, "models": what})).collect();
         println!(
             "{}",
-            json!({"families": families, "tokenizers": {"gpt2": PRE_TOKENIZERS, "llama": ["sentencepiece"]}})
+            json!({"families": families, "tokenizers": {"gpt2": pre_tokenizers, "llama": ["sentencepiece"]}})
         );
         return Ok(());
     }
@@ -89,7 +89,7 @@ pub fn run_models(a: &BackendsArgs) -> AnyResult<()> {
     println!("qwen35, deepseek-llm, deepseek-coder, falcon, mpt and phi-3 checked against llama.cpp's test vectors:");
     println!("  llama    SentencePiece: scores, byte fallback, the \u{2581} space marker (U+2581)");
     println!("  gpt2     byte-level BPE, with the pre-tokenizer tokenizer.ggml.pre names:");
-    for line in PRE_TOKENIZERS.chunks(8) {
+    for line in pre_tokenizers.chunks(8) {
         println!("           {}", line.join(", "));
     }
     Ok(())

@@ -334,26 +334,15 @@ fn llama3_from_freq_factors(freqs: &[f32], theta: f64, head_dim: usize) -> std::
     if freqs.iter().all(|&f| f == 1.0) {
         return Ok(serde_json::json!({"rope_type": "default"}));
     }
-    let factor = freqs.iter().cloned().fold(0f32, f32::max) as f64;
-    let divisors = |orig: f64, low: f64, high: f64| -> Vec<f64> {
-        (0..freqs.len())
-            .map(|i| {
-                let inv = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
-                let wavelen = 2.0 * std::f64::consts::PI / inv;
-                if wavelen < orig / high {
-                    1.0
-                } else if wavelen > orig / low {
-                    factor
-                } else {
-                    let smooth = (orig / wavelen - low) / (high - low);
-                    1.0 / ((1.0 - smooth) / factor + smooth)
-                }
-            })
-            .collect()
-    };
-    for orig in (4..=20).map(|p| (1u64 << p) as f64) {
+    let factor = freqs.iter().cloned().fold(0f32, f32::max);
+    // The divisors a scaling gives are the unscaled frequencies over the scaled ones, as every
+    // backend computes them (`RopeConfig::inv_freq`).
+    let plain = RopeConfig::new(theta as f32).inv_freq(head_dim);
+    for orig in (4..=20).map(|p| 1u32 << p) {
         for (low, high) in [(1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (0.5, 4.0)] {
-            let fits = divisors(orig, low, high).iter().zip(freqs).all(|(a, &b)| (a - b as f64).abs() <= 1e-4 * a.max(1.0));
+            let scaling = RopeScaling::Llama3 { factor, low_freq_factor: low, high_freq_factor: high, original_max_position: orig };
+            let scaled = RopeConfig { theta: theta as f32, scaling }.inv_freq(head_dim);
+            let fits = plain.iter().zip(&scaled).zip(freqs).all(|((p, s), &f)| (p / s - f as f64).abs() <= 1e-4 * f.max(1.0) as f64);
             if fits {
                 return Ok(serde_json::json!({
                     "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,

@@ -117,13 +117,8 @@ impl Source {
     /// the file keeps fused with others (Phi-3's `qkv_proj` and `gate_up_proj`) is its rows of the
     /// fused tensor.
     pub fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
-        // A Phi-3 GGUF keeps gate and up fused under the name llama.cpp gives up alone (ffn_up).
-        let phi3_gguf = matches!(self, Source::Gguf { .. }) && self.config().model_type == "phi3";
-        let fused_mlp = phi3_gguf && (name.ends_with(".mlp.gate_proj.weight") || name.ends_with(".mlp.up_proj.weight"));
-        if !fused_mlp {
-            if let Some(t) = self.stored(name)? {
-                return Ok(Some(t));
-            }
+        if let Some(t) = self.stored(name)? {
+            return Ok(Some(t));
         }
         let Some((fused, rows)) = fused_part(name, self.config()) else { return Ok(None) };
         match self.stored(&fused)? {
@@ -143,19 +138,19 @@ impl Source {
 /// Where a projection lives when the file fuses it with others: Phi-3's `qkv_proj` (q, k, v rows in
 /// turn) and `gate_up_proj` (gate rows, then up), as HF names them.
 fn fused_part(name: &str, c: &ModelConfig) -> Option<(String, std::ops::Range<usize>)> {
-    let (layer, part) = name.strip_suffix(".weight")?.split_once(".self_attn.").map(|(l, p)| (l, ("self_attn", p))).or_else(|| {
-        name.strip_suffix(".weight")?.split_once(".mlp.").map(|(l, p)| (l, ("mlp", p)))
-    })?;
     let (q, kv, i) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim(), c.intermediate_size);
-    let (fused, rows) = match part {
-        ("self_attn", "q_proj") => ("self_attn.qkv_proj", 0..q),
-        ("self_attn", "k_proj") => ("self_attn.qkv_proj", q..q + kv),
-        ("self_attn", "v_proj") => ("self_attn.qkv_proj", q + kv..q + 2 * kv),
-        ("mlp", "gate_proj") => ("mlp.gate_up_proj", 0..i),
-        ("mlp", "up_proj") => ("mlp.gate_up_proj", i..2 * i),
-        _ => return None,
-    };
-    Some((format!("{layer}.{fused}.weight"), rows))
+    let parts = [
+        ("self_attn.q_proj", "self_attn.qkv_proj", 0..q),
+        ("self_attn.k_proj", "self_attn.qkv_proj", q..q + kv),
+        ("self_attn.v_proj", "self_attn.qkv_proj", q + kv..q + 2 * kv),
+        ("mlp.gate_proj", "mlp.gate_up_proj", 0..i),
+        ("mlp.up_proj", "mlp.gate_up_proj", i..2 * i),
+    ];
+    let stem = name.strip_suffix(".weight")?;
+    parts.into_iter().find_map(|(part, fused, rows)| {
+        let layer = stem.strip_suffix(part)?.strip_suffix('.')?;
+        Some((format!("{layer}.{fused}.weight"), rows))
+    })
 }
 
 /// HF tensor names and their GGUF names: whole names, then the per-layer parts
@@ -198,6 +193,11 @@ fn rename(name: &str, to_gguf: bool) -> Option<String> {
 /// The GGUF name of a HF tensor name, and whether its rows are in llama.cpp's RoPE order with that
 /// many heads.
 fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> {
+    // llama.cpp gives Phi-3's fused gate and up the name of up alone (ffn_up): up_proj has no
+    // tensor of its own there, and is found as rows of gate_up_proj.
+    if config.model_type == "phi3" && hf.ends_with(".mlp.up_proj.weight") {
+        return None;
+    }
     let g = rename(hf, true)?;
     // llama.cpp permutes q/k rows only for the llama architecture (for its interleaved RoPE).
     let permuted = config.model_type == "llama";

@@ -49,63 +49,106 @@ const CJK: &str = "[一-龥ࠀ-一가-\u{d7ff}]+";
 /// unmatched kept as pieces too; then the bytes mapped to GPT-2's alphabet. And whether a word found
 /// whole in the vocabulary skips the merges (llama.cpp's `ignore_merges`: Llama 3, Tekken).
 struct PreTokenizer {
+    /// The `tokenizer.ggml.pre` names that mean it (llama.cpp's groups).
+    names: &'static [&'static str],
     splits: &'static [&'static str],
     ignore_merges: bool,
 }
 
-/// The `tokenizer.ggml.pre` names understood, in llama.cpp's groups.
-pub const PRE_TOKENIZERS: &[&str] = &[
-    "default", "gpt2", "gpt-2", "phi-2", "roberta-bpe", "jina-es", "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de",
-    "jina-v2-code", "gigachat", "mpt", "olmo", "jais", "llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe",
-    "chatglm-bpe", "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon", "starcoder", "refact", "command-r", "smollm",
-    "codeshell", "exaone", "minerva-7b", "qwen2", "stablelm2", "megrez", "qwen35", "poro-chat", "bloom", "gpt3-finnish", "viking",
-    "tekken", "chameleon",
+/// Every pre-tokenizer understood: one table, which the lookup and the listing both read.
+const PRE_TOKENIZERS: &[PreTokenizer] = &[
+    // llama.cpp's fallback when a file names no pre-tokenizer.
+    PreTokenizer {
+        names: &["default"],
+        splits: &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["gpt2", "gpt-2", "phi-2", "roberta-bpe", "jina-es", "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de", "jina-v2-code", "gigachat", "mpt", "olmo", "jais"],
+        splits: &[GPT2],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["llama3", "llama-v3", "llama-bpe", "falcon3"],
+        splits: &[LLAMA3],
+        ignore_merges: true,
+    },
+    PreTokenizer {
+        names: &["dbrx", "smaug-bpe", "chatglm-bpe"],
+        splits: &[LLAMA3],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["deepseek-llm"],
+        splits: &["[\r\n]", DEEPSEEK_LETTERS, r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", CJK, r"\p{N}+"],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["deepseek-coder"],
+        splits: &["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK, r"\p{N}"],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["deepseek-v3"],
+        splits: &[
+            r"\p{N}{1,3}",
+            "[一-龥\u{3040}-ゟ゠-ヿ]+",
+            r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""##,
+        ],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["falcon"],
+        splits: &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"],
+        ignore_merges: false,
+    },
+    // Every digit on its own, then GPT-2's regex.
+    PreTokenizer {
+        names: &["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"],
+        splits: &[r"\p{N}", GPT2],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["qwen2", "stablelm2", "megrez"],
+        splits: &[r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+        ignore_merges: false,
+    },
+    // Qwen 3.5: Qwen 2's, with combining marks kept in words.
+    PreTokenizer {
+        names: &["qwen35"],
+        splits: &[r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["poro-chat", "bloom", "gpt3-finnish"],
+        splits: &[PORO],
+        ignore_merges: false,
+    },
+    PreTokenizer {
+        names: &["viking"],
+        splits: &[PORO, r"\p{N}"],
+        ignore_merges: false,
+    },
+    // Mistral's Tekken, as its tokenizer.json writes it.
+    PreTokenizer {
+        names: &["tekken"],
+        splits: &[r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+        ignore_merges: true,
+    },
+    PreTokenizer {
+        names: &["chameleon"],
+        splits: &["<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}", r"[\p{P}!-/:-@\[-`{-~]", GPT2],
+        ignore_merges: false,
+    },
 ];
 
-fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
-    let (splits, ignore_merges): (&'static [&'static str], bool) = match pre {
-        // llama.cpp's fallback when a file names no pre-tokenizer.
-        "default" => (&[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], false),
-        "gpt2" | "gpt-2" | "phi-2" | "roberta-bpe" | "jina-es" | "jina-de" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
-        | "jina-v2-code" | "gigachat" | "mpt" | "olmo" | "jais" => (&[GPT2], false),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (&[LLAMA3], true),
-        "dbrx" | "smaug-bpe" | "chatglm-bpe" => (&[LLAMA3], false),
-        "deepseek-llm" => (&["[\r\n]", DEEPSEEK_LETTERS, r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$", CJK, r"\p{N}+"], false),
-        "deepseek-coder" => (&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK, r"\p{N}"], false),
-        "deepseek-v3" => (
-            &[
-                r"\p{N}{1,3}",
-                "[一-龥\u{3040}-ゟ゠-ヿ]+",
-                r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""##,
-            ],
-            false,
-        ),
-        "falcon" => (&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, "[0-9][0-9][0-9]"], false),
-        // Every digit on its own, then GPT-2's regex.
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => (&[r"\p{N}", GPT2], false),
-        "qwen2" | "stablelm2" | "megrez" => (
-            &[r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
-            false,
-        ),
-        // Qwen 3.5: Qwen 2's, with combining marks kept in words.
-        "qwen35" => (
-            &[r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
-            false,
-        ),
-        "poro-chat" | "bloom" | "gpt3-finnish" => (&[PORO], false),
-        "viking" => (&[PORO, r"\p{N}"], false),
-        // Mistral's Tekken, as its tokenizer.json writes it.
-        "tekken" => (
-            &[r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
-            true,
-        ),
-        "chameleon" => (
-            &["<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}", r"[\p{P}!-/:-@\[-`{-~]", GPT2],
-            false,
-        ),
-        _ => return None,
-    };
-    Some(PreTokenizer { splits, ignore_merges })
+/// The `tokenizer.ggml.pre` names understood, in llama.cpp's groups.
+pub fn pre_tokenizer_names() -> Vec<&'static str> {
+    PRE_TOKENIZERS.iter().flat_map(|p| p.names.iter().copied()).collect()
+}
+
+fn pre_tokenizer(pre: &str) -> Option<&'static PreTokenizer> {
+    PRE_TOKENIZERS.iter().find(|p| p.names.contains(&pre))
 }
 
 impl PreTokenizer {
@@ -223,7 +266,7 @@ impl Tokenizer {
                 Error::config(
                     path,
                     "tokenizer.ggml.pre",
-                    format!("pre-tokenizer {pre_name:?} is not supported (these are: {})", PRE_TOKENIZERS.join(", ")),
+                    format!("pre-tokenizer {pre_name:?} is not supported (these are: {})", pre_tokenizer_names().join(", ")),
                 )
             })?;
             let merges: Vec<(String, String)> = strs("tokenizer.ggml.merges")?
@@ -412,10 +455,12 @@ mod tests {
 
     #[test]
     fn every_named_pre_tokenizer_compiles() {
-        for name in PRE_TOKENIZERS {
+        let names = pre_tokenizer_names();
+        for (i, name) in names.iter().enumerate() {
+            assert!(!names[..i].contains(name), "{name} is named twice: the second would never be found");
             let pre = pre_tokenizer(name).unwrap_or_else(|| panic!("{name} is listed but unknown"));
             for r in pre.splits {
-                let one = PreTokenizer { splits: std::slice::from_ref(r), ignore_merges: false };
+                let one = PreTokenizer { names: &[], splits: std::slice::from_ref(r), ignore_merges: false };
                 let parsed: std::result::Result<tokenizers::PreTokenizerWrapper, _> = serde_json::from_value(one.json());
                 assert!(parsed.is_ok(), "{name}: {r}: {:?}", parsed.err());
             }
