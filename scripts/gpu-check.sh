@@ -118,5 +118,5 @@ step bench-8b 130 "$bundle/highrise" bench --backend cuda --dtype bf16 --model r
     grep -E '^\||^ceilings|^skipped' "$out/peers.txt"
     echo
     echo "highrise bench, Llama-3-8B shape, random bf16 weights:"
-    grep -E '^\||^ceilings|^where|^\(' "$out/bench-8b.txt" || tail -3 "$out/bench-8b.txt"
+    grep -E '^\||^ceilings|^where|^\(|^graphs' "$out/bench-8b.txt" || tail -3 "$out/bench-8b.txt"
 } | tee "$out/summary.md"

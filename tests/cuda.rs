@@ -20,6 +20,13 @@ fn random_llama_matches_cpu_logits_and_64_greedy_steps() {
     random_llama_matches_cpu(&gpu, 64, &[DType::F32]);
 }
 
+/// Decode steps replayed as CUDA graphs give the tokens of the same steps launched op by op.
+#[test]
+fn decode_steps_as_graphs_give_the_same_tokens() {
+    let Some(gpu) = backend("graphs") else { return };
+    graphs_give_the_same_tokens(&gpu);
+}
+
 #[test]
 fn default_model_greedy_continuation_matches_cpu() {
     let Some(gpu) = backend("default model on cuda") else { return };

@@ -23,3 +23,13 @@ fn random_llama_on_the_emulated_device_matches_the_cpu() {
     let Some(dev) = backend("random llama on the emulated device") else { return };
     random_llama_matches_cpu(&dev, 24, &[DType::F32, DType::BF16]);
 }
+
+/// Decode steps run as CUDA graphs (#20) give exactly the tokens of the same steps op by op
+/// (`common::graphs_give_the_same_tokens`). The graphs' launches run on the emulated device with the
+/// parameters they were captured with, reading the metadata copied for each step: anything a step
+/// changes that is not in device memory would give other tokens here.
+#[test]
+fn decode_steps_as_graphs_give_the_same_tokens() {
+    let Some(dev) = backend("graphs on the emulated device") else { return };
+    graphs_give_the_same_tokens(&dev);
+}

@@ -281,6 +281,58 @@ fn a_decode_step_launches_few_kernels_per_layer() {
     assert!(launches <= 15 * layers + 5, "{launches} launches per step for {layers} layers");
 }
 
+/// Decode steps as CUDA graphs (#20): the engine's steps, recorded, captured once per batch shape
+/// and replayed, put on the device exactly the launches of the same steps run op by op (each
+/// checked again, against that step's own memory, as the graph is launched); a read in the middle of
+/// a step runs what was recorded first.
+#[test]
+fn decode_steps_are_captured_once_and_replayed() {
+    let Some((driver, b)) = recording("graphs") else { return };
+    let _guard = exclusive();
+    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
+    let tok = Tokenizer::numbered(model.config.vocab_size).unwrap();
+    let launches = |graphs: bool| {
+        driver.take_recorded();
+        let config = EngineConfig { num_blocks: 16, block_size: 16, max_batch_tokens: 64, max_running: 4 };
+        let mut engine = Engine::new(&model, &tok, config).unwrap();
+        engine.set_graphs(graphs);
+        for i in 0..2u32 {
+            let params = GenerateParams { max_tokens: 9, ignore_eos: true, ..Default::default() };
+            engine.submit(Request { prompt: (i..20 + i).collect(), params, logprobs: false, top_logprobs: 0 }).unwrap();
+        }
+        let before = b.graph_stats();
+        assert_eq!(engine.run_to_completion().unwrap().len(), 2);
+        let after = b.graph_stats();
+        let kernels: Vec<_> = driver.take_recorded().into_iter().map(|r| (r.kernel, r.grid, r.block, r.shared_bytes)).collect();
+        (kernels, after.captured - before.captured, after.launched - before.launched, after.eager - before.eager)
+    };
+    let faults = driver.summary().faults.len();
+    let (eager, ..) = launches(false);
+    let (graphed, captured, launched, op_by_op) = launches(true);
+    println!("2 sequences x 9 tokens: {captured} graphs captured, {launched} launched, {op_by_op} steps op by op; {} launches", graphed.len());
+    assert_eq!(driver.summary().faults[faults..], [] as [String; 0], "launches refused");
+    assert_eq!(graphed, eager, "the graphs' launches are the op-by-op steps' launches, in order");
+    // The first token of each comes from the prefill step; 8 decode steps at batch 2 follow.
+    assert_eq!((launched, op_by_op), (8, 0));
+    assert!(captured <= 2, "{captured} captures for 8 steps of one shape");
+
+    // A read in the middle of a step: what was recorded runs first, the step goes on op by op.
+    let x = up(&b, DType::BF16, &[2, 64], &[0.5; 128]);
+    let w = up(&b, DType::BF16, &[64], &[1.0; 64]);
+    let mut out = empty(&b, DType::BF16, &[2, 64]);
+    let (stats, n) = (b.graph_stats(), driver.summary().launches);
+    b.graph_begin(12345).unwrap();
+    b.rms_norm(&mut out, &x, &w, 1e-5).unwrap();
+    assert_eq!(driver.summary().launches, n, "recorded, not launched, inside a step");
+    out.to_f32().unwrap();
+    assert_eq!(driver.summary().launches, n + 1, "the read ran the recorded launch first");
+    b.rms_norm(&mut out, &x, &w, 1e-5).unwrap();
+    assert_eq!(driver.summary().launches, n + 2, "after the read the step runs op by op");
+    b.graph_end().unwrap();
+    let now = b.graph_stats();
+    assert_eq!((now.captured, now.launched, now.eager), (stats.captured, stats.launched, stats.eager + 1));
+}
+
 /// The prefill kernel's tile shape is a compile-time constant: launches keep the shape the kernels
 /// were compiled with even when HIGHRISE_FLASH_SHAPE says another one afterwards.
 #[test]

@@ -57,14 +57,19 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
     // slows a GPU down, so the t/s above never include it.
     let mut profiles = Vec::new();
     for (&n, &depth) in tg.iter().flat_map(|n| depths.iter().map(move |d| (n, d))) {
-        results.push(bench::decode(&model, n, depth, reps, false)?);
+        let graphs_before = model.backend.graph_stats();
+        results.push(bench::decode(&model, n, depth, reps, false, true)?);
+        if model.backend.graph_stats().launched > graphs_before.launched {
+            // The backend ran the steps as graphs: the same steps op by op, for what graphs save.
+            results.push(bench::decode(&model, n, depth, reps, false, false)?);
+        }
         if taps {
-            results.push(bench::decode(&model, n, depth, reps, true)?);
+            results.push(bench::decode(&model, n, depth, reps, true, true)?);
         }
         if profile {
             op_profile::take();
             op_profile::enable(true);
-            let m = bench::decode(&model, n, depth, 1, false);
+            let m = bench::decode(&model, n, depth, 1, false, false);
             op_profile::enable(false);
             profiles.push((m?.test, op_profile::take(), n));
         }
@@ -87,6 +92,7 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
     // Batch-1 decode at no depth reads every weight once per token.
     let decode_ceiling = bench::Test::Decode { n: 1, depth: 0 }.ceiling(&model, &ceilings);
     let info = model.backend.info();
+    let graphs = model.backend.graph_stats();
     let model_name = args.model.as_ref().map_or("SmolLM2-135M-Instruct Q4_1 (default)".to_string(), |p| p.display().to_string());
     let mut weights = format!("{}{}", model.layers[0].wq.dtype(), if model.q8_activations { ", q8 activations" } else { "" });
     if model.kv_dtype != model.dtype {
@@ -100,6 +106,7 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
                 "weight_bytes_per_token": weight_bytes, "read_bandwidth_bytes_per_second": memory_bw,
                 "copy_bandwidth_bytes_per_second": copy_bw, "matmul_flops_per_second": matmul,
                 "decode_ceiling_tokens_per_second": decode_ceiling,
+                "graphs": {"captured": graphs.captured, "launched": graphs.launched, "op_by_op": graphs.eager},
                 "results": results.iter().map(|m| json!({
                     "test": m.test, "tokens_per_second": m.mean(), "stddev": m.stddev(), "reps": m.tokens_per_sec,
                     "ceiling_tokens_per_second": m.kind.ceiling(&model, &ceilings),
@@ -142,6 +149,12 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
         "(decode ceilings count the weights once per step and each sequence's K/V at its context; \
          prefill's, 2 flops per weight and token plus attention's)"
     );
+    if graphs.launched + graphs.eager > 0 {
+        println!(
+            "graphs: decode steps ran as {} graph launches ({} graphs captured), {} steps op by op (HIGHRISE_GRAPHS=0 turns graphs off)",
+            graphs.launched, graphs.captured, graphs.eager
+        );
+    }
     for (test, rows, tokens) in &profiles {
         let all: f64 = rows.iter().map(|r| r.total.as_secs_f64()).sum();
         println!("\nwhere a token's time goes ({test}, ops timed one by one: {:.2} ms per token)", all * 1e3 / *tokens as f64);

@@ -380,3 +380,44 @@ pub fn random_llama_matches_cpu(dev: &Arc<dyn Backend>, steps: usize, greedy: &[
         assert!(lp <= rel, "{dtype}: log-probabilities differ by {lp}");
     }
 }
+
+/// Decode steps run as graphs (`Backend::graph_begin`) give exactly the tokens and log-probabilities
+/// of the same steps launched op by op on `dev`: three sequences (one greedy, two drawn with seeds)
+/// of different lengths, so the batch shrinks as they finish, contexts cross block boundaries (the
+/// block tables grow) and the drawn ones stage new random numbers each step.
+pub fn graphs_give_the_same_tokens(dev: &Arc<dyn Backend>) {
+    use highrise::engine::{Engine, EngineConfig, GenerateParams, Request, SamplingParams};
+    use highrise::model::{Llama, ModelConfig, Tokenizer};
+    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), dev.clone(), DType::BF16, 11).unwrap();
+    let tok = Tokenizer::numbered(512).unwrap();
+    let run = |graphs: bool| {
+        let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 64, max_running: 4 };
+        let mut engine = Engine::new(&model, &tok, config).unwrap();
+        engine.set_graphs(graphs);
+        for i in 0..3u32 {
+            let prompt: Vec<u32> = (0..9 + 5 * i).map(|j| (j * 31 + i * 7 + 3) % 512).collect();
+            let sampling = SamplingParams { temperature: if i == 0 { 0.0 } else { 0.8 }, top_p: 0.95, seed: 40 + i as u64, ..Default::default() };
+            let params = GenerateParams { max_tokens: 6 + 5 * i as usize, ignore_eos: true, sampling, ..Default::default() };
+            engine.submit(Request { prompt, params, logprobs: true, top_logprobs: 0 }).unwrap();
+        }
+        let before = dev.graph_stats();
+        let mut done = engine.run_to_completion().unwrap();
+        let after = dev.graph_stats();
+        done.sort_by_key(|d| d.0);
+        let out: Vec<(Vec<u32>, Vec<f32>)> = done.into_iter().map(|(_, g)| (g.ids, g.logprobs)).collect();
+        let counts = (after.captured - before.captured, after.launched - before.launched, after.eager - before.eager);
+        (out, counts)
+    };
+    let (eager, (c0, l0, e0)) = run(false);
+    let (graphed, (captured, launched, op_by_op)) = run(true);
+    assert_eq!((c0, l0, e0), (0, 0, 0), "no graphs when the engine asks for none");
+    println!("decode steps as graphs: {captured} captured, {launched} launched, {op_by_op} op by op; tokens {:?}", graphed.iter().map(|g| &g.0).collect::<Vec<_>>());
+    for (i, (g, e)) in graphed.iter().zip(&eager).enumerate() {
+        assert_eq!(g.0, e.0, "sequence {i}: tokens with graphs vs op by op");
+        assert_eq!(g.1, e.1, "sequence {i}: log-probabilities with graphs vs op by op (the same kernels on the same inputs)");
+    }
+    // 15 tokens for the longest: 14 decode steps after its prefill (the first token comes from it).
+    assert!(launched >= 12, "only {launched} decode steps ran as graphs");
+    assert!(launched >= 2 * captured, "{captured} captures for {launched} graph launches: graphs are not being replayed");
+    assert_eq!(op_by_op, 0, "a decode step fell back to op by op");
+}

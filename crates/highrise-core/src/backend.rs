@@ -64,6 +64,42 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Marks the start of a step (a decode step, say) whose ops the backend may record and run as
+    /// one unit at `graph_end`, replaying what it recorded for an earlier step under the same `key`
+    /// when this step's work is the same (a CUDA graph). `key` names the step's shape for the
+    /// caller (batch size, sampling mode); the backend decides by comparing the work itself, so a
+    /// wrong key costs time, never correctness. Until `graph_end`, outputs may not be computed yet:
+    /// a `read`, `write`, `copy` or `synchronize` in between runs what was recorded first. The
+    /// default (backends that run each op at once) does nothing.
+    fn graph_begin(&self, key: u64) -> Result<()> {
+        let _ = key;
+        Ok(())
+    }
+
+    /// Ends the step begun by `graph_begin`: its work is queued (replayed as a graph where the
+    /// backend can), in the order the ops were run.
+    fn graph_end(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// How the backend ran the steps marked by `graph_begin`, for benchmarks and tests: (graphs
+    /// captured, graph replays, steps run op by op).
+    fn graph_stats(&self) -> GraphStats {
+        GraphStats::default()
+    }
+}
+
+/// Counts of how a backend ran the steps marked by `Backend::graph_begin`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Graphs recorded (the first step of a shape, or one whose work differed from the graph kept).
+    pub captured: u64,
+    /// Steps run by launching a graph (captured ones included).
+    pub launched: u64,
+    /// Steps run op by op (a read in the middle, no graph support, or a capture that failed).
+    pub eager: u64,
 }
 
 /// The op calls as the model writes them: owned tensors in, outputs borrowed mutably (so an output can

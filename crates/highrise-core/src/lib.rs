@@ -17,7 +17,7 @@ pub mod quant;
 pub mod rand;
 pub mod tensor;
 
-pub use backend::{Backend, BackendInfo};
+pub use backend::{Backend, BackendInfo, GraphStats};
 pub use dtype::DType;
 pub use error::{Error, ErrorCode, Result};
 pub use ops::{Op, OpKind};

@@ -26,7 +26,7 @@ pub struct Launch<'a> {
 
 /// `out [t, n] = x [t, k] @ w [n, k]^T` (row-major), x and w in `input`, out in `output`, f32
 /// accumulation: what cuBLAS runs for the linear op.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gemm {
     pub input: DType,
     pub output: DType,
@@ -106,6 +106,49 @@ pub trait Driver: Send + Sync {
 
     fn synchronize(&self) -> Result<()>;
 
+    /// Starts capturing: the launches and GEMMs queued from now until `end_capture` become a graph
+    /// instead of running (copies are not captured: the backend makes them before). Err where the
+    /// driver cannot capture; the backend then launches one by one.
+    ///
+    /// # Safety
+    /// The context is bound; no other thread queues work on this driver until `end_capture`.
+    unsafe fn begin_capture(&self) -> Result<()> {
+        Err(Error::Unsupported("this driver has no graphs".into()))
+    }
+
+    /// Ends the capture begun by `begin_capture` (also after a failed launch in it) and returns the
+    /// graph, instantiated: a handle of this driver's for `launch_graph`.
+    ///
+    /// # Safety
+    /// A capture is in progress.
+    unsafe fn end_capture(&self) -> Result<u64> {
+        Err(Error::Unsupported("this driver has no graphs".into()))
+    }
+
+    /// Queues a graph from `end_capture`, after the work queued before it: its launches read the
+    /// device memory as it is when they run, with the parameter values they were captured with.
+    ///
+    /// # Safety
+    /// `graph` came from `end_capture` and was not destroyed; every address captured in it is still
+    /// an allocation of ours.
+    unsafe fn launch_graph(&self, graph: u64) -> Result<()> {
+        let _ = graph;
+        Err(Error::Unsupported("this driver has no graphs".into()))
+    }
+
+    /// For a checking driver, before `launch_graph`: the op and regions of each of the graph's
+    /// launches and GEMMs in this step (the regions seen at capture described that step's tensors
+    /// and metadata: a block table grows, a tensor moves).
+    fn graph_regions(&self, graph: u64, nodes: Vec<(String, Vec<Region>)>) {
+        let _ = (graph, nodes);
+    }
+
+    /// # Safety
+    /// `graph` came from `end_capture` and is not used again.
+    unsafe fn destroy_graph(&self, graph: u64) {
+        let _ = graph;
+    }
+
     /// Whether this driver checks launches against the regions of each op (`begin_op`, `region`);
     /// the backend skips collecting them otherwise.
     fn checks(&self) -> bool {
@@ -136,6 +179,15 @@ struct Func(drv_sys::CUfunction);
 unsafe impl Send for Func {}
 unsafe impl Sync for Func {}
 
+/// The stream graphs are captured on and launched on. Created blocking (`CU_STREAM_DEFAULT`), so
+/// the legacy default stream, where every other op, copy and GEMM goes, is ordered with it both
+/// ways: a graph starts after the copies and ops queued before it, and a read after it waits for it.
+struct Stream(drv_sys::CUstream);
+// SAFETY: a CUstream may be used from any thread of the process (the driver API is thread-safe);
+// it is destroyed only on drop.
+unsafe impl Send for Stream {}
+unsafe impl Sync for Stream {}
+
 struct Blas(cudarc::cublas::sys::cublasHandle_t);
 // SAFETY: a cuBLAS handle may be used from any thread as long as one thread uses it at a time: it
 // lives behind a Mutex.
@@ -147,6 +199,10 @@ pub struct CudaDriver {
     info: DeviceInfo,
     functions: HashMap<String, Func>,
     blas: Mutex<Blas>,
+    blas_workspace: u64,
+    graph_stream: Stream,
+    /// Whether launches and GEMMs go to `graph_stream`'s capture (`begin_capture`).
+    capturing: std::sync::atomic::AtomicBool,
 }
 
 impl CudaDriver {
@@ -174,7 +230,42 @@ impl CudaDriver {
             }
         }
         let blas = cudarc::cublas::result::create_handle().map_err(|e| Error::Backend(format!("cuda: cublasCreate: {e:?}")))?;
-        Ok(CudaDriver { ctx, info: DeviceInfo { name, arch, sms }, functions, blas: Mutex::new(Blas(blas)) })
+        // cuBLAS's own workspace, set once: a GEMM captured into a graph must not allocate one.
+        // SAFETY: the context is current; the buffer is freed after the handle is destroyed (Drop).
+        let blas_workspace = unsafe {
+            let bytes = 32 << 20;
+            let ws = drv::malloc_sync(bytes).map_err(driver_err("the cuBLAS workspace"))?;
+            cudarc::cublas::sys::cublasSetWorkspace_v2(blas, ws as *mut c_void, bytes)
+                .result()
+                .map_err(|e| Error::Backend(format!("cuda: cublasSetWorkspace: {e:?}")))?;
+            ws
+        };
+        let graph_stream = drv::stream::create(drv::stream::StreamKind::Default).map_err(driver_err("creating the graph stream"))?;
+        Ok(CudaDriver {
+            ctx,
+            info: DeviceInfo { name, arch, sms },
+            functions,
+            blas: Mutex::new(Blas(blas)),
+            blas_workspace,
+            graph_stream: Stream(graph_stream),
+            capturing: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The stream a launch goes to now: the graph stream while capturing, else the legacy default.
+    fn stream(&self) -> drv_sys::CUstream {
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            self.graph_stream.0
+        } else {
+            std::ptr::null_mut()
+        }
+    }
+
+    /// Points cuBLAS at `stream` (its default workspace serves both: the two streams never overlap).
+    fn blas_stream(&self, stream: drv_sys::CUstream) -> Result<()> {
+        let blas = self.blas.lock().map_err(|_| Error::Backend("cuda: cuBLAS lock poisoned".into()))?;
+        // SAFETY: the handle and the stream are ours and live.
+        unsafe { cudarc::cublas::result::set_stream(blas.0, stream as _) }.map_err(|e| Error::Backend(format!("cuda: cublasSetStream: {e:?}")))
     }
 }
 
@@ -222,7 +313,7 @@ impl Driver for CudaDriver {
             .map_err(driver_err(&format!("{}: {} bytes of dynamic shared memory", l.kernel, l.shared_bytes)))?;
         }
         let mut params = l.params.to_vec();
-        drv::launch_kernel(f.0, l.grid, l.block, l.shared_bytes, std::ptr::null_mut(), &mut params)
+        drv::launch_kernel(f.0, l.grid, l.block, l.shared_bytes, self.stream(), &mut params)
             .map_err(driver_err(&format!("launching {}", l.kernel)))
     }
 
@@ -276,6 +367,37 @@ impl Driver for CudaDriver {
         self.bind()?;
         self.ctx.synchronize().map_err(driver_err("synchronize"))
     }
+
+    unsafe fn begin_capture(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        self.blas_stream(self.graph_stream.0)?;
+        // Thread-local: another thread's unrelated calls do not break this capture.
+        if let Err(e) = drv::stream::begin_capture(self.graph_stream.0, drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+            let _ = self.blas_stream(std::ptr::null_mut());
+            return Err(driver_err("beginning a graph capture")(e));
+        }
+        self.capturing.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    unsafe fn end_capture(&self) -> Result<u64> {
+        use std::sync::atomic::Ordering;
+        self.capturing.store(false, Ordering::Relaxed);
+        let graph = drv::stream::end_capture(self.graph_stream.0);
+        self.blas_stream(std::ptr::null_mut())?;
+        let graph = graph.map_err(driver_err("ending a graph capture"))?;
+        let exec = drv::graph::instantiate(graph, drv_sys::CUgraphInstantiate_flags(0));
+        let _ = drv::graph::destroy(graph);
+        Ok(exec.map_err(driver_err("instantiating a graph"))? as u64)
+    }
+
+    unsafe fn launch_graph(&self, graph: u64) -> Result<()> {
+        drv::graph::launch(graph as drv_sys::CUgraphExec, self.graph_stream.0).map_err(driver_err("launching a graph"))
+    }
+
+    unsafe fn destroy_graph(&self, graph: u64) {
+        let _ = drv::graph::exec_destroy(graph as drv_sys::CUgraphExec);
+    }
 }
 
 impl Drop for CudaDriver {
@@ -283,10 +405,15 @@ impl Drop for CudaDriver {
         if self.bind().is_err() {
             return;
         }
+        // SAFETY: the stream is ours; nothing is queued on it any more (we are being dropped).
+        unsafe {
+            let _ = drv::stream::destroy(self.graph_stream.0);
+        }
         if let Ok(b) = self.blas.get_mut() {
             // SAFETY: the handle is ours and nothing uses it any more (we are being dropped).
             unsafe {
                 let _ = cudarc::cublas::result::destroy_handle(b.0);
+                let _ = drv::free_sync(self.blas_workspace);
             }
         }
     }

@@ -9,11 +9,13 @@
 //! Memory: one device buffer per tensor, from a caching allocator; ops run one at a time, in order,
 //! on the context's default stream; per-op metadata (token ids, positions, slots, block tables) is
 //! uploaded once per content (see `memory`); attention's partial results and the mixed-dtype GEMM's
-//! copies live in one reusable scratch buffer.
+//! copies live in one reusable scratch buffer. Steps marked by `graph_begin`/`graph_end` are
+//! recorded and run as CUDA graphs (see `graph`).
 
 pub mod driver;
 pub mod emu;
 pub mod flash;
+mod graph;
 pub mod kernels;
 pub mod libs;
 mod memory;
@@ -26,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result as drv, sys as drv_sys};
-use driver::{Driver, Launch, Param, Region};
+use driver::{Driver, Gemm, Launch, Param, Region};
 use highrise_core::ops::{Op, OpKind};
 use highrise_core::plugin::Exportable;
 use highrise_core::tensor::HandleHeader;
@@ -50,6 +52,14 @@ struct OpState {
     scratch: u64,
     scratch_bytes: usize,
     uploads: memory::UploadCache,
+    /// The op running (its kind's name), for staging its host arrays in a graph step.
+    op: &'static str,
+    /// The device copy of a graph step's staged host arrays: address, bytes, and the most a step
+    /// has needed (the buffer grows to it at the next `graph_begin`).
+    meta: u64,
+    meta_bytes: usize,
+    meta_need: usize,
+    graphs: graph::Graphs,
 }
 
 pub struct CudaBackend {
@@ -62,6 +72,8 @@ pub struct CudaBackend {
     flash_shapes: Vec<(usize, flash::Shape)>,
     state: Mutex<OpState>,
     buffers: Mutex<memory::BufferCache>,
+    /// The step being recorded between `graph_begin` and `graph_end` (see `graph`).
+    recording: Mutex<Option<graph::Step>>,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
@@ -118,8 +130,18 @@ impl CudaBackend {
             arch: info.arch,
             sms: info.sms,
             driver,
-            state: Mutex::new(OpState { scratch: 0, scratch_bytes: 0, uploads: memory::UploadCache::default() }),
+            state: Mutex::new(OpState {
+                scratch: 0,
+                scratch_bytes: 0,
+                uploads: memory::UploadCache::default(),
+                op: "",
+                meta: 0,
+                meta_bytes: 0,
+                meta_need: 64 << 10,
+                graphs: graph::Graphs::default(),
+            }),
             buffers: Mutex::new(memory::BufferCache::default()),
+            recording: Mutex::new(None),
         }
     }
 
@@ -129,6 +151,51 @@ impl CudaBackend {
 
     fn bind(&self) -> Result<()> {
         self.driver.bind()
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, OpState>> {
+        self.state.lock().map_err(|_| Error::Backend("cuda: op state lock poisoned".into()))
+    }
+
+    /// The step being recorded, if any (see `graph`).
+    fn recording(&self) -> std::sync::MutexGuard<'_, Option<graph::Step>> {
+        self.recording.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a step's recorded work op by op (its staging copy first) and frees what it retired.
+    fn queue_step(&self, st: &mut OpState, mut step: graph::Step, as_graph: bool) -> Result<()> {
+        let drv = &*self.driver;
+        let retired = std::mem::take(&mut step.retired);
+        let queued = if step.is_empty() {
+            Ok(())
+        } else {
+            // SAFETY: the context is bound (callers bind); meta holds staged_bytes (checked as each
+            // array was staged); the recorded addresses are live: the buffers they were taken from
+            // are freed only through `retired`, below, or by ops queued after this work.
+            unsafe {
+                drv.htod(st.meta, step.staging_bytes()).and_then(|()| match as_graph {
+                    true => st.graphs.run(drv, step),
+                    false => {
+                        st.graphs.stats.eager += 1;
+                        step.queue(drv)
+                    }
+                })
+            }
+        };
+        for p in retired {
+            // SAFETY: retired buffers are ours; freeing waits for the work just queued.
+            unsafe { drv.free(p) };
+        }
+        queued
+    }
+
+    /// Runs a step being recorded op by op, so that what follows sees its results (a read, a write,
+    /// a copy in the middle of a step); the rest of the step runs op by op.
+    fn flush(&self) -> Result<()> {
+        let mut st = self.state()?;
+        let Some(step) = self.recording().take() else { return Ok(()) };
+        self.bind()?;
+        self.queue_step(&mut st, step, false)
     }
 
     fn buf(&self, h: Handle) -> Result<&DevBuf> {
@@ -177,6 +244,11 @@ impl CudaBackend {
         args: &[&dyn KernelArg],
     ) -> Result<()> {
         let params = kernel_params(args);
+        if let Some(step) = self.recording().as_mut() {
+            let sized: Vec<(usize, Param)> = args.iter().zip(&params).map(|(a, &p)| (a.size(), p)).collect();
+            step.push(graph::Work::launch(name, grid, block, shared_bytes, &sized)?);
+            return Ok(());
+        }
         // SAFETY: the argument list matches the kernel's signature (kept together in ops.rs and the
         // .cu files, and checked against the PTX by the recording driver in tests/cuda_host.rs);
         // every pointer was checked against its allocation's size; the values live until this call
@@ -184,22 +256,68 @@ impl CudaBackend {
         unsafe { self.driver.launch(&Launch { kernel: name, grid, block, shared_bytes, params: &params }) }
     }
 
+    /// Queues a GEMM (recorded in a graph step).
+    ///
+    /// # Safety
+    /// The three matrices lie inside allocations of ours.
+    unsafe fn gemm(&self, g: Gemm) -> Result<()> {
+        if let Some(step) = self.recording().as_mut() {
+            step.push(graph::Work::Gemm(g));
+            return Ok(());
+        }
+        self.driver.gemm(&g)
+    }
+
     /// `extra` bytes of workspace (the scratch buffer, grown as needed) and the device address of a
     /// copy of each part (uploaded once per content). Both stay valid while `st` is held.
+    ///
+    /// In a graph step the parts are staged (see `graph`) instead; when the step's metadata buffer
+    /// is full, the step so far runs op by op and this op uploads as usual.
     fn upload(&self, st: &mut OpState, extra: usize, parts: &[&[u8]]) -> Result<(u64, Vec<u64>)> {
         let drv = &*self.driver;
-        // SAFETY: the context is bound; the scratch buffer is ours.
-        unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch") }?;
-        // SAFETY: the context is bound; `st` (held by the caller for the whole op) keeps other ops
-        // from uploading before this op's kernels are queued.
-        let addrs = parts.iter().map(|p| unsafe { st.uploads.get(drv, p) }).collect::<Result<Vec<_>>>()?;
+        let staged = match self.recording().as_mut() {
+            None => None,
+            Some(step) => {
+                // SAFETY: the context is bound; the scratch buffer is ours; the old one, which
+                // recorded work may use, is freed only once that work is queued.
+                unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", Some(&mut step.retired)) }?;
+                let addrs: Option<Vec<u64>> = parts.iter().enumerate().map(|(i, p)| step.stage(st.op, i, p, st.meta, st.meta_bytes)).collect();
+                st.meta_need = st.meta_need.max(2 * step.staged_bytes());
+                if addrs.is_none() {
+                    st.meta_need = st.meta_need.max(2 * (step.staged_bytes() + parts.iter().map(|p| p.len() + 256).sum::<usize>()));
+                }
+                addrs
+            }
+        };
+        let addrs = match staged {
+            Some(addrs) => addrs,
+            None => {
+                if self.recording().is_some() {
+                    let step = self.recording().take().expect("recording");
+                    self.queue_step(st, step, false)?;
+                }
+                // SAFETY: the context is bound; the scratch buffer is ours.
+                unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", None) }?;
+                // SAFETY: the context is bound; `st` (held by the caller for the whole op) keeps other ops
+                // from uploading before this op's kernels are queued.
+                parts.iter().map(|p| unsafe { st.uploads.get(drv, p) }).collect::<Result<Vec<_>>>()?
+            }
+        };
         if drv.checks() {
-            drv.region(Region { name: "workspace".into(), ptr: st.scratch, bytes: extra, tensor: None });
+            self.region(Region { name: "workspace".into(), ptr: st.scratch, bytes: extra, tensor: None });
             for (i, (&ptr, p)) in addrs.iter().zip(parts).enumerate() {
-                drv.region(Region { name: format!("metadata #{i}"), ptr, bytes: p.len(), tensor: None });
+                self.region(Region { name: format!("metadata #{i}"), ptr, bytes: p.len(), tensor: None });
             }
         }
         Ok((st.scratch, addrs))
+    }
+
+    /// One more region of the current op, for a checking driver (kept with a graph step's op).
+    fn region(&self, r: Region) {
+        match self.recording().as_mut() {
+            Some(step) => step.region(r),
+            None => self.driver.region(r),
+        }
     }
 
     /// Tells a checking driver which memory `op` was given: its tensors, by name, dtype and shape.
@@ -216,7 +334,10 @@ impl CudaBackend {
                 Some(Region { name: name.to_string(), ptr: b.ptr, bytes, tensor: Some((t.dtype, t.dims().to_vec())) })
             })
             .collect();
-        self.driver.begin_op(op.kind().name(), regions);
+        match self.recording().as_mut() {
+            Some(step) => step.begin_op(op.kind().name(), regions),
+            None => self.driver.begin_op(op.kind().name(), regions),
+        }
     }
 }
 
@@ -227,6 +348,8 @@ impl CudaBackend {
 /// found).
 pub(crate) trait KernelArg {
     fn param(&self) -> Param;
+    /// The bytes behind `param`.
+    fn size(&self) -> usize;
 }
 
 macro_rules! kernel_arg {
@@ -234,6 +357,9 @@ macro_rules! kernel_arg {
         impl KernelArg for $t {
             fn param(&self) -> Param {
                 self as *const $t as Param
+            }
+            fn size(&self) -> usize {
+                std::mem::size_of::<$t>()
             }
         }
     )*};
@@ -272,10 +398,21 @@ impl Backend for CudaBackend {
     fn alloc(&self, bytes: usize) -> Result<Handle> {
         self.bind()?;
         let class = memory::size_class(bytes);
+        let recording = self.recording().is_some();
         let mut cache = self.buffers.lock().map_err(|_| Error::Backend("cuda: allocator lock poisoned".into()))?;
-        // SAFETY: the context is bound.
-        let ptr = unsafe { cache.alloc(&*self.driver, class) }
-            .map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {bytes} bytes on {}: {e}", self.device)))?;
+        // SAFETY: the context is bound. In a graph step, freeing the cache (on running out) waits
+        // until the recorded work, which may use cached buffers, is queued.
+        let ptr = match unsafe { cache.alloc(&*self.driver, class, !recording) } {
+            Err(_) if recording => {
+                drop(cache);
+                self.flush()?;
+                let mut cache = self.buffers.lock().map_err(|_| Error::Backend("cuda: allocator lock poisoned".into()))?;
+                // SAFETY: as above; nothing is recorded now.
+                unsafe { cache.alloc(&*self.driver, class, true) }
+            }
+            other => other,
+        }
+        .map_err(|e| Error::OutOfMemory(format!("cuda: cannot allocate {bytes} bytes on {}: {e}", self.device)))?;
         let b = Box::new(DevBuf { header: HandleHeader { magic: MAGIC, owner: self.id }, ptr, bytes, class });
         Ok(Handle(Box::into_raw(b) as *mut _))
     }
@@ -296,6 +433,7 @@ impl Backend for CudaBackend {
     fn write(&self, handle: Handle, offset: usize, bytes: &[u8]) -> Result<()> {
         let b = self.buf(handle)?;
         range_check(b, offset, bytes.len())?;
+        self.flush()?;
         self.bind()?;
         // SAFETY: the range is inside the allocation (checked).
         unsafe { self.driver.htod(b.ptr + offset as u64, bytes) }
@@ -304,6 +442,7 @@ impl Backend for CudaBackend {
     fn read(&self, handle: Handle, offset: usize, out: &mut [u8]) -> Result<()> {
         let b = self.buf(handle)?;
         range_check(b, offset, out.len())?;
+        self.flush()?;
         self.bind()?;
         // SAFETY: as in `write`; the copy waits for the kernels queued before it.
         unsafe { self.driver.dtoh(out, b.ptr + offset as u64) }
@@ -313,6 +452,7 @@ impl Backend for CudaBackend {
         let (d, s) = (self.buf(dst)?, self.buf(src)?);
         range_check(d, dst_offset, bytes)?;
         range_check(s, src_offset, bytes)?;
+        self.flush()?;
         self.bind()?;
         // SAFETY: both ranges are inside their allocations (checked).
         unsafe { self.driver.dtod(d.ptr + dst_offset as u64, s.ptr + src_offset as u64, bytes) }
@@ -324,8 +464,9 @@ impl Backend for CudaBackend {
             return Err(Error::Unsupported(format!("{}: the cuda backend does not support {}", op.kind(), op.dtype())));
         }
         self.bind()?;
-        let mut st = self.state.lock().map_err(|_| Error::Backend("cuda: op state lock poisoned".into()))?;
+        let mut st = self.state()?;
         let st = &mut *st;
+        st.op = op.kind().name();
         self.begin_op(op);
         match op {
             Op::Embedding(o) => ops::embedding(self, st, o),
@@ -343,7 +484,40 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.flush()?;
         self.driver.synchronize()
+    }
+
+    fn graph_begin(&self, key: u64) -> Result<()> {
+        self.flush()?;
+        self.bind()?;
+        let mut st = self.state()?;
+        let st = &mut *st;
+        let drv = &*self.driver;
+        if st.meta_bytes < st.meta_need {
+            // Graphs hold the old buffer's addresses: gone with it.
+            // SAFETY: the context is bound; nothing recorded uses the old buffer.
+            unsafe {
+                st.graphs.clear(drv);
+                memory::grow(drv, &mut st.meta, &mut st.meta_bytes, st.meta_need, 64 << 10, "graph metadata", None)?;
+            }
+        }
+        if let Ok(mut cache) = self.buffers.lock() {
+            cache.canonical_order();
+        }
+        *self.recording() = Some(graph::Step::new(key));
+        Ok(())
+    }
+
+    fn graph_end(&self) -> Result<()> {
+        let mut st = self.state()?;
+        let Some(step) = self.recording().take() else { return Ok(()) };
+        self.bind()?;
+        self.queue_step(&mut st, step, true)
+    }
+
+    fn graph_stats(&self) -> highrise_core::GraphStats {
+        self.state().map(|st| st.graphs.stats).unwrap_or_default()
     }
 }
 
@@ -367,9 +541,12 @@ impl Drop for CudaBackend {
         if let Ok(st) = self.state.get_mut() {
             // SAFETY: the context is bound; nothing runs (we are being dropped).
             unsafe {
+                st.graphs.clear(drv);
                 st.uploads.release_all(drv);
-                if st.scratch != 0 {
-                    drv.free(st.scratch);
+                for p in [st.scratch, st.meta] {
+                    if p != 0 {
+                        drv.free(p);
+                    }
                 }
             }
         }

@@ -27,15 +27,29 @@ pub fn size_class(bytes: usize) -> usize {
 /// A device buffer that is replaced by a larger one when it is too small for `need` bytes: the
 /// next power of two, at least `min`. `what` names it in errors.
 ///
+/// The old buffer is freed, or, where `retire` is given (work that uses it is recorded but not yet
+/// queued: a graph step), put there to be freed later.
+///
 /// # Safety
 /// The context is bound to the calling thread; `*ptr` (0 for none) is a buffer of `drv`'s. Freeing
 /// it waits for the kernels still using it.
-pub unsafe fn grow(drv: &dyn Driver, ptr: &mut u64, cap: &mut usize, need: usize, min: usize, what: &str) -> Result<()> {
+pub unsafe fn grow(
+    drv: &dyn Driver,
+    ptr: &mut u64,
+    cap: &mut usize,
+    need: usize,
+    min: usize,
+    what: &str,
+    retire: Option<&mut Vec<u64>>,
+) -> Result<()> {
     if *cap >= need.max(1) {
         return Ok(());
     }
     if *ptr != 0 {
-        drv.free(*ptr);
+        match retire {
+            Some(list) => list.push(*ptr),
+            None => drv.free(*ptr),
+        }
         *ptr = 0;
         *cap = 0;
     }
@@ -58,18 +72,30 @@ impl BufferCache {
     ///
     /// # Safety
     /// The context is bound to the calling thread.
-    pub unsafe fn alloc(&mut self, drv: &dyn Driver, class: usize) -> Result<u64> {
+    /// With `release` false (work that may use the cached buffers is recorded but not yet queued),
+    /// running out of device memory is an error instead of a reason to free the cache.
+    pub unsafe fn alloc(&mut self, drv: &dyn Driver, class: usize, release: bool) -> Result<u64> {
         if let Some(p) = self.free.get_mut(&class).and_then(Vec::pop) {
             self.cached -= class;
             return Ok(p);
         }
         match drv.malloc(class) {
             Ok(p) => Ok(p),
+            Err(e) if !release => Err(e),
             Err(_) => {
                 // Out of memory, perhaps only because of what the cache holds: give it back, retry.
                 self.release_all(drv);
                 drv.malloc(class)
             }
+        }
+    }
+
+    /// Puts each size class's free buffers in address order, lowest handed out first: a step that
+    /// allocates the same sizes in the same order from the same buffers then gets the same
+    /// addresses each time (what lets a graph captured from one step serve the next).
+    pub fn canonical_order(&mut self) {
+        for ptrs in self.free.values_mut() {
+            ptrs.sort_unstable_by(|a, b| b.cmp(a));
         }
     }
 
@@ -130,7 +156,7 @@ impl UploadCache {
             (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_use).expect("entries")
         };
         let e = &mut self.entries[i];
-        grow(drv, &mut e.ptr, &mut e.cap, bytes.len(), 4096, "op metadata")?;
+        grow(drv, &mut e.ptr, &mut e.cap, bytes.len(), 4096, "op metadata", None)?;
         e.content.clear();
         e.content.extend_from_slice(bytes);
         if !bytes.is_empty() {
@@ -209,8 +235,16 @@ mod tests {
         assert_eq!(c.cached, 2048);
         let drv = NoDriver;
         // SAFETY: both requests are served from the cache; the driver is never called.
-        assert_eq!(unsafe { c.alloc(&drv, 1024) }.unwrap(), 9);
-        assert_eq!(unsafe { c.alloc(&drv, 1024) }.unwrap(), 7);
+        assert_eq!(unsafe { c.alloc(&drv, 1024, true) }.unwrap(), 9);
+        assert_eq!(unsafe { c.alloc(&drv, 1024, true) }.unwrap(), 7);
+        assert_eq!(c.cached, 0);
+        // In canonical order the lowest address comes first, whatever the order of the frees.
+        c.put(1024, 9);
+        c.put(1024, 7);
+        c.put(1024, 8);
+        c.canonical_order();
+        let got: Vec<u64> = (0..3).map(|_| unsafe { c.alloc(&drv, 1024, true) }.unwrap()).collect();
+        assert_eq!(got, vec![7, 8, 9]);
         assert_eq!(c.cached, 0);
     }
 }

@@ -79,7 +79,7 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     let gemm = |input, output, x, w, out| {
         // SAFETY: the three matrices lie inside their allocations (checked by `ptr` against the
         // validated shapes, or carved from the workspace below).
-        unsafe { be.driver.gemm(&Gemm { input, output, t, k, n, x, w, out }) }
+        unsafe { be.gemm(Gemm { input, output, t, k, n, x, w, out }) }
     };
     if let Some(tm) = gemv_rows(act, op.weight.dtype, t, k, x | w) {
         let (t32, k32) = (t as u32, k as u32);

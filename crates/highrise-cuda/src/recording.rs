@@ -75,6 +75,17 @@ pub struct Summary {
     pub ops: BTreeMap<String, usize>,
     /// Launches refused, and frees of memory that was not allocated.
     pub faults: Vec<String>,
+    /// Graphs captured, and graph launches (each of whose launches and GEMMs is checked again, and
+    /// run by an executing driver, as it is launched).
+    pub graphs_captured: usize,
+    pub graph_launches: usize,
+}
+
+/// A launch or GEMM captured into a graph, with the op and regions it was checked against.
+#[derive(Clone)]
+enum Captured {
+    Launch { op: String, regions: Vec<Region>, rec: Recorded },
+    Gemm { op: String, regions: Vec<Region>, gemm: Gemm },
 }
 
 struct State {
@@ -84,6 +95,10 @@ struct State {
     regions: Vec<Region>,
     recorded: Vec<Recorded>,
     summary: Summary,
+    /// The graph being captured (`begin_capture`), and the graphs captured, by handle.
+    capture: Option<Vec<Captured>>,
+    graphs: HashMap<u64, Vec<Captured>>,
+    next_graph: u64,
 }
 
 impl State {
@@ -152,6 +167,9 @@ impl RecordingDriver {
                 regions: Vec::new(),
                 recorded: Vec::new(),
                 summary: Summary::default(),
+                capture: None,
+                graphs: HashMap::new(),
+                next_graph: 1,
             }),
         })
     }
@@ -968,6 +986,11 @@ impl Driver for RecordingDriver {
         let mut st = self.lock();
         let checked = self.check(&mut st, l);
         match checked {
+            Ok(rec) if st.capture.is_some() => {
+                let (op, regions) = (st.op.clone(), st.regions.clone());
+                st.capture.as_mut().expect("capturing").push(Captured::Launch { op, regions, rec });
+                Ok(())
+            }
             Ok(rec) => {
                 if let Some(lib) = &self.exec {
                     // Device pointers become the host addresses of the memory behind them.
@@ -1029,6 +1052,11 @@ impl Driver for RecordingDriver {
                 return Err(Error::Backend(msg));
             }
         }
+        if st.capture.is_some() {
+            let (op, regions) = (st.op.clone(), st.regions.clone());
+            st.capture.as_mut().expect("capturing").push(Captured::Gemm { op, regions, gemm: *g });
+            return Ok(());
+        }
         if self.exec.is_some() {
             run_gemm(&mut st, g)?;
         }
@@ -1041,6 +1069,70 @@ impl Driver for RecordingDriver {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    unsafe fn begin_capture(&self) -> Result<()> {
+        let mut st = self.lock();
+        if st.capture.is_some() {
+            return Err(Error::Backend("cuda host check: a graph capture began inside another".into()));
+        }
+        st.capture = Some(Vec::new());
+        Ok(())
+    }
+
+    unsafe fn end_capture(&self) -> Result<u64> {
+        let mut st = self.lock();
+        let graph = st.capture.take().ok_or_else(|| Error::Backend("cuda host check: end_capture without begin_capture".into()))?;
+        let id = st.next_graph;
+        st.next_graph += 1;
+        st.graphs.insert(id, graph);
+        st.summary.graphs_captured += 1;
+        Ok(id)
+    }
+
+    /// Runs the graph's launches and GEMMs in order, each checked again against the memory as it is
+    /// now (its metadata is read afresh: what a graph's kernels see when it is replayed).
+    unsafe fn launch_graph(&self, graph: u64) -> Result<()> {
+        let nodes = {
+            let mut st = self.lock();
+            st.summary.graph_launches += 1;
+            st.graphs.get(&graph).cloned().ok_or_else(|| Error::Backend(format!("cuda host check: no graph {graph}")))?
+        };
+        for node in nodes {
+            match node {
+                Captured::Launch { op, regions, mut rec } => {
+                    self.begin_op(&op, regions);
+                    let params: Vec<*mut std::ffi::c_void> = rec.args.iter_mut().map(|v| v.as_mut_ptr() as *mut std::ffi::c_void).collect();
+                    self.launch(&Launch { kernel: &rec.kernel, grid: rec.grid, block: rec.block, shared_bytes: rec.shared_bytes, params: &params })?;
+                }
+                Captured::Gemm { op, regions, gemm } => {
+                    self.begin_op(&op, regions);
+                    self.gemm(&gemm)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn graph_regions(&self, graph: u64, nodes: Vec<(String, Vec<Region>)>) {
+        let mut st = self.lock();
+        let Some(g) = st.graphs.get_mut(&graph) else { return };
+        if g.len() != nodes.len() {
+            let msg = format!("graph {graph} has {} nodes, but {} were described", g.len(), nodes.len());
+            st.summary.faults.push(msg);
+            return;
+        }
+        for (node, (name, now)) in g.iter_mut().zip(nodes) {
+            let (Captured::Launch { op, regions, .. } | Captured::Gemm { op, regions, .. }) = node;
+            (*op, *regions) = (name, now);
+        }
+    }
+
+    unsafe fn destroy_graph(&self, graph: u64) {
+        let mut st = self.lock();
+        if st.graphs.remove(&graph).is_none() {
+            st.summary.faults.push(format!("destroy_graph of {graph}, which is no graph"));
+        }
     }
 
     fn checks(&self) -> bool {

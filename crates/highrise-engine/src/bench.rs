@@ -132,13 +132,17 @@ pub fn prefill(model: &Llama, n: usize, reps: usize) -> Result<Measurement> {
 /// Greedy decoding of `n` tokens one at a time after `depth` tokens of context already in the cache
 /// (prefilled untimed; llama-bench's `-d`), `reps` times. With `taps`, every residual-stream capture
 /// is on (resid_pre, attn_out, mlp_out, resid_post at every layer): what introspection costs.
-pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool) -> Result<Measurement> {
+/// Without `graphs`, each step runs op by op even where the backend could replay it as a graph.
+pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, graphs: bool) -> Result<Measurement> {
     let mut test = format!("tg{n}");
     if depth > 0 {
         test += &format!(" @ d{depth}");
     }
     if taps {
         test += " +taps";
+    }
+    if !graphs {
+        test += " (no graphs)";
     }
     let mut m = Measurement { test, tokens: n, tokens_per_sec: vec![], kind: Test::Decode { n, depth } };
     let mut hooks = highrise_model::Hooks::capture_all(&highrise_model::Site::STREAM);
@@ -155,13 +159,17 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool) ->
             // Not part of a decoded token's time: drop what an op-by-op profile recorded of it.
             drop(highrise_core::profile::take());
         }
+        // As the engine runs a decode step: a graph where the backend can (not with taps, whose
+        // captures are read in the middle of the step).
+        let graph = (graphs && !taps && crate::sampling::graphs_enabled()).then(|| crate::sampling::graph_key(1, false));
         let start = Instant::now();
         for pos in depth as u32..(depth + n) as u32 {
             let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
             let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
             let hooks = taps.then_some(&mut hooks);
             // The backend chooses each token, as the engine does for greedy steps.
-            token = choose_on_backend(&model.forward_hooked(&batch, &mut cache, Logits::Last, hooks)?, None)?[0].0;
+            let forward = || model.forward_hooked(&batch, &mut cache, Logits::Last, hooks);
+            token = crate::sampling::forward_and_choose(&*model.backend, graph, None, forward)?[0].0;
         }
         m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
     }

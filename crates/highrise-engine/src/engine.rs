@@ -14,7 +14,7 @@ use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer,
 use crate::blocks::{BlockAllocator, BlockKey};
 use crate::request::{eos_ids, FinishReason, GenerateParams, Generation};
 use crate::text::TextStream;
-use crate::sampling::{choose_on_backend, top_log_softmax, Sampled, Sampler};
+use crate::sampling::{forward_and_choose, graph_key, top_log_softmax, Sampled, Sampler};
 
 pub type RequestId = u64;
 
@@ -119,6 +119,9 @@ pub struct Engine<'m> {
     /// Sample on the host even when the backend could choose (`Backend::argmax`): set from
     /// `HIGHRISE_HOST_SAMPLING=1`, or by `set_host_sampling`, to compare the two.
     host_sampling: bool,
+    /// Run decode steps as graphs where the backend can (`Backend::graph_begin`): on unless
+    /// `HIGHRISE_GRAPHS=0`, or an op-by-op profile is on; `set_graphs` to compare.
+    graphs: bool,
 }
 
 impl<'m> Engine<'m> {
@@ -149,7 +152,13 @@ impl<'m> Engine<'m> {
             next_id: 0,
             preemptions: 0,
             host_sampling: std::env::var("HIGHRISE_HOST_SAMPLING").is_ok_and(|v| v == "1"),
+            graphs: crate::sampling::graphs_enabled(),
         })
+    }
+
+    /// Whether decode steps run as graphs where the backend can (see `graphs`).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
     }
 
     /// Whether every token is sampled on the host from downloaded logits (see `host_sampling`).
@@ -298,7 +307,6 @@ impl<'m> Engine<'m> {
         }
         let hooks = (!hooks.steer.is_empty()).then_some(&mut hooks);
         let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
-        let logits = self.model.forward_hooked(&batch, &mut self.cache, Logits::Last, hooks)?;
         // When no sequence that samples this step has penalties or biases to apply to its logits (nor
         // wants alternatives), the backend chooses: the argmax if all are greedy, else a draw by each
         // one's settings. An id and a log-probability per row come back, not the logits.
@@ -306,20 +314,24 @@ impl<'m> Engine<'m> {
         let mut sampling = plan.iter().map(|&(i, n)| (&self.running[i], n)).filter(|&(s, n)| samples(s, n));
         let on_backend = !self.host_sampling && sampling.all(|(s, _)| !s.sampler.penalizes() && s.top_logprobs == 0);
         let greedy = plan.iter().all(|&(i, n)| !samples(&self.running[i], n) || self.running[i].sampler.is_plain_greedy());
-        let (logits, chosen) = match (on_backend, greedy) {
-            (true, true) => (Vec::new(), choose_on_backend(&logits, None)?),
-            (true, false) => {
-                // A row that does not sample this step (mid-prompt) takes the argmax, unused.
-                let draws: Vec<SampleParams> = plan
-                    .iter()
+        let (model, cache) = (self.model, &mut self.cache);
+        let (logits, chosen) = if on_backend {
+            // A row that does not sample this step (mid-prompt) takes the argmax, unused.
+            let draws: Option<Vec<SampleParams>> = (!greedy).then(|| {
+                plan.iter()
                     .map(|&(i, n)| match samples(&self.running[i], n) {
                         true => self.running[i].sampler.draw(),
                         false => SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, uniform: 0.0 },
                     })
-                    .collect();
-                (Vec::new(), choose_on_backend(&logits, Some(&draws))?)
-            }
-            (false, _) => (logits.to_f32()?, Vec::new()),
+                    .collect()
+            });
+            // A decode step with nothing to steer runs as a graph where the backend can: the same
+            // shape step after step (prompt chunks vary too much to be worth it).
+            let graph = (self.graphs && hooks.is_none() && seqs.iter().all(|s| s.q_len == 1)).then(|| graph_key(seqs.len(), !greedy));
+            let forward = || model.forward_hooked(&batch, cache, Logits::Last, hooks);
+            (Vec::new(), forward_and_choose(&*model.backend, graph, draws.as_deref(), forward)?)
+        } else {
+            (model.forward_hooked(&batch, cache, Logits::Last, hooks)?.to_f32()?, Vec::new())
         };
         let v = self.model.config.vocab_size;
         let mut events = Vec::new();

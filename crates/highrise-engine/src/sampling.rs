@@ -190,6 +190,12 @@ impl Sampler {
 /// on ties; `Backend::argmax`) where `draws` is None, else a draw by each row's settings
 /// (`Backend::sample`). An id and a number per row come back, not the logits [rows, vocab].
 pub fn choose_on_backend(logits: &Tensor, draws: Option<&[SampleParams]>) -> highrise_model::Result<Vec<(u32, f32)>> {
+    let (index, logprob) = launch_choice(logits, draws)?;
+    read_choice(&index, &logprob)
+}
+
+/// Queues the backend's choice of each row's token: (index, log-probability) tensors, to read.
+fn launch_choice(logits: &Tensor, draws: Option<&[SampleParams]>) -> highrise_model::Result<(Tensor, Tensor)> {
     let be = logits.backend();
     let rows = logits.dims()[0];
     let mut index = Tensor::empty(be, DType::U32, &[rows])?;
@@ -198,7 +204,43 @@ pub fn choose_on_backend(logits: &Tensor, draws: Option<&[SampleParams]>) -> hig
         None => be.argmax(&mut index, &mut logprob, logits)?,
         Some(params) => be.sample(&mut index, &mut logprob, logits, params)?,
     }
+    Ok((index, logprob))
+}
+
+fn read_choice(index: &Tensor, logprob: &Tensor) -> highrise_model::Result<Vec<(u32, f32)>> {
     Ok(index.to_f32()?.into_iter().map(|i| i as u32).zip(logprob.to_f32()?).collect())
+}
+
+/// `forward` (a pass that returns logits) and the backend's choice of each row's token, as
+/// `choose_on_backend`; with `graph` (a key naming the step's shape) the pass and the choice are one
+/// step the backend may run as a graph (`Backend::graph_begin`), read only once it has ended.
+pub fn forward_and_choose(
+    backend: &dyn highrise_core::Backend,
+    graph: Option<u64>,
+    draws: Option<&[SampleParams]>,
+    forward: impl FnOnce() -> highrise_model::Result<Tensor>,
+) -> highrise_model::Result<Vec<(u32, f32)>> {
+    let Some(key) = graph else {
+        return choose_on_backend(&forward()?, draws);
+    };
+    backend.graph_begin(key)?;
+    let launched = forward().and_then(|logits| launch_choice(&logits, draws));
+    // Ended even after an error: what was recorded then runs, as it would have op by op.
+    let ended = backend.graph_end();
+    let (index, logprob) = launched?;
+    ended?;
+    read_choice(&index, &logprob)
+}
+
+/// The key of a decode step's graph: its sequences and whether it draws (`sample`) or takes the
+/// argmax. Only a hint (the backend compares the work itself), so collisions cost time only.
+pub fn graph_key(sequences: usize, draws: bool) -> u64 {
+    ((sequences as u64) << 1) | draws as u64
+}
+
+/// Whether decode steps may run as graphs: on unless `HIGHRISE_GRAPHS=0`.
+pub fn graphs_enabled() -> bool {
+    !std::env::var("HIGHRISE_GRAPHS").is_ok_and(|v| v == "0") && !highrise_core::profile::enabled()
 }
 
 /// The index of the largest logit (the first, on ties; NaN never is).

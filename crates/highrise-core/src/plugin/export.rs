@@ -46,6 +46,9 @@ impl<B: Exportable> Table<B> {
         run: run::<B>,
         copy: copy::<B>,
         synchronize: synchronize::<B>,
+        graph_begin: graph_begin::<B>,
+        graph_end: graph_end::<B>,
+        graph_stats: graph_stats::<B>,
     };
 }
 
@@ -213,4 +216,20 @@ unsafe extern "C" fn copy<B: Exportable>(
 
 unsafe extern "C" fn synchronize<B: Exportable>(ctx: *mut c_void, err: *mut ErrOut) -> Status {
     guard::<B>(err, "synchronize", || backend::<B>(ctx).synchronize())
+}
+
+unsafe extern "C" fn graph_begin<B: Exportable>(ctx: *mut c_void, key: u64, err: *mut ErrOut) -> Status {
+    guard::<B>(err, "graph_begin", || backend::<B>(ctx).graph_begin(key))
+}
+
+unsafe extern "C" fn graph_end<B: Exportable>(ctx: *mut c_void, err: *mut ErrOut) -> Status {
+    guard::<B>(err, "graph_end", || backend::<B>(ctx).graph_end())
+}
+
+unsafe extern "C" fn graph_stats<B: Exportable>(ctx: *mut c_void, out: *mut crate::GraphStats) {
+    // A panic here leaves the zeros written first: stats are never worth aborting over.
+    out.write(crate::GraphStats::default());
+    if let Ok(stats) = catch_unwind(AssertUnwindSafe(|| backend::<B>(ctx).graph_stats())) {
+        out.write(stats);
+    }
 }

@@ -292,4 +292,21 @@ impl Backend for PluginBackend {
         // SAFETY: valid ctx and err.
         self.call(|err| unsafe { (self.vtable.synchronize)(self.ctx, err) })
     }
+
+    fn graph_begin(&self, key: u64) -> Result<()> {
+        // SAFETY: valid ctx and err; a plain integer crosses.
+        self.call(|err| unsafe { (self.vtable.graph_begin)(self.ctx, key, err) })
+    }
+
+    fn graph_end(&self) -> Result<()> {
+        // SAFETY: valid ctx and err.
+        self.call(|err| unsafe { (self.vtable.graph_end)(self.ctx, err) })
+    }
+
+    fn graph_stats(&self) -> crate::GraphStats {
+        let mut stats = crate::GraphStats::default();
+        // SAFETY: valid ctx; `stats` is a repr(C) value the plugin writes.
+        unsafe { (self.vtable.graph_stats)(self.ctx, &mut stats) };
+        stats
+    }
 }

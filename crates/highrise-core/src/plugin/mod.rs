@@ -24,8 +24,8 @@ pub use loader::{
 
 /// Bumped on any change to the vtable or to a type that crosses it (`Op` and the op structs,
 /// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`;
-/// 6: `Attention::causal`; 7: `copy`).
-pub const ABI_VERSION: u32 = 7;
+/// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`).
+pub const ABI_VERSION: u32 = 8;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
@@ -124,6 +124,9 @@ pub struct VTable {
         err: *mut ErrOut,
     ) -> Status,
     pub synchronize: unsafe extern "C" fn(ctx: *mut c_void, err: *mut ErrOut) -> Status,
+    pub graph_begin: unsafe extern "C" fn(ctx: *mut c_void, key: u64, err: *mut ErrOut) -> Status,
+    pub graph_end: unsafe extern "C" fn(ctx: *mut c_void, err: *mut ErrOut) -> Status,
+    pub graph_stats: unsafe extern "C" fn(ctx: *mut c_void, out: *mut crate::GraphStats),
 }
 
 /// Exports `$backend` (an [`Exportable`] type) as this library's plugin entry point.

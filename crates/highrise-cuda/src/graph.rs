@@ -1,0 +1,387 @@
+//! CUDA graphs for steps that repeat (#20): a decode step is ~15 launches per layer, each costing the
+//! host several microseconds; replayed as one graph they cost one launch.
+//!
+//! Between `Backend::graph_begin` and `graph_end` the backend records instead of launching: every
+//! kernel launch and GEMM with its parameter values, and every op's small host arrays (token ids,
+//! positions, slots, block tables, sampling settings) laid out in one staging buffer whose device
+//! copy the recorded launches point into. At `graph_end` the staging buffer goes to the device in
+//! one copy, and then:
+//! - if the graph kept for the step's key was captured from the same work (every launch's kernel,
+//!   grid, block, shared memory and parameter bytes, every GEMM, equal), it is launched: it is then
+//!   exactly the launches this step would have made, and what changed between the steps lives in
+//!   the memory they read (the staging copy, the KV cache, the tokens), not in their parameters;
+//! - otherwise the recorded work is captured into a new graph, kept for the key, and launched.
+//!
+//! So a graph is never replayed for work it was not captured from: a kernel whose grid or scalars
+//! depend on context lengths (the split attention kernels) only costs a capture per step, never a
+//! wrong result. Anything that must see results mid-step (a read, a write, a copy) first runs the
+//! recording op by op ("flush"), and the rest of the step runs op by op.
+
+use highrise_core::{Error, GraphStats, Result};
+
+use crate::driver::{Driver, Gemm, Launch, Param, Region};
+
+/// Parameter bytes a launch can hold (the kernels take at most 12 parameters of at most 8 bytes).
+const ARG_BYTES: usize = 128;
+const MAX_ARGS: usize = 16;
+
+/// One device operation of a step, as the backend would have queued it.
+#[derive(Clone, PartialEq)]
+pub(crate) enum Work {
+    Launch {
+        kernel: String,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        nargs: u8,
+        /// Each parameter's size, and the values laid end to end.
+        sizes: [u8; MAX_ARGS],
+        bytes: [u8; ARG_BYTES],
+    },
+    Gemm(Gemm),
+}
+
+impl Work {
+    /// A launch of `kernel` with `args`: (size, value bytes) each.
+    pub fn launch(kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &[(usize, Param)]) -> Result<Work> {
+        let (mut sizes, mut bytes, mut at) = ([0u8; MAX_ARGS], [0u8; ARG_BYTES], 0);
+        if args.len() > MAX_ARGS || args.iter().map(|a| a.0).sum::<usize>() > ARG_BYTES {
+            return Err(Error::Backend(format!("cuda graphs: {kernel} has more parameters than a recorded launch holds")));
+        }
+        for (i, &(size, p)) in args.iter().enumerate() {
+            // SAFETY: each address points at a value of `size` bytes (KernelArg).
+            bytes[at..at + size].copy_from_slice(unsafe { std::slice::from_raw_parts(p as *const u8, size) });
+            sizes[i] = size as u8;
+            at += size;
+        }
+        Ok(Work::Launch { kernel: kernel.to_string(), grid, block, shared, nargs: args.len() as u8, sizes, bytes })
+    }
+
+    /// Queues it on `drv`.
+    ///
+    /// # Safety
+    /// As `Driver::launch` and `Driver::gemm`: the recorded addresses are live allocations of `drv`.
+    unsafe fn queue(&self, drv: &dyn Driver) -> Result<()> {
+        match self {
+            Work::Gemm(g) => drv.gemm(g),
+            Work::Launch { kernel, grid, block, shared, nargs, sizes, bytes } => {
+                let mut params = [std::ptr::null_mut(); MAX_ARGS];
+                let mut at = 0;
+                for (i, p) in params.iter_mut().enumerate().take(*nargs as usize) {
+                    *p = bytes[at..].as_ptr() as Param;
+                    at += sizes[i] as usize;
+                }
+                drv.launch(&Launch { kernel, grid: *grid, block: *block, shared_bytes: *shared, params: &params[..*nargs as usize] })
+            }
+        }
+    }
+}
+
+/// A step being recorded.
+pub(crate) struct Step {
+    key: u64,
+    work: Vec<Work>,
+    /// The op each work item belongs to: its name and, for a checking driver, its regions.
+    op_of: Vec<usize>,
+    ops: Vec<(String, Vec<Region>)>,
+    /// The step's host arrays, each at a 256-byte aligned offset of the device metadata buffer.
+    staging: Vec<u8>,
+    /// (op, part, offset, length) of each array staged, so that an op passing the same array as an
+    /// earlier op of the step (every layer's positions, block table) shares its copy.
+    staged: Vec<(&'static str, usize, usize, usize)>,
+    /// Device memory given up during the step (a workspace grown): freed once the work is queued.
+    pub retired: Vec<u64>,
+}
+
+impl Step {
+    pub fn new(key: u64) -> Step {
+        Step { key, work: Vec::new(), op_of: Vec::new(), ops: Vec::new(), staging: Vec::new(), staged: Vec::new(), retired: Vec::new() }
+    }
+
+    pub fn begin_op(&mut self, name: &str, regions: Vec<Region>) {
+        self.ops.push((name.to_string(), regions));
+    }
+
+    /// One more region of the current op (a checking driver's).
+    pub fn region(&mut self, r: Region) {
+        if let Some(op) = self.ops.last_mut() {
+            op.1.push(r);
+        }
+    }
+
+    pub fn push(&mut self, w: Work) {
+        self.op_of.push(self.ops.len().saturating_sub(1));
+        self.work.push(w);
+    }
+
+    /// The device address (in `meta`, of `cap` bytes) of a copy of `bytes`, part `part` of op
+    /// `op`; None when the buffer is full.
+    pub fn stage(&mut self, op: &'static str, part: usize, bytes: &[u8], meta: u64, cap: usize) -> Option<u64> {
+        if let Some(&(_, _, at, _)) = self.staged.iter().find(|&&(o, p, at, len)| o == op && p == part && self.staging[at..at + len] == *bytes) {
+            return Some(meta + at as u64);
+        }
+        let at = self.staging.len().div_ceil(256) * 256;
+        if at + bytes.len() > cap {
+            return None;
+        }
+        self.staging.resize(at, 0);
+        self.staging.extend_from_slice(bytes);
+        self.staged.push((op, part, at, bytes.len()));
+        Some(meta + at as u64)
+    }
+
+    /// Bytes of metadata staged (what the device buffer must hold).
+    pub fn staged_bytes(&self) -> usize {
+        self.staging.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.work.is_empty()
+    }
+
+    /// The staged arrays, to copy to the metadata buffer before the work runs.
+    pub fn staging_bytes(&self) -> &[u8] {
+        &self.staging
+    }
+
+    /// Queues the recorded work on `drv` one item at a time (the device copy of the staging buffer
+    /// must be queued first), telling a checking driver each op's regions as it goes.
+    ///
+    /// # Safety
+    /// The context is bound; every recorded address is a live allocation of `drv`.
+    pub unsafe fn queue(&self, drv: &dyn Driver) -> Result<()> {
+        let mut current = usize::MAX;
+        for (w, &op) in self.work.iter().zip(&self.op_of) {
+            if op != current && drv.checks() {
+                if let Some((name, regions)) = self.ops.get(op) {
+                    drv.begin_op(name, regions.clone());
+                }
+                current = op;
+            }
+            w.queue(drv)?;
+        }
+        Ok(())
+    }
+}
+
+/// A graph captured from a step's work.
+struct Graph {
+    key: u64,
+    handle: u64,
+    work: Vec<Work>,
+    last_use: u64,
+}
+
+/// Graphs kept: one per key seen recently (a batch size, a sampling mode).
+const KEPT: usize = 32;
+
+/// The graphs kept, and what became of each step.
+#[derive(Default)]
+pub(crate) struct Graphs {
+    graphs: Vec<Graph>,
+    clock: u64,
+    pub stats: GraphStats,
+    /// Why graphs are off for good: a capture or a graph launch the driver refused (every later
+    /// step then runs op by op rather than failing or capturing in vain each time).
+    pub off: Option<String>,
+}
+
+impl Graphs {
+    /// Runs a recorded step whose staging buffer is on the device already: the graph kept for its
+    /// key if that was captured from the same work, else a new graph captured from it (kept in the
+    /// place of the old one), else, where the driver cannot capture, the work op by op.
+    ///
+    /// # Safety
+    /// The context is bound; every recorded address is a live allocation of `drv`.
+    pub unsafe fn run(&mut self, drv: &dyn Driver, step: Step) -> Result<()> {
+        self.clock += 1;
+        if self.off.is_some() {
+            self.stats.eager += 1;
+            return step.queue(drv);
+        }
+        if let Some(g) = self.graphs.iter_mut().find(|g| g.key == step.key && g.work == step.work) {
+            g.last_use = self.clock;
+            if drv.checks() {
+                drv.graph_regions(g.handle, step.op_of.iter().map(|&i| step.ops.get(i).cloned().unwrap_or_default()).collect());
+            }
+            let handle = g.handle;
+            return self.launch(drv, handle, &step);
+        }
+        if let Err(e) = drv.begin_capture() {
+            return self.give_up(drv, format!("capture: {e}"), &step);
+        }
+        let queued = step.queue(drv);
+        let captured = drv.end_capture();
+        let handle = match (queued, captured) {
+            (Ok(()), Ok(h)) => h,
+            (Err(e), captured) => {
+                // A launch refused while capturing (a checking driver's refusal): the op's error.
+                if let Ok(h) = captured {
+                    drv.destroy_graph(h);
+                }
+                return Err(e);
+            }
+            (Ok(()), Err(e)) => return self.give_up(drv, format!("capture: {e}"), &step),
+        };
+        if let Some(i) = self.graphs.iter().position(|g| g.key == step.key) {
+            drv.destroy_graph(self.graphs.swap_remove(i).handle);
+        } else if self.graphs.len() >= KEPT {
+            let i = (0..self.graphs.len()).min_by_key(|&i| self.graphs[i].last_use).expect("kept graphs");
+            drv.destroy_graph(self.graphs.swap_remove(i).handle);
+        }
+        self.stats.captured += 1;
+        self.graphs.push(Graph { key: step.key, handle, work: step.work.clone(), last_use: self.clock });
+        self.launch(drv, handle, &step)
+    }
+
+    /// Launches a graph of `step`'s work; where the driver refuses, the step op by op instead.
+    unsafe fn launch(&mut self, drv: &dyn Driver, handle: u64, step: &Step) -> Result<()> {
+        match drv.launch_graph(handle) {
+            Ok(()) => {
+                self.stats.launched += 1;
+                Ok(())
+            }
+            Err(e) => self.give_up(drv, format!("graph launch: {e}"), step),
+        }
+    }
+
+    /// Turns graphs off for good (`why`) and runs `step` op by op.
+    unsafe fn give_up(&mut self, drv: &dyn Driver, why: String, step: &Step) -> Result<()> {
+        if drv.checks() {
+            // A checking driver's refusal is a fault in our host code, not the device's limit.
+            return Err(Error::Backend(format!("cuda graphs: {why}")));
+        }
+        self.clear(drv);
+        self.off = Some(why);
+        self.stats.eager += 1;
+        step.queue(drv)
+    }
+
+    /// Destroys every graph (their recorded addresses are about to be freed).
+    ///
+    /// # Safety
+    /// The context is bound.
+    pub unsafe fn clear(&mut self, drv: &dyn Driver) {
+        for g in self.graphs.drain(..) {
+            drv.destroy_graph(g.handle);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::DeviceInfo;
+    use std::sync::Mutex;
+
+    /// A driver that runs launches (counting them) and captures as told: `capture` false refuses
+    /// to begin one, as a device may.
+    struct Fake {
+        capture: bool,
+        log: Mutex<Vec<String>>,
+    }
+
+    impl Driver for Fake {
+        fn device(&self) -> DeviceInfo {
+            DeviceInfo { name: "fake".into(), arch: "sm_90a".into(), sms: 1 }
+        }
+        fn bind(&self) -> Result<()> {
+            Ok(())
+        }
+        unsafe fn malloc(&self, _: usize) -> Result<u64> {
+            unreachable!()
+        }
+        unsafe fn free(&self, _: u64) {}
+        unsafe fn htod(&self, _: u64, _: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        unsafe fn dtoh(&self, _: &mut [u8], _: u64) -> Result<()> {
+            unreachable!()
+        }
+        unsafe fn dtod(&self, _: u64, _: u64, _: usize) -> Result<()> {
+            unreachable!()
+        }
+        unsafe fn launch(&self, l: &Launch<'_>) -> Result<()> {
+            let n = *(l.params[0] as *const u32);
+            self.log.lock().unwrap().push(format!("{} {n}", l.kernel));
+            Ok(())
+        }
+        unsafe fn gemm(&self, _: &Gemm) -> Result<()> {
+            unreachable!()
+        }
+        fn synchronize(&self) -> Result<()> {
+            Ok(())
+        }
+        unsafe fn begin_capture(&self) -> Result<()> {
+            self.log.lock().unwrap().push("begin".into());
+            match self.capture {
+                true => Ok(()),
+                false => Err(Error::Backend("not permitted".into())),
+            }
+        }
+        unsafe fn end_capture(&self) -> Result<u64> {
+            self.log.lock().unwrap().push("end".into());
+            Ok(7)
+        }
+        unsafe fn launch_graph(&self, g: u64) -> Result<()> {
+            self.log.lock().unwrap().push(format!("graph {g}"));
+            Ok(())
+        }
+        unsafe fn destroy_graph(&self, g: u64) {
+            self.log.lock().unwrap().push(format!("destroy {g}"));
+        }
+    }
+
+    fn step(key: u64, n: u32) -> Step {
+        let mut s = Step::new(key);
+        s.push(Work::launch("k", (1, 1, 1), (32, 1, 1), 0, &[(4, &n as *const u32 as Param)]).unwrap());
+        s
+    }
+
+    fn log(d: &Fake) -> Vec<String> {
+        std::mem::take(&mut *d.log.lock().unwrap())
+    }
+
+    #[test]
+    fn the_same_work_replays_and_other_work_is_captured_again() {
+        let d = Fake { capture: true, log: Mutex::new(Vec::new()) };
+        let mut g = Graphs::default();
+        // SAFETY: the fake driver touches no memory.
+        unsafe {
+            g.run(&d, step(1, 5)).unwrap();
+            assert_eq!(log(&d), ["begin", "k 5", "end", "graph 7"]);
+            g.run(&d, step(1, 5)).unwrap();
+            assert_eq!(log(&d), ["graph 7"], "the same parameters: the kept graph");
+            g.run(&d, step(1, 6)).unwrap();
+            assert_eq!(log(&d), ["begin", "k 6", "end", "destroy 7", "graph 7"], "a parameter changed: captured again");
+        }
+        assert_eq!((g.stats.captured, g.stats.launched, g.stats.eager), (2, 3, 0));
+    }
+
+    #[test]
+    fn a_device_that_cannot_capture_runs_steps_op_by_op() {
+        let d = Fake { capture: false, log: Mutex::new(Vec::new()) };
+        let mut g = Graphs::default();
+        // SAFETY: the fake driver touches no memory.
+        unsafe {
+            g.run(&d, step(1, 5)).unwrap();
+            assert_eq!(log(&d), ["begin", "k 5"]);
+            g.run(&d, step(1, 5)).unwrap();
+            assert_eq!(log(&d), ["k 5"], "graphs stay off: no capture tried again");
+        }
+        assert!(g.off.as_deref().is_some_and(|w| w.contains("not permitted")), "{:?}", g.off);
+        assert_eq!((g.stats.captured, g.stats.launched, g.stats.eager), (0, 0, 2));
+    }
+
+    #[test]
+    fn a_step_shares_one_copy_of_an_array_passed_again() {
+        let mut s = Step::new(0);
+        let (meta, cap) = (0x1000, 4096);
+        let a = s.stage("rope", 0, &[1, 2, 3, 4], meta, cap).unwrap();
+        assert_eq!(s.stage("rope", 0, &[1, 2, 3, 4], meta, cap), Some(a), "the same op and part: shared");
+        let b = s.stage("kv_write", 0, &[1, 2, 3, 4], meta, cap).unwrap();
+        assert_ne!(a, b, "the same bytes for another op's part: a copy of its own");
+        assert_eq!(b % 256, 0);
+        assert_eq!(s.stage("x", 0, &[0; 4000], meta, cap), None, "full");
+    }
+}
