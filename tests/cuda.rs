@@ -27,6 +27,14 @@ fn decode_steps_as_graphs_give_the_same_tokens() {
     graphs_give_the_same_tokens(&gpu);
 }
 
+/// Every site captured on the device inside decode steps run as graphs, read after each step,
+/// equals the captures read one by one.
+#[test]
+fn captures_taken_inside_graphs_equal_captures_read_at_once() {
+    let Some(gpu) = backend("deferred captures") else { return };
+    assert_eq!(deferred_captures_in_graphs_match(&gpu), 18, "every tapped step ran as a graph");
+}
+
 #[test]
 fn default_model_greedy_continuation_matches_cpu() {
     let Some(gpu) = backend("default model on cuda") else { return };

@@ -33,3 +33,14 @@ fn decode_steps_as_graphs_give_the_same_tokens() {
     let Some(dev) = backend("graphs on the emulated device") else { return };
     graphs_give_the_same_tokens(&dev);
 }
+
+/// Captures of every site taken on the device inside decode steps run as graphs, read once each
+/// step has ended, equal the captures read one by one as the pass reaches them (#20's taps that
+/// cost little), and the tokens too.
+#[test]
+fn captures_taken_inside_graphs_equal_captures_read_at_once() {
+    let Some(dev) = backend("deferred captures on the emulated device") else { return };
+    let launched = deferred_captures_in_graphs_match(&dev);
+    println!("18 decode steps with every site captured: {launched} graph launches");
+    assert_eq!(launched, 18, "every tapped step ran as a graph");
+}

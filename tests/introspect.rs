@@ -207,3 +207,10 @@ fn kv_stream_view_follows_the_block_table() {
     }
     assert!(cache.sequence_view(30, &table, n).is_err());
 }
+
+/// Captures taken on the backend and read after the pass (`Hooks::defer`) equal captures read as the
+/// pass reaches them, step after step of decoding (on the CPU: no graphs, the same copies).
+#[test]
+fn deferred_captures_equal_captures_read_at_once() {
+    assert_eq!(common::deferred_captures_in_graphs_match(&common::cpu()), 0, "the cpu backend runs no graphs");
+}

@@ -421,3 +421,49 @@ pub fn graphs_give_the_same_tokens(dev: &Arc<dyn Backend>) {
     assert!(launched >= 2 * captured, "{captured} captures for {launched} graph launches: graphs are not being replayed");
     assert_eq!(op_by_op, 0, "a decode step fell back to op by op");
 }
+
+/// Greedy decode steps with every site captured, on `dev`: taken on the device and read after each
+/// step, the steps run as graphs (`Hooks::defer`, `Backend::graph_begin`), give exactly the tokens
+/// and captures of the same steps with each capture read as the pass reaches it, op by op. Returns
+/// the graph launches of the deferred run.
+pub fn deferred_captures_in_graphs_match(dev: &Arc<dyn Backend>) -> u64 {
+    use highrise::engine::sampling::{choose_on_backend, forward_and_choose, graph_key};
+    use highrise::model::{Batch, Hooks, Llama, Logits, ModelConfig, Site};
+    use highrise::core::ops::PagedSeq;
+    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), dev.clone(), DType::BF16, 5).unwrap();
+    let run = |deferred: bool| {
+        let mut cache = model.new_kv_cache(4, 16).unwrap();
+        let table: Vec<u32> = vec![2, 0, 3, 1];
+        let slot = |p: u32| table[p as usize / 16] * 16 + p % 16;
+        let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 512).collect();
+        let positions: Vec<u32> = (0..12).collect();
+        let slots: Vec<u32> = positions.iter().map(|&p| slot(p)).collect();
+        let seqs = [PagedSeq { q_len: 12, context_len: 12, blocks_start: 0 }];
+        let batch = Batch { tokens: &prompt, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
+        let mut token = choose_on_backend(&model.forward(&batch, &mut cache, Logits::Last).unwrap(), None).unwrap()[0].0;
+        let mut out = Vec::new();
+        for pos in 12..30u32 {
+            let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
+            let batch = Batch { tokens: &[token], positions: &[pos], slots: &[slot(pos)], seqs: &seqs, block_table: &table };
+            let mut hooks = Hooks::capture_all(&Site::ALL);
+            hooks.defer = deferred;
+            let forward = || model.forward_hooked(&batch, &mut cache, Logits::Last, Some(&mut hooks));
+            token = forward_and_choose(&*model.backend, deferred.then(|| graph_key(1, false) | 1 << 62), None, forward).unwrap()[0].0;
+            hooks.collect().unwrap();
+            assert_eq!(hooks.captured.len(), 7 * model.config.num_hidden_layers + 1, "every site at every layer");
+            out.push((token, hooks.captured));
+        }
+        out
+    };
+    let before = dev.graph_stats();
+    let deferred = run(true);
+    let launched = dev.graph_stats().launched - before.launched;
+    let immediate = run(false);
+    for (i, (d, m)) in deferred.iter().zip(&immediate).enumerate() {
+        assert_eq!(d.0, m.0, "step {i}: token");
+        for (key, v) in &m.1 {
+            assert!(d.1.get(key) == Some(v), "step {i}: capture {key:?} taken on the device differs");
+        }
+    }
+    launched
+}

@@ -394,8 +394,28 @@ impl Tensor {
     /// Copies `src`'s bytes over this tensor's, in the backend's memory (`Backend::copy`): both on
     /// one backend, of one size in bytes.
     pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        self.copy_from_at(0, src)
+    }
+
+    /// Copies all of `src` over this tensor's elements from `at` on, in the backend's memory: both
+    /// on one backend, in one unquantized dtype (`at` 0 and equal sizes: any dtype).
+    pub fn copy_from_at(&mut self, at: usize, src: &Tensor) -> Result<()> {
         if !Arc::ptr_eq(&self.backend, &src.backend) {
             return Err(Error::Invalid("Tensor::copy_from: the tensors live on different backends".into()));
+        }
+        if at > 0 || src.numel() != self.numel() {
+            let size = match self.dtype {
+                DType::F32 | DType::U32 => 4,
+                DType::F16 | DType::BF16 => 2,
+                q => return Err(Error::Invalid(format!("Tensor::copy_from_at: {q} is quantized"))),
+            };
+            if src.dtype != self.dtype || at.checked_add(src.numel()).is_none_or(|end| end > self.numel()) {
+                return Err(Error::Invalid(format!(
+                    "Tensor::copy_from_at: {}{} into elements {at}.. of {}{}",
+                    src.dtype, src.shape, self.dtype, self.shape
+                )));
+            }
+            return self.backend.copy(self.handle, at * size, src.handle, 0, src.numel() * size);
         }
         if self.size_bytes() != src.size_bytes() {
             return Err(Error::Invalid(format!(

@@ -106,8 +106,9 @@ pub trait Driver: Send + Sync {
 
     fn synchronize(&self) -> Result<()>;
 
-    /// Starts capturing: the launches and GEMMs queued from now until `end_capture` become a graph
-    /// instead of running (copies are not captured: the backend makes them before). Err where the
+    /// Starts capturing: the launches, GEMMs and device-to-device copies queued from now until
+    /// `end_capture` become a graph instead of running (host copies are not captured: the backend
+    /// makes them before). Err where the
     /// driver cannot capture; the backend then launches one by one.
     ///
     /// # Safety
@@ -295,6 +296,9 @@ impl Driver for CudaDriver {
     }
 
     unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            return drv::memcpy_dtod_async(dst, src, bytes, self.graph_stream.0).map_err(driver_err("cuMemcpyDtoDAsync (captured)"));
+        }
         drv::memcpy_dtod_sync(dst, src, bytes).map_err(driver_err("cuMemcpyDtoD"))
     }
 

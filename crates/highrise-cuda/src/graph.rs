@@ -12,6 +12,9 @@
 //!   the memory they read (the staging copy, the KV cache, the tokens), not in their parameters;
 //! - otherwise the recorded work is captured into a new graph, kept for the key, and launched.
 //!
+//! Device-to-device copies (`Backend::copy`: captures of activations into a buffer read after the
+//! step) are recorded too; reads, writes and host-side waits are not.
+//!
 //! So a graph is never replayed for work it was not captured from: a kernel whose grid or scalars
 //! depend on context lengths (the split attention kernels) only costs a capture per step, never a
 //! wrong result. Anything that must see results mid-step (a read, a write, a copy) first runs the
@@ -39,6 +42,8 @@ pub(crate) enum Work {
         bytes: [u8; ARG_BYTES],
     },
     Gemm(Gemm),
+    /// A device-to-device copy (a capture of an activation, taken on the device).
+    Copy { dst: u64, src: u64, bytes: usize },
 }
 
 impl Work {
@@ -64,6 +69,7 @@ impl Work {
     unsafe fn queue(&self, drv: &dyn Driver) -> Result<()> {
         match self {
             Work::Gemm(g) => drv.gemm(g),
+            Work::Copy { dst, src, bytes } => drv.dtod(*dst, *src, *bytes),
             Work::Launch { kernel, grid, block, shared, nargs, sizes, bytes } => {
                 let mut params = [std::ptr::null_mut(); MAX_ARGS];
                 let mut at = 0;

@@ -452,10 +452,16 @@ impl Backend for CudaBackend {
         let (d, s) = (self.buf(dst)?, self.buf(src)?);
         range_check(d, dst_offset, bytes)?;
         range_check(s, src_offset, bytes)?;
-        self.flush()?;
+        let (dst, src) = (d.ptr + dst_offset as u64, s.ptr + src_offset as u64);
+        // In a graph step the copy is recorded with the step's work (a capture taken on the
+        // device, read after the step): it needs no result of the ops before it on the host.
+        if let Some(step) = self.recording().as_mut() {
+            step.push(graph::Work::Copy { dst, src, bytes });
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: both ranges are inside their allocations (checked).
-        unsafe { self.driver.dtod(d.ptr + dst_offset as u64, s.ptr + src_offset as u64, bytes) }
+        unsafe { self.driver.dtod(dst, src, bytes) }
     }
 
     fn run(&self, op: &Op<'_>) -> Result<()> {

@@ -86,6 +86,7 @@ pub struct Summary {
 enum Captured {
     Launch { op: String, regions: Vec<Region>, rec: Recorded },
     Gemm { op: String, regions: Vec<Region>, gemm: Gemm },
+    Copy { dst: u64, src: u64, bytes: usize },
 }
 
 struct State {
@@ -975,6 +976,13 @@ impl Driver for RecordingDriver {
 
     unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         let mut st = self.lock();
+        if st.capture.is_some() {
+            // Both ranges must be live now; the bytes move when the graph runs.
+            slot(&mut st, src, bytes, "device-to-device copy (source)")?;
+            slot(&mut st, dst, bytes, "device-to-device copy (destination)")?;
+            st.capture.as_mut().expect("capturing").push(Captured::Copy { dst, src, bytes });
+            return Ok(());
+        }
         let (at, buf) = slot(&mut st, src, bytes, "device-to-device copy (source)")?;
         let data = buf[at..at + bytes].to_vec();
         let (at, buf) = slot(&mut st, dst, bytes, "device-to-device copy (destination)")?;
@@ -1109,6 +1117,7 @@ impl Driver for RecordingDriver {
                     self.begin_op(&op, regions);
                     self.gemm(&gemm)?;
                 }
+                Captured::Copy { dst, src, bytes } => self.dtod(dst, src, bytes)?,
             }
         }
         Ok(())
@@ -1123,8 +1132,9 @@ impl Driver for RecordingDriver {
             return;
         }
         for (node, (name, now)) in g.iter_mut().zip(nodes) {
-            let (Captured::Launch { op, regions, .. } | Captured::Gemm { op, regions, .. }) = node;
-            (*op, *regions) = (name, now);
+            if let Captured::Launch { op, regions, .. } | Captured::Gemm { op, regions, .. } = node {
+                (*op, *regions) = (name, now);
+            }
         }
     }
 

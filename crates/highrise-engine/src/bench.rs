@@ -146,6 +146,8 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, gr
     }
     let mut m = Measurement { test, tokens: n, tokens_per_sec: vec![], kind: Test::Decode { n, depth } };
     let mut hooks = highrise_model::Hooks::capture_all(&highrise_model::Site::STREAM);
+    // Captures taken on the device and read once the step is done: the pass never waits on them.
+    hooks.defer = true;
     for _ in 0..reps {
         let mut cache = model.new_kv_cache((depth + n).div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
         let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
@@ -159,17 +161,24 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, gr
             // Not part of a decoded token's time: drop what an op-by-op profile recorded of it.
             drop(highrise_core::profile::take());
         }
-        // As the engine runs a decode step: a graph where the backend can (not with taps, whose
-        // captures are read in the middle of the step).
-        let graph = (graphs && !taps && crate::sampling::graphs_enabled()).then(|| crate::sampling::graph_key(1, false));
+        // As the engine runs a decode step: a graph where the backend can (with taps too: their
+        // copies are part of the step, read after it). Tapped steps are work of another shape.
+        let graph = (graphs && crate::sampling::graphs_enabled()).then(|| crate::sampling::graph_key(1, false) | (taps as u64) << 63);
         let start = Instant::now();
         for pos in depth as u32..(depth + n) as u32 {
             let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
             let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
-            let hooks = taps.then_some(&mut hooks);
+            let tapped = taps.then_some(&mut hooks);
             // The backend chooses each token, as the engine does for greedy steps.
-            let forward = || model.forward_hooked(&batch, &mut cache, Logits::Last, hooks);
+            let forward = || model.forward_hooked(&batch, &mut cache, Logits::Last, tapped);
             token = crate::sampling::forward_and_choose(&*model.backend, graph, None, forward)?[0].0;
+            if taps {
+                hooks.collect()?;
+                let want = highrise_model::Site::STREAM.len() * model.config.num_hidden_layers;
+                if hooks.captured.len() != want {
+                    return Err(highrise_model::Error::Input(format!("{} of {want} captures taken", hooks.captured.len())));
+                }
+            }
         }
         m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
     }

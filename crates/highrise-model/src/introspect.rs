@@ -83,6 +83,31 @@ pub struct Hooks {
     pub patch: Vec<Patch>,
     /// (site, layer) -> values [T, width], f32.
     pub captured: BTreeMap<(Site, usize), Vec<f32>>,
+    /// Take captures on the device, into one buffer read by `collect` (the caller's, after the
+    /// pass: after a graph step has ended, say), instead of reading each as the pass reaches it:
+    /// the host never waits for the device in the middle of a pass. Off: each capture is read at
+    /// once (no extra copy on a backend whose memory is the host's).
+    pub defer: bool,
+    /// The deferred captures of the pass in flight (public so that `Hooks { .., ..Default::default() }`
+    /// can be written; nothing in it is).
+    pub pending: Pending,
+}
+
+/// Deferred captures in flight (see `Hooks::defer`): their buffer, and (site, layer, first element,
+/// elements) of each in it. A clone of the hooks starts without them.
+#[derive(Default)]
+pub struct Pending(Option<(Tensor, Vec<(Site, usize, usize, usize)>)>);
+
+impl Clone for Pending {
+    fn clone(&self) -> Self {
+        Pending(None)
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} deferred captures", self.0.as_ref().map_or(0, |p| p.1.len()))
+    }
 }
 
 impl Hooks {
@@ -95,11 +120,42 @@ impl Hooks {
         self.captured.get(&(site, layer)).map(|v| &v[..])
     }
 
+    /// Whether the pass captures `site` at `layer`.
+    pub(crate) fn wants(&self, site: Site, layer: usize) -> bool {
+        self.sites.contains(&site) && (site == Site::FinalNorm || self.layers.as_ref().is_none_or(|ls| ls.contains(&layer)))
+    }
+
+    /// Starts a pass whose deferred captures need `elements` in all (of the activations' dtype,
+    /// like `like`): their buffer.
+    pub(crate) fn begin_deferred(&mut self, like: &Tensor, elements: usize) -> Result<()> {
+        self.pending = Pending(None);
+        if self.defer && elements > 0 {
+            self.pending = Pending(Some((Tensor::empty(like.backend(), like.dtype(), &[elements])?, Vec::new())));
+        }
+        Ok(())
+    }
+
     pub(crate) fn capture(&mut self, site: Site, layer: usize, t: &Tensor) -> Result<()> {
-        let wanted = self.sites.contains(&site)
-            && (site == Site::FinalNorm || self.layers.as_ref().is_none_or(|ls| ls.contains(&layer)));
-        if wanted {
+        if !self.wants(site, layer) {
+            return Ok(());
+        }
+        let Some((buffer, taken)) = self.pending.0.as_mut() else {
             self.captured.insert((site, layer), t.to_f32()?);
+            return Ok(());
+        };
+        let at = taken.last().map_or(0, |&(_, _, at, n)| at + n);
+        buffer.copy_from_at(at, t)?;
+        taken.push((site, layer, at, t.numel()));
+        Ok(())
+    }
+
+    /// Reads the deferred captures of the last pass into `captured` (one read of their buffer).
+    pub fn collect(&mut self) -> Result<()> {
+        let Some((buffer, taken)) = self.pending.0.take() else { return Ok(()) };
+        let mut all = buffer.to_f32()?;
+        // From the end, so that each split moves only its own values.
+        for (site, layer, at, _) in taken.into_iter().rev() {
+            self.captured.insert((site, layer), all.split_off(at));
         }
         Ok(())
     }

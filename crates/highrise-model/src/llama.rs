@@ -344,6 +344,11 @@ impl Llama {
 
         // The residual stream: one vector per token.
         let mut x = self.tensor(&[t, h])?; // (T, H)
+        if let Some(hooks) = hooks.as_deref_mut() {
+            // Deferred captures (`Hooks::defer`) all go to one buffer of this size.
+            let n = self.capture_elements(hooks, t);
+            hooks.begin_deferred(&x, n)?;
+        }
         b.embedding(&mut x, &self.embed, batch.tokens)?;
         let mut xb = self.tensor(&[t, h])?; // (T, H) the normed stream a block reads
         b.rms_norm(&mut xb, &x, &self.layers[0].attn_norm, eps)?;
@@ -430,6 +435,23 @@ impl Llama {
         // The unembedding: a projection onto the vocabulary.
         self.linear(&mut logits, &rows, self.unembedding(), None)?;
         Ok(logits)
+    }
+
+    /// The values a pass over `t` tokens captures for `hooks`: each site asked at each layer asked.
+    fn capture_elements(&self, hooks: &Hooks, t: usize) -> usize {
+        let c = &self.config;
+        let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+        let width = |site: Site| match site {
+            Site::Q => q,
+            Site::K | Site::V => kv,
+            _ => h,
+        };
+        let layers = c.num_hidden_layers;
+        let sites = hooks.sites.iter().map(|&s| match s {
+            Site::FinalNorm => width(s) * hooks.wants(s, layers) as usize,
+            _ => width(s) * (0..layers).filter(|&l| hooks.wants(s, l)).count(),
+        });
+        t * sites.sum::<usize>()
     }
 
     /// Logits [T, V] at every position of one sequence, run as a single prefill in a cache of its own.
