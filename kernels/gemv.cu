@@ -7,6 +7,11 @@
 // every row of x (a few KiB, read through the caches by every warp). A warp reduction per (row of x,
 // row of w) ends it. TM: the rows of x the kernel is built for (1, 2, 4, 8); t <= TM at run time.
 // Needs k % 8 == 0 and 16-byte aligned x and w (the host checks, and uses cuBLAS otherwise).
+//
+// gemv_glu*: the MLP's gate and up projections and SwiGLU in one kernel (the SwiGluLinear op):
+// each warp takes one row of w_gate and the same row of w_up as its two rows, and writes
+// silu(gate) * up, each projection rounded to the dtype first, as the unfused gemv, gemv, swiglu
+// write it, bit for bit: the sums are the same sums, in the same order.
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2
@@ -28,15 +33,18 @@ __device__ __forceinline__ void unpack8(uint4 v, float* f) {
     }
 }
 
-template <int TM, bool BF16>
-__device__ void gemv(u16* out, const u16* x, const u16* w, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) {
+template <int TM, bool BF16, bool GLU>
+__device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) {
+    static_assert(!GLU || GEMV_ROWS == 2, "gemv_glu takes a row of w_gate and one of w_up per warp");
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 row0 = (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    // Plain: GEMV_ROWS consecutive rows of w per warp. GLU: row row0 of w (the gate) and of w_up.
+    const u32 row0 = GLU ? blockIdx.x * GEMV_WARPS + warp : (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
     if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
     const u32 chunks = k / 8;
     const uint4* w4[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++) w4[r] = (const uint4*)(w + (u64)min(row0 + r, n - 1) * k);
+    for (int r = 0; r < GEMV_ROWS; r++)
+        w4[r] = GLU ? (const uint4*)((r == 0 ? w : w_up) + (u64)row0 * k) : (const uint4*)(w + (u64)min(row0 + r, n - 1) * k);
     const uint4* x4 = (const uint4*)x;
 
     float acc[GEMV_ROWS][TM];
@@ -72,6 +80,20 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const void* bias, u32
             }
         }
     }
+    if (GLU) {
+#pragma unroll
+        for (int i = 0; i < TM; i++) {
+            const float g = warp_sum(acc[0][i]), u = warp_sum(acc[1][i]);
+            if (lane == 0 && i < (int)t) {
+                // Rounded as the unfused projections store them, then swiglu's own arithmetic.
+                const float gr = BF16 ? bf16_to_f32(f32_to_bf16(g)) : f16_to_f32(f32_to_f16(g));
+                const float ur = BF16 ? bf16_to_f32(f32_to_bf16(u)) : f16_to_f32(f32_to_f16(u));
+                const float v = gr / (1.0f + expf(-gr)) * ur;
+                out[(u64)i * n + row0] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
         const u32 row = row0 + r;
@@ -90,7 +112,11 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const void* bias, u32
 #define GEMV_ONE(tm, s, bf16)                                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
         gemv##tm##_##s(u16* out, const u16* x, const u16* w, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) { \
-        gemv<tm, bf16>(out, x, w, bias, bias_dt, t, k, n);                                                        \
+        gemv<tm, bf16, false>(out, x, w, nullptr, bias, bias_dt, t, k, n);                                        \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
+        gemv_glu##tm##_##s(u16* out, const u16* x, const u16* w_gate, const u16* w_up, u32 t, u32 k, u32 n) {     \
+        gemv<tm, bf16, true>(out, x, w_gate, w_up, nullptr, 0, t, k, n);                                          \
     }
 #define GEMV(tm) GEMV_ONE(tm, bf16, true) GEMV_ONE(tm, f16, false)
 GEMV(1)

@@ -455,6 +455,48 @@ fn swiglu_matches_reference() {
     }
 }
 
+/// The MLP's projections and gate in one op equal the two `linear`s and `swiglu` it replaces, bit
+/// for bit (each projection rounded to the dtype before the gate, as those store it), and so the f64
+/// reference within the usual bound; at decode's row counts (CUDA's fused matrix-vector kernel) and
+/// prefill's (its GEMMs).
+#[test]
+fn swiglu_linear_equals_its_three_ops() {
+    if backend("swiglu_linear_equals_its_three_ops").is_none() {
+        return;
+    }
+    if !be().supports(highrise::core::OpKind::SwiGluLinear, DType::F32) {
+        return println!("skipped: swiglu_linear: the {} backend runs the three ops instead", be().name());
+    }
+    let mut rng = Rng::new("swiglu_linear");
+    for (h, i) in [(576, 1536), (64, 96)] {
+        for t in [1, 3, 8, 9, 64] {
+            for dt in FLOATS {
+                let x = rng.values(t * h, 1.0, dt);
+                let (wg, wu) = (rng.values(i * h, 0.1, dt), rng.values(i * h, 0.1, dt));
+                let (xt, gt, ut) = (upload(dt, &[t, h], &x), upload(dt, &[i, h], &wg), upload(dt, &[i, h], &wu));
+                let mut fused = poisoned(dt, &[t, i]);
+                be().swiglu_linear(&mut fused, &xt, &gt, &ut).unwrap();
+                let (mut g, mut u, mut three) = (poisoned(dt, &[t, i]), poisoned(dt, &[t, i]), poisoned(dt, &[t, i]));
+                be().linear(&mut g, &xt, &gt, None).unwrap();
+                be().linear(&mut u, &xt, &ut, None).unwrap();
+                be().swiglu(&mut three, &g, &u).unwrap();
+                let what = format!("swiglu_linear {dt} x [{t}, {h}] w [{i}, {h}]");
+                let got = download(&fused);
+                assert!(got.iter().zip(download(&three)).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: differs from linear, linear, swiglu");
+                let refs = |rd| ref_swiglu(&ref_linear(&x, &wg, None, h, rd), &ref_linear(&x, &wu, None, h, rd), rd);
+                assert_close(&what, dt, &got, &refs(Rd::Exact), &refs(Rd::Naive(dt)));
+            }
+        }
+    }
+    // A weight of the wrong shape is refused, naming the op and the shapes.
+    let x = upload(DType::F32, &[1, 64], &[0.0; 64]);
+    let w = upload(DType::F32, &[96, 64], &[0.0; 96 * 64]);
+    let short = upload(DType::F32, &[95, 64], &[0.0; 95 * 64]);
+    let mut out = poisoned(DType::F32, &[1, 96]);
+    let err = be().swiglu_linear(&mut out, &x, &w, &short).unwrap_err().to_string();
+    assert!(err.contains("swiglu_linear") && err.contains("w_up"), "{err}");
+}
+
 /// `Backend::copy` (through `Tensor::copy_from`) moves bytes inside the backend's memory; a copy
 /// between tensors of different sizes is refused.
 #[test]

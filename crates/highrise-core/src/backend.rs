@@ -265,6 +265,12 @@ impl dyn Backend + '_ {
         self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: gate.as_ref(), up: up.as_ref() }))
     }
 
+    /// `out = silu(x @ w_gate^T) * (x @ w_up^T)` in one op, where the backend fuses it (see
+    /// [`SwiGluLinear`]; ask `supports` first).
+    pub fn swiglu_linear(&self, out: &mut Tensor, x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<()> {
+        self.exec(Op::SwiGluLinear(SwiGluLinear { out: out.as_mut(), x: x.as_ref(), w_gate: w_gate.as_ref(), w_up: w_up.as_ref() }))
+    }
+
     /// Each row's most likely column and its log-probability (see [`Argmax`]).
     pub fn argmax(&self, index: &mut Tensor, logprob: &mut Tensor, x: &Tensor) -> Result<()> {
         self.exec(Op::Argmax(Argmax { index: index.as_mut(), logprob: logprob.as_mut(), x: x.as_ref() }))

@@ -141,6 +141,7 @@ impl Backend for CpuBackend {
             Op::SwiGlu(o) => mlp::swiglu(&ts, o),
             Op::Argmax(o) => sampling::argmax(&ts, o),
             Op::Sample(o) => sampling::sample(&ts, o),
+            Op::SwiGluLinear(o) => mlp::swiglu_linear(&ts, o),
         }
     }
 }

@@ -1,11 +1,11 @@
-//! The MLP's gate: SwiGLU.
+//! The MLP's gate: SwiGLU, alone or after its two projections (`SwiGluLinear`).
 
-use highrise_core::ops::SwiGlu;
-use highrise_core::Result;
+use highrise_core::ops::{Linear, SwiGlu, SwiGluLinear};
+use highrise_core::{Result, Shape, TensorRef};
 
 use crate::float::{with_float, Float};
 use crate::team::min_items;
-use crate::storage::Tensors;
+use crate::storage::{Storage, Tensors};
 
 pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
     with_float!(op.out.dtype, "swiglu", E => {
@@ -27,4 +27,34 @@ pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
         });
         Ok(())
     })
+}
+
+/// `SwiGluLinear` as the three ops it fuses: gate and up projections into buffers of the
+/// activations' dtype (rounded as `Linear` rounds), then the gate: the model's unfused numbers, in
+/// one op, for comparing a backend that fuses them against this one.
+pub fn swiglu_linear(ts: &Tensors, op: &SwiGluLinear) -> Result<()> {
+    let (dtype, shape) = (op.out.dtype, Shape::new(op.out.dims())?);
+    let bytes = dtype.storage_bytes(op.out.numel()).unwrap_or(0);
+    let (gate, up) = (Scratch::new(ts, bytes)?, Scratch::new(ts, bytes)?);
+    let (g, u) = (TensorRef::from_raw(gate.1, dtype, shape), TensorRef::from_raw(up.1, dtype, shape));
+    for (out, weight) in [(g, op.w_gate), (u, op.w_up)] {
+        crate::linear::linear(ts, &Linear { out, x: op.x, weight, bias: TensorRef::none(), q8_activations: false })?;
+    }
+    swiglu(ts, &SwiGlu { out: op.out, gate: g, up: u })
+}
+
+/// A buffer of this backend's for the length of an op.
+struct Scratch<'a>(&'a Tensors<'a>, highrise_core::Handle);
+
+impl<'a> Scratch<'a> {
+    fn new(ts: &'a Tensors<'a>, bytes: usize) -> Result<Scratch<'a>> {
+        Ok(Scratch(ts, Storage::alloc(ts.owner, bytes)?))
+    }
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `new`, for this op alone; the op is over.
+        unsafe { Storage::free(self.0.owner, self.1) }
+    }
 }

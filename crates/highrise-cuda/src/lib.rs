@@ -486,6 +486,7 @@ impl Backend for CudaBackend {
             Op::SwiGlu(o) => ops::swiglu(self, o),
             Op::Argmax(o) => ops::argmax(self, o),
             Op::Sample(o) => ops::sample(self, st, o),
+            Op::SwiGluLinear(o) => ops::swiglu_linear(self, st, o),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use highrise_core::ops::{
     cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, Sample, SwiGlu,
+    SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result};
 
@@ -109,9 +110,37 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])
 }
 
-/// `gemv*`'s block (4 warps), and the rows of w it takes (2 per warp; kernels/gemv.cu).
+/// `gemv*`'s block (4 warps), and the rows of w it takes (2 per warp; kernels/gemv.cu); `gemv_glu*`
+/// takes one row of each weight per warp.
 pub(crate) const GEMV_THREADS: u32 = 128;
 pub(crate) const GEMV_ROWS_PER_BLOCK: usize = 8;
+pub(crate) const GEMV_GLU_ROWS_PER_BLOCK: usize = 4;
+
+/// `out = silu(x @ w_gate^T) * (x @ w_up^T)`: one `gemv_glu*` launch where the matrix-vector kernel
+/// takes the shapes (decoding), else the two GEMMs into the workspace and `swiglu_*`. Either way
+/// the numbers of `linear`, `linear`, `swiglu`.
+pub fn swiglu_linear(be: &CudaBackend, st: &mut OpState, op: &SwiGluLinear) -> Result<()> {
+    let act = op.x.dtype;
+    let s = suffix("swiglu_linear", act)?;
+    let (t, k, n) = (op.x.dims()[0], op.x.dims()[1], op.w_gate.dims()[0]);
+    let (out, x) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?);
+    let (wg, wu) = (be.ptr("w_gate", &op.w_gate)?, be.ptr("w_up", &op.w_up)?);
+    let (t32, k32, n32) = (t as u32, k as u32, n as u32);
+    if let Some(tm) = gemv_rows(act, op.w_gate.dtype, t, k, x | wg | wu) {
+        let blocks = n.div_ceil(GEMV_GLU_ROWS_PER_BLOCK) as u32;
+        return be.launch(&format!("gemv_glu{tm}_{s}"), (blocks, 1, 1), (GEMV_THREADS, 1, 1), &[&out, &x, &wg, &wu, &t32, &k32, &n32]);
+    }
+    let bytes = (t * n * act.storage_bytes(1).unwrap_or(4)).div_ceil(256) * 256;
+    let (work, _) = be.upload(st, 2 * bytes, &[])?;
+    let (gate, up) = (work, work + bytes as u64);
+    for (w, o) in [(wg, gate), (wu, up)] {
+        // SAFETY: x and the weight lie inside their allocations (checked by `ptr` against the
+        // validated shapes), the output inside the workspace just sized for it.
+        unsafe { be.gemm(Gemm { input: act, output: act, t, k, n, x, w, out: o }) }?;
+    }
+    let total = (t * n) as u64;
+    be.launch(&format!("swiglu_{s}"), cover(total, 256), (256, 1, 1), &[&out, &gate, &up, &total])
+}
 
 /// Whether a linear op runs on our matrix-vector kernel (kernels/gemv.cu) instead of cuBLAS, and
 /// which one (the rows of x it is built for): f16/bf16 x and weights alike, at most 8 rows, k a

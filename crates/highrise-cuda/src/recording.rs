@@ -369,6 +369,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
+        "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
         "swiglu" => vec![P, P, P, U64],
         "argmax" => vec![P, P, P, U32],
         "sample" => vec![P, P, P, P, U32],
@@ -611,6 +612,30 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
                 let bias_elt = if a.u32(4) == 0 { 4 } else { 2 };
                 push(out, 3, 0, n, bias_elt, "bias");
             }
+        }
+        "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => {
+            // (out, x, w_gate, w_up, t, k, n): 4 warps per block, each one row of both weights.
+            let tm: u64 = base[8..].parse().unwrap_or(0);
+            let (t, k, n) = (a.u32(4) as u64, a.u32(5) as u64, a.u32(6) as u64);
+            if t == 0 || t > tm {
+                return Err(format!("{t} rows of x for a kernel built for 1..{tm}"));
+            }
+            if k % 8 != 0 || [1, 2, 3].iter().any(|&p| a.u64(p) % 16 != 0) {
+                return Err(format!("k {k}, x and weights at {:#x}, {:#x}, {:#x}: the kernel reads 16-byte chunks", a.u64(1), a.u64(2), a.u64(3)));
+            }
+            let per = crate::ops::GEMV_GLU_ROWS_PER_BLOCK as u64;
+            if a.block != (crate::ops::GEMV_THREADS, 1, 1) || gx * per < n || (gx - 1) * per >= n.max(1) {
+                return Err(format!("grid {:?} and block {:?} do not cover {n} rows in blocks of {per}", a.grid, a.block));
+            }
+            for (p, what) in [(2, "w_gate"), (3, "w_up")] {
+                a.agrees(p, 0, n, &format!("{what}'s rows"))?;
+                a.agrees(p, 1, k, &format!("{what}'s columns"))?;
+                push(out, p, 0, n * k, elt, what);
+            }
+            a.agrees(1, 1, k, "x's columns")?;
+            a.agrees(0, 1, n, "out's columns")?;
+            push(out, 0, 0, t * n, elt, "out");
+            push(out, 1, 0, t * k, elt, "x");
         }
         "argmax" | "sample" => {
             // (index, logprob, x, [params,] v): block r reduces row r.

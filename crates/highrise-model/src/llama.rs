@@ -308,6 +308,13 @@ impl Llama {
         Ok(self.backend.linear_with(out, x, w, bias, self.q8_activations)?)
     }
 
+    /// Whether `layer`'s MLP projections run as one `SwiGluLinear` op: the backend has it, and the
+    /// weights are plain floats in the activations' dtype (no 8-bit activations to choose).
+    fn fused_gate_up(&self, layer: &Layer) -> bool {
+        let w = layer.w_gate.dtype();
+        w == self.dtype && layer.w_up.dtype() == w && !self.q8_activations && self.backend.supports(OpKind::SwiGluLinear, w)
+    }
+
     /// RMSNorm of each of `rows` rows of width `d` of `x` (a projection's heads), with weight `w` [d].
     fn head_norm(&self, x: Tensor, w: &Tensor, rows: usize, d: usize, eps: f32) -> Result<Tensor> {
         let x = x.reshape(&[rows, d])?;
@@ -396,14 +403,19 @@ impl Llama {
             // Residual and norm in one pass (add_rms_norm): x += attn_out, xb = the MLP's norm of x.
             b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
 
-            // MLP: SwiGLU.
+            // MLP: SwiGLU, its two projections and the gate in one op where the backend fuses them
+            // (weights in the activations' dtype), else three.
             let i = c.intermediate_size;
-            let mut gate = self.tensor(&[t, i])?; // (T, I)
-            let mut up = self.tensor(&[t, i])?; // (T, I)
-            self.linear(&mut gate, &xb, &layer.w_gate, None)?;
-            self.linear(&mut up, &xb, &layer.w_up, None)?;
             let mut act = self.tensor(&[t, i])?; // (T, I)
-            b.swiglu(&mut act, &gate, &up)?;
+            if self.fused_gate_up(layer) {
+                b.swiglu_linear(&mut act, &xb, &layer.w_gate, &layer.w_up)?;
+            } else {
+                let mut gate = self.tensor(&[t, i])?; // (T, I)
+                let mut up = self.tensor(&[t, i])?; // (T, I)
+                self.linear(&mut gate, &xb, &layer.w_gate, None)?;
+                self.linear(&mut up, &xb, &layer.w_up, None)?;
+                b.swiglu(&mut act, &gate, &up)?;
+            }
             let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
             self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
             hooks.tap(Site::MlpOut, l, &mlp_out)?;

@@ -1,4 +1,6 @@
-//! MLP ops. The projections are `Linear`; what is particular to the MLP is the gate.
+//! MLP ops. The projections are `Linear`; what is particular to the MLP is the gate, alone
+//! (`SwiGlu`) or with the two projections that feed it (`SwiGluLinear`, one pass over x for a
+//! backend that fuses them).
 
 use super::{Check, CheckResult};
 use crate::TensorRef;
@@ -18,5 +20,32 @@ impl SwiGlu<'_> {
         c.rank("gate", &self.gate, 2)?;
         c.dims("up", &self.up, self.gate.dims())?;
         c.dims("out", &self.out, self.gate.dims())
+    }
+}
+
+/// `out = silu(x @ w_gate^T) * (x @ w_up^T)`: the gate and up projections and the gate in one op,
+/// each projection rounded to the activations' dtype before the gate (what `Linear` twice and then
+/// `SwiGlu` compute). x [T, H] and out [T, I] activations; w_gate, w_up [I, H] in x's dtype.
+/// Backends that do not fuse it decline it (`Backend::supports`); the model then runs the three ops.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SwiGluLinear<'a> {
+    pub out: TensorRef<'a>,
+    pub x: TensorRef<'a>,
+    pub w_gate: TensorRef<'a>,
+    pub w_up: TensorRef<'a>,
+}
+
+impl SwiGluLinear<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out), ("x", &self.x), ("w_gate", &self.w_gate), ("w_up", &self.w_up)])?;
+        c.rank("x", &self.x, 2)?;
+        c.rank("w_gate", &self.w_gate, 2)?;
+        let (t, h, i) = (self.x.dims()[0], self.x.dims()[1], self.w_gate.dims()[0]);
+        if self.w_gate.dims()[1] != h {
+            return Err(format!("x has {h} features but w_gate {} expects {}", self.w_gate.shape, self.w_gate.dims()[1]));
+        }
+        c.dims("w_up", &self.w_up, self.w_gate.dims())?;
+        c.dims("out", &self.out, &[t, i])
     }
 }

@@ -1,7 +1,7 @@
 //! The ops a backend runs, one file per family, named after the transformer's two highways:
 //! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm);
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
-//! - [`mlp`]: the SwiGLU gate;
+//! - [`mlp`]: the SwiGLU gate, alone or fused with the projections feeding it;
 //! - [`sampling`]: choosing tokens from the logits on the backend (greedy `Argmax`, `Sample`).
 //!
 //! (The logits are a [`Linear`] against the unembedding, which is the embedding table itself when a
@@ -20,7 +20,7 @@ pub mod sampling;
 pub use attention::{
     cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, Rope, RopeConfig, RopeScaling,
 };
-pub use mlp::SwiGlu;
+pub use mlp::{SwiGlu, SwiGluLinear};
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
 pub use sampling::{Argmax, FieldError, Sample, SampleParams};
 
@@ -41,10 +41,11 @@ pub enum OpKind {
     SwiGlu = 8,
     Argmax = 9,
     Sample = 10,
+    SwiGluLinear = 11,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 11] = [
+    pub const ALL: [OpKind; 12] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -56,6 +57,7 @@ impl OpKind {
         OpKind::SwiGlu,
         OpKind::Argmax,
         OpKind::Sample,
+        OpKind::SwiGluLinear,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -75,6 +77,7 @@ impl OpKind {
             OpKind::SwiGlu => "swiglu",
             OpKind::Argmax => "argmax",
             OpKind::Sample => "sample",
+            OpKind::SwiGluLinear => "swiglu_linear",
         }
     }
 }
@@ -100,6 +103,7 @@ pub enum Op<'a> {
     SwiGlu(SwiGlu<'a>),
     Argmax(Argmax<'a>),
     Sample(Sample<'a>),
+    SwiGluLinear(SwiGluLinear<'a>),
 }
 
 impl Op<'_> {
@@ -116,6 +120,7 @@ impl Op<'_> {
             Op::SwiGlu(_) => OpKind::SwiGlu,
             Op::Argmax(_) => OpKind::Argmax,
             Op::Sample(_) => OpKind::Sample,
+            Op::SwiGluLinear(_) => OpKind::SwiGluLinear,
         }
     }
 
@@ -134,6 +139,7 @@ impl Op<'_> {
             Op::SwiGlu(o) => o.out.dtype,
             Op::Argmax(o) => o.x.dtype,
             Op::Sample(o) => o.x.dtype,
+            Op::SwiGluLinear(o) => o.w_gate.dtype,
         }
     }
 
@@ -160,6 +166,7 @@ impl Op<'_> {
             Op::SwiGlu(o) => vec![("out", o.out), ("gate", o.gate), ("up", o.up)],
             Op::Argmax(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
             Op::Sample(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
+            Op::SwiGluLinear(o) => vec![("out", o.out), ("x", o.x), ("w_gate", o.w_gate), ("w_up", o.w_up)],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -188,6 +195,7 @@ impl Op<'_> {
             Op::SwiGlu(o) => o.validate(&check),
             Op::Argmax(o) => o.validate(&check),
             Op::Sample(o) => o.validate(&check),
+            Op::SwiGluLinear(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {

@@ -24,7 +24,7 @@ pub use loader::{
 
 /// Bumped on any change to the vtable or to a type that crosses it (`Op` and the op structs,
 /// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`;
-/// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`).
+/// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`, `SwiGluLinear`).
 pub const ABI_VERSION: u32 = 8;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
