@@ -45,6 +45,34 @@ __device__ void kv_write(typename D::T* k_cache, typename D::T* v_cache, const t
     }
 }
 
+// RoPE on q [T, hq, d] and k [T, hkv, d] in place, and k (rotated) and v [T, hkv, d] written to
+// the paged cache at slots[t], in one launch (the RopeKvWrite op): block (t, head), heads 0..hq of
+// q then hkv of k; d/2 threads. The same arithmetic as rope twice and kv_write, bit for bit.
+template <class D>
+__device__ void rope_kv_write(typename D::T* k_cache, typename D::T* v_cache, typename D::T* k, const typename D::T* v,
+                              const u32* slots, u32 hkv, u32 d, u32 block_size, typename D::T* q, const u32* positions,
+                              const double* inv_freq, u32 hq) {
+    const u32 half = d / 2, i = threadIdx.x, t = blockIdx.x;
+    if (i >= half) return;
+    const bool is_q = blockIdx.y < hq;
+    const u32 head = is_q ? blockIdx.y : blockIdx.y - hq;
+    typename D::T* x = is_q ? q : k;
+    const u64 base = ((u64)t * (is_q ? hq : hkv) + head) * d;
+    double s, c;
+    sincos((double)positions[t] * inv_freq[i], &s, &c);
+    const float cf = (float)c, sf = (float)s;
+    const float a = D::load(x, base + i), b = D::load(x, base + i + half);
+    D::store(x, base + i, a * cf - b * sf);
+    D::store(x, base + i + half, b * cf + a * sf);
+    if (is_q) return;
+    const u32 slot = slots[t];
+    const u64 dst = (((u64)(slot / block_size) * hkv + head) * block_size + slot % block_size) * d;
+    k_cache[dst + i] = x[base + i];
+    k_cache[dst + i + half] = x[base + i + half];
+    v_cache[dst + i] = v[base + i];
+    v_cache[dst + i + half] = v[base + i + half];
+}
+
 // One query row's view of the keys: it sees keys 0..nkeys[t] of its sequence, addressed from
 // base[t] (a token row, or an offset into the block table).
 struct KeyAddr {
@@ -245,6 +273,11 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     extern "C" __global__ void kv_write_##s(D::T* k_cache, D::T* v_cache, const D::T* k, const D::T* v,          \
                                             const u32* slots, u32 hkv, u32 d, u32 block_size) {                   \
         kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size);                                           \
+    }                                                                                                             \
+    extern "C" __global__ void rope_kv_write_##s(D::T* k_cache, D::T* v_cache, D::T* k, const D::T* v,          \
+                                                 const u32* slots, u32 hkv, u32 d, u32 block_size, D::T* q,      \
+                                                 const u32* positions, const double* inv_freq, u32 hq) {         \
+        rope_kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size, q, positions, inv_freq, hq);          \
     }                                                                                                             \
     extern "C" __global__ void attn_combine_##s(D::T* out, const float* partial, u32 hq, u32 d, u32 splits) {    \
         attn_combine<D>(out, partial, hq, d, splits);                                                             \

@@ -455,6 +455,58 @@ fn swiglu_matches_reference() {
     }
 }
 
+/// RoPE on q and k and the cache write in one op equal `rope`, `rope` and `kv_write`, bit for bit:
+/// the rotated q and k, and every byte of both caches (poisoned before, so a slot written that
+/// should not be, or one missed, shows), at grouped-query ratios, both head dims, tokens at
+/// scattered positions and slots.
+#[test]
+fn rope_kv_write_equals_its_three_ops() {
+    if backend("rope_kv_write_equals_its_three_ops").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("rope_kv_write");
+    let config = RopeConfig { theta: 10000.0, scaling: RopeScaling::None };
+    for dt in FLOATS {
+        for (hq, hkv) in GQA {
+            for d in [64, 128] {
+                for t in [1, 5, 40] {
+                    let (block_size, blocks) = (16, 8);
+                    let positions: Vec<u32> = (0..t as u32).map(|i| 3 + i * 7).collect();
+                    let slots: Vec<u32> = slots_in(&shuffled_blocks(&mut rng, blocks), blocks * block_size, block_size)
+                        .into_iter()
+                        .step_by(3)
+                        .take(t)
+                        .collect();
+                    let q = rng.values(t * hq * d, 1.0, dt);
+                    let (k, v) = (rng.values(t * hkv * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt));
+                    let run = |fused: bool| {
+                        let (mut qt, mut kt, vt) = (upload(dt, &[t, hq, d], &q), upload(dt, &[t, hkv, d], &k), upload(dt, &[t, hkv, d], &v));
+                        let mut kc = poisoned(dt, &[blocks, hkv, block_size, d]);
+                        let mut vc = poisoned(dt, &[blocks, hkv, block_size, d]);
+                        if fused {
+                            be().rope_kv_write(&mut qt, &mut kt, &vt, &mut kc, &mut vc, &positions, &slots, config).unwrap();
+                        } else {
+                            be().rope(&mut qt, &positions, config).unwrap();
+                            be().rope(&mut kt, &positions, config).unwrap();
+                            be().kv_write(&mut kc, &mut vc, &kt, &vt, &slots).unwrap();
+                        }
+                        [qt, kt, kc, vc].map(|x| download(&x).into_iter().map(f64::to_bits).collect::<Vec<_>>())
+                    };
+                    let (fused, three) = (run(true), run(false));
+                    for (name, (a, b)) in ["q", "k", "k_cache", "v_cache"].iter().zip(fused.iter().zip(&three)) {
+                        assert!(a == b, "rope_kv_write {dt} hq {hq} hkv {hkv} d {d} t {t}: {name} differs from rope, rope, kv_write");
+                    }
+                }
+            }
+        }
+    }
+    // A slot outside the cache is refused, naming the op.
+    let (mut q, mut k, v) = (poisoned(DType::F32, &[1, 2, 64]), poisoned(DType::F32, &[1, 1, 64]), poisoned(DType::F32, &[1, 1, 64]));
+    let (mut kc, mut vc) = (poisoned(DType::F32, &[2, 1, 16, 64]), poisoned(DType::F32, &[2, 1, 16, 64]));
+    let err = be().rope_kv_write(&mut q, &mut k, &v, &mut kc, &mut vc, &[0], &[32], config).unwrap_err().to_string();
+    assert!(err.contains("rope_kv_write") && err.contains("slot 32"), "{err}");
+}
+
 /// The MLP's projections and gate in one op equal the two `linear`s and `swiglu` it replaces, bit
 /// for bit (each projection rounded to the dtype before the gate, as those store it), and so the f64
 /// reference within the usual bound; at decode's row counts (CUDA's fused matrix-vector kernel) and

@@ -237,6 +237,32 @@ impl dyn Backend + '_ {
         }))
     }
 
+    /// RoPE on q and k, then k and v into the paged cache at `slots`, in one op where the backend
+    /// fuses them (see [`RopeKvWrite`]; ask `supports` first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_write(
+        &self,
+        q: &mut Tensor,
+        k: &mut Tensor,
+        v: &Tensor,
+        k_cache: &mut Tensor,
+        v_cache: &mut Tensor,
+        positions: &[u32],
+        slots: &[u32],
+        config: RopeConfig,
+    ) -> Result<()> {
+        self.exec(Op::RopeKvWrite(RopeKvWrite {
+            q: q.as_mut(),
+            k: k.as_mut(),
+            k_cache: k_cache.as_mut(),
+            v_cache: v_cache.as_mut(),
+            v: v.as_ref(),
+            positions: HostSlice::new(positions),
+            slots: HostSlice::new(slots),
+            config,
+        }))
+    }
+
     /// Attention of each sequence's new queries over its cached context, through its block table.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention(

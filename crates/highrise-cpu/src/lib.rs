@@ -142,6 +142,13 @@ impl Backend for CpuBackend {
             Op::Argmax(o) => sampling::argmax(&ts, o),
             Op::Sample(o) => sampling::sample(&ts, o),
             Op::SwiGluLinear(o) => mlp::swiglu_linear(&ts, o),
+            Op::RopeKvWrite(o) => {
+                // The three ops it fuses, in order: the same numbers, one call.
+                let (q, k, write) = o.parts();
+                attention::rope(&ts, &q)?;
+                attention::rope(&ts, &k)?;
+                attention::kv_write(&ts, &write)
+            }
         }
     }
 }

@@ -2,8 +2,8 @@
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
 use highrise_core::ops::{
-    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, Sample, SwiGlu,
-    SwiGluLinear,
+    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, RopeKvWrite, Sample,
+    SwiGlu, SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result};
 
@@ -164,6 +164,29 @@ pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
     let inv_freq = op.config.inv_freq(d as usize);
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)])?;
     be.launch(&format!("rope_{s}"), (t, heads, 1), ((d / 2).max(32), 1, 1), &[&x, &addr[0], &addr[1], &heads, &d])
+}
+
+/// `rope` on q and k and `kv_write`, as one `rope_kv_write_*` launch (kernels/attention.cu): block
+/// (token, head) over q's heads then k's.
+pub fn rope_kv_write(be: &CudaBackend, st: &mut OpState, op: &RopeKvWrite) -> Result<()> {
+    same_cache_dtype("rope_kv_write", op.k.dtype, op.k_cache.dtype)?;
+    let s = suffix("rope_kv_write", op.q.dtype)?;
+    let [t, hq, d] = [op.q.dims()[0] as u32, op.q.dims()[1] as u32, op.q.dims()[2] as u32];
+    if d / 2 > 1024 {
+        return Err(Error::Unsupported(format!("rope_kv_write: head dim {d} is above the cuda backend's 2048")));
+    }
+    let [_, block_size, hkv, _] = cache_dims(&op.k_cache).map(|x| x as u32);
+    let (kc, vc) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
+    let (q, k, v) = (be.ptr("q", &op.q)?, be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
+    let inv_freq = op.config.inv_freq(d as usize);
+    let parts = [bytes_of(op.slots.as_slice()), bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)];
+    let (_, addr) = be.upload(st, 0, &parts)?;
+    be.launch(
+        &format!("rope_kv_write_{s}"),
+        (t, hq + hkv, 1),
+        ((d / 2).max(32), 1, 1),
+        &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size, &q, &addr[1], &addr[2], &hq],
+    )
 }
 
 /// The CUDA kernels keep the KV cache in the activations' dtype.

@@ -364,6 +364,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "from_f32" => vec![P, P, U64],
         "rope" => vec![P, P, P, U32, U32],
         "kv_write" => vec![P, P, P, P, P, U32, U32, U32],
+        "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32],
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
@@ -540,37 +541,22 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             if gy != heads || (a.block.0 as u64) < d / 2 {
                 return Err(format!("grid {:?} and block {:?} do not cover {heads} heads of {} pairs", a.grid, a.block, d / 2));
             }
-            a.agrees(0, 1, heads, "heads")?;
-            a.agrees(0, 2, d, "d")?;
-            grid_rows(a, a.rows_of(0, heads * d))?;
-            push(out, 0, 0, gx * heads * d, elt, "x");
-            push(out, 1, 0, gx, 4, "positions");
-            push(out, 2, 0, d / 2, 8, "inv_freq");
+            rope_rows(a, out, elt, [0, 1, 2], heads, d)?;
         }
         "kv_write" => {
             // (k_cache, v_cache, k, v, slots, hkv, d, block_size): block t writes token t's rows.
-            let (hkv, d, bs) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64);
-            if bs == 0 {
-                return Err("block_size is 0".into());
+            cache_rows(a, out, elt)?;
+        }
+        "rope_kv_write" => {
+            // kv_write's parameters, then (q, positions, inv_freq, hq): block (t, head) over hq heads
+            // of q then hkv of k, d/2 threads.
+            let (hkv, d, hq) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(11) as u64);
+            if gy != hq + hkv || (a.block.0 as u64) < d / 2 {
+                return Err(format!("grid {:?} and block {:?} do not cover {hq} + {hkv} heads of {} pairs", a.grid, a.block, d / 2));
             }
-            for p in [0, 1] {
-                a.agrees(p, 1, hkv, "kv heads")?;
-                a.agrees(p, 2, bs, "block_size")?;
-                a.agrees(p, 3, d, "d")?;
-            }
-            a.agrees(2, 1, hkv, "kv heads")?;
-            grid_rows(a, a.rows_of(2, hkv * d))?;
-            let slots = a.u32s(4, gx as usize)?;
-            push(out, 4, 0, gx, 4, "slots");
-            for p in [2, 3] {
-                push(out, p, 0, gx * hkv * d, elt, "new rows");
-            }
-            for (t, &slot) in slots.iter().enumerate() {
-                let first = ((slot as u64 / bs) * hkv * bs + slot as u64 % bs) * d;
-                for p in [0, 1] {
-                    push(out, p, first, (hkv - 1) * bs * d + d, elt, format!("slot {slot} (token {t})"));
-                }
-            }
+            cache_rows(a, out, elt)?;
+            rope_rows(a, out, elt, [8, 9, 10], hq, d)?;
+            rope_rows(a, out, elt, [2, 9, 10], hkv, d)?;
         }
         "attn_combine" => {
             // (out, partial, hq, d, splits): block (t, h), d threads.
@@ -904,6 +890,47 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
         }
     }
     push_kv_runs(out, runs, elt);
+    Ok(())
+}
+
+/// RoPE's rows: x [t, heads, d] (parameter `x`; t = grid.x), the positions, the frequencies.
+fn rope_rows(a: &Args<'_>, out: &mut Vec<Access>, elt: u64, [x, positions, inv_freq]: [usize; 3], heads: u64, d: u64) -> Check {
+    let t = a.grid.0 as u64;
+    a.agrees(x, 1, heads, "heads")?;
+    a.agrees(x, 2, d, "d")?;
+    grid_rows(a, a.rows_of(x, heads * d))?;
+    push(out, x, 0, t * heads * d, elt, "x");
+    push(out, positions, 0, t, 4, "positions");
+    push(out, inv_freq, 0, d / 2, 8, "inv_freq");
+    Ok(())
+}
+
+/// kv_write's rows (parameters k_cache, v_cache, k, v, slots, hkv, d, block_size): token t's rows
+/// to the cache at slots[t], t = grid.x.
+fn cache_rows(a: &Args<'_>, out: &mut Vec<Access>, elt: u64) -> Check {
+    let (hkv, d, bs) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64);
+    let gx = a.grid.0 as u64;
+    if bs == 0 {
+        return Err("block_size is 0".into());
+    }
+    for p in [0, 1] {
+        a.agrees(p, 1, hkv, "kv heads")?;
+        a.agrees(p, 2, bs, "block_size")?;
+        a.agrees(p, 3, d, "d")?;
+    }
+    a.agrees(2, 1, hkv, "kv heads")?;
+    grid_rows(a, a.rows_of(2, hkv * d))?;
+    let slots = a.u32s(4, gx as usize)?;
+    push(out, 4, 0, gx, 4, "slots");
+    for p in [2, 3] {
+        push(out, p, 0, gx * hkv * d, elt, "new rows");
+    }
+    for (t, &slot) in slots.iter().enumerate() {
+        let first = ((slot as u64 / bs) * hkv * bs + slot as u64 % bs) * d;
+        for p in [0, 1] {
+            push(out, p, first, (hkv - 1) * bs * d + d, elt, format!("slot {slot} (token {t})"));
+        }
+    }
     Ok(())
 }
 

@@ -381,14 +381,19 @@ impl Llama {
             let mut q = q.reshape(&[t, hq, d])?;
             let mut k = k.reshape(&[t, hkv, d])?;
             let v = v.reshape(&[t, hkv, d])?;
-            // RoPE: rotate Q and K by their positions.
-            b.rope(&mut q, batch.positions, self.rope)?;
-            b.rope(&mut k, batch.positions, self.rope)?;
+            // RoPE: rotate Q and K by their positions. Then the key/value stream: store this layer's
+            // K/V for later tokens. One op where the backend fuses them.
+            let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
+            if b.supports(OpKind::RopeKvWrite, kc.dtype()) {
+                b.rope_kv_write(&mut q, &mut k, &v, kc, vc, batch.positions, batch.slots, self.rope)?;
+            } else {
+                b.rope(&mut q, batch.positions, self.rope)?;
+                b.rope(&mut k, batch.positions, self.rope)?;
+                b.kv_write(kc, vc, &k, &v, batch.slots)?;
+            }
             hooks.tap(Site::Q, l, &q)?;
             hooks.tap(Site::K, l, &k)?;
             hooks.tap(Site::V, l, &v)?;
-            // The key/value stream: store this layer's K/V for later tokens.
-            b.kv_write(&mut cache.k[l], &mut cache.v[l], &k, &v, batch.slots)?;
             // Grouped-query causal attention.
             let mut att = self.tensor(&[t, hq, d])?; // (T, Hq, D)
             if whole_prompts {

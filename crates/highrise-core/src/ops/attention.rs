@@ -210,6 +210,44 @@ impl KvWrite<'_> {
     }
 }
 
+/// RoPE on `q` [T, Hq, D] and `k` [T, Hkv, D] in place, then `k` (rotated) and `v` [T, Hkv, D]
+/// written into the paged cache at `slots`: `Rope` twice and `KvWrite` in one op, with their numbers,
+/// for backends that fuse them (the others decline it and the model runs the three).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RopeKvWrite<'a> {
+    /// Read and written.
+    pub q: TensorRef<'a>,
+    /// Read and written.
+    pub k: TensorRef<'a>,
+    pub k_cache: TensorRef<'a>,
+    pub v_cache: TensorRef<'a>,
+    pub v: TensorRef<'a>,
+    pub positions: HostSlice<'a, u32>,
+    pub slots: HostSlice<'a, u32>,
+    pub config: RopeConfig,
+}
+
+impl RopeKvWrite<'_> {
+    /// The ops it fuses, as they would be called.
+    pub fn parts(&self) -> (Rope<'_>, Rope<'_>, KvWrite<'_>) {
+        let rope = |x| Rope { x, positions: self.positions, config: self.config };
+        let write = KvWrite { k_cache: self.k_cache, v_cache: self.v_cache, k: self.k, v: self.v, slots: self.slots };
+        (rope(self.q), rope(self.k), write)
+    }
+
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        let (q, k, write) = self.parts();
+        q.validate(c).map_err(|e| format!("q: {e}"))?;
+        k.validate(c).map_err(|e| format!("k: {e}"))?;
+        c.same_dtype("k", &self.k, "q", &self.q)?;
+        if self.q.dims()[2] != self.k.dims()[2] {
+            return Err(format!("q's head dim {} differs from k's {}", self.q.dims()[2], self.k.dims()[2]));
+        }
+        write.validate(c)
+    }
+}
+
 /// One sequence of a `PagedAttention` batch. Its `q_len` query tokens are the last ones of its
 /// `context_len` tokens (already written to the cache): query j sits at position
 /// `context_len - q_len + j` and attends to positions 0..=that. Decode has `q_len` 1; a prefill chunk

@@ -18,7 +18,7 @@ pub mod residual;
 pub mod sampling;
 
 pub use attention::{
-    cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, Rope, RopeConfig, RopeScaling,
+    cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, Rope, RopeConfig, RopeKvWrite, RopeScaling,
 };
 pub use mlp::{SwiGlu, SwiGluLinear};
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
@@ -42,10 +42,11 @@ pub enum OpKind {
     Argmax = 9,
     Sample = 10,
     SwiGluLinear = 11,
+    RopeKvWrite = 12,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 12] = [
+    pub const ALL: [OpKind; 13] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -58,6 +59,7 @@ impl OpKind {
         OpKind::Argmax,
         OpKind::Sample,
         OpKind::SwiGluLinear,
+        OpKind::RopeKvWrite,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -78,6 +80,7 @@ impl OpKind {
             OpKind::Argmax => "argmax",
             OpKind::Sample => "sample",
             OpKind::SwiGluLinear => "swiglu_linear",
+            OpKind::RopeKvWrite => "rope_kv_write",
         }
     }
 }
@@ -104,6 +107,7 @@ pub enum Op<'a> {
     Argmax(Argmax<'a>),
     Sample(Sample<'a>),
     SwiGluLinear(SwiGluLinear<'a>),
+    RopeKvWrite(RopeKvWrite<'a>),
 }
 
 impl Op<'_> {
@@ -121,6 +125,7 @@ impl Op<'_> {
             Op::Argmax(_) => OpKind::Argmax,
             Op::Sample(_) => OpKind::Sample,
             Op::SwiGluLinear(_) => OpKind::SwiGluLinear,
+            Op::RopeKvWrite(_) => OpKind::RopeKvWrite,
         }
     }
 
@@ -140,6 +145,7 @@ impl Op<'_> {
             Op::Argmax(o) => o.x.dtype,
             Op::Sample(o) => o.x.dtype,
             Op::SwiGluLinear(o) => o.w_gate.dtype,
+            Op::RopeKvWrite(o) => o.k_cache.dtype,
         }
     }
 
@@ -167,6 +173,9 @@ impl Op<'_> {
             Op::Argmax(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
             Op::Sample(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
             Op::SwiGluLinear(o) => vec![("out", o.out), ("x", o.x), ("w_gate", o.w_gate), ("w_up", o.w_up)],
+            Op::RopeKvWrite(o) => {
+                vec![("q", o.q), ("k", o.k), ("k_cache", o.k_cache), ("v_cache", o.v_cache), ("v", o.v)]
+            }
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -176,6 +185,7 @@ impl Op<'_> {
     pub fn outputs(&self) -> usize {
         match self {
             Op::AddRmsNorm(_) | Op::KvWrite(_) | Op::Argmax(_) | Op::Sample(_) => 2,
+            Op::RopeKvWrite(_) => 4,
             _ => 1,
         }
     }
@@ -196,6 +206,7 @@ impl Op<'_> {
             Op::Argmax(o) => o.validate(&check),
             Op::Sample(o) => o.validate(&check),
             Op::SwiGluLinear(o) => o.validate(&check),
+            Op::RopeKvWrite(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {
