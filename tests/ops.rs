@@ -508,9 +508,9 @@ fn rope_kv_write_equals_its_three_ops() {
 }
 
 /// The MLP's projections and gate in one op equal the two `linear`s and `swiglu` it replaces, bit
-/// for bit (each projection rounded to the dtype before the gate, as those store it), and so the f64
-/// reference within the usual bound; at decode's row counts (CUDA's fused matrix-vector kernel) and
-/// prefill's (its GEMMs).
+/// for bit (each projection rounded to the dtype before the gate, as those store it), and the gate
+/// the f64 reference within the usual bound; at decode's row counts (CUDA's fused matrix-vector
+/// kernel) and prefill's (its GEMMs).
 #[test]
 fn swiglu_linear_equals_its_three_ops() {
     if backend("swiglu_linear_equals_its_three_ops").is_none() {
@@ -535,8 +535,11 @@ fn swiglu_linear_equals_its_three_ops() {
                 let what = format!("swiglu_linear {dt} x [{t}, {h}] w [{i}, {h}]");
                 let got = download(&fused);
                 assert!(got.iter().zip(download(&three)).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: differs from linear, linear, swiglu");
-                let refs = |rd| ref_swiglu(&ref_linear(&x, &wg, None, h, rd), &ref_linear(&x, &wu, None, h, rd), rd);
-                assert_close(&what, dt, &got, &refs(Rd::Exact), &refs(Rd::Naive(dt)));
+                // The gate, against f64 on the projections as rounded (each projection is held to its
+                // bound by linear_matches_reference; one f64 chain through both roundings would
+                // flip a rounding now and then and call that the gate's error).
+                let (gd, ud) = (download(&g), download(&u));
+                assert_close(&what, dt, &got, &ref_swiglu(&gd, &ud, Rd::Exact), &ref_swiglu(&gd, &ud, Rd::Naive(dt)));
             }
         }
     }
