@@ -333,6 +333,25 @@ fn decode_steps_are_captured_once_and_replayed() {
     b.graph_end().unwrap();
     let now = b.graph_stats();
     assert_eq!((now.captured, now.launched, now.eager), (stats.captured, stats.launched, stats.eager + 1));
+
+    // A step whose host arrays overflow the metadata buffer: what was recorded runs op by op, the op
+    // that did not fit uploads as usual (its launch checked against its own tensors), and the next
+    // step finds a buffer grown to fit and runs as a graph.
+    let faults = driver.summary().faults.len();
+    let table = up(&b, DType::BF16, &[512, 64], &vec![0.25; 512 * 64]);
+    let ids: Vec<u32> = (0..40_000).map(|i| i % 512).collect();
+    let mut rows = empty(&b, DType::BF16, &[ids.len(), 64]);
+    for round in 0..3 {
+        let stats = b.graph_stats();
+        b.graph_begin(777).unwrap();
+        b.rms_norm(&mut out, &x, &w, 1e-5).unwrap();
+        b.embedding(&mut rows, &table, &ids).unwrap();
+        b.graph_end().unwrap();
+        let now = b.graph_stats();
+        let ran = (now.captured - stats.captured, now.launched - stats.launched, now.eager - stats.eager);
+        assert_eq!(ran, [(0, 0, 1), (1, 1, 0), (0, 1, 0)][round], "round {round}: (captured, launched, op by op)");
+    }
+    assert_eq!(driver.summary().faults[faults..], [] as [String; 0], "launches refused");
 }
 
 /// The prefill kernel's tile shape is a compile-time constant: launches keep the shape the kernels

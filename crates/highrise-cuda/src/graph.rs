@@ -108,6 +108,11 @@ impl Step {
         self.ops.push((name.to_string(), regions));
     }
 
+    /// The op being recorded: its name and regions (a checking driver's).
+    pub fn current_op(&self) -> Option<(String, Vec<Region>)> {
+        self.ops.last().cloned()
+    }
+
     /// One more region of the current op (a checking driver's).
     pub fn region(&mut self, r: Region) {
         if let Some(op) = self.ops.last_mut() {

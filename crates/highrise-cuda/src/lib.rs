@@ -292,9 +292,14 @@ impl CudaBackend {
         let addrs = match staged {
             Some(addrs) => addrs,
             None => {
-                if self.recording().is_some() {
-                    let step = self.recording().take().expect("recording");
+                let step = self.recording().take();
+                if let Some(step) = step {
+                    // This op's tensors, told to a checking driver again: its launches follow.
+                    let current = step.current_op();
                     self.queue_step(st, step, false)?;
+                    if let Some((name, regions)) = current.filter(|_| drv.checks()) {
+                        drv.begin_op(&name, regions);
+                    }
                 }
                 // SAFETY: the context is bound; the scratch buffer is ours.
                 unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", None) }?;
