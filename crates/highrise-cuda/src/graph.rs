@@ -263,6 +263,9 @@ impl Graphs {
             return Err(Error::Backend(format!("cuda graphs: {why}")));
         }
         self.clear(drv);
+        // Said once, where a person running a benchmark or a check will see it: the steps still run
+        // (op by op), only slower than they could.
+        eprintln!("highrise: cuda graphs are off for this backend from now on ({why}); steps run op by op");
         self.off = Some(why);
         self.stats.eager += 1;
         step.queue(drv)
