@@ -12,10 +12,15 @@
 // each warp takes one row of w_gate and the same row of w_up as its two rows, and writes
 // silu(gate) * up, each projection rounded to the dtype first, as the unfused gemv, gemv, swiglu
 // write it, bit for bit: the sums are the same sums, in the same order.
+//
+// gemv_qkv*: the attention's q, k and v projections of one x in one launch (the QkvLinear op): the
+// blocks over q's rows, then k's, then v's (nq and nk whole blocks of GEMV_BLOCK_ROWS rows), each
+// block exactly as gemv* would run it.
 
 #define GEMV_WARPS 4
 #define GEMV_ROWS 2
 #define GEMV_UNROLL 4
+#define GEMV_BLOCK_ROWS (GEMV_WARPS * GEMV_ROWS)
 
 // Eight 16-bit values from one 16-byte chunk, as floats.
 template <bool BF16>
@@ -33,12 +38,15 @@ __device__ __forceinline__ void unpack8(uint4 v, float* f) {
     }
 }
 
+// `block`: this block's index among the blocks over w's rows (blockIdx.x, or less where one launch
+// covers several matrices).
 template <int TM, bool BF16, bool GLU>
-__device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) {
+__device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n,
+                     u32 block) {
     static_assert(!GLU || GEMV_ROWS == 2, "gemv_glu takes a row of w_gate and one of w_up per warp");
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Plain: GEMV_ROWS consecutive rows of w per warp. GLU: row row0 of w (the gate) and of w_up.
-    const u32 row0 = GLU ? blockIdx.x * GEMV_WARPS + warp : (blockIdx.x * GEMV_WARPS + warp) * GEMV_ROWS;
+    const u32 row0 = GLU ? block * GEMV_WARPS + warp : (block * GEMV_WARPS + warp) * GEMV_ROWS;
     if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
     const u32 chunks = k / 8;
     const uint4* w4[GEMV_ROWS];
@@ -112,11 +120,21 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
 #define GEMV_ONE(tm, s, bf16)                                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
         gemv##tm##_##s(u16* out, const u16* x, const u16* w, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) { \
-        gemv<tm, bf16, false>(out, x, w, nullptr, bias, bias_dt, t, k, n);                                        \
+        gemv<tm, bf16, false>(out, x, w, nullptr, bias, bias_dt, t, k, n, blockIdx.x);                            \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
         gemv_glu##tm##_##s(u16* out, const u16* x, const u16* w_gate, const u16* w_up, u32 t, u32 k, u32 n) {     \
-        gemv<tm, bf16, true>(out, x, w_gate, w_up, nullptr, 0, t, k, n);                                          \
+        gemv<tm, bf16, true>(out, x, w_gate, w_up, nullptr, 0, t, k, n, blockIdx.x);                              \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
+        gemv_qkv##tm##_##s(u16* q, u16* kk, u16* v, const u16* x, const u16* wq, const u16* wk, const u16* wv,    \
+                           const void* bq, const void* bk, const void* bv, u32 bias_dt, u32 t, u32 k, u32 nq,     \
+                           u32 nk, u32 nv) {                                                                      \
+        const u32 bq_blocks = nq / GEMV_BLOCK_ROWS, bk_blocks = nk / GEMV_BLOCK_ROWS, b = blockIdx.x;           \
+        if (b < bq_blocks) gemv<tm, bf16, false>(q, x, wq, nullptr, bq, bias_dt, t, k, nq, b);                    \
+        else if (b < bq_blocks + bk_blocks)                                                                       \
+            gemv<tm, bf16, false>(kk, x, wk, nullptr, bk, bias_dt, t, k, nk, b - bq_blocks);                      \
+        else gemv<tm, bf16, false>(v, x, wv, nullptr, bv, bias_dt, t, k, nv, b - bq_blocks - bk_blocks);          \
     }
 #define GEMV(tm) GEMV_ONE(tm, bf16, true) GEMV_ONE(tm, f16, false)
 GEMV(1)

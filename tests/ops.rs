@@ -455,6 +455,46 @@ fn swiglu_matches_reference() {
     }
 }
 
+/// The attention's three projections in one op equal three `linear`s, bit for bit, with and without
+/// biases, at decode's row counts (CUDA: one fused matrix-vector launch) and prefill's, and at row
+/// counts the fused kernel does not take (q's not whole blocks of 8: three launches).
+#[test]
+fn qkv_linear_equals_three_linears() {
+    if backend("qkv_linear_equals_three_linears").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("qkv_linear");
+    for (h, n) in [(576, [576, 192, 192]), (64, [100, 36, 36])] {
+        for t in [1, 3, 8, 9] {
+            for dt in FLOATS {
+                for bias in [false, true] {
+                    let x = upload(dt, &[t, h], &rng.values(t * h, 1.0, dt));
+                    let w = n.map(|r| upload(dt, &[r, h], &rng.values(r * h, 0.1, dt)));
+                    let b = n.map(|r| upload(DType::F32, &[r], &rng.values(r, 0.5, DType::F32)));
+                    let bs = [0, 1, 2].map(|i| bias.then_some(&b[i]));
+                    let [mut q, mut k, mut v] = n.map(|r| poisoned(dt, &[t, r]));
+                    be().qkv_linear([&mut q, &mut k, &mut v], &x, [&w[0], &w[1], &w[2]], bs).unwrap();
+                    for (i, (name, fused)) in ["q", "k", "v"].iter().zip([&q, &k, &v]).enumerate() {
+                        let mut one = poisoned(dt, &[t, n[i]]);
+                        be().linear(&mut one, &x, &w[i], bs[i]).unwrap();
+                        let (a, b) = (download(fused), download(&one));
+                        assert!(
+                            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "qkv_linear {dt} t {t} h {h} bias {bias}: {name} differs from its linear"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Weights of another dtype than x are refused (they would be the three linears' to convert).
+    let x = upload(DType::BF16, &[1, 64], &[0.0; 64]);
+    let (w, w32) = (upload(DType::BF16, &[64, 64], &[0.0; 4096]), upload(DType::F32, &[64, 64], &[0.0; 4096]));
+    let [mut q, mut k, mut v] = [0; 3].map(|_| poisoned(DType::BF16, &[1, 64]));
+    let err = be().qkv_linear([&mut q, &mut k, &mut v], &x, [&w, &w32, &w], [None; 3]).unwrap_err().to_string();
+    assert!(err.contains("qkv_linear") && err.contains("wk"), "{err}");
+}
+
 /// RoPE on q and k and the cache write in one op equal `rope`, `rope` and `kv_write`, bit for bit:
 /// the rotated q and k, and every byte of both caches (poisoned before, so a slot written that
 /// should not be, or one missed, shows), at grouped-query ratios, both head dims, tokens at

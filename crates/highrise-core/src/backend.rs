@@ -237,6 +237,26 @@ impl dyn Backend + '_ {
         }))
     }
 
+    /// The attention's q, k and v projections of `x` in one op where the backend fuses them (see
+    /// [`QkvLinear`]; ask `supports` first). `w` and `b`: the weights and optional biases, q, k, v.
+    pub fn qkv_linear(&self, [q, k, v]: [&mut Tensor; 3], x: &Tensor, w: [&Tensor; 3], b: [Option<&Tensor>; 3]) -> Result<()> {
+        fn bias(t: Option<&Tensor>) -> TensorRef<'_> {
+            t.map_or(TensorRef::none(), Tensor::as_ref)
+        }
+        self.exec(Op::QkvLinear(QkvLinear {
+            q: q.as_mut(),
+            k: k.as_mut(),
+            v: v.as_mut(),
+            x: x.as_ref(),
+            wq: w[0].as_ref(),
+            wk: w[1].as_ref(),
+            wv: w[2].as_ref(),
+            bq: bias(b[0]),
+            bk: bias(b[1]),
+            bv: bias(b[2]),
+        }))
+    }
+
     /// RoPE on q and k, then k and v into the paged cache at `slots`, in one op where the backend
     /// fuses them (see [`RopeKvWrite`]; ask `supports` first).
     #[allow(clippy::too_many_arguments)]

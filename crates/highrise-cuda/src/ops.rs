@@ -2,8 +2,8 @@
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
 use highrise_core::ops::{
-    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, RmsNorm, Rope, RopeKvWrite, Sample,
-    SwiGlu, SwiGluLinear,
+    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, QkvLinear, RmsNorm, Rope,
+    RopeKvWrite, Sample, SwiGlu, SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result};
 
@@ -108,6 +108,43 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
         be.launch("add_bias_f32", cover(total, 256), (256, 1, 1), &[&o32, &bias, &bias_dt, &n32, &total])?;
     }
     be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])
+}
+
+/// q, k and v of one x: one `gemv_qkv*` launch where the matrix-vector kernel takes all three
+/// (decoding; q's and k's rows whole blocks of the kernel; the biases present of one dtype), each
+/// block as `gemv*` would run it, so the numbers of three `linear`s; else those three.
+pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<()> {
+    let act = op.x.dtype;
+    let (t, k) = (op.x.dims()[0], op.x.dims()[1]);
+    let [nq, nk, nv] = [&op.wq, &op.wk, &op.wv].map(|w| w.dims()[0]);
+    let x = be.ptr("x", &op.x)?;
+    let [wq, wk, wv] = [("wq", &op.wq), ("wk", &op.wk), ("wv", &op.wv)].map(|(n, w)| be.ptr(n, w));
+    let (wq, wk, wv) = (wq?, wk?, wv?);
+    let biases = [&op.bq, &op.bk, &op.bv];
+    let mut bias_dts = biases.iter().filter(|b| !b.is_none()).map(|b| b.dtype);
+    let one_bias_dtype = bias_dts.next().is_none_or(|first| bias_dts.all(|d| d == first));
+    let whole_blocks = nq % GEMV_ROWS_PER_BLOCK == 0 && nk % GEMV_ROWS_PER_BLOCK == 0;
+    let tm = gemv_rows(act, op.wq.dtype, t, k, x | wq | wk | wv).filter(|_| whole_blocks && one_bias_dtype);
+    let Some(tm) = tm else {
+        return op.parts().iter().try_for_each(|part| linear(be, st, part));
+    };
+    let s = suffix("qkv_linear", act)?;
+    let [q, kk, v] = [("q", &op.q), ("k", &op.k), ("v", &op.v)].map(|(n, o)| be.ptr(n, o));
+    let (q, kk, v) = (q?, kk?, v?);
+    let [bq, bk, bv] = [("bq", &op.bq), ("bk", &op.bk), ("bv", &op.bv)].map(|(n, b)| be.opt_ptr(n, b));
+    let (bq, bk, bv) = (bq?, bk?, bv?);
+    let bias_dt = match biases.iter().find(|b| !b.is_none()) {
+        Some(b) => float_code("qkv_linear", "bias", b.dtype)?,
+        None => 0,
+    };
+    let blocks = (nq + nk + nv).div_ceil(GEMV_ROWS_PER_BLOCK) as u32;
+    let [t32, k32, nq32, nk32, nv32] = [t, k, nq, nk, nv].map(|n| n as u32);
+    be.launch(
+        &format!("gemv_qkv{tm}_{s}"),
+        (blocks, 1, 1),
+        (GEMV_THREADS, 1, 1),
+        &[&q, &kk, &v, &x, &wq, &wk, &wv, &bq, &bk, &bv, &bias_dt, &t32, &k32, &nq32, &nk32, &nv32],
+    )
 }
 
 /// `gemv*`'s block (4 warps), and the rows of w it takes (2 per warp; kernels/gemv.cu); `gemv_glu*`

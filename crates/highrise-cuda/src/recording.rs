@@ -371,6 +371,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
+        "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" => vec![P, P, P, P, P, P, P, OPT, OPT, OPT, U32, U32, U32, U32, U32, U32],
         "swiglu" => vec![P, P, P, U64],
         "argmax" => vec![P, P, P, U32],
         "sample" => vec![P, P, P, P, U32],
@@ -597,6 +598,40 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             if a.u64(3) != 0 {
                 let bias_elt = if a.u32(4) == 0 { 4 } else { 2 };
                 push(out, 3, 0, n, bias_elt, "bias");
+            }
+        }
+        "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" => {
+            // (q, k, v, x, wq, wk, wv, bq, bk, bv, bias_dt, t, k, nq, nk, nv): gemv's blocks over
+            // q's rows, then k's, then v's.
+            let tm: u64 = base[8..].parse().unwrap_or(0);
+            let (t, k) = (a.u32(11) as u64, a.u32(12) as u64);
+            let n = [a.u32(13) as u64, a.u32(14) as u64, a.u32(15) as u64];
+            if t == 0 || t > tm {
+                return Err(format!("{t} rows of x for a kernel built for 1..{tm}"));
+            }
+            if k % 8 != 0 || [3, 4, 5, 6].iter().any(|&p| a.u64(p) % 16 != 0) {
+                return Err(format!("k {k}, x or a weight not 16-byte aligned: the kernel reads 16-byte chunks"));
+            }
+            let per = crate::ops::GEMV_ROWS_PER_BLOCK as u64;
+            let total = n.iter().sum::<u64>();
+            if n[0] % per != 0 || n[1] % per != 0 {
+                return Err(format!("q's {} and k's {} rows are not whole blocks of {per}", n[0], n[1]));
+            }
+            if a.block != (crate::ops::GEMV_THREADS, 1, 1) || gx * per < total || (gx - 1) * per >= total.max(1) {
+                return Err(format!("grid {:?} and block {:?} do not cover {total} rows in blocks of {per}", a.grid, a.block));
+            }
+            a.agrees(3, 1, k, "x's columns")?;
+            push(out, 3, 0, t * k, elt, "x");
+            let bias_elt = if a.u32(10) == 0 { 4 } else { 2 };
+            for (i, what) in ["q", "k", "v"].iter().enumerate() {
+                a.agrees(4 + i, 0, n[i], &format!("w{what}'s rows"))?;
+                a.agrees(4 + i, 1, k, &format!("w{what}'s columns"))?;
+                a.agrees(i, 1, n[i], &format!("{what}'s columns"))?;
+                push(out, i, 0, t * n[i], elt, *what);
+                push(out, 4 + i, 0, n[i] * k, elt, format!("w{what}"));
+                if a.u64(7 + i) != 0 {
+                    push(out, 7 + i, 0, n[i], bias_elt, format!("b{what}"));
+                }
             }
         }
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => {

@@ -308,11 +308,11 @@ impl Llama {
         Ok(self.backend.linear_with(out, x, w, bias, self.q8_activations)?)
     }
 
-    /// Whether `layer`'s MLP projections run as one `SwiGluLinear` op: the backend has it, and the
-    /// weights are plain floats in the activations' dtype (no 8-bit activations to choose).
-    fn fused_gate_up(&self, layer: &Layer) -> bool {
-        let w = layer.w_gate.dtype();
-        w == self.dtype && layer.w_up.dtype() == w && !self.q8_activations && self.backend.supports(OpKind::SwiGluLinear, w)
+    /// Whether projections by `weights` run as one fused op (`QkvLinear`, `SwiGluLinear`): the
+    /// backend has it, and the weights are plain floats in the activations' dtype (no 8-bit
+    /// activations to choose).
+    fn fused(&self, op: OpKind, weights: &[&Tensor]) -> bool {
+        weights.iter().all(|w| w.dtype() == self.dtype) && !self.q8_activations && self.backend.supports(op, self.dtype)
     }
 
     /// RMSNorm of each of `rows` rows of width `d` of `x` (a projection's heads), with weight `w` [d].
@@ -370,9 +370,14 @@ impl Llama {
             let mut q = self.tensor(&[t, hq * d])?; // (T, Hq*D)
             let mut k = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
             let mut v = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
-            self.linear(&mut q, &xb, &layer.wq, layer.bq.as_ref())?;
-            self.linear(&mut k, &xb, &layer.wk, layer.bk.as_ref())?;
-            self.linear(&mut v, &xb, &layer.wv, layer.bv.as_ref())?;
+            if self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv]) {
+                let biases = [layer.bq.as_ref(), layer.bk.as_ref(), layer.bv.as_ref()];
+                b.qkv_linear([&mut q, &mut k, &mut v], &xb, [&layer.wq, &layer.wk, &layer.wv], biases)?;
+            } else {
+                self.linear(&mut q, &xb, &layer.wq, layer.bq.as_ref())?;
+                self.linear(&mut k, &xb, &layer.wk, layer.bk.as_ref())?;
+                self.linear(&mut v, &xb, &layer.wv, layer.bv.as_ref())?;
+            }
             // Qwen 3: each head's q and k RMS-normed before RoPE (the residual norm op, one head a row).
             let (q, k) = match (&layer.q_norm, &layer.k_norm) {
                 (Some(qn), Some(kn)) => (self.head_norm(q, qn, t * hq, d, eps)?, self.head_norm(k, kn, t * hkv, d, eps)?),
@@ -412,7 +417,7 @@ impl Llama {
             // (weights in the activations' dtype), else three.
             let i = c.intermediate_size;
             let mut act = self.tensor(&[t, i])?; // (T, I)
-            if self.fused_gate_up(layer) {
+            if self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up]) {
                 b.swiglu_linear(&mut act, &xb, &layer.w_gate, &layer.w_up)?;
             } else {
                 let mut gate = self.tensor(&[t, i])?; // (T, I)

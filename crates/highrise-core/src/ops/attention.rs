@@ -52,6 +52,40 @@ impl Linear<'_> {
     }
 }
 
+/// The attention's three projections of one x in one op: `q = x @ wq^T (+ bq)`, likewise k and v,
+/// each as `Linear` computes it (weights in x's dtype, biases optional). For backends that fuse them
+/// (the others decline it and the model runs three `Linear`s).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct QkvLinear<'a> {
+    pub q: TensorRef<'a>,
+    pub k: TensorRef<'a>,
+    pub v: TensorRef<'a>,
+    pub x: TensorRef<'a>,
+    pub wq: TensorRef<'a>,
+    pub wk: TensorRef<'a>,
+    pub wv: TensorRef<'a>,
+    pub bq: TensorRef<'a>,
+    pub bk: TensorRef<'a>,
+    pub bv: TensorRef<'a>,
+}
+
+impl QkvLinear<'_> {
+    /// The three `Linear`s it fuses.
+    pub fn parts(&self) -> [Linear<'_>; 3] {
+        let lin = |out, weight, bias| Linear { out, x: self.x, weight, bias, q8_activations: false };
+        [lin(self.q, self.wq, self.bq), lin(self.k, self.wk, self.bk), lin(self.v, self.wv, self.bv)]
+    }
+
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        for (name, part) in ["q", "k", "v"].iter().zip(self.parts()) {
+            c.same_dtype(&format!("w{name}"), &part.weight, "x", &self.x)?;
+            part.validate(c).map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// How RoPE frequencies are stretched for contexts longer than the model was trained on.
 #[repr(C, u32)]
 #[derive(Clone, Copy, Debug, PartialEq)]

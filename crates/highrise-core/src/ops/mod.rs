@@ -18,7 +18,8 @@ pub mod residual;
 pub mod sampling;
 
 pub use attention::{
-    cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, Rope, RopeConfig, RopeKvWrite, RopeScaling,
+    cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear, Rope, RopeConfig, RopeKvWrite,
+    RopeScaling,
 };
 pub use mlp::{SwiGlu, SwiGluLinear};
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
@@ -43,10 +44,11 @@ pub enum OpKind {
     Sample = 10,
     SwiGluLinear = 11,
     RopeKvWrite = 12,
+    QkvLinear = 13,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 13] = [
+    pub const ALL: [OpKind; 14] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -60,6 +62,7 @@ impl OpKind {
         OpKind::Sample,
         OpKind::SwiGluLinear,
         OpKind::RopeKvWrite,
+        OpKind::QkvLinear,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -81,6 +84,7 @@ impl OpKind {
             OpKind::Sample => "sample",
             OpKind::SwiGluLinear => "swiglu_linear",
             OpKind::RopeKvWrite => "rope_kv_write",
+            OpKind::QkvLinear => "qkv_linear",
         }
     }
 }
@@ -108,6 +112,7 @@ pub enum Op<'a> {
     Sample(Sample<'a>),
     SwiGluLinear(SwiGluLinear<'a>),
     RopeKvWrite(RopeKvWrite<'a>),
+    QkvLinear(QkvLinear<'a>),
 }
 
 impl Op<'_> {
@@ -126,6 +131,7 @@ impl Op<'_> {
             Op::Sample(_) => OpKind::Sample,
             Op::SwiGluLinear(_) => OpKind::SwiGluLinear,
             Op::RopeKvWrite(_) => OpKind::RopeKvWrite,
+            Op::QkvLinear(_) => OpKind::QkvLinear,
         }
     }
 
@@ -146,6 +152,7 @@ impl Op<'_> {
             Op::Sample(o) => o.x.dtype,
             Op::SwiGluLinear(o) => o.w_gate.dtype,
             Op::RopeKvWrite(o) => o.k_cache.dtype,
+            Op::QkvLinear(o) => o.wq.dtype,
         }
     }
 
@@ -176,6 +183,18 @@ impl Op<'_> {
             Op::RopeKvWrite(o) => {
                 vec![("q", o.q), ("k", o.k), ("k_cache", o.k_cache), ("v_cache", o.v_cache), ("v", o.v)]
             }
+            Op::QkvLinear(o) => vec![
+                ("q", o.q),
+                ("k", o.k),
+                ("v", o.v),
+                ("x", o.x),
+                ("wq", o.wq),
+                ("wk", o.wk),
+                ("wv", o.wv),
+                ("bq", o.bq),
+                ("bk", o.bk),
+                ("bv", o.bv),
+            ],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -186,6 +205,7 @@ impl Op<'_> {
         match self {
             Op::AddRmsNorm(_) | Op::KvWrite(_) | Op::Argmax(_) | Op::Sample(_) => 2,
             Op::RopeKvWrite(_) => 4,
+            Op::QkvLinear(_) => 3,
             _ => 1,
         }
     }
@@ -207,6 +227,7 @@ impl Op<'_> {
             Op::Sample(o) => o.validate(&check),
             Op::SwiGluLinear(o) => o.validate(&check),
             Op::RopeKvWrite(o) => o.validate(&check),
+            Op::QkvLinear(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {
