@@ -23,15 +23,15 @@ fn random_llama_matches_cpu_logits_and_64_greedy_steps() {
 /// Decode steps replayed as CUDA graphs give the tokens of the same steps launched op by op.
 #[test]
 fn decode_steps_as_graphs_give_the_same_tokens() {
-    let Some(gpu) = backend("graphs") else { return };
-    graphs_give_the_same_tokens(&gpu);
+    let Some(gpu) = own_backend("graphs") else { return };
+    graphs_give_the_same_tokens(&gpu, true);
 }
 
 /// Every site captured on the device inside decode steps run as graphs, read after each step,
 /// equals the captures read one by one.
 #[test]
 fn captures_taken_inside_graphs_equal_captures_read_at_once() {
-    let Some(gpu) = backend("deferred captures") else { return };
+    let Some(gpu) = own_backend("deferred captures") else { return };
     assert_eq!(deferred_captures_in_graphs_match(&gpu), 18, "every tapped step ran as a graph");
 }
 

@@ -30,8 +30,8 @@ fn random_llama_on_the_emulated_device_matches_the_cpu() {
 /// changes that is not in device memory would give other tokens here.
 #[test]
 fn decode_steps_as_graphs_give_the_same_tokens() {
-    let Some(dev) = backend("graphs on the emulated device") else { return };
-    graphs_give_the_same_tokens(&dev);
+    let Some(dev) = own_backend("graphs on the emulated device") else { return };
+    graphs_give_the_same_tokens(&dev, true);
 }
 
 /// Captures of every site taken on the device inside decode steps run as graphs, read once each
@@ -39,8 +39,23 @@ fn decode_steps_as_graphs_give_the_same_tokens() {
 /// cost little), and the tokens too.
 #[test]
 fn captures_taken_inside_graphs_equal_captures_read_at_once() {
-    let Some(dev) = backend("deferred captures on the emulated device") else { return };
+    let Some(dev) = own_backend("deferred captures on the emulated device") else { return };
     let launched = deferred_captures_in_graphs_match(&dev);
     println!("18 decode steps with every site captured: {launched} graph launches");
     assert_eq!(launched, 18, "every tapped step ran as a graph");
+}
+
+/// One backend, two threads (a server's engine beside a capture request, say): decode steps captured
+/// and replayed as graphs on one; on the other, steps whose captures are copied and read as the pass
+/// reaches them, and steps of their own as graphs. Each gets exactly what it gets alone: no copy,
+/// read or launch of one thread lands inside the other's graph while it is captured.
+#[test]
+fn two_threads_share_a_backend_with_graphs() {
+    let Some(dev) = own_backend("two threads, one emulated device") else { return };
+    std::thread::scope(|s| {
+        let engine = s.spawn(|| graphs_give_the_same_tokens(&dev, false));
+        let captures = s.spawn(|| deferred_captures_in_graphs_match(&dev));
+        engine.join().expect("the engine's thread");
+        captures.join().expect("the captures' thread");
+    });
 }

@@ -355,6 +355,44 @@ fn decode_steps_are_captured_once_and_replayed() {
     assert_eq!(driver.summary().faults[faults..], [] as [String; 0], "launches refused");
 }
 
+/// Graphs captured on one thread while another copies, reads and writes on the same backend: the
+/// other thread's work waits for the capture instead of landing inside it (the recording driver
+/// refuses work from another thread while a graph is being captured).
+#[test]
+fn another_threads_work_never_lands_inside_a_capture() {
+    let Some((driver, b)) = recording("two threads") else { return };
+    let _guard = exclusive();
+    let faults = driver.summary().faults.len();
+    let x = up(&b, DType::BF16, &[4, 64], &[0.5; 256]);
+    let w = up(&b, DType::BF16, &[64], &[1.0; 64]);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (mut a, mut c) = (empty(&b, DType::BF16, &[4, 64]), empty(&b, DType::BF16, &[4, 64]));
+            let mut i = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                c.copy_from(&a).unwrap();
+                if i % 16 == 0 {
+                    a.write_f32(&[0.25; 256]).unwrap();
+                    c.to_f32().unwrap();
+                }
+                i += 1;
+            }
+        });
+        let mut out = empty(&b, DType::BF16, &[4, 64]);
+        for i in 0..1000 {
+            // A new eps each step: work unlike the graph kept, so every step is captured.
+            b.graph_begin(5).unwrap();
+            for _ in 0..4 {
+                b.rms_norm(&mut out, &x, &w, 1e-5 + i as f32 * 1e-9).unwrap();
+            }
+            b.graph_end().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(driver.summary().faults[faults..], [] as [String; 0]);
+}
+
 /// The prefill kernel's tile shape is a compile-time constant: launches keep the shape the kernels
 /// were compiled with even when HIGHRISE_FLASH_SHAPE says another one afterwards.
 #[test]

@@ -193,9 +193,16 @@ impl CudaBackend {
     /// a copy in the middle of a step); the rest of the step runs op by op.
     fn flush(&self) -> Result<()> {
         let mut st = self.state()?;
+        self.flush_locked(&mut st)
+    }
+
+    /// `flush`, with the op state held by the caller. Everything that queues device work holds it
+    /// (ops, copies, reads, writes, `graph_end`), so no other thread's work lands inside a graph
+    /// being captured (`Driver::begin_capture`'s contract).
+    fn flush_locked(&self, st: &mut OpState) -> Result<()> {
         let Some(step) = self.recording().take() else { return Ok(()) };
         self.bind()?;
-        self.queue_step(&mut st, step, false)
+        self.queue_step(st, step, false)
     }
 
     fn buf(&self, h: Handle) -> Result<&DevBuf> {
@@ -438,7 +445,8 @@ impl Backend for CudaBackend {
     fn write(&self, handle: Handle, offset: usize, bytes: &[u8]) -> Result<()> {
         let b = self.buf(handle)?;
         range_check(b, offset, bytes.len())?;
-        self.flush()?;
+        let mut st = self.state()?;
+        self.flush_locked(&mut st)?;
         self.bind()?;
         // SAFETY: the range is inside the allocation (checked).
         unsafe { self.driver.htod(b.ptr + offset as u64, bytes) }
@@ -447,7 +455,8 @@ impl Backend for CudaBackend {
     fn read(&self, handle: Handle, offset: usize, out: &mut [u8]) -> Result<()> {
         let b = self.buf(handle)?;
         range_check(b, offset, out.len())?;
-        self.flush()?;
+        let mut st = self.state()?;
+        self.flush_locked(&mut st)?;
         self.bind()?;
         // SAFETY: as in `write`; the copy waits for the kernels queued before it.
         unsafe { self.driver.dtoh(out, b.ptr + offset as u64) }
@@ -458,6 +467,7 @@ impl Backend for CudaBackend {
         range_check(d, dst_offset, bytes)?;
         range_check(s, src_offset, bytes)?;
         let (dst, src) = (d.ptr + dst_offset as u64, s.ptr + src_offset as u64);
+        let _st = self.state()?;
         // In a graph step the copy is recorded with the step's work (a capture taken on the
         // device, read after the step): it needs no result of the ops before it on the host.
         if let Some(step) = self.recording().as_mut() {
@@ -498,15 +508,16 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.flush()?;
+        let mut st = self.state()?;
+        self.flush_locked(&mut st)?;
         self.driver.synchronize()
     }
 
     fn graph_begin(&self, key: u64) -> Result<()> {
-        self.flush()?;
-        self.bind()?;
         let mut st = self.state()?;
         let st = &mut *st;
+        self.flush_locked(st)?;
+        self.bind()?;
         let drv = &*self.driver;
         if st.meta_bytes < st.meta_need {
             // Graphs hold the old buffer's addresses: gone with it.

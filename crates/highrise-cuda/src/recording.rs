@@ -96,13 +96,28 @@ struct State {
     regions: Vec<Region>,
     recorded: Vec<Recorded>,
     summary: Summary,
-    /// The graph being captured (`begin_capture`), and the graphs captured, by handle.
+    /// The graph being captured (`begin_capture`) and the thread capturing it, and the graphs
+    /// captured, by handle.
     capture: Option<Vec<Captured>>,
+    capturer: Option<std::thread::ThreadId>,
     graphs: HashMap<u64, Vec<Captured>>,
     next_graph: u64,
 }
 
 impl State {
+    /// Work queued by a thread other than the one capturing a graph would land inside that graph
+    /// (`Driver::begin_capture`'s contract forbids it): refused, loudly.
+    fn other_thread_in_capture(&mut self, what: &str) -> Result<()> {
+        match self.capturer {
+            Some(t) if t != std::thread::current().id() => {
+                let msg = format!("cuda host check: {what} from another thread while a graph is being captured");
+                self.summary.faults.push(msg.clone());
+                Err(Error::Backend(msg))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The live allocation holding address `p`: its start and its bytes.
     fn allocation(&self, p: u64) -> Option<(u64, &[u8])> {
         self.allocs.range(..=p).next_back().filter(|(a, v)| p < **a + v.len().max(1) as u64).map(|(a, v)| (*a, &v[..]))
@@ -169,6 +184,7 @@ impl RecordingDriver {
                 recorded: Vec::new(),
                 summary: Summary::default(),
                 capture: None,
+                capturer: None,
                 graphs: HashMap::new(),
                 next_graph: 1,
             }),
@@ -1049,6 +1065,7 @@ impl Driver for RecordingDriver {
 
     unsafe fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         let mut st = self.lock();
+        st.other_thread_in_capture("a copy to the device")?;
         let (at, buf) = slot(&mut st, dst, src.len(), "copy to the device")?;
         buf[at..at + src.len()].copy_from_slice(src);
         Ok(())
@@ -1056,6 +1073,7 @@ impl Driver for RecordingDriver {
 
     unsafe fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
         let mut st = self.lock();
+        st.other_thread_in_capture("a copy from the device")?;
         let (at, buf) = slot(&mut st, src, dst.len(), "copy from the device")?;
         dst.copy_from_slice(&buf[at..at + dst.len()]);
         Ok(())
@@ -1063,6 +1081,7 @@ impl Driver for RecordingDriver {
 
     unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         let mut st = self.lock();
+        st.other_thread_in_capture("a device-to-device copy")?;
         if st.capture.is_some() {
             // Both ranges must be live now; the bytes move when the graph runs.
             slot(&mut st, src, bytes, "device-to-device copy (source)")?;
@@ -1079,6 +1098,7 @@ impl Driver for RecordingDriver {
 
     unsafe fn launch(&self, l: &Launch<'_>) -> Result<()> {
         let mut st = self.lock();
+        st.other_thread_in_capture(&format!("a launch of {}", l.kernel))?;
         let checked = self.check(&mut st, l);
         match checked {
             Ok(rec) if st.capture.is_some() => {
@@ -1133,6 +1153,7 @@ impl Driver for RecordingDriver {
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
         let mut st = self.lock();
+        st.other_thread_in_capture("a GEMM")?;
         let size = |d: DType| d.storage_bytes(1).unwrap_or(0) as u64;
         let parts = [("x", g.x, g.t * g.k, g.input), ("weight", g.w, g.n * g.k, g.input), ("out", g.out, g.t * g.n, g.output)];
         for (name, ptr, elems, dt) in parts {
@@ -1172,12 +1193,14 @@ impl Driver for RecordingDriver {
             return Err(Error::Backend("cuda host check: a graph capture began inside another".into()));
         }
         st.capture = Some(Vec::new());
+        st.capturer = Some(std::thread::current().id());
         Ok(())
     }
 
     unsafe fn end_capture(&self) -> Result<u64> {
         let mut st = self.lock();
         let graph = st.capture.take().ok_or_else(|| Error::Backend("cuda host check: end_capture without begin_capture".into()))?;
+        st.capturer = None;
         let id = st.next_graph;
         st.next_graph += 1;
         st.graphs.insert(id, graph);

@@ -96,7 +96,10 @@ pub struct Hooks {
 /// Deferred captures in flight (see `Hooks::defer`): their buffer, and (site, layer, first element,
 /// elements) of each in it. A clone of the hooks starts without them.
 #[derive(Default)]
-pub struct Pending(Option<(Tensor, Vec<(Site, usize, usize, usize)>)>);
+pub struct Pending(Option<(Tensor, Vec<Taken>)>);
+
+/// A deferred capture: its site, layer, first element in the pass's buffer, and elements.
+type Taken = (Site, usize, usize, usize);
 
 impl Clone for Pending {
     fn clone(&self) -> Self {

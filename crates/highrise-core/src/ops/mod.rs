@@ -96,6 +96,9 @@ impl std::fmt::Display for OpKind {
 }
 
 /// One op call with its arguments. Part of the plugin ABI: changing it means bumping `ABI_VERSION`.
+/// (Passed by reference, a few hundred bytes on the caller's stack: its variants stay inline, as
+/// the ABI lays them out.)
+#[allow(clippy::large_enum_variant)]
 #[repr(C, u32)]
 #[derive(Clone, Copy)]
 pub enum Op<'a> {
