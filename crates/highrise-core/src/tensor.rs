@@ -404,11 +404,10 @@ impl Tensor {
             return Err(Error::Invalid("Tensor::copy_from: the tensors live on different backends".into()));
         }
         if at > 0 || src.numel() != self.numel() {
-            let size = match self.dtype {
-                DType::F32 | DType::U32 => 4,
-                DType::F16 | DType::BF16 => 2,
-                q => return Err(Error::Invalid(format!("Tensor::copy_from_at: {q} is quantized"))),
-            };
+            if self.dtype.block_len() != 1 {
+                return Err(Error::Invalid(format!("Tensor::copy_from_at: {} is quantized", self.dtype)));
+            }
+            let size = self.dtype.block_bytes();
             if src.dtype != self.dtype || at.checked_add(src.numel()).is_none_or(|end| end > self.numel()) {
                 return Err(Error::Invalid(format!(
                     "Tensor::copy_from_at: {}{} into elements {at}.. of {}{}",
