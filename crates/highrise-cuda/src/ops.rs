@@ -194,13 +194,20 @@ fn gemv_rows(act: DType, weight: DType, t: usize, k: usize, addrs: u64) -> Optio
 pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
     let s = suffix("rope", op.x.dtype)?;
     let [t, heads, d] = [op.x.dims()[0] as u32, op.x.dims()[1] as u32, op.x.dims()[2] as u32];
-    if d / 2 > 1024 {
-        return Err(Error::Unsupported(format!("rope: head dim {d} is above the cuda backend's 2048")));
-    }
+    let threads = rope_threads("rope", d)?;
     let x = be.ptr("x", &op.x)?;
     let inv_freq = op.config.inv_freq(d as usize);
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)])?;
-    be.launch(&format!("rope_{s}"), (t, heads, 1), ((d / 2).max(32), 1, 1), &[&x, &addr[0], &addr[1], &heads, &d])
+    be.launch(&format!("rope_{s}"), (t, heads, 1), (threads, 1, 1), &[&x, &addr[0], &addr[1], &heads, &d])
+}
+
+/// The block of the RoPE kernels at head dim `d`: a thread per pair of dims (at least a warp);
+/// refused past 1024 pairs.
+fn rope_threads(op: &str, d: u32) -> Result<u32> {
+    if d / 2 > 1024 {
+        return Err(Error::Unsupported(format!("{op}: head dim {d} is above the cuda backend's 2048")));
+    }
+    Ok((d / 2).max(32))
 }
 
 /// `rope` on q and k and `kv_write`, as one `rope_kv_write_*` launch (kernels/attention.cu): block
@@ -209,9 +216,7 @@ pub fn rope_kv_write(be: &CudaBackend, st: &mut OpState, op: &RopeKvWrite) -> Re
     same_cache_dtype("rope_kv_write", op.k.dtype, op.k_cache.dtype)?;
     let s = suffix("rope_kv_write", op.q.dtype)?;
     let [t, hq, d] = [op.q.dims()[0] as u32, op.q.dims()[1] as u32, op.q.dims()[2] as u32];
-    if d / 2 > 1024 {
-        return Err(Error::Unsupported(format!("rope_kv_write: head dim {d} is above the cuda backend's 2048")));
-    }
+    let threads = rope_threads("rope_kv_write", d)?;
     let [_, block_size, hkv, _] = cache_dims(&op.k_cache).map(|x| x as u32);
     let (kc, vc) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (q, k, v) = (be.ptr("q", &op.q)?, be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
@@ -221,7 +226,7 @@ pub fn rope_kv_write(be: &CudaBackend, st: &mut OpState, op: &RopeKvWrite) -> Re
     be.launch(
         &format!("rope_kv_write_{s}"),
         (t, hq + hkv, 1),
-        ((d / 2).max(32), 1, 1),
+        (threads, 1, 1),
         &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size, &q, &addr[1], &addr[2], &hq],
     )
 }
