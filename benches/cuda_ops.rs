@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use highrise::core::ops::PagedSeq;
+use highrise::core::ops::{PagedSeq, Scores};
 use highrise::core::{Backend, DType, Tensor};
 use highrise_cuda::CudaBackend;
 
@@ -55,7 +55,7 @@ fn prefill_problem(b: &Arc<dyn Backend>, d: usize, t: usize, causal: bool) -> (f
     let scale = 1.0 / (d as f32).sqrt();
     // Two GEMM-like products (QK^T and PV) of 2 flops per score; causal: half the T x T.
     let flops = 2.0 * 2.0 * (t * t) as f64 * (hq * d) as f64 / if causal { 2.0 } else { 1.0 };
-    (flops, move || b.attention_with(&mut out, &q, &k, &v, &[t as u32], scale, causal).unwrap())
+    (flops, move || b.attention_with(&mut out, &q, &k, &v, &[t as u32], Scores::scaled(scale), causal).unwrap())
 }
 
 /// `HIGHRISE_BENCH_SWEEP`: scripts/gpu-sweep.sh's timing of the tensor-core prefill kernel at the

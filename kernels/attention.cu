@@ -85,16 +85,30 @@ struct KeyAddr {
     }
 };
 
-// partial [T, hq, splits, D + 2]: acc[0..D], then m, then l.
+// What the split kernels do to a score beyond the scale (folded into q) and the causal end: a
+// sliding window (`window` > 0: a row that sees n keys sees only its last `window`) and soft-capping
+// (`softcap` > 0: score -> softcap tanh(score / softcap), Gemma 2's). The Scores op parameter.
+struct ScoreMods {
+    u32 window;
+    float softcap;
+    // The first of a row's n keys it sees.
+    __device__ __forceinline__ u32 first(u32 n) const { return window != 0 && n > window ? n - window : 0; }
+    __device__ __forceinline__ float cap(float score) const {
+        return softcap > 0.0f ? softcap * tanhf(score / softcap) : score;
+    }
+};
+
+// partial [T, hq, splits, D + 2]: acc[0..D], then m, then l. A row's slices cut the keys it sees
+// (from mods.first) into runs of split_len.
 template <class D, int DPL>  // DPL: dims per lane, D / 32
 __device__ void attn_split(float* partial, const typename D::T* q, const typename D::T* k, const typename D::T* v,
                            const u32* base, const u32* nkeys, KeyAddr addr, u32 hq, u32 hkv, float scale,
-                           u32 split_len) {
+                           u32 split_len, ScoreMods mods) {
     const u32 t = blockIdx.x, h = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 d = DPL * 32, g = h / (hq / hkv);
     const u32 n = nkeys[t], kb = base[t];
-    const u32 begin = s * split_len, end = min(n, begin + split_len);
+    const u32 begin = mods.first(n) + s * split_len, end = min(n, begin + split_len);
 
     float qr[DPL], acc[DPL];
     const u64 qoff = ((u64)t * hq + h) * d;
@@ -109,7 +123,7 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < DPL; i++) dot += qr[i] * D::load(k, off + lane + 32 * i);
-        dot = warp_sum(dot);
+        dot = mods.cap(warp_sum(dot));
         const float m_new = fmaxf(m, dot);
         const float correction = __expf(m - m_new), p = __expf(dot - m_new);
         l = l * correction + p;
@@ -172,12 +186,13 @@ __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u
 
 template <class D, int DPL>
 __device__ void attn_group(float* partial, const typename D::T* q, const typename D::T* k, const typename D::T* v,
-                           const u32* base, const u32* nkeys, KeyAddr addr, u32 hq, u32 hkv, float scale, u32 split_len) {
+                           const u32* base, const u32* nkeys, KeyAddr addr, u32 hq, u32 hkv, float scale, u32 split_len,
+                           ScoreMods mods) {
     const u32 t = blockIdx.x, g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 d = DPL * 32, group = hq / hkv;
     const u32 n = nkeys[t], kb = base[t];
-    const u32 begin = s * split_len, end = min(n, begin + split_len);
+    const u32 begin = mods.first(n) + s * split_len, end = min(n, begin + split_len);
 
     float qr[GROUP_MAX][DPL], acc[GROUP_MAX][DPL], m[GROUP_MAX], l[GROUP_MAX];
 #pragma unroll
@@ -205,7 +220,7 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
             float dot = 0.0f;
 #pragma unroll
             for (int x = 0; x < DPL; x++) dot += qr[i][x] * kr[x];
-            dot = warp_sum(dot);
+            dot = mods.cap(warp_sum(dot));
             const float m_new = fmaxf(m[i], dot);
             const float correction = __expf(m[i] - m_new), p = __expf(dot - m_new);
             l[i] = l[i] * correction + p;
@@ -252,18 +267,20 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
         attn_group_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
                                 const u32* nkeys, const u32* table, u32 block_size, u32 hq, u32 hkv, float scale, \
-                                u32 split_len) {                                                                  \
+                                u32 split_len, u32 window, float softcap) {                                       \
         KeyAddr addr = {table, block_size};                                                                      \
-        attn_group<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, split_len);                \
+        ScoreMods mods = {window, softcap};                                                                      \
+        attn_group<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, split_len, mods);          \
     }
 
 #define ATTN_SPLIT(s, D, dim)                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
         attn_split_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
                                 const u32* nkeys, const u32* table, u32 block_size, u32 hq, u32 hkv, float scale, \
-                                u32 split_len) {                                                                  \
+                                u32 split_len, u32 window, float softcap) {                                       \
         KeyAddr addr = {table, block_size};                                                                      \
-        attn_split<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, split_len);                \
+        ScoreMods mods = {window, softcap};                                                                      \
+        attn_split<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, split_len, mods);          \
     }
 
 #define ATTENTION(s, D)                                                                                           \

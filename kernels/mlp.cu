@@ -1,4 +1,5 @@
-// The MLP's gate: out = silu(gate) * up, elementwise (the projections around it are GEMMs).
+// The MLP's gate, elementwise (the projections around it are GEMMs): out = silu(gate) * up (SwiGLU)
+// or out = gelu_tanh(gate) * up (GeGLU, Gemma), GluAct::apply's formulas.
 
 template <class D>
 __device__ void swiglu(typename D::T* out, const typename D::T* gate, const typename D::T* up, u64 n) {
@@ -8,8 +9,20 @@ __device__ void swiglu(typename D::T* out, const typename D::T* gate, const type
     }
 }
 
+template <class D>
+__device__ void geglu(typename D::T* out, const typename D::T* gate, const typename D::T* up, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float g = D::load(gate, i);
+        const float gelu = 0.5f * g * (1.0f + tanhf(0.7978846f * (g + 0.044715f * g * g * g)));
+        D::store(out, i, gelu * D::load(up, i));
+    }
+}
+
 #define MLP(s, D)                                                                                     \
     extern "C" __global__ void swiglu_##s(D::T* out, const D::T* gate, const D::T* up, u64 n) { \
         swiglu<D>(out, gate, up, n);                                                              \
+    }                                                                                             \
+    extern "C" __global__ void geglu_##s(D::T* out, const D::T* gate, const D::T* up, u64 n) {  \
+        geglu<D>(out, gate, up, n);                                                               \
     }
 FOR_EACH_DTYPE(MLP)

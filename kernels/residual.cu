@@ -1,12 +1,13 @@
 // The residual stream: embedding gather, RMSNorm, and the fused residual-add + RMSNorm that reads
 // and writes the stream once per layer half. One block per token row.
 
-// out[t] = table[ids[t]]  (out [T, H]; table [V, H] of dtype table_dt)
+// out[t] = table[ids[t]] * scale  (out [T, H]; table [V, H] of dtype table_dt; a scale of 1 gathers
+// the rows exactly)
 template <class D>
-__device__ void embedding(typename D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h) {
+__device__ void embedding(typename D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h, float scale) {
     const u64 t = blockIdx.x;
     const u64 row = (u64)ids[t] * h;
-    for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, t * h + i, load_any(table, row + i, table_dt));
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, t * h + i, load_any(table, row + i, table_dt) * scale);
 }
 
 // out[t] = x[t] / rms(x[t]) * w  (x, out [T, H]; w [H] of dtype w_dt)
@@ -58,8 +59,9 @@ __device__ void from_f32(typename D::T* out, const float* x, u64 n) {
 }
 
 #define RESIDUAL(s, D)                                                                                        \
-    extern "C" __global__ void embedding_##s(D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h) { \
-        embedding<D>(out, table, table_dt, ids, h);                                                           \
+    extern "C" __global__ void embedding_##s(D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h, \
+                                             float scale) {                                                   \
+        embedding<D>(out, table, table_dt, ids, h, scale);                                                    \
     }                                                                                                         \
     extern "C" __global__ void rms_norm_##s(D::T* out, const D::T* x, const void* w, u32 w_dt, u32 h, float eps) { \
         rms_norm<D>(out, x, w, w_dt, h, eps);                                                                 \

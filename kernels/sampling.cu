@@ -261,6 +261,13 @@ __device__ void sample_row(u32* index, float* logprob, const typename D::T* x, c
     }
 }
 
+// x = cap tanh(x / cap), in place, elementwise: the logits' soft-cap (Gemma 2), grid-stride.
+template <class D>
+__device__ void softcap(typename D::T* x, float cap, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        D::store(x, i, cap * tanhf(D::load(x, i) / cap));
+}
+
 #define SAMPLING(s, D)                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) argmax_##s(u32* index, float* logprob, const D::T* x, u32 v) { \
         argmax_row<D>(index, logprob, x, v);                                                      \
@@ -268,5 +275,6 @@ __device__ void sample_row(u32* index, float* logprob, const typename D::T* x, c
     extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)                               \
         sample_##s(u32* index, float* logprob, const D::T* x, const SampleParams* params, u32 v) { \
         sample_row<D>(index, logprob, x, params, v);                                              \
-    }
+    }                                                                                             \
+    extern "C" __global__ void softcap_##s(D::T* x, float cap, u64 n) { softcap<D>(x, cap, n); }
 FOR_EACH_DTYPE(SAMPLING)

@@ -14,7 +14,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use common::{shuffled_blocks, slots_in, Rng};
-use highrise::core::ops::{PagedSeq, SampleParams};
+use highrise::core::ops::{PagedSeq, SampleParams, Scores};
 use highrise::core::{Backend, DType, Tensor};
 use highrise::engine::{generate, Engine, EngineConfig, GenerateParams, Request, SamplingParams};
 use highrise::model::{Llama, Logits, ModelConfig, Tokenizer};
@@ -146,7 +146,7 @@ fn attention_calls(b: &Arc<dyn Backend>, rng: &mut Rng, dt: DType, hq: usize, hk
     let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
     for causal in [true, false] {
         let mut out = empty(b, dt, &[t, hq, d]);
-        b.attention_with(&mut out, &q, &k, &v, &lens32, 0.125, causal).unwrap();
+        b.attention_with(&mut out, &q, &k, &v, &lens32, Scores::scaled(0.125), causal).unwrap();
     }
     for batch in [vec![(1usize, 1usize), (37, 1), (300, 7), (64, 64)], vec![(300, 7), (64, 64), (230, 100)], vec![(1000, 1), (17, 1)]] {
         paged(b, rng, dt, hq, hkv, d, &batch);

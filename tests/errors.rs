@@ -82,23 +82,23 @@ fn handle_from_another_backend_instance_is_refused() {
 #[test]
 fn tensor_larger_than_its_allocation_is_refused() {
     // A raw reference claiming more elements than were allocated must not be read past the end.
-    use highrise::core::ops::{Op, SwiGlu};
+    use highrise::core::ops::{GluAct, Op, SwiGlu};
     use highrise::core::{Shape, TensorRef};
     let small = Tensor::full(&cpu(), DType::F32, &[1, 4], 1.0).unwrap();
     let mut out = poisoned(DType::F32, &[1, 64]);
     let lie = TensorRef::from_raw(small.as_ref().handle, DType::F32, Shape::new(&[1, 64]).unwrap());
-    let op = Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: lie, up: lie });
+    let op = Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: lie, up: lie, act: GluAct::Silu });
     let (_, m) = msg(cpu().run(&op));
     assert!(m.contains("gate") && m.contains("needs 256 bytes"), "{m}");
 }
 
 #[test]
 fn output_aliasing_an_input_is_refused() {
-    use highrise::core::ops::{Op, SwiGlu};
+    use highrise::core::ops::{GluAct, Op, SwiGlu};
     let mut a = Tensor::full(&cpu(), DType::F32, &[1, 8], 1.0).unwrap();
     let b = Tensor::full(&cpu(), DType::F32, &[1, 8], 1.0).unwrap();
     let r = a.as_mut();
-    let op = Op::SwiGlu(SwiGlu { out: r, gate: r, up: b.as_ref() });
+    let op = Op::SwiGlu(SwiGlu { out: r, gate: r, up: b.as_ref(), act: GluAct::Silu });
     let (_, m) = msg(cpu().run(&op));
     assert!(m.contains("swiglu") && m.contains("output out is the same memory as gate"), "{m}");
 }

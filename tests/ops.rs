@@ -7,12 +7,36 @@ mod common;
 
 use common::*;
 use highrise::core::ops::sampling::sample_row;
-use highrise::core::ops::{PagedSeq, RopeConfig, RopeScaling, SampleParams};
+use highrise::core::ops::{GluAct, PagedSeq, RopeConfig, RopeScaling, SampleParams, Scores};
 use highrise::core::{DType, Tensor};
 
 const SEQ_LENS: [usize; 4] = [1, 7, 64, 300];
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 const EPS: f64 = 1e-5;
+
+/// Gemma's embedding: rows times sqrt(hidden), each element's product rounded once to the output.
+#[test]
+fn embedding_scales_rows() {
+    if backend("embedding_scales_rows").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("embedding scaled");
+    let (vocab, hidden) = (97, 64);
+    let scale = (hidden as f32).sqrt();
+    for table_dt in FLOATS {
+        for out_dt in FLOATS {
+            let table = rng.values(vocab * hidden, 1.0, table_dt);
+            let ids: Vec<u32> = (0..40).map(|_| rng.below(vocab) as u32).collect();
+            let mut out = poisoned(out_dt, &[ids.len(), hidden]);
+            be().embedding_scaled(&mut out, &upload(table_dt, &[vocab, hidden], &table), &ids, scale).unwrap();
+            let want: Vec<f64> = ids
+                .iter()
+                .flat_map(|&id| table[id as usize * hidden..][..hidden].iter().map(|&x| round(out_dt, (x as f32 * scale) as f64)))
+                .collect();
+            assert_eq!(download(&out), want, "embedding x {scale} {table_dt}->{out_dt}");
+        }
+    }
+}
 
 #[test]
 fn embedding_gathers_rows() {
@@ -214,9 +238,14 @@ pub fn prefill_attention_is_causal_gqa() {
 }
 
 fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens: &[usize], causal: bool) {
+    check_prefill_scored(rng, dt, [hq, hkv, d], lens, causal, Scores::scaled(1.0 / (d as f32).sqrt()))
+}
+
+/// `check_prefill` with scores as `scores` asks (soft-capping, a sliding window).
+fn check_prefill_scored(rng: &mut Rng, dt: DType, [hq, hkv, d]: [usize; 3], lens: &[usize], causal: bool, scores: Scores) {
     let t: usize = lens.iter().sum();
     let (q, k, v) = (rng.values(t * hq * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt));
-    let scale = 1.0 / (d as f64).sqrt();
+    let sc = (scores.scale as f64, scores.softcap as f64, scores.window as usize);
     let mut out = poisoned(dt, &[t, hq, d]);
     let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
     be()
@@ -226,7 +255,7 @@ fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens
             &upload(dt, &[t, hkv, d], &k),
             &upload(dt, &[t, hkv, d], &v),
             &lens32,
-            scale as f32,
+            scores,
             causal,
         )
         .unwrap();
@@ -234,9 +263,9 @@ fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens
     let mut at = 0;
     for &l in lens {
         let (qs, ks) = (&q[at * hq * d..(at + l) * hq * d], at * hkv * d..(at + l) * hkv * d);
-        let what = format!("attention {dt} hq={hq} hkv={hkv} D={d} lens={lens:?} causal={causal} (seq at {at})");
-        let exact = ref_attention(qs, &k[ks.clone()], &v[ks.clone()], hq, hkv, d, scale, causal, Rd::Exact);
-        let naive = ref_attention(qs, &k[ks.clone()], &v[ks], hq, hkv, d, scale, causal, Rd::Naive(dt));
+        let what = format!("attention {dt} hq={hq} hkv={hkv} D={d} lens={lens:?} causal={causal} {scores:?} (seq at {at})");
+        let exact = ref_attention_scored(qs, &k[ks.clone()], &v[ks.clone()], [hq, hkv, d], sc, causal, Rd::Exact);
+        let naive = ref_attention_scored(qs, &k[ks.clone()], &v[ks], [hq, hkv, d], sc, causal, Rd::Naive(dt));
         assert_close(&what, dt, &got[at * hq * d..(at + l) * hq * d], &exact, &naive);
         at += l;
     }
@@ -277,6 +306,40 @@ pub fn paged_attention_reads_through_block_tables() {
     }
 }
 
+/// Gemma 2's and Mistral's scores: soft-capped (s -> cap tanh(s / cap); a cap of 1 bends every
+/// score), and a sliding window (a query sees itself and the window - 1 keys before it), alone and
+/// together; prefill (one prompt and several, the window shorter than some, longer than others)
+/// and through the paged cache (decode at contexts inside and far past the window, whose parts
+/// start at the window; chunks of prompt after a prefix).
+#[test]
+pub fn attention_soft_caps_scores_and_slides_its_window() {
+    if backend("attention_soft_caps_scores_and_slides_its_window").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("attention scores");
+    // On CUDA (where the emulated device makes each case slow) one shape per kernel: a group of 4
+    // query heads at D 64 (attn_group) and D 256 (Gemma 2's, attn_split); f32 and bf16.
+    let (dtypes, shapes): (&[DType], &[[usize; 3]]) = match on_cuda() {
+        true => (&[DType::F32, DType::BF16], &[[8, 2, 64], [4, 1, 256]]),
+        false => (&FLOATS, &[[4, 4, 64], [8, 2, 64], [8, 2, 128], [4, 1, 256]]),
+    };
+    for &dt in dtypes {
+        for (softcap, window) in [(1.0, 0), (0.0, 5), (0.0, 64), (1.0, 33)] {
+            for &[hq, hkv, d] in shapes {
+                let scores = Scores { scale: 1.0 / (d as f32).sqrt(), softcap, window };
+                check_prefill_scored(&mut rng, dt, [hq, hkv, d], &[300], true, scores);
+                check_prefill_scored(&mut rng, dt, [hq, hkv, d], &[7, 1, 100, 3], true, scores);
+                // One sequence alone: its context cut into as many parts as fill the device.
+                check_paged_scored(&mut rng, [dt, dt], [hq, hkv, d], &[(1000, 1)], scores);
+                let batch = [(1, 1), (37, 1), (300, 1), (1000, 1), (300, 7), (64, 64), (40, 2)];
+                check_paged_scored(&mut rng, [dt, dt], [hq, hkv, d], &batch, scores);
+            }
+        }
+        // A cap without a window on non-causal attention.
+        check_prefill_scored(&mut rng, dt, [4, 2, 64], &[50], false, Scores { scale: 0.125, softcap: 1.0, window: 0 });
+    }
+}
+
 /// An f16 cache beside f32 activations (llama.cpp's default KV cache): `kv_write` rounds K and V to
 /// f16 as it writes them, and attention over them is then as exact as f32's, against the f64
 /// reference computed from the rounded values.
@@ -301,6 +364,11 @@ fn check_paged(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, batch:
 
 /// `check_paged` with the cache in `cache_dt` (K and V are made in the activations' dtype `dt`).
 fn check_paged_in(rng: &mut Rng, dt: DType, cache_dt: DType, hq: usize, hkv: usize, d: usize, batch: &[(usize, usize)]) {
+    check_paged_scored(rng, [dt, cache_dt], [hq, hkv, d], batch, Scores::scaled(1.0 / (d as f32).sqrt()))
+}
+
+/// `check_paged_in` with scores as `scores` asks (soft-capping, a sliding window).
+fn check_paged_scored(rng: &mut Rng, [dt, cache_dt]: [DType; 2], [hq, hkv, d]: [usize; 3], batch: &[(usize, usize)], scores: Scores) {
     let block_size = 16;
     let needed: usize = batch.iter().map(|(c, _)| c.div_ceil(block_size)).sum();
     let num_blocks = needed + 5;
@@ -324,17 +392,17 @@ fn check_paged_in(rng: &mut Rng, dt: DType, cache_dt: DType, hq: usize, hkv: usi
     }
     let t: usize = batch.iter().map(|(_, q)| q).sum();
     let q: Vec<f64> = qs.concat();
-    let scale = 1.0 / (d as f64).sqrt();
+    let sc = (scores.scale as f64, scores.softcap as f64, scores.window as usize);
     let mut out = poisoned(dt, &[t, hq, d]);
     be()
-        .paged_attention(&mut out, &upload(dt, &[t, hq, d], &q), &k_cache, &v_cache, &seqs, &table, scale as f32)
+        .paged_attention_with(&mut out, &upload(dt, &[t, hq, d], &q), &k_cache, &v_cache, &seqs, &table, scores)
         .unwrap();
     let got = download(&out);
     let mut at = 0;
     for ((&(ctx, q_len), qv), (k, v)) in batch.iter().zip(&qs).zip(&kvs) {
-        let what = format!("paged_attention {dt} (cache {cache_dt}) hq={hq} hkv={hkv} D={d} context={ctx} queries={q_len}");
-        let exact = ref_attention(qv, k, v, hq, hkv, d, scale, true, Rd::Exact);
-        let naive = ref_attention(qv, k, v, hq, hkv, d, scale, true, Rd::Naive(dt));
+        let what = format!("paged_attention {dt} (cache {cache_dt}) hq={hq} hkv={hkv} D={d} context={ctx} queries={q_len} {scores:?}");
+        let exact = ref_attention_scored(qv, k, v, [hq, hkv, d], sc, true, Rd::Exact);
+        let naive = ref_attention_scored(qv, k, v, [hq, hkv, d], sc, true, Rd::Naive(dt));
         assert_close(&what, dt, &got[at * hq * d..(at + q_len) * hq * d], &exact, &naive);
         at += q_len;
     }
@@ -451,6 +519,48 @@ fn swiglu_matches_reference() {
             be().swiglu(&mut out, &upload(dt, &[t, i], &g), &upload(dt, &[t, i], &u)).unwrap();
             let what = format!("swiglu {dt} [{t}, {i}]");
             assert_close(&what, dt, &download(&out), &ref_swiglu(&g, &u, Rd::Exact), &ref_swiglu(&g, &u, Rd::Naive(dt)));
+        }
+    }
+}
+
+/// GeGLU (Gemma's gate): tanh-approximated GELU of the gate times up, against f64.
+#[test]
+fn geglu_matches_reference() {
+    if backend("geglu_matches_reference").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("geglu");
+    let gelu = |g: f64, rd: Rd| rd.r(0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()));
+    for dt in FLOATS {
+        for t in SEQ_LENS {
+            let i = 1536;
+            let (g, u) = (rng.values(t * i, 4.0, dt), rng.values(t * i, 2.0, dt));
+            let mut out = poisoned(dt, &[t, i]);
+            be().glu(&mut out, &upload(dt, &[t, i], &g), &upload(dt, &[t, i], &u), GluAct::GeluTanh).unwrap();
+            let reference = |rd: Rd| g.iter().zip(&u).map(|(&g, &u)| rd.r(gelu(g, rd) * u)).collect::<Vec<f64>>();
+            let what = format!("geglu {dt} [{t}, {i}]");
+            assert_close(&what, dt, &download(&out), &reference(Rd::Exact), &reference(Rd::Naive(dt)));
+        }
+    }
+}
+
+/// The logits' soft-cap (Gemma 2's final one), in place: cap tanh(x / cap), against f64, for logits
+/// well inside the cap and far past it.
+#[test]
+fn softcap_bends_logits_toward_the_cap() {
+    if backend("softcap_bends_logits_toward_the_cap").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("softcap");
+    for dt in FLOATS {
+        for (rows, v) in [(1, 49152), (3, 1000)] {
+            let x = rng.values(rows * v, 100.0, dt);
+            let mut t = upload(dt, &[rows, v], &x);
+            be().softcap(&mut t, 30.0).unwrap();
+            let reference = |rd: Rd| x.iter().map(|&x| rd.r(30.0 * (x / 30.0).tanh())).collect::<Vec<f64>>();
+            let got = download(&t);
+            assert!(got.iter().all(|g| g.abs() <= 30.0), "softcap {dt}: a value past the cap");
+            assert_close(&format!("softcap {dt} [{rows}, {v}]"), dt, &got, &reference(Rd::Exact), &reference(Rd::Naive(dt)));
         }
     }
 }

@@ -245,6 +245,7 @@ pub fn ref_rope(x: &[f64], positions: &[u32], inv_freq: &[f64], heads: usize, rd
 /// Attention of `q` [Tq, Hq, D] (the last Tq positions) over `k`, `v` [Tk, Hkv, D]: causal (each
 /// query up to its own position), or every query over every key.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 pub fn ref_attention(
     q: &[f64],
     k: &[f64],
@@ -256,24 +257,42 @@ pub fn ref_attention(
     causal: bool,
     rd: Rd,
 ) -> Vec<f64> {
+    ref_attention_scored(q, k, v, [hq, hkv, d], (scale, 0.0, 0), causal, rd)
+}
+
+/// `ref_attention` with soft-capped scores (`softcap` > 0: s -> softcap tanh(s / softcap)) and a
+/// sliding window (`window` > 0: a query at position p sees keys above p - window):
+/// `(scale, softcap, window)`.
+pub fn ref_attention_scored(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    [hq, hkv, d]: [usize; 3],
+    (scale, softcap, window): (f64, f64, usize),
+    causal: bool,
+    rd: Rd,
+) -> Vec<f64> {
     let (tq, tk) = (q.len() / (hq * d), k.len() / (hkv * d));
     let mut out = vec![0.0; q.len()];
     // Query rows are independent: spread them over the cores (the GPU tests' references would
     // otherwise take longer than the kernels they check by orders of magnitude).
     let row = |i: usize, o: &mut [f64]| {
-        // The last key query i sees: its own position (the queries are the last tq of tk), or all.
+        // The last key query i sees: its own position (the queries are the last tq of tk), or all;
+        // the first: 0, or the window's.
         let pos = if causal { tk - tq + i } else { tk - 1 };
+        let first = if window > 0 { (pos + 1).saturating_sub(window) } else { 0 };
+        let cap = |s: f64| if softcap > 0.0 { rd.r(softcap * (s / softcap).tanh()) } else { s };
         for h in 0..hq {
             let g = h / (hq / hkv);
             let qr = &q[(i * hq + h) * d..][..d];
-            let scores: Vec<f64> = (0..=pos)
-                .map(|j| rd.r(qr.iter().zip(&k[(j * hkv + g) * d..][..d]).map(|(a, b)| a * b).sum::<f64>() * scale))
+            let scores: Vec<f64> = (first..=pos)
+                .map(|j| cap(rd.r(qr.iter().zip(&k[(j * hkv + g) * d..][..d]).map(|(a, b)| a * b).sum::<f64>() * scale)))
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let sum: f64 = e.iter().sum();
             for c in 0..d {
-                let acc: f64 = (0..=pos).map(|j| rd.r(e[j] / sum) * v[(j * hkv + g) * d + c]).sum();
+                let acc: f64 = (first..=pos).map(|j| rd.r(e[j - first] / sum) * v[(j * hkv + g) * d + c]).sum();
                 o[h * d + c] = rd.r(acc);
             }
         }

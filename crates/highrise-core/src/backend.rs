@@ -126,10 +126,16 @@ impl dyn Backend + '_ {
 
     /// `out[t] = table[ids[t]]`.
     pub fn embedding(&self, out: &mut Tensor, table: &Tensor, ids: &[u32]) -> Result<()> {
+        self.embedding_scaled(out, table, ids, 1.0)
+    }
+
+    /// `out[t] = table[ids[t]] * scale`.
+    pub fn embedding_scaled(&self, out: &mut Tensor, table: &Tensor, ids: &[u32], scale: f32) -> Result<()> {
         self.exec(Op::Embedding(Embedding {
             out: out.as_mut(),
             table: table.as_ref(),
             ids: HostSlice::new(ids),
+            scale,
         }))
     }
 
@@ -193,10 +199,11 @@ impl dyn Backend + '_ {
 
     /// Causal grouped-query attention over whole prompts laid end to end.
     pub fn attention(&self, out: &mut Tensor, q: &Tensor, k: &Tensor, v: &Tensor, seq_lens: &[u32], scale: f32) -> Result<()> {
-        self.attention_with(out, q, k, v, seq_lens, scale, true)
+        self.attention_with(out, q, k, v, seq_lens, Scores::scaled(scale), true)
     }
 
-    /// `attention`, causal or not (`causal: false`: every query sees its whole prompt).
+    /// `attention` with scores as `scores` asks (soft-capping, a sliding window), causal or not
+    /// (`causal: false`: every query sees its whole prompt).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_with(
         &self,
@@ -205,7 +212,7 @@ impl dyn Backend + '_ {
         k: &Tensor,
         v: &Tensor,
         seq_lens: &[u32],
-        scale: f32,
+        scores: Scores,
         causal: bool,
     ) -> Result<()> {
         self.exec(Op::Attention(Attention {
@@ -214,7 +221,7 @@ impl dyn Backend + '_ {
             k: k.as_ref(),
             v: v.as_ref(),
             seq_lens: HostSlice::new(seq_lens),
-            scale,
+            scores,
             causal,
         }))
     }
@@ -295,6 +302,21 @@ impl dyn Backend + '_ {
         block_table: &[u32],
         scale: f32,
     ) -> Result<()> {
+        self.paged_attention_with(out, q, k_cache, v_cache, seqs, block_table, Scores::scaled(scale))
+    }
+
+    /// `paged_attention` with scores as `scores` asks (soft-capping, a sliding window).
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention_with(
+        &self,
+        out: &mut Tensor,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        seqs: &[PagedSeq],
+        block_table: &[u32],
+        scores: Scores,
+    ) -> Result<()> {
         self.exec(Op::PagedAttention(PagedAttention {
             out: out.as_mut(),
             q: q.as_ref(),
@@ -302,13 +324,23 @@ impl dyn Backend + '_ {
             v_cache: v_cache.as_ref(),
             seqs: HostSlice::new(seqs),
             block_table: HostSlice::new(block_table),
-            scale,
+            scores,
         }))
     }
 
     /// `out = silu(gate) * up`.
     pub fn swiglu(&self, out: &mut Tensor, gate: &Tensor, up: &Tensor) -> Result<()> {
-        self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: gate.as_ref(), up: up.as_ref() }))
+        self.glu(out, gate, up, GluAct::Silu)
+    }
+
+    /// `out = act(gate) * up` (SwiGLU or GeGLU).
+    pub fn glu(&self, out: &mut Tensor, gate: &Tensor, up: &Tensor, act: GluAct) -> Result<()> {
+        self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: gate.as_ref(), up: up.as_ref(), act }))
+    }
+
+    /// `x = cap * tanh(x / cap)` in place (see [`Softcap`]).
+    pub fn softcap(&self, x: &mut Tensor, cap: f32) -> Result<()> {
+        self.exec(Op::Softcap(Softcap { x: x.as_mut(), cap }))
     }
 
     /// `out = silu(x @ w_gate^T) * (x @ w_up^T)` in one op, where the backend fuses it (see

@@ -6,7 +6,7 @@
 //! group from them, so K/V are never copied per query head. Within a unit, scores and the weighted
 //! sum of values are two GEMMs over the stacked queries of the group.
 
-use highrise_core::ops::{cache_dims, Attention, KvWrite, PagedAttention, Rope};
+use highrise_core::ops::{cache_dims, Attention, KvWrite, PagedAttention, Rope, Scores};
 use highrise_core::{Element, Result};
 
 use crate::float::{with_float, Float};
@@ -149,7 +149,7 @@ pub fn attention(ts: &Tensors, op: &Attention) -> Result<()> {
         let (q, k, v) = (ts.slice::<E>("q", &op.q)?, ts.slice::<E>("k", &op.k)?, ts.slice::<E>("v", &op.v)?);
         // SAFETY: out is the only output and aliases no input (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
-        attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
+        attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scores);
         Ok(())
     })
 }
@@ -173,15 +173,19 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
         // The cache may keep another float dtype than the activations (f16 beside f32).
         with_float!(op.k_cache.dtype, "paged_attention", C => {
             let (k, v) = (ts.slice::<C>("k_cache", &op.k_cache)?, ts.slice::<C>("v_cache", &op.v_cache)?);
-            attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scale);
+            attend(ts.team, out, q, k, v, &src, &seqs, hq, hkv, d, op.scores);
             Ok(())
         })
     })
 }
 
-/// `row = exp(row - max) / sum`, in place; returns the row's log-sum-exp, `max + ln(sum)`.
+/// `row = exp(cap(row) - max) / sum`, in place (`cap`: the scores' soft-cap, if any); returns the
+/// row's log-sum-exp, `max + ln(sum)`.
 #[inline(always)]
-fn softmax(row: &mut [f32]) -> f32 {
+fn softmax(row: &mut [f32], scores: &Scores) -> f32 {
+    if scores.softcap > 0.0 {
+        row.iter_mut().for_each(|v| *v = scores.cap(*v));
+    }
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     // Each term as close as libm's expf (see exp_sub): attention's probabilities feed the residual
     // stream, which the tests hold to HF's within 1e-3.
@@ -198,13 +202,13 @@ type Part = (Vec<f32>, Vec<f32>);
 /// Attention of `qs` (rows of D, all at the same position) over the keys and values in the rows
 /// `key` and `value` (each D long, in the cache's dtype): scores, softmax, weighted sum. Returns
 /// [rows, D] and each row's log-sum-exp.
-fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scale: f32) -> Part {
+fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scores: &Scores) -> Part {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2_fma() && d.is_multiple_of(8) {
         // Rows read where they lie, in the cache's own dtype (an f16 cache widens in registers: half
         // the bytes from memory, no copy).
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); D is whole vectors of 8.
-        return unsafe { avx2::attend_one(qs, key, value, d, scale) };
+        return unsafe { avx2::attend_one(qs, key, value, d, scores) };
     }
     // Portable: f32 rows read where they lie, others widened once.
     fn widen<'r, E: Float>(rows: &[&'r [E]], d: usize) -> Vec<std::borrow::Cow<'r, [f32]>> {
@@ -221,19 +225,19 @@ fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scal
     }
     let (k, v) = (widen(key, d), widen(value, d));
     let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (k.iter().map(|r| &r[..]).collect(), v.iter().map(|r| &r[..]).collect());
-    attend_one_portable(qs, &k, &v, d, scale)
+    attend_one_portable(qs, &k, &v, d, scores)
 }
 
 /// `attend_one` over the rows of K and V (each at least D long).
-fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, scale: f32) -> Part {
+fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, sc: &Scores) -> Part {
     let (rows, len) = (qs.len() / d, key.len());
     let mut scores = vec![0f32; rows * len];
     for (pos, kr) in key.iter().enumerate() {
         for r in 0..rows {
-            scores[r * len + pos] = crate::simd::dot(&qs[r * d..(r + 1) * d], kr) * scale;
+            scores[r * len + pos] = crate::simd::dot(&qs[r * d..(r + 1) * d], kr) * sc.scale;
         }
     }
-    let lse = scores.chunks_exact_mut(len.max(1)).map(softmax).collect();
+    let lse = scores.chunks_exact_mut(len.max(1)).map(|row| softmax(row, sc)).collect();
     let mut out = vec![0f32; rows * d];
     for (pos, vr) in value.iter().enumerate() {
         for r in 0..rows {
@@ -285,7 +289,8 @@ mod avx2 {
     /// tile of 16 output columns for up to 6 rows at a time, so each value row is loaded once per
     /// tile and serves every row (query head) of the group.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scale: f32) -> super::Part {
+    pub unsafe fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, sc: &super::Scores) -> super::Part {
+        let scale = sc.scale;
         let (rows, len) = (qs.len() / d, key.len());
         assert!(value.len() == len && key.iter().chain(value).all(|r| r.len() >= d));
         let mut scores = vec![0f32; rows * len];
@@ -326,7 +331,7 @@ mod avx2 {
             }
             pos += 1;
         }
-        let lse = scores.chunks_exact_mut(len.max(1)).map(super::softmax).collect();
+        let lse = scores.chunks_exact_mut(len.max(1)).map(|row| super::softmax(row, sc)).collect();
         let mut out = vec![0f32; rows * d];
         for r0 in (0..rows).step_by(6) {
             match rows - r0 {
@@ -384,7 +389,8 @@ mod avx2 {
 const Q_BLOCK: usize = 32;
 
 /// Attention: query i of a sequence sits at position `context_len - q_len + i` and attends to
-/// positions 0..=that (causal), or to the whole context. q, out [T, hq, D].
+/// positions 0..=that (causal; from `scores.first_key` of it with a sliding window), or to the whole
+/// context. q, out [T, hq, D].
 #[allow(clippy::too_many_arguments)]
 fn attend<E: Float, C: Float, S: KvSource<C>>(
     team: &Team,
@@ -397,7 +403,7 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
     hq: usize,
     hkv: usize,
     d: usize,
-    scale: f32,
+    scores: Scores,
 ) {
     let group = hq / hkv;
     // (sequence, kv head, first query, queries)
@@ -410,10 +416,15 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
             })
         })
         .collect();
-    // Keys a block can see: up to its last query's position (causal), or all.
+    // Keys a block can see: up to its last query's position (causal), or all; from its first
+    // query's first key (a sliding window; else 0).
     let visible = |&(s, _, i0, n): &(usize, usize, usize, usize)| match seqs[s].causal {
         true => seqs[s].context_len - seqs[s].q_len + i0 + n,
         false => seqs[s].context_len,
+    };
+    let first = |&(s, _, i0, _): &(usize, usize, usize, usize)| match seqs[s].causal {
+        true => scores.first_key(seqs[s].context_len - seqs[s].q_len + i0),
+        false => 0,
     };
     // A decode step has few blocks (one per K/V head: 3 for the default model, on 2 threads): one
     // query's context is split into parts (flash-decoding) so every thread gets an even share;
@@ -425,18 +436,18 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
         .iter()
         .enumerate()
         .flat_map(|(b, blk)| {
-            let len = visible(blk);
+            let (lo, len) = (first(blk), visible(blk) - first(blk));
             let parts = if blk.3 == 1 { want_parts.min(len / MIN_PART_KEYS).max(1) } else { 1 };
-            (0..parts).map(move |p| (b, p * len / parts..(p + 1) * len / parts))
+            (0..parts).map(move |p| (b, lo + p * len / parts..lo + (p + 1) * len / parts))
         })
         .collect();
     // Score-and-sum work of all units; a tiny total stays on one thread.
-    let work: usize = blocks.iter().map(|b| b.3 * visible(b)).sum();
+    let work: usize = blocks.iter().map(|b| b.3 * (visible(b) - first(b))).sum();
     let unit = |(b, keys): &(usize, std::ops::Range<usize>)| -> Part {
             let (s, g, i0, n) = blocks[*b];
             let seq = seqs[s];
             let first_pos = seq.context_len - seq.q_len;
-            let visible = visible(&blocks[*b]);
+            let (lo, visible) = (first(&blocks[*b]), visible(&blocks[*b]) - first(&blocks[*b]));
             // The unit's queries, group heads stacked: row i * group + hh is query i, head g*group+hh.
             let rows = n * group;
             let mut qs = vec![0f32; rows * d];
@@ -447,32 +458,42 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
             if n == 1 {
                 // Decode: one query position. Each cached K/V row is read once, straight from the
                 // cache, and serves every head of the group; nothing is gathered.
-                return attend_one(&qs, &src.rows(k, s, keys.clone(), g), &src.rows(v, s, keys.clone(), g), d, scale);
+                return attend_one(&qs, &src.rows(k, s, keys.clone(), g), &src.rows(v, s, keys.clone(), g), d, &scores);
             }
             let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
-            for (pos, (kr, vr)) in src.rows(k, s, 0..visible, g).into_iter().zip(src.rows(v, s, 0..visible, g)).enumerate() {
+            let keys = lo..lo + visible;
+            for (pos, (kr, vr)) in src.rows(k, s, keys.clone(), g).into_iter().zip(src.rows(v, s, keys, g)).enumerate() {
                 C::load(kr, &mut ks[pos * d..(pos + 1) * d]);
                 C::load(vr, &mut vs[pos * d..(pos + 1) * d]);
             }
             // Scores [rows, visible] = scale * Q K^T, then a softmax per row (causal: over the keys
-            // up to its position), then P V: two GEMMs instead of one dot product per key.
+            // up to its position, from the window's first), then P V: two GEMMs instead of one dot
+            // product per key.
             let mut p = vec![0f32; rows * visible];
             let mut res = vec![0f32; rows * d];
             // SAFETY: every pointer and stride describes a buffer allocated just above with those
             // dimensions (qs [rows, d], ks and vs [visible, d], p [rows, visible], res [rows, d]).
             unsafe {
                 matrixmultiply::sgemm(
-                    rows, d, visible, scale,
+                    rows, d, visible, scores.scale,
                     qs.as_ptr(), d as isize, 1,
                     ks.as_ptr(), 1, d as isize,
                     0.0, p.as_mut_ptr(), visible as isize, 1,
                 );
             }
             for (r, row) in p.chunks_exact_mut(visible).enumerate() {
-                let len = if seq.causal { first_pos + i0 + r / group + 1 } else { visible };
-                let (seen, masked) = row.split_at_mut(len);
-                softmax(seen);
-                masked.fill(0.0);
+                let (from, to) = match seq.causal {
+                    true => {
+                        let pos = first_pos + i0 + r / group;
+                        (scores.first_key(pos) - lo, pos + 1 - lo)
+                    }
+                    false => (0, visible),
+                };
+                let (before, rest) = row.split_at_mut(from);
+                let (seen, after) = rest.split_at_mut(to - from);
+                softmax(seen, &scores);
+                before.fill(0.0);
+                after.fill(0.0);
             }
             // SAFETY: as above.
             unsafe {

@@ -142,6 +142,7 @@ impl Backend for CpuBackend {
             Op::Argmax(o) => sampling::argmax(&ts, o),
             Op::Sample(o) => sampling::sample(&ts, o),
             Op::SwiGluLinear(o) => mlp::swiglu_linear(&ts, o),
+            Op::Softcap(o) => sampling::softcap(&ts, o),
             Op::QkvLinear(o) => o.parts().iter().try_for_each(|part| linear::linear(&ts, part)),
             Op::RopeKvWrite(o) => {
                 // The three ops it fuses, in order: the same numbers, one call.

@@ -1,6 +1,6 @@
-//! The MLP's gate: SwiGLU, alone or after its two projections (`SwiGluLinear`).
+//! The MLP's gate: SwiGLU or GeGLU, alone or (SwiGLU) after its two projections (`SwiGluLinear`).
 
-use highrise_core::ops::{Linear, SwiGlu, SwiGluLinear};
+use highrise_core::ops::{GluAct, Linear, SwiGlu, SwiGluLinear};
 use highrise_core::{Result, Shape, TensorRef};
 
 use crate::float::{with_float, Float};
@@ -21,7 +21,10 @@ pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
                 let (g, u) = (&mut g[..out.len()], &mut u[..out.len()]);
                 E::load(&gate[at.clone()], g);
                 E::load(&up[at], u);
-                crate::simd::silu_mul(g, u);
+                match op.act {
+                    GluAct::Silu => crate::simd::silu_mul(g, u),
+                    act => g.iter_mut().zip(&*u).for_each(|(g, u)| *g = act.apply(*g) * u),
+                }
                 E::store(g, out);
             }
         });
@@ -40,7 +43,7 @@ pub fn swiglu_linear(ts: &Tensors, op: &SwiGluLinear) -> Result<()> {
     for (out, weight) in [(g, op.w_gate), (u, op.w_up)] {
         crate::linear::linear(ts, &Linear { out, x: op.x, weight, bias: TensorRef::none(), q8_activations: false })?;
     }
-    swiglu(ts, &SwiGlu { out: op.out, gate: g, up: u })
+    swiglu(ts, &SwiGlu { out: op.out, gate: g, up: u, act: GluAct::Silu })
 }
 
 /// A buffer of this backend's for the length of an op.

@@ -26,9 +26,9 @@ pub fn embedding(ts: &Tensors, op: &Embedding) -> Result<()> {
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
         let ids = op.ids.as_slice();
         match op.table.dtype {
-            DType::F32 => gather::<f32, E>(out, ts.slice("table", &op.table)?, ids, hidden),
-            DType::F16 => gather::<f16, E>(out, ts.slice("table", &op.table)?, ids, hidden),
-            DType::BF16 => gather::<bf16, E>(out, ts.slice("table", &op.table)?, ids, hidden),
+            DType::F32 => gather::<f32, E>(out, ts.slice("table", &op.table)?, ids, hidden, op.scale),
+            DType::F16 => gather::<f16, E>(out, ts.slice("table", &op.table)?, ids, hidden, op.scale),
+            DType::BF16 => gather::<bf16, E>(out, ts.slice("table", &op.table)?, ids, hidden, op.scale),
             q => {
                 // A quantized table is read in place: each row's blocks dequantized as it is gathered.
                 let table = ts.slice::<u8>("table", &op.table)?;
@@ -39,6 +39,7 @@ pub fn embedding(ts: &Tensors, op: &Embedding) -> Result<()> {
                 for (dst, &id) in out.chunks_exact_mut(hidden).zip(ids) {
                     let id = id as usize;
                     dequantize(q, &table[id * row_bytes..(id + 1) * row_bytes], &mut row)?;
+                    scale_row(&mut row, op.scale);
                     E::store(&row, dst);
                 }
             }
@@ -47,12 +48,20 @@ pub fn embedding(ts: &Tensors, op: &Embedding) -> Result<()> {
     })
 }
 
-fn gather<W: Float, E: Float>(out: &mut [E], table: &[W], ids: &[u32], hidden: usize) {
+fn gather<W: Float, E: Float>(out: &mut [E], table: &[W], ids: &[u32], hidden: usize, scale: f32) {
     let mut row = vec![0f32; hidden];
     for (dst, &id) in out.chunks_exact_mut(hidden).zip(ids) {
         let id = id as usize;
         W::load(&table[id * hidden..(id + 1) * hidden], &mut row);
+        scale_row(&mut row, scale);
         E::store(&row, dst);
+    }
+}
+
+/// `row *= scale`; a scale of 1 leaves the row as it is (a plain gather).
+fn scale_row(row: &mut [f32], scale: f32) {
+    if scale != 1.0 {
+        row.iter_mut().for_each(|v| *v *= scale);
     }
 }
 

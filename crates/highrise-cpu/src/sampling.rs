@@ -1,14 +1,15 @@
-//! Choosing tokens on the backend: greedy argmax, and draws by temperature / top-k / top-p / min-p,
-//! each with the chosen token's log-probability.
+//! The logits on the backend: their soft-cap (Gemma 2), and choosing tokens: greedy argmax, and
+//! draws by temperature / top-k / top-p / min-p, each with the chosen token's log-probability.
 
 use std::cell::RefCell;
 
 use highrise_core::ops::sampling::{sample_row_in, SampleScratch};
-use highrise_core::ops::{Argmax, Sample};
+use highrise_core::ops::{Argmax, Sample, Softcap};
 use highrise_core::{Result, TensorRef};
 
 use crate::float::{with_float, Float};
 use crate::storage::Tensors;
+use crate::team::min_items;
 
 /// `choose(b, row)` for every row b of x [B, V] (widened to f32), rows spread over the team,
 /// writing index[b] and logprob[b].
@@ -67,5 +68,24 @@ pub fn sample(ts: &Tensors, op: &Sample) -> Result<()> {
     let params = op.params.as_slice();
     per_row(ts, "sample", (&op.index, &op.logprob, &op.x), |b, row| {
         SCRATCH.with(|s| sample_row_in(row, &params[b], &mut s.borrow_mut()))
+    })
+}
+
+/// `x = cap * tanh(x / cap)` in place: the logits' soft-cap.
+pub fn softcap(ts: &Tensors, op: &Softcap) -> Result<()> {
+    with_float!(op.x.dtype, "softcap", E => {
+        // SAFETY: x is the op's only tensor.
+        let x = unsafe { ts.slice_mut::<E>("x", &op.x)? };
+        const CHUNK: usize = 4096;
+        ts.team.rows(x, CHUNK, min_items(CHUNK), |_, x| {
+            let mut v = vec![0f32; CHUNK];
+            for x in x.chunks_mut(CHUNK) {
+                let v = &mut v[..x.len()];
+                E::load(x, v);
+                v.iter_mut().for_each(|v| *v = op.cap * (*v / op.cap).tanh());
+                E::store(v, x);
+            }
+        });
+        Ok(())
     })
 }

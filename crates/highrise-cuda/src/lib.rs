@@ -502,6 +502,7 @@ impl Backend for CudaBackend {
             Op::Argmax(o) => ops::argmax(self, o),
             Op::Sample(o) => ops::sample(self, st, o),
             Op::SwiGluLinear(o) => ops::swiglu_linear(self, st, o),
+            Op::Softcap(o) => ops::softcap(self, o),
             Op::RopeKvWrite(o) => ops::rope_kv_write(self, st, o),
             Op::QkvLinear(o) => ops::qkv_linear(self, st, o),
         }

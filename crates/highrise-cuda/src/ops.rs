@@ -2,8 +2,8 @@
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
 use highrise_core::ops::{
-    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, KvWrite, Linear, PagedAttention, QkvLinear, RmsNorm, Rope,
-    RopeKvWrite, Sample, SwiGlu, SwiGluLinear,
+    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, KvWrite, Linear, PagedAttention, QkvLinear, RmsNorm,
+    Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result};
 
@@ -37,7 +37,8 @@ pub fn embedding(be: &CudaBackend, st: &mut OpState, op: &Embedding) -> Result<(
     let (t, h) = (op.ids.len() as u32, op.table.dims()[1] as u32);
     let (out, table) = (be.ptr("out", &op.out)?, be.ptr("table", &op.table)?);
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.ids.as_slice())])?;
-    be.launch(&format!("embedding_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &table, &table_dt, &addr[0], &h])
+    let scale = op.scale;
+    be.launch(&format!("embedding_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &table, &table_dt, &addr[0], &h, &scale])
 }
 
 pub fn rms_norm(be: &CudaBackend, op: &RmsNorm) -> Result<()> {
@@ -312,7 +313,7 @@ fn attend(
     v: &highrise_core::TensorRef,
     rows: QueryRows,
     table: Option<(&[u32], u32)>,
-    scale: f32,
+    scores: Scores,
 ) -> Result<()> {
     let s = suffix(name, out.dtype)?;
     let [t, hq, d] = [q.dims()[0], q.dims()[1], q.dims()[2]];
@@ -323,7 +324,8 @@ fn attend(
     if t == 0 {
         return Ok(());
     }
-    let max_keys = rows.nkeys.iter().copied().max().unwrap_or(1);
+    // The most keys a row sees (its last `window` with a sliding window): what the slices cut.
+    let max_keys = rows.nkeys.iter().map(|&n| n - scores.first_key(n.saturating_sub(1) as usize) as u32).max().unwrap_or(1);
     // A block per KV head serving its whole group of query heads reads each K/V row once; the
     // per-query-head kernel covers larger groups and head dim 256.
     let grouped = hq / hkv <= 8 && d <= 128 && attention_choice() != "per-head";
@@ -339,11 +341,12 @@ fn attend(
     let table_ptr = if table.is_some() { addr[2] } else { 0u64 };
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
     let (kernel, heads) = if grouped { ("attn_group", hkv32) } else { ("attn_split", hq32) };
+    let (scale, window, softcap) = (scores.scale, scores.window, scores.softcap);
     be.launch(
         &format!("{kernel}_d{d}_{s}"),
         (t as u32, heads, splits),
         (128, 1, 1),
-        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &split_len],
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &split_len, &window, &softcap],
     )?;
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
 }
@@ -355,10 +358,14 @@ fn attention_choice() -> String {
     std::env::var("HIGHRISE_CUDA_ATTENTION").unwrap_or_else(|_| "auto".into())
 }
 
-/// Whether prefill attention runs on tensor cores (`flash_attn_*`): f16/bf16 at head dims 64 and 128,
-/// unless `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
-fn flash_fits(dtype: DType, d: usize) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && attention_choice() == "auto"
+/// Whether attention runs on tensor cores (`flash_attn_*`, `decode_attn_*`): f16/bf16 at head dims 64
+/// and 128, plain scaled scores (soft-capping and sliding windows are the split kernels' alone, for
+/// now), unless `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
+fn flash_fits(dtype: DType, d: usize, scores: &Scores) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+        && crate::flash::HEAD_DIMS.contains(&d)
+        && *scores == Scores::scaled(scores.scale)
+        && attention_choice() == "auto"
 }
 
 /// Launches `flash_attn_*` over the tiles of `seqs` ((first query row, queries, position of the
@@ -399,16 +406,16 @@ fn flash(
 /// uses.
 pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
     let [t, d] = [op.q.dims()[0], op.q.dims()[2]];
-    if flash_fits(op.out.dtype, d) && t > 0 {
+    if flash_fits(op.out.dtype, d, &op.scores) && t > 0 {
         let mut start = 0;
         let seqs = op.seq_lens.as_slice().iter().map(|&len| {
             start += len;
             (start - len, len, 0, start - len)
         });
-        return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], seqs, op.causal, None, op.scale);
+        return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], seqs, op.causal, None, op.scores.scale);
     }
     let rows = prefill_rows(op.seq_lens.as_slice(), op.causal);
-    attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scale)
+    attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scores)
 }
 
 /// Query rows the tensor-core decode kernel puts in one MMA tile: a sequence's new tokens times its
@@ -427,7 +434,7 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     let table = Some((op.block_table.as_slice(), block_size));
     let seqs = op.seqs.as_slice();
     let group = op.q.dims()[1] / kv_heads(&op.k_cache).max(1);
-    let tensor_cores = flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty();
+    let tensor_cores = flash_fits(op.out.dtype, op.q.dims()[2], &op.scores) && !seqs.is_empty();
     if tensor_cores && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS) {
         return decode(be, st, op, block_size);
     }
@@ -437,10 +444,10 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
             start += s.q_len;
             (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
         });
-        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], chunks, true, table, op.scale);
+        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], chunks, true, table, op.scores.scale);
     }
     let rows = paged_rows(seqs);
-    attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scale)
+    attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scores)
 }
 
 /// Launches `decode_attn_*` (kernels/attention.cu) and `attn_combine_*` for a paged step whose
@@ -465,7 +472,7 @@ fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u
     let (o, qp) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?);
     let (kp, vp) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
-    let scale_log2 = op.scale * std::f32::consts::LOG2_E;
+    let scale_log2 = op.scores.scale * std::f32::consts::LOG2_E;
     be.launch_shared(
         &format!("decode_attn_d{d}_{s}"),
         (seqs.len() as u32, hkv32, splits),
@@ -485,11 +492,24 @@ pub(crate) fn decode_shared_bytes(d: usize) -> u32 {
     (d as u32) * (16 + 4 * 2 * 2 * 16) * 2
 }
 
+/// The MLP's gate: `swiglu_*` or `geglu_*` (kernels/mlp.cu) by the op's activation.
 pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
     let s = suffix("swiglu", op.out.dtype)?;
     let n = op.out.numel() as u64;
     let (out, gate, up) = (be.ptr("out", &op.out)?, be.ptr("gate", &op.gate)?, be.ptr("up", &op.up)?);
-    be.launch(&format!("swiglu_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &n])
+    let kernel = match op.act {
+        GluAct::Silu => "swiglu",
+        GluAct::GeluTanh => "geglu",
+    };
+    be.launch(&format!("{kernel}_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &n])
+}
+
+/// The logits' soft-cap, in place (`softcap_*`, kernels/sampling.cu).
+pub fn softcap(be: &CudaBackend, op: &Softcap) -> Result<()> {
+    let s = suffix("softcap", op.x.dtype)?;
+    let n = op.x.numel() as u64;
+    let (x, cap) = (be.ptr("x", &op.x)?, op.cap);
+    be.launch(&format!("softcap_{s}"), cover(n, 256), (256, 1, 1), &[&x, &cap, &n])
 }
 
 /// Greedy choice per row of logits: a block of 1024 threads per row.

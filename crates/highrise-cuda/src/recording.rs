@@ -372,7 +372,7 @@ fn split_name(kernel: &str) -> (&str, usize, usize) {
 fn contract(kernel: &str) -> Option<Vec<Kind>> {
     let (base, _, _) = split_name(kernel);
     Some(match base {
-        "embedding" => vec![P, P, U32, P, U32],
+        "embedding" => vec![P, P, U32, P, U32, F32],
         "rms_norm" => vec![P, P, P, U32, U32, F32],
         "add_rms_norm" => vec![P, P, P, P, U32, U32, F32],
         "add_bias" => vec![P, P, U32, U32, U64],
@@ -382,13 +382,14 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "kv_write" => vec![P, P, P, P, P, U32, U32, U32],
         "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32],
         "attn_combine" => vec![P, P, U32, U32, U32],
-        "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32],
+        "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, U32, F32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
         "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" => vec![P, P, P, P, P, P, P, OPT, OPT, OPT, U32, U32, U32, U32, U32, U32],
-        "swiglu" => vec![P, P, P, U64],
+        "swiglu" | "geglu" => vec![P, P, P, U64],
+        "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
         "sample" => vec![P, P, P, P, U32],
         _ => return None,
@@ -500,7 +501,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
     let (gx, gy) = (a.grid.0 as u64, a.grid.1 as u64);
     match base {
         "embedding" => {
-            // (out, table, table_dt, ids, h): block t copies row ids[t] of the table.
+            // (out, table, table_dt, ids, h, scale): block t copies row ids[t] of the table, scaled.
             let h = a.u32(4) as u64;
             let table_elt = dtype_size(a.u32(2), "the table")?;
             grid_rows(a, a.rows_of(0, h))?;
@@ -546,11 +547,18 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 0, 0, n, elt, "out");
             push(out, 1, 0, n, 4, "x");
         }
-        "swiglu" => {
+        "swiglu" | "geglu" => {
             let n = a.u64(3);
             for p in 0..3 {
                 push(out, p, 0, n, elt, "n elements");
             }
+        }
+        "softcap" => {
+            // (x, cap, n): x = cap tanh(x / cap), grid-stride.
+            if !(a.f32(1).is_finite() && a.f32(1) > 0.0) {
+                return Err(format!("cap {} is not finite and above 0", a.f32(1)));
+            }
+            push(out, 0, 0, a.u64(2), elt, "n elements");
         }
         "rope" => {
             // (x, positions, inv_freq, heads, d): block (t, head), d/2 threads.
@@ -754,7 +762,8 @@ fn kv_shape(a: &Args<'_>, paged: bool, hkv: u64, bs: u64, d: u64) -> Check {
 }
 
 /// attn_split / attn_group: (partial, q, k, v, base, nkeys, table, block_size, hq, hkv, scale,
-/// split_len); grid (rows, heads: hq or hkv, splits).
+/// split_len, window, softcap); grid (rows, heads: hq or hkv, splits). A row's slices cover the keys
+/// it sees: its last `window` of them with a window.
 fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
     let (bs, hq, hkv, split_len) = (a.u32(7) as u64, a.u32(8) as u64, a.u32(9) as u64, a.u32(11) as u64);
     let (rows, splits) = (a.grid.0 as u64, a.grid.2 as u64);
@@ -770,6 +779,10 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
     }
     if !a.f32(10).is_finite() {
         return Err("scale is not finite".into());
+    }
+    let (window, softcap) = (a.u32(12) as u64, a.f32(13));
+    if !(softcap.is_finite() && softcap >= 0.0) {
+        return Err(format!("softcap {softcap} is not finite and non-negative"));
     }
     let paged = a.u64(6) != 0;
     if paged && bs == 0 {
@@ -792,8 +805,9 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
     }
     let mut runs = Vec::new();
     for (t, (&kb, &n)) in kbase.iter().zip(&nkeys).enumerate() {
-        if (n as u64) > splits * split_len {
-            return Err(format!("row {t} sees {n} keys but {splits} slices of {split_len} cover only {}", splits * split_len));
+        let seen = if window > 0 { (n as u64).min(window) } else { n as u64 };
+        if seen > splits * split_len {
+            return Err(format!("row {t} sees {seen} keys but {splits} slices of {split_len} cover only {}", splits * split_len));
         }
         for g in 0..hkv {
             key_runs(table.as_deref(), bs, kb as u64, n as u64, g, hkv, d, &mut runs)?;

@@ -175,6 +175,57 @@ impl Rope<'_> {
     }
 }
 
+/// How attention turns a query-key dot product into a score, and which keys a query sees besides
+/// the causal mask: `score = scale * q.k`, then, with `softcap` > 0, `softcap * tanh(score /
+/// softcap)` (Gemma 2's attention logit soft-capping); with `window` > 0, a query at position p sees
+/// only keys at positions above p - window (Mistral's and Gemma 2's sliding window: itself and the
+/// window - 1 before it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    /// Usually 1/sqrt(D).
+    pub scale: f32,
+    /// 0: none.
+    pub softcap: f32,
+    /// 0: no window.
+    pub window: u32,
+}
+
+impl Scores {
+    /// Plain scaled dot products: no soft-capping, no window.
+    pub fn scaled(scale: f32) -> Scores {
+        Scores { scale, softcap: 0.0, window: 0 }
+    }
+
+    /// The first key position a query at `pos` sees.
+    pub fn first_key(&self, pos: usize) -> usize {
+        match self.window {
+            0 => 0,
+            w => (pos + 1).saturating_sub(w as usize),
+        }
+    }
+
+    /// `score` soft-capped, if asked.
+    #[inline(always)]
+    pub fn cap(&self, score: f32) -> f32 {
+        if self.softcap > 0.0 {
+            self.softcap * (score / self.softcap).tanh()
+        } else {
+            score
+        }
+    }
+
+    fn validate(&self) -> CheckResult {
+        if !self.scale.is_finite() {
+            return Err(format!("scale must be finite, is {}", self.scale));
+        }
+        if !(self.softcap.is_finite() && self.softcap >= 0.0) {
+            return Err(format!("softcap must be finite and non-negative (0: none), is {}", self.softcap));
+        }
+        Ok(())
+    }
+}
+
 /// Self-attention over a batch of whole prompts laid end to end (prefill), with grouped-query
 /// heads: query head h reads K/V head `h / (q_heads / kv_heads)`, without copying K/V per head.
 /// Causal (a decoder's prompt: token i sees tokens 0..=i of its prompt) or not (each token sees its
@@ -188,8 +239,7 @@ pub struct Attention<'a> {
     pub k: TensorRef<'a>,
     pub v: TensorRef<'a>,
     pub seq_lens: HostSlice<'a, u32>,
-    /// Usually 1/sqrt(D).
-    pub scale: f32,
+    pub scores: Scores,
     pub causal: bool,
 }
 
@@ -208,7 +258,10 @@ impl Attention<'_> {
         if total != t as u64 {
             return Err(format!("seq_lens sum to {total}, but there are {t} tokens"));
         }
-        finite_scale(self.scale)
+        if self.scores.window > 0 && !self.causal {
+            return Err("a sliding window needs causal attention".into());
+        }
+        self.scores.validate()
     }
 }
 
@@ -308,7 +361,7 @@ pub struct PagedAttention<'a> {
     pub v_cache: TensorRef<'a>,
     pub seqs: HostSlice<'a, PagedSeq>,
     pub block_table: HostSlice<'a, u32>,
-    pub scale: f32,
+    pub scores: Scores,
 }
 
 impl PagedAttention<'_> {
@@ -352,7 +405,7 @@ impl PagedAttention<'_> {
         if total != t as u64 {
             return Err(format!("the sequences have {total} queries, but q has {t} tokens"));
         }
-        finite_scale(self.scale)
+        self.scores.validate()
     }
 }
 
@@ -365,13 +418,6 @@ pub fn cache_dims(cache: &TensorRef) -> [usize; 4] {
 fn group_heads(hq: usize, hkv: usize) -> CheckResult {
     if hkv == 0 || hq % hkv != 0 {
         return Err(format!("{hq} query heads cannot share {hkv} key/value heads evenly"));
-    }
-    Ok(())
-}
-
-fn finite_scale(scale: f32) -> CheckResult {
-    if !scale.is_finite() {
-        return Err(format!("scale must be finite, is {scale}"));
     }
     Ok(())
 }

@@ -1,17 +1,43 @@
 //! MLP ops. The projections are `Linear`; what is particular to the MLP is the gate, alone
-//! (`SwiGlu`) or with the two projections that feed it (`SwiGluLinear`, one pass over x for a
-//! backend that fuses them).
+//! (`SwiGlu`: SwiGLU, or GeGLU for Gemma) or with the two projections that feed it (`SwiGluLinear`,
+//! SwiGLU only, one pass over x for a backend that fuses them).
 
 use super::{Check, CheckResult};
 use crate::TensorRef;
 
-/// `out = silu(gate) * up`, elementwise, with `silu(x) = x / (1 + e^-x)`. out, gate, up [T, I].
+/// The activation a gated MLP applies to its gate.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GluAct {
+    /// `silu(x) = x / (1 + e^-x)`: SwiGLU (Llama, Mistral, Qwen, Phi).
+    Silu = 0,
+    /// `gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, the tanh approximation
+    /// (PyTorch's `gelu(approximate="tanh")`): GeGLU (Gemma).
+    GeluTanh = 1,
+}
+
+impl GluAct {
+    /// The activation of one value, in f32 (the backends' formula).
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            GluAct::Silu => x / (1.0 + (-x).exp()),
+            GluAct::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+            }
+        }
+    }
+}
+
+/// `out = act(gate) * up`, elementwise (`act` silu: SwiGLU; tanh-GELU: GeGLU). out, gate, up [T, I].
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SwiGlu<'a> {
     pub out: TensorRef<'a>,
     pub gate: TensorRef<'a>,
     pub up: TensorRef<'a>,
+    pub act: GluAct,
 }
 
 impl SwiGlu<'_> {

@@ -2,7 +2,8 @@
 //! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm);
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
 //! - [`mlp`]: the SwiGLU gate, alone or fused with the projections feeding it;
-//! - [`sampling`]: choosing tokens from the logits on the backend (greedy `Argmax`, `Sample`).
+//! - [`sampling`]: the logits' soft-cap (`Softcap`) and choosing tokens from them on the backend
+//!   (greedy `Argmax`, `Sample`).
 //!
 //! (The logits are a [`Linear`] against the unembedding, which is the embedding table itself when a
 //! model ties them.)
@@ -19,11 +20,11 @@ pub mod sampling;
 
 pub use attention::{
     cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear, Rope, RopeConfig, RopeKvWrite,
-    RopeScaling,
+    RopeScaling, Scores,
 };
-pub use mlp::{SwiGlu, SwiGluLinear};
+pub use mlp::{GluAct, SwiGlu, SwiGluLinear};
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};
-pub use sampling::{Argmax, FieldError, Sample, SampleParams};
+pub use sampling::{Argmax, FieldError, Sample, SampleParams, Softcap};
 
 use crate::{DType, Error, Result, TensorRef};
 
@@ -45,10 +46,11 @@ pub enum OpKind {
     SwiGluLinear = 11,
     RopeKvWrite = 12,
     QkvLinear = 13,
+    Softcap = 14,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 14] = [
+    pub const ALL: [OpKind; 15] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -63,6 +65,7 @@ impl OpKind {
         OpKind::SwiGluLinear,
         OpKind::RopeKvWrite,
         OpKind::QkvLinear,
+        OpKind::Softcap,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -85,6 +88,7 @@ impl OpKind {
             OpKind::SwiGluLinear => "swiglu_linear",
             OpKind::RopeKvWrite => "rope_kv_write",
             OpKind::QkvLinear => "qkv_linear",
+            OpKind::Softcap => "softcap",
         }
     }
 }
@@ -116,6 +120,7 @@ pub enum Op<'a> {
     SwiGluLinear(SwiGluLinear<'a>),
     RopeKvWrite(RopeKvWrite<'a>),
     QkvLinear(QkvLinear<'a>),
+    Softcap(Softcap<'a>),
 }
 
 impl Op<'_> {
@@ -135,6 +140,7 @@ impl Op<'_> {
             Op::SwiGluLinear(_) => OpKind::SwiGluLinear,
             Op::RopeKvWrite(_) => OpKind::RopeKvWrite,
             Op::QkvLinear(_) => OpKind::QkvLinear,
+            Op::Softcap(_) => OpKind::Softcap,
         }
     }
 
@@ -156,6 +162,7 @@ impl Op<'_> {
             Op::SwiGluLinear(o) => o.w_gate.dtype,
             Op::RopeKvWrite(o) => o.k_cache.dtype,
             Op::QkvLinear(o) => o.wq.dtype,
+            Op::Softcap(o) => o.x.dtype,
         }
     }
 
@@ -198,6 +205,7 @@ impl Op<'_> {
                 ("bk", o.bk),
                 ("bv", o.bv),
             ],
+            Op::Softcap(o) => vec![("x", o.x)],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -231,6 +239,7 @@ impl Op<'_> {
             Op::SwiGluLinear(o) => o.validate(&check),
             Op::RopeKvWrite(o) => o.validate(&check),
             Op::QkvLinear(o) => o.validate(&check),
+            Op::Softcap(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {

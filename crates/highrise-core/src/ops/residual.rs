@@ -3,7 +3,8 @@
 use super::{Check, CheckResult};
 use crate::{HostSlice, TensorRef};
 
-/// `out[t] = table[ids[t]]`: the residual stream's entrance.
+/// `out[t] = table[ids[t]] * scale`: the residual stream's entrance (Gemma scales its embeddings by
+/// sqrt(hidden); everyone else by 1, and a scale of 1 is an exact gather of rows).
 /// out [T, H] (float); table [V, H] (float or quantized); ids [T], each < V.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -11,6 +12,7 @@ pub struct Embedding<'a> {
     pub out: TensorRef<'a>,
     pub table: TensorRef<'a>,
     pub ids: HostSlice<'a, u32>,
+    pub scale: f32,
 }
 
 impl Embedding<'_> {
@@ -25,6 +27,9 @@ impl Embedding<'_> {
         c.dims("out", &self.out, &[self.ids.len(), hidden])?;
         if let Some((t, &id)) = self.ids.as_slice().iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(format!("token id {id} at position {t} is outside the vocabulary of {vocab}"));
+        }
+        if !self.scale.is_finite() {
+            return Err(format!("scale must be finite, is {}", self.scale));
         }
         Ok(())
     }

@@ -266,3 +266,23 @@ mod tests {
         assert_eq!((e.field, e.to_string()), ("uniform", "uniform 1 is not in [0, 1)".to_string()));
     }
 }
+
+/// Final logit soft-capping, in place: `x = cap * tanh(x / cap)` (Gemma 2 caps its logits at 30
+/// before they are sampled or read). x [rows, V] float; cap finite and above 0.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Softcap<'a> {
+    /// Read and written.
+    pub x: TensorRef<'a>,
+    pub cap: f32,
+}
+
+impl Softcap<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("x", &self.x)])?;
+        if !(self.cap.is_finite() && self.cap > 0.0) {
+            return Err(format!("cap must be finite and above 0, is {}", self.cap));
+        }
+        Ok(())
+    }
+}
