@@ -15,7 +15,8 @@ heads over 2 key/value heads, vocab 512.
 With the `gguf` package (0.19.0) installed, each folder also gets model.gguf: the same weights as
 llama.cpp's convert_hf_to_gguf.py lays them out (its tensor names and metadata keys, Q/K rows
 permuted for the llama architecture, Phi-3's fused tensors kept fused, Llama 3's RoPE scaling as
-the `rope_freqs` tensor of per-frequency divisors), so the GGUF path is held to the same references.
+the `rope_freqs` tensor of per-frequency divisors, Gemma 2's norms as 1 + w, the sliding window as
+`<arch>.attention.sliding_window`), so the GGUF path is held to the same references.
 """
 
 import json
@@ -51,14 +52,31 @@ FAMILIES = {
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=64),
     ),
-    # Mistral Nemo style: head_dim not hidden / heads; a sliding window wider than the prompt.
-    "mistral": dict(model_type="mistral", head_dim=32, sliding_window=128, rope_theta=1000000.0),
+    # Mistral: head_dim not hidden / heads (Nemo); a sliding window (v0.1) narrower than the prompt.
+    "mistral": dict(model_type="mistral", head_dim=32, sliding_window=8, rope_theta=1000000.0),
     # Qwen 2.5: q/k/v biases.
     "qwen2.5": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
     # Qwen 3: per-head RMSNorm of q and k before RoPE; no biases; head_dim of its own.
     "qwen3": dict(model_type="qwen3", head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True),
     # Phi-3 mini: fused qkv_proj and gate_up_proj.
     "phi3": dict(model_type="phi3", rope_theta=10000.0, pad_token_id=0),
+    # Phi-3.5 mini: Phi-3 with longrope, per-frequency factors for short and long contexts and
+    # cos/sin scaled by sqrt(1 + ln(max / original) / ln(original)). The trained context is 16 here
+    # beside a served one of 256, so that the long factors are the ones in use (HF: for any sequence
+    # past 16 tokens, as the 20-token prompt is; highrise, as llama.cpp: whenever the context served
+    # is past the original one).
+    "phi3.5": dict(model_type="phi3", rope_theta=10000.0, pad_token_id=0, original_max_position_embeddings=16,
+                   rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + 0.05 * i for i in range(4)] * 2,
+                                     long_factor=[1.0 + 0.7 * i for i in range(8)],
+                                     original_max_position_embeddings=16)),
+    # Gemma 2: GeGLU, embeddings times sqrt(hidden), (1 + w) norms before and after each block,
+    # soft-capped attention scores and logits (caps lower than the real 50 and 30, so that they bend
+    # these small scores), and a sliding window on every other layer (layer 0
+    # here), narrower than the prompt so that it bites. query_pre_attn_scalar is the head dim, as
+    # llama.cpp's GGUF assumes for Gemma 2 2B and 9B.
+    "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=10.0, tie_word_embeddings=True,
+                   pad_token_id=0),
 }
 
 PROMPT = [1, 17, 300, 42, 99, 5, 250, 7, 7, 128, 511, 64, 3, 200, 31, 400, 12, 77, 150, 9]
@@ -103,6 +121,7 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
         return
     # llama.cpp writes Mistral as the llama architecture.
     arch = {"mistral": "llama"}.get(kind, kind)
+    gemma = kind == "gemma2"
     w = gguf.GGUFWriter(str(path), arch)
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_context_length(cfg.max_position_embeddings)
@@ -116,6 +135,11 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if getattr(cfg, "sliding_window", None):
+        w.add_sliding_window(cfg.sliding_window)
+    if gemma:
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
     def permute(x, heads):
@@ -129,6 +153,10 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
         "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
     }
+    if gemma:
+        # llama.cpp's Gemma 2 names: a norm after attention, one before and one after the MLP.
+        names.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
     for k, v in sd.items():
         if k == "model.embed_tokens.weight":
             g = "token_embd.weight"
@@ -146,8 +174,24 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
                 v = permute(v, cfg.num_attention_heads)
             if arch == "llama" and part == "self_attn.k_proj":
                 v = permute(v, cfg.num_key_value_heads)
+        if gemma and k.endswith("norm.weight"):
+            # llama.cpp's Gemma2Model stores the norms as the factor they multiply by, 1 + w.
+            v = v + 1
         w.add_tensor(g, v.astype("float32"))
     rp = cfg.rope_parameters
+    if rp.get("rope_type") == "longrope":
+        # llama.cpp's Phi3MiniModel: both factor lists as tensors, the original context and the
+        # cos/sin factor as metadata.
+        import math
+
+        import numpy as np
+
+        orig = rp["original_max_position_embeddings"]
+        scale = cfg.max_position_embeddings / orig
+        w.add_rope_scaling_attn_factors(1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig)))
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_tensor("rope_factors_long.weight", np.array(rp["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rp["short_factor"], dtype=np.float32))
     if rp.get("rope_type") == "llama3":
         # llama.cpp's convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors), as it computes them.
         import math

@@ -70,8 +70,10 @@ fn llama_3_2_tied_embeddings_and_llama3_rope_scaling() {
     check("llama3.2");
 }
 
+/// Mistral's sliding window (v0.1) on every layer, 8 tokens wide beside a prompt of 20 (from the
+/// 9th position on, the earliest keys drop out), and Nemo's head_dim of its own.
 #[test]
-fn mistral_with_its_own_head_dim() {
+fn mistral_with_a_sliding_window_and_its_own_head_dim() {
     check("mistral");
 }
 
@@ -88,4 +90,12 @@ fn qwen3_with_q_and_k_norms() {
 #[test]
 fn phi3_with_fused_projections() {
     check("phi3");
+}
+
+/// Gemma 2: GeGLU, embeddings times sqrt(hidden), (1 + w) norms before and after attention and the
+/// MLP, soft-capped scores and logits, and an 8-token sliding window on layer 0 beside full
+/// attention on layer 1; from GGUF, llama.cpp's names and its norms stored as 1 + w.
+#[test]
+fn gemma2_with_post_norms_soft_caps_and_alternating_windows() {
+    check("gemma2");
 }

@@ -78,7 +78,7 @@ fn residual_stream_and_attention_patterns_match_hf() {
         let (dims, want) = npy::read_f32(&fx.join(format!("{name}_attn_probs.npy"))).unwrap();
         assert_eq!(dims, vec![layers, hq, t, t]);
         let got: Vec<f32> = (0..layers)
-            .flat_map(|l| attention_probs(hooks.get(Site::Q, l).unwrap(), hooks.get(Site::K, l).unwrap(), hq, hkv, d))
+            .flat_map(|l| attention_probs(hooks.get(Site::Q, l).unwrap(), hooks.get(Site::K, l).unwrap(), [hq, hkv, d], m.config.scores(l)))
             .collect();
         let worst = max_diff(&got, &want);
         println!("{name} attn_probs: max diff {worst:.2e}");

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use highrise_core::ops::{RopeConfig, RopeScaling};
+use highrise_core::ops::{GluAct, RopeConfig, RopeScaling, Scores};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -11,13 +11,15 @@ use crate::gguf::{Gguf, Value};
 use crate::{Error, Result};
 
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
-/// in names and small options (biases, a norm of q and k, fused projections), not in ops.
-pub const FAMILIES: [(&str, &str); 5] = [
+/// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
+/// block, GeGLU and soft-capping), all on the same ops.
+pub const FAMILIES: [(&str, &str); 6] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
-    ("mistral", "Mistral 7B, Nemo (a head_dim of its own; sliding window: context capped at the window)"),
+    ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
     ("phi3", "Phi-3 mini (fused qkv_proj and gate_up_proj; longrope and partial RoPE are refused)"),
+    ("gemma2", "Gemma 2 (GeGLU, sqrt(hidden) embeddings, (1 + w) norms before and after each block, soft-capped attention and logits, sliding window every other layer)"),
 ];
 
 /// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
@@ -69,8 +71,30 @@ pub struct ModelConfig {
     /// An id or a list of ids.
     #[serde(default)]
     pub eos_token_id: Option<Json>,
+    /// A query sees itself and the `sliding_window - 1` tokens before it: on every layer (Mistral
+    /// v0.1), or on the layers `layer_types` calls "sliding_attention" (Gemma 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    /// Qwen 2 writes a window it does not use unless this is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Per layer, "full_attention" or "sliding_attention" (transformers >= 4.54 writes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// The MLP's gate: silu (SwiGLU) unless this says gelu_pytorch_tanh (GeGLU, Gemma).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// Gemma 2: attention scores are scaled by query_pre_attn_scalar^-1/2 instead of head_dim^-1/2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: scores become cap tanh(score / cap) before the softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: logits become cap tanh(logit / cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
 }
@@ -204,6 +228,7 @@ impl ModelConfig {
                 "qwen2" => "Qwen2ForCausalLM".into(),
                 "qwen3" => "Qwen3ForCausalLM".into(),
                 "phi3" => "Phi3ForCausalLM".into(),
+                "gemma2" => "Gemma2ForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -225,6 +250,21 @@ impl ModelConfig {
             torch_dtype: Some("float32".into()),
             rope_parameters: None,
             partial_rotary_factor: None,
+            // llama.cpp's Gemma 2: the window on even layers, GeGLU, scores scaled by the head dim
+            // (n_embd / n_head for the 27B, the one shape of 46 layers).
+            layer_types: (arch == "gemma2").then(|| {
+                let layers = num("block_count").unwrap_or(0);
+                (0..layers).map(|l| if l % 2 == 0 { "sliding_attention" } else { "full_attention" }.to_string()).collect()
+            }),
+            hidden_activation: (arch == "gemma2").then(|| "gelu_pytorch_tanh".to_string()),
+            hidden_act: None,
+            use_sliding_window: None,
+            query_pre_attn_scalar: (arch == "gemma2").then(|| match num("block_count") {
+                Ok(46) => (hidden / heads.max(1)) as f64,
+                _ => head_dim as f64,
+            }),
+            attn_logit_softcapping: float("attn_logit_softcapping"),
+            final_logit_softcapping: float("final_logit_softcapping"),
         };
         c.validate(path)?;
         Ok(c)
@@ -266,7 +306,62 @@ impl ModelConfig {
         if let Some(f) = self.partial_rotary_factor.filter(|&f| f != 1.0) {
             return Err(Error::config(path, "partial_rotary_factor", format!("{f}: partial RoPE is not supported (only all dims rotating, 1.0)")));
         }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return Err(Error::config(path, "layer_types", format!("{} entries for {} layers", types.len(), self.num_hidden_layers)));
+            }
+            if let Some(t) = types.iter().find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention")) {
+                return Err(Error::config(path, "layer_types", format!("{t:?} (full_attention and sliding_attention are supported)")));
+            }
+        }
+        let act = self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or("silu");
+        if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh") {
+            return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu and gelu_pytorch_tanh are supported)")));
+        }
+        for (field, v) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
+                return Err(Error::config(path, field, format!("{v}: must be finite and above 0")));
+            }
+        }
         Ok(())
+    }
+
+    /// Gemma 2's layout: norms after attention and after the MLP as well as before, (1 + w) norm
+    /// weights, embeddings scaled by sqrt(hidden).
+    pub fn gemma(&self) -> bool {
+        self.model_type == "gemma2"
+    }
+
+    /// The MLP's gate activation.
+    pub fn glu_act(&self) -> GluAct {
+        match self.hidden_activation.as_deref().or(self.hidden_act.as_deref()) {
+            Some("gelu_pytorch_tanh" | "gelu_tanh") => GluAct::GeluTanh,
+            _ => GluAct::Silu,
+        }
+    }
+
+    /// How layer `layer`'s attention scores: its scale, soft-cap and sliding window.
+    pub fn scores(&self, layer: usize) -> Scores {
+        let scale = 1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt();
+        let sliding = match &self.layer_types {
+            Some(types) => types.get(layer).is_some_and(|t| t == "sliding_attention"),
+            None => self.use_sliding_window != Some(false),
+        };
+        let window = self.sliding_window.filter(|_| sliding).map_or(0, |w| w.min(u32::MAX as usize) as u32);
+        Scores { scale: scale as f32, softcap: self.attn_logit_softcapping.unwrap_or(0.0) as f32, window }
+    }
+
+    /// What the embeddings are multiplied by as they enter the stream: sqrt(hidden) for Gemma.
+    pub fn embed_scale(&self) -> f32 {
+        if self.gemma() {
+            (self.hidden_size as f32).sqrt()
+        } else {
+            1.0
+        }
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -287,10 +382,9 @@ impl ModelConfig {
         self.attention_bias || self.model_type == "qwen2"
     }
 
-    /// The longest sequence the model serves: its trained context, capped by a sliding window (which
-    /// highrise does not implement, so attention within the window is exact).
+    /// The longest sequence the model serves: its trained context.
     pub fn context_len(&self) -> usize {
-        self.sliding_window.map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
+        self.max_position_embeddings
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use highrise_core::ops::sampling::top_log_softmax;
+use highrise_core::ops::Scores;
 use highrise_core::Tensor;
 
 use crate::{Error, Llama, Result};
@@ -198,22 +199,26 @@ impl Hooks {
 }
 
 /// Causal attention probabilities [Hq, T, T] of one sequence, recomputed from its captured Q
-/// [T, Hq * D] and K [T, Hkv * D] (after RoPE), grouped-query heads mapped as the kernels map them.
-pub fn attention_probs(q: &[f32], k: &[f32], hq: usize, hkv: usize, d: usize) -> Vec<f32> {
+/// [T, Hq * D] and K [T, Hkv * D] (after RoPE), grouped-query heads mapped as the kernels map them,
+/// scored as the layer scores (`ModelConfig::scores`: its scale, soft-cap and sliding window; keys
+/// outside the window have probability 0).
+pub fn attention_probs(q: &[f32], k: &[f32], [hq, hkv, d]: [usize; 3], scores: Scores) -> Vec<f32> {
     let t = q.len() / (hq * d);
-    let scale = 1.0 / (d as f64).sqrt();
+    let (scale, cap) = (scores.scale as f64, scores.softcap as f64);
     let mut out = vec![0f32; hq * t * t];
     for h in 0..hq {
         let g = h / (hq / hkv);
         for i in 0..t {
             let qi = &q[(i * hq + h) * d..][..d];
-            let scores: Vec<f64> = (0..=i)
+            let first = scores.first_key(i);
+            let s: Vec<f64> = (first..=i)
                 .map(|j| qi.iter().zip(&k[(j * hkv + g) * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale)
+                .map(|s| if cap > 0.0 { cap * (s / cap).tanh() } else { s })
                 .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-            for (j, s) in scores.iter().enumerate() {
-                out[(h * t + i) * t + j] = ((s - max).exp() / sum) as f32;
+            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s.iter().map(|s| (s - max).exp()).sum();
+            for (j, s) in s.iter().enumerate() {
+                out[(h * t + i) * t + first + j] = ((s - max).exp() / sum) as f32;
             }
         }
     }
@@ -243,9 +248,7 @@ pub fn logit_lens(model: &Llama, stream: &[f32], top_k: usize) -> Result<Vec<Len
     let x = Tensor::from_f32(b, model.dtype, &[t, h], stream)?;
     let mut normed = Tensor::empty(b, model.dtype, &[t, h])?;
     b.rms_norm(&mut normed, &x, &model.norm, model.config.rms_norm_eps as f32)?;
-    let mut logits = Tensor::empty(b, model.dtype, &[t, model.config.vocab_size])?;
-    b.linear_with(&mut logits, &normed, model.unembedding(), None, model.q8_activations)?;
-    let logits = logits.to_f32()?;
+    let logits = model.unembed(&normed)?.to_f32()?;
     Ok(logits
         .chunks(model.config.vocab_size)
         .map(|row| {
@@ -286,7 +289,7 @@ pub fn inspect(model: &Llama, ids: &[u32], sites: &[Site], layers: &[usize], att
     let attn_probs = match attn {
         true => layers
             .iter()
-            .map(|&l| attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), hq, hkv, d))
+            .map(|&l| attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), [hq, hkv, d], c.scores(l)))
             .collect(),
         false => Vec::new(),
     };
@@ -307,7 +310,7 @@ mod tests {
         let (t, hq, hkv, d) = (3, 4, 2, 2);
         let q: Vec<f32> = (0..t * hq * d).map(|i| (i as f32 * 0.37).sin()).collect();
         let k: Vec<f32> = (0..t * hkv * d).map(|i| (i as f32 * 0.91).cos()).collect();
-        let p = attention_probs(&q, &k, hq, hkv, d);
+        let p = attention_probs(&q, &k, [hq, hkv, d], Scores::scaled(1.0 / (d as f32).sqrt()));
         assert_eq!(p.len(), hq * t * t);
         for h in 0..hq {
             for i in 0..t {

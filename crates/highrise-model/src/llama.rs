@@ -3,11 +3,12 @@
 //! Read `forward` top to bottom and you read the transformer: the residual stream enters as token
 //! embeddings; each layer normalizes it, projects Q/K/V, rotates Q and K (RoPE), writes K/V into the
 //! cache (the key/value stream), attends, projects back and adds to the stream; then normalizes again
-//! and adds the SwiGLU MLP's output. A final norm and the unembedding give logits.
+//! and adds the SwiGLU MLP's output. A final norm and the unembedding give logits. Gemma 2 adds norms
+//! after attention and the MLP, GeGLU, soft-capped scores and logits, and scaled embeddings.
 
 use std::sync::Arc;
 
-use highrise_core::ops::{PagedSeq, RopeConfig};
+use highrise_core::ops::{GluAct, PagedSeq, RopeConfig};
 use highrise_core::quant::{dequantize, quantize_q8_0, repack_r8};
 use highrise_core::{Backend, DType, OpKind, Tensor};
 
@@ -67,6 +68,11 @@ pub struct Layer {
     pub w_down: Tensor,           // [H, I]
     pub q_norm: Option<Tensor>,   // [D] (Qwen3: RMSNorm of each query head before RoPE)
     pub k_norm: Option<Tensor>,   // [D]
+    /// Gemma 2: RMSNorm of the attention's output before it joins the stream ([H]; HF's
+    /// post_attention_layernorm, (1 + w) as loaded).
+    pub attn_post_norm: Option<Tensor>,
+    /// Gemma 2: RMSNorm of the MLP's output before it joins the stream ([H]).
+    pub mlp_post_norm: Option<Tensor>,
 }
 
 pub struct Llama {
@@ -164,13 +170,16 @@ impl Llama {
         let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
         let loader = Loader { source, backend: &backend, opts };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        // Gemma 2 keeps the norms' weights as w and multiplies by 1 + w: loaded as that, in f32.
+        let norm = |name: &str| loader.norm(name, h, c.gemma());
         for l in 0..c.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let bias = |s: &str, n: usize| -> Result<Option<Tensor>> {
                 c.qkv_bias().then(|| loader.vector(&p(s), n)).transpose()
             };
+            let gemma = |s: &str| c.gemma().then(|| norm(&p(s))).transpose();
             layers.push(Layer {
-                attn_norm: loader.vector(&p("input_layernorm.weight"), h)?,
+                attn_norm: norm(&p("input_layernorm.weight"))?,
                 wq: loader.matrix(&p("self_attn.q_proj.weight"), q_dim, h, OpKind::Linear)?,
                 wk: loader.matrix(&p("self_attn.k_proj.weight"), kv_dim, h, OpKind::Linear)?,
                 wv: loader.matrix(&p("self_attn.v_proj.weight"), kv_dim, h, OpKind::Linear)?,
@@ -178,12 +187,14 @@ impl Llama {
                 bk: bias("self_attn.k_proj.bias", kv_dim)?,
                 bv: bias("self_attn.v_proj.bias", kv_dim)?,
                 wo: loader.matrix(&p("self_attn.o_proj.weight"), h, q_dim, OpKind::Linear)?,
-                mlp_norm: loader.vector(&p("post_attention_layernorm.weight"), h)?,
+                mlp_norm: norm(&p(if c.gemma() { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" }))?,
                 w_gate: loader.matrix(&p("mlp.gate_proj.weight"), i, h, OpKind::Linear)?,
                 w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
                 w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
                 q_norm: c.qk_norm().then(|| loader.vector(&p("self_attn.q_norm.weight"), c.head_dim())).transpose()?,
                 k_norm: c.qk_norm().then(|| loader.vector(&p("self_attn.k_norm.weight"), c.head_dim())).transpose()?,
+                attn_post_norm: gemma("post_attention_layernorm.weight")?,
+                mlp_post_norm: gemma("post_feedforward_layernorm.weight")?,
             });
             progress(l + 1, c.num_hidden_layers);
         }
@@ -192,7 +203,7 @@ impl Llama {
             true => None,
             false => Some(loader.matrix("lm_head.weight", v, h, OpKind::Linear)?),
         };
-        let norm = loader.vector("model.norm.weight", h)?;
+        let norm = norm("model.norm.weight")?;
         let rope = c.rope().map_err(|e| Error::config(source.path(), "rope_scaling", e))?;
         Ok(Llama {
             config: c,
@@ -252,6 +263,8 @@ impl Llama {
                 w_down: make(&[h, i], proj(i), 0.0)?,
                 q_norm: if c.qk_norm() { Some(make(&[c.head_dim()], 0.1, 1.0)?) } else { None },
                 k_norm: if c.qk_norm() { Some(make(&[c.head_dim()], 0.1, 1.0)?) } else { None },
+                attn_post_norm: if c.gemma() { Some(make(&[h], 0.1, 1.0)?) } else { None },
+                mlp_post_norm: if c.gemma() { Some(make(&[h], 0.1, 1.0)?) } else { None },
             });
         }
         let embed = make(&[v, h], 1.0, 0.0)?;
@@ -276,7 +289,11 @@ impl Llama {
                     .iter()
                     .map(|t| t.size_bytes())
                     .sum::<usize>()
-                    + [&l.bq, &l.bk, &l.bv].iter().filter_map(|b| b.as_ref()).map(|t| t.size_bytes()).sum::<usize>()
+                    + [&l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm, &l.attn_post_norm, &l.mlp_post_norm]
+                        .iter()
+                        .filter_map(|b| b.as_ref())
+                        .map(|t| t.size_bytes())
+                        .sum::<usize>()
             })
             .sum();
         layers + self.norm.size_bytes() + self.unembedding().size_bytes()
@@ -323,6 +340,25 @@ impl Llama {
         Ok(out)
     }
 
+    /// Logits [rows, V] of final-normed rows [rows, H]: the unembedding, then Gemma 2's soft-cap.
+    pub fn unembed(&self, rows: &Tensor) -> Result<Tensor> {
+        let mut logits = self.tensor(&[rows.dims()[0], self.config.vocab_size])?;
+        self.linear(&mut logits, rows, self.unembedding(), None)?;
+        if let Some(cap) = self.config.final_logit_softcapping {
+            self.backend.softcap(&mut logits, cap as f32)?;
+        }
+        Ok(logits)
+    }
+
+    /// `delta` through a norm of its own before it joins the stream, where the layer has one
+    /// (Gemma 2's post-norms); `delta` itself otherwise.
+    fn post_norm(&self, delta: Tensor, norm: Option<&Tensor>) -> Result<Tensor> {
+        let Some(w) = norm else { return Ok(delta) };
+        let mut out = self.tensor(delta.dims())?;
+        self.backend.rms_norm(&mut out, &delta, w, self.config.rms_norm_eps as f32)?;
+        Ok(out)
+    }
+
     /// Runs the batch through the model, writing its K/V into `cache`; returns logits [rows, V].
     pub fn forward(&self, batch: &Batch, cache: &mut KvCache, which: Logits) -> Result<Tensor> {
         self.forward_hooked(batch, cache, which, None)
@@ -343,7 +379,6 @@ impl Llama {
         let (h, hq, hkv, d) = (c.hidden_size, c.num_attention_heads, c.kv_heads(), c.head_dim());
         self.check_batch(batch)?;
         let eps = c.rms_norm_eps as f32;
-        let scale = 1.0 / (d as f32).sqrt();
         // Whole prompts with nothing cached attend straight to their own K/V (flash-attention's case);
         // anything else (decode, a chunk after a cached prefix) reads through the block tables.
         let whole_prompts = batch.seqs.iter().all(|s| s.q_len == s.context_len);
@@ -356,7 +391,7 @@ impl Llama {
             let n = self.capture_elements(hooks, t);
             hooks.begin_deferred(&x, n)?;
         }
-        b.embedding(&mut x, &self.embed, batch.tokens)?;
+        b.embedding_scaled(&mut x, &self.embed, batch.tokens, c.embed_scale())?;
         let mut xb = self.tensor(&[t, h])?; // (T, H) the normed stream a block reads
         b.rms_norm(&mut xb, &x, &self.layers[0].attn_norm, eps)?;
 
@@ -399,35 +434,41 @@ impl Llama {
             hooks.tap(Site::Q, l, &q)?;
             hooks.tap(Site::K, l, &k)?;
             hooks.tap(Site::V, l, &v)?;
-            // Grouped-query causal attention.
+            // Grouped-query causal attention (soft-capped scores, a sliding window: as the layer's
+            // config says).
+            let scores = c.scores(l);
             let mut att = self.tensor(&[t, hq, d])?; // (T, Hq, D)
             if whole_prompts {
-                b.attention(&mut att, &q, &k, &v, &seq_lens, scale)?;
+                b.attention_with(&mut att, &q, &k, &v, &seq_lens, scores, true)?;
             } else {
-                b.paged_attention(&mut att, &q, &cache.k[l], &cache.v[l], batch.seqs, batch.block_table, scale)?;
+                b.paged_attention_with(&mut att, &q, &cache.k[l], &cache.v[l], batch.seqs, batch.block_table, scores)?;
             }
             let att = att.reshape(&[t, hq * d])?;
             let mut attn_out = self.tensor(&[t, h])?; // (T, H)
             self.linear(&mut attn_out, &att, &layer.wo, None)?;
+            // What joins the stream (Gemma 2: normed first) is what the tap sees.
+            let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
             hooks.tap(Site::AttnOut, l, &attn_out)?;
             // Residual and norm in one pass (add_rms_norm): x += attn_out, xb = the MLP's norm of x.
             b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
 
-            // MLP: SwiGLU, its two projections and the gate in one op where the backend fuses them
-            // (weights in the activations' dtype), else three.
+            // MLP: SwiGLU (GeGLU for Gemma), its two projections and the gate in one op where the
+            // backend fuses them (SwiGLU, weights in the activations' dtype), else three.
             let i = c.intermediate_size;
+            let glu = c.glu_act();
             let mut act = self.tensor(&[t, i])?; // (T, I)
-            if self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up]) {
+            if glu == GluAct::Silu && self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up]) {
                 b.swiglu_linear(&mut act, &xb, &layer.w_gate, &layer.w_up)?;
             } else {
                 let mut gate = self.tensor(&[t, i])?; // (T, I)
                 let mut up = self.tensor(&[t, i])?; // (T, I)
                 self.linear(&mut gate, &xb, &layer.w_gate, None)?;
                 self.linear(&mut up, &xb, &layer.w_up, None)?;
-                b.swiglu(&mut act, &gate, &up)?;
+                b.glu(&mut act, &gate, &up, glu)?;
             }
             let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
             self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
+            let mlp_out = self.post_norm(mlp_out, layer.mlp_post_norm.as_ref())?;
             hooks.tap(Site::MlpOut, l, &mlp_out)?;
             // Residual and the next norm in one pass: x += mlp_out, xb = the next layer's attention
             // norm of x (the final norm after the last layer), so no layer starts with a norm of its own.
@@ -453,10 +494,8 @@ impl Llama {
                 sel
             }
         };
-        let mut logits = self.tensor(&[rows.dims()[0], c.vocab_size])?;
         // The unembedding: a projection onto the vocabulary.
-        self.linear(&mut logits, &rows, self.unembedding(), None)?;
-        Ok(logits)
+        self.unembed(&rows)
     }
 
     /// The values a pass over `t` tokens captures for `hooks`: each site asked at each layer asked.
@@ -554,6 +593,19 @@ impl Loader<'_> {
             ));
         }
         Ok(t)
+    }
+
+    /// A norm's weight [n]: as `vector`, or, with `plus_one` (Gemma's norms multiply by 1 + w), 1 + w
+    /// in f32, as HF computes it.
+    fn norm(&self, name: &str, n: usize, plus_one: bool) -> Result<Tensor> {
+        if !plus_one {
+            return self.vector(name, n);
+        }
+        let t = self.get(name, &[n])?;
+        let mut w = vec![0f32; n];
+        dequantize(t.dtype, &t.data, &mut w).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))?;
+        w.iter_mut().for_each(|v| *v += 1.0);
+        Tensor::from_f32(self.backend, DType::F32, &[n], &w).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))
     }
 
     /// A norm weight or bias: kept in the file's float dtype, or converted to f32 if quantized.

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use highrise_core::quant::dequantize;
 use highrise_core::DType;
 use memmap2::Mmap;
 
@@ -108,7 +109,7 @@ impl Source {
     /// precomputed RoPE tables, are left out).
     pub fn tensor_names(&self) -> Vec<String> {
         match self {
-            Source::Gguf { gguf, .. } => gguf.tensors.iter().filter_map(|t| rename(&t.name, false)).collect(),
+            Source::Gguf { gguf, config } => gguf.tensors.iter().filter_map(|t| rename(&t.name, false, config)).collect(),
             Source::Hf(h) => h.index.keys().cloned().collect(),
         }
     }
@@ -177,8 +178,15 @@ const LAYER_NAMES: [(&str, &str); 13] = [
     ("mlp.gate_up_proj", "ffn_up"),
 ];
 
-/// Renames between the two vocabularies; `to_gguf` picks the direction.
-fn rename(name: &str, to_gguf: bool) -> Option<String> {
+/// Gemma 2's norms, where llama.cpp's names differ from the other families' (searched first).
+const GEMMA2_NAMES: [(&str, &str); 3] = [
+    ("post_attention_layernorm", "post_attention_norm"),
+    ("pre_feedforward_layernorm", "ffn_norm"),
+    ("post_feedforward_layernorm", "post_ffw_norm"),
+];
+
+/// Renames between the two vocabularies for a model of `config`; `to_gguf` picks the direction.
+fn rename(name: &str, to_gguf: bool, config: &ModelConfig) -> Option<String> {
     let pick = |(hf, g): (&'static str, &'static str)| if to_gguf { (hf, g) } else { (g, hf) };
     if let Some((_, to)) = GLOBAL_NAMES.into_iter().map(pick).find(|(from, _)| *from == name) {
         return Some(to.to_string());
@@ -186,7 +194,8 @@ fn rename(name: &str, to_gguf: bool) -> Option<String> {
     let (from_prefix, to_prefix) = if to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
     let (layer, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
     let (part, suffix) = rest.rsplit_once('.')?; // weight or bias
-    let (_, to) = LAYER_NAMES.into_iter().map(pick).find(|(from, _)| *from == part)?;
+    let family: &[(&str, &str)] = if config.gemma() { &GEMMA2_NAMES } else { &[] };
+    let (_, to) = family.iter().copied().chain(LAYER_NAMES).map(pick).find(|(from, _)| *from == part)?;
     Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
 }
 
@@ -198,7 +207,7 @@ fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> 
     if config.model_type == "phi3" && hf.ends_with(".mlp.up_proj.weight") {
         return None;
     }
-    let g = rename(hf, true)?;
+    let g = rename(hf, true, config)?;
     // llama.cpp permutes q/k rows only for the llama architecture (for its interleaved RoPE).
     let permuted = config.model_type == "llama";
     let heads = match g.rsplit('.').nth(1) {
@@ -219,6 +228,14 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
         None => Cow::Borrowed(data),
     };
     let span = info.start..info.start + info.len;
+    if config.gemma() && name.ends_with("norm.weight") {
+        // llama.cpp stores Gemma 2's norms as the factor they multiply by, 1 + w; HF's (and so the
+        // loader's, and `convert`'s) tensor is w.
+        let mut w = vec![0f32; info.dims.iter().product()];
+        dequantize(info.dtype, &data, &mut w).map_err(|e| Error::tensor(&gguf.path, &gname, e))?;
+        let bytes = w.iter().flat_map(|v| (v - 1.0).to_le_bytes()).collect();
+        return Ok(Some(FileTensor { dtype: DType::F32, dims: info.dims.clone(), data: Cow::Owned(bytes), owner, span }));
+    }
     Ok(Some(FileTensor { dtype: info.dtype, dims: info.dims.clone(), data, owner, span }))
 }
 

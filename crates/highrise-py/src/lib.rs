@@ -303,14 +303,17 @@ impl Engine {
         Ok((logits, caps))
     }
 
-    /// Attention probabilities [heads, T, T] recomputed from one prompt's captured Q [T, Hq*D] and K.
+    /// Attention probabilities [heads, T, T] recomputed from one prompt's captured Q [T, Hq*D] and K
+    /// of `layer` (scored as that layer scores: its soft-cap and sliding window).
     fn attention<'py>(
         &self,
         py: Python<'py>,
         q: PyReadonlyArray2<'py, f32>,
         k: PyReadonlyArray2<'py, f32>,
+        layer: usize,
     ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let c = &self.model.config;
+        let scores = c.scores(layer);
         let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
         let t = q.shape()[0];
         if q.shape() != [t, hq * d] || k.shape() != [t, hkv * d] {
@@ -323,7 +326,7 @@ impl Engine {
             )));
         }
         let (q, k) = (q.as_slice()?.to_vec(), k.as_slice()?.to_vec());
-        let probs = py.detach(move || attention_probs(&q, &k, hq, hkv, d));
+        let probs = py.detach(move || attention_probs(&q, &k, [hq, hkv, d], scores));
         array(py, probs, vec![hq, t, t])
     }
 

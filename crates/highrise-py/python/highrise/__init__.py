@@ -207,7 +207,7 @@ class ActivationCache(Mapping):
         captured q and k: the attention kernels never write them)."""
         if ("q", layer) not in self._arrays or ("k", layer) not in self._arrays:
             raise KeyError(f"attention patterns at layer {layer} need q and k captured there (names: 'q', 'k' or 'pattern')")
-        return self.model._engine.attention(self._arrays[("q", layer)], self._arrays[("k", layer)])
+        return self.model._engine.attention(self._arrays[("q", layer)], self._arrays[("k", layer)], layer)
 
     def kv(self, layer: int) -> tuple:
         """The key/value stream of ``layer``: K and V, each [T, n_key_value_heads, d_head]."""
