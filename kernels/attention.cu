@@ -16,15 +16,16 @@
 #define MAX_D 256
 
 // Rotates x [T, heads, D] in place (rotate_half pairing: dim i with i + D/2) by positions[t] *
-// inv_freq[i]; angles in double, as the CPU backend takes them. Block (t, head), D/2 threads.
+// inv_freq[i], cos and sin times mscale (1, or LongRoPE's attention factor); angles in double, as
+// the CPU backend takes them. Block (t, head), D/2 threads.
 template <class D>
-__device__ void rope(typename D::T* x, const u32* positions, const double* inv_freq, u32 heads, u32 d) {
+__device__ void rope(typename D::T* x, const u32* positions, const double* inv_freq, u32 heads, u32 d, float mscale) {
     const u32 half = d / 2, i = threadIdx.x;
     if (i >= half) return;
     const u64 base = ((u64)blockIdx.x * heads + blockIdx.y) * d;
     double s, c;
     sincos((double)positions[blockIdx.x] * inv_freq[i], &s, &c);
-    const float cf = (float)c, sf = (float)s;
+    const float cf = (float)c * mscale, sf = (float)s * mscale;
     const float a = D::load(x, base + i), b = D::load(x, base + i + half);
     D::store(x, base + i, a * cf - b * sf);
     D::store(x, base + i + half, b * cf + a * sf);
@@ -51,7 +52,7 @@ __device__ void kv_write(typename D::T* k_cache, typename D::T* v_cache, const t
 template <class D>
 __device__ void rope_kv_write(typename D::T* k_cache, typename D::T* v_cache, typename D::T* k, const typename D::T* v,
                               const u32* slots, u32 hkv, u32 d, u32 block_size, typename D::T* q, const u32* positions,
-                              const double* inv_freq, u32 hq) {
+                              const double* inv_freq, u32 hq, float mscale) {
     const u32 half = d / 2, i = threadIdx.x, t = blockIdx.x;
     if (i >= half) return;
     const bool is_q = blockIdx.y < hq;
@@ -60,7 +61,7 @@ __device__ void rope_kv_write(typename D::T* k_cache, typename D::T* v_cache, ty
     const u64 base = ((u64)t * (is_q ? hq : hkv) + head) * d;
     double s, c;
     sincos((double)positions[t] * inv_freq[i], &s, &c);
-    const float cf = (float)c, sf = (float)s;
+    const float cf = (float)c * mscale, sf = (float)s * mscale;
     const float a = D::load(x, base + i), b = D::load(x, base + i + half);
     D::store(x, base + i, a * cf - b * sf);
     D::store(x, base + i + half, b * cf + a * sf);
@@ -284,8 +285,9 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     }
 
 #define ATTENTION(s, D)                                                                                           \
-    extern "C" __global__ void rope_##s(D::T* x, const u32* positions, const double* inv_freq, u32 heads, u32 d) { \
-        rope<D>(x, positions, inv_freq, heads, d);                                                                \
+    extern "C" __global__ void rope_##s(D::T* x, const u32* positions, const double* inv_freq, u32 heads, u32 d, \
+                                        float mscale) {                                                           \
+        rope<D>(x, positions, inv_freq, heads, d, mscale);                                                        \
     }                                                                                                             \
     extern "C" __global__ void kv_write_##s(D::T* k_cache, D::T* v_cache, const D::T* k, const D::T* v,          \
                                             const u32* slots, u32 hkv, u32 d, u32 block_size) {                   \
@@ -293,8 +295,9 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     }                                                                                                             \
     extern "C" __global__ void rope_kv_write_##s(D::T* k_cache, D::T* v_cache, D::T* k, const D::T* v,          \
                                                  const u32* slots, u32 hkv, u32 d, u32 block_size, D::T* q,      \
-                                                 const u32* positions, const double* inv_freq, u32 hq) {         \
-        rope_kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size, q, positions, inv_freq, hq);          \
+                                                 const u32* positions, const double* inv_freq, u32 hq,           \
+                                                 float mscale) {                                                  \
+        rope_kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size, q, positions, inv_freq, hq, mscale);  \
     }                                                                                                             \
     extern "C" __global__ void attn_combine_##s(D::T* out, const float* partial, u32 hq, u32 d, u32 splits) {    \
         attn_combine<D>(out, partial, hq, d, splits);                                                             \

@@ -99,3 +99,11 @@ fn phi3_with_fused_projections() {
 fn gemma2_with_post_norms_soft_caps_and_alternating_windows() {
     check("gemma2");
 }
+
+/// Phi-3.5: Phi-3 with longrope (per-frequency factors, cos and sin scaled by its attention factor),
+/// its long factors in use (a context of 256 served beside a pretrained one of 16); from GGUF, the
+/// factors as llama.cpp's `rope_factors_long`/`_short` tensors.
+#[test]
+fn phi3_5_with_longrope() {
+    check("phi3.5");
+}

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use highrise::core::ops::sampling::sample_row;
-use highrise::core::ops::{GluAct, PagedSeq, RopeConfig, RopeScaling, SampleParams, Scores};
+use highrise::core::ops::{GluAct, PagedSeq, RopeConfig, RopeScaling, SampleParams, Scores, MAX_ROPE_PAIRS};
 use highrise::core::{DType, Tensor};
 
 const SEQ_LENS: [usize; 4] = [1, 7, 64, 300];
@@ -209,6 +209,40 @@ fn rope_llama3_scaling_follows_the_reference_formula() {
     be().rope(&mut xt, &positions, cfg).unwrap();
     let exact = ref_rope(&x, &positions, &inv, heads, Rd::Exact);
     assert_close("rope llama3", DType::F32, &download(&xt), &exact, &exact);
+}
+
+/// LongRoPE as Phi-3.5 uses it, at head dim `d`: a divisor of its own per pair, cos and sin scaled.
+fn longrope(d: usize) -> RopeConfig {
+    let mut divisors = [1f32; MAX_ROPE_PAIRS];
+    divisors.iter_mut().take(d / 2).enumerate().for_each(|(i, f)| *f = 1.0 + 0.3 * i as f32);
+    RopeConfig { theta: 10_000.0, scaling: RopeScaling::Factors { attention_factor: 1.19, pairs: (d / 2) as u32, divisors } }
+}
+
+/// LongRoPE (Phi-3.5): each pair's frequency over its own divisor, cos and sin times the attention
+/// factor, against the formula written out here.
+#[test]
+fn rope_longrope_factors_follow_the_reference_formula() {
+    if backend("rope_longrope_factors_follow_the_reference_formula").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("rope_longrope");
+    for dt in FLOATS {
+        for d in [64, 128] {
+            let (t, heads) = (9, 3);
+            let inv: Vec<f64> = ref_inv_freq(10_000.0, d).into_iter().enumerate().map(|(i, f)| f / (1.0 + 0.3 * i as f32) as f64).collect();
+            let x = rng.values(t * heads * d, 1.0, dt);
+            let positions: Vec<u32> = (0..t).map(|_| rng.below(100_000) as u32).collect();
+            let mut xt = upload(dt, &[t, heads, d], &x);
+            be().rope(&mut xt, &positions, longrope(d)).unwrap();
+            let m = 1.19f32 as f64;
+            let reference = |rd: Rd| ref_rope(&x, &positions, &inv, heads, rd).into_iter().map(|v| rd.r(v * m)).collect::<Vec<f64>>();
+            assert_close(&format!("rope longrope {dt} D={d}"), dt, &download(&xt), &reference(Rd::Exact), &reference(Rd::Naive(dt)));
+        }
+    }
+    // Factors that do not match the head dim are refused, naming the op.
+    let mut xt = upload(DType::F32, &[1, 1, 64], &[0.0; 64]);
+    let err = be().rope(&mut xt, &[0], longrope(128)).unwrap_err().to_string();
+    assert!(err.contains("rope") && err.contains("64 rope factors for a head dim of 64"), "{err}");
 }
 
 /// (q heads, kv heads) for grouped-query ratios 1, 3 and 4.
@@ -618,7 +652,7 @@ fn rope_kv_write_equals_its_three_ops() {
     let config = RopeConfig { theta: 10000.0, scaling: RopeScaling::None };
     for dt in FLOATS {
         for (hq, hkv) in GQA {
-            for d in [64, 128] {
+            for (d, config) in [64, 128].into_iter().flat_map(|d| [(d, config), (d, longrope(d))]) {
                 for t in [1, 5, 40] {
                     let (block_size, blocks) = (16, 8);
                     let positions: Vec<u32> = (0..t as u32).map(|i| 3 + i * 7).collect();

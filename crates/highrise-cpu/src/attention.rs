@@ -17,6 +17,7 @@ use crate::team::Team;
 pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
     let [heads, d] = [op.x.dims()[1], op.x.dims()[2]];
     let inv_freq = op.config.inv_freq(d);
+    let m = op.config.attention_factor();
     let positions = op.positions.as_slice();
     with_float!(op.x.dtype, "rope", E => {
         // SAFETY: x is the op's only tensor.
@@ -26,7 +27,7 @@ pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
             for (token, &pos) in tokens.chunks_exact_mut(heads * d).zip(&positions[t0..]) {
                 for (i, f) in inv_freq.iter().enumerate() {
                     let angle = pos as f64 * f;
-                    (cos[i], sin[i]) = (angle.cos() as f32, angle.sin() as f32);
+                    (cos[i], sin[i]) = (angle.cos() as f32 * m, angle.sin() as f32 * m);
                 }
                 for head in token.chunks_exact_mut(d) {
                     E::load(head, &mut row);

@@ -198,8 +198,9 @@ pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
     let threads = rope_threads("rope", d)?;
     let x = be.ptr("x", &op.x)?;
     let inv_freq = op.config.inv_freq(d as usize);
+    let mscale = op.config.attention_factor();
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)])?;
-    be.launch(&format!("rope_{s}"), (t, heads, 1), (threads, 1, 1), &[&x, &addr[0], &addr[1], &heads, &d])
+    be.launch(&format!("rope_{s}"), (t, heads, 1), (threads, 1, 1), &[&x, &addr[0], &addr[1], &heads, &d, &mscale])
 }
 
 /// The block of the RoPE kernels at head dim `d`: a thread per pair of dims (at least a warp);
@@ -224,11 +225,12 @@ pub fn rope_kv_write(be: &CudaBackend, st: &mut OpState, op: &RopeKvWrite) -> Re
     let inv_freq = op.config.inv_freq(d as usize);
     let parts = [bytes_of(op.slots.as_slice()), bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)];
     let (_, addr) = be.upload(st, 0, &parts)?;
+    let mscale = op.config.attention_factor();
     be.launch(
         &format!("rope_kv_write_{s}"),
         (t, hq + hkv, 1),
         (threads, 1, 1),
-        &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size, &q, &addr[1], &addr[2], &hq],
+        &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size, &q, &addr[1], &addr[2], &hq, &mscale],
     )
 }
 

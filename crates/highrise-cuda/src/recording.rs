@@ -378,9 +378,9 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "add_bias" => vec![P, P, U32, U32, U64],
         "to_f32" => vec![P, P, U32, U64],
         "from_f32" => vec![P, P, U64],
-        "rope" => vec![P, P, P, U32, U32],
+        "rope" => vec![P, P, P, U32, U32, F32],
         "kv_write" => vec![P, P, P, P, P, U32, U32, U32],
-        "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32],
+        "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, U32, F32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
@@ -561,7 +561,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 0, 0, a.u64(2), elt, "n elements");
         }
         "rope" => {
-            // (x, positions, inv_freq, heads, d): block (t, head), d/2 threads.
+            // (x, positions, inv_freq, heads, d, mscale): block (t, head), d/2 threads.
             let (heads, d) = (a.u32(3) as u64, a.u32(4) as u64);
             if gy != heads || (a.block.0 as u64) < d / 2 {
                 return Err(format!("grid {:?} and block {:?} do not cover {heads} heads of {} pairs", a.grid, a.block, d / 2));
@@ -573,7 +573,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             cache_rows(a, out, elt)?;
         }
         "rope_kv_write" => {
-            // kv_write's parameters, then (q, positions, inv_freq, hq): block (t, head) over hq heads
+            // kv_write's parameters, then (q, positions, inv_freq, hq, mscale): block (t, head) over hq heads
             // of q then hkv of k, d/2 threads.
             let (hkv, d, hq) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(11) as u64);
             if gy != hq + hkv || (a.block.0 as u64) < d / 2 {
@@ -967,6 +967,11 @@ fn rope_rows(a: &Args<'_>, out: &mut Vec<Access>, elt: u64, [x, positions, inv_f
     push(out, x, 0, t * heads * d, elt, "x");
     push(out, positions, 0, t, 4, "positions");
     push(out, inv_freq, 0, d / 2, 8, "inv_freq");
+    // The cos/sin factor (1, or LongRoPE's attention factor): both rope kernels' last parameter.
+    let mscale = a.f32(a.kinds.len() - 1);
+    if !(mscale.is_finite() && mscale > 0.0) {
+        return Err(format!("mscale {mscale} is not finite and above 0"));
+    }
     Ok(())
 }
 

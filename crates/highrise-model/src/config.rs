@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use highrise_core::ops::{GluAct, RopeConfig, RopeScaling, Scores};
+use highrise_core::ops::{GluAct, RopeConfig, RopeScaling, Scores, MAX_ROPE_PAIRS};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
@@ -18,7 +18,7 @@ pub const FAMILIES: [(&str, &str); 6] = [
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
-    ("phi3", "Phi-3 mini (fused qkv_proj and gate_up_proj; longrope and partial RoPE are refused)"),
+    ("phi3", "Phi-3 mini, Phi-3.5 mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE is refused)"),
     ("gemma2", "Gemma 2 (GeGLU, sqrt(hidden) embeddings, (1 + w) norms before and after each block, soft-capped attention and logits, sliding window every other layer)"),
 ];
 
@@ -62,6 +62,9 @@ pub struct ModelConfig {
     pub partial_rotary_factor: Option<f64>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// Phi-3.5: the context it was pretrained on, before longrope stretched it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -215,10 +218,31 @@ impl ModelConfig {
                 None => None,
             },
         };
-        // Phi-3.5's long-context RoPE (per-frequency factors for short and long contexts).
-        if g.tensor("rope_factors_long.weight").is_some() || g.tensor("rope_factors_short.weight").is_some() {
-            return Err(Error::tensor(path, "rope_factors_long.weight", "longrope RoPE scaling is not supported"));
-        }
+        // Phi-3.5's long-context RoPE: per-frequency factors for short and long contexts, as
+        // llama.cpp's converter writes them (two f32 tensors, the original context, the cos/sin factor).
+        let rope_scaling = match (g.tensor("rope_factors_short.weight"), g.tensor("rope_factors_long.weight")) {
+            (None, None) => rope_scaling,
+            (Some(short), Some(long)) => {
+                let factors = |t: &crate::gguf::TensorInfo, name: &str| -> Result<Vec<f32>> {
+                    if t.dtype != highrise_core::DType::F32 {
+                        return Err(Error::tensor(path, name, format!("{} (f32 expected)", t.dtype)));
+                    }
+                    Ok(g.data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+                };
+                let orig = num("rope.scaling.original_context_length")?;
+                let mut p = serde_json::json!({
+                    "rope_type": "longrope",
+                    "short_factor": factors(short, "rope_factors_short.weight")?,
+                    "long_factor": factors(long, "rope_factors_long.weight")?,
+                    "original_max_position_embeddings": orig,
+                });
+                if let Some(f) = float("rope.scaling.attn_factor") {
+                    p["attention_factor"] = f.into();
+                }
+                Some(p)
+            }
+            _ => return Err(Error::tensor(path, "rope_factors_long.weight", "longrope needs both rope_factors_short and rope_factors_long")),
+        };
         let token = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let tied = g.tensor("output.weight").is_none();
         let c = ModelConfig {
@@ -242,6 +266,7 @@ impl ModelConfig {
             rope_theta: theta,
             rope_scaling,
             max_position_embeddings: num("context_length").unwrap_or(2048),
+            original_max_position_embeddings: num("rope.scaling.original_context_length").ok(),
             tie_word_embeddings: tied,
             attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
@@ -411,9 +436,46 @@ impl ModelConfig {
                 high_freq_factor: f("high_freq_factor")? as f32,
                 original_max_position: f("original_max_position_embeddings")? as u32,
             },
-            other => return Err(format!("rope type {other:?} is not supported (linear, llama3 are)")),
+            "longrope" => self.longrope(s)?,
+            other => return Err(format!("rope type {other:?} is not supported (linear, llama3, longrope are)")),
         };
         Ok(RopeConfig { theta, scaling })
+    }
+}
+
+impl ModelConfig {
+    /// LongRoPE (Phi-3.5) as HF computes it: the long factors when the context served (here the
+    /// model's whole `max_position_embeddings`) is past the pretrained one, else the short ones
+    /// (llama.cpp's rule, which picks once per context; HF picks per call by the sequence's length,
+    /// so the two agree on every sequence past the pretrained context, and on all when the context
+    /// served is within it); cos and sin times `attention_factor`, by default sqrt(1 + ln(factor) /
+    /// ln(original)) with factor the served context over the original.
+    fn longrope(&self, s: &Json) -> std::result::Result<RopeScaling, String> {
+        let orig = s
+            .get("original_max_position_embeddings")
+            .and_then(Json::as_u64)
+            .map(|v| v as usize)
+            .or(self.original_max_position_embeddings)
+            .ok_or("longrope scaling needs original_max_position_embeddings")?;
+        let list = |key: &str| -> std::result::Result<Vec<f32>, String> {
+            let v = s.get(key).and_then(Json::as_array).ok_or_else(|| format!("longrope scaling needs {key}"))?;
+            v.iter().map(|x| x.as_f64().map(|x| x as f32).ok_or_else(|| format!("{key}: {x} is not a number"))).collect()
+        };
+        let long = self.context_len() > orig;
+        let factors = list(if long { "long_factor" } else { "short_factor" })?;
+        let pairs = self.head_dim() / 2;
+        if factors.len() != pairs || pairs > MAX_ROPE_PAIRS {
+            return Err(format!("{} longrope factors for a head dim of {} ({pairs} pairs)", factors.len(), self.head_dim()));
+        }
+        let factor = s.get("factor").and_then(Json::as_f64).unwrap_or(self.max_position_embeddings as f64 / orig as f64);
+        let attention_factor = match s.get("attention_factor").and_then(Json::as_f64) {
+            Some(f) => f,
+            None if factor <= 1.0 => 1.0,
+            None => (1.0 + factor.ln() / (orig as f64).ln()).sqrt(),
+        };
+        let mut divisors = [1f32; MAX_ROPE_PAIRS];
+        divisors[..pairs].copy_from_slice(&factors);
+        Ok(RopeScaling::Factors { attention_factor: attention_factor as f32, pairs: pairs as u32, divisors })
     }
 }
 

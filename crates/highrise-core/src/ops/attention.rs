@@ -86,7 +86,12 @@ impl QkvLinear<'_> {
     }
 }
 
-/// How RoPE frequencies are stretched for contexts longer than the model was trained on.
+/// The most dimension pairs `RopeScaling::Factors` holds a divisor for: head dims up to 256.
+pub const MAX_ROPE_PAIRS: usize = 128;
+
+/// How RoPE frequencies are stretched for contexts longer than the model was trained on. (Its
+/// LongRoPE variant holds its divisors inline, as the plugin ABI lays the op out: no pointers.)
+#[allow(clippy::large_enum_variant)]
 #[repr(C, u32)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RopeScaling {
@@ -95,6 +100,10 @@ pub enum RopeScaling {
     Linear { factor: f32 },
     /// Llama 3.1's scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
     Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: u32 },
+    /// Each pair's frequency divided by a divisor of its own (`divisors[..pairs]`, one per pair of the
+    /// head dim), and cos and sin multiplied by `attention_factor`: LongRoPE (Phi-3.5), with the
+    /// model's short or long factors as the config picks them.
+    Factors { attention_factor: f32, pairs: u32, divisors: [f32; MAX_ROPE_PAIRS] },
 }
 
 /// RoPE parameters, as a model's config gives them.
@@ -120,6 +129,7 @@ impl RopeConfig {
                 match self.scaling {
                     RopeScaling::None => f,
                     RopeScaling::Linear { factor } => f / factor as f64,
+                    RopeScaling::Factors { divisors, .. } => f / divisors[i.min(MAX_ROPE_PAIRS - 1)] as f64,
                     RopeScaling::Llama3 {
                         factor,
                         low_freq_factor,
@@ -143,10 +153,38 @@ impl RopeConfig {
             })
             .collect()
     }
+
+    /// What cos and sin are multiplied by (1 but for LongRoPE's attention factor).
+    pub fn attention_factor(&self) -> f32 {
+        match self.scaling {
+            RopeScaling::Factors { attention_factor, .. } => attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// Checks the parameters against a head dim of `d`.
+    fn validate(&self, d: usize) -> CheckResult {
+        if !(self.theta.is_finite() && self.theta > 1.0) {
+            return Err(format!("rope theta must be finite and above 1, is {}", self.theta));
+        }
+        if let RopeScaling::Factors { attention_factor, pairs, divisors } = self.scaling {
+            if pairs as usize != d / 2 {
+                return Err(format!("{pairs} rope factors for a head dim of {d} ({} pairs)", d / 2));
+            }
+            if let Some(f) = divisors[..(pairs as usize).min(MAX_ROPE_PAIRS)].iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                return Err(format!("rope factor {f} must be finite and above 0"));
+            }
+            if !(attention_factor.is_finite() && attention_factor > 0.0) {
+                return Err(format!("rope attention factor {attention_factor} must be finite and above 0"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Rotary position embedding, in place, in the rotate_half convention: dimension i is paired with
-/// i + D/2, and the pair is rotated by `positions[t] * inv_freq[i]`.
+/// i + D/2, and the pair is rotated by `positions[t] * inv_freq[i]`, cos and sin times the config's
+/// `attention_factor()`.
 /// x [T, heads, D] (D even), positions [T].
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -168,10 +206,7 @@ impl Rope<'_> {
         if self.positions.len() != d[0] {
             return Err(format!("{} positions for {} tokens", self.positions.len(), d[0]));
         }
-        if !(self.config.theta.is_finite() && self.config.theta > 1.0) {
-            return Err(format!("rope theta must be finite and above 1, is {}", self.config.theta));
-        }
-        Ok(())
+        self.config.validate(d[2])
     }
 }
 

@@ -20,7 +20,7 @@ pub mod sampling;
 
 pub use attention::{
     cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear, Rope, RopeConfig, RopeKvWrite,
-    RopeScaling, Scores,
+    RopeScaling, Scores, MAX_ROPE_PAIRS,
 };
 pub use mlp::{GluAct, SwiGlu, SwiGluLinear};
 pub use residual::{AddRmsNorm, Embedding, RmsNorm};

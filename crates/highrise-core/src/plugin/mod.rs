@@ -25,7 +25,8 @@ pub use loader::{
 /// Bumped on any change to the vtable or to a type that crosses it (`Op` and the op structs,
 /// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`;
 /// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`, `SwiGluLinear`;
-/// 9: `Scores` (soft-capping, sliding window), `Embedding::scale`, `SwiGlu::act`, `Softcap`).
+/// 9: `Scores` (soft-capping, sliding window), `Embedding::scale`, `SwiGlu::act`, `Softcap`,
+/// `RopeScaling::Factors`).
 pub const ABI_VERSION: u32 = 9;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
