@@ -20,6 +20,14 @@ fn random_llama_matches_cpu_logits_and_64_greedy_steps() {
     random_llama_matches_cpu(&gpu, 64, &[DType::F32]);
 }
 
+/// Gemma 2's layout (post-norms, GeGLU, soft-capped scores and logits, a sliding window on layer 0)
+/// on the GPU against the CPU: logits, and 64 greedy steps in f32.
+#[test]
+fn random_gemma2_matches_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random gemma 2") else { return };
+    random_model_matches_cpu(&gpu, "tiny-gemma2", 64, &[DType::F32]);
+}
+
 /// Decode steps replayed as CUDA graphs give the tokens of the same steps launched op by op.
 #[test]
 fn decode_steps_as_graphs_give_the_same_tokens() {

@@ -24,6 +24,15 @@ fn random_llama_on_the_emulated_device_matches_the_cpu() {
     random_llama_matches_cpu(&dev, 24, &[DType::F32, DType::BF16]);
 }
 
+/// The same for Gemma 2's layout (#21): scaled embeddings, post-norms, GeGLU, soft-capped scores
+/// (the split kernels, which take them) and logits, and a 16-token window on layer 0 beside the
+/// 37-token prompt and the steps after it.
+#[test]
+fn random_gemma2_on_the_emulated_device_matches_the_cpu() {
+    let Some(dev) = backend("random gemma 2 on the emulated device") else { return };
+    random_model_matches_cpu(&dev, "tiny-gemma2", 8, &[DType::F32, DType::BF16]);
+}
+
 /// Decode steps run as CUDA graphs (#20) give exactly the tokens of the same steps op by op
 /// (`common::graphs_give_the_same_tokens`). The graphs' launches run on the emulated device with the
 /// parameters they were captured with, reading the metadata copied for each step: anything a step

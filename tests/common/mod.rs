@@ -386,10 +386,15 @@ pub fn random_quant(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> (V
 /// log-probabilities as close, for each dtype of `greedy` (greedy ids can part at a near tie where the
 /// backends round differently: a GPU's bf16 sums are ordered otherwise than the CPU's).
 pub fn random_llama_matches_cpu(dev: &Arc<dyn Backend>, steps: usize, greedy: &[DType]) {
+    random_model_matches_cpu(dev, "tiny", steps, greedy)
+}
+
+/// `random_llama_matches_cpu` for the named shape `shape` (`ModelConfig::shape`).
+pub fn random_model_matches_cpu(dev: &Arc<dyn Backend>, shape: &str, steps: usize, greedy: &[DType]) {
     use highrise::engine::{generate, GenerateParams};
     use highrise::model::{Llama, Logits, ModelConfig};
     for dtype in [DType::F32, DType::BF16] {
-        let config = ModelConfig::shape("tiny").unwrap();
+        let config = ModelConfig::shape(shape).unwrap();
         let on_cpu = Llama::random(config.clone(), cpu(), dtype, 7).unwrap();
         let on_dev = Llama::random(config, dev.clone(), dtype, 7).unwrap();
         let prompt: Vec<u32> = (0..37).map(|i| (i * 13 + 5) % 512).collect();

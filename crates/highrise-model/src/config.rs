@@ -117,7 +117,8 @@ fn default_max_pos() -> usize {
 
 impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
-    /// `smollm2-135m`, and `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512).
+    /// `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
+    /// `tiny-gemma2` (the same in Gemma 2's layout).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -134,12 +135,20 @@ impl ModelConfig {
                 "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
             }),
+            // Gemma 2's layout at tiny's size: a 16-token window on layer 0, caps that bend.
+            "tiny-gemma2" => serde_json::json!({
+                "model_type": "gemma2", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                "max_position_embeddings": 1024, "hidden_activation": "gelu_pytorch_tanh",
+                "query_pre_attn_scalar": 64, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 200.0, "tie_word_embeddings": true,
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 3] = ["llama-3-8b", "smollm2-135m", "tiny"];
+    pub const SHAPES: [&'static str; 4] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2"];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
