@@ -366,9 +366,13 @@ __device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, u3
     }
 }
 
+// With a sliding window (`mods.window` > 0: row at position p sees keys above p - window) the
+// tiles before the first row's first key are never visited, and tiles that cross a row's first key
+// are masked there too; with soft-capping (`mods.softcap` > 0) each score becomes softcap tanh(scale
+// s / softcap) before the online softmax, which then works in log2 units of it.
 template <int D, int WARPS, int MT, int KEYS, bool BF16>
 __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
-                           u32 hkv, float scale_log2, u16* smem) {
+                           u32 hkv, float scale_log2, ScoreMods mods, u16* smem) {
     constexpr u32 ROWS = 16 * MT * WARPS, THREADS = 32 * WARPS, NT = KEYS / 8;
     u16* qs = smem;              // [ROWS][D]
     u16* ks = qs + ROWS * D;     // [KEYS][D]
@@ -387,8 +391,14 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
             return kb + r < keys_end ? (long long)addr.at(kbase, kb + r, g, hkv, D) : -1LL;
         });
     };
-    stage_keys(ks, k, 0);
+    // The first tile holding a key the tile's first row sees (0 without a window).
+    const u32 kb0 = mods.first(pos0 + 1) / KEYS * KEYS;
+    stage_keys(ks, k, kb0);
     cp_async_commit();
+    // Soft-capping: scores in natural units, capped, then log2 units (the scale is inside the tanh).
+    const bool capped = mods.softcap > 0.0f;
+    const float cap_in = scale_log2 / (1.4426950408889634f * mods.softcap), cap_out = 1.4426950408889634f * mods.softcap;
+    const float mul = capped ? 1.0f : scale_log2;
 
     float o[MT][D / 8][4];
     float m[MT][2], l[MT][2];
@@ -400,7 +410,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
         l[mt][0] = l[mt][1] = 0.0f;
     }
 
-    for (u32 kb = 0; kb < keys_end; kb += KEYS) {
+    for (u32 kb = kb0; kb < keys_end; kb += KEYS) {
         cp_async_wait<0>();
         __syncthreads();  // K of this tile (and Q) landed; every warp is done with the last V
         stage_keys(vs, v, kb);
@@ -430,19 +440,33 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
             }
         }
 
-        // Mask only where some key of the tile lies past a row's last key or past the keys' end.
-        const bool masked = kb + KEYS > keys_end || kb + KEYS - 1 > pos0;
+        if (capped) {
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-            if (masked) {
-                // The last key each held row sees: its position (rows past the tile's end: the last row's).
-                const u32 r = (warp * MT + mt) * 16 + (lane >> 2);
-                const u32 last[2] = {min(pos0 + min(r, rows - 1), keys_end - 1), min(pos0 + min(r + 8, rows - 1), keys_end - 1)};
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++)
-                        if (kb + nt * 8 + 2 * quad + (e & 1) > last[e >> 1]) s[mt][nt][e] = -INFINITY;
+                    for (int e = 0; e < 4; e++) s[mt][nt][e] = cap_out * tanhf(s[mt][nt][e] * cap_in);
+        }
+        // Mask only where some key of the tile lies past a row's last key or past the keys' end, or
+        // (a window) before the last row's first key.
+        const bool masked = kb + KEYS > keys_end || kb + KEYS - 1 > pos0 || (mods.window != 0 && kb + mods.window < pos0 + rows);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            if (masked) {
+                // The last key each held row sees: its position (rows past the tile's end: the last
+                // row's); the first: its window's.
+                const u32 r = (warp * MT + mt) * 16 + (lane >> 2);
+                const u32 pos[2] = {pos0 + min(r, rows - 1), pos0 + min(r + 8, rows - 1)};
+                const u32 last[2] = {min(pos[0], keys_end - 1), min(pos[1], keys_end - 1)};
+                const u32 first[2] = {mods.first(pos[0] + 1), mods.first(pos[1] + 1)};
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const u32 key = kb + nt * 8 + 2 * quad + (e & 1);
+                        if (key > last[e >> 1] || key < first[e >> 1]) s[mt][nt][e] = -INFINITY;
+                    }
             }
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
@@ -451,14 +475,16 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
                 for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // Key 0 is in every row's first tile, so mx is finite; m may be -inf (then corr = 0).
-                const float corr = fast_exp2((m[mt][hf] - mx) * scale_log2), shift = mx * scale_log2;
+                // A row's first key is in the first tile it is shown, so mx is finite from then on;
+                // before (a window starting in a later tile) both are -inf and nothing is added.
+                const float ref = mx == -INFINITY ? 0.0f : mx;
+                const float corr = fast_exp2((m[mt][hf] - ref) * mul), shift = ref * mul;
                 m[mt][hf] = mx;
                 float sum = 0.0f;
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
-                    s[mt][nt][2 * hf] = fast_exp2(s[mt][nt][2 * hf] * scale_log2 - shift);
-                    s[mt][nt][2 * hf + 1] = fast_exp2(s[mt][nt][2 * hf + 1] * scale_log2 - shift);
+                    s[mt][nt][2 * hf] = fast_exp2(s[mt][nt][2 * hf] * mul - shift);
+                    s[mt][nt][2 * hf + 1] = fast_exp2(s[mt][nt][2 * hf + 1] * mul - shift);
                     sum += s[mt][nt][2 * hf] + s[mt][nt][2 * hf + 1];
                 }
                 l[mt][hf] = l[mt][hf] * corr + sum;
@@ -525,11 +551,13 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
 #define FLASH_ONE(dim, s, bf16)                                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * FA##dim##_WARPS)                                             \
         flash_attn_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,              \
-                                const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2) {             \
+                                const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window,   \
+                                float softcap) {                                                                   \
         DYNAMIC_SHARED(u16, smem);                                                                                 \
         KeyAddr addr = {table, block_size};                                                                        \
+        ScoreMods mods = {window, softcap};                                                                        \
         flash_attn<dim, FA##dim##_WARPS, FA##dim##_MT, FA##dim##_KEYS, bf16>(out, q, k, v, tiles, addr, hq, hkv,  \
-                                                                            scale_log2, smem);                     \
+                                                                            scale_log2, mods, smem);               \
     }
 #define FLASH(dim) FLASH_ONE(dim, bf16, true) FLASH_ONE(dim, f16, false)
 FLASH(64)

@@ -342,9 +342,10 @@ pub fn paged_attention_reads_through_block_tables() {
 
 /// Gemma 2's and Mistral's scores: soft-capped (s -> cap tanh(s / cap); a cap of 1 bends every
 /// score), and a sliding window (a query sees itself and the window - 1 keys before it), alone and
-/// together; prefill (one prompt and several, the window shorter than some, longer than others)
-/// and through the paged cache (decode at contexts inside and far past the window, whose parts
-/// start at the window; chunks of prompt after a prefix).
+/// together; prefill (one prompt and several, the window shorter than some, longer than others:
+/// on CUDA's tensor-core kernel, tiles skipped before the window and masked across its start) and
+/// through the paged cache (decode at contexts inside and far past the window, whose parts start at
+/// the window; chunks of prompt after a prefix).
 #[test]
 pub fn attention_soft_caps_scores_and_slides_its_window() {
     if backend("attention_soft_caps_scores_and_slides_its_window").is_none() {
@@ -367,6 +368,8 @@ pub fn attention_soft_caps_scores_and_slides_its_window() {
                 check_paged_scored(&mut rng, [dt, dt], [hq, hkv, d], &[(1000, 1)], scores);
                 let batch = [(1, 1), (37, 1), (300, 1), (1000, 1), (300, 7), (64, 64), (40, 2)];
                 check_paged_scored(&mut rng, [dt, dt], [hq, hkv, d], &batch, scores);
+                // Prompt chunks only (on CUDA, f16/bf16: the tensor-core prefill kernel through the table).
+                check_paged_scored(&mut rng, [dt, dt], [hq, hkv, d], &[(300, 7), (64, 64), (230, 100)], scores);
             }
         }
         // A cap without a window on non-causal attention.

@@ -185,10 +185,10 @@ bool run_prefill(const Case& c) {
     const u32 bs = c.paged ? BLOCK_SIZE : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {32 * warps, 1, 1}, smem, [&] {
-        if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
-        if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
-        if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
-        if (d == 128 && !c.bf16) flash_attn_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2);
+        if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 128 && !c.bf16) flash_attn_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
     });
     char what[64];
     std::snprintf(what, sizeof what, "%u tiles of %u rows", (u32)tiles.size() / 5, tile_rows);

@@ -360,14 +360,11 @@ fn attention_choice() -> String {
     std::env::var("HIGHRISE_CUDA_ATTENTION").unwrap_or_else(|_| "auto".into())
 }
 
-/// Whether attention runs on tensor cores (`flash_attn_*`, `decode_attn_*`): f16/bf16 at head dims 64
-/// and 128, plain scaled scores (soft-capping and sliding windows are the split kernels' alone, for
-/// now), unless `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
-fn flash_fits(dtype: DType, d: usize, scores: &Scores) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16)
-        && crate::flash::HEAD_DIMS.contains(&d)
-        && *scores == Scores::scaled(scores.scale)
-        && attention_choice() == "auto"
+/// Whether prefill attention runs on tensor cores (`flash_attn_*`, which takes soft-capping and
+/// sliding windows): f16/bf16 at head dims 64 and 128, unless `HIGHRISE_CUDA_ATTENTION` asks for the
+/// split kernels.
+fn flash_fits(dtype: DType, d: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && attention_choice() == "auto"
 }
 
 /// Launches `flash_attn_*` over the tiles of `seqs` ((first query row, queries, position of the
@@ -382,7 +379,7 @@ fn flash(
     seqs: impl Iterator<Item = (u32, u32, u32, u32)>,
     causal: bool,
     table: Option<(&[u32], u32)>,
-    scale: f32,
+    scores: Scores,
 ) -> Result<()> {
     let s = suffix(name, out.dtype)?;
     let [hq, d] = [q.dims()[1], q.dims()[2]];
@@ -394,13 +391,13 @@ fn flash(
     let (_, addr) = be.upload(st, 0, &[bytes_of(&tiles), table_bytes])?;
     let table_ptr = if table.is_some() { addr[1] } else { 0u64 };
     let (hq32, hkv32) = (hq as u32, hkv as u32);
-    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let (scale_log2, window, softcap) = (scores.scale * std::f32::consts::LOG2_E, scores.window, scores.softcap);
     be.launch_shared(
         &format!("flash_attn_d{d}_{s}"),
         ((tiles.len() / 5) as u32, hq32, 1),
         (shape.threads(), 1, 1),
         shape.shared_bytes(d),
-        &[&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2],
+        &[&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap],
     )
 }
 
@@ -408,13 +405,13 @@ fn flash(
 /// uses.
 pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
     let [t, d] = [op.q.dims()[0], op.q.dims()[2]];
-    if flash_fits(op.out.dtype, d, &op.scores) && t > 0 {
+    if flash_fits(op.out.dtype, d) && t > 0 {
         let mut start = 0;
         let seqs = op.seq_lens.as_slice().iter().map(|&len| {
             start += len;
             (start - len, len, 0, start - len)
         });
-        return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], seqs, op.causal, None, op.scores.scale);
+        return flash(be, st, "attention", [&op.out, &op.q, &op.k, &op.v], seqs, op.causal, None, op.scores);
     }
     let rows = prefill_rows(op.seq_lens.as_slice(), op.causal);
     attend(be, st, "attention", &op.out, &op.q, &op.k, &op.v, rows, None, op.scores)
@@ -436,8 +433,10 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     let table = Some((op.block_table.as_slice(), block_size));
     let seqs = op.seqs.as_slice();
     let group = op.q.dims()[1] / kv_heads(&op.k_cache).max(1);
-    let tensor_cores = flash_fits(op.out.dtype, op.q.dims()[2], &op.scores) && !seqs.is_empty();
-    if tensor_cores && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS) {
+    let tensor_cores = flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty();
+    // The decode kernel takes plain scores only (soft-capped or windowed steps: the split kernels).
+    let plain = op.scores == Scores::scaled(op.scores.scale);
+    if tensor_cores && plain && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS) {
         return decode(be, st, op, block_size);
     }
     if tensor_cores && seqs.iter().all(|s| s.q_len >= 2) {
@@ -446,7 +445,7 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
             start += s.q_len;
             (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
         });
-        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], chunks, true, table, op.scores.scale);
+        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], chunks, true, table, op.scores);
     }
     let rows = paged_rows(seqs);
     attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scores)

@@ -383,7 +383,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, U32, F32],
-        "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32],
+        "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
@@ -825,7 +825,8 @@ fn push_kv_runs(out: &mut Vec<Access>, runs: Vec<(u64, u64, String)>, elt: u64) 
     }
 }
 
-/// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2); grid (tiles, hq);
+/// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2, window, softcap); grid
+/// (tiles, hq);
 /// tiles[5 i..5 i + 5] = (first row, rows, position of the first row, key base, keys seen).
 fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
     let (bs, hq, hkv) = (a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64);
@@ -837,6 +838,10 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
         return Err(format!("grid.y is {} but the kernel takes one block per query head ({hq})", a.grid.1));
     }
     // The tile shape the kernel was compiled with (the same table and -D options as the real driver).
+    let softcap = a.f32(11);
+    if !(softcap.is_finite() && softcap >= 0.0) {
+        return Err(format!("softcap {softcap} is not finite and non-negative"));
+    }
     let shape = crate::flash::find(a.flash_shapes, d as usize).map_err(|e| e.to_string())?;
     if a.block != (shape.threads(), 1, 1) {
         return Err(format!("block {:?}: the kernel's tiles ({shape}) take {} threads", a.block, shape.threads()));
