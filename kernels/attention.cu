@@ -580,9 +580,11 @@ FLASH(128)
 #define DA_KEYS 16  // keys per warp per step
 #define DA_WARPS 4
 
+// With a sliding window the slices cut only the keys some row sees (from the first row's window
+// start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
 template <int D, bool BF16>
 __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr,
-                            u32 hq, u32 hkv, float scale_log2, u16* smem) {
+                            u32 hq, u32 hkv, float scale_log2, ScoreMods mods, u16* smem) {
     const u32 sq = blockIdx.x, g = blockIdx.y, sl = blockIdx.z, splits = gridDim.z;
     const u32 q0 = seqs[4 * sq], q_len = seqs[4 * sq + 1], ctx = seqs[4 * sq + 2], kbase = seqs[4 * sq + 3];
     const u32 group = hq / hkv, rows = q_len * group;  // rows <= 16 (the host's condition)
@@ -599,8 +601,9 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
 
     // Each sequence's context in gridDim.z slices of whole 16-key chunks: the grid depends on the
     // batch alone, never on the contexts (what a CUDA graph replayed step after step needs).
-    const u32 split_len = (ctx + splits * DA_KEYS - 1) / (splits * DA_KEYS) * DA_KEYS;
-    const u32 begin = min(ctx, sl * split_len), end = min(ctx, begin + split_len);
+    const u32 lo = mods.first(ctx - q_len + 1), span = ctx - lo;
+    const u32 split_len = (span + splits * DA_KEYS - 1) / (splits * DA_KEYS) * DA_KEYS;
+    const u32 begin = min(ctx, lo + sl * split_len), end = min(ctx, begin + split_len);
     const u32 chunks = end > begin ? (end - begin + DA_KEYS - 1) / DA_KEYS : 0;
     auto stage_chunk = [&](u32 c, u32 stage) {
         const u32 k0 = begin + c * DA_KEYS;
@@ -619,6 +622,10 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
     for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4<false>(qa[kk], qs + swz<D>((mi & 1) * 8 + mj, kk * 2 + (mi >> 1)));
     // The last key each held row sees (causal among the new tokens); padding rows see them all.
     const u32 r_lo = lane >> 2, last_lo = ctx - q_len + min(r_lo / group, q_len - 1), last_hi = ctx - q_len + min((r_lo + 8) / group, q_len - 1);
+    // The first: its window's.
+    const u32 first_lo = mods.first(last_lo + 1), first_hi = mods.first(last_hi + 1);
+    const bool capped = mods.softcap > 0.0f;
+    const float cap_in = scale_log2 / (1.4426950408889634f * mods.softcap), cap_out = 1.4426950408889634f * mods.softcap;
 
     float o[D / 8][4];
 #pragma unroll
@@ -645,14 +652,16 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
         const u32 k0 = begin + c * DA_KEYS;
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
-            const u32 last = min(hf ? last_hi : last_lo, end - 1);
+            const u32 last = min(hf ? last_hi : last_lo, end - 1), first = hf ? first_hi : first_lo;
             float mx = m[hf];
 #pragma unroll
             for (int nt = 0; nt < 2; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * hf + e];
-                    x = k0 + nt * 8 + 2 * quad + e <= last ? x * scale_log2 : -INFINITY;
+                    const u32 key = k0 + nt * 8 + 2 * quad + e;
+                    const float score = capped ? cap_out * tanhf(x * cap_in) : x * scale_log2;
+                    x = key <= last && key >= first ? score : -INFINITY;
                     mx = fmaxf(mx, x);
                 }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -738,10 +747,12 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
 #define DECODE_ONE(dim, s, bf16)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * DA_WARPS)                                                   \
         decode_attn_d##dim##_##s(float* partial, const u16* q, const u16* k, const u16* v, const u32* seqs,       \
-                                 const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2) {           \
+                                 const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
+                                 float softcap) {                                                                 \
         DYNAMIC_SHARED(u16, smem);                                                                                \
         KeyAddr addr = {table, block_size};                                                                       \
-        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, smem);                          \
+        ScoreMods mods = {window, softcap};                                                                       \
+        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, mods, smem);                    \
     }
 #define DECODE(dim) DECODE_ONE(dim, bf16, true) DECODE_ONE(dim, f16, false)
 DECODE(64)

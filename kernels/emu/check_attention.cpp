@@ -215,10 +215,10 @@ bool run_decode(const Case& c, u32 splits) {
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     const u32 *sq = seqs.data(), *tab = in.table.data();
     CHECK_LAUNCH({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
-        if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2);
-        if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2);
-        if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2);
-        if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2);
+        if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
     });
     // Every slice state of a row within its context was written (NaN: a block missed it).
     for (u32 r = 0, s = 0; s < nseq; s++)

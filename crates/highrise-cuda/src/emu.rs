@@ -122,7 +122,11 @@ fn cache_dir() -> PathBuf {
 /// place, so that a concurrent build never sees half a library.
 fn compile(cxx: &str, dir: &Path, units: &[(String, String, Vec<String>)], out: &Path) -> Result<()> {
     let err = |what: String| Error::Backend(format!("cuda emulation: {what}"));
-    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    // A directory of this build's own: other processes, and other threads of this one, may be
+    // building the same library at once.
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| err(format!("{}: {e}", tmp.display())))?;
     for (name, text) in [("simt.hpp", SIMT), ("common.cuh", crate::kernels::COMMON)] {
         std::fs::write(tmp.join(name), text).map_err(|e| err(format!("{name}: {e}")))?;
@@ -160,6 +164,12 @@ fn compile(cxx: &str, dir: &Path, units: &[(String, String, Vec<String>)], out: 
         .map_err(|e| err(format!("{cxx}: {e}")))?;
     if !o.status.success() {
         return Err(err(format!("linking:\n{}", String::from_utf8_lossy(&o.stderr))));
+    }
+    // Another build of the same sources finished first: keep its library (a process may be
+    // loading it right now), drop ours.
+    if out.is_file() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
     }
     let _ = std::fs::remove_dir_all(dir);
     if std::fs::rename(&tmp, dir).is_err() && !out.is_file() {

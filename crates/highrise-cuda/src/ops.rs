@@ -360,9 +360,9 @@ fn attention_choice() -> String {
     std::env::var("HIGHRISE_CUDA_ATTENTION").unwrap_or_else(|_| "auto".into())
 }
 
-/// Whether prefill attention runs on tensor cores (`flash_attn_*`, which takes soft-capping and
-/// sliding windows): f16/bf16 at head dims 64 and 128, unless `HIGHRISE_CUDA_ATTENTION` asks for the
-/// split kernels.
+/// Whether attention runs on tensor cores (`flash_attn_*`, `decode_attn_*`, which take soft-capping
+/// and sliding windows too): f16/bf16 at head dims 64 and 128, unless `HIGHRISE_CUDA_ATTENTION` asks
+/// for the split kernels.
 fn flash_fits(dtype: DType, d: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && attention_choice() == "auto"
 }
@@ -434,9 +434,7 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     let seqs = op.seqs.as_slice();
     let group = op.q.dims()[1] / kv_heads(&op.k_cache).max(1);
     let tensor_cores = flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty();
-    // The decode kernel takes plain scores only (soft-capped or windowed steps: the split kernels).
-    let plain = op.scores == Scores::scaled(op.scores.scale);
-    if tensor_cores && plain && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS) {
+    if tensor_cores && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS) {
         return decode(be, st, op, block_size);
     }
     if tensor_cores && seqs.iter().all(|s| s.q_len >= 2) {
@@ -473,13 +471,13 @@ fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u
     let (o, qp) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?);
     let (kp, vp) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
-    let scale_log2 = op.scores.scale * std::f32::consts::LOG2_E;
+    let (scale_log2, window, softcap) = (op.scores.scale * std::f32::consts::LOG2_E, op.scores.window, op.scores.softcap);
     be.launch_shared(
         &format!("decode_attn_d{d}_{s}"),
         (seqs.len() as u32, hkv32, splits),
         (DECODE_THREADS, 1, 1),
         decode_shared_bytes(d),
-        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2],
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap],
     )?;
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
 }

@@ -384,7 +384,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, U32, F32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
-        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32],
+        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
         "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" => vec![P, P, P, P, P, P, P, OPT, OPT, OPT, U32, U32, U32, U32, U32, U32],
@@ -909,8 +909,9 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Che
     Ok(())
 }
 
-/// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2); grid
-/// (sequences, kv heads, slices: each sequence cuts its own context into that many), 4 warps;
+/// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2, window,
+/// softcap); grid (sequences, kv heads, slices: each sequence cuts its own context into that many),
+/// 4 warps;
 /// seqs[4 i..4 i + 4] = (first query row, new tokens, context length, block-table offset); each
 /// sequence's new tokens x group <= 16 rows.
 fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
@@ -921,6 +922,10 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     }
     if a.grid.1 as u64 != hkv {
         return Err(format!("grid.y is {} but the kernel takes one block per kv head ({hkv})", a.grid.1));
+    }
+    let softcap = a.f32(11);
+    if !(softcap.is_finite() && softcap >= 0.0) {
+        return Err(format!("softcap {softcap} is not finite and non-negative"));
     }
     if a.block != (crate::ops::DECODE_THREADS, 1, 1) {
         return Err(format!("block {:?}: the kernel's 4 warps take the keys in turn", a.block));
