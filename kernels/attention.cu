@@ -99,17 +99,26 @@ struct ScoreMods {
     }
 };
 
-// partial [T, hq, splits, D + 2]: acc[0..D], then m, then l. A row's slices cut the keys it sees
-// (from mods.first) into runs of split_len.
+// The keys [begin, end) of slice s of `splits` of a row that sees n keys: the keys it sees (from
+// mods.first) cut into equal runs. From the row alone, so that the launch's parameters never depend
+// on the contexts (a decode step replayed as a CUDA graph).
+__device__ __forceinline__ void slice_of(u32 n, u32 s, u32 splits, ScoreMods mods, u32* begin, u32* end) {
+    const u32 lo = mods.first(n), per = (n - lo + splits - 1) / splits;
+    *begin = min(n, lo + s * per);
+    *end = min(n, *begin + per);
+}
+
+// partial [T, hq, splits, D + 2]: acc[0..D], then m, then l; the row's keys cut by slice_of.
 template <class D, int DPL>  // DPL: dims per lane, D / 32
 __device__ void attn_split(float* partial, const typename D::T* q, const typename D::T* k, const typename D::T* v,
                            const u32* base, const u32* nkeys, KeyAddr addr, u32 hq, u32 hkv, float scale,
-                           u32 split_len, ScoreMods mods) {
+                           ScoreMods mods) {
     const u32 t = blockIdx.x, h = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 d = DPL * 32, g = h / (hq / hkv);
     const u32 n = nkeys[t], kb = base[t];
-    const u32 begin = mods.first(n) + s * split_len, end = min(n, begin + split_len);
+    u32 begin, end;
+    slice_of(n, s, splits, mods, &begin, &end);
 
     float qr[DPL], acc[DPL];
     const u64 qoff = ((u64)t * hq + h) * d;
@@ -187,13 +196,14 @@ __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u
 
 template <class D, int DPL>
 __device__ void attn_group(float* partial, const typename D::T* q, const typename D::T* k, const typename D::T* v,
-                           const u32* base, const u32* nkeys, KeyAddr addr, u32 hq, u32 hkv, float scale, u32 split_len,
+                           const u32* base, const u32* nkeys, KeyAddr addr, u32 hq, u32 hkv, float scale,
                            ScoreMods mods) {
     const u32 t = blockIdx.x, g = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 d = DPL * 32, group = hq / hkv;
     const u32 n = nkeys[t], kb = base[t];
-    const u32 begin = mods.first(n) + s * split_len, end = min(n, begin + split_len);
+    u32 begin, end;
+    slice_of(n, s, splits, mods, &begin, &end);
 
     float qr[GROUP_MAX][DPL], acc[GROUP_MAX][DPL], m[GROUP_MAX], l[GROUP_MAX];
 #pragma unroll
@@ -268,20 +278,20 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
         attn_group_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
                                 const u32* nkeys, const u32* table, u32 block_size, u32 hq, u32 hkv, float scale, \
-                                u32 split_len, u32 window, float softcap) {                                       \
+                                u32 window, float softcap) {                                                      \
         KeyAddr addr = {table, block_size};                                                                      \
         ScoreMods mods = {window, softcap};                                                                      \
-        attn_group<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, split_len, mods);          \
+        attn_group<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, mods);                     \
     }
 
 #define ATTN_SPLIT(s, D, dim)                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
         attn_split_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
                                 const u32* nkeys, const u32* table, u32 block_size, u32 hq, u32 hkv, float scale, \
-                                u32 split_len, u32 window, float softcap) {                                       \
+                                u32 window, float softcap) {                                                      \
         KeyAddr addr = {table, block_size};                                                                      \
         ScoreMods mods = {window, softcap};                                                                      \
-        attn_split<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, split_len, mods);          \
+        attn_split<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, mods);                     \
     }
 
 #define ATTENTION(s, D)                                                                                           \

@@ -43,6 +43,15 @@ fn decode_steps_as_graphs_give_the_same_tokens() {
     graphs_give_the_same_tokens(&dev, true);
 }
 
+/// The same in f32, whose decode steps attend with the split kernels: they cut each row's keys into
+/// the slices themselves, so a step's launches stay the same as the contexts grow and its graph is
+/// replayed, not captured anew each step.
+#[test]
+fn f32_decode_steps_as_graphs_are_replayed() {
+    let Some(dev) = own_backend("f32 graphs on the emulated device") else { return };
+    graphs_give_the_same_tokens_in(&dev, true, DType::F32);
+}
+
 /// Captures of every site taken on the device inside decode steps run as graphs, read once each
 /// step has ended, equal the captures read one by one as the pass reaches them (#20's taps that
 /// cost little), and the tokens too.

@@ -425,9 +425,15 @@ pub fn random_model_matches_cpu(dev: &Arc<dyn Backend>, shape: &str, steps: usiz
 /// block tables grow) and the drawn ones stage new random numbers each step. `alone`: no other
 /// thread uses `dev`, so its graph counts are this test's to check.
 pub fn graphs_give_the_same_tokens(dev: &Arc<dyn Backend>, alone: bool) {
+    graphs_give_the_same_tokens_in(dev, alone, DType::BF16)
+}
+
+/// `graphs_give_the_same_tokens` with activations in `dtype` (f32: the split attention kernels,
+/// whose launches must not change with the contexts either, or every step would be captured anew).
+pub fn graphs_give_the_same_tokens_in(dev: &Arc<dyn Backend>, alone: bool, dtype: DType) {
     use highrise::engine::{Engine, EngineConfig, GenerateParams, Request, SamplingParams};
     use highrise::model::{Llama, ModelConfig, Tokenizer};
-    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), dev.clone(), DType::BF16, 11).unwrap();
+    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), dev.clone(), dtype, 11).unwrap();
     let tok = Tokenizer::numbered(512).unwrap();
     let run = |graphs: bool| {
         let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 64, max_running: 4 };

@@ -297,11 +297,17 @@ fn paged_rows(seqs: &[highrise_core::ops::PagedSeq]) -> QueryRows {
     QueryRows { base, nkeys }
 }
 
-/// How many slices to cut each query's keys into: enough blocks to fill the GPU twice over, but no
-/// slice shorter than 64 keys.
-fn splits_for(be: &CudaBackend, rows: usize, heads: usize, max_keys: u32) -> u32 {
+/// How many slices to cut each query's keys into: enough blocks to fill the GPU twice over; with
+/// `max_keys`, no slice shorter than 64 keys. Without (a step through the paged cache: what a CUDA
+/// graph replays) at most 64, from the batch's shape alone, so that the launch is the same step
+/// after step as the contexts grow (the kernels cut each row's own keys: slices past a short
+/// context find none).
+fn splits_for(be: &CudaBackend, rows: usize, heads: usize, max_keys: Option<u32>) -> u32 {
     let want = (2 * be.sms as usize).div_ceil((rows * heads).max(1)) as u32;
-    want.clamp(1, max_keys.div_ceil(64).max(1))
+    match max_keys {
+        Some(keys) => want.clamp(1, keys.div_ceil(64).max(1)),
+        None => want.clamp(1, 64),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -326,13 +332,13 @@ fn attend(
     if t == 0 {
         return Ok(());
     }
-    // The most keys a row sees (its last `window` with a sliding window): what the slices cut.
+    // The most keys a row sees (its last `window` with a sliding window): what a prompt's slices
+    // cut; a paged step's slices are the batch's alone.
     let max_keys = rows.nkeys.iter().map(|&n| n - scores.first_key(n.saturating_sub(1) as usize) as u32).max().unwrap_or(1);
     // A block per KV head serving its whole group of query heads reads each K/V row once; the
     // per-query-head kernel covers larger groups and head dim 256.
     let grouped = hq / hkv <= 8 && d <= 128 && attention_choice() != "per-head";
-    let splits = splits_for(be, t, if grouped { hkv } else { hq }, max_keys);
-    let split_len = max_keys.div_ceil(splits);
+    let splits = splits_for(be, t, if grouped { hkv } else { hq }, table.is_none().then_some(max_keys));
     let partial_bytes = t * hq * splits as usize * (d + 2) * 4;
     let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
     let (table_bytes, block_size) = match table {
@@ -348,7 +354,7 @@ fn attend(
         &format!("{kernel}_d{d}_{s}"),
         (t as u32, heads, splits),
         (128, 1, 1),
-        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &split_len, &window, &softcap],
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &window, &softcap],
     )?;
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
 }

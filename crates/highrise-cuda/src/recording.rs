@@ -382,7 +382,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "kv_write" => vec![P, P, P, P, P, U32, U32, U32],
         "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
-        "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, U32, F32],
+        "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "flash_attn" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
@@ -762,10 +762,10 @@ fn kv_shape(a: &Args<'_>, paged: bool, hkv: u64, bs: u64, d: u64) -> Check {
 }
 
 /// attn_split / attn_group: (partial, q, k, v, base, nkeys, table, block_size, hq, hkv, scale,
-/// split_len, window, softcap); grid (rows, heads: hq or hkv, splits). A row's slices cover the keys
-/// it sees: its last `window` of them with a window.
+/// window, softcap); grid (rows, heads: hq or hkv, splits). The kernels cut each row's keys (its last
+/// `window` with a window) into the grid's slices themselves.
 fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
-    let (bs, hq, hkv, split_len) = (a.u32(7) as u64, a.u32(8) as u64, a.u32(9) as u64, a.u32(11) as u64);
+    let (bs, hq, hkv) = (a.u32(7) as u64, a.u32(8) as u64, a.u32(9) as u64);
     let (rows, splits) = (a.grid.0 as u64, a.grid.2 as u64);
     if hkv == 0 || hq % hkv != 0 {
         return Err(format!("{hq} query heads cannot share {hkv} kv heads"));
@@ -780,7 +780,7 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
     if !a.f32(10).is_finite() {
         return Err("scale is not finite".into());
     }
-    let (window, softcap) = (a.u32(12) as u64, a.f32(13));
+    let softcap = a.f32(12);
     if !(softcap.is_finite() && softcap >= 0.0) {
         return Err(format!("softcap {softcap} is not finite and non-negative"));
     }
@@ -804,11 +804,7 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
         push(out, 6, 0, need, 4, "block table");
     }
     let mut runs = Vec::new();
-    for (t, (&kb, &n)) in kbase.iter().zip(&nkeys).enumerate() {
-        let seen = if window > 0 { (n as u64).min(window) } else { n as u64 };
-        if seen > splits * split_len {
-            return Err(format!("row {t} sees {seen} keys but {splits} slices of {split_len} cover only {}", splits * split_len));
-        }
+    for (&kb, &n) in kbase.iter().zip(&nkeys) {
         for g in 0..hkv {
             key_runs(table.as_deref(), bs, kb as u64, n as u64, g, hkv, d, &mut runs)?;
         }
