@@ -16,8 +16,9 @@
 //! step) are recorded too; reads, writes and host-side waits are not.
 //!
 //! So a graph is never replayed for work it was not captured from: a kernel whose grid or scalars
-//! depend on context lengths (the split attention kernels) only costs a capture per step, never a
-//! wrong result. Anything that must see results mid-step (a read, a write) first runs the recording
+//! depended on context lengths would only cost a capture per step, never a wrong result (none of a
+//! decode step's does: the attention kernels cut each row's keys into their grid's slices
+//! themselves). Anything that must see results mid-step (a read, a write) first runs the recording
 //! op by op ("flush"), and the rest of the step runs op by op. The recording is the backend's, not a
 //! thread's: another thread's ops during a step are recorded in order with it (so a buffer one
 //! thread frees and another reuses is still used in order), and everything that queues device work
