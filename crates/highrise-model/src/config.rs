@@ -212,37 +212,37 @@ impl ModelConfig {
         };
         let head_dim = num("attention.key_length").unwrap_or(hidden / heads.max(1));
         let theta = float("rope.freq_base").unwrap_or(10_000.0);
+        // A small f32 tensor of RoPE factors llama.cpp stores beside the weights, if the file has it.
+        let f32s = |name: &str| -> Result<Option<Vec<f32>>> {
+            let Some(t) = g.tensor(name) else { return Ok(None) };
+            if t.dtype != highrise_core::DType::F32 {
+                return Err(Error::tensor(path, name, format!("{} (f32 expected)", t.dtype)));
+            }
+            Ok(Some(g.data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        };
         let rope_scaling = match g.get(&format!("{arch}.rope.scaling.type")).and_then(Value::as_str) {
             Some("linear") => Some(serde_json::json!({
                 "rope_type": "linear",
                 "factor": float("rope.scaling.factor").unwrap_or(1.0),
             })),
             // llama.cpp keeps Llama 3.1+'s scaling as per-frequency divisors (`rope_freqs.weight`).
-            _ => match g.tensor("rope_freqs.weight") {
-                Some(t) if t.dtype == highrise_core::DType::F32 => {
-                    let freqs: Vec<f32> = g.data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            _ => match f32s("rope_freqs.weight")? {
+                Some(freqs) => {
                     Some(llama3_from_freq_factors(&freqs, theta, head_dim).map_err(|e| Error::tensor(path, "rope_freqs.weight", e))?)
                 }
-                Some(t) => return Err(Error::tensor(path, "rope_freqs.weight", format!("{} (f32 expected)", t.dtype))),
                 None => None,
             },
         };
         // Phi-3.5's long-context RoPE: per-frequency factors for short and long contexts, as
         // llama.cpp's converter writes them (two f32 tensors, the original context, the cos/sin factor).
-        let rope_scaling = match (g.tensor("rope_factors_short.weight"), g.tensor("rope_factors_long.weight")) {
+        let rope_scaling = match (f32s("rope_factors_short.weight")?, f32s("rope_factors_long.weight")?) {
             (None, None) => rope_scaling,
             (Some(short), Some(long)) => {
-                let factors = |t: &crate::gguf::TensorInfo, name: &str| -> Result<Vec<f32>> {
-                    if t.dtype != highrise_core::DType::F32 {
-                        return Err(Error::tensor(path, name, format!("{} (f32 expected)", t.dtype)));
-                    }
-                    Ok(g.data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-                };
                 let orig = num("rope.scaling.original_context_length")?;
                 let mut p = serde_json::json!({
                     "rope_type": "longrope",
-                    "short_factor": factors(short, "rope_factors_short.weight")?,
-                    "long_factor": factors(long, "rope_factors_long.weight")?,
+                    "short_factor": short,
+                    "long_factor": long,
                     "original_max_position_embeddings": orig,
                 });
                 if let Some(f) = float("rope.scaling.attn_factor") {
