@@ -97,6 +97,16 @@ struct ScoreMods {
     __device__ __forceinline__ float cap(float score) const {
         return softcap > 0.0f ? softcap * tanhf(score / softcap) : score;
     }
+    // The tensor-core kernels' form, in their log2 units: a raw q.k becomes log2(e) softcap
+    // tanh(scale q.k / softcap), with scale_log2 = scale log2(e) (used where softcap > 0).
+    struct Log2Cap {
+        float inner, outer;
+        __device__ __forceinline__ float operator()(float qk) const { return outer * tanhf(qk * inner); }
+    };
+    __device__ __forceinline__ Log2Cap log2_cap(float scale_log2) const {
+        const float outer = 1.4426950408889634f * softcap;
+        return {scale_log2 / outer, outer};
+    }
 };
 
 // The keys [begin, end) of slice s of `splits` of a row that sees n keys: the keys it sees (from
@@ -407,7 +417,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
     cp_async_commit();
     // Soft-capping: scores in natural units, capped, then log2 units (the scale is inside the tanh).
     const bool capped = mods.softcap > 0.0f;
-    const float cap_in = scale_log2 / (1.4426950408889634f * mods.softcap), cap_out = 1.4426950408889634f * mods.softcap;
+    const ScoreMods::Log2Cap cap = mods.log2_cap(scale_log2);
     const float mul = capped ? 1.0f : scale_log2;
 
     float o[MT][D / 8][4];
@@ -456,7 +466,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) s[mt][nt][e] = cap_out * tanhf(s[mt][nt][e] * cap_in);
+                    for (int e = 0; e < 4; e++) s[mt][nt][e] = cap(s[mt][nt][e]);
         }
         // Mask only where some key of the tile lies past a row's last key or past the keys' end, or
         // (a window) before the last row's first key.
@@ -635,7 +645,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
     // The first: its window's.
     const u32 first_lo = mods.first(last_lo + 1), first_hi = mods.first(last_hi + 1);
     const bool capped = mods.softcap > 0.0f;
-    const float cap_in = scale_log2 / (1.4426950408889634f * mods.softcap), cap_out = 1.4426950408889634f * mods.softcap;
+    const ScoreMods::Log2Cap cap = mods.log2_cap(scale_log2);
 
     float o[D / 8][4];
 #pragma unroll
@@ -670,7 +680,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * hf + e];
                     const u32 key = k0 + nt * 8 + 2 * quad + e;
-                    const float score = capped ? cap_out * tanhf(x * cap_in) : x * scale_log2;
+                    const float score = capped ? cap(x) : x * scale_log2;
                     x = key <= last && key >= first ? score : -INFINITY;
                     mx = fmaxf(mx, x);
                 }
