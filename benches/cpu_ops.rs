@@ -208,6 +208,24 @@ fn quantized(c: &mut Criterion) {
         }
     }
     g.finish();
+    // A prompt's projections (512 tokens) with 8-bit activations: multiply-adds per second (x2 as
+    // flops), the integer GEMM where the CPU has AVX-512 VNNI, the row kernels elsewhere.
+    let mut g = c.benchmark_group("smollm2-135m-quantized-prefill");
+    g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    let t = 512;
+    for (name, dtype, n, k) in [
+        ("q4_1_r8_gate", DType::Q4_1R8, 1536, 576),
+        ("q4_1_r8_down", DType::Q4_1R8, 576, 1536),
+        ("q4_1_gate", DType::Q4_1, 1536, 576),
+        ("q8_0_unembed", DType::Q8_0, 49152, 576),
+    ] {
+        let w = random_quant(&b, dtype, n, k);
+        let x = random(&b, DType::F32, &[t, k], 1.0);
+        let mut y = random(&b, DType::F32, &[t, n], 1.0);
+        g.throughput(Throughput::Elements(2 * (t * n * k) as u64));
+        g.bench_function(BenchmarkId::new(name, "q8_act_512"), |bench| bench.iter(|| b.linear_with(&mut y, &x, &w, None, true).unwrap()));
+    }
+    g.finish();
 }
 
 /// Bytes per second one thread reads (summing a 256 MiB buffer, best of 3).

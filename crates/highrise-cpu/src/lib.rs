@@ -59,6 +59,10 @@ impl CpuBackend {
 
 fn simd() -> &'static str {
     #[cfg(target_arch = "x86_64")]
+    if quant::vnni::available() {
+        return "AVX2+FMA, AVX-512 VNNI";
+    }
+    #[cfg(target_arch = "x86_64")]
     if simd::has_avx2_fma() {
         return "AVX2+FMA";
     }

@@ -71,8 +71,8 @@ pub fn prefill_flops_per_token(model: &Llama, n: usize) -> f64 {
 }
 
 /// The backend's matrix rate on this model's own largest projection (the first layer's gate, in
-/// the dtype and layout the model keeps it) at `rows` tokens, flops per second: best of 3,
-/// synchronized.
+/// the dtype and layout the model keeps it, with its activations: 8-bit where the model quantizes
+/// them) at `rows` tokens, flops per second: best of 3, synchronized.
 pub fn matmul_rate(model: &Llama, rows: usize) -> Result<f64> {
     use highrise_core::Tensor;
     let w = &model.layers[0].w_gate;
@@ -83,7 +83,7 @@ pub fn matmul_rate(model: &Llama, rows: usize) -> Result<f64> {
     for rep in 0..4 {
         model.backend.synchronize()?;
         let t = Instant::now();
-        model.backend.linear(&mut out, &x, w, None)?;
+        model.backend.linear_with(&mut out, &x, w, None, model.q8_activations)?;
         model.backend.synchronize()?;
         if rep > 0 {
             best = best.min(t.elapsed().as_secs_f64());

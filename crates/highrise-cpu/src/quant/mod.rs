@@ -29,6 +29,8 @@ use highrise_core::DType;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+pub mod vnni;
 #[cfg(test)]
 mod tests;
 
@@ -94,6 +96,11 @@ pub trait Activation: Sync {
     /// 8-bit (its formats that take several tokens per pass differ from f32's).
     const Q8: bool;
 
+    /// The 8-bit activation itself, for the kernels only it meets.
+    fn as_q8(&self) -> Option<&Q8Act> {
+        None
+    }
+
     /// `row · self` with the portable kernel, for a row of a plain (not interleaved) format.
     fn portable(&self, dtype: DType, row: &[u8]) -> f32;
 
@@ -134,6 +141,10 @@ impl Activation for F32Act<'_> {
 
 impl Activation for Q8Act {
     const Q8: bool = true;
+
+    fn as_q8(&self) -> Option<&Q8Act> {
+        Some(self)
+    }
 
     fn portable(&self, dtype: DType, row: &[u8]) -> f32 {
         portable_q8(dtype, row, self)
@@ -214,8 +225,14 @@ fn over_tiles(
 /// `row_bytes`), several tokens' activations (a batch of decoding sequences, or a prompt), over tiles
 /// of rows: where a kernel takes several tokens per pass (`takes_tokens_together`: rows interleaved
 /// by 8, and Q8_0 with 8-bit activations) four at a time, each block loaded and unpacked once for
-/// the four; other formats token by token.
+/// the four; other formats token by token. Many 8-bit activations against Q4_0/Q4_1/Q8_0 rows take
+/// the AVX-512 VNNI GEMM (`vnni`) where the CPU has it.
 pub fn dot_rows_many<A: Activation>(dtype: DType, rows: &[u8], row_bytes: usize, xs: &[&A], sink: impl FnMut(usize, usize, &[f32])) {
+    #[cfg(target_arch = "x86_64")]
+    if A::Q8 && xs.len() >= vnni::MIN_TOKENS && vnni::takes(dtype) && vnni::available() {
+        let q8s: Vec<&Q8Act> = xs.iter().filter_map(|x| x.as_q8()).collect();
+        return vnni::gemm(dtype, rows, row_bytes, &q8s, sink);
+    }
     let f = |w: &[u8], tokens: std::ops::Range<usize>, o: &mut [f32]| {
         let xs = &xs[tokens];
         #[cfg(target_arch = "x86_64")]
@@ -253,7 +270,7 @@ pub fn dot_rows_many<A: Activation>(dtype: DType, rows: &[u8], row_bytes: usize,
 pub fn takes_tokens_together(dtype: DType, q8: bool) -> bool {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2_fma() {
-        return dtype.interleaved_rows() == 8 || (q8 && dtype == DType::Q8_0);
+        return dtype.interleaved_rows() == 8 || (q8 && (dtype == DType::Q8_0 || (vnni::available() && vnni::takes(dtype))));
     }
     let _ = (dtype, q8);
     false

@@ -209,3 +209,53 @@ fn q8_activations_quantize_each_block_within_half_a_step() {
         }
     }
 }
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn vnni_gemm_equals_the_portable_rows() {
+    if !vnni::available() {
+        return println!("skipped: this CPU has no AVX-512 VNNI (or HIGHRISE_CPU_SIMD keeps to AVX2)");
+    }
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4_0R8, DType::Q4_1R8] {
+        let plain = dtype.plain();
+        // Block counts 1, 3, 18 (576 columns), 48 (1536); rows ending inside a tile of 32 and on one;
+        // token counts around the kernel's six per pass.
+        for (nb, n, tokens) in [(1, 8, 1), (3, 40, 7), (18, 72, 13), (48, 64, 6), (18, 16, 8)] {
+            let k = 32 * nb;
+            let w: Vec<u8> = (0..n).flat_map(|r| random_row(plain, k, 200 + r as u64)).collect();
+            let packed = match dtype.interleaved_rows() {
+                1 => w.clone(),
+                _ => highrise_core::quant::repack_r8(plain, &w, n, k).unwrap(),
+            };
+            let row_bytes = plain.storage_bytes(k).unwrap();
+            // Activations with the largest magnitudes in some blocks, so 127 meets every value.
+            let acts: Vec<Q8Act> = (0..tokens)
+                .map(|t| Q8Act::new(&random_x(k, 300 + t as u64).iter().map(|v| v * (1 + t % 3) as f32).collect::<Vec<_>>()))
+                .collect();
+            let refs: Vec<&Q8Act> = acts.iter().collect();
+            let mut got = vec![f32::NAN; tokens * n];
+            let mut calls = 0;
+            vnni::gemm(dtype, &packed, row_bytes, &refs, |t, r0, v| {
+                calls += 1;
+                got[t * n + r0..t * n + r0 + v.len()].copy_from_slice(v)
+            });
+            assert_eq!(calls, tokens * n.div_ceil(32), "{dtype}: one call per token and tile");
+            for (t, x) in acts.iter().enumerate() {
+                for r in 0..n {
+                    let want = portable_q8(plain, &w[r * row_bytes..(r + 1) * row_bytes], x);
+                    let g = got[t * n + r];
+                    // Same integer sums, the f32 terms added in another order.
+                    let tol = 1e-5 * (k as f32 * 0.05).max(want.abs());
+                    assert!((g - want).abs() <= tol, "{dtype} {nb} blocks token {t} row {r}: {g} vs {want}");
+                }
+            }
+            // The dispatcher takes the GEMM from MIN_TOKENS on and gives the same numbers.
+            if tokens >= vnni::MIN_TOKENS {
+                let mut many = vec![f32::NAN; tokens * n];
+                dot_rows_many(dtype, &packed, row_bytes, &refs, |t, r0, v| many[t * n + r0..t * n + r0 + v.len()].copy_from_slice(v));
+                assert_eq!(many, got, "{dtype}: dot_rows_many took another path");
+            }
+        }
+    }
+}
+
