@@ -8,8 +8,9 @@ venv beside the package::
     /tmp/benchvenv/bin/python benches/python_vs_hf.py [--tokens 512] [--reps 5] [--out table.md]
 
 HF loads the default model's GGUF itself (transformers' GGUF loader dequantizes every tensor to
-f32); highrise runs the same file with f32 weights (the same arithmetic) and with the file's own Q4_1
-weights (as the CLI runs it). Every row captures the residual stream at every layer: HF's 31 hidden
+f32); highrise runs the same file with f32 weights (the same arithmetic), with the file's own Q4_1
+weights (as the CLI runs it), and with those weights meeting 8-bit activations (`q8_activations`,
+llama.cpp's arithmetic; integer GEMMs, on AVX-512 VNNI where the CPU has it). Every row captures the residual stream at every layer: HF's 31 hidden
 states; highrise's resid_pre, attn_out, mlp_out and resid_post at each of the 30 layers (4x the
 arrays). Times are the median of --reps after one warm-up; the prefill ceiling of this machine is
 not measured here (see `highrise bench`), the peer is.
@@ -71,6 +72,7 @@ def main():
     lengths = [int(t) for t in str(args.tokens).split(",")]
     m32 = highrise.Model.load(weights="f32", kv_cache="64M")
     mq = highrise.Model.load(kv_cache="64M")
+    mq8 = highrise.Model.load(kv_cache="64M", q8_activations=True)
     path = Path(m32.cfg.path)
     base = m32.tokenize(TEXT)
     prompts = {n: (base * (n // len(base) + 1))[:n] for n in lengths}
@@ -97,6 +99,7 @@ def main():
         times["highrise run_with_cache, f32 weights, 4 sites x 30 layers"] = median_secs(lambda: m32.run_with_cache(ids, names=SITES), args.reps)
         times["highrise run_with_cache, f32 weights, no captures"] = median_secs(lambda: m32.run_with_cache(ids, names=[]), args.reps)
         times["highrise run_with_cache, Q4_1 weights (the file's), 4 sites x 30 layers"] = median_secs(lambda: mq.run_with_cache(ids, names=SITES), args.reps)
+        times["highrise run_with_cache, Q4_1 weights, 8-bit activations, 4 sites x 30 layers"] = median_secs(lambda: mq8.run_with_cache(ids, names=SITES), args.reps)
         eager = next(iter(times.values()))
         for name, secs in times.items():
             rows.append((n, name, secs, eager / secs))

@@ -11,7 +11,9 @@
 //!   at most `sum over blocks b of (dx_b / 2) * sum_{i in b} |w_i|`, plus f32 rounding.
 //!
 //! Q8_0, Q4_0, Q4_1, Q4_K and Q6_K have AVX2 kernels (chosen at run time); every format has a
-//! portable one that computes the same sums.
+//! portable one that computes the same sums. Four or more tokens' 8-bit activations against
+//! Q4_0/Q4_1/Q8_0 rows (a prompt, a batch of decoding sequences) take an integer GEMM on AVX-512
+//! VNNI (`vnni`) where the CPU has it: same integer sums, f32 terms in another order.
 //!
 //! Q4_0/Q4_1 weights loaded for the linear op are laid out 8 rows at a time (`DType::Q4_0R8`,
 //! `Q4_1R8`, see `highrise_core::quant::repack_r8`): the decode kernels then read a block of 8 rows
@@ -20,7 +22,8 @@
 //! row at a time, which moves decode from instruction-bound towards memory-bound.
 //!
 //! Files: this one dispatches (rows of a format to the kernel that runs here); `portable` has the
-//! kernels every machine runs, `avx2` the x86-64 ones, `tests` checks each against the other.
+//! kernels every machine runs, `avx2` the x86-64 ones, `vnni` the AVX-512 GEMM, `tests` checks each
+//! against the portable ones.
 
 use half::f16;
 use highrise_core::quant::unpack_r8;
