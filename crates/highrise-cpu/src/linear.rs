@@ -144,12 +144,12 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
         (n / (threads * 4)).clamp(16, 256).next_multiple_of(16)
     };
     let out_ptr = SendPtr(out.as_mut_ptr());
-    // What a quantized row meets, prepared once per token: block sums of x, or x in 8 bits.
+    // What a quantized row meets, prepared once per token: block sums of x, or x in 8 bits (on
+    // every thread: a prompt's 512 tokens take as long to quantize as a small projection).
+    let act = |xt: &[f32]| if q8 { Act::Q8(quant::Q8Act::new(xt)) } else { Act::F32(quant::block_sums(xt)) };
     let acts: Vec<Act> = match w {
-        Weight::Quant { .. } if gemv => x
-            .chunks_exact(k)
-            .map(|xt| if q8 { Act::Q8(quant::Q8Act::new(xt)) } else { Act::F32(quant::block_sums(xt)) })
-            .collect(),
+        Weight::Quant { .. } if gemv && t >= 16 => team.map(t, |i| act(&x[i * k..(i + 1) * k])),
+        Weight::Quant { .. } if gemv => x.chunks_exact(k).map(act).collect(),
         _ => Vec::new(),
     };
     let q8s: Vec<&quant::Q8Act> = acts.iter().filter_map(|a| if let Act::Q8(q) = a { Some(q) } else { None }).collect();
