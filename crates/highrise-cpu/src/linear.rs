@@ -6,8 +6,8 @@
 //! (prefill) take a packed SIMD GEMM (`matrixmultiply`) per chunk. Quantized weights stay in their
 //! blocks: decode, batches and prompts with 8-bit activations run the block kernels of `quant` over
 //! each chunk of rows; many tokens with f32 activations dequantize one chunk of rows at a time into
-//! the per-thread buffer for the GEMM. Chunks are whole multiples of 16 rows, so rows interleaved by
-//! 8 (`Q4_0R8`, `Q4_1R8`) never straddle two.
+//! the per-thread buffer for the GEMM. Chunks are whole multiples of 16 rows (32 for quantized rows,
+//! the 8-bit GEMM's tiles), so rows interleaved by 8 (`Q4_0R8`, `Q4_1R8`) never straddle two.
 
 use std::borrow::Cow;
 
@@ -138,8 +138,9 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
     };
     // A few chunks per thread: enough to balance, few enough that task overhead stays small next
     // to a decode step's tiny matrices.
+    // Quantized rows go in whole tiles of 32 (the 8-bit GEMM's; row kernels need 16).
     let chunk = if gemv {
-        (n / (threads * 4)).max(16).next_multiple_of(16)
+        (n / (threads * 4)).max(16).next_multiple_of(if matches!(w, Weight::Quant { .. }) { 32 } else { 16 })
     } else {
         (n / (threads * 4)).clamp(16, 256).next_multiple_of(16)
     };
