@@ -91,6 +91,13 @@ struct Seq {
 trait KvSource<E>: Sync {
     /// The K (or V) rows of K/V head `g` at context positions `keys` of sequence `seq`, in order.
     fn rows<'a>(&self, cache: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]>;
+
+    /// Where the row of K/V head `g` at position `pos` of `seq` starts and the distance from one
+    /// position's row to the next, where all rows lie at one stride (a GEMM reads them in place).
+    fn strided(&self, seq: usize, pos: usize, g: usize) -> Option<(usize, usize)> {
+        let _ = (seq, pos, g);
+        None
+    }
 }
 
 /// K/V of whole prompts laid end to end: [T, kv_heads, D].
@@ -104,6 +111,10 @@ impl<E> KvSource<E> for Contiguous {
     fn rows<'a>(&self, kv: &'a [E], seq: usize, keys: std::ops::Range<usize>, g: usize) -> Vec<&'a [E]> {
         let row = |pos: usize| (self.starts[seq] + pos) * self.hkv + g;
         keys.map(|pos| &kv[row(pos) * self.d..(row(pos) + 1) * self.d]).collect()
+    }
+
+    fn strided(&self, seq: usize, pos: usize, g: usize) -> Option<(usize, usize)> {
+        Some((((self.starts[seq] + pos) * self.hkv + g) * self.d, self.hkv * self.d))
     }
 }
 
@@ -386,8 +397,10 @@ mod avx2 {
     }
 }
 
-/// Queries per work unit: small enough to spread one long prompt over the threads.
-const Q_BLOCK: usize = 32;
+/// Queries per work unit: small enough to spread one long prompt over the threads, large enough
+/// that the two GEMMs' packing of K and V is shared by many rows (64 against 32: the default
+/// model's 512-token prompt attention 14-22% faster on 2 cores).
+const Q_BLOCK: usize = 64;
 
 /// Attention: query i of a sequence sits at position `context_len - q_len + i` and attends to
 /// positions 0..=that (causal; from `scores.first_key` of it with a sliding window), or to the whole
@@ -461,24 +474,37 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
                 // cache, and serves every head of the group; nothing is gathered.
                 return attend_one(&qs, &src.rows(k, s, keys.clone(), g), &src.rows(v, s, keys.clone(), g), d, &scores);
             }
-            let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
-            let keys = lo..lo + visible;
-            for (pos, (kr, vr)) in src.rows(k, s, keys.clone(), g).into_iter().zip(src.rows(v, s, keys, g)).enumerate() {
-                C::load(kr, &mut ks[pos * d..(pos + 1) * d]);
-                C::load(vr, &mut vs[pos * d..(pos + 1) * d]);
-            }
+            // K and V rows: read in place where they are f32 at one stride (a prompt's own), else
+            // gathered (through a block table) and widened into [visible, D].
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            let (kp, vp, stride) = match (C::as_f32(k), C::as_f32(v), src.strided(s, lo, g)) {
+                (Some(kf), Some(vf), Some((at, stride))) if visible > 0 => {
+                    let end = at + (visible - 1) * stride + d;
+                    (kf[at..end].as_ptr(), vf[at..end].as_ptr(), stride)
+                }
+                _ => {
+                    (ks, vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
+                    let keys = lo..lo + visible;
+                    for (pos, (kr, vr)) in src.rows(k, s, keys.clone(), g).into_iter().zip(src.rows(v, s, keys, g)).enumerate() {
+                        C::load(kr, &mut ks[pos * d..(pos + 1) * d]);
+                        C::load(vr, &mut vs[pos * d..(pos + 1) * d]);
+                    }
+                    (ks.as_ptr(), vs.as_ptr(), d)
+                }
+            };
             // Scores [rows, visible] = scale * Q K^T, then a softmax per row (causal: over the keys
             // up to its position, from the window's first), then P V: two GEMMs instead of one dot
             // product per key.
             let mut p = vec![0f32; rows * visible];
             let mut res = vec![0f32; rows * d];
-            // SAFETY: every pointer and stride describes a buffer allocated just above with those
-            // dimensions (qs [rows, d], ks and vs [visible, d], p [rows, visible], res [rows, d]).
+            // SAFETY: every pointer and stride describes a buffer of those dimensions: qs [rows, d],
+            // p [rows, visible] and res [rows, d] allocated here, K and V [visible, d] rows `stride`
+            // apart (a slice checked above to hold them all, or ks and vs).
             unsafe {
                 matrixmultiply::sgemm(
                     rows, d, visible, scores.scale,
                     qs.as_ptr(), d as isize, 1,
-                    ks.as_ptr(), 1, d as isize,
+                    kp, 1, stride as isize,
                     0.0, p.as_mut_ptr(), visible as isize, 1,
                 );
             }
@@ -501,7 +527,7 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
                 matrixmultiply::sgemm(
                     rows, visible, d, 1.0,
                     p.as_ptr(), visible as isize, 1,
-                    vs.as_ptr(), d as isize, 1,
+                    vp, stride as isize, 1,
                     0.0, res.as_mut_ptr(), d as isize, 1,
                 );
             }
