@@ -476,20 +476,21 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
             }
             // K and V rows: read in place where they are f32 at one stride (a prompt's own), else
             // gathered (through a block table) and widened into [visible, D].
-            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            let gathered: (Vec<f32>, Vec<f32>);
             let (kp, vp, stride) = match (C::as_f32(k), C::as_f32(v), src.strided(s, lo, g)) {
                 (Some(kf), Some(vf), Some((at, stride))) if visible > 0 => {
                     let end = at + (visible - 1) * stride + d;
                     (kf[at..end].as_ptr(), vf[at..end].as_ptr(), stride)
                 }
                 _ => {
-                    (ks, vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
+                    let (mut ks, mut vs) = (vec![0f32; visible * d], vec![0f32; visible * d]);
                     let keys = lo..lo + visible;
                     for (pos, (kr, vr)) in src.rows(k, s, keys.clone(), g).into_iter().zip(src.rows(v, s, keys, g)).enumerate() {
                         C::load(kr, &mut ks[pos * d..(pos + 1) * d]);
                         C::load(vr, &mut vs[pos * d..(pos + 1) * d]);
                     }
-                    (ks.as_ptr(), vs.as_ptr(), d)
+                    gathered = (ks, vs);
+                    (gathered.0.as_ptr(), gathered.1.as_ptr(), d)
                 }
             };
             // Scores [rows, visible] = scale * Q K^T, then a softmax per row (causal: over the keys

@@ -137,8 +137,8 @@ fn matmul_t(team: &Team, out: &mut [f32], x: &[f32], w: &Weight, t: usize, k: us
         _ => t <= GEMV_MAX_TOKENS,
     };
     // A few chunks per thread: enough to balance, few enough that task overhead stays small next
-    // to a decode step's tiny matrices.
-    // Quantized rows go in whole tiles of 32 (the 8-bit GEMM's; row kernels need 16).
+    // to a decode step's tiny matrices. Quantized rows go in whole tiles of 32 (the 8-bit GEMM's;
+    // the row kernels need 16).
     let chunk = if gemv {
         (n / (threads * 4)).max(16).next_multiple_of(if matches!(w, Weight::Quant { .. }) { 32 } else { 16 })
     } else {

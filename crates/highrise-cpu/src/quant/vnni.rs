@@ -51,7 +51,7 @@ pub fn takes(dtype: DType) -> bool {
 }
 
 /// One tile of up to 32 rows, unpacked; rows past the end are zeros (they give zeros, not kept).
-pub(super) struct Tile {
+struct Tile {
     /// `[block][j][row]`: four unsigned bytes, values 4j..4j+3 of the row's block.
     u: Vec<u32>,
     /// `[block][row]` scales and offsets.
@@ -60,7 +60,7 @@ pub(super) struct Tile {
 }
 
 impl Tile {
-    pub(super) fn new(nb: usize) -> Tile {
+    fn new(nb: usize) -> Tile {
         Tile { u: vec![0; nb * 8 * ROWS], d: vec![0.0; nb * ROWS], m: vec![0.0; nb * ROWS] }
     }
 
@@ -72,7 +72,7 @@ impl Tile {
     /// # Safety
     /// AVX-512 F/BW present; `w` holds rows r0..r0 + nr; nr <= 32 and, interleaved, a multiple of 8.
     #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
-    pub(super) unsafe fn fill(&mut self, dtype: DType, w: &[u8], row_bytes: usize, r0: usize, nr: usize, nb: usize) {
+    unsafe fn fill(&mut self, dtype: DType, w: &[u8], row_bytes: usize, r0: usize, nr: usize, nb: usize) {
         assert!(nr <= ROWS && (r0 + nr) * row_bytes <= w.len() && self.d.len() >= nb * ROWS);
         if nr < ROWS {
             (self.u.fill(0), self.d.fill(0.0), self.m.fill(0.0));
