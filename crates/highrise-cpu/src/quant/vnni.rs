@@ -1,5 +1,5 @@
 //! A GEMM for quantized weights against many tokens' 8-bit activations (a prompt with
-//! `--q8-activations`), on AVX-512 VNNI: `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes
+//! `--q8-activations`, a batch of decoding sequences), on AVX-512 VNNI: `vpdpbusd` multiplies 64 unsigned bytes by 64 signed bytes
 //! and adds each four products into a 32-bit lane, four times the multiply-adds of an f32 FMA.
 //!
 //! Rows are taken 32 at a time (a tile): each tile's blocks are unpacked once into unsigned bytes
