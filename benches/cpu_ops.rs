@@ -209,7 +209,8 @@ fn quantized(c: &mut Criterion) {
     }
     g.finish();
     // A prompt's projections (512 tokens) with 8-bit activations: multiply-adds per second (x2 as
-    // flops), the integer GEMM where the CPU has AVX-512 VNNI, the row kernels elsewhere.
+    // flops), the integer GEMM where the CPU has AVX-512 VNNI, the row kernels (or, for Q4_K, the
+    // f32 GEMM over dequantized rows) elsewhere.
     let mut g = c.benchmark_group("smollm2-135m-quantized-prefill");
     g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
     let t = 512;
@@ -218,12 +219,18 @@ fn quantized(c: &mut Criterion) {
         ("q4_1_r8_down", DType::Q4_1R8, 576, 1536),
         ("q4_1_gate", DType::Q4_1, 1536, 576),
         ("q8_0_unembed", DType::Q8_0, 49152, 576),
+        // A quarter of a Llama-3-8B projection in Q4_K (the bulk of Q4_K_M files).
+        ("q4_k_1024x4096", DType::Q4K, 1024, 4096),
     ] {
         let w = random_quant(&b, dtype, n, k);
         let x = random(&b, DType::F32, &[t, k], 1.0);
         let mut y = random(&b, DType::F32, &[t, n], 1.0);
         g.throughput(Throughput::Elements(2 * (t * n * k) as u64));
         g.bench_function(BenchmarkId::new(name, "q8_act_512"), |bench| bench.iter(|| b.linear_with(&mut y, &x, &w, None, true).unwrap()));
+        if dtype == DType::Q4K {
+            // Against f32 activations: the weights dequantized chunk by chunk for an f32 GEMM.
+            g.bench_function(BenchmarkId::new(name, "f32_act_512"), |bench| bench.iter(|| b.linear_with(&mut y, &x, &w, None, false).unwrap()));
+        }
     }
     g.finish();
 }

@@ -220,12 +220,12 @@ fn vnni_gemm_equals_the_portable_rows() {
     if !vnni::available() {
         return println!("skipped: this CPU has no AVX-512 VNNI (or HIGHRISE_CPU_SIMD keeps to AVX2)");
     }
-    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4_0R8, DType::Q4_1R8] {
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q4_0R8, DType::Q4_1R8] {
         let plain = dtype.plain();
-        // Block counts 1, 3, 18 (576 columns), 48 (1536); rows ending inside a tile of 32 and on one;
-        // token counts around the kernel's six per pass.
-        for (nb, n, tokens) in [(1, 8, 1), (3, 40, 7), (18, 72, 13), (48, 64, 6), (18, 16, 8)] {
-            let k = 32 * nb;
+        // Block counts 1, 3, 18 (576 columns), 48 (1536), Q4_K's super-blocks of 8 rounded up;
+        // rows ending inside a tile of 32 and on one; token counts around the kernel's six per pass.
+        for (nb, n, tokens) in [(1usize, 8, 1), (3, 40, 7), (18, 72, 13), (48, 64, 6), (18, 16, 8)] {
+            let k = if plain == DType::Q4K { 256 * nb.div_ceil(8) } else { 32 * nb };
             let w: Vec<u8> = (0..n).flat_map(|r| random_row(plain, k, 200 + r as u64)).collect();
             let packed = match dtype.interleaved_rows() {
                 1 => w.clone(),

@@ -9,10 +9,12 @@
 //! accumulators, what the row kernels compute:
 //! - Q4_0: u = q (0..15), m = -8 d; Q4_1: u = q, m the block's own (both as `portable_q8`);
 //! - Q8_0: u = w + 128, and the 128 · isum(qx) this adds is taken off in integers before the
-//!   scale (so no large float cancels), m = 0.
+//!   scale (so no large float cancels), m = 0;
+//! - Q4_K: each sub-block of 32 is a block of its own, d = d_K · scale, m = -dmin · min (its 6-bit
+//!   scale and minimum), u = q.
 //!
 //! Q4_0/Q4_1 rows interleaved by 8 (the CPU's layout for a model's projections) and plain Q4_0,
-//! Q4_1 and Q8_0 rows (`--no-repack`, the tied unembedding) are taken.
+//! Q4_1, Q8_0 and Q4_K rows (`--no-repack`, the tied unembedding, Q4_K_M files) are taken.
 
 use std::arch::x86_64::*;
 
@@ -47,7 +49,7 @@ pub fn available() -> bool {
 
 /// The weight formats the GEMM takes.
 pub fn takes(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4_0R8 | DType::Q4_1R8)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q4_0R8 | DType::Q4_1R8)
 }
 
 /// One tile of up to 32 rows, unpacked; rows past the end are zeros (they give zeros, not kept).
@@ -112,6 +114,41 @@ impl Tile {
             let valid: __mmask16 = (((1u32 << (nr - 16 * h).min(16)) - 1) & 0xFFFF) as u16;
             let first = w.as_ptr().add((r0 + 16 * h) * row_bytes);
             let gather = |at: *const u8| _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), valid, row_at, at as *const i32);
+            if plain == DType::Q4K {
+                // A super-block of 256: f16 d and dmin, 12 bytes of 6-bit scales and minimums of its
+                // 8 sub-blocks (`highrise_core::quant::scale_min_k4`), then 128 bytes: each 32 hold
+                // sub-block 2j in their low nibbles and 2j + 1 in their high ones.
+                let bits = |v: __m512i, shift: u32, mask: i32| _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(shift as i32)), _mm512_set1_epi32(mask));
+                for sb in 0..nb / 8 {
+                    let blk = first.add(sb * bb);
+                    let head = gather(blk);
+                    let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+                    let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head)));
+                    let sc = [gather(blk.add(4)), gather(blk.add(8)), gather(blk.add(12))];
+                    for j in 0..8u32 {
+                        let (scale, min) = if j < 4 {
+                            (bits(sc[0], 8 * j, 63), bits(sc[1], 8 * j, 63))
+                        } else {
+                            let t = 8 * (j - 4);
+                            let scale = _mm512_or_si512(bits(sc[2], t, 0xF), _mm512_slli_epi32::<4>(bits(sc[0], t + 6, 3)));
+                            let min = _mm512_or_si512(bits(sc[2], t + 4, 0xF), _mm512_slli_epi32::<4>(bits(sc[1], t + 6, 3)));
+                            (scale, min)
+                        };
+                        let at = (sb * 8 + j as usize) * ROWS + 16 * h;
+                        _mm512_storeu_ps(d.add(at), _mm512_mul_ps(dv, _mm512_cvtepi32_ps(scale)));
+                        _mm512_storeu_ps(m.add(at), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(min))));
+                    }
+                    for j in 0..4 {
+                        for i in 0..8 {
+                            let v = gather(blk.add(16 + 32 * j + 4 * i));
+                            let (lo, hi) = (_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib));
+                            _mm512_storeu_si512(u.add(((sb * 8 + 2 * j) * 8 + i) * ROWS + 16 * h) as *mut _, lo);
+                            _mm512_storeu_si512(u.add(((sb * 8 + 2 * j + 1) * 8 + i) * ROWS + 16 * h) as *mut _, hi);
+                        }
+                    }
+                }
+                continue;
+            }
             for b in 0..nb {
                 let blk = first.add(b * bb);
                 let at = b * ROWS + 16 * h;
@@ -152,8 +189,9 @@ pub fn gemm(dtype: DType, w: &[u8], row_bytes: usize, xs: &[&Q8Act], mut sink: i
     assert!(available() && takes(dtype), "vnni::gemm: {dtype} on this CPU");
     let plain = dtype.plain();
     let (bb, n) = (plain.block_bytes(), w.len() / row_bytes);
-    let nb = row_bytes / bb;
-    assert!(nb * bb == row_bytes && n * row_bytes == w.len() && (dtype == plain || n.is_multiple_of(8)));
+    assert!(row_bytes.is_multiple_of(bb) && n * row_bytes == w.len() && (dtype == plain || n.is_multiple_of(8)));
+    // Blocks of 32 values (a Q4_K super-block holds 8).
+    let nb = row_bytes / bb * plain.block_len() / 32;
     assert!(xs.iter().all(|x| x.q.len() >= nb * 32 && x.d.len() >= nb && x.sum.len() >= nb && x.isum.len() >= nb));
     let mut tile = Tile::new(nb);
     let mut out = [[0f32; ROWS]; TOKENS];
