@@ -135,6 +135,12 @@ fn random_quant(b: &Arc<dyn Backend>, dtype: DType, rows: usize, cols: usize) ->
     Tensor::from_bytes(b, dtype, &[rows, cols], &data).unwrap()
 }
 
+/// A quantized weight [n, k] (`random_quant`) and f32 activations x [tokens, k] and y [tokens, n]
+/// for `linear_with(y, x, w)`.
+fn quant_linear(b: &Arc<dyn Backend>, dtype: DType, n: usize, k: usize, tokens: usize) -> (Tensor, Tensor, Tensor) {
+    (random_quant(b, dtype, n, k), random(b, DType::F32, &[tokens, k], 1.0), random(b, DType::F32, &[tokens, n], 1.0))
+}
+
 fn random_quant_bytes(dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
     let bytes = dtype.storage_bytes(rows * cols).unwrap();
     let mut s = 0x9E3779B97F4A7C15u64;
@@ -180,9 +186,7 @@ fn quantized(c: &mut Criterion) {
         ("q4_k_4096", DType::Q4K, 4096, 4096),
         ("q6_k_4096", DType::Q6K, 4096, 4096),
     ] {
-        let w = random_quant(&b, dtype, n, k);
-        let x = random(&b, DType::F32, &[1, k], 1.0);
-        let mut y = random(&b, DType::F32, &[1, n], 1.0);
+        let (w, x, mut y) = quant_linear(&b, dtype, n, k, 1);
         g.throughput(Throughput::Bytes(dtype.storage_bytes(n * k).unwrap() as u64));
         for q8 in [false, true] {
             let id = BenchmarkId::new(name, if q8 { "q8_act" } else { "f32_act" });
@@ -197,9 +201,7 @@ fn quantized(c: &mut Criterion) {
     let bytes = DType::Q4_1.storage_bytes(n * k).unwrap() as u64;
     for (threads, be) in [(1, &one), (b.info().device.split(' ').next().unwrap_or("all").parse().unwrap_or(0), &b)] {
         for dtype in [DType::Q4_1, DType::Q4_1R8] {
-            let w = random_quant(be, dtype, n, k);
-            let x = random(be, DType::F32, &[1, k], 1.0);
-            let mut y = random(be, DType::F32, &[1, n], 1.0);
+            let (w, x, mut y) = quant_linear(be, dtype, n, k, 1);
             g.throughput(Throughput::Bytes(bytes));
             for q8 in [false, true] {
                 let id = BenchmarkId::new(format!("{dtype}_stream_{}mb_{threads}t", bytes >> 20), if q8 { "q8_act" } else { "f32_act" });
@@ -222,9 +224,7 @@ fn quantized(c: &mut Criterion) {
         // A quarter of a Llama-3-8B projection in Q4_K (the bulk of Q4_K_M files).
         ("q4_k_1024x4096", DType::Q4K, 1024, 4096),
     ] {
-        let w = random_quant(&b, dtype, n, k);
-        let x = random(&b, DType::F32, &[t, k], 1.0);
-        let mut y = random(&b, DType::F32, &[t, n], 1.0);
+        let (w, x, mut y) = quant_linear(&b, dtype, n, k, t);
         g.throughput(Throughput::Elements(2 * (t * n * k) as u64));
         g.bench_function(BenchmarkId::new(name, "q8_act_512"), |bench| bench.iter(|| b.linear_with(&mut y, &x, &w, None, true).unwrap()));
         if dtype == DType::Q4K {

@@ -82,7 +82,6 @@ impl Tile {
         let plain = dtype.plain();
         let bb = plain.block_bytes();
         let (u, d, m) = (self.u.as_mut_ptr(), self.d.as_mut_ptr(), self.m.as_mut_ptr());
-        let nib = _mm512_set1_epi32(0x0F0F_0F0F);
         if dtype != plain {
             // Interleaved by 8: a group's block b holds 8 rows' f16 scales, then (Q4_1) minimums,
             // then four chunks of 32 bytes, chunk c holding bytes 4c..4c+3 of every row.
@@ -141,9 +140,7 @@ impl Tile {
                     for j in 0..4 {
                         for i in 0..8 {
                             let v = gather(blk.add(16 + 32 * j + 4 * i));
-                            let (lo, hi) = (_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib));
-                            _mm512_storeu_si512(u.add(((sb * 8 + 2 * j) * 8 + i) * ROWS + 16 * h) as *mut _, lo);
-                            _mm512_storeu_si512(u.add(((sb * 8 + 2 * j + 1) * 8 + i) * ROWS + 16 * h) as *mut _, hi);
+                            nibbles(v, u.add(((sb * 8 + 2 * j) * 8 + i) * ROWS + 16 * h), u.add(((sb * 8 + 2 * j + 1) * 8 + i) * ROWS + 16 * h));
                         }
                     }
                 }
@@ -170,14 +167,24 @@ impl Tile {
                 } else {
                     for c in 0..4 {
                         let v = gather(blk.add(bb - 16 + 4 * c));
-                        let (lo, hi) = (_mm512_and_si512(v, nib), _mm512_and_si512(_mm512_srli_epi32::<4>(v), nib));
-                        _mm512_storeu_si512(u.add((b * 8 + c) * ROWS + 16 * h) as *mut _, lo);
-                        _mm512_storeu_si512(u.add((b * 8 + 4 + c) * ROWS + 16 * h) as *mut _, hi);
+                        nibbles(v, u.add((b * 8 + c) * ROWS + 16 * h), u.add((b * 8 + 4 + c) * ROWS + 16 * h));
                     }
                 }
             }
         }
     }
+}
+
+/// The low nibbles of v's 64 bytes to `lo`, the high ones to `hi` (16 rows' four values each).
+///
+/// # Safety
+/// AVX-512 F present; `lo` and `hi` each point at 16 writable u32.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn nibbles(v: __m512i, lo: *mut u32, hi: *mut u32) {
+    let mask = _mm512_set1_epi32(0x0F0F_0F0F);
+    _mm512_storeu_si512(lo as *mut _, _mm512_and_si512(v, mask));
+    _mm512_storeu_si512(hi as *mut _, _mm512_and_si512(_mm512_srli_epi32::<4>(v), mask));
 }
 
 /// `sink(t, r0, values)`: token t's products `row r · xs[t]` for rows r0.. of `w` (whole rows of
