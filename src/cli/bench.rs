@@ -9,10 +9,10 @@ use super::{load, parse_bytes, AnyResult, ModelArgs};
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Prompt lengths to prefill (repeatable).
+    /// Prompt lengths to prefill (repeatable); 0 runs no prefill test, as llama-bench's -p 0.
     #[arg(long = "pp", default_values_t = [512])]
     pub prompt: Vec<usize>,
-    /// Numbers of tokens to generate (repeatable).
+    /// Numbers of tokens to generate (repeatable); 0 runs no generation test.
     #[arg(long = "tg", default_values_t = [128])]
     pub generate: Vec<usize>,
     /// Tokens of context already in the KV cache when each tg test starts (repeatable), as
@@ -22,7 +22,8 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(long, short, default_value_t = 3)]
     pub reps: usize,
-    /// Numbers of sequences to decode together through the engine (repeatable): total tokens/s.
+    /// Numbers of sequences to decode together through the engine (repeatable): total tokens/s;
+    /// 0 runs none.
     #[arg(long, short = 'c', default_values_t = [1, 8, 32, 64])]
     pub concurrency: Vec<usize>,
     /// KV-cache memory for the concurrent tests, e.g. 512M or 2G.
@@ -50,7 +51,10 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
     let (model, tokenizer) = load(args)?;
     let reps = reps.max(1);
     let mut results = Vec::new();
-    for &n in pp {
+    // A 0 asks for no such test (llama-bench's -p 0 / -n 0).
+    let pp: Vec<usize> = pp.iter().copied().filter(|&n| n > 0).collect();
+    let tg: Vec<usize> = tg.iter().copied().filter(|&n| n > 0).collect();
+    for &n in &pp {
         results.push(bench::prefill(&model, n, reps)?);
     }
     // (test, rows of the op table) from a separate, op-by-op timed run: waiting after every op
@@ -74,7 +78,7 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
             profiles.push((m?.test, op_profile::take(), n));
         }
     }
-    for &c in concurrency {
+    for &c in concurrency.iter().filter(|&&c| c > 0) {
         results.push(bench::concurrent(&model, &tokenizer, c, 64, kv_bytes)?);
     }
     // The ceilings, measured in this run: memory (host memory read by all cores for the CPU
