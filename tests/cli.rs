@@ -191,3 +191,13 @@ fn overlapping_stop_strings_end_the_text_cleanly() {
     assert!(!text.contains("e!") && !text.contains("he city"), "{text:?}");
     println!("finish {} after {text:?}", j["finish_reason"]);
 }
+
+#[test]
+fn bench_runs_only_the_tests_asked_for() {
+    // A 0 asks for no such test, as llama-bench's -p 0 (it used to fail with "empty batch").
+    let out = stdout_ok(&["bench", "--model", "random:tiny", "--pp", "0", "--tg", "8", "-c", "0", "-r", "1", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tests: Vec<&str> = j["results"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["tg8"], "{out}");
+    assert!(j["results"][0]["tokens_per_second"].as_f64().unwrap() > 0.0);
+}
