@@ -107,6 +107,24 @@ struct Barrier {
     unsigned arrived = 0, generation = 0;
 };
 
+// One wgmma.mma_async as issued by a warpgroup: its operands are read (shared memory through the
+// descriptors, A's registers through the issuing threads' pointers) and its accumulators written only
+// when the warpgroup waits for its group, as on the GPU, where they are in flight until then.
+struct WgmmaOp {
+    unsigned n;
+    bool bf16, a_in_regs, tnsp_b;
+    int scale_d;
+    uint64_t desc_a, desc_b;
+    const uint32_t* a[128];  // per thread of the warpgroup: its 4 registers of A (a_in_regs)
+    float* d[128];           // per thread: its n/2 accumulators
+};
+
+struct Warpgroup {
+    Barrier barrier;
+    std::vector<WgmmaOp> open;                // issued, not yet committed
+    std::vector<std::vector<WgmmaOp>> groups;  // committed groups, oldest first
+};
+
 struct Block {
     emu_dim3 bid, bdim, gdim;
     std::vector<Fiber> fibers;
@@ -116,6 +134,7 @@ struct Block {
     bool aborted = false;
     Barrier block_barrier;
     std::vector<Barrier> warp_barriers;
+    std::vector<Warpgroup> warpgroups;
     std::vector<const void*> slots;  // per thread: the address of its operand of a warp instruction
     const std::function<void()>* body = nullptr;
     std::vector<char> dynamic_shared;
@@ -342,12 +361,163 @@ inline void cp_async_wait(unsigned pending) {
     }
 }
 
+// ---- wgmma (sm_90a): warpgroup-wide asynchronous matrix multiply ----
+//
+// A warpgroup is 4 consecutive warps (threads 128 w .. 128 w + 127). Its .sync.aligned instructions
+// are collective: every thread of it arrives before any goes on. Modelled: wgmma.mma_async
+// m64nNk16 with f32 accumulators and f16/bf16 operands, A from shared memory (K-major) or registers,
+// B from shared memory (K-major, or N-major with imm-trans-b); the matrix descriptors with the
+// 128-byte swizzle (the only mode the kernels use: any other faults); commit_group and wait_group,
+// operands read and accumulators written only at the wait. Not modelled: wgmma.fence (a register
+// written between the issue and the wait is caught, as the wait overwrites it; a missing fence before
+// the first issue is not) and the async proxy fence (a no-op here).
+
+inline Warpgroup& my_warpgroup(unsigned* thread = nullptr) {
+    const unsigned t = blk->current;
+    if (blk->fibers.size() % 128) fail("a warpgroup instruction in a block whose size is not a multiple of 128");
+    if (thread) *thread = t % 128;
+    return blk->warpgroups[t / 128];
+}
+
+// Waits until all 128 threads of this thread's warpgroup have arrived.
+inline void syncwarpgroup() {
+    unsigned t;
+    Warpgroup& g = my_warpgroup(&t);
+    const unsigned first = blk->current - t;
+    for (unsigned i = first; i < first + 128; i++)
+        if (blk->fibers[i].done) fail("a warpgroup-wide instruction with threads that have exited");
+    arrive(g.barrier, 128);
+}
+
+// As `exchange`, over the warpgroup: `read` (on thread 0 of it alone) gets every thread's operand.
+template <class T, class F>
+inline void wg_exchange(const T& mine, F read) {
+    unsigned t;
+    my_warpgroup(&t);
+    const unsigned first = blk->current - t;
+    blk->slots[blk->current] = &mine;
+    syncwarpgroup();
+    if (t == 0) {
+        const void* const* base = &blk->slots[first];
+        read([base](unsigned i) -> const T& { return *static_cast<const T*>(base[i]); });
+    }
+    syncwarpgroup();
+}
+
+// The byte offset in shared memory (the dynamic shared memory starts at 0 here) of element (row, col)
+// of a matrix described by `desc`: K-major, rows are M or N (8-row groups `SBO` apart, rows of 128
+// bytes) and cols K; N-major (`mn_major`), rows are K (8-row groups SBO apart, rows of 128 bytes)
+// and cols N (64-element blocks `LBO` apart). Then the 128-byte swizzle: bits 7-9 of the address
+// into bits 4-6.
+inline uint64_t desc_addr(uint64_t desc, bool mn_major, unsigned row, unsigned col) {
+    if ((desc >> 62) != 1) fail("wgmma: a matrix descriptor without the 128-byte swizzle (the only mode modelled)");
+    if ((desc >> 49) & 7) fail("wgmma: a matrix descriptor with a base offset (tiles are 1024-byte aligned)");
+    const uint64_t start = (desc & 0x3fff) << 4, lbo = ((desc >> 16) & 0x3fff) << 4, sbo = ((desc >> 32) & 0x3fff) << 4;
+    const uint64_t a = mn_major ? start + (col / 64) * lbo + (row / 8) * sbo + (row % 8) * 128 + (col % 64) * 2
+                                : start + (row / 8) * sbo + (row % 8) * 128 + col * 2;
+    return a ^ ((a >> 3) & 0x70);
+}
+
+inline uint16_t smem_u16(uint64_t offset) {
+    if (offset + 2 > blk->dynamic_shared.size()) fail("wgmma: a descriptor reaches past the block's shared memory");
+    uint16_t v;
+    std::memcpy(&v, blk->dynamic_shared.data() + offset, 2);
+    return v;
+}
+
+inline void wgmma_run(const WgmmaOp& op) {
+    // A (64 x 16): registers in mma.sync's layout per warp (warp w: rows 16 w ..), or shared memory.
+    auto A = [&](unsigned m, unsigned k) -> float {
+        if (op.a_in_regs) {
+            const unsigned owner = (m / 16) * 32 + (m % 8) * 4 + (k % 8) / 2, reg = (m % 16) / 8 + 2 * (k / 8);
+            const uint32_t w = op.a[owner][reg];
+            return half_to_f32((uint16_t)(k % 2 ? w >> 16 : w), op.bf16);
+        }
+        return half_to_f32(smem_u16(desc_addr(op.desc_a, false, m, k)), op.bf16);
+    };
+    std::vector<float> b(16 * op.n);
+    for (unsigned k = 0; k < 16; k++)
+        for (unsigned n = 0; n < op.n; n++)
+            b[k * op.n + n] = half_to_f32(smem_u16(op.tnsp_b ? desc_addr(op.desc_b, true, k, n) : desc_addr(op.desc_b, false, n, k)), op.bf16);
+    for (unsigned m = 0; m < 64; m++) {
+        float a[16];
+        for (unsigned k = 0; k < 16; k++) a[k] = A(m, k);
+        for (unsigned n = 0; n < op.n; n++) {
+            // D (64 x N): thread (m / 16) 32 + (m % 8) 4 + (n % 8) / 2, element 4 (n / 8) + 2 ((m % 16) / 8) + n % 2.
+            float& d = op.d[(m / 16) * 32 + (m % 8) * 4 + (n % 8) / 2][4 * (n / 8) + 2 * ((m % 16) / 8) + n % 2];
+            float acc = op.scale_d ? d : 0.0f;
+            for (unsigned k = 0; k < 16; k++) acc += a[k] * b[k * op.n + n];
+            d = acc;
+        }
+    }
+}
+
+// wgmma.mma_async.sync.aligned.m64n<n>k16.f32.<bf16|f16> d, a (descriptor or registers), b-desc,
+// scale-d, 1, 1, (trans-a 0,) trans-b.
+inline void wgmma(float* d, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, unsigned n, int scale_d, bool tnsp_b, bool bf16) {
+    struct Mine {
+        float* d;
+        const uint32_t* a;
+        uint64_t desc_a, desc_b;
+        unsigned n;
+        int scale_d;
+        bool tnsp_b, bf16;
+    } mine{d, a_regs, desc_a, desc_b, n, scale_d, tnsp_b, bf16};
+    Warpgroup& g = my_warpgroup();
+    wg_exchange(mine, [&](auto at) {
+        WgmmaOp op{};
+        op.n = n;
+        op.bf16 = bf16;
+        op.a_in_regs = a_regs != nullptr;
+        op.tnsp_b = tnsp_b;
+        op.scale_d = scale_d;
+        op.desc_a = desc_a;
+        op.desc_b = desc_b;
+        for (unsigned i = 0; i < 128; i++) {
+            const Mine& o = at(i);
+            if (o.n != n || o.bf16 != bf16 || (o.a != nullptr) != op.a_in_regs || o.tnsp_b != tnsp_b || o.scale_d != scale_d ||
+                o.desc_b != desc_b || (!op.a_in_regs && o.desc_a != desc_a))
+                fail("wgmma: the warpgroup's threads disagree on the instruction or its descriptors");
+            op.d[i] = o.d;
+            op.a[i] = o.a;
+        }
+        g.open.push_back(op);
+    });
+}
+
+inline void wgmma_commit() {
+    unsigned t;
+    Warpgroup& g = my_warpgroup(&t);
+    syncwarpgroup();
+    if (t == 0) {
+        g.groups.push_back(std::move(g.open));
+        g.open.clear();
+    }
+    syncwarpgroup();
+}
+
+inline void wgmma_wait(unsigned pending) {
+    unsigned t;
+    Warpgroup& g = my_warpgroup(&t);
+    syncwarpgroup();
+    if (t == 0)
+        while (g.groups.size() > pending) {
+            for (const WgmmaOp& op : g.groups.front()) wgmma_run(op);
+            g.groups.erase(g.groups.begin());
+        }
+    syncwarpgroup();
+}
+
 // ---- launching ----
 
 inline void trampoline() {
     (*blk->body)();
     Fiber& f = me();
     if (!f.open.empty() || !f.groups.empty()) cp_async_wait(0);
+    if (blk->fibers.size() % 128 == 0) {
+        Warpgroup& g = blk->warpgroups[blk->current / 128];
+        if (!g.open.empty() || !g.groups.empty()) fail("a thread exited with wgmma operations it never waited for");
+    }
     f.done = true;
     blk->live--;
     blk->stalls = 0;
@@ -364,6 +534,7 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
     const unsigned n = b.bdim.x * b.bdim.y * b.bdim.z;
     b.fibers.assign(n, Fiber{});
     b.warp_barriers.assign((n + 31) / 32, Barrier{});
+    b.warpgroups.assign((n + 127) / 128, Warpgroup{});
     b.slots.assign(((n + 31) / 32) * 32, nullptr);
     b.live = n;
     b.block_barrier = Barrier{};
