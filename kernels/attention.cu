@@ -374,22 +374,141 @@ __device__ __forceinline__ u32 swz(u32 r, u32 c) {
     return r * D + ((c ^ (r & 7)) << 3);
 }
 
-// Copies `n` rows of D elements into a swizzled tile, row r from `src(r)` (an element offset, or -1
-// for a row of zeros), by THREADS threads of which this is number `tid`.
-template <int D, int THREADS, class Src>
+// Element offset of chunk c (8 elements) of row r in a tile of `rows` rows of D elements as wgmma
+// reads it with the 128-byte swizzle: D / 64 blocks of [rows][64] (rows of 128 bytes, 8-row groups
+// 1024 bytes apart), a row's chunk c at c ^ (r % 8) within its block; the tile 1024-byte aligned.
+template <int D>
+__device__ __forceinline__ u32 swz_wg(u32 r, u32 c, u32 rows) {
+    return (c >> 3) * rows * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+}
+
+// Copies `n` rows of D elements into a swizzled tile (swz, or swz_wg with WG), row r from `src(r)`
+// (an element offset, or -1 for a row of zeros), by THREADS threads of which this is number `tid`.
+template <int D, int THREADS, bool WG = false, class Src>
 __device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, u32 tid, Src src) {
     constexpr u32 CH = D / 8;
     for (u32 i = tid; i < n * CH; i += THREADS) {
         const u32 r = i / CH, c = i % CH;
         const long long off = src(r);
-        cp_async16(tile + swz<D>(r, c), off < 0 ? base : base + off + c * 8, off < 0 ? 0 : 16);
+        cp_async16(tile + (WG ? swz_wg<D>(r, c, n) : swz<D>(r, c)), off < 0 ? base : base + off + c * 8, off < 0 ? 0 : 16);
     }
 }
 
-// With a sliding window (`mods.window` > 0: row at position p sees keys above p - window) the
-// tiles before the first row's first key are never visited, and tiles that cross a row's first key
-// are masked there too; with soft-capping (`mods.softcap` > 0) each score becomes softcap tanh(scale
-// s / softcap) before the online softmax, which then works in log2 units of it.
+// The scores of one warp's 16 query rows against a tile of 8 NT keys starting at key kb, in
+// mma.sync's C layout (the same per warp for wgmma's accumulators): s[nt][e] is row r + lane/4 +
+// 8 (e / 2) of the tile and key kb + 8 nt + 2 (lane % 4) + e % 2. Masks them (capped before, by
+// cap_tile), turns them into P (unnormalized probabilities, in place), and carries the rows' online
+// softmax: running maximum m and sum l (this thread's share of each; the quad holds the rest) and the
+// output o (DT 8-dim tiles), rescaled to the new maximum.
+//
+// With a sliding window (`mods.window` > 0: row at position p sees keys above p - window) the tiles
+// before the first row's first key are never visited (the caller's loop), and tiles that cross a
+// row's first key are masked there too; with soft-capping (`mods.softcap` > 0) each score becomes
+// softcap tanh(scale s / softcap) before the online softmax, which then works in log2 units of it.
+template <int NT, int DT>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&o)[DT][4], float (&m)[2], float (&l)[2], u32 r, u32 kb,
+                                             bool masked, u32 pos0, u32 rows, u32 keys_end, ScoreMods mods, ScoreMods::Log2Cap cap) {
+    const u32 lane = threadIdx.x & 31, quad = lane & 3;
+    // Scores capped (cap_tile) are in log2 units already; else `cap.inner` is the scale (softmax_cap).
+    const float mul = mods.softcap > 0.0f ? 1.0f : cap.inner;
+    if (masked) {
+        // The last key each held row sees: its position (rows past the tile's end: the last row's);
+        // the first: its window's.
+        const u32 rr = r + (lane >> 2);
+        const u32 pos[2] = {pos0 + min(rr, rows - 1), pos0 + min(rr + 8, rows - 1)};
+        const u32 last[2] = {min(pos[0], keys_end - 1), min(pos[1], keys_end - 1)};
+        const u32 first[2] = {mods.first(pos[0] + 1), mods.first(pos[1] + 1)};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const u32 key = kb + nt * 8 + 2 * quad + (e & 1);
+                if (key > last[e >> 1] || key < first[e >> 1]) s[nt][e] = -INFINITY;
+            }
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float mx = m[hf];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // A row's first key is in the first tile it is shown, so mx is finite from then on; before
+        // (a window starting in a later tile) both are -inf and nothing is added.
+        const float ref = mx == -INFINITY ? 0.0f : mx;
+        const float corr = fast_exp2((m[hf] - ref) * mul), shift = ref * mul;
+        m[hf] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            s[nt][2 * hf] = fast_exp2(s[nt][2 * hf] * mul - shift);
+            s[nt][2 * hf + 1] = fast_exp2(s[nt][2 * hf + 1] * mul - shift);
+            sum += s[nt][2 * hf] + s[nt][2 * hf + 1];
+        }
+        l[hf] = l[hf] * corr + sum;
+#pragma unroll
+        for (int i = 0; i < DT; i++) {
+            o[i][2 * hf] *= corr;
+            o[i][2 * hf + 1] *= corr;
+        }
+    }
+}
+
+// Soft-capping of a tile of scores (before softmax_tile), where the op has it.
+template <int NT>
+__device__ __forceinline__ void cap_tile(float (&s)[NT][4], ScoreMods mods, ScoreMods::Log2Cap cap) {
+    if (mods.softcap > 0.0f) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = cap(s[nt][e]);
+    }
+}
+
+// softmax_tile's `cap`: soft-capping in log2 units where the op has it, else the scale in `inner`.
+__device__ __forceinline__ ScoreMods::Log2Cap softmax_cap(ScoreMods mods, float scale_log2) {
+    return mods.softcap > 0.0f ? mods.log2_cap(scale_log2) : ScoreMods::Log2Cap{scale_log2, 0.0f};
+}
+
+// P of keys 16 kt .. 16 kt + 15 (score tiles 2 kt and 2 kt + 1) as an A fragment (mma.sync's, and
+// wgmma's per warp).
+template <int NT>
+__device__ __forceinline__ void p_fragment(u32 (&pa)[4], const float (&s)[NT][4], int kt, bool bf16) {
+    pa[0] = pack2(s[2 * kt][0], s[2 * kt][1], bf16);
+    pa[1] = pack2(s[2 * kt][2], s[2 * kt][3], bf16);
+    pa[2] = pack2(s[2 * kt + 1][0], s[2 * kt + 1][1], bf16);
+    pa[3] = pack2(s[2 * kt + 1][2], s[2 * kt + 1][3], bf16);
+}
+
+// The end: one warp's 16 rows (from row r of the tile) of o over their sums, to `out` (rows past
+// `rows` are not written).
+template <int DT>
+__device__ __forceinline__ void store_rows(u16* out, const float (&o)[DT][4], const float (&l)[2], u32 r, u32 rows, u32 q0, u32 hq,
+                                           u32 h, bool bf16) {
+    constexpr u32 D = DT * 8;
+    const u32 lane = threadIdx.x & 31, quad = lane & 3;
+    u32* out32 = (u32*)out;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        // The rows' sums are spread over their quads.
+        float sum = l[hf];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = 1.0f / sum;
+        const u32 rr = r + (lane >> 2) + 8 * hf;
+        if (rr >= rows) continue;
+        const u64 row = ((u64)(q0 + rr) * hq + h) * D;
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) out32[(row + dt * 8 + 2 * quad) / 2] = pack2(o[dt][2 * hf] * inv, o[dt][2 * hf + 1] * inv, bf16);
+    }
+}
+
+// Whether a tile of KEYS keys from kb needs masks: some key lies past a row's last key or the keys'
+// end, or (a window) before the last row's first key.
+__device__ __forceinline__ bool tile_masked(u32 kb, u32 keys, u32 keys_end, u32 pos0, u32 rows, ScoreMods mods) {
+    return kb + keys > keys_end || kb + keys - 1 > pos0 || (mods.window != 0 && kb + mods.window < pos0 + rows);
+}
+
 template <int D, int WARPS, int MT, int KEYS, bool BF16>
 __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
                            u32 hkv, float scale_log2, ScoreMods mods, u16* smem) {
@@ -460,6 +579,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
             }
         }
 
+        // softmax_tile's work, written out here: as a call, ptxas spills the d128 f16 kernel on sm_80.
         if (capped) {
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
@@ -529,12 +649,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
         for (int kt = 0; kt < KEYS / 16; kt++) {
             u32 pa[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                pa[mt][0] = pack2(s[mt][2 * kt][0], s[mt][2 * kt][1], BF16);
-                pa[mt][1] = pack2(s[mt][2 * kt][2], s[mt][2 * kt][3], BF16);
-                pa[mt][2] = pack2(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1], BF16);
-                pa[mt][3] = pack2(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3], BF16);
-            }
+            for (int mt = 0; mt < MT; mt++) p_fragment(pa[mt], s[mt], kt, BF16);
 #pragma unroll
             for (int dp = 0; dp < D / 16; dp++) {
                 u32 vf[4];
@@ -548,24 +663,8 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
         }
     }
 
-    // The rows' sums are spread over their quads.
-    u32* out32 = (u32*)out;
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            float sum = l[mt][hf];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = 1.0f / sum;
-            const u32 r = (warp * MT + mt) * 16 + (lane >> 2) + 8 * hf;
-            if (r >= rows) continue;
-            const u64 row = ((u64)(q0 + r) * hq + h) * D;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++)
-                out32[(row + dt * 8 + 2 * quad) / 2] = pack2(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv, BF16);
-        }
-    }
+    for (int mt = 0; mt < MT; mt++) store_rows(out, o[mt], l[mt], (warp * MT + mt) * 16, rows, q0, hq, h, BF16);
 }
 
 #define FLASH_ONE(dim, s, bf16)                                                                                    \
@@ -582,6 +681,122 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
 #define FLASH(dim) FLASH_ONE(dim, bf16, true) FLASH_ONE(dim, f16, false)
 FLASH(64)
 FLASH(128)
+
+// ---- Prefill on Hopper's warpgroup MMA (sm_90a) ----
+//
+// flash_attn_wg_d{64,128}_{f16,bf16}: the same op as flash_attn (same arguments, tiles and masks),
+// with wgmma instead of mma.sync: a block of WGS warpgroups takes 64 WGS query rows, each warpgroup
+// 64 of them (each warp 16, in the same fragments as flash_attn's, so the softmax is shared). S = Q K^T
+// reads Q and K straight from shared memory (no ldmatrix, no registers for the operands); O += P V
+// takes P from registers (the S accumulators rounded, FlashAttention-3's trick) and V from shared
+// memory N-major. Tiles are laid out as wgmma's 128-byte swizzle wants them (swz_wg) by cp.async, V
+// of a tile copied while S is computed and K of the next while P V is. Not yet FlashAttention-3's
+// whole design (a producer warp with TMA, softmax overlapped with the next tile's matrix products);
+// opt-in from the host (HIGHRISE_FLASH_KERNEL=wgmma) until a GPU has checked and timed it.
+#ifdef HIGHRISE_WGMMA
+#ifndef FH64_WGS
+#define FH64_WGS 2
+#endif
+#ifndef FH64_KEYS
+#define FH64_KEYS 128
+#endif
+#ifndef FH128_WGS
+#define FH128_WGS 2
+#endif
+#ifndef FH128_KEYS
+#define FH128_KEYS 128
+#endif
+
+template <int D, int WGS, int KEYS, bool BF16>
+__device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
+                              u32 hkv, float scale_log2, ScoreMods mods, u16* smem_raw) {
+    constexpr u32 ROWS = 64 * WGS, THREADS = 128 * WGS, NT = KEYS / 8, DT = D / 8;
+    static_assert(KEYS % 16 == 0 && KEYS <= 256 && (D == 64 || D == 128), "wgmma shapes");
+    // The swizzle repeats every 1024 bytes, from a 1024-byte boundary (the host adds 1024 bytes).
+    u16* qs = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 2;  // [ROWS][D] as swz_wg
+    u16* ks = qs + ROWS * D;                                                    // [KEYS][D]
+    u16* vs = ks + KEYS * D;                                                    // [KEYS][D]
+    const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
+    const u32 q0 = tiles[5 * tile], rows = tiles[5 * tile + 1], pos0 = tiles[5 * tile + 2], kbase = tiles[5 * tile + 3];
+    const u32 keys_end = tiles[5 * tile + 4];
+    const u32 warp = threadIdx.x >> 5, wg = warp / 4;
+
+    stage_rows<D, THREADS, true>(qs, q, ROWS, threadIdx.x, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
+    auto stage_keys = [&](u16* dst, const u16* src, u32 kb) {
+        stage_rows<D, THREADS, true>(dst, src, KEYS, threadIdx.x, [&](u32 r) {
+            return kb + r < keys_end ? (long long)addr.at(kbase, kb + r, g, hkv, D) : -1LL;
+        });
+    };
+    const u32 kb0 = mods.first(pos0 + 1) / KEYS * KEYS;
+    stage_keys(ks, k, kb0);
+    cp_async_commit();
+    const ScoreMods::Log2Cap cap = softmax_cap(mods, scale_log2);
+
+    float o[DT][4];
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    const u32 qa = smem_u32(qs) + wg * 64 * 128, ka = smem_u32(ks), va = smem_u32(vs);
+
+    for (u32 kb = kb0; kb < keys_end; kb += KEYS) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // K of this tile (and Q) landed, visible to wgmma; every warpgroup is done with the last V
+        stage_keys(vs, v, kb);
+        cp_async_commit();
+
+        // S = Q K^T over 16 dims a step: block kk / 4 of 64 dims, 32 bytes further into its rows per step.
+        float s[NT][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u64 da = wgmma_desc(qa + (kk / 4) * ROWS * 128 + (kk % 4) * 32, 16, 1024);
+            const u64 db = wgmma_desc(ka + (kk / 4) * KEYS * 128 + (kk % 4) * 32, 16, 1024);
+            wgmma_ss<KEYS, BF16>(&s[0][0], da, db, kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+
+        cap_tile(s, mods, cap);
+        softmax_tile(s, o, m, l, warp * 16, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
+
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // V of this tile landed; every warpgroup is done with this K
+        if (kb + KEYS < keys_end) {
+            stage_keys(ks, k, kb + KEYS);
+            cp_async_commit();
+        }
+
+        // O += P V over 16 keys a step: V's rows 16 kt .. as K, its D dims as N (64-dim blocks
+        // KEYS * 128 bytes apart).
+        u32 pa[KEYS / 16][4];
+#pragma unroll
+        for (int kt = 0; kt < KEYS / 16; kt++) p_fragment(pa[kt], s, kt, BF16);
+        wgmma_fence();
+#pragma unroll
+        for (int kt = 0; kt < KEYS / 16; kt++) wgmma_rs_t<D, BF16>(&o[0][0], pa[kt], wgmma_desc(va + kt * 16 * 128, KEYS * 128, 1024), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+    }
+    store_rows(out, o, l, warp * 16, rows, q0, hq, h, BF16);
+}
+
+#define FLASH_WG_ONE(dim, s, bf16)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128 * FH##dim##_WGS, 1)                                           \
+        flash_attn_wg_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,           \
+                                   const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
+                                   float softcap) {                                                                \
+        DYNAMIC_SHARED(u16, smem);                                                                                 \
+        KeyAddr addr = {table, block_size};                                                                        \
+        ScoreMods mods = {window, softcap};                                                                        \
+        flash_attn_wg<dim, FH##dim##_WGS, FH##dim##_KEYS, bf16>(out, q, k, v, tiles, addr, hq, hkv, scale_log2,  \
+                                                               mods, smem);                                        \
+    }
+#define FLASH_WG(dim) FLASH_WG_ONE(dim, bf16, true) FLASH_WG_ONE(dim, f16, false)
+FLASH_WG(64)
+FLASH_WG(128)
+#endif  // HIGHRISE_WGMMA
 
 // ---- Decode on tensor cores (sm_80+): a KV head's whole query group against the paged cache ----
 //

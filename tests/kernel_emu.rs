@@ -1,7 +1,7 @@
-//! The tensor-core attention kernels (kernels/attention.cu: `flash_attn_*` for prefill, `decode_attn_*`
-//! + `attn_combine_*` for decoding through the paged cache) run on the CPU: compiled as host C++ with
-//! kernels/emu/simt.hpp, a model of CUDA's execution (a fiber per thread; mma.sync, ldmatrix and
-//! cp.async with their PTX semantics), and checked against an f64 reference by
+//! The tensor-core attention kernels (kernels/attention.cu: `flash_attn_*` for prefill, Hopper's
+//! `flash_attn_wg_*` too, `decode_attn_*` + `attn_combine_*` for decoding through the paged cache) run
+//! on the CPU: compiled as host C++ with kernels/emu/simt.hpp, a model of CUDA's execution (a fiber per
+//! thread; mma.sync, ldmatrix, cp.async and wgmma with their PTX semantics), and checked against an f64 reference by
 //! kernels/emu/check_attention.cpp, for the default prefill tile shape and every shape
 //! scripts/gpu-sweep.sh tries on a GPU. Also asserts that ldmatrix meets no shared-memory bank
 //! conflict. Needs a C++20 compiler (g++ or clang++), no GPU and no CUDA.
@@ -50,8 +50,9 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
     let mut shapes = vec![flash::DEFAULT];
     shapes.extend(sweep_shapes().into_iter().filter(|s| *s != flash::DEFAULT));
     for (i, shape) in shapes.into_iter().enumerate() {
-        // The decode kernel has no tile shape: its 16 cases run once, with the default.
-        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 28) } else { (&["prefill"], 12) };
+        // The decode kernel and the wgmma prefill kernel have no tile shape to sweep: their 16 and 12
+        // cases run once, with the default.
+        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 40) } else { (&["prefill"], 12) };
         let report = check(&cxx, shape, &dir, args);
         let cases = report.lines().filter(|l| l.starts_with("ok ")).count();
         assert_eq!(cases, expect, "every case ran for {shape}:\n{report}");
@@ -63,7 +64,8 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
 }
 
 /// The checker itself: a kernel with a fault put back in (V read without transposing; the swizzle
-/// taken out) is caught, so a pass above means something.
+/// taken out; in the wgmma kernel, V's descriptor strides swapped, a tile unswizzled, and S read
+/// before its wgmma was waited for) is caught, so a pass above means something.
 #[test]
 fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let Some(cxx) = compiler() else {
@@ -76,13 +78,21 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     for f in ["common.cuh", "emu/simt.hpp", "emu/check.hpp", "emu/check_attention.cpp"] {
         std::fs::copy(root().join("kernels").join(f), kernels.join(f)).unwrap();
     }
-    for (fault, from, to, expect) in [
-        ("V not transposed", "ldmatrix_x4<true>(vf", "ldmatrix_x4<false>(vf", "FAIL d64 bf16"),
-        ("no swizzle", "return r * D + ((c ^ (r & 7)) << 3);", "return r * D + (c << 3);", "FAIL shared-memory bank conflicts"),
+    for (fault, from, to, expect, only) in [
+        ("V not transposed", "ldmatrix_x4<true>(vf", "ldmatrix_x4<false>(vf", "FAIL d64 bf16", "prefill"),
+        ("no swizzle", "return r * D + ((c ^ (r & 7)) << 3);", "return r * D + (c << 3);", "FAIL shared-memory bank conflicts", "prefill"),
+        ("wgmma: V's strides swapped", "wgmma_desc(va + kt * 16 * 128, KEYS * 128, 1024)", "wgmma_desc(va + kt * 16 * 128, 1024, KEYS * 128)", "FAIL d128 bf16", "wgmma"),
+        ("wgmma: no swizzle", "(((c & 7) ^ (r & 7)) << 3)", "((c & 7) << 3)", "FAIL d64 bf16", "wgmma"),
+        ("wgmma: S before its wait", "wgmma_commit();\n        wgmma_wait<0>();\n\n        cap_tile", "wgmma_commit();\n\n        cap_tile", "FAIL d64 bf16", "wgmma"),
     ] {
         assert!(src.contains(from), "attention.cu has `{from}`");
-        std::fs::write(kernels.join("attention.cu"), src.replace(from, to)).unwrap();
-        let (ok, report) = build_and_run(&cxx, &kernels.join("emu/check_attention.cpp"), &[], &dir.join("check"), &["prefill"]);
+        let mut faulty = src.replace(from, to);
+        if fault == "wgmma: S before its wait" {
+            // Its wait comes after the softmax instead (the group must be waited for before exit).
+            faulty = faulty.replace("        cp_async_wait<0>();\n        fence_proxy_async();\n        __syncthreads();  // V of", "        wgmma_wait<0>();\n        cp_async_wait<0>();\n        fence_proxy_async();\n        __syncthreads();  // V of");
+        }
+        std::fs::write(kernels.join("attention.cu"), faulty).unwrap();
+        let (ok, report) = build_and_run(&cxx, &kernels.join("emu/check_attention.cpp"), &[], &dir.join("check"), &[only]);
         assert!(!ok && report.contains(expect), "{fault}: not caught:\n{report}");
         println!("{fault}: caught");
     }

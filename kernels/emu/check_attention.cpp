@@ -1,7 +1,7 @@
 // Runs the tensor-core attention kernels of kernels/attention.cu on the CPU through
 // kernels/emu/simt.hpp and checks them against an f64 reference, as tests/ops.rs does on a GPU: the
 // largest error at most twice a naive same-dtype implementation's.
-// - prefill, flash_attn_d{64,128}_{bf16,f16}: causal and not, sequences of several lengths in one
+// - prefill, flash_attn_d{64,128}_{bf16,f16} and (wgmma) flash_attn_wg_*: causal and not, sequences of several lengths in one
 //   batch (tiles cut mid-sequence, one-row sequences), grouped-query heads, and keys through a
 //   shuffled block table after a cached prefix (chunked prefill);
 // - decode, decode_attn_* then attn_combine_*: a batch of sequences (1 to 1000 keys, 1 to 4 new
@@ -195,6 +195,30 @@ bool run_prefill(const Case& c) {
     return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
 }
 
+// The same cases through the Hopper kernel, flash_attn_wg (wgmma, modelled in simt.hpp).
+bool run_prefill_wg(const Case& c) {
+    const u32 d = c.d, hq = c.hq, hkv = c.hkv;
+    const u32 wgs = d == 64 ? FH64_WGS : FH128_WGS, keys_tile = d == 64 ? FH64_KEYS : FH128_KEYS, tile_rows = 64 * wgs;
+    Inputs in = make_inputs(c);
+    std::vector<u16> out((size_t)in.t * hq * d, 0x7fc0);
+    const std::vector<u32> tiles = tiles_for(c, tile_rows, in.kbase);
+    const float scale_log2 = LOG2E / std::sqrt((float)d);
+    // As the host sizes it: the tiles, and 1024 bytes to align them.
+    const size_t smem = (size_t)(tile_rows + 2 * keys_tile) * d * 2 + 1024;
+    const u32* tab = c.paged ? in.table.data() : nullptr;
+    const u32 bs = c.paged ? BLOCK_SIZE : 0;
+    u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
+    CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {128 * wgs, 1, 1}, smem, [&] {
+        if (d == 64 && c.bf16) flash_attn_wg_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 64 && !c.bf16) flash_attn_wg_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 128 && c.bf16) flash_attn_wg_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 128 && !c.bf16) flash_attn_wg_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+    });
+    char what[80];
+    std::snprintf(what, sizeof what, "wgmma, %u tiles of %u rows, %u keys a step", (u32)tiles.size() / 5, tile_rows, keys_tile);
+    return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
+}
+
 // Decode through the paged cache: decode_attn with each context cut into `splits` slices, then
 // attn_combine.
 bool run_decode(const Case& c, u32 splits) {
@@ -241,8 +265,9 @@ bool run_decode(const Case& c, u32 splits) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    // "prefill": only the prefill cases (what a tile shape changes).
-    const bool decode = !(argc > 1 && std::string(argv[1]) == "prefill");
+    // "prefill": only flash_attn's cases (what its tile shape changes); "wgmma": only flash_attn_wg's.
+    const std::string only = argc > 1 ? argv[1] : "";
+    const bool decode = only.empty(), mma = only != "wgmma", wgmma = only.empty() || only == "wgmma";
     std::printf("tile shapes: d64 %u warps x %u x 16 rows, %u keys; d128 %u warps x %u x 16 rows, %u keys\n", FA64_WARPS,
                 FA64_MT, FA64_KEYS, FA128_WARPS, FA128_MT, FA128_KEYS);
     std::vector<Case> cases;
@@ -255,7 +280,10 @@ int main(int argc, char** argv) {
                              {{45, 100}, {2, 19}, {64, 64}}});
         }
     bool ok = true;
-    for (auto& c : cases) ok &= run_prefill(c);
+    if (mma)
+        for (auto& c : cases) ok &= run_prefill(c);
+    if (wgmma)
+        for (auto& c : cases) ok &= run_prefill_wg(c);
     // Decode: one new token per sequence (and a few for speculative decoding) through the cache.
     if (decode)
     for (u32 d : {64u, 128u})
