@@ -69,7 +69,12 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
         return;
     }
     for d in highrise_cuda::flash::HEAD_DIMS {
-        let shape = highrise_cuda::flash::shape(arch, d).unwrap();
+        // HIGHRISE_FLASH_KERNEL=wgmma: the Hopper kernel, whose geometry is fixed.
+        let shape = if highrise_cuda::flash::wgmma(arch) {
+            format!("wgmma {}", highrise_cuda::flash::WG_SHAPE)
+        } else {
+            highrise_cuda::flash::shape(arch, d).unwrap().to_string()
+        };
         for (t, causal) in [(2048, true), (8192, true), (16384, true), (8192, false)] {
             let (flops, mut run) = prefill_problem(b, d, t, causal);
             let secs = time(b, 10, &mut run).as_secs_f64() / 10.0;
@@ -112,6 +117,13 @@ fn main() {
         gemm_rate / 1e12
     );
 
+    // On Hopper, the wgmma prefill kernel too (opt-in in the engine until measured): a backend of its
+    // own that takes it.
+    let hopper: Option<Arc<dyn Backend>> = (arch == "sm_90a").then(|| {
+        let mut wg = CudaBackend::new(0).unwrap();
+        wg.set_flash_wgmma(true).unwrap();
+        Arc::new(wg) as Arc<dyn Backend>
+    });
     let (hq, hkv) = (32usize, 8usize);
     let mut g = c.benchmark_group("attention_prefill");
     for d in [64usize, 128] {
@@ -119,18 +131,22 @@ fn main() {
             // The tensor-core kernel, causal and not, and (causal, at the shorter lengths) the split
             // kernel it replaced.
             let mut kernels = vec![("flash", "auto", true), ("flash", "auto", false)];
+            if hopper.is_some() {
+                kernels.extend([("wgmma", "auto", true), ("wgmma", "auto", false)]);
+            }
             if t <= 2048 {
                 kernels.push(("split", "split", true));
             }
             for (kernel, choice, causal) in kernels {
                 let mask = if causal { "causal" } else { "full" };
                 std::env::set_var("HIGHRISE_CUDA_ATTENTION", choice);
-                let (flops, mut run) = prefill_problem(&b, d, t, causal);
+                let on = if kernel == "wgmma" { hopper.as_ref().unwrap() } else { &b };
+                let (flops, mut run) = prefill_problem(on, d, t, causal);
                 g.throughput(Throughput::Elements(flops as u64));
                 g.bench_function(BenchmarkId::new(format!("{kernel}_bf16_d{d}_{mask}"), t), |bn| {
-                    bn.iter_custom(|iters| time(&b, iters, &mut run))
+                    bn.iter_custom(|iters| time(on, iters, &mut run))
                 });
-                let secs = time(&b, 5, &mut run).as_secs_f64() / 5.0;
+                let secs = time(on, 5, &mut run).as_secs_f64() / 5.0;
                 rows.push(Row {
                     test: format!("attention prefill ({kernel}) d{d} {mask} T={t}"),
                     figure: flops / secs / 1e12,

@@ -74,6 +74,24 @@ pub const DEFAULT: Shape = Shape { warps: 4, slices: 2, keys: 64 };
 /// The head dims the kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
+/// The Hopper prefill kernel's geometry (`flash_attn_wg_*`: 2 warpgroups of 64 query rows, 128 keys a
+/// step; kernels/attention.cu's FH<d>_WGS and FH<d>_KEYS), as a [`Shape`]: 8 warps of one 16-row
+/// slice each.
+pub const WG_SHAPE: Shape = Shape { warps: 8, slices: 1, keys: 128 };
+
+/// Dynamic shared memory `flash_attn_wg_*` needs at head dim `d`: its Q, K and V tiles, and 1024 bytes
+/// to start them on the 1024-byte boundary that wgmma's 128-byte swizzle repeats from.
+pub fn wg_shared_bytes(d: usize) -> u32 {
+    WG_SHAPE.shared_bytes(d) + 1024
+}
+
+/// Whether prefill runs on `flash_attn_wg_*` (wgmma) instead of `flash_attn_*` (mma.sync) on `arch`:
+/// `HIGHRISE_FLASH_KERNEL=wgmma` on Hopper (sm_90a; elsewhere the kernel does not exist and mma.sync
+/// runs). Opt-in until a GPU has checked and timed it: scripts/gpu-check.sh runs both.
+pub fn wgmma(arch: &str) -> bool {
+    arch == "sm_90a" && std::env::var("HIGHRISE_FLASH_KERNEL").is_ok_and(|v| v == "wgmma")
+}
+
 /// `HIGHRISE_FLASH_SHAPE`, e.g. "d128=8x1x64,d64=4x2x64": shapes that override the table.
 fn overrides() -> Result<Vec<(usize, Shape)>> {
     let Ok(v) = std::env::var("HIGHRISE_FLASH_SHAPE") else { return Ok(Vec::new()) };
@@ -186,5 +204,8 @@ mod tests {
         }
         assert_eq!(shape("sm_80", 64).unwrap(), DEFAULT);
         assert_eq!(defines("sm_80").unwrap().len(), 6);
+        // The Hopper kernel: 128 rows over 256 threads; at d128 its tiles take 96 KiB, plus alignment.
+        assert_eq!((WG_SHAPE.rows(), WG_SHAPE.threads(), wg_shared_bytes(128)), (128, 256, 98304 + 1024));
+        assert!(!wgmma("sm_80"), "only Hopper has wgmma");
     }
 }

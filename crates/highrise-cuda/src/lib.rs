@@ -70,6 +70,8 @@ pub struct CudaBackend {
     sms: u32,
     /// The prefill kernel's tile shapes, as its kernels were compiled (`flash::shapes`).
     flash_shapes: Vec<(usize, flash::Shape)>,
+    /// Prefill on the Hopper kernel (`flash::wgmma`), decided once with the shapes.
+    flash_wgmma: bool,
     state: Mutex<OpState>,
     buffers: Mutex<memory::BufferCache>,
     /// The step being recorded between `graph_begin` and `graph_end` (see `graph`).
@@ -127,6 +129,7 @@ impl CudaBackend {
             // The driver compiled the kernels with these shapes a moment ago (and refused a bad
             // HIGHRISE_FLASH_SHAPE then); the default is never reached.
             flash_shapes: flash::shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::DEFAULT)).to_vec()),
+            flash_wgmma: flash::wgmma(&info.arch),
             arch: info.arch,
             sms: info.sms,
             driver,
@@ -147,6 +150,16 @@ impl CudaBackend {
 
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// Prefill on the Hopper kernel (`flash_attn_wg_*`, wgmma) or not, whatever
+    /// `HIGHRISE_FLASH_KERNEL` said; an error where the device is not Hopper (sm_90a).
+    pub fn set_flash_wgmma(&mut self, on: bool) -> Result<()> {
+        if on && self.arch != "sm_90a" {
+            return Err(Error::Unsupported(format!("flash_attn_wg: wgmma needs Hopper (sm_90a); this device is {}", self.arch)));
+        }
+        self.flash_wgmma = on;
+        Ok(())
     }
 
     fn bind(&self) -> Result<()> {

@@ -389,7 +389,13 @@ fn flash(
 ) -> Result<()> {
     let s = suffix(name, out.dtype)?;
     let [hq, d] = [q.dims()[1], q.dims()[2]];
-    let shape = crate::flash::find(&be.flash_shapes, d)?;
+    // The Hopper kernel where chosen (same arguments and tiles, its own geometry), else mma.sync's.
+    let (kernel, shape, shared) = if be.flash_wgmma {
+        (format!("flash_attn_wg_d{d}_{s}"), crate::flash::WG_SHAPE, crate::flash::wg_shared_bytes(d))
+    } else {
+        let shape = crate::flash::find(&be.flash_shapes, d)?;
+        (format!("flash_attn_d{d}_{s}"), shape, shape.shared_bytes(d))
+    };
     let tiles = crate::flash::tiles(seqs, causal, shape.rows());
     let hkv = kv_heads(k);
     let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
@@ -399,10 +405,10 @@ fn flash(
     let (hq32, hkv32) = (hq as u32, hkv as u32);
     let (scale_log2, window, softcap) = (scores.scale * std::f32::consts::LOG2_E, scores.window, scores.softcap);
     be.launch_shared(
-        &format!("flash_attn_d{d}_{s}"),
+        &kernel,
         ((tiles.len() / 5) as u32, hq32, 1),
         (shape.threads(), 1, 1),
-        shape.shared_bytes(d),
+        shared,
         &[&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap],
     )
 }
