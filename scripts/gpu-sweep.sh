@@ -22,24 +22,30 @@ out=$(cd "$out" && pwd)
 export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" HIGHRISE_OFFLINE=1 RUST_BACKTRACE=1
 
 : >"$out/sweep/rows.txt"
-for shape in $SHAPES; do
-    export HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape"
+# One variant, compiled as the environment says: its attention cross-checks, then its timings.
+variant() { # name
     timeout 60 "$bundle/cuda-tests" --exact ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables \
-        --test-threads 1 --nocapture >"$out/sweep/$shape-check.txt" 2>&1
+        --test-threads 1 --nocapture >"$out/sweep/$1-check.txt" 2>&1
     case $? in
-        0) if grep -q skipped "$out/sweep/$shape-check.txt"; then check=skipped; else check=ok; fi ;;
+        0) if grep -q skipped "$out/sweep/$1-check.txt"; then check=skipped; else check=ok; fi ;;
         124 | 137) check=timeout ;;
         *) check=FAILED ;;
     esac
-    HIGHRISE_BENCH_SWEEP=1 timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/$shape-bench.txt" 2>&1
+    HIGHRISE_BENCH_SWEEP=1 timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/$1-bench.txt" 2>&1
     # Rows "| shape | d128 causal T=16384 | 312.5 |" from the bench.
-    grep '^| ' "$out/sweep/$shape-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/rows.txt"
-    echo "$shape: check $check, $(grep -c '^| ' "$out/sweep/$shape-bench.txt") timings"
+    grep '^| ' "$out/sweep/$1-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/rows.txt"
+    echo "$1: check $check, $(grep -c '^| ' "$out/sweep/$1-bench.txt") timings"
+}
+for shape in $SHAPES; do
+    HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
 done
-unset HIGHRISE_FLASH_SHAPE
+# The Hopper kernel (flash_attn_wg: wgmma, one geometry), checked and timed the same way.
+if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
+    HIGHRISE_FLASH_KERNEL=wgmma variant wgmma
+fi
 
 # The fastest checked shape per head dim, by its causal 16k rate.
-best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
+best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep -v '^| wgmma' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
 b64=$(best 64)
 b128=$(best 128)
 if command -v ncu >/dev/null && [ -n "$b128" ]; then
