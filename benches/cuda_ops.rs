@@ -69,9 +69,9 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
         return;
     }
     for d in highrise_cuda::flash::HEAD_DIMS {
-        // HIGHRISE_FLASH_KERNEL=wgmma: the Hopper kernel, whose geometry is fixed.
-        let shape = if highrise_cuda::flash::wgmma(arch) {
-            format!("wgmma {}", highrise_cuda::flash::WG_SHAPE)
+        // HIGHRISE_FLASH_KERNEL=wgmma or wgmma-pipe: a Hopper kernel, whose geometry is fixed.
+        let shape = if let Some(wg) = highrise_cuda::flash::wgmma(arch) {
+            format!("{} {}", wg.kernel(), highrise_cuda::flash::WG_SHAPE)
         } else {
             highrise_cuda::flash::shape(arch, d).unwrap().to_string()
         };
@@ -117,13 +117,20 @@ fn main() {
         gemm_rate / 1e12
     );
 
-    // On Hopper, the wgmma prefill kernel too (opt-in in the engine until measured): a backend of its
-    // own that takes it.
-    let hopper: Option<Arc<dyn Backend>> = (arch == "sm_90a").then(|| {
-        let mut wg = CudaBackend::new(0).unwrap();
-        wg.set_flash_wgmma(true).unwrap();
-        Arc::new(wg) as Arc<dyn Backend>
-    });
+    // On Hopper, the wgmma prefill kernels too (opt-in in the engine until measured): a backend of
+    // its own for each.
+    let hopper: Vec<(&str, Arc<dyn Backend>)> = if arch == "sm_90a" {
+        [("wgmma", highrise_cuda::flash::Wg::Plain), ("wgmma-pipe", highrise_cuda::flash::Wg::Pipe)]
+            .into_iter()
+            .map(|(name, wg)| {
+                let mut on = CudaBackend::new(0).unwrap();
+                on.set_flash_wgmma(Some(wg)).unwrap();
+                (name, Arc::new(on) as Arc<dyn Backend>)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let (hq, hkv) = (32usize, 8usize);
     let mut g = c.benchmark_group("attention_prefill");
     for d in [64usize, 128] {
@@ -131,8 +138,8 @@ fn main() {
             // The tensor-core kernel, causal and not, and (causal, at the shorter lengths) the split
             // kernel it replaced.
             let mut kernels = vec![("flash", "auto", true), ("flash", "auto", false)];
-            if hopper.is_some() {
-                kernels.extend([("wgmma", "auto", true), ("wgmma", "auto", false)]);
+            for (name, _) in &hopper {
+                kernels.extend([(*name, "auto", true), (*name, "auto", false)]);
             }
             if t <= 2048 {
                 kernels.push(("split", "split", true));
@@ -140,7 +147,7 @@ fn main() {
             for (kernel, choice, causal) in kernels {
                 let mask = if causal { "causal" } else { "full" };
                 std::env::set_var("HIGHRISE_CUDA_ATTENTION", choice);
-                let on = if kernel == "wgmma" { hopper.as_ref().unwrap() } else { &b };
+                let on = hopper.iter().find(|(name, _)| *name == kernel).map_or(&b, |(_, on)| on);
                 let (flops, mut run) = prefill_problem(on, d, t, causal);
                 g.throughput(Throughput::Elements(flops as u64));
                 g.bench_function(BenchmarkId::new(format!("{kernel}_bf16_d{d}_{mask}"), t), |bn| {

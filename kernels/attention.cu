@@ -398,15 +398,15 @@ __device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, u3
 // mma.sync's C layout (the same per warp for wgmma's accumulators): s[nt][e] is row r + lane/4 +
 // 8 (e / 2) of the tile and key kb + 8 nt + 2 (lane % 4) + e % 2. Masks them (capped before, by
 // cap_tile), turns them into P (unnormalized probabilities, in place), and carries the rows' online
-// softmax: running maximum m and sum l (this thread's share of each; the quad holds the rest) and the
-// output o (DT 8-dim tiles), rescaled to the new maximum.
+// softmax: running maximum m and sum l (this thread's share of each; the quad holds the rest); the
+// output rows are to be multiplied by `corr` (rescale), when no product still writes them.
 //
 // With a sliding window (`mods.window` > 0: row at position p sees keys above p - window) the tiles
 // before the first row's first key are never visited (the caller's loop), and tiles that cross a
 // row's first key are masked there too; with soft-capping (`mods.softcap` > 0) each score becomes
 // softcap tanh(scale s / softcap) before the online softmax, which then works in log2 units of it.
-template <int NT, int DT>
-__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&o)[DT][4], float (&m)[2], float (&l)[2], u32 r, u32 kb,
+template <int NT>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&corr)[2], float (&m)[2], float (&l)[2], u32 r, u32 kb,
                                              bool masked, u32 pos0, u32 rows, u32 keys_end, ScoreMods mods, ScoreMods::Log2Cap cap) {
     const u32 lane = threadIdx.x & 31, quad = lane & 3;
     // Scores capped (cap_tile) are in log2 units already; else `cap.inner` is the scale (softmax_cap).
@@ -436,7 +436,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&o)[DT][4
         // A row's first key is in the first tile it is shown, so mx is finite from then on; before
         // (a window starting in a later tile) both are -inf and nothing is added.
         const float ref = mx == -INFINITY ? 0.0f : mx;
-        const float corr = fast_exp2((m[hf] - ref) * mul), shift = ref * mul;
+        corr[hf] = fast_exp2((m[hf] - ref) * mul);
+        const float shift = ref * mul;
         m[hf] = mx;
         float sum = 0.0f;
 #pragma unroll
@@ -445,12 +446,19 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&o)[DT][4
             s[nt][2 * hf + 1] = fast_exp2(s[nt][2 * hf + 1] * mul - shift);
             sum += s[nt][2 * hf] + s[nt][2 * hf + 1];
         }
-        l[hf] = l[hf] * corr + sum;
+        l[hf] = l[hf] * corr[hf] + sum;
+    }
+}
+
+// The output rows rescaled to softmax_tile's new maximum (`corr` per held row).
+template <int DT>
+__device__ __forceinline__ void rescale(float (&o)[DT][4], const float (&corr)[2]) {
 #pragma unroll
-        for (int i = 0; i < DT; i++) {
-            o[i][2 * hf] *= corr;
-            o[i][2 * hf + 1] *= corr;
-        }
+    for (int i = 0; i < DT; i++) {
+        o[i][0] *= corr[0];
+        o[i][1] *= corr[0];
+        o[i][2] *= corr[1];
+        o[i][3] *= corr[1];
     }
 }
 
@@ -707,7 +715,7 @@ FLASH(128)
 #define FH128_KEYS 128
 #endif
 
-template <int D, int WGS, int KEYS, bool BF16>
+template <int D, int WGS, int KEYS, bool BF16, bool PIPE>
 __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
                               u32 hkv, float scale_log2, ScoreMods mods, u16* smem_raw) {
     constexpr u32 ROWS = 64 * WGS, THREADS = 128 * WGS, NT = KEYS / 8, DT = D / 8;
@@ -716,6 +724,9 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
     u16* qs = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 2;  // [ROWS][D] as swz_wg
     u16* ks = qs + ROWS * D;                                                    // [KEYS][D]
     u16* vs = ks + KEYS * D;                                                    // [KEYS][D]
+    // PIPE: a second K and V tile (tile j's at [j % 2]).
+    u16* ks1 = vs + KEYS * D;
+    u16* vs1 = ks1 + KEYS * D;
     const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
     const u32 q0 = tiles[5 * tile], rows = tiles[5 * tile + 1], pos0 = tiles[5 * tile + 2], kbase = tiles[5 * tile + 3];
     const u32 keys_end = tiles[5 * tile + 4];
@@ -737,6 +748,78 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
 #pragma unroll
     for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     const u32 qa = smem_u32(qs) + wg * 64 * 128, ka = smem_u32(ks), va = smem_u32(vs);
+    // S = Q K^T over 16 dims a step: block kk / 4 of 64 dims, 32 bytes further into its rows per step.
+    auto issue_s = [&](float (&s)[NT][4], u32 kaddr) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            const u64 da = wgmma_desc(qa + (kk / 4) * ROWS * 128 + (kk % 4) * 32, 16, 1024);
+            const u64 db = wgmma_desc(kaddr + (kk / 4) * KEYS * 128 + (kk % 4) * 32, 16, 1024);
+            wgmma_ss<KEYS, BF16>(&s[0][0], da, db, kk > 0);
+        }
+        wgmma_commit();
+    };
+    // O += P V over 16 keys a step: V's rows 16 kt .. as K, its D dims as N (64-dim blocks KEYS * 128
+    // bytes apart).
+    auto issue_pv = [&](const u32 (&pa)[KEYS / 16][4], u32 vaddr) {
+#pragma unroll
+        for (int kt = 0; kt < KEYS / 16; kt++) wgmma_rs_t<D, BF16>(&o[0][0], pa[kt], wgmma_desc(vaddr + kt * 16 * 128, KEYS * 128, 1024), 1);
+        wgmma_commit();
+    };
+    auto softmax = [&](float (&s)[NT][4], float (&corr)[2], u32 kb) {
+        cap_tile(s, mods, cap);
+        softmax_tile(s, corr, m, l, warp * 16, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
+    };
+
+    if constexpr (PIPE) {
+        // FlashAttention-3's overlap within a warpgroup: tile j's S = Q K^T and tile j-1's O += P V in
+        // flight together, the softmax of tile j while P V runs. Tile j's K and V are staged a step
+        // ahead into buffers [j % 2], each overwritten only after a barrier that follows every
+        // warpgroup's wait on the product that read it.
+        const u32 ka1 = smem_u32(ks1), va1 = smem_u32(vs1);
+        stage_keys(vs, v, kb0);
+        cp_async_commit();
+        if (kb0 + KEYS < keys_end) stage_keys(ks1, k, kb0 + KEYS);
+        cp_async_commit();
+        cp_async_wait<2>();
+        fence_proxy_async();
+        __syncthreads();  // Q and K of tile 0 landed
+        float s[NT][4], corr[2];
+        u32 pa[KEYS / 16][4];
+        wgmma_fence();
+        issue_s(s, ka);
+        wgmma_wait<0>();
+        softmax(s, corr, kb0);
+#pragma unroll
+        for (int kt = 0; kt < KEYS / 16; kt++) p_fragment(pa[kt], s, kt, BF16);
+        u32 j = 1;
+        for (u32 kb = kb0 + KEYS; kb < keys_end; kb += KEYS, j++) {
+            const bool odd = j & 1;
+            cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads();  // K of tile j, V of tile j-1 landed; every warpgroup is past tile j-1's S and j-2's P V
+            stage_keys(odd ? vs1 : vs, v, kb);
+            cp_async_commit();
+            if (kb + KEYS < keys_end) stage_keys(odd ? ks : ks1, k, kb + KEYS);
+            cp_async_commit();
+            wgmma_fence();
+            issue_s(s, odd ? ka1 : ka);
+            issue_pv(pa, odd ? va : va1);
+            wgmma_wait<1>();  // S of tile j (P V of tile j-1 may still run: o and pa are untouched)
+            softmax(s, corr, kb);
+            wgmma_wait<0>();
+            rescale(o, corr);
+#pragma unroll
+            for (int kt = 0; kt < KEYS / 16; kt++) p_fragment(pa[kt], s, kt, BF16);
+        }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads();  // V of the last tile landed
+        wgmma_fence();
+        issue_pv(pa, (j - 1) & 1 ? va1 : va);
+        wgmma_wait<0>();
+        store_rows(out, o, l, warp * 16, rows, q0, hq, h, BF16);
+        return;
+    }
 
     for (u32 kb = kb0; kb < keys_end; kb += KEYS) {
         cp_async_wait<0>();
@@ -745,20 +828,12 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
         stage_keys(vs, v, kb);
         cp_async_commit();
 
-        // S = Q K^T over 16 dims a step: block kk / 4 of 64 dims, 32 bytes further into its rows per step.
-        float s[NT][4];
+        float s[NT][4], corr[2];
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const u64 da = wgmma_desc(qa + (kk / 4) * ROWS * 128 + (kk % 4) * 32, 16, 1024);
-            const u64 db = wgmma_desc(ka + (kk / 4) * KEYS * 128 + (kk % 4) * 32, 16, 1024);
-            wgmma_ss<KEYS, BF16>(&s[0][0], da, db, kk > 0);
-        }
-        wgmma_commit();
+        issue_s(s, ka);
         wgmma_wait<0>();
-
-        cap_tile(s, mods, cap);
-        softmax_tile(s, o, m, l, warp * 16, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
+        softmax(s, corr, kb);
+        rescale(o, corr);
 
         cp_async_wait<0>();
         fence_proxy_async();
@@ -768,32 +843,33 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
             cp_async_commit();
         }
 
-        // O += P V over 16 keys a step: V's rows 16 kt .. as K, its D dims as N (64-dim blocks
-        // KEYS * 128 bytes apart).
         u32 pa[KEYS / 16][4];
 #pragma unroll
         for (int kt = 0; kt < KEYS / 16; kt++) p_fragment(pa[kt], s, kt, BF16);
         wgmma_fence();
-#pragma unroll
-        for (int kt = 0; kt < KEYS / 16; kt++) wgmma_rs_t<D, BF16>(&o[0][0], pa[kt], wgmma_desc(va + kt * 16 * 128, KEYS * 128, 1024), 1);
-        wgmma_commit();
+        issue_pv(pa, va);
         wgmma_wait<0>();
     }
     store_rows(out, o, l, warp * 16, rows, q0, hq, h, BF16);
 }
 
-#define FLASH_WG_ONE(dim, s, bf16)                                                                                 \
+// flash_attn_wg_*: each product waited for before the next step; flash_attn_wgp_*: pipelined (PIPE).
+#define FLASH_WG_ONE(name, pipe, dim, s, bf16)                                                                     \
     extern "C" __global__ void __launch_bounds__(128 * FH##dim##_WGS, 1)                                           \
-        flash_attn_wg_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,           \
-                                   const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
-                                   float softcap) {                                                                \
+        name##_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,                   \
+                            const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window,        \
+                            float softcap) {                                                                       \
         DYNAMIC_SHARED(u16, smem);                                                                                 \
         KeyAddr addr = {table, block_size};                                                                        \
         ScoreMods mods = {window, softcap};                                                                        \
-        flash_attn_wg<dim, FH##dim##_WGS, FH##dim##_KEYS, bf16>(out, q, k, v, tiles, addr, hq, hkv, scale_log2,  \
-                                                               mods, smem);                                        \
+        flash_attn_wg<dim, FH##dim##_WGS, FH##dim##_KEYS, bf16, pipe>(out, q, k, v, tiles, addr, hq, hkv,        \
+                                                                     scale_log2, mods, smem);                      \
     }
-#define FLASH_WG(dim) FLASH_WG_ONE(dim, bf16, true) FLASH_WG_ONE(dim, f16, false)
+#define FLASH_WG(dim)                                                                                              \
+    FLASH_WG_ONE(flash_attn_wg, false, dim, bf16, true)                                                            \
+    FLASH_WG_ONE(flash_attn_wg, false, dim, f16, false)                                                            \
+    FLASH_WG_ONE(flash_attn_wgp, true, dim, bf16, true)                                                            \
+    FLASH_WG_ONE(flash_attn_wgp, true, dim, f16, false)
 FLASH_WG(64)
 FLASH_WG(128)
 #endif  // HIGHRISE_WGMMA

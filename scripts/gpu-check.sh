@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Everything a GPU window should run, in one call from prebuilt binaries (scripts/gpu-bundle.sh), on
-# one GPU, in under 9 minutes (the steps' budgets add up to 530 s):
+# one GPU, in under 9 minutes (the steps' budgets add up to 545 s):
 #   1. `highrise backends` (what the machine offers);
 #   2. every test of tests/cuda.rs, each in its own process (one CUDA_ERROR_ILLEGAL_ADDRESS poisons
 #      the whole process: a shared one turned 2 failures into 15), each with its own time limit; on
-#      Hopper, the attention cross-checks again on the wgmma prefill kernel (HIGHRISE_FLASH_KERNEL);
+#      Hopper, the attention cross-checks again on the wgmma prefill kernels (HIGHRISE_FLASH_KERNEL);
 #   3. compute-sanitizer memcheck over the op tests, one process each, where it is on the PATH;
 #   4. the criterion benchmarks of benches/cuda_ops.rs with their ceilings (copy bandwidth, cuBLAS);
 #   5. the peers at the same shapes, where python3 has torch: PyTorch's scaled_dot_product_attention
@@ -64,21 +64,25 @@ while read -r t; do
 done <"$out/tests.list"
 echo "cross-checks: $(grep -c '|ok|' "$out/tests.results") of $(wc -l <"$out/tests.list") ok in $((SECONDS - start)) s" >>"$out/steps.txt"
 
-# 2b. The Hopper prefill kernel (flash_attn_wg, wgmma; opt-in until this step passes on a GPU): the
-# attention cross-checks and the random Llama, each in its own process, with HIGHRISE_FLASH_KERNEL=wgmma.
+# 2b. The Hopper prefill kernels (flash_attn_wg, and flash_attn_wgp pipelined: wgmma; opt-in until this
+# step passes on a GPU): the attention cross-checks with each (HIGHRISE_FLASH_KERNEL=wgmma, wgmma-pipe)
+# and the random Llama with the first, each in its own process.
 : >"$out/wgmma.results"
 if grep -q 'sm_90' "$out/backends.txt"; then
     start=$SECONDS
-    for t in ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables random_llama_matches_cpu_logits_and_64_greedy_steps; do
-        if ((SECONDS - start > 60)); then
-            echo "wgmma: $t|not run (the step's 60 s were spent)|" >>"$out/wgmma.results"
+    for run in wgmma:ops::prefill_attention_is_causal_gqa wgmma:ops::paged_attention_reads_through_block_tables \
+        wgmma-pipe:ops::prefill_attention_is_causal_gqa wgmma-pipe:ops::paged_attention_reads_through_block_tables \
+        wgmma:random_llama_matches_cpu_logits_and_64_greedy_steps; do
+        kernel=${run%%:*} t=${run#*:}
+        if ((SECONDS - start > 75)); then
+            echo "$kernel: $t|not run (the step's 75 s were spent)|" >>"$out/wgmma.results"
             continue
         fi
         s0=$SECONDS
-        HIGHRISE_FLASH_KERNEL=wgmma timeout 45 "$bundle/cuda-tests" --exact "$t" --nocapture --test-threads 1 >"$out/tests/wgmma-$t.txt" 2>&1
-        echo "wgmma: $t|$(outcome $? "$out/tests/wgmma-$t.txt")|$((SECONDS - s0))" >>"$out/wgmma.results"
+        HIGHRISE_FLASH_KERNEL=$kernel timeout 45 "$bundle/cuda-tests" --exact "$t" --nocapture --test-threads 1 >"$out/tests/$kernel-$t.txt" 2>&1
+        echo "$kernel: $t|$(outcome $? "$out/tests/$kernel-$t.txt")|$((SECONDS - s0))" >>"$out/wgmma.results"
     done
-    echo "wgmma cross-checks: $(grep -c '|ok|' "$out/wgmma.results") of 3 ok" >>"$out/steps.txt"
+    echo "wgmma cross-checks: $(grep -c '|ok|' "$out/wgmma.results") of 5 ok" >>"$out/steps.txt"
 else
     echo "wgmma cross-checks: skipped (not a Hopper GPU)" >>"$out/steps.txt"
 fi

@@ -39,13 +39,14 @@ variant() { # name
 for shape in $SHAPES; do
     HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
 done
-# The Hopper kernel (flash_attn_wg: wgmma, one geometry), checked and timed the same way.
+# The Hopper kernels (flash_attn_wg, flash_attn_wgp: wgmma, one geometry), checked and timed the same way.
 if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
     HIGHRISE_FLASH_KERNEL=wgmma variant wgmma
+    HIGHRISE_FLASH_KERNEL=wgmma-pipe variant wgmma-pipe
 fi
 
 # The fastest checked shape per head dim, by its causal 16k rate.
-best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep -v '^| wgmma' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
+best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep -v '^| flash_attn_wg' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
 b64=$(best 64)
 b128=$(best 128)
 if command -v ncu >/dev/null && [ -n "$b128" ]; then

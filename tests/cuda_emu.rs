@@ -78,25 +78,30 @@ fn two_threads_share_a_backend_with_graphs() {
     });
 }
 
-/// The Hopper prefill kernel (`flash_attn_wg_*`: wgmma, modelled in kernels/emu/simt.hpp; opt-in with
-/// HIGHRISE_FLASH_KERNEL=wgmma until a GPU has timed it) in the whole model: a backend of its own
-/// prefills with it, and the logits and greedy tokens equal the CPU's as with `flash_attn_*`.
+/// The Hopper prefill kernels (`flash_attn_wg_*` and the pipelined `flash_attn_wgp_*`: wgmma,
+/// modelled in kernels/emu/simt.hpp; opt-in with HIGHRISE_FLASH_KERNEL=wgmma / wgmma-pipe until a GPU
+/// has timed them) in the whole model: a backend of its own prefills with each, and the logits and
+/// greedy tokens equal the CPU's as with `flash_attn_*`.
 #[test]
 fn random_llama_with_the_wgmma_prefill_matches_the_cpu() {
+    use highrise_cuda::flash::Wg;
     use std::sync::Arc;
     if backend("wgmma prefill on the emulated device").is_none() {
         return;
     }
-    let driver = Arc::new(highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).expect("built once already"));
-    let mut cuda = highrise_cuda::CudaBackend::with_driver(driver.clone());
-    cuda.set_flash_wgmma(true).unwrap();
-    let dev: Arc<dyn highrise::core::Backend> = Arc::new(cuda);
-    random_llama_matches_cpu(&dev, 4, &[DType::BF16]);
-    let kernels: Vec<String> = driver.take_recorded().into_iter().map(|r| r.kernel).collect();
-    assert!(kernels.iter().any(|k| k.starts_with("flash_attn_wg_d")), "the prompt ran through flash_attn_wg: {kernels:?}");
-    assert!(!kernels.iter().any(|k| k.starts_with("flash_attn_d")), "and never through flash_attn");
-    // Elsewhere than on Hopper the kernel does not exist: asking for it is an error, not a fault.
+    for wg in [Wg::Plain, Wg::Pipe] {
+        let driver = Arc::new(highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).expect("built once already"));
+        let mut cuda = highrise_cuda::CudaBackend::with_driver(driver.clone());
+        cuda.set_flash_wgmma(Some(wg)).unwrap();
+        let dev: Arc<dyn highrise::core::Backend> = Arc::new(cuda);
+        random_llama_matches_cpu(&dev, 4, &[DType::BF16]);
+        let kernels: Vec<String> = driver.take_recorded().into_iter().map(|r| r.kernel).collect();
+        let prefix = format!("{}_d", wg.kernel());
+        assert!(kernels.iter().any(|k| k.starts_with(&prefix)), "the prompt ran through {}: {kernels:?}", wg.kernel());
+        assert!(!kernels.iter().any(|k| k.starts_with("flash_attn_d")), "and never through flash_attn");
+    }
+    // Elsewhere than on Hopper the kernels do not exist: asking for one is an error, not a fault.
     let ampere = highrise_cuda::recording::RecordingDriver::new("sm_80", 108).unwrap();
-    let err = highrise_cuda::CudaBackend::with_driver(Arc::new(ampere)).set_flash_wgmma(true).unwrap_err();
+    let err = highrise_cuda::CudaBackend::with_driver(Arc::new(ampere)).set_flash_wgmma(Some(Wg::Plain)).unwrap_err();
     assert!(err.to_string().contains("sm_90a"), "{err}");
 }

@@ -50,9 +50,9 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
     let mut shapes = vec![flash::DEFAULT];
     shapes.extend(sweep_shapes().into_iter().filter(|s| *s != flash::DEFAULT));
     for (i, shape) in shapes.into_iter().enumerate() {
-        // The decode kernel and the wgmma prefill kernel have no tile shape to sweep: their 16 and 12
-        // cases run once, with the default.
-        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 40) } else { (&["prefill"], 12) };
+        // The decode kernel and the wgmma prefill kernels have no tile shape to sweep: their 16 and
+        // 2 x 14 cases run once, with the default.
+        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 56) } else { (&["prefill"], 12) };
         let report = check(&cxx, shape, &dir, args);
         let cases = report.lines().filter(|l| l.starts_with("ok ")).count();
         assert_eq!(cases, expect, "every case ran for {shape}:\n{report}");
@@ -64,8 +64,9 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
 }
 
 /// The checker itself: a kernel with a fault put back in (V read without transposing; the swizzle
-/// taken out; in the wgmma kernel, V's descriptor strides swapped, a tile unswizzled, and S read
-/// before its wgmma was waited for) is caught, so a pass above means something.
+/// taken out; in the wgmma kernels, V's descriptor strides swapped, a tile unswizzled, S read before
+/// its wgmma was waited for, the pipelined one's V from the wrong stage and O rescaled while P V still
+/// writes it) is caught, so a pass above means something.
 #[test]
 fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let Some(cxx) = compiler() else {
@@ -81,15 +82,17 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     for (fault, from, to, expect, only) in [
         ("V not transposed", "ldmatrix_x4<true>(vf", "ldmatrix_x4<false>(vf", "FAIL d64 bf16", "prefill"),
         ("no swizzle", "return r * D + ((c ^ (r & 7)) << 3);", "return r * D + (c << 3);", "FAIL shared-memory bank conflicts", "prefill"),
-        ("wgmma: V's strides swapped", "wgmma_desc(va + kt * 16 * 128, KEYS * 128, 1024)", "wgmma_desc(va + kt * 16 * 128, 1024, KEYS * 128)", "FAIL d128 bf16", "wgmma"),
+        ("wgmma: V's strides swapped", "wgmma_desc(vaddr + kt * 16 * 128, KEYS * 128, 1024)", "wgmma_desc(vaddr + kt * 16 * 128, 1024, KEYS * 128)", "FAIL d128 bf16", "wgmma"),
         ("wgmma: no swizzle", "(((c & 7) ^ (r & 7)) << 3)", "((c & 7) << 3)", "FAIL d64 bf16", "wgmma"),
-        ("wgmma: S before its wait", "wgmma_commit();\n        wgmma_wait<0>();\n\n        cap_tile", "wgmma_commit();\n\n        cap_tile", "FAIL d64 bf16", "wgmma"),
+        ("wgmma-pipe: V of the wrong stage", "issue_pv(pa, odd ? va : va1);", "issue_pv(pa, odd ? va1 : va);", "FAIL d128 bf16 paged, 300", "wgmma"),
+        ("wgmma-pipe: O rescaled under P V", "softmax(s, corr, kb);\n            wgmma_wait<0>();\n            rescale(o, corr);", "softmax(s, corr, kb);\n            rescale(o, corr);\n            wgmma_wait<0>();", "FAIL d128 bf16 paged, 300", "wgmma"),
+        ("wgmma: S before its wait", "issue_s(s, ka);\n        wgmma_wait<0>();\n        softmax(s, corr, kb);", "issue_s(s, ka);\n        softmax(s, corr, kb);", "FAIL d64 bf16", "wgmma"),
     ] {
         assert!(src.contains(from), "attention.cu has `{from}`");
         let mut faulty = src.replace(from, to);
         if fault == "wgmma: S before its wait" {
             // Its wait comes after the softmax instead (the group must be waited for before exit).
-            faulty = faulty.replace("        cp_async_wait<0>();\n        fence_proxy_async();\n        __syncthreads();  // V of", "        wgmma_wait<0>();\n        cp_async_wait<0>();\n        fence_proxy_async();\n        __syncthreads();  // V of");
+            faulty = faulty.replace("        cp_async_wait<0>();\n        fence_proxy_async();\n        __syncthreads();  // V of this tile", "        wgmma_wait<0>();\n        cp_async_wait<0>();\n        fence_proxy_async();\n        __syncthreads();  // V of this tile");
         }
         std::fs::write(kernels.join("attention.cu"), faulty).unwrap();
         let (ok, report) = build_and_run(&cxx, &kernels.join("emu/check_attention.cpp"), &[], &dir.join("check"), &[only]);

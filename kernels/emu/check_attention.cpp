@@ -195,8 +195,9 @@ bool run_prefill(const Case& c) {
     return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
 }
 
-// The same cases through the Hopper kernel, flash_attn_wg (wgmma, modelled in simt.hpp).
-bool run_prefill_wg(const Case& c) {
+// The same cases through the Hopper kernels (wgmma, modelled in simt.hpp): flash_attn_wg, or with
+// `pipe` flash_attn_wgp (two K/V stages, S of the next tile beside P V of this one).
+bool run_prefill_wg(const Case& c, bool pipe) {
     const u32 d = c.d, hq = c.hq, hkv = c.hkv;
     const u32 wgs = d == 64 ? FH64_WGS : FH128_WGS, keys_tile = d == 64 ? FH64_KEYS : FH128_KEYS, tile_rows = 64 * wgs;
     Inputs in = make_inputs(c);
@@ -204,18 +205,19 @@ bool run_prefill_wg(const Case& c) {
     const std::vector<u32> tiles = tiles_for(c, tile_rows, in.kbase);
     const float scale_log2 = LOG2E / std::sqrt((float)d);
     // As the host sizes it: the tiles, and 1024 bytes to align them.
-    const size_t smem = (size_t)(tile_rows + 2 * keys_tile) * d * 2 + 1024;
+    const size_t smem = (size_t)(tile_rows + (pipe ? 4 : 2) * keys_tile) * d * 2 + 1024;
     const u32* tab = c.paged ? in.table.data() : nullptr;
     const u32 bs = c.paged ? BLOCK_SIZE : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {128 * wgs, 1, 1}, smem, [&] {
-        if (d == 64 && c.bf16) flash_attn_wg_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 64 && !c.bf16) flash_attn_wg_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 128 && c.bf16) flash_attn_wg_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 128 && !c.bf16) flash_attn_wg_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        auto k64b = pipe ? flash_attn_wgp_d64_bf16 : flash_attn_wg_d64_bf16, k64h = pipe ? flash_attn_wgp_d64_f16 : flash_attn_wg_d64_f16;
+        auto k128b = pipe ? flash_attn_wgp_d128_bf16 : flash_attn_wg_d128_bf16, k128h = pipe ? flash_attn_wgp_d128_f16 : flash_attn_wg_d128_f16;
+        auto kernel = d == 64 ? (c.bf16 ? k64b : k64h) : (c.bf16 ? k128b : k128h);
+        kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
     });
-    char what[80];
-    std::snprintf(what, sizeof what, "wgmma, %u tiles of %u rows, %u keys a step", (u32)tiles.size() / 5, tile_rows, keys_tile);
+    char what[96];
+    std::snprintf(what, sizeof what, "wgmma%s, %u tiles of %u rows, %u keys a step", pipe ? " pipelined" : "", (u32)tiles.size() / 5,
+                  tile_rows, keys_tile);
     return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
 }
 
@@ -282,8 +284,15 @@ int main(int argc, char** argv) {
     bool ok = true;
     if (mma)
         for (auto& c : cases) ok &= run_prefill(c);
-    if (wgmma)
-        for (auto& c : cases) ok &= run_prefill_wg(c);
+    if (wgmma) {
+        // And a prompt long enough for 4 key tiles of 128 after a cached prefix (the pipelined kernel's
+        // buffers change parity each tile).
+        for (bool bf16 : {true, false})
+            cases.push_back({std::string("d128 ") + (bf16 ? "bf16" : "f16") + " paged, 300 rows after a prefix of 200", 128, 2, 1, bf16, true,
+                             true, {{300, 500}}});
+        for (bool pipe : {false, true})
+            for (auto& c : cases) ok &= run_prefill_wg(c, pipe);
+    }
     // Decode: one new token per sequence (and a few for speculative decoding) through the cache.
     if (decode)
     for (u32 d : {64u, 128u})

@@ -79,17 +79,45 @@ pub const HEAD_DIMS: [usize; 2] = [64, 128];
 /// slice each.
 pub const WG_SHAPE: Shape = Shape { warps: 8, slices: 1, keys: 128 };
 
-/// Dynamic shared memory `flash_attn_wg_*` needs at head dim `d`: its Q, K and V tiles, and 1024 bytes
-/// to start them on the 1024-byte boundary that wgmma's 128-byte swizzle repeats from.
-pub fn wg_shared_bytes(d: usize) -> u32 {
-    WG_SHAPE.shared_bytes(d) + 1024
+/// The Hopper prefill kernels (kernels/attention.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wg {
+    /// `flash_attn_wg_*`: each product waited for before the next step.
+    Plain,
+    /// `flash_attn_wgp_*`: two K/V stages, the next tile's S = Q K^T in flight beside this tile's
+    /// O += P V (FlashAttention-3's overlap within a warpgroup).
+    Pipe,
 }
 
-/// Whether prefill runs on `flash_attn_wg_*` (wgmma) instead of `flash_attn_*` (mma.sync) on `arch`:
-/// `HIGHRISE_FLASH_KERNEL=wgmma` on Hopper (sm_90a; elsewhere the kernel does not exist and mma.sync
-/// runs). Opt-in until a GPU has checked and timed it: scripts/gpu-check.sh runs both.
-pub fn wgmma(arch: &str) -> bool {
-    arch == "sm_90a" && std::env::var("HIGHRISE_FLASH_KERNEL").is_ok_and(|v| v == "wgmma")
+impl Wg {
+    /// The kernels' name, before `_d<head dim>_<dtype>`.
+    pub fn kernel(self) -> &'static str {
+        match self {
+            Wg::Plain => "flash_attn_wg",
+            Wg::Pipe => "flash_attn_wgp",
+        }
+    }
+
+    /// Dynamic shared memory at head dim `d`: the Q tile, one or two K and V tiles, and 1024 bytes to
+    /// start them on the 1024-byte boundary that wgmma's 128-byte swizzle repeats from.
+    pub fn shared_bytes(self, d: usize) -> u32 {
+        let stages = if self == Wg::Pipe { 2 } else { 1 };
+        (WG_SHAPE.rows() + 2 * stages * WG_SHAPE.keys) * d as u32 * 2 + 1024
+    }
+}
+
+/// Which Hopper kernel prefill runs on, if any, on `arch`: `HIGHRISE_FLASH_KERNEL=wgmma` (Plain) or
+/// `wgmma-pipe` (Pipe), on Hopper only (sm_90a; elsewhere the kernels do not exist and mma.sync's
+/// `flash_attn_*` runs). Opt-in until a GPU has checked and timed them: scripts/gpu-check.sh runs them.
+pub fn wgmma(arch: &str) -> Option<Wg> {
+    if arch != "sm_90a" {
+        return None;
+    }
+    match std::env::var("HIGHRISE_FLASH_KERNEL").as_deref() {
+        Ok("wgmma") => Some(Wg::Plain),
+        Ok("wgmma-pipe") => Some(Wg::Pipe),
+        _ => None,
+    }
 }
 
 /// `HIGHRISE_FLASH_SHAPE`, e.g. "d128=8x1x64,d64=4x2x64": shapes that override the table.
@@ -205,7 +233,9 @@ mod tests {
         assert_eq!(shape("sm_80", 64).unwrap(), DEFAULT);
         assert_eq!(defines("sm_80").unwrap().len(), 6);
         // The Hopper kernel: 128 rows over 256 threads; at d128 its tiles take 96 KiB, plus alignment.
-        assert_eq!((WG_SHAPE.rows(), WG_SHAPE.threads(), wg_shared_bytes(128)), (128, 256, 98304 + 1024));
-        assert!(!wgmma("sm_80"), "only Hopper has wgmma");
+        assert_eq!((WG_SHAPE.rows(), WG_SHAPE.threads(), Wg::Plain.shared_bytes(128)), (128, 256, 98304 + 1024));
+        // Pipelined: two K and two V tiles, 160 KiB at d128 (under Hopper's 227 KiB a block).
+        assert_eq!(Wg::Pipe.shared_bytes(128), 163840 + 1024);
+        assert_eq!(wgmma("sm_80"), None, "only Hopper has wgmma");
     }
 }

@@ -70,8 +70,8 @@ pub struct CudaBackend {
     sms: u32,
     /// The prefill kernel's tile shapes, as its kernels were compiled (`flash::shapes`).
     flash_shapes: Vec<(usize, flash::Shape)>,
-    /// Prefill on the Hopper kernel (`flash::wgmma`), decided once with the shapes.
-    flash_wgmma: bool,
+    /// Prefill on a Hopper kernel (`flash::wgmma`), decided once with the shapes.
+    flash_wgmma: Option<flash::Wg>,
     state: Mutex<OpState>,
     buffers: Mutex<memory::BufferCache>,
     /// The step being recorded between `graph_begin` and `graph_end` (see `graph`).
@@ -152,13 +152,13 @@ impl CudaBackend {
         &self.arch
     }
 
-    /// Prefill on the Hopper kernel (`flash_attn_wg_*`, wgmma) or not, whatever
+    /// Prefill on a Hopper kernel (`flash::Wg`: wgmma) or not (None: mma.sync's), whatever
     /// `HIGHRISE_FLASH_KERNEL` said; an error where the device is not Hopper (sm_90a).
-    pub fn set_flash_wgmma(&mut self, on: bool) -> Result<()> {
-        if on && self.arch != "sm_90a" {
-            return Err(Error::Unsupported(format!("flash_attn_wg: wgmma needs Hopper (sm_90a); this device is {}", self.arch)));
+    pub fn set_flash_wgmma(&mut self, wg: Option<flash::Wg>) -> Result<()> {
+        if let Some(wg) = wg.filter(|_| self.arch != "sm_90a") {
+            return Err(Error::Unsupported(format!("{}: wgmma needs Hopper (sm_90a); this device is {}", wg.kernel(), self.arch)));
         }
-        self.flash_wgmma = on;
+        self.flash_wgmma = wg;
         Ok(())
     }
 

@@ -383,7 +383,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
-        "flash_attn" | "flash_attn_wg" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
+        "flash_attn" | "flash_attn_wg" | "flash_attn_wgp" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
@@ -596,8 +596,9 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 1, 0, gx * hq * splits * (d + 2), 4, "partial states");
         }
         "attn_split" | "attn_group" => attention_split(base, a, elt, d as u64, out)?,
-        "flash_attn" => flash_attention(a, elt, d as u64, false, out)?,
-        "flash_attn_wg" => flash_attention(a, elt, d as u64, true, out)?,
+        "flash_attn" => flash_attention(a, elt, d as u64, None, out)?,
+        "flash_attn_wg" => flash_attention(a, elt, d as u64, Some(crate::flash::Wg::Plain), out)?,
+        "flash_attn_wgp" => flash_attention(a, elt, d as u64, Some(crate::flash::Wg::Pipe), out)?,
         "decode_attn" => decode_attention(a, elt, d as u64, out)?,
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => {
             // (out, x, w, bias, bias_dt, t, k, n): 4 warps of 2 rows of w per block.
@@ -825,8 +826,8 @@ fn push_kv_runs(out: &mut Vec<Access>, runs: Vec<(u64, u64, String)>, elt: u64) 
 /// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2, window, softcap); grid
 /// (tiles, hq);
 /// tiles[5 i..5 i + 5] = (first row, rows, position of the first row, key base, keys seen).
-/// flash_attn_wg (`wg`): the same, in the Hopper kernel's geometry.
-fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: bool, out: &mut Vec<Access>) -> Check {
+/// flash_attn_wg and _wgp (`wg`): the same, in the Hopper kernels' geometry.
+fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>, out: &mut Vec<Access>) -> Check {
     let (bs, hq, hkv) = (a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64);
     let ntiles = a.grid.0 as usize;
     if hkv == 0 || hq % hkv != 0 {
@@ -840,8 +841,8 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: bool, out: &mut Vec<Acces
     if !(softcap.is_finite() && softcap >= 0.0) {
         return Err(format!("softcap {softcap} is not finite and non-negative"));
     }
-    let (shape, shared) = if wg {
-        (crate::flash::WG_SHAPE, crate::flash::wg_shared_bytes(d as usize))
+    let (shape, shared) = if let Some(wg) = wg {
+        (crate::flash::WG_SHAPE, wg.shared_bytes(d as usize))
     } else {
         let shape = crate::flash::find(a.flash_shapes, d as usize).map_err(|e| e.to_string())?;
         (shape, shape.shared_bytes(d as usize))
@@ -853,7 +854,7 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: bool, out: &mut Vec<Acces
         return Err(format!(
             "{} bytes of dynamic shared memory, but a tile of {shape} at head dim {d} stages {shared} (Q, K and V{})",
             a.shared,
-            if wg { ", and 1024 to align them" } else { "" }
+            if wg.is_some() { ", and 1024 to align them" } else { "" }
         ));
     }
     if !a.f32(9).is_finite() {
@@ -1324,6 +1325,7 @@ mod tests {
         assert_eq!(split_name("attn_group_d128_bf16"), ("attn_group", 2, 128));
         assert_eq!(split_name("flash_attn_d64_f16"), ("flash_attn", 2, 64));
         assert_eq!(split_name("flash_attn_wg_d128_bf16"), ("flash_attn_wg", 2, 128));
+        assert_eq!(split_name("flash_attn_wgp_d64_f16"), ("flash_attn_wgp", 2, 64));
         assert_eq!(split_name("rms_norm_f32"), ("rms_norm", 4, 0));
         assert_eq!(split_name("to_f32"), ("to_f32", 4, 0));
         assert_eq!(split_name("from_f32_bf16"), ("from_f32", 2, 0));
