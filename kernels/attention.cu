@@ -715,6 +715,30 @@ FLASH(128)
 #define FH128_KEYS 128
 #endif
 
+// The warpgroup's two products, queued and committed (not waited for), as the Hopper kernels and
+// wgmma_probe run them. S (64 x KEYS) = Q K^T over D dims, 16 a step: Q's 64 rows at qaddr inside a
+// swz_wg tile of qrows rows (block kk / 4 of 64 dims, 32 bytes further into its rows per step), K's
+// KEYS rows at kaddr, both K-major.
+template <int D, int KEYS, bool BF16>
+__device__ __forceinline__ void wg_qk(float (&s)[KEYS / 8][4], u32 qaddr, u32 qrows, u32 kaddr) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const u64 da = wgmma_desc(qaddr + (kk / 4) * qrows * 128 + (kk % 4) * 32, 16, 1024);
+        const u64 db = wgmma_desc(kaddr + (kk / 4) * KEYS * 128 + (kk % 4) * 32, 16, 1024);
+        wgmma_ss<KEYS, BF16>(&s[0][0], da, db, kk > 0);
+    }
+    wgmma_commit();
+}
+
+// O (64 x D) += P V over 16 keys a step: P from registers (p_fragment's), V's rows 16 kt .. as K, its D
+// dims as N (N-major; 64-dim blocks KEYS * 128 bytes apart).
+template <int D, int KEYS, bool BF16>
+__device__ __forceinline__ void wg_pv(float (&o)[D / 8][4], const u32 (&pa)[KEYS / 16][4], u32 vaddr) {
+#pragma unroll
+    for (int kt = 0; kt < KEYS / 16; kt++) wgmma_rs_t<D, BF16>(&o[0][0], pa[kt], wgmma_desc(vaddr + kt * 16 * 128, KEYS * 128, 1024), 1);
+    wgmma_commit();
+}
+
 template <int D, int WGS, int KEYS, bool BF16, bool PIPE>
 __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
                               u32 hkv, float scale_log2, ScoreMods mods, u16* smem_raw) {
@@ -749,22 +773,8 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
     for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     const u32 qa = smem_u32(qs) + wg * 64 * 128, ka = smem_u32(ks), va = smem_u32(vs);
     // S = Q K^T over 16 dims a step: block kk / 4 of 64 dims, 32 bytes further into its rows per step.
-    auto issue_s = [&](float (&s)[NT][4], u32 kaddr) {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            const u64 da = wgmma_desc(qa + (kk / 4) * ROWS * 128 + (kk % 4) * 32, 16, 1024);
-            const u64 db = wgmma_desc(kaddr + (kk / 4) * KEYS * 128 + (kk % 4) * 32, 16, 1024);
-            wgmma_ss<KEYS, BF16>(&s[0][0], da, db, kk > 0);
-        }
-        wgmma_commit();
-    };
-    // O += P V over 16 keys a step: V's rows 16 kt .. as K, its D dims as N (64-dim blocks KEYS * 128
-    // bytes apart).
-    auto issue_pv = [&](const u32 (&pa)[KEYS / 16][4], u32 vaddr) {
-#pragma unroll
-        for (int kt = 0; kt < KEYS / 16; kt++) wgmma_rs_t<D, BF16>(&o[0][0], pa[kt], wgmma_desc(vaddr + kt * 16 * 128, KEYS * 128, 1024), 1);
-        wgmma_commit();
-    };
+    auto issue_s = [&](float (&s)[NT][4], u32 kaddr) { wg_qk<D, KEYS, BF16>(s, qa, ROWS, kaddr); };
+    auto issue_pv = [&](const u32 (&pa)[KEYS / 16][4], u32 vaddr) { wg_pv<D, KEYS, BF16>(o, pa, vaddr); };
     auto softmax = [&](float (&s)[NT][4], float (&corr)[2], u32 kb) {
         cap_tile(s, mods, cap);
         softmax_tile(s, corr, m, l, warp * 16, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
@@ -872,6 +882,57 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
     FLASH_WG_ONE(flash_attn_wgp, true, dim, f16, false)
 FLASH_WG(64)
 FLASH_WG(128)
+
+// wgmma as the Hopper kernels use it, alone: one warpgroup stages Q (64 x D), K and V (128 x D) as they
+// do, runs s = Q K^T (wg_qk), then o = P V (wg_pv) with P = s rounded to the dtype, and writes both in
+// f32, row-major: s [64][128], o [64][D]. The host holds them to a plain matrix product
+// (highrise_cuda::wgmma_check), so that a GPU run tells which of the two products, and which elements,
+// a wrong reading of the ISA (layouts, descriptors, swizzle) would break.
+template <int D, bool BF16>
+__device__ void wgmma_probe(float* s_out, float* o_out, const u16* q, const u16* k, const u16* v, u16* smem_raw) {
+    constexpr u32 KEYS = 128, NT = KEYS / 8, DT = D / 8;
+    u16* qs = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 2;
+    u16* ks = qs + 64 * D;
+    u16* vs = ks + KEYS * D;
+    const auto rows = [](u32 r) { return (long long)r * D; };
+    stage_rows<D, 128, true>(qs, q, 64, threadIdx.x, rows);
+    stage_rows<D, 128, true>(ks, k, KEYS, threadIdx.x, rows);
+    stage_rows<D, 128, true>(vs, v, KEYS, threadIdx.x, rows);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    const u32 lane = threadIdx.x & 31, r = (threadIdx.x >> 5) * 16 + (lane >> 2), c = 2 * (lane & 3);
+    float s[NT][4];
+    wgmma_fence();
+    wg_qk<D, KEYS, BF16>(s, smem_u32(qs), 64, smem_u32(ks));
+    wgmma_wait<0>();
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+        for (int e = 0; e < 4; e++) s_out[(r + 8 * (e / 2)) * KEYS + nt * 8 + c + e % 2] = s[nt][e];
+    u32 pa[KEYS / 16][4];
+#pragma unroll
+    for (int kt = 0; kt < KEYS / 16; kt++) p_fragment(pa[kt], s, kt, BF16);
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    wgmma_fence();
+    wg_pv<D, KEYS, BF16>(o, pa, smem_u32(vs));
+    wgmma_wait<0>();
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++)
+        for (int e = 0; e < 4; e++) o_out[(r + 8 * (e / 2)) * D + dt * 8 + c + e % 2] = o[dt][e];
+}
+#define WGMMA_PROBE(dim, s, bf16)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                           \
+        wgmma_probe_d##dim##_##s(float* s_out, float* o_out, const u16* q, const u16* k, const u16* v) {           \
+        DYNAMIC_SHARED(u16, smem);                                                                                 \
+        wgmma_probe<dim, bf16>(s_out, o_out, q, k, v, smem);                                                       \
+    }
+WGMMA_PROBE(64, bf16, true)
+WGMMA_PROBE(64, f16, false)
+WGMMA_PROBE(128, bf16, true)
+WGMMA_PROBE(128, f16, false)
 #endif  // HIGHRISE_WGMMA
 
 // ---- Decode on tensor cores (sm_80+): a KV head's whole query group against the paged cache ----

@@ -43,6 +43,23 @@ fn captures_taken_inside_graphs_equal_captures_read_at_once() {
     assert_eq!(deferred_captures_in_graphs_match(&gpu), 18, "every tapped step ran as a graph");
 }
 
+/// On Hopper: wgmma alone, staged and issued by the prefill kernels' own functions
+/// (`wgmma_probe_*`), equals a plain matrix product: our reading of the ISA (the layouts and
+/// descriptors kernels/emu/simt.hpp models) agrees with the hardware. Where it does not, the report
+/// names the product, the rows and columns, and where the misplaced values belong.
+#[test]
+fn wgmma_as_the_kernels_use_it_equals_a_plain_product() {
+    if backend("wgmma probe").is_none() {
+        return;
+    }
+    let driver = highrise_cuda::driver::CudaDriver::new(0).unwrap();
+    let arch = highrise_cuda::driver::Driver::device(&driver).arch;
+    if arch != "sm_90a" {
+        return println!("skipped: wgmma probe: this GPU is {arch}, wgmma needs Hopper (sm_90a)");
+    }
+    wgmma_probe_matches(&driver);
+}
+
 #[test]
 fn default_model_greedy_continuation_matches_cpu() {
     let Some(gpu) = backend("default model on cuda") else { return };

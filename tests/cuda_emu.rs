@@ -78,6 +78,19 @@ fn two_threads_share_a_backend_with_graphs() {
     });
 }
 
+/// wgmma alone, staged and issued by the Hopper kernels' own functions (`wgmma_probe_*`), equals a
+/// plain matrix product on the emulated device: the kernels' layouts agree with our model of the ISA.
+/// (tests/cuda.rs runs the same on a Hopper GPU, where it checks the model against the hardware.)
+#[test]
+fn wgmma_as_the_kernels_use_it_equals_a_plain_product() {
+    if backend("wgmma probe on the emulated device").is_none() {
+        return;
+    }
+    let driver = highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).expect("built once already");
+    wgmma_probe_matches(&driver);
+    assert_eq!(driver.take_recorded().len(), 4, "four probes launched and checked");
+}
+
 /// The Hopper prefill kernels (`flash_attn_wg_*` and the pipelined `flash_attn_wgp_*`: wgmma,
 /// modelled in kernels/emu/simt.hpp; opt-in with HIGHRISE_FLASH_KERNEL=wgmma / wgmma-pipe until a GPU
 /// has timed them) in the whole model: a backend of its own prefills with each, and the logits and

@@ -515,3 +515,19 @@ pub fn deferred_captures_in_graphs_match(dev: &Arc<dyn Backend>) -> u64 {
     }
     launched
 }
+
+/// wgmma alone, as the Hopper prefill kernels use it (`highrise_cuda::wgmma_check`), for both head
+/// dims and both dtypes on `driver`: each report printed, every product equal to the host's.
+pub fn wgmma_probe_matches(driver: &dyn highrise_cuda::driver::Driver) {
+    let mut wrong = Vec::new();
+    for d in [64, 128] {
+        for dtype in [DType::BF16, DType::F16] {
+            let check = highrise_cuda::wgmma_check::check_wgmma(driver, d, dtype).unwrap_or_else(|e| panic!("d{d} {dtype}: {e}"));
+            print!("{check}");
+            if !check.ok() {
+                wrong.push(check.kernel);
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "wgmma differs from a plain matrix product in {wrong:?} (reports above)");
+}

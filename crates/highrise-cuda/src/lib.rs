@@ -23,6 +23,7 @@ pub mod nvrtc;
 mod ops;
 pub mod ptx;
 pub mod recording;
+pub mod wgmma_check;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -391,6 +391,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "swiglu" | "geglu" => vec![P, P, P, U64],
         "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
+        "wgmma_probe" => vec![P, P, P, P, P],
         "sample" => vec![P, P, P, P, U32],
         _ => return None,
     })
@@ -600,6 +601,19 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         "flash_attn_wg" => flash_attention(a, elt, d as u64, Some(crate::flash::Wg::Plain), out)?,
         "flash_attn_wgp" => flash_attention(a, elt, d as u64, Some(crate::flash::Wg::Pipe), out)?,
         "decode_attn" => decode_attention(a, elt, d as u64, out)?,
+        "wgmma_probe" => {
+            // (s_out, o_out, q, k, v): one warpgroup, Q 64 x d, K and V 128 x d, s 64 x 128 and o 64 x d
+            // in f32 (crate::wgmma_check).
+            let need = 1024 + (64 + 2 * 128) * d as u64 * elt;
+            if a.grid != (1, 1, 1) || a.block != (128, 1, 1) || (a.shared as u64) < need {
+                return Err(format!("grid {:?}, block {:?}, {} bytes of shared memory: one warpgroup needs {need}", a.grid, a.block, a.shared));
+            }
+            push(out, 0, 0, 64 * 128, 4, "s");
+            push(out, 1, 0, 64 * d as u64, 4, "o");
+            push(out, 2, 0, 64 * d as u64, elt, "q");
+            push(out, 3, 0, 128 * d as u64, elt, "k");
+            push(out, 4, 0, 128 * d as u64, elt, "v");
+        }
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => {
             // (out, x, w, bias, bias_dt, t, k, n): 4 warps of 2 rows of w per block.
             let tm: u64 = base[4..].parse().unwrap_or(0);
