@@ -2,8 +2,9 @@
 //! 576, 9 query / 3 KV heads of 64, intermediate 1536) and at one Llama-3-8B layer's (hidden 4096,
 //! 32 / 8 heads of 128, intermediate 14336), for decode (1 token) and prefill (512 tokens).
 //!
-//! Before the benchmarks it measures and prints the two ceilings they are judged against: host memory
-//! bandwidth (a large copy, bytes read + written) and the SIMD GEMM rate (f32 512x4096x4096). Run with
+//! Before the benchmarks it measures and prints the ceilings they are judged against: host memory
+//! bandwidth (a large copy, bytes read + written), the SIMD GEMM rate (f32 512x4096x4096), and one
+//! thread's instruction peaks (int8 `vpdpbusd` and f32 FMA, where AVX-512 VNNI is present). Run with
 //! `cargo bench --bench cpu_ops`; `HIGHRISE_THREADS` sets the thread count.
 
 mod common;
@@ -199,7 +200,10 @@ fn quantized(c: &mut Criterion) {
     let one: Arc<dyn Backend> = Arc::new(highrise_cpu::CpuBackend::new(Some(1)).unwrap());
     let (n, k) = (16384, 4096);
     let bytes = DType::Q4_1.storage_bytes(n * k).unwrap() as u64;
-    for (threads, be) in [(1, &one), (b.info().device.split(' ').next().unwrap_or("all").parse().unwrap_or(0), &b)] {
+    let all: usize = b.info().device.split(' ').next().unwrap_or("all").parse().unwrap_or(0);
+    // With HIGHRISE_THREADS=1 both are one thread: measured once (criterion refuses a repeated id).
+    let teams = if all == 1 { vec![(1, &one)] } else { vec![(1, &one), (all, &b)] };
+    for (threads, be) in teams {
         for dtype in [DType::Q4_1, DType::Q4_1R8] {
             let (w, x, mut y) = quant_linear(be, dtype, n, k, 1);
             g.throughput(Throughput::Bytes(bytes));
@@ -268,6 +272,60 @@ fn gemm_rate(b: &Arc<dyn Backend>) -> f64 {
     2.0 * (t * k * n) as f64 / best
 }
 
+/// One thread's instruction peaks: (int8 multiply-adds as ops/s on AVX-512 VNNI `vpdpbusd`, f32
+/// flops/s on AVX-512 FMA), each from 12 independent accumulator chains (best of 3); None where the
+/// CPU lacks them. What no kernel of either kind can pass: the quantized prefill rows above are
+/// judged against the first, the f32 GEMM against the second.
+#[cfg(target_arch = "x86_64")]
+fn instruction_peaks() -> Option<(f64, f64)> {
+    use std::arch::x86_64::*;
+    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")) {
+        return None;
+    }
+    const ITERS: u64 = 4_000_000;
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    unsafe fn int8() -> i32 {
+        let (a, b) = (_mm512_set1_epi8(1), _mm512_set1_epi8(std::hint::black_box(2)));
+        let mut acc = [_mm512_setzero_si512(); 12];
+        for _ in 0..ITERS {
+            for s in acc.iter_mut() {
+                *s = _mm512_dpbusd_epi32(*s, a, b);
+            }
+        }
+        _mm512_reduce_add_epi32(acc.iter().fold(_mm512_setzero_si512(), |x, &y| _mm512_add_epi32(x, y)))
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f32s() -> f32 {
+        let (a, b) = (_mm512_set1_ps(0.999), _mm512_set1_ps(std::hint::black_box(1e-3)));
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..ITERS {
+            for s in acc.iter_mut() {
+                *s = _mm512_fmadd_ps(*s, a, b);
+            }
+        }
+        _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |x, &y| _mm512_add_ps(x, y)))
+    }
+    let best = |f: &dyn Fn()| (0..3).map(|_| {
+        let s = Instant::now();
+        f();
+        s.elapsed().as_secs_f64()
+    }).fold(f64::MAX, f64::min);
+    let instructions = (ITERS * 12) as f64;
+    // SAFETY: the features each needs were detected above.
+    let i = best(&|| {
+        std::hint::black_box(unsafe { int8() });
+    });
+    let f = best(&|| {
+        std::hint::black_box(unsafe { f32s() });
+    });
+    Some((instructions * 64.0 * 2.0 / i, instructions * 16.0 * 2.0 / f))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn instruction_peaks() -> Option<(f64, f64)> {
+    None
+}
+
 criterion_group!(benches, ops, quantized);
 
 fn main() {
@@ -280,6 +338,14 @@ fn main() {
         one_thread_read_bandwidth() / 1e9
     );
     println!("ceiling: f32 GEMM 512x4096x4096 {:.1} GFLOP/s", gemm_rate(&b) / 1e9);
+    match instruction_peaks() {
+        Some((int8, f32)) => println!(
+            "ceiling: one thread's instruction peaks: int8 multiply-adds (vpdpbusd) {:.0} GOPS, f32 FMA {:.0} GFLOP/s",
+            int8 / 1e9,
+            f32 / 1e9
+        ),
+        None => println!("ceiling: instruction peaks not measured (no AVX-512 VNNI)"),
+    }
     benches();
     Criterion::default().configure_from_args().final_summary();
 }
