@@ -67,7 +67,8 @@ echo "cross-checks: $(grep -c '|ok|' "$out/tests.results") of $(wc -l <"$out/tes
 
 # 2b. The Hopper prefill kernels (flash_attn_wg, and flash_attn_wgp pipelined: wgmma; opt-in until this
 # step passes on a GPU): the attention cross-checks with each (HIGHRISE_FLASH_KERNEL=wgmma,
-# wgmma-pipe) and the random Llama with the first, each in its own process. wgmma alone, as they use
+# wgmma-pipe), and with the first Gemma 2's soft-capped, windowed scores and the random Llama, each
+# in its own process. wgmma alone, as they use
 # it, ran in step 2 (wgmma_as_the_kernels_use_it_equals_a_plain_product); where it failed, its report
 # (which product, which elements) goes into steps.txt.
 : >"$out/wgmma.results"
@@ -75,7 +76,7 @@ if grep -q 'sm_90' "$out/backends.txt"; then
     start=$SECONDS
     for run in wgmma:ops::prefill_attention_is_causal_gqa wgmma:ops::paged_attention_reads_through_block_tables \
         wgmma-pipe:ops::prefill_attention_is_causal_gqa wgmma-pipe:ops::paged_attention_reads_through_block_tables \
-        wgmma:random_llama_matches_cpu_logits_and_64_greedy_steps; do
+        wgmma:ops::attention_soft_caps_scores_and_slides_its_window wgmma:random_llama_matches_cpu_logits_and_64_greedy_steps; do
         kernel=${run%%:*} t=${run#*:}
         if ((SECONDS - start > 75)); then
             echo "$kernel: $t|not run (the step's 75 s were spent)|" >>"$out/wgmma.results"
@@ -85,7 +86,7 @@ if grep -q 'sm_90' "$out/backends.txt"; then
         HIGHRISE_FLASH_KERNEL=$kernel timeout 45 "$bundle/cuda-tests" --exact "$t" --nocapture --test-threads 1 >"$out/tests/$kernel-$t.txt" 2>&1
         echo "$kernel: $t|$(outcome $? "$out/tests/$kernel-$t.txt")|$((SECONDS - s0))" >>"$out/wgmma.results"
     done
-    echo "wgmma cross-checks: $(grep -c '|ok|' "$out/wgmma.results") of 5 ok" >>"$out/steps.txt"
+    echo "wgmma cross-checks: $(grep -c '|ok|' "$out/wgmma.results") of 6 ok" >>"$out/steps.txt"
     # Step 2's wgmma probe, where it found wgmma other than we read the ISA: which product, which elements.
     grep -h -A3 'WRONG' "$out/tests/wgmma_as_the_kernels_use_it_equals_a_plain_product.txt" >>"$out/steps.txt" 2>/dev/null
 else

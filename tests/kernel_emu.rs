@@ -50,9 +50,9 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
     let mut shapes = vec![flash::DEFAULT];
     shapes.extend(sweep_shapes().into_iter().filter(|s| *s != flash::DEFAULT));
     for (i, shape) in shapes.into_iter().enumerate() {
-        // The decode kernel and the wgmma prefill kernels have no tile shape to sweep: their 16 and
-        // 2 x 14 cases run once, with the default.
-        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 56) } else { (&["prefill"], 12) };
+        // The decode kernel and the wgmma prefill kernels have no tile shape to sweep: their 20 and
+        // 2 x 17 cases run once, with the default.
+        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 69) } else { (&["prefill"], 15) };
         let report = check(&cxx, shape, &dir, args);
         let cases = report.lines().filter(|l| l.starts_with("ok ")).count();
         assert_eq!(cases, expect, "every case ran for {shape}:\n{report}");
@@ -64,9 +64,10 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
 }
 
 /// The checker itself: a kernel with a fault put back in (V read without transposing; the swizzle
-/// taken out; in the wgmma kernels, V's descriptor strides swapped, a tile unswizzled, S read before
-/// its wgmma was waited for, the pipelined one's V from the wrong stage and O rescaled while P V still
-/// writes it) is caught, so a pass above means something.
+/// taken out; the sliding window ignored; in the wgmma kernels, V's descriptor strides swapped, a tile
+/// unswizzled, the softcap left out, S read before its wgmma was waited for, the pipelined one's V
+/// from the wrong stage and O rescaled while P V still writes it) is caught, so a pass above means
+/// something.
 #[test]
 fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let Some(cxx) = compiler() else {
@@ -86,6 +87,8 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
         ("wgmma: no swizzle", "(((c & 7) ^ (r & 7)) << 3)", "((c & 7) << 3)", "FAIL d64 bf16", "wgmma"),
         ("wgmma-pipe: V of the wrong stage", "issue_pv(pa, odd ? va : va1);", "issue_pv(pa, odd ? va1 : va);", "FAIL d128 bf16 paged, 300", "wgmma"),
         ("wgmma-pipe: O rescaled under P V", "softmax(s, corr, kb);\n            wgmma_wait<0>();\n            rescale(o, corr);", "softmax(s, corr, kb);\n            rescale(o, corr);\n            wgmma_wait<0>();", "FAIL d128 bf16 paged, 300", "wgmma"),
+        ("sliding window ignored", "return window != 0 && n > window ? n - window : 0;", "return 0;", "FAIL d64 bf16 causal, 3 prompts (1, 150, 37 rows), 4 heads over 2, softcap 1.00, window 40", "prefill"),
+        ("wgmma: softcap left out", "return mods.softcap > 0.0f ? mods.log2_cap(scale_log2)", "return false ? mods.log2_cap(scale_log2)", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1, softcap 0.50: wgmma", "wgmma"),
         ("wgmma: S before its wait", "issue_s(s, ka);\n        wgmma_wait<0>();\n        softmax(s, corr, kb);", "issue_s(s, ka);\n        softmax(s, corr, kb);", "FAIL d64 bf16", "wgmma"),
     ] {
         assert!(src.contains(from), "attention.cu has `{from}`");

@@ -3,10 +3,11 @@
 // largest error at most twice a naive same-dtype implementation's.
 // - prefill, flash_attn_d{64,128}_{bf16,f16} and (wgmma) flash_attn_wg_*: causal and not, sequences of several lengths in one
 //   batch (tiles cut mid-sequence, one-row sequences), grouped-query heads, and keys through a
-//   shuffled block table after a cached prefix (chunked prefill);
+//   shuffled block table after a cached prefix (chunked prefill); Gemma 2's soft-capped scores and
+//   sliding windows (shorter than the prompts, so whole key tiles are skipped);
 // - decode, decode_attn_* then attn_combine_*: a batch of sequences (1 to 1000 keys, 1 to 4 new
 //   tokens each) through a shuffled block table, groups of 3, 4 and 8 query heads, the context cut
-//   into one slice or many.
+//   into one slice or many; soft-capped and windowed too.
 // Also asserts that ldmatrix met no shared-memory bank conflict.
 //
 // Built and run by tests/kernel_emu.rs (g++ -std=c++20 -O2; the prefill tile shape through
@@ -32,6 +33,10 @@ struct Case {
     u32 d, hq, hkv;
     bool bf16, causal, paged;
     std::vector<Seq> seqs;
+    // The Scores op's modifiers (Gemma 2): scores soft-capped (cap tanh(score / cap)) where > 0, and a
+    // row seeing only its last `window` keys where > 0.
+    float softcap = 0.0f;
+    u32 window = 0;
 };
 
 // The tiles flash_attn takes, as crates/highrise-cuda/src/flash.rs cuts them.
@@ -63,21 +68,23 @@ bool compare(const Case& c, const std::vector<std::vector<double>>& keys, const 
         const u32 q_len = c.seqs[s].q_len, ctx = c.seqs[s].context;
         for (u32 i = 0; i < q_len; i++, row++) {
             const u32 last = c.causal ? ctx - q_len + i : ctx - 1;
+            const u32 first = c.window != 0 && last + 1 > c.window ? last + 1 - c.window : 0;
             for (u32 h = 0; h < hq; h++) {
                 const u32 g = h / (hq / hkv);
                 const double* qr = &qd[((size_t)row * hq + h) * d];
-                std::vector<double> sc(last + 1), sn(last + 1);
+                std::vector<double> sc(last + 1, 0.0), sn(last + 1, 0.0);
                 double mx = -INFINITY, mn = -INFINITY;
-                for (u32 j = 0; j <= last; j++) {
+                for (u32 j = first; j <= last; j++) {
                     double dot = 0;
                     for (u32 x = 0; x < d; x++) dot += qr[x] * keys[s][((size_t)j * hkv + g) * d + x];
-                    sc[j] = dot * scale;
-                    sn[j] = round_to(dot * scale, c.bf16);
+                    const double score = c.softcap > 0 ? c.softcap * std::tanh(dot * scale / c.softcap) : dot * scale;
+                    sc[j] = score;
+                    sn[j] = round_to(score, c.bf16);
                     mx = std::max(mx, sc[j]);
                     mn = std::max(mn, sn[j]);
                 }
                 double sum = 0, nsum = 0;
-                for (u32 j = 0; j <= last; j++) {
+                for (u32 j = first; j <= last; j++) {
                     sc[j] = std::exp(sc[j] - mx);
                     sn[j] = std::exp(sn[j] - mn);
                     sum += sc[j];
@@ -85,7 +92,7 @@ bool compare(const Case& c, const std::vector<std::vector<double>>& keys, const 
                 }
                 for (u32 x = 0; x < d; x++) {
                     double a = 0, na = 0;
-                    for (u32 j = 0; j <= last; j++) {
+                    for (u32 j = first; j <= last; j++) {
                         const double vv = vals[s][((size_t)j * hkv + g) * d + x];
                         a += sc[j] / sum * vv;
                         na += round_to(sn[j] / nsum, c.bf16) * vv;
@@ -104,7 +111,10 @@ bool compare(const Case& c, const std::vector<std::vector<double>>& keys, const 
     }
     const double rms = std::sqrt(sq / ((double)t * hq * d));
     const bool ok = err <= 2.0 * naive_err + 1e-7 * rms;
-    std::printf("%s %s: %s, max error %.3e, naive %s %.3e\n", ok ? "ok  " : "FAIL", c.name.c_str(), what.c_str(), err,
+    std::string mods;
+    if (c.softcap > 0) mods += ", softcap " + std::to_string(c.softcap).substr(0, 4);
+    if (c.window > 0) mods += ", window " + std::to_string(c.window);
+    std::printf("%s %s%s: %s, max error %.3e, naive %s %.3e\n", ok ? "ok  " : "FAIL", c.name.c_str(), mods.c_str(), what.c_str(), err,
                 c.bf16 ? "bf16" : "f16", naive_err);
     return ok;
 }
@@ -185,10 +195,10 @@ bool run_prefill(const Case& c) {
     const u32 bs = c.paged ? BLOCK_SIZE : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {32 * warps, 1, 1}, smem, [&] {
-        if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 128 && !c.bf16) flash_attn_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
+        if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
+        if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
+        if (d == 128 && !c.bf16) flash_attn_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
     });
     char what[64];
     std::snprintf(what, sizeof what, "%u tiles of %u rows", (u32)tiles.size() / 5, tile_rows);
@@ -213,7 +223,7 @@ bool run_prefill_wg(const Case& c, bool pipe) {
         auto k64b = pipe ? flash_attn_wgp_d64_bf16 : flash_attn_wg_d64_bf16, k64h = pipe ? flash_attn_wgp_d64_f16 : flash_attn_wg_d64_f16;
         auto k128b = pipe ? flash_attn_wgp_d128_bf16 : flash_attn_wg_d128_bf16, k128h = pipe ? flash_attn_wgp_d128_f16 : flash_attn_wg_d128_f16;
         auto kernel = d == 64 ? (c.bf16 ? k64b : k64h) : (c.bf16 ? k128b : k128h);
-        kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, 0u, 0.0f);
+        kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
     });
     char what[96];
     std::snprintf(what, sizeof what, "wgmma%s, %u tiles of %u rows, %u keys a step", pipe ? " pipelined" : "", (u32)tiles.size() / 5,
@@ -241,10 +251,10 @@ bool run_decode(const Case& c, u32 splits) {
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     const u32 *sq = seqs.data(), *tab = in.table.data();
     CHECK_LAUNCH({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
-        if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
-        if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, 0u, 0.0f);
+        if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
+        if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
+        if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
+        if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
     });
     // Every slice state of a row within its context was written (NaN: a block missed it).
     for (u32 r = 0, s = 0; s < nseq; s++)
@@ -281,6 +291,20 @@ int main(int argc, char** argv) {
             cases.push_back({tag + " paged, chunks after cached prefixes (45 of 100, 2 of 19, 64 of 64)", d, 4, 2, bf16, true, true,
                              {{45, 100}, {2, 19}, {64, 64}}});
         }
+    // Gemma 2's modifiers: soft-capped scores (a cap the scores reach), sliding windows shorter than
+    // the prompts (rows whose first key tiles are skipped, a window crossing a tile), both through
+    // the block table after a cached prefix, and a cap on full attention.
+    {
+        Case w = {"d64 bf16 causal, 3 prompts (1, 150, 37 rows), 4 heads over 2", 64, 4, 2, true, true, false, {{1, 1}, {150, 150}, {37, 37}}};
+        w.softcap = 1.0f, w.window = 40;
+        cases.push_back(w);
+        Case p = {"d128 f16 paged, chunks after cached prefixes (300 of 500, 45 of 100)", 128, 2, 1, false, true, true, {{300, 500}, {45, 100}}};
+        p.softcap = 2.0f, p.window = 100;
+        cases.push_back(p);
+        Case f = {"d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1", 128, 2, 1, true, false, false, {{70, 70}, {129, 129}}};
+        f.softcap = 0.5f;
+        cases.push_back(f);
+    }
     bool ok = true;
     if (mma)
         for (auto& c : cases) ok &= run_prefill(c);
@@ -304,6 +328,12 @@ int main(int argc, char** argv) {
             ok &= run_decode(g4, 1);
             ok &= run_decode({tag + " 9 heads over 3, contexts 300, 17 (+5 new)", d, 9, 3, bf16, true, true, {{1, 300}, {5, 17}}}, 3);
             ok &= run_decode({tag + " 16 heads over 2, contexts 129, 64 (+2 new)", d, 16, 2, bf16, true, true, {{1, 129}, {2, 64}}}, 64);
+            if (bf16 == (d == 64)) {  // d64 bf16 and d128 f16: soft-capped, windowed, one slice and many
+                Case w = {tag + " 8 heads over 2, contexts 1000, 40 (+3 new), 150", d, 8, 2, bf16, true, true, {{1, 1000}, {3, 40}, {1, 150}}};
+                w.softcap = 1.0f, w.window = 100;
+                ok &= run_decode(w, 16);
+                ok &= run_decode(w, 1);
+            }
         }
     const unsigned long long conflicts = emu::bank_conflicts, loads = emu::ldmatrix_count;
     std::printf("ldmatrix: %llu matrices loaded, %llu bank conflicts\n", loads, conflicts);
