@@ -69,9 +69,11 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
         return;
     }
     for d in highrise_cuda::flash::HEAD_DIMS {
-        // HIGHRISE_FLASH_KERNEL=wgmma or wgmma-pipe: a Hopper kernel, whose geometry is fixed.
+        // HIGHRISE_FLASH_KERNEL=wgmma or wgmma-pipe: a Hopper kernel, in the geometry it was compiled
+        // with (HIGHRISE_FLASH_WG_SHAPE, as "warpgroups x keys").
+        use highrise_cuda::flash::{shape_of, wg_label, Family};
         let shape = if let Some(wg) = highrise_cuda::flash::wgmma(arch) {
-            format!("{} {}", wg.kernel(), highrise_cuda::flash::WG_SHAPE)
+            format!("{} {}", wg.kernel(), wg_label(shape_of(Family::Wgmma, arch, d).unwrap()))
         } else {
             highrise_cuda::flash::shape(arch, d).unwrap().to_string()
         };

@@ -8,13 +8,22 @@
 #   2. its speed at the bench's shapes (32 query heads over 8 KV heads, bf16, head dims 64 and 128,
 #      causal 2k/8k/16k and full 8k), HIGHRISE_BENCH_SWEEP mode of benches/cuda_ops.rs.
 # Then, where ncu is on the PATH, the best shape at d128 causal 8k under Nsight Compute: tensor-pipe
-# utilization and shared-memory bank conflicts. The winners per head dim go into flash.rs's TUNED
-# table with the date. Every shape here is also run on the CPU model in CI (tests/kernel_emu.rs) and
-# compiled without spills for sm_80 and sm_90a (tests/cuda_kernels.rs), so a failure here is news.
+# utilization and shared-memory bank conflicts. On Hopper, the same for the wgmma kernels
+# (flash_attn_wg, flash_attn_wgp) in each geometry of WG_SHAPES (WARPGROUPSxKEYS, through
+# HIGHRISE_FLASH_WG_SHAPE), about 15 s each. The winners per head dim go into flash.rs's TUNED (and
+# TUNED_WG) table with the date. Every shape here is also run on the CPU model in CI
+# (tests/kernel_emu.rs) and compiled without spills for sm_80 and sm_90a (tests/cuda_kernels.rs), so
+# a failure here is news.
 #
-# usage: scripts/gpu-sweep.sh [BUNDLE [OUT]]   (results in OUT/sweep.md; default OUT: $OUT or gpu-results)
+# usage: scripts/gpu-sweep.sh [BUNDLE [OUT [WHICH]]]   (results in OUT/sweep.md; default OUT: $OUT or
+# gpu-results). WHICH: all (default), mma (the flash_attn shapes, 2-3 minutes) or wg (the Hopper
+# geometries, about 2 minutes), so that a short GPU window can take one part per call.
 set -uo pipefail
 SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
+# Hopper geometries, WARPGROUPSxKEYS: one for both head dims, or D64/D128 (three warpgroups of 128
+# keys fit the register file at d64 only).
+WG_SHAPES="2x128 3x128/2x128 2x64 3x64 1x128"
+which=${3:-all}
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}
 mkdir -p "$out/sweep"
@@ -36,19 +45,28 @@ variant() { # name
     grep '^| ' "$out/sweep/$1-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/rows.txt"
     echo "$1: check $check, $(grep -c '^| ' "$out/sweep/$1-bench.txt") timings"
 }
-for shape in $SHAPES; do
-    HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
-done
-# The Hopper kernels (flash_attn_wg, flash_attn_wgp: wgmma, one geometry), checked and timed the same way.
-if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
-    HIGHRISE_FLASH_KERNEL=wgmma variant wgmma
-    HIGHRISE_FLASH_KERNEL=wgmma-pipe variant wgmma-pipe
+if [ "$which" != wg ]; then
+    for shape in $SHAPES; do
+        HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
+    done
+fi
+# The Hopper kernels (flash_attn_wg, flash_attn_wgp: wgmma), checked and timed the same way in each
+# geometry: the pipelined kernel in all of them, the plain one in the default (2x128).
+if [ "$which" != mma ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
+    HIGHRISE_FLASH_KERNEL=wgmma variant wgmma-2x128
+    for g in $WG_SHAPES; do
+        HIGHRISE_FLASH_KERNEL=wgmma-pipe HIGHRISE_FLASH_WG_SHAPE="d64=${g%/*},d128=${g#*/}" variant "wgmma-pipe-${g//\//-}"
+    done
 fi
 
 # The fastest checked shape per head dim, by its causal 16k rate.
 best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep -v '^| flash_attn_wg' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
 b64=$(best 64)
 b128=$(best 128)
+# The fastest checked Hopper kernel and geometry per head dim: "flash_attn_wgp 3x128".
+best_wg() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep '^| flash_attn_wg' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *//; s/ *$//'; }
+w64=$(best_wg 64)
+w128=$(best_wg 128)
 if command -v ncu >/dev/null && [ -n "$b128" ]; then
     HIGHRISE_FLASH_SHAPE="d64=$b64,d128=$b128" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name regex:flash_attn_d128 \
         --launch-count 1 --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
@@ -67,6 +85,7 @@ fi
     cat "$out/sweep/rows.txt"
     echo
     echo "best by causal 16k: d64 ${b64:-none}, d128 ${b128:-none} (put them in crates/highrise-cuda/src/flash.rs TUNED with today's date)"
+    echo "best wgmma by causal 16k: d64 ${w64:-none}, d128 ${w128:-none} (TUNED_WG; and the kernel the default on sm_90a if it beats the above)"
     echo
     echo "Nsight Compute, d128 at the best shape:"
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'

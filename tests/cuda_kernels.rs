@@ -95,5 +95,14 @@ fn every_swept_flash_shape_compiles_without_spills() {
             println!("{arch} flash tiles {shape}: no spills");
         }
     }
+    // The Hopper kernels' geometries (WG_SHAPES), on Hopper: every wgmma kernel without spills.
+    for pair in flash::wg_sweep_shapes(&script).unwrap() {
+        let defines: Vec<String> = flash::HEAD_DIMS.iter().zip(pair).flat_map(|(&d, s)| flash::wg_defines_for(d, s)).collect();
+        let ptx = nvrtc::compile("attention.cu", &kernels::source(body), "sm_90a", &defines).unwrap();
+        let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+        let label = format!("d64 {}, d128 {}", flash::wg_label(pair[0]), flash::wg_label(pair[1]));
+        assert_no_spills(&ptxas, &dir, "sm_90a", &format!("attention.cu-wg-{label}"), &ptx, entries);
+        println!("sm_90a wgmma geometry {label}: no spills");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

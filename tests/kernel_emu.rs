@@ -2,8 +2,8 @@
 //! `flash_attn_wg_*` too, `decode_attn_*` + `attn_combine_*` for decoding through the paged cache) run
 //! on the CPU: compiled as host C++ with kernels/emu/simt.hpp, a model of CUDA's execution (a fiber per
 //! thread; mma.sync, ldmatrix, cp.async and wgmma with their PTX semantics), and checked against an f64 reference by
-//! kernels/emu/check_attention.cpp, for the default prefill tile shape and every shape
-//! scripts/gpu-sweep.sh tries on a GPU. Also asserts that ldmatrix meets no shared-memory bank
+//! kernels/emu/check_attention.cpp, for the default prefill tile shape and every shape (and Hopper
+//! geometry) scripts/gpu-sweep.sh tries on a GPU. Also asserts that ldmatrix meets no shared-memory bank
 //! conflict. Needs a C++20 compiler (g++ or clang++), no GPU and no CUDA.
 
 use std::path::{Path, PathBuf};
@@ -59,6 +59,17 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
         assert!(report.contains(" 0 bank conflicts"), "{shape}:\n{report}");
         let worst = report.lines().find(|l| l.contains("d128 bf16 causal")).unwrap_or_default();
         println!("{shape}: {expect} cases ok, no bank conflicts ({})", worst.split(": ").last().unwrap_or_default());
+    }
+    // The Hopper kernels in every other geometry the sweep tries: their 2 x 17 cases each.
+    let script = std::fs::read_to_string(root().join("scripts/gpu-sweep.sh")).unwrap();
+    for pair in flash::wg_sweep_shapes(&script).unwrap().into_iter().filter(|p| *p != [flash::WG_DEFAULT; 2]) {
+        let label = format!("d64 {}, d128 {}", flash::wg_label(pair[0]), flash::wg_label(pair[1]));
+        let defines: Vec<String> = flash::HEAD_DIMS.iter().zip(pair).flat_map(|(&d, s)| flash::wg_defines_for(d, s)).collect();
+        let exe = dir.join(format!("check_attention_wg_{}_{}", flash::wg_label(pair[0]), flash::wg_label(pair[1])));
+        let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_attention.cpp"), &defines, &exe, &["wgmma"]);
+        assert!(ok, "the wgmma kernels in geometry {label} on the CPU model:\n{report}");
+        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 34, "every case ran for {label}:\n{report}");
+        println!("wgmma {label}: 34 cases ok");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,7 +4,9 @@
 //! these are compile-time constants of the kernel (NVRTC `-DFA<d>_WARPS=..`), one shape per head
 //! dim, chosen per architecture: `HIGHRISE_FLASH_SHAPE` first (how scripts/gpu-sweep.sh tries
 //! variants), then [`TUNED`] (the sweep's winners, with the day they were measured), then
-//! [`DEFAULT`]. f16 and bf16 share a shape: the same instructions at the same rates.
+//! [`DEFAULT`]. f16 and bf16 share a shape: the same instructions at the same rates. The Hopper
+//! kernels (`flash_attn_wg_*`, `flash_attn_wgp_*`) take their geometry the same way
+//! (`HIGHRISE_FLASH_WG_SHAPE`, [`TUNED_WG`], [`WG_DEFAULT`]; `-DFH<d>_WGS=..`).
 
 use highrise_core::{Error, Result};
 
@@ -74,10 +76,31 @@ pub const DEFAULT: Shape = Shape { warps: 4, slices: 2, keys: 64 };
 /// The head dims the kernel is instantiated for.
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
 
-/// The Hopper prefill kernel's geometry (`flash_attn_wg_*`: 2 warpgroups of 64 query rows, 128 keys a
-/// step; kernels/attention.cu's FH<d>_WGS and FH<d>_KEYS), as a [`Shape`]: 8 warps of one 16-row
-/// slice each.
-pub const WG_SHAPE: Shape = Shape { warps: 8, slices: 1, keys: 128 };
+/// The Hopper prefill kernels' default geometry (`flash_attn_wg_*`, `flash_attn_wgp_*`: 2 warpgroups
+/// of 64 query rows, 128 keys a step; kernels/attention.cu's FH<d>_WGS and FH<d>_KEYS), as a
+/// [`Shape`]: 8 warps of one 16-row slice each. Per head dim and architecture as the prefill shape
+/// is: `HIGHRISE_FLASH_WG_SHAPE`, then [`TUNED_WG`], then this.
+pub const WG_DEFAULT: Shape = Shape { warps: 8, slices: 1, keys: 128 };
+
+/// Winners of scripts/gpu-sweep.sh's Hopper geometries (its `WG_SHAPES`). None yet.
+pub const TUNED_WG: &[Tuned] = &[];
+
+/// A Hopper kernel geometry, "WGSxKEYS" (warpgroups of 64 query rows, keys a step: 1-3 and 64 or
+/// 128, what wgmma's N and the register file allow), as a [`Shape`].
+pub fn parse_wg(s: &str) -> Result<Shape> {
+    let bad = || Error::Invalid(format!("wgmma geometry {s:?}: expected WARPGROUPSxKEYS, warpgroups 1-3 and keys 64 or 128, e.g. 3x128"));
+    let (wgs, keys) = s.split_once('x').ok_or_else(bad)?;
+    let (wgs, keys): (u32, u32) = (wgs.trim().parse().map_err(|_| bad())?, keys.trim().parse().map_err(|_| bad())?);
+    if !(1..=3).contains(&wgs) || ![64, 128].contains(&keys) {
+        return Err(bad());
+    }
+    Ok(Shape { warps: 4 * wgs, slices: 1, keys })
+}
+
+/// A Hopper geometry as `parse_wg` reads it: "2x128".
+pub fn wg_label(s: Shape) -> String {
+    format!("{}x{}", s.warps / 4, s.keys)
+}
 
 /// The Hopper prefill kernels (kernels/attention.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,11 +121,12 @@ impl Wg {
         }
     }
 
-    /// Dynamic shared memory at head dim `d`: the Q tile, one or two K and V tiles, and 1024 bytes to
-    /// start them on the 1024-byte boundary that wgmma's 128-byte swizzle repeats from.
-    pub fn shared_bytes(self, d: usize) -> u32 {
+    /// Dynamic shared memory at head dim `d` in geometry `shape`: the Q tile, one or two K and V
+    /// tiles, and 1024 bytes to start them on the 1024-byte boundary that wgmma's 128-byte swizzle
+    /// repeats from.
+    pub fn shared_bytes(self, shape: Shape, d: usize) -> u32 {
         let stages = if self == Wg::Pipe { 2 } else { 1 };
-        (WG_SHAPE.rows() + 2 * stages * WG_SHAPE.keys) * d as u32 * 2 + 1024
+        (shape.rows() + 2 * stages * shape.keys) * d as u32 * 2 + 1024
     }
 }
 
@@ -120,29 +144,64 @@ pub fn wgmma(arch: &str) -> Option<Wg> {
     }
 }
 
-/// `HIGHRISE_FLASH_SHAPE`, e.g. "d128=8x1x64,d64=4x2x64": shapes that override the table.
-fn overrides() -> Result<Vec<(usize, Shape)>> {
-    let Ok(v) = std::env::var("HIGHRISE_FLASH_SHAPE") else { return Ok(Vec::new()) };
+/// The kernels whose tile shape is chosen per head dim: mma.sync's `flash_attn_*` and Hopper's
+/// `flash_attn_wg_*` / `flash_attn_wgp_*` (one geometry for both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Mma,
+    Wgmma,
+}
+
+impl Family {
+    fn var(self) -> &'static str {
+        match self {
+            Family::Mma => "HIGHRISE_FLASH_SHAPE",
+            Family::Wgmma => "HIGHRISE_FLASH_WG_SHAPE",
+        }
+    }
+
+    fn parse(self, s: &str) -> Result<Shape> {
+        match self {
+            Family::Mma => Shape::parse(s),
+            Family::Wgmma => parse_wg(s),
+        }
+    }
+}
+
+/// `HIGHRISE_FLASH_SHAPE`, e.g. "d128=8x1x64,d64=4x2x64" (or for the Hopper kernels
+/// `HIGHRISE_FLASH_WG_SHAPE`, e.g. "d64=3x128"): shapes that override the table.
+fn overrides(family: Family) -> Result<Vec<(usize, Shape)>> {
+    let var = family.var();
+    let Ok(v) = std::env::var(var) else { return Ok(Vec::new()) };
     v.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|part| {
-            let bad = || Error::Invalid(format!("HIGHRISE_FLASH_SHAPE: {part:?} is not d<head dim>=<shape>, e.g. d128=4x2x64"));
+            let bad = || Error::Invalid(format!("{var}: {part:?} is not d<head dim>=<shape>, e.g. d128=4x2x64 (d128=2x128 for wgmma)"));
             let (d, shape) = part.trim().split_once('=').ok_or_else(bad)?;
             let d: usize = d.strip_prefix('d').and_then(|d| d.parse().ok()).ok_or_else(bad)?;
             if !HEAD_DIMS.contains(&d) {
-                return Err(Error::Invalid(format!("HIGHRISE_FLASH_SHAPE: head dim {d} (the kernel takes {HEAD_DIMS:?})")));
+                return Err(Error::Invalid(format!("{var}: head dim {d} (the kernel takes {HEAD_DIMS:?})")));
             }
-            Ok((d, Shape::parse(shape)?))
+            Ok((d, family.parse(shape)?))
         })
         .collect()
 }
 
-/// The shape the kernel for head dim `d` is compiled with on `arch`.
-pub fn shape(arch: &str, d: usize) -> Result<Shape> {
-    if let Some(&(_, s)) = overrides()?.iter().rev().find(|(dd, _)| *dd == d) {
+/// The shape the kernel of `family` for head dim `d` is compiled with on `arch`.
+pub fn shape_of(family: Family, arch: &str, d: usize) -> Result<Shape> {
+    if let Some(&(_, s)) = overrides(family)?.iter().rev().find(|(dd, _)| *dd == d) {
         return Ok(s);
     }
-    Ok(TUNED.iter().find(|t| t.arch == arch && t.d == d).map_or(DEFAULT, |t| t.shape))
+    let (tuned, default) = match family {
+        Family::Mma => (TUNED, DEFAULT),
+        Family::Wgmma => (TUNED_WG, WG_DEFAULT),
+    };
+    Ok(tuned.iter().find(|t| t.arch == arch && t.d == d).map_or(default, |t| t.shape))
+}
+
+/// The shape mma.sync's kernel for head dim `d` is compiled with on `arch`.
+pub fn shape(arch: &str, d: usize) -> Result<Shape> {
+    shape_of(Family::Mma, arch, d)
 }
 
 /// Every head dim's shape on `arch`, as the kernels are compiled with it: taken once, beside the
@@ -150,6 +209,11 @@ pub fn shape(arch: &str, d: usize) -> Result<Shape> {
 /// later.
 pub fn shapes(arch: &str) -> Result<Vec<(usize, Shape)>> {
     HEAD_DIMS.iter().map(|&d| Ok((d, shape(arch, d)?))).collect()
+}
+
+/// `shapes` for the Hopper kernels.
+pub fn wg_shapes(arch: &str) -> Result<Vec<(usize, Shape)>> {
+    HEAD_DIMS.iter().map(|&d| Ok((d, shape_of(Family::Wgmma, arch, d)?))).collect()
 }
 
 /// The shape for head dim `d` among `shapes`.
@@ -161,13 +225,20 @@ pub fn find(shapes: &[(usize, Shape)], d: usize) -> Result<Shape> {
         .ok_or_else(|| Error::Unsupported(format!("flash_attn: head dim {d} (the kernel takes {HEAD_DIMS:?})")))
 }
 
-/// The NVRTC options that set every head dim's shape, for attention.cu on `arch`.
+/// The NVRTC options that set every head dim's shapes, for attention.cu on `arch` (the Hopper
+/// kernels' too: they are compiled only for sm_90a, the options are harmless elsewhere).
 pub fn defines(arch: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for d in HEAD_DIMS {
         out.extend(defines_for(d, shape(arch, d)?));
+        out.extend(wg_defines_for(d, shape_of(Family::Wgmma, arch, d)?));
     }
     Ok(out)
+}
+
+/// The `-D` options giving the Hopper kernels at head dim `d` the geometry `s` (from `parse_wg`).
+pub fn wg_defines_for(d: usize, s: Shape) -> [String; 2] {
+    [format!("-DFH{d}_WGS={}", s.warps / 4), format!("-DFH{d}_KEYS={}", s.keys)]
 }
 
 /// The `-D` options (for NVRTC, or a C++ compiler building kernels/emu) giving head dim `d` `shape`.
@@ -175,14 +246,32 @@ pub fn defines_for(d: usize, s: Shape) -> [String; 3] {
     [format!("-DFA{d}_WARPS={}", s.warps), format!("-DFA{d}_MT={}", s.slices), format!("-DFA{d}_KEYS={}", s.keys)]
 }
 
+/// The words of gpu-sweep.sh's `KEY="..."` line.
+fn sweep_line<'a>(script: &'a str, key: &str) -> Result<Vec<&'a str>> {
+    let line = script
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .ok_or_else(|| Error::Invalid(format!("gpu-sweep.sh has no {key}\"...\" line")))?;
+    Ok(line.trim_matches('"').split_whitespace().collect())
+}
+
 /// The shapes scripts/gpu-sweep.sh tries, from its text (its `SHAPES="..."` line), so that the
 /// tests that check them without a GPU check the same list.
 pub fn sweep_shapes(script: &str) -> Result<Vec<Shape>> {
-    let line = script
-        .lines()
-        .find_map(|l| l.strip_prefix("SHAPES="))
-        .ok_or_else(|| Error::Invalid("gpu-sweep.sh has no SHAPES=\"...\" line".into()))?;
-    line.trim_matches('"').split_whitespace().map(Shape::parse).collect()
+    sweep_line(script, "SHAPES=")?.into_iter().map(Shape::parse).collect()
+}
+
+/// The Hopper geometries scripts/gpu-sweep.sh tries (its `WG_SHAPES="..."` line), each as [d64's,
+/// d128's]: "3x128" for both head dims, or "3x128/2x128" for d64 and d128 apart (three warpgroups
+/// fit the register file at d64 only, until producer warps with setmaxnreg free registers).
+pub fn wg_sweep_shapes(script: &str) -> Result<Vec<[Shape; 2]>> {
+    sweep_line(script, "WG_SHAPES=")?
+        .into_iter()
+        .map(|word| {
+            let (a, b) = word.split_once('/').unwrap_or((word, word));
+            Ok([parse_wg(a)?, parse_wg(b)?])
+        })
+        .collect()
 }
 
 /// The tiles `flash_attn_*` takes, 5 numbers each (see kernels/attention.cu), `rows` query rows at
@@ -231,11 +320,24 @@ mod tests {
             assert!(Shape::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(shape("sm_80", 64).unwrap(), DEFAULT);
-        assert_eq!(defines("sm_80").unwrap().len(), 6);
+        assert_eq!(defines("sm_80").unwrap().len(), 10);
         // The Hopper kernel: 128 rows over 256 threads; at d128 its tiles take 96 KiB, plus alignment.
-        assert_eq!((WG_SHAPE.rows(), WG_SHAPE.threads(), Wg::Plain.shared_bytes(128)), (128, 256, 98304 + 1024));
+        let wg = WG_DEFAULT;
+        assert_eq!((wg.rows(), wg.threads(), Wg::Plain.shared_bytes(wg, 128)), (128, 256, 98304 + 1024));
         // Pipelined: two K and two V tiles, 160 KiB at d128 (under Hopper's 227 KiB a block).
-        assert_eq!(Wg::Pipe.shared_bytes(128), 163840 + 1024);
+        assert_eq!(Wg::Pipe.shared_bytes(wg, 128), 163840 + 1024);
         assert_eq!(wgmma("sm_80"), None, "only Hopper has wgmma");
+        // Its geometries: warpgroups x keys.
+        let three = parse_wg("3x128").unwrap();
+        assert_eq!((three.rows(), three.threads(), wg_label(three)), (192, 384, "3x128".to_string()));
+        assert_eq!(parse_wg("2x128").unwrap(), WG_DEFAULT);
+        for bad in ["4x128", "2x96", "0x64", "2", "8x1x128"] {
+            assert!(parse_wg(bad).is_err(), "{bad}");
+        }
+        assert_eq!(wg_defines_for(64, three), ["-DFH64_WGS=3".to_string(), "-DFH64_KEYS=128".to_string()]);
+        assert_eq!(defines("sm_90a").unwrap().len(), 10);
+        let pairs = wg_sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128 3x128/2x128\"\n").unwrap();
+        assert_eq!(pairs, vec![[WG_DEFAULT; 2], [three, WG_DEFAULT]]);
+        assert_eq!(sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128\"\n").unwrap(), vec![DEFAULT]);
     }
 }

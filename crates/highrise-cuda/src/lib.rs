@@ -71,6 +71,8 @@ pub struct CudaBackend {
     sms: u32,
     /// The prefill kernel's tile shapes, as its kernels were compiled (`flash::shapes`).
     flash_shapes: Vec<(usize, flash::Shape)>,
+    /// The Hopper kernels' geometries, likewise (`flash::wg_shapes`).
+    flash_wg_shapes: Vec<(usize, flash::Shape)>,
     /// Prefill on a Hopper kernel (`flash::wgmma`), decided once with the shapes.
     flash_wgmma: Option<flash::Wg>,
     state: Mutex<OpState>,
@@ -130,6 +132,7 @@ impl CudaBackend {
             // The driver compiled the kernels with these shapes a moment ago (and refused a bad
             // HIGHRISE_FLASH_SHAPE then); the default is never reached.
             flash_shapes: flash::shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::DEFAULT)).to_vec()),
+            flash_wg_shapes: flash::wg_shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::WG_DEFAULT)).to_vec()),
             flash_wgmma: flash::wgmma(&info.arch),
             arch: info.arch,
             sms: info.sms,

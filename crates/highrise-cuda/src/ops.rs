@@ -391,7 +391,8 @@ fn flash(
     let [hq, d] = [q.dims()[1], q.dims()[2]];
     // The Hopper kernel where chosen (same arguments and tiles, its own geometry), else mma.sync's.
     let (kernel, shape, shared) = if let Some(wg) = be.flash_wgmma {
-        (format!("{}_d{d}_{s}", wg.kernel()), crate::flash::WG_SHAPE, wg.shared_bytes(d))
+        let shape = crate::flash::find(&be.flash_wg_shapes, d)?;
+        (format!("{}_d{d}_{s}", wg.kernel()), shape, wg.shared_bytes(shape, d))
     } else {
         let shape = crate::flash::find(&be.flash_shapes, d)?;
         (format!("flash_attn_d{d}_{s}"), shape, shape.shared_bytes(d))

@@ -149,6 +149,8 @@ pub struct RecordingDriver {
     max_shared: usize,
     /// The prefill kernel's tile shapes, as its kernels were compiled.
     flash_shapes: Vec<(usize, crate::flash::Shape)>,
+    /// The Hopper kernels' geometries, likewise.
+    flash_wg_shapes: Vec<(usize, crate::flash::Shape)>,
     kernels: HashMap<String, Entry>,
     state: Mutex<State>,
 }
@@ -175,6 +177,7 @@ impl RecordingDriver {
             exec: None,
             max_shared,
             flash_shapes: crate::flash::shapes(arch)?,
+            flash_wg_shapes: crate::flash::wg_shapes(arch)?,
             kernels,
             state: Mutex::new(State {
                 next: BASE,
@@ -258,7 +261,7 @@ impl RecordingDriver {
             }
         }
         check_dims(l, entry, self.max_shared)?;
-        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes };
+        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes, flash_wg_shapes: &self.flash_wg_shapes };
         let mut accesses = Vec::new();
         // Pointers: inside live allocations and the op's regions.
         for (i, kind) in contract.iter().enumerate() {
@@ -416,6 +419,8 @@ struct Args<'a> {
     shared: u32,
     /// The prefill kernel's tile shapes the kernels were compiled with.
     flash_shapes: &'a [(usize, crate::flash::Shape)],
+    /// The Hopper kernels' geometries, likewise.
+    flash_wg_shapes: &'a [(usize, crate::flash::Shape)],
 }
 
 type Check = std::result::Result<(), String>;
@@ -856,7 +861,8 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>,
         return Err(format!("softcap {softcap} is not finite and non-negative"));
     }
     let (shape, shared) = if let Some(wg) = wg {
-        (crate::flash::WG_SHAPE, wg.shared_bytes(d as usize))
+        let shape = crate::flash::find(a.flash_wg_shapes, d as usize).map_err(|e| e.to_string())?;
+        (shape, wg.shared_bytes(shape, d as usize))
     } else {
         let shape = crate::flash::find(a.flash_shapes, d as usize).map_err(|e| e.to_string())?;
         (shape, shape.shared_bytes(d as usize))
