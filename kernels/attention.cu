@@ -394,6 +394,25 @@ __device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, u3
     }
 }
 
+// Masks one warp's 16 rows of scores (from row r of the tile; s[nt][e] as softmax_tile reads them):
+// -inf for keys past a row's position (rows past the tile's end: the last row's) or before its
+// window's first key.
+template <int NT>
+__device__ __forceinline__ void mask_tile(float (&s)[NT][4], u32 r, u32 kb, u32 pos0, u32 rows, u32 keys_end, ScoreMods mods) {
+    const u32 quad = threadIdx.x & 3;
+    const u32 rr = r + ((threadIdx.x & 31) >> 2);
+    const u32 pos[2] = {pos0 + min(rr, rows - 1), pos0 + min(rr + 8, rows - 1)};
+    const u32 last[2] = {min(pos[0], keys_end - 1), min(pos[1], keys_end - 1)};
+    const u32 first[2] = {mods.first(pos[0] + 1), mods.first(pos[1] + 1)};
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const u32 key = kb + nt * 8 + 2 * quad + (e & 1);
+            if (key > last[e >> 1] || key < first[e >> 1]) s[nt][e] = -INFINITY;
+        }
+}
+
 // The scores of one warp's 16 query rows against a tile of 8 NT keys starting at key kb, in
 // mma.sync's C layout (the same per warp for wgmma's accumulators): s[nt][e] is row r + lane/4 +
 // 8 (e / 2) of the tile and key kb + 8 nt + 2 (lane % 4) + e % 2. Masks them (capped before, by
@@ -408,24 +427,9 @@ __device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, u3
 template <int NT>
 __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&corr)[2], float (&m)[2], float (&l)[2], u32 r, u32 kb,
                                              bool masked, u32 pos0, u32 rows, u32 keys_end, ScoreMods mods, ScoreMods::Log2Cap cap) {
-    const u32 lane = threadIdx.x & 31, quad = lane & 3;
     // Scores capped (cap_tile) are in log2 units already; else `cap.inner` is the scale (softmax_cap).
     const float mul = mods.softcap > 0.0f ? 1.0f : cap.inner;
-    if (masked) {
-        // The last key each held row sees: its position (rows past the tile's end: the last row's);
-        // the first: its window's.
-        const u32 rr = r + (lane >> 2);
-        const u32 pos[2] = {pos0 + min(rr, rows - 1), pos0 + min(rr + 8, rows - 1)};
-        const u32 last[2] = {min(pos[0], keys_end - 1), min(pos[1], keys_end - 1)};
-        const u32 first[2] = {mods.first(pos[0] + 1), mods.first(pos[1] + 1)};
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const u32 key = kb + nt * 8 + 2 * quad + (e & 1);
-                if (key > last[e >> 1] || key < first[e >> 1]) s[nt][e] = -INFINITY;
-            }
-    }
+    if (masked) mask_tile(s, r, kb, pos0, rows, keys_end, mods);
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         float mx = m[hf];
@@ -527,7 +531,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
     const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
     const u32 q0 = tiles[5 * tile], rows = tiles[5 * tile + 1], pos0 = tiles[5 * tile + 2], kbase = tiles[5 * tile + 3];
     const u32 keys_end = tiles[5 * tile + 4];
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // ldmatrix: lane 8 i + j gives row j of matrix i.
     const u32 mi = lane >> 3, mj = lane & 7;
 
@@ -587,7 +591,8 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
             }
         }
 
-        // softmax_tile's work, written out here: as a call, ptxas spills the d128 f16 kernel on sm_80.
+        // softmax_tile's work (its mask shared, mask_tile), the rest written out here: as one call,
+        // ptxas spills the d128 f16 kernel on sm_80.
         if (capped) {
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
@@ -601,21 +606,7 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
         const bool masked = kb + KEYS > keys_end || kb + KEYS - 1 > pos0 || (mods.window != 0 && kb + mods.window < pos0 + rows);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
-            if (masked) {
-                // The last key each held row sees: its position (rows past the tile's end: the last
-                // row's); the first: its window's.
-                const u32 r = (warp * MT + mt) * 16 + (lane >> 2);
-                const u32 pos[2] = {pos0 + min(r, rows - 1), pos0 + min(r + 8, rows - 1)};
-                const u32 last[2] = {min(pos[0], keys_end - 1), min(pos[1], keys_end - 1)};
-                const u32 first[2] = {mods.first(pos[0] + 1), mods.first(pos[1] + 1)};
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const u32 key = kb + nt * 8 + 2 * quad + (e & 1);
-                        if (key > last[e >> 1] || key < first[e >> 1]) s[mt][nt][e] = -INFINITY;
-                    }
-            }
+            if (masked) mask_tile(s[mt], (warp * MT + mt) * 16, kb, pos0, rows, keys_end, mods);
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 float mx = m[mt][hf];
