@@ -87,15 +87,19 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
 }
 
 fn main() {
-    let cuda = match CudaBackend::new(0) {
-        Ok(c) => Arc::new(c),
+    let mut cuda = match CudaBackend::new(0) {
+        Ok(c) => c,
         Err(e) => return println!("skipped: no CUDA device ({e})"),
     };
     let arch = cuda.arch().to_string();
-    let b: Arc<dyn Backend> = cuda;
     if let Ok(mode) = std::env::var("HIGHRISE_BENCH_SWEEP") {
-        return sweep(&b, &arch, &mode);
+        // The kernel HIGHRISE_FLASH_KERNEL chose (on Hopper wgmma's unless it says mma).
+        return sweep(&(Arc::new(cuda) as Arc<dyn Backend>), &arch, &mode);
     }
+    // The rows named "flash" are mma.sync's kernel, on Hopper too, where the engine's default is
+    // the pipelined wgmma kernel: that one, and the plain one, have rows of their own below.
+    cuda.set_flash_wgmma(None).unwrap();
+    let b: Arc<dyn Backend> = Arc::new(cuda);
     let copy_bw = highrise::engine::bench::device_copy_bandwidth(&b, 1 << 30, 10).unwrap();
     let quick = std::env::var_os("HIGHRISE_BENCH_QUICK").is_some();
     let mut c = Criterion::default()
@@ -119,7 +123,7 @@ fn main() {
         gemm_rate / 1e12
     );
 
-    // On Hopper, the wgmma prefill kernels too (opt-in in the engine until measured): a backend of
+    // On Hopper, the wgmma prefill kernels too (wgmma-pipe the engine's default there): a backend of
     // its own for each.
     let hopper: Vec<(&str, Arc<dyn Backend>)> = if arch == "sm_90a" {
         [("wgmma", highrise_cuda::flash::Wg::Plain), ("wgmma-pipe", highrise_cuda::flash::Wg::Pipe)]
@@ -199,11 +203,12 @@ fn main() {
     }
     g.finish();
 
-    // Decode (1 and 8 rows: our GEMV kernel, and cuBLAS beside it as the peer) and prefill (cuBLAS).
+    // Decode (1, 2 and 8 rows: our GEMV kernel wherever it fits, and cuBLAS beside it; the engine
+    // picks by ops::gemv_pays) and prefill (cuBLAS).
     let mut g = c.benchmark_group("llama3_8b_projections");
     let (h, inter) = (4096usize, 14336usize);
-    for t in [1usize, 8, 512] {
-        for (name, rows_out, cols) in [("qkv", (hq + 2 * hkv) * d, h), ("gate", inter, h), ("down", h, inter)] {
+    for t in [1usize, 2, 8, 512] {
+        for (name, rows_out, cols) in [("qkv", (hq + 2 * hkv) * d, h), ("o", h, h), ("gate", inter, h), ("down", h, inter)] {
             let w = random(&b, DType::BF16, &[rows_out, cols], 0.01);
             let x = random(&b, DType::BF16, &[t, cols], 1.0);
             let mut out = Tensor::empty(&b, DType::BF16, &[t, rows_out]).unwrap();

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Everything a GPU window should run, in one call from prebuilt binaries (scripts/gpu-bundle.sh), on
-# one GPU, in under 9 minutes (the steps' budgets add up to 545 s):
+# one GPU: 263 s on an H200 on 2026-11-30. Each step has its own limit (they add up to about 12
+# minutes, reached only where tests hang; a run under a 10-minute limit then loses the last steps):
 #   1. `highrise backends` (what the machine offers);
 #   2. every test of tests/cuda.rs, each in its own process (one CUDA_ERROR_ILLEGAL_ADDRESS poisons
 #      the whole process: a shared one turned 2 failures into 15), each with its own time limit; on
-#      Hopper, the attention cross-checks again on the wgmma prefill kernels (HIGHRISE_FLASH_KERNEL);
+#      Hopper (whose default prefill is wgmma's), the attention cross-checks again on mma.sync's
+#      kernel and the plain wgmma one (HIGHRISE_FLASH_KERNEL);
 #   3. compute-sanitizer memcheck over the op tests, one process each, where it is on the PATH;
 #   4. the criterion benchmarks of benches/cuda_ops.rs with their ceilings (copy bandwidth, cuBLAS);
 #   5. the peers at the same shapes, where python3 has torch: PyTorch's scaled_dot_product_attention
@@ -47,7 +49,9 @@ outcome() { # rc, log
     date -u +"%Y-%m-%d %H:%M UTC"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
 } >"$out/device.txt"
-step backends 15 "$bundle/highrise" backends
+# A cold machine took 16 s here on 2026-11-30 (the CUDA driver's first start), and a cut list
+# lost the Hopper step below: 45 s, and Hopper is asked of nvidia-smi too.
+step backends 45 "$bundle/highrise" backends
 
 # 2. Each cross-check in its own process; the first one compiles the kernels into the cache.
 start=$SECONDS
@@ -65,18 +69,19 @@ while read -r t; do
 done <"$out/tests.list"
 echo "cross-checks: $(grep -c '|ok|' "$out/tests.results") of $(wc -l <"$out/tests.list") ok in $((SECONDS - start)) s" >>"$out/steps.txt"
 
-# 2b. The Hopper prefill kernels (flash_attn_wg, and flash_attn_wgp pipelined: wgmma; opt-in until this
-# step passes on a GPU): the attention cross-checks with each (HIGHRISE_FLASH_KERNEL=wgmma,
-# wgmma-pipe), and with the first Gemma 2's soft-capped, windowed scores and the random Llama, each
-# in its own process. wgmma alone, as they use
-# it, ran in step 2 (wgmma_as_the_kernels_use_it_equals_a_plain_product); where it failed, its report
-# (which product, which elements) goes into steps.txt.
+# 2b. On Hopper step 2 prefilled on the pipelined wgmma kernel (flash_attn_wgp, the default there
+# since 2026-11-30); here the attention cross-checks again on the other two, each in its own
+# process: mma.sync's flash_attn (HIGHRISE_FLASH_KERNEL=mma, what every other GPU runs), with
+# Gemma 2's soft-capped, windowed scores and the random Llama too, and the plain wgmma kernel
+# (flash_attn_wg). wgmma alone, as they use it, ran in step 2
+# (wgmma_as_the_kernels_use_it_equals_a_plain_product); where it failed, its report (which product,
+# which elements) goes into steps.txt.
 : >"$out/wgmma.results"
-if grep -q 'sm_90' "$out/backends.txt"; then
+if grep -q 'sm_90' "$out/backends.txt" || nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
     start=$SECONDS
-    for run in wgmma:ops::prefill_attention_is_causal_gqa wgmma:ops::paged_attention_reads_through_block_tables \
-        wgmma-pipe:ops::prefill_attention_is_causal_gqa wgmma-pipe:ops::paged_attention_reads_through_block_tables \
-        wgmma:ops::attention_soft_caps_scores_and_slides_its_window wgmma:random_llama_matches_cpu_logits_and_64_greedy_steps; do
+    for run in mma:ops::prefill_attention_is_causal_gqa mma:ops::paged_attention_reads_through_block_tables \
+        mma:ops::attention_soft_caps_scores_and_slides_its_window mma:random_llama_matches_cpu_logits_and_64_greedy_steps \
+        wgmma:ops::prefill_attention_is_causal_gqa wgmma:ops::paged_attention_reads_through_block_tables; do
         kernel=${run%%:*} t=${run#*:}
         if ((SECONDS - start > 75)); then
             echo "$kernel: $t|not run (the step's 75 s were spent)|" >>"$out/wgmma.results"
@@ -86,11 +91,11 @@ if grep -q 'sm_90' "$out/backends.txt"; then
         HIGHRISE_FLASH_KERNEL=$kernel timeout 45 "$bundle/cuda-tests" --exact "$t" --nocapture --test-threads 1 >"$out/tests/$kernel-$t.txt" 2>&1
         echo "$kernel: $t|$(outcome $? "$out/tests/$kernel-$t.txt")|$((SECONDS - s0))" >>"$out/wgmma.results"
     done
-    echo "wgmma cross-checks: $(grep -c '|ok|' "$out/wgmma.results") of 6 ok" >>"$out/steps.txt"
+    echo "Hopper's other prefill kernels (mma, wgmma): $(grep -c '|ok|' "$out/wgmma.results") of 6 cross-checks ok" >>"$out/steps.txt"
     # Step 2's wgmma probe, where it found wgmma other than we read the ISA: which product, which elements.
     grep -h -A3 'WRONG' "$out/tests/wgmma_as_the_kernels_use_it_equals_a_plain_product.txt" >>"$out/steps.txt" 2>/dev/null
 else
-    echo "wgmma cross-checks: skipped (not a Hopper GPU)" >>"$out/steps.txt"
+    echo "Hopper's other prefill kernels: skipped (not a Hopper GPU)" >>"$out/steps.txt"
 fi
 
 # 3. Memcheck over the op tests (it named both of the first run's bugs within seconds).
@@ -114,7 +119,7 @@ else
     echo "sanitizer: skipped (no compute-sanitizer on the PATH)" >>"$out/steps.txt"
 fi
 
-HIGHRISE_BENCH_QUICK=1 step cuda-bench 120 "$bundle/cuda-bench" --bench
+HIGHRISE_BENCH_QUICK=1 step cuda-bench 150 "$bundle/cuda-bench" --bench
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     step peers 40 python3 "$bundle/gpu-peers.py"
 else

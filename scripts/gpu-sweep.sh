@@ -8,7 +8,8 @@
 #   2. its speed at the bench's shapes (32 query heads over 8 KV heads, bf16, head dims 64 and 128,
 #      causal 2k/8k/16k and full 8k), HIGHRISE_BENCH_SWEEP mode of benches/cuda_ops.rs.
 # Then, where ncu is on the PATH, the best shape at d128 causal 8k under Nsight Compute: tensor-pipe
-# utilization and shared-memory bank conflicts. On Hopper, the same for the wgmma kernels
+# utilization and shared-memory bank conflicts. The mma shapes run with HIGHRISE_FLASH_KERNEL=mma
+# (on Hopper the engine prefills on wgmma). On Hopper, the same for the wgmma kernels
 # (flash_attn_wg, flash_attn_wgp) in each geometry of WG_SHAPES (WARPGROUPSxKEYS, through
 # HIGHRISE_FLASH_WG_SHAPE), about 15 s each. The winners per head dim go into flash.rs's TUNED (and
 # TUNED_WG) table with the date. Every shape here is also run on the CPU model in CI
@@ -47,7 +48,7 @@ variant() { # name
 }
 if [ "$which" != wg ]; then
     for shape in $SHAPES; do
-        HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
+        HIGHRISE_FLASH_KERNEL=mma HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
     done
 fi
 # The Hopper kernels (flash_attn_wg, flash_attn_wgp: wgmma), checked and timed the same way in each
@@ -68,11 +69,21 @@ best_wg() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep '^| flash
 w64=$(best_wg 64)
 w128=$(best_wg 128)
 if command -v ncu >/dev/null && [ -n "$b128" ]; then
-    HIGHRISE_FLASH_SHAPE="d64=$b64,d128=$b128" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name regex:flash_attn_d128 \
+    HIGHRISE_FLASH_KERNEL=mma HIGHRISE_FLASH_SHAPE="d64=$b64,d128=$b128" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name regex:flash_attn_d128 \
         --launch-count 1 --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
         "$bundle/cuda-bench" --bench >"$out/sweep/ncu.txt" 2>&1
 else
     echo "skipped: no ncu on the PATH (or no shape passed)" >"$out/sweep/ncu.txt"
+fi
+# The same for the best Hopper geometry ("flash_attn_wgp 3x64"): wgmma runs on the gmma pipe.
+if command -v ncu >/dev/null && [ -n "$w128" ]; then
+    wk=${w128%% *} wg=${w128##* }
+    kind=$([ "$wk" = flash_attn_wg ] && echo wgmma || echo wgmma-pipe)
+    HIGHRISE_FLASH_KERNEL=$kind HIGHRISE_FLASH_WG_SHAPE="d128=$wg" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name "regex:${wk}_d128" \
+        --launch-count 1 --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+        "$bundle/cuda-bench" --bench >"$out/sweep/ncu-wg.txt" 2>&1
+else
+    echo "skipped: no ncu on the PATH (or no Hopper geometry passed)" >"$out/sweep/ncu-wg.txt"
 fi
 
 {
@@ -85,8 +96,10 @@ fi
     cat "$out/sweep/rows.txt"
     echo
     echo "best by causal 16k: d64 ${b64:-none}, d128 ${b128:-none} (put them in crates/highrise-cuda/src/flash.rs TUNED with today's date)"
-    echo "best wgmma by causal 16k: d64 ${w64:-none}, d128 ${w128:-none} (TUNED_WG; and the kernel the default on sm_90a if it beats the above)"
+    echo "best wgmma by causal 16k: d64 ${w64:-none}, d128 ${w128:-none} (TUNED_WG, with today's date; flash_attn_wgp is Hopper's default, flash::wgmma)"
     echo
     echo "Nsight Compute, d128 at the best shape:"
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'
+    echo "Nsight Compute, d128 at the best Hopper geometry (${w128:-none}):"
+    grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu-wg.txt" | sed 's/^ */    /'
 } | tee "$out/sweep.md"

@@ -92,8 +92,8 @@ fn wgmma_as_the_kernels_use_it_equals_a_plain_product() {
 }
 
 /// The Hopper prefill kernels (`flash_attn_wg_*` and the pipelined `flash_attn_wgp_*`: wgmma,
-/// modelled in kernels/emu/simt.hpp; opt-in with HIGHRISE_FLASH_KERNEL=wgmma / wgmma-pipe until a GPU
-/// has timed them) in the whole model: a backend of its own prefills with each, and the logits and
+/// modelled in kernels/emu/simt.hpp; the pipelined one Hopper's default, the op tests here keep
+/// mma.sync's for speed: tests/common's `emulated`) in the whole model: a backend of its own prefills with each, and the logits and
 /// greedy tokens equal the CPU's as with `flash_attn_*`.
 #[test]
 fn random_llama_with_the_wgmma_prefill_matches_the_cpu() {

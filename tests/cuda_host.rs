@@ -32,7 +32,11 @@ fn recording(test: &str) -> Option<Recording> {
     static ONE: OnceLock<Result<Recording, String>> = OnceLock::new();
     let made = ONE.get_or_init(|| {
         let driver = Arc::new(RecordingDriver::new("sm_90a", 132).map_err(|e| e.to_string())?);
-        let backend: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(driver.clone()));
+        // mma.sync's prefill kernel, as every GPU but Hopper runs it (Hopper's default, wgmma, has
+        // its own test below).
+        let mut cuda = CudaBackend::with_driver(driver.clone());
+        cuda.set_flash_wgmma(None).map_err(|e| e.to_string())?;
+        let backend: Arc<dyn Backend> = Arc::new(cuda);
         Ok((driver, backend))
     });
     match made {
@@ -82,16 +86,21 @@ fn every_op_launches_what_its_kernels_expect() {
             b.rms_norm(&mut out, &x, &w, 1e-5).unwrap();
             let delta = up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt));
             b.add_rms_norm(&mut out, &mut x, &delta, &w, 1e-5).unwrap();
-            // Projections: same dtype, mixed, with and without a bias.
-            for wdt in FLOATS {
-                for bias in [false, true] {
-                    let (k, n) = (h, 96);
-                    let wt = up(&b, wdt, &[n, k], &rng.values(n * k, 0.1, wdt));
-                    let bt = up(&b, dt, &[n], &rng.values(n, 0.5, dt));
-                    let mut y = empty(&b, dt, &[t, n]);
-                    b.linear(&mut y, &x, &wt, bias.then_some(&bt)).unwrap();
+            // Projections: same dtype, mixed, with and without a bias; where the GEMV kernel pays
+            // and wherever it fits (HIGHRISE_CUDA_GEMV=own).
+            for gemv in ["auto", "own"] {
+                std::env::set_var("HIGHRISE_CUDA_GEMV", gemv);
+                for wdt in FLOATS {
+                    for bias in [false, true] {
+                        let (k, n) = (h, 96);
+                        let wt = up(&b, wdt, &[n, k], &rng.values(n * k, 0.1, wdt));
+                        let bt = up(&b, dt, &[n], &rng.values(n, 0.5, dt));
+                        let mut y = empty(&b, dt, &[t, n]);
+                        b.linear(&mut y, &x, &wt, bias.then_some(&bt)).unwrap();
+                    }
                 }
             }
+            std::env::remove_var("HIGHRISE_CUDA_GEMV");
             // The MLP's gate and the logits' choices.
             let (g, u) = (up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)), up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)));
             let mut m = empty(&b, dt, &[t, h]);
@@ -271,7 +280,7 @@ fn a_decode_step_launches_few_kernels_per_layer() {
     let recorded = driver.take_recorded();
     let step: Vec<&str> = recorded[recorded.len() - launches..].iter().map(|r| r.kernel.as_str()).collect();
     println!("a bf16 decode step, {layers} layers: {launches} launches and {gemms} GEMMs; the last step: {step:?}");
-    assert_eq!(gemms, 0, "batch-1 projections run on the GEMV kernel");
+    assert_eq!(gemms, 0, "batch-1 projections run on the GEMV kernel (rows of w this short: ops::gemv_pays)");
     // Contexts grew by a token a step; decode attention's grid did not (what a graph replay needs).
     let grids: std::collections::BTreeSet<_> = recorded.iter().filter(|r| r.kernel.starts_with("decode_attn")).map(|r| r.grid).collect();
     assert_eq!(grids.len(), 1, "decode_attn grids across steps: {grids:?}");
@@ -419,6 +428,42 @@ fn flash_launches_keep_the_compiled_tile_shape() {
     assert_eq!(flash.len(), 2);
     for (r, (d, shape)) in flash.iter().zip(&compiled) {
         assert_eq!((r.block.0, r.shared_bytes), (shape.threads(), shape.shared_bytes(*d)), "d{d}: launched with the compiled {shape}");
+    }
+}
+
+/// On Hopper prefill runs by default on the pipelined wgmma kernel (`flash_attn_wgp_*`), in the
+/// geometry the H200 sweep chose (flash::TUNED_WG: 3 warpgroups at both head dims), launched with
+/// the threads and shared memory that geometry compiles to.
+#[test]
+fn hopper_prefills_on_wgmma_in_the_tuned_geometry() {
+    use highrise_cuda::flash::{self, Wg};
+    let Some((driver, _)) = recording("hopper prefill") else { return };
+    let _guard = exclusive();
+    if std::env::var_os("HIGHRISE_FLASH_KERNEL").is_some() || std::env::var_os("HIGHRISE_FLASH_WG_SHAPE").is_some() {
+        return println!("skipped: HIGHRISE_FLASH_KERNEL or HIGHRISE_FLASH_WG_SHAPE is set; this test is of the defaults");
+    }
+    // A backend of its own over the shared driver, with the defaults the engine gets.
+    let b: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(driver.clone()));
+    let mut rng = Rng::new("cuda host hopper prefill");
+    let before = driver.summary();
+    driver.take_recorded();
+    for d in [64, 128] {
+        let (t, hq, hkv) = (300usize, 4usize, 2usize);
+        let q = up(&b, DType::BF16, &[t, hq, d], &rng.values(t * hq * d, 1.0, DType::BF16));
+        let kv = up(&b, DType::BF16, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, DType::BF16));
+        let mut out = empty(&b, DType::BF16, &[t, hq, d]);
+        b.attention(&mut out, &q, &kv, &kv, &[t as u32], 0.125).unwrap();
+    }
+    let after = driver.summary();
+    assert_eq!(after.faults.len(), before.faults.len(), "{:?}", &after.faults[before.faults.len()..]);
+    let rec = driver.take_recorded();
+    let prefill: Vec<_> = rec.iter().filter(|r| r.kernel.starts_with("flash_attn")).collect();
+    assert_eq!(prefill.len(), 2, "{:?}", rec.iter().map(|r| &r.kernel).collect::<Vec<_>>());
+    for (r, d) in prefill.iter().zip([64usize, 128]) {
+        let shape = flash::shape_of(flash::Family::Wgmma, "sm_90a", d).unwrap();
+        assert!(r.kernel.starts_with(&format!("flash_attn_wgp_d{d}")), "d{d}: {}", r.kernel);
+        assert_eq!(shape.warps, 12, "d{d}: three warpgroups, as tuned");
+        assert_eq!((r.block.0, r.shared_bytes), (shape.threads(), Wg::Pipe.shared_bytes(shape, d)), "d{d}: {}", flash::wg_label(shape));
     }
 }
 

@@ -21,7 +21,7 @@ pub fn backend(test: &str) -> Option<Arc<dyn Backend>> {
         // The CUDA backend over a device emulated on the CPU (tests/cuda_emu.rs).
         let made = BACKEND.get_or_init(|| {
             let driver = highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).map_err(|e| e.to_string())?;
-            Ok(Arc::new(highrise_cuda::CudaBackend::with_driver(Arc::new(driver))) as Arc<dyn Backend>)
+            Ok(emulated(driver))
         });
         return match made {
             Ok(b) => Some(b.clone()),
@@ -46,14 +46,23 @@ pub fn backend(test: &str) -> Option<Arc<dyn Backend>> {
     }
 }
 
+/// The CUDA backend over the emulated device, prefilling on mma.sync's `flash_attn_*` rather than
+/// Hopper's default wgmma kernels: those are emulated thread by thread at a fraction of the speed,
+/// and checked on their own (tests/kernel_emu.rs at every geometry; tests/cuda_emu.rs in the whole
+/// model), so the op tests keep the kernel every other GPU runs.
+fn emulated(driver: highrise_cuda::recording::RecordingDriver) -> Arc<dyn Backend> {
+    let mut cuda = highrise_cuda::CudaBackend::with_driver(Arc::new(driver));
+    cuda.set_flash_wgmma(None).expect("mma.sync runs everywhere");
+    Arc::new(cuda)
+}
+
 /// A backend of this binary's kind (as `backend`) that no other test shares: for tests that count
 /// what the backend did (graphs captured and launched) while other tests run beside them.
 pub fn own_backend(test: &str) -> Option<Arc<dyn Backend>> {
     backend(test)?;
     Some(match env!("CARGO_CRATE_NAME") {
         "cuda_emu" => {
-            let driver = highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).expect("built once already");
-            Arc::new(highrise_cuda::CudaBackend::with_driver(Arc::new(driver)))
+            emulated(highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).expect("built once already"))
         }
         "cuda" => highrise::load_backend("cuda").expect("loaded once already"),
         _ => cpu(),

@@ -65,9 +65,14 @@ pub struct Tuned {
     pub measured: &'static str,
 }
 
-/// Winners of scripts/gpu-sweep.sh. None yet: no GPU has run the sweep (it needs one; every
-/// shape in it is checked on the CPU by tests/kernel_emu.rs).
-pub const TUNED: &[Tuned] = &[];
+/// Winners of scripts/gpu-sweep.sh by causal 16k (every shape in it is also checked on the CPU by
+/// tests/kernel_emu.rs). H200: benches/results/2026-11-30-h200.md (d64 203.8 TFLOP/s against the
+/// default's 186.8; d128 228.9 against 225.5). On Hopper prefill runs on the wgmma kernels unless
+/// `HIGHRISE_FLASH_KERNEL=mma`; these shapes are for that case. No Ampere sweep yet.
+pub const TUNED: &[Tuned] = &[
+    Tuned { arch: "sm_90a", d: 64, shape: Shape { warps: 8, slices: 1, keys: 64 }, measured: "2026-11-30" },
+    Tuned { arch: "sm_90a", d: 128, shape: Shape { warps: 8, slices: 2, keys: 64 }, measured: "2026-11-30" },
+];
 
 /// FlashAttention-2's forward shape on Ampere for both head dims (128 query rows over 4 warps, 64
 /// keys a step), until the sweep measures better.
@@ -82,8 +87,14 @@ pub const HEAD_DIMS: [usize; 2] = [64, 128];
 /// is: `HIGHRISE_FLASH_WG_SHAPE`, then [`TUNED_WG`], then this.
 pub const WG_DEFAULT: Shape = Shape { warps: 8, slices: 1, keys: 128 };
 
-/// Winners of scripts/gpu-sweep.sh's Hopper geometries (its `WG_SHAPES`). None yet.
-pub const TUNED_WG: &[Tuned] = &[];
+/// Winners of scripts/gpu-sweep.sh's Hopper geometries (its `WG_SHAPES`), pipelined kernel, by
+/// causal 16k on an H200 (benches/results/2026-11-30-h200.md): d64 3 warpgroups x 128 keys, 283.2
+/// TFLOP/s (2x128: 205.8); d128 3 x 64 keys, 334.4 (2x128: 255.4; FlashAttention-2 325.4 and cuDNN
+/// 652.9 in the same run).
+pub const TUNED_WG: &[Tuned] = &[
+    Tuned { arch: "sm_90a", d: 64, shape: Shape { warps: 12, slices: 1, keys: 128 }, measured: "2026-11-30" },
+    Tuned { arch: "sm_90a", d: 128, shape: Shape { warps: 12, slices: 1, keys: 64 }, measured: "2026-11-30" },
+];
 
 /// A Hopper kernel geometry, "WGSxKEYS" (warpgroups of 64 query rows, keys a step: 1-3 and 64 or
 /// 128, what wgmma's N and the register file allow), as a [`Shape`].
@@ -130,17 +141,19 @@ impl Wg {
     }
 }
 
-/// Which Hopper kernel prefill runs on, if any, on `arch`: `HIGHRISE_FLASH_KERNEL=wgmma` (Plain) or
-/// `wgmma-pipe` (Pipe), on Hopper only (sm_90a; elsewhere the kernels do not exist and mma.sync's
-/// `flash_attn_*` runs). Opt-in until a GPU has checked and timed them: scripts/gpu-check.sh runs them.
+/// Which Hopper kernel prefill runs on, if any, on `arch`: on Hopper (sm_90a) the pipelined one
+/// (Pipe) unless `HIGHRISE_FLASH_KERNEL` says `wgmma` (Plain) or `mma` (None: mma.sync's
+/// `flash_attn_*`, as everywhere else, where the wgmma kernels do not exist). Checked on an H200 on
+/// 2026-11-30 (every attention cross-check, compute-sanitizer clean) and faster at every length and
+/// head dim timed: benches/results/2026-11-30-h200.md.
 pub fn wgmma(arch: &str) -> Option<Wg> {
     if arch != "sm_90a" {
         return None;
     }
     match std::env::var("HIGHRISE_FLASH_KERNEL").as_deref() {
         Ok("wgmma") => Some(Wg::Plain),
-        Ok("wgmma-pipe") => Some(Wg::Pipe),
-        _ => None,
+        Ok("mma") => None,
+        _ => Some(Wg::Pipe),
     }
 }
 
@@ -327,6 +340,20 @@ mod tests {
         // Pipelined: two K and two V tiles, 160 KiB at d128 (under Hopper's 227 KiB a block).
         assert_eq!(Wg::Pipe.shared_bytes(wg, 128), 163840 + 1024);
         assert_eq!(wgmma("sm_80"), None, "only Hopper has wgmma");
+        if std::env::var_os("HIGHRISE_FLASH_KERNEL").is_none() {
+            assert_eq!(wgmma("sm_90a"), Some(Wg::Pipe), "Hopper prefills on the pipelined wgmma kernel unless told otherwise");
+        }
+        // The H200 sweep's winners (2026-11-30), where no variable overrides them.
+        if std::env::var_os("HIGHRISE_FLASH_WG_SHAPE").is_none() && std::env::var_os("HIGHRISE_FLASH_SHAPE").is_none() {
+            let wg = |d| wg_label(shape_of(Family::Wgmma, "sm_90a", d).unwrap());
+            assert_eq!((wg(64), wg(128)), ("3x128".to_string(), "3x64".to_string()));
+            assert_eq!((shape("sm_90a", 64).unwrap().to_string(), shape("sm_90a", 128).unwrap().to_string()), ("8x1x64".into(), "8x2x64".into()));
+            assert_eq!(wg_label(shape_of(Family::Wgmma, "sm_80", 128).unwrap()), "2x128", "no sweep on Ampere: the default");
+            // Each fits a block's shared memory (227 KiB on Hopper).
+            for d in HEAD_DIMS {
+                assert!(Wg::Pipe.shared_bytes(shape_of(Family::Wgmma, "sm_90a", d).unwrap(), d) <= 227 * 1024, "d{d}");
+            }
+        }
         // Its geometries: warpgroups x keys.
         let three = parse_wg("3x128").unwrap();
         assert_eq!((three.rows(), three.threads(), wg_label(three)), (192, 384, "3x128".to_string()));

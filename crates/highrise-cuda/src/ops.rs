@@ -181,15 +181,33 @@ pub fn swiglu_linear(be: &CudaBackend, st: &mut OpState, op: &SwiGluLinear) -> R
 }
 
 /// Whether a linear op runs on our matrix-vector kernel (kernels/gemv.cu) instead of cuBLAS, and
-/// which one (the rows of x it is built for): f16/bf16 x and weights alike, at most 8 rows, k a
-/// whole number of 16-byte chunks at 16-byte aligned addresses (`addrs`: x | w).
-/// `HIGHRISE_CUDA_GEMV=cublas` keeps every linear op on cuBLAS (benches/cuda_ops.rs compares them).
+/// which one (the rows of x it is built for). The kernel takes f16/bf16 x and weights alike, at
+/// most 8 rows, k a whole number of 16-byte chunks at 16-byte aligned addresses (`addrs`: x | w);
+/// among those it runs where [`gemv_pays`]. `HIGHRISE_CUDA_GEMV=own` takes it wherever it fits,
+/// `=cublas` nowhere (benches/cuda_ops.rs times both).
 fn gemv_rows(act: DType, weight: DType, t: usize, k: usize, addrs: u64) -> Option<u32> {
     let fits = matches!(act, DType::BF16 | DType::F16) && weight == act && (1..=8).contains(&t) && k % 8 == 0 && addrs % 16 == 0;
-    if !fits || std::env::var("HIGHRISE_CUDA_GEMV").is_ok_and(|v| v == "cublas") {
-        return None;
-    }
-    Some(t.next_power_of_two() as u32)
+    let runs = match std::env::var("HIGHRISE_CUDA_GEMV").as_deref() {
+        Ok("cublas") => false,
+        Ok("own") => true,
+        _ => gemv_pays(t, k),
+    };
+    (fits && runs).then(|| t.next_power_of_two() as u32)
+}
+
+/// Where our matrix-vector kernel beats cuBLAS, as an H200 measured it on Llama-3-8B's bf16 shapes
+/// (benches/results/2026-11-30-h200.md; share of the copy bandwidth, gemv against cuBLAS). One row
+/// of x and rows of w of 4096: q/k/v 81% against 73%, the unembedding at the copy bandwidth (241.7
+/// us for its 1.05 GB); the gate shape alone 76% against 86%, but decode runs gate and up as one
+/// `gemv_glu` launch with SwiGLU in it, saving a launch and both projections' round trip. Rows of
+/// 14336 (the down projection): 63% against 85%: four thousand rows, each a long serial walk for
+/// its warp. Eight rows of x: 14-28% against 82-87%: the kernel converts x again for every two rows
+/// of w, at eight rows more arithmetic than the bandwidth leaves time for; two to seven rows were
+/// not measured, and go to cuBLAS with eight. So: one row of x, rows of w up to 8192 (between the
+/// lengths measured). A choice by t and k alone, which the fused ops' parts share, keeps
+/// `qkv_linear` and `swiglu_linear` bit for bit the linears they replace.
+fn gemv_pays(t: usize, k: usize) -> bool {
+    t == 1 && k <= 8192
 }
 
 pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
