@@ -59,19 +59,25 @@ __device__ void rope_kv_write(typename D::T* k_cache, typename D::T* v_cache, ty
     const u32 head = is_q ? blockIdx.y : blockIdx.y - hq;
     typename D::T* x = is_q ? q : k;
     const u64 base = ((u64)t * (is_q ? hq : hkv) + head) * d;
-    double s, c;
-    sincos((double)positions[t] * inv_freq[i], &s, &c);
-    const float cf = (float)c * mscale, sf = (float)s * mscale;
+    // Every load before the first store (which might alias them as far as the compiler knows): one
+    // round trip to memory, not one after each store (a decode step runs this once a layer).
+    const u32 pos = positions[t], slot = is_q ? 0 : slots[t];
     const float a = D::load(x, base + i), b = D::load(x, base + i + half);
-    D::store(x, base + i, a * cf - b * sf);
-    D::store(x, base + i + half, b * cf + a * sf);
+    typename D::T v0 = {}, v1 = {};
+    if (!is_q) v0 = v[base + i], v1 = v[base + i + half];
+    double s, c;
+    sincos((double)pos * inv_freq[i], &s, &c);
+    const float cf = (float)c * mscale, sf = (float)s * mscale;
+    const float ra = a * cf - b * sf, rb = b * cf + a * sf;
+    D::store(x, base + i, ra);
+    D::store(x, base + i + half, rb);
     if (is_q) return;
-    const u32 slot = slots[t];
+    // The rotated k as stored above (the same value, the same rounding), and v as it is.
     const u64 dst = (((u64)(slot / block_size) * hkv + head) * block_size + slot % block_size) * d;
-    k_cache[dst + i] = x[base + i];
-    k_cache[dst + i + half] = x[base + i + half];
-    v_cache[dst + i] = v[base + i];
-    v_cache[dst + i + half] = v[base + i + half];
+    D::store(k_cache, dst + i, ra);
+    D::store(k_cache, dst + i + half, rb);
+    v_cache[dst + i] = v0;
+    v_cache[dst + i + half] = v1;
 }
 
 // One query row's view of the keys: it sees keys 0..nkeys[t] of its sequence, addressed from
@@ -180,21 +186,46 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
     }
 }
 
-// out [T, hq, D] from the slices' partial states. Block (t, h), D threads.
+// out [T, hq, D] from the slices' partial states. Block (t, h), D threads. The slices' maxima and
+// sums come to shared memory in one round trip (up to COMBINE_MAX slices; more take the plain
+// loops), and each thread's loads of its dimension across the slices depend on nothing but the
+// shared values, so they are in flight together: where two loops of a load per slice each waited
+// on memory 64 times (a decode step at batch 1 has 64 slices a head). The same sums in the same
+// order either way.
+#define COMBINE_MAX 512
+
 template <class D>
 __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u32 d, u32 splits) {
     const u32 t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
-    if (i >= d) return;
     const float* p = partial + ((u64)t * hq + h) * splits * (d + 2);
-    float mm = -INFINITY;
-    for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, p[s * (d + 2) + d]);
-    float a = 0.0f, l = 0.0f;
-    for (u32 s = 0; s < splits; s++) {
-        const float ms = p[s * (d + 2) + d];
-        if (ms == -INFINITY) continue;  // a slice with no keys
-        const float w = __expf(ms - mm);
-        a += p[s * (d + 2) + i] * w;
-        l += p[s * (d + 2) + d + 1] * w;
+    __shared__ float sm[COMBINE_MAX], sl[COMBINE_MAX];
+    float mm = -INFINITY, a = 0.0f, l = 0.0f;
+    if (splits <= COMBINE_MAX) {
+        for (u32 s = i; s < splits; s += blockDim.x) {
+            sm[s] = p[s * (d + 2) + d];
+            sl[s] = p[s * (d + 2) + d + 1];
+        }
+        __syncthreads();
+        if (i >= d) return;
+        for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, sm[s]);
+#pragma unroll 8
+        for (u32 s = 0; s < splits; s++) {
+            const float x = p[s * (d + 2) + i];  // read even for a slice with no keys, and not used
+            if (sm[s] == -INFINITY) continue;
+            const float w = __expf(sm[s] - mm);
+            a += x * w;
+            l += sl[s] * w;
+        }
+    } else {
+        if (i >= d) return;
+        for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, p[s * (d + 2) + d]);
+        for (u32 s = 0; s < splits; s++) {
+            const float ms = p[s * (d + 2) + d];
+            if (ms == -INFINITY) continue;  // a slice with no keys
+            const float w = __expf(ms - mm);
+            a += p[s * (d + 2) + i] * w;
+            l += p[s * (d + 2) + d + 1] * w;
+        }
     }
     D::store(out, ((u64)t * hq + h) * d + i, a / l);
 }

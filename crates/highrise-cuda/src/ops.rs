@@ -12,6 +12,9 @@ use crate::{suffix, CudaBackend, OpState};
 
 /// Threads per block for row-wise kernels (norms, gathers).
 const ROW_THREADS: u32 = 256;
+/// The norms' blocks: a row of up to 16 x 512 = 8192 elements stays in registers (NORM_REGS,
+/// kernels/residual.cu), 16 a thread, which ptxas keeps without spilling (32 spilled).
+const NORM_THREADS: u32 = 512;
 
 fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
     // SAFETY: plain integers and floats, read as bytes.
@@ -47,7 +50,7 @@ pub fn rms_norm(be: &CudaBackend, op: &RmsNorm) -> Result<()> {
     let h = *op.x.dims().last().expect("validated rank") as u32;
     let t = (op.x.numel() / h as usize) as u32;
     let (out, x, w) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("weight", &op.weight)?);
-    be.launch(&format!("rms_norm_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &x, &w, &w_dt, &h, &op.eps])
+    be.launch(&format!("rms_norm_{s}"), (t, 1, 1), (NORM_THREADS, 1, 1), &[&out, &x, &w, &w_dt, &h, &op.eps])
 }
 
 pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
@@ -57,7 +60,7 @@ pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
     let t = (op.residual.numel() / h as usize) as u32;
     let (out, res, delta, w) =
         (be.ptr("out", &op.out)?, be.ptr("residual", &op.residual)?, be.ptr("delta", &op.delta)?, be.ptr("weight", &op.weight)?);
-    be.launch(&format!("add_rms_norm_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &res, &delta, &w, &w_dt, &h, &op.eps])
+    be.launch(&format!("add_rms_norm_{s}"), (t, 1, 1), (NORM_THREADS, 1, 1), &[&out, &res, &delta, &w, &w_dt, &h, &op.eps])
 }
 
 /// `out [T, N] = x [T, K] @ weight [N, K]^T (+ bias)` with cuBLAS (f32 accumulation; pedantic for
