@@ -17,6 +17,18 @@ __device__ void embedding(typename D::T* out, const void* table, u32 table_dt, c
 // take the loop. Either way the same arithmetic, bit for bit.
 #define NORM_REGS 16
 
+// The register path's end: the row's scale from its sum of squares, and out = v * scale * w.
+template <class D>
+__device__ __forceinline__ void norm_out(typename D::T* out, u64 base, const float* v, float ss, const void* w, u32 w_dt,
+                                         u32 h, float eps) {
+    const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
+#pragma unroll
+    for (u32 r = 0; r < NORM_REGS; r++) {
+        const u32 i = threadIdx.x + r * blockDim.x;
+        if (i < h) D::store(out, base + i, v[r] * inv * load_any(w, i, w_dt));
+    }
+}
+
 // out[t] = x[t] / rms(x[t]) * w  (x, out [T, H]; w [H] of dtype w_dt)
 template <class D>
 __device__ void rms_norm(typename D::T* out, const typename D::T* x, const void* w, u32 w_dt, u32 h, float eps) {
@@ -30,12 +42,7 @@ __device__ void rms_norm(typename D::T* out, const typename D::T* x, const void*
             v[r] = i < h ? D::load(x, base + i) : 0.0f;
             ss += v[r] * v[r];
         }
-        const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
-#pragma unroll
-        for (u32 r = 0; r < NORM_REGS; r++) {
-            const u32 i = threadIdx.x + r * blockDim.x;
-            if (i < h) D::store(out, base + i, v[r] * inv * load_any(w, i, w_dt));
-        }
+        norm_out<D>(out, base, v, ss, w, w_dt, h, eps);
         return;
     }
     for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
@@ -65,12 +72,7 @@ __device__ void add_rms_norm(typename D::T* out, typename D::T* residual, const 
             if (i < h) D::store(residual, base + i, v[r]);
             ss += v[r] * v[r];
         }
-        const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
-#pragma unroll
-        for (u32 r = 0; r < NORM_REGS; r++) {
-            const u32 i = threadIdx.x + r * blockDim.x;
-            if (i < h) D::store(out, base + i, v[r] * inv * load_any(w, i, w_dt));
-        }
+        norm_out<D>(out, base, v, ss, w, w_dt, h, eps);
         return;
     }
     for (u32 i = threadIdx.x; i < h; i += blockDim.x) {

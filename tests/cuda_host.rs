@@ -413,13 +413,7 @@ fn flash_launches_keep_the_compiled_tile_shape() {
     let compiled = highrise_cuda::flash::shapes("sm_90a").unwrap();
     std::env::set_var("HIGHRISE_FLASH_SHAPE", "d64=8x1x32,d128=2x2x64");
     let before = driver.summary();
-    for d in [64, 128] {
-        let (t, hq, hkv) = (300usize, 4usize, 2usize);
-        let q = up(&b, DType::BF16, &[t, hq, d], &rng.values(t * hq * d, 1.0, DType::BF16));
-        let kv = up(&b, DType::BF16, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, DType::BF16));
-        let mut out = empty(&b, DType::BF16, &[t, hq, d]);
-        b.attention(&mut out, &q, &kv, &kv, &[t as u32], 0.125).unwrap();
-    }
+    prefill_at_both_head_dims(&b, &mut rng);
     std::env::remove_var("HIGHRISE_FLASH_SHAPE");
     let after = driver.summary();
     assert_eq!(after.faults.len(), before.faults.len(), "{:?}", &after.faults[before.faults.len()..]);
@@ -428,6 +422,17 @@ fn flash_launches_keep_the_compiled_tile_shape() {
     assert_eq!(flash.len(), 2);
     for (r, (d, shape)) in flash.iter().zip(&compiled) {
         assert_eq!((r.block.0, r.shared_bytes), (shape.threads(), shape.shared_bytes(*d)), "d{d}: launched with the compiled {shape}");
+    }
+}
+
+/// One bf16 prompt of 300 tokens through prefill attention at head dims 64 and 128, in that order.
+fn prefill_at_both_head_dims(b: &Arc<dyn Backend>, rng: &mut Rng) {
+    for d in [64, 128] {
+        let (t, hq, hkv) = (300usize, 4usize, 2usize);
+        let q = up(b, DType::BF16, &[t, hq, d], &rng.values(t * hq * d, 1.0, DType::BF16));
+        let kv = up(b, DType::BF16, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, DType::BF16));
+        let mut out = empty(b, DType::BF16, &[t, hq, d]);
+        b.attention(&mut out, &q, &kv, &kv, &[t as u32], 0.125).unwrap();
     }
 }
 
@@ -447,13 +452,7 @@ fn hopper_prefills_on_wgmma_in_the_tuned_geometry() {
     let mut rng = Rng::new("cuda host hopper prefill");
     let before = driver.summary();
     driver.take_recorded();
-    for d in [64, 128] {
-        let (t, hq, hkv) = (300usize, 4usize, 2usize);
-        let q = up(&b, DType::BF16, &[t, hq, d], &rng.values(t * hq * d, 1.0, DType::BF16));
-        let kv = up(&b, DType::BF16, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, DType::BF16));
-        let mut out = empty(&b, DType::BF16, &[t, hq, d]);
-        b.attention(&mut out, &q, &kv, &kv, &[t as u32], 0.125).unwrap();
-    }
+    prefill_at_both_head_dims(&b, &mut rng);
     let after = driver.summary();
     assert_eq!(after.faults.len(), before.faults.len(), "{:?}", &after.faults[before.faults.len()..]);
     let rec = driver.take_recorded();
