@@ -10,7 +10,7 @@ use highrise_core::{DType, Error, Result};
 use crate::driver::Gemm;
 use crate::{suffix, CudaBackend, OpState};
 
-/// Threads per block for row-wise kernels (norms, gathers).
+/// Threads per block for row-wise kernels (the embedding gather; the norms take NORM_THREADS).
 const ROW_THREADS: u32 = 256;
 /// The norms' blocks: a row of up to 16 x 512 = 8192 elements stays in registers (NORM_REGS,
 /// kernels/residual.cu), 16 a thread, which ptxas keeps without spilling (32 spilled).
