@@ -58,10 +58,43 @@ fn prefill_problem(b: &Arc<dyn Backend>, d: usize, t: usize, causal: bool) -> (f
     (flops, move || b.attention_with(&mut out, &q, &k, &v, &[t as u32], Scores::scaled(scale), causal).unwrap())
 }
 
+/// One decode attention step of the bench's shape (32 query heads over 8 KV heads, d128, bf16):
+/// `batch` sequences of `ctx` tokens each through a paged cache of 16-token blocks; the K and V
+/// bytes it reads and a closure that runs it once.
+fn decode_problem(b: &Arc<dyn Backend>, batch: usize, ctx: usize) -> (u64, impl FnMut() + '_) {
+    let (hq, hkv, d, bs) = (32usize, 8usize, 128usize, 16usize);
+    let blocks_per_seq = ctx / bs;
+    let blocks = batch * blocks_per_seq;
+    let kc = random(b, DType::BF16, &[blocks, hkv, bs, d], 1.0);
+    let vc = random(b, DType::BF16, &[blocks, hkv, bs, d], 1.0);
+    let q = random(b, DType::BF16, &[batch, hq, d], 1.0);
+    let mut out = Tensor::empty(b, DType::BF16, &[batch, hq, d]).unwrap();
+    let seqs: Vec<PagedSeq> =
+        (0..batch).map(|s| PagedSeq { q_len: 1, context_len: ctx as u32, blocks_start: (s * blocks_per_seq) as u32 }).collect();
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let bytes = (2 * batch * ctx * hkv * d * 2) as u64;
+    let scale = 1.0 / (d as f32).sqrt();
+    (bytes, move || b.paged_attention(&mut out, &q, &kc, &vc, &seqs, &table, scale).unwrap())
+}
+
+/// `HIGHRISE_BENCH_SWEEP=decode`: scripts/gpu-sweep.sh's timing of the decode kernel in the shape
+/// it was compiled with (HIGHRISE_DECODE_SHAPE), rows "| decode WARPSxSTAGES | batch B ctx C | GB/s |".
+fn sweep_decode(b: &Arc<dyn Backend>, arch: &str) {
+    let shape = highrise_cuda::flash::decode_shape(arch).unwrap();
+    for (batch, ctx) in [(1usize, 1024usize), (1, 8192), (1, 32768), (8, 8192), (64, 8192)] {
+        let (bytes, mut run) = decode_problem(b, batch, ctx);
+        let secs = time(b, 20, &mut run).as_secs_f64() / 20.0;
+        println!("| decode {shape} | batch {batch} ctx {ctx} | {:.1} |", bytes as f64 / secs / 1e9);
+    }
+}
+
 /// `HIGHRISE_BENCH_SWEEP`: scripts/gpu-sweep.sh's timing of the tensor-core prefill kernel at the
 /// tile shape it was compiled with, rows "| shape | test | TFLOP/s |"; "ncu": one run of d128 causal
 /// 8k only, for Nsight Compute to profile.
 fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
+    if mode == "decode" {
+        return sweep_decode(b, arch);
+    }
     if mode == "ncu" {
         let (_, mut run) = prefill_problem(b, 128, 8192, true);
         run();
@@ -173,25 +206,13 @@ fn main() {
     g.finish();
 
     let mut g = c.benchmark_group("attention_decode");
-    let (d, bs) = (128usize, 16usize);
+    let d = 128usize;
     for batch in [1usize, 8, 64, 256] {
         for ctx in [1024usize, 8192, 32768] {
-            let blocks_per_seq = ctx / bs;
-            let blocks = batch * blocks_per_seq;
-            if blocks * bs * hkv * d * 2 * 2 > 4 << 30 {
+            if batch * ctx * hkv * d * 2 * 2 > 4 << 30 {
                 continue; // K and V within 4 GiB: their random values are made on the host
             }
-            let kc = random(&b, DType::BF16, &[blocks, hkv, bs, d], 1.0);
-            let vc = random(&b, DType::BF16, &[blocks, hkv, bs, d], 1.0);
-            let q = random(&b, DType::BF16, &[batch, hq, d], 1.0);
-            let mut out = Tensor::empty(&b, DType::BF16, &[batch, hq, d]).unwrap();
-            let seqs: Vec<PagedSeq> = (0..batch)
-                .map(|s| PagedSeq { q_len: 1, context_len: ctx as u32, blocks_start: (s * blocks_per_seq) as u32 })
-                .collect();
-            let table: Vec<u32> = (0..blocks as u32).collect();
-            let bytes = (2 * batch * ctx * hkv * d * 2) as u64;
-            let scale = 1.0 / (d as f32).sqrt();
-            let mut run = || b.paged_attention(&mut out, &q, &kc, &vc, &seqs, &table, scale).unwrap();
+            let (bytes, mut run) = decode_problem(&b, batch, ctx);
             g.throughput(Throughput::Bytes(bytes));
             g.bench_function(BenchmarkId::new(format!("bf16_d{d}_batch{batch}"), ctx), |bn| {
                 bn.iter_custom(|iters| time(&b, iters, &mut run))

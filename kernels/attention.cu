@@ -192,6 +192,8 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
 // shared values, so they are in flight together: where two loops of a load per slice each waited
 // on memory 64 times (a decode step at batch 1 has 64 slices a head). The same sums in the same
 // order either way.
+// At most COMBINE_MAX slices (the host's limit, ops.rs): their maxima and sums come to shared memory
+// in one trip, so each thread's loads across the slices are in flight together.
 #define COMBINE_MAX 512
 
 template <class D>
@@ -200,32 +202,20 @@ __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u
     const float* p = partial + ((u64)t * hq + h) * splits * (d + 2);
     __shared__ float sm[COMBINE_MAX], sl[COMBINE_MAX];
     float mm = -INFINITY, a = 0.0f, l = 0.0f;
-    if (splits <= COMBINE_MAX) {
-        for (u32 s = i; s < splits; s += blockDim.x) {
-            sm[s] = p[s * (d + 2) + d];
-            sl[s] = p[s * (d + 2) + d + 1];
-        }
-        __syncthreads();
-        if (i >= d) return;
-        for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, sm[s]);
+    for (u32 s = i; s < splits; s += blockDim.x) {
+        sm[s] = p[s * (d + 2) + d];
+        sl[s] = p[s * (d + 2) + d + 1];
+    }
+    __syncthreads();
+    if (i >= d) return;
+    for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, sm[s]);
 #pragma unroll 8
-        for (u32 s = 0; s < splits; s++) {
-            const float x = p[s * (d + 2) + i];  // read even for a slice with no keys, and not used
-            if (sm[s] == -INFINITY) continue;
-            const float w = __expf(sm[s] - mm);
-            a += x * w;
-            l += sl[s] * w;
-        }
-    } else {
-        if (i >= d) return;
-        for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, p[s * (d + 2) + d]);
-        for (u32 s = 0; s < splits; s++) {
-            const float ms = p[s * (d + 2) + d];
-            if (ms == -INFINITY) continue;  // a slice with no keys
-            const float w = __expf(ms - mm);
-            a += p[s * (d + 2) + i] * w;
-            l += p[s * (d + 2) + d + 1] * w;
-        }
+    for (u32 s = 0; s < splits; s++) {
+        const float x = p[s * (d + 2) + i];  // read even for a slice with no keys, and not used
+        if (sm[s] == -INFINITY) continue;
+        const float w = __expf(sm[s] - mm);
+        a += x * w;
+        l += sl[s] * w;
     }
     D::store(out, ((u64)t * hq + h) * d + i, a / l);
 }
@@ -413,15 +403,48 @@ __device__ __forceinline__ u32 swz_wg(u32 r, u32 c, u32 rows) {
     return (c >> 3) * rows * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3);
 }
 
-// Copies `n` rows of D elements into a swizzled tile (swz, or swz_wg with WG), row r from `src(r)`
-// (an element offset, or -1 for a row of zeros), by THREADS threads of which this is number `tid`.
-template <int D, int THREADS, bool WG = false, class Src>
-__device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 n, u32 tid, Src src) {
+// Staging N rows of D elements into a swizzled tile (swz, or swz_wg with WG) by THREADS threads, of
+// which this is number `tid`, 16 bytes a copy: chunk c of row r from element offset `off` (-1: zeros).
+template <int D, int N, bool WG>
+__device__ __forceinline__ void copy_chunk(u16* tile, const u16* base, u32 r, u32 c, long long off) {
+    cp_async16(tile + (WG ? swz_wg<D>(r, c, N) : swz<D>(r, c)), off < 0 ? base : base + off + c * 8, off < 0 ? 0 : 16);
+}
+
+// Copies N rows into a swizzled tile, row r from `src(r)`, each row's source taken just before its
+// copy (few registers: the prefill kernels keep theirs for the softmax).
+template <int D, int THREADS, int N, bool WG = false, class Src>
+__device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 tid, Src src) {
     constexpr u32 CH = D / 8;
-    for (u32 i = tid; i < n * CH; i += THREADS) {
-        const u32 r = i / CH, c = i % CH;
-        const long long off = src(r);
-        cp_async16(tile + (WG ? swz_wg<D>(r, c, n) : swz<D>(r, c)), off < 0 ? base : base + off + c * 8, off < 0 ? 0 : 16);
+    for (u32 i = tid; i < N * CH; i += THREADS) copy_chunk<D, N, WG>(tile, base, i / CH, i % CH, src(i / CH));
+}
+
+// The same in two steps, for rows whose sources are block-table lookups: `row_sources` takes every
+// row's source first, so the loads go out together instead of one round trip before each copy
+// (cp.async's asm is a compiler barrier), and the decode kernel's K and V tiles share them;
+// `copy_rows` then issues the copies. Each thread keeps one 16-byte column of every
+// (THREADS / (D / 8))-th row.
+template <int D, int THREADS, int N>
+struct RowSources {
+    static constexpr u32 CH = D / 8, ITER = (N * CH + THREADS - 1) / THREADS;
+    static_assert(THREADS % CH == 0, "a thread keeps its column of 16 bytes");
+    long long off[ITER];
+};
+
+template <int D, int THREADS, int N, class Src>
+__device__ __forceinline__ void row_sources(RowSources<D, THREADS, N>& rs, u32 tid, Src src) {
+#pragma unroll
+    for (u32 it = 0; it < rs.ITER; it++) {
+        const u32 r = tid / rs.CH + it * (THREADS / rs.CH);
+        rs.off[it] = r < N ? src(r) : -1LL;
+    }
+}
+
+template <int D, int THREADS, int N>
+__device__ __forceinline__ void copy_rows(u16* tile, const u16* base, u32 tid, const RowSources<D, THREADS, N>& rs) {
+#pragma unroll
+    for (u32 it = 0; it < rs.ITER; it++) {
+        const u32 r = tid / rs.CH + it * (THREADS / rs.CH);
+        if (r < N) copy_chunk<D, N, false>(tile, base, r, tid % rs.CH, rs.off[it]);
     }
 }
 
@@ -567,9 +590,9 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
     const u32 mi = lane >> 3, mj = lane & 7;
 
     // Q, and K of the first tile (rows past the tile's end repeat its last row; never written).
-    stage_rows<D, THREADS>(qs, q, ROWS, threadIdx.x, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
+    stage_rows<D, THREADS, ROWS>(qs, q, threadIdx.x, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
     auto stage_keys = [&](u16* dst, const u16* src, u32 kb) {
-        stage_rows<D, THREADS>(dst, src, KEYS, threadIdx.x, [&](u32 r) {
+        stage_rows<D, THREADS, KEYS>(dst, src, threadIdx.x, [&](u32 r) {
             return kb + r < keys_end ? (long long)addr.at(kbase, kb + r, g, hkv, D) : -1LL;
         });
     };
@@ -778,9 +801,9 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
     const u32 keys_end = tiles[5 * tile + 4];
     const u32 warp = threadIdx.x >> 5, wg = warp / 4;
 
-    stage_rows<D, THREADS, true>(qs, q, ROWS, threadIdx.x, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
+    stage_rows<D, THREADS, ROWS, true>(qs, q, threadIdx.x, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
     auto stage_keys = [&](u16* dst, const u16* src, u32 kb) {
-        stage_rows<D, THREADS, true>(dst, src, KEYS, threadIdx.x, [&](u32 r) {
+        stage_rows<D, THREADS, KEYS, true>(dst, src, threadIdx.x, [&](u32 r) {
             return kb + r < keys_end ? (long long)addr.at(kbase, kb + r, g, hkv, D) : -1LL;
         });
     };
@@ -917,9 +940,9 @@ __device__ void wgmma_probe(float* s_out, float* o_out, const u16* q, const u16*
     u16* ks = qs + 64 * D;
     u16* vs = ks + KEYS * D;
     const auto rows = [](u32 r) { return (long long)r * D; };
-    stage_rows<D, 128, true>(qs, q, 64, threadIdx.x, rows);
-    stage_rows<D, 128, true>(ks, k, KEYS, threadIdx.x, rows);
-    stage_rows<D, 128, true>(vs, v, KEYS, threadIdx.x, rows);
+    stage_rows<D, 128, 64, true>(qs, q, threadIdx.x, rows);
+    stage_rows<D, 128, KEYS, true>(ks, k, threadIdx.x, rows);
+    stage_rows<D, 128, KEYS, true>(vs, v, threadIdx.x, rows);
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
@@ -955,6 +978,37 @@ WGMMA_PROBE(64, bf16, true)
 WGMMA_PROBE(64, f16, false)
 WGMMA_PROBE(128, bf16, true)
 WGMMA_PROBE(128, f16, false)
+
+// TMA alone (crates/highrise-cuda/src/tma.rs): one thread copies the box of 64 rows from `row0` of
+// head `head` by the tensor map at `map` (a [rows, heads, D] tensor of 16-bit elements, boxes of 64
+// elements x 1 head x 64 rows, the 128-byte swizzle), D / 64 copies counted on one mbarrier; every
+// thread waits for its phase, then the block writes shared memory out as it lies, to be held to the
+// layout the wgmma kernels read (swz_wg).
+template <int D>
+__device__ void tma_probe(u16* out, const void* map, u32 row0, u32 head, u16* smem_raw) {
+    constexpr u32 ROWS = 64;
+    u16* tile = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 2;
+    __shared__ u64 bar;
+    if (threadIdx.x == 0) {
+        tma_map_acquire(map);
+        mbar_init(&bar, 1);
+    }
+    __syncthreads();  // the barrier is initialized before anyone waits on it
+    if (threadIdx.x == 0) {
+        mbar_arrive_expect(&bar, ROWS * D * 2);
+        for (u32 j = 0; j < D / 64; j++) tma_load_3d(tile + j * ROWS * 64, map, &bar, (int)(j * 64), (int)head, (int)row0);
+    }
+    mbar_wait(&bar, 0);
+    for (u32 i = threadIdx.x; i < ROWS * D; i += blockDim.x) out[i] = tile[i];
+}
+
+#define TMA_PROBE(dim)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128, 1) tma_probe_d##dim(u16* out, const void* map, u32 row0, u32 head) { \
+        DYNAMIC_SHARED(u16, smem);                                                                            \
+        tma_probe<dim>(out, map, row0, head, smem);                                                           \
+    }
+TMA_PROBE(64)
+TMA_PROBE(128)
 #endif  // HIGHRISE_WGMMA
 
 // ---- Decode on tensor cores (sm_80+): a KV head's whole query group against the paged cache ----
@@ -962,17 +1016,25 @@ WGMMA_PROBE(128, f16, false)
 // Block (sequence, KV head, slice of the context): the group's query heads of each of the
 // sequence's new tokens (q_len x group <= 16 rows: a decode step, or a few tokens of speculative
 // decoding) are the 16 rows of one mma.sync A operand, so every K and V row is read once for the
-// whole group, by 16-byte cp.async copies into shared memory. The 4 warps take 16-key chunks of the
-// slice in turn, each through its own two-stage pipeline (the next chunk in flight while this one
-// is used; warp-private, so no block-wide barrier inside the loop), each with its own online
-// softmax; at the end the warps' states are merged and the slice's partial state (acc[D], m, l, as
-// attn_split writes it) goes to `partial` for attn_combine. The host picks the number of slices
-// from the batch's size alone (enough that one sequence fills the GPU); each sequence cuts its own
-// context into that many, so the grid never depends on context lengths. seqs[4 i .. 4 i + 4]: the sequence's first query row,
-// its new tokens, its context length (new tokens included), its offset into the block table.
+// whole group, by 16-byte cp.async copies into shared memory. The DA_WARPS warps take 16-key chunks
+// of the slice in turn, each through its own pipeline of DA_STAGES stages (the next chunks in flight
+// while this one is used; warp-private, so no block-wide barrier inside the loop), each with its
+// own online softmax; at the end the warps' states are merged and the slice's partial state
+// (acc[D], m, l, as attn_split writes it) goes to `partial` for attn_combine. The host picks the
+// number of slices from the batch's size alone (enough that one sequence fills the GPU); each
+// sequence cuts its own context into that many, no slice shorter than a chunk per warp, so the grid
+// never depends on context lengths (slices past a short context find no keys and only say so).
+// seqs[4 i .. 4 i + 4]: the sequence's first query row, its new tokens, its context length (new
+// tokens included), its offset into the block table. Warps and stages are compile-time
+// (-DDA_WARPS, -DDA_STAGES: crates/highrise-cuda/src/flash.rs's decode shapes).
 
 #define DA_KEYS 16  // keys per warp per step
+#ifndef DA_WARPS
 #define DA_WARPS 4
+#endif
+#ifndef DA_STAGES
+#define DA_STAGES 2
+#endif
 
 // With a sliding window the slices cut only the keys some row sees (from the first row's window
 // start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
@@ -984,31 +1046,47 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
     const u32 group = hq / hkv, rows = q_len * group;  // rows <= 16 (the host's condition)
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
     const u32 mi = lane >> 3, mj = lane & 7;
-    u16* qs = smem;                                           // [16][D]
-    u16* ws = smem + 16 * D + warp * 2 * 2 * DA_KEYS * D;     // this warp's [2 stages][K, V][DA_KEYS][D]
+    // Row r's partial state: token q0 + r / group, query head g * group + r % group, this slice.
+    auto partial_of = [&](u32 r) { return partial + (((u64)(q0 + r / group) * hq + g * group + r % group) * splits + sl) * (D + 2); };
+
+    // Each sequence's context in gridDim.z slices of whole 16-key chunks, at least one chunk per
+    // warp: the grid depends on the batch alone, never on the contexts (what a CUDA graph replayed
+    // step after step needs).
+    const u32 lo = mods.first(ctx - q_len + 1), span = ctx - lo;
+    const u32 split_len = max((span + splits * DA_KEYS - 1) / (splits * DA_KEYS) * DA_KEYS, (u32)(DA_WARPS * DA_KEYS));
+    const u32 begin = min(ctx, lo + sl * split_len), end = min(ctx, begin + split_len);
+    const u32 chunks = end > begin ? (end - begin + DA_KEYS - 1) / DA_KEYS : 0;
+    if (chunks == 0) {  // past the context: an empty state, as attn_combine skips it
+        for (u32 r = threadIdx.x; r < rows; r += 32 * DA_WARPS) {
+            partial_of(r)[D] = -INFINITY;
+            partial_of(r)[D + 1] = 0.0f;
+        }
+        return;
+    }
+    u16* qs = smem;                                                  // [16][D]
+    u16* ws = smem + 16 * D + warp * DA_STAGES * 2 * DA_KEYS * D;  // this warp's [stages][K, V][DA_KEYS][D]
 
     // Row r: token q0 + r / group, query head g * group + r % group; zeros past the rows.
-    stage_rows<D, 32 * DA_WARPS>(qs, q, 16, threadIdx.x, [&](u32 r) {
+    stage_rows<D, 32 * DA_WARPS, 16>(qs, q, threadIdx.x, [&](u32 r) {
         return r < rows ? (long long)(((u64)(q0 + r / group) * hq + g * group + r % group) * D) : -1LL;
     });
     cp_async_commit();
-
-    // Each sequence's context in gridDim.z slices of whole 16-key chunks: the grid depends on the
-    // batch alone, never on the contexts (what a CUDA graph replayed step after step needs).
-    const u32 lo = mods.first(ctx - q_len + 1), span = ctx - lo;
-    const u32 split_len = (span + splits * DA_KEYS - 1) / (splits * DA_KEYS) * DA_KEYS;
-    const u32 begin = min(ctx, lo + sl * split_len), end = min(ctx, begin + split_len);
-    const u32 chunks = end > begin ? (end - begin + DA_KEYS - 1) / DA_KEYS : 0;
+    // A chunk's K and V rows share their sources (a block-table lookup each, taken once).
     auto stage_chunk = [&](u32 c, u32 stage) {
         const u32 k0 = begin + c * DA_KEYS;
         u16* kd = ws + stage * 2 * DA_KEYS * D;
-        auto src = [&](u32 r) { return k0 + r < end ? (long long)addr.at(kbase, k0 + r, g, hkv, D) : -1LL; };
-        stage_rows<D, 32>(kd, kc, DA_KEYS, lane, src);
-        stage_rows<D, 32>(kd + DA_KEYS * D, vc, DA_KEYS, lane, src);
+        RowSources<D, 32, DA_KEYS> rs;
+        row_sources(rs, lane, [&](u32 r) { return k0 + r < end ? (long long)addr.at(kbase, k0 + r, g, hkv, D) : -1LL; });
+        copy_rows(kd, kc, lane, rs);
+        copy_rows(kd + DA_KEYS * D, vc, lane, rs);
     };
-    if (warp < chunks) stage_chunk(warp, 0);
-    cp_async_commit();
-    cp_async_wait<1>();
+    // The first DA_STAGES - 1 chunks of this warp in flight, a group each.
+#pragma unroll
+    for (u32 i = 0; i < DA_STAGES - 1; i++) {
+        if (warp + i * DA_WARPS < chunks) stage_chunk(warp + i * DA_WARPS, i);
+        cp_async_commit();
+    }
+    cp_async_wait<DA_STAGES - 1>();
     __syncthreads();  // Q landed, for every warp
 
     u32 qa[D / 16][4];
@@ -1027,10 +1105,12 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
     u32 stage = 0;
-    for (u32 c = warp; c < chunks; c += DA_WARPS, stage ^= 1) {
-        if (c + DA_WARPS < chunks) stage_chunk(c + DA_WARPS, stage ^ 1);
+    for (u32 c = warp; c < chunks; c += DA_WARPS, stage = stage + 1 == DA_STAGES ? 0 : stage + 1) {
+        // The chunk DA_STAGES - 1 ahead goes into the stage used last (every lane is past it).
+        const u32 ahead = c + (DA_STAGES - 1) * DA_WARPS;
+        if (ahead < chunks) stage_chunk(ahead, stage == 0 ? DA_STAGES - 1 : stage - 1);
         cp_async_commit();
-        cp_async_wait<1>();
+        cp_async_wait<DA_STAGES - 1>();
         __syncwarp();  // this chunk landed, for the whole warp
         const u16* ks = ws + stage * 2 * DA_KEYS * D;
         const u16* vs = ks + DA_KEYS * D;
@@ -1129,7 +1209,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
             acc += wo[(w * 16 + r) * D + x] * scale;
             sum += wl[w * 16 + r] * scale;
         }
-        float* out = partial + (((u64)(q0 + r / group) * hq + g * group + r % group) * splits + sl) * (D + 2);
+        float* out = partial_of(r);
         out[x] = acc;
         if (x == 0) {
             out[D] = mm == -INFINITY ? -INFINITY : mm * ln2;  // natural-log units, as attn_split's

@@ -349,6 +349,83 @@ __device__ __forceinline__ void wgmma_rs_t<128, false>(float* d, const u32* a, u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
 #endif
 }
+
+// ---- The tensor memory accelerator (TMA) and its transaction barriers (sm_90a) ----
+// A tile is copied from global to shared memory by one thread's cp.async.bulk.tensor, described by a
+// tensor map (`CUtensorMap`, 128 bytes, made on the host: crates/highrise-cuda/src/tma.rs) that lives
+// in global memory; its bytes are counted against an mbarrier in shared memory, whose phase
+// completes once every expected arrival has arrived and every expected byte has landed. Models in
+// kernels/emu/simt.hpp (the copy lands when a thread waits for the barrier's phase, as cp.async's
+// do at their wait).
+
+// The barrier at `bar` (8 bytes of shared memory) expects `count` arrivals a phase.
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+#ifdef HIGHRISE_EMU
+    emu::mbar_init(bar, count);
+#else
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// This thread's arrival, announcing `bytes` more to land in the phase (TMA copies completing on it).
+__device__ __forceinline__ void mbar_arrive_expect(u64* bar, u32 bytes) {
+#ifdef HIGHRISE_EMU
+    emu::mbar_arrive(bar, bytes);
+#else
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+// This thread's arrival.
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+#ifdef HIGHRISE_EMU
+    emu::mbar_arrive(bar, 0);
+#else
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+
+// Waits until the barrier's phase of parity `parity` has completed (its copies landed).
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+#ifdef HIGHRISE_EMU
+    emu::mbar_wait(bar, parity);
+#else
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "wait:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait;\n"
+        "}\n" ::"r"(smem_u32(bar)),
+        "r"(parity)
+        : "memory");
+#endif
+}
+
+// A tile of a tensor of 16-bit elements, by its tensor map at `map` (global memory), into shared
+// memory at `dst` (1024-byte aligned: the maps use the 128-byte swizzle), its bytes counted on `bar`:
+// the box at coordinates (c0, c1, c2), c0 the innermost. Elements outside the tensor land as zeros
+// and count too.
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* map, u64* bar, int c0, int c1, int c2) {
+#ifdef HIGHRISE_EMU
+    emu::tma_load(dst, map, bar, c0, c1, c2);
+#else
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(
+            smem_u32(dst)),
+        "l"(map), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+        : "memory");
+#endif
+}
+
+// Before the first copy by a tensor map the host wrote to global memory: the map as the tensor
+// proxy sees it.
+__device__ __forceinline__ void tma_map_acquire(const void* map) {
+#ifndef HIGHRISE_EMU
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(map) : "memory");
+#endif
+}
 #endif  // HIGHRISE_WGMMA
 
 // The block's dynamic shared memory (its size given at launch) as an array of T.

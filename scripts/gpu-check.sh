@@ -55,7 +55,7 @@ step backends 45 "$bundle/highrise" backends
 
 # 2. Each cross-check in its own process; the first one compiles the kernels into the cache.
 start=$SECONDS
-# The wgmma probe first: it takes a second, and it must not be the one the step's budget cuts.
+# The wgmma and TMA probes first: they take a second, and must not be the ones the step's budget cuts.
 "$bundle/cuda-tests" --list 2>/dev/null | sed -n 's/: test$//p' | awk '/wgmma/ { print; next } { rest[n++] = $0 } END { for (i = 0; i < n; i++) print rest[i] }' >"$out/tests.list"
 : >"$out/tests.results"
 while read -r t; do
@@ -92,8 +92,10 @@ if grep -q 'sm_90' "$out/backends.txt" || nvidia-smi --query-gpu=compute_cap --f
         echo "$kernel: $t|$(outcome $? "$out/tests/$kernel-$t.txt")|$((SECONDS - s0))" >>"$out/wgmma.results"
     done
     echo "Hopper's other prefill kernels (mma, wgmma): $(grep -c '|ok|' "$out/wgmma.results") of 6 cross-checks ok" >>"$out/steps.txt"
-    # Step 2's wgmma probe, where it found wgmma other than we read the ISA: which product, which elements.
-    grep -h -A3 'WRONG' "$out/tests/wgmma_as_the_kernels_use_it_equals_a_plain_product.txt" >>"$out/steps.txt" 2>/dev/null
+    # Step 2's wgmma and TMA probes, where they found the hardware other than we read the ISA: which
+    # product or tile, which elements.
+    grep -h -A3 'WRONG' "$out/tests/wgmma_as_the_kernels_use_it_equals_a_plain_product.txt" \
+        "$out/tests/wgmma_tma_lays_tiles_out_as_the_kernels_read_them.txt" >>"$out/steps.txt" 2>/dev/null
 else
     echo "Hopper's other prefill kernels: skipped (not a Hopper GPU)" >>"$out/steps.txt"
 fi

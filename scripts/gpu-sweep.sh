@@ -12,18 +12,24 @@
 # (on Hopper the engine prefills on wgmma). On Hopper, the same for the wgmma kernels
 # (flash_attn_wg, flash_attn_wgp) in each geometry of WG_SHAPES (WARPGROUPSxKEYS, through
 # HIGHRISE_FLASH_WG_SHAPE), about 15 s each. The winners per head dim go into flash.rs's TUNED (and
-# TUNED_WG) table with the date. Every shape here is also run on the CPU model in CI
+# TUNED_WG) table with the date. The decode kernel (decode_attn, the paged cache) in each shape of
+# DECODE_SHAPES (WARPSxSTAGES: warps per block, copy-pipeline stages per warp; HIGHRISE_DECODE_SHAPE):
+# its paged attention cross-check and its read bandwidth at batch 1 (1k, 8k, 32k) and 8 and 64 (8k),
+# about 10 s each; the winner goes into flash.rs's TUNED_DECODE. Every shape here is also run on the CPU model in CI
 # (tests/kernel_emu.rs) and compiled without spills for sm_80 and sm_90a (tests/cuda_kernels.rs), so
 # a failure here is news.
 #
 # usage: scripts/gpu-sweep.sh [BUNDLE [OUT [WHICH]]]   (results in OUT/sweep.md; default OUT: $OUT or
-# gpu-results). WHICH: all (default), mma (the flash_attn shapes, 2-3 minutes) or wg (the Hopper
-# geometries, about 2 minutes), so that a short GPU window can take one part per call.
+# gpu-results). WHICH: all (default), mma (the flash_attn shapes, 2-3 minutes), wg (the Hopper
+# geometries, about 2 minutes) or decode (about 1.5 minutes), so that a short GPU window can take one
+# part per call.
 set -uo pipefail
 SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
 # Hopper geometries, WARPGROUPSxKEYS: one for both head dims, or D64/D128 (three warpgroups of 128
 # keys fit the register file at d64 only).
 WG_SHAPES="2x128 3x128/2x128 2x64 3x64 1x128"
+# Decode kernel shapes, WARPSxSTAGES (the first is the default).
+DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
 which=${3:-all}
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}
@@ -32,6 +38,7 @@ out=$(cd "$out" && pwd)
 export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" HIGHRISE_OFFLINE=1 RUST_BACKTRACE=1
 
 : >"$out/sweep/rows.txt"
+: >"$out/sweep/decode-rows.txt"
 # One variant, compiled as the environment says: its attention cross-checks, then its timings.
 variant() { # name
     timeout 60 "$bundle/cuda-tests" --exact ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables \
@@ -46,14 +53,28 @@ variant() { # name
     grep '^| ' "$out/sweep/$1-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/rows.txt"
     echo "$1: check $check, $(grep -c '^| ' "$out/sweep/$1-bench.txt") timings"
 }
-if [ "$which" != wg ]; then
+if [ "$which" = decode ] || [ "$which" = all ]; then
+    for shape in $DECODE_SHAPES; do
+        HIGHRISE_DECODE_SHAPE=$shape timeout 60 "$bundle/cuda-tests" --exact ops::paged_attention_reads_through_block_tables \
+            --test-threads 1 --nocapture >"$out/sweep/decode-$shape-check.txt" 2>&1
+        case $? in
+            0) if grep -q skipped "$out/sweep/decode-$shape-check.txt"; then check=skipped; else check=ok; fi ;;
+            124 | 137) check=timeout ;;
+            *) check=FAILED ;;
+        esac
+        HIGHRISE_DECODE_SHAPE=$shape HIGHRISE_BENCH_SWEEP=decode timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/decode-$shape-bench.txt" 2>&1
+        grep '^| ' "$out/sweep/decode-$shape-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/decode-rows.txt"
+        echo "decode $shape: check $check, $(grep -c '^| ' "$out/sweep/decode-$shape-bench.txt") timings"
+    done
+fi
+if [ "$which" = mma ] || [ "$which" = all ]; then
     for shape in $SHAPES; do
         HIGHRISE_FLASH_KERNEL=mma HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
     done
 fi
 # The Hopper kernels (flash_attn_wg, flash_attn_wgp: wgmma), checked and timed the same way in each
 # geometry: the pipelined kernel in all of them, the plain one in the default (2x128).
-if [ "$which" != mma ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
+if { [ "$which" = wg ] || [ "$which" = all ]; } && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
     HIGHRISE_FLASH_KERNEL=wgmma variant wgmma-2x128
     for g in $WG_SHAPES; do
         HIGHRISE_FLASH_KERNEL=wgmma-pipe HIGHRISE_FLASH_WG_SHAPE="d64=${g%/*},d128=${g#*/}" variant "wgmma-pipe-${g//\//-}"
@@ -97,6 +118,14 @@ fi
     echo
     echo "best by causal 16k: d64 ${b64:-none}, d128 ${b128:-none} (put them in crates/highrise-cuda/src/flash.rs TUNED with today's date)"
     echo "best wgmma by causal 16k: d64 ${w64:-none}, d128 ${w128:-none} (TUNED_WG, with today's date; flash_attn_wgp is Hopper's default, flash::wgmma)"
+    echo
+    echo "decode_attn shapes (warps x stages), GB/s of K and V read, d128 bf16, 32 query heads over 8 KV heads:"
+    echo
+    echo "| shape | test | GB/s | check |"
+    echo "| --- | --- | ---: | --- |"
+    cat "$out/sweep/decode-rows.txt"
+    echo
+    echo "best decode shape by batch 1 ctx 32768: $(grep '| batch 1 ctx 32768 |' "$out/sweep/decode-rows.txt" | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *decode //; s/ *$//') (flash.rs TUNED_DECODE, with today's date)"
     echo
     echo "Nsight Compute, d128 at the best shape:"
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'

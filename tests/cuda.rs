@@ -60,6 +60,22 @@ fn wgmma_as_the_kernels_use_it_equals_a_plain_product() {
     wgmma_probe_matches(&driver);
 }
 
+/// On Hopper: a TMA copy (`tma_probe_*`, the tensor map encoded by CUDA) lays its box out as the
+/// wgmma kernels read tiles, rows past the tensor's end zeros: what kernels/emu/simt.hpp models, and
+/// what a prefill kernel fed by TMA (FlashAttention-3's design) relies on.
+#[test]
+fn wgmma_tma_lays_tiles_out_as_the_kernels_read_them() {
+    if backend("TMA probe").is_none() {
+        return;
+    }
+    let driver = highrise_cuda::driver::CudaDriver::new(0).unwrap();
+    let arch = highrise_cuda::driver::Driver::device(&driver).arch;
+    if arch != "sm_90a" {
+        return println!("skipped: TMA probe: this GPU is {arch}, TMA needs Hopper (sm_90a)");
+    }
+    tma_probe_matches(&driver);
+}
+
 #[test]
 fn default_model_greedy_continuation_matches_cpu() {
     let Some(gpu) = backend("default model on cuda") else { return };

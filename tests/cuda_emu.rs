@@ -91,6 +91,20 @@ fn wgmma_as_the_kernels_use_it_equals_a_plain_product() {
     assert_eq!(driver.take_recorded().len(), 4, "four probes launched and checked");
 }
 
+/// A TMA copy (`tma_probe_*`: a tensor map, an mbarrier, the 128-byte swizzle, rows past the
+/// tensor's end) lays its box out as the wgmma kernels read tiles, on the emulated device: our
+/// model of TMA (kernels/emu/simt.hpp) agrees with our layout. (tests/cuda.rs runs the same on a
+/// Hopper GPU, where it checks the model against the hardware.)
+#[test]
+fn tma_lays_tiles_out_as_the_wgmma_kernels_read_them() {
+    if backend("TMA probe on the emulated device").is_none() {
+        return;
+    }
+    let driver = highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).expect("built once already");
+    tma_probe_matches(&driver);
+    assert_eq!(driver.take_recorded().len(), 2, "two probes launched and checked");
+}
+
 /// The Hopper prefill kernels (`flash_attn_wg_*` and the pipelined `flash_attn_wgp_*`: wgmma,
 /// modelled in kernels/emu/simt.hpp; the pipelined one Hopper's default, the op tests here keep
 /// mma.sync's for speed: tests/common's `emulated`) in the whole model: a backend of its own prefills with each, and the logits and

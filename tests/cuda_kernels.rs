@@ -104,5 +104,14 @@ fn every_swept_flash_shape_compiles_without_spills() {
         assert_no_spills(&ptxas, &dir, "sm_90a", &format!("attention.cu-wg-{label}"), &ptx, entries);
         println!("sm_90a wgmma geometry {label}: no spills");
     }
+    // The decode kernel's shapes (DECODE_SHAPES): warps x pipeline stages.
+    for arch in ["sm_80", "sm_90a"] {
+        for shape in flash::decode_sweep_shapes(&script).unwrap() {
+            let ptx = nvrtc::compile("attention.cu", &kernels::source(body), arch, &shape.defines()).unwrap();
+            let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+            assert_no_spills(&ptxas, &dir, arch, &format!("attention.cu-decode-{shape}"), &ptx, entries);
+            println!("{arch} decode shape {shape}: no spills");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

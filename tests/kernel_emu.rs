@@ -50,8 +50,8 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
     let mut shapes = vec![flash::DEFAULT];
     shapes.extend(sweep_shapes().into_iter().filter(|s| *s != flash::DEFAULT));
     for (i, shape) in shapes.into_iter().enumerate() {
-        // The decode kernel and the wgmma prefill kernels have no tile shape to sweep: their 20 and
-        // 2 x 17 cases run once, with the default.
+        // The decode kernel's and the wgmma prefill kernels' cases (20 and 2 x 17) run here with
+        // their default shapes; their other shapes below.
         let (args, expect): (&[&str], usize) = if i == 0 { (&[], 69) } else { (&["prefill"], 15) };
         let report = check(&cxx, shape, &dir, args);
         let cases = report.lines().filter(|l| l.starts_with("ok ")).count();
@@ -71,14 +71,24 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
         assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 34, "every case ran for {label}:\n{report}");
         println!("wgmma {label}: 34 cases ok");
     }
+    // The decode kernel in every other shape the sweep tries (warps x stages): its 20 cases each.
+    for shape in flash::decode_sweep_shapes(&script).unwrap().into_iter().filter(|s| *s != flash::DECODE_DEFAULT) {
+        let exe = dir.join(format!("check_attention_decode_{shape}"));
+        let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_attention.cpp"), &shape.defines(), &exe, &["decode"]);
+        assert!(ok, "the decode kernel in shape {shape} on the CPU model:\n{report}");
+        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 20, "every case ran for {shape}:\n{report}");
+        assert!(report.contains(" 0 bank conflicts"), "{shape}:\n{report}");
+        println!("decode {shape}: 20 cases ok, no bank conflicts");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The checker itself: a kernel with a fault put back in (V read without transposing; the swizzle
 /// taken out; the sliding window ignored; in the wgmma kernels, V's descriptor strides swapped, a tile
 /// unswizzled, the softcap left out, S read before its wgmma was waited for, the pipelined one's V
-/// from the wrong stage and O rescaled while P V still writes it) is caught, so a pass above means
-/// something.
+/// from the wrong stage and O rescaled while P V still writes it; in the decode kernel, a chunk read
+/// before its copies land and the next chunk copied over the one in use) is caught, so a pass above
+/// means something.
 #[test]
 fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let Some(cxx) = compiler() else {
@@ -100,6 +110,8 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
         ("wgmma-pipe: O rescaled under P V", "softmax(s, corr, kb);\n            wgmma_wait<0>();\n            rescale(o, corr);", "softmax(s, corr, kb);\n            rescale(o, corr);\n            wgmma_wait<0>();", "FAIL d128 bf16 paged, 300", "wgmma"),
         ("sliding window ignored", "return window != 0 && n > window ? n - window : 0;", "return 0;", "FAIL d64 bf16 causal, 3 prompts (1, 150, 37 rows), 4 heads over 2, softcap 1.00, window 40", "prefill"),
         ("wgmma: softcap left out", "return mods.softcap > 0.0f ? mods.log2_cap(scale_log2)", "return false ? mods.log2_cap(scale_log2)", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1, softcap 0.50: wgmma", "wgmma"),
+        ("decode: a chunk used before its copies are waited for", "cp_async_wait<DA_STAGES - 1>();\n        __syncwarp();  // this chunk landed", "cp_async_wait<DA_STAGES>();\n        __syncwarp();  // this chunk landed", "FAIL decode d", "decode"),
+        ("decode: the chunk ahead copied into the stage in use", "stage_chunk(ahead, stage == 0 ? DA_STAGES - 1 : stage - 1);", "stage_chunk(ahead, stage);", "FAIL decode d", "decode"),
         ("wgmma: S before its wait", "issue_s(s, ka);\n        wgmma_wait<0>();\n        softmax(s, corr, kb);", "issue_s(s, ka);\n        softmax(s, corr, kb);", "FAIL d64 bf16", "wgmma"),
     ] {
         assert!(src.contains(from), "attention.cu has `{from}`");

@@ -246,7 +246,7 @@ bool run_decode(const Case& c, u32 splits) {
     std::vector<float> partial((size_t)in.t * hq * splits * (d + 2), NAN);
     std::vector<u16> out((size_t)in.t * hq * d, 0x7fc0);
     const float scale_log2 = LOG2E / std::sqrt((float)d);
-    const size_t smem = (size_t)d * (16 + DA_WARPS * 2 * 2 * DA_KEYS) * 2;
+    const size_t smem = (size_t)d * (16 + DA_WARPS * DA_STAGES * 2 * DA_KEYS) * 2;
     float* p = partial.data();
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     const u32 *sq = seqs.data(), *tab = in.table.data();
@@ -277,9 +277,12 @@ bool run_decode(const Case& c, u32 splits) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    // "prefill": only flash_attn's cases (what its tile shape changes); "wgmma": only flash_attn_wg's.
+    // "prefill": only flash_attn's cases (what its tile shape changes); "wgmma": only flash_attn_wg's;
+    // "decode": only decode_attn's (what DA_WARPS and DA_STAGES change).
     const std::string only = argc > 1 ? argv[1] : "";
-    const bool decode = only.empty(), mma = only != "wgmma", wgmma = only.empty() || only == "wgmma";
+    const bool decode = only.empty() || only == "decode", mma = only.empty() || only == "prefill";
+    const bool wgmma = only.empty() || only == "wgmma";
+    std::printf("decode: %u warps x %u stages\n", DA_WARPS, DA_STAGES);
     std::printf("tile shapes: d64 %u warps x %u x 16 rows, %u keys; d128 %u warps x %u x 16 rows, %u keys\n", FA64_WARPS,
                 FA64_MT, FA64_KEYS, FA128_WARPS, FA128_MT, FA128_KEYS);
     std::vector<Case> cases;

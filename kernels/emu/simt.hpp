@@ -125,8 +125,34 @@ struct Warpgroup {
     std::vector<std::vector<WgmmaOp>> groups;  // committed groups, oldest first
 };
 
+// A tensor map as this model's host side writes it (crates/highrise-cuda/src/tma.rs's `emu_bytes`;
+// the GPU's own format is opaque): dims and box innermost first, strides in bytes of dims 1.., the
+// swizzle in bytes (0 or 128).
+struct TensorMap {
+    uint64_t base;
+    uint32_t rank, elem_bytes;
+    uint64_t dims[5], strides[5];
+    uint32_t box[5], swizzle;
+};
+static_assert(sizeof(TensorMap) <= 128, "a tensor map is 128 bytes");
+
+struct TmaCopy {
+    void* dst;
+    TensorMap map;
+    int coords[5];
+};
+
+// An mbarrier: arrivals expected a phase, those still to come, bytes still to land (TMA copies
+// completing on it, which land only when a thread waits on it), phases completed.
+struct Mbar {
+    unsigned count = 0, pending = 0, phase = 0;
+    long long tx = 0;
+    std::vector<TmaCopy> copies;
+};
+
 struct Block {
     emu_dim3 bid, bdim, gdim;
+    std::map<const void*, Mbar> mbars;
     std::vector<Fiber> fibers;
     ucontext_t scheduler;
     void* scheduler_sp = nullptr;
@@ -361,6 +387,105 @@ inline void cp_async_wait(unsigned pending) {
     }
 }
 
+// ---- TMA and mbarriers (sm_90a) ----
+//
+// mbarrier.init / arrive(.expect_tx) / try_wait.parity on a barrier in shared memory (kept beside the
+// block, by address), and cp.async.bulk.tensor's tile mode with the 128-byte swizzle (or none): the
+// box lands (elements outside the tensor as zeros, all counted) when a thread waits on the barrier
+// the copy completes on, so a read before the wait sees stale data, as on a GPU.
+
+inline Mbar& mbar_of(const void* bar) {
+    if ((uintptr_t)bar % 8) fail("mbarrier: not 8-byte aligned");
+    auto it = blk->mbars.find(bar);
+    if (it == blk->mbars.end()) fail("mbarrier: used before mbarrier.init");
+    return it->second;
+}
+
+inline void mbar_init(const void* bar, unsigned count) {
+    if ((uintptr_t)bar % 8) fail("mbarrier: not 8-byte aligned");
+    if (count == 0) fail("mbarrier.init: a count of 0");
+    Mbar& m = blk->mbars[bar];
+    m = Mbar{};
+    m.count = m.pending = count;
+}
+
+// The phase completes once every arrival came and every byte landed.
+inline void mbar_settle(Mbar& m) {
+    if (m.pending == 0 && m.tx == 0) {
+        m.phase++;
+        m.pending = m.count;
+    }
+}
+
+inline void mbar_arrive(const void* bar, unsigned bytes) {
+    Mbar& m = mbar_of(bar);
+    if (m.pending == 0) fail("mbarrier: more arrivals than its count");
+    m.tx += bytes;
+    m.pending--;
+    mbar_settle(m);
+}
+
+inline void tma_land(const TmaCopy& c) {
+    const TensorMap& t = c.map;
+    uint64_t n = 1;
+    for (unsigned i = 0; i < t.rank; i++) n *= t.box[i];
+    const unsigned row_bytes = t.box[0] * t.elem_bytes;
+    for (uint64_t e = 0; e < n; e++) {
+        // Element e of the box (dim 0 fastest), its place in the tensor and in shared memory.
+        uint64_t rest = e, src = t.base;
+        bool inside = true;
+        for (unsigned i = 0; i < t.rank; i++) {
+            const long long at = (long long)c.coords[i] + (long long)(rest % t.box[i]);
+            rest /= t.box[i];
+            inside &= at >= 0 && (uint64_t)at < t.dims[i];
+            src += (uint64_t)at * (i == 0 ? t.elem_bytes : t.strides[i]);
+        }
+        uint64_t off = e / t.box[0] * row_bytes + e % t.box[0] * t.elem_bytes;
+        if (t.swizzle == 128) off ^= ((off >> 7) & 7) << 4;
+        char* d = (char*)c.dst + off;
+        if (inside) std::memcpy(d, (const void*)src, t.elem_bytes);
+        else std::memset(d, 0, t.elem_bytes);
+    }
+}
+
+inline void tma_load(void* dst, const void* map, const void* bar, int c0, int c1, int c2) {
+    TmaCopy c{dst, {}, {c0, c1, c2, 0, 0}};
+    std::memcpy(&c.map, map, sizeof(TensorMap));
+    const TensorMap& t = c.map;
+    if (t.rank < 1 || t.rank > 5 || (t.elem_bytes != 2 && t.elem_bytes != 4)) fail("cp.async.bulk.tensor: not a tensor map");
+    if (t.rank != 3) fail("cp.async.bulk.tensor.3d: the map's rank is not 3");
+    // Alignment within the block's shared window (smem_u32's offsets, as wgmma's descriptors see it).
+    const long long at = (const char*)dst - blk->dynamic_shared.data();
+    if (at < 0 || (size_t)at >= blk->dynamic_shared.size()) fail("cp.async.bulk.tensor: the destination is not dynamic shared memory");
+    if (t.swizzle == 128 && (at % 1024 || t.box[0] * t.elem_bytes > 128))
+        fail("cp.async.bulk.tensor: the 128-byte swizzle needs a 1024-byte aligned tile of rows up to 128 bytes");
+    if (at % 128) fail("cp.async.bulk.tensor: shared memory not 128-byte aligned");
+    uint64_t box_bytes = t.elem_bytes;
+    for (unsigned i = 0; i < t.rank; i++) box_bytes *= t.box[i];
+    if ((size_t)at + box_bytes > blk->dynamic_shared.size()) fail("cp.async.bulk.tensor: the box runs past the block's shared memory");
+    mbar_of(bar).copies.push_back(c);
+}
+
+inline void mbar_wait(const void* bar, unsigned parity) {
+    for (;;) {
+        Mbar& m = mbar_of(bar);
+        for (const TmaCopy& c : m.copies) {
+            tma_land(c);
+            uint64_t n = c.map.elem_bytes;
+            for (unsigned i = 0; i < c.map.rank; i++) n *= c.map.box[i];
+            m.tx -= (long long)n;
+        }
+        m.copies.clear();
+        mbar_settle(m);
+        if ((m.phase & 1) != parity) {
+            blk->stalls = 0;
+            return;
+        }
+        if (++blk->stalls > 4 * blk->fibers.size() + 64) fail("deadlock: threads wait on an mbarrier phase that can never complete");
+        yield();
+    }
+}
+
 // ---- wgmma (sm_90a): warpgroup-wide asynchronous matrix multiply ----
 //
 // A warpgroup is 4 consecutive warps (threads 128 w .. 128 w + 127). Its .sync.aligned instructions
@@ -538,6 +663,7 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
     b.slots.assign(((n + 31) / 32) * 32, nullptr);
     b.live = n;
     b.block_barrier = Barrier{};
+    b.mbars.clear();
     if (stacks.size() < n) stacks.resize(n, std::vector<char>(256 << 10));
     for (unsigned i = 0; i < n; i++) {
         Fiber& f = b.fibers[i];

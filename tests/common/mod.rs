@@ -527,6 +527,21 @@ pub fn deferred_captures_in_graphs_match(dev: &Arc<dyn Backend>) -> u64 {
 
 /// wgmma alone, as the Hopper prefill kernels use it (`highrise_cuda::wgmma_check`), for both head
 /// dims and both dtypes on `driver`: each report printed, every product equal to the host's.
+/// `tma_probe_d{64,128}` on `driver` brought its box by TMA into the layout the wgmma kernels read
+/// (crate `highrise_cuda::tma`), out-of-bounds rows as zeros.
+#[allow(dead_code)]
+pub fn tma_probe_matches(driver: &dyn highrise_cuda::driver::Driver) {
+    let mut wrong = Vec::new();
+    for d in [64, 128] {
+        let check = highrise_cuda::tma::check_tma(driver, d).unwrap_or_else(|e| panic!("d{d}: {e}"));
+        print!("{check}");
+        if !check.ok() {
+            wrong.push(check.kernel);
+        }
+    }
+    assert!(wrong.is_empty(), "TMA laid out tiles other than the wgmma kernels read them in {wrong:?} (reports above)");
+}
+
 pub fn wgmma_probe_matches(driver: &dyn highrise_cuda::driver::Driver) {
     let mut wrong = Vec::new();
     for d in [64, 128] {

@@ -106,6 +106,25 @@ pub trait Driver: Send + Sync {
 
     fn synchronize(&self) -> Result<()>;
 
+    /// A TMA tensor map (128 bytes, for a kernel to read from global memory). This default writes
+    /// the emulated device's format (`TensorMap::emu_bytes`); the real driver asks CUDA
+    /// (`cuTensorMapEncodeTiled`).
+    fn tensor_map(&self, map: &crate::tma::TensorMap) -> Result<[u8; 128]> {
+        map.validate()?;
+        Ok(map.emu_bytes())
+    }
+
+    /// How many blocks of `kernel` with `threads` threads and `shared_bytes` of dynamic shared
+    /// memory one SM holds at once (at least 1): what sizes a grid to whole waves. This default
+    /// counts threads and shared memory only (227 KiB an SM, 1 KiB of it reserved per block);
+    /// the real driver asks CUDA, which counts registers too.
+    fn blocks_per_sm(&self, kernel: &str, threads: u32, shared_bytes: u32) -> Result<u32> {
+        let _ = kernel;
+        let by_threads = 2048 / threads.max(1);
+        let by_shared = (228 << 10) / (shared_bytes + (1 << 10));
+        Ok(by_threads.min(by_shared).clamp(1, 32))
+    }
+
     /// Starts capturing: the launches, GEMMs and device-to-device copies queued from now until
     /// `end_capture` become a graph instead of running (host copies are not captured: the backend
     /// makes them before). Err where the
@@ -172,9 +191,10 @@ fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("cuda: {what}: {e:?}"))
 }
 
-/// A kernel entry point. CUfunction handles may be used from any thread of the process.
-#[derive(Clone, Copy)]
-struct Func(drv_sys::CUfunction);
+/// A kernel entry point, and the dynamic shared memory it was opted in to (beyond 48 KiB; set once
+/// per size instead of at every launch). CUfunction handles may be used from any thread of the
+/// process.
+struct Func(drv_sys::CUfunction, std::sync::atomic::AtomicU32);
 // SAFETY: CUfunction handles are valid in every thread of the process (the CUDA driver API is
 // thread-safe); the module they belong to is never unloaded.
 unsafe impl Send for Func {}
@@ -227,7 +247,7 @@ impl CudaDriver {
                 let c = CString::new(symbol.clone()).expect("PTX symbols have no NUL");
                 // SAFETY: module is live (never unloaded: kernels live as long as the process).
                 let f = unsafe { drv::module::get_function(module, c) }.map_err(driver_err(&format!("kernel {symbol}")))?;
-                functions.insert(symbol, Func(f));
+                functions.insert(symbol, Func(f, std::sync::atomic::AtomicU32::new(48 << 10)));
             }
         }
         let blas = cudarc::cublas::result::create_handle().map_err(|e| Error::Backend(format!("cuda: cublasCreate: {e:?}")))?;
@@ -260,6 +280,27 @@ impl CudaDriver {
         } else {
             std::ptr::null_mut()
         }
+    }
+
+    /// Kernel `name`, opted in to `shared_bytes` of dynamic shared memory where that is beyond 48
+    /// KiB (per function, once per larger size).
+    fn function(&self, name: &str, shared_bytes: u32) -> Result<drv_sys::CUfunction> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = self.functions.get(name).ok_or_else(|| Error::Unsupported(format!("cuda: no kernel {name} (not compiled for this build)")))?;
+        if shared_bytes > f.1.load(Relaxed) {
+            // SAFETY: the function is loaded; setting an attribute races with nothing (a launch
+            // with less shared memory is valid either way).
+            unsafe {
+                drv::function::set_function_attribute(
+                    f.0,
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(driver_err(&format!("{name}: {shared_bytes} bytes of dynamic shared memory")))?;
+            f.1.fetch_max(shared_bytes, Relaxed);
+        }
+        Ok(f.0)
     }
 
     /// Points cuBLAS at `stream` (its default workspace serves both: the two streams never overlap).
@@ -303,21 +344,9 @@ impl Driver for CudaDriver {
     }
 
     unsafe fn launch(&self, l: &Launch<'_>) -> Result<()> {
-        let f = self
-            .functions
-            .get(l.kernel)
-            .ok_or_else(|| Error::Unsupported(format!("cuda: no kernel {} (not compiled for this build)", l.kernel)))?;
-        if l.shared_bytes > 48 << 10 {
-            // Beyond 48 KiB a kernel's dynamic shared memory needs opting in, per function.
-            drv::function::set_function_attribute(
-                f.0,
-                drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                l.shared_bytes as i32,
-            )
-            .map_err(driver_err(&format!("{}: {} bytes of dynamic shared memory", l.kernel, l.shared_bytes)))?;
-        }
+        let f = self.function(l.kernel, l.shared_bytes)?;
         let mut params = l.params.to_vec();
-        drv::launch_kernel(f.0, l.grid, l.block, l.shared_bytes, self.stream(), &mut params)
+        drv::launch_kernel(f, l.grid, l.block, l.shared_bytes, self.stream(), &mut params)
             .map_err(driver_err(&format!("launching {}", l.kernel)))
     }
 
@@ -365,6 +394,43 @@ impl Driver for CudaDriver {
                 g.t, g.k, g.n, g.k, g.input, g.output
             ))
         })
+    }
+
+    fn tensor_map(&self, map: &crate::tma::TensorMap) -> Result<[u8; 128]> {
+        use drv_sys::{CUtensorMapDataType as Ty, CUtensorMapFloatOOBfill as Fill, CUtensorMapInterleave as Il, CUtensorMapL2promotion as L2, CUtensorMapSwizzle as Sw};
+        map.validate()?;
+        let mut out = std::mem::MaybeUninit::<drv_sys::CUtensorMap>::zeroed();
+        let element_strides = [1u32; 3];
+        // SAFETY: the arrays hold rank (3) entries each, strides rank - 1; the map is written into
+        // `out`, a CUtensorMap (128 bytes, 64-byte aligned).
+        unsafe {
+            drv_sys::cuTensorMapEncodeTiled(
+                out.as_mut_ptr(),
+                Ty::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                3,
+                map.base as *mut c_void,
+                map.dims.as_ptr(),
+                map.strides.as_ptr(),
+                map.boxes.as_ptr(),
+                element_strides.as_ptr(),
+                Il::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                Sw::CU_TENSOR_MAP_SWIZZLE_128B,
+                L2::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()
+            .map_err(driver_err(&format!("cuTensorMapEncodeTiled for {map:?}")))?;
+            let raw = out.assume_init();
+            Ok(std::mem::transmute::<drv_sys::CUtensorMap, [u8; 128]>(raw))
+        }
+    }
+
+    fn blocks_per_sm(&self, kernel: &str, threads: u32, shared_bytes: u32) -> Result<u32> {
+        let f = self.function(kernel, shared_bytes)?;
+        // SAFETY: the function is loaded (never unloaded); the context is bound by the caller.
+        let n = unsafe { drv::occupancy::max_active_block_per_multiprocessor(f, threads as i32, shared_bytes as usize) }
+            .map_err(driver_err(&format!("{kernel}: occupancy of {threads} threads and {shared_bytes} bytes of shared memory")))?;
+        Ok((n as u32).max(1))
     }
 
     fn synchronize(&self) -> Result<()> {

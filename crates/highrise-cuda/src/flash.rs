@@ -238,6 +238,82 @@ pub fn find(shapes: &[(usize, Shape)], d: usize) -> Result<Shape> {
         .ok_or_else(|| Error::Unsupported(format!("flash_attn: head dim {d} (the kernel takes {HEAD_DIMS:?})")))
 }
 
+/// The tensor-core decode kernel's shape (`decode_attn_*`, kernels/attention.cu): warps per block,
+/// each taking 16-key chunks of its slice of the context in turn, and the stages of each warp's
+/// copy pipeline (chunks in flight: stages - 1 while one is used). Compile-time (`-DDA_WARPS`,
+/// `-DDA_STAGES`), one for both head dims: `HIGHRISE_DECODE_SHAPE` ("4x3": how gpu-sweep.sh tries
+/// variants), then [`TUNED_DECODE`], then [`DECODE_DEFAULT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub warps: u32,
+    pub stages: u32,
+}
+
+impl DecodeShape {
+    pub fn threads(self) -> u32 {
+        32 * self.warps
+    }
+
+    /// Dynamic shared memory at head dim `d`: the 16 query rows, and per warp `stages` stages of
+    /// 16 K and 16 V rows (16-bit elements).
+    pub fn shared_bytes(self, d: usize) -> u32 {
+        d as u32 * (16 + self.warps * self.stages * 2 * 16) * 2
+    }
+
+    /// The fewest keys a slice of the context gets: a chunk per warp.
+    pub fn min_slice(self) -> u32 {
+        16 * self.warps
+    }
+
+    /// "4x2": warps x stages; 2, 4 or 8 warps of 2-4 stages, within a block's shared memory at
+    /// head dim 128 on Hopper (227 KiB; an A100 gives 163 KiB, and refuses larger launches).
+    pub fn parse(s: &str) -> Result<DecodeShape> {
+        let bad = || Error::Invalid(format!("decode shape {s:?}: expected WARPSxSTAGES, warps 2, 4 or 8 and stages 2-4, e.g. 4x3"));
+        let (w, st) = s.split_once('x').ok_or_else(bad)?;
+        let (warps, stages): (u32, u32) = (w.trim().parse().map_err(|_| bad())?, st.trim().parse().map_err(|_| bad())?);
+        let shape = DecodeShape { warps, stages };
+        if ![2, 4, 8].contains(&warps) || !(2..=4).contains(&stages) {
+            return Err(bad());
+        }
+        if shape.shared_bytes(128) > 227 * 1024 {
+            return Err(Error::Invalid(format!("decode shape {s}: {} bytes of shared memory at d128, more than a block gets (227 KiB)", shape.shared_bytes(128))));
+        }
+        Ok(shape)
+    }
+
+    /// The `-D` options that compile the kernel in this shape.
+    pub fn defines(self) -> [String; 2] {
+        [format!("-DDA_WARPS={}", self.warps), format!("-DDA_STAGES={}", self.stages)]
+    }
+}
+
+impl std::fmt::Display for DecodeShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.warps, self.stages)
+    }
+}
+
+/// The decode kernel's shape until a sweep measures better: 4 warps of two stages (the shape the
+/// H200 timed on 2026-11-30: 32-58% of the copy bandwidth).
+pub const DECODE_DEFAULT: DecodeShape = DecodeShape { warps: 4, stages: 2 };
+
+/// Winners of scripts/gpu-sweep.sh's decode part per architecture (arch, shape, day measured); none
+/// yet.
+pub const TUNED_DECODE: &[(&str, DecodeShape, &str)] = &[];
+
+/// The decode kernel's shape on `arch`, as it is compiled.
+pub fn decode_shape(arch: &str) -> Result<DecodeShape> {
+    if let Ok(v) = std::env::var("HIGHRISE_DECODE_SHAPE") {
+        return DecodeShape::parse(&v).map_err(|e| Error::Invalid(format!("HIGHRISE_DECODE_SHAPE: {e}")));
+    }
+    Ok(TUNED_DECODE.iter().find(|(a, _, _)| *a == arch).map_or(DECODE_DEFAULT, |&(_, s, _)| s))
+}
+
+/// The decode shapes scripts/gpu-sweep.sh tries (its `DECODE_SHAPES="..."` line).
+pub fn decode_sweep_shapes(script: &str) -> Result<Vec<DecodeShape>> {
+    sweep_line(script, "DECODE_SHAPES=")?.into_iter().map(DecodeShape::parse).collect()
+}
+
 /// The NVRTC options that set every head dim's shapes, for attention.cu on `arch` (the Hopper
 /// kernels' too: they are compiled only for sm_90a, the options are harmless elsewhere).
 pub fn defines(arch: &str) -> Result<Vec<String>> {
@@ -246,6 +322,7 @@ pub fn defines(arch: &str) -> Result<Vec<String>> {
         out.extend(defines_for(d, shape(arch, d)?));
         out.extend(wg_defines_for(d, shape_of(Family::Wgmma, arch, d)?));
     }
+    out.extend(decode_shape(arch)?.defines());
     Ok(out)
 }
 
@@ -333,7 +410,7 @@ mod tests {
             assert!(Shape::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(shape("sm_80", 64).unwrap(), DEFAULT);
-        assert_eq!(defines("sm_80").unwrap().len(), 10);
+        assert_eq!(defines("sm_80").unwrap().len(), 12);
         // The Hopper kernel: 128 rows over 256 threads; at d128 its tiles take 96 KiB, plus alignment.
         let wg = WG_DEFAULT;
         assert_eq!((wg.rows(), wg.threads(), Wg::Plain.shared_bytes(wg, 128)), (128, 256, 98304 + 1024));
@@ -362,9 +439,27 @@ mod tests {
             assert!(parse_wg(bad).is_err(), "{bad}");
         }
         assert_eq!(wg_defines_for(64, three), ["-DFH64_WGS=3".to_string(), "-DFH64_KEYS=128".to_string()]);
-        assert_eq!(defines("sm_90a").unwrap().len(), 10);
+        assert_eq!(defines("sm_90a").unwrap().len(), 12);
         let pairs = wg_sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128 3x128/2x128\"\n").unwrap();
         assert_eq!(pairs, vec![[WG_DEFAULT; 2], [three, WG_DEFAULT]]);
         assert_eq!(sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128\"\n").unwrap(), vec![DEFAULT]);
+    }
+
+    #[test]
+    fn decode_shapes_parse_and_fit() {
+        let s = DecodeShape::parse("4x2").unwrap();
+        assert_eq!(s, DECODE_DEFAULT);
+        // 16 query rows and 4 warps x 2 stages x (16 K + 16 V rows) at d128: 69,632 bytes.
+        assert_eq!((s.threads(), s.shared_bytes(128), s.min_slice(), s.to_string()), (128, 69632, 64, "4x2".to_string()));
+        assert_eq!(s.defines(), ["-DDA_WARPS=4".to_string(), "-DDA_STAGES=2".to_string()]);
+        assert!(DecodeShape::parse("8x3").is_ok());
+        // 8 warps of 4 stages need 260 KiB at d128; 3 warps and 1 or 5 stages are no shape.
+        for bad in ["8x4", "3x2", "4x1", "4x5", "4", "ax2"] {
+            assert!(DecodeShape::parse(bad).is_err(), "{bad}");
+        }
+        if std::env::var_os("HIGHRISE_DECODE_SHAPE").is_none() {
+            assert_eq!(decode_shape("sm_90a").unwrap(), DECODE_DEFAULT);
+        }
+        assert_eq!(decode_sweep_shapes("DECODE_SHAPES=\"4x2 8x2\"\n").unwrap(), vec![DECODE_DEFAULT, DecodeShape { warps: 8, stages: 2 }]);
     }
 }

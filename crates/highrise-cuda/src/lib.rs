@@ -23,6 +23,7 @@ pub mod nvrtc;
 mod ops;
 pub mod ptx;
 pub mod recording;
+pub mod tma;
 pub mod wgmma_check;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +62,8 @@ struct OpState {
     meta_bytes: usize,
     meta_need: usize,
     graphs: graph::Graphs,
+    /// Blocks an SM holds at once, per kernel asked (`Driver::blocks_per_sm`).
+    occupancy: std::collections::HashMap<String, u32>,
 }
 
 pub struct CudaBackend {
@@ -73,6 +76,8 @@ pub struct CudaBackend {
     flash_shapes: Vec<(usize, flash::Shape)>,
     /// The Hopper kernels' geometries, likewise (`flash::wg_shapes`).
     flash_wg_shapes: Vec<(usize, flash::Shape)>,
+    /// The decode kernel's shape, likewise (`flash::decode_shape`).
+    decode_shape: flash::DecodeShape,
     /// Prefill on a Hopper kernel (`flash::wgmma`), decided once with the shapes.
     flash_wgmma: Option<flash::Wg>,
     state: Mutex<OpState>,
@@ -133,6 +138,7 @@ impl CudaBackend {
             // HIGHRISE_FLASH_SHAPE then); the default is never reached.
             flash_shapes: flash::shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::DEFAULT)).to_vec()),
             flash_wg_shapes: flash::wg_shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::WG_DEFAULT)).to_vec()),
+            decode_shape: flash::decode_shape(&info.arch).unwrap_or(flash::DECODE_DEFAULT),
             flash_wgmma: flash::wgmma(&info.arch),
             arch: info.arch,
             sms: info.sms,
@@ -146,6 +152,7 @@ impl CudaBackend {
                 meta_bytes: 0,
                 meta_need: 64 << 10,
                 graphs: graph::Graphs::default(),
+                occupancy: Default::default(),
             }),
             buffers: Mutex::new(memory::BufferCache::default()),
             recording: Mutex::new(None),
@@ -250,6 +257,17 @@ impl CudaBackend {
         } else {
             self.ptr(name, t)
         }
+    }
+
+    /// `Driver::blocks_per_sm`, asked once per kernel and launch size.
+    fn blocks_per_sm(&self, st: &mut OpState, kernel: &str, threads: u32, shared_bytes: u32) -> Result<u32> {
+        let key = format!("{kernel} {threads} {shared_bytes}");
+        if let Some(&n) = st.occupancy.get(&key) {
+            return Ok(n);
+        }
+        let n = self.driver.blocks_per_sm(kernel, threads, shared_bytes)?;
+        st.occupancy.insert(key, n);
+        Ok(n)
     }
 
     /// Launches kernel `name` on the default stream. Each argument is a reference to a value laid

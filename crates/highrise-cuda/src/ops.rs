@@ -326,10 +326,14 @@ fn paged_rows(seqs: &[highrise_core::ops::PagedSeq]) -> QueryRows {
 fn splits_for(be: &CudaBackend, rows: usize, heads: usize, max_keys: Option<u32>) -> u32 {
     let want = (2 * be.sms as usize).div_ceil((rows * heads).max(1)) as u32;
     match max_keys {
-        Some(keys) => want.clamp(1, keys.div_ceil(64).max(1)),
+        Some(keys) => want.clamp(1, keys.div_ceil(64).clamp(1, COMBINE_MAX)),
         None => want.clamp(1, 64),
     }
 }
+
+/// The most slices `attn_combine_*` merges (kernels/attention.cu's COMBINE_MAX: their maxima and
+/// sums held in shared memory).
+pub(crate) const COMBINE_MAX: u32 = 512;
 
 #[allow(clippy::too_many_arguments)]
 fn attend(
@@ -483,17 +487,33 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
     attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scores)
 }
 
+/// Slices per sequence for `blocks` (sequence, KV head) pairs on a GPU that holds `slots` blocks at
+/// once: the fewest (1 to 64) whose blocks fill at least 95% of their last wave (blocks in a
+/// partial last wave leave the rest of the GPU idle while they finish), else the fullest. Batch 1
+/// with 8 KV heads on 396 slots (an H200 at 3 blocks an SM): 48 slices, one wave; 64 sequences:
+/// 3 (3.9 waves) where 1 would leave 70% of its second wave idle.
+fn decode_splits(blocks: usize, slots: usize) -> u32 {
+    let fill = |s: usize| {
+        let waves = (blocks * s) as f64 / slots.max(1) as f64;
+        waves / waves.ceil()
+    };
+    let best = (1..=64).max_by(|&a, &b| fill(a).total_cmp(&fill(b)).then(b.cmp(&a))).unwrap_or(1);
+    (1..=64).find(|&s| fill(s) >= 0.95).unwrap_or(best) as u32
+}
+
 /// Launches `decode_attn_*` (kernels/attention.cu) and `attn_combine_*` for a paged step whose
-/// sequences each fit one MMA tile (`DECODE_ROWS`): each sequence's context cut into as many slices
-/// as make the batch's blocks fill the GPU about four times over (several resident per SM hide the
-/// copies' latency), at most 64. The count depends on the batch's size alone, never on the
-/// contexts, so a captured step could be replayed (blocks past a short context find no keys).
+/// sequences each fit one MMA tile (`DECODE_ROWS`): each sequence's context cut into slices
+/// (`decode_splits`: whole waves of resident blocks, as many as CUDA says an SM holds: several
+/// hide the copies' latency), at most 64, none shorter than a chunk per warp. The count depends on the batch's size alone, never on
+/// the contexts, so a captured step can be replayed (slices past a short context find no keys).
 fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32) -> Result<()> {
     let s = suffix("paged_attention", op.out.dtype)?;
     let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
     let hkv = kv_heads(&op.k_cache);
     let seqs = op.seqs.as_slice();
-    let splits = ((4 * be.sms as usize).div_ceil(seqs.len() * hkv) as u32).clamp(1, 64);
+    let (kernel, shape) = (format!("decode_attn_d{d}_{s}"), be.decode_shape);
+    let per_sm = be.blocks_per_sm(st, &kernel, shape.threads(), shape.shared_bytes(d))?;
+    let splits = decode_splits(seqs.len() * hkv, (be.sms * per_sm) as usize);
     let mut meta = Vec::with_capacity(4 * seqs.len());
     let mut start = 0;
     for q in seqs {
@@ -507,22 +527,13 @@ fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
     let (scale_log2, window, softcap) = (op.scores.scale * std::f32::consts::LOG2_E, op.scores.window, op.scores.softcap);
     be.launch_shared(
-        &format!("decode_attn_d{d}_{s}"),
+        &kernel,
         (seqs.len() as u32, hkv32, splits),
-        (DECODE_THREADS, 1, 1),
-        decode_shared_bytes(d),
+        (shape.threads(), 1, 1),
+        shape.shared_bytes(d),
         &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap],
     )?;
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
-}
-
-/// `decode_attn_*`'s block: 4 warps.
-pub(crate) const DECODE_THREADS: u32 = 128;
-
-/// `decode_attn_*`'s dynamic shared memory at head dim `d`: the 16 query rows, and per warp two
-/// stages of 16 K and 16 V rows (16-bit elements).
-pub(crate) fn decode_shared_bytes(d: usize) -> u32 {
-    (d as u32) * (16 + 4 * 2 * 2 * 16) * 2
 }
 
 /// The MLP's gate: `swiglu_*` or `geglu_*` (kernels/mlp.cu) by the op's activation.
@@ -574,6 +585,25 @@ pub fn sample(be: &CudaBackend, st: &mut OpState, op: &Sample) -> Result<()> {
 mod tests {
     use super::*;
     use highrise_core::ops::PagedSeq;
+
+    #[test]
+    fn decode_slices_fill_whole_waves() {
+        // An H200 holding 3 blocks an SM: 396 slots.
+        assert_eq!(decode_splits(8, 396), 48, "batch 1, 8 KV heads: one wave");
+        assert_eq!(decode_splits(64, 396), 6, "batch 8");
+        assert_eq!(decode_splits(512, 396), 3, "batch 64: 1536 blocks, 97% of 4 waves");
+        assert_eq!(decode_splits(396, 396), 1);
+        assert_eq!(decode_splits(1, 1), 1);
+        for blocks in 1..600 {
+            assert!((1..=64).contains(&decode_splits(blocks, 396)));
+        }
+    }
+
+    #[test]
+    fn the_combine_limit_is_the_kernels() {
+        let src = crate::kernels::FILES.iter().find(|(n, _)| *n == "attention.cu").unwrap().1;
+        assert!(src.contains(&format!("#define COMBINE_MAX {COMBINE_MAX}\n")), "attention.cu's COMBINE_MAX is ops::COMBINE_MAX");
+    }
 
     #[test]
     fn query_rows_see_their_own_prefix() {

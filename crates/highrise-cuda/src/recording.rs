@@ -151,6 +151,8 @@ pub struct RecordingDriver {
     flash_shapes: Vec<(usize, crate::flash::Shape)>,
     /// The Hopper kernels' geometries, likewise.
     flash_wg_shapes: Vec<(usize, crate::flash::Shape)>,
+    /// The decode kernel's shape, likewise.
+    decode_shape: crate::flash::DecodeShape,
     kernels: HashMap<String, Entry>,
     state: Mutex<State>,
 }
@@ -178,6 +180,7 @@ impl RecordingDriver {
             max_shared,
             flash_shapes: crate::flash::shapes(arch)?,
             flash_wg_shapes: crate::flash::wg_shapes(arch)?,
+            decode_shape: crate::flash::decode_shape(arch)?,
             kernels,
             state: Mutex::new(State {
                 next: BASE,
@@ -261,7 +264,7 @@ impl RecordingDriver {
             }
         }
         check_dims(l, entry, self.max_shared)?;
-        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes, flash_wg_shapes: &self.flash_wg_shapes };
+        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes, flash_wg_shapes: &self.flash_wg_shapes, decode_shape: self.decode_shape };
         let mut accesses = Vec::new();
         // Pointers: inside live allocations and the op's regions.
         for (i, kind) in contract.iter().enumerate() {
@@ -274,6 +277,9 @@ impl RecordingDriver {
                     return Err(format!("parameter {i} (a pointer) is null"));
                 }
                 a.region(i)?;
+            }
+            if let Kind::Map = kind {
+                a.tensor_map(i)?;
             }
         }
         footprint(l.kernel, &a, &mut accesses)?;
@@ -328,6 +334,9 @@ fn check_dims(l: &Launch<'_>, e: &Entry, max_shared: usize) -> std::result::Resu
 enum Kind {
     /// A device address; `optional` ones may be null.
     Ptr { optional: bool },
+    /// The device address of a TMA tensor map (128 bytes, `crate::tma::TensorMap`), whose tensor
+    /// must lie inside the op's regions too.
+    Map,
     U32,
     U64,
     F32,
@@ -336,7 +345,7 @@ enum Kind {
 impl Kind {
     fn size(self) -> usize {
         match self {
-            Kind::Ptr { .. } | Kind::U64 => 8,
+            Kind::Ptr { .. } | Kind::Map | Kind::U64 => 8,
             Kind::U32 | Kind::F32 => 4,
         }
     }
@@ -344,6 +353,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Ptr { .. } => "a pointer",
+            Kind::Map => "a tensor map's address",
             Kind::U32 => "u32",
             Kind::U64 => "u64",
             Kind::F32 => "f32",
@@ -353,6 +363,7 @@ impl Kind {
 
 const P: Kind = Kind::Ptr { optional: false };
 const OPT: Kind = Kind::Ptr { optional: true };
+const MAP: Kind = Kind::Map;
 const U32: Kind = Kind::U32;
 const U64: Kind = Kind::U64;
 const F32: Kind = Kind::F32;
@@ -395,6 +406,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
         "wgmma_probe" => vec![P, P, P, P, P],
+        "tma_probe" => vec![P, MAP, U32, U32],
         "sample" => vec![P, P, P, P, U32],
         _ => return None,
     })
@@ -421,6 +433,8 @@ struct Args<'a> {
     flash_shapes: &'a [(usize, crate::flash::Shape)],
     /// The Hopper kernels' geometries, likewise.
     flash_wg_shapes: &'a [(usize, crate::flash::Shape)],
+    /// The decode kernel's shape, likewise.
+    decode_shape: crate::flash::DecodeShape,
 }
 
 type Check = std::result::Result<(), String>;
@@ -442,13 +456,27 @@ impl Args<'_> {
     /// address in parameter `i`.
     fn region(&self, i: usize) -> std::result::Result<Region, String> {
         let p = self.u64(i);
-        debug_assert!(matches!(self.kinds[i], Kind::Ptr { .. }));
+        debug_assert!(matches!(self.kinds[i], Kind::Ptr { .. } | Kind::Map));
         self.st.region_of(p).map_err(|why| format!("parameter {i} is {p:#x}, {why}"))
     }
 
     /// The dims of the tensor parameter `i` points at, if it points at one of the op's tensors.
     fn dims(&self, i: usize) -> Option<Vec<usize>> {
         self.region(i).ok().and_then(|r| r.tensor).map(|(_, d)| d)
+    }
+
+    /// The tensor map parameter `i` points at (128 bytes inside a region), read as this driver's
+    /// `Driver::tensor_map` wrote it, its tensor inside one of the op's regions.
+    fn tensor_map(&self, i: usize) -> std::result::Result<crate::tma::TensorMap, String> {
+        let words = self.u32s(i, 32)?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let map = crate::tma::TensorMap::from_emu_bytes(&bytes).ok_or_else(|| format!("parameter {i} does not point at a tensor map"))?;
+        map.validate().map_err(|e| format!("parameter {i}: {e}"))?;
+        let r = self.st.region_of(map.base).map_err(|why| format!("parameter {i}'s tensor at {:#x}: {why}", map.base))?;
+        if map.base - r.ptr + map.span() > r.bytes as u64 {
+            return Err(format!("parameter {i}'s tensor spans {} bytes from {:#x}, past the end of {} ({} bytes)", map.span(), map.base, r.name, r.bytes));
+        }
+        Ok(map)
     }
 
     /// `n` u32 values of the metadata parameter `i` points at.
@@ -595,6 +623,9 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             if gy != hq || (a.block.0 as u64) < d {
                 return Err(format!("grid {:?} and block {:?} do not cover {hq} heads of {d} dims", a.grid, a.block));
             }
+            if splits == 0 || splits > crate::ops::COMBINE_MAX as u64 {
+                return Err(format!("{splits} slices: the kernel merges 1..={} (its shared memory)", crate::ops::COMBINE_MAX));
+            }
             a.agrees(0, 1, hq, "hq")?;
             a.agrees(0, 2, d, "d")?;
             grid_rows(a, a.rows_of(0, hq * d))?;
@@ -618,6 +649,19 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 2, 0, 64 * d as u64, elt, "q");
             push(out, 3, 0, 128 * d as u64, elt, "k");
             push(out, 4, 0, 128 * d as u64, elt, "v");
+        }
+        "tma_probe" => {
+            // (out, map, row0, head): one block of 128 threads copies a box of 64 rows x d by TMA
+            // (crate::tma) and writes it out, 64 x d 16-bit elements.
+            if a.grid != (1, 1, 1) || a.block != (128, 1, 1) || a.shared < crate::tma::probe_shared_bytes(d) {
+                return Err(format!("grid {:?}, block {:?}, {} bytes of shared memory: the probe is one block of 128 with {}", a.grid, a.block, a.shared, crate::tma::probe_shared_bytes(d)));
+            }
+            let map = a.tensor_map(1)?;
+            if map.boxes != [64, 1, 64] || map.dims[0] != d as u64 {
+                return Err(format!("the map's box {:?} over rows of {} elements: the probe copies 64 x 1 x 64 of rows of {d}", map.boxes, map.dims[0]));
+            }
+            push(out, 0, 0, 64 * d as u64, 2, "out");
+            push(out, 1, 0, 128, 1, "tensor map");
         }
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => {
             // (out, x, w, bias, bias_dt, t, k, n): 4 warps of 2 rows of w per block.
@@ -935,7 +979,7 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>,
 
 /// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2, window,
 /// softcap); grid (sequences, kv heads, slices: each sequence cuts its own context into that many),
-/// 4 warps;
+/// the compiled shape's warps (`flash::DecodeShape`);
 /// seqs[4 i..4 i + 4] = (first query row, new tokens, context length, block-table offset); each
 /// sequence's new tokens x group <= 16 rows.
 fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
@@ -951,11 +995,12 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     if !(softcap.is_finite() && softcap >= 0.0) {
         return Err(format!("softcap {softcap} is not finite and non-negative"));
     }
-    if a.block != (crate::ops::DECODE_THREADS, 1, 1) {
-        return Err(format!("block {:?}: the kernel's 4 warps take the keys in turn", a.block));
+    let shape = a.decode_shape;
+    if a.block != (shape.threads(), 1, 1) {
+        return Err(format!("block {:?}: the kernel's {} warps (shape {shape}) take the keys in turn", a.block, shape.warps));
     }
-    if a.shared != crate::ops::decode_shared_bytes(d as usize) {
-        return Err(format!("{} bytes of dynamic shared memory; the kernel stages {}", a.shared, crate::ops::decode_shared_bytes(d as usize)));
+    if a.shared != shape.shared_bytes(d as usize) {
+        return Err(format!("{} bytes of dynamic shared memory; the kernel (shape {shape}) stages {}", a.shared, shape.shared_bytes(d as usize)));
     }
     if !a.f32(9).is_finite() {
         return Err("scale is not finite".into());
@@ -1164,13 +1209,25 @@ impl Driver for RecordingDriver {
                     // Device pointers become the host addresses of the memory behind them.
                     let kinds = contract(l.kernel).unwrap_or_default();
                     let mut values: Vec<Vec<u8>> = rec.args.clone();
+                    // Tensor maps as the kernels read them: copies whose tensor's address is the
+                    // host's (alive until the launch returns).
+                    let mut maps: Vec<Box<[u8; 128]>> = Vec::new();
                     for (v, kind) in values.iter_mut().zip(&kinds) {
-                        if let Kind::Ptr { .. } = kind {
-                            let p = u64::from_le_bytes(v[..8].try_into().expect("a pointer"));
-                            if p != 0 {
-                                let host = host_address(&mut st, p).ok_or_else(|| Error::Backend(format!("{}: pointer {p:#x}", l.kernel)))?;
-                                *v = host.to_le_bytes().to_vec();
-                            }
+                        if !matches!(kind, Kind::Ptr { .. } | Kind::Map) {
+                            continue;
+                        }
+                        let p = u64::from_le_bytes(v[..8].try_into().expect("a pointer"));
+                        if p != 0 {
+                            let host = host_address(&mut st, p).ok_or_else(|| Error::Backend(format!("{}: pointer {p:#x}", l.kernel)))?;
+                            *v = host.to_le_bytes().to_vec();
+                        }
+                        if let Kind::Map = kind {
+                            let (at, buf) = slot(&mut st, p, 128, "a tensor map")?;
+                            let bytes: [u8; 128] = buf[at..at + 128].try_into().expect("128 bytes");
+                            let map = crate::tma::TensorMap::from_emu_bytes(&bytes).ok_or_else(|| Error::Backend(format!("{}: not a tensor map", l.kernel)))?;
+                            let base = host_address(&mut st, map.base).ok_or_else(|| Error::Backend(format!("{}: tensor at {:#x}", l.kernel, map.base)))?;
+                            maps.push(Box::new(crate::tma::TensorMap::rebased(&bytes, base)));
+                            *v = (maps.last().expect("pushed").as_ptr() as u64).to_le_bytes().to_vec();
                         }
                     }
                     let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_mut_ptr() as *mut std::ffi::c_void).collect();
