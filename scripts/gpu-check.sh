@@ -12,7 +12,7 @@
 #   5. the peers at the same shapes, where python3 has torch: PyTorch's scaled_dot_product_attention
 #      forced to FlashAttention-2 and to cuDNN, its copy bandwidth and bf16 GEMM (scripts/gpu-peers.py);
 #   6. `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights (batch 1 to 256, with
-#      every residual tap on, and where a token's time goes).
+#      every residual tap on, and where a token's time goes, at batch 1 and in each batch).
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own if the window has 4 minutes left: gpu-sweep.sh (the prefill kernel's
 # tile shapes, 2-3 minutes).
@@ -128,7 +128,7 @@ else
     echo "peers: skipped (python3 has no torch with CUDA)" >>"$out/steps.txt"
     echo "skipped: python3 has no torch with CUDA" >"$out/peers.txt"
 fi
-step bench-8b 130 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
+step bench-8b 170 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 512 --tg 64 --reps 2 --taps --profile -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
 
 {

@@ -32,9 +32,9 @@ pub struct BenchArgs {
     /// Also measure generation with every residual-stream tap on (introspection's cost).
     #[arg(long)]
     pub taps: bool,
-    /// After each tg test, time it again op by op (each op waits for the backend) and print
-    /// where a decoded token's time goes: per op and projection shape, calls, time per call,
-    /// share.
+    /// After each tg test (and each -c test of more than one sequence), time it again op by op
+    /// (each op waits for the backend) and print where a decoded token's time goes: per op and
+    /// projection shape, calls, time per call, share.
     #[arg(long)]
     pub profile: bool,
     /// Print one JSON object instead of a table.
@@ -79,7 +79,19 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
         }
     }
     for &c in concurrency.iter().filter(|&&c| c > 0) {
-        results.push(bench::concurrent(&model, &tokenizer, c, 64, kv_bytes)?);
+        let m = bench::concurrent(&model, &tokenizer, c, 64, kv_bytes)?;
+        let test = m.test.clone();
+        results.push(m);
+        if profile && c > 1 {
+            // The same batch op by op (the engine runs no graphs while a profile is on): where a
+            // batched step's time goes, its 8-token prompts' prefill included.
+            op_profile::take();
+            op_profile::enable(true);
+            let m = bench::concurrent(&model, &tokenizer, c, 64, kv_bytes);
+            op_profile::enable(false);
+            let tokens = m?.tokens;
+            profiles.push((test, op_profile::take(), tokens));
+        }
     }
     // The ceilings, measured in this run: memory (host memory read by all cores for the CPU
     // backend; the device's own copy bandwidth otherwise) and this model's matrix rate.
