@@ -22,6 +22,23 @@ __device__ __forceinline__ void better(float& best, u32& at, float v, u32 j) {
     }
 }
 
+// f(x[base + j], j) for this thread's columns j of the row (threadIdx.x, + blockDim.x, ...), in
+// that order, eight loads issued before the first is used: a vocabulary row is ~125 elements a
+// thread, each a round trip to memory when the loop waits on its load.
+template <class D, class F>
+__device__ __forceinline__ void row_pass(const typename D::T* x, u64 base, u32 v, F f) {
+    const u32 step = blockDim.x;
+    u32 j = threadIdx.x;
+    for (; j + 7 * step < v; j += 8 * step) {
+        float xs[8];
+#pragma unroll
+        for (u32 u = 0; u < 8; u++) xs[u] = D::load(x, base + j + u * step);
+#pragma unroll
+        for (u32 u = 0; u < 8; u++) f(xs[u], j + u * step);
+    }
+    for (; j < v; j += step) f(D::load(x, base + j), j);
+}
+
 template <class D>
 __device__ void argmax_row(u32* index, float* logprob, const typename D::T* x, u32 v) {
     __shared__ float sv[32];
@@ -30,7 +47,7 @@ __device__ void argmax_row(u32* index, float* logprob, const typename D::T* x, u
     const u64 base = (u64)b * v;
     float best = -INFINITY;
     u32 at = ARGMAX_NONE;
-    for (u32 j = tid; j < v; j += blockDim.x) better(best, at, D::load(x, base + j), j);
+    row_pass<D>(x, base, v, [&](float xj, u32 j) { better(best, at, xj, j); });
 #pragma unroll
     for (int sh = 16; sh > 0; sh >>= 1) better(best, at, __shfl_xor_sync(0xffffffffu, best, sh), __shfl_xor_sync(0xffffffffu, at, sh));
     if (lane == 0) {
@@ -53,7 +70,7 @@ __device__ void argmax_row(u32* index, float* logprob, const typename D::T* x, u
     at = si[0];
     __syncthreads();  // sv is reused below
     float sum = 0.0f;
-    for (u32 j = tid; j < v; j += blockDim.x) sum += expf(D::load(x, base + j) - best);
+    row_pass<D>(x, base, v, [&](float xj, u32) { sum += expf(xj - best); });
 #pragma unroll
     for (int sh = 16; sh > 0; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
     if (lane == 0) sv[warp] = sum;
