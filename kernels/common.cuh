@@ -368,21 +368,13 @@ __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
 #endif
 }
 
-// This thread's arrival, announcing `bytes` more to land in the phase (TMA copies completing on it).
+// This thread's arrival, announcing `bytes` more to land in the phase (TMA copies completing on it;
+// 0: a plain arrival, a consumer releasing a stage).
 __device__ __forceinline__ void mbar_arrive_expect(u64* bar, u32 bytes) {
 #ifdef HIGHRISE_EMU
     emu::mbar_arrive(bar, bytes);
 #else
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-#endif
-}
-
-// This thread's arrival.
-__device__ __forceinline__ void mbar_arrive(u64* bar) {
-#ifdef HIGHRISE_EMU
-    emu::mbar_arrive(bar, 0);
-#else
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
 #endif
 }
 
