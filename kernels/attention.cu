@@ -187,13 +187,10 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
 }
 
 // out [T, hq, D] from the slices' partial states. Block (t, h), D threads. The slices' maxima and
-// sums come to shared memory in one round trip (up to COMBINE_MAX slices; more take the plain
-// loops), and each thread's loads of its dimension across the slices depend on nothing but the
+// sums come to shared memory in one round trip (at most COMBINE_MAX slices: the host's limit,
+// ops.rs), and each thread's loads of its dimension across the slices depend on nothing but the
 // shared values, so they are in flight together: where two loops of a load per slice each waited
-// on memory 64 times (a decode step at batch 1 has 64 slices a head). The same sums in the same
-// order either way.
-// At most COMBINE_MAX slices (the host's limit, ops.rs): their maxima and sums come to shared memory
-// in one trip, so each thread's loads across the slices are in flight together.
+// on memory once per slice.
 #define COMBINE_MAX 512
 
 template <class D>
@@ -403,15 +400,16 @@ __device__ __forceinline__ u32 swz_wg(u32 r, u32 c, u32 rows) {
     return (c >> 3) * rows * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3);
 }
 
-// Staging N rows of D elements into a swizzled tile (swz, or swz_wg with WG) by THREADS threads, of
-// which this is number `tid`, 16 bytes a copy: chunk c of row r from element offset `off` (-1: zeros).
+// One 16-byte copy into a swizzled tile of N rows of D elements (swz, or swz_wg with WG): chunk c
+// of row r from element offset `off` (-1: zeros).
 template <int D, int N, bool WG>
 __device__ __forceinline__ void copy_chunk(u16* tile, const u16* base, u32 r, u32 c, long long off) {
     cp_async16(tile + (WG ? swz_wg<D>(r, c, N) : swz<D>(r, c)), off < 0 ? base : base + off + c * 8, off < 0 ? 0 : 16);
 }
 
-// Copies N rows into a swizzled tile, row r from `src(r)`, each row's source taken just before its
-// copy (few registers: the prefill kernels keep theirs for the softmax).
+// Copies N rows into a swizzled tile, row r from `src(r)`, by THREADS threads of which this is
+// number `tid`, each row's source taken just before its copy (few registers: the prefill kernels
+// keep theirs for the softmax).
 template <int D, int THREADS, int N, bool WG = false, class Src>
 __device__ __forceinline__ void stage_rows(u16* tile, const u16* base, u32 tid, Src src) {
     constexpr u32 CH = D / 8;

@@ -116,7 +116,7 @@ pub trait Driver: Send + Sync {
 
     /// How many blocks of `kernel` with `threads` threads and `shared_bytes` of dynamic shared
     /// memory one SM holds at once (at least 1): what sizes a grid to whole waves. This default
-    /// counts threads and shared memory only (227 KiB an SM, 1 KiB of it reserved per block);
+    /// counts threads and shared memory only (228 KiB an SM as on Hopper, 1 KiB reserved a block);
     /// the real driver asks CUDA, which counts registers too.
     fn blocks_per_sm(&self, kernel: &str, threads: u32, shared_bytes: u32) -> Result<u32> {
         let _ = kernel;

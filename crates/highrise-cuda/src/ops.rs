@@ -497,15 +497,16 @@ fn decode_splits(blocks: usize, slots: usize) -> u32 {
         let waves = (blocks * s) as f64 / slots.max(1) as f64;
         waves / waves.ceil()
     };
-    let best = (1..=64).max_by(|&a, &b| fill(a).total_cmp(&fill(b)).then(b.cmp(&a))).unwrap_or(1);
-    (1..=64).find(|&s| fill(s) >= 0.95).unwrap_or(best) as u32
+    let fullest = || (1..=64).max_by(|&a, &b| fill(a).total_cmp(&fill(b)).then(b.cmp(&a))).unwrap_or(1);
+    (1..=64).find(|&s| fill(s) >= 0.95).unwrap_or_else(fullest) as u32
 }
 
 /// Launches `decode_attn_*` (kernels/attention.cu) and `attn_combine_*` for a paged step whose
 /// sequences each fit one MMA tile (`DECODE_ROWS`): each sequence's context cut into slices
 /// (`decode_splits`: whole waves of resident blocks, as many as CUDA says an SM holds: several
-/// hide the copies' latency), at most 64, none shorter than a chunk per warp. The count depends on the batch's size alone, never on
-/// the contexts, so a captured step can be replayed (slices past a short context find no keys).
+/// hide the copies' latency), at most 64, none shorter than a chunk per warp. The count depends on
+/// the batch's size alone, never on the contexts, so a captured step can be replayed (slices past
+/// a short context find no keys).
 fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32) -> Result<()> {
     let s = suffix("paged_attention", op.out.dtype)?;
     let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
