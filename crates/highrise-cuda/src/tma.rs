@@ -18,7 +18,8 @@
 
 use highrise_core::{Error, Result};
 
-use crate::driver::{Driver, Launch, Param, Region};
+use crate::driver::Driver;
+use crate::wgmma_check::run_probe;
 
 /// A 3-dimensional tensor of 16-bit elements in global memory and the box a copy brings, with the
 /// 128-byte swizzle.
@@ -161,49 +162,20 @@ pub fn check_tma(driver: &dyn Driver, d: usize) -> Result<TmaCheck> {
     let kernel = format!("tma_probe_d{d}");
     let value = |r: usize, h: usize, x: usize| ((r * heads + h) * d + x) as u16;
     let tensor: Vec<u8> = (0..rows * heads * d).flat_map(|i| (i as u16).to_le_bytes()).collect();
-    driver.bind()?;
     let sizes = [("out", ROWS * d * 2), ("map", 128), ("tensor", tensor.len())];
-    let mut ptrs = Vec::new();
-    let run = |ptrs: &mut Vec<u64>| -> Result<Vec<u16>> {
-        for (_, bytes) in sizes {
-            // SAFETY: a fresh allocation, freed below.
-            ptrs.push(unsafe { driver.malloc(bytes)? });
-        }
+    let upload = |ptrs: &[u64]| {
         let map = TensorMap {
             base: ptrs[2],
             dims: [d as u64, heads as u64, rows as u64],
             strides: [(d * 2) as u64, (heads * d * 2) as u64],
             boxes: [64, 1, ROWS as u32],
         };
-        let encoded = driver.tensor_map(&map)?;
-        // SAFETY: each copy fits the allocation made for it above.
-        unsafe {
-            driver.htod(ptrs[1], &encoded)?;
-            driver.htod(ptrs[2], &tensor)?;
-        }
-        if driver.checks() {
-            let regions = sizes.iter().zip(ptrs.iter()).map(|(&(name, bytes), &ptr)| Region { name: name.into(), ptr, bytes, tensor: None });
-            driver.begin_op("tma_probe", regions.collect());
-        }
-        let (mut out, mut map_ptr, mut r0, mut h) = (ptrs[0], ptrs[1], row0 as u32, head as u32);
-        let params: Vec<Param> =
-            vec![&mut out as *mut u64 as Param, &mut map_ptr as *mut u64 as Param, &mut r0 as *mut u32 as Param, &mut h as *mut u32 as Param];
-        let shared_bytes = probe_shared_bytes(d);
-        // SAFETY: the parameters are the kernel's: the output (ROWS x d 16-bit elements), the map
-        // (128 bytes, describing the tensor allocated above) and two u32 coordinates.
-        unsafe { driver.launch(&Launch { kernel: &kernel, grid: (1, 1, 1), block: (128, 1, 1), shared_bytes, params: &params })? };
-        driver.synchronize()?;
-        let mut out = vec![0u8; sizes[0].1];
-        // SAFETY: the read lies inside the allocation made for it.
-        unsafe { driver.dtoh(&mut out, ptrs[0])? };
-        Ok(out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+        Ok(vec![(1, driver.tensor_map(&map)?.to_vec()), (2, tensor)])
     };
-    let result = run(&mut ptrs);
-    for p in ptrs {
-        // SAFETY: allocated above, not used again.
-        unsafe { driver.free(p) };
-    }
-    let got = result.map_err(|e| Error::Backend(format!("{kernel}: {e}")))?;
+    // The output (ROWS x d 16-bit elements), the map, and the box's first row and head.
+    let args = |ptrs: &[u64]| vec![ptrs[0].to_le_bytes().to_vec(), ptrs[1].to_le_bytes().to_vec(), (row0 as u32).to_le_bytes().to_vec(), (head as u32).to_le_bytes().to_vec()];
+    let out = run_probe(driver, &kernel, &sizes, probe_shared_bytes(d), upload, args, &[0])?;
+    let got: Vec<u16> = out[0].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
     let mut want = vec![0u16; ROWS * d];
     for r in 0..ROWS {
         for x in 0..d {

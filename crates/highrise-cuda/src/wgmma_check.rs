@@ -170,45 +170,13 @@ pub fn check_wgmma(driver: &dyn Driver, d: usize, dtype: DType) -> Result<WgmmaC
     let f64s = |x: &[f32]| x.iter().map(|&x| x as f64).collect::<Vec<_>>();
     let s_want = matmul(&f64s(&q), &f64s(&k), ROWS, d, KEYS, false);
 
-    driver.bind()?;
     let sizes = [("s", ROWS * KEYS * 4), ("o", ROWS * d * 4), ("q", ROWS * d * 2), ("k", KEYS * d * 2), ("v", KEYS * d * 2)];
-    let mut ptrs = Vec::new();
-    let run = |ptrs: &mut Vec<u64>| -> Result<(Vec<f32>, Vec<f32>)> {
-        for (_, bytes) in sizes {
-            // SAFETY: a fresh allocation, freed below.
-            ptrs.push(unsafe { driver.malloc(bytes)? });
-        }
-        // SAFETY: each copy fits the allocation made for it above.
-        unsafe {
-            driver.htod(ptrs[2], &bits(&q, dtype))?;
-            driver.htod(ptrs[3], &bits(&k, dtype))?;
-            driver.htod(ptrs[4], &bits(&v, dtype))?;
-        }
-        if driver.checks() {
-            let regions = sizes.iter().zip(ptrs.iter()).map(|(&(name, bytes), &ptr)| Region { name: name.into(), ptr, bytes, tensor: None });
-            driver.begin_op("wgmma_probe", regions.collect());
-        }
-        let params: Vec<Param> = ptrs.iter_mut().map(|p| p as *mut u64 as Param).collect();
-        let shared_bytes = (1024 + (ROWS + 2 * KEYS) * d * 2) as u32;
-        // SAFETY: the parameters are the kernel's five pointers, each to an allocation of the size
-        // the kernel reads or writes through it.
-        unsafe { driver.launch(&Launch { kernel: &kernel, grid: (1, 1, 1), block: (128, 1, 1), shared_bytes, params: &params })? };
-        driver.synchronize()?;
-        let (mut s, mut o) = (vec![0u8; sizes[0].1], vec![0u8; sizes[1].1]);
-        // SAFETY: both reads lie inside the allocations made for them.
-        unsafe {
-            driver.dtoh(&mut s, ptrs[0])?;
-            driver.dtoh(&mut o, ptrs[1])?;
-        }
-        let floats = |b: Vec<u8>| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        Ok((floats(s), floats(o)))
-    };
-    let result = run(&mut ptrs);
-    for p in ptrs {
-        // SAFETY: allocated above, not used again.
-        unsafe { driver.free(p) };
-    }
-    let (s, o) = result.map_err(|e| Error::Backend(format!("{kernel}: {e}")))?;
+    let upload = |_: &[u64]| Ok(vec![(2, bits(&q, dtype)), (3, bits(&k, dtype)), (4, bits(&v, dtype))]);
+    let args = |ptrs: &[u64]| ptrs.iter().map(|p| p.to_le_bytes().to_vec()).collect();
+    let shared_bytes = (1024 + (ROWS + 2 * KEYS) * d * 2) as u32;
+    let outs = run_probe(driver, &kernel, &sizes, shared_bytes, upload, args, &[0, 1])?;
+    let floats = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect::<Vec<f32>>();
+    let (s, o) = (floats(&outs[0]), floats(&outs[1]));
     // O against the S the device computed, so that each product is judged on its own.
     let p: Vec<f64> = s.iter().map(|&x| round(x as f64, dtype)).collect();
     let o_want = matmul(&p, &f64s(&v), ROWS, KEYS, d, true);
@@ -217,6 +185,63 @@ pub fn check_wgmma(driver: &dyn Driver, d: usize, dtype: DType) -> Result<WgmmaC
         o: compare("O = P V (wg_pv)", &o, &o_want, d, 1e-4),
         kernel,
     })
+}
+
+/// Runs a probe kernel alone, one block of 128 threads: allocates `buffers` (name, bytes), copies
+/// in what `inputs` makes from their addresses ((buffer, bytes) pairs), launches `kernel` with
+/// `shared_bytes` and the parameter values `args` makes from the addresses (each one parameter's
+/// bytes), reads back the buffers numbered in `outputs`, and frees them all. On a checking driver
+/// the buffers are the launch's regions, by name.
+pub(crate) fn run_probe(
+    driver: &dyn Driver,
+    kernel: &str,
+    buffers: &[(&str, usize)],
+    shared_bytes: u32,
+    inputs: impl FnOnce(&[u64]) -> Result<Vec<(usize, Vec<u8>)>>,
+    args: impl FnOnce(&[u64]) -> Vec<Vec<u8>>,
+    outputs: &[usize],
+) -> Result<Vec<Vec<u8>>> {
+    driver.bind()?;
+    let mut ptrs = Vec::new();
+    let run = |ptrs: &mut Vec<u64>| -> Result<Vec<Vec<u8>>> {
+        for &(_, bytes) in buffers {
+            // SAFETY: a fresh allocation, freed below.
+            ptrs.push(unsafe { driver.malloc(bytes)? });
+        }
+        for (i, bytes) in inputs(ptrs)? {
+            if bytes.len() > buffers[i].1 {
+                return Err(Error::Invalid(format!("{} bytes for {}'s {} bytes", bytes.len(), buffers[i].0, buffers[i].1)));
+            }
+            // SAFETY: the copy fits the allocation made for it above (checked).
+            unsafe { driver.htod(ptrs[i], &bytes)? };
+        }
+        if driver.checks() {
+            let regions = buffers.iter().zip(ptrs.iter()).map(|(&(name, bytes), &ptr)| Region { name: name.into(), ptr, bytes, tensor: None });
+            driver.begin_op(kernel, regions.collect());
+        }
+        let mut values = args(ptrs);
+        let params: Vec<Param> = values.iter_mut().map(|v| v.as_mut_ptr() as Param).collect();
+        // SAFETY: the caller's `args` are the kernel's parameters, each pointer one of the
+        // allocations above, of the size the kernel reads or writes through it (a checking driver
+        // holds the launch to that).
+        unsafe { driver.launch(&Launch { kernel, grid: (1, 1, 1), block: (128, 1, 1), shared_bytes, params: &params })? };
+        driver.synchronize()?;
+        outputs
+            .iter()
+            .map(|&i| {
+                let mut out = vec![0u8; buffers[i].1];
+                // SAFETY: the read is the allocation made for it, whole.
+                unsafe { driver.dtoh(&mut out, ptrs[i])? };
+                Ok(out)
+            })
+            .collect()
+    };
+    let result = run(&mut ptrs);
+    for p in ptrs {
+        // SAFETY: allocated above, not used again.
+        unsafe { driver.free(p) };
+    }
+    result.map_err(|e| Error::Backend(format!("{kernel}: {e}")))
 }
 
 #[cfg(test)]
