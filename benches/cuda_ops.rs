@@ -103,10 +103,15 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
     }
     for d in highrise_cuda::flash::HEAD_DIMS {
         // HIGHRISE_FLASH_KERNEL=wgmma or wgmma-pipe: a Hopper kernel, in the geometry it was compiled
-        // with (HIGHRISE_FLASH_WG_SHAPE, as "warpgroups x keys").
-        use highrise_cuda::flash::{shape_of, wg_label, Family};
+        // with (HIGHRISE_FLASH_WG_SHAPE, as "warpgroups x keys"); ws: the warp-specialized one
+        // (HIGHRISE_FLASH_WS_SHAPE, "keys x stages").
+        use highrise_cuda::flash::{shape_of, wg_label, ws_shapes, Family, Wg};
         let shape = if let Some(wg) = highrise_cuda::flash::wgmma(arch) {
-            format!("{} {}", wg.kernel(), wg_label(shape_of(Family::Wgmma, arch, d).unwrap()))
+            let geometry = match wg {
+                Wg::Spec => ws_shapes().unwrap().into_iter().find(|(dd, _)| *dd == d).unwrap().1.to_string(),
+                _ => wg_label(shape_of(Family::Wgmma, arch, d).unwrap()),
+            };
+            format!("{} {geometry}", wg.kernel())
         } else {
             highrise_cuda::flash::shape(arch, d).unwrap().to_string()
         };
@@ -156,11 +161,16 @@ fn main() {
         gemm_rate / 1e12
     );
 
-    // On Hopper, the wgmma prefill kernels too (wgmma-pipe the engine's default there): a backend of
-    // its own for each.
+    // On Hopper, the wgmma prefill kernels too (wgmma-pipe the engine's default there; wgmma-ws the
+    // warp-specialized one): a backend of its own for each.
     let hopper: Vec<(&str, Arc<dyn Backend>)> = if arch == "sm_90a" {
-        [("wgmma", highrise_cuda::flash::Wg::Plain), ("wgmma-pipe", highrise_cuda::flash::Wg::Pipe)]
+        use highrise_cuda::flash::Wg;
+        // HIGHRISE_BENCH_SKIP_WS: gpu-check.sh's word that flash_attn_ws failed its cross-check (a
+        // kernel that traps poisons the process's context, and every row after it).
+        let skip_ws = std::env::var_os("HIGHRISE_BENCH_SKIP_WS").is_some();
+        [("wgmma", Wg::Plain), ("wgmma-pipe", Wg::Pipe), ("wgmma-ws", Wg::Spec)]
             .into_iter()
+            .filter(|(_, wg)| !(skip_ws && *wg == Wg::Spec))
             .map(|(name, wg)| {
                 let mut on = CudaBackend::new(0).unwrap();
                 on.set_flash_wgmma(Some(wg)).unwrap();

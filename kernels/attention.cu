@@ -926,6 +926,178 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
 FLASH_WG(64)
 FLASH_WG(128)
 
+// ---- Prefill, Hopper, warp-specialized (FlashAttention-3's design): flash_attn_ws_* ----
+//
+// Three warpgroups a block of 128 query rows. Warpgroup 0 is the producer: it gives back registers
+// (setmaxnreg.dec) and only copies, Q once and then each KEYS-key tile's K and V into a ring of
+// STAGES stages, after waiting on the stage's "free" mbarrier for the consumers to be done with what
+// it held: from contiguous K and V ([tokens, kv heads, D]) by the tensor memory accelerator, one
+// thread issuing a box of KEYS rows x 64 dims per 64 dims by the tensor maps `kmap` and `vmap`
+// (their bytes counted on the stage's "full" mbarrier; rows past the tensor land as zeros, rows of
+// the next sequence are masked); through the block table (maps null) by cp.async, the table
+// resolved row by row, rows past the keys zeros, each thread's copies completing on the full
+// mbarrier as one arrival (cp.async.mbarrier.arrive.noinc). Warpgroups 1 and 2 are
+// the consumers, 64 rows each, with the registers the producer gave back: no copies, no block-wide
+// barrier, each at its own pace. Within one, tile j's S = Q K^T and tile j-1's O += P V are in flight
+// together and tile j's softmax runs under P V (as flash_attn_wgp); between the two, named barriers
+// take turns issuing the products (ping-pong), so one's softmax (exp2 on the multi-function unit,
+// ~1 per 256 tensor-core flops at d128) runs while the other's products keep the tensor cores busy.
+// The turns balance: the second consumer opens the first's turn once before it starts and skips its
+// last hand-over, so every bar.sync meets exactly one bar.arrive.
+#ifndef FS64_KEYS
+#define FS64_KEYS 128
+#endif
+#ifndef FS64_STAGES
+#define FS64_STAGES 3
+#endif
+#ifndef FS128_KEYS
+#define FS128_KEYS 128
+#endif
+#ifndef FS128_STAGES
+#define FS128_STAGES 2
+#endif
+#define FS_PRODUCER_REGS 40
+#define FS_CONSUMER_REGS 232
+
+template <int D, int KEYS, int STAGES, bool BF16>
+__device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
+                              u32 hkv, float scale_log2, ScoreMods mods, const void* kmap, const void* vmap, u16* smem_raw) {
+    constexpr u32 ROWS = 128, NT = KEYS / 8, DT = D / 8, TILE = KEYS * D;
+    static_assert(KEYS % 16 == 0 && KEYS <= 256 && (D == 64 || D == 128) && STAGES >= 2, "wgmma shapes");
+    u16* qs = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 2;  // [ROWS][D] as swz_wg
+    u16* ks = qs + ROWS * D;                                                    // STAGES x [KEYS][D]
+    u16* vs = ks + STAGES * TILE;                                               // STAGES x [KEYS][D]
+    __shared__ u64 bars[1 + 4 * STAGES];
+    u64 *q_full = bars, *k_full = bars + 1, *v_full = k_full + STAGES, *k_free = v_full + STAGES, *v_free = k_free + STAGES;
+    const u32 tile = blockIdx.x, h = blockIdx.y, g = h / (hq / hkv);
+    const u32 q0 = tiles[5 * tile], rows = tiles[5 * tile + 1], pos0 = tiles[5 * tile + 2], kbase = tiles[5 * tile + 3];
+    const u32 keys_end = tiles[5 * tile + 4];
+    const u32 kb0 = mods.first(pos0 + 1) / KEYS * KEYS, n = (keys_end - kb0 + KEYS - 1) / KEYS;
+    const u32 wg = threadIdx.x / 128;
+    const bool tma = kmap != nullptr;
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 128);
+        for (u32 s = 0; s < STAGES; s++) {
+            mbar_init(k_full + s, tma ? 1 : 128);  // the issuing thread's bytes, or each producer thread's copies
+            mbar_init(v_full + s, tma ? 1 : 128);
+            mbar_init(k_free + s, 256);  // each consumer thread, done with the stage
+            mbar_init(v_free + s, 256);
+        }
+    }
+    __syncthreads();  // the barriers are initialized before anyone uses them
+
+    if (wg == 0) {
+        setmaxnreg<FS_PRODUCER_REGS, false>();
+        const u32 t = threadIdx.x;
+        stage_rows<D, 128, ROWS, true>(qs, q, t, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
+        cp_async_mbar_arrive(q_full);
+        if (tma && t == 0) {
+            tma_map_acquire(kmap);
+            tma_map_acquire(vmap);
+        }
+        // A tile into stage s: by TMA (thread 0: [64 dims][KEYS rows] boxes, swz_wg's blocks) or cp.async.
+        const auto load = [&](u16* dst, const u16* src, const void* map, u64* full, u32 kb) {
+            if (tma) {
+                if (t == 0) {
+                    mbar_arrive_expect(full, TILE * 2);
+                    for (u32 c = 0; c < D / 64; c++) tma_load_3d(dst + c * KEYS * 64, map, full, (int)(c * 64), (int)g, (int)(kbase + kb));
+                }
+                return;
+            }
+            stage_rows<D, 128, KEYS, true>(dst, src, t, [&](u32 r) { return kb + r < keys_end ? (long long)addr.at(kbase, kb + r, g, hkv, D) : -1LL; });
+            cp_async_mbar_arrive(full);
+        };
+        for (u32 j = 0; j < n; j++) {
+            const u32 s = j % STAGES, kb = kb0 + j * KEYS, free_parity = (j / STAGES + 1) & 1;
+            if (j >= STAGES) mbar_wait(k_free + s, free_parity);  // both consumers are past tile j - STAGES's S
+            load(ks + s * TILE, k, kmap, k_full + s, kb);
+            if (j >= STAGES) mbar_wait(v_free + s, free_parity);  // and its P V
+            load(vs + s * TILE, v, vmap, v_full + s, kb);
+        }
+        cp_async_wait<0>();  // not gone while its copies are in flight
+        return;
+    }
+
+    setmaxnreg<FS_CONSUMER_REGS, true>();
+    const u32 cw = wg - 1, r0 = ((threadIdx.x >> 5) - 4) * 16;  // consumer 0 or 1; its warp's first row in the tile
+    const ScoreMods::Log2Cap cap = softmax_cap(mods, scale_log2);
+    float o[DT][4];
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    const u32 qa = smem_u32(qs) + cw * 64 * 128, ka = smem_u32(ks), va = smem_u32(vs);
+    auto softmax = [&](float (&s)[NT][4], float (&corr)[2], u32 kb) {
+        cap_tile(s, mods, cap);
+        softmax_tile(s, corr, m, l, r0, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
+    };
+    // Ping-pong: barrier 1 + c is consumer c's turn to issue products; it hands the turn over after.
+    const auto take_turn = [&] { named_bar_sync(1 + cw, 256); };
+    const auto hand_over = [&](bool last) {
+        if (cw == 0 || !last) named_bar_arrive(2 - cw, 256);
+    };
+    // Waits for a full stage, then reads it through the async proxy.
+    const auto wait_full = [&](u64* bar, u32 j) {
+        mbar_wait(bar + j % STAGES, (j / STAGES) & 1);
+        fence_proxy_async();
+    };
+
+    mbar_wait(q_full, 0);
+    if (cw == 1) named_bar_arrive(1, 256);  // the first turn is consumer 0's
+    float s[NT][4], corr[2];
+    u32 pa[KEYS / 16][4];
+    wait_full(k_full, 0);
+    take_turn();
+    wgmma_fence();
+    wg_qk<D, KEYS, BF16>(s, qa, ROWS, ka);
+    hand_over(false);
+    wgmma_wait<0>();
+    mbar_arrive_expect(k_free, 0);
+    softmax(s, corr, kb0);
+#pragma unroll
+    for (int kt = 0; kt < KEYS / 16; kt++) p_fragment(pa[kt], s, kt, BF16);
+    for (u32 j = 1; j < n; j++) {
+        const u32 sj = j % STAGES, sp = (j - 1) % STAGES;
+        wait_full(k_full, j);
+        wait_full(v_full, j - 1);
+        take_turn();
+        wgmma_fence();
+        wg_qk<D, KEYS, BF16>(s, qa, ROWS, ka + sj * TILE * 2);
+        wg_pv<D, KEYS, BF16>(o, pa, va + sp * TILE * 2);
+        hand_over(false);
+        wgmma_wait<1>();  // S of tile j (P V of tile j-1 may still run: o and pa are untouched)
+        mbar_arrive_expect(k_free + sj, 0);
+        softmax(s, corr, kb0 + j * KEYS);
+        wgmma_wait<0>();
+        mbar_arrive_expect(v_free + sp, 0);
+        rescale(o, corr);
+#pragma unroll
+        for (int kt = 0; kt < KEYS / 16; kt++) p_fragment(pa[kt], s, kt, BF16);
+    }
+    wait_full(v_full, n - 1);
+    take_turn();
+    wgmma_fence();
+    wg_pv<D, KEYS, BF16>(o, pa, va + ((n - 1) % STAGES) * TILE * 2);
+    hand_over(true);
+    wgmma_wait<0>();
+    store_rows(out, o, l, r0, rows, q0, hq, h, BF16);
+}
+
+#define FLASH_WS_ONE(dim, s, bf16)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                                           \
+        flash_attn_ws_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,            \
+                                   const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
+                                   float softcap, const void* kmap, const void* vmap) {                            \
+        DYNAMIC_SHARED(u16, smem);                                                                                 \
+        KeyAddr addr = {table, block_size};                                                                        \
+        ScoreMods mods = {window, softcap};                                                                        \
+        flash_attn_ws<dim, FS##dim##_KEYS, FS##dim##_STAGES, bf16>(out, q, k, v, tiles, addr, hq, hkv, scale_log2, \
+                                                                  mods, kmap, vmap, smem);                         \
+    }
+FLASH_WS_ONE(64, bf16, true)
+FLASH_WS_ONE(64, f16, false)
+FLASH_WS_ONE(128, bf16, true)
+FLASH_WS_ONE(128, f16, false)
+
 // wgmma as the Hopper kernels use it, alone: one warpgroup stages Q (64 x D), K and V (128 x D) as they
 // do, runs s = Q K^T (wg_qk), then o = P V (wg_pv) with P = s rounded to the dtype, and writes both in
 // f32, row-major: s [64][128], o [64][D]. The host holds them to a plain matrix product

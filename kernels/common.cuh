@@ -378,20 +378,69 @@ __device__ __forceinline__ void mbar_arrive_expect(u64* bar, u32 bytes) {
 #endif
 }
 
-// Waits until the barrier's phase of parity `parity` has completed (its copies landed).
+// Waits until the barrier's phase of parity `parity` has completed (its copies landed). A phase
+// that never completes (a wrong count or parity: a bug) traps after ~2^26 tries, seconds at least,
+// so that a GPU run gets an error from the launch instead of a hang.
 __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
 #ifdef HIGHRISE_EMU
     emu::mbar_wait(bar, parity);
 #else
     asm volatile(
         "{\n"
-        ".reg .pred done;\n"
+        ".reg .pred p;\n"
+        ".reg .u32 n;\n"
+        "mov.u32 n, 0;\n"
         "wait:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra wait;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@p bra done;\n"
+        "add.u32 n, n, 1;\n"
+        "setp.lt.u32 p, n, 67108864;\n"
+        "@p bra wait;\n"
+        "trap;\n"
+        "done:\n"
         "}\n" ::"r"(smem_u32(bar)),
         "r"(parity)
         : "memory");
+#endif
+}
+
+// This thread's cp.async copies so far (committed or not) complete on the barrier as one of its
+// expected arrivals (.noinc: the count given at init includes them), so that warps that never
+// issued them wait for them there: how a producer warpgroup hands cp.async tiles to consumers.
+__device__ __forceinline__ void cp_async_mbar_arrive(u64* bar) {
+#ifdef HIGHRISE_EMU
+    emu::cp_async_mbar_arrive(bar);
+#else
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+
+// Named barrier `id` (1-15; 0 is __syncthreads'), `count` threads in whole warps: bar.sync waits
+// for the phase, bar.arrive counts its warp and goes on (a warpgroup telling another its turn).
+__device__ __forceinline__ void named_bar_sync(u32 id, u32 count) {
+#ifdef HIGHRISE_EMU
+    emu::named_bar_sync(id, count);
+#else
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+#endif
+}
+__device__ __forceinline__ void named_bar_arrive(u32 id, u32 count) {
+#ifdef HIGHRISE_EMU
+    emu::named_bar_arrive(id, count);
+#else
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+#endif
+}
+
+// The warpgroup's registers per thread from here on (setmaxnreg, a multiple of 8 in 24-256): a
+// producer gives registers back to the block's pool, consumers take them. Only the register
+// allocation changes (nothing to model on the CPU).
+template <u32 N, bool INC>
+__device__ __forceinline__ void setmaxnreg() {
+    static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg: a multiple of 8 in 24-256");
+#ifndef HIGHRISE_EMU
+    if constexpr (INC) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+    else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
 #endif
 }
 

@@ -70,10 +70,12 @@ done <"$out/tests.list"
 echo "cross-checks: $(grep -c '|ok|' "$out/tests.results") of $(wc -l <"$out/tests.list") ok in $((SECONDS - start)) s" >>"$out/steps.txt"
 
 # 2b. On Hopper step 2 prefilled on the pipelined wgmma kernel (flash_attn_wgp, the default there
-# since 2026-11-30); here the attention cross-checks again on the other two, each in its own
+# since 2026-11-30); here the attention cross-checks again on the other three, each in its own
 # process: mma.sync's flash_attn (HIGHRISE_FLASH_KERNEL=mma, what every other GPU runs), with
-# Gemma 2's soft-capped, windowed scores and the random Llama too, and the plain wgmma kernel
-# (flash_attn_wg). wgmma alone, as they use it, ran in step 2
+# Gemma 2's soft-capped, windowed scores and the random Llama too, the plain wgmma kernel
+# (flash_attn_wg), and the warp-specialized one (flash_attn_ws: producer warpgroup, mbarriers,
+# setmaxnreg, named-barrier turns; never run on a GPU before 2026-12-01), all four, and under
+# compute-sanitizer's synccheck. wgmma alone, as they use it, ran in step 2
 # (wgmma_as_the_kernels_use_it_equals_a_plain_product); where it failed, its report (which product,
 # which elements) goes into steps.txt.
 : >"$out/wgmma.results"
@@ -81,17 +83,38 @@ if grep -q 'sm_90' "$out/backends.txt" || nvidia-smi --query-gpu=compute_cap --f
     start=$SECONDS
     for run in mma:ops::prefill_attention_is_causal_gqa mma:ops::paged_attention_reads_through_block_tables \
         mma:ops::attention_soft_caps_scores_and_slides_its_window mma:random_llama_matches_cpu_logits_and_64_greedy_steps \
-        wgmma:ops::prefill_attention_is_causal_gqa wgmma:ops::paged_attention_reads_through_block_tables; do
+        wgmma:ops::prefill_attention_is_causal_gqa wgmma:ops::paged_attention_reads_through_block_tables \
+        ws:ops::prefill_attention_is_causal_gqa ws:ops::paged_attention_reads_through_block_tables \
+        ws:ops::attention_soft_caps_scores_and_slides_its_window ws:random_llama_matches_cpu_logits_and_64_greedy_steps \
+        ws-synccheck:ops::prefill_attention_is_causal_gqa; do
         kernel=${run%%:*} t=${run#*:}
-        if ((SECONDS - start > 75)); then
-            echo "$kernel: $t|not run (the step's 75 s were spent)|" >>"$out/wgmma.results"
+        if [ "${kernel%%-*}" = ws ] && grep -q '^ws.*|timeout|' "$out/wgmma.results"; then
+            echo "$kernel: $t|not run (an earlier flash_attn_ws run hung)|" >>"$out/wgmma.results"
+            continue
+        fi
+        if ((SECONDS - start > 110)); then
+            echo "$kernel: $t|not run (the step's 110 s were spent)|" >>"$out/wgmma.results"
             continue
         fi
         s0=$SECONDS
-        HIGHRISE_FLASH_KERNEL=$kernel timeout 45 "$bundle/cuda-tests" --exact "$t" --nocapture --test-threads 1 >"$out/tests/$kernel-$t.txt" 2>&1
+        if [ "$kernel" = ws-synccheck ]; then
+            if command -v compute-sanitizer >/dev/null; then
+                HIGHRISE_FLASH_KERNEL=ws timeout 60 compute-sanitizer --tool synccheck --error-exitcode 9 "$bundle/cuda-tests" --exact "$t" \
+                    --nocapture --test-threads 1 >"$out/tests/$kernel-$t.txt" 2>&1
+            else
+                echo "skipped: no compute-sanitizer" >"$out/tests/$kernel-$t.txt"
+            fi
+        else
+            HIGHRISE_FLASH_KERNEL=$kernel timeout 45 "$bundle/cuda-tests" --exact "$t" --nocapture --test-threads 1 >"$out/tests/$kernel-$t.txt" 2>&1
+        fi
         echo "$kernel: $t|$(outcome $? "$out/tests/$kernel-$t.txt")|$((SECONDS - s0))" >>"$out/wgmma.results"
     done
-    echo "Hopper's other prefill kernels (mma, wgmma): $(grep -c '|ok|' "$out/wgmma.results") of 6 cross-checks ok" >>"$out/steps.txt"
+    echo "Hopper's other prefill kernels (mma, wgmma, ws): $(grep -c '|ok|' "$out/wgmma.results") of $(wc -l <"$out/wgmma.results") cross-checks ok" >>"$out/steps.txt"
+    # The bench times flash_attn_ws only where it passed (a trap would poison every later row).
+    if ! grep -q '^ws: ops::prefill_attention_is_causal_gqa|ok|' "$out/wgmma.results"; then
+        export HIGHRISE_BENCH_SKIP_WS=1
+        echo "flash_attn_ws failed or did not run its prefill cross-check: not timed" >>"$out/steps.txt"
+    fi
     # Step 2's wgmma and TMA probes, where they found the hardware other than we read the ISA: which
     # product or tile, which elements.
     grep -h -A3 'WRONG' "$out/tests/wgmma_as_the_kernels_use_it_equals_a_plain_product.txt" \

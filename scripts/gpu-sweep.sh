@@ -11,7 +11,8 @@
 # utilization and shared-memory bank conflicts. The mma shapes run with HIGHRISE_FLASH_KERNEL=mma
 # (on Hopper the engine prefills on wgmma). On Hopper, the same for the wgmma kernels
 # (flash_attn_wg, flash_attn_wgp) in each geometry of WG_SHAPES (WARPGROUPSxKEYS, through
-# HIGHRISE_FLASH_WG_SHAPE), about 15 s each. The winners per head dim go into flash.rs's TUNED (and
+# HIGHRISE_FLASH_WG_SHAPE), and the warp-specialized flash_attn_ws in each of WS_SHAPES (KEYSxSTAGES,
+# HIGHRISE_FLASH_WS_SHAPE), about 15 s each. The winners per head dim go into flash.rs's TUNED (and
 # TUNED_WG) table with the date. The decode kernel (decode_attn, the paged cache) in each shape of
 # DECODE_SHAPES (WARPSxSTAGES: warps per block, copy-pipeline stages per warp; HIGHRISE_DECODE_SHAPE):
 # its paged attention cross-check and its read bandwidth at batch 1 (1k, 8k, 32k) and 8 and 64 (8k),
@@ -28,6 +29,8 @@ SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
 # Hopper geometries, WARPGROUPSxKEYS: one for both head dims, or D64/D128 (three warpgroups of 128
 # keys fit the register file at d64 only).
 WG_SHAPES="2x128 3x128/2x128 2x64 3x64 1x128"
+# The warp-specialized Hopper kernel (flash_attn_ws), KEYSxSTAGES at d64/d128 (the first the default).
+WS_SHAPES="128x3/128x2 128x4/128x3 128x2/128x2 64x4/64x4 64x3/64x3"
 # Decode kernel shapes, WARPSxSTAGES (the first is the default).
 DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
 which=${3:-all}
@@ -79,14 +82,17 @@ if { [ "$which" = wg ] || [ "$which" = all ]; } && nvidia-smi --query-gpu=comput
     for g in $WG_SHAPES; do
         HIGHRISE_FLASH_KERNEL=wgmma-pipe HIGHRISE_FLASH_WG_SHAPE="d64=${g%/*},d128=${g#*/}" variant "wgmma-pipe-${g//\//-}"
     done
+    for g in $WS_SHAPES; do
+        HIGHRISE_FLASH_KERNEL=ws HIGHRISE_FLASH_WS_SHAPE="d64=${g%/*},d128=${g#*/}" variant "ws-${g//\//-}"
+    done
 fi
 
 # The fastest checked shape per head dim, by its causal 16k rate.
-best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep -v '^| flash_attn_wg' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
+best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep -v '^| flash_attn_w[gs]' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
 b64=$(best 64)
 b128=$(best 128)
-# The fastest checked Hopper kernel and geometry per head dim: "flash_attn_wgp 3x128".
-best_wg() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep '^| flash_attn_wg' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *//; s/ *$//'; }
+# The fastest checked Hopper kernel and geometry per head dim: "flash_attn_wgp 3x128", "flash_attn_ws 128x2".
+best_wg() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep '^| flash_attn_w[gs]' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *//; s/ *$//'; }
 w64=$(best_wg 64)
 w128=$(best_wg 128)
 if command -v ncu >/dev/null && [ -n "$b128" ]; then
@@ -99,8 +105,12 @@ fi
 # The same for the best Hopper geometry ("flash_attn_wgp 3x64"): wgmma runs on the gmma pipe.
 if command -v ncu >/dev/null && [ -n "$w128" ]; then
     wk=${w128%% *} wg=${w128##* }
-    kind=$([ "$wk" = flash_attn_wg ] && echo wgmma || echo wgmma-pipe)
-    HIGHRISE_FLASH_KERNEL=$kind HIGHRISE_FLASH_WG_SHAPE="d128=$wg" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name "regex:${wk}_d128" \
+    case $wk in
+        flash_attn_wg) kind=wgmma geometry=HIGHRISE_FLASH_WG_SHAPE ;;
+        flash_attn_ws) kind=ws geometry=HIGHRISE_FLASH_WS_SHAPE ;;
+        *) kind=wgmma-pipe geometry=HIGHRISE_FLASH_WG_SHAPE ;;
+    esac
+    env HIGHRISE_FLASH_KERNEL=$kind "$geometry=d128=$wg" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name "regex:${wk}_d128" \
         --launch-count 1 --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
         "$bundle/cuda-bench" --bench >"$out/sweep/ncu-wg.txt" 2>&1
 else
@@ -117,7 +127,7 @@ fi
     cat "$out/sweep/rows.txt"
     echo
     echo "best by causal 16k: d64 ${b64:-none}, d128 ${b128:-none} (put them in crates/highrise-cuda/src/flash.rs TUNED with today's date)"
-    echo "best wgmma by causal 16k: d64 ${w64:-none}, d128 ${w128:-none} (TUNED_WG, with today's date; flash_attn_wgp is Hopper's default, flash::wgmma)"
+    echo "best wgmma by causal 16k: d64 ${w64:-none}, d128 ${w128:-none} (TUNED_WG or, for flash_attn_ws, WS_DEFAULT, with today's date; flash_attn_wgp is Hopper's default until flash_attn_ws beats it, flash::wgmma)"
     echo
     echo "decode_attn shapes (warps x stages), GB/s of K and V read, d128 bf16, 32 query heads over 8 KV heads:"
     echo

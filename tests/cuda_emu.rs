@@ -105,7 +105,8 @@ fn tma_lays_tiles_out_as_the_wgmma_kernels_read_them() {
     assert_eq!(driver.take_recorded().len(), 2, "two probes launched and checked");
 }
 
-/// The Hopper prefill kernels (`flash_attn_wg_*` and the pipelined `flash_attn_wgp_*`: wgmma,
+/// The Hopper prefill kernels (`flash_attn_wg_*`, the pipelined `flash_attn_wgp_*` and the
+/// warp-specialized `flash_attn_ws_*`: wgmma, mbarriers, named barriers,
 /// modelled in kernels/emu/simt.hpp; the pipelined one Hopper's default, the op tests here keep
 /// mma.sync's for speed: tests/common's `emulated`) in the whole model: a backend of its own prefills with each, and the logits and
 /// greedy tokens equal the CPU's as with `flash_attn_*`.
@@ -116,7 +117,7 @@ fn random_llama_with_the_wgmma_prefill_matches_the_cpu() {
     if backend("wgmma prefill on the emulated device").is_none() {
         return;
     }
-    for wg in [Wg::Plain, Wg::Pipe] {
+    for wg in [Wg::Plain, Wg::Pipe, Wg::Spec] {
         let driver = Arc::new(highrise_cuda::recording::RecordingDriver::executing("sm_90a", 8).expect("built once already"));
         let mut cuda = highrise_cuda::CudaBackend::with_driver(driver.clone());
         cuda.set_flash_wgmma(Some(wg)).unwrap();

@@ -436,6 +436,22 @@ fn prefill_at_both_head_dims(b: &Arc<dyn Backend>, rng: &mut Rng) {
     }
 }
 
+/// `prefill_at_both_head_dims` on `cuda` (over `driver`): its two prefill attention launches, d64's
+/// then d128's, none faulted.
+fn prefill_launches(driver: &RecordingDriver, cuda: CudaBackend, seed: &str) -> Vec<Recorded> {
+    let b: Arc<dyn Backend> = Arc::new(cuda);
+    let before = driver.summary();
+    driver.take_recorded();
+    prefill_at_both_head_dims(&b, &mut Rng::new(seed));
+    let after = driver.summary();
+    assert_eq!(after.faults.len(), before.faults.len(), "{:?}", &after.faults[before.faults.len()..]);
+    let rec = driver.take_recorded();
+    let names: Vec<String> = rec.iter().map(|r| r.kernel.clone()).collect();
+    let prefill: Vec<Recorded> = rec.into_iter().filter(|r| r.kernel.starts_with("flash_attn")).collect();
+    assert_eq!(prefill.len(), 2, "{names:?}");
+    prefill
+}
+
 /// On Hopper prefill runs by default on the pipelined wgmma kernel (`flash_attn_wgp_*`), in the
 /// geometry the H200 sweep chose (flash::TUNED_WG: 3 warpgroups at both head dims), launched with
 /// the threads and shared memory that geometry compiles to.
@@ -448,22 +464,61 @@ fn hopper_prefills_on_wgmma_in_the_tuned_geometry() {
         return println!("skipped: HIGHRISE_FLASH_KERNEL or HIGHRISE_FLASH_WG_SHAPE is set; this test is of the defaults");
     }
     // A backend of its own over the shared driver, with the defaults the engine gets.
-    let b: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(driver.clone()));
-    let mut rng = Rng::new("cuda host hopper prefill");
-    let before = driver.summary();
-    driver.take_recorded();
-    prefill_at_both_head_dims(&b, &mut rng);
-    let after = driver.summary();
-    assert_eq!(after.faults.len(), before.faults.len(), "{:?}", &after.faults[before.faults.len()..]);
-    let rec = driver.take_recorded();
-    let prefill: Vec<_> = rec.iter().filter(|r| r.kernel.starts_with("flash_attn")).collect();
-    assert_eq!(prefill.len(), 2, "{:?}", rec.iter().map(|r| &r.kernel).collect::<Vec<_>>());
+    let prefill = prefill_launches(&driver, CudaBackend::with_driver(driver.clone()), "cuda host hopper prefill");
     for (r, d) in prefill.iter().zip([64usize, 128]) {
         let shape = flash::shape_of(flash::Family::Wgmma, "sm_90a", d).unwrap();
         assert!(r.kernel.starts_with(&format!("flash_attn_wgp_d{d}")), "d{d}: {}", r.kernel);
         assert_eq!(shape.warps, 12, "d{d}: three warpgroups, as tuned");
         assert_eq!((r.block.0, r.shared_bytes), (shape.threads(), Wg::Pipe.shared_bytes(shape, d)), "d{d}: {}", flash::wg_label(shape));
     }
+}
+
+/// The warp-specialized Hopper kernel (`flash_attn_ws_*`, HIGHRISE_FLASH_KERNEL=ws) goes through the
+/// host checker as its geometry compiles: 384 threads (a producer and two consumer warpgroups),
+/// tiles of 128 query rows, Q and every K/V stage in shared memory, contiguous K and V by tensor
+/// maps of their own.
+#[test]
+fn hopper_prefills_on_the_warp_specialized_kernel_as_compiled() {
+    use highrise_cuda::flash::{self, Wg};
+    let Some((driver, _)) = recording("warp-specialized prefill") else { return };
+    let _guard = exclusive();
+    let mut cuda = CudaBackend::with_driver(driver.clone());
+    cuda.set_flash_wgmma(Some(Wg::Spec)).unwrap();
+    let prefill = prefill_launches(&driver, cuda, "cuda host ws prefill");
+    let shapes = flash::ws_shapes().unwrap();
+    for (r, d) in prefill.iter().zip([64usize, 128]) {
+        let (tile, threads, shared) = Wg::Spec.launch(&[], &shapes, d).unwrap();
+        assert!(r.kernel.starts_with(&format!("flash_attn_ws_d{d}")), "d{d}: {}", r.kernel);
+        // 300 query rows: three tiles of at most 128 rows, one block each per query head.
+        assert_eq!((r.grid, r.block.0, r.shared_bytes, tile.rows()), ((3, 4, 1), threads, shared, 128), "d{d}");
+        assert_eq!(threads, 384);
+        // Contiguous K and V: read by TMA, through tensor maps (parameters 12 and 13) the checker
+        // held to them.
+        assert!(r.args[12].iter().any(|&b| b != 0) && r.args[13].iter().any(|&b| b != 0), "d{d}: tensor maps passed");
+    }
+    // With K and V apart (and alive): V's map where K's belongs (and K's for V's) is refused by
+    // name; so is one map without the other.
+    let mut cuda = CudaBackend::with_driver(driver.clone());
+    cuda.set_flash_wgmma(Some(Wg::Spec)).unwrap();
+    let b: Arc<dyn Backend> = Arc::new(cuda);
+    let mut rng = Rng::new("cuda host ws maps");
+    let (t, hq, hkv, d) = (200usize, 4usize, 2usize, 128usize);
+    let q = up(&b, DType::BF16, &[t, hq, d], &rng.values(t * hq * d, 1.0, DType::BF16));
+    let k = up(&b, DType::BF16, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, DType::BF16));
+    let v = up(&b, DType::BF16, &[t, hkv, d], &rng.values(t * hkv * d, 1.0, DType::BF16));
+    let mut out = empty(&b, DType::BF16, &[t, hq, d]);
+    driver.take_recorded();
+    b.attention(&mut out, &q, &k, &v, &[t as u32], 0.125).unwrap();
+    let rec = driver.take_recorded().into_iter().find(|r| r.kernel.starts_with("flash_attn_ws")).expect("launched");
+    let mut swapped = rec.args.clone();
+    swapped.swap(12, 13);
+    let err = relaunch(&driver, &rec, &swapped).unwrap_err().to_string();
+    assert!(err.contains("is not k's as the kernel reads it"), "{err}");
+    let mut one = rec.args.clone();
+    one[13] = vec![0; 8];
+    let err = relaunch(&driver, &rec, &one).unwrap_err().to_string();
+    assert!(err.contains("one tensor map of K and V but not the other"), "{err}");
+    relaunch(&driver, &rec, &rec.args).expect("as recorded, it passes again");
 }
 
 /// Re-launches `rec` through the driver with its arguments as given (each a byte vector), under

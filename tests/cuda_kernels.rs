@@ -104,6 +104,15 @@ fn every_swept_flash_shape_compiles_without_spills() {
         assert_no_spills(&ptxas, &dir, "sm_90a", &format!("attention.cu-wg-{label}"), &ptx, entries);
         println!("sm_90a wgmma geometry {label}: no spills");
     }
+    // The warp-specialized kernel's geometries (WS_SHAPES): keys x stages.
+    for pair in flash::ws_sweep_shapes(&script).unwrap() {
+        let defines: Vec<String> = flash::HEAD_DIMS.iter().zip(pair).flat_map(|(&d, s)| s.defines(d)).collect();
+        let ptx = nvrtc::compile("attention.cu", &kernels::source(body), "sm_90a", &defines).unwrap();
+        let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+        let label = format!("d64 {}, d128 {}", pair[0], pair[1]);
+        assert_no_spills(&ptxas, &dir, "sm_90a", &format!("attention.cu-ws-{label}"), &ptx, entries);
+        println!("sm_90a warp-specialized geometry {label}: no spills");
+    }
     // The decode kernel's shapes (DECODE_SHAPES): warps x pipeline stages.
     for arch in ["sm_80", "sm_90a"] {
         for shape in flash::decode_sweep_shapes(&script).unwrap() {

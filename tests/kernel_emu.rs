@@ -50,9 +50,10 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
     let mut shapes = vec![flash::DEFAULT];
     shapes.extend(sweep_shapes().into_iter().filter(|s| *s != flash::DEFAULT));
     for (i, shape) in shapes.into_iter().enumerate() {
-        // The decode kernel's and the wgmma prefill kernels' cases (20 and 2 x 17) run here with
-        // their default shapes; their other shapes below.
-        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 69) } else { (&["prefill"], 15) };
+        // The decode kernel's and the wgmma prefill kernels' cases (20, 2 x 18 for flash_attn_wg and
+        // _wgp, 2 x 18 for flash_attn_ws: copies landing late and at once) run here with their
+        // default shapes; their other shapes below.
+        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 107) } else { (&["prefill"], 15) };
         let report = check(&cxx, shape, &dir, args);
         let cases = report.lines().filter(|l| l.starts_with("ok ")).count();
         assert_eq!(cases, expect, "every case ran for {shape}:\n{report}");
@@ -60,7 +61,7 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
         let worst = report.lines().find(|l| l.contains("d128 bf16 causal")).unwrap_or_default();
         println!("{shape}: {expect} cases ok, no bank conflicts ({})", worst.split(": ").last().unwrap_or_default());
     }
-    // The Hopper kernels in every other geometry the sweep tries: their 2 x 17 cases each.
+    // The Hopper kernels in every other geometry the sweep tries: their 2 x 18 cases each.
     let script = std::fs::read_to_string(root().join("scripts/gpu-sweep.sh")).unwrap();
     for pair in flash::wg_sweep_shapes(&script).unwrap().into_iter().filter(|p| *p != [flash::WG_DEFAULT; 2]) {
         let label = format!("d64 {}, d128 {}", flash::wg_label(pair[0]), flash::wg_label(pair[1]));
@@ -68,8 +69,18 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
         let exe = dir.join(format!("check_attention_wg_{}_{}", flash::wg_label(pair[0]), flash::wg_label(pair[1])));
         let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_attention.cpp"), &defines, &exe, &["wgmma"]);
         assert!(ok, "the wgmma kernels in geometry {label} on the CPU model:\n{report}");
-        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 34, "every case ran for {label}:\n{report}");
-        println!("wgmma {label}: 34 cases ok");
+        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 36, "every case ran for {label}:\n{report}");
+        println!("wgmma {label}: 36 cases ok");
+    }
+    // The warp-specialized kernel in every other geometry the sweep tries: its 2 x 18 cases each.
+    for pair in flash::ws_sweep_shapes(&script).unwrap().into_iter().filter(|p| *p != [flash::WS_DEFAULT[0].1, flash::WS_DEFAULT[1].1]) {
+        let label = format!("d64 {}, d128 {}", pair[0], pair[1]);
+        let defines: Vec<String> = flash::HEAD_DIMS.iter().zip(pair).flat_map(|(&d, s)| s.defines(d)).collect();
+        let exe = dir.join(format!("check_attention_ws_{}_{}", pair[0], pair[1]));
+        let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_attention.cpp"), &defines, &exe, &["ws"]);
+        assert!(ok, "flash_attn_ws in geometry {label} on the CPU model:\n{report}");
+        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 36, "every case ran for {label}:\n{report}");
+        println!("ws {label}: 36 cases ok");
     }
     // The decode kernel in every other shape the sweep tries (warps x stages): its 20 cases each.
     for shape in flash::decode_sweep_shapes(&script).unwrap().into_iter().filter(|s| *s != flash::DECODE_DEFAULT) {
@@ -86,9 +97,11 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
 /// The checker itself: a kernel with a fault put back in (V read without transposing; the swizzle
 /// taken out; the sliding window ignored; in the wgmma kernels, V's descriptor strides swapped, a tile
 /// unswizzled, the softcap left out, S read before its wgmma was waited for, the pipelined one's V
-/// from the wrong stage and O rescaled while P V still writes it; in the decode kernel, a chunk read
-/// before its copies land and the next chunk copied over the one in use) is caught, so a pass above
-/// means something.
+/// from the wrong stage and O rescaled while P V still writes it; in the warp-specialized one, V
+/// read without waiting for its stage, a stage refilled before its consumers freed it, a consumer's
+/// turn never given, TMA's boxes of a tile landing on one another; in the decode kernel, a chunk
+/// read before its copies land and the next chunk copied over the one in use) is caught, so a pass
+/// above means something.
 #[test]
 fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let Some(cxx) = compiler() else {
@@ -112,6 +125,10 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
         ("wgmma: softcap left out", "return mods.softcap > 0.0f ? mods.log2_cap(scale_log2)", "return false ? mods.log2_cap(scale_log2)", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1, softcap 0.50: wgmma", "wgmma"),
         ("decode: a chunk used before its copies are waited for", "cp_async_wait<DA_STAGES - 1>();\n        __syncwarp();  // this chunk landed", "cp_async_wait<DA_STAGES>();\n        __syncwarp();  // this chunk landed", "FAIL decode d", "decode"),
         ("decode: the chunk ahead copied into the stage in use", "stage_chunk(ahead, stage == 0 ? DA_STAGES - 1 : stage - 1);", "stage_chunk(ahead, stage);", "FAIL decode d", "decode"),
+        ("ws: V read without waiting for its stage", "        wait_full(v_full, j - 1);\n", "", "FAIL d64 bf16 causal, 3 prompts (1, 150, 37 rows), 4 heads over 2: wgmma warp-specialized", "ws"),
+        ("ws: a stage refilled before it is free", "            if (j >= STAGES) mbar_wait(v_free + s, free_parity);  // and its P V\n", "", "FAIL the launch faulted: deadlock", "ws"),
+        ("ws: TMA's boxes of a d128 tile over one another", "tma_load_3d(dst + c * KEYS * 64, map", "tma_load_3d(dst, map", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1: wgmma warp-specialized (TMA)", "ws"),
+        ("ws: the first turn never given", "    if (cw == 1) named_bar_arrive(1, 256);  // the first turn is consumer 0's\n", "", "deadlock: threads wait at barriers", "ws"),
         ("wgmma: S before its wait", "issue_s(s, ka);\n        wgmma_wait<0>();\n        softmax(s, corr, kb);", "issue_s(s, ka);\n        softmax(s, corr, kb);", "FAIL d64 bf16", "wgmma"),
     ] {
         assert!(src.contains(from), "attention.cu has `{from}`");

@@ -1,7 +1,7 @@
 // Runs the tensor-core attention kernels of kernels/attention.cu on the CPU through
 // kernels/emu/simt.hpp and checks them against an f64 reference, as tests/ops.rs does on a GPU: the
 // largest error at most twice a naive same-dtype implementation's.
-// - prefill, flash_attn_d{64,128}_{bf16,f16} and (wgmma) flash_attn_wg_*: causal and not, sequences of several lengths in one
+// - prefill, flash_attn_d{64,128}_{bf16,f16} and (wgmma) flash_attn_wg_*, _wgp_*, _ws_*: causal and not, sequences of several lengths in one
 //   batch (tiles cut mid-sequence, one-row sequences), grouped-query heads, and keys through a
 //   shuffled block table after a cached prefix (chunked prefill); Gemma 2's soft-capped scores and
 //   sliding windows (shorter than the prompts, so whole key tiles are skipped);
@@ -205,29 +205,56 @@ bool run_prefill(const Case& c) {
     return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
 }
 
-// The same cases through the Hopper kernels (wgmma, modelled in simt.hpp): flash_attn_wg, or with
-// `pipe` flash_attn_wgp (two K/V stages, S of the next tile beside P V of this one).
-bool run_prefill_wg(const Case& c, bool pipe) {
+// The same cases through the Hopper kernels (wgmma, modelled in simt.hpp): flash_attn_wg, with
+// `kind` "pipe" flash_attn_wgp (two K/V stages, S of the next tile beside P V of this one), or "ws"
+// flash_attn_ws (a producer warpgroup feeding two consumers through mbarriers, named-barrier turns).
+bool run_prefill_wg(const Case& c, const std::string& kind) {
     const u32 d = c.d, hq = c.hq, hkv = c.hkv;
-    const u32 wgs = d == 64 ? FH64_WGS : FH128_WGS, keys_tile = d == 64 ? FH64_KEYS : FH128_KEYS, tile_rows = 64 * wgs;
+    const bool pipe = kind == "pipe", ws = kind == "ws" || kind == "ws-eager";
+    emu::eager_copies = kind == "ws-eager";
+    const u32 wgs = ws ? 2 : d == 64 ? FH64_WGS : FH128_WGS, tile_rows = 64 * wgs;
+    const u32 keys_tile = ws ? (d == 64 ? FS64_KEYS : FS128_KEYS) : d == 64 ? FH64_KEYS : FH128_KEYS;
+    const u32 stages = ws ? (d == 64 ? FS64_STAGES : FS128_STAGES) : pipe ? 2 : 1;
     Inputs in = make_inputs(c);
     std::vector<u16> out((size_t)in.t * hq * d, 0x7fc0);
     const std::vector<u32> tiles = tiles_for(c, tile_rows, in.kbase);
     const float scale_log2 = LOG2E / std::sqrt((float)d);
     // As the host sizes it: the tiles, and 1024 bytes to align them.
-    const size_t smem = (size_t)(tile_rows + (pipe ? 4 : 2) * keys_tile) * d * 2 + 1024;
+    const size_t smem = (size_t)(tile_rows + 2 * stages * keys_tile) * d * 2 + 1024;
     const u32* tab = c.paged ? in.table.data() : nullptr;
     const u32 bs = c.paged ? BLOCK_SIZE : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
-    CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {128 * wgs, 1, 1}, smem, [&] {
+    // flash_attn_ws reads contiguous K and V by TMA, as the host maps them: [rows, kv heads, d],
+    // boxes of 64 dims x 1 head x a tile's keys, the 128-byte swizzle (the model's format).
+    auto map_of = [&](const u16* base) {
+        emu::TensorMap m{};
+        m.base = (uint64_t)base, m.rank = 3, m.elem_bytes = 2, m.swizzle = 128;
+        const uint64_t dims[5] = {d, hkv, in.k.size() / ((size_t)hkv * d), 1, 1}, strides[5] = {2, 2ull * d, 2ull * d * hkv, 0, 0};
+        const uint32_t box[5] = {64, 1, keys_tile, 1, 1};
+        for (int i = 0; i < 5; i++) m.dims[i] = dims[i], m.strides[i] = strides[i], m.box[i] = box[i];
+        return m;
+    };
+    const emu::TensorMap kmap = map_of(k), vmap = map_of(v);
+    const void* km = ws && !c.paged ? &kmap : nullptr;
+    const void* vm = ws && !c.paged ? &vmap : nullptr;
+    CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {128 * (wgs + ws), 1, 1}, smem, [&] {
         auto k64b = pipe ? flash_attn_wgp_d64_bf16 : flash_attn_wg_d64_bf16, k64h = pipe ? flash_attn_wgp_d64_f16 : flash_attn_wg_d64_f16;
         auto k128b = pipe ? flash_attn_wgp_d128_bf16 : flash_attn_wg_d128_bf16, k128h = pipe ? flash_attn_wgp_d128_f16 : flash_attn_wg_d128_f16;
+        if (ws) {
+            auto kernel = d == 64 ? (c.bf16 ? flash_attn_ws_d64_bf16 : flash_attn_ws_d64_f16) : (c.bf16 ? flash_attn_ws_d128_bf16 : flash_attn_ws_d128_f16);
+            kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, km, vm);
+            return;
+        }
         auto kernel = d == 64 ? (c.bf16 ? k64b : k64h) : (c.bf16 ? k128b : k128h);
         kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
     });
-    char what[96];
-    std::snprintf(what, sizeof what, "wgmma%s, %u tiles of %u rows, %u keys a step", pipe ? " pipelined" : "", (u32)tiles.size() / 5,
-                  tile_rows, keys_tile);
+    char what[160];
+    std::snprintf(what, sizeof what, "wgmma%s, %u tiles of %u rows, %u keys a step, %u stages",
+                  ws ? (c.paged ? (emu::eager_copies ? " warp-specialized (cp.async landing at once)" : " warp-specialized (cp.async)")
+                                : " warp-specialized (TMA)")
+                     : pipe ? " pipelined" : "",
+                  (u32)tiles.size() / 5, tile_rows, keys_tile, stages);
+    emu::eager_copies = false;
     return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
 }
 
@@ -278,10 +305,11 @@ bool run_decode(const Case& c, u32 splits) {
 
 int main(int argc, char** argv) {
     // "prefill": only flash_attn's cases (what its tile shape changes); "wgmma": only flash_attn_wg's;
+    // "ws": only flash_attn_ws's;
     // "decode": only decode_attn's (what DA_WARPS and DA_STAGES change).
     const std::string only = argc > 1 ? argv[1] : "";
     const bool decode = only.empty() || only == "decode", mma = only.empty() || only == "prefill";
-    const bool wgmma = only.empty() || only == "wgmma";
+    const bool wgmma = only.empty() || only == "wgmma", ws = only.empty() || only == "ws";
     std::printf("decode: %u warps x %u stages\n", DA_WARPS, DA_STAGES);
     std::printf("tile shapes: d64 %u warps x %u x 16 rows, %u keys; d128 %u warps x %u x 16 rows, %u keys\n", FA64_WARPS,
                 FA64_MT, FA64_KEYS, FA128_WARPS, FA128_MT, FA128_KEYS);
@@ -311,15 +339,22 @@ int main(int argc, char** argv) {
     bool ok = true;
     if (mma)
         for (auto& c : cases) ok &= run_prefill(c);
-    if (wgmma) {
-        // And a prompt long enough for 4 key tiles of 128 after a cached prefix (the pipelined kernel's
-        // buffers change parity each tile).
+    if (wgmma || ws) {
+        // And prompts long enough for 4 and 9 key tiles of 128 after a cached prefix (the pipelined
+        // kernels' stages are reused, their barriers' phases change parity, many times).
         for (bool bf16 : {true, false})
             cases.push_back({std::string("d128 ") + (bf16 ? "bf16" : "f16") + " paged, 300 rows after a prefix of 200", 128, 2, 1, bf16, true,
                              true, {{300, 500}}});
-        for (bool pipe : {false, true})
-            for (auto& c : cases) ok &= run_prefill_wg(c, pipe);
+        cases.push_back({"d64 bf16 paged, 200 rows after a prefix of 900", 64, 2, 1, true, true, true, {{200, 1100}}});
     }
+    if (wgmma)
+        for (const char* kind : {"plain", "pipe"})
+            for (auto& c : cases) ok &= run_prefill_wg(c, kind);
+    // The warp-specialized kernel twice: copies landing when waited for (a read before its wait
+    // shows) and at once (a stage refilled too early shows).
+    if (ws)
+        for (const char* kind : {"ws", "ws-eager"})
+            for (auto& c : cases) ok &= run_prefill_wg(c, kind);
     // Decode: one new token per sequence (and a few for speculative decoding) through the cache.
     if (decode)
     for (u32 d : {64u, 128u})

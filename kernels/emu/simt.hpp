@@ -148,6 +148,8 @@ struct Mbar {
     unsigned count = 0, pending = 0, phase = 0;
     long long tx = 0;
     std::vector<TmaCopy> copies;
+    // cp.async.mbarrier.arrive.noinc: per arrival, the cp.async copies it waits for.
+    std::vector<std::vector<Copy>> async_arrivals;
 };
 
 struct Block {
@@ -159,6 +161,7 @@ struct Block {
     unsigned current = 0, live = 0, stalls = 0;
     bool aborted = false;
     Barrier block_barrier;
+    Barrier named[16];  // bar.sync / bar.arrive with an id (0: __syncthreads' own)
     std::vector<Barrier> warp_barriers;
     std::vector<Warpgroup> warpgroups;
     std::vector<const void*> slots;  // per thread: the address of its operand of a warp instruction
@@ -376,13 +379,14 @@ inline void cp_async_commit() {
     f.groups.push_back(std::move(f.open));
     f.open.clear();
 }
+inline void land(const Copy& c) {
+    std::memcpy(c.dst, c.src, c.src_bytes);
+    std::memset((char*)c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+}
 inline void cp_async_wait(unsigned pending) {
     Fiber& f = me();
     while (f.groups.size() > pending) {
-        for (const Copy& c : f.groups.front()) {
-            std::memcpy(c.dst, c.src, c.src_bytes);
-            std::memset((char*)c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
-        }
+        for (const Copy& c : f.groups.front()) land(c);
         f.groups.erase(f.groups.begin());
     }
 }
@@ -423,6 +427,42 @@ inline void mbar_arrive(const void* bar, unsigned bytes) {
     m.tx += bytes;
     m.pending--;
     mbar_settle(m);
+}
+
+// cp.async.mbarrier.arrive.noinc: every cp.async this thread issued so far (committed or not)
+// completes on the barrier as one of its expected arrivals; they land, and the arrival counts, when
+// a thread waits on the barrier.
+// With `eager_copies` they land and arrive at once instead (copies faster than anything else): a
+// stage refilled while a consumer still reads it shows then, as a late read shows the other way.
+inline bool eager_copies = false;
+inline void cp_async_mbar_arrive(const void* bar) {
+    Fiber& f = me();
+    Mbar& m = mbar_of(bar);
+    std::vector<Copy> all;
+    for (std::vector<Copy>& g : f.groups) all.insert(all.end(), g.begin(), g.end());
+    all.insert(all.end(), f.open.begin(), f.open.end());
+    f.groups.clear();
+    f.open.clear();
+    if (!eager_copies) return m.async_arrivals.push_back(std::move(all));
+    for (const Copy& c : all) land(c);
+    mbar_arrive(bar, 0);
+}
+
+// Named barriers (bar.sync / bar.arrive id, count): `count` threads, in whole warps, complete a
+// phase; bar.arrive counts its warp without waiting.
+inline Barrier& named_barrier(unsigned id, unsigned count) {
+    if (id == 0 || id >= 16) fail("bar.sync / bar.arrive: barrier ids 1-15 (0 is __syncthreads')");
+    if (count == 0 || count % 32 || count > blk->fibers.size()) fail("bar.sync / bar.arrive: a thread count not a multiple of 32 up to the block's");
+    return blk->named[id];
+}
+inline void named_bar_sync(unsigned id, unsigned count) { arrive(named_barrier(id, count), count); }
+inline void named_bar_arrive(unsigned id, unsigned count) {
+    Barrier& b = named_barrier(id, count);
+    if (++b.arrived == count) {
+        b.arrived = 0;
+        b.generation++;
+        blk->stalls = 0;
+    }
 }
 
 inline void tma_land(const TmaCopy& c) {
@@ -476,6 +516,13 @@ inline void mbar_wait(const void* bar, unsigned parity) {
             m.tx -= (long long)n;
         }
         m.copies.clear();
+        for (const std::vector<Copy>& copies : m.async_arrivals) {
+            for (const Copy& c : copies) land(c);
+            if (m.pending == 0) fail("mbarrier: more arrivals than its count (cp.async.mbarrier.arrive.noinc)");
+            m.pending--;
+            mbar_settle(m);
+        }
+        m.async_arrivals.clear();
         mbar_settle(m);
         if ((m.phase & 1) != parity) {
             blk->stalls = 0;
@@ -663,6 +710,7 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
     b.slots.assign(((n + 31) / 32) * 32, nullptr);
     b.live = n;
     b.block_barrier = Barrier{};
+    for (Barrier& nb : b.named) nb = Barrier{};
     b.mbars.clear();
     if (stacks.size() < n) stacks.resize(n, std::vector<char>(256 << 10));
     for (unsigned i = 0; i < n; i++) {

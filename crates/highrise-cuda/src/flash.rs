@@ -121,6 +121,11 @@ pub enum Wg {
     /// `flash_attn_wgp_*`: two K/V stages, the next tile's S = Q K^T in flight beside this tile's
     /// O += P V (FlashAttention-3's overlap within a warpgroup).
     Pipe,
+    /// `flash_attn_ws_*`: warp-specialized (FlashAttention-3's design): a producer warpgroup copies
+    /// K and V into a ring of stages handed over by mbarriers, two consumer warpgroups of 64 rows
+    /// take turns on the tensor cores (ping-pong), each with Pipe's overlap; its own geometry
+    /// ([`WsShape`]).
+    Spec,
 }
 
 impl Wg {
@@ -129,20 +134,107 @@ impl Wg {
         match self {
             Wg::Plain => "flash_attn_wg",
             Wg::Pipe => "flash_attn_wgp",
+            Wg::Spec => "flash_attn_ws",
         }
     }
 
-    /// Dynamic shared memory at head dim `d` in geometry `shape`: the Q tile, one or two K and V
-    /// tiles, and 1024 bytes to start them on the 1024-byte boundary that wgmma's 128-byte swizzle
-    /// repeats from.
+    /// Dynamic shared memory at head dim `d` in geometry `shape` (Plain, Pipe): the Q tile, one or
+    /// two K and V tiles, and 1024 bytes to start them on the 1024-byte boundary that wgmma's
+    /// 128-byte swizzle repeats from.
     pub fn shared_bytes(self, shape: Shape, d: usize) -> u32 {
         let stages = if self == Wg::Pipe { 2 } else { 1 };
         (shape.rows() + 2 * stages * shape.keys) * d as u32 * 2 + 1024
     }
+
+    /// How the kernel at head dim `d` is launched, from the geometries it was compiled with: its
+    /// tiles' shape (query rows, keys a step), threads a block, dynamic shared memory.
+    pub fn launch(self, wg_shapes: &[(usize, Shape)], ws_shapes: &[(usize, WsShape)], d: usize) -> Result<(Shape, u32, u32)> {
+        if self == Wg::Spec {
+            let ws = ws_shapes
+                .iter()
+                .find(|(dd, _)| *dd == d)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| Error::Unsupported(format!("flash_attn_ws: head dim {d} (the kernel takes {HEAD_DIMS:?})")))?;
+            return Ok((ws.tile(), WS_THREADS, ws.shared_bytes(d)));
+        }
+        let shape = find(wg_shapes, d)?;
+        Ok((shape, shape.threads(), self.shared_bytes(shape, d)))
+    }
+}
+
+/// `flash_attn_ws`'s threads: a producer warpgroup and two consumers.
+pub const WS_THREADS: u32 = 384;
+
+/// `flash_attn_ws`'s geometry at one head dim: keys a step and K/V stages in the ring (its 128 query
+/// rows over two consumer warpgroups are fixed). Compile-time (`-DFS<d>_KEYS`, `-DFS<d>_STAGES`):
+/// `HIGHRISE_FLASH_WS_SHAPE` ("d128=128x2"), then [`WS_DEFAULT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WsShape {
+    pub keys: u32,
+    pub stages: u32,
+}
+
+impl WsShape {
+    /// The tiles it takes, as a [`Shape`]: 8 consumer warps of 16 rows.
+    pub fn tile(self) -> Shape {
+        Shape { warps: 8, slices: 1, keys: self.keys }
+    }
+
+    /// Q (128 rows), `stages` K and V tiles, 1024 bytes of alignment.
+    pub fn shared_bytes(self, d: usize) -> u32 {
+        (128 + 2 * self.stages * self.keys) * d as u32 * 2 + 1024
+    }
+
+    /// "128x2": keys (64 or 128: the wgmma shapes common.cuh has) x stages (2-4), within a block's
+    /// shared memory at head dim `d` (227 KiB on Hopper).
+    pub fn parse(s: &str, d: usize) -> Result<WsShape> {
+        let bad = || Error::Invalid(format!("flash_attn_ws geometry {s:?}: expected KEYSxSTAGES, keys 64 or 128 and stages 2-4, e.g. 128x2"));
+        let (k, st) = s.split_once('x').ok_or_else(bad)?;
+        let (keys, stages): (u32, u32) = (k.trim().parse().map_err(|_| bad())?, st.trim().parse().map_err(|_| bad())?);
+        if ![64, 128].contains(&keys) || !(2..=4).contains(&stages) {
+            return Err(bad());
+        }
+        let shape = WsShape { keys, stages };
+        if shape.shared_bytes(d) > 227 * 1024 {
+            return Err(Error::Invalid(format!("flash_attn_ws geometry {s} at d{d}: {} bytes of shared memory, more than a block gets (227 KiB)", shape.shared_bytes(d))));
+        }
+        Ok(shape)
+    }
+
+    /// The `-D` options compiling it at head dim `d`.
+    pub fn defines(self, d: usize) -> [String; 2] {
+        [format!("-DFS{d}_KEYS={}", self.keys), format!("-DFS{d}_STAGES={}", self.stages)]
+    }
+}
+
+impl std::fmt::Display for WsShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.keys, self.stages)
+    }
+}
+
+/// `flash_attn_ws`'s geometry until a sweep measures better (kernels/attention.cu's defaults):
+/// 128-key tiles at both head dims, FlashAttention-3's; three stages at d64 (112 KiB), two at d128
+/// (161 KiB).
+pub const WS_DEFAULT: [(usize, WsShape); 2] = [(64, WsShape { keys: 128, stages: 3 }), (128, WsShape { keys: 128, stages: 2 })];
+
+/// Every head dim's `flash_attn_ws` geometry, as the kernels are compiled with it.
+pub fn ws_shapes() -> Result<Vec<(usize, WsShape)>> {
+    let mut out = WS_DEFAULT.to_vec();
+    let Ok(v) = std::env::var("HIGHRISE_FLASH_WS_SHAPE") else { return Ok(out) };
+    for part in v.split(',').filter(|p| !p.trim().is_empty()) {
+        let bad = || Error::Invalid(format!("HIGHRISE_FLASH_WS_SHAPE: {part:?} is not d<head dim>=KEYSxSTAGES, e.g. d128=128x2"));
+        let (d, shape) = part.trim().split_once('=').ok_or_else(bad)?;
+        let d: usize = d.strip_prefix('d').and_then(|d| d.parse().ok()).ok_or_else(bad)?;
+        let slot = out.iter_mut().find(|(dd, _)| *dd == d).ok_or_else(|| Error::Invalid(format!("HIGHRISE_FLASH_WS_SHAPE: head dim {d} (the kernel takes {HEAD_DIMS:?})")))?;
+        slot.1 = WsShape::parse(shape, d)?;
+    }
+    Ok(out)
 }
 
 /// Which Hopper kernel prefill runs on, if any, on `arch`: on Hopper (sm_90a) the pipelined one
-/// (Pipe) unless `HIGHRISE_FLASH_KERNEL` says `wgmma` (Plain) or `mma` (None: mma.sync's
+/// (Pipe) unless `HIGHRISE_FLASH_KERNEL` says `wgmma` (Plain), `ws` (Spec: not timed on a GPU yet,
+/// so not the default) or `mma` (None: mma.sync's
 /// `flash_attn_*`, as everywhere else, where the wgmma kernels do not exist). Checked on an H200 on
 /// 2026-11-30 (every attention cross-check, compute-sanitizer clean) and faster at every length and
 /// head dim timed: benches/results/2026-11-30-h200.md.
@@ -152,6 +244,7 @@ pub fn wgmma(arch: &str) -> Option<Wg> {
     }
     match std::env::var("HIGHRISE_FLASH_KERNEL").as_deref() {
         Ok("wgmma") => Some(Wg::Plain),
+        Ok("ws") => Some(Wg::Spec),
         Ok("mma") => None,
         _ => Some(Wg::Pipe),
     }
@@ -322,6 +415,9 @@ pub fn defines(arch: &str) -> Result<Vec<String>> {
         out.extend(defines_for(d, shape(arch, d)?));
         out.extend(wg_defines_for(d, shape_of(Family::Wgmma, arch, d)?));
     }
+    for (d, ws) in ws_shapes()? {
+        out.extend(ws.defines(d));
+    }
     out.extend(decode_shape(arch)?.defines());
     Ok(out)
 }
@@ -360,6 +456,18 @@ pub fn wg_sweep_shapes(script: &str) -> Result<Vec<[Shape; 2]>> {
         .map(|word| {
             let (a, b) = word.split_once('/').unwrap_or((word, word));
             Ok([parse_wg(a)?, parse_wg(b)?])
+        })
+        .collect()
+}
+
+/// The `flash_attn_ws` geometries scripts/gpu-sweep.sh tries (its `WS_SHAPES="..."` line), each as
+/// [d64's, d128's] ("128x3/128x2", or one for both).
+pub fn ws_sweep_shapes(script: &str) -> Result<Vec<[WsShape; 2]>> {
+    sweep_line(script, "WS_SHAPES=")?
+        .into_iter()
+        .map(|word| {
+            let (a, b) = word.split_once('/').unwrap_or((word, word));
+            Ok([WsShape::parse(a, 64)?, WsShape::parse(b, 128)?])
         })
         .collect()
 }
@@ -410,7 +518,7 @@ mod tests {
             assert!(Shape::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(shape("sm_80", 64).unwrap(), DEFAULT);
-        assert_eq!(defines("sm_80").unwrap().len(), 12);
+        assert_eq!(defines("sm_80").unwrap().len(), 16);
         // The Hopper kernel: 128 rows over 256 threads; at d128 its tiles take 96 KiB, plus alignment.
         let wg = WG_DEFAULT;
         assert_eq!((wg.rows(), wg.threads(), Wg::Plain.shared_bytes(wg, 128)), (128, 256, 98304 + 1024));
@@ -439,10 +547,36 @@ mod tests {
             assert!(parse_wg(bad).is_err(), "{bad}");
         }
         assert_eq!(wg_defines_for(64, three), ["-DFH64_WGS=3".to_string(), "-DFH64_KEYS=128".to_string()]);
-        assert_eq!(defines("sm_90a").unwrap().len(), 12);
+        assert_eq!(defines("sm_90a").unwrap().len(), 16);
         let pairs = wg_sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128 3x128/2x128\"\n").unwrap();
         assert_eq!(pairs, vec![[WG_DEFAULT; 2], [three, WG_DEFAULT]]);
         assert_eq!(sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128\"\n").unwrap(), vec![DEFAULT]);
+    }
+
+    #[test]
+    fn ws_shapes_parse_fit_and_are_the_kernels() {
+        // The defaults are attention.cu's, so the CPU model (which compiles it without -D) checks them.
+        let src = crate::kernels::FILES.iter().find(|(n, _)| *n == "attention.cu").unwrap().1;
+        for (d, ws) in WS_DEFAULT {
+            assert!(src.contains(&format!("#define FS{d}_KEYS {}\n", ws.keys)), "d{d} keys");
+            assert!(src.contains(&format!("#define FS{d}_STAGES {}\n", ws.stages)), "d{d} stages");
+        }
+        let s = WsShape::parse("128x2", 128).unwrap();
+        // Q 128 rows + 2 x (K + V) of 128 keys at d128, 1024 to align: 160 KiB + 1 KiB.
+        assert_eq!((s.shared_bytes(128), s.tile().rows(), s.tile().keys, s.to_string()), (163840 + 1024, 128, 128, "128x2".to_string()));
+        assert_eq!(s.defines(128), ["-DFS128_KEYS=128".to_string(), "-DFS128_STAGES=2".to_string()]);
+        // Four stages of 128 keys fit at d64 (145 KiB), three at d128 (225 KiB), not four (289 KiB).
+        assert!(WsShape::parse("128x4", 64).is_ok() && WsShape::parse("128x3", 128).is_ok());
+        for bad in ["128x4", "192x2", "96x2", "128x1", "128x5", "128"] {
+            assert!(WsShape::parse(bad, 128).is_err(), "{bad}");
+        }
+        let sweep = ws_sweep_shapes("WS_SHAPES=\"128x3/128x2 64x4\"\n").unwrap();
+        assert_eq!(sweep, vec![[WS_DEFAULT[0].1, WS_DEFAULT[1].1], [WsShape { keys: 64, stages: 4 }; 2]]);
+        let (tile, threads, shared) = Wg::Spec.launch(&[], &WS_DEFAULT, 128).unwrap();
+        assert_eq!((tile.rows(), threads, shared), (128, 384, 163840 + 1024));
+        assert!(Wg::Spec.launch(&[], &WS_DEFAULT, 96).is_err());
+        let (tile, threads, shared) = Wg::Pipe.launch(&[(128, WG_DEFAULT)], &WS_DEFAULT, 128).unwrap();
+        assert_eq!((tile, threads, shared), (WG_DEFAULT, 256, Wg::Pipe.shared_bytes(WG_DEFAULT, 128)));
     }
 
     #[test]

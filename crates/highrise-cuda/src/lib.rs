@@ -76,6 +76,8 @@ pub struct CudaBackend {
     flash_shapes: Vec<(usize, flash::Shape)>,
     /// The Hopper kernels' geometries, likewise (`flash::wg_shapes`).
     flash_wg_shapes: Vec<(usize, flash::Shape)>,
+    /// `flash_attn_ws`'s, likewise (`flash::ws_shapes`).
+    flash_ws_shapes: Vec<(usize, flash::WsShape)>,
     /// The decode kernel's shape, likewise (`flash::decode_shape`).
     decode_shape: flash::DecodeShape,
     /// Prefill on a Hopper kernel (`flash::wgmma`), decided once with the shapes.
@@ -138,6 +140,7 @@ impl CudaBackend {
             // HIGHRISE_FLASH_SHAPE then); the default is never reached.
             flash_shapes: flash::shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::DEFAULT)).to_vec()),
             flash_wg_shapes: flash::wg_shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::WG_DEFAULT)).to_vec()),
+            flash_ws_shapes: flash::ws_shapes().unwrap_or_else(|_| flash::WS_DEFAULT.to_vec()),
             decode_shape: flash::decode_shape(&info.arch).unwrap_or(flash::DECODE_DEFAULT),
             flash_wgmma: flash::wgmma(&info.arch),
             arch: info.arch,

@@ -415,28 +415,45 @@ fn flash(
     let s = suffix(name, out.dtype)?;
     let [hq, d] = [q.dims()[1], q.dims()[2]];
     // The Hopper kernel where chosen (same arguments and tiles, its own geometry), else mma.sync's.
-    let (kernel, shape, shared) = if let Some(wg) = be.flash_wgmma {
-        let shape = crate::flash::find(&be.flash_wg_shapes, d)?;
-        (format!("{}_d{d}_{s}", wg.kernel()), shape, wg.shared_bytes(shape, d))
+    let (kernel, shape, threads, shared) = if let Some(wg) = be.flash_wgmma {
+        let (shape, threads, shared) = wg.launch(&be.flash_wg_shapes, &be.flash_ws_shapes, d)?;
+        (format!("{}_d{d}_{s}", wg.kernel()), shape, threads, shared)
     } else {
         let shape = crate::flash::find(&be.flash_shapes, d)?;
-        (format!("flash_attn_d{d}_{s}"), shape, shape.shared_bytes(d))
+        (format!("flash_attn_d{d}_{s}"), shape, shape.threads(), shape.shared_bytes(d))
     };
     let tiles = crate::flash::tiles(seqs, causal, shape.rows());
     let hkv = kv_heads(k);
     let (o, qp, kp, vp) = (be.ptr("out", out)?, be.ptr("q", q)?, be.ptr("k", k)?, be.ptr("v", v)?);
     let (table_bytes, block_size) = table.map_or((&[][..], 0), |(t, bs)| (bytes_of(t), bs));
-    let (_, addr) = be.upload(st, 0, &[bytes_of(&tiles), table_bytes])?;
+    let spec = be.flash_wgmma == Some(crate::flash::Wg::Spec);
+    // flash_attn_ws reads contiguous K and V by TMA: tensor maps of both ([rows, kv heads, d],
+    // boxes of 64 dims x 1 head x a tile's keys), encoded by the driver, uploaded beside the tiles.
+    let maps = if spec && table.is_none() {
+        let map = |base: u64| crate::tma::TensorMap {
+            base,
+            dims: [d as u64, hkv as u64, k.dims()[0] as u64],
+            strides: [2 * d as u64, 2 * (d * hkv) as u64],
+            boxes: [64, 1, shape.keys],
+        };
+        Some([be.driver.tensor_map(&map(kp))?, be.driver.tensor_map(&map(vp))?])
+    } else {
+        None
+    };
+    let mut parts = vec![bytes_of(&tiles), table_bytes];
+    if let Some([km, vm]) = &maps {
+        parts.extend([&km[..], &vm[..]]);
+    }
+    let (_, addr) = be.upload(st, 0, &parts)?;
     let table_ptr = if table.is_some() { addr[1] } else { 0u64 };
+    let (kmap, vmap) = if maps.is_some() { (addr[2], addr[3]) } else { (0u64, 0u64) };
     let (hq32, hkv32) = (hq as u32, hkv as u32);
     let (scale_log2, window, softcap) = (scores.scale * std::f32::consts::LOG2_E, scores.window, scores.softcap);
-    be.launch_shared(
-        &kernel,
-        ((tiles.len() / 5) as u32, hq32, 1),
-        (shape.threads(), 1, 1),
-        shared,
-        &[&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap],
-    )
+    let mut args: Vec<&dyn crate::KernelArg> = vec![&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap];
+    if spec {
+        args.extend([&kmap as &dyn crate::KernelArg, &vmap]);
+    }
+    be.launch_shared(&kernel, ((tiles.len() / 5) as u32, hq32, 1), (threads, 1, 1), shared, &args)
 }
 
 /// Prefill attention: on tensor cores where `flash_fits`, else with the split kernel that decoding

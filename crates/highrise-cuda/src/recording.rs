@@ -151,6 +151,7 @@ pub struct RecordingDriver {
     flash_shapes: Vec<(usize, crate::flash::Shape)>,
     /// The Hopper kernels' geometries, likewise.
     flash_wg_shapes: Vec<(usize, crate::flash::Shape)>,
+    flash_ws_shapes: Vec<(usize, crate::flash::WsShape)>,
     /// The decode kernel's shape, likewise.
     decode_shape: crate::flash::DecodeShape,
     kernels: HashMap<String, Entry>,
@@ -180,6 +181,7 @@ impl RecordingDriver {
             max_shared,
             flash_shapes: crate::flash::shapes(arch)?,
             flash_wg_shapes: crate::flash::wg_shapes(arch)?,
+            flash_ws_shapes: crate::flash::ws_shapes()?,
             decode_shape: crate::flash::decode_shape(arch)?,
             kernels,
             state: Mutex::new(State {
@@ -264,7 +266,7 @@ impl RecordingDriver {
             }
         }
         check_dims(l, entry, self.max_shared)?;
-        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes, flash_wg_shapes: &self.flash_wg_shapes, decode_shape: self.decode_shape };
+        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes, flash_wg_shapes: &self.flash_wg_shapes, flash_ws_shapes: &self.flash_ws_shapes, decode_shape: self.decode_shape };
         let mut accesses = Vec::new();
         // Pointers: inside live allocations and the op's regions.
         for (i, kind) in contract.iter().enumerate() {
@@ -278,7 +280,13 @@ impl RecordingDriver {
                 }
                 a.region(i)?;
             }
-            if let Kind::Map = kind {
+            if let Kind::Map { optional } = kind {
+                if a.u64(i) == 0 {
+                    if *optional {
+                        continue;
+                    }
+                    return Err(format!("parameter {i} (a tensor map) is null"));
+                }
                 a.tensor_map(i)?;
             }
         }
@@ -335,8 +343,8 @@ enum Kind {
     /// A device address; `optional` ones may be null.
     Ptr { optional: bool },
     /// The device address of a TMA tensor map (128 bytes, `crate::tma::TensorMap`), whose tensor
-    /// must lie inside the op's regions too.
-    Map,
+    /// must lie inside the op's regions too; `optional` ones may be null.
+    Map { optional: bool },
     U32,
     U64,
     F32,
@@ -345,7 +353,7 @@ enum Kind {
 impl Kind {
     fn size(self) -> usize {
         match self {
-            Kind::Ptr { .. } | Kind::Map | Kind::U64 => 8,
+            Kind::Ptr { .. } | Kind::Map { .. } | Kind::U64 => 8,
             Kind::U32 | Kind::F32 => 4,
         }
     }
@@ -353,7 +361,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Ptr { .. } => "a pointer",
-            Kind::Map => "a tensor map's address",
+            Kind::Map { .. } => "a tensor map's address",
             Kind::U32 => "u32",
             Kind::U64 => "u64",
             Kind::F32 => "f32",
@@ -363,7 +371,8 @@ impl Kind {
 
 const P: Kind = Kind::Ptr { optional: false };
 const OPT: Kind = Kind::Ptr { optional: true };
-const MAP: Kind = Kind::Map;
+const MAP: Kind = Kind::Map { optional: false };
+const MAP_OPT: Kind = Kind::Map { optional: true };
 const U32: Kind = Kind::U32;
 const U64: Kind = Kind::U64;
 const F32: Kind = Kind::F32;
@@ -397,6 +406,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
+        "flash_attn_ws" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, MAP_OPT, MAP_OPT],
         "flash_attn" | "flash_attn_wg" | "flash_attn_wgp" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
@@ -433,6 +443,7 @@ struct Args<'a> {
     flash_shapes: &'a [(usize, crate::flash::Shape)],
     /// The Hopper kernels' geometries, likewise.
     flash_wg_shapes: &'a [(usize, crate::flash::Shape)],
+    flash_ws_shapes: &'a [(usize, crate::flash::WsShape)],
     /// The decode kernel's shape, likewise.
     decode_shape: crate::flash::DecodeShape,
 }
@@ -456,7 +467,7 @@ impl Args<'_> {
     /// address in parameter `i`.
     fn region(&self, i: usize) -> std::result::Result<Region, String> {
         let p = self.u64(i);
-        debug_assert!(matches!(self.kinds[i], Kind::Ptr { .. } | Kind::Map));
+        debug_assert!(matches!(self.kinds[i], Kind::Ptr { .. } | Kind::Map { .. }));
         self.st.region_of(p).map_err(|why| format!("parameter {i} is {p:#x}, {why}"))
     }
 
@@ -636,6 +647,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         "flash_attn" => flash_attention(a, elt, d as u64, None, out)?,
         "flash_attn_wg" => flash_attention(a, elt, d as u64, Some(crate::flash::Wg::Plain), out)?,
         "flash_attn_wgp" => flash_attention(a, elt, d as u64, Some(crate::flash::Wg::Pipe), out)?,
+        "flash_attn_ws" => flash_attention(a, elt, d as u64, Some(crate::flash::Wg::Spec), out)?,
         "decode_attn" => decode_attention(a, elt, d as u64, out)?,
         "wgmma_probe" => {
             // (s_out, o_out, q, k, v): one warpgroup, Q 64 x d, K and V 128 x d, s 64 x 128 and o 64 x d
@@ -886,10 +898,36 @@ fn push_kv_runs(out: &mut Vec<Access>, runs: Vec<(u64, u64, String)>, elt: u64) 
     }
 }
 
+/// flash_attn_ws's tensor maps of K and V (parameters 12 and 13): both or neither; none with a
+/// block table (it reads a paged cache by cp.async); each K's or V's own, as the kernel's boxes read
+/// it ([rows, kv heads, d], boxes of 64 dims x 1 head x a tile's keys).
+fn tensor_maps(a: &Args<'_>, paged: bool, hkv: u64, d: u64, keys: u32) -> Check {
+    let (km, vm) = (a.u64(12), a.u64(13));
+    if (km == 0) != (vm == 0) {
+        return Err("one tensor map of K and V but not the other".into());
+    }
+    if km == 0 {
+        return Ok(());
+    }
+    if paged {
+        return Err("tensor maps with a block table: the kernel reads a paged cache by cp.async".into());
+    }
+    for (p, tensor, name) in [(12, 2, "k"), (13, 3, "v")] {
+        let map = a.tensor_map(p)?;
+        let rows = a.rows_of(tensor, hkv * d).ok_or_else(|| format!("parameter {tensor} ({name}) is not one of the op's tensors"))?;
+        let want = crate::tma::TensorMap { base: a.u64(tensor), dims: [d, hkv, rows], strides: [2 * d, 2 * d * hkv], boxes: [64, 1, keys] };
+        if map != want {
+            return Err(format!("parameter {p}: the tensor map {map:?} is not {name}'s as the kernel reads it ({want:?})"));
+        }
+    }
+    Ok(())
+}
+
 /// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2, window, softcap); grid
 /// (tiles, hq);
 /// tiles[5 i..5 i + 5] = (first row, rows, position of the first row, key base, keys seen).
-/// flash_attn_wg and _wgp (`wg`): the same, in the Hopper kernels' geometry.
+/// flash_attn_wg, _wgp and _ws (`wg`): the same, in the Hopper kernels' geometries; _ws also takes
+/// tensor maps of contiguous K and V (`tensor_maps`).
 fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>, out: &mut Vec<Access>) -> Check {
     let (bs, hq, hkv) = (a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64);
     let ntiles = a.grid.0 as usize;
@@ -904,15 +942,14 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>,
     if !(softcap.is_finite() && softcap >= 0.0) {
         return Err(format!("softcap {softcap} is not finite and non-negative"));
     }
-    let (shape, shared) = if let Some(wg) = wg {
-        let shape = crate::flash::find(a.flash_wg_shapes, d as usize).map_err(|e| e.to_string())?;
-        (shape, wg.shared_bytes(shape, d as usize))
+    let (shape, threads, shared) = if let Some(wg) = wg {
+        wg.launch(a.flash_wg_shapes, a.flash_ws_shapes, d as usize).map_err(|e| e.to_string())?
     } else {
         let shape = crate::flash::find(a.flash_shapes, d as usize).map_err(|e| e.to_string())?;
-        (shape, shape.shared_bytes(d as usize))
+        (shape, shape.threads(), shape.shared_bytes(d as usize))
     };
-    if a.block != (shape.threads(), 1, 1) {
-        return Err(format!("block {:?}: the kernel's tiles ({shape}) take {} threads", a.block, shape.threads()));
+    if a.block != (threads, 1, 1) {
+        return Err(format!("block {:?}: the kernel's tiles ({shape}) take {threads} threads", a.block));
     }
     if a.shared != shared {
         return Err(format!(
@@ -933,6 +970,9 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>,
         a.agrees(p, 2, d, "the head dim")?;
     }
     kv_shape(a, paged, hkv, bs, d)?;
+    if wg == Some(crate::flash::Wg::Spec) {
+        tensor_maps(a, paged, hkv, d, shape.keys)?;
+    }
     let tiles = a.u32s(4, 5 * ntiles)?;
     push(out, 4, 0, 5 * ntiles as u64, 4, "tiles");
     let tiles: Vec<[u64; 5]> = tiles.chunks_exact(5).map(|c| [c[0], c[1], c[2], c[3], c[4]].map(|x| x as u64)).collect();
@@ -1213,7 +1253,7 @@ impl Driver for RecordingDriver {
                     // host's (alive until the launch returns).
                     let mut maps: Vec<Box<[u8; 128]>> = Vec::new();
                     for (v, kind) in values.iter_mut().zip(&kinds) {
-                        if !matches!(kind, Kind::Ptr { .. } | Kind::Map) {
+                        if !matches!(kind, Kind::Ptr { .. } | Kind::Map { .. }) {
                             continue;
                         }
                         let p = u64::from_le_bytes(v[..8].try_into().expect("a pointer"));
@@ -1221,7 +1261,7 @@ impl Driver for RecordingDriver {
                             let host = host_address(&mut st, p).ok_or_else(|| Error::Backend(format!("{}: pointer {p:#x}", l.kernel)))?;
                             *v = host.to_le_bytes().to_vec();
                         }
-                        if let Kind::Map = kind {
+                        if let (Kind::Map { .. }, true) = (kind, p != 0) {
                             let (at, buf) = slot(&mut st, p, 128, "a tensor map")?;
                             let bytes: [u8; 128] = buf[at..at + 128].try_into().expect("128 bytes");
                             let map = crate::tma::TensorMap::from_emu_bytes(&bytes).ok_or_else(|| Error::Backend(format!("{}: not a tensor map", l.kernel)))?;
