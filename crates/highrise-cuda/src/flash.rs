@@ -476,17 +476,19 @@ pub fn ws_sweep_shapes(script: &str) -> Result<Vec<[WsShape; 2]>> {
 /// most per tile: per sequence (its first query row, its queries, the position of the first query,
 /// where its keys start). Causal: a tile's rows see keys up to their own positions; otherwise every
 /// key of the sequence (its queries are the last of its `pos0 + q_len` tokens), positions set past
-/// them all.
+/// them all. Ordered by the keys they see, most first (blocks start in that order: the longest
+/// causal tiles then run in the first waves, not alone in the last; ties keep their order).
 pub fn tiles(seqs: impl Iterator<Item = (u32, u32, u32, u32)>, causal: bool, rows: u32) -> Vec<u32> {
-    let mut tiles = Vec::new();
+    let mut tiles: Vec<[u32; 5]> = Vec::new();
     for (q_start, q_len, pos0, kbase) in seqs {
         for r0 in (0..q_len).step_by(rows as usize) {
             let n = (q_len - r0).min(rows);
             let (pos, keys) = if causal { (pos0 + r0, pos0 + r0 + n) } else { (pos0 + q_len, pos0 + q_len) };
-            tiles.extend([q_start + r0, n, pos, kbase, keys]);
+            tiles.push([q_start + r0, n, pos, kbase, keys]);
         }
     }
-    tiles
+    tiles.sort_by_key(|t| std::cmp::Reverse(t[4]));
+    tiles.concat()
 }
 
 #[cfg(test)]
@@ -495,18 +497,18 @@ mod tests {
 
     #[test]
     fn tiles_cut_sequences_into_rows() {
-        // Causal: two sequences, the first cut at 64 rows.
+        // Causal: two sequences, the first cut at 64 rows; the tile seeing the most keys first.
         let t = tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), true, 64);
-        assert_eq!(t, [0, 64, 0, 0, 64, 64, 36, 64, 0, 100, 100, 3, 0, 100, 3]);
+        assert_eq!(t, [64, 36, 64, 0, 100, 0, 64, 0, 0, 64, 100, 3, 0, 100, 3]);
         // A chunk after a cached prefix of 30 tokens, keys from block-table offset 5.
         let t = tiles([(0, 70, 30, 5)].into_iter(), true, 64);
-        assert_eq!(t, [0, 64, 30, 5, 94, 64, 6, 94, 5, 100]);
-        // Not causal: every row sees the whole sequence.
+        assert_eq!(t, [64, 6, 94, 5, 100, 0, 64, 30, 5, 94]);
+        // Not causal: every row sees the whole sequence (equal keys keep their order).
         let t = tiles([(0, 100, 0, 0), (100, 3, 0, 100)].into_iter(), false, 64);
         assert_eq!(t, [0, 64, 100, 0, 100, 64, 36, 100, 0, 100, 100, 3, 3, 100, 3]);
         // 128-row tiles.
         let t = tiles([(0, 200, 0, 0)].into_iter(), true, 128);
-        assert_eq!(t, [0, 128, 0, 0, 128, 128, 72, 128, 0, 200]);
+        assert_eq!(t, [128, 72, 128, 0, 200, 0, 128, 0, 0, 128]);
     }
 
     #[test]
