@@ -928,7 +928,7 @@ FLASH_WG(128)
 
 // ---- Prefill, Hopper, warp-specialized (FlashAttention-3's design): flash_attn_ws_* ----
 //
-// Three warpgroups a block of 128 query rows. Warpgroup 0 is the producer: it gives back registers
+// CONS + 1 warpgroups a block of 64 CONS query rows (CONS consumers: 2, or 3 at d64). Warpgroup 0 is the producer: it gives back registers
 // (setmaxnreg.dec) and only copies, Q once and then each KEYS-key tile's K and V into a ring of
 // STAGES stages, after waiting on the stage's "free" mbarrier for the consumers to be done with what
 // it held: from contiguous K and V ([tokens, kv heads, D]) by the tensor memory accelerator, one
@@ -940,15 +940,22 @@ FLASH_WG(128)
 // the consumers, 64 rows each, with the registers the producer gave back: no copies, no block-wide
 // barrier, each at its own pace. Within one, tile j's S = Q K^T and tile j-1's O += P V are in flight
 // together and tile j's softmax runs under P V (as flash_attn_wgp); between the two, named barriers
-// take turns issuing the products (ping-pong), so one's softmax (exp2 on the multi-function unit,
-// ~1 per 256 tensor-core flops at d128) runs while the other's products keep the tensor cores busy.
-// The turns balance: the second consumer opens the first's turn once before it starts and skips its
-// last hand-over, so every bar.sync meets exactly one bar.arrive.
+// take turns issuing the products (ping-pong, round robin with three), so one's softmax (exp2 on the
+// multi-function unit, ~1 per 256 tensor-core flops at d128) runs while another's products keep the
+// tensor cores busy. The turns balance: the last consumer opens the first's turn once before it
+// starts and skips its last hand-over, so every bar.sync meets exactly one bar.arrive. By TMA only
+// the producer's first warp stays (its first thread issues); the others leave once Q is copied.
+#ifndef FS64_CONS
+#define FS64_CONS 2
+#endif
 #ifndef FS64_KEYS
 #define FS64_KEYS 128
 #endif
 #ifndef FS64_STAGES
 #define FS64_STAGES 3
+#endif
+#ifndef FS128_CONS
+#define FS128_CONS 2
 #endif
 #ifndef FS128_KEYS
 #define FS128_KEYS 128
@@ -956,14 +963,24 @@ FLASH_WG(128)
 #ifndef FS128_STAGES
 #define FS128_STAGES 2
 #endif
-#define FS_PRODUCER_REGS 40
-#define FS_CONSUMER_REGS 232
+// Registers a thread (setmaxnreg): the producer gives back all but what copying needs; the
+// consumers share the rest (launched at 65536 / threads: 168 with two consumers, 128 with three).
+template <int CONS>
+struct WsRegs;
+template <>
+struct WsRegs<2> {
+    static constexpr u32 producer = 40, consumer = 232;  // 128 x 40 + 256 x 232 = 64512
+};
+template <>
+struct WsRegs<3> {
+    static constexpr u32 producer = 32, consumer = 160;  // 128 x 32 + 384 x 160 = 65536 (24 spilled the producer)
+};
 
-template <int D, int KEYS, int STAGES, bool BF16>
+template <int D, int KEYS, int STAGES, int CONS, bool BF16>
 __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles, KeyAddr addr, u32 hq,
                               u32 hkv, float scale_log2, ScoreMods mods, const void* kmap, const void* vmap, u16* smem_raw) {
-    constexpr u32 ROWS = 128, NT = KEYS / 8, DT = D / 8, TILE = KEYS * D;
-    static_assert(KEYS % 16 == 0 && KEYS <= 256 && (D == 64 || D == 128) && STAGES >= 2, "wgmma shapes");
+    constexpr u32 ROWS = 64 * CONS, NT = KEYS / 8, DT = D / 8, TILE = KEYS * D;
+    static_assert(KEYS % 16 == 0 && KEYS <= 256 && (D == 64 || D == 128) && STAGES >= 2 && (CONS == 2 || CONS == 3), "wgmma shapes");
     u16* qs = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023) / 2;  // [ROWS][D] as swz_wg
     u16* ks = qs + ROWS * D;                                                    // STAGES x [KEYS][D]
     u16* vs = ks + STAGES * TILE;                                               // STAGES x [KEYS][D]
@@ -980,17 +997,21 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
         for (u32 s = 0; s < STAGES; s++) {
             mbar_init(k_full + s, tma ? 1 : 128);  // the issuing thread's bytes, or each producer thread's copies
             mbar_init(v_full + s, tma ? 1 : 128);
-            mbar_init(k_free + s, 256);  // each consumer thread, done with the stage
-            mbar_init(v_free + s, 256);
+            mbar_init(k_free + s, 128 * CONS);  // each consumer thread, done with the stage
+            mbar_init(v_free + s, 128 * CONS);
         }
     }
     __syncthreads();  // the barriers are initialized before anyone uses them
 
     if (wg == 0) {
-        setmaxnreg<FS_PRODUCER_REGS, false>();
+        setmaxnreg<WsRegs<CONS>::producer, false>();
         const u32 t = threadIdx.x;
         stage_rows<D, 128, ROWS, true>(qs, q, t, [&](u32 r) { return (long long)(((u64)(q0 + min(r, rows - 1)) * hq + h) * D); });
         cp_async_mbar_arrive(q_full);
+        if (tma && t >= 32) {
+            cp_async_wait<0>();  // its part of Q landed; the first warp goes on
+            return;
+        }
         if (tma && t == 0) {
             tma_map_acquire(kmap);
             tma_map_acquire(vmap);
@@ -1009,7 +1030,7 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
         };
         for (u32 j = 0; j < n; j++) {
             const u32 s = j % STAGES, kb = kb0 + j * KEYS, free_parity = (j / STAGES + 1) & 1;
-            if (j >= STAGES) mbar_wait(k_free + s, free_parity);  // both consumers are past tile j - STAGES's S
+            if (j >= STAGES) mbar_wait(k_free + s, free_parity);  // every consumer is past tile j - STAGES's S
             load(ks + s * TILE, k, kmap, k_full + s, kb);
             if (j >= STAGES) mbar_wait(v_free + s, free_parity);  // and its P V
             load(vs + s * TILE, v, vmap, v_full + s, kb);
@@ -1018,8 +1039,8 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
         return;
     }
 
-    setmaxnreg<FS_CONSUMER_REGS, true>();
-    const u32 cw = wg - 1, r0 = ((threadIdx.x >> 5) - 4) * 16;  // consumer 0 or 1; its warp's first row in the tile
+    setmaxnreg<WsRegs<CONS>::consumer, true>();
+    const u32 cw = wg - 1, r0 = ((threadIdx.x >> 5) - 4) * 16;  // consumer 0 .. CONS - 1; its warp's first row in the tile
     const ScoreMods::Log2Cap cap = softmax_cap(mods, scale_log2);
     float o[DT][4];
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -1030,10 +1051,11 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
         cap_tile(s, mods, cap);
         softmax_tile(s, corr, m, l, r0, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
     };
-    // Ping-pong: barrier 1 + c is consumer c's turn to issue products; it hands the turn over after.
+    // Turns: barrier 1 + c is consumer c's turn to issue products; it hands the turn to the next
+    // after (its 128 threads arrive, the next's 128 sync).
     const auto take_turn = [&] { named_bar_sync(1 + cw, 256); };
     const auto hand_over = [&](bool last) {
-        if (cw == 0 || !last) named_bar_arrive(2 - cw, 256);
+        if (cw != CONS - 1 || !last) named_bar_arrive(1 + (cw + 1) % CONS, 256);
     };
     // Waits for a full stage, then reads it through the async proxy.
     const auto wait_full = [&](u64* bar, u32 j) {
@@ -1042,7 +1064,7 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
     };
 
     mbar_wait(q_full, 0);
-    if (cw == 1) named_bar_arrive(1, 256);  // the first turn is consumer 0's
+    if (cw == CONS - 1) named_bar_arrive(1, 256);  // the first turn is consumer 0's
     float s[NT][4], corr[2];
     u32 pa[KEYS / 16][4];
     wait_full(k_full, 0);
@@ -1083,15 +1105,16 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
 }
 
 #define FLASH_WS_ONE(dim, s, bf16)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                                           \
+    extern "C" __global__ void __launch_bounds__(128 * (FS##dim##_CONS + 1), 1)                                    \
         flash_attn_ws_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,            \
                                    const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
                                    float softcap, const void* kmap, const void* vmap) {                            \
         DYNAMIC_SHARED(u16, smem);                                                                                 \
         KeyAddr addr = {table, block_size};                                                                        \
         ScoreMods mods = {window, softcap};                                                                        \
-        flash_attn_ws<dim, FS##dim##_KEYS, FS##dim##_STAGES, bf16>(out, q, k, v, tiles, addr, hq, hkv, scale_log2, \
-                                                                  mods, kmap, vmap, smem);                         \
+        flash_attn_ws<dim, FS##dim##_KEYS, FS##dim##_STAGES, FS##dim##_CONS, bf16>(out, q, k, v, tiles, addr, hq,   \
+                                                                                  hkv, scale_log2, mods, kmap, vmap, \
+                                                                                  smem);                             \
     }
 FLASH_WS_ONE(64, bf16, true)
 FLASH_WS_ONE(64, f16, false)

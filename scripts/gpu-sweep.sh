@@ -11,7 +11,7 @@
 # utilization and shared-memory bank conflicts. The mma shapes run with HIGHRISE_FLASH_KERNEL=mma
 # (on Hopper the engine prefills on wgmma). On Hopper, the same for the wgmma kernels
 # (flash_attn_wg, flash_attn_wgp) in each geometry of WG_SHAPES (WARPGROUPSxKEYS, through
-# HIGHRISE_FLASH_WG_SHAPE), and the warp-specialized flash_attn_ws in each of WS_SHAPES (KEYSxSTAGES,
+# HIGHRISE_FLASH_WG_SHAPE), and the warp-specialized flash_attn_ws in each of WS_SHAPES (CONSUMERSxKEYSxSTAGES,
 # HIGHRISE_FLASH_WS_SHAPE), about 15 s each. The winners per head dim go into flash.rs's TUNED (and
 # TUNED_WG) table with the date. The decode kernel (decode_attn, the paged cache) in each shape of
 # DECODE_SHAPES (WARPSxSTAGES: warps per block, copy-pipeline stages per warp; HIGHRISE_DECODE_SHAPE):
@@ -29,8 +29,9 @@ SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
 # Hopper geometries, WARPGROUPSxKEYS: one for both head dims, or D64/D128 (three warpgroups of 128
 # keys fit the register file at d64 only).
 WG_SHAPES="2x128 3x128/2x128 2x64 3x64 1x128"
-# The warp-specialized Hopper kernel (flash_attn_ws), KEYSxSTAGES at d64/d128 (the first the default).
-WS_SHAPES="128x3/128x2 128x4/128x3 128x2/128x2 64x4/64x4 64x3/64x3"
+# The warp-specialized Hopper kernel (flash_attn_ws), CONSUMERSxKEYSxSTAGES at d64/d128 (the first the
+# default; three consumers fit the registers at d64 only).
+WS_SHAPES="2x128x3/2x128x2 2x128x4/2x128x3 3x128x2/2x64x4 3x128x3/2x64x3 3x64x4/2x128x2"
 # Decode kernel shapes, WARPSxSTAGES (the first is the default).
 DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
 which=${3:-all}
@@ -91,7 +92,7 @@ fi
 best() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep -v '^| flash_attn_w[gs]' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | tr -d ' '; }
 b64=$(best 64)
 b128=$(best 128)
-# The fastest checked Hopper kernel and geometry per head dim: "flash_attn_wgp 3x128", "flash_attn_ws 128x2".
+# The fastest checked Hopper kernel and geometry per head dim: "flash_attn_wgp 3x128", "flash_attn_ws 2x128x2".
 best_wg() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep '^| flash_attn_w[gs]' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *//; s/ *$//'; }
 w64=$(best_wg 64)
 w128=$(best_wg 128)

@@ -212,7 +212,7 @@ bool run_prefill_wg(const Case& c, const std::string& kind) {
     const u32 d = c.d, hq = c.hq, hkv = c.hkv;
     const bool pipe = kind == "pipe", ws = kind == "ws" || kind == "ws-eager";
     emu::eager_copies = kind == "ws-eager";
-    const u32 wgs = ws ? 2 : d == 64 ? FH64_WGS : FH128_WGS, tile_rows = 64 * wgs;
+    const u32 wgs = ws ? (d == 64 ? FS64_CONS : FS128_CONS) : d == 64 ? FH64_WGS : FH128_WGS, tile_rows = 64 * wgs;
     const u32 keys_tile = ws ? (d == 64 ? FS64_KEYS : FS128_KEYS) : d == 64 ? FH64_KEYS : FH128_KEYS;
     const u32 stages = ws ? (d == 64 ? FS64_STAGES : FS128_STAGES) : pipe ? 2 : 1;
     Inputs in = make_inputs(c);

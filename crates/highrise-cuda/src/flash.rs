@@ -122,9 +122,9 @@ pub enum Wg {
     /// O += P V (FlashAttention-3's overlap within a warpgroup).
     Pipe,
     /// `flash_attn_ws_*`: warp-specialized (FlashAttention-3's design): a producer warpgroup copies
-    /// K and V into a ring of stages handed over by mbarriers, two consumer warpgroups of 64 rows
-    /// take turns on the tensor cores (ping-pong), each with Pipe's overlap; its own geometry
-    /// ([`WsShape`]).
+    /// K and V into a ring of stages handed over by mbarriers, two (or three at d64) consumer
+    /// warpgroups of 64 rows take turns on the tensor cores (ping-pong), each with Pipe's overlap;
+    /// its own geometry ([`WsShape`]).
     Spec,
 }
 
@@ -155,46 +155,54 @@ impl Wg {
                 .find(|(dd, _)| *dd == d)
                 .map(|(_, s)| *s)
                 .ok_or_else(|| Error::Unsupported(format!("flash_attn_ws: head dim {d} (the kernel takes {HEAD_DIMS:?})")))?;
-            return Ok((ws.tile(), WS_THREADS, ws.shared_bytes(d)));
+            return Ok((ws.tile(), ws.threads(), ws.shared_bytes(d)));
         }
         let shape = find(wg_shapes, d)?;
         Ok((shape, shape.threads(), self.shared_bytes(shape, d)))
     }
 }
 
-/// `flash_attn_ws`'s threads: a producer warpgroup and two consumers.
-pub const WS_THREADS: u32 = 384;
-
-/// `flash_attn_ws`'s geometry at one head dim: keys a step and K/V stages in the ring (its 128 query
-/// rows over two consumer warpgroups are fixed). Compile-time (`-DFS<d>_KEYS`, `-DFS<d>_STAGES`):
-/// `HIGHRISE_FLASH_WS_SHAPE` ("d128=128x2"), then [`WS_DEFAULT`].
+/// `flash_attn_ws`'s geometry at one head dim: consumer warpgroups of 64 query rows (2, or 3 at
+/// d64: at d128 three would not keep their accumulators in 160 registers), keys a step and K/V
+/// stages in the ring. Compile-time (`-DFS<d>_CONS/_KEYS/_STAGES`): `HIGHRISE_FLASH_WS_SHAPE`
+/// ("d128=2x128x2"), then [`WS_DEFAULT`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WsShape {
+    pub consumers: u32,
     pub keys: u32,
     pub stages: u32,
 }
 
 impl WsShape {
-    /// The tiles it takes, as a [`Shape`]: 8 consumer warps of 16 rows.
+    /// The tiles it takes, as a [`Shape`]: 4 consumer warps of 16 rows a consumer.
     pub fn tile(self) -> Shape {
-        Shape { warps: 8, slices: 1, keys: self.keys }
+        Shape { warps: 4 * self.consumers, slices: 1, keys: self.keys }
     }
 
-    /// Q (128 rows), `stages` K and V tiles, 1024 bytes of alignment.
+    /// The producer warpgroup and the consumers.
+    pub fn threads(self) -> u32 {
+        128 * (self.consumers + 1)
+    }
+
+    /// Q (64 rows a consumer), `stages` K and V tiles, 1024 bytes of alignment.
     pub fn shared_bytes(self, d: usize) -> u32 {
-        (128 + 2 * self.stages * self.keys) * d as u32 * 2 + 1024
+        (64 * self.consumers + 2 * self.stages * self.keys) * d as u32 * 2 + 1024
     }
 
-    /// "128x2": keys (64 or 128: the wgmma shapes common.cuh has) x stages (2-4), within a block's
-    /// shared memory at head dim `d` (227 KiB on Hopper).
+    /// "2x128x2": consumers (2, or 3 at d64) x keys (64 or 128: the wgmma shapes common.cuh has) x
+    /// stages (2-4), within a block's shared memory at head dim `d` (227 KiB on Hopper).
     pub fn parse(s: &str, d: usize) -> Result<WsShape> {
-        let bad = || Error::Invalid(format!("flash_attn_ws geometry {s:?}: expected KEYSxSTAGES, keys 64 or 128 and stages 2-4, e.g. 128x2"));
-        let (k, st) = s.split_once('x').ok_or_else(bad)?;
-        let (keys, stages): (u32, u32) = (k.trim().parse().map_err(|_| bad())?, st.trim().parse().map_err(|_| bad())?);
-        if ![64, 128].contains(&keys) || !(2..=4).contains(&stages) {
+        let bad = || {
+            Error::Invalid(format!(
+                "flash_attn_ws geometry {s:?}: expected CONSUMERSxKEYSxSTAGES, consumers 2 (or 3 at d64), keys 64 or 128, stages 2-4, e.g. 2x128x2"
+            ))
+        };
+        let parts: Vec<u32> = s.split('x').map(|p| p.trim().parse().map_err(|_| bad())).collect::<Result<_>>()?;
+        let [consumers, keys, stages] = parts[..] else { return Err(bad()) };
+        if !(consumers == 2 || (consumers == 3 && d == 64)) || ![64, 128].contains(&keys) || !(2..=4).contains(&stages) {
             return Err(bad());
         }
-        let shape = WsShape { keys, stages };
+        let shape = WsShape { consumers, keys, stages };
         if shape.shared_bytes(d) > 227 * 1024 {
             return Err(Error::Invalid(format!("flash_attn_ws geometry {s} at d{d}: {} bytes of shared memory, more than a block gets (227 KiB)", shape.shared_bytes(d))));
         }
@@ -202,28 +210,29 @@ impl WsShape {
     }
 
     /// The `-D` options compiling it at head dim `d`.
-    pub fn defines(self, d: usize) -> [String; 2] {
-        [format!("-DFS{d}_KEYS={}", self.keys), format!("-DFS{d}_STAGES={}", self.stages)]
+    pub fn defines(self, d: usize) -> [String; 3] {
+        [format!("-DFS{d}_CONS={}", self.consumers), format!("-DFS{d}_KEYS={}", self.keys), format!("-DFS{d}_STAGES={}", self.stages)]
     }
 }
 
 impl std::fmt::Display for WsShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}x{}", self.keys, self.stages)
+        write!(f, "{}x{}x{}", self.consumers, self.keys, self.stages)
     }
 }
 
 /// `flash_attn_ws`'s geometry until a sweep measures better (kernels/attention.cu's defaults):
-/// 128-key tiles at both head dims, FlashAttention-3's; three stages at d64 (112 KiB), two at d128
-/// (161 KiB).
-pub const WS_DEFAULT: [(usize, WsShape); 2] = [(64, WsShape { keys: 128, stages: 3 }), (128, WsShape { keys: 128, stages: 2 })];
+/// two consumers and 128-key tiles at both head dims, FlashAttention-3's; three stages at d64 (113
+/// KiB), two at d128 (161 KiB).
+pub const WS_DEFAULT: [(usize, WsShape); 2] =
+    [(64, WsShape { consumers: 2, keys: 128, stages: 3 }), (128, WsShape { consumers: 2, keys: 128, stages: 2 })];
 
 /// Every head dim's `flash_attn_ws` geometry, as the kernels are compiled with it.
 pub fn ws_shapes() -> Result<Vec<(usize, WsShape)>> {
     let mut out = WS_DEFAULT.to_vec();
     let Ok(v) = std::env::var("HIGHRISE_FLASH_WS_SHAPE") else { return Ok(out) };
     for part in v.split(',').filter(|p| !p.trim().is_empty()) {
-        let bad = || Error::Invalid(format!("HIGHRISE_FLASH_WS_SHAPE: {part:?} is not d<head dim>=KEYSxSTAGES, e.g. d128=128x2"));
+        let bad = || Error::Invalid(format!("HIGHRISE_FLASH_WS_SHAPE: {part:?} is not d<head dim>=CONSUMERSxKEYSxSTAGES, e.g. d128=2x128x2"));
         let (d, shape) = part.trim().split_once('=').ok_or_else(bad)?;
         let d: usize = d.strip_prefix('d').and_then(|d| d.parse().ok()).ok_or_else(bad)?;
         let slot = out.iter_mut().find(|(dd, _)| *dd == d).ok_or_else(|| Error::Invalid(format!("HIGHRISE_FLASH_WS_SHAPE: head dim {d} (the kernel takes {HEAD_DIMS:?})")))?;
@@ -461,7 +470,7 @@ pub fn wg_sweep_shapes(script: &str) -> Result<Vec<[Shape; 2]>> {
 }
 
 /// The `flash_attn_ws` geometries scripts/gpu-sweep.sh tries (its `WS_SHAPES="..."` line), each as
-/// [d64's, d128's] ("128x3/128x2", or one for both).
+/// [d64's, d128's] ("3x128x3/2x128x2", or one for both).
 pub fn ws_sweep_shapes(script: &str) -> Result<Vec<[WsShape; 2]>> {
     sweep_line(script, "WS_SHAPES=")?
         .into_iter()
@@ -520,7 +529,7 @@ mod tests {
             assert!(Shape::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(shape("sm_80", 64).unwrap(), DEFAULT);
-        assert_eq!(defines("sm_80").unwrap().len(), 16);
+        assert_eq!(defines("sm_80").unwrap().len(), 18);
         // The Hopper kernel: 128 rows over 256 threads; at d128 its tiles take 96 KiB, plus alignment.
         let wg = WG_DEFAULT;
         assert_eq!((wg.rows(), wg.threads(), Wg::Plain.shared_bytes(wg, 128)), (128, 256, 98304 + 1024));
@@ -549,7 +558,7 @@ mod tests {
             assert!(parse_wg(bad).is_err(), "{bad}");
         }
         assert_eq!(wg_defines_for(64, three), ["-DFH64_WGS=3".to_string(), "-DFH64_KEYS=128".to_string()]);
-        assert_eq!(defines("sm_90a").unwrap().len(), 16);
+        assert_eq!(defines("sm_90a").unwrap().len(), 18);
         let pairs = wg_sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128 3x128/2x128\"\n").unwrap();
         assert_eq!(pairs, vec![[WG_DEFAULT; 2], [three, WG_DEFAULT]]);
         assert_eq!(sweep_shapes("SHAPES=\"4x2x64\"\nWG_SHAPES=\"2x128\"\n").unwrap(), vec![DEFAULT]);
@@ -560,20 +569,24 @@ mod tests {
         // The defaults are attention.cu's, so the CPU model (which compiles it without -D) checks them.
         let src = crate::kernels::FILES.iter().find(|(n, _)| *n == "attention.cu").unwrap().1;
         for (d, ws) in WS_DEFAULT {
+            assert!(src.contains(&format!("#define FS{d}_CONS {}\n", ws.consumers)), "d{d} consumers");
             assert!(src.contains(&format!("#define FS{d}_KEYS {}\n", ws.keys)), "d{d} keys");
             assert!(src.contains(&format!("#define FS{d}_STAGES {}\n", ws.stages)), "d{d} stages");
         }
-        let s = WsShape::parse("128x2", 128).unwrap();
+        let s = WsShape::parse("2x128x2", 128).unwrap();
         // Q 128 rows + 2 x (K + V) of 128 keys at d128, 1024 to align: 160 KiB + 1 KiB.
-        assert_eq!((s.shared_bytes(128), s.tile().rows(), s.tile().keys, s.to_string()), (163840 + 1024, 128, 128, "128x2".to_string()));
-        assert_eq!(s.defines(128), ["-DFS128_KEYS=128".to_string(), "-DFS128_STAGES=2".to_string()]);
-        // Four stages of 128 keys fit at d64 (145 KiB), three at d128 (225 KiB), not four (289 KiB).
-        assert!(WsShape::parse("128x4", 64).is_ok() && WsShape::parse("128x3", 128).is_ok());
-        for bad in ["128x4", "192x2", "96x2", "128x1", "128x5", "128"] {
+        assert_eq!((s.shared_bytes(128), s.tile().rows(), s.tile().keys, s.threads(), s.to_string()), (163840 + 1024, 128, 128, 384, "2x128x2".to_string()));
+        assert_eq!(s.defines(128), ["-DFS128_CONS=2".to_string(), "-DFS128_KEYS=128".to_string(), "-DFS128_STAGES=2".to_string()]);
+        // Four stages of 128 keys fit at d64 (145 KiB), three at d128 (225 KiB), not four (289 KiB);
+        // three consumers (192 rows, 512 threads) at d64 only.
+        assert!(WsShape::parse("2x128x4", 64).is_ok() && WsShape::parse("2x128x3", 128).is_ok());
+        let three = WsShape::parse("3x128x2", 64).unwrap();
+        assert_eq!((three.tile().rows(), three.threads()), (192, 512));
+        for bad in ["2x128x4", "2x192x2", "2x96x2", "2x128x1", "2x128x5", "128x2", "3x128x2", "4x64x2"] {
             assert!(WsShape::parse(bad, 128).is_err(), "{bad}");
         }
-        let sweep = ws_sweep_shapes("WS_SHAPES=\"128x3/128x2 64x4\"\n").unwrap();
-        assert_eq!(sweep, vec![[WS_DEFAULT[0].1, WS_DEFAULT[1].1], [WsShape { keys: 64, stages: 4 }; 2]]);
+        let sweep = ws_sweep_shapes("WS_SHAPES=\"2x128x3/2x128x2 2x64x4\"\n").unwrap();
+        assert_eq!(sweep, vec![[WS_DEFAULT[0].1, WS_DEFAULT[1].1], [WsShape { consumers: 2, keys: 64, stages: 4 }; 2]]);
         let (tile, threads, shared) = Wg::Spec.launch(&[], &WS_DEFAULT, 128).unwrap();
         assert_eq!((tile.rows(), threads, shared), (128, 384, 163840 + 1024));
         assert!(Wg::Spec.launch(&[], &WS_DEFAULT, 96).is_err());
