@@ -5,8 +5,9 @@
 //!   32 query / 8 KV heads: the tensor-core kernel, and the split kernel up to 2k tokens;
 //! - decode attention over the paged cache, achieved bandwidth (K and V bytes read), batch 1 to 256,
 //!   context 1k to 32k;
-//! - one Llama-3-8B layer's projections at decode, 1 and 8 rows (our GEMV kernel and cuBLAS, read
-//!   bandwidth), and at prefill (cuBLAS GEMM, TFLOP/s).
+//! - one Llama-3-8B layer's projections at decode, 1, 2 and 8 rows (our GEMV kernel and cuBLAS, read
+//!   bandwidth), batched decode at 64 rows (cuBLAS, read bandwidth) and 256 (TFLOP/s), and at
+//!   prefill (cuBLAS GEMM, TFLOP/s).
 //!
 //! Without a CUDA device it prints `skipped: no CUDA device` and exits. Run with
 //! `cargo bench --bench cuda_ops`; `HIGHRISE_BENCH_QUICK=1` takes fewer samples.
@@ -235,10 +236,13 @@ fn main() {
     g.finish();
 
     // Decode (1, 2 and 8 rows: our GEMV kernel wherever it fits, and cuBLAS beside it; the engine
-    // picks by ops::gemv_pays) and prefill (cuBLAS).
+    // picks by ops::gemv_pays), batched decode (64 and 256 rows, cuBLAS: the H200's batch-64 decode
+    // ran at 45% of its roofline, batch 256 at 27%, and nothing timed their projections alone) and
+    // prefill (cuBLAS). Up to 64 rows they are bound by the weights' bytes (GB/s read), above by
+    // the flops (TFLOP/s).
     let mut g = c.benchmark_group("llama3_8b_projections");
     let (h, inter) = (4096usize, 14336usize);
-    for t in [1usize, 2, 8, 512] {
+    for t in [1usize, 2, 8, 64, 256, 512] {
         for (name, rows_out, cols) in [("qkv", (hq + 2 * hkv) * d, h), ("o", h, h), ("gate", inter, h), ("down", h, inter)] {
             let w = random(&b, DType::BF16, &[rows_out, cols], 0.01);
             let x = random(&b, DType::BF16, &[t, cols], 1.0);
@@ -248,14 +252,19 @@ fn main() {
             for &(kernel, choice) in kernels {
                 std::env::set_var("HIGHRISE_CUDA_GEMV", choice);
                 let mut run = || b.linear(&mut out, &x, &w, None).unwrap();
-                g.throughput(if t <= 8 { Throughput::Bytes(wbytes) } else { Throughput::Elements(flops as u64) });
+                g.throughput(if t <= 64 { Throughput::Bytes(wbytes) } else { Throughput::Elements(flops as u64) });
                 g.bench_function(BenchmarkId::new(format!("{name}_{kernel}"), t), |bn| bn.iter_custom(|iters| time(&b, iters, &mut run)));
                 let secs = time(&b, 10, &mut run).as_secs_f64() / 10.0;
-                rows.push(if t <= 8 {
-                    let test = format!("8B {name} decode T={t} ({kernel})");
+                let stage = match t {
+                    1..=8 => "decode",
+                    64 | 256 => "batched decode",
+                    _ => "prefill",
+                };
+                rows.push(if t <= 64 {
+                    let test = format!("8B {name} {stage} T={t} ({kernel})");
                     Row { test, figure: wbytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 }
                 } else {
-                    Row { test: format!("8B {name} prefill T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 }
+                    Row { test: format!("8B {name} {stage} T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 }
                 });
             }
             std::env::remove_var("HIGHRISE_CUDA_GEMV");

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Everything a GPU window should run, in one call from prebuilt binaries (scripts/gpu-bundle.sh), on
-# one GPU: 263 s on an H200 on 2026-11-30. Each step has its own limit (they add up to about 12
-# minutes, reached only where tests hang; a run under a 10-minute limit then loses the last steps):
+# one GPU: 263 s on an H200 on 2026-11-30, about 5-6 minutes since flash_attn_ws joined step 2b
+# and the bench. Each step has its own limit (they add up to about 13 minutes, reached only where
+# tests hang; a run under a 10-minute limit then loses the last steps):
 #   1. `highrise backends` (what the machine offers);
 #   2. every test of tests/cuda.rs, each in its own process (one CUDA_ERROR_ILLEGAL_ADDRESS poisons
 #      the whole process: a shared one turned 2 failures into 15), each with its own time limit; on
 #      Hopper (whose default prefill is wgmma's), the attention cross-checks again on mma.sync's
-#      kernel and the plain wgmma one (HIGHRISE_FLASH_KERNEL);
+#      kernel, the plain wgmma one and the warp-specialized one (HIGHRISE_FLASH_KERNEL);
 #   3. compute-sanitizer memcheck over the op tests, one process each, where it is on the PATH;
 #   4. the criterion benchmarks of benches/cuda_ops.rs with their ceilings (copy bandwidth, cuBLAS);
 #   5. the peers at the same shapes, where python3 has torch: PyTorch's scaled_dot_product_attention

@@ -128,7 +128,7 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
         ("ws: V read without waiting for its stage", "        wait_full(v_full, j - 1);\n", "", "FAIL d64 bf16 causal, 3 prompts (1, 150, 37 rows), 4 heads over 2: wgmma warp-specialized", "ws"),
         ("ws: a stage refilled before it is free", "            if (j >= STAGES) mbar_wait(v_free + s, free_parity);  // and its P V\n", "", "FAIL the launch faulted: deadlock", "ws"),
         ("ws: TMA's boxes of a d128 tile over one another", "tma_load_3d(dst + c * KEYS * 64, map", "tma_load_3d(dst, map", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1: wgmma warp-specialized (TMA)", "ws"),
-        ("ws: the first turn never given", "    if (cw == 1) named_bar_arrive(1, 256);  // the first turn is consumer 0's\n", "", "deadlock: threads wait at barriers", "ws"),
+        ("ws: the first turn never given", "    if (cw == CONS - 1) named_bar_arrive(1, 256);  // the first turn is consumer 0's\n", "", "deadlock: threads wait at barriers", "ws"),
         ("wgmma: S before its wait", "issue_s(s, ka);\n        wgmma_wait<0>();\n        softmax(s, corr, kb);", "issue_s(s, ka);\n        softmax(s, corr, kb);", "FAIL d64 bf16", "wgmma"),
     ] {
         assert!(src.contains(from), "attention.cu has `{from}`");
