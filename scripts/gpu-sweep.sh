@@ -22,7 +22,7 @@
 #
 # usage: scripts/gpu-sweep.sh [BUNDLE [OUT [WHICH]]]   (results in OUT/sweep.md; default OUT: $OUT or
 # gpu-results). WHICH: all (default), mma (the flash_attn shapes, 2-3 minutes), wg (the Hopper
-# geometries, about 2 minutes) or decode (about 1.5 minutes), so that a short GPU window can take one
+# geometries of wgp and ws, about 3 minutes) or decode (about 1.5 minutes), so that a short GPU window can take one
 # part per call.
 set -uo pipefail
 SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
