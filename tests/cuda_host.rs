@@ -469,7 +469,9 @@ fn hopper_prefills_on_wgmma_in_the_tuned_geometry() {
         let shape = flash::shape_of(flash::Family::Wgmma, "sm_90a", d).unwrap();
         assert!(r.kernel.starts_with(&format!("flash_attn_wgp_d{d}")), "d{d}: {}", r.kernel);
         assert_eq!(shape.warps, 12, "d{d}: three warpgroups, as tuned");
-        assert_eq!((r.block.0, r.shared_bytes), (shape.threads(), Wg::Pipe.shared_bytes(shape, d)), "d{d}: {}", flash::wg_label(shape));
+        let (_, threads, shared) = Wg::Pipe.launch(&[(d, shape)], &[], d).unwrap();
+        assert_eq!((r.block.0, r.shared_bytes), (threads, shared), "d{d}: {}", flash::wg_label(shape));
+        assert_eq!(threads, shape.threads());
     }
 }
 

@@ -138,10 +138,10 @@ impl Wg {
         }
     }
 
-    /// Dynamic shared memory at head dim `d` in geometry `shape` (Plain, Pipe): the Q tile, one or
-    /// two K and V tiles, and 1024 bytes to start them on the 1024-byte boundary that wgmma's
-    /// 128-byte swizzle repeats from.
-    pub fn shared_bytes(self, shape: Shape, d: usize) -> u32 {
+    /// Dynamic shared memory of Plain and Pipe at head dim `d` in geometry `shape`: the Q tile, one
+    /// or two K and V tiles, and 1024 bytes to start them on the 1024-byte boundary that wgmma's
+    /// 128-byte swizzle repeats from (Spec's is its `WsShape`'s: `launch` says either).
+    fn shared_bytes(self, shape: Shape, d: usize) -> u32 {
         let stages = if self == Wg::Pipe { 2 } else { 1 };
         (shape.rows() + 2 * stages * shape.keys) * d as u32 * 2 + 1024
     }
