@@ -335,9 +335,11 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
                                                  const u32* slots, u32 hkv, u32 d, u32 block_size, D::T* q,      \
                                                  const u32* positions, const double* inv_freq, u32 hq,           \
                                                  float mscale) {                                                  \
+        PDL_ENTRY();                                                                                              \
         rope_kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size, q, positions, inv_freq, hq, mscale);  \
     }                                                                                                             \
     extern "C" __global__ void attn_combine_##s(D::T* out, const float* partial, u32 hq, u32 d, u32 splits) {    \
+        PDL_ENTRY();                                                                                              \
         attn_combine<D>(out, partial, hq, d, splits);                                                             \
     }                                                                                                             \
     ATTN_SPLIT(s, D, 64) ATTN_SPLIT(s, D, 128) ATTN_SPLIT(s, D, 256) ATTN_GROUP(s, D, 64) ATTN_GROUP(s, D, 128)
@@ -1416,6 +1418,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
         decode_attn_d##dim##_##s(float* partial, const u16* q, const u16* k, const u16* v, const u32* seqs,       \
                                  const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
                                  float softcap) {                                                                 \
+        PDL_ENTRY();                                                                                              \
         DYNAMIC_SHARED(u16, smem);                                                                                \
         KeyAddr addr = {table, block_size};                                                                       \
         ScoreMods mods = {window, softcap};                                                                       \

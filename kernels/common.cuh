@@ -99,6 +99,42 @@ __device__ __forceinline__ float block_sum(float v) {
     return warp_sum(v);
 }
 
+// ---- Programmatic dependent launch (sm_90+) ----
+// Inside a CUDA graph the host launches the decode path's kernels (crates/highrise-cuda/src/
+// kernels.rs, PROGRAMMATIC) as programmatic dependents of the kernel before them: their blocks may
+// start while that kernel's last blocks still run, instead of after it has finished and its
+// writes have been flushed. Such a kernel must not touch memory the kernels before it write (or
+// read) until `pdl_wait` has returned, which waits for the kernel before it to complete, and so,
+// since that one waited the same way, for every kernel before (kernels/emu's model faults a
+// launch whose threads never wait). `pdl_trigger` lets the next kernel's blocks start: given once
+// every block of this kernel has started, so they take only SMs this kernel leaves free, and wait
+// there (the matrix-vector kernels prefetch their weights first). Below sm_90 both are nothing,
+// as is a wait in a launch without a programmatic predecessor.
+#ifdef HIGHRISE_EMU
+__device__ __forceinline__ void pdl_wait() { emu::pdl_wait(); }
+__device__ __forceinline__ void pdl_trigger() {}
+__device__ __forceinline__ void prefetch_l2(const void*) {}
+#else
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// A hint: the 128-byte line at p into L2 (memory nothing writes while the kernel runs: weights).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+#endif
+// The first statement of a kernel the host may launch as a programmatic dependent.
+#define PDL_ENTRY()    \
+    do {               \
+        pdl_wait();    \
+        pdl_trigger(); \
+    } while (0)
+
 // ---- Tensor cores and asynchronous copies (sm_80+) ----
 // Each is one PTX instruction on the GPU and a model of it in kernels/emu/simt.hpp.
 

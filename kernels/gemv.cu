@@ -47,12 +47,25 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Plain: GEMV_ROWS consecutive rows of w per warp. GLU: row row0 of w (the gate) and of w_up.
     const u32 row0 = GLU ? block * GEMV_WARPS + warp : (block * GEMV_WARPS + warp) * GEMV_ROWS;
-    if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
     const u32 chunks = k / 8;
+    // Rows of w: GLU's row row0 of w (the gate) and of w_up; else rows row0 + r (the last again
+    // past the end, read and not stored).
+    auto row_of = [&](int r) {
+        return GLU ? (const uint4*)((r == 0 ? w : w_up) + (u64)row0 * k) : (const uint4*)(w + (u64)min(row0 + r, n - 1) * k);
+    };
+    // Launched as a programmatic dependent (common.cuh): the weights, which no kernel writes, are
+    // on their way to L2 (the loop's first round of them) while the kernel before still runs.
+    if (row0 < n)
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++)
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++)
+                if (lane + 32 * u < chunks) prefetch_l2(row_of(r) + lane + 32 * u);
+    PDL_ENTRY();
+    if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
     const uint4* w4[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; r++)
-        w4[r] = GLU ? (const uint4*)((r == 0 ? w : w_up) + (u64)row0 * k) : (const uint4*)(w + (u64)min(row0 + r, n - 1) * k);
+    for (int r = 0; r < GEMV_ROWS; r++) w4[r] = row_of(r);
     const uint4* x4 = (const uint4*)x;
 
     float acc[GEMV_ROWS][TM];

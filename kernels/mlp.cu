@@ -20,9 +20,11 @@ __device__ void geglu(typename D::T* out, const typename D::T* gate, const typen
 
 #define MLP(s, D)                                                                                     \
     extern "C" __global__ void swiglu_##s(D::T* out, const D::T* gate, const D::T* up, u64 n) { \
+        PDL_ENTRY();                                                                              \
         swiglu<D>(out, gate, up, n);                                                              \
     }                                                                                             \
     extern "C" __global__ void geglu_##s(D::T* out, const D::T* gate, const D::T* up, u64 n) {  \
+        PDL_ENTRY();                                                                              \
         geglu<D>(out, gate, up, n);                                                               \
     }
 FOR_EACH_DTYPE(MLP)

@@ -107,13 +107,16 @@ __device__ void from_f32(typename D::T* out, const float* x, u64 n) {
 #define RESIDUAL(s, D)                                                                                        \
     extern "C" __global__ void embedding_##s(D::T* out, const void* table, u32 table_dt, const u32* ids, u32 h, \
                                              float scale) {                                                   \
+        PDL_ENTRY();                                                                                          \
         embedding<D>(out, table, table_dt, ids, h, scale);                                                    \
     }                                                                                                         \
     extern "C" __global__ void rms_norm_##s(D::T* out, const D::T* x, const void* w, u32 w_dt, u32 h, float eps) { \
+        PDL_ENTRY();                                                                                          \
         rms_norm<D>(out, x, w, w_dt, h, eps);                                                                 \
     }                                                                                                         \
     extern "C" __global__ void add_rms_norm_##s(D::T* out, D::T* residual, const D::T* delta, const void* w, u32 w_dt, \
                                                 u32 h, float eps) {                                           \
+        PDL_ENTRY();                                                                                          \
         add_rms_norm<D>(out, residual, delta, w, w_dt, h, eps);                                               \
     }                                                                                                         \
     extern "C" __global__ void add_bias_##s(D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {     \

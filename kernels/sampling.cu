@@ -287,11 +287,16 @@ __device__ void softcap(typename D::T* x, float cap, u64 n) {
 
 #define SAMPLING(s, D)                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) argmax_##s(u32* index, float* logprob, const D::T* x, u32 v) { \
+        PDL_ENTRY();                                                                              \
         argmax_row<D>(index, logprob, x, v);                                                      \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)                               \
         sample_##s(u32* index, float* logprob, const D::T* x, const SampleParams* params, u32 v) { \
+        PDL_ENTRY();                                                                              \
         sample_row<D>(index, logprob, x, params, v);                                              \
     }                                                                                             \
-    extern "C" __global__ void softcap_##s(D::T* x, float cap, u64 n) { softcap<D>(x, cap, n); }
+    extern "C" __global__ void softcap_##s(D::T* x, float cap, u64 n) {                       \
+        PDL_ENTRY();                                                                              \
+        softcap<D>(x, cap, n);                                                                    \
+    }
 FOR_EACH_DTYPE(SAMPLING)

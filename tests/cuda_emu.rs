@@ -133,3 +133,46 @@ fn random_llama_with_the_wgmma_prefill_matches_the_cpu() {
     let err = highrise_cuda::CudaBackend::with_driver(Arc::new(ampere)).set_flash_wgmma(Some(Wg::Plain)).unwrap_err();
     assert!(err.to_string().contains("sm_90a"), "{err}");
 }
+
+/// The emulated device holds every kernel it runs as a programmatic dependent (#20: the decode
+/// path's kernels inside a graph, `highrise_cuda::kernels::PROGRAMMATIC`) to `griddepcontrol.wait`
+/// in each thread: a kernel without it (`to_f32`) is a fault there, one with it (`add_rms_norm`)
+/// runs, and either runs as an ordinary launch. Every other test of this file runs the listed
+/// kernels that way, so a listed kernel that lost its wait fails them.
+#[test]
+fn a_programmatic_launch_without_the_wait_is_a_fault() {
+    use std::ffi::c_void;
+    if highrise_cuda::emu::compiler().is_none() {
+        println!("skipped: no C++ compiler for the emulated device");
+        return;
+    }
+    let entries = vec!["to_f32".to_string(), "add_rms_norm_f32".to_string()];
+    let lib = highrise_cuda::emu::Library::build(&[("residual.cu", entries, vec![])]).expect("residual.cu builds");
+    let x: Vec<f32> = (0..64).map(|i| i as f32 / 8.0).collect();
+    let (mut out, mut residual, w) = (vec![0f32; 64], vec![1f32; 64], vec![1f32; 64]);
+    let to_f32 = |programmatic: bool, out: &mut [f32]| {
+        let (mut o, mut xp, mut dt, mut n) = (out.as_mut_ptr() as u64, x.as_ptr() as u64, 0u32, 64u64);
+        let mut params = [&mut o as *mut u64 as *mut c_void, &mut xp as *mut u64 as *mut c_void, &mut dt as *mut u32 as *mut c_void, &mut n as *mut u64 as *mut c_void];
+        // SAFETY: the parameters are to_f32's (out, x, x_dt, n), the pointers host memory of 64 floats.
+        unsafe { lib.launch("to_f32", (1, 1, 1), (64, 1, 1), 0, &mut params, programmatic) }
+    };
+    let err = to_f32(true, &mut out).expect_err("to_f32 has no PDL_ENTRY").to_string();
+    assert!(err.contains("griddepcontrol.wait"), "{err}");
+    to_f32(false, &mut out).expect("an ordinary launch of it runs");
+    assert_eq!(out, x);
+
+    let (mut o, mut r, mut d, mut wp) = (out.as_mut_ptr() as u64, residual.as_mut_ptr() as u64, x.as_ptr() as u64, w.as_ptr() as u64);
+    let (mut w_dt, mut h, mut eps) = (0u32, 64u32, 1e-6f32);
+    let mut params = [
+        &mut o as *mut u64 as *mut c_void,
+        &mut r as *mut u64 as *mut c_void,
+        &mut d as *mut u64 as *mut c_void,
+        &mut wp as *mut u64 as *mut c_void,
+        &mut w_dt as *mut u32 as *mut c_void,
+        &mut h as *mut u32 as *mut c_void,
+        &mut eps as *mut f32 as *mut c_void,
+    ];
+    // SAFETY: add_rms_norm's parameters (out, residual, delta, w, w_dt, h, eps), one row of 64.
+    unsafe { lib.launch("add_rms_norm_f32", (1, 1, 1), (64, 1, 1), 0, &mut params, true) }.expect("add_rms_norm waits");
+    assert_eq!(residual[8], 2.0, "the residual got its delta");
+}

@@ -99,6 +99,7 @@ struct Fiber {
     emu_dim3 tid;
     unsigned lane, warp;
     bool done = false;
+    bool pdl_waited = false;               // griddepcontrol.wait executed
     std::vector<Copy> open;                // cp.async copies not yet committed
     std::vector<std::vector<Copy>> groups;  // committed groups, oldest first
 };
@@ -160,6 +161,7 @@ struct Block {
     void* scheduler_sp = nullptr;
     unsigned current = 0, live = 0, stalls = 0;
     bool aborted = false;
+    bool pdl = false;  // launched as a programmatic dependent: every thread must wait (common.cuh)
     Barrier block_barrier;
     Barrier named[16];  // bar.sync / bar.arrive with an id (0: __syncthreads' own)
     std::vector<Barrier> warp_barriers;
@@ -180,6 +182,17 @@ inline std::mutex fault_lock;
 inline std::string fault;
 
 inline void yield();
+
+// The first fault of a launch, where it is found outside a thread (`fail` is within one).
+inline void record_fault(const std::string& what) {
+    std::lock_guard<std::mutex> g(fault_lock);
+    if (!failed.exchange(true)) fault = what;
+}
+
+// griddepcontrol.wait: nothing to wait for here, where kernels run one after another; what is
+// checked is that a kernel launched as a programmatic dependent executes it in every thread (a
+// thread that touched memory without it would race the kernel before it on a GPU).
+inline void pdl_wait() { me().pdl_waited = true; }
 
 // A fault: recorded, the block stopped (its fibers are never resumed), the launch fails.
 [[noreturn]] inline void fail(const char* what) {
@@ -748,12 +761,22 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
 #endif
         }
     }
+    if (b.pdl && !b.aborted)
+        for (unsigned i = 0; i < n; i++)
+            if (!b.fibers[i].pdl_waited) {
+                char what[160];
+                std::snprintf(what, sizeof what,
+                              "launched as a programmatic dependent, but thread %u of block %u,%u,%u never executed griddepcontrol.wait",
+                              i, b.bid.x, b.bid.y, b.bid.z);
+                record_fault(what);
+                break;
+            }
     blk = nullptr;
 }
 
 // Runs `body` (the kernel call) over the grid, blocks spread over the machine's threads. False on a
 // fault (`fault` says which; blocks not yet started are not run).
-inline bool launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const std::function<void()>& body) {
+inline bool launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const std::function<void()>& body, bool pdl = false) {
     const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
     std::atomic<unsigned long long> next{0};
     const unsigned workers = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(), (unsigned)std::min<unsigned long long>(blocks, 64)));
@@ -763,6 +786,7 @@ inline bool launch(emu_dim3 grid, emu_dim3 block, size_t dynamic_shared, const s
         b.bdim = block;
         b.gdim = grid;
         b.body = &body;
+        b.pdl = pdl;
         b.dynamic_shared.assign(dynamic_shared, 0);
         for (unsigned long long id; !failed && (id = next++) < blocks;) {
             b.bid = {(unsigned)(id % grid.x), (unsigned)(id / grid.x % grid.y), (unsigned)(id / ((unsigned long long)grid.x * grid.y))};

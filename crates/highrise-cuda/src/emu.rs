@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 /// The CUDA model every file is compiled with.
 pub const SIMT: &str = include_str!("../../../kernels/emu/simt.hpp");
 
-type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, u32, *mut *mut c_void) -> i32;
+type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, u32, *mut *mut c_void, i32) -> i32;
 
 /// The kernels, built for the CPU and loaded.
 pub struct Library {
@@ -36,11 +36,11 @@ pub fn compiler() -> Option<String> {
 const MAIN: &str = r#"#include "simt.hpp"
 extern "C" __attribute__((visibility("default"))) int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz,
                                                                 unsigned bx, unsigned by, unsigned bz, unsigned shared,
-                                                                void** params) {
+                                                                void** params, int pdl) {
     auto it = emu::registry().find(name);
     if (it == emu::registry().end()) return 1;
     const emu::Entry entry = it->second;
-    return emu::launch({gx, gy, gz}, {bx, by, bz}, shared, [&] { entry(params); }) ? 0 : 2;
+    return emu::launch({gx, gy, gz}, {bx, by, bz}, shared, [&] { entry(params); }, pdl != 0) ? 0 : 2;
 }
 extern "C" __attribute__((visibility("default"))) const char* emu_fault() { return emu::fault.c_str(); }
 "#;
@@ -94,14 +94,24 @@ impl Library {
     }
 
     /// Runs kernel `name` over `grid` x `block` with `shared` bytes of dynamic shared memory; `params`
-    /// as cuLaunchKernel takes them, device pointers already host addresses.
+    /// as cuLaunchKernel takes them, device pointers already host addresses. `programmatic`: as a
+    /// GPU may run it, a programmatic dependent of the launch before (`crate::kernels::programmatic`):
+    /// a thread that never executes `griddepcontrol.wait` is a fault.
     ///
     /// # Safety
     /// Each parameter points at a value of the kernel's parameter type; every pointer among the
     /// values is valid host memory for what the kernel touches.
-    pub unsafe fn launch(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, params: &mut [*mut c_void]) -> Result<()> {
+    pub unsafe fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        params: &mut [*mut c_void],
+        programmatic: bool,
+    ) -> Result<()> {
         let c = CString::new(name).map_err(|_| Error::Backend(format!("cuda emulation: kernel name {name:?}")))?;
-        let rc = (self.launch)(c.as_ptr(), grid.0, grid.1, grid.2, block.0, block.1, block.2, shared, params.as_mut_ptr());
+        let rc = (self.launch)(c.as_ptr(), grid.0, grid.1, grid.2, block.0, block.1, block.2, shared, params.as_mut_ptr(), programmatic as i32);
         match rc {
             0 => Ok(()),
             1 => Err(Error::Backend(format!("cuda emulation: no kernel {name} in the library"))),

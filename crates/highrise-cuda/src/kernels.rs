@@ -20,3 +20,67 @@ pub const HEAD_DIMS: [usize; 3] = [64, 128, 256];
 pub fn source(body: &str) -> String {
     format!("{COMMON}\n#line 1\n{body}")
 }
+
+/// The kernels that begin with `PDL_ENTRY` (kernels/common.cuh: `griddepcontrol.wait` before any
+/// memory access but their weights' prefetch): the decode path's, which a CUDA graph may run as
+/// programmatic dependents of the kernel before them. By name without the dtype suffix (and the
+/// head dim, and the rows of x of the matrix-vector kernels). A kernel named here that does not
+/// wait is a fault on the emulated device (kernels/emu/simt.hpp), which runs every launch of one
+/// as a programmatic dependent.
+pub const PROGRAMMATIC: &[&str] = &[
+    "embedding",
+    "rms_norm",
+    "add_rms_norm",
+    "gemv",
+    "gemv_glu",
+    "gemv_qkv",
+    "rope_kv_write",
+    "decode_attn",
+    "attn_combine",
+    "swiglu",
+    "geglu",
+    "argmax",
+    "sample",
+    "softcap",
+];
+
+/// Whether `kernel` (a full name, e.g. "gemv_qkv1_bf16", "decode_attn_d128_f16") is one of
+/// [`PROGRAMMATIC`].
+pub fn programmatic(kernel: &str) -> bool {
+    let base = ["_f32", "_f16", "_bf16"].iter().find_map(|s| kernel.strip_suffix(s)).unwrap_or(kernel);
+    let base = match base.rsplit_once("_d") {
+        Some((b, d)) if !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()) => b,
+        _ => base,
+    };
+    let base = if base.starts_with("gemv") { base.trim_end_matches(|c: char| c.is_ascii_digit()) } else { base };
+    PROGRAMMATIC.contains(&base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programmatic_kernels_are_known_by_their_full_names() {
+        for k in ["gemv1_bf16", "gemv_glu8_f16", "gemv_qkv2_bf16", "decode_attn_d128_bf16", "add_rms_norm_f32", "argmax_bf16", "softcap_f16"] {
+            assert!(programmatic(k), "{k}");
+        }
+        // Kernels without the wait: prefill's, the split decode kernels, the linear fallbacks.
+        for k in ["flash_attn_wgp_d128_bf16", "attn_group_d128_bf16", "attn_split_d64_f32", "to_f32", "from_f32_bf16", "add_bias_f16", "rope_bf16", "kv_write_f16"] {
+            assert!(!programmatic(k), "{k}");
+        }
+    }
+
+    /// Each name of the list is a kernel family of the sources, entered through `PDL_ENTRY` (the
+    /// emulated device checks each launch; this catches a name that matches nothing).
+    #[test]
+    fn every_programmatic_kernel_exists_and_waits() {
+        let all: String = FILES.iter().map(|(_, body)| *body).collect();
+        for k in PROGRAMMATIC {
+            let at = all.find(&format!(" {k}_##s(")).or_else(|| all.find(&format!(" {k}##tm##_##s("))).or_else(|| all.find(&format!(" {k}_d##dim##_##s(")));
+            let at = at.unwrap_or_else(|| panic!("no kernel {k} in kernels/"));
+            assert!(all[at..].lines().take(8).any(|l| l.contains("PDL_ENTRY()")) || k.starts_with("gemv"), "{k}: no PDL_ENTRY at its start");
+        }
+        assert!(all.contains("PDL_ENTRY();\n    if (row0 >= n) return;"), "gemv: the wait before its early return");
+    }
+}

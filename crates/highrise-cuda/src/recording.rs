@@ -1274,7 +1274,7 @@ impl Driver for RecordingDriver {
                     // SAFETY: the launch passed the checks: its parameters match the PTX, and every
                     // byte its kernel may touch lies inside the op's regions, i.e. inside the host
                     // memory behind these addresses.
-                    unsafe { lib.launch(l.kernel, l.grid, l.block, l.shared_bytes, &mut params) }?;
+                    unsafe { lib.launch(l.kernel, l.grid, l.block, l.shared_bytes, &mut params, crate::kernels::programmatic(l.kernel)) }?;
                 } else if rec.kernel.starts_with("argmax_") || rec.kernel.starts_with("sample_") {
                     // The one effect simulated: the chosen tokens and their log-probabilities are
                     // zeros (token 0), so the engine's host code goes on with valid ids.
