@@ -145,6 +145,13 @@ pub trait Driver: Send + Sync {
         Err(Error::Unsupported("this driver has no graphs".into()))
     }
 
+    /// After a capture the device refused: turns off what this driver adds to captures that the
+    /// steps can do without (programmatic dependent launches), and says whether it did, so that the
+    /// capture is worth trying once more before graphs are given up.
+    fn simplify_captures(&self) -> bool {
+        false
+    }
+
     /// Queues a graph from `end_capture`, after the work queued before it: its launches read the
     /// device memory as it is when they run, with the parameter values they were captured with.
     ///
@@ -191,6 +198,12 @@ fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("cuda: {what}: {e:?}"))
 }
 
+/// Whether the decode path's kernels run as programmatic dependent launches inside graphs (on
+/// sm_90+): on unless `HIGHRISE_PDL=0` (scripts/gpu-check.sh times decode both ways).
+pub fn pdl_enabled() -> bool {
+    !std::env::var("HIGHRISE_PDL").is_ok_and(|v| v == "0")
+}
+
 /// A kernel entry point, and the dynamic shared memory it was opted in to (beyond 48 KiB; set once
 /// per size instead of at every launch). CUfunction handles may be used from any thread of the
 /// process.
@@ -224,6 +237,12 @@ pub struct CudaDriver {
     graph_stream: Stream,
     /// Whether launches and GEMMs go to `graph_stream`'s capture (`begin_capture`).
     capturing: std::sync::atomic::AtomicBool,
+    /// Whether captured launches of `kernels::PROGRAMMATIC` are programmatic dependents of the
+    /// kernel before them (sm_90+, unless `HIGHRISE_PDL=0`; off for good after a refused capture).
+    pdl: std::sync::atomic::AtomicBool,
+    /// Whether the last work captured was a launch of ours: a programmatic dependency is made on
+    /// a kernel of ours only (not on a copy, nor on cuBLAS's work, nor at a graph's start).
+    after_kernel: std::sync::atomic::AtomicBool,
 }
 
 impl CudaDriver {
@@ -270,6 +289,8 @@ impl CudaDriver {
             blas_workspace,
             graph_stream: Stream(graph_stream),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            pdl: std::sync::atomic::AtomicBool::new(major >= 9 && pdl_enabled()),
+            after_kernel: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -338,6 +359,7 @@ impl Driver for CudaDriver {
 
     unsafe fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            self.after_kernel.store(false, std::sync::atomic::Ordering::Relaxed);
             return drv::memcpy_dtod_async(dst, src, bytes, self.graph_stream.0).map_err(driver_err("cuMemcpyDtoDAsync (captured)"));
         }
         drv::memcpy_dtod_sync(dst, src, bytes).map_err(driver_err("cuMemcpyDtoD"))
@@ -346,8 +368,34 @@ impl Driver for CudaDriver {
     unsafe fn launch(&self, l: &Launch<'_>) -> Result<()> {
         let f = self.function(l.kernel, l.shared_bytes)?;
         let mut params = l.params.to_vec();
-        drv::launch_kernel(f, l.grid, l.block, l.shared_bytes, self.stream(), &mut params)
-            .map_err(driver_err(&format!("launching {}", l.kernel)))
+        use std::sync::atomic::Ordering::Relaxed;
+        let capturing = self.capturing.load(Relaxed);
+        let after_kernel = capturing && self.after_kernel.swap(true, Relaxed);
+        if !(self.pdl.load(Relaxed) && after_kernel && crate::kernels::programmatic(l.kernel)) {
+            return drv::launch_kernel(f, l.grid, l.block, l.shared_bytes, self.stream(), &mut params)
+                .map_err(driver_err(&format!("launching {}", l.kernel)));
+        }
+        // A programmatic dependent (kernels/common.cuh, PDL_ENTRY): its blocks may start before the
+        // kernel before it ends, and wait for it on the device. Only in a graph: the captured edge
+        // is what the replays keep; the legacy default stream is left as it is.
+        let mut attr: drv_sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = drv_sys::CUlaunchConfig {
+            gridDimX: l.grid.0,
+            gridDimY: l.grid.1,
+            gridDimZ: l.grid.2,
+            blockDimX: l.block.0,
+            blockDimY: l.block.1,
+            blockDimZ: l.block.2,
+            sharedMemBytes: l.shared_bytes,
+            hStream: self.graph_stream.0,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        drv_sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut())
+            .result()
+            .map_err(driver_err(&format!("launching {} (programmatic dependent)", l.kernel)))
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
@@ -358,6 +406,7 @@ impl Driver for CudaDriver {
             DType::BF16 => Ok(Ty::CUDA_R_16BF),
             other => Err(Error::Unsupported(format!("linear: the cuda backend does not support {other}"))),
         };
+        self.after_kernel.store(false, std::sync::atomic::Ordering::Relaxed);
         let (ty_in, ty_out) = (ty(g.input)?, ty(g.output)?);
         // Pedantic f32: no TF32 rounding when everything is f32.
         let compute = if g.input == DType::F32 { Compute::CUBLAS_COMPUTE_32F_PEDANTIC } else { Compute::CUBLAS_COMPUTE_32F };
@@ -446,6 +495,7 @@ impl Driver for CudaDriver {
             let _ = self.blas_stream(std::ptr::null_mut());
             return Err(driver_err("beginning a graph capture")(e));
         }
+        self.after_kernel.store(false, Ordering::Relaxed);
         self.capturing.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -459,6 +509,14 @@ impl Driver for CudaDriver {
         let exec = drv::graph::instantiate(graph, drv_sys::CUgraphInstantiate_flags(0));
         let _ = drv::graph::destroy(graph);
         Ok(exec.map_err(driver_err("instantiating a graph"))? as u64)
+    }
+
+    fn simplify_captures(&self) -> bool {
+        let was = self.pdl.swap(false, std::sync::atomic::Ordering::Relaxed);
+        if was {
+            eprintln!("highrise: a graph capture with programmatic dependent launches failed; capturing without them from now on");
+        }
+        was
     }
 
     unsafe fn launch_graph(&self, graph: u64) -> Result<()> {

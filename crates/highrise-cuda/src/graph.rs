@@ -222,19 +222,32 @@ impl Graphs {
             let handle = g.handle;
             return self.launch(drv, handle, &step);
         }
-        if let Err(e) = drv.begin_capture() {
-            return self.give_up(drv, format!("capture: {e}"), &step);
+        let capture = || -> Result<(Result<()>, Result<u64>)> {
+            drv.begin_capture()?;
+            let queued = step.queue(drv);
+            Ok((queued, drv.end_capture()))
+        };
+        let mut attempt = capture();
+        // A capture the device refused, with something the driver can do without (programmatic
+        // dependent launches): once more without it, before graphs are given up.
+        if !drv.checks() && !matches!(attempt, Ok((Ok(()), Ok(_)))) && drv.simplify_captures() {
+            if let Ok((_, Ok(h))) = attempt {
+                drv.destroy_graph(h);
+            }
+            attempt = capture();
         }
-        let queued = step.queue(drv);
-        let captured = drv.end_capture();
+        let (queued, captured) = match attempt {
+            Ok(pair) => pair,
+            Err(e) => return self.give_up(drv, format!("capture: {e}"), &step),
+        };
         let handle = match (queued, captured) {
             (Ok(()), Ok(h)) => h,
             (Err(e), captured) => {
-                // A launch refused while capturing (a checking driver's refusal): the op's error.
                 if let Ok(h) = captured {
                     drv.destroy_graph(h);
                 }
-                return Err(e);
+                // A checking driver's refusal: the op's error. The device's: the step op by op.
+                return if drv.checks() { Err(e) } else { self.give_up(drv, format!("capture: {e}"), &step) };
             }
             (Ok(()), Err(e)) => return self.give_up(drv, format!("capture: {e}"), &step),
         };
@@ -293,10 +306,16 @@ mod tests {
     use std::sync::Mutex;
 
     /// A driver that runs launches (counting them) and captures as told: `capture` false refuses
-    /// to begin one, as a device may.
+    /// to begin one, as a device may; `extra` stands for something the driver adds to captures
+    /// (programmatic dependent launches) that the device refuses at their end while it is on.
     struct Fake {
         capture: bool,
+        extra: std::sync::atomic::AtomicBool,
         log: Mutex<Vec<String>>,
+    }
+
+    fn fake(capture: bool, extra: bool) -> Fake {
+        Fake { capture, extra: extra.into(), log: Mutex::new(Vec::new()) }
     }
 
     impl Driver for Fake {
@@ -339,7 +358,14 @@ mod tests {
         }
         unsafe fn end_capture(&self) -> Result<u64> {
             self.log.lock().unwrap().push("end".into());
-            Ok(7)
+            match self.extra.load(std::sync::atomic::Ordering::Relaxed) {
+                true => Err(Error::Backend("invalid edge".into())),
+                false => Ok(7),
+            }
+        }
+        fn simplify_captures(&self) -> bool {
+            self.log.lock().unwrap().push("simplify".into());
+            self.extra.swap(false, std::sync::atomic::Ordering::Relaxed)
         }
         unsafe fn launch_graph(&self, g: u64) -> Result<()> {
             self.log.lock().unwrap().push(format!("graph {g}"));
@@ -362,7 +388,7 @@ mod tests {
 
     #[test]
     fn the_same_work_replays_and_other_work_is_captured_again() {
-        let d = Fake { capture: true, log: Mutex::new(Vec::new()) };
+        let d = fake(true, false);
         let mut g = Graphs::default();
         // SAFETY: the fake driver touches no memory.
         unsafe {
@@ -378,17 +404,34 @@ mod tests {
 
     #[test]
     fn a_device_that_cannot_capture_runs_steps_op_by_op() {
-        let d = Fake { capture: false, log: Mutex::new(Vec::new()) };
+        let d = fake(false, false);
         let mut g = Graphs::default();
         // SAFETY: the fake driver touches no memory.
         unsafe {
             g.run(&d, step(1, 5)).unwrap();
-            assert_eq!(log(&d), ["begin", "k 5"]);
+            assert_eq!(log(&d), ["begin", "simplify", "k 5"], "nothing the driver could turn off: op by op");
             g.run(&d, step(1, 5)).unwrap();
             assert_eq!(log(&d), ["k 5"], "graphs stay off: no capture tried again");
         }
         assert!(g.off.as_deref().is_some_and(|w| w.contains("not permitted")), "{:?}", g.off);
         assert_eq!((g.stats.captured, g.stats.launched, g.stats.eager), (0, 0, 2));
+    }
+
+    /// A capture refused at its end with programmatic dependent launches in it is captured again
+    /// without them, and graphs stay on.
+    #[test]
+    fn a_capture_refused_with_what_the_driver_adds_is_tried_again_without() {
+        let d = fake(true, true);
+        let mut g = Graphs::default();
+        // SAFETY: the fake driver touches no memory.
+        unsafe {
+            g.run(&d, step(1, 5)).unwrap();
+            assert_eq!(log(&d), ["begin", "k 5", "end", "simplify", "begin", "k 5", "end", "graph 7"]);
+            g.run(&d, step(1, 5)).unwrap();
+            assert_eq!(log(&d), ["graph 7"]);
+        }
+        assert!(g.off.is_none());
+        assert_eq!((g.stats.captured, g.stats.launched, g.stats.eager), (1, 2, 0));
     }
 
     #[test]
