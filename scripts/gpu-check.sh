@@ -13,7 +13,8 @@
 #   5. the peers at the same shapes, where python3 has torch: PyTorch's scaled_dot_product_attention
 #      forced to FlashAttention-2 and to cuDNN, its copy bandwidth and bf16 GEMM (scripts/gpu-peers.py);
 #   6. `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights (batch 1 to 256, with
-#      every residual tap on, and where a token's time goes, at batch 1 and in each batch).
+#      every residual tap on, and where a token's time goes, at batch 1 and in each batch); its
+#      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own if the window has 4 minutes left: gpu-sweep.sh (the prefill kernel's
 # tile shapes, 2-3 minutes).
@@ -154,6 +155,9 @@ else
 fi
 step bench-8b 170 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 512 --tg 64 --reps 2 --taps --profile -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
+# The same decode with the graphs' programmatic dependent launches off: what they buy.
+HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
+    --pp 0 --tg 64 --reps 2 -c 1 -c 64 --kv-memory 4G
 
 {
     echo "## highrise GPU check: $(sed -n 2p "$out/device.txt"), $(head -1 "$out/device.txt")"
@@ -180,4 +184,7 @@ step bench-8b 170 "$bundle/highrise" bench --backend cuda --dtype bf16 --model r
     echo
     echo "highrise bench, Llama-3-8B shape, random bf16 weights:"
     grep -E '^\||^ceilings|^where|^\(|^graphs' "$out/bench-8b.txt" || tail -3 "$out/bench-8b.txt"
+    echo
+    echo "the same decode without programmatic dependent launches (HIGHRISE_PDL=0):"
+    grep -E '^\| random' "$out/bench-8b-nopdl.txt" || tail -3 "$out/bench-8b-nopdl.txt"
 } | tee "$out/summary.md"
