@@ -17,9 +17,21 @@
 // blocks over q's rows, then k's, then v's (nq and nk whole blocks of GEMV_BLOCK_ROWS rows), each
 // block exactly as gemv* would run it.
 
+// The shape, compile-time (-D; crates/highrise-cuda/src/gemv.rs, swept by scripts/gpu-sweep.sh):
+// warps per block, chunks of each row in flight per lane (UNROLL), and whether a warp issues the
+// next round's loads before it multiplies this round's (PIPE: 2 x UNROLL x 2 chunks per lane in
+// flight, twice the registers). The sums are the same in every shape, bit for bit: a lane adds its
+// chunks lane, lane + 32, ... in order, and the warp's reduction is the same.
+#ifndef GEMV_WARPS
 #define GEMV_WARPS 4
-#define GEMV_ROWS 2
+#endif
+#ifndef GEMV_UNROLL
 #define GEMV_UNROLL 4
+#endif
+#ifndef GEMV_PIPE
+#define GEMV_PIPE 0
+#endif
+#define GEMV_ROWS 2
 #define GEMV_BLOCK_ROWS (GEMV_WARPS * GEMV_ROWS)
 
 // Eight 16-bit values from one 16-byte chunk, as floats.
@@ -74,13 +86,27 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
 #pragma unroll
         for (int i = 0; i < TM; i++) acc[r][i] = 0.0f;
 
-    for (u32 c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+    // One round: GEMV_UNROLL chunks of each row from chunk c0 on (zeros past the row).
+    auto load = [&](uint4 (&dst)[GEMV_UNROLL][GEMV_ROWS], u32 c0) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
             const u32 c = c0 + 32 * u;
 #pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++) wv[u][r] = c < chunks ? w4[r][c] : make_uint4(0, 0, 0, 0);
+            for (int r = 0; r < GEMV_ROWS; r++) dst[u][r] = c < chunks ? w4[r][c] : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 next[GEMV_UNROLL][GEMV_ROWS];
+    if (GEMV_PIPE) load(next, lane);
+    for (u32 c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL][GEMV_ROWS];
+        if (GEMV_PIPE) {
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++)
+#pragma unroll
+                for (int r = 0; r < GEMV_ROWS; r++) wv[u][r] = next[u][r];
+            load(next, c0 + 32 * GEMV_UNROLL);
+        } else {
+            load(wv, c0);
         }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use highrise_cuda::{flash, kernels, libs, nvrtc};
+use highrise_cuda::{flash, gemv, kernels, libs, nvrtc};
 
 fn ptxas() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("HIGHRISE_PTXAS") {
@@ -120,6 +120,16 @@ fn every_swept_flash_shape_compiles_without_spills() {
             let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
             assert_no_spills(&ptxas, &dir, arch, &format!("attention.cu-decode-{shape}"), &ptx, entries);
             println!("{arch} decode shape {shape}: no spills");
+        }
+    }
+    // The matrix-vector kernels' shapes (GEMV_SHAPES): warps x chunks in flight, pipelined or not.
+    let gemv_body = kernels::FILES.iter().find(|(n, _)| *n == "gemv.cu").unwrap().1;
+    for arch in ["sm_80", "sm_90a"] {
+        for shape in gemv::gemv_sweep_shapes(&script).unwrap() {
+            let ptx = nvrtc::compile("gemv.cu", &kernels::source(gemv_body), arch, &shape.defines()).unwrap();
+            let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+            assert_no_spills(&ptxas, &dir, arch, &format!("gemv.cu-{shape}"), &ptx, entries);
+            println!("{arch} gemv shape {shape}: no spills");
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

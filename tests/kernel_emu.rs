@@ -11,6 +11,7 @@ use std::process::Command;
 
 use highrise_cuda::emu::compiler;
 use highrise_cuda::flash::{self, Shape};
+use highrise_cuda::gemv;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -155,8 +156,17 @@ fn gemv_kernels_match_the_reference_on_the_cpu_model() {
     };
     let exe = std::env::temp_dir().join(format!("highrise-check-gemv-{}", std::process::id()));
     let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_gemv.cpp"), &[], &exe, &[]);
-    let _ = std::fs::remove_file(&exe);
     assert!(ok, "gemv on the CPU model:\n{report}");
     assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 12, "{report}");
     println!("{report}");
+    // Every shape scripts/gpu-sweep.sh tries gives the same sums, bit for bit (the same inputs, so
+    // the same errors to the last digit): the sweep may pick any of them by speed alone.
+    let script = std::fs::read_to_string(root().join("scripts/gpu-sweep.sh")).unwrap();
+    for shape in gemv::gemv_sweep_shapes(&script).unwrap().into_iter().filter(|s| *s != gemv::GEMV_DEFAULT) {
+        let (ok, swept) = build_and_run(&cxx, &root().join("kernels/emu/check_gemv.cpp"), &shape.defines(), &exe, &[]);
+        assert!(ok, "gemv in shape {shape} on the CPU model:\n{swept}");
+        assert_eq!(swept, report, "gemv in shape {shape}: other sums than the default shape's");
+        println!("gemv in shape {shape}: the default shape's results, bit for bit");
+    }
+    let _ = std::fs::remove_file(&exe);
 }

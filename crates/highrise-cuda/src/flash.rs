@@ -442,7 +442,7 @@ pub fn defines_for(d: usize, s: Shape) -> [String; 3] {
 }
 
 /// The words of gpu-sweep.sh's `KEY="..."` line.
-fn sweep_line<'a>(script: &'a str, key: &str) -> Result<Vec<&'a str>> {
+pub(crate) fn sweep_line<'a>(script: &'a str, key: &str) -> Result<Vec<&'a str>> {
     let line = script
         .lines()
         .find_map(|l| l.strip_prefix(key))

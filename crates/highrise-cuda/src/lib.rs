@@ -15,6 +15,7 @@
 pub mod driver;
 pub mod emu;
 pub mod flash;
+pub mod gemv;
 mod graph;
 pub mod kernels;
 pub mod libs;
@@ -80,6 +81,8 @@ pub struct CudaBackend {
     flash_ws_shapes: Vec<(usize, flash::WsShape)>,
     /// The decode kernel's shape, likewise (`flash::decode_shape`).
     decode_shape: flash::DecodeShape,
+    /// The matrix-vector kernels' shape, likewise (`gemv::gemv_shape`).
+    gemv_shape: gemv::GemvShape,
     /// Prefill on a Hopper kernel (`flash::wgmma`), decided once with the shapes.
     flash_wgmma: Option<flash::Wg>,
     state: Mutex<OpState>,
@@ -90,9 +93,7 @@ pub struct CudaBackend {
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
-fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
-    move |e| Error::Backend(format!("cuda: {what}: {e:?}"))
-}
+use driver::driver_err;
 
 /// Checks that the driver library loads and a device exists, without letting cudarc panic.
 pub fn probe() -> Result<()> {
@@ -142,6 +143,7 @@ impl CudaBackend {
             flash_wg_shapes: flash::wg_shapes(&info.arch).unwrap_or_else(|_| flash::HEAD_DIMS.map(|d| (d, flash::WG_DEFAULT)).to_vec()),
             flash_ws_shapes: flash::ws_shapes().unwrap_or_else(|_| flash::WS_DEFAULT.to_vec()),
             decode_shape: flash::decode_shape(&info.arch).unwrap_or(flash::DECODE_DEFAULT),
+            gemv_shape: gemv::gemv_shape(&info.arch).unwrap_or(gemv::GEMV_DEFAULT),
             flash_wgmma: flash::wgmma(&info.arch),
             arch: info.arch,
             sms: info.sms,

@@ -102,13 +102,14 @@ fn compile_uncached(name: &str, source: &str, opts: &[String]) -> Result<String>
     String::from_utf8(bytes).map_err(|_| Error::Backend(format!("cuda: NVRTC returned PTX for {name} that is not UTF-8")))
 }
 
-/// The options besides `options` that file `name` is compiled with on `arch`: the prefill kernel's
-/// tile shapes for attention.cu (`crate::flash`).
+/// The options besides `options` that file `name` is compiled with on `arch`: the attention
+/// kernels' shapes for attention.cu (`crate::flash`), the matrix-vector kernels' for gemv.cu
+/// (`crate::gemv`).
 pub fn defines(name: &str, arch: &str) -> Result<Vec<String>> {
-    if name == "attention.cu" {
-        crate::flash::defines(arch)
-    } else {
-        Ok(Vec::new())
+    match name {
+        "attention.cu" => crate::flash::defines(arch),
+        "gemv.cu" => Ok(crate::gemv::gemv_shape(arch)?.defines().to_vec()),
+        _ => Ok(Vec::new()),
     }
 }
 

@@ -88,8 +88,8 @@ pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     };
     if let Some(tm) = gemv_rows(act, op.weight.dtype, t, k, x | w) {
         let (t32, k32) = (t as u32, k as u32);
-        let blocks = n.div_ceil(GEMV_ROWS_PER_BLOCK) as u32;
-        return be.launch(&format!("gemv{tm}_{s}"), (blocks, 1, 1), (GEMV_THREADS, 1, 1), &[&out, &x, &w, &bias, &bias_dt, &t32, &k32, &n32]);
+        let (blocks, threads) = (n.div_ceil(be.gemv_shape.rows_per_block()) as u32, be.gemv_shape.threads());
+        return be.launch(&format!("gemv{tm}_{s}"), (blocks, 1, 1), (threads, 1, 1), &[&out, &x, &w, &bias, &bias_dt, &t32, &k32, &n32]);
     }
     if op.weight.dtype == act && bias == 0 {
         return gemm(act, act, x, w, out);
@@ -127,7 +127,8 @@ pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<
     let biases = [&op.bq, &op.bk, &op.bv];
     let mut bias_dts = biases.iter().filter(|b| !b.is_none()).map(|b| b.dtype);
     let one_bias_dtype = bias_dts.next().is_none_or(|first| bias_dts.all(|d| d == first));
-    let whole_blocks = nq % GEMV_ROWS_PER_BLOCK == 0 && nk % GEMV_ROWS_PER_BLOCK == 0;
+    let per = be.gemv_shape.rows_per_block();
+    let whole_blocks = nq % per == 0 && nk % per == 0;
     let tm = gemv_rows(act, op.wq.dtype, t, k, x | wq | wk | wv).filter(|_| whole_blocks && one_bias_dtype);
     let Some(tm) = tm else {
         return op.parts().iter().try_for_each(|part| linear(be, st, part));
@@ -141,21 +142,15 @@ pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<
         Some(b) => float_code("qkv_linear", "bias", b.dtype)?,
         None => 0,
     };
-    let blocks = (nq + nk + nv).div_ceil(GEMV_ROWS_PER_BLOCK) as u32;
+    let blocks = (nq + nk + nv).div_ceil(per) as u32;
     let [t32, k32, nq32, nk32, nv32] = [t, k, nq, nk, nv].map(|n| n as u32);
     be.launch(
         &format!("gemv_qkv{tm}_{s}"),
         (blocks, 1, 1),
-        (GEMV_THREADS, 1, 1),
+        (be.gemv_shape.threads(), 1, 1),
         &[&q, &kk, &v, &x, &wq, &wk, &wv, &bq, &bk, &bv, &bias_dt, &t32, &k32, &nq32, &nk32, &nv32],
     )
 }
-
-/// `gemv*`'s block (4 warps), and the rows of w it takes (2 per warp; kernels/gemv.cu); `gemv_glu*`
-/// takes one row of each weight per warp.
-pub(crate) const GEMV_THREADS: u32 = 128;
-pub(crate) const GEMV_ROWS_PER_BLOCK: usize = 8;
-pub(crate) const GEMV_GLU_ROWS_PER_BLOCK: usize = 4;
 
 /// `out = silu(x @ w_gate^T) * (x @ w_up^T)`: one `gemv_glu*` launch where the matrix-vector kernel
 /// takes the shapes (decoding), else the two GEMMs into the workspace and `swiglu_*`. Either way
@@ -168,8 +163,8 @@ pub fn swiglu_linear(be: &CudaBackend, st: &mut OpState, op: &SwiGluLinear) -> R
     let (wg, wu) = (be.ptr("w_gate", &op.w_gate)?, be.ptr("w_up", &op.w_up)?);
     let (t32, k32, n32) = (t as u32, k as u32, n as u32);
     if let Some(tm) = gemv_rows(act, op.w_gate.dtype, t, k, x | wg | wu) {
-        let blocks = n.div_ceil(GEMV_GLU_ROWS_PER_BLOCK) as u32;
-        return be.launch(&format!("gemv_glu{tm}_{s}"), (blocks, 1, 1), (GEMV_THREADS, 1, 1), &[&out, &x, &wg, &wu, &t32, &k32, &n32]);
+        let (blocks, threads) = (n.div_ceil(be.gemv_shape.glu_rows_per_block()) as u32, be.gemv_shape.threads());
+        return be.launch(&format!("gemv_glu{tm}_{s}"), (blocks, 1, 1), (threads, 1, 1), &[&out, &x, &wg, &wu, &t32, &k32, &n32]);
     }
     let bytes = (t * n * act.storage_bytes(1).unwrap_or(4)).div_ceil(256) * 256;
     let (work, _) = be.upload(st, 2 * bytes, &[])?;

@@ -154,6 +154,8 @@ pub struct RecordingDriver {
     flash_ws_shapes: Vec<(usize, crate::flash::WsShape)>,
     /// The decode kernel's shape, likewise.
     decode_shape: crate::flash::DecodeShape,
+    /// The matrix-vector kernels' shape, likewise.
+    gemv_shape: crate::gemv::GemvShape,
     kernels: HashMap<String, Entry>,
     state: Mutex<State>,
 }
@@ -183,6 +185,7 @@ impl RecordingDriver {
             flash_wg_shapes: crate::flash::wg_shapes(arch)?,
             flash_ws_shapes: crate::flash::ws_shapes()?,
             decode_shape: crate::flash::decode_shape(arch)?,
+            gemv_shape: crate::gemv::gemv_shape(arch)?,
             kernels,
             state: Mutex::new(State {
                 next: BASE,
@@ -266,7 +269,7 @@ impl RecordingDriver {
             }
         }
         check_dims(l, entry, self.max_shared)?;
-        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes, flash_wg_shapes: &self.flash_wg_shapes, flash_ws_shapes: &self.flash_ws_shapes, decode_shape: self.decode_shape };
+        let a = Args { args: &args, kinds: &contract, st: &*st, grid: l.grid, block: l.block, shared: l.shared_bytes, flash_shapes: &self.flash_shapes, flash_wg_shapes: &self.flash_wg_shapes, flash_ws_shapes: &self.flash_ws_shapes, decode_shape: self.decode_shape, gemv_shape: self.gemv_shape };
         let mut accesses = Vec::new();
         // Pointers: inside live allocations and the op's regions.
         for (i, kind) in contract.iter().enumerate() {
@@ -446,6 +449,8 @@ struct Args<'a> {
     flash_ws_shapes: &'a [(usize, crate::flash::WsShape)],
     /// The decode kernel's shape, likewise.
     decode_shape: crate::flash::DecodeShape,
+    /// The matrix-vector kernels' shape, likewise.
+    gemv_shape: crate::gemv::GemvShape,
 }
 
 type Check = std::result::Result<(), String>;
@@ -676,7 +681,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 1, 0, 128, 1, "tensor map");
         }
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => {
-            // (out, x, w, bias, bias_dt, t, k, n): 4 warps of 2 rows of w per block.
+            // (out, x, w, bias, bias_dt, t, k, n): warps of 2 rows of w (the compiled shape's).
             let tm: u64 = base[4..].parse().unwrap_or(0);
             let (t, k, n) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64);
             if t == 0 || t > tm {
@@ -685,8 +690,8 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             if k % 8 != 0 || a.u64(1) % 16 != 0 || a.u64(2) % 16 != 0 {
                 return Err(format!("k {k}, x at {:#x}, w at {:#x}: the kernel reads 16-byte chunks", a.u64(1), a.u64(2)));
             }
-            let per = crate::ops::GEMV_ROWS_PER_BLOCK as u64;
-            if a.block != (crate::ops::GEMV_THREADS, 1, 1) || gx * per < n || (gx - 1) * per >= n.max(1) {
+            let per = a.gemv_shape.rows_per_block() as u64;
+            if a.block != (a.gemv_shape.threads(), 1, 1) || gx * per < n || (gx - 1) * per >= n.max(1) {
                 return Err(format!("grid {:?} and block {:?} do not cover {n} rows in blocks of {per}", a.grid, a.block));
             }
             a.agrees(2, 0, n, "the weight's rows")?;
@@ -713,12 +718,12 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             if k % 8 != 0 || [3, 4, 5, 6].iter().any(|&p| a.u64(p) % 16 != 0) {
                 return Err(format!("k {k}, x or a weight not 16-byte aligned: the kernel reads 16-byte chunks"));
             }
-            let per = crate::ops::GEMV_ROWS_PER_BLOCK as u64;
+            let per = a.gemv_shape.rows_per_block() as u64;
             let total = n.iter().sum::<u64>();
             if n[0] % per != 0 || n[1] % per != 0 {
                 return Err(format!("q's {} and k's {} rows are not whole blocks of {per}", n[0], n[1]));
             }
-            if a.block != (crate::ops::GEMV_THREADS, 1, 1) || gx * per < total || (gx - 1) * per >= total.max(1) {
+            if a.block != (a.gemv_shape.threads(), 1, 1) || gx * per < total || (gx - 1) * per >= total.max(1) {
                 return Err(format!("grid {:?} and block {:?} do not cover {total} rows in blocks of {per}", a.grid, a.block));
             }
             a.agrees(3, 1, k, "x's columns")?;
@@ -736,7 +741,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             }
         }
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => {
-            // (out, x, w_gate, w_up, t, k, n): 4 warps per block, each one row of both weights.
+            // (out, x, w_gate, w_up, t, k, n): warps (the compiled shape's) of one row of both weights.
             let tm: u64 = base[8..].parse().unwrap_or(0);
             let (t, k, n) = (a.u32(4) as u64, a.u32(5) as u64, a.u32(6) as u64);
             if t == 0 || t > tm {
@@ -745,8 +750,8 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             if k % 8 != 0 || [1, 2, 3].iter().any(|&p| a.u64(p) % 16 != 0) {
                 return Err(format!("k {k}, x and weights at {:#x}, {:#x}, {:#x}: the kernel reads 16-byte chunks", a.u64(1), a.u64(2), a.u64(3)));
             }
-            let per = crate::ops::GEMV_GLU_ROWS_PER_BLOCK as u64;
-            if a.block != (crate::ops::GEMV_THREADS, 1, 1) || gx * per < n || (gx - 1) * per >= n.max(1) {
+            let per = a.gemv_shape.glu_rows_per_block() as u64;
+            if a.block != (a.gemv_shape.threads(), 1, 1) || gx * per < n || (gx - 1) * per >= n.max(1) {
                 return Err(format!("grid {:?} and block {:?} do not cover {n} rows in blocks of {per}", a.grid, a.block));
             }
             for (p, what) in [(2, "w_gate"), (3, "w_up")] {
