@@ -89,12 +89,43 @@ fn sweep_decode(b: &Arc<dyn Backend>, arch: &str) {
     }
 }
 
+/// `HIGHRISE_BENCH_SWEEP=gemv`: scripts/gpu-sweep.sh's timing of the matrix-vector kernels in the
+/// shape they were compiled with (HIGHRISE_GEMV_SHAPE) on Llama-3-8B's decode projections at one
+/// row, through the ops decoding uses (q/k/v fused, the gate and up projections with SwiGLU fused)
+/// and on our kernel even where cuBLAS would run (the down projection's rows of 14336), rows
+/// "| gemv SHAPE | 8B NAME T=1 | GB/s |" of weights read.
+fn sweep_gemv(b: &Arc<dyn Backend>, arch: &str) {
+    let shape = highrise_cuda::gemv::gemv_shape(arch).unwrap();
+    std::env::set_var("HIGHRISE_CUDA_GEMV", "own");
+    let (h, inter, kv) = (4096usize, 14336usize, 1024usize);
+    let x = random(b, DType::BF16, &[1, h], 1.0);
+    let x_inter = random(b, DType::BF16, &[1, inter], 1.0);
+    let [wq, wk, wv] = [h, kv, kv].map(|n| random(b, DType::BF16, &[n, h], 0.01));
+    let [mut q, mut k, mut v] = [h, kv, kv].map(|n| Tensor::empty(b, DType::BF16, &[1, n]).unwrap());
+    let (w_gate, w_up) = (random(b, DType::BF16, &[inter, h], 0.01), random(b, DType::BF16, &[inter, h], 0.01));
+    let mut act = Tensor::empty(b, DType::BF16, &[1, inter]).unwrap();
+    let (wo, w_down) = (random(b, DType::BF16, &[h, h], 0.01), random(b, DType::BF16, &[h, inter], 0.01));
+    let mut out = Tensor::empty(b, DType::BF16, &[1, h]).unwrap();
+    let report = |name: &str, weights: usize, run: &mut dyn FnMut()| {
+        let secs = time(b, 50, run).as_secs_f64() / 50.0;
+        println!("| gemv {shape} | 8B {name} T=1 | {:.1} |", (weights * 2) as f64 / secs / 1e9);
+    };
+    report("qkv", (h + 2 * kv) * h, &mut || b.qkv_linear([&mut q, &mut k, &mut v], &x, [&wq, &wk, &wv], [None; 3]).unwrap());
+    report("o", h * h, &mut || b.linear(&mut out, &x, &wo, None).unwrap());
+    report("gate+up", 2 * inter * h, &mut || b.swiglu_linear(&mut act, &x, &w_gate, &w_up).unwrap());
+    report("down", h * inter, &mut || b.linear(&mut out, &x_inter, &w_down, None).unwrap());
+    std::env::remove_var("HIGHRISE_CUDA_GEMV");
+}
+
 /// `HIGHRISE_BENCH_SWEEP`: scripts/gpu-sweep.sh's timing of the tensor-core prefill kernel at the
 /// tile shape it was compiled with, rows "| shape | test | TFLOP/s |"; "ncu": one run of d128 causal
 /// 8k only, for Nsight Compute to profile.
 fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
     if mode == "decode" {
         return sweep_decode(b, arch);
+    }
+    if mode == "gemv" {
+        return sweep_gemv(b, arch);
     }
     if mode == "ncu" {
         let (_, mut run) = prefill_problem(b, 128, 8192, true);

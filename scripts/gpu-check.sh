@@ -16,8 +16,9 @@
 #      every residual tap on, and where a token's time goes, at batch 1 and in each batch); its
 #      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
-# Then, in a call of its own if the window has 4 minutes left: gpu-sweep.sh (the prefill kernel's
-# tile shapes, 2-3 minutes).
+# Then, in a call of its own right after (a warm machine is handed back after 30 s idle):
+# gpu-sweep.sh BUNDLE OUT "wg gemv decode" (Hopper's prefill geometries, the GEMV's and decode
+# attention's shapes, about 6 minutes).
 #
 # usage: scripts/gpu-check.sh [BUNDLE [OUT]]
 set -uo pipefail

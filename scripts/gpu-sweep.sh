@@ -16,14 +16,18 @@
 # TUNED_WG) table with the date. The decode kernel (decode_attn, the paged cache) in each shape of
 # DECODE_SHAPES (WARPSxSTAGES: warps per block, copy-pipeline stages per warp; HIGHRISE_DECODE_SHAPE):
 # its paged attention cross-check and its read bandwidth at batch 1 (1k, 8k, 32k) and 8 and 64 (8k),
-# about 10 s each; the winner goes into flash.rs's TUNED_DECODE. Every shape here is also run on the CPU model in CI
+# about 10 s each; the winner goes into flash.rs's TUNED_DECODE. The matrix-vector kernels (gemv*,
+# kernels/gemv.cu) in each shape of GEMV_SHAPES (HIGHRISE_GEMV_SHAPE): the linear, q/k/v and
+# SwiGLU-projection cross-checks on them, and their read bandwidth on Llama-3-8B's four decode
+# projections; the winner goes into gemv.rs's TUNED_GEMV. Every shape here is also run on the CPU model in CI
 # (tests/kernel_emu.rs) and compiled without spills for sm_80 and sm_90a (tests/cuda_kernels.rs), so
 # a failure here is news.
 #
 # usage: scripts/gpu-sweep.sh [BUNDLE [OUT [WHICH]]]   (results in OUT/sweep.md; default OUT: $OUT or
 # gpu-results). WHICH: all (default), mma (the flash_attn shapes, 2-3 minutes), wg (the Hopper
-# geometries of wgp and ws, about 3 minutes) or decode (about 1.5 minutes), so that a short GPU window can take one
-# part per call.
+# geometries of wgp and ws, about 3 minutes), decode (about 1.5 minutes) or gemv (about 1.5 minutes),
+# or several of them in one argument ("wg gemv decode", about 6 minutes), so that a short GPU window
+# takes what fits one call (a device call may run 10 minutes).
 set -uo pipefail
 SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
 # Hopper geometries, WARPGROUPSxKEYS: one for both head dims, or D64/D128 (three warpgroups of 128
@@ -34,6 +38,9 @@ WG_SHAPES="2x128 3x128/2x128 2x64 3x64 1x128"
 WS_SHAPES="2x128x3/2x128x2 2x128x4/2x128x3 3x128x2/2x64x4 3x128x3/2x64x3 3x64x4/2x128x2"
 # Decode kernel shapes, WARPSxSTAGES (the first is the default).
 DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
+# Matrix-vector kernel shapes, WARPSxUNROLL[p] (warps per block, chunks in flight per row and lane,
+# p: the next round's loads issued before this one is used; the first is the default).
+GEMV_SHAPES="4x4 4x8 8x4 8x8 2x8 4x4p 8x4p 4x2p"
 which=${3:-all}
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}
@@ -43,6 +50,7 @@ export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" 
 
 : >"$out/sweep/rows.txt"
 : >"$out/sweep/decode-rows.txt"
+: >"$out/sweep/gemv-rows.txt"
 # One variant, compiled as the environment says: its attention cross-checks, then its timings.
 variant() { # name
     timeout 60 "$bundle/cuda-tests" --exact ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables \
@@ -57,7 +65,9 @@ variant() { # name
     grep '^| ' "$out/sweep/$1-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/rows.txt"
     echo "$1: check $check, $(grep -c '^| ' "$out/sweep/$1-bench.txt") timings"
 }
-if [ "$which" = decode ] || [ "$which" = all ]; then
+# Whether WHICH (one part, several separated by spaces, or all) asks for part $1.
+part() { [[ " $which " == *" $1 "* || " $which " == *" all "* ]]; }
+if part decode; then
     for shape in $DECODE_SHAPES; do
         HIGHRISE_DECODE_SHAPE=$shape timeout 60 "$bundle/cuda-tests" --exact ops::paged_attention_reads_through_block_tables \
             --test-threads 1 --nocapture >"$out/sweep/decode-$shape-check.txt" 2>&1
@@ -71,14 +81,29 @@ if [ "$which" = decode ] || [ "$which" = all ]; then
         echo "decode $shape: check $check, $(grep -c '^| ' "$out/sweep/decode-$shape-bench.txt") timings"
     done
 fi
-if [ "$which" = mma ] || [ "$which" = all ]; then
+if part gemv; then
+    for shape in $GEMV_SHAPES; do
+        HIGHRISE_GEMV_SHAPE=$shape HIGHRISE_CUDA_GEMV=own timeout 60 "$bundle/cuda-tests" --exact ops::linear_matches_reference \
+            ops::qkv_linear_equals_three_linears ops::swiglu_linear_equals_its_three_ops --test-threads 1 --nocapture \
+            >"$out/sweep/gemv-$shape-check.txt" 2>&1
+        case $? in
+            0) if grep -q skipped "$out/sweep/gemv-$shape-check.txt"; then check=skipped; else check=ok; fi ;;
+            124 | 137) check=timeout ;;
+            *) check=FAILED ;;
+        esac
+        HIGHRISE_GEMV_SHAPE=$shape HIGHRISE_BENCH_SWEEP=gemv timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/gemv-$shape-bench.txt" 2>&1
+        grep '^| ' "$out/sweep/gemv-$shape-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/gemv-rows.txt"
+        echo "gemv $shape: check $check, $(grep -c '^| ' "$out/sweep/gemv-$shape-bench.txt") timings"
+    done
+fi
+if part mma; then
     for shape in $SHAPES; do
         HIGHRISE_FLASH_KERNEL=mma HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
     done
 fi
 # The Hopper kernels (flash_attn_wg, flash_attn_wgp: wgmma), checked and timed the same way in each
 # geometry: the pipelined kernel in all of them, the plain one in the default (2x128).
-if { [ "$which" = wg ] || [ "$which" = all ]; } && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
+if part wg && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
     HIGHRISE_FLASH_KERNEL=wgmma variant wgmma-2x128
     for g in $WG_SHAPES; do
         HIGHRISE_FLASH_KERNEL=wgmma-pipe HIGHRISE_FLASH_WG_SHAPE="d64=${g%/*},d128=${g#*/}" variant "wgmma-pipe-${g//\//-}"
@@ -137,6 +162,17 @@ fi
     cat "$out/sweep/decode-rows.txt"
     echo
     echo "best decode shape by batch 1 ctx 32768: $(grep '| batch 1 ctx 32768 |' "$out/sweep/decode-rows.txt" | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *decode //; s/ *$//') (flash.rs TUNED_DECODE, with today's date)"
+    echo
+    echo "gemv shapes (warps x chunks in flight, p: pipelined), GB/s of weights read, Llama-3-8B's projections at one row, bf16:"
+    echo
+    echo "| shape | test | GB/s | check |"
+    echo "| --- | --- | ---: | --- |"
+    cat "$out/sweep/gemv-rows.txt"
+    echo
+    # The shape that reads all four (50, 34, 235 and 117 MB) in the least time.
+    gbest=$(awk -F'|' '$5 == " ok " { split("qkv 50.3 o 33.6 gate+up 234.9 down 117.4", w, " "); for (i = 1; i < 8; i += 2) if ($3 == " 8B " w[i] " T=1 ") { t[$2] += w[i + 1] / $4; n[$2]++ } }
+        END { for (s in t) if (n[s] == 4 && (best == "" || t[s] < t[best])) best = s; gsub(/^ *gemv | *$/, "", best); print best }' "$out/sweep/gemv-rows.txt")
+    echo "best gemv shape by the four projections' time: ${gbest:-none} (crates/highrise-cuda/src/gemv.rs TUNED_GEMV, with today's date; then ops::gemv_pays by the down projection's row against cuBLAS's in gpu-check)"
     echo
     echo "Nsight Compute, d128 at the best shape:"
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'
