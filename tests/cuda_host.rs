@@ -408,6 +408,8 @@ fn another_threads_work_never_lands_inside_a_capture() {
 fn flash_launches_keep_the_compiled_tile_shape() {
     let Some((driver, b)) = recording("flash shape") else { return };
     let _guard = exclusive();
+    // Launches an earlier test left recorded are not this test's.
+    driver.take_recorded();
     let mut rng = Rng::new("cuda host flash shape");
     // What the recording driver's kernels were compiled with (sm_90a's shapes, the environment unset).
     let compiled = highrise_cuda::flash::shapes("sm_90a").unwrap();

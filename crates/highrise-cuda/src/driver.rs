@@ -194,7 +194,7 @@ pub trait Driver: Send + Sync {
     }
 }
 
-fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
+pub(crate) fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
     move |e| Error::Backend(format!("cuda: {what}: {e:?}"))
 }
 
