@@ -40,7 +40,7 @@ WS_SHAPES="2x128x3/2x128x2 2x128x4/2x128x3 3x128x2/2x64x4 3x128x3/2x64x3 3x64x4/
 DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
 # Matrix-vector kernel shapes, WARPSxUNROLL[p] (warps per block, chunks in flight per row and lane,
 # p: the next round's loads issued before this one is used; the first is the default).
-GEMV_SHAPES="4x4 4x8 8x4 8x8 2x8 4x4p 8x4p 4x2p"
+GEMV_SHAPES="4x4 4x8 8x8 2x8 4x4p 8x4p 4x2p 8x2p"
 which=${3:-all}
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}
