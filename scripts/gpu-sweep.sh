@@ -51,65 +51,51 @@ export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" 
 : >"$out/sweep/rows.txt"
 : >"$out/sweep/decode-rows.txt"
 : >"$out/sweep/gemv-rows.txt"
-# One variant, compiled as the environment says: its attention cross-checks, then its timings.
-variant() { # name
-    timeout 60 "$bundle/cuda-tests" --exact ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables \
-        --test-threads 1 --nocapture >"$out/sweep/$1-check.txt" 2>&1
+# One variant, compiled as the environment says: the cross-checks named (in one process), then its
+# timings (HIGHRISE_BENCH_SWEEP=MODE of benches/cuda_ops.rs: rows "| shape | test | figure |"),
+# appended to ROWS with the checks' outcome.
+variant() { # name, mode, rows file, tests...
+    local name=$1 mode=$2 rows=$3 check
+    shift 3
+    timeout 60 "$bundle/cuda-tests" --exact "$@" --test-threads 1 --nocapture >"$out/sweep/$name-check.txt" 2>&1
     case $? in
-        0) if grep -q skipped "$out/sweep/$1-check.txt"; then check=skipped; else check=ok; fi ;;
+        0) if grep -q skipped "$out/sweep/$name-check.txt"; then check=skipped; else check=ok; fi ;;
         124 | 137) check=timeout ;;
         *) check=FAILED ;;
     esac
-    HIGHRISE_BENCH_SWEEP=1 timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/$1-bench.txt" 2>&1
-    # Rows "| shape | d128 causal T=16384 | 312.5 |" from the bench.
-    grep '^| ' "$out/sweep/$1-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/rows.txt"
-    echo "$1: check $check, $(grep -c '^| ' "$out/sweep/$1-bench.txt") timings"
+    HIGHRISE_BENCH_SWEEP=$mode timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/$name-bench.txt" 2>&1
+    grep '^| ' "$out/sweep/$name-bench.txt" | sed "s/\$/ $check |/" >>"$rows"
+    echo "$name: check $check, $(grep -c '^| ' "$out/sweep/$name-bench.txt") timings"
 }
+# The prefill kernels' variants: their attention cross-checks and TFLOP/s.
+flash_variant() { variant "$1" 1 "$out/sweep/rows.txt" ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables; }
 # Whether WHICH (one part, several separated by spaces, or all) asks for part $1.
 part() { [[ " $which " == *" $1 "* || " $which " == *" all "* ]]; }
 if part decode; then
     for shape in $DECODE_SHAPES; do
-        HIGHRISE_DECODE_SHAPE=$shape timeout 60 "$bundle/cuda-tests" --exact ops::paged_attention_reads_through_block_tables \
-            --test-threads 1 --nocapture >"$out/sweep/decode-$shape-check.txt" 2>&1
-        case $? in
-            0) if grep -q skipped "$out/sweep/decode-$shape-check.txt"; then check=skipped; else check=ok; fi ;;
-            124 | 137) check=timeout ;;
-            *) check=FAILED ;;
-        esac
-        HIGHRISE_DECODE_SHAPE=$shape HIGHRISE_BENCH_SWEEP=decode timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/decode-$shape-bench.txt" 2>&1
-        grep '^| ' "$out/sweep/decode-$shape-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/decode-rows.txt"
-        echo "decode $shape: check $check, $(grep -c '^| ' "$out/sweep/decode-$shape-bench.txt") timings"
+        HIGHRISE_DECODE_SHAPE=$shape variant "decode-$shape" decode "$out/sweep/decode-rows.txt" ops::paged_attention_reads_through_block_tables
     done
 fi
 if part gemv; then
     for shape in $GEMV_SHAPES; do
-        HIGHRISE_GEMV_SHAPE=$shape HIGHRISE_CUDA_GEMV=own timeout 60 "$bundle/cuda-tests" --exact ops::linear_matches_reference \
-            ops::qkv_linear_equals_three_linears ops::swiglu_linear_equals_its_three_ops --test-threads 1 --nocapture \
-            >"$out/sweep/gemv-$shape-check.txt" 2>&1
-        case $? in
-            0) if grep -q skipped "$out/sweep/gemv-$shape-check.txt"; then check=skipped; else check=ok; fi ;;
-            124 | 137) check=timeout ;;
-            *) check=FAILED ;;
-        esac
-        HIGHRISE_GEMV_SHAPE=$shape HIGHRISE_BENCH_SWEEP=gemv timeout 60 "$bundle/cuda-bench" --bench >"$out/sweep/gemv-$shape-bench.txt" 2>&1
-        grep '^| ' "$out/sweep/gemv-$shape-bench.txt" | sed "s/\$/ $check |/" >>"$out/sweep/gemv-rows.txt"
-        echo "gemv $shape: check $check, $(grep -c '^| ' "$out/sweep/gemv-$shape-bench.txt") timings"
+        HIGHRISE_GEMV_SHAPE=$shape HIGHRISE_CUDA_GEMV=own variant "gemv-$shape" gemv "$out/sweep/gemv-rows.txt" \
+            ops::linear_matches_reference ops::qkv_linear_equals_three_linears ops::swiglu_linear_equals_its_three_ops
     done
 fi
 if part mma; then
     for shape in $SHAPES; do
-        HIGHRISE_FLASH_KERNEL=mma HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" variant "$shape"
+        HIGHRISE_FLASH_KERNEL=mma HIGHRISE_FLASH_SHAPE="d64=$shape,d128=$shape" flash_variant "$shape"
     done
 fi
 # The Hopper kernels (flash_attn_wg, flash_attn_wgp: wgmma), checked and timed the same way in each
 # geometry: the pipelined kernel in all of them, the plain one in the default (2x128).
 if part wg && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | grep -q '^9\.0'; then
-    HIGHRISE_FLASH_KERNEL=wgmma variant wgmma-2x128
+    HIGHRISE_FLASH_KERNEL=wgmma flash_variant wgmma-2x128
     for g in $WG_SHAPES; do
-        HIGHRISE_FLASH_KERNEL=wgmma-pipe HIGHRISE_FLASH_WG_SHAPE="d64=${g%/*},d128=${g#*/}" variant "wgmma-pipe-${g//\//-}"
+        HIGHRISE_FLASH_KERNEL=wgmma-pipe HIGHRISE_FLASH_WG_SHAPE="d64=${g%/*},d128=${g#*/}" flash_variant "wgmma-pipe-${g//\//-}"
     done
     for g in $WS_SHAPES; do
-        HIGHRISE_FLASH_KERNEL=ws HIGHRISE_FLASH_WS_SHAPE="d64=${g%/*},d128=${g#*/}" variant "ws-${g//\//-}"
+        HIGHRISE_FLASH_KERNEL=ws HIGHRISE_FLASH_WS_SHAPE="d64=${g%/*},d128=${g#*/}" flash_variant "ws-${g//\//-}"
     done
 fi
 
