@@ -184,7 +184,8 @@ HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --
     grep -E '^\||^ceilings|^skipped' "$out/peers.txt"
     echo
     echo "highrise bench, Llama-3-8B shape, random bf16 weights:"
-    grep -E '^\||^ceilings|^where|^\(|^graphs' "$out/bench-8b.txt" || tail -3 "$out/bench-8b.txt"
+    # "highrise: ..." lines too: graphs given up, or captured without programmatic dependent launches.
+    grep -E '^\||^ceilings|^where|^\(|^graphs|^highrise: ' "$out/bench-8b.txt" || tail -3 "$out/bench-8b.txt"
     echo
     echo "the same decode without programmatic dependent launches (HIGHRISE_PDL=0):"
     grep -E '^\| random' "$out/bench-8b-nopdl.txt" || tail -3 "$out/bench-8b-nopdl.txt"
