@@ -405,10 +405,17 @@ pub const TUNED_DECODE: &[(&str, DecodeShape, &str)] = &[];
 
 /// The decode kernel's shape on `arch`, as it is compiled.
 pub fn decode_shape(arch: &str) -> Result<DecodeShape> {
-    if let Ok(v) = std::env::var("HIGHRISE_DECODE_SHAPE") {
-        return DecodeShape::parse(&v).map_err(|e| Error::Invalid(format!("HIGHRISE_DECODE_SHAPE: {e}")));
+    compiled_shape("HIGHRISE_DECODE_SHAPE", DecodeShape::parse, TUNED_DECODE, arch, DECODE_DEFAULT)
+}
+
+/// A kernel's one compiled shape on `arch`: the environment's `var` where set (how gpu-sweep.sh
+/// tries variants), else the sweep's winner on `arch` in `tuned` (arch, shape, day measured),
+/// else `default`.
+pub(crate) fn compiled_shape<S: Copy>(var: &str, parse: fn(&str) -> Result<S>, tuned: &[(&str, S, &str)], arch: &str, default: S) -> Result<S> {
+    if let Ok(v) = std::env::var(var) {
+        return parse(&v).map_err(|e| Error::Invalid(format!("{var}: {e}")));
     }
-    Ok(TUNED_DECODE.iter().find(|(a, _, _)| *a == arch).map_or(DECODE_DEFAULT, |&(_, s, _)| s))
+    Ok(tuned.iter().find(|(a, _, _)| *a == arch).map_or(default, |&(_, s, _)| s))
 }
 
 /// The decode shapes scripts/gpu-sweep.sh tries (its `DECODE_SHAPES="..."` line).

@@ -68,10 +68,7 @@ pub const TUNED_GEMV: &[(&str, GemvShape, &str)] = &[];
 
 /// The shape gemv.cu is compiled in on `arch`.
 pub fn gemv_shape(arch: &str) -> Result<GemvShape> {
-    if let Ok(v) = std::env::var("HIGHRISE_GEMV_SHAPE") {
-        return GemvShape::parse(&v).map_err(|e| Error::Invalid(format!("HIGHRISE_GEMV_SHAPE: {e}")));
-    }
-    Ok(TUNED_GEMV.iter().find(|(a, _, _)| *a == arch).map_or(GEMV_DEFAULT, |&(_, s, _)| s))
+    crate::flash::compiled_shape("HIGHRISE_GEMV_SHAPE", GemvShape::parse, TUNED_GEMV, arch, GEMV_DEFAULT)
 }
 
 /// The shapes scripts/gpu-sweep.sh tries (its `GEMV_SHAPES="..."` line).

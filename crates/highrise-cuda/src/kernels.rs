@@ -47,13 +47,23 @@ pub const PROGRAMMATIC: &[&str] = &[
 /// Whether `kernel` (a full name, e.g. "gemv_qkv1_bf16", "decode_attn_d128_f16") is one of
 /// [`PROGRAMMATIC`].
 pub fn programmatic(kernel: &str) -> bool {
-    let base = ["_f32", "_f16", "_bf16"].iter().find_map(|s| kernel.strip_suffix(s)).unwrap_or(kernel);
-    let base = match base.rsplit_once("_d") {
-        Some((b, d)) if !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()) => b,
-        _ => base,
-    };
+    let (base, _, _) = split_name(kernel);
     let base = if base.starts_with("gemv") { base.trim_end_matches(|c: char| c.is_ascii_digit()) } else { base };
     PROGRAMMATIC.contains(&base)
+}
+
+/// A kernel's name without its dtype suffix, the element size of that dtype, and its head dim for
+/// the attention kernels ("attn_group_d128_bf16" -> ("attn_group", 2, 128)).
+pub(crate) fn split_name(kernel: &str) -> (&str, usize, usize) {
+    let (base, elt) = match kernel.rsplit_once('_') {
+        Some((b, "f32")) if b != "to" => (b, 4),
+        Some((b, "f16" | "bf16")) => (b, 2),
+        _ => (kernel, 4),
+    };
+    match base.rsplit_once("_d") {
+        Some((b, d)) if d.chars().all(|c| c.is_ascii_digit()) && !d.is_empty() => (b, elt, d.parse().unwrap_or(0)),
+        _ => (base, elt, 0),
+    }
 }
 
 #[cfg(test)]

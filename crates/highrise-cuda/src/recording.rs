@@ -26,6 +26,7 @@ use std::sync::Mutex;
 use highrise_core::{DType, Error, Result};
 
 use crate::driver::{DeviceInfo, Driver, Gemm, Launch, Region};
+use crate::kernels::split_name;
 use crate::ptx::{self, Entry};
 
 /// Where the recording driver's addresses start: far from where this process's heap and stacks
@@ -380,19 +381,6 @@ const U32: Kind = Kind::U32;
 const U64: Kind = Kind::U64;
 const F32: Kind = Kind::F32;
 
-/// A kernel's name without its dtype suffix, the element size of that dtype, and its head dim for
-/// the attention kernels ("attn_group_d128_bf16" -> ("attn_group", 2, 128)).
-fn split_name(kernel: &str) -> (&str, usize, usize) {
-    let (base, elt) = match kernel.rsplit_once('_') {
-        Some((b, "f32")) if b != "to" => (b, 4),
-        Some((b, "f16" | "bf16")) => (b, 2),
-        _ => (kernel, 4),
-    };
-    match base.rsplit_once("_d") {
-        Some((b, d)) if d.chars().all(|c| c.is_ascii_digit()) && !d.is_empty() => (b, elt, d.parse().unwrap_or(0)),
-        _ => (base, elt, 0),
-    }
-}
 
 /// Each kernel's parameters, as `kernels/*.cu` declares them.
 fn contract(kernel: &str) -> Option<Vec<Kind>> {
