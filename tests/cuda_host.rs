@@ -364,6 +364,36 @@ fn decode_steps_are_captured_once_and_replayed() {
     assert_eq!(driver.summary().faults[faults..], [] as [String; 0], "launches refused");
 }
 
+/// A server's sequences cross block boundaries at different steps, so the step's block table (each
+/// sequence's blocks laid end to end) grows every few steps: the graph of the batch's shape is
+/// still replayed, not captured anew each time the table grows (the host arrays after it keep their
+/// places in the metadata buffer, so no recorded launch's parameters move).
+#[test]
+fn a_growing_block_table_does_not_recapture_the_step() {
+    let Some((driver, b)) = recording("graphs with growing tables") else { return };
+    let _guard = exclusive();
+    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
+    let tok = Tokenizer::numbered(model.config.vocab_size).unwrap();
+    driver.take_recorded();
+    let config = EngineConfig { num_blocks: 32, block_size: 4, max_batch_tokens: 64, max_running: 3 };
+    let mut engine = Engine::new(&model, &tok, config).unwrap();
+    engine.set_graphs(true);
+    // Prompts of 5, 6 and 7 tokens with 4-token blocks: across 12 decode steps some sequence takes
+    // a new block at 9 of them.
+    for i in 0..3u32 {
+        let params = GenerateParams { max_tokens: 13, ignore_eos: true, ..Default::default() };
+        engine.submit(Request { prompt: (i..5 + 2 * i).collect(), params, logprobs: false, top_logprobs: 0 }).unwrap();
+    }
+    let before = b.graph_stats();
+    assert_eq!(engine.run_to_completion().unwrap().len(), 3);
+    let after = b.graph_stats();
+    driver.take_recorded();
+    let (captured, launched, op_by_op) = (after.captured - before.captured, after.launched - before.launched, after.eager - before.eager);
+    println!("3 sequences x 13 tokens, 4-token blocks: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
+    assert_eq!((launched, op_by_op), (12, 0));
+    assert_eq!(captured, 1, "the block table's growth made the step's launches differ");
+}
+
 /// Graphs captured on one thread while another copies, reads and writes on the same backend: the
 /// other thread's work waits for the capture instead of landing inside it (the recording driver
 /// refuses work from another thread while a graph is being captured).

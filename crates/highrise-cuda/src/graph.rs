@@ -187,8 +187,12 @@ struct Graph {
     last_use: u64,
 }
 
-/// Graphs kept: one per key seen recently (a batch size, a sampling mode).
+/// Graphs kept: those of the keys seen recently (a batch size, a sampling mode), at most
+/// `PER_KEY` works each (a step of one key whose launches alternate, as the first decode step of an
+/// empty cache, attending to its prompt alone, and the steps after it, replays both graphs instead
+/// of capturing each anew every time).
 const KEPT: usize = 32;
+const PER_KEY: usize = 4;
 
 /// The graphs kept, and what became of each step.
 #[derive(Default)]
@@ -202,9 +206,9 @@ pub(crate) struct Graphs {
 }
 
 impl Graphs {
-    /// Runs a recorded step whose staging buffer is on the device already: the graph kept for its
-    /// key if that was captured from the same work, else a new graph captured from it (kept in the
-    /// place of the old one), else, where the driver cannot capture, the work op by op.
+    /// Runs a recorded step whose staging buffer is on the device already: a graph kept for its
+    /// key if one was captured from the same work, else a new graph captured from it (kept beside
+    /// the key's others, up to `PER_KEY`), else, where the driver cannot capture, the work op by op.
     ///
     /// # Safety
     /// The context is bound; every recorded address is a live allocation of `drv`.
@@ -222,6 +226,10 @@ impl Graphs {
             let handle = g.handle;
             return self.launch(drv, handle, &step);
         }
+        // What the driver does at a GEMM's first run that a capture cannot hold (timing cuBLASLt's
+        // algorithms), done before it.
+        let gemms: Vec<Gemm> = step.work.iter().filter_map(|w| if let Work::Gemm(g) = w { Some(*g) } else { None }).collect();
+        drv.prepare(&gemms);
         let capture = || -> Result<(Result<()>, Result<u64>)> {
             drv.begin_capture()?;
             let queued = step.queue(drv);
@@ -251,10 +259,15 @@ impl Graphs {
             }
             (Ok(()), Err(e)) => return self.give_up(drv, format!("capture: {e}"), &step),
         };
-        if let Some(i) = self.graphs.iter().position(|g| g.key == step.key) {
-            drv.destroy_graph(self.graphs.swap_remove(i).handle);
-        } else if self.graphs.len() >= KEPT {
-            let i = (0..self.graphs.len()).min_by_key(|&i| self.graphs[i].last_use).expect("kept graphs");
+        // Room for it: the least recently used graph of its key where the key has its fill, else
+        // of all where all have theirs.
+        let same_key = self.graphs.iter().filter(|g| g.key == step.key).count();
+        let evict = match (same_key >= PER_KEY, self.graphs.len() >= KEPT) {
+            (true, _) => (0..self.graphs.len()).filter(|&i| self.graphs[i].key == step.key).min_by_key(|&i| self.graphs[i].last_use),
+            (false, true) => (0..self.graphs.len()).min_by_key(|&i| self.graphs[i].last_use),
+            (false, false) => None,
+        };
+        if let Some(i) = evict {
             drv.destroy_graph(self.graphs.swap_remove(i).handle);
         }
         self.stats.captured += 1;
@@ -303,6 +316,7 @@ impl Graphs {
 mod tests {
     use super::*;
     use crate::driver::DeviceInfo;
+    use highrise_core::DType;
     use std::sync::Mutex;
 
     /// A driver that runs launches (counting them) and captures as told: `capture` false refuses
@@ -312,10 +326,12 @@ mod tests {
         capture: bool,
         extra: std::sync::atomic::AtomicBool,
         log: Mutex<Vec<String>>,
+        /// Graphs made so far: the next one's handle is 7 + this.
+        made: std::sync::atomic::AtomicU64,
     }
 
     fn fake(capture: bool, extra: bool) -> Fake {
-        Fake { capture, extra: extra.into(), log: Mutex::new(Vec::new()) }
+        Fake { capture, extra: extra.into(), log: Mutex::new(Vec::new()), made: 0.into() }
     }
 
     impl Driver for Fake {
@@ -343,8 +359,12 @@ mod tests {
             self.log.lock().unwrap().push(format!("{} {n}", l.kernel));
             Ok(())
         }
-        unsafe fn gemm(&self, _: &Gemm) -> Result<()> {
-            unreachable!()
+        unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+            self.log.lock().unwrap().push(format!("gemm {}", g.t));
+            Ok(())
+        }
+        unsafe fn prepare(&self, gemms: &[Gemm]) {
+            self.log.lock().unwrap().push(format!("prepare {:?}", gemms.iter().map(|g| g.t).collect::<Vec<_>>()));
         }
         fn synchronize(&self) -> Result<()> {
             Ok(())
@@ -360,7 +380,7 @@ mod tests {
             self.log.lock().unwrap().push("end".into());
             match self.extra.load(std::sync::atomic::Ordering::Relaxed) {
                 true => Err(Error::Backend("invalid edge".into())),
-                false => Ok(7),
+                false => Ok(7 + self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             }
         }
         fn simplify_captures(&self) -> bool {
@@ -393,13 +413,23 @@ mod tests {
         // SAFETY: the fake driver touches no memory.
         unsafe {
             g.run(&d, step(1, 5)).unwrap();
-            assert_eq!(log(&d), ["begin", "k 5", "end", "graph 7"]);
+            assert_eq!(log(&d), ["prepare []", "begin", "k 5", "end", "graph 7"]);
             g.run(&d, step(1, 5)).unwrap();
             assert_eq!(log(&d), ["graph 7"], "the same parameters: the kept graph");
             g.run(&d, step(1, 6)).unwrap();
-            assert_eq!(log(&d), ["begin", "k 6", "end", "destroy 7", "graph 7"], "a parameter changed: captured again");
+            assert_eq!(log(&d), ["prepare []", "begin", "k 6", "end", "graph 8"], "a parameter changed: captured again");
+            g.run(&d, step(1, 5)).unwrap();
+            assert_eq!(log(&d), ["graph 7"], "the first work's graph is kept beside the second's");
+            // A key holds PER_KEY works: a fifth evicts the one used longest ago (6's, graph 8).
+            for n in 7..9 {
+                g.run(&d, step(1, n)).unwrap();
+            }
+            g.run(&d, step(1, 5)).unwrap();
+            log(&d);
+            g.run(&d, step(1, 9)).unwrap();
+            assert_eq!(log(&d), ["prepare []", "begin", "k 9", "end", "destroy 8", "graph 11"]);
         }
-        assert_eq!((g.stats.captured, g.stats.launched, g.stats.eager), (2, 3, 0));
+        assert_eq!((g.stats.captured, g.stats.launched, g.stats.eager), (5, 8, 0));
     }
 
     #[test]
@@ -409,7 +439,7 @@ mod tests {
         // SAFETY: the fake driver touches no memory.
         unsafe {
             g.run(&d, step(1, 5)).unwrap();
-            assert_eq!(log(&d), ["begin", "simplify", "k 5"], "nothing the driver could turn off: op by op");
+            assert_eq!(log(&d), ["prepare []", "begin", "simplify", "k 5"], "nothing the driver could turn off: op by op");
             g.run(&d, step(1, 5)).unwrap();
             assert_eq!(log(&d), ["k 5"], "graphs stay off: no capture tried again");
         }
@@ -426,12 +456,35 @@ mod tests {
         // SAFETY: the fake driver touches no memory.
         unsafe {
             g.run(&d, step(1, 5)).unwrap();
-            assert_eq!(log(&d), ["begin", "k 5", "end", "simplify", "begin", "k 5", "end", "graph 7"]);
+            assert_eq!(log(&d), ["prepare []", "begin", "k 5", "end", "simplify", "begin", "k 5", "end", "graph 7"]);
             g.run(&d, step(1, 5)).unwrap();
             assert_eq!(log(&d), ["graph 7"]);
         }
         assert!(g.off.is_none());
         assert_eq!((g.stats.captured, g.stats.launched, g.stats.eager), (1, 2, 0));
+    }
+
+    /// A step's GEMMs are shown to the driver before the capture (where the real driver times
+    /// cuBLASLt's algorithms for shapes it has not seen: no timing can happen inside a capture),
+    /// and not again when the graph is replayed.
+    #[test]
+    fn a_steps_gemms_are_prepared_before_its_capture() {
+        let d = fake(true, false);
+        let mut g = Graphs::default();
+        let step = || {
+            let mut s = step(1, 5);
+            for t in [64, 256] {
+                s.push(Work::Gemm(Gemm { input: DType::BF16, output: DType::BF16, t, k: 8, n: 8, x: 0, w: 0, out: 0 }));
+            }
+            s
+        };
+        // SAFETY: the fake driver touches no memory.
+        unsafe {
+            g.run(&d, step()).unwrap();
+            assert_eq!(log(&d), ["prepare [64, 256]", "begin", "k 5", "gemm 64", "gemm 256", "end", "graph 7"]);
+            g.run(&d, step()).unwrap();
+            assert_eq!(log(&d), ["graph 7"]);
+        }
     }
 
     #[test]
