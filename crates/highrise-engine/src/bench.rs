@@ -148,9 +148,14 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, gr
     let mut hooks = highrise_model::Hooks::capture_all(&highrise_model::Site::STREAM);
     // Captures taken on the device and read once the step is done: the pass never waits on them.
     hooks.defer = true;
-    for _ in 0..reps {
-        let mut cache = model.new_kv_cache((depth + n).div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
-        let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
+    // One cache for every rep, so that the graph captured at the first step is the one replayed
+    // after (a new cache is new addresses: a new capture, timed); and one untimed step first, as
+    // llama-bench's warm-up run: the capture, and the first run of each GEMM shape (where the
+    // backend times its algorithms), are not a decoded token's time.
+    let mut cache = model.new_kv_cache((depth + n).div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
+    let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
+    let graph = (graphs && crate::sampling::graphs_enabled()).then(|| crate::sampling::graph_key(1, false) | (taps as u64) << 63);
+    for rep in 0..reps {
         let mut token = tokens(model, 1)[0];
         if depth > 0 {
             let context = tokens(model, depth);
@@ -163,15 +168,18 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, gr
         }
         // As the engine runs a decode step: a graph where the backend can (with taps too: their
         // copies are part of the step, read after it). Tapped steps are work of another shape.
-        let graph = (graphs && crate::sampling::graphs_enabled()).then(|| crate::sampling::graph_key(1, false) | (taps as u64) << 63);
-        let start = Instant::now();
-        for pos in depth as u32..(depth + n) as u32 {
+        // The warm-up is the first two steps (the first of an empty cache attends to its own token
+        // alone, on other kernels than the steps after: a graph of its own); what they write to
+        // the cache the timed steps write again.
+        let mut warm_up = if rep == 0 { n.min(2) } else { 0 };
+        let mut start = Instant::now();
+        for pos in (depth as u32..(depth + n) as u32).take(warm_up).chain(depth as u32..(depth + n) as u32) {
             let seqs = [PagedSeq { q_len: 1, context_len: pos + 1, blocks_start: 0 }];
             let batch = Batch { tokens: &[token], positions: &[pos], slots: &[pos], seqs: &seqs, block_table: &table };
             let tapped = taps.then_some(&mut hooks);
             // The backend chooses each token, as the engine does for greedy steps.
             let forward = || model.forward_hooked(&batch, &mut cache, Logits::Last, tapped);
-            token = crate::sampling::forward_and_choose(&*model.backend, graph, None, forward)?[0].0;
+            let chosen = crate::sampling::forward_and_choose(&*model.backend, graph, None, forward)?[0].0;
             if taps {
                 hooks.collect()?;
                 let want = highrise_model::Site::STREAM.len() * model.config.num_hidden_layers;
@@ -179,6 +187,16 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, gr
                     return Err(highrise_model::Error::Input(format!("{} of {want} captures taken", hooks.captured.len())));
                 }
             }
+            if warm_up > 0 {
+                warm_up -= 1;
+                if warm_up == 0 {
+                    // Its tokens are not kept: the timed steps decode from the same first token.
+                    drop(highrise_core::profile::take());
+                    start = Instant::now();
+                }
+                continue;
+            }
+            token = chosen;
         }
         m.tokens_per_sec.push(n as f64 / start.elapsed().as_secs_f64());
     }
@@ -197,6 +215,15 @@ pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurre
     let prompt = tokens(model, PROMPT);
     // ignore_eos: every sequence generates exactly n tokens, so the work is the same every run.
     let params = GenerateParams { max_tokens: n, ignore_eos: true, ..Default::default() };
+    // A warm-up of the same batch for two tokens, untimed (llama-bench's warm-up run): its prefill
+    // and first decode step are this test's shapes, so graph captures and the backend's first runs
+    // of them (where it times GEMM algorithms) fall here, not in the timed run.
+    let warm_up = GenerateParams { max_tokens: 2, ..params.clone() };
+    for _ in 0..concurrency {
+        engine.submit(Request { prompt: prompt.clone(), params: warm_up.clone(), logprobs: false, top_logprobs: 0 })?;
+    }
+    engine.run_to_completion()?;
+    drop(highrise_core::profile::take());
     for _ in 0..concurrency {
         engine.submit(Request { prompt: prompt.clone(), params: params.clone(), logprobs: false, top_logprobs: 0 })?;
     }
