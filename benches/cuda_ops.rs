@@ -5,9 +5,9 @@
 //!   32 query / 8 KV heads: the tensor-core kernel, and the split kernel up to 2k tokens;
 //! - decode attention over the paged cache, achieved bandwidth (K and V bytes read), batch 1 to 256,
 //!   context 1k to 32k;
-//! - one Llama-3-8B layer's projections at decode, 1, 2 and 8 rows (our GEMV kernel and cuBLAS, read
-//!   bandwidth), batched decode at 64 rows (cuBLAS, read bandwidth) and 256 (TFLOP/s), and at
-//!   prefill (cuBLAS GEMM, TFLOP/s).
+//! - one Llama-3-8B layer's projections at decode, 1, 2 and 8 rows (our GEMV kernel, cuBLAS and
+//!   tuned cuBLASLt, read bandwidth), batched decode at 64 rows (cuBLAS and cuBLASLt, read
+//!   bandwidth) and 256 (TFLOP/s), and at prefill (the same two, TFLOP/s).
 //!
 //! Without a CUDA device it prints `skipped: no CUDA device` and exits. Run with
 //! `cargo bench --bench cuda_ops`; `HIGHRISE_BENCH_QUICK=1` takes fewer samples.
@@ -279,9 +279,13 @@ fn main() {
             let x = random(&b, DType::BF16, &[t, cols], 1.0);
             let mut out = Tensor::empty(&b, DType::BF16, &[t, rows_out]).unwrap();
             let (wbytes, flops) = ((rows_out * cols * 2) as u64, 2.0 * (t * rows_out * cols) as f64);
-            let kernels: &[(&str, &str)] = if t <= 8 { &[("gemv", "own"), ("cuBLAS", "cublas")] } else { &[("cuBLAS", "cublas")] };
-            for &(kernel, choice) in kernels {
-                std::env::set_var("HIGHRISE_CUDA_GEMV", choice);
+            // (row label, HIGHRISE_CUDA_GEMV, HIGHRISE_GEMM): cuBLAS is cublasGemmEx's own choice,
+            // cuBLASLt the algorithm timed fastest for the shape (the engine's default, lt.rs).
+            let cublas: &[(&str, &str, &str)] = &[("cuBLAS", "cublas", "gemmex"), ("cuBLASLt", "cublas", "tuned")];
+            let kernels: Vec<(&str, &str, &str)> = if t <= 8 { [("gemv", "own", "tuned")].iter().chain(cublas).copied().collect() } else { cublas.to_vec() };
+            for (kernel, gemv, gemm) in kernels {
+                std::env::set_var("HIGHRISE_CUDA_GEMV", gemv);
+                std::env::set_var("HIGHRISE_GEMM", gemm);
                 let mut run = || b.linear(&mut out, &x, &w, None).unwrap();
                 g.throughput(if t <= 64 { Throughput::Bytes(wbytes) } else { Throughput::Elements(flops as u64) });
                 g.bench_function(BenchmarkId::new(format!("{name}_{kernel}"), t), |bn| bn.iter_custom(|iters| time(&b, iters, &mut run)));
@@ -295,10 +299,11 @@ fn main() {
                     let test = format!("8B {name} {stage} T={t} ({kernel})");
                     Row { test, figure: wbytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 }
                 } else {
-                    Row { test: format!("8B {name} {stage} T={t}"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 }
+                    Row { test: format!("8B {name} {stage} T={t} ({kernel})"), figure: flops / secs / 1e12, unit: "TFLOP/s", ceiling: gemm_rate / 1e12 }
                 });
             }
             std::env::remove_var("HIGHRISE_CUDA_GEMV");
+            std::env::remove_var("HIGHRISE_GEMM");
         }
     }
     g.finish();

@@ -10,10 +10,12 @@
 #      kernel, the plain wgmma one and the warp-specialized one (HIGHRISE_FLASH_KERNEL);
 #   3. compute-sanitizer memcheck over the op tests, one process each, where it is on the PATH;
 #   4. the criterion benchmarks of benches/cuda_ops.rs with their ceilings (copy bandwidth, cuBLAS);
+#      the 8B projections on cublasGemmEx's choice and on cuBLASLt's timed one side by side;
 #   5. the peers at the same shapes, where python3 has torch: PyTorch's scaled_dot_product_attention
 #      forced to FlashAttention-2 and to cuDNN, its copy bandwidth and bf16 GEMM (scripts/gpu-peers.py);
 #   6. `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights (batch 1 to 256, with
-#      every residual tap on, and where a token's time goes, at batch 1 and in each batch); its
+#      every residual tap on, and where a token's time goes, at batch 1 and in each batch; the
+#      cuBLASLt algorithm each GEMM shape was given, with its time and the heuristic's first's); its
 #      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own right after (a warm machine is handed back after 30 s idle):
@@ -147,14 +149,15 @@ else
     echo "sanitizer: skipped (no compute-sanitizer on the PATH)" >>"$out/steps.txt"
 fi
 
-HIGHRISE_BENCH_QUICK=1 step cuda-bench 150 "$bundle/cuda-bench" --bench
+HIGHRISE_BENCH_QUICK=1 step cuda-bench 180 "$bundle/cuda-bench" --bench
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     step peers 40 python3 "$bundle/gpu-peers.py"
 else
     echo "peers: skipped (python3 has no torch with CUDA)" >>"$out/steps.txt"
     echo "skipped: python3 has no torch with CUDA" >"$out/peers.txt"
 fi
-step bench-8b 170 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
+# HIGHRISE_GEMM_LOG: each GEMM shape's cuBLASLt algorithm as timed (crates/highrise-cuda/src/lt.rs).
+HIGHRISE_GEMM_LOG=1 step bench-8b 170 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 512 --tg 64 --reps 2 --taps --profile -c 1 -c 8 -c 64 -c 256 --kv-memory 4G
 # The same decode with the graphs' programmatic dependent launches off: what they buy.
 HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
@@ -185,7 +188,10 @@ HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --
     echo
     echo "highrise bench, Llama-3-8B shape, random bf16 weights:"
     # "highrise: ..." lines too: graphs given up, or captured without programmatic dependent launches.
-    grep -E '^\||^ceilings|^where|^\(|^graphs|^highrise: ' "$out/bench-8b.txt" || tail -3 "$out/bench-8b.txt"
+    grep -E '^\||^ceilings|^where|^\(|^graphs|^highrise: ' "$out/bench-8b.txt" | grep -v '^highrise: gemm' || tail -3 "$out/bench-8b.txt"
+    echo
+    echo "cuBLASLt's algorithms as the bench's GEMM shapes timed them (first run of each shape):"
+    grep '^highrise: gemm' "$out/bench-8b.txt" | sed 's/^highrise: /    /' | head -60
     echo
     echo "the same decode without programmatic dependent launches (HIGHRISE_PDL=0):"
     grep -E '^\| random' "$out/bench-8b-nopdl.txt" || tail -3 "$out/bench-8b-nopdl.txt"

@@ -28,6 +28,31 @@ fn random_gemma2_matches_cpu_logits_and_64_greedy_steps() {
     random_model_matches_cpu(&gpu, "tiny-gemma2", 64, &[DType::F32]);
 }
 
+/// The linear op on each GEMM path (`HIGHRISE_GEMM`: cuBLASLt's algorithm timed fastest, its
+/// heuristic's first, cublasGemmEx's own) at batched-decode rows with long rows of w, where a tuned
+/// algorithm may split k: each within bf16's tolerance of the f64 reference.
+#[test]
+fn linear_on_every_gemm_path_matches_reference() {
+    if backend("linear on every GEMM path").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("gemm paths");
+    for (t, k, n) in [(64, 14336, 512), (256, 4096, 1024), (3, 4096, 640)] {
+        let x = rng.values(t * k, 1.0, DType::BF16);
+        let w = rng.values(n * k, 0.05, DType::BF16);
+        let (xt, wt) = (upload(DType::BF16, &[t, k], &x), upload(DType::BF16, &[n, k], &w));
+        let exact = ref_linear(&x, &w, None, k, Rd::Exact);
+        let naive = ref_linear(&x, &w, None, k, Rd::Naive(DType::BF16));
+        for mode in ["tuned", "heuristic", "gemmex"] {
+            std::env::set_var("HIGHRISE_GEMM", mode);
+            let mut out = poisoned(DType::BF16, &[t, n]);
+            be().linear(&mut out, &xt, &wt, None).unwrap();
+            assert_close(&format!("linear [{t}, {k}] x [{n}, {k}]^T bf16, HIGHRISE_GEMM={mode}"), DType::BF16, &download(&out), &exact, &naive);
+        }
+        std::env::remove_var("HIGHRISE_GEMM");
+    }
+}
+
 /// Decode steps replayed as CUDA graphs give the tokens of the same steps launched op by op.
 #[test]
 fn decode_steps_as_graphs_give_the_same_tokens() {

@@ -104,6 +104,16 @@ pub trait Driver: Send + Sync {
     /// The three matrices lie inside allocations of ours.
     unsafe fn gemm(&self, gemm: &Gemm) -> Result<()>;
 
+    /// Before a graph step is captured: whatever the driver would do at a GEMM's first run that
+    /// cannot happen inside a capture (the real driver times cuBLASLt's algorithms for each new
+    /// shape, lt.rs), done now. The GEMMs may be run and their outputs written.
+    ///
+    /// # Safety
+    /// As `gemm`, for each; no capture is in progress.
+    unsafe fn prepare(&self, gemms: &[Gemm]) {
+        let _ = gemms;
+    }
+
     fn synchronize(&self) -> Result<()>;
 
     /// A TMA tensor map (128 bytes, for a kernel to read from global memory). This default writes
@@ -227,6 +237,9 @@ struct Blas(cudarc::cublas::sys::cublasHandle_t);
 // lives behind a Mutex.
 unsafe impl Send for Blas {}
 
+/// cuBLAS's workspace, which cuBLASLt shares (their GEMMs are queued in order on the same streams).
+const BLAS_WORKSPACE: usize = 32 << 20;
+
 /// The real driver: a CUDA context on one device, every kernel of `kernels/` loaded, and cuBLAS.
 pub struct CudaDriver {
     ctx: Arc<CudaContext>,
@@ -234,6 +247,8 @@ pub struct CudaDriver {
     functions: HashMap<String, Func>,
     blas: Mutex<Blas>,
     blas_workspace: u64,
+    /// cuBLASLt and each GEMM shape's algorithm (None: every GEMM through `cublasGemmEx`).
+    lt: Option<crate::lt::Lt>,
     graph_stream: Stream,
     /// Whether launches and GEMMs go to `graph_stream`'s capture (`begin_capture`).
     capturing: std::sync::atomic::AtomicBool,
@@ -273,7 +288,7 @@ impl CudaDriver {
         // cuBLAS's own workspace, set once: a GEMM captured into a graph must not allocate one.
         // SAFETY: the context is current; the buffer is freed after the handle is destroyed (Drop).
         let blas_workspace = unsafe {
-            let bytes = 32 << 20;
+            let bytes = BLAS_WORKSPACE;
             let ws = drv::malloc_sync(bytes).map_err(driver_err("the cuBLAS workspace"))?;
             cudarc::cublas::sys::cublasSetWorkspace_v2(blas, ws as *mut c_void, bytes)
                 .result()
@@ -281,12 +296,14 @@ impl CudaDriver {
             ws
         };
         let graph_stream = drv::stream::create(drv::stream::StreamKind::Default).map_err(driver_err("creating the graph stream"))?;
+        let lt = crate::lt::Lt::new(blas_workspace, BLAS_WORKSPACE);
         Ok(CudaDriver {
             ctx,
             info: DeviceInfo { name, arch, sms },
             functions,
             blas: Mutex::new(Blas(blas)),
             blas_workspace,
+            lt,
             graph_stream: Stream(graph_stream),
             capturing: std::sync::atomic::AtomicBool::new(false),
             pdl: std::sync::atomic::AtomicBool::new(major >= 9 && pdl_enabled()),
@@ -407,6 +424,13 @@ impl Driver for CudaDriver {
             other => Err(Error::Unsupported(format!("linear: the cuda backend does not support {other}"))),
         };
         self.after_kernel.store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(lt) = &self.lt {
+            // Read at each GEMM, as HIGHRISE_CUDA_GEMV is (benches/cuda_ops.rs times both paths).
+            let mode = crate::lt::GemmMode::from_env()?;
+            if lt.gemm(g, self.stream(), self.capturing.load(std::sync::atomic::Ordering::Relaxed), mode)? {
+                return Ok(());
+            }
+        }
         let (ty_in, ty_out) = (ty(g.input)?, ty(g.output)?);
         // Pedantic f32: no TF32 rounding when everything is f32.
         let compute = if g.input == DType::F32 { Compute::CUBLAS_COMPUTE_32F_PEDANTIC } else { Compute::CUBLAS_COMPUTE_32F };
@@ -443,6 +467,12 @@ impl Driver for CudaDriver {
                 g.t, g.k, g.n, g.k, g.input, g.output
             ))
         })
+    }
+
+    unsafe fn prepare(&self, gemms: &[Gemm]) {
+        if let (Some(lt), Ok(mode)) = (&self.lt, crate::lt::GemmMode::from_env()) {
+            lt.prepare(gemms, self.stream(), mode);
+        }
     }
 
     fn tensor_map(&self, map: &crate::tma::TensorMap) -> Result<[u8; 128]> {
@@ -537,6 +567,8 @@ impl Drop for CudaDriver {
         unsafe {
             let _ = drv::stream::destroy(self.graph_stream.0);
         }
+        // cuBLASLt's handle before the workspace it shares and the context (a field dropped first).
+        drop(self.lt.take());
         if let Ok(b) = self.blas.get_mut() {
             // SAFETY: the handle is ours and nothing uses it any more (we are being dropped).
             unsafe {

@@ -19,6 +19,7 @@ pub mod gemv;
 mod graph;
 pub mod kernels;
 pub mod libs;
+pub mod lt;
 mod memory;
 pub mod nvrtc;
 mod ops;
@@ -109,6 +110,8 @@ pub fn probe() -> Result<()> {
     nvrtc::ensure_loaded()?;
     libs::preload("cublas", cudarc::cublas::sys::is_culib_present, "cublas")
         .map_err(|e| Error::Backend(format!("cuda: {e}; install one, e.g. `pip install nvidia-cublas==13.0.*`")))?;
+    // cuBLASLt (the same wheel): without it GEMMs run as cublasGemmEx chooses (lt.rs).
+    let _ = libs::preload("cublasLt", cudarc::cublaslt::sys::is_culib_present, "cublas");
     Ok(())
 }
 
