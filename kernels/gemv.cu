@@ -18,10 +18,11 @@
 // block exactly as gemv* would run it.
 
 // The shape, compile-time (-D; crates/highrise-cuda/src/gemv.rs, swept by scripts/gpu-sweep.sh):
-// warps per block, chunks of each row in flight per lane (UNROLL), and whether a warp issues the
-// next round's loads before it multiplies this round's (PIPE: 2 x UNROLL x 2 chunks per lane in
-// flight, twice the registers). The sums are the same in every shape, bit for bit: a lane adds its
-// chunks lane, lane + 32, ... in order, and the warp's reduction is the same.
+// warps per block, chunks of each row in flight per lane (UNROLL), whether a warp issues the next
+// round's loads before it multiplies this round's (PIPE: 2 x UNROLL x 2 chunks per lane in flight,
+// twice the registers), and how many rounds ahead it prefetches into L2 (PREFETCH). The sums are
+// the same in every shape, bit for bit: a lane adds its chunks lane, lane + 32, ... in order, and
+// the warp's reduction is the same.
 #ifndef GEMV_WARPS
 #define GEMV_WARPS 4
 #endif
@@ -30,6 +31,12 @@
 #endif
 #ifndef GEMV_PIPE
 #define GEMV_PIPE 0
+#endif
+// Rounds ahead of its loads a warp prefetches into L2 (prefetch.global.L2: no registers, nothing
+// waits on it), so a round's loads find their lines in L2 more often than in DRAM; 0: none (the
+// first round only, before the kernel waits on the one before it).
+#ifndef GEMV_PREFETCH
+#define GEMV_PREFETCH 0
 #endif
 #define GEMV_ROWS 2
 #define GEMV_BLOCK_ROWS (GEMV_WARPS * GEMV_ROWS)
@@ -65,14 +72,25 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
     auto row_of = [&](int r) {
         return GLU ? (const uint4*)((r == 0 ? w : w_up) + (u64)row0 * k) : (const uint4*)(w + (u64)min(row0 + r, n - 1) * k);
     };
+    // Round `round`'s chunks of this warp's two rows into L2: GEMV_UNROLL x 2 x 512 bytes, a
+    // 128-byte line (eight chunks) per lane and instruction (none past the rows' end).
+    auto prefetch_round = [&](const uint4* row_a, const uint4* row_b, u32 round) {
+        constexpr u32 LINES = GEMV_UNROLL * GEMV_ROWS * 4;
+#pragma unroll
+        for (u32 i0 = 0; i0 < LINES; i0 += 32) {
+            const u32 i = i0 + lane, u = i / (GEMV_ROWS * 4), part = (i / GEMV_ROWS) % 4;
+            const u32 c = 32 * (round * GEMV_UNROLL + u) + 8 * part;
+            if (i < LINES && c < chunks) prefetch_l2(((i & 1) ? row_b : row_a) + c);
+        }
+    };
     // Launched as a programmatic dependent (common.cuh): the weights, which no kernel writes, are
-    // on their way to L2 (the loop's first round of them) while the kernel before still runs.
+    // on their way to L2 (the loop's first rounds of them: those the loop's own prefetches will not
+    // ask for) while the kernel before still runs.
+    constexpr u32 AHEAD = GEMV_PREFETCH + GEMV_PIPE;  // rounds between a round's prefetch and its use
+    static_assert(GEMV_ROWS == 2, "prefetch_round takes two rows");
     if (row0 < n)
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++)
-#pragma unroll
-            for (int r = 0; r < GEMV_ROWS; r++)
-                if (lane + 32 * u < chunks) prefetch_l2(row_of(r) + lane + 32 * u);
+        for (u32 round = 0; round < (AHEAD > 0 ? AHEAD : 1); round++) prefetch_round(row_of(0), row_of(1), round);
     PDL_ENTRY();
     if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
     const uint4* w4[GEMV_ROWS];
@@ -98,6 +116,7 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
     uint4 next[GEMV_UNROLL][GEMV_ROWS];
     if (GEMV_PIPE) load(next, lane);
     for (u32 c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+        if (GEMV_PREFETCH) prefetch_round(w4[0], w4[1], (c0 - lane) / (32 * GEMV_UNROLL) + AHEAD);
         uint4 wv[GEMV_UNROLL][GEMV_ROWS];
         if (GEMV_PIPE) {
 #pragma unroll
