@@ -93,7 +93,7 @@ fn sweep_decode(b: &Arc<dyn Backend>, arch: &str) {
 /// shape they were compiled with (HIGHRISE_GEMV_SHAPE) on Llama-3-8B's decode projections at one
 /// row, through the ops decoding uses (q/k/v fused, the gate and up projections with SwiGLU fused)
 /// and on our kernel even where cuBLAS would run (the down projection's rows of 14336), rows
-/// "| gemv SHAPE | 8B NAME T=1 | GB/s |" of weights read.
+/// "| gemv SHAPE | 8B NAME T=1 | GB/s |" of weights read; each first checked against cuBLAS.
 fn sweep_gemv(b: &Arc<dyn Backend>, arch: &str) {
     let shape = highrise_cuda::gemv::gemv_shape(arch).unwrap();
     std::env::set_var("HIGHRISE_CUDA_GEMV", "own");
@@ -106,6 +106,33 @@ fn sweep_gemv(b: &Arc<dyn Backend>, arch: &str) {
     let mut act = Tensor::empty(b, DType::BF16, &[1, inter]).unwrap();
     let (wo, w_down) = (random(b, DType::BF16, &[h, h], 0.01), random(b, DType::BF16, &[h, inter], 0.01));
     let mut out = Tensor::empty(b, DType::BF16, &[1, h]).unwrap();
+    // First each projection on the GEMV and again on cuBLAS: the two agree to within a rounding of
+    // bf16 (their sums differ in order only), or the shape is wrong on this GPU and prints no row.
+    let agree = |name: &str, run: &mut dyn FnMut() -> Vec<f32>| {
+        let own = run();
+        std::env::set_var("HIGHRISE_CUDA_GEMV", "cublas");
+        let theirs = run();
+        std::env::set_var("HIGHRISE_CUDA_GEMV", "own");
+        let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = own.iter().zip(&theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= scale / 64.0 && own.len() == theirs.len(), "gemv {shape}: 8B {name} differs from cuBLAS by {worst} (largest value {scale})");
+    };
+    agree("qkv", &mut || {
+        b.qkv_linear([&mut q, &mut k, &mut v], &x, [&wq, &wk, &wv], [None; 3]).unwrap();
+        [&q, &k, &v].iter().flat_map(|t| t.to_f32().unwrap()).collect()
+    });
+    agree("o", &mut || {
+        b.linear(&mut out, &x, &wo, None).unwrap();
+        out.to_f32().unwrap()
+    });
+    agree("gate+up", &mut || {
+        b.swiglu_linear(&mut act, &x, &w_gate, &w_up).unwrap();
+        act.to_f32().unwrap()
+    });
+    agree("down", &mut || {
+        b.linear(&mut out, &x_inter, &w_down, None).unwrap();
+        out.to_f32().unwrap()
+    });
     let report = |name: &str, weights: usize, run: &mut dyn FnMut()| {
         let secs = time(b, 50, run).as_secs_f64() / 50.0;
         println!("| gemv {shape} | 8B {name} T=1 | {:.1} |", (weights * 2) as f64 / secs / 1e9);
@@ -117,6 +144,47 @@ fn sweep_gemv(b: &Arc<dyn Backend>, arch: &str) {
     std::env::remove_var("HIGHRISE_CUDA_GEMV");
 }
 
+/// `HIGHRISE_BENCH_SWEEP=steps`: decode steps of a Llama-3-8B-shaped model cut to `STEP_LAYERS`
+/// layers (each layer's kernels are the full model's; every weight is read from memory either way),
+/// op by op, at batch 1 and 64 with 512 tokens of context, for Nsight Compute to time each kernel
+/// on the device (scripts/gpu-check.sh runs it under `ncu --profile-from-start off`): the range it
+/// collects holds `STEP_REPS` steps of each batch, after two steps untimed (kernels compiled, GEMM
+/// algorithms timed). What a token's time is made of on the device, with no host gaps in it.
+fn sweep_steps(b: &Arc<dyn Backend>) {
+    use highrise::model::{Batch, Llama, Logits, ModelConfig};
+    const STEP_LAYERS: usize = 4;
+    const STEP_REPS: usize = 3;
+    let mut config = ModelConfig::shape("llama-3-8b").unwrap();
+    config.num_hidden_layers = STEP_LAYERS;
+    let model = Llama::random(config, b.clone(), DType::BF16, 3).unwrap();
+    let (ctx, bs) = (512usize, 16usize);
+    for batch in [1usize, 64] {
+        let per_seq = (ctx + 8).div_ceil(bs);
+        let mut cache = model.new_kv_cache(batch * per_seq, bs).unwrap();
+        let table: Vec<u32> = (0..(batch * per_seq) as u32).collect();
+        let step = |cache: &mut highrise::model::KvCache, pos: usize| {
+            let seqs: Vec<PagedSeq> =
+                (0..batch).map(|i| PagedSeq { q_len: 1, context_len: pos as u32 + 1, blocks_start: (i * per_seq) as u32 }).collect();
+            let slots: Vec<u32> = (0..batch).map(|i| table[i * per_seq + pos / bs] * bs as u32 + (pos % bs) as u32).collect();
+            let (tokens, positions) = (vec![7u32; batch], vec![pos as u32; batch]);
+            let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
+            let logits = model.forward(&batch, cache, Logits::Last).unwrap();
+            highrise::engine::sampling::choose_on_backend(&logits, None).unwrap();
+        };
+        // The cache's K/V are whatever the allocation held: attention's time does not depend on them.
+        step(&mut cache, ctx - 2);
+        step(&mut cache, ctx - 1);
+        b.synchronize().unwrap();
+        highrise_cuda::driver::profiler(true).unwrap();
+        for i in 0..STEP_REPS {
+            step(&mut cache, ctx + i);
+        }
+        b.synchronize().unwrap();
+        highrise_cuda::driver::profiler(false).unwrap();
+        println!("steps: batch {batch}, {STEP_REPS} decode steps of {STEP_LAYERS} layers at context {ctx} in the profiled range");
+    }
+}
+
 /// `HIGHRISE_BENCH_SWEEP`: scripts/gpu-sweep.sh's timing of the tensor-core prefill kernel at the
 /// tile shape it was compiled with, rows "| shape | test | TFLOP/s |"; "ncu": one run of d128 causal
 /// 8k only, for Nsight Compute to profile.
@@ -126,6 +194,9 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
     }
     if mode == "gemv" {
         return sweep_gemv(b, arch);
+    }
+    if mode == "steps" {
+        return sweep_steps(b);
     }
     if mode == "ncu" {
         let (_, mut run) = prefill_problem(b, 128, 8192, true);

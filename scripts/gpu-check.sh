@@ -16,7 +16,8 @@
 #   6. `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights (batch 1 to 256, with
 #      every residual tap on, and where a token's time goes, at batch 1 and in each batch; the
 #      cuBLASLt algorithm each GEMM shape was given, with its time and the heuristic's first's); its
-#      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy.
+#      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy;
+#   7. under Nsight Compute, each kernel's device time in 8B decode steps at batch 1 and 64.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own right after (a warm machine is handed back after 30 s idle):
 # gpu-sweep.sh BUNDLE OUT "wg gemv decode" (Hopper's prefill geometries, the GEMV's and decode
@@ -162,6 +163,17 @@ HIGHRISE_GEMM_LOG=1 step bench-8b 170 "$bundle/highrise" bench --backend cuda --
 # The same decode with the graphs' programmatic dependent launches off: what they buy.
 HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 0 --tg 64 --reps 2 -c 1 -c 64 --kv-memory 4G
+# 7. Each kernel's device time in decode steps of the 8B shape (batch 1 and 64; op by op under
+# Nsight Compute, which runs kernels one at a time: what a token costs on the device alone, beside
+# the bench's time per token, whose difference is the gaps). Clocks as they run (--clock-control none).
+if command -v ncu >/dev/null; then
+    HIGHRISE_BENCH_SWEEP=steps step steps-ncu 150 ncu --profile-from-start off --clock-control none --csv --print-units base \
+        --metrics gpu__time_duration.sum --log-file "$out/steps-ncu.csv" "$bundle/cuda-bench" --bench
+    python3 "$bundle/ncu-steps.py" "$out/steps-ncu.csv" "$out/steps-ncu.txt" >"$out/steps-kernels.md" 2>&1
+else
+    echo "steps-ncu: skipped (no ncu on the PATH)" >>"$out/steps.txt"
+    echo "skipped: no ncu on the PATH" >"$out/steps-kernels.md"
+fi
 
 {
     echo "## highrise GPU check: $(sed -n 2p "$out/device.txt"), $(head -1 "$out/device.txt")"
@@ -195,4 +207,7 @@ HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --
     echo
     echo "the same decode without programmatic dependent launches (HIGHRISE_PDL=0):"
     grep -E '^\| random' "$out/bench-8b-nopdl.txt" || tail -3 "$out/bench-8b-nopdl.txt"
+    echo
+    echo "each kernel's device time in 8B decode steps (Nsight Compute, scripts/ncu-steps.py):"
+    cat "$out/steps-kernels.md"
 } | tee "$out/summary.md"

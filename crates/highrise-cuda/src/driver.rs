@@ -208,6 +208,19 @@ pub(crate) fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ 
     move |e| Error::Backend(format!("cuda: {what}: {e:?}"))
 }
 
+/// Starts (`on`) or stops the range of the process's work a profiler started with
+/// `--profile-from-start off` (Nsight Compute) collects: `cuProfilerStart`/`cuProfilerStop` on the
+/// context current on this thread (the backend binds its own at each op).
+pub fn profiler(on: bool) -> Result<()> {
+    // SAFETY: cudarc's probe only tries to load libcuda by its names.
+    if !unsafe { drv_sys::is_culib_present() } {
+        return Err(Error::Backend("cuda: no NVIDIA driver (libcuda.so could not be loaded)".into()));
+    }
+    // SAFETY: neither call takes arguments; both act on the current context or fail.
+    let r = unsafe { if on { drv_sys::cuProfilerStart() } else { drv_sys::cuProfilerStop() } };
+    r.result().map_err(driver_err(if on { "cuProfilerStart" } else { "cuProfilerStop" }))
+}
+
 /// Whether the decode path's kernels run as programmatic dependent launches inside graphs (on
 /// sm_90+): on unless `HIGHRISE_PDL=0` (scripts/gpu-check.sh times decode both ways).
 pub fn pdl_enabled() -> bool {

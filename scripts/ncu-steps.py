@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Each kernel's device time in the decode steps benches/cuda_ops.rs profiles (HIGHRISE_BENCH_SWEEP=steps),
+from Nsight Compute's CSV (`ncu --csv --print-units base --metrics gpu__time_duration.sum`).
+
+The bench runs a few steps at batch 1, then at batch 64, of a Llama-3-8B-shaped model cut to LAYERS
+layers, and says so on its own lines ("steps: batch B, N decode steps of L layers ..."). ncu numbers
+the profiled kernels in order; each step begins with the embedding's gather, whose grid is the
+batch. For each batch: a
+row per kernel and grid (name up to its first '(' or 60 characters), its launches per step, microseconds per
+launch, and per step; then the step's total, and that total with the layers' share scaled to the
+full model's 32 (a kernel and grid launched a multiple of LAYERS times a step is a layer's).
+
+usage: ncu-steps.py NCU_CSV BENCH_OUTPUT
+"""
+import csv
+import re
+import sys
+
+FULL_LAYERS = 32
+
+
+def main(ncu_csv, bench_out):
+    runs = [tuple(int(x) for x in m) for m in re.findall(r"steps: batch (\d+), (\d+) decode steps of (\d+) layers", open(bench_out).read())]
+    if not runs:
+        print("skipped: the bench printed no 'steps:' lines")
+        return
+    durations = []  # (kernel id, name, ns)
+    with open(ncu_csv, newline="") as f:
+        lines = [l for l in f if l.startswith('"')]  # ncu's own messages are not CSV rows
+    for row in csv.DictReader(lines):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        # The grid too: one kernel serves a layer's projection and the unembedding, at other grids.
+        name = row["Kernel Name"].split("(")[0].strip()[:60] + " " + row.get("Grid Size", "").replace(" ", "")
+        durations.append((int(row["ID"]), name, float(row["Metric Value"].replace(",", ""))))
+    durations.sort()
+    # Each step begins with the embedding's gather, a block per token: its grid says the batch.
+    by_batch = {}  # batch -> (steps, {kernel: (launches, ns)})
+    current = None
+    for _, name, ns in durations:
+        if name.startswith("embedding"):
+            batch = int(name.split("(")[-1].split(",")[0])
+            steps, kernels = by_batch.get(batch, (0, {}))
+            by_batch[batch] = (steps + 1, kernels)
+            current = kernels
+        if current is None:
+            continue
+        n, t = current.get(name, (0, 0.0))
+        current[name] = (n + 1, t + ns)
+    print(f"{len(durations)} kernels profiled")
+    layers = runs[0][2]
+    for batch, (steps, kernels) in sorted(by_batch.items()):
+        step_ns = sum(t for _, t in kernels.values()) / steps
+        layer_ns = sum(t for n, t in kernels.values() if n % (steps * layers) == 0) / steps
+        full = step_ns + layer_ns * (FULL_LAYERS / layers - 1)
+        print()
+        print(f"batch {batch}: {steps} steps of {layers} layers; device time per step {step_ns / 1e3:.1f} us, "
+              f"scaled to {FULL_LAYERS} layers {full / 1e6:.3f} ms per step ({batch / (full / 1e9):.0f} tokens/s if nothing else took time)")
+        print("| kernel grid | launches per step | us per launch | us per step | share |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+            print(f"| {name} | {n / steps:g} | {t / n / 1e3:.2f} | {t / steps / 1e3:.1f} | {100 * t / steps / step_ns:.1f}% |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2])
