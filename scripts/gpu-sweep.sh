@@ -26,8 +26,9 @@
 # usage: scripts/gpu-sweep.sh [BUNDLE [OUT [WHICH]]]   (results in OUT/sweep.md; default OUT: $OUT or
 # gpu-results). WHICH: all (default), mma (the flash_attn shapes, 2-3 minutes), wg (the Hopper
 # geometries of wgp and ws, about 3 minutes), decode (about 1.5 minutes) or gemv (about 1.5 minutes),
-# or several of them in one argument ("wg gemv decode", about 6 minutes), so that a short GPU window
-# takes what fits one call (a device call may run 10 minutes).
+# or several of them in one argument ("wg gemv decode", about 6-7 minutes), so that a short GPU
+# window takes what fits one call (a device call may run 10 minutes); SWEEP_BUDGET_S (default 540)
+# stops starting variants once spent, so the call still ends with its table and names the rest.
 set -uo pipefail
 SHAPES="4x2x64 4x2x32 4x1x64 4x1x128 8x1x64 8x1x32 8x2x32 8x2x64 2x2x64"
 # Hopper geometries, WARPGROUPSxKEYS: one for both head dims, or D64/D128 (three warpgroups of 128
@@ -52,12 +53,20 @@ export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" 
 : >"$out/sweep/rows.txt"
 : >"$out/sweep/decode-rows.txt"
 : >"$out/sweep/gemv-rows.txt"
+: >"$out/sweep/skipped.txt"
 # One variant, compiled as the environment says: the cross-checks named (in one process), then its
 # timings (HIGHRISE_BENCH_SWEEP=MODE of benches/cuda_ops.rs: rows "| shape | test | figure |"),
 # appended to ROWS with the checks' outcome.
+# Variants start only while the budget lasts (SWEEP_BUDGET_S, default 540 s: a device call may run
+# 600 s), so that a call always ends with its table, and says what it left out.
+deadline=$((SECONDS + ${SWEEP_BUDGET_S:-540}))
 variant() { # name, mode, rows file, tests...
     local name=$1 mode=$2 rows=$3 check
     shift 3
+    if ((SECONDS + 20 > deadline)); then
+        echo "$name: skipped (the sweep's budget of ${SWEEP_BUDGET_S:-540} s is spent)" | tee -a "$out/sweep/skipped.txt"
+        return
+    fi
     timeout 60 "$bundle/cuda-tests" --exact "$@" --test-threads 1 --nocapture >"$out/sweep/$name-check.txt" 2>&1
     case $? in
         0) if grep -q skipped "$out/sweep/$name-check.txt"; then check=skipped; else check=ok; fi ;;
@@ -111,15 +120,15 @@ b128=$(best 128)
 best_wg() { grep "| d$1 causal T=16384 |" "$out/sweep/rows.txt" | grep '^| flash_attn_w[gs]' | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *//; s/ *$//'; }
 w64=$(best_wg 64)
 w128=$(best_wg 128)
-if command -v ncu >/dev/null && [ -n "$b128" ]; then
+if command -v ncu >/dev/null && [ -n "$b128" ] && ((SECONDS + 60 < deadline)); then
     HIGHRISE_FLASH_KERNEL=mma HIGHRISE_FLASH_SHAPE="d64=$b64,d128=$b128" HIGHRISE_BENCH_SWEEP=ncu timeout 120 ncu --kernel-name regex:flash_attn_d128 \
         --launch-count 1 --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
         "$bundle/cuda-bench" --bench >"$out/sweep/ncu.txt" 2>&1
 else
-    echo "skipped: no ncu on the PATH (or no shape passed)" >"$out/sweep/ncu.txt"
+    echo "skipped: no ncu on the PATH (or no shape passed, or no time left)" >"$out/sweep/ncu.txt"
 fi
 # The same for the best Hopper geometry ("flash_attn_wgp 3x64"): wgmma runs on the gmma pipe.
-if command -v ncu >/dev/null && [ -n "$w128" ]; then
+if command -v ncu >/dev/null && [ -n "$w128" ] && ((SECONDS + 60 < deadline)); then
     wk=${w128%% *} wg=${w128##* }
     case $wk in
         flash_attn_wg) kind=wgmma geometry=HIGHRISE_FLASH_WG_SHAPE ;;
@@ -130,7 +139,7 @@ if command -v ncu >/dev/null && [ -n "$w128" ]; then
         --launch-count 1 --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
         "$bundle/cuda-bench" --bench >"$out/sweep/ncu-wg.txt" 2>&1
 else
-    echo "skipped: no ncu on the PATH (or no Hopper geometry passed)" >"$out/sweep/ncu-wg.txt"
+    echo "skipped: no ncu on the PATH (or no Hopper geometry passed, or no time left)" >"$out/sweep/ncu-wg.txt"
 fi
 
 {
@@ -153,7 +162,7 @@ fi
     echo
     echo "best decode shape by batch 1 ctx 32768: $(grep '| batch 1 ctx 32768 |' "$out/sweep/decode-rows.txt" | grep ' ok |$' | sort -t'|' -k4 -g -r | head -1 | cut -d'|' -f2 | sed 's/^ *decode //; s/ *$//') (flash.rs TUNED_DECODE, with today's date)"
     echo
-    echo "gemv shapes (warps x chunks in flight, p: pipelined), GB/s of weights read, Llama-3-8B's projections at one row, bf16:"
+    echo "gemv shapes (warps x chunks in flight, p: pipelined, fN: N rounds prefetched into L2), GB/s of weights read, Llama-3-8B's projections at one row, bf16:"
     echo
     echo "| shape | test | GB/s | check |"
     echo "| --- | --- | ---: | --- |"
@@ -168,4 +177,9 @@ fi
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'
     echo "Nsight Compute, d128 at the best Hopper geometry (${w128:-none}):"
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu-wg.txt" | sed 's/^ */    /'
+    if [ -s "$out/sweep/skipped.txt" ]; then
+        echo
+        echo "not run (the budget was spent; run these parts in another call):"
+        sed 's/^/    /' "$out/sweep/skipped.txt"
+    fi
 } | tee "$out/sweep.md"
