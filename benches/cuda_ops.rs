@@ -79,12 +79,15 @@ fn decode_problem(b: &Arc<dyn Backend>, batch: usize, ctx: usize) -> (u64, impl 
 }
 
 /// `HIGHRISE_BENCH_SWEEP=decode`: scripts/gpu-sweep.sh's timing of the decode kernel in the shape
-/// it was compiled with (HIGHRISE_DECODE_SHAPE), rows "| decode WARPSxSTAGES | batch B ctx C | GB/s |".
+/// it was compiled with (HIGHRISE_DECODE_SHAPE), rows "| decode WARPSxSTAGES | batch B ctx C | GB/s |";
+/// `HIGHRISE_BENCH_ITERS` runs of each after one untimed (20; fewer under Nsight Compute, which
+/// scripts/gpu-check.sh runs over it to see each launch's device time and DRAM bytes).
 fn sweep_decode(b: &Arc<dyn Backend>, arch: &str) {
     let shape = highrise_cuda::flash::decode_shape(arch).unwrap();
+    let iters = std::env::var("HIGHRISE_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20u64);
     for (batch, ctx) in [(1usize, 1024usize), (1, 8192), (1, 32768), (8, 8192), (64, 8192)] {
         let (bytes, mut run) = decode_problem(b, batch, ctx);
-        let secs = time(b, 20, &mut run).as_secs_f64() / 20.0;
+        let secs = time(b, iters, &mut run).as_secs_f64() / iters as f64;
         println!("| decode {shape} | batch {batch} ctx {ctx} | {:.1} |", bytes as f64 / secs / 1e9);
     }
 }

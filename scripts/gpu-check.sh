@@ -170,6 +170,13 @@ if command -v ncu >/dev/null; then
     HIGHRISE_BENCH_SWEEP=steps step steps-ncu 150 ncu --profile-from-start off --clock-control none --csv --print-units base \
         --metrics gpu__time_duration.sum --log-file "$out/steps-ncu.csv" "$bundle/cuda-bench" --bench
     python3 "$bundle/ncu-steps.py" "$out/steps-ncu.csv" "$out/steps-ncu.txt" >"$out/steps-kernels.md" 2>&1
+    # Decode attention alone at the bench's shapes (batch 1 at 1k, 8k, 32k; 8 and 64 at 8k; three
+    # launches of each pair, the first untimed by the bench): its device time and DRAM bytes read,
+    # beside the bench's GB/s, which count the host's launches too.
+    HIGHRISE_BENCH_SWEEP=decode HIGHRISE_BENCH_ITERS=2 step decode-ncu 90 ncu --clock-control none --csv --print-units base \
+        --kernel-name 'regex:decode_attn|attn_combine' --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+        --log-file "$out/decode-ncu.csv" "$bundle/cuda-bench" --bench
+    python3 "$bundle/ncu-steps.py" --launches "$out/decode-ncu.csv" >>"$out/steps-kernels.md" 2>&1
 else
     echo "steps-ncu: skipped (no ncu on the PATH)" >>"$out/steps.txt"
     echo "skipped: no ncu on the PATH" >"$out/steps-kernels.md"
@@ -208,6 +215,8 @@ fi
     echo "the same decode without programmatic dependent launches (HIGHRISE_PDL=0):"
     grep -E '^\| random' "$out/bench-8b-nopdl.txt" || tail -3 "$out/bench-8b-nopdl.txt"
     echo
-    echo "each kernel's device time in 8B decode steps (Nsight Compute, scripts/ncu-steps.py):"
+    echo "each kernel's device time in 8B decode steps, then each decode attention launch at the bench's"
+    echo "shapes (1x1k, 1x8k, 1x32k, 8x8k, 64x8k; three launches each) (Nsight Compute, scripts/ncu-steps.py):"
     cat "$out/steps-kernels.md"
+    grep '^| decode' "$out/decode-ncu.txt" 2>/dev/null
 } | tee "$out/summary.md"

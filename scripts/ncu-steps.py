@@ -11,6 +11,7 @@ launch, and per step; then the step's total, and that total with the layers' sha
 full model's 32 (a kernel and grid launched a multiple of LAYERS times a step is a layer's).
 
 usage: ncu-steps.py NCU_CSV BENCH_OUTPUT
+       ncu-steps.py --launches NCU_CSV   (a row per launch: device time, DRAM bytes read, their rate)
 """
 import csv
 import re
@@ -19,15 +20,36 @@ import sys
 FULL_LAYERS = 32
 
 
+def rows(ncu_csv):
+    """ncu's CSV rows (its own messages, which are not rows, left out)."""
+    with open(ncu_csv, newline="") as f:
+        return list(csv.DictReader([l for l in f if l.startswith('"')]))
+
+
+def launches(ncu_csv):
+    """A row per profiled launch, in order: kernel, grid, device time, DRAM bytes read and their rate."""
+    by_id = {}
+    for row in rows(ncu_csv):
+        key = int(row["ID"])
+        entry = by_id.setdefault(key, {"kernel": row["Kernel Name"].split("(")[0].strip()[:40], "grid": row.get("Grid Size", "").replace(" ", "")})
+        entry[row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
+    print("| # | kernel | grid | us | DRAM MB read | GB/s |")
+    print("| ---: | --- | --- | ---: | ---: | ---: |")
+    for key, e in sorted(by_id.items()):
+        ns, read = e.get("gpu__time_duration.sum"), e.get("dram__bytes_read.sum")
+        us = f"{ns / 1e3:.1f}" if ns else "-"
+        mb = f"{read / 1e6:.1f}" if read is not None else "-"
+        rate = f"{read / ns:.0f}" if ns and read is not None else "-"
+        print(f"| {key} | {e['kernel']} | {e['grid']} | {us} | {mb} | {rate} |")
+
+
 def main(ncu_csv, bench_out):
     runs = [tuple(int(x) for x in m) for m in re.findall(r"steps: batch (\d+), (\d+) decode steps of (\d+) layers", open(bench_out).read())]
     if not runs:
         print("skipped: the bench printed no 'steps:' lines")
         return
     durations = []  # (kernel id, name, ns)
-    with open(ncu_csv, newline="") as f:
-        lines = [l for l in f if l.startswith('"')]  # ncu's own messages are not CSV rows
-    for row in csv.DictReader(lines):
+    for row in rows(ncu_csv):
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
         # The grid too: one kernel serves a layer's projection and the unembedding, at other grids.
@@ -63,6 +85,9 @@ def main(ncu_csv, bench_out):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) == 3 and sys.argv[1] == "--launches":
+        launches(sys.argv[2])
+    elif len(sys.argv) == 3:
+        main(sys.argv[1], sys.argv[2])
+    else:
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])
