@@ -481,6 +481,8 @@ impl Llama {
         // Logits from the final-normed stream, at every token or at each sequence's last.
         let rows = match which {
             Logits::All => xb,
+            // A decode step (a token per sequence): every row is its sequence's last already.
+            Logits::Last if batch.seqs.iter().all(|s| s.q_len == 1) && batch.seqs.len() == xb.dims()[0] => xb,
             Logits::Last => {
                 let mut last = Vec::with_capacity(batch.seqs.len());
                 let mut end = 0u32;
