@@ -148,9 +148,9 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, gr
     let mut hooks = highrise_model::Hooks::capture_all(&highrise_model::Site::STREAM);
     // Captures taken on the device and read once the step is done: the pass never waits on them.
     hooks.defer = true;
-    // One cache for every rep, so that the graph captured at the first step is the one replayed
-    // after (a new cache is new addresses: a new capture, timed); and one untimed step first, as
-    // llama-bench's warm-up run: the capture, and the first run of each GEMM shape (where the
+    // One cache for every rep, so that the graphs captured at the first steps are the ones replayed
+    // after (a new cache is new addresses: new captures, timed); and two untimed steps first, as
+    // llama-bench's warm-up run: the captures, and the first run of each GEMM shape (where the
     // backend times its algorithms), are not a decoded token's time.
     let mut cache = model.new_kv_cache((depth + n).div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
     let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
