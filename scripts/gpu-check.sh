@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU window should run, in one call from prebuilt binaries (scripts/gpu-bundle.sh), on
-# one GPU: 263 s on an H200 on 2026-11-30, about 5-6 minutes since flash_attn_ws joined step 2b
-# and the bench. Each step has its own limit (they add up to about 13 minutes, reached only where
-# tests hang; a run under a 10-minute limit then loses the last steps):
+# one GPU: 263 s on an H200 on 2026-11-30; about 7 minutes expected since flash_attn_ws joined
+# step 2b and the bench, the cuBLASLt rows the criterion bench and step 7 (Nsight Compute) came.
+# Each step has its own limit (they add up to about 16 minutes, reached only where tests hang; a
+# run under a 10-minute limit then loses the last steps):
 #   1. `highrise backends` (what the machine offers);
 #   2. every test of tests/cuda.rs, each in its own process (one CUDA_ERROR_ILLEGAL_ADDRESS poisons
 #      the whole process: a shared one turned 2 failures into 15), each with its own time limit; on
