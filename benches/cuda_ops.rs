@@ -149,7 +149,7 @@ fn sweep_gemv(b: &Arc<dyn Backend>, arch: &str) {
 
 /// `HIGHRISE_BENCH_SWEEP=steps`: decode steps of a Llama-3-8B-shaped model cut to `STEP_LAYERS`
 /// layers (each layer's kernels are the full model's; every weight is read from memory either way),
-/// op by op, at batch 1 and 64 with 512 tokens of context, for Nsight Compute to time each kernel
+/// op by op, at batch 1, 64 and 256 with 512 tokens of context, for Nsight Compute to time each kernel
 /// on the device (scripts/gpu-check.sh runs it under `ncu --profile-from-start off`): the range it
 /// collects holds `STEP_REPS` steps of each batch, after two steps untimed (kernels compiled, GEMM
 /// algorithms timed). What a token's time is made of on the device, with no host gaps in it.
@@ -161,7 +161,7 @@ fn sweep_steps(b: &Arc<dyn Backend>) {
     config.num_hidden_layers = STEP_LAYERS;
     let model = Llama::random(config, b.clone(), DType::BF16, 3).unwrap();
     let (ctx, bs) = (512usize, 16usize);
-    for batch in [1usize, 64] {
+    for batch in [1usize, 64, 256] {
         let per_seq = (ctx + 8).div_ceil(bs);
         let mut cache = model.new_kv_cache(batch * per_seq, bs).unwrap();
         let table: Vec<u32> = (0..(batch * per_seq) as u32).collect();

@@ -18,7 +18,7 @@
 #      every residual tap on, and where a token's time goes, at batch 1 and in each batch; the
 #      cuBLASLt algorithm each GEMM shape was given, with its time and the heuristic's first's); its
 #      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy;
-#   7. under Nsight Compute, each kernel's device time in 8B decode steps at batch 1 and 64.
+#   7. under Nsight Compute, each kernel's device time in 8B decode steps at batch 1, 64 and 256.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own right after (a warm machine is handed back after 30 s idle):
 # gpu-sweep.sh BUNDLE OUT "wg gemv decode" (Hopper's prefill geometries, the GEMV's and decode
@@ -164,7 +164,7 @@ HIGHRISE_GEMM_LOG=1 step bench-8b 170 "$bundle/highrise" bench --backend cuda --
 # The same decode with the graphs' programmatic dependent launches off: what they buy.
 HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 0 --tg 64 --reps 2 -c 1 -c 64 --kv-memory 4G
-# 7. Each kernel's device time in decode steps of the 8B shape (batch 1 and 64; op by op under
+# 7. Each kernel's device time in decode steps of the 8B shape (batch 1, 64, 256; op by op under
 # Nsight Compute, which runs kernels one at a time: what a token costs on the device alone, beside
 # the bench's time per token, whose difference is the gaps). Clocks as they run (--clock-control none).
 if command -v ncu >/dev/null; then

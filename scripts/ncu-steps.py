@@ -2,7 +2,7 @@
 """Each kernel's device time in the decode steps benches/cuda_ops.rs profiles (HIGHRISE_BENCH_SWEEP=steps),
 from Nsight Compute's CSV (`ncu --csv --print-units base --metrics gpu__time_duration.sum`).
 
-The bench runs a few steps at batch 1, then at batch 64, of a Llama-3-8B-shaped model cut to LAYERS
+The bench runs a few steps at batch 1, then 64, then 256, of a Llama-3-8B-shaped model cut to LAYERS
 layers, and says so on its own lines ("steps: batch B, N decode steps of L layers ..."). ncu numbers
 the profiled kernels in order; each step begins with the embedding's gather, whose grid is the
 batch. For each batch: a
