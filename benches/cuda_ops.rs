@@ -230,7 +230,65 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
     }
 }
 
+/// `HIGHRISE_BENCH_SWEEP=host` (no GPU needed): the CUDA backend's host side alone, over a driver
+/// that queues nothing (`NullDriver`): a decode step of a Llama-3-8B-shaped model at batch 1 and
+/// 64, recorded as a graph step and replayed (as the engine runs it) and op by op, at 2 and 4
+/// layers, so a layer's host time and the rest's are told apart and scaled to the full 32 layers.
+/// On a GPU a graph step's recording happens while the device waits (the step before was read to
+/// choose this one's tokens), so it adds to the time of every token.
+fn sweep_host() {
+    use highrise::model::{Batch, Llama, Logits, ModelConfig};
+    let reps = std::env::var("HIGHRISE_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(200usize);
+    let (ctx, bs) = (512usize, 16usize);
+    println!("| batch | path | layers | host us per step |");
+    println!("| ---: | --- | ---: | ---: |");
+    let mut per_step = std::collections::BTreeMap::new();
+    for layers in [2usize, 4] {
+        let b: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(Arc::new(highrise_cuda::driver::NullDriver::default())));
+        let mut config = ModelConfig::shape("llama-3-8b").unwrap();
+        config.num_hidden_layers = layers;
+        let model = Llama::random(config, b.clone(), DType::BF16, 3).unwrap();
+        for batch in [1usize, 64] {
+            let per_seq = (ctx + reps + 16).div_ceil(bs);
+            let mut cache = model.new_kv_cache(batch * per_seq, bs).unwrap();
+            let table: Vec<u32> = (0..(batch * per_seq) as u32).collect();
+            for graphs in [true, false] {
+                let key = graphs.then(|| highrise::engine::sampling::graph_key(batch, false));
+                let mut step = |pos: usize| {
+                    let seqs: Vec<PagedSeq> =
+                        (0..batch).map(|i| PagedSeq { q_len: 1, context_len: pos as u32 + 1, blocks_start: (i * per_seq) as u32 }).collect();
+                    let slots: Vec<u32> = (0..batch).map(|i| table[i * per_seq + pos / bs] * bs as u32 + (pos % bs) as u32).collect();
+                    let (tokens, positions) = (vec![7u32; batch], vec![pos as u32; batch]);
+                    let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
+                    let forward = || model.forward(&batch, &mut cache, Logits::Last);
+                    highrise::engine::sampling::forward_and_choose(&*model.backend, key, None, forward).unwrap();
+                };
+                step(ctx);
+                step(ctx + 1);
+                let (before, start) = (b.graph_stats(), Instant::now());
+                for i in 0..reps {
+                    step(ctx + 2 + i);
+                }
+                let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
+                let captured = b.graph_stats().captured - before.captured;
+                let path = if graphs { format!("graph step (recorded, compared, replayed; {captured} captured)") } else { "op by op".into() };
+                println!("| {batch} | {path} | {layers} | {us:.0} |");
+                per_step.insert((batch, graphs, layers), us);
+            }
+        }
+    }
+    for (batch, graphs) in [(1usize, true), (1, false), (64, true), (64, false)] {
+        let (two, four) = (per_step[&(batch, graphs, 2)], per_step[&(batch, graphs, 4)]);
+        let layer = (four - two) / 2.0;
+        let path = if graphs { "as graphs" } else { "op by op" };
+        println!("batch {batch} {path}: {layer:.1} us a layer, {:.0} us the rest: {:.2} ms a step of 32 layers on the host", two - 2.0 * layer, (two - 2.0 * layer + 32.0 * layer) / 1e3);
+    }
+}
+
 fn main() {
+    if std::env::var("HIGHRISE_BENCH_SWEEP").is_ok_and(|m| m == "host") {
+        return sweep_host();
+    }
     let mut cuda = match CudaBackend::new(0) {
         Ok(c) => c,
         Err(e) => return println!("skipped: no CUDA device ({e})"),

@@ -208,6 +208,62 @@ pub(crate) fn driver_err(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ 
     move |e| Error::Backend(format!("cuda: {what}: {e:?}"))
 }
 
+/// A driver that queues nothing: allocations are addresses handed out in order, copies, launches,
+/// GEMMs and graphs do nothing (reads give zeros). What the CUDA backend's host side costs, alone:
+/// the time of an op or a decode step over it is the host's part of that op or step on a GPU
+/// (benches/cuda_ops.rs, `HIGHRISE_BENCH_SWEEP=host`, which needs no GPU).
+pub struct NullDriver {
+    next: std::sync::atomic::AtomicU64,
+    graphs: std::sync::atomic::AtomicU64,
+}
+
+impl Default for NullDriver {
+    fn default() -> NullDriver {
+        NullDriver { next: (1u64 << 32).into(), graphs: 1.into() }
+    }
+}
+
+impl Driver for NullDriver {
+    fn device(&self) -> DeviceInfo {
+        DeviceInfo { name: "no device (host side only)".into(), arch: "sm_90a".into(), sms: 132 }
+    }
+    fn bind(&self) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn malloc(&self, bytes: usize) -> Result<u64> {
+        Ok(self.next.fetch_add((bytes as u64).div_ceil(256).max(1) * 256, std::sync::atomic::Ordering::Relaxed))
+    }
+    unsafe fn free(&self, _: u64) {}
+    unsafe fn htod(&self, _: u64, _: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn dtoh(&self, dst: &mut [u8], _: u64) -> Result<()> {
+        dst.fill(0);
+        Ok(())
+    }
+    unsafe fn dtod(&self, _: u64, _: u64, _: usize) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn launch(&self, _: &Launch<'_>) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn gemm(&self, _: &Gemm) -> Result<()> {
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn begin_capture(&self) -> Result<()> {
+        Ok(())
+    }
+    unsafe fn end_capture(&self) -> Result<u64> {
+        Ok(self.graphs.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+    unsafe fn launch_graph(&self, _: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Starts (`on`) or stops the range of the process's work a profiler started with
 /// `--profile-from-start off` (Nsight Compute) collects: `cuProfilerStart`/`cuProfilerStop` on the
 /// context current on this thread (the backend binds its own at each op).
