@@ -219,5 +219,5 @@ fi
     echo "each kernel's device time in 8B decode steps, then each decode attention launch at the bench's"
     echo "shapes (1x1k, 1x8k, 1x32k, 8x8k, 64x8k; three launches each) (Nsight Compute, scripts/ncu-steps.py):"
     cat "$out/steps-kernels.md"
-    grep '^| decode' "$out/decode-ncu.txt" 2>/dev/null
+    grep '^| decode' "$out/decode-ncu.txt" 2>/dev/null || true
 } | tee "$out/summary.md"
