@@ -84,10 +84,10 @@ fn decode_problem(b: &Arc<dyn Backend>, batch: usize, ctx: usize) -> (u64, impl 
 /// scripts/gpu-check.sh runs over it to see each launch's device time and DRAM bytes).
 fn sweep_decode(b: &Arc<dyn Backend>, arch: &str) {
     let shape = highrise_cuda::flash::decode_shape(arch).unwrap();
-    let iters = std::env::var("HIGHRISE_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20u64);
+    let iters = bench_iters(20);
     for (batch, ctx) in [(1usize, 1024usize), (1, 8192), (1, 32768), (8, 8192), (64, 8192)] {
         let (bytes, mut run) = decode_problem(b, batch, ctx);
-        let secs = time(b, iters, &mut run).as_secs_f64() / iters as f64;
+        let secs = time(b, iters as u64, &mut run).as_secs_f64() / iters as f64;
         println!("| decode {shape} | batch {batch} ctx {ctx} | {:.1} |", bytes as f64 / secs / 1e9);
     }
 }
@@ -147,6 +147,54 @@ fn sweep_gemv(b: &Arc<dyn Backend>, arch: &str) {
     std::env::remove_var("HIGHRISE_CUDA_GEMV");
 }
 
+/// `HIGHRISE_BENCH_ITERS` if set (fewer runs where a profiler watches, more where timing noise
+/// needs them), else `default`.
+fn bench_iters(default: usize) -> usize {
+    std::env::var("HIGHRISE_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A random-weight Llama-3-8B-shaped model cut to `layers` layers (each layer's kernels and bytes
+/// are the full model's), bf16 on `b`.
+fn llama_8b(b: &Arc<dyn Backend>, layers: usize) -> highrise::model::Llama {
+    let mut config = highrise::model::ModelConfig::shape("llama-3-8b").unwrap();
+    config.num_hidden_layers = layers;
+    highrise::model::Llama::random(config, b.clone(), DType::BF16, 3).unwrap()
+}
+
+/// `batch` sequences decoding together through a paged cache of 16-token blocks (each its own run
+/// of blocks, room for `positions` tokens), a token each per step.
+struct DecodeSteps {
+    batch: usize,
+    per_seq: usize,
+    table: Vec<u32>,
+    cache: highrise::model::KvCache,
+}
+
+impl DecodeSteps {
+    const BLOCK: usize = 16;
+
+    fn new(model: &highrise::model::Llama, batch: usize, positions: usize) -> DecodeSteps {
+        let per_seq = positions.div_ceil(Self::BLOCK);
+        let cache = model.new_kv_cache(batch * per_seq, Self::BLOCK).unwrap();
+        DecodeSteps { batch, per_seq, table: (0..(batch * per_seq) as u32).collect(), cache }
+    }
+
+    /// One step at position `pos` (every sequence `pos` tokens in), its tokens chosen on the backend,
+    /// as a graph step under `graph` (the engine's way) or op by op. The cache's K/V are whatever
+    /// the allocation held: no step's time depends on them.
+    fn step(&mut self, model: &highrise::model::Llama, pos: usize, graph: Option<u64>) {
+        use highrise::model::{Batch, Logits};
+        let (n, bs, per_seq) = (self.batch, Self::BLOCK, self.per_seq);
+        let seqs: Vec<PagedSeq> = (0..n).map(|i| PagedSeq { q_len: 1, context_len: pos as u32 + 1, blocks_start: (i * per_seq) as u32 }).collect();
+        let slots: Vec<u32> = (0..n).map(|i| self.table[i * per_seq + pos / bs] * bs as u32 + (pos % bs) as u32).collect();
+        let (tokens, positions) = (vec![7u32; n], vec![pos as u32; n]);
+        let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &self.table };
+        let cache = &mut self.cache;
+        let forward = || model.forward(&batch, cache, Logits::Last);
+        highrise::engine::sampling::forward_and_choose(&*model.backend, graph, None, forward).unwrap();
+    }
+}
+
 /// `HIGHRISE_BENCH_SWEEP=steps`: decode steps of a Llama-3-8B-shaped model cut to `STEP_LAYERS`
 /// layers (each layer's kernels are the full model's; every weight is read from memory either way),
 /// op by op, at batch 1, 64 and 256 with 512 tokens of context, for Nsight Compute to time each kernel
@@ -154,33 +202,18 @@ fn sweep_gemv(b: &Arc<dyn Backend>, arch: &str) {
 /// collects holds `STEP_REPS` steps of each batch, after two steps untimed (kernels compiled, GEMM
 /// algorithms timed). What a token's time is made of on the device, with no host gaps in it.
 fn sweep_steps(b: &Arc<dyn Backend>) {
-    use highrise::model::{Batch, Llama, Logits, ModelConfig};
     const STEP_LAYERS: usize = 4;
     const STEP_REPS: usize = 3;
-    let mut config = ModelConfig::shape("llama-3-8b").unwrap();
-    config.num_hidden_layers = STEP_LAYERS;
-    let model = Llama::random(config, b.clone(), DType::BF16, 3).unwrap();
-    let (ctx, bs) = (512usize, 16usize);
+    let model = llama_8b(b, STEP_LAYERS);
+    let ctx = 512usize;
     for batch in [1usize, 64, 256] {
-        let per_seq = (ctx + 8).div_ceil(bs);
-        let mut cache = model.new_kv_cache(batch * per_seq, bs).unwrap();
-        let table: Vec<u32> = (0..(batch * per_seq) as u32).collect();
-        let step = |cache: &mut highrise::model::KvCache, pos: usize| {
-            let seqs: Vec<PagedSeq> =
-                (0..batch).map(|i| PagedSeq { q_len: 1, context_len: pos as u32 + 1, blocks_start: (i * per_seq) as u32 }).collect();
-            let slots: Vec<u32> = (0..batch).map(|i| table[i * per_seq + pos / bs] * bs as u32 + (pos % bs) as u32).collect();
-            let (tokens, positions) = (vec![7u32; batch], vec![pos as u32; batch]);
-            let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
-            let logits = model.forward(&batch, cache, Logits::Last).unwrap();
-            highrise::engine::sampling::choose_on_backend(&logits, None).unwrap();
-        };
-        // The cache's K/V are whatever the allocation held: attention's time does not depend on them.
-        step(&mut cache, ctx - 2);
-        step(&mut cache, ctx - 1);
+        let mut steps = DecodeSteps::new(&model, batch, ctx + 8);
+        steps.step(&model, ctx - 2, None);
+        steps.step(&model, ctx - 1, None);
         b.synchronize().unwrap();
         highrise_cuda::driver::profiler(true).unwrap();
         for i in 0..STEP_REPS {
-            step(&mut cache, ctx + i);
+            steps.step(&model, ctx + i, None);
         }
         b.synchronize().unwrap();
         highrise_cuda::driver::profiler(false).unwrap();
@@ -237,37 +270,23 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
 /// On a GPU a graph step's recording happens while the device waits (the step before was read to
 /// choose this one's tokens), so it adds to the time of every token.
 fn sweep_host() {
-    use highrise::model::{Batch, Llama, Logits, ModelConfig};
-    let reps = std::env::var("HIGHRISE_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(200usize);
-    let (ctx, bs) = (512usize, 16usize);
+    let reps = bench_iters(200);
+    let ctx = 512usize;
     println!("| batch | path | layers | host us per step |");
     println!("| ---: | --- | ---: | ---: |");
     let mut per_step = std::collections::BTreeMap::new();
     for layers in [2usize, 4] {
         let b: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(Arc::new(highrise_cuda::driver::NullDriver::default())));
-        let mut config = ModelConfig::shape("llama-3-8b").unwrap();
-        config.num_hidden_layers = layers;
-        let model = Llama::random(config, b.clone(), DType::BF16, 3).unwrap();
+        let model = llama_8b(&b, layers);
         for batch in [1usize, 64] {
-            let per_seq = (ctx + reps + 16).div_ceil(bs);
-            let mut cache = model.new_kv_cache(batch * per_seq, bs).unwrap();
-            let table: Vec<u32> = (0..(batch * per_seq) as u32).collect();
+            let mut steps = DecodeSteps::new(&model, batch, ctx + reps + 16);
             for graphs in [true, false] {
                 let key = graphs.then(|| highrise::engine::sampling::graph_key(batch, false));
-                let mut step = |pos: usize| {
-                    let seqs: Vec<PagedSeq> =
-                        (0..batch).map(|i| PagedSeq { q_len: 1, context_len: pos as u32 + 1, blocks_start: (i * per_seq) as u32 }).collect();
-                    let slots: Vec<u32> = (0..batch).map(|i| table[i * per_seq + pos / bs] * bs as u32 + (pos % bs) as u32).collect();
-                    let (tokens, positions) = (vec![7u32; batch], vec![pos as u32; batch]);
-                    let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
-                    let forward = || model.forward(&batch, &mut cache, Logits::Last);
-                    highrise::engine::sampling::forward_and_choose(&*model.backend, key, None, forward).unwrap();
-                };
-                step(ctx);
-                step(ctx + 1);
+                steps.step(&model, ctx, key);
+                steps.step(&model, ctx + 1, key);
                 let (before, start) = (b.graph_stats(), Instant::now());
                 for i in 0..reps {
-                    step(ctx + 2 + i);
+                    steps.step(&model, ctx + 2 + i, key);
                 }
                 let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
                 let captured = b.graph_stats().captured - before.captured;

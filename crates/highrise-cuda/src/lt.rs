@@ -109,14 +109,10 @@ pub fn pick(times: &[Option<f32>]) -> Option<usize> {
     }
 }
 
-fn lt_err(what: &str) -> impl Fn(lt::cublasStatus_t) -> Error + '_ {
-    move |s| Error::Backend(format!("cuda: cuBLASLt {what}: {s:?}"))
-}
-
 fn check(s: lt::cublasStatus_t, what: &str) -> Result<()> {
     match s {
         lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
-        other => Err(lt_err(what)(other)),
+        other => Err(Error::Backend(format!("cuda: cuBLASLt {what}: {other:?}"))),
     }
 }
 
