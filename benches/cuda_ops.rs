@@ -296,6 +296,22 @@ fn sweep_host() {
             }
         }
     }
+    // The engine's whole step (scheduler, sampling, block tables, the backend), as `highrise bench
+    // -c` runs it: tokens 8 and 24 apart, so the prefill and warm-up cancel.
+    let b: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(Arc::new(highrise_cuda::driver::NullDriver::default())));
+    let tok = highrise::model::Tokenizer::numbered(128256).unwrap();
+    for layers in [2usize, 4] {
+        let model = llama_8b(&b, layers);
+        for batch in [1usize, 64, 256] {
+            let run = |n| {
+                let t = Instant::now();
+                highrise::engine::bench::concurrent(&model, &tok, batch, n, 8 << 30).unwrap();
+                t.elapsed().as_secs_f64()
+            };
+            let (a, z) = (run(8), run(24));
+            println!("engine batch {batch} layers {layers}: {:.0} us a decode step", (z - a) / 16.0 * 1e6);
+        }
+    }
     for (batch, graphs) in [(1usize, true), (1, false), (64, true), (64, false)] {
         let (two, four) = (per_step[&(batch, graphs, 2)], per_step[&(batch, graphs, 4)]);
         let layer = (four - two) / 2.0;

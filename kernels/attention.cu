@@ -186,11 +186,27 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
     }
 }
 
+// Element x of the merge of one (token, head)'s `splits` partial states (slice s's acc[d], m, l at
+// p + s (d + 2), as attn_split writes them; m in natural-log units, -inf for a slice that saw no
+// keys), given every slice's m and l in sm and sl: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M),
+// M the largest m. Each load depends on nothing but the shared values, so they are in flight
+// together (past L1: decode_attn's merge reads what other blocks wrote during the same launch).
+__device__ __forceinline__ float merge_slices(const float* p, u32 d, u32 x, u32 splits, const float* sm, const float* sl) {
+    float mm = -INFINITY, a = 0.0f, l = 0.0f;
+    for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, sm[s]);
+#pragma unroll 8
+    for (u32 s = 0; s < splits; s++) {
+        if (sm[s] == -INFINITY) continue;
+        const float w = __expf(sm[s] - mm);
+        a += __ldcg(p + s * (d + 2) + x) * w;
+        l += sl[s] * w;
+    }
+    return a / l;
+}
+
 // out [T, hq, D] from the slices' partial states. Block (t, h), D threads. The slices' maxima and
 // sums come to shared memory in one round trip (at most COMBINE_MAX slices: the host's limit,
-// ops.rs), and each thread's loads of its dimension across the slices depend on nothing but the
-// shared values, so they are in flight together: where two loops of a load per slice each waited
-// on memory once per slice.
+// ops.rs), then each thread merges its dimension (merge_slices).
 #define COMBINE_MAX 512
 
 template <class D>
@@ -198,23 +214,13 @@ __device__ void attn_combine(typename D::T* out, const float* partial, u32 hq, u
     const u32 t = blockIdx.x, h = blockIdx.y, i = threadIdx.x;
     const float* p = partial + ((u64)t * hq + h) * splits * (d + 2);
     __shared__ float sm[COMBINE_MAX], sl[COMBINE_MAX];
-    float mm = -INFINITY, a = 0.0f, l = 0.0f;
     for (u32 s = i; s < splits; s += blockDim.x) {
         sm[s] = p[s * (d + 2) + d];
         sl[s] = p[s * (d + 2) + d + 1];
     }
     __syncthreads();
     if (i >= d) return;
-    for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, sm[s]);
-#pragma unroll 8
-    for (u32 s = 0; s < splits; s++) {
-        const float x = p[s * (d + 2) + i];  // read even for a slice with no keys, and not used
-        if (sm[s] == -INFINITY) continue;
-        const float w = __expf(sm[s] - mm);
-        a += x * w;
-        l += sl[s] * w;
-    }
-    D::store(out, ((u64)t * hq + h) * d + i, a / l);
+    D::store(out, ((u64)t * hq + h) * d + i, merge_slices(p, d, i, splits, sm, sl));
 }
 
 // The same for all the query heads of one KV head at once (grid (t, kv head, slice)): each K and V
@@ -1215,7 +1221,9 @@ TMA_PROBE(128)
 // of the slice in turn, each through its own pipeline of DA_STAGES stages (the next chunks in flight
 // while this one is used; warp-private, so no block-wide barrier inside the loop), each with its
 // own online softmax; at the end the warps' states are merged and the slice's partial state
-// (acc[D], m, l, as attn_split writes it) goes to `partial` for attn_combine. The host picks the
+// (acc[D], m, l, as attn_split writes it) goes to `partial`, and the last block of the (sequence,
+// KV head) to finish merges them into `out` (decode_merge; with null counters the host launches
+// attn_combine for that instead). The host picks the
 // number of slices from the batch's size alone (enough that one sequence fills the GPU); each
 // sequence cuts its own context into that many, no slice shorter than a chunk per warp, so the grid
 // never depends on context lengths (slices past a short context find no keys and only say so).
@@ -1231,18 +1239,61 @@ TMA_PROBE(128)
 #define DA_STAGES 2
 #endif
 
+// The slices' merge, by the block of a (sequence, KV head) that finishes last, where a launch of
+// its own (attn_combine) would add a kernel to every layer of a decode step: each block writes its
+// slice's partial state, makes it visible (__threadfence) and counts it on counters[sequence, KV
+// head]; the block that counts the last slice reads every slice's state back and writes the rows'
+// outputs (merge_slices: attn_combine's sums, in its order), and sets the count back to 0 for the
+// next launch (a graph's replays included). The block's rows r < `rows` (at most 16) are rows
+// row_of(r) of out [T x hq, D] and of partial [T x hq, splits, D + 2]; splits at most
+// DECODE_SPLITS_MAX (their maxima and sums go to `smem`).
+#define DECODE_SPLITS_MAX 64
+
+template <int D, bool BF16, class RowOf>
+__device__ void decode_merge(u16* out, const float* partial, u32* counters, u32 rows, u32 splits, RowOf row_of, float* smem) {
+    __shared__ u32 last;
+    __threadfence();  // this thread's part of the state, before the count
+    __syncthreads();  // every thread's (and every read of shared memory done)
+    if (threadIdx.x == 0) {
+        u32* count = counters + blockIdx.x * gridDim.y + blockIdx.y;
+        last = atomicAdd(count, 1u) == splits - 1;
+        if (last) *count = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // the other blocks' states, seen after their counts
+    float *sm = smem, *sl = smem + 16 * DECODE_SPLITS_MAX;  // [row][slice]
+    for (u32 i = threadIdx.x; i < rows * splits; i += blockDim.x) {
+        const float* p = partial + ((u64)row_of(i / splits) * splits + i % splits) * (D + 2);
+        sm[i] = __ldcg(p + D);
+        sl[i] = __ldcg(p + D + 1);
+    }
+    __syncthreads();
+    for (u32 i = threadIdx.x; i < rows * D; i += blockDim.x) {
+        const u32 r = i / D, x = i % D;
+        const u64 row = row_of(r);
+        const float v = merge_slices(partial + row * splits * (D + 2), D, x, splits, sm + r * splits, sl + r * splits);
+        out[row * D + x] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+    }
+}
+
 // With a sliding window the slices cut only the keys some row sees (from the first row's window
 // start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
 template <int D, bool BF16>
 __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr,
-                            u32 hq, u32 hkv, float scale_log2, ScoreMods mods, u16* smem) {
+                            u32 hq, u32 hkv, float scale_log2, ScoreMods mods, u16* out, u32* counters, u16* smem) {
     const u32 sq = blockIdx.x, g = blockIdx.y, sl = blockIdx.z, splits = gridDim.z;
     const u32 q0 = seqs[4 * sq], q_len = seqs[4 * sq + 1], ctx = seqs[4 * sq + 2], kbase = seqs[4 * sq + 3];
     const u32 group = hq / hkv, rows = q_len * group;  // rows <= 16 (the host's condition)
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
     const u32 mi = lane >> 3, mj = lane & 7;
     // Row r's partial state: token q0 + r / group, query head g * group + r % group, this slice.
-    auto partial_of = [&](u32 r) { return partial + (((u64)(q0 + r / group) * hq + g * group + r % group) * splits + sl) * (D + 2); };
+    auto row_of = [&](u32 r) { return (q0 + r / group) * hq + g * group + r % group; };
+    auto partial_of = [&](u32 r) { return partial + ((u64)row_of(r) * splits + sl) * (D + 2); };
+    // The slices merged by the last block to finish (decode_merge); with no counters, by attn_combine.
+    auto finish = [&] {
+        if (counters != nullptr) decode_merge<D, BF16>(out, partial, counters, rows, splits, row_of, (float*)smem);
+    };
 
     // Each sequence's context in gridDim.z slices of whole 16-key chunks, at least one chunk per
     // warp: the grid depends on the batch alone, never on the contexts (what a CUDA graph replayed
@@ -1256,6 +1307,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
             partial_of(r)[D] = -INFINITY;
             partial_of(r)[D + 1] = 0.0f;
         }
+        finish();
         return;
     }
     u16* qs = smem;                                                  // [16][D]
@@ -1404,25 +1456,26 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
             acc += wo[(w * 16 + r) * D + x] * scale;
             sum += wl[w * 16 + r] * scale;
         }
-        float* out = partial_of(r);
-        out[x] = acc;
+        float* dst = partial_of(r);
+        dst[x] = acc;
         if (x == 0) {
-            out[D] = mm == -INFINITY ? -INFINITY : mm * ln2;  // natural-log units, as attn_split's
-            out[D + 1] = sum;
+            dst[D] = mm == -INFINITY ? -INFINITY : mm * ln2;  // natural-log units, as attn_split's
+            dst[D + 1] = sum;
         }
     }
+    finish();
 }
 
 #define DECODE_ONE(dim, s, bf16)                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * DA_WARPS)                                                   \
         decode_attn_d##dim##_##s(float* partial, const u16* q, const u16* k, const u16* v, const u32* seqs,       \
                                  const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
-                                 float softcap) {                                                                 \
+                                 float softcap, u16* out, u32* counters) {                                        \
         PDL_ENTRY();                                                                                              \
         DYNAMIC_SHARED(u16, smem);                                                                                \
         KeyAddr addr = {table, block_size};                                                                       \
         ScoreMods mods = {window, softcap};                                                                       \
-        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, mods, smem);                    \
+        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, mods, out, counters, smem);     \
     }
 #define DECODE(dim) DECODE_ONE(dim, bf16, true) DECODE_ONE(dim, f16, false)
 DECODE(64)

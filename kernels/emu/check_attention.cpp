@@ -5,7 +5,7 @@
 //   batch (tiles cut mid-sequence, one-row sequences), grouped-query heads, and keys through a
 //   shuffled block table after a cached prefix (chunked prefill); Gemma 2's soft-capped scores and
 //   sliding windows (shorter than the prompts, so whole key tiles are skipped);
-// - decode, decode_attn_* then attn_combine_*: a batch of sequences (1 to 1000 keys, 1 to 4 new
+// - decode, decode_attn_* (merging its slices itself, or with attn_combine_*): a batch of sequences (1 to 1000 keys, 1 to 4 new
 //   tokens each) through a shuffled block table, groups of 3, 4 and 8 query heads, the context cut
 //   into one slice or many; soft-capped and windowed too.
 // Also asserts that ldmatrix met no shared-memory bank conflict.
@@ -258,8 +258,10 @@ bool run_prefill_wg(const Case& c, const std::string& kind) {
     return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
 }
 
-// Decode through the paged cache: decode_attn with each context cut into `splits` slices, then
-// attn_combine.
+// Decode through the paged cache: decode_attn with each context cut into `splits` slices, the last
+// block of each (sequence, KV head) merging them (twice, on the same counters: the first launch
+// must leave them at 0 for the next); and with no counters, then attn_combine, which must give the
+// same output bit for bit.
 bool run_decode(const Case& c, u32 splits) {
     const u32 d = c.d, hq = c.hq, hkv = c.hkv;
     Inputs in = make_inputs(c);
@@ -270,35 +272,61 @@ bool run_decode(const Case& c, u32 splits) {
         q_start += c.seqs[s].q_len;
     }
     const u32 nseq = (u32)c.seqs.size();
-    std::vector<float> partial((size_t)in.t * hq * splits * (d + 2), NAN);
-    std::vector<u16> out((size_t)in.t * hq * d, 0x7fc0);
     const float scale_log2 = LOG2E / std::sqrt((float)d);
     const size_t smem = (size_t)d * (16 + DA_WARPS * DA_STAGES * 2 * DA_KEYS) * 2;
-    float* p = partial.data();
-    u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
+    u16 *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     const u32 *sq = seqs.data(), *tab = in.table.data();
-    CHECK_LAUNCH({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
-        if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
-        if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
-        if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
-        if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap);
-    });
-    // Every slice state of a row within its context was written (NaN: a block missed it).
-    for (u32 r = 0, s = 0; s < nseq; s++)
-        for (u32 i = 0; i < c.seqs[s].q_len; i++, r++)
-            for (u32 h = 0; h < hq; h++)
-                for (u32 sl = 0; sl < splits; sl++)
-                    if (std::isnan(partial[(((size_t)r * hq + h) * splits + sl) * (d + 2) + d + 1])) {
-                        std::printf("FAIL %s: the partial state of row %u head %u slice %u was not written\n", c.name.c_str(), r, h, sl);
-                        return false;
-                    }
+    std::vector<u32> counters(nseq * hkv, 0);
+    // One launch into fresh partial states and output (NaN), merged in the kernel unless `merge` is
+    // false; false where a partial state within a context was not written.
+    auto launch = [&](std::vector<float>& partial, std::vector<u16>& out, bool merge) {
+        partial.assign((size_t)in.t * hq * splits * (d + 2), NAN);
+        out.assign((size_t)in.t * hq * d, 0x7fc0);
+        float* p = partial.data();
+        u16* o = out.data();
+        u32* cn = merge ? counters.data() : nullptr;
+        CHECK_LAUNCH({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
+            if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+        });
+        for (u32 r = 0, s = 0; s < nseq; s++)
+            for (u32 i = 0; i < c.seqs[s].q_len; i++, r++)
+                for (u32 h = 0; h < hq; h++)
+                    for (u32 sl = 0; sl < splits; sl++)
+                        if (std::isnan(partial[(((size_t)r * hq + h) * splits + sl) * (d + 2) + d + 1])) {
+                            std::printf("FAIL %s: the partial state of row %u head %u slice %u was not written\n", c.name.c_str(), r, h, sl);
+                            return false;
+                        }
+        return true;
+    };
+    std::vector<float> partial;
+    std::vector<u16> merged, again, combined;
+    if (!launch(partial, merged, true) || !launch(partial, again, true)) return false;
+    for (size_t i = 0; i < counters.size(); i++)
+        if (counters[i] != 0) {
+            std::printf("FAIL %s: slice counter %zu is %u after the merge (0 for the next launch)\n", c.name.c_str(), i, counters[i]);
+            return false;
+        }
+    if (again != merged) {
+        std::printf("FAIL %s: a second launch on the same counters gave another output\n", c.name.c_str());
+        return false;
+    }
+    if (!launch(partial, combined, false)) return false;
+    float* p = partial.data();
+    u16* o = combined.data();
     CHECK_LAUNCH({in.t, hq, 1}, {d, 1, 1}, 0, [&] {
         if (c.bf16) attn_combine_bf16(o, p, hq, d, splits);
         else attn_combine_f16(o, p, hq, d, splits);
     });
+    if (combined != merged) {
+        std::printf("FAIL %s: attn_combine's merge differs from decode_attn's own\n", c.name.c_str());
+        return false;
+    }
     char what[64];
     std::snprintf(what, sizeof what, "each context in %u slices", splits);
-    return compare(c, in.keys, in.vals, in.qd, out, in.t, what);
+    return compare(c, in.keys, in.vals, in.qd, merged, in.t, what);
 }
 
 }  // namespace

@@ -867,6 +867,11 @@ inline unsigned atomicMin(unsigned* p, unsigned v) {
     }
     return old;
 }
+// __threadfence: this thread's writes before it are seen by any thread that sees its writes after
+// it (here between the OS threads that run blocks). __ldcg: a load past L1 (no such cache here).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <class T>
+inline T __ldcg(const T* p) { return *p; }
 // Floating-point adds by compare-and-swap, as the hardware's are atomic.
 template <class F>
 inline F atomic_add_float(F* p, F v) {

@@ -66,6 +66,9 @@ struct OpState {
     graphs: graph::Graphs,
     /// Blocks an SM holds at once, per kernel asked (`Driver::blocks_per_sm`).
     occupancy: std::collections::HashMap<String, u32>,
+    /// decode_attn's slice counters (u32s, zero between launches: `slice_counters`).
+    counters: u64,
+    counters_bytes: usize,
 }
 
 pub struct CudaBackend {
@@ -161,6 +164,8 @@ impl CudaBackend {
                 meta_need: 64 << 10,
                 graphs: graph::Graphs::default(),
                 occupancy: Default::default(),
+                counters: 0,
+                counters_bytes: 0,
             }),
             buffers: Mutex::new(memory::BufferCache::default()),
             recording: Mutex::new(None),
@@ -285,6 +290,28 @@ impl CudaBackend {
     }
 
     /// `launch` with `shared_bytes` of dynamic shared memory per block.
+    /// `n` counters (u32) that are zero whenever no kernel runs: decode_attn's counts of the slices
+    /// done, each put back to 0 by the block that merges them. One buffer for the backend's life,
+    /// replaced by a larger zeroed one when a batch needs more (the old one, which recorded work may
+    /// use, retired like the scratch buffer).
+    fn slice_counters(&self, st: &mut OpState, n: usize) -> Result<u64> {
+        let (drv, bytes) = (&*self.driver, 4 * n.max(1));
+        if st.counters_bytes < bytes {
+            let mut recording = self.recording();
+            let retired = recording.as_mut().map(|step| &mut step.retired);
+            // SAFETY: the context is bound; the buffer is ours; the old one is freed once the work
+            // that may use it is queued; nothing uses the new one before it is zeroed.
+            unsafe {
+                memory::grow(drv, &mut st.counters, &mut st.counters_bytes, bytes, 4096, "slice counters", retired)?;
+                drv.htod(st.counters, &vec![0u8; st.counters_bytes])?;
+            }
+        }
+        if drv.checks() {
+            self.region(Region { name: "slice counters".into(), ptr: st.counters, bytes, tensor: None });
+        }
+        Ok(st.counters)
+    }
+
     fn launch_shared(
         &self,
         name: &str,
@@ -612,7 +639,7 @@ impl Drop for CudaBackend {
             unsafe {
                 st.graphs.clear(drv);
                 st.uploads.release_all(drv);
-                for p in [st.scratch, st.meta] {
+                for p in [st.scratch, st.meta, st.counters] {
                     if p != 0 {
                         drv.free(p);
                     }

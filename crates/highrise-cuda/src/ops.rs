@@ -509,16 +509,23 @@ fn decode_splits(blocks: usize, slots: usize) -> u32 {
         let waves = (blocks * s) as f64 / slots.max(1) as f64;
         waves / waves.ceil()
     };
-    let fullest = || (1..=64).max_by(|&a, &b| fill(a).total_cmp(&fill(b)).then(b.cmp(&a))).unwrap_or(1);
-    (1..=64).find(|&s| fill(s) >= 0.95).unwrap_or_else(fullest) as u32
+    let most = DECODE_SPLITS_MAX as usize;
+    let fullest = || (1..=most).max_by(|&a, &b| fill(a).total_cmp(&fill(b)).then(b.cmp(&a))).unwrap_or(1);
+    (1..=most).find(|&s| fill(s) >= 0.95).unwrap_or_else(fullest) as u32
 }
 
-/// Launches `decode_attn_*` (kernels/attention.cu) and `attn_combine_*` for a paged step whose
-/// sequences each fit one MMA tile (`DECODE_ROWS`): each sequence's context cut into slices
-/// (`decode_splits`: whole waves of resident blocks, as many as CUDA says an SM holds: several
-/// hide the copies' latency), at most 64, none shorter than a chunk per warp. The count depends on
-/// the batch's size alone, never on the contexts, so a captured step can be replayed (slices past
-/// a short context find no keys).
+/// The most slices `decode_attn_*` merges itself (kernels/attention.cu's DECODE_SPLITS_MAX: their
+/// maxima and sums sit in its shared memory).
+pub(crate) const DECODE_SPLITS_MAX: u32 = 64;
+
+/// Launches `decode_attn_*` (kernels/attention.cu) for a paged step whose sequences each fit one
+/// MMA tile (`DECODE_ROWS`): each sequence's context cut into slices (`decode_splits`: whole waves
+/// of resident blocks, as many as CUDA says an SM holds: several hide the copies' latency), at
+/// most 64, none shorter than a chunk per warp. The count depends on the batch's size alone, never
+/// on the contexts, so a captured step can be replayed (slices past a short context find no keys).
+/// The last block of each (sequence, KV head) to finish merges the slices into the output, counted
+/// on the backend's slice counters: one launch a layer, where a merge of its own
+/// (`attn_combine_*`) was a second.
 fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32) -> Result<()> {
     let s = suffix("paged_attention", op.out.dtype)?;
     let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
@@ -535,18 +542,18 @@ fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u
     }
     let partial_bytes = t * hq * splits as usize * (d + 2) * 4;
     let (partial, addr) = be.upload(st, partial_bytes, &[bytes_of(&meta), bytes_of(op.block_table.as_slice())])?;
+    let counters = be.slice_counters(st, seqs.len() * hkv)?;
     let (o, qp) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?);
     let (kp, vp) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
-    let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
+    let (hq32, hkv32) = (hq as u32, hkv as u32);
     let (scale_log2, window, softcap) = (op.scores.scale * std::f32::consts::LOG2_E, op.scores.window, op.scores.softcap);
     be.launch_shared(
         &kernel,
         (seqs.len() as u32, hkv32, splits),
         (shape.threads(), 1, 1),
         shape.shared_bytes(d),
-        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap],
-    )?;
-    be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap, &o, &counters],
+    )
 }
 
 /// The MLP's gate: `swiglu_*` or `geglu_*` (kernels/mlp.cu) by the op's activation.
@@ -608,14 +615,24 @@ mod tests {
         assert_eq!(decode_splits(396, 396), 1);
         assert_eq!(decode_splits(1, 1), 1);
         for blocks in 1..600 {
-            assert!((1..=64).contains(&decode_splits(blocks, 396)));
+            assert!((1..=DECODE_SPLITS_MAX).contains(&decode_splits(blocks, 396)));
         }
     }
 
     #[test]
-    fn the_combine_limit_is_the_kernels() {
+    fn the_merge_limits_are_the_kernels() {
         let src = crate::kernels::FILES.iter().find(|(n, _)| *n == "attention.cu").unwrap().1;
         assert!(src.contains(&format!("#define COMBINE_MAX {COMBINE_MAX}\n")), "attention.cu's COMBINE_MAX is ops::COMBINE_MAX");
+        assert!(src.contains(&format!("#define DECODE_SPLITS_MAX {DECODE_SPLITS_MAX}\n")), "attention.cu's DECODE_SPLITS_MAX");
+        // decode_attn's merge keeps 16 rows' maxima and sums of every slice in its stages' memory.
+        for warps in [2, 4, 8] {
+            for stages in 2..=4 {
+                let shape = crate::flash::DecodeShape { warps, stages };
+                for d in [64, 128] {
+                    assert!(shape.shared_bytes(d) as usize >= 2 * 16 * DECODE_SPLITS_MAX as usize * 4, "{shape} d{d}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -399,7 +399,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "flash_attn_ws" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, MAP_OPT, MAP_OPT],
         "flash_attn" | "flash_attn_wg" | "flash_attn_wgp" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
-        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32],
+        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32, P, P],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
         "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" => vec![P, P, P, P, P, P, P, OPT, OPT, OPT, U32, U32, U32, U32, U32, U32],
@@ -1011,8 +1011,9 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>,
 }
 
 /// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2, window,
-/// softcap); grid (sequences, kv heads, slices: each sequence cuts its own context into that many),
-/// the compiled shape's warps (`flash::DecodeShape`);
+/// softcap, out, counters); grid (sequences, kv heads, slices: each sequence cuts its own context
+/// into that many, at most DECODE_SPLITS_MAX, merged by the last block into out), the compiled
+/// shape's warps (`flash::DecodeShape`); a slice counter per (sequence, kv head);
 /// seqs[4 i..4 i + 4] = (first query row, new tokens, context length, block-table offset); each
 /// sequence's new tokens x group <= 16 rows.
 fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
@@ -1027,6 +1028,9 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     let softcap = a.f32(11);
     if !(softcap.is_finite() && softcap >= 0.0) {
         return Err(format!("softcap {softcap} is not finite and non-negative"));
+    }
+    if splits == 0 || splits > crate::ops::DECODE_SPLITS_MAX as u64 {
+        return Err(format!("{splits} slices: the kernel merges 1..={} (its shared memory)", crate::ops::DECODE_SPLITS_MAX));
     }
     let shape = a.decode_shape;
     if a.block != (shape.threads(), 1, 1) {
@@ -1043,10 +1047,13 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     }
     a.agrees(1, 1, hq, "hq")?;
     a.agrees(1, 2, d, "the head dim")?;
+    a.agrees(12, 1, hq, "the output's heads")?;
+    a.agrees(12, 2, d, "the output's head dim")?;
     kv_shape(a, true, hkv, bs, d)?;
     let group = hq / hkv;
     let seqs = a.u32s(4, 4 * nseq)?;
     push(out, 4, 0, 4 * nseq as u64, 4, "sequences");
+    push(out, 13, 0, nseq as u64 * hkv, 4, "slice counters");
     let seqs: Vec<[u64; 4]> = seqs.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]].map(|x| x as u64)).collect();
     let need = seqs.iter().map(|s| s[3] + s[2].div_ceil(bs)).max().unwrap_or(0);
     let table = table_of(a, 5, need)?;
@@ -1061,6 +1068,7 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
             return Err(format!("sequence {i}: rows {q0}..{} past q's {} rows", q0 + q_len, q_rows.unwrap_or(0)));
         }
         push(out, 1, q0 * hq * d, q_len * hq * d, elt, format!("q rows of sequence {i}"));
+        push(out, 12, q0 * hq * d, q_len * hq * d, elt, format!("output rows of sequence {i}"));
         push(out, 0, q0 * hq * splits * (d + 2), q_len * hq * splits * (d + 2), 4, format!("partial states of sequence {i}"));
         for g in 0..hkv {
             key_runs(table.as_deref(), bs, kbase, ctx, g, hkv, d, &mut runs)?;
