@@ -268,7 +268,9 @@ fn sweep(b: &Arc<dyn Backend>, arch: &str, mode: &str) {
 /// 64, recorded as a graph step and replayed (as the engine runs it) and op by op, at 2 and 4
 /// layers, so a layer's host time and the rest's are told apart and scaled to the full 32 layers.
 /// On a GPU a graph step's recording happens while the device waits (the step before was read to
-/// choose this one's tokens), so it adds to the time of every token.
+/// choose this one's tokens), so it adds to the time of every token. Then the engine's whole step
+/// (`highrise bench -c`'s run: scheduling, block tables, reading the tokens back, the backend) at
+/// batch 1, 64 and 256.
 fn sweep_host() {
     let reps = bench_iters(200);
     let ctx = 512usize;
@@ -296,8 +298,10 @@ fn sweep_host() {
             }
         }
     }
-    // The engine's whole step (scheduler, sampling, block tables, the backend), as `highrise bench
-    // -c` runs it: tokens 8 and 24 apart, so the prefill and warm-up cancel.
+    // The engine's whole step as `highrise bench -c` runs it, 8 and 40 tokens a sequence: the
+    // difference is 32 decode steps (the prefill and warm-up cancel).
+    println!("| batch | layers | engine's host us per decode step |");
+    println!("| ---: | ---: | ---: |");
     let b: Arc<dyn Backend> = Arc::new(CudaBackend::with_driver(Arc::new(highrise_cuda::driver::NullDriver::default())));
     let tok = highrise::model::Tokenizer::numbered(128256).unwrap();
     for layers in [2usize, 4] {
@@ -308,8 +312,8 @@ fn sweep_host() {
                 highrise::engine::bench::concurrent(&model, &tok, batch, n, 8 << 30).unwrap();
                 t.elapsed().as_secs_f64()
             };
-            let (a, z) = (run(8), run(24));
-            println!("engine batch {batch} layers {layers}: {:.0} us a decode step", (z - a) / 16.0 * 1e6);
+            let (short, long) = (run(8), run(40));
+            println!("| {batch} | {layers} | {:.0} |", (long - short) / 32.0 * 1e6);
         }
     }
     for (batch, graphs) in [(1usize, true), (1, false), (64, true), (64, false)] {
