@@ -7,7 +7,10 @@
 //! batched decode at 27-45% of its roofline. So, as TensorRT-LLM's GEMM profiler does: the first
 //! time a shape is seen outside a graph capture, up to [`CANDIDATES`] algorithms cuBLASLt's
 //! heuristic offers for it are each run and timed on the device (the real operands, the real
-//! output: what is written there is overwritten by the GEMM that follows), and the fastest is kept
+//! output: what is written there is overwritten by the GEMM that follows), together with copies of
+//! its first two that split k in 2, 4 and 8 (where the algorithm can, reduced in f32 in the
+//! workspace where it allows: a skinny GEMM's few output tiles then keep more SMs reading weights,
+//! which the heuristic does not always offer itself), and the fastest is kept
 //! for the shape ([`pick`]: the heuristic's first unless another beats it by more than 3%). A graph
 //! step's GEMMs are tuned before its capture (`Driver::prepare`), so the captured graph holds the
 //! chosen ones. Rows above 64 share the choice of their power-of-two bucket (checked for the exact
@@ -33,6 +36,20 @@ use crate::driver::Gemm;
 pub const CANDIDATES: usize = 8;
 /// Timed runs of each candidate (after one untimed).
 const REPS: usize = 3;
+/// The heuristic's first candidates that split-k copies are made of, and the splits tried.
+const SPLIT_BASES: usize = 2;
+const SPLIT_K: [u32; 3] = [2, 4, 8];
+
+/// The reduction of a split-k algorithm whose capabilities allow `mask` (cuBLASLt's
+/// CUBLASLT_REDUCTION_SCHEME_* bits): partial sums in the compute type (f32) in the workspace
+/// first, then in the output's type, then in place in the output; None where none is allowed.
+pub fn reduction_scheme(mask: u32) -> Option<u32> {
+    use lt::cublasLtReductionScheme_t as R;
+    [R::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE, R::CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE, R::CUBLASLT_REDUCTION_SCHEME_INPLACE]
+        .map(|r| r as u32)
+        .into_iter()
+        .find(|&r| mask & r != 0)
+}
 
 /// How the linear op's GEMMs are run: `HIGHRISE_GEMM` = `tuned` (the default), `heuristic`, `gemmex`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +124,44 @@ pub fn pick(times: &[Option<f32>]) -> Option<usize> {
         Some(first) if first <= fastest * 1.03 => Some(0),
         _ => Some(best),
     }
+}
+
+/// Copies of `algo` that split k in each of [`SPLIT_K`], reduced by [`reduction_scheme`]; none
+/// where the algorithm cannot split k or already does.
+///
+/// # Safety
+/// `algo` is an algorithm cuBLASLt filled in (a heuristic's result).
+unsafe fn split_k(algo: &lt::cublasLtMatmulAlgo_t) -> Vec<lt::cublasLtMatmulAlgo_t> {
+    use lt::cublasLtMatmulAlgoCapAttributes_t as Cap;
+    use lt::cublasLtMatmulAlgoConfigAttributes_t as Config;
+    let mut support = 0i32;
+    let mut written = 0usize;
+    let s = lt::cublasLtMatmulAlgoCapGetAttribute(algo, Cap::CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &mut support as *mut i32 as *mut c_void, 4, &mut written);
+    let mut mask = 0u32;
+    let m = lt::cublasLtMatmulAlgoCapGetAttribute(algo, Cap::CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &mut mask as *mut u32 as *mut c_void, 4, &mut written);
+    let ok = lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+    let splits_already = config_u32(algo, Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM).is_some_and(|k| k > 1);
+    let Some(scheme) = reduction_scheme(mask).filter(|_| s == ok && m == ok && support != 0 && !splits_already) else {
+        return Vec::new();
+    };
+    SPLIT_K
+        .iter()
+        .filter_map(|&k| {
+            let mut a = *algo;
+            let set = |a: &mut lt::cublasLtMatmulAlgo_t, attr: Config, v: u32| lt::cublasLtMatmulAlgoConfigSetAttribute(a, attr, &v as *const u32 as *const c_void, 4) == ok;
+            (set(&mut a, Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, k) && set(&mut a, Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, scheme)).then_some(a)
+        })
+        .collect()
+}
+
+/// A 4-byte configuration attribute of `algo`, where cuBLASLt reads it.
+///
+/// # Safety
+/// `algo` is an algorithm cuBLASLt filled in.
+unsafe fn config_u32(algo: &lt::cublasLtMatmulAlgo_t, attr: lt::cublasLtMatmulAlgoConfigAttributes_t) -> Option<u32> {
+    let (mut v, mut written) = (0u32, 0usize);
+    let s = lt::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, &mut v as *mut u32 as *mut c_void, 4, &mut written);
+    (s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS && written == 4).then_some(v)
 }
 
 fn check(s: lt::cublasStatus_t, what: &str) -> Result<()> {
@@ -296,8 +351,13 @@ impl Lt {
                 return Ok(Entry { plan: Some(plan), algo: Some(*algo) });
             }
         }
-        let candidates = self.candidates(handle, &plan, shape)?;
-        if untimed || candidates.len() == 1 {
+        let mut candidates = self.candidates(handle, &plan, shape)?;
+        if untimed {
+            return Ok(Entry { plan: Some(plan), algo: Some(candidates[0]) });
+        }
+        let splits: Vec<_> = candidates.iter().take(SPLIT_BASES).flat_map(|a| split_k(a)).filter(|a| self.fits(handle, &plan, a)).collect();
+        candidates.extend(splits);
+        if candidates.len() == 1 {
             return Ok(Entry { plan: Some(plan), algo: Some(candidates[0]) });
         }
         let times: Vec<Option<f32>> = candidates.iter().map(|a| self.time(handle, &plan, g, a, stream).ok()).collect();
@@ -305,7 +365,7 @@ impl Lt {
         if self.log {
             let us = |t: Option<f32>| t.map_or("failed".to_string(), |t| format!("{:.1} us", t * 1e3));
             eprintln!(
-                "highrise: gemm [{}, {}] x [{}, {}]^T {}: algorithm {} of {} ({}; cuBLASLt's first {})",
+                "highrise: gemm [{}, {}] x [{}, {}]^T {}: algorithm {} of {}{} ({}; cuBLASLt's first {})",
                 shape.t,
                 shape.k,
                 shape.n,
@@ -313,6 +373,10 @@ impl Lt {
                 shape.input,
                 best + 1,
                 candidates.len(),
+                match config_u32(&candidates[best], lt::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM) {
+                    Some(k) if k > 1 => format!(", k split in {k}"),
+                    _ => String::new(),
+                },
                 us(times[best]),
                 us(times[0])
             );
@@ -367,7 +431,8 @@ impl Lt {
         Ok(algos)
     }
 
-    /// Whether `algo` (tuned for another row count) runs this plan's shape within the workspace.
+    /// Whether `algo` (tuned for another row count, or a split-k copy) runs this plan's shape within
+    /// the workspace.
     unsafe fn fits(&self, handle: lt::cublasLtHandle_t, plan: &Plan, algo: &lt::cublasLtMatmulAlgo_t) -> bool {
         let mut r: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
         let s = lt::cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.c, algo, &mut r);
@@ -450,6 +515,15 @@ mod tests {
         assert_eq!(pick(&[None, Some(0.8), Some(0.7)]), Some(2), "the first failed to run");
         assert_eq!(pick(&[None, None]), None);
         assert_eq!(pick(&[]), None);
+    }
+
+    #[test]
+    fn split_k_reduces_in_f32_where_it_may() {
+        // CUBLASLT_REDUCTION_SCHEME_*: INPLACE 1, COMPUTE_TYPE 2, OUTPUT_TYPE 4.
+        assert_eq!(reduction_scheme(7), Some(2), "f32 partial sums in the workspace first");
+        assert_eq!(reduction_scheme(5), Some(4));
+        assert_eq!(reduction_scheme(1), Some(1));
+        assert_eq!(reduction_scheme(0), None, "no reduction: no split");
     }
 
     #[test]
