@@ -1244,13 +1244,16 @@ TMA_PROBE(128)
 // slice's partial state, makes it visible (__threadfence) and counts it on counters[sequence, KV
 // head]; the block that counts the last slice reads every slice's state back and writes the rows'
 // outputs (merge_slices: attn_combine's sums, in its order), and sets the count back to 0 for the
-// next launch (a graph's replays included). The block's rows r < `rows` (at most 16) are rows
-// row_of(r) of out [T x hq, D] and of partial [T x hq, splits, D + 2]; splits at most
-// DECODE_SPLITS_MAX (their maxima and sums go to `smem`).
+// next launch (a graph's replays included). The block's rows (its sequence's new tokens x its
+// group's query heads, at most 16) are rows of out [T x hq, D] and of partial [T x hq, splits,
+// D + 2]; splits at most DECODE_SPLITS_MAX (their maxima and sums go to `smem`). Called by the
+// kernel after decode_attn, its arguments read again there, not held through the key loop.
 #define DECODE_SPLITS_MAX 64
 
-template <int D, bool BF16, class RowOf>
-__device__ void decode_merge(u16* out, const float* partial, u32* counters, u32 rows, u32 splits, RowOf row_of, float* smem) {
+template <int D, bool BF16>
+__device__ void decode_merge(u16* out, const float* partial, u32* counters, const u32* seqs, u32 hq, u32 hkv, float* smem) {
+    const u32 q0 = seqs[4 * blockIdx.x], group = hq / hkv, rows = seqs[4 * blockIdx.x + 1] * group, g = blockIdx.y, splits = gridDim.z;
+    auto row_of = [=](u32 r) { return (q0 + r / group) * hq + g * group + r % group; };
     __shared__ u32 last;
     __threadfence();  // this thread's part of the state, before the count
     __syncthreads();  // every thread's (and every read of shared memory done)
@@ -1281,19 +1284,14 @@ __device__ void decode_merge(u16* out, const float* partial, u32* counters, u32 
 // start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
 template <int D, bool BF16>
 __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr,
-                            u32 hq, u32 hkv, float scale_log2, ScoreMods mods, u16* out, u32* counters, u16* smem) {
+                            u32 hq, u32 hkv, float scale_log2, ScoreMods mods, u16* smem) {
     const u32 sq = blockIdx.x, g = blockIdx.y, sl = blockIdx.z, splits = gridDim.z;
     const u32 q0 = seqs[4 * sq], q_len = seqs[4 * sq + 1], ctx = seqs[4 * sq + 2], kbase = seqs[4 * sq + 3];
     const u32 group = hq / hkv, rows = q_len * group;  // rows <= 16 (the host's condition)
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
     const u32 mi = lane >> 3, mj = lane & 7;
     // Row r's partial state: token q0 + r / group, query head g * group + r % group, this slice.
-    auto row_of = [&](u32 r) { return (q0 + r / group) * hq + g * group + r % group; };
-    auto partial_of = [&](u32 r) { return partial + ((u64)row_of(r) * splits + sl) * (D + 2); };
-    // The slices merged by the last block to finish (decode_merge); with no counters, by attn_combine.
-    auto finish = [&] {
-        if (counters != nullptr) decode_merge<D, BF16>(out, partial, counters, rows, splits, row_of, (float*)smem);
-    };
+    auto partial_of = [&](u32 r) { return partial + (((u64)(q0 + r / group) * hq + g * group + r % group) * splits + sl) * (D + 2); };
 
     // Each sequence's context in gridDim.z slices of whole 16-key chunks, at least one chunk per
     // warp: the grid depends on the batch alone, never on the contexts (what a CUDA graph replayed
@@ -1307,7 +1305,6 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
             partial_of(r)[D] = -INFINITY;
             partial_of(r)[D + 1] = 0.0f;
         }
-        finish();
         return;
     }
     u16* qs = smem;                                                  // [16][D]
@@ -1463,7 +1460,6 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
             dst[D + 1] = sum;
         }
     }
-    finish();
 }
 
 #define DECODE_ONE(dim, s, bf16)                                                                                  \
@@ -1475,7 +1471,8 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
         DYNAMIC_SHARED(u16, smem);                                                                                \
         KeyAddr addr = {table, block_size};                                                                       \
         ScoreMods mods = {window, softcap};                                                                       \
-        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, mods, out, counters, smem);     \
+        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, mods, smem);                    \
+        if (counters != nullptr) decode_merge<dim, bf16>(out, partial, counters, seqs, hq, hkv, (float*)smem);    \
     }
 #define DECODE(dim) DECODE_ONE(dim, bf16, true) DECODE_ONE(dim, f16, false)
 DECODE(64)
