@@ -20,9 +20,14 @@
 // The shape, compile-time (-D; crates/highrise-cuda/src/gemv.rs, swept by scripts/gpu-sweep.sh):
 // warps per block, chunks of each row in flight per lane (UNROLL), whether a warp issues the next
 // round's loads before it multiplies this round's (PIPE: 2 x UNROLL x 2 chunks per lane in flight,
-// twice the registers), and how many rounds ahead it prefetches into L2 (PREFETCH). The sums are
-// the same in every shape, bit for bit: a lane adds its chunks lane, lane + 32, ... in order, and
-// the warp's reduction is the same.
+// twice the registers), how many rounds ahead it prefetches into L2 (PREFETCH), and whether the
+// block's warps share the same rows (SPLIT, 1 or WARPS: each warp takes every SPLIT-th round of
+// them, and the first adds their sums in order, llama.cpp's block per row; a matrix is cut into
+// WARPS times more, shorter pieces of work: fewer rows left for a last, partial wave of blocks,
+// and more warps on rows as long as the down projection's). With SPLIT 1 the sums are the same
+// in every shape, bit for bit: a lane adds its chunks lane, lane + 32, ... in order, and the warp's
+// reduction is the same; a SPLIT adds the same products in another order (each shape's fused
+// kernels, gemv_glu and gemv_qkv, still give its gemv's sums).
 #ifndef GEMV_WARPS
 #define GEMV_WARPS 4
 #endif
@@ -38,8 +43,13 @@
 #ifndef GEMV_PREFETCH
 #define GEMV_PREFETCH 0
 #endif
+#ifndef GEMV_SPLIT
+#define GEMV_SPLIT 1
+#endif
 #define GEMV_ROWS 2
-#define GEMV_BLOCK_ROWS (GEMV_WARPS * GEMV_ROWS)
+#define GEMV_GROUPS (GEMV_WARPS / GEMV_SPLIT)  // warps (SPLIT of them) on different rows
+#define GEMV_BLOCK_ROWS (GEMV_GROUPS * GEMV_ROWS)
+static_assert(GEMV_SPLIT == 1 || GEMV_SPLIT == GEMV_WARPS, "no warps or all of a block's share its rows");
 
 // Eight 16-bit values from one 16-byte chunk, as floats.
 template <bool BF16>
@@ -64,9 +74,12 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
                      u32 block) {
     static_assert(!GLU || GEMV_ROWS == 2, "gemv_glu takes a row of w_gate and one of w_up per warp");
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // Plain: GEMV_ROWS consecutive rows of w per warp. GLU: row row0 of w (the gate) and of w_up.
-    const u32 row0 = GLU ? block * GEMV_WARPS + warp : (block * GEMV_WARPS + warp) * GEMV_ROWS;
+    // Warp `part` of its group's GEMV_SPLIT takes rounds part, part + SPLIT, ... of the group's rows.
+    const u32 group = warp / GEMV_SPLIT, part = warp % GEMV_SPLIT;
+    // Plain: GEMV_ROWS consecutive rows of w per group. GLU: row row0 of w (the gate) and of w_up.
+    const u32 row0 = GLU ? block * GEMV_GROUPS + group : (block * GEMV_GROUPS + group) * GEMV_ROWS;
     const u32 chunks = k / 8;
+    constexpr u32 STRIDE = 32 * GEMV_UNROLL * GEMV_SPLIT;  // chunks from one of a warp's rounds to its next
     // Rows of w: GLU's row row0 of w (the gate) and of w_up; else rows row0 + r (the last again
     // past the end, read and not stored).
     auto row_of = [&](int r) {
@@ -86,11 +99,11 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
     // Launched as a programmatic dependent (common.cuh): the weights, which no kernel writes, are
     // on their way to L2 (the loop's first rounds of them: those the loop's own prefetches will not
     // ask for) while the kernel before still runs.
-    constexpr u32 AHEAD = GEMV_PREFETCH + GEMV_PIPE;  // rounds between a round's prefetch and its use
+    constexpr u32 AHEAD = GEMV_PREFETCH + GEMV_PIPE;  // this warp's rounds between a round's prefetch and its use
     static_assert(GEMV_ROWS == 2, "prefetch_round takes two rows");
     if (row0 < n)
 #pragma unroll
-        for (u32 round = 0; round < (AHEAD > 0 ? AHEAD : 1); round++) prefetch_round(row_of(0), row_of(1), round);
+        for (u32 i = 0; i < (AHEAD > 0 ? AHEAD : 1); i++) prefetch_round(row_of(0), row_of(1), part + i * GEMV_SPLIT);
     PDL_ENTRY();
     if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
     const uint4* w4[GEMV_ROWS];
@@ -114,16 +127,17 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
         }
     };
     uint4 next[GEMV_UNROLL][GEMV_ROWS];
-    if (GEMV_PIPE) load(next, lane);
-    for (u32 c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
-        if (GEMV_PREFETCH) prefetch_round(w4[0], w4[1], (c0 - lane) / (32 * GEMV_UNROLL) + AHEAD);
+    const u32 first = lane + 32 * GEMV_UNROLL * part;
+    if (GEMV_PIPE) load(next, first);
+    for (u32 c0 = first; c0 < chunks; c0 += STRIDE) {
+        if (GEMV_PREFETCH) prefetch_round(w4[0], w4[1], (c0 - lane) / (32 * GEMV_UNROLL) + AHEAD * GEMV_SPLIT);
         uint4 wv[GEMV_UNROLL][GEMV_ROWS];
         if (GEMV_PIPE) {
 #pragma unroll
             for (int u = 0; u < GEMV_UNROLL; u++)
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; r++) wv[u][r] = next[u][r];
-            load(next, c0 + 32 * GEMV_UNROLL);
+            load(next, c0 + STRIDE);
         } else {
             load(wv, c0);
         }
@@ -146,10 +160,35 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
             }
         }
     }
+    // Each (row, row of x)'s sum: the warp's lanes', then (SPLIT) its group's warps' in order, in
+    // the group's first warp.
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+        for (int i = 0; i < TM; i++) acc[r][i] = warp_sum(acc[r][i]);
+    if (GEMV_SPLIT > 1) {
+        __shared__ float sums[GEMV_WARPS][GEMV_ROWS][TM];
+        if (lane == 0)
+#pragma unroll
+            for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+                for (int i = 0; i < TM; i++) sums[warp][r][i] = acc[r][i];
+        __syncthreads();  // the whole block: its warps share one group (and returned together past n)
+        if (part != 0) return;
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++)
+#pragma unroll
+            for (int i = 0; i < TM; i++) {
+                float sum = sums[warp][r][i];
+#pragma unroll
+                for (int p = 1; p < GEMV_SPLIT; p++) sum += sums[warp + p][r][i];
+                acc[r][i] = sum;
+            }
+    }
     if (GLU) {
 #pragma unroll
         for (int i = 0; i < TM; i++) {
-            const float g = warp_sum(acc[0][i]), u = warp_sum(acc[1][i]);
+            const float g = acc[0][i], u = acc[1][i];
             if (lane == 0 && i < (int)t) {
                 // Rounded as the unfused projections store them, then swiglu's own arithmetic.
                 const float gr = BF16 ? bf16_to_f32(f32_to_bf16(g)) : f16_to_f32(f32_to_f16(g));
@@ -166,7 +205,7 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
         const float b = bias != 0 && row < n ? load_any(bias, row, bias_dt) : 0.0f;
 #pragma unroll
         for (int i = 0; i < TM; i++) {
-            const float s = warp_sum(acc[r][i]);
+            const float s = acc[r][i];
             if (lane == 0 && i < (int)t && row < n) {
                 const float v = s + b;
                 out[(u64)i * n + row] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);

@@ -39,10 +39,11 @@ WG_SHAPES="2x128 3x128/2x128 2x64 3x64 1x128"
 WS_SHAPES="2x128x3/2x128x2 2x128x4/2x128x3 3x128x2/2x64x4 3x128x3/2x64x3 3x64x4/2x128x2"
 # Decode kernel shapes, WARPSxSTAGES (the first is the default).
 DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
-# Matrix-vector kernel shapes, WARPSxUNROLL[p][fN] (warps per block, chunks in flight per row and
-# lane, p: the next round's loads issued before this one is used, fN: N rounds prefetched into L2
-# ahead; the first is the default).
-GEMV_SHAPES="4x4 4x8 8x8 2x8 4x4p 8x4p 4x2p 8x2p 4x4f1 4x4f2 8x4pf1 4x8f1"
+# Matrix-vector kernel shapes, WARPSxUNROLL[p][sN][fN] (warps per block, chunks in flight per row and
+# lane, p: the next round's loads issued before this one is used, sN: the block's N warps share its
+# rows (llama.cpp's block per row; N = the warps), fN: N rounds prefetched into L2 ahead; the first
+# is the default; the split ones early, as the most unlike it).
+GEMV_SHAPES="4x4 4x4ps4 4x2s4 8x4ps8 4x8 8x8 2x8 4x4p 8x4p 4x2p 8x2p 4x4f1 4x4f2 8x4pf1 4x8f1"
 which=${3:-all}
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}

@@ -1,4 +1,5 @@
-// Runs the matrix-vector kernels (gemv{1,2,4,8}_{bf16,f16}, kernels/gemv.cu) on the CPU through
+// Runs the matrix-vector kernels (gemv{1,2,4,8}_{bf16,f16}, kernels/gemv.cu; gemv_qkv1 and gemv_glu1
+// against them) on the CPU through
 // kernels/emu/simt.hpp and checks them against an f64 reference, as tests/ops.rs does on a GPU: the
 // largest error at most twice a naive same-dtype implementation's (one rounding the running sum to
 // the dtype after every 8 products), and more: every output within one unit in the last place of
@@ -73,6 +74,57 @@ bool run(u32 t, u32 k, u32 n, bool bf16, int bias_dt) {
     return ok;
 }
 
+// The plain kernel's output rows for x [t, k] and w [n, k] (no bias), as run() launches it.
+std::vector<u16> plain(const std::vector<u16>& x, const std::vector<u16>& w, u32 t, u32 k, u32 n, bool bf16, bool* ok) {
+    std::vector<u16> out((size_t)t * n, 0x7fc0);
+    const u32 blocks = (n + GEMV_BLOCK_ROWS - 1) / GEMV_BLOCK_ROWS;
+    u16 *o = out.data(), *xp = (u16*)x.data(), *wp = (u16*)w.data();
+    *ok = emu::launch({blocks, 1, 1}, {32 * GEMV_WARPS, 1, 1}, 0, [&] {
+        bf16 ? gemv1_bf16(o, xp, wp, nullptr, 0, t, k, n) : gemv1_f16(o, xp, wp, nullptr, 0, t, k, n);
+    });
+    return out;
+}
+
+// The fused kernels give their parts' sums: gemv_qkv's q, k and v are gemv's of wq, wk and wv, and
+// gemv_glu's output is SwiGLU (swiglu's arithmetic, kernels/mlp.cu) of gemv's gate and up rounded
+// to the dtype, bit for bit (one row of x; q and k whole blocks, v not).
+bool run_fused(u32 k, bool bf16) {
+    // Whole blocks of every shape (at most 16 rows), and the same inputs in every shape.
+    const u32 nq = 48, nk = 16, nv = 5, n = 13;
+    auto random = [&](size_t len, double scale) {
+        std::vector<u16> v(len);
+        for (auto& e : v) e = to_half(uniform() * scale, bf16);
+        return v;
+    };
+    const double ws = 1.0 / std::sqrt((double)k);
+    std::vector<u16> x = random(k, 1.0), wq = random((size_t)nq * k, ws), wk = random((size_t)nk * k, ws), wv = random((size_t)nv * k, ws);
+    std::vector<u16> wg = random((size_t)n * k, ws), wu = random((size_t)n * k, ws);
+    std::vector<u16> q(nq, 0x7fc0), kk(nk, 0x7fc0), v(nv, 0x7fc0), act(n, 0x7fc0);
+    u16 *xp = x.data(), *qp = q.data(), *kp = kk.data(), *vp = v.data(), *ap = act.data();
+    u16 *wqp = wq.data(), *wkp = wk.data(), *wvp = wv.data(), *wgp = wg.data(), *wup = wu.data();
+    const u32 blocks = (nq + nk + nv + GEMV_BLOCK_ROWS - 1) / GEMV_BLOCK_ROWS;
+    CHECK_LAUNCH({blocks, 1, 1}, {32 * GEMV_WARPS, 1, 1}, 0, [&] {
+        bf16 ? gemv_qkv1_bf16(qp, kp, vp, xp, wqp, wkp, wvp, nullptr, nullptr, nullptr, 0, 1, k, nq, nk, nv)
+             : gemv_qkv1_f16(qp, kp, vp, xp, wqp, wkp, wvp, nullptr, nullptr, nullptr, 0, 1, k, nq, nk, nv);
+    });
+    const u32 glu_blocks = (n + GEMV_GROUPS - 1) / GEMV_GROUPS;
+    CHECK_LAUNCH({glu_blocks, 1, 1}, {32 * GEMV_WARPS, 1, 1}, 0, [&] {
+        bf16 ? gemv_glu1_bf16(ap, xp, wgp, wup, 1, k, n) : gemv_glu1_f16(ap, xp, wgp, wup, 1, k, n);
+    });
+    bool ok = true, launched = true;
+    ok &= plain(x, wq, 1, k, nq, bf16, &launched) == q && launched;
+    ok &= plain(x, wk, 1, k, nk, bf16, &launched) == kk && launched;
+    ok &= plain(x, wv, 1, k, nv, bf16, &launched) == v && launched;
+    const std::vector<u16> g = plain(x, wg, 1, k, n, bf16, &launched), u = plain(x, wu, 1, k, n, bf16, &launched);
+    for (u32 i = 0; i < n; i++) {
+        const float gr = (float)from_half(g[i], bf16), ur = (float)from_half(u[i], bf16);
+        ok &= act[i] == to_half(gr / (1.0f + expf(-gr)) * ur, bf16);
+    }
+    std::printf("%s gemv_qkv1_%s and gemv_glu1_%s k=%u: %s\n", ok && launched ? "ok  " : "FAIL", bf16 ? "bf16" : "f16", bf16 ? "bf16" : "f16", k,
+                ok ? "their parts' gemv sums, bit for bit" : "not their parts' gemv sums");
+    return ok && launched;
+}
+
 }  // namespace
 
 int main() {
@@ -84,6 +136,8 @@ int main() {
         ok &= run(3, 1536, 64, bf16, -1);
         ok &= run(5, 576, 17, bf16, 0);
         ok &= run(8, 2056, 24, bf16, -1);
+        ok &= run_fused(4096, bf16);
+        ok &= run_fused(1544, bf16);
     }
     return ok ? 0 : 1;
 }

@@ -1,11 +1,13 @@
 //! The matrix-vector kernels' shape (`gemv*`, kernels/gemv.cu): warps per block (each taking two
 //! rows of w, or a row of each weight for `gemv_glu`), 16-byte chunks of each row in flight per
 //! lane, whether a warp issues its next round of loads before it multiplies this one (pipelined),
-//! and how many rounds ahead it prefetches into L2. Compile-time (`-DGEMV_WARPS`, `-DGEMV_UNROLL`,
-//! `-DGEMV_PIPE`, `-DGEMV_PREFETCH`): `HIGHRISE_GEMV_SHAPE` ("4x8p", "4x4f2": how
-//! scripts/gpu-sweep.sh tries variants), then [`TUNED_GEMV`], then [`GEMV_DEFAULT`].
-//! Every shape gives the same sums bit for bit (the kernel's comment says why), so the choice is
-//! speed alone.
+//! how many rounds ahead it prefetches into L2, and whether a block's warps share the same rows
+//! (split).
+//! Compile-time (`-DGEMV_WARPS`, `-DGEMV_UNROLL`, `-DGEMV_PIPE`, `-DGEMV_PREFETCH`,
+//! `-DGEMV_SPLIT`): `HIGHRISE_GEMV_SHAPE` ("4x8p", "4x4f2", "4x4s4": how scripts/gpu-sweep.sh
+//! tries variants), then [`TUNED_GEMV`], then [`GEMV_DEFAULT`]. Every unsplit shape gives the same
+//! sums bit for bit (the kernel's comment says why); a split one adds the same products in another
+//! order, each within the reference's bound.
 
 use highrise_core::{Error, Result};
 
@@ -16,6 +18,9 @@ pub struct GemvShape {
     pub pipe: bool,
     /// Rounds of loads ahead that a warp prefetches into L2 (0 to 3).
     pub prefetch: u32,
+    /// Warps that share the same rows, each taking every split-th round: 1 (none share) or all
+    /// the block's.
+    pub split: u32,
 }
 
 impl GemvShape {
@@ -23,48 +28,58 @@ impl GemvShape {
         32 * self.warps
     }
 
-    /// Rows of w a block of `gemv*` or `gemv_qkv*` takes (two per warp).
+    /// Rows of w a block of `gemv*` or `gemv_qkv*` takes (two per group of `split` warps).
     pub fn rows_per_block(self) -> usize {
-        2 * self.warps as usize
+        2 * (self.warps / self.split) as usize
     }
 
-    /// Rows of each weight a block of `gemv_glu*` takes (one per warp).
+    /// Rows of each weight a block of `gemv_glu*` takes (one per group of `split` warps).
     pub fn glu_rows_per_block(self) -> usize {
-        self.warps as usize
+        (self.warps / self.split) as usize
     }
 
-    /// "4x4", "4x8p", "4x4f2": warps (2, 4 or 8) x chunks in flight per row and lane (2, 4 or 8),
-    /// "p" for pipelined, "fN" for N rounds (1 to 3) prefetched ahead; eight chunks pipelined are
+    /// "4x4", "4x8p", "4x4f2", "8x4s2": warps (2, 4 or 8) x chunks in flight per row and lane (2, 4
+    /// or 8), then any of "p" (pipelined), "sN" (the block's N warps share its rows: N = the warps)
+    /// and "fN" (N rounds, 1 to 3, prefetched ahead), in that order; eight chunks pipelined are
     /// refused (the kernel built for eight rows of x spills).
     pub fn parse(s: &str) -> Result<GemvShape> {
         let bad = || {
             Error::Invalid(format!(
-                "gemv shape {s:?}: expected WARPSxUNROLL[p][fN], warps 2, 4 or 8, unroll 2, 4 or 8 (4 at most pipelined), N 1 to 3, e.g. 4x4p or 4x4f2"
+                "gemv shape {s:?}: expected WARPSxUNROLL[p][sN][fN], warps 2, 4 or 8, unroll 2, 4 or 8 (4 at most pipelined), split the warps, prefetch 1 to 3, e.g. 4x4p, 4x4s4 or 4x4f2"
             ))
         };
         let (w, rest) = s.trim().split_once('x').ok_or_else(bad)?;
-        let (rest, prefetch) = match rest.split_once('f') {
-            Some((r, f)) => (r, f.parse::<u32>().ok().filter(|f| (1..=3).contains(f)).ok_or_else(bad)?),
-            None => (rest, 0),
+        // A suffix "<letter>N" off the end of `rest`, if there.
+        let take = |rest: &str, letter: char| -> Result<(String, Option<u32>)> {
+            match rest.rsplit_once(letter) {
+                Some((r, n)) => Ok((r.to_string(), Some(n.parse::<u32>().map_err(|_| bad())?))),
+                None => Ok((rest.to_string(), None)),
+            }
         };
+        let (rest, prefetch) = take(rest, 'f')?;
+        let (rest, split) = take(&rest, 's')?;
         let (u, pipe) = match rest.strip_suffix('p') {
             Some(u) => (u, true),
-            None => (rest, false),
+            None => (rest.as_str(), false),
         };
-        let shape = GemvShape { warps: w.parse().map_err(|_| bad())?, unroll: u.parse().map_err(|_| bad())?, pipe, prefetch };
-        if ![2, 4, 8].contains(&shape.warps) || ![2, 4, 8].contains(&shape.unroll) || (pipe && shape.unroll > 4) {
+        let (warps, unroll): (u32, u32) = (w.parse().map_err(|_| bad())?, u.parse().map_err(|_| bad())?);
+        let shape = GemvShape { warps, unroll, pipe, prefetch: prefetch.unwrap_or(0), split: split.unwrap_or(1) };
+        let prefetch_ok = prefetch.is_none_or(|f| (1..=3).contains(&f));
+        let split_ok = split.is_none_or(|n| n == warps);
+        if ![2, 4, 8].contains(&warps) || ![2, 4, 8].contains(&unroll) || (pipe && unroll > 4) || !prefetch_ok || !split_ok {
             return Err(bad());
         }
         Ok(shape)
     }
 
     /// The `-D` options that compile gemv.cu in this shape.
-    pub fn defines(self) -> [String; 4] {
+    pub fn defines(self) -> [String; 5] {
         [
             format!("-DGEMV_WARPS={}", self.warps),
             format!("-DGEMV_UNROLL={}", self.unroll),
             format!("-DGEMV_PIPE={}", self.pipe as u32),
             format!("-DGEMV_PREFETCH={}", self.prefetch),
+            format!("-DGEMV_SPLIT={}", self.split),
         ]
     }
 }
@@ -72,6 +87,9 @@ impl GemvShape {
 impl std::fmt::Display for GemvShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}{}", self.warps, self.unroll, if self.pipe { "p" } else { "" })?;
+        if self.split > 1 {
+            write!(f, "s{}", self.split)?;
+        }
         if self.prefetch > 0 {
             write!(f, "f{}", self.prefetch)?;
         }
@@ -81,7 +99,7 @@ impl std::fmt::Display for GemvShape {
 
 /// The shape the H200 timed on 2026-11-30 (benches/results/2026-11-30-h200.md: 81% of the copy
 /// bandwidth on the 8B q/k/v shape, 76% on the gate's, 63% on the down projection's rows of 14336).
-pub const GEMV_DEFAULT: GemvShape = GemvShape { warps: 4, unroll: 4, pipe: false, prefetch: 0 };
+pub const GEMV_DEFAULT: GemvShape = GemvShape { warps: 4, unroll: 4, pipe: false, prefetch: 0, split: 1 };
 
 /// Winners of scripts/gpu-sweep.sh's gemv part per architecture (arch, shape, day measured); none
 /// yet.
@@ -103,15 +121,19 @@ mod tests {
 
     #[test]
     fn gemv_shapes_parse_and_print_back() {
-        for s in ["4x4", "4x8", "8x4p", "2x2p", "4x4f2", "8x4pf1"] {
+        for s in ["4x4", "4x8", "8x4p", "2x2p", "4x4f2", "8x4pf1", "4x4s4", "8x4ps8f1", "2x8s2"] {
             assert_eq!(GemvShape::parse(s).unwrap().to_string(), s);
         }
         assert_eq!(GemvShape::parse("4x4").unwrap(), GEMV_DEFAULT);
-        for bad in ["4x8p", "3x4", "4x16", "4", "ax4", "4x4q", "4x4f", "4x4f4", "4x4f0", "4x4fp", "4xf2"] {
+        for bad in [
+            "4x8p", "3x4", "4x16", "4", "ax4", "4x4q", "4x4f", "4x4f4", "4x4f0", "4x4fp", "4xf2", "4x4s", "4x4s3", "4x4s8", "4x4s1", "4x4s2", "8x4s4", "4x4f1s4",
+        ] {
             assert!(GemvShape::parse(bad).is_err(), "{bad}");
         }
         let s = GemvShape::parse("8x2").unwrap();
         assert_eq!((s.threads(), s.rows_per_block(), s.glu_rows_per_block()), (256, 16, 8));
+        let s = GemvShape::parse("8x4s8").unwrap();
+        assert_eq!((s.threads(), s.rows_per_block(), s.glu_rows_per_block()), (256, 2, 1));
     }
 
     /// The default shape is gemv.cu's own (what it compiles to without options).
@@ -119,7 +141,8 @@ mod tests {
     fn the_default_is_the_kernels_own() {
         let src = crate::kernels::FILES.iter().find(|(n, _)| *n == "gemv.cu").unwrap().1;
         let d = GEMV_DEFAULT;
-        for (name, v) in [("GEMV_WARPS", d.warps), ("GEMV_UNROLL", d.unroll), ("GEMV_PIPE", d.pipe as u32), ("GEMV_PREFETCH", d.prefetch)] {
+        let defaults = [("GEMV_WARPS", d.warps), ("GEMV_UNROLL", d.unroll), ("GEMV_PIPE", d.pipe as u32), ("GEMV_PREFETCH", d.prefetch), ("GEMV_SPLIT", d.split)];
+        for (name, v) in defaults {
             assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
         }
     }
