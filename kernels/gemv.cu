@@ -105,7 +105,7 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
 #pragma unroll
         for (u32 i = 0; i < (AHEAD > 0 ? AHEAD : 1); i++) prefetch_round(row_of(0), row_of(1), part + i * GEMV_SPLIT);
     PDL_ENTRY();
-    if (row0 >= n) return;  // the whole warp: no block-wide barrier follows
+    if (row0 >= n) return;  // the whole warp (split: the whole block, before its one barrier)
     const uint4* w4[GEMV_ROWS];
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) w4[r] = row_of(r);

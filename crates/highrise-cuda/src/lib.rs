@@ -289,7 +289,6 @@ impl CudaBackend {
         self.launch_shared(name, grid, block, 0, args)
     }
 
-    /// `launch` with `shared_bytes` of dynamic shared memory per block.
     /// `n` counters (u32) that are zero whenever no kernel runs: decode_attn's counts of the slices
     /// done, each put back to 0 by the block that merges them. One buffer for the backend's life,
     /// replaced by a larger zeroed one when a batch needs more (the old one, which recorded work may
@@ -312,6 +311,7 @@ impl CudaBackend {
         Ok(st.counters)
     }
 
+    /// `launch` with `shared_bytes` of dynamic shared memory per block.
     fn launch_shared(
         &self,
         name: &str,
