@@ -1239,6 +1239,23 @@ TMA_PROBE(128)
 #define DA_STAGES 2
 #endif
 
+// The blocks an SM is to hold (`__launch_bounds__`' second argument): as many as its shared memory
+// takes (228 KiB on Hopper, 164 on an A100; 1 KiB reserved per block), and no more than leave each
+// thread 168 registers (the d128 kernel's need without spilling, 4 warps at 3 blocks). Left to
+// itself ptxas gave the d128 kernel 199 registers, which held an SM to 2 blocks of 4 warps where
+// shared memory holds 3 at 2 stages: a third fewer copies in flight in a kernel bound by them.
+template <int D>
+struct DecodeBlocks {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    static constexpr int SM_SHARED = 228 * 1024;
+#else
+    static constexpr int SM_SHARED = 164 * 1024;
+#endif
+    static constexpr int BY_SHARED = SM_SHARED / (D * (16 + DA_WARPS * DA_STAGES * 2 * 16) * 2 + 1024);
+    static constexpr int BY_REGISTERS = 65536 / (32 * DA_WARPS * 168);
+    static constexpr int MIN = BY_SHARED < BY_REGISTERS ? (BY_SHARED > 1 ? BY_SHARED : 1) : BY_REGISTERS;
+};
+
 // The slices' merge, by the block of a (sequence, KV head) that finishes last, where a launch of
 // its own (attn_combine) would add a kernel to every layer of a decode step: each block writes its
 // slice's partial state, makes it visible (__threadfence) and counts it on counters[sequence, KV
@@ -1463,7 +1480,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
 }
 
 #define DECODE_ONE(dim, s, bf16)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * DA_WARPS)                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * DA_WARPS, DecodeBlocks<dim>::MIN)                           \
         decode_attn_d##dim##_##s(float* partial, const u16* q, const u16* k, const u16* v, const u32* seqs,       \
                                  const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
                                  float softcap, u16* out, u32* counters) {                                        \

@@ -42,8 +42,9 @@ fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// ptxas -v on `ptx`: every kernel reported on, none spilling.
-fn assert_no_spills(ptxas: &Path, dir: &Path, arch: &str, name: &str, ptx: &str, entries: usize) {
+/// ptxas -v on `ptx`: every kernel reported on, none spilling. Returns each kernel's registers
+/// per thread.
+fn assert_no_spills(ptxas: &Path, dir: &Path, arch: &str, name: &str, ptx: &str, entries: usize) -> Vec<(String, u32)> {
     let path = dir.join(format!("{name}.{arch}.ptx"));
     std::fs::write(&path, ptx).unwrap();
     let out = Command::new(ptxas).args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"]).arg(&path).output().unwrap();
@@ -53,10 +54,15 @@ fn assert_no_spills(ptxas: &Path, dir: &Path, arch: &str, name: &str, ptx: &str,
     // "N bytes stack frame, S bytes spill stores, L bytes spill loads".
     let mut kernel = String::new();
     let mut checked = 0;
+    let mut registers = Vec::new();
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             kernel = rest.split('\'').next().unwrap_or_default().to_string();
             checked += 1;
+        }
+        // "ptxas info    : Used N registers, ..."
+        if let Some(n) = line.split("Used ").nth(1).and_then(|r| r.split(" registers").next()?.parse().ok()) {
+            registers.push((kernel.clone(), n));
         }
         if line.contains("spill stores") {
             let spills: Vec<u64> = line
@@ -69,6 +75,7 @@ fn assert_no_spills(ptxas: &Path, dir: &Path, arch: &str, name: &str, ptx: &str,
         }
     }
     assert_eq!(checked, entries, "ptxas reported on every kernel of {name} for {arch}:\n{log}");
+    registers
 }
 
 /// Every tile shape scripts/gpu-sweep.sh tries on a GPU compiles for both architectures without
@@ -114,12 +121,29 @@ fn every_swept_flash_shape_compiles_without_spills() {
         println!("sm_90a warp-specialized geometry {label}: no spills");
     }
     // The decode kernel's shapes (DECODE_SHAPES): warps x pipeline stages.
+    // On Hopper its registers never hold an SM to fewer blocks than its shared memory allows, up
+    // to 12 warps (left to itself ptxas gave 4x2 at d128 199 registers: 2 blocks an SM where shared
+    // memory holds 3, a third fewer copies in flight).
     for arch in ["sm_80", "sm_90a"] {
         for shape in flash::decode_sweep_shapes(&script).unwrap() {
             let ptx = nvrtc::compile("attention.cu", &kernels::source(body), arch, &shape.defines()).unwrap();
             let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
-            assert_no_spills(&ptxas, &dir, arch, &format!("attention.cu-decode-{shape}"), &ptx, entries);
+            let registers = assert_no_spills(&ptxas, &dir, arch, &format!("attention.cu-decode-{shape}"), &ptx, entries);
             println!("{arch} decode shape {shape}: no spills");
+            if arch != "sm_90a" {
+                continue;
+            }
+            for d in flash::HEAD_DIMS {
+                let kernel = format!("decode_attn_d{d}_bf16");
+                let regs = registers.iter().find(|(k, _)| *k == kernel).unwrap_or_else(|| panic!("{kernel}: no register count")).1;
+                // Registers are given out per warp in units of 256.
+                let per_warp = (regs * 32).div_ceil(256) * 256;
+                let by_registers = 65536 / (per_warp * shape.warps);
+                let by_shared = (228 << 10) / (shape.shared_bytes(d) + (1 << 10));
+                let want = by_shared.min(12 / shape.warps).max(1);
+                assert!(by_registers >= want, "{kernel} at {shape}: {regs} registers a thread hold an SM to {by_registers} blocks, shared memory allows {by_shared}");
+                println!("sm_90a decode shape {shape} d{d}: {regs} registers, {} blocks an SM", by_registers.min(by_shared));
+            }
         }
     }
     // The matrix-vector kernels' shapes (GEMV_SHAPES): warps x chunks in flight, pipelined or not.
