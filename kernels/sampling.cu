@@ -22,21 +22,20 @@ __device__ __forceinline__ void better(float& best, u32& at, float v, u32 j) {
     }
 }
 
-// f(x[base + j], j) for this thread's columns j of the row (threadIdx.x, + blockDim.x, ...), in
-// that order, eight loads issued before the first is used: a vocabulary row is ~125 elements a
-// thread, each a round trip to memory when the loop waits on its load.
+// f(x[base + j], j, ok) for this thread's columns j of the row (threadIdx.x, + blockDim.x, ...),
+// in that order, eight loads issued before the first is used (a vocabulary row is ~125 elements a
+// thread, each a round trip to memory where the loop waits on its load). Every thread of the block
+// makes the same calls, `ok` false (x 0) past the row's end, so `f` may use warp-wide instructions.
 template <class D, class F>
 __device__ __forceinline__ void row_pass(const typename D::T* x, u64 base, u32 v, F f) {
     const u32 step = blockDim.x;
-    u32 j = threadIdx.x;
-    for (; j + 7 * step < v; j += 8 * step) {
+    for (u32 j0 = threadIdx.x; j0 - threadIdx.x < v; j0 += 8 * step) {
         float xs[8];
 #pragma unroll
-        for (u32 u = 0; u < 8; u++) xs[u] = D::load(x, base + j + u * step);
+        for (u32 u = 0; u < 8; u++) xs[u] = j0 + u * step < v ? D::load(x, base + j0 + u * step) : 0.0f;
 #pragma unroll
-        for (u32 u = 0; u < 8; u++) f(xs[u], j + u * step);
+        for (u32 u = 0; u < 8; u++) f(xs[u], j0 + u * step, j0 + u * step < v);
     }
-    for (; j < v; j += step) f(D::load(x, base + j), j);
 }
 
 template <class D>
@@ -47,7 +46,9 @@ __device__ void argmax_row(u32* index, float* logprob, const typename D::T* x, u
     const u64 base = (u64)b * v;
     float best = -INFINITY;
     u32 at = ARGMAX_NONE;
-    row_pass<D>(x, base, v, [&](float xj, u32 j) { better(best, at, xj, j); });
+    row_pass<D>(x, base, v, [&](float xj, u32 j, bool ok) {
+        if (ok) better(best, at, xj, j);
+    });
 #pragma unroll
     for (int sh = 16; sh > 0; sh >>= 1) better(best, at, __shfl_xor_sync(0xffffffffu, best, sh), __shfl_xor_sync(0xffffffffu, at, sh));
     if (lane == 0) {
@@ -70,7 +71,7 @@ __device__ void argmax_row(u32* index, float* logprob, const typename D::T* x, u
     at = si[0];
     __syncthreads();  // sv is reused below
     float sum = 0.0f;
-    row_pass<D>(x, base, v, [&](float xj, u32) { sum += expf(xj - best); });
+    row_pass<D>(x, base, v, [&](float xj, u32, bool ok) { sum += ok ? expf(xj - best) : 0.0f; });
 #pragma unroll
     for (int sh = 16; sh > 0; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
     if (lane == 0) sv[warp] = sum;
@@ -153,41 +154,85 @@ struct SampleRow {
 };
 
 struct SampleShared {
-    double hist[256];
+    double hist[SAMPLE_WARPS][256];  // each warp's own, summed in warp order after a pass
     double sh[SAMPLE_WARPS];
     double above;
     u32 bin, found;
 };
+
+// Adds w to bin `bin` of this warp's histogram for each lane where `in`: one add per distinct bin
+// among the lanes (their weights summed across the warp first), where every lane's atomic add to a
+// few hot bins (a row's logits fall in a handful of the first pass's 256) spun on compare-and-swap
+// (f64 atomics in shared memory are a CAS loop) and serialized the whole block. The histogram is the
+// warp's own and each bin gets one add at a time, so no atomics, and the sums' order is fixed.
+__device__ __forceinline__ void warp_bin_add(double* hist, bool in, u32 bin, double w) {
+    const u32 lane = threadIdx.x & 31;
+    u32 todo = __ballot_sync(0xffffffffu, in);
+    while (todo) {
+        const u32 lead = __ffs(todo) - 1;
+        const u32 b = __shfl_sync(0xffffffffu, bin, lead);
+        const bool mine = in && bin == b;
+        double sum = mine ? w : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == lead) hist[b] += sum;
+        todo &= ~__ballot_sync(0xffffffffu, mine);
+    }
+    __syncwarp();  // the adds seen by the lanes that add to the same bins next
+}
 
 // The cut at which the running weight (1 per token, or MASS: its e) of the tokens within `lim`, in
 // order, first reaches `target` (`strict`: first exceeds it). Where rounding keeps it from doing so,
 // `lim` itself (its last token).
 template <class D, bool MASS>
 __device__ __forceinline__ Cut select_cut(const SampleRow<D> r, Cut lim, double target, bool strict, SampleShared* s) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u32 prefix = 0, mask = 0;
     double above = 0.0;  // weight within lim of the tokens ordered before the prefix's range
     for (int shift = 24; shift >= 0; shift -= 8) {
-        for (u32 i = threadIdx.x; i < 256; i += blockDim.x) s->hist[i] = 0.0;
+        for (u32 i = threadIdx.x; i < SAMPLE_WARPS * 256; i += blockDim.x) s->hist[i / 256][i % 256] = 0.0;
         __syncthreads();
-        for (u32 j = threadIdx.x; j < r.v; j += blockDim.x) {
-            const float c = r.c(j);
+        row_pass<D>(r.x, r.base, r.v, [&](float xj, u32 j, bool ok) {
+            const float c = xj / r.temperature;
             const u32 k = order_key(c);
-            if ((k & mask) == prefix && within(k, j, lim)) atomicAdd(&s->hist[(k >> shift) & 255], MASS ? r.e(c) : 1.0);
-        }
+            const bool in = ok && (k & mask) == prefix && within(k, j, lim);
+            warp_bin_add(s->hist[warp], in, (k >> shift) & 255, MASS ? (in ? r.e(c) : 0.0) : 1.0);
+        });
         __syncthreads();
-        if (threadIdx.x == 0) {
-            double acc = above;
-            u32 bin = 256;
-            for (int b = 255; b >= 0; b--) {
-                const double h = s->hist[b];
-                if (h > 0.0 && (strict ? acc + h > target : acc + h >= target)) {
-                    bin = b;
-                    break;
-                }
-                acc += h;
+        // Bins in order, highest first: warp 0's lane l holds bins 255 - 8 l down to 248 - 8 l.
+        if (warp == 0) {
+            double h[8], chunk = 0.0;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const u32 bin = 255 - 8 * lane - i;
+                double t = 0.0;
+                for (u32 w = 0; w < SAMPLE_WARPS; w++) t += s->hist[w][bin];
+                h[i] = t;
+                chunk += t;
             }
-            s->bin = bin;
-            s->above = acc;
+            // The weight of the bins before this lane's (an exclusive scan in lane order).
+            double incl = chunk;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const double y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= (u32)o) incl += y;
+            }
+            double acc = above + incl - chunk;
+            u32 bin = 256;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                if (bin == 256 && h[i] > 0.0 && (strict ? acc + h[i] > target : acc + h[i] >= target)) bin = 255 - 8 * lane - i;
+                if (bin == 256) acc += h[i];
+            }
+            // The first lane (highest bins) whose bins reach the target.
+            const u32 hit = __ballot_sync(0xffffffffu, bin != 256);
+            const u32 first = hit ? __ffs(hit) - 1 : 31;
+            const u32 b = __shfl_sync(0xffffffffu, bin, first);
+            const double a = __shfl_sync(0xffffffffu, acc, first);
+            if (lane == 0) {
+                s->bin = b;
+                s->above = a;
+            }
         }
         __syncthreads();
         const u32 bin = s->bin;
@@ -196,32 +241,40 @@ __device__ __forceinline__ Cut select_cut(const SampleRow<D> r, Cut lim, double 
         prefix |= bin << shift;
         mask |= 255u << shift;
     }
-    // Tokens whose key is exactly `prefix`, in index order: each thread sums a run of columns, the
-    // thread whose run crosses the target walks it.
-    const u32 per = (r.v + blockDim.x - 1) / blockDim.x, j0 = min(threadIdx.x * per, r.v), j1 = min(j0 + per, r.v);
-    double w = 0.0;
-    for (u32 j = j0; j < j1; j++) {
-        const float c = r.c(j);
-        if (order_key(c) == prefix && within(prefix, j, lim)) w += MASS ? r.e(c) : 1.0;
-    }
+    // Tokens whose key is exactly `prefix`, in index order: tiles of 8 columns a thread (thread t
+    // the tile's columns 8 t to 8 t + 7, loads side by side across the warp), a scan over the block
+    // ordering each tile's threads after the tiles before; the thread whose run crosses the target
+    // walks its 8.
     if (threadIdx.x == 0) s->found = 0xffffffffu;
-    double total;
-    const double incl = above + block_scan(w, s->sh, &total);
-    double acc = incl - w;
-    const bool crosses = strict ? incl > target : incl >= target;
-    const bool crossed = strict ? acc > target : acc >= target;
-    if (w > 0.0 && crosses && !crossed) {
-        for (u32 j = j0; j < j1; j++) {
-            const float c = r.c(j);
-            if (order_key(c) != prefix || !within(prefix, j, lim)) continue;
-            acc += MASS ? r.e(c) : 1.0;
-            if (strict ? acc > target : acc >= target) {
-                atomicMin(&s->found, j);
-                break;
+    for (u32 t0 = 0; t0 < r.v; t0 += 8 * blockDim.x) {
+        const u32 j0 = t0 + 8 * threadIdx.x;
+        float cs[8];
+#pragma unroll
+        for (u32 u = 0; u < 8; u++) cs[u] = j0 + u < r.v ? D::load(r.x, r.base + j0 + u) / r.temperature : 0.0f;
+        double w = 0.0;
+#pragma unroll
+        for (u32 u = 0; u < 8; u++)
+            if (j0 + u < r.v && order_key(cs[u]) == prefix && within(prefix, j0 + u, lim)) w += MASS ? r.e(cs[u]) : 1.0;
+        double total;
+        const double incl = above + block_scan(w, s->sh, &total);
+        double acc = incl - w;
+        const bool crosses = strict ? incl > target : incl >= target;
+        const bool crossed = strict ? acc > target : acc >= target;
+        if (w > 0.0 && crosses && !crossed) {
+#pragma unroll
+            for (u32 u = 0; u < 8; u++) {
+                if (j0 + u >= r.v || order_key(cs[u]) != prefix || !within(prefix, j0 + u, lim)) continue;
+                acc += MASS ? r.e(cs[u]) : 1.0;
+                if (strict ? acc > target : acc >= target) {
+                    atomicMin(&s->found, j0 + u);
+                    break;
+                }
             }
         }
+        above += total;
+        __syncthreads();
+        if (s->found != 0xffffffffu) break;
     }
-    __syncthreads();
     const u32 found = s->found;
     __syncthreads();
     return found == 0xffffffffu ? lim : Cut{prefix, found};
@@ -231,11 +284,12 @@ __device__ __forceinline__ Cut select_cut(const SampleRow<D> r, Cut lim, double 
 template <class D, bool MASS>
 __device__ __forceinline__ double weight_within(const SampleRow<D> r, Cut lim, float min_e, SampleShared* s) {
     double w = 0.0;
-    for (u32 j = threadIdx.x; j < r.v; j += blockDim.x) {
-        const float c = r.c(j);
+    row_pass<D>(r.x, r.base, r.v, [&](float xj, u32 j, bool ok) {
+        const float c = xj / r.temperature;
+        if (!ok || !within(order_key(c), j, lim)) return;
         const double e = r.e(c);
-        if (within(order_key(c), j, lim) && e >= (double)min_e) w += MASS ? e : 1.0;
-    }
+        if (e >= (double)min_e) w += MASS ? e : 1.0;
+    });
     return block_sum(w, s->sh);
 }
 
@@ -249,7 +303,9 @@ __device__ void sample_row(u32* index, float* logprob, const typename D::T* x, c
     __shared__ SampleShared s;
     SampleRow<D> r = {x, (u64)blockIdx.x * v, v, p.temperature, 0.0f};
     double m = -INFINITY;
-    for (u32 j = threadIdx.x; j < v; j += blockDim.x) m = fmax(m, (double)r.c(j));
+    row_pass<D>(x, r.base, v, [&](float xj, u32, bool ok) {
+        if (ok) m = fmax(m, (double)(xj / r.temperature));
+    });
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
     __syncthreads();

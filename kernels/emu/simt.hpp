@@ -856,6 +856,15 @@ template <class T>
 inline T __shfl_sync(unsigned, T v, int src) { return emu::shfl(v, src); }
 template <class T>
 inline T __shfl_up_sync(unsigned, T v, unsigned delta) { return emu::shfl_up(v, delta); }
+inline unsigned __ballot_sync(unsigned, int pred) {
+    unsigned out = 0;
+    const int mine = pred != 0;
+    emu::exchange(mine, [&](auto at) {
+        for (unsigned l = 0; l < 32; l++) out |= (unsigned)at(l) << l;
+    });
+    return out;
+}
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 // Blocks run on several OS threads at once: global atomics are real ones.
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
