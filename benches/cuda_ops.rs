@@ -5,6 +5,8 @@
 //!   32 query / 8 KV heads: the tensor-core kernel, and the split kernel up to 2k tokens;
 //! - decode attention over the paged cache, achieved bandwidth (K and V bytes read), batch 1 to 256,
 //!   context 1k to 32k;
+//! - choosing tokens from Llama-3's logits (128256 wide) at 1 and 64 rows: argmax and a sampled
+//!   draw (temperature, top-p), GB/s of the logits read once;
 //! - one Llama-3-8B layer's projections at decode, 1, 2 and 8 rows (our GEMV kernel, cuBLAS and
 //!   tuned cuBLASLt, read bandwidth), batched decode at 64 rows (cuBLAS and cuBLASLt, read
 //!   bandwidth) and 256 (TFLOP/s), and at prefill (the same two, TFLOP/s).
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use highrise::core::ops::{PagedSeq, Scores};
+use highrise::core::ops::{PagedSeq, SampleParams, Scores};
 use highrise::core::{Backend, DType, Tensor};
 use highrise_cuda::CudaBackend;
 
@@ -305,7 +307,7 @@ fn sweep_host() {
             let run = |n| {
                 let once = || {
                     let t = Instant::now();
-                    highrise::engine::bench::concurrent(&model, &tok, batch, n, 8 << 30).unwrap();
+                    highrise::engine::bench::concurrent(&model, &tok, batch, n, 8 << 30, &Default::default()).unwrap();
                     t.elapsed().as_secs_f64()
                 };
                 (0..3).map(|_| once()).fold(f64::MAX, f64::min)
@@ -436,6 +438,34 @@ fn main() {
             let secs = time(&b, 5, &mut run).as_secs_f64() / 5.0;
             // The copy ceiling counts read + write; attention only reads.
             rows.push(Row { test: format!("decode attention batch {batch} ctx {ctx}"), figure: bytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 });
+        }
+    }
+    g.finish();
+
+    // Choosing tokens from Llama-3's 128256-wide logits at 1 and 64 rows: greedy (argmax) and a
+    // draw as a chat request asks (temperature 0.8, top-p 0.95: radix passes over the row). GB/s of
+    // the logits read once, so the ceiling is one pass at the copy bandwidth.
+    let mut g = c.benchmark_group("sampling");
+    let vocab = 128_256usize;
+    for rows_n in [1usize, 64] {
+        let x = random(&b, DType::BF16, &[rows_n, vocab], 4.0);
+        let (mut index, mut logprob) = (Tensor::empty(&b, DType::U32, &[rows_n]).unwrap(), Tensor::empty(&b, DType::F32, &[rows_n]).unwrap());
+        let params: Vec<SampleParams> =
+            (0..rows_n).map(|r| SampleParams { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0, uniform: (r as f64 + 0.5) / rows_n as f64 }).collect();
+        let bytes = (rows_n * vocab * 2) as u64;
+        for kernel in ["argmax", "sample"] {
+            let mut run = || {
+                if kernel == "argmax" {
+                    b.argmax(&mut index, &mut logprob, &x).unwrap()
+                } else {
+                    b.sample(&mut index, &mut logprob, &x, &params).unwrap()
+                }
+            };
+            g.throughput(Throughput::Bytes(bytes));
+            g.bench_function(BenchmarkId::new(kernel, rows_n), |bn| bn.iter_custom(|iters| time(&b, iters, &mut run)));
+            let secs = time(&b, 10, &mut run).as_secs_f64() / 10.0;
+            let what = if kernel == "argmax" { "argmax" } else { "sample (T 0.8, top-p 0.95)" };
+            rows.push(Row { test: format!("{what} {rows_n} x {vocab} ({:.0} us)", secs * 1e6), figure: bytes as f64 / secs / 1e9, unit: "GB/s read", ceiling: copy_bw / 1e9 });
         }
     }
     g.finish();

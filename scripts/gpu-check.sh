@@ -17,7 +17,8 @@
 #   6. `highrise bench` on a Llama-3-8B-shaped model with random bf16 weights (batch 1 to 256, with
 #      every residual tap on, and where a token's time goes, at batch 1 and in each batch; the
 #      cuBLASLt algorithm each GEMM shape was given, with its time and the heuristic's first's); its
-#      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy;
+#      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy,
+#      and batches 1 and 64 sampled as chat requests are (temperature, top-p) instead of greedy;
 #   7. under Nsight Compute, each kernel's device time in 8B decode steps at batch 1, 64 and 256.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own right after (a warm machine is handed back after 30 s idle):
@@ -164,6 +165,10 @@ HIGHRISE_GEMM_LOG=1 step bench-8b 170 "$bundle/highrise" bench --backend cuda --
 # The same decode with the graphs' programmatic dependent launches off: what they buy.
 HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 0 --tg 64 --reps 2 -c 1 -c 64 --kv-memory 4G
+# The same batches drawing their tokens as chat requests do (temperature 0.8, top-p 0.95: the
+# sampling kernel over the vocabulary every step, where greedy runs argmax): what sampling costs.
+step bench-8b-sampled 60 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
+    --pp 0 --tg 0 -c 1 -c 64 --temperature 0.8 --top-p 0.95 --kv-memory 4G
 # 7. Each kernel's device time in decode steps of the 8B shape (batch 1, 64, 256; op by op under
 # Nsight Compute, which runs kernels one at a time: what a token costs on the device alone, beside
 # the bench's time per token, whose difference is the gaps). Clocks as they run (--clock-control none).
@@ -215,6 +220,9 @@ fi
     echo
     echo "the same decode without programmatic dependent launches (HIGHRISE_PDL=0):"
     grep -E '^\| random' "$out/bench-8b-nopdl.txt" || tail -3 "$out/bench-8b-nopdl.txt"
+    echo
+    echo "the same batches sampled (temperature 0.8, top-p 0.95) instead of greedy:"
+    grep -E '^\| random' "$out/bench-8b-sampled.txt" || tail -3 "$out/bench-8b-sampled.txt"
     echo
     echo "each kernel's device time in 8B decode steps, then each decode attention launch at the bench's"
     echo "shapes (1x1k, 1x8k, 1x32k, 8x8k, 64x8k; three launches each) (Nsight Compute, scripts/ncu-steps.py):"

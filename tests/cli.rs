@@ -201,3 +201,19 @@ fn bench_runs_only_the_tests_asked_for() {
     assert_eq!(tests, ["tg8"], "{out}");
     assert!(j["results"][0]["tokens_per_second"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_samples_its_concurrent_requests_when_asked() {
+    // --temperature and --top-p reach the -c tests' requests (the sampling kernel, not argmax) and
+    // their names.
+    let out = stdout_ok(&["bench", "--model", "random:tiny", "--pp", "0", "--tg", "0", "-c", "2", "--temperature", "0.8", "--top-p", "0.9", "-r", "1", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tests: Vec<&str> = j["results"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["tg64 x2 T=0.8 top-p 0.9"], "{out}");
+    assert!(j["results"][0]["tokens_per_second"].as_f64().unwrap() > 0.0);
+    // A temperature the engine refuses is an error naming it, not a panic.
+    let bad = highrise(&["bench", "--model", "random:tiny", "--pp", "0", "--tg", "0", "-c", "1", "--temperature=-1"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("temperature") && !err.contains("panicked"), "{err}");
+}

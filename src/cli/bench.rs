@@ -37,13 +37,20 @@ pub struct BenchArgs {
     /// projection shape, calls, time per call, share.
     #[arg(long)]
     pub profile: bool,
+    /// Sampling temperature of the concurrent (-c) tests' requests; 0 (the default) is greedy.
+    /// A chat request's draw runs the sampling kernel over the vocabulary every step.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-p (nucleus) of the concurrent tests' requests where --temperature is above 0.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(a: &BenchArgs) -> AnyResult<()> {
-    let BenchArgs { model: args, prompt: pp, generate: tg, depth: depths, reps, concurrency, kv_memory, taps, profile, json } = a;
+    let BenchArgs { model: args, prompt: pp, generate: tg, depth: depths, reps, concurrency, kv_memory, taps, profile, temperature, top_p, json } = a;
     let (reps, taps, profile, json) = (*reps, *taps, *profile, *json);
     use highrise::core::profile as op_profile;
     use highrise::engine::bench;
@@ -78,8 +85,13 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
             profiles.push((m?.test, op_profile::take(), n));
         }
     }
+    let sampling = highrise::engine::sampling::SamplingParams {
+        temperature: *temperature,
+        top_p: *top_p,
+        ..Default::default()
+    };
     for &c in concurrency.iter().filter(|&&c| c > 0) {
-        let m = bench::concurrent(&model, &tokenizer, c, 64, kv_bytes)?;
+        let m = bench::concurrent(&model, &tokenizer, c, 64, kv_bytes, &sampling)?;
         let test = m.test.clone();
         results.push(m);
         if profile && c > 1 {
@@ -87,7 +99,7 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
             // batched step's time goes, its 8-token prompts' prefill included.
             op_profile::take();
             op_profile::enable(true);
-            let m = bench::concurrent(&model, &tokenizer, c, 64, kv_bytes);
+            let m = bench::concurrent(&model, &tokenizer, c, 64, kv_bytes, &sampling);
             op_profile::enable(false);
             let tokens = m?.tokens;
             profiles.push((test, op_profile::take(), tokens));

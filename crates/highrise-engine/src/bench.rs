@@ -204,8 +204,16 @@ pub fn decode(model: &Llama, n: usize, depth: usize, reps: usize, taps: bool, gr
 }
 
 /// Total generation throughput with `concurrency` sequences decoding together: each a short prompt
-/// and `n` generated tokens, all submitted at once to an engine with `kv_bytes` of cache.
-pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurrency: usize, n: usize, kv_bytes: usize) -> Result<Measurement> {
+/// and `n` generated tokens chosen by `sampling`, all submitted at once to an engine with
+/// `kv_bytes` of cache.
+pub fn concurrent(
+    model: &Llama,
+    tokenizer: &highrise_model::Tokenizer,
+    concurrency: usize,
+    n: usize,
+    kv_bytes: usize,
+    sampling: &crate::sampling::SamplingParams,
+) -> Result<Measurement> {
     use crate::engine::{Engine, EngineConfig, Request};
     use crate::request::GenerateParams;
     let mut config = EngineConfig::with_kv_memory(model, kv_bytes);
@@ -214,7 +222,7 @@ pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurre
     const PROMPT: usize = 8;
     let prompt = tokens(model, PROMPT);
     // ignore_eos: every sequence generates exactly n tokens, so the work is the same every run.
-    let params = GenerateParams { max_tokens: n, ignore_eos: true, ..Default::default() };
+    let params = GenerateParams { max_tokens: n, ignore_eos: true, sampling: sampling.clone(), ..Default::default() };
     // A warm-up of the same batch for two tokens, untimed (llama-bench's warm-up run): its prefill
     // and first decode step are this test's shapes, so graph captures and the backend's first runs
     // of them (where it times GEMM algorithms) fall here, not in the timed run.
@@ -231,7 +239,11 @@ pub fn concurrent(model: &Llama, tokenizer: &highrise_model::Tokenizer, concurre
     let done = engine.run_to_completion()?;
     let generated: usize = done.iter().map(|(_, g)| g.ids.len()).sum();
     Ok(Measurement {
-        test: format!("tg{n} x{concurrency}"),
+        test: if sampling.temperature > 0.0 {
+            format!("tg{n} x{concurrency} T={} top-p {}", sampling.temperature, sampling.top_p)
+        } else {
+            format!("tg{n} x{concurrency}")
+        },
         tokens: generated,
         tokens_per_sec: vec![generated as f64 / start.elapsed().as_secs_f64()],
         kind: Test::Concurrent { sequences: concurrency, n, prompt: PROMPT },
