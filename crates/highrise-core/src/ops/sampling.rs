@@ -168,57 +168,91 @@ pub fn sample_row(row: &[f32], p: &SampleParams) -> (u32, f32) {
 /// The buffers `sample_row_in` works in (a vocabulary's worth each), kept between rows.
 #[derive(Default)]
 pub struct SampleScratch {
-    cand: Vec<(u32, f32)>,
-    probs: Vec<f64>,
+    /// (token, logit / temperature, e = exp(that - max)).
+    cand: Vec<(u32, f32, f64)>,
 }
 
-/// `sample_row` in reusable buffers.
+/// How many of the order's first tokens `sample_row_in` sorts before it knows whether the cuts and
+/// the draw need more (then eight times as many): a language model's draw is nearly always among
+/// its first few hundred tokens, where sorting the whole vocabulary (128k for Llama 3) cost ~2 ms
+/// a row, most of a small model's decoded token on a CPU.
+const SORTED_FIRST: usize = 512;
+
+/// `sample_row` in reusable buffers. The order's first tokens are sorted only as far as the cuts
+/// and the draw reach (a selection, then a sort of that prefix); the weights' total is summed in
+/// the candidates' own order.
 pub fn sample_row_in(row: &[f32], p: &SampleParams, scratch: &mut SampleScratch) -> (u32, f32) {
     if p.is_greedy() {
         let token = argmax_row(row);
         return (token as u32, log_softmax_at(row, token));
     }
-    let by_value = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let SampleScratch { cand, probs } = scratch;
+    let by_value = |a: &(u32, f32, f64), b: &(u32, f32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let cand = &mut scratch.cand;
     cand.clear();
-    cand.extend(row.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)));
+    cand.extend(row.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature, 0.0)));
     let k = if p.top_k == 0 { cand.len() } else { (p.top_k as usize).min(cand.len()) };
     if k < cand.len() {
         cand.select_nth_unstable_by(k - 1, by_value);
         cand.truncate(k);
     }
-    cand.sort_unstable_by(by_value);
-    let max = cand[0].1;
-    probs.clear();
-    probs.extend(cand.iter().map(|c| ((c.1 - max) as f64).exp()));
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|q| *q /= total);
-    let mut keep = probs.len();
-    if p.top_p < 1.0 {
-        let mut acc = 0.0;
-        keep = probs
-            .iter()
-            .position(|&q| {
-                acc += q;
-                acc >= p.top_p as f64
-            })
-            .map_or(keep, |i| i + 1);
+    // The first in the order: the largest value.
+    let max = cand.iter().min_by(|a, b| by_value(a, b)).map_or(0.0, |c| c.1);
+    let mut total = 0.0;
+    for c in cand.iter_mut() {
+        c.2 = ((c.1 - max) as f64).exp();
+        total += c.2;
     }
-    if p.min_p > 0.0 {
-        let floor = probs[0] * p.min_p as f64;
-        keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-    }
-    let kept: f64 = probs[..keep].iter().sum();
-    let mut r = p.uniform * kept;
-    let mut pick = keep - 1;
-    for (i, q) in probs[..keep].iter().enumerate() {
-        if r < *q {
-            pick = i;
-            break;
+    let n = cand.len();
+    let mut m = n.min(SORTED_FIRST);
+    loop {
+        if m < n {
+            cand.select_nth_unstable_by(m - 1, by_value);
+            cand[..m].sort_unstable_by(by_value);
+        } else {
+            cand.sort_unstable_by(by_value);
         }
-        r -= q;
+        // Probabilities of the sorted prefix; the cuts and the draw below each need at most
+        // `m` of them, or the prefix grows.
+        let q = |i: usize| cand[i].2 / total;
+        let mut keep = n;
+        let mut more = false;
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            match (0..m).position(|i| {
+                acc += q(i);
+                acc >= p.top_p as f64
+            }) {
+                Some(i) => keep = i + 1,
+                None => more = m < n,
+            }
+        }
+        if p.min_p > 0.0 && !more {
+            // Those at least min_p times the first: a prefix of the order.
+            let floor = q(0) * p.min_p as f64;
+            let count = (0..m).take_while(|&i| q(i) >= floor).count();
+            more = count == m && m < n;
+            keep = keep.min(count.max(1));
+        }
+        if !more {
+            // The kept tokens' mass (every token's: summed in their own order where not all are sorted).
+            let kept: f64 = if keep <= m { (0..keep).map(q).sum() } else { cand.iter().map(|c| c.2 / total).sum() };
+            let mut r = p.uniform * kept;
+            let mut pick = None;
+            for i in 0..keep.min(m) {
+                if r < q(i) {
+                    pick = Some(i);
+                    break;
+                }
+                r -= q(i);
+            }
+            // Rounding left the draw past the run: its last token.
+            let pick = pick.or((keep <= m).then(|| keep - 1));
+            if let Some(i) = pick {
+                return (cand[i].0, (q(i) / kept).ln() as f32);
+            }
+        }
+        m = (m * 8).min(n);
     }
-    (cand[pick].0, (probs[pick] / kept).ln() as f32)
 }
 
 #[cfg(test)]
@@ -227,6 +261,70 @@ mod tests {
 
     fn params(temperature: f32, top_k: u32, top_p: f32, min_p: f32, uniform: f64) -> SampleParams {
         SampleParams { temperature, top_k, top_p, min_p, uniform }
+    }
+
+    /// The definition with the whole order sorted, as `sample_row_in` was written before it sorted
+    /// only the prefix the cuts and the draw reach.
+    fn sample_row_sorted(row: &[f32], p: &SampleParams) -> (u32, f32) {
+        let by_value = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let mut cand: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        let k = if p.top_k == 0 { cand.len() } else { (p.top_k as usize).min(cand.len()) };
+        cand.sort_unstable_by(by_value);
+        cand.truncate(k);
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            keep = probs.iter().position(|&q| {
+                acc += q;
+                acc >= p.top_p as f64
+            }).map_or(keep, |i| i + 1);
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p as f64;
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let kept: f64 = probs[..keep].iter().sum();
+        let mut r = p.uniform * kept;
+        let mut pick = keep - 1;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            if r < *q {
+                pick = i;
+                break;
+            }
+            r -= q;
+        }
+        (cand[pick].0, (probs[pick] / kept).ln() as f32)
+    }
+
+    #[test]
+    fn sorting_only_the_reached_prefix_draws_what_sorting_everything_does() {
+        // Rows peaked as a language model's (a few hundred tokens hold the mass) and flat (the draw
+        // reaches thousands deep, so the sorted prefix grows), with runs of ties; every cut.
+        let mut state = 7u64;
+        let mut uniform = || (crate::rand::splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+        let mut scratch = SampleScratch::default();
+        let mut deep = 0;
+        for (v, spread) in [(49152usize, 30.0f32), (49152, 6.0), (5000, 2.0), (3, 1.0), (600, 0.0)] {
+            for round in 0..6 {
+                let mut row: Vec<f32> = (0..v).map(|_| (uniform() as f32 - 0.5) * spread).collect();
+                for j in (0..v.saturating_sub(40)).step_by(97) {
+                    row[j + 1] = row[j];
+                }
+                for (temperature, top_k, top_p, min_p) in [(0.8, 0, 1.0, 0.0), (1.0, 0, 0.95, 0.0), (1.3, 40, 0.9, 0.0), (0.7, 0, 1.0, 0.05), (1.0, 0, 0.999, 0.001)] {
+                    let p = SampleParams { temperature, top_k, top_p, min_p, uniform: if round == 0 { 0.999_999 } else { uniform() } };
+                    let (want, got) = (sample_row_sorted(&row, &p), sample_row_in(&row, &p, &mut scratch));
+                    assert_eq!(got.0, want.0, "v {v} spread {spread} {p:?}");
+                    assert!((got.1 - want.1).abs() <= 1e-5 * want.1.abs().max(1.0), "v {v} {p:?}: logprob {} vs {}", got.1, want.1);
+                    let rank = row.iter().filter(|&&x| x > row[got.0 as usize]).count();
+                    deep += (rank >= SORTED_FIRST) as usize;
+                }
+            }
+        }
+        assert!(deep > 0, "some draws fell past the first sorted prefix (it grew)");
     }
 
     #[test]
