@@ -58,9 +58,9 @@ pub fn argmax(ts: &Tensors, op: &Argmax) -> Result<()> {
     })
 }
 
-/// The definition itself (`sample_row`), row by row, each thread in buffers of its own that it
-/// keeps (a vocabulary's candidates and probabilities, about 0.8 MB at 49k tokens: allocated anew
-/// per row they came and went through the allocator's arenas of every thread of the team).
+/// The definition itself (`sample_row`), row by row, each thread in a buffer of its own that it
+/// keeps (a vocabulary's candidates with their weights, about 0.8 MB at 49k tokens: allocated anew
+/// per row it came and went through the allocator's arenas of every thread of the team).
 pub fn sample(ts: &Tensors, op: &Sample) -> Result<()> {
     thread_local! {
         static SCRATCH: RefCell<SampleScratch> = RefCell::new(SampleScratch::default());
