@@ -1,9 +1,7 @@
 //! The logits on the backend: their soft-cap (Gemma 2), and choosing tokens: greedy argmax, and
 //! draws by temperature / top-k / top-p / min-p, each with the chosen token's log-probability.
 
-use std::cell::RefCell;
-
-use highrise_core::ops::sampling::{sample_row_in, SampleScratch};
+use highrise_core::ops::sampling::sample_row;
 use highrise_core::ops::{Argmax, Sample, Softcap};
 use highrise_core::{Result, TensorRef};
 
@@ -58,17 +56,10 @@ pub fn argmax(ts: &Tensors, op: &Argmax) -> Result<()> {
     })
 }
 
-/// The definition itself (`sample_row`), row by row, each thread in a buffer of its own that it
-/// keeps (a vocabulary's candidates with their weights, about 0.8 MB at 49k tokens: allocated anew
-/// per row it came and went through the allocator's arenas of every thread of the team).
+/// The definition itself (`sample_row`, which keeps its buffer per thread), row by row.
 pub fn sample(ts: &Tensors, op: &Sample) -> Result<()> {
-    thread_local! {
-        static SCRATCH: RefCell<SampleScratch> = RefCell::new(SampleScratch::default());
-    }
     let params = op.params.as_slice();
-    per_row(ts, "sample", (&op.index, &op.logprob, &op.x), |b, row| {
-        SCRATCH.with(|s| sample_row_in(row, &params[b], &mut s.borrow_mut()))
-    })
+    per_row(ts, "sample", (&op.index, &op.logprob, &op.x), |b, row| sample_row(row, &params[b]))
 }
 
 /// `x = cap * tanh(x / cap)` in place: the logits' soft-cap.

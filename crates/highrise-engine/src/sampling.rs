@@ -3,7 +3,7 @@
 //! same tokens whatever else runs beside it.
 
 pub use highrise_core::ops::sampling::top_log_softmax;
-use highrise_core::ops::sampling::{argmax_row, sample_row_in, FieldError, SampleParams, SampleScratch};
+use highrise_core::ops::sampling::{argmax_row, sample_row, FieldError, SampleParams};
 use highrise_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -122,18 +122,18 @@ impl Sampler {
 
     /// Picks the next token. `prompt` and `output` are the ids so far (for the penalties).
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Sampled {
-        // The row and the draw's buffers are this thread's, kept between tokens (a vocabulary's
-        // worth each: allocated per token they were ~2.5 MB a sampled row at 128k tokens).
+        // The penalized row is this thread's buffer, kept between tokens (`sample_row` keeps its
+        // own likewise).
         thread_local! {
-            static SCRATCH: std::cell::RefCell<(Vec<f32>, SampleScratch)> = Default::default();
+            static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let draw = self.draw();
-        SCRATCH.with(|s| {
-            let (row, scratch) = &mut *s.borrow_mut();
+        ROW.with(|r| {
+            let row = &mut *r.borrow_mut();
             row.clear();
             row.extend_from_slice(logits);
             self.penalize(row, prompt, output);
-            let (token, logprob) = sample_row_in(row, &draw, scratch);
+            let (token, logprob) = sample_row(row, &draw);
             Sampled { token, logprob }
         })
     }

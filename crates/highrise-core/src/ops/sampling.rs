@@ -161,13 +161,19 @@ pub fn top_log_softmax(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 /// [`Sample`] for one row of logits: (token, its log-probability among those kept).
+/// Works in a buffer of the calling thread's, kept between rows (a vocabulary's candidates with
+/// their weights: ~2 MB at 128k tokens, allocated anew per row it came and went through the
+/// allocator on every sampled token, in the CPU backend's threads and in the host sampler alike).
 pub fn sample_row(row: &[f32], p: &SampleParams) -> (u32, f32) {
-    sample_row_in(row, p, &mut SampleScratch::default())
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<SampleScratch> = Default::default();
+    }
+    SCRATCH.with(|s| sample_row_in(row, p, &mut s.borrow_mut()))
 }
 
-/// The buffers `sample_row_in` works in (a vocabulary's worth each), kept between rows.
+/// The buffer `sample_row_in` works in.
 #[derive(Default)]
-pub struct SampleScratch {
+struct SampleScratch {
     /// (token, logit / temperature, e = exp(that - max)).
     cand: Vec<(u32, f32, f64)>,
 }
@@ -178,10 +184,10 @@ pub struct SampleScratch {
 /// a row, most of a small model's decoded token on a CPU.
 const SORTED_FIRST: usize = 512;
 
-/// `sample_row` in reusable buffers. The order's first tokens are sorted only as far as the cuts
+/// `sample_row` in `scratch`. The order's first tokens are sorted only as far as the cuts
 /// and the draw reach (a selection, then a sort of that prefix); the weights' total is summed in
 /// the candidates' own order.
-pub fn sample_row_in(row: &[f32], p: &SampleParams, scratch: &mut SampleScratch) -> (u32, f32) {
+fn sample_row_in(row: &[f32], p: &SampleParams, scratch: &mut SampleScratch) -> (u32, f32) {
     if p.is_greedy() {
         let token = argmax_row(row);
         return (token as u32, log_softmax_at(row, token));
