@@ -30,7 +30,7 @@ use crate::driver::{Driver, Gemm, Launch, Param, Region};
 
 /// Parameter bytes a launch can hold (the kernels take at most 16 parameters of at most 8 bytes).
 const ARG_BYTES: usize = 128;
-const MAX_ARGS: usize = 16;
+pub(crate) const MAX_ARGS: usize = 16;
 
 /// One device operation of a step, as the backend would have queued it.
 #[derive(Clone, PartialEq)]
@@ -51,10 +51,11 @@ pub(crate) enum Work {
 }
 
 impl Work {
-    /// A launch of `kernel` with `args`: (size, value bytes) each.
-    pub fn launch(kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &[(usize, Param)]) -> Result<Work> {
+    /// A launch of `kernel` with `args`: (size, value bytes) each, of the `given` the kernel was
+    /// passed (more than `args` holds: refused).
+    pub fn launch(kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), shared: u32, args: &[(usize, Param)], given: usize) -> Result<Work> {
         let (mut sizes, mut bytes, mut at) = ([0u8; MAX_ARGS], [0u8; ARG_BYTES], 0);
-        if args.len() > MAX_ARGS || args.iter().map(|a| a.0).sum::<usize>() > ARG_BYTES {
+        if given != args.len() || args.len() > MAX_ARGS || args.iter().map(|a| a.0).sum::<usize>() > ARG_BYTES {
             return Err(Error::Backend(format!("cuda graphs: {kernel} has more parameters than a recorded launch holds")));
         }
         for (i, &(size, p)) in args.iter().enumerate() {
@@ -398,7 +399,7 @@ mod tests {
 
     fn step(key: u64, n: u32) -> Step {
         let mut s = Step::new(key);
-        s.push(Work::launch("k", (1, 1, 1), (32, 1, 1), 0, &[(4, &n as *const u32 as Param)]).unwrap());
+        s.push(Work::launch("k", (1, 1, 1), (32, 1, 1), 0, &[(4, &n as *const u32 as Param)], 1).unwrap());
         s
     }
 

@@ -64,8 +64,8 @@ struct OpState {
     meta_bytes: usize,
     meta_need: usize,
     graphs: graph::Graphs,
-    /// Blocks an SM holds at once, per kernel asked (`Driver::blocks_per_sm`).
-    occupancy: std::collections::HashMap<String, u32>,
+    /// Blocks an SM holds at once, per kernel asked: (threads, shared bytes, blocks) (`Driver::blocks_per_sm`).
+    occupancy: std::collections::HashMap<String, Vec<(u32, u32, u32)>>,
     /// decode_attn's slice counters (u32s, zero between launches: `slice_counters`).
     counters: u64,
     counters_bytes: usize,
@@ -274,12 +274,13 @@ impl CudaBackend {
 
     /// `Driver::blocks_per_sm`, asked once per kernel and launch size.
     fn blocks_per_sm(&self, st: &mut OpState, kernel: &str, threads: u32, shared_bytes: u32) -> Result<u32> {
-        let key = format!("{kernel} {threads} {shared_bytes}");
-        if let Some(&n) = st.occupancy.get(&key) {
+        // Looked up by the name as given (no key built per launch: decode asks every layer).
+        let known = st.occupancy.get(kernel).and_then(|v| v.iter().find(|e| (e.0, e.1) == (threads, shared_bytes)));
+        if let Some(&(_, _, n)) = known {
             return Ok(n);
         }
         let n = self.driver.blocks_per_sm(kernel, threads, shared_bytes)?;
-        st.occupancy.insert(key, n);
+        st.occupancy.entry(kernel.to_string()).or_default().push((threads, shared_bytes, n));
         Ok(n)
     }
 
@@ -320,12 +321,18 @@ impl CudaBackend {
         shared_bytes: u32,
         args: &[&dyn KernelArg],
     ) -> Result<()> {
-        let params = kernel_params(args);
         if let Some(step) = self.recording().as_mut() {
-            let sized: Vec<(usize, Param)> = args.iter().zip(&params).map(|(a, &p)| (a.size(), p)).collect();
-            step.push(graph::Work::launch(name, grid, block, shared_bytes, &sized)?);
+            // On the stack: a graph step records every launch of every layer.
+            let mut sized = [(0, std::ptr::null_mut()); graph::MAX_ARGS];
+            let n = args.len().min(sized.len());
+            for (s, a) in sized.iter_mut().zip(args) {
+                *s = (a.size(), a.param());
+            }
+            let sized = if args.len() > n { &[] } else { &sized[..n] };
+            step.push(graph::Work::launch(name, grid, block, shared_bytes, sized, args.len())?);
             return Ok(());
         }
+        let params = kernel_params(args);
         // SAFETY: the argument list matches the kernel's signature (kept together in ops.rs and the
         // .cu files, and checked against the PTX by the recording driver in tests/cuda_host.rs);
         // every pointer was checked against its allocation's size; the values live until this call

@@ -78,8 +78,8 @@ impl QkvLinear<'_> {
     }
 
     pub(crate) fn validate(&self, c: &Check) -> CheckResult {
-        for (name, part) in ["q", "k", "v"].iter().zip(self.parts()) {
-            c.same_dtype(&format!("w{name}"), &part.weight, "x", &self.x)?;
+        for ((name, weight), part) in [("q", "wq"), ("k", "wk"), ("v", "wv")].into_iter().zip(self.parts()) {
+            c.same_dtype(weight, &part.weight, "x", &self.x)?;
             part.validate(c).map_err(|e| format!("{name}: {e}"))?;
         }
         Ok(())
@@ -121,7 +121,25 @@ impl RopeConfig {
 
     /// The rotation frequency of each of the `head_dim / 2` dimension pairs, scaling applied. Every
     /// backend takes its angles from here, so they agree on the formula.
+    ///
+    /// Kept per thread for the last (config, head dim) asked: every layer of every step asks again,
+    /// and each answer is `head_dim / 2` powers (a tenth of the CUDA backend's host time a decode
+    /// step at batch 1).
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<(RopeConfig, usize, Vec<f64>)>> = const { std::cell::RefCell::new(None) };
+        }
+        LAST.with_borrow_mut(|last| match last {
+            Some((config, d, freqs)) if config == self && *d == head_dim => freqs.clone(),
+            _ => {
+                let freqs = self.compute_inv_freq(head_dim);
+                *last = Some((*self, head_dim, freqs.clone()));
+                freqs
+            }
+        })
+    }
+
+    fn compute_inv_freq(&self, head_dim: usize) -> Vec<f64> {
         let theta = self.theta as f64;
         (0..head_dim / 2)
             .map(|i| {
@@ -432,7 +450,10 @@ impl PagedAttention<'_> {
                     table.len()
                 ));
             };
-            if let Some(b) = ids.iter().find(|&&b| b as usize >= blocks) {
+            // The largest id first (a vectorized pass: every layer checks the whole table again),
+            // then which one is out of range.
+            if ids.iter().copied().max().is_some_and(|b| b as usize >= blocks) {
+                let b = ids.iter().find(|&&b| b as usize >= blocks).copied().unwrap_or_default();
                 return Err(format!("sequence {i} names block {b}, but the cache has {blocks}"));
             }
             total += s.q_len as u64;
@@ -455,4 +476,24 @@ fn group_heads(hq: usize, hkv: usize) -> CheckResult {
         return Err(format!("{hq} query heads cannot share {hkv} key/value heads evenly"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kept frequencies are the asked config's and head dim's, whichever was asked before.
+    #[test]
+    fn inv_freq_answers_each_config_and_head_dim_its_own() {
+        let linear = RopeConfig { theta: 10_000.0, scaling: RopeScaling::Linear { factor: 4.0 } };
+        let asks = [(RopeConfig::new(10_000.0), 64), (RopeConfig::new(10_000.0), 128), (RopeConfig::new(500_000.0), 128), (linear, 128)];
+        for round in 0..2 {
+            for &(config, d) in asks.iter().chain(asks.iter().rev()) {
+                let freqs = config.inv_freq(d);
+                assert_eq!(freqs, config.compute_inv_freq(d), "round {round}: {config:?} at {d}");
+                assert_eq!(freqs.len(), d / 2);
+            }
+        }
+        assert_ne!(RopeConfig::new(10_000.0).inv_freq(128), linear.inv_freq(128));
+    }
 }
