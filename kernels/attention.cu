@@ -1223,10 +1223,13 @@ TMA_PROBE(128)
 // own online softmax; at the end the warps' states are merged and the slice's partial state
 // (acc[D], m, l, as attn_split writes it) goes to `partial`, and the last block of the (sequence,
 // KV head) to finish merges them into `out` (decode_merge; with null counters the host launches
-// attn_combine for that instead). The host picks the
-// number of slices from the batch's size alone (enough that one sequence fills the GPU); each
-// sequence cuts its own context into that many, no slice shorter than a chunk per warp, so the grid
-// never depends on context lengths (slices past a short context find no keys and only say so).
+// attn_combine for that instead). The host picks the number of slices from the batch's size alone
+// (enough that one sequence fills the GPU); each sequence cuts its own context into that many, no
+// slice shorter than a chunk per warp, so the grid never depends on context lengths. Slices past a
+// short context find no keys and leave at once (no state, no count: the merge counts and reads
+// only the slices with keys), and where one slice holds the whole context it writes the output
+// itself: a decode step at short contexts (a chat's first hundreds of tokens: one to a few slices
+// with keys of the 48 a batch of one gets on an H200) skips the merge's round trips.
 // seqs[4 i .. 4 i + 4]: the sequence's first query row, its new tokens, its context length (new
 // tokens included), its offset into the block table. Warps and stages are compile-time
 // (-DDA_WARPS, -DDA_STAGES: crates/highrise-cuda/src/flash.rs's decode shapes).
@@ -1257,18 +1260,20 @@ struct DecodeBlocks {
 };
 
 // The slices' merge, by the block of a (sequence, KV head) that finishes last, where a launch of
-// its own (attn_combine) would add a kernel to every layer of a decode step: each block writes its
-// slice's partial state, makes it visible (__threadfence) and counts it on counters[sequence, KV
-// head]; the block that counts the last slice reads every slice's state back and writes the rows'
-// outputs (merge_slices: attn_combine's sums, in its order), and sets the count back to 0 for the
-// next launch (a graph's replays included). The block's rows (its sequence's new tokens x its
-// group's query heads, at most 16) are rows of out [T x hq, D] and of partial [T x hq, splits,
-// D + 2]; splits at most DECODE_SPLITS_MAX (their maxima and sums go to `smem`). Called by the
-// kernel after decode_attn, its arguments read again there, not held through the key loop.
+// its own (attn_combine) would add a kernel to every layer of a decode step: each block with keys
+// writes its slice's partial state, makes it visible (__threadfence) and counts it on
+// counters[sequence, KV head]; the block that counts the last of the `active` slices (those with
+// keys: the first ones, decode_slice) reads their states back and writes the rows' outputs
+// (merge_slices: attn_combine's sums, in its order; the slices past the context, which it would
+// skip, are never written or counted), and sets the count back to 0 for the next launch (a graph's
+// replays included). The block's rows (its sequence's new tokens x its group's query heads, at
+// most 16) are rows of out [T x hq, D] and of partial [T x hq, splits, D + 2]; splits at most
+// DECODE_SPLITS_MAX (their maxima and sums go to `smem`). Called by the kernel after decode_attn,
+// its arguments read again there, not held through the key loop.
 #define DECODE_SPLITS_MAX 64
 
 template <int D, bool BF16>
-__device__ void decode_merge(u16* out, const float* partial, u32* counters, const u32* seqs, u32 hq, u32 hkv, float* smem) {
+__device__ void decode_merge(u16* out, const float* partial, u32* counters, const u32* seqs, u32 hq, u32 hkv, u32 active, float* smem) {
     const u32 q0 = seqs[4 * blockIdx.x], group = hq / hkv, rows = seqs[4 * blockIdx.x + 1] * group, g = blockIdx.y, splits = gridDim.z;
     auto row_of = [=](u32 r) { return (q0 + r / group) * hq + g * group + r % group; };
     __shared__ u32 last;
@@ -1276,15 +1281,15 @@ __device__ void decode_merge(u16* out, const float* partial, u32* counters, cons
     __syncthreads();  // every thread's (and every read of shared memory done)
     if (threadIdx.x == 0) {
         u32* count = counters + blockIdx.x * gridDim.y + blockIdx.y;
-        last = atomicAdd(count, 1u) == splits - 1;
+        last = atomicAdd(count, 1u) == active - 1;
         if (last) *count = 0;
     }
     __syncthreads();
     if (!last) return;
     __threadfence();  // the other blocks' states, seen after their counts
-    float *sm = smem, *sl = smem + 16 * DECODE_SPLITS_MAX;  // [row][slice]
-    for (u32 i = threadIdx.x; i < rows * splits; i += blockDim.x) {
-        const float* p = partial + ((u64)row_of(i / splits) * splits + i % splits) * (D + 2);
+    float *sm = smem, *sl = smem + 16 * DECODE_SPLITS_MAX;  // [row][active slice]
+    for (u32 i = threadIdx.x; i < rows * active; i += blockDim.x) {
+        const float* p = partial + ((u64)row_of(i / active) * splits + i % active) * (D + 2);
         sm[i] = __ldcg(p + D);
         sl[i] = __ldcg(p + D + 1);
     }
@@ -1292,38 +1297,43 @@ __device__ void decode_merge(u16* out, const float* partial, u32* counters, cons
     for (u32 i = threadIdx.x; i < rows * D; i += blockDim.x) {
         const u32 r = i / D, x = i % D;
         const u64 row = row_of(r);
-        const float v = merge_slices(partial + row * splits * (D + 2), D, x, splits, sm + r * splits, sl + r * splits);
+        const float v = merge_slices(partial + row * splits * (D + 2), D, x, active, sm + r * active, sl + r * active);
         out[row * D + x] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
     }
 }
 
 // With a sliding window the slices cut only the keys some row sees (from the first row's window
 // start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
+// Slice `sl` of `splits` of a sequence's context (ctx keys, the last q_len of them new): the keys
+// [begin, end) it takes, and how many of the slices have keys at all (`active`: the first ones; a
+// context shorter than the grid's slices leaves the rest empty). Whole 16-key chunks, at least one
+// chunk per warp; from the sequence alone, so the grid never depends on the contexts (what a CUDA
+// graph replayed step after step needs).
+struct DecodeSlice {
+    u32 begin, end, active;
+};
+__device__ __forceinline__ DecodeSlice decode_slice(u32 ctx, u32 q_len, ScoreMods mods, u32 sl, u32 splits) {
+    const u32 lo = mods.first(ctx - q_len + 1), span = ctx - lo;
+    const u32 split_len = max((span + splits * DA_KEYS - 1) / (splits * DA_KEYS) * DA_KEYS, (u32)(DA_WARPS * DA_KEYS));
+    const u32 begin = min(ctx, lo + sl * split_len);
+    return {begin, min(ctx, begin + split_len), (span + split_len - 1) / split_len};
+}
+
+// The block's slice of the keys, its warps' states left merged-ready in shared memory
+// (decode_finish goes on from there); false, with nothing done, where the slice has no keys.
 template <int D, bool BF16>
-__device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr,
-                            u32 hq, u32 hkv, float scale_log2, ScoreMods mods, u16* smem) {
+__device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr, u32 hq, u32 hkv,
+                            float scale_log2, ScoreMods mods, u16* smem) {
     const u32 sq = blockIdx.x, g = blockIdx.y, sl = blockIdx.z, splits = gridDim.z;
     const u32 q0 = seqs[4 * sq], q_len = seqs[4 * sq + 1], ctx = seqs[4 * sq + 2], kbase = seqs[4 * sq + 3];
     const u32 group = hq / hkv, rows = q_len * group;  // rows <= 16 (the host's condition)
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
     const u32 mi = lane >> 3, mj = lane & 7;
-    // Row r's partial state: token q0 + r / group, query head g * group + r % group, this slice.
-    auto partial_of = [&](u32 r) { return partial + (((u64)(q0 + r / group) * hq + g * group + r % group) * splits + sl) * (D + 2); };
 
-    // Each sequence's context in gridDim.z slices of whole 16-key chunks, at least one chunk per
-    // warp: the grid depends on the batch alone, never on the contexts (what a CUDA graph replayed
-    // step after step needs).
-    const u32 lo = mods.first(ctx - q_len + 1), span = ctx - lo;
-    const u32 split_len = max((span + splits * DA_KEYS - 1) / (splits * DA_KEYS) * DA_KEYS, (u32)(DA_WARPS * DA_KEYS));
-    const u32 begin = min(ctx, lo + sl * split_len), end = min(ctx, begin + split_len);
+    const DecodeSlice slice = decode_slice(ctx, q_len, mods, sl, splits);
+    const u32 begin = slice.begin, end = slice.end;
     const u32 chunks = end > begin ? (end - begin + DA_KEYS - 1) / DA_KEYS : 0;
-    if (chunks == 0) {  // past the context: an empty state, as attn_combine skips it
-        for (u32 r = threadIdx.x; r < rows; r += 32 * DA_WARPS) {
-            partial_of(r)[D] = -INFINITY;
-            partial_of(r)[D + 1] = 0.0f;
-        }
-        return;
-    }
+    if (chunks == 0) return false;  // past the context
     u16* qs = smem;                                                  // [16][D]
     u16* ws = smem + 16 * D + warp * DA_STAGES * 2 * DA_KEYS * D;  // this warp's [stages][K, V][DA_KEYS][D]
 
@@ -1433,8 +1443,8 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
     }
     cp_async_wait<0>();
 
-    // Merge the warps: each writes its rows' (m, l, acc) over its stages' memory, then the block
-    // combines them per row and writes the slice's partial state.
+    // The warps' states: each writes its rows' (m, l, acc) over its stages' memory, for
+    // decode_finish to combine per row.
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         l[hf] += __shfl_xor_sync(0xffffffffu, l[hf], 1);
@@ -1455,20 +1465,66 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
 #pragma unroll
         for (int e = 0; e < 4; e++) wo[(warp * 16 + r_lo + 8 * (e >> 1)) * D + dt * 8 + 2 * quad + (e & 1)] = o[dt][e];
     __syncthreads();
+    return true;
+}
+
+// Row r, dimension x of the block's state: its warps' (m, l, acc) in shared memory (decode_attn's
+// last step) merged, m in log2 units.
+template <int D>
+__device__ __forceinline__ void merged_warps(const u16* smem, u32 r, u32 x, float& mm, float& acc, float& sum) {
+    const float* wm = (const float*)(smem + 16 * D);  // [DA_WARPS][16]
+    const float* wl = wm + DA_WARPS * 16;             // [DA_WARPS][16]
+    const float* wo = wl + DA_WARPS * 16;             // [DA_WARPS][16][D]
+    mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < DA_WARPS; w++) mm = fmaxf(mm, wm[w * 16 + r]);
+    acc = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < DA_WARPS; w++) {
+        const float mw = wm[w * 16 + r];
+        if (mw == -INFINITY) continue;
+        const float scale = fast_exp2(mw - mm);
+        acc += wo[(w * 16 + r) * D + x] * scale;
+        sum += wl[w * 16 + r] * scale;
+    }
+}
+
+// After decode_attn (`keys`: whether the slice had any), its arguments read again rather than held
+// through the key loop: the slice's partial state (acc, m in natural-log units, l) to `partial`, and
+// with `counters` (the kernel's own merge) the count and, by the last, the merge (decode_merge).
+// A slice with no keys writes an empty state for attn_combine (which skips it), and with counters
+// nothing at all: the merge counts and reads only the `active` slices, those with keys. Where one
+// slice has them all (a context shorter than the grid's slices: a chat's first hundreds of tokens
+// at batch 1), it writes the rows' outputs itself, as merge_slices would from its state alone
+// (each weight e^0 = 1), with no state, count or merge.
+template <int D, bool BF16>
+__device__ void decode_finish(float* partial, u16* out, u32* counters, const u32* seqs, u32 hq, u32 hkv, ScoreMods mods,
+                              bool keys, u16* smem) {
+    const u32 sq = blockIdx.x, g = blockIdx.y, sl = blockIdx.z, splits = gridDim.z;
+    const u32 q0 = seqs[4 * sq], q_len = seqs[4 * sq + 1], ctx = seqs[4 * sq + 2];
+    const u32 group = hq / hkv, rows = q_len * group;
+    // Row r: token q0 + r / group, query head g * group + r % group (of out [T x hq, D]).
+    auto row_of = [&](u32 r) { return (u64)(q0 + r / group) * hq + g * group + r % group; };
+    auto partial_of = [&](u32 r) { return partial + (row_of(r) * splits + sl) * (D + 2); };
+    const bool merge = counters != nullptr;
+    if (!keys) {
+        for (u32 r = threadIdx.x; r < rows && !merge; r += 32 * DA_WARPS) {
+            partial_of(r)[D] = -INFINITY;
+            partial_of(r)[D + 1] = 0.0f;
+        }
+        return;
+    }
+    const u32 active = decode_slice(ctx, q_len, mods, sl, splits).active;
+    const bool alone = merge && active == 1;
     const float ln2 = 0.6931471805599453f;
     for (u32 i = threadIdx.x; i < rows * D; i += 32 * DA_WARPS) {
         const u32 r = i / D, x = i % D;
-        float mm = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < DA_WARPS; w++) mm = fmaxf(mm, wm[w * 16 + r]);
-        float acc = 0.0f, sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < DA_WARPS; w++) {
-            const float mw = wm[w * 16 + r];
-            if (mw == -INFINITY) continue;
-            const float scale = fast_exp2(mw - mm);
-            acc += wo[(w * 16 + r) * D + x] * scale;
-            sum += wl[w * 16 + r] * scale;
+        float mm, acc, sum;
+        merged_warps<D>(smem, r, x, mm, acc, sum);
+        if (alone) {
+            const float v = (0.0f + acc) / (0.0f + sum);
+            out[row_of(r) * D + x] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+            continue;
         }
         float* dst = partial_of(r);
         dst[x] = acc;
@@ -1477,6 +1533,7 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
             dst[D + 1] = sum;
         }
     }
+    if (merge && !alone) decode_merge<D, BF16>(out, partial, counters, seqs, hq, hkv, active, (float*)smem);
 }
 
 #define DECODE_ONE(dim, s, bf16)                                                                                  \
@@ -1488,8 +1545,8 @@ __device__ void decode_attn(float* partial, const u16* q, const u16* kc, const u
         DYNAMIC_SHARED(u16, smem);                                                                                \
         KeyAddr addr = {table, block_size};                                                                       \
         ScoreMods mods = {window, softcap};                                                                       \
-        decode_attn<dim, bf16>(partial, q, k, v, seqs, addr, hq, hkv, scale_log2, mods, smem);                    \
-        if (counters != nullptr) decode_merge<dim, bf16>(out, partial, counters, seqs, hq, hkv, (float*)smem);    \
+        const bool keys = decode_attn<dim, bf16>(q, k, v, seqs, addr, hq, hkv, scale_log2, mods, smem);           \
+        decode_finish<dim, bf16>(partial, out, counters, seqs, hq, hkv, mods, keys, smem);                        \
     }
 #define DECODE(dim) DECODE_ONE(dim, bf16, true) DECODE_ONE(dim, f16, false)
 DECODE(64)

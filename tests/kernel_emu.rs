@@ -101,8 +101,8 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
 /// from the wrong stage and O rescaled while P V still writes it; in the warp-specialized one, V
 /// read without waiting for its stage, a stage refilled before its consumers freed it, a consumer's
 /// turn never given, TMA's boxes of a tile landing on one another; in the decode kernel, a chunk
-/// read before its copies land and the next chunk copied over the one in use) is caught, so a pass
-/// above means something.
+/// read before its copies land, the next chunk copied over the one in use and the merge waiting for
+/// slices that never count) is caught, so a pass above means something.
 #[test]
 fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
     let Some(cxx) = compiler() else {
@@ -126,6 +126,7 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
         ("wgmma: softcap left out", "return mods.softcap > 0.0f ? mods.log2_cap(scale_log2)", "return false ? mods.log2_cap(scale_log2)", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1, softcap 0.50: wgmma", "wgmma"),
         ("decode: a chunk used before its copies are waited for", "cp_async_wait<DA_STAGES - 1>();\n        __syncwarp();  // this chunk landed", "cp_async_wait<DA_STAGES>();\n        __syncwarp();  // this chunk landed", "FAIL decode d", "decode"),
         ("decode: the chunk ahead copied into the stage in use", "stage_chunk(ahead, stage == 0 ? DA_STAGES - 1 : stage - 1);", "stage_chunk(ahead, stage);", "FAIL decode d", "decode"),
+        ("decode: the merge waiting for the empty slices too", "last = atomicAdd(count, 1u) == active - 1;", "last = atomicAdd(count, 1u) == splits - 1;", "FAIL decode d", "decode"),
         ("ws: V read without waiting for its stage", "        wait_full(v_full, j - 1);\n", "", "FAIL d64 bf16 causal, 3 prompts (1, 150, 37 rows), 4 heads over 2: wgmma warp-specialized", "ws"),
         ("ws: a stage refilled before it is free", "            if (j >= STAGES) mbar_wait(v_free + s, free_parity);  // and its P V\n", "", "FAIL the launch faulted: deadlock", "ws"),
         ("ws: TMA's boxes of a d128 tile over one another", "tma_load_3d(dst + c * KEYS * 64, map", "tma_load_3d(dst, map", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1: wgmma warp-specialized (TMA)", "ws"),

@@ -278,7 +278,9 @@ bool run_decode(const Case& c, u32 splits) {
     const u32 *sq = seqs.data(), *tab = in.table.data();
     std::vector<u32> counters(nseq * hkv, 0);
     // One launch into fresh partial states and output (NaN), merged in the kernel unless `merge` is
-    // false; false where a partial state within a context was not written.
+    // false; then false where a partial state was not written (attn_combine reads every slice's;
+    // the kernel's own merge only those of the slices with keys, and none where one slice has them
+    // all).
     auto launch = [&](std::vector<float>& partial, std::vector<u16>& out, bool merge) {
         partial.assign((size_t)in.t * hq * splits * (d + 2), NAN);
         out.assign((size_t)in.t * hq * d, 0x7fc0);
@@ -291,7 +293,7 @@ bool run_decode(const Case& c, u32 splits) {
             if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
             if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
         });
-        for (u32 r = 0, s = 0; s < nseq; s++)
+        for (u32 r = 0, s = 0; s < nseq && !merge; s++)
             for (u32 i = 0; i < c.seqs[s].q_len; i++, r++)
                 for (u32 h = 0; h < hq; h++)
                     for (u32 sl = 0; sl < splits; sl++)

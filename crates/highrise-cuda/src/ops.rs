@@ -522,10 +522,10 @@ pub(crate) const DECODE_SPLITS_MAX: u32 = 64;
 /// MMA tile (`DECODE_ROWS`): each sequence's context cut into slices (`decode_splits`: whole waves
 /// of resident blocks, as many as CUDA says an SM holds: several hide the copies' latency), at
 /// most 64, none shorter than a chunk per warp. The count depends on the batch's size alone, never
-/// on the contexts, so a captured step can be replayed (slices past a short context find no keys).
-/// The last block of each (sequence, KV head) to finish merges the slices into the output, counted
-/// on the backend's slice counters: one launch a layer, where a merge of its own
-/// (`attn_combine_*`) was a second.
+/// on the contexts, so a captured step can be replayed (slices past a short context find no keys
+/// and leave at once). The last block of each (sequence, KV head) to finish merges the slices with
+/// keys into the output, counted on the backend's slice counters (a lone one writes it itself):
+/// one launch a layer, where a merge of its own (`attn_combine_*`) was a second.
 fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32) -> Result<()> {
     let s = suffix("paged_attention", op.out.dtype)?;
     let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
