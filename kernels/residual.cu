@@ -17,34 +17,49 @@ __device__ void embedding(typename D::T* out, const void* table, u32 table_dt, c
 // take the loop. Either way the same arithmetic, bit for bit.
 #define NORM_REGS 16
 
+// The register path's weights, w's elements of this thread's part of a row, loaded before the
+// kernel waits for the one before it (PDL_ENTRY: weights are never written by kernels), where they
+// were loaded after the row's sum: a second round trip to memory on every norm's critical path.
+template <class D>
+__device__ __forceinline__ void norm_weights(float* wv, const void* w, u32 w_dt, u32 h) {
+#pragma unroll
+    for (u32 r = 0; r < NORM_REGS; r++) {
+        const u32 i = threadIdx.x + r * blockDim.x;
+        wv[r] = i < h ? load_any(w, i, w_dt) : 0.0f;
+    }
+}
+
 // The register path's end: the row's scale from its sum of squares, and out = v * scale * w.
 template <class D>
-__device__ __forceinline__ void norm_out(typename D::T* out, u64 base, const float* v, float ss, const void* w, u32 w_dt,
-                                         u32 h, float eps) {
+__device__ __forceinline__ void norm_out(typename D::T* out, u64 base, const float* v, float ss, const float* wv, u32 h, float eps) {
     const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
 #pragma unroll
     for (u32 r = 0; r < NORM_REGS; r++) {
         const u32 i = threadIdx.x + r * blockDim.x;
-        if (i < h) D::store(out, base + i, v[r] * inv * load_any(w, i, w_dt));
+        if (i < h) D::store(out, base + i, v[r] * inv * wv[r]);
     }
 }
 
-// out[t] = x[t] / rms(x[t]) * w  (x, out [T, H]; w [H] of dtype w_dt)
+// out[t] = x[t] / rms(x[t]) * w  (x, out [T, H]; w [H] of dtype w_dt). Launched as a programmatic
+// dependent: waits (PDL_ENTRY) once its weights are on their way.
 template <class D>
 __device__ void rms_norm(typename D::T* out, const typename D::T* x, const void* w, u32 w_dt, u32 h, float eps) {
     const u64 base = (u64)blockIdx.x * h;
     float ss = 0.0f;
     if (h <= NORM_REGS * blockDim.x) {
-        float v[NORM_REGS];
+        float wv[NORM_REGS], v[NORM_REGS];
+        norm_weights<D>(wv, w, w_dt, h);
+        PDL_ENTRY();
 #pragma unroll
         for (u32 r = 0; r < NORM_REGS; r++) {
             const u32 i = threadIdx.x + r * blockDim.x;
             v[r] = i < h ? D::load(x, base + i) : 0.0f;
             ss += v[r] * v[r];
         }
-        norm_out<D>(out, base, v, ss, w, w_dt, h, eps);
+        norm_out<D>(out, base, v, ss, wv, h, eps);
         return;
     }
+    PDL_ENTRY();
     for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
         const float v = D::load(x, base + i);
         ss += v * v;
@@ -54,13 +69,16 @@ __device__ void rms_norm(typename D::T* out, const typename D::T* x, const void*
 }
 
 // residual[t] += delta[t] (rounded to the stream's dtype, as stored); out[t] = rms_norm(residual[t]) * w.
+// Waits (PDL_ENTRY) as rms_norm does.
 template <class D>
 __device__ void add_rms_norm(typename D::T* out, typename D::T* residual, const typename D::T* delta, const void* w,
                              u32 w_dt, u32 h, float eps) {
     const u64 base = (u64)blockIdx.x * h;
     float ss = 0.0f;
     if (h <= NORM_REGS * blockDim.x) {
-        float v[NORM_REGS];
+        float wv[NORM_REGS], v[NORM_REGS];
+        norm_weights<D>(wv, w, w_dt, h);
+        PDL_ENTRY();
 #pragma unroll
         for (u32 r = 0; r < NORM_REGS; r++) {
             const u32 i = threadIdx.x + r * blockDim.x;
@@ -72,9 +90,10 @@ __device__ void add_rms_norm(typename D::T* out, typename D::T* residual, const 
             if (i < h) D::store(residual, base + i, v[r]);
             ss += v[r] * v[r];
         }
-        norm_out<D>(out, base, v, ss, w, w_dt, h, eps);
+        norm_out<D>(out, base, v, ss, wv, h, eps);
         return;
     }
+    PDL_ENTRY();
     for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
         D::store(residual, base + i, D::load(residual, base + i) + D::load(delta, base + i));
         const float v = D::load(residual, base + i);  // the rounded value, as a later read sees it
@@ -111,12 +130,10 @@ __device__ void from_f32(typename D::T* out, const float* x, u64 n) {
         embedding<D>(out, table, table_dt, ids, h, scale);                                                    \
     }                                                                                                         \
     extern "C" __global__ void rms_norm_##s(D::T* out, const D::T* x, const void* w, u32 w_dt, u32 h, float eps) { \
-        PDL_ENTRY();                                                                                          \
         rms_norm<D>(out, x, w, w_dt, h, eps);                                                                 \
     }                                                                                                         \
     extern "C" __global__ void add_rms_norm_##s(D::T* out, D::T* residual, const D::T* delta, const void* w, u32 w_dt, \
                                                 u32 h, float eps) {                                           \
-        PDL_ENTRY();                                                                                          \
         add_rms_norm<D>(out, residual, delta, w, w_dt, h, eps);                                               \
     }                                                                                                         \
     extern "C" __global__ void add_bias_##s(D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {     \
