@@ -328,8 +328,8 @@ impl CudaBackend {
             for (s, a) in sized.iter_mut().zip(args) {
                 *s = (a.size(), a.param());
             }
-            let sized = if args.len() > n { &[] } else { &sized[..n] };
-            step.push(graph::Work::launch(name, grid, block, shared_bytes, sized, args.len())?);
+            // More arguments than a recording holds: refused there (`given` is the whole count).
+            step.push(graph::Work::launch(name, grid, block, shared_bytes, &sized[..n], args.len())?);
             return Ok(());
         }
         let params = kernel_params(args);
