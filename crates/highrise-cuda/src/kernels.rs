@@ -89,8 +89,13 @@ mod tests {
         for k in PROGRAMMATIC {
             let at = all.find(&format!(" {k}_##s(")).or_else(|| all.find(&format!(" {k}##tm##_##s("))).or_else(|| all.find(&format!(" {k}_d##dim##_##s(")));
             let at = at.unwrap_or_else(|| panic!("no kernel {k} in kernels/"));
-            assert!(all[at..].lines().take(8).any(|l| l.contains("PDL_ENTRY()")) || k.starts_with("gemv"), "{k}: no PDL_ENTRY at its start");
+            // The matrix-vector kernels and the norms wait inside, once their weights are asked for.
+            let inside = k.starts_with("gemv") || k.ends_with("rms_norm");
+            assert!(all[at..].lines().take(8).any(|l| l.contains("PDL_ENTRY()")) || inside, "{k}: no PDL_ENTRY at its start");
         }
         assert!(all.contains("PDL_ENTRY();\n    if (row0 >= n) return;"), "gemv: the wait before its early return");
+        // Each norm's two paths: after its weights (registers), and before its loop (long rows).
+        assert_eq!(all.matches("norm_weights<D>(wv, w, w_dt, h);\n        PDL_ENTRY();").count(), 2, "the norms' register paths wait");
+        assert_eq!(all.matches("PDL_ENTRY();\n    for (u32 i = threadIdx.x; i < h; i += blockDim.x)").count(), 2, "the norms' loops wait");
     }
 }
