@@ -1302,8 +1302,6 @@ __device__ void decode_merge(u16* out, const float* partial, u32* counters, cons
     }
 }
 
-// With a sliding window the slices cut only the keys some row sees (from the first row's window
-// start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
 // Slice `sl` of `splits` of a sequence's context (ctx keys, the last q_len of them new): the keys
 // [begin, end) it takes, and how many of the slices have keys at all (`active`: the first ones; a
 // context shorter than the grid's slices leaves the rest empty). Whole 16-key chunks, at least one
@@ -1321,6 +1319,8 @@ __device__ __forceinline__ DecodeSlice decode_slice(u32 ctx, u32 q_len, ScoreMod
 
 // The block's slice of the keys, its warps' states left merged-ready in shared memory
 // (decode_finish goes on from there); false, with nothing done, where the slice has no keys.
+// With a sliding window the slices cut only the keys some row sees (from the first row's window
+// start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
 template <int D, bool BF16>
 __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr, u32 hq, u32 hkv,
                             float scale_log2, ScoreMods mods, u16* smem) {
