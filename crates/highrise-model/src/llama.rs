@@ -234,13 +234,17 @@ impl Llama {
         const POOL: usize = 1 << 22;
         // Uniform in [-1, 1).
         let pool: Vec<f32> = (0..POOL).map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
-        let mut offset = 0usize;
+        let (mut offset, mut buf) = (0usize, Vec::new());
         let mut make = |dims: &[usize], scale: f32, mean: f32| -> Result<Tensor> {
             let n: usize = dims.iter().product();
             let start = offset % POOL;
             offset = offset.wrapping_add(n).wrapping_add(7919);
-            let values: Vec<f32> = (0..n).map(|i| mean + scale * pool[(start + i) % POOL]).collect();
-            Ok(Tensor::from_f32(&backend, dtype, dims, &values)?)
+            let bytes = match dtype {
+                DType::BF16 => pooled::<half::bf16>(&mut buf, &pool, start, n, scale, mean),
+                DType::F16 => pooled::<half::f16>(&mut buf, &pool, start, n, scale, mean),
+                _ => pooled::<f32>(&mut buf, &pool, start, n, scale, mean),
+            };
+            Ok(Tensor::from_bytes(&backend, dtype, dims, bytes)?)
         };
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
@@ -684,5 +688,56 @@ impl Taps for Option<&mut Hooks> {
             Some(h) => h.intervene(layer, x, hidden),
             None => Ok(false),
         }
+    }
+}
+
+/// `n` elements of `E`, element i being `mean + scale * pool[(start + i) % pool.len()]` rounded to
+/// `E`, as little-endian bytes at the start of `buf` (grown to fit, kept from tensor to tensor):
+/// `Llama::random`'s weights, made on every core (on one, an 8B model's 16 GB took longer than the
+/// GPU bench that loads it), the same values whatever the split.
+fn pooled<'b, E: highrise_core::Element>(buf: &'b mut Vec<u8>, pool: &[f32], start: usize, n: usize, scale: f32, mean: f32) -> &'b [u8] {
+    let size = std::mem::size_of::<E>();
+    if buf.len() < n * size {
+        buf.resize(n * size, 0);
+    }
+    let out = &mut buf[..n * size];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    // Whole elements per thread, at least 64 Ki of them (small tensors stay on one thread).
+    let per = n.div_ceil(threads).max(1 << 16);
+    std::thread::scope(|s| {
+        for (part, chunk) in out.chunks_mut(per * size).enumerate() {
+            s.spawn(move || {
+                let mut j = (start + part * per) % pool.len();
+                for dst in chunk.chunks_exact_mut(size) {
+                    let e = E::from_f32(mean + scale * pool[j]);
+                    // SAFETY: E is f32, f16 or bf16: plain data of `size` bytes.
+                    dst.copy_from_slice(unsafe { std::slice::from_raw_parts(&e as *const E as *const u8, size) });
+                    j = if j + 1 == pool.len() { 0 } else { j + 1 };
+                }
+            });
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Split across threads or not, from a start near the pool's end or not, every element is the
+    /// formula's (`Llama::random`'s weights do not depend on the machine's cores).
+    #[test]
+    fn pooled_weights_follow_the_pool_across_threads_and_wraps() {
+        let pool: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut buf = Vec::new();
+        for (start, n) in [(990usize, 200_000usize), (0, 10), (500, 1 << 17)] {
+            let want: Vec<half::bf16> = (0..n).map(|i| half::bf16::from_f32(1.0 + 0.5 * pool[(start + i) % pool.len()])).collect();
+            let got = pooled::<half::bf16>(&mut buf, &pool, start, n, 0.5, 1.0);
+            assert_eq!(got.len(), 2 * n);
+            let got: Vec<half::bf16> = got.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect();
+            assert_eq!(got, want, "start {start}, {n} elements");
+        }
+        // A shorter tensor after a longer one reads only its own bytes.
+        assert_eq!(pooled::<f32>(&mut buf, &pool, 3, 2, 1.0, 0.0), [pool[3].to_le_bytes(), pool[4].to_le_bytes()].concat());
     }
 }
