@@ -46,6 +46,15 @@
 #ifndef GEMV_SPLIT
 #define GEMV_SPLIT 1
 #endif
+// Rounds of each warp's rows prefetched into L2 before the programmatic wait (EARLY; 0: those the
+// loop's own prefetches will not ask for, at least one). A decode step's matrix-vector products
+// follow short, latency-bound kernels (a norm, the attention) that leave the memory idle; launched
+// as programmatic dependents, this kernel's resident blocks ask for their weights while those run,
+// so more rounds ahead keep the memory busy through them (an effect only a whole decode step shows:
+// scripts/gpu-sweep.sh's "step" part times the step with each shape).
+#ifndef GEMV_EARLY
+#define GEMV_EARLY 0
+#endif
 #define GEMV_ROWS 2
 #define GEMV_GROUPS (GEMV_WARPS / GEMV_SPLIT)  // warps (SPLIT of them) on different rows
 #define GEMV_BLOCK_ROWS (GEMV_GROUPS * GEMV_ROWS)
@@ -100,10 +109,12 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
     // on their way to L2 (the loop's first rounds of them: those the loop's own prefetches will not
     // ask for) while the kernel before still runs.
     constexpr u32 AHEAD = GEMV_PREFETCH + GEMV_PIPE;  // this warp's rounds between a round's prefetch and its use
+    // This warp's first EARLY rounds (its rounds part, part + SPLIT, ...), before the wait.
+    constexpr u32 EARLY = GEMV_EARLY > AHEAD ? GEMV_EARLY : (AHEAD > 0 ? AHEAD : 1);
     static_assert(GEMV_ROWS == 2, "prefetch_round takes two rows");
     if (row0 < n)
 #pragma unroll
-        for (u32 i = 0; i < (AHEAD > 0 ? AHEAD : 1); i++) prefetch_round(row_of(0), row_of(1), part + i * GEMV_SPLIT);
+        for (u32 i = 0; i < EARLY; i++) prefetch_round(row_of(0), row_of(1), part + i * GEMV_SPLIT);
     PDL_ENTRY();
     if (row0 >= n) return;  // the whole warp (split: the whole block, before its one barrier)
     const uint4* w4[GEMV_ROWS];
@@ -130,7 +141,9 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
     const u32 first = lane + 32 * GEMV_UNROLL * part;
     if (GEMV_PIPE) load(next, first);
     for (u32 c0 = first; c0 < chunks; c0 += STRIDE) {
-        if (GEMV_PREFETCH) prefetch_round(w4[0], w4[1], (c0 - lane) / (32 * GEMV_UNROLL) + AHEAD * GEMV_SPLIT);
+        // This warp's round AHEAD of its rounds on, unless among those prefetched before the wait.
+        const u32 ahead = (c0 - lane) / (32 * GEMV_UNROLL) + AHEAD * GEMV_SPLIT;
+        if (GEMV_PREFETCH && ahead >= EARLY * GEMV_SPLIT) prefetch_round(w4[0], w4[1], ahead);
         uint4 wv[GEMV_UNROLL][GEMV_ROWS];
         if (GEMV_PIPE) {
 #pragma unroll

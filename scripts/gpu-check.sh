@@ -22,8 +22,9 @@
 #   7. under Nsight Compute, each kernel's device time in 8B decode steps at batch 1, 64 and 256.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own right after (a warm machine is handed back after 30 s idle):
-# gpu-sweep.sh BUNDLE OUT "wg gemv decode" (Hopper's prefill geometries, the GEMV's and decode
-# attention's shapes, about 6 minutes).
+# gpu-sweep.sh BUNDLE OUT "gemv step decode wg" (the GEMV's shapes alone and in whole 8B decode
+# steps, decode attention's shapes, Hopper's prefill geometries: about 8 minutes; SWEEP_BUDGET_S
+# cuts it to what is left).
 #
 # usage: scripts/gpu-check.sh [BUNDLE [OUT]]
 set -uo pipefail

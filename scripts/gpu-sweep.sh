@@ -19,14 +19,20 @@
 # about 10 s each; the winner goes into flash.rs's TUNED_DECODE. The matrix-vector kernels (gemv*,
 # kernels/gemv.cu) in each shape of GEMV_SHAPES (HIGHRISE_GEMV_SHAPE): the q/k/v and
 # SwiGLU-projection cross-checks on them, and their read bandwidth on Llama-3-8B's four decode
-# projections, each first held to cuBLAS's result; the winner goes into gemv.rs's TUNED_GEMV. Every shape here is also run on the CPU model in CI
+# projections, each first held to cuBLAS's result; the winner goes into gemv.rs's TUNED_GEMV. The
+# decode step end to end (part "step", about 15 s a shape): `highrise bench`'s batch-1 tg64 of the
+# 8B shape (graphs, programmatic launches) with the GEMV compiled in each shape of STEP_SHAPES, and
+# with "+own" the down projection on it too (rows of 14336, cuBLAS's otherwise; HIGHRISE_CUDA_GEMV=own): what a
+# shape's prefetches before its programmatic wait ("eN") buy shows only there, behind the norms and
+# the attention that the isolated timing leaves out. Every shape here is also run on the CPU model in CI
 # (tests/kernel_emu.rs) and compiled without spills for sm_80 and sm_90a (tests/cuda_kernels.rs), so
 # a failure here is news.
 #
 # usage: scripts/gpu-sweep.sh [BUNDLE [OUT [WHICH]]]   (results in OUT/sweep.md; default OUT: $OUT or
-# gpu-results). WHICH: all (default), mma (the flash_attn shapes, 2-3 minutes), wg (the Hopper
-# geometries of wgp and ws, about 3 minutes), decode (about 1.5 minutes) or gemv (about 1.5 minutes),
-# or several of them in one argument ("wg gemv decode", about 6-7 minutes), so that a short GPU
+# gpu-results). WHICH: all (default), gemv (about 2 minutes), step (about 1.5 minutes), decode
+# (about 1.5 minutes), mma (the flash_attn shapes, 2-3 minutes) or wg (the Hopper geometries of wgp
+# and ws, about 3 minutes), or several of them in one argument ("gemv step decode wg", about 8
+# minutes; they run in the order listed here, whatever the argument's), so that a short GPU
 # window takes what fits one call (a device call may run 10 minutes); SWEEP_BUDGET_S (default 540)
 # stops starting variants once spent, so the call still ends with its table and names the rest.
 set -uo pipefail
@@ -43,7 +49,13 @@ DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
 # lane, p: the next round's loads issued before this one is used, sN: the block's N warps share its
 # rows (llama.cpp's block per row; N = the warps), fN: N rounds prefetched into L2 ahead; the first
 # is the default; the split ones early, as the most unlike it).
-GEMV_SHAPES="4x4 4x4ps4 4x2s4 8x4ps8 4x8 8x8 2x8 4x4p 8x4p 4x2p 8x2p 4x4f1 4x4f2 8x4pf1 4x8f1"
+# eN: N rounds prefetched before the programmatic wait (timed here alone too, where no kernel runs
+# before it).
+GEMV_SHAPES="4x4 4x4ps4 4x2s4 8x4ps8 4x8 8x8 2x8 4x4p 8x4p 4x2p 8x2p 4x4f1 4x4f2 8x4pf1 4x8f1 4x4e2 4x4e4 4x4pe4"
+# GEMV shapes timed in whole decode steps (each among GEMV_SHAPES; "+own": every projection on the
+# GEMV kernel, the down projection too, which cuBLAS takes otherwise (ops::gemv_pays); the first
+# is the default). The gemv part's best and its "+own" are added.
+STEP_SHAPES="4x4 4x4e2 4x4e4 4x4+own 4x4e4+own 4x4pe4+own"
 which=${3:-all}
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}
@@ -54,6 +66,7 @@ export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" 
 : >"$out/sweep/rows.txt"
 : >"$out/sweep/decode-rows.txt"
 : >"$out/sweep/gemv-rows.txt"
+: >"$out/sweep/step-rows.txt"
 : >"$out/sweep/skipped.txt"
 # One variant, compiled as the environment says: the cross-checks named (in one process), then its
 # timings (HIGHRISE_BENCH_SWEEP=MODE of benches/cuda_ops.rs: rows "| shape | test | figure |"),
@@ -82,11 +95,6 @@ variant() { # name, mode, rows file, tests...
 flash_variant() { variant "$1" 1 "$out/sweep/rows.txt" ops::prefill_attention_is_causal_gqa ops::paged_attention_reads_through_block_tables; }
 # Whether WHICH (one part, several separated by spaces, or all) asks for part $1.
 part() { [[ " $which " == *" $1 "* || " $which " == *" all "* ]]; }
-if part decode; then
-    for shape in $DECODE_SHAPES; do
-        HIGHRISE_DECODE_SHAPE=$shape variant "decode-$shape" decode "$out/sweep/decode-rows.txt" ops::paged_attention_reads_through_block_tables
-    done
-fi
 if part gemv; then
     for shape in $GEMV_SHAPES; do
         # Not linear_matches_reference (10 s of host-side references on the H200): the bench holds
@@ -94,6 +102,36 @@ if part gemv; then
         # plain one, and tests/kernel_emu.rs each shape to the default's sums on the CPU model.
         HIGHRISE_GEMV_SHAPE=$shape HIGHRISE_CUDA_GEMV=own variant "gemv-$shape" gemv "$out/sweep/gemv-rows.txt" \
             ops::qkv_linear_equals_three_linears ops::swiglu_linear_equals_its_three_ops
+    done
+fi
+# The gemv shape that reads Llama-3-8B's four projections (50, 34, 235 and 117 MB) in the least time.
+gemv_best() {
+    awk -F'|' '$5 == " ok " { split("qkv 50.3 o 33.6 gate+up 234.9 down 117.4", w, " "); for (i = 1; i < 8; i += 2) if ($3 == " 8B " w[i] " T=1 ") { t[$2] += w[i + 1] / $4; n[$2]++ } }
+        END { for (s in t) if (n[s] == 4 && (best == "" || t[s] < t[best])) best = s; gsub(/^ *gemv | *$/, "", best); print best }' "$out/sweep/gemv-rows.txt"
+}
+if part step; then
+    steps=$STEP_SHAPES
+    g=$(gemv_best)
+    [ -n "$g" ] && for v in "$g" "$g+own"; do [[ " $steps " == *" $v "* ]] || steps="$steps $v"; done
+    for v in $steps; do
+        if ((SECONDS + 30 > deadline)); then
+            echo "step-$v: skipped (the sweep's budget of ${SWEEP_BUDGET_S:-540} s is spent)" | tee -a "$out/sweep/skipped.txt"
+            continue
+        fi
+        gemv=
+        [[ $v == *+own ]] && gemv=own
+        HIGHRISE_GEMV_SHAPE=${v%+own} HIGHRISE_CUDA_GEMV=$gemv timeout 90 "$bundle/highrise" bench --backend cuda --dtype bf16 \
+            --model random:llama-3-8b --pp 0 --tg 64 --reps 2 -c 0 --kv-memory 4G >"$out/sweep/step-$v.txt" 2>&1
+        rc=$?
+        # The graphs' row (tg64) and the op-by-op one (tg64 (no graphs)): tokens/s.
+        rate() { grep '^| random' "$out/sweep/step-$v.txt" | awk -F'|' -v t="$1" '$5 == " " t " " { split($6, r, " "); print r[1] }'; }
+        echo "| step $v | tg64 b1 | $(rate tg64) | $(rate 'tg64 (no graphs)') | exit $rc |" >>"$out/sweep/step-rows.txt"
+        echo "step-$v: exit $rc, $(rate tg64) t/s"
+    done
+fi
+if part decode; then
+    for shape in $DECODE_SHAPES; do
+        HIGHRISE_DECODE_SHAPE=$shape variant "decode-$shape" decode "$out/sweep/decode-rows.txt" ops::paged_attention_reads_through_block_tables
     done
 fi
 if part mma; then
@@ -169,10 +207,17 @@ fi
     echo "| --- | --- | ---: | --- |"
     cat "$out/sweep/gemv-rows.txt"
     echo
-    # The shape that reads all four (50, 34, 235 and 117 MB) in the least time.
-    gbest=$(awk -F'|' '$5 == " ok " { split("qkv 50.3 o 33.6 gate+up 234.9 down 117.4", w, " "); for (i = 1; i < 8; i += 2) if ($3 == " 8B " w[i] " T=1 ") { t[$2] += w[i + 1] / $4; n[$2]++ } }
-        END { for (s in t) if (n[s] == 4 && (best == "" || t[s] < t[best])) best = s; gsub(/^ *gemv | *$/, "", best); print best }' "$out/sweep/gemv-rows.txt")
-    echo "best gemv shape by the four projections' time: ${gbest:-none} (crates/highrise-cuda/src/gemv.rs TUNED_GEMV, with today's date; then ops::gemv_pays by the down projection's row against cuBLAS's in gpu-check)"
+    gbest=$(gemv_best)
+    echo "best gemv shape by the four projections' time: ${gbest:-none} (the step part below decides between it and the others: crates/highrise-cuda/src/gemv.rs TUNED_GEMV, with today's date)"
+    echo
+    echo "decode steps with each gemv shape (highrise bench, random:llama-3-8b bf16, batch 1, tokens/s; +own: the down projection on the GEMV too):"
+    echo
+    echo "| shape | test | t/s, graphs | t/s, op by op | run |"
+    echo "| --- | --- | ---: | ---: | --- |"
+    cat "$out/sweep/step-rows.txt"
+    echo
+    sbest=$(awk -F'|' '$4 + 0 > 0 { print $4 + 0, $2 }' "$out/sweep/step-rows.txt" | sort -g -r | head -1 | sed 's/^[^ ]* *step //; s/ *$//')
+    echo "best decode step: ${sbest:-none} (TUNED_GEMV; \"+own\": ops::gemv_pays for the down projection's rows of 14336 too)"
     echo
     echo "Nsight Compute, d128 at the best shape:"
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'
