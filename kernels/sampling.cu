@@ -22,13 +22,51 @@ __device__ __forceinline__ void better(float& best, u32& at, float v, u32 j) {
     }
 }
 
-// f(x[base + j], j, ok) for this thread's columns j of the row (threadIdx.x, + blockDim.x, ...),
-// in that order, eight loads issued before the first is used (a vocabulary row is ~125 elements a
-// thread, each a round trip to memory where the loop waits on its load). Every thread of the block
-// makes the same calls, `ok` false (x 0) past the row's end, so `f` may use warp-wide instructions.
-template <class D, class F>
+// Element e of a 16-byte chunk (its four words, in order) of T: a word (f32), or half of one, the
+// low half first (f16, bf16).
+template <class T>
+struct Chunk;
+template <>
+struct Chunk<float> {
+    static __device__ __forceinline__ float at(const u32 (&w)[4], u32 e) { return __uint_as_float(w[e]); }
+};
+template <>
+struct Chunk<u16> {
+    static __device__ __forceinline__ u16 at(const u32 (&w)[4], u32 e) { return (u16)(e & 1 ? w[e / 2] >> 16 : w[e / 2] & 0xffffu); }
+};
+
+// f(x[base + j], j, ok) for this thread's columns j of the row, eight loads issued before the first
+// is used (each a round trip to memory where the loop waits on its load): its columns threadIdx.x,
+// + blockDim.x, ... one by one; or, WIDE and where the row lies on 16 bytes (a vocabulary a
+// multiple of 8 wide, as Llama-3's 128256), by 16-byte loads: the thread's chunks threadIdx.x,
+// + blockDim.x, ... of 16 / sizeof(T) columns each, in order (Llama-3's row is then two rounds of
+// loads for a block of 1024, where element by element it was sixteen). WIDE for a light `f` (the
+// argmax's, a maximum's): `f` is inlined for each of a round's 64 columns, which for the sampling
+// passes' histograms made the module four times larger for passes bound by their arithmetic. Every
+// thread of the block makes the same calls, `ok` false (x 0) past the row's end, so `f` may use
+// warp-wide instructions.
+template <class D, bool WIDE = false, class F>
 __device__ __forceinline__ void row_pass(const typename D::T* x, u64 base, u32 v, F f) {
+    typedef typename D::T T;
+    constexpr u32 PER = 16 / sizeof(T);  // columns in a 16-byte chunk
     const u32 step = blockDim.x;
+    if (WIDE && v % PER == 0 && (((u64)(x + base)) & 15) == 0) {
+        const uint4* row = (const uint4*)(x + base);
+        const u32 chunks = v / PER;
+        for (u32 c0 = threadIdx.x; c0 - threadIdx.x < chunks; c0 += 8 * step) {
+            uint4 xs[8];
+#pragma unroll
+            for (u32 u = 0; u < 8; u++) xs[u] = c0 + u * step < chunks ? row[c0 + u * step] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+            for (u32 u = 0; u < 8; u++) {
+                const u32 w[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
+                const u32 c = c0 + u * step;
+#pragma unroll
+                for (u32 e = 0; e < PER; e++) f(D::value(Chunk<T>::at(w, e)), c * PER + e, c < chunks);
+            }
+        }
+        return;
+    }
     for (u32 j0 = threadIdx.x; j0 - threadIdx.x < v; j0 += 8 * step) {
         float xs[8];
 #pragma unroll
@@ -46,7 +84,7 @@ __device__ void argmax_row(u32* index, float* logprob, const typename D::T* x, u
     const u64 base = (u64)b * v;
     float best = -INFINITY;
     u32 at = ARGMAX_NONE;
-    row_pass<D>(x, base, v, [&](float xj, u32 j, bool ok) {
+    row_pass<D, true>(x, base, v, [&](float xj, u32 j, bool ok) {
         if (ok) better(best, at, xj, j);
     });
 #pragma unroll
@@ -71,7 +109,7 @@ __device__ void argmax_row(u32* index, float* logprob, const typename D::T* x, u
     at = si[0];
     __syncthreads();  // sv is reused below
     float sum = 0.0f;
-    row_pass<D>(x, base, v, [&](float xj, u32, bool ok) { sum += ok ? expf(xj - best) : 0.0f; });
+    row_pass<D, true>(x, base, v, [&](float xj, u32, bool ok) { sum += ok ? expf(xj - best) : 0.0f; });
 #pragma unroll
     for (int sh = 16; sh > 0; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
     if (lane == 0) sv[warp] = sum;
@@ -303,7 +341,7 @@ __device__ void sample_row(u32* index, float* logprob, const typename D::T* x, c
     __shared__ SampleShared s;
     SampleRow<D> r = {x, (u64)blockIdx.x * v, v, p.temperature, 0.0f};
     double m = -INFINITY;
-    row_pass<D>(x, r.base, v, [&](float xj, u32, bool ok) {
+    row_pass<D, true>(x, r.base, v, [&](float xj, u32, bool ok) {
         if (ok) m = fmax(m, (double)(xj / r.temperature));
     });
 #pragma unroll
