@@ -109,6 +109,8 @@ gemv_best() {
     awk -F'|' '$5 == " ok " { split("qkv 50.3 o 33.6 gate+up 234.9 down 117.4", w, " "); for (i = 1; i < 8; i += 2) if ($3 == " 8B " w[i] " T=1 ") { t[$2] += w[i + 1] / $4; n[$2]++ } }
         END { for (s in t) if (n[s] == 4 && (best == "" || t[s] < t[best])) best = s; gsub(/^ *gemv | *$/, "", best); print best }' "$out/sweep/gemv-rows.txt"
 }
+# A bench run's tokens/s in the row of test $2 (tg64: graphs; "tg64 (no graphs)": op by op) of file $1.
+rate() { grep '^| random' "$1" | awk -F'|' -v t="$2" '$5 == " " t " " { split($6, r, " "); print r[1] }'; }
 if part step; then
     steps=$STEP_SHAPES
     g=$(gemv_best)
@@ -122,11 +124,9 @@ if part step; then
         [[ $v == *+own ]] && gemv=own
         HIGHRISE_GEMV_SHAPE=${v%+own} HIGHRISE_CUDA_GEMV=$gemv timeout 90 "$bundle/highrise" bench --backend cuda --dtype bf16 \
             --model random:llama-3-8b --pp 0 --tg 64 --reps 2 -c 0 --kv-memory 4G >"$out/sweep/step-$v.txt" 2>&1
-        rc=$?
-        # The graphs' row (tg64) and the op-by-op one (tg64 (no graphs)): tokens/s.
-        rate() { grep '^| random' "$out/sweep/step-$v.txt" | awk -F'|' -v t="$1" '$5 == " " t " " { split($6, r, " "); print r[1] }'; }
-        echo "| step $v | tg64 b1 | $(rate tg64) | $(rate 'tg64 (no graphs)') | exit $rc |" >>"$out/sweep/step-rows.txt"
-        echo "step-$v: exit $rc, $(rate tg64) t/s"
+        rc=$? f="$out/sweep/step-$v.txt"
+        echo "| step $v | tg64 b1 | $(rate "$f" tg64) | $(rate "$f" 'tg64 (no graphs)') | exit $rc |" >>"$out/sweep/step-rows.txt"
+        echo "step-$v: exit $rc, $(rate "$f" tg64) t/s"
     done
 fi
 if part decode; then
