@@ -50,21 +50,21 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
 struct F32 {
     typedef float T;
     static __device__ __forceinline__ float value(T t) { return t; }
-    static __device__ __forceinline__ float load(const T* p, u64 i) { return p[i]; }
+    static __device__ __forceinline__ float load(const T* p, u64 i) { return value(p[i]); }
     static __device__ __forceinline__ void store(T* p, u64 i, float v) { p[i] = v; }
     static __device__ __forceinline__ float rounded(float v) { return v; }
 };
 struct F16 {
     typedef u16 T;
     static __device__ __forceinline__ float value(T t) { return f16_to_f32(t); }
-    static __device__ __forceinline__ float load(const T* p, u64 i) { return f16_to_f32(p[i]); }
+    static __device__ __forceinline__ float load(const T* p, u64 i) { return value(p[i]); }
     static __device__ __forceinline__ void store(T* p, u64 i, float v) { p[i] = f32_to_f16(v); }
     static __device__ __forceinline__ float rounded(float v) { return f16_to_f32(f32_to_f16(v)); }
 };
 struct BF16 {
     typedef u16 T;
     static __device__ __forceinline__ float value(T t) { return bf16_to_f32(t); }
-    static __device__ __forceinline__ float load(const T* p, u64 i) { return bf16_to_f32(p[i]); }
+    static __device__ __forceinline__ float load(const T* p, u64 i) { return value(p[i]); }
     static __device__ __forceinline__ void store(T* p, u64 i, float v) { p[i] = f32_to_bf16(v); }
     static __device__ __forceinline__ float rounded(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 };

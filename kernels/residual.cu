@@ -20,7 +20,6 @@ __device__ void embedding(typename D::T* out, const void* table, u32 table_dt, c
 // The register path's weights, w's elements of this thread's part of a row, loaded before the
 // kernel waits for the one before it (PDL_ENTRY: weights are never written by kernels), where they
 // were loaded after the row's sum: a second round trip to memory on every norm's critical path.
-template <class D>
 __device__ __forceinline__ void norm_weights(float* wv, const void* w, u32 w_dt, u32 h) {
 #pragma unroll
     for (u32 r = 0; r < NORM_REGS; r++) {
@@ -48,7 +47,7 @@ __device__ void rms_norm(typename D::T* out, const typename D::T* x, const void*
     float ss = 0.0f;
     if (h <= NORM_REGS * blockDim.x) {
         float wv[NORM_REGS], v[NORM_REGS];
-        norm_weights<D>(wv, w, w_dt, h);
+        norm_weights(wv, w, w_dt, h);
         PDL_ENTRY();
 #pragma unroll
         for (u32 r = 0; r < NORM_REGS; r++) {
@@ -77,7 +76,7 @@ __device__ void add_rms_norm(typename D::T* out, typename D::T* residual, const 
     float ss = 0.0f;
     if (h <= NORM_REGS * blockDim.x) {
         float wv[NORM_REGS], v[NORM_REGS];
-        norm_weights<D>(wv, w, w_dt, h);
+        norm_weights(wv, w, w_dt, h);
         PDL_ENTRY();
 #pragma unroll
         for (u32 r = 0; r < NORM_REGS; r++) {

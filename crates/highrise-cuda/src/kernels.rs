@@ -95,7 +95,7 @@ mod tests {
         }
         assert!(all.contains("PDL_ENTRY();\n    if (row0 >= n) return;"), "gemv: the wait before its early return");
         // Each norm's two paths: after its weights (registers), and before its loop (long rows).
-        assert_eq!(all.matches("norm_weights<D>(wv, w, w_dt, h);\n        PDL_ENTRY();").count(), 2, "the norms' register paths wait");
+        assert_eq!(all.matches("norm_weights(wv, w, w_dt, h);\n        PDL_ENTRY();").count(), 2, "the norms' register paths wait");
         assert_eq!(all.matches("PDL_ENTRY();\n    for (u32 i = threadIdx.x; i < h; i += blockDim.x)").count(), 2, "the norms' loops wait");
     }
 }
