@@ -16,6 +16,16 @@
 // gemv_qkv*: the attention's q, k and v projections of one x in one launch (the QkvLinear op): the
 // blocks over q's rows, then k's, then v's (nq and nk whole blocks of GEMV_BLOCK_ROWS rows), each
 // block exactly as gemv* would run it.
+//
+// The residual stream's two kernels folded into the projections around them (a decode step's layer
+// in 6 launches where it took 8): gemv_add* adds its product into `out` (Linear::accumulate: the
+// output and down projections write the stream: out = round(out + round(x w^T + b)), as a stored
+// delta and add_rms_norm's add give it), and gemv_glu_norm* and gemv_qkv_norm* read x's RMSNorm
+// (the layer's two norms, add_rms_norm's other half): each warp sums the squares of x's rows
+// itself (k elements, its lanes' 16-byte chunks in order, then the warp's reduction: no barrier, no
+// other warp waited on), and scales each 8 elements of x as it reads them, rounded to the dtype as
+// rms_norm stores them: (x * inv) * w. The same sums as rms_norm's within its bound (another order
+// of the squares), the same projections of them.
 
 // The shape, compile-time (-D; crates/highrise-cuda/src/gemv.rs, swept by scripts/gpu-sweep.sh):
 // warps per block, chunks of each row in flight per lane (UNROLL), whether a warp issues the next
@@ -76,11 +86,18 @@ __device__ __forceinline__ void unpack8(uint4 v, float* f) {
     }
 }
 
+// A float rounded to the 16-bit dtype and back: what storing it and reading it again gives.
+template <bool BF16>
+__device__ __forceinline__ float round16(float v) {
+    return BF16 ? ::BF16::rounded(v) : ::F16::rounded(v);
+}
+
 // `block`: this block's index among the blocks over w's rows (blockIdx.x, or less where one launch
-// covers several matrices).
-template <int TM, bool BF16, bool GLU>
+// covers several matrices). NORM: x's rows RMS-normed by `norm` [k] (eps) as they are read; ADD: the
+// product added into out.
+template <int TM, bool BF16, bool GLU, bool NORM = false, bool ADD = false>
 __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n,
-                     u32 block) {
+                     u32 block, const u16* norm = nullptr, float eps = 0.0f) {
     static_assert(!GLU || GEMV_ROWS == 2, "gemv_glu takes a row of w_gate and one of w_up per warp");
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Warp `part` of its group's GEMV_SPLIT takes rounds part, part + SPLIT, ... of the group's rows.
@@ -121,6 +138,25 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) w4[r] = row_of(r);
     const uint4* x4 = (const uint4*)x;
+    // NORM: each row of x's 1 / rms, from this warp's own sum of its squares (eight of a lane's
+    // loads in flight together: x, just written, comes from L2, two round trips at k = 4096, while
+    // the weights prefetched before the wait stream into L2).
+    float inv[TM];
+#pragma unroll
+    for (int i = 0; i < TM; i++) {
+        inv[i] = 1.0f;
+        if (!NORM || i >= (int)t) continue;
+        float ss = 0.0f;
+#pragma unroll 8
+        for (u32 c = lane; c < chunks; c += 32) {
+            float xf[8];
+            unpack8<BF16>(x4[(u64)i * chunks + c], xf);
+#pragma unroll
+            for (int e = 0; e < 8; e++) ss += xf[e] * xf[e];
+        }
+        inv[i] = rsqrtf(warp_sum(ss) / (float)k + eps);
+    }
+    const uint4* norm4 = (const uint4*)norm;
 
     float acc[GEMV_ROWS][TM];
 #pragma unroll
@@ -158,14 +194,18 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
         for (int u = 0; u < GEMV_UNROLL; u++) {
             const u32 c = c0 + 32 * u;
             if (c >= chunks) break;
-            float wf[GEMV_ROWS][8];
+            float wf[GEMV_ROWS][8], nf[8];
 #pragma unroll
             for (int r = 0; r < GEMV_ROWS; r++) unpack8<BF16>(wv[u][r], wf[r]);
+            if (NORM) unpack8<BF16>(norm4[c], nf);
 #pragma unroll
             for (int i = 0; i < TM; i++) {
                 if (i >= (int)t) break;
                 float xf[8];
                 unpack8<BF16>(x4[(u64)i * chunks + c], xf);
+                if (NORM)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) xf[e] = round16<BF16>(xf[e] * inv[i] * nf[e]);
 #pragma unroll
                 for (int r = 0; r < GEMV_ROWS; r++)
 #pragma unroll
@@ -204,8 +244,7 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
             const float g = acc[0][i], u = acc[1][i];
             if (lane == 0 && i < (int)t) {
                 // Rounded as the unfused projections store them, then swiglu's own arithmetic.
-                const float gr = BF16 ? bf16_to_f32(f32_to_bf16(g)) : f16_to_f32(f32_to_f16(g));
-                const float ur = BF16 ? bf16_to_f32(f32_to_bf16(u)) : f16_to_f32(f32_to_f16(u));
+                const float gr = round16<BF16>(g), ur = round16<BF16>(u);
                 const float v = gr / (1.0f + expf(-gr)) * ur;
                 out[(u64)i * n + row0] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
             }
@@ -220,17 +259,33 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
         for (int i = 0; i < TM; i++) {
             const float s = acc[r][i];
             if (lane == 0 && i < (int)t && row < n) {
-                const float v = s + b;
-                out[(u64)i * n + row] = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+                u16* o = out + (u64)i * n + row;
+                // ADD: the product as stored, then the stream's add, rounded again by the store.
+                const float v = ADD ? round16<BF16>(s + b) + (BF16 ? ::BF16::value(*o) : ::F16::value(*o)) : s + b;
+                *o = BF16 ? f32_to_bf16(v) : f32_to_f16(v);
             }
         }
     }
+}
+
+// q, k and v (NORM: of x's norm) by one launch's blocks.
+template <int TM, bool BF16, bool NORM>
+__device__ void gemv_qkv(u16* q, u16* kk, u16* v, const u16* x, const u16* wq, const u16* wk, const u16* wv, const void* bq,
+                         const void* bk, const void* bv, u32 bias_dt, u32 t, u32 k, u32 nq, u32 nk, u32 nv, const u16* norm, float eps) {
+    const u32 bq_blocks = nq / GEMV_BLOCK_ROWS, bk_blocks = nk / GEMV_BLOCK_ROWS, b = blockIdx.x;
+    if (b < bq_blocks) gemv<TM, BF16, false, NORM>(q, x, wq, nullptr, bq, bias_dt, t, k, nq, b, norm, eps);
+    else if (b < bq_blocks + bk_blocks) gemv<TM, BF16, false, NORM>(kk, x, wk, nullptr, bk, bias_dt, t, k, nk, b - bq_blocks, norm, eps);
+    else gemv<TM, BF16, false, NORM>(v, x, wv, nullptr, bv, bias_dt, t, k, nv, b - bq_blocks - bk_blocks, norm, eps);
 }
 
 #define GEMV_ONE(tm, s, bf16)                                                                                     \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
         gemv##tm##_##s(u16* out, const u16* x, const u16* w, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) { \
         gemv<tm, bf16, false>(out, x, w, nullptr, bias, bias_dt, t, k, n, blockIdx.x);                            \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
+        gemv_add##tm##_##s(u16* out, const u16* x, const u16* w, const void* bias, u32 bias_dt, u32 t, u32 k, u32 n) { \
+        gemv<tm, bf16, false, false, true>(out, x, w, nullptr, bias, bias_dt, t, k, n, blockIdx.x);               \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
         gemv_glu##tm##_##s(u16* out, const u16* x, const u16* w_gate, const u16* w_up, u32 t, u32 k, u32 n) {     \
@@ -240,14 +295,26 @@ __device__ void gemv(u16* out, const u16* x, const u16* w, const u16* w_up, cons
         gemv_qkv##tm##_##s(u16* q, u16* kk, u16* v, const u16* x, const u16* wq, const u16* wk, const u16* wv,    \
                            const void* bq, const void* bk, const void* bv, u32 bias_dt, u32 t, u32 k, u32 nq,     \
                            u32 nk, u32 nv) {                                                                      \
-        const u32 bq_blocks = nq / GEMV_BLOCK_ROWS, bk_blocks = nk / GEMV_BLOCK_ROWS, b = blockIdx.x;           \
-        if (b < bq_blocks) gemv<tm, bf16, false>(q, x, wq, nullptr, bq, bias_dt, t, k, nq, b);                    \
-        else if (b < bq_blocks + bk_blocks)                                                                       \
-            gemv<tm, bf16, false>(kk, x, wk, nullptr, bk, bias_dt, t, k, nk, b - bq_blocks);                      \
-        else gemv<tm, bf16, false>(v, x, wv, nullptr, bv, bias_dt, t, k, nv, b - bq_blocks - bk_blocks);          \
+        gemv_qkv<tm, bf16, false>(q, kk, v, x, wq, wk, wv, bq, bk, bv, bias_dt, t, k, nq, nk, nv, nullptr, 0.0f); \
+    }
+// The _norm kernels at one row of x, decode's (at more, the norm's arithmetic on each of x's chunks
+// spilled in the wider shapes: the host norms 2-8 rows apart first, ops::GEMV_NORM_ROWS).
+#define GEMV_NORM_ONE(tm, s, bf16)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
+        gemv_glu_norm##tm##_##s(u16* out, const u16* x, const u16* w_gate, const u16* w_up, const u16* norm,     \
+                                float eps, u32 t, u32 k, u32 n) {                                                 \
+        gemv<tm, bf16, true, true>(out, x, w_gate, w_up, nullptr, 0, t, k, n, blockIdx.x, norm, eps);             \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
+        gemv_qkv_norm##tm##_##s(u16* q, u16* kk, u16* v, const u16* x, const u16* wq, const u16* wk,             \
+                                const u16* wv, const void* bq, const void* bk, const void* bv, u32 bias_dt,       \
+                                const u16* norm, float eps, u32 t, u32 k, u32 nq, u32 nk, u32 nv) {               \
+        gemv_qkv<tm, bf16, true>(q, kk, v, x, wq, wk, wv, bq, bk, bv, bias_dt, t, k, nq, nk, nv, norm, eps);      \
     }
 #define GEMV(tm) GEMV_ONE(tm, bf16, true) GEMV_ONE(tm, f16, false)
 GEMV(1)
 GEMV(2)
 GEMV(4)
 GEMV(8)
+GEMV_NORM_ONE(1, bf16, true)
+GEMV_NORM_ONE(1, f16, false)

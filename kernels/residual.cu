@@ -103,6 +103,15 @@ __device__ void add_rms_norm(typename D::T* out, typename D::T* residual, const 
     for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, base + i, D::load(residual, base + i) * inv * load_any(w, i, w_dt));
 }
 
+// out[i] += delta[i], rounded to the stream's dtype: the residual add of a projection that adds
+// into the stream (Linear::accumulate) where cuBLAS computed it into a buffer (gemv_add* adds its
+// own). add_rms_norm's add, without the norm.
+template <class D>
+__device__ void add(typename D::T* out, const typename D::T* delta, u64 total) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x)
+        D::store(out, i, D::load(out, i) + D::load(delta, i));
+}
+
 // out[t, n] += bias[n]  (out [T, N]): the linear layers' bias, after the GEMM.
 template <class D>
 __device__ void add_bias(typename D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {
@@ -134,6 +143,10 @@ __device__ void from_f32(typename D::T* out, const float* x, u64 n) {
     extern "C" __global__ void add_rms_norm_##s(D::T* out, D::T* residual, const D::T* delta, const void* w, u32 w_dt, \
                                                 u32 h, float eps) {                                           \
         add_rms_norm<D>(out, residual, delta, w, w_dt, h, eps);                                               \
+    }                                                                                                         \
+    extern "C" __global__ void add_##s(D::T* out, const D::T* delta, u64 total) {                           \
+        PDL_ENTRY();                                                                                          \
+        add<D>(out, delta, total);                                                                            \
     }                                                                                                         \
     extern "C" __global__ void add_bias_##s(D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {     \
         add_bias<D>(out, bias, bias_dt, n, total);                                                            \

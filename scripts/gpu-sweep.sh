@@ -53,9 +53,11 @@ DECODE_SHAPES="4x2 4x3 4x4 8x2 8x3 2x4"
 # before it).
 GEMV_SHAPES="4x4 4x4ps4 4x2s4 8x4ps8 4x8 8x8 2x8 4x4p 8x4p 4x2p 8x2p 4x4f1 4x4f2 8x4pf1 4x8f1 4x4e2 4x4e4 4x4pe4"
 # GEMV shapes timed in whole decode steps (each among GEMV_SHAPES; "+own": every projection on the
-# GEMV kernel, the down projection too, which cuBLAS takes otherwise (ops::gemv_pays); the first
-# is the default). The gemv part's best and its "+own" are added.
-STEP_SHAPES="4x4 4x4e2 4x4e4 4x4+own 4x4e4+own 4x4pe4+own"
+# GEMV kernel, the down projection too, which cuBLAS takes otherwise (ops::gemv_pays), and so adding
+# into the stream itself; "+apart": the layer's norms apart from the projections, add_rms_norm
+# between them, as before they folded (HIGHRISE_FOLD_NORMS=0); the first is the default). The gemv
+# part's best and its "+own" are added.
+STEP_SHAPES="4x4 4x4+apart 4x4e2 4x4e4 4x4+own 4x4+own+apart 4x4e4+own 4x4pe4+own"
 which=${3:-all}
 bundle=$(cd "${1:-gpu-bundle}" && pwd)
 out=${2:-${OUT:-gpu-results}}
@@ -120,9 +122,10 @@ if part step; then
             echo "step-$v: skipped (the sweep's budget of ${SWEEP_BUDGET_S:-540} s is spent)" | tee -a "$out/sweep/skipped.txt"
             continue
         fi
-        gemv=
-        [[ $v == *+own ]] && gemv=own
-        HIGHRISE_GEMV_SHAPE=${v%+own} HIGHRISE_CUDA_GEMV=$gemv timeout 90 "$bundle/highrise" bench --backend cuda --dtype bf16 \
+        gemv= fold=
+        [[ $v == *+own* ]] && gemv=own
+        [[ $v == *+apart ]] && fold=0
+        HIGHRISE_GEMV_SHAPE=${v%%+*} HIGHRISE_CUDA_GEMV=$gemv HIGHRISE_FOLD_NORMS=$fold timeout 90 "$bundle/highrise" bench --backend cuda --dtype bf16 \
             --model random:llama-3-8b --pp 0 --tg 64 --reps 2 -c 0 --kv-memory 4G >"$out/sweep/step-$v.txt" 2>&1
         rc=$? f="$out/sweep/step-$v.txt"
         echo "| step $v | tg64 b1 | $(rate "$f" tg64) | $(rate "$f" 'tg64 (no graphs)') | exit $rc |" >>"$out/sweep/step-rows.txt"
@@ -210,14 +213,14 @@ fi
     gbest=$(gemv_best)
     echo "best gemv shape by the four projections' time: ${gbest:-none} (the step part below decides between it and the others: crates/highrise-cuda/src/gemv.rs TUNED_GEMV, with today's date)"
     echo
-    echo "decode steps with each gemv shape (highrise bench, random:llama-3-8b bf16, batch 1, tokens/s; +own: the down projection on the GEMV too):"
+    echo "decode steps with each gemv shape (highrise bench, random:llama-3-8b bf16, batch 1, tokens/s; +own: the down projection on the GEMV too; +apart: the norms as add_rms_norm, not folded into the projections):"
     echo
     echo "| shape | test | t/s, graphs | t/s, op by op | run |"
     echo "| --- | --- | ---: | ---: | --- |"
     cat "$out/sweep/step-rows.txt"
     echo
     sbest=$(awk -F'|' '$4 + 0 > 0 { print $4 + 0, $2 }' "$out/sweep/step-rows.txt" | sort -g -r | head -1 | sed 's/^[^ ]* *step //; s/ *$//')
-    echo "best decode step: ${sbest:-none} (TUNED_GEMV; \"+own\": ops::gemv_pays for the down projection's rows of 14336 too)"
+    echo "best decode step: ${sbest:-none} (TUNED_GEMV; \"+own\": ops::gemv_pays for the down projection's rows of 14336 too; \"+apart\": ops::folds_norms off)"
     echo
     echo "Nsight Compute, d128 at the best shape:"
     grep -E 'pct_of_peak|bank_conflicts|skipped|ERR' "$out/sweep/ncu.txt" | sed 's/^ */    /'

@@ -97,8 +97,18 @@ fn every_op_launches_what_its_kernels_expect() {
                         let bt = up(&b, dt, &[n], &rng.values(n, 0.5, dt));
                         let mut y = empty(&b, dt, &[t, n]);
                         b.linear(&mut y, &x, &wt, bias.then_some(&bt)).unwrap();
+                        // Added into what y holds (the stream's add: gemv_add, or add after cuBLAS).
+                        b.linear_add(&mut y, &x, &wt, bias.then_some(&bt)).unwrap();
                     }
                 }
+                // The fused projections reading x's norm (gemv_qkv_norm, gemv_glu_norm; else
+                // rms_norm into the workspace, then the projections).
+                let ws = [96, 32, 32].map(|n| up(&b, dt, &[n, h], &rng.values(n * h, 0.1, dt)));
+                let [mut q, mut k, mut v] = [96, 32, 32].map(|n| empty(&b, dt, &[t, n]));
+                let bias = up(&b, dt, &[96], &rng.values(96, 0.5, dt));
+                b.qkv_linear_normed([&mut q, &mut k, &mut v], &x, Some((&w, 1e-5)), [&ws[0], &ws[1], &ws[2]], [Some(&bias), None, None]).unwrap();
+                let mut act = empty(&b, dt, &[t, 96]);
+                b.swiglu_linear_normed(&mut act, &x, Some((&w, 1e-5)), &ws[0], &ws[0]).unwrap();
             }
             std::env::remove_var("HIGHRISE_CUDA_GEMV");
             // The MLP's gate and the logits' choices.
@@ -132,9 +142,9 @@ fn every_op_launches_what_its_kernels_expect() {
     let kernels: std::collections::BTreeSet<String> = driver.take_recorded().into_iter().map(|r| r.kernel).collect();
     // Every kernel family, with every attention kernel among them.
     for family in [
-        "embedding", "rms_norm", "add_rms_norm", "add_bias", "to_f32", "from_f32", "rope", "kv_write", "attn_split_d64",
+        "embedding", "rms_norm", "add_rms_norm", "add_bias", "add_", "to_f32", "from_f32", "rope", "kv_write", "attn_split_d64",
         "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "decode_attn_d64",
-        "decode_attn_d128", "gemv1", "gemv8", "swiglu",
+        "decode_attn_d128", "gemv1", "gemv8", "gemv_add1", "gemv_add8", "gemv_qkv_norm1", "gemv_glu_norm1", "swiglu",
         "argmax", "sample",
     ] {
         assert!(kernels.iter().any(|k| k.starts_with(family)), "no {family} kernel was launched: {kernels:?}");
@@ -284,16 +294,18 @@ fn a_decode_step_launches_few_kernels_per_layer() {
     // Contexts grew by a token a step; decode attention's grid did not (what a graph replay needs).
     let grids: std::collections::BTreeSet<_> = recorded.iter().filter(|r| r.kernel.starts_with("decode_attn")).map(|r| r.grid).collect();
     assert_eq!(grids.len(), 1, "decode_attn grids across steps: {grids:?}");
-    // Per layer: q/k/v (one gemv_qkv), RoPE on both and the cache write (one rope_kv_write),
-    // attention (one decode_attn, its slices merged by its last block), o, norm, gate+up+SwiGLU
-    // (one gemv_glu), down, norm (8); around them:
-    // embedding, first norm, unembedding, the choice (4: no gathering of the last rows, a decode
-    // step's rows being each its sequence's last).
-    for fused in ["gemv_qkv", "rope_kv_write", "gemv_glu"] {
+    // Per layer: q/k/v of the stream's norm (one gemv_qkv_norm), RoPE on both and the cache write
+    // (one rope_kv_write), attention (one decode_attn, its slices merged by its last block), o added
+    // into the stream (gemv_add), gate+up+SwiGLU of its norm (one gemv_glu_norm), down added into
+    // it (gemv_add: rows this short run on the GEMV) (6: the norms folded into the projections,
+    // Backend::folds_norms); around them: embedding, the final norm, unembedding, the choice (4:
+    // no gathering of the last rows, a decode step's rows being each its sequence's last).
+    for fused in ["gemv_qkv_norm", "rope_kv_write", "gemv_glu_norm", "gemv_add"] {
         assert!(step.iter().any(|k| k.starts_with(fused)), "{fused}: not in the step");
     }
     assert!(!step.iter().any(|k| k.starts_with("attn_combine")), "decode_attn merges its own slices");
-    assert!(launches <= 8 * layers + 4, "{launches} launches per step for {layers} layers");
+    assert!(!step.iter().any(|k| k.starts_with("add_rms_norm")), "the norms fold into the projections");
+    assert!(launches <= 6 * layers + 4, "{launches} launches per step for {layers} layers");
 }
 
 /// Decode steps as CUDA graphs (#20): the engine's steps, recorded, captured once per batch shape

@@ -150,7 +150,8 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
 /// The matrix-vector kernels (kernels/gemv.cu, decode's projections) on the CPU model against an f64
 /// reference: 1-8 rows of x, k up to 14336, n not a multiple of a block's rows, biases of two dtypes;
 /// every output within one unit in the last place of the exact result rounded once; gemv_qkv and
-/// gemv_glu their parts' gemv sums, bit for bit.
+/// gemv_glu their parts' gemv sums, bit for bit, their _norm kernels the same of x's norm (as a warp
+/// sums its squares), gemv_add gemv's sums added into the stream.
 #[test]
 fn gemv_kernels_match_the_reference_on_the_cpu_model() {
     let Some(cxx) = compiler() else {

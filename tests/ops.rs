@@ -643,6 +643,106 @@ fn qkv_linear_equals_three_linears() {
     assert!(err.contains("qkv_linear") && err.contains("wk"), "{err}");
 }
 
+/// A projection added into the stream (`Linear::accumulate`, the output and down projections where a
+/// backend folds the norms) equals the projection stored and then added as `add_rms_norm` adds it,
+/// bit for bit: at decode's row counts (CUDA's matrix-vector kernel adds it itself) and others
+/// (cuBLAS into the workspace, then `add_*`), with and without a bias, a weight of another dtype.
+#[test]
+fn linear_add_equals_linear_then_the_streams_add() {
+    if backend("linear_add_equals_linear_then_the_streams_add").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("linear_add");
+    for (k, n) in [(576, 576), (64, 96)] {
+        for t in [1, 3, 8, 9] {
+            for dt in FLOATS {
+                for (wdt, bias) in [(dt, false), (dt, true), (DType::F32, false)] {
+                    let x = upload(dt, &[t, k], &rng.values(t * k, 1.0, dt));
+                    let w = upload(wdt, &[n, k], &rng.values(n * k, 0.1, wdt));
+                    let b = upload(dt, &[n], &rng.values(n, 0.5, dt));
+                    let stream = rng.values(t * n, 2.0, dt);
+                    let mut added = upload(dt, &[t, n], &stream);
+                    be().linear_add(&mut added, &x, &w, bias.then_some(&b)).unwrap();
+                    let mut product = poisoned(dt, &[t, n]);
+                    be().linear(&mut product, &x, &w, bias.then_some(&b)).unwrap();
+                    let (mut two_step, mut normed) = (upload(dt, &[t, n], &stream), poisoned(dt, &[t, n]));
+                    be().add_rms_norm(&mut normed, &mut two_step, &product, &upload(dt, &[n], &vec![1.0; n]), EPS as f32).unwrap();
+                    let (a, b) = (download(&added), download(&two_step));
+                    if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+                        panic!("linear_add {dt} w {wdt} t {t} [{n}, {k}] bias {bias}: element {i} is {}, the stored product added gives {}", a[i], b[i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `got` within two units of the dtype's last place of `want` (relative to each value plus the
+/// tensor's rms): two computations of the same numbers whose sums may differ in order.
+fn assert_near(what: &str, dt: DType, got: &[f64], want: &[f64]) {
+    let ulp = match dt {
+        DType::F32 => 1e-5,
+        DType::F16 => 2.0 * 2f64.powi(-10),
+        _ => 2.0 * 2f64.powi(-7),
+    };
+    let rms = (want.iter().map(|x| x * x).sum::<f64>() / want.len().max(1) as f64).sqrt();
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= ulp * (w.abs() + rms), "{what}: element {i} is {g}, expected {w}");
+    }
+}
+
+/// The fused projections with a norm (`QkvLinear::norm`, `SwiGluLinear::norm`: a layer that reads
+/// the stream itself) equal `rms_norm` and then the op without one: bit for bit on the CPU, and on
+/// CUDA's matrix-vector kernels (each warp sums the squares in its own order) within two units of
+/// the last place; at decode's row counts and others, with q/k/v biases, the widths of two models.
+#[test]
+fn fused_projections_read_the_streams_norm() {
+    if backend("fused_projections_read_the_streams_norm").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("normed projections");
+    for (h, n, i) in [(576, [576, 192, 192], 1536), (256, [256, 64, 64], 64)] {
+        for t in [1, 3, 8, 9] {
+            for dt in FLOATS {
+                let x = upload(dt, &[t, h], &rng.values(t * h, 2.0, dt));
+                let nw = upload(dt, &[h], &rng.values(h, 1.5, dt));
+                let mut xn = poisoned(dt, &[t, h]);
+                be().rms_norm(&mut xn, &x, &nw, EPS as f32).unwrap();
+                let exact = !on_cuda() || dt == DType::F32;
+                let check = |what: String, got: &Tensor, want: &Tensor| {
+                    let (a, b) = (download(got), download(want));
+                    if exact {
+                        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: differs from rms_norm, then the op");
+                    } else {
+                        assert_near(&what, dt, &a, &b);
+                    }
+                };
+                let w = n.map(|r| upload(dt, &[r, h], &rng.values(r * h, 0.1, dt)));
+                let b = n.map(|r| upload(dt, &[r], &rng.values(r, 0.5, dt)));
+                let bs = [0, 1, 2].map(|i| Some(&b[i]));
+                let [mut q, mut k, mut v] = n.map(|r| poisoned(dt, &[t, r]));
+                be().qkv_linear_normed([&mut q, &mut k, &mut v], &x, Some((&nw, EPS as f32)), [&w[0], &w[1], &w[2]], bs).unwrap();
+                let [mut q2, mut k2, mut v2] = n.map(|r| poisoned(dt, &[t, r]));
+                be().qkv_linear([&mut q2, &mut k2, &mut v2], &xn, [&w[0], &w[1], &w[2]], bs).unwrap();
+                for (name, got, want) in [("q", &q, &q2), ("k", &k, &k2), ("v", &v, &v2)] {
+                    check(format!("qkv_linear with a norm {dt} t {t} h {h}: {name}"), got, want);
+                }
+                let (wg, wu) = (upload(dt, &[i, h], &rng.values(i * h, 0.1, dt)), upload(dt, &[i, h], &rng.values(i * h, 0.1, dt)));
+                let (mut act, mut act2) = (poisoned(dt, &[t, i]), poisoned(dt, &[t, i]));
+                be().swiglu_linear_normed(&mut act, &x, Some((&nw, EPS as f32)), &wg, &wu).unwrap();
+                be().swiglu_linear(&mut act2, &xn, &wg, &wu).unwrap();
+                check(format!("swiglu_linear with a norm {dt} t {t} [{i}, {h}]"), &act, &act2);
+            }
+        }
+    }
+    // A norm of the wrong width is refused, naming the op and the tensor.
+    let x = upload(DType::F32, &[1, 64], &[0.0; 64]);
+    let (w, short) = (upload(DType::F32, &[96, 64], &[0.0; 96 * 64]), upload(DType::F32, &[63], &[0.0; 63]));
+    let mut out = poisoned(DType::F32, &[1, 96]);
+    let err = be().swiglu_linear_normed(&mut out, &x, Some((&short, 1e-5)), &w, &w).unwrap_err().to_string();
+    assert!(err.contains("swiglu_linear") && err.contains("norm"), "{err}");
+}
+
 /// RoPE on q and k and the cache write in one op equal `rope`, `rope` and `kv_write`, bit for bit:
 /// the rotated q and k, and every byte of both caches (poisoned before, so a slot written that
 /// should not be, or one missed, shows), at grouped-query ratios, both head dims, tokens at

@@ -85,9 +85,32 @@ std::vector<u16> plain(const std::vector<u16>& x, const std::vector<u16>& w, u32
     return out;
 }
 
+// x's RMSNorm by w as a warp of gemv_*_norm computes it: lane l sums the squares of chunks l, l +
+// 32, ... (8 elements each, in order), the warp adds the lanes' sums pairwise (warp_sum's xor
+// butterfly), then each element is (x * inv) * w rounded to the dtype.
+std::vector<u16> normed(const std::vector<u16>& x, const std::vector<u16>& w, u32 k, float eps, bool bf16) {
+    float lanes[32] = {};
+    for (u32 l = 0; l < 32; l++)
+        for (u32 c = l; c < k / 8; c += 32)
+            for (u32 e = 8 * c; e < 8 * c + 8; e++) {
+                const float v = (float)from_half(x[e], bf16);
+                lanes[l] += v * v;
+            }
+    for (u32 o = 16; o > 0; o /= 2) {
+        float next[32];
+        for (u32 l = 0; l < 32; l++) next[l] = lanes[l] + lanes[l ^ o];
+        std::copy(next, next + 32, lanes);
+    }
+    const float inv = rsqrtf(lanes[0] / (float)k + eps);
+    std::vector<u16> out(k);
+    for (u32 e = 0; e < k; e++) out[e] = to_half((float)from_half(x[e], bf16) * inv * (float)from_half(w[e], bf16), bf16);
+    return out;
+}
+
 // The fused kernels give their parts' sums: gemv_qkv's q, k and v are gemv's of wq, wk and wv, and
 // gemv_glu's output is SwiGLU (swiglu's arithmetic, kernels/mlp.cu) of gemv's gate and up rounded
-// to the dtype, bit for bit (one row of x; q and k whole blocks, v not).
+// to the dtype, bit for bit (one row of x; q and k whole blocks, v not); the _norm kernels the same
+// of x's norm (`normed`), and gemv_add's output gemv's added to what out held, rounded again.
 bool run_fused(u32 k, bool bf16) {
     // Whole blocks of every shape (at most 16 rows), and the same inputs in every shape.
     const u32 nq = 48, nk = 16, nv = 5, n = 13;
@@ -111,18 +134,48 @@ bool run_fused(u32 k, bool bf16) {
     CHECK_LAUNCH({glu_blocks, 1, 1}, {32 * GEMV_WARPS, 1, 1}, 0, [&] {
         bf16 ? gemv_glu1_bf16(ap, xp, wgp, wup, 1, k, n) : gemv_glu1_f16(ap, xp, wgp, wup, 1, k, n);
     });
+    // The same of x's norm, and a stream (act's first n rows of q's weights' shape) added into.
+    const float eps = 1e-5f;
+    std::vector<u16> nw = random(k, 1.5), qn(nq, 0x7fc0), kn(nk, 0x7fc0), vn(nv, 0x7fc0), actn(n, 0x7fc0), stream = random(nq, 2.0);
+    std::vector<u16> added = stream;
+    u16 *nwp = nw.data(), *qnp = qn.data(), *knp = kn.data(), *vnp = vn.data(), *anp = actn.data(), *sp = added.data();
+    CHECK_LAUNCH({blocks, 1, 1}, {32 * GEMV_WARPS, 1, 1}, 0, [&] {
+        bf16 ? gemv_qkv_norm1_bf16(qnp, knp, vnp, xp, wqp, wkp, wvp, nullptr, nullptr, nullptr, 0, nwp, eps, 1, k, nq, nk, nv)
+             : gemv_qkv_norm1_f16(qnp, knp, vnp, xp, wqp, wkp, wvp, nullptr, nullptr, nullptr, 0, nwp, eps, 1, k, nq, nk, nv);
+    });
+    CHECK_LAUNCH({glu_blocks, 1, 1}, {32 * GEMV_WARPS, 1, 1}, 0, [&] {
+        bf16 ? gemv_glu_norm1_bf16(anp, xp, wgp, wup, nwp, eps, 1, k, n) : gemv_glu_norm1_f16(anp, xp, wgp, wup, nwp, eps, 1, k, n);
+    });
+    const u32 add_blocks = (nq + GEMV_BLOCK_ROWS - 1) / GEMV_BLOCK_ROWS;
+    CHECK_LAUNCH({add_blocks, 1, 1}, {32 * GEMV_WARPS, 1, 1}, 0, [&] {
+        bf16 ? gemv_add1_bf16(sp, xp, wqp, nullptr, 0, 1, k, nq) : gemv_add1_f16(sp, xp, wqp, nullptr, 0, 1, k, nq);
+    });
     bool ok = true, launched = true;
-    ok &= plain(x, wq, 1, k, nq, bf16, &launched) == q && launched;
-    ok &= plain(x, wk, 1, k, nk, bf16, &launched) == kk && launched;
-    ok &= plain(x, wv, 1, k, nv, bf16, &launched) == v && launched;
-    const std::vector<u16> g = plain(x, wg, 1, k, n, bf16, &launched), u = plain(x, wu, 1, k, n, bf16, &launched);
-    for (u32 i = 0; i < n; i++) {
-        const float gr = (float)from_half(g[i], bf16), ur = (float)from_half(u[i], bf16);
-        ok &= act[i] == to_half(gr / (1.0f + expf(-gr)) * ur, bf16);
-    }
-    std::printf("%s gemv_qkv1_%s and gemv_glu1_%s k=%u: %s\n", ok && launched ? "ok  " : "FAIL", bf16 ? "bf16" : "f16", bf16 ? "bf16" : "f16", k,
-                ok ? "their parts' gemv sums, bit for bit" : "not their parts' gemv sums");
-    return ok && launched;
+    auto glu_of = [&](const std::vector<u16>& xs, const std::vector<u16>& out) {
+        const std::vector<u16> g = plain(xs, wg, 1, k, n, bf16, &launched), u = plain(xs, wu, 1, k, n, bf16, &launched);
+        bool same = true;
+        for (u32 i = 0; i < n; i++) {
+            const float gr = (float)from_half(g[i], bf16), ur = (float)from_half(u[i], bf16);
+            same &= out[i] == to_half(gr / (1.0f + expf(-gr)) * ur, bf16);
+        }
+        return same;
+    };
+    const std::vector<u16> xn = normed(x, nw, k, eps, bf16);
+    bool fused = true, norm = true, add = true;
+    fused &= plain(x, wq, 1, k, nq, bf16, &launched) == q && launched;
+    fused &= plain(x, wk, 1, k, nk, bf16, &launched) == kk && launched;
+    fused &= plain(x, wv, 1, k, nv, bf16, &launched) == v && launched;
+    fused &= glu_of(x, act) && launched;
+    norm &= plain(xn, wq, 1, k, nq, bf16, &launched) == qn && launched;
+    norm &= plain(xn, wk, 1, k, nk, bf16, &launched) == kn && launched;
+    norm &= plain(xn, wv, 1, k, nv, bf16, &launched) == vn && launched;
+    norm &= glu_of(xn, actn) && launched;
+    for (u32 i = 0; i < nq; i++) add &= added[i] == to_half((float)from_half(q[i], bf16) + (float)from_half(stream[i], bf16), bf16);
+    ok = fused && norm && add;
+    std::printf("%s gemv_qkv1_%s and gemv_glu1_%s k=%u: %s; their _norm kernels: %s; gemv_add1: %s\n", ok ? "ok  " : "FAIL", bf16 ? "bf16" : "f16",
+                bf16 ? "bf16" : "f16", k, fused ? "their parts' gemv sums, bit for bit" : "not their parts' gemv sums",
+                norm ? "the same of x's norm" : "not the same of x's norm", add ? "gemv's sums added to the stream" : "not gemv's sums added");
+    return ok;
 }
 
 }  // namespace

@@ -88,6 +88,17 @@ pub trait Backend: Send + Sync {
     fn graph_stats(&self) -> GraphStats {
         GraphStats::default()
     }
+
+    /// Whether a pass of `rows` tokens of `hidden` features in `dtype` runs faster with each layer's
+    /// norms read inside the projections after them (`QkvLinear::norm`, `SwiGluLinear::norm`) and
+    /// the projections before them adding into the stream (`Linear::accumulate`) than with
+    /// `AddRmsNorm` between them: where the backend's kernels fold those in (CUDA's matrix-vector
+    /// kernels, at decode), saving a launch and a pass over the stream each. The same op meanings
+    /// either way (the norm's sum of squares in the kernel's order). The default: no.
+    fn folds_norms(&self, rows: usize, hidden: usize, dtype: DType) -> bool {
+        let _ = (rows, hidden, dtype);
+        false
+    }
 }
 
 /// Counts of how a backend ran the steps marked by `Backend::graph_begin`.
@@ -183,12 +194,23 @@ impl dyn Backend + '_ {
         bias: Option<&Tensor>,
         q8_activations: bool,
     ) -> Result<()> {
+        self.project(out, x, weight, bias, q8_activations, false)
+    }
+
+    /// `out += x @ weight^T (+ bias)`, the product rounded before the add (see `Linear::accumulate`):
+    /// a projection added straight into the residual stream.
+    pub fn linear_add(&self, out: &mut Tensor, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        self.project(out, x, weight, bias, false, true)
+    }
+
+    fn project(&self, out: &mut Tensor, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, q8_activations: bool, accumulate: bool) -> Result<()> {
         self.exec(Op::Linear(Linear {
             out: out.as_mut(),
             x: x.as_ref(),
             weight: weight.as_ref(),
             bias: bias.map_or(TensorRef::none(), Tensor::as_ref),
             q8_activations,
+            accumulate,
         }))
     }
 
@@ -246,8 +268,20 @@ impl dyn Backend + '_ {
 
     /// The attention's q, k and v projections of `x` in one op where the backend fuses them (see
     /// [`QkvLinear`]; ask `supports` first). `w` and `b`: the weights and optional biases, q, k, v.
-    pub fn qkv_linear(&self, [q, k, v]: [&mut Tensor; 3], x: &Tensor, w: [&Tensor; 3], b: [Option<&Tensor>; 3]) -> Result<()> {
-        fn bias(t: Option<&Tensor>) -> TensorRef<'_> {
+    pub fn qkv_linear(&self, qkv: [&mut Tensor; 3], x: &Tensor, w: [&Tensor; 3], b: [Option<&Tensor>; 3]) -> Result<()> {
+        self.qkv_linear_normed(qkv, x, None, w, b)
+    }
+
+    /// `qkv_linear` of x's RMSNorm where `norm` gives its weight and eps (see [`QkvLinear`]).
+    pub fn qkv_linear_normed(
+        &self,
+        [q, k, v]: [&mut Tensor; 3],
+        x: &Tensor,
+        norm: Option<(&Tensor, f32)>,
+        w: [&Tensor; 3],
+        b: [Option<&Tensor>; 3],
+    ) -> Result<()> {
+        fn or_none(t: Option<&Tensor>) -> TensorRef<'_> {
             t.map_or(TensorRef::none(), Tensor::as_ref)
         }
         self.exec(Op::QkvLinear(QkvLinear {
@@ -258,9 +292,11 @@ impl dyn Backend + '_ {
             wq: w[0].as_ref(),
             wk: w[1].as_ref(),
             wv: w[2].as_ref(),
-            bq: bias(b[0]),
-            bk: bias(b[1]),
-            bv: bias(b[2]),
+            bq: or_none(b[0]),
+            bk: or_none(b[1]),
+            bv: or_none(b[2]),
+            norm: or_none(norm.map(|n| n.0)),
+            eps: norm.map_or(0.0, |n| n.1),
         }))
     }
 
@@ -346,7 +382,19 @@ impl dyn Backend + '_ {
     /// `out = silu(x @ w_gate^T) * (x @ w_up^T)` in one op, where the backend fuses it (see
     /// [`SwiGluLinear`]; ask `supports` first).
     pub fn swiglu_linear(&self, out: &mut Tensor, x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<()> {
-        self.exec(Op::SwiGluLinear(SwiGluLinear { out: out.as_mut(), x: x.as_ref(), w_gate: w_gate.as_ref(), w_up: w_up.as_ref() }))
+        self.swiglu_linear_normed(out, x, None, w_gate, w_up)
+    }
+
+    /// `swiglu_linear` of x's RMSNorm where `norm` gives its weight and eps (see [`SwiGluLinear`]).
+    pub fn swiglu_linear_normed(&self, out: &mut Tensor, x: &Tensor, norm: Option<(&Tensor, f32)>, w_gate: &Tensor, w_up: &Tensor) -> Result<()> {
+        self.exec(Op::SwiGluLinear(SwiGluLinear {
+            out: out.as_mut(),
+            x: x.as_ref(),
+            w_gate: w_gate.as_ref(),
+            w_up: w_up.as_ref(),
+            norm: norm.map_or(TensorRef::none(), |n| n.0.as_ref()),
+            eps: norm.map_or(0.0, |n| n.1),
+        }))
     }
 
     /// Each row's most likely column and its log-probability (see [`Argmax`]).

@@ -147,7 +147,9 @@ impl Backend for CpuBackend {
             Op::Sample(o) => sampling::sample(&ts, o),
             Op::SwiGluLinear(o) => mlp::swiglu_linear(&ts, o),
             Op::Softcap(o) => sampling::softcap(&ts, o),
-            Op::QkvLinear(o) => o.parts().iter().try_for_each(|part| linear::linear(&ts, part)),
+            Op::QkvLinear(o) => mlp::normed(&ts, o.x, o.norm, o.eps, |x| {
+                o.parts_reading(x).iter().try_for_each(|part| linear::linear(&ts, part))
+            }),
             Op::RopeKvWrite(o) => {
                 // The three ops it fuses, in order: the same numbers, one call.
                 let (q, k, write) = o.parts();

@@ -106,7 +106,7 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
         };
         let mut owned_out = Vec::new();
         let out32: &mut [f32] = match bytemuck::try_cast_slice_mut::<E, f32>(out) {
-            Ok(o) if E::DTYPE == DType::F32 => o,
+            Ok(o) if E::DTYPE == DType::F32 && !op.accumulate => o,
             _ => {
                 owned_out.resize(t * n, 0.0);
                 &mut owned_out
@@ -116,7 +116,17 @@ pub fn linear(ts: &Tensors, op: &Linear) -> Result<()> {
         if let Some(b) = &bias {
             out32.chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
         }
-        if E::DTYPE != DType::F32 {
+        if op.accumulate {
+            // The product as a `Linear` into a buffer stores it, then the stream's add: both
+            // rounded to out's dtype, as `AddRmsNorm` adds a stored delta.
+            let mut rounded = vec![<E as bytemuck::Zeroable>::zeroed(); t * n];
+            E::store(&owned_out, &mut rounded);
+            let mut old = vec![0f32; t * n];
+            E::load(&rounded, &mut owned_out);
+            E::load(out, &mut old);
+            old.iter_mut().zip(&owned_out).for_each(|(o, d)| *o += d);
+            E::store(&old, out);
+        } else if E::DTYPE != DType::F32 {
             E::store(&owned_out, out);
         }
         Ok(())

@@ -1,6 +1,6 @@
 //! The MLP's gate: SwiGLU or GeGLU, alone or (SwiGLU) after its two projections (`SwiGluLinear`).
 
-use highrise_core::ops::{GluAct, Linear, SwiGlu, SwiGluLinear};
+use highrise_core::ops::{GluAct, Linear, RmsNorm, SwiGlu, SwiGluLinear};
 use highrise_core::{Result, Shape, TensorRef};
 
 use crate::float::{with_float, Float};
@@ -40,10 +40,25 @@ pub fn swiglu_linear(ts: &Tensors, op: &SwiGluLinear) -> Result<()> {
     let bytes = dtype.storage_bytes(op.out.numel()).unwrap_or(0);
     let (gate, up) = (Scratch::new(ts, bytes)?, Scratch::new(ts, bytes)?);
     let (g, u) = (TensorRef::from_raw(gate.1, dtype, shape), TensorRef::from_raw(up.1, dtype, shape));
-    for (out, weight) in [(g, op.w_gate), (u, op.w_up)] {
-        crate::linear::linear(ts, &Linear { out, x: op.x, weight, bias: TensorRef::none(), q8_activations: false })?;
-    }
+    normed(ts, op.x, op.norm, op.eps, |x| {
+        for (out, weight) in [(g, op.w_gate), (u, op.w_up)] {
+            let plain = Linear { out, x, weight, bias: TensorRef::none(), q8_activations: false, accumulate: false };
+            crate::linear::linear(ts, &plain)?;
+        }
+        Ok(())
+    })?;
     swiglu(ts, &SwiGlu { out: op.out, gate: g, up: u, act: GluAct::Silu })
+}
+
+/// `run` on x, or, where a fused projection has a `norm` weight, on x's RMSNorm in a buffer of x's
+/// dtype (`RmsNorm`'s numbers): what `QkvLinear` and `SwiGluLinear` project.
+pub fn normed(ts: &Tensors, x: TensorRef, norm: TensorRef, eps: f32, run: impl FnOnce(TensorRef) -> Result<()>) -> Result<()> {
+    let Some(weight) = norm.opt() else { return run(x) };
+    let bytes = x.dtype.storage_bytes(x.numel()).unwrap_or(0);
+    let buf = Scratch::new(ts, bytes)?;
+    let xn = TensorRef::from_raw(buf.1, x.dtype, Shape::new(x.dims())?);
+    crate::residual::rms_norm(ts, &RmsNorm { out: xn, x, weight, eps })?;
+    run(xn)
 }
 
 /// A buffer of this backend's for the length of an op.

@@ -129,12 +129,14 @@ pub fn gemv_sweep_shapes(script: &str) -> Result<Vec<GemvShape>> {
 }
 
 /// The decode-step variants scripts/gpu-sweep.sh times (its `STEP_SHAPES="..."` line): a shape,
-/// and whether every projection runs on the GEMV kernel ("+own": `HIGHRISE_CUDA_GEMV=own`).
-pub fn step_sweep_shapes(script: &str) -> Result<Vec<(GemvShape, bool)>> {
-    let variant = |v: &str| Ok(match v.strip_suffix("+own") {
-        Some(shape) => (GemvShape::parse(shape)?, true),
-        None => (GemvShape::parse(v)?, false),
-    });
+/// whether every projection runs on the GEMV kernel ("+own": `HIGHRISE_CUDA_GEMV=own`), and whether
+/// the norms stay apart from the projections ("+apart", last: `HIGHRISE_FOLD_NORMS=0`).
+pub fn step_sweep_shapes(script: &str) -> Result<Vec<(GemvShape, bool, bool)>> {
+    let variant = |v: &str| {
+        let (v, apart) = v.strip_suffix("+apart").map_or((v, false), |v| (v, true));
+        let (v, own) = v.strip_suffix("+own").map_or((v, false), |v| (v, true));
+        Ok((GemvShape::parse(v)?, own, apart))
+    };
     crate::flash::sweep_line(script, "STEP_SHAPES=")?.into_iter().map(variant).collect()
 }
 
@@ -148,12 +150,15 @@ mod tests {
     fn step_shapes_are_among_the_swept_ones() {
         let script = include_str!("../../../scripts/gpu-sweep.sh");
         let (alone, steps) = (gemv_sweep_shapes(script).unwrap(), step_sweep_shapes(script).unwrap());
-        assert_eq!(steps[0], (GEMV_DEFAULT, false), "the default first");
+        assert_eq!(steps[0], (GEMV_DEFAULT, false, false), "the default first");
         assert!(steps.iter().any(|s| s.0.early > 0) && steps.iter().any(|s| s.1), "{steps:?}");
-        for (shape, _) in steps {
+        // The folded norms timed against the norms apart, with cuBLAS's down projection and without.
+        assert!(steps.contains(&(GEMV_DEFAULT, false, true)) && steps.contains(&(GEMV_DEFAULT, true, true)), "{steps:?}");
+        for (shape, ..) in steps {
             assert!(alone.contains(&shape), "{shape}: in STEP_SHAPES, not in GEMV_SHAPES");
         }
         assert!(step_sweep_shapes("STEP_SHAPES=\"4x4+mine\"\n").is_err());
+        assert!(step_sweep_shapes("STEP_SHAPES=\"4x4+apart+own\"\n").is_err(), "+apart goes last");
     }
 
     #[test]

@@ -28,9 +28,9 @@ use highrise_core::{Error, GraphStats, Result};
 
 use crate::driver::{Driver, Gemm, Launch, Param, Region};
 
-/// Parameter bytes a launch can hold (the kernels take at most 16 parameters of at most 8 bytes).
+/// Parameter bytes a launch can hold (the kernels take at most 18 parameters, 128 bytes in all).
 const ARG_BYTES: usize = 128;
-pub(crate) const MAX_ARGS: usize = 16;
+pub(crate) const MAX_ARGS: usize = 18;
 
 /// One device operation of a step, as the backend would have queued it.
 #[derive(Clone, PartialEq)]

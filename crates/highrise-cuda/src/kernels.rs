@@ -31,9 +31,13 @@ pub const PROGRAMMATIC: &[&str] = &[
     "embedding",
     "rms_norm",
     "add_rms_norm",
+    "add",
     "gemv",
+    "gemv_add",
     "gemv_glu",
+    "gemv_glu_norm",
     "gemv_qkv",
+    "gemv_qkv_norm",
     "rope_kv_write",
     "decode_attn",
     "attn_combine",
@@ -72,7 +76,7 @@ mod tests {
 
     #[test]
     fn programmatic_kernels_are_known_by_their_full_names() {
-        for k in ["gemv1_bf16", "gemv_glu8_f16", "gemv_qkv2_bf16", "decode_attn_d128_bf16", "add_rms_norm_f32", "argmax_bf16", "softcap_f16"] {
+        for k in ["gemv1_bf16", "gemv_glu8_f16", "gemv_qkv2_bf16", "gemv_qkv_norm1_bf16", "gemv_add4_f16", "decode_attn_d128_bf16", "add_rms_norm_f32", "add_bf16", "argmax_bf16", "softcap_f16"] {
             assert!(programmatic(k), "{k}");
         }
         // Kernels without the wait: prefill's, the split decode kernels, the linear fallbacks.

@@ -622,6 +622,10 @@ impl Backend for CudaBackend {
     fn graph_stats(&self) -> highrise_core::GraphStats {
         self.state().map(|st| st.graphs.stats).unwrap_or_default()
     }
+
+    fn folds_norms(&self, rows: usize, hidden: usize, dtype: DType) -> bool {
+        ops::folds_norms(rows, hidden, dtype)
+    }
 }
 
 fn range_check(b: &DevBuf, offset: usize, len: usize) -> Result<()> {

@@ -5,7 +5,7 @@ use highrise_core::ops::{
     cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, KvWrite, Linear, PagedAttention, QkvLinear, RmsNorm,
     Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
 };
-use highrise_core::{DType, Error, Result};
+use highrise_core::{DType, Error, Result, TensorRef};
 
 use crate::driver::Gemm;
 use crate::{suffix, CudaBackend, OpState};
@@ -19,6 +19,11 @@ const NORM_THREADS: u32 = 512;
 fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
     // SAFETY: plain integers and floats, read as bytes.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// `bytes` rounded up to the workspace's 256-byte alignment (each region of it starts aligned).
+fn align(bytes: usize) -> usize {
+    bytes.div_ceil(256) * 256
 }
 
 /// A grid of enough blocks of `threads` to cover `n` elements with a grid-stride loop.
@@ -63,60 +68,162 @@ pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
     be.launch(&format!("add_rms_norm_{s}"), (t, 1, 1), (NORM_THREADS, 1, 1), &[&out, &res, &delta, &w, &w_dt, &h, &op.eps])
 }
 
-/// `out [T, N] = x [T, K] @ weight [N, K]^T (+ bias)` with cuBLAS (f32 accumulation; pedantic for
+/// One projection's device addresses and sizes, as `project` runs it: `out [t, n] (+)= x [t, k] @
+/// w [n, k]^T (+ bias)`.
+struct Proj {
+    out: u64,
+    x: u64,
+    w: u64,
+    bias: u64,
+    act: DType,
+    w_dt: DType,
+    bias_dt: u32,
+    t: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+}
+
+impl Proj {
+    /// `op`'s projection reading x at `x` (the op's own x, or its norm in the workspace).
+    fn of(be: &CudaBackend, op: &Linear, x: u64) -> Result<Proj> {
+        let bias = be.opt_ptr("bias", &op.bias)?;
+        Ok(Proj {
+            out: be.ptr("out", &op.out)?,
+            x,
+            w: be.ptr("weight", &op.weight)?,
+            bias,
+            act: op.x.dtype,
+            w_dt: op.weight.dtype,
+            bias_dt: if bias != 0 { float_code("linear", "bias", op.bias.dtype)? } else { 0 },
+            t: op.x.dims()[0],
+            k: op.x.dims()[1],
+            n: op.weight.dims()[0],
+            accumulate: op.accumulate,
+        })
+    }
+
+    /// Our matrix-vector kernel's rows of x for it, where it runs there.
+    fn gemv(&self) -> Option<u32> {
+        gemv_rows(self.act, self.w_dt, self.t, self.k, self.x | self.w)
+    }
+
+    /// Bytes of workspace `project` takes for it: f32 copies of x and w where their dtypes differ,
+    /// the f32 product where a bias is added before the one rounding, and the rounded product where
+    /// it is added into out after.
+    fn work_bytes(&self) -> usize {
+        if self.gemv().is_some() {
+            return 0;
+        }
+        let (t, k, n) = (self.t, self.k, self.n);
+        let product = if self.accumulate { align(t * n * self.act.storage_bytes(1).unwrap_or(4)) } else { 0 };
+        product
+            + match (self.w_dt == self.act, self.bias != 0) {
+                (true, false) => 0,
+                (true, true) => align(t * n * 4),
+                (false, _) => align(t * k * 4) + align(n * k * 4) + align(t * n * 4),
+            }
+    }
+}
+
+/// `out [T, N] = x [T, K] @ weight [N, K]^T (+ bias)` (or `out +=`: `Linear::accumulate`) with our
+/// matrix-vector kernel where it runs (`gemv_rows`), else cuBLAS (f32 accumulation; pedantic for
 /// f32: no TF32 rounding).
+pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
+    let p = Proj::of(be, op, be.ptr("x", &op.x)?)?;
+    let work = if p.work_bytes() > 0 { be.upload(st, p.work_bytes(), &[])?.0 } else { 0 };
+    project(be, &p, work)
+}
+
+/// Runs `p`, with `p.work_bytes()` of workspace at `work`.
 ///
 /// Weights and activations in the same dtype and no bias: one GEMM, rounded once into `out`. With a
 /// bias, the GEMM writes f32 to the workspace and the bias is added there before the one rounding to
 /// `out` (adding it to an already rounded product would round twice). Mixed dtypes (which the model
 /// loader avoids: it converts weights to the activations' dtype) go through f32 copies in the
-/// workspace: exact, but they convert the weight on every call.
-pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
-    let act = op.x.dtype;
-    let s = suffix("linear", act)?;
-    let w_dt = float_code("linear", "weight", op.weight.dtype)?;
-    let (t, k) = (op.x.dims()[0], op.x.dims()[1]);
-    let n = op.weight.dims()[0];
-    let (out, x, w) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("weight", &op.weight)?);
-    let bias = be.opt_ptr("bias", &op.bias)?;
-    let bias_dt = if bias != 0 { float_code("linear", "bias", op.bias.dtype)? } else { 0 };
+/// workspace: exact, but they convert the weight on every call. Accumulating, the product goes to
+/// the workspace, rounded, and `add_*` adds it into out (`gemv_add*` does both itself).
+fn project(be: &CudaBackend, p: &Proj, work: u64) -> Result<()> {
+    let s = suffix("linear", p.act)?;
+    let w_dt = float_code("linear", "weight", p.w_dt)?;
+    let Proj { t, k, n, x, w, bias, bias_dt, act, .. } = *p;
     let (n32, total) = (n as u32, (t * n) as u64);
-    let gemm = |input, output, x, w, out| {
-        // SAFETY: the three matrices lie inside their allocations (checked by `ptr` against the
-        // validated shapes, or carved from the workspace below).
-        unsafe { be.gemm(Gemm { input, output, t, k, n, x, w, out }) }
-    };
-    if let Some(tm) = gemv_rows(act, op.weight.dtype, t, k, x | w) {
+    if let Some(tm) = p.gemv() {
         let (t32, k32) = (t as u32, k as u32);
         let (blocks, threads) = (n.div_ceil(be.gemv_shape.rows_per_block()) as u32, be.gemv_shape.threads());
-        return be.launch(&format!("gemv{tm}_{s}"), (blocks, 1, 1), (threads, 1, 1), &[&out, &x, &w, &bias, &bias_dt, &t32, &k32, &n32]);
+        let name = if p.accumulate { format!("gemv_add{tm}_{s}") } else { format!("gemv{tm}_{s}") };
+        return be.launch(&name, (blocks, 1, 1), (threads, 1, 1), &[&p.out, &x, &w, &bias, &bias_dt, &t32, &k32, &n32]);
     }
-    if op.weight.dtype == act && bias == 0 {
-        return gemm(act, act, x, w, out);
-    }
-    let align = |b: usize| b.div_ceil(256) * 256;
-    let same = op.weight.dtype == act;
-    let (xb, wb, ob) = if same { (0, 0, align(t * n * 4)) } else { (align(t * k * 4), align(n * k * 4), align(t * n * 4)) };
-    let (work, _) = be.upload(st, xb + wb + ob, &[])?;
-    let o32 = work + (xb + wb) as u64;
-    if same {
-        gemm(act, DType::F32, x, w, o32)?;
+    // Accumulating: the rounded product at the workspace's start, the rest after it.
+    let (out, work) = match p.accumulate {
+        true => (work, work + align(t * n * act.storage_bytes(1).unwrap_or(4)) as u64),
+        false => (p.out, work),
+    };
+    let gemm = |input, output, x, w, out| {
+        // SAFETY: the three matrices lie inside their allocations (checked by `ptr` against the
+        // validated shapes), or inside the workspace sized for them (`work_bytes`).
+        unsafe { be.gemm(Gemm { input, output, t, k, n, x, w, out }) }
+    };
+    if p.w_dt == act && bias == 0 {
+        gemm(act, act, x, w, out)?;
     } else {
-        let (x32, w32) = (work, work + xb as u64);
-        let (x_dt, xn, wn) = (act as u32, (t * k) as u64, (n * k) as u64);
-        be.launch("to_f32", cover(xn, 256), (256, 1, 1), &[&x32, &x, &x_dt, &xn])?;
-        be.launch("to_f32", cover(wn, 256), (256, 1, 1), &[&w32, &w, &w_dt, &wn])?;
-        gemm(DType::F32, DType::F32, x32, w32, o32)?;
+        let same = p.w_dt == act;
+        let (xb, wb) = if same { (0, 0) } else { (align(t * k * 4), align(n * k * 4)) };
+        let o32 = work + (xb + wb) as u64;
+        if same {
+            gemm(act, DType::F32, x, w, o32)?;
+        } else {
+            let (x32, w32) = (work, work + xb as u64);
+            let (x_dt, xn, wn) = (act as u32, (t * k) as u64, (n * k) as u64);
+            be.launch("to_f32", cover(xn, 256), (256, 1, 1), &[&x32, &x, &x_dt, &xn])?;
+            be.launch("to_f32", cover(wn, 256), (256, 1, 1), &[&w32, &w, &w_dt, &wn])?;
+            gemm(DType::F32, DType::F32, x32, w32, o32)?;
+        }
+        if bias != 0 {
+            be.launch("add_bias_f32", cover(total, 256), (256, 1, 1), &[&o32, &bias, &bias_dt, &n32, &total])?;
+        }
+        be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])?;
     }
-    if bias != 0 {
-        be.launch("add_bias_f32", cover(total, 256), (256, 1, 1), &[&o32, &bias, &bias_dt, &n32, &total])?;
+    if p.accumulate {
+        be.launch(&format!("add_{s}"), cover(total, 256), (256, 1, 1), &[&p.out, &out, &total])?;
     }
-    be.launch(&format!("from_f32_{s}"), cover(total, 256), (256, 1, 1), &[&out, &o32, &total])
+    Ok(())
 }
 
-/// q, k and v of one x: one `gemv_qkv*` launch where the matrix-vector kernel takes all three
-/// (decoding; q's and k's rows whole blocks of the kernel; the biases present of one dtype), each
-/// block as `gemv*` would run it, so the numbers of three `linear`s; else those three.
+/// The most rows of x the matrix-vector kernels read a norm of themselves (`gemv_*_norm1`: decode's
+/// one; more rows are normed by `rms_norm_*` first).
+const GEMV_NORM_ROWS: u32 = 1;
+
+/// Where a fused projection has a norm (`QkvLinear::norm`, `SwiGluLinear::norm`): its weight's
+/// address where the matrix-vector kernel can read it itself (x's 16-bit dtype, 16-byte aligned),
+/// else None.
+fn gemv_norm(be: &CudaBackend, norm: &TensorRef, act: DType) -> Result<Option<u64>> {
+    let p = be.ptr("norm", norm)?;
+    Ok((norm.dtype == act && p % 16 == 0).then_some(p))
+}
+
+/// x's RMSNorm by `norm` into the workspace at `work` (`rms_norm_*`, a row a block), for a fused
+/// projection that does not run on the matrix-vector kernel (`norm_bytes` of room there).
+fn norm_into(be: &CudaBackend, work: u64, x: &TensorRef, norm: &TensorRef, eps: f32) -> Result<()> {
+    let s = suffix("rms_norm", x.dtype)?;
+    let w_dt = float_code("rms_norm", "norm", norm.dtype)?;
+    let (t, h) = (x.dims()[0] as u32, x.dims()[1] as u32);
+    let (xp, w) = (be.ptr("x", x)?, be.ptr("norm", norm)?);
+    be.launch(&format!("rms_norm_{s}"), (t, 1, 1), (NORM_THREADS, 1, 1), &[&work, &xp, &w, &w_dt, &h, &eps])
+}
+
+/// Bytes of x's dtype a norm of x takes in the workspace (0 without a norm).
+fn norm_bytes(x: &TensorRef, norm: &TensorRef) -> usize {
+    if norm.is_none() {
+        return 0;
+    }
+    align(x.dtype.storage_bytes(x.numel()).unwrap_or(0))
+}
+
+/// q, k and v of one x (or of its norm): one `gemv_qkv*` launch where the matrix-vector kernel
+/// takes all three (decoding; q's and k's rows whole blocks of the kernel; the biases present of
+/// one dtype; a norm in x's dtype: `gemv_qkv_norm*`), each block as `gemv*` would run it, so the
+/// numbers of three `linear`s; else those three (after `rms_norm_*` into the workspace).
 pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<()> {
     let act = op.x.dtype;
     let (t, k) = (op.x.dims()[0], op.x.dims()[1]);
@@ -129,9 +236,26 @@ pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<
     let one_bias_dtype = bias_dts.next().is_none_or(|first| bias_dts.all(|d| d == first));
     let per = be.gemv_shape.rows_per_block();
     let whole_blocks = nq % per == 0 && nk % per == 0;
-    let tm = gemv_rows(act, op.wq.dtype, t, k, x | wq | wk | wv).filter(|_| whole_blocks && one_bias_dtype);
+    let norm = if op.norm.is_none() { None } else { Some(gemv_norm(be, &op.norm, act)?) };
+    let tm = gemv_rows(act, op.wq.dtype, t, k, x | wq | wk | wv)
+        .filter(|&tm| whole_blocks && one_bias_dtype && (norm.is_none() || (norm.flatten().is_some() && tm <= GEMV_NORM_ROWS)));
     let Some(tm) = tm else {
-        return op.parts().iter().try_for_each(|part| linear(be, st, part));
+        // The three projections, of x's norm at the workspace's start where there is one (each
+        // part's own workspace after it, sized as read from x: x's norm is aligned, so no larger).
+        let nb = norm_bytes(&op.x, &op.norm);
+        let sizes = op.parts_reading(op.x).iter().map(|part| Ok(Proj::of(be, part, x)?.work_bytes())).collect::<Result<Vec<_>>>()?;
+        let need = nb + sizes.into_iter().max().unwrap_or(0);
+        let work = if need > 0 { be.upload(st, need, &[])?.0 } else { 0 };
+        let xn = if nb > 0 {
+            norm_into(be, work, &op.x, &op.norm, op.eps)?;
+            work
+        } else {
+            x
+        };
+        for part in op.parts_reading(op.x) {
+            project(be, &Proj::of(be, &part, xn)?, work + nb as u64)?;
+        }
+        return Ok(());
     };
     let s = suffix("qkv_linear", act)?;
     let [q, kk, v] = [("q", &op.q), ("k", &op.k), ("v", &op.v)].map(|(n, o)| be.ptr(n, o));
@@ -144,17 +268,27 @@ pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<
     };
     let blocks = (nq + nk + nv).div_ceil(per) as u32;
     let [t32, k32, nq32, nk32, nv32] = [t, k, nq, nk, nv].map(|n| n as u32);
-    be.launch(
-        &format!("gemv_qkv{tm}_{s}"),
-        (blocks, 1, 1),
-        (be.gemv_shape.threads(), 1, 1),
-        &[&q, &kk, &v, &x, &wq, &wk, &wv, &bq, &bk, &bv, &bias_dt, &t32, &k32, &nq32, &nk32, &nv32],
-    )
+    let (grid, threads) = ((blocks, 1, 1), (be.gemv_shape.threads(), 1, 1));
+    match norm.flatten() {
+        None => be.launch(
+            &format!("gemv_qkv{tm}_{s}"),
+            grid,
+            threads,
+            &[&q, &kk, &v, &x, &wq, &wk, &wv, &bq, &bk, &bv, &bias_dt, &t32, &k32, &nq32, &nk32, &nv32],
+        ),
+        Some(nw) => be.launch(
+            &format!("gemv_qkv_norm{tm}_{s}"),
+            grid,
+            threads,
+            &[&q, &kk, &v, &x, &wq, &wk, &wv, &bq, &bk, &bv, &bias_dt, &nw, &op.eps, &t32, &k32, &nq32, &nk32, &nv32],
+        ),
+    }
 }
 
-/// `out = silu(x @ w_gate^T) * (x @ w_up^T)`: one `gemv_glu*` launch where the matrix-vector kernel
-/// takes the shapes (decoding), else the two GEMMs into the workspace and `swiglu_*`. Either way
-/// the numbers of `linear`, `linear`, `swiglu`.
+/// `out = silu(x @ w_gate^T) * (x @ w_up^T)` (of x's norm, where the op has one): one `gemv_glu*`
+/// (`gemv_glu_norm*`) launch where the matrix-vector kernel takes the shapes (decoding), else the
+/// two GEMMs into the workspace (after `rms_norm_*` there) and `swiglu_*`. Either way the numbers
+/// of `linear`, `linear`, `swiglu`.
 pub fn swiglu_linear(be: &CudaBackend, st: &mut OpState, op: &SwiGluLinear) -> Result<()> {
     let act = op.x.dtype;
     let s = suffix("swiglu_linear", act)?;
@@ -162,16 +296,34 @@ pub fn swiglu_linear(be: &CudaBackend, st: &mut OpState, op: &SwiGluLinear) -> R
     let (out, x) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?);
     let (wg, wu) = (be.ptr("w_gate", &op.w_gate)?, be.ptr("w_up", &op.w_up)?);
     let (t32, k32, n32) = (t as u32, k as u32, n as u32);
-    if let Some(tm) = gemv_rows(act, op.w_gate.dtype, t, k, x | wg | wu) {
+    let norm = if op.norm.is_none() { None } else { Some(gemv_norm(be, &op.norm, act)?) };
+    let fits = |tm: &u32| norm.is_none() || (norm.flatten().is_some() && *tm <= GEMV_NORM_ROWS);
+    if let Some(tm) = gemv_rows(act, op.w_gate.dtype, t, k, x | wg | wu).filter(fits) {
         let (blocks, threads) = (n.div_ceil(be.gemv_shape.glu_rows_per_block()) as u32, be.gemv_shape.threads());
-        return be.launch(&format!("gemv_glu{tm}_{s}"), (blocks, 1, 1), (threads, 1, 1), &[&out, &x, &wg, &wu, &t32, &k32, &n32]);
+        return match norm.flatten() {
+            None => be.launch(&format!("gemv_glu{tm}_{s}"), (blocks, 1, 1), (threads, 1, 1), &[&out, &x, &wg, &wu, &t32, &k32, &n32]),
+            Some(nw) => be.launch(
+                &format!("gemv_glu_norm{tm}_{s}"),
+                (blocks, 1, 1),
+                (threads, 1, 1),
+                &[&out, &x, &wg, &wu, &nw, &op.eps, &t32, &k32, &n32],
+            ),
+        };
     }
-    let bytes = (t * n * act.storage_bytes(1).unwrap_or(4)).div_ceil(256) * 256;
-    let (work, _) = be.upload(st, 2 * bytes, &[])?;
-    let (gate, up) = (work, work + bytes as u64);
+    let nb = norm_bytes(&op.x, &op.norm);
+    let bytes = align(t * n * act.storage_bytes(1).unwrap_or(4));
+    let (work, _) = be.upload(st, nb + 2 * bytes, &[])?;
+    let x = if nb > 0 {
+        norm_into(be, work, &op.x, &op.norm, op.eps)?;
+        work
+    } else {
+        x
+    };
+    let (gate, up) = (work + nb as u64, work + (nb + bytes) as u64);
     for (w, o) in [(wg, gate), (wu, up)] {
-        // SAFETY: x and the weight lie inside their allocations (checked by `ptr` against the
-        // validated shapes), the output inside the workspace just sized for it.
+        // SAFETY: x (or its norm in the workspace) and the weight lie inside their allocations
+        // (checked by `ptr` against the validated shapes), the output inside the workspace just
+        // sized for it.
         unsafe { be.gemm(Gemm { input: act, output: act, t, k, n, x, w, out: o }) }?;
     }
     let total = (t * n) as u64;
@@ -185,12 +337,30 @@ pub fn swiglu_linear(be: &CudaBackend, st: &mut OpState, op: &SwiGluLinear) -> R
 /// `=cublas` nowhere (benches/cuda_ops.rs times both).
 fn gemv_rows(act: DType, weight: DType, t: usize, k: usize, addrs: u64) -> Option<u32> {
     let fits = matches!(act, DType::BF16 | DType::F16) && weight == act && (1..=8).contains(&t) && k % 8 == 0 && addrs % 16 == 0;
-    let runs = match std::env::var("HIGHRISE_CUDA_GEMV").as_deref() {
+    (fits && gemv_runs(t, k)).then(|| t.next_power_of_two() as u32)
+}
+
+/// Whether a projection of `t` rows of x, rows of w of `k`, that fits the kernel runs there.
+fn gemv_runs(t: usize, k: usize) -> bool {
+    match std::env::var("HIGHRISE_CUDA_GEMV").as_deref() {
         Ok("cublas") => false,
         Ok("own") => true,
         _ => gemv_pays(t, k),
-    };
-    (fits && runs).then(|| t.next_power_of_two() as u32)
+    }
+}
+
+/// `Backend::folds_norms` for this backend: where the layer's projections of the stream (q/k/v,
+/// gate/up: rows of `hidden`) run on the matrix-vector kernel, which then reads the norm itself,
+/// and the output projection adds into the stream itself (elsewhere a fused op with a norm runs
+/// `rms_norm_*` first, and an accumulating one `add_*` after: one launch more than `add_rms_norm`).
+/// At 1 to `GEMV_NORM_ROWS` rows. `HIGHRISE_FOLD_NORMS=0` keeps `add_rms_norm` (=1 folds wherever
+/// the ops take it), for timing both (scripts/gpu-sweep.sh).
+pub(crate) fn folds_norms(rows: usize, hidden: usize, dtype: DType) -> bool {
+    match std::env::var("HIGHRISE_FOLD_NORMS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => matches!(dtype, DType::BF16 | DType::F16) && (1..=GEMV_NORM_ROWS as usize).contains(&rows) && hidden % 8 == 0 && gemv_runs(rows, hidden),
+    }
 }
 
 /// Where our matrix-vector kernel beats cuBLAS, as an H200 measured it on Llama-3-8B's bf16 shapes

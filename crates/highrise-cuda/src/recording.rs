@@ -390,6 +390,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "rms_norm" => vec![P, P, P, U32, U32, F32],
         "add_rms_norm" => vec![P, P, P, P, U32, U32, F32],
         "add_bias" => vec![P, P, U32, U32, U64],
+        "add" => vec![P, P, U64],
         "to_f32" => vec![P, P, U32, U64],
         "from_f32" => vec![P, P, U64],
         "rope" => vec![P, P, P, U32, U32, F32],
@@ -400,9 +401,15 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "flash_attn_ws" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, MAP_OPT, MAP_OPT],
         "flash_attn" | "flash_attn_wg" | "flash_attn_wgp" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32, P, P],
-        "gemv1" | "gemv2" | "gemv4" | "gemv8" => vec![P, P, P, OPT, U32, U32, U32, U32],
+        "gemv1" | "gemv2" | "gemv4" | "gemv8" | "gemv_add1" | "gemv_add2" | "gemv_add4" | "gemv_add8" => {
+            vec![P, P, P, OPT, U32, U32, U32, U32]
+        }
         "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => vec![P, P, P, P, U32, U32, U32],
+        "gemv_glu_norm1" => vec![P, P, P, P, P, F32, U32, U32, U32],
         "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" => vec![P, P, P, P, P, P, P, OPT, OPT, OPT, U32, U32, U32, U32, U32, U32],
+        "gemv_qkv_norm1" => {
+            vec![P, P, P, P, P, P, P, OPT, OPT, OPT, U32, P, F32, U32, U32, U32, U32, U32]
+        }
         "swiglu" | "geglu" => vec![P, P, P, U64],
         "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
@@ -411,6 +418,25 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "sample" => vec![P, P, P, P, U32],
         _ => return None,
     })
+}
+
+/// The rows of x a matrix-vector kernel is built for: its name's last digits (gemv_qkv_norm4: 4).
+fn rows_built_for(base: &str) -> u64 {
+    base.rsplit(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok()).unwrap_or(0)
+}
+
+/// A matrix-vector kernel's norm weight (parameter `p`, then eps): k elements of x's 16-bit dtype,
+/// read in 16-byte chunks.
+fn norm_weight(a: &Args, out: &mut Vec<Access>, p: usize, k: u64) -> std::result::Result<(), String> {
+    if a.u64(p) % 16 != 0 {
+        return Err(format!("the norm weight at {:#x}: the kernel reads 16-byte chunks", a.u64(p)));
+    }
+    if !a.f32(p + 1).is_finite() {
+        return Err("eps is not finite".into());
+    }
+    a.agrees(p, 0, k, "the norm weight's length")?;
+    push(out, p, 0, k, 2, "norm weight");
+    Ok(())
 }
 
 /// A range of bytes a kernel may touch through parameter `param`, from the address passed.
@@ -575,6 +601,12 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 0, 0, total, elt, "out");
             push(out, 1, 0, n, dtype_size(a.u32(2), "the bias")?, "bias");
         }
+        "add" => {
+            // (out, delta, n): out[i] += delta[i], grid-stride.
+            for (p, what) in [(0, "out"), (1, "delta")] {
+                push(out, p, 0, a.u64(2), elt, what);
+            }
+        }
         "to_f32" => {
             let n = a.u64(3);
             push(out, 0, 0, n, 4, "out");
@@ -668,9 +700,10 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 0, 0, 64 * d as u64, 2, "out");
             push(out, 1, 0, 128, 1, "tensor map");
         }
-        "gemv1" | "gemv2" | "gemv4" | "gemv8" => {
-            // (out, x, w, bias, bias_dt, t, k, n): warps of 2 rows of w (the compiled shape's).
-            let tm: u64 = base[4..].parse().unwrap_or(0);
+        "gemv1" | "gemv2" | "gemv4" | "gemv8" | "gemv_add1" | "gemv_add2" | "gemv_add4" | "gemv_add8" => {
+            // (out, x, w, bias, bias_dt, t, k, n): warps of 2 rows of w (the compiled shape's);
+            // gemv_add reads out too, the same rows it writes.
+            let tm = rows_built_for(base);
             let (t, k, n) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64);
             if t == 0 || t > tm {
                 return Err(format!("{t} rows of x for a kernel built for 1..{tm}"));
@@ -694,12 +727,16 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
                 push(out, 3, 0, n, bias_elt, "bias");
             }
         }
-        "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" => {
-            // (q, k, v, x, wq, wk, wv, bq, bk, bv, bias_dt, t, k, nq, nk, nv): gemv's blocks over
-            // q's rows, then k's, then v's.
-            let tm: u64 = base[8..].parse().unwrap_or(0);
-            let (t, k) = (a.u32(11) as u64, a.u32(12) as u64);
-            let n = [a.u32(13) as u64, a.u32(14) as u64, a.u32(15) as u64];
+        "gemv_qkv1" | "gemv_qkv2" | "gemv_qkv4" | "gemv_qkv8" | "gemv_qkv_norm1" => {
+            // (q, k, v, x, wq, wk, wv, bq, bk, bv, bias_dt, [norm, eps,] t, k, nq, nk, nv): gemv's
+            // blocks over q's rows, then k's, then v's.
+            let tm = rows_built_for(base);
+            let at = if base.starts_with("gemv_qkv_norm") { 13 } else { 11 };
+            let (t, k) = (a.u32(at) as u64, a.u32(at + 1) as u64);
+            let n = [a.u32(at + 2) as u64, a.u32(at + 3) as u64, a.u32(at + 4) as u64];
+            if at == 13 {
+                norm_weight(a, out, 11, k)?;
+            }
             if t == 0 || t > tm {
                 return Err(format!("{t} rows of x for a kernel built for 1..{tm}"));
             }
@@ -728,10 +765,15 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
                 }
             }
         }
-        "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" => {
-            // (out, x, w_gate, w_up, t, k, n): warps (the compiled shape's) of one row of both weights.
-            let tm: u64 = base[8..].parse().unwrap_or(0);
-            let (t, k, n) = (a.u32(4) as u64, a.u32(5) as u64, a.u32(6) as u64);
+        "gemv_glu1" | "gemv_glu2" | "gemv_glu4" | "gemv_glu8" | "gemv_glu_norm1" => {
+            // (out, x, w_gate, w_up, [norm, eps,] t, k, n): warps (the compiled shape's) of one row
+            // of both weights.
+            let tm = rows_built_for(base);
+            let at = if base.starts_with("gemv_glu_norm") { 6 } else { 4 };
+            let (t, k, n) = (a.u32(at) as u64, a.u32(at + 1) as u64, a.u32(at + 2) as u64);
+            if at == 6 {
+                norm_weight(a, out, 4, k)?;
+            }
             if t == 0 || t > tm {
                 return Err(format!("{t} rows of x for a kernel built for 1..{tm}"));
             }

@@ -336,6 +336,17 @@ impl Llama {
         weights.iter().all(|w| w.dtype() == self.dtype) && !self.q8_activations && self.backend.supports(op, self.dtype)
     }
 
+    /// Whether `layer` can read its norms inside its projections and add its two outputs straight
+    /// into the stream (`Backend::folds_norms`): q/k/v and gate/up fused (SwiGLU), and nothing
+    /// between a projection and the stream (Gemma 2's post-norms are).
+    fn can_fold_norms(&self, layer: &Layer) -> bool {
+        self.config.glu_act() == GluAct::Silu
+            && layer.attn_post_norm.is_none()
+            && layer.mlp_post_norm.is_none()
+            && self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv])
+            && self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up])
+    }
+
     /// RMSNorm of each of `rows` rows of width `d` of `x` (a projection's heads), with weight `w` [d].
     fn head_norm(&self, x: Tensor, w: &Tensor, rows: usize, d: usize, eps: f32) -> Result<Tensor> {
         let x = x.reshape(&[rows, d])?;
@@ -397,19 +408,30 @@ impl Llama {
         }
         b.embedding_scaled(&mut x, &self.embed, batch.tokens, c.embed_scale())?;
         let mut xb = self.tensor(&[t, h])?; // (T, H) the normed stream a block reads
-        b.rms_norm(&mut xb, &x, &self.layers[0].attn_norm, eps)?;
+        // Where the backend folds the norms into the projections (decode on CUDA), a layer reads the
+        // stream x itself, and its output and down projections add into it: no xb, no add_rms_norm.
+        let fold = b.folds_norms(t, h, self.dtype);
+        // Whether xb holds the norm the next layer's attention reads.
+        let mut xb_ready = false;
 
         for (l, layer) in self.layers.iter().enumerate() {
+            let folded = fold && self.can_fold_norms(layer);
             // Steering and patching change the stream entering the layer; its norm follows.
-            if hooks.intervene(l, &mut x, h)? {
-                b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
+            if hooks.intervene(l, &mut x, h)? || !xb_ready {
+                if !folded {
+                    b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
+                }
             }
             hooks.tap(Site::ResidPre, l, &x)?;
             // Attention: Q, K, V projections.
             let mut q = self.tensor(&[t, hq * d])?; // (T, Hq*D)
             let mut k = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
             let mut v = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
-            if self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv]) {
+            if folded {
+                let biases = [layer.bq.as_ref(), layer.bk.as_ref(), layer.bv.as_ref()];
+                let norm = Some((&layer.attn_norm, eps));
+                b.qkv_linear_normed([&mut q, &mut k, &mut v], &x, norm, [&layer.wq, &layer.wk, &layer.wv], biases)?;
+            } else if self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv]) {
                 let biases = [layer.bq.as_ref(), layer.bk.as_ref(), layer.bv.as_ref()];
                 b.qkv_linear([&mut q, &mut k, &mut v], &xb, [&layer.wq, &layer.wk, &layer.wv], biases)?;
             } else {
@@ -448,20 +470,29 @@ impl Llama {
                 b.paged_attention_with(&mut att, &q, &cache.k[l], &cache.v[l], batch.seqs, batch.block_table, scores)?;
             }
             let att = att.reshape(&[t, hq * d])?;
-            let mut attn_out = self.tensor(&[t, h])?; // (T, H)
-            self.linear(&mut attn_out, &att, &layer.wo, None)?;
-            // What joins the stream (Gemma 2: normed first) is what the tap sees.
-            let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
-            hooks.tap(Site::AttnOut, l, &attn_out)?;
-            // Residual and norm in one pass (add_rms_norm): x += attn_out, xb = the MLP's norm of x.
-            b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
+            // x += attn_out: the projection adding into the stream where the norms fold (and no
+            // tap wants attn_out apart: then it is stored and added, the same numbers); else with
+            // the MLP's norm in one pass (add_rms_norm): xb = the MLP's norm of x.
+            if folded && !hooks.wants(Site::AttnOut, l) {
+                b.linear_add(&mut x, &att, &layer.wo, None)?;
+            } else {
+                let mut attn_out = self.tensor(&[t, h])?; // (T, H)
+                self.linear(&mut attn_out, &att, &layer.wo, None)?;
+                // What joins the stream (Gemma 2: normed first) is what the tap sees.
+                let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
+                hooks.tap(Site::AttnOut, l, &attn_out)?;
+                b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
+            }
 
             // MLP: SwiGLU (GeGLU for Gemma), its two projections and the gate in one op where the
-            // backend fuses them (SwiGLU, weights in the activations' dtype), else three.
+            // backend fuses them (SwiGLU, weights in the activations' dtype; reading x's norm
+            // itself where the norms fold), else three.
             let i = c.intermediate_size;
             let glu = c.glu_act();
             let mut act = self.tensor(&[t, i])?; // (T, I)
-            if glu == GluAct::Silu && self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up]) {
+            if folded {
+                b.swiglu_linear_normed(&mut act, &x, Some((&layer.mlp_norm, eps)), &layer.w_gate, &layer.w_up)?;
+            } else if glu == GluAct::Silu && self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up]) {
                 b.swiglu_linear(&mut act, &xb, &layer.w_gate, &layer.w_up)?;
             } else {
                 let mut gate = self.tensor(&[t, i])?; // (T, I)
@@ -470,15 +501,25 @@ impl Llama {
                 self.linear(&mut up, &xb, &layer.w_up, None)?;
                 b.glu(&mut act, &gate, &up, glu)?;
             }
-            let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
-            self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
-            let mlp_out = self.post_norm(mlp_out, layer.mlp_post_norm.as_ref())?;
-            hooks.tap(Site::MlpOut, l, &mlp_out)?;
-            // Residual and the next norm in one pass: x += mlp_out, xb = the next layer's attention
-            // norm of x (the final norm after the last layer), so no layer starts with a norm of its own.
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
-            b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
+            if folded && !hooks.wants(Site::MlpOut, l) {
+                // x += mlp_out, the next layer (or the final norm) norming x itself.
+                b.linear_add(&mut x, &act, &layer.w_down, None)?;
+                xb_ready = false;
+            } else {
+                let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
+                self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
+                let mlp_out = self.post_norm(mlp_out, layer.mlp_post_norm.as_ref())?;
+                hooks.tap(Site::MlpOut, l, &mlp_out)?;
+                // Residual and the next norm in one pass: x += mlp_out, xb = the next layer's attention
+                // norm of x (the final norm after the last layer), so no layer starts with a norm of its own.
+                b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
+                xb_ready = true;
+            }
             hooks.tap(Site::ResidPost, l, &x)?;
+        }
+        if !xb_ready {
+            b.rms_norm(&mut xb, &x, &self.norm, eps)?;
         }
         hooks.tap(Site::FinalNorm, self.layers.len(), &xb)?;
 
@@ -673,6 +714,8 @@ trait Taps {
     fn tap(&mut self, site: Site, layer: usize, t: &Tensor) -> Result<()>;
     /// Applies steering and patching to the stream `x` entering `layer`; true if it changed.
     fn intervene(&mut self, layer: usize, x: &mut Tensor, hidden: usize) -> Result<bool>;
+    /// Whether `site` of `layer` is captured (then the pass stores it, where it might fold it away).
+    fn wants(&self, site: Site, layer: usize) -> bool;
 }
 
 impl Taps for Option<&mut Hooks> {
@@ -688,6 +731,10 @@ impl Taps for Option<&mut Hooks> {
             Some(h) => h.intervene(layer, x, hidden),
             None => Ok(false),
         }
+    }
+
+    fn wants(&self, site: Site, layer: usize) -> bool {
+        self.as_deref().is_some_and(|h| h.wants(site, layer))
     }
 }
 

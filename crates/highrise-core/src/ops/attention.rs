@@ -26,6 +26,11 @@ pub struct Linear<'a> {
     /// dot products (llama.cpp's way): faster, within a bound the backend documents. Otherwise x
     /// stays as it is and the result is dequantize-then-multiply up to rounding.
     pub q8_activations: bool,
+    /// `out += x @ weight^T + bias` instead: the product (with its bias) rounded to out's dtype, then
+    /// added to what out holds and rounded again, exactly what `Linear` into a buffer and
+    /// `AddRmsNorm`'s add compute. The residual stream's add, folded into the projection that feeds
+    /// it (a decode step's output and down projections), so the stream is written once.
+    pub accumulate: bool,
 }
 
 impl Linear<'_> {
@@ -55,6 +60,11 @@ impl Linear<'_> {
 /// The attention's three projections of one x in one op: `q = x @ wq^T (+ bq)`, likewise k and v,
 /// each as `Linear` computes it (weights in x's dtype, biases optional). For backends that fuse them
 /// (the others decline it and the model runs three `Linear`s).
+///
+/// With a `norm` weight [H], x is the residual stream and the projections read its RMSNorm
+/// instead: `rms_norm(x) * norm` (with `eps`), rounded to x's dtype as `RmsNorm` stores it, the
+/// norm's sum of squares in whatever order the backend takes (within `RmsNorm`'s bound). A decode
+/// step's layer then starts without a norm of its own.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct QkvLinear<'a> {
@@ -68,21 +78,24 @@ pub struct QkvLinear<'a> {
     pub bq: TensorRef<'a>,
     pub bk: TensorRef<'a>,
     pub bv: TensorRef<'a>,
+    /// The RMSNorm weight [H] applied to x first, or `TensorRef::none()`.
+    pub norm: TensorRef<'a>,
+    pub eps: f32,
 }
 
-impl QkvLinear<'_> {
-    /// The three `Linear`s it fuses.
-    pub fn parts(&self) -> [Linear<'_>; 3] {
-        let lin = |out, weight, bias| Linear { out, x: self.x, weight, bias, q8_activations: false };
+impl<'a> QkvLinear<'a> {
+    /// The three `Linear`s it fuses, reading `x` (the op's own x, or its norm where it has one).
+    pub fn parts_reading(&self, x: TensorRef<'a>) -> [Linear<'a>; 3] {
+        let lin = |out, weight, bias| Linear { out, x, weight, bias, q8_activations: false, accumulate: false };
         [lin(self.q, self.wq, self.bq), lin(self.k, self.wk, self.bk), lin(self.v, self.wv, self.bv)]
     }
 
     pub(crate) fn validate(&self, c: &Check) -> CheckResult {
-        for ((name, weight), part) in [("q", "wq"), ("k", "wk"), ("v", "wv")].into_iter().zip(self.parts()) {
+        for ((name, weight), part) in [("q", "wq"), ("k", "wk"), ("v", "wv")].into_iter().zip(self.parts_reading(self.x)) {
             c.same_dtype(weight, &part.weight, "x", &self.x)?;
             part.validate(c).map_err(|e| format!("{name}: {e}"))?;
         }
-        Ok(())
+        c.norm_weight(&self.norm, &self.x)
     }
 }
 

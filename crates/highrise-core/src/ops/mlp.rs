@@ -53,6 +53,7 @@ impl SwiGlu<'_> {
 /// each projection rounded to the activations' dtype before the gate (what `Linear` twice and then
 /// `SwiGlu` compute). x [T, H] and out [T, I] activations; w_gate, w_up [I, H] in x's dtype.
 /// Backends that do not fuse it decline it (`Backend::supports`); the model then runs the three ops.
+/// With a `norm` weight [H], the projections read `rms_norm(x) * norm`, as `QkvLinear`'s do.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SwiGluLinear<'a> {
@@ -60,6 +61,9 @@ pub struct SwiGluLinear<'a> {
     pub x: TensorRef<'a>,
     pub w_gate: TensorRef<'a>,
     pub w_up: TensorRef<'a>,
+    /// The RMSNorm weight [H] applied to x first, or `TensorRef::none()`.
+    pub norm: TensorRef<'a>,
+    pub eps: f32,
 }
 
 impl SwiGluLinear<'_> {
@@ -72,6 +76,7 @@ impl SwiGluLinear<'_> {
             return Err(format!("x has {h} features but w_gate {} expects {}", self.w_gate.shape, self.w_gate.dims()[1]));
         }
         c.dims("w_up", &self.w_up, self.w_gate.dims())?;
-        c.dims("out", &self.out, &[t, i])
+        c.dims("out", &self.out, &[t, i])?;
+        c.norm_weight(&self.norm, &self.x)
     }
 }

@@ -189,7 +189,7 @@ impl Op<'_> {
             Op::SwiGlu(o) => vec![("out", o.out), ("gate", o.gate), ("up", o.up)],
             Op::Argmax(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
             Op::Sample(o) => vec![("index", o.index), ("logprob", o.logprob), ("x", o.x)],
-            Op::SwiGluLinear(o) => vec![("out", o.out), ("x", o.x), ("w_gate", o.w_gate), ("w_up", o.w_up)],
+            Op::SwiGluLinear(o) => vec![("out", o.out), ("x", o.x), ("w_gate", o.w_gate), ("w_up", o.w_up), ("norm", o.norm)],
             Op::RopeKvWrite(o) => {
                 vec![("q", o.q), ("k", o.k), ("k_cache", o.k_cache), ("v_cache", o.v_cache), ("v", o.v)]
             }
@@ -204,6 +204,7 @@ impl Op<'_> {
                 ("bq", o.bq),
                 ("bk", o.bk),
                 ("bv", o.bv),
+                ("norm", o.norm),
             ],
             Op::Softcap(o) => vec![("x", o.x)],
         };
@@ -304,6 +305,13 @@ impl Check {
             return Err(format!("{name} is missing"));
         }
         Ok(())
+    }
+
+    /// A fused projection's optional RMSNorm weight: absent, or a float vector of x's width.
+    pub fn norm_weight(&self, norm: &TensorRef, x: &TensorRef) -> CheckResult {
+        let Some(n) = norm.opt() else { return Ok(()) };
+        self.float("norm", &n)?;
+        self.dims("norm", &n, &[x.dims()[1]])
     }
 
     /// All named tensors present, floats, and of one dtype.

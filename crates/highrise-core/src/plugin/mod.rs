@@ -26,8 +26,8 @@ pub use loader::{
 /// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`;
 /// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`, `SwiGluLinear`;
 /// 9: `Scores` (soft-capping, sliding window), `Embedding::scale`, `SwiGlu::act`, `Softcap`,
-/// `RopeScaling::Factors`).
-pub const ABI_VERSION: u32 = 9;
+/// `RopeScaling::Factors`; 10: `Linear::accumulate`, the norms of `QkvLinear` and `SwiGluLinear`).
+pub const ABI_VERSION: u32 = 10;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
