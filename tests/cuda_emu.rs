@@ -33,6 +33,29 @@ fn random_gemma2_on_the_emulated_device_matches_the_cpu() {
     random_model_matches_cpu(&dev, "tiny-gemma2", 8, &[DType::F32, DType::BF16]);
 }
 
+/// Steering changes the stream a layer reads where the norms fold into its projections (a one-token
+/// pass, bf16: `Backend::folds_norms`, the layer norming the stream itself, with no norm after the
+/// intervention): the steered logits are the CPU's, far from the unsteered ones.
+#[test]
+fn steering_reaches_layers_that_fold_their_norms() {
+    use highrise::model::{Hooks, Llama, Logits, ModelConfig, Steer};
+    let Some(dev) = backend("steering with folded norms on the emulated device") else { return };
+    let config = ModelConfig::shape("tiny").unwrap();
+    let h = config.hidden_size;
+    assert!(dev.folds_norms(1, h, DType::BF16), "a one-token bf16 pass folds the norms");
+    let (on_cpu, on_dev) = (Llama::random(config.clone(), cpu(), DType::BF16, 7).unwrap(), Llama::random(config, dev.clone(), DType::BF16, 7).unwrap());
+    let vector: Vec<f32> = (0..h).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+    let steered = || Hooks { steer: vec![Steer { layer: 1, vector: vector.clone(), scale: 20.0, positions: None }], ..Default::default() };
+    let run = |m: &Llama, hooks: Option<&mut Hooks>| m.prefill_hooked(&[42], Logits::All, hooks).unwrap().to_f32().unwrap();
+    let (plain, want, got) = (run(&on_dev, None), run(&on_cpu, Some(&mut steered())), run(&on_dev, Some(&mut steered())));
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let tolerance = 5e-2 * want.iter().map(|x| x.abs()).fold(1f32, f32::max);
+    let (off, moved) = (max_diff(&got, &want), max_diff(&got, &plain));
+    println!("steered logits: {off:e} from the cpu's, {moved:e} from the unsteered (tolerance {tolerance:e})");
+    assert!(off <= tolerance, "steered logits differ from the cpu's by {off}");
+    assert!(moved > 4.0 * tolerance, "steering moved the logits by {moved} only");
+}
+
 /// Decode steps run as CUDA graphs (#20) give exactly the tokens of the same steps op by op
 /// (`common::graphs_give_the_same_tokens`). The graphs' launches run on the emulated device with the
 /// parameters they were captured with, reading the metadata copied for each step: anything a step

@@ -131,7 +131,8 @@ impl Proj {
 /// f32: no TF32 rounding).
 pub fn linear(be: &CudaBackend, st: &mut OpState, op: &Linear) -> Result<()> {
     let p = Proj::of(be, op, be.ptr("x", &op.x)?)?;
-    let work = if p.work_bytes() > 0 { be.upload(st, p.work_bytes(), &[])?.0 } else { 0 };
+    let need = p.work_bytes();
+    let work = if need > 0 { be.upload(st, need, &[])?.0 } else { 0 };
     project(be, &p, work)
 }
 

@@ -416,11 +416,11 @@ impl Llama {
 
         for (l, layer) in self.layers.iter().enumerate() {
             let folded = fold && self.can_fold_norms(layer);
-            // Steering and patching change the stream entering the layer; its norm follows.
-            if hooks.intervene(l, &mut x, h)? || !xb_ready {
-                if !folded {
-                    b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
-                }
+            // Steering and patching change the stream entering the layer; its norm follows (where
+            // the layer norms it apart from its projections).
+            let changed = hooks.intervene(l, &mut x, h)?;
+            if !folded && (changed || !xb_ready) {
+                b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
             }
             hooks.tap(Site::ResidPre, l, &x)?;
             // Attention: Q, K, V projections.
