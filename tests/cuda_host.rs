@@ -306,6 +306,20 @@ fn a_decode_step_launches_few_kernels_per_layer() {
     assert!(!step.iter().any(|k| k.starts_with("attn_combine")), "decode_attn merges its own slices");
     assert!(!step.iter().any(|k| k.starts_with("add_rms_norm")), "the norms fold into the projections");
     assert!(launches <= 6 * layers + 4, "{launches} launches per step for {layers} layers");
+    // A GGUF file's norm weights are f32, which the projections' kernels do not read: such layers
+    // keep add_rms_norm between them (folded, each would take an rms_norm launch more).
+    let mut gguf_like = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
+    for layer in &mut gguf_like.layers {
+        for norm in [&mut layer.attn_norm, &mut layer.mlp_norm] {
+            let (dims, values) = (norm.dims().to_vec(), norm.to_f32().unwrap());
+            *norm = Tensor::from_f32(&b, DType::F32, &dims, &values).unwrap();
+        }
+    }
+    driver.take_recorded();
+    let params = GenerateParams { max_tokens: 2, ignore_eos: true, ..Default::default() };
+    generate(&gguf_like, &tok, &prompt, &params, &mut |_| {}).unwrap();
+    let kernels: Vec<String> = driver.take_recorded().into_iter().map(|r| r.kernel).collect();
+    assert!(kernels.iter().any(|k| k.starts_with("add_rms_norm")) && !kernels.iter().any(|k| k.contains("_norm1_")), "{kernels:?}");
 }
 
 /// Decode steps as CUDA graphs (#20): the engine's steps, recorded, captured once per batch shape

@@ -337,10 +337,13 @@ impl Llama {
     }
 
     /// Whether `layer` can read its norms inside its projections and add its two outputs straight
-    /// into the stream (`Backend::folds_norms`): q/k/v and gate/up fused (SwiGLU), and nothing
-    /// between a projection and the stream (Gemma 2's post-norms are).
+    /// into the stream (`Backend::folds_norms`): q/k/v and gate/up fused (SwiGLU), nothing between
+    /// a projection and the stream (Gemma 2's post-norms are), and the norms' weights in the
+    /// activations' dtype, as the projections' kernels read them (a GGUF file's are f32: those
+    /// would be normed apart first, a launch more than `add_rms_norm`).
     fn can_fold_norms(&self, layer: &Layer) -> bool {
         self.config.glu_act() == GluAct::Silu
+            && [&layer.attn_norm, &layer.mlp_norm].iter().all(|n| n.dtype() == self.dtype)
             && layer.attn_post_norm.is_none()
             && layer.mlp_post_norm.is_none()
             && self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv])
