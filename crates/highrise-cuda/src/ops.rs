@@ -195,12 +195,18 @@ fn project(be: &CudaBackend, p: &Proj, work: u64) -> Result<()> {
 /// one; more rows are normed by `rms_norm_*` first).
 const GEMV_NORM_ROWS: u32 = 1;
 
-/// Where a fused projection has a norm (`QkvLinear::norm`, `SwiGluLinear::norm`): its weight's
-/// address where the matrix-vector kernel can read it itself (x's 16-bit dtype, 16-byte aligned),
-/// else None.
-fn gemv_norm(be: &CudaBackend, norm: &TensorRef, act: DType) -> Result<Option<u64>> {
+/// A fused projection (`QkvLinear`, `SwiGluLinear`) on the matrix-vector kernel, where it fits at
+/// `tm` rows of x (`gemv_rows`): those rows, and the address of the norm weight the kernel reads
+/// itself (`gemv_*_norm*`: at most `GEMV_NORM_ROWS` rows, the weight in x's 16-bit dtype, 16-byte
+/// aligned) or None where the op has no norm. None at all where the kernel cannot take the op and
+/// its norm: the host norms x apart (`norm_into`) and runs the parts.
+fn gemv_normed(be: &CudaBackend, tm: Option<u32>, norm: &TensorRef, act: DType) -> Result<Option<(u32, Option<u64>)>> {
+    let Some(tm) = tm else { return Ok(None) };
+    if norm.is_none() {
+        return Ok(Some((tm, None)));
+    }
     let p = be.ptr("norm", norm)?;
-    Ok((norm.dtype == act && p % 16 == 0).then_some(p))
+    Ok((tm <= GEMV_NORM_ROWS && norm.dtype == act && p % 16 == 0).then_some((tm, Some(p))))
 }
 
 /// x's RMSNorm by `norm` into the workspace at `work` (`rms_norm_*`, a row a block), for a fused
@@ -237,10 +243,8 @@ pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<
     let one_bias_dtype = bias_dts.next().is_none_or(|first| bias_dts.all(|d| d == first));
     let per = be.gemv_shape.rows_per_block();
     let whole_blocks = nq % per == 0 && nk % per == 0;
-    let norm = if op.norm.is_none() { None } else { Some(gemv_norm(be, &op.norm, act)?) };
-    let tm = gemv_rows(act, op.wq.dtype, t, k, x | wq | wk | wv)
-        .filter(|&tm| whole_blocks && one_bias_dtype && (norm.is_none() || (norm.flatten().is_some() && tm <= GEMV_NORM_ROWS)));
-    let Some(tm) = tm else {
+    let tm = gemv_rows(act, op.wq.dtype, t, k, x | wq | wk | wv).filter(|_| whole_blocks && one_bias_dtype);
+    let Some((tm, norm)) = gemv_normed(be, tm, &op.norm, act)? else {
         // The three projections, of x's norm at the workspace's start where there is one (each
         // part's own workspace after it, sized as read from x: x's norm is aligned, so no larger).
         let nb = norm_bytes(&op.x, &op.norm);
@@ -270,7 +274,7 @@ pub fn qkv_linear(be: &CudaBackend, st: &mut OpState, op: &QkvLinear) -> Result<
     let blocks = (nq + nk + nv).div_ceil(per) as u32;
     let [t32, k32, nq32, nk32, nv32] = [t, k, nq, nk, nv].map(|n| n as u32);
     let (grid, threads) = ((blocks, 1, 1), (be.gemv_shape.threads(), 1, 1));
-    match norm.flatten() {
+    match norm {
         None => be.launch(
             &format!("gemv_qkv{tm}_{s}"),
             grid,
@@ -297,11 +301,9 @@ pub fn swiglu_linear(be: &CudaBackend, st: &mut OpState, op: &SwiGluLinear) -> R
     let (out, x) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?);
     let (wg, wu) = (be.ptr("w_gate", &op.w_gate)?, be.ptr("w_up", &op.w_up)?);
     let (t32, k32, n32) = (t as u32, k as u32, n as u32);
-    let norm = if op.norm.is_none() { None } else { Some(gemv_norm(be, &op.norm, act)?) };
-    let fits = |tm: &u32| norm.is_none() || (norm.flatten().is_some() && *tm <= GEMV_NORM_ROWS);
-    if let Some(tm) = gemv_rows(act, op.w_gate.dtype, t, k, x | wg | wu).filter(fits) {
+    if let Some((tm, norm)) = gemv_normed(be, gemv_rows(act, op.w_gate.dtype, t, k, x | wg | wu), &op.norm, act)? {
         let (blocks, threads) = (n.div_ceil(be.gemv_shape.glu_rows_per_block()) as u32, be.gemv_shape.threads());
-        return match norm.flatten() {
+        return match norm {
             None => be.launch(&format!("gemv_glu{tm}_{s}"), (blocks, 1, 1), (threads, 1, 1), &[&out, &x, &wg, &wu, &t32, &k32, &n32]),
             Some(nw) => be.launch(
                 &format!("gemv_glu_norm{tm}_{s}"),
