@@ -85,10 +85,24 @@ __device__ void rope_kv_write(typename D::T* k_cache, typename D::T* v_cache, ty
 struct KeyAddr {
     const u32* table;  // null: contiguous
     u32 block_size;
+    // Key j's block of the table and place in it. Blocks of a power of two tokens (the engine's
+    // 16): a shift and a mask, where a division by a number known only at run time is some twenty
+    // instructions a row.
+    __device__ __forceinline__ void place(u32 j, u32& blk, u32& in) const {
+        if ((block_size & (block_size - 1)) == 0) {
+            blk = j >> (__ffs(block_size) - 1);
+            in = j & (block_size - 1);
+        } else {
+            blk = j / block_size;
+            in = j % block_size;
+        }
+    }
     // Where head g's row of key j starts, in elements.
     __device__ __forceinline__ u64 at(u32 base, u32 j, u32 g, u32 hkv, u32 d) const {
         if (table == 0) return (((u64)base + j) * hkv + g) * d;
-        return (((u64)table[base + j / block_size] * hkv + g) * block_size + j % block_size) * d;
+        u32 blk, in;
+        place(j, blk, in);
+        return (((u64)table[base + blk] * hkv + g) * block_size + in) * d;
     }
 };
 
@@ -451,6 +465,21 @@ __device__ __forceinline__ void copy_rows(u16* tile, const u16* base, u32 tid, c
     for (u32 it = 0; it < rs.ITER; it++) {
         const u32 r = tid / rs.CH + it * (THREADS / rs.CH);
         if (r < N) copy_chunk<D, N, false>(tile, base, r, tid % rs.CH, rs.off[it]);
+    }
+}
+
+// The same for N rows lying one after another from `src` (a chunk of keys within one block of the
+// paged cache: one block-table lookup for all of them), every one present: row r from src + r D,
+// so a thread's copies are src + 8 tid + 8 THREADS it, no per-row source or zero-fill test.
+template <int D, int THREADS, int N>
+__device__ __forceinline__ void copy_run(u16* tile, const u16* src, u32 tid) {
+    constexpr u32 CH = D / 8, ITER = (N * CH + THREADS - 1) / THREADS;
+    static_assert(THREADS % CH == 0, "a thread keeps its column of 16 bytes");
+    const u16* from = src + tid * 8;  // row tid / CH, column tid % CH: then THREADS chunks on each time
+#pragma unroll
+    for (u32 it = 0; it < ITER; it++) {
+        const u32 r = tid / CH + it * (THREADS / CH), c = tid % CH;
+        if (r < N) cp_async16(tile + swz<D>(r, c), from + it * THREADS * 8, 16);
     }
 }
 
@@ -1342,10 +1371,22 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
         return r < rows ? (long long)(((u64)(q0 + r / group) * hq + g * group + r % group) * D) : -1LL;
     });
     cp_async_commit();
-    // A chunk's K and V rows share their sources (a block-table lookup each, taken once).
+    // A chunk's K and V rows share their sources. A whole chunk within one block of the cache
+    // (every chunk but a context's last, where blocks hold a multiple of 16 tokens and no window
+    // shifts the slices) has its rows one after another: one block-table lookup for the 16. Else a
+    // lookup per row, taken once for K and V (the general path's source arithmetic, a division and
+    // a dependent load per row, was most of the loop's instructions where a chunk is 8 KiB).
     auto stage_chunk = [&](u32 c, u32 stage) {
         const u32 k0 = begin + c * DA_KEYS;
         u16* kd = ws + stage * 2 * DA_KEYS * D;
+        u32 blk, in;
+        addr.place(k0, blk, in);
+        if (addr.table != 0 && in + DA_KEYS <= addr.block_size && k0 + DA_KEYS <= end) {
+            const u64 first = (((u64)addr.table[kbase + blk] * hkv + g) * addr.block_size + in) * D;
+            copy_run<D, 32, DA_KEYS>(kd, kc + first, lane);
+            copy_run<D, 32, DA_KEYS>(kd + DA_KEYS * D, vc + first, lane);
+            return;
+        }
         RowSources<D, 32, DA_KEYS> rs;
         row_sources(rs, lane, [&](u32 r) { return k0 + r < end ? (long long)addr.at(kbase, k0 + r, g, hkv, D) : -1LL; });
         copy_rows(kd, kc, lane, rs);
@@ -1395,6 +1436,7 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
             mma16816(s[1], qa[kk], kf[2], kf[3], BF16);
         }
         const u32 k0 = begin + c * DA_KEYS;
+        float corr[2];
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
             const u32 last = min(hf ? last_hi : last_lo, end - 1), first = hf ? first_hi : first_lo;
@@ -1412,7 +1454,8 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // A row that has seen no key yet (its causal end lies before this chunk) keeps nothing.
-            const float ref = mx == -INFINITY ? 0.0f : mx, corr = fast_exp2(m[hf] - ref);
+            const float ref = mx == -INFINITY ? 0.0f : mx;
+            corr[hf] = fast_exp2(m[hf] - ref);
             m[hf] = mx;
             float sum = 0.0f;
 #pragma unroll
@@ -1423,13 +1466,18 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
                     x = fast_exp2(x - ref);
                     sum += x;
                 }
-            l[hf] = l[hf] * corr + sum;
+            l[hf] = l[hf] * corr[hf] + sum;
+        }
+        // The output rescaled where some row's maximum moved: once a few chunks are in, most
+        // chunks move none, and their D / 2 multiplications by exactly 1 change nothing.
+        if (__ballot_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f))
 #pragma unroll
             for (int i = 0; i < D / 8; i++) {
-                o[i][2 * hf] *= corr;
-                o[i][2 * hf + 1] *= corr;
+                o[i][0] *= corr[0];
+                o[i][1] *= corr[0];
+                o[i][2] *= corr[1];
+                o[i][3] *= corr[1];
             }
-        }
         u32 pa[4] = {pack2(s[0][0], s[0][1], BF16), pack2(s[0][2], s[0][3], BF16), pack2(s[1][0], s[1][1], BF16),
                      pack2(s[1][2], s[1][3], BF16)};
 #pragma unroll

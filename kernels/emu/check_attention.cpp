@@ -37,6 +37,10 @@ struct Case {
     // row seeing only its last `window` keys where > 0.
     float softcap = 0.0f;
     u32 window = 0;
+    // Tokens per block of the paged cache: 16 as the engine's (each 16-key chunk of the decode
+    // kernel within one block: its one-lookup copy), or another (chunks across blocks: its copy
+    // of a lookup per row).
+    u32 block_size = 16;
 };
 
 // The tiles flash_attn takes, as crates/highrise-cuda/src/flash.rs cuts them.
@@ -131,10 +135,8 @@ struct Inputs {
     std::vector<u32> kbase, table;
 };
 
-constexpr u32 BLOCK_SIZE = 16;
-
 Inputs make_inputs(const Case& c) {
-    const u32 d = c.d, hq = c.hq, hkv = c.hkv, block_size = BLOCK_SIZE;
+    const u32 d = c.d, hq = c.hq, hkv = c.hkv, block_size = c.block_size;
     Inputs in;
     for (auto& s : c.seqs) in.t += s.q_len;
     in.keys.resize(c.seqs.size());
@@ -192,7 +194,7 @@ bool run_prefill(const Case& c) {
     const float scale_log2 = LOG2E / std::sqrt((float)d);
     const size_t smem = (size_t)(tile_rows + 2 * keys_tile) * d * 2;
     const u32* tab = c.paged ? in.table.data() : nullptr;
-    const u32 bs = c.paged ? BLOCK_SIZE : 0;
+    const u32 bs = c.paged ? c.block_size : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {32 * warps, 1, 1}, smem, [&] {
         if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
@@ -222,7 +224,7 @@ bool run_prefill_wg(const Case& c, const std::string& kind) {
     // As the host sizes it: the tiles, and 1024 bytes to align them.
     const size_t smem = (size_t)(tile_rows + 2 * stages * keys_tile) * d * 2 + 1024;
     const u32* tab = c.paged ? in.table.data() : nullptr;
-    const u32 bs = c.paged ? BLOCK_SIZE : 0;
+    const u32 bs = c.paged ? c.block_size : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     // flash_attn_ws reads contiguous K and V by TMA, as the host maps them: [rows, kv heads, d],
     // boxes of 64 dims x 1 head x a tile's keys, the 128-byte swizzle (the model's format).
@@ -287,11 +289,12 @@ bool run_decode(const Case& c, u32 splits) {
         float* p = partial.data();
         u16* o = out.data();
         u32* cn = merge ? counters.data() : nullptr;
+        const u32 bs = c.block_size;
         CHECK_LAUNCH({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
-            if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
-            if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
-            if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
-            if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, BLOCK_SIZE, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
         });
         for (u32 r = 0, s = 0; s < nseq && !merge; s++)
             for (u32 i = 0; i < c.seqs[s].q_len; i++, r++)
@@ -394,8 +397,13 @@ int main(int argc, char** argv) {
                              {{1, 1}, {1, 1000}, {3, 40}, {1, 77}}};
             ok &= run_decode(g4, 16);
             ok &= run_decode(g4, 1);
-            ok &= run_decode({tag + " 9 heads over 3, contexts 300, 17 (+5 new)", d, 9, 3, bf16, true, true, {{1, 300}, {5, 17}}}, 3);
-            ok &= run_decode({tag + " 16 heads over 2, contexts 129, 64 (+2 new)", d, 16, 2, bf16, true, true, {{1, 129}, {2, 64}}}, 64);
+            // Blocks of 24 tokens: every other chunk across two blocks; of 8: every chunk.
+            Case b24 = {tag + " 9 heads over 3, contexts 300, 17 (+5 new), blocks of 24", d, 9, 3, bf16, true, true, {{1, 300}, {5, 17}}};
+            b24.block_size = 24;
+            ok &= run_decode(b24, 3);
+            Case b8 = {tag + " 16 heads over 2, contexts 129, 64 (+2 new), blocks of 8", d, 16, 2, bf16, true, true, {{1, 129}, {2, 64}}};
+            b8.block_size = 8;
+            ok &= run_decode(b8, 64);
             if (bf16 == (d == 64)) {  // d64 bf16 and d128 f16: soft-capped, windowed, one slice and many
                 Case w = {tag + " 8 heads over 2, contexts 1000, 40 (+3 new), 150", d, 8, 2, bf16, true, true, {{1, 1000}, {3, 40}, {1, 150}}};
                 w.softcap = 1.0f, w.window = 100;
