@@ -689,3 +689,35 @@ fn paged_kv_heads_from_the_wrong_axis_are_refused() {
         assert!(err.contains("kv"), "{err}");
     }
 }
+
+/// Continuous batching mixes a request's prompt chunk with the running decodes in one step: on
+/// tensor cores (f16/bf16) its decoding sequences take the decode kernel and its chunks the prefill
+/// kernel through the table, one launch each over their own rows (the split kernels, one query row
+/// a block, once took the whole step: a prompt's attention at a few TFLOP/s); f32 keeps them.
+#[test]
+fn a_mixed_step_runs_decodes_and_prompt_chunks_on_tensor_cores() {
+    let Some((driver, b)) = recording("mixed paged step") else { return };
+    let _guard = exclusive();
+    let mut rng = Rng::new("cuda host mixed step");
+    let before = driver.summary();
+    let batch = [(1usize, 1usize), (300, 7), (37, 1), (64, 64), (1000, 2)];
+    for dt in [DType::BF16, DType::F16, DType::F32] {
+        driver.take_recorded();
+        paged(&b, &mut rng, dt, 32, 8, 128, &batch);
+        let kernels: Vec<(String, (u32, u32, u32))> =
+            driver.take_recorded().into_iter().filter(|r| r.op == "paged_attention").map(|r| (r.kernel, r.grid)).collect();
+        let named = |k: &str| kernels.iter().filter(|(n, _)| n.starts_with(k)).collect::<Vec<_>>();
+        if dt == DType::F32 {
+            assert!(named("decode_attn").is_empty() && named("flash_attn").is_empty(), "{dt}: {kernels:?}");
+            continue;
+        }
+        // Groups of 4 query heads: up to 4 new tokens fit the decode kernel's 16 rows.
+        let (decode, flash) = (named("decode_attn"), named("flash_attn"));
+        assert_eq!(decode.len(), 1, "{dt}: {kernels:?}");
+        assert_eq!(decode[0].1 .0, 3, "{dt}: a block row per decoding sequence (3 of them): {kernels:?}");
+        assert_eq!(flash.len(), 1, "{dt}: {kernels:?}");
+        assert_eq!(kernels.len(), 2, "{dt}: nothing else (no split kernels, no merge of their own): {kernels:?}");
+    }
+    let after = driver.summary();
+    assert!(after.faults.len() == before.faults.len(), "faults: {:#?}", &after.faults[before.faults.len()..]);
+}

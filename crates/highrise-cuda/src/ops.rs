@@ -2,8 +2,8 @@
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
 use highrise_core::ops::{
-    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, KvWrite, Linear, PagedAttention, QkvLinear, RmsNorm,
-    Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
+    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear,
+    RmsNorm, Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result, TensorRef};
 
@@ -475,7 +475,7 @@ fn prefill_rows(seq_lens: &[u32], causal: bool) -> QueryRows {
 
 /// Paged: query j of a sequence with `q_len` queries in `context_len` tokens sits at position
 /// context_len - q_len + j and sees that many keys plus itself, through its blocks.
-fn paged_rows(seqs: &[highrise_core::ops::PagedSeq]) -> QueryRows {
+fn paged_rows(seqs: &[PagedSeq]) -> QueryRows {
     let (mut base, mut nkeys) = (Vec::new(), Vec::new());
     for s in seqs {
         for j in 0..s.q_len {
@@ -645,28 +645,37 @@ pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<(
 const DECODE_ROWS: usize = 16;
 
 /// Attention through the paged cache, on tensor cores where `flash_fits` the dtype and head dim:
-/// a step whose every sequence has at most 16 rows of new tokens x query-head group (decoding, or a
-/// few tokens of speculative decoding) on the decode kernel (a block per sequence, KV head and slice
-/// of the context); a step of longer prompt chunks only on the prefill kernel through the block
-/// table. Otherwise (f32, other head dims, long chunks mixed with decoding) the split kernels
-/// (flash-decoding), whose blocks each serve one query row.
+/// the sequences with at most 16 rows of new tokens x query-head group (decoding, or a few tokens
+/// of speculative decoding) on the decode kernel (a block per sequence, KV head and slice of the
+/// context), those with longer prompt chunks on the prefill kernel through the block table: one
+/// launch each, a step that mixes them (continuous batching: a request's prompt joining the
+/// running decodes) two, over disjoint rows. Otherwise (f32, other head dims, a chunk of one token
+/// the decode kernel cannot take) the split kernels (flash-decoding), whose blocks each serve one
+/// query row: a mixed step once ran its prompt chunks there, at a few TFLOP/s.
 pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) -> Result<()> {
     same_cache_dtype("paged_attention", op.out.dtype, op.k_cache.dtype)?;
     let block_size = cache_dims(&op.k_cache)[1] as u32;
     let table = Some((op.block_table.as_slice(), block_size));
     let seqs = op.seqs.as_slice();
     let group = op.q.dims()[1] / kv_heads(&op.k_cache).max(1);
-    let tensor_cores = flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty();
-    if tensor_cores && seqs.iter().all(|s| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS) {
-        return decode(be, st, op, block_size);
-    }
-    if tensor_cores && seqs.iter().all(|s| s.q_len >= 2) {
-        let mut start = 0;
-        let chunks = seqs.iter().map(|s| {
-            start += s.q_len;
-            (start - s.q_len, s.q_len, s.context_len - s.q_len, s.blocks_start)
-        });
-        return flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], chunks, true, table, op.scores);
+    let decodes = |s: &PagedSeq| s.q_len >= 1 && s.q_len as usize * group <= DECODE_ROWS;
+    // Each sequence with its first row of q and out.
+    let starts = || {
+        seqs.iter().scan(0u32, |start, s| {
+            *start += s.q_len;
+            Some((*start - s.q_len, s))
+        })
+    };
+    let prompts = || starts().filter(|(_, s)| !decodes(s));
+    if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && prompts().all(|(_, s)| s.q_len >= 2) {
+        if seqs.iter().any(decodes) {
+            decode(be, st, op, block_size, starts().filter(|(_, s)| decodes(s)))?;
+        }
+        if prompts().next().is_some() {
+            let chunks = prompts().map(|(start, s)| (start, s.q_len, s.context_len - s.q_len, s.blocks_start));
+            flash(be, st, "paged_attention", [&op.out, &op.q, &op.k_cache, &op.v_cache], chunks, true, table, op.scores)?;
+        }
+        return Ok(());
     }
     let rows = paged_rows(seqs);
     attend(be, st, "paged_attention", &op.out, &op.q, &op.k_cache, &op.v_cache, rows, table, op.scores)
@@ -699,30 +708,28 @@ pub(crate) const DECODE_SPLITS_MAX: u32 = 64;
 /// and leave at once). The last block of each (sequence, KV head) to finish merges the slices with
 /// keys into the output, counted on the backend's slice counters (a lone one writes it itself):
 /// one launch a layer, where a merge of its own (`attn_combine_*`) was a second.
-fn decode(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32) -> Result<()> {
+fn decode<'a>(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_size: u32, seqs: impl Iterator<Item = (u32, &'a PagedSeq)>) -> Result<()> {
     let s = suffix("paged_attention", op.out.dtype)?;
     let [t, hq, d] = [op.q.dims()[0], op.q.dims()[1], op.q.dims()[2]];
     let hkv = kv_heads(&op.k_cache);
-    let seqs = op.seqs.as_slice();
+    let mut meta = Vec::with_capacity(4 * op.seqs.as_slice().len());
+    for (start, q) in seqs {
+        meta.extend([start, q.q_len, q.context_len, q.blocks_start]);
+    }
+    let n = meta.len() / 4;
     let (kernel, shape) = (format!("decode_attn_d{d}_{s}"), be.decode_shape);
     let per_sm = be.blocks_per_sm(st, &kernel, shape.threads(), shape.shared_bytes(d))?;
-    let splits = decode_splits(seqs.len() * hkv, (be.sms * per_sm) as usize);
-    let mut meta = Vec::with_capacity(4 * seqs.len());
-    let mut start = 0;
-    for q in seqs {
-        meta.extend([start, q.q_len, q.context_len, q.blocks_start]);
-        start += q.q_len;
-    }
+    let splits = decode_splits(n * hkv, (be.sms * per_sm) as usize);
     let partial_bytes = t * hq * splits as usize * (d + 2) * 4;
     let (partial, addr) = be.upload(st, partial_bytes, &[bytes_of(&meta), bytes_of(op.block_table.as_slice())])?;
-    let counters = be.slice_counters(st, seqs.len() * hkv)?;
+    let counters = be.slice_counters(st, n * hkv)?;
     let (o, qp) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?);
     let (kp, vp) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (hq32, hkv32) = (hq as u32, hkv as u32);
     let (scale_log2, window, softcap) = (op.scores.scale * std::f32::consts::LOG2_E, op.scores.window, op.scores.softcap);
     be.launch_shared(
         &kernel,
-        (seqs.len() as u32, hkv32, splits),
+        (n as u32, hkv32, splits),
         (shape.threads(), 1, 1),
         shape.shared_bytes(d),
         &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap, &o, &counters],
@@ -777,7 +784,6 @@ pub fn sample(be: &CudaBackend, st: &mut OpState, op: &Sample) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use highrise_core::ops::PagedSeq;
 
     #[test]
     fn decode_slices_fill_whole_waves() {
