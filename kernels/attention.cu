@@ -203,17 +203,26 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
 // Element x of the merge of one (token, head)'s `splits` partial states (slice s's acc[d], m, l at
 // p + s (d + 2), as attn_split writes them; m in natural-log units, -inf for a slice that saw no
 // keys), given every slice's m and l in sm and sl: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M),
-// M the largest m. Each load depends on nothing but the shared values, so they are in flight
-// together (past L1: decode_attn's merge reads what other blocks wrote during the same launch).
+// M the largest m. The loads (past L1: decode_attn's merge reads what other blocks wrote during the
+// same launch) go out 16 slices at a time before any is used: left to itself the compiler issued
+// two or three ahead of the sums, a round trip to L2 for every few slices of every output (~20 an
+// output at batch one's 48 slices on an H200; 3 now).
+#define MERGE_BATCH 16
 __device__ __forceinline__ float merge_slices(const float* p, u32 d, u32 x, u32 splits, const float* sm, const float* sl) {
     float mm = -INFINITY, a = 0.0f, l = 0.0f;
     for (u32 s = 0; s < splits; s++) mm = fmaxf(mm, sm[s]);
-#pragma unroll 8
-    for (u32 s = 0; s < splits; s++) {
-        if (sm[s] == -INFINITY) continue;
-        const float w = __expf(sm[s] - mm);
-        a += __ldcg(p + s * (d + 2) + x) * w;
-        l += sl[s] * w;
+    for (u32 s0 = 0; s0 < splits; s0 += MERGE_BATCH) {
+        float v[MERGE_BATCH];
+#pragma unroll
+        for (u32 j = 0; j < MERGE_BATCH; j++) v[j] = s0 + j < splits && sm[s0 + j] != -INFINITY ? __ldcg(p + (s0 + j) * (d + 2) + x) : 0.0f;
+#pragma unroll
+        for (u32 j = 0; j < MERGE_BATCH; j++) {
+            const u32 s = s0 + j;
+            if (s >= splits || sm[s] == -INFINITY) continue;
+            const float w = __expf(sm[s] - mm);
+            a += v[j] * w;
+            l += sl[s] * w;
+        }
     }
     return a / l;
 }
