@@ -552,9 +552,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&corr)[2]
     }
 }
 
-// The output rows rescaled to softmax_tile's new maximum (`corr` per held row).
+// The output rows rescaled to softmax_tile's new maximum (`corr` per held row), unless no row of
+// the warp's moved: once a row has seen its largest scores (an attention sink's, often the first
+// key's) most tiles move none, and their DT x 4 multiplications by exactly 1 change nothing.
 template <int DT>
 __device__ __forceinline__ void rescale(float (&o)[DT][4], const float (&corr)[2]) {
+    if (!__ballot_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) return;
 #pragma unroll
     for (int i = 0; i < DT; i++) {
         o[i][0] *= corr[0];
@@ -725,11 +728,13 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
                     sum += s[mt][nt][2 * hf] + s[mt][nt][2 * hf + 1];
                 }
                 l[mt][hf] = l[mt][hf] * corr + sum;
+                // As rescale: not where no row of the warp's maximum moved.
+                if (__ballot_sync(0xffffffffu, corr != 1.0f))
 #pragma unroll
-                for (int i = 0; i < D / 8; i++) {
-                    o[mt][i][2 * hf] *= corr;
-                    o[mt][i][2 * hf + 1] *= corr;
-                }
+                    for (int i = 0; i < D / 8; i++) {
+                        o[mt][i][2 * hf] *= corr;
+                        o[mt][i][2 * hf + 1] *= corr;
+                    }
             }
         }
 
