@@ -306,8 +306,9 @@ fn a_decode_step_launches_few_kernels_per_layer() {
     assert!(!step.iter().any(|k| k.starts_with("attn_combine")), "decode_attn merges its own slices");
     assert!(!step.iter().any(|k| k.starts_with("add_rms_norm")), "the norms fold into the projections");
     assert!(launches <= 6 * layers + 4, "{launches} launches per step for {layers} layers");
-    // A GGUF file's norm weights are f32, which the projections' kernels do not read: such layers
-    // keep add_rms_norm between them (folded, each would take an rms_norm launch more).
+    // Norm weights in f32 (a GGUF file's, where a 16-bit dtype does not hold them exactly: the
+    // loader narrows those it does), which the projections' kernels do not read: such layers keep
+    // add_rms_norm between them (folded, each would take an rms_norm launch more).
     let mut gguf_like = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
     for layer in &mut gguf_like.layers {
         for norm in [&mut layer.attn_norm, &mut layer.mlp_norm] {
@@ -720,4 +721,33 @@ fn a_mixed_step_runs_decodes_and_prompt_chunks_on_tensor_cores() {
     }
     let after = driver.summary();
     assert!(after.faults.len() == before.faults.len(), "faults: {:#?}", &after.faults[before.faults.len()..]);
+}
+
+/// The default model (SmolLM2's GGUF: Q4_1 projections, its norm weights f32 converted from a bf16
+/// checkpoint) loaded in bf16 for CUDA: the loader stores those norms in bf16 (every value held
+/// exactly), so its batch-1 decode folds them into the projections: `_norm1_` kernels, no
+/// `add_rms_norm`, in its 30 layers.
+#[test]
+fn the_default_models_decode_folds_its_norms() {
+    let Some((driver, b)) = recording("default model folds its norms") else { return };
+    let Some(path) = common::default_model() else {
+        return println!("skipped: the default model's folded norms: it could not be fetched");
+    };
+    let _guard = exclusive();
+    let source = highrise::model::Source::open(&path).unwrap();
+    let opts = highrise::model::LoadOptions { activations: DType::BF16, ..Default::default() };
+    let model = Llama::load(&source, b.clone(), opts).unwrap();
+    assert_eq!(model.layers[0].attn_norm.dtype(), DType::BF16);
+    let tok = source.tokenizer().unwrap();
+    let prompt: Vec<u32> = (1..20).collect();
+    let before = driver.summary();
+    driver.take_recorded();
+    let params = GenerateParams { max_tokens: 3, ignore_eos: true, ..Default::default() };
+    generate(&model, &tok, &prompt, &params, &mut |_| {}).unwrap();
+    let after = driver.summary();
+    assert!(after.faults.len() == before.faults.len(), "faults: {:#?}", &after.faults[before.faults.len()..]);
+    let kernels: Vec<String> = driver.take_recorded().into_iter().map(|r| r.kernel).collect();
+    let decode = &kernels[kernels.iter().rposition(|k| k.starts_with("embedding")).unwrap()..];
+    assert!(decode.iter().any(|k| k.starts_with("gemv_qkv_norm1")) && decode.iter().any(|k| k.starts_with("gemv_glu_norm1")), "{decode:?}");
+    assert!(!decode.iter().any(|k| k.starts_with("add_rms_norm")), "{decode:?}");
 }

@@ -375,3 +375,33 @@ fn random_weight_models_are_reproducible_and_generate() {
     assert_eq!(g.ids.len(), 8);
     assert_eq!(tok.encode(&g.text, false).unwrap(), g.ids, "the text names the ids: {}", g.text);
 }
+
+/// bf16 activations (a GPU's `--dtype bf16`): the file's f32 norm weights, converted from the
+/// checkpoint's bf16, are stored in bf16, every value the same, so a backend that folds the norms
+/// into the projections (CUDA at batch-1 decode) folds this model's; the logits equal, bit for bit,
+/// those of the same model with its norms put back in f32.
+#[test]
+fn f32_norm_weights_a_16_bit_dtype_holds_are_stored_in_it() {
+    let Some(model) = default_model() else {
+        return println!("skipped: f32 norms in bf16: the default model could not be fetched");
+    };
+    let opts = LoadOptions { activations: DType::BF16, ..Default::default() };
+    let narrowed = load_with(&model, opts.clone());
+    let m = &narrowed.model;
+    assert!(m.layers.iter().all(|l| l.attn_norm.dtype() == DType::BF16 && l.mlp_norm.dtype() == DType::BF16), "layer norms in bf16");
+    assert_eq!(m.norm.dtype(), DType::BF16, "the final norm in bf16");
+    let mut wide = load_with(&model, opts);
+    let be = wide.model.backend.clone();
+    let to_f32 = |t: &mut highrise::core::Tensor| {
+        let (dims, values) = (t.dims().to_vec(), t.to_f32().unwrap());
+        *t = highrise::core::Tensor::from_f32(&be, DType::F32, &dims, &values).unwrap();
+    };
+    for layer in &mut wide.model.layers {
+        to_f32(&mut layer.attn_norm);
+        to_f32(&mut layer.mlp_norm);
+    }
+    to_f32(&mut wide.model.norm);
+    let prompt = narrowed.tokenizer.encode("The capital of France is", true).unwrap();
+    assert_eq!(prefill_logits(m, &prompt), prefill_logits(&wide.model, &prompt), "the same numbers");
+    assert_eq!(decoded_logits(m, &prompt), decoded_logits(&wide.model, &prompt), "the same numbers, decoding");
+}

@@ -646,21 +646,38 @@ impl Loader<'_> {
     }
 
     /// A norm's weight [n]: as `vector`, or, with `plus_one` (Gemma's norms multiply by 1 + w), 1 + w
-    /// in f32, as HF computes it.
+    /// in f32, as HF computes it. An f32 weight (a GGUF file's, converted from the checkpoint's bf16
+    /// or f16) that the activations' 16-bit dtype holds exactly, every value, is stored in that
+    /// dtype: the norms compute in f32 either way, so the numbers are the same, and a backend that
+    /// folds the norms into the projections (`Backend::folds_norms`), whose kernels read the weight
+    /// in x's dtype, folds this model's too.
     fn norm(&self, name: &str, n: usize, plus_one: bool) -> Result<Tensor> {
-        if !plus_one {
-            return self.vector(name, n);
-        }
         let t = self.get(name, &[n])?;
+        let act = self.opts.activations;
+        if !plus_one && (t.dtype != DType::F32 || !matches!(act, DType::BF16 | DType::F16)) {
+            return self.kept(name, t);
+        }
         let mut w = vec![0f32; n];
         dequantize(t.dtype, &t.data, &mut w).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))?;
-        w.iter_mut().for_each(|v| *v += 1.0);
-        Tensor::from_f32(self.backend, DType::F32, &[n], &w).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))
+        let dtype = if plus_one {
+            w.iter_mut().for_each(|v| *v += 1.0);
+            DType::F32
+        } else if holds_exactly(act, &w) {
+            act
+        } else {
+            DType::F32
+        };
+        Tensor::from_f32(self.backend, dtype, &[n], &w).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))
     }
 
-    /// A norm weight or bias: kept in the file's float dtype, or converted to f32 if quantized.
+    /// A bias: kept in the file's float dtype, or converted to f32 if quantized.
     fn vector(&self, name: &str, n: usize) -> Result<Tensor> {
         let t = self.get(name, &[n])?;
+        self.kept(name, t)
+    }
+
+    /// `t` in the file's float dtype, or converted to f32 if quantized.
+    fn kept(&self, name: &str, t: FileTensor) -> Result<Tensor> {
         let target = if t.dtype.is_float() { t.dtype } else { DType::F32 };
         self.upload(name, t, target)
     }
@@ -745,6 +762,17 @@ impl Taps for Option<&mut Hooks> {
 /// `E`, as little-endian bytes at the start of `buf` (grown to fit, kept from tensor to tensor):
 /// `Llama::random`'s weights, made on every core (on one, an 8B model's 16 GB took longer than the
 /// GPU bench that loads it), the same values whatever the split.
+/// Whether `dtype` holds every value of `w` exactly (bit for bit: a 16-bit dtype where rounding to it
+/// changes none of them).
+fn holds_exactly(dtype: DType, w: &[f32]) -> bool {
+    match dtype {
+        DType::F32 => true,
+        DType::BF16 => w.iter().all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits()),
+        DType::F16 => w.iter().all(|&v| half::f16::from_f32(v).to_f32().to_bits() == v.to_bits()),
+        _ => false,
+    }
+}
+
 fn pooled<'b, E: highrise_core::Element>(buf: &'b mut Vec<u8>, pool: &[f32], start: usize, n: usize, scale: f32, mean: f32) -> &'b [u8] {
     let size = std::mem::size_of::<E>();
     if buf.len() < n * size {
@@ -773,6 +801,18 @@ fn pooled<'b, E: highrise_core::Element>(buf: &'b mut Vec<u8>, pool: &[f32], sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A norm weight narrows to a 16-bit dtype only where every value survives the round trip.
+    #[test]
+    fn only_exactly_held_values_narrow() {
+        let bf16_values = [1.0f32, -0.5, 0.0078125, 3.140625, 0.0];
+        assert!(holds_exactly(DType::BF16, &bf16_values) && holds_exactly(DType::F16, &bf16_values));
+        assert!(!holds_exactly(DType::BF16, &[1.0, 1.0 + 1.0 / 1024.0]), "f16's precision, not bf16's");
+        assert!(holds_exactly(DType::F16, &[1.0, 1.0 + 1.0 / 1024.0]));
+        assert!(!holds_exactly(DType::F16, &[1.0e-9]) && !holds_exactly(DType::F16, &[70000.0]), "outside f16's range");
+        assert!(!holds_exactly(DType::BF16, &[0.1]) && !holds_exactly(DType::BF16, &[f32::from_bits(0x7fc0_0001)]), "a NaN's payload too");
+        assert!(holds_exactly(DType::F32, &[0.1]));
+    }
 
     /// Split across threads or not, from a start near the pool's end or not, every element is the
     /// formula's (`Llama::random`'s weights do not depend on the machine's cores).
