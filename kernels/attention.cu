@@ -728,13 +728,12 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
                     sum += s[mt][nt][2 * hf] + s[mt][nt][2 * hf + 1];
                 }
                 l[mt][hf] = l[mt][hf] * corr + sum;
-                // As rescale: not where no row of the warp's maximum moved.
-                if (__ballot_sync(0xffffffffu, corr != 1.0f))
+                // Always (rescale's vote skipping it spills the d128 f16 kernel on sm_80).
 #pragma unroll
-                    for (int i = 0; i < D / 8; i++) {
-                        o[mt][i][2 * hf] *= corr;
-                        o[mt][i][2 * hf + 1] *= corr;
-                    }
+                for (int i = 0; i < D / 8; i++) {
+                    o[mt][i][2 * hf] *= corr;
+                    o[mt][i][2 * hf + 1] *= corr;
+                }
             }
         }
 
