@@ -66,6 +66,36 @@ fn decode_steps_as_graphs_give_the_same_tokens() {
     graphs_give_the_same_tokens(&dev, true);
 }
 
+/// Continuous batching: a 100-token prompt joins a sequence that decodes, so the prompt's chunks
+/// share steps with its decoding (a mixed step: decode_attn on the decoding sequence and flash_attn
+/// through the block table on the chunk, side by side over their own rows). The same greedy
+/// tokens as the CPU backend's engine, bf16, the same weights.
+#[test]
+fn steps_mixing_prompt_chunks_with_decoding_match_the_cpu() {
+    use highrise::engine::{Engine, EngineConfig, GenerateParams, Request};
+    use highrise::model::{Llama, ModelConfig, Tokenizer};
+    let Some(dev) = backend("mixed steps on the emulated device") else { return };
+    let run = |be: &std::sync::Arc<dyn highrise::core::Backend>| {
+        let model = Llama::random(ModelConfig::shape("tiny").unwrap(), be.clone(), DType::BF16, 5).unwrap();
+        let tok = Tokenizer::numbered(512).unwrap();
+        // 48 tokens a step: the short prompt and the long one's first chunk, then its decoding
+        // beside the long one's next chunks.
+        let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 48, max_running: 4 };
+        let mut engine = Engine::new(&model, &tok, config).unwrap();
+        for (len, n) in [(9u32, 10usize), (100, 4)] {
+            let prompt: Vec<u32> = (0..len).map(|j| (j * 29 + len) % 512).collect();
+            let params = GenerateParams { max_tokens: n, ignore_eos: true, ..Default::default() };
+            engine.submit(Request { prompt, params, logprobs: false, top_logprobs: 0 }).unwrap();
+        }
+        let mut done = engine.run_to_completion().unwrap();
+        done.sort_by_key(|d| d.0);
+        done.into_iter().map(|(_, g)| g.ids).collect::<Vec<_>>()
+    };
+    let (want, got) = (run(&cpu()), run(&dev));
+    println!("mixed steps: {got:?}");
+    assert_eq!(got, want, "greedy tokens on the emulated device vs the CPU");
+}
+
 /// The same in f32, whose decode steps attend with the split kernels: they cut each row's keys into
 /// the slices themselves, so a step's launches stay the same as the contexts grow and its graph is
 /// replayed, not captured anew each step.
