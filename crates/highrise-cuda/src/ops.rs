@@ -700,8 +700,9 @@ fn decode_splits(blocks: usize, slots: usize) -> u32 {
 /// maxima and sums sit in its shared memory).
 pub(crate) const DECODE_SPLITS_MAX: u32 = 64;
 
-/// Launches `decode_attn_*` (kernels/attention.cu) for a paged step whose sequences each fit one
-/// MMA tile (`DECODE_ROWS`): each sequence's context cut into slices (`decode_splits`: whole waves
+/// Launches `decode_attn_*` (kernels/attention.cu) for `seqs` of a paged step (each with its first
+/// row of q and out), every one fitting one MMA tile (`DECODE_ROWS`): each sequence's context cut
+/// into slices (`decode_splits`: whole waves
 /// of resident blocks, as many as CUDA says an SM holds: several hide the copies' latency), at
 /// most 64, none shorter than a chunk per warp. The count depends on the batch's size alone, never
 /// on the contexts, so a captured step can be replayed (slices past a short context find no keys

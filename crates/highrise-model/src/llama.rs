@@ -758,10 +758,6 @@ impl Taps for Option<&mut Hooks> {
     }
 }
 
-/// `n` elements of `E`, element i being `mean + scale * pool[(start + i) % pool.len()]` rounded to
-/// `E`, as little-endian bytes at the start of `buf` (grown to fit, kept from tensor to tensor):
-/// `Llama::random`'s weights, made on every core (on one, an 8B model's 16 GB took longer than the
-/// GPU bench that loads it), the same values whatever the split.
 /// Whether `dtype` holds every value of `w` exactly (bit for bit: a 16-bit dtype where rounding to it
 /// changes none of them).
 fn holds_exactly(dtype: DType, w: &[f32]) -> bool {
@@ -773,6 +769,10 @@ fn holds_exactly(dtype: DType, w: &[f32]) -> bool {
     }
 }
 
+/// `n` elements of `E`, element i being `mean + scale * pool[(start + i) % pool.len()]` rounded to
+/// `E`, as little-endian bytes at the start of `buf` (grown to fit, kept from tensor to tensor):
+/// `Llama::random`'s weights, made on every core (on one, an 8B model's 16 GB took longer than the
+/// GPU bench that loads it), the same values whatever the split.
 fn pooled<'b, E: highrise_core::Element>(buf: &'b mut Vec<u8>, pool: &[f32], start: usize, n: usize, scale: f32, mean: f32) -> &'b [u8] {
     let size = std::mem::size_of::<E>();
     if buf.len() < n * size {
