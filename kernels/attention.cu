@@ -97,12 +97,16 @@ struct KeyAddr {
             in = j % block_size;
         }
     }
+    // Where head g's row at place `in` of the sequence's block `blk` starts, in elements.
+    __device__ __forceinline__ u64 row(u32 base, u32 blk, u32 in, u32 g, u32 hkv, u32 d) const {
+        return (((u64)table[base + blk] * hkv + g) * block_size + in) * d;
+    }
     // Where head g's row of key j starts, in elements.
     __device__ __forceinline__ u64 at(u32 base, u32 j, u32 g, u32 hkv, u32 d) const {
         if (table == 0) return (((u64)base + j) * hkv + g) * d;
         u32 blk, in;
         place(j, blk, in);
-        return (((u64)table[base + blk] * hkv + g) * block_size + in) * d;
+        return row(base, blk, in, g, hkv, d);
     }
 };
 
@@ -1395,7 +1399,7 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
         u32 blk, in;
         addr.place(k0, blk, in);
         if (addr.table != 0 && in + DA_KEYS <= addr.block_size && k0 + DA_KEYS <= end) {
-            const u64 first = (((u64)addr.table[kbase + blk] * hkv + g) * addr.block_size + in) * D;
+            const u64 first = addr.row(kbase, blk, in, g, hkv, D);
             copy_run<D, 32, DA_KEYS>(kd, kc + first, lane);
             copy_run<D, 32, DA_KEYS>(kd + DA_KEYS * D, vc + first, lane);
             return;
@@ -1481,16 +1485,7 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
                 }
             l[hf] = l[hf] * corr[hf] + sum;
         }
-        // The output rescaled where some row's maximum moved: once a few chunks are in, most
-        // chunks move none, and their D / 2 multiplications by exactly 1 change nothing.
-        if (__ballot_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f))
-#pragma unroll
-            for (int i = 0; i < D / 8; i++) {
-                o[i][0] *= corr[0];
-                o[i][1] *= corr[0];
-                o[i][2] *= corr[1];
-                o[i][3] *= corr[1];
-            }
+        rescale(o, corr);  // skipped where no row's maximum moved
         u32 pa[4] = {pack2(s[0][0], s[0][1], BF16), pack2(s[0][2], s[0][3], BF16), pack2(s[1][0], s[1][1], BF16),
                      pack2(s[1][2], s[1][3], BF16)};
 #pragma unroll
