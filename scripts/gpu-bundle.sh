@@ -24,7 +24,7 @@ cp target/release/highrise "$bundle/highrise"
 cp target/release/deps/libhighrise_cpu.so target/release/deps/libhighrise_cuda.so "$bundle/"
 cp "$(executable test --release --test cuda)" "$bundle/cuda-tests"
 cp "$(executable bench --bench cuda_ops)" "$bundle/cuda-bench"
-cp scripts/gpu-check.sh scripts/gpu-sweep.sh scripts/gpu-peers.py scripts/ncu-steps.py "$bundle/"
+cp scripts/gpu-check.sh scripts/gpu-sweep.sh scripts/gpu-tools.sh scripts/gpu-peers.py scripts/ncu-steps.py "$bundle/"
 for f in "$bundle"/*; do
     case "$f" in *.sh | *.py) ;; *) strip --strip-debug "$f" ;; esac
 done

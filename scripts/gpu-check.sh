@@ -34,6 +34,8 @@ mkdir -p "$out/tests" "$out/sanitizer"
 out=$(cd "$out" && pwd)
 # No network there: tests that need the default model say skipped instead of waiting on pip.
 export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" HIGHRISE_OFFLINE=1 RUST_BACKTRACE=1
+# ncu and compute-sanitizer, where the image keeps them off the PATH.
+source "$bundle/gpu-tools.sh"
 : >"$out/steps.txt"
 
 step() { # name, seconds, command...
@@ -58,6 +60,7 @@ outcome() { # rc, log
     date -u +"%Y-%m-%d %H:%M UTC"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
 } >"$out/device.txt"
+echo "tools: ncu $(command -v ncu || echo none), compute-sanitizer $(command -v compute-sanitizer || echo none)" >>"$out/steps.txt"
 # A cold machine took 16 s here on 2026-11-30 (the CUDA driver's first start), and a cut list
 # lost the Hopper step below: 45 s, and Hopper is asked of nvidia-smi too.
 step backends 45 "$bundle/highrise" backends

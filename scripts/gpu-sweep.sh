@@ -64,6 +64,8 @@ out=${2:-${OUT:-gpu-results}}
 mkdir -p "$out/sweep"
 out=$(cd "$out" && pwd)
 export HIGHRISE_BACKEND_DIR="$bundle" HIGHRISE_KERNEL_CACHE="$out/kernel-cache" HIGHRISE_OFFLINE=1 RUST_BACKTRACE=1
+# ncu, where the image keeps it off the PATH.
+source "$bundle/gpu-tools.sh"
 
 : >"$out/sweep/rows.txt"
 : >"$out/sweep/decode-rows.txt"
