@@ -173,12 +173,13 @@ HIGHRISE_PDL=0 step bench-8b-nopdl 90 "$bundle/highrise" bench --backend cuda --
 # sampling kernel over the vocabulary every step, where greedy runs argmax): what sampling costs.
 step bench-8b-sampled 60 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:llama-3-8b \
     --pp 0 --tg 0 -c 1 -c 64 --temperature 0.8 --top-p 0.95 --kv-memory 4G
-# 7. Each kernel's device time in decode steps of the 8B shape (batch 1, 64, 256; op by op under
-# Nsight Compute, which runs kernels one at a time: what a token costs on the device alone, beside
-# the bench's time per token, whose difference is the gaps). Clocks as they run (--clock-control none).
+# 7. Each kernel's device time and DRAM bytes read in decode steps of the 8B shape (batch 1, 64, 256;
+# op by op under Nsight Compute, which runs kernels one at a time: what a token costs on the device
+# alone, beside the bench's time per token, whose difference is the gaps; each kernel's GB/s against
+# the copy bandwidth). Clocks as they run (--clock-control none).
 if command -v ncu >/dev/null; then
     HIGHRISE_BENCH_SWEEP=steps step steps-ncu 150 ncu --profile-from-start off --clock-control none --csv --print-units base \
-        --metrics gpu__time_duration.sum --log-file "$out/steps-ncu.csv" "$bundle/cuda-bench" --bench
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum --log-file "$out/steps-ncu.csv" "$bundle/cuda-bench" --bench
     python3 "$bundle/ncu-steps.py" "$out/steps-ncu.csv" "$out/steps-ncu.txt" >"$out/steps-kernels.md" 2>&1
     # Decode attention alone at the bench's shapes (batch 1 at 1k, 8k, 32k; 8 and 64 at 8k; three
     # launches of each pair, the first untimed by the bench): its device time and DRAM bytes read,

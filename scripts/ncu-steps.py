@@ -8,7 +8,10 @@ the profiled kernels in order; each step begins with the embedding's gather, who
 batch. For each batch: a
 row per kernel and grid (name up to its first '(' or 60 characters), its launches per step, microseconds per
 launch, and per step; then the step's total, and that total with the layers' share scaled to the
-full model's 32 (a kernel and grid launched a multiple of LAYERS times a step is a layer's).
+full model's 32 (a kernel and grid launched a multiple of LAYERS times a step is a layer's). Where ncu
+also read dram__bytes_read.sum, each row's DRAM megabytes per launch and their rate: a projection's
+rate against the copy bandwidth says how far it is from the memory's limit, a small kernel's time
+with next to no bytes says it is latency.
 
 usage: ncu-steps.py NCU_CSV BENCH_OUTPUT
        ncu-steps.py --launches NCU_CSV   (a row per launch: device time, DRAM bytes read, their rate)
@@ -48,18 +51,21 @@ def main(ncu_csv, bench_out):
     if not runs:
         print("skipped: the bench printed no 'steps:' lines")
         return
-    durations = []  # (kernel id, name, ns)
+    launch = {}  # kernel id -> [name, ns, DRAM bytes read or None]
     for row in rows(ncu_csv):
-        if row.get("Metric Name") != "gpu__time_duration.sum":
+        metric = row.get("Metric Name")
+        if metric not in ("gpu__time_duration.sum", "dram__bytes_read.sum"):
             continue
         # The grid too: one kernel serves a layer's projection and the unembedding, at other grids.
         name = row["Kernel Name"].split("(")[0].strip()[:60] + " " + row.get("Grid Size", "").replace(" ", "")
-        durations.append((int(row["ID"]), name, float(row["Metric Value"].replace(",", ""))))
-    durations.sort()
+        entry = launch.setdefault(int(row["ID"]), [name, 0.0, None])
+        entry[1 if metric == "gpu__time_duration.sum" else 2] = float(row["Metric Value"].replace(",", ""))
+    durations = [tuple(launch[key]) for key in sorted(launch)]
+    with_bytes = all(read is not None for _, _, read in durations)
     # Each step begins with the embedding's gather, a block per token: its grid says the batch.
-    by_batch = {}  # batch -> (steps, {kernel: (launches, ns)})
+    by_batch = {}  # batch -> (steps, {kernel: (launches, ns, bytes)})
     current = None
-    for _, name, ns in durations:
+    for name, ns, read in durations:
         if name.startswith("embedding"):
             batch = int(name.split("(")[-1].split(",")[0])
             steps, kernels = by_batch.get(batch, (0, {}))
@@ -67,21 +73,23 @@ def main(ncu_csv, bench_out):
             current = kernels
         if current is None:
             continue
-        n, t = current.get(name, (0, 0.0))
-        current[name] = (n + 1, t + ns)
+        n, t, b = current.get(name, (0, 0.0, 0.0))
+        current[name] = (n + 1, t + ns, b + (read or 0.0))
     print(f"{len(durations)} kernels profiled")
     layers = runs[0][2]
     for batch, (steps, kernels) in sorted(by_batch.items()):
-        step_ns = sum(t for _, t in kernels.values()) / steps
-        layer_ns = sum(t for n, t in kernels.values() if n % (steps * layers) == 0) / steps
+        step_ns = sum(t for _, t, _ in kernels.values()) / steps
+        layer_ns = sum(t for n, t, _ in kernels.values() if n % (steps * layers) == 0) / steps
         full = step_ns + layer_ns * (FULL_LAYERS / layers - 1)
         print()
         print(f"batch {batch}: {steps} steps of {layers} layers; device time per step {step_ns / 1e3:.1f} us, "
               f"scaled to {FULL_LAYERS} layers {full / 1e6:.3f} ms per step ({batch / (full / 1e9):.0f} tokens/s if nothing else took time)")
-        print("| kernel grid | launches per step | us per launch | us per step | share |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
-            print(f"| {name} | {n / steps:g} | {t / n / 1e3:.2f} | {t / steps / 1e3:.1f} | {100 * t / steps / step_ns:.1f}% |")
+        dram = " DRAM MB per launch | GB/s |" if with_bytes else ""
+        print("| kernel grid | launches per step | us per launch | us per step | share |" + dram)
+        print("| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if with_bytes else ""))
+        for name, (n, t, b) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+            rate = f" {b / n / 1e6:.2f} | {b / t:.0f} |" if with_bytes else ""
+            print(f"| {name} | {n / steps:g} | {t / n / 1e3:.2f} | {t / steps / 1e3:.1f} | {100 * t / steps / step_ns:.1f}% |" + rate)
 
 
 if __name__ == "__main__":
