@@ -751,3 +751,43 @@ fn the_default_models_decode_folds_its_norms() {
     assert!(decode.iter().any(|k| k.starts_with("gemv_qkv_norm1")) && decode.iter().any(|k| k.starts_with("gemv_glu_norm1")), "{decode:?}");
     assert!(!decode.iter().any(|k| k.starts_with("add_rms_norm")), "{decode:?}");
 }
+
+/// What a backend answers besides running ops crosses the plugin ABI too: the CUDA plugin (the
+/// library `highrise --backend cuda` loads, here on its emulated device) folds a decode step's
+/// norms into its projections where `CudaBackend` itself does, and not an f32 pass's. Before ABI 11
+/// `folds_norms` did not cross: through the plugin every layer ran unfolded. Runs in a process of
+/// its own, where the variable that asks the plugin for an emulated device is set.
+#[test]
+fn a_plugins_answers_are_its_backends() {
+    const NAME: &str = "a_plugins_answers_are_its_backends";
+    if std::env::var_os("HIGHRISE_CUDA_EMULATE").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+            .env("HIGHRISE_CUDA_EMULATE", "sm_90a")
+            .output()
+            .unwrap();
+        let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && log.contains("1 passed"), "{log}");
+        if let Some(line) = log.lines().find(|l| l.contains("skipped")) {
+            println!("{line}");
+        }
+        return;
+    }
+    let path = highrise::core::plugin::find_backend("cuda").expect("cargo builds libhighrise_cuda before the tests");
+    let plugin = match highrise::core::plugin::Plugin::open(&path).and_then(|p| p.create()) {
+        Ok(b) => b,
+        // Without NVRTC or a C++ compiler there is no device to emulate; anything else is a failure.
+        Err(e) if e.to_string().contains("no C++ compiler") || e.to_string().contains("nvrtc") => {
+            return println!("skipped: no emulated CUDA device for the plugin ({e})")
+        }
+        Err(e) => panic!("the CUDA plugin: {e}"),
+    };
+    let direct = CudaBackend::with_driver(Arc::new(highrise_cuda::driver::NullDriver::default()));
+    let mut folded = 0;
+    for (rows, hidden, dtype) in [(1, 4096, DType::BF16), (1, 576, DType::F16), (2, 4096, DType::BF16), (1, 4096, DType::F32), (64, 4096, DType::BF16)] {
+        let own = direct.folds_norms(rows, hidden, dtype);
+        assert_eq!(plugin.folds_norms(rows, hidden, dtype), own, "{rows} rows of {hidden} {dtype:?}");
+        folded += own as usize;
+    }
+    assert!(folded > 0 && folded < 5, "the cases hold both answers ({folded} folded)");
+}

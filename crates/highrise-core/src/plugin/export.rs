@@ -49,6 +49,7 @@ impl<B: Exportable> Table<B> {
         graph_begin: graph_begin::<B>,
         graph_end: graph_end::<B>,
         graph_stats: graph_stats::<B>,
+        folds_norms: folds_norms::<B>,
     };
 }
 
@@ -224,6 +225,12 @@ unsafe extern "C" fn graph_begin<B: Exportable>(ctx: *mut c_void, key: u64, err:
 
 unsafe extern "C" fn graph_end<B: Exportable>(ctx: *mut c_void, err: *mut ErrOut) -> Status {
     guard::<B>(err, "graph_end", || backend::<B>(ctx).graph_end())
+}
+
+unsafe extern "C" fn folds_norms<B: Exportable>(ctx: *mut c_void, rows: usize, hidden: usize, dtype: u32) -> u32 {
+    let Some(dtype) = DType::from_u32(dtype) else { return 0 };
+    // A panic says no: the unfolded layer is the same op meanings.
+    catch_unwind(AssertUnwindSafe(|| backend::<B>(ctx).folds_norms(rows, hidden, dtype))).unwrap_or(false) as u32
 }
 
 unsafe extern "C" fn graph_stats<B: Exportable>(ctx: *mut c_void, out: *mut crate::GraphStats) {

@@ -303,6 +303,11 @@ impl Backend for PluginBackend {
         self.call(|err| unsafe { (self.vtable.graph_end)(self.ctx, err) })
     }
 
+    fn folds_norms(&self, rows: usize, hidden: usize, dtype: DType) -> bool {
+        // SAFETY: valid ctx; plain integers cross.
+        unsafe { (self.vtable.folds_norms)(self.ctx, rows, hidden, dtype as u32) != 0 }
+    }
+
     fn graph_stats(&self) -> crate::GraphStats {
         let mut stats = crate::GraphStats::default();
         // SAFETY: valid ctx; `stats` is a repr(C) value the plugin writes.

@@ -26,8 +26,9 @@ pub use loader::{
 /// `TensorRef`, `DType`, `ErrOut`), or to what an op means (4: the KV cache's layout; 5: `Sample`;
 /// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`, `SwiGluLinear`;
 /// 9: `Scores` (soft-capping, sliding window), `Embedding::scale`, `SwiGlu::act`, `Softcap`,
-/// `RopeScaling::Factors`; 10: `Linear::accumulate`, the norms of `QkvLinear` and `SwiGluLinear`).
-pub const ABI_VERSION: u32 = 10;
+/// `RopeScaling::Factors`; 10: `Linear::accumulate`, the norms of `QkvLinear` and `SwiGluLinear`;
+/// 11: `folds_norms`).
+pub const ABI_VERSION: u32 = 11;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
@@ -129,6 +130,8 @@ pub struct VTable {
     pub graph_begin: unsafe extern "C" fn(ctx: *mut c_void, key: u64, err: *mut ErrOut) -> Status,
     pub graph_end: unsafe extern "C" fn(ctx: *mut c_void, err: *mut ErrOut) -> Status,
     pub graph_stats: unsafe extern "C" fn(ctx: *mut c_void, out: *mut crate::GraphStats),
+    /// `Backend::folds_norms`: 1 for yes (a dtype code the host does not know: 0).
+    pub folds_norms: unsafe extern "C" fn(ctx: *mut c_void, rows: usize, hidden: usize, dtype: u32) -> u32,
 }
 
 /// Exports `$backend` (an [`Exportable`] type) as this library's plugin entry point.
