@@ -424,6 +424,37 @@ fn a_growing_block_table_does_not_recapture_the_step() {
     assert_eq!(captured, 1, "the block table's growth made the step's launches differ");
 }
 
+/// A batch that shrinks a request at a time (seven finishing one step apart, as a server's do)
+/// replays the graph of its bucket (`Backend::graph_batch`: 1, 2, 4, then multiples of 8), padded
+/// up to it, where each batch size had been a graph of its own: 7, 6 and 5 sequences share the
+/// graph of 8, 4 and 3 that of 4. Every launch is checked as before.
+#[test]
+fn a_shrinking_batch_replays_its_buckets_graph() {
+    let Some((driver, b)) = recording("graphs of a shrinking batch") else { return };
+    let _guard = exclusive();
+    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
+    let tok = Tokenizer::numbered(model.config.vocab_size).unwrap();
+    driver.take_recorded();
+    let faults = driver.summary().faults.len();
+    let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 256, max_running: 8 };
+    let mut engine = Engine::new(&model, &tok, config).unwrap();
+    engine.set_graphs(true);
+    for i in 0..7u32 {
+        let params = GenerateParams { max_tokens: 2 + i as usize, ignore_eos: true, ..Default::default() };
+        engine.submit(Request { prompt: (i..9 + i).collect(), params, logprobs: false, top_logprobs: 0 }).unwrap();
+    }
+    let before = b.graph_stats();
+    assert_eq!(engine.run_to_completion().unwrap().len(), 7);
+    let after = b.graph_stats();
+    driver.take_recorded();
+    let (captured, launched, op_by_op) = (after.captured - before.captured, after.launched - before.launched, after.eager - before.eager);
+    println!("7 sequences finishing a step apart: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
+    assert_eq!(driver.summary().faults[faults..], [] as [String; 0], "launches refused");
+    // After the prefill, 7 decode steps at 7, 6, ... 1 sequences: buckets 8, 8, 8, 4, 4, 2, 1.
+    assert_eq!((launched, op_by_op), (7, 0));
+    assert_eq!(captured, 4, "a graph per bucket, not per batch size");
+}
+
 /// Graphs captured on one thread while another copies, reads and writes on the same backend: the
 /// other thread's work waits for the capture instead of landing inside it (the recording driver
 /// refuses work from another thread while a graph is being captured).

@@ -359,3 +359,89 @@ async fn a_panic_in_the_engine_fails_its_requests_and_the_engine_serves_on() {
     assert!(!service.is_running(), "a dead engine thread is reported");
     assert!(matches!(service.submit(r).await, Err(ServiceError::Stopped)));
 }
+
+/// The CPU backend, saying that its graph steps run at batch sizes of multiples of four
+/// (`Backend::graph_batch`, as CUDA's buckets do), and noting each graph step's key: the engine
+/// pads its decode steps with rows it drops.
+struct Padding {
+    inner: std::sync::Arc<dyn highrise::Backend>,
+    keys: std::sync::Mutex<Vec<u64>>,
+}
+
+impl highrise::Backend for Padding {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn info(&self) -> highrise::core::BackendInfo {
+        self.inner.info()
+    }
+    fn supports(&self, op: highrise::core::ops::OpKind, dtype: highrise::DType) -> bool {
+        self.inner.supports(op, dtype)
+    }
+    fn alloc(&self, bytes: usize) -> highrise::Result<highrise::core::Handle> {
+        self.inner.alloc(bytes)
+    }
+    unsafe fn free(&self, handle: highrise::core::Handle) {
+        self.inner.free(handle)
+    }
+    fn write(&self, handle: highrise::core::Handle, offset: usize, bytes: &[u8]) -> highrise::Result<()> {
+        self.inner.write(handle, offset, bytes)
+    }
+    fn read(&self, handle: highrise::core::Handle, offset: usize, out: &mut [u8]) -> highrise::Result<()> {
+        self.inner.read(handle, offset, out)
+    }
+    fn run(&self, op: &highrise::core::ops::Op<'_>) -> highrise::Result<()> {
+        self.inner.run(op)
+    }
+    fn graph_begin(&self, key: u64) -> highrise::Result<()> {
+        self.keys.lock().unwrap().push(key);
+        self.inner.graph_begin(key)
+    }
+    fn graph_end(&self) -> highrise::Result<()> {
+        self.inner.graph_end()
+    }
+    fn graph_batch(&self, sequences: usize) -> usize {
+        sequences.div_ceil(4) * 4
+    }
+}
+
+/// Graph steps padded to the backend's batch size for them (`Backend::graph_batch`: one CUDA
+/// graph serves a range of batch sizes where it would be captured anew at each): seven requests
+/// that finish one step apart, greedy and seeded-sampled, get from a padding backend the tokens
+/// they get from the same backend unpadded, step after step as the batch shrinks from 7 to 1; every
+/// graph step ran at a multiple of four rows; the pad block is not the requests' to use.
+#[test]
+fn graph_steps_padded_to_the_backends_batch_give_the_same_tokens() {
+    use highrise::model::ModelConfig;
+    let plain = cpu();
+    let padding = std::sync::Arc::new(Padding { inner: plain.clone(), keys: Default::default() });
+    let config = ModelConfig::shape("tiny").unwrap();
+    let tok = Tokenizer::numbered(config.vocab_size).unwrap();
+    let run = |backend: std::sync::Arc<dyn highrise::Backend>, temperature: f32| {
+        let model = Llama::random(config.clone(), backend, highrise::DType::F32, 11).unwrap();
+        let engine_config = EngineConfig { num_blocks: 24, block_size: 8, max_batch_tokens: 128, max_running: 8 };
+        let mut e = Engine::new(&model, &tok, engine_config).unwrap();
+        e.set_graphs(true);
+        let blocks = e.num_blocks();
+        for i in 0..7u32 {
+            let sampling = SamplingParams { temperature, top_p: 0.9, seed: 5 + i as u64, ..Default::default() };
+            let params = GenerateParams { max_tokens: 3 + i as usize, ignore_eos: true, sampling, ..Default::default() };
+            e.submit(Request { prompt: (i..9 + 2 * i).collect(), params, logprobs: false, top_logprobs: 0 }).unwrap();
+        }
+        let mut done = e.run_to_completion().unwrap();
+        assert_eq!(e.free_blocks(), e.num_blocks(), "every block is back once all requests finished");
+        done.sort_by_key(|(id, _)| *id);
+        (done.into_iter().map(|(_, g)| g.ids).collect::<Vec<_>>(), blocks)
+    };
+    for temperature in [0.0, 0.8] {
+        let (want, all) = run(plain.clone(), temperature);
+        padding.keys.lock().unwrap().clear();
+        let (got, usable) = run(padding.clone(), temperature);
+        assert_eq!(got, want, "temperature {temperature}: padded graph steps changed the tokens");
+        assert_eq!(usable, all - 1, "one block kept for the padding");
+        let sizes: Vec<u64> = padding.keys.lock().unwrap().iter().map(|k| k >> 1).collect();
+        // Decode steps at 7 down to 1 sequences (the first token of each comes from its prefill).
+        println!("temperature {temperature}: graph steps at {sizes:?} rows");
+        assert!(sizes.len() >= 6 && sizes.iter().all(|n| n % 4 == 0), "graph steps at {sizes:?} rows");
+    }
+}

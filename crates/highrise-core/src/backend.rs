@@ -89,6 +89,17 @@ pub trait Backend: Send + Sync {
         GraphStats::default()
     }
 
+    /// How many one-token sequences a graph step of `sequences` of them is best run as: the batch
+    /// size of the graph the backend keeps for that many (its bucket, at least `sequences`), the
+    /// caller padding the step with rows whose results it drops. A backend that captures a graph
+    /// per distinct step (CUDA) then keeps one for a whole range of batch sizes, where a server's
+    /// batch, growing and shrinking by a request at a time, would otherwise capture a new one at
+    /// nearly every step. The default, for backends that run each op at once: `sequences` (padding
+    /// would only add work).
+    fn graph_batch(&self, sequences: usize) -> usize {
+        sequences
+    }
+
     /// Whether a pass of `rows` tokens of `hidden` features in `dtype` runs faster with each layer's
     /// norms read inside the projections after them (`QkvLinear::norm`, `SwiGluLinear::norm`) and
     /// the projections before them adding into the stream (`Linear::accumulate`) than with

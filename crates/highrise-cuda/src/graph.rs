@@ -188,6 +188,19 @@ struct Graph {
     last_use: u64,
 }
 
+/// The batch size of the graph kept for a decode step of `sequences` one-token sequences
+/// (`Backend::graph_batch`): 1, 2, 4, then multiples of 8 up to 256, of 32 beyond (vLLM's capture
+/// sizes, in steps of 8 to 256). A batch padded up to its bucket reads the same weights (a step
+/// below a few hundred rows is bound by them) and writes a few more rows; one graph serves every
+/// batch size of its bucket.
+pub(crate) fn bucket(sequences: usize) -> usize {
+    match sequences {
+        0..=4 => sequences.next_power_of_two().max(1),
+        5..=256 => sequences.div_ceil(8) * 8,
+        _ => sequences.div_ceil(32) * 32,
+    }
+}
+
 /// Graphs kept: those of the keys seen recently (a batch size, a sampling mode), at most
 /// `PER_KEY` works each (a step of one key whose launches alternate, as the first decode step of an
 /// empty cache, attending to its prompt alone, and the steps after it, replays both graphs instead

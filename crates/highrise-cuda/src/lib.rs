@@ -626,6 +626,10 @@ impl Backend for CudaBackend {
     fn folds_norms(&self, rows: usize, hidden: usize, dtype: DType) -> bool {
         ops::folds_norms(rows, hidden, dtype)
     }
+
+    fn graph_batch(&self, sequences: usize) -> usize {
+        graph::bucket(sequences)
+    }
 }
 
 fn range_check(b: &DevBuf, offset: usize, len: usize) -> Result<()> {

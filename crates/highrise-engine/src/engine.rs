@@ -122,6 +122,10 @@ pub struct Engine<'m> {
     /// Run decode steps as graphs where the backend can (`Backend::graph_begin`): on unless
     /// `HIGHRISE_GRAPHS=0`, or an op-by-op profile is on; `set_graphs` to compare.
     graphs: bool,
+    /// A block kept out of the allocator for the rows that pad a graph step up to the backend's
+    /// batch size for it (`Backend::graph_batch`): they write their keys and values there and
+    /// attend to them alone. None where the backend pads nothing (or the cache has one block).
+    pad_block: Option<u32>,
 }
 
 impl<'m> Engine<'m> {
@@ -139,9 +143,14 @@ impl<'m> Engine<'m> {
         for t in cache.k.iter_mut().chain(cache.v.iter_mut()) {
             t.fill(0.0)?;
         }
+        let mut blocks = BlockAllocator::new(config.num_blocks, config.block_size);
+        // Whether the backend pads any batch this engine may run (one sequence alone: none of CUDA's).
+        let pads = (1..=config.max_running.min(8)).any(|n| model.backend.graph_batch(n) > n);
+        let pad_block = if pads && config.num_blocks > 1 { blocks.alloc() } else { None };
         Ok(Engine {
             cache,
-            blocks: BlockAllocator::new(config.num_blocks, config.block_size),
+            blocks,
+            pad_block,
             eos: eos_ids(model, tokenizer),
             model,
             tokenizer,
@@ -185,7 +194,7 @@ impl<'m> Engine<'m> {
                 req.params.max_tokens
             )));
         }
-        let capacity = self.config.num_blocks * self.config.block_size;
+        let capacity = self.num_blocks() * self.config.block_size;
         if need > capacity {
             return Err(Error::Input(format!(
                 "the request needs {need} tokens of KV cache, but the whole cache holds {capacity}"
@@ -231,8 +240,9 @@ impl<'m> Engine<'m> {
         self.blocks.num_free()
     }
 
+    /// Blocks the requests may use (the cache's, less the one graph steps' padding writes to).
     pub fn num_blocks(&self) -> usize {
-        self.blocks.num_blocks()
+        self.blocks.num_blocks() - self.pad_block.is_some() as usize
     }
 
     pub fn block_size(&self) -> usize {
@@ -306,7 +316,6 @@ impl<'m> Engine<'m> {
             row += n;
         }
         let hooks = (!hooks.steer.is_empty()).then_some(&mut hooks);
-        let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
         // When no sequence that samples this step has penalties or biases to apply to its logits (nor
         // wants alternatives), the backend chooses: the argmax if all are greedy, else a draw by each
         // one's settings. An id and a log-probability per row come back, not the logits.
@@ -314,22 +323,41 @@ impl<'m> Engine<'m> {
         let mut sampling = plan.iter().map(|&(i, n)| (&self.running[i], n)).filter(|&(s, n)| samples(s, n));
         let on_backend = !self.host_sampling && sampling.all(|(s, _)| !s.sampler.penalizes() && s.top_logprobs == 0);
         let greedy = plan.iter().all(|&(i, n)| !samples(&self.running[i], n) || self.running[i].sampler.is_plain_greedy());
+        // A decode step with nothing to steer runs as a graph where the backend can: the same shape
+        // step after step (prompt chunks vary too much to be worth it). It is padded up to the batch
+        // size of the backend's graph for it, so that one graph serves a range of batch sizes as
+        // requests come and go: rows of token 0 at position 0 that write to and attend to the pad
+        // block alone, their choices dropped. Padded with graphs off too: a step's numbers do not
+        // depend on whether it ran as a graph (a GEMM of other rows may take another algorithm).
+        let decode = on_backend && hooks.is_none() && seqs.iter().all(|s| s.q_len == 1);
+        let graph = decode && self.graphs;
+        if let Some(pad) = self.pad_block.filter(|_| decode) {
+            let rows = self.model.backend.graph_batch(seqs.len());
+            if rows > seqs.len() {
+                let blocks_start = table.len() as u32;
+                table.push(pad);
+                tokens.resize(rows, 0);
+                positions.resize(rows, 0);
+                slots.resize(rows, pad * bs as u32);
+                seqs.resize(rows, PagedSeq { q_len: 1, context_len: 1, blocks_start });
+            }
+        }
+        let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
         let (model, cache) = (self.model, &mut self.cache);
         let (logits, chosen) = if on_backend {
-            // A row that does not sample this step (mid-prompt) takes the argmax, unused.
+            // A row that does not sample this step (mid-prompt, padding) takes the argmax, unused.
+            let argmax = SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, uniform: 0.0 };
             let draws: Option<Vec<SampleParams>> = (!greedy).then(|| {
-                plan.iter()
-                    .map(|&(i, n)| match samples(&self.running[i], n) {
-                        true => self.running[i].sampler.draw(),
-                        false => SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, uniform: 0.0 },
-                    })
-                    .collect()
+                let mut draws: Vec<SampleParams> = plan
+                    .iter()
+                    .map(|&(i, n)| if samples(&self.running[i], n) { self.running[i].sampler.draw() } else { argmax })
+                    .collect();
+                draws.resize(seqs.len(), argmax);
+                draws
             });
-            // A decode step with nothing to steer runs as a graph where the backend can: the same
-            // shape step after step (prompt chunks vary too much to be worth it).
-            let graph = (self.graphs && hooks.is_none() && seqs.iter().all(|s| s.q_len == 1)).then(|| graph_key(seqs.len(), !greedy));
+            let key = graph.then(|| graph_key(seqs.len(), !greedy));
             let forward = || model.forward_hooked(&batch, cache, Logits::Last, hooks);
-            (Vec::new(), forward_and_choose(&*model.backend, graph, draws.as_deref(), forward)?)
+            (Vec::new(), forward_and_choose(&*model.backend, key, draws.as_deref(), forward)?)
         } else {
             (model.forward_hooked(&batch, cache, Logits::Last, hooks)?.to_f32()?, Vec::new())
         };

@@ -50,6 +50,7 @@ impl<B: Exportable> Table<B> {
         graph_end: graph_end::<B>,
         graph_stats: graph_stats::<B>,
         folds_norms: folds_norms::<B>,
+        graph_batch: graph_batch::<B>,
     };
 }
 
@@ -231,6 +232,11 @@ unsafe extern "C" fn folds_norms<B: Exportable>(ctx: *mut c_void, rows: usize, h
     let Some(dtype) = DType::from_u32(dtype) else { return 0 };
     // A panic says no: the unfolded layer is the same op meanings.
     catch_unwind(AssertUnwindSafe(|| backend::<B>(ctx).folds_norms(rows, hidden, dtype))).unwrap_or(false) as u32
+}
+
+unsafe extern "C" fn graph_batch<B: Exportable>(ctx: *mut c_void, sequences: usize) -> usize {
+    // A panic, or an answer below `sequences`, pads nothing.
+    catch_unwind(AssertUnwindSafe(|| backend::<B>(ctx).graph_batch(sequences))).map_or(sequences, |n| n.max(sequences))
 }
 
 unsafe extern "C" fn graph_stats<B: Exportable>(ctx: *mut c_void, out: *mut crate::GraphStats) {

@@ -308,6 +308,11 @@ impl Backend for PluginBackend {
         unsafe { (self.vtable.folds_norms)(self.ctx, rows, hidden, dtype as u32) != 0 }
     }
 
+    fn graph_batch(&self, sequences: usize) -> usize {
+        // SAFETY: valid ctx; plain integers cross.
+        unsafe { (self.vtable.graph_batch)(self.ctx, sequences) }
+    }
+
     fn graph_stats(&self) -> crate::GraphStats {
         let mut stats = crate::GraphStats::default();
         // SAFETY: valid ctx; `stats` is a repr(C) value the plugin writes.

@@ -27,7 +27,7 @@ pub use loader::{
 /// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`, `SwiGluLinear`;
 /// 9: `Scores` (soft-capping, sliding window), `Embedding::scale`, `SwiGlu::act`, `Softcap`,
 /// `RopeScaling::Factors`; 10: `Linear::accumulate`, the norms of `QkvLinear` and `SwiGluLinear`;
-/// 11: `folds_norms`).
+/// 11: `folds_norms`, `graph_batch`).
 pub const ABI_VERSION: u32 = 11;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
@@ -132,6 +132,8 @@ pub struct VTable {
     pub graph_stats: unsafe extern "C" fn(ctx: *mut c_void, out: *mut crate::GraphStats),
     /// `Backend::folds_norms`: 1 for yes (a dtype code the host does not know: 0).
     pub folds_norms: unsafe extern "C" fn(ctx: *mut c_void, rows: usize, hidden: usize, dtype: u32) -> u32,
+    /// `Backend::graph_batch`.
+    pub graph_batch: unsafe extern "C" fn(ctx: *mut c_void, sequences: usize) -> usize,
 }
 
 /// Exports `$backend` (an [`Exportable`] type) as this library's plugin entry point.
