@@ -400,25 +400,10 @@ fn decode_steps_are_captured_once_and_replayed() {
 /// places in the metadata buffer, so no recorded launch's parameters move).
 #[test]
 fn a_growing_block_table_does_not_recapture_the_step() {
-    let Some((driver, b)) = recording("graphs with growing tables") else { return };
-    let _guard = exclusive();
-    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
-    let tok = Tokenizer::numbered(model.config.vocab_size).unwrap();
-    driver.take_recorded();
-    let config = EngineConfig { num_blocks: 32, block_size: 4, max_batch_tokens: 64, max_running: 3 };
-    let mut engine = Engine::new(&model, &tok, config).unwrap();
-    engine.set_graphs(true);
     // Prompts of 5, 6 and 7 tokens with 4-token blocks: across 12 decode steps some sequence takes
     // a new block at 9 of them.
-    for i in 0..3u32 {
-        let params = GenerateParams { max_tokens: 13, ignore_eos: true, ..Default::default() };
-        engine.submit(Request { prompt: (i..5 + 2 * i).collect(), params, logprobs: false, top_logprobs: 0 }).unwrap();
-    }
-    let before = b.graph_stats();
-    assert_eq!(engine.run_to_completion().unwrap().len(), 3);
-    let after = b.graph_stats();
-    driver.take_recorded();
-    let (captured, launched, op_by_op) = (after.captured - before.captured, after.launched - before.launched, after.eager - before.eager);
+    let config = EngineConfig { num_blocks: 32, block_size: 4, max_batch_tokens: 64, max_running: 3 };
+    let Some((captured, launched, op_by_op)) = engine_graphs("graphs with growing tables", config, (0..3).map(|i| ((i..5 + 2 * i).collect(), 13))) else { return };
     println!("3 sequences x 13 tokens, 4-token blocks: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
     assert_eq!((launched, op_by_op), (12, 0));
     assert_eq!(captured, 1, "the block table's growth made the step's launches differ");
@@ -430,29 +415,38 @@ fn a_growing_block_table_does_not_recapture_the_step() {
 /// graph of 8, 4 and 3 that of 4. Every launch is checked as before.
 #[test]
 fn a_shrinking_batch_replays_its_buckets_graph() {
-    let Some((driver, b)) = recording("graphs of a shrinking batch") else { return };
+    let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 256, max_running: 8 };
+    let Some((captured, launched, op_by_op)) = engine_graphs("graphs of a shrinking batch", config, (0..7).map(|i| ((i..9 + i).collect(), 2 + i as usize))) else { return };
+    println!("7 sequences finishing a step apart: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
+    // After the prefill, 7 decode steps at 7, 6, ... 1 sequences: buckets 8, 8, 8, 4, 4, 2, 1.
+    assert_eq!((launched, op_by_op), (7, 0));
+    assert_eq!(captured, 4, "a graph per bucket, not per batch size");
+}
+
+/// The engine, graphs on, running `requests` (prompt, tokens to generate) of a random tiny bf16
+/// Llama to the end on the host checker, every launch accepted: (graphs captured, launched, steps
+/// op by op) over the run; `None` where there is no checker (said why).
+fn engine_graphs(test: &str, config: EngineConfig, requests: impl Iterator<Item = (Vec<u32>, usize)>) -> Option<(u64, u64, u64)> {
+    let (driver, b) = recording(test)?;
     let _guard = exclusive();
     let model = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
     let tok = Tokenizer::numbered(model.config.vocab_size).unwrap();
     driver.take_recorded();
     let faults = driver.summary().faults.len();
-    let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 256, max_running: 8 };
     let mut engine = Engine::new(&model, &tok, config).unwrap();
     engine.set_graphs(true);
-    for i in 0..7u32 {
-        let params = GenerateParams { max_tokens: 2 + i as usize, ignore_eos: true, ..Default::default() };
-        engine.submit(Request { prompt: (i..9 + i).collect(), params, logprobs: false, top_logprobs: 0 }).unwrap();
+    let mut n = 0;
+    for (prompt, max_tokens) in requests {
+        let params = GenerateParams { max_tokens, ignore_eos: true, ..Default::default() };
+        engine.submit(Request { prompt, params, logprobs: false, top_logprobs: 0 }).unwrap();
+        n += 1;
     }
     let before = b.graph_stats();
-    assert_eq!(engine.run_to_completion().unwrap().len(), 7);
+    assert_eq!(engine.run_to_completion().unwrap().len(), n);
     let after = b.graph_stats();
     driver.take_recorded();
-    let (captured, launched, op_by_op) = (after.captured - before.captured, after.launched - before.launched, after.eager - before.eager);
-    println!("7 sequences finishing a step apart: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
     assert_eq!(driver.summary().faults[faults..], [] as [String; 0], "launches refused");
-    // After the prefill, 7 decode steps at 7, 6, ... 1 sequences: buckets 8, 8, 8, 4, 4, 2, 1.
-    assert_eq!((launched, op_by_op), (7, 0));
-    assert_eq!(captured, 4, "a graph per bucket, not per batch size");
+    Some((after.captured - before.captured, after.launched - before.launched, after.eager - before.eager))
 }
 
 /// Graphs captured on one thread while another copies, reads and writes on the same backend: the
