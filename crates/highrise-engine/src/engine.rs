@@ -332,8 +332,10 @@ impl<'m> Engine<'m> {
         let decode = on_backend && hooks.is_none() && seqs.iter().all(|s| s.q_len == 1);
         let graph = decode && self.graphs;
         if let Some(pad) = self.pad_block.filter(|_| decode) {
+            // A bucket is a little above the batch (CUDA's: at most 31 rows more); an answer far
+            // beyond it (a plugin's mistake) pads nothing rather than running a huge batch.
             let rows = self.model.backend.graph_batch(seqs.len());
-            if rows > seqs.len() {
+            if rows > seqs.len() && rows <= 2 * seqs.len() + 32 {
                 let blocks_start = table.len() as u32;
                 table.push(pad);
                 tokens.resize(rows, 0);
