@@ -204,8 +204,9 @@ pub(crate) fn bucket(sequences: usize) -> usize {
 /// Graphs kept: those of the keys seen recently (a batch size, a sampling mode), at most
 /// `PER_KEY` works each (a step of one key whose launches alternate, as the first decode step of an
 /// empty cache, attending to its prompt alone, and the steps after it, replays both graphs instead
-/// of capturing each anew every time).
-const KEPT: usize = 32;
+/// of capturing each anew every time). Room for every bucket to 256 (35) in both sampling modes: a
+/// server's batch may wander over all of them, and a graph kept is a few hundred nodes.
+const KEPT: usize = 72;
 const PER_KEY: usize = 4;
 
 /// The graphs kept, and what became of each step.
@@ -418,6 +419,16 @@ mod tests {
 
     fn log(d: &Fake) -> Vec<String> {
         std::mem::take(&mut *d.log.lock().unwrap())
+    }
+
+    #[test]
+    fn buckets_hold_their_batch_and_grow_in_steps() {
+        let pairs: Vec<(usize, usize)> = [1, 2, 3, 4, 5, 8, 9, 63, 64, 65, 255, 256, 257, 300].iter().map(|&n| (n, bucket(n))).collect();
+        let want = [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (8, 8), (9, 16), (63, 64), (64, 64), (65, 72), (255, 256), (256, 256), (257, 288), (300, 320)];
+        assert_eq!(pairs, want);
+        // Every batch size up to 1024 fits its bucket, a bucket is its own, and 35 cover 1 to 256.
+        assert!((1..=1024).all(|n| bucket(n) >= n && bucket(bucket(n)) == bucket(n) && bucket(n) - n < 32));
+        assert_eq!((1..=256).map(bucket).collect::<std::collections::BTreeSet<_>>().len(), 35);
     }
 
     #[test]
