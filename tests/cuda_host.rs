@@ -396,17 +396,28 @@ fn decode_steps_are_captured_once_and_replayed() {
 
 /// A server's sequences cross block boundaries at different steps, so the step's block table (each
 /// sequence's blocks laid end to end) grows every few steps: the graph of the batch's shape is
-/// still replayed, not captured anew each time the table grows (the host arrays after it keep their
-/// places in the metadata buffer, so no recorded launch's parameters move).
+/// still replayed, not captured anew each time the table grows (the host arrays staged after it,
+/// such as the sampling settings, keep their places in the metadata buffer, so no recorded
+/// launch's parameters move).
 #[test]
 fn a_growing_block_table_does_not_recapture_the_step() {
     // Prompts of 5, 6 and 7 tokens with 4-token blocks: across 12 decode steps some sequence takes
     // a new block at 9 of them.
     let config = EngineConfig { num_blocks: 32, block_size: 4, max_batch_tokens: 64, max_running: 3 };
-    let Some((captured, launched, op_by_op)) = engine_graphs("graphs with growing tables", config, (0..3).map(|i| ((i..5 + 2 * i).collect(), 13))) else { return };
+    let greedy = SamplingParams::greedy();
+    let Some((captured, launched, op_by_op)) = engine_graphs("graphs with growing tables", config, &greedy, (0..3).map(|i| ((i..5 + 2 * i).collect(), 13))) else { return };
     println!("3 sequences x 13 tokens, 4-token blocks: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
     assert_eq!((launched, op_by_op), (12, 0));
     assert_eq!(captured, 1, "the block table's growth made the step's launches differ");
+    // Sixteen sampled sequences (their draws' settings staged after the first layer's attention):
+    // over 39 decode steps the table grows from 32 blocks to 192 (128 bytes to 768), across two
+    // 256-byte boundaries (3 captures when the settings lay after it).
+    let config = EngineConfig { num_blocks: 256, block_size: 4, max_batch_tokens: 512, max_running: 16 };
+    let sampled = SamplingParams { temperature: 0.8, top_p: 0.9, ..SamplingParams::greedy() };
+    let Some((captured, launched, op_by_op)) = engine_graphs("sampled graphs, growing tables", config, &sampled, (0..16).map(|i| ((i..5 + i).collect(), 40))) else { return };
+    println!("16 sampled sequences x 40 tokens, 4-token blocks: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
+    assert_eq!((launched, op_by_op), (39, 0));
+    assert_eq!(captured, 1, "the block table's growth moved the sampling settings, and the step was captured anew");
 }
 
 /// A batch that shrinks a request at a time (seven finishing one step apart, as a server's do)
@@ -416,7 +427,7 @@ fn a_growing_block_table_does_not_recapture_the_step() {
 #[test]
 fn a_shrinking_batch_replays_its_buckets_graph() {
     let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 256, max_running: 8 };
-    let Some((captured, launched, op_by_op)) = engine_graphs("graphs of a shrinking batch", config, (0..7).map(|i| ((i..9 + i).collect(), 2 + i as usize))) else { return };
+    let Some((captured, launched, op_by_op)) = engine_graphs("graphs of a shrinking batch", config, &SamplingParams::greedy(), (0..7).map(|i| ((i..9 + i).collect(), 2 + i as usize))) else { return };
     println!("7 sequences finishing a step apart: {captured} graphs captured, {launched} launched, {op_by_op} op by op");
     // After the prefill, 7 decode steps at 7, 6, ... 1 sequences: buckets 8, 8, 8, 4, 4, 2, 1.
     assert_eq!((launched, op_by_op), (7, 0));
@@ -424,9 +435,9 @@ fn a_shrinking_batch_replays_its_buckets_graph() {
 }
 
 /// The engine, graphs on, running `requests` (prompt, tokens to generate) of a random tiny bf16
-/// Llama to the end on the host checker, every launch accepted: (graphs captured, launched, steps
-/// op by op) over the run; `None` where there is no checker (said why).
-fn engine_graphs(test: &str, config: EngineConfig, requests: impl Iterator<Item = (Vec<u32>, usize)>) -> Option<(u64, u64, u64)> {
+/// Llama to the end on the host checker, every launch accepted, each request `sampling` so: (graphs
+/// captured, launched, steps op by op) over the run; `None` where there is no checker (said why).
+fn engine_graphs(test: &str, config: EngineConfig, sampling: &SamplingParams, requests: impl Iterator<Item = (Vec<u32>, usize)>) -> Option<(u64, u64, u64)> {
     let (driver, b) = recording(test)?;
     let _guard = exclusive();
     let model = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
@@ -437,7 +448,7 @@ fn engine_graphs(test: &str, config: EngineConfig, requests: impl Iterator<Item 
     engine.set_graphs(true);
     let mut n = 0;
     for (prompt, max_tokens) in requests {
-        let params = GenerateParams { max_tokens, ignore_eos: true, ..Default::default() };
+        let params = GenerateParams { max_tokens, ignore_eos: true, sampling: sampling.clone(), ..Default::default() };
         engine.submit(Request { prompt, params, logprobs: false, top_logprobs: 0 }).unwrap();
         n += 1;
     }
@@ -816,3 +827,4 @@ fn a_plugins_answers_are_its_backends() {
     }
     assert!(folded > 0 && folded < 5, "the cases hold both answers ({folded} folded)");
 }
+

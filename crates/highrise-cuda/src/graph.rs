@@ -95,18 +95,20 @@ pub(crate) struct Step {
     /// The op each work item belongs to: its name and, for a checking driver, its regions.
     op_of: Vec<usize>,
     ops: Vec<(String, Vec<Region>)>,
-    /// The step's host arrays, each at a 256-byte aligned offset of the device metadata buffer.
-    staging: Vec<u8>,
-    /// (op, part, offset, length) of each array staged, so that an op passing the same array as an
-    /// earlier op of the step (every layer's positions, block table) shares its copy.
-    staged: Vec<(&'static str, usize, usize, usize)>,
+    /// The step's host arrays, each at a 256-byte aligned offset of its half of the device
+    /// metadata buffer (`Place`): those of the batch's shape from its start, block tables from its
+    /// middle.
+    staging: [Vec<u8>; 2],
+    /// (op, part, half, offset, length) of each array staged, so that an op passing the same array
+    /// as an earlier op of the step (every layer's positions, block table) shares its copy.
+    staged: Vec<(&'static str, usize, usize, usize, usize)>,
     /// Device memory given up during the step (a workspace grown): freed once the work is queued.
     pub retired: Vec<u64>,
 }
 
 impl Step {
     pub fn new(key: u64) -> Step {
-        Step { key, work: Vec::new(), op_of: Vec::new(), ops: Vec::new(), staging: Vec::new(), staged: Vec::new(), retired: Vec::new() }
+        Step { key, work: Vec::new(), op_of: Vec::new(), ops: Vec::new(), staging: [Vec::new(), Vec::new()], staged: Vec::new(), retired: Vec::new() }
     }
 
     pub fn begin_op(&mut self, name: &str, regions: Vec<Region>) {
@@ -131,33 +133,40 @@ impl Step {
     }
 
     /// The device address (in `meta`, of `cap` bytes) of a copy of `bytes`, part `part` of op
-    /// `op`; None when the buffer is full.
-    pub fn stage(&mut self, op: &'static str, part: usize, bytes: &[u8], meta: u64, cap: usize) -> Option<u64> {
-        if let Some(&(_, _, at, _)) = self.staged.iter().find(|&&(o, p, at, len)| o == op && p == part && self.staging[at..at + len] == *bytes) {
-            return Some(meta + at as u64);
+    /// `op`, in the half of the buffer of its `place`; None when that half is full.
+    pub fn stage(&mut self, op: &'static str, part: usize, bytes: &[u8], place: Place, meta: u64, cap: usize) -> Option<u64> {
+        let h = place as usize;
+        let base = meta + (h * half(cap)) as u64;
+        let staging = &self.staging[h];
+        let same = |&&(o, p, sh, at, len): &&(&str, usize, usize, usize, usize)| o == op && p == part && sh == h && staging[at..at + len] == *bytes;
+        if let Some(&(_, _, _, at, _)) = self.staged.iter().find(same) {
+            return Some(base + at as u64);
         }
-        let at = self.staging.len().div_ceil(256) * 256;
-        if at + bytes.len() > cap {
+        let at = staging.len().div_ceil(256) * 256;
+        if at + bytes.len() > half(cap) {
             return None;
         }
-        self.staging.resize(at, 0);
-        self.staging.extend_from_slice(bytes);
-        self.staged.push((op, part, at, bytes.len()));
-        Some(meta + at as u64)
+        let staging = &mut self.staging[h];
+        staging.resize(at, 0);
+        staging.extend_from_slice(bytes);
+        self.staged.push((op, part, h, at, bytes.len()));
+        Some(base + at as u64)
     }
 
-    /// Bytes of metadata staged (what the device buffer must hold).
-    pub fn staged_bytes(&self) -> usize {
-        self.staging.len()
+    /// The metadata buffer's bytes this step needs with `more` bytes staged in each half besides
+    /// what it has.
+    pub fn meta_needed(&self, more: usize) -> usize {
+        2 * (self.staging[0].len().max(self.staging[1].len()) + more)
     }
 
     pub fn is_empty(&self) -> bool {
         self.work.is_empty()
     }
 
-    /// The staged arrays, to copy to the metadata buffer before the work runs.
-    pub fn staging_bytes(&self) -> &[u8] {
-        &self.staging
+    /// The staged arrays of each half, to copy to the metadata buffer (of `cap` bytes) before
+    /// the work runs: (offset into the buffer, bytes).
+    pub fn staging_bytes(&self, cap: usize) -> [(usize, &[u8]); 2] {
+        [(0, &self.staging[0]), (half(cap), &self.staging[1])]
     }
 
     /// Queues the recorded work on `drv` one item at a time (the device copy of the staging buffer
@@ -178,6 +187,26 @@ impl Step {
         }
         Ok(())
     }
+}
+
+/// Where a graph step's host array is staged in the metadata buffer. A block table grows as its
+/// sequences cross block boundaries, a 256-byte place every 64 blocks: laid after the arrays of the
+/// batch's shape (the sampling settings, staged after the first layer's attention), it moved them,
+/// and with them the parameters of the launches reading them, and the step was captured anew (at
+/// 256 sequences of 16-token blocks, every fourth step). Tables are staged from the buffer's middle
+/// instead, where their growth moves nothing.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Place {
+    /// Arrays whose size is the batch's shape (ids, positions, slots, per-sequence metadata, sampling
+    /// settings): from the buffer's start.
+    Shape = 0,
+    /// A block table: from the buffer's middle.
+    Table = 1,
+}
+
+/// Where the metadata buffer's second half (`Place::Table`) starts, in a buffer of `cap` bytes.
+fn half(cap: usize) -> usize {
+    cap / 2 / 256 * 256
 }
 
 /// A graph captured from a step's work.
@@ -516,11 +545,32 @@ mod tests {
     fn a_step_shares_one_copy_of_an_array_passed_again() {
         let mut s = Step::new(0);
         let (meta, cap) = (0x1000, 4096);
-        let a = s.stage("rope", 0, &[1, 2, 3, 4], meta, cap).unwrap();
-        assert_eq!(s.stage("rope", 0, &[1, 2, 3, 4], meta, cap), Some(a), "the same op and part: shared");
-        let b = s.stage("kv_write", 0, &[1, 2, 3, 4], meta, cap).unwrap();
+        let a = s.stage("rope", 0, &[1, 2, 3, 4], Place::Shape, meta, cap).unwrap();
+        assert_eq!(s.stage("rope", 0, &[1, 2, 3, 4], Place::Shape, meta, cap), Some(a), "the same op and part: shared");
+        let b = s.stage("kv_write", 0, &[1, 2, 3, 4], Place::Shape, meta, cap).unwrap();
         assert_ne!(a, b, "the same bytes for another op's part: a copy of its own");
         assert_eq!(b % 256, 0);
-        assert_eq!(s.stage("x", 0, &[0; 4000], meta, cap), None, "full");
+        assert_eq!(s.stage("x", 0, &[0; 3000], Place::Shape, meta, cap), None, "full: each half holds half the buffer");
+    }
+
+    #[test]
+    fn a_growing_table_moves_no_array_staged_after_it() {
+        let (meta, cap) = (0x10000, 8192);
+        let layout = |table_len: usize| {
+            let mut s = Step::new(0);
+            let ids = s.stage("embedding", 0, &[7; 64], Place::Shape, meta, cap).unwrap();
+            let table = s.stage("paged_attention", 1, &vec![1; table_len], Place::Table, meta, cap).unwrap();
+            let again = s.stage("paged_attention", 1, &vec![1; table_len], Place::Table, meta, cap).unwrap();
+            assert_eq!(again, table, "a later layer's table shares the first's copy");
+            let draws = s.stage("sample", 0, &[3; 80], Place::Shape, meta, cap).unwrap();
+            let [(at0, lead), (at1, tables)] = s.staging_bytes(cap);
+            assert_eq!((at0, at1, tables.len()), (0, cap / 2, table_len));
+            assert_eq!(&lead[(draws - meta) as usize..], &[3; 80]);
+            assert_eq!(s.meta_needed(0), 2 * (256 + 80).max(table_len));
+            (ids, table, draws)
+        };
+        // From a table of 40 bytes to one of 3000 (12 places of 256 bytes): nothing moves.
+        assert_eq!(layout(40), layout(3000));
+        assert_eq!(layout(40), (meta, meta + cap as u64 / 2, meta + 256));
     }
 }

@@ -206,11 +206,13 @@ impl CudaBackend {
         let queued = if step.is_empty() {
             Ok(())
         } else {
-            // SAFETY: the context is bound (callers bind); meta holds staged_bytes (checked as each
-            // array was staged); the recorded addresses are live: the buffers they were taken from
-            // are freed only through `retired`, below, or by ops queued after this work.
+            // SAFETY: the context is bound (callers bind); each half of meta holds what was staged
+            // in it (checked as each array was staged; the buffer grows only between steps); the
+            // recorded addresses are live: the buffers they were taken from are freed only
+            // through `retired`, below, or by ops queued after this work.
             unsafe {
-                drv.htod(st.meta, step.staging_bytes()).and_then(|()| match as_graph {
+                let staged = step.staging_bytes(st.meta_bytes).into_iter().filter(|(_, b)| !b.is_empty());
+                staged.map(|(at, b)| drv.htod(st.meta + at as u64, b)).collect::<Result<()>>().and_then(|()| match as_graph {
                     true => st.graphs.run(drv, step),
                     false => {
                         st.graphs.stats.eager += 1;
@@ -358,6 +360,18 @@ impl CudaBackend {
     /// In a graph step the parts are staged (see `graph`) instead; when the step's metadata buffer
     /// is full, the step so far runs op by op and this op uploads as usual.
     fn upload(&self, st: &mut OpState, extra: usize, parts: &[&[u8]]) -> Result<(u64, Vec<u64>)> {
+        let placed: Vec<(&[u8], graph::Place)> = parts.iter().map(|&p| (p, graph::Place::Shape)).collect();
+        self.upload_placed(st, extra, &placed)
+    }
+
+    /// `upload` of `parts` and a paged cache's block `table` (its address last): in a graph step the
+    /// table is staged where its growth from step to step moves no other array (`graph::Place`).
+    fn upload_paged(&self, st: &mut OpState, extra: usize, parts: &[&[u8]], table: &[u8]) -> Result<(u64, Vec<u64>)> {
+        let placed: Vec<(&[u8], graph::Place)> = parts.iter().map(|&p| (p, graph::Place::Shape)).chain([(table, graph::Place::Table)]).collect();
+        self.upload_placed(st, extra, &placed)
+    }
+
+    fn upload_placed(&self, st: &mut OpState, extra: usize, parts: &[(&[u8], graph::Place)]) -> Result<(u64, Vec<u64>)> {
         let drv = &*self.driver;
         let staged = match self.recording().as_mut() {
             None => None,
@@ -365,10 +379,11 @@ impl CudaBackend {
                 // SAFETY: the context is bound; the scratch buffer is ours; the old one, which
                 // recorded work may use, is freed only once that work is queued.
                 unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", Some(&mut step.retired)) }?;
-                let addrs: Option<Vec<u64>> = parts.iter().enumerate().map(|(i, p)| step.stage(st.op, i, p, st.meta, st.meta_bytes)).collect();
-                st.meta_need = st.meta_need.max(2 * step.staged_bytes());
+                let addrs: Option<Vec<u64>> = parts.iter().enumerate().map(|(i, &(p, place))| step.stage(st.op, i, p, place, st.meta, st.meta_bytes)).collect();
+                // Room to double what a step stages before the buffer must grow again.
+                st.meta_need = st.meta_need.max(2 * step.meta_needed(0));
                 if addrs.is_none() {
-                    st.meta_need = st.meta_need.max(2 * (step.staged_bytes() + parts.iter().map(|p| p.len() + 256).sum::<usize>()));
+                    st.meta_need = st.meta_need.max(2 * step.meta_needed(parts.iter().map(|p| p.0.len() + 256).sum::<usize>()));
                 }
                 addrs
             }
@@ -389,13 +404,13 @@ impl CudaBackend {
                 unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", None) }?;
                 // SAFETY: the context is bound; `st` (held by the caller for the whole op) keeps other ops
                 // from uploading before this op's kernels are queued.
-                parts.iter().map(|p| unsafe { st.uploads.get(drv, p) }).collect::<Result<Vec<_>>>()?
+                parts.iter().map(|p| unsafe { st.uploads.get(drv, p.0) }).collect::<Result<Vec<_>>>()?
             }
         };
         if drv.checks() {
             self.region(Region { name: "workspace".into(), ptr: st.scratch, bytes: extra, tensor: None });
             for (i, (&ptr, p)) in addrs.iter().zip(parts).enumerate() {
-                self.region(Region { name: format!("metadata #{i}"), ptr, bytes: p.len(), tensor: None });
+                self.region(Region { name: format!("metadata #{i}"), ptr, bytes: p.0.len(), tensor: None });
             }
         }
         Ok((st.scratch, addrs))

@@ -538,7 +538,7 @@ fn attend(
         Some((tab, bs)) => (bytes_of(tab), bs),
         None => (&[][..], 0),
     };
-    let (partial, addr) = be.upload(st, partial_bytes, &[bytes_of(&rows.base), bytes_of(&rows.nkeys), table_bytes])?;
+    let (partial, addr) = be.upload_paged(st, partial_bytes, &[bytes_of(&rows.base), bytes_of(&rows.nkeys)], table_bytes)?;
     let table_ptr = if table.is_some() { addr[2] } else { 0u64 };
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
     let (kernel, heads) = if grouped { ("attn_group", hkv32) } else { ("attn_split", hq32) };
@@ -608,13 +608,13 @@ fn flash(
     } else {
         None
     };
-    let mut parts = vec![bytes_of(&tiles), table_bytes];
+    let mut parts = vec![bytes_of(&tiles)];
     if let Some([km, vm]) = &maps {
         parts.extend([&km[..], &vm[..]]);
     }
-    let (_, addr) = be.upload(st, 0, &parts)?;
-    let table_ptr = if table.is_some() { addr[1] } else { 0u64 };
-    let (kmap, vmap) = if maps.is_some() { (addr[2], addr[3]) } else { (0u64, 0u64) };
+    let (_, addr) = be.upload_paged(st, 0, &parts, table_bytes)?;
+    let table_ptr = if table.is_some() { addr[parts.len()] } else { 0u64 };
+    let (kmap, vmap) = if maps.is_some() { (addr[1], addr[2]) } else { (0u64, 0u64) };
     let (hq32, hkv32) = (hq as u32, hkv as u32);
     let (scale_log2, window, softcap) = (scores.scale * std::f32::consts::LOG2_E, scores.window, scores.softcap);
     let mut args: Vec<&dyn crate::KernelArg> = vec![&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap];
@@ -722,7 +722,7 @@ fn decode<'a>(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_siz
     let per_sm = be.blocks_per_sm(st, &kernel, shape.threads(), shape.shared_bytes(d))?;
     let splits = decode_splits(n * hkv, (be.sms * per_sm) as usize);
     let partial_bytes = t * hq * splits as usize * (d + 2) * 4;
-    let (partial, addr) = be.upload(st, partial_bytes, &[bytes_of(&meta), bytes_of(op.block_table.as_slice())])?;
+    let (partial, addr) = be.upload_paged(st, partial_bytes, &[bytes_of(&meta)], bytes_of(op.block_table.as_slice()))?;
     let counters = be.slice_counters(st, n * hkv)?;
     let (o, qp) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?);
     let (kp, vp) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
