@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use common::{shuffled_blocks, slots_in, Rng};
 use highrise::core::ops::{PagedSeq, SampleParams, Scores};
-use highrise::core::{Backend, DType, Tensor};
+use highrise::core::{Backend, DType, GraphStats, Tensor};
 use highrise::engine::{generate, Engine, EngineConfig, GenerateParams, Request, SamplingParams};
 use highrise::model::{Llama, Logits, ModelConfig, Tokenizer};
 use highrise_cuda::driver::{Driver, Launch, Region};
@@ -434,6 +434,71 @@ fn a_shrinking_batch_replays_its_buckets_graph() {
     assert_eq!(captured, 4, "a graph per bucket, not per batch size");
 }
 
+/// `Engine::warm_up` captures the decode step's graph of every batch size and sampling mode before
+/// any request, so that a server's traffic replays graphs and never captures one: eight requests of
+/// 100-token prompts at once (a prefill of 800 tokens, whose projections' workspace outgrows the
+/// backend's first), then sixty arriving at random, prompts of 5 to 64 tokens, 10 to 79 tokens
+/// each, greedy and sampled, at up to 16 at once (a random batch size at every step, prompts
+/// chunked in beside decoding sequences),
+/// capture graphs for the batch sizes they reach without a warm-up, and none after it: not when a
+/// long prompt grows the projections' workspace (graph steps keep one of their own), nor when the
+/// block table grows (the warm-up's table, as long as the cache, sized the buffer tables are
+/// staged in; here 20 KB, so that buffer grows during the warm-up, dropping its first graph, which
+/// the warm-up captures again). Each run on a backend of its own, fresh; every launch checked.
+#[test]
+fn a_warmed_up_engine_serves_without_capturing_a_graph() {
+    let config = EngineConfig { num_blocks: 5000, block_size: 4, max_batch_tokens: 1024, max_running: 16 };
+    let serve = |warm: bool| -> Option<(usize, GraphStats, GraphStats)> {
+        let (driver, _) = recording(if warm { "serving after a warm-up" } else { "serving cold" })?;
+        let _guard = exclusive();
+        let mut cuda = CudaBackend::with_driver(driver.clone());
+        cuda.set_flash_wgmma(None).unwrap();
+        let b: Arc<dyn Backend> = Arc::new(cuda);
+        let faults = driver.summary().faults.len();
+        let model = Llama::random(ModelConfig::shape("tiny").unwrap(), b.clone(), DType::BF16, 7).unwrap();
+        let tok = Tokenizer::numbered(model.config.vocab_size).unwrap();
+        let mut engine = Engine::new(&model, &tok, config).unwrap();
+        engine.set_graphs(true);
+        let start = b.graph_stats();
+        let steps = if warm { engine.warm_up(|_, _| ()).unwrap().steps } else { 0 };
+        let warmed = b.graph_stats();
+        // The same traffic in both runs.
+        let mut state = 12345;
+        let mut below = |n: u64| (highrise::core::rand::splitmix64(&mut state) % n) as usize;
+        for i in 0..8 {
+            let params = GenerateParams { max_tokens: 20, ignore_eos: true, ..Default::default() };
+            engine.submit(Request { prompt: (i..100 + i).collect(), params, logprobs: false, top_logprobs: 0 }).unwrap();
+        }
+        let mut submitted = 0;
+        while submitted < 60 || !engine.is_idle() {
+            if submitted < 60 && below(3) == 0 {
+                let prompt = (0..5 + below(60) as u32).collect();
+                let sampled = SamplingParams { temperature: 0.8, ..SamplingParams::greedy() };
+                let sampling = if below(2) == 0 { sampled } else { SamplingParams::greedy() };
+                let params = GenerateParams { max_tokens: 10 + below(70), ignore_eos: true, sampling, ..Default::default() };
+                engine.submit(Request { prompt, params, logprobs: false, top_logprobs: 0 }).unwrap();
+                submitted += 1;
+            }
+            engine.step().unwrap();
+        }
+        let served = b.graph_stats();
+        driver.take_recorded();
+        assert_eq!(driver.summary().faults[faults..], [] as [String; 0], "launches refused");
+        let minus = |a: GraphStats, b: GraphStats| GraphStats { captured: a.captured - b.captured, launched: a.launched - b.launched, eager: a.eager - b.eager };
+        Some((steps, minus(warmed, start), minus(served, warmed)))
+    };
+    let Some((_, _, cold)) = serve(false) else { return };
+    let Some((steps, warm_up, warm)) = serve(true) else { return };
+    println!("cold: {cold:?}; warm-up: {steps} steps, {warm_up:?}; then {warm:?}");
+    // Batch sizes 16, 8, 4, 2, 1, greedy and sampled, the largest sampled step first once more
+    // (its first graph dropped as the metadata buffer grew).
+    assert_eq!(steps, 11);
+    assert_eq!((warm_up.captured, warm_up.launched, warm_up.eager), (11, 11, 0));
+    assert!(cold.captured >= 4, "the cold run captured graphs for the batch sizes it reached: {cold:?}");
+    assert_eq!((warm.launched, warm.eager), (cold.launched, 0), "the same decode steps, all as graphs");
+    assert_eq!(warm.captured, 0, "after the warm-up, the traffic captured graphs: {warm:?}");
+}
+
 /// The engine, graphs on, running `requests` (prompt, tokens to generate) of a random tiny bf16
 /// Llama to the end on the host checker, every launch accepted, each request `sampling` so: (graphs
 /// captured, launched, steps op by op) over the run; `None` where there is no checker (said why).
@@ -827,4 +892,5 @@ fn a_plugins_answers_are_its_backends() {
     }
     assert!(folded > 0 && folded < 5, "the cases hold both answers ({folded} folded)");
 }
+
 

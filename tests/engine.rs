@@ -409,7 +409,9 @@ impl highrise::Backend for Padding {
 /// graph serves a range of batch sizes where it would be captured anew at each): seven requests
 /// that finish one step apart, greedy and seeded-sampled, get from a padding backend the tokens
 /// they get from the same backend unpadded, step after step as the batch shrinks from 7 to 1; every
-/// graph step ran at a multiple of four rows; the pad block is not the requests' to use.
+/// graph step ran at a multiple of four rows; the pad block is not the requests' to use. The same
+/// again after `Engine::warm_up`, which runs padding-only steps at each batch size first (the
+/// largest sampled one twice): the requests' tokens do not change.
 #[test]
 fn graph_steps_padded_to_the_backends_batch_give_the_same_tokens() {
     use highrise::model::ModelConfig;
@@ -417,11 +419,17 @@ fn graph_steps_padded_to_the_backends_batch_give_the_same_tokens() {
     let padding = std::sync::Arc::new(Padding { inner: plain.clone(), keys: Default::default() });
     let config = ModelConfig::shape("tiny").unwrap();
     let tok = Tokenizer::numbered(config.vocab_size).unwrap();
-    let run = |backend: std::sync::Arc<dyn highrise::Backend>, temperature: f32| {
+    let run = |backend: std::sync::Arc<dyn highrise::Backend>, temperature: f32, warm: bool| {
         let model = Llama::random(config.clone(), backend, highrise::DType::F32, 11).unwrap();
         let engine_config = EngineConfig { num_blocks: 24, block_size: 8, max_batch_tokens: 128, max_running: 8 };
         let mut e = Engine::new(&model, &tok, engine_config).unwrap();
         e.set_graphs(true);
+        if warm {
+            let mut seen = vec![];
+            let warm_up = e.warm_up(|done, total| seen.push((done, total))).unwrap();
+            assert_eq!((warm_up.steps, warm_up.max_batch), (5, 8));
+            assert_eq!(seen, [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]);
+        }
         let blocks = e.num_blocks();
         for i in 0..7u32 {
             let sampling = SamplingParams { temperature, top_p: 0.9, seed: 5 + i as u64, ..Default::default() };
@@ -434,9 +442,18 @@ fn graph_steps_padded_to_the_backends_batch_give_the_same_tokens() {
         (done.into_iter().map(|(_, g)| g.ids).collect::<Vec<_>>(), blocks)
     };
     for temperature in [0.0, 0.8] {
-        let (want, all) = run(plain.clone(), temperature);
+        let (want, all) = run(plain.clone(), temperature, false);
+        let plain_model = Llama::random(config.clone(), plain.clone(), highrise::DType::F32, 11).unwrap();
+        let mut plain_engine = Engine::new(&plain_model, &tok, EngineConfig { num_blocks: 24, block_size: 8, max_batch_tokens: 128, max_running: 8 }).unwrap();
+        plain_engine.set_graphs(true);
+        assert_eq!(plain_engine.warm_up(|_, _| ()).unwrap().steps, 0, "a backend that pads nothing keeps no graph per batch size");
         padding.keys.lock().unwrap().clear();
-        let (got, usable) = run(padding.clone(), temperature);
+        let (got, _) = run(padding.clone(), temperature, true);
+        assert_eq!(got, want, "temperature {temperature}: a warm-up's steps changed the requests' tokens");
+        let warm: Vec<u64> = padding.keys.lock().unwrap().drain(..5).collect();
+        assert_eq!(warm, [(8 << 1) | 1, (8 << 1) | 1, 8 << 1, (4 << 1) | 1, 4 << 1], "the warm-up's graph keys: 8 rows then 4, sampled and greedy");
+        padding.keys.lock().unwrap().clear();
+        let (got, usable) = run(padding.clone(), temperature, false);
         assert_eq!(got, want, "temperature {temperature}: padded graph steps changed the tokens");
         assert_eq!(usable, all - 1, "one block kept for the padding");
         let sizes: Vec<u64> = padding.keys.lock().unwrap().iter().map(|k| k >> 1).collect();

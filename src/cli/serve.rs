@@ -108,6 +108,10 @@ pub fn run(a: ServeArgs) -> AnyResult<()> {
             s.blocks_total,
             highrise::engine::blocks::BLOCK_SIZE
         );
+        let w = state.service.warm_up;
+        if w.steps > 0 {
+            eprintln!("captured the decode step's graphs for batches of 1 to {}, greedy and sampled, in {:.1} s", w.max_batch, w.secs);
+        }
         // The one line scripts wait for.
         eprintln!("listening on http://{}", listener.local_addr()?);
         serve(listener, state, shutdown_signal(), std::time::Duration::from_secs(shutdown_grace)).await?;

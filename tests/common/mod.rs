@@ -444,10 +444,13 @@ pub fn graphs_give_the_same_tokens_in(dev: &Arc<dyn Backend>, alone: bool, dtype
     use highrise::model::{Llama, ModelConfig, Tokenizer};
     let model = Llama::random(ModelConfig::shape("tiny").unwrap(), dev.clone(), dtype, 11).unwrap();
     let tok = Tokenizer::numbered(512).unwrap();
-    let run = |graphs: bool| {
+    let run = |graphs: bool, warm: bool| {
         let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 64, max_running: 4 };
         let mut engine = Engine::new(&model, &tok, config).unwrap();
         engine.set_graphs(graphs);
+        if warm {
+            assert_eq!(engine.warm_up(|_, _| ()).unwrap().steps, 7, "batches of 4, 2 and 1, sampled and greedy, and 4 sampled first");
+        }
         for i in 0..3u32 {
             let prompt: Vec<u32> = (0..9 + 5 * i).map(|j| (j * 31 + i * 7 + 3) % 512).collect();
             let sampling = SamplingParams { temperature: if i == 0 { 0.0 } else { 0.8 }, top_p: 0.95, seed: 40 + i as u64, ..Default::default() };
@@ -462,8 +465,8 @@ pub fn graphs_give_the_same_tokens_in(dev: &Arc<dyn Backend>, alone: bool, dtype
         let counts = (after.captured - before.captured, after.launched - before.launched, after.eager - before.eager);
         (out, counts)
     };
-    let (eager, (c0, l0, e0)) = run(false);
-    let (graphed, (captured, launched, op_by_op)) = run(true);
+    let (eager, (c0, l0, e0)) = run(false, false);
+    let (graphed, (captured, launched, op_by_op)) = run(true, false);
     println!("decode steps as graphs: {captured} captured, {launched} launched, {op_by_op} op by op; tokens {:?}", graphed.iter().map(|g| &g.0).collect::<Vec<_>>());
     for (i, (g, e)) in graphed.iter().zip(&eager).enumerate() {
         assert_eq!(g.0, e.0, "sequence {i}: tokens with graphs vs op by op");
@@ -477,6 +480,14 @@ pub fn graphs_give_the_same_tokens_in(dev: &Arc<dyn Backend>, alone: bool, dtype
     assert!(launched >= 12, "only {launched} decode steps ran as graphs");
     assert!(launched >= 2 * captured, "{captured} captures for {launched} graph launches: graphs are not being replayed");
     assert_eq!(op_by_op, 0, "a decode step fell back to op by op");
+    if dtype == DType::BF16 {
+        // After `Engine::warm_up`, the requests' decode steps replay graphs captured from steps of
+        // padding alone: the same tokens and log-probabilities, and no capture while they run.
+        let (warmed, (captured, launched, op_by_op)) = run(true, true);
+        println!("after a warm-up: {captured} captured, {launched} launched, {op_by_op} op by op");
+        assert_eq!(warmed, eager, "tokens and log-probabilities from graphs captured in the warm-up vs op by op");
+        assert_eq!((captured, op_by_op), (0, 0), "the requests' steps captured graphs after the warm-up");
+    }
 }
 
 /// Greedy decode steps with every site captured, on `dev`: taken on the device and read after each

@@ -55,6 +55,12 @@ struct OpState {
     /// Workspace reused by every op.
     scratch: u64,
     scratch_bytes: usize,
+    /// The workspace of ops recorded in a graph step, apart from `scratch`: graphs hold its
+    /// address, and a prompt's projections (their workspace grows with the prompt's tokens) would
+    /// otherwise move it now and then, after which no graph kept matched a step again. It grows
+    /// only with the largest decode batch run as a graph.
+    graph_scratch: u64,
+    graph_scratch_bytes: usize,
     uploads: memory::UploadCache,
     /// The op running (its kind's name), for staging its host arrays in a graph step.
     op: &'static str,
@@ -157,6 +163,8 @@ impl CudaBackend {
             state: Mutex::new(OpState {
                 scratch: 0,
                 scratch_bytes: 0,
+                graph_scratch: 0,
+                graph_scratch_bytes: 0,
                 uploads: memory::UploadCache::default(),
                 op: "",
                 meta: 0,
@@ -376,20 +384,21 @@ impl CudaBackend {
         let staged = match self.recording().as_mut() {
             None => None,
             Some(step) => {
-                // SAFETY: the context is bound; the scratch buffer is ours; the old one, which
+                // SAFETY: the context is bound; the workspace is ours; the old one, which
                 // recorded work may use, is freed only once that work is queued.
-                unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", Some(&mut step.retired)) }?;
+                let (ws, ws_bytes) = (&mut st.graph_scratch, &mut st.graph_scratch_bytes);
+                unsafe { memory::grow(drv, ws, ws_bytes, extra, 1 << 20, "graph workspace", Some(&mut step.retired)) }?;
                 let addrs: Option<Vec<u64>> = parts.iter().enumerate().map(|(i, &(p, place))| step.stage(st.op, i, p, place, st.meta, st.meta_bytes)).collect();
                 // Room to double what a step stages before the buffer must grow again.
                 st.meta_need = st.meta_need.max(2 * step.meta_needed(0));
                 if addrs.is_none() {
                     st.meta_need = st.meta_need.max(2 * step.meta_needed(parts.iter().map(|p| p.0.len() + 256).sum::<usize>()));
                 }
-                addrs
+                addrs.map(|a| (st.graph_scratch, a))
             }
         };
-        let addrs = match staged {
-            Some(addrs) => addrs,
+        let (work, addrs) = match staged {
+            Some(staged) => staged,
             None => {
                 let step = self.recording().take();
                 if let Some(step) = step {
@@ -404,16 +413,16 @@ impl CudaBackend {
                 unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", None) }?;
                 // SAFETY: the context is bound; `st` (held by the caller for the whole op) keeps other ops
                 // from uploading before this op's kernels are queued.
-                parts.iter().map(|p| unsafe { st.uploads.get(drv, p.0) }).collect::<Result<Vec<_>>>()?
+                (st.scratch, parts.iter().map(|p| unsafe { st.uploads.get(drv, p.0) }).collect::<Result<Vec<_>>>()?)
             }
         };
         if drv.checks() {
-            self.region(Region { name: "workspace".into(), ptr: st.scratch, bytes: extra, tensor: None });
+            self.region(Region { name: "workspace".into(), ptr: work, bytes: extra, tensor: None });
             for (i, (&ptr, p)) in addrs.iter().zip(parts).enumerate() {
                 self.region(Region { name: format!("metadata #{i}"), ptr, bytes: p.0.len(), tensor: None });
             }
         }
-        Ok((st.scratch, addrs))
+        Ok((work, addrs))
     }
 
     /// One more region of the current op, for a checking driver (kept with a graph step's op).
@@ -669,7 +678,7 @@ impl Drop for CudaBackend {
             unsafe {
                 st.graphs.clear(drv);
                 st.uploads.release_all(drv);
-                for p in [st.scratch, st.meta, st.counters] {
+                for p in [st.scratch, st.graph_scratch, st.meta, st.counters] {
                     if p != 0 {
                         drv.free(p);
                     }

@@ -45,6 +45,15 @@ pub struct Event {
     pub error: Option<String>,
 }
 
+/// What `Engine::warm_up` did: its steps (none where it had nothing to do), the largest batch size
+/// among them, and the time they took.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WarmUp {
+    pub steps: usize,
+    pub max_batch: usize,
+    pub secs: f64,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct EngineConfig {
     pub num_blocks: usize,
@@ -332,10 +341,8 @@ impl<'m> Engine<'m> {
         let decode = on_backend && hooks.is_none() && seqs.iter().all(|s| s.q_len == 1);
         let graph = decode && self.graphs;
         if let Some(pad) = self.pad_block.filter(|_| decode) {
-            // A bucket is a little above the batch (CUDA's: at most 31 rows more); an answer far
-            // beyond it (a plugin's mistake) pads nothing rather than running a huge batch.
-            let rows = self.model.backend.graph_batch(seqs.len());
-            if rows > seqs.len() && rows <= 2 * seqs.len() + 32 {
+            let rows = self.graph_rows(seqs.len());
+            if rows > seqs.len() {
                 let blocks_start = table.len() as u32;
                 table.push(pad);
                 tokens.resize(rows, 0);
@@ -431,6 +438,56 @@ impl<'m> Engine<'m> {
             }));
         }
         Ok(events)
+    }
+
+    /// The rows a decode step of `sequences` runs as: the backend's graph batch size for it
+    /// (`Backend::graph_batch`). A bucket is a little above the batch (CUDA's: at most 31 rows
+    /// more); an answer far beyond it (a plugin's mistake) pads nothing rather than running a huge
+    /// batch.
+    fn graph_rows(&self, sequences: usize) -> usize {
+        let rows = self.model.backend.graph_batch(sequences);
+        if rows > sequences && rows <= 2 * sequences + 32 {
+            rows
+        } else {
+            sequences
+        }
+    }
+
+    /// Captures the graph of a decode step at every batch size this engine may run, greedy and
+    /// sampled, before any request comes (vLLM captures its graphs at start-up too): a server's
+    /// first step at each batch size then replays a graph instead of recording, timing cuBLASLt's
+    /// algorithms for the new row count and capturing, tens of milliseconds on a GPU in the middle
+    /// of its requests' tokens. The steps run rows of padding alone (token 0 at position 1 of the
+    /// block kept for padding, so that they read the cache as a decode step does: rows whose keys
+    /// are all new attend to them alone), the largest batch first, which sizes the backend's workspace for
+    /// the rest; their block table is as long as the whole cache, which sizes the buffer the
+    /// graphs read their tables from for any table a full cache makes (a buffer that grows drops
+    /// every graph). Runs nothing where graphs are off, the backend pads no batch (it keeps no
+    /// graphs per batch size), or sampling is on the host. `progress(done, total)` after each step.
+    pub fn warm_up(&mut self, mut progress: impl FnMut(usize, usize)) -> Result<WarmUp> {
+        let started = Instant::now();
+        let Some(pad) = self.pad_block.filter(|_| self.graphs && !self.host_sampling) else { return Ok(WarmUp::default()) };
+        let mut sizes: Vec<usize> = (1..=self.config.max_running).map(|n| self.graph_rows(n)).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        sizes.dedup();
+        // The largest sampled step twice: its first run grows the workspace and metadata buffers
+        // (dropping its own graph), the second keeps it.
+        let steps: Vec<(usize, bool)> = std::iter::once((sizes[0], true)).chain(sizes.iter().flat_map(|&n| [(n, true), (n, false)])).collect();
+        let table = vec![pad; self.blocks.num_blocks()];
+        let bs = self.config.block_size as u32;
+        for (i, &(rows, draws)) in steps.iter().enumerate() {
+            // Key 1 is in the pad block whatever the block size: every entry of the table is it.
+            let (tokens, positions, slots) = (vec![0; rows], vec![1; rows], vec![pad * bs + 1 % bs; rows]);
+            let seqs = vec![PagedSeq { q_len: 1, context_len: 2, blocks_start: 0 }; rows];
+            let batch = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, block_table: &table };
+            let draw = SampleParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, uniform: 0.5 };
+            let draws = draws.then(|| vec![draw; rows]);
+            let (model, cache) = (self.model, &mut self.cache);
+            let forward = || model.forward_hooked(&batch, cache, Logits::Last, None);
+            forward_and_choose(&*model.backend, Some(graph_key(rows, draws.is_some())), draws.as_deref(), forward)?;
+            progress(i + 1, steps.len());
+        }
+        Ok(WarmUp { steps: steps.len(), max_batch: sizes[0], secs: started.elapsed().as_secs_f64() })
     }
 
     /// Steps until every request has finished; returns their results by id.

@@ -13,7 +13,7 @@ pub mod sampling;
 pub mod service;
 pub mod text;
 
-pub use engine::{Engine, EngineConfig, Event, Request, RequestId};
+pub use engine::{Engine, EngineConfig, Event, Request, RequestId, WarmUp};
 pub use generate::generate;
 pub use request::{eos_ids, FinishReason, GenerateParams, Generation};
 pub use text::TextStream;

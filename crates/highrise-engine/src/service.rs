@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use highrise_model::{Error, Llama, Result, Tokenizer};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{Engine, EngineConfig, Event, Request, RequestId};
+use crate::engine::{Engine, EngineConfig, Event, Request, RequestId, WarmUp};
 
 /// Work run on the engine thread between steps, with the model (a capture pass, say).
 pub type Job = Box<dyn FnOnce(&Llama) + Send>;
@@ -82,6 +82,8 @@ pub struct Stats {
 
 /// A handle to the engine thread. Cheap to share behind an `Arc`.
 pub struct EngineService {
+    /// What the engine did before it took requests.
+    pub warm_up: WarmUp,
     commands: Mutex<Sender<Command>>,
     stats: Arc<Mutex<Stats>>,
     alive: Arc<AtomicBool>,
@@ -149,24 +151,29 @@ impl EngineService {
                     Ok(loaded) => loaded,
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
-                match Engine::new(&model, &tokenizer, config) {
-                    Ok(engine) => {
+                // Graphs captured before the first request, not in the middle of requests' tokens.
+                let warmed = Engine::new(&model, &tokenizer, config).and_then(|mut engine| {
+                    let warm_up = engine.warm_up(|_, _| ()).map_err(|e| Error::Input(format!("warming up the decode step's graphs: {e}")))?;
+                    Ok((engine, warm_up))
+                });
+                match warmed {
+                    Ok((engine, warm_up)) => {
                         *thread_stats.lock().unwrap_or_else(|p| p.into_inner()) = Stats {
                             blocks_free: engine.free_blocks(),
                             blocks_total: engine.num_blocks(),
                             block_size: engine.block_size(),
                             ..Stats::default()
                         };
-                        let _ = ready_tx.send(Ok((model.clone(), tokenizer.clone())));
+                        let _ = ready_tx.send(Ok((model.clone(), tokenizer.clone(), warm_up)));
                         run(engine, rx, thread_stats);
                     }
                     Err(e) => drop(ready_tx.send(Err(e))),
                 }
             })
             .map_err(|e| Error::Input(format!("cannot start the engine thread: {e}")))?;
-        let (model, tokenizer) =
+        let (model, tokenizer, warm_up) =
             ready_rx.recv().map_err(|_| Error::Input("the engine thread died while starting".into()))??;
-        let service = EngineService { commands: Mutex::new(tx), stats, alive, thread: Mutex::new(Some(thread)) };
+        let service = EngineService { warm_up, commands: Mutex::new(tx), stats, alive, thread: Mutex::new(Some(thread)) };
         Ok((service, model, tokenizer))
     }
 
