@@ -233,9 +233,11 @@ pub(crate) fn bucket(sequences: usize) -> usize {
 /// Graphs kept: those of the keys seen recently (a batch size, a sampling mode), at most
 /// `PER_KEY` works each (a step of one key whose launches alternate, as the first decode step of an
 /// empty cache, attending to its prompt alone, and the steps after it, replays both graphs instead
-/// of capturing each anew every time). Room for every bucket to 256 (35) in both sampling modes: a
-/// server's batch may wander over all of them, and a graph kept is a few hundred nodes.
-const KEPT: usize = 72;
+/// of capturing each anew every time). Room for every bucket to 512 (43, vLLM's largest capture
+/// size) in both sampling modes, and a few more: a server's batch may wander over all of them, its
+/// warm-up (`Engine::warm_up`) captures them all before it serves, and a graph kept is a few
+/// hundred nodes.
+const KEPT: usize = 96;
 const PER_KEY: usize = 4;
 
 /// The graphs kept, and what became of each step.
@@ -458,6 +460,8 @@ mod tests {
         // Every batch size up to 1024 fits its bucket, a bucket is its own, and 35 cover 1 to 256.
         assert!((1..=1024).all(|n| bucket(n) >= n && bucket(bucket(n)) == bucket(n) && bucket(n) - n < 32));
         assert_eq!((1..=256).map(bucket).collect::<std::collections::BTreeSet<_>>().len(), 35);
+        // A server running up to 512 sequences keeps the graphs of all its buckets, both modes.
+        assert!(2 * (1..=512).map(bucket).collect::<std::collections::BTreeSet<_>>().len() <= KEPT);
     }
 
     #[test]
