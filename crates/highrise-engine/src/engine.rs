@@ -459,10 +459,10 @@ impl<'m> Engine<'m> {
     /// algorithms for the new row count and capturing, tens of milliseconds on a GPU in the middle
     /// of its requests' tokens. The steps run rows of padding alone (token 0 at position 1 of the
     /// block kept for padding, so that they read the cache as a decode step does: rows whose keys
-    /// are all new attend to them alone), the largest batch first, which sizes the backend's workspace for
-    /// the rest; their block table is as long as the whole cache, which sizes the buffer the
-    /// graphs read their tables from for any table a full cache makes (a buffer that grows drops
-    /// every graph). Runs nothing where graphs are off, the backend pads no batch (it keeps no
+    /// are all new attend to them alone), the largest batch first, which sizes the backend's
+    /// workspace for the rest; their block table is as long as the whole cache, which sizes the
+    /// buffer the graphs read their tables from for any table a full cache makes (a buffer that
+    /// grows drops every graph). Runs nothing where graphs are off, the backend pads no batch (it keeps no
     /// graphs per batch size), or sampling is on the host. `progress(done, total)` after each step.
     pub fn warm_up(&mut self, mut progress: impl FnMut(usize, usize)) -> Result<WarmUp> {
         let started = Instant::now();
