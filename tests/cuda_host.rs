@@ -435,16 +435,16 @@ fn a_shrinking_batch_replays_its_buckets_graph() {
 }
 
 /// `Engine::warm_up` captures the decode step's graph of every batch size and sampling mode before
-/// any request, so that a server's traffic replays graphs and never captures one: eight requests of
+/// any request, so that a server's traffic replays graphs and never captures one. Eight requests of
 /// 100-token prompts at once (a prefill of 800 tokens, whose projections' workspace outgrows the
-/// backend's first), then sixty arriving at random, prompts of 5 to 64 tokens, 10 to 79 tokens
-/// each, greedy and sampled, at up to 16 at once (a random batch size at every step, prompts
-/// chunked in beside decoding sequences),
-/// capture graphs for the batch sizes they reach without a warm-up, and none after it: not when a
-/// long prompt grows the projections' workspace (graph steps keep one of their own), nor when the
-/// block table grows (the warm-up's table, as long as the cache, sized the buffer tables are
-/// staged in; here 20 KB, so that buffer grows during the warm-up, dropping its first graph, which
-/// the warm-up captures again). Each run on a backend of its own, fresh; every launch checked.
+/// backend's first), then sixty arriving at random (prompts of 5 to 64 tokens, 10 to 79 tokens
+/// each, greedy and sampled, up to 16 at once: a random batch size at every step, prompts chunked
+/// in beside decoding sequences) capture graphs for the batch sizes they reach without a warm-up,
+/// and none after it: not when a long prompt grows the projections' workspace (graph steps keep one
+/// of their own), nor when the block table grows (the warm-up's table, as long as the cache, sized
+/// the buffer tables are staged in; here 20 KB, so that buffer grows during the warm-up, dropping
+/// its first graph, which the warm-up captures again). Each run on a backend of its own, fresh;
+/// every launch checked.
 #[test]
 fn a_warmed_up_engine_serves_without_capturing_a_graph() {
     let config = EngineConfig { num_blocks: 5000, block_size: 4, max_batch_tokens: 1024, max_running: 16 };
