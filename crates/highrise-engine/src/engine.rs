@@ -462,8 +462,9 @@ impl<'m> Engine<'m> {
     /// are all new attend to them alone), the largest batch first, which sizes the backend's
     /// workspace for the rest; their block table is as long as the whole cache, which sizes the
     /// buffer the graphs read their tables from for any table a full cache makes (a buffer that
-    /// grows drops every graph). Runs nothing where graphs are off, the backend pads no batch (it keeps no
-    /// graphs per batch size), or sampling is on the host. `progress(done, total)` after each step.
+    /// grows drops every graph). Runs nothing where graphs are off, the backend pads no batch (it
+    /// keeps no graphs per batch size), or sampling is on the host. `progress(done, total)` after
+    /// each step.
     pub fn warm_up(&mut self, mut progress: impl FnMut(usize, usize)) -> Result<WarmUp> {
         let started = Instant::now();
         let Some(pad) = self.pad_block.filter(|_| self.graphs && !self.host_sampling) else { return Ok(WarmUp::default()) };
