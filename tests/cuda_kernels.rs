@@ -2,8 +2,9 @@
 //! register spills in them. Needs no GPU: NVRTC and ptxas come from NVIDIA's PyPI wheels
 //! (`nvidia-cuda-nvrtc`, `nvidia-cuda-nvcc`, 13.0 series, installed by .ci/run).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 
 use highrise_cuda::{flash, gemv, kernels, libs, nvrtc};
 
@@ -26,30 +27,102 @@ fn every_kernel_compiles_for_sm80_and_sm90a_without_spills() {
     if ptxas.is_none() {
         println!("skipped (spill check only): no ptxas (pip install nvidia-cuda-nvcc==13.0.*)");
     }
-    let dir = std::env::temp_dir().join(format!("highrise-ptx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let mut checks = ptxas.map(|p| Ptxas::new(p, "highrise-ptx"));
     for arch in ["sm_80", "sm_90a"] {
         let files = nvrtc::compile_all(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert_eq!(files.len(), kernels::FILES.len());
         for (name, ptx) in files {
             let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
             assert!(entries > 0, "{name} for {arch} has no kernels");
-            let Some(ptxas) = &ptxas else { continue };
-            assert_no_spills(ptxas, &dir, arch, name, &ptx, entries);
-            println!("{arch} {name}: {entries} kernels, no spills");
+            let Some(checks) = &mut checks else { continue };
+            let line = format!("{arch} {name}: {entries} kernels, no spills");
+            checks.check(arch, name, &ptx, move |_| println!("{line}"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(checks) = checks {
+        checks.finish();
+    }
 }
 
-/// ptxas -v on `ptx`: every kernel reported on, none spilling. Returns each kernel's registers
-/// per thread.
-fn assert_no_spills(ptxas: &Path, dir: &Path, arch: &str, name: &str, ptx: &str, entries: usize) -> Vec<(String, u32)> {
-    let path = dir.join(format!("{name}.{arch}.ptx"));
-    std::fs::write(&path, ptx).unwrap();
-    let out = Command::new(ptxas).args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"]).arg(&path).output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ptxas {name} for {arch}:\n{log}");
+/// `ptxas -v` over the kernels' PTX, as many runs at once as the machine has cores, while the test's
+/// thread compiles the next variant with NVRTC: ptxas takes ~10 s over attention.cu's 4 MB of PTX,
+/// most of the sweep's ~60 variants' time on CI's two cores. `finish` waits for the runs still going
+/// and checks their reports.
+struct Ptxas {
+    exe: PathBuf,
+    dir: PathBuf,
+    running: VecDeque<Run>,
+    at_once: usize,
+}
+
+/// One `ptxas -v` started: its report goes to `log`, and `then` gets each kernel's registers per
+/// thread once the report is checked.
+struct Run {
+    arch: String,
+    name: String,
+    entries: usize,
+    child: Child,
+    log: PathBuf,
+    then: Box<dyn FnOnce(&[(String, u32)])>,
+}
+
+impl Ptxas {
+    fn new(exe: PathBuf, dir: &str) -> Ptxas {
+        let dir = std::env::temp_dir().join(format!("{dir}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let at_once = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ptxas { exe, dir, running: VecDeque::new(), at_once }
+    }
+
+    /// Starts ptxas on `ptx` (file `name` for `arch`), after the oldest run still going finishes
+    /// where `at_once` are.
+    fn check(&mut self, arch: &str, name: &str, ptx: &str, then: impl FnOnce(&[(String, u32)]) + 'static) {
+        while self.running.len() >= self.at_once {
+            self.finish_oldest();
+        }
+        let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
+        let path = self.dir.join(format!("{name}.{arch}.ptx"));
+        let log = self.dir.join(format!("{name}.{arch}.log"));
+        std::fs::write(&path, ptx).unwrap();
+        let child = Command::new(&self.exe)
+            .args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"])
+            .arg(&path)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.running.push_back(Run { arch: arch.into(), name: name.into(), entries, child, log, then: Box::new(then) });
+    }
+
+    /// Waits for every run and checks its report.
+    fn finish(mut self) {
+        while !self.running.is_empty() {
+            self.finish_oldest();
+        }
+    }
+
+    fn finish_oldest(&mut self) {
+        let Some(mut run) = self.running.pop_front() else { return };
+        let status = run.child.wait().unwrap();
+        let log = std::fs::read_to_string(&run.log).unwrap();
+        assert!(status.success(), "ptxas {} for {}:\n{log}", run.name, run.arch);
+        let registers = no_spills(&log, &run.arch, &run.name, run.entries);
+        (run.then)(&registers);
+    }
+}
+
+impl Drop for Ptxas {
+    fn drop(&mut self) {
+        // Runs left only where a check failed: not waited for.
+        for run in &mut self.running {
+            let _ = run.child.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// ptxas -v's report on the PTX of `name` for `arch`: every one of its `entries` kernels reported
+/// on, none spilling. Returns each kernel's registers per thread.
+fn no_spills(log: &str, arch: &str, name: &str, entries: usize) -> Vec<(String, u32)> {
     // ptxas -v prints, per kernel: "Compiling entry function 'NAME' ..." then
     // "N bytes stack frame, S bytes spill stores, L bytes spill loads".
     let mut kernel = String::new();
@@ -90,35 +163,31 @@ fn every_swept_flash_shape_compiles_without_spills() {
     };
     let script = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-sweep.sh")).unwrap();
     let shapes = flash::sweep_shapes(&script).unwrap();
-    let dir = std::env::temp_dir().join(format!("highrise-sweep-ptx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let mut checks = Ptxas::new(ptxas, "highrise-sweep-ptx");
     let body = kernels::FILES.iter().find(|(n, _)| *n == "attention.cu").unwrap().1;
     for arch in ["sm_80", "sm_90a"] {
         for &shape in &shapes {
             let defines: Vec<String> = flash::HEAD_DIMS.iter().flat_map(|&d| flash::defines_for(d, shape)).collect();
             let ptx = nvrtc::compile("attention.cu", &kernels::source(body), arch, &defines).unwrap();
-            let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
-            assert_no_spills(&ptxas, &dir, arch, &format!("attention.cu-{shape}"), &ptx, entries);
-            println!("{arch} flash tiles {shape}: no spills");
+            let line = format!("{arch} flash tiles {shape}: no spills");
+            checks.check(arch, &format!("attention.cu-{shape}"), &ptx, move |_| println!("{line}"));
         }
     }
     // The Hopper kernels' geometries (WG_SHAPES), on Hopper: every wgmma kernel without spills.
     for pair in flash::wg_sweep_shapes(&script).unwrap() {
         let defines: Vec<String> = flash::HEAD_DIMS.iter().zip(pair).flat_map(|(&d, s)| flash::wg_defines_for(d, s)).collect();
         let ptx = nvrtc::compile("attention.cu", &kernels::source(body), "sm_90a", &defines).unwrap();
-        let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
         let label = format!("d64 {}, d128 {}", flash::wg_label(pair[0]), flash::wg_label(pair[1]));
-        assert_no_spills(&ptxas, &dir, "sm_90a", &format!("attention.cu-wg-{label}"), &ptx, entries);
-        println!("sm_90a wgmma geometry {label}: no spills");
+        let line = format!("sm_90a wgmma geometry {label}: no spills");
+        checks.check("sm_90a", &format!("attention.cu-wg-{label}"), &ptx, move |_| println!("{line}"));
     }
     // The warp-specialized kernel's geometries (WS_SHAPES): keys x stages.
     for pair in flash::ws_sweep_shapes(&script).unwrap() {
         let defines: Vec<String> = flash::HEAD_DIMS.iter().zip(pair).flat_map(|(&d, s)| s.defines(d)).collect();
         let ptx = nvrtc::compile("attention.cu", &kernels::source(body), "sm_90a", &defines).unwrap();
-        let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
         let label = format!("d64 {}, d128 {}", pair[0], pair[1]);
-        assert_no_spills(&ptxas, &dir, "sm_90a", &format!("attention.cu-ws-{label}"), &ptx, entries);
-        println!("sm_90a warp-specialized geometry {label}: no spills");
+        let line = format!("sm_90a warp-specialized geometry {label}: no spills");
+        checks.check("sm_90a", &format!("attention.cu-ws-{label}"), &ptx, move |_| println!("{line}"));
     }
     // The decode kernel's shapes (DECODE_SHAPES): warps x pipeline stages.
     // On Hopper its registers never hold an SM to fewer blocks than its shared memory allows, up
@@ -127,23 +196,12 @@ fn every_swept_flash_shape_compiles_without_spills() {
     for arch in ["sm_80", "sm_90a"] {
         for shape in flash::decode_sweep_shapes(&script).unwrap() {
             let ptx = nvrtc::compile("attention.cu", &kernels::source(body), arch, &shape.defines()).unwrap();
-            let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
-            let registers = assert_no_spills(&ptxas, &dir, arch, &format!("attention.cu-decode-{shape}"), &ptx, entries);
-            println!("{arch} decode shape {shape}: no spills");
-            if arch != "sm_90a" {
-                continue;
-            }
-            for d in flash::HEAD_DIMS {
-                let kernel = format!("decode_attn_d{d}_bf16");
-                let regs = registers.iter().find(|(k, _)| *k == kernel).unwrap_or_else(|| panic!("{kernel}: no register count")).1;
-                // Registers are given out per warp in units of 256.
-                let per_warp = (regs * 32).div_ceil(256) * 256;
-                let by_registers = 65536 / (per_warp * shape.warps);
-                let by_shared = (228 << 10) / (shape.shared_bytes(d) + (1 << 10));
-                let want = by_shared.min(12 / shape.warps).max(1);
-                assert!(by_registers >= want, "{kernel} at {shape}: {regs} registers a thread hold an SM to {by_registers} blocks, shared memory allows {by_shared}");
-                println!("sm_90a decode shape {shape} d{d}: {regs} registers, {} blocks an SM", by_registers.min(by_shared));
-            }
+            checks.check(arch, &format!("attention.cu-decode-{shape}"), &ptx, move |registers| {
+                println!("{arch} decode shape {shape}: no spills");
+                if arch == "sm_90a" {
+                    decode_registers_fill_the_sm(shape, registers);
+                }
+            });
         }
     }
     // The matrix-vector kernels' shapes (GEMV_SHAPES): warps x chunks in flight, pipelined or not.
@@ -151,10 +209,25 @@ fn every_swept_flash_shape_compiles_without_spills() {
     for arch in ["sm_80", "sm_90a"] {
         for shape in gemv::gemv_sweep_shapes(&script).unwrap() {
             let ptx = nvrtc::compile("gemv.cu", &kernels::source(gemv_body), arch, &shape.defines()).unwrap();
-            let entries = ptx.lines().filter(|l| l.contains(".entry ")).count();
-            assert_no_spills(&ptxas, &dir, arch, &format!("gemv.cu-{shape}"), &ptx, entries);
-            println!("{arch} gemv shape {shape}: no spills");
+            let line = format!("{arch} gemv shape {shape}: no spills");
+            checks.check(arch, &format!("gemv.cu-{shape}"), &ptx, move |_| println!("{line}"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    checks.finish();
+}
+
+/// The decode kernel at `shape` on Hopper (`registers`: ptxas's count per kernel): its registers
+/// never hold an SM to fewer blocks than its shared memory allows, up to 12 warps.
+fn decode_registers_fill_the_sm(shape: flash::DecodeShape, registers: &[(String, u32)]) {
+    for d in flash::HEAD_DIMS {
+        let kernel = format!("decode_attn_d{d}_bf16");
+        let regs = registers.iter().find(|(k, _)| *k == kernel).unwrap_or_else(|| panic!("{kernel}: no register count")).1;
+        // Registers are given out per warp in units of 256.
+        let per_warp = (regs * 32).div_ceil(256) * 256;
+        let by_registers = 65536 / (per_warp * shape.warps);
+        let by_shared = (228 << 10) / (shape.shared_bytes(d) + (1 << 10));
+        let want = by_shared.min(12 / shape.warps).max(1);
+        assert!(by_registers >= want, "{kernel} at {shape}: {regs} registers a thread hold an SM to {by_registers} blocks, shared memory allows {by_shared}");
+        println!("sm_90a decode shape {shape} d{d}: {regs} registers, {} blocks an SM", by_registers.min(by_shared));
+    }
 }
