@@ -242,6 +242,43 @@ fn n_seed_logprobs_stop_and_echo() {
         assert!(text.starts_with("1, 2, 3, 4,"), "{text}");
         assert!(!text.contains(" 7"), "{text}");
         assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+
+        // Streamed, each choice starts with its own prompt: two prompts, two samples each (the
+        // echo once went to the first choices by prompt number: the second sample of the first
+        // prompt got the second prompt, the others none).
+        let body = json!({"model": MODEL_ID, "prompt": ["1, 2, 3,", "Hello there"], "n": 2, "max_tokens": 4, "temperature": 0, "echo": true});
+        let (_, whole) = post(url, "/v1/completions", &body).await;
+        let mut streamed = vec![String::new(); 4];
+        let mut stream_body = body.clone();
+        stream_body["stream"] = json!(true);
+        for chunk in post_stream(url, "/v1/completions", &stream_body).await {
+            let c = &chunk["choices"][0];
+            streamed[c["index"].as_u64().unwrap() as usize].push_str(c["text"].as_str().unwrap());
+        }
+        let want: Vec<String> = (0..4).map(|i| whole["choices"][i]["text"].as_str().unwrap().to_string()).collect();
+        assert!(want[1].starts_with("1, 2, 3,") && want[3].starts_with("Hello there"), "{whole}");
+        assert_eq!(streamed, want, "streamed choices are the whole response's, echo and all");
+
+        // best_of: of 5 samples, the 2 with the highest sum of token log-probabilities, likeliest
+        // first; the same 5 as n = 5 with the seed (each sample's seed is the request's plus its
+        // number); every token generated is counted.
+        let sampled = |extra: Value| {
+            let mut b = json!({"model": MODEL_ID, "prompt": "The weather today is", "max_tokens": 6, "temperature": 1.0, "seed": 5, "logprobs": 0});
+            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            b
+        };
+        let (status, best) = post(url, "/v1/completions", &sampled(json!({"n": 2, "best_of": 5}))).await;
+        assert_eq!(status, 200, "{best}");
+        let (_, all) = post(url, "/v1/completions", &sampled(json!({"n": 5}))).await;
+        let sum = |c: &Value| c["logprobs"]["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum::<f64>();
+        let mut ranked: Vec<&Value> = all["choices"].as_array().unwrap().iter().collect();
+        ranked.sort_by(|a, b| sum(b).total_cmp(&sum(a)));
+        let texts = |cs: &[&Value]| cs.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+        let kept: Vec<&Value> = best["choices"].as_array().unwrap().iter().collect();
+        assert_eq!(texts(&kept), texts(&ranked[..2]), "the likeliest two of the five");
+        assert!(sum(kept[0]) >= sum(kept[1]) && kept.iter().enumerate().all(|(i, c)| c["index"] == i), "{best}");
+        assert_ne!(texts(&ranked[..2]), texts(&all["choices"].as_array().unwrap().iter().take(2).collect::<Vec<_>>()), "a seed whose first two samples are not the likeliest");
+        assert_eq!(best["usage"]["completion_tokens"], all["usage"]["completion_tokens"], "all five samples' tokens");
     });
 }
 
@@ -267,7 +304,11 @@ fn bad_requests_get_openai_errors_and_the_server_carries_on() {
         ("/v1/completions", json!({"model": MODEL_ID, "prompt": ""}).to_string(), 400, Some("prompt"), "empty"),
         ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "stop": [""]}).to_string(), 400, Some("stop"), "stop"),
         ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "logit_bias": {"x": 1}}).to_string(), 400, Some("logit_bias"), "token id"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "n": 3, "best_of": 2}).to_string(), 400, Some("best_of"), "best_of = 2"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "best_of": 2, "stream": true}).to_string(), 400, Some("best_of"), "streamed"),
+        ("/v1/completions", json!({"model": MODEL_ID, "prompt": "hi", "suffix": "The end."}).to_string(), 400, Some("suffix"), "suffix"),
         ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": []}).to_string(), 400, Some("messages"), "at least one"),
+        ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}).to_string(), 400, Some("best_of"), "completions"),
         ("/v1/chat/completions", json!({"model": MODEL_ID}).to_string(), 400, Some("messages"), "messages"),
         ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"role": "wizard", "content": "hi"}]}).to_string(), 400, Some("messages[0].role"), "wizard"),
         ("/v1/chat/completions", json!({"model": MODEL_ID, "messages": [{"content": "hi"}]}).to_string(), 400, Some("messages[0]"), "role"),

@@ -172,6 +172,8 @@ pub struct Body {
     pub top_logprobs: Option<usize>,
     pub ignore_eos: Option<bool>,
     pub echo: Option<bool>,
+    pub best_of: Option<usize>,
+    pub suffix: Option<String>,
     pub highrise: Option<Extension>,
 }
 
@@ -218,6 +220,35 @@ impl Body {
         match self.n.unwrap_or(1) {
             n @ 1..=MAX_N => Ok(n),
             n => Err(ApiError::invalid(format!("n = {n} is out of range (1 to {MAX_N})"), Some("n"))),
+        }
+    }
+
+    /// Completions' `best_of`: sequences generated per prompt, of which the `n` with the highest
+    /// cumulative log-probability are returned, likeliest first (OpenAI's meaning, and vLLM's).
+    /// At least `n` (`n` when absent); not with `stream` above `n` (OpenAI refuses that too: the
+    /// choices are known only at the end); a completions parameter, refused in chat rather than
+    /// ignored.
+    pub fn best_of(&self, n: usize, chat: bool) -> Result<usize, ApiError> {
+        let Some(b) = self.best_of else { return Ok(n) };
+        let refuse = |m: String| Err(ApiError::invalid(m, Some("best_of")));
+        if chat {
+            return refuse("best_of: a parameter of /v1/completions; chat completions have none (use n)".into());
+        }
+        if !(n..=MAX_N).contains(&b) {
+            return refuse(format!("best_of = {b} is out of range (n = {n} to {MAX_N})"));
+        }
+        if b > n && self.stream() {
+            return refuse(format!("best_of = {b} cannot be streamed: which {n} of the {b} are returned is known only once all have finished"));
+        }
+        Ok(b)
+    }
+
+    /// `suffix` (text to complete up to) is refused, not ignored: the models served are not trained
+    /// to fill in the middle.
+    pub fn check_suffix(&self) -> Result<(), ApiError> {
+        match self.suffix.as_deref() {
+            Some(s) if !s.is_empty() => Err(ApiError::invalid("suffix: completing up to a suffix is not supported", Some("suffix"))),
+            _ => Ok(()),
         }
     }
 

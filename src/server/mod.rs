@@ -441,6 +441,8 @@ struct ChoiceState {
     text: String,
     /// (token, logprob, top tokens) per generated token, when asked for.
     logprobs: Vec<StepLogprobs>,
+    /// The sum of the generated tokens' log-probabilities (where the engine reports them).
+    cumulative: f64,
     finish: Option<FinishReason>,
     /// Bytes of text before this choice's completion (the echoed prompt; for text_offset).
     offset: usize,
@@ -454,6 +456,9 @@ struct Completion {
     include_usage: bool,
     /// Top tokens per step, when log-probabilities were asked for.
     top_logprobs: Option<usize>,
+    /// Choices returned per prompt, and generated (`best_of`: the likeliest `n` of them returned).
+    n: usize,
+    best_of: usize,
     capture: Option<CaptureSpec>,
     id: String,
     created: u64,
@@ -474,17 +479,20 @@ impl Completion {
         let body = Body::parse(bytes)?;
         body.check_model(&st.model_id)?;
         let n = body.n()?;
+        let best_of = body.best_of(n, chat)?;
+        body.check_suffix()?;
         let top_logprobs = body.top_logprobs(chat)?;
         let prompts = if chat {
             vec![body.chat_prompt(&st.tokenizer)?]
         } else {
             body.completion_prompts(&st.tokenizer, st.model.config.vocab_size)?
         };
-        let choices = prompts.len() * n;
+        let choices = prompts.len() * best_of;
         if choices > api::MAX_CHOICES {
+            let (param, asked) = if best_of > n { ("best_of", format!("best_of = {best_of}")) } else { ("n", format!("n = {n}")) };
             return Err(ApiError::invalid(
-                format!("{} prompts with n = {n} ask for {choices} sequences, at most {} are taken", prompts.len(), api::MAX_CHOICES),
-                Some("n"),
+                format!("{} prompts with {asked} ask for {choices} sequences, at most {} are taken", prompts.len(), api::MAX_CHOICES),
+                Some(param),
             ));
         }
         let capture = CaptureSpec::from_body(&body, &st.model)?;
@@ -495,7 +503,7 @@ impl Completion {
         let params: Vec<_> =
             prompts.iter().map(|p| body.params(&st.model, p.len(), default_max, cache_tokens)).collect::<Result<_, _>>()?;
         if let Some(spec) = &capture {
-            let bytes: u64 = prompts.iter().zip(&params).map(|(p, g)| spec.bytes(&st.model, p.len() + g.max_tokens) * n as u64).sum();
+            let bytes: u64 = prompts.iter().zip(&params).map(|(p, g)| spec.bytes(&st.model, p.len() + g.max_tokens) * best_of as u64).sum();
             if bytes > api::MAX_CAPTURE_BYTES {
                 return Err(ApiError::invalid(
                     format!(
@@ -530,6 +538,8 @@ impl Completion {
             stream: body.stream(),
             include_usage: body.include_usage(),
             top_logprobs,
+            n,
+            best_of,
             capture,
             id: st.new_id(if chat { "chatcmpl" } else { "cmpl" }),
             created: unix_now(),
@@ -539,10 +549,12 @@ impl Completion {
             streams: Vec::new(),
         };
         for (p, (prompt, params)) in prompts.iter().zip(params).enumerate() {
-            for i in 0..n {
+            for i in 0..best_of {
                 let mut params = params.clone();
                 params.sampling.seed = base_seed.wrapping_add(i as u64);
-                let req = Request { prompt: prompt.clone(), params, logprobs: top_logprobs.is_some(), top_logprobs: top_logprobs.unwrap_or(0) };
+                // best_of ranks the choices by their tokens' log-probabilities.
+                let logprobs = top_logprobs.is_some() || best_of > n;
+                let req = Request { prompt: prompt.clone(), params, logprobs, top_logprobs: top_logprobs.unwrap_or(0) };
                 let stream = st.service.submit(req).await?;
                 let offset = c.echo.get(p).map_or(0, String::len);
                 c.choices.push(ChoiceState { prompt: prompt.clone(), offset, text: c.echo.get(p).cloned().unwrap_or_default(), ..Default::default() });
@@ -569,6 +581,7 @@ impl Completion {
         let c = &mut self.choices[i];
         if let Some(t) = e.token {
             c.ids.push(t);
+            c.cumulative += e.logprob.unwrap_or(0.0) as f64;
             if self.top_logprobs.is_some() {
                 c.logprobs.push((t, e.logprob.unwrap_or(0.0), e.top_logprobs.clone()));
             }
@@ -640,14 +653,14 @@ impl Completion {
             }
         }
         let mut choices = Vec::new();
-        for i in 0..self.choices.len() {
+        for (index, i) in self.returned().into_iter().enumerate() {
             let c = &self.choices[i];
             let finish = c.finish.unwrap_or(FinishReason::Length);
             let logprobs = self.top_logprobs.map(|_| self.logprobs_json(i, 0));
             let mut choice = if self.chat {
-                json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish})
             } else {
-                json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
             };
             if let Some(cap) = self.captures(i).await? {
                 choice["highrise"] = cap;
@@ -655,6 +668,22 @@ impl Completion {
             choices.push(choice);
         }
         Ok(self.response(json!(choices), Some(self.usage())))
+    }
+
+    /// The choices answered, in order: all of them, or with `best_of` above `n` each prompt's `n`
+    /// likeliest (the highest sum of their tokens' log-probabilities first). The usage counts every
+    /// token generated, as OpenAI's does.
+    fn returned(&self) -> Vec<usize> {
+        if self.best_of == self.n {
+            return (0..self.choices.len()).collect();
+        }
+        let mut kept = Vec::new();
+        for group in (0..self.choices.len()).collect::<Vec<_>>().chunks(self.best_of) {
+            let mut ranked = group.to_vec();
+            ranked.sort_by(|&a, &b| self.choices[b].cumulative.total_cmp(&self.choices[a].cumulative));
+            kept.extend_from_slice(&ranked[..self.n]);
+        }
+        kept
     }
 
     /// A response or chunk: id, object, created, model, then `choices` (and `usage` when given).
@@ -699,8 +728,12 @@ impl Completion {
                 pending.push_back(self.chunk(i, Some(""), true, None, None).to_string());
             }
         }
-        for (i, text) in self.echo.iter().enumerate() {
-            pending.push_back(self.chunk(i, Some(text), false, None, None).to_string());
+        // Each choice's prompt first (`echo`: a choice's text starts as its prompt's, so with n
+        // above 1 every sample of a prompt has it).
+        if !self.echo.is_empty() {
+            for i in 0..self.choices.len() {
+                pending.push_back(self.chunk(i, Some(&self.choices[i].text), false, None, None).to_string());
+            }
         }
         let state = (self, merged, pending, false);
         let events = stream::unfold(state, move |(mut c, mut merged, mut pending, mut done)| async move {
