@@ -376,6 +376,33 @@ fn random_weight_models_are_reproducible_and_generate() {
     assert_eq!(tok.encode(&g.text, false).unwrap(), g.ids, "the text names the ids: {}", g.text);
 }
 
+/// `prompt_logprobs` scores each token after the first as one prefill's logits say (its chunks of
+/// 512 rows run through a cache: 700 tokens cross a chunk's end), with the likeliest tokens at each
+/// place; a token outside the vocabulary is refused.
+#[test]
+fn prompt_logprobs_are_the_prefills_log_softmax() {
+    use highrise::core::ops::sampling::{log_softmax_at, top_log_softmax};
+    use highrise::model::ModelConfig;
+    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), cpu(), DType::F32, 5).unwrap();
+    let v = model.config.vocab_size;
+    let tokens: Vec<u32> = (0..700u32).map(|i| (i * 7919 + 13) % v as u32).collect();
+    let scored = model.prompt_logprobs(&tokens, 3).unwrap();
+    assert_eq!(scored.len(), tokens.len() - 1);
+    let logits = model.prompt_logits(&tokens).unwrap().to_f32().unwrap();
+    let mut worst = 0f32;
+    for (r, (lp, top)) in scored.iter().enumerate() {
+        let row = &logits[r * v..][..v];
+        worst = worst.max((lp - log_softmax_at(row, tokens[r + 1] as usize)).abs());
+        let want: Vec<u32> = top_log_softmax(row, 3).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(top.iter().map(|&(id, _)| id).collect::<Vec<_>>(), want, "the likeliest at place {}", r + 1);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1) && top[0].1 >= *lp, "place {}: {top:?} {lp}", r + 1);
+    }
+    println!("700 tokens scored in chunks: log-probabilities within {worst:e} of one prefill's");
+    assert!(worst < 1e-4, "{worst}");
+    let err = model.prompt_logprobs(&[1, v as u32], 0).unwrap_err().to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
+
 /// bf16 activations (a GPU's `--dtype bf16`): the file's f32 norm weights, converted from the
 /// checkpoint's bf16, are stored in bf16, every value the same, so a backend that folds the norms
 /// into the projections (CUDA at batch-1 decode) folds this model's; the logits equal, bit for bit,

@@ -336,6 +336,55 @@ fn bad_requests_get_openai_errors_and_the_server_carries_on() {
     });
 }
 
+/// With `echo` and `logprobs`, a completion's log-probabilities start with its prompt's, as
+/// OpenAI's do (lm-evaluation-harness scores a continuation sent as part of the prompt by them):
+/// an entry per prompt token, null for the first, each the model's score of that token given those
+/// before it (`Llama::prompt_logprobs`), the completion's entries after them unchanged; streamed,
+/// the echoed prompt's chunk carries them.
+#[test]
+fn echo_with_logprobs_scores_the_prompt() {
+    let Some((url, state)) = server("server prompt logprobs") else { return };
+    let prompt = "The capital of France is Paris. The capital of Italy is";
+    let ids = state.tokenizer.encode(prompt, true).unwrap();
+    let want = state.model.prompt_logprobs(&ids, 2).unwrap();
+    rt().block_on(async {
+        let body = json!({"model": MODEL_ID, "prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": true});
+        let (status, r) = post(url, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{r}");
+        let lp = &r["choices"][0]["logprobs"];
+        let (p, n) = (ids.len(), 3);
+        let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(tokens.len(), p + n, "{lp}");
+        let pieces: Vec<String> = ids.iter().map(|&id| state.tokenizer.decode(&[id]).unwrap()).collect();
+        assert_eq!(tokens[..p], pieces.iter().map(String::as_str).collect::<Vec<_>>()[..]);
+        assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "the first token has no score: {lp}");
+        for (j, (score, top)) in want.iter().enumerate() {
+            let got = lp["token_logprobs"][j + 1].as_f64().unwrap();
+            assert!((got - *score as f64).abs() < 1e-6, "prompt token {}: {got} against {score}", j + 1);
+            let keys: Vec<&String> = lp["top_logprobs"][j + 1].as_object().unwrap().keys().collect();
+            assert_eq!(keys.len(), top.len().min(2), "{}", lp["top_logprobs"][j + 1]);
+        }
+        let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+        assert!(offsets[0] == 0 && offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+        // The completion's own entries are those of the same request without echo (the same
+        // tokens; their scores within rounding: the server's other requests batch beside them).
+        let mut plain = body.clone();
+        plain["echo"] = json!(false);
+        let (_, q) = post(url, "/v1/completions", &plain).await;
+        let ql = &q["choices"][0]["logprobs"];
+        assert_eq!(lp["tokens"].as_array().unwrap()[p..], ql["tokens"].as_array().unwrap()[..]);
+        let (a, b) = (&lp["token_logprobs"].as_array().unwrap()[p..], ql["token_logprobs"].as_array().unwrap());
+        assert!(a.iter().zip(b).all(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4), "{a:?} {b:?}");
+        // Streamed: the echo chunk holds the prompt's entries.
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let chunks = post_stream(url, "/v1/completions", &streamed).await;
+        let echo = &chunks[0]["choices"][0]["logprobs"];
+        assert_eq!(echo["token_logprobs"].as_array().unwrap()[..], lp["token_logprobs"].as_array().unwrap()[..p], "{echo}");
+        assert_eq!(chunks[0]["choices"][0]["text"], prompt);
+    });
+}
+
 #[test]
 fn captures_through_the_extension_field_match_inspect() {
     let Some((url, state)) = server("server captures") else { return };

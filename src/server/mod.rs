@@ -433,6 +433,28 @@ async fn respond(st: Arc<ServerState>, body: Result<Bytes, BytesRejection>, chat
 /// One generated token's log-probability entry: (token, logprob, the top tokens at that step).
 type StepLogprobs = (u32, f32, Vec<(u32, f32)>);
 
+/// Completions' `logprobs` object as it is built: four lists of one entry per token.
+#[derive(Default)]
+struct LogprobEntries {
+    tokens: Vec<String>,
+    token_logprobs: Vec<Value>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<usize>,
+}
+
+impl LogprobEntries {
+    fn push(&mut self, token: String, logprob: Value, top: Value, offset: usize) {
+        self.tokens.push(token);
+        self.token_logprobs.push(logprob);
+        self.top_logprobs.push(top);
+        self.text_offset.push(offset);
+    }
+
+    fn json(self) -> Value {
+        json!({"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs, "text_offset": self.text_offset})
+    }
+}
+
 /// One choice as it accumulates.
 #[derive(Default)]
 struct ChoiceState {
@@ -446,6 +468,8 @@ struct ChoiceState {
     finish: Option<FinishReason>,
     /// Bytes of text before this choice's completion (the echoed prompt; for text_offset).
     offset: usize,
+    /// Which of the request's prompts this choice continues.
+    prompt_index: usize,
 }
 
 /// A request in flight: its choices' streams in the engine and what it asked for.
@@ -464,6 +488,10 @@ struct Completion {
     created: u64,
     /// The prompt texts to echo before each choice's text (completions with `echo`).
     echo: Vec<String>,
+    /// Each prompt's tokens after the first, scored (`Llama::prompt_logprobs`): completions with
+    /// `echo` and `logprobs` report the prompt's log-probabilities before the completion's, as
+    /// OpenAI's do (evaluation harnesses score a continuation given as part of the prompt so).
+    prompt_scores: Vec<Vec<(f32, Vec<(u32, f32)>)>>,
     prompt_tokens: usize,
     choices: Vec<ChoiceState>,
     streams: Vec<RequestStream>,
@@ -544,6 +572,7 @@ impl Completion {
             id: st.new_id(if chat { "chatcmpl" } else { "cmpl" }),
             created: unix_now(),
             echo,
+            prompt_scores: Vec::new(),
             prompt_tokens: prompts.iter().map(Vec::len).sum(),
             choices: Vec::new(),
             streams: Vec::new(),
@@ -557,8 +586,17 @@ impl Completion {
                 let req = Request { prompt: prompt.clone(), params, logprobs, top_logprobs: top_logprobs.unwrap_or(0) };
                 let stream = st.service.submit(req).await?;
                 let offset = c.echo.get(p).map_or(0, String::len);
-                c.choices.push(ChoiceState { prompt: prompt.clone(), offset, text: c.echo.get(p).cloned().unwrap_or_default(), ..Default::default() });
+                let text = c.echo.get(p).cloned().unwrap_or_default();
+                c.choices.push(ChoiceState { prompt: prompt.clone(), offset, text, prompt_index: p, ..Default::default() });
                 c.streams.push(stream);
+            }
+        }
+        // The prompts' own log-probabilities, a pass over each on the engine thread (between its
+        // steps; the choices above are already batched).
+        if let (false, Some(k)) = (c.echo.is_empty(), top_logprobs) {
+            for prompt in prompts {
+                let scored = st.service.run(move |model| model.prompt_logprobs(&prompt, k)).await?;
+                c.prompt_scores.push(scored.map_err(|e| ApiError::server(format!("scoring the prompt failed: {e}")))?);
             }
         }
         st.prompt_tokens.fetch_add(c.prompt_tokens as u64, Ordering::Relaxed);
@@ -591,8 +629,9 @@ impl Completion {
         Ok(())
     }
 
-    /// The log-probabilities of steps `from..` of choice `i`, in the endpoint's format.
-    fn logprobs_json(&self, i: usize, from: usize) -> Value {
+    /// The log-probabilities of steps `from..` of choice `i`, in the endpoint's format; with
+    /// `prompt` (a whole completion with `echo`), its prompt's first.
+    fn logprobs_json(&self, i: usize, from: usize, prompt: bool) -> Value {
         let c = &self.choices[i];
         let tok = &self.st.tokenizer;
         let piece = |id: u32| tok.decode(&[id]).unwrap_or_default();
@@ -612,17 +651,46 @@ impl Completion {
                 .collect();
             return json!({"content": content});
         }
+        let mut entries = if prompt { self.prompt_entries(i) } else { LogprobEntries::default() };
         let mut offset = c.offset + c.logprobs[..from.min(c.logprobs.len())].iter().map(|s| piece(s.0).len()).sum::<usize>();
-        let (mut tokens, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
         for (id, lp, top) in steps {
             let t = piece(*id);
-            offsets.push(offset);
+            entries.push(t.clone(), json!(lp), self.top_json(top), offset);
             offset += t.len();
-            tokens.push(t);
-            lps.push(*lp);
-            tops.push(top.iter().map(|(t, l)| (piece(*t), json!(l))).collect::<serde_json::Map<_, _>>());
         }
-        json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+        entries.json()
+    }
+
+    /// The entries of choice `i`'s prompt (completions with `echo` and `logprobs`): each token, its
+    /// log-probability given the tokens before it (none for the first: null, as OpenAI's) and the
+    /// likeliest tokens there, at byte offsets from the start of the echoed text. None scored: empty.
+    fn prompt_entries(&self, i: usize) -> LogprobEntries {
+        let c = &self.choices[i];
+        let mut entries = LogprobEntries::default();
+        let Some(scores) = self.prompt_scores.get(c.prompt_index) else { return entries };
+        let mut offset = 0;
+        for (j, &id) in c.prompt.iter().enumerate() {
+            let t = self.st.tokenizer.decode(&[id]).unwrap_or_default();
+            let (lp, top) = match j.checked_sub(1).and_then(|k| scores.get(k)) {
+                Some((lp, top)) => (json!(lp), self.top_json(top)),
+                None => (Value::Null, Value::Null),
+            };
+            entries.push(t.clone(), lp, top, offset);
+            offset += t.len();
+        }
+        entries
+    }
+
+    /// A step's likeliest tokens as completions report them: {token text: log-probability}.
+    fn top_json(&self, top: &[(u32, f32)]) -> Value {
+        let piece = |id: u32| self.st.tokenizer.decode(&[id]).unwrap_or_default();
+        Value::Object(top.iter().map(|(t, l)| (piece(*t), json!(l))).collect())
+    }
+
+    /// The echoed prompt's chunk of a stream: its text, and its log-probabilities where asked.
+    fn echo_chunk(&self, i: usize) -> Value {
+        let logprobs = (!self.prompt_scores.is_empty()).then(|| self.prompt_entries(i).json());
+        self.chunk(i, Some(&self.choices[i].text), false, logprobs, None)
     }
 
     fn usage(&self) -> Value {
@@ -656,7 +724,7 @@ impl Completion {
         for (index, i) in self.returned().into_iter().enumerate() {
             let c = &self.choices[i];
             let finish = c.finish.unwrap_or(FinishReason::Length);
-            let logprobs = self.top_logprobs.map(|_| self.logprobs_json(i, 0));
+            let logprobs = self.top_logprobs.map(|_| self.logprobs_json(i, 0, true));
             let mut choice = if self.chat {
                 json!({"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish})
             } else {
@@ -732,7 +800,7 @@ impl Completion {
         // above 1 every sample of a prompt has it).
         if !self.echo.is_empty() {
             for i in 0..self.choices.len() {
-                pending.push_back(self.chunk(i, Some(&self.choices[i].text), false, None, None).to_string());
+                pending.push_back(self.echo_chunk(i).to_string());
             }
         }
         let state = (self, merged, pending, false);
@@ -767,7 +835,7 @@ impl Completion {
                     pending.push_back(err.body().to_string());
                     continue;
                 }
-                let logprobs = c.top_logprobs.map(|_| c.logprobs_json(i, steps));
+                let logprobs = c.top_logprobs.map(|_| c.logprobs_json(i, steps, false));
                 if e.text.is_empty() && logprobs.is_none() && e.finish.is_none() {
                     continue; // nothing to show yet (an incomplete character or stop string)
                 }

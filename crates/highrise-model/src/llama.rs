@@ -570,6 +570,38 @@ impl Llama {
         self.prefill(tokens, Logits::All)
     }
 
+    /// Each token of `tokens` after the first, scored by the model given the tokens before it: its
+    /// log-probability, and the `top` likeliest tokens at its place with theirs (most likely first):
+    /// `tokens.len() - 1` entries. What OpenAI's completions return for the prompt with `echo` and
+    /// `logprobs` (evaluation harnesses score continuations with it), and a perplexity's terms.
+    /// Runs in chunks through a cache of its own, so that the logits held at once stay within 64 MiB
+    /// of f32 rows whatever the length; log-probabilities of the model's logits (after Gemma's
+    /// soft-cap), in f64 sums as the sampler's.
+    pub fn prompt_logprobs(&self, tokens: &[u32], top: usize) -> Result<Vec<(f32, Vec<(u32, f32)>)>> {
+        use highrise_core::ops::sampling::{log_softmax_at, top_log_softmax};
+        let (t, vocab) = (tokens.len(), self.config.vocab_size);
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let chunk = ((64usize << 20) / (4 * vocab.max(1))).clamp(16, 512);
+        let mut cache = self.new_kv_cache(t.div_ceil(BLOCK_SIZE).max(1), BLOCK_SIZE)?;
+        let table: Vec<u32> = (0..cache.num_blocks as u32).collect();
+        let mut out = Vec::with_capacity(t.saturating_sub(1));
+        // Row r of the logits predicts token r + 1; the last token's row predicts nothing asked.
+        for start in (0..t.saturating_sub(1)).step_by(chunk) {
+            let end = (start + chunk).min(t - 1);
+            let positions: Vec<u32> = (start as u32..end as u32).collect();
+            let seqs = [PagedSeq { q_len: (end - start) as u32, context_len: end as u32, blocks_start: 0 }];
+            let batch = Batch { tokens: &tokens[start..end], positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
+            let logits = self.forward(&batch, &mut cache, Logits::All)?.to_f32()?;
+            for (r, row) in logits.chunks_exact(vocab).enumerate() {
+                let next = tokens[start + r + 1] as usize;
+                out.push((log_softmax_at(row, next), top_log_softmax(row, top)));
+            }
+        }
+        Ok(out)
+    }
+
     /// One sequence run as a single prefill in a cache of its own; logits as `which` asks.
     pub fn prefill(&self, tokens: &[u32], which: Logits) -> Result<Tensor> {
         self.prefill_hooked(tokens, which, None)
