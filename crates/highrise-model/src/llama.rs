@@ -576,9 +576,10 @@ impl Llama {
     /// `logprobs` (evaluation harnesses score continuations with it), and a perplexity's terms.
     /// Runs in chunks through a cache of its own, so that the logits held at once stay within 64 MiB
     /// of f32 rows whatever the length; log-probabilities of the model's logits (after Gemma's
-    /// soft-cap), in f64 sums as the sampler's.
+    /// soft-cap), in f64 sums as the sampler's, the rows shared among the host's cores (a server
+    /// scores on its engine thread, between steps: a vocabulary's exponentials a token).
     pub fn prompt_logprobs(&self, tokens: &[u32], top: usize) -> Result<Vec<(f32, Vec<(u32, f32)>)>> {
-        use highrise_core::ops::sampling::{log_softmax_at, top_log_softmax};
+        use highrise_core::ops::sampling::log_softmax_at_and_top;
         let (t, vocab) = (tokens.len(), self.config.vocab_size);
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
@@ -594,10 +595,16 @@ impl Llama {
             let seqs = [PagedSeq { q_len: (end - start) as u32, context_len: end as u32, blocks_start: 0 }];
             let batch = Batch { tokens: &tokens[start..end], positions: &positions, slots: &positions, seqs: &seqs, block_table: &table };
             let logits = self.forward(&batch, &mut cache, Logits::All)?.to_f32()?;
-            for (r, row) in logits.chunks_exact(vocab).enumerate() {
-                let next = tokens[start + r + 1] as usize;
-                out.push((log_softmax_at(row, next), top_log_softmax(row, top)));
-            }
+            let rows: Vec<(&[f32], u32)> = logits.chunks_exact(vocab).zip(tokens[start + 1..=end].iter().copied()).collect();
+            let per = rows.len().div_ceil(std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+            std::thread::scope(|s| {
+                let score = |part: &[(&[f32], u32)]| -> Vec<_> { part.iter().map(|&(row, next)| log_softmax_at_and_top(row, next as usize, top)).collect() };
+                let parts: Vec<_> = rows.chunks(per).map(|part| s.spawn(move || score(part))).collect();
+                for part in parts {
+                    out.extend(part.join().map_err(|_| highrise_core::Error::Backend("prompt_logprobs: a thread scoring rows panicked".into()))?);
+                }
+                Ok::<(), Error>(())
+            })?;
         }
         Ok(out)
     }

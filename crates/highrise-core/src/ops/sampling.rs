@@ -137,17 +137,32 @@ pub fn argmax_row(row: &[f32]) -> usize {
     best
 }
 
+/// A row's maximum and the log of its sum of exp(x - max), summed in f64: log-softmax(x) is
+/// x - max - that.
+fn max_log_sum(row: &[f32]) -> (f32, f64) {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    (max, row.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln())
+}
+
 /// `row[i] - logsumexp(row)`, summed in f64.
 pub fn log_softmax_at(row: &[f32], i: usize) -> f32 {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    ((row[i] - max) as f64 - sum.ln()) as f32
+    let (max, log_sum) = max_log_sum(row);
+    ((row[i] - max) as f64 - log_sum) as f32
 }
 
 /// The `k` largest entries of log-softmax(`logits`), most likely first (ties by id).
 pub fn top_log_softmax(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln();
+    top_of(logits, k, max_log_sum(logits))
+}
+
+/// `log_softmax_at(row, i)` and `top_log_softmax(row, k)` with one pass of exponentials over the
+/// row: a prompt's scores, a row per token.
+pub fn log_softmax_at_and_top(row: &[f32], i: usize, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let (max, log_sum) = max_log_sum(row);
+    (((row[i] - max) as f64 - log_sum) as f32, top_of(row, k, (max, log_sum)))
+}
+
+fn top_of(logits: &[f32], k: usize, (max, log_sum): (f32, f64)) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(idx.len());
     if k == 0 {
