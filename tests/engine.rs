@@ -203,9 +203,13 @@ fn requests_that_can_never_fit_are_refused_at_submission() {
     let too_long = Request { prompt: prompt.clone(), params: GenerateParams { max_tokens: 100, ..Default::default() }, logprobs: false, top_logprobs: 0 };
     let err = e.submit(too_long).unwrap_err().to_string();
     assert!(err.contains("whole cache holds 64"), "{err}");
-    let beyond_context = Request { prompt, params: GenerateParams { max_tokens: 1 << 20, ..Default::default() }, logprobs: false, top_logprobs: 0 };
+    let beyond_context = Request { prompt: prompt.clone(), params: GenerateParams { max_tokens: 1 << 20, ..Default::default() }, logprobs: false, top_logprobs: 0 };
     let err = e.submit(beyond_context).unwrap_err().to_string();
     assert!(err.contains("beyond the model's context"), "{err}");
+    // No tokens asked: refused, where the first token (from the prompt's pass) came regardless.
+    let none = Request { prompt, params: GenerateParams { max_tokens: 0, ..Default::default() }, logprobs: false, top_logprobs: 0 };
+    let err = e.submit(none).unwrap_err().to_string();
+    assert!(err.contains("max_tokens is 0"), "{err}");
     assert!(e.is_idle());
 }
 

@@ -193,6 +193,10 @@ impl<'m> Engine<'m> {
         if req.prompt.is_empty() {
             return Err(Error::Input("the prompt is empty".into()));
         }
+        // A request's first token comes from its prompt's pass, so none would be one anyway.
+        if req.params.max_tokens == 0 {
+            return Err(Error::Input("max_tokens is 0: a request generates at least one token".into()));
+        }
         if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= self.model.config.vocab_size) {
             return Err(Error::Input(format!("token id {t} is outside the vocabulary of {}", self.model.config.vocab_size)));
         }
