@@ -204,6 +204,10 @@ def test_bad_inputs_raise_named_errors(model):
         model.run_with_cache([1, 10**6])
     with pytest.raises(ValueError, match="empty"):
         model.generate("")
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([])
+    with pytest.raises(ValueError, match="max_tokens is 0"):
+        model.generate(ids, max_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(ids, temperature=-1.0)
     with pytest.raises(ValueError, match="run_with_cache"):

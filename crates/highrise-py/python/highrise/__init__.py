@@ -323,6 +323,8 @@ class Model:
     def _ids(self, prompt: Prompt) -> list:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
+        if isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt) == 0:
+            raise ValueError("the prompt is empty (no token ids)")
         if _is_ids(prompt):
             return [int(i) for i in prompt]
         raise TypeError(f"a prompt is a str or a sequence of token ids, not {type(prompt).__name__}")
