@@ -89,11 +89,16 @@ impl Engine {
         }
     }
 
+    /// A row for the residual stream: its width, every value finite (a NaN would spread through
+    /// every later layer and come back as text without a word said).
     fn check_row(&self, row: &[f32], what: &str) -> PyResult<()> {
         let h = self.model.config.hidden_size;
-        match row.len() == h {
-            true => Ok(()),
-            false => Err(PyValueError::new_err(format!("{what}: {} values, the residual stream has {h}", row.len()))),
+        if row.len() != h {
+            return Err(PyValueError::new_err(format!("{what}: {} values, the residual stream has {h}", row.len())));
+        }
+        match row.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(PyValueError::new_err(format!("{what}: value {i} is {}, not a finite number", row[i]))),
+            None => Ok(()),
         }
     }
 
@@ -102,6 +107,9 @@ impl Engine {
         self.check_layer(*layer, "steer")?;
         let vector = vector.as_slice()?.to_vec();
         self.check_row(&vector, "steering vector")?;
+        if !scale.is_finite() {
+            return Err(PyValueError::new_err(format!("steer: scale {scale} is not a finite number")));
+        }
         let positions = match (positions, tokens) {
             (Some(ps), Some(t)) => {
                 if let Some(p) = ps.iter().find(|&&p| p >= t) {

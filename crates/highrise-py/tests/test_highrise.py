@@ -208,6 +208,16 @@ def test_bad_inputs_raise_named_errors(model):
         model.generate([])
     with pytest.raises(ValueError, match="max_tokens is 0"):
         model.generate(ids, max_tokens=0)
+    with pytest.raises(ValueError, match="seed = -1"):
+        model.generate(ids, seed=-1)
+    nan = np.zeros(model.cfg.d_model)
+    nan[7] = np.nan
+    with pytest.raises(ValueError, match="value 7 is NaN, not a finite number"):
+        model.generate(ids, steer=highrise.Steer(3, nan, 1.0))
+    with pytest.raises(ValueError, match="scale inf"):
+        model.generate(ids, steer=highrise.Steer(3, np.zeros(model.cfg.d_model), float("inf")))
+    with pytest.raises(ValueError, match="patch row: value 7 is NaN"):
+        model.run_with_cache(ids, patch=highrise.Patch(3, 0, nan))
     with pytest.raises(ValueError, match="temperature"):
         model.generate(ids, temperature=-1.0)
     with pytest.raises(ValueError, match="run_with_cache"):

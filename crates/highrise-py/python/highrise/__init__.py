@@ -389,6 +389,9 @@ class Model:
             raise ValueError("generation steers every position: positions= is for run_with_cache")
         if isinstance(stop, str):
             stop = [stop]
+        for name, value in (("max_tokens", max_tokens), ("seed", seed)):
+            if int(value) < 0:
+                raise ValueError(f"{name} = {value}: expected an integer >= 0")
         sampling = {
             "max_tokens": int(max_tokens),
             "temperature": float(temperature),
