@@ -633,8 +633,7 @@ impl Completion {
     /// `prompt` (a whole completion with `echo`), its prompt's first.
     fn logprobs_json(&self, i: usize, from: usize, prompt: bool) -> Value {
         let c = &self.choices[i];
-        let tok = &self.st.tokenizer;
-        let piece = |id: u32| tok.decode(&[id]).unwrap_or_default();
+        let piece = |id: u32| self.piece(id);
         let steps = &c.logprobs[from.min(c.logprobs.len())..];
         if self.chat {
             let entry = |id: u32, lp: f32| {
@@ -670,7 +669,7 @@ impl Completion {
         let Some(scores) = self.prompt_scores.get(c.prompt_index) else { return entries };
         let mut offset = 0;
         for (j, &id) in c.prompt.iter().enumerate() {
-            let t = self.st.tokenizer.decode(&[id]).unwrap_or_default();
+            let t = self.piece(id);
             let (lp, top) = match j.checked_sub(1).and_then(|k| scores.get(k)) {
                 Some((lp, top)) => (json!(lp), self.top_json(top)),
                 None => (Value::Null, Value::Null),
@@ -683,8 +682,12 @@ impl Completion {
 
     /// A step's likeliest tokens as completions report them: {token text: log-probability}.
     fn top_json(&self, top: &[(u32, f32)]) -> Value {
-        let piece = |id: u32| self.st.tokenizer.decode(&[id]).unwrap_or_default();
-        Value::Object(top.iter().map(|(t, l)| (piece(*t), json!(l))).collect())
+        Value::Object(top.iter().map(|&(t, l)| (self.piece(t), json!(l))).collect())
+    }
+
+    /// One token's text, as the log-probabilities name it.
+    fn piece(&self, id: u32) -> String {
+        self.st.tokenizer.decode(&[id]).unwrap_or_default()
     }
 
     /// The echoed prompt's chunk of a stream: its text, and its log-probabilities where asked.
@@ -746,8 +749,8 @@ impl Completion {
             return (0..self.choices.len()).collect();
         }
         let mut kept = Vec::new();
-        for group in (0..self.choices.len()).collect::<Vec<_>>().chunks(self.best_of) {
-            let mut ranked = group.to_vec();
+        for first in (0..self.choices.len()).step_by(self.best_of) {
+            let mut ranked: Vec<usize> = (first..first + self.best_of).collect();
             ranked.sort_by(|&a, &b| self.choices[b].cumulative.total_cmp(&self.choices[a].cumulative));
             kept.extend_from_slice(&ranked[..self.n]);
         }

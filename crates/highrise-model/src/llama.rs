@@ -600,8 +600,11 @@ impl Llama {
             std::thread::scope(|s| {
                 let score = |part: &[(&[f32], u32)]| -> Vec<_> { part.iter().map(|&(row, next)| log_softmax_at_and_top(row, next as usize, top)).collect() };
                 let parts: Vec<_> = rows.chunks(per).map(|part| s.spawn(move || score(part))).collect();
-                for part in parts {
-                    out.extend(part.join().map_err(|_| highrise_core::Error::Backend("prompt_logprobs: a thread scoring rows panicked".into()))?);
+                // Every thread joined before any is reported: one left unjoined that panicked would
+                // make the scope panic.
+                let joined: Vec<_> = parts.into_iter().map(|p| p.join()).collect();
+                for part in joined {
+                    out.extend(part.map_err(|_| highrise_core::Error::Backend("prompt_logprobs: a thread scoring rows panicked".into()))?);
                 }
                 Ok::<(), Error>(())
             })?;
