@@ -66,10 +66,20 @@ struct SamplingArgs {
     ignore_eos: bool,
 }
 
-/// One steering vector as Python gives it: (layer, vector, scale, positions or None).
-type SteerArg<'py> = (usize, PyReadonlyArray1<'py, f32>, f32, Option<Vec<usize>>);
+/// One steering vector as Python gives it: (layer, vector, scale, positions or None). Layers and
+/// positions below 0 count from the end, as Python's indices (and TransformerLens's) do.
+type SteerArg<'py> = (i64, PyReadonlyArray1<'py, f32>, f32, Option<Vec<i64>>);
 /// One patch: (layer, position, row).
-type PatchArg<'py> = (usize, usize, PyReadonlyArray1<'py, f32>);
+type PatchArg<'py> = (i64, i64, PyReadonlyArray1<'py, f32>);
+
+/// `i` as an index into `n` things, Python's way (-1 the last); IndexError naming `what` beyond.
+fn index(i: i64, n: usize, what: impl FnOnce(i64) -> String) -> PyResult<usize> {
+    let j = if i < 0 { i + n as i64 } else { i };
+    match j >= 0 && (j as usize) < n {
+        true => Ok(j as usize),
+        false => Err(PyIndexError::new_err(what(i))),
+    }
+}
 
 #[pyclass(frozen, module = "highrise._highrise")]
 struct Engine {
@@ -81,12 +91,9 @@ struct Engine {
 }
 
 impl Engine {
-    fn check_layer(&self, layer: usize, what: &str) -> PyResult<()> {
+    fn check_layer(&self, layer: i64, what: &str) -> PyResult<usize> {
         let n = self.model.config.num_hidden_layers;
-        match layer < n {
-            true => Ok(()),
-            false => Err(PyIndexError::new_err(format!("{what}: layer {layer} does not exist (the model has {n})"))),
-        }
+        index(layer, n, |l| format!("{what}: layer {l} does not exist (the model has {n})"))
     }
 
     /// A row for the residual stream: its width, every value finite (a NaN would spread through
@@ -104,34 +111,31 @@ impl Engine {
 
     fn steer(&self, s: &SteerArg, tokens: Option<usize>, offset: usize) -> PyResult<Steer> {
         let (layer, vector, scale, positions) = s;
-        self.check_layer(*layer, "steer")?;
+        let layer = self.check_layer(*layer, "steer")?;
         let vector = vector.as_slice()?.to_vec();
         self.check_row(&vector, "steering vector")?;
         if !scale.is_finite() {
             return Err(PyValueError::new_err(format!("steer: scale {scale} is not a finite number")));
         }
         let positions = match (positions, tokens) {
-            (Some(ps), Some(t)) => {
-                if let Some(p) = ps.iter().find(|&&p| p >= t) {
-                    return Err(PyIndexError::new_err(format!("steer: position {p} is beyond the prompt's {t} tokens")));
-                }
-                Some(ps.iter().map(|p| p + offset).collect())
-            }
+            (Some(ps), Some(t)) => Some(
+                ps.iter()
+                    .map(|&p| Ok(offset + index(p, t, |p| format!("steer: position {p} is beyond the prompt's {t} tokens"))?))
+                    .collect::<PyResult<_>>()?,
+            ),
             (None, Some(t)) => Some((offset..offset + t).collect()),
             (_, None) => None,
         };
-        Ok(Steer { layer: *layer, vector, scale: *scale, positions })
+        Ok(Steer { layer, vector, scale: *scale, positions })
     }
 
     fn patch(&self, p: &PatchArg, tokens: usize, offset: usize) -> PyResult<Patch> {
         let (layer, position, row) = p;
-        self.check_layer(*layer, "patch")?;
-        if *position >= tokens {
-            return Err(PyIndexError::new_err(format!("patch: position {position} is beyond the prompt's {tokens} tokens")));
-        }
+        let layer = self.check_layer(*layer, "patch")?;
+        let position = index(*position, tokens, |p| format!("patch: position {p} is beyond the prompt's {tokens} tokens"))?;
         let values = row.as_slice()?.to_vec();
         self.check_row(&values, "patch row")?;
-        Ok(Patch { layer: *layer, position: position + offset, values })
+        Ok(Patch { layer, position: position + offset, values })
     }
 }
 
@@ -254,7 +258,7 @@ impl Engine {
         py: Python<'py>,
         prompts: Vec<Vec<u32>>,
         sites: Vec<String>,
-        layers: Option<Vec<usize>>,
+        layers: Option<Vec<i64>>,
         steer: Vec<Vec<SteerArg<'py>>>,
         patch: Vec<Vec<PatchArg<'py>>>,
         logits: bool,
@@ -273,10 +277,7 @@ impl Engine {
             hooks.sites.insert(site);
         }
         if let Some(ls) = &layers {
-            for &l in ls {
-                self.check_layer(l, "layers")?;
-            }
-            hooks.layers = Some(ls.iter().copied().collect());
+            hooks.layers = Some(ls.iter().map(|&l| self.check_layer(l, "layers")).collect::<PyResult<_>>()?);
         }
         let vocab = self.model.config.vocab_size;
         if let Some(&bad) = prompts.iter().flatten().find(|&&id| id as usize >= vocab) {

@@ -70,6 +70,37 @@ def test_names_layers_and_shapes(model):
     assert np.array_equal(k, full["k", 3])
 
 
+def test_indices_from_the_end_and_transformerlens_names(model):
+    """-1 is the last layer or the prompt's last token wherever a layer or position is taken, as in
+    Python and TransformerLens; TL's attention hook names and [batch, pos] id arrays are taken."""
+    n = model.cfg.n_layers
+    ids = model.tokenize("The capital of France is")
+    t = len(ids)
+    _, cache = model.run_with_cache(ids, names=["resid_pre", "pattern"])
+    assert np.array_equal(cache["resid_pre", -1], cache["resid_pre", n - 1])
+    assert np.array_equal(cache["blocks.4.attn.hook_q"], cache["q", 4])
+    assert np.array_equal(cache["blocks.4.attn.hook_pattern"], cache.attention(4 - n))
+    assert ("resid_pre", n) not in cache and ("resid_pre", -n - 1) not in cache
+    with pytest.raises(IndexError, match=f"layer {-n - 1} does not exist"):
+        cache["resid_pre", -n - 1]
+    _, last = model.run_with_cache(ids, names=["resid_post"], layers=[-1])
+    assert list(last) == [("resid_post", n - 1)]
+    assert model.logit_lens(last, top_k=2, layers=[-1]).layers == [n - 1]
+    v = np.random.default_rng(1).standard_normal(model.cfg.d_model).astype(np.float32)
+    end = model.logits(ids, steer=highrise.Steer(-3, v, 2.0, positions=[-1]))
+    assert np.array_equal(end, model.logits(ids, steer=highrise.Steer(n - 3, v, 2.0, positions=[t - 1])))
+    assert not np.array_equal(end, model.logits(ids))
+    row = cache["resid_pre", 7][0]
+    assert np.array_equal(model.logits(ids, patch=highrise.Patch(-n + 7, -t, row)), model.logits(ids))
+    with pytest.raises(IndexError, match=f"position {-t - 1} is beyond"):
+        model.logits(ids, patch=highrise.Patch(7, -t - 1, row))
+    # Tokens as TransformerLens takes them: a [batch, pos] integer array is a batch of prompts.
+    batch = model.logits(np.array([ids, ids[::-1]]))
+    assert len(batch) == 2 and np.abs(batch[0] - model.logits(ids)).max() <= 2e-4
+    with pytest.raises(ValueError, match="token id -1 is not in the vocabulary"):
+        model.logits([5, -1])
+
+
 def test_batch_of_eight_equals_one_by_one(model, reference):
     """Eight prompts of different lengths in one forward pass capture what each does alone."""
     prompts = [reference["cases"]["story"]["input_ids"], reference["cases"]["chat"]["input_ids"]] + TEXTS

@@ -53,7 +53,8 @@ Prompt = Union[str, Sequence[int], np.ndarray]
 @dataclasses.dataclass(frozen=True)
 class Steer:
     """Add ``scale * vector`` to the residual stream entering ``layer`` (at ``positions`` of the
-    prompt, every position when None; generation steers every position)."""
+    prompt, every position when None; generation steers every position). A layer or position
+    below 0 counts from the end (-1: the last layer, the prompt's last token)."""
 
     layer: int
     vector: np.ndarray
@@ -67,7 +68,8 @@ class Steer:
 
 @dataclasses.dataclass(frozen=True)
 class Patch:
-    """Replace the residual stream entering ``layer`` at prompt ``position`` with ``row``."""
+    """Replace the residual stream entering ``layer`` at prompt ``position`` with ``row`` (below 0:
+    from the end, -1 the prompt's last token)."""
 
     layer: int
     position: int
@@ -142,7 +144,8 @@ class GenerationStream:
 
 class ActivationCache(Mapping):
     """What one forward pass captured, for one prompt, indexed as TransformerLens's cache is:
-    ``cache["resid_pre", 12]`` or ``cache["blocks.12.hook_resid_pre"]`` -> [T, d_model]; ``q`` is
+    ``cache["resid_pre", 12]`` or ``cache["blocks.12.hook_resid_pre"]`` -> [T, d_model] (layer -1
+    the last, as in Python; ``cache["blocks.3.attn.hook_q"]`` for q, k, v and pattern); ``q`` is
     [T, n_heads, d_head], ``k`` and ``v`` [T, n_key_value_heads, d_head] (after RoPE, as the KV
     cache holds them); ``cache["final_norm"]`` (``ln_final.hook_normalized``) [T, d_model]; and
     ``cache["pattern", 3]`` the attention probabilities [n_heads, T, T]. Arrays are read-only views
@@ -158,16 +161,20 @@ class ActivationCache(Mapping):
         if isinstance(key, str):
             if key in ("final_norm", "ln_final.hook_normalized"):
                 return ("final_norm", None)
+            # TransformerLens's hook names: blocks.L.hook_resid_pre, blocks.L.attn.hook_pattern.
             parts = key.split(".")
-            if len(parts) == 3 and parts[0] == "blocks" and parts[2].startswith("hook_") and parts[1].isdigit():
-                return (parts[2][len("hook_"):], int(parts[1]))
-            raise KeyError(f"{key!r}: expected (site, layer), 'blocks.L.hook_SITE' or 'final_norm'")
+            attn = len(parts) == 4 and parts[2] == "attn" and parts[3] in ("hook_q", "hook_k", "hook_v", "hook_pattern")
+            if (len(parts) == 3 or attn) and parts[0] == "blocks" and parts[-1].startswith("hook_") and parts[1].isdigit():
+                return (parts[-1][len("hook_"):], int(parts[1]))
+            raise KeyError(f"{key!r}: expected (site, layer), 'blocks.L.hook_SITE', 'blocks.L.attn.hook_SITE' or 'final_norm'")
         if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str):
             return (key[0], int(key[1]))
         raise KeyError(f"{key!r}: expected (site, layer), 'blocks.L.hook_SITE' or 'final_norm'")
 
     def __getitem__(self, key) -> np.ndarray:
         site, layer = self._key(key)
+        if layer is not None and site != "final_norm":
+            layer = self.model._layer(layer)
         if site == "pattern":
             return self.attention(layer)
         if site == "final_norm":
@@ -199,12 +206,13 @@ class ActivationCache(Mapping):
         try:
             self[key]
             return True
-        except KeyError:
+        except (KeyError, IndexError):
             return False
 
     def attention(self, layer: int) -> np.ndarray:
         """The attention probabilities [n_heads, T, T] at ``layer`` (recomputed in f64 from the
         captured q and k: the attention kernels never write them)."""
+        layer = self.model._layer(layer)
         if ("q", layer) not in self._arrays or ("k", layer) not in self._arrays:
             raise KeyError(f"attention patterns at layer {layer} need q and k captured there (names: 'q', 'k' or 'pattern')")
         return self.model._engine.attention(self._arrays[("q", layer)], self._arrays[("k", layer)], layer)
@@ -217,6 +225,8 @@ class ActivationCache(Mapping):
         """One site at every layer (or ``layers``), stacked: [n_layers, T, ...] (a copy)."""
         if layers is None:
             layers = sorted(l for s, l in self._arrays if s == site)
+        if not layers:
+            raise KeyError(f"{site} was not captured (captured: {self._names()})")
         return np.stack([self[site, l] for l in layers])
 
     def __repr__(self) -> str:
@@ -238,6 +248,11 @@ def _is_ids(x) -> bool:
     if isinstance(x, np.ndarray):
         return x.ndim == 1 and np.issubdtype(x.dtype, np.integer)
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, (int, np.integer)) for i in x)
+
+
+def _is_id_batch(x) -> bool:
+    """A [batch, pos] integer array, as TransformerLens's models take tokens."""
+    return isinstance(x, np.ndarray) and x.ndim == 2 and np.issubdtype(x.dtype, np.integer) and x.size > 0
 
 
 class Model:
@@ -326,16 +341,29 @@ class Model:
         if isinstance(prompt, (list, tuple, np.ndarray)) and len(prompt) == 0:
             raise ValueError("the prompt is empty (no token ids)")
         if _is_ids(prompt):
-            return [int(i) for i in prompt]
+            ids = [int(i) for i in prompt]
+            if min(ids) < 0:
+                raise ValueError(f"token id {min(ids)} is not in the vocabulary (ids are 0 to {self.cfg.d_vocab - 1})")
+            return ids
         raise TypeError(f"a prompt is a str or a sequence of token ids, not {type(prompt).__name__}")
 
     def _prompts(self, prompts) -> tuple:
         """(list of id lists, whether one prompt was given)."""
         if isinstance(prompts, str) or _is_ids(prompts):
             return [self._ids(prompts)], True
+        if _is_id_batch(prompts):
+            return [self._ids(row) for row in prompts], False
         if isinstance(prompts, (list, tuple)) and prompts:
             return [self._ids(p) for p in prompts], False
-        raise TypeError("expected a prompt (str or token ids) or a non-empty list of prompts")
+        raise TypeError("expected a prompt (str or token ids), a [batch, pos] array of ids or a non-empty list of prompts")
+
+    def _layer(self, layer: int) -> int:
+        """A layer index as Python counts (-1 the last), checked against the model's layers."""
+        n = self.cfg.n_layers
+        l = int(layer)
+        if not -n <= l < n:
+            raise IndexError(f"layer {layer} does not exist (the model has {n})")
+        return l + n if l < 0 else l
 
     # --- interventions ----------------------------------------------------------------------
 
@@ -457,10 +485,11 @@ class Model:
         """One forward pass capturing the residual and key/value streams.
 
         prompts: a prompt (text or ids) -> ``(logits [T, d_vocab], ActivationCache)``; a list of
-            prompts -> a list of such pairs, run as one batch (each with its own captures and
-            positions; the steering and patches apply to each prompt).
+            prompts (or a [batch, pos] array of ids) -> a list of such pairs, run as one batch (each
+            with its own captures and positions; the steering and patches apply to each prompt).
         names: sites to capture (default: all of ``SITES``; ``"pattern"`` captures q and k for
-            ``cache.attention``). layers: the layers to capture at (default: all).
+            ``cache.attention``). layers: the layers to capture at (default: all; -1 the last).
+            Layers and positions of steering and patches count from the end when below 0.
         steer, patch: :class:`Steer` / :class:`Patch` (or lists), on top of the open ``with``
             blocks. Per-prompt interventions: pass a list of lists, one per prompt.
         """
@@ -521,6 +550,7 @@ class Model:
         tokens per position and their probabilities (needs resid_post captured)."""
         if layers is None:
             layers = sorted(l for s, l in cache._arrays if s == "resid_post")
+        layers = [self._layer(l) for l in layers]
         if not layers:
             raise KeyError("the logit lens reads resid_post: capture it (names=None or include 'resid_post')")
         stacked = np.ascontiguousarray(np.concatenate([cache["resid_post", l] for l in layers]))
