@@ -69,10 +69,16 @@ pub fn logit_lens(path: &Path, layers: &[usize], inputs: &[String], cells: &[Vec
     Ok(())
 }
 
-/// One layer's attention patterns, one heatmap per head: `probs` [heads, T, T].
+/// Most cells a side of an attention heatmap: past it each cell covers several queries and keys.
+const ATTENTION_CELLS: usize = 256;
+
+/// One layer's attention patterns, one heatmap per head: `probs` [heads, T, T]. A long prompt's
+/// queries and keys are binned to at most `ATTENTION_CELLS` a side, each cell the largest
+/// probability in its bin (a single sharp attention, to a first token say, stays visible).
 pub fn attention(path: &Path, layer: usize, probs: &[f32], heads: usize, t: usize, text: bool) -> Res {
-    let cell = (240 / t.max(1)).clamp(2, 24) as i32;
-    let side = cell * t as i32;
+    let cells = t.min(ATTENTION_CELLS);
+    let cell = (240 / cells.max(1)).clamp(2, 24) as i32;
+    let side = cell * cells as i32;
     let cols = heads.min(5) as i32;
     let rows = heads.div_ceil(5) as i32;
     let (w, h) = (cols * (side + 20) + 20, rows * (side + 36) + 20);
@@ -84,12 +90,18 @@ pub fn attention(path: &Path, layer: usize, probs: &[f32], heads: usize, t: usiz
         if text {
             root.draw(&Text::new(format!("layer {layer} head {head}"), (ox, oy - 16), font.clone()))?;
         }
+        let mut binned = vec![0f32; cells * cells];
         for i in 0..t {
-            for j in 0..t {
-                let p = probs[(head * t + i) * t + j];
-                let (x, y) = (ox + cell * j as i32, oy + cell * i as i32);
-                root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], shade(p.sqrt()).filled()))?;
+            let row = &probs[(head * t + i) * t..][..t];
+            let bin = &mut binned[i * cells / t * cells..][..cells];
+            for (j, &p) in row.iter().enumerate() {
+                let b = &mut bin[j * cells / t];
+                *b = b.max(p);
             }
+        }
+        for (k, p) in binned.iter().enumerate() {
+            let (x, y) = (ox + cell * (k % cells) as i32, oy + cell * (k / cells) as i32);
+            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], shade(p.sqrt()).filled()))?;
         }
     }
     root.present()?;

@@ -143,10 +143,38 @@ fn inspect_writes_the_streams_patterns_and_lens() {
         let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(bytes.len() > 500 && bytes.starts_with(b"\x89PNG"), "{} is a PNG picture", p.display());
     }
-    // Chosen layers only.
-    stdout_ok(&["inspect", "--model", model.to_str().unwrap(), "--prompt", prompt, "--out", o, "--layers", "0,29"]);
-    let (dims, _) = highrise::model::npy::read_f32(&out.join("resid_post.npy")).unwrap();
+    // Chosen layers only, each once, bottom to top; the earlier run's other pictures are gone.
+    let (_, all) = highrise::model::npy::read_f32(&out.join("resid_post.npy")).unwrap();
+    let m = model.to_str().unwrap();
+    stdout_ok(&["inspect", "--model", m, "--weights", "f32", "--prompt", prompt, "--out", o, "--layers", "29,0,29"]);
+    let (dims, two) = highrise::model::npy::read_f32(&out.join("resid_post.npy")).unwrap();
     assert_eq!(dims, vec![2, 9, 576]);
+    let layer = |l: usize| &all[l * 9 * 576..][..9 * 576];
+    assert_eq!((&two[..9 * 576], &two[9 * 576..]), (layer(0), layer(29)));
+    let lens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("logit_lens.json")).unwrap()).unwrap();
+    let layers: Vec<u64> = lens["layers"].as_array().unwrap().iter().map(|l| l["layer"].as_u64().unwrap()).collect();
+    assert_eq!(layers, [0, 29]);
+    let mut left: Vec<String> = std::fs::read_dir(out.join("attention")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    assert_eq!(left, ["layer_00.png", "layer_29.png"]);
+    let err = highrise(&["inspect", "--model", m, "--prompt", prompt, "--out", o, "--top-k", "0"]);
+    assert!(!err.status.success() && String::from_utf8_lossy(&err.stderr).contains("--top-k"), "a logit lens of no tokens is refused");
+    // A long prompt: pictures a viewer can show (attention binned to 256 cells a side, the lens's
+    // last 200 positions), the arrays whole.
+    let long: String = (0..300).map(|i| format!(" word{i}")).collect();
+    let said = highrise(&["inspect", "--model", m, "--prompt", &long, "--out", o, "--layers", "5", "--top-k", "1"]);
+    assert!(said.status.success(), "{}", String::from_utf8_lossy(&said.stderr));
+    assert!(String::from_utf8_lossy(&said.stderr).contains("(the last 200 of "), "{}", String::from_utf8_lossy(&said.stderr));
+    let (dims, _) = highrise::model::npy::read_f32(&out.join("attn_probs.npy")).unwrap();
+    let t = dims[2];
+    assert!(t > 256 && dims == [1, 9, t, t], "{dims:?}");
+    let size = |p: &str| {
+        let b = std::fs::read(out.join(p)).unwrap();
+        (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()))
+    };
+    // 5 heads a row of 2 px x 256 cells, 90 px a lens column.
+    assert!(size("attention/layer_05.png").0 <= 5 * (512 + 20) + 20, "{:?}", size("attention/layer_05.png"));
+    assert!(size("logit_lens.png").0 <= 60 + 90 * 200 + 10, "{:?}", size("logit_lens.png"));
     std::fs::remove_dir_all(&out).ok();
 }
 

@@ -31,8 +31,8 @@ pub struct InspectArgs {
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
     /// Tokens per position in the logit lens.
-    #[arg(long, default_value_t = 5)]
-    pub top_k: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub top_k: u32,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -42,7 +42,7 @@ pub fn run_logits(a: &LogitsArgs) -> AnyResult<()> {
 }
 
 pub fn run_inspect(a: &InspectArgs) -> AnyResult<()> {
-    cmd_inspect(&a.prompt, &a.out, &a.layers, a.top_k, &a.model)
+    cmd_inspect(&a.prompt, &a.out, &a.layers, a.top_k as usize, &a.model)
 }
 
 fn cmd_logits(prompt: &str, out: &Path, args: &ModelArgs) -> AnyResult<()> {
@@ -57,6 +57,29 @@ fn cmd_logits(prompt: &str, out: &Path, args: &ModelArgs) -> AnyResult<()> {
     Ok(())
 }
 
+/// The most bytes of attention patterns `inspect` writes (attn_probs.npy, [layers, heads, T, T]
+/// float32): past it a long prompt asks for fewer layers instead of filling the disk.
+const MAX_ATTN_BYTES: u64 = 8 << 30;
+/// The logit lens picture shows at most this many positions (the prompt's last ones); past it the
+/// picture is wider than viewers show. logit_lens.json has every position.
+const LENS_COLUMNS: usize = 200;
+
+/// Refuses attention patterns past `MAX_ATTN_BYTES`, saying what one layer would take.
+fn attention_fits(layers: usize, heads: usize, t: usize) -> Result<(), String> {
+    let bytes = (layers * heads) as u64 * (t * t) as u64 * 4;
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    match bytes > MAX_ATTN_BYTES {
+        false => Ok(()),
+        true => Err(format!(
+            "attn_probs.npy would take {:.1} GiB ({layers} layers x {heads} heads x {t} x {t} tokens, float32), more than the {} GiB \
+             inspect writes: name fewer layers with --layers (one takes {:.2} GiB) or give a shorter prompt",
+            gib(bytes as f64),
+            MAX_ATTN_BYTES >> 30,
+            gib(bytes as f64 / layers as f64)
+        )),
+    }
+}
+
 fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &ModelArgs) -> AnyResult<()> {
     use highrise::model::introspect::inspect;
     use highrise::model::Site;
@@ -67,30 +90,50 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
     }
     let c = &model.config;
     let n = c.num_hidden_layers;
-    let chosen: Vec<usize> = if layers.is_empty() { (0..n).collect() } else { layers.to_vec() };
+    // Each layer once, bottom to top, whatever order they were named in.
+    let mut chosen: Vec<usize> = if layers.is_empty() { (0..n).collect() } else { layers.to_vec() };
+    chosen.sort_unstable();
+    chosen.dedup();
     if let Some(l) = chosen.iter().find(|&&l| l >= n) {
         return Err(format!("--layers: layer {l} does not exist (the model has {n})").into());
     }
+    let (t, h, hq) = (ids.len(), c.hidden_size, c.num_attention_heads);
+    if t > c.context_len() {
+        return Err(format!("the prompt is {t} tokens, beyond the model's context of {}", c.context_len()).into());
+    }
+    attention_fits(chosen.len(), hq, t)?;
     let mut sites = Site::STREAM.to_vec();
-    sites.push(Site::FinalNorm);
-    let pass = inspect(&model, &ids, &sites, &chosen, true, Some(top_k))?;
+    sites.extend([Site::FinalNorm, Site::Q, Site::K]);
+    // Attention patterns are made one layer at a time below: all of them at once would hold
+    // layers x heads x T x T in memory.
+    let pass = inspect(&model, &ids, &sites, &chosen, false, Some(top_k))?;
     let hooks = &pass.hooks;
     std::fs::create_dir_all(out)?;
-    let (t, h) = (ids.len(), c.hidden_size);
     for site in Site::STREAM {
-        let data: Vec<f32> = chosen.iter().flat_map(|&l| hooks.get(site, l).unwrap_or_default().to_vec()).collect();
-        npy::write_f32(&out.join(format!("{}.npy", site.name())), &[chosen.len(), t, h], &data)?;
+        let mut w = npy::NpyWriter::create(&out.join(format!("{}.npy", site.name())), &[chosen.len(), t, h])?;
+        for &l in &chosen {
+            w.write(hooks.get(site, l).unwrap_or_default())?;
+        }
+        w.finish()?;
     }
     npy::write_f32(&out.join("final_norm.npy"), &[t, h], hooks.get(Site::FinalNorm, n).unwrap_or_default())?;
-    let hq = c.num_attention_heads;
-    let probs: Vec<f32> = pass.attn_probs.concat();
-    npy::write_f32(&out.join("attn_probs.npy"), &[chosen.len(), hq, t, t], &probs)?;
     let text = figures::load_font();
     let attn_dir = out.join("attention");
     std::fs::create_dir_all(&attn_dir)?;
-    for (per_layer, &l) in pass.attn_probs.iter().zip(&chosen) {
-        figures::attention(&attn_dir.join(format!("layer_{l:02}.png")), l, per_layer, hq, t, text)?;
+    // Pictures of layers an earlier run captured would be taken for this run's.
+    for entry in std::fs::read_dir(&attn_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("layer_") && name.ends_with(".png") {
+            std::fs::remove_file(entry.path())?;
+        }
     }
+    let mut probs = npy::NpyWriter::create(&out.join("attn_probs.npy"), &[chosen.len(), hq, t, t])?;
+    for &l in &chosen {
+        let per_layer = pass.attention_probs(c, l);
+        probs.write(&per_layer)?;
+        figures::attention(&attn_dir.join(format!("layer_{l:02}.png")), l, &per_layer, hq, t, text)?;
+    }
+    probs.finish()?;
     let norms: Vec<f32> = chosen
         .iter()
         .map(|&l| {
@@ -111,15 +154,29 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
         lens.push(json!({"layer": l, "positions": positions}));
     }
     let input = tok.pieces(&ids);
-    figures::logit_lens(&out.join("logit_lens.png"), &chosen, &input, &cells, text)?;
+    let from = t.saturating_sub(LENS_COLUMNS);
+    let shown: Vec<Vec<_>> = cells.into_iter().map(|row| row[from..].to_vec()).collect();
+    figures::logit_lens(&out.join("logit_lens.png"), &chosen, &input[from..], &shown, text)?;
     let lens = json!({"prompt_ids": ids, "prompt_tokens": input, "layers": lens});
     std::fs::write(out.join("logit_lens.json"), serde_json::to_string_pretty(&lens)?)?;
     eprintln!(
         "wrote {}: resid_pre/attn_out/mlp_out/resid_post.npy [{}, {t}, {h}], final_norm.npy, attn_probs.npy, \
-         logit_lens.json; pictures logit_lens.png, resid_norm.png, attention/layer_*.png{}",
+         logit_lens.json; pictures logit_lens.png{}, resid_norm.png, attention/layer_*.png{}",
         out.display(),
         chosen.len(),
+        if from > 0 { format!(" (the last {LENS_COLUMNS} of {t} positions)") } else { String::new() },
         if text { "" } else { " (no font found: drawn without labels)" }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn attention_patterns_past_the_limit_are_refused_naming_the_sizes() {
+        // SmolLM2-135M: 30 layers of 9 heads. 4096 tokens fit one layer (0.56 GiB), not all 30.
+        assert!(super::attention_fits(1, 9, 4096).is_ok());
+        let e = super::attention_fits(30, 9, 4096).unwrap_err();
+        assert!(e.contains("16.9 GiB (30 layers x 9 heads x 4096 x 4096 tokens") && e.contains("one takes 0.56 GiB"), "{e}");
+    }
 }

@@ -284,20 +284,25 @@ pub fn inspect(model: &Llama, ids: &[u32], sites: &[Site], layers: &[usize], att
     let mut hooks = Hooks::capture_all(&all);
     hooks.layers = Some(layers.iter().copied().collect());
     model.prefill_hooked(ids, crate::Logits::Last, Some(&mut hooks))?;
-    let c = &model.config;
-    let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-    let attn_probs = match attn {
-        true => layers
-            .iter()
-            .map(|&l| attention_probs(hooks.get(Site::Q, l).unwrap_or_default(), hooks.get(Site::K, l).unwrap_or_default(), [hq, hkv, d], c.scores(l)))
-            .collect(),
-        false => Vec::new(),
-    };
     let lens = match lens_k {
         Some(k) => layers.iter().map(|&l| logit_lens(model, hooks.get(Site::ResidPost, l).unwrap_or_default(), k)).collect::<Result<_>>()?,
         None => Vec::new(),
     };
-    Ok(Inspection { hooks, layers: layers.to_vec(), attn_probs, lens })
+    let mut pass = Inspection { hooks, layers: layers.to_vec(), attn_probs: Vec::new(), lens };
+    if attn {
+        pass.attn_probs = layers.iter().map(|&l| pass.attention_probs(&model.config, l)).collect();
+    }
+    Ok(pass)
+}
+
+impl Inspection {
+    /// Layer `l`'s attention probabilities [Hq, T, T], from the Q and K captured there (empty
+    /// where they were not): one layer at a time, for a caller that cannot hold every layer's
+    /// T x T at once.
+    pub fn attention_probs(&self, c: &crate::ModelConfig, l: usize) -> Vec<f32> {
+        let (hq, hkv, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        attention_probs(self.hooks.get(Site::Q, l).unwrap_or_default(), self.hooks.get(Site::K, l).unwrap_or_default(), [hq, hkv, d], c.scores(l))
+    }
 }
 
 #[cfg(test)]
