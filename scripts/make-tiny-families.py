@@ -15,7 +15,7 @@ heads over 2 key/value heads, vocab 512.
 With the `gguf` package (0.19.0) installed, each folder also gets model.gguf: the same weights as
 llama.cpp's convert_hf_to_gguf.py lays them out (its tensor names and metadata keys, Q/K rows
 permuted for the llama architecture, Phi-3's fused tensors kept fused, Llama 3's RoPE scaling as
-the `rope_freqs` tensor of per-frequency divisors, Gemma 2's norms as 1 + w, the sliding window as
+the `rope_freqs` tensor of per-frequency divisors, Gemma's norms as 1 + w (Gemma 3 as `gemma3`), the sliding window as
 `<arch>.attention.sliding_window`), so the GGUF path is held to the same references.
 """
 
@@ -77,6 +77,14 @@ FAMILIES = {
     "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
                    attn_logit_softcapping=5.0, final_logit_softcapping=10.0, tie_word_embeddings=True,
                    pad_token_id=0),
+    # Gemma 3 (text): Gemma 2's layout with (1 + w) q/k norms and no soft-capping; six layers, so
+    # that the real pattern holds (five sliding-window layers, then a full one), the sliding ones
+    # rotating with base 10000 and the full one with base 1e6 and linear scaling by 8 (as the 4B
+    # and larger).
+    "gemma3": dict(model_type="gemma3_text", num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+                   sliding_window=8, tie_word_embeddings=True, pad_token_id=0,
+                   rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
+                                    "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
 }
 
 PROMPT = [1, 17, 300, 42, 99, 5, 250, 7, 7, 128, 511, 64, 3, 200, 31, 400, 12, 77, 150, 9]
@@ -119,9 +127,12 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
     except ImportError:
         print("  (no gguf package: model.gguf not written)")
         return
-    # llama.cpp writes Mistral as the llama architecture.
-    arch = {"mistral": "llama"}.get(kind, kind)
-    gemma = kind == "gemma2"
+    # llama.cpp writes Mistral as the llama architecture, Gemma 3's text model as gemma3.
+    arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(kind, kind)
+    gemma = kind in ("gemma2", "gemma3_text")
+    # Gemma 3's RoPE is per layer type: the full layers' is the one GGUF keeps (llama.cpp takes the
+    # sliding layers' base as 10000).
+    rp = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
     w = gguf.GGUFWriter(str(path), arch)
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_context_length(cfg.max_position_embeddings)
@@ -132,12 +143,15 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(hd)
     w.add_value_length(hd)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(rp["rope_theta"])
+    if rp.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rp["factor"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     if getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)
-    if gemma:
+    if kind == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
@@ -175,10 +189,10 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
             if arch == "llama" and part == "self_attn.k_proj":
                 v = permute(v, cfg.num_key_value_heads)
         if gemma and k.endswith("norm.weight"):
-            # llama.cpp's Gemma2Model stores the norms as the factor they multiply by, 1 + w.
+            # llama.cpp's Gemma2Model and Gemma3Model store the norms (q/k's too) as the factor they
+            # multiply by, 1 + w.
             v = v + 1
         w.add_tensor(g, v.astype("float32"))
-    rp = cfg.rope_parameters
     if rp.get("rope_type") == "longrope":
         # llama.cpp's Phi3MiniModel: both factor lists as tensors, the original context and the
         # cos/sin factor as metadata.

@@ -33,6 +33,14 @@ fn random_gemma2_on_the_emulated_device_matches_the_cpu() {
     random_model_matches_cpu(&dev, "tiny-gemma2", 8, &[DType::F32, DType::BF16]);
 }
 
+/// Gemma 3's layout: (1 + w) norms of each head's q and k, and RoPE per layer (base 10000 on the
+/// windowed layer 0, base 1e6 scaled by 8 on layer 1: each launch uploads its own frequencies).
+#[test]
+fn random_gemma3_on_the_emulated_device_matches_the_cpu() {
+    let Some(dev) = backend("random gemma 3 on the emulated device") else { return };
+    random_model_matches_cpu(&dev, "tiny-gemma3", 8, &[DType::BF16]);
+}
+
 /// Steering changes the stream a layer reads where the norms fold into its projections (a one-token
 /// pass, bf16: `Backend::folds_norms`, the layer norming the stream itself, with no norm after the
 /// intervention): the steered logits are the CPU's, far from the unsteered ones.

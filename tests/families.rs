@@ -107,3 +107,12 @@ fn gemma2_with_post_norms_soft_caps_and_alternating_windows() {
 fn phi3_5_with_longrope() {
     check("phi3.5");
 }
+
+/// Gemma 3 (text): Gemma 2's layout with (1 + w) norms of each head's q and k, no soft-capping, an
+/// 8-token window on five layers and full attention on the sixth, the sliding layers rotating with
+/// base 10000 and the full one with base 1e6 scaled linearly by 8 (per layer type, as transformers
+/// 5 writes `rope_parameters`); from GGUF (`gemma3`), llama.cpp's pattern of six and local base.
+#[test]
+fn gemma3_with_qk_norms_and_rope_per_layer_type() {
+    check("gemma3");
+}

@@ -13,18 +13,28 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 6] = [
+pub const FAMILIES: [(&str, &str); 7] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
     ("phi3", "Phi-3 mini, Phi-3.5 mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE is refused)"),
     ("gemma2", "Gemma 2 (GeGLU, sqrt(hidden) embeddings, (1 + w) norms before and after each block, soft-capped attention and logits, sliding window every other layer)"),
+    ("gemma3_text", "Gemma 3 text (270M, 1B; any size from a GGUF, `gemma3`): Gemma 2's layout with (1 + w) q/k norms, no soft-capping, five sliding-window layers to each full one, RoPE base 10k on the sliding ones"),
 ];
 
 /// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
 pub fn is_family(name: &str) -> bool {
     FAMILIES.iter().any(|(f, _)| *f == name)
+}
+
+/// The `model_type` of a GGUF `general.architecture`: llama.cpp calls Gemma 3 `gemma3` whatever its
+/// size, HF's text-only config `gemma3_text` (`gemma3` there is the multimodal wrapper).
+fn model_type_of_arch(arch: &str) -> &str {
+    match arch {
+        "gemma3" => "gemma3_text",
+        other => other,
+    }
 }
 
 /// "llama, mistral, ...": for the errors that list them.
@@ -98,6 +108,13 @@ pub struct ModelConfig {
     /// Gemma 2: logits become cap tanh(logit / cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3: the RoPE base of the sliding-window layers (the full ones take `rope_theta` and
+    /// `rope_scaling`). transformers >= 5 writes it as `rope_parameters.sliding_attention`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// EmbeddingGemma: every token sees every other (an encoder, not a language model): refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
 }
@@ -118,7 +135,7 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
     /// `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
-    /// `tiny-gemma2` (the same in Gemma 2's layout).
+    /// `tiny-gemma2` and `tiny-gemma3` (the same in Gemma 2's and 3's layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -143,12 +160,22 @@ impl ModelConfig {
                 "query_pre_attn_scalar": 64, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
                 "attn_logit_softcapping": 5.0, "final_logit_softcapping": 200.0, "tie_word_embeddings": true,
             }),
+            // Gemma 3's: q/k norms, no caps, the window on layer 0 rotating with base 10000, layer 1
+            // full with base 1e6 scaled by 8.
+            "tiny-gemma3" => serde_json::json!({
+                "model_type": "gemma3_text", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                "max_position_embeddings": 1024, "hidden_activation": "gelu_pytorch_tanh",
+                "query_pre_attn_scalar": 64, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+                "rope_theta": 1000000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_local_base_freq": 10000.0,
+                "tie_word_embeddings": true,
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 4] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2"];
+    pub const SHAPES: [&'static str; 5] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3"];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -166,9 +193,15 @@ impl ModelConfig {
         Ok(c)
     }
 
-    /// transformers >= 5's `rope_parameters` as the older `rope_theta` + `rope_scaling` fields.
+    /// transformers >= 5's `rope_parameters` as the older `rope_theta` + `rope_scaling` fields (per
+    /// layer type where it is split so, Gemma 3: the full layers' as those, the sliding layers'
+    /// base as `rope_local_base_freq`).
     fn adopt_rope_parameters(&mut self) {
         let Some(p) = self.rope_parameters.as_ref().filter(|p| p.is_object()) else { return };
+        if let Some(theta) = p.get("sliding_attention").and_then(|s| s.get("rope_theta")).and_then(Json::as_f64) {
+            self.rope_local_base_freq = Some(theta);
+        }
+        let p = &p.get("full_attention").filter(|f| f.is_object()).unwrap_or(p).clone();
         if let Some(theta) = p.get("rope_theta").and_then(Json::as_f64) {
             self.rope_theta = theta;
         }
@@ -185,13 +218,15 @@ impl ModelConfig {
     pub fn from_gguf(g: &Gguf) -> Result<ModelConfig> {
         let path = &g.path;
         let arch = g.get("general.architecture").and_then(Value::as_str).unwrap_or("").to_string();
-        if !is_family(&arch) {
+        if !is_family(model_type_of_arch(&arch)) {
             return Err(Error::config(
                 path,
                 "general.architecture",
-                format!("{arch:?} is not supported (these are: {})", families()),
+                format!("{arch:?} is not supported (these are: {}; gemma3 for gemma3_text)", families()),
             ));
         }
+        let model_type = model_type_of_arch(&arch).to_string();
+        let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
         let num = |key: &str| -> Result<usize> {
             let full = format!("{arch}.{key}");
             g.get(&full)
@@ -255,13 +290,14 @@ impl ModelConfig {
         let token = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
         let tied = g.tensor("output.weight").is_none();
         let c = ModelConfig {
-            model_type: arch.clone(),
+            model_type: model_type.clone(),
             architectures: vec![match arch.as_str() {
                 "mistral" => "MistralForCausalLM".into(),
                 "qwen2" => "Qwen2ForCausalLM".into(),
                 "qwen3" => "Qwen3ForCausalLM".into(),
                 "phi3" => "Phi3ForCausalLM".into(),
                 "gemma2" => "Gemma2ForCausalLM".into(),
+                "gemma3" => "Gemma3ForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -284,19 +320,24 @@ impl ModelConfig {
             torch_dtype: Some("float32".into()),
             rope_parameters: None,
             partial_rotary_factor: None,
-            // llama.cpp's Gemma 2: the window on even layers, GeGLU, scores scaled by the head dim
-            // (n_embd / n_head for the 27B, the one shape of 46 layers).
-            layer_types: (arch == "gemma2").then(|| {
+            // llama.cpp's Gemma 2: the window on even layers; Gemma 3: on five layers of each six
+            // (every sixth full). GeGLU; scores scaled by the head dim (n_embd / n_head for the
+            // 27Bs, the one shape of 46 layers of Gemma 2 and of 62 of Gemma 3).
+            layer_types: gemma.then(|| {
                 let layers = num("block_count").unwrap_or(0);
-                (0..layers).map(|l| if l % 2 == 0 { "sliding_attention" } else { "full_attention" }.to_string()).collect()
+                let sliding = |l: usize| if arch == "gemma2" { l % 2 == 0 } else { (l + 1) % 6 != 0 };
+                (0..layers).map(|l| if sliding(l) { "sliding_attention" } else { "full_attention" }.to_string()).collect()
             }),
-            hidden_activation: (arch == "gemma2").then(|| "gelu_pytorch_tanh".to_string()),
+            hidden_activation: gemma.then(|| "gelu_pytorch_tanh".to_string()),
             hidden_act: None,
             use_sliding_window: None,
-            query_pre_attn_scalar: (arch == "gemma2").then(|| match num("block_count") {
-                Ok(46) => (hidden / heads.max(1)) as f64,
+            query_pre_attn_scalar: gemma.then(|| match (arch.as_str(), num("block_count")) {
+                ("gemma2", Ok(46)) | ("gemma3", Ok(62)) => (hidden / heads.max(1)) as f64,
                 _ => head_dim as f64,
             }),
+            // llama.cpp's Gemma 3: the sliding layers rotate with base 10000, unscaled.
+            rope_local_base_freq: (arch == "gemma3").then_some(10_000.0),
+            use_bidirectional_attention: None,
             attn_logit_softcapping: float("attn_logit_softcapping"),
             final_logit_softcapping: float("final_logit_softcapping"),
         };
@@ -348,6 +389,9 @@ impl ModelConfig {
                 return Err(Error::config(path, "layer_types", format!("{t:?} (full_attention and sliding_attention are supported)")));
             }
         }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err(Error::config(path, "use_bidirectional_attention", "true: a bidirectional encoder (EmbeddingGemma) is not a causal language model"));
+        }
         let act = self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or("silu");
         if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh") {
             return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu and gelu_pytorch_tanh are supported)")));
@@ -356,6 +400,7 @@ impl ModelConfig {
             ("query_pre_attn_scalar", self.query_pre_attn_scalar),
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
+            ("rope_local_base_freq", self.rope_local_base_freq),
         ] {
             if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
                 return Err(Error::config(path, field, format!("{v}: must be finite and above 0")));
@@ -364,10 +409,10 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Gemma 2's layout: norms after attention and after the MLP as well as before, (1 + w) norm
-    /// weights, embeddings scaled by sqrt(hidden).
+    /// Gemma 2's and 3's layout: norms after attention and after the MLP as well as before, (1 + w)
+    /// norm weights, embeddings scaled by sqrt(hidden).
     pub fn gemma(&self) -> bool {
-        self.model_type == "gemma2"
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
     }
 
     /// The MLP's gate activation.
@@ -381,12 +426,31 @@ impl ModelConfig {
     /// How layer `layer`'s attention scores: its scale, soft-cap and sliding window.
     pub fn scores(&self, layer: usize) -> Scores {
         let scale = 1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt();
-        let sliding = match &self.layer_types {
+        let window = self.sliding_window.filter(|_| self.sliding(layer)).map_or(0, |w| w.min(u32::MAX as usize) as u32);
+        Scores { scale: scale as f32, softcap: self.attn_logit_softcapping.unwrap_or(0.0) as f32, window }
+    }
+
+    /// Whether layer `layer` attends through the sliding window (where the config has one).
+    fn sliding(&self, layer: usize) -> bool {
+        match &self.layer_types {
             Some(types) => types.get(layer).is_some_and(|t| t == "sliding_attention"),
             None => self.use_sliding_window != Some(false),
-        };
-        let window = self.sliding_window.filter(|_| sliding).map_or(0, |w| w.min(u32::MAX as usize) as u32);
-        Scores { scale: scale as f32, softcap: self.attn_logit_softcapping.unwrap_or(0.0) as f32, window }
+        }
+    }
+
+    /// How layer `layer` rotates q and k: `rope()`, or on Gemma 3's sliding-window layers plain
+    /// RoPE of base `rope_local_base_freq` (HF's default for Gemma 3, 10000, where it is absent).
+    pub fn layer_rope(&self, layer: usize) -> std::result::Result<RopeConfig, String> {
+        let local = self.rope_local_base_freq.or((self.model_type == "gemma3_text").then_some(10_000.0));
+        match local {
+            Some(base) if self.sliding(layer) => Ok(RopeConfig::new(base as f32)),
+            _ => self.rope(),
+        }
+    }
+
+    /// `layer_rope` of every layer.
+    pub fn ropes(&self) -> std::result::Result<Vec<RopeConfig>, String> {
+        (0..self.num_hidden_layers).map(|l| self.layer_rope(l)).collect()
     }
 
     /// What the embeddings are multiplied by as they enter the stream: sqrt(hidden) for Gemma.
@@ -406,9 +470,10 @@ impl ModelConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Qwen3 norms each head of q and k (RMSNorm, a weight of head_dim) before RoPE.
+    /// Qwen 3 and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim; Gemma's 1 + w)
+    /// before RoPE.
     pub fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3"
+        matches!(self.model_type.as_str(), "qwen3" | "gemma3_text")
     }
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.
@@ -582,6 +647,31 @@ mod tests {
             "num_hidden_layers": 1, "num_attention_heads": 4}"#);
         let e = ModelConfig::from_file(&path).unwrap_err().to_string();
         assert!(e.contains("vocab_size"), "{e}");
+        let path = write("encoder", r#"{"model_type": "gemma3_text", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "use_bidirectional_attention": true}"#);
+        let e = ModelConfig::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("use_bidirectional_attention: true: a bidirectional encoder"), "{e}");
+    }
+
+    #[test]
+    fn gemma3_rotates_per_layer_type_in_either_vocabulary() {
+        let common = r#""model_type": "gemma3_text", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 16,
+            "num_hidden_layers": 6, "num_attention_heads": 4, "sliding_window": 8,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]"#;
+        // transformers 5: one set of parameters per layer type; 4.x: the full layers' at the top
+        // level and the sliding layers' base apart.
+        let v5 = write("gemma3-v5", &format!(r#"{{{common}, "rope_parameters": {{
+            "full_attention": {{"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+            "sliding_attention": {{"rope_type": "default", "rope_theta": 10000.0}}}}}}"#));
+        let v4 = write("gemma3-v4", &format!(r#"{{{common}, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "rope_scaling": {{"rope_type": "linear", "factor": 8.0}}}}"#));
+        for path in [v5, v4] {
+            let c = ModelConfig::from_file(&path).unwrap();
+            let ropes = c.ropes().unwrap();
+            assert!(ropes[..5].iter().all(|r| *r == RopeConfig::new(10000.0)), "{path:?}: {ropes:?}");
+            assert_eq!(ropes[5], RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } }, "{path:?}");
+            assert_eq!((c.scores(0).window, c.scores(5).window), (8, 0));
+        }
     }
 
     #[test]

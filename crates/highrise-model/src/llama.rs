@@ -84,7 +84,8 @@ pub struct Llama {
     pub q8_activations: bool,
     /// The KV cache's dtype.
     pub kv_dtype: DType,
-    pub rope: RopeConfig,
+    /// How each layer rotates q and k (Gemma 3's sliding layers differ from its full ones).
+    pub rope: Vec<RopeConfig>,
     pub embed: Tensor,           // [V, H]
     pub layers: Vec<Layer>,
     pub norm: Tensor,            // [H]
@@ -191,8 +192,8 @@ impl Llama {
                 w_gate: loader.matrix(&p("mlp.gate_proj.weight"), i, h, OpKind::Linear)?,
                 w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
                 w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
-                q_norm: c.qk_norm().then(|| loader.vector(&p("self_attn.q_norm.weight"), c.head_dim())).transpose()?,
-                k_norm: c.qk_norm().then(|| loader.vector(&p("self_attn.k_norm.weight"), c.head_dim())).transpose()?,
+                q_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.q_norm.weight"), &c)).transpose()?,
+                k_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.k_norm.weight"), &c)).transpose()?,
                 attn_post_norm: gemma("post_attention_layernorm.weight")?,
                 mlp_post_norm: gemma("post_feedforward_layernorm.weight")?,
             });
@@ -204,7 +205,7 @@ impl Llama {
             false => Some(loader.matrix("lm_head.weight", v, h, OpKind::Linear)?),
         };
         let norm = norm("model.norm.weight")?;
-        let rope = c.rope().map_err(|e| Error::config(source.path(), "rope_scaling", e))?;
+        let rope = c.ropes().map_err(|e| Error::config(source.path(), "rope_scaling", e))?;
         Ok(Llama {
             config: c,
             backend,
@@ -228,7 +229,7 @@ impl Llama {
             return Err(Error::Input(format!("random weights are f32, f16 or bf16, not {dtype}")));
         }
         let c = config;
-        let rope = c.rope().map_err(|e| Error::Input(format!("rope_scaling: {e}")))?;
+        let rope = c.ropes().map_err(|e| Error::Input(format!("rope_scaling: {e}")))?;
         let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
         let mut next = move || highrise_core::rand::splitmix64(&mut state);
         const POOL: usize = 1 << 22;
@@ -454,10 +455,10 @@ impl Llama {
             // K/V for later tokens. One op where the backend fuses them.
             let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
             if b.supports(OpKind::RopeKvWrite, kc.dtype()) {
-                b.rope_kv_write(&mut q, &mut k, &v, kc, vc, batch.positions, batch.slots, self.rope)?;
+                b.rope_kv_write(&mut q, &mut k, &v, kc, vc, batch.positions, batch.slots, self.rope[l])?;
             } else {
-                b.rope(&mut q, batch.positions, self.rope)?;
-                b.rope(&mut k, batch.positions, self.rope)?;
+                b.rope(&mut q, batch.positions, self.rope[l])?;
+                b.rope(&mut k, batch.positions, self.rope[l])?;
                 b.kv_write(kc, vc, &k, &v, batch.slots)?;
             }
             hooks.tap(Site::Q, l, &q)?;
@@ -710,6 +711,15 @@ impl Loader<'_> {
             DType::F32
         };
         Tensor::from_f32(self.backend, dtype, &[n], &w).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))
+    }
+
+    /// The RMSNorm weight [head_dim] of each head's q or k: as a bias is kept (Qwen 3), or as the
+    /// 1 + w Gemma multiplies by.
+    fn head_norm(&self, name: &str, c: &ModelConfig) -> Result<Tensor> {
+        match c.gemma() {
+            true => self.norm(name, c.head_dim(), true),
+            false => self.vector(name, c.head_dim()),
+        }
     }
 
     /// A bias: kept in the file's float dtype, or converted to f32 if quantized.
