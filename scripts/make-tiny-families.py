@@ -52,6 +52,9 @@ FAMILIES = {
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=64),
     ),
+    # SmolLM3: Llama without RoPE on every fourth layer (layer 3 of the four here).
+    "smollm3": dict(model_type="smollm3", num_hidden_layers=4, tie_word_embeddings=True, pad_token_id=0,
+                    rope_parameters=dict(rope_type="default", rope_theta=2000000.0)),
     # Mistral: head_dim not hidden / heads (Nemo); a sliding window (v0.1) narrower than the prompt.
     "mistral": dict(model_type="mistral", head_dim=32, sliding_window=8, rope_theta=1000000.0),
     # Qwen 2.5: q/k/v biases.
@@ -184,9 +187,10 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
             _, _, layer, rest = k.split(".", 3)
             part, suffix = rest.rsplit(".", 1)
             g = f"blk.{layer}.{names[part]}.{suffix}"
-            if arch == "llama" and part == "self_attn.q_proj":
+            # llama.cpp's LlamaModel permutes, and the converters derived from it (SmolLM3).
+            if arch in ("llama", "smollm3") and part == "self_attn.q_proj":
                 v = permute(v, cfg.num_attention_heads)
-            if arch == "llama" and part == "self_attn.k_proj":
+            if arch in ("llama", "smollm3") and part == "self_attn.k_proj":
                 v = permute(v, cfg.num_key_value_heads)
         if gemma and k.endswith("norm.weight"):
             # llama.cpp's Gemma2Model and Gemma3Model store the norms (q/k's too) as the factor they

@@ -35,6 +35,13 @@ fn random_gemma3_matches_cpu_logits_and_64_greedy_steps() {
     random_model_matches_cpu(&gpu, "tiny-gemma3", 64, &[DType::F32]);
 }
 
+/// SmolLM3's layout (a layer without RoPE) on the GPU against the CPU.
+#[test]
+fn random_smollm3_matches_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random smollm3") else { return };
+    random_model_matches_cpu(&gpu, "tiny-smollm3", 64, &[DType::F32]);
+}
+
 /// The linear op on each GEMM path (`HIGHRISE_GEMM`: cuBLASLt's algorithm timed fastest, its
 /// heuristic's first, cublasGemmEx's own) at batched-decode rows with long rows of w, where a tuned
 /// algorithm may split k: each within bf16's tolerance of the f64 reference.

@@ -41,6 +41,13 @@ fn random_gemma3_on_the_emulated_device_matches_the_cpu() {
     random_model_matches_cpu(&dev, "tiny-gemma3", 8, &[DType::BF16]);
 }
 
+/// SmolLM3's layout: layer 1 without RoPE (its K/V written by kv_write alone, no rope launch).
+#[test]
+fn random_smollm3_on_the_emulated_device_matches_the_cpu() {
+    let Some(dev) = backend("random smollm3 on the emulated device") else { return };
+    random_model_matches_cpu(&dev, "tiny-smollm3", 8, &[DType::BF16]);
+}
+
 /// Steering changes the stream a layer reads where the norms fold into its projections (a one-token
 /// pass, bf16: `Backend::folds_norms`, the layer norming the stream itself, with no norm after the
 /// intervention): the steered logits are the CPU's, far from the unsteered ones.

@@ -70,6 +70,13 @@ fn llama_3_2_tied_embeddings_and_llama3_rope_scaling() {
     check("llama3.2");
 }
 
+/// SmolLM3: no RoPE on layer 3 of four (`no_rope_layers`); from GGUF, llama.cpp's step of four
+/// (no key holds it) and its permuted q/k rows, as for Llama.
+#[test]
+fn smollm3_without_rope_on_every_fourth_layer() {
+    check("smollm3");
+}
+
 /// Mistral's sliding window (v0.1) on every layer, 8 tokens wide beside a prompt of 20 (from the
 /// 9th position on, the earliest keys drop out), and Nemo's head_dim of its own.
 #[test]

@@ -13,8 +13,9 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 7] = [
+pub const FAMILIES: [(&str, &str); 8] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
+    ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
@@ -112,6 +113,12 @@ pub struct ModelConfig {
     /// `rope_scaling`). transformers >= 5 writes it as `rope_parameters.sliding_attention`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
+    /// SmolLM3: per layer, 1 where q and k rotate, 0 where they do not (NoPE); absent, every
+    /// `no_rope_layer_interval`-th layer (4) does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_rope_layers: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_rope_layer_interval: Option<usize>,
     /// EmbeddingGemma: every token sees every other (an encoder, not a language model): refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bidirectional_attention: Option<bool>,
@@ -135,7 +142,7 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
     /// `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
-    /// `tiny-gemma2` and `tiny-gemma3` (the same in Gemma 2's and 3's layouts).
+    /// `tiny-gemma2`, `tiny-gemma3` and `tiny-smollm3` (the same in those families' layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -170,12 +177,18 @@ impl ModelConfig {
                 "rope_theta": 1000000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_local_base_freq": 10000.0,
                 "tie_word_embeddings": true,
             }),
+            // SmolLM3's: layer 1 without RoPE.
+            "tiny-smollm3" => serde_json::json!({
+                "model_type": "smollm3", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                "no_rope_layers": [1, 0], "tie_word_embeddings": true,
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 5] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3"];
+    pub const SHAPES: [&'static str; 6] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3"];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -298,6 +311,7 @@ impl ModelConfig {
                 "phi3" => "Phi3ForCausalLM".into(),
                 "gemma2" => "Gemma2ForCausalLM".into(),
                 "gemma3" => "Gemma3ForCausalLM".into(),
+                "smollm3" => "SmolLM3ForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -335,8 +349,12 @@ impl ModelConfig {
                 ("gemma2", Ok(46)) | ("gemma3", Ok(62)) => (hidden / heads.max(1)) as f64,
                 _ => head_dim as f64,
             }),
-            // llama.cpp's Gemma 3: the sliding layers rotate with base 10000, unscaled.
-            rope_local_base_freq: (arch == "gemma3").then_some(10_000.0),
+            // llama.cpp's Gemma 3: the sliding layers rotate unscaled, with base 10000 unless the
+            // file says otherwise.
+            rope_local_base_freq: (arch == "gemma3").then(|| float("rope.freq_base_swa").unwrap_or(10_000.0)),
+            // llama.cpp's SmolLM3: every fourth layer without RoPE (a step no GGUF key holds).
+            no_rope_layers: None,
+            no_rope_layer_interval: (arch == "smollm3").then_some(4),
             use_bidirectional_attention: None,
             attn_logit_softcapping: float("attn_logit_softcapping"),
             final_logit_softcapping: float("final_logit_softcapping"),
@@ -389,6 +407,14 @@ impl ModelConfig {
                 return Err(Error::config(path, "layer_types", format!("{t:?} (full_attention and sliding_attention are supported)")));
             }
         }
+        if let Some(list) = &self.no_rope_layers {
+            if list.len() != self.num_hidden_layers || list.iter().any(|&v| v > 1) {
+                return Err(Error::config(path, "no_rope_layers", format!("{list:?}: one 0 or 1 per layer ({} layers)", self.num_hidden_layers)));
+            }
+        }
+        if self.no_rope_layer_interval == Some(0) {
+            return Err(Error::config(path, "no_rope_layer_interval", "must be positive"));
+        }
         if self.use_bidirectional_attention == Some(true) {
             return Err(Error::config(path, "use_bidirectional_attention", "true: a bidirectional encoder (EmbeddingGemma) is not a causal language model"));
         }
@@ -438,18 +464,25 @@ impl ModelConfig {
         }
     }
 
-    /// How layer `layer` rotates q and k: `rope()`, or on Gemma 3's sliding-window layers plain
-    /// RoPE of base `rope_local_base_freq` (HF's default for Gemma 3, 10000, where it is absent).
-    pub fn layer_rope(&self, layer: usize) -> std::result::Result<RopeConfig, String> {
+    /// How layer `layer` rotates q and k: `rope()`, on Gemma 3's sliding-window layers plain RoPE
+    /// of base `rope_local_base_freq` (HF's default for Gemma 3, 10000, where it is absent), and
+    /// not at all (None) on SmolLM3's NoPE layers.
+    pub fn layer_rope(&self, layer: usize) -> std::result::Result<Option<RopeConfig>, String> {
+        let rotates = match (&self.no_rope_layers, self.model_type.as_str()) {
+            (Some(list), _) => list.get(layer) != Some(&0),
+            (None, "smollm3") => (layer + 1) % self.no_rope_layer_interval.unwrap_or(4).max(1) != 0,
+            _ => true,
+        };
         let local = self.rope_local_base_freq.or((self.model_type == "gemma3_text").then_some(10_000.0));
         match local {
-            Some(base) if self.sliding(layer) => Ok(RopeConfig::new(base as f32)),
-            _ => self.rope(),
+            _ if !rotates => Ok(None),
+            Some(base) if self.sliding(layer) => Ok(Some(RopeConfig::new(base as f32))),
+            _ => self.rope().map(Some),
         }
     }
 
     /// `layer_rope` of every layer.
-    pub fn ropes(&self) -> std::result::Result<Vec<RopeConfig>, String> {
+    pub fn ropes(&self) -> std::result::Result<Vec<Option<RopeConfig>>, String> {
         (0..self.num_hidden_layers).map(|l| self.layer_rope(l)).collect()
     }
 
@@ -668,8 +701,8 @@ mod tests {
         for path in [v5, v4] {
             let c = ModelConfig::from_file(&path).unwrap();
             let ropes = c.ropes().unwrap();
-            assert!(ropes[..5].iter().all(|r| *r == RopeConfig::new(10000.0)), "{path:?}: {ropes:?}");
-            assert_eq!(ropes[5], RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } }, "{path:?}");
+            assert!(ropes[..5].iter().all(|r| *r == Some(RopeConfig::new(10000.0))), "{path:?}: {ropes:?}");
+            assert_eq!(ropes[5], Some(RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } }), "{path:?}");
             assert_eq!((c.scores(0).window, c.scores(5).window), (8, 0));
         }
     }

@@ -84,8 +84,9 @@ pub struct Llama {
     pub q8_activations: bool,
     /// The KV cache's dtype.
     pub kv_dtype: DType,
-    /// How each layer rotates q and k (Gemma 3's sliding layers differ from its full ones).
-    pub rope: Vec<RopeConfig>,
+    /// How each layer rotates q and k (Gemma 3's sliding layers differ from its full ones; None:
+    /// SmolLM3's layers without RoPE).
+    pub rope: Vec<Option<RopeConfig>>,
     pub embed: Tensor,           // [V, H]
     pub layers: Vec<Layer>,
     pub norm: Tensor,            // [H]
@@ -454,12 +455,17 @@ impl Llama {
             // RoPE: rotate Q and K by their positions. Then the key/value stream: store this layer's
             // K/V for later tokens. One op where the backend fuses them.
             let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
-            if b.supports(OpKind::RopeKvWrite, kc.dtype()) {
-                b.rope_kv_write(&mut q, &mut k, &v, kc, vc, batch.positions, batch.slots, self.rope[l])?;
-            } else {
-                b.rope(&mut q, batch.positions, self.rope[l])?;
-                b.rope(&mut k, batch.positions, self.rope[l])?;
-                b.kv_write(kc, vc, &k, &v, batch.slots)?;
+            match self.rope[l] {
+                Some(rope) if b.supports(OpKind::RopeKvWrite, kc.dtype()) => {
+                    b.rope_kv_write(&mut q, &mut k, &v, kc, vc, batch.positions, batch.slots, rope)?
+                }
+                Some(rope) => {
+                    b.rope(&mut q, batch.positions, rope)?;
+                    b.rope(&mut k, batch.positions, rope)?;
+                    b.kv_write(kc, vc, &k, &v, batch.slots)?;
+                }
+                // A layer without RoPE (SmolLM3's every fourth): q and k as projected.
+                None => b.kv_write(kc, vc, &k, &v, batch.slots)?,
             }
             hooks.tap(Site::Q, l, &q)?;
             hooks.tap(Site::K, l, &k)?;

@@ -208,8 +208,9 @@ fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> 
         return None;
     }
     let g = rename(hf, true, config)?;
-    // llama.cpp permutes q/k rows only for the llama architecture (for its interleaved RoPE).
-    let permuted = config.model_type == "llama";
+    // llama.cpp permutes q/k rows only for the llama architecture and those its converter derives
+    // from it (SmolLM3), for its interleaved RoPE.
+    let permuted = matches!(config.model_type.as_str(), "llama" | "smollm3");
     let heads = match g.rsplit('.').nth(1) {
         Some("attn_q") if permuted => Some(config.num_attention_heads),
         Some("attn_k") if permuted => Some(config.kv_heads()),
