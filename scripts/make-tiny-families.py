@@ -72,6 +72,9 @@ FAMILIES = {
                    rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + 0.05 * i for i in range(4)] * 2,
                                      long_factor=[1.0 + 0.7 * i for i in range(8)],
                                      original_max_position_embeddings=16)),
+    # OLMo 2: RMSNorm after attention and after the MLP, none before; q and k normed across all
+    # heads at once.
+    "olmo2": dict(model_type="olmo2", pad_token_id=0),
     # Gemma 2: GeGLU, embeddings times sqrt(hidden), (1 + w) norms before and after each block,
     # soft-capped attention scores and logits (caps lower than the real 50 and 30, so that they bend
     # these small scores), and a sliding window on every other layer (layer 0
@@ -170,8 +173,9 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
         "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
     }
-    if gemma:
-        # llama.cpp's Gemma 2 names: a norm after attention, one before and one after the MLP.
+    if gemma or kind == "olmo2":
+        # llama.cpp's Gemma 2 and OLMo 2 names: a norm after attention, one before (Gemma) and one
+        # after the MLP.
         names.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                       "post_feedforward_layernorm": "post_ffw_norm"})
     for k, v in sd.items():

@@ -42,6 +42,13 @@ fn random_smollm3_matches_cpu_logits_and_64_greedy_steps() {
     random_model_matches_cpu(&gpu, "tiny-smollm3", 64, &[DType::F32]);
 }
 
+/// OLMo 2's layout (no pre-norms, whole-width q/k norms) on the GPU against the CPU.
+#[test]
+fn random_olmo2_matches_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random olmo 2") else { return };
+    random_model_matches_cpu(&gpu, "tiny-olmo2", 64, &[DType::F32]);
+}
+
 /// The linear op on each GEMM path (`HIGHRISE_GEMM`: cuBLASLt's algorithm timed fastest, its
 /// heuristic's first, cublasGemmEx's own) at batched-decode rows with long rows of w, where a tuned
 /// algorithm may split k: each within bf16's tolerance of the f64 reference.

@@ -99,6 +99,13 @@ fn phi3_with_fused_projections() {
     check("phi3");
 }
 
+/// OLMo 2: no norm before attention or the MLP, one after each on what it adds to the stream, and
+/// q and k RMS-normed across all heads (a weight of heads x head_dim); from GGUF, llama.cpp's names.
+#[test]
+fn olmo2_with_post_norms_only_and_whole_width_qk_norms() {
+    check("olmo2");
+}
+
 /// Gemma 2: GeGLU, embeddings times sqrt(hidden), (1 + w) norms before and after attention and the
 /// MLP, soft-capped scores and logits, and an 8-token sliding window on layer 0 beside full
 /// attention on layer 1; from GGUF, llama.cpp's names and its norms stored as 1 + w.

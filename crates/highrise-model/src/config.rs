@@ -13,13 +13,14 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 8] = [
+pub const FAMILIES: [(&str, &str); 9] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
     ("phi3", "Phi-3 mini, Phi-3.5 mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE is refused)"),
+    ("olmo2", "OLMo 2 (RMSNorm after attention and after the MLP, none before; q and k normed across all heads)"),
     ("gemma2", "Gemma 2 (GeGLU, sqrt(hidden) embeddings, (1 + w) norms before and after each block, soft-capped attention and logits, sliding window every other layer)"),
     ("gemma3_text", "Gemma 3 text (270M, 1B; any size from a GGUF, `gemma3`): Gemma 2's layout with (1 + w) q/k norms, no soft-capping, five sliding-window layers to each full one, RoPE base 10k on the sliding ones"),
 ];
@@ -142,7 +143,8 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
     /// `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
-    /// `tiny-gemma2`, `tiny-gemma3` and `tiny-smollm3` (the same in those families' layouts).
+    /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3` and `tiny-olmo2` (the same in those families'
+    /// layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -183,12 +185,17 @@ impl ModelConfig {
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
                 "no_rope_layers": [1, 0], "tie_word_embeddings": true,
             }),
+            // OLMo 2's: norms after attention and the MLP only, q and k normed across all heads.
+            "tiny-olmo2" => serde_json::json!({
+                "model_type": "olmo2", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 6] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3"];
+    pub const SHAPES: [&'static str; 7] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2"];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -312,6 +319,7 @@ impl ModelConfig {
                 "gemma2" => "Gemma2ForCausalLM".into(),
                 "gemma3" => "Gemma3ForCausalLM".into(),
                 "smollm3" => "SmolLM3ForCausalLM".into(),
+                "olmo2" => "Olmo2ForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -504,9 +512,28 @@ impl ModelConfig {
     }
 
     /// Qwen 3 and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim; Gemma's 1 + w)
-    /// before RoPE.
+    /// before RoPE, OLMo 2 all heads at once (a weight of heads x head_dim).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "qwen3" | "gemma3_text")
+        matches!(self.model_type.as_str(), "qwen3" | "gemma3_text" | "olmo2")
+    }
+
+    /// The width q's and k's RMSNorm takes at once: (q's, k's).
+    pub fn qk_norm_width(&self) -> (usize, usize) {
+        match self.model_type.as_str() {
+            "olmo2" => (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim()),
+            _ => (self.head_dim(), self.head_dim()),
+        }
+    }
+
+    /// Whether attention and the MLP read the stream through a norm of their own (OLMo 2's read it
+    /// as it is, and norm what they add to it instead).
+    pub fn pre_norms(&self) -> bool {
+        self.model_type != "olmo2"
+    }
+
+    /// Whether what attention and the MLP add to the stream is RMS-normed first (Gemma, OLMo 2).
+    pub fn post_norms(&self) -> bool {
+        self.gemma() || self.model_type == "olmo2"
     }
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.

@@ -54,7 +54,7 @@ pub const BLOCK_SIZE: usize = 16;
 
 /// One layer's weights. Shapes: hidden H, heads Hq / Hkv of D, intermediate I.
 pub struct Layer {
-    pub attn_norm: Tensor,        // [H]
+    pub attn_norm: Option<Tensor>, // [H] (None: OLMo 2, attention reads the stream as it is)
     pub wq: Tensor,               // [Hq * D, H]
     pub wk: Tensor,               // [Hkv * D, H]
     pub wv: Tensor,               // [Hkv * D, H]
@@ -62,16 +62,16 @@ pub struct Layer {
     pub bk: Option<Tensor>,       // [Hkv * D]
     pub bv: Option<Tensor>,       // [Hkv * D]
     pub wo: Tensor,               // [H, Hq * D]
-    pub mlp_norm: Tensor,         // [H]
+    pub mlp_norm: Option<Tensor>, // [H] (None: OLMo 2)
     pub w_gate: Tensor,           // [I, H]
     pub w_up: Tensor,             // [I, H]
     pub w_down: Tensor,           // [H, I]
-    pub q_norm: Option<Tensor>,   // [D] (Qwen3: RMSNorm of each query head before RoPE)
-    pub k_norm: Option<Tensor>,   // [D]
-    /// Gemma 2: RMSNorm of the attention's output before it joins the stream ([H]; HF's
-    /// post_attention_layernorm, (1 + w) as loaded).
+    pub q_norm: Option<Tensor>,   // [D] (Qwen3: RMSNorm of each query head before RoPE; OLMo 2: [Hq * D])
+    pub k_norm: Option<Tensor>,   // [D] (OLMo 2: [Hkv * D])
+    /// Gemma, OLMo 2: RMSNorm of the attention's output before it joins the stream ([H]; HF's
+    /// post_attention_layernorm, Gemma's (1 + w) as loaded).
     pub attn_post_norm: Option<Tensor>,
-    /// Gemma 2: RMSNorm of the MLP's output before it joins the stream ([H]).
+    /// Gemma, OLMo 2: RMSNorm of the MLP's output before it joins the stream ([H]).
     pub mlp_post_norm: Option<Tensor>,
 }
 
@@ -179,9 +179,11 @@ impl Llama {
             let bias = |s: &str, n: usize| -> Result<Option<Tensor>> {
                 c.qkv_bias().then(|| loader.vector(&p(s), n)).transpose()
             };
-            let gemma = |s: &str| c.gemma().then(|| norm(&p(s))).transpose();
+            let pre = |s: &str| c.pre_norms().then(|| norm(&p(s))).transpose();
+            let post = |s: &str| c.post_norms().then(|| norm(&p(s))).transpose();
+            let (q_norm, k_norm) = c.qk_norm_width();
             layers.push(Layer {
-                attn_norm: norm(&p("input_layernorm.weight"))?,
+                attn_norm: pre("input_layernorm.weight")?,
                 wq: loader.matrix(&p("self_attn.q_proj.weight"), q_dim, h, OpKind::Linear)?,
                 wk: loader.matrix(&p("self_attn.k_proj.weight"), kv_dim, h, OpKind::Linear)?,
                 wv: loader.matrix(&p("self_attn.v_proj.weight"), kv_dim, h, OpKind::Linear)?,
@@ -189,14 +191,14 @@ impl Llama {
                 bk: bias("self_attn.k_proj.bias", kv_dim)?,
                 bv: bias("self_attn.v_proj.bias", kv_dim)?,
                 wo: loader.matrix(&p("self_attn.o_proj.weight"), h, q_dim, OpKind::Linear)?,
-                mlp_norm: norm(&p(if c.gemma() { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" }))?,
+                mlp_norm: pre(if c.gemma() { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" })?,
                 w_gate: loader.matrix(&p("mlp.gate_proj.weight"), i, h, OpKind::Linear)?,
                 w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
                 w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
-                q_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.q_norm.weight"), &c)).transpose()?,
-                k_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.k_norm.weight"), &c)).transpose()?,
-                attn_post_norm: gemma("post_attention_layernorm.weight")?,
-                mlp_post_norm: gemma("post_feedforward_layernorm.weight")?,
+                q_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.q_norm.weight"), q_norm, &c)).transpose()?,
+                k_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.k_norm.weight"), k_norm, &c)).transpose()?,
+                attn_post_norm: post("post_attention_layernorm.weight")?,
+                mlp_post_norm: post("post_feedforward_layernorm.weight")?,
             });
             progress(l + 1, c.num_hidden_layers);
         }
@@ -252,10 +254,11 @@ impl Llama {
         let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
         let proj = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let (q_norm, k_norm) = c.qk_norm_width();
         for _ in 0..c.num_hidden_layers {
             let bias = c.qkv_bias();
             layers.push(Layer {
-                attn_norm: make(&[h], 0.1, 1.0)?,
+                attn_norm: if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
                 wq: make(&[q_dim, h], proj(h), 0.0)?,
                 wk: make(&[kv_dim, h], proj(h), 0.0)?,
                 wv: make(&[kv_dim, h], proj(h), 0.0)?,
@@ -263,14 +266,14 @@ impl Llama {
                 bk: if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None },
                 bv: if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None },
                 wo: make(&[h, q_dim], proj(q_dim), 0.0)?,
-                mlp_norm: make(&[h], 0.1, 1.0)?,
+                mlp_norm: if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
                 w_gate: make(&[i, h], proj(h), 0.0)?,
                 w_up: make(&[i, h], proj(h), 0.0)?,
                 w_down: make(&[h, i], proj(i), 0.0)?,
-                q_norm: if c.qk_norm() { Some(make(&[c.head_dim()], 0.1, 1.0)?) } else { None },
-                k_norm: if c.qk_norm() { Some(make(&[c.head_dim()], 0.1, 1.0)?) } else { None },
-                attn_post_norm: if c.gemma() { Some(make(&[h], 0.1, 1.0)?) } else { None },
-                mlp_post_norm: if c.gemma() { Some(make(&[h], 0.1, 1.0)?) } else { None },
+                q_norm: if c.qk_norm() { Some(make(&[q_norm], 0.1, 1.0)?) } else { None },
+                k_norm: if c.qk_norm() { Some(make(&[k_norm], 0.1, 1.0)?) } else { None },
+                attn_post_norm: if c.post_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
+                mlp_post_norm: if c.post_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
             });
         }
         let embed = make(&[v, h], 1.0, 0.0)?;
@@ -291,11 +294,11 @@ impl Llama {
             .layers
             .iter()
             .map(|l| {
-                [&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.mlp_norm, &l.w_gate, &l.w_up, &l.w_down]
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
                     .iter()
                     .map(|t| t.size_bytes())
                     .sum::<usize>()
-                    + [&l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm, &l.attn_post_norm, &l.mlp_post_norm]
+                    + [&l.attn_norm, &l.mlp_norm, &l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm, &l.attn_post_norm, &l.mlp_post_norm]
                         .iter()
                         .filter_map(|b| b.as_ref())
                         .map(|t| t.size_bytes())
@@ -345,7 +348,7 @@ impl Llama {
     /// would be normed apart first, a launch more than `add_rms_norm`).
     fn can_fold_norms(&self, layer: &Layer) -> bool {
         self.config.glu_act() == GluAct::Silu
-            && [&layer.attn_norm, &layer.mlp_norm].iter().all(|n| n.dtype() == self.dtype)
+            && [&layer.attn_norm, &layer.mlp_norm].iter().all(|n| n.as_ref().is_some_and(|n| n.dtype() == self.dtype))
             && layer.attn_post_norm.is_none()
             && layer.mlp_post_norm.is_none()
             && self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv])
@@ -424,9 +427,11 @@ impl Llama {
             // Steering and patching change the stream entering the layer; its norm follows (where
             // the layer norms it apart from its projections).
             let changed = hooks.intervene(l, &mut x, h)?;
-            if !folded && (changed || !xb_ready) {
-                b.rms_norm(&mut xb, &x, &layer.attn_norm, eps)?;
+            if let (false, true, Some(norm)) = (folded, changed || !xb_ready, &layer.attn_norm) {
+                b.rms_norm(&mut xb, &x, norm, eps)?;
             }
+            // What attention reads: the stream's norm, or the stream itself (OLMo 2).
+            let input = if layer.attn_norm.is_some() { &xb } else { &x };
             hooks.tap(Site::ResidPre, l, &x)?;
             // Attention: Q, K, V projections.
             let mut q = self.tensor(&[t, hq * d])?; // (T, Hq*D)
@@ -434,19 +439,23 @@ impl Llama {
             let mut v = self.tensor(&[t, hkv * d])?; // (T, Hkv*D)
             if folded {
                 let biases = [layer.bq.as_ref(), layer.bk.as_ref(), layer.bv.as_ref()];
-                let norm = Some((&layer.attn_norm, eps));
+                let norm = layer.attn_norm.as_ref().map(|n| (n, eps));
                 b.qkv_linear_normed([&mut q, &mut k, &mut v], &x, norm, [&layer.wq, &layer.wk, &layer.wv], biases)?;
             } else if self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv]) {
                 let biases = [layer.bq.as_ref(), layer.bk.as_ref(), layer.bv.as_ref()];
-                b.qkv_linear([&mut q, &mut k, &mut v], &xb, [&layer.wq, &layer.wk, &layer.wv], biases)?;
+                b.qkv_linear([&mut q, &mut k, &mut v], input, [&layer.wq, &layer.wk, &layer.wv], biases)?;
             } else {
-                self.linear(&mut q, &xb, &layer.wq, layer.bq.as_ref())?;
-                self.linear(&mut k, &xb, &layer.wk, layer.bk.as_ref())?;
-                self.linear(&mut v, &xb, &layer.wv, layer.bv.as_ref())?;
+                self.linear(&mut q, input, &layer.wq, layer.bq.as_ref())?;
+                self.linear(&mut k, input, &layer.wk, layer.bk.as_ref())?;
+                self.linear(&mut v, input, &layer.wv, layer.bv.as_ref())?;
             }
-            // Qwen 3: each head's q and k RMS-normed before RoPE (the residual norm op, one head a row).
+            // Qwen 3, Gemma 3: each head's q and k RMS-normed before RoPE (the residual norm op, one
+            // head a row); OLMo 2: all heads of a token at once (one token a row).
             let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => (self.head_norm(q, qn, t * hq, d, eps)?, self.head_norm(k, kn, t * hkv, d, eps)?),
+                (Some(qn), Some(kn)) => {
+                    let (qw, kw) = (qn.dims()[0], kn.dims()[0]);
+                    (self.head_norm(q, qn, t * hq * d / qw, qw, eps)?, self.head_norm(k, kn, t * hkv * d / kw, kw, eps)?)
+                }
                 _ => (q, k),
             };
             let mut q = q.reshape(&[t, hq, d])?;
@@ -491,8 +500,10 @@ impl Llama {
                 // What joins the stream (Gemma 2: normed first) is what the tap sees.
                 let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
                 hooks.tap(Site::AttnOut, l, &attn_out)?;
-                b.add_rms_norm(&mut xb, &mut x, &attn_out, &layer.mlp_norm, eps)?;
+                // Without the MLP's own norm (OLMo 2) xb is not read: any norm serves the add.
+                b.add_rms_norm(&mut xb, &mut x, &attn_out, layer.mlp_norm.as_ref().unwrap_or(&self.norm), eps)?;
             }
+            let input = if layer.mlp_norm.is_some() { &xb } else { &x };
 
             // MLP: SwiGLU (GeGLU for Gemma), its two projections and the gate in one op where the
             // backend fuses them (SwiGLU, weights in the activations' dtype; reading x's norm
@@ -501,17 +512,18 @@ impl Llama {
             let glu = c.glu_act();
             let mut act = self.tensor(&[t, i])?; // (T, I)
             if folded {
-                b.swiglu_linear_normed(&mut act, &x, Some((&layer.mlp_norm, eps)), &layer.w_gate, &layer.w_up)?;
+                b.swiglu_linear_normed(&mut act, &x, layer.mlp_norm.as_ref().map(|n| (n, eps)), &layer.w_gate, &layer.w_up)?;
             } else if glu == GluAct::Silu && self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up]) {
-                b.swiglu_linear(&mut act, &xb, &layer.w_gate, &layer.w_up)?;
+                b.swiglu_linear(&mut act, input, &layer.w_gate, &layer.w_up)?;
             } else {
                 let mut gate = self.tensor(&[t, i])?; // (T, I)
                 let mut up = self.tensor(&[t, i])?; // (T, I)
-                self.linear(&mut gate, &xb, &layer.w_gate, None)?;
-                self.linear(&mut up, &xb, &layer.w_up, None)?;
+                self.linear(&mut gate, input, &layer.w_gate, None)?;
+                self.linear(&mut up, input, &layer.w_up, None)?;
                 b.glu(&mut act, &gate, &up, glu)?;
             }
-            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |n| &n.attn_norm);
+            // (A next layer without a norm of its own does not read xb: the final norm serves.)
+            let next_norm = self.layers.get(l + 1).and_then(|n| n.attn_norm.as_ref()).unwrap_or(&self.norm);
             if folded && !hooks.wants(Site::MlpOut, l) {
                 // x += mlp_out, the next layer (or the final norm) norming x itself.
                 b.linear_add(&mut x, &act, &layer.w_down, None)?;
@@ -719,12 +731,12 @@ impl Loader<'_> {
         Tensor::from_f32(self.backend, dtype, &[n], &w).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))
     }
 
-    /// The RMSNorm weight [head_dim] of each head's q or k: as a bias is kept (Qwen 3), or as the
-    /// 1 + w Gemma multiplies by.
-    fn head_norm(&self, name: &str, c: &ModelConfig) -> Result<Tensor> {
+    /// The RMSNorm weight [n] of q or k (a head's, or all heads'): as a bias is kept (Qwen 3,
+    /// OLMo 2), or as the 1 + w Gemma multiplies by.
+    fn head_norm(&self, name: &str, n: usize, c: &ModelConfig) -> Result<Tensor> {
         match c.gemma() {
-            true => self.norm(name, c.head_dim(), true),
-            false => self.vector(name, c.head_dim()),
+            true => self.norm(name, n, true),
+            false => self.vector(name, n),
         }
     }
 

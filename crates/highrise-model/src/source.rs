@@ -178,8 +178,9 @@ const LAYER_NAMES: [(&str, &str); 13] = [
     ("mlp.gate_up_proj", "ffn_up"),
 ];
 
-/// Gemma 2's norms, where llama.cpp's names differ from the other families' (searched first).
-const GEMMA2_NAMES: [(&str, &str); 3] = [
+/// The norms of families with norms after attention and the MLP (Gemma, OLMo 2), where llama.cpp's
+/// names differ from the other families' (searched first).
+const POST_NORM_NAMES: [(&str, &str); 3] = [
     ("post_attention_layernorm", "post_attention_norm"),
     ("pre_feedforward_layernorm", "ffn_norm"),
     ("post_feedforward_layernorm", "post_ffw_norm"),
@@ -194,7 +195,7 @@ fn rename(name: &str, to_gguf: bool, config: &ModelConfig) -> Option<String> {
     let (from_prefix, to_prefix) = if to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
     let (layer, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
     let (part, suffix) = rest.rsplit_once('.')?; // weight or bias
-    let family: &[(&str, &str)] = if config.gemma() { &GEMMA2_NAMES } else { &[] };
+    let family: &[(&str, &str)] = if config.post_norms() { &POST_NORM_NAMES } else { &[] };
     let (_, to) = family.iter().copied().chain(LAYER_NAMES).map(pick).find(|(from, _)| *from == part)?;
     Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
 }

@@ -283,7 +283,7 @@ class Model:
 
         path: a GGUF file, a HF directory (config.json, *.safetensors, tokenizer.json),
             ``"random:SHAPE"`` (random weights: llama-3-8b, smollm2-135m, tiny,
-            tiny-gemma2, tiny-gemma3, tiny-smollm3), or None for the
+            tiny-gemma2, tiny-gemma3, tiny-smollm3, tiny-olmo2), or None for the
             default model (SmolLM2-135M-Instruct, fetched on first use as the CLI fetches it).
         backend: ``"cpu"`` (built in), ``"cuda"``, or the path of a backend plugin.
         dtype: activations and KV cache, f32, f16 or bf16. weights: ``auto`` (the file's own
