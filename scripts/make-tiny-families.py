@@ -75,6 +75,14 @@ FAMILIES = {
     # OLMo 2: RMSNorm after attention and after the MLP, none before; q and k normed across all
     # heads at once.
     "olmo2": dict(model_type="olmo2", pad_token_id=0),
+    # OLMo 3: OLMo 2 with an 8-token window on three layers of each four, the sliding ones rotating
+    # with a base of their own.
+    "olmo3": dict(model_type="olmo3", num_hidden_layers=4, sliding_window=8, pad_token_id=0,
+                  rope_parameters={"full_attention": dict(rope_type="default", rope_theta=500000.0),
+                                   "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
+    # Gemma (1): GeGLU (its legacy hidden_act "gelu", meaning the tanh approximation), embeddings
+    # times sqrt(hidden), (1 + w) norms, before each block only.
+    "gemma": dict(model_type="gemma", head_dim=32, hidden_act="gelu", tie_word_embeddings=True, pad_token_id=0),
     # Gemma 2: GeGLU, embeddings times sqrt(hidden), (1 + w) norms before and after each block,
     # soft-capped attention scores and logits (caps lower than the real 50 and 30, so that they bend
     # these small scores), and a sliding window on every other layer (layer 0
@@ -111,6 +119,12 @@ def make(name: str, extra: dict) -> None:
     out = OUT / f"tiny-{name}"
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    if kind == "gemma":
+        # The official Gemma releases ship the legacy value, which transformers reads as the tanh
+        # approximation it saved instead: keep theirs, so the loader's reading of it is tested.
+        conf = json.loads((out / "config.json").read_text())
+        conf["hidden_act"] = "gelu"
+        (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         logits = model(ids).logits[0]
@@ -133,9 +147,12 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
     except ImportError:
         print("  (no gguf package: model.gguf not written)")
         return
+    if kind == "olmo3":
+        print("  (llama.cpp's GGUF has no olmo3 architecture: model.gguf not written)")
+        return
     # llama.cpp writes Mistral as the llama architecture, Gemma 3's text model as gemma3.
     arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(kind, kind)
-    gemma = kind in ("gemma2", "gemma3_text")
+    gemma = kind in ("gemma", "gemma2", "gemma3_text")
     # Gemma 3's RoPE is per layer type: the full layers' is the one GGUF keeps (llama.cpp takes the
     # sliding layers' base as 10000).
     rp = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
@@ -173,7 +190,7 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
         "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
     }
-    if gemma or kind == "olmo2":
+    if kind in ("gemma2", "gemma3_text", "olmo2"):
         # llama.cpp's Gemma 2 and OLMo 2 names: a norm after attention, one before (Gemma) and one
         # after the MLP.
         names.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
@@ -197,8 +214,8 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
             if arch in ("llama", "smollm3") and part == "self_attn.k_proj":
                 v = permute(v, cfg.num_key_value_heads)
         if gemma and k.endswith("norm.weight"):
-            # llama.cpp's Gemma2Model and Gemma3Model store the norms (q/k's too) as the factor they
-            # multiply by, 1 + w.
+            # llama.cpp's GemmaModel, Gemma2Model and Gemma3Model store the norms (q/k's too) as the
+            # factor they multiply by, 1 + w.
             v = v + 1
         w.add_tensor(g, v.astype("float32"))
     if rp.get("rope_type") == "longrope":

@@ -106,6 +106,21 @@ fn olmo2_with_post_norms_only_and_whole_width_qk_norms() {
     check("olmo2");
 }
 
+/// OLMo 3: OLMo 2 with an 8-token window on three layers of four, those rotating with a base of
+/// their own (transformers 5's `rope_parameters` per layer type). No GGUF: llama.cpp has no olmo3.
+#[test]
+fn olmo3_with_windows_on_three_layers_of_four() {
+    check("olmo3");
+}
+
+/// Gemma (1): GeGLU from the legacy `hidden_act: "gelu"` its releases ship (the tanh approximation,
+/// as transformers reads it), embeddings times sqrt(hidden), (1 + w) norms before each block only;
+/// from GGUF, llama.cpp's names and its norms stored as 1 + w.
+#[test]
+fn gemma_with_its_legacy_gelu() {
+    check("gemma");
+}
+
 /// Gemma 2: GeGLU, embeddings times sqrt(hidden), (1 + w) norms before and after attention and the
 /// MLP, soft-capped scores and logits, and an 8-token sliding window on layer 0 beside full
 /// attention on layer 1; from GGUF, llama.cpp's names and its norms stored as 1 + w.

@@ -82,8 +82,9 @@ pub fn run_models(a: &BackendsArgs) -> AnyResult<()> {
         return Ok(());
     }
     println!("families (model_type / general.architecture), each checked against HF transformers' logits:");
+    let width = FAMILIES.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
     for (name, what) in FAMILIES {
-        println!("  {name:<8} {what}");
+        println!("  {name:<width$} {what}");
     }
     println!("tokenizers (tokenizer.ggml.model); llama-spm, llama-bpe, gpt-2, starcoder, refact, command-r, qwen2,");
     println!("qwen35, deepseek-llm, deepseek-coder, falcon, mpt and phi-3 checked against llama.cpp's test vectors:");

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 9] = [
+pub const FAMILIES: [(&str, &str); 11] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -21,6 +21,8 @@ pub const FAMILIES: [(&str, &str); 9] = [
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
     ("phi3", "Phi-3 mini, Phi-3.5 mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE is refused)"),
     ("olmo2", "OLMo 2 (RMSNorm after attention and after the MLP, none before; q and k normed across all heads)"),
+    ("olmo3", "OLMo 3 (OLMo 2 with a sliding window on three layers of each four)"),
+    ("gemma", "Gemma, CodeGemma (GeGLU, sqrt(hidden) embeddings, (1 + w) norms)"),
     ("gemma2", "Gemma 2 (GeGLU, sqrt(hidden) embeddings, (1 + w) norms before and after each block, soft-capped attention and logits, sliding window every other layer)"),
     ("gemma3_text", "Gemma 3 text (270M, 1B; any size from a GGUF, `gemma3`): Gemma 2's layout with (1 + w) q/k norms, no soft-capping, five sliding-window layers to each full one, RoPE base 10k on the sliding ones"),
 ];
@@ -320,6 +322,7 @@ impl ModelConfig {
                 "gemma3" => "Gemma3ForCausalLM".into(),
                 "smollm3" => "SmolLM3ForCausalLM".into(),
                 "olmo2" => "Olmo2ForCausalLM".into(),
+                "gemma" => "GemmaForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -350,7 +353,7 @@ impl ModelConfig {
                 let sliding = |l: usize| if arch == "gemma2" { l % 2 == 0 } else { (l + 1) % 6 != 0 };
                 (0..layers).map(|l| if sliding(l) { "sliding_attention" } else { "full_attention" }.to_string()).collect()
             }),
-            hidden_activation: gemma.then(|| "gelu_pytorch_tanh".to_string()),
+            hidden_activation: (gemma || arch == "gemma").then(|| "gelu_pytorch_tanh".to_string()),
             hidden_act: None,
             use_sliding_window: None,
             query_pre_attn_scalar: gemma.then(|| match (arch.as_str(), num("block_count")) {
@@ -426,7 +429,7 @@ impl ModelConfig {
         if self.use_bidirectional_attention == Some(true) {
             return Err(Error::config(path, "use_bidirectional_attention", "true: a bidirectional encoder (EmbeddingGemma) is not a causal language model"));
         }
-        let act = self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or("silu");
+        let act = self.activation();
         if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh") {
             return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu and gelu_pytorch_tanh are supported)")));
         }
@@ -443,16 +446,32 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Gemma 2's and 3's layout: norms after attention and after the MLP as well as before, (1 + w)
-    /// norm weights, embeddings scaled by sqrt(hidden).
+    /// Gemma's layout: (1 + w) norm weights, embeddings scaled by sqrt(hidden) (and from Gemma 2 on,
+    /// `post_norms`).
     pub fn gemma(&self) -> bool {
-        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
+        matches!(self.model_type.as_str(), "gemma" | "gemma2" | "gemma3_text")
+    }
+
+    /// OLMo 2's layout (OLMo 3's too): `post_norms` without pre-norms, q/k norms across all heads.
+    fn olmo(&self) -> bool {
+        matches!(self.model_type.as_str(), "olmo2" | "olmo3")
+    }
+
+    /// The MLP's gate activation by name: `hidden_activation`, else `hidden_act`, else silu (Gemma:
+    /// gelu_pytorch_tanh). Gemma's first configs say `hidden_act: "gelu"` and mean the tanh
+    /// approximation: HF runs gelu_pytorch_tanh for them, and so does this.
+    fn activation(&self) -> &str {
+        match (self.hidden_activation.as_deref(), self.hidden_act.as_deref(), self.model_type.as_str()) {
+            (Some(act), _, _) => act,
+            (None, None | Some("gelu"), "gemma") => "gelu_pytorch_tanh",
+            (None, act, _) => act.unwrap_or("silu"),
+        }
     }
 
     /// The MLP's gate activation.
     pub fn glu_act(&self) -> GluAct {
-        match self.hidden_activation.as_deref().or(self.hidden_act.as_deref()) {
-            Some("gelu_pytorch_tanh" | "gelu_tanh") => GluAct::GeluTanh,
+        match self.activation() {
+            "gelu_pytorch_tanh" | "gelu_tanh" => GluAct::GeluTanh,
             _ => GluAct::Silu,
         }
     }
@@ -514,26 +533,27 @@ impl ModelConfig {
     /// Qwen 3 and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim; Gemma's 1 + w)
     /// before RoPE, OLMo 2 all heads at once (a weight of heads x head_dim).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "qwen3" | "gemma3_text" | "olmo2")
+        matches!(self.model_type.as_str(), "qwen3" | "gemma3_text") || self.olmo()
     }
 
     /// The width q's and k's RMSNorm takes at once: (q's, k's).
     pub fn qk_norm_width(&self) -> (usize, usize) {
-        match self.model_type.as_str() {
-            "olmo2" => (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim()),
-            _ => (self.head_dim(), self.head_dim()),
+        match self.olmo() {
+            true => (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim()),
+            false => (self.head_dim(), self.head_dim()),
         }
     }
 
     /// Whether attention and the MLP read the stream through a norm of their own (OLMo 2's read it
     /// as it is, and norm what they add to it instead).
     pub fn pre_norms(&self) -> bool {
-        self.model_type != "olmo2"
+        !self.olmo()
     }
 
-    /// Whether what attention and the MLP add to the stream is RMS-normed first (Gemma, OLMo 2).
+    /// Whether what attention and the MLP add to the stream is RMS-normed first (Gemma 2 and 3,
+    /// OLMo 2 and 3).
     pub fn post_norms(&self) -> bool {
-        self.gemma() || self.model_type == "olmo2"
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text") || self.olmo()
     }
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.

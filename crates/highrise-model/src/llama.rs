@@ -191,7 +191,7 @@ impl Llama {
                 bk: bias("self_attn.k_proj.bias", kv_dim)?,
                 bv: bias("self_attn.v_proj.bias", kv_dim)?,
                 wo: loader.matrix(&p("self_attn.o_proj.weight"), h, q_dim, OpKind::Linear)?,
-                mlp_norm: pre(if c.gemma() { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" })?,
+                mlp_norm: pre(if c.post_norms() { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" })?,
                 w_gate: loader.matrix(&p("mlp.gate_proj.weight"), i, h, OpKind::Linear)?,
                 w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
                 w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
