@@ -15,12 +15,14 @@
 #define ATTN_WARPS 4
 #define MAX_D 256
 
-// Rotates x [T, heads, D] in place (rotate_half pairing: dim i with i + D/2) by positions[t] *
+// Rotates x [T, heads, D] in place (rotate_half pairing over the first rot dims: dim i with
+// i + rot/2; rot = D but for partial RoPE, whose other dims pass through) by positions[t] *
 // inv_freq[i], cos and sin times mscale (1, or LongRoPE's attention factor); angles in double, as
-// the CPU backend takes them. Block (t, head), D/2 threads.
+// the CPU backend takes them. Block (t, head), at least rot/2 threads.
 template <class D>
-__device__ void rope(typename D::T* x, const u32* positions, const double* inv_freq, u32 heads, u32 d, float mscale) {
-    const u32 half = d / 2, i = threadIdx.x;
+__device__ void rope(typename D::T* x, const u32* positions, const double* inv_freq, u32 heads, u32 d, u32 rot,
+                     float mscale) {
+    const u32 half = rot / 2, i = threadIdx.x;
     if (i >= half) return;
     const u64 base = ((u64)blockIdx.x * heads + blockIdx.y) * d;
     double s, c;
@@ -48,36 +50,43 @@ __device__ void kv_write(typename D::T* k_cache, typename D::T* v_cache, const t
 
 // RoPE on q [T, hq, d] and k [T, hkv, d] in place, and k (rotated) and v [T, hkv, d] written to
 // the paged cache at slots[t], in one launch (the RopeKvWrite op): block (t, head), heads 0..hq of
-// q then hkv of k; d/2 threads. The same arithmetic as rope twice and kv_write, bit for bit.
+// q then hkv of k; d/2 threads, thread i taking the rotating pair (i, i + rot/2) below rot/2 and
+// two of partial RoPE's passing dims above (k's copied to the cache as they are), and v's dims i
+// and i + d/2. The same arithmetic as rope twice and kv_write, bit for bit.
 template <class D>
 __device__ void rope_kv_write(typename D::T* k_cache, typename D::T* v_cache, typename D::T* k, const typename D::T* v,
                               const u32* slots, u32 hkv, u32 d, u32 block_size, typename D::T* q, const u32* positions,
-                              const double* inv_freq, u32 hq, float mscale) {
-    const u32 half = d / 2, i = threadIdx.x, t = blockIdx.x;
-    if (i >= half) return;
-    const bool is_q = blockIdx.y < hq;
+                              const double* inv_freq, u32 hq, u32 rot, float mscale) {
+    const u32 half = rot / 2, i = threadIdx.x, t = blockIdx.x;
+    if (i >= d / 2) return;
+    const bool is_q = blockIdx.y < hq, rotates = i < half;
+    if (is_q && !rotates) return;
     const u32 head = is_q ? blockIdx.y : blockIdx.y - hq;
     typename D::T* x = is_q ? q : k;
     const u64 base = ((u64)t * (is_q ? hq : hkv) + head) * d;
+    const u32 j0 = rotates ? i : rot + 2 * (i - half), j1 = rotates ? i + half : j0 + 1;
     // Every load before the first store (which might alias them as far as the compiler knows): one
     // round trip to memory, not one after each store (a decode step runs this once a layer).
     const u32 pos = positions[t], slot = is_q ? 0 : slots[t];
-    const float a = D::load(x, base + i), b = D::load(x, base + i + half);
+    const float a = D::load(x, base + j0), b = D::load(x, base + j1);
     typename D::T v0 = {}, v1 = {};
-    if (!is_q) v0 = v[base + i], v1 = v[base + i + half];
-    double s, c;
-    sincos((double)pos * inv_freq[i], &s, &c);
-    const float cf = (float)c * mscale, sf = (float)s * mscale;
-    const float ra = a * cf - b * sf, rb = b * cf + a * sf;
-    D::store(x, base + i, ra);
-    D::store(x, base + i + half, rb);
+    if (!is_q) v0 = v[base + i], v1 = v[base + i + d / 2];
+    float ra = a, rb = b;
+    if (rotates) {
+        double s, c;
+        sincos((double)pos * inv_freq[i], &s, &c);
+        const float cf = (float)c * mscale, sf = (float)s * mscale;
+        ra = a * cf - b * sf, rb = b * cf + a * sf;
+        D::store(x, base + j0, ra);
+        D::store(x, base + j1, rb);
+    }
     if (is_q) return;
     // The rotated k as stored above (the same value, the same rounding), and v as it is.
     const u64 dst = (((u64)(slot / block_size) * hkv + head) * block_size + slot % block_size) * d;
-    D::store(k_cache, dst + i, ra);
-    D::store(k_cache, dst + i + half, rb);
+    D::store(k_cache, dst + j0, ra);
+    D::store(k_cache, dst + j1, rb);
     v_cache[dst + i] = v0;
-    v_cache[dst + i + half] = v1;
+    v_cache[dst + i + d / 2] = v1;
 }
 
 // One query row's view of the keys: it sees keys 0..nkeys[t] of its sequence, addressed from
@@ -357,8 +366,8 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
 
 #define ATTENTION(s, D)                                                                                           \
     extern "C" __global__ void rope_##s(D::T* x, const u32* positions, const double* inv_freq, u32 heads, u32 d, \
-                                        float mscale) {                                                           \
-        rope<D>(x, positions, inv_freq, heads, d, mscale);                                                        \
+                                        u32 rot, float mscale) {                                                  \
+        rope<D>(x, positions, inv_freq, heads, d, rot, mscale);                                                   \
     }                                                                                                             \
     extern "C" __global__ void kv_write_##s(D::T* k_cache, D::T* v_cache, const D::T* k, const D::T* v,          \
                                             const u32* slots, u32 hkv, u32 d, u32 block_size) {                   \
@@ -367,9 +376,10 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     extern "C" __global__ void rope_kv_write_##s(D::T* k_cache, D::T* v_cache, D::T* k, const D::T* v,          \
                                                  const u32* slots, u32 hkv, u32 d, u32 block_size, D::T* q,      \
                                                  const u32* positions, const double* inv_freq, u32 hq,           \
-                                                 float mscale) {                                                  \
+                                                 u32 rot, float mscale) {                                         \
         PDL_ENTRY();                                                                                              \
-        rope_kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size, q, positions, inv_freq, hq, mscale);  \
+        rope_kv_write<D>(k_cache, v_cache, k, v, slots, hkv, d, block_size, q, positions, inv_freq, hq, rot,      \
+                         mscale);                                                                                 \
     }                                                                                                             \
     extern "C" __global__ void attn_combine_##s(D::T* out, const float* partial, u32 hq, u32 d, u32 splits) {    \
         PDL_ENTRY();                                                                                              \

@@ -83,6 +83,13 @@ FAMILIES = {
     # Gemma (1): GeGLU (its legacy hidden_act "gelu", meaning the tanh approximation), embeddings
     # times sqrt(hidden), (1 + w) norms, before each block only.
     "gemma": dict(model_type="gemma", head_dim=32, hidden_act="gelu", tie_word_embeddings=True, pad_token_id=0),
+    # Phi-4-mini: Phi-3.5's longrope on the first 3/4 of each head's dims only (partial RoPE), the
+    # rest passing through: 12 of 16 here, a factor per rotating pair.
+    "phi4-mini": dict(model_type="phi3", rope_theta=10000.0, pad_token_id=0, original_max_position_embeddings=16,
+                      tie_word_embeddings=True, partial_rotary_factor=0.75,
+                      rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + 0.05 * i for i in range(6)],
+                                        long_factor=[1.0 + 0.7 * i for i in range(6)],
+                                        original_max_position_embeddings=16)),
     # Gemma 2: GeGLU, embeddings times sqrt(hidden), (1 + w) norms before and after each block,
     # soft-capped attention scores and logits (caps lower than the real 50 and 30, so that they bend
     # these small scores), and a sliding window on every other layer (layer 0
@@ -167,6 +174,10 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
     w.add_key_length(hd)
     w.add_value_length(hd)
     w.add_rope_freq_base(rp["rope_theta"])
+    partial = rp.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0
+    if partial != 1.0:
+        # llama.cpp's n_rot: the rotating dims of a head.
+        w.add_rope_dimension_count(int(hd * partial))
     if rp.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rp["factor"])

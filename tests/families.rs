@@ -99,6 +99,14 @@ fn phi3_with_fused_projections() {
     check("phi3");
 }
 
+/// Phi-4-mini: Phi-3.5's longrope on the first 3/4 of each head's dims (partial RoPE: a factor per
+/// rotating pair, cos and sin scaled on those only), the rest passing through; from GGUF,
+/// llama.cpp's `rope.dimension_count`.
+#[test]
+fn phi4_mini_with_partial_longrope() {
+    check("phi4-mini");
+}
+
 /// OLMo 2: no norm before attention or the MLP, one after each on what it adds to the stream, and
 /// q and k RMS-normed across all heads (a weight of heads x head_dim); from GGUF, llama.cpp's names.
 #[test]

@@ -178,15 +178,10 @@ fn rope_llama3_scaling_follows_the_reference_formula() {
     }
     let mut rng = Rng::new("rope_llama3");
     let (t, heads, d) = (7, 2, 128);
-    let cfg = RopeConfig {
-        theta: 500_000.0,
-        scaling: RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position: 8192,
-        },
-    };
+    let cfg = RopeConfig::scaled(
+        500_000.0,
+        RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192 },
+    );
     // Llama 3.1's published formula, written out independently of RopeConfig::inv_freq.
     let inv: Vec<f64> = ref_inv_freq(500_000.0, d)
         .into_iter()
@@ -216,7 +211,16 @@ fn rope_llama3_scaling_follows_the_reference_formula() {
 fn longrope(d: usize) -> RopeConfig {
     let mut divisors = [1f32; MAX_ROPE_PAIRS];
     divisors.iter_mut().take(d / 2).enumerate().for_each(|(i, f)| *f = 1.0 + 0.3 * i as f32);
-    RopeConfig { theta: 10_000.0, scaling: RopeScaling::Factors { attention_factor: 1.19, pairs: (d / 2) as u32, divisors } }
+    RopeConfig::scaled(10_000.0, RopeScaling::Factors { attention_factor: 1.19, pairs: (d / 2) as u32, divisors })
+}
+
+/// Phi-4-mini's RoPE at head dim `d`: the first 3/4 of the dims rotating, with LongRoPE's divisors
+/// (one per rotating pair) and attention factor.
+fn partial_longrope(d: usize) -> RopeConfig {
+    let rot = 3 * d / 4;
+    let mut config = longrope(rot);
+    config.rotary_dims = rot as u32;
+    config
 }
 
 /// LongRoPE (Phi-3.5): each pair's frequency over its own divisor, cos and sin times the attention
@@ -243,7 +247,44 @@ fn rope_longrope_factors_follow_the_reference_formula() {
     // Factors that do not match the head dim are refused, naming the op.
     let mut xt = upload(DType::F32, &[1, 1, 64], &[0.0; 64]);
     let err = be().rope(&mut xt, &[0], longrope(128)).unwrap_err().to_string();
-    assert!(err.contains("rope") && err.contains("64 rope factors for a head dim of 64"), "{err}");
+    assert!(err.contains("rope") && err.contains("64 rope factors for 64 rotary dims (32 pairs)"), "{err}");
+}
+
+/// Partial RoPE (Phi-4-mini: 3/4 of each head's dims, with LongRoPE): the first dims rotate as a
+/// head of that size would (pairs (i, i + rot/2), frequencies over the rotating dims, cos and sin
+/// times the attention factor), the rest pass through untouched, attention factor and all.
+#[test]
+fn rope_partial_rotates_the_first_dims_and_passes_the_rest() {
+    if backend("rope_partial_rotates_the_first_dims_and_passes_the_rest").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("rope_partial");
+    for dt in FLOATS {
+        for d in [64, 128] {
+            let (t, heads, rot) = (9, 3, 3 * d / 4);
+            let inv: Vec<f64> = ref_inv_freq(10_000.0, rot).into_iter().enumerate().map(|(i, f)| f / (1.0 + 0.3 * i as f32) as f64).collect();
+            let x = rng.values(t * heads * d, 1.0, dt);
+            let positions: Vec<u32> = (0..t).map(|_| rng.below(100_000) as u32).collect();
+            let mut xt = upload(dt, &[t, heads, d], &x);
+            be().rope(&mut xt, &positions, partial_longrope(d)).unwrap();
+            let m = 1.19f32 as f64;
+            let reference = |rd: Rd| {
+                let front: Vec<f64> = x.chunks(d).flat_map(|head| head[..rot].to_vec()).collect();
+                let rotated = ref_rope(&front, &positions, &inv, heads, rd);
+                let mut out = x.clone();
+                for (head, r) in out.chunks_mut(d).zip(rotated.chunks(rot)) {
+                    head[..rot].iter_mut().zip(r).for_each(|(o, v)| *o = rd.r(v * m));
+                }
+                out
+            };
+            assert_close(&format!("rope partial {dt} D={d} rot={rot}"), dt, &download(&xt), &reference(Rd::Exact), &reference(Rd::Naive(dt)));
+        }
+    }
+    // Rotating dims that are odd or more than the head's are refused, naming the op.
+    let mut xt = upload(DType::F32, &[1, 1, 64], &[0.0; 64]);
+    let odd = RopeConfig { rotary_dims: 47, ..RopeConfig::new(10_000.0) };
+    let err = be().rope(&mut xt, &[0], odd).unwrap_err().to_string();
+    assert!(err.contains("rope") && err.contains("47 rotary dims in a head dim of 64"), "{err}");
 }
 
 /// (q heads, kv heads) for grouped-query ratios 1, 3 and 4.
@@ -753,10 +794,10 @@ fn rope_kv_write_equals_its_three_ops() {
         return;
     }
     let mut rng = Rng::new("rope_kv_write");
-    let config = RopeConfig { theta: 10000.0, scaling: RopeScaling::None };
+    let config = RopeConfig::new(10000.0);
     for dt in FLOATS {
         for (hq, hkv) in GQA {
-            for (d, config) in [64, 128].into_iter().flat_map(|d| [(d, config), (d, longrope(d))]) {
+            for (d, config) in [64, 128].into_iter().flat_map(|d| [(d, config), (d, longrope(d)), (d, partial_longrope(d))]) {
                 for t in [1, 5, 40] {
                     let (block_size, blocks) = (16, 8);
                     let positions: Vec<u32> = (0..t as u32).map(|i| 3 + i * 7).collect();

@@ -19,11 +19,13 @@ pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
     let inv_freq = op.config.inv_freq(d);
     let m = op.config.attention_factor();
     let positions = op.positions.as_slice();
+    // Partial RoPE: the first `rot` dims rotate (i with i + rot/2), the rest pass through.
+    let half = inv_freq.len();
     with_float!(op.x.dtype, "rope", E => {
         // SAFETY: x is the op's only tensor.
         let x = unsafe { ts.slice_mut::<E>("x", &op.x)? };
         ts.team.rows(x, heads * d, min_items(heads * d), |t0, tokens| {
-            let (mut cos, mut sin, mut row) = (vec![0f32; d / 2], vec![0f32; d / 2], vec![0f32; d]);
+            let (mut cos, mut sin, mut row) = (vec![0f32; half], vec![0f32; half], vec![0f32; d]);
             for (token, &pos) in tokens.chunks_exact_mut(heads * d).zip(&positions[t0..]) {
                 for (i, f) in inv_freq.iter().enumerate() {
                     let angle = pos as f64 * f;
@@ -31,8 +33,8 @@ pub fn rope(ts: &Tensors, op: &Rope) -> Result<()> {
                 }
                 for head in token.chunks_exact_mut(d) {
                     E::load(head, &mut row);
-                    let (lo, hi) = row.split_at_mut(d / 2);
-                    for i in 0..d / 2 {
+                    let (lo, hi) = row[..2 * half].split_at_mut(half);
+                    for i in 0..half {
                         let (a, b) = (lo[i], hi[i]);
                         lo[i] = a * cos[i] - b * sin[i];
                         hi[i] = b * cos[i] + a * sin[i];

@@ -387,9 +387,10 @@ pub fn rope(be: &CudaBackend, st: &mut OpState, op: &Rope) -> Result<()> {
     let threads = rope_threads("rope", d)?;
     let x = be.ptr("x", &op.x)?;
     let inv_freq = op.config.inv_freq(d as usize);
+    let rot = op.config.rotary(d as usize) as u32;
     let mscale = op.config.attention_factor();
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)])?;
-    be.launch(&format!("rope_{s}"), (t, heads, 1), (threads, 1, 1), &[&x, &addr[0], &addr[1], &heads, &d, &mscale])
+    be.launch(&format!("rope_{s}"), (t, heads, 1), (threads, 1, 1), &[&x, &addr[0], &addr[1], &heads, &d, &rot, &mscale])
 }
 
 /// The block of the RoPE kernels at head dim `d`: a thread per pair of dims (at least a warp);
@@ -412,6 +413,7 @@ pub fn rope_kv_write(be: &CudaBackend, st: &mut OpState, op: &RopeKvWrite) -> Re
     let (kc, vc) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (q, k, v) = (be.ptr("q", &op.q)?, be.ptr("k", &op.k)?, be.ptr("v", &op.v)?);
     let inv_freq = op.config.inv_freq(d as usize);
+    let rot = op.config.rotary(d as usize) as u32;
     let parts = [bytes_of(op.slots.as_slice()), bytes_of(op.positions.as_slice()), bytes_of(&inv_freq)];
     let (_, addr) = be.upload(st, 0, &parts)?;
     let mscale = op.config.attention_factor();
@@ -419,7 +421,7 @@ pub fn rope_kv_write(be: &CudaBackend, st: &mut OpState, op: &RopeKvWrite) -> Re
         &format!("rope_kv_write_{s}"),
         (t, hq + hkv, 1),
         (threads, 1, 1),
-        &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size, &q, &addr[1], &addr[2], &hq, &mscale],
+        &[&kc, &vc, &k, &v, &addr[0], &hkv, &d, &block_size, &q, &addr[1], &addr[2], &hq, &rot, &mscale],
     )
 }
 

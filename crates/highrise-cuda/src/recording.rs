@@ -393,9 +393,9 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "add" => vec![P, P, U64],
         "to_f32" => vec![P, P, U32, U64],
         "from_f32" => vec![P, P, U64],
-        "rope" => vec![P, P, P, U32, U32, F32],
+        "rope" => vec![P, P, P, U32, U32, U32, F32],
         "kv_write" => vec![P, P, P, P, P, U32, U32, U32],
-        "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, F32],
+        "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "flash_attn_ws" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, MAP_OPT, MAP_OPT],
@@ -631,27 +631,29 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 0, 0, a.u64(2), elt, "n elements");
         }
         "rope" => {
-            // (x, positions, inv_freq, heads, d, mscale): block (t, head), d/2 threads.
+            // (x, positions, inv_freq, heads, d, rot, mscale): block (t, head), rot/2 threads at least.
             let (heads, d) = (a.u32(3) as u64, a.u32(4) as u64);
-            if gy != heads || (a.block.0 as u64) < d / 2 {
-                return Err(format!("grid {:?} and block {:?} do not cover {heads} heads of {} pairs", a.grid, a.block, d / 2));
+            let rot = rotary_dims(a, 5, d)?;
+            if gy != heads || (a.block.0 as u64) < rot / 2 {
+                return Err(format!("grid {:?} and block {:?} do not cover {heads} heads of {} pairs", a.grid, a.block, rot / 2));
             }
-            rope_rows(a, out, elt, [0, 1, 2], heads, d)?;
+            rope_rows(a, out, elt, [0, 1, 2], heads, d, rot)?;
         }
         "kv_write" => {
             // (k_cache, v_cache, k, v, slots, hkv, d, block_size): block t writes token t's rows.
             cache_rows(a, out, elt)?;
         }
         "rope_kv_write" => {
-            // kv_write's parameters, then (q, positions, inv_freq, hq, mscale): block (t, head) over hq heads
-            // of q then hkv of k, d/2 threads.
+            // kv_write's parameters, then (q, positions, inv_freq, hq, rot, mscale): block (t, head) over hq
+            // heads of q then hkv of k, d/2 threads (each a rotating pair or two passing dims, and two of v's).
             let (hkv, d, hq) = (a.u32(5) as u64, a.u32(6) as u64, a.u32(11) as u64);
+            let rot = rotary_dims(a, 12, d)?;
             if gy != hq + hkv || (a.block.0 as u64) < d / 2 {
                 return Err(format!("grid {:?} and block {:?} do not cover {hq} + {hkv} heads of {} pairs", a.grid, a.block, d / 2));
             }
             cache_rows(a, out, elt)?;
-            rope_rows(a, out, elt, [8, 9, 10], hq, d)?;
-            rope_rows(a, out, elt, [2, 9, 10], hkv, d)?;
+            rope_rows(a, out, elt, [8, 9, 10], hq, d, rot)?;
+            rope_rows(a, out, elt, [2, 9, 10], hkv, d, rot)?;
         }
         "attn_combine" => {
             // (out, partial, hq, d, splits): block (t, h), d threads.
@@ -1119,15 +1121,26 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     Ok(())
 }
 
-/// RoPE's rows: x [t, heads, d] (parameter `x`; t = grid.x), the positions, the frequencies.
-fn rope_rows(a: &Args<'_>, out: &mut Vec<Access>, elt: u64, [x, positions, inv_freq]: [usize; 3], heads: u64, d: u64) -> Check {
+/// The rotating dims of a head of `d` (parameter `param`): even, above 0, at most `d`.
+fn rotary_dims(a: &Args<'_>, param: usize, d: u64) -> std::result::Result<u64, String> {
+    let rot = a.u32(param) as u64;
+    match rot > 0 && rot <= d && rot % 2 == 0 {
+        true => Ok(rot),
+        false => Err(format!("{rot} rotary dims in a head dim of {d}: an even number from 2 to it")),
+    }
+}
+
+/// RoPE's rows: x [t, heads, d] (parameter `x`; t = grid.x), the positions, the frequencies (one a
+/// rotating pair of the `rot` dims).
+#[allow(clippy::too_many_arguments)]
+fn rope_rows(a: &Args<'_>, out: &mut Vec<Access>, elt: u64, [x, positions, inv_freq]: [usize; 3], heads: u64, d: u64, rot: u64) -> Check {
     let t = a.grid.0 as u64;
     a.agrees(x, 1, heads, "heads")?;
     a.agrees(x, 2, d, "d")?;
     grid_rows(a, a.rows_of(x, heads * d))?;
     push(out, x, 0, t * heads * d, elt, "x");
     push(out, positions, 0, t, 4, "positions");
-    push(out, inv_freq, 0, d / 2, 8, "inv_freq");
+    push(out, inv_freq, 0, rot / 2, 8, "inv_freq");
     // The cos/sin factor (1, or LongRoPE's attention factor): both rope kernels' last parameter.
     let mscale = a.f32(a.kinds.len() - 1);
     if !(mscale.is_finite() && mscale > 0.0) {

@@ -19,7 +19,7 @@ pub const FAMILIES: [(&str, &str); 11] = [
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
-    ("phi3", "Phi-3 mini, Phi-3.5 mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE is refused)"),
+    ("phi3", "Phi-3 mini, Phi-3.5 mini, Phi-4-mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE)"),
     ("olmo2", "OLMo 2 (RMSNorm after attention and after the MLP, none before; q and k normed across all heads)"),
     ("olmo3", "OLMo 3 (OLMo 2 with a sliding window on three layers of each four)"),
     ("gemma", "Gemma, CodeGemma (GeGLU, sqrt(hidden) embeddings, (1 + w) norms)"),
@@ -71,7 +71,7 @@ pub struct ModelConfig {
     /// ...); read into `rope_theta` and `rope_scaling` when the file is read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Json>,
-    /// Phi's partial RoPE: only this fraction of each head's dims rotate (1 here: all of them).
+    /// Phi-4-mini's partial RoPE: only this fraction of each head's dims rotate (the first ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
     #[serde(default = "default_max_pos")]
@@ -344,7 +344,8 @@ impl ModelConfig {
             sliding_window: num("attention.sliding_window").ok(),
             torch_dtype: Some("float32".into()),
             rope_parameters: None,
-            partial_rotary_factor: None,
+            // llama.cpp's n_rot: partial RoPE where it is less than the head dim (Phi-4-mini).
+            partial_rotary_factor: num("rope.dimension_count").ok().filter(|&r| r < head_dim).map(|r| r as f64 / head_dim as f64),
             // llama.cpp's Gemma 2: the window on even layers; Gemma 3: on five layers of each six
             // (every sixth full). GeGLU; scores scaled by the head dim (n_embd / n_head for the
             // 27Bs, the one shape of 46 layers of Gemma 2 and of 62 of Gemma 3).
@@ -406,10 +407,8 @@ impl ModelConfig {
         if self.head_dim() % 2 != 0 {
             return Err(Error::config(path, "head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim())));
         }
+        self.rotary_dims().map_err(|e| Error::config(path, "partial_rotary_factor", e))?;
         self.rope().map_err(|e| Error::config(path, "rope_scaling", e))?;
-        if let Some(f) = self.partial_rotary_factor.filter(|&f| f != 1.0) {
-            return Err(Error::config(path, "partial_rotary_factor", format!("{f}: partial RoPE is not supported (only all dims rotating, 1.0)")));
-        }
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
                 return Err(Error::config(path, "layer_types", format!("{} entries for {} layers", types.len(), self.num_hidden_layers)));
@@ -576,8 +575,9 @@ impl ModelConfig {
 
     pub fn rope(&self) -> std::result::Result<RopeConfig, String> {
         let theta = self.rope_theta as f32;
+        let rotary_dims = self.rotary_dims()? as u32;
         let Some(s) = self.rope_scaling.as_ref().filter(|s| !s.is_null()) else {
-            return Ok(RopeConfig::new(theta));
+            return Ok(RopeConfig { rotary_dims, ..RopeConfig::new(theta) });
         };
         let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Json::as_str).unwrap_or("");
         let f = |k: &str| s.get(k).and_then(Json::as_f64).ok_or_else(|| format!("{kind} scaling needs {k}"));
@@ -593,7 +593,23 @@ impl ModelConfig {
             "longrope" => self.longrope(s)?,
             other => return Err(format!("rope type {other:?} is not supported (linear, llama3, longrope are)")),
         };
-        Ok(RopeConfig { theta, scaling })
+        Ok(RopeConfig { theta, scaling, rotary_dims })
+    }
+
+    /// Partial RoPE's rotating dims (`partial_rotary_factor` of the head dim: Phi-4-mini's 0.75);
+    /// 0 where all rotate.
+    fn rotary_dims(&self) -> std::result::Result<usize, String> {
+        let d = self.head_dim();
+        match self.partial_rotary_factor.filter(|&f| f != 1.0) {
+            None => Ok(0),
+            Some(f) => {
+                let r = (d as f64 * f).round();
+                if !(f > 0.0 && f < 1.0) || r as usize % 2 != 0 || (r - d as f64 * f).abs() > 1e-6 {
+                    return Err(format!("partial_rotary_factor {f} of a head dim of {d} is not an even number of dims"));
+                }
+                Ok(r as usize)
+            }
+        }
     }
 }
 
@@ -617,9 +633,14 @@ impl ModelConfig {
         };
         let long = self.context_len() > orig;
         let factors = list(if long { "long_factor" } else { "short_factor" })?;
-        let pairs = self.head_dim() / 2;
+        // One per rotating pair (partial RoPE: of the rotating dims only).
+        let rotary = match self.rotary_dims()? {
+            0 => self.head_dim(),
+            r => r,
+        };
+        let pairs = rotary / 2;
         if factors.len() != pairs || pairs > MAX_ROPE_PAIRS {
-            return Err(format!("{} longrope factors for a head dim of {} ({pairs} pairs)", factors.len(), self.head_dim()));
+            return Err(format!("{} longrope factors for {rotary} rotating dims ({pairs} pairs)", factors.len()));
         }
         let factor = s.get("factor").and_then(Json::as_f64).unwrap_or(self.max_position_embeddings as f64 / orig as f64);
         let attention_factor = match s.get("attention_factor").and_then(Json::as_f64) {
@@ -651,7 +672,7 @@ fn llama3_from_freq_factors(freqs: &[f32], theta: f64, head_dim: usize) -> std::
     for orig in (4..=20).map(|p| 1u32 << p) {
         for (low, high) in [(1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (0.5, 4.0)] {
             let scaling = RopeScaling::Llama3 { factor, low_freq_factor: low, high_freq_factor: high, original_max_position: orig };
-            let scaled = RopeConfig { theta: theta as f32, scaling }.inv_freq(head_dim);
+            let scaled = RopeConfig::scaled(theta as f32, scaling).inv_freq(head_dim);
             let fits = plain.iter().zip(&scaled).zip(freqs).all(|((p, s), &f)| (p / s - f as f64).abs() <= 1e-4 * f.max(1.0) as f64);
             if fits {
                 return Ok(serde_json::json!({
@@ -749,7 +770,7 @@ mod tests {
             let c = ModelConfig::from_file(&path).unwrap();
             let ropes = c.ropes().unwrap();
             assert!(ropes[..5].iter().all(|r| *r == Some(RopeConfig::new(10000.0))), "{path:?}: {ropes:?}");
-            assert_eq!(ropes[5], Some(RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } }), "{path:?}");
+            assert_eq!(ropes[5], Some(RopeConfig::scaled(1e6, RopeScaling::Linear { factor: 8.0 })), "{path:?}");
             assert_eq!((c.scores(0).window, c.scores(5).window), (8, 0));
         }
     }

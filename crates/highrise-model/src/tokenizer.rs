@@ -41,6 +41,7 @@ const PORO: &str = r" ?[^(\s|.,!?…。，、।۔،)]+";
 /// Written with escapes: an editor's Unicode normalization would turn some of these letters into
 /// others (U+1FD3 into U+0390, say), reversing ranges.
 const DEEPSEEK_LETTERS: &str = "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+";
+const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const CJK: &str = "[一-龥ࠀ-一가-\u{d7ff}]+";
 
 /// A byte-level BPE pre-tokenizer as llama.cpp defines it for a `tokenizer.ggml.pre` name
@@ -134,6 +135,13 @@ const PRE_TOKENIZERS: &[PreTokenizer] = &[
         names: &["tekken"],
         splits: &[r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
         ignore_merges: true,
+    },
+    // o200k (GPT-4o's, Phi-4-mini's, Llama 4's), as its tokenizer.json writes it: Tekken's with
+    // English contractions kept on their word, and numbers up to three digits a piece.
+    PreTokenizer {
+        names: &["gpt-4o", "llama4"],
+        splits: &[GPT4O],
+        ignore_merges: false,
     },
     PreTokenizer {
         names: &["chameleon"],
@@ -465,5 +473,24 @@ mod tests {
                 assert!(parsed.is_ok(), "{name}: {r}: {:?}", parsed.err());
             }
         }
+    }
+
+    /// o200k's split (gpt-4o) cuts text where Python's `regex` module cuts it with the regex of
+    /// GPT-4o's tokenizer.json (the pieces below are `regex.findall`'s): contractions in either case
+    /// stay on their word, numbers go three digits at a time, capitals start a new piece.
+    #[test]
+    fn gpt4o_splits_as_its_tokenizer_json_regex_does() {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
+        let text = "HELLO world, I'M fine; it'S 1234567 CamelCaseWords\n\n  tabs\tand/slashes/\n \u{c9}COLE na\u{ef}ve";
+        let want = [
+            "HELLO", " world", ",", " I'M", " fine", ";", " it'S", " ", "123", "456", "7", " Camel", "Case", "Words", "\n\n", " ",
+            " tabs", "\tand", "/slashes", "/\n", " \u{c9}COLE", " na\u{ef}ve",
+        ];
+        let split = serde_json::json!({"type": "Split", "pattern": {"Regex": GPT4O}, "behavior": "Isolated", "invert": false});
+        let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(split).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        pre.pre_tokenize(&mut s).unwrap();
+        let got: Vec<String> = s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(p, _, _)| p.to_string()).collect();
+        assert_eq!(got, want);
     }
 }

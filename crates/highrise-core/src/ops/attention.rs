@@ -125,15 +125,31 @@ pub enum RopeScaling {
 pub struct RopeConfig {
     pub theta: f32,
     pub scaling: RopeScaling,
+    /// Partial RoPE (Phi-4-mini, GPT-NeoX): only a head's first `rotary_dims` dims rotate, dim i
+    /// paired with i + rotary_dims / 2; the rest pass through. 0: all of them.
+    pub rotary_dims: u32,
 }
 
 impl RopeConfig {
     pub fn new(theta: f32) -> RopeConfig {
-        RopeConfig { theta, scaling: RopeScaling::None }
+        RopeConfig { theta, scaling: RopeScaling::None, rotary_dims: 0 }
     }
 
-    /// The rotation frequency of each of the `head_dim / 2` dimension pairs, scaling applied. Every
-    /// backend takes its angles from here, so they agree on the formula.
+    /// `self` with linear or other scaling.
+    pub fn scaled(theta: f32, scaling: RopeScaling) -> RopeConfig {
+        RopeConfig { theta, scaling, rotary_dims: 0 }
+    }
+
+    /// The dims of a head of `head_dim` that rotate.
+    pub fn rotary(&self, head_dim: usize) -> usize {
+        match self.rotary_dims {
+            0 => head_dim,
+            r => (r as usize).min(head_dim),
+        }
+    }
+
+    /// The rotation frequency of each of the `rotary(head_dim) / 2` dimension pairs, scaling
+    /// applied. Every backend takes its angles from here, so they agree on the formula.
     ///
     /// Kept per thread for the last (config, head dim) asked: every layer of every step asks again,
     /// and each answer is `head_dim / 2` powers (a tenth of the CUDA backend's host time a decode
@@ -154,9 +170,10 @@ impl RopeConfig {
 
     fn compute_inv_freq(&self, head_dim: usize) -> Vec<f64> {
         let theta = self.theta as f64;
-        (0..head_dim / 2)
+        let rot = self.rotary(head_dim);
+        (0..rot / 2)
             .map(|i| {
-                let f = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                let f = 1.0 / theta.powf((2 * i) as f64 / rot as f64);
                 match self.scaling {
                     RopeScaling::None => f,
                     RopeScaling::Linear { factor } => f / factor as f64,
@@ -198,9 +215,13 @@ impl RopeConfig {
         if !(self.theta.is_finite() && self.theta > 1.0) {
             return Err(format!("rope theta must be finite and above 1, is {}", self.theta));
         }
+        let rot = self.rotary(d);
+        if rot % 2 != 0 || (self.rotary_dims as usize) > d {
+            return Err(format!("{} rotary dims in a head dim of {d}: an even number up to it", self.rotary_dims));
+        }
         if let RopeScaling::Factors { attention_factor, pairs, divisors } = self.scaling {
-            if pairs as usize != d / 2 {
-                return Err(format!("{pairs} rope factors for a head dim of {d} ({} pairs)", d / 2));
+            if pairs as usize != rot / 2 {
+                return Err(format!("{pairs} rope factors for {rot} rotary dims ({} pairs)", rot / 2));
             }
             if let Some(f) = divisors[..(pairs as usize).min(MAX_ROPE_PAIRS)].iter().find(|f| !(f.is_finite() && **f > 0.0)) {
                 return Err(format!("rope factor {f} must be finite and above 0"));
@@ -214,7 +235,8 @@ impl RopeConfig {
 }
 
 /// Rotary position embedding, in place, in the rotate_half convention: dimension i is paired with
-/// i + D/2, and the pair is rotated by `positions[t] * inv_freq[i]`, cos and sin times the config's
+/// i + R/2 (R the config's `rotary(D)`: D, or partial RoPE's first R dims, the rest untouched), and
+/// the pair is rotated by `positions[t] * inv_freq[i]`, cos and sin times the config's
 /// `attention_factor()`.
 /// x [T, heads, D] (D even), positions [T].
 #[repr(C)]
@@ -498,7 +520,7 @@ mod tests {
     /// The kept frequencies are the asked config's and head dim's, whichever was asked before.
     #[test]
     fn inv_freq_answers_each_config_and_head_dim_its_own() {
-        let linear = RopeConfig { theta: 10_000.0, scaling: RopeScaling::Linear { factor: 4.0 } };
+        let linear = RopeConfig::scaled(10_000.0, RopeScaling::Linear { factor: 4.0 });
         let asks = [(RopeConfig::new(10_000.0), 64), (RopeConfig::new(10_000.0), 128), (RopeConfig::new(500_000.0), 128), (linear, 128)];
         for round in 0..2 {
             for &(config, d) in asks.iter().chain(asks.iter().rev()) {
