@@ -14,10 +14,10 @@ use highrise::engine::{
     EngineConfig, EngineService, Event, FinishReason, GenerateParams, Request, RequestStream, SamplingParams, ServiceError,
 };
 use highrise::model::introspect::{attention_probs, logit_lens};
-use highrise::model::{Error, Hooks, Llama, Logits, Message, Patch, Site, Steer, Tokenizer};
+use highrise::model::{Error, Hooks, Llama, Logits, Message, Patch, Site, Source, Steer, Tokenizer};
 use highrise::ModelSpec;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyFileNotFoundError, PyIndexError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyIndexError, PyKeyError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -88,9 +88,21 @@ struct Engine {
     tokenizer: Arc<Tokenizer>,
     path: String,
     backend: String,
+    /// The model's file or folder (None for random weights), opened for `weight` when first asked.
+    file: Option<PathBuf>,
+    source: std::sync::OnceLock<Source>,
 }
 
 impl Engine {
+    fn source(&self) -> PyResult<&Source> {
+        if let Some(s) = self.source.get() {
+            return Ok(s);
+        }
+        let file = self.file.as_ref().ok_or_else(|| PyValueError::new_err(format!("{}: random weights are kept in no file", self.path)))?;
+        let opened = Source::open(file).map_err(py_err)?;
+        Ok(self.source.get_or_init(|| opened))
+    }
+
     fn check_layer(&self, layer: i64, what: &str) -> PyResult<usize> {
         let n = self.model.config.num_hidden_layers;
         index(layer, n, |l| format!("{what}: layer {l} does not exist (the model has {n})"))
@@ -165,6 +177,7 @@ impl Engine {
         let started = py.detach(move || {
             let spec = spec.resolve(&mut |m| eprintln!("{m}"))?;
             let shown = spec.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            let file = spec.model.clone().filter(|p| !p.to_string_lossy().starts_with("random:"));
             let (service, model, tokenizer) = EngineService::start_with(move || {
                 // The backend is made on the engine thread, which runs it.
                 let backend: Arc<dyn highrise::Backend> = match name.as_str() {
@@ -175,10 +188,31 @@ impl Engine {
                 let config = EngineConfig::with_kv_memory(&model, kv_cache_bytes);
                 Ok((Arc::new(model), Arc::new(tokenizer), config))
             })?;
-            Ok::<_, Error>((service, model, tokenizer, shown))
+            Ok::<_, Error>((service, model, tokenizer, shown, file))
         });
-        let (service, model, tokenizer, path) = started.map_err(py_err)?;
-        Ok(Engine { service, model, tokenizer, path, backend })
+        let (service, model, tokenizer, path, file) = started.map_err(py_err)?;
+        Ok(Engine { service, model, tokenizer, path, backend, file, source: std::sync::OnceLock::new() })
+    }
+
+    /// The model file's tensor named `name` as HF names it, dequantized to float32 in HF's layout
+    /// (a GGUF's q/k rows back in HF's order, fused projections split, Gemma's norms as w).
+    fn weight<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let source = self.source()?;
+        let t = source.tensor(name).map_err(py_err)?.ok_or_else(|| {
+            PyKeyError::new_err(format!("{name}: no such tensor in {} (weight_names() lists them)", source.path().display()))
+        })?;
+        let mut out = vec![0f32; t.dims.iter().product()];
+        let dims = t.dims.clone();
+        py.detach(|| highrise::core::quant::dequantize(t.dtype, &t.data, &mut out))
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        array(py, out, dims)
+    }
+
+    /// The HF names of the model file's tensors.
+    fn weight_names(&self) -> PyResult<Vec<String>> {
+        let mut names = self.source()?.tensor_names();
+        names.sort();
+        Ok(names)
     }
 
     /// The model's shape and where it runs, TransformerLens's names where they exist.

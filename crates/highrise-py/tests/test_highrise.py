@@ -101,6 +101,29 @@ def test_indices_from_the_end_and_transformerlens_names(model):
         model.logits([5, -1])
 
 
+def test_weights_as_hf_lays_them_out(model):
+    """The file's weights in HF's names and layout, float32: the final norm's stream times W_U is
+    the logits (direct logit attribution), and layer 0's normed first token times k_proj is the
+    captured k (position 0: RoPE leaves it as it is), so the GGUF's permuted q/k rows came back."""
+    names = model.weight_names()
+    assert "model.layers.0.self_attn.k_proj.weight" in names and "lm_head.weight" not in names
+    cfg = model.cfg
+    assert model.W_E.shape == (cfg.d_vocab, cfg.d_model) and model.W_U.shape == (cfg.d_model, cfg.d_vocab)
+    logits, cache = model.run_with_cache("The capital of France is", names=["final_norm", "resid_pre", "k"], layers=[0])
+    scale = np.abs(logits).max()
+    assert np.abs(cache["final_norm"] @ model.W_U - logits).max() <= 1e-5 * scale
+    x = cache["resid_pre", 0][0].astype(np.float64)
+    normed = x / np.sqrt(np.mean(x * x) + 1e-5) * model.weight("model.layers.0.input_layernorm.weight")
+    k0 = normed @ model.weight("model.layers.0.self_attn.k_proj.weight").T
+    got = cache["k", 0][0].reshape(-1)
+    assert np.abs(k0 - got).max() <= 1e-4 * np.abs(got).max()
+    with pytest.raises(KeyError, match="no such tensor"):
+        model.weight("model.layers.0.mlp.nope.weight")
+    with highrise.Model.load("random:tiny") as random:
+        with pytest.raises(ValueError, match="random weights are kept in no file"):
+            random.W_E
+
+
 def test_batch_of_eight_equals_one_by_one(model, reference):
     """Eight prompts of different lengths in one forward pass capture what each does alone."""
     prompts = [reference["cases"]["story"]["input_ids"], reference["cases"]["chat"]["input_ids"]] + TEXTS

@@ -317,6 +317,30 @@ class Model:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # --- weights ----------------------------------------------------------------------------
+
+    def weight(self, name: str) -> np.ndarray:
+        """The model file's tensor ``name`` as HF names it (``model.layers.3.self_attn.q_proj.weight``),
+        dequantized to float32 in HF's layout: a GGUF's q/k rows in HF's order, fused projections
+        split, Gemma's norms as w (they multiply by 1 + w). A new array each call."""
+        return self._engine.weight(str(name))
+
+    def weight_names(self) -> list:
+        """The HF names of the model file's tensors."""
+        return self._engine.weight_names()
+
+    @property
+    def W_E(self) -> np.ndarray:
+        """The embedding [d_vocab, d_model] (TransformerLens's name)."""
+        return self.weight("model.embed_tokens.weight")
+
+    @property
+    def W_U(self) -> np.ndarray:
+        """The unembedding [d_model, d_vocab] (TransformerLens's name and layout: lm_head
+        transposed, or the embedding where they are tied)."""
+        name = "lm_head.weight" if "lm_head.weight" in self.weight_names() else "model.embed_tokens.weight"
+        return np.ascontiguousarray(self.weight(name).T)
+
     # --- text -------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list:
