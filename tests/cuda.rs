@@ -28,25 +28,15 @@ fn random_gemma2_matches_cpu_logits_and_64_greedy_steps() {
     random_model_matches_cpu(&gpu, "tiny-gemma2", 64, &[DType::F32]);
 }
 
-/// Gemma 3's layout (q/k norms, RoPE per layer type) on the GPU against the CPU.
+/// Gemma 3's layout (q/k norms, RoPE per layer type), SmolLM3's (a layer without RoPE) and OLMo
+/// 2's (no pre-norms, whole-width q/k norms) on the GPU against the CPU.
 #[test]
-fn random_gemma3_matches_cpu_logits_and_64_greedy_steps() {
-    let Some(gpu) = backend("random gemma 3") else { return };
-    random_model_matches_cpu(&gpu, "tiny-gemma3", 64, &[DType::F32]);
-}
-
-/// SmolLM3's layout (a layer without RoPE) on the GPU against the CPU.
-#[test]
-fn random_smollm3_matches_cpu_logits_and_64_greedy_steps() {
-    let Some(gpu) = backend("random smollm3") else { return };
-    random_model_matches_cpu(&gpu, "tiny-smollm3", 64, &[DType::F32]);
-}
-
-/// OLMo 2's layout (no pre-norms, whole-width q/k norms) on the GPU against the CPU.
-#[test]
-fn random_olmo2_matches_cpu_logits_and_64_greedy_steps() {
-    let Some(gpu) = backend("random olmo 2") else { return };
-    random_model_matches_cpu(&gpu, "tiny-olmo2", 64, &[DType::F32]);
+fn random_gemma3_smollm3_and_olmo2_match_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random gemma 3, smollm3 and olmo 2") else { return };
+    for shape in ["tiny-gemma3", "tiny-smollm3", "tiny-olmo2"] {
+        println!("{shape}");
+        random_model_matches_cpu(&gpu, shape, 64, &[DType::F32]);
+    }
 }
 
 /// The linear op on each GEMM path (`HIGHRISE_GEMM`: cuBLASLt's algorithm timed fastest, its

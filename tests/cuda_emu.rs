@@ -33,28 +33,19 @@ fn random_gemma2_on_the_emulated_device_matches_the_cpu() {
     random_model_matches_cpu(&dev, "tiny-gemma2", 8, &[DType::F32, DType::BF16]);
 }
 
-/// Gemma 3's layout: (1 + w) norms of each head's q and k, and RoPE per layer (base 10000 on the
-/// windowed layer 0, base 1e6 scaled by 8 on layer 1: each launch uploads its own frequencies).
+/// The other families' layouts: Gemma 3's (1 + w) norms of each head's q and k and RoPE per layer
+/// (base 10000 on the windowed layer 0, 1e6 scaled by 8 on layer 1: each launch uploads its own
+/// frequencies), SmolLM3's layer without RoPE (its K/V written by kv_write alone), OLMo 2's stream
+/// read unnormed with norms on what joins it and q/k normed across all heads. OLMo 2's greedy steps
+/// in f32: this random model's top two logits lie within bf16's rounding of each other (the CPU's
+/// own bf16 and f32 runs part at step 2).
 #[test]
-fn random_gemma3_on_the_emulated_device_matches_the_cpu() {
-    let Some(dev) = backend("random gemma 3 on the emulated device") else { return };
-    random_model_matches_cpu(&dev, "tiny-gemma3", 8, &[DType::BF16]);
-}
-
-/// SmolLM3's layout: layer 1 without RoPE (its K/V written by kv_write alone, no rope launch).
-#[test]
-fn random_smollm3_on_the_emulated_device_matches_the_cpu() {
-    let Some(dev) = backend("random smollm3 on the emulated device") else { return };
-    random_model_matches_cpu(&dev, "tiny-smollm3", 8, &[DType::BF16]);
-}
-
-/// OLMo 2's layout: attention and the MLP read the stream unnormed, norm what they add, and q and
-/// k are normed across all heads. Greedy steps in f32: this random model's top two logits lie
-/// within bf16's rounding of each other (the CPU's own bf16 and f32 runs part at step 2).
-#[test]
-fn random_olmo2_on_the_emulated_device_matches_the_cpu() {
-    let Some(dev) = backend("random olmo 2 on the emulated device") else { return };
-    random_model_matches_cpu(&dev, "tiny-olmo2", 8, &[DType::F32]);
+fn random_gemma3_smollm3_and_olmo2_on_the_emulated_device_match_the_cpu() {
+    let Some(dev) = backend("random gemma 3, smollm3 and olmo 2 on the emulated device") else { return };
+    for (shape, greedy) in [("tiny-gemma3", DType::BF16), ("tiny-smollm3", DType::BF16), ("tiny-olmo2", DType::F32)] {
+        println!("{shape}");
+        random_model_matches_cpu(&dev, shape, 8, &[greedy]);
+    }
 }
 
 /// Steering changes the stream a layer reads where the norms fold into its projections (a one-token
