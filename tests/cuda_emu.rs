@@ -41,7 +41,9 @@ fn random_gemma2_on_the_emulated_device_matches_the_cpu() {
 /// own bf16 and f32 runs part at step 2).
 #[test]
 fn random_gemma3_smollm3_and_olmo2_on_the_emulated_device_match_the_cpu() {
-    let Some(dev) = backend("random gemma 3, smollm3 and olmo 2 on the emulated device") else { return };
+    // A device of its own: on the shared one, another test's graph step takes in this test's ops
+    // (by design: `graph`), and one such run failed a launch check (2026-12-02), not yet understood.
+    let Some(dev) = own_backend("random gemma 3, smollm3 and olmo 2 on the emulated device") else { return };
     for (shape, greedy) in [("tiny-gemma3", DType::BF16), ("tiny-smollm3", DType::BF16), ("tiny-olmo2", DType::F32)] {
         println!("{shape}");
         random_model_matches_cpu(&dev, shape, 8, &[greedy]);
