@@ -374,7 +374,7 @@ impl Llama {
     }
 
     /// `delta` through a norm of its own before it joins the stream, where the layer has one
-    /// (Gemma 2's post-norms); `delta` itself otherwise.
+    /// (Gemma 2's and 3's post-norms, OLMo 2's); `delta` itself otherwise.
     fn post_norm(&self, delta: Tensor, norm: Option<&Tensor>) -> Result<Tensor> {
         let Some(w) = norm else { return Ok(delta) };
         let mut out = self.tensor(delta.dims())?;
@@ -497,7 +497,7 @@ impl Llama {
             } else {
                 let mut attn_out = self.tensor(&[t, h])?; // (T, H)
                 self.linear(&mut attn_out, &att, &layer.wo, None)?;
-                // What joins the stream (Gemma 2: normed first) is what the tap sees.
+                // What joins the stream (Gemma 2, OLMo 2: normed first) is what the tap sees.
                 let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
                 hooks.tap(Site::AttnOut, l, &attn_out)?;
                 // Without the MLP's own norm (OLMo 2) xb is not read: any norm serves the add.
