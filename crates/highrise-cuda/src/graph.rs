@@ -92,8 +92,13 @@ impl Work {
 pub(crate) struct Step {
     key: u64,
     work: Vec<Work>,
-    /// The op each work item belongs to: its name and, for a checking driver, its regions.
-    op_of: Vec<usize>,
+    /// The op each work item belongs to (its name and, for a checking driver, its regions), and
+    /// how many of the op's regions were told when the item was recorded: the item is checked
+    /// against those alone, as it would have been run at once. (An op whose later launch is given
+    /// more workspace at the same address, a mixed step's decode_attn then flash_attn, checked the
+    /// first launch against the second's region; such a step is recorded only inside another
+    /// thread's graph step, and was refused there, 2026-12-02.)
+    op_of: Vec<(usize, usize)>,
     ops: Vec<(String, Vec<Region>)>,
     /// The step's host arrays, each at a 256-byte aligned offset of its half of the device
     /// metadata buffer (`Place`): those of the batch's shape from its start, block tables from its
@@ -128,8 +133,14 @@ impl Step {
     }
 
     pub fn push(&mut self, w: Work) {
-        self.op_of.push(self.ops.len().saturating_sub(1));
+        let told = self.ops.last().map_or(0, |op| op.1.len());
+        self.op_of.push((self.ops.len().saturating_sub(1), told));
         self.work.push(w);
+    }
+
+    /// The name of op `op.0` and its first `op.1` regions.
+    fn told(&self, (op, told): (usize, usize)) -> (String, Vec<Region>) {
+        self.ops.get(op).map(|(name, regions)| (name.clone(), regions[..told.min(regions.len())].to_vec())).unwrap_or_default()
     }
 
     /// The device address (in `meta`, of `cap` bytes) of a copy of `bytes`, part `part` of op
@@ -175,12 +186,11 @@ impl Step {
     /// # Safety
     /// The context is bound; every recorded address is a live allocation of `drv`.
     pub unsafe fn queue(&self, drv: &dyn Driver) -> Result<()> {
-        let mut current = usize::MAX;
+        let mut current = (usize::MAX, 0);
         for (w, &op) in self.work.iter().zip(&self.op_of) {
             if op != current && drv.checks() {
-                if let Some((name, regions)) = self.ops.get(op) {
-                    drv.begin_op(name, regions.clone());
-                }
+                let (name, regions) = self.told(op);
+                drv.begin_op(&name, regions);
                 current = op;
             }
             w.queue(drv)?;
@@ -267,7 +277,7 @@ impl Graphs {
         if let Some(g) = self.graphs.iter_mut().find(|g| g.key == step.key && g.work == step.work) {
             g.last_use = self.clock;
             if drv.checks() {
-                drv.graph_regions(g.handle, step.op_of.iter().map(|&i| step.ops.get(i).cloned().unwrap_or_default()).collect());
+                drv.graph_regions(g.handle, step.op_of.iter().map(|&i| step.told(i)).collect());
             }
             let handle = g.handle;
             return self.launch(drv, handle, &step);
@@ -374,10 +384,12 @@ mod tests {
         log: Mutex<Vec<String>>,
         /// Graphs made so far: the next one's handle is 7 + this.
         made: std::sync::atomic::AtomicU64,
+        /// Whether it checks launches (is told each op's regions, logged as "op name: regions").
+        checking: bool,
     }
 
     fn fake(capture: bool, extra: bool) -> Fake {
-        Fake { capture, extra: extra.into(), log: Mutex::new(Vec::new()), made: 0.into() }
+        Fake { capture, extra: extra.into(), log: Mutex::new(Vec::new()), made: 0.into(), checking: false }
     }
 
     impl Driver for Fake {
@@ -439,6 +451,17 @@ mod tests {
         }
         unsafe fn destroy_graph(&self, g: u64) {
             self.log.lock().unwrap().push(format!("destroy {g}"));
+        }
+        fn checks(&self) -> bool {
+            self.checking
+        }
+        fn begin_op(&self, op: &str, regions: Vec<Region>) {
+            let names: Vec<String> = regions.iter().map(|r| format!("{} {}", r.name, r.bytes)).collect();
+            self.log.lock().unwrap().push(format!("op {op}: {}", names.join(", ")));
+        }
+        fn graph_regions(&self, g: u64, nodes: Vec<(String, Vec<Region>)>) {
+            let told: Vec<usize> = nodes.iter().map(|n| n.1.len()).collect();
+            self.log.lock().unwrap().push(format!("graph {g} regions {told:?}"));
         }
     }
 
@@ -542,6 +565,40 @@ mod tests {
             assert_eq!(log(&d), ["prepare [64, 256]", "begin", "k 5", "gemm 64", "gemm 256", "end", "graph 7"]);
             g.run(&d, step()).unwrap();
             assert_eq!(log(&d), ["graph 7"]);
+        }
+    }
+
+    /// Each launch of a step is checked against the regions its op had told when it was recorded,
+    /// as it would be run at once: an op whose second launch is given more workspace at the same
+    /// address (a mixed step's decode_attn, then flash_attn) had its first launch checked against the
+    /// second's workspace, run op by op and replayed alike.
+    #[test]
+    fn a_launch_is_checked_against_the_regions_told_before_it() {
+        let d = Fake { checking: true, ..fake(true, false) };
+        let region = |name: &str, bytes| Region { name: name.into(), ptr: 0x1000, bytes, tensor: None };
+        let step = || {
+            let mut s = Step::new(1);
+            let n = 5u32;
+            let launch = || Work::launch("k", (1, 1, 1), (32, 1, 1), 0, &[(4, &n as *const u32 as Param)], 1).unwrap();
+            s.begin_op("paged_attention", vec![region("q", 64)]);
+            s.region(region("workspace", 4096));
+            s.push(launch());
+            s.region(region("workspace", 0));
+            s.push(launch());
+            s.begin_op("swiglu", vec![region("out", 8)]);
+            s.push(launch());
+            s
+        };
+        // SAFETY: the fake driver touches no memory.
+        unsafe {
+            step().queue(&d).unwrap();
+            let ops = ["op paged_attention: q 64, workspace 4096", "k 5", "op paged_attention: q 64, workspace 4096, workspace 0", "k 5", "op swiglu: out 8", "k 5"];
+            assert_eq!(log(&d), ops);
+            let mut g = Graphs::default();
+            g.run(&d, step()).unwrap();
+            log(&d);
+            g.run(&d, step()).unwrap();
+            assert_eq!(log(&d), ["graph 7 regions [2, 3, 1]", "graph 7"], "a replay describes each node likewise");
         }
     }
 
