@@ -119,6 +119,16 @@ __device__ void add_bias(typename D::T* out, const void* bias, u32 bias_dt, u32 
         D::store(out, i, D::load(out, i) + load_any(bias, i % n, bias_dt));
 }
 
+// out[index[j]] += weight[j] * src[j]  (out [T, H], src [N, H]; the indices distinct): a mixture of
+// experts' combine. Block j adds row j of src, each product and sum in f32, rounded once.
+template <class D>
+__device__ void index_add(typename D::T* out, const typename D::T* src, const u32* index, const float* weight, u32 h) {
+    const u64 j = blockIdx.x;
+    const u64 row = (u64)index[j] * h;
+    const float w = weight[j];
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, row + i, D::load(out, row + i) + w * D::load(src, j * h + i));
+}
+
 // Conversions for the linear layers' mixed-dtype path (weights in one float dtype, activations in
 // another): to f32 from a dtype known at run time, and from f32 to the activations' dtype.
 extern "C" __global__ void to_f32(float* out, const void* x, u32 x_dt, u64 n) {
@@ -151,5 +161,8 @@ __device__ void from_f32(typename D::T* out, const float* x, u64 n) {
     extern "C" __global__ void add_bias_##s(D::T* out, const void* bias, u32 bias_dt, u32 n, u64 total) {     \
         add_bias<D>(out, bias, bias_dt, n, total);                                                            \
     }                                                                                                         \
-    extern "C" __global__ void from_f32_##s(D::T* out, const float* x, u64 n) { from_f32<D>(out, x, n); }
+    extern "C" __global__ void from_f32_##s(D::T* out, const float* x, u64 n) { from_f32<D>(out, x, n); }     \
+    extern "C" __global__ void index_add_##s(D::T* out, const D::T* src, const u32* index, const float* weight, u32 h) { \
+        index_add<D>(out, src, index, weight, h);                                                             \
+    }
 FOR_EACH_DTYPE(RESIDUAL)

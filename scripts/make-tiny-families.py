@@ -106,6 +106,14 @@ FAMILIES = {
                    sliding_window=8, tie_word_embeddings=True, pad_token_id=0,
                    rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
                                     "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
+    # Mixtral: each token's top 2 of 4 SwiGLU experts, their router weights renormalized.
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, rope_theta=1000000.0),
+    # Qwen 3 MoE: Qwen 3's attention, each token's top 2 of 8 experts of an intermediate size of their
+    # own, renormalized.
+    "qwen3-moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=48, norm_topk_prob=True, rope_theta=1000000.0),
+    # OLMoE: q and k normed across all heads, each token's top 3 of 8 experts, not renormalized.
+    "olmoe": dict(model_type="olmoe", num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, pad_token_id=0),
 }
 
 PROMPT = [1, 17, 300, 42, 99, 5, 250, 7, 7, 128, 511, 64, 3, 200, 31, 400, 12, 77, 150, 9]
@@ -157,8 +165,8 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
     if kind == "olmo3":
         print("  (llama.cpp's GGUF has no olmo3 architecture: model.gguf not written)")
         return
-    # llama.cpp writes Mistral as the llama architecture, Gemma 3's text model as gemma3.
-    arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(kind, kind)
+    # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3.
+    arch = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(kind, kind)
     gemma = kind in ("gemma", "gemma2", "gemma3_text")
     # Gemma 3's RoPE is per layer type: the full layers' is the one GGUF keeps (llama.cpp takes the
     # sliding layers' base as 10000).
@@ -185,10 +193,37 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
     w.add_vocab_size(cfg.vocab_size)
     if getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if getattr(cfg, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if kind == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if experts:
+        # llama.cpp's MoE tensors: the router as ffn_gate_inp, each projection of all a layer's
+        # experts stacked [E, rows, cols] (Mixtral's w1, w3, w2 are gate, up, down), from the
+        # checkpoint as saved, one tensor per expert (transformers 5 fuses them in memory).
+        import numpy as np
+        from safetensors.numpy import load_file
+
+        sd = load_file(str(path.parent / "model.safetensors"))
+
+        mixtral = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+        stacked = {}
+        for k in list(sd):
+            k2 = k.replace("block_sparse_moe.", "mlp.")
+            if ".mlp.experts." in k2:
+                layer, rest = k2.split(".mlp.experts.")
+                e, proj, _ = rest.split(".")
+                stacked.setdefault((layer, mixtral.get(proj, proj)), {})[int(e)] = sd.pop(k)
+            elif k2 != k:
+                sd[k2] = sd.pop(k)
+        for (layer, proj), mats in stacked.items():
+            sd[f"{layer}.mlp.experts.{proj}.weight"] = np.stack([mats[e] for e in range(len(mats))])
 
     def permute(x, heads):
         # llama.cpp's permute: HF's rotate_half pairs (i, i + D/2) become adjacent rows.
@@ -200,6 +235,8 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
         "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+        "mlp.gate": "ffn_gate_inp", "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
+        "mlp.experts.down_proj": "ffn_down_exps",
     }
     if kind in ("gemma2", "gemma3_text", "olmo2"):
         # llama.cpp's Gemma 2 and OLMo 2 names: a norm after attention, one before (Gemma) and one

@@ -39,6 +39,17 @@ fn random_gemma3_smollm3_and_olmo2_match_cpu_logits_and_64_greedy_steps() {
     }
 }
 
+/// The mixtures of experts (Mixtral's, Qwen 3 MoE's with a dense layer) on the GPU against the CPU:
+/// routing read mid-pass, experts' tokens gathered, outputs added back weighted (`index_add`).
+#[test]
+fn random_mixtures_of_experts_match_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random mixtral and qwen 3 moe") else { return };
+    for shape in ["tiny-mixtral", "tiny-qwen3-moe"] {
+        println!("{shape}");
+        random_model_matches_cpu(&gpu, shape, 64, &[DType::F32]);
+    }
+}
+
 /// The linear op on each GEMM path (`HIGHRISE_GEMM`: cuBLASLt's algorithm timed fastest, its
 /// heuristic's first, cublasGemmEx's own) at batched-decode rows with long rows of w, where a tuned
 /// algorithm may split k: each within bf16's tolerance of the f64 reference.

@@ -50,6 +50,20 @@ fn random_gemma3_smollm3_and_olmo2_on_the_emulated_device_match_the_cpu() {
     }
 }
 
+/// The mixtures of experts: Mixtral's (each token's top 2 of 4 experts) and Qwen 3 MoE's (a dense
+/// layer, then the top 2 of 8 experts of their own size): the router's scores read mid-pass, each
+/// expert's tokens gathered (the embedding op), their outputs added back weighted (`index_add`).
+/// Greedy steps in f32: a token whose two likeliest experts lie within bf16's rounding of each other
+/// may be routed otherwise by the two backends' bf16 sums.
+#[test]
+fn random_mixtures_of_experts_on_the_emulated_device_match_the_cpu() {
+    let Some(dev) = backend("random mixtral and qwen 3 moe on the emulated device") else { return };
+    for shape in ["tiny-mixtral", "tiny-qwen3-moe"] {
+        println!("{shape}");
+        random_model_matches_cpu(&dev, shape, 8, &[DType::F32]);
+    }
+}
+
 /// Steering changes the stream a layer reads where the norms fold into its projections (a one-token
 /// pass, bf16: `Backend::folds_norms`, the layer norming the stream itself, with no norm after the
 /// intervention): the steered logits are the CPU's, far from the unsteered ones.

@@ -86,6 +86,10 @@ fn every_op_launches_what_its_kernels_expect() {
             b.rms_norm(&mut out, &x, &w, 1e-5).unwrap();
             let delta = up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt));
             b.add_rms_norm(&mut out, &mut x, &delta, &w, 1e-5).unwrap();
+            // A mixture's combine: every other row of x, weighted, into out.
+            let rows: Vec<u32> = (0..t as u32).rev().step_by(2).collect();
+            let src = up(&b, dt, &[rows.len(), h], &rng.values(rows.len() * h, 1.0, dt));
+            b.index_add(&mut out, &src, &rows, &vec![0.5; rows.len()]).unwrap();
             // Projections: same dtype, mixed, with and without a bias; where the GEMV kernel pays
             // and wherever it fits (HIGHRISE_CUDA_GEMV=own).
             for gemv in ["auto", "own"] {

@@ -153,3 +153,25 @@ fn phi3_5_with_longrope() {
 fn gemma3_with_qk_norms_and_rope_per_layer_type() {
     check("gemma3");
 }
+
+/// Mixtral: each token's top 2 of 4 SwiGLU experts (`block_sparse_moe.experts.{e}.w1/w2/w3`),
+/// their router weights renormalized; from GGUF, llama with experts, each projection of the
+/// experts stacked (`ffn_*_exps`) and the router as `ffn_gate_inp`.
+#[test]
+fn mixtral_routing_each_token_to_two_of_four_experts() {
+    check("mixtral");
+}
+
+/// Qwen 3 MoE: Qwen 3's attention, each token's top 2 of 8 experts of an intermediate size of their
+/// own (`moe_intermediate_size`), renormalized (`norm_topk_prob`); from GGUF, `qwen3moe`.
+#[test]
+fn qwen3_moe_with_experts_of_their_own_size() {
+    check("qwen3-moe");
+}
+
+/// OLMoE: q and k normed across all heads, each token's top 3 of 8 experts, weighted by their
+/// probabilities as the softmax over all 8 gave them (not renormalized).
+#[test]
+fn olmoe_with_weights_not_renormalized() {
+    check("olmoe");
+}

@@ -623,6 +623,55 @@ fn geglu_matches_reference() {
     }
 }
 
+/// A mixture of experts' combine: `out[index[j]] += weight[j] * src[j]`, against f64, the rows no
+/// index names untouched bit for bit; indices out of order, an empty src; a repeated index, one past
+/// the rows, a weight missing or not finite refused with the op named.
+#[test]
+fn index_add_adds_weighted_rows_where_told() {
+    if backend("index_add_adds_weighted_rows_where_told").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("index_add");
+    for dt in FLOATS {
+        for (t, h, index) in [(7, 576, vec![5u32, 0, 3, 6]), (3, 2048, vec![1]), (2, 64, vec![])] {
+            let n = index.len();
+            let (out0, src) = (rng.values(t * h, 1.0, dt), rng.values(n * h, 1.0, dt));
+            let weight: Vec<f32> = (0..n).map(|_| (rng.uniform() as f32 + 1.0) / 2.0).collect();
+            let mut out = upload(dt, &[t, h], &out0);
+            be().index_add(&mut out, &upload(dt, &[n, h], &src), &index, &weight).unwrap();
+            let got = download(&out);
+            let reference = |rd: Rd| {
+                let mut r = out0.clone();
+                for (j, &i) in index.iter().enumerate() {
+                    for c in 0..h {
+                        let at = i as usize * h + c;
+                        r[at] = rd.r(r[at] + rd.r(weight[j] as f64 * src[j * h + c]));
+                    }
+                }
+                r
+            };
+            let what = format!("index_add {dt} [{t}, {h}] index {index:?}");
+            assert_close(&what, dt, &got, &reference(Rd::Exact), &reference(Rd::Naive(dt)));
+            for row in (0..t as u32).filter(|r| !index.contains(r)) {
+                let r = row as usize * h..(row as usize + 1) * h;
+                assert!(got[r.clone()].iter().zip(&out0[r]).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: row {row} changed");
+            }
+        }
+    }
+    let dt = DType::F32;
+    let (mut out, src) = (upload(dt, &[4, 8], &[1.0; 32]), upload(dt, &[2, 8], &[1.0; 16]));
+    for (index, weight, want) in [
+        ([1u32, 1], [0.5f32, 0.5], "index 1 appears twice"),
+        ([0, 4], [0.5, 0.5], "index 4 (row 1 of src) is outside out's 4 rows"),
+        ([0, 1], [0.5, f32::NAN], "weight NaN (row 1 of src) is not finite"),
+    ] {
+        let e = be().index_add(&mut out, &src, &index, &weight).unwrap_err().to_string();
+        assert!(e.contains("index_add") && e.contains(want), "{e}");
+    }
+    let e = be().index_add(&mut out, &src, &[0, 1], &[1.0]).unwrap_err().to_string();
+    assert!(e.contains("1 weights for 2 indices"), "{e}");
+}
+
 /// The logits' soft-cap (Gemma 2's final one), in place: cap tanh(x / cap), against f64, for logits
 /// well inside the cap and far past it.
 #[test]

@@ -385,6 +385,11 @@ impl dyn Backend + '_ {
         self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: gate.as_ref(), up: up.as_ref(), act }))
     }
 
+    /// `out[index[j]] += weight[j] * src[j]` for each row j of src (see [`IndexAdd`]).
+    pub fn index_add(&self, out: &mut Tensor, src: &Tensor, index: &[u32], weight: &[f32]) -> Result<()> {
+        self.exec(Op::IndexAdd(IndexAdd { out: out.as_mut(), src: src.as_ref(), index: HostSlice::new(index), weight: HostSlice::new(weight) }))
+    }
+
     /// `x = cap * tanh(x / cap)` in place (see [`Softcap`]).
     pub fn softcap(&self, x: &mut Tensor, cap: f32) -> Result<()> {
         self.exec(Op::Softcap(Softcap { x: x.as_mut(), cap }))

@@ -1,7 +1,8 @@
-//! Residual-stream ops: embedding gather, RMSNorm and the fused residual-add + RMSNorm.
+//! Residual-stream ops: embedding gather, RMSNorm, the fused residual-add + RMSNorm, and a mixture of
+//! experts' weighted combine (`index_add`).
 
 use half::{bf16, f16};
-use highrise_core::ops::{AddRmsNorm, Embedding, RmsNorm};
+use highrise_core::ops::{AddRmsNorm, Embedding, IndexAdd, RmsNorm};
 use highrise_core::quant::dequantize;
 use highrise_core::{DType, Error, Result, TensorRef};
 
@@ -43,6 +44,26 @@ pub fn embedding(ts: &Tensors, op: &Embedding) -> Result<()> {
                     E::store(&row, dst);
                 }
             }
+        }
+        Ok(())
+    })
+}
+
+/// `out[index[j]] += weight[j] * src[j]`: each product in f32, added to the row as out holds it,
+/// rounded once (the indices are distinct: validated).
+pub fn index_add(ts: &Tensors, op: &IndexAdd) -> Result<()> {
+    let h = op.out.dims()[1];
+    with_float!(op.out.dtype, "index_add", E => {
+        // SAFETY: out is the op's only output (validated not to alias src).
+        let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
+        let src = ts.slice::<E>("src", &op.src)?;
+        let (mut row, mut add) = (vec![0f32; h], vec![0f32; h]);
+        for ((s, &i), &w) in src.chunks_exact(h).zip(op.index.as_slice()).zip(op.weight.as_slice()) {
+            let dst = &mut out[i as usize * h..(i as usize + 1) * h];
+            E::load(dst, &mut row);
+            E::load(s, &mut add);
+            row.iter_mut().zip(&add).for_each(|(r, a)| *r += w * a);
+            E::store(&row, dst);
         }
         Ok(())
     })

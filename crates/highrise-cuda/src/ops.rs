@@ -2,7 +2,7 @@
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
 use highrise_core::ops::{
-    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear,
+    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, IndexAdd, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear,
     RmsNorm, Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result, TensorRef};
@@ -47,6 +47,19 @@ pub fn embedding(be: &CudaBackend, st: &mut OpState, op: &Embedding) -> Result<(
     let (_, addr) = be.upload(st, 0, &[bytes_of(op.ids.as_slice())])?;
     let scale = op.scale;
     be.launch(&format!("embedding_{s}"), (t, 1, 1), (ROW_THREADS, 1, 1), &[&out, &table, &table_dt, &addr[0], &h, &scale])
+}
+
+/// `out[index[j]] += weight[j] * src[j]` (`index_add_*`, kernels/residual.cu): a block per row of
+/// src, the indices and weights uploaded.
+pub fn index_add(be: &CudaBackend, st: &mut OpState, op: &IndexAdd) -> Result<()> {
+    let s = suffix("index_add", op.out.dtype)?;
+    let (n, h) = (op.index.len() as u32, op.out.dims()[1] as u32);
+    if n == 0 {
+        return Ok(());
+    }
+    let (out, src) = (be.ptr("out", &op.out)?, be.ptr("src", &op.src)?);
+    let (_, addr) = be.upload(st, 0, &[bytes_of(op.index.as_slice()), bytes_of(op.weight.as_slice())])?;
+    be.launch(&format!("index_add_{s}"), (n, 1, 1), (ROW_THREADS, 1, 1), &[&out, &src, &addr[0], &addr[1], &h])
 }
 
 pub fn rms_norm(be: &CudaBackend, op: &RmsNorm) -> Result<()> {

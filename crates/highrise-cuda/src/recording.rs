@@ -391,6 +391,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "add_rms_norm" => vec![P, P, P, P, U32, U32, F32],
         "add_bias" => vec![P, P, U32, U32, U64],
         "add" => vec![P, P, U64],
+        "index_add" => vec![P, P, P, P, U32],
         "to_f32" => vec![P, P, U32, U64],
         "from_f32" => vec![P, P, U64],
         "rope" => vec![P, P, P, U32, U32, U32, F32],
@@ -605,6 +606,21 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             // (out, delta, n): out[i] += delta[i], grid-stride.
             for (p, what) in [(0, "out"), (1, "delta")] {
                 push(out, p, 0, a.u64(2), elt, what);
+            }
+        }
+        "index_add" => {
+            // (out, src, index, weight, h): block j adds row j of src, times weight[j], to row
+            // index[j] of out.
+            let h = a.u32(4) as u64;
+            grid_rows(a, a.rows_of(1, h))?;
+            a.agrees(0, 1, h, "h")?;
+            a.agrees(1, 1, h, "h")?;
+            let index = a.u32s(2, gx as usize)?;
+            push(out, 2, 0, gx, 4, "index");
+            push(out, 3, 0, gx, 4, "weight");
+            push(out, 1, 0, gx * h, elt, "src rows");
+            for (j, &i) in index.iter().enumerate() {
+                push(out, 0, i as u64 * h, h, elt, format!("out row {i} (src row {j})"));
             }
         }
         "to_f32" => {

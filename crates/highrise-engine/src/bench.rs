@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use highrise_core::ops::PagedSeq;
-use highrise_model::{Batch, Llama, Logits, Result};
+use highrise_model::{Batch, Llama, Logits, Mlp, Result};
 
 use crate::blocks::BLOCK_SIZE;
 use crate::sampling::choose_on_backend;
@@ -43,16 +43,16 @@ pub struct Ceilings {
 
 impl Test {
     /// The tokens per second this test could reach at `c`: decoding reads every weight once per
-    /// step and each sequence's K/V at its context (memory-bound); prefill does two flops per weight
-    /// and token, plus attention's (compute-bound).
+    /// step (of a mixture, the experts the step's tokens choose: `Llama::weight_bytes_per_step`)
+    /// and each sequence's K/V at its context (memory-bound); prefill does two flops per weight and
+    /// token, plus attention's (compute-bound).
     pub fn ceiling(&self, model: &Llama, c: &Ceilings) -> f64 {
-        let weights = model.weight_bytes_per_token() as f64;
         let kv_per_position = model.kv_block_bytes(BLOCK_SIZE) as f64 / BLOCK_SIZE as f64;
         match *self {
             Test::Prefill { n } => c.matmul / prefill_flops_per_token(model, n),
-            Test::Decode { n, depth } => c.memory / (weights + kv_per_position * (depth as f64 + n as f64 / 2.0)),
+            Test::Decode { n, depth } => c.memory / (model.weight_bytes_per_step(1) + kv_per_position * (depth as f64 + n as f64 / 2.0)),
             Test::Concurrent { sequences, n, prompt } => {
-                let s = sequences as f64;
+                let (s, weights) = (sequences as f64, model.weight_bytes_per_step(sequences));
                 s * c.memory / (weights + s * kv_per_position * (prompt as f64 + n as f64 / 2.0))
             }
         }
@@ -61,21 +61,30 @@ impl Test {
 
 /// Flops per token of an `n`-token prefill: 2 per weight of every projection (the unembedding once
 /// for the whole prompt: generation needs the last token's logits only) and attention's QK^T and PV
-/// over the half of the prompt a causal token sees on average.
+/// over the half of the prompt a causal token sees on average. (A mixture of experts: the router's
+/// and the token's `top_k` experts'.)
 pub fn prefill_flops_per_token(model: &Llama, n: usize) -> f64 {
     let c = &model.config;
-    let (h, i, d) = (c.hidden_size as f64, c.intermediate_size as f64, c.head_dim() as f64);
+    let (h, d) = (c.hidden_size as f64, c.head_dim() as f64);
     let (hq, hkv) = (c.num_attention_heads as f64, c.kv_heads() as f64);
-    let per_layer = 2.0 * (h * hq * d * 2.0 + 2.0 * h * hkv * d + 3.0 * h * i) + 4.0 * hq * d * n as f64 / 2.0;
-    per_layer * c.num_hidden_layers as f64 + 2.0 * h * c.vocab_size as f64 / n as f64
+    let mlp = |l: usize| match c.moe_layer(l) {
+        true => 3.0 * h * (c.experts_per_token() * c.expert_intermediate_size()) as f64 + h * c.experts() as f64,
+        false => 3.0 * h * c.intermediate_size as f64,
+    };
+    let per_layer = |l: usize| 2.0 * (h * hq * d * 2.0 + 2.0 * h * hkv * d + mlp(l)) + 4.0 * hq * d * n as f64 / 2.0;
+    (0..c.num_hidden_layers).map(per_layer).sum::<f64>() + 2.0 * h * c.vocab_size as f64 / n as f64
 }
 
-/// The backend's matrix rate on this model's own largest projection (the first layer's gate, in
+/// The backend's matrix rate on this model's own largest projection (the first layer's gate, its
+/// first expert's in a mixture, in
 /// the dtype and layout the model keeps it, with its activations: 8-bit where the model quantizes
 /// them) at `rows` tokens, flops per second: best of 3, synchronized.
 pub fn matmul_rate(model: &Llama, rows: usize) -> Result<f64> {
     use highrise_core::Tensor;
-    let w = &model.layers[0].w_gate;
+    let w = match &model.layers[0].mlp {
+        Mlp::Dense(f) => &f.w_gate,
+        Mlp::Moe(m) => &m.experts[0].w_gate,
+    };
     let (n, k) = (w.dims()[0], w.dims()[1]);
     let x = Tensor::full(&model.backend, model.dtype, &[rows, k], 0.01)?;
     let mut out = Tensor::empty(&model.backend, model.dtype, &[rows, n])?;

@@ -13,12 +13,15 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 11] = [
+pub const FAMILIES: [(&str, &str); 14] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
+    ("mixtral", "Mixtral 8x7B, 8x22B (a mixture of experts: each token's top 2 of 8 SwiGLU MLPs, weighted by the router; GGUF: llama with experts)"),
+    ("qwen3_moe", "Qwen 3 MoE (30B-A3B, 235B-A22B: Qwen 3's attention, each token's top 8 of 128 experts)"),
+    ("olmoe", "OLMoE (q and k normed across all heads, each token's top 8 of 64 experts, their weights not renormalized)"),
     ("phi3", "Phi-3 mini, Phi-3.5 mini, Phi-4-mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE)"),
     ("olmo2", "OLMo 2 (RMSNorm after attention and after the MLP, none before; q and k normed across all heads)"),
     ("olmo3", "OLMo 3 (OLMo 2 with a sliding window on three layers of each four)"),
@@ -33,10 +36,12 @@ pub fn is_family(name: &str) -> bool {
 }
 
 /// The `model_type` of a GGUF `general.architecture`: llama.cpp calls Gemma 3 `gemma3` whatever its
-/// size, HF's text-only config `gemma3_text` (`gemma3` there is the multimodal wrapper).
+/// size, HF's text-only config `gemma3_text` (`gemma3` there is the multimodal wrapper), and Qwen 3
+/// MoE `qwen3moe`. (Mixtral is `llama` with experts: see `from_gguf`.)
 fn model_type_of_arch(arch: &str) -> &str {
     match arch {
         "gemma3" => "gemma3_text",
+        "qwen3moe" => "qwen3_moe",
         other => other,
     }
 }
@@ -127,6 +132,26 @@ pub struct ModelConfig {
     pub use_bidirectional_attention: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// A mixture of experts in place of the MLP (Mixtral, Qwen 3 MoE, OLMoE): how many experts a
+    /// layer has (Mixtral's and transformers 5's name, and the older `num_experts`), how many each
+    /// token uses, whether their router weights are renormalized to sum to 1 (Mixtral always), each
+    /// expert's intermediate size where it differs from `intermediate_size` (Qwen 3 MoE), and which
+    /// layers keep a dense MLP (Qwen 3 MoE: those in `mlp_only_layers`, and all but every
+    /// `decoder_sparse_step`-th).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_local_experts: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_experts_per_tok: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_intermediate_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_sparse_step: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_only_layers: Option<Vec<usize>>,
 }
 
 fn default_model_type() -> String {
@@ -145,8 +170,8 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
     /// `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
-    /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3` and `tiny-olmo2` (the same in those families'
-    /// layouts).
+    /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3`, `tiny-olmo2`, `tiny-mixtral` and
+    /// `tiny-qwen3-moe` (the same in those families' layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -192,12 +217,27 @@ impl ModelConfig {
                 "model_type": "olmo2", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
             }),
+            // Mixtral's: each token's top 2 of 4 experts.
+            "tiny-mixtral" => serde_json::json!({
+                "model_type": "mixtral", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 256,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                "num_local_experts": 4, "num_experts_per_tok": 2,
+            }),
+            // Qwen 3 MoE's: layer 0 dense (`mlp_only_layers`), layer 1 each token's top 2 of 8
+            // experts of their own size, renormalized.
+            "tiny-qwen3-moe" => serde_json::json!({
+                "model_type": "qwen3_moe", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": true,
+                "mlp_only_layers": [0],
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 7] = ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2"];
+    pub const SHAPES: [&'static str; 9] =
+        ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2", "tiny-mixtral", "tiny-qwen3-moe"];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -247,7 +287,12 @@ impl ModelConfig {
                 format!("{arch:?} is not supported (these are: {}; gemma3 for gemma3_text)", families()),
             ));
         }
-        let model_type = model_type_of_arch(&arch).to_string();
+        // A llama file with experts is Mixtral (llama.cpp converts it as llama).
+        let experts = g.get(&format!("{arch}.expert_count")).and_then(Value::as_u64).filter(|&e| e > 0).map(|e| e as usize);
+        let model_type = match (arch.as_str(), experts) {
+            ("llama", Some(_)) => "mixtral".to_string(),
+            _ => model_type_of_arch(&arch).to_string(),
+        };
         let gemma = matches!(arch.as_str(), "gemma2" | "gemma3");
         let num = |key: &str| -> Result<usize> {
             let full = format!("{arch}.{key}");
@@ -317,6 +362,9 @@ impl ModelConfig {
                 "mistral" => "MistralForCausalLM".into(),
                 "qwen2" => "Qwen2ForCausalLM".into(),
                 "qwen3" => "Qwen3ForCausalLM".into(),
+                "qwen3moe" => "Qwen3MoeForCausalLM".into(),
+                "olmoe" => "OlmoeForCausalLM".into(),
+                "llama" if experts.is_some() => "MixtralForCausalLM".into(),
                 "phi3" => "Phi3ForCausalLM".into(),
                 "gemma2" => "Gemma2ForCausalLM".into(),
                 "gemma3" => "Gemma3ForCausalLM".into(),
@@ -370,6 +418,18 @@ impl ModelConfig {
             use_bidirectional_attention: None,
             attn_logit_softcapping: float("attn_logit_softcapping"),
             final_logit_softcapping: float("final_logit_softcapping"),
+            num_local_experts: experts,
+            num_experts: None,
+            num_experts_per_tok: experts.and_then(|_| num("expert_used_count").ok()),
+            // llama.cpp renormalizes Mixtral's and Qwen 3 MoE's weights, not OLMoE's, unless the
+            // file says.
+            norm_topk_prob: experts.map(|_| match g.get(&format!("{arch}.expert_weights_norm")) {
+                Some(Value::Bool(b)) => *b,
+                _ => arch != "olmoe",
+            }),
+            moe_intermediate_size: experts.and_then(|_| num("expert_feed_forward_length").ok()),
+            decoder_sparse_step: None,
+            mlp_only_layers: None,
         };
         c.validate(path)?;
         Ok(c)
@@ -425,6 +485,20 @@ impl ModelConfig {
         if self.no_rope_layer_interval == Some(0) {
             return Err(Error::config(path, "no_rope_layer_interval", "must be positive"));
         }
+        if let Some(e) = self.num_local_experts.or(self.num_experts).filter(|&e| e > 0) {
+            let k = self.experts_per_token();
+            if k == 0 || k > e {
+                return Err(Error::config(path, "num_experts_per_tok", format!("{k}: each token takes 1 to {e} experts")));
+            }
+            if self.expert_intermediate_size() == 0 {
+                return Err(Error::config(path, "moe_intermediate_size", "must be positive"));
+            }
+            if self.decoder_sparse_step == Some(0) {
+                return Err(Error::config(path, "decoder_sparse_step", "must be positive"));
+            }
+        } else if matches!(self.model_type.as_str(), "mixtral" | "qwen3_moe" | "olmoe") {
+            return Err(Error::config(path, "num_local_experts", format!("missing: {} is a mixture of experts", self.model_type)));
+        }
         if self.use_bidirectional_attention == Some(true) {
             return Err(Error::config(path, "use_bidirectional_attention", "true: a bidirectional encoder (EmbeddingGemma) is not a causal language model"));
         }
@@ -454,6 +528,35 @@ impl ModelConfig {
     /// OLMo 2's layout (OLMo 3's too): `post_norms` without pre-norms, q/k norms across all heads.
     fn olmo(&self) -> bool {
         matches!(self.model_type.as_str(), "olmo2" | "olmo3")
+    }
+
+    /// The experts each mixture-of-experts layer has (0: the model is dense).
+    pub fn experts(&self) -> usize {
+        self.num_local_experts.or(self.num_experts).unwrap_or(0)
+    }
+
+    /// The experts each token is routed to (HF's default: 2).
+    pub fn experts_per_token(&self) -> usize {
+        self.num_experts_per_tok.unwrap_or(2)
+    }
+
+    /// Whether a token's router weights, over its experts, are scaled to sum to 1 (Mixtral always;
+    /// Qwen 3 MoE and OLMoE as `norm_topk_prob` says, HF's default off).
+    pub fn renormalize_experts(&self) -> bool {
+        self.model_type == "mixtral" || self.norm_topk_prob.unwrap_or(false)
+    }
+
+    /// Each expert's intermediate size.
+    pub fn expert_intermediate_size(&self) -> usize {
+        self.moe_intermediate_size.unwrap_or(self.intermediate_size)
+    }
+
+    /// Whether layer `layer`'s MLP is a mixture of experts (Qwen 3 MoE's `mlp_only_layers` and
+    /// `decoder_sparse_step` keep some dense).
+    pub fn moe_layer(&self, layer: usize) -> bool {
+        self.experts() > 0
+            && !self.mlp_only_layers.as_ref().is_some_and(|l| l.contains(&layer))
+            && (layer + 1) % self.decoder_sparse_step.unwrap_or(1).max(1) == 0
     }
 
     /// The MLP's gate activation by name: `hidden_activation`, else `hidden_act`, else silu (Gemma:
@@ -529,15 +632,15 @@ impl ModelConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    /// Qwen 3 and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim; Gemma's 1 + w)
-    /// before RoPE, OLMo 2 all heads at once (a weight of heads x head_dim).
+    /// Qwen 3 (MoE too) and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim;
+    /// Gemma's 1 + w) before RoPE, OLMo 2 and OLMoE all heads at once (a weight of heads x head_dim).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "qwen3" | "gemma3_text") || self.olmo()
+        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text" | "olmoe") || self.olmo()
     }
 
     /// The width q's and k's RMSNorm takes at once: (q's, k's).
     pub fn qk_norm_width(&self) -> (usize, usize) {
-        match self.olmo() {
+        match self.olmo() || self.model_type == "olmoe" {
             true => (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim()),
             false => (self.head_dim(), self.head_dim()),
         }
@@ -736,6 +839,29 @@ mod tests {
             assert_eq!(ModelConfig::from_file(&path).unwrap().head_dim(), c.head_dim(), "{name}");
         }
         assert!(ModelConfig::shape("no-such-shape").is_none());
+    }
+
+    /// Which layers are mixtures: all of a mixture model's but those `mlp_only_layers` names and
+    /// all but every `decoder_sparse_step`-th (Qwen 3 MoE); a mixture's settings checked.
+    #[test]
+    fn mixture_layers_and_settings() {
+        let c = ModelConfig::shape("tiny-qwen3-moe").unwrap();
+        assert_eq!((0..2).map(|l| c.moe_layer(l)).collect::<Vec<_>>(), [false, true]);
+        assert_eq!((c.experts(), c.experts_per_token(), c.expert_intermediate_size(), c.renormalize_experts()), (8, 2, 128, true));
+        let c = ModelConfig { decoder_sparse_step: Some(2), mlp_only_layers: None, num_hidden_layers: 4, ..c };
+        assert_eq!((0..4).map(|l| c.moe_layer(l)).collect::<Vec<_>>(), [false, true, false, true]);
+        let m = ModelConfig::shape("tiny-mixtral").unwrap();
+        assert!(m.renormalize_experts() && m.moe_layer(0) && m.expert_intermediate_size() == m.intermediate_size);
+        assert!(!ModelConfig::shape("tiny").unwrap().moe_layer(0));
+        let base = r#""vocab_size": 8, "hidden_size": 64, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4"#;
+        for (name, extra, field) in [
+            ("moe-k", r#""model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 5"#, "num_experts_per_tok"),
+            ("moe-none", r#""model_type": "olmoe""#, "num_local_experts"),
+            ("moe-size", r#""model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 0"#, "moe_intermediate_size"),
+        ] {
+            let e = ModelConfig::from_file(&write(name, &format!("{{{base}, {extra}}}"))).unwrap_err().to_string();
+            assert!(e.contains(field), "{name}: {e}");
+        }
     }
 
     #[test]

@@ -63,9 +63,7 @@ pub struct Layer {
     pub bv: Option<Tensor>,       // [Hkv * D]
     pub wo: Tensor,               // [H, Hq * D]
     pub mlp_norm: Option<Tensor>, // [H] (None: OLMo 2)
-    pub w_gate: Tensor,           // [I, H]
-    pub w_up: Tensor,             // [I, H]
-    pub w_down: Tensor,           // [H, I]
+    pub mlp: Mlp,
     pub q_norm: Option<Tensor>,   // [D] (Qwen3: RMSNorm of each query head before RoPE; OLMo 2: [Hq * D])
     pub k_norm: Option<Tensor>,   // [D] (OLMo 2: [Hkv * D])
     /// Gemma, OLMo 2: RMSNorm of the attention's output before it joins the stream ([H]; HF's
@@ -73,6 +71,71 @@ pub struct Layer {
     pub attn_post_norm: Option<Tensor>,
     /// Gemma, OLMo 2: RMSNorm of the MLP's output before it joins the stream ([H]).
     pub mlp_post_norm: Option<Tensor>,
+}
+
+/// A gated MLP's weights (SwiGLU, or GeGLU for Gemma): intermediate I.
+pub struct Ffn {
+    pub w_gate: Tensor, // [I, H]
+    pub w_up: Tensor,   // [I, H]
+    pub w_down: Tensor, // [H, I]
+}
+
+/// What a layer has after attention: one MLP, or a mixture of experts.
+pub enum Mlp {
+    Dense(Ffn),
+    Moe(Moe),
+}
+
+impl Mlp {
+    /// The dense MLP, where the layer has one.
+    pub fn dense(&self) -> Option<&Ffn> {
+        match self {
+            Mlp::Dense(f) => Some(f),
+            Mlp::Moe(_) => None,
+        }
+    }
+
+    /// Every weight matrix: the MLP's, or the router's and every expert's.
+    pub fn weights(&self) -> Vec<&Tensor> {
+        match self {
+            Mlp::Dense(f) => vec![&f.w_gate, &f.w_up, &f.w_down],
+            Mlp::Moe(m) => std::iter::once(&m.router).chain(m.experts.iter().flat_map(|f| [&f.w_gate, &f.w_up, &f.w_down])).collect(),
+        }
+    }
+}
+
+/// A mixture of experts (Mixtral, Qwen 3 MoE, OLMoE): a router scores every expert for each token,
+/// the token goes through its `top_k` likeliest (softmax over all experts' scores), and their outputs
+/// are summed, each weighted by its probability (renormalized over the chosen where `renormalize`).
+pub struct Moe {
+    pub router: Tensor, // [E, H]
+    pub experts: Vec<Ffn>,
+    pub top_k: usize,
+    pub renormalize: bool,
+}
+
+/// Each expert's tokens (rows of the batch, ascending) and their router weights: each token's
+/// `top_k` experts of highest probability (softmax of its row of `logits`, [T, E], in f32 as HF
+/// computes it; ties to the lower expert), their weights renormalized to sum to 1 where asked.
+pub fn route(logits: &[f32], experts: usize, top_k: usize, renormalize: bool) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let mut routes = vec![(Vec::new(), Vec::new()); experts];
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for (t, row) in logits.chunks_exact(experts.max(1)).enumerate() {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+        let sum: f32 = exp.iter().sum();
+        order.clear();
+        order.extend(0..experts);
+        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+        let chosen = &order[..top_k.min(experts)];
+        let total: f32 = chosen.iter().map(|&e| exp[e] / sum).sum();
+        for &e in chosen {
+            let p = exp[e] / sum;
+            routes[e].0.push(t as u32);
+            routes[e].1.push(if renormalize { p / total } else { p });
+        }
+    }
+    routes
 }
 
 pub struct Llama {
@@ -192,9 +255,15 @@ impl Llama {
                 bv: bias("self_attn.v_proj.bias", kv_dim)?,
                 wo: loader.matrix(&p("self_attn.o_proj.weight"), h, q_dim, OpKind::Linear)?,
                 mlp_norm: pre(if c.post_norms() { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" })?,
-                w_gate: loader.matrix(&p("mlp.gate_proj.weight"), i, h, OpKind::Linear)?,
-                w_up: loader.matrix(&p("mlp.up_proj.weight"), i, h, OpKind::Linear)?,
-                w_down: loader.matrix(&p("mlp.down_proj.weight"), h, i, OpKind::Linear)?,
+                mlp: match c.moe_layer(l) {
+                    false => Mlp::Dense(loader.ffn(&p("mlp"), i, h)?),
+                    true => Mlp::Moe(Moe {
+                        router: loader.matrix(&p("mlp.gate.weight"), c.experts(), h, OpKind::Linear)?,
+                        experts: (0..c.experts()).map(|e| loader.ffn(&p(&format!("mlp.experts.{e}")), c.expert_intermediate_size(), h)).collect::<Result<_>>()?,
+                        top_k: c.experts_per_token(),
+                        renormalize: c.renormalize_experts(),
+                    }),
+                },
                 q_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.q_norm.weight"), q_norm, &c)).transpose()?,
                 k_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.k_norm.weight"), k_norm, &c)).transpose()?,
                 attn_post_norm: post("post_attention_layernorm.weight")?,
@@ -255,8 +324,19 @@ impl Llama {
         let proj = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let (q_norm, k_norm) = c.qk_norm_width();
-        for _ in 0..c.num_hidden_layers {
+        for l in 0..c.num_hidden_layers {
             let bias = c.qkv_bias();
+            let mut ffn = |i: usize| -> Result<Ffn> {
+                Ok(Ffn { w_gate: make(&[i, h], proj(h), 0.0)?, w_up: make(&[i, h], proj(h), 0.0)?, w_down: make(&[h, i], proj(i), 0.0)? })
+            };
+            let mlp = match c.moe_layer(l) {
+                false => Mlp::Dense(ffn(i)?),
+                true => {
+                    let experts = (0..c.experts()).map(|_| ffn(c.expert_intermediate_size())).collect::<Result<_>>()?;
+                    let router = make(&[c.experts(), h], proj(h), 0.0)?;
+                    Mlp::Moe(Moe { router, experts, top_k: c.experts_per_token(), renormalize: c.renormalize_experts() })
+                }
+            };
             layers.push(Layer {
                 attn_norm: if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
                 wq: make(&[q_dim, h], proj(h), 0.0)?,
@@ -267,9 +347,7 @@ impl Llama {
                 bv: if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None },
                 wo: make(&[h, q_dim], proj(q_dim), 0.0)?,
                 mlp_norm: if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
-                w_gate: make(&[i, h], proj(h), 0.0)?,
-                w_up: make(&[i, h], proj(h), 0.0)?,
-                w_down: make(&[h, i], proj(i), 0.0)?,
+                mlp,
                 q_norm: if c.qk_norm() { Some(make(&[q_norm], 0.1, 1.0)?) } else { None },
                 k_norm: if c.qk_norm() { Some(make(&[k_norm], 0.1, 1.0)?) } else { None },
                 attn_post_norm: if c.post_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
@@ -287,25 +365,41 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Bytes of weights one decoded token reads: every layer's, the final norm, and the unembedding
-    /// (the embedding table itself is only gathered from).
+    /// Bytes of weights one decoded token reads: every layer's (of a mixture, the router and the
+    /// token's `top_k` experts), the final norm, and the unembedding (the embedding table itself is
+    /// only gathered from).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let layers: usize = self
+        self.weight_bytes_per_step(1).round() as usize
+    }
+
+    /// Bytes of weights a decode step of `sequences` tokens reads, each once: as
+    /// `weight_bytes_per_token`, but of a mixture the experts any of the step's tokens chose, E (1 -
+    /// (1 - k/E)^s) of E expected for s tokens routed independently (k at batch 1, nearly all E
+    /// by a few dozen tokens).
+    pub fn weight_bytes_per_step(&self, sequences: usize) -> f64 {
+        let mlp = |m: &Mlp| match m {
+            Mlp::Dense(f) => [&f.w_gate, &f.w_up, &f.w_down].iter().map(|t| t.size_bytes()).sum::<usize>() as f64,
+            Mlp::Moe(m) => {
+                let expert = |f: &Ffn| [&f.w_gate, &f.w_up, &f.w_down].iter().map(|t| t.size_bytes()).sum::<usize>();
+                let e = m.experts.len() as f64;
+                let used = e * (1.0 - (1.0 - m.top_k as f64 / e.max(1.0)).powi(sequences.max(1) as i32));
+                m.router.size_bytes() as f64 + m.experts.first().map_or(0, expert) as f64 * used
+            }
+        };
+        let layers: f64 = self
             .layers
             .iter()
             .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|t| t.size_bytes())
-                    .sum::<usize>()
+                let rest = [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|t| t.size_bytes()).sum::<usize>()
                     + [&l.attn_norm, &l.mlp_norm, &l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm, &l.attn_post_norm, &l.mlp_post_norm]
                         .iter()
                         .filter_map(|b| b.as_ref())
                         .map(|t| t.size_bytes())
-                        .sum::<usize>()
+                        .sum::<usize>();
+                rest as f64 + mlp(&l.mlp)
             })
             .sum();
-        layers + self.norm.size_bytes() + self.unembedding().size_bytes()
+        layers + (self.norm.size_bytes() + self.unembedding().size_bytes()) as f64
     }
 
     /// Bytes of KV cache one block of `block_size` tokens takes across all layers.
@@ -352,7 +446,7 @@ impl Llama {
             && layer.attn_post_norm.is_none()
             && layer.mlp_post_norm.is_none()
             && self.fused(OpKind::QkvLinear, &[&layer.wq, &layer.wk, &layer.wv])
-            && self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up])
+            && layer.mlp.dense().is_some_and(|f| self.fused(OpKind::SwiGluLinear, &[&f.w_gate, &f.w_up]))
     }
 
     /// RMSNorm of each of `rows` rows of width `d` of `x` (a projection's heads), with weight `w` [d].
@@ -371,6 +465,53 @@ impl Llama {
             self.backend.softcap(&mut logits, cap as f32)?;
         }
         Ok(logits)
+    }
+
+    /// A gated MLP's gate, `act(x @ w_gate^T) * (x @ w_up^T)` [rows, I] for x [rows, H]: one op where
+    /// the backend fuses it (SwiGLU, weights in the activations' dtype), else two projections and
+    /// the gate.
+    fn glu(&self, f: &Ffn, x: &Tensor) -> Result<Tensor> {
+        let (b, rows, i, act) = (&*self.backend, x.dims()[0], f.w_gate.dims()[0], self.config.glu_act());
+        let mut out = self.tensor(&[rows, i])?;
+        if act == GluAct::Silu && self.fused(OpKind::SwiGluLinear, &[&f.w_gate, &f.w_up]) {
+            b.swiglu_linear(&mut out, x, &f.w_gate, &f.w_up)?;
+        } else {
+            let (mut gate, mut up) = (self.tensor(&[rows, i])?, self.tensor(&[rows, i])?);
+            self.linear(&mut gate, x, &f.w_gate, None)?;
+            self.linear(&mut up, x, &f.w_up, None)?;
+            b.glu(&mut out, &gate, &up, act)?;
+        }
+        Ok(out)
+    }
+
+    /// A mixture of experts' output [T, H] for the normed stream `x` [T, H]: the router's scores
+    /// read to the host and each token routed (`route`), then each expert with tokens runs on
+    /// theirs alone (gathered by the embedding op, the stream as its table) and its output joins
+    /// their rows weighted by the router (`IndexAdd`), in the experts' order as HF sums them. The
+    /// weights are rounded to the activations' dtype first, as HF casts them. (The scores' read
+    /// ends a step recorded as a graph there: the rest of the step runs op by op.)
+    fn moe(&self, m: &Moe, x: &Tensor) -> Result<Tensor> {
+        let b = &*self.backend;
+        let (t, h, e) = (x.dims()[0], x.dims()[1], m.experts.len());
+        let mut logits = self.tensor(&[t, e])?;
+        self.linear(&mut logits, x, &m.router, None)?;
+        let routes = route(&logits.to_f32()?, e, m.top_k, m.renormalize);
+        let round = |w: f32| match self.dtype {
+            DType::BF16 => half::bf16::from_f32(w).to_f32(),
+            DType::F16 => half::f16::from_f32(w).to_f32(),
+            _ => w,
+        };
+        let mut out = Tensor::full(&self.backend, self.dtype, &[t, h], 0.0)?;
+        for (f, (rows, weights)) in m.experts.iter().zip(&routes).filter(|(_, r)| !r.0.is_empty()) {
+            let mut xe = self.tensor(&[rows.len(), h])?;
+            b.embedding(&mut xe, x, rows)?;
+            let act = self.glu(f, &xe)?;
+            let mut ye = self.tensor(&[rows.len(), h])?;
+            self.linear(&mut ye, &act, &f.w_down, None)?;
+            let weights: Vec<f32> = weights.iter().map(|&w| round(w)).collect();
+            b.index_add(&mut out, &ye, rows, &weights)?;
+        }
+        Ok(out)
     }
 
     /// `delta` through a norm of its own before it joins the stream, where the layer has one
@@ -506,37 +647,41 @@ impl Llama {
             let input = if layer.mlp_norm.is_some() { &xb } else { &x };
 
             // MLP: SwiGLU (GeGLU for Gemma), its two projections and the gate in one op where the
-            // backend fuses them (SwiGLU, weights in the activations' dtype; reading x's norm
-            // itself where the norms fold), else three.
-            let i = c.intermediate_size;
-            let glu = c.glu_act();
-            let mut act = self.tensor(&[t, i])?; // (T, I)
-            if folded {
-                b.swiglu_linear_normed(&mut act, &x, layer.mlp_norm.as_ref().map(|n| (n, eps)), &layer.w_gate, &layer.w_up)?;
-            } else if glu == GluAct::Silu && self.fused(OpKind::SwiGluLinear, &[&layer.w_gate, &layer.w_up]) {
-                b.swiglu_linear(&mut act, input, &layer.w_gate, &layer.w_up)?;
-            } else {
-                let mut gate = self.tensor(&[t, i])?; // (T, I)
-                let mut up = self.tensor(&[t, i])?; // (T, I)
-                self.linear(&mut gate, input, &layer.w_gate, None)?;
-                self.linear(&mut up, input, &layer.w_up, None)?;
-                b.glu(&mut act, &gate, &up, glu)?;
-            }
+            // backend fuses them (`glu`; reading x's norm itself where the norms fold), then the
+            // down projection; a mixture of experts, the same on each expert's tokens (`moe`).
+            let mlp_out = match &layer.mlp {
+                Mlp::Dense(f) if folded => {
+                    let mut act = self.tensor(&[t, f.w_gate.dims()[0]])?; // (T, I)
+                    b.swiglu_linear_normed(&mut act, &x, layer.mlp_norm.as_ref().map(|n| (n, eps)), &f.w_gate, &f.w_up)?;
+                    if hooks.wants(Site::MlpOut, l) {
+                        let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
+                        self.linear(&mut mlp_out, &act, &f.w_down, None)?;
+                        Some(mlp_out)
+                    } else {
+                        // x += mlp_out, the next layer (or the final norm) norming x itself.
+                        b.linear_add(&mut x, &act, &f.w_down, None)?;
+                        None
+                    }
+                }
+                Mlp::Dense(f) => {
+                    let act = self.glu(f, input)?; // (T, I)
+                    let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
+                    self.linear(&mut mlp_out, &act, &f.w_down, None)?;
+                    Some(mlp_out)
+                }
+                Mlp::Moe(m) => Some(self.moe(m, input)?),
+            };
             // (A next layer without a norm of its own does not read xb: the final norm serves.)
             let next_norm = self.layers.get(l + 1).and_then(|n| n.attn_norm.as_ref()).unwrap_or(&self.norm);
-            if folded && !hooks.wants(Site::MlpOut, l) {
-                // x += mlp_out, the next layer (or the final norm) norming x itself.
-                b.linear_add(&mut x, &act, &layer.w_down, None)?;
-                xb_ready = false;
-            } else {
-                let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
-                self.linear(&mut mlp_out, &act, &layer.w_down, None)?;
+            if let Some(mlp_out) = mlp_out {
                 let mlp_out = self.post_norm(mlp_out, layer.mlp_post_norm.as_ref())?;
                 hooks.tap(Site::MlpOut, l, &mlp_out)?;
                 // Residual and the next norm in one pass: x += mlp_out, xb = the next layer's attention
                 // norm of x (the final norm after the last layer), so no layer starts with a norm of its own.
                 b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
                 xb_ready = true;
+            } else {
+                xb_ready = false;
             }
             hooks.tap(Site::ResidPost, l, &x)?;
         }
@@ -752,6 +897,13 @@ impl Loader<'_> {
         self.upload(name, t, target)
     }
 
+    /// A gated MLP of intermediate size `i` under `prefix` (`model.layers.0.mlp`, an expert's
+    /// `model.layers.0.mlp.experts.3`): its gate_proj, up_proj and down_proj.
+    fn ffn(&self, prefix: &str, i: usize, h: usize) -> Result<Ffn> {
+        let w = |name: &str, rows, cols| self.matrix(&format!("{prefix}.{name}.weight"), rows, cols, OpKind::Linear);
+        Ok(Ffn { w_gate: w("gate_proj", i, h)?, w_up: w("up_proj", i, h)?, w_down: w("down_proj", h, i)? })
+    }
+
     /// A weight matrix [rows, cols] for `op`.
     fn matrix(&self, name: &str, rows: usize, cols: usize, op: OpKind) -> Result<Tensor> {
         let t = self.get(name, &[rows, cols])?;
@@ -899,5 +1051,28 @@ mod tests {
         }
         // A shorter tensor after a longer one reads only its own bytes.
         assert_eq!(pooled::<f32>(&mut buf, &pool, 3, 2, 1.0, 0.0), [pool[3].to_le_bytes(), pool[4].to_le_bytes()].concat());
+    }
+
+    /// Each token to its `top_k` likeliest experts with its softmax probabilities, renormalized over
+    /// them or not; ties to the lower expert; an expert no token chose has no rows.
+    #[test]
+    fn tokens_go_to_their_likeliest_experts() {
+        let ln = |p: &[f32]| p.iter().map(|p| p.ln()).collect::<Vec<f32>>();
+        // Token 0: probabilities .5 .3 .2 0 -> experts 0 and 1; token 1: .1 .1 .4 .4 -> 2 and 3.
+        let logits = [ln(&[0.5, 0.3, 0.2, 1e-9]), ln(&[0.1, 0.1, 0.4, 0.4])].concat();
+        let r = route(&logits, 4, 2, false);
+        let rows: Vec<Vec<u32>> = r.iter().map(|e| e.0.clone()).collect();
+        assert_eq!(rows, [vec![0], vec![0], vec![1], vec![1]]);
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-6;
+        assert!(close(r[0].1[0], 0.5) && close(r[1].1[0], 0.3) && close(r[2].1[0], 0.4), "{r:?}");
+        let r = route(&logits, 4, 2, true);
+        assert!(close(r[0].1[0], 0.625) && close(r[1].1[0], 0.375) && close(r[3].1[0], 0.5), "{r:?}");
+        // A tie for the second place: the lower expert (1, not 2).
+        let r = route(&ln(&[0.4, 0.3, 0.3, 1e-9]), 4, 2, false);
+        assert_eq!((r[1].0.len(), r[2].0.len()), (1, 0));
+        // Every expert: the weights are the whole softmax.
+        let r = route(&logits, 4, 4, false);
+        let total: f32 = r.iter().map(|e| e.1[0]).sum();
+        assert!(close(total, 1.0));
     }
 }

@@ -45,6 +45,23 @@ impl<'a> FileTensor<'a> {
         Ok(FileTensor { dtype: self.dtype, dims: vec![rows.len(), self.dims[1]], data, owner: self.owner, span })
     }
 
+    /// Matrix `e` of a 3-D tensor [E, rows, cols] (whole rows: any dtype), as a tensor of its own: one
+    /// expert of a mixture whose experts the file keeps stacked (llama.cpp's `ffn_*_exps`).
+    pub fn expert(self, e: usize) -> std::result::Result<FileTensor<'a>, String> {
+        let (n, at) = (self.dims.first().copied().unwrap_or(0), self.dims.get(1..).unwrap_or_default().to_vec());
+        if self.dims.len() != 3 || e >= n || self.data.len() % n != 0 {
+            return Err(format!("expert {e} of a tensor of shape {:?}", self.dims));
+        }
+        let bytes = self.data.len() / n;
+        let (a, b) = (e * bytes, (e + 1) * bytes);
+        let data = match self.data {
+            Cow::Borrowed(d) => Cow::Borrowed(&d[a..b]),
+            Cow::Owned(d) => Cow::Owned(d[a..b].to_vec()),
+        };
+        let span = self.span.start + a..self.span.start + b;
+        Ok(FileTensor { dtype: self.dtype, dims: at, data, owner: self.owner, span })
+    }
+
     /// Lets the memory go that the file mapping holds for this tensor, once it has been read into
     /// a copy (converted, or laid out for the backend) and its bytes in the file are not read
     /// again: without this, every converted tensor would be in memory twice.
@@ -116,10 +133,22 @@ impl Source {
 
     /// The tensor with HF name `name`, or `None` if the file has no such tensor. A projection that
     /// the file keeps fused with others (Phi-3's `qkv_proj` and `gate_up_proj`) is its rows of the
-    /// fused tensor.
+    /// fused tensor. A mixture's router and experts go by Qwen 3 MoE's names
+    /// (`mlp.gate`, `mlp.experts.{e}.gate_proj`...), found under Mixtral's (`block_sparse_moe.gate`,
+    /// `block_sparse_moe.experts.{e}.w1`...) or as matrix e of the experts a GGUF file stacks.
     pub fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
         if let Some(t) = self.stored(name)? {
             return Ok(Some(t));
+        }
+        if let Some(alias) = mixtral_name(name) {
+            if let Some(t) = self.stored(&alias)? {
+                return Ok(Some(t));
+            }
+        }
+        if let Some((stacked, e)) = stacked_expert(name) {
+            if let Some(t) = self.stored(&stacked)? {
+                return t.expert(e).map(Some).map_err(|err| Error::tensor(self.path(), &stacked, err));
+            }
         }
         let Some((fused, rows)) = fused_part(name, self.config()) else { return Ok(None) };
         match self.stored(&fused)? {
@@ -134,6 +163,31 @@ impl Source {
             Source::Hf(h) => h.tensor(name),
         }
     }
+}
+
+/// Mixtral's name for a mixture's tensor as Qwen 3 MoE names it: the router `block_sparse_moe.gate`,
+/// an expert's gate, down and up projections `w1`, `w2`, `w3`.
+fn mixtral_name(name: &str) -> Option<String> {
+    let (layer, rest) = name.split_once(".mlp.")?;
+    if rest == "gate.weight" {
+        return Some(format!("{layer}.block_sparse_moe.gate.weight"));
+    }
+    let (e, proj) = rest.strip_prefix("experts.")?.split_once('.')?;
+    let w = match proj {
+        "gate_proj.weight" => "w1",
+        "down_proj.weight" => "w2",
+        "up_proj.weight" => "w3",
+        _ => return None,
+    };
+    Some(format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"))
+}
+
+/// The stacked tensor [E, rows, cols] holding expert e's projection, by the name `rename` gives
+/// llama.cpp's `ffn_*_exps` (`mlp.experts.gate_proj` for `mlp.experts.{e}.gate_proj`), and e.
+fn stacked_expert(name: &str) -> Option<(String, usize)> {
+    let (layer, rest) = name.split_once(".mlp.experts.")?;
+    let (e, proj) = rest.split_once('.')?;
+    Some((format!("{layer}.mlp.experts.{proj}"), e.parse().ok()?))
 }
 
 /// Where a projection lives when the file fuses it with others: Phi-3's `qkv_proj` (q, k, v rows in
@@ -161,7 +215,7 @@ const GLOBAL_NAMES: [(&str, &str); 3] = [
     ("model.norm.weight", "output_norm.weight"),
     ("lm_head.weight", "output.weight"),
 ];
-const LAYER_NAMES: [(&str, &str); 13] = [
+const LAYER_NAMES: [(&str, &str); 17] = [
     ("input_layernorm", "attn_norm"),
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
@@ -176,6 +230,11 @@ const LAYER_NAMES: [(&str, &str); 13] = [
     ("self_attn.qkv_proj", "attn_qkv"),
     // After up_proj, so that ffn_up reads back as up_proj: only Phi-3 fuses gate and up into it.
     ("mlp.gate_up_proj", "ffn_up"),
+    // A mixture of experts: the router, and each projection of every expert stacked [E, rows, cols].
+    ("mlp.gate", "ffn_gate_inp"),
+    ("mlp.experts.gate_proj", "ffn_gate_exps"),
+    ("mlp.experts.up_proj", "ffn_up_exps"),
+    ("mlp.experts.down_proj", "ffn_down_exps"),
 ];
 
 /// The norms of families with norms after attention and the MLP (Gemma, OLMo 2), where llama.cpp's
@@ -210,8 +269,8 @@ fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> 
     }
     let g = rename(hf, true, config)?;
     // llama.cpp permutes q/k rows only for the llama architecture and those its converter derives
-    // from it (SmolLM3), for its interleaved RoPE.
-    let permuted = matches!(config.model_type.as_str(), "llama" | "smollm3");
+    // from it (SmolLM3, Mixtral), for its interleaved RoPE.
+    let permuted = matches!(config.model_type.as_str(), "llama" | "smollm3" | "mixtral");
     let heads = match g.rsplit('.').nth(1) {
         Some("attn_q") if permuted => Some(config.num_attention_heads),
         Some("attn_k") if permuted => Some(config.kv_heads()),

@@ -1,5 +1,6 @@
 //! The ops a backend runs, one file per family, named after the transformer's two highways:
-//! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm);
+//! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm, and
+//!   a mixture of experts' weighted combine, `IndexAdd`);
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
 //! - [`mlp`]: the SwiGLU gate, alone or fused with the projections feeding it;
 //! - [`sampling`]: the logits' soft-cap (`Softcap`) and choosing tokens from them on the backend
@@ -23,7 +24,7 @@ pub use attention::{
     RopeScaling, Scores, MAX_ROPE_PAIRS,
 };
 pub use mlp::{GluAct, SwiGlu, SwiGluLinear};
-pub use residual::{AddRmsNorm, Embedding, RmsNorm};
+pub use residual::{AddRmsNorm, Embedding, IndexAdd, RmsNorm};
 pub use sampling::{Argmax, FieldError, Sample, SampleParams, Softcap};
 
 use crate::{DType, Error, Result, TensorRef};
@@ -47,10 +48,11 @@ pub enum OpKind {
     RopeKvWrite = 12,
     QkvLinear = 13,
     Softcap = 14,
+    IndexAdd = 15,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 15] = [
+    pub const ALL: [OpKind; 16] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -66,6 +68,7 @@ impl OpKind {
         OpKind::RopeKvWrite,
         OpKind::QkvLinear,
         OpKind::Softcap,
+        OpKind::IndexAdd,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -89,6 +92,7 @@ impl OpKind {
             OpKind::RopeKvWrite => "rope_kv_write",
             OpKind::QkvLinear => "qkv_linear",
             OpKind::Softcap => "softcap",
+            OpKind::IndexAdd => "index_add",
         }
     }
 }
@@ -121,6 +125,7 @@ pub enum Op<'a> {
     RopeKvWrite(RopeKvWrite<'a>),
     QkvLinear(QkvLinear<'a>),
     Softcap(Softcap<'a>),
+    IndexAdd(IndexAdd<'a>),
 }
 
 impl Op<'_> {
@@ -141,6 +146,7 @@ impl Op<'_> {
             Op::RopeKvWrite(_) => OpKind::RopeKvWrite,
             Op::QkvLinear(_) => OpKind::QkvLinear,
             Op::Softcap(_) => OpKind::Softcap,
+            Op::IndexAdd(_) => OpKind::IndexAdd,
         }
     }
 
@@ -163,6 +169,7 @@ impl Op<'_> {
             Op::RopeKvWrite(o) => o.k_cache.dtype,
             Op::QkvLinear(o) => o.wq.dtype,
             Op::Softcap(o) => o.x.dtype,
+            Op::IndexAdd(o) => o.out.dtype,
         }
     }
 
@@ -207,6 +214,7 @@ impl Op<'_> {
                 ("norm", o.norm),
             ],
             Op::Softcap(o) => vec![("x", o.x)],
+            Op::IndexAdd(o) => vec![("out", o.out), ("src", o.src)],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -241,6 +249,7 @@ impl Op<'_> {
             Op::RopeKvWrite(o) => o.validate(&check),
             Op::QkvLinear(o) => o.validate(&check),
             Op::Softcap(o) => o.validate(&check),
+            Op::IndexAdd(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {

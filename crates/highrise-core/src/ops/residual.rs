@@ -78,6 +78,45 @@ impl AddRmsNorm<'_> {
     }
 }
 
+/// `out[index[j]] += weight[j] * src[j]` for each row j of src: PyTorch's `index_add_` with a weight
+/// per row, a mixture of experts' combine (each expert's outputs, weighted by the router, added to
+/// the rows of the tokens routed to it). Each product in f32, added to the row as out's dtype holds
+/// it, rounded once. out [T, H], src [N, H], same float dtype; index, weight [N]; the indices lie
+/// below T and are distinct (no row is added to twice in one op, so backends may add rows at once).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IndexAdd<'a> {
+    /// Read and written.
+    pub out: TensorRef<'a>,
+    pub src: TensorRef<'a>,
+    pub index: HostSlice<'a, u32>,
+    pub weight: HostSlice<'a, f32>,
+}
+
+impl IndexAdd<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out), ("src", &self.src)])?;
+        c.rank("out", &self.out, 2)?;
+        let (t, h, n) = (self.out.dims()[0], self.out.dims()[1], self.index.len());
+        c.dims("src", &self.src, &[n, h])?;
+        if self.weight.len() != n {
+            return Err(format!("{} weights for {n} indices", self.weight.len()));
+        }
+        let mut seen = vec![false; t];
+        for (j, &i) in self.index.as_slice().iter().enumerate() {
+            match seen.get_mut(i as usize) {
+                None => return Err(format!("index {i} (row {j} of src) is outside out's {t} rows")),
+                Some(true) => return Err(format!("index {i} appears twice (again at row {j} of src)")),
+                Some(s) => *s = true,
+            }
+        }
+        if let Some((j, w)) = self.weight.as_slice().iter().enumerate().find(|(_, w)| !w.is_finite()) {
+            return Err(format!("weight {w} (row {j} of src) is not finite"));
+        }
+        Ok(())
+    }
+}
+
 fn norm_weight(c: &Check, weight: &TensorRef, hidden: usize, eps: f32) -> CheckResult {
     c.present("weight", weight)?;
     c.float("weight", weight)?;
