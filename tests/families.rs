@@ -175,3 +175,24 @@ fn qwen3_moe_with_experts_of_their_own_size() {
 fn olmoe_with_weights_not_renormalized() {
     check("olmoe");
 }
+
+/// A mixture's GGUF file names its tensors as the family's HF checkpoint does (each expert of
+/// llama.cpp's stacked `ffn_*_exps` apart, Mixtral's `block_sparse_moe.experts.{e}.w1`), and each
+/// name reads back as the checkpoint's tensor: what `highrise convert` and Python's
+/// `Model.weight` give.
+#[test]
+fn a_mixtures_gguf_names_its_experts_as_hf_does() {
+    for family in ["mixtral", "qwen3-moe", "olmoe"] {
+        let d = dir(family);
+        let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
+        let mut names = gguf.tensor_names();
+        names.sort();
+        let mut want = hf.tensor_names();
+        want.sort();
+        assert_eq!(names, want, "{family}: the GGUF's names");
+        for name in &names {
+            let (a, b) = (gguf.tensor(name).unwrap().unwrap(), hf.tensor(name).unwrap().unwrap());
+            assert_eq!((&a.dims, a.data.as_ref()), (&b.dims, b.data.as_ref()), "{family}: {name}");
+        }
+    }
+}

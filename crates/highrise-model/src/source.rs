@@ -123,10 +123,19 @@ impl Source {
     }
 
     /// The HF names of every tensor the source holds (GGUF tensors highrise has no use for, such as
-    /// precomputed RoPE tables, are left out).
+    /// precomputed RoPE tables, are left out; experts a GGUF file stacks, one name per expert, as
+    /// the family's HF checkpoints name them).
     pub fn tensor_names(&self) -> Vec<String> {
         match self {
-            Source::Gguf { gguf, config } => gguf.tensors.iter().filter_map(|t| rename(&t.name, false, config)).collect(),
+            Source::Gguf { gguf, config } => gguf
+                .tensors
+                .iter()
+                .filter_map(|t| Some((t, rename(&t.name, false, config)?)))
+                .flat_map(|(t, name)| match stacked_name(&name) {
+                    Some((layer, proj)) => (0..t.dims[0]).map(|e| family_name(&format!("{layer}.mlp.experts.{e}.{proj}"), config)).collect(),
+                    None => vec![family_name(&name, config)],
+                })
+                .collect(),
             Source::Hf(h) => h.index.keys().cloned().collect(),
         }
     }
@@ -140,7 +149,10 @@ impl Source {
         if let Some(t) = self.stored(name)? {
             return Ok(Some(t));
         }
-        if let Some(alias) = mixtral_name(name) {
+        // A mixture's tensor under either family's name (Qwen's from here on), then stacked.
+        let qwen = qwen_name(name);
+        let name = qwen.as_deref().unwrap_or(name);
+        for alias in [qwen.clone(), mixtral_name(name)].into_iter().flatten() {
             if let Some(t) = self.stored(&alias)? {
                 return Ok(Some(t));
             }
@@ -180,6 +192,39 @@ fn mixtral_name(name: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"))
+}
+
+/// Qwen 3 MoE's name for a tensor Mixtral names (`block_sparse_moe.gate`, `...experts.{e}.w1`):
+/// `mixtral_name`'s inverse.
+fn qwen_name(name: &str) -> Option<String> {
+    let (layer, rest) = name.split_once(".block_sparse_moe.")?;
+    if rest == "gate.weight" {
+        return Some(format!("{layer}.mlp.gate.weight"));
+    }
+    let (e, w) = rest.strip_prefix("experts.")?.split_once('.')?;
+    let proj = match w {
+        "w1.weight" => "gate_proj",
+        "w2.weight" => "down_proj",
+        "w3.weight" => "up_proj",
+        _ => return None,
+    };
+    Some(format!("{layer}.mlp.experts.{e}.{proj}.weight"))
+}
+
+/// A mixture's tensor (named as Qwen 3 MoE names it) as the family's HF checkpoints name it:
+/// Mixtral's names for Mixtral, the name itself otherwise.
+fn family_name(name: &str, config: &ModelConfig) -> String {
+    match config.model_type.as_str() {
+        "mixtral" => mixtral_name(name).unwrap_or_else(|| name.to_string()),
+        _ => name.to_string(),
+    }
+}
+
+/// (`model.layers.{l}`, `gate_proj.weight`) of the name `rename` gives a stacked expert tensor
+/// (`model.layers.{l}.mlp.experts.gate_proj.weight`).
+fn stacked_name(name: &str) -> Option<(&str, &str)> {
+    let (layer, proj) = name.split_once(".mlp.experts.")?;
+    (!proj.starts_with(|c: char| c.is_ascii_digit())).then_some((layer, proj))
 }
 
 /// The stacked tensor [E, rows, cols] holding expert e's projection, by the name `rename` gives
