@@ -153,10 +153,14 @@ def make(name: str, extra: dict) -> None:
     }
     (out / "reference.json").write_text(json.dumps(reference))
     to_gguf(kind, cfg, model, out / "model.gguf")
+    if kind == "mixtral":
+        # And as llama.cpp's Q4_0 quantization leaves a mixture: every matrix Q4_0 (the stacked
+        # experts' too), the router kept f32.
+        to_gguf(kind, cfg, model, out / "model-q4_0.gguf", quant="Q4_0")
     print(f"{out}: {sum(p.numel() for p in model.parameters())} parameters, greedy {reference['greedy']}")
 
 
-def to_gguf(kind: str, cfg, model, path: Path) -> None:
+def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
     try:
         import gguf
     except ImportError:
@@ -265,6 +269,10 @@ def to_gguf(kind: str, cfg, model, path: Path) -> None:
             # llama.cpp's GemmaModel, Gemma2Model and Gemma3Model store the norms (q/k's too) as the
             # factor they multiply by, 1 + w.
             v = v + 1
+        if quant and v.ndim >= 2 and "ffn_gate_inp" not in g:
+            qt = getattr(gguf.GGMLQuantizationType, quant)
+            w.add_tensor(g, gguf.quants.quantize(v.astype("float32"), qt), raw_dtype=qt)
+            continue
         w.add_tensor(g, v.astype("float32"))
     if rp.get("rope_type") == "longrope":
         # llama.cpp's Phi3MiniModel: both factor lists as tensors, the original context and the
