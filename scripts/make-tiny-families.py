@@ -157,7 +157,33 @@ def make(name: str, extra: dict) -> None:
         # And as llama.cpp's Q4_0 quantization leaves a mixture: every matrix Q4_0 (the stacked
         # experts' too), the router kept f32.
         to_gguf(kind, cfg, model, out / "model-q4_0.gguf", quant="Q4_0")
+        quantized_reference(out, ids, "Q4_0")
     print(f"{out}: {sum(p.numel() for p in model.parameters())} parameters, greedy {reference['greedy']}")
+
+
+def quantized_reference(out: Path, ids, quant: str) -> None:
+    """HF's logits for the weights as `quant` leaves them (each matrix but a router quantized and
+    dequantized again, row by row, as to_gguf's `quant` writes them): reference-<quant>.json."""
+    import tempfile
+
+    import gguf
+    from safetensors.numpy import load_file, save_file
+
+    qt = getattr(gguf.GGMLQuantizationType, quant)
+    sd = load_file(str(out / "model.safetensors"))
+    for k, v in sd.items():
+        if v.ndim >= 2 and not k.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):
+            sd[k] = gguf.quants.dequantize(gguf.quants.quantize(v, qt), qt).reshape(v.shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in ("config.json", "generation_config.json"):
+            (Path(tmp) / f).write_text((out / f).read_text())
+        save_file(sd, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            logits = model(ids).logits[0]
+    ref = {"made_with": f"transformers {transformers.__version__}, gguf quants {quant} round trip", "prompt": PROMPT,
+           "logits": [[round(float(x), 6) for x in row] for row in logits]}
+    (out / f"reference-{quant.lower()}.json").write_text(json.dumps(ref))
 
 
 def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
