@@ -151,6 +151,11 @@ def make(name: str, extra: dict) -> None:
         "greedy": gen[0, len(PROMPT):].tolist(),
         "logits": [[round(float(x), 6) for x in row] for row in logits],
     }
+    if getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None):
+        # A mixture's router scores at every layer, [layers][T][E], before the softmax.
+        with torch.no_grad():
+            routers = model(ids, output_router_logits=True).router_logits
+        reference["router_logits"] = [[[round(float(x), 6) for x in row] for row in r] for r in routers]
     (out / "reference.json").write_text(json.dumps(reference))
     to_gguf(kind, cfg, model, out / "model.gguf")
     if kind == "mixtral":

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use highrise::core::ops::PagedSeq;
 use highrise::engine::{generate, GenerateParams};
-use highrise::model::{Batch, Llama, LoadOptions, Logits, Source, Tokenizer};
+use highrise::model::{Batch, Hooks, Llama, LoadOptions, Logits, Site, Source, Tokenizer};
 
 fn dir(family: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(format!("tiny-{family}"))
@@ -33,6 +33,10 @@ fn decoded(m: &Llama, prompt: &[u32]) -> Vec<f32> {
     all
 }
 
+fn worst_of(got: &[f32], want: &[f32]) -> f32 {
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+}
+
 fn check(family: &str) {
     let d = dir(family);
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
@@ -47,6 +51,19 @@ fn check(family: &str) {
     let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
     println!("{family}: prefill logits within {:.1e} of HF's (largest {scale:.2})", worst(&prefill));
     assert!(worst(&prefill) <= 1e-4, "{family}: prefill logits differ from HF by {}", worst(&prefill));
+    if let Some(routers) = reference["router_logits"].as_array() {
+        // A mixture's router scores at each layer (`Site::Router`), as HF's output_router_logits.
+        let mut hooks = Hooks::capture_all(&[Site::Router]);
+        m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
+        for (l, want) in routers.iter().enumerate() {
+            let want: Vec<f32> = want.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+            let got = hooks.get(Site::Router, l).unwrap_or_else(|| panic!("{family}: no router scores captured at layer {l}"));
+            assert_eq!(got.len(), prompt.len() * m.config.experts());
+            let off = worst_of(got, &want);
+            println!("{family}: layer {l} router scores within {off:.1e} of HF's");
+            assert!(off <= 1e-4, "{family}: layer {l}'s router scores differ from HF's by {off}");
+        }
+    }
     let dec = decoded(&m, &prompt);
     assert!(worst(&dec) <= 1e-4, "{family}: decoded logits differ from HF by {}", worst(&dec));
     let greedy = ids(&reference["greedy"]);
@@ -247,4 +264,23 @@ fn a_mixture_batched_gives_each_request_its_tokens_alone() {
         let alone = generate(&m, &tok, &r.prompt, &r.params, &mut |_| {}).unwrap();
         assert_eq!(got.ids, alone.ids, "prompt of {} tokens", r.prompt.len());
     }
+}
+
+/// A mixture's router scores taken into the pass's capture buffer (`Hooks::defer`, sized for the
+/// mixture layers alone) equal those read as the pass reaches them; the dense layer has none.
+#[test]
+fn router_scores_deferred_equal_router_scores_read_at_once() {
+    use highrise::model::ModelConfig;
+    let m = Llama::random(ModelConfig::shape("tiny-qwen3-moe").unwrap(), cpu(), highrise::core::DType::F32, 3).unwrap();
+    let prompt: Vec<u32> = (0..9).map(|i| i * 37 % 512).collect();
+    let run = |defer: bool| {
+        let mut hooks = Hooks { defer, ..Hooks::capture_all(&[Site::Router, Site::MlpOut]) };
+        m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
+        hooks.collect().unwrap();
+        hooks.captured
+    };
+    let (at_once, deferred) = (run(false), run(true));
+    assert_eq!(at_once.keys().copied().collect::<Vec<_>>(), [(Site::MlpOut, 0), (Site::MlpOut, 1), (Site::Router, 1)]);
+    assert_eq!(at_once[&(Site::Router, 1)].len(), 9 * 8);
+    assert_eq!(deferred, at_once);
 }

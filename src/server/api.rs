@@ -503,7 +503,7 @@ impl CaptureSpec {
                     let param = format!("highrise.capture[{i}]");
                     return Err(ApiError::invalid(
                         format!(
-                            "{param}: unknown site {other:?} (resid_pre, attn_out, mlp_out, resid_post, final_norm, q, k, v, attn_probs)"
+                            "{param}: unknown site {other:?} (resid_pre, attn_out, mlp_out, resid_post, final_norm, q, k, v, router, attn_probs)"
                         ),
                         Some(&param),
                     ));
@@ -530,13 +530,12 @@ impl CaptureSpec {
         let (hq, hkv, d) = (c.num_attention_heads as u64, c.kv_heads() as u64, c.head_dim() as u64);
         let mut values = 0u64;
         for &site in &self.sites {
-            let width = match site {
-                Site::Q => hq * d,
-                Site::K | Site::V => hkv * d,
-                _ => c.hidden_size as u64,
-            };
             // Captured for every token, returned for the positions asked.
-            values += if site == Site::FinalNorm { 1 } else { layers } * width * t;
+            let widths: u64 = match site {
+                Site::FinalNorm => site.width(c, c.num_hidden_layers) as u64,
+                _ => self.layers.iter().map(|&l| site.width(c, l) as u64).sum(),
+            };
+            values += widths * t;
         }
         if self.attn_probs {
             values += layers * (hq + 2 * hkv) * d * t + layers * hq * t * t;

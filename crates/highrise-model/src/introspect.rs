@@ -31,12 +31,15 @@ pub enum Site {
     ResidPost,
     /// The final norm of the last layer's stream [T, H] (filed under layer = number of layers).
     FinalNorm,
+    /// A mixture of experts' router scores [T, E], before the softmax that picks each token's
+    /// experts (only at a mixture's layers: a dense layer has no router).
+    Router,
 }
 
 impl Site {
     pub const STREAM: [Site; 4] = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost];
-    pub const ALL: [Site; 8] =
-        [Site::ResidPre, Site::Q, Site::K, Site::V, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::FinalNorm];
+    pub const ALL: [Site; 9] =
+        [Site::ResidPre, Site::Q, Site::K, Site::V, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::FinalNorm, Site::Router];
 
     /// The site named `name` (as `name` writes it).
     pub fn parse(name: &str) -> Option<Site> {
@@ -53,6 +56,19 @@ impl Site {
             Site::MlpOut => "mlp_out",
             Site::ResidPost => "resid_post",
             Site::FinalNorm => "final_norm",
+            Site::Router => "router",
+        }
+    }
+
+    /// The values per token this site holds at `layer` of a model of config `c` (0: none there, a
+    /// router at a dense layer).
+    pub fn width(self, c: &crate::ModelConfig, layer: usize) -> usize {
+        match self {
+            Site::Q => c.num_attention_heads * c.head_dim(),
+            Site::K | Site::V => c.kv_heads() * c.head_dim(),
+            Site::Router if c.moe_layer(layer) => c.experts(),
+            Site::Router => 0,
+            _ => c.hidden_size,
         }
     }
 }

@@ -489,12 +489,14 @@ impl Llama {
     /// theirs alone (gathered by the embedding op, the stream as its table) and its output joins
     /// their rows weighted by the router (`IndexAdd`), in the experts' order as HF sums them. The
     /// weights are rounded to the activations' dtype first, as HF casts them. (The scores' read
-    /// ends a step recorded as a graph there: the rest of the step runs op by op.)
-    fn moe(&self, m: &Moe, x: &Tensor) -> Result<Tensor> {
+    /// ends a step recorded as a graph there: the rest of the step runs op by op.) The scores are
+    /// layer `layer`'s `Site::Router`.
+    fn moe(&self, m: &Moe, x: &Tensor, hooks: &mut Option<&mut Hooks>, layer: usize) -> Result<Tensor> {
         let b = &*self.backend;
         let (t, h, e) = (x.dims()[0], x.dims()[1], m.experts.len());
         let mut logits = self.tensor(&[t, e])?;
         self.linear(&mut logits, x, &m.router, None)?;
+        hooks.tap(Site::Router, layer, &logits)?;
         let routes = route(&logits.to_f32()?, e, m.top_k, m.renormalize);
         let round = |w: f32| match self.dtype {
             DType::BF16 => half::bf16::from_f32(w).to_f32(),
@@ -669,7 +671,7 @@ impl Llama {
                     self.linear(&mut mlp_out, &act, &f.w_down, None)?;
                     Some(mlp_out)
                 }
-                Mlp::Moe(m) => Some(self.moe(m, input)?),
+                Mlp::Moe(m) => Some(self.moe(m, input, &mut hooks, l)?),
             };
             // (A next layer without a norm of its own does not read xb: the final norm serves.)
             let next_norm = self.layers.get(l + 1).and_then(|n| n.attn_norm.as_ref()).unwrap_or(&self.norm);
@@ -714,17 +716,10 @@ impl Llama {
 
     /// The values a pass over `t` tokens captures for `hooks`: each site asked at each layer asked.
     fn capture_elements(&self, hooks: &Hooks, t: usize) -> usize {
-        let c = &self.config;
-        let (h, q, kv) = (c.hidden_size, c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
-        let width = |site: Site| match site {
-            Site::Q => q,
-            Site::K | Site::V => kv,
-            _ => h,
-        };
-        let layers = c.num_hidden_layers;
+        let (c, layers) = (&self.config, self.config.num_hidden_layers);
         let sites = hooks.sites.iter().map(|&s| match s {
-            Site::FinalNorm => width(s) * hooks.wants(s, layers) as usize,
-            _ => width(s) * (0..layers).filter(|&l| hooks.wants(s, l)).count(),
+            Site::FinalNorm => s.width(c, layers) * hooks.wants(s, layers) as usize,
+            _ => (0..layers).filter(|&l| hooks.wants(s, l)).map(|l| s.width(c, l)).sum(),
         });
         t * sites.sum::<usize>()
     }

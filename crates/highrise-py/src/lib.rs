@@ -229,6 +229,10 @@ impl Engine {
         d.set_item("n_key_value_heads", c.kv_heads())?;
         d.set_item("d_head", c.head_dim())?;
         d.set_item("d_mlp", c.intermediate_size)?;
+        // A mixture of experts' (TransformerLens's names; 0 and None for a dense model).
+        d.set_item("num_experts", c.experts())?;
+        d.set_item("experts_per_token", (c.experts() > 0).then(|| c.experts_per_token()))?;
+        d.set_item("d_expert", (c.experts() > 0).then(|| c.expert_intermediate_size()))?;
         d.set_item("d_vocab", c.vocab_size)?;
         d.set_item("n_ctx", c.max_position_embeddings)?;
         let stats = self.service.stats();
@@ -306,7 +310,7 @@ impl Engine {
         let mut hooks = Hooks::default();
         for name in &sites {
             let site = Site::parse(name).ok_or_else(|| {
-                PyValueError::new_err(format!("unknown site {name:?} (resid_pre, attn_out, mlp_out, resid_post, final_norm, q, k, v)"))
+                PyValueError::new_err(format!("unknown site {name:?} (resid_pre, attn_out, mlp_out, resid_post, final_norm, q, k, v, router)"))
             })?;
             hooks.sites.insert(site);
         }

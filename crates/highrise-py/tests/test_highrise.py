@@ -70,6 +70,21 @@ def test_names_layers_and_shapes(model):
     assert np.array_equal(k, full["k", 3])
 
 
+def test_a_mixtures_router_scores_and_shape():
+    """A mixture of experts' router scores ([T, num_experts], before the softmax picks each token's
+    experts) at its mixture layers, by site or TransformerLens-style name; its dense layer has none."""
+    m = highrise.Model.load("random:tiny-qwen3-moe")
+    assert (m.cfg.num_experts, m.cfg.experts_per_token, m.cfg.d_expert) == (8, 2, 128)
+    ids = [1, 2, 3, 4, 5]
+    logits, cache = m.run_with_cache(ids)
+    r = cache["router", 1]
+    assert r.shape == (5, 8) and np.isfinite(r).all()
+    assert np.array_equal(cache["blocks.1.hook_router"], cache["router", -1])
+    with pytest.raises(KeyError, match="not captured"):
+        cache["router", 0]
+    assert np.array_equal(logits, m.logits(ids)), "capturing the router changes nothing"
+
+
 def test_indices_from_the_end_and_transformerlens_names(model):
     """-1 is the last layer or the prompt's last token wherever a layer or position is taken, as in
     Python and TransformerLens; TL's attention hook names and [batch, pos] id arrays are taken."""

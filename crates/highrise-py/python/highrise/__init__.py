@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: The capture sites, as TransformerLens names its hooks (``hook_<site>``).
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post", "final_norm", "q", "k", "v")
+SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post", "final_norm", "q", "k", "v", "router")
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 
@@ -262,7 +262,9 @@ class Model:
         self._engine = engine
         info = engine.info()
         #: The model's shape (n_layers, d_model, n_heads, n_key_value_heads, d_head, d_mlp,
-        #: d_vocab, n_ctx) and where it runs (path, backend, device, dtype, kv_cache_tokens).
+        #: d_vocab, n_ctx; a mixture of experts' num_experts, experts_per_token, d_expert: 0 and
+        #: None for a dense model) and where it runs (path, backend, device, dtype,
+        #: kv_cache_tokens).
         self.cfg = types.SimpleNamespace(**info)
         self._steer: list = []
         self._patch: list = []
@@ -283,7 +285,7 @@ class Model:
 
         path: a GGUF file, a HF directory (config.json, *.safetensors, tokenizer.json),
             ``"random:SHAPE"`` (random weights: llama-3-8b, smollm2-135m, tiny,
-            tiny-gemma2, tiny-gemma3, tiny-smollm3, tiny-olmo2), or None for the
+            tiny-gemma2, tiny-gemma3, tiny-smollm3, tiny-olmo2, tiny-mixtral, tiny-qwen3-moe), or None for the
             default model (SmolLM2-135M-Instruct, fetched on first use as the CLI fetches it).
         backend: ``"cpu"`` (built in), ``"cuda"``, or the path of a backend plugin.
         dtype: activations and KV cache, f32, f16 or bf16. weights: ``auto`` (the file's own
