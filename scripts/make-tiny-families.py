@@ -112,6 +112,10 @@ FAMILIES = {
     # own, renormalized.
     "qwen3-moe": dict(model_type="qwen3_moe", head_dim=32, num_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=48, norm_topk_prob=True, rope_theta=1000000.0),
+    # Qwen 2 MoE: Qwen 2's attention (q/k/v biases), each token's top 2 of 8 experts, not
+    # renormalized, beside a shared expert scaled by its sigmoid gate.
+    "qwen2-moe": dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=96, norm_topk_prob=False, rope_theta=1000000.0),
     # OLMoE: q and k normed across all heads, each token's top 3 of 8 experts, not renormalized.
     "olmoe": dict(model_type="olmoe", num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, pad_token_id=0),
 }
@@ -201,7 +205,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
         print("  (llama.cpp's GGUF has no olmo3 architecture: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3.
-    arch = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}.get(kind, kind)
+    arch = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
+            "qwen2_moe": "qwen2moe"}.get(kind, kind)
     gemma = kind in ("gemma", "gemma2", "gemma3_text")
     # Gemma 3's RoPE is per layer type: the full layers' is the one GGUF keeps (llama.cpp takes the
     # sliding layers' base as 10000).
@@ -234,6 +239,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
         w.add_expert_used_count(cfg.num_experts_per_tok)
         if getattr(cfg, "moe_intermediate_size", None):
             w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if kind == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -272,6 +279,9 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
         "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
         "mlp.gate": "ffn_gate_inp", "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
         "mlp.experts.down_proj": "ffn_down_exps",
+        # Qwen 2 MoE's shared expert, and its gate as a vector [hidden] (llama.cpp's shape for it).
+        "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
     }
     if kind in ("gemma2", "gemma3_text", "olmo2"):
         # llama.cpp's Gemma 2 and OLMo 2 names: a norm after attention, one before (Gemma) and one
@@ -291,6 +301,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
             _, _, layer, rest = k.split(".", 3)
             part, suffix = rest.rsplit(".", 1)
             g = f"blk.{layer}.{names[part]}.{suffix}"
+            if part == "mlp.shared_expert_gate":
+                v = v.reshape(-1)
             # llama.cpp's LlamaModel permutes, and the converters derived from it (SmolLM3).
             if arch in ("llama", "smollm3") and part == "self_attn.q_proj":
                 v = permute(v, cfg.num_attention_heads)

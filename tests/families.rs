@@ -199,7 +199,7 @@ fn olmoe_with_weights_not_renormalized() {
 /// `Model.weight` give.
 #[test]
 fn a_mixtures_gguf_names_its_experts_as_hf_does() {
-    for family in ["mixtral", "qwen3-moe", "olmoe"] {
+    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe"] {
         let d = dir(family);
         let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
         let mut names = gguf.tensor_names();
@@ -283,4 +283,12 @@ fn router_scores_deferred_equal_router_scores_read_at_once() {
     assert_eq!(at_once.keys().copied().collect::<Vec<_>>(), [(Site::MlpOut, 0), (Site::MlpOut, 1), (Site::Router, 1)]);
     assert_eq!(at_once[&(Site::Router, 1)].len(), 9 * 8);
     assert_eq!(deferred, at_once);
+}
+
+/// Qwen 2 MoE: Qwen 2's attention (q/k/v biases), each token's top 2 of 8 experts (not
+/// renormalized) beside a shared expert every token goes through, scaled by its sigmoid gate; from
+/// GGUF (`qwen2moe`), the gate a vector as llama.cpp keeps it.
+#[test]
+fn qwen2_moe_with_a_gated_shared_expert() {
+    check("qwen2-moe");
 }

@@ -13,13 +13,14 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 14] = [
+pub const FAMILIES: [(&str, &str); 15] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
     ("mixtral", "Mixtral 8x7B, 8x22B (a mixture of experts: each token's top 2 of 8 SwiGLU MLPs, weighted by the router; GGUF: llama with experts)"),
+    ("qwen2_moe", "Qwen 1.5 MoE, Qwen 2 MoE (Qwen 2's attention, each token's top 4 of 60 or 8 of 64 experts beside a shared expert gated by a sigmoid)"),
     ("qwen3_moe", "Qwen 3 MoE (30B-A3B, 235B-A22B: Qwen 3's attention, each token's top 8 of 128 experts)"),
     ("olmoe", "OLMoE (q and k normed across all heads, each token's top 8 of 64 experts, their weights not renormalized)"),
     ("phi3", "Phi-3 mini, Phi-3.5 mini, Phi-4-mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE)"),
@@ -42,6 +43,7 @@ fn model_type_of_arch(arch: &str) -> &str {
     match arch {
         "gemma3" => "gemma3_text",
         "qwen3moe" => "qwen3_moe",
+        "qwen2moe" => "qwen2_moe",
         other => other,
     }
 }
@@ -152,6 +154,10 @@ pub struct ModelConfig {
     pub decoder_sparse_step: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_only_layers: Option<Vec<usize>>,
+    /// Qwen 2 MoE: an expert every token goes through beside its routed ones, of this intermediate
+    /// size, its output scaled by a sigmoid gate of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_expert_intermediate_size: Option<usize>,
 }
 
 fn default_model_type() -> String {
@@ -363,6 +369,7 @@ impl ModelConfig {
                 "qwen2" => "Qwen2ForCausalLM".into(),
                 "qwen3" => "Qwen3ForCausalLM".into(),
                 "qwen3moe" => "Qwen3MoeForCausalLM".into(),
+                "qwen2moe" => "Qwen2MoeForCausalLM".into(),
                 "olmoe" => "OlmoeForCausalLM".into(),
                 "llama" if experts.is_some() => "MixtralForCausalLM".into(),
                 "phi3" => "Phi3ForCausalLM".into(),
@@ -421,13 +428,14 @@ impl ModelConfig {
             num_local_experts: experts,
             num_experts: None,
             num_experts_per_tok: experts.and_then(|_| num("expert_used_count").ok()),
-            // llama.cpp renormalizes Mixtral's and Qwen 3 MoE's weights, not OLMoE's, unless the
-            // file says.
+            // llama.cpp renormalizes Mixtral's and Qwen 3 MoE's weights, not OLMoE's or Qwen 2
+            // MoE's, unless the file says.
             norm_topk_prob: experts.map(|_| match g.get(&format!("{arch}.expert_weights_norm")) {
                 Some(Value::Bool(b)) => *b,
-                _ => arch != "olmoe",
+                _ => !matches!(arch.as_str(), "olmoe" | "qwen2moe"),
             }),
             moe_intermediate_size: experts.and_then(|_| num("expert_feed_forward_length").ok()),
+            shared_expert_intermediate_size: experts.and_then(|_| num("expert_shared_feed_forward_length").ok()),
             decoder_sparse_step: None,
             mlp_only_layers: None,
         };
@@ -496,7 +504,7 @@ impl ModelConfig {
             if self.decoder_sparse_step == Some(0) {
                 return Err(Error::config(path, "decoder_sparse_step", "must be positive"));
             }
-        } else if matches!(self.model_type.as_str(), "mixtral" | "qwen3_moe" | "olmoe") {
+        } else if matches!(self.model_type.as_str(), "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe") {
             return Err(Error::config(path, "num_local_experts", format!("missing: {} is a mixture of experts", self.model_type)));
         }
         if self.use_bidirectional_attention == Some(true) {
@@ -544,6 +552,11 @@ impl ModelConfig {
     /// Qwen 3 MoE and OLMoE as `norm_topk_prob` says, HF's default off).
     pub fn renormalize_experts(&self) -> bool {
         self.model_type == "mixtral" || self.norm_topk_prob.unwrap_or(false)
+    }
+
+    /// The shared expert's intermediate size (Qwen 2 MoE), where the mixture has one.
+    pub fn shared_expert_size(&self) -> Option<usize> {
+        self.shared_expert_intermediate_size.filter(|&s| s > 0 && self.experts() > 0)
     }
 
     /// Each expert's intermediate size.
@@ -660,7 +673,7 @@ impl ModelConfig {
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias || self.model_type == "qwen2"
+        self.attention_bias || matches!(self.model_type.as_str(), "qwen2" | "qwen2_moe")
     }
 
     /// The longest sequence the model serves: its trained context.

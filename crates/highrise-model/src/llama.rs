@@ -99,7 +99,10 @@ impl Mlp {
     pub fn weights(&self) -> Vec<&Tensor> {
         match self {
             Mlp::Dense(f) => vec![&f.w_gate, &f.w_up, &f.w_down],
-            Mlp::Moe(m) => std::iter::once(&m.router).chain(m.experts.iter().flat_map(|f| [&f.w_gate, &f.w_up, &f.w_down])).collect(),
+            Mlp::Moe(m) => {
+                let shared = m.shared.iter().flat_map(|(f, g)| [&f.w_gate, &f.w_up, &f.w_down, g]);
+                std::iter::once(&m.router).chain(m.experts.iter().flat_map(|f| [&f.w_gate, &f.w_up, &f.w_down])).chain(shared).collect()
+            }
         }
     }
 }
@@ -112,6 +115,9 @@ pub struct Moe {
     pub experts: Vec<Ffn>,
     pub top_k: usize,
     pub renormalize: bool,
+    /// Qwen 2 MoE's shared expert, which every token goes through, and its gate [1, H]: its output
+    /// is scaled by sigmoid(x . gate) and joins the routed experts'.
+    pub shared: Option<(Ffn, Tensor)>,
 }
 
 /// Each expert's tokens (rows of the batch, ascending) and their router weights: each token's
@@ -262,6 +268,10 @@ impl Llama {
                         experts: (0..c.experts()).map(|e| loader.ffn(&p(&format!("mlp.experts.{e}")), c.expert_intermediate_size(), h)).collect::<Result<_>>()?,
                         top_k: c.experts_per_token(),
                         renormalize: c.renormalize_experts(),
+                        shared: c
+                            .shared_expert_size()
+                            .map(|s| -> Result<(Ffn, Tensor)> { Ok((loader.ffn(&p("mlp.shared_expert"), s, h)?, loader.matrix(&p("mlp.shared_expert_gate.weight"), 1, h, OpKind::Linear)?)) })
+                            .transpose()?,
                     }),
                 },
                 q_norm: c.qk_norm().then(|| loader.head_norm(&p("self_attn.q_norm.weight"), q_norm, &c)).transpose()?,
@@ -333,8 +343,13 @@ impl Llama {
                 false => Mlp::Dense(ffn(i)?),
                 true => {
                     let experts = (0..c.experts()).map(|_| ffn(c.expert_intermediate_size())).collect::<Result<_>>()?;
+                    let shared_ffn = c.shared_expert_size().map(&mut ffn).transpose()?;
                     let router = make(&[c.experts(), h], proj(h), 0.0)?;
-                    Mlp::Moe(Moe { router, experts, top_k: c.experts_per_token(), renormalize: c.renormalize_experts() })
+                    let shared = match shared_ffn {
+                        Some(f) => Some((f, make(&[1, h], proj(h), 0.0)?)),
+                        None => None,
+                    };
+                    Mlp::Moe(Moe { router, experts, top_k: c.experts_per_token(), renormalize: c.renormalize_experts(), shared })
                 }
             };
             layers.push(Layer {
@@ -383,7 +398,8 @@ impl Llama {
                 let expert = |f: &Ffn| [&f.w_gate, &f.w_up, &f.w_down].iter().map(|t| t.size_bytes()).sum::<usize>();
                 let e = m.experts.len() as f64;
                 let used = e * (1.0 - (1.0 - m.top_k as f64 / e.max(1.0)).powi(sequences.max(1) as i32));
-                m.router.size_bytes() as f64 + m.experts.first().map_or(0, expert) as f64 * used
+                let shared = m.shared.as_ref().map_or(0, |(f, g)| expert(f) + g.size_bytes());
+                (m.router.size_bytes() + shared) as f64 + m.experts.first().map_or(0, expert) as f64 * used
             }
         };
         let layers: f64 = self
@@ -512,6 +528,18 @@ impl Llama {
             self.linear(&mut ye, &act, &f.w_down, None)?;
             let weights: Vec<f32> = weights.iter().map(|&w| round(w)).collect();
             b.index_add(&mut out, &ye, rows, &weights)?;
+        }
+        // Qwen 2 MoE's shared expert: every token, scaled by its gate's sigmoid (the same add, with
+        // every row and a weight per row).
+        if let Some((f, gate)) = &m.shared {
+            let mut g = self.tensor(&[t, 1])?;
+            self.linear(&mut g, x, gate, None)?;
+            let weights: Vec<f32> = g.to_f32()?.iter().map(|&v| round(1.0 / (1.0 + (-v).exp()))).collect();
+            let act = self.glu(f, x)?;
+            let mut ys = self.tensor(&[t, h])?;
+            self.linear(&mut ys, &act, &f.w_down, None)?;
+            let rows: Vec<u32> = (0..t as u32).collect();
+            b.index_add(&mut out, &ys, &rows, &weights)?;
         }
         Ok(out)
     }

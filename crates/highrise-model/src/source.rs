@@ -260,7 +260,7 @@ const GLOBAL_NAMES: [(&str, &str); 3] = [
     ("model.norm.weight", "output_norm.weight"),
     ("lm_head.weight", "output.weight"),
 ];
-const LAYER_NAMES: [(&str, &str); 17] = [
+const LAYER_NAMES: [(&str, &str); 21] = [
     ("input_layernorm", "attn_norm"),
     ("self_attn.q_proj", "attn_q"),
     ("self_attn.k_proj", "attn_k"),
@@ -280,6 +280,11 @@ const LAYER_NAMES: [(&str, &str); 17] = [
     ("mlp.experts.gate_proj", "ffn_gate_exps"),
     ("mlp.experts.up_proj", "ffn_up_exps"),
     ("mlp.experts.down_proj", "ffn_down_exps"),
+    // Qwen 2 MoE's shared expert and its gate.
+    ("mlp.shared_expert_gate", "ffn_gate_inp_shexp"),
+    ("mlp.shared_expert.gate_proj", "ffn_gate_shexp"),
+    ("mlp.shared_expert.up_proj", "ffn_up_shexp"),
+    ("mlp.shared_expert.down_proj", "ffn_down_shexp"),
 ];
 
 /// The norms of families with norms after attention and the MLP (Gemma, OLMo 2), where llama.cpp's
@@ -334,6 +339,11 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
         None => Cow::Borrowed(data),
     };
     let span = info.start..info.start + info.len;
+    // llama.cpp keeps Qwen 2 MoE's shared expert gate, HF's [1, H], as a vector [H].
+    let dims = match info.dims[..] {
+        [n] if gname.ends_with("ffn_gate_inp_shexp.weight") => vec![1, n],
+        _ => info.dims.clone(),
+    };
     if config.gemma() && name.ends_with("norm.weight") {
         // llama.cpp stores Gemma 2's norms as the factor they multiply by, 1 + w; HF's (and so the
         // loader's, and `convert`'s) tensor is w.
@@ -342,7 +352,7 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
         let bytes = w.iter().flat_map(|v| (v - 1.0).to_le_bytes()).collect();
         return Ok(Some(FileTensor { dtype: DType::F32, dims: info.dims.clone(), data: Cow::Owned(bytes), owner, span }));
     }
-    Ok(Some(FileTensor { dtype: info.dtype, dims: info.dims.clone(), data, owner, span }))
+    Ok(Some(FileTensor { dtype: info.dtype, dims, data, owner, span }))
 }
 
 /// Undoes llama.cpp's q/k row permutation: within each head of D rows, GGUF row `2i + j` is HF row
