@@ -116,6 +116,14 @@ FAMILIES = {
     # renormalized, beside a shared expert scaled by its sigmoid gate.
     "qwen2-moe": dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                       shared_expert_intermediate_size=96, norm_topk_prob=False, rope_theta=1000000.0),
+    # Granite 3: Llama with multipliers of the embeddings, of what joins the stream, of the scores
+    # (in place of 1/sqrt(head_dim)) and a divisor of the logits.
+    "granite": dict(model_type="granite", embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.015625, logits_scaling=4.0, rope_theta=10000.0),
+    # Granite 3 MoE: the same multipliers, each token's top 2 of 4 experts (gate and up fused per
+    # expert, every expert in one tensor).
+    "granitemoe": dict(model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
+                       residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=4.0, rope_theta=10000.0),
     # OLMoE: q and k normed across all heads, each token's top 3 of 8 experts, not renormalized.
     "olmoe": dict(model_type="olmoe", num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, pad_token_id=0),
 }
@@ -241,6 +249,11 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
             w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if getattr(cfg, "shared_expert_intermediate_size", None):
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if kind in ("granite", "granitemoe"):
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
     if kind == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -253,12 +266,23 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
         from safetensors.numpy import load_file
 
         sd = load_file(str(path.parent / "model.safetensors"))
+        for k in [k for k in sd if ".block_sparse_moe." in k and k.endswith(("input_linear.weight", "output_linear.weight", "router.layer.weight"))]:
+            # Granite MoE's: every expert in one tensor, gate and up fused (llama.cpp splits them).
+            layer = k.split(".block_sparse_moe.")[0]
+            v = sd.pop(k)
+            if k.endswith("router.layer.weight"):
+                sd[f"{layer}.mlp.gate.weight"] = v
+            elif k.endswith("output_linear.weight"):
+                sd[f"{layer}.mlp.experts.down_proj.weight"] = v
+            else:
+                i = v.shape[1] // 2
+                sd[f"{layer}.mlp.experts.gate_proj.weight"], sd[f"{layer}.mlp.experts.up_proj.weight"] = v[:, :i], v[:, i:]
 
         mixtral = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
         stacked = {}
         for k in list(sd):
             k2 = k.replace("block_sparse_moe.", "mlp.")
-            if ".mlp.experts." in k2:
+            if ".mlp.experts." in k2 and k2.count(".") > 6:
                 layer, rest = k2.split(".mlp.experts.")
                 e, proj, _ = rest.split(".")
                 stacked.setdefault((layer, mixtral.get(proj, proj)), {})[int(e)] = sd.pop(k)

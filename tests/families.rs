@@ -199,7 +199,7 @@ fn olmoe_with_weights_not_renormalized() {
 /// `Model.weight` give.
 #[test]
 fn a_mixtures_gguf_names_its_experts_as_hf_does() {
-    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe"] {
+    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe"] {
         let d = dir(family);
         let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
         let mut names = gguf.tensor_names();
@@ -291,4 +291,20 @@ fn router_scores_deferred_equal_router_scores_read_at_once() {
 #[test]
 fn qwen2_moe_with_a_gated_shared_expert() {
     check("qwen2-moe");
+}
+
+/// Granite 3: Llama with multipliers of the embeddings (12), of what attention and the MLP add to
+/// the stream (0.22), of the scores (in place of 1/sqrt(head_dim)) and a divisor of the logits (4);
+/// from GGUF, llama.cpp's `granite` keys.
+#[test]
+fn granite_with_its_four_multipliers() {
+    check("granite");
+}
+
+/// Granite 3 MoE: Granite's multipliers and each token's top 2 of 4 experts, every expert in one
+/// tensor per layer with gate and up fused (`block_sparse_moe.input_linear` [E, 2I, H]); from GGUF,
+/// llama.cpp's stacks of each projection apart.
+#[test]
+fn granitemoe_with_experts_fused_in_one_tensor() {
+    check("granitemoe");
 }

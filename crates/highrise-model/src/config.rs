@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 15] = [
+pub const FAMILIES: [(&str, &str); 17] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -24,6 +24,8 @@ pub const FAMILIES: [(&str, &str); 15] = [
     ("qwen3_moe", "Qwen 3 MoE (30B-A3B, 235B-A22B: Qwen 3's attention, each token's top 8 of 128 experts)"),
     ("olmoe", "OLMoE (q and k normed across all heads, each token's top 8 of 64 experts, their weights not renormalized)"),
     ("phi3", "Phi-3 mini, Phi-3.5 mini, Phi-4-mini (fused qkv_proj and gate_up_proj; longrope; partial RoPE)"),
+    ("granite", "Granite 3 dense (Llama with multipliers: embeddings, each block's output before it joins the stream, attention scores, logits)"),
+    ("granitemoe", "Granite 3 MoE (Granite's multipliers, each token's top k experts, gate and up fused per expert)"),
     ("olmo2", "OLMo 2 (RMSNorm after attention and after the MLP, none before; q and k normed across all heads)"),
     ("olmo3", "OLMo 3 (OLMo 2 with a sliding window on three layers of each four)"),
     ("gemma", "Gemma, CodeGemma (GeGLU, sqrt(hidden) embeddings, (1 + w) norms)"),
@@ -158,6 +160,16 @@ pub struct ModelConfig {
     /// size, its output scaled by a sigmoid gate of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_expert_intermediate_size: Option<usize>,
+    /// Granite's multipliers: of the embeddings, of what attention and the MLP add to the stream,
+    /// of the attention scores (in place of 1 / sqrt(head_dim)), and the logits' divisor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_multiplier: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_scaling: Option<f64>,
 }
 
 fn default_model_type() -> String {
@@ -378,6 +390,8 @@ impl ModelConfig {
                 "smollm3" => "SmolLM3ForCausalLM".into(),
                 "olmo2" => "Olmo2ForCausalLM".into(),
                 "gemma" => "GemmaForCausalLM".into(),
+                "granite" => "GraniteForCausalLM".into(),
+                "granitemoe" => "GraniteMoeForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -436,6 +450,11 @@ impl ModelConfig {
             }),
             moe_intermediate_size: experts.and_then(|_| num("expert_feed_forward_length").ok()),
             shared_expert_intermediate_size: experts.and_then(|_| num("expert_shared_feed_forward_length").ok()),
+            // llama.cpp's Granite: the four multipliers.
+            embedding_multiplier: float("embedding_scale"),
+            residual_multiplier: float("residual_scale"),
+            attention_multiplier: float("attention.scale"),
+            logits_scaling: float("logit_scale"),
             decoder_sparse_step: None,
             mlp_only_layers: None,
         };
@@ -504,7 +523,7 @@ impl ModelConfig {
             if self.decoder_sparse_step == Some(0) {
                 return Err(Error::config(path, "decoder_sparse_step", "must be positive"));
             }
-        } else if matches!(self.model_type.as_str(), "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe") {
+        } else if matches!(self.model_type.as_str(), "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "granitemoe") {
             return Err(Error::config(path, "num_local_experts", format!("missing: {} is a mixture of experts", self.model_type)));
         }
         if self.use_bidirectional_attention == Some(true) {
@@ -519,6 +538,10 @@ impl ModelConfig {
             ("attn_logit_softcapping", self.attn_logit_softcapping),
             ("final_logit_softcapping", self.final_logit_softcapping),
             ("rope_local_base_freq", self.rope_local_base_freq),
+            ("embedding_multiplier", self.embedding_multiplier),
+            ("residual_multiplier", self.residual_multiplier),
+            ("attention_multiplier", self.attention_multiplier),
+            ("logits_scaling", self.logits_scaling),
         ] {
             if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
                 return Err(Error::config(path, field, format!("{v}: must be finite and above 0")));
@@ -548,10 +571,11 @@ impl ModelConfig {
         self.num_experts_per_tok.unwrap_or(2)
     }
 
-    /// Whether a token's router weights, over its experts, are scaled to sum to 1 (Mixtral always;
-    /// Qwen 3 MoE and OLMoE as `norm_topk_prob` says, HF's default off).
+    /// Whether a token's router weights, over its experts, are scaled to sum to 1 (Mixtral and
+    /// Granite MoE always, the latter as a softmax of the chosen scores alone; Qwen 3 MoE and OLMoE
+    /// as `norm_topk_prob` says, HF's default off).
     pub fn renormalize_experts(&self) -> bool {
-        self.model_type == "mixtral" || self.norm_topk_prob.unwrap_or(false)
+        matches!(self.model_type.as_str(), "mixtral" | "granitemoe") || self.norm_topk_prob.unwrap_or(false)
     }
 
     /// The shared expert's intermediate size (Qwen 2 MoE), where the mixture has one.
@@ -593,7 +617,7 @@ impl ModelConfig {
 
     /// How layer `layer`'s attention scores: its scale, soft-cap and sliding window.
     pub fn scores(&self, layer: usize) -> Scores {
-        let scale = 1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt();
+        let scale = self.attention_multiplier.unwrap_or_else(|| 1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt());
         let window = self.sliding_window.filter(|_| self.sliding(layer)).map_or(0, |w| w.min(u32::MAX as usize) as u32);
         Scores { scale: scale as f32, softcap: self.attn_logit_softcapping.unwrap_or(0.0) as f32, window }
     }
@@ -628,13 +652,25 @@ impl ModelConfig {
         (0..self.num_hidden_layers).map(|l| self.layer_rope(l)).collect()
     }
 
-    /// What the embeddings are multiplied by as they enter the stream: sqrt(hidden) for Gemma.
+    /// What the embeddings are multiplied by as they enter the stream: sqrt(hidden) for Gemma,
+    /// Granite's `embedding_multiplier`.
     pub fn embed_scale(&self) -> f32 {
         if self.gemma() {
             (self.hidden_size as f32).sqrt()
         } else {
-            1.0
+            self.embedding_multiplier.unwrap_or(1.0) as f32
         }
+    }
+
+    /// What attention's and the MLP's outputs are multiplied by as they join the stream (Granite's
+    /// `residual_multiplier`; 1 elsewhere).
+    pub fn residual_scale(&self) -> f32 {
+        self.residual_multiplier.unwrap_or(1.0) as f32
+    }
+
+    /// What the logits are multiplied by (1 / Granite's `logits_scaling`; 1 elsewhere).
+    pub fn logits_scale(&self) -> f32 {
+        (1.0 / self.logits_scaling.unwrap_or(1.0)) as f32
     }
 
     pub fn kv_heads(&self) -> usize {

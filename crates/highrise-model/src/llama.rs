@@ -458,6 +458,7 @@ impl Llama {
     /// would be normed apart first, a launch more than `add_rms_norm`).
     fn can_fold_norms(&self, layer: &Layer) -> bool {
         self.config.glu_act() == GluAct::Silu
+            && self.config.residual_scale() == 1.0
             && [&layer.attn_norm, &layer.mlp_norm].iter().all(|n| n.as_ref().is_some_and(|n| n.dtype() == self.dtype))
             && layer.attn_post_norm.is_none()
             && layer.mlp_post_norm.is_none()
@@ -480,7 +481,35 @@ impl Llama {
         if let Some(cap) = self.config.final_logit_softcapping {
             self.backend.softcap(&mut logits, cap as f32)?;
         }
-        Ok(logits)
+        match self.config.logits_scale() {
+            1.0 => Ok(logits),
+            // Granite's divisor: zeros plus the logits times it (the weighted add, every row).
+            s => {
+                let mut scaled = Tensor::full(&self.backend, self.dtype, logits.dims(), 0.0)?;
+                self.scaled_add(&mut scaled, &logits, s)?;
+                Ok(scaled)
+            }
+        }
+    }
+
+    /// `out += scale * delta`, row by row (`IndexAdd` over every row).
+    fn scaled_add(&self, out: &mut Tensor, delta: &Tensor, scale: f32) -> Result<()> {
+        let rows = delta.dims()[0];
+        let index: Vec<u32> = (0..rows as u32).collect();
+        Ok(self.backend.index_add(out, delta, &index, &vec![scale; rows])?)
+    }
+
+    /// `x += delta`, then `xb = rms_norm(x) * norm`: one op (`add_rms_norm`), or, where the family
+    /// scales what joins the stream (Granite's `residual_multiplier`), its weighted add and the norm.
+    fn join(&self, xb: &mut Tensor, x: &mut Tensor, delta: &Tensor, norm: &Tensor) -> Result<()> {
+        let eps = self.config.rms_norm_eps as f32;
+        match self.config.residual_scale() {
+            1.0 => Ok(self.backend.add_rms_norm(xb, x, delta, norm, eps)?),
+            m => {
+                self.scaled_add(x, delta, m)?;
+                Ok(self.backend.rms_norm(xb, x, norm, eps)?)
+            }
+        }
     }
 
     /// A gated MLP's gate, `act(x @ w_gate^T) * (x @ w_up^T)` [rows, I] for x [rows, H]: one op where
@@ -672,7 +701,7 @@ impl Llama {
                 let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
                 hooks.tap(Site::AttnOut, l, &attn_out)?;
                 // Without the MLP's own norm (OLMo 2) xb is not read: any norm serves the add.
-                b.add_rms_norm(&mut xb, &mut x, &attn_out, layer.mlp_norm.as_ref().unwrap_or(&self.norm), eps)?;
+                self.join(&mut xb, &mut x, &attn_out, layer.mlp_norm.as_ref().unwrap_or(&self.norm))?;
             }
             let input = if layer.mlp_norm.is_some() { &xb } else { &x };
 
@@ -708,7 +737,7 @@ impl Llama {
                 hooks.tap(Site::MlpOut, l, &mlp_out)?;
                 // Residual and the next norm in one pass: x += mlp_out, xb = the next layer's attention
                 // norm of x (the final norm after the last layer), so no layer starts with a norm of its own.
-                b.add_rms_norm(&mut xb, &mut x, &mlp_out, next_norm, eps)?;
+                self.join(&mut xb, &mut x, &mlp_out, next_norm)?;
                 xb_ready = true;
             } else {
                 xb_ready = false;

@@ -131,10 +131,7 @@ impl Source {
                 .tensors
                 .iter()
                 .filter_map(|t| Some((t, rename(&t.name, false, config)?)))
-                .flat_map(|(t, name)| match stacked_name(&name) {
-                    Some((layer, proj)) => (0..t.dims[0]).map(|e| family_name(&format!("{layer}.mlp.experts.{e}.{proj}"), config)).collect(),
-                    None => vec![family_name(&name, config)],
-                })
+                .flat_map(|(t, name)| hf_names(&name, t.dims[0], config))
                 .collect(),
             Source::Hf(h) => h.index.keys().cloned().collect(),
         }
@@ -149,23 +146,54 @@ impl Source {
         if let Some(t) = self.stored(name)? {
             return Ok(Some(t));
         }
-        // A mixture's tensor under either family's name (Qwen's from here on), then stacked.
+        // Granite MoE's experts, all in one tensor per layer, from llama.cpp's stacks.
+        if let Some(t) = self.granite_stack(name)? {
+            return Ok(Some(t));
+        }
+        // A mixture's tensor under any family's name (Qwen's from here on), then stacked.
         let qwen = qwen_name(name);
         let name = qwen.as_deref().unwrap_or(name);
-        for alias in [qwen.clone(), mixtral_name(name)].into_iter().flatten() {
+        for alias in [qwen.clone(), mixtral_name(name), granite_router(name)].into_iter().flatten() {
             if let Some(t) = self.stored(&alias)? {
                 return Ok(Some(t));
             }
         }
-        if let Some((stacked, e)) = stacked_expert(name) {
+        for (stacked, e, rows) in stacked_expert(name, self.config()) {
             if let Some(t) = self.stored(&stacked)? {
-                return t.expert(e).map(Some).map_err(|err| Error::tensor(self.path(), &stacked, err));
+                let t = t.expert(e).and_then(|t| match rows {
+                    Some(r) => t.rows(r),
+                    None => Ok(t),
+                });
+                return t.map(Some).map_err(|err| Error::tensor(self.path(), &stacked, err));
             }
         }
         let Some((fused, rows)) = fused_part(name, self.config()) else { return Ok(None) };
         match self.stored(&fused)? {
             Some(t) => t.rows(rows).map(Some).map_err(|e| Error::tensor(self.path(), &fused, e)),
             None => Ok(None),
+        }
+    }
+
+    /// Granite MoE's `block_sparse_moe.input_linear` [E, 2I, H] (each expert's gate rows, then its
+    /// up rows) and `output_linear` [E, H, I] from a file that stacks each projection apart
+    /// (llama.cpp's `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`).
+    fn granite_stack(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
+        let Some((layer, part)) = name.split_once(".block_sparse_moe.") else { return Ok(None) };
+        let stack = |proj: &str| self.stored(&format!("{layer}.mlp.experts.{proj}.weight"));
+        match part {
+            "output_linear.weight" => stack("down_proj"),
+            "input_linear.weight" => {
+                let (Some(gate), Some(up)) = (stack("gate_proj")?, stack("up_proj")?) else { return Ok(None) };
+                let e = gate.dims[0];
+                if gate.dims.len() != 3 || gate.dims != up.dims || gate.dtype != up.dtype || gate.data.len() % e.max(1) != 0 {
+                    return Err(Error::tensor(self.path(), name, format!("gate {:?} and up {:?} experts do not pair", gate.dims, up.dims)));
+                }
+                let per = gate.data.len() / e;
+                let data: Vec<u8> = (0..e).flat_map(|i| [&gate.data[i * per..(i + 1) * per], &up.data[i * per..(i + 1) * per]].concat()).collect();
+                let dims = vec![e, 2 * gate.dims[1], gate.dims[2]];
+                Ok(Some(FileTensor { dtype: gate.dtype, dims, data: Cow::Owned(data), owner: gate.owner, span: 0..0 }))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -195,10 +223,10 @@ fn mixtral_name(name: &str) -> Option<String> {
 }
 
 /// Qwen 3 MoE's name for a tensor Mixtral names (`block_sparse_moe.gate`, `...experts.{e}.w1`):
-/// `mixtral_name`'s inverse.
+/// `mixtral_name`'s inverse; and for Granite MoE's router (`block_sparse_moe.router.layer`).
 fn qwen_name(name: &str) -> Option<String> {
     let (layer, rest) = name.split_once(".block_sparse_moe.")?;
-    if rest == "gate.weight" {
+    if rest == "gate.weight" || rest == "router.layer.weight" {
         return Some(format!("{layer}.mlp.gate.weight"));
     }
     let (e, w) = rest.strip_prefix("experts.")?.split_once('.')?;
@@ -211,12 +239,32 @@ fn qwen_name(name: &str) -> Option<String> {
     Some(format!("{layer}.mlp.experts.{e}.{proj}.weight"))
 }
 
+/// Granite MoE's name for a mixture's router as Qwen 3 MoE names it.
+fn granite_router(name: &str) -> Option<String> {
+    let layer = name.strip_suffix(".mlp.gate.weight")?;
+    Some(format!("{layer}.block_sparse_moe.router.layer.weight"))
+}
+
 /// A mixture's tensor (named as Qwen 3 MoE names it) as the family's HF checkpoints name it:
-/// Mixtral's names for Mixtral, the name itself otherwise.
+/// Mixtral's and Granite MoE's names for theirs, the name itself otherwise.
 fn family_name(name: &str, config: &ModelConfig) -> String {
     match config.model_type.as_str() {
         "mixtral" => mixtral_name(name).unwrap_or_else(|| name.to_string()),
+        "granitemoe" => granite_router(name).unwrap_or_else(|| name.to_string()),
         _ => name.to_string(),
+    }
+}
+
+/// The HF names of the GGUF tensor `rename` calls `name` (its first dim `first`): a stack of
+/// experts one name per expert as the family names them, or (Granite MoE, whose checkpoints keep
+/// every expert in one tensor, gate and up fused) its fused tensors.
+fn hf_names(name: &str, first: usize, config: &ModelConfig) -> Vec<String> {
+    match (stacked_name(name), config.model_type == "granitemoe") {
+        (Some((layer, "gate_proj.weight")), true) => vec![format!("{layer}.block_sparse_moe.input_linear.weight")],
+        (Some((_, "up_proj.weight")), true) => vec![],
+        (Some((layer, "down_proj.weight")), true) => vec![format!("{layer}.block_sparse_moe.output_linear.weight")],
+        (Some((layer, proj)), _) => (0..first).map(|e| family_name(&format!("{layer}.mlp.experts.{e}.{proj}"), config)).collect(),
+        (None, _) => vec![family_name(name, config)],
     }
 }
 
@@ -227,12 +275,23 @@ fn stacked_name(name: &str) -> Option<(&str, &str)> {
     (!proj.starts_with(|c: char| c.is_ascii_digit())).then_some((layer, proj))
 }
 
-/// The stacked tensor [E, rows, cols] holding expert e's projection, by the name `rename` gives
-/// llama.cpp's `ffn_*_exps` (`mlp.experts.gate_proj` for `mlp.experts.{e}.gate_proj`), and e.
-fn stacked_expert(name: &str) -> Option<(String, usize)> {
-    let (layer, rest) = name.split_once(".mlp.experts.")?;
-    let (e, proj) = rest.split_once('.')?;
-    Some((format!("{layer}.mlp.experts.{proj}"), e.parse().ok()?))
+/// Where expert e's projection may lie stacked [E, rows, cols] with the other experts': (tensor, e,
+/// the projection's rows of the expert's matrix where it shares it), under the name `rename` gives
+/// llama.cpp's `ffn_*_exps` (`mlp.experts.gate_proj` for `mlp.experts.{e}.gate_proj`), and for
+/// Granite MoE under its checkpoints' (gate and up rows of `input_linear`, down `output_linear`).
+type Stacked = (String, usize, Option<std::ops::Range<usize>>);
+fn stacked_expert(name: &str, config: &ModelConfig) -> Vec<Stacked> {
+    let Some((layer, rest)) = name.split_once(".mlp.experts.") else { return vec![] };
+    let Some((Ok(e), proj)) = rest.split_once('.').map(|(e, p)| (e.parse::<usize>(), p)) else { return vec![] };
+    let i = config.expert_intermediate_size();
+    let granite = match (config.model_type.as_str(), proj) {
+        ("granitemoe", "gate_proj.weight") => Some(("input_linear", Some(0..i))),
+        ("granitemoe", "up_proj.weight") => Some(("input_linear", Some(i..2 * i))),
+        ("granitemoe", "down_proj.weight") => Some(("output_linear", None)),
+        _ => None,
+    };
+    let granite = granite.map(|(fused, rows)| (format!("{layer}.block_sparse_moe.{fused}.weight"), e, rows));
+    granite.into_iter().chain([(format!("{layer}.mlp.experts.{proj}"), e, None)]).collect()
 }
 
 /// Where a projection lives when the file fuses it with others: Phi-3's `qkv_proj` (q, k, v rows in
