@@ -3,8 +3,9 @@
 //! Read `forward` top to bottom and you read the transformer: the residual stream enters as token
 //! embeddings; each layer normalizes it, projects Q/K/V, rotates Q and K (RoPE), writes K/V into the
 //! cache (the key/value stream), attends, projects back and adds to the stream; then normalizes again
-//! and adds the SwiGLU MLP's output. A final norm and the unembedding give logits. Gemma 2 adds norms
-//! after attention and the MLP, GeGLU, soft-capped scores and logits, and scaled embeddings.
+//! and adds the SwiGLU MLP's output (or a mixture of experts': `Moe`, each token through the few its
+//! router picks). A final norm and the unembedding give logits. Gemma 2 adds norms after attention
+//! and the MLP, GeGLU, soft-capped scores and logits, and scaled embeddings; Granite, multipliers.
 
 use std::sync::Arc;
 

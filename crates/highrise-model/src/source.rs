@@ -205,6 +205,9 @@ impl Source {
     }
 }
 
+/// Each expert's projections as Qwen 3 MoE and Mixtral name them.
+const MIXTRAL_PROJ: [(&str, &str); 3] = [("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")];
+
 /// Mixtral's name for a mixture's tensor as Qwen 3 MoE names it: the router `block_sparse_moe.gate`,
 /// an expert's gate, down and up projections `w1`, `w2`, `w3`.
 fn mixtral_name(name: &str) -> Option<String> {
@@ -213,12 +216,7 @@ fn mixtral_name(name: &str) -> Option<String> {
         return Some(format!("{layer}.block_sparse_moe.gate.weight"));
     }
     let (e, proj) = rest.strip_prefix("experts.")?.split_once('.')?;
-    let w = match proj {
-        "gate_proj.weight" => "w1",
-        "down_proj.weight" => "w2",
-        "up_proj.weight" => "w3",
-        _ => return None,
-    };
+    let (_, w) = MIXTRAL_PROJ.into_iter().find(|(p, _)| proj.strip_suffix(".weight") == Some(p))?;
     Some(format!("{layer}.block_sparse_moe.experts.{e}.{w}.weight"))
 }
 
@@ -230,12 +228,7 @@ fn qwen_name(name: &str) -> Option<String> {
         return Some(format!("{layer}.mlp.gate.weight"));
     }
     let (e, w) = rest.strip_prefix("experts.")?.split_once('.')?;
-    let proj = match w {
-        "w1.weight" => "gate_proj",
-        "w2.weight" => "down_proj",
-        "w3.weight" => "up_proj",
-        _ => return None,
-    };
+    let (proj, _) = MIXTRAL_PROJ.into_iter().find(|(_, m)| w.strip_suffix(".weight") == Some(m))?;
     Some(format!("{layer}.mlp.experts.{e}.{proj}.weight"))
 }
 
