@@ -175,6 +175,9 @@ def make(name: str, extra: dict) -> None:
         # experts' too), the router kept f32.
         to_gguf(kind, cfg, model, out / "model-q4_0.gguf", quant="Q4_0")
         quantized_reference(out, ids, "Q4_0")
+        # And as llama.cpp wrote Mixtral before it stacked the experts (ffn_gate.{e}...: most Mixtral
+        # GGUF files of early 2024).
+        to_gguf(kind, cfg, model, out / "model-per-expert.gguf", stack=False)
     print(f"{out}: {sum(p.numel() for p in model.parameters())} parameters, greedy {reference['greedy']}")
 
 
@@ -203,7 +206,7 @@ def quantized_reference(out: Path, ids, quant: str) -> None:
     (out / f"reference-{quant.lower()}.json").write_text(json.dumps(ref))
 
 
-def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
+def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
     try:
         import gguf
     except ImportError:
@@ -289,7 +292,11 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
             elif k2 != k:
                 sd[k2] = sd.pop(k)
         for (layer, proj), mats in stacked.items():
-            sd[f"{layer}.mlp.experts.{proj}.weight"] = np.stack([mats[e] for e in range(len(mats))])
+            if stack:
+                sd[f"{layer}.mlp.experts.{proj}.weight"] = np.stack([mats[e] for e in range(len(mats))])
+            else:
+                for e, m in mats.items():
+                    sd[f"{layer}.mlp.experts_{e}.{proj}.weight"] = m
 
     def permute(x, heads):
         # llama.cpp's permute: HF's rotate_half pairs (i, i + D/2) become adjacent rows.
@@ -324,7 +331,11 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None) -> None:
         else:
             _, _, layer, rest = k.split(".", 3)
             part, suffix = rest.rsplit(".", 1)
-            g = f"blk.{layer}.{names[part]}.{suffix}"
+            if part.startswith("mlp.experts_"):
+                e, proj = part[len("mlp.experts_"):].split(".")
+                g = f"blk.{layer}.{names['mlp.' + proj]}.{e}.{suffix}"
+            else:
+                g = f"blk.{layer}.{names[part]}.{suffix}"
             if part == "mlp.shared_expert_gate":
                 v = v.reshape(-1)
             # llama.cpp's LlamaModel permutes, and the converters derived from it (SmolLM3).

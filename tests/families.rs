@@ -308,3 +308,21 @@ fn granite_with_its_four_multipliers() {
 fn granitemoe_with_experts_fused_in_one_tensor() {
     check("granitemoe");
 }
+
+/// Mixtral as llama.cpp wrote it before it stacked the experts (`blk.{l}.ffn_gate.{e}.weight`...:
+/// most Mixtral GGUF files of early 2024): HF's logits, and the checkpoint's names.
+#[test]
+fn mixtral_from_a_gguf_of_one_tensor_per_expert() {
+    let d = dir("mixtral");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    let prompt = ids(&reference["prompt"]);
+    let want: Vec<f32> = reference["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let source = Source::open(&d.join("model-per-expert.gguf")).unwrap();
+    let got = Llama::load(&source, cpu(), LoadOptions::default()).unwrap().prompt_logits(&prompt).unwrap().to_f32().unwrap();
+    println!("mixtral, one tensor per expert: within {:.1e} of HF's", worst_of(&got, &want));
+    assert!(worst_of(&got, &want) <= 1e-4);
+    let (mut names, mut hf) = (source.tensor_names(), Source::open(&d).unwrap().tensor_names());
+    names.sort();
+    hf.sort();
+    assert_eq!(names, hf);
+}

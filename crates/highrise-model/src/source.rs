@@ -356,9 +356,27 @@ fn rename(name: &str, to_gguf: bool, config: &ModelConfig) -> Option<String> {
     let (from_prefix, to_prefix) = if to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
     let (layer, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
     let (part, suffix) = rest.rsplit_once('.')?; // weight or bias
+    if let Some(to) = old_expert_name(part, to_gguf) {
+        return Some(format!("{to_prefix}{layer}.{to}.{suffix}"));
+    }
     let family: &[(&str, &str)] = if config.post_norms() { &POST_NORM_NAMES } else { &[] };
     let (_, to) = family.iter().copied().chain(LAYER_NAMES).map(pick).find(|(from, _)| *from == part)?;
     Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
+}
+
+/// One expert's projection in the GGUF layout llama.cpp wrote Mixtral in before it stacked the
+/// experts (`ffn_gate.{e}`, `ffn_down.{e}`, `ffn_up.{e}`: most Mixtral GGUF files of early 2024),
+/// and HF's (`mlp.experts.{e}.gate_proj`...); `to_gguf` picks the direction.
+fn old_expert_name(part: &str, to_gguf: bool) -> Option<String> {
+    const PROJ: [(&str, &str); 3] = [("gate_proj", "ffn_gate"), ("down_proj", "ffn_down"), ("up_proj", "ffn_up")];
+    if to_gguf {
+        let (e, proj) = part.strip_prefix("mlp.experts.")?.split_once('.')?;
+        let (_, g) = PROJ.into_iter().find(|(p, _)| *p == proj)?;
+        return e.parse::<usize>().is_ok().then(|| format!("{g}.{e}"));
+    }
+    let (g, e) = part.split_once('.')?;
+    let (p, _) = PROJ.into_iter().find(|(_, x)| *x == g)?;
+    e.parse::<usize>().is_ok().then(|| format!("mlp.experts.{e}.{p}"))
 }
 
 /// The GGUF name of a HF tensor name, and whether its rows are in llama.cpp's RoPE order with that
