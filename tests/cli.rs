@@ -117,6 +117,31 @@ fn other_weight_and_activation_dtypes_generate_the_same_opening() {
     }
 }
 
+/// A mixture of experts' routing from `inspect`: the router's scores at the mixture layers
+/// (`router.npy`; Qwen 3 MoE's dense layer 0 has none) and each position's experts, the likeliest
+/// by those scores, with weights summing to 1 (renormalized) in `experts.json`.
+#[test]
+fn inspect_writes_a_mixtures_routing() {
+    let out = std::env::temp_dir().join(format!("highrise-inspect-moe-{}", std::process::id()));
+    let o = out.to_str().unwrap();
+    stdout_ok(&["inspect", "--model", "random:tiny-qwen3-moe", "--prompt", "5 17 300 42 99 7", "--out", o]);
+    let (dims, scores) = highrise::model::npy::read_f32(&out.join("router.npy")).unwrap();
+    let t = dims[1];
+    assert_eq!(dims, vec![1, t, 8]);
+    let routes: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("experts.json")).unwrap()).unwrap();
+    let layer = &routes["layers"][0];
+    assert_eq!((layer["layer"].as_u64(), routes["experts_per_token"].as_u64()), (Some(1), Some(2)));
+    for (p, pos) in layer["positions"].as_array().unwrap().iter().enumerate() {
+        let row = &scores[p * 8..(p + 1) * 8];
+        let mut best: Vec<usize> = (0..8).collect();
+        best.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        assert_eq!(ids(&pos["experts"]).iter().map(|&e| e as usize).collect::<Vec<_>>(), best[..2], "position {p}");
+        let w: f64 = pos["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).sum();
+        assert!((w - 1.0).abs() < 1e-5, "position {p}: weights sum to {w}");
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
+
 #[test]
 fn inspect_writes_the_streams_patterns_and_lens() {
     let Some((fx, model, reference)) = fixtures_and_model("cli inspect") else { return };

@@ -104,6 +104,11 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
     attention_fits(chosen.len(), hq, t)?;
     let mut sites = Site::STREAM.to_vec();
     sites.extend([Site::FinalNorm, Site::Q, Site::K]);
+    // A mixture of experts: its router's scores, and so each token's experts.
+    let routed: Vec<usize> = chosen.iter().copied().filter(|&l| c.moe_layer(l)).collect();
+    if !routed.is_empty() {
+        sites.push(Site::Router);
+    }
     // Attention patterns are made one layer at a time below: all of them at once would hold
     // layers x heads x T x T in memory.
     let pass = inspect(&model, &ids, &sites, &chosen, false, Some(top_k))?;
@@ -157,16 +162,55 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
     let from = t.saturating_sub(LENS_COLUMNS);
     let shown: Vec<Vec<_>> = cells.into_iter().map(|row| row[from..].to_vec()).collect();
     figures::logit_lens(&out.join("logit_lens.png"), &chosen, &input[from..], &shown, text)?;
-    let lens = json!({"prompt_ids": ids, "prompt_tokens": input, "layers": lens});
+    let lens = json!({"prompt_ids": ids, "prompt_tokens": &input, "layers": lens});
     std::fs::write(out.join("logit_lens.json"), serde_json::to_string_pretty(&lens)?)?;
+    if !routed.is_empty() {
+        write_routes(out, c, &routed, hooks, t, &input)?;
+    }
     eprintln!(
         "wrote {}: resid_pre/attn_out/mlp_out/resid_post.npy [{}, {t}, {h}], final_norm.npy, attn_probs.npy, \
-         logit_lens.json; pictures logit_lens.png{}, resid_norm.png, attention/layer_*.png{}",
+         logit_lens.json{}; pictures logit_lens.png{}, resid_norm.png, attention/layer_*.png{}",
         out.display(),
         chosen.len(),
+        match routed.len() {
+            0 => String::new(),
+            n => format!(", router.npy [{n}, {t}, {}] and experts.json (the mixture layers' routing)", c.experts()),
+        },
         if from > 0 { format!(" (the last {LENS_COLUMNS} of {t} positions)") } else { String::new() },
         if text { "" } else { " (no font found: drawn without labels)" }
     );
+    Ok(())
+}
+
+/// A mixture's routing at the `routed` layers: `router.npy` [layers, T, E] (the router's scores
+/// before the softmax) and `experts.json`, each position's experts and their weights as the forward
+/// pass chose them (`highrise::model::route`), heaviest first.
+fn write_routes(out: &Path, c: &highrise::model::ModelConfig, routed: &[usize], hooks: &highrise::model::Hooks, t: usize, input: &[String]) -> AnyResult<()> {
+    use highrise::model::Site;
+    let e = c.experts();
+    let mut w = npy::NpyWriter::create(&out.join("router.npy"), &[routed.len(), t, e])?;
+    let mut layers = Vec::new();
+    for &l in routed {
+        let scores = hooks.get(Site::Router, l).unwrap_or_default();
+        w.write(scores)?;
+        let mut per_token: Vec<Vec<(usize, f32)>> = vec![Vec::new(); t];
+        for (expert, (rows, weights)) in highrise::model::route(scores, e, c.experts_per_token(), c.renormalize_experts()).into_iter().enumerate() {
+            for (row, weight) in rows.into_iter().zip(weights) {
+                per_token[row as usize].push((expert, weight));
+            }
+        }
+        let positions: Vec<serde_json::Value> = per_token
+            .into_iter()
+            .map(|mut chosen| {
+                chosen.sort_by(|a, b| b.1.total_cmp(&a.1));
+                json!({"experts": chosen.iter().map(|c| c.0).collect::<Vec<_>>(), "weights": chosen.iter().map(|c| c.1).collect::<Vec<_>>()})
+            })
+            .collect();
+        layers.push(json!({"layer": l, "positions": positions}));
+    }
+    w.finish()?;
+    let routes = json!({"prompt_tokens": input, "experts": e, "experts_per_token": c.experts_per_token(), "layers": layers});
+    std::fs::write(out.join("experts.json"), serde_json::to_string_pretty(&routes)?)?;
     Ok(())
 }
 
