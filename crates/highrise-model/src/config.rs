@@ -593,7 +593,7 @@ impl ModelConfig {
     pub fn moe_layer(&self, layer: usize) -> bool {
         self.experts() > 0
             && !self.mlp_only_layers.as_ref().is_some_and(|l| l.contains(&layer))
-            && (layer + 1) % self.decoder_sparse_step.unwrap_or(1).max(1) == 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step.unwrap_or(1).max(1))
     }
 
     /// The MLP's gate activation by name: `hidden_activation`, else `hidden_act`, else silu (Gemma:
