@@ -95,20 +95,10 @@ impl Mlp {
             Mlp::Moe(_) => None,
         }
     }
-
-    /// Every weight matrix: the MLP's, or the router's and every expert's.
-    pub fn weights(&self) -> Vec<&Tensor> {
-        match self {
-            Mlp::Dense(f) => vec![&f.w_gate, &f.w_up, &f.w_down],
-            Mlp::Moe(m) => {
-                let shared = m.shared.iter().flat_map(|(f, g)| [&f.w_gate, &f.w_up, &f.w_down, g]);
-                std::iter::once(&m.router).chain(m.experts.iter().flat_map(|f| [&f.w_gate, &f.w_up, &f.w_down])).chain(shared).collect()
-            }
-        }
-    }
 }
 
-/// A mixture of experts (Mixtral, Qwen 3 MoE, OLMoE): a router scores every expert for each token,
+/// A mixture of experts (Mixtral, Qwen 2 and 3 MoE, OLMoE, Granite MoE): a router scores every
+/// expert for each token,
 /// the token goes through its `top_k` likeliest (softmax over all experts' scores), and their outputs
 /// are summed, each weighted by its probability (renormalized over the chosen where `renormalize`).
 pub struct Moe {
