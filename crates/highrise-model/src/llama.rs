@@ -98,9 +98,9 @@ impl Mlp {
 }
 
 /// A mixture of experts (Mixtral, Qwen 2 and 3 MoE, OLMoE, Granite MoE): a router scores every
-/// expert for each token,
-/// the token goes through its `top_k` likeliest (softmax over all experts' scores), and their outputs
-/// are summed, each weighted by its probability (renormalized over the chosen where `renormalize`).
+/// expert for each token, the token goes through its `top_k` likeliest (softmax over all experts'
+/// scores), and their outputs are summed, each weighted by its probability (renormalized over the
+/// chosen where `renormalize`).
 pub struct Moe {
     pub router: Tensor, // [E, H]
     pub experts: Vec<Ffn>,
