@@ -327,6 +327,15 @@ impl Llama {
         let (q_norm, k_norm) = c.qk_norm_width();
         for l in 0..c.num_hidden_layers {
             let bias = c.qkv_bias();
+            // Drawn in the order the fields were always drawn (every random shape's weights stay
+            // what they were), the MLP's after mlp_norm.
+            let attn_norm = if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None };
+            let (wq, wk, wv) = (make(&[q_dim, h], proj(h), 0.0)?, make(&[kv_dim, h], proj(h), 0.0)?, make(&[kv_dim, h], proj(h), 0.0)?);
+            let bq = if bias { Some(make(&[q_dim], 0.1, 0.0)?) } else { None };
+            let bk = if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None };
+            let bv = if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None };
+            let wo = make(&[h, q_dim], proj(q_dim), 0.0)?;
+            let mlp_norm = if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None };
             let mut ffn = |i: usize| -> Result<Ffn> {
                 Ok(Ffn { w_gate: make(&[i, h], proj(h), 0.0)?, w_up: make(&[i, h], proj(h), 0.0)?, w_down: make(&[h, i], proj(i), 0.0)? })
             };
@@ -344,15 +353,15 @@ impl Llama {
                 }
             };
             layers.push(Layer {
-                attn_norm: if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
-                wq: make(&[q_dim, h], proj(h), 0.0)?,
-                wk: make(&[kv_dim, h], proj(h), 0.0)?,
-                wv: make(&[kv_dim, h], proj(h), 0.0)?,
-                bq: if bias { Some(make(&[q_dim], 0.1, 0.0)?) } else { None },
-                bk: if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None },
-                bv: if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None },
-                wo: make(&[h, q_dim], proj(q_dim), 0.0)?,
-                mlp_norm: if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                bq,
+                bk,
+                bv,
+                wo,
+                mlp_norm,
                 mlp,
                 q_norm: if c.qk_norm() { Some(make(&[q_norm], 0.1, 1.0)?) } else { None },
                 k_norm: if c.qk_norm() { Some(make(&[k_norm], 0.1, 1.0)?) } else { None },
