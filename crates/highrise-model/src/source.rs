@@ -131,7 +131,7 @@ impl Source {
                 .tensors
                 .iter()
                 .filter_map(|t| Some((t, rename(&t.name, false, config)?)))
-                .flat_map(|(t, name)| hf_names(&name, t.dims[0], config))
+                .flat_map(|(t, name)| hf_names(&name, t.dims.first().copied().unwrap_or(0), config))
                 .collect(),
             Source::Hf(h) => h.index.keys().cloned().collect(),
         }
@@ -141,7 +141,9 @@ impl Source {
     /// the file keeps fused with others (Phi-3's `qkv_proj` and `gate_up_proj`) is its rows of the
     /// fused tensor. A mixture's router and experts go by Qwen 3 MoE's names
     /// (`mlp.gate`, `mlp.experts.{e}.gate_proj`...), found under Mixtral's (`block_sparse_moe.gate`,
-    /// `block_sparse_moe.experts.{e}.w1`...) or as matrix e of the experts a GGUF file stacks.
+    /// `block_sparse_moe.experts.{e}.w1`...) or Granite MoE's (its router, rows of its fused
+    /// `input_linear`), or as matrix e of the experts a GGUF file stacks; Granite MoE's fused
+    /// tensors are made from a GGUF's stacks.
     pub fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
         if let Some(t) = self.stored(name)? {
             return Ok(Some(t));
