@@ -543,11 +543,7 @@ impl Llama {
         self.linear(&mut logits, x, &m.router, None)?;
         hooks.tap(Site::Router, layer, &logits)?;
         let routes = route(&logits.to_f32()?, e, m.top_k, m.renormalize);
-        let round = |w: f32| match self.dtype {
-            DType::BF16 => half::bf16::from_f32(w).to_f32(),
-            DType::F16 => half::f16::from_f32(w).to_f32(),
-            _ => w,
-        };
+        let round = |w: f32| rounded(self.dtype, w);
         let mut out = Tensor::full(&self.backend, self.dtype, &[t, h], 0.0)?;
         for (f, (rows, weights)) in m.experts.iter().zip(&routes).filter(|(_, r)| !r.0.is_empty()) {
             let mut xe = self.tensor(&[rows.len(), h])?;
@@ -1035,11 +1031,15 @@ impl Taps for Option<&mut Hooks> {
 /// Whether `dtype` holds every value of `w` exactly (bit for bit: a 16-bit dtype where rounding to it
 /// changes none of them).
 fn holds_exactly(dtype: DType, w: &[f32]) -> bool {
+    dtype.is_float() && w.iter().all(|&v| rounded(dtype, v).to_bits() == v.to_bits())
+}
+
+/// `v` rounded to the float `dtype` (itself for f32, or a dtype that is no float).
+fn rounded(dtype: DType, v: f32) -> f32 {
     match dtype {
-        DType::F32 => true,
-        DType::BF16 => w.iter().all(|&v| half::bf16::from_f32(v).to_f32().to_bits() == v.to_bits()),
-        DType::F16 => w.iter().all(|&v| half::f16::from_f32(v).to_f32().to_bits() == v.to_bits()),
-        _ => false,
+        DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
     }
 }
 
