@@ -39,8 +39,8 @@ pub fn is_family(name: &str) -> bool {
 }
 
 /// The `model_type` of a GGUF `general.architecture`: llama.cpp calls Gemma 3 `gemma3` whatever its
-/// size, HF's text-only config `gemma3_text` (`gemma3` there is the multimodal wrapper), and Qwen 3
-/// MoE `qwen3moe`. (Mixtral is `llama` with experts: see `from_gguf`.)
+/// size, HF's text-only config `gemma3_text` (`gemma3` there is the multimodal wrapper), and Qwen 2
+/// and 3 MoE `qwen2moe` and `qwen3moe`. (Mixtral is `llama` with experts: see `from_gguf`.)
 fn model_type_of_arch(arch: &str) -> &str {
     match arch {
         "gemma3" => "gemma3_text",
@@ -136,12 +136,12 @@ pub struct ModelConfig {
     pub use_bidirectional_attention: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
-    /// A mixture of experts in place of the MLP (Mixtral, Qwen 3 MoE, OLMoE): how many experts a
-    /// layer has (Mixtral's and transformers 5's name, and the older `num_experts`), how many each
-    /// token uses, whether their router weights are renormalized to sum to 1 (Mixtral always), each
-    /// expert's intermediate size where it differs from `intermediate_size` (Qwen 3 MoE), and which
-    /// layers keep a dense MLP (Qwen 3 MoE: those in `mlp_only_layers`, and all but every
-    /// `decoder_sparse_step`-th).
+    /// A mixture of experts in place of the MLP (Mixtral, Qwen 2 and 3 MoE, OLMoE, Granite MoE): how
+    /// many experts a layer has (Mixtral's and transformers 5's name, and the older `num_experts`),
+    /// how many each token uses, whether their router weights are renormalized to sum to 1 (Mixtral
+    /// and Granite MoE always), each expert's intermediate size where it differs from
+    /// `intermediate_size` (Qwen 2 and 3 MoE), and which layers keep a dense MLP (Qwen MoE: those in
+    /// `mlp_only_layers`, and all but every `decoder_sparse_step`-th).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_local_experts: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

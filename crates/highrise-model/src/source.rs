@@ -187,7 +187,7 @@ impl Source {
             "input_linear.weight" => {
                 let (Some(gate), Some(up)) = (stack("gate_proj")?, stack("up_proj")?) else { return Ok(None) };
                 let e = gate.dims[0];
-                if gate.dims.len() != 3 || gate.dims != up.dims || gate.dtype != up.dtype || gate.data.len() % e.max(1) != 0 {
+                if gate.dims.len() != 3 || gate.dims != up.dims || gate.dtype != up.dtype || e == 0 || gate.data.len() % e != 0 {
                     return Err(Error::tensor(self.path(), name, format!("gate {:?} and up {:?} experts do not pair", gate.dims, up.dims)));
                 }
                 let per = gate.data.len() / e;
