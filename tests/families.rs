@@ -326,3 +326,47 @@ fn mixtral_from_a_gguf_of_one_tensor_per_expert() {
     hf.sort();
     assert_eq!(names, hf);
 }
+
+/// Seeded random damage to the header of each mixture's GGUF (its metadata and tensor table: expert
+/// counts, shapes, types, offsets), then a load and a forward pass: an error or a run, never a panic.
+#[test]
+fn damaged_mixture_ggufs_are_refused_or_run_never_panic() {
+    // HIGHRISE_FUZZ_CASES and HIGHRISE_FUZZ_SEED run a longer or another search by hand.
+    let fuzz = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut state = fuzz("HIGHRISE_FUZZ_SEED").unwrap_or(0x2545_f491) | 1;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n.max(1) as u64) as usize
+    };
+    let path = std::env::temp_dir().join(format!("highrise-moe-damage-{}.gguf", std::process::id()));
+    let (mut ran, mut refused) = (0, 0);
+    for family in ["mixtral", "qwen2-moe", "granitemoe"] {
+        let whole = std::fs::read(dir(family).join("model.gguf")).unwrap();
+        // The header: everything before the first tensor's data (4 KiB covers these tiny files').
+        let header = 4096.min(whole.len());
+        for _ in 0..fuzz("HIGHRISE_FUZZ_CASES").unwrap_or(150) {
+            let mut b = whole.clone();
+            for _ in 0..1 + next(3) {
+                let at = next(header);
+                b[at] = match next(3) {
+                    0 => 0xff,
+                    1 => 0,
+                    _ => next(256) as u8,
+                };
+            }
+            std::fs::write(&path, &b).unwrap();
+            let result = Source::open(&path)
+                .and_then(|s| Llama::load(&s, cpu(), LoadOptions::default()))
+                .and_then(|m| m.prompt_logits(&[1, 2, 3]).map_err(Into::into).and_then(|l| Ok(l.to_f32()?)));
+            match result {
+                Ok(_) => ran += 1,
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    std::fs::remove_file(&path).ok();
+    println!("damaged mixtures: {refused} refused, {ran} ran; no panic");
+    assert!(refused > 0 && ran > 0, "the damage reached both outcomes");
+}

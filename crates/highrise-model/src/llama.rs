@@ -231,7 +231,9 @@ impl Llama {
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
         let loader = Loader { source, backend: &backend, opts };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        // Reserved for as many layers as the file could hold, not as its config claims: a damaged
+        // block count of billions is a missing tensor at the first layer past the real ones.
+        let mut layers = Vec::with_capacity(c.num_hidden_layers.min(source.tensor_names().len()));
         // Gemma 2 keeps the norms' weights as w and multiplies by 1 + w: loaded as that, in f32.
         let norm = |name: &str| loader.norm(name, h, c.gemma());
         for l in 0..c.num_hidden_layers {

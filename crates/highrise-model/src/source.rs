@@ -431,7 +431,7 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
 /// `j * D/2 + i` (HF's rotate_half pairs row i with row i + D/2; llama.cpp interleaves them). Rows
 /// are moved whole, so this works on quantized rows too.
 pub fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() % rows != 0 {
+    if heads == 0 || rows == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() % rows != 0 {
         return Err(format!("cannot split {rows} rows into {heads} heads of RoPE pairs"));
     }
     let (d, row_bytes) = (rows / heads, data.len() / rows);
