@@ -33,19 +33,25 @@ fn decoded(m: &Llama, prompt: &[u32]) -> Vec<f32> {
     all
 }
 
+/// A family's reference file (`reference.json`, or another of its folder): the whole JSON, its
+/// prompt, and HF's logits at every prompt position, flattened.
+fn reference(family: &str, file: &str) -> (serde_json::Value, Vec<u32>, Vec<f32>) {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir(family).join(file)).unwrap()).unwrap();
+    let prompt = ids(&json["prompt"]);
+    let logits = json["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    (json, prompt, logits)
+}
+
 fn worst_of(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
 }
 
 fn check(family: &str) {
     let d = dir(family);
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
-    let prompt = ids(&reference["prompt"]);
-    let want: Vec<f32> =
-        reference["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let (reference, prompt, want) = reference(family, "reference.json");
     let source = Source::open(&d).unwrap();
     let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
-    let worst = |got: &[f32]| got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = |got: &[f32]| worst_of(got, &want);
     let prefill = m.prompt_logits(&prompt).unwrap().to_f32().unwrap();
     assert_eq!(prefill.len(), want.len());
     let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
@@ -223,19 +229,16 @@ fn mixtral_quantized_q4_0_keeps_its_experts_blocks() {
     use highrise::core::DType;
     use highrise::model::{Mlp, WeightFormat};
     let d = dir("mixtral");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference-q4_0.json")).unwrap()).unwrap();
-    let prompt = ids(&reference["prompt"]);
-    let hf: Vec<f32> = reference["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let (_, prompt, hf) = reference("mixtral", "reference-q4_0.json");
     let source = Source::open(&d.join("model-q4_0.gguf")).unwrap();
     let q = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
     let Mlp::Moe(moe) = &q.layers[1].mlp else { panic!("layer 1 is a mixture") };
     assert_eq!((moe.experts[3].w_down.dtype(), moe.router.dtype()), (DType::Q4_0R8, DType::F32));
     let f = Llama::load(&source, cpu(), LoadOptions { weights: WeightFormat::Convert(DType::F32), ..Default::default() }).unwrap();
     let (a, b) = (q.prompt_logits(&prompt).unwrap().to_f32().unwrap(), f.prompt_logits(&prompt).unwrap().to_f32().unwrap());
-    let worst = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-    println!("mixtral q4_0: within {:.1e} of HF's, {:.1e} of the same weights dequantized", worst(&a, &hf), worst(&a, &b));
-    assert!(worst(&a, &hf) <= 1e-4, "q4_0 against HF's: {}", worst(&a, &hf));
-    assert!(worst(&a, &b) <= 1e-4, "q4_0 against dequantized: {}", worst(&a, &b));
+    println!("mixtral q4_0: within {:.1e} of HF's, {:.1e} of the same weights dequantized", worst_of(&a, &hf), worst_of(&a, &b));
+    assert!(worst_of(&a, &hf) <= 1e-4, "q4_0 against HF's: {}", worst_of(&a, &hf));
+    assert!(worst_of(&a, &b) <= 1e-4, "q4_0 against dequantized: {}", worst_of(&a, &b));
 }
 
 /// A mixture under continuous batching: six requests of different prompts and lengths share steps
@@ -314,9 +317,7 @@ fn granitemoe_with_experts_fused_in_one_tensor() {
 #[test]
 fn mixtral_from_a_gguf_of_one_tensor_per_expert() {
     let d = dir("mixtral");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
-    let prompt = ids(&reference["prompt"]);
-    let want: Vec<f32> = reference["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+    let (_, prompt, want) = reference("mixtral", "reference.json");
     let source = Source::open(&d.join("model-per-expert.gguf")).unwrap();
     let got = Llama::load(&source, cpu(), LoadOptions::default()).unwrap().prompt_logits(&prompt).unwrap().to_f32().unwrap();
     println!("mixtral, one tensor per expert: within {:.1e} of HF's", worst_of(&got, &want));
