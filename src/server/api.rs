@@ -118,7 +118,7 @@ pub struct StreamOptions {
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Extension {
-    /// Sites to capture: resid_pre, attn_out, mlp_out, resid_post, final_norm, q, k, v, attn_probs.
+    /// Sites to capture: any of `Site::names`, and attn_probs.
     #[serde(default)]
     pub capture: Vec<String>,
     /// Layers to capture at (all when absent).
@@ -502,9 +502,7 @@ impl CaptureSpec {
                 (None, other) => {
                     let param = format!("highrise.capture[{i}]");
                     return Err(ApiError::invalid(
-                        format!(
-                            "{param}: unknown site {other:?} (resid_pre, attn_out, mlp_out, resid_post, final_norm, q, k, v, router, attn_probs)"
-                        ),
+                        format!("{param}: unknown site {other:?} ({}, attn_probs)", Site::names()),
                         Some(&param),
                     ));
                 }

@@ -41,6 +41,11 @@ impl Site {
     pub const ALL: [Site; 9] =
         [Site::ResidPre, Site::Q, Site::K, Site::V, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::FinalNorm, Site::Router];
 
+    /// Every site's name, "resid_pre, q, ...": for the errors that list them.
+    pub fn names() -> String {
+        Site::ALL.map(Site::name).join(", ")
+    }
+
     /// The site named `name` (as `name` writes it).
     pub fn parse(name: &str) -> Option<Site> {
         Site::ALL.into_iter().find(|s| s.name() == name)

@@ -310,7 +310,7 @@ impl Engine {
         let mut hooks = Hooks::default();
         for name in &sites {
             let site = Site::parse(name).ok_or_else(|| {
-                PyValueError::new_err(format!("unknown site {name:?} (resid_pre, attn_out, mlp_out, resid_post, final_norm, q, k, v, router)"))
+                PyValueError::new_err(format!("unknown site {name:?} ({})", Site::names()))
             })?;
             hooks.sites.insert(site);
         }
