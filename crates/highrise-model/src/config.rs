@@ -684,12 +684,17 @@ impl ModelConfig {
     /// Qwen 3 (MoE too) and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim;
     /// Gemma's 1 + w) before RoPE, OLMo 2 and OLMoE all heads at once (a weight of heads x head_dim).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text" | "olmoe") || self.olmo()
+        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text") || self.qk_norm_across_heads()
+    }
+
+    /// OLMo 2 and 3, OLMoE: q and k normed across all heads at once.
+    fn qk_norm_across_heads(&self) -> bool {
+        self.olmo() || self.model_type == "olmoe"
     }
 
     /// The width q's and k's RMSNorm takes at once: (q's, k's).
     pub fn qk_norm_width(&self) -> (usize, usize) {
-        match self.olmo() || self.model_type == "olmoe" {
+        match self.qk_norm_across_heads() {
             true => (self.num_attention_heads * self.head_dim(), self.kv_heads() * self.head_dim()),
             false => (self.head_dim(), self.head_dim()),
         }
