@@ -1,5 +1,5 @@
 // The residual stream: embedding gather, RMSNorm, and the fused residual-add + RMSNorm that reads
-// and writes the stream once per layer half. One block per token row.
+// and writes the stream once per layer half; LayerNorm, with or without the add. One block per token row.
 
 // out[t] = table[ids[t]] * scale  (out [T, H]; table [V, H] of dtype table_dt; a scale of 1 gathers
 // the rows exactly)
@@ -129,6 +129,34 @@ __device__ void index_add(typename D::T* out, const typename D::T* src, const u3
     for (u32 i = threadIdx.x; i < h; i += blockDim.x) D::store(out, row + i, D::load(out, row + i) + w * D::load(src, j * h + i));
 }
 
+// PyTorch's LayerNorm of row t: out = (x - mean) / sqrt(mean((x - mean)^2) + eps) * w + b (x, out
+// [T, H]; w and b [H] of dtype w_dt), after x += delta where ADD (the sum rounded to the stream's
+// dtype and stored, then normed as stored, as add_rms_norm). Three passes over the row, each thread
+// reading back only the elements it wrote (no barrier for them); the sums in f32.
+template <class D, bool ADD>
+__device__ void layer_norm(typename D::T* out, typename D::T* x, const typename D::T* delta, const void* w, const void* b,
+                           u32 w_dt, u32 h, float eps) {
+    const u64 base = (u64)blockIdx.x * h;
+    float s = 0.0f;
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
+        float v = D::load(x, base + i);
+        if (ADD) {
+            v = D::rounded(v + D::load(delta, base + i));
+            D::store(x, base + i, v);
+        }
+        s += v;
+    }
+    const float mean = block_sum(s) / (float)h;
+    float ss = 0.0f;
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
+        const float d = D::load(x, base + i) - mean;
+        ss += d * d;
+    }
+    const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
+    for (u32 i = threadIdx.x; i < h; i += blockDim.x)
+        D::store(out, base + i, (D::load(x, base + i) - mean) * inv * load_any(w, i, w_dt) + load_any(b, i, w_dt));
+}
+
 // Conversions for the linear layers' mixed-dtype path (weights in one float dtype, activations in
 // another): to f32 from a dtype known at run time, and from f32 to the activations' dtype.
 extern "C" __global__ void to_f32(float* out, const void* x, u32 x_dt, u64 n) {
@@ -164,5 +192,12 @@ __device__ void from_f32(typename D::T* out, const float* x, u64 n) {
     extern "C" __global__ void from_f32_##s(D::T* out, const float* x, u64 n) { from_f32<D>(out, x, n); }     \
     extern "C" __global__ void index_add_##s(D::T* out, const D::T* src, const u32* index, const float* weight, u32 h) { \
         index_add<D>(out, src, index, weight, h);                                                             \
+    }                                                                                                         \
+    extern "C" __global__ void layer_norm_##s(D::T* out, D::T* x, const void* w, const void* b, u32 w_dt, u32 h, float eps) { \
+        layer_norm<D, false>(out, x, nullptr, w, b, w_dt, h, eps);                                            \
+    }                                                                                                         \
+    extern "C" __global__ void add_layer_norm_##s(D::T* out, D::T* x, const D::T* delta, const void* w, const void* b, \
+                                                  u32 w_dt, u32 h, float eps) {                               \
+        layer_norm<D, true>(out, x, delta, w, b, w_dt, h, eps);                                               \
     }
 FOR_EACH_DTYPE(RESIDUAL)

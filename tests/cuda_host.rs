@@ -14,7 +14,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use common::{shuffled_blocks, slots_in, Rng};
-use highrise::core::ops::{PagedSeq, SampleParams, Scores};
+use highrise::core::ops::{GluAct, PagedSeq, SampleParams, Scores};
 use highrise::core::{Backend, DType, GraphStats, Tensor};
 use highrise::engine::{generate, Engine, EngineConfig, GenerateParams, Request, SamplingParams};
 use highrise::model::{Llama, Logits, ModelConfig, Tokenizer};
@@ -90,6 +90,10 @@ fn every_op_launches_what_its_kernels_expect() {
             let rows: Vec<u32> = (0..t as u32).rev().step_by(2).collect();
             let src = up(&b, dt, &[rows.len(), h], &rng.values(rows.len() * h, 1.0, dt));
             b.index_add(&mut out, &src, &rows, &vec![0.5; rows.len()]).unwrap();
+            // LayerNorm (GPT-2's, Pythia's), alone and after the stream's add, its weights f32.
+            let (lw, lb) = (up(&b, DType::F32, &[h], &rng.values(h, 1.0, DType::F32)), up(&b, DType::F32, &[h], &rng.values(h, 1.0, DType::F32)));
+            b.layer_norm(&mut out, &x, &lw, &lb, 1e-5).unwrap();
+            b.add_layer_norm(&mut out, &mut x, &delta, &lw, &lb, 1e-5).unwrap();
             // Projections: same dtype, mixed, with and without a bias; where the GEMV kernel pays
             // and wherever it fits (HIGHRISE_CUDA_GEMV=own).
             for gemv in ["auto", "own"] {
@@ -119,6 +123,9 @@ fn every_op_launches_what_its_kernels_expect() {
             let (g, u) = (up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)), up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)));
             let mut m = empty(&b, dt, &[t, h]);
             b.swiglu(&mut m, &g, &u).unwrap();
+            // An MLP without a gate, and the exact GELU gated.
+            b.activation(&mut m, &g, GluAct::GeluErf).unwrap();
+            b.glu(&mut m, &g, &u, GluAct::GeluErf).unwrap();
             let logits = up(&b, dt, &[t, v], &rng.values(t * v, 4.0, dt));
             let (mut idx, mut lp) = (Tensor::empty(&b, DType::U32, &[t]).unwrap(), Tensor::empty(&b, DType::F32, &[t]).unwrap());
             b.argmax(&mut idx, &mut lp, &logits).unwrap();
@@ -149,7 +156,7 @@ fn every_op_launches_what_its_kernels_expect() {
         "embedding", "rms_norm", "add_rms_norm", "add_bias", "add_", "to_f32", "from_f32", "rope", "kv_write", "attn_split_d64",
         "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "decode_attn_d64",
         "decode_attn_d128", "gemv1", "gemv8", "gemv_add1", "gemv_add8", "gemv_qkv_norm1", "gemv_glu_norm1", "swiglu",
-        "argmax", "sample",
+        "argmax", "sample", "index_add", "layer_norm", "add_layer_norm", "glu_act",
     ] {
         assert!(kernels.iter().any(|k| k.starts_with(family)), "no {family} kernel was launched: {kernels:?}");
     }

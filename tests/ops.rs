@@ -623,6 +623,73 @@ fn geglu_matches_reference() {
     }
 }
 
+/// An MLP without a gate (GPT-2, GPT-NeoX): `act(x)` alone, exact (erf) and tanh GELU, against f64;
+/// and the exact GELU gated.
+#[test]
+fn activation_without_a_gate_matches_reference() {
+    if backend("activation_without_a_gate_matches_reference").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("activation");
+    let gelu_erf = |g: f64, rd: Rd| rd.r(0.5 * g * (1.0 + libm::erf(g / std::f64::consts::SQRT_2)));
+    let gelu_tanh = |g: f64, rd: Rd| rd.r(0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()));
+    for dt in FLOATS {
+        for t in SEQ_LENS {
+            let i = 1536;
+            let (g, u) = (rng.values(t * i, 4.0, dt), rng.values(t * i, 2.0, dt));
+            let x = upload(dt, &[t, i], &g);
+            for (act, f) in [(GluAct::GeluErf, &gelu_erf as &dyn Fn(f64, Rd) -> f64), (GluAct::GeluTanh, &gelu_tanh)] {
+                let mut out = poisoned(dt, &[t, i]);
+                be().activation(&mut out, &x, act).unwrap();
+                let reference = |rd: Rd| g.iter().map(|&g| f(g, rd)).collect::<Vec<f64>>();
+                assert_close(&format!("{act:?} {dt} [{t}, {i}]"), dt, &download(&out), &reference(Rd::Exact), &reference(Rd::Naive(dt)));
+            }
+            let mut out = poisoned(dt, &[t, i]);
+            be().glu(&mut out, &x, &upload(dt, &[t, i], &u), GluAct::GeluErf).unwrap();
+            let reference = |rd: Rd| g.iter().zip(&u).map(|(&g, &u)| rd.r(gelu_erf(g, rd) * u)).collect::<Vec<f64>>();
+            assert_close(&format!("gated GeluErf {dt} [{t}, {i}]"), dt, &download(&out), &reference(Rd::Exact), &reference(Rd::Naive(dt)));
+        }
+    }
+}
+
+/// LayerNorm (GPT-2, GPT-NeoX, StarCoder 2, Phi-2), alone and after the stream's add, against f64:
+/// rows far from zero mean (the centering matters), the weight's dtype apart from the stream's; a
+/// bias missing or of another width refused with the op named.
+#[test]
+fn layer_norm_centers_scales_and_shifts() {
+    if backend("layer_norm_centers_scales_and_shifts").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("layer_norm");
+    for dt in FLOATS {
+        for (t, h) in SEQ_LENS.into_iter().map(|t| (t, 768)).chain([(1, 4096), (3, 9000)]) {
+            let x0: Vec<f64> = rng.values(t * h, 2.0, dt).iter().map(|v| round(dt, v + 3.0)).collect();
+            let delta = rng.values(t * h, 1.0, dt);
+            let wdt = if t % 2 == 0 { DType::F32 } else { dt };
+            let (w, b) = (rng.values(h, 1.5, wdt), rng.values(h, 0.5, wdt));
+            let (wt, bt) = (upload(wdt, &[h], &w), upload(wdt, &[h], &b));
+            let what = format!("layer_norm {dt} (weights {wdt}) T={t} H={h}");
+            let mut out = poisoned(dt, &[t, h]);
+            be().layer_norm(&mut out, &upload(dt, &[t, h], &x0), &wt, &bt, EPS as f32).unwrap();
+            let (exact, naive) = (ref_layer_norm(&x0, &w, &b, EPS, Rd::Exact), ref_layer_norm(&x0, &w, &b, EPS, Rd::Naive(dt)));
+            assert_close(&what, dt, &download(&out), &exact, &naive);
+            // After the stream's add: x holds the rounded sum, out its norm.
+            let mut x = upload(dt, &[t, h], &x0);
+            let mut out = poisoned(dt, &[t, h]);
+            be().add_layer_norm(&mut out, &mut x, &upload(dt, &[t, h], &delta), &wt, &bt, EPS as f32).unwrap();
+            let sum: Vec<f64> = x0.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            let sum_rounded: Vec<f64> = sum.iter().map(|&s| round(dt, s)).collect();
+            assert_close(&format!("add_{what} x"), dt, &download(&x), &sum, &sum_rounded);
+            let (exact, naive) = (ref_layer_norm(&sum, &w, &b, EPS, Rd::Exact), ref_layer_norm(&sum_rounded, &w, &b, EPS, Rd::Naive(dt)));
+            assert_close(&format!("add_{what} out"), dt, &download(&out), &exact, &naive);
+        }
+    }
+    let (x, w) = (upload(DType::F32, &[2, 64], &[1.0; 128]), upload(DType::F32, &[64], &[1.0; 64]));
+    let mut out = poisoned(DType::F32, &[2, 64]);
+    let e = be().layer_norm(&mut out, &x, &w, &upload(DType::F32, &[32], &[0.0; 32]), 1e-5).unwrap_err().to_string();
+    assert!(e.contains("layer_norm") && e.contains("bias"), "{e}");
+}
+
 /// A mixture of experts' combine: `out[index[j]] += weight[j] * src[j]`, against f64, the rows no
 /// index names untouched bit for bit; indices out of order, an empty src; a repeated index, one past
 /// the rows, a weight missing or not finite refused with the op named.

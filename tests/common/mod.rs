@@ -214,6 +214,20 @@ pub fn ref_rms_norm(x: &[f64], w: &[f64], eps: f64, rd: Rd) -> Vec<f64> {
     out
 }
 
+/// PyTorch's LayerNorm of each row of width w.len(): (x - mean) / sqrt(var + eps) * w + b, the
+/// biased variance.
+pub fn ref_layer_norm(x: &[f64], w: &[f64], b: &[f64], eps: f64, rd: Rd) -> Vec<f64> {
+    let h = w.len();
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(h) {
+        let mean = rd.r(row.iter().sum::<f64>() / h as f64);
+        let var = rd.r(row.iter().map(|v| rd.r(v - mean) * rd.r(v - mean)).sum::<f64>() / h as f64);
+        let inv = rd.r(1.0 / (var + eps).sqrt());
+        out.extend(row.iter().zip(w).zip(b).map(|((v, w), b)| rd.r(rd.r(rd.r(rd.r(v - mean) * inv) * w) + b)));
+    }
+    out
+}
+
 /// out[T, N] = x[T, K] w[N, K]^T + b
 pub fn ref_linear(x: &[f64], w: &[f64], b: Option<&[f64]>, k: usize, rd: Rd) -> Vec<f64> {
     let n = w.len() / k;

@@ -184,6 +184,16 @@ impl dyn Backend + '_ {
         }))
     }
 
+    /// `out = layer_norm(x) * weight + bias` (PyTorch's LayerNorm; see [`LayerNorm`]).
+    pub fn layer_norm(&self, out: &mut Tensor, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<()> {
+        self.exec(Op::LayerNorm(LayerNorm { out: out.as_mut(), x: x.as_ref(), delta: TensorRef::none(), weight: weight.as_ref(), bias: bias.as_ref(), eps }))
+    }
+
+    /// `x += delta; out = layer_norm(x) * weight + bias`, in one pass.
+    pub fn add_layer_norm(&self, out: &mut Tensor, x: &mut Tensor, delta: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<()> {
+        self.exec(Op::LayerNorm(LayerNorm { out: out.as_mut(), x: x.as_mut(), delta: delta.as_ref(), weight: weight.as_ref(), bias: bias.as_ref(), eps }))
+    }
+
     /// `out = x @ weight^T (+ bias)`.
     pub fn linear(
         &self,
@@ -383,6 +393,11 @@ impl dyn Backend + '_ {
     /// `out = act(gate) * up` (SwiGLU or GeGLU).
     pub fn glu(&self, out: &mut Tensor, gate: &Tensor, up: &Tensor, act: GluAct) -> Result<()> {
         self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: gate.as_ref(), up: up.as_ref(), act }))
+    }
+
+    /// `out = act(x)`, elementwise: an MLP without a gate (GPT-2's and GPT-NeoX's GELU).
+    pub fn activation(&self, out: &mut Tensor, x: &Tensor, act: GluAct) -> Result<()> {
+        self.exec(Op::SwiGlu(SwiGlu { out: out.as_mut(), gate: x.as_ref(), up: TensorRef::none(), act }))
     }
 
     /// `out[index[j]] += weight[j] * src[j]` for each row j of src (see [`IndexAdd`]).

@@ -148,6 +148,7 @@ impl Backend for CpuBackend {
             Op::SwiGluLinear(o) => mlp::swiglu_linear(&ts, o),
             Op::Softcap(o) => sampling::softcap(&ts, o),
             Op::IndexAdd(o) => residual::index_add(&ts, o),
+            Op::LayerNorm(o) => residual::layer_norm(&ts, o),
             Op::QkvLinear(o) => mlp::normed(&ts, o.x, o.norm, o.eps, |x| {
                 o.parts_reading(x).iter().try_for_each(|part| linear::linear(&ts, part))
             }),

@@ -10,7 +10,11 @@ use crate::storage::{Storage, Tensors};
 pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
     with_float!(op.out.dtype, "swiglu", E => {
         let gate = ts.slice::<E>("gate", &op.gate)?;
-        let up = ts.slice::<E>("up", &op.up)?;
+        // An MLP without a gate: act(x) alone.
+        let up = match op.up.opt() {
+            Some(up) => Some(ts.slice::<E>("up", &up)?),
+            None => None,
+        };
         // SAFETY: out is the only output and aliases neither input (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
         const CHUNK: usize = 4096;
@@ -20,10 +24,15 @@ pub fn swiglu(ts: &Tensors, op: &SwiGlu) -> Result<()> {
                 let at = (c + i) * CHUNK..(c + i) * CHUNK + out.len();
                 let (g, u) = (&mut g[..out.len()], &mut u[..out.len()]);
                 E::load(&gate[at.clone()], g);
-                E::load(&up[at], u);
-                match op.act {
-                    GluAct::Silu => crate::simd::silu_mul(g, u),
-                    act => g.iter_mut().zip(&*u).for_each(|(g, u)| *g = act.apply(*g) * u),
+                match (up, op.act) {
+                    (None, act) => g.iter_mut().for_each(|g| *g = act.apply(*g)),
+                    (Some(up), act) => {
+                        E::load(&up[at], u);
+                        match act {
+                            GluAct::Silu => crate::simd::silu_mul(g, u),
+                            act => g.iter_mut().zip(&*u).for_each(|(g, u)| *g = act.apply(*g) * u),
+                        }
+                    }
                 }
                 E::store(g, out);
             }

@@ -1,8 +1,8 @@
-//! Residual-stream ops: embedding gather, RMSNorm, the fused residual-add + RMSNorm, and a mixture of
-//! experts' weighted combine (`index_add`).
+//! Residual-stream ops: embedding gather, RMSNorm, the fused residual-add + RMSNorm, LayerNorm (with
+//! or without the add), and a mixture of experts' weighted combine (`index_add`).
 
 use half::{bf16, f16};
-use highrise_core::ops::{AddRmsNorm, Embedding, IndexAdd, RmsNorm};
+use highrise_core::ops::{AddRmsNorm, Embedding, IndexAdd, LayerNorm, RmsNorm};
 use highrise_core::quant::dequantize;
 use highrise_core::{DType, Error, Result, TensorRef};
 
@@ -131,6 +131,59 @@ pub fn add_rms_norm(ts: &Tensors, op: &AddRmsNorm) -> Result<()> {
         });
         Ok(())
     })
+}
+
+/// LayerNorm, after `x += delta` where given (the sum stored in x's dtype and normed as stored, as
+/// `add_rms_norm` does).
+pub fn layer_norm(ts: &Tensors, op: &LayerNorm) -> Result<()> {
+    let (weight, bias) = (to_f32_vec(ts, "weight", &op.weight)?, to_f32_vec(ts, "bias", &op.bias)?);
+    let h = weight.len();
+    with_float!(op.out.dtype, "layer_norm", E => {
+        // SAFETY: out (and x, where a delta is added to it) are the op's outputs; validation keeps
+        // them apart from each other and from the inputs.
+        let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
+        let norm = |row: &mut Vec<f32>, x: &[E], out: &mut [E]| {
+            E::load(x, row);
+            layer_normalize(row, &weight, &bias, op.eps);
+            E::store(row, out);
+        };
+        match op.delta.opt() {
+            None => {
+                let x = ts.slice::<E>("x", &op.x)?;
+                ts.team.rows(out, h, min_items(h), |r0, out| {
+                    let mut row = vec![0f32; h];
+                    for (out, x) in out.chunks_exact_mut(h).zip(x[r0 * h..].chunks_exact(h)) {
+                        norm(&mut row, x, out);
+                    }
+                });
+            }
+            Some(delta) => {
+                let delta = ts.slice::<E>("delta", &delta)?;
+                let x = unsafe { ts.slice_mut::<E>("x", &op.x)? };
+                ts.team.rows2(out, h, x, h, min_items(h), |r0, out, x| {
+                    let (mut row, mut d) = (vec![0f32; h], vec![0f32; h]);
+                    for ((out, x), delta) in out.chunks_exact_mut(h).zip(x.chunks_exact_mut(h)).zip(delta[r0 * h..].chunks_exact(h)) {
+                        E::load(x, &mut row);
+                        E::load(delta, &mut d);
+                        row.iter_mut().zip(&d).for_each(|(r, d)| *r += d);
+                        E::store(&row, x);
+                        norm(&mut row, x, out);
+                    }
+                });
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `row = (row - mean) / sqrt(mean((row - mean)^2) + eps) * weight + bias`, the sums in f64 (a
+/// row's mean subtracted from values far larger than their spread loses nothing to the sums).
+fn layer_normalize(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = row.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n;
+    let (mean, inv) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+    row.iter_mut().zip(weight).zip(bias).for_each(|((x, w), b)| *x = (*x - mean) * inv * w + b);
 }
 
 /// `row = row / sqrt(mean(row^2) + eps) * weight`.

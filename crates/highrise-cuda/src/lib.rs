@@ -605,6 +605,7 @@ impl Backend for CudaBackend {
             Op::SwiGluLinear(o) => ops::swiglu_linear(self, st, o),
             Op::Softcap(o) => ops::softcap(self, o),
             Op::IndexAdd(o) => ops::index_add(self, st, o),
+            Op::LayerNorm(o) => ops::layer_norm(self, o),
             Op::RopeKvWrite(o) => ops::rope_kv_write(self, st, o),
             Op::QkvLinear(o) => ops::qkv_linear(self, st, o),
         }

@@ -2,7 +2,7 @@
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
 use highrise_core::ops::{
-    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, IndexAdd, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear,
+    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, IndexAdd, KvWrite, LayerNorm, Linear, PagedAttention, PagedSeq, QkvLinear,
     RmsNorm, Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result, TensorRef};
@@ -79,6 +79,23 @@ pub fn add_rms_norm(be: &CudaBackend, op: &AddRmsNorm) -> Result<()> {
     let (out, res, delta, w) =
         (be.ptr("out", &op.out)?, be.ptr("residual", &op.residual)?, be.ptr("delta", &op.delta)?, be.ptr("weight", &op.weight)?);
     be.launch(&format!("add_rms_norm_{s}"), (t, 1, 1), (NORM_THREADS, 1, 1), &[&out, &res, &delta, &w, &w_dt, &h, &op.eps])
+}
+
+/// LayerNorm, after the stream's add where the op has a delta (`layer_norm_*`, `add_layer_norm_*`,
+/// kernels/residual.cu): a block per row.
+pub fn layer_norm(be: &CudaBackend, op: &LayerNorm) -> Result<()> {
+    let s = suffix("layer_norm", op.out.dtype)?;
+    let w_dt = float_code("layer_norm", "weight", op.weight.dtype)?;
+    let h = op.x.dims()[1] as u32;
+    let t = op.x.dims()[0] as u32;
+    let (out, x, w, b) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("weight", &op.weight)?, be.ptr("bias", &op.bias)?);
+    match op.delta.opt() {
+        None => be.launch(&format!("layer_norm_{s}"), (t, 1, 1), (NORM_THREADS, 1, 1), &[&out, &x, &w, &b, &w_dt, &h, &op.eps]),
+        Some(delta) => {
+            let delta = be.ptr("delta", &delta)?;
+            be.launch(&format!("add_layer_norm_{s}"), (t, 1, 1), (NORM_THREADS, 1, 1), &[&out, &x, &delta, &w, &b, &w_dt, &h, &op.eps])
+        }
+    }
 }
 
 /// One projection's device addresses and sizes, as `project` runs it: `out [t, n] (+)= x [t, k] @
@@ -756,10 +773,16 @@ fn decode<'a>(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_siz
 pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
     let s = suffix("swiglu", op.out.dtype)?;
     let n = op.out.numel() as u64;
-    let (out, gate, up) = (be.ptr("out", &op.out)?, be.ptr("gate", &op.gate)?, be.ptr("up", &op.up)?);
-    let kernel = match op.act {
-        GluAct::Silu => "swiglu",
-        GluAct::GeluTanh => "geglu",
+    let (out, gate) = (be.ptr("out", &op.out)?, be.ptr("gate", &op.gate)?);
+    let up = match op.up.opt() {
+        Some(up) => be.ptr("up", &up)?,
+        None => 0,
+    };
+    let kernel = match (op.act, op.up.is_none()) {
+        (GluAct::Silu, false) => "swiglu",
+        (GluAct::GeluTanh, false) => "geglu",
+        // The exact GELU, and an MLP without a gate (up null): one kernel for every activation.
+        (act, _) => return be.launch(&format!("glu_act_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &(act as u32), &n]),
     };
     be.launch(&format!("{kernel}_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &n])
 }

@@ -392,6 +392,8 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "add_bias" => vec![P, P, U32, U32, U64],
         "add" => vec![P, P, U64],
         "index_add" => vec![P, P, P, P, U32],
+        "layer_norm" => vec![P, P, P, P, U32, U32, F32],
+        "add_layer_norm" => vec![P, P, P, P, P, U32, U32, F32],
         "to_f32" => vec![P, P, U32, U64],
         "from_f32" => vec![P, P, U64],
         "rope" => vec![P, P, P, U32, U32, U32, F32],
@@ -412,6 +414,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
             vec![P, P, P, P, P, P, P, OPT, OPT, OPT, U32, P, F32, U32, U32, U32, U32, U32]
         }
         "swiglu" | "geglu" => vec![P, P, P, U64],
+        "glu_act" => vec![P, P, OPT, U32, U64],
         "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
         "wgmma_probe" => vec![P, P, P, P, P],
@@ -592,6 +595,23 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
                 return Err("eps is not finite".into());
             }
         }
+        "layer_norm" | "add_layer_norm" => {
+            // (out, x, [delta,] w, b, w_dt, h, eps): block t normalizes row t (after adding delta's
+            // row to x's).
+            let off = if base == "add_layer_norm" { 1 } else { 0 };
+            let h = a.u32(5 + off) as u64;
+            let w_elt = dtype_size(a.u32(4 + off), "the weight")?;
+            grid_rows(a, a.rows_of(0, h))?;
+            a.agrees(1, 1, h, "h")?;
+            for p in 0..2 + off {
+                push(out, p, 0, gx * h, elt, "rows");
+            }
+            push(out, 2 + off, 0, h, w_elt, "weight");
+            push(out, 3 + off, 0, h, w_elt, "bias");
+            if !a.f32(6 + off).is_finite() {
+                return Err("eps is not finite".into());
+            }
+        }
         "add_bias" => {
             // (out, bias, bias_dt, n, total): out[i] += bias[i % n], grid-stride.
             let (n, total) = (a.u32(3) as u64, a.u64(4));
@@ -636,6 +656,16 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         "swiglu" | "geglu" => {
             let n = a.u64(3);
             for p in 0..3 {
+                push(out, p, 0, n, elt, "n elements");
+            }
+        }
+        "glu_act" => {
+            // (out, gate, up or null, act, n): grid-stride over n elements.
+            let n = a.u64(4);
+            if a.u32(3) > 2 {
+                return Err(format!("activation {} is none of silu (0), gelu tanh (1), gelu erf (2)", a.u32(3)));
+            }
+            for p in [0, 1].into_iter().chain((a.u64(2) != 0).then_some(2)) {
                 push(out, p, 0, n, elt, "n elements");
             }
         }

@@ -14,6 +14,9 @@ pub enum GluAct {
     /// `gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, the tanh approximation
     /// (PyTorch's `gelu(approximate="tanh")`): GeGLU (Gemma).
     GeluTanh = 1,
+    /// `gelu(x) = x/2 (1 + erf(x / sqrt(2)))`, exact (PyTorch's `gelu`, HF's `"gelu"` outside Gemma):
+    /// GPT-NeoX (Pythia).
+    GeluErf = 2,
 }
 
 impl GluAct {
@@ -26,11 +29,13 @@ impl GluAct {
                 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
                 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
             }
+            GluAct::GeluErf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
         }
     }
 }
 
-/// `out = act(gate) * up`, elementwise (`act` silu: SwiGLU; tanh-GELU: GeGLU). out, gate, up [T, I].
+/// `out = act(gate) * up`, elementwise (`act` silu: SwiGLU; tanh-GELU: GeGLU); `out = act(gate)`
+/// where `up` is none (an MLP without a gate: GPT-2, GPT-NeoX). out, gate, up [T, I].
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SwiGlu<'a> {
@@ -42,9 +47,12 @@ pub struct SwiGlu<'a> {
 
 impl SwiGlu<'_> {
     pub(crate) fn validate(&self, c: &Check) -> CheckResult {
-        c.activations(&[("out", &self.out), ("gate", &self.gate), ("up", &self.up)])?;
+        c.activations(&[("out", &self.out), ("gate", &self.gate)])?;
         c.rank("gate", &self.gate, 2)?;
-        c.dims("up", &self.up, self.gate.dims())?;
+        if let Some(up) = self.up.opt() {
+            c.activations(&[("gate", &self.gate), ("up", &up)])?;
+            c.dims("up", &up, self.gate.dims())?;
+        }
         c.dims("out", &self.out, self.gate.dims())
     }
 }

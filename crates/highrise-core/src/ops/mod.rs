@@ -1,6 +1,6 @@
 //! The ops a backend runs, one file per family, named after the transformer's two highways:
-//! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm, and
-//!   a mixture of experts' weighted combine, `IndexAdd`);
+//! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm,
+//!   LayerNorm with or without the add, and a mixture of experts' weighted combine, `IndexAdd`);
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
 //! - [`mlp`]: the SwiGLU gate, alone or fused with the projections feeding it;
 //! - [`sampling`]: the logits' soft-cap (`Softcap`) and choosing tokens from them on the backend
@@ -24,7 +24,7 @@ pub use attention::{
     RopeScaling, Scores, MAX_ROPE_PAIRS,
 };
 pub use mlp::{GluAct, SwiGlu, SwiGluLinear};
-pub use residual::{AddRmsNorm, Embedding, IndexAdd, RmsNorm};
+pub use residual::{AddRmsNorm, Embedding, IndexAdd, LayerNorm, RmsNorm};
 pub use sampling::{Argmax, FieldError, Sample, SampleParams, Softcap};
 
 use crate::{DType, Error, Result, TensorRef};
@@ -49,10 +49,11 @@ pub enum OpKind {
     QkvLinear = 13,
     Softcap = 14,
     IndexAdd = 15,
+    LayerNorm = 16,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 16] = [
+    pub const ALL: [OpKind; 17] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -69,6 +70,7 @@ impl OpKind {
         OpKind::QkvLinear,
         OpKind::Softcap,
         OpKind::IndexAdd,
+        OpKind::LayerNorm,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -93,6 +95,7 @@ impl OpKind {
             OpKind::QkvLinear => "qkv_linear",
             OpKind::Softcap => "softcap",
             OpKind::IndexAdd => "index_add",
+            OpKind::LayerNorm => "layer_norm",
         }
     }
 }
@@ -126,6 +129,7 @@ pub enum Op<'a> {
     QkvLinear(QkvLinear<'a>),
     Softcap(Softcap<'a>),
     IndexAdd(IndexAdd<'a>),
+    LayerNorm(LayerNorm<'a>),
 }
 
 impl Op<'_> {
@@ -147,6 +151,7 @@ impl Op<'_> {
             Op::QkvLinear(_) => OpKind::QkvLinear,
             Op::Softcap(_) => OpKind::Softcap,
             Op::IndexAdd(_) => OpKind::IndexAdd,
+            Op::LayerNorm(_) => OpKind::LayerNorm,
         }
     }
 
@@ -170,6 +175,7 @@ impl Op<'_> {
             Op::QkvLinear(o) => o.wq.dtype,
             Op::Softcap(o) => o.x.dtype,
             Op::IndexAdd(o) => o.out.dtype,
+            Op::LayerNorm(o) => o.out.dtype,
         }
     }
 
@@ -215,6 +221,7 @@ impl Op<'_> {
             ],
             Op::Softcap(o) => vec![("x", o.x)],
             Op::IndexAdd(o) => vec![("out", o.out), ("src", o.src)],
+            Op::LayerNorm(o) => vec![("out", o.out), ("x", o.x), ("delta", o.delta), ("weight", o.weight), ("bias", o.bias)],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -223,7 +230,7 @@ impl Op<'_> {
     /// The tensors the op writes. A backend refuses a call where one of them is also read as input.
     pub fn outputs(&self) -> usize {
         match self {
-            Op::AddRmsNorm(_) | Op::KvWrite(_) | Op::Argmax(_) | Op::Sample(_) => 2,
+            Op::AddRmsNorm(_) | Op::LayerNorm(_) | Op::KvWrite(_) | Op::Argmax(_) | Op::Sample(_) => 2,
             Op::RopeKvWrite(_) => 4,
             Op::QkvLinear(_) => 3,
             _ => 1,
@@ -250,6 +257,7 @@ impl Op<'_> {
             Op::QkvLinear(o) => o.validate(&check),
             Op::Softcap(o) => o.validate(&check),
             Op::IndexAdd(o) => o.validate(&check),
+            Op::LayerNorm(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {

@@ -117,6 +117,41 @@ impl IndexAdd<'_> {
     }
 }
 
+/// PyTorch's LayerNorm, row by row: `out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias` (the
+/// biased variance, mean((x - mean)^2), in f32), after `x += delta` where a delta is given (x is
+/// then read and written, the sum rounded to its dtype and normed as stored: the stream's add and the
+/// next norm in one pass, as `AddRmsNorm`). GPT-2, GPT-NeoX (Pythia), StarCoder 2, Phi-2.
+/// out, x, delta [T, H]; weight, bias [H] (float, one dtype).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LayerNorm<'a> {
+    pub out: TensorRef<'a>,
+    /// Written too where `delta` is given.
+    pub x: TensorRef<'a>,
+    /// Optional (`TensorRef::none()`).
+    pub delta: TensorRef<'a>,
+    pub weight: TensorRef<'a>,
+    pub bias: TensorRef<'a>,
+    pub eps: f32,
+}
+
+impl LayerNorm<'_> {
+    pub(crate) fn validate(&self, c: &Check) -> CheckResult {
+        c.activations(&[("out", &self.out), ("x", &self.x)])?;
+        c.rank("x", &self.x, 2)?;
+        c.dims("out", &self.out, self.x.dims())?;
+        if let Some(d) = self.delta.opt() {
+            c.activations(&[("x", &self.x), ("delta", &d)])?;
+            c.dims("delta", &d, self.x.dims())?;
+        }
+        let h = self.x.dims()[1];
+        norm_weight(c, &self.weight, h, self.eps)?;
+        c.present("bias", &self.bias)?;
+        c.dims("bias", &self.bias, &[h])?;
+        c.same_dtype("bias", &self.bias, "weight", &self.weight)
+    }
+}
+
 fn norm_weight(c: &Check, weight: &TensorRef, hidden: usize, eps: f32) -> CheckResult {
     c.present("weight", weight)?;
     c.float("weight", weight)?;

@@ -27,8 +27,9 @@ pub use loader::{
 /// 6: `Attention::causal`; 7: `copy`; 8: `graph_begin`, `graph_end`, `graph_stats`, `SwiGluLinear`;
 /// 9: `Scores` (soft-capping, sliding window), `Embedding::scale`, `SwiGlu::act`, `Softcap`,
 /// `RopeScaling::Factors`; 10: `Linear::accumulate`, the norms of `QkvLinear` and `SwiGluLinear`;
-/// 11: `folds_norms`, `graph_batch`; 12: `RopeConfig::rotary_dims`; 13: `IndexAdd`).
-pub const ABI_VERSION: u32 = 13;
+/// 11: `folds_norms`, `graph_batch`; 12: `RopeConfig::rotary_dims`; 13: `IndexAdd`;
+/// 14: `LayerNorm`, `GluAct::GeluErf`, `SwiGlu` without `up`).
+pub const ABI_VERSION: u32 = 14;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";
