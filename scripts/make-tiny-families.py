@@ -126,7 +126,27 @@ FAMILIES = {
                        residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=4.0, rope_theta=10000.0),
     # OLMoE: q and k normed across all heads, each token's top 3 of 8 experts, not renormalized.
     "olmoe": dict(model_type="olmoe", num_experts=8, num_experts_per_tok=3, norm_topk_prob=False, pad_token_id=0),
+    # The LayerNorm families. GPT-2: learned positions, Conv1D weights, tanh GELU, multi-head (its
+    # config has no key/value head count, nor any of the names below but through attribute_map).
+    "gpt2": dict(model_type="gpt2", n_inner=128, layer_norm_epsilon=1e-5, activation_function="gelu_new"),
+    # Pythia (GPT-NeoX): parallel attention and MLP, RoPE on a quarter of each head, exact GELU.
+    "pythia": dict(model_type="gpt_neox", rotary_pct=0.25, layer_norm_eps=1e-5, hidden_act="gelu",
+                   use_parallel_residual=True, tie_word_embeddings=False),
+    # StarCoder 2: LayerNorm with biases, grouped-query attention, c_fc/c_proj MLP, tanh GELU.
+    "starcoder2": dict(model_type="starcoder2", norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True),
+    # Phi-2: one LayerNorm read by attention and the MLP side by side, partial RoPE, lm_head bias.
+    "phi2": dict(model_type="phi", partial_rotary_factor=0.5, layer_norm_eps=1e-5, hidden_act="gelu_new"),
 }
+
+# Fields of COMMON a family's config does not have under that name, which from_config would save
+# as extra attributes (a key/value head count GPT-2 and GPT-NeoX do not read, GPT-2's MLP width).
+NOT_THEIRS = {
+    "gpt2": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
+    "gpt_neox": ("num_key_value_heads", "rms_norm_eps"),
+    "starcoder2": ("rms_norm_eps",),
+    "phi": ("rms_norm_eps",),
+}
+
 
 PROMPT = [1, 17, 300, 42, 99, 5, 250, 7, 7, 128, 511, 64, 3, 200, 31, 400, 12, 77, 150, 9]
 
@@ -134,14 +154,16 @@ PROMPT = [1, 17, 300, 42, 99, 5, 250, 7, 7, 128, 511, 64, 3, 200, 31, 400, 12, 7
 def make(name: str, extra: dict) -> None:
     torch.manual_seed(0)
     kind = extra.pop("model_type")
-    cfg = AutoConfig.for_model(kind, **{**COMMON, **extra})
+    common = {k: v for k, v in COMMON.items() if k not in NOT_THEIRS.get(kind, ())}
+    cfg = AutoConfig.for_model(kind, **{**common, **extra})
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
     # from_config's init is small; make the weights large enough that the layers matter.
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.08 if p.dim() > 1 else 0.3)
-            if p.dim() == 1 and "norm" in "".join(n for n, q in model.named_parameters() if q is p):
+            pname = "".join(n for n, q in model.named_parameters() if q is p)
+            if p.dim() == 1 and ("norm" in pname or ".ln_" in pname) and pname.endswith("weight"):
                 p.add_(1.0)
     out = OUT / f"tiny-{name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -206,12 +228,89 @@ def quantized_reference(out: Path, ids, quant: str) -> None:
     (out / f"reference-{quant.lower()}.json").write_text(json.dumps(ref))
 
 
+LN_ARCH = {"gpt2": "gpt2", "gpt_neox": "gptneox", "starcoder2": "starcoder2", "phi": "phi2"}
+
+
+def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
+    """The LayerNorm families as llama.cpp's converter writes them: GPT-2's Conv1D weights
+    transposed, GPT-NeoX's fused q/k/v reordered from head by head to q, k, v (its
+    GPTNeoXModel.modify_tensors), no q/k permutation (these rotate NEOX-style), the biases."""
+    import gguf
+
+    arch = LN_ARCH[kind]
+    w = gguf.GGUFWriter(str(path), arch)
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.n_inner if kind == "gpt2" else cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    if kind in ("starcoder2", "phi"):
+        w.add_head_count_kv(cfg.num_key_value_heads)
+    eps = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "starcoder2": "norm_epsilon", "phi": "layer_norm_eps"}[kind]
+    w.add_layer_norm_eps(getattr(cfg, eps))
+    if kind != "gpt2":
+        rp = cfg.rope_parameters
+        w.add_rope_freq_base(rp["rope_theta"])
+        partial = rp.get("partial_rotary_factor", 1.0) or 1.0
+        if partial != 1.0:
+            w.add_rope_dimension_count(int(hd * partial))
+    if kind == "gpt_neox":
+        w.add_parallel_residual(cfg.use_parallel_residual)
+    w.add_vocab_size(cfg.vocab_size)
+    names = {
+        "gpt2": {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm", "ln_1": "attn_norm",
+                 "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+        "gpt_neox": {"embed_in": "token_embd", "final_layer_norm": "output_norm", "input_layernorm": "attn_norm",
+                     "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
+                     "post_attention_layernorm": "ffn_norm", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"},
+        "starcoder2": {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+                       "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                       "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                       "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+        "phi": {"embed_tokens": "token_embd", "final_layernorm": "output_norm", "input_layernorm": "attn_norm",
+                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"},
+    }[kind]
+    for k, v in model.state_dict().items():
+        v = v.detach().numpy()
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        stem, suffix = k.rsplit(".", 1)
+        for prefix in ("transformer.", "gpt_neox.", "model."):
+            stem = stem.removeprefix(prefix)
+        if stem in ("lm_head", "embed_out"):
+            if cfg.tie_word_embeddings:
+                continue
+            g = f"output.{suffix}"
+        elif stem.startswith(("h.", "layers.")):
+            _, layer, part = stem.split(".", 2)
+            g = f"blk.{layer}.{names[part]}.{suffix}"
+            if kind == "gpt2" and suffix == "weight" and part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                v = v.T.copy()
+            if kind == "gpt_neox" and part == "attention.query_key_value":
+                n, h = cfg.num_attention_heads, cfg.hidden_size
+                v = v.reshape(n, 3, h // n, *v.shape[1:])
+                v = v.transpose(1, 0, *range(2, v.ndim)).reshape(3 * h, *v.shape[3:])
+        else:
+            g = f"{names[stem]}.{suffix}"
+        w.add_tensor(g, v.astype("float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"  {path}")
+
+
 def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
     try:
         import gguf
     except ImportError:
         print("  (no gguf package: model.gguf not written)")
         return
+    if kind in LN_ARCH:
+        return to_gguf_layernorm(kind, cfg, model, path)
     if kind == "olmo3":
         print("  (llama.cpp's GGUF has no olmo3 architecture: model.gguf not written)")
         return

@@ -50,6 +50,17 @@ fn random_mixtures_of_experts_match_cpu_logits_and_64_greedy_steps() {
     }
 }
 
+/// The LayerNorm families (GPT-2's learned positions and GELU MLP without a gate, Pythia's attention
+/// and MLP side by side with partial RoPE) on the GPU against the CPU.
+#[test]
+fn random_gpt2_and_pythia_match_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random gpt-2 and pythia") else { return };
+    for shape in ["tiny-gpt2", "tiny-pythia"] {
+        println!("{shape}");
+        random_model_matches_cpu(&gpu, shape, 64, &[DType::F32]);
+    }
+}
+
 /// The linear op on each GEMM path (`HIGHRISE_GEMM`: cuBLASLt's algorithm timed fastest, its
 /// heuristic's first, cublasGemmEx's own) at batched-decode rows with long rows of w, where a tuned
 /// algorithm may split k: each within bf16's tolerance of the f64 reference.

@@ -64,6 +64,18 @@ fn random_mixtures_of_experts_on_the_emulated_device_match_the_cpu() {
     }
 }
 
+/// The LayerNorm families: GPT-2's (learned positions added by the embedding op and the weighted
+/// add, LayerNorm with the stream's add in one launch, a GELU MLP without a gate, biases) and
+/// Pythia's (attention and the MLP side by side, RoPE on a quarter of each head, the exact GELU).
+#[test]
+fn random_gpt2_and_pythia_on_the_emulated_device_match_the_cpu() {
+    let Some(dev) = backend("random gpt-2 and pythia on the emulated device") else { return };
+    for shape in ["tiny-gpt2", "tiny-pythia"] {
+        println!("{shape}");
+        random_model_matches_cpu(&dev, shape, 8, &[DType::F32, DType::BF16]);
+    }
+}
+
 /// Steering changes the stream a layer reads where the norms fold into its projections (a one-token
 /// pass, bf16: `Backend::folds_norms`, the layer norming the stream itself, with no norm after the
 /// intervention): the steered logits are the CPU's, far from the unsteered ones.

@@ -312,6 +312,37 @@ fn granitemoe_with_experts_fused_in_one_tensor() {
     check("granitemoe");
 }
 
+/// GPT-2: LayerNorm (weight and bias), learned absolute positions added to the embeddings, a GELU
+/// MLP without a gate, biases on every projection, Conv1D weights ([in, out]) read transposed and
+/// q, k, v as columns of `c_attn`; from GGUF, llama.cpp's `gpt2` (transposed, `attn_qkv` fused,
+/// `position_embd`).
+#[test]
+fn gpt2_with_learned_positions_and_conv1d_weights() {
+    check("gpt2");
+}
+
+/// Pythia (GPT-NeoX): attention and the MLP side by side on the stream as it enters the layer, each
+/// through its own LayerNorm; RoPE on a quarter of each head; the exact (erf) GELU; q, k and v
+/// interleaved head by head in `query_key_value`, which llama.cpp's `gptneox` reorders to q, k, v.
+#[test]
+fn pythia_with_parallel_attention_and_mlp() {
+    check("pythia");
+}
+
+/// StarCoder 2: LayerNorm with biases, grouped-query attention with biases, `c_fc`/`c_proj` MLP
+/// with the tanh GELU.
+#[test]
+fn starcoder2_with_layernorm_and_biases() {
+    check("starcoder2");
+}
+
+/// Phi-2: one LayerNorm read by attention and the MLP side by side, RoPE on half of each head, the
+/// unembedding's bias.
+#[test]
+fn phi2_with_one_norm_for_attention_and_the_mlp() {
+    check("phi2");
+}
+
 /// Mixtral as llama.cpp wrote it before it stacked the experts (`blk.{l}.ffn_gate.{e}.weight`...:
 /// most Mixtral GGUF files of early 2024): HF's logits, and the checkpoint's names.
 #[test]

@@ -76,7 +76,7 @@ pub fn prefill_flops_per_token(model: &Llama, n: usize) -> f64 {
 }
 
 /// The backend's matrix rate on this model's own largest projection (the first layer's gate, its
-/// first expert's in a mixture, in
+/// first expert's in a mixture, its up projection in an MLP without a gate, in
 /// the dtype and layout the model keeps it, with its activations: 8-bit where the model quantizes
 /// them) at `rows` tokens, flops per second: best of 3, synchronized.
 pub fn matmul_rate(model: &Llama, rows: usize) -> Result<f64> {
@@ -84,6 +84,7 @@ pub fn matmul_rate(model: &Llama, rows: usize) -> Result<f64> {
     let w = match &model.layers[0].mlp {
         Mlp::Dense(f) => &f.w_gate,
         Mlp::Moe(m) => &m.experts[0].w_gate,
+        Mlp::Plain(f) => &f.w_up,
     };
     let (n, k) = (w.dims()[0], w.dims()[1]);
     let x = Tensor::full(&model.backend, model.dtype, &[rows, k], 0.01)?;

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 17] = [
+pub const FAMILIES: [(&str, &str); 21] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -31,6 +31,10 @@ pub const FAMILIES: [(&str, &str); 17] = [
     ("gemma", "Gemma, CodeGemma (GeGLU, sqrt(hidden) embeddings, (1 + w) norms)"),
     ("gemma2", "Gemma 2 (GeGLU, sqrt(hidden) embeddings, (1 + w) norms before and after each block, soft-capped attention and logits, sliding window every other layer)"),
     ("gemma3_text", "Gemma 3 text (270M, 1B; any size from a GGUF, `gemma3`): Gemma 2's layout with (1 + w) q/k norms, no soft-capping, five sliding-window layers to each full one, RoPE base 10k on the sliding ones"),
+    ("gpt2", "GPT-2, DistilGPT-2 (LayerNorm, learned absolute positions, a GELU MLP without a gate, biases everywhere, Conv1D weights read transposed)"),
+    ("gpt_neox", "GPT-NeoX, Pythia (LayerNorm, attention and the MLP side by side on the same stream, RoPE on a quarter of each head, exact GELU; GGUF `gptneox`)"),
+    ("starcoder2", "StarCoder 2 (LayerNorm, biases, a GELU MLP without a gate, grouped-query attention)"),
+    ("phi", "Phi-1.5, Phi-2 (one LayerNorm feeding attention and the MLP side by side, partial RoPE, biases, the unembedding's too; GGUF `phi2`)"),
 ];
 
 /// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
@@ -44,6 +48,8 @@ pub fn is_family(name: &str) -> bool {
 fn model_type_of_arch(arch: &str) -> &str {
     match arch {
         "gemma3" => "gemma3_text",
+        "gptneox" => "gpt_neox",
+        "phi2" => "phi",
         "qwen3moe" => "qwen3_moe",
         "qwen2moe" => "qwen2_moe",
         other => other,
@@ -170,6 +176,22 @@ pub struct ModelConfig {
     pub attention_multiplier: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logits_scaling: Option<f64>,
+    /// GPT-NeoX: attention and the MLP read the same stream and both add to it (x + attn(ln1(x)) +
+    /// mlp(ln2(x))): HF's default true; false is the sequential layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_parallel_residual: Option<bool>,
+    /// StarCoder 2: biases on every projection (HF's default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bias: Option<bool>,
+    /// Phi: LayerNorms of q and k (no released Phi-1.5 or Phi-2 has them): refused where true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_layernorm: Option<bool>,
+    /// GPT-2: scores further divided by the layer's index + 1 where true (refused), not scaled at all
+    /// where `scale_attn_weights` is false (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_attn_by_inverse_layer_idx: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_attn_weights: Option<bool>,
 }
 
 fn default_model_type() -> String {
@@ -188,8 +210,8 @@ fn default_max_pos() -> usize {
 impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
     /// `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
-    /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3`, `tiny-olmo2`, `tiny-mixtral` and
-    /// `tiny-qwen3-moe` (the same in those families' layouts).
+    /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3`, `tiny-olmo2`, `tiny-mixtral`,
+    /// `tiny-qwen3-moe`, `tiny-gpt2` and `tiny-pythia` (the same in those families' layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -249,17 +271,43 @@ impl ModelConfig {
                 "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": true,
                 "mlp_only_layers": [0],
             }),
+            // GPT-2's: LayerNorm, learned positions, a GELU MLP without a gate, biases everywhere.
+            "tiny-gpt2" => serde_json::json!({
+                "model_type": "gpt2", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 1024,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 1024,
+                "hidden_act": "gelu_new", "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+            }),
+            // Pythia's (GPT-NeoX): attention and the MLP side by side, RoPE on a quarter of each
+            // head, the exact GELU.
+            "tiny-pythia" => serde_json::json!({
+                "model_type": "gpt_neox", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 1024,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 1024,
+                "hidden_act": "gelu", "rms_norm_eps": 1e-5, "partial_rotary_factor": 0.25,
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 9] =
-        ["llama-3-8b", "smollm2-135m", "tiny", "tiny-gemma2", "tiny-gemma3", "tiny-smollm3", "tiny-olmo2", "tiny-mixtral", "tiny-qwen3-moe"];
+    pub const SHAPES: [&'static str; 11] = [
+        "llama-3-8b",
+        "smollm2-135m",
+        "tiny",
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-smollm3",
+        "tiny-olmo2",
+        "tiny-mixtral",
+        "tiny-qwen3-moe",
+        "tiny-gpt2",
+        "tiny-pythia",
+    ];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: ModelConfig = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+        let mut json: Json = serde_json::from_str(&text).map_err(|e| Error::config(path, "config", e))?;
+        adopt_family_names(&mut json);
+        let c: ModelConfig = serde_path_to_error::deserialize(json)
             .map_err(|e| {
                 let field = match e.path().to_string().as_str() {
                     "." => "config".to_string(),
@@ -392,6 +440,10 @@ impl ModelConfig {
                 "gemma" => "GemmaForCausalLM".into(),
                 "granite" => "GraniteForCausalLM".into(),
                 "granitemoe" => "GraniteMoeForCausalLM".into(),
+                "gpt2" => "GPT2LMHeadModel".into(),
+                "gptneox" => "GPTNeoXForCausalLM".into(),
+                "starcoder2" => "Starcoder2ForCausalLM".into(),
+                "phi2" => "PhiForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -401,7 +453,8 @@ impl ModelConfig {
             num_attention_heads: heads,
             num_key_value_heads: Some(num("attention.head_count_kv").unwrap_or(heads)),
             head_dim: Some(head_dim),
-            rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            // LayerNorm's epsilon under its own key (GPT-2, GPT-NeoX, StarCoder 2, Phi-2).
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon").or_else(|| float("attention.layer_norm_epsilon")).unwrap_or(1e-5),
             rope_theta: theta,
             rope_scaling,
             max_position_embeddings: num("context_length").unwrap_or(2048),
@@ -424,7 +477,14 @@ impl ModelConfig {
                 (0..layers).map(|l| if sliding(l) { "sliding_attention" } else { "full_attention" }.to_string()).collect()
             }),
             hidden_activation: (gemma || arch == "gemma").then(|| "gelu_pytorch_tanh".to_string()),
-            hidden_act: None,
+            // The LayerNorm families' GELUs, which no GGUF key holds: HF's (GPT-NeoX's exact one,
+            // where llama.cpp runs the tanh approximation for every family).
+            hidden_act: match arch.as_str() {
+                "gpt2" | "phi2" => Some("gelu_new".into()),
+                "gptneox" => Some("gelu".into()),
+                "starcoder2" => Some("gelu_pytorch_tanh".into()),
+                _ => None,
+            },
             use_sliding_window: None,
             query_pre_attn_scalar: gemma.then(|| match (arch.as_str(), num("block_count")) {
                 ("gemma2", Ok(46)) | ("gemma3", Ok(62)) => (hidden / heads.max(1)) as f64,
@@ -457,6 +517,15 @@ impl ModelConfig {
             logits_scaling: float("logit_scale"),
             decoder_sparse_step: None,
             mlp_only_layers: None,
+            use_parallel_residual: match g.get(&format!("{arch}.use_parallel_residual")) {
+                Some(Value::Bool(b)) => Some(*b),
+                _ => None,
+            },
+            // llama.cpp's StarCoder 2 without biases has no attn_output.bias.
+            use_bias: (arch == "starcoder2").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
+            qk_layernorm: None,
+            scale_attn_by_inverse_layer_idx: None,
+            scale_attn_weights: None,
         };
         c.validate(path)?;
         Ok(c)
@@ -530,8 +599,17 @@ impl ModelConfig {
             return Err(Error::config(path, "use_bidirectional_attention", "true: a bidirectional encoder (EmbeddingGemma) is not a causal language model"));
         }
         let act = self.activation();
-        if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh") {
-            return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu and gelu_pytorch_tanh are supported)")));
+        if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" | "gelu") {
+            return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu, gelu, gelu_new and gelu_pytorch_tanh are supported)")));
+        }
+        for (field, set, what) in [
+            ("qk_layernorm", self.qk_layernorm == Some(true), "LayerNorms of q and k"),
+            ("scale_attn_by_inverse_layer_idx", self.scale_attn_by_inverse_layer_idx == Some(true), "scores divided by the layer's index"),
+            ("scale_attn_weights", self.scale_attn_weights == Some(false), "unscaled attention scores"),
+        ] {
+            if set {
+                return Err(Error::config(path, field, format!("{what} are not supported")));
+            }
         }
         for (field, v) in [
             ("query_pre_attn_scalar", self.query_pre_attn_scalar),
@@ -599,7 +677,7 @@ impl ModelConfig {
     /// The MLP's gate activation by name: `hidden_activation`, else `hidden_act`, else silu (Gemma:
     /// gelu_pytorch_tanh). Gemma's first configs say `hidden_act: "gelu"` and mean the tanh
     /// approximation: HF runs gelu_pytorch_tanh for them, and so does this.
-    fn activation(&self) -> &str {
+    pub fn activation(&self) -> &str {
         match (self.hidden_activation.as_deref(), self.hidden_act.as_deref(), self.model_type.as_str()) {
             (Some(act), _, _) => act,
             (None, None | Some("gelu"), "gemma") => "gelu_pytorch_tanh",
@@ -607,12 +685,72 @@ impl ModelConfig {
         }
     }
 
-    /// The MLP's gate activation.
+    /// The MLP's activation (of its gate, where it has one): GPT-2's and Phi's `gelu_new` is the
+    /// tanh approximation, `gelu` (GPT-NeoX; Gemma's is read above) the exact one.
     pub fn glu_act(&self) -> GluAct {
         match self.activation() {
-            "gelu_pytorch_tanh" | "gelu_tanh" => GluAct::GeluTanh,
+            "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => GluAct::GeluTanh,
+            "gelu" => GluAct::GeluErf,
             _ => GluAct::Silu,
         }
+    }
+
+    /// GPT-2, GPT-NeoX, StarCoder 2 and Phi norm with LayerNorm (a weight and a bias), the other
+    /// families with RMSNorm.
+    pub fn layer_norm(&self) -> bool {
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi")
+    }
+
+    /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi),
+    /// rather than gated.
+    pub fn plain_mlp(&self) -> bool {
+        self.layer_norm()
+    }
+
+    /// Whether attention and the MLP read the stream as it enters the layer and both add to it
+    /// (GPT-NeoX as `use_parallel_residual` says, HF's default true; Phi always).
+    pub fn parallel_residual(&self) -> bool {
+        match self.model_type.as_str() {
+            "gpt_neox" => self.use_parallel_residual.unwrap_or(true),
+            "phi" => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the MLP reads attention's norm of the stream, having none of its own (Phi).
+    pub fn shared_norm(&self) -> bool {
+        self.model_type == "phi"
+    }
+
+    /// Whether the attention's output projection and the MLP's have biases (GPT-2, GPT-NeoX, Phi,
+    /// StarCoder 2 unless `use_bias` is false); q, k and v then have theirs too.
+    pub fn dense_bias(&self) -> bool {
+        match self.model_type.as_str() {
+            "gpt2" | "gpt_neox" | "phi" => true,
+            "starcoder2" => self.use_bias.unwrap_or(true),
+            _ => false,
+        }
+    }
+
+    /// Whether the unembedding has a bias (Phi).
+    pub fn lm_head_bias(&self) -> bool {
+        self.model_type == "phi"
+    }
+
+    /// The dims of each head that rotate (all of them but for partial RoPE; None where no layer
+    /// rotates: GPT-2).
+    pub fn rotary_dim(&self) -> Option<usize> {
+        match (self.learned_positions(), self.rotary_dims()) {
+            (true, _) => None,
+            (false, Ok(0) | Err(_)) => Some(self.head_dim()),
+            (false, Ok(r)) => Some(r),
+        }
+    }
+
+    /// Whether positions enter the stream as learned embeddings added to the tokens' (GPT-2), in
+    /// place of RoPE.
+    pub fn learned_positions(&self) -> bool {
+        self.model_type == "gpt2"
     }
 
     /// How layer `layer`'s attention scores: its scale, soft-cap and sliding window.
@@ -635,6 +773,8 @@ impl ModelConfig {
     /// not at all (None) on SmolLM3's NoPE layers.
     pub fn layer_rope(&self, layer: usize) -> std::result::Result<Option<RopeConfig>, String> {
         let rotates = match (&self.no_rope_layers, self.model_type.as_str()) {
+            // GPT-2's positions are learned embeddings: nothing rotates.
+            (_, "gpt2") => false,
             (Some(list), _) => list.get(layer) != Some(&0),
             (None, "smollm3") => (layer + 1) % self.no_rope_layer_interval.unwrap_or(4).max(1) != 0,
             _ => true,
@@ -712,9 +852,10 @@ impl ModelConfig {
         matches!(self.model_type.as_str(), "gemma2" | "gemma3_text") || self.olmo()
     }
 
-    /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set.
+    /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set; the families with
+    /// biases on every projection (`dense_bias`) too.
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias || matches!(self.model_type.as_str(), "qwen2" | "qwen2_moe")
+        self.attention_bias || matches!(self.model_type.as_str(), "qwen2" | "qwen2_moe") || self.dense_bias()
     }
 
     /// The longest sequence the model serves: its trained context.
@@ -808,6 +949,40 @@ impl ModelConfig {
         let mut divisors = [1f32; MAX_ROPE_PAIRS];
         divisors[..pairs].copy_from_slice(&factors);
         Ok(RopeScaling::Factors { attention_factor: attention_factor as f32, pairs: pairs as u32, divisors })
+    }
+}
+
+/// The older families' names for the fields `ModelConfig` reads (GPT-2's `n_embd`, `n_layer`,
+/// `n_head`, `n_positions`, `n_inner`, `activation_function`; each family's name for the norms'
+/// epsilon; GPT-NeoX's `rotary_pct` and `rotary_emb_base`), taken under ours where ours is absent;
+/// and GPT-2's defaults where its config leaves them out (an MLP 4x the width, tied embeddings).
+fn adopt_family_names(json: &mut Json) {
+    let Some(o) = json.as_object_mut() else { return };
+    const NAMES: [(&str, &str); 11] = [
+        ("n_embd", "hidden_size"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_head", "num_attention_heads"),
+        ("n_positions", "max_position_embeddings"),
+        ("n_inner", "intermediate_size"),
+        ("activation_function", "hidden_act"),
+        ("layer_norm_epsilon", "rms_norm_eps"),
+        ("layer_norm_eps", "rms_norm_eps"),
+        ("norm_epsilon", "rms_norm_eps"),
+        ("rotary_pct", "partial_rotary_factor"),
+        ("rotary_emb_base", "rope_theta"),
+    ];
+    for (theirs, ours) in NAMES {
+        if !o.contains_key(ours) {
+            if let Some(v) = o.remove(theirs).filter(|v| !v.is_null()) {
+                o.insert(ours.to_string(), v);
+            }
+        }
+    }
+    if o.get("model_type").and_then(Json::as_str) == Some("gpt2") {
+        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
+            o.insert("intermediate_size".into(), (4 * h).into());
+        }
+        o.entry("tie_word_embeddings").or_insert(true.into());
     }
 }
 

@@ -6,6 +6,9 @@
 //! and adds the SwiGLU MLP's output (or a mixture of experts': `Moe`, each token through the few its
 //! router picks). A final norm and the unembedding give logits. Gemma 2 adds norms after attention
 //! and the MLP, GeGLU, soft-capped scores and logits, and scaled embeddings; Granite, multipliers.
+//! GPT-2, GPT-NeoX, StarCoder 2 and Phi norm with LayerNorm and run an MLP without a gate (`Fc`),
+//! biases on every projection; GPT-2 adds learned positions to the embeddings in place of RoPE,
+//! and GPT-NeoX and Phi run attention and the MLP side by side on the stream as it enters the layer.
 
 use std::sync::Arc;
 
@@ -56,6 +59,12 @@ pub const BLOCK_SIZE: usize = 16;
 /// One layer's weights. Shapes: hidden H, heads Hq / Hkv of D, intermediate I.
 pub struct Layer {
     pub attn_norm: Option<Tensor>, // [H] (None: OLMo 2, attention reads the stream as it is)
+    /// LayerNorm's bias [H] (GPT-2, GPT-NeoX, StarCoder 2, Phi): where a norm has one, it is a
+    /// LayerNorm (weight and bias in f32), else an RMSNorm.
+    pub attn_norm_bias: Option<Tensor>,
+    pub mlp_norm_bias: Option<Tensor>,
+    /// The output projection's bias [H] (the LayerNorm families).
+    pub bo: Option<Tensor>,
     pub wq: Tensor,               // [Hq * D, H]
     pub wk: Tensor,               // [Hkv * D, H]
     pub wv: Tensor,               // [Hkv * D, H]
@@ -63,7 +72,7 @@ pub struct Layer {
     pub bk: Option<Tensor>,       // [Hkv * D]
     pub bv: Option<Tensor>,       // [Hkv * D]
     pub wo: Tensor,               // [H, Hq * D]
-    pub mlp_norm: Option<Tensor>, // [H] (None: OLMo 2)
+    pub mlp_norm: Option<Tensor>, // [H] (None: OLMo 2; Phi, whose MLP reads attention's norm)
     pub mlp: Mlp,
     pub q_norm: Option<Tensor>,   // [D] (Qwen3: RMSNorm of each query head before RoPE; OLMo 2: [Hq * D])
     pub k_norm: Option<Tensor>,   // [D] (OLMo 2: [Hkv * D])
@@ -81,10 +90,20 @@ pub struct Ffn {
     pub w_down: Tensor, // [H, I]
 }
 
-/// What a layer has after attention: one MLP, or a mixture of experts.
+/// An MLP without a gate, `down(act(up(x)))`, with biases where the family has them (GPT-2's and
+/// StarCoder 2's `c_fc`/`c_proj`, GPT-NeoX's `dense_h_to_4h`/`dense_4h_to_h`, Phi's `fc1`/`fc2`).
+pub struct Fc {
+    pub w_up: Tensor,           // [I, H]
+    pub b_up: Option<Tensor>,   // [I]
+    pub w_down: Tensor,         // [H, I]
+    pub b_down: Option<Tensor>, // [H]
+}
+
+/// What a layer has after attention: one gated MLP, a mixture of experts, or an MLP without a gate.
 pub enum Mlp {
     Dense(Ffn),
     Moe(Moe),
+    Plain(Fc),
 }
 
 impl Mlp {
@@ -92,7 +111,7 @@ impl Mlp {
     pub fn dense(&self) -> Option<&Ffn> {
         match self {
             Mlp::Dense(f) => Some(f),
-            Mlp::Moe(_) => None,
+            Mlp::Moe(_) | Mlp::Plain(_) => None,
         }
     }
 }
@@ -148,10 +167,16 @@ pub struct Llama {
     /// SmolLM3's layers without RoPE).
     pub rope: Vec<Option<RopeConfig>>,
     pub embed: Tensor,           // [V, H]
+    /// GPT-2's learned positions [max positions, H], added to the embeddings.
+    pub positions: Option<Tensor>,
     pub layers: Vec<Layer>,
     pub norm: Tensor,            // [H]
+    /// The final norm's bias, where it is a LayerNorm.
+    pub norm_bias: Option<Tensor>,
     /// None when the unembedding is tied to `embed`.
     pub lm_head: Option<Tensor>, // [V, H]
+    /// The unembedding's bias [V] (Phi).
+    pub lm_head_bias: Option<Tensor>,
 }
 
 /// The paged KV cache: per layer, K and V of shape [num_blocks, Hkv, block_size, D].
@@ -235,7 +260,10 @@ impl Llama {
         // block count of billions is a missing tensor at the first layer past the real ones.
         let mut layers = Vec::with_capacity(c.num_hidden_layers.min(source.tensor_names().len()));
         // Gemma 2 keeps the norms' weights as w and multiplies by 1 + w: loaded as that, in f32.
-        let norm = |name: &str| loader.norm(name, h, c.gemma());
+        // LayerNorm's weight and bias: both f32, as the op takes them of one dtype.
+        let ln = c.layer_norm();
+        let norm = |name: &str| if ln { loader.f32_vector(name, h) } else { loader.norm(name, h, c.gemma()) };
+        let ln_bias = |name: &str| ln.then(|| loader.f32_vector(name, h)).transpose();
         for l in 0..c.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let bias = |s: &str, n: usize| -> Result<Option<Tensor>> {
@@ -246,6 +274,9 @@ impl Llama {
             let (q_norm, k_norm) = c.qk_norm_width();
             layers.push(Layer {
                 attn_norm: pre("input_layernorm.weight")?,
+                attn_norm_bias: ln_bias(&p("input_layernorm.bias"))?,
+                mlp_norm_bias: if c.shared_norm() { None } else { ln_bias(&p("post_attention_layernorm.bias"))? },
+                bo: c.dense_bias().then(|| loader.vector(&p("self_attn.o_proj.bias"), h)).transpose()?,
                 wq: loader.matrix(&p("self_attn.q_proj.weight"), q_dim, h, OpKind::Linear)?,
                 wk: loader.matrix(&p("self_attn.k_proj.weight"), kv_dim, h, OpKind::Linear)?,
                 wv: loader.matrix(&p("self_attn.v_proj.weight"), kv_dim, h, OpKind::Linear)?,
@@ -253,8 +284,13 @@ impl Llama {
                 bk: bias("self_attn.k_proj.bias", kv_dim)?,
                 bv: bias("self_attn.v_proj.bias", kv_dim)?,
                 wo: loader.matrix(&p("self_attn.o_proj.weight"), h, q_dim, OpKind::Linear)?,
-                mlp_norm: pre(if c.post_norms() { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" })?,
+                mlp_norm: match (c.shared_norm(), c.post_norms()) {
+                    (true, _) => None,
+                    (false, true) => pre("pre_feedforward_layernorm.weight")?,
+                    (false, false) => pre("post_attention_layernorm.weight")?,
+                },
                 mlp: match c.moe_layer(l) {
+                    false if c.plain_mlp() => Mlp::Plain(loader.fc(&p("mlp"), i, h, c.dense_bias())?),
                     false => Mlp::Dense(loader.ffn(&p("mlp"), i, h)?),
                     true => Mlp::Moe(Moe {
                         router: loader.matrix(&p("mlp.gate.weight"), c.experts(), h, OpKind::Linear)?,
@@ -275,10 +311,14 @@ impl Llama {
             progress(l + 1, c.num_hidden_layers);
         }
         let embed = loader.matrix("model.embed_tokens.weight", v, h, OpKind::Embedding)?;
+        let positions =
+            c.learned_positions().then(|| loader.matrix("model.embed_positions.weight", c.max_position_embeddings, h, OpKind::Embedding)).transpose()?;
         let lm_head = match c.tie_word_embeddings {
             true => None,
             false => Some(loader.matrix("lm_head.weight", v, h, OpKind::Linear)?),
         };
+        let lm_head_bias = c.lm_head_bias().then(|| loader.vector("lm_head.bias", v)).transpose()?;
+        let norm_bias = ln_bias("model.norm.bias")?;
         let norm = norm("model.norm.weight")?;
         let rope = c.ropes().map_err(|e| Error::config(source.path(), "rope_scaling", e))?;
         Ok(Llama {
@@ -289,9 +329,12 @@ impl Llama {
             kv_dtype: opts.kv_dtype.unwrap_or(opts.activations),
             rope,
             embed,
+            positions,
             layers,
             norm,
+            norm_bias,
             lm_head,
+            lm_head_bias,
         })
     }
 
@@ -337,11 +380,17 @@ impl Llama {
             let bk = if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None };
             let bv = if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None };
             let wo = make(&[h, q_dim], proj(q_dim), 0.0)?;
-            let mlp_norm = if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None };
+            let mlp_norm = if c.pre_norms() && !c.shared_norm() { Some(make(&[h], 0.1, 1.0)?) } else { None };
             let mut ffn = |i: usize| -> Result<Ffn> {
                 Ok(Ffn { w_gate: make(&[i, h], proj(h), 0.0)?, w_up: make(&[i, h], proj(h), 0.0)?, w_down: make(&[h, i], proj(i), 0.0)? })
             };
             let mlp = match c.moe_layer(l) {
+                false if c.plain_mlp() => {
+                    let (w_up, w_down) = (make(&[i, h], proj(h), 0.0)?, make(&[h, i], proj(i), 0.0)?);
+                    let b_up = if c.dense_bias() { Some(make(&[i], 0.1, 0.0)?) } else { None };
+                    let b_down = if c.dense_bias() { Some(make(&[h], 0.1, 0.0)?) } else { None };
+                    Mlp::Plain(Fc { w_up, b_up, w_down, b_down })
+                }
                 false => Mlp::Dense(ffn(i)?),
                 true => {
                     let experts = (0..c.experts()).map(|_| ffn(c.expert_intermediate_size())).collect::<Result<_>>()?;
@@ -369,12 +418,19 @@ impl Llama {
                 k_norm: if c.qk_norm() { Some(make(&[k_norm], 0.1, 1.0)?) } else { None },
                 attn_post_norm: if c.post_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
                 mlp_post_norm: if c.post_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
+                // The LayerNorm families' biases, drawn last (every other family's weights as ever).
+                attn_norm_bias: if c.layer_norm() { Some(make(&[h], 0.1, 0.0)?) } else { None },
+                mlp_norm_bias: if c.layer_norm() && !c.shared_norm() { Some(make(&[h], 0.1, 0.0)?) } else { None },
+                bo: if c.dense_bias() { Some(make(&[h], 0.1, 0.0)?) } else { None },
             });
         }
         let embed = make(&[v, h], 1.0, 0.0)?;
         let norm = make(&[h], 0.1, 1.0)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(make(&[v, h], proj(h), 0.0)?) };
-        Ok(Llama { config: c, backend, dtype, q8_activations: false, kv_dtype: dtype, rope, embed, layers, norm, lm_head })
+        let positions = if c.learned_positions() { Some(make(&[c.max_position_embeddings, h], 1.0, 0.0)?) } else { None };
+        let norm_bias = if c.layer_norm() { Some(make(&[h], 0.1, 0.0)?) } else { None };
+        let lm_head_bias = if c.lm_head_bias() { Some(make(&[v], 0.1, 0.0)?) } else { None };
+        Ok(Llama { config: c, backend, dtype, q8_activations: false, kv_dtype: dtype, rope, embed, positions, layers, norm, norm_bias, lm_head, lm_head_bias })
     }
 
     /// The unembedding: `lm_head`, or the embedding table when tied.
@@ -396,6 +452,7 @@ impl Llama {
     pub fn weight_bytes_per_step(&self, sequences: usize) -> f64 {
         let mlp = |m: &Mlp| match m {
             Mlp::Dense(f) => [&f.w_gate, &f.w_up, &f.w_down].iter().map(|t| t.size_bytes()).sum::<usize>() as f64,
+            Mlp::Plain(f) => [Some(&f.w_up), Some(&f.w_down), f.b_up.as_ref(), f.b_down.as_ref()].iter().flatten().map(|t| t.size_bytes()).sum::<usize>() as f64,
             Mlp::Moe(m) => {
                 let expert = |f: &Ffn| [&f.w_gate, &f.w_up, &f.w_down].iter().map(|t| t.size_bytes()).sum::<usize>();
                 let e = m.experts.len() as f64;
@@ -409,7 +466,7 @@ impl Llama {
             .iter()
             .map(|l| {
                 let rest = [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|t| t.size_bytes()).sum::<usize>()
-                    + [&l.attn_norm, &l.mlp_norm, &l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm, &l.attn_post_norm, &l.mlp_post_norm]
+                    + [&l.attn_norm, &l.mlp_norm, &l.bq, &l.bk, &l.bv, &l.q_norm, &l.k_norm, &l.attn_post_norm, &l.mlp_post_norm, &l.attn_norm_bias, &l.mlp_norm_bias, &l.bo]
                         .iter()
                         .filter_map(|b| b.as_ref())
                         .map(|t| t.size_bytes())
@@ -417,7 +474,8 @@ impl Llama {
                 rest as f64 + mlp(&l.mlp)
             })
             .sum();
-        layers + (self.norm.size_bytes() + self.unembedding().size_bytes()) as f64
+        let head = [Some(&self.norm), Some(self.unembedding()), self.norm_bias.as_ref(), self.lm_head_bias.as_ref()];
+        layers + head.iter().flatten().map(|t| t.size_bytes()).sum::<usize>() as f64
     }
 
     /// Bytes of KV cache one block of `block_size` tokens takes across all layers.
@@ -460,6 +518,7 @@ impl Llama {
     /// would be normed apart first, a launch more than `add_rms_norm`).
     fn can_fold_norms(&self, layer: &Layer) -> bool {
         self.config.glu_act() == GluAct::Silu
+            && !self.config.layer_norm()
             && self.config.residual_scale() == 1.0
             && [&layer.attn_norm, &layer.mlp_norm].iter().all(|n| n.as_ref().is_some_and(|n| n.dtype() == self.dtype))
             && layer.attn_post_norm.is_none()
@@ -479,7 +538,7 @@ impl Llama {
     /// Logits [rows, V] of final-normed rows [rows, H]: the unembedding, then Gemma 2's soft-cap.
     pub fn unembed(&self, rows: &Tensor) -> Result<Tensor> {
         let mut logits = self.tensor(&[rows.dims()[0], self.config.vocab_size])?;
-        self.linear(&mut logits, rows, self.unembedding(), None)?;
+        self.linear(&mut logits, rows, self.unembedding(), self.lm_head_bias.as_ref())?;
         if let Some(cap) = self.config.final_logit_softcapping {
             self.backend.softcap(&mut logits, cap as f32)?;
         }
@@ -501,16 +560,37 @@ impl Llama {
         Ok(self.backend.index_add(out, delta, &index, &vec![scale; rows])?)
     }
 
-    /// `x += delta`, then `xb = rms_norm(x) * norm`: one op (`add_rms_norm`), or, where the family
-    /// scales what joins the stream (Granite's `residual_multiplier`), its weighted add and the norm.
-    fn join(&self, xb: &mut Tensor, x: &mut Tensor, delta: &Tensor, norm: &Tensor) -> Result<()> {
+    /// `out = norm(x)`: a LayerNorm where the norm has a bias (the LayerNorm families' all do), an
+    /// RMSNorm otherwise.
+    fn norm(&self, out: &mut Tensor, x: &Tensor, (w, bias): (&Tensor, Option<&Tensor>)) -> Result<()> {
         let eps = self.config.rms_norm_eps as f32;
-        match self.config.residual_scale() {
-            1.0 => Ok(self.backend.add_rms_norm(xb, x, delta, norm, eps)?),
-            m => {
+        match bias {
+            Some(bias) => Ok(self.backend.layer_norm(out, x, w, bias, eps)?),
+            None => Ok(self.backend.rms_norm(out, x, w, eps)?),
+        }
+    }
+
+    /// `x += delta`, then `xb = norm(x)`: one op (`add_rms_norm`, `LayerNorm` with its delta), or,
+    /// where the family scales what joins the stream (Granite's `residual_multiplier`), its weighted
+    /// add and the norm.
+    fn join(&self, xb: &mut Tensor, x: &mut Tensor, delta: &Tensor, norm: (&Tensor, Option<&Tensor>)) -> Result<()> {
+        let eps = self.config.rms_norm_eps as f32;
+        match (self.config.residual_scale(), norm) {
+            (1.0, (w, Some(bias))) => Ok(self.backend.add_layer_norm(xb, x, delta, w, bias, eps)?),
+            (1.0, (w, None)) => Ok(self.backend.add_rms_norm(xb, x, delta, w, eps)?),
+            (m, norm) => {
                 self.scaled_add(x, delta, m)?;
-                Ok(self.backend.rms_norm(xb, x, norm, eps)?)
+                self.norm(xb, x, norm)
             }
+        }
+    }
+
+    /// Layer `layer`'s attention norm, weight and bias; the final norm past the last layer, and for
+    /// a layer without one (OLMo 2, whose xb no one reads).
+    fn attn_norm(&self, layer: usize) -> (&Tensor, Option<&Tensor>) {
+        match self.layers.get(layer) {
+            Some(Layer { attn_norm: Some(w), attn_norm_bias, .. }) => (w, attn_norm_bias.as_ref()),
+            _ => (&self.norm, self.norm_bias.as_ref()),
         }
     }
 
@@ -613,7 +693,15 @@ impl Llama {
             hooks.begin_deferred(&x, n)?;
         }
         b.embedding_scaled(&mut x, &self.embed, batch.tokens, c.embed_scale())?;
+        // GPT-2: each position's learned embedding added (gathered as the tokens' are).
+        if let Some(table) = &self.positions {
+            let mut pos = self.tensor(&[t, h])?;
+            b.embedding(&mut pos, table, batch.positions)?;
+            self.scaled_add(&mut x, &pos, 1.0)?;
+        }
         let mut xb = self.tensor(&[t, h])?; // (T, H) the normed stream a block reads
+        // GPT-NeoX, Phi: attention and the MLP both read the stream as it enters the layer.
+        let parallel = c.parallel_residual();
         // Where the backend folds the norms into the projections (decode on CUDA), a layer reads the
         // stream x itself, and its output and down projections add into it: no xb, no add_rms_norm.
         let fold = b.folds_norms(t, h, self.dtype);
@@ -625,8 +713,8 @@ impl Llama {
             // Steering and patching change the stream entering the layer; its norm follows (where
             // the layer norms it apart from its projections).
             let changed = hooks.intervene(l, &mut x, h)?;
-            if let (false, true, Some(norm)) = (folded, changed || !xb_ready, &layer.attn_norm) {
-                b.rms_norm(&mut xb, &x, norm, eps)?;
+            if let (false, true, Some(_)) = (folded, changed || !xb_ready, &layer.attn_norm) {
+                self.norm(&mut xb, &x, self.attn_norm(l))?;
             }
             // What attention reads: the stream's norm, or the stream itself (OLMo 2).
             let input = if layer.attn_norm.is_some() { &xb } else { &x };
@@ -689,19 +777,31 @@ impl Llama {
             let att = att.reshape(&[t, hq * d])?;
             // x += attn_out: the projection adding into the stream where the norms fold (and no
             // tap wants attn_out apart: then it is stored and added, the same numbers); else with
-            // the MLP's norm in one pass (add_rms_norm): xb = the MLP's norm of x.
+            // the MLP's norm in one pass (add_rms_norm): xb = the MLP's norm of x. Side by side
+            // (GPT-NeoX, Phi), attn_out waits to join the MLP's output, and the MLP reads its own
+            // norm of the stream as it entered the layer (GPT-NeoX) or attention's (Phi: xb as is).
+            let mut pending = None;
             if folded && !hooks.wants(Site::AttnOut, l) {
                 b.linear_add(&mut x, &att, &layer.wo, None)?;
             } else {
                 let mut attn_out = self.tensor(&[t, h])?; // (T, H)
-                self.linear(&mut attn_out, &att, &layer.wo, None)?;
+                self.linear(&mut attn_out, &att, &layer.wo, layer.bo.as_ref())?;
                 // What joins the stream (Gemma 2, OLMo 2: normed first) is what the tap sees.
                 let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
                 hooks.tap(Site::AttnOut, l, &attn_out)?;
                 // Without the MLP's own norm (OLMo 2) xb is not read: any norm serves the add.
-                self.join(&mut xb, &mut x, &attn_out, layer.mlp_norm.as_ref().unwrap_or(&self.norm))?;
+                let mlp_norm = match &layer.mlp_norm {
+                    Some(w) => (w, layer.mlp_norm_bias.as_ref()),
+                    None => (&self.norm, self.norm_bias.as_ref()),
+                };
+                match (parallel, &layer.mlp_norm) {
+                    (false, _) => self.join(&mut xb, &mut x, &attn_out, mlp_norm)?,
+                    (true, Some(_)) => self.norm(&mut xb, &x, mlp_norm)?,
+                    (true, None) => {}
+                }
+                pending = parallel.then_some(attn_out);
             }
-            let input = if layer.mlp_norm.is_some() { &xb } else { &x };
+            let input = if layer.mlp_norm.is_some() || parallel { &xb } else { &x };
 
             // MLP: SwiGLU (GeGLU for Gemma), its two projections and the gate in one op where the
             // backend fuses them (`glu`; reading x's norm itself where the norms fold), then the
@@ -727,12 +827,32 @@ impl Llama {
                     Some(mlp_out)
                 }
                 Mlp::Moe(m) => Some(self.moe(m, input, &mut hooks, l)?),
+                // An MLP without a gate: up (its bias added), the activation, down.
+                Mlp::Plain(f) => {
+                    let mut up = self.tensor(&[t, f.w_up.dims()[0]])?; // (T, I)
+                    self.linear(&mut up, input, &f.w_up, f.b_up.as_ref())?;
+                    let mut act = self.tensor(up.dims())?;
+                    b.activation(&mut act, &up, c.glu_act())?;
+                    let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
+                    self.linear(&mut mlp_out, &act, &f.w_down, f.b_down.as_ref())?;
+                    Some(mlp_out)
+                }
             };
             // (A next layer without a norm of its own does not read xb: the final norm serves.)
-            let next_norm = self.layers.get(l + 1).and_then(|n| n.attn_norm.as_ref()).unwrap_or(&self.norm);
+            let next_norm = self.attn_norm(l + 1);
             if let Some(mlp_out) = mlp_out {
                 let mlp_out = self.post_norm(mlp_out, layer.mlp_post_norm.as_ref())?;
                 hooks.tap(Site::MlpOut, l, &mlp_out)?;
+                // Side by side: attention's output joins the MLP's, then the stream (HF's order:
+                // mlp + attn, then the residual).
+                let mlp_out = match pending {
+                    Some(attn_out) => {
+                        let mut sum = mlp_out;
+                        self.scaled_add(&mut sum, &attn_out, 1.0)?;
+                        sum
+                    }
+                    None => mlp_out,
+                };
                 // Residual and the next norm in one pass: x += mlp_out, xb = the next layer's attention
                 // norm of x (the final norm after the last layer), so no layer starts with a norm of its own.
                 self.join(&mut xb, &mut x, &mlp_out, next_norm)?;
@@ -743,7 +863,7 @@ impl Llama {
             hooks.tap(Site::ResidPost, l, &x)?;
         }
         if !xb_ready {
-            b.rms_norm(&mut xb, &x, &self.norm, eps)?;
+            self.norm(&mut xb, &x, (&self.norm, self.norm_bias.as_ref()))?;
         }
         hooks.tap(Site::FinalNorm, self.layers.len(), &xb)?;
 
@@ -945,6 +1065,20 @@ impl Loader<'_> {
     fn kept(&self, name: &str, t: FileTensor) -> Result<Tensor> {
         let target = if t.dtype.is_float() { t.dtype } else { DType::F32 };
         self.upload(name, t, target)
+    }
+
+    /// A small tensor [n] in f32 (LayerNorm's weight and bias, which its op takes in one dtype).
+    fn f32_vector(&self, name: &str, n: usize) -> Result<Tensor> {
+        let t = self.get(name, &[n])?;
+        self.upload(name, t, DType::F32)
+    }
+
+    /// An MLP without a gate under `prefix`: its up_proj and down_proj, with their biases where
+    /// `bias`.
+    fn fc(&self, prefix: &str, i: usize, h: usize, bias: bool) -> Result<Fc> {
+        let w = |name: &str, rows, cols| self.matrix(&format!("{prefix}.{name}.weight"), rows, cols, OpKind::Linear);
+        let b = |name: &str, n| bias.then(|| self.vector(&format!("{prefix}.{name}.bias"), n)).transpose();
+        Ok(Fc { w_up: w("up_proj", i, h)?, b_up: b("up_proj", i)?, w_down: w("down_proj", h, i)?, b_down: b("down_proj", h)? })
     }
 
     /// A gated MLP of intermediate size `i` under `prefix` (`model.layers.0.mlp`, an expert's

@@ -28,21 +28,65 @@ pub struct FileTensor<'a> {
 }
 
 impl<'a> FileTensor<'a> {
-    /// Rows `rows` of a 2-D tensor (whole rows: any dtype, quantized blocks included), as a tensor of
-    /// its own: one part of a fused projection.
+    /// Rows `rows` of a 2-D tensor (whole rows: any dtype, quantized blocks included), or elements of
+    /// a float vector, as a tensor of its own: one part of a fused projection (or of its bias).
     pub fn rows(self, rows: std::ops::Range<usize>) -> std::result::Result<FileTensor<'a>, String> {
-        let n = self.dims.first().copied().unwrap_or(0);
-        if self.dims.len() != 2 || rows.end > n || rows.start > rows.end || n == 0 {
-            return Err(format!("rows {rows:?} of a tensor of shape {:?}", self.dims));
-        }
-        let row_bytes = self.data.len() / n;
+        let (n, row_bytes) = self.row_layout(&rows)?;
         let (a, b) = (rows.start * row_bytes, rows.end * row_bytes);
         let data = match self.data {
             Cow::Borrowed(d) => Cow::Borrowed(&d[a..b]),
             Cow::Owned(d) => Cow::Owned(d[a..b].to_vec()),
         };
         let span = self.span.start + a..self.span.start + b;
-        Ok(FileTensor { dtype: self.dtype, dims: vec![rows.len(), self.dims[1]], data, owner: self.owner, span })
+        let dims = [vec![rows.len()], self.dims[1..].to_vec()].concat();
+        debug_assert!(n >= rows.end);
+        Ok(FileTensor { dtype: self.dtype, dims, data, owner: self.owner, span })
+    }
+
+    /// The rows of each range in turn, as one tensor (a copy): GPT-NeoX's q, k or v, whose rows its
+    /// fused projection interleaves head by head.
+    pub fn gather_rows(self, ranges: &[std::ops::Range<usize>]) -> std::result::Result<FileTensor<'a>, String> {
+        let mut data = Vec::new();
+        let mut rows = 0;
+        for r in ranges {
+            let (_, row_bytes) = self.row_layout(r)?;
+            data.extend_from_slice(&self.data[r.start * row_bytes..r.end * row_bytes]);
+            rows += r.len();
+        }
+        let dims = [vec![rows], self.dims[1..].to_vec()].concat();
+        Ok(FileTensor { dtype: self.dtype, dims, data: Cow::Owned(data), owner: self.owner, span: 0..0 })
+    }
+
+    /// Columns `cols` of a float matrix [rows, cols], transposed to [cols.len(), rows] (a copy):
+    /// GPT-2's Conv1D weights keep [in, out], the projections' transpose, q, k and v side by side.
+    pub fn columns_transposed(self, cols: std::ops::Range<usize>) -> std::result::Result<FileTensor<'a>, String> {
+        let elt = match self.dtype {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            d => return Err(format!("a {d} matrix cannot be transposed (float only)")),
+        };
+        let (r, c) = match self.dims[..] {
+            [r, c] if cols.end <= c && cols.start <= cols.end && self.data.len() == r * c * elt => (r, c),
+            _ => return Err(format!("columns {cols:?} of a tensor of shape {:?}", self.dims)),
+        };
+        let mut data = vec![0u8; cols.len() * r * elt];
+        for (j, col) in cols.clone().enumerate() {
+            for i in 0..r {
+                let src = (i * c + col) * elt;
+                data[(j * r + i) * elt..(j * r + i + 1) * elt].copy_from_slice(&self.data[src..src + elt]);
+            }
+        }
+        Ok(FileTensor { dtype: self.dtype, dims: vec![cols.len(), r], data: Cow::Owned(data), owner: self.owner, span: 0..0 })
+    }
+
+    /// The first dim's length and the bytes of one row (of a vector, one element) for taking `rows`.
+    fn row_layout(&self, rows: &std::ops::Range<usize>) -> std::result::Result<(usize, usize), String> {
+        let n = self.dims.first().copied().unwrap_or(0);
+        let vector = self.dims.len() == 1 && self.dtype.is_float();
+        if !(self.dims.len() == 2 || vector) || rows.end > n || rows.start > rows.end || n == 0 || self.data.len() % n != 0 {
+            return Err(format!("rows {rows:?} of a {} tensor of shape {:?}", self.dtype, self.dims));
+        }
+        Ok((n, self.data.len() / n))
     }
 
     /// Matrix `e` of a 3-D tensor [E, rows, cols] (whole rows: any dtype), as a tensor of its own: one
@@ -148,6 +192,10 @@ impl Source {
         if let Some(t) = self.stored(name)? {
             return Ok(Some(t));
         }
+        // GPT-2's, GPT-NeoX's, StarCoder 2's and Phi's checkpoints name theirs otherwise.
+        if let Some(t) = self.family_tensor(name)? {
+            return Ok(Some(t));
+        }
         // Granite MoE's experts, all in one tensor per layer, from llama.cpp's stacks.
         if let Some(t) = self.granite_stack(name)? {
             return Ok(Some(t));
@@ -199,12 +247,97 @@ impl Source {
         }
     }
 
+    /// A tensor, named as a Llama names it (`model.layers.{l}.self_attn.q_proj.weight`...), in a
+    /// checkpoint of a family that names and lays out its own otherwise: StarCoder 2's and Phi's
+    /// other names; GPT-NeoX's q, k and v as their rows of `query_key_value` (interleaved head by
+    /// head: each head's q rows, its k rows, its v rows); GPT-2's (`transformer.` or no prefix)
+    /// Conv1D weights transposed, q, k and v as columns of `c_attn`.
+    fn family_tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
+        let c = self.config();
+        let (stored, pick) = match family_path(name, c) {
+            Some(found) => found,
+            None => return Ok(None),
+        };
+        let prefixes: &[&str] = if c.model_type == "gpt2" { &["transformer.", ""] } else { &[""] };
+        for prefix in prefixes {
+            let full = format!("{prefix}{stored}");
+            let Some(t) = self.stored(&full)? else { continue };
+            let picked = match pick.clone() {
+                Pick::All => Ok(t),
+                Pick::Gather(rs) => t.gather_rows(&rs),
+                Pick::Transposed(cols) if t.dims.len() == 1 => t.rows(cols),
+                Pick::Transposed(cols) => t.columns_transposed(cols),
+            };
+            return picked.map(Some).map_err(|e| Error::tensor(self.path(), &full, e));
+        }
+        Ok(None)
+    }
+
     fn stored(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
         match self {
             Source::Gguf { gguf, config } => gguf_tensor(gguf, config, name),
             Source::Hf(h) => h.tensor(name),
         }
     }
+}
+
+/// What part of a family's stored tensor a Llama-named tensor is (see `family_path`).
+#[derive(Clone)]
+enum Pick {
+    All,
+    Gather(Vec<std::ops::Range<usize>>),
+    /// Columns of a Conv1D weight [in, out], transposed (of its bias, elements).
+    Transposed(std::ops::Range<usize>),
+}
+
+/// Where a tensor named as a Llama names it lies in a GPT-2, GPT-NeoX, StarCoder 2 or Phi
+/// checkpoint: the stored name (GPT-2's without its optional `transformer.` prefix), and which part.
+fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
+    let family = c.model_type.as_str();
+    if !matches!(family, "gpt2" | "gpt_neox" | "starcoder2" | "phi") {
+        return None;
+    }
+    let global = |ours: &str, theirs: [&str; 4]| {
+        let i = ["gpt2", "gpt_neox", "starcoder2", "phi"].iter().position(|f| *f == family)?;
+        let suffix = name.strip_prefix(ours)?;
+        (!theirs[i].is_empty()).then(|| (format!("{}{suffix}", theirs[i]), Pick::All))
+    };
+    if let Some(found) = global("model.embed_tokens.", ["wte.", "gpt_neox.embed_in.", "", ""])
+        .or_else(|| global("model.embed_positions.", ["wpe.", "", "", ""]))
+        .or_else(|| global("model.norm.", ["ln_f.", "gpt_neox.final_layer_norm.", "", "model.final_layernorm."]))
+        .or_else(|| global("lm_head.", ["", "embed_out.", "", ""]))
+    {
+        return Some(found);
+    }
+    let (layer, rest) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let (h, d, heads) = (c.hidden_size, c.head_dim(), c.num_attention_heads);
+    let qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].iter().position(|p| *p == part);
+    let (theirs, pick) = match (family, part, qkv) {
+        ("starcoder2", "mlp.up_proj", _) => ("mlp.c_fc", Pick::All),
+        ("starcoder2", "mlp.down_proj", _) => ("mlp.c_proj", Pick::All),
+        ("phi", "self_attn.o_proj", _) => ("self_attn.dense", Pick::All),
+        ("phi", "mlp.up_proj", _) => ("mlp.fc1", Pick::All),
+        ("phi", "mlp.down_proj", _) => ("mlp.fc2", Pick::All),
+        ("gpt_neox", "input_layernorm" | "post_attention_layernorm", _) => (part, Pick::All),
+        ("gpt_neox", "self_attn.o_proj", _) => ("attention.dense", Pick::All),
+        ("gpt_neox", "mlp.up_proj", _) => ("mlp.dense_h_to_4h", Pick::All),
+        ("gpt_neox", "mlp.down_proj", _) => ("mlp.dense_4h_to_h", Pick::All),
+        ("gpt_neox", _, Some(j)) => ("attention.query_key_value", Pick::Gather((0..heads).map(|g| (3 * g + j) * d..(3 * g + j + 1) * d).collect())),
+        ("gpt2", "input_layernorm", _) => ("ln_1", Pick::All),
+        ("gpt2", "post_attention_layernorm", _) => ("ln_2", Pick::All),
+        ("gpt2", _, Some(j)) => ("attn.c_attn", Pick::Transposed(j * h..(j + 1) * h)),
+        ("gpt2", "self_attn.o_proj", _) => ("attn.c_proj", Pick::Transposed(0..h)),
+        ("gpt2", "mlp.up_proj", _) => ("mlp.c_fc", Pick::Transposed(0..c.intermediate_size)),
+        ("gpt2", "mlp.down_proj", _) => ("mlp.c_proj", Pick::Transposed(0..h)),
+        _ => return None,
+    };
+    let stem = match family {
+        "gpt2" => format!("h.{layer}"),
+        "gpt_neox" => format!("gpt_neox.layers.{layer}"),
+        _ => format!("model.layers.{layer}"),
+    };
+    Some((format!("{stem}.{theirs}.{suffix}"), pick))
 }
 
 /// Each expert's projections as Qwen 3 MoE and Mixtral name them.
@@ -289,8 +422,9 @@ fn stacked_expert(name: &str, config: &ModelConfig) -> Vec<Stacked> {
     granite.into_iter().chain([(format!("{layer}.mlp.experts.{proj}"), e, None)]).collect()
 }
 
-/// Where a projection lives when the file fuses it with others: Phi-3's `qkv_proj` (q, k, v rows in
-/// turn) and `gate_up_proj` (gate rows, then up), as HF names them.
+/// Where a projection (or its bias) lives when the file fuses it with others: Phi-3's `qkv_proj` (q,
+/// k, v rows in turn; llama.cpp's `attn_qkv` of GPT-2, GPT-NeoX and Phi-2 alike) and `gate_up_proj`
+/// (gate rows, then up), as HF names them.
 fn fused_part(name: &str, c: &ModelConfig) -> Option<(String, std::ops::Range<usize>)> {
     let (q, kv, i) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim(), c.intermediate_size);
     let parts = [
@@ -300,19 +434,23 @@ fn fused_part(name: &str, c: &ModelConfig) -> Option<(String, std::ops::Range<us
         ("mlp.gate_proj", "mlp.gate_up_proj", 0..i),
         ("mlp.up_proj", "mlp.gate_up_proj", i..2 * i),
     ];
-    let stem = name.strip_suffix(".weight")?;
+    let (stem, suffix) = name.rsplit_once('.').filter(|(_, s)| matches!(*s, "weight" | "bias"))?;
     parts.into_iter().find_map(|(part, fused, rows)| {
         let layer = stem.strip_suffix(part)?.strip_suffix('.')?;
-        Some((format!("{layer}.{fused}.weight"), rows))
+        Some((format!("{layer}.{fused}.{suffix}"), rows))
     })
 }
 
 /// HF tensor names and their GGUF names: whole names, then the per-layer parts
 /// (`model.layers.{i}.<hf>.weight` is `blk.{i}.<gguf>.weight`; biases alike).
-const GLOBAL_NAMES: [(&str, &str); 3] = [
+const GLOBAL_NAMES: [(&str, &str); 6] = [
     ("model.embed_tokens.weight", "token_embd.weight"),
     ("model.norm.weight", "output_norm.weight"),
     ("lm_head.weight", "output.weight"),
+    // GPT-2's learned positions; the LayerNorm families' biases.
+    ("model.embed_positions.weight", "position_embd.weight"),
+    ("model.norm.bias", "output_norm.bias"),
+    ("lm_head.bias", "output.bias"),
 ];
 const LAYER_NAMES: [(&str, &str); 21] = [
     ("input_layernorm", "attn_norm"),

@@ -233,6 +233,14 @@ impl Engine {
         d.set_item("num_experts", c.experts())?;
         d.set_item("experts_per_token", (c.experts() > 0).then(|| c.experts_per_token()))?;
         d.set_item("d_expert", (c.experts() > 0).then(|| c.expert_intermediate_size()))?;
+        // The layout, as TransformerLens's config says it.
+        d.set_item("original_architecture", c.architectures.first())?;
+        d.set_item("normalization_type", if c.layer_norm() { "LN" } else { "RMS" })?;
+        d.set_item("positional_embedding_type", if c.learned_positions() { "standard" } else { "rotary" })?;
+        d.set_item("rotary_dim", c.rotary_dim())?;
+        d.set_item("act_fn", c.activation())?;
+        d.set_item("gated_mlp", !c.plain_mlp())?;
+        d.set_item("parallel_attn_mlp", c.parallel_residual())?;
         d.set_item("d_vocab", c.vocab_size)?;
         d.set_item("n_ctx", c.max_position_embeddings)?;
         let stats = self.service.stats();

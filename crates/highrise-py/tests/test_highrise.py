@@ -85,6 +85,29 @@ def test_a_mixtures_router_scores_and_shape():
     assert np.array_equal(logits, m.logits(ids)), "capturing the router changes nothing"
 
 
+def test_the_layernorm_families_layout_in_transformerlens_terms():
+    """GPT-2's and Pythia's layouts as TransformerLens's config names them, and their captures: the
+    stream's sites, attention patterns (rows summing to 1), q of Pythia's partially rotated heads."""
+    gpt2 = highrise.Model.load("random:tiny-gpt2")
+    c = gpt2.cfg
+    assert (c.normalization_type, c.positional_embedding_type, c.rotary_dim, c.act_fn) == ("LN", "standard", None, "gelu_new")
+    assert (c.gated_mlp, c.parallel_attn_mlp, c.d_mlp) == (False, False, 1024)
+    pythia = highrise.Model.load("random:tiny-pythia")
+    c = pythia.cfg
+    assert (c.normalization_type, c.positional_embedding_type, c.rotary_dim, c.act_fn) == ("LN", "rotary", 16, "gelu")
+    assert (c.gated_mlp, c.parallel_attn_mlp) == (False, True)
+    ids = [5, 17, 300, 42]
+    for m in (gpt2, pythia):
+        logits, cache = m.run_with_cache(ids, names=["resid_pre", "attn_out", "mlp_out", "resid_post", "pattern"])
+        # The stream adds up: what leaves a layer is what entered plus attention's and the MLP's.
+        for layer in range(m.cfg.n_layers):
+            total = cache["resid_pre", layer] + cache["attn_out", layer] + cache["mlp_out", layer]
+            assert np.allclose(cache["resid_post", layer], total, atol=1e-4)
+            p = cache["pattern", layer]
+            assert np.allclose(p.sum(-1), 1.0, atol=1e-5)
+        assert np.array_equal(logits, m.logits(ids)), "capturing changes nothing"
+
+
 def test_indices_from_the_end_and_transformerlens_names(model):
     """-1 is the last layer or the prompt's last token wherever a layer or position is taken, as in
     Python and TransformerLens; TL's attention hook names and [batch, pos] id arrays are taken."""
