@@ -199,13 +199,15 @@ fn olmoe_with_weights_not_renormalized() {
     check("olmoe");
 }
 
-/// A mixture's GGUF file names its tensors as the family's HF checkpoint does (each expert of
-/// llama.cpp's stacked `ffn_*_exps` apart, Mixtral's `block_sparse_moe.experts.{e}.w1`), and each
-/// name reads back as the checkpoint's tensor: what `highrise convert` and Python's
-/// `Model.weight` give.
+/// A GGUF file names its tensors as the family's HF checkpoint does, and each name reads back as
+/// the checkpoint's tensor, bytes and shape: what `highrise convert` and Python's `Model.weight`
+/// give. A mixture's experts each apart (llama.cpp stacks them; Mixtral's
+/// `block_sparse_moe.experts.{e}.w1`); GPT-2's Conv1D weights transposed back and q, k, v fused in
+/// `transformer.h.{l}.attn.c_attn`; GPT-NeoX's `query_key_value` interleaved head by head again
+/// (llama.cpp reorders it to q, k, v); StarCoder 2's and Phi's own names.
 #[test]
-fn a_mixtures_gguf_names_its_experts_as_hf_does() {
-    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe"] {
+fn a_ggufs_tensors_are_named_and_laid_out_as_the_checkpoints() {
+    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2"] {
         let d = dir(family);
         let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
         let mut names = gguf.tensor_names();
@@ -359,10 +361,12 @@ fn mixtral_from_a_gguf_of_one_tensor_per_expert() {
     assert_eq!(names, hf);
 }
 
-/// Seeded random damage to the header of each mixture's GGUF (its metadata and tensor table: expert
-/// counts, shapes, types, offsets), then a load and a forward pass: an error or a run, never a panic.
+/// Seeded random damage to the header of each mixture's and LayerNorm family's GGUF (its metadata
+/// and tensor table: expert counts, shapes, types, offsets), then every tensor listed read under its
+/// checkpoint name (slices of stacks, GPT-2's transposes, GPT-NeoX's re-interleaving), a load and a
+/// forward pass: an error or a run, never a panic.
 #[test]
-fn damaged_mixture_ggufs_are_refused_or_run_never_panic() {
+fn damaged_ggufs_are_refused_or_run_never_panic() {
     // HIGHRISE_FUZZ_CASES and HIGHRISE_FUZZ_SEED run a longer or another search by hand.
     let fuzz = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     let mut state = fuzz("HIGHRISE_FUZZ_SEED").unwrap_or(0x2545_f491) | 1;
@@ -372,13 +376,13 @@ fn damaged_mixture_ggufs_are_refused_or_run_never_panic() {
         state ^= state << 17;
         (state % n.max(1) as u64) as usize
     };
-    let path = std::env::temp_dir().join(format!("highrise-moe-damage-{}.gguf", std::process::id()));
+    let path = std::env::temp_dir().join(format!("highrise-gguf-damage-{}.gguf", std::process::id()));
     let (mut ran, mut refused) = (0, 0);
-    for family in ["mixtral", "qwen2-moe", "granitemoe"] {
+    for family in ["mixtral", "qwen2-moe", "granitemoe", "gpt2", "pythia", "phi2"] {
         let whole = std::fs::read(dir(family).join("model.gguf")).unwrap();
         // The header: everything before the first tensor's data (4 KiB covers these tiny files').
         let header = 4096.min(whole.len());
-        for _ in 0..fuzz("HIGHRISE_FUZZ_CASES").unwrap_or(150) {
+        for _ in 0..fuzz("HIGHRISE_FUZZ_CASES").unwrap_or(100) {
             let mut b = whole.clone();
             for _ in 0..1 + next(3) {
                 let at = next(header);
@@ -390,7 +394,10 @@ fn damaged_mixture_ggufs_are_refused_or_run_never_panic() {
             }
             std::fs::write(&path, &b).unwrap();
             let result = Source::open(&path)
-                .and_then(|s| Llama::load(&s, cpu(), LoadOptions::default()))
+                .and_then(|s| {
+                    s.tensor_names().iter().try_for_each(|n| s.tensor(n).map(drop))?;
+                    Llama::load(&s, cpu(), LoadOptions::default())
+                })
                 .and_then(|m| m.prompt_logits(&[1, 2, 3]).map_err(Into::into).and_then(|l| Ok(l.to_f32()?)));
             match result {
                 Ok(_) => ran += 1,
@@ -399,6 +406,6 @@ fn damaged_mixture_ggufs_are_refused_or_run_never_panic() {
         }
     }
     std::fs::remove_file(&path).ok();
-    println!("damaged mixtures: {refused} refused, {ran} ran; no panic");
+    println!("damaged GGUFs: {refused} refused, {ran} ran; no panic");
     assert!(refused > 0 && ran > 0, "the damage reached both outcomes");
 }

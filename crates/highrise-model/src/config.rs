@@ -460,7 +460,8 @@ impl ModelConfig {
             max_position_embeddings: num("context_length").unwrap_or(2048),
             original_max_position_embeddings: num("rope.scaling.original_context_length").ok(),
             tie_word_embeddings: tied,
-            attention_bias: g.tensor("blk.0.attn_q.bias").is_some(),
+            // (GPT-NeoX's, whose q, k and v llama.cpp keeps fused, too.)
+            attention_bias: g.tensor("blk.0.attn_q.bias").is_some() || (arch == "gptneox" && g.tensor("blk.0.attn_qkv.bias").is_some()),
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_id: token("tokenizer.ggml.eos_token_id").map(Json::from),
             sliding_window: num("attention.sliding_window").ok(),
@@ -735,6 +736,30 @@ impl ModelConfig {
     /// Whether the unembedding has a bias (Phi).
     pub fn lm_head_bias(&self) -> bool {
         self.model_type == "phi"
+    }
+
+    /// The config as transformers reads it for this family: the fields as serialized, and where a
+    /// family reads some under names of its own (GPT-2's `n_inner`, the LayerNorm families'
+    /// epsilon, GPT-NeoX's parallel layout, StarCoder 2's biases), those too.
+    pub fn hf_json(&self) -> Json {
+        let mut v = serde_json::to_value(self).expect("a config serializes");
+        let own: &[(&str, Json)] = match self.model_type.as_str() {
+            "gpt2" => &[
+                ("n_inner", self.intermediate_size.into()),
+                ("layer_norm_epsilon", self.rms_norm_eps.into()),
+                ("activation_function", self.activation().into()),
+            ],
+            "gpt_neox" => &[("layer_norm_eps", self.rms_norm_eps.into()), ("use_parallel_residual", self.parallel_residual().into())],
+            "starcoder2" => &[("norm_epsilon", self.rms_norm_eps.into()), ("use_bias", self.dense_bias().into())],
+            "phi" => &[("layer_norm_eps", self.rms_norm_eps.into())],
+            _ => &[],
+        };
+        if let Some(o) = v.as_object_mut() {
+            for (k, x) in own {
+                o.insert(k.to_string(), x.clone());
+            }
+        }
+        v
     }
 
     /// The dims of each head that rotate (all of them but for partial RoPE; None where no layer
@@ -1091,6 +1116,30 @@ mod tests {
             let e = ModelConfig::from_file(&write(name, &format!("{{{base}, {extra}}}"))).unwrap_err().to_string();
             assert!(e.contains(field), "{name}: {e}");
         }
+    }
+
+    /// GPT-2's config under its own names reads as ours (n_embd..., an MLP 4x wide where n_inner
+    /// is null, tied embeddings by default), and is written back with the names transformers reads
+    /// for the MLP's width and the norms' epsilon.
+    #[test]
+    fn gpt2_config_names_both_ways() {
+        let path = write("gpt2", r#"{"model_type": "gpt2", "vocab_size": 8, "n_embd": 64, "n_layer": 2, "n_head": 4,
+            "n_positions": 32, "n_inner": null, "layer_norm_epsilon": 1e-6, "activation_function": "gelu_new"}"#);
+        let c = ModelConfig::from_file(&path).unwrap();
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.max_position_embeddings), (64, 2, 4, 32));
+        assert_eq!((c.intermediate_size, c.rms_norm_eps, c.tie_word_embeddings, c.glu_act()), (256, 1e-6, true, GluAct::GeluTanh));
+        assert!(c.layer_norm() && c.learned_positions() && c.rotary_dim().is_none() && c.ropes().unwrap().iter().all(Option::is_none));
+        let j = c.hf_json();
+        assert_eq!((j["n_inner"].as_u64(), j["layer_norm_epsilon"].as_f64(), j["activation_function"].as_str()), (Some(256), Some(1e-6), Some("gelu_new")));
+        let neox = write("neox", r#"{"model_type": "gpt_neox", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "rotary_pct": 0.25, "rotary_emb_base": 500.0, "layer_norm_eps": 1e-5,
+            "hidden_act": "gelu", "use_parallel_residual": false}"#);
+        let c = ModelConfig::from_file(&neox).unwrap();
+        assert_eq!((c.rotary_dim(), c.rope_theta, c.glu_act(), c.parallel_residual()), (Some(4), 500.0, GluAct::GeluErf, false));
+        let bad = write("gpt2-idx", r#"{"model_type": "gpt2", "vocab_size": 8, "n_embd": 64, "n_layer": 2, "n_head": 4,
+            "scale_attn_by_inverse_layer_idx": true}"#);
+        let e = ModelConfig::from_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("scale_attn_by_inverse_layer_idx"), "{e}");
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub fn to_hf_dir(source: &Source, out: &Path, progress: &mut dyn FnMut(usize, us
     if tensors.iter().any(|t| t.1 == DType::F32) {
         config.torch_dtype = Some("float32".into());
     }
-    write("config.json", &serde_json::to_string_pretty(&config).expect("config serializes"))?;
+    write("config.json", &serde_json::to_string_pretty(&config.hf_json()).expect("config serializes"))?;
     let tok = source.tokenizer()?;
     write("tokenizer.json", &tok.json()?)?;
     write("tokenizer_config.json", &serde_json::to_string_pretty(&tok.config_json()).expect("json"))?;

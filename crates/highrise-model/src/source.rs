@@ -176,6 +176,7 @@ impl Source {
                 .iter()
                 .filter_map(|t| Some((t, rename(&t.name, false, config)?)))
                 .flat_map(|(t, name)| hf_names(&name, t.dims.first().copied().unwrap_or(0), config))
+                .flat_map(|name| family_names(&name, config))
                 .collect(),
             Source::Hf(h) => h.index.keys().cloned().collect(),
         }
@@ -248,16 +249,33 @@ impl Source {
     }
 
     /// A tensor, named as a Llama names it (`model.layers.{l}.self_attn.q_proj.weight`...), in a
-    /// checkpoint of a family that names and lays out its own otherwise: StarCoder 2's and Phi's
-    /// other names; GPT-NeoX's q, k and v as their rows of `query_key_value` (interleaved head by
-    /// head: each head's q rows, its k rows, its v rows); GPT-2's (`transformer.` or no prefix)
-    /// Conv1D weights transposed, q, k and v as columns of `c_attn`.
+    /// checkpoint of a family that names and lays out its own otherwise (`FAMILY_PARTS`): GPT-NeoX's
+    /// q, k and v as their rows of `query_key_value` (interleaved head by head: each head's q rows,
+    /// its k rows, its v rows); GPT-2's (`transformer.` or no prefix) Conv1D weights transposed, q,
+    /// k and v as columns of `c_attn`. And the other way, a GGUF file's tensor (which llama.cpp
+    /// names and lays out as a Llama's) under the checkpoint's name, laid out as the checkpoint has
+    /// it: what `tensor_names` lists for such a family.
     fn family_tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
         let c = self.config();
-        let (stored, pick) = match family_path(name, c) {
-            Some(found) => found,
-            None => return Ok(None),
-        };
+        if let (Source::Gguf { .. }, Some((ours, layout))) = (self, llama_name(name, c)) {
+            let Some(t) = self.tensor(&ours)? else { return Ok(None) };
+            let h = c.hidden_size;
+            let t = match layout {
+                _ if t.dims.len() == 1 && layout != Layout::HeadInterleaved => Ok(t),
+                Layout::Same => Ok(t),
+                Layout::Conv1D => {
+                    let all = 0..t.dims.get(1).copied().unwrap_or(0);
+                    t.columns_transposed(all)
+                }
+                // [q; k; v] back to head by head.
+                Layout::HeadInterleaved => {
+                    let d = c.head_dim();
+                    t.gather_rows(&(0..c.num_attention_heads).flat_map(|g| (0..3).map(move |j| j * h + g * d..j * h + (g + 1) * d)).collect::<Vec<_>>())
+                }
+            };
+            return t.map(Some).map_err(|e| Error::tensor(self.path(), &ours, e));
+        }
+        let Some((stored, pick)) = family_path(name, c) else { return Ok(None) };
         let prefixes: &[&str] = if c.model_type == "gpt2" { &["transformer.", ""] } else { &[""] };
         for prefix in prefixes {
             let full = format!("{prefix}{stored}");
@@ -265,8 +283,14 @@ impl Source {
             let picked = match pick.clone() {
                 Pick::All => Ok(t),
                 Pick::Gather(rs) => t.gather_rows(&rs),
-                Pick::Transposed(cols) if t.dims.len() == 1 => t.rows(cols),
-                Pick::Transposed(cols) => t.columns_transposed(cols),
+                Pick::Transposed(cols) if t.dims.len() == 1 => match cols {
+                    Some(cols) => t.rows(cols),
+                    None => Ok(t),
+                },
+                Pick::Transposed(cols) => {
+                    let all = 0..t.dims.get(1).copied().unwrap_or(0);
+                    t.columns_transposed(cols.unwrap_or(all))
+                }
             };
             return picked.map(Some).map_err(|e| Error::tensor(self.path(), &full, e));
         }
@@ -286,58 +310,131 @@ impl Source {
 enum Pick {
     All,
     Gather(Vec<std::ops::Range<usize>>),
-    /// Columns of a Conv1D weight [in, out], transposed (of its bias, elements).
-    Transposed(std::ops::Range<usize>),
+    /// Columns of a Conv1D weight [in, out] (all where None), transposed; of its bias, elements.
+    Transposed(Option<std::ops::Range<usize>>),
 }
+
+/// How a family lays out a tensor it names otherwise than a Llama.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    Same,
+    /// GPT-2's Conv1D: [in, out], the transpose of a projection's weight.
+    Conv1D,
+    /// GPT-NeoX's fused q, k, v: head by head, each head's q rows, then its k, then its v.
+    HeadInterleaved,
+}
+
+/// The families that name their tensors otherwise than a Llama: (family, its layers' stem, its
+/// optional prefix).
+const FAMILY_STEMS: [(&str, &str); 4] =
+    [("gpt2", "h"), ("gpt_neox", "gpt_neox.layers"), ("starcoder2", "model.layers"), ("phi", "model.layers")];
+
+/// Their whole-model tensors: (family, a Llama's name, theirs) by prefix of the name.
+const FAMILY_GLOBALS: [(&str, &str, &str); 9] = [
+    ("gpt2", "model.embed_tokens.", "wte."),
+    ("gpt2", "model.embed_positions.", "wpe."),
+    ("gpt2", "model.norm.", "ln_f."),
+    ("gpt_neox", "model.embed_tokens.", "gpt_neox.embed_in."),
+    ("gpt_neox", "model.norm.", "gpt_neox.final_layer_norm."),
+    ("gpt_neox", "lm_head.", "embed_out."),
+    ("phi", "model.norm.", "model.final_layernorm."),
+    ("starcoder2", "", ""),
+    ("phi", "", ""),
+];
+
+/// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
+/// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 15] = [
+    ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
+    ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
+    ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
+    ("phi", "mlp.up_proj", "mlp.fc1", Layout::Same),
+    ("phi", "mlp.down_proj", "mlp.fc2", Layout::Same),
+    ("gpt_neox", "self_attn.qkv_proj", "attention.query_key_value", Layout::HeadInterleaved),
+    ("gpt_neox", "self_attn.o_proj", "attention.dense", Layout::Same),
+    ("gpt_neox", "mlp.up_proj", "mlp.dense_h_to_4h", Layout::Same),
+    ("gpt_neox", "mlp.down_proj", "mlp.dense_4h_to_h", Layout::Same),
+    ("gpt2", "input_layernorm", "ln_1", Layout::Same),
+    ("gpt2", "post_attention_layernorm", "ln_2", Layout::Same),
+    ("gpt2", "self_attn.qkv_proj", "attn.c_attn", Layout::Conv1D),
+    ("gpt2", "self_attn.o_proj", "attn.c_proj", Layout::Conv1D),
+    ("gpt2", "mlp.up_proj", "mlp.c_fc", Layout::Conv1D),
+    ("gpt2", "mlp.down_proj", "mlp.c_proj", Layout::Conv1D),
+];
 
 /// Where a tensor named as a Llama names it lies in a GPT-2, GPT-NeoX, StarCoder 2 or Phi
 /// checkpoint: the stored name (GPT-2's without its optional `transformer.` prefix), and which part.
 fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
     let family = c.model_type.as_str();
-    if !matches!(family, "gpt2" | "gpt_neox" | "starcoder2" | "phi") {
-        return None;
-    }
-    let global = |ours: &str, theirs: [&str; 4]| {
-        let i = ["gpt2", "gpt_neox", "starcoder2", "phi"].iter().position(|f| *f == family)?;
-        let suffix = name.strip_prefix(ours)?;
-        (!theirs[i].is_empty()).then(|| (format!("{}{suffix}", theirs[i]), Pick::All))
-    };
-    if let Some(found) = global("model.embed_tokens.", ["wte.", "gpt_neox.embed_in.", "", ""])
-        .or_else(|| global("model.embed_positions.", ["wpe.", "", "", ""]))
-        .or_else(|| global("model.norm.", ["ln_f.", "gpt_neox.final_layer_norm.", "", "model.final_layernorm."]))
-        .or_else(|| global("lm_head.", ["", "embed_out.", "", ""]))
-    {
-        return Some(found);
+    let (_, stem) = FAMILY_STEMS.into_iter().find(|(f, _)| *f == family)?;
+    for (f, ours, theirs) in FAMILY_GLOBALS {
+        match name.strip_prefix(ours) {
+            Some(rest) if f == family && !ours.is_empty() => return Some((format!("{theirs}{rest}"), Pick::All)),
+            _ => {}
+        }
     }
     let (layer, rest) = name.strip_prefix("model.layers.")?.split_once('.')?;
     let (part, suffix) = rest.rsplit_once('.')?;
     let (h, d, heads) = (c.hidden_size, c.head_dim(), c.num_attention_heads);
     let qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].iter().position(|p| *p == part);
-    let (theirs, pick) = match (family, part, qkv) {
-        ("starcoder2", "mlp.up_proj", _) => ("mlp.c_fc", Pick::All),
-        ("starcoder2", "mlp.down_proj", _) => ("mlp.c_proj", Pick::All),
-        ("phi", "self_attn.o_proj", _) => ("self_attn.dense", Pick::All),
-        ("phi", "mlp.up_proj", _) => ("mlp.fc1", Pick::All),
-        ("phi", "mlp.down_proj", _) => ("mlp.fc2", Pick::All),
-        ("gpt_neox", "input_layernorm" | "post_attention_layernorm", _) => (part, Pick::All),
-        ("gpt_neox", "self_attn.o_proj", _) => ("attention.dense", Pick::All),
-        ("gpt_neox", "mlp.up_proj", _) => ("mlp.dense_h_to_4h", Pick::All),
-        ("gpt_neox", "mlp.down_proj", _) => ("mlp.dense_4h_to_h", Pick::All),
-        ("gpt_neox", _, Some(j)) => ("attention.query_key_value", Pick::Gather((0..heads).map(|g| (3 * g + j) * d..(3 * g + j + 1) * d).collect())),
-        ("gpt2", "input_layernorm", _) => ("ln_1", Pick::All),
-        ("gpt2", "post_attention_layernorm", _) => ("ln_2", Pick::All),
-        ("gpt2", _, Some(j)) => ("attn.c_attn", Pick::Transposed(j * h..(j + 1) * h)),
-        ("gpt2", "self_attn.o_proj", _) => ("attn.c_proj", Pick::Transposed(0..h)),
-        ("gpt2", "mlp.up_proj", _) => ("mlp.c_fc", Pick::Transposed(0..c.intermediate_size)),
-        ("gpt2", "mlp.down_proj", _) => ("mlp.c_proj", Pick::Transposed(0..h)),
+    let lookup = |p: &str| FAMILY_PARTS.into_iter().find(|(f, ours, _, _)| *f == family && *ours == p);
+    let (theirs, pick) = match (qkv, qkv.and_then(|_| lookup("self_attn.qkv_proj")), lookup(part)) {
+        (Some(j), Some((_, _, theirs, Layout::Conv1D)), _) => (theirs, Pick::Transposed(Some(j * h..(j + 1) * h))),
+        (Some(j), Some((_, _, theirs, _)), _) => (theirs, Pick::Gather((0..heads).map(|g| (3 * g + j) * d..(3 * g + j + 1) * d).collect())),
+        (_, _, Some((_, _, theirs, Layout::Conv1D))) => (theirs, Pick::Transposed(None)),
+        (_, _, Some((_, _, theirs, _))) => (theirs, Pick::All),
+        (_, _, None) if stem != "model.layers" => (part, Pick::All),
         _ => return None,
     };
-    let stem = match family {
-        "gpt2" => format!("h.{layer}"),
-        "gpt_neox" => format!("gpt_neox.layers.{layer}"),
-        _ => format!("model.layers.{layer}"),
+    Some((format!("{stem}.{layer}.{theirs}.{suffix}"), pick))
+}
+
+/// The checkpoint's name for a tensor named as a Llama names it (what `rename` gives a GGUF file's
+/// tensor), in a family that names its own otherwise; for GPT-2 with its `transformer.` prefix, as
+/// transformers saves it. Phi's and StarCoder 2's fused q/k/v (old GGUF files) are listed as the
+/// three they are.
+fn family_names(name: &str, c: &ModelConfig) -> Vec<String> {
+    let family = c.model_type.as_str();
+    if let ("phi" | "starcoder2", Some(stem)) = (family, name.strip_suffix(".self_attn.qkv_proj.weight").or(name.strip_suffix(".self_attn.qkv_proj.bias"))) {
+        let suffix = name.rsplit('.').next().unwrap_or("weight");
+        return ["q_proj", "k_proj", "v_proj"].map(|p| family_names(&format!("{stem}.self_attn.{p}.{suffix}"), c)).concat();
+    }
+    let theirs = match (family, name.strip_prefix("model.layers.").and_then(|r| r.split_once('.'))) {
+        (_, Some((layer, rest))) => FAMILY_STEMS.into_iter().find(|(f, _)| *f == family).and_then(|(_, stem)| {
+            let (part, suffix) = rest.rsplit_once('.')?;
+            let theirs = FAMILY_PARTS.into_iter().find(|(f, ours, _, _)| *f == family && *ours == part).map_or(part, |p| p.2);
+            Some(format!("{stem}.{layer}.{theirs}.{suffix}"))
+        }),
+        _ => FAMILY_GLOBALS
+            .into_iter()
+            .find(|(f, ours, _)| *f == family && !ours.is_empty() && name.starts_with(ours))
+            .map(|(_, ours, theirs)| format!("{theirs}{}", &name[ours.len()..])),
     };
-    Some((format!("{stem}.{theirs}.{suffix}"), pick))
+    let theirs = theirs.unwrap_or_else(|| name.to_string());
+    vec![if family == "gpt2" { format!("transformer.{theirs}") } else { theirs }]
+}
+
+/// `family_names`' inverse for one tensor: a Llama's name for a checkpoint's tensor of a family
+/// that names its own otherwise, and how the checkpoint lays it out (None: the name is not one of
+/// theirs, or is a Llama's too).
+fn llama_name(name: &str, c: &ModelConfig) -> Option<(String, Layout)> {
+    let family = c.model_type.as_str();
+    let (_, stem) = FAMILY_STEMS.into_iter().find(|(f, _)| *f == family)?;
+    let name = if family == "gpt2" { name.strip_prefix("transformer.").unwrap_or(name) } else { name };
+    for (f, ours, theirs) in FAMILY_GLOBALS {
+        match name.strip_prefix(theirs) {
+            Some(rest) if f == family && !theirs.is_empty() => return Some((format!("{ours}{rest}"), Layout::Same)),
+            _ => {}
+        }
+    }
+    let (layer, rest) = name.strip_prefix(stem)?.strip_prefix('.')?.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let (ours, layout) = match FAMILY_PARTS.into_iter().find(|(f, _, theirs, _)| *f == family && *theirs == part) {
+        Some((_, ours, _, layout)) => (ours, layout),
+        None if stem != "model.layers" => (part, Layout::Same),
+        None => return None,
+    };
+    Some((format!("model.layers.{layer}.{ours}.{suffix}"), layout))
 }
 
 /// Each expert's projections as Qwen 3 MoE and Mixtral name them.

@@ -150,6 +150,9 @@ def test_weights_as_hf_lays_them_out(model):
     logits, cache = model.run_with_cache("The capital of France is", names=["final_norm", "resid_pre", "k"], layers=[0])
     scale = np.abs(logits).max()
     assert np.abs(cache["final_norm"] @ model.W_U - logits).max() <= 1e-5 * scale
+    assert np.array_equal(model.b_U, np.zeros(cfg.d_vocab, dtype=np.float32)), "no unembedding bias: zeros"
+    with pytest.raises(KeyError, match="no such tensor"):
+        model.W_pos
     x = cache["resid_pre", 0][0].astype(np.float64)
     normed = x / np.sqrt(np.mean(x * x) + 1e-5) * model.weight("model.layers.0.input_layernorm.weight")
     k0 = normed @ model.weight("model.layers.0.self_attn.k_proj.weight").T

@@ -339,9 +339,28 @@ class Model:
     @property
     def W_U(self) -> np.ndarray:
         """The unembedding [d_model, d_vocab] (TransformerLens's name and layout: lm_head
-        transposed, or the embedding where they are tied)."""
-        name = "lm_head.weight" if "lm_head.weight" in self.weight_names() else "model.embed_tokens.weight"
-        return np.ascontiguousarray(self.weight(name).T)
+        transposed, under any family's name for it (GPT-NeoX's embed_out), or the embedding where
+        they are tied)."""
+        try:
+            w = self.weight("lm_head.weight")
+        except KeyError:
+            w = self.W_E
+        return np.ascontiguousarray(w.T)
+
+    @property
+    def b_U(self) -> np.ndarray:
+        """The unembedding's bias [d_vocab] (TransformerLens's name): Phi's; zeros for the families
+        without one."""
+        try:
+            return self.weight("lm_head.bias")
+        except KeyError:
+            return np.zeros(self.cfg.d_vocab, dtype=np.float32)
+
+    @property
+    def W_pos(self) -> np.ndarray:
+        """GPT-2's learned positions [n_ctx, d_model] (TransformerLens's name); a KeyError for the
+        families that rotate q and k instead."""
+        return self.weight("model.embed_positions.weight")
 
     # --- text -------------------------------------------------------------------------------
 
