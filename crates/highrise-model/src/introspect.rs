@@ -25,6 +25,12 @@ pub enum Site {
     V,
     /// The attention block's output after o_proj [T, H].
     AttnOut,
+    /// The stream between attention and the MLP [T, H]: what entered the layer plus attention's
+    /// output (none where the two run side by side: GPT-NeoX, Phi).
+    ResidMid,
+    /// The MLP's activations, what its down projection reads [T, I] (the neurons: act(gate) * up,
+    /// or act(up) without a gate; TransformerLens's `mlp.hook_post`; none at a mixture's layers).
+    MlpPost,
     /// The MLP block's output after down_proj [T, H].
     MlpOut,
     /// The stream leaving a layer [T, H].
@@ -38,8 +44,19 @@ pub enum Site {
 
 impl Site {
     pub const STREAM: [Site; 4] = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost];
-    pub const ALL: [Site; 9] =
-        [Site::ResidPre, Site::Q, Site::K, Site::V, Site::AttnOut, Site::MlpOut, Site::ResidPost, Site::FinalNorm, Site::Router];
+    pub const ALL: [Site; 11] = [
+        Site::ResidPre,
+        Site::Q,
+        Site::K,
+        Site::V,
+        Site::AttnOut,
+        Site::ResidMid,
+        Site::MlpPost,
+        Site::MlpOut,
+        Site::ResidPost,
+        Site::FinalNorm,
+        Site::Router,
+    ];
 
     /// Every site's name, "resid_pre, q, ...": for the errors that list them.
     pub fn names() -> String {
@@ -58,6 +75,8 @@ impl Site {
             Site::K => "k",
             Site::V => "v",
             Site::AttnOut => "attn_out",
+            Site::ResidMid => "resid_mid",
+            Site::MlpPost => "mlp_post",
             Site::MlpOut => "mlp_out",
             Site::ResidPost => "resid_post",
             Site::FinalNorm => "final_norm",
@@ -66,13 +85,16 @@ impl Site {
     }
 
     /// The values per token this site holds at `layer` of a model of config `c` (0: none there, a
-    /// router at a dense layer).
+    /// router at a dense layer, the MLP's activations at a mixture's).
     pub fn width(self, c: &crate::ModelConfig, layer: usize) -> usize {
         match self {
             Site::Q => c.num_attention_heads * c.head_dim(),
             Site::K | Site::V => c.kv_heads() * c.head_dim(),
             Site::Router if c.moe_layer(layer) => c.experts(),
             Site::Router => 0,
+            Site::ResidMid if c.parallel_residual() => 0,
+            Site::MlpPost if c.moe_layer(layer) => 0,
+            Site::MlpPost => c.intermediate_size,
             _ => c.hidden_size,
         }
     }

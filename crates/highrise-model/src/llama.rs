@@ -801,6 +801,9 @@ impl Llama {
                 }
                 pending = parallel.then_some(attn_out);
             }
+            if !parallel {
+                hooks.tap(Site::ResidMid, l, &x)?;
+            }
             let input = if layer.mlp_norm.is_some() || parallel { &xb } else { &x };
 
             // MLP: SwiGLU (GeGLU for Gemma), its two projections and the gate in one op where the
@@ -810,6 +813,7 @@ impl Llama {
                 Mlp::Dense(f) if folded => {
                     let mut act = self.tensor(&[t, f.w_gate.dims()[0]])?; // (T, I)
                     b.swiglu_linear_normed(&mut act, &x, layer.mlp_norm.as_ref().map(|n| (n, eps)), &f.w_gate, &f.w_up)?;
+                    hooks.tap(Site::MlpPost, l, &act)?;
                     if hooks.wants(Site::MlpOut, l) {
                         let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
                         self.linear(&mut mlp_out, &act, &f.w_down, None)?;
@@ -822,6 +826,7 @@ impl Llama {
                 }
                 Mlp::Dense(f) => {
                     let act = self.glu(f, input)?; // (T, I)
+                    hooks.tap(Site::MlpPost, l, &act)?;
                     let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
                     self.linear(&mut mlp_out, &act, &f.w_down, None)?;
                     Some(mlp_out)
@@ -833,6 +838,7 @@ impl Llama {
                     self.linear(&mut up, input, &f.w_up, f.b_up.as_ref())?;
                     let mut act = self.tensor(up.dims())?;
                     b.activation(&mut act, &up, c.glu_act())?;
+                    hooks.tap(Site::MlpPost, l, &act)?;
                     let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
                     self.linear(&mut mlp_out, &act, &f.w_down, f.b_down.as_ref())?;
                     Some(mlp_out)

@@ -98,11 +98,19 @@ def test_the_layernorm_families_layout_in_transformerlens_terms():
     assert (c.gated_mlp, c.parallel_attn_mlp) == (False, True)
     ids = [5, 17, 300, 42]
     for m in (gpt2, pythia):
-        logits, cache = m.run_with_cache(ids, names=["resid_pre", "attn_out", "mlp_out", "resid_post", "pattern"])
+        names = ["resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post", "pattern"]
+        logits, cache = m.run_with_cache(ids, names=names)
         # The stream adds up: what leaves a layer is what entered plus attention's and the MLP's.
         for layer in range(m.cfg.n_layers):
             total = cache["resid_pre", layer] + cache["attn_out", layer] + cache["mlp_out", layer]
             assert np.allclose(cache["resid_post", layer], total, atol=1e-4)
+            assert cache["blocks.%d.mlp.hook_post" % layer].shape == (len(ids), m.cfg.d_mlp)
+            # Between attention and the MLP (GPT-2); none where they run side by side (Pythia).
+            if m.cfg.parallel_attn_mlp:
+                assert ("resid_mid", layer) not in cache
+            else:
+                mid = cache["blocks.%d.hook_resid_mid" % layer]
+                assert np.allclose(mid, cache["resid_pre", layer] + cache["attn_out", layer], atol=1e-5)
             p = cache["pattern", layer]
             assert np.allclose(p.sum(-1), 1.0, atol=1e-5)
         assert np.array_equal(logits, m.logits(ids)), "capturing changes nothing"
@@ -285,8 +293,8 @@ def test_bad_inputs_raise_named_errors(model):
     with pytest.raises(ValueError, match="no such shape"):
         highrise.Model.load("random:huge")
     ids = model.tokenize("Hello there")
-    with pytest.raises(ValueError, match='unknown site "resid_mid"'):
-        model.run_with_cache(ids, names=["resid_mid"])
+    with pytest.raises(ValueError, match='unknown site "hook_resid_mid"'):
+        model.run_with_cache(ids, names=["hook_resid_mid"])
     with pytest.raises(IndexError, match="layer 30 does not exist"):
         model.run_with_cache(ids, layers=[30])
     with pytest.raises(IndexError, match="layer 99 does not exist"):

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: The capture sites, as TransformerLens names its hooks (``hook_<site>``).
-SITES = ("resid_pre", "attn_out", "mlp_out", "resid_post", "final_norm", "q", "k", "v", "router")
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post", "final_norm", "q", "k", "v", "router")
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 
@@ -147,7 +147,9 @@ class ActivationCache(Mapping):
     ``cache["resid_pre", 12]`` or ``cache["blocks.12.hook_resid_pre"]`` -> [T, d_model] (layer -1
     the last, as in Python; ``cache["blocks.3.attn.hook_q"]`` for q, k, v and pattern); ``q`` is
     [T, n_heads, d_head], ``k`` and ``v`` [T, n_key_value_heads, d_head] (after RoPE, as the KV
-    cache holds them); ``cache["final_norm"]`` (``ln_final.hook_normalized``) [T, d_model]; and
+    cache holds them); ``resid_mid`` [T, d_model] (between attention and the MLP; none where they
+    run side by side); ``mlp_post`` [T, d_mlp] (the MLP's activations, ``blocks.L.mlp.hook_post``);
+    ``cache["final_norm"]`` (``ln_final.hook_normalized``) [T, d_model]; and
     ``cache["pattern", 3]`` the attention probabilities [n_heads, T, T]. Arrays are read-only views
     of the engine's buffers."""
 
@@ -161,8 +163,11 @@ class ActivationCache(Mapping):
         if isinstance(key, str):
             if key in ("final_norm", "ln_final.hook_normalized"):
                 return ("final_norm", None)
-            # TransformerLens's hook names: blocks.L.hook_resid_pre, blocks.L.attn.hook_pattern.
+            # TransformerLens's hook names: blocks.L.hook_resid_pre, blocks.L.attn.hook_pattern,
+            # blocks.L.mlp.hook_post (the MLP's activations: our mlp_post).
             parts = key.split(".")
+            if len(parts) == 4 and parts[0] == "blocks" and parts[1].isdigit() and parts[2:] == ["mlp", "hook_post"]:
+                return ("mlp_post", int(parts[1]))
             attn = len(parts) == 4 and parts[2] == "attn" and parts[3] in ("hook_q", "hook_k", "hook_v", "hook_pattern")
             if (len(parts) == 3 or attn) and parts[0] == "blocks" and parts[-1].startswith("hook_") and parts[1].isdigit():
                 return (parts[-1][len("hook_"):], int(parts[1]))
