@@ -347,33 +347,38 @@ fn phi2_with_one_norm_for_attention_and_the_mlp() {
 
 /// The MLP's activations (`Site::MlpPost`, TransformerLens's `mlp.hook_post`) are what its down
 /// projection reads: times the file's down_proj (and its bias), they are the captured `mlp_out`
-/// (itself held to HF's logits above). The stream between attention and the MLP (`ResidMid`) is
-/// what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
+/// (itself held to HF's logits above); attention's output per head (`Site::Z`, `attn.hook_z`)
+/// times o_proj (and its bias) is `attn_out`. The stream between attention and the MLP
+/// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
-fn mlp_activations_and_the_stream_between_the_blocks() {
+fn mlp_activations_heads_and_the_stream_between_the_blocks() {
     for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
         let (_, prompt, _) = reference(family, "reference.json");
-        let sites = [Site::ResidPre, Site::AttnOut, Site::ResidMid, Site::MlpPost, Site::MlpOut];
+        let sites = [Site::ResidPre, Site::Z, Site::AttnOut, Site::ResidMid, Site::MlpPost, Site::MlpOut];
         let mut hooks = Hooks::capture_all(&sites);
         m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
-        let (h, i) = (m.config.hidden_size, m.config.intermediate_size);
+        let (h, i, q) = (m.config.hidden_size, m.config.intermediate_size, m.config.num_attention_heads * m.config.head_dim());
         for l in 0..m.config.num_hidden_layers {
-            let f64s = |name: &str| -> Option<Vec<f64>> {
-                let t = source.tensor(&format!("model.layers.{l}.mlp.down_proj.{name}")).unwrap()?;
-                Some(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect())
+            // `x` [T, k] through the file's projection `proj` [h, k] and its bias, in f64.
+            let project = |x: &[f32], proj: &str, k: usize| -> Vec<f32> {
+                let f64s = |name: &str| -> Option<Vec<f64>> {
+                    let t = source.tensor(&format!("model.layers.{l}.{proj}.{name}")).unwrap()?;
+                    Some(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect())
+                };
+                let (w, bias) = (f64s("weight").unwrap(), f64s("bias"));
+                assert_eq!(x.len(), prompt.len() * k, "{family}: {proj}'s input's shape");
+                let row = |a: &[f32]| (0..h).map(|o| (bias.as_ref().map_or(0.0, |b| b[o]) + (0..k).map(|j| a[j] as f64 * w[o * k + j]).sum::<f64>()) as f32).collect::<Vec<_>>();
+                x.chunks_exact(k).flat_map(row).collect()
             };
-            let (w, bias) = (f64s("weight").unwrap(), f64s("bias"));
-            let act = hooks.get(Site::MlpPost, l).unwrap();
-            assert_eq!(act.len(), prompt.len() * i, "{family}: mlp_post's shape");
-            let want: Vec<f32> = act
-                .chunks_exact(i)
-                .flat_map(|a| (0..h).map(|o| (bias.as_ref().map_or(0.0, |b| b[o]) + (0..i).map(|k| a[k] as f64 * w[o * i + k]).sum::<f64>()) as f32).collect::<Vec<_>>())
-                .collect();
+            let want = project(hooks.get(Site::MlpPost, l).unwrap(), "mlp.down_proj", i);
             let off = worst_of(hooks.get(Site::MlpOut, l).unwrap(), &want);
             assert!(off <= 1e-4, "{family} layer {l}: down_proj(mlp_post) is {off} from mlp_out");
+            let want = project(hooks.get(Site::Z, l).unwrap(), "self_attn.o_proj", q);
+            let off = worst_of(hooks.get(Site::AttnOut, l).unwrap(), &want);
+            assert!(off <= 1e-4, "{family} layer {l}: o_proj(z) is {off} from attn_out");
             let mid = hooks.get(Site::ResidMid, l);
             if m.config.parallel_residual() {
                 assert!(mid.is_none(), "{family}: no stream between attention and the MLP side by side");

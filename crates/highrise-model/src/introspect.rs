@@ -23,6 +23,9 @@ pub enum Site {
     K,
     /// V [T, Hkv * D].
     V,
+    /// Attention's output per head, before o_proj mixes the heads [T, Hq * D] (TransformerLens's
+    /// `attn.hook_z`: head h's contribution to the stream is its slice times o_proj's columns).
+    Z,
     /// The attention block's output after o_proj [T, H].
     AttnOut,
     /// The stream between attention and the MLP [T, H]: what entered the layer plus attention's
@@ -44,11 +47,12 @@ pub enum Site {
 
 impl Site {
     pub const STREAM: [Site; 4] = [Site::ResidPre, Site::AttnOut, Site::MlpOut, Site::ResidPost];
-    pub const ALL: [Site; 11] = [
+    pub const ALL: [Site; 12] = [
         Site::ResidPre,
         Site::Q,
         Site::K,
         Site::V,
+        Site::Z,
         Site::AttnOut,
         Site::ResidMid,
         Site::MlpPost,
@@ -74,6 +78,7 @@ impl Site {
             Site::Q => "q",
             Site::K => "k",
             Site::V => "v",
+            Site::Z => "z",
             Site::AttnOut => "attn_out",
             Site::ResidMid => "resid_mid",
             Site::MlpPost => "mlp_post",
@@ -88,7 +93,7 @@ impl Site {
     /// router at a dense layer, the MLP's activations at a mixture's).
     pub fn width(self, c: &crate::ModelConfig, layer: usize) -> usize {
         match self {
-            Site::Q => c.num_attention_heads * c.head_dim(),
+            Site::Q | Site::Z => c.num_attention_heads * c.head_dim(),
             Site::K | Site::V => c.kv_heads() * c.head_dim(),
             Site::Router if c.moe_layer(layer) => c.experts(),
             Site::Router => 0,

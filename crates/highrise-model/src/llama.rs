@@ -775,6 +775,7 @@ impl Llama {
                 b.paged_attention_with(&mut att, &q, &cache.k[l], &cache.v[l], batch.seqs, batch.block_table, scores)?;
             }
             let att = att.reshape(&[t, hq * d])?;
+            hooks.tap(Site::Z, l, &att)?;
             // x += attn_out: the projection adding into the stream where the norms fold (and no
             // tap wants attn_out apart: then it is stored and added, the same numbers); else with
             // the MLP's norm in one pass (add_rms_norm): xb = the MLP's norm of x. Side by side

@@ -98,13 +98,14 @@ def test_the_layernorm_families_layout_in_transformerlens_terms():
     assert (c.gated_mlp, c.parallel_attn_mlp) == (False, True)
     ids = [5, 17, 300, 42]
     for m in (gpt2, pythia):
-        names = ["resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post", "pattern"]
+        names = ["resid_pre", "z", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post", "pattern"]
         logits, cache = m.run_with_cache(ids, names=names)
         # The stream adds up: what leaves a layer is what entered plus attention's and the MLP's.
         for layer in range(m.cfg.n_layers):
             total = cache["resid_pre", layer] + cache["attn_out", layer] + cache["mlp_out", layer]
             assert np.allclose(cache["resid_post", layer], total, atol=1e-4)
             assert cache["blocks.%d.mlp.hook_post" % layer].shape == (len(ids), m.cfg.d_mlp)
+            assert cache["blocks.%d.attn.hook_z" % layer].shape == (len(ids), m.cfg.n_heads, m.cfg.d_head)
             # Between attention and the MLP (GPT-2); none where they run side by side (Pythia).
             if m.cfg.parallel_attn_mlp:
                 assert ("resid_mid", layer) not in cache

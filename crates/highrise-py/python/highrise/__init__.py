@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: The capture sites, as TransformerLens names its hooks (``hook_<site>``).
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post", "final_norm", "q", "k", "v", "router")
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post", "final_norm", "q", "k", "v", "z", "router")
 
 Prompt = Union[str, Sequence[int], np.ndarray]
 
@@ -147,7 +147,8 @@ class ActivationCache(Mapping):
     ``cache["resid_pre", 12]`` or ``cache["blocks.12.hook_resid_pre"]`` -> [T, d_model] (layer -1
     the last, as in Python; ``cache["blocks.3.attn.hook_q"]`` for q, k, v and pattern); ``q`` is
     [T, n_heads, d_head], ``k`` and ``v`` [T, n_key_value_heads, d_head] (after RoPE, as the KV
-    cache holds them); ``resid_mid`` [T, d_model] (between attention and the MLP; none where they
+    cache holds them); ``z`` [T, n_heads, d_head] (attention's output per head before the output
+    projection, ``blocks.L.attn.hook_z``); ``resid_mid`` [T, d_model] (between attention and the MLP; none where they
     run side by side); ``mlp_post`` [T, d_mlp] (the MLP's activations, ``blocks.L.mlp.hook_post``);
     ``cache["final_norm"]`` (``ln_final.hook_normalized``) [T, d_model]; and
     ``cache["pattern", 3]`` the attention probabilities [n_heads, T, T]. Arrays are read-only views
@@ -168,7 +169,7 @@ class ActivationCache(Mapping):
             parts = key.split(".")
             if len(parts) == 4 and parts[0] == "blocks" and parts[1].isdigit() and parts[2:] == ["mlp", "hook_post"]:
                 return ("mlp_post", int(parts[1]))
-            attn = len(parts) == 4 and parts[2] == "attn" and parts[3] in ("hook_q", "hook_k", "hook_v", "hook_pattern")
+            attn = len(parts) == 4 and parts[2] == "attn" and parts[3] in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_pattern")
             if (len(parts) == 3 or attn) and parts[0] == "blocks" and parts[-1].startswith("hook_") and parts[1].isdigit():
                 return (parts[-1][len("hook_"):], int(parts[1]))
             raise KeyError(f"{key!r}: expected (site, layer), 'blocks.L.hook_SITE', 'blocks.L.attn.hook_SITE' or 'final_norm'")
@@ -191,7 +192,7 @@ class ActivationCache(Mapping):
         except KeyError:
             raise KeyError(f"{site} at layer {layer} was not captured (captured: {self._names()})") from None
         cfg = self.model.cfg
-        if site == "q":
+        if site in ("q", "z"):
             return a.reshape(len(self.tokens), cfg.n_heads, cfg.d_head)
         if site in ("k", "v"):
             return a.reshape(len(self.tokens), cfg.n_key_value_heads, cfg.d_head)
