@@ -136,6 +136,11 @@ FAMILIES = {
     "starcoder2": dict(model_type="starcoder2", norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True),
     # Phi-2: one LayerNorm read by attention and the MLP side by side, partial RoPE, lm_head bias.
     "phi2": dict(model_type="phi", partial_rotary_factor=0.5, layer_norm_eps=1e-5, hidden_act="gelu_new"),
+    # StableLM 2: LayerNorm with a SwiGLU MLP, RoPE on a quarter of each head, q/k/v biases; and
+    # side by side (one norm feeding both, as its 12B).
+    "stablelm": dict(model_type="stablelm", partial_rotary_factor=0.25, layer_norm_eps=1e-5, use_qkv_bias=True),
+    "stablelm-parallel": dict(model_type="stablelm", partial_rotary_factor=0.25, layer_norm_eps=1e-5,
+                              use_parallel_residual=True),
 }
 
 # Fields of COMMON a family's config does not have under that name, which from_config would save
@@ -145,6 +150,7 @@ NOT_THEIRS = {
     "gpt_neox": ("num_key_value_heads", "rms_norm_eps"),
     "starcoder2": ("rms_norm_eps",),
     "phi": ("rms_norm_eps",),
+    "stablelm": ("rms_norm_eps",),
 }
 
 
@@ -228,7 +234,7 @@ def quantized_reference(out: Path, ids, quant: str) -> None:
     (out / f"reference-{quant.lower()}.json").write_text(json.dumps(ref))
 
 
-LN_ARCH = {"gpt2": "gpt2", "gpt_neox": "gptneox", "starcoder2": "starcoder2", "phi": "phi2"}
+LN_ARCH = {"gpt2": "gpt2", "gpt_neox": "gptneox", "starcoder2": "starcoder2", "phi": "phi2", "stablelm": "stablelm"}
 
 
 def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
@@ -245,9 +251,10 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.n_inner if kind == "gpt2" else cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    if kind in ("starcoder2", "phi"):
+    if kind in ("starcoder2", "phi", "stablelm"):
         w.add_head_count_kv(cfg.num_key_value_heads)
-    eps = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "starcoder2": "norm_epsilon", "phi": "layer_norm_eps"}[kind]
+    eps = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "starcoder2": "norm_epsilon", "phi": "layer_norm_eps",
+           "stablelm": "layer_norm_eps"}[kind]
     w.add_layer_norm_eps(getattr(cfg, eps))
     if kind != "gpt2":
         rp = cfg.rope_parameters
@@ -255,7 +262,7 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
         partial = rp.get("partial_rotary_factor", 1.0) or 1.0
         if partial != 1.0:
             w.add_rope_dimension_count(int(hd * partial))
-    if kind == "gpt_neox":
+    if kind in ("gpt_neox", "stablelm"):
         w.add_parallel_residual(cfg.use_parallel_residual)
     w.add_vocab_size(cfg.vocab_size)
     names = {
@@ -272,6 +279,10 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
         "phi": {"embed_tokens": "token_embd", "final_layernorm": "output_norm", "input_layernorm": "attn_norm",
                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                 "self_attn.dense": "attn_output", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"},
+        "stablelm": {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+                     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"},
     }[kind]
     for k, v in model.state_dict().items():
         v = v.detach().numpy()

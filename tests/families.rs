@@ -207,7 +207,7 @@ fn olmoe_with_weights_not_renormalized() {
 /// (llama.cpp reorders it to q, k, v); StarCoder 2's and Phi's own names.
 #[test]
 fn a_ggufs_tensors_are_named_and_laid_out_as_the_checkpoints() {
-    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2"] {
+    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2", "stablelm"] {
         let d = dir(family);
         let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
         let mut names = gguf.tensor_names();
@@ -345,6 +345,15 @@ fn phi2_with_one_norm_for_attention_and_the_mlp() {
     check("phi2");
 }
 
+/// StableLM 2: LayerNorm (weight and bias) with a gated SwiGLU MLP, RoPE on a quarter of each head,
+/// q/k/v biases; and side by side (`use_parallel_residual`: one norm feeding attention and the
+/// MLP, as its 12B has it).
+#[test]
+fn stablelm_with_layernorm_and_swiglu_sequential_and_side_by_side() {
+    check("stablelm");
+    check("stablelm-parallel");
+}
+
 /// The MLP's activations (`Site::MlpPost`, TransformerLens's `mlp.hook_post`) are what its down
 /// projection reads: times the file's down_proj (and its bias), they are the captured `mlp_out`
 /// (itself held to HF's logits above); attention's output per head (`Site::Z`, `attn.hook_z`)
@@ -352,7 +361,7 @@ fn phi2_with_one_norm_for_attention_and_the_mlp() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 21] = [
+pub const FAMILIES: [(&str, &str); 22] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -35,6 +35,7 @@ pub const FAMILIES: [(&str, &str); 21] = [
     ("gpt_neox", "GPT-NeoX, Pythia (LayerNorm, attention and the MLP side by side on the same stream, RoPE on a quarter of each head, exact GELU; GGUF `gptneox`)"),
     ("starcoder2", "StarCoder 2 (LayerNorm, biases, a GELU MLP without a gate, grouped-query attention)"),
     ("phi", "Phi-1.5, Phi-2 (one LayerNorm feeding attention and the MLP side by side, partial RoPE, biases, the unembedding's too; GGUF `phi2`)"),
+    ("stablelm", "StableLM 2, StableLM 3B (LayerNorm with a SwiGLU MLP, RoPE on a quarter of each head, q/k/v biases where use_qkv_bias says)"),
 ];
 
 /// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
@@ -183,6 +184,9 @@ pub struct ModelConfig {
     /// StarCoder 2: biases on every projection (HF's default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_bias: Option<bool>,
+    /// StableLM: biases on q, k and v (HF's default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_qkv_bias: Option<bool>,
     /// Phi: LayerNorms of q and k (no released Phi-1.5 or Phi-2 has them): refused where true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qk_layernorm: Option<bool>,
@@ -444,6 +448,7 @@ impl ModelConfig {
                 "gptneox" => "GPTNeoXForCausalLM".into(),
                 "starcoder2" => "Starcoder2ForCausalLM".into(),
                 "phi2" => "PhiForCausalLM".into(),
+                "stablelm" => "StableLmForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -524,6 +529,7 @@ impl ModelConfig {
             },
             // llama.cpp's StarCoder 2 without biases has no attn_output.bias.
             use_bias: (arch == "starcoder2").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
+            use_qkv_bias: (arch == "stablelm").then(|| g.tensor("blk.0.attn_q.bias").is_some()),
             qk_layernorm: None,
             scale_attn_by_inverse_layer_idx: None,
             scale_attn_weights: None,
@@ -699,28 +705,31 @@ impl ModelConfig {
     /// GPT-2, GPT-NeoX, StarCoder 2 and Phi norm with LayerNorm (a weight and a bias), the other
     /// families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm")
     }
 
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi),
     /// rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        self.layer_norm()
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi")
     }
 
     /// Whether attention and the MLP read the stream as it enters the layer and both add to it
-    /// (GPT-NeoX as `use_parallel_residual` says, HF's default true; Phi always).
+    /// (GPT-NeoX as `use_parallel_residual` says, HF's default true; StableLM likewise, default
+    /// false; Phi always).
     pub fn parallel_residual(&self) -> bool {
         match self.model_type.as_str() {
             "gpt_neox" => self.use_parallel_residual.unwrap_or(true),
+            "stablelm" => self.use_parallel_residual.unwrap_or(false),
             "phi" => true,
             _ => false,
         }
     }
 
-    /// Whether the MLP reads attention's norm of the stream, having none of its own (Phi).
+    /// Whether the MLP reads attention's norm of the stream, having none of its own (Phi; StableLM
+    /// side by side).
     pub fn shared_norm(&self) -> bool {
-        self.model_type == "phi"
+        self.model_type == "phi" || (self.model_type == "stablelm" && self.parallel_residual())
     }
 
     /// Whether the attention's output projection and the MLP's have biases (GPT-2, GPT-NeoX, Phi,
@@ -752,6 +761,11 @@ impl ModelConfig {
             "gpt_neox" => &[("layer_norm_eps", self.rms_norm_eps.into()), ("use_parallel_residual", self.parallel_residual().into())],
             "starcoder2" => &[("norm_epsilon", self.rms_norm_eps.into()), ("use_bias", self.dense_bias().into())],
             "phi" => &[("layer_norm_eps", self.rms_norm_eps.into())],
+            "stablelm" => &[
+                ("layer_norm_eps", self.rms_norm_eps.into()),
+                ("use_parallel_residual", self.parallel_residual().into()),
+                ("use_qkv_bias", self.qkv_bias().into()),
+            ],
             _ => &[],
         };
         if let Some(o) = v.as_object_mut() {
@@ -880,7 +894,7 @@ impl ModelConfig {
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set; the families with
     /// biases on every projection (`dense_bias`) too.
     pub fn qkv_bias(&self) -> bool {
-        self.attention_bias || matches!(self.model_type.as_str(), "qwen2" | "qwen2_moe") || self.dense_bias()
+        self.attention_bias || matches!(self.model_type.as_str(), "qwen2" | "qwen2_moe") || self.dense_bias() || self.use_qkv_bias == Some(true)
     }
 
     /// The longest sequence the model serves: its trained context.
