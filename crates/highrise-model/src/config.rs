@@ -310,18 +310,26 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut json: Json = serde_json::from_str(&text).map_err(|e| Error::config(path, "config", e))?;
-        adopt_family_names(&mut json);
+        let adopted = adopt_family_names(&mut json);
+        // An error names the field as the file does (GPT-2's n_inner, not intermediate_size).
+        let theirs = |e: Error| match e {
+            Error::Config { path, field, detail } => {
+                let field = adopted.iter().find(|(_, ours)| *ours == field).map_or(field, |(theirs, _)| theirs.to_string());
+                Error::Config { path, field, detail }
+            }
+            e => e,
+        };
         let c: ModelConfig = serde_path_to_error::deserialize(json)
             .map_err(|e| {
                 let field = match e.path().to_string().as_str() {
                     "." => "config".to_string(),
                     p => p.to_string(),
                 };
-                Error::config(path, &field, e.inner())
+                theirs(Error::config(path, &field, e.inner()))
             })?;
         let mut c = c;
         c.adopt_rope_parameters();
-        c.validate(path)?;
+        c.validate(path).map_err(theirs)?;
         Ok(c)
     }
 
@@ -995,8 +1003,10 @@ impl ModelConfig {
 /// `n_head`, `n_positions`, `n_inner`, `activation_function`; each family's name for the norms'
 /// epsilon; GPT-NeoX's `rotary_pct` and `rotary_emb_base`), taken under ours where ours is absent;
 /// and GPT-2's defaults where its config leaves them out (an MLP 4x the width, tied embeddings).
-fn adopt_family_names(json: &mut Json) {
-    let Some(o) = json.as_object_mut() else { return };
+/// Returns the (theirs, ours) names it adopted.
+fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
+    let mut adopted = Vec::new();
+    let Some(o) = json.as_object_mut() else { return adopted };
     const NAMES: [(&str, &str); 11] = [
         ("n_embd", "hidden_size"),
         ("n_layer", "num_hidden_layers"),
@@ -1014,15 +1024,17 @@ fn adopt_family_names(json: &mut Json) {
         if !o.contains_key(ours) {
             if let Some(v) = o.remove(theirs).filter(|v| !v.is_null()) {
                 o.insert(ours.to_string(), v);
+                adopted.push((theirs, ours));
             }
         }
     }
     if o.get("model_type").and_then(Json::as_str) == Some("gpt2") {
         if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
-            o.insert("intermediate_size".into(), (4 * h).into());
+            o.insert("intermediate_size".into(), h.saturating_mul(4).into());
         }
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
+    adopted
 }
 
 /// Llama 3's RoPE scaling as HF's config writes it, from the per-frequency divisors llama.cpp stores
@@ -1154,6 +1166,14 @@ mod tests {
             "scale_attn_by_inverse_layer_idx": true}"#);
         let e = ModelConfig::from_file(&bad).unwrap_err().to_string();
         assert!(e.contains("scale_attn_by_inverse_layer_idx"), "{e}");
+        // Errors name the field as the file does.
+        for (name, json, field) in [
+            ("gpt2-embd", r#"{"model_type": "gpt2", "vocab_size": 8, "n_embd": "wide", "n_layer": 2, "n_head": 4}"#, "n_embd"),
+            ("gpt2-inner", r#"{"model_type": "gpt2", "vocab_size": 8, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 0}"#, "n_inner"),
+        ] {
+            let e = ModelConfig::from_file(&write(name, json)).unwrap_err().to_string();
+            assert!(e.contains(field) && !e.contains("hidden_size") && !e.contains("intermediate_size"), "{e}");
+        }
     }
 
     #[test]
