@@ -168,7 +168,7 @@ pub fn run(a: &BenchArgs) -> AnyResult<()> {
     };
     println!(
         "\nceilings: {memory}; {:.1} MB of weights per token, so batch-1 decode <= {:.0} t/s; \
-         this model's gate projection {}, so pp <= matmul rate / flops per token",
+         this model's MLP projection {}, so pp <= matmul rate / flops per token",
         weight_bytes as f64 / 1e6,
         decode_ceiling,
         if matmul >= 1e12 { format!("{:.1} TFLOP/s", matmul / 1e12) } else { format!("{:.1} GFLOP/s", matmul / 1e9) }

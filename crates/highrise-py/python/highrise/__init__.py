@@ -269,8 +269,10 @@ class Model:
         info = engine.info()
         #: The model's shape (n_layers, d_model, n_heads, n_key_value_heads, d_head, d_mlp,
         #: d_vocab, n_ctx; a mixture of experts' num_experts, experts_per_token, d_expert: 0 and
-        #: None for a dense model) and where it runs (path, backend, device, dtype,
-        #: kv_cache_tokens).
+        #: None for a dense model), its layout in TransformerLens's terms (original_architecture,
+        #: normalization_type "LN" or "RMS", positional_embedding_type "standard" or "rotary",
+        #: rotary_dim, act_fn, gated_mlp, parallel_attn_mlp) and where it runs (path, backend,
+        #: device, dtype, kv_cache_tokens).
         self.cfg = types.SimpleNamespace(**info)
         self._steer: list = []
         self._patch: list = []
