@@ -400,6 +400,75 @@ fn mlp_activations_heads_and_the_stream_between_the_blocks() {
     }
 }
 
+/// Activation patching at any patchable site: each site patched with its own values changes no
+/// logit; a head zeroed in `z` at every position is zero in the captured z, the attention output is
+/// o_proj of the patched z, and the logits move; the MLP's output zeroed at a position leaves the
+/// stream there as it was between the blocks; a site no patch may replace (q) or one the layer lacks
+/// (a mixture's mlp_post) is refused, naming it.
+#[test]
+fn patching_any_site() {
+    use highrise::model::{ModelConfig, Patch};
+    for family in ["llama3.2", "gpt2"] {
+        let source = Source::open(&dir(family)).unwrap();
+        let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
+        let (_, prompt, _) = reference(family, "reference.json");
+        let t = prompt.len();
+        let all = [Site::Z, Site::AttnOut, Site::ResidMid, Site::MlpPost, Site::MlpOut, Site::ResidPost];
+        let run = |patch: Vec<Patch>| {
+            let mut hooks = Hooks { patch, ..Hooks::capture_all(&all) };
+            let logits = m.prefill_hooked(&prompt, Logits::All, Some(&mut hooks)).unwrap().to_f32().unwrap();
+            (logits, hooks)
+        };
+        let (clean, cache) = run(vec![]);
+        let row = |site: Site, l: usize, p: usize| {
+            let v = cache.get(site, l).unwrap();
+            let w = v.len() / t;
+            v[p * w..(p + 1) * w].to_vec()
+        };
+        for site in [Site::Z, Site::AttnOut, Site::MlpPost, Site::MlpOut] {
+            let same: Vec<Patch> = (0..t).map(|p| Patch { layer: 1, position: p, values: row(site, 1, p), site }).collect();
+            assert_eq!(run(same).0, clean, "{family}: {} patched with itself", site.name());
+        }
+        // Head 1 of layer 0 ablated (zero) at every position.
+        let (hq, d) = (m.config.num_attention_heads, m.config.head_dim());
+        let ablate: Vec<Patch> = (0..t)
+            .map(|p| {
+                let mut z = row(Site::Z, 0, p);
+                z[d..2 * d].iter_mut().for_each(|v| *v = 0.0);
+                Patch { layer: 0, position: p, values: z, site: Site::Z }
+            })
+            .collect();
+        let (ablated, hooks) = run(ablate);
+        let z = hooks.get(Site::Z, 0).unwrap();
+        assert!((0..t).all(|p| z[(p * hq + 1) * d..(p * hq + 2) * d].iter().all(|&v| v == 0.0)), "{family}: head 1 reads zero");
+        let wo = source.tensor("model.layers.0.self_attn.o_proj.weight").unwrap().unwrap();
+        let wo: Vec<f32> = wo.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let bo = source.tensor("model.layers.0.self_attn.o_proj.bias").unwrap();
+        let bo: Option<Vec<f32>> = bo.map(|b| b.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+        let (h, q) = (m.config.hidden_size, hq * d);
+        let want: Vec<f32> = z
+            .chunks_exact(q)
+            .flat_map(|zr| (0..h).map(|o| bo.as_ref().map_or(0.0, |b| b[o]) + (0..q).map(|k| zr[k] * wo[o * q + k]).sum::<f32>()).collect::<Vec<_>>())
+            .collect();
+        assert!(worst_of(hooks.get(Site::AttnOut, 0).unwrap(), &want) <= 1e-4, "{family}: attn_out is o_proj of the ablated z");
+        assert!(worst_of(&ablated, &clean) > 1e-3, "{family}: ablating a head moves the logits");
+        // The MLP's output zeroed at position 3 of layer 1: the stream leaves as it was between.
+        let (_, hooks) = run(vec![Patch { layer: 1, position: 3, values: vec![0.0; h], site: Site::MlpOut }]);
+        let (mid, post) = (hooks.get(Site::ResidMid, 1).unwrap(), hooks.get(Site::ResidPost, 1).unwrap());
+        assert_eq!(&post[3 * h..4 * h], &mid[3 * h..4 * h], "{family}: zero mlp_out adds nothing");
+        assert_ne!(&post[4 * h..5 * h], &mid[4 * h..5 * h], "{family}: other positions keep theirs");
+        let e = m
+            .prefill_hooked(&prompt, Logits::Last, Some(&mut Hooks { patch: vec![Patch { layer: 0, position: 0, values: vec![0.0; q], site: Site::Q }], ..Default::default() }))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("patching q") && e.contains("mlp_post"), "{e}");
+    }
+    let moe = Llama::random(ModelConfig::shape("tiny-qwen3-moe").unwrap(), cpu(), highrise::core::DType::F32, 1).unwrap();
+    let patch = vec![Patch { layer: 1, position: 0, values: vec![0.0; 4], site: Site::MlpPost }];
+    let e = moe.prefill_hooked(&[1, 2], Logits::Last, Some(&mut Hooks { patch, ..Default::default() })).unwrap_err().to_string();
+    assert!(e.contains("layer 1") && e.contains("mlp_post"), "{e}");
+}
+
 /// Mixtral as llama.cpp wrote it before it stacked the experts (`blk.{l}.ffn_gate.{e}.weight`...:
 /// most Mixtral GGUF files of early 2024): HF's logits, and the checkpoint's names.
 #[test]

@@ -127,7 +127,7 @@ fn steering_and_patching() {
     let mut saved = Hooks::capture_all(&[Site::ResidPre]);
     run(&a, &mut saved);
     let own: Vec<Patch> = (0..a.len())
-        .map(|p| Patch { layer: 7, position: p, values: saved.get(Site::ResidPre, 7).unwrap()[p * h..(p + 1) * h].to_vec() })
+        .map(|p| Patch { layer: 7, position: p, values: saved.get(Site::ResidPre, 7).unwrap()[p * h..(p + 1) * h].to_vec(), site: Site::ResidPre })
         .collect();
     assert_eq!(run(&a, &mut Hooks { patch: own, ..Default::default() }), plain);
 
@@ -137,7 +137,7 @@ fn steering_and_patching() {
     let mut other = Hooks::capture_all(&[Site::ResidPre]);
     let b_logits = run(&b, &mut other);
     let from_b: Vec<Patch> = (0..b.len())
-        .map(|p| Patch { layer: 0, position: p, values: other.get(Site::ResidPre, 0).unwrap()[p * h..(p + 1) * h].to_vec() })
+        .map(|p| Patch { layer: 0, position: p, values: other.get(Site::ResidPre, 0).unwrap()[p * h..(p + 1) * h].to_vec(), site: Site::ResidPre })
         .collect();
     let patched = run(&a, &mut Hooks { patch: from_b, ..Default::default() });
     assert!(max_diff(&patched, &b_logits) <= 1e-5, "patched run reproduces the other prompt's logits");

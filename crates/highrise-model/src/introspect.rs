@@ -114,12 +114,21 @@ pub struct Steer {
     pub positions: Option<Vec<usize>>,
 }
 
-/// Replaces the stream entering `layer` at `position` (a row of the batch) with `values`.
+/// Replaces `site` of `layer` at `position` (a row of the batch) with `values`, before anything
+/// reads it: the stream entering the layer (`ResidPre`), attention's output per head (`Z`: a head
+/// zeroed or taken from another run), the attention block's output (`AttnOut`), the MLP's
+/// activations (`MlpPost`) or output (`MlpOut`). Captures at that site see the patched values.
 #[derive(Clone, Debug)]
 pub struct Patch {
     pub layer: usize,
     pub position: usize,
     pub values: Vec<f32>,
+    pub site: Site,
+}
+
+impl Site {
+    /// The sites a `Patch` may replace.
+    pub const PATCHABLE: [Site; 5] = [Site::ResidPre, Site::Z, Site::AttnOut, Site::MlpPost, Site::MlpOut];
 }
 
 /// What one forward pass should capture and change, and what it captured.
@@ -187,6 +196,49 @@ impl Hooks {
         Ok(())
     }
 
+    /// Whether a patch replaces `site` of `layer`.
+    pub(crate) fn patches(&self, site: Site, layer: usize) -> bool {
+        self.patch.iter().any(|p| p.site == site && p.layer == layer)
+    }
+
+    /// Refuses patches of a site `Patch` cannot replace, or where the model has none (a mixture's
+    /// layer has no `mlp_post`), or past the last layer, before the pass starts.
+    pub(crate) fn check_patches(&self, c: &crate::ModelConfig) -> Result<()> {
+        for p in &self.patch {
+            if !Site::PATCHABLE.contains(&p.site) {
+                let can = Site::PATCHABLE.map(Site::name).join(", ");
+                return Err(Error::Input(format!("patching {} is not supported (these are: {can})", p.site.name())));
+            }
+            if p.layer >= c.num_hidden_layers || p.site.width(c, p.layer) == 0 {
+                return Err(Error::Input(format!("patch: layer {} of this model has no {}", p.layer, p.site.name())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the patches of `site` at `layer` to `t` [T, width]; true if there were any.
+    pub(crate) fn patch_site(&self, site: Site, layer: usize, t: &mut Tensor) -> Result<bool> {
+        let patch: Vec<&Patch> = self.patch.iter().filter(|p| p.site == site && p.layer == layer).collect();
+        if patch.is_empty() {
+            return Ok(false);
+        }
+        let (rows, width) = (t.dims()[0], t.numel() / t.dims()[0].max(1));
+        let mut v = t.to_f32()?;
+        for p in patch {
+            if p.values.len() != width || p.position >= rows {
+                return Err(Error::Input(format!(
+                    "patch of {} at layer {layer}, position {}: {} values for {rows} x {width}",
+                    site.name(),
+                    p.position,
+                    p.values.len()
+                )));
+            }
+            v[p.position * width..(p.position + 1) * width].copy_from_slice(&p.values);
+        }
+        t.write_f32(&v)?;
+        Ok(true)
+    }
+
     pub(crate) fn capture(&mut self, site: Site, layer: usize, t: &Tensor) -> Result<()> {
         if !self.wants(site, layer) {
             return Ok(());
@@ -216,7 +268,7 @@ impl Hooks {
     /// anything changed.
     pub(crate) fn intervene(&self, layer: usize, x: &mut Tensor, hidden: usize) -> Result<bool> {
         let steer: Vec<&Steer> = self.steer.iter().filter(|s| s.layer == layer).collect();
-        let patch: Vec<&Patch> = self.patch.iter().filter(|p| p.layer == layer).collect();
+        let patch: Vec<&Patch> = self.patch.iter().filter(|p| p.layer == layer && p.site == Site::ResidPre).collect();
         if steer.is_empty() && patch.is_empty() {
             return Ok(false);
         }

@@ -679,6 +679,9 @@ impl Llama {
         let t = batch.tokens.len();
         let (h, hq, hkv, d) = (c.hidden_size, c.num_attention_heads, c.kv_heads(), c.head_dim());
         self.check_batch(batch)?;
+        if let Some(h) = hooks.as_deref() {
+            h.check_patches(c)?;
+        }
         let eps = c.rms_norm_eps as f32;
         // Whole prompts with nothing cached attend straight to their own K/V (flash-attention's case);
         // anything else (decode, a chunk after a cached prefix) reads through the block tables.
@@ -774,7 +777,8 @@ impl Llama {
             } else {
                 b.paged_attention_with(&mut att, &q, &cache.k[l], &cache.v[l], batch.seqs, batch.block_table, scores)?;
             }
-            let att = att.reshape(&[t, hq * d])?;
+            let mut att = att.reshape(&[t, hq * d])?;
+            hooks.patch(Site::Z, l, &mut att)?;
             hooks.tap(Site::Z, l, &att)?;
             // x += attn_out: the projection adding into the stream where the norms fold (and no
             // tap wants attn_out apart: then it is stored and added, the same numbers); else with
@@ -782,13 +786,14 @@ impl Llama {
             // (GPT-NeoX, Phi), attn_out waits to join the MLP's output, and the MLP reads its own
             // norm of the stream as it entered the layer (GPT-NeoX) or attention's (Phi: xb as is).
             let mut pending = None;
-            if folded && !hooks.wants(Site::AttnOut, l) {
+            if folded && !hooks.touches(Site::AttnOut, l) {
                 b.linear_add(&mut x, &att, &layer.wo, None)?;
             } else {
                 let mut attn_out = self.tensor(&[t, h])?; // (T, H)
                 self.linear(&mut attn_out, &att, &layer.wo, layer.bo.as_ref())?;
                 // What joins the stream (Gemma 2, OLMo 2: normed first) is what the tap sees.
-                let attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
+                let mut attn_out = self.post_norm(attn_out, layer.attn_post_norm.as_ref())?;
+                hooks.patch(Site::AttnOut, l, &mut attn_out)?;
                 hooks.tap(Site::AttnOut, l, &attn_out)?;
                 // Without the MLP's own norm (OLMo 2) xb is not read: any norm serves the add.
                 let mlp_norm = match &layer.mlp_norm {
@@ -814,8 +819,9 @@ impl Llama {
                 Mlp::Dense(f) if folded => {
                     let mut act = self.tensor(&[t, f.w_gate.dims()[0]])?; // (T, I)
                     b.swiglu_linear_normed(&mut act, &x, layer.mlp_norm.as_ref().map(|n| (n, eps)), &f.w_gate, &f.w_up)?;
+                    hooks.patch(Site::MlpPost, l, &mut act)?;
                     hooks.tap(Site::MlpPost, l, &act)?;
-                    if hooks.wants(Site::MlpOut, l) {
+                    if hooks.touches(Site::MlpOut, l) {
                         let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
                         self.linear(&mut mlp_out, &act, &f.w_down, None)?;
                         Some(mlp_out)
@@ -826,7 +832,8 @@ impl Llama {
                     }
                 }
                 Mlp::Dense(f) => {
-                    let act = self.glu(f, input)?; // (T, I)
+                    let mut act = self.glu(f, input)?; // (T, I)
+                    hooks.patch(Site::MlpPost, l, &mut act)?;
                     hooks.tap(Site::MlpPost, l, &act)?;
                     let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
                     self.linear(&mut mlp_out, &act, &f.w_down, None)?;
@@ -839,6 +846,7 @@ impl Llama {
                     self.linear(&mut up, input, &f.w_up, f.b_up.as_ref())?;
                     let mut act = self.tensor(up.dims())?;
                     b.activation(&mut act, &up, c.glu_act())?;
+                    hooks.patch(Site::MlpPost, l, &mut act)?;
                     hooks.tap(Site::MlpPost, l, &act)?;
                     let mut mlp_out = self.tensor(&[t, h])?; // (T, H)
                     self.linear(&mut mlp_out, &act, &f.w_down, f.b_down.as_ref())?;
@@ -848,7 +856,8 @@ impl Llama {
             // (A next layer without a norm of its own does not read xb: the final norm serves.)
             let next_norm = self.attn_norm(l + 1);
             if let Some(mlp_out) = mlp_out {
-                let mlp_out = self.post_norm(mlp_out, layer.mlp_post_norm.as_ref())?;
+                let mut mlp_out = self.post_norm(mlp_out, layer.mlp_post_norm.as_ref())?;
+                hooks.patch(Site::MlpOut, l, &mut mlp_out)?;
                 hooks.tap(Site::MlpOut, l, &mlp_out)?;
                 // Side by side: attention's output joins the MLP's, then the stream (HF's order:
                 // mlp + attn, then the residual).
@@ -1147,8 +1156,11 @@ trait Taps {
     fn tap(&mut self, site: Site, layer: usize, t: &Tensor) -> Result<()>;
     /// Applies steering and patching to the stream `x` entering `layer`; true if it changed.
     fn intervene(&mut self, layer: usize, x: &mut Tensor, hidden: usize) -> Result<bool>;
-    /// Whether `site` of `layer` is captured (then the pass stores it, where it might fold it away).
-    fn wants(&self, site: Site, layer: usize) -> bool;
+    /// Whether `site` of `layer` is captured or patched (then the pass stores it, where it might
+    /// fold it away).
+    fn touches(&self, site: Site, layer: usize) -> bool;
+    /// Applies the patches of `site` at `layer` to `t`; true if there were any.
+    fn patch(&mut self, site: Site, layer: usize, t: &mut Tensor) -> Result<bool>;
 }
 
 impl Taps for Option<&mut Hooks> {
@@ -1166,8 +1178,15 @@ impl Taps for Option<&mut Hooks> {
         }
     }
 
-    fn wants(&self, site: Site, layer: usize) -> bool {
-        self.as_deref().is_some_and(|h| h.wants(site, layer))
+    fn touches(&self, site: Site, layer: usize) -> bool {
+        self.as_deref().is_some_and(|h| h.wants(site, layer) || h.patches(site, layer))
+    }
+
+    fn patch(&mut self, site: Site, layer: usize, t: &mut Tensor) -> Result<bool> {
+        match self.as_deref() {
+            Some(h) => h.patch_site(site, layer, t),
+            None => Ok(false),
+        }
     }
 }
 

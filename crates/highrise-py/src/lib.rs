@@ -69,8 +69,8 @@ struct SamplingArgs {
 /// One steering vector as Python gives it: (layer, vector, scale, positions or None). Layers and
 /// positions below 0 count from the end, as Python's indices (and TransformerLens's) do.
 type SteerArg<'py> = (i64, PyReadonlyArray1<'py, f32>, f32, Option<Vec<i64>>);
-/// One patch: (layer, position, row).
-type PatchArg<'py> = (i64, i64, PyReadonlyArray1<'py, f32>);
+/// One patch: (layer, position, row, site).
+type PatchArg<'py> = (i64, i64, PyReadonlyArray1<'py, f32>, String);
 
 /// `i` as an index into `n` things, Python's way (-1 the last); IndexError naming `what` beyond.
 fn index(i: i64, n: usize, what: impl FnOnce(i64) -> String) -> PyResult<usize> {
@@ -111,9 +111,13 @@ impl Engine {
     /// A row for the residual stream: its width, every value finite (a NaN would spread through
     /// every later layer and come back as text without a word said).
     fn check_row(&self, row: &[f32], what: &str) -> PyResult<()> {
-        let h = self.model.config.hidden_size;
-        if row.len() != h {
-            return Err(PyValueError::new_err(format!("{what}: {} values, the residual stream has {h}", row.len())));
+        self.check_values(row, self.model.config.hidden_size, "the residual stream", what)
+    }
+
+    /// `check_row` for a site `of` of width `width`.
+    fn check_values(&self, row: &[f32], width: usize, of: &str, what: &str) -> PyResult<()> {
+        if row.len() != width {
+            return Err(PyValueError::new_err(format!("{what}: {} values, {of} has {width}", row.len())));
         }
         match row.iter().position(|v| !v.is_finite()) {
             Some(i) => Err(PyValueError::new_err(format!("{what}: value {i} is {}, not a finite number", row[i]))),
@@ -142,12 +146,20 @@ impl Engine {
     }
 
     fn patch(&self, p: &PatchArg, tokens: usize, offset: usize) -> PyResult<Patch> {
-        let (layer, position, row) = p;
+        let (layer, position, row, site) = p;
+        let site = Site::parse(site).filter(|s| Site::PATCHABLE.contains(s)).ok_or_else(|| {
+            PyValueError::new_err(format!("patch: site {site:?} cannot be patched (these can: {})", Site::PATCHABLE.map(Site::name).join(", ")))
+        })?;
         let layer = self.check_layer(*layer, "patch")?;
         let position = index(*position, tokens, |p| format!("patch: position {p} is beyond the prompt's {tokens} tokens"))?;
         let values = row.as_slice()?.to_vec();
-        self.check_row(&values, "patch row")?;
-        Ok(Patch { layer, position: position + offset, values })
+        let width = site.width(&self.model.config, layer);
+        if width == 0 {
+            return Err(PyValueError::new_err(format!("patch: layer {layer} of this model has no {}", site.name())));
+        }
+        let of = if site == Site::ResidPre { "the residual stream" } else { site.name() };
+        self.check_values(&values, width, of, "patch row")?;
+        Ok(Patch { layer, position: position + offset, values, site })
     }
 }
 

@@ -115,6 +115,13 @@ def test_the_layernorm_families_layout_in_transformerlens_terms():
             p = cache["pattern", layer]
             assert np.allclose(p.sum(-1), 1.0, atol=1e-5)
         assert np.array_equal(logits, m.logits(ids)), "capturing changes nothing"
+        # Head 2 of layer 0 ablated at every position: zero in z, and the logits move.
+        rows = [cache["z", 0][p].copy() for p in range(len(ids))]
+        for r in rows:
+            r[2] = 0.0
+        ablated, abl = m.run_with_cache(ids, names=["z"], patch=[highrise.Patch(0, p, r, "z") for p, r in enumerate(rows)])
+        assert np.all(abl["z", 0][:, 2] == 0.0) and np.array_equal(abl["z", 0][:, 1], cache["z", 0][:, 1])
+        assert np.abs(ablated - logits).max() > 1e-4
 
 
 def test_indices_from_the_end_and_transformerlens_names(model):
@@ -322,6 +329,10 @@ def test_bad_inputs_raise_named_errors(model):
         model.generate(ids, steer=highrise.Steer(3, np.zeros(model.cfg.d_model), float("inf")))
     with pytest.raises(ValueError, match="patch row: value 7 is NaN"):
         model.run_with_cache(ids, patch=highrise.Patch(3, 0, nan))
+    with pytest.raises(ValueError, match='site "q" cannot be patched .these can: resid_pre, z, attn_out, mlp_post, mlp_out'):
+        model.run_with_cache(ids, patch=highrise.Patch(3, 0, np.zeros(model.cfg.d_model), "q"))
+    with pytest.raises(ValueError, match="patch row: 5 values, z has 576"):
+        model.run_with_cache(ids, patch=highrise.Patch(3, 0, np.zeros(5), "z"))
     with pytest.raises(ValueError, match="temperature"):
         model.generate(ids, temperature=-1.0)
     with pytest.raises(ValueError, match="run_with_cache"):

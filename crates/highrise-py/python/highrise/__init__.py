@@ -68,15 +68,20 @@ class Steer:
 
 @dataclasses.dataclass(frozen=True)
 class Patch:
-    """Replace the residual stream entering ``layer`` at prompt ``position`` with ``row`` (below 0:
-    from the end, -1 the prompt's last token)."""
+    """Replace ``site`` of ``layer`` at prompt ``position`` with ``row`` (below 0: from the end, -1
+    the prompt's last token): the stream entering the layer (``"resid_pre"``, the default), each
+    head's output before the output projection (``"z"``, a row of n_heads * d_head: zero a head's
+    slice to ablate it, or take it from another run), the attention block's output
+    (``"attn_out"``), the MLP's activations (``"mlp_post"``) or its output (``"mlp_out"``)."""
 
     layer: int
     position: int
     row: np.ndarray
+    site: str = "resid_pre"
 
     def _arg(self):
-        return (int(self.layer), int(self.position), _row(self.row, "patch row"))
+        # A z row may come as the cache gives it, [n_heads, d_head].
+        return (int(self.layer), int(self.position), _row(np.ravel(self.row), "patch row"), str(self.site))
 
 
 def _row(v, what: str) -> np.ndarray:
@@ -438,10 +443,11 @@ class Model:
             self._steer.remove(s)
 
     @contextlib.contextmanager
-    def patch(self, layer: int, position: int, row):
-        """While the block runs, ``run_with_cache`` replaces the stream entering ``layer`` at
-        ``position`` with ``row`` (activation patching)."""
-        p = Patch(layer, position, _row(row, "patch row"))
+    def patch(self, layer: int, position: int, row, site: str = "resid_pre"):
+        """While the block runs, ``run_with_cache`` replaces ``site`` of ``layer`` at ``position``
+        with ``row`` (activation patching; the sites as ``Patch`` says: the stream entering the
+        layer by default, ``"z"`` for heads, ``"attn_out"``, ``"mlp_post"``, ``"mlp_out"``)."""
+        p = Patch(layer, position, _row(np.ravel(row), "patch row"), site)
         self._patch.append(p)
         try:
             yield p

@@ -12,7 +12,7 @@ class HighriseError(RuntimeError):
     """A failure inside the engine or a backend (the process and the model carry on)."""
 
 _SteerArg = tuple[int, npt.NDArray[np.float32], float, Optional[list[int]]]
-_PatchArg = tuple[int, int, npt.NDArray[np.float32]]
+_PatchArg = tuple[int, int, npt.NDArray[np.float32], str]
 
 class Stream:
     """The events of one generation: (token or None, text, logprob or None, finish or None)."""
