@@ -131,13 +131,45 @@ __device__ void index_add(typename D::T* out, const typename D::T* src, const u3
 
 // PyTorch's LayerNorm of row t: out = (x - mean) / sqrt(mean((x - mean)^2) + eps) * w + b (x, out
 // [T, H]; w and b [H] of dtype w_dt), after x += delta where ADD (the sum rounded to the stream's
-// dtype and stored, then normed as stored, as add_rms_norm). Three passes over the row, each thread
-// reading back only the elements it wrote (no barrier for them); the sums in f32.
+// dtype and stored, then normed as stored, as add_rms_norm). A row of up to NORM_REGS elements a
+// thread is kept in registers, every load issued before the first is used (as the RMSNorms do);
+// longer rows take three passes, each thread reading back only the elements it wrote (no barrier
+// for them). The same sums in the same order either way, in f32.
 template <class D, bool ADD>
 __device__ void layer_norm(typename D::T* out, typename D::T* x, const typename D::T* delta, const void* w, const void* b,
                            u32 w_dt, u32 h, float eps) {
     const u64 base = (u64)blockIdx.x * h;
     float s = 0.0f;
+    if (h <= NORM_REGS * blockDim.x) {
+        float v[NORM_REGS];
+#pragma unroll
+        for (u32 r = 0; r < NORM_REGS; r++) {
+            const u32 i = threadIdx.x + r * blockDim.x;
+            v[r] = i < h ? D::load(x, base + i) : 0.0f;
+            if (ADD) v[r] = i < h ? D::rounded(v[r] + D::load(delta, base + i)) : 0.0f;
+        }
+#pragma unroll
+        for (u32 r = 0; r < NORM_REGS; r++) {
+            const u32 i = threadIdx.x + r * blockDim.x;
+            if (ADD && i < h) D::store(x, base + i, v[r]);
+            s += v[r];
+        }
+        const float mean = block_sum(s) / (float)h;
+        float ss = 0.0f;
+#pragma unroll
+        for (u32 r = 0; r < NORM_REGS; r++) {
+            const u32 i = threadIdx.x + r * blockDim.x;
+            const float d = i < h ? v[r] - mean : 0.0f;
+            ss += d * d;
+        }
+        const float inv = rsqrtf(block_sum(ss) / (float)h + eps);
+#pragma unroll
+        for (u32 r = 0; r < NORM_REGS; r++) {
+            const u32 i = threadIdx.x + r * blockDim.x;
+            if (i < h) D::store(out, base + i, (v[r] - mean) * inv * load_any(w, i, w_dt) + load_any(b, i, w_dt));
+        }
+        return;
+    }
     for (u32 i = threadIdx.x; i < h; i += blockDim.x) {
         float v = D::load(x, base + i);
         if (ADD) {

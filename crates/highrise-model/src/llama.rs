@@ -7,8 +7,9 @@
 //! router picks). A final norm and the unembedding give logits. Gemma 2 adds norms after attention
 //! and the MLP, GeGLU, soft-capped scores and logits, and scaled embeddings; Granite, multipliers.
 //! GPT-2, GPT-NeoX, StarCoder 2 and Phi norm with LayerNorm and run an MLP without a gate (`Fc`),
-//! biases on every projection; GPT-2 adds learned positions to the embeddings in place of RoPE,
-//! and GPT-NeoX and Phi run attention and the MLP side by side on the stream as it enters the layer.
+//! biases on every projection (StableLM: LayerNorm with SwiGLU); GPT-2 adds learned positions to the
+//! embeddings in place of RoPE, and GPT-NeoX and Phi (StableLM where its config says) run attention
+//! and the MLP side by side on the stream as it enters the layer.
 
 use std::sync::Arc;
 
@@ -59,11 +60,11 @@ pub const BLOCK_SIZE: usize = 16;
 /// One layer's weights. Shapes: hidden H, heads Hq / Hkv of D, intermediate I.
 pub struct Layer {
     pub attn_norm: Option<Tensor>, // [H] (None: OLMo 2, attention reads the stream as it is)
-    /// LayerNorm's bias [H] (GPT-2, GPT-NeoX, StarCoder 2, Phi): where a norm has one, it is a
-    /// LayerNorm (weight and bias in f32), else an RMSNorm.
+    /// LayerNorm's bias [H] (GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM): where a norm has one, it
+    /// is a LayerNorm (weight and bias in f32), else an RMSNorm.
     pub attn_norm_bias: Option<Tensor>,
     pub mlp_norm_bias: Option<Tensor>,
-    /// The output projection's bias [H] (the LayerNorm families).
+    /// The output projection's bias [H] (GPT-2, GPT-NeoX, StarCoder 2, Phi).
     pub bo: Option<Tensor>,
     pub wq: Tensor,               // [Hq * D, H]
     pub wk: Tensor,               // [Hkv * D, H]
@@ -679,8 +680,8 @@ impl Llama {
         let t = batch.tokens.len();
         let (h, hq, hkv, d) = (c.hidden_size, c.num_attention_heads, c.kv_heads(), c.head_dim());
         self.check_batch(batch)?;
-        if let Some(h) = hooks.as_deref() {
-            h.check_patches(c)?;
+        if let Some(hk) = hooks.as_deref() {
+            hk.check_patches(c)?;
         }
         let eps = c.rms_norm_eps as f32;
         // Whole prompts with nothing cached attend straight to their own K/V (flash-attention's case);
