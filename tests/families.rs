@@ -42,6 +42,18 @@ fn reference(family: &str, file: &str) -> (serde_json::Value, Vec<u32>, Vec<f32>
     (json, prompt, logits)
 }
 
+/// Rows `x` [T, k] through the f32 projection `{prefix}.weight` [h, k] of `source` and its bias
+/// where it has one, in f64: what a capture feeding that projection should give.
+fn projected(source: &Source, prefix: &str, x: &[f32], k: usize, h: usize) -> Vec<f32> {
+    let f64s = |name: &str| -> Option<Vec<f64>> {
+        let t = source.tensor(&format!("{prefix}.{name}")).unwrap()?;
+        Some(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect())
+    };
+    let (w, bias) = (f64s("weight").unwrap(), f64s("bias"));
+    let row = |a: &[f32]| (0..h).map(|o| (bias.as_ref().map_or(0.0, |b| b[o]) + (0..k).map(|j| a[j] as f64 * w[o * k + j]).sum::<f64>()) as f32).collect::<Vec<_>>();
+    x.chunks_exact(k).flat_map(row).collect()
+}
+
 fn worst_of(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
 }
@@ -371,16 +383,9 @@ fn mlp_activations_heads_and_the_stream_between_the_blocks() {
         m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
         let (h, i, q) = (m.config.hidden_size, m.config.intermediate_size, m.config.num_attention_heads * m.config.head_dim());
         for l in 0..m.config.num_hidden_layers {
-            // `x` [T, k] through the file's projection `proj` [h, k] and its bias, in f64.
-            let project = |x: &[f32], proj: &str, k: usize| -> Vec<f32> {
-                let f64s = |name: &str| -> Option<Vec<f64>> {
-                    let t = source.tensor(&format!("model.layers.{l}.{proj}.{name}")).unwrap()?;
-                    Some(t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64).collect())
-                };
-                let (w, bias) = (f64s("weight").unwrap(), f64s("bias"));
+            let project = |x: &[f32], proj: &str, k: usize| {
                 assert_eq!(x.len(), prompt.len() * k, "{family}: {proj}'s input's shape");
-                let row = |a: &[f32]| (0..h).map(|o| (bias.as_ref().map_or(0.0, |b| b[o]) + (0..k).map(|j| a[j] as f64 * w[o * k + j]).sum::<f64>()) as f32).collect::<Vec<_>>();
-                x.chunks_exact(k).flat_map(row).collect()
+                projected(&source, &format!("model.layers.{l}.{proj}"), x, k, h)
             };
             let want = project(hooks.get(Site::MlpPost, l).unwrap(), "mlp.down_proj", i);
             let off = worst_of(hooks.get(Site::MlpOut, l).unwrap(), &want);
@@ -441,15 +446,8 @@ fn patching_any_site() {
         let (ablated, hooks) = run(ablate);
         let z = hooks.get(Site::Z, 0).unwrap();
         assert!((0..t).all(|p| z[(p * hq + 1) * d..(p * hq + 2) * d].iter().all(|&v| v == 0.0)), "{family}: head 1 reads zero");
-        let wo = source.tensor("model.layers.0.self_attn.o_proj.weight").unwrap().unwrap();
-        let wo: Vec<f32> = wo.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let bo = source.tensor("model.layers.0.self_attn.o_proj.bias").unwrap();
-        let bo: Option<Vec<f32>> = bo.map(|b| b.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
         let (h, q) = (m.config.hidden_size, hq * d);
-        let want: Vec<f32> = z
-            .chunks_exact(q)
-            .flat_map(|zr| (0..h).map(|o| bo.as_ref().map_or(0.0, |b| b[o]) + (0..q).map(|k| zr[k] * wo[o * q + k]).sum::<f32>()).collect::<Vec<_>>())
-            .collect();
+        let want = projected(&source, "model.layers.0.self_attn.o_proj", z, q, h);
         assert!(worst_of(hooks.get(Site::AttnOut, 0).unwrap(), &want) <= 1e-4, "{family}: attn_out is o_proj of the ablated z");
         assert!(worst_of(&ablated, &clean) > 1e-3, "{family}: ablating a head moves the logits");
         // The MLP's output zeroed at position 3 of layer 1: the stream leaves as it was between.
