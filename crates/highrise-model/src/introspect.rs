@@ -222,19 +222,9 @@ impl Hooks {
         if patch.is_empty() {
             return Ok(false);
         }
-        let (rows, width) = (t.dims()[0], t.numel() / t.dims()[0].max(1));
+        let width = t.numel() / t.dims()[0].max(1);
         let mut v = t.to_f32()?;
-        for p in patch {
-            if p.values.len() != width || p.position >= rows {
-                return Err(Error::Input(format!(
-                    "patch of {} at layer {layer}, position {}: {} values for {rows} x {width}",
-                    site.name(),
-                    p.position,
-                    p.values.len()
-                )));
-            }
-            v[p.position * width..(p.position + 1) * width].copy_from_slice(&p.values);
-        }
+        write_patches(&patch, &mut v, width, layer)?;
         t.write_f32(&v)?;
         Ok(true)
     }
@@ -283,19 +273,28 @@ impl Hooks {
                 v[p * hidden..(p + 1) * hidden].iter_mut().zip(&s.vector).for_each(|(x, d)| *x += s.scale * d);
             }
         }
-        for p in patch {
-            if p.values.len() != hidden || p.position >= rows {
-                return Err(Error::Input(format!(
-                    "patch at layer {layer}, position {}: {} values for a stream of {rows} x {hidden}",
-                    p.position,
-                    p.values.len()
-                )));
-            }
-            v[p.position * hidden..(p.position + 1) * hidden].copy_from_slice(&p.values);
-        }
+        write_patches(&patch, &mut v, hidden, layer)?;
         x.write_f32(&v)?;
         Ok(true)
     }
+}
+
+/// Each patch's values in place of its position's row of `v` (rows of `width`), all of one site at
+/// `layer`; a row of another width or a position past the rows is an error naming them.
+fn write_patches(patch: &[&Patch], v: &mut [f32], width: usize, layer: usize) -> Result<()> {
+    let rows = v.len() / width.max(1);
+    for p in patch {
+        if p.values.len() != width || p.position >= rows {
+            return Err(Error::Input(format!(
+                "patch of {} at layer {layer}, position {}: {} values for {rows} x {width}",
+                p.site.name(),
+                p.position,
+                p.values.len()
+            )));
+        }
+        v[p.position * width..(p.position + 1) * width].copy_from_slice(&p.values);
+    }
+    Ok(())
 }
 
 /// Causal attention probabilities [Hq, T, T] of one sequence, recomputed from its captured Q
