@@ -324,13 +324,12 @@ enum Layout {
     HeadInterleaved,
 }
 
-/// The families that name their tensors otherwise than a Llama: (family, its layers' stem, its
-/// optional prefix).
+/// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
 const FAMILY_STEMS: [(&str, &str); 4] =
     [("gpt2", "h"), ("gpt_neox", "gpt_neox.layers"), ("starcoder2", "model.layers"), ("phi", "model.layers")];
 
 /// Their whole-model tensors: (family, a Llama's name, theirs) by prefix of the name.
-const FAMILY_GLOBALS: [(&str, &str, &str); 9] = [
+const FAMILY_GLOBALS: [(&str, &str, &str); 7] = [
     ("gpt2", "model.embed_tokens.", "wte."),
     ("gpt2", "model.embed_positions.", "wpe."),
     ("gpt2", "model.norm.", "ln_f."),
@@ -338,8 +337,6 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 9] = [
     ("gpt_neox", "model.norm.", "gpt_neox.final_layer_norm."),
     ("gpt_neox", "lm_head.", "embed_out."),
     ("phi", "model.norm.", "model.final_layernorm."),
-    ("starcoder2", "", ""),
-    ("phi", "", ""),
 ];
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
@@ -369,7 +366,7 @@ fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
     let (_, stem) = FAMILY_STEMS.into_iter().find(|(f, _)| *f == family)?;
     for (f, ours, theirs) in FAMILY_GLOBALS {
         match name.strip_prefix(ours) {
-            Some(rest) if f == family && !ours.is_empty() => return Some((format!("{theirs}{rest}"), Pick::All)),
+            Some(rest) if f == family => return Some((format!("{theirs}{rest}"), Pick::All)),
             _ => {}
         }
     }
@@ -407,7 +404,7 @@ fn family_names(name: &str, c: &ModelConfig) -> Vec<String> {
         }),
         _ => FAMILY_GLOBALS
             .into_iter()
-            .find(|(f, ours, _)| *f == family && !ours.is_empty() && name.starts_with(ours))
+            .find(|(f, ours, _)| *f == family && name.starts_with(ours))
             .map(|(_, ours, theirs)| format!("{theirs}{}", &name[ours.len()..])),
     };
     let theirs = theirs.unwrap_or_else(|| name.to_string());
@@ -423,7 +420,7 @@ fn llama_name(name: &str, c: &ModelConfig) -> Option<(String, Layout)> {
     let name = if family == "gpt2" { name.strip_prefix("transformer.").unwrap_or(name) } else { name };
     for (f, ours, theirs) in FAMILY_GLOBALS {
         match name.strip_prefix(theirs) {
-            Some(rest) if f == family && !theirs.is_empty() => return Some((format!("{ours}{rest}"), Layout::Same)),
+            Some(rest) if f == family => return Some((format!("{ours}{rest}"), Layout::Same)),
             _ => {}
         }
     }
