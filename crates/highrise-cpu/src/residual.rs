@@ -92,15 +92,7 @@ pub fn rms_norm(ts: &Tensors, op: &RmsNorm) -> Result<()> {
         let x = ts.slice::<E>("x", &op.x)?;
         // SAFETY: out is the op's only output and does not alias x (validated).
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
-        let h = weight.len();
-        ts.team.rows(out, h, min_items(h), |r0, out| {
-            let mut row = vec![0f32; h];
-            for (out, x) in out.chunks_exact_mut(h).zip(x[r0 * h..].chunks_exact(h)) {
-                E::load(x, &mut row);
-                normalize(&mut row, &weight, op.eps);
-                E::store(&row, out);
-            }
-        });
+        norm_rows(ts, out, x, weight.len(), |row| normalize(row, &weight, op.eps));
         Ok(())
     })
 }
@@ -113,22 +105,7 @@ pub fn add_rms_norm(ts: &Tensors, op: &AddRmsNorm) -> Result<()> {
         // other and from delta.
         let residual = unsafe { ts.slice_mut::<E>("residual", &op.residual)? };
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
-        let h = weight.len();
-        ts.team.rows2(out, h, residual, h, min_items(h), |r0, out, residual| {
-            let (mut row, mut d) = (vec![0f32; h], vec![0f32; h]);
-            let rows = out.chunks_exact_mut(h).zip(residual.chunks_exact_mut(h)).zip(delta[r0 * h..].chunks_exact(h));
-            for ((out, res), delta) in rows {
-                E::load(res, &mut row);
-                E::load(delta, &mut d);
-                row.iter_mut().zip(d.iter()).for_each(|(r, d)| *r += d);
-                // The stream keeps its own dtype; the norm reads the rounded sum, as the stream
-                // itself will be read by the next layer.
-                E::store(&row, res);
-                E::load(res, &mut row);
-                normalize(&mut row, &weight, op.eps);
-                E::store(&row, out);
-            }
-        });
+        add_norm_rows(ts, out, residual, delta, weight.len(), |row| normalize(row, &weight, op.eps));
         Ok(())
     })
 }
@@ -137,43 +114,49 @@ pub fn add_rms_norm(ts: &Tensors, op: &AddRmsNorm) -> Result<()> {
 /// `add_rms_norm` does).
 pub fn layer_norm(ts: &Tensors, op: &LayerNorm) -> Result<()> {
     let (weight, bias) = (to_f32_vec(ts, "weight", &op.weight)?, to_f32_vec(ts, "bias", &op.bias)?);
-    let h = weight.len();
+    let norm = |row: &mut [f32]| layer_normalize(row, &weight, &bias, op.eps);
     with_float!(op.out.dtype, "layer_norm", E => {
         // SAFETY: out (and x, where a delta is added to it) are the op's outputs; validation keeps
         // them apart from each other and from the inputs.
         let out = unsafe { ts.slice_mut::<E>("out", &op.out)? };
-        let norm = |row: &mut Vec<f32>, x: &[E], out: &mut [E]| {
-            E::load(x, row);
-            layer_normalize(row, &weight, &bias, op.eps);
-            E::store(row, out);
-        };
         match op.delta.opt() {
-            None => {
-                let x = ts.slice::<E>("x", &op.x)?;
-                ts.team.rows(out, h, min_items(h), |r0, out| {
-                    let mut row = vec![0f32; h];
-                    for (out, x) in out.chunks_exact_mut(h).zip(x[r0 * h..].chunks_exact(h)) {
-                        norm(&mut row, x, out);
-                    }
-                });
-            }
+            None => norm_rows(ts, out, ts.slice::<E>("x", &op.x)?, weight.len(), norm),
             Some(delta) => {
-                let delta = ts.slice::<E>("delta", &delta)?;
                 let x = unsafe { ts.slice_mut::<E>("x", &op.x)? };
-                ts.team.rows2(out, h, x, h, min_items(h), |r0, out, x| {
-                    let (mut row, mut d) = (vec![0f32; h], vec![0f32; h]);
-                    for ((out, x), delta) in out.chunks_exact_mut(h).zip(x.chunks_exact_mut(h)).zip(delta[r0 * h..].chunks_exact(h)) {
-                        E::load(x, &mut row);
-                        E::load(delta, &mut d);
-                        row.iter_mut().zip(&d).for_each(|(r, d)| *r += d);
-                        E::store(&row, x);
-                        norm(&mut row, x, out);
-                    }
-                });
+                add_norm_rows(ts, out, x, ts.slice::<E>("delta", &delta)?, weight.len(), norm);
             }
         }
         Ok(())
     })
+}
+
+/// `out[r] = norm(x[r])` for each row of width `h`, in f32, rows shared among the team.
+fn norm_rows<E: Float>(ts: &Tensors, out: &mut [E], x: &[E], h: usize, norm: impl Fn(&mut [f32]) + Sync) {
+    ts.team.rows(out, h, min_items(h), |r0, out| {
+        let mut row = vec![0f32; h];
+        for (out, x) in out.chunks_exact_mut(h).zip(x[r0 * h..].chunks_exact(h)) {
+            E::load(x, &mut row);
+            norm(&mut row);
+            E::store(&row, out);
+        }
+    });
+}
+
+/// `x[r] += delta[r]`, then `out[r] = norm(x[r])`: the stream keeps its own dtype, and the norm
+/// reads the rounded sum, as the stream itself will be read by the next layer.
+fn add_norm_rows<E: Float>(ts: &Tensors, out: &mut [E], x: &mut [E], delta: &[E], h: usize, norm: impl Fn(&mut [f32]) + Sync) {
+    ts.team.rows2(out, h, x, h, min_items(h), |r0, out, x| {
+        let (mut row, mut d) = (vec![0f32; h], vec![0f32; h]);
+        for ((out, x), delta) in out.chunks_exact_mut(h).zip(x.chunks_exact_mut(h)).zip(delta[r0 * h..].chunks_exact(h)) {
+            E::load(x, &mut row);
+            E::load(delta, &mut d);
+            row.iter_mut().zip(&d).for_each(|(r, d)| *r += d);
+            E::store(&row, x);
+            E::load(x, &mut row);
+            norm(&mut row);
+            E::store(&row, out);
+        }
+    });
 }
 
 /// `row = (row - mean) / sqrt(mean((row - mean)^2) + eps) * weight + bias`, the sums in f64 (a
