@@ -19,7 +19,7 @@ __device__ void geglu(typename D::T* out, const typename D::T* gate, const typen
 }
 
 // out = act(gate) * up, or act(gate) where up is null (an MLP without a gate: GPT-2, GPT-NeoX), for
-// any GluAct (act: 0 silu, 1 gelu tanh, 2 gelu erf): the cases swiglu and geglu do not take.
+// any GluAct (act: 0 silu, 1 gelu tanh, 2 gelu erf, 3 relu): the cases swiglu and geglu do not take.
 template <class D>
 __device__ void glu_act(typename D::T* out, const typename D::T* gate, const typename D::T* up, u32 act, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
@@ -27,7 +27,8 @@ __device__ void glu_act(typename D::T* out, const typename D::T* gate, const typ
         float a;
         if (act == 0) a = g / (1.0f + expf(-g));
         else if (act == 1) a = 0.5f * g * (1.0f + tanhf(0.7978846f * (g + 0.044715f * g * g * g)));
-        else a = 0.5f * g * (1.0f + erff(g * 0.70710678f));
+        else if (act == 2) a = 0.5f * g * (1.0f + erff(g * 0.70710678f));
+        else a = g < 0.0f ? 0.0f : g;
         D::store(out, i, up ? a * D::load(up, i) : a);
     }
 }

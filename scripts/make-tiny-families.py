@@ -141,6 +141,11 @@ FAMILIES = {
     "stablelm": dict(model_type="stablelm", partial_rotary_factor=0.25, layer_norm_eps=1e-5, use_qkv_bias=True),
     "stablelm-parallel": dict(model_type="stablelm", partial_rotary_factor=0.25, layer_norm_eps=1e-5,
                               use_parallel_residual=True),
+    # OPT: LayerNorm before each block, learned positions from row 2 of their table, a ReLU MLP
+    # (fc1/fc2), biases everywhere, multi-head, tied embeddings; saved under `model.decoder.`.
+    # llama.cpp has no OPT architecture: no GGUF.
+    "opt": dict(model_type="opt", ffn_dim=128, activation_function="relu", do_layer_norm_before=True,
+                enable_bias=True, pad_token_id=0),
 }
 
 # Fields of COMMON a family's config does not have under that name, which from_config would save
@@ -151,6 +156,7 @@ NOT_THEIRS = {
     "starcoder2": ("rms_norm_eps",),
     "phi": ("rms_norm_eps",),
     "stablelm": ("rms_norm_eps",),
+    "opt": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
 }
 
 
@@ -197,7 +203,8 @@ def make(name: str, extra: dict) -> None:
             routers = model(ids, output_router_logits=True).router_logits
         reference["router_logits"] = [[[round(float(x), 6) for x in row] for row in r] for r in routers]
     (out / "reference.json").write_text(json.dumps(reference))
-    to_gguf(kind, cfg, model, out / "model.gguf")
+    if kind != "opt":
+        to_gguf(kind, cfg, model, out / "model.gguf")
     if kind == "mixtral":
         # And as llama.cpp's Q4_0 quantization leaves a mixture: every matrix Q4_0 (the stacked
         # experts' too), the router kept f32.

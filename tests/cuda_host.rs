@@ -123,8 +123,9 @@ fn every_op_launches_what_its_kernels_expect() {
             let (g, u) = (up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)), up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)));
             let mut m = empty(&b, dt, &[t, h]);
             b.swiglu(&mut m, &g, &u).unwrap();
-            // An MLP without a gate, and the exact GELU gated.
+            // An MLP without a gate (GELU, ReLU), and the exact GELU gated.
             b.activation(&mut m, &g, GluAct::GeluErf).unwrap();
+            b.activation(&mut m, &g, GluAct::Relu).unwrap();
             b.glu(&mut m, &g, &u, GluAct::GeluErf).unwrap();
             let logits = up(&b, dt, &[t, v], &rng.values(t * v, 4.0, dt));
             let (mut idx, mut lp) = (Tensor::empty(&b, DType::U32, &[t]).unwrap(), Tensor::empty(&b, DType::F32, &[t]).unwrap());

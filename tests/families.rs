@@ -366,6 +366,35 @@ fn stablelm_with_layernorm_and_swiglu_sequential_and_side_by_side() {
     check("stablelm-parallel");
 }
 
+/// OPT: LayerNorm before each block, learned positions read from row 2 of their table on, a ReLU
+/// MLP without a gate (`fc1`, `fc2`), biases on every projection, tied embeddings; the tensors
+/// under `model.decoder.` as transformers saves them (and without `model.`, as the released
+/// checkpoints have them: read below). llama.cpp has no OPT: no GGUF.
+#[test]
+fn opt_with_offset_positions_and_a_relu_mlp() {
+    check("opt");
+}
+
+/// OPT's released checkpoints were saved from the base model: their tensors are named without
+/// `model.` (`decoder.layers.0.fc1.weight`); read so, the same logits.
+#[test]
+fn opt_saved_without_its_prefix() {
+    let d = dir("opt");
+    let tmp = std::env::temp_dir().join(format!("highrise-opt-unprefixed-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(d.join("config.json"), tmp.join("config.json")).unwrap();
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().map(|(n, v)| (n.strip_prefix("model.").expect("saved under model.").to_string(), v)).collect();
+    safetensors::serialize_to_file(views, None, &tmp.join("model.safetensors")).unwrap();
+    let (_, prompt, want) = reference("opt", "reference.json");
+    let m = Llama::load(&Source::open(&tmp).unwrap(), cpu(), LoadOptions::default()).unwrap();
+    let got = m.prompt_logits(&prompt).unwrap().to_f32().unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert!(worst_of(&got, &want) <= 1e-4, "OPT without its prefix: logits differ from HF by {}", worst_of(&got, &want));
+}
+
 /// The MLP's activations (`Site::MlpPost`, TransformerLens's `mlp.hook_post`) are what its down
 /// projection reads: times the file's down_proj (and its bias), they are the captured `mlp_out`
 /// (itself held to HF's logits above); attention's output per head (`Site::Z`, `attn.hook_z`)
@@ -373,7 +402,7 @@ fn stablelm_with_layernorm_and_swiglu_sequential_and_side_by_side() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

@@ -623,8 +623,8 @@ fn geglu_matches_reference() {
     }
 }
 
-/// An MLP without a gate (GPT-2, GPT-NeoX): `act(x)` alone, exact (erf) and tanh GELU, against f64;
-/// and the exact GELU gated.
+/// An MLP without a gate (GPT-2, GPT-NeoX, OPT): `act(x)` alone, exact (erf) and tanh GELU and ReLU,
+/// against f64; and the exact GELU gated.
 #[test]
 fn activation_without_a_gate_matches_reference() {
     if backend("activation_without_a_gate_matches_reference").is_none() {
@@ -638,7 +638,8 @@ fn activation_without_a_gate_matches_reference() {
             let i = 1536;
             let (g, u) = (rng.values(t * i, 4.0, dt), rng.values(t * i, 2.0, dt));
             let x = upload(dt, &[t, i], &g);
-            for (act, f) in [(GluAct::GeluErf, &gelu_erf as &dyn Fn(f64, Rd) -> f64), (GluAct::GeluTanh, &gelu_tanh)] {
+            let relu = |g: f64, _: Rd| g.max(0.0);
+            for (act, f) in [(GluAct::GeluErf, &gelu_erf as &dyn Fn(f64, Rd) -> f64), (GluAct::GeluTanh, &gelu_tanh), (GluAct::Relu, &relu)] {
                 let mut out = poisoned(dt, &[t, i]);
                 be().activation(&mut out, &x, act).unwrap();
                 let reference = |rd: Rd| g.iter().map(|&g| f(g, rd)).collect::<Vec<f64>>();

@@ -781,7 +781,7 @@ pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
     let kernel = match (op.act, op.up.is_none()) {
         (GluAct::Silu, false) => "swiglu",
         (GluAct::GeluTanh, false) => "geglu",
-        // The exact GELU, and an MLP without a gate (up null): one kernel for every activation.
+        // The exact GELU, ReLU, and an MLP without a gate (up null): one kernel for every activation.
         (act, _) => return be.launch(&format!("glu_act_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &(act as u32), &n]),
     };
     be.launch(&format!("{kernel}_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &n])

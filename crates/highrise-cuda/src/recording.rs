@@ -662,8 +662,8 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         "glu_act" => {
             // (out, gate, up or null, act, n): grid-stride over n elements.
             let n = a.u64(4);
-            if a.u32(3) > 2 {
-                return Err(format!("activation {} is none of silu (0), gelu tanh (1), gelu erf (2)", a.u32(3)));
+            if a.u32(3) > 3 {
+                return Err(format!("activation {} is none of silu (0), gelu tanh (1), gelu erf (2), relu (3)", a.u32(3)));
             }
             for p in [0, 1].into_iter().chain((a.u64(2) != 0).then_some(2)) {
                 push(out, p, 0, n, elt, "n elements");

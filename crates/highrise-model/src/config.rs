@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 22] = [
+pub const FAMILIES: [(&str, &str); 23] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -36,6 +36,7 @@ pub const FAMILIES: [(&str, &str); 22] = [
     ("starcoder2", "StarCoder 2 (LayerNorm, biases, a GELU MLP without a gate, grouped-query attention)"),
     ("phi", "Phi-1.5, Phi-2 (one LayerNorm feeding attention and the MLP side by side, partial RoPE, biases, the unembedding's too; GGUF `phi2`)"),
     ("stablelm", "StableLM 2, StableLM 3B (LayerNorm with a SwiGLU MLP, RoPE on a quarter of each head, q/k/v biases where use_qkv_bias says)"),
+    ("opt", "OPT 125M to 66B but 350M (LayerNorm before each block, learned positions offset by 2, a ReLU MLP without a gate, biases everywhere)"),
 ];
 
 /// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
@@ -196,6 +197,20 @@ pub struct ModelConfig {
     pub scale_attn_by_inverse_layer_idx: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_attn_weights: Option<bool>,
+    /// OPT: biases on every projection (HF's default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_bias: Option<bool>,
+    /// OPT-350m's layers norm after each block (false; refused), its embeddings narrower than the
+    /// stream and projected in and out (`word_embed_proj_dim` unlike `hidden_size`; refused);
+    /// OPT without a final norm or with LayerNorms that have no weight and bias (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_layer_norm_before: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub word_embed_proj_dim: Option<usize>,
+    #[serde(default, rename = "_remove_final_layer_norm", skip_serializing_if = "Option::is_none")]
+    pub remove_final_layer_norm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_norm_elementwise_affine: Option<bool>,
 }
 
 fn default_model_type() -> String {
@@ -541,6 +556,11 @@ impl ModelConfig {
             qk_layernorm: None,
             scale_attn_by_inverse_layer_idx: None,
             scale_attn_weights: None,
+            enable_bias: None,
+            do_layer_norm_before: None,
+            word_embed_proj_dim: None,
+            remove_final_layer_norm: None,
+            layer_norm_elementwise_affine: None,
         };
         c.validate(path)?;
         Ok(c)
@@ -614,13 +634,17 @@ impl ModelConfig {
             return Err(Error::config(path, "use_bidirectional_attention", "true: a bidirectional encoder (EmbeddingGemma) is not a causal language model"));
         }
         let act = self.activation();
-        if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" | "gelu") {
-            return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu, gelu, gelu_new and gelu_pytorch_tanh are supported)")));
+        if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" | "gelu" | "relu") {
+            return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu, gelu, gelu_new, gelu_pytorch_tanh and relu are supported)")));
         }
         for (field, set, what) in [
             ("qk_layernorm", self.qk_layernorm == Some(true), "LayerNorms of q and k"),
             ("scale_attn_by_inverse_layer_idx", self.scale_attn_by_inverse_layer_idx == Some(true), "scores divided by the layer's index"),
             ("scale_attn_weights", self.scale_attn_weights == Some(false), "unscaled attention scores"),
+            ("do_layer_norm_before", self.do_layer_norm_before == Some(false), "LayerNorms after each block (OPT-350m)"),
+            ("word_embed_proj_dim", self.word_embed_proj_dim.is_some_and(|d| d != self.hidden_size), "embeddings projected in and out of a wider stream (OPT-350m)"),
+            ("_remove_final_layer_norm", self.remove_final_layer_norm == Some(true), "OPT layers without a final norm"),
+            ("layer_norm_elementwise_affine", self.layer_norm_elementwise_affine == Some(false), "LayerNorms without a weight and bias"),
         ] {
             if set {
                 return Err(Error::config(path, field, format!("{what} are not supported")));
@@ -706,20 +730,21 @@ impl ModelConfig {
         match self.activation() {
             "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => GluAct::GeluTanh,
             "gelu" => GluAct::GeluErf,
+            "relu" => GluAct::Relu,
             _ => GluAct::Silu,
         }
     }
 
-    /// GPT-2, GPT-NeoX, StarCoder 2 and Phi norm with LayerNorm (a weight and a bias), the other
-    /// families with RMSNorm.
+    /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM and OPT norm with LayerNorm (a weight and a
+    /// bias), the other families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt")
     }
 
-    /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi),
-    /// rather than gated.
+    /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
+    /// OPT), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt")
     }
 
     /// Whether attention and the MLP read the stream as it enters the layer and both add to it
@@ -741,11 +766,13 @@ impl ModelConfig {
     }
 
     /// Whether the attention's output projection and the MLP's have biases (GPT-2, GPT-NeoX, Phi,
-    /// StarCoder 2 unless `use_bias` is false); q, k and v then have theirs too.
+    /// StarCoder 2 unless `use_bias` is false, OPT unless `enable_bias` is); q, k and v then have
+    /// theirs too.
     pub fn dense_bias(&self) -> bool {
         match self.model_type.as_str() {
             "gpt2" | "gpt_neox" | "phi" => true,
             "starcoder2" => self.use_bias.unwrap_or(true),
+            "opt" => self.enable_bias.unwrap_or(true),
             _ => false,
         }
     }
@@ -769,6 +796,11 @@ impl ModelConfig {
             "gpt_neox" => &[("layer_norm_eps", self.rms_norm_eps.into()), ("use_parallel_residual", self.parallel_residual().into())],
             "starcoder2" => &[("norm_epsilon", self.rms_norm_eps.into()), ("use_bias", self.dense_bias().into())],
             "phi" => &[("layer_norm_eps", self.rms_norm_eps.into())],
+            "opt" => &[
+                ("ffn_dim", self.intermediate_size.into()),
+                ("activation_function", self.activation().into()),
+                ("enable_bias", self.dense_bias().into()),
+            ],
             "stablelm" => &[
                 ("layer_norm_eps", self.rms_norm_eps.into()),
                 ("use_parallel_residual", self.parallel_residual().into()),
@@ -794,10 +826,16 @@ impl ModelConfig {
         }
     }
 
-    /// Whether positions enter the stream as learned embeddings added to the tokens' (GPT-2), in
-    /// place of RoPE.
+    /// Whether positions enter the stream as learned embeddings added to the tokens' (GPT-2, OPT),
+    /// in place of RoPE.
     pub fn learned_positions(&self) -> bool {
-        self.model_type == "gpt2"
+        matches!(self.model_type.as_str(), "gpt2" | "opt")
+    }
+
+    /// The row of the learned positions' table that position 0 reads: OPT's table begins with two
+    /// rows no position reads (fairseq's padding offset), so it has `max_position_embeddings + 2`.
+    pub fn position_offset(&self) -> usize {
+        if self.model_type == "opt" { 2 } else { 0 }
     }
 
     /// How layer `layer`'s attention scores: its scale, soft-cap and sliding window.
@@ -820,8 +858,8 @@ impl ModelConfig {
     /// not at all (None) on SmolLM3's NoPE layers.
     pub fn layer_rope(&self, layer: usize) -> std::result::Result<Option<RopeConfig>, String> {
         let rotates = match (&self.no_rope_layers, self.model_type.as_str()) {
-            // GPT-2's positions are learned embeddings: nothing rotates.
-            (_, "gpt2") => false,
+            // GPT-2's and OPT's positions are learned embeddings: nothing rotates.
+            _ if self.learned_positions() => false,
             (Some(list), _) => list.get(layer) != Some(&0),
             (None, "smollm3") => (layer + 1) % self.no_rope_layer_interval.unwrap_or(4).max(1) != 0,
             _ => true,
@@ -1000,19 +1038,20 @@ impl ModelConfig {
 }
 
 /// The older families' names for the fields `ModelConfig` reads (GPT-2's `n_embd`, `n_layer`,
-/// `n_head`, `n_positions`, `n_inner`, `activation_function`; each family's name for the norms'
+/// `n_head`, `n_positions`, `n_inner`, `activation_function`; OPT's `ffn_dim`; each family's name for the norms'
 /// epsilon; GPT-NeoX's `rotary_pct` and `rotary_emb_base`), taken under ours where ours is absent;
 /// and GPT-2's defaults where its config leaves them out (an MLP 4x the width, tied embeddings).
 /// Returns the (theirs, ours) names it adopted.
 fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     let mut adopted = Vec::new();
     let Some(o) = json.as_object_mut() else { return adopted };
-    const NAMES: [(&str, &str); 11] = [
+    const NAMES: [(&str, &str); 12] = [
         ("n_embd", "hidden_size"),
         ("n_layer", "num_hidden_layers"),
         ("n_head", "num_attention_heads"),
         ("n_positions", "max_position_embeddings"),
         ("n_inner", "intermediate_size"),
+        ("ffn_dim", "intermediate_size"),
         ("activation_function", "hidden_act"),
         ("layer_norm_epsilon", "rms_norm_eps"),
         ("layer_norm_eps", "rms_norm_eps"),
@@ -1032,6 +1071,12 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
         if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
             o.insert("intermediate_size".into(), h.saturating_mul(4).into());
         }
+        o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // OPT's LayerNorms are PyTorch's defaults (no epsilon in its config); it ties its embeddings
+    // unless the config says otherwise.
+    if o.get("model_type").and_then(Json::as_str) == Some("opt") {
+        o.entry("rms_norm_eps").or_insert(1e-5.into());
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
     adopted
@@ -1174,6 +1219,30 @@ mod tests {
             let e = ModelConfig::from_file(&write(name, json)).unwrap_err().to_string();
             assert!(e.contains(field) && !e.contains("hidden_size") && !e.contains("intermediate_size"), "{e}");
         }
+    }
+
+    /// OPT's config: `ffn_dim` as the MLP's width, PyTorch's LayerNorm epsilon, tied embeddings,
+    /// ReLU, positions from row 2; OPT-350m's post-norm layers and projected embeddings, and the
+    /// variants without a final norm or affine norms, refused naming their fields.
+    #[test]
+    fn opt_config_and_its_refusals() {
+        let base = r#""model_type": "opt", "vocab_size": 8, "hidden_size": 64, "ffn_dim": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "activation_function": "relu", "max_position_embeddings": 16"#;
+        let c = ModelConfig::from_file(&write("opt", &format!("{{{base}}}"))).unwrap();
+        assert_eq!((c.intermediate_size, c.rms_norm_eps, c.tie_word_embeddings, c.glu_act(), c.position_offset()), (32, 1e-5, true, GluAct::Relu, 2));
+        assert!(c.layer_norm() && c.plain_mlp() && c.dense_bias() && c.qkv_bias() && c.learned_positions() && c.rotary_dim().is_none());
+        assert_eq!(c.hf_json()["ffn_dim"].as_u64(), Some(32));
+        for (extra, field) in [
+            (r#""do_layer_norm_before": false"#, "do_layer_norm_before"),
+            (r#""word_embed_proj_dim": 32"#, "word_embed_proj_dim"),
+            (r#""_remove_final_layer_norm": true"#, "_remove_final_layer_norm"),
+            (r#""layer_norm_elementwise_affine": false"#, "layer_norm_elementwise_affine"),
+        ] {
+            let e = ModelConfig::from_file(&write(field, &format!("{{{base}, {extra}}}"))).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        let c = ModelConfig::from_file(&write("opt-nobias", &format!(r#"{{{base}, "enable_bias": false, "word_embed_proj_dim": 64}}"#))).unwrap();
+        assert!(!c.dense_bias() && !c.qkv_bias());
     }
 
     #[test]

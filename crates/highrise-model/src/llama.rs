@@ -168,7 +168,7 @@ pub struct Llama {
     /// SmolLM3's layers without RoPE).
     pub rope: Vec<Option<RopeConfig>>,
     pub embed: Tensor,           // [V, H]
-    /// GPT-2's learned positions [max positions, H], added to the embeddings.
+    /// GPT-2's and OPT's learned positions [max positions (+ 2: OPT), H], added to the embeddings.
     pub positions: Option<Tensor>,
     pub layers: Vec<Layer>,
     pub norm: Tensor,            // [H]
@@ -312,8 +312,10 @@ impl Llama {
             progress(l + 1, c.num_hidden_layers);
         }
         let embed = loader.matrix("model.embed_tokens.weight", v, h, OpKind::Embedding)?;
-        let positions =
-            c.learned_positions().then(|| loader.matrix("model.embed_positions.weight", c.max_position_embeddings, h, OpKind::Embedding)).transpose()?;
+        let positions = c
+            .learned_positions()
+            .then(|| loader.matrix("model.embed_positions.weight", c.max_position_embeddings + c.position_offset(), h, OpKind::Embedding))
+            .transpose()?;
         let lm_head = match c.tie_word_embeddings {
             true => None,
             false => Some(loader.matrix("lm_head.weight", v, h, OpKind::Linear)?),
@@ -428,7 +430,7 @@ impl Llama {
         let embed = make(&[v, h], 1.0, 0.0)?;
         let norm = make(&[h], 0.1, 1.0)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(make(&[v, h], proj(h), 0.0)?) };
-        let positions = if c.learned_positions() { Some(make(&[c.max_position_embeddings, h], 1.0, 0.0)?) } else { None };
+        let positions = if c.learned_positions() { Some(make(&[c.max_position_embeddings + c.position_offset(), h], 1.0, 0.0)?) } else { None };
         let norm_bias = if c.layer_norm() { Some(make(&[h], 0.1, 0.0)?) } else { None };
         let lm_head_bias = if c.lm_head_bias() { Some(make(&[v], 0.1, 0.0)?) } else { None };
         Ok(Llama { config: c, backend, dtype, q8_activations: false, kv_dtype: dtype, rope, embed, positions, layers, norm, norm_bias, lm_head, lm_head_bias })
@@ -697,10 +699,14 @@ impl Llama {
             hooks.begin_deferred(&x, n)?;
         }
         b.embedding_scaled(&mut x, &self.embed, batch.tokens, c.embed_scale())?;
-        // GPT-2: each position's learned embedding added (gathered as the tokens' are).
+        // GPT-2, OPT: each position's learned embedding added (gathered as the tokens' are; OPT's
+        // from row 2 on).
         if let Some(table) = &self.positions {
             let mut pos = self.tensor(&[t, h])?;
-            b.embedding(&mut pos, table, batch.positions)?;
+            match c.position_offset() as u32 {
+                0 => b.embedding(&mut pos, table, batch.positions)?,
+                off => b.embedding(&mut pos, table, &batch.positions.iter().map(|p| p + off).collect::<Vec<_>>())?,
+            }
             self.scaled_add(&mut x, &pos, 1.0)?;
         }
         let mut xb = self.tensor(&[t, h])?; // (T, H) the normed stream a block reads

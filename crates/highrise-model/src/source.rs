@@ -275,8 +275,7 @@ impl Source {
             return t.map(Some).map_err(|e| Error::tensor(self.path(), &ours, e));
         }
         let Some((stored, pick)) = family_path(name, c) else { return Ok(None) };
-        let prefixes: &[&str] = if c.model_type == "gpt2" { &["transformer.", ""] } else { &[""] };
-        for prefix in prefixes {
+        for prefix in saved_prefix(c).into_iter().chain([""]) {
             let full = format!("{prefix}{stored}");
             let Some(t) = self.stored(&full)? else { continue };
             let picked = match pick.clone() {
@@ -324,11 +323,22 @@ enum Layout {
 }
 
 /// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
-const FAMILY_STEMS: [(&str, &str); 4] =
-    [("gpt2", "h"), ("gpt_neox", "gpt_neox.layers"), ("starcoder2", "model.layers"), ("phi", "model.layers")];
+const FAMILY_STEMS: [(&str, &str); 5] =
+    [("gpt2", "h"), ("gpt_neox", "gpt_neox.layers"), ("starcoder2", "model.layers"), ("phi", "model.layers"), ("opt", "decoder.layers")];
+
+/// The prefix transformers saves a family's base model under in a causal LM's checkpoint, where
+/// the checkpoints people hold may lack it (GPT-2's and OPT's were saved from the base model):
+/// read with or without it, written with it.
+fn saved_prefix(c: &ModelConfig) -> Option<&'static str> {
+    match c.model_type.as_str() {
+        "gpt2" => Some("transformer."),
+        "opt" => Some("model."),
+        _ => None,
+    }
+}
 
 /// Their whole-model tensors: (family, a Llama's name, theirs) by prefix of the name.
-const FAMILY_GLOBALS: [(&str, &str, &str); 7] = [
+const FAMILY_GLOBALS: [(&str, &str, &str); 10] = [
     ("gpt2", "model.embed_tokens.", "wte."),
     ("gpt2", "model.embed_positions.", "wpe."),
     ("gpt2", "model.norm.", "ln_f."),
@@ -336,11 +346,14 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 7] = [
     ("gpt_neox", "model.norm.", "gpt_neox.final_layer_norm."),
     ("gpt_neox", "lm_head.", "embed_out."),
     ("phi", "model.norm.", "model.final_layernorm."),
+    ("opt", "model.embed_tokens.", "decoder.embed_tokens."),
+    ("opt", "model.embed_positions.", "decoder.embed_positions."),
+    ("opt", "model.norm.", "decoder.final_layer_norm."),
 ];
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
 /// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
-const FAMILY_PARTS: [(&str, &str, &str, Layout); 15] = [
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 20] = [
     ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
     ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
@@ -356,10 +369,15 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 15] = [
     ("gpt2", "self_attn.o_proj", "attn.c_proj", Layout::Conv1D),
     ("gpt2", "mlp.up_proj", "mlp.c_fc", Layout::Conv1D),
     ("gpt2", "mlp.down_proj", "mlp.c_proj", Layout::Conv1D),
+    ("opt", "input_layernorm", "self_attn_layer_norm", Layout::Same),
+    ("opt", "post_attention_layernorm", "final_layer_norm", Layout::Same),
+    ("opt", "self_attn.o_proj", "self_attn.out_proj", Layout::Same),
+    ("opt", "mlp.up_proj", "fc1", Layout::Same),
+    ("opt", "mlp.down_proj", "fc2", Layout::Same),
 ];
 
-/// Where a tensor named as a Llama names it lies in a GPT-2, GPT-NeoX, StarCoder 2 or Phi
-/// checkpoint: the stored name (GPT-2's without its optional `transformer.` prefix), and which part.
+/// Where a tensor named as a Llama names it lies in a GPT-2, GPT-NeoX, StarCoder 2, Phi or OPT
+/// checkpoint: the stored name (without its optional `saved_prefix`), and which part.
 fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
     let family = c.model_type.as_str();
     let (_, stem) = FAMILY_STEMS.into_iter().find(|(f, _)| *f == family)?;
@@ -386,8 +404,8 @@ fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
 }
 
 /// The checkpoint's name for a tensor named as a Llama names it (what `rename` gives a GGUF file's
-/// tensor), in a family that names its own otherwise; for GPT-2 with its `transformer.` prefix, as
-/// transformers saves it. Phi's and StarCoder 2's fused q/k/v (old GGUF files) are listed as the
+/// tensor), in a family that names its own otherwise; with its `saved_prefix` (GPT-2's
+/// `transformer.`), as transformers saves it. Phi's and StarCoder 2's fused q/k/v (old GGUF files) are listed as the
 /// three they are.
 fn family_names(name: &str, c: &ModelConfig) -> Vec<String> {
     let family = c.model_type.as_str();
@@ -406,8 +424,10 @@ fn family_names(name: &str, c: &ModelConfig) -> Vec<String> {
             .find(|(f, ours, _)| *f == family && name.starts_with(ours))
             .map(|(_, ours, theirs)| format!("{theirs}{}", &name[ours.len()..])),
     };
-    let theirs = theirs.unwrap_or_else(|| name.to_string());
-    vec![if family == "gpt2" { format!("transformer.{theirs}") } else { theirs }]
+    match (theirs, saved_prefix(c)) {
+        (Some(theirs), Some(prefix)) => vec![format!("{prefix}{theirs}")],
+        (theirs, _) => vec![theirs.unwrap_or_else(|| name.to_string())],
+    }
 }
 
 /// `family_names`' inverse for one tensor: a Llama's name for a checkpoint's tensor of a family
@@ -416,7 +436,7 @@ fn family_names(name: &str, c: &ModelConfig) -> Vec<String> {
 fn llama_name(name: &str, c: &ModelConfig) -> Option<(String, Layout)> {
     let family = c.model_type.as_str();
     let (_, stem) = FAMILY_STEMS.into_iter().find(|(f, _)| *f == family)?;
-    let name = if family == "gpt2" { name.strip_prefix("transformer.").unwrap_or(name) } else { name };
+    let name = saved_prefix(c).and_then(|p| name.strip_prefix(p)).unwrap_or(name);
     for (f, ours, theirs) in FAMILY_GLOBALS {
         match name.strip_prefix(theirs) {
             Some(rest) if f == family => return Some((format!("{ours}{rest}"), Layout::Same)),

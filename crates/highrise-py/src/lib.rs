@@ -255,6 +255,8 @@ impl Engine {
         d.set_item("parallel_attn_mlp", c.parallel_residual())?;
         d.set_item("d_vocab", c.vocab_size)?;
         d.set_item("n_ctx", c.max_position_embeddings)?;
+        // The row of the learned positions' table position 0 reads (OPT's 2; `W_pos` starts there).
+        d.set_item("position_offset", c.position_offset())?;
         let stats = self.service.stats();
         d.set_item("kv_cache_tokens", stats.blocks_total * stats.block_size)?;
         Ok(d)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,27 @@ def test_a_mixtures_router_scores_and_shape():
     with pytest.raises(KeyError, match="not captured"):
         cache["router", 0]
     assert np.array_equal(logits, m.logits(ids)), "capturing the router changes nothing"
+
+
+def test_opt_positions_start_at_row_two_of_their_table(tmp_path):
+    """OPT (tests/data/tiny-opt, HF's logits beside it): TransformerLens's layout, W_pos from the third
+    row of the file's table on (the rows positions read), and HF's logits at every position."""
+    d = Path(__file__).resolve().parents[3] / "tests" / "data" / "tiny-opt"
+    ref = json.loads((d / "reference.json").read_text())
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).symlink_to(d / f)
+    # The tiny model has no tokenizer; a word-level one over its 512 ids serves.
+    vocab = {f"t{i}": i for i in range(512)}
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+                                                          "pre_tokenizer": {"type": "Whitespace"}}))
+    with highrise.Model.load(str(tmp_path)) as m:
+        c = m.cfg
+        assert (c.normalization_type, c.positional_embedding_type, c.act_fn, c.gated_mlp, c.position_offset) == ("LN", "standard", "relu", False, 2)
+        table = m.weight("model.embed_positions.weight")
+        assert table.shape == (c.n_ctx + 2, c.d_model)
+        assert np.array_equal(m.W_pos, table[2:])
+        logits = m.logits(ref["prompt"])
+        assert np.abs(logits - np.array(ref["logits"], dtype=np.float32)).max() <= 1e-4
 
 
 def test_the_layernorm_families_layout_in_transformerlens_terms():

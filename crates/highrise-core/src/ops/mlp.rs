@@ -17,6 +17,8 @@ pub enum GluAct {
     /// `gelu(x) = x/2 (1 + erf(x / sqrt(2)))`, exact (PyTorch's `gelu`, HF's `"gelu"` outside Gemma):
     /// GPT-NeoX (Pythia).
     GeluErf = 2,
+    /// `relu(x) = max(x, 0)` (NaN stays NaN, as PyTorch's): OPT.
+    Relu = 3,
 }
 
 impl GluAct {
@@ -30,6 +32,7 @@ impl GluAct {
                 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
             }
             GluAct::GeluErf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+            GluAct::Relu => if x < 0.0 { 0.0 } else { x },
         }
     }
 }

@@ -371,9 +371,10 @@ class Model:
 
     @property
     def W_pos(self) -> np.ndarray:
-        """GPT-2's learned positions [n_ctx, d_model] (TransformerLens's name); a KeyError for the
-        families that rotate q and k instead."""
-        return self.weight("model.embed_positions.weight")
+        """GPT-2's and OPT's learned positions [n_ctx, d_model] (TransformerLens's name: OPT's from
+        the third row of its table on, the first two being rows no position reads); a KeyError for
+        the families that rotate q and k instead."""
+        return self.weight("model.embed_positions.weight")[self.cfg.position_offset:]
 
     # --- text -------------------------------------------------------------------------------
 
