@@ -19,7 +19,8 @@
 #      cuBLASLt algorithm each GEMM shape was given, with its time and the heuristic's first's); its
 #      decode again with programmatic dependent launches off (HIGHRISE_PDL=0), for what they buy,
 #      and batches 1 and 64 sampled as chat requests are (temperature, top-p) instead of greedy;
-#   7. under Nsight Compute, each kernel's device time in 8B decode steps at batch 1, 64 and 256.
+#   7. under Nsight Compute, each kernel's device time in 8B decode steps at batch 1, 64 and 256;
+#   8. `highrise bench` on an OLMoE-1B-7B-shaped mixture (batch 1, 8, 64), routed on the device.
 # Full logs go to OUT (default $OUT, else gpu-results/); summary.md, the short table, is printed last.
 # Then, in a call of its own right after (a warm machine is handed back after 30 s idle):
 # gpu-sweep.sh BUNDLE OUT "gemv step decode wg" (the GEMV's shapes alone and in whole 8B decode
@@ -192,6 +193,11 @@ else
     echo "steps-ncu: skipped (no ncu on the PATH)" >>"$out/steps.txt"
     echo "skipped: no ncu on the PATH" >"$out/steps-kernels.md"
 fi
+# 8. A mixture's decode at a real size (OLMoE-1B-7B's shape, random bf16 weights: each token's top 8
+# of 64 experts on every layer), its router's choice on the device (the `Moe` op) so that each step
+# is one graph, beside the roofline of the experts its tokens chose. Last: it never ran on a GPU.
+step bench-moe 75 "$bundle/highrise" bench --backend cuda --dtype bf16 --model random:olmoe-1b-7b \
+    --pp 256 --tg 32 --reps 1 --profile -c 1 -c 8 -c 64 --kv-memory 2G
 
 {
     echo "## highrise GPU check: $(sed -n 2p "$out/device.txt"), $(head -1 "$out/device.txt")"
@@ -233,4 +239,7 @@ fi
     echo "shapes (1x1k, 1x8k, 1x32k, 8x8k, 64x8k; three launches each) (Nsight Compute, scripts/ncu-steps.py):"
     cat "$out/steps-kernels.md"
     grep '^| decode' "$out/decode-ncu.txt" 2>/dev/null || true
+    echo
+    echo "a mixture (OLMoE-1B-7B's shape, bf16), its router's choice on the device:"
+    grep -E '^\||^ceilings|^where|^graphs' "$out/bench-moe.txt" || tail -3 "$out/bench-moe.txt"
 } | tee "$out/summary.md"

@@ -39,8 +39,9 @@ fn random_gemma3_smollm3_and_olmo2_match_cpu_logits_and_64_greedy_steps() {
     }
 }
 
-/// The mixtures of experts (Mixtral's, Qwen 3 MoE's with a dense layer) on the GPU against the CPU:
-/// routing read mid-pass, experts' tokens gathered, outputs added back weighted (`index_add`).
+/// The mixtures of experts (Mixtral's, Qwen 3 MoE's with a dense layer) on the GPU against the CPU
+/// (`Moe`): at decode the router's choice and the experts on the device (`moe_*`), the prompt's
+/// tokens routed on the host, each expert's together through one GEMM.
 #[test]
 fn random_mixtures_of_experts_match_cpu_logits_and_64_greedy_steps() {
     let Some(gpu) = backend("random mixtral and qwen 3 moe") else { return };
@@ -88,6 +89,14 @@ fn linear_on_every_gemm_path_matches_reference() {
         }
         std::env::remove_var("HIGHRISE_GEMM");
     }
+}
+
+/// A mixture's decode steps (Mixtral's layout) as graphs, the router's choice made on the device: no
+/// step falls back to op by op, and the tokens are those of the same steps op by op.
+#[test]
+fn mixture_decode_steps_run_as_graphs() {
+    let Some(gpu) = own_backend("a mixture's graphs") else { return };
+    graphs_give_the_same_tokens_of(&gpu, "tiny-mixtral", true, DType::F32);
 }
 
 /// Decode steps replayed as CUDA graphs give the tokens of the same steps launched op by op.

@@ -51,8 +51,10 @@ fn random_gemma3_smollm3_and_olmo2_on_the_emulated_device_match_the_cpu() {
 }
 
 /// The mixtures of experts: Mixtral's (each token's top 2 of 4 experts) and Qwen 3 MoE's (a dense
-/// layer, then the top 2 of 8 experts of their own size): the router's scores read mid-pass, each
-/// expert's tokens gathered (the embedding op), their outputs added back weighted (`index_add`).
+/// layer, then the top 2 of 8 experts of their own size), through the `Moe` op: at decode the
+/// router's choice and the experts on the device (`moe_route`, `moe_glu`, `moe_down`,
+/// `moe_combine`), the prompt's tokens routed on the host (its scores read mid-op), each expert's
+/// tokens gathered and through one GEMM together.
 /// Greedy steps in f32: a token whose two likeliest experts lie within bf16's rounding of each other
 /// may be routed otherwise by the two backends' bf16 sums.
 #[test]
@@ -107,6 +109,15 @@ fn steering_reaches_layers_that_fold_their_norms() {
 fn decode_steps_as_graphs_give_the_same_tokens() {
     let Some(dev) = own_backend("graphs on the emulated device") else { return };
     graphs_give_the_same_tokens(&dev, true);
+}
+
+/// A mixture's decode steps (Mixtral's layout) as graphs: the router's choice made on the device
+/// (`Moe`: `moe_route`, the experts' kernels, `moe_combine`), so no step falls back to op by op at
+/// the router's scores, and the same tokens and log-probabilities as op by op.
+#[test]
+fn mixture_decode_steps_run_as_graphs() {
+    let Some(dev) = own_backend("a mixture's graphs on the emulated device") else { return };
+    graphs_give_the_same_tokens_of(&dev, "tiny-mixtral", true, DType::F32);
 }
 
 /// Continuous batching: a 100-token prompt joins a sequence that decodes, so the prompt's chunks

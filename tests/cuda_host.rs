@@ -134,6 +134,12 @@ fn every_op_launches_what_its_kernels_expect() {
                 .map(|i| SampleParams { temperature: 0.8, top_k: 40, top_p: 0.9, min_p: 0.05, uniform: (i as f64 + 0.5) / t as f64 })
                 .collect();
             b.sample(&mut idx, &mut lp, &logits, &params).unwrap();
+            // A mixture's routed experts, each token's top 4 of 32: on the device at 1 and 7
+            // tokens, routed on the host (the scores read) at 64 and 300.
+            let (e, i) = (32, 64);
+            let experts = [[e, i, h], [e, i, h], [e, h, i]].map(|d| up(&b, dt, &d, &rng.values(d.iter().product(), 0.1, dt)));
+            let scores = up(&b, dt, &[t, e], &rng.values(t * e, 2.0, dt));
+            b.moe(&mut out, &x, &scores, [&experts[0], &experts[1], &experts[2]], 4, t % 2 == 1, GluAct::Silu).unwrap();
         }
     }
     for choice in ["auto", "split", "per-head"] {
@@ -157,7 +163,7 @@ fn every_op_launches_what_its_kernels_expect() {
         "embedding", "rms_norm", "add_rms_norm", "add_bias", "add_", "to_f32", "from_f32", "rope", "kv_write", "attn_split_d64",
         "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "decode_attn_d64",
         "decode_attn_d128", "gemv1", "gemv8", "gemv_add1", "gemv_add8", "gemv_qkv_norm1", "gemv_glu_norm1", "swiglu",
-        "argmax", "sample", "index_add", "layer_norm", "add_layer_norm", "glu_act",
+        "argmax", "sample", "index_add", "layer_norm", "add_layer_norm", "glu_act", "moe_route", "moe_glu", "moe_down", "moe_combine",
     ] {
         assert!(kernels.iter().any(|k| k.starts_with(family)), "no {family} kernel was launched: {kernels:?}");
     }

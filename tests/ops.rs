@@ -740,6 +740,99 @@ fn index_add_adds_weighted_rows_where_told() {
     assert!(e.contains("1 weights for 2 indices"), "{e}");
 }
 
+/// A mixture of experts' routed MLPs in one op (`Moe`: Mixtral, Qwen 3 MoE, OLMoE...), the
+/// router's choice included, against f64: each token's top k by `route`'s rule, each chosen
+/// expert's gated MLP, their outputs weighted and summed in ascending expert order. At decode's few
+/// tokens on the device, and past them (more pairs than experts and 16) routed on the host;
+/// renormalized or not; SwiGLU and the GELUs; a width that is no multiple of a warp. A backend that
+/// declines it (the CPU: the model routes on the host there) says so naming the op; a top k past
+/// the experts, or experts of another width, are refused naming the op.
+#[test]
+fn moe_routes_each_token_through_its_experts() {
+    use highrise::core::ops::route;
+    if backend("moe_routes_each_token_through_its_experts").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("moe");
+    let small = |dt, dims: &[usize]| upload(dt, dims, &vec![0.5; dims.iter().product()]);
+    let (x, logits) = (small(DType::F32, &[2, 8]), small(DType::F32, &[2, 4]));
+    let (gate, down) = (small(DType::F32, &[4, 6, 8]), small(DType::F32, &[4, 8, 6]));
+    let mut out = poisoned(DType::F32, &[2, 8]);
+    if !be().supports(highrise::core::OpKind::Moe, DType::F32) {
+        let e = be().moe(&mut out, &x, &logits, [&gate, &gate, &down], 2, true, GluAct::Silu).unwrap_err().to_string();
+        assert!(e.contains("moe"), "{e}");
+        println!("skipped: the {} backend declines moe (the model routes a mixture on the host there): {e}", be().name());
+        return;
+    }
+    for (e, want) in [
+        (be().moe(&mut out, &x, &logits, [&gate, &gate, &down], 5, true, GluAct::Silu).unwrap_err(), "top_k 5"),
+        (be().moe(&mut out, &x, &logits, [&gate, &gate, &gate], 2, true, GluAct::Silu).unwrap_err(), "down"),
+    ] {
+        let e = e.to_string();
+        assert!(e.contains("moe") && e.contains(want), "{e}");
+    }
+    let act64 = |act: GluAct, g: f64| match act {
+        GluAct::Silu => g / (1.0 + (-g).exp()),
+        GluAct::GeluTanh => 0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()),
+        GluAct::GeluErf => 0.5 * g * (1.0 + libm::erf(g / std::f64::consts::SQRT_2)),
+        GluAct::Relu => g.max(0.0),
+    };
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    // (tokens, experts, top k, hidden, expert width, renormalize, activation)
+    let cases = [
+        (1, 8, 2, 64, 96, true, GluAct::Silu),
+        (3, 40, 4, 128, 64, false, GluAct::Silu),
+        (2, 4, 2, 72, 40, true, GluAct::GeluTanh),
+        (20, 8, 2, 64, 96, true, GluAct::Silu),
+        (9, 4, 3, 64, 48, false, GluAct::GeluErf),
+    ];
+    for dt in FLOATS {
+        for (t, e, k, h, i, renormalize, act) in cases {
+            let x = rng.values(t * h, 1.0, dt);
+            let (gate, up, down) = (rng.values(e * i * h, 0.2, dt), rng.values(e * i * h, 0.2, dt), rng.values(e * h * i, 0.2, dt));
+            // Each token's scores a shuffle of well-separated values: no near-ties for the two sides'
+            // exponentials to order differently.
+            let mut scores = Vec::with_capacity(t * e);
+            for _ in 0..t {
+                let mut row: Vec<f64> = (0..e).map(|j| round(dt, j as f64 * 0.3 - 2.0)).collect();
+                for j in (1..e).rev() {
+                    row.swap(j, ((rng.uniform() + 1.0) / 2.0 * (j + 1) as f64) as usize % (j + 1));
+                }
+                scores.extend(row);
+            }
+            let mut out = poisoned(dt, &[t, h]);
+            let tensors = [upload(dt, &[e, i, h], &gate), upload(dt, &[e, i, h], &up), upload(dt, &[e, h, i], &down)];
+            be().moe(&mut out, &upload(dt, &[t, h], &x), &upload(dt, &[t, e], &scores), [&tensors[0], &tensors[1], &tensors[2]], k, renormalize, act).unwrap();
+            let mut chosen: Vec<Vec<(usize, f64)>> = vec![Vec::new(); t];
+            let f: Vec<f32> = scores.iter().map(|&v| v as f32).collect();
+            for (ex, (rows, ws)) in route(&f, e, k, renormalize).into_iter().enumerate() {
+                for (r, w) in rows.into_iter().zip(ws) {
+                    chosen[r as usize].push((ex, round(dt, w as f64)));
+                }
+            }
+            let reference = |rd: Rd| {
+                let mut out = vec![0.0; t * h];
+                for (tok, experts) in chosen.iter().enumerate() {
+                    let xt = &x[tok * h..(tok + 1) * h];
+                    for &(ex, w) in experts {
+                        let row = |m: &[f64], r: usize, n: usize| m[(ex * (m.len() / e / n) + r) * n..][..n].to_vec();
+                        let a: Vec<f64> = (0..i)
+                            .map(|r| rd.r(act64(act, rd.r(dot(xt, &row(&gate, r, h)))) * rd.r(dot(xt, &row(&up, r, h)))))
+                            .collect();
+                        for c in 0..h {
+                            let y = rd.r(dot(&a, &row(&down, c, i)));
+                            out[tok * h + c] = rd.r(out[tok * h + c] + rd.r(w * y));
+                        }
+                    }
+                }
+                out
+            };
+            let what = format!("moe {dt} {t} tokens, top {k} of {e} experts [{h}, {i}] renormalize {renormalize} {act:?}");
+            assert_close(&what, dt, &download(&out), &reference(Rd::Exact), &reference(Rd::Naive(dt)));
+        }
+    }
+}
+
 /// The logits' soft-cap (Gemma 2's final one), in place: cap tanh(x / cap), against f64, for logits
 /// well inside the cap and far past it.
 #[test]

@@ -184,7 +184,7 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
 
 /// A mixture's routing at the `routed` layers: `router.npy` [layers, T, E] (the router's scores
 /// before the softmax) and `experts.json`, each position's experts and their weights as the forward
-/// pass chose them (`highrise::model::route`), heaviest first.
+/// pass chose them (`highrise::core::ops::route`), heaviest first.
 fn write_routes(out: &Path, c: &highrise::model::ModelConfig, routed: &[usize], hooks: &highrise::model::Hooks, t: usize, input: &[String]) -> AnyResult<()> {
     use highrise::model::Site;
     let e = c.experts();
@@ -194,7 +194,7 @@ fn write_routes(out: &Path, c: &highrise::model::ModelConfig, routed: &[usize], 
         let scores = hooks.get(Site::Router, l).unwrap_or_default();
         w.write(scores)?;
         let mut per_token: Vec<Vec<(usize, f32)>> = vec![Vec::new(); t];
-        for (expert, (rows, weights)) in highrise::model::route(scores, e, c.experts_per_token(), c.renormalize_experts()).into_iter().enumerate() {
+        for (expert, (rows, weights)) in highrise::core::ops::route(scores, e, c.experts_per_token(), c.renormalize_experts()).into_iter().enumerate() {
             for (row, weight) in rows.into_iter().zip(weights) {
                 per_token[row as usize].push((expert, weight));
             }

@@ -454,9 +454,14 @@ pub fn graphs_give_the_same_tokens(dev: &Arc<dyn Backend>, alone: bool) {
 /// `graphs_give_the_same_tokens` with activations in `dtype` (f32: the split attention kernels,
 /// whose launches must not change with the contexts either, or every step would be captured anew).
 pub fn graphs_give_the_same_tokens_in(dev: &Arc<dyn Backend>, alone: bool, dtype: DType) {
+    graphs_give_the_same_tokens_of(dev, "tiny", alone, dtype)
+}
+
+/// `graphs_give_the_same_tokens_in` for a random model of the named shape.
+pub fn graphs_give_the_same_tokens_of(dev: &Arc<dyn Backend>, shape: &str, alone: bool, dtype: DType) {
     use highrise::engine::{Engine, EngineConfig, GenerateParams, Request, SamplingParams};
     use highrise::model::{Llama, ModelConfig, Tokenizer};
-    let model = Llama::random(ModelConfig::shape("tiny").unwrap(), dev.clone(), dtype, 11).unwrap();
+    let model = Llama::random(ModelConfig::shape(shape).unwrap(), dev.clone(), dtype, 11).unwrap();
     let tok = Tokenizer::numbered(512).unwrap();
     let run = |graphs: bool, warm: bool| {
         let config = EngineConfig { num_blocks: 32, block_size: 16, max_batch_tokens: 64, max_running: 4 };

@@ -131,10 +131,11 @@ impl dyn Backend + '_ {
     pub fn exec(&self, op: Op<'_>) -> Result<()> {
         let (kind, dtype) = (op.kind(), op.dtype());
         if !self.supports(kind, dtype) {
-            return Err(Error::Unsupported(format!(
-                "{kind}: the {} backend does not support {dtype}",
-                self.name()
-            )));
+            let declines = [DType::F32, DType::F16, DType::BF16].iter().all(|&d| !self.supports(kind, d));
+            return Err(Error::Unsupported(match declines {
+                true => format!("{kind}: the {} backend does not run this op", self.name()),
+                false => format!("{kind}: the {} backend does not support {dtype}", self.name()),
+            }));
         }
         if !crate::profile::enabled() {
             return self.run(&op);
@@ -403,6 +404,17 @@ impl dyn Backend + '_ {
     /// `out[index[j]] += weight[j] * src[j]` for each row j of src (see [`IndexAdd`]).
     pub fn index_add(&self, out: &mut Tensor, src: &Tensor, index: &[u32], weight: &[f32]) -> Result<()> {
         self.exec(Op::IndexAdd(IndexAdd { out: out.as_mut(), src: src.as_ref(), index: HostSlice::new(index), weight: HostSlice::new(weight) }))
+    }
+
+    /// A mixture of experts' routed MLPs, the router's choice of each token's `top_k` experts
+    /// included: `out` [T, H] from the normed stream `x` [T, H], the router's `logits` [T, E] and the
+    /// experts stacked, `[gate, up, down]` ([E, I, H], [E, I, H], [E, H, I]); see [`Moe`]. Ask
+    /// `supports(OpKind::Moe, ..)` first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe(&self, out: &mut Tensor, x: &Tensor, logits: &Tensor, experts: [&Tensor; 3], top_k: usize, renormalize: bool, act: GluAct) -> Result<()> {
+        let [gate, up, down] = experts.map(Tensor::as_ref);
+        let top_k = u32::try_from(top_k).map_err(|_| Error::Invalid(format!("moe: top_k {top_k}")))?;
+        self.exec(Op::Moe(Moe { out: out.as_mut(), x: x.as_ref(), logits: logits.as_ref(), gate, up, down, top_k, renormalize: renormalize as u32, act }))
     }
 
     /// `x = cap * tanh(x / cap)` in place (see [`Softcap`]).

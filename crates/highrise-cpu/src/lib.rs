@@ -84,6 +84,8 @@ impl Backend for CpuBackend {
         match op {
             OpKind::Linear => true,
             OpKind::Embedding => dtype.interleaved_rows() == 1,
+            // The model routes a mixture on the host here (its experts kept apart, quantized or not).
+            OpKind::Moe => false,
             _ => dtype.is_float(),
         }
     }
@@ -149,6 +151,7 @@ impl Backend for CpuBackend {
             Op::Softcap(o) => sampling::softcap(&ts, o),
             Op::IndexAdd(o) => residual::index_add(&ts, o),
             Op::LayerNorm(o) => residual::layer_norm(&ts, o),
+            Op::Moe(_) => Err(Error::Unsupported("moe: the cpu backend routes a mixture on the host (it declines this op)".into())),
             Op::QkvLinear(o) => mlp::normed(&ts, o.x, o.norm, o.eps, |x| {
                 o.parts_reading(x).iter().try_for_each(|part| linear::linear(&ts, part))
             }),

@@ -46,6 +46,10 @@ pub const PROGRAMMATIC: &[&str] = &[
     "argmax",
     "sample",
     "softcap",
+    "moe_route",
+    "moe_glu",
+    "moe_down",
+    "moe_combine",
 ];
 
 /// Whether `kernel` (a full name, e.g. "gemv_qkv1_bf16", "decode_attn_d128_f16") is one of

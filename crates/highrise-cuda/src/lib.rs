@@ -252,6 +252,21 @@ impl CudaBackend {
         self.queue_step(st, step, false)
     }
 
+    /// Ends a step being recorded in the middle of an op (the rest of it runs op by op, this op's
+    /// launches included), so that the op can stage more than a step holds or read what the ops
+    /// before it wrote (`ops::moe`'s router scores).
+    fn end_step_in_op(&self, st: &mut OpState) -> Result<()> {
+        if let Some(step) = self.recording().take() {
+            // This op's tensors, told to a checking driver again: its launches follow.
+            let current = step.current_op();
+            self.queue_step(st, step, false)?;
+            if let Some((name, regions)) = current.filter(|_| self.driver.checks()) {
+                self.driver.begin_op(&name, regions);
+            }
+        }
+        Ok(())
+    }
+
     fn buf(&self, h: Handle) -> Result<&DevBuf> {
         // SAFETY: DevBuf is repr(C) and starts with its HandleHeader.
         unsafe { h.owned(MAGIC, self.id, "cuda") }
@@ -400,15 +415,7 @@ impl CudaBackend {
         let (work, addrs) = match staged {
             Some(staged) => staged,
             None => {
-                let step = self.recording().take();
-                if let Some(step) = step {
-                    // This op's tensors, told to a checking driver again: its launches follow.
-                    let current = step.current_op();
-                    self.queue_step(st, step, false)?;
-                    if let Some((name, regions)) = current.filter(|_| drv.checks()) {
-                        drv.begin_op(&name, regions);
-                    }
-                }
+                self.end_step_in_op(st)?;
                 // SAFETY: the context is bound; the scratch buffer is ours.
                 unsafe { memory::grow(drv, &mut st.scratch, &mut st.scratch_bytes, extra, 1 << 20, "scratch", None) }?;
                 // SAFETY: the context is bound; `st` (held by the caller for the whole op) keeps other ops
@@ -606,6 +613,7 @@ impl Backend for CudaBackend {
             Op::Softcap(o) => ops::softcap(self, o),
             Op::IndexAdd(o) => ops::index_add(self, st, o),
             Op::LayerNorm(o) => ops::layer_norm(self, o),
+            Op::Moe(o) => ops::moe(self, st, o),
             Op::RopeKvWrite(o) => ops::rope_kv_write(self, st, o),
             Op::QkvLinear(o) => ops::qkv_linear(self, st, o),
         }

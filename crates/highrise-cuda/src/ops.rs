@@ -2,8 +2,8 @@
 //! addresses checked, grid and block chosen. Kernel signatures are in `kernels/*.cu`.
 
 use highrise_core::ops::{
-    cache_dims, AddRmsNorm, Argmax, Attention, Embedding, GluAct, IndexAdd, KvWrite, LayerNorm, Linear, PagedAttention, PagedSeq, QkvLinear,
-    RmsNorm, Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
+    cache_dims, route, AddRmsNorm, Argmax, Attention, Embedding, GluAct, IndexAdd, KvWrite, LayerNorm, Linear, Moe, PagedAttention, PagedSeq,
+    QkvLinear, RmsNorm, Rope, RopeKvWrite, Sample, Scores, Softcap, SwiGlu, SwiGluLinear,
 };
 use highrise_core::{DType, Error, Result, TensorRef};
 
@@ -771,20 +771,110 @@ fn decode<'a>(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_siz
 
 /// The MLP's gate: `swiglu_*` or `geglu_*` (kernels/mlp.cu) by the op's activation.
 pub fn swiglu(be: &CudaBackend, op: &SwiGlu) -> Result<()> {
-    let s = suffix("swiglu", op.out.dtype)?;
-    let n = op.out.numel() as u64;
     let (out, gate) = (be.ptr("out", &op.out)?, be.ptr("gate", &op.gate)?);
     let up = match op.up.opt() {
         Some(up) => be.ptr("up", &up)?,
         None => 0,
     };
-    let kernel = match (op.act, op.up.is_none()) {
+    glu(be, op.out.dtype, out, gate, up, op.act, op.out.numel() as u64)
+}
+
+/// `out = act(gate) * up` over `n` elements at these addresses (`act(gate)` where up is 0).
+fn glu(be: &CudaBackend, dtype: DType, out: u64, gate: u64, up: u64, act: GluAct, n: u64) -> Result<()> {
+    let s = suffix("swiglu", dtype)?;
+    let kernel = match (act, up == 0) {
         (GluAct::Silu, false) => "swiglu",
         (GluAct::GeluTanh, false) => "geglu",
         // The exact GELU, ReLU, and an MLP without a gate (up null): one kernel for every activation.
         (act, _) => return be.launch(&format!("glu_act_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &(act as u32), &n]),
     };
     be.launch(&format!("{kernel}_{s}"), cover(n, 256), (256, 1, 1), &[&out, &gate, &up, &n])
+}
+
+/// Token-expert pairs up to which a mixture runs wholly on the device: the router's choice made
+/// there (`moe_route_*`), each pair's expert reading its weights for its one token (`moe_glu_*`,
+/// `moe_down_*`), no read to the host, so a decode step stays one graph; also wherever the pairs
+/// are no more than the experts. Past it each expert's weights would be read once per pair, so the
+/// host routes (a read of the scores, which ends a step recorded as a graph there) and each
+/// expert's tokens go through one GEMM together, as the model's own path runs them. (A guess until
+/// a GPU times both.)
+const MOE_DEVICE_PAIRS: usize = 16;
+
+/// Rows of an expert's weight a block of `moe_glu_*` and `moe_down_*` takes (a warp each).
+const MOE_ROWS: usize = 8;
+
+/// A mixture of experts' routed MLPs (see `Moe`), its experts stacked ([E, I, H], [E, I, H], [E,
+/// H, I]); both ways end in `moe_combine_*`: each token's weighted sum over its experts in
+/// ascending order, each add rounded (`index_add`'s arithmetic, from zero).
+pub fn moe(be: &CudaBackend, st: &mut OpState, op: &Moe) -> Result<()> {
+    let act = op.x.dtype;
+    let s = suffix("moe", act)?;
+    let elt = act.storage_bytes(1).unwrap_or(4);
+    let ((t, h), (e, i), k) = ((op.x.dims()[0], op.x.dims()[1]), (op.gate.dims()[0], op.gate.dims()[1]), op.top_k as usize);
+    let (out, x, logits) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("logits", &op.logits)?);
+    let (gate, up, down) = (be.ptr("gate", &op.gate)?, be.ptr("up", &op.up)?, be.ptr("down", &op.down)?);
+    let (h32, i32_, e32, k32) = (h as u32, i as u32, e as u32, op.top_k);
+    let pairs = t * k;
+    if pairs <= MOE_DEVICE_PAIRS.max(e) {
+        let (ids_b, w_b, a_b) = (align(pairs * 4), align(pairs * 4), align(pairs * i * elt));
+        let (work, _) = be.upload(st, ids_b + w_b + a_b + align(pairs * h * elt), &[])?;
+        let (ids, weights, a, y) = (work, work + ids_b as u64, work + (ids_b + w_b) as u64, work + (ids_b + w_b + a_b) as u64);
+        let (pairs32, warps) = (pairs as u32, (MOE_ROWS * 32) as u32);
+        be.launch(&format!("moe_route_{s}"), (t as u32, 1, 1), (32, 1, 1), &[&ids, &weights, &logits, &e32, &k32, &op.renormalize])?;
+        let glu_blocks = (i.div_ceil(MOE_ROWS) as u32, pairs32, 1);
+        be.launch(&format!("moe_glu_{s}"), glu_blocks, (warps, 1, 1), &[&a, &x, &gate, &up, &ids, &k32, &h32, &i32_, &e32, &(op.act as u32)])?;
+        be.launch(&format!("moe_down_{s}"), (h.div_ceil(MOE_ROWS) as u32, pairs32, 1), (warps, 1, 1), &[&y, &a, &down, &ids, &i32_, &h32, &e32])?;
+        let slots = 0u64;
+        return be.launch(&format!("moe_combine_{s}"), (t as u32, 1, 1), (ROW_THREADS, 1, 1), &[&out, &y, &slots, &weights, &k32, &h32]);
+    }
+    // The host routes: the scores read (after the ops before, a step recorded so far run).
+    be.end_step_in_op(st)?;
+    let mut bytes = vec![0u8; t * e * elt];
+    // SAFETY: the scores' tensor holds t x e elements of its dtype (validated; checked by `ptr`);
+    // the copy waits for the work queued before it.
+    unsafe { be.driver.dtoh(&mut bytes, logits) }?;
+    let scores: Vec<f32> = match act {
+        DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+    };
+    let round = |w: f32| match act {
+        DType::F16 => half::f16::from_f32(w).to_f32(),
+        DType::BF16 => half::bf16::from_f32(w).to_f32(),
+        _ => w,
+    };
+    // The pairs expert by expert (each expert's tokens together, ascending), and each token's k of
+    // them in ascending expert order: slot t k + j holds its j-th pair's place and weight.
+    let routes = route(&scores, e, k, op.renormalize == 1);
+    let (mut tokens, mut slots, mut weights, mut filled) = (Vec::with_capacity(pairs), vec![0u32; pairs], vec![0f32; pairs], vec![0usize; t]);
+    for (rows, ws) in &routes {
+        for (&row, &w) in rows.iter().zip(ws) {
+            let at = row as usize * k + filled[row as usize];
+            (slots[at], weights[at]) = (tokens.len() as u32, round(w));
+            filled[row as usize] += 1;
+            tokens.push(row);
+        }
+    }
+    // Workspace: the pairs' rows of x [P, H], gate and up products and activations [P, I] each, and
+    // the experts' outputs [P, H].
+    let (xh, xi) = (align(pairs * h * elt), align(pairs * i * elt));
+    let (work, addr) = be.upload(st, 2 * xh + 3 * xi, &[bytes_of(&tokens), bytes_of(&slots), bytes_of(&weights)])?;
+    let (xs, g, u, a, ys) = (work, work + xh as u64, work + (xh + xi) as u64, work + (xh + 2 * xi) as u64, work + (xh + 3 * xi) as u64);
+    let (p32, one) = (pairs as u32, 1.0f32);
+    be.launch(&format!("embedding_{s}"), (p32, 1, 1), (ROW_THREADS, 1, 1), &[&xs, &x, &(act as u32), &addr[0], &h32, &one])?;
+    let mut first = 0usize;
+    for (n, (rows, _)) in routes.iter().enumerate().filter(|(_, r)| !r.0.is_empty()) {
+        let (rows, at) = (rows.len(), |base: u64, width: usize| base + (first * width * elt) as u64);
+        let matrix = |base: u64| base + (n * i * h * elt) as u64;
+        let proj = |out, x, w, k, n| Proj { out, x, w, bias: 0, act, w_dt: act, bias_dt: 0, t: rows, k, n, accumulate: false };
+        // Same dtypes, no bias, nothing accumulated: no workspace (`Proj::work_bytes`).
+        project(be, &proj(at(g, i), at(xs, h), matrix(gate), h, i), 0)?;
+        project(be, &proj(at(u, i), at(xs, h), matrix(up), h, i), 0)?;
+        glu(be, act, at(a, i), at(g, i), at(u, i), op.act, (rows * i) as u64)?;
+        project(be, &proj(at(ys, h), at(a, i), matrix(down), i, h), 0)?;
+        first += rows;
+    }
+    be.launch(&format!("moe_combine_{s}"), (t as u32, 1, 1), (ROW_THREADS, 1, 1), &[&out, &ys, &addr[1], &addr[2], &k32, &h32])
 }
 
 /// The logits' soft-cap, in place (`softcap_*`, kernels/sampling.cu).

@@ -415,6 +415,10 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         }
         "swiglu" | "geglu" => vec![P, P, P, U64],
         "glu_act" => vec![P, P, OPT, U32, U64],
+        "moe_route" => vec![P, P, P, U32, U32, U32],
+        "moe_glu" => vec![P, P, P, P, P, U32, U32, U32, U32, U32],
+        "moe_down" => vec![P, P, P, P, U32, U32, U32],
+        "moe_combine" => vec![P, P, OPT, P, U32, U32],
         "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
         "wgmma_probe" => vec![P, P, P, P, P],
@@ -494,9 +498,18 @@ impl Args<'_> {
         self.st.region_of(p).map_err(|why| format!("parameter {i} is {p:#x}, {why}"))
     }
 
-    /// The dims of the tensor parameter `i` points at, if it points at one of the op's tensors.
+    /// The dims of the tensor parameter `i` points at, if it points into one of the op's tensors:
+    /// the tensor's; but past the start of a 3-D one, at the start of one of its matrices (expert e
+    /// of a mixture's stacked weights, [E, I, H]), the matrix's ([I, H]).
     fn dims(&self, i: usize) -> Option<Vec<usize>> {
-        self.region(i).ok().and_then(|r| r.tensor).map(|(_, d)| d)
+        let r = self.region(i).ok()?;
+        let (dtype, d) = r.tensor?;
+        let at = self.u64(i) - r.ptr;
+        let matrix = d.get(1..).map_or(0, |m| m.iter().product::<usize>()) as u64 * dtype.storage_bytes(1).unwrap_or(0) as u64;
+        match at {
+            _ if d.len() == 3 && at > 0 && matrix > 0 && at % matrix == 0 => Some(d[1..].to_vec()),
+            _ => Some(d),
+        }
     }
 
     /// The tensor map parameter `i` points at (128 bytes inside a region), read as this driver's
@@ -667,6 +680,67 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             }
             for p in [0, 1].into_iter().chain((a.u64(2) != 0).then_some(2)) {
                 push(out, p, 0, n, elt, "n elements");
+            }
+        }
+        "moe_route" => {
+            // (ids, weights, logits, e, k, renormalize): a warp per token (block t), its k ids and
+            // weights written.
+            let (e, k) = (a.u32(3) as u64, a.u32(4) as u64);
+            if e == 0 || e > 512 || k == 0 || k > e.min(16) || a.u32(5) > 1 {
+                return Err(format!("{e} experts, top {k} (renormalize {}): at most 512 experts, 1 to 16 of them, renormalize 0 or 1", a.u32(5)));
+            }
+            if a.block != (32, 1, 1) {
+                return Err(format!("block {:?}: a warp per token", a.block));
+            }
+            grid_rows(a, a.rows_of(2, e))?;
+            a.agrees(2, 1, e, "e")?;
+            push(out, 0, 0, gx * k, 4, "ids");
+            push(out, 1, 0, gx * k, 4, "weights");
+            push(out, 2, 0, gx * e, elt, "scores");
+        }
+        "moe_glu" | "moe_down" => {
+            // moe_glu (out, x, gate, up, ids, k, h, i, e, act), moe_down (y, a, down, ids, i, h, e):
+            // pair blockIdx.y, a warp per row of expert ids[pair] (clamped below e), the rows
+            // covered by grid.x.
+            let glu = base == "moe_glu";
+            let (k, h, i, e) = match glu {
+                true => (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64),
+                false => (1, a.u32(5) as u64, a.u32(4) as u64, a.u32(6) as u64),
+            };
+            let (rows, per) = (if glu { i } else { h }, a.block.0 as u64 / 32);
+            if k == 0 || gy % k != 0 || e == 0 || (glu && a.u32(9) > 3) {
+                return Err(format!("{gy} pairs of {k} experts a token, {e} experts (activation {})", if glu { a.u32(9) } else { 0 }));
+            }
+            if a.block.0 % 32 != 0 || a.block.1 != 1 || gx * per < rows || (gx - 1) * per >= rows.max(1) {
+                return Err(format!("grid {:?} and block {:?} do not cover {rows} rows a warp each", a.grid, a.block));
+            }
+            let (weights, ids) = if glu { (vec![2, 3], 4) } else { (vec![2], 3) };
+            let (n, kk) = if glu { (i, h) } else { (h, i) };
+            for w in weights {
+                a.agrees(w, 0, e, "e")?;
+                a.agrees(w, 1, n, "the weight's rows")?;
+                a.agrees(w, 2, kk, "the weight's columns")?;
+                push(out, w, 0, e * n * kk, elt, "every expert's weights");
+            }
+            push(out, 0, 0, gy * n, elt, "a row per pair");
+            push(out, 1, 0, if glu { gy / k * h } else { gy * i }, elt, "a row per token (per pair)");
+            push(out, ids, 0, gy, 4, "an expert per pair");
+        }
+        "moe_combine" => {
+            // (out, y, slots or null, weights, k, h): block t sums y's rows slots[t k + j] (or
+            // t k + j), weighted, into out's row t.
+            let (k, h) = (a.u32(4) as u64, a.u32(5) as u64);
+            grid_rows(a, a.rows_of(0, h))?;
+            a.agrees(0, 1, h, "h")?;
+            push(out, 0, 0, gx * h, elt, "out rows");
+            push(out, 3, 0, gx * k, 4, "weights");
+            if a.u64(2) == 0 {
+                push(out, 1, 0, gx * k * h, elt, "y rows");
+            } else {
+                push(out, 2, 0, gx * k, 4, "slots");
+                for (j, &s) in a.u32s(2, (gx * k) as usize)?.iter().enumerate() {
+                    push(out, 1, s as u64 * h, h, elt, format!("y row {s} (slot {j})"));
+                }
             }
         }
         "softcap" => {

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use highrise_core::ops::PagedSeq;
-use highrise_model::{Batch, Llama, Logits, Mlp, Result};
+use highrise_model::{Batch, Experts, Llama, Logits, Mlp, Result};
 
 use crate::blocks::BLOCK_SIZE;
 use crate::sampling::choose_on_backend;
@@ -81,9 +81,18 @@ pub fn prefill_flops_per_token(model: &Llama, n: usize) -> f64 {
 /// them) at `rows` tokens, flops per second: best of 3, synchronized.
 pub fn matmul_rate(model: &Llama, rows: usize) -> Result<f64> {
     use highrise_core::Tensor;
+    let stacked;
     let w = match &model.layers[0].mlp {
         Mlp::Dense(f) => &f.w_gate,
-        Mlp::Moe(m) => &m.experts[0].w_gate,
+        Mlp::Moe(m) => match &m.experts {
+            Experts::Each(f) => &f[0].w_gate,
+            // Stacked, for a backend that runs the mixture as one op: a matrix of an expert's shape
+            // and dtype.
+            Experts::Stacked(w) => {
+                stacked = Tensor::full(&model.backend, w[0].dtype(), &w[0].dims()[1..], 0.01)?;
+                &stacked
+            }
+        },
         Mlp::Plain(f) => &f.w_up,
     };
     let (n, k) = (w.dims()[0], w.dims()[1]);

@@ -228,7 +228,7 @@ fn default_max_pos() -> usize {
 
 impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
-    /// `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
+    /// `olmoe-1b-7b`, `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
     /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3`, `tiny-olmo2`, `tiny-mixtral`,
     /// `tiny-qwen3-moe`, `tiny-gpt2` and `tiny-pythia` (the same in those families' layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
@@ -276,6 +276,14 @@ impl ModelConfig {
                 "model_type": "olmo2", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
             }),
+            // OLMoE-1B-7B's (allenai/OLMoE-1B-7B-0924): each token's top 8 of 64 experts on all 16
+            // layers, 1.3B of 6.9B parameters a token: a mixture's decode benchmarked at a real
+            // size (13.8 GB in bf16).
+            "olmoe-1b-7b" => serde_json::json!({
+                "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+                "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 4096,
+                "rms_norm_eps": 1e-5, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": false,
+            }),
             // Mixtral's: each token's top 2 of 4 experts.
             "tiny-mixtral" => serde_json::json!({
                 "model_type": "mixtral", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 256,
@@ -308,8 +316,9 @@ impl ModelConfig {
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 11] = [
+    pub const SHAPES: [&'static str; 12] = [
         "llama-3-8b",
+        "olmoe-1b-7b",
         "smollm2-135m",
         "tiny",
         "tiny-gemma2",

@@ -15,7 +15,7 @@ pub mod tokenizer;
 
 pub use config::ModelConfig;
 pub use introspect::{Hooks, Patch, Site, Steer};
-pub use llama::{route, Batch, Ffn, KvCache, Layer, Llama, LoadOptions, Logits, Mlp, Moe, WeightFormat};
+pub use llama::{Batch, Experts, Ffn, KvCache, Layer, Llama, LoadOptions, Logits, Mlp, Moe, WeightFormat};
 pub use source::Source;
 pub use error::{Error, Result};
 pub use tokenizer::{Message, Tokenizer};

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use highrise_core::ops::{GluAct, PagedSeq, RopeConfig};
+use highrise_core::ops::{route, GluAct, PagedSeq, RopeConfig};
 use highrise_core::quant::{dequantize, quantize_q8_0, repack_r8};
 use highrise_core::{Backend, DType, OpKind, Tensor};
 
@@ -91,6 +91,13 @@ pub struct Ffn {
     pub w_down: Tensor, // [H, I]
 }
 
+impl Ffn {
+    /// Bytes of its three weights.
+    pub fn size_bytes(&self) -> usize {
+        [&self.w_gate, &self.w_up, &self.w_down].iter().map(|w| w.size_bytes()).sum()
+    }
+}
+
 /// An MLP without a gate, `down(act(up(x)))`, with biases where the family has them (GPT-2's and
 /// StarCoder 2's `c_fc`/`c_proj`, GPT-NeoX's `dense_h_to_4h`/`dense_4h_to_h`, Phi's `fc1`/`fc2`).
 pub struct Fc {
@@ -123,7 +130,7 @@ impl Mlp {
 /// chosen where `renormalize`).
 pub struct Moe {
     pub router: Tensor, // [E, H]
-    pub experts: Vec<Ffn>,
+    pub experts: Experts,
     pub top_k: usize,
     pub renormalize: bool,
     /// Qwen 2 MoE's shared expert, which every token goes through, and its gate [1, H]: its output
@@ -131,28 +138,52 @@ pub struct Moe {
     pub shared: Option<(Ffn, Tensor)>,
 }
 
-/// Each expert's tokens (rows of the batch, ascending) and their router weights: each token's
-/// `top_k` experts of highest probability (softmax of its row of `logits`, [T, E], in f32 as HF
-/// computes it; ties to the lower expert), their weights renormalized to sum to 1 where asked.
-pub fn route(logits: &[f32], experts: usize, top_k: usize, renormalize: bool) -> Vec<(Vec<u32>, Vec<f32>)> {
-    let mut routes = vec![(Vec::new(), Vec::new()); experts];
-    let mut order: Vec<usize> = Vec::with_capacity(experts);
-    for (t, row) in logits.chunks_exact(experts.max(1)).enumerate() {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
-        let sum: f32 = exp.iter().sum();
-        order.clear();
-        order.extend(0..experts);
-        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
-        let chosen = &order[..top_k.min(experts)];
-        let total: f32 = chosen.iter().map(|&e| exp[e] / sum).sum();
-        for &e in chosen {
-            let p = exp[e] / sum;
-            routes[e].0.push(t as u32);
-            routes[e].1.push(if renormalize { p / total } else { p });
+/// A mixture's experts: each apart, the tokens routed on the host (the CPU backend's, whose experts
+/// may be quantized), or stacked for a backend that runs the whole mixture as one op, the router's
+/// choice included (`Backend::moe`: on CUDA a decode step then stays one graph).
+pub enum Experts {
+    Each(Vec<Ffn>),
+    /// gate, up [E, I, H]; down [E, H, I].
+    Stacked(Box<[Tensor; 3]>),
+}
+
+impl Experts {
+    /// `experts` stacked where the backend runs `Moe` in `dtype` and every weight is of it; as they
+    /// are otherwise. Each expert's weights are freed once copied (the peak: one expert more).
+    fn new(experts: Vec<Ffn>, backend: &Arc<dyn Backend>, dtype: DType) -> Result<Experts> {
+        let stacks = backend.supports(OpKind::Moe, dtype) && experts.iter().all(|f| [&f.w_gate, &f.w_up, &f.w_down].iter().all(|w| w.dtype() == dtype));
+        let Some(first) = experts.first().filter(|_| stacks) else { return Ok(Experts::Each(experts)) };
+        let (e, i, h) = (experts.len(), first.w_gate.dims()[0], first.w_gate.dims()[1]);
+        let mut stacked = [[e, i, h], [e, i, h], [e, h, i]].map(|d| Tensor::empty(backend, dtype, &d));
+        for (n, f) in experts.into_iter().enumerate() {
+            for (s, w) in stacked.iter_mut().zip([f.w_gate, f.w_up, f.w_down]) {
+                if let Ok(s) = s {
+                    s.copy_from_at(n * i * h, &w)?;
+                }
+            }
+        }
+        let [g, u, d] = stacked;
+        Ok(Experts::Stacked(Box::new([g?, u?, d?])))
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Experts::Each(f) => f.len(),
+            Experts::Stacked(w) => w[0].dims()[0],
         }
     }
-    routes
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of one expert's weights.
+    fn expert_bytes(&self) -> usize {
+        match self {
+            Experts::Each(f) => f.first().map_or(0, Ffn::size_bytes),
+            Experts::Stacked(w) => w.iter().map(Tensor::size_bytes).sum::<usize>() / self.len().max(1),
+        }
+    }
 }
 
 pub struct Llama {
@@ -295,7 +326,11 @@ impl Llama {
                     false => Mlp::Dense(loader.ffn(&p("mlp"), i, h)?),
                     true => Mlp::Moe(Moe {
                         router: loader.matrix(&p("mlp.gate.weight"), c.experts(), h, OpKind::Linear)?,
-                        experts: (0..c.experts()).map(|e| loader.ffn(&p(&format!("mlp.experts.{e}")), c.expert_intermediate_size(), h)).collect::<Result<_>>()?,
+                        experts: Experts::new(
+                            (0..c.experts()).map(|e| loader.ffn(&p(&format!("mlp.experts.{e}")), c.expert_intermediate_size(), h)).collect::<Result<_>>()?,
+                            &backend,
+                            opts.activations,
+                        )?,
                         top_k: c.experts_per_token(),
                         renormalize: c.renormalize_experts(),
                         shared: c
@@ -396,7 +431,7 @@ impl Llama {
                 }
                 false => Mlp::Dense(ffn(i)?),
                 true => {
-                    let experts = (0..c.experts()).map(|_| ffn(c.expert_intermediate_size())).collect::<Result<_>>()?;
+                    let experts = Experts::new((0..c.experts()).map(|_| ffn(c.expert_intermediate_size())).collect::<Result<_>>()?, &backend, dtype)?;
                     let shared_ffn = c.shared_expert_size().map(&mut ffn).transpose()?;
                     let router = make(&[c.experts(), h], proj(h), 0.0)?;
                     let shared = match shared_ffn {
@@ -454,14 +489,13 @@ impl Llama {
     /// by a few dozen tokens).
     pub fn weight_bytes_per_step(&self, sequences: usize) -> f64 {
         let mlp = |m: &Mlp| match m {
-            Mlp::Dense(f) => [&f.w_gate, &f.w_up, &f.w_down].iter().map(|t| t.size_bytes()).sum::<usize>() as f64,
+            Mlp::Dense(f) => f.size_bytes() as f64,
             Mlp::Plain(f) => [Some(&f.w_up), Some(&f.w_down), f.b_up.as_ref(), f.b_down.as_ref()].iter().flatten().map(|t| t.size_bytes()).sum::<usize>() as f64,
             Mlp::Moe(m) => {
-                let expert = |f: &Ffn| [&f.w_gate, &f.w_up, &f.w_down].iter().map(|t| t.size_bytes()).sum::<usize>();
                 let e = m.experts.len() as f64;
                 let used = e * (1.0 - (1.0 - m.top_k as f64 / e.max(1.0)).powi(sequences.max(1) as i32));
-                let shared = m.shared.as_ref().map_or(0, |(f, g)| expert(f) + g.size_bytes());
-                (m.router.size_bytes() + shared) as f64 + m.experts.first().map_or(0, expert) as f64 * used
+                let shared = m.shared.as_ref().map_or(0, |(f, g)| f.size_bytes() + g.size_bytes());
+                (m.router.size_bytes() + shared) as f64 + m.experts.expert_bytes() as f64 * used
             }
         };
         let layers: f64 = self
@@ -614,42 +648,59 @@ impl Llama {
         Ok(out)
     }
 
-    /// A mixture of experts' output [T, H] for the normed stream `x` [T, H]: the router's scores
-    /// read to the host and each token routed (`route`), then each expert with tokens runs on
-    /// theirs alone (gathered by the embedding op, the stream as its table) and its output joins
-    /// their rows weighted by the router (`IndexAdd`), in the experts' order as HF sums them. The
-    /// weights are rounded to the activations' dtype first, as HF casts them. (The scores' read
-    /// ends a step recorded as a graph there: the rest of the step runs op by op.) The scores are
-    /// layer `layer`'s `Site::Router`.
+    /// A mixture of experts' output [T, H] for the normed stream `x` [T, H]. Experts stacked: one op
+    /// (`Backend::moe`), the router's choice made where the backend computes. Otherwise the router's
+    /// scores are read to the host and each token routed (`route`), then each expert with tokens
+    /// runs on theirs alone (gathered by the embedding op, the stream as its table) and its output
+    /// joins their rows weighted by the router (`IndexAdd`), in the experts' order as HF sums them.
+    /// The weights are rounded to the activations' dtype first, as HF casts them. (The scores'
+    /// read ends a step recorded as a graph there: the rest of the step runs op by op.) The scores
+    /// are layer `layer`'s `Site::Router`.
     fn moe(&self, m: &Moe, x: &Tensor, hooks: &mut Option<&mut Hooks>, layer: usize) -> Result<Tensor> {
         let b = &*self.backend;
         let (t, h, e) = (x.dims()[0], x.dims()[1], m.experts.len());
         let mut logits = self.tensor(&[t, e])?;
         self.linear(&mut logits, x, &m.router, None)?;
         hooks.tap(Site::Router, layer, &logits)?;
-        let routes = route(&logits.to_f32()?, e, m.top_k, m.renormalize);
-        let round = |w: f32| rounded(self.dtype, w);
-        let mut out = Tensor::full(&self.backend, self.dtype, &[t, h], 0.0)?;
-        for (f, (rows, weights)) in m.experts.iter().zip(&routes).filter(|(_, r)| !r.0.is_empty()) {
-            let mut xe = self.tensor(&[rows.len(), h])?;
-            b.embedding(&mut xe, x, rows)?;
-            let act = self.glu(f, &xe)?;
-            let mut ye = self.tensor(&[rows.len(), h])?;
-            self.linear(&mut ye, &act, &f.w_down, None)?;
-            let weights: Vec<f32> = weights.iter().map(|&w| round(w)).collect();
-            b.index_add(&mut out, &ye, rows, &weights)?;
-        }
+        let mut out = match &m.experts {
+            Experts::Stacked(w) => {
+                let [gate, up, down] = &**w;
+                let mut out = self.tensor(&[t, h])?;
+                b.moe(&mut out, x, &logits, [gate, up, down], m.top_k, m.renormalize, self.config.glu_act())?;
+                out
+            }
+            Experts::Each(experts) => self.moe_on_the_host(experts, m, x, &logits)?,
+        };
         // Qwen 2 MoE's shared expert: every token, scaled by its gate's sigmoid (the same add, with
         // every row and a weight per row).
         if let Some((f, gate)) = &m.shared {
             let mut g = self.tensor(&[t, 1])?;
             self.linear(&mut g, x, gate, None)?;
-            let weights: Vec<f32> = g.to_f32()?.iter().map(|&v| round(1.0 / (1.0 + (-v).exp()))).collect();
+            let weights: Vec<f32> = g.to_f32()?.iter().map(|&v| rounded(self.dtype, 1.0 / (1.0 + (-v).exp()))).collect();
             let act = self.glu(f, x)?;
             let mut ys = self.tensor(&[t, h])?;
             self.linear(&mut ys, &act, &f.w_down, None)?;
             let rows: Vec<u32> = (0..t as u32).collect();
             b.index_add(&mut out, &ys, &rows, &weights)?;
+        }
+        Ok(out)
+    }
+
+    /// `moe`'s routed experts with the tokens routed on the host: each expert with tokens on theirs
+    /// alone, its output added to their rows weighted (`IndexAdd`), the experts in order.
+    fn moe_on_the_host(&self, experts: &[Ffn], m: &Moe, x: &Tensor, logits: &Tensor) -> Result<Tensor> {
+        let b = &*self.backend;
+        let (t, h) = (x.dims()[0], x.dims()[1]);
+        let routes = route(&logits.to_f32()?, experts.len(), m.top_k, m.renormalize);
+        let mut out = Tensor::full(&self.backend, self.dtype, &[t, h], 0.0)?;
+        for (f, (rows, weights)) in experts.iter().zip(&routes).filter(|(_, r)| !r.0.is_empty()) {
+            let mut xe = self.tensor(&[rows.len(), h])?;
+            b.embedding(&mut xe, x, rows)?;
+            let act = self.glu(f, &xe)?;
+            let mut ye = self.tensor(&[rows.len(), h])?;
+            self.linear(&mut ye, &act, &f.w_down, None)?;
+            let weights: Vec<f32> = weights.iter().map(|&w| rounded(self.dtype, w)).collect();
+            b.index_add(&mut out, &ye, rows, &weights)?;
         }
         Ok(out)
     }
@@ -1272,28 +1323,5 @@ mod tests {
         }
         // A shorter tensor after a longer one reads only its own bytes.
         assert_eq!(pooled::<f32>(&mut buf, &pool, 3, 2, 1.0, 0.0), [pool[3].to_le_bytes(), pool[4].to_le_bytes()].concat());
-    }
-
-    /// Each token to its `top_k` likeliest experts with its softmax probabilities, renormalized over
-    /// them or not; ties to the lower expert; an expert no token chose has no rows.
-    #[test]
-    fn tokens_go_to_their_likeliest_experts() {
-        let ln = |p: &[f32]| p.iter().map(|p| p.ln()).collect::<Vec<f32>>();
-        // Token 0: probabilities .5 .3 .2 0 -> experts 0 and 1; token 1: .1 .1 .4 .4 -> 2 and 3.
-        let logits = [ln(&[0.5, 0.3, 0.2, 1e-9]), ln(&[0.1, 0.1, 0.4, 0.4])].concat();
-        let r = route(&logits, 4, 2, false);
-        let rows: Vec<Vec<u32>> = r.iter().map(|e| e.0.clone()).collect();
-        assert_eq!(rows, [vec![0], vec![0], vec![1], vec![1]]);
-        let close = |a: f32, b: f32| (a - b).abs() < 1e-6;
-        assert!(close(r[0].1[0], 0.5) && close(r[1].1[0], 0.3) && close(r[2].1[0], 0.4), "{r:?}");
-        let r = route(&logits, 4, 2, true);
-        assert!(close(r[0].1[0], 0.625) && close(r[1].1[0], 0.375) && close(r[3].1[0], 0.5), "{r:?}");
-        // A tie for the second place: the lower expert (1, not 2).
-        let r = route(&ln(&[0.4, 0.3, 0.3, 1e-9]), 4, 2, false);
-        assert_eq!((r[1].0.len(), r[2].0.len()), (1, 0));
-        // Every expert: the weights are the whole softmax.
-        let r = route(&logits, 4, 4, false);
-        let total: f32 = r.iter().map(|e| e.1[0]).sum();
-        assert!(close(total, 1.0));
     }
 }

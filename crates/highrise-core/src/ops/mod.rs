@@ -2,7 +2,8 @@
 //! - [`residual`]: the residual stream (embedding gather, RMSNorm, fused residual-add + RMSNorm,
 //!   LayerNorm with or without the add, and a mixture of experts' weighted combine, `IndexAdd`);
 //! - [`attention`]: projections, RoPE, writing and reading the key/value stream (prefill and paged);
-//! - [`mlp`]: the SwiGLU gate, alone or fused with the projections feeding it;
+//! - [`mlp`]: the SwiGLU gate, alone or fused with the projections feeding it, and a mixture of
+//!   experts' routed MLPs with the router's choice (`Moe`);
 //! - [`sampling`]: the logits' soft-cap (`Softcap`) and choosing tokens from them on the backend
 //!   (greedy `Argmax`, `Sample`).
 //!
@@ -23,7 +24,7 @@ pub use attention::{
     cache_dims, Attention, KvWrite, Linear, PagedAttention, PagedSeq, QkvLinear, Rope, RopeConfig, RopeKvWrite,
     RopeScaling, Scores, MAX_ROPE_PAIRS,
 };
-pub use mlp::{GluAct, SwiGlu, SwiGluLinear};
+pub use mlp::{route, GluAct, Moe, SwiGlu, SwiGluLinear, MOE_MAX_EXPERTS, MOE_MAX_TOP_K};
 pub use residual::{AddRmsNorm, Embedding, IndexAdd, LayerNorm, RmsNorm};
 pub use sampling::{Argmax, FieldError, Sample, SampleParams, Softcap};
 
@@ -50,10 +51,11 @@ pub enum OpKind {
     Softcap = 14,
     IndexAdd = 15,
     LayerNorm = 16,
+    Moe = 17,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 17] = [
+    pub const ALL: [OpKind; 18] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::AddRmsNorm,
@@ -71,6 +73,7 @@ impl OpKind {
         OpKind::Softcap,
         OpKind::IndexAdd,
         OpKind::LayerNorm,
+        OpKind::Moe,
     ];
 
     pub fn from_u32(v: u32) -> Option<OpKind> {
@@ -96,6 +99,7 @@ impl OpKind {
             OpKind::Softcap => "softcap",
             OpKind::IndexAdd => "index_add",
             OpKind::LayerNorm => "layer_norm",
+            OpKind::Moe => "moe",
         }
     }
 }
@@ -130,6 +134,7 @@ pub enum Op<'a> {
     Softcap(Softcap<'a>),
     IndexAdd(IndexAdd<'a>),
     LayerNorm(LayerNorm<'a>),
+    Moe(Moe<'a>),
 }
 
 impl Op<'_> {
@@ -152,6 +157,7 @@ impl Op<'_> {
             Op::Softcap(_) => OpKind::Softcap,
             Op::IndexAdd(_) => OpKind::IndexAdd,
             Op::LayerNorm(_) => OpKind::LayerNorm,
+            Op::Moe(_) => OpKind::Moe,
         }
     }
 
@@ -176,6 +182,7 @@ impl Op<'_> {
             Op::Softcap(o) => o.x.dtype,
             Op::IndexAdd(o) => o.out.dtype,
             Op::LayerNorm(o) => o.out.dtype,
+            Op::Moe(o) => o.out.dtype,
         }
     }
 
@@ -222,6 +229,7 @@ impl Op<'_> {
             Op::Softcap(o) => vec![("x", o.x)],
             Op::IndexAdd(o) => vec![("out", o.out), ("src", o.src)],
             Op::LayerNorm(o) => vec![("out", o.out), ("x", o.x), ("delta", o.delta), ("weight", o.weight), ("bias", o.bias)],
+            Op::Moe(o) => vec![("out", o.out), ("x", o.x), ("logits", o.logits), ("gate", o.gate), ("up", o.up), ("down", o.down)],
         };
         v.retain(|(_, t)| !t.is_none());
         v
@@ -258,6 +266,7 @@ impl Op<'_> {
             Op::Softcap(o) => o.validate(&check),
             Op::IndexAdd(o) => o.validate(&check),
             Op::LayerNorm(o) => o.validate(&check),
+            Op::Moe(o) => o.validate(&check),
         };
         let r = r.and_then(|()| self.check_aliasing());
         r.map_err(|detail| {
