@@ -113,11 +113,15 @@ fn decode_steps_as_graphs_give_the_same_tokens() {
 
 /// A mixture's decode steps (Mixtral's layout) as graphs: the router's choice made on the device
 /// (`Moe`: `moe_route`, the experts' kernels, `moe_combine`), so no step falls back to op by op at
-/// the router's scores, and the same tokens and log-probabilities as op by op.
+/// the router's scores, and the same tokens and log-probabilities as op by op; in f32 (a warp a
+/// row of an expert) and bf16 (the experts on the matrix-vector kernel, `moe_gemv_*`; and after a
+/// warm-up, no capture while the requests run).
 #[test]
 fn mixture_decode_steps_run_as_graphs() {
     let Some(dev) = own_backend("a mixture's graphs on the emulated device") else { return };
-    graphs_give_the_same_tokens_of(&dev, "tiny-mixtral", true, DType::F32);
+    for dtype in [DType::F32, DType::BF16] {
+        graphs_give_the_same_tokens_of(&dev, "tiny-mixtral", true, dtype);
+    }
 }
 
 /// Continuous batching: a 100-token prompt joins a sequence that decodes, so the prompt's chunks

@@ -164,6 +164,7 @@ fn every_op_launches_what_its_kernels_expect() {
         "attn_split_d128", "attn_group_d64", "attn_group_d128", "attn_combine", "flash_attn_d64", "flash_attn_d128", "decode_attn_d64",
         "decode_attn_d128", "gemv1", "gemv8", "gemv_add1", "gemv_add8", "gemv_qkv_norm1", "gemv_glu_norm1", "swiglu",
         "argmax", "sample", "index_add", "layer_norm", "add_layer_norm", "glu_act", "moe_route", "moe_glu", "moe_down", "moe_combine",
+        "moe_gemv_glu", "moe_gemv_down",
     ] {
         assert!(kernels.iter().any(|k| k.starts_with(family)), "no {family} kernel was launched: {kernels:?}");
     }

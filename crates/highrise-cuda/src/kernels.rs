@@ -50,6 +50,8 @@ pub const PROGRAMMATIC: &[&str] = &[
     "moe_glu",
     "moe_down",
     "moe_combine",
+    "moe_gemv_glu",
+    "moe_gemv_down",
 ];
 
 /// Whether `kernel` (a full name, e.g. "gemv_qkv1_bf16", "decode_attn_d128_f16") is one of

@@ -821,9 +821,20 @@ pub fn moe(be: &CudaBackend, st: &mut OpState, op: &Moe) -> Result<()> {
         let (ids, weights, a, y) = (work, work + ids_b as u64, work + (ids_b + w_b) as u64, work + (ids_b + w_b + a_b) as u64);
         let (pairs32, warps) = (pairs as u32, (MOE_ROWS * 32) as u32);
         be.launch(&format!("moe_route_{s}"), (t as u32, 1, 1), (32, 1, 1), &[&ids, &weights, &logits, &e32, &k32, &op.renormalize])?;
-        let glu_blocks = (i.div_ceil(MOE_ROWS) as u32, pairs32, 1);
-        be.launch(&format!("moe_glu_{s}"), glu_blocks, (warps, 1, 1), &[&a, &x, &gate, &up, &ids, &k32, &h32, &i32_, &e32, &(op.act as u32)])?;
-        be.launch(&format!("moe_down_{s}"), (h.div_ceil(MOE_ROWS) as u32, pairs32, 1), (warps, 1, 1), &[&y, &a, &down, &ids, &i32_, &h32, &e32])?;
+        // SwiGLU's experts of 16-bit weights on the matrix-vector kernel's rows (16-byte loads,
+        // several in flight a lane); others a warp a row, an element a lane at a time.
+        let aligned = [x, gate, up, down].iter().all(|p| p % 16 == 0) && h % 8 == 0 && i % 8 == 0;
+        if matches!(act, DType::BF16 | DType::F16) && op.act == GluAct::Silu && aligned {
+            let (g, threads) = (be.gemv_shape, be.gemv_shape.threads());
+            let glu_blocks = (i.div_ceil(g.glu_rows_per_block()) as u32, pairs32, 1);
+            be.launch(&format!("moe_gemv_glu_{s}"), glu_blocks, (threads, 1, 1), &[&a, &x, &gate, &up, &ids, &k32, &h32, &i32_, &e32])?;
+            let down_blocks = (h.div_ceil(g.rows_per_block()) as u32, pairs32, 1);
+            be.launch(&format!("moe_gemv_down_{s}"), down_blocks, (threads, 1, 1), &[&y, &a, &down, &ids, &i32_, &h32, &e32])?;
+        } else {
+            let glu_blocks = (i.div_ceil(MOE_ROWS) as u32, pairs32, 1);
+            be.launch(&format!("moe_glu_{s}"), glu_blocks, (warps, 1, 1), &[&a, &x, &gate, &up, &ids, &k32, &h32, &i32_, &e32, &(op.act as u32)])?;
+            be.launch(&format!("moe_down_{s}"), (h.div_ceil(MOE_ROWS) as u32, pairs32, 1), (warps, 1, 1), &[&y, &a, &down, &ids, &i32_, &h32, &e32])?;
+        }
         let slots = 0u64;
         return be.launch(&format!("moe_combine_{s}"), (t as u32, 1, 1), (ROW_THREADS, 1, 1), &[&out, &y, &slots, &weights, &k32, &h32]);
     }

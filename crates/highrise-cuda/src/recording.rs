@@ -418,6 +418,8 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "moe_route" => vec![P, P, P, U32, U32, U32],
         "moe_glu" => vec![P, P, P, P, P, U32, U32, U32, U32, U32],
         "moe_down" => vec![P, P, P, P, U32, U32, U32],
+        "moe_gemv_glu" => vec![P, P, P, P, P, U32, U32, U32, U32],
+        "moe_gemv_down" => vec![P, P, P, P, U32, U32, U32],
         "moe_combine" => vec![P, P, OPT, P, U32, U32],
         "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
@@ -698,21 +700,32 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, 1, 0, gx * k, 4, "weights");
             push(out, 2, 0, gx * e, elt, "scores");
         }
-        "moe_glu" | "moe_down" => {
+        "moe_glu" | "moe_down" | "moe_gemv_glu" | "moe_gemv_down" => {
             // moe_glu (out, x, gate, up, ids, k, h, i, e, act), moe_down (y, a, down, ids, i, h, e):
             // pair blockIdx.y, a warp per row of expert ids[pair] (clamped below e), the rows
-            // covered by grid.x.
-            let glu = base == "moe_glu";
+            // covered by grid.x. moe_gemv_glu (.., e) and moe_gemv_down: the same pairs, each
+            // block gemv_glu1's or gemv1's rows of the compiled shape (16-byte chunks).
+            let glu = base.ends_with("glu");
             let (k, h, i, e) = match glu {
                 true => (a.u32(5) as u64, a.u32(6) as u64, a.u32(7) as u64, a.u32(8) as u64),
                 false => (1, a.u32(5) as u64, a.u32(4) as u64, a.u32(6) as u64),
             };
-            let (rows, per) = (if glu { i } else { h }, a.block.0 as u64 / 32);
-            if k == 0 || gy % k != 0 || e == 0 || (glu && a.u32(9) > 3) {
-                return Err(format!("{gy} pairs of {k} experts a token, {e} experts (activation {})", if glu { a.u32(9) } else { 0 }));
+            let gemv = base.starts_with("moe_gemv");
+            let rows = if glu { i } else { h };
+            let per = match (gemv, glu) {
+                (true, true) => a.gemv_shape.glu_rows_per_block() as u64,
+                (true, false) => a.gemv_shape.rows_per_block() as u64,
+                (false, _) => a.block.0 as u64 / 32,
+            };
+            if k == 0 || gy % k != 0 || e == 0 || (glu && !gemv && a.u32(9) > 3) {
+                return Err(format!("{gy} pairs of {k} experts a token, {e} experts (activation {})", if glu && !gemv { a.u32(9) } else { 0 }));
             }
-            if a.block.0 % 32 != 0 || a.block.1 != 1 || gx * per < rows || (gx - 1) * per >= rows.max(1) {
-                return Err(format!("grid {:?} and block {:?} do not cover {rows} rows a warp each", a.grid, a.block));
+            let block_ok = if gemv { a.block == (a.gemv_shape.threads(), 1, 1) } else { a.block.0 % 32 == 0 && a.block.1 == 1 };
+            if !block_ok || gx * per < rows || (gx - 1) * per >= rows.max(1) {
+                return Err(format!("grid {:?} and block {:?} do not cover {rows} rows, {per} a block", a.grid, a.block));
+            }
+            if gemv && (h % 8 != 0 || i % 8 != 0 || (0..4).any(|p| a.u64(p) % 16 != 0)) {
+                return Err(format!("h {h}, i {i}, pointers {:#x?}: the kernel reads 16-byte chunks", (0..4).map(|p| a.u64(p)).collect::<Vec<_>>()));
             }
             let (weights, ids) = if glu { (vec![2, 3], 4) } else { (vec![2], 3) };
             let (n, kk) = if glu { (i, h) } else { (h, i) };
