@@ -150,16 +150,21 @@ __device__ void moe_down(typename D::T* y, const typename D::T* a, const typenam
 
 // out[t] = the sum over j of weights[t k + j] * y[slot], slot = slots[t k + j] (or t k + j where
 // slots is null), one add after the other from zero, each rounded to the dtype: `index_add` of
-// each expert in turn (block t; its k pairs in ascending expert order).
+// each expert in turn (block t; its k pairs in ascending expert order); then, where shared is not
+// null, its row t weighted by sigmoid(shared_gate[t]) rounded to the dtype, added the same way (Qwen
+// 2 MoE's shared expert, as the model's host path adds it).
 template <class D>
-__device__ void moe_combine(typename D::T* out, const typename D::T* y, const u32* slots, const float* weights, u32 k, u32 h) {
+__device__ void moe_combine(typename D::T* out, const typename D::T* y, const u32* slots, const float* weights, u32 k, u32 h,
+                            const typename D::T* shared, const typename D::T* shared_gate) {
     const u64 t = blockIdx.x;
+    const float sw = shared ? D::rounded(1.0f / (1.0f + expf(-D::load(shared_gate, t)))) : 0.0f;
     for (u32 c = threadIdx.x; c < h; c += blockDim.x) {
         float acc = 0.0f;
         for (u32 j = 0; j < k; j++) {
             const u64 pj = t * k + j, slot = slots ? slots[pj] : pj;
             acc = D::rounded(acc + weights[pj] * D::load(y, slot * h + c));
         }
+        if (shared) acc = D::rounded(acc + sw * D::load(shared, t * h + c));
         D::store(out, t * h + c, acc);
     }
 }
@@ -189,8 +194,9 @@ __device__ void moe_combine(typename D::T* out, const typename D::T* y, const u3
         PDL_ENTRY();                                                                              \
         moe_down<D>(y, a, down, ids, i, h, e);                                                    \
     }                                                                                             \
-    extern "C" __global__ void moe_combine_##s(D::T* out, const D::T* y, const u32* slots, const float* weights, u32 k, u32 h) { \
+    extern "C" __global__ void moe_combine_##s(D::T* out, const D::T* y, const u32* slots, const float* weights, u32 k, u32 h, \
+                                               const D::T* shared, const D::T* shared_gate) {     \
         PDL_ENTRY();                                                                              \
-        moe_combine<D>(out, y, slots, weights, k, h);                                             \
+        moe_combine<D>(out, y, slots, weights, k, h, shared, shared_gate);                        \
     }
 FOR_EACH_DTYPE(MLP)

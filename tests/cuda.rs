@@ -39,13 +39,14 @@ fn random_gemma3_smollm3_and_olmo2_match_cpu_logits_and_64_greedy_steps() {
     }
 }
 
-/// The mixtures of experts (Mixtral's, Qwen 3 MoE's with a dense layer) on the GPU against the CPU
+/// The mixtures of experts (Mixtral's, Qwen 3 MoE's with a dense layer, Qwen 2 MoE's with a shared
+/// expert) on the GPU against the CPU
 /// (`Moe`): at decode the router's choice and the experts on the device (`moe_*`), the prompt's
 /// tokens routed on the host, each expert's together through one GEMM.
 #[test]
 fn random_mixtures_of_experts_match_cpu_logits_and_64_greedy_steps() {
-    let Some(gpu) = backend("random mixtral and qwen 3 moe") else { return };
-    for shape in ["tiny-mixtral", "tiny-qwen3-moe"] {
+    let Some(gpu) = backend("random mixtral, qwen 3 moe and qwen 2 moe") else { return };
+    for shape in ["tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe"] {
         println!("{shape}");
         random_model_matches_cpu(&gpu, shape, 64, &[DType::F32]);
     }

@@ -50,8 +50,9 @@ fn random_gemma3_smollm3_and_olmo2_on_the_emulated_device_match_the_cpu() {
     }
 }
 
-/// The mixtures of experts: Mixtral's (each token's top 2 of 4 experts) and Qwen 3 MoE's (a dense
-/// layer, then the top 2 of 8 experts of their own size), through the `Moe` op: at decode the
+/// The mixtures of experts: Mixtral's (each token's top 2 of 4 experts), Qwen 3 MoE's (a dense
+/// layer, then the top 2 of 8 experts of their own size) and Qwen 2 MoE's (a shared expert beside
+/// the routed ones, weighted by its gate's sigmoid), through the `Moe` op: at decode the
 /// router's choice and the experts on the device (`moe_route`, `moe_glu`, `moe_down`,
 /// `moe_combine`), the prompt's tokens routed on the host (its scores read mid-op), each expert's
 /// tokens gathered and through one GEMM together.
@@ -59,8 +60,8 @@ fn random_gemma3_smollm3_and_olmo2_on_the_emulated_device_match_the_cpu() {
 /// may be routed otherwise by the two backends' bf16 sums.
 #[test]
 fn random_mixtures_of_experts_on_the_emulated_device_match_the_cpu() {
-    let Some(dev) = backend("random mixtral and qwen 3 moe on the emulated device") else { return };
-    for shape in ["tiny-mixtral", "tiny-qwen3-moe"] {
+    let Some(dev) = backend("random mixtral, qwen 3 moe and qwen 2 moe on the emulated device") else { return };
+    for shape in ["tiny-mixtral", "tiny-qwen3-moe", "tiny-qwen2-moe"] {
         println!("{shape}");
         random_model_matches_cpu(&dev, shape, 8, &[DType::F32]);
     }
@@ -115,12 +116,14 @@ fn decode_steps_as_graphs_give_the_same_tokens() {
 /// (`Moe`: `moe_route`, the experts' kernels, `moe_combine`), so no step falls back to op by op at
 /// the router's scores, and the same tokens and log-probabilities as op by op; in f32 (a warp a
 /// row of an expert) and bf16 (the experts on the matrix-vector kernel, `moe_gemv_*`; and after a
-/// warm-up, no capture while the requests run).
+/// warm-up, no capture while the requests run); and Qwen 2 MoE's, whose shared expert's gate is
+/// read on the device too.
 #[test]
 fn mixture_decode_steps_run_as_graphs() {
     let Some(dev) = own_backend("a mixture's graphs on the emulated device") else { return };
-    for dtype in [DType::F32, DType::BF16] {
-        graphs_give_the_same_tokens_of(&dev, "tiny-mixtral", true, dtype);
+    for (shape, dtype) in [("tiny-mixtral", DType::F32), ("tiny-mixtral", DType::BF16), ("tiny-qwen2-moe", DType::F32)] {
+        println!("{shape} {dtype}");
+        graphs_give_the_same_tokens_of(&dev, shape, true, dtype);
     }
 }
 

@@ -139,7 +139,9 @@ fn every_op_launches_what_its_kernels_expect() {
             let (e, i) = (32, 64);
             let experts = [[e, i, h], [e, i, h], [e, h, i]].map(|d| up(&b, dt, &d, &rng.values(d.iter().product(), 0.1, dt)));
             let scores = up(&b, dt, &[t, e], &rng.values(t * e, 2.0, dt));
-            b.moe(&mut out, &x, &scores, [&experts[0], &experts[1], &experts[2]], 4, t % 2 == 1, GluAct::Silu).unwrap();
+            let (shared, shared_gate) = (up(&b, dt, &[t, h], &rng.values(t * h, 1.0, dt)), up(&b, dt, &[t, 1], &rng.values(t, 1.0, dt)));
+            let with = (t != 64).then(|| [&shared, &shared_gate]);
+            b.moe(&mut out, &x, &scores, [&experts[0], &experts[1], &experts[2]], with, 4, t % 2 == 1, GluAct::Silu).unwrap();
         }
     }
     for choice in ["auto", "split", "per-head"] {

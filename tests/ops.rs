@@ -744,9 +744,10 @@ fn index_add_adds_weighted_rows_where_told() {
 /// router's choice included, against f64: each token's top k by `route`'s rule, each chosen
 /// expert's gated MLP, their outputs weighted and summed in ascending expert order. At decode's few
 /// tokens on the device, and past them (more pairs than experts and 16) routed on the host;
-/// renormalized or not; SwiGLU and the GELUs; a width that is no multiple of a warp. A backend that
-/// declines it (the CPU: the model routes on the host there) says so naming the op; a top k past
-/// the experts, or experts of another width, are refused naming the op.
+/// renormalized or not; SwiGLU and the GELUs; a width that is no multiple of a warp; a shared
+/// expert's output added last, weighted by its gate's sigmoid (Qwen 2 MoE). A backend that declines
+/// it (the CPU: the model routes on the host there) says so naming the op; a top k past the
+/// experts, experts of another width, or a shared gate of another shape are refused naming the op.
 #[test]
 fn moe_routes_each_token_through_its_experts() {
     use highrise::core::ops::route;
@@ -759,14 +760,15 @@ fn moe_routes_each_token_through_its_experts() {
     let (gate, down) = (small(DType::F32, &[4, 6, 8]), small(DType::F32, &[4, 8, 6]));
     let mut out = poisoned(DType::F32, &[2, 8]);
     if !be().supports(highrise::core::OpKind::Moe, DType::F32) {
-        let e = be().moe(&mut out, &x, &logits, [&gate, &gate, &down], 2, true, GluAct::Silu).unwrap_err().to_string();
+        let e = be().moe(&mut out, &x, &logits, [&gate, &gate, &down], None, 2, true, GluAct::Silu).unwrap_err().to_string();
         assert!(e.contains("moe"), "{e}");
         println!("skipped: the {} backend declines moe (the model routes a mixture on the host there): {e}", be().name());
         return;
     }
     for (e, want) in [
-        (be().moe(&mut out, &x, &logits, [&gate, &gate, &down], 5, true, GluAct::Silu).unwrap_err(), "top_k 5"),
-        (be().moe(&mut out, &x, &logits, [&gate, &gate, &gate], 2, true, GluAct::Silu).unwrap_err(), "down"),
+        (be().moe(&mut out, &x, &logits, [&gate, &gate, &down], None, 5, true, GluAct::Silu).unwrap_err(), "top_k 5"),
+        (be().moe(&mut out, &x, &logits, [&gate, &gate, &gate], None, 2, true, GluAct::Silu).unwrap_err(), "down"),
+        (be().moe(&mut out, &x, &logits, [&gate, &gate, &down], Some([&x, &logits]), 2, true, GluAct::Silu).unwrap_err(), "shared_gate"),
     ] {
         let e = e.to_string();
         assert!(e.contains("moe") && e.contains(want), "{e}");
@@ -778,16 +780,18 @@ fn moe_routes_each_token_through_its_experts() {
         GluAct::Relu => g.max(0.0),
     };
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
-    // (tokens, experts, top k, hidden, expert width, renormalize, activation)
+    // (tokens, experts, top k, hidden, expert width, renormalize, activation, a shared expert)
     let cases = [
-        (1, 8, 2, 64, 96, true, GluAct::Silu),
-        (3, 40, 4, 128, 64, false, GluAct::Silu),
-        (2, 4, 2, 72, 40, true, GluAct::GeluTanh),
-        (20, 8, 2, 64, 96, true, GluAct::Silu),
-        (9, 4, 3, 64, 48, false, GluAct::GeluErf),
+        (1, 8, 2, 64, 96, true, GluAct::Silu, false),
+        (3, 40, 4, 128, 64, false, GluAct::Silu, false),
+        (2, 4, 2, 72, 40, true, GluAct::GeluTanh, false),
+        (2, 8, 2, 64, 96, false, GluAct::Silu, true),
+        (20, 8, 2, 64, 96, true, GluAct::Silu, false),
+        (9, 4, 3, 64, 48, false, GluAct::GeluErf, false),
+        (12, 4, 2, 64, 32, false, GluAct::Silu, true),
     ];
     for dt in FLOATS {
-        for (t, e, k, h, i, renormalize, act) in cases {
+        for (t, e, k, h, i, renormalize, act, with_shared) in cases {
             let x = rng.values(t * h, 1.0, dt);
             let (gate, up, down) = (rng.values(e * i * h, 0.2, dt), rng.values(e * i * h, 0.2, dt), rng.values(e * h * i, 0.2, dt));
             // Each token's scores a shuffle of well-separated values: no near-ties for the two sides'
@@ -800,9 +804,12 @@ fn moe_routes_each_token_through_its_experts() {
                 }
                 scores.extend(row);
             }
+            let (shared, shared_gate) = (rng.values(t * h, 1.0, dt), rng.values(t, 3.0, dt));
+            let shared_tensors = [upload(dt, &[t, h], &shared), upload(dt, &[t, 1], &shared_gate)];
             let mut out = poisoned(dt, &[t, h]);
             let tensors = [upload(dt, &[e, i, h], &gate), upload(dt, &[e, i, h], &up), upload(dt, &[e, h, i], &down)];
-            be().moe(&mut out, &upload(dt, &[t, h], &x), &upload(dt, &[t, e], &scores), [&tensors[0], &tensors[1], &tensors[2]], k, renormalize, act).unwrap();
+            let with = with_shared.then(|| [&shared_tensors[0], &shared_tensors[1]]);
+            be().moe(&mut out, &upload(dt, &[t, h], &x), &upload(dt, &[t, e], &scores), [&tensors[0], &tensors[1], &tensors[2]], with, k, renormalize, act).unwrap();
             let mut chosen: Vec<Vec<(usize, f64)>> = vec![Vec::new(); t];
             let f: Vec<f32> = scores.iter().map(|&v| v as f32).collect();
             for (ex, (rows, ws)) in route(&f, e, k, renormalize).into_iter().enumerate() {
@@ -824,10 +831,16 @@ fn moe_routes_each_token_through_its_experts() {
                             out[tok * h + c] = rd.r(out[tok * h + c] + rd.r(w * y));
                         }
                     }
+                    if with_shared {
+                        let w = round(dt, 1.0 / (1.0 + (-shared_gate[tok]).exp()));
+                        for c in 0..h {
+                            out[tok * h + c] = rd.r(out[tok * h + c] + rd.r(w * shared[tok * h + c]));
+                        }
+                    }
                 }
                 out
             };
-            let what = format!("moe {dt} {t} tokens, top {k} of {e} experts [{h}, {i}] renormalize {renormalize} {act:?}");
+            let what = format!("moe {dt} {t} tokens, top {k} of {e} experts [{h}, {i}] renormalize {renormalize} {act:?} shared {with_shared}");
             assert_close(&what, dt, &download(&out), &reference(Rd::Exact), &reference(Rd::Naive(dt)));
         }
     }

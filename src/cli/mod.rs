@@ -23,7 +23,7 @@ pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// A GGUF file or a HuggingFace directory (config.json, *.safetensors, tokenizer.json), or
-    /// random:SHAPE for random weights at a named shape (llama-3-8b, smollm2-135m, tiny, tiny-gemma2, tiny-gemma3, tiny-smollm3, tiny-olmo2, tiny-mixtral, tiny-qwen3-moe, tiny-gpt2, tiny-pythia).
+    /// random:SHAPE for random weights at a named shape (llama-3-8b, olmoe-1b-7b, smollm2-135m, tiny, tiny-gemma2, tiny-gemma3, tiny-smollm3, tiny-olmo2, tiny-mixtral, tiny-qwen3-moe, tiny-qwen2-moe, tiny-gpt2, tiny-pythia).
     /// Default: SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long, short)]
     model: Option<PathBuf>,

@@ -408,13 +408,26 @@ impl dyn Backend + '_ {
 
     /// A mixture of experts' routed MLPs, the router's choice of each token's `top_k` experts
     /// included: `out` [T, H] from the normed stream `x` [T, H], the router's `logits` [T, E] and the
-    /// experts stacked, `[gate, up, down]` ([E, I, H], [E, I, H], [E, H, I]); see [`Moe`]. Ask
-    /// `supports(OpKind::Moe, ..)` first.
+    /// experts stacked, `[gate, up, down]` ([E, I, H], [E, I, H], [E, H, I]), and a shared
+    /// expert's `[output, gate scores]` ([T, H], [T, 1]) where the mixture has one; see [`Moe`].
+    /// Ask `supports(OpKind::Moe, ..)` first.
     #[allow(clippy::too_many_arguments)]
-    pub fn moe(&self, out: &mut Tensor, x: &Tensor, logits: &Tensor, experts: [&Tensor; 3], top_k: usize, renormalize: bool, act: GluAct) -> Result<()> {
+    pub fn moe(
+        &self,
+        out: &mut Tensor,
+        x: &Tensor,
+        logits: &Tensor,
+        experts: [&Tensor; 3],
+        shared: Option<[&Tensor; 2]>,
+        top_k: usize,
+        renormalize: bool,
+        act: GluAct,
+    ) -> Result<()> {
         let [gate, up, down] = experts.map(Tensor::as_ref);
+        let [shared, shared_gate] = shared.map_or([TensorRef::none(); 2], |s| s.map(Tensor::as_ref));
         let top_k = u32::try_from(top_k).map_err(|_| Error::Invalid(format!("moe: top_k {top_k}")))?;
-        self.exec(Op::Moe(Moe { out: out.as_mut(), x: x.as_ref(), logits: logits.as_ref(), gate, up, down, top_k, renormalize: renormalize as u32, act }))
+        let renormalize = renormalize as u32;
+        self.exec(Op::Moe(Moe { out: out.as_mut(), x: x.as_ref(), logits: logits.as_ref(), gate, up, down, shared, shared_gate, top_k, renormalize, act }))
     }
 
     /// `x = cap * tanh(x / cap)` in place (see [`Softcap`]).

@@ -814,6 +814,7 @@ pub fn moe(be: &CudaBackend, st: &mut OpState, op: &Moe) -> Result<()> {
     let (out, x, logits) = (be.ptr("out", &op.out)?, be.ptr("x", &op.x)?, be.ptr("logits", &op.logits)?);
     let (gate, up, down) = (be.ptr("gate", &op.gate)?, be.ptr("up", &op.up)?, be.ptr("down", &op.down)?);
     let (h32, i32_, e32, k32) = (h as u32, i as u32, e as u32, op.top_k);
+    let (shared, shared_gate) = (be.opt_ptr("shared", &op.shared)?, be.opt_ptr("shared_gate", &op.shared_gate)?);
     let pairs = t * k;
     if pairs <= MOE_DEVICE_PAIRS.max(e) {
         let (ids_b, w_b, a_b) = (align(pairs * 4), align(pairs * 4), align(pairs * i * elt));
@@ -836,7 +837,8 @@ pub fn moe(be: &CudaBackend, st: &mut OpState, op: &Moe) -> Result<()> {
             be.launch(&format!("moe_down_{s}"), (h.div_ceil(MOE_ROWS) as u32, pairs32, 1), (warps, 1, 1), &[&y, &a, &down, &ids, &i32_, &h32, &e32])?;
         }
         let slots = 0u64;
-        return be.launch(&format!("moe_combine_{s}"), (t as u32, 1, 1), (ROW_THREADS, 1, 1), &[&out, &y, &slots, &weights, &k32, &h32]);
+        let combine = [&out as &dyn crate::KernelArg, &y, &slots, &weights, &k32, &h32, &shared, &shared_gate];
+        return be.launch(&format!("moe_combine_{s}"), (t as u32, 1, 1), (ROW_THREADS, 1, 1), &combine);
     }
     // The host routes: the scores read (after the ops before, a step recorded so far run).
     be.end_step_in_op(st)?;
@@ -885,7 +887,7 @@ pub fn moe(be: &CudaBackend, st: &mut OpState, op: &Moe) -> Result<()> {
         project(be, &proj(at(ys, h), at(a, i), matrix(down), i, h), 0)?;
         first += rows;
     }
-    be.launch(&format!("moe_combine_{s}"), (t as u32, 1, 1), (ROW_THREADS, 1, 1), &[&out, &ys, &addr[1], &addr[2], &k32, &h32])
+    be.launch(&format!("moe_combine_{s}"), (t as u32, 1, 1), (ROW_THREADS, 1, 1), &[&out, &ys, &addr[1], &addr[2], &k32, &h32, &shared, &shared_gate])
 }
 
 /// The logits' soft-cap, in place (`softcap_*`, kernels/sampling.cu).

@@ -420,7 +420,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "moe_down" => vec![P, P, P, P, U32, U32, U32],
         "moe_gemv_glu" => vec![P, P, P, P, P, U32, U32, U32, U32],
         "moe_gemv_down" => vec![P, P, P, P, U32, U32, U32],
-        "moe_combine" => vec![P, P, OPT, P, U32, U32],
+        "moe_combine" => vec![P, P, OPT, P, U32, U32, OPT, OPT],
         "softcap" => vec![P, F32, U64],
         "argmax" => vec![P, P, P, U32],
         "wgmma_probe" => vec![P, P, P, P, P],
@@ -740,12 +740,22 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
             push(out, ids, 0, gy, 4, "an expert per pair");
         }
         "moe_combine" => {
-            // (out, y, slots or null, weights, k, h): block t sums y's rows slots[t k + j] (or
-            // t k + j), weighted, into out's row t.
+            // (out, y, slots or null, weights, k, h, shared or null, shared_gate or null): block t
+            // sums y's rows slots[t k + j] (or t k + j), weighted, and shared's row t weighted by
+            // its gate's score t, into out's row t.
             let (k, h) = (a.u32(4) as u64, a.u32(5) as u64);
             grid_rows(a, a.rows_of(0, h))?;
             a.agrees(0, 1, h, "h")?;
             push(out, 0, 0, gx * h, elt, "out rows");
+            match (a.u64(6) != 0, a.u64(7) != 0) {
+                (false, false) => {}
+                (true, true) => {
+                    a.agrees(6, 1, h, "h")?;
+                    push(out, 6, 0, gx * h, elt, "the shared expert's rows");
+                    push(out, 7, 0, gx, elt, "its gate's scores");
+                }
+                _ => return Err("a shared expert's output without its gate's scores, or the other way".into()),
+            }
             push(out, 3, 0, gx * k, 4, "weights");
             if a.u64(2) == 0 {
                 push(out, 1, 0, gx * k * h, elt, "y rows");

@@ -230,7 +230,8 @@ impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
     /// `olmoe-1b-7b`, `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
     /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3`, `tiny-olmo2`, `tiny-mixtral`,
-    /// `tiny-qwen3-moe`, `tiny-gpt2` and `tiny-pythia` (the same in those families' layouts).
+    /// `tiny-qwen3-moe`, `tiny-qwen2-moe`, `tiny-gpt2` and `tiny-pythia` (the same in those
+    /// families' layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -290,6 +291,14 @@ impl ModelConfig {
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
                 "num_local_experts": 4, "num_experts_per_tok": 2,
             }),
+            // Qwen 2 MoE's: q/k/v biases, each token's top 2 of 8 experts, not renormalized, beside
+            // a shared expert weighted by its gate's sigmoid.
+            "tiny-qwen2-moe" => serde_json::json!({
+                "model_type": "qwen2_moe", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "norm_topk_prob": false,
+                "shared_expert_intermediate_size": 256,
+            }),
             // Qwen 3 MoE's: layer 0 dense (`mlp_only_layers`), layer 1 each token's top 2 of 8
             // experts of their own size, renormalized.
             "tiny-qwen3-moe" => serde_json::json!({
@@ -316,7 +325,7 @@ impl ModelConfig {
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 12] = [
+    pub const SHAPES: [&'static str; 13] = [
         "llama-3-8b",
         "olmoe-1b-7b",
         "smollm2-135m",
@@ -327,6 +336,7 @@ impl ModelConfig {
         "tiny-olmo2",
         "tiny-mixtral",
         "tiny-qwen3-moe",
+        "tiny-qwen2-moe",
         "tiny-gpt2",
         "tiny-pythia",
     ];

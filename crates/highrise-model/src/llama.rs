@@ -148,22 +148,36 @@ pub enum Experts {
 }
 
 impl Experts {
-    /// `experts` stacked where the backend runs `Moe` in `dtype` and every weight is of it; as they
-    /// are otherwise. Each expert's weights are freed once copied (the peak: one expert more).
-    fn new(experts: Vec<Ffn>, backend: &Arc<dyn Backend>, dtype: DType) -> Result<Experts> {
-        let stacks = backend.supports(OpKind::Moe, dtype) && experts.iter().all(|f| [&f.w_gate, &f.w_up, &f.w_down].iter().all(|w| w.dtype() == dtype));
-        let Some(first) = experts.first().filter(|_| stacks) else { return Ok(Experts::Each(experts)) };
-        let (e, i, h) = (experts.len(), first.w_gate.dims()[0], first.w_gate.dims()[1]);
-        let mut stacked = [[e, i, h], [e, i, h], [e, h, i]].map(|d| Tensor::empty(backend, dtype, &d));
-        for (n, f) in experts.into_iter().enumerate() {
-            for (s, w) in stacked.iter_mut().zip([f.w_gate, f.w_up, f.w_down]) {
-                if let Ok(s) = s {
-                    s.copy_from_at(n * i * h, &w)?;
-                }
+    /// A mixture's `count` experts (`expert(e)` loads or makes expert e): stacked where the backend
+    /// runs `Moe` in `dtype` and the weights are of it, each expert copied in as it comes and then
+    /// freed (the peak: the stacked weights and one expert); kept apart otherwise.
+    fn new(count: usize, mut expert: impl FnMut(usize) -> Result<Ffn>, backend: &Arc<dyn Backend>, dtype: DType) -> Result<Experts> {
+        let of_dtype = |f: &Ffn| [&f.w_gate, &f.w_up, &f.w_down].iter().all(|w| w.dtype() == dtype);
+        let first = expert(0)?;
+        if !(backend.supports(OpKind::Moe, dtype) && of_dtype(&first)) {
+            let mut each = vec![first];
+            for e in 1..count {
+                each.push(expert(e)?);
+            }
+            return Ok(Experts::Each(each));
+        }
+        let (i, h) = (first.w_gate.dims()[0], first.w_gate.dims()[1]);
+        let [g, u, d] = [[count, i, h], [count, i, h], [count, h, i]].map(|d| Tensor::empty(backend, dtype, &d));
+        let mut stacked = [g?, u?, d?];
+        let mut next = Some(first);
+        for e in 0..count {
+            let f = match next.take() {
+                Some(f) => f,
+                None => expert(e)?,
+            };
+            if !of_dtype(&f) {
+                return Err(Error::Input(format!("expert {e}'s weights are not {dtype}, as expert 0's are")));
+            }
+            for (s, w) in stacked.iter_mut().zip([&f.w_gate, &f.w_up, &f.w_down]) {
+                s.copy_from_at(e * i * h, w)?;
             }
         }
-        let [g, u, d] = stacked;
-        Ok(Experts::Stacked(Box::new([g?, u?, d?])))
+        Ok(Experts::Stacked(Box::new(stacked)))
     }
 
     pub fn len(&self) -> usize {
@@ -327,7 +341,8 @@ impl Llama {
                     true => Mlp::Moe(Moe {
                         router: loader.matrix(&p("mlp.gate.weight"), c.experts(), h, OpKind::Linear)?,
                         experts: Experts::new(
-                            (0..c.experts()).map(|e| loader.ffn(&p(&format!("mlp.experts.{e}")), c.expert_intermediate_size(), h)).collect::<Result<_>>()?,
+                            c.experts(),
+                            |e| loader.ffn(&p(&format!("mlp.experts.{e}")), c.expert_intermediate_size(), h),
                             &backend,
                             opts.activations,
                         )?,
@@ -431,7 +446,7 @@ impl Llama {
                 }
                 false => Mlp::Dense(ffn(i)?),
                 true => {
-                    let experts = Experts::new((0..c.experts()).map(|_| ffn(c.expert_intermediate_size())).collect::<Result<_>>()?, &backend, dtype)?;
+                    let experts = Experts::new(c.experts(), |_| ffn(c.expert_intermediate_size()), &backend, dtype)?;
                     let shared_ffn = c.shared_expert_size().map(&mut ffn).transpose()?;
                     let router = make(&[c.experts(), h], proj(h), 0.0)?;
                     let shared = match shared_ffn {
@@ -654,35 +669,47 @@ impl Llama {
     /// runs on theirs alone (gathered by the embedding op, the stream as its table) and its output
     /// joins their rows weighted by the router (`IndexAdd`), in the experts' order as HF sums them.
     /// The weights are rounded to the activations' dtype first, as HF casts them. (The scores'
-    /// read ends a step recorded as a graph there: the rest of the step runs op by op.) The scores
-    /// are layer `layer`'s `Site::Router`.
+    /// read ends a step recorded as a graph there: the rest of the step runs op by op.) A shared
+    /// expert's output (Qwen 2 MoE) joins last, weighted by its gate's sigmoid. The scores are
+    /// layer `layer`'s `Site::Router`.
     fn moe(&self, m: &Moe, x: &Tensor, hooks: &mut Option<&mut Hooks>, layer: usize) -> Result<Tensor> {
         let b = &*self.backend;
         let (t, h, e) = (x.dims()[0], x.dims()[1], m.experts.len());
         let mut logits = self.tensor(&[t, e])?;
         self.linear(&mut logits, x, &m.router, None)?;
         hooks.tap(Site::Router, layer, &logits)?;
-        let mut out = match &m.experts {
+        // Qwen 2 MoE's shared expert: every token's output, and its gate's score.
+        let shared = match &m.shared {
+            Some((f, gate)) => {
+                let mut g = self.tensor(&[t, 1])?;
+                self.linear(&mut g, x, gate, None)?;
+                let act = self.glu(f, x)?;
+                let mut ys = self.tensor(&[t, h])?;
+                self.linear(&mut ys, &act, &f.w_down, None)?;
+                Some((ys, g))
+            }
+            None => None,
+        };
+        let out = match &m.experts {
             Experts::Stacked(w) => {
                 let [gate, up, down] = &**w;
                 let mut out = self.tensor(&[t, h])?;
-                b.moe(&mut out, x, &logits, [gate, up, down], m.top_k, m.renormalize, self.config.glu_act())?;
+                let shared = shared.as_ref().map(|(ys, g)| [ys, g]);
+                b.moe(&mut out, x, &logits, [gate, up, down], shared, m.top_k, m.renormalize, self.config.glu_act())?;
                 out
             }
-            Experts::Each(experts) => self.moe_on_the_host(experts, m, x, &logits)?,
+            Experts::Each(experts) => {
+                let mut out = self.moe_on_the_host(experts, m, x, &logits)?;
+                // The shared expert's output scaled by its gate's sigmoid (the same add, with every
+                // row and a weight per row).
+                if let Some((ys, g)) = &shared {
+                    let weights: Vec<f32> = g.to_f32()?.iter().map(|&v| rounded(self.dtype, 1.0 / (1.0 + (-v).exp()))).collect();
+                    let rows: Vec<u32> = (0..t as u32).collect();
+                    b.index_add(&mut out, ys, &rows, &weights)?;
+                }
+                out
+            }
         };
-        // Qwen 2 MoE's shared expert: every token, scaled by its gate's sigmoid (the same add, with
-        // every row and a weight per row).
-        if let Some((f, gate)) = &m.shared {
-            let mut g = self.tensor(&[t, 1])?;
-            self.linear(&mut g, x, gate, None)?;
-            let weights: Vec<f32> = g.to_f32()?.iter().map(|&v| rounded(self.dtype, 1.0 / (1.0 + (-v).exp()))).collect();
-            let act = self.glu(f, x)?;
-            let mut ys = self.tensor(&[t, h])?;
-            self.linear(&mut ys, &act, &f.w_down, None)?;
-            let rows: Vec<u32> = (0..t as u32).collect();
-            b.index_add(&mut out, &ys, &rows, &weights)?;
-        }
         Ok(out)
     }
 

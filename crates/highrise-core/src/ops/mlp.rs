@@ -129,8 +129,11 @@ pub fn route(logits: &[f32], experts: usize, top_k: usize, renormalize: bool) ->
 /// `y = down_e(act(x gate_e^T) * (x up_e^T))` (each product rounded to the dtype, as `Linear`,
 /// `SwiGlu` and `Linear` round them); and `out[t]` the sum of `w * y` over its experts in ascending
 /// order, each add rounded to the dtype, from zero (`IndexAdd` one expert after the other, as HF
-/// sums them). x, out [T, H]; logits [T, E]; gate, up [E, I, H]; down [E, H, I]; one float dtype.
-/// Backends that do not run it decline it (`Backend::supports`); the model then routes on the host.
+/// sums them); then, where given, a shared expert's output (Qwen 1.5 and 2 MoE: every token's,
+/// computed by the caller) weighted by the sigmoid of its gate's score, rounded to the dtype, and
+/// added the same way. x, out, shared [T, H]; logits [T, E]; shared_gate [T, 1]; gate, up
+/// [E, I, H]; down [E, H, I]; one float dtype. Backends that do not run it decline it
+/// (`Backend::supports`); the model then routes on the host.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Moe<'a> {
@@ -140,6 +143,9 @@ pub struct Moe<'a> {
     pub gate: TensorRef<'a>,
     pub up: TensorRef<'a>,
     pub down: TensorRef<'a>,
+    /// Optional (`TensorRef::none()`), both or neither.
+    pub shared: TensorRef<'a>,
+    pub shared_gate: TensorRef<'a>,
     pub top_k: u32,
     /// 1 to renormalize the chosen experts' weights to sum to 1, 0 not to.
     pub renormalize: u32,
@@ -161,6 +167,15 @@ impl Moe<'_> {
         c.dims("down", &self.down, &[e, h, i])?;
         c.dims("logits", &self.logits, &[t, e])?;
         c.dims("out", &self.out, &[t, h])?;
+        match (self.shared.opt(), self.shared_gate.opt()) {
+            (None, None) => {}
+            (Some(s), Some(g)) => {
+                c.activations(&[("x", &self.x), ("shared", &s), ("shared_gate", &g)])?;
+                c.dims("shared", &s, &[t, h])?;
+                c.dims("shared_gate", &g, &[t, 1])?;
+            }
+            _ => return Err("a shared expert's output and its gate's scores go together".into()),
+        }
         if e > MOE_MAX_EXPERTS {
             return Err(format!("{e} experts (at most {MOE_MAX_EXPERTS})"));
         }

@@ -229,7 +229,16 @@ impl Op<'_> {
             Op::Softcap(o) => vec![("x", o.x)],
             Op::IndexAdd(o) => vec![("out", o.out), ("src", o.src)],
             Op::LayerNorm(o) => vec![("out", o.out), ("x", o.x), ("delta", o.delta), ("weight", o.weight), ("bias", o.bias)],
-            Op::Moe(o) => vec![("out", o.out), ("x", o.x), ("logits", o.logits), ("gate", o.gate), ("up", o.up), ("down", o.down)],
+            Op::Moe(o) => vec![
+                ("out", o.out),
+                ("x", o.x),
+                ("logits", o.logits),
+                ("gate", o.gate),
+                ("up", o.up),
+                ("down", o.down),
+                ("shared", o.shared),
+                ("shared_gate", o.shared_gate),
+            ],
         };
         v.retain(|(_, t)| !t.is_none());
         v

@@ -297,8 +297,9 @@ class Model:
         """Load a model and start its engine.
 
         path: a GGUF file, a HF directory (config.json, *.safetensors, tokenizer.json),
-            ``"random:SHAPE"`` (random weights: llama-3-8b, smollm2-135m, tiny,
-            tiny-gemma2, tiny-gemma3, tiny-smollm3, tiny-olmo2, tiny-mixtral, tiny-qwen3-moe), or None for the
+            ``"random:SHAPE"`` (random weights: llama-3-8b, olmoe-1b-7b, smollm2-135m, tiny,
+            tiny-gemma2, tiny-gemma3, tiny-smollm3, tiny-olmo2, tiny-mixtral, tiny-qwen3-moe,
+            tiny-qwen2-moe, tiny-gpt2, tiny-pythia), or None for the
             default model (SmolLM2-135M-Instruct, fetched on first use as the CLI fetches it).
         backend: ``"cpu"`` (built in), ``"cuda"``, or the path of a backend plugin.
         dtype: activations and KV cache, f32, f16 or bf16. weights: ``auto`` (the file's own
