@@ -743,6 +743,17 @@ mod tests {
         assert_eq!(ptx::entries(ptx), vec!["rms_norm_f32", "swiglu_bf16"]);
     }
 
+    /// `moe_route`'s shared arrays hold as many experts and choices as the `Moe` op lets through
+    /// (and the host checker refuses more).
+    #[test]
+    fn moe_routes_limits_are_the_ops() {
+        use highrise_core::ops::{MOE_MAX_EXPERTS, MOE_MAX_TOP_K};
+        let mlp = kernels::FILES.iter().find(|(n, _)| *n == "mlp.cu").expect("mlp.cu").1;
+        for (name, limit) in [("MOE_MAX_EXPERTS", MOE_MAX_EXPERTS), ("MOE_MAX_TOP_K", MOE_MAX_TOP_K)] {
+            assert!(mlp.contains(&format!("#define {name} {limit}\n")), "kernels/mlp.cu's {name} is not the op's {limit}");
+        }
+    }
+
     /// The first GPU run's bug: each parameter's address must hold the argument's value, not the
     /// address of the reference to it.
     #[test]

@@ -687,9 +687,11 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         "moe_route" => {
             // (ids, weights, logits, e, k, renormalize): a warp per token (block t), its k ids and
             // weights written.
+            // Its shared arrays' sizes (kernels/mlp.cu's MOE_MAX_EXPERTS, MOE_MAX_TOP_K: the op's).
             let (e, k) = (a.u32(3) as u64, a.u32(4) as u64);
-            if e == 0 || e > 512 || k == 0 || k > e.min(16) || a.u32(5) > 1 {
-                return Err(format!("{e} experts, top {k} (renormalize {}): at most 512 experts, 1 to 16 of them, renormalize 0 or 1", a.u32(5)));
+            let (most, most_k) = (highrise_core::ops::MOE_MAX_EXPERTS as u64, highrise_core::ops::MOE_MAX_TOP_K as u64);
+            if e == 0 || e > most || k == 0 || k > e.min(most_k) || a.u32(5) > 1 {
+                return Err(format!("{e} experts, top {k} (renormalize {}): at most {most} experts, 1 to {most_k} of them, renormalize 0 or 1", a.u32(5)));
             }
             if a.block != (32, 1, 1) {
                 return Err(format!("block {:?}: a warp per token", a.block));

@@ -690,13 +690,13 @@ impl Llama {
             }
             None => None,
         };
-        let out = match &m.experts {
+        match &m.experts {
             Experts::Stacked(w) => {
                 let [gate, up, down] = &**w;
                 let mut out = self.tensor(&[t, h])?;
                 let shared = shared.as_ref().map(|(ys, g)| [ys, g]);
                 b.moe(&mut out, x, &logits, [gate, up, down], shared, m.top_k, m.renormalize, self.config.glu_act())?;
-                out
+                Ok(out)
             }
             Experts::Each(experts) => {
                 let mut out = self.moe_on_the_host(experts, m, x, &logits)?;
@@ -707,10 +707,9 @@ impl Llama {
                     let rows: Vec<u32> = (0..t as u32).collect();
                     b.index_add(&mut out, ys, &rows, &weights)?;
                 }
-                out
+                Ok(out)
             }
-        };
-        Ok(out)
+        }
     }
 
     /// `moe`'s routed experts with the tokens routed on the host: each expert with tokens on theirs
