@@ -314,20 +314,21 @@ __device__ void gemv_qkv(u16* q, u16* kk, u16* v, const u16* x, const u16* wq, c
 // A mixture's experts at decode (the Moe op, its experts stacked; kernels/mlp.cu's moe_route chose
 // them): pair p = blockIdx.y runs gemv_glu1 (gate and up, SwiGLU) or gemv1 (down) on its token's row
 // (t = p / k) and its expert's matrices (ids[p], clamped below e), into row p of out, as those
-// kernels run one matrix. The expert is known only once moe_route has run: these wait first, and
-// prefetch no weights ahead of the wait.
+// kernels run one matrix. The expert is known only once moe_route has run: these wait first
+// (PDL_ENTRY; gemv's own wait inside then finds the kernel before done), and prefetch no weights
+// ahead of the wait.
 #define GEMV_MOE(s, bf16)                                                                                         \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
         moe_gemv_glu_##s(u16* out, const u16* x, const u16* gate, const u16* up, const u32* ids, u32 k, u32 h,   \
                          u32 i, u32 e) {                                                                          \
-        pdl_wait();                                                                                               \
+        PDL_ENTRY();                                                                                              \
         const u32 p = blockIdx.y;                                                                                 \
         const u64 m = (u64)min(ids[p], e - 1) * i * h;                                                            \
         gemv<1, bf16, true>(out + (u64)p * i, x + (u64)(p / k) * h, gate + m, up + m, nullptr, 0, 1, h, i, blockIdx.x); \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(32 * GEMV_WARPS)                                                 \
         moe_gemv_down_##s(u16* y, const u16* a, const u16* down, const u32* ids, u32 i, u32 h, u32 e) {          \
-        pdl_wait();                                                                                               \
+        PDL_ENTRY();                                                                                              \
         const u32 p = blockIdx.y;                                                                                 \
         const u64 m = (u64)min(ids[p], e - 1) * h * i;                                                            \
         gemv<1, bf16, false>(y + (u64)p * h, a + (u64)p * i, down + m, nullptr, nullptr, 0, 1, i, h, blockIdx.x); \
