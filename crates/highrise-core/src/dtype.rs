@@ -99,6 +99,16 @@ impl DType {
         }
     }
 
+    /// `v` rounded to this float dtype, as storing and reading it back gives (itself for f32, or a
+    /// dtype that is no float).
+    pub fn rounded(self, v: f32) -> f32 {
+        match self {
+            DType::BF16 => half::bf16::from_f32(v).to_f32(),
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+            _ => v,
+        }
+    }
+
     /// The row-by-row format an interleaved layout holds (itself for every other dtype).
     pub fn plain(self) -> DType {
         match self {

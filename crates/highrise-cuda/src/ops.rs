@@ -842,20 +842,11 @@ pub fn moe(be: &CudaBackend, st: &mut OpState, op: &Moe) -> Result<()> {
     }
     // The host routes: the scores read (after the ops before, a step recorded so far run).
     be.end_step_in_op(st)?;
-    let mut bytes = vec![0u8; t * e * elt];
+    let (mut bytes, mut scores) = (vec![0u8; t * e * elt], vec![0f32; t * e]);
     // SAFETY: the scores' tensor holds t x e elements of its dtype (validated; checked by `ptr`);
     // the copy waits for the work queued before it.
     unsafe { be.driver.dtoh(&mut bytes, logits) }?;
-    let scores: Vec<f32> = match act {
-        DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-    };
-    let round = |w: f32| match act {
-        DType::F16 => half::f16::from_f32(w).to_f32(),
-        DType::BF16 => half::bf16::from_f32(w).to_f32(),
-        _ => w,
-    };
+    highrise_core::quant::dequantize(act, &bytes, &mut scores)?;
     // The pairs expert by expert (each expert's tokens together, ascending), and each token's k of
     // them in ascending expert order: slot t k + j holds its j-th pair's place and weight.
     let routes = route(&scores, e, k, op.renormalize == 1);
@@ -863,7 +854,7 @@ pub fn moe(be: &CudaBackend, st: &mut OpState, op: &Moe) -> Result<()> {
     for (rows, ws) in &routes {
         for (&row, &w) in rows.iter().zip(ws) {
             let at = row as usize * k + filled[row as usize];
-            (slots[at], weights[at]) = (tokens.len() as u32, round(w));
+            (slots[at], weights[at]) = (tokens.len() as u32, act.rounded(w));
             filled[row as usize] += 1;
             tokens.push(row);
         }

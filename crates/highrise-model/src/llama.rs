@@ -703,7 +703,7 @@ impl Llama {
                 // The shared expert's output scaled by its gate's sigmoid (the same add, with every
                 // row and a weight per row).
                 if let Some((ys, g)) = &shared {
-                    let weights: Vec<f32> = g.to_f32()?.iter().map(|&v| rounded(self.dtype, 1.0 / (1.0 + (-v).exp()))).collect();
+                    let weights: Vec<f32> = g.to_f32()?.iter().map(|&v| self.dtype.rounded(1.0 / (1.0 + (-v).exp()))).collect();
                     let rows: Vec<u32> = (0..t as u32).collect();
                     b.index_add(&mut out, ys, &rows, &weights)?;
                 }
@@ -725,7 +725,7 @@ impl Llama {
             let act = self.glu(f, &xe)?;
             let mut ye = self.tensor(&[rows.len(), h])?;
             self.linear(&mut ye, &act, &f.w_down, None)?;
-            let weights: Vec<f32> = weights.iter().map(|&w| rounded(self.dtype, w)).collect();
+            let weights: Vec<f32> = weights.iter().map(|&w| self.dtype.rounded(w)).collect();
             b.index_add(&mut out, &ye, rows, &weights)?;
         }
         Ok(out)
@@ -1277,16 +1277,7 @@ impl Taps for Option<&mut Hooks> {
 /// Whether `dtype` holds every value of `w` exactly (bit for bit: a 16-bit dtype where rounding to it
 /// changes none of them).
 fn holds_exactly(dtype: DType, w: &[f32]) -> bool {
-    dtype.is_float() && w.iter().all(|&v| rounded(dtype, v).to_bits() == v.to_bits())
-}
-
-/// `v` rounded to the float `dtype` (itself for f32, or a dtype that is no float).
-fn rounded(dtype: DType, v: f32) -> f32 {
-    match dtype {
-        DType::BF16 => half::bf16::from_f32(v).to_f32(),
-        DType::F16 => half::f16::from_f32(v).to_f32(),
-        _ => v,
-    }
+    dtype.is_float() && w.iter().all(|&v| dtype.rounded(v).to_bits() == v.to_bits())
 }
 
 /// `n` elements of `E`, element i being `mean + scale * pool[(start + i) % pool.len()]` rounded to
