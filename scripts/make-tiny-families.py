@@ -146,6 +146,17 @@ FAMILIES = {
     # llama.cpp has no OPT architecture: no GGUF.
     "opt": dict(model_type="opt", ffn_dim=128, activation_function="relu", do_layer_norm_before=True,
                 enable_bias=True, pad_token_id=0),
+    # GPT-J: one LayerNorm feeding attention and the MLP side by side, RoPE on adjacent pairs of
+    # the first 8 of each head's 16 dims, no attention biases, a tanh-GELU MLP with biases, an
+    # untied unembedding with a bias; saved under `transformer.`. llama.cpp's converter has no
+    # GPT-J: no GGUF.
+    "gptj": dict(model_type="gptj", n_inner=128, rotary_dim=8, layer_norm_epsilon=1e-5,
+                 activation_function="gelu_new", tie_word_embeddings=False),
+    # Cohere (Command R): LayerNorm without a bias feeding attention and a SwiGLU MLP side by side,
+    # RoPE on adjacent pairs, logits scaled; attention biases on (Command R has none; they test the
+    # o_proj bias and the biases' rows moved with q's and k's). GGUF: llama.cpp's `command-r`.
+    "cohere": dict(model_type="cohere", layer_norm_eps=1e-5, logit_scale=0.25, attention_bias=True,
+                   rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0),
 }
 
 # Fields of COMMON a family's config does not have under that name, which from_config would save
@@ -157,6 +168,8 @@ NOT_THEIRS = {
     "phi": ("rms_norm_eps",),
     "stablelm": ("rms_norm_eps",),
     "opt": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
+    "gptj": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
+    "cohere": ("rms_norm_eps",),
 }
 
 
@@ -202,8 +215,14 @@ def make(name: str, extra: dict) -> None:
         with torch.no_grad():
             routers = model(ids, output_router_logits=True).router_logits
         reference["router_logits"] = [[[round(float(x), 6) for x in row] for row in r] for r in routers]
+    if kind in ("gptj", "cohere"):
+        # Layer 0's q and k after RoPE, [T, heads x D], in the checkpoint's order of dims: what
+        # highrise's `q` and `k` captures give back (it moves the rows to rotate by halves).
+        q, k = layer0_qk(kind, cfg, model, ids)
+        reference["q0"] = [[round(float(x), 6) for x in row] for row in q]
+        reference["k0"] = [[round(float(x), 6) for x in row] for row in k]
     (out / "reference.json").write_text(json.dumps(reference))
-    if kind != "opt":
+    if kind not in ("opt", "gptj"):
         to_gguf(kind, cfg, model, out / "model.gguf")
     if kind == "mixtral":
         # And as llama.cpp's Q4_0 quantization leaves a mixture: every matrix Q4_0 (the stacked
@@ -214,6 +233,40 @@ def make(name: str, extra: dict) -> None:
         # GGUF files of early 2024).
         to_gguf(kind, cfg, model, out / "model-per-expert.gguf", stack=False)
     print(f"{out}: {sum(p.numel() for p in model.parameters())} parameters, greedy {reference['greedy']}")
+
+
+def layer0_qk(kind: str, cfg, model, ids):
+    """Layer 0's q and k after RoPE as the family's attention computes them, from the inputs its
+    attention module was called with."""
+    got = {}
+    attn = model.transformer.h[0].attn if kind == "gptj" else model.model.layers[0].self_attn
+
+    def hook(mod, args, kwargs, out):
+        got["h"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        got["pe"] = kwargs["position_embeddings"]
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+        handle.remove()
+        h, pe = got["h"], got["pe"]
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        shape = (*h.shape[:-1], -1, hd)
+        q, k = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape)
+        if kind == "gptj":
+            from transformers.models.gptj import modeling_gptj as M
+
+            sin, cos = pe
+            r = cfg.rotary_dim
+            q = torch.cat([M.apply_rotary_pos_emb(q[..., :r], sin, cos), q[..., r:]], dim=-1)
+            k = torch.cat([M.apply_rotary_pos_emb(k[..., :r], sin, cos), k[..., r:]], dim=-1)
+        else:
+            from transformers.models.cohere import modeling_cohere as M
+
+            cos, sin = pe
+            q, k = M.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return q[0].reshape(q.shape[1], -1), k[0].reshape(k.shape[1], -1)
 
 
 def quantized_reference(out: Path, ids, quant: str) -> None:
@@ -332,9 +385,10 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
     if kind == "olmo3":
         print("  (llama.cpp's GGUF has no olmo3 architecture: model.gguf not written)")
         return
-    # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3.
+    # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,
+    # Cohere's as command-r.
     arch = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
-            "qwen2_moe": "qwen2moe"}.get(kind, kind)
+            "qwen2_moe": "qwen2moe", "cohere": "command-r"}.get(kind, kind)
     gemma = kind in ("gemma", "gemma2", "gemma3_text")
     # Gemma 3's RoPE is per layer type: the full layers' is the one GGUF keeps (llama.cpp takes the
     # sliding layers' base as 10000).
@@ -357,7 +411,12 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
     if rp.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rp["factor"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if kind == "cohere":
+        # llama.cpp's CommandR2Model: LayerNorm's epsilon, the logits' multiplier.
+        w.add_layer_norm_eps(cfg.layer_norm_eps)
+        w.add_logit_scale(cfg.logit_scale)
+    else:
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     if getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)

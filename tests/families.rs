@@ -219,7 +219,7 @@ fn olmoe_with_weights_not_renormalized() {
 /// (llama.cpp reorders it to q, k, v); StarCoder 2's and Phi's own names.
 #[test]
 fn a_ggufs_tensors_are_named_and_laid_out_as_the_checkpoints() {
-    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2", "stablelm"] {
+    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "cohere"] {
         let d = dir(family);
         let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
         let mut names = gguf.tensor_names();
@@ -376,6 +376,56 @@ fn opt_with_offset_positions_and_a_relu_mlp() {
     check("opt");
 }
 
+/// GPT-J: one LayerNorm feeding attention and the MLP side by side, RoPE on adjacent pairs of the
+/// first `rotary_dim` (8) of each head's 16 dims, no attention biases, a tanh-GELU MLP with
+/// biases, an untied unembedding with a bias; under `transformer.`. No GGUF (llama.cpp's
+/// converter has none).
+#[test]
+fn gptj_with_rope_on_adjacent_pairs_of_part_of_each_head() {
+    check("gptj");
+}
+
+/// Cohere (Command R): LayerNorm without a bias feeding attention and a SwiGLU MLP side by side,
+/// RoPE on adjacent pairs of every dim, logits times `logit_scale`; attention biases on here (o_proj's
+/// too), so the q and k biases' elements move with their rows. From llama.cpp's `command-r` GGUF too.
+#[test]
+fn cohere_with_rope_on_adjacent_pairs_and_scaled_logits() {
+    check("cohere");
+}
+
+/// GPT-J and Cohere rotate adjacent dims (2i, 2i + 1); the loader moves q's and k's rows so that
+/// every backend's RoPE on halves serves, and the captures of q and k move them back: layer 0's q
+/// and k after RoPE are HF's, dim for dim, prompt and decode alike. Without the move back they
+/// would not be (checked: the dims differ), and a score q . k is the same either way.
+#[test]
+fn q_and_k_captured_in_the_checkpoints_order_of_dims() {
+    for family in ["gptj", "cohere"] {
+        let (json, prompt, _) = reference(family, "reference.json");
+        let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
+        let flat = |key: &str| -> Vec<f32> { json[key].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect() };
+        let mut hooks = Hooks { layers: Some([0].into()), ..Hooks::capture_all(&[Site::Q, Site::K]) };
+        m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
+        for (site, key) in [(Site::Q, "q0"), (Site::K, "k0")] {
+            let (got, want) = (hooks.get(site, 0).unwrap(), flat(key));
+            assert_eq!(got.len(), want.len(), "{family} {key}");
+            let off = worst_of(got, &want);
+            println!("{family}: layer 0's {key} within {off:.1e} of HF's");
+            assert!(off <= 1e-4, "{family}: captured {key} differs from HF's by {off}");
+            // Orders are told apart: each head's dims 1 and 2 swapped no longer match.
+            let d = m.config.head_dim();
+            let swapped: Vec<f32> = got.chunks_exact(d).flat_map(|h| { let mut h = h.to_vec(); h.swap(1, 2); h }).collect();
+            assert!(worst_of(&swapped, &want) > 1e-3, "{family}: dims 1 and 2 swapped still match: the test cannot tell orders apart");
+        }
+        // Deferred captures (as a graph step takes them) are moved back the same.
+        let mut deferred = Hooks { layers: Some([0].into()), defer: true, ..Hooks::capture_all(&[Site::Q, Site::K]) };
+        m.prefill_hooked(&prompt, Logits::Last, Some(&mut deferred)).unwrap();
+        deferred.collect().unwrap();
+        for site in [Site::Q, Site::K] {
+            assert_eq!(deferred.get(site, 0), hooks.get(site, 0), "{family}: deferred {site:?}");
+        }
+    }
+}
+
 /// OPT's released checkpoints were saved from the base model: their tensors are named without
 /// `model.` (`decoder.layers.0.fc1.weight`); read so, the same logits.
 #[test]
@@ -403,7 +453,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
@@ -530,7 +580,7 @@ fn damaged_ggufs_are_refused_or_run_never_panic() {
     };
     let path = std::env::temp_dir().join(format!("highrise-gguf-damage-{}.gguf", std::process::id()));
     let (mut ran, mut refused) = (0, 0);
-    for family in ["mixtral", "qwen2-moe", "granitemoe", "gpt2", "pythia", "phi2"] {
+    for family in ["mixtral", "qwen2-moe", "granitemoe", "gpt2", "pythia", "phi2", "cohere"] {
         let whole = std::fs::read(dir(family).join("model.gguf")).unwrap();
         // The header: everything before the first tensor's data (4 KiB covers these tiny files').
         let header = 4096.min(whole.len());

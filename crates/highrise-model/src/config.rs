@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 23] = [
+pub const FAMILIES: [(&str, &str); 25] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -37,6 +37,8 @@ pub const FAMILIES: [(&str, &str); 23] = [
     ("phi", "Phi-1.5, Phi-2 (one LayerNorm feeding attention and the MLP side by side, partial RoPE, biases, the unembedding's too; GGUF `phi2`)"),
     ("stablelm", "StableLM 2, StableLM 3B (LayerNorm with a SwiGLU MLP, RoPE on a quarter of each head, q/k/v biases where use_qkv_bias says)"),
     ("opt", "OPT 125M to 66B but 350M (LayerNorm before each block, learned positions offset by 2, a ReLU MLP without a gate, biases everywhere)"),
+    ("gptj", "GPT-J 6B (one LayerNorm feeding attention and the MLP side by side, RoPE on adjacent pairs of the first rotary_dim dims of each head, a GELU MLP with biases, the unembedding's bias)"),
+    ("cohere", "Command R, Aya 23 (LayerNorm without a bias feeding attention and a SwiGLU MLP side by side, RoPE on adjacent pairs, scaled logits; GGUF `command-r`)"),
 ];
 
 /// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
@@ -52,6 +54,7 @@ fn model_type_of_arch(arch: &str) -> &str {
         "gemma3" => "gemma3_text",
         "gptneox" => "gpt_neox",
         "phi2" => "phi",
+        "command-r" => "cohere",
         "qwen3moe" => "qwen3_moe",
         "qwen2moe" => "qwen2_moe",
         other => other,
@@ -211,6 +214,12 @@ pub struct ModelConfig {
     pub remove_final_layer_norm: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_norm_elementwise_affine: Option<bool>,
+    /// Cohere: what the logits are multiplied by (Command R's 0.0625); LayerNorms of each head's q
+    /// and k where `use_qk_norm` (Command R+ of April 2024: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_scale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_qk_norm: Option<bool>,
 }
 
 fn default_model_type() -> String {
@@ -491,6 +500,7 @@ impl ModelConfig {
                 "starcoder2" => "Starcoder2ForCausalLM".into(),
                 "phi2" => "PhiForCausalLM".into(),
                 "stablelm" => "StableLmForCausalLM".into(),
+                "command-r" => "CohereForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -558,11 +568,14 @@ impl ModelConfig {
             }),
             moe_intermediate_size: experts.and_then(|_| num("expert_feed_forward_length").ok()),
             shared_expert_intermediate_size: experts.and_then(|_| num("expert_shared_feed_forward_length").ok()),
-            // llama.cpp's Granite: the four multipliers.
+            // llama.cpp's Granite: the four multipliers (its logits divided by `logit_scale`, Command
+            // R's multiplied).
             embedding_multiplier: float("embedding_scale"),
             residual_multiplier: float("residual_scale"),
             attention_multiplier: float("attention.scale"),
-            logits_scaling: float("logit_scale"),
+            logits_scaling: float("logit_scale").filter(|_| arch != "command-r"),
+            logit_scale: float("logit_scale").filter(|_| arch == "command-r"),
+            use_qk_norm: (arch == "command-r").then(|| g.tensor("blk.0.attn_q_norm.weight").is_some()),
             decoder_sparse_step: None,
             mlp_only_layers: None,
             use_parallel_residual: match g.get(&format!("{arch}.use_parallel_residual")) {
@@ -664,6 +677,7 @@ impl ModelConfig {
             ("word_embed_proj_dim", self.word_embed_proj_dim.is_some_and(|d| d != self.hidden_size), "embeddings projected in and out of a wider stream (OPT-350m)"),
             ("_remove_final_layer_norm", self.remove_final_layer_norm == Some(true), "OPT layers without a final norm"),
             ("layer_norm_elementwise_affine", self.layer_norm_elementwise_affine == Some(false), "LayerNorms without a weight and bias"),
+            ("use_qk_norm", self.use_qk_norm == Some(true), "LayerNorms of each head's q and k (Command R+ 04-2024)"),
         ] {
             if set {
                 return Err(Error::config(path, field, format!("{what} are not supported")));
@@ -678,6 +692,7 @@ impl ModelConfig {
             ("residual_multiplier", self.residual_multiplier),
             ("attention_multiplier", self.attention_multiplier),
             ("logits_scaling", self.logits_scaling),
+            ("logit_scale", self.logit_scale),
         ] {
             if let Some(v) = v.filter(|v| !(v.is_finite() && *v > 0.0)) {
                 return Err(Error::config(path, field, format!("{v}: must be finite and above 0")));
@@ -754,34 +769,49 @@ impl ModelConfig {
         }
     }
 
-    /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM and OPT norm with LayerNorm (a weight and a
-    /// bias), the other families with RMSNorm.
+    /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM, OPT, GPT-J and Cohere norm with LayerNorm (the
+    /// mean taken out, then a weight, and a bias but for Cohere's), the other families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere")
+    }
+
+    /// Whether the LayerNorms have a bias (Cohere's have none).
+    pub fn norm_bias(&self) -> bool {
+        self.layer_norm() && self.model_type != "cohere"
     }
 
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
-    /// OPT), rather than gated.
+    /// OPT, GPT-J), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj")
+    }
+
+    /// Whether q and k rotate by adjacent pairs of dims (GPT-J's and Cohere's RoPE: dims 2i and
+    /// 2i + 1 of the rotating ones), where the other families pair dim i with i + r/2 (HF's
+    /// `rotate_half`). The loader moves q's and k's rows (and biases) into the second order as
+    /// they load, the same move for both, so every score q . k is unchanged and every backend's
+    /// RoPE serves (llama.cpp's converter does the same to Llama's, the other way); captures of q
+    /// and k are moved back (`Hooks`).
+    pub fn adjacent_rope_pairs(&self) -> bool {
+        matches!(self.model_type.as_str(), "gptj" | "cohere")
     }
 
     /// Whether attention and the MLP read the stream as it enters the layer and both add to it
     /// (GPT-NeoX as `use_parallel_residual` says, HF's default true; StableLM likewise, default
-    /// false; Phi always).
+    /// false; Phi, GPT-J and Cohere always).
     pub fn parallel_residual(&self) -> bool {
         match self.model_type.as_str() {
             "gpt_neox" => self.use_parallel_residual.unwrap_or(true),
             "stablelm" => self.use_parallel_residual.unwrap_or(false),
-            "phi" => true,
+            "phi" | "gptj" | "cohere" => true,
             _ => false,
         }
     }
 
-    /// Whether the MLP reads attention's norm of the stream, having none of its own (Phi; StableLM
-    /// side by side).
+    /// Whether the MLP reads attention's norm of the stream, having none of its own (Phi, GPT-J,
+    /// Cohere; StableLM side by side).
     pub fn shared_norm(&self) -> bool {
-        self.model_type == "phi" || (self.model_type == "stablelm" && self.parallel_residual())
+        matches!(self.model_type.as_str(), "phi" | "gptj" | "cohere") || (self.model_type == "stablelm" && self.parallel_residual())
     }
 
     /// Whether the attention's output projection and the MLP's have biases (GPT-2, GPT-NeoX, Phi,
@@ -796,9 +826,24 @@ impl ModelConfig {
         }
     }
 
-    /// Whether the unembedding has a bias (Phi).
+    /// Whether the MLP's projections have biases: with `dense_bias`, and GPT-J's (whose attention
+    /// has none).
+    pub fn mlp_bias(&self) -> bool {
+        self.dense_bias() || self.model_type == "gptj"
+    }
+
+    /// Whether attention's output projection has a bias: with `dense_bias`, and where
+    /// `attention_bias` says in the families whose o_proj HF builds with it (Llama, Qwen 3, Granite,
+    /// OLMo, Gemma, SmolLM3, Cohere; not Mistral, Mixtral, Qwen 2, Phi-3 or StableLM, whose q, k and v
+    /// alone take it).
+    pub fn o_bias(&self) -> bool {
+        self.dense_bias()
+            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm"))
+    }
+
+    /// Whether the unembedding has a bias (Phi, GPT-J).
     pub fn lm_head_bias(&self) -> bool {
-        self.model_type == "phi"
+        matches!(self.model_type.as_str(), "phi" | "gptj")
     }
 
     /// The config as transformers reads it for this family: the fields as serialized, and where a
@@ -820,6 +865,13 @@ impl ModelConfig {
                 ("activation_function", self.activation().into()),
                 ("enable_bias", self.dense_bias().into()),
             ],
+            "gptj" => &[
+                ("n_inner", self.intermediate_size.into()),
+                ("layer_norm_epsilon", self.rms_norm_eps.into()),
+                ("activation_function", self.activation().into()),
+                ("rotary_dim", self.rotary_dim().into()),
+            ],
+            "cohere" => &[("layer_norm_eps", self.rms_norm_eps.into())],
             "stablelm" => &[
                 ("layer_norm_eps", self.rms_norm_eps.into()),
                 ("use_parallel_residual", self.parallel_residual().into()),
@@ -912,9 +964,10 @@ impl ModelConfig {
         self.residual_multiplier.unwrap_or(1.0) as f32
     }
 
-    /// What the logits are multiplied by (1 / Granite's `logits_scaling`; 1 elsewhere).
+    /// What the logits are multiplied by (Cohere's `logit_scale`, 1 / Granite's `logits_scaling`;
+    /// 1 elsewhere).
     pub fn logits_scale(&self) -> f32 {
-        (1.0 / self.logits_scaling.unwrap_or(1.0)) as f32
+        self.logit_scale.unwrap_or(1.0 / self.logits_scaling.unwrap_or(1.0)) as f32
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -1086,10 +1139,28 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
             }
         }
     }
-    if o.get("model_type").and_then(Json::as_str) == Some("gpt2") {
+    let model_type = o.get("model_type").and_then(Json::as_str).unwrap_or("").to_string();
+    if matches!(model_type.as_str(), "gpt2" | "gptj") {
         if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
             o.insert("intermediate_size".into(), h.saturating_mul(4).into());
         }
+    }
+    if model_type == "gpt2" {
+        o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // GPT-J's `rotary_dim`, the rotating dims of each head (all where null), as the fraction of the
+    // head the other families write.
+    if model_type == "gptj" {
+        let (h, n) = (o.get("hidden_size").and_then(Json::as_u64), o.get("num_attention_heads").and_then(Json::as_u64));
+        if let (Some(r), Some(h), Some(n)) = (o.remove("rotary_dim").and_then(|r| r.as_u64()), h, n) {
+            if n > 0 && h % n == 0 && h / n > 0 && !o.contains_key("partial_rotary_factor") {
+                o.insert("partial_rotary_factor".into(), (r as f64 / (h / n) as f64).into());
+                adopted.push(("rotary_dim", "partial_rotary_factor"));
+            }
+        }
+    }
+    // Cohere ties its embeddings unless the config says otherwise (CohereConfig's default).
+    if model_type == "cohere" {
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
     // OPT's LayerNorms are PyTorch's defaults (no epsilon in its config); it ties its embeddings
@@ -1262,6 +1333,31 @@ mod tests {
         }
         let c = ModelConfig::from_file(&write("opt-nobias", &format!(r#"{{{base}, "enable_bias": false, "word_embed_proj_dim": 64}}"#))).unwrap();
         assert!(!c.dense_bias() && !c.qkv_bias());
+    }
+
+    /// GPT-J's own names (`rotary_dim` as the other families' fraction, `n_inner` null as 4x the
+    /// width) and Cohere's defaults and refusal; both rotate adjacent pairs and run side by side.
+    #[test]
+    fn gptj_and_cohere_configs() {
+        let gptj = r#""model_type": "gptj", "vocab_size": 8, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": null,
+            "n_positions": 16, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5"#;
+        let c = ModelConfig::from_file(&write("gptj", &format!(r#"{{{gptj}, "rotary_dim": 4}}"#))).unwrap();
+        assert_eq!((c.intermediate_size, c.rotary_dim(), c.tie_word_embeddings, c.glu_act()), (256, Some(4), false, GluAct::GeluTanh));
+        assert!(c.adjacent_rope_pairs() && c.parallel_residual() && c.shared_norm() && c.plain_mlp() && c.norm_bias());
+        assert!(c.mlp_bias() && c.lm_head_bias() && !c.qkv_bias() && !c.o_bias());
+        assert_eq!((c.hf_json()["rotary_dim"].as_u64(), c.hf_json()["n_inner"].as_u64()), (Some(4), Some(256)));
+        // An odd count of rotating dims is named as GPT-J's config names it.
+        let e = ModelConfig::from_file(&write("gptj-odd", &format!(r#"{{{gptj}, "rotary_dim": 3}}"#))).unwrap_err().to_string();
+        assert!(e.contains("rotary_dim"), "{e}");
+        let cohere = r#""model_type": "cohere", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "logit_scale": 0.0625"#;
+        let c = ModelConfig::from_file(&write("cohere", &format!("{{{cohere}}}"))).unwrap();
+        assert_eq!((c.logits_scale(), c.tie_word_embeddings, c.rotary_dim()), (0.0625, true, Some(16)));
+        assert!(c.adjacent_rope_pairs() && c.layer_norm() && !c.norm_bias() && !c.plain_mlp() && !c.o_bias());
+        let c = ModelConfig::from_file(&write("cohere-bias", &format!(r#"{{{cohere}, "attention_bias": true}}"#))).unwrap();
+        assert!(c.qkv_bias() && c.o_bias() && !c.mlp_bias());
+        let e = ModelConfig::from_file(&write("cohere-qk", &format!(r#"{{{cohere}, "use_qk_norm": true}}"#))).unwrap_err().to_string();
+        assert!(e.contains("use_qk_norm"), "{e}");
     }
 
     #[test]

@@ -151,17 +151,35 @@ pub struct Hooks {
     pub pending: Pending,
 }
 
-/// Deferred captures in flight (see `Hooks::defer`): their buffer, and (site, layer, first element,
-/// elements) of each in it. A clone of the hooks starts without them.
+/// The pass in flight: its deferred captures (see `Hooks::defer`), their buffer and (site, layer,
+/// first element, elements) of each in it; and, for a family that rotates adjacent pairs (GPT-J,
+/// Cohere), the head dim and `source::half_pair_rows`, to give captured q and k back in the
+/// checkpoint's order of dims (the loader moved q's and k's rows out of it). A clone of the hooks
+/// starts without them.
 #[derive(Default)]
-pub struct Pending(Option<(Tensor, Vec<Taken>)>);
+pub struct Pending(Option<(Tensor, Vec<Taken>)>, Option<(usize, Vec<usize>)>);
 
 /// A deferred capture: its site, layer, first element in the pass's buffer, and elements.
 type Taken = (Site, usize, usize, usize);
 
 impl Clone for Pending {
     fn clone(&self) -> Self {
-        Pending(None)
+        Pending(None, None)
+    }
+}
+
+impl Pending {
+    /// `v` [T, heads x D] of `site`, each head's rotating dims back in the checkpoint's order where
+    /// the pass moved them (q and k of GPT-J and Cohere).
+    fn checkpoint_order(&self, site: Site, mut v: Vec<f32>) -> Vec<f32> {
+        let Some((d, order)) = self.1.as_ref().filter(|_| matches!(site, Site::Q | Site::K)) else { return v };
+        for head in v.chunks_exact_mut(*d) {
+            let moved: Vec<f32> = head[..order.len()].to_vec();
+            for (k, &dim) in order.iter().enumerate() {
+                head[dim] = moved[k];
+            }
+        }
+        v
     }
 }
 
@@ -187,11 +205,13 @@ impl Hooks {
     }
 
     /// Starts a pass whose deferred captures need `elements` in all (of the activations' dtype,
-    /// like `like`): their buffer.
-    pub(crate) fn begin_deferred(&mut self, like: &Tensor, elements: usize) -> Result<()> {
-        self.pending = Pending(None);
+    /// like `like`): their buffer. `pairs`: the head dim and rotating dims of a family whose q and
+    /// k rows the loader moved (`ModelConfig::adjacent_rope_pairs`), which captures move back.
+    pub(crate) fn begin(&mut self, like: &Tensor, elements: usize, pairs: Option<(usize, usize)>) -> Result<()> {
+        let pairs = pairs.map(|(d, r)| (d, crate::source::half_pair_rows(d, r)));
+        self.pending = Pending(None, pairs);
         if self.defer && elements > 0 {
-            self.pending = Pending(Some((Tensor::empty(like.backend(), like.dtype(), &[elements])?, Vec::new())));
+            self.pending.0 = Some((Tensor::empty(like.backend(), like.dtype(), &[elements])?, Vec::new()));
         }
         Ok(())
     }
@@ -234,7 +254,8 @@ impl Hooks {
             return Ok(());
         }
         let Some((buffer, taken)) = self.pending.0.as_mut() else {
-            self.captured.insert((site, layer), t.to_f32()?);
+            let v = self.pending.checkpoint_order(site, t.to_f32()?);
+            self.captured.insert((site, layer), v);
             return Ok(());
         };
         let at = taken.last().map_or(0, |&(_, _, at, n)| at + n);
@@ -249,7 +270,8 @@ impl Hooks {
         let mut all = buffer.to_f32()?;
         // From the end, so that each split moves only its own values.
         for (site, layer, at, _) in taken.into_iter().rev() {
-            self.captured.insert((site, layer), all.split_off(at));
+            let v = self.pending.checkpoint_order(site, all.split_off(at));
+            self.captured.insert((site, layer), v);
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use highrise_core::quant::{dequantize, quantize_q8_0, repack_r8};
 use highrise_core::{Backend, DType, OpKind, Tensor};
 
 use crate::introspect::{Hooks, Site};
-use crate::source::{FileTensor, Source};
+use crate::source::{unpermute_rows, FileTensor, Source};
 use crate::{Error, ModelConfig, Result};
 
 /// How weights are kept in backend memory.
@@ -306,10 +306,15 @@ impl Llama {
         // block count of billions is a missing tensor at the first layer past the real ones.
         let mut layers = Vec::with_capacity(c.num_hidden_layers.min(source.tensor_names().len()));
         // Gemma 2 keeps the norms' weights as w and multiplies by 1 + w: loaded as that, in f32.
-        // LayerNorm's weight and bias: both f32, as the op takes them of one dtype.
+        // LayerNorm's weight and bias: both f32, as the op takes them of one dtype; Cohere's, which
+        // has no bias, with a bias of zeros (adding 0 changes no value).
         let ln = c.layer_norm();
         let norm = |name: &str| if ln { loader.f32_vector(name, h) } else { loader.norm(name, h, c.gemma()) };
-        let ln_bias = |name: &str| ln.then(|| loader.f32_vector(name, h)).transpose();
+        let ln_bias = |name: &str| match (ln, c.norm_bias()) {
+            (false, _) => Ok(None),
+            (true, true) => loader.f32_vector(name, h).map(Some),
+            (true, false) => Tensor::from_f32(&backend, DType::F32, &[h], &vec![0.0; h]).map(Some).map_err(|e| Error::tensor(source.path(), name, e)),
+        };
         for l in 0..c.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let bias = |s: &str, n: usize| -> Result<Option<Tensor>> {
@@ -322,7 +327,7 @@ impl Llama {
                 attn_norm: pre("input_layernorm.weight")?,
                 attn_norm_bias: ln_bias(&p("input_layernorm.bias"))?,
                 mlp_norm_bias: if c.shared_norm() { None } else { ln_bias(&p("post_attention_layernorm.bias"))? },
-                bo: c.dense_bias().then(|| loader.vector(&p("self_attn.o_proj.bias"), h)).transpose()?,
+                bo: c.o_bias().then(|| loader.vector(&p("self_attn.o_proj.bias"), h)).transpose()?,
                 wq: loader.matrix(&p("self_attn.q_proj.weight"), q_dim, h, OpKind::Linear)?,
                 wk: loader.matrix(&p("self_attn.k_proj.weight"), kv_dim, h, OpKind::Linear)?,
                 wv: loader.matrix(&p("self_attn.v_proj.weight"), kv_dim, h, OpKind::Linear)?,
@@ -336,7 +341,7 @@ impl Llama {
                     (false, false) => pre("post_attention_layernorm.weight")?,
                 },
                 mlp: match c.moe_layer(l) {
-                    false if c.plain_mlp() => Mlp::Plain(loader.fc(&p("mlp"), i, h, c.dense_bias())?),
+                    false if c.plain_mlp() => Mlp::Plain(loader.fc(&p("mlp"), i, h, c.mlp_bias())?),
                     false => Mlp::Dense(loader.ffn(&p("mlp"), i, h)?),
                     true => Mlp::Moe(Moe {
                         router: loader.matrix(&p("mlp.gate.weight"), c.experts(), h, OpKind::Linear)?,
@@ -423,6 +428,7 @@ impl Llama {
         let proj = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let (q_norm, k_norm) = c.qk_norm_width();
+        let ln_bias = if c.norm_bias() { 0.1 } else { 0.0 };
         for l in 0..c.num_hidden_layers {
             let bias = c.qkv_bias();
             // Drawn in the order the fields were always drawn (every random shape's weights stay
@@ -440,8 +446,8 @@ impl Llama {
             let mlp = match c.moe_layer(l) {
                 false if c.plain_mlp() => {
                     let (w_up, w_down) = (make(&[i, h], proj(h), 0.0)?, make(&[h, i], proj(i), 0.0)?);
-                    let b_up = if c.dense_bias() { Some(make(&[i], 0.1, 0.0)?) } else { None };
-                    let b_down = if c.dense_bias() { Some(make(&[h], 0.1, 0.0)?) } else { None };
+                    let b_up = if c.mlp_bias() { Some(make(&[i], 0.1, 0.0)?) } else { None };
+                    let b_down = if c.mlp_bias() { Some(make(&[h], 0.1, 0.0)?) } else { None };
                     Mlp::Plain(Fc { w_up, b_up, w_down, b_down })
                 }
                 false => Mlp::Dense(ffn(i)?),
@@ -471,17 +477,18 @@ impl Llama {
                 k_norm: if c.qk_norm() { Some(make(&[k_norm], 0.1, 1.0)?) } else { None },
                 attn_post_norm: if c.post_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
                 mlp_post_norm: if c.post_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None },
-                // The LayerNorm families' biases, drawn last (every other family's weights as ever).
-                attn_norm_bias: if c.layer_norm() { Some(make(&[h], 0.1, 0.0)?) } else { None },
-                mlp_norm_bias: if c.layer_norm() && !c.shared_norm() { Some(make(&[h], 0.1, 0.0)?) } else { None },
-                bo: if c.dense_bias() { Some(make(&[h], 0.1, 0.0)?) } else { None },
+                // The LayerNorm families' biases, drawn last (every other family's weights as ever);
+                // zeros where the norms have none (Cohere).
+                attn_norm_bias: if c.layer_norm() { Some(make(&[h], ln_bias, 0.0)?) } else { None },
+                mlp_norm_bias: if c.layer_norm() && !c.shared_norm() { Some(make(&[h], ln_bias, 0.0)?) } else { None },
+                bo: if c.o_bias() { Some(make(&[h], 0.1, 0.0)?) } else { None },
             });
         }
         let embed = make(&[v, h], 1.0, 0.0)?;
         let norm = make(&[h], 0.1, 1.0)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(make(&[v, h], proj(h), 0.0)?) };
         let positions = if c.learned_positions() { Some(make(&[c.max_position_embeddings + c.position_offset(), h], 1.0, 0.0)?) } else { None };
-        let norm_bias = if c.layer_norm() { Some(make(&[h], 0.1, 0.0)?) } else { None };
+        let norm_bias = if c.layer_norm() { Some(make(&[h], ln_bias, 0.0)?) } else { None };
         let lm_head_bias = if c.lm_head_bias() { Some(make(&[v], 0.1, 0.0)?) } else { None };
         Ok(Llama { config: c, backend, dtype, q8_activations: false, kv_dtype: dtype, rope, embed, positions, layers, norm, norm_bias, lm_head, lm_head_bias })
     }
@@ -773,7 +780,8 @@ impl Llama {
         if let Some(hooks) = hooks.as_deref_mut() {
             // Deferred captures (`Hooks::defer`) all go to one buffer of this size.
             let n = self.capture_elements(hooks, t);
-            hooks.begin_deferred(&x, n)?;
+            let pairs = c.adjacent_rope_pairs().then(|| (d, c.rotary_dim().unwrap_or(d)));
+            hooks.begin(&x, n, pairs)?;
         }
         b.embedding_scaled(&mut x, &self.embed, batch.tokens, c.embed_scale())?;
         // GPT-2, OPT: each position's learned embedding added (gathered as the tokens' are; OPT's
@@ -1118,7 +1126,22 @@ impl Loader<'_> {
                 format!("has shape {:?} but the config implies {dims:?}", t.dims),
             ));
         }
-        Ok(t)
+        self.rope_pairs_split(name, t)
+    }
+
+    /// q's and k's rows (weight or bias) of a family that rotates adjacent pairs (GPT-J, Cohere),
+    /// moved so that each head's pairs are (i, i + r/2), as every backend's RoPE rotates them
+    /// (`ModelConfig::adjacent_rope_pairs`); any other tensor as it is.
+    fn rope_pairs_split<'t>(&self, name: &str, t: FileTensor<'t>) -> Result<FileTensor<'t>> {
+        let c = self.source.config();
+        let heads = match name.rsplit('.').nth(1) {
+            Some("q_proj") if c.adjacent_rope_pairs() => c.num_attention_heads,
+            Some("k_proj") if c.adjacent_rope_pairs() => c.kv_heads(),
+            _ => return Ok(t),
+        };
+        let rotary = c.rotary_dim().unwrap_or(0);
+        let data = unpermute_rows(&t.data, t.dims[0], heads, rotary).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))?;
+        Ok(FileTensor { data: std::borrow::Cow::Owned(data), span: 0..0, ..t })
     }
 
     /// A norm's weight [n]: as `vector`, or, with `plus_one` (Gemma's norms multiply by 1 + w), 1 + w

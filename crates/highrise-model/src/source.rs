@@ -323,22 +323,28 @@ enum Layout {
 }
 
 /// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
-const FAMILY_STEMS: [(&str, &str); 5] =
-    [("gpt2", "h"), ("gpt_neox", "gpt_neox.layers"), ("starcoder2", "model.layers"), ("phi", "model.layers"), ("opt", "decoder.layers")];
+const FAMILY_STEMS: [(&str, &str); 6] = [
+    ("gpt2", "h"),
+    ("gpt_neox", "gpt_neox.layers"),
+    ("starcoder2", "model.layers"),
+    ("phi", "model.layers"),
+    ("opt", "decoder.layers"),
+    ("gptj", "h"),
+];
 
 /// The prefix transformers saves a family's base model under in a causal LM's checkpoint, where
 /// the checkpoints people hold may lack it (GPT-2's and OPT's were saved from the base model):
 /// read with or without it, written with it.
 fn saved_prefix(c: &ModelConfig) -> Option<&'static str> {
     match c.model_type.as_str() {
-        "gpt2" => Some("transformer."),
+        "gpt2" | "gptj" => Some("transformer."),
         "opt" => Some("model."),
         _ => None,
     }
 }
 
 /// Their whole-model tensors: (family, a Llama's name, theirs) by prefix of the name.
-const FAMILY_GLOBALS: [(&str, &str, &str); 10] = [
+const FAMILY_GLOBALS: [(&str, &str, &str); 12] = [
     ("gpt2", "model.embed_tokens.", "wte."),
     ("gpt2", "model.embed_positions.", "wpe."),
     ("gpt2", "model.norm.", "ln_f."),
@@ -349,11 +355,13 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 10] = [
     ("opt", "model.embed_tokens.", "decoder.embed_tokens."),
     ("opt", "model.embed_positions.", "decoder.embed_positions."),
     ("opt", "model.norm.", "decoder.final_layer_norm."),
+    ("gptj", "model.embed_tokens.", "wte."),
+    ("gptj", "model.norm.", "ln_f."),
 ];
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
 /// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
-const FAMILY_PARTS: [(&str, &str, &str, Layout); 20] = [
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 27] = [
     ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
     ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
@@ -374,6 +382,13 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 20] = [
     ("opt", "self_attn.o_proj", "self_attn.out_proj", Layout::Same),
     ("opt", "mlp.up_proj", "fc1", Layout::Same),
     ("opt", "mlp.down_proj", "fc2", Layout::Same),
+    ("gptj", "input_layernorm", "ln_1", Layout::Same),
+    ("gptj", "self_attn.q_proj", "attn.q_proj", Layout::Same),
+    ("gptj", "self_attn.k_proj", "attn.k_proj", Layout::Same),
+    ("gptj", "self_attn.v_proj", "attn.v_proj", Layout::Same),
+    ("gptj", "self_attn.o_proj", "attn.out_proj", Layout::Same),
+    ("gptj", "mlp.up_proj", "mlp.fc_in", Layout::Same),
+    ("gptj", "mlp.down_proj", "mlp.fc_out", Layout::Same),
 ];
 
 /// Where a tensor named as a Llama names it lies in a GPT-2, GPT-NeoX, StarCoder 2, Phi or OPT
@@ -658,7 +673,7 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
     let data = gguf.data(info);
     let owner: Arc<dyn Any + Send + Sync> = gguf.mmap().clone();
     let data = match heads {
-        Some(h) => Cow::Owned(unpermute_rows(data, info.dims[0], h).map_err(|e| Error::tensor(&gguf.path, &gname, e))?),
+        Some(h) => Cow::Owned(unpermute_rows(data, info.dims[0], h, 0).map_err(|e| Error::tensor(&gguf.path, &gname, e))?),
         None => Cow::Borrowed(data),
     };
     let span = info.start..info.start + info.len;
@@ -678,25 +693,30 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
     Ok(Some(FileTensor { dtype: info.dtype, dims, data, owner, span }))
 }
 
-/// Undoes llama.cpp's q/k row permutation: within each head of D rows, GGUF row `2i + j` is HF row
-/// `j * D/2 + i` (HF's rotate_half pairs row i with row i + D/2; llama.cpp interleaves them). Rows
-/// are moved whole, so this works on quantized rows too.
-pub fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
-    if heads == 0 || rows == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 || data.len() % rows != 0 {
-        return Err(format!("cannot split {rows} rows into {heads} heads of RoPE pairs"));
+/// Moves q's or k's rows from RoPE on adjacent pairs to RoPE on halves: within each head of D rows
+/// whose first `rotary` rotate (all where 0), row `2i + j` goes to `j * rotary/2 + i` (HF's
+/// rotate_half pairs row i with row i + rotary/2; llama.cpp's Llama files, GPT-J and Cohere pair
+/// rows 2i and 2i + 1), the rest stay. Rows are moved whole, so this works on quantized rows and
+/// on a bias (a row an element) too.
+pub fn unpermute_rows(data: &[u8], rows: usize, heads: usize, rotary: usize) -> std::result::Result<Vec<u8>, String> {
+    let d = if heads == 0 { 0 } else { rows / heads };
+    let r = if rotary == 0 { d } else { rotary };
+    if heads == 0 || rows == 0 || rows % heads != 0 || r % 2 != 0 || r > d || data.len() % rows != 0 {
+        return Err(format!("cannot split {rows} rows into {heads} heads of {r} rotating rows in pairs"));
     }
-    let (d, row_bytes) = (rows / heads, data.len() / rows);
-    let mut out = vec![0u8; data.len()];
-    for h in 0..heads {
-        for i in 0..d / 2 {
-            for j in 0..2 {
-                let src = h * d + 2 * i + j;
-                let dst = h * d + j * d / 2 + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
+    let row_bytes = data.len() / rows;
+    let mut out = data.to_vec();
+    for (from, to) in (0..heads).flat_map(|h| half_pair_rows(d, r).into_iter().enumerate().map(move |(to, from)| (h * d + from, h * d + to))) {
+        out[to * row_bytes..(to + 1) * row_bytes].copy_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
     }
     Ok(out)
+}
+
+/// For each of a head's first `rotary` dims in RoPE-on-halves order, the dim it is in the
+/// adjacent-pairs order: dim `j * rotary/2 + i` is `2i + j`.
+pub fn half_pair_rows(head_dim: usize, rotary: usize) -> Vec<usize> {
+    let r = rotary.min(head_dim);
+    (0..r).map(|k| 2 * (k % (r / 2)) + k / (r / 2)).collect()
 }
 
 /// A HuggingFace model directory.

@@ -250,6 +250,8 @@ impl Engine {
         d.set_item("normalization_type", if c.layer_norm() { "LN" } else { "RMS" })?;
         d.set_item("positional_embedding_type", if c.learned_positions() { "standard" } else { "rotary" })?;
         d.set_item("rotary_dim", c.rotary_dim())?;
+        // GPT-J's and Cohere's RoPE pairs dims 2i and 2i + 1 (captured q and k are in that order).
+        d.set_item("rotary_adjacent_pairs", c.adjacent_rope_pairs())?;
         d.set_item("act_fn", c.activation())?;
         d.set_item("gated_mlp", !c.plain_mlp())?;
         d.set_item("parallel_attn_mlp", c.parallel_residual())?;

@@ -86,18 +86,23 @@ def test_a_mixtures_router_scores_and_shape():
     assert np.array_equal(logits, m.logits(ids)), "capturing the router changes nothing"
 
 
-def test_opt_positions_start_at_row_two_of_their_table(tmp_path):
-    """OPT (tests/data/tiny-opt, HF's logits beside it): TransformerLens's layout, W_pos from the third
-    row of the file's table on (the rows positions read), and HF's logits at every position."""
-    d = Path(__file__).resolve().parents[3] / "tests" / "data" / "tiny-opt"
-    ref = json.loads((d / "reference.json").read_text())
+def _tiny(tmp_path, family: str):
+    """tests/data/tiny-<family> (HF's outputs beside it) with a word-level tokenizer over its 512 ids
+    (the tiny models have none): the folder to load, and the reference."""
+    d = Path(__file__).resolve().parents[3] / "tests" / "data" / f"tiny-{family}"
     for f in ("config.json", "model.safetensors"):
         (tmp_path / f).symlink_to(d / f)
-    # The tiny model has no tokenizer; a word-level one over its 512 ids serves.
     vocab = {f"t{i}": i for i in range(512)}
     (tmp_path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
                                                           "pre_tokenizer": {"type": "Whitespace"}}))
-    with highrise.Model.load(str(tmp_path)) as m:
+    return str(tmp_path), json.loads((d / "reference.json").read_text())
+
+
+def test_opt_positions_start_at_row_two_of_their_table(tmp_path):
+    """OPT (tests/data/tiny-opt, HF's logits beside it): TransformerLens's layout, W_pos from the third
+    row of the file's table on (the rows positions read), and HF's logits at every position."""
+    path, ref = _tiny(tmp_path, "opt")
+    with highrise.Model.load(path) as m:
         c = m.cfg
         assert (c.normalization_type, c.positional_embedding_type, c.act_fn, c.gated_mlp, c.position_offset) == ("LN", "standard", "relu", False, 2)
         table = m.weight("model.embed_positions.weight")
@@ -105,6 +110,23 @@ def test_opt_positions_start_at_row_two_of_their_table(tmp_path):
         assert np.array_equal(m.W_pos, table[2:])
         logits = m.logits(ref["prompt"])
         assert np.abs(logits - np.array(ref["logits"], dtype=np.float32)).max() <= 1e-4
+
+
+def test_gptj_rotates_adjacent_pairs_and_its_q_and_k_are_hfs(tmp_path):
+    """GPT-J (tests/data/tiny-gptj): TransformerLens's layout (rotary_adjacent_pairs, rotary_dim 8 of
+    16, side by side), HF's logits, its unembedding's bias as b_U, and layer 0's q and k after RoPE
+    as HF computes them, dim for dim (highrise rotates the dims in another order inside)."""
+    path, ref = _tiny(tmp_path, "gptj")
+    with highrise.Model.load(path) as m:
+        c = m.cfg
+        assert (c.normalization_type, c.positional_embedding_type, c.rotary_dim, c.rotary_adjacent_pairs) == ("LN", "rotary", 8, True)
+        assert (c.act_fn, c.gated_mlp, c.parallel_attn_mlp) == ("gelu_new", False, True)
+        assert np.array_equal(m.b_U, m.weight("lm_head.bias"))
+        logits, cache = m.run_with_cache(ref["prompt"], names=["q", "k"])
+        assert np.abs(logits - np.array(ref["logits"], dtype=np.float32)).max() <= 1e-4
+        for site in ("q", "k"):
+            got = cache[site, 0].reshape(len(ref["prompt"]), -1)
+            assert np.abs(got - np.array(ref[site + "0"], dtype=np.float32)).max() <= 1e-4, site
 
 
 def test_the_layernorm_families_layout_in_transformerlens_terms():
@@ -117,6 +139,7 @@ def test_the_layernorm_families_layout_in_transformerlens_terms():
     pythia = highrise.Model.load("random:tiny-pythia")
     c = pythia.cfg
     assert (c.normalization_type, c.positional_embedding_type, c.rotary_dim, c.act_fn) == ("LN", "rotary", 16, "gelu")
+    assert not c.rotary_adjacent_pairs
     assert (c.gated_mlp, c.parallel_attn_mlp) == (False, True)
     ids = [5, 17, 300, 42]
     for m in (gpt2, pythia):

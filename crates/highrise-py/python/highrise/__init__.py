@@ -276,9 +276,9 @@ class Model:
         #: d_vocab, n_ctx; a mixture of experts' num_experts, experts_per_token, d_expert: 0 and
         #: None for a dense model), its layout in TransformerLens's terms (original_architecture,
         #: normalization_type "LN" or "RMS", positional_embedding_type "standard" or "rotary",
-        #: rotary_dim, act_fn, gated_mlp, parallel_attn_mlp; position_offset, the row of the learned
-        #: positions' table that position 0 reads: OPT's 2) and where it runs (path, backend,
-        #: device, dtype, kv_cache_tokens).
+        #: rotary_dim, rotary_adjacent_pairs (GPT-J, Cohere), act_fn, gated_mlp, parallel_attn_mlp;
+        #: position_offset, the row of the learned positions' table that position 0 reads: OPT's
+        #: 2) and where it runs (path, backend, device, dtype, kv_cache_tokens).
         self.cfg = types.SimpleNamespace(**info)
         self._steer: list = []
         self._patch: list = []
