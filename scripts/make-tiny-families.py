@@ -155,6 +155,14 @@ FAMILIES = {
     # Cohere (Command R): LayerNorm without a bias feeding attention and a SwiGLU MLP side by side,
     # RoPE on adjacent pairs, logits scaled; attention biases on (Command R has none; they test the
     # o_proj bias and the biases' rows moved with q's and k's). GGUF: llama.cpp's `command-r`.
+    # Falcon 7B: attention and a GELU MLP side by side through one LayerNorm, multi-query (q, k, v
+    # fused as every q head, then the one k and v), no biases, tied embeddings.
+    "falcon": dict(model_type="falcon", multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                   bias=False, layer_norm_epsilon=1e-5, tie_word_embeddings=True),
+    # Falcon 40B: q, k, v fused by key/value group (2 groups of 2 q heads, a k and a v), a LayerNorm
+    # each for attention and the MLP (ln_attn, ln_mlp); biases on here (the 40B has none), untied.
+    "falcon-40b": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2, bias=True,
+                       layer_norm_epsilon=1e-5, tie_word_embeddings=False),
     "cohere": dict(model_type="cohere", layer_norm_eps=1e-5, logit_scale=0.25, attention_bias=True,
                    rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0),
 }
@@ -170,6 +178,7 @@ NOT_THEIRS = {
     "opt": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "gptj": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "cohere": ("rms_norm_eps",),
+    "falcon": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
 }
 
 
@@ -294,7 +303,8 @@ def quantized_reference(out: Path, ids, quant: str) -> None:
     (out / f"reference-{quant.lower()}.json").write_text(json.dumps(ref))
 
 
-LN_ARCH = {"gpt2": "gpt2", "gpt_neox": "gptneox", "starcoder2": "starcoder2", "phi": "phi2", "stablelm": "stablelm"}
+LN_ARCH = {"gpt2": "gpt2", "gpt_neox": "gptneox", "starcoder2": "starcoder2", "phi": "phi2", "stablelm": "stablelm",
+           "falcon": "falcon"}
 
 
 def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
@@ -302,6 +312,7 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
     transposed, GPT-NeoX's fused q/k/v reordered from head by head to q, k, v (its
     GPTNeoXModel.modify_tensors), no q/k permutation (these rotate NEOX-style), the biases."""
     import gguf
+    import numpy as np
 
     arch = LN_ARCH[kind]
     w = gguf.GGUFWriter(str(path), arch)
@@ -309,12 +320,15 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.n_inner if kind == "gpt2" else cfg.intermediate_size)
+    w.add_feed_forward_length({"gpt2": lambda: cfg.n_inner, "falcon": lambda: cfg.ffn_hidden_size}.get(kind, lambda: cfg.intermediate_size)())
     w.add_head_count(cfg.num_attention_heads)
     if kind in ("starcoder2", "phi", "stablelm"):
         w.add_head_count_kv(cfg.num_key_value_heads)
+    if kind == "falcon":
+        # llama.cpp's FalconModel: the key/value heads as the attention counts them.
+        w.add_head_count_kv(cfg.num_kv_heads if cfg.new_decoder_architecture else 1)
     eps = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "starcoder2": "norm_epsilon", "phi": "layer_norm_eps",
-           "stablelm": "layer_norm_eps"}[kind]
+           "stablelm": "layer_norm_eps", "falcon": "layer_norm_epsilon"}[kind]
     w.add_layer_norm_eps(getattr(cfg, eps))
     if kind != "gpt2":
         rp = cfg.rope_parameters
@@ -343,6 +357,9 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
                      "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                      "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
                      "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"},
+        "falcon": {"word_embeddings": "token_embd", "ln_f": "output_norm", "input_layernorm": "attn_norm",
+                   "ln_attn": "attn_norm", "ln_mlp": "attn_norm_2", "self_attention.query_key_value": "attn_qkv",
+                   "self_attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"},
     }[kind]
     for k, v in model.state_dict().items():
         v = v.detach().numpy()
@@ -360,6 +377,14 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
             g = f"blk.{layer}.{names[part]}.{suffix}"
             if kind == "gpt2" and suffix == "weight" and part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
                 v = v.T.copy()
+            if kind == "falcon" and part == "self_attention.query_key_value":
+                # llama.cpp's FalconModel.modify_tensors: by key/value group to q, k, v.
+                n = cfg.num_attention_heads
+                kv = cfg.num_kv_heads if cfg.new_decoder_architecture else 1
+                hd_ = cfg.hidden_size // n
+                grp = v.reshape(kv, n // kv + 2, hd_, *v.shape[1:])
+                v = np.concatenate([grp[:, :-2].reshape(n * hd_, *v.shape[1:]), grp[:, -2].reshape(kv * hd_, *v.shape[1:]),
+                                    grp[:, -1].reshape(kv * hd_, *v.shape[1:])])
             if kind == "gpt_neox" and part == "attention.query_key_value":
                 n, h = cfg.num_attention_heads, cfg.hidden_size
                 v = v.reshape(n, 3, h // n, *v.shape[1:])

@@ -219,7 +219,7 @@ fn olmoe_with_weights_not_renormalized() {
 /// (llama.cpp reorders it to q, k, v); StarCoder 2's and Phi's own names.
 #[test]
 fn a_ggufs_tensors_are_named_and_laid_out_as_the_checkpoints() {
-    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "cohere"] {
+    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "cohere", "falcon", "falcon-40b"] {
         let d = dir(family);
         let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
         let mut names = gguf.tensor_names();
@@ -393,6 +393,21 @@ fn cohere_with_rope_on_adjacent_pairs_and_scaled_logits() {
     check("cohere");
 }
 
+/// Falcon 7B: attention and a GELU MLP side by side through one LayerNorm, multi-query (q, k and v
+/// fused: every q head, then the one k and v), tied embeddings; llama.cpp's `falcon` GGUF too.
+#[test]
+fn falcon_multi_query_with_one_norm() {
+    check("falcon");
+}
+
+/// Falcon 40B: q, k and v fused by key/value group (each group's q heads, its k, its v), a norm each
+/// for attention and the MLP (`ln_attn`, `ln_mlp`), biases (on here), untied; from llama.cpp's GGUF
+/// too, which regroups the fused rows as q, k, v and names the second norm `attn_norm_2`.
+#[test]
+fn falcon_40b_grouped_qkv_and_two_norms() {
+    check("falcon-40b");
+}
+
 /// GPT-J and Cohere rotate adjacent dims (2i, 2i + 1); the loader moves q's and k's rows so that
 /// every backend's RoPE on halves serves, and the captures of q and k move them back: layer 0's q
 /// and k after RoPE are HF's, dim for dim, prompt and decode alike. Without the move back they
@@ -453,7 +468,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
@@ -580,7 +595,7 @@ fn damaged_ggufs_are_refused_or_run_never_panic() {
     };
     let path = std::env::temp_dir().join(format!("highrise-gguf-damage-{}.gguf", std::process::id()));
     let (mut ran, mut refused) = (0, 0);
-    for family in ["mixtral", "qwen2-moe", "granitemoe", "gpt2", "pythia", "phi2", "cohere"] {
+    for family in ["mixtral", "qwen2-moe", "granitemoe", "gpt2", "pythia", "phi2", "cohere", "falcon-40b"] {
         let whole = std::fs::read(dir(family).join("model.gguf")).unwrap();
         // The header: everything before the first tensor's data (4 KiB covers these tiny files').
         let header = 4096.min(whole.len());

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 25] = [
+pub const FAMILIES: [(&str, &str); 26] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -38,6 +38,7 @@ pub const FAMILIES: [(&str, &str); 25] = [
     ("stablelm", "StableLM 2, StableLM 3B (LayerNorm with a SwiGLU MLP, RoPE on a quarter of each head, q/k/v biases where use_qkv_bias says)"),
     ("opt", "OPT 125M to 66B but 350M (LayerNorm before each block, learned positions offset by 2, a ReLU MLP without a gate, biases everywhere)"),
     ("gptj", "GPT-J 6B (one LayerNorm feeding attention and the MLP side by side, RoPE on adjacent pairs of the first rotary_dim dims of each head, a GELU MLP with biases, the unembedding's bias)"),
+    ("falcon", "Falcon 7B, 40B, 180B, Falcon 2 11B (attention and a GELU MLP side by side, through one LayerNorm or two; q, k and v fused by key/value group; multi-query or grouped-query)"),
     ("cohere", "Command R, Aya 23 (LayerNorm without a bias feeding attention and a SwiGLU MLP side by side, RoPE on adjacent pairs, scaled logits; GGUF `command-r`)"),
 ];
 
@@ -220,6 +221,22 @@ pub struct ModelConfig {
     pub logit_scale: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_qk_norm: Option<bool>,
+    /// Falcon: the 40B's layout (`new_decoder_architecture`: q, k and v fused by key/value group,
+    /// `num_kv_heads` of them, and `num_ln_in_parallel_attn` LayerNorms, 2 unless it says 1), else
+    /// the 7B's (`multi_query`: one key/value head; `parallel_attn`: side by side, else
+    /// sequential); biases everywhere where `bias`; ALiBi in place of RoPE where `alibi` (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_decoder_architecture: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_query: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_attn: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_ln_in_parallel_attn: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alibi: Option<bool>,
 }
 
 fn default_model_type() -> String {
@@ -501,6 +518,7 @@ impl ModelConfig {
                 "phi2" => "PhiForCausalLM".into(),
                 "stablelm" => "StableLmForCausalLM".into(),
                 "command-r" => "CohereForCausalLM".into(),
+                "falcon" => "FalconForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -539,7 +557,7 @@ impl ModelConfig {
             // where llama.cpp runs the tanh approximation for every family).
             hidden_act: match arch.as_str() {
                 "gpt2" | "phi2" => Some("gelu_new".into()),
-                "gptneox" => Some("gelu".into()),
+                "gptneox" | "falcon" => Some("gelu".into()),
                 "starcoder2" => Some("gelu_pytorch_tanh".into()),
                 _ => None,
             },
@@ -576,6 +594,14 @@ impl ModelConfig {
             logits_scaling: float("logit_scale").filter(|_| arch != "command-r"),
             logit_scale: float("logit_scale").filter(|_| arch == "command-r"),
             use_qk_norm: (arch == "command-r").then(|| g.tensor("blk.0.attn_q_norm.weight").is_some()),
+            // llama.cpp's Falcon: always side by side, q, k and v fused as [q; k; v] (its converter
+            // regroups the 40B's), a second norm (`attn_norm_2`) where the MLP has its own.
+            new_decoder_architecture: (arch == "falcon").then_some(true),
+            multi_query: None,
+            parallel_attn: None,
+            num_ln_in_parallel_attn: (arch == "falcon").then(|| if g.tensor("blk.0.attn_norm_2.weight").is_some() { 2 } else { 1 }),
+            bias: (arch == "falcon").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
+            alibi: None,
             decoder_sparse_step: None,
             mlp_only_layers: None,
             use_parallel_residual: match g.get(&format!("{arch}.use_parallel_residual")) {
@@ -678,6 +704,8 @@ impl ModelConfig {
             ("_remove_final_layer_norm", self.remove_final_layer_norm == Some(true), "OPT layers without a final norm"),
             ("layer_norm_elementwise_affine", self.layer_norm_elementwise_affine == Some(false), "LayerNorms without a weight and bias"),
             ("use_qk_norm", self.use_qk_norm == Some(true), "LayerNorms of each head's q and k (Command R+ 04-2024)"),
+            ("alibi", self.alibi == Some(true), "ALiBi position biases (Falcon-RW)"),
+            ("num_ln_in_parallel_attn", self.falcon_new() && self.num_ln_in_parallel_attn.is_some_and(|n| n != 1 && n != 2), "LayerNorm counts but 1 and 2"),
         ] {
             if set {
                 return Err(Error::config(path, field, format!("{what} are not supported")));
@@ -772,7 +800,7 @@ impl ModelConfig {
     /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM, OPT, GPT-J and Cohere norm with LayerNorm (the
     /// mean taken out, then a weight, and a bias but for Cohere's), the other families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "falcon")
     }
 
     /// Whether the LayerNorms have a bias (Cohere's have none).
@@ -783,7 +811,7 @@ impl ModelConfig {
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
     /// OPT, GPT-J), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon")
     }
 
     /// Whether q and k rotate by adjacent pairs of dims (GPT-J's and Cohere's RoPE: dims 2i and
@@ -804,14 +832,27 @@ impl ModelConfig {
             "gpt_neox" => self.use_parallel_residual.unwrap_or(true),
             "stablelm" => self.use_parallel_residual.unwrap_or(false),
             "phi" | "gptj" | "cohere" => true,
+            "falcon" => self.falcon_new() || self.parallel_attn.unwrap_or(true),
             _ => false,
         }
+    }
+
+    /// Falcon 40B's layout (`new_decoder_architecture`).
+    pub(crate) fn falcon_new(&self) -> bool {
+        self.model_type == "falcon" && self.new_decoder_architecture == Some(true)
     }
 
     /// Whether the MLP reads attention's norm of the stream, having none of its own (Phi, GPT-J,
     /// Cohere; StableLM side by side).
     pub fn shared_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "phi" | "gptj" | "cohere") || (self.model_type == "stablelm" && self.parallel_residual())
+        match self.model_type.as_str() {
+            "phi" | "gptj" | "cohere" => true,
+            "stablelm" => self.parallel_residual(),
+            // Falcon 7B's one norm; 40B's two (`ln_attn`, `ln_mlp`) unless it says one (Falcon 2).
+            "falcon" if self.falcon_new() => self.num_ln_in_parallel_attn == Some(1),
+            "falcon" => self.parallel_residual(),
+            _ => false,
+        }
     }
 
     /// Whether the attention's output projection and the MLP's have biases (GPT-2, GPT-NeoX, Phi,
@@ -822,6 +863,7 @@ impl ModelConfig {
             "gpt2" | "gpt_neox" | "phi" => true,
             "starcoder2" => self.use_bias.unwrap_or(true),
             "opt" => self.enable_bias.unwrap_or(true),
+            "falcon" => self.bias.unwrap_or(false),
             _ => false,
         }
     }
@@ -872,6 +914,12 @@ impl ModelConfig {
                 ("rotary_dim", self.rotary_dim().into()),
             ],
             "cohere" => &[("layer_norm_eps", self.rms_norm_eps.into())],
+            "falcon" => &[
+                ("layer_norm_epsilon", self.rms_norm_eps.into()),
+                ("num_kv_heads", self.kv_heads().into()),
+                ("ffn_hidden_size", self.intermediate_size.into()),
+                ("activation", self.activation().into()),
+            ],
             "stablelm" => &[
                 ("layer_norm_eps", self.rms_norm_eps.into()),
                 ("use_parallel_residual", self.parallel_residual().into()),
@@ -1117,8 +1165,9 @@ impl ModelConfig {
 fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     let mut adopted = Vec::new();
     let Some(o) = json.as_object_mut() else { return adopted };
-    const NAMES: [(&str, &str); 12] = [
+    const NAMES: [(&str, &str); 13] = [
         ("n_embd", "hidden_size"),
+        ("n_embed", "hidden_size"),
         ("n_layer", "num_hidden_layers"),
         ("n_head", "num_attention_heads"),
         ("n_positions", "max_position_embeddings"),
@@ -1161,6 +1210,35 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     }
     // Cohere ties its embeddings unless the config says otherwise (CohereConfig's default).
     if model_type == "cohere" {
+        o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // Falcon: its key/value heads as its attention counts them (`num_kv_heads`, or `n_head_kv`, in
+    // the 40B's layout; one where `multi_query`, HF's default; else one per query head), an MLP 4x
+    // the width unless `ffn_hidden_size` says, the exact GELU, tied embeddings.
+    if model_type == "falcon" {
+        let flag = |o: &serde_json::Map<String, Json>, k: &str, default: bool| o.get(k).and_then(Json::as_bool).unwrap_or(default);
+        if !o.contains_key("num_key_value_heads") {
+            let theirs = o.get("num_kv_heads").or_else(|| o.get("n_head_kv")).filter(|v| !v.is_null()).cloned();
+            let kv = match (flag(o, "new_decoder_architecture", false), flag(o, "multi_query", true)) {
+                (true, _) => theirs.or_else(|| o.get("num_attention_heads").cloned()),
+                (false, true) => Some(1.into()),
+                (false, false) => o.get("num_attention_heads").cloned(),
+            };
+            if let Some(kv) = kv {
+                o.insert("num_key_value_heads".into(), kv);
+                adopted.push(("num_kv_heads", "num_key_value_heads"));
+            }
+        }
+        for (theirs, ours) in [("ffn_hidden_size", "intermediate_size"), ("activation", "hidden_act")] {
+            if let Some(v) = o.remove(theirs).filter(|v| !v.is_null() && !o.contains_key(ours)) {
+                o.insert(ours.into(), v);
+                adopted.push((theirs, ours));
+            }
+        }
+        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
+            o.insert("intermediate_size".into(), h.saturating_mul(4).into());
+        }
+        o.entry("hidden_act").or_insert("gelu".into());
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
     // OPT's LayerNorms are PyTorch's defaults (no epsilon in its config); it ties its embeddings
@@ -1358,6 +1436,32 @@ mod tests {
         assert!(c.qkv_bias() && c.o_bias() && !c.mlp_bias());
         let e = ModelConfig::from_file(&write("cohere-qk", &format!(r#"{{{cohere}, "use_qk_norm": true}}"#))).unwrap_err().to_string();
         assert!(e.contains("use_qk_norm"), "{e}");
+    }
+
+    /// Falcon's key/value heads as its attention counts them in each layout, its norms, and its
+    /// refusals (ALiBi, a LayerNorm count but 1 or 2).
+    #[test]
+    fn falcon_layouts() {
+        let base = r#""model_type": "falcon", "vocab_size": 8, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4"#;
+        let read = |name: &str, extra: &str| ModelConfig::from_file(&write(name, &format!("{{{base}{extra}}}")));
+        // The 7B's: multi-query by default, one norm side by side, the exact GELU, 4x the width, tied.
+        let c = read("falcon-7b", "").unwrap();
+        assert_eq!((c.kv_heads(), c.intermediate_size, c.glu_act(), c.tie_word_embeddings), (1, 256, GluAct::GeluErf, true));
+        assert!(c.parallel_residual() && c.shared_norm() && c.plain_mlp() && !c.dense_bias() && !c.adjacent_rope_pairs());
+        assert_eq!(read("falcon-mha", r#", "multi_query": false"#).unwrap().kv_heads(), 4);
+        let c = read("falcon-seq", r#", "parallel_attn": false, "bias": true"#).unwrap();
+        assert!(!c.parallel_residual() && !c.shared_norm() && c.dense_bias() && c.qkv_bias() && c.o_bias());
+        // The 40B's: grouped by `num_kv_heads` (or the older `n_head_kv`), two norms unless it says one.
+        let c = read("falcon-40b", r#", "new_decoder_architecture": true, "num_kv_heads": 2, "ffn_hidden_size": 96"#).unwrap();
+        assert_eq!((c.kv_heads(), c.intermediate_size), (2, 96));
+        assert!(c.parallel_residual() && !c.shared_norm());
+        assert_eq!(c.hf_json()["num_kv_heads"].as_u64(), Some(2));
+        let c = read("falcon-n-head-kv", r#", "new_decoder_architecture": true, "n_head_kv": 2, "num_ln_in_parallel_attn": 1"#).unwrap();
+        assert!(c.kv_heads() == 2 && c.shared_norm());
+        for (extra, field) in [(r#", "alibi": true"#, "alibi"), (r#", "new_decoder_architecture": true, "num_ln_in_parallel_attn": 3"#, "num_ln_in_parallel_attn")] {
+            let e = read(field, extra).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
     }
 
     #[test]

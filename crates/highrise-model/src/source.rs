@@ -258,18 +258,18 @@ impl Source {
         let c = self.config();
         if let (Source::Gguf { .. }, Some((ours, layout))) = (self, llama_name(name, c)) {
             let Some(t) = self.tensor(&ours)? else { return Ok(None) };
-            let h = c.hidden_size;
             let t = match layout {
-                _ if t.dims.len() == 1 && layout != Layout::HeadInterleaved => Ok(t),
+                _ if t.dims.len() == 1 && layout != Layout::KvGrouped => Ok(t),
                 Layout::Same => Ok(t),
                 Layout::Conv1D => {
                     let all = 0..t.dims.get(1).copied().unwrap_or(0);
                     t.columns_transposed(all)
                 }
-                // [q; k; v] back to head by head.
-                Layout::HeadInterleaved => {
-                    let d = c.head_dim();
-                    t.gather_rows(&(0..c.num_attention_heads).flat_map(|g| (0..3).map(move |j| j * h + g * d..j * h + (g + 1) * d)).collect::<Vec<_>>())
+                // [q; k; v] back to key/value group by group.
+                Layout::KvGrouped => {
+                    let (d, groups, per) = (c.head_dim(), c.kv_heads(), c.num_attention_heads / c.kv_heads());
+                    let (q, kv) = (c.num_attention_heads * d, groups * d);
+                    t.gather_rows(&(0..groups).flat_map(|g| [g * per * d..(g + 1) * per * d, q + g * d..q + (g + 1) * d, q + kv + g * d..q + kv + (g + 1) * d]).collect::<Vec<_>>())
                 }
             };
             return t.map(Some).map_err(|e| Error::tensor(self.path(), &ours, e));
@@ -318,18 +318,21 @@ enum Layout {
     Same,
     /// GPT-2's Conv1D: [in, out], the transpose of a projection's weight.
     Conv1D,
-    /// GPT-NeoX's fused q, k, v: head by head, each head's q rows, then its k, then its v.
-    HeadInterleaved,
+    /// Fused q, k, v by key/value group: each group's q heads (query heads / key-value heads of
+    /// them), then its k head, then its v head. GPT-NeoX's (a group a head), Falcon's (7B: one
+    /// group, multi-query; 40B: one a key/value head).
+    KvGrouped,
 }
 
 /// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
-const FAMILY_STEMS: [(&str, &str); 6] = [
+const FAMILY_STEMS: [(&str, &str); 7] = [
     ("gpt2", "h"),
     ("gpt_neox", "gpt_neox.layers"),
     ("starcoder2", "model.layers"),
     ("phi", "model.layers"),
     ("opt", "decoder.layers"),
     ("gptj", "h"),
+    ("falcon", "h"),
 ];
 
 /// The prefix transformers saves a family's base model under in a causal LM's checkpoint, where
@@ -337,14 +340,14 @@ const FAMILY_STEMS: [(&str, &str); 6] = [
 /// read with or without it, written with it.
 fn saved_prefix(c: &ModelConfig) -> Option<&'static str> {
     match c.model_type.as_str() {
-        "gpt2" | "gptj" => Some("transformer."),
+        "gpt2" | "gptj" | "falcon" => Some("transformer."),
         "opt" => Some("model."),
         _ => None,
     }
 }
 
 /// Their whole-model tensors: (family, a Llama's name, theirs) by prefix of the name.
-const FAMILY_GLOBALS: [(&str, &str, &str); 12] = [
+const FAMILY_GLOBALS: [(&str, &str, &str); 14] = [
     ("gpt2", "model.embed_tokens.", "wte."),
     ("gpt2", "model.embed_positions.", "wpe."),
     ("gpt2", "model.norm.", "ln_f."),
@@ -357,17 +360,19 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 12] = [
     ("opt", "model.norm.", "decoder.final_layer_norm."),
     ("gptj", "model.embed_tokens.", "wte."),
     ("gptj", "model.norm.", "ln_f."),
+    ("falcon", "model.embed_tokens.", "word_embeddings."),
+    ("falcon", "model.norm.", "ln_f."),
 ];
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
 /// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
-const FAMILY_PARTS: [(&str, &str, &str, Layout); 27] = [
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 33] = [
     ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
     ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
     ("phi", "mlp.up_proj", "mlp.fc1", Layout::Same),
     ("phi", "mlp.down_proj", "mlp.fc2", Layout::Same),
-    ("gpt_neox", "self_attn.qkv_proj", "attention.query_key_value", Layout::HeadInterleaved),
+    ("gpt_neox", "self_attn.qkv_proj", "attention.query_key_value", Layout::KvGrouped),
     ("gpt_neox", "self_attn.o_proj", "attention.dense", Layout::Same),
     ("gpt_neox", "mlp.up_proj", "mlp.dense_h_to_4h", Layout::Same),
     ("gpt_neox", "mlp.down_proj", "mlp.dense_4h_to_h", Layout::Same),
@@ -389,7 +394,22 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 27] = [
     ("gptj", "self_attn.o_proj", "attn.out_proj", Layout::Same),
     ("gptj", "mlp.up_proj", "mlp.fc_in", Layout::Same),
     ("gptj", "mlp.down_proj", "mlp.fc_out", Layout::Same),
+    ("falcon", "self_attn.qkv_proj", "self_attention.query_key_value", Layout::KvGrouped),
+    ("falcon", "self_attn.o_proj", "self_attention.dense", Layout::Same),
+    ("falcon", "mlp.up_proj", "mlp.dense_h_to_4h", Layout::Same),
+    ("falcon", "mlp.down_proj", "mlp.dense_4h_to_h", Layout::Same),
+    // Only where Falcon has a norm for each (see `family_parts`); the 7B's keep a Llama's names.
+    ("falcon", "input_layernorm", "ln_attn", Layout::Same),
+    ("falcon", "post_attention_layernorm", "ln_mlp", Layout::Same),
 ];
+
+/// `FAMILY_PARTS` of `c`'s family as its checkpoints have them: Falcon's norms are `ln_attn` and
+/// `ln_mlp` where attention and the MLP each have one side by side (the 40B's layout), and keep a
+/// Llama's names otherwise (the 7B's one `input_layernorm`; sequential, two).
+fn family_parts(c: &ModelConfig) -> impl Iterator<Item = (&'static str, &'static str, &'static str, Layout)> + '_ {
+    let falcon_two = c.falcon_new() && !c.shared_norm();
+    FAMILY_PARTS.into_iter().filter(move |(f, _, theirs, _)| *f == c.model_type && (*f != "falcon" || falcon_two || !theirs.starts_with("ln_")))
+}
 
 /// Where a tensor named as a Llama names it lies in a GPT-2, GPT-NeoX, StarCoder 2, Phi or OPT
 /// checkpoint: the stored name (without its optional `saved_prefix`), and which part.
@@ -406,10 +426,18 @@ fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
     let (part, suffix) = rest.rsplit_once('.')?;
     let (h, d, heads) = (c.hidden_size, c.head_dim(), c.num_attention_heads);
     let qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].iter().position(|p| *p == part);
-    let lookup = |p: &str| FAMILY_PARTS.into_iter().find(|(f, ours, _, _)| *f == family && *ours == p);
+    let lookup = |p: &str| family_parts(c).find(|(_, ours, _, _)| *ours == p);
     let (theirs, pick) = match (qkv, qkv.and_then(|_| lookup("self_attn.qkv_proj")), lookup(part)) {
         (Some(j), Some((_, _, theirs, Layout::Conv1D)), _) => (theirs, Pick::Transposed(Some(j * h..(j + 1) * h))),
-        (Some(j), Some((_, _, theirs, _)), _) => (theirs, Pick::Gather((0..heads).map(|g| (3 * g + j) * d..(3 * g + j + 1) * d).collect())),
+        // By key/value group: its q heads, its k, its v (`Layout::KvGrouped`).
+        (Some(j), Some((_, _, theirs, _)), _) => {
+            let (groups, per) = (c.kv_heads(), heads / c.kv_heads().max(1));
+            let rows = |g: usize| match j {
+                0 => (0..per).map(|i| (g * (per + 2) + i) * d..(g * (per + 2) + i + 1) * d).collect::<Vec<_>>(),
+                _ => vec![(g * (per + 2) + per + j - 1) * d..(g * (per + 2) + per + j) * d],
+            };
+            (theirs, Pick::Gather((0..groups).flat_map(rows).collect()))
+        }
         (_, _, Some((_, _, theirs, Layout::Conv1D))) => (theirs, Pick::Transposed(None)),
         (_, _, Some((_, _, theirs, _))) => (theirs, Pick::All),
         (_, _, None) if stem != "model.layers" => (part, Pick::All),
@@ -431,7 +459,7 @@ fn family_names(name: &str, c: &ModelConfig) -> Vec<String> {
     let theirs = match (family, name.strip_prefix("model.layers.").and_then(|r| r.split_once('.'))) {
         (_, Some((layer, rest))) => FAMILY_STEMS.into_iter().find(|(f, _)| *f == family).and_then(|(_, stem)| {
             let (part, suffix) = rest.rsplit_once('.')?;
-            let theirs = FAMILY_PARTS.into_iter().find(|(f, ours, _, _)| *f == family && *ours == part).map_or(part, |p| p.2);
+            let theirs = family_parts(c).find(|(_, ours, _, _)| *ours == part).map_or(part, |p| p.2);
             Some(format!("{stem}.{layer}.{theirs}.{suffix}"))
         }),
         _ => FAMILY_GLOBALS
@@ -460,7 +488,7 @@ fn llama_name(name: &str, c: &ModelConfig) -> Option<(String, Layout)> {
     }
     let (layer, rest) = name.strip_prefix(stem)?.strip_prefix('.')?.split_once('.')?;
     let (part, suffix) = rest.rsplit_once('.')?;
-    let (ours, layout) = match FAMILY_PARTS.into_iter().find(|(f, _, theirs, _)| *f == family && *theirs == part) {
+    let (ours, layout) = match family_parts(c).find(|(_, _, theirs, _)| *theirs == part) {
         Some((_, ours, _, layout)) => (ours, layout),
         None if stem != "model.layers" => (part, Layout::Same),
         None => return None,
@@ -627,7 +655,12 @@ fn rename(name: &str, to_gguf: bool, config: &ModelConfig) -> Option<String> {
     if let Some(to) = old_expert_name(part, to_gguf) {
         return Some(format!("{to_prefix}{layer}.{to}.{suffix}"));
     }
-    let family: &[(&str, &str)] = if config.post_norms() { &POST_NORM_NAMES } else { &[] };
+    let family: &[(&str, &str)] = match config.model_type.as_str() {
+        _ if config.post_norms() => &POST_NORM_NAMES,
+        // llama.cpp's Falcon 40B: the MLP's norm beside attention's.
+        "falcon" => &[("post_attention_layernorm", "attn_norm_2")],
+        _ => &[],
+    };
     let (_, to) = family.iter().copied().chain(LAYER_NAMES).map(pick).find(|(from, _)| *from == part)?;
     Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
 }
