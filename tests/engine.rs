@@ -194,6 +194,81 @@ fn cancelling_frees_blocks_at_once() {
     assert!(e.is_idle());
 }
 
+/// A request's activation patches apply in whichever step computes their positions, a prompt's
+/// (here in its second chunk of 16) and a completion's alike: its greedy tokens are those of a full
+/// recompute with the same patches at every step. Its K/V are its own: a plain request with the same
+/// prompt, arriving once the patched one's blocks are cached, gets its tokens alone. Patches that
+/// could never apply are refused at submission, naming them.
+#[test]
+fn patches_apply_at_their_positions_and_never_leak() {
+    use highrise::model::{Hooks, Logits, Patch, Site};
+    let Some(l) = loaded("patching") else { return };
+    let m = &l.model;
+    let prompt = l.tokenizer.encode(&TEXTS[2].repeat(10), false).unwrap();
+    assert!(prompt.len() > 48, "several full blocks");
+    let (h, z, n) = (m.config.hidden_size, Site::Z.width(&m.config, 3), prompt.len());
+    let row: Vec<f32> = (0..h).map(|i| if i % 5 == 0 { 8.0 } else { -1.0 }).collect();
+    let patch = vec![
+        // The prompt's last position: in its last chunk of 16, not at the chunk's first row.
+        Patch { layer: 10, position: n - 1, values: row.clone(), site: Site::ResidPre },
+        // The third generated token's position: the stream, and every head of layer 3 ablated.
+        Patch { layer: 6, position: n + 2, values: row.iter().map(|v| -v).collect(), site: Site::ResidPre },
+        Patch { layer: 3, position: n + 2, values: vec![0.0; z], site: Site::Z },
+    ];
+    assert_ne!((n - 1) % 16, 0);
+    let max_tokens = 8;
+    // The reference: a whole pass over the sequence so far for each token, the patches whose
+    // positions it holds applied.
+    let greedy = |patch: &[Patch]| -> Vec<u32> {
+        let mut ids = prompt.clone();
+        for _ in 0..max_tokens {
+            let mut hooks = Hooks { patch: patch.iter().filter(|p| p.position < ids.len()).cloned().collect(), ..Default::default() };
+            let logits = m.prefill_hooked(&ids, Logits::Last, Some(&mut hooks)).unwrap().to_f32().unwrap();
+            ids.push(highrise::engine::sampling::argmax(&logits));
+        }
+        ids[n..].to_vec()
+    };
+    let want = greedy(&patch);
+    assert_ne!(want, greedy(&patch[..1]), "the completion's patches change the tokens after them");
+    assert_eq!(want[..3], greedy(&patch[..1])[..3], "and none before");
+    let plain = Request { prompt, params: GenerateParams { max_tokens, ..Default::default() }, logprobs: false, top_logprobs: 0 };
+    let mut patched = plain.clone();
+    patched.params.patch = patch.clone();
+    let alone_plain = alone(l, &plain);
+    assert_ne!(want, alone_plain, "the patches change the tokens");
+    // Chunked, behind a plain request (so the patched rows are not the batch's first).
+    let chunked = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 16, max_running: 4 };
+    let (got, _, _) = batched(l, &[plain.clone(), patched.clone()], chunked);
+    assert_eq!((&got[0], &got[1]), (&alone_plain, &want), "through the engine, chunk by chunk, beside a plain request");
+    // Beside a plain request with the same prompt, after the patched one's blocks are cached.
+    let config = EngineConfig { num_blocks: 64, block_size: 16, max_batch_tokens: 512, max_running: 4 };
+    let mut e = Engine::new(m, &l.tokenizer, config).unwrap();
+    let p = e.submit(patched.clone()).unwrap();
+    e.step().unwrap();
+    let used_by_patched = e.num_blocks() - e.free_blocks();
+    let g = e.submit(plain.clone()).unwrap();
+    e.step().unwrap();
+    let used_by_both = e.num_blocks() - e.free_blocks();
+    let done = e.run_to_completion().unwrap();
+    let out = |id| done.iter().find(|(i, _)| *i == id).unwrap().1.ids.clone();
+    assert_eq!(out(p), want, "the patched request");
+    assert_eq!(out(g), alone_plain, "the plain request's tokens are its own");
+    assert!(used_by_both >= 2 * used_by_patched, "no block shared across patching ({used_by_patched} then {used_by_both})");
+    // Refused at submission: past the prompt and completion, the wrong width, a site no patch may
+    // replace; the engine carries on.
+    for (bad, says) in [
+        (Patch { position: plain.prompt.len() + max_tokens, ..patch[1].clone() }, "at position"),
+        (Patch { values: vec![0.0; 3], ..patch[0].clone() }, "3 values"),
+        (Patch { site: Site::Q, ..patch[1].clone() }, "patching q is not supported"),
+    ] {
+        let mut r = plain.clone();
+        r.params.patch = vec![bad];
+        let err = e.submit(r).unwrap_err().to_string();
+        assert!(err.contains(says), "{err}");
+    }
+    assert!(e.is_idle());
+}
+
 #[test]
 fn requests_that_can_never_fit_are_refused_at_submission() {
     let Some(l) = loaded("refusal") else { return };

@@ -441,6 +441,33 @@ fn q_and_k_captured_in_the_checkpoints_order_of_dims() {
     }
 }
 
+/// The logit lens at the last layer is the model's own prediction, in every family's final norm
+/// (LayerNorm with its bias, Cohere's without, Gemma's 1 + w RMSNorm) and head (biases, Gemma 2's
+/// soft-cap, Cohere's and Granite's scales): its top tokens and probabilities are HF's.
+#[test]
+fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
+    for family in ["llama3.2", "gpt2", "pythia", "phi2", "opt", "gptj", "cohere", "falcon-40b", "gemma2", "granite"] {
+        let (_, prompt, want) = reference(family, "reference.json");
+        let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
+        let mut hooks = Hooks::capture_all(&[Site::ResidPost]);
+        m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
+        let last = m.config.num_hidden_layers - 1;
+        let lens = highrise::model::introspect::logit_lens(&m, hooks.get(Site::ResidPost, last).unwrap(), 3).unwrap();
+        let v = m.config.vocab_size;
+        for (p, top) in lens.iter().enumerate() {
+            let row = &want[p * v..(p + 1) * v];
+            let max = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+            for (&id, &prob) in top.tokens.iter().zip(&top.probs) {
+                let hf = (((row[id as usize] - max) as f64).exp() / sum) as f32;
+                assert!((prob - hf).abs() <= 1e-4, "{family} position {p}: the lens gives {id} {prob}, HF {hf}");
+            }
+            let best = (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+            assert_eq!(top.tokens[0] as usize, best, "{family} position {p}: the lens's top token");
+        }
+    }
+}
+
 /// OPT's released checkpoints were saved from the base model: their tensors are named without
 /// `model.` (`decoder.layers.0.fc1.weight`); read so, the same logits.
 #[test]

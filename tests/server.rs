@@ -431,6 +431,73 @@ fn captures_through_the_extension_field_match_inspect() {
     });
 }
 
+/// Patching over HTTP (`"highrise": {"patch": [...]}`), beside steering: the generation runs patched
+/// (its greedy tokens those of a hooked recompute with the same patch), and the capture pass replays
+/// the request's interventions, so it shows the stream the generation ran on: the patched row is
+/// the captured one, and a steered layer's stream is the unsteered one plus the scaled vector. Bad
+/// patches are refused with 400 naming them.
+#[test]
+fn patching_and_steering_over_http_show_in_the_captures() {
+    use highrise::model::{Hooks, Logits, Patch, Site};
+    let Some((url, state)) = server("server patching") else { return };
+    let m = &state.model;
+    let h = m.config.hidden_size;
+    let prompt = state.tokenizer.encode("The Eiffel Tower is in", true).unwrap();
+    let row: Vec<f32> = (0..h).map(|i| if i % 7 == 0 { 6.0 } else { -0.5 }).collect();
+    let last = prompt.len() - 1;
+    let floats = |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    rt().block_on(async {
+        let body = json!({
+            "model": MODEL_ID, "prompt": "The Eiffel Tower is in", "max_tokens": 4, "temperature": 0,
+            "highrise": {"capture": ["resid_pre"], "layers": [8], "positions": [last],
+                         "patch": [{"layer": 8, "position": last, "site": "resid_pre", "values": row}]},
+        });
+        let (status, r) = post(url, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{r}");
+        let cap = &r["choices"][0]["highrise"];
+        assert_eq!(floats(&cap["resid_pre"][0][0]), row, "the capture pass saw the patched row");
+        // The generation: a hooked recompute per token with the same patch.
+        let mut ids = prompt.clone();
+        let patch = Patch { layer: 8, position: last, values: row.clone(), site: Site::ResidPre };
+        for _ in 0..4 {
+            let mut hooks = Hooks { patch: vec![patch.clone()], ..Default::default() };
+            let logits = m.prefill_hooked(&ids, Logits::Last, Some(&mut hooks)).unwrap().to_f32().unwrap();
+            ids.push(highrise::engine::sampling::argmax(&logits));
+        }
+        assert_eq!(crate::ids(&cap["token_ids"]), ids, "patched generation");
+        let (plain, _) = expected(&prompt, 4);
+        assert_ne!(r["choices"][0]["text"].as_str().unwrap(), plain, "the patch changed the completion");
+
+        // Steered: layer 5's stream entering it is the unsteered one plus 3 x the vector.
+        let vector: Vec<f32> = (0..h).map(|i| ((i % 11) as f32 - 5.0) / 10.0).collect();
+        let capture = json!({"capture": ["resid_pre"], "layers": [5], "positions": [0, last]});
+        let mut steered = capture.clone();
+        steered["steer"] = json!([{"layer": 5, "vector": vector, "scale": 3.0}]);
+        let ask = |ext: Value| json!({"model": MODEL_ID, "prompt": "The Eiffel Tower is in", "max_tokens": 1, "temperature": 0, "highrise": ext});
+        let (_, a) = post(url, "/v1/completions", &ask(capture)).await;
+        let (_, b) = post(url, "/v1/completions", &ask(steered)).await;
+        for p in 0..2 {
+            let (x, y) = (floats(&a["choices"][0]["highrise"]["resid_pre"][0][p]), floats(&b["choices"][0]["highrise"]["resid_pre"][0][p]));
+            let off = x.iter().zip(&y).zip(&vector).map(|((x, y), v)| (y - (x + 3.0 * v)).abs()).fold(0f32, f32::max);
+            assert!(off < 1e-4, "position {p}: steered stream is {off} from the unsteered one plus the vector");
+        }
+
+        // Refused, naming the patch: an unknown site, one no patch may replace, the wrong width,
+        // past the prompt and completion.
+        for (p, says) in [
+            (json!({"layer": 1, "position": 0, "site": "nowhere", "values": [0.0]}), "unknown site"),
+            (json!({"layer": 1, "position": 0, "site": "q", "values": [0.0]}), "patching q is not supported"),
+            (json!({"layer": 1, "position": 0, "site": "resid_pre", "values": [0.0]}), "1 values"),
+            (json!({"layer": 1, "position": 99, "site": "mlp_out", "values": vec![0.0; h]}), "position: 99"),
+        ] {
+            let (status, r) = post(url, "/v1/completions", &ask(json!({"patch": [p]}))).await;
+            assert_eq!(status, 400, "{r}");
+            let msg = r["error"]["message"].as_str().unwrap();
+            assert!(msg.contains(says) && r["error"]["param"] == "highrise.patch[0]", "{r}");
+        }
+    });
+}
+
 /// `highrise serve` as a subprocess on a free port; killed on drop. What it prints to stderr is kept
 /// (`log`) for failure messages.
 struct Served {
@@ -860,7 +927,8 @@ fn mutated_request_bodies_never_panic_the_checks() {
         json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 8, "logprobs": true, "top_logprobs": 3, "stream": true}),
         json!({"model": MODEL_ID, "prompt": [[1, 2, 3], [4, 5]], "logit_bias": {"42": 5.0}, "seed": 7, "echo": true,
                "highrise": {"capture": ["resid_post", "attn_probs"], "layers": [0, 3], "positions": [0], "logit_lens": 3,
-                            "steer": [{"layer": 2, "vector": vec![0.1f32; 576], "scale": 4.0}]}}),
+                            "steer": [{"layer": 2, "vector": vec![0.1f32; 576], "scale": 4.0}],
+                            "patch": [{"layer": 1, "position": 2, "site": "mlp_out", "values": vec![0.5f32; 576]}]}}),
     ];
     let fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
         "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop", "seed", "n", "stream", "logprobs",
@@ -878,7 +946,8 @@ fn mutated_request_bodies_never_panic_the_checks() {
                 5 => json!(u64::MAX - next(3) as u64),
                 6 => json!(i64::MIN),
                 7 => json!([1, "a", null, [2]]),
-                _ => json!({"capture": ["q", "q"], "layers": [99], "positions": [-1], "steer": [{"layer": 0, "vector": []}]}),
+                _ => json!({"capture": ["q", "q"], "layers": [99], "positions": [-1], "steer": [{"layer": 0, "vector": []}],
+                            "patch": [{"layer": 0, "position": 1, "site": (["z", "q", "mlp_post", "router"][next(4)]), "values": []}]}),
             }
         };
         let obj = body.as_object_mut().unwrap();

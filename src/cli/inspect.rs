@@ -111,7 +111,7 @@ fn cmd_inspect(prompt: &str, out: &Path, layers: &[usize], top_k: usize, args: &
     }
     // Attention patterns are made one layer at a time below: all of them at once would hold
     // layers x heads x T x T in memory.
-    let pass = inspect(&model, &ids, &sites, &chosen, false, Some(top_k))?;
+    let pass = inspect(&model, &ids, &sites, &chosen, false, Some(top_k), vec![], vec![])?;
     let hooks = &pass.hooks;
     std::fs::create_dir_all(out)?;
     for site in Site::STREAM {

@@ -95,6 +95,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             ignore_eos: false,
             steer: Vec::new(),
+            patch: Vec::new(),
         }
     }
 }

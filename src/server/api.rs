@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use highrise_engine::{GenerateParams, SamplingParams};
-use highrise_model::{Llama, Message, Site, Steer, Tokenizer};
+use highrise_model::{Llama, Message, Patch, Site, Steer, Tokenizer};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -113,8 +113,9 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// highrise's own extension field, `"highrise": {...}`: steer the generation, and capture the
-/// residual stream, Q/K/V, attention patterns and the logit lens over prompt and completion.
+/// highrise's own extension field, `"highrise": {...}`: steer and patch the generation, and capture
+/// the residual stream, Q/K/V, attention patterns and the logit lens over prompt and completion (as
+/// steered and patched).
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Extension {
@@ -130,6 +131,20 @@ pub struct Extension {
     /// Steering vectors added to the stream entering a layer at every token.
     #[serde(default)]
     pub steer: Vec<SteerSpec>,
+    /// Activation patches: a site's values at a layer and position replaced.
+    #[serde(default)]
+    pub patch: Vec<PatchSpec>,
+}
+
+/// One patch: `values` in place of `site` (resid_pre, z, attn_out, mlp_post, mlp_out) at `layer`
+/// and `position` (of the sequence: the prompt's tokens first, then the completion's).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PatchSpec {
+    pub layer: usize,
+    pub position: usize,
+    pub site: String,
+    pub values: Vec<f32>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -186,6 +201,9 @@ pub const MAX_CHOICES: usize = 128;
 /// Most stop strings per request, and their longest, in bytes (OpenAI takes 4).
 pub const MAX_STOP: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
+/// Most activation patches per request (each a site's whole row: ablating every head of a 30-layer
+/// model at 64 positions is 1,920).
+pub const MAX_PATCHES: usize = 4096;
 /// Most bytes of float32 values one request's captures may compute or return, over all its
 /// choices (a 401-byte request once returned 17.9 MB, and attention patterns grow as T^2).
 pub const MAX_CAPTURE_BYTES: u64 = 256 << 20;
@@ -459,7 +477,26 @@ impl Body {
             }
             steer.push(Steer { layer: s.layer, vector: s.vector.clone(), scale: s.scale, positions: None });
         }
-        Ok(GenerateParams { max_tokens, sampling, stop, ignore_eos: self.ignore_eos.unwrap_or(false), steer })
+        let patch_specs = self.highrise.as_ref().map_or(&[][..], |e| &e.patch[..]);
+        if patch_specs.len() > MAX_PATCHES {
+            return Err(ApiError::invalid(format!("highrise.patch: {} patches, at most {MAX_PATCHES} are taken", patch_specs.len()), Some("highrise.patch")));
+        }
+        let mut patch = Vec::new();
+        for (i, p) in patch_specs.iter().enumerate() {
+            let param = format!("highrise.patch[{i}]");
+            let site = Site::parse(&p.site)
+                .ok_or_else(|| ApiError::invalid(format!("{param}.site: unknown site {:?} ({})", p.site, Site::names()), Some(&param)))?;
+            let one = Patch { layer: p.layer, position: p.position, values: p.values.clone(), site };
+            one.check(&model.config).map_err(|e| ApiError::invalid(format!("{param}: {e}"), Some(&param)))?;
+            if p.position >= prompt_len + max_tokens {
+                return Err(ApiError::invalid(
+                    format!("{param}.position: {} but the prompt and completion are {} tokens at most", p.position, prompt_len + max_tokens),
+                    Some(&param),
+                ));
+            }
+            patch.push(one);
+        }
+        Ok(GenerateParams { max_tokens, sampling, stop, ignore_eos: self.ignore_eos.unwrap_or(false), steer, patch })
     }
 }
 
@@ -473,6 +510,10 @@ pub struct CaptureSpec {
     pub layers: Vec<usize>,
     pub positions: Option<Vec<usize>>,
     pub logit_lens: Option<usize>,
+    /// The request's steering and patches, which the capture pass runs with too (so it sees the
+    /// stream the generation ran on).
+    pub steer: Vec<Steer>,
+    pub patch: Vec<Patch>,
 }
 
 impl CaptureSpec {

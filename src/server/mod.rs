@@ -530,6 +530,8 @@ impl Completion {
         let cache_tokens = stats.blocks_total * stats.block_size;
         let params: Vec<_> =
             prompts.iter().map(|p| body.params(&st.model, p.len(), default_max, cache_tokens)).collect::<Result<_, _>>()?;
+        // The capture pass runs with the generation's interventions (every prompt's are the same).
+        let capture = capture.map(|spec| CaptureSpec { steer: params[0].steer.clone(), patch: params[0].patch.clone(), ..spec });
         if let Some(spec) = &capture {
             let bytes: u64 = prompts.iter().zip(&params).map(|(p, g)| spec.bytes(&st.model, p.len() + g.max_tokens) * best_of as u64).sum();
             if bytes > api::MAX_CAPTURE_BYTES {
@@ -862,7 +864,7 @@ impl Completion {
 /// positions asked for, attention patterns recomputed from Q and K, and the logit lens.
 fn capture(model: &Llama, tokenizer: &Tokenizer, ids: &[u32], spec: &CaptureSpec) -> highrise_model::Result<Value> {
     let sites: Vec<Site> = spec.sites.iter().copied().collect();
-    let pass = inspect(model, ids, &sites, &spec.layers, spec.attn_probs, spec.logit_lens)?;
+    let pass = inspect(model, ids, &sites, &spec.layers, spec.attn_probs, spec.logit_lens, spec.steer.clone(), spec.patch.clone())?;
     let (c, hooks) = (&model.config, &pass.hooks);
     let t = ids.len();
     let positions: Vec<usize> = spec.positions.clone().unwrap_or_else(|| (0..t).collect()).into_iter().filter(|&p| p < t).collect();

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use highrise_core::ops::{PagedSeq, SampleParams};
-use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Result, Steer, Tokenizer};
+use highrise_model::{Batch, Error, Hooks, KvCache, Llama, Logits, Patch, Result, Steer, Tokenizer};
 
 use crate::blocks::{BlockAllocator, BlockKey};
 use crate::request::{eos_ids, FinishReason, GenerateParams, Generation};
@@ -207,6 +207,19 @@ impl<'m> Engine<'m> {
                 req.params.max_tokens
             )));
         }
+        // Interventions are checked here, one request at a time: in a step, one would fail the batch.
+        let c = &self.model.config;
+        req.params.steer.iter().try_for_each(|s| s.check(c)).map_err(|e| Error::Input(e.to_string()))?;
+        for p in &req.params.patch {
+            p.check(c).map_err(|e| Error::Input(e.to_string()))?;
+            if p.position >= need {
+                return Err(Error::Input(format!(
+                    "patch of {} at position {}: the request's prompt and completion are {need} tokens at most",
+                    p.site.name(),
+                    p.position
+                )));
+            }
+        }
         let capacity = self.num_blocks() * self.config.block_size;
         if need > capacity {
             return Err(Error::Input(format!(
@@ -224,7 +237,7 @@ impl<'m> Engine<'m> {
             logprobs: Vec::new(),
             want_logprobs: req.logprobs,
             top_logprobs: req.top_logprobs,
-            salt: steering_salt(&req.params.steer),
+            salt: intervention_salt(&req.params.steer, &req.params.patch),
             params: req.params,
             blocks: Vec::new(),
             computed: 0,
@@ -319,16 +332,21 @@ impl<'m> Engine<'m> {
             seqs.push(PagedSeq { q_len: n as u32, context_len: (s.computed + n) as u32, blocks_start: table.len() as u32 });
             table.extend_from_slice(&s.blocks);
         }
-        // Steering is per request: each vector applies to the batch rows of the request that asked.
+        // Steering and patching are per request: each vector applies to the batch rows of the request
+        // that asked, each patch to the row of its position, in the step that computes it.
         let mut hooks = Hooks::default();
         let mut row = 0;
         for &(i, n) in &plan {
-            for st in &self.running[i].params.steer {
+            let s = &self.running[i];
+            for st in &s.params.steer {
                 hooks.steer.push(Steer { positions: Some((row..row + n).collect()), ..st.clone() });
+            }
+            for p in s.params.patch.iter().filter(|p| (s.computed..s.computed + n).contains(&p.position)) {
+                hooks.patch.push(Patch { position: row + p.position - s.computed, ..p.clone() });
             }
             row += n;
         }
-        let hooks = (!hooks.steer.is_empty()).then_some(&mut hooks);
+        let hooks = (!hooks.steer.is_empty() || !hooks.patch.is_empty()).then_some(&mut hooks);
         // When no sequence that samples this step has penalties or biases to apply to its logits (nor
         // wants alternatives), the backend chooses: the argmax if all are greedy, else a draw by each
         // one's settings. An id and a log-probability per row come back, not the logits.
@@ -564,15 +582,23 @@ impl<'m> Engine<'m> {
 }
 
 /// The salt of a request's shared blocks: its steering (each vector's layer, scale and values)
-/// changes the keys and values of every token it runs over, so a steered prompt's blocks are shared
-/// only with requests steered the same way.
-fn steering_salt(steer: &[Steer]) -> BlockKey {
-    let bytes: Vec<u8> = steer
-        .iter()
-        .flat_map(|st| {
-            let head = [(st.layer as u64).to_le_bytes().to_vec(), st.scale.to_le_bytes().to_vec()];
-            head.into_iter().flatten().chain(st.vector.iter().flat_map(|v| v.to_le_bytes()))
-        })
-        .collect();
+/// changes the keys and values of every token it runs over, and a patch (its site, layer, position
+/// and values) those from its position on, so a steered or patched prompt's blocks are shared only
+/// with requests steered and patched the same way. None: the plain salt.
+fn intervention_salt(steer: &[Steer], patch: &[Patch]) -> BlockKey {
+    let steered = steer.iter().flat_map(|st| {
+        let head = [(st.layer as u64).to_le_bytes().to_vec(), st.scale.to_le_bytes().to_vec()];
+        head.into_iter().flatten().chain(st.vector.iter().flat_map(|v| v.to_le_bytes()))
+    });
+    let patched = patch.iter().flat_map(|p| {
+        let head = [p.site.name().as_bytes().to_vec(), (p.layer as u64).to_le_bytes().to_vec(), (p.position as u64).to_le_bytes().to_vec()];
+        head.into_iter().flatten().chain(p.values.iter().flat_map(|v| v.to_le_bytes()))
+    });
+    // Steering alone salts as it always did (its blocks stay those of requests before patching).
+    let mut bytes: Vec<u8> = steered.collect();
+    if !patch.is_empty() {
+        bytes.extend(b"patch");
+        bytes.extend(patched);
+    }
     crate::blocks::salt(&[&bytes])
 }

@@ -18,11 +18,14 @@ pub struct GenerateParams {
     /// Steering vectors added to this request's residual stream at every step (their `positions`
     /// are ignored: every token of the request is steered).
     pub steer: Vec<highrise_model::Steer>,
+    /// Activation patches of this request, each at a position of its sequence (the prompt's tokens
+    /// counted first, then the completion's): applied in whichever step computes that position.
+    pub patch: Vec<highrise_model::Patch>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 256, sampling: SamplingParams::greedy(), stop: vec![], ignore_eos: false, steer: vec![] }
+        GenerateParams { max_tokens: 256, sampling: SamplingParams::greedy(), stop: vec![], ignore_eos: false, steer: vec![], patch: vec![] }
     }
 }
 

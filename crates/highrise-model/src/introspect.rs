@@ -131,6 +131,40 @@ impl Site {
     pub const PATCHABLE: [Site; 5] = [Site::ResidPre, Site::Z, Site::AttnOut, Site::MlpPost, Site::MlpOut];
 }
 
+impl Steer {
+    /// Refused, naming what is wrong, where this vector cannot steer a model of config `c`: a layer
+    /// it lacks, a vector of another width than the stream's.
+    pub fn check(&self, c: &crate::ModelConfig) -> Result<()> {
+        if self.layer >= c.num_hidden_layers {
+            return Err(Error::Input(format!("steer: layer {} but the model has {} layers", self.layer, c.num_hidden_layers)));
+        }
+        if self.vector.len() != c.hidden_size {
+            return Err(Error::Input(format!("steer: {} values, the residual stream has {}", self.vector.len(), c.hidden_size)));
+        }
+        Ok(())
+    }
+}
+
+impl Patch {
+    /// Refused, naming what is wrong, where this patch cannot apply to a model of config `c`: a
+    /// site `Patch` cannot replace, a layer past the last or without the site (a mixture's layer
+    /// has no `mlp_post`), values of another width than the site's.
+    pub fn check(&self, c: &crate::ModelConfig) -> Result<()> {
+        if !Site::PATCHABLE.contains(&self.site) {
+            let can = Site::PATCHABLE.map(Site::name).join(", ");
+            return Err(Error::Input(format!("patching {} is not supported (these are: {can})", self.site.name())));
+        }
+        let width = if self.layer < c.num_hidden_layers { self.site.width(c, self.layer) } else { 0 };
+        if width == 0 {
+            return Err(Error::Input(format!("patch: layer {} of this model has no {}", self.layer, self.site.name())));
+        }
+        if self.values.len() != width {
+            return Err(Error::Input(format!("patch of {} at layer {}: {} values, the site has {width}", self.site.name(), self.layer, self.values.len())));
+        }
+        Ok(())
+    }
+}
+
 /// What one forward pass should capture and change, and what it captured.
 #[derive(Clone, Debug, Default)]
 pub struct Hooks {
@@ -224,16 +258,7 @@ impl Hooks {
     /// Refuses patches of a site `Patch` cannot replace, or where the model has none (a mixture's
     /// layer has no `mlp_post`), or past the last layer, before the pass starts.
     pub(crate) fn check_patches(&self, c: &crate::ModelConfig) -> Result<()> {
-        for p in &self.patch {
-            if !Site::PATCHABLE.contains(&p.site) {
-                let can = Site::PATCHABLE.map(Site::name).join(", ");
-                return Err(Error::Input(format!("patching {} is not supported (these are: {can})", p.site.name())));
-            }
-            if p.layer >= c.num_hidden_layers || p.site.width(c, p.layer) == 0 {
-                return Err(Error::Input(format!("patch: layer {} of this model has no {}", p.layer, p.site.name())));
-            }
-        }
-        Ok(())
+        self.patch.iter().try_for_each(|p| p.check(c))
     }
 
     /// Applies the patches of `site` at `layer` to `t` [T, width]; true if there were any.
@@ -368,7 +393,7 @@ pub fn logit_lens(model: &Llama, stream: &[f32], top_k: usize) -> Result<Vec<Len
     let b = &model.backend;
     let x = Tensor::from_f32(b, model.dtype, &[t, h], stream)?;
     let mut normed = Tensor::empty(b, model.dtype, &[t, h])?;
-    b.rms_norm(&mut normed, &x, &model.norm, model.config.rms_norm_eps as f32)?;
+    model.final_norm(&mut normed, &x)?;
     let logits = model.unembed(&normed)?.to_f32()?;
     Ok(logits
         .chunks(model.config.vocab_size)
@@ -394,7 +419,7 @@ pub struct Inspection {
 /// One prefill of `ids` capturing `sites` at `layers` (Q and K too for attention patterns,
 /// resid_post for the lens), then attention patterns with `attn` and the top `lens_k` tokens of the
 /// logit lens with `lens_k`: the pipeline behind `highrise inspect` and the server's captures.
-pub fn inspect(model: &Llama, ids: &[u32], sites: &[Site], layers: &[usize], attn: bool, lens_k: Option<usize>) -> Result<Inspection> {
+pub fn inspect(model: &Llama, ids: &[u32], sites: &[Site], layers: &[usize], attn: bool, lens_k: Option<usize>, steer: Vec<Steer>, patch: Vec<Patch>) -> Result<Inspection> {
     let mut all: Vec<Site> = sites.to_vec();
     if attn {
         all.extend([Site::Q, Site::K]);
@@ -402,7 +427,7 @@ pub fn inspect(model: &Llama, ids: &[u32], sites: &[Site], layers: &[usize], att
     if lens_k.is_some() {
         all.push(Site::ResidPost);
     }
-    let mut hooks = Hooks::capture_all(&all);
+    let mut hooks = Hooks { steer, patch, ..Hooks::capture_all(&all) };
     hooks.layers = Some(layers.iter().copied().collect());
     model.prefill_hooked(ids, crate::Logits::Last, Some(&mut hooks))?;
     let lens = match lens_k {

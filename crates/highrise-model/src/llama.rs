@@ -594,6 +594,11 @@ impl Llama {
         Ok(out)
     }
 
+    /// `out = ` the final norm of stream rows `x` [rows, H] (LayerNorm or RMSNorm, as the family's).
+    pub fn final_norm(&self, out: &mut Tensor, x: &Tensor) -> Result<()> {
+        self.norm(out, x, (&self.norm, self.norm_bias.as_ref()))
+    }
+
     /// Logits [rows, V] of final-normed rows [rows, H]: the unembedding, then Gemma 2's soft-cap.
     pub fn unembed(&self, rows: &Tensor) -> Result<Tensor> {
         let mut logits = self.tensor(&[rows.dims()[0], self.config.vocab_size])?;

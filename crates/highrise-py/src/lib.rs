@@ -282,10 +282,12 @@ impl Engine {
         self.tokenizer.apply_chat_template(&messages, add_generation_prompt).map_err(py_err)
     }
 
-    /// Queues one generation and returns its stream of events. Steering applies at every position.
-    #[pyo3(signature = (prompt, sampling, steer))]
-    fn submit(&self, py: Python<'_>, prompt: Vec<u32>, sampling: SamplingArgs, steer: Vec<SteerArg>) -> PyResult<Stream> {
+    /// Queues one generation and returns its stream of events. Steering applies at every position,
+    /// each patch at its position of the prompt.
+    #[pyo3(signature = (prompt, sampling, steer, patch))]
+    fn submit(&self, py: Python<'_>, prompt: Vec<u32>, sampling: SamplingArgs, steer: Vec<SteerArg>, patch: Vec<PatchArg>) -> PyResult<Stream> {
         let steer = steer.iter().map(|s| self.steer(s, None, 0)).collect::<PyResult<Vec<_>>>()?;
+        let patch = patch.iter().map(|p| self.patch(p, prompt.len(), 0)).collect::<PyResult<Vec<_>>>()?;
         let params = GenerateParams {
             max_tokens: sampling.max_tokens,
             sampling: SamplingParams {
@@ -300,6 +302,7 @@ impl Engine {
             stop: sampling.stop,
             ignore_eos: sampling.ignore_eos,
             steer,
+            patch,
         };
         params.sampling.validate().map_err(|e| PyValueError::new_err(e.to_string()))?;
         if prompt.is_empty() {

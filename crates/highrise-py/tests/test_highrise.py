@@ -242,6 +242,21 @@ def test_batch_of_eight_equals_one_by_one(model, reference):
             assert worst <= 5e-5, f"{key}: batch vs alone differ by {worst} of the largest value"
 
 
+def test_generation_runs_patched(model):
+    """A patch of a prompt position applies to the generation: its greedy tokens are those of the
+    patched model's logits, recomputed token by token; the open ``with m.patch`` block counts too."""
+    ids = model.tokenize("The capital of France is")
+    row = np.where(np.arange(model.cfg.d_model) % 5 == 0, 8.0, -1.0).astype(np.float32)
+    patch = highrise.Patch(10, -1, row)
+    seq = list(ids)
+    for _ in range(4):
+        seq.append(int(np.argmax(model.logits(seq, patch=highrise.Patch(10, len(ids) - 1, row))[-1])))
+    assert model.generate(ids, max_tokens=4, patch=patch).ids == seq[len(ids):]
+    with model.patch(10, len(ids) - 1, row):
+        assert model.generate(ids, max_tokens=4).ids == seq[len(ids):]
+    assert model.generate(ids, max_tokens=4).ids != seq[len(ids):], "the patch changed the tokens"
+
+
 def test_zero_steering_and_self_patching_change_nothing(model):
     ids = model.tokenize("The capital of France is")
     base, cache = model.run_with_cache(ids, names=["resid_pre"])
@@ -380,8 +395,9 @@ def test_bad_inputs_raise_named_errors(model):
         model.run_with_cache(ids, patch=highrise.Patch(3, 0, np.zeros(5), "z"))
     with pytest.raises(ValueError, match="temperature"):
         model.generate(ids, temperature=-1.0)
-    with pytest.raises(ValueError, match="run_with_cache"):
-        with model.patch(3, 0, np.zeros(model.cfg.d_model)):
+    # Generation patches positions of its prompt.
+    with pytest.raises(IndexError, match="position 9 is beyond the prompt's"):
+        with model.patch(3, 9, np.zeros(model.cfg.d_model)):
             model.generate(ids)
     with pytest.raises(TypeError):
         model.run_with_cache(3.5)

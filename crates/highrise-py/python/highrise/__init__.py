@@ -447,9 +447,10 @@ class Model:
 
     @contextlib.contextmanager
     def patch(self, layer: int, position: int, row, site: str = "resid_pre"):
-        """While the block runs, ``run_with_cache`` replaces ``site`` of ``layer`` at ``position``
-        with ``row`` (activation patching; the sites as ``Patch`` says: the stream entering the
-        layer by default, ``"z"`` for heads, ``"attn_out"``, ``"mlp_post"``, ``"mlp_out"``)."""
+        """While the block runs, ``run_with_cache`` and ``generate`` replace ``site`` of ``layer``
+        at ``position`` with ``row`` (activation patching; the sites as ``Patch`` says: the stream
+        entering the layer by default, ``"z"`` for heads, ``"attn_out"``, ``"mlp_post"``,
+        ``"mlp_out"``; in generation, a position of the prompt)."""
         p = Patch(layer, position, _row(np.ravel(row), "patch row"), site)
         self._patch.append(p)
         try:
@@ -472,9 +473,7 @@ class Model:
 
     # --- generation -------------------------------------------------------------------------
 
-    def _submit(self, ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos, steer):
-        if self._patch:
-            raise ValueError("patching replaces a prompt position's stream: use it with run_with_cache, not generate")
+    def _submit(self, ids, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos, steer, patch):
         steers = self._steers(steer)
         if any(s.positions is not None for s in steers):
             raise ValueError("generation steers every position: positions= is for run_with_cache")
@@ -495,7 +494,8 @@ class Model:
             "ignore_eos": bool(ignore_eos),
         }
         # The extension reads the settings as attributes.
-        return GenerationStream(self._engine.submit(ids, types.SimpleNamespace(**sampling), [s._arg() for s in steers]), ids)
+        patches = [p._arg() for p in self._patches(patch)]
+        return GenerationStream(self._engine.submit(ids, types.SimpleNamespace(**sampling), [s._arg() for s in steers], patches), ids)
 
     def generate(
         self,
@@ -511,13 +511,17 @@ class Model:
         ignore_eos: bool = False,
         steer=None,
         stream: bool = False,
+        patch=None,
     ) -> Union[Generation, GenerationStream]:
         """Continue ``prompt`` (text or token ids): greedy at temperature 0, else sampled with
         the settings of the CLI and the OpenAI API. Returns a :class:`Generation` (``str(g)`` is
         the text), or with ``stream=True`` a :class:`GenerationStream` of text pieces. ``steer``:
         a :class:`Steer` or a list of them (or (layer, vector, scale) tuples), on top of the
-        ``with m.steer(...)`` blocks open."""
-        s = self._submit(self._ids(prompt), max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos, steer)
+        ``with m.steer(...)`` blocks open; ``patch``: a :class:`Patch` or a list of them at
+        positions of the prompt (below 0 from its end), on top of the ``with m.patch(...)`` blocks
+        open (the prompt's K/V is then the patched run's, and shared only with requests patched
+        alike)."""
+        s = self._submit(self._ids(prompt), max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos, steer, patch)
         return s if stream else s.finish()
 
     def generate_many(self, prompts: Sequence[Prompt], **kwargs) -> list:
