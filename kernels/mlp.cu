@@ -19,12 +19,14 @@ __device__ void geglu(typename D::T* out, const typename D::T* gate, const typen
 }
 
 // out = act(gate) * up, or act(gate) where up is null (an MLP without a gate: GPT-2, GPT-NeoX), for
-// any GluAct (act: 0 silu, 1 gelu tanh, 2 gelu erf, 3 relu): the cases swiglu and geglu do not take.
+// any GluAct (act: 0 silu, 1 gelu tanh, 2 gelu erf, 3 relu, 4 squared relu): the cases swiglu and
+// geglu do not take.
 __device__ __forceinline__ float activation(float g, u32 act) {
     if (act == 0) return g / (1.0f + expf(-g));
     if (act == 1) return 0.5f * g * (1.0f + tanhf(0.7978846f * (g + 0.044715f * g * g * g)));
     if (act == 2) return 0.5f * g * (1.0f + erff(g * 0.70710678f));
-    return g < 0.0f ? 0.0f : g;
+    const float r = g < 0.0f ? 0.0f : g;
+    return act == 4 ? r * r : r;
 }
 
 template <class D>

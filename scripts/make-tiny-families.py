@@ -163,6 +163,11 @@ FAMILIES = {
     # each for attention and the MLP (ln_attn, ln_mlp); biases on here (the 40B has none), untied.
     "falcon-40b": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2, bias=True,
                        layer_norm_epsilon=1e-5, tie_word_embeddings=False),
+    # Nemotron (Minitron): LayerNorm1P (1 + w, a bias), a squared-ReLU MLP without a gate, RoPE on
+    # half of each head; attention and MLP biases on here (Minitron has none). GGUF: llama.cpp's
+    # `nemotron`, its norms stored as 1 + w.
+    "nemotron": dict(model_type="nemotron", norm_eps=1e-5, hidden_act="relu2", attention_bias=True, mlp_bias=True,
+                     tie_word_embeddings=False),
     "cohere": dict(model_type="cohere", layer_norm_eps=1e-5, logit_scale=0.25, attention_bias=True,
                    rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0),
 }
@@ -178,6 +183,7 @@ NOT_THEIRS = {
     "opt": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "gptj": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "cohere": ("rms_norm_eps",),
+    "nemotron": ("rms_norm_eps",),
     "falcon": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
 }
 
@@ -414,7 +420,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
     # Cohere's as command-r.
     arch = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe",
             "qwen2_moe": "qwen2moe", "cohere": "command-r"}.get(kind, kind)
-    gemma = kind in ("gemma", "gemma2", "gemma3_text")
+    # Norms stored as 1 + w (Gemma's, Nemotron's LayerNorm1P).
+    gemma = kind in ("gemma", "gemma2", "gemma3_text", "nemotron")
     # Gemma 3's RoPE is per layer type: the full layers' is the one GGUF keeps (llama.cpp takes the
     # sliding layers' base as 10000).
     rp = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
@@ -440,6 +447,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         # llama.cpp's CommandR2Model: LayerNorm's epsilon, the logits' multiplier.
         w.add_layer_norm_eps(cfg.layer_norm_eps)
         w.add_logit_scale(cfg.logit_scale)
+    elif kind == "nemotron":
+        w.add_layer_norm_eps(cfg.norm_eps)
     else:
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
@@ -523,8 +532,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
     for k, v in sd.items():
         if k == "model.embed_tokens.weight":
             g = "token_embd.weight"
-        elif k == "model.norm.weight":
-            g = "output_norm.weight"
+        elif k in ("model.norm.weight", "model.norm.bias"):
+            g = "output_norm." + k.rsplit(".", 1)[1]
         elif k == "lm_head.weight":
             if cfg.tie_word_embeddings:
                 continue

@@ -126,6 +126,7 @@ fn every_op_launches_what_its_kernels_expect() {
             // An MLP without a gate (GELU, ReLU), and the exact GELU gated.
             b.activation(&mut m, &g, GluAct::GeluErf).unwrap();
             b.activation(&mut m, &g, GluAct::Relu).unwrap();
+            b.activation(&mut m, &g, GluAct::Relu2).unwrap();
             b.glu(&mut m, &g, &u, GluAct::GeluErf).unwrap();
             let logits = up(&b, dt, &[t, v], &rng.values(t * v, 4.0, dt));
             let (mut idx, mut lp) = (Tensor::empty(&b, DType::U32, &[t]).unwrap(), Tensor::empty(&b, DType::F32, &[t]).unwrap());

@@ -408,6 +408,14 @@ fn falcon_40b_grouped_qkv_and_two_norms() {
     check("falcon-40b");
 }
 
+/// Nemotron (Minitron): LayerNorm1P (the weight as saved is w, the norm multiplies by 1 + w), a
+/// squared-ReLU MLP without a gate, RoPE on half of each head, attention and MLP biases (on here);
+/// from llama.cpp's `nemotron` GGUF too, which stores the norms as 1 + w.
+#[test]
+fn nemotron_with_layernorm_1p_and_a_squared_relu() {
+    check("nemotron");
+}
+
 /// GPT-J and Cohere rotate adjacent dims (2i, 2i + 1); the loader moves q's and k's rows so that
 /// every backend's RoPE on halves serves, and the captures of q and k move them back: layer 0's q
 /// and k after RoPE are HF's, dim for dim, prompt and decode alike. Without the move back they
@@ -446,7 +454,7 @@ fn q_and_k_captured_in_the_checkpoints_order_of_dims() {
 /// soft-cap, Cohere's and Granite's scales): its top tokens and probabilities are HF's.
 #[test]
 fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
-    for family in ["llama3.2", "gpt2", "pythia", "phi2", "opt", "gptj", "cohere", "falcon-40b", "gemma2", "granite"] {
+    for family in ["llama3.2", "gpt2", "pythia", "phi2", "opt", "gptj", "cohere", "falcon-40b", "nemotron", "gemma2", "granite"] {
         let (_, prompt, want) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::ResidPost]);
@@ -495,7 +503,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

@@ -639,7 +639,9 @@ fn activation_without_a_gate_matches_reference() {
             let (g, u) = (rng.values(t * i, 4.0, dt), rng.values(t * i, 2.0, dt));
             let x = upload(dt, &[t, i], &g);
             let relu = |g: f64, _: Rd| g.max(0.0);
-            for (act, f) in [(GluAct::GeluErf, &gelu_erf as &dyn Fn(f64, Rd) -> f64), (GluAct::GeluTanh, &gelu_tanh), (GluAct::Relu, &relu)] {
+            let relu2 = |g: f64, rd: Rd| rd.r(g.max(0.0) * g.max(0.0));
+            let acts = [(GluAct::GeluErf, &gelu_erf as &dyn Fn(f64, Rd) -> f64), (GluAct::GeluTanh, &gelu_tanh), (GluAct::Relu, &relu), (GluAct::Relu2, &relu2)];
+            for (act, f) in acts {
                 let mut out = poisoned(dt, &[t, i]);
                 be().activation(&mut out, &x, act).unwrap();
                 let reference = |rd: Rd| g.iter().map(|&g| f(g, rd)).collect::<Vec<f64>>();
@@ -778,6 +780,7 @@ fn moe_routes_each_token_through_its_experts() {
         GluAct::GeluTanh => 0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()),
         GluAct::GeluErf => 0.5 * g * (1.0 + libm::erf(g / std::f64::consts::SQRT_2)),
         GluAct::Relu => g.max(0.0),
+        GluAct::Relu2 => g.max(0.0) * g.max(0.0),
     };
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     // (tokens, experts, top k, hidden, expert width, renormalize, activation, a shared expert)

@@ -677,8 +677,8 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
         "glu_act" => {
             // (out, gate, up or null, act, n): grid-stride over n elements.
             let n = a.u64(4);
-            if a.u32(3) > 3 {
-                return Err(format!("activation {} is none of silu (0), gelu tanh (1), gelu erf (2), relu (3)", a.u32(3)));
+            if a.u32(3) > 4 {
+                return Err(format!("activation {} is none of silu (0), gelu tanh (1), gelu erf (2), relu (3), squared relu (4)", a.u32(3)));
             }
             for p in [0, 1].into_iter().chain((a.u64(2) != 0).then_some(2)) {
                 push(out, p, 0, n, elt, "n elements");
@@ -719,7 +719,7 @@ fn footprint(kernel: &str, a: &Args<'_>, out: &mut Vec<Access>) -> Check {
                 (true, false) => a.gemv_shape.rows_per_block() as u64,
                 (false, _) => a.block.0 as u64 / 32,
             };
-            if k == 0 || gy % k != 0 || e == 0 || (glu && !gemv && a.u32(9) > 3) {
+            if k == 0 || gy % k != 0 || e == 0 || (glu && !gemv && a.u32(9) > 4) {
                 return Err(format!("{gy} pairs of {k} experts a token, {e} experts (activation {})", if glu && !gemv { a.u32(9) } else { 0 }));
             }
             let block_ok = if gemv { a.block == (a.gemv_shape.threads(), 1, 1) } else { a.block.0 % 32 == 0 && a.block.1 == 1 };

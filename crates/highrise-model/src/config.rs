@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 26] = [
+pub const FAMILIES: [(&str, &str); 27] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -39,6 +39,7 @@ pub const FAMILIES: [(&str, &str); 26] = [
     ("opt", "OPT 125M to 66B but 350M (LayerNorm before each block, learned positions offset by 2, a ReLU MLP without a gate, biases everywhere)"),
     ("gptj", "GPT-J 6B (one LayerNorm feeding attention and the MLP side by side, RoPE on adjacent pairs of the first rotary_dim dims of each head, a GELU MLP with biases, the unembedding's bias)"),
     ("falcon", "Falcon 7B, 40B, 180B, Falcon 2 11B (attention and a GELU MLP side by side, through one LayerNorm or two; q, k and v fused by key/value group; multi-query or grouped-query)"),
+    ("nemotron", "Nemotron-4 Minitron 4B and 8B, Nemotron-Mini (LayerNorm of 1 + w, a squared-ReLU MLP without a gate, RoPE on half of each head)"),
     ("cohere", "Command R, Aya 23 (LayerNorm without a bias feeding attention and a SwiGLU MLP side by side, RoPE on adjacent pairs, scaled logits; GGUF `command-r`)"),
 ];
 
@@ -237,6 +238,9 @@ pub struct ModelConfig {
     pub bias: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alibi: Option<bool>,
+    /// Nemotron: biases on the MLP's projections (HF's default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
 }
 
 fn default_model_type() -> String {
@@ -519,6 +523,7 @@ impl ModelConfig {
                 "stablelm" => "StableLmForCausalLM".into(),
                 "command-r" => "CohereForCausalLM".into(),
                 "falcon" => "FalconForCausalLM".into(),
+                "nemotron" => "NemotronForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -558,6 +563,7 @@ impl ModelConfig {
             hidden_act: match arch.as_str() {
                 "gpt2" | "phi2" => Some("gelu_new".into()),
                 "gptneox" | "falcon" => Some("gelu".into()),
+                "nemotron" => Some("relu2".into()),
                 "starcoder2" => Some("gelu_pytorch_tanh".into()),
                 _ => None,
             },
@@ -602,6 +608,7 @@ impl ModelConfig {
             num_ln_in_parallel_attn: (arch == "falcon").then(|| if g.tensor("blk.0.attn_norm_2.weight").is_some() { 2 } else { 1 }),
             bias: (arch == "falcon").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
             alibi: None,
+            mlp_bias: (arch == "nemotron").then(|| g.tensor("blk.0.ffn_up.bias").is_some()),
             decoder_sparse_step: None,
             mlp_only_layers: None,
             use_parallel_residual: match g.get(&format!("{arch}.use_parallel_residual")) {
@@ -692,8 +699,8 @@ impl ModelConfig {
             return Err(Error::config(path, "use_bidirectional_attention", "true: a bidirectional encoder (EmbeddingGemma) is not a causal language model"));
         }
         let act = self.activation();
-        if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" | "gelu" | "relu") {
-            return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu, gelu, gelu_new, gelu_pytorch_tanh and relu are supported)")));
+        if !matches!(act, "silu" | "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" | "gelu" | "relu" | "relu2") {
+            return Err(Error::config(path, "hidden_activation", format!("{act:?} (silu, gelu, gelu_new, gelu_pytorch_tanh, relu and relu2 are supported)")));
         }
         for (field, set, what) in [
             ("qk_layernorm", self.qk_layernorm == Some(true), "LayerNorms of q and k"),
@@ -793,6 +800,7 @@ impl ModelConfig {
             "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => GluAct::GeluTanh,
             "gelu" => GluAct::GeluErf,
             "relu" => GluAct::Relu,
+            "relu2" => GluAct::Relu2,
             _ => GluAct::Silu,
         }
     }
@@ -800,7 +808,13 @@ impl ModelConfig {
     /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM, OPT, GPT-J and Cohere norm with LayerNorm (the
     /// mean taken out, then a weight, and a bias but for Cohere's), the other families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "falcon")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "falcon" | "nemotron")
+    }
+
+    /// Whether the norms multiply by 1 + w, their weight w as saved (Gemma's RMSNorms, Nemotron's
+    /// LayerNorm1P); llama.cpp's files keep 1 + w.
+    pub fn norm_plus_one(&self) -> bool {
+        self.gemma() || self.model_type == "nemotron"
     }
 
     /// Whether the LayerNorms have a bias (Cohere's have none).
@@ -811,7 +825,7 @@ impl ModelConfig {
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
     /// OPT, GPT-J), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron")
     }
 
     /// Whether q and k rotate by adjacent pairs of dims (GPT-J's and Cohere's RoPE: dims 2i and
@@ -868,10 +882,10 @@ impl ModelConfig {
         }
     }
 
-    /// Whether the MLP's projections have biases: with `dense_bias`, and GPT-J's (whose attention
-    /// has none).
+    /// Whether the MLP's projections have biases: with `dense_bias`, GPT-J's (whose attention has
+    /// none), Nemotron's where `mlp_bias` says.
     pub fn mlp_bias(&self) -> bool {
-        self.dense_bias() || self.model_type == "gptj"
+        self.dense_bias() || self.model_type == "gptj" || (self.model_type == "nemotron" && self.mlp_bias == Some(true))
     }
 
     /// Whether attention's output projection has a bias: with `dense_bias`, and where
@@ -914,6 +928,7 @@ impl ModelConfig {
                 ("rotary_dim", self.rotary_dim().into()),
             ],
             "cohere" => &[("layer_norm_eps", self.rms_norm_eps.into())],
+            "nemotron" => &[("norm_eps", self.rms_norm_eps.into())],
             "falcon" => &[
                 ("layer_norm_epsilon", self.rms_norm_eps.into()),
                 ("num_kv_heads", self.kv_heads().into()),
@@ -1165,7 +1180,7 @@ impl ModelConfig {
 fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     let mut adopted = Vec::new();
     let Some(o) = json.as_object_mut() else { return adopted };
-    const NAMES: [(&str, &str); 13] = [
+    const NAMES: [(&str, &str); 14] = [
         ("n_embd", "hidden_size"),
         ("n_embed", "hidden_size"),
         ("n_layer", "num_hidden_layers"),
@@ -1177,6 +1192,7 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
         ("layer_norm_epsilon", "rms_norm_eps"),
         ("layer_norm_eps", "rms_norm_eps"),
         ("norm_epsilon", "rms_norm_eps"),
+        ("norm_eps", "rms_norm_eps"),
         ("rotary_pct", "partial_rotary_factor"),
         ("rotary_emb_base", "rope_theta"),
     ];
@@ -1207,6 +1223,10 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
                 adopted.push(("rotary_dim", "partial_rotary_factor"));
             }
         }
+    }
+    // Nemotron rotates half of each head unless it says otherwise (NemotronConfig's default).
+    if model_type == "nemotron" && o.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_none() {
+        o.entry("partial_rotary_factor").or_insert(0.5.into());
     }
     // Cohere ties its embeddings unless the config says otherwise (CohereConfig's default).
     if model_type == "cohere" {
@@ -1462,6 +1482,19 @@ mod tests {
             let e = read(field, extra).unwrap_err().to_string();
             assert!(e.contains(field), "{e}");
         }
+    }
+
+    /// Nemotron's names and defaults: `norm_eps`, half of each head rotating unless it says, the
+    /// squared ReLU, norms of 1 + w, MLP biases where `mlp_bias`.
+    #[test]
+    fn nemotron_config() {
+        let base = r#""model_type": "nemotron", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "norm_eps": 1e-5, "hidden_act": "relu2""#;
+        let c = ModelConfig::from_file(&write("nemotron", &format!("{{{base}}}"))).unwrap();
+        assert_eq!((c.rms_norm_eps, c.rotary_dim(), c.glu_act(), c.tie_word_embeddings), (1e-5, Some(8), GluAct::Relu2, false));
+        assert!(c.layer_norm() && c.norm_bias() && c.norm_plus_one() && c.plain_mlp() && !c.mlp_bias() && !c.parallel_residual());
+        let c = ModelConfig::from_file(&write("nemotron-full", &format!(r#"{{{base}, "mlp_bias": true, "rope_parameters": {{"rope_theta": 10000.0, "partial_rotary_factor": 1.0}}}}"#))).unwrap();
+        assert_eq!((c.rotary_dim(), c.mlp_bias()), (Some(16), true));
     }
 
     #[test]

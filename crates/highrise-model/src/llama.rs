@@ -309,7 +309,8 @@ impl Llama {
         // LayerNorm's weight and bias: both f32, as the op takes them of one dtype; Cohere's, which
         // has no bias, with a bias of zeros (adding 0 changes no value).
         let ln = c.layer_norm();
-        let norm = |name: &str| if ln { loader.f32_vector(name, h) } else { loader.norm(name, h, c.gemma()) };
+        // Nemotron's LayerNorms and Gemma's RMSNorms multiply by 1 + w: loaded as that, in f32.
+        let norm = |name: &str| if ln && !c.norm_plus_one() { loader.f32_vector(name, h) } else { loader.norm(name, h, c.norm_plus_one()) };
         let ln_bias = |name: &str| match (ln, c.norm_bias()) {
             (false, _) => Ok(None),
             (true, true) => loader.f32_vector(name, h).map(Some),

@@ -715,9 +715,9 @@ fn gguf_tensor<'a>(gguf: &'a Gguf, config: &ModelConfig, name: &str) -> Result<O
         [n] if gname.ends_with("ffn_gate_inp_shexp.weight") => vec![1, n],
         _ => info.dims.clone(),
     };
-    if config.gemma() && name.ends_with("norm.weight") {
-        // llama.cpp stores Gemma 2's norms as the factor they multiply by, 1 + w; HF's (and so the
-        // loader's, and `convert`'s) tensor is w.
+    if config.norm_plus_one() && name.ends_with("norm.weight") {
+        // llama.cpp stores Gemma's and Nemotron's norms as the factor they multiply by, 1 + w; HF's
+        // (and so the loader's, and `convert`'s) tensor is w.
         let mut w = vec![0f32; info.dims.iter().product()];
         dequantize(info.dtype, &data, &mut w).map_err(|e| Error::tensor(&gguf.path, &gname, e))?;
         let bytes = w.iter().flat_map(|v| (v - 1.0).to_le_bytes()).collect();

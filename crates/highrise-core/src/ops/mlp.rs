@@ -20,6 +20,8 @@ pub enum GluAct {
     GeluErf = 2,
     /// `relu(x) = max(x, 0)` (NaN stays NaN, as PyTorch's): OPT.
     Relu = 3,
+    /// `relu(x)^2`, the squared ReLU: Nemotron.
+    Relu2 = 4,
 }
 
 impl GluAct {
@@ -34,6 +36,7 @@ impl GluAct {
             }
             GluAct::GeluErf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
             GluAct::Relu => if x < 0.0 { 0.0 } else { x },
+            GluAct::Relu2 => if x < 0.0 { 0.0 } else { x * x },
         }
     }
 }
