@@ -168,6 +168,9 @@ FAMILIES = {
     # `nemotron`, its norms stored as 1 + w.
     "nemotron": dict(model_type="nemotron", norm_eps=1e-5, hidden_act="relu2", attention_bias=True, mlp_bias=True,
                      tie_word_embeddings=False),
+    # OLMo 1: LayerNorms without a weight or bias, a SwiGLU MLP, no biases. GGUF: llama.cpp's
+    # `olmo` (q/k rows permuted as Llama's, no norm tensors).
+    "olmo": dict(model_type="olmo", pad_token_id=0),
     "cohere": dict(model_type="cohere", layer_norm_eps=1e-5, logit_scale=0.25, attention_bias=True,
                    rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0),
 }
@@ -184,6 +187,7 @@ NOT_THEIRS = {
     "gptj": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "cohere": ("rms_norm_eps",),
     "nemotron": ("rms_norm_eps",),
+    "olmo": ("rms_norm_eps",),
     "falcon": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
 }
 
@@ -449,6 +453,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         w.add_logit_scale(cfg.logit_scale)
     elif kind == "nemotron":
         w.add_layer_norm_eps(cfg.norm_eps)
+    elif kind == "olmo":
+        w.add_layer_norm_eps(1e-5)
     else:
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
@@ -548,10 +554,10 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
                 g = f"blk.{layer}.{names[part]}.{suffix}"
             if part == "mlp.shared_expert_gate":
                 v = v.reshape(-1)
-            # llama.cpp's LlamaModel permutes, and the converters derived from it (SmolLM3).
-            if arch in ("llama", "smollm3") and part == "self_attn.q_proj":
+            # llama.cpp's LlamaModel permutes, and the converters derived from it (SmolLM3, OLMo).
+            if arch in ("llama", "smollm3", "olmo") and part == "self_attn.q_proj":
                 v = permute(v, cfg.num_attention_heads)
-            if arch in ("llama", "smollm3") and part == "self_attn.k_proj":
+            if arch in ("llama", "smollm3", "olmo") and part == "self_attn.k_proj":
                 v = permute(v, cfg.num_key_value_heads)
         if gemma and k.endswith("norm.weight"):
             # llama.cpp's GemmaModel, Gemma2Model and Gemma3Model store the norms (q/k's too) as the

@@ -416,6 +416,13 @@ fn nemotron_with_layernorm_1p_and_a_squared_relu() {
     check("nemotron");
 }
 
+/// OLMo 1: LayerNorms with neither weight nor bias (ones and zeros), a SwiGLU MLP, no biases; from
+/// llama.cpp's `olmo` GGUF too (q/k rows permuted as a Llama's, no norm tensors at all).
+#[test]
+fn olmo_with_layernorms_without_weights() {
+    check("olmo");
+}
+
 /// GPT-J and Cohere rotate adjacent dims (2i, 2i + 1); the loader moves q's and k's rows so that
 /// every backend's RoPE on halves serves, and the captures of q and k move them back: layer 0's q
 /// and k after RoPE are HF's, dim for dim, prompt and decode alike. Without the move back they
@@ -454,7 +461,7 @@ fn q_and_k_captured_in_the_checkpoints_order_of_dims() {
 /// soft-cap, Cohere's and Granite's scales): its top tokens and probabilities are HF's.
 #[test]
 fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
-    for family in ["llama3.2", "gpt2", "pythia", "phi2", "opt", "gptj", "cohere", "falcon-40b", "nemotron", "gemma2", "granite"] {
+    for family in ["llama3.2", "gpt2", "pythia", "phi2", "opt", "gptj", "cohere", "falcon-40b", "nemotron", "olmo", "gemma2", "granite"] {
         let (_, prompt, want) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::ResidPost]);
@@ -503,7 +510,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

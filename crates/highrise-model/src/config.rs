@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 27] = [
+pub const FAMILIES: [(&str, &str); 28] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -39,6 +39,7 @@ pub const FAMILIES: [(&str, &str); 27] = [
     ("opt", "OPT 125M to 66B but 350M (LayerNorm before each block, learned positions offset by 2, a ReLU MLP without a gate, biases everywhere)"),
     ("gptj", "GPT-J 6B (one LayerNorm feeding attention and the MLP side by side, RoPE on adjacent pairs of the first rotary_dim dims of each head, a GELU MLP with biases, the unembedding's bias)"),
     ("falcon", "Falcon 7B, 40B, 180B, Falcon 2 11B (attention and a GELU MLP side by side, through one LayerNorm or two; q, k and v fused by key/value group; multi-query or grouped-query)"),
+    ("olmo", "OLMo 1B, 7B (LayerNorm without a weight or bias, a SwiGLU MLP; clip_qkv refused)"),
     ("nemotron", "Nemotron-4 Minitron 4B and 8B, Nemotron-Mini (LayerNorm of 1 + w, a squared-ReLU MLP without a gate, RoPE on half of each head)"),
     ("cohere", "Command R, Aya 23 (LayerNorm without a bias feeding attention and a SwiGLU MLP side by side, RoPE on adjacent pairs, scaled logits; GGUF `command-r`)"),
 ];
@@ -241,6 +242,9 @@ pub struct ModelConfig {
     /// Nemotron: biases on the MLP's projections (HF's default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_bias: Option<bool>,
+    /// OLMo 1: q, k and v clamped to +-clip_qkv (OLMo 1.7; refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_qkv: Option<f64>,
 }
 
 fn default_model_type() -> String {
@@ -524,6 +528,7 @@ impl ModelConfig {
                 "command-r" => "CohereForCausalLM".into(),
                 "falcon" => "FalconForCausalLM".into(),
                 "nemotron" => "NemotronForCausalLM".into(),
+                "olmo" => "OlmoForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -609,6 +614,8 @@ impl ModelConfig {
             bias: (arch == "falcon").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
             alibi: None,
             mlp_bias: (arch == "nemotron").then(|| g.tensor("blk.0.ffn_up.bias").is_some()),
+            // llama.cpp's OLMo: its clamp, where the file has one.
+            clip_qkv: float("attention.clamp_kqv"),
             decoder_sparse_step: None,
             mlp_only_layers: None,
             use_parallel_residual: match g.get(&format!("{arch}.use_parallel_residual")) {
@@ -712,6 +719,7 @@ impl ModelConfig {
             ("layer_norm_elementwise_affine", self.layer_norm_elementwise_affine == Some(false), "LayerNorms without a weight and bias"),
             ("use_qk_norm", self.use_qk_norm == Some(true), "LayerNorms of each head's q and k (Command R+ 04-2024)"),
             ("alibi", self.alibi == Some(true), "ALiBi position biases (Falcon-RW)"),
+            ("clip_qkv", self.clip_qkv.is_some(), "q, k and v clamped (OLMo 1.7)"),
             ("num_ln_in_parallel_attn", self.falcon_new() && self.num_ln_in_parallel_attn.is_some_and(|n| n != 1 && n != 2), "LayerNorm counts but 1 and 2"),
         ] {
             if set {
@@ -808,7 +816,13 @@ impl ModelConfig {
     /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM, OPT, GPT-J and Cohere norm with LayerNorm (the
     /// mean taken out, then a weight, and a bias but for Cohere's), the other families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "falcon" | "nemotron")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "falcon" | "nemotron" | "olmo")
+    }
+
+    /// Whether the norms have a weight (OLMo 1's LayerNorms have neither weight nor bias: loaded
+    /// as ones and zeros).
+    pub fn norm_weight(&self) -> bool {
+        self.model_type != "olmo"
     }
 
     /// Whether the norms multiply by 1 + w, their weight w as saved (Gemma's RMSNorms, Nemotron's
@@ -817,9 +831,9 @@ impl ModelConfig {
         self.gemma() || self.model_type == "nemotron"
     }
 
-    /// Whether the LayerNorms have a bias (Cohere's have none).
+    /// Whether the LayerNorms have a bias (Cohere's and OLMo 1's have none).
     pub fn norm_bias(&self) -> bool {
-        self.layer_norm() && self.model_type != "cohere"
+        self.layer_norm() && !matches!(self.model_type.as_str(), "cohere" | "olmo")
     }
 
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
@@ -1224,6 +1238,10 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
             }
         }
     }
+    // OLMo 1's LayerNorms are PyTorch's defaults (no epsilon in its config).
+    if model_type == "olmo" {
+        o.entry("rms_norm_eps").or_insert(1e-5.into());
+    }
     // Nemotron rotates half of each head unless it says otherwise (NemotronConfig's default).
     if model_type == "nemotron" && o.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_none() {
         o.entry("partial_rotary_factor").or_insert(0.5.into());
@@ -1495,6 +1513,17 @@ mod tests {
         assert!(c.layer_norm() && c.norm_bias() && c.norm_plus_one() && c.plain_mlp() && !c.mlp_bias() && !c.parallel_residual());
         let c = ModelConfig::from_file(&write("nemotron-full", &format!(r#"{{{base}, "mlp_bias": true, "rope_parameters": {{"rope_theta": 10000.0, "partial_rotary_factor": 1.0}}}}"#))).unwrap();
         assert_eq!((c.rotary_dim(), c.mlp_bias()), (Some(16), true));
+    }
+
+    /// OLMo 1: PyTorch's LayerNorm epsilon, norms without weight or bias, its clamp refused.
+    #[test]
+    fn olmo_config() {
+        let base = r#""model_type": "olmo", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4"#;
+        let c = ModelConfig::from_file(&write("olmo", &format!(r#"{{{base}, "clip_qkv": null}}"#))).unwrap();
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert!(c.layer_norm() && !c.norm_weight() && !c.norm_bias() && !c.plain_mlp() && !c.parallel_residual());
+        let e = ModelConfig::from_file(&write("olmo-clip", &format!(r#"{{{base}, "clip_qkv": 8.0}}"#))).unwrap_err().to_string();
+        assert!(e.contains("clip_qkv"), "{e}");
     }
 
     #[test]

@@ -306,11 +306,16 @@ impl Llama {
         // block count of billions is a missing tensor at the first layer past the real ones.
         let mut layers = Vec::with_capacity(c.num_hidden_layers.min(source.tensor_names().len()));
         // Gemma 2 keeps the norms' weights as w and multiplies by 1 + w: loaded as that, in f32.
-        // LayerNorm's weight and bias: both f32, as the op takes them of one dtype; Cohere's, which
-        // has no bias, with a bias of zeros (adding 0 changes no value).
+        // LayerNorm's weight and bias: both f32, as the op takes them of one dtype; Cohere's and
+        // OLMo 1's, which have no bias, with a bias of zeros (adding 0 changes no value).
         let ln = c.layer_norm();
         // Nemotron's LayerNorms and Gemma's RMSNorms multiply by 1 + w: loaded as that, in f32.
-        let norm = |name: &str| if ln && !c.norm_plus_one() { loader.f32_vector(name, h) } else { loader.norm(name, h, c.norm_plus_one()) };
+        // OLMo 1's have no weight: ones (multiplying by 1 changes no value).
+        let norm = |name: &str| match (ln, c.norm_weight(), c.norm_plus_one()) {
+            (_, false, _) => Tensor::from_f32(&backend, DType::F32, &[h], &vec![1.0; h]).map_err(|e| Error::tensor(source.path(), name, e)),
+            (true, true, false) => loader.f32_vector(name, h),
+            (_, true, plus_one) => loader.norm(name, h, plus_one),
+        };
         let ln_bias = |name: &str| match (ln, c.norm_bias()) {
             (false, _) => Ok(None),
             (true, true) => loader.f32_vector(name, h).map(Some),
@@ -429,18 +434,19 @@ impl Llama {
         let proj = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let (q_norm, k_norm) = c.qk_norm_width();
-        let ln_bias = if c.norm_bias() { 0.1 } else { 0.0 };
+        // Norms without a weight (OLMo 1) or bias (Cohere, OLMo 1) are ones and zeros.
+        let (ln_bias, norm_spread) = (if c.norm_bias() { 0.1 } else { 0.0 }, if c.norm_weight() { 0.1 } else { 0.0 });
         for l in 0..c.num_hidden_layers {
             let bias = c.qkv_bias();
             // Drawn in the order the fields were always drawn (every random shape's weights stay
             // what they were), the MLP's after mlp_norm.
-            let attn_norm = if c.pre_norms() { Some(make(&[h], 0.1, 1.0)?) } else { None };
+            let attn_norm = if c.pre_norms() { Some(make(&[h], norm_spread, 1.0)?) } else { None };
             let (wq, wk, wv) = (make(&[q_dim, h], proj(h), 0.0)?, make(&[kv_dim, h], proj(h), 0.0)?, make(&[kv_dim, h], proj(h), 0.0)?);
             let bq = if bias { Some(make(&[q_dim], 0.1, 0.0)?) } else { None };
             let bk = if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None };
             let bv = if bias { Some(make(&[kv_dim], 0.1, 0.0)?) } else { None };
             let wo = make(&[h, q_dim], proj(q_dim), 0.0)?;
-            let mlp_norm = if c.pre_norms() && !c.shared_norm() { Some(make(&[h], 0.1, 1.0)?) } else { None };
+            let mlp_norm = if c.pre_norms() && !c.shared_norm() { Some(make(&[h], norm_spread, 1.0)?) } else { None };
             let mut ffn = |i: usize| -> Result<Ffn> {
                 Ok(Ffn { w_gate: make(&[i, h], proj(h), 0.0)?, w_up: make(&[i, h], proj(h), 0.0)?, w_down: make(&[h, i], proj(i), 0.0)? })
             };
@@ -486,7 +492,7 @@ impl Llama {
             });
         }
         let embed = make(&[v, h], 1.0, 0.0)?;
-        let norm = make(&[h], 0.1, 1.0)?;
+        let norm = make(&[h], norm_spread, 1.0)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(make(&[v, h], proj(h), 0.0)?) };
         let positions = if c.learned_positions() { Some(make(&[c.max_position_embeddings + c.position_offset(), h], 1.0, 0.0)?) } else { None };
         let norm_bias = if c.layer_norm() { Some(make(&[h], ln_bias, 0.0)?) } else { None };

@@ -247,7 +247,12 @@ impl Engine {
         d.set_item("d_expert", (c.experts() > 0).then(|| c.expert_intermediate_size()))?;
         // The layout, as TransformerLens's config says it.
         d.set_item("original_architecture", c.architectures.first())?;
-        d.set_item("normalization_type", if c.layer_norm() { "LN" } else { "RMS" })?;
+        // TransformerLens's "LNPre": a LayerNorm without weight or bias (OLMo 1).
+        d.set_item("normalization_type", match (c.layer_norm(), c.norm_weight()) {
+            (true, true) => "LN",
+            (true, false) => "LNPre",
+            (false, _) => "RMS",
+        })?;
         d.set_item("positional_embedding_type", if c.learned_positions() { "standard" } else { "rotary" })?;
         d.set_item("rotary_dim", c.rotary_dim())?;
         // GPT-J's and Cohere's RoPE pairs dims 2i and 2i + 1 (captured q and k are in that order).
