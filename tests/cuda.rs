@@ -63,6 +63,17 @@ fn random_gpt2_and_pythia_match_cpu_logits_and_64_greedy_steps() {
     }
 }
 
+/// Falcon 7B's multi-query attention (71 query heads over one key/value head) and Nemotron's
+/// squared-ReLU MLP on the GPU against the CPU.
+#[test]
+fn random_falcon_and_nemotron_match_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random falcon and nemotron") else { return };
+    for shape in ["tiny-falcon", "tiny-nemotron"] {
+        println!("{shape}");
+        random_model_matches_cpu(&gpu, shape, 64, &[DType::F32]);
+    }
+}
+
 /// The linear op on each GEMM path (`HIGHRISE_GEMM`: cuBLASLt's algorithm timed fastest, its
 /// heuristic's first, cublasGemmEx's own) at batched-decode rows with long rows of w, where a tuned
 /// algorithm may split k: each within bf16's tolerance of the f64 reference.

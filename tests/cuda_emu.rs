@@ -79,6 +79,18 @@ fn random_gpt2_and_pythia_on_the_emulated_device_match_the_cpu() {
     }
 }
 
+/// Falcon 7B's multi-query attention (71 query heads over one key/value head: past the grouped
+/// kernels' 8 heads a group and the decode kernel's 16 rows, so the per-head kernels serve it) and
+/// Nemotron's squared-ReLU MLP and half-rotating heads.
+#[test]
+fn random_falcon_and_nemotron_on_the_emulated_device_match_the_cpu() {
+    let Some(dev) = backend("random falcon and nemotron on the emulated device") else { return };
+    for shape in ["tiny-falcon", "tiny-nemotron"] {
+        println!("{shape}");
+        random_model_matches_cpu(&dev, shape, 8, &[DType::F32, DType::BF16]);
+    }
+}
+
 /// Steering changes the stream a layer reads where the norms fold into its projections (a one-token
 /// pass, bf16: `Backend::folds_norms`, the layer norming the stream itself, with no norm after the
 /// intervention): the steered logits are the CPU's, far from the unsteered ones.

@@ -264,8 +264,8 @@ impl ModelConfig {
     /// Named shapes for random-weight models (benchmarks, backend cross-checks): `llama-3-8b`,
     /// `olmoe-1b-7b`, `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
     /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3`, `tiny-olmo2`, `tiny-mixtral`,
-    /// `tiny-qwen3-moe`, `tiny-qwen2-moe`, `tiny-gpt2` and `tiny-pythia` (the same in those
-    /// families' layouts).
+    /// `tiny-qwen3-moe`, `tiny-qwen2-moe`, `tiny-gpt2`, `tiny-pythia`, `tiny-falcon` (71 query heads
+    /// over one key/value head) and `tiny-nemotron` (the same in those families' layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -354,12 +354,26 @@ impl ModelConfig {
                 "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 1024,
                 "hidden_act": "gelu", "rms_norm_eps": 1e-5, "partial_rotary_factor": 0.25,
             }),
+            // Falcon 7B's attention: 71 query heads sharing one key/value head (past the grouped
+            // kernels' 8 heads a group and the decode kernel's 16 rows), head dim 64 beside a
+            // narrow stream; one LayerNorm side by side, a GELU MLP.
+            "tiny-falcon" => serde_json::json!({
+                "model_type": "falcon", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 1024,
+                "num_hidden_layers": 2, "num_attention_heads": 71, "num_key_value_heads": 1, "head_dim": 64,
+                "max_position_embeddings": 1024, "hidden_act": "gelu", "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+            }),
+            // Nemotron's: a squared-ReLU MLP without a gate, RoPE on half of each head, LayerNorm.
+            "tiny-nemotron" => serde_json::json!({
+                "model_type": "nemotron", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 1024,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                "hidden_act": "relu2", "rms_norm_eps": 1e-5, "partial_rotary_factor": 0.5,
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 13] = [
+    pub const SHAPES: [&'static str; 15] = [
         "llama-3-8b",
         "olmoe-1b-7b",
         "smollm2-135m",
@@ -373,6 +387,8 @@ impl ModelConfig {
         "tiny-qwen2-moe",
         "tiny-gpt2",
         "tiny-pythia",
+        "tiny-falcon",
+        "tiny-nemotron",
     ];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
