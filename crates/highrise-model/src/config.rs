@@ -1377,13 +1377,10 @@ mod tests {
     fn named_shapes_are_valid_configs() {
         for name in ModelConfig::SHAPES {
             let c = ModelConfig::shape(name).unwrap();
-            let path = write(name, &serde_json::to_string(&serde_json::json!({
-                "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-                "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-                "num_key_value_heads": c.kv_heads(),
-            }))
-            .unwrap());
-            assert_eq!(ModelConfig::from_file(&path).unwrap().head_dim(), c.head_dim(), "{name}");
+            // Written as transformers reads the family's config, read back as a file is.
+            let path = write(name, &serde_json::to_string(&c.hf_json()).unwrap());
+            let back = ModelConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!((back.head_dim(), back.kv_heads(), back.intermediate_size), (c.head_dim(), c.kv_heads(), c.intermediate_size), "{name}");
         }
         assert!(ModelConfig::shape("no-such-shape").is_none());
     }
