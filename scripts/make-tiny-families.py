@@ -59,6 +59,12 @@ FAMILIES = {
     "mistral": dict(model_type="mistral", head_dim=32, sliding_window=8, rope_theta=1000000.0),
     # Qwen 2.5: q/k/v biases.
     "qwen2.5": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    # Qwen 2.5 past its trained context: YaRN, factor 4 over an original context of 64 (of the 256
+    # served): the fast pairs keep their frequencies, the slow ones are divided by 4, a ramp between,
+    # cos and sin times 0.1 ln 4 + 1.
+    "qwen2.5-yarn": dict(model_type="qwen2", tie_word_embeddings=True,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                              original_max_position_embeddings=64)),
     # Qwen 3: per-head RMSNorm of q and k before RoPE; no biases; head_dim of its own.
     "qwen3": dict(model_type="qwen3", head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True),
     # Phi-3 mini: fused qkv_proj and gate_up_proj.
@@ -447,6 +453,11 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
     if rp.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rp["factor"])
+    if rp.get("rope_type") == "yarn":
+        # llama.cpp's Qwen2Model: the type, factor and original context.
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rp["factor"])
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
     if kind == "cohere":
         # llama.cpp's CommandR2Model: LayerNorm's epsilon, the logits' multiplier.
         w.add_layer_norm_eps(cfg.layer_norm_eps)

@@ -124,6 +124,14 @@ fn qwen2_5_with_qkv_biases() {
     check("qwen2.5");
 }
 
+/// Qwen 2.5 with YaRN (factor 4 over an original context of 64): each pair's frequency kept, divided
+/// by the factor, or between along the ramp, cos and sin times 0.1 ln 4 + 1; from llama.cpp's GGUF
+/// (`rope.scaling.type` yarn) too.
+#[test]
+fn qwen2_5_with_yarn() {
+    check("qwen2.5-yarn");
+}
+
 #[test]
 fn qwen3_with_q_and_k_norms() {
     check("qwen3");

@@ -489,6 +489,21 @@ impl ModelConfig {
                 "rope_type": "linear",
                 "factor": float("rope.scaling.factor").unwrap_or(1.0),
             })),
+            // llama.cpp's YaRN: the factor and the original context (its ramp's betas where the
+            // file gives them, else HF's and its own 32 and 1).
+            Some("yarn") => {
+                let mut p = serde_json::json!({
+                    "rope_type": "yarn",
+                    "factor": float("rope.scaling.factor").unwrap_or(1.0),
+                    "original_max_position_embeddings": num("rope.scaling.original_context_length")?,
+                });
+                for (key, theirs) in [("beta_fast", "rope.scaling.yarn_beta_fast"), ("beta_slow", "rope.scaling.yarn_beta_slow")] {
+                    if let Some(v) = float(theirs) {
+                        p[key] = v.into();
+                    }
+                }
+                Some(p)
+            }
             // llama.cpp keeps Llama 3.1+'s scaling as per-frequency divisors (`rope_freqs.weight`).
             _ => match f32s("rope_freqs.weight")? {
                 Some(freqs) => {
@@ -1139,7 +1154,8 @@ impl ModelConfig {
                 original_max_position: f("original_max_position_embeddings")? as u32,
             },
             "longrope" => self.longrope(s)?,
-            other => return Err(format!("rope type {other:?} is not supported (linear, llama3, longrope are)")),
+            "yarn" => self.yarn(s)?,
+            other => return Err(format!("rope type {other:?} is not supported (linear, llama3, longrope, yarn are)")),
         };
         Ok(RopeConfig { theta, scaling, rotary_dims })
     }
@@ -1162,6 +1178,55 @@ impl ModelConfig {
 }
 
 impl ModelConfig {
+    /// YaRN (Qwen 2.5 and 3 past 32k, DeepSeek V3) as HF computes it: each pair's frequency blended
+    /// between itself (the fast ones, which turn `beta_fast` times or more over the original
+    /// context) and itself over `factor` (the slow ones, `beta_slow` turns or fewer) along a linear
+    /// ramp over the pairs between (its ends rounded outwards unless `truncate` is false); cos and
+    /// sin times `attention_factor`, by default 0.1 ln(factor) + 1 (with DeepSeek's `mscale` and
+    /// `mscale_all_dim`, the ratio of two such). As per-pair divisors (`RopeScaling::Factors`), the
+    /// form every backend already takes for LongRoPE.
+    fn yarn(&self, s: &Json) -> std::result::Result<RopeScaling, String> {
+        let get = |k: &str| s.get(k).and_then(Json::as_f64);
+        let orig = get("original_max_position_embeddings")
+            .or(self.original_max_position_embeddings.map(|o| o as f64))
+            .ok_or("yarn scaling needs original_max_position_embeddings")?;
+        let factor = get("factor").unwrap_or(self.max_position_embeddings as f64 / orig);
+        if !(factor.is_finite() && factor > 0.0 && orig >= 1.0) {
+            return Err(format!("yarn factor {factor} over an original context of {orig}"));
+        }
+        let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        let attention_factor = match (get("attention_factor"), get("mscale").filter(|&m| m != 0.0), get("mscale_all_dim").filter(|&m| m != 0.0)) {
+            (Some(f), _, _) => f,
+            (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+            (None, _, _) => mscale(factor, 1.0),
+        };
+        let (fast, slow) = (get("beta_fast").filter(|&b| b != 0.0).unwrap_or(32.0), get("beta_slow").filter(|&b| b != 0.0).unwrap_or(1.0));
+        let dim = match self.rotary_dims()? {
+            0 => self.head_dim(),
+            r => r,
+        };
+        let pairs = dim / 2;
+        if pairs > MAX_ROPE_PAIRS {
+            return Err(format!("{dim} rotating dims are more than yarn's {MAX_ROPE_PAIRS} pairs"));
+        }
+        let base = self.rope_theta;
+        // The pair (as a dim, fractional) whose wavelength turns `rotations` times over the context.
+        let correction = |rotations: f64| (dim as f64 * (orig / (rotations * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
+        let (mut low, mut high) = (correction(fast), correction(slow));
+        if s.get("truncate").and_then(Json::as_bool).unwrap_or(true) {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+        let high = if low == high { high + 0.001 } else { high };
+        let mut divisors = [1f32; MAX_ROPE_PAIRS];
+        for (i, d) in divisors[..pairs].iter_mut().enumerate() {
+            // 1 where the pair keeps its frequency, 0 where it is divided by the factor.
+            let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            *d = (1.0 / (keep + (1.0 - keep) / factor)) as f32;
+        }
+        Ok(RopeScaling::Factors { attention_factor: attention_factor as f32, pairs: pairs as u32, divisors })
+    }
+
     /// LongRoPE (Phi-3.5) as HF computes it: the long factors when the context served (here the
     /// model's whole `max_position_embeddings`) is past the pretrained one, else the short ones
     /// (llama.cpp's rule, which picks once per context; HF picks per call by the sequence's length,
@@ -1526,6 +1591,29 @@ mod tests {
         assert!(c.layer_norm() && c.norm_bias() && c.norm_plus_one() && c.plain_mlp() && !c.mlp_bias() && !c.parallel_residual());
         let c = ModelConfig::from_file(&write("nemotron-full", &format!(r#"{{{base}, "mlp_bias": true, "rope_parameters": {{"rope_theta": 10000.0, "partial_rotary_factor": 1.0}}}}"#))).unwrap();
         assert_eq!((c.rotary_dim(), c.mlp_bias()), (Some(16), true));
+    }
+
+    /// YaRN's attention factor: 0.1 ln(factor) + 1, DeepSeek's ratio of two where `mscale` and
+    /// `mscale_all_dim` are given, or as given; the older `rope_scaling` spelling read too; no
+    /// original context, refused.
+    #[test]
+    fn yarn_scaling() {
+        let base = r#""vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "max_position_embeddings": 4096"#;
+        let rope = |name: &str, scaling: &str| {
+            ModelConfig::from_file(&write(name, &format!(r#"{{{base}, "rope_scaling": {scaling}}}"#))).map(|c| c.rope().unwrap().scaling)
+        };
+        let attention = |s: RopeScaling| match s {
+            RopeScaling::Factors { attention_factor, pairs, divisors } => (attention_factor, pairs, divisors[0], divisors[pairs as usize - 1]),
+            other => panic!("{other:?}"),
+        };
+        let (f, pairs, first, last) = attention(rope("yarn", r#"{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}"#).unwrap());
+        assert!((f - (0.1 * 4f32.ln() + 1.0)).abs() < 1e-6 && pairs == 8 && first == 1.0 && last == 4.0, "{f} {pairs} {first} {last}");
+        let ds = r#"{"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 0.5}"#;
+        let want = (0.1 * 40f64.ln() + 1.0) / (0.05 * 40f64.ln() + 1.0);
+        assert!((attention(rope("yarn-ds", ds).unwrap()).0 as f64 - want).abs() < 1e-6);
+        let e = rope("yarn-no-orig", r#"{"rope_type": "yarn", "factor": 4.0}"#).unwrap_err().to_string();
+        assert!(e.contains("original_max_position_embeddings"), "{e}");
     }
 
     /// OLMo 1: PyTorch's LayerNorm epsilon, norms without weight or bias, its clamp refused.
