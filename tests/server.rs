@@ -468,6 +468,21 @@ fn patching_and_steering_over_http_show_in_the_captures() {
         let (plain, _) = expected(&prompt, 4);
         assert_ne!(r["choices"][0]["text"].as_str().unwrap(), plain, "the patch changed the completion");
 
+        // A patch past where the completion stopped (its token limit) never applied, and the capture
+        // pass leaves it out.
+        let mut late = body.clone();
+        late["max_tokens"] = json!(2);
+        late["highrise"]["patch"][0]["position"] = json!(prompt.len() + 5);
+        late["highrise"]["patch"][0]["site"] = json!("mlp_out");
+        let (status, r) = post(url, "/v1/completions", &late).await;
+        assert_eq!(status, 400, "past prompt + max_tokens: {r}");
+        late["max_tokens"] = json!(8);
+        late["stop"] = json!([" "]);
+        let (status, r) = post(url, "/v1/completions", &late).await;
+        assert_eq!(status, 200, "{r}");
+        let stopped = r["choices"][0]["highrise"]["token_ids"].as_array().unwrap().len();
+        assert!(stopped <= prompt.len() + 5, "the completion stopped before the patch's position ({stopped} tokens)");
+
         // Steered: layer 5's stream entering it is the unsteered one plus 3 x the vector.
         let vector: Vec<f32> = (0..h).map(|i| ((i % 11) as f32 - 5.0) / 10.0).collect();
         let capture = json!({"capture": ["resid_pre"], "layers": [5], "positions": [0, last]});

@@ -864,7 +864,9 @@ impl Completion {
 /// positions asked for, attention patterns recomputed from Q and K, and the logit lens.
 fn capture(model: &Llama, tokenizer: &Tokenizer, ids: &[u32], spec: &CaptureSpec) -> highrise_model::Result<Value> {
     let sites: Vec<Site> = spec.sites.iter().copied().collect();
-    let pass = inspect(model, ids, &sites, &spec.layers, spec.attn_probs, spec.logit_lens, spec.steer.clone(), spec.patch.clone())?;
+    // A patch past where the choice stopped never applied to it.
+    let patch = spec.patch.iter().filter(|p| p.position < ids.len()).cloned().collect();
+    let pass = inspect(model, ids, &sites, &spec.layers, spec.attn_probs, spec.logit_lens, spec.steer.clone(), patch)?;
     let (c, hooks) = (&model.config, &pass.hooks);
     let t = ids.len();
     let positions: Vec<usize> = spec.positions.clone().unwrap_or_else(|| (0..t).collect()).into_iter().filter(|&p| p < t).collect();

@@ -584,7 +584,7 @@ impl<'m> Engine<'m> {
 /// The salt of a request's shared blocks: its steering (each vector's layer, scale and values)
 /// changes the keys and values of every token it runs over, and a patch (its site, layer, position
 /// and values) those from its position on, so a steered or patched prompt's blocks are shared only
-/// with requests steered and patched the same way. None: the plain salt.
+/// with requests steered and patched the same way (neither: the plain salt, as before).
 fn intervention_salt(steer: &[Steer], patch: &[Patch]) -> BlockKey {
     let steered = steer.iter().flat_map(|st| {
         let head = [(st.layer as u64).to_le_bytes().to_vec(), st.scale.to_le_bytes().to_vec()];
