@@ -177,6 +177,11 @@ FAMILIES = {
     # OLMo 1: LayerNorms without a weight or bias, a SwiGLU MLP, no biases. GGUF: llama.cpp's
     # `olmo` (q/k rows permuted as Llama's, no norm tensors).
     "olmo": dict(model_type="olmo", pad_token_id=0),
+    # Arcee (AFM-4.5B): a Llama with a squared-ReLU MLP without a gate (biases on here), YaRN
+    # (factor 2 over an original 64). GGUF: llama.cpp's `arcee` (q/k permuted as Llama's).
+    "arcee": dict(model_type="arcee", hidden_act="relu2", mlp_bias=True, tie_word_embeddings=False,
+                  rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=2.0,
+                                       original_max_position_embeddings=64)),
     "cohere": dict(model_type="cohere", layer_norm_eps=1e-5, logit_scale=0.25, attention_bias=True,
                    rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0),
 }
@@ -566,9 +571,9 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
             if part == "mlp.shared_expert_gate":
                 v = v.reshape(-1)
             # llama.cpp's LlamaModel permutes, and the converters derived from it (SmolLM3, OLMo).
-            if arch in ("llama", "smollm3", "olmo") and part == "self_attn.q_proj":
+            if arch in ("llama", "smollm3", "olmo", "arcee") and part == "self_attn.q_proj":
                 v = permute(v, cfg.num_attention_heads)
-            if arch in ("llama", "smollm3", "olmo") and part == "self_attn.k_proj":
+            if arch in ("llama", "smollm3", "olmo", "arcee") and part == "self_attn.k_proj":
                 v = permute(v, cfg.num_key_value_heads)
         if gemma and k.endswith("norm.weight"):
             # llama.cpp's GemmaModel, Gemma2Model and Gemma3Model store the norms (q/k's too) as the

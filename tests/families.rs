@@ -431,6 +431,13 @@ fn olmo_with_layernorms_without_weights() {
     check("olmo");
 }
 
+/// Arcee (AFM-4.5B): a Llama with a squared-ReLU MLP without a gate (biases on here) and YaRN
+/// (factor 2 over an original context of 64); from llama.cpp's `arcee` GGUF too.
+#[test]
+fn arcee_with_a_squared_relu_and_yarn() {
+    check("arcee");
+}
+
 /// GPT-J and Cohere rotate adjacent dims (2i, 2i + 1); the loader moves q's and k's rows so that
 /// every backend's RoPE on halves serves, and the captures of q and k move them back: layer 0's q
 /// and k after RoPE are HF's, dim for dim, prompt and decode alike. Without the move back they
@@ -518,7 +525,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 28] = [
+pub const FAMILIES: [(&str, &str); 29] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -39,6 +39,7 @@ pub const FAMILIES: [(&str, &str); 28] = [
     ("opt", "OPT 125M to 66B but 350M (LayerNorm before each block, learned positions offset by 2, a ReLU MLP without a gate, biases everywhere)"),
     ("gptj", "GPT-J 6B (one LayerNorm feeding attention and the MLP side by side, RoPE on adjacent pairs of the first rotary_dim dims of each head, a GELU MLP with biases, the unembedding's bias)"),
     ("falcon", "Falcon 7B, 40B, 180B, Falcon 2 11B (attention and a GELU MLP side by side, through one LayerNorm or two; q, k and v fused by key/value group; multi-query or grouped-query)"),
+    ("arcee", "Arcee AFM-4.5B (a Llama with a squared-ReLU MLP without a gate; YaRN past its trained context)"),
     ("olmo", "OLMo 1B, 7B (LayerNorm without a weight or bias, a SwiGLU MLP; clip_qkv refused)"),
     ("nemotron", "Nemotron-4 Minitron 4B and 8B, Nemotron-Mini (LayerNorm of 1 + w, a squared-ReLU MLP without a gate, RoPE on half of each head)"),
     ("cohere", "Command R, Aya 23 (LayerNorm without a bias feeding attention and a SwiGLU MLP side by side, RoPE on adjacent pairs, scaled logits; GGUF `command-r`)"),
@@ -560,6 +561,7 @@ impl ModelConfig {
                 "falcon" => "FalconForCausalLM".into(),
                 "nemotron" => "NemotronForCausalLM".into(),
                 "olmo" => "OlmoForCausalLM".into(),
+                "arcee" => "ArceeForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             }],
             vocab_size: vocab,
@@ -599,7 +601,7 @@ impl ModelConfig {
             hidden_act: match arch.as_str() {
                 "gpt2" | "phi2" => Some("gelu_new".into()),
                 "gptneox" | "falcon" => Some("gelu".into()),
-                "nemotron" => Some("relu2".into()),
+                "nemotron" | "arcee" => Some("relu2".into()),
                 "starcoder2" => Some("gelu_pytorch_tanh".into()),
                 _ => None,
             },
@@ -644,7 +646,7 @@ impl ModelConfig {
             num_ln_in_parallel_attn: (arch == "falcon").then(|| if g.tensor("blk.0.attn_norm_2.weight").is_some() { 2 } else { 1 }),
             bias: (arch == "falcon").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
             alibi: None,
-            mlp_bias: (arch == "nemotron").then(|| g.tensor("blk.0.ffn_up.bias").is_some()),
+            mlp_bias: matches!(arch.as_str(), "nemotron" | "arcee").then(|| g.tensor("blk.0.ffn_up.bias").is_some()),
             // llama.cpp's OLMo: its clamp, where the file has one.
             clip_qkv: float("attention.clamp_kqv"),
             decoder_sparse_step: None,
@@ -870,7 +872,7 @@ impl ModelConfig {
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
     /// OPT, GPT-J), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron" | "arcee")
     }
 
     /// Whether q and k rotate by adjacent pairs of dims (GPT-J's and Cohere's RoPE: dims 2i and
@@ -928,9 +930,9 @@ impl ModelConfig {
     }
 
     /// Whether the MLP's projections have biases: with `dense_bias`, GPT-J's (whose attention has
-    /// none), Nemotron's where `mlp_bias` says.
+    /// none), Nemotron's and Arcee's where `mlp_bias` says.
     pub fn mlp_bias(&self) -> bool {
-        self.dense_bias() || self.model_type == "gptj" || (self.model_type == "nemotron" && self.mlp_bias == Some(true))
+        self.dense_bias() || self.model_type == "gptj" || (matches!(self.model_type.as_str(), "nemotron" | "arcee") && self.mlp_bias == Some(true))
     }
 
     /// Whether attention's output projection has a bias: with `dense_bias`, and where

@@ -690,8 +690,8 @@ fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> 
     }
     let g = rename(hf, true, config)?;
     // llama.cpp permutes q/k rows only for the llama architecture and those its converter derives
-    // from it (SmolLM3, Mixtral, OLMo 1), for its interleaved RoPE.
-    let permuted = matches!(config.model_type.as_str(), "llama" | "smollm3" | "mixtral" | "olmo");
+    // from it (SmolLM3, Mixtral, OLMo 1, Arcee), for its interleaved RoPE.
+    let permuted = matches!(config.model_type.as_str(), "llama" | "smollm3" | "mixtral" | "olmo" | "arcee");
     let heads = match g.rsplit('.').nth(1) {
         Some("attn_q") if permuted => Some(config.num_attention_heads),
         Some("attn_k") if permuted => Some(config.kv_heads()),
