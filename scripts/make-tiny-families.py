@@ -57,6 +57,10 @@ FAMILIES = {
                     rope_parameters=dict(rope_type="default", rope_theta=2000000.0)),
     # Mistral: head_dim not hidden / heads (Nemo); a sliding window (v0.1) narrower than the prompt.
     "mistral": dict(model_type="mistral", head_dim=32, sliding_window=8, rope_theta=1000000.0),
+    # Ministral: Mistral with an 8-token window on the layers layer_types names (here the first of
+    # two). llama.cpp's GGUF keeps one window for every layer: no GGUF.
+    "ministral": dict(model_type="ministral", head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                      rope_theta=1000000.0),
     # Qwen 2.5: q/k/v biases.
     "qwen2.5": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
     # Qwen 2.5 past its trained context: YaRN, factor 4 over an original context of 64 (of the 256
@@ -428,8 +432,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         return
     if kind in LN_ARCH:
         return to_gguf_layernorm(kind, cfg, model, path)
-    if kind == "olmo3":
-        print("  (llama.cpp's GGUF has no olmo3 architecture: model.gguf not written)")
+    if kind in ("olmo3", "ministral"):
+        print(f"  (llama.cpp's GGUF has no {kind} layout: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,
     # Cohere's as command-r.

@@ -119,6 +119,13 @@ fn mistral_with_a_sliding_window_and_its_own_head_dim() {
     check("mistral");
 }
 
+/// Ministral: Mistral with the 8-token window on the layers `layer_types` names (layer 0 of two),
+/// beside the 20-token prompt. No GGUF (llama.cpp keeps one window for every layer).
+#[test]
+fn ministral_with_windows_on_the_layers_named() {
+    check("ministral");
+}
+
 #[test]
 fn qwen2_5_with_qkv_biases() {
     check("qwen2.5");

@@ -13,10 +13,11 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 29] = [
+pub const FAMILIES: [(&str, &str); 30] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
+    ("ministral", "Ministral 8B (Mistral with the sliding window on the layers `layer_types` names)"),
     ("qwen2", "Qwen 2, 2.5 (q/k/v biases)"),
     ("qwen3", "Qwen 3 dense (each head's q and k RMS-normed before RoPE)"),
     ("mixtral", "Mixtral 8x7B, 8x22B (a mixture of experts: each token's top 2 of 8 SwiGLU MLPs, weighted by the router; GGUF: llama with experts)"),
@@ -941,7 +942,7 @@ impl ModelConfig {
     /// alone take it).
     pub fn o_bias(&self) -> bool {
         self.dense_bias()
-            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm"))
+            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "ministral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm"))
     }
 
     /// Whether the unembedding has a bias (Phi, GPT-J).
