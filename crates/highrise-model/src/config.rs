@@ -754,6 +754,8 @@ impl ModelConfig {
             ("use_qk_norm", self.use_qk_norm == Some(true), "LayerNorms of each head's q and k (Command R+ 04-2024)"),
             ("alibi", self.alibi == Some(true), "ALiBi position biases (Falcon-RW)"),
             ("clip_qkv", self.clip_qkv.is_some(), "q, k and v clamped (OLMo 1.7)"),
+            // Llama's config has the field too; its gated MLP's biases are read nowhere.
+            ("mlp_bias", self.mlp_bias == Some(true) && !self.plain_mlp(), "biases on a gated MLP's projections"),
             ("num_ln_in_parallel_attn", self.falcon_new() && self.num_ln_in_parallel_attn.is_some_and(|n| n != 1 && n != 2), "LayerNorm counts but 1 and 2"),
         ] {
             if set {
@@ -1628,6 +1630,11 @@ mod tests {
         assert!(c.layer_norm() && !c.norm_weight() && !c.norm_bias() && !c.plain_mlp() && !c.parallel_residual());
         let e = ModelConfig::from_file(&write("olmo-clip", &format!(r#"{{{base}, "clip_qkv": 8.0}}"#))).unwrap_err().to_string();
         assert!(e.contains("clip_qkv"), "{e}");
+        // A gated MLP with biases (Llama's `mlp_bias`) is refused, not run without them.
+        let llama = r#""vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4"#;
+        let e = ModelConfig::from_file(&write("llama-mlp-bias", &format!(r#"{{{llama}, "mlp_bias": true}}"#))).unwrap_err().to_string();
+        assert!(e.contains("mlp_bias"), "{e}");
+        assert!(ModelConfig::from_file(&write("llama-no-mlp-bias", &format!(r#"{{{llama}, "mlp_bias": false}}"#))).is_ok());
     }
 
     #[test]
