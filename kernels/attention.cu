@@ -120,15 +120,28 @@ struct KeyAddr {
 };
 
 // What the split kernels do to a score beyond the scale (folded into q) and the causal end: a
-// sliding window (`window` > 0: a row that sees n keys sees only its last `window`) and soft-capping
-// (`softcap` > 0: score -> softcap tanh(score / softcap), Gemma 2's). The Scores op parameter.
+// sliding window (`window` > 0: a row that sees n keys sees only its last `window`), soft-capping
+// (`softcap` > 0: score -> softcap tanh(score / softcap), Gemma 2's) and ALiBi (`alibi` > 0, the
+// largest bias: key j of a row that sees n gains slope (j - (n - 1)), Bloom's and MPT's; the split
+// kernels alone take it, the host choosing them). The Scores op parameter.
 struct ScoreMods {
     u32 window;
     float softcap;
+    float alibi;
     // The first of a row's n keys it sees.
     __device__ __forceinline__ u32 first(u32 n) const { return window != 0 && n > window ? n - window : 0; }
     __device__ __forceinline__ float cap(float score) const {
         return softcap > 0.0f ? softcap * tanhf(score / softcap) : score;
+    }
+    // ALiBi's slope of query head h of hq (0 without), as Scores::alibi_slope: with n the largest
+    // power of two at most hq, 2^(-alibi (h + 1) / n) for the first n heads, then the odd steps
+    // between them, 2^(-alibi (2 (h - n) + 1) / 2n).
+    __device__ __forceinline__ float slope(u32 h, u32 hq) const {
+        if (alibi == 0.0f) return 0.0f;
+        u32 n = 1;
+        while (2 * n <= hq) n *= 2;
+        const float step = alibi / (float)n;
+        return exp2f(h < n ? -step * (float)(h + 1) : -0.5f * step * (float)(2 * (h - n) + 1));
     }
     // The tensor-core kernels' form, in their log2 units: a raw q.k becomes log2(e) softcap
     // tanh(scale q.k / softcap), with scale_log2 = scale log2(e) (used where softcap > 0).
@@ -171,12 +184,13 @@ __device__ void attn_split(float* partial, const typename D::T* q, const typenam
         acc[i] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
+    const float slope = mods.slope(h, hq), last = (float)(n - 1);
     for (u32 j = begin + warp; j < end; j += ATTN_WARPS) {
         const u64 off = addr.at(kb, j, g, hkv, d);
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < DPL; i++) dot += qr[i] * D::load(k, off + lane + 32 * i);
-        dot = mods.cap(warp_sum(dot));
+        dot = mods.cap(warp_sum(dot)) + slope * ((float)j - last);
         const float m_new = fmaxf(m, dot);
         const float correction = __expf(m - m_new), p = __expf(dot - m_new);
         l = l * correction + p;
@@ -275,10 +289,12 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     u32 begin, end;
     slice_of(n, s, splits, mods, &begin, &end);
 
-    float qr[GROUP_MAX][DPL], acc[GROUP_MAX][DPL], m[GROUP_MAX], l[GROUP_MAX];
+    float qr[GROUP_MAX][DPL], acc[GROUP_MAX][DPL], m[GROUP_MAX], l[GROUP_MAX], slope[GROUP_MAX];
+    const float last = (float)(n - 1);
 #pragma unroll
     for (int i = 0; i < GROUP_MAX; i++) {
         const u64 qoff = ((u64)t * hq + g * group + (i < group ? i : 0)) * d;
+        slope[i] = mods.slope(g * group + i, hq);
 #pragma unroll
         for (int x = 0; x < DPL; x++) {
             qr[i][x] = i < group ? D::load(q, qoff + lane + 32 * x) * scale : 0.0f;
@@ -301,7 +317,7 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
             float dot = 0.0f;
 #pragma unroll
             for (int x = 0; x < DPL; x++) dot += qr[i][x] * kr[x];
-            dot = mods.cap(warp_sum(dot));
+            dot = mods.cap(warp_sum(dot)) + slope[i] * ((float)j - last);
             const float m_new = fmaxf(m[i], dot);
             const float correction = __expf(m[i] - m_new), p = __expf(dot - m_new);
             l[i] = l[i] * correction + p;
@@ -348,9 +364,9 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
         attn_group_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
                                 const u32* nkeys, const u32* table, u32 block_size, u32 hq, u32 hkv, float scale, \
-                                u32 window, float softcap) {                                                      \
+                                u32 window, float softcap, float alibi) {                                         \
         KeyAddr addr = {table, block_size};                                                                      \
-        ScoreMods mods = {window, softcap};                                                                      \
+        ScoreMods mods = {window, softcap, alibi};                                                               \
         attn_group<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, mods);                     \
     }
 
@@ -358,9 +374,9 @@ __device__ void attn_group(float* partial, const typename D::T* q, const typenam
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)                                                 \
         attn_split_d##dim##_##s(float* partial, const D::T* q, const D::T* k, const D::T* v, const u32* base,    \
                                 const u32* nkeys, const u32* table, u32 block_size, u32 hq, u32 hkv, float scale, \
-                                u32 window, float softcap) {                                                      \
+                                u32 window, float softcap, float alibi) {                                         \
         KeyAddr addr = {table, block_size};                                                                      \
-        ScoreMods mods = {window, softcap};                                                                      \
+        ScoreMods mods = {window, softcap, alibi};                                                               \
         attn_split<D, dim / 32>(partial, q, k, v, base, nkeys, addr, hq, hkv, scale, mods);                     \
     }
 

@@ -188,6 +188,29 @@ FAMILIES = {
                                        original_max_position_embeddings=64)),
     "cohere": dict(model_type="cohere", layer_norm_eps=1e-5, logit_scale=0.25, attention_bias=True,
                    rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0),
+    # Command R7B / A (cohere2): Cohere's layout with an 8-token window on three layers of each four
+    # (layers 0-2 of four), RoPE on those alone. GGUF: llama.cpp's `cohere2`.
+    "cohere2": dict(model_type="cohere2", num_hidden_layers=4, layer_norm_eps=1e-5, logit_scale=0.25, sliding_window=8,
+                    rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0),
+    # ERNIE 4.5 (0.3B): a Llama with RoPE on adjacent pairs, tied. GGUF: llama.cpp's `ernie4_5` (q/k
+    # rows as HF's: its RoPE pairs adjacent dims itself).
+    "ernie4_5": dict(model_type="ernie4_5", head_dim=16, rope_theta=500000.0, tie_word_embeddings=True, pad_token_id=0),
+    # Helium 1: a Llama with RoPE on adjacent pairs, q/k/v biases (attention_bias; o_proj without),
+    # untied. llama.cpp has no Helium: no GGUF.
+    "helium": dict(model_type="helium", head_dim=16, attention_bias=True, tie_word_embeddings=False, pad_token_id=0),
+    # Bloom: ALiBi in place of positions, a LayerNorm on the embeddings, q/k/v fused head by head,
+    # biases everywhere, Megatron's tanh GELU, tied embeddings; 6 heads of 16 (ALiBi's slopes for a
+    # head count not a power of two: four on its sequence, two between). GGUF: llama.cpp's `bloom`.
+    "bloom": dict(model_type="bloom", hidden_size=96, num_attention_heads=6, layer_norm_epsilon=1e-5),
+    # GPT-BigCode (StarCoder, SantaCoder): GPT-2's layout with Linear weights and multi-query
+    # attention (c_attn: every q head, then the one k and v), tied. GGUF: llama.cpp's `starcoder`.
+    "gpt-bigcode": dict(model_type="gpt_bigcode", n_inner=128, multi_query=True, activation_function="gelu_pytorch_tanh",
+                        layer_norm_epsilon=1e-5),
+    # MPT: ALiBi (its own way to the same slopes, biased from the last key), LayerNorm without a
+    # bias, q/k/v fused one after another, no biases, the exact GELU, tied; 6 heads of 16. GGUF:
+    # llama.cpp's `mpt`.
+    "mpt": dict(model_type="mpt", hidden_size=96, num_attention_heads=6, layer_norm_epsilon=1e-5, max_seq_len=256,
+                attn_config=dict(alibi=True, alibi_bias_max=8)),
 }
 
 # Fields of COMMON a family's config does not have under that name, which from_config would save
@@ -201,9 +224,13 @@ NOT_THEIRS = {
     "opt": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "gptj": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "cohere": ("rms_norm_eps",),
+    "cohere2": ("rms_norm_eps",),
     "nemotron": ("rms_norm_eps",),
     "olmo": ("rms_norm_eps",),
     "falcon": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
+    "bloom": ("num_key_value_heads", "rms_norm_eps", "intermediate_size", "max_position_embeddings"),
+    "mpt": ("num_key_value_heads", "rms_norm_eps", "intermediate_size", "max_position_embeddings"),
+    "gpt_bigcode": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
 }
 
 
@@ -329,7 +356,7 @@ def quantized_reference(out: Path, ids, quant: str) -> None:
 
 
 LN_ARCH = {"gpt2": "gpt2", "gpt_neox": "gptneox", "starcoder2": "starcoder2", "phi": "phi2", "stablelm": "stablelm",
-           "falcon": "falcon"}
+           "falcon": "falcon", "bloom": "bloom", "mpt": "mpt", "gpt_bigcode": "starcoder"}
 
 
 def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
@@ -342,20 +369,31 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
     arch = LN_ARCH[kind]
     w = gguf.GGUFWriter(str(path), arch)
     hd = cfg.hidden_size // cfg.num_attention_heads
-    w.add_context_length(cfg.max_position_embeddings)
+    w.add_context_length({"bloom": lambda: 2048, "mpt": lambda: cfg.max_seq_len}.get(kind, lambda: cfg.max_position_embeddings)())
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length({"gpt2": lambda: cfg.n_inner, "falcon": lambda: cfg.ffn_hidden_size}.get(kind, lambda: cfg.intermediate_size)())
+    w.add_feed_forward_length({"gpt2": lambda: cfg.n_inner, "gpt_bigcode": lambda: cfg.n_inner, "falcon": lambda: cfg.ffn_hidden_size, "bloom": lambda: 4 * cfg.hidden_size,
+                               "mpt": lambda: cfg.expansion_ratio * cfg.hidden_size}.get(kind, lambda: cfg.intermediate_size)())
     w.add_head_count(cfg.num_attention_heads)
     if kind in ("starcoder2", "phi", "stablelm"):
         w.add_head_count_kv(cfg.num_key_value_heads)
     if kind == "falcon":
         # llama.cpp's FalconModel: the key/value heads as the attention counts them.
         w.add_head_count_kv(cfg.num_kv_heads if cfg.new_decoder_architecture else 1)
+    if kind == "gpt_bigcode":
+        # llama.cpp's StarCoderModel: one key/value head where multi-query.
+        w.add_head_count_kv(1 if cfg.multi_query else cfg.num_attention_heads)
+    if kind in ("bloom", "mpt"):
+        # llama.cpp's BloomModel and MPTModel: every head its own key/value head; MPT's largest
+        # ALiBi bias (Bloom's is 8 in llama.cpp itself).
+        w.add_head_count_kv(cfg.num_attention_heads)
+    if kind == "mpt":
+        w.add_max_alibi_bias(cfg.attn_config.alibi_bias_max)
     eps = {"gpt2": "layer_norm_epsilon", "gpt_neox": "layer_norm_eps", "starcoder2": "norm_epsilon", "phi": "layer_norm_eps",
-           "stablelm": "layer_norm_eps", "falcon": "layer_norm_epsilon"}[kind]
+           "stablelm": "layer_norm_eps", "falcon": "layer_norm_epsilon", "bloom": "layer_norm_epsilon", "mpt": "layer_norm_epsilon",
+           "gpt_bigcode": "layer_norm_epsilon"}[kind]
     w.add_layer_norm_eps(getattr(cfg, eps))
-    if kind != "gpt2":
+    if kind not in ("gpt2", "bloom", "mpt", "gpt_bigcode"):
         rp = cfg.rope_parameters
         w.add_rope_freq_base(rp["rope_theta"])
         partial = rp.get("partial_rotary_factor", 1.0) or 1.0
@@ -385,6 +423,15 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
         "falcon": {"word_embeddings": "token_embd", "ln_f": "output_norm", "input_layernorm": "attn_norm",
                    "ln_attn": "attn_norm", "ln_mlp": "attn_norm_2", "self_attention.query_key_value": "attn_qkv",
                    "self_attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"},
+        "bloom": {"word_embeddings": "token_embd", "word_embeddings_layernorm": "token_embd_norm", "ln_f": "output_norm",
+                  "input_layernorm": "attn_norm", "self_attention.query_key_value": "attn_qkv",
+                  "self_attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+                  "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"},
+        "gpt_bigcode": {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm", "ln_1": "attn_norm",
+                        "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                        "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"},
+        "mpt": {"wte": "token_embd", "norm_f": "output_norm", "norm_1": "attn_norm", "attn.Wqkv": "attn_qkv",
+                "attn.out_proj": "attn_output", "norm_2": "ffn_norm", "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down"},
     }[kind]
     for k, v in model.state_dict().items():
         v = v.detach().numpy()
@@ -397,7 +444,7 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
             if cfg.tie_word_embeddings:
                 continue
             g = f"output.{suffix}"
-        elif stem.startswith(("h.", "layers.")):
+        elif stem.startswith(("h.", "layers.", "blocks.")):
             _, layer, part = stem.split(".", 2)
             g = f"blk.{layer}.{names[part]}.{suffix}"
             if kind == "gpt2" and suffix == "weight" and part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
@@ -410,13 +457,16 @@ def to_gguf_layernorm(kind: str, cfg, model, path: Path) -> None:
                 grp = v.reshape(kv, n // kv + 2, hd_, *v.shape[1:])
                 v = np.concatenate([grp[:, :-2].reshape(n * hd_, *v.shape[1:]), grp[:, -2].reshape(kv * hd_, *v.shape[1:]),
                                     grp[:, -1].reshape(kv * hd_, *v.shape[1:])])
-            if kind == "gpt_neox" and part == "attention.query_key_value":
+            if kind in ("gpt_neox", "bloom") and part in ("attention.query_key_value", "self_attention.query_key_value"):
                 n, h = cfg.num_attention_heads, cfg.hidden_size
                 v = v.reshape(n, 3, h // n, *v.shape[1:])
                 v = v.transpose(1, 0, *range(2, v.ndim)).reshape(3 * h, *v.shape[3:])
         else:
             g = f"{names[stem]}.{suffix}"
         w.add_tensor(g, v.astype("float32"))
+        if kind == "bloom" and g == "token_embd.weight":
+            # llama.cpp's BloomModel writes the tied unembedding as output.weight too.
+            w.add_tensor("output.weight", v.astype("float32"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -432,7 +482,7 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         return
     if kind in LN_ARCH:
         return to_gguf_layernorm(kind, cfg, model, path)
-    if kind in ("olmo3", "ministral"):
+    if kind in ("olmo3", "ministral", "helium"):
         print(f"  (llama.cpp's GGUF has no {kind} layout: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,
@@ -467,8 +517,8 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rp["factor"])
         w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
-    if kind == "cohere":
-        # llama.cpp's CommandR2Model: LayerNorm's epsilon, the logits' multiplier.
+    if kind in ("cohere", "cohere2"):
+        # llama.cpp's CommandR2Model (and Cohere2Model): LayerNorm's epsilon, the logits' multiplier.
         w.add_layer_norm_eps(cfg.layer_norm_eps)
         w.add_logit_scale(cfg.logit_scale)
     elif kind == "nemotron":

@@ -63,12 +63,12 @@ fn random_gpt2_and_pythia_match_cpu_logits_and_64_greedy_steps() {
     }
 }
 
-/// Falcon 7B's multi-query attention (71 query heads over one key/value head) and Nemotron's
-/// squared-ReLU MLP on the GPU against the CPU.
+/// Falcon 7B's multi-query attention (71 query heads over one key/value head), Nemotron's
+/// squared-ReLU MLP and Bloom's ALiBi (on the split kernels) on the GPU against the CPU.
 #[test]
-fn random_falcon_and_nemotron_match_cpu_logits_and_64_greedy_steps() {
-    let Some(gpu) = backend("random falcon and nemotron") else { return };
-    for shape in ["tiny-falcon", "tiny-nemotron"] {
+fn random_falcon_nemotron_and_bloom_match_cpu_logits_and_64_greedy_steps() {
+    let Some(gpu) = backend("random falcon, nemotron and bloom") else { return };
+    for shape in ["tiny-falcon", "tiny-nemotron", "tiny-bloom"] {
         println!("{shape}");
         random_model_matches_cpu(&gpu, shape, 64, &[DType::F32]);
     }

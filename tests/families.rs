@@ -231,13 +231,20 @@ fn olmoe_with_weights_not_renormalized() {
 /// give. A mixture's experts each apart (llama.cpp stacks them; Mixtral's
 /// `block_sparse_moe.experts.{e}.w1`); GPT-2's Conv1D weights transposed back and q, k, v fused in
 /// `transformer.h.{l}.attn.c_attn`; GPT-NeoX's `query_key_value` interleaved head by head again
-/// (llama.cpp reorders it to q, k, v); StarCoder 2's and Phi's own names.
+/// (llama.cpp reorders it to q, k, v), Bloom's too; StarCoder 2's, Phi's and MPT's own names.
+/// llama.cpp writes Bloom's tied unembedding again as `output`: there, an `lm_head.weight` that is
+/// the embedding's bytes, beside the checkpoint's names.
 #[test]
 fn a_ggufs_tensors_are_named_and_laid_out_as_the_checkpoints() {
-    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "cohere", "falcon", "falcon-40b"] {
+    for family in ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "granitemoe", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "cohere", "falcon", "falcon-40b", "bloom", "mpt", "gpt-bigcode"] {
         let d = dir(family);
         let (hf, gguf) = (Source::open(&d).unwrap(), Source::open(&d.join("model.gguf")).unwrap());
         let mut names = gguf.tensor_names();
+        if family == "bloom" {
+            let (head, embed) = (gguf.tensor("lm_head.weight").unwrap().unwrap(), hf.tensor("transformer.word_embeddings.weight").unwrap().unwrap());
+            assert_eq!((&head.dims, head.data.as_ref()), (&embed.dims, embed.data.as_ref()), "bloom: the GGUF's output is the embedding");
+            names.retain(|n| n != "lm_head.weight");
+        }
         names.sort();
         let mut want = hf.tensor_names();
         want.sort();
@@ -408,6 +415,28 @@ fn cohere_with_rope_on_adjacent_pairs_and_scaled_logits() {
     check("cohere");
 }
 
+/// Command R7B and A (`cohere2`): Cohere's layout with an 8-token window on three layers of each four
+/// beside the 20-token prompt, RoPE on those alone (the fourth sees every key, unrotated); from
+/// llama.cpp's `cohere2` GGUF too (its window on the same layers, no key holding the pattern).
+#[test]
+fn cohere2_with_windows_and_rope_on_three_layers_of_four() {
+    check("cohere2");
+}
+
+/// ERNIE 4.5: a Llama rotating adjacent pairs of dims (the loader's row move, as for GPT-J), tied;
+/// from llama.cpp's `ernie4_5` GGUF too (q and k as HF has them).
+#[test]
+fn ernie4_5_with_rope_on_adjacent_pairs() {
+    check("ernie4_5");
+}
+
+/// Helium 1: a Llama rotating adjacent pairs, q/k/v biases (o_proj without, whatever
+/// attention_bias says). No GGUF (llama.cpp has no Helium).
+#[test]
+fn helium_with_rope_on_adjacent_pairs_and_qkv_biases() {
+    check("helium");
+}
+
 /// Falcon 7B: attention and a GELU MLP side by side through one LayerNorm, multi-query (q, k and v
 /// fused: every q head, then the one k and v), tied embeddings; llama.cpp's `falcon` GGUF too.
 #[test]
@@ -421,6 +450,31 @@ fn falcon_multi_query_with_one_norm() {
 #[test]
 fn falcon_40b_grouped_qkv_and_two_norms() {
     check("falcon-40b");
+}
+
+/// Bloom: ALiBi in place of positions (6 heads: the four slopes of a power of two, then two
+/// between them), a LayerNorm on the embeddings, q, k and v fused head by head, biases everywhere,
+/// Megatron's tanh GELU, tied embeddings; from llama.cpp's `bloom` GGUF too ([q; k; v], the
+/// embeddings' norm `token_embd_norm`, the tied unembedding written again as `output`).
+#[test]
+fn bloom_with_alibi_and_normed_embeddings() {
+    check("bloom");
+}
+
+/// GPT-BigCode (StarCoder, SantaCoder): GPT-2's layout (learned positions, LayerNorm, biases, a
+/// tanh-GELU MLP) with Linear weights and multi-query attention (`c_attn`: every q head, then the one
+/// k and v); from llama.cpp's `starcoder` GGUF too.
+#[test]
+fn gpt_bigcode_multi_query_with_learned_positions() {
+    check("gpt-bigcode");
+}
+
+/// MPT: ALiBi as MPT biases it (from the last key, its own way to the slopes; 6 heads), LayerNorm
+/// without a bias, q, k and v fused one after another, no biases, the exact GELU, tied; the config's
+/// `attn_config` read; from llama.cpp's `mpt` GGUF too (`attention.max_alibi_bias`).
+#[test]
+fn mpt_with_alibi_and_bias_free_layernorm() {
+    check("mpt");
 }
 
 /// Nemotron (Minitron): LayerNorm1P (the weight as saved is w, the norm multiplies by 1 + w), a
@@ -483,7 +537,7 @@ fn q_and_k_captured_in_the_checkpoints_order_of_dims() {
 /// soft-cap, Cohere's and Granite's scales): its top tokens and probabilities are HF's.
 #[test]
 fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
-    for family in ["llama3.2", "gpt2", "pythia", "phi2", "opt", "gptj", "cohere", "falcon-40b", "nemotron", "olmo", "gemma2", "granite"] {
+    for family in ["llama3.2", "gpt2", "pythia", "phi2", "opt", "gptj", "cohere", "falcon-40b", "nemotron", "olmo", "gemma2", "granite", "bloom", "mpt", "gpt-bigcode"] {
         let (_, prompt, want) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::ResidPost]);
@@ -501,6 +555,40 @@ fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
             }
             let best = (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
             assert_eq!(top.tokens[0] as usize, best, "{family} position {p}: the lens's top token");
+        }
+    }
+}
+
+/// Attention patterns recomputed from the captured q and k (`introspect::attention_probs`, scored as
+/// each layer scores: Bloom's and MPT's ALiBi, Mistral's window, Gemma 2's cap and window and
+/// scale, Qwen 3's normed q and k, GPT-J's adjacent pairs moved back) are the ones the model ran:
+/// over the captured v they give each head's output, the captured `z`.
+#[test]
+fn attention_patterns_from_the_captures_give_each_heads_output() {
+    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "falcon", "bloom", "mpt"] {
+        let (_, prompt, _) = reference(family, "reference.json");
+        let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
+        let mut hooks = Hooks::capture_all(&[Site::Q, Site::K, Site::V, Site::Z]);
+        m.prefill_hooked(&prompt, Logits::Last, Some(&mut hooks)).unwrap();
+        let (t, hq, hkv, d) = (prompt.len(), m.config.num_attention_heads, m.config.kv_heads(), m.config.head_dim());
+        for l in 0..m.config.num_hidden_layers {
+            let get = |site: Site| hooks.get(site, l).unwrap_or_else(|| panic!("{family}: no {site:?} at layer {l}"));
+            let probs = highrise::model::introspect::attention_probs(get(Site::Q), get(Site::K), [hq, hkv, d], m.config.scores(l));
+            let v = get(Site::V);
+            let mut z = vec![0f32; t * hq * d];
+            for h in 0..hq {
+                let g = h / (hq / hkv);
+                for i in 0..t {
+                    for j in 0..t {
+                        let p = probs[(h * t + i) * t + j];
+                        for c in 0..d {
+                            z[(i * hq + h) * d + c] += p * v[(j * hkv + g) * d + c];
+                        }
+                    }
+                }
+            }
+            let off = worst_of(get(Site::Z), &z);
+            assert!(off <= 1e-4, "{family} layer {l}: the recomputed pattern over v is {off} from z");
         }
     }
 }
@@ -532,7 +620,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee", "bloom", "mpt", "gpt-bigcode"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();
@@ -659,7 +747,7 @@ fn damaged_ggufs_are_refused_or_run_never_panic() {
     };
     let path = std::env::temp_dir().join(format!("highrise-gguf-damage-{}.gguf", std::process::id()));
     let (mut ran, mut refused) = (0, 0);
-    for family in ["mixtral", "qwen2-moe", "granitemoe", "gpt2", "pythia", "phi2", "cohere", "falcon-40b"] {
+    for family in ["mixtral", "qwen2-moe", "granitemoe", "gpt2", "pythia", "phi2", "cohere", "falcon-40b", "bloom", "mpt"] {
         let whole = std::fs::read(dir(family).join("model.gguf")).unwrap();
         // The header: everything before the first tensor's data (4 KiB covers these tiny files').
         let header = 4096.min(whole.len());

@@ -321,7 +321,7 @@ fn check_prefill(rng: &mut Rng, dt: DType, hq: usize, hkv: usize, d: usize, lens
 fn check_prefill_scored(rng: &mut Rng, dt: DType, [hq, hkv, d]: [usize; 3], lens: &[usize], causal: bool, scores: Scores) {
     let t: usize = lens.iter().sum();
     let (q, k, v) = (rng.values(t * hq * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt), rng.values(t * hkv * d, 1.0, dt));
-    let sc = (scores.scale as f64, scores.softcap as f64, scores.window as usize);
+    let sc = (scores.scale as f64, scores.softcap as f64, scores.window as usize, scores.alibi as f64);
     let mut out = poisoned(dt, &[t, hq, d]);
     let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
     be()
@@ -403,7 +403,7 @@ pub fn attention_soft_caps_scores_and_slides_its_window() {
     for &dt in dtypes {
         for (softcap, window) in [(1.0, 0), (0.0, 5), (0.0, 64), (1.0, 33)] {
             for &[hq, hkv, d] in shapes {
-                let scores = Scores { scale: 1.0 / (d as f32).sqrt(), softcap, window };
+                let scores = Scores { scale: 1.0 / (d as f32).sqrt(), softcap, window, alibi: 0.0 };
                 check_prefill_scored(&mut rng, dt, [hq, hkv, d], &[300], true, scores);
                 check_prefill_scored(&mut rng, dt, [hq, hkv, d], &[7, 1, 100, 3], true, scores);
                 // One sequence alone: its context cut into as many parts as fill the device.
@@ -415,7 +415,38 @@ pub fn attention_soft_caps_scores_and_slides_its_window() {
             }
         }
         // A cap without a window on non-causal attention.
-        check_prefill_scored(&mut rng, dt, [4, 2, 64], &[50], false, Scores { scale: 0.125, softcap: 1.0, window: 0 });
+        check_prefill_scored(&mut rng, dt, [4, 2, 64], &[50], false, Scores { scale: 0.125, softcap: 1.0, window: 0, alibi: 0.0 });
+    }
+}
+
+/// ALiBi (Bloom's, MPT's): each head's scores biased by its slope times the key's distance back
+/// from the row's last, checked against the f64 reference that takes the slopes MPT's way. Head
+/// counts of a power of two and not (6: four slopes on the power's sequence, two between them),
+/// grouped and not; prefill causal and not, with a sliding window beside it, and through the paged
+/// cache (decode, prompt chunks after a prefix). On CUDA, where the tensor-core kernels take no
+/// bias, the split kernels serve every dtype.
+#[test]
+pub fn attention_biases_scores_by_distance_with_alibi() {
+    if backend("attention_biases_scores_by_distance_with_alibi").is_none() {
+        return;
+    }
+    let mut rng = Rng::new("attention alibi");
+    let (dtypes, shapes): (&[DType], &[[usize; 3]]) = match on_cuda() {
+        true => (&[DType::F32, DType::BF16], &[[6, 6, 64], [8, 2, 64]]),
+        false => (&FLOATS, &[[6, 6, 64], [8, 2, 64], [12, 4, 128], [4, 1, 256]]),
+    };
+    for &dt in dtypes {
+        for &[hq, hkv, d] in shapes {
+            for (alibi, window) in [(8.0, 0), (8.0, 40), (16.0, 0)] {
+                let scores = Scores { scale: 1.0 / (d as f32).sqrt(), softcap: 0.0, window, alibi };
+                check_prefill_scored(&mut rng, dt, [hq, hkv, d], &[300], true, scores);
+                check_prefill_scored(&mut rng, dt, [hq, hkv, d], &[7, 1, 100, 3], true, scores);
+                check_paged_scored(&mut rng, [dt, dt], [hq, hkv, d], &[(1000, 1)], scores);
+                check_paged_scored(&mut rng, [dt, dt], [hq, hkv, d], &[(1, 1), (37, 1), (300, 7), (64, 64), (230, 100)], scores);
+            }
+            let scores = Scores { scale: 0.125, softcap: 0.0, window: 0, alibi: 8.0 };
+            check_prefill_scored(&mut rng, dt, [hq, hkv, d], &[50, 9], false, scores);
+        }
     }
 }
 
@@ -471,7 +502,7 @@ fn check_paged_scored(rng: &mut Rng, [dt, cache_dt]: [DType; 2], [hq, hkv, d]: [
     }
     let t: usize = batch.iter().map(|(_, q)| q).sum();
     let q: Vec<f64> = qs.concat();
-    let sc = (scores.scale as f64, scores.softcap as f64, scores.window as usize);
+    let sc = (scores.scale as f64, scores.softcap as f64, scores.window as usize, scores.alibi as f64);
     let mut out = poisoned(dt, &[t, hq, d]);
     be()
         .paged_attention_with(&mut out, &upload(dt, &[t, hq, d], &q), &k_cache, &v_cache, &seqs, &table, scores)

@@ -280,21 +280,35 @@ pub fn ref_attention(
     causal: bool,
     rd: Rd,
 ) -> Vec<f64> {
-    ref_attention_scored(q, k, v, [hq, hkv, d], (scale, 0.0, 0), causal, rd)
+    ref_attention_scored(q, k, v, [hq, hkv, d], (scale, 0.0, 0, 0.0), causal, rd)
 }
 
-/// `ref_attention` with soft-capped scores (`softcap` > 0: s -> softcap tanh(s / softcap)) and a
-/// sliding window (`window` > 0: a query at position p sees keys above p - window):
-/// `(scale, softcap, window)`.
+/// ALiBi's slopes for `heads` query heads with the largest bias `max`, as MPT computes them (its own
+/// way to the sequence Bloom and llama.cpp reach otherwise): for the next power of two n at least
+/// `heads`, `2^(-max i / n)` for i = 1..=n, then the even ones before the odd ones, the first `heads`.
+pub fn ref_alibi_slopes(heads: usize, max: f64) -> Vec<f64> {
+    let n = heads.next_power_of_two();
+    let all: Vec<f64> = (1..=n).map(|i| (-(i as f64) * max / n as f64).exp2()).collect();
+    if n == heads {
+        return all;
+    }
+    all.iter().skip(1).step_by(2).chain(all.iter().step_by(2)).take(heads).copied().collect()
+}
+
+/// `ref_attention` with soft-capped scores (`softcap` > 0: s -> softcap tanh(s / softcap)), a
+/// sliding window (`window` > 0: a query at position p sees keys above p - window) and ALiBi
+/// (`alibi` > 0: head h's score of key j plus `slope_h (j - last)`, `last` the row's last key):
+/// `(scale, softcap, window, alibi)`.
 pub fn ref_attention_scored(
     q: &[f64],
     k: &[f64],
     v: &[f64],
     [hq, hkv, d]: [usize; 3],
-    (scale, softcap, window): (f64, f64, usize),
+    (scale, softcap, window, alibi): (f64, f64, usize, f64),
     causal: bool,
     rd: Rd,
 ) -> Vec<f64> {
+    let slopes = if alibi > 0.0 { ref_alibi_slopes(hq, alibi) } else { vec![0.0; hq] };
     let (tq, tk) = (q.len() / (hq * d), k.len() / (hkv * d));
     let mut out = vec![0.0; q.len()];
     // Query rows are independent: spread them over the cores (the GPU tests' references would
@@ -310,6 +324,8 @@ pub fn ref_attention_scored(
             let qr = &q[(i * hq + h) * d..][..d];
             let scores: Vec<f64> = (first..=pos)
                 .map(|j| cap(rd.r(qr.iter().zip(&k[(j * hkv + g) * d..][..d]).map(|(a, b)| a * b).sum::<f64>() * scale)))
+                .zip(first..=pos)
+                .map(|(s, j)| if alibi > 0.0 { rd.r(s + slopes[h] * (j as f64 - pos as f64)) } else { s })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();

@@ -193,12 +193,17 @@ pub fn paged_attention(ts: &Tensors, op: &PagedAttention) -> Result<()> {
     })
 }
 
-/// `row = exp(cap(row) - max) / sum`, in place (`cap`: the scores' soft-cap, if any); returns the
-/// row's log-sum-exp, `max + ln(sum)`.
+/// `row = exp(cap(row) + bias - max) / sum`, in place (`cap`: the scores' soft-cap, if any; `bias`:
+/// ALiBi's, `slope * (dist0 + j)` at the row's j-th key, dist0 the first key's distance from the
+/// row's last visible one, none where the slope is 0); returns the row's log-sum-exp, `max +
+/// ln(sum)`.
 #[inline(always)]
-fn softmax(row: &mut [f32], scores: &Scores) -> f32 {
+fn softmax(row: &mut [f32], scores: &Scores, (slope, dist0): (f32, f32)) -> f32 {
     if scores.softcap > 0.0 {
         row.iter_mut().for_each(|v| *v = scores.cap(*v));
+    }
+    if slope != 0.0 {
+        row.iter_mut().enumerate().for_each(|(j, v)| *v += slope * (dist0 + j as f32));
     }
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     // Each term as close as libm's expf (see exp_sub): attention's probabilities feed the residual
@@ -213,16 +218,25 @@ fn softmax(row: &mut [f32], scores: &Scores) -> f32 {
 /// context combine into the whole (`merge_parts`).
 type Part = (Vec<f32>, Vec<f32>);
 
+/// ALiBi's part of one `attend_one`: each row's slope (none: empty), and the first key's distance
+/// from the last key the rows see (0 or less).
+type Bias<'s> = (&'s [f32], f32);
+
+/// Row r's (slope, first distance) of `bias`.
+fn row_bias((slopes, dist0): Bias, r: usize) -> (f32, f32) {
+    (slopes.get(r).copied().unwrap_or(0.0), dist0)
+}
+
 /// Attention of `qs` (rows of D, all at the same position) over the keys and values in the rows
 /// `key` and `value` (each D long, in the cache's dtype): scores, softmax, weighted sum. Returns
 /// [rows, D] and each row's log-sum-exp.
-fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scores: &Scores) -> Part {
+fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scores: &Scores, bias: Bias) -> Part {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2_fma() && d.is_multiple_of(8) {
         // Rows read where they lie, in the cache's own dtype (an f16 cache widens in registers: half
         // the bytes from memory, no copy).
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); D is whole vectors of 8.
-        return unsafe { avx2::attend_one(qs, key, value, d, scores) };
+        return unsafe { avx2::attend_one(qs, key, value, d, scores, bias) };
     }
     // Portable: f32 rows read where they lie, others widened once.
     fn widen<'r, E: Float>(rows: &[&'r [E]], d: usize) -> Vec<std::borrow::Cow<'r, [f32]>> {
@@ -239,11 +253,11 @@ fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, scor
     }
     let (k, v) = (widen(key, d), widen(value, d));
     let (k, v): (Vec<&[f32]>, Vec<&[f32]>) = (k.iter().map(|r| &r[..]).collect(), v.iter().map(|r| &r[..]).collect());
-    attend_one_portable(qs, &k, &v, d, scores)
+    attend_one_portable(qs, &k, &v, d, scores, bias)
 }
 
 /// `attend_one` over the rows of K and V (each at least D long).
-fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, sc: &Scores) -> Part {
+fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, sc: &Scores, bias: Bias) -> Part {
     let (rows, len) = (qs.len() / d, key.len());
     let mut scores = vec![0f32; rows * len];
     for (pos, kr) in key.iter().enumerate() {
@@ -251,7 +265,7 @@ fn attend_one_portable(qs: &[f32], key: &[&[f32]], value: &[&[f32]], d: usize, s
             scores[r * len + pos] = crate::simd::dot(&qs[r * d..(r + 1) * d], kr) * sc.scale;
         }
     }
-    let lse = scores.chunks_exact_mut(len.max(1)).map(|row| softmax(row, sc)).collect();
+    let lse = scores.chunks_exact_mut(len.max(1)).enumerate().map(|(r, row)| softmax(row, sc, row_bias(bias, r))).collect();
     let mut out = vec![0f32; rows * d];
     for (pos, vr) in value.iter().enumerate() {
         for r in 0..rows {
@@ -303,7 +317,7 @@ mod avx2 {
     /// tile of 16 output columns for up to 6 rows at a time, so each value row is loaded once per
     /// tile and serves every row (query head) of the group.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, sc: &super::Scores) -> super::Part {
+    pub unsafe fn attend_one<E: Float>(qs: &[f32], key: &[&[E]], value: &[&[E]], d: usize, sc: &super::Scores, bias: super::Bias) -> super::Part {
         let scale = sc.scale;
         let (rows, len) = (qs.len() / d, key.len());
         assert!(value.len() == len && key.iter().chain(value).all(|r| r.len() >= d));
@@ -345,7 +359,7 @@ mod avx2 {
             }
             pos += 1;
         }
-        let lse = scores.chunks_exact_mut(len.max(1)).map(|row| super::softmax(row, sc)).collect();
+        let lse = scores.chunks_exact_mut(len.max(1)).enumerate().map(|(r, row)| super::softmax(row, sc, super::row_bias(bias, r))).collect();
         let mut out = vec![0f32; rows * d];
         for r0 in (0..rows).step_by(6) {
             match rows - r0 {
@@ -471,10 +485,17 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
                 let row = (seq.q_start + i0 + i) * hq + g * group;
                 E::load(&q[row * d..(row + group) * d], &mut qs[i * group * d..(i + 1) * group * d]);
             }
+            // ALiBi's slope of each row's head (row i * group + hh: head g * group + hh).
+            let slopes: Vec<f32> = match scores.alibi > 0.0 {
+                true => (0..rows).map(|r| scores.alibi_slope(g * group + r % group, hq)).collect(),
+                false => Vec::new(),
+            };
             if n == 1 {
                 // Decode: one query position. Each cached K/V row is read once, straight from the
-                // cache, and serves every head of the group; nothing is gathered.
-                return attend_one(&qs, &src.rows(k, s, keys.clone(), g), &src.rows(v, s, keys.clone(), g), d, &scores);
+                // cache, and serves every head of the group; nothing is gathered. The part's first
+                // key lies `keys.start - (lo + visible - 1)` from the last the query sees.
+                let bias = (&slopes[..], keys.start as f32 - (lo + visible - 1) as f32);
+                return attend_one(&qs, &src.rows(k, s, keys.clone(), g), &src.rows(v, s, keys.clone(), g), d, &scores, bias);
             }
             // K and V rows: read in place where they are f32 at one stride (a prompt's own), else
             // gathered (through a block table) and widened into [visible, D].
@@ -521,7 +542,8 @@ fn attend<E: Float, C: Float, S: KvSource<C>>(
                 };
                 let (before, rest) = row.split_at_mut(from);
                 let (seen, after) = rest.split_at_mut(to - from);
-                softmax(seen, &scores);
+                // The last key seen is the row's last: ALiBi's distances end at 0 there.
+                softmax(seen, &scores, row_bias((&slopes, 1.0 - seen.len() as f32), r));
                 before.fill(0.0);
                 after.fill(0.0);
             }

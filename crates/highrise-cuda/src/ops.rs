@@ -574,12 +574,12 @@ fn attend(
     let table_ptr = if table.is_some() { addr[2] } else { 0u64 };
     let (hq32, hkv32, d32) = (hq as u32, hkv as u32, d as u32);
     let (kernel, heads) = if grouped { ("attn_group", hkv32) } else { ("attn_split", hq32) };
-    let (scale, window, softcap) = (scores.scale, scores.window, scores.softcap);
+    let (scale, window, softcap, alibi) = (scores.scale, scores.window, scores.softcap, scores.alibi);
     be.launch(
         &format!("{kernel}_d{d}_{s}"),
         (t as u32, heads, splits),
         (128, 1, 1),
-        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &window, &softcap],
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &table_ptr, &block_size, &hq32, &hkv32, &scale, &window, &softcap, &alibi],
     )?;
     be.launch(&format!("attn_combine_{s}"), (t as u32, hq32, 1), (d32, 1, 1), &[&o, &partial, &hq32, &d32, &splits])
 }
@@ -592,10 +592,10 @@ fn attention_choice() -> String {
 }
 
 /// Whether attention runs on tensor cores (`flash_attn_*`, `decode_attn_*`, which take soft-capping
-/// and sliding windows too): f16/bf16 at head dims 64 and 128, unless `HIGHRISE_CUDA_ATTENTION` asks
-/// for the split kernels.
-fn flash_fits(dtype: DType, d: usize) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && attention_choice() == "auto"
+/// and sliding windows too, not ALiBi): f16/bf16 at head dims 64 and 128, unless
+/// `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
+fn flash_fits(dtype: DType, d: usize, scores: &Scores) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && scores.alibi == 0.0 && attention_choice() == "auto"
 }
 
 /// Launches `flash_attn_*` over the tiles of `seqs` ((first query row, queries, position of the
@@ -660,7 +660,7 @@ fn flash(
 /// uses.
 pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
     let [t, d] = [op.q.dims()[0], op.q.dims()[2]];
-    if flash_fits(op.out.dtype, d) && t > 0 {
+    if flash_fits(op.out.dtype, d, &op.scores) && t > 0 {
         let mut start = 0;
         let seqs = op.seq_lens.as_slice().iter().map(|&len| {
             start += len;
@@ -699,7 +699,7 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
         })
     };
     let prompts = || starts().filter(|(_, s)| !decodes(s));
-    if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && prompts().all(|(_, s)| s.q_len >= 2) {
+    if flash_fits(op.out.dtype, op.q.dims()[2], &op.scores) && !seqs.is_empty() && prompts().all(|(_, s)| s.q_len >= 2) {
         if seqs.iter().any(decodes) {
             decode(be, st, op, block_size, starts().filter(|(_, s)| decodes(s)))?;
         }

@@ -400,7 +400,7 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "kv_write" => vec![P, P, P, P, P, U32, U32, U32],
         "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
-        "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
+        "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, F32],
         "flash_attn_ws" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, MAP_OPT, MAP_OPT],
         "flash_attn" | "flash_attn_wg" | "flash_attn_wgp" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
         "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32, P, P],
@@ -1021,7 +1021,7 @@ fn kv_shape(a: &Args<'_>, paged: bool, hkv: u64, bs: u64, d: u64) -> Check {
 }
 
 /// attn_split / attn_group: (partial, q, k, v, base, nkeys, table, block_size, hq, hkv, scale,
-/// window, softcap); grid (rows, heads: hq or hkv, splits). The kernels cut each row's keys (its last
+/// window, softcap, alibi); grid (rows, heads: hq or hkv, splits). The kernels cut each row's keys (its last
 /// `window` with a window) into the grid's slices themselves.
 fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Check {
     let (bs, hq, hkv) = (a.u32(7) as u64, a.u32(8) as u64, a.u32(9) as u64);
@@ -1042,6 +1042,10 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
     let softcap = a.f32(12);
     if !(softcap.is_finite() && softcap >= 0.0) {
         return Err(format!("softcap {softcap} is not finite and non-negative"));
+    }
+    let alibi = a.f32(13);
+    if !(alibi.is_finite() && alibi >= 0.0) {
+        return Err(format!("alibi {alibi} is not finite and non-negative"));
     }
     let paged = a.u64(6) != 0;
     if paged && bs == 0 {

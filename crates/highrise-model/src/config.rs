@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 30] = [
+pub const FAMILIES: [(&str, &str); 36] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -44,6 +44,12 @@ pub const FAMILIES: [(&str, &str); 30] = [
     ("olmo", "OLMo 1B, 7B (LayerNorm without a weight or bias, a SwiGLU MLP; clip_qkv refused)"),
     ("nemotron", "Nemotron-4 Minitron 4B and 8B, Nemotron-Mini (LayerNorm of 1 + w, a squared-ReLU MLP without a gate, RoPE on half of each head)"),
     ("cohere", "Command R, Aya 23 (LayerNorm without a bias feeding attention and a SwiGLU MLP side by side, RoPE on adjacent pairs, scaled logits; GGUF `command-r`)"),
+    ("cohere2", "Command R7B, Command A (Cohere's layout with a sliding window on three layers of each four, RoPE on those alone; GGUF `cohere2`)"),
+    ("ernie4_5", "ERNIE 4.5 0.3B (a Llama with RoPE on adjacent pairs; use_bias refused)"),
+    ("helium", "Helium 1 (a Llama with RoPE on adjacent pairs, q/k/v biases where attention_bias says)"),
+    ("bloom", "BLOOM, BLOOMZ 560M to 176B (ALiBi in place of positions, a LayerNorm on the embeddings, q/k/v fused head by head, biases everywhere, a GELU MLP)"),
+    ("gpt_bigcode", "StarCoder, SantaCoder, WizardCoder, OctoCoder (GPT-2's layout with multi-query attention, q/k/v fused; GGUF `starcoder`)"),
+    ("mpt", "MPT 7B, 30B (ALiBi in place of positions, LayerNorm without a bias, q/k/v fused, no biases, an exact-GELU MLP)"),
 ];
 
 /// Whether `name` (a `model_type` or GGUF `general.architecture`) is a family highrise runs.
@@ -53,13 +59,14 @@ pub fn is_family(name: &str) -> bool {
 
 /// The `model_type` of a GGUF `general.architecture`: llama.cpp calls Gemma 3 `gemma3` whatever its
 /// size, HF's text-only config `gemma3_text` (`gemma3` there is the multimodal wrapper), and Qwen 2
-/// and 3 MoE `qwen2moe` and `qwen3moe`. (Mixtral is `llama` with experts: see `from_gguf`.)
+/// and 3 MoE `qwen2moe` and `qwen3moe`, GPT-BigCode `starcoder`. (Mixtral is `llama` with experts: see `from_gguf`.)
 fn model_type_of_arch(arch: &str) -> &str {
     match arch {
         "gemma3" => "gemma3_text",
         "gptneox" => "gpt_neox",
         "phi2" => "phi",
         "command-r" => "cohere",
+        "starcoder" => "gpt_bigcode",
         "qwen3moe" => "qwen3_moe",
         "qwen2moe" => "qwen2_moe",
         other => other,
@@ -241,6 +248,16 @@ pub struct ModelConfig {
     pub bias: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alibi: Option<bool>,
+    /// MPT: ALiBi's largest bias (`attn_config.alibi_bias_max`, 8 where absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alibi_bias_max: Option<f64>,
+    /// MPT: whether its projections and LayerNorms go without biases (true: HF builds none; false,
+    /// biases, is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_bias: Option<bool>,
+    /// Bloom: the stream carrying each block's normed input in place of its input (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_residual_connection_post_layernorm: Option<bool>,
     /// Nemotron: biases on the MLP's projections (HF's default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_bias: Option<bool>,
@@ -267,7 +284,8 @@ impl ModelConfig {
     /// `olmoe-1b-7b`, `smollm2-135m`, `tiny` (2 layers, head dim 64, grouped-query 4:2, vocab 512), and
     /// `tiny-gemma2`, `tiny-gemma3`, `tiny-smollm3`, `tiny-olmo2`, `tiny-mixtral`,
     /// `tiny-qwen3-moe`, `tiny-qwen2-moe`, `tiny-gpt2`, `tiny-pythia`, `tiny-falcon` (71 query heads
-    /// over one key/value head) and `tiny-nemotron` (the same in those families' layouts).
+    /// over one key/value head), `tiny-nemotron` and `tiny-bloom` (6 heads of 64 under ALiBi) (the
+    /// same in those families' layouts).
     pub fn shape(name: &str) -> Option<ModelConfig> {
         let v = match name {
             "llama-3-8b" => serde_json::json!({
@@ -370,12 +388,19 @@ impl ModelConfig {
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
                 "hidden_act": "relu2", "rms_norm_eps": 1e-5, "partial_rotary_factor": 0.5,
             }),
+            // Bloom's: ALiBi over 6 heads (slopes on and between a power of two's), a LayerNorm on
+            // the embeddings, biases everywhere, a GELU MLP.
+            "tiny-bloom" => serde_json::json!({
+                "model_type": "bloom", "vocab_size": 512, "hidden_size": 384, "intermediate_size": 1536,
+                "num_hidden_layers": 2, "num_attention_heads": 6, "max_position_embeddings": 1024,
+                "hidden_act": "gelu_pytorch_tanh", "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+            }),
             _ => return None,
         };
         Some(serde_json::from_value(v).expect("the named shapes are valid configs"))
     }
 
-    pub const SHAPES: [&'static str; 15] = [
+    pub const SHAPES: [&'static str; 16] = [
         "llama-3-8b",
         "olmoe-1b-7b",
         "smollm2-135m",
@@ -391,6 +416,7 @@ impl ModelConfig {
         "tiny-pythia",
         "tiny-falcon",
         "tiny-nemotron",
+        "tiny-bloom",
     ];
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
@@ -554,12 +580,17 @@ impl ModelConfig {
                 "granite" => "GraniteForCausalLM".into(),
                 "granitemoe" => "GraniteMoeForCausalLM".into(),
                 "gpt2" => "GPT2LMHeadModel".into(),
+                "starcoder" => "GPTBigCodeForCausalLM".into(),
                 "gptneox" => "GPTNeoXForCausalLM".into(),
                 "starcoder2" => "Starcoder2ForCausalLM".into(),
                 "phi2" => "PhiForCausalLM".into(),
                 "stablelm" => "StableLmForCausalLM".into(),
                 "command-r" => "CohereForCausalLM".into(),
+                "cohere2" => "Cohere2ForCausalLM".into(),
+                "ernie4_5" => "Ernie4_5ForCausalLM".into(),
                 "falcon" => "FalconForCausalLM".into(),
+                "bloom" => "BloomForCausalLM".into(),
+                "mpt" => "MptForCausalLM".into(),
                 "nemotron" => "NemotronForCausalLM".into(),
                 "olmo" => "OlmoForCausalLM".into(),
                 "arcee" => "ArceeForCausalLM".into(),
@@ -591,9 +622,14 @@ impl ModelConfig {
             // llama.cpp's Gemma 2: the window on even layers; Gemma 3: on five layers of each six
             // (every sixth full). GeGLU; scores scaled by the head dim (n_embd / n_head for the
             // 27Bs, the one shape of 46 layers of Gemma 2 and of 62 of Gemma 3).
-            layer_types: gemma.then(|| {
+            // llama.cpp's Command R7B and A (`cohere2`): the window on three layers of each four.
+            layer_types: (gemma || arch == "cohere2").then(|| {
                 let layers = num("block_count").unwrap_or(0);
-                let sliding = |l: usize| if arch == "gemma2" { l % 2 == 0 } else { (l + 1) % 6 != 0 };
+                let sliding = |l: usize| match arch.as_str() {
+                    "gemma2" => l % 2 == 0,
+                    "cohere2" => (l + 1) % 4 != 0,
+                    _ => (l + 1) % 6 != 0,
+                };
                 (0..layers).map(|l| if sliding(l) { "sliding_attention" } else { "full_attention" }.to_string()).collect()
             }),
             hidden_activation: (gemma || arch == "gemma").then(|| "gelu_pytorch_tanh".to_string()),
@@ -601,7 +637,9 @@ impl ModelConfig {
             // where llama.cpp runs the tanh approximation for every family).
             hidden_act: match arch.as_str() {
                 "gpt2" | "phi2" => Some("gelu_new".into()),
-                "gptneox" | "falcon" => Some("gelu".into()),
+                "starcoder" => Some("gelu_pytorch_tanh".into()),
+                "gptneox" | "falcon" | "mpt" => Some("gelu".into()),
+                "bloom" => Some("gelu_pytorch_tanh".into()),
                 "nemotron" | "arcee" => Some("relu2".into()),
                 "starcoder2" => Some("gelu_pytorch_tanh".into()),
                 _ => None,
@@ -636,8 +674,8 @@ impl ModelConfig {
             embedding_multiplier: float("embedding_scale"),
             residual_multiplier: float("residual_scale"),
             attention_multiplier: float("attention.scale"),
-            logits_scaling: float("logit_scale").filter(|_| arch != "command-r"),
-            logit_scale: float("logit_scale").filter(|_| arch == "command-r"),
+            logits_scaling: float("logit_scale").filter(|_| !matches!(arch.as_str(), "command-r" | "cohere2")),
+            logit_scale: float("logit_scale").filter(|_| matches!(arch.as_str(), "command-r" | "cohere2")),
             use_qk_norm: (arch == "command-r").then(|| g.tensor("blk.0.attn_q_norm.weight").is_some()),
             // llama.cpp's Falcon: always side by side, q, k and v fused as [q; k; v] (its converter
             // regroups the 40B's), a second norm (`attn_norm_2`) where the MLP has its own.
@@ -647,6 +685,10 @@ impl ModelConfig {
             num_ln_in_parallel_attn: (arch == "falcon").then(|| if g.tensor("blk.0.attn_norm_2.weight").is_some() { 2 } else { 1 }),
             bias: (arch == "falcon").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
             alibi: None,
+            // llama.cpp's Bloom: 8 always; MPT's where the file says.
+            alibi_bias_max: float("attention.max_alibi_bias"),
+            no_bias: None,
+            apply_residual_connection_post_layernorm: None,
             mlp_bias: matches!(arch.as_str(), "nemotron" | "arcee").then(|| g.tensor("blk.0.ffn_up.bias").is_some()),
             // llama.cpp's OLMo: its clamp, where the file has one.
             clip_qkv: float("attention.clamp_kqv"),
@@ -752,8 +794,12 @@ impl ModelConfig {
             ("_remove_final_layer_norm", self.remove_final_layer_norm == Some(true), "OPT layers without a final norm"),
             ("layer_norm_elementwise_affine", self.layer_norm_elementwise_affine == Some(false), "LayerNorms without a weight and bias"),
             ("use_qk_norm", self.use_qk_norm == Some(true), "LayerNorms of each head's q and k (Command R+ 04-2024)"),
-            ("alibi", self.alibi == Some(true), "ALiBi position biases (Falcon-RW)"),
-            ("clip_qkv", self.clip_qkv.is_some(), "q, k and v clamped (OLMo 1.7)"),
+            ("alibi", self.model_type == "falcon" && self.alibi == Some(true), "ALiBi position biases on Falcon (Falcon-RW: scaled with the scores)"),
+            ("alibi", self.model_type == "mpt" && self.alibi == Some(false), "MPT's learned positions in place of ALiBi"),
+            ("no_bias", self.model_type == "mpt" && self.no_bias == Some(false), "MPT's biases"),
+            ("use_bias", self.model_type == "ernie4_5" && self.use_bias == Some(true), "ERNIE 4.5's biases (its gated MLP's among them)"),
+            ("apply_residual_connection_post_layernorm", self.apply_residual_connection_post_layernorm == Some(true), "streams carrying each block's normed input"),
+            ("clip_qkv", self.clip_qkv.is_some(), "q, k and v clamped (OLMo 1.7, MPT)"),
             // Llama's config has the field too; its gated MLP's biases are read nowhere.
             ("mlp_bias", self.mlp_bias == Some(true) && !self.plain_mlp(), "biases on a gated MLP's projections"),
             ("num_ln_in_parallel_attn", self.falcon_new() && self.num_ln_in_parallel_attn.is_some_and(|n| n != 1 && n != 2), "LayerNorm counts but 1 and 2"),
@@ -852,7 +898,7 @@ impl ModelConfig {
     /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM, OPT, GPT-J and Cohere norm with LayerNorm (the
     /// mean taken out, then a weight, and a bias but for Cohere's), the other families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "falcon" | "nemotron" | "olmo")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "cohere2" | "falcon" | "nemotron" | "olmo" | "bloom" | "mpt" | "gpt_bigcode")
     }
 
     /// Whether the norms have a weight (OLMo 1's LayerNorms have neither weight nor bias: loaded
@@ -867,15 +913,15 @@ impl ModelConfig {
         self.gemma() || self.model_type == "nemotron"
     }
 
-    /// Whether the LayerNorms have a bias (Cohere's and OLMo 1's have none).
+    /// Whether the LayerNorms have a bias (Cohere's, OLMo 1's and MPT's have none).
     pub fn norm_bias(&self) -> bool {
-        self.layer_norm() && !matches!(self.model_type.as_str(), "cohere" | "olmo")
+        self.layer_norm() && !matches!(self.model_type.as_str(), "cohere" | "cohere2" | "olmo" | "mpt")
     }
 
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
     /// OPT, GPT-J), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron" | "arcee")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron" | "arcee" | "bloom" | "mpt" | "gpt_bigcode")
     }
 
     /// Whether q and k rotate by adjacent pairs of dims (GPT-J's and Cohere's RoPE: dims 2i and
@@ -884,8 +930,9 @@ impl ModelConfig {
     /// they load, the same move for both, so every score q . k is unchanged and every backend's
     /// RoPE serves (llama.cpp's converter does the same to Llama's, the other way); captures of q
     /// and k are moved back (`Hooks`).
+    /// (ERNIE 4.5 and Helium too.)
     pub fn adjacent_rope_pairs(&self) -> bool {
-        matches!(self.model_type.as_str(), "gptj" | "cohere")
+        matches!(self.model_type.as_str(), "gptj" | "cohere" | "cohere2" | "ernie4_5" | "helium")
     }
 
     /// Whether attention and the MLP read the stream as it enters the layer and both add to it
@@ -895,7 +942,7 @@ impl ModelConfig {
         match self.model_type.as_str() {
             "gpt_neox" => self.use_parallel_residual.unwrap_or(true),
             "stablelm" => self.use_parallel_residual.unwrap_or(false),
-            "phi" | "gptj" | "cohere" => true,
+            "phi" | "gptj" | "cohere" | "cohere2" => true,
             "falcon" => self.falcon_new() || self.parallel_attn.unwrap_or(true),
             _ => false,
         }
@@ -910,7 +957,7 @@ impl ModelConfig {
     /// Cohere; StableLM side by side).
     pub fn shared_norm(&self) -> bool {
         match self.model_type.as_str() {
-            "phi" | "gptj" | "cohere" => true,
+            "phi" | "gptj" | "cohere" | "cohere2" => true,
             "stablelm" => self.parallel_residual(),
             // Falcon 7B's one norm; 40B's two (`ln_attn`, `ln_mlp`) unless it says one (Falcon 2).
             "falcon" if self.falcon_new() => self.num_ln_in_parallel_attn == Some(1),
@@ -924,7 +971,7 @@ impl ModelConfig {
     /// theirs too.
     pub fn dense_bias(&self) -> bool {
         match self.model_type.as_str() {
-            "gpt2" | "gpt_neox" | "phi" => true,
+            "gpt2" | "gpt_neox" | "phi" | "bloom" | "gpt_bigcode" => true,
             "starcoder2" => self.use_bias.unwrap_or(true),
             "opt" => self.enable_bias.unwrap_or(true),
             "falcon" => self.bias.unwrap_or(false),
@@ -944,7 +991,7 @@ impl ModelConfig {
     /// alone take it).
     pub fn o_bias(&self) -> bool {
         self.dense_bias()
-            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "ministral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm"))
+            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "ministral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm" | "helium"))
     }
 
     /// Whether the unembedding has a bias (Phi, GPT-J).
@@ -977,8 +1024,22 @@ impl ModelConfig {
                 ("activation_function", self.activation().into()),
                 ("rotary_dim", self.rotary_dim().into()),
             ],
-            "cohere" => &[("layer_norm_eps", self.rms_norm_eps.into())],
+            "cohere" | "cohere2" => &[("layer_norm_eps", self.rms_norm_eps.into())],
             "nemotron" => &[("norm_eps", self.rms_norm_eps.into())],
+            "bloom" => &[("layer_norm_epsilon", self.rms_norm_eps.into())],
+            "gpt_bigcode" => &[
+                ("n_inner", self.intermediate_size.into()),
+                ("layer_norm_epsilon", self.rms_norm_eps.into()),
+                ("activation_function", self.activation().into()),
+                ("n_positions", self.max_position_embeddings.into()),
+                ("multi_query", (self.kv_heads() == 1).into()),
+            ],
+            "mpt" => &[
+                ("layer_norm_epsilon", self.rms_norm_eps.into()),
+                ("expansion_ratio", (self.intermediate_size / self.hidden_size.max(1)).into()),
+                ("max_seq_len", self.max_position_embeddings.into()),
+                ("attn_config", serde_json::json!({"alibi": true, "alibi_bias_max": self.alibi_bias(), "softmax_scale": self.attention_multiplier})),
+            ],
             "falcon" => &[
                 ("layer_norm_epsilon", self.rms_norm_eps.into()),
                 ("num_kv_heads", self.kv_heads().into()),
@@ -1003,7 +1064,7 @@ impl ModelConfig {
     /// The dims of each head that rotate (all of them but for partial RoPE; None where no layer
     /// rotates: GPT-2).
     pub fn rotary_dim(&self) -> Option<usize> {
-        match (self.learned_positions(), self.rotary_dims()) {
+        match (self.learned_positions() || self.alibi_bias() > 0.0, self.rotary_dims()) {
             (true, _) => None,
             (false, Ok(0) | Err(_)) => Some(self.head_dim()),
             (false, Ok(r)) => Some(r),
@@ -1013,7 +1074,7 @@ impl ModelConfig {
     /// Whether positions enter the stream as learned embeddings added to the tokens' (GPT-2, OPT),
     /// in place of RoPE.
     pub fn learned_positions(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "opt")
+        matches!(self.model_type.as_str(), "gpt2" | "opt" | "gpt_bigcode")
     }
 
     /// The row of the learned positions' table that position 0 reads: OPT's table begins with two
@@ -1026,7 +1087,23 @@ impl ModelConfig {
     pub fn scores(&self, layer: usize) -> Scores {
         let scale = self.attention_multiplier.unwrap_or_else(|| 1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f64).sqrt());
         let window = self.sliding_window.filter(|_| self.sliding(layer)).map_or(0, |w| w.min(u32::MAX as usize) as u32);
-        Scores { scale: scale as f32, softcap: self.attn_logit_softcapping.unwrap_or(0.0) as f32, window }
+        Scores { scale: scale as f32, softcap: self.attn_logit_softcapping.unwrap_or(0.0) as f32, window, alibi: self.alibi_bias() as f32 }
+    }
+
+    /// ALiBi's largest bias where the family biases scores by distance in place of RoPE (0: not):
+    /// Bloom's 8, MPT's `alibi_bias_max` (8 where absent).
+    pub fn alibi_bias(&self) -> f64 {
+        match self.model_type.as_str() {
+            "bloom" => 8.0,
+            "mpt" => self.alibi_bias_max.unwrap_or(8.0),
+            _ => 0.0,
+        }
+    }
+
+    /// Whether the embeddings are LayerNormed as they enter the stream (Bloom's
+    /// `word_embeddings_layernorm`).
+    pub fn embed_norm(&self) -> bool {
+        self.model_type == "bloom"
     }
 
     /// Whether layer `layer` attends through the sliding window (where the config has one).
@@ -1042,10 +1119,13 @@ impl ModelConfig {
     /// not at all (None) on SmolLM3's NoPE layers.
     pub fn layer_rope(&self, layer: usize) -> std::result::Result<Option<RopeConfig>, String> {
         let rotates = match (&self.no_rope_layers, self.model_type.as_str()) {
-            // GPT-2's and OPT's positions are learned embeddings: nothing rotates.
-            _ if self.learned_positions() => false,
+            // GPT-2's and OPT's positions are learned embeddings, Bloom's and MPT's ALiBi's biases:
+            // nothing rotates.
+            _ if self.learned_positions() || self.alibi_bias() > 0.0 => false,
             (Some(list), _) => list.get(layer) != Some(&0),
             (None, "smollm3") => (layer + 1) % self.no_rope_layer_interval.unwrap_or(4).max(1) != 0,
+            // Command R7B and A rotate on their sliding-window layers alone.
+            (None, "cohere2") => self.sliding(layer),
             _ => true,
         };
         let local = self.rope_local_base_freq.or((self.model_type == "gemma3_text").then_some(10_000.0));
@@ -1305,13 +1385,25 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
         }
     }
     let model_type = o.get("model_type").and_then(Json::as_str).unwrap_or("").to_string();
-    if matches!(model_type.as_str(), "gpt2" | "gptj") {
+    if matches!(model_type.as_str(), "gpt2" | "gptj" | "gpt_bigcode") {
         if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
             o.insert("intermediate_size".into(), h.saturating_mul(4).into());
         }
     }
-    if model_type == "gpt2" {
+    if matches!(model_type.as_str(), "gpt2" | "gpt_bigcode") {
         o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // GPT-BigCode: one key/value head where `multi_query` (its default), else one per query head.
+    if model_type == "gpt_bigcode" && !o.contains_key("num_key_value_heads") {
+        let kv = match o.get("multi_query").and_then(Json::as_bool).unwrap_or(true) {
+            true => Some(1.into()),
+            false => o.get("num_attention_heads").cloned(),
+        };
+        if let Some(kv) = kv {
+            o.insert("num_key_value_heads".into(), kv);
+            adopted.push(("multi_query", "num_key_value_heads"));
+        }
+        o.entry("hidden_act").or_insert("gelu_pytorch_tanh".into());
     }
     // GPT-J's `rotary_dim`, the rotating dims of each head (all where null), as the fraction of the
     // head the other families write.
@@ -1332,9 +1424,19 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     if model_type == "nemotron" && o.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_none() {
         o.entry("partial_rotary_factor").or_insert(0.5.into());
     }
-    // Cohere ties its embeddings unless the config says otherwise (CohereConfig's default).
-    if model_type == "cohere" {
+    // Cohere and ERNIE 4.5 tie their embeddings unless the config says otherwise (their configs'
+    // default).
+    if matches!(model_type.as_str(), "cohere" | "cohere2" | "ernie4_5") {
         o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // Command R7B's and A's windowed layers where `layer_types` does not list them: all but every
+    // `sliding_window_pattern`-th (4: Cohere2Config's default).
+    if model_type == "cohere2" && !o.contains_key("layer_types") {
+        let pattern = o.remove("sliding_window_pattern").and_then(|p| p.as_u64()).unwrap_or(4).max(1);
+        if let Some(layers) = o.get("num_hidden_layers").and_then(Json::as_u64) {
+            let kind = |l: u64| if (l + 1) % pattern != 0 { "sliding_attention" } else { "full_attention" };
+            o.insert("layer_types".into(), (0..layers.min(1 << 16)).map(kind).collect::<Vec<_>>().into());
+        }
     }
     // Falcon: its key/value heads as its attention counts them (`num_kv_heads`, or `n_head_kv`, in
     // the 40B's layout; one where `multi_query`, HF's default; else one per query head), an MLP 4x
@@ -1362,6 +1464,47 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
         if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
             o.insert("intermediate_size".into(), h.saturating_mul(4).into());
         }
+        o.entry("hidden_act").or_insert("gelu".into());
+        o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // Bloom: an MLP 4x the width, Megatron's tanh GELU, tied embeddings.
+    if model_type == "bloom" {
+        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
+            o.insert("intermediate_size".into(), h.saturating_mul(4).into());
+        }
+        o.entry("hidden_act").or_insert("gelu_pytorch_tanh".into());
+        o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // MPT's names (`d_model`, `n_heads`, `n_layers`, `max_seq_len`, the MLP `expansion_ratio` times
+    // the stream, 4 where absent) and `attn_config`'s (ALiBi, its largest bias, `clip_qkv`, `qk_ln`,
+    // `softmax_scale` as the scores' multiplier); the exact GELU, tied embeddings.
+    if model_type == "mpt" {
+        for (theirs, ours) in [("d_model", "hidden_size"), ("n_heads", "num_attention_heads"), ("n_layers", "num_hidden_layers"), ("max_seq_len", "max_position_embeddings")] {
+            if let Some(v) = o.remove(theirs).filter(|v| !v.is_null() && !o.contains_key(ours)) {
+                o.insert(ours.into(), v);
+                adopted.push((theirs, ours));
+            }
+        }
+        if let Some(Json::Object(attn)) = o.remove("attn_config") {
+            const ATTN: [(&str, &str, &str); 5] = [
+                ("alibi", "attn_config.alibi", "alibi"),
+                ("alibi_bias_max", "attn_config.alibi_bias_max", "alibi_bias_max"),
+                ("clip_qkv", "attn_config.clip_qkv", "clip_qkv"),
+                ("qk_ln", "attn_config.qk_ln", "qk_layernorm"),
+                ("softmax_scale", "attn_config.softmax_scale", "attention_multiplier"),
+            ];
+            for (key, theirs, ours) in ATTN {
+                if let Some(v) = attn.get(key).filter(|v| !v.is_null() && !o.contains_key(ours)) {
+                    o.insert(ours.into(), v.clone());
+                    adopted.push((theirs, ours));
+                }
+            }
+        }
+        let ratio = o.remove("expansion_ratio").and_then(|r| r.as_u64()).unwrap_or(4);
+        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
+            o.insert("intermediate_size".into(), h.saturating_mul(ratio).into());
+        }
+        o.entry("rms_norm_eps").or_insert(1e-5.into());
         o.entry("hidden_act").or_insert("gelu".into());
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
@@ -1583,6 +1726,81 @@ mod tests {
             let e = read(field, extra).unwrap_err().to_string();
             assert!(e.contains(field), "{e}");
         }
+    }
+
+    /// Bloom's and MPT's names and defaults: ALiBi (8; MPT's `attn_config.alibi_bias_max`) and no
+    /// RoPE, Bloom's 4x MLP and tanh GELU and normed embeddings, MPT's `d_model`, `n_heads`,
+    /// `n_layers`, `expansion_ratio`, `softmax_scale`, bias-free LayerNorm; what they cannot run
+    /// refused by field: MPT without ALiBi, with biases, q/k LayerNorms or clamps; Bloom's stream of
+    /// normed inputs.
+    #[test]
+    fn bloom_and_mpt_configs() {
+        let bloom = r#""model_type": "bloom", "vocab_size": 8, "hidden_size": 64, "n_layer": 2, "n_head": 4, "layer_norm_epsilon": 1e-5"#;
+        let c = ModelConfig::from_file(&write("bloom", &format!("{{{bloom}}}"))).unwrap();
+        assert_eq!((c.alibi_bias(), c.rotary_dim(), c.intermediate_size, c.glu_act()), (8.0, None, 256, GluAct::GeluTanh));
+        assert!(c.embed_norm() && c.layer_norm() && c.norm_bias() && c.dense_bias() && c.qkv_bias() && c.tie_word_embeddings && c.ropes().unwrap().iter().all(Option::is_none));
+        assert_eq!(c.scores(1).alibi_slope(0, 4), 0.25);
+        let e = ModelConfig::from_file(&write("bloom-post", &format!(r#"{{{bloom}, "apply_residual_connection_post_layernorm": true}}"#))).unwrap_err().to_string();
+        assert!(e.contains("apply_residual_connection_post_layernorm"), "{e}");
+        let mpt = r#""model_type": "mpt", "vocab_size": 8, "d_model": 64, "n_layers": 2, "n_heads": 4, "expansion_ratio": 2, "max_seq_len": 128"#;
+        let read = |name: &str, attn: &str, extra: &str| ModelConfig::from_file(&write(name, &format!(r#"{{{mpt}, "attn_config": {{{attn}}}{extra}}}"#)));
+        let c = read("mpt", r#""alibi": true, "alibi_bias_max": 16, "softmax_scale": 0.5"#, "").unwrap();
+        assert_eq!((c.hidden_size, c.num_attention_heads, c.num_hidden_layers, c.intermediate_size, c.max_position_embeddings), (64, 4, 2, 128, 128));
+        assert_eq!((c.alibi_bias(), c.scores(0).scale, c.glu_act(), c.rotary_dim()), (16.0, 0.5, GluAct::GeluErf, None));
+        assert!(c.layer_norm() && !c.norm_bias() && !c.dense_bias() && !c.qkv_bias() && c.plain_mlp() && !c.embed_norm() && c.tie_word_embeddings);
+        assert_eq!(c.hf_json()["attn_config"]["alibi_bias_max"].as_f64(), Some(16.0));
+        for (attn, extra, field) in [
+            (r#""alibi": false"#, "", "attn_config.alibi"),
+            (r#""alibi": true, "qk_ln": true"#, "", "attn_config.qk_ln"),
+            (r#""alibi": true, "clip_qkv": 8"#, "", "attn_config.clip_qkv"),
+            (r#""alibi": true"#, r#", "no_bias": false"#, "no_bias"),
+        ] {
+            let e = read(field, attn, extra).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+    }
+
+    /// Command R7B's and A's windowed layers: as `layer_types` lists them, else all but every
+    /// `sliding_window_pattern`-th (4 by default); RoPE on those alone; Cohere's layout otherwise.
+    #[test]
+    fn cohere2_windows_and_rope_by_layer() {
+        let base = r#""model_type": "cohere2", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 8,
+            "num_attention_heads": 4, "sliding_window": 16, "logit_scale": 0.5"#;
+        let c = ModelConfig::from_file(&write("cohere2", &format!("{{{base}}}"))).unwrap();
+        let windows: Vec<u32> = (0..8).map(|l| c.scores(l).window).collect();
+        assert_eq!(windows, [16, 16, 16, 0, 16, 16, 16, 0]);
+        assert_eq!(c.ropes().unwrap().iter().map(Option::is_some).collect::<Vec<_>>(), windows.iter().map(|&w| w > 0).collect::<Vec<_>>());
+        assert!(c.parallel_residual() && c.shared_norm() && c.adjacent_rope_pairs() && !c.norm_bias() && c.tie_word_embeddings);
+        assert_eq!(c.logits_scale(), 0.5);
+        let c = ModelConfig::from_file(&write("cohere2-2", &format!(r#"{{{base}, "sliding_window_pattern": 2}}"#))).unwrap();
+        assert_eq!((0..4).map(|l| c.scores(l).window).collect::<Vec<_>>(), [16, 0, 16, 0]);
+    }
+
+    /// ERNIE 4.5 and Helium rotate adjacent pairs; ERNIE ties by default and its biases (use_bias,
+    /// its gated MLP's among them) are refused by field; Helium's o_proj has no bias whatever
+    /// attention_bias says.
+    #[test]
+    fn ernie_and_helium_configs() {
+        let base = r#""vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4"#;
+        let c = ModelConfig::from_file(&write("ernie", &format!(r#"{{"model_type": "ernie4_5", {base}}}"#))).unwrap();
+        assert!(c.adjacent_rope_pairs() && c.tie_word_embeddings && !c.qkv_bias() && !c.o_bias());
+        let e = ModelConfig::from_file(&write("ernie-bias", &format!(r#"{{"model_type": "ernie4_5", "use_bias": true, {base}}}"#))).unwrap_err().to_string();
+        assert!(e.contains("use_bias"), "{e}");
+        let c = ModelConfig::from_file(&write("helium", &format!(r#"{{"model_type": "helium", "attention_bias": true, {base}}}"#))).unwrap();
+        assert!(c.adjacent_rope_pairs() && c.qkv_bias() && !c.o_bias());
+    }
+
+    /// GPT-BigCode's: multi-query unless `multi_query` is false (then a key/value head per query
+    /// head), GPT-2's names and learned positions, 4x the width without `n_inner`, tied.
+    #[test]
+    fn gpt_bigcode_config() {
+        let base = r#""model_type": "gpt_bigcode", "vocab_size": 8, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128"#;
+        let c = ModelConfig::from_file(&write("bigcode", &format!("{{{base}}}"))).unwrap();
+        assert_eq!((c.kv_heads(), c.intermediate_size, c.max_position_embeddings, c.glu_act(), c.rotary_dim()), (1, 256, 128, GluAct::GeluTanh, None));
+        assert!(c.learned_positions() && c.layer_norm() && c.dense_bias() && c.plain_mlp() && c.tie_word_embeddings);
+        assert_eq!(c.hf_json()["multi_query"].as_bool(), Some(true));
+        let c = ModelConfig::from_file(&write("bigcode-mha", &format!(r#"{{{base}, "multi_query": false}}"#))).unwrap();
+        assert_eq!((c.kv_heads(), c.hf_json()["multi_query"].as_bool()), (4, Some(false)));
     }
 
     /// Nemotron's names and defaults: `norm_eps`, half of each head rotating unless it says, the

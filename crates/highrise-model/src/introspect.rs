@@ -346,20 +346,23 @@ fn write_patches(patch: &[&Patch], v: &mut [f32], width: usize, layer: usize) ->
 
 /// Causal attention probabilities [Hq, T, T] of one sequence, recomputed from its captured Q
 /// [T, Hq * D] and K [T, Hkv * D] (after RoPE), grouped-query heads mapped as the kernels map them,
-/// scored as the layer scores (`ModelConfig::scores`: its scale, soft-cap and sliding window; keys
-/// outside the window have probability 0).
+/// scored as the layer scores (`ModelConfig::scores`: its scale, soft-cap, sliding window and ALiBi;
+/// keys outside the window have probability 0).
 pub fn attention_probs(q: &[f32], k: &[f32], [hq, hkv, d]: [usize; 3], scores: Scores) -> Vec<f32> {
     let t = q.len() / (hq * d);
     let (scale, cap) = (scores.scale as f64, scores.softcap as f64);
     let mut out = vec![0f32; hq * t * t];
     for h in 0..hq {
         let g = h / (hq / hkv);
+        let slope = scores.alibi_slope(h, hq) as f64;
         for i in 0..t {
             let qi = &q[(i * hq + h) * d..][..d];
             let first = scores.first_key(i);
             let s: Vec<f64> = (first..=i)
                 .map(|j| qi.iter().zip(&k[(j * hkv + g) * d..][..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale)
                 .map(|s| if cap > 0.0 { cap * (s / cap).tanh() } else { s })
+                .zip(first..=i)
+                .map(|(s, j)| s + slope * (j as f64 - i as f64))
                 .collect();
             let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = s.iter().map(|s| (s - max).exp()).sum();

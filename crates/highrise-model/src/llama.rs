@@ -215,6 +215,8 @@ pub struct Llama {
     pub embed: Tensor,           // [V, H]
     /// GPT-2's and OPT's learned positions [max positions (+ 2: OPT), H], added to the embeddings.
     pub positions: Option<Tensor>,
+    /// Bloom's LayerNorm of the embeddings as they enter the stream: weight and bias [H].
+    pub embed_norm: Option<(Tensor, Option<Tensor>)>,
     pub layers: Vec<Layer>,
     pub norm: Tensor,            // [H]
     /// The final norm's bias, where it is a LayerNorm.
@@ -383,6 +385,7 @@ impl Llama {
         };
         let lm_head_bias = c.lm_head_bias().then(|| loader.vector("lm_head.bias", v)).transpose()?;
         let norm_bias = ln_bias("model.norm.bias")?;
+        let embed_norm = c.embed_norm().then(|| Ok::<_, Error>((norm("model.embed_norm.weight")?, ln_bias("model.embed_norm.bias")?))).transpose()?;
         let norm = norm("model.norm.weight")?;
         let rope = c.ropes().map_err(|e| Error::config(source.path(), "rope_scaling", e))?;
         Ok(Llama {
@@ -394,6 +397,7 @@ impl Llama {
             rope,
             embed,
             positions,
+            embed_norm,
             layers,
             norm,
             norm_bias,
@@ -497,7 +501,8 @@ impl Llama {
         let positions = if c.learned_positions() { Some(make(&[c.max_position_embeddings + c.position_offset(), h], 1.0, 0.0)?) } else { None };
         let norm_bias = if c.layer_norm() { Some(make(&[h], ln_bias, 0.0)?) } else { None };
         let lm_head_bias = if c.lm_head_bias() { Some(make(&[v], 0.1, 0.0)?) } else { None };
-        Ok(Llama { config: c, backend, dtype, q8_activations: false, kv_dtype: dtype, rope, embed, positions, layers, norm, norm_bias, lm_head, lm_head_bias })
+        let embed_norm = if c.embed_norm() { Some((make(&[h], norm_spread, 1.0)?, Some(make(&[h], ln_bias, 0.0)?))) } else { None };
+        Ok(Llama { config: c, backend, dtype, q8_activations: false, kv_dtype: dtype, rope, embed, positions, embed_norm, layers, norm, norm_bias, lm_head, lm_head_bias })
     }
 
     /// The unembedding: `lm_head`, or the embedding table when tied.
@@ -805,6 +810,12 @@ impl Llama {
                 off => b.embedding(&mut pos, table, &batch.positions.iter().map(|p| p + off).collect::<Vec<_>>())?,
             }
             self.scaled_add(&mut x, &pos, 1.0)?;
+        }
+        // Bloom: the embeddings LayerNormed as they enter the stream.
+        if let Some((w, bias)) = &self.embed_norm {
+            let mut normed = self.tensor(&[t, h])?;
+            self.norm(&mut normed, &x, (w, bias.as_ref()))?;
+            x = normed;
         }
         let mut xb = self.tensor(&[t, h])?; // (T, H) the normed stream a block reads
         // GPT-NeoX, Phi: attention and the MLP both read the stream as it enters the layer.

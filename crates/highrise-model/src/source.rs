@@ -325,7 +325,7 @@ enum Layout {
 }
 
 /// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
-const FAMILY_STEMS: [(&str, &str); 7] = [
+const FAMILY_STEMS: [(&str, &str); 10] = [
     ("gpt2", "h"),
     ("gpt_neox", "gpt_neox.layers"),
     ("starcoder2", "model.layers"),
@@ -333,6 +333,9 @@ const FAMILY_STEMS: [(&str, &str); 7] = [
     ("opt", "decoder.layers"),
     ("gptj", "h"),
     ("falcon", "h"),
+    ("bloom", "h"),
+    ("mpt", "blocks"),
+    ("gpt_bigcode", "h"),
 ];
 
 /// The prefix transformers saves a family's base model under in a causal LM's checkpoint, where
@@ -340,14 +343,14 @@ const FAMILY_STEMS: [(&str, &str); 7] = [
 /// read with or without it, written with it.
 fn saved_prefix(c: &ModelConfig) -> Option<&'static str> {
     match c.model_type.as_str() {
-        "gpt2" | "gptj" | "falcon" => Some("transformer."),
+        "gpt2" | "gptj" | "falcon" | "bloom" | "mpt" | "gpt_bigcode" => Some("transformer."),
         "opt" => Some("model."),
         _ => None,
     }
 }
 
 /// Their whole-model tensors: (family, a Llama's name, theirs) by prefix of the name.
-const FAMILY_GLOBALS: [(&str, &str, &str); 14] = [
+const FAMILY_GLOBALS: [(&str, &str, &str); 22] = [
     ("gpt2", "model.embed_tokens.", "wte."),
     ("gpt2", "model.embed_positions.", "wpe."),
     ("gpt2", "model.norm.", "ln_f."),
@@ -362,11 +365,19 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 14] = [
     ("gptj", "model.norm.", "ln_f."),
     ("falcon", "model.embed_tokens.", "word_embeddings."),
     ("falcon", "model.norm.", "ln_f."),
+    ("bloom", "model.embed_tokens.", "word_embeddings."),
+    ("bloom", "model.embed_norm.", "word_embeddings_layernorm."),
+    ("bloom", "model.norm.", "ln_f."),
+    ("mpt", "model.embed_tokens.", "wte."),
+    ("mpt", "model.norm.", "norm_f."),
+    ("gpt_bigcode", "model.embed_tokens.", "wte."),
+    ("gpt_bigcode", "model.embed_positions.", "wpe."),
+    ("gpt_bigcode", "model.norm.", "ln_f."),
 ];
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
 /// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
-const FAMILY_PARTS: [(&str, &str, &str, Layout); 33] = [
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 49] = [
     ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
     ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
@@ -401,6 +412,26 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 33] = [
     // Only where Falcon has a norm for each (see `family_parts`); the 7B's keep a Llama's names.
     ("falcon", "input_layernorm", "ln_attn", Layout::Same),
     ("falcon", "post_attention_layernorm", "ln_mlp", Layout::Same),
+    // Bloom's q, k and v head by head (a group a head); its norms keep a Llama's names.
+    ("bloom", "self_attn.qkv_proj", "self_attention.query_key_value", Layout::KvGrouped),
+    ("bloom", "self_attn.o_proj", "self_attention.dense", Layout::Same),
+    ("bloom", "mlp.up_proj", "mlp.dense_h_to_4h", Layout::Same),
+    ("bloom", "mlp.down_proj", "mlp.dense_4h_to_h", Layout::Same),
+    // MPT's q, k and v one after another, as llama.cpp's attn_qkv.
+    ("mpt", "input_layernorm", "norm_1", Layout::Same),
+    ("mpt", "post_attention_layernorm", "norm_2", Layout::Same),
+    ("mpt", "self_attn.qkv_proj", "attn.Wqkv", Layout::Same),
+    ("mpt", "self_attn.o_proj", "attn.out_proj", Layout::Same),
+    ("mpt", "mlp.up_proj", "ffn.up_proj", Layout::Same),
+    ("mpt", "mlp.down_proj", "ffn.down_proj", Layout::Same),
+    // GPT-BigCode: GPT-2's names, weights as Linear's; q, k, v by group (multi-query: every q head,
+    // then the one k and v; else head by head).
+    ("gpt_bigcode", "input_layernorm", "ln_1", Layout::Same),
+    ("gpt_bigcode", "post_attention_layernorm", "ln_2", Layout::Same),
+    ("gpt_bigcode", "self_attn.qkv_proj", "attn.c_attn", Layout::KvGrouped),
+    ("gpt_bigcode", "self_attn.o_proj", "attn.c_proj", Layout::Same),
+    ("gpt_bigcode", "mlp.up_proj", "mlp.c_fc", Layout::Same),
+    ("gpt_bigcode", "mlp.down_proj", "mlp.c_proj", Layout::Same),
 ];
 
 /// `FAMILY_PARTS` of `c`'s family as its checkpoints have them: Falcon's norms are `ln_attn` and
@@ -429,6 +460,11 @@ fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
     let lookup = |p: &str| family_parts(c).find(|(_, ours, _, _)| *ours == p);
     let (theirs, pick) = match (qkv, qkv.and_then(|_| lookup("self_attn.qkv_proj")), lookup(part)) {
         (Some(j), Some((_, _, theirs, Layout::Conv1D)), _) => (theirs, Pick::Transposed(Some(j * h..(j + 1) * h))),
+        // q's rows, then k's, then v's (MPT's).
+        (Some(j), Some((_, _, theirs, Layout::Same)), _) => {
+            let (q, kv) = (heads * d, c.kv_heads() * d);
+            (theirs, Pick::Gather(vec![[0..q, q..q + kv, q + kv..q + 2 * kv][j].clone()]))
+        }
         // By key/value group: its q heads, its k, its v (`Layout::KvGrouped`).
         (Some(j), Some((_, _, theirs, _)), _) => {
             let (groups, per) = (c.kv_heads(), heads / c.kv_heads().max(1));
@@ -599,7 +635,7 @@ fn fused_part(name: &str, c: &ModelConfig) -> Option<(String, std::ops::Range<us
 
 /// HF tensor names and their GGUF names: whole names, then the per-layer parts
 /// (`model.layers.{i}.<hf>.weight` is `blk.{i}.<gguf>.weight`; biases alike).
-const GLOBAL_NAMES: [(&str, &str); 6] = [
+const GLOBAL_NAMES: [(&str, &str); 8] = [
     ("model.embed_tokens.weight", "token_embd.weight"),
     ("model.norm.weight", "output_norm.weight"),
     ("lm_head.weight", "output.weight"),
@@ -607,6 +643,9 @@ const GLOBAL_NAMES: [(&str, &str); 6] = [
     ("model.embed_positions.weight", "position_embd.weight"),
     ("model.norm.bias", "output_norm.bias"),
     ("lm_head.bias", "output.bias"),
+    // Bloom's LayerNorm of the embeddings.
+    ("model.embed_norm.weight", "token_embd_norm.weight"),
+    ("model.embed_norm.bias", "token_embd_norm.bias"),
 ];
 const LAYER_NAMES: [(&str, &str); 21] = [
     ("input_layernorm", "attn_norm"),

@@ -253,7 +253,12 @@ impl Engine {
             (true, false) => "LNPre",
             (false, _) => "RMS",
         })?;
-        d.set_item("positional_embedding_type", if c.learned_positions() { "standard" } else { "rotary" })?;
+        let positions = match (c.learned_positions(), c.alibi_bias() > 0.0) {
+            (true, _) => "standard",
+            (false, true) => "alibi",
+            (false, false) => "rotary",
+        };
+        d.set_item("positional_embedding_type", positions)?;
         d.set_item("rotary_dim", c.rotary_dim())?;
         // GPT-J's and Cohere's RoPE pairs dims 2i and 2i + 1 (captured q and k are in that order).
         d.set_item("rotary_adjacent_pairs", c.adjacent_rope_pairs())?;

@@ -129,6 +129,23 @@ def test_gptj_rotates_adjacent_pairs_and_its_q_and_k_are_hfs(tmp_path):
             assert np.abs(got - np.array(ref[site + "0"], dtype=np.float32)).max() <= 1e-4, site
 
 
+def test_bloom_attends_with_alibi_and_its_pattern_gives_z(tmp_path):
+    """Bloom (tests/data/tiny-bloom): TransformerLens's layout (positional_embedding_type "alibi", no
+    rotary dims), HF's logits, and each head's pattern (scored with its ALiBi slope) over v is z."""
+    path, ref = _tiny(tmp_path, "bloom")
+    with highrise.Model.load(path) as m:
+        c = m.cfg
+        assert (c.normalization_type, c.positional_embedding_type, c.rotary_dim, c.gated_mlp) == ("LN", "alibi", None, False)
+        logits, cache = m.run_with_cache(ref["prompt"], names=["pattern", "v", "z"])
+        assert np.abs(logits - np.array(ref["logits"], dtype=np.float32)).max() <= 1e-4
+        t, heads = len(ref["prompt"]), c.n_heads
+        for layer in range(c.n_layers):
+            pattern = cache["pattern", layer]
+            v = cache["v", layer].reshape(t, heads, -1)
+            z = np.einsum("hij,jhd->ihd", pattern, v).reshape(t, -1)
+            assert np.abs(z - cache["z", layer].reshape(t, -1)).max() <= 1e-4, layer
+
+
 def test_the_layernorm_families_layout_in_transformerlens_terms():
     """GPT-2's and Pythia's layouts as TransformerLens's config names them, and their captures: the
     stream's sites, attention patterns (rows summing to 1), q of Pythia's partially rotated heads."""

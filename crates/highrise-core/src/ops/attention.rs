@@ -267,7 +267,12 @@ impl Rope<'_> {
 /// the causal mask: `score = scale * q.k`, then, with `softcap` > 0, `softcap * tanh(score /
 /// softcap)` (Gemma 2's attention logit soft-capping); with `window` > 0, a query at position p sees
 /// only keys at positions above p - window (Mistral's and Gemma 2's sliding window: itself and the
-/// window - 1 before it).
+/// window - 1 before it); with `alibi` > 0, ALiBi's linear position bias added after both: `slope_h
+/// * (key - last)` for query head h, `last` the last key position the row sees (the query's own
+/// where causal), `slope_h` from `alibi` as the largest bias (`Scores::alibi_slope`): Bloom's,
+/// MPT's, Falcon-RW's. The bias differs from theirs (`slope_h * key`) by a constant per row, which
+/// the softmax takes away; relative to the row's last key it stays small however long the
+/// context (at 32k positions the absolute one is rounded to 1/500 in f32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Scores {
@@ -277,12 +282,28 @@ pub struct Scores {
     pub softcap: f32,
     /// 0: no window.
     pub window: u32,
+    /// ALiBi's largest bias (8 in Bloom and MPT); 0: no ALiBi.
+    pub alibi: f32,
 }
 
 impl Scores {
     /// Plain scaled dot products: no soft-capping, no window.
     pub fn scaled(scale: f32) -> Scores {
-        Scores { scale, softcap: 0.0, window: 0 }
+        Scores { scale, softcap: 0.0, window: 0, alibi: 0.0 }
+    }
+
+    /// ALiBi's slope for query head `head` of `heads` (0 without ALiBi): with n the largest power of
+    /// two at most `heads`, `2^(-alibi (h + 1) / n)` for the first n heads, and the odd steps
+    /// between them, `2^(-alibi (2 (h - n) + 1) / 2n)`, for the rest (Press et al.'s geometric
+    /// sequence, as Bloom, MPT and llama.cpp compute it).
+    pub fn alibi_slope(&self, head: usize, heads: usize) -> f32 {
+        if self.alibi == 0.0 || heads == 0 {
+            return 0.0;
+        }
+        let n = 1usize << heads.ilog2();
+        let step = self.alibi as f64 / n as f64;
+        let power = if head < n { step * (head + 1) as f64 } else { step / 2.0 * (2 * (head - n) + 1) as f64 };
+        (-power).exp2() as f32
     }
 
     /// The first key position a query at `pos` sees.
@@ -309,6 +330,9 @@ impl Scores {
         }
         if !(self.softcap.is_finite() && self.softcap >= 0.0) {
             return Err(format!("softcap must be finite and non-negative (0: none), is {}", self.softcap));
+        }
+        if !(self.alibi.is_finite() && self.alibi >= 0.0) {
+            return Err(format!("alibi must be finite and non-negative (0: none), is {}", self.alibi));
         }
         Ok(())
     }
@@ -530,5 +554,24 @@ mod tests {
             }
         }
         assert_ne!(RopeConfig::new(10_000.0).inv_freq(128), linear.inv_freq(128));
+    }
+
+    /// ALiBi's slopes as the paper lists them: 8 heads 1/2 .. 1/256; 16 heads 1/sqrt(2) .. 1/256;
+    /// Bloom 560M's 16 and a non-power-of-two 12 (8 on the power's sequence, then 4 between them:
+    /// 2^-0.5, 2^-1.5, ...); none without ALiBi.
+    #[test]
+    fn alibi_slopes_follow_the_papers_sequence() {
+        let s = Scores { alibi: 8.0, ..Scores::scaled(1.0) };
+        let got = |n: usize| (0..n).map(|h| s.alibi_slope(h, n)).collect::<Vec<_>>();
+        assert_eq!(got(8), (1..=8).map(|i| 0.5f32.powi(i)).collect::<Vec<_>>());
+        for (h, v) in got(16).into_iter().enumerate() {
+            assert!((v as f64 - (-(h as f64 + 1.0) / 2.0).exp2()).abs() < 1e-7, "16 heads: {h}");
+        }
+        let twelve = got(12);
+        assert_eq!(twelve[..8], got(8)[..]);
+        for (i, v) in twelve[8..].iter().enumerate() {
+            assert!((*v as f64 - (-(0.5 + i as f64)).exp2()).abs() < 1e-7, "12 heads: {}", 8 + i);
+        }
+        assert_eq!(Scores::scaled(1.0).alibi_slope(3, 8), 0.0);
     }
 }

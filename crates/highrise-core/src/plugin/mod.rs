@@ -29,8 +29,8 @@ pub use loader::{
 /// `RopeScaling::Factors`; 10: `Linear::accumulate`, the norms of `QkvLinear` and `SwiGluLinear`;
 /// 11: `folds_norms`, `graph_batch`; 12: `RopeConfig::rotary_dims`; 13: `IndexAdd`;
 /// 14: `LayerNorm`, `GluAct::GeluErf`, `SwiGlu` without `up`; 15: `GluAct::Relu`, `Moe`;
-/// 16: `GluAct::Relu2`).
-pub const ABI_VERSION: u32 = 16;
+/// 16: `GluAct::Relu2`; 17: `Scores::alibi`).
+pub const ABI_VERSION: u32 = 17;
 
 /// The one symbol a plugin exports: `extern "C" fn() -> *const VTable`.
 pub const ENTRY_SYMBOL: &str = "highrise_backend_entry";

@@ -275,7 +275,7 @@ class Model:
         #: The model's shape (n_layers, d_model, n_heads, n_key_value_heads, d_head, d_mlp,
         #: d_vocab, n_ctx; a mixture of experts' num_experts, experts_per_token, d_expert: 0 and
         #: None for a dense model), its layout in TransformerLens's terms (original_architecture,
-        #: normalization_type "LN" or "RMS", positional_embedding_type "standard" or "rotary",
+        #: normalization_type "LN" or "RMS", positional_embedding_type "standard", "rotary" or "alibi",
         #: rotary_dim, rotary_adjacent_pairs (GPT-J, Cohere), act_fn, gated_mlp, parallel_attn_mlp;
         #: position_offset, the row of the learned positions' table that position 0 reads: OPT's
         #: 2) and where it runs (path, backend, device, dtype, kv_cache_tokens).
