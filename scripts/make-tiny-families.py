@@ -198,6 +198,10 @@ FAMILIES = {
     # Helium 1: a Llama with RoPE on adjacent pairs, q/k/v biases (attention_bias; o_proj without),
     # untied. llama.cpp has no Helium: no GGUF.
     "helium": dict(model_type="helium", head_dim=16, attention_bias=True, tie_word_embeddings=False, pad_token_id=0),
+    # GLM-4 9B (glm): a Llama rotating adjacent pairs of the first half of each head, gate and up
+    # fused (gate_up_proj), q/k/v biases (o_proj without). No GGUF (llama.cpp's converter writes it
+    # as another family).
+    "glm": dict(model_type="glm", head_dim=16, attention_bias=True, tie_word_embeddings=False, pad_token_id=0),
     # Bloom: ALiBi in place of positions, a LayerNorm on the embeddings, q/k/v fused head by head,
     # biases everywhere, Megatron's tanh GELU, tied embeddings; 6 heads of 16 (ALiBi's slopes for a
     # head count not a power of two: four on its sequence, two between). GGUF: llama.cpp's `bloom`.
@@ -482,7 +486,7 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         return
     if kind in LN_ARCH:
         return to_gguf_layernorm(kind, cfg, model, path)
-    if kind in ("olmo3", "ministral", "helium"):
+    if kind in ("olmo3", "ministral", "helium", "glm"):
         print(f"  (llama.cpp's GGUF has no {kind} layout: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,

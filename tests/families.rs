@@ -437,6 +437,13 @@ fn helium_with_rope_on_adjacent_pairs_and_qkv_biases() {
     check("helium");
 }
 
+/// GLM-4 9B: a Llama rotating adjacent pairs of the first half of each head (partial RoPE and the
+/// row move together, as GPT-J's), gate and up fused as Phi-3's, q/k/v biases (o_proj without).
+#[test]
+fn glm_with_half_heads_rotating_adjacent_pairs_and_fused_gate_up() {
+    check("glm");
+}
+
 /// Falcon 7B: attention and a GELU MLP side by side through one LayerNorm, multi-query (q, k and v
 /// fused: every q head, then the one k and v), tied embeddings; llama.cpp's `falcon` GGUF too.
 #[test]
@@ -565,7 +572,7 @@ fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
 /// over the captured v they give each head's output, the captured `z`.
 #[test]
 fn attention_patterns_from_the_captures_give_each_heads_output() {
-    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "falcon", "bloom", "mpt"] {
+    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "falcon", "bloom", "mpt"] {
         let (_, prompt, _) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::Q, Site::K, Site::V, Site::Z]);
@@ -620,7 +627,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee", "bloom", "mpt", "gpt-bigcode"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee", "bloom", "mpt", "gpt-bigcode", "cohere2", "glm"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 36] = [
+pub const FAMILIES: [(&str, &str); 37] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -47,6 +47,7 @@ pub const FAMILIES: [(&str, &str); 36] = [
     ("cohere2", "Command R7B, Command A (Cohere's layout with a sliding window on three layers of each four, RoPE on those alone; GGUF `cohere2`)"),
     ("ernie4_5", "ERNIE 4.5 0.3B (a Llama with RoPE on adjacent pairs; use_bias refused)"),
     ("helium", "Helium 1 (a Llama with RoPE on adjacent pairs, q/k/v biases where attention_bias says)"),
+    ("glm", "GLM-4 9B (a Llama with RoPE on adjacent pairs of half of each head, gate and up fused, q/k/v biases)"),
     ("bloom", "BLOOM, BLOOMZ 560M to 176B (ALiBi in place of positions, a LayerNorm on the embeddings, q/k/v fused head by head, biases everywhere, a GELU MLP)"),
     ("gpt_bigcode", "StarCoder, SantaCoder, WizardCoder, OctoCoder (GPT-2's layout with multi-query attention, q/k/v fused; GGUF `starcoder`)"),
     ("mpt", "MPT 7B, 30B (ALiBi in place of positions, LayerNorm without a bias, q/k/v fused, no biases, an exact-GELU MLP)"),
@@ -930,9 +931,9 @@ impl ModelConfig {
     /// they load, the same move for both, so every score q . k is unchanged and every backend's
     /// RoPE serves (llama.cpp's converter does the same to Llama's, the other way); captures of q
     /// and k are moved back (`Hooks`).
-    /// (ERNIE 4.5 and Helium too.)
+    /// (ERNIE 4.5, Helium and GLM-4 too.)
     pub fn adjacent_rope_pairs(&self) -> bool {
-        matches!(self.model_type.as_str(), "gptj" | "cohere" | "cohere2" | "ernie4_5" | "helium")
+        matches!(self.model_type.as_str(), "gptj" | "cohere" | "cohere2" | "ernie4_5" | "helium" | "glm")
     }
 
     /// Whether attention and the MLP read the stream as it enters the layer and both add to it
@@ -991,7 +992,7 @@ impl ModelConfig {
     /// alone take it).
     pub fn o_bias(&self) -> bool {
         self.dense_bias()
-            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "ministral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm" | "helium"))
+            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "ministral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm" | "helium" | "glm"))
     }
 
     /// Whether the unembedding has a bias (Phi, GPT-J).
@@ -1420,8 +1421,8 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     if model_type == "olmo" {
         o.entry("rms_norm_eps").or_insert(1e-5.into());
     }
-    // Nemotron rotates half of each head unless it says otherwise (NemotronConfig's default).
-    if model_type == "nemotron" && o.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_none() {
+    // Nemotron and GLM-4 rotate half of each head unless they say otherwise (their configs' default).
+    if matches!(model_type.as_str(), "nemotron" | "glm") && o.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_none() {
         o.entry("partial_rotary_factor").or_insert(0.5.into());
     }
     // Cohere and ERNIE 4.5 tie their embeddings unless the config says otherwise (their configs'
