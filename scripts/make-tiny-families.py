@@ -202,6 +202,10 @@ FAMILIES = {
     # fused (gate_up_proj), q/k/v biases (o_proj without). No GGUF (llama.cpp's converter writes it
     # as another family).
     "glm": dict(model_type="glm", head_dim=16, attention_bias=True, tie_word_embeddings=False, pad_token_id=0),
+    # EXAONE 4: OLMo 2's norms after attention and the MLP (none before), each head's q and k
+    # RMS-normed, an 8-token window on layers 0-2 of four with RoPE on those alone. No GGUF here.
+    "exaone4": dict(model_type="exaone4", num_hidden_layers=4, head_dim=16, sliding_window=8, sliding_window_pattern=4,
+                    rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0),
     # Bloom: ALiBi in place of positions, a LayerNorm on the embeddings, q/k/v fused head by head,
     # biases everywhere, Megatron's tanh GELU, tied embeddings; 6 heads of 16 (ALiBi's slopes for a
     # head count not a power of two: four on its sequence, two between). GGUF: llama.cpp's `bloom`.
@@ -486,7 +490,7 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         return
     if kind in LN_ARCH:
         return to_gguf_layernorm(kind, cfg, model, path)
-    if kind in ("olmo3", "ministral", "helium", "glm"):
+    if kind in ("olmo3", "ministral", "helium", "glm", "exaone4"):
         print(f"  (llama.cpp's GGUF has no {kind} layout: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,

@@ -444,6 +444,14 @@ fn glm_with_half_heads_rotating_adjacent_pairs_and_fused_gate_up() {
     check("glm");
 }
 
+/// EXAONE 4: OLMo 2's RMSNorms after attention and the MLP (none before), each head's q and k
+/// RMS-normed (Qwen 3's), an 8-token window on three layers of four beside the 20-token prompt and
+/// RoPE on those alone. No GGUF.
+#[test]
+fn exaone4_with_norms_after_blocks_and_rope_on_windowed_layers() {
+    check("exaone4");
+}
+
 /// Falcon 7B: attention and a GELU MLP side by side through one LayerNorm, multi-query (q, k and v
 /// fused: every q head, then the one k and v), tied embeddings; llama.cpp's `falcon` GGUF too.
 #[test]
@@ -572,7 +580,7 @@ fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
 /// over the captured v they give each head's output, the captured `z`.
 #[test]
 fn attention_patterns_from_the_captures_give_each_heads_output() {
-    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "falcon", "bloom", "mpt"] {
+    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "exaone4", "falcon", "bloom", "mpt"] {
         let (_, prompt, _) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::Q, Site::K, Site::V, Site::Z]);

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 37] = [
+pub const FAMILIES: [(&str, &str); 38] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -48,6 +48,7 @@ pub const FAMILIES: [(&str, &str); 37] = [
     ("ernie4_5", "ERNIE 4.5 0.3B (a Llama with RoPE on adjacent pairs; use_bias refused)"),
     ("helium", "Helium 1 (a Llama with RoPE on adjacent pairs, q/k/v biases where attention_bias says)"),
     ("glm", "GLM-4 9B (a Llama with RoPE on adjacent pairs of half of each head, gate and up fused, q/k/v biases)"),
+    ("exaone4", "EXAONE 4.0 1.2B, 32B (OLMo 2's norms after attention and the MLP, each head's q and k RMS-normed, a window on three layers of four with RoPE on those alone)"),
     ("bloom", "BLOOM, BLOOMZ 560M to 176B (ALiBi in place of positions, a LayerNorm on the embeddings, q/k/v fused head by head, biases everywhere, a GELU MLP)"),
     ("gpt_bigcode", "StarCoder, SantaCoder, WizardCoder, OctoCoder (GPT-2's layout with multi-query attention, q/k/v fused; GGUF `starcoder`)"),
     ("mpt", "MPT 7B, 30B (ALiBi in place of positions, LayerNorm without a bias, q/k/v fused, no biases, an exact-GELU MLP)"),
@@ -1127,6 +1128,8 @@ impl ModelConfig {
             (None, "smollm3") => (layer + 1) % self.no_rope_layer_interval.unwrap_or(4).max(1) != 0,
             // Command R7B and A rotate on their sliding-window layers alone.
             (None, "cohere2") => self.sliding(layer),
+            // EXAONE 4 too, where it has a window at all.
+            (None, "exaone4") => self.sliding_window.is_none() || self.sliding(layer),
             _ => true,
         };
         let local = self.rope_local_base_freq.or((self.model_type == "gemma3_text").then_some(10_000.0));
@@ -1175,7 +1178,7 @@ impl ModelConfig {
     /// Qwen 3 (MoE too) and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim;
     /// Gemma's 1 + w) before RoPE, OLMo 2 and OLMoE all heads at once (a weight of heads x head_dim).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text") || self.qk_norm_across_heads()
+        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text" | "exaone4") || self.qk_norm_across_heads()
     }
 
     /// OLMo 2 and 3, OLMoE: q and k normed across all heads at once.
@@ -1194,13 +1197,13 @@ impl ModelConfig {
     /// Whether attention and the MLP read the stream through a norm of their own (OLMo 2's read it
     /// as it is, and norm what they add to it instead).
     pub fn pre_norms(&self) -> bool {
-        !self.olmo()
+        !self.olmo() && self.model_type != "exaone4"
     }
 
     /// Whether what attention and the MLP add to the stream is RMS-normed first (Gemma 2 and 3,
     /// OLMo 2 and 3).
     pub fn post_norms(&self) -> bool {
-        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text") || self.olmo()
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text" | "exaone4") || self.olmo()
     }
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set; the families with
@@ -1429,6 +1432,22 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     // default).
     if matches!(model_type.as_str(), "cohere" | "cohere2" | "ernie4_5") {
         o.entry("tie_word_embeddings").or_insert(true.into());
+    }
+    // EXAONE 4's windowed layers where `layer_types` does not list them: by `sliding_window_pattern`,
+    // all but every n-th (4: its default), or as its letters say ("LLLG": L local, G global,
+    // repeating; the last layer global); none without a window.
+    if model_type == "exaone4" && !o.contains_key("layer_types") {
+        let pattern = o.remove("sliding_window_pattern");
+        let windowed = o.get("sliding_window").is_some_and(|w| !w.is_null());
+        if let (true, Some(layers)) = (windowed, o.get("num_hidden_layers").and_then(Json::as_u64)) {
+            let layers = layers.min(1 << 16);
+            let local = |l: u64| match &pattern {
+                Some(Json::String(p)) if !p.is_empty() => l + 1 < layers && p.as_bytes()[(l % p.len() as u64) as usize] == b'L',
+                p => (l + 1) % p.as_ref().and_then(Json::as_u64).unwrap_or(4).max(1) != 0,
+            };
+            let kind = |l: u64| if local(l) { "sliding_attention" } else { "full_attention" };
+            o.insert("layer_types".into(), (0..layers).map(kind).collect::<Vec<_>>().into());
+        }
     }
     // Command R7B's and A's windowed layers where `layer_types` does not list them: all but every
     // `sliding_window_pattern`-th (4: Cohere2Config's default).
@@ -1775,6 +1794,27 @@ mod tests {
         assert_eq!(c.logits_scale(), 0.5);
         let c = ModelConfig::from_file(&write("cohere2-2", &format!(r#"{{{base}, "sliding_window_pattern": 2}}"#))).unwrap();
         assert_eq!((0..4).map(|l| c.scores(l).window).collect::<Vec<_>>(), [16, 0, 16, 0]);
+    }
+
+    /// EXAONE 4's windowed layers from `sliding_window_pattern` as a count or as letters (the last
+    /// layer global either way with letters), RoPE on those alone; without a window, every layer
+    /// full and rotating; norms after the blocks alone, each head's q and k normed.
+    #[test]
+    fn exaone4_layer_patterns() {
+        let base = r#""model_type": "exaone4", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 6, "num_attention_heads": 4"#;
+        let read = |name: &str, extra: &str| ModelConfig::from_file(&write(name, &format!("{{{base}{extra}}}"))).unwrap();
+        let windows = |c: &ModelConfig| (0..6).map(|l| c.scores(l).window).collect::<Vec<_>>();
+        let rotating = |c: &ModelConfig| c.ropes().unwrap().iter().map(Option::is_some).collect::<Vec<_>>();
+        let c = read("exaone4", r#", "sliding_window": 8, "sliding_window_pattern": 3"#);
+        assert_eq!(windows(&c), [8, 8, 0, 8, 8, 0]);
+        assert_eq!(rotating(&c), [true, true, false, true, true, false]);
+        assert!(!c.pre_norms() && c.post_norms() && c.qk_norm() && c.qk_norm_width() == (16, 16));
+        let c = read("exaone4-letters", r#", "sliding_window": 8, "sliding_window_pattern": "LLG""#);
+        assert_eq!(windows(&c), [8, 8, 0, 8, 8, 0]);
+        let c = read("exaone4-letters-l", r#", "sliding_window": 8, "sliding_window_pattern": "L""#);
+        assert_eq!(windows(&c), [8, 8, 8, 8, 8, 0]);
+        let c = read("exaone4-full", r#", "sliding_window": null"#);
+        assert!(windows(&c).iter().all(|&w| w == 0) && rotating(&c).iter().all(|&r| r));
     }
 
     /// ERNIE 4.5 and Helium rotate adjacent pairs; ERNIE ties by default and its biases (use_bias,
