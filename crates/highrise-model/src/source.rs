@@ -461,10 +461,7 @@ fn family_path(name: &str, c: &ModelConfig) -> Option<(String, Pick)> {
     let (theirs, pick) = match (qkv, qkv.and_then(|_| lookup("self_attn.qkv_proj")), lookup(part)) {
         (Some(j), Some((_, _, theirs, Layout::Conv1D)), _) => (theirs, Pick::Transposed(Some(j * h..(j + 1) * h))),
         // q's rows, then k's, then v's (MPT's).
-        (Some(j), Some((_, _, theirs, Layout::Same)), _) => {
-            let (q, kv) = (heads * d, c.kv_heads() * d);
-            (theirs, Pick::Gather(vec![[0..q, q..q + kv, q + kv..q + 2 * kv][j].clone()]))
-        }
+        (Some(j), Some((_, _, theirs, Layout::Same)), _) => (theirs, Pick::Gather(vec![qkv_rows(c)[j].clone()])),
         // By key/value group: its q heads, its k, its v (`Layout::KvGrouped`).
         (Some(j), Some((_, _, theirs, _)), _) => {
             let (groups, per) = (c.kv_heads(), heads / c.kv_heads().max(1));
@@ -614,15 +611,22 @@ fn stacked_expert(name: &str, config: &ModelConfig) -> Vec<Stacked> {
     granite.into_iter().chain([(format!("{layer}.mlp.experts.{proj}"), e, None)]).collect()
 }
 
+/// The rows of q, k and v in a `qkv_proj` that holds them one after another.
+fn qkv_rows(c: &ModelConfig) -> [std::ops::Range<usize>; 3] {
+    let (q, kv) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+    [0..q, q..q + kv, q + kv..q + 2 * kv]
+}
+
 /// Where a projection (or its bias) lives when the file fuses it with others: Phi-3's `qkv_proj` (q,
 /// k, v rows in turn; llama.cpp's `attn_qkv` of GPT-2, GPT-NeoX and Phi-2 alike) and `gate_up_proj`
 /// (gate rows, then up), as HF names them.
 fn fused_part(name: &str, c: &ModelConfig) -> Option<(String, std::ops::Range<usize>)> {
-    let (q, kv, i) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim(), c.intermediate_size);
+    let i = c.intermediate_size;
+    let [q, k, v] = qkv_rows(c);
     let parts = [
-        ("self_attn.q_proj", "self_attn.qkv_proj", 0..q),
-        ("self_attn.k_proj", "self_attn.qkv_proj", q..q + kv),
-        ("self_attn.v_proj", "self_attn.qkv_proj", q + kv..q + 2 * kv),
+        ("self_attn.q_proj", "self_attn.qkv_proj", q),
+        ("self_attn.k_proj", "self_attn.qkv_proj", k),
+        ("self_attn.v_proj", "self_attn.qkv_proj", v),
         ("mlp.gate_proj", "mlp.gate_up_proj", 0..i),
         ("mlp.up_proj", "mlp.gate_up_proj", i..2 * i),
     ];
