@@ -1390,9 +1390,7 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     }
     let model_type = o.get("model_type").and_then(Json::as_str).unwrap_or("").to_string();
     if matches!(model_type.as_str(), "gpt2" | "gptj" | "gpt_bigcode") {
-        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
-            o.insert("intermediate_size".into(), h.saturating_mul(4).into());
-        }
+        default_mlp_width(o, 4);
     }
     if matches!(model_type.as_str(), "gpt2" | "gpt_bigcode") {
         o.entry("tie_word_embeddings").or_insert(true.into());
@@ -1438,25 +1436,18 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     // repeating; the last layer global); none without a window.
     if model_type == "exaone4" && !o.contains_key("layer_types") {
         let pattern = o.remove("sliding_window_pattern");
-        let windowed = o.get("sliding_window").is_some_and(|w| !w.is_null());
-        if let (true, Some(layers)) = (windowed, o.get("num_hidden_layers").and_then(Json::as_u64)) {
-            let layers = layers.min(1 << 16);
-            let local = |l: u64| match &pattern {
+        if o.get("sliding_window").is_some_and(|w| !w.is_null()) {
+            derive_layer_types(o, |l, layers| match &pattern {
                 Some(Json::String(p)) if !p.is_empty() => l + 1 < layers && p.as_bytes()[(l % p.len() as u64) as usize] == b'L',
                 p => (l + 1) % p.as_ref().and_then(Json::as_u64).unwrap_or(4).max(1) != 0,
-            };
-            let kind = |l: u64| if local(l) { "sliding_attention" } else { "full_attention" };
-            o.insert("layer_types".into(), (0..layers).map(kind).collect::<Vec<_>>().into());
+            });
         }
     }
     // Command R7B's and A's windowed layers where `layer_types` does not list them: all but every
     // `sliding_window_pattern`-th (4: Cohere2Config's default).
     if model_type == "cohere2" && !o.contains_key("layer_types") {
         let pattern = o.remove("sliding_window_pattern").and_then(|p| p.as_u64()).unwrap_or(4).max(1);
-        if let Some(layers) = o.get("num_hidden_layers").and_then(Json::as_u64) {
-            let kind = |l: u64| if (l + 1) % pattern != 0 { "sliding_attention" } else { "full_attention" };
-            o.insert("layer_types".into(), (0..layers.min(1 << 16)).map(kind).collect::<Vec<_>>().into());
-        }
+        derive_layer_types(o, |l, _| (l + 1) % pattern != 0);
     }
     // Falcon: its key/value heads as its attention counts them (`num_kv_heads`, or `n_head_kv`, in
     // the 40B's layout; one where `multi_query`, HF's default; else one per query head), an MLP 4x
@@ -1475,23 +1466,14 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
                 adopted.push(("num_kv_heads", "num_key_value_heads"));
             }
         }
-        for (theirs, ours) in [("ffn_hidden_size", "intermediate_size"), ("activation", "hidden_act")] {
-            if let Some(v) = o.remove(theirs).filter(|v| !v.is_null() && !o.contains_key(ours)) {
-                o.insert(ours.into(), v);
-                adopted.push((theirs, ours));
-            }
-        }
-        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
-            o.insert("intermediate_size".into(), h.saturating_mul(4).into());
-        }
+        adopt_fields(o, &mut adopted, &[("ffn_hidden_size", "intermediate_size"), ("activation", "hidden_act")]);
+        default_mlp_width(o, 4);
         o.entry("hidden_act").or_insert("gelu".into());
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
     // Bloom: an MLP 4x the width, Megatron's tanh GELU, tied embeddings.
     if model_type == "bloom" {
-        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
-            o.insert("intermediate_size".into(), h.saturating_mul(4).into());
-        }
+        default_mlp_width(o, 4);
         o.entry("hidden_act").or_insert("gelu_pytorch_tanh".into());
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
@@ -1499,12 +1481,7 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
     // the stream, 4 where absent) and `attn_config`'s (ALiBi, its largest bias, `clip_qkv`, `qk_ln`,
     // `softmax_scale` as the scores' multiplier); the exact GELU, tied embeddings.
     if model_type == "mpt" {
-        for (theirs, ours) in [("d_model", "hidden_size"), ("n_heads", "num_attention_heads"), ("n_layers", "num_hidden_layers"), ("max_seq_len", "max_position_embeddings")] {
-            if let Some(v) = o.remove(theirs).filter(|v| !v.is_null() && !o.contains_key(ours)) {
-                o.insert(ours.into(), v);
-                adopted.push((theirs, ours));
-            }
-        }
+        adopt_fields(o, &mut adopted, &[("d_model", "hidden_size"), ("n_heads", "num_attention_heads"), ("n_layers", "num_hidden_layers"), ("max_seq_len", "max_position_embeddings")]);
         if let Some(Json::Object(attn)) = o.remove("attn_config") {
             const ATTN: [(&str, &str, &str); 5] = [
                 ("alibi", "attn_config.alibi", "alibi"),
@@ -1521,9 +1498,7 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
             }
         }
         let ratio = o.remove("expansion_ratio").and_then(|r| r.as_u64()).unwrap_or(4);
-        if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
-            o.insert("intermediate_size".into(), h.saturating_mul(ratio).into());
-        }
+        default_mlp_width(o, ratio);
         o.entry("rms_norm_eps").or_insert(1e-5.into());
         o.entry("hidden_act").or_insert("gelu".into());
         o.entry("tie_word_embeddings").or_insert(true.into());
@@ -1535,6 +1510,33 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
         o.entry("tie_word_embeddings").or_insert(true.into());
     }
     adopted
+}
+
+/// `theirs` read as `ours` (and dropped) where the config has it and not ours: a family's own names
+/// for fields of ours, noted in `adopted` so errors name theirs.
+fn adopt_fields(o: &mut serde_json::Map<String, Json>, adopted: &mut Vec<(&'static str, &'static str)>, names: &[(&'static str, &'static str)]) {
+    for &(theirs, ours) in names {
+        if let Some(v) = o.remove(theirs).filter(|v| !v.is_null() && !o.contains_key(ours)) {
+            o.insert(ours.into(), v);
+            adopted.push((theirs, ours));
+        }
+    }
+}
+
+/// An MLP `ratio` times the stream's width where the config gives no `intermediate_size`.
+fn default_mlp_width(o: &mut serde_json::Map<String, Json>, ratio: u64) {
+    if let (false, Some(h)) = (o.contains_key("intermediate_size"), o.get("hidden_size").and_then(Json::as_u64)) {
+        o.insert("intermediate_size".into(), h.saturating_mul(ratio).into());
+    }
+}
+
+/// `layer_types` of every layer, windowed where `local(layer, layers)` says.
+fn derive_layer_types(o: &mut serde_json::Map<String, Json>, local: impl Fn(u64, u64) -> bool) {
+    if let Some(layers) = o.get("num_hidden_layers").and_then(Json::as_u64) {
+        let layers = layers.min(1 << 16);
+        let kind = |l: u64| if local(l, layers) { "sliding_attention" } else { "full_attention" };
+        o.insert("layer_types".into(), (0..layers).map(kind).collect::<Vec<_>>().into());
+    }
 }
 
 /// Llama 3's RoPE scaling as HF's config writes it, from the per-frequency divisors llama.cpp stores
