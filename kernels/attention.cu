@@ -122,8 +122,8 @@ struct KeyAddr {
 // What the split kernels do to a score beyond the scale (folded into q) and the causal end: a
 // sliding window (`window` > 0: a row that sees n keys sees only its last `window`), soft-capping
 // (`softcap` > 0: score -> softcap tanh(score / softcap), Gemma 2's) and ALiBi (`alibi` > 0, the
-// largest bias: key j of a row that sees n gains slope (j - (n - 1)), Bloom's and MPT's; the split
-// kernels alone take it, the host choosing them). The Scores op parameter.
+// largest bias: key j of a row that sees n gains slope (j - (n - 1)), Bloom's and MPT's). The
+// Scores op parameter.
 struct ScoreMods {
     u32 window;
     float softcap;
@@ -152,6 +152,13 @@ struct ScoreMods {
     __device__ __forceinline__ Log2Cap log2_cap(float scale_log2) const {
         const float outer = 1.4426950408889634f * softcap;
         return {scale_log2 / outer, outer};
+    }
+    // ALiBi in the tensor-core kernels' units: what a key's distance from its row's last key adds to
+    // a score as their tiles hold it before the softmax's factor (a raw q.k, which the scale then
+    // turns into log2 units; capped scores are in log2 units already). 0 without ALiBi.
+    __device__ __forceinline__ float alibi_coef(u32 h, u32 hq, float scale_log2) const {
+        const float s = slope(h, hq) * 1.4426950408889634f;
+        return softcap > 0.0f ? s : s / scale_log2;
     }
 };
 
@@ -541,6 +548,21 @@ __device__ __forceinline__ void mask_tile(float (&s)[NT][4], u32 r, u32 kb, u32 
         }
 }
 
+// ALiBi on a warp's scores (as mask_tile holds them): each gains `coef` times its key's distance
+// from the block's first row's position pos0. The op's bias is measured from each row's own last
+// key; the two differ by a constant per row (at most the tile's rows), which the softmax ignores,
+// and this one needs no row arithmetic (the d128 f16 kernel's registers are full on sm_80). The
+// same for every tile of a row, and a small exact integer in f32 near the diagonal, where the
+// weights are.
+template <int NT>
+__device__ __forceinline__ void bias_tile(float (&s)[NT][4], u32 kb, u32 pos0, float coef) {
+    const float d0 = (float)((int)(kb + 2 * (threadIdx.x & 3)) - (int)pos0);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[nt][e] += coef * (d0 + (float)(8 * nt + (e & 1)));
+}
+
 // The scores of one warp's 16 query rows against a tile of 8 NT keys starting at key kb, in
 // mma.sync's C layout (the same per warp for wgmma's accumulators): s[nt][e] is row r + lane/4 +
 // 8 (e / 2) of the tile and key kb + 8 nt + 2 (lane % 4) + e % 2. Masks them (capped before, by
@@ -732,6 +754,13 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
 #pragma unroll
                     for (int e = 0; e < 4; e++) s[mt][nt][e] = cap(s[mt][nt][e]);
         }
+        // ALiBi's slope found again each tile (from the parameters: no register held through the
+        // loop, which the d128 f16 kernel has none left for on sm_80).
+        if (mods.alibi != 0.0f) {
+            const float alibi = mods.alibi_coef(h, hq, scale_log2);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) bias_tile(s[mt], kb, pos0, alibi);
+        }
         // Mask only where some key of the tile lies past a row's last key or past the keys' end, or
         // (a window) before the last row's first key.
         const bool masked = kb + KEYS > keys_end || kb + KEYS - 1 > pos0 || (mods.window != 0 && kb + mods.window < pos0 + rows);
@@ -802,10 +831,10 @@ __device__ void flash_attn(u16* out, const u16* q, const u16* k, const u16* v, c
     extern "C" __global__ void __launch_bounds__(32 * FA##dim##_WARPS)                                             \
         flash_attn_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,              \
                                 const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window,   \
-                                float softcap) {                                                                   \
+                                float softcap, float alibi) {                                                      \
         DYNAMIC_SHARED(u16, smem);                                                                                 \
         KeyAddr addr = {table, block_size};                                                                        \
-        ScoreMods mods = {window, softcap};                                                                        \
+        ScoreMods mods = {window, softcap, alibi};                                                                 \
         flash_attn<dim, FA##dim##_WARPS, FA##dim##_MT, FA##dim##_KEYS, bf16>(out, q, k, v, tiles, addr, hq, hkv,  \
                                                                             scale_log2, mods, smem);               \
     }
@@ -889,6 +918,7 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
     stage_keys(ks, k, kb0);
     cp_async_commit();
     const ScoreMods::Log2Cap cap = softmax_cap(mods, scale_log2);
+    const float alibi = mods.alibi_coef(h, hq, scale_log2);
 
     float o[DT][4];
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -900,6 +930,7 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
     auto issue_pv = [&](const u32 (&pa)[KEYS / 16][4], u32 vaddr) { wg_pv<D, KEYS, BF16>(o, pa, vaddr); };
     auto softmax = [&](float (&s)[NT][4], float (&corr)[2], u32 kb) {
         cap_tile(s, mods, cap);
+        if (alibi != 0.0f) bias_tile(s, kb, pos0, alibi);
         softmax_tile(s, corr, m, l, warp * 16, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
     };
 
@@ -991,10 +1022,10 @@ __device__ void flash_attn_wg(u16* out, const u16* q, const u16* k, const u16* v
     extern "C" __global__ void __launch_bounds__(128 * FH##dim##_WGS, 1)                                           \
         name##_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,                   \
                             const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window,        \
-                            float softcap) {                                                                       \
+                            float softcap, float alibi) {                                                          \
         DYNAMIC_SHARED(u16, smem);                                                                                 \
         KeyAddr addr = {table, block_size};                                                                        \
-        ScoreMods mods = {window, softcap};                                                                        \
+        ScoreMods mods = {window, softcap, alibi};                                                                 \
         flash_attn_wg<dim, FH##dim##_WGS, FH##dim##_KEYS, bf16, pipe>(out, q, k, v, tiles, addr, hq, hkv,        \
                                                                      scale_log2, mods, smem);                      \
     }
@@ -1122,6 +1153,7 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
     setmaxnreg<WsRegs<CONS>::consumer, true>();
     const u32 cw = wg - 1, r0 = ((threadIdx.x >> 5) - 4) * 16;  // consumer 0 .. CONS - 1; its warp's first row in the tile
     const ScoreMods::Log2Cap cap = softmax_cap(mods, scale_log2);
+    const float alibi = mods.alibi_coef(h, hq, scale_log2);
     float o[DT][4];
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -1129,6 +1161,7 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
     const u32 qa = smem_u32(qs) + cw * 64 * 128, ka = smem_u32(ks), va = smem_u32(vs);
     auto softmax = [&](float (&s)[NT][4], float (&corr)[2], u32 kb) {
         cap_tile(s, mods, cap);
+        if (alibi != 0.0f) bias_tile(s, kb, pos0, alibi);
         softmax_tile(s, corr, m, l, r0, kb, tile_masked(kb, KEYS, keys_end, pos0, rows, mods), pos0, rows, keys_end, mods, cap);
     };
     // Turns: barrier 1 + c is consumer c's turn to issue products; it hands the turn to the next
@@ -1188,10 +1221,10 @@ __device__ void flash_attn_ws(u16* out, const u16* q, const u16* k, const u16* v
     extern "C" __global__ void __launch_bounds__(128 * (FS##dim##_CONS + 1), 1)                                    \
         flash_attn_ws_d##dim##_##s(u16* out, const u16* q, const u16* k, const u16* v, const u32* tiles,            \
                                    const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
-                                   float softcap, const void* kmap, const void* vmap) {                            \
+                                   float softcap, float alibi, const void* kmap, const void* vmap) {               \
         DYNAMIC_SHARED(u16, smem);                                                                                 \
         KeyAddr addr = {table, block_size};                                                                        \
-        ScoreMods mods = {window, softcap};                                                                        \
+        ScoreMods mods = {window, softcap, alibi};                                                                 \
         flash_attn_ws<dim, FS##dim##_KEYS, FS##dim##_STAGES, FS##dim##_CONS, bf16>(out, q, k, v, tiles, addr, hq,   \
                                                                                   hkv, scale_log2, mods, kmap, vmap, \
                                                                                   smem);                             \
@@ -1392,7 +1425,8 @@ __device__ __forceinline__ DecodeSlice decode_slice(u32 ctx, u32 q_len, ScoreMod
 // The block's slice of the keys, its warps' states left merged-ready in shared memory
 // (decode_finish goes on from there); false, with nothing done, where the slice has no keys.
 // With a sliding window the slices cut only the keys some row sees (from the first row's window
-// start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them.
+// start), and each row masks the keys before its own; soft-capped scores as flash_attn caps them, and
+// ALiBi's bias added after as flash_attn adds it (a slope per row: the rows span the group's heads).
 template <int D, bool BF16>
 __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u32* seqs, KeyAddr addr, u32 hq, u32 hkv,
                             float scale_log2, ScoreMods mods, u16* smem) {
@@ -1453,6 +1487,10 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
     const u32 first_lo = mods.first(last_lo + 1), first_hi = mods.first(last_hi + 1);
     const bool capped = mods.softcap > 0.0f;
     const ScoreMods::Log2Cap cap = mods.log2_cap(scale_log2);
+    // ALiBi, per held row (its query head), in log2 units: slope times the key's distance from the
+    // row's last key.
+    const float alibi_lo = mods.slope(g * group + r_lo % group, hq) * 1.4426950408889634f;
+    const float alibi_hi = mods.slope(g * group + (r_lo + 8) % group, hq) * 1.4426950408889634f;
 
     float o[D / 8][4];
 #pragma unroll
@@ -1482,7 +1520,8 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
         float corr[2];
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
-            const u32 last = min(hf ? last_hi : last_lo, end - 1), first = hf ? first_hi : first_lo;
+            const u32 row_last = hf ? last_hi : last_lo, last = min(row_last, end - 1), first = hf ? first_hi : first_lo;
+            const float alibi = hf ? alibi_hi : alibi_lo;
             float mx = m[hf];
 #pragma unroll
             for (int nt = 0; nt < 2; nt++)
@@ -1490,7 +1529,7 @@ __device__ bool decode_attn(const u16* q, const u16* kc, const u16* vc, const u3
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * hf + e];
                     const u32 key = k0 + nt * 8 + 2 * quad + e;
-                    const float score = capped ? cap(x) : x * scale_log2;
+                    const float score = (capped ? cap(x) : x * scale_log2) + alibi * (float)((int)key - (int)row_last);
                     x = key <= last && key >= first ? score : -INFINITY;
                     mx = fmaxf(mx, x);
                 }
@@ -1622,11 +1661,11 @@ __device__ void decode_finish(float* partial, u16* out, u32* counters, const u32
     extern "C" __global__ void __launch_bounds__(32 * DA_WARPS, DecodeBlocks<dim>::MIN)                           \
         decode_attn_d##dim##_##s(float* partial, const u16* q, const u16* k, const u16* v, const u32* seqs,       \
                                  const u32* table, u32 block_size, u32 hq, u32 hkv, float scale_log2, u32 window, \
-                                 float softcap, u16* out, u32* counters) {                                        \
+                                 float softcap, float alibi, u16* out, u32* counters) {                           \
         PDL_ENTRY();                                                                                              \
         DYNAMIC_SHARED(u16, smem);                                                                                \
         KeyAddr addr = {table, block_size};                                                                       \
-        ScoreMods mods = {window, softcap};                                                                       \
+        ScoreMods mods = {window, softcap, alibi};                                                                \
         const bool keys = decode_attn<dim, bf16>(q, k, v, seqs, addr, hq, hkv, scale_log2, mods, smem);           \
         decode_finish<dim, bf16>(partial, out, counters, seqs, hq, hkv, mods, keys, smem);                        \
     }

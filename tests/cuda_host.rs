@@ -682,7 +682,7 @@ fn hopper_prefills_on_the_warp_specialized_kernel_as_compiled() {
         assert_eq!(threads, 128 + 2 * tile.rows(), "d{d}: a producer warpgroup and a consumer per 64 rows");
         // Contiguous K and V: read by TMA, through tensor maps (parameters 12 and 13) the checker
         // held to them.
-        assert!(r.args[12].iter().any(|&b| b != 0) && r.args[13].iter().any(|&b| b != 0), "d{d}: tensor maps passed");
+        assert!(r.args[13].iter().any(|&b| b != 0) && r.args[14].iter().any(|&b| b != 0), "d{d}: tensor maps passed");
     }
     // With K and V apart (and alive): V's map where K's belongs (and K's for V's) is refused by
     // name; so is one map without the other.
@@ -699,11 +699,11 @@ fn hopper_prefills_on_the_warp_specialized_kernel_as_compiled() {
     b.attention(&mut out, &q, &k, &v, &[t as u32], 0.125).unwrap();
     let rec = driver.take_recorded().into_iter().find(|r| r.kernel.starts_with("flash_attn_ws")).expect("launched");
     let mut swapped = rec.args.clone();
-    swapped.swap(12, 13);
+    swapped.swap(13, 14);
     let err = relaunch(&driver, &rec, &swapped).unwrap_err().to_string();
     assert!(err.contains("is not k's as the kernel reads it"), "{err}");
     let mut one = rec.args.clone();
-    one[13] = vec![0; 8];
+    one[14] = vec![0; 8];
     let err = relaunch(&driver, &rec, &one).unwrap_err().to_string();
     assert!(err.contains("one tensor map of K and V but not the other"), "{err}");
     relaunch(&driver, &rec, &rec.args).expect("as recorded, it passes again");

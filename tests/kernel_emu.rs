@@ -51,10 +51,10 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
     let mut shapes = vec![flash::DEFAULT];
     shapes.extend(sweep_shapes().into_iter().filter(|s| *s != flash::DEFAULT));
     for (i, shape) in shapes.into_iter().enumerate() {
-        // The decode kernel's and the wgmma prefill kernels' cases (20, 2 x 18 for flash_attn_wg and
-        // _wgp, 2 x 18 for flash_attn_ws: copies landing late and at once) run here with their
+        // The decode kernel's and the wgmma prefill kernels' cases (26, 2 x 21 for flash_attn_wg and
+        // _wgp, 2 x 21 for flash_attn_ws: copies landing late and at once) run here with their
         // default shapes; their other shapes below.
-        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 107) } else { (&["prefill"], 15) };
+        let (args, expect): (&[&str], usize) = if i == 0 { (&[], 128) } else { (&["prefill"], 18) };
         let report = check(&cxx, shape, &dir, args);
         let cases = report.lines().filter(|l| l.starts_with("ok ")).count();
         assert_eq!(cases, expect, "every case ran for {shape}:\n{report}");
@@ -62,7 +62,7 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
         let worst = report.lines().find(|l| l.contains("d128 bf16 causal")).unwrap_or_default();
         println!("{shape}: {expect} cases ok, no bank conflicts ({})", worst.split(": ").last().unwrap_or_default());
     }
-    // The Hopper kernels in every other geometry the sweep tries: their 2 x 18 cases each.
+    // The Hopper kernels in every other geometry the sweep tries: their 2 x 21 cases each.
     let script = std::fs::read_to_string(root().join("scripts/gpu-sweep.sh")).unwrap();
     for pair in flash::wg_sweep_shapes(&script).unwrap().into_iter().filter(|p| *p != [flash::WG_DEFAULT; 2]) {
         let label = format!("d64 {}, d128 {}", flash::wg_label(pair[0]), flash::wg_label(pair[1]));
@@ -70,33 +70,34 @@ fn attention_kernels_match_the_reference_on_the_cpu_model() {
         let exe = dir.join(format!("check_attention_wg_{}_{}", flash::wg_label(pair[0]), flash::wg_label(pair[1])));
         let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_attention.cpp"), &defines, &exe, &["wgmma"]);
         assert!(ok, "the wgmma kernels in geometry {label} on the CPU model:\n{report}");
-        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 36, "every case ran for {label}:\n{report}");
-        println!("wgmma {label}: 36 cases ok");
+        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 42, "every case ran for {label}:\n{report}");
+        println!("wgmma {label}: 42 cases ok");
     }
-    // The warp-specialized kernel in every other geometry the sweep tries: its 2 x 18 cases each.
+    // The warp-specialized kernel in every other geometry the sweep tries: its 2 x 21 cases each.
     for pair in flash::ws_sweep_shapes(&script).unwrap().into_iter().filter(|p| *p != [flash::WS_DEFAULT[0].1, flash::WS_DEFAULT[1].1]) {
         let label = format!("d64 {}, d128 {}", pair[0], pair[1]);
         let defines: Vec<String> = flash::HEAD_DIMS.iter().zip(pair).flat_map(|(&d, s)| s.defines(d)).collect();
         let exe = dir.join(format!("check_attention_ws_{}_{}", pair[0], pair[1]));
         let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_attention.cpp"), &defines, &exe, &["ws"]);
         assert!(ok, "flash_attn_ws in geometry {label} on the CPU model:\n{report}");
-        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 36, "every case ran for {label}:\n{report}");
-        println!("ws {label}: 36 cases ok");
+        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 42, "every case ran for {label}:\n{report}");
+        println!("ws {label}: 42 cases ok");
     }
-    // The decode kernel in every other shape the sweep tries (warps x stages): its 20 cases each.
+    // The decode kernel in every other shape the sweep tries (warps x stages): its 26 cases each.
     for shape in flash::decode_sweep_shapes(&script).unwrap().into_iter().filter(|s| *s != flash::DECODE_DEFAULT) {
         let exe = dir.join(format!("check_attention_decode_{shape}"));
         let (ok, report) = build_and_run(&cxx, &root().join("kernels/emu/check_attention.cpp"), &shape.defines(), &exe, &["decode"]);
         assert!(ok, "the decode kernel in shape {shape} on the CPU model:\n{report}");
-        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 20, "every case ran for {shape}:\n{report}");
+        assert_eq!(report.lines().filter(|l| l.starts_with("ok ")).count(), 26, "every case ran for {shape}:\n{report}");
         assert!(report.contains(" 0 bank conflicts"), "{shape}:\n{report}");
-        println!("decode {shape}: 20 cases ok, no bank conflicts");
+        println!("decode {shape}: 26 cases ok, no bank conflicts");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The checker itself: a kernel with a fault put back in (V read without transposing; the swizzle
-/// taken out; the sliding window ignored; in the wgmma kernels, V's descriptor strides swapped, a tile
+/// taken out; the sliding window ignored; ALiBi's bias left out of a tile, or an odd key's
+/// distance taken for an even one's; in the wgmma kernels, V's descriptor strides swapped, a tile
 /// unswizzled, the softcap left out, S read before its wgmma was waited for, the pipelined one's V
 /// from the wrong stage and O rescaled while P V still writes it; in the warp-specialized one, V
 /// read without waiting for its stage, a stage refilled before its consumers freed it, a consumer's
@@ -123,6 +124,9 @@ fn the_cpu_model_catches_a_wrong_fragment_and_bank_conflicts() {
         ("wgmma-pipe: V of the wrong stage", "issue_pv(pa, odd ? va : va1);", "issue_pv(pa, odd ? va1 : va);", "FAIL d128 bf16 paged, 300", "wgmma"),
         ("wgmma-pipe: O rescaled under P V", "softmax(s, corr, kb);\n            wgmma_wait<0>();\n            rescale(o, corr);", "softmax(s, corr, kb);\n            rescale(o, corr);\n            wgmma_wait<0>();", "FAIL d128 bf16 paged, 300", "wgmma"),
         ("sliding window ignored", "return window != 0 && n > window ? n - window : 0;", "return 0;", "FAIL d64 bf16 causal, 3 prompts (1, 150, 37 rows), 4 heads over 2, softcap 1.00, window 40", "prefill"),
+        ("ALiBi left out", "if (mods.alibi != 0.0f) {\n            const float alibi", "if (false) {\n            const float alibi", "FAIL d64 f16 causal, 3 prompts (1, 150, 37 rows), 6 heads over 2, alibi 8.00", "prefill"),
+        ("ALiBi: odd keys as far as even ones", "coef * (d0 + (float)(8 * nt + (e & 1)))", "coef * (d0 + (float)(8 * nt))", "FAIL d64 f16 causal, 3 prompts (1, 150, 37 rows), 6 heads over 2, alibi 8.00: wgmma", "wgmma"),
+        ("decode: ALiBi with one slope for the group", "mods.slope(g * group + (r_lo + 8) % group, hq)", "mods.slope(g * group + r_lo % group, hq)", "FAIL decode d64 f16 ALiBi", "decode"),
         ("wgmma: softcap left out", "return mods.softcap > 0.0f ? mods.log2_cap(scale_log2)", "return false ? mods.log2_cap(scale_log2)", "FAIL d128 bf16 full, 2 prompts (70, 129 rows), 2 heads over 1, softcap 0.50: wgmma", "wgmma"),
         ("decode: a chunk used before its copies are waited for", "cp_async_wait<DA_STAGES - 1>();\n        __syncwarp();  // this chunk landed", "cp_async_wait<DA_STAGES>();\n        __syncwarp();  // this chunk landed", "FAIL decode d", "decode"),
         ("decode: the chunk ahead copied into the stage in use", "stage_chunk(ahead, stage == 0 ? DA_STAGES - 1 : stage - 1);", "stage_chunk(ahead, stage);", "FAIL decode d", "decode"),

@@ -423,8 +423,8 @@ pub fn attention_soft_caps_scores_and_slides_its_window() {
 /// from the row's last, checked against the f64 reference that takes the slopes MPT's way. Head
 /// counts of a power of two and not (6: four slopes on the power's sequence, two between them),
 /// grouped and not; prefill causal and not, with a sliding window beside it, and through the paged
-/// cache (decode, prompt chunks after a prefix). On CUDA, where the tensor-core kernels take no
-/// bias, the split kernels serve every dtype.
+/// cache (decode, prompt chunks after a prefix). On CUDA, f32 on the split kernels, bf16 on the
+/// tensor-core ones (flash_attn for prompts and chunks, decode_attn for the decoding rows).
 #[test]
 pub fn attention_biases_scores_by_distance_with_alibi() {
     if backend("attention_biases_scores_by_distance_with_alibi").is_none() {

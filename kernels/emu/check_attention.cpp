@@ -37,6 +37,9 @@ struct Case {
     // row seeing only its last `window` keys where > 0.
     float softcap = 0.0f;
     u32 window = 0;
+    // ALiBi's largest bias (Bloom's and MPT's 8) where > 0: head h's slope times each key's distance
+    // back from its row's last key, added after the cap.
+    float alibi = 0.0f;
     // Tokens per block of the paged cache: 16 as the engine's (each 16-key chunk of the decode
     // kernel within one block: its one-lookup copy), or another (chunks across blocks: its copy
     // of a lookup per row).
@@ -59,6 +62,16 @@ std::vector<u32> tiles_for(const Case& c, u32 tile_rows, const std::vector<u32>&
     return tiles;
 }
 
+// ALiBi's slope of head h of hq, from Press et al.'s sequence as MPT writes it (not the kernels'
+// form): the largest power of two n at most hq; 2^(-alibi i / n) for i = 1..n, then for hq > n the
+// odd steps of the sequence for 2n heads, 2^(-alibi (2 i - 1) / 2n) for i = 1..hq - n.
+double alibi_slope(double alibi, u32 h, u32 hq) {
+    if (alibi == 0) return 0;
+    u32 n = 1;
+    while (2 * n <= hq) n *= 2;
+    return h < n ? std::pow(2.0, -alibi * (h + 1) / n) : std::pow(2.0, -alibi * (2.0 * (h - n) + 1) / (2.0 * n));
+}
+
 // The output against the f64 reference and a naive same-dtype one (scores, probabilities and the
 // output rounded); a line of report.
 bool compare(const Case& c, const std::vector<std::vector<double>>& keys, const std::vector<std::vector<double>>& vals,
@@ -75,13 +88,15 @@ bool compare(const Case& c, const std::vector<std::vector<double>>& keys, const 
             const u32 first = c.window != 0 && last + 1 > c.window ? last + 1 - c.window : 0;
             for (u32 h = 0; h < hq; h++) {
                 const u32 g = h / (hq / hkv);
+                const double slope = alibi_slope(c.alibi, h, hq);
                 const double* qr = &qd[((size_t)row * hq + h) * d];
                 std::vector<double> sc(last + 1, 0.0), sn(last + 1, 0.0);
                 double mx = -INFINITY, mn = -INFINITY;
                 for (u32 j = first; j <= last; j++) {
                     double dot = 0;
                     for (u32 x = 0; x < d; x++) dot += qr[x] * keys[s][((size_t)j * hkv + g) * d + x];
-                    const double score = c.softcap > 0 ? c.softcap * std::tanh(dot * scale / c.softcap) : dot * scale;
+                    const double score = (c.softcap > 0 ? c.softcap * std::tanh(dot * scale / c.softcap) : dot * scale) +
+                                         slope * ((double)j - (double)last);
                     sc[j] = score;
                     sn[j] = round_to(score, c.bf16);
                     mx = std::max(mx, sc[j]);
@@ -118,6 +133,7 @@ bool compare(const Case& c, const std::vector<std::vector<double>>& keys, const 
     std::string mods;
     if (c.softcap > 0) mods += ", softcap " + std::to_string(c.softcap).substr(0, 4);
     if (c.window > 0) mods += ", window " + std::to_string(c.window);
+    if (c.alibi > 0) mods += ", alibi " + std::to_string(c.alibi).substr(0, 4);
     std::printf("%s %s%s: %s, max error %.3e, naive %s %.3e\n", ok ? "ok  " : "FAIL", c.name.c_str(), mods.c_str(), what.c_str(), err,
                 c.bf16 ? "bf16" : "f16", naive_err);
     return ok;
@@ -197,10 +213,10 @@ bool run_prefill(const Case& c) {
     const u32 bs = c.paged ? c.block_size : 0;
     u16 *o = out.data(), *q = in.q.data(), *k = in.k.data(), *v = in.v.data();
     CHECK_LAUNCH({(u32)tiles.size() / 5, hq, 1}, {32 * warps, 1, 1}, smem, [&] {
-        if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
-        if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
-        if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
-        if (d == 128 && !c.bf16) flash_attn_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
+        if (d == 64 && c.bf16) flash_attn_d64_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi);
+        if (d == 64 && !c.bf16) flash_attn_d64_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi);
+        if (d == 128 && c.bf16) flash_attn_d128_bf16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi);
+        if (d == 128 && !c.bf16) flash_attn_d128_f16(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi);
     });
     char what[64];
     std::snprintf(what, sizeof what, "%u tiles of %u rows", (u32)tiles.size() / 5, tile_rows);
@@ -244,11 +260,11 @@ bool run_prefill_wg(const Case& c, const std::string& kind) {
         auto k128b = pipe ? flash_attn_wgp_d128_bf16 : flash_attn_wg_d128_bf16, k128h = pipe ? flash_attn_wgp_d128_f16 : flash_attn_wg_d128_f16;
         if (ws) {
             auto kernel = d == 64 ? (c.bf16 ? flash_attn_ws_d64_bf16 : flash_attn_ws_d64_f16) : (c.bf16 ? flash_attn_ws_d128_bf16 : flash_attn_ws_d128_f16);
-            kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, km, vm);
+            kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi, km, vm);
             return;
         }
         auto kernel = d == 64 ? (c.bf16 ? k64b : k64h) : (c.bf16 ? k128b : k128h);
-        kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap);
+        kernel(o, q, k, v, tiles.data(), tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi);
     });
     char what[160];
     std::snprintf(what, sizeof what, "wgmma%s, %u tiles of %u rows, %u keys a step, %u stages",
@@ -291,10 +307,10 @@ bool run_decode(const Case& c, u32 splits) {
         u32* cn = merge ? counters.data() : nullptr;
         const u32 bs = c.block_size;
         CHECK_LAUNCH({nseq, hkv, splits}, {32 * DA_WARPS, 1, 1}, smem, [&] {
-            if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
-            if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
-            if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
-            if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, o, cn);
+            if (d == 64 && c.bf16) decode_attn_d64_bf16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi, o, cn);
+            if (d == 64 && !c.bf16) decode_attn_d64_f16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi, o, cn);
+            if (d == 128 && c.bf16) decode_attn_d128_bf16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi, o, cn);
+            if (d == 128 && !c.bf16) decode_attn_d128_f16(p, q, k, v, sq, tab, bs, hq, hkv, scale_log2, c.window, c.softcap, c.alibi, o, cn);
         });
         for (u32 r = 0, s = 0; s < nseq && !merge; s++)
             for (u32 i = 0; i < c.seqs[s].q_len; i++, r++)
@@ -369,6 +385,20 @@ int main(int argc, char** argv) {
         f.softcap = 0.5f;
         cases.push_back(f);
     }
+    // ALiBi (Bloom, MPT): head counts that are no power of two (the slopes' odd steps), causal and
+    // full, and through the block table after a cached prefix with a window too.
+    {
+        Case a = {"d64 f16 causal, 3 prompts (1, 150, 37 rows), 6 heads over 2", 64, 6, 2, false, true, false, {{1, 1}, {150, 150}, {37, 37}}};
+        a.alibi = 8.0f;
+        cases.push_back(a);
+        Case p = {"d128 bf16 paged, chunks after cached prefixes (300 of 500, 45 of 100), 6 heads over 3", 128, 6, 3, true, true, true,
+                  {{300, 500}, {45, 100}}};
+        p.alibi = 8.0f, p.window = 200;
+        cases.push_back(p);
+        Case f = {"d128 f16 full, 2 prompts (70, 129 rows), 3 heads over 1", 128, 3, 1, false, false, false, {{70, 70}, {129, 129}}};
+        f.alibi = 8.0f;
+        cases.push_back(f);
+    }
     bool ok = true;
     if (mma)
         for (auto& c : cases) ok &= run_prefill(c);
@@ -409,6 +439,14 @@ int main(int argc, char** argv) {
                 w.softcap = 1.0f, w.window = 100;
                 ok &= run_decode(w, 16);
                 ok &= run_decode(w, 1);
+            } else {  // d64 f16 and d128 bf16: ALiBi, the rows' heads' slopes (3 and 6 heads a group)
+                Case a = {tag + " ALiBi, 6 heads over 2, contexts 1000, 40 (+3 new), 150", d, 6, 2, bf16, true, true, {{1, 1000}, {3, 40}, {1, 150}}};
+                a.alibi = 8.0f;
+                ok &= run_decode(a, 16);
+                ok &= run_decode(a, 1);
+                Case b = {tag + " ALiBi, 12 heads over 2, contexts 700, 90 (+2 new)", d, 12, 2, bf16, true, true, {{1, 700}, {2, 90}}};
+                b.alibi = 8.0f;
+                ok &= run_decode(b, 8);
             }
         }
     const unsigned long long conflicts = emu::bank_conflicts, loads = emu::ldmatrix_count;

@@ -591,11 +591,11 @@ fn attention_choice() -> String {
     std::env::var("HIGHRISE_CUDA_ATTENTION").unwrap_or_else(|_| "auto".into())
 }
 
-/// Whether attention runs on tensor cores (`flash_attn_*`, `decode_attn_*`, which take soft-capping
-/// and sliding windows too, not ALiBi): f16/bf16 at head dims 64 and 128, unless
-/// `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
-fn flash_fits(dtype: DType, d: usize, scores: &Scores) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && scores.alibi == 0.0 && attention_choice() == "auto"
+/// Whether attention runs on tensor cores (`flash_attn_*`, `decode_attn_*`, which take every
+/// `Scores` modifier as the split kernels do: soft-capping, sliding windows, ALiBi): f16/bf16 at
+/// head dims 64 and 128, unless `HIGHRISE_CUDA_ATTENTION` asks for the split kernels.
+fn flash_fits(dtype: DType, d: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && crate::flash::HEAD_DIMS.contains(&d) && attention_choice() == "auto"
 }
 
 /// Launches `flash_attn_*` over the tiles of `seqs` ((first query row, queries, position of the
@@ -648,8 +648,9 @@ fn flash(
     let table_ptr = if table.is_some() { addr[parts.len()] } else { 0u64 };
     let (kmap, vmap) = if maps.is_some() { (addr[1], addr[2]) } else { (0u64, 0u64) };
     let (hq32, hkv32) = (hq as u32, hkv as u32);
-    let (scale_log2, window, softcap) = (scores.scale * std::f32::consts::LOG2_E, scores.window, scores.softcap);
-    let mut args: Vec<&dyn crate::KernelArg> = vec![&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap];
+    let (scale_log2, window, softcap, alibi) = (scores.scale * std::f32::consts::LOG2_E, scores.window, scores.softcap, scores.alibi);
+    let mut args: Vec<&dyn crate::KernelArg> =
+        vec![&o, &qp, &kp, &vp, &addr[0], &table_ptr, &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap, &alibi];
     if spec {
         args.extend([&kmap as &dyn crate::KernelArg, &vmap]);
     }
@@ -660,7 +661,7 @@ fn flash(
 /// uses.
 pub fn attention(be: &CudaBackend, st: &mut OpState, op: &Attention) -> Result<()> {
     let [t, d] = [op.q.dims()[0], op.q.dims()[2]];
-    if flash_fits(op.out.dtype, d, &op.scores) && t > 0 {
+    if flash_fits(op.out.dtype, d) && t > 0 {
         let mut start = 0;
         let seqs = op.seq_lens.as_slice().iter().map(|&len| {
             start += len;
@@ -699,7 +700,7 @@ pub fn paged_attention(be: &CudaBackend, st: &mut OpState, op: &PagedAttention) 
         })
     };
     let prompts = || starts().filter(|(_, s)| !decodes(s));
-    if flash_fits(op.out.dtype, op.q.dims()[2], &op.scores) && !seqs.is_empty() && prompts().all(|(_, s)| s.q_len >= 2) {
+    if flash_fits(op.out.dtype, op.q.dims()[2]) && !seqs.is_empty() && prompts().all(|(_, s)| s.q_len >= 2) {
         if seqs.iter().any(decodes) {
             decode(be, st, op, block_size, starts().filter(|(_, s)| decodes(s)))?;
         }
@@ -759,13 +760,14 @@ fn decode<'a>(be: &CudaBackend, st: &mut OpState, op: &PagedAttention, block_siz
     let (o, qp) = (be.ptr("out", &op.out)?, be.ptr("q", &op.q)?);
     let (kp, vp) = (be.ptr("k_cache", &op.k_cache)?, be.ptr("v_cache", &op.v_cache)?);
     let (hq32, hkv32) = (hq as u32, hkv as u32);
-    let (scale_log2, window, softcap) = (op.scores.scale * std::f32::consts::LOG2_E, op.scores.window, op.scores.softcap);
+    let scores = op.scores;
+    let (scale_log2, window, softcap, alibi) = (scores.scale * std::f32::consts::LOG2_E, scores.window, scores.softcap, scores.alibi);
     be.launch_shared(
         &kernel,
         (n as u32, hkv32, splits),
         (shape.threads(), 1, 1),
         shape.shared_bytes(d),
-        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap, &o, &counters],
+        &[&partial, &qp, &kp, &vp, &addr[0], &addr[1], &block_size, &hq32, &hkv32, &scale_log2, &window, &softcap, &alibi, &o, &counters],
     )
 }
 

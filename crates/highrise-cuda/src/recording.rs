@@ -401,9 +401,9 @@ fn contract(kernel: &str) -> Option<Vec<Kind>> {
         "rope_kv_write" => vec![P, P, P, P, P, U32, U32, U32, P, P, P, U32, U32, F32],
         "attn_combine" => vec![P, P, U32, U32, U32],
         "attn_split" | "attn_group" => vec![P, P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, F32],
-        "flash_attn_ws" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, MAP_OPT, MAP_OPT],
-        "flash_attn" | "flash_attn_wg" | "flash_attn_wgp" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32],
-        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32, P, P],
+        "flash_attn_ws" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, F32, MAP_OPT, MAP_OPT],
+        "flash_attn" | "flash_attn_wg" | "flash_attn_wgp" => vec![P, P, P, P, P, OPT, U32, U32, U32, F32, U32, F32, F32],
+        "decode_attn" => vec![P, P, P, P, P, P, U32, U32, U32, F32, U32, F32, F32, P, P],
         "gemv1" | "gemv2" | "gemv4" | "gemv8" | "gemv_add1" | "gemv_add2" | "gemv_add4" | "gemv_add8" => {
             vec![P, P, P, OPT, U32, U32, U32, U32]
         }
@@ -1039,14 +1039,7 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
     if !a.f32(10).is_finite() {
         return Err("scale is not finite".into());
     }
-    let softcap = a.f32(12);
-    if !(softcap.is_finite() && softcap >= 0.0) {
-        return Err(format!("softcap {softcap} is not finite and non-negative"));
-    }
-    let alibi = a.f32(13);
-    if !(alibi.is_finite() && alibi >= 0.0) {
-        return Err(format!("alibi {alibi} is not finite and non-negative"));
-    }
+    score_mods(a, 12)?;
     let paged = a.u64(6) != 0;
     if paged && bs == 0 {
         return Err("block_size is 0".into());
@@ -1076,6 +1069,18 @@ fn attention_split(base: &str, a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Acc
     Ok(())
 }
 
+/// The Scores op's soft-cap and ALiBi (parameters `p` and `p + 1` of every attention kernel): each
+/// finite and non-negative (0: none).
+fn score_mods(a: &Args<'_>, p: usize) -> Check {
+    for (i, name) in [(p, "softcap"), (p + 1, "alibi")] {
+        let x = a.f32(i);
+        if !(x.is_finite() && x >= 0.0) {
+            return Err(format!("{name} {x} is not finite and non-negative"));
+        }
+    }
+    Ok(())
+}
+
 /// The attention kernels' K and V reads (parameters 2 and 3): the same runs of rows in both.
 fn push_kv_runs(out: &mut Vec<Access>, runs: Vec<(u64, u64, String)>, elt: u64) {
     for (start, len, what) in runs {
@@ -1084,11 +1089,11 @@ fn push_kv_runs(out: &mut Vec<Access>, runs: Vec<(u64, u64, String)>, elt: u64) 
     }
 }
 
-/// flash_attn_ws's tensor maps of K and V (parameters 12 and 13): both or neither; none with a
+/// flash_attn_ws's tensor maps of K and V (parameters 13 and 14): both or neither; none with a
 /// block table (it reads a paged cache by cp.async); each K's or V's own, as the kernel's boxes read
 /// it ([rows, kv heads, d], boxes of 64 dims x 1 head x a tile's keys).
 fn tensor_maps(a: &Args<'_>, paged: bool, hkv: u64, d: u64, keys: u32) -> Check {
-    let (km, vm) = (a.u64(12), a.u64(13));
+    let (km, vm) = (a.u64(13), a.u64(14));
     if (km == 0) != (vm == 0) {
         return Err("one tensor map of K and V but not the other".into());
     }
@@ -1098,7 +1103,7 @@ fn tensor_maps(a: &Args<'_>, paged: bool, hkv: u64, d: u64, keys: u32) -> Check 
     if paged {
         return Err("tensor maps with a block table: the kernel reads a paged cache by cp.async".into());
     }
-    for (p, tensor, name) in [(12, 2, "k"), (13, 3, "v")] {
+    for (p, tensor, name) in [(13, 2, "k"), (14, 3, "v")] {
         let map = a.tensor_map(p)?;
         let rows = a.rows_of(tensor, hkv * d).ok_or_else(|| format!("parameter {tensor} ({name}) is not one of the op's tensors"))?;
         let want = crate::tma::TensorMap { base: a.u64(tensor), dims: [d, hkv, rows], strides: [2 * d, 2 * d * hkv], boxes: [64, 1, keys] };
@@ -1109,7 +1114,7 @@ fn tensor_maps(a: &Args<'_>, paged: bool, hkv: u64, d: u64, keys: u32) -> Check 
     Ok(())
 }
 
-/// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2, window, softcap); grid
+/// flash_attn: (out, q, k, v, tiles, table, block_size, hq, hkv, scale_log2, window, softcap, alibi); grid
 /// (tiles, hq);
 /// tiles[5 i..5 i + 5] = (first row, rows, position of the first row, key base, keys seen).
 /// flash_attn_wg, _wgp and _ws (`wg`): the same, in the Hopper kernels' geometries; _ws also takes
@@ -1124,10 +1129,7 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>,
         return Err(format!("grid.y is {} but the kernel takes one block per query head ({hq})", a.grid.1));
     }
     // The tile shape the kernel was compiled with (the same table and -D options as the real driver).
-    let softcap = a.f32(11);
-    if !(softcap.is_finite() && softcap >= 0.0) {
-        return Err(format!("softcap {softcap} is not finite and non-negative"));
-    }
+    score_mods(a, 11)?;
     let (shape, threads, shared) = if let Some(wg) = wg {
         wg.launch(a.flash_wg_shapes, a.flash_ws_shapes, d as usize).map_err(|e| e.to_string())?
     } else {
@@ -1203,7 +1205,7 @@ fn flash_attention(a: &Args<'_>, elt: u64, d: u64, wg: Option<crate::flash::Wg>,
 }
 
 /// decode_attn: (partial, q, k_cache, v_cache, seqs, table, block_size, hq, hkv, scale_log2, window,
-/// softcap, out, counters); grid (sequences, kv heads, slices: each sequence cuts its own context
+/// softcap, alibi, out, counters); grid (sequences, kv heads, slices: each sequence cuts its own context
 /// into that many, at most DECODE_SPLITS_MAX, merged by the last block into out), the compiled
 /// shape's warps (`flash::DecodeShape`); a slice counter per (sequence, kv head);
 /// seqs[4 i..4 i + 4] = (first query row, new tokens, context length, block-table offset); each
@@ -1217,10 +1219,7 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     if a.grid.1 as u64 != hkv {
         return Err(format!("grid.y is {} but the kernel takes one block per kv head ({hkv})", a.grid.1));
     }
-    let softcap = a.f32(11);
-    if !(softcap.is_finite() && softcap >= 0.0) {
-        return Err(format!("softcap {softcap} is not finite and non-negative"));
-    }
+    score_mods(a, 11)?;
     if splits == 0 || splits > crate::ops::DECODE_SPLITS_MAX as u64 {
         return Err(format!("{splits} slices: the kernel merges 1..={} (its shared memory)", crate::ops::DECODE_SPLITS_MAX));
     }
@@ -1239,13 +1238,13 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
     }
     a.agrees(1, 1, hq, "hq")?;
     a.agrees(1, 2, d, "the head dim")?;
-    a.agrees(12, 1, hq, "the output's heads")?;
-    a.agrees(12, 2, d, "the output's head dim")?;
+    a.agrees(13, 1, hq, "the output's heads")?;
+    a.agrees(13, 2, d, "the output's head dim")?;
     kv_shape(a, true, hkv, bs, d)?;
     let group = hq / hkv;
     let seqs = a.u32s(4, 4 * nseq)?;
     push(out, 4, 0, 4 * nseq as u64, 4, "sequences");
-    push(out, 13, 0, nseq as u64 * hkv, 4, "slice counters");
+    push(out, 14, 0, nseq as u64 * hkv, 4, "slice counters");
     let seqs: Vec<[u64; 4]> = seqs.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]].map(|x| x as u64)).collect();
     let need = seqs.iter().map(|s| s[3] + s[2].div_ceil(bs)).max().unwrap_or(0);
     let table = table_of(a, 5, need)?;
@@ -1260,7 +1259,7 @@ fn decode_attention(a: &Args<'_>, elt: u64, d: u64, out: &mut Vec<Access>) -> Ch
             return Err(format!("sequence {i}: rows {q0}..{} past q's {} rows", q0 + q_len, q_rows.unwrap_or(0)));
         }
         push(out, 1, q0 * hq * d, q_len * hq * d, elt, format!("q rows of sequence {i}"));
-        push(out, 12, q0 * hq * d, q_len * hq * d, elt, format!("output rows of sequence {i}"));
+        push(out, 13, q0 * hq * d, q_len * hq * d, elt, format!("output rows of sequence {i}"));
         push(out, 0, q0 * hq * splits * (d + 2), q_len * hq * splits * (d + 2), 4, format!("partial states of sequence {i}"));
         for g in 0..hkv {
             key_runs(table.as_deref(), bs, kbase, ctx, g, hkv, d, &mut runs)?;
