@@ -202,6 +202,17 @@ FAMILIES = {
     # fused (gate_up_proj), q/k/v biases (o_proj without). No GGUF (llama.cpp's converter writes it
     # as another family).
     "glm": dict(model_type="glm", head_dim=16, attention_bias=True, tie_word_embeddings=False, pad_token_id=0),
+    # Jais 2: LayerNorms (weight and bias), a squared-ReLU MLP without a gate, RoPE over whole heads,
+    # biases on every projection (attention_bias, mlp_bias), untied. No GGUF here.
+    "jais2": dict(model_type="jais2", layer_norm_eps=1e-5, hidden_act="relu2", attention_bias=True, mlp_bias=True,
+                  tie_word_embeddings=False, pad_token_id=0),
+    # Seed-OSS: a Llama with q/k/v biases (attention_bias) and o_proj's by attention_out_bias (on
+    # here; the 36B has none). No GGUF here.
+    "seed-oss": dict(model_type="seed_oss", head_dim=16, attention_bias=True, attention_out_bias=True, tie_word_embeddings=False,
+                     pad_token_id=0),
+    # GLM-4-0414 (glm4): GLM-4 9B's attention and MLP with Gemma 2's four RMSNorms (after attention
+    # and the MLP too: post_self_attn_layernorm, post_mlp_layernorm). No GGUF here.
+    "glm4": dict(model_type="glm4", head_dim=16, attention_bias=True, tie_word_embeddings=False, pad_token_id=0),
     # EXAONE 4: OLMo 2's norms after attention and the MLP (none before), each head's q and k
     # RMS-normed, an 8-token window on layers 0-2 of four with RoPE on those alone. No GGUF here.
     "exaone4": dict(model_type="exaone4", num_hidden_layers=4, head_dim=16, sliding_window=8, sliding_window_pattern=4,
@@ -234,6 +245,7 @@ NOT_THEIRS = {
     "cohere": ("rms_norm_eps",),
     "cohere2": ("rms_norm_eps",),
     "nemotron": ("rms_norm_eps",),
+    "jais2": ("rms_norm_eps",),
     "olmo": ("rms_norm_eps",),
     "falcon": ("num_key_value_heads", "rms_norm_eps", "intermediate_size"),
     "bloom": ("num_key_value_heads", "rms_norm_eps", "intermediate_size", "max_position_embeddings"),
@@ -490,7 +502,7 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         return
     if kind in LN_ARCH:
         return to_gguf_layernorm(kind, cfg, model, path)
-    if kind in ("olmo3", "ministral", "helium", "glm", "exaone4"):
+    if kind in ("olmo3", "ministral", "helium", "glm", "glm4", "seed_oss", "jais2", "exaone4"):
         print(f"  (llama.cpp's GGUF has no {kind} layout: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,

@@ -444,6 +444,27 @@ fn glm_with_half_heads_rotating_adjacent_pairs_and_fused_gate_up() {
     check("glm");
 }
 
+/// Jais 2: LayerNorms, a squared-ReLU MLP without a gate and biases on every projection, RoPE over
+/// whole heads. No GGUF.
+#[test]
+fn jais2_with_layernorms_and_an_ungated_squared_relu_mlp() {
+    check("jais2");
+}
+
+/// Seed-OSS: a Llama with q/k/v biases and o_proj's under a flag of its own (attention_out_bias).
+/// No GGUF.
+#[test]
+fn seed_oss_with_qkv_and_output_biases() {
+    check("seed-oss");
+}
+
+/// GLM-4-0414: GLM-4 9B with Gemma 2's RMSNorms after attention and the MLP too, under names of its
+/// own (its post_attention_layernorm is the MLP's norm before, as a Llama's). No GGUF.
+#[test]
+fn glm4_with_norms_before_and_after_each_block() {
+    check("glm4");
+}
+
 /// EXAONE 4: OLMo 2's RMSNorms after attention and the MLP (none before), each head's q and k
 /// RMS-normed (Qwen 3's), an 8-token window on three layers of four beside the 20-token prompt and
 /// RoPE on those alone. No GGUF.
@@ -580,7 +601,7 @@ fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
 /// over the captured v they give each head's output, the captured `z`.
 #[test]
 fn attention_patterns_from_the_captures_give_each_heads_output() {
-    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "exaone4", "falcon", "bloom", "mpt"] {
+    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "glm4", "exaone4", "falcon", "bloom", "mpt"] {
         let (_, prompt, _) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::Q, Site::K, Site::V, Site::Z]);
@@ -635,7 +656,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee", "bloom", "mpt", "gpt-bigcode", "cohere2", "glm"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee", "bloom", "mpt", "gpt-bigcode", "cohere2", "glm", "jais2", "seed-oss"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 38] = [
+pub const FAMILIES: [(&str, &str); 41] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -48,6 +48,9 @@ pub const FAMILIES: [(&str, &str); 38] = [
     ("ernie4_5", "ERNIE 4.5 0.3B (a Llama with RoPE on adjacent pairs; use_bias refused)"),
     ("helium", "Helium 1 (a Llama with RoPE on adjacent pairs, q/k/v biases where attention_bias says)"),
     ("glm", "GLM-4 9B (a Llama with RoPE on adjacent pairs of half of each head, gate and up fused, q/k/v biases)"),
+    ("jais2", "Jais 2 (LayerNorms, a squared-ReLU MLP without a gate, biases where attention_bias and mlp_bias say)"),
+    ("seed_oss", "Seed-OSS 36B (a Llama with q/k/v biases, o_proj's where attention_out_bias says)"),
+    ("glm4", "GLM-4-0414 9B, 32B, GLM-Z1 (GLM-4 9B with Gemma 2's RMSNorms after attention and the MLP too)"),
     ("exaone4", "EXAONE 4.0 1.2B, 32B (OLMo 2's norms after attention and the MLP, each head's q and k RMS-normed, a window on three layers of four with RoPE on those alone)"),
     ("bloom", "BLOOM, BLOOMZ 560M to 176B (ALiBi in place of positions, a LayerNorm on the embeddings, q/k/v fused head by head, biases everywhere, a GELU MLP)"),
     ("gpt_bigcode", "StarCoder, SantaCoder, WizardCoder, OctoCoder (GPT-2's layout with multi-query attention, q/k/v fused; GGUF `starcoder`)"),
@@ -250,6 +253,9 @@ pub struct ModelConfig {
     pub bias: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alibi: Option<bool>,
+    /// Seed-OSS: whether o_proj has a bias (`attention_bias` gives q, k and v theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_out_bias: Option<bool>,
     /// MPT: ALiBi's largest bias (`attn_config.alibi_bias_max`, 8 where absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alibi_bias_max: Option<f64>,
@@ -687,6 +693,7 @@ impl ModelConfig {
             num_ln_in_parallel_attn: (arch == "falcon").then(|| if g.tensor("blk.0.attn_norm_2.weight").is_some() { 2 } else { 1 }),
             bias: (arch == "falcon").then(|| g.tensor("blk.0.attn_output.bias").is_some()),
             alibi: None,
+            attention_out_bias: None,
             // llama.cpp's Bloom: 8 always; MPT's where the file says.
             alibi_bias_max: float("attention.max_alibi_bias"),
             no_bias: None,
@@ -900,7 +907,7 @@ impl ModelConfig {
     /// GPT-2, GPT-NeoX, StarCoder 2, Phi, StableLM, OPT, GPT-J and Cohere norm with LayerNorm (the
     /// mean taken out, then a weight, and a bias but for Cohere's), the other families with RMSNorm.
     pub fn layer_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "cohere2" | "falcon" | "nemotron" | "olmo" | "bloom" | "mpt" | "gpt_bigcode")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "stablelm" | "opt" | "gptj" | "cohere" | "cohere2" | "falcon" | "nemotron" | "olmo" | "bloom" | "mpt" | "gpt_bigcode" | "jais2")
     }
 
     /// Whether the norms have a weight (OLMo 1's LayerNorms have neither weight nor bias: loaded
@@ -923,7 +930,7 @@ impl ModelConfig {
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
     /// OPT, GPT-J), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron" | "arcee" | "bloom" | "mpt" | "gpt_bigcode")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron" | "arcee" | "bloom" | "mpt" | "gpt_bigcode" | "jais2")
     }
 
     /// Whether q and k rotate by adjacent pairs of dims (GPT-J's and Cohere's RoPE: dims 2i and
@@ -934,7 +941,7 @@ impl ModelConfig {
     /// and k are moved back (`Hooks`).
     /// (ERNIE 4.5, Helium and GLM-4 too.)
     pub fn adjacent_rope_pairs(&self) -> bool {
-        matches!(self.model_type.as_str(), "gptj" | "cohere" | "cohere2" | "ernie4_5" | "helium" | "glm")
+        matches!(self.model_type.as_str(), "gptj" | "cohere" | "cohere2" | "ernie4_5" | "helium" | "glm" | "glm4")
     }
 
     /// Whether attention and the MLP read the stream as it enters the layer and both add to it
@@ -982,18 +989,21 @@ impl ModelConfig {
     }
 
     /// Whether the MLP's projections have biases: with `dense_bias`, GPT-J's (whose attention has
-    /// none), Nemotron's and Arcee's where `mlp_bias` says.
+    /// none), Nemotron's, Arcee's and Jais 2's where `mlp_bias` says.
     pub fn mlp_bias(&self) -> bool {
-        self.dense_bias() || self.model_type == "gptj" || (matches!(self.model_type.as_str(), "nemotron" | "arcee") && self.mlp_bias == Some(true))
+        self.dense_bias() || self.model_type == "gptj" || (matches!(self.model_type.as_str(), "nemotron" | "arcee" | "jais2") && self.mlp_bias == Some(true))
     }
 
     /// Whether attention's output projection has a bias: with `dense_bias`, and where
     /// `attention_bias` says in the families whose o_proj HF builds with it (Llama, Qwen 3, Granite,
     /// OLMo, Gemma, SmolLM3, Cohere; not Mistral, Mixtral, Qwen 2, Phi-3 or StableLM, whose q, k and v
-    /// alone take it).
+    /// alone take it; Seed-OSS's takes `attention_out_bias`).
     pub fn o_bias(&self) -> bool {
+        if self.model_type == "seed_oss" {
+            return self.attention_out_bias.unwrap_or(false);
+        }
         self.dense_bias()
-            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "ministral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm" | "helium" | "glm"))
+            || (self.attention_bias && !matches!(self.model_type.as_str(), "mistral" | "ministral" | "mixtral" | "qwen2" | "qwen2_moe" | "phi3" | "stablelm" | "helium" | "glm" | "glm4"))
     }
 
     /// Whether the unembedding has a bias (Phi, GPT-J).
@@ -1026,7 +1036,7 @@ impl ModelConfig {
                 ("activation_function", self.activation().into()),
                 ("rotary_dim", self.rotary_dim().into()),
             ],
-            "cohere" | "cohere2" => &[("layer_norm_eps", self.rms_norm_eps.into())],
+            "cohere" | "cohere2" | "jais2" => &[("layer_norm_eps", self.rms_norm_eps.into())],
             "nemotron" => &[("norm_eps", self.rms_norm_eps.into())],
             "bloom" => &[("layer_norm_epsilon", self.rms_norm_eps.into())],
             "gpt_bigcode" => &[
@@ -1203,7 +1213,7 @@ impl ModelConfig {
     /// Whether what attention and the MLP add to the stream is RMS-normed first (Gemma 2 and 3,
     /// OLMo 2 and 3).
     pub fn post_norms(&self) -> bool {
-        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text" | "exaone4") || self.olmo()
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text" | "exaone4" | "glm4") || self.olmo()
     }
 
     /// Qwen2 always has q/k/v biases; Llama has them when `attention_bias` is set; the families with
@@ -1423,7 +1433,7 @@ fn adopt_family_names(json: &mut Json) -> Vec<(&'static str, &'static str)> {
         o.entry("rms_norm_eps").or_insert(1e-5.into());
     }
     // Nemotron and GLM-4 rotate half of each head unless they say otherwise (their configs' default).
-    if matches!(model_type.as_str(), "nemotron" | "glm") && o.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_none() {
+    if matches!(model_type.as_str(), "nemotron" | "glm" | "glm4") && o.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor")).is_none() {
         o.entry("partial_rotary_factor").or_insert(0.5.into());
     }
     // Cohere and ERNIE 4.5 tie their embeddings unless the config says otherwise (their configs'
@@ -1831,6 +1841,18 @@ mod tests {
         assert!(e.contains("use_bias"), "{e}");
         let c = ModelConfig::from_file(&write("helium", &format!(r#"{{"model_type": "helium", "attention_bias": true, {base}}}"#))).unwrap();
         assert!(c.adjacent_rope_pairs() && c.qkv_bias() && !c.o_bias());
+    }
+
+    /// Seed-OSS: q/k/v biases by attention_bias, o_proj's by attention_out_bias alone (none where
+    /// absent), each kept when the config is written again.
+    #[test]
+    fn seed_oss_biases() {
+        let base = r#""model_type": "seed_oss", "vocab_size": 8, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4"#;
+        let c = ModelConfig::from_file(&write("seed", &format!(r#"{{{base}, "attention_bias": true}}"#))).unwrap();
+        assert!(c.qkv_bias() && !c.o_bias());
+        let c = ModelConfig::from_file(&write("seed-out", &format!(r#"{{{base}, "attention_bias": false, "attention_out_bias": true}}"#))).unwrap();
+        assert!(!c.qkv_bias() && c.o_bias());
+        assert_eq!(c.hf_json()["attention_out_bias"], serde_json::json!(true));
     }
 
     /// GPT-BigCode's: multi-query unless `multi_query` is false (then a key/value head per query

@@ -189,6 +189,13 @@ impl Source {
     /// `input_linear`), or as matrix e of the experts a GGUF file stacks; Granite MoE's fused
     /// tensors are made from a GGUF's stacks.
     pub fn tensor(&self, name: &str) -> Result<Option<FileTensor<'_>>> {
+        // A part its family names otherwise, under the family's name first: GLM-4-0414's checkpoint
+        // holds a `post_attention_layernorm` too, but as the MLP's norm before (a Llama's is).
+        if !matches!(self, Source::Gguf { .. }) && family_renames(name, self.config()) {
+            if let Some(t) = self.family_tensor(name)? {
+                return Ok(Some(t));
+            }
+        }
         if let Some(t) = self.stored(name)? {
             return Ok(Some(t));
         }
@@ -325,7 +332,7 @@ enum Layout {
 }
 
 /// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
-const FAMILY_STEMS: [(&str, &str); 10] = [
+const FAMILY_STEMS: [(&str, &str); 11] = [
     ("gpt2", "h"),
     ("gpt_neox", "gpt_neox.layers"),
     ("starcoder2", "model.layers"),
@@ -336,6 +343,7 @@ const FAMILY_STEMS: [(&str, &str); 10] = [
     ("bloom", "h"),
     ("mpt", "blocks"),
     ("gpt_bigcode", "h"),
+    ("glm4", "model.layers"),
 ];
 
 /// The prefix transformers saves a family's base model under in a causal LM's checkpoint, where
@@ -377,7 +385,7 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 22] = [
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
 /// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
-const FAMILY_PARTS: [(&str, &str, &str, Layout); 49] = [
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 52] = [
     ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
     ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
@@ -432,6 +440,11 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 49] = [
     ("gpt_bigcode", "self_attn.o_proj", "attn.c_proj", Layout::Same),
     ("gpt_bigcode", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("gpt_bigcode", "mlp.down_proj", "mlp.c_proj", Layout::Same),
+    // GLM-4-0414's four norms: Gemma 2's, under names of its own; its post_attention_layernorm is the
+    // MLP's norm before, as a Llama's is (where Gemma 2's is attention's after).
+    ("glm4", "post_attention_layernorm", "post_self_attn_layernorm", Layout::Same),
+    ("glm4", "pre_feedforward_layernorm", "post_attention_layernorm", Layout::Same),
+    ("glm4", "post_feedforward_layernorm", "post_mlp_layernorm", Layout::Same),
 ];
 
 /// `FAMILY_PARTS` of `c`'s family as its checkpoints have them: Falcon's norms are `ln_attn` and
@@ -440,6 +453,13 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 49] = [
 fn family_parts(c: &ModelConfig) -> impl Iterator<Item = (&'static str, &'static str, &'static str, Layout)> + '_ {
     let falcon_two = c.falcon_new() && !c.shared_norm();
     FAMILY_PARTS.into_iter().filter(move |(f, _, theirs, _)| *f == c.model_type && (*f != "falcon" || falcon_two || !theirs.starts_with("ln_")))
+}
+
+/// Whether `name` (as a Llama names it) is a layer's part `FAMILY_PARTS` gives another name in
+/// `c`'s family.
+fn family_renames(name: &str, c: &ModelConfig) -> bool {
+    let part = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')).and_then(|(_, rest)| rest.rsplit_once('.')).map(|(p, _)| p);
+    part.is_some_and(|part| family_parts(c).any(|(_, ours, _, _)| ours == part))
 }
 
 /// Where a tensor named as a Llama names it lies in a GPT-2, GPT-NeoX, StarCoder 2, Phi or OPT
