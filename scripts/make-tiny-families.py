@@ -108,6 +108,10 @@ FAMILIES = {
     "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
                    attn_logit_softcapping=5.0, final_logit_softcapping=10.0, tie_word_embeddings=True,
                    pad_token_id=0),
+    # VaultGemma: Gemma 2 without its norms after attention and the MLP (the MLP's before keeps the
+    # name pre_feedforward_layernorm), soft-capped, a window on every other layer. No GGUF here.
+    "vaultgemma": dict(model_type="vaultgemma", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                       attn_logit_softcapping=5.0, final_logit_softcapping=10.0, tie_word_embeddings=True, pad_token_id=0),
     # Gemma 3 (text): Gemma 2's layout with (1 + w) q/k norms and no soft-capping; six layers, so
     # that the real pattern holds (five sliding-window layers, then a full one), the sliding ones
     # rotating with base 10000 and the full one with base 1e6 and linear scaling by 8 (as the 4B
@@ -502,7 +506,7 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         return
     if kind in LN_ARCH:
         return to_gguf_layernorm(kind, cfg, model, path)
-    if kind in ("olmo3", "ministral", "helium", "glm", "glm4", "seed_oss", "jais2", "exaone4"):
+    if kind in ("olmo3", "ministral", "helium", "glm", "glm4", "seed_oss", "jais2", "vaultgemma", "exaone4"):
         print(f"  (llama.cpp's GGUF has no {kind} layout: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,

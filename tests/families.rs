@@ -444,6 +444,13 @@ fn glm_with_half_heads_rotating_adjacent_pairs_and_fused_gate_up() {
     check("glm");
 }
 
+/// VaultGemma: Gemma 2 without the norms after attention and the MLP (its MLP's norm before under
+/// Gemma 2's name), soft-capped scores and logits, a window on every other layer. No GGUF.
+#[test]
+fn vaultgemma_as_gemma2_without_its_norms_after_the_blocks() {
+    check("vaultgemma");
+}
+
 /// Jais 2: LayerNorms, a squared-ReLU MLP without a gate and biases on every projection, RoPE over
 /// whole heads. No GGUF.
 #[test]
@@ -601,7 +608,7 @@ fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
 /// over the captured v they give each head's output, the captured `z`.
 #[test]
 fn attention_patterns_from_the_captures_give_each_heads_output() {
-    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "glm4", "exaone4", "falcon", "bloom", "mpt"] {
+    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "glm4", "exaone4", "falcon", "bloom", "mpt", "vaultgemma"] {
         let (_, prompt, _) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::Q, Site::K, Site::V, Site::Z]);

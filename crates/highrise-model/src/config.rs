@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 41] = [
+pub const FAMILIES: [(&str, &str); 42] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -48,6 +48,7 @@ pub const FAMILIES: [(&str, &str); 41] = [
     ("ernie4_5", "ERNIE 4.5 0.3B (a Llama with RoPE on adjacent pairs; use_bias refused)"),
     ("helium", "Helium 1 (a Llama with RoPE on adjacent pairs, q/k/v biases where attention_bias says)"),
     ("glm", "GLM-4 9B (a Llama with RoPE on adjacent pairs of half of each head, gate and up fused, q/k/v biases)"),
+    ("vaultgemma", "VaultGemma 1B (Gemma 2 without the norms after attention and the MLP)"),
     ("jais2", "Jais 2 (LayerNorms, a squared-ReLU MLP without a gate, biases where attention_bias and mlp_bias say)"),
     ("seed_oss", "Seed-OSS 36B (a Llama with q/k/v biases, o_proj's where attention_out_bias says)"),
     ("glm4", "GLM-4-0414 9B, 32B, GLM-Z1 (GLM-4 9B with Gemma 2's RMSNorms after attention and the MLP too)"),
@@ -836,9 +837,9 @@ impl ModelConfig {
     }
 
     /// Gemma's layout: (1 + w) norm weights, embeddings scaled by sqrt(hidden) (and from Gemma 2 on,
-    /// `post_norms`).
+    /// `post_norms`, but for VaultGemma's).
     pub fn gemma(&self) -> bool {
-        matches!(self.model_type.as_str(), "gemma" | "gemma2" | "gemma3_text")
+        matches!(self.model_type.as_str(), "gemma" | "gemma2" | "gemma3_text" | "vaultgemma")
     }
 
     /// OLMo 2's layout (OLMo 3's too): `post_norms` without pre-norms, q/k norms across all heads.

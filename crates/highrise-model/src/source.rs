@@ -332,7 +332,7 @@ enum Layout {
 }
 
 /// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
-const FAMILY_STEMS: [(&str, &str); 11] = [
+const FAMILY_STEMS: [(&str, &str); 12] = [
     ("gpt2", "h"),
     ("gpt_neox", "gpt_neox.layers"),
     ("starcoder2", "model.layers"),
@@ -344,6 +344,7 @@ const FAMILY_STEMS: [(&str, &str); 11] = [
     ("mpt", "blocks"),
     ("gpt_bigcode", "h"),
     ("glm4", "model.layers"),
+    ("vaultgemma", "model.layers"),
 ];
 
 /// The prefix transformers saves a family's base model under in a causal LM's checkpoint, where
@@ -385,7 +386,7 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 22] = [
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
 /// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
-const FAMILY_PARTS: [(&str, &str, &str, Layout); 52] = [
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 53] = [
     ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
     ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
@@ -445,6 +446,8 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 52] = [
     ("glm4", "post_attention_layernorm", "post_self_attn_layernorm", Layout::Same),
     ("glm4", "pre_feedforward_layernorm", "post_attention_layernorm", Layout::Same),
     ("glm4", "post_feedforward_layernorm", "post_mlp_layernorm", Layout::Same),
+    // VaultGemma's MLP norm keeps Gemma 2's name, without Gemma 2's norms after the blocks.
+    ("vaultgemma", "post_attention_layernorm", "pre_feedforward_layernorm", Layout::Same),
 ];
 
 /// `FAMILY_PARTS` of `c`'s family as its checkpoints have them: Falcon's norms are `ln_attn` and
