@@ -153,9 +153,9 @@ struct ScoreMods {
         const float outer = 1.4426950408889634f * softcap;
         return {scale_log2 / outer, outer};
     }
-    // ALiBi in the tensor-core kernels' units: what a key's distance from its row's last key adds to
-    // a score as their tiles hold it before the softmax's factor (a raw q.k, which the scale then
-    // turns into log2 units; capped scores are in log2 units already). 0 without ALiBi.
+    // ALiBi in the tensor-core kernels' units: what each key of distance adds to head h's score as
+    // their tiles hold it before the softmax's factor (a raw q.k, which the scale then turns into
+    // log2 units; capped scores are in log2 units already). 0 without ALiBi.
     __device__ __forceinline__ float alibi_coef(u32 h, u32 hq, float scale_log2) const {
         const float s = slope(h, hq) * 1.4426950408889634f;
         return softcap > 0.0f ? s : s / scale_log2;
