@@ -64,7 +64,8 @@ fn random_gpt2_and_pythia_match_cpu_logits_and_64_greedy_steps() {
 }
 
 /// Falcon 7B's multi-query attention (71 query heads over one key/value head), Nemotron's
-/// squared-ReLU MLP and Bloom's ALiBi (on the split kernels) on the GPU against the CPU.
+/// squared-ReLU MLP and Bloom's ALiBi (f32 on the split kernels, bf16 on the tensor-core prefill
+/// and decode kernels) on the GPU against the CPU.
 #[test]
 fn random_falcon_nemotron_and_bloom_match_cpu_logits_and_64_greedy_steps() {
     let Some(gpu) = backend("random falcon, nemotron and bloom") else { return };

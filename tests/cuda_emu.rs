@@ -81,9 +81,8 @@ fn random_gpt2_and_pythia_on_the_emulated_device_match_the_cpu() {
 
 /// Falcon 7B's multi-query attention (71 query heads over one key/value head: past the grouped
 /// kernels' 8 heads a group and the decode kernel's 16 rows, so the per-head kernels serve it) and
-/// Nemotron's squared-ReLU MLP and half-rotating heads; Bloom's ALiBi (the split kernels for every
-/// dtype, bf16's prefill and decode included, the tensor-core ones taking no bias) and normed
-/// embeddings.
+/// Nemotron's squared-ReLU MLP and half-rotating heads; Bloom's ALiBi (f32 on the split kernels,
+/// bf16's prefill on flash_attn and its decode on decode_attn) and normed embeddings.
 #[test]
 fn random_falcon_nemotron_and_bloom_on_the_emulated_device_match_the_cpu() {
     let Some(dev) = backend("random falcon, nemotron and bloom on the emulated device") else { return };
