@@ -108,6 +108,11 @@ FAMILIES = {
     "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
                    attn_logit_softcapping=5.0, final_logit_softcapping=10.0, tie_word_embeddings=True,
                    pad_token_id=0),
+    # nanochat: RMSNorms without weights (the embeddings', q's and k's after RoPE too), RoPE turning
+    # the other way, a squared-ReLU MLP without a gate (fc1, fc2), soft-capped logits, untied. No
+    # GGUF here.
+    "nanochat": dict(model_type="nanochat", hidden_act="relu2", final_logit_softcapping=15.0, tie_word_embeddings=False,
+                     pad_token_id=0),
     # VaultGemma: Gemma 2 without its norms after attention and the MLP (the MLP's before keeps the
     # name pre_feedforward_layernorm), soft-capped, a window on every other layer. No GGUF here.
     "vaultgemma": dict(model_type="vaultgemma", head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
@@ -300,9 +305,10 @@ def make(name: str, extra: dict) -> None:
         with torch.no_grad():
             routers = model(ids, output_router_logits=True).router_logits
         reference["router_logits"] = [[[round(float(x), 6) for x in row] for row in r] for r in routers]
-    if kind in ("gptj", "cohere"):
+    if kind in ("gptj", "cohere", "nanochat"):
         # Layer 0's q and k after RoPE, [T, heads x D], in the checkpoint's order of dims: what
-        # highrise's `q` and `k` captures give back (it moves the rows to rotate by halves).
+        # highrise's `q` and `k` captures give back (it moves the rows to rotate by halves, or
+        # negates half of them to turn nanochat's the other way).
         q, k = layer0_qk(kind, cfg, model, ids)
         reference["q0"] = [[round(float(x), 6) for x in row] for row in q]
         reference["k0"] = [[round(float(x), 6) for x in row] for row in k]
@@ -345,6 +351,13 @@ def layer0_qk(kind: str, cfg, model, ids):
             r = cfg.rotary_dim
             q = torch.cat([M.apply_rotary_pos_emb(q[..., :r], sin, cos), q[..., r:]], dim=-1)
             k = torch.cat([M.apply_rotary_pos_emb(k[..., :r], sin, cos), k[..., r:]], dim=-1)
+        elif kind == "nanochat":
+            # RoPE turning the other way, then the weightless RMSNorms of q and k.
+            from transformers.models.nanochat import modeling_nanochat as M
+
+            cos, sin = pe
+            q, k = M.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = attn.q_norm(q).transpose(1, 2), attn.k_norm(k).transpose(1, 2)
         else:
             from transformers.models.cohere import modeling_cohere as M
 
@@ -506,7 +519,7 @@ def to_gguf(kind: str, cfg, model, path: Path, quant=None, stack=True) -> None:
         return
     if kind in LN_ARCH:
         return to_gguf_layernorm(kind, cfg, model, path)
-    if kind in ("olmo3", "ministral", "helium", "glm", "glm4", "seed_oss", "jais2", "vaultgemma", "exaone4"):
+    if kind in ("olmo3", "ministral", "helium", "glm", "glm4", "seed_oss", "jais2", "vaultgemma", "nanochat", "exaone4"):
         print(f"  (llama.cpp's GGUF has no {kind} layout: model.gguf not written)")
         return
     # llama.cpp writes Mistral and Mixtral as the llama architecture, Gemma 3's text model as gemma3,

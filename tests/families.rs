@@ -444,6 +444,14 @@ fn glm_with_half_heads_rotating_adjacent_pairs_and_fused_gate_up() {
     check("glm");
 }
 
+/// nanochat: weightless RMSNorms (on the embeddings too; q's and k's after RoPE, the same as before
+/// it), RoPE turning the other way (q's and k's second halves negated at load, back in captures), a
+/// squared-ReLU MLP without a gate, soft-capped logits. No GGUF.
+#[test]
+fn nanochat_with_weightless_norms_and_rope_turning_back() {
+    check("nanochat");
+}
+
 /// VaultGemma: Gemma 2 without the norms after attention and the MLP (its MLP's norm before under
 /// Gemma 2's name), soft-capped scores and logits, a window on every other layer. No GGUF.
 #[test]
@@ -545,10 +553,12 @@ fn arcee_with_a_squared_relu_and_yarn() {
 /// GPT-J and Cohere rotate adjacent dims (2i, 2i + 1); the loader moves q's and k's rows so that
 /// every backend's RoPE on halves serves, and the captures of q and k move them back: layer 0's q
 /// and k after RoPE are HF's, dim for dim, prompt and decode alike. Without the move back they
-/// would not be (checked: the dims differ), and a score q . k is the same either way.
+/// would not be (checked: the dims differ), and a score q . k is the same either way. nanochat's
+/// RoPE turns the other way: the loader negates each head's second half of q and k, the captures
+/// negate it back (checked: without, the halves differ), after its weightless RMSNorms of q and k.
 #[test]
 fn q_and_k_captured_in_the_checkpoints_order_of_dims() {
-    for family in ["gptj", "cohere"] {
+    for family in ["gptj", "cohere", "nanochat"] {
         let (json, prompt, _) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let flat = |key: &str| -> Vec<f32> { json[key].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect() };
@@ -564,6 +574,8 @@ fn q_and_k_captured_in_the_checkpoints_order_of_dims() {
             let d = m.config.head_dim();
             let swapped: Vec<f32> = got.chunks_exact(d).flat_map(|h| { let mut h = h.to_vec(); h.swap(1, 2); h }).collect();
             assert!(worst_of(&swapped, &want) > 1e-3, "{family}: dims 1 and 2 swapped still match: the test cannot tell orders apart");
+            let negated: Vec<f32> = got.chunks_exact(d).flat_map(|h| h.iter().enumerate().map(|(i, &x)| if i >= d / 2 { -x } else { x }).collect::<Vec<_>>()).collect();
+            assert!(worst_of(&negated, &want) > 1e-3, "{family}: second halves negated still match: the test cannot tell signs apart");
         }
         // Deferred captures (as a graph step takes them) are moved back the same.
         let mut deferred = Hooks { layers: Some([0].into()), defer: true, ..Hooks::capture_all(&[Site::Q, Site::K]) };
@@ -608,7 +620,7 @@ fn the_logit_lens_at_the_last_layer_is_hfs_prediction() {
 /// over the captured v they give each head's output, the captured `z`.
 #[test]
 fn attention_patterns_from_the_captures_give_each_heads_output() {
-    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "glm4", "exaone4", "falcon", "bloom", "mpt", "vaultgemma"] {
+    for family in ["llama3.2", "mistral", "gemma2", "qwen3", "gptj", "cohere2", "ernie4_5", "helium", "glm", "glm4", "exaone4", "falcon", "bloom", "mpt", "vaultgemma", "nanochat"] {
         let (_, prompt, _) = reference(family, "reference.json");
         let m = Llama::load(&Source::open(&dir(family)).unwrap(), cpu(), LoadOptions::default()).unwrap();
         let mut hooks = Hooks::capture_all(&[Site::Q, Site::K, Site::V, Site::Z]);
@@ -663,7 +675,7 @@ fn opt_saved_without_its_prefix() {
 /// (`ResidMid`) is what entered plus attention's output; side by side (GPT-NeoX, Phi) there is none.
 #[test]
 fn mlp_activations_heads_and_the_stream_between_the_blocks() {
-    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee", "bloom", "mpt", "gpt-bigcode", "cohere2", "glm", "jais2", "seed-oss"] {
+    for family in ["llama3.2", "qwen2.5", "gpt2", "pythia", "starcoder2", "phi2", "stablelm", "stablelm-parallel", "opt", "gptj", "cohere", "falcon", "falcon-40b", "nemotron", "olmo", "arcee", "bloom", "mpt", "gpt-bigcode", "cohere2", "glm", "jais2", "seed-oss", "nanochat"] {
         let d = dir(family);
         let source = Source::open(&d).unwrap();
         let m = Llama::load(&source, cpu(), LoadOptions::default()).unwrap();

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 /// The Llama-shaped families highrise runs (`model_type`, GGUF `general.architecture`): they differ
 /// in names and options (biases, a norm of q and k, fused projections; Gemma 2's norms after each
 /// block, GeGLU and soft-capping), all on the same ops.
-pub const FAMILIES: [(&str, &str); 42] = [
+pub const FAMILIES: [(&str, &str); 43] = [
     ("llama", "Llama 2, 3, 3.1, 3.2 (llama3 RoPE scaling, tied embeddings), SmolLM, TinyLlama"),
     ("smollm3", "SmolLM3 (Llama with no RoPE on every fourth layer)"),
     ("mistral", "Mistral 7B v0.1 (sliding-window attention), Nemo (a head_dim of its own)"),
@@ -48,6 +48,7 @@ pub const FAMILIES: [(&str, &str); 42] = [
     ("ernie4_5", "ERNIE 4.5 0.3B (a Llama with RoPE on adjacent pairs; use_bias refused)"),
     ("helium", "Helium 1 (a Llama with RoPE on adjacent pairs, q/k/v biases where attention_bias says)"),
     ("glm", "GLM-4 9B (a Llama with RoPE on adjacent pairs of half of each head, gate and up fused, q/k/v biases)"),
+    ("nanochat", "nanochat (RMSNorms without weights, the embeddings normed too, q and k normed, RoPE turning the other way, a squared-ReLU MLP without a gate, soft-capped logits)"),
     ("vaultgemma", "VaultGemma 1B (Gemma 2 without the norms after attention and the MLP)"),
     ("jais2", "Jais 2 (LayerNorms, a squared-ReLU MLP without a gate, biases where attention_bias and mlp_bias say)"),
     ("seed_oss", "Seed-OSS 36B (a Llama with q/k/v biases, o_proj's where attention_out_bias says)"),
@@ -912,9 +913,17 @@ impl ModelConfig {
     }
 
     /// Whether the norms have a weight (OLMo 1's LayerNorms have neither weight nor bias: loaded
-    /// as ones and zeros).
+    /// as ones and zeros; nanochat's RMSNorms, q's and k's too, have none: ones).
     pub fn norm_weight(&self) -> bool {
-        self.model_type != "olmo"
+        !matches!(self.model_type.as_str(), "olmo" | "nanochat")
+    }
+
+    /// Whether RoPE turns each pair the other way (nanochat's: by -angle, its `rotate_half` giving
+    /// (x2, -x1)). The same scores as ours with the second of each head's halves negated in q and
+    /// k: the loader negates those rows of q_proj and k_proj, and captures of q and k negate them
+    /// back (`Hooks`). q's and k's RMSNorms (weightless here) see the same sums of squares.
+    pub fn rope_turns_back(&self) -> bool {
+        self.model_type == "nanochat"
     }
 
     /// Whether the norms multiply by 1 + w, their weight w as saved (Gemma's RMSNorms, Nemotron's
@@ -931,7 +940,7 @@ impl ModelConfig {
     /// Whether the MLP is a plain one, up, the activation, down (GPT-2, GPT-NeoX, StarCoder 2, Phi,
     /// OPT, GPT-J), rather than gated.
     pub fn plain_mlp(&self) -> bool {
-        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron" | "arcee" | "bloom" | "mpt" | "gpt_bigcode" | "jais2")
+        matches!(self.model_type.as_str(), "gpt2" | "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon" | "nemotron" | "arcee" | "bloom" | "mpt" | "gpt_bigcode" | "jais2" | "nanochat")
     }
 
     /// Whether q and k rotate by adjacent pairs of dims (GPT-J's and Cohere's RoPE: dims 2i and
@@ -1116,7 +1125,7 @@ impl ModelConfig {
     /// Whether the embeddings are LayerNormed as they enter the stream (Bloom's
     /// `word_embeddings_layernorm`).
     pub fn embed_norm(&self) -> bool {
-        self.model_type == "bloom"
+        matches!(self.model_type.as_str(), "bloom" | "nanochat")
     }
 
     /// Whether layer `layer` attends through the sliding window (where the config has one).
@@ -1187,9 +1196,10 @@ impl ModelConfig {
     }
 
     /// Qwen 3 (MoE too) and Gemma 3 norm each head of q and k (RMSNorm, a weight of head_dim;
-    /// Gemma's 1 + w) before RoPE, OLMo 2 and OLMoE all heads at once (a weight of heads x head_dim).
+    /// Gemma's 1 + w) before RoPE, OLMo 2 and OLMoE all heads at once (a weight of heads x head_dim);
+    /// nanochat's after RoPE without a weight, the same as before (a rotation keeps the sum of squares).
     pub fn qk_norm(&self) -> bool {
-        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text" | "exaone4") || self.qk_norm_across_heads()
+        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text" | "exaone4" | "nanochat") || self.qk_norm_across_heads()
     }
 
     /// OLMo 2 and 3, OLMoE: q and k normed across all heads at once.

@@ -186,12 +186,13 @@ pub struct Hooks {
 }
 
 /// The pass in flight: its deferred captures (see `Hooks::defer`), their buffer and (site, layer,
-/// first element, elements) of each in it; and, for a family that rotates adjacent pairs (GPT-J,
-/// Cohere), the head dim and `source::half_pair_rows`, to give captured q and k back in the
-/// checkpoint's order of dims (the loader moved q's and k's rows out of it). A clone of the hooks
+/// first element, elements) of each in it; and, for a family whose q and k rows the loader changed,
+/// the head dim, `source::half_pair_rows` where it rotates adjacent pairs (GPT-J, Cohere; else
+/// none) and whether it negated each head's second half (nanochat's RoPE turning the other way),
+/// to give captured q and k back as the checkpoint's model computes them. A clone of the hooks
 /// starts without them.
 #[derive(Default)]
-pub struct Pending(Option<(Tensor, Vec<Taken>)>, Option<(usize, Vec<usize>)>);
+pub struct Pending(Option<(Tensor, Vec<Taken>)>, Option<(usize, Vec<usize>, bool)>);
 
 /// A deferred capture: its site, layer, first element in the pass's buffer, and elements.
 type Taken = (Site, usize, usize, usize);
@@ -204,13 +205,17 @@ impl Clone for Pending {
 
 impl Pending {
     /// `v` [T, heads x D] of `site`, each head's rotating dims back in the checkpoint's order where
-    /// the pass moved them (q and k of GPT-J and Cohere).
+    /// the pass moved them (q and k of GPT-J and Cohere), its second half negated back where the
+    /// loader negated it (nanochat's).
     fn checkpoint_order(&self, site: Site, mut v: Vec<f32>) -> Vec<f32> {
-        let Some((d, order)) = self.1.as_ref().filter(|_| matches!(site, Site::Q | Site::K)) else { return v };
+        let Some((d, order, negated)) = self.1.as_ref().filter(|_| matches!(site, Site::Q | Site::K)) else { return v };
         for head in v.chunks_exact_mut(*d) {
             let moved: Vec<f32> = head[..order.len()].to_vec();
             for (k, &dim) in order.iter().enumerate() {
                 head[dim] = moved[k];
+            }
+            if *negated {
+                head[d / 2..].iter_mut().for_each(|x| *x = -*x);
             }
         }
         v
@@ -239,11 +244,14 @@ impl Hooks {
     }
 
     /// Starts a pass whose deferred captures need `elements` in all (of the activations' dtype,
-    /// like `like`): their buffer. `pairs`: the head dim and rotating dims of a family whose q and
-    /// k rows the loader moved (`ModelConfig::adjacent_rope_pairs`), which captures move back.
-    pub(crate) fn begin(&mut self, like: &Tensor, elements: usize, pairs: Option<(usize, usize)>) -> Result<()> {
-        let pairs = pairs.map(|(d, r)| (d, crate::source::half_pair_rows(d, r)));
-        self.pending = Pending(None, pairs);
+    /// like `like`): their buffer. Where `c`'s loader moved q's and k's rows
+    /// (`ModelConfig::adjacent_rope_pairs`) or negated half of them (`rope_turns_back`), captures
+    /// of q and k undo it.
+    pub(crate) fn begin(&mut self, like: &Tensor, elements: usize, c: &crate::ModelConfig) -> Result<()> {
+        let d = c.head_dim();
+        let order = if c.adjacent_rope_pairs() { crate::source::half_pair_rows(d, c.rotary_dim().unwrap_or(d)) } else { Vec::new() };
+        let qk = (c.adjacent_rope_pairs() || c.rope_turns_back()).then(|| (d, order, c.rope_turns_back()));
+        self.pending = Pending(None, qk);
         if self.defer && elements > 0 {
             self.pending.0 = Some((Tensor::empty(like.backend(), like.dtype(), &[elements])?, Vec::new()));
         }

@@ -797,8 +797,7 @@ impl Llama {
         if let Some(hooks) = hooks.as_deref_mut() {
             // Deferred captures (`Hooks::defer`) all go to one buffer of this size.
             let n = self.capture_elements(hooks, t);
-            let pairs = c.adjacent_rope_pairs().then(|| (d, c.rotary_dim().unwrap_or(d)));
-            hooks.begin(&x, n, pairs)?;
+            hooks.begin(&x, n, c)?;
         }
         b.embedding_scaled(&mut x, &self.embed, batch.tokens, c.embed_scale())?;
         // GPT-2, OPT: each position's learned embedding added (gathered as the tokens' are; OPT's
@@ -1154,16 +1153,21 @@ impl Loader<'_> {
 
     /// q's and k's rows (weight or bias) of a family that rotates adjacent pairs (GPT-J, Cohere),
     /// moved so that each head's pairs are (i, i + r/2), as every backend's RoPE rotates them
-    /// (`ModelConfig::adjacent_rope_pairs`); any other tensor as it is.
+    /// (`ModelConfig::adjacent_rope_pairs`), or whose RoPE turns the other way (nanochat), each
+    /// head's second half negated (`ModelConfig::rope_turns_back`); any other tensor as it is.
     fn rope_pairs_split<'t>(&self, name: &str, t: FileTensor<'t>) -> Result<FileTensor<'t>> {
         let c = self.source.config();
+        let moved = c.adjacent_rope_pairs() || c.rope_turns_back();
         let heads = match name.rsplit('.').nth(1) {
-            Some("q_proj") if c.adjacent_rope_pairs() => c.num_attention_heads,
-            Some("k_proj") if c.adjacent_rope_pairs() => c.kv_heads(),
+            Some("q_proj") if moved => c.num_attention_heads,
+            Some("k_proj") if moved => c.kv_heads(),
             _ => return Ok(t),
         };
-        let rotary = c.rotary_dim().unwrap_or(0);
-        let data = unpermute_rows(&t.data, t.dims[0], heads, rotary).map_err(|e| Error::tensor(&self.source.file_of(name), name, e))?;
+        let data = match c.rope_turns_back() {
+            true => crate::source::negate_second_halves(&t.data, t.dtype, t.dims[0], heads),
+            false => unpermute_rows(&t.data, t.dims[0], heads, c.rotary_dim().unwrap_or(0)),
+        };
+        let data = data.map_err(|e| Error::tensor(&self.source.file_of(name), name, e))?;
         Ok(FileTensor { data: std::borrow::Cow::Owned(data), span: 0..0, ..t })
     }
 
@@ -1195,9 +1199,11 @@ impl Loader<'_> {
     /// The RMSNorm weight [n] of q or k (a head's, or all heads'): as a bias is kept (Qwen 3,
     /// OLMo 2), or as the 1 + w Gemma multiplies by.
     fn head_norm(&self, name: &str, n: usize, c: &ModelConfig) -> Result<Tensor> {
-        match c.gemma() {
-            true => self.norm(name, n, true),
-            false => self.vector(name, n),
+        match (c.norm_weight(), c.gemma()) {
+            // nanochat's: no weight, ones.
+            (false, _) => Tensor::from_f32(self.backend, DType::F32, &[n], &vec![1.0; n]).map_err(|e| Error::tensor(&self.source.file_of(name), name, e)),
+            (true, true) => self.norm(name, n, true),
+            (true, false) => self.vector(name, n),
         }
     }
 

@@ -332,7 +332,7 @@ enum Layout {
 }
 
 /// The families that name their tensors otherwise than a Llama: (family, its layers' stem).
-const FAMILY_STEMS: [(&str, &str); 12] = [
+const FAMILY_STEMS: [(&str, &str); 13] = [
     ("gpt2", "h"),
     ("gpt_neox", "gpt_neox.layers"),
     ("starcoder2", "model.layers"),
@@ -345,6 +345,7 @@ const FAMILY_STEMS: [(&str, &str); 12] = [
     ("gpt_bigcode", "h"),
     ("glm4", "model.layers"),
     ("vaultgemma", "model.layers"),
+    ("nanochat", "model.layers"),
 ];
 
 /// The prefix transformers saves a family's base model under in a causal LM's checkpoint, where
@@ -386,7 +387,7 @@ const FAMILY_GLOBALS: [(&str, &str, &str); 22] = [
 
 /// Their layers' tensors a Llama names otherwise: (family, a Llama's part, theirs, their layout).
 /// q, k and v are rows of the fused `self_attn.qkv_proj` (as llama.cpp's `attn_qkv` holds them).
-const FAMILY_PARTS: [(&str, &str, &str, Layout); 53] = [
+const FAMILY_PARTS: [(&str, &str, &str, Layout); 55] = [
     ("starcoder2", "mlp.up_proj", "mlp.c_fc", Layout::Same),
     ("starcoder2", "mlp.down_proj", "mlp.c_proj", Layout::Same),
     ("phi", "self_attn.o_proj", "self_attn.dense", Layout::Same),
@@ -448,6 +449,8 @@ const FAMILY_PARTS: [(&str, &str, &str, Layout); 53] = [
     ("glm4", "post_feedforward_layernorm", "post_mlp_layernorm", Layout::Same),
     // VaultGemma's MLP norm keeps Gemma 2's name, without Gemma 2's norms after the blocks.
     ("vaultgemma", "post_attention_layernorm", "pre_feedforward_layernorm", Layout::Same),
+    ("nanochat", "mlp.up_proj", "mlp.fc1", Layout::Same),
+    ("nanochat", "mlp.down_proj", "mlp.fc2", Layout::Same),
 ];
 
 /// `FAMILY_PARTS` of `c`'s family as its checkpoints have them: Falcon's norms are `ln_attn` and
@@ -811,6 +814,29 @@ pub fn unpermute_rows(data: &[u8], rows: usize, heads: usize, rotary: usize) -> 
     Ok(out)
 }
 
+/// `data` ([rows, ...] of a float `dtype`) with the second half of each head's rows negated (their
+/// sign bits flipped): q's or k's rows for a RoPE turning the other way
+/// (`ModelConfig::rope_turns_back`).
+pub fn negate_second_halves(data: &[u8], dtype: DType, rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
+    let d = if heads == 0 { 0 } else { rows / heads };
+    let size = match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 2,
+        _ => return Err(format!("cannot negate rows of {dtype}: a float tensor was expected")),
+    };
+    if heads == 0 || rows % heads != 0 || d % 2 != 0 || data.len() % rows != 0 || (data.len() / rows) % size != 0 {
+        return Err(format!("cannot split {rows} rows into {heads} heads of two halves"));
+    }
+    let row_bytes = data.len() / rows;
+    let mut out = data.to_vec();
+    for h in 0..heads {
+        let rows = &mut out[(h * d + d / 2) * row_bytes..(h + 1) * d * row_bytes];
+        // The sign bit: the last byte of each little-endian element, its top bit.
+        rows.chunks_exact_mut(size).for_each(|e| e[size - 1] ^= 0x80);
+    }
+    Ok(out)
+}
+
 /// For each of a head's first `rotary` dims in RoPE-on-halves order, the dim it is in the
 /// adjacent-pairs order: dim `j * rotary/2 + i` is `2i + j`.
 pub fn half_pair_rows(head_dim: usize, rotary: usize) -> Vec<usize> {
@@ -923,4 +949,32 @@ fn read_safetensors_header(
         out.insert(name, (dtype, info.shape.clone(), data_start + s, data_start + e));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// nanochat's q/k rows: each head's second half negated, element by element in every float
+    /// dtype (the sign bit of each, nothing else), the first half as it was; a quantized tensor or
+    /// rows that split into no halves are refused with what was wrong.
+    #[test]
+    fn second_halves_negate_in_each_float_dtype() {
+        let values = [1.5f32, -2.0, 0.25, 3.0, -0.5, 4.0, 0.0, -7.0]; // 2 heads x 4 rows x 1 column
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let bytes: Vec<u8> = match dtype {
+                DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                _ => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            };
+            let out = negate_second_halves(&bytes, dtype, 8, 2).unwrap();
+            let mut got = vec![0f32; 8];
+            dequantize(dtype, &out, &mut got).unwrap();
+            let want: Vec<f32> = values.iter().enumerate().map(|(i, &v)| if i % 4 >= 2 { -v } else { v }).collect();
+            // Bit for bit (the values are exact in each dtype; 0 becomes -0).
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{dtype}: {got:?}");
+        }
+        assert!(negate_second_halves(&[0u8; 18], DType::Q8_0, 1, 1).unwrap_err().contains("float"));
+        assert!(negate_second_halves(&[0u8; 12], DType::F32, 3, 1).unwrap_err().contains("halves"));
+    }
 }
